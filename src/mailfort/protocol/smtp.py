@@ -1,0 +1,770 @@
+"""The SMTP server protocol as a sans-I/O state machine (RFC 5321 and extensions).
+
+Bytes go in with ``receive``; events come out of ``next_event``; replies accumulate in an
+output buffer the server drains with ``take_output``. The engine owns every rule that can be
+decided from the bytes alone (syntax, sequence, limits, smuggling, STARTTLS injection); the
+server owns everything that needs the outside world and answers through ``decide``:
+
+* ``MailFrom``, ``RcptTo``, ``DataStart``, ``MessageComplete`` and ``AuthCredentials`` wait
+  for ``decide(reply)``; until then the engine parses nothing more, so pipelined commands
+  are answered strictly in order (RFC 2920).
+* ``StartTLS`` waits for ``tls_started()``; whatever the client sent after the STARTTLS line
+  is thrown away (CVE-2011-0411 class) and the session starts over.
+* ``DataChunk`` carries message bytes exactly as they will be stored (dot-unstuffed).
+* ``MessageAborted`` tells the server to drop the spooled body; ``Closing`` to hang up once
+  the output is written.
+
+No sockets, clocks or disk: the same engine runs MX, submission, the lab and the fuzzers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from dataclasses import dataclass, field
+
+from mailfort.protocol.address import AddressError, Mailbox, parse_mail_argument
+from mailfort.protocol.body import DATA_LINE_TOO_LONG, BodyChecker
+from mailfort.protocol.replies import (
+    BAD_SEQUENCE,
+    IDLE_TIMEOUT,
+    LINE_TOO_LONG,
+    OK,
+    SYNTAX_ERROR,
+    TOO_MANY_ERRORS,
+    Reply,
+)
+
+# ---------------------------------------------------------------------------- events
+
+
+@dataclass(slots=True)
+class Helo:
+    name: str
+    esmtp: bool
+
+
+@dataclass(slots=True)
+class MailFrom:
+    """Needs decide(). ``sender`` is None for the null reverse-path ``<>``."""
+
+    sender: Mailbox | None
+    params: dict[str, str | None]
+    size: int | None
+
+
+@dataclass(slots=True)
+class RcptTo:
+    """Needs decide()."""
+
+    recipient: Mailbox
+    params: dict[str, str | None]
+
+
+@dataclass(slots=True)
+class DataStart:
+    """Needs decide(): a positive reply means the server is ready to spool the body."""
+
+    bdat: bool
+
+
+@dataclass(slots=True)
+class DataChunk:
+    data: bytes
+
+
+@dataclass(slots=True)
+class MessageComplete:
+    """Needs decide(): 250 only once the message is durable."""
+
+    size: int
+
+
+@dataclass(slots=True)
+class MessageAborted:
+    reply: Reply
+
+
+@dataclass(slots=True)
+class ResetTransaction:
+    pass
+
+
+@dataclass(slots=True)
+class StartTLS:
+    pass
+
+
+@dataclass(slots=True)
+class AuthCredentials:
+    """Needs decide(): 235 on success, 535 on failure, 421 to hang up."""
+
+    mechanism: str
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(slots=True)
+class Closing:
+    pass
+
+
+Event = (
+    Helo | MailFrom | RcptTo | DataStart | DataChunk | MessageComplete | MessageAborted
+    | ResetTransaction | StartTLS | AuthCredentials | Closing
+)
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    hostname: str
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_errors: int = 10
+    max_received_headers: int = 50
+    max_command_line: int = 512
+    max_data_line: int = 1000
+    tls_available: bool = False
+    auth_mechanisms: tuple[str, ...] = ()  # empty: AUTH is not offered at all
+    auth_requires_tls: bool = True
+    auth_required: bool = False  # submission: MAIL before AUTH gets 530
+
+
+class _S(enum.Enum):
+    COMMAND = "command"
+    WAIT = "wait"  # a decision or TLS handshake is pending
+    DATA = "data"
+    BDAT = "bdat"
+    AUTH = "auth"  # reading a SASL continuation line
+    CLOSED = "closed"
+
+
+_MAX_AUTH_LINE = 12288  # RFC 4954 §4
+_CRLF = b"\r\n"
+
+GREETING_TEXT = "ESMTP ready"
+HELP = Reply(214, "2.0.0", "See RFC 5321")
+VRFY_REPLY = Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt delivery")
+EXPN_REPLY = Reply(502, "5.5.1", "EXPN not available")
+NO_VALID_RCPT = Reply(554, "5.5.1", "No valid recipients")
+NEED_HELO = Reply(503, "5.5.1", "Send EHLO/HELO first")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first")
+NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
+TOO_MANY_RCPT = Reply(452, "4.5.3", "Too many recipients")
+SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+BARE_LF_COMMAND = Reply(500, "5.5.2", "Bare CR or LF in command line not allowed")
+NUL_COMMAND = Reply(500, "5.5.2", "NUL character in command line not allowed")
+NO_PARAMS = Reply(501, "5.5.4", "No parameters allowed")
+UNSUPPORTED_PARAM = Reply(555, "5.5.4", "Unsupported parameter")
+NEED_UTF8 = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+TLS_UNAVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
+AUTH_UNAVAILABLE = Reply(502, "5.5.1", "AUTH not available")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_DONE = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+AUTH_BAD_MECH = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_BAD_B64 = Reply(501, "5.5.2", "Cannot decode response")
+BYE = Reply(221, "2.0.0", "Bye")
+START_INPUT = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+
+class SMTPEngine:
+    """One SMTP server session. See the module docstring for the contract."""
+
+    def __init__(self, settings: EngineSettings, *, tls_active: bool = False) -> None:
+        self.s = settings
+        self.tls_active = tls_active
+        self.authenticated_as: str | None = None
+        self.helo: str | None = None
+        self.esmtp = False
+        self._state = _S.COMMAND
+        self._inbuf = bytearray()
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._errors = 0
+        self._discarding_line = False  # skipping the rest of an over-long command line
+        self._pending: type | None = None  # event type awaiting decide()
+        self._reset_transaction()
+        # AUTH exchange
+        self._auth_mech = ""
+        self._auth_user: str | None = None
+        # BDAT
+        self._bdat_left = 0
+        self._bdat_last = False
+        self._bdat_refused: Reply | None = None
+        self._data_bdat = False
+
+    # ------------------------------------------------------------------ public API
+
+    def greet(self) -> None:
+        self._reply(Reply(220, "", f"{self.s.hostname} {GREETING_TEXT}"))
+
+    def refuse_connection(self, reply: Reply) -> None:
+        """Answer the greeting with a refusal (connection limits, blocklists) and close."""
+        self._close(reply)
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _S.CLOSED
+
+    @property
+    def waiting(self) -> bool:
+        return self._state is _S.WAIT
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._mail_given
+
+    def receive(self, data: bytes) -> None:
+        if self._state is not _S.CLOSED:
+            self._inbuf += data
+
+    def next_event(self) -> Event | None:
+        """The next event, or None when more input (or a decision) is needed."""
+        while not self._events:
+            if self._state in (_S.WAIT, _S.CLOSED) or not self._step():
+                break
+        return self._events.pop(0) if self._events else None
+
+    def take_output(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def decide(self, reply: Reply) -> None:
+        """Answer the pending MailFrom / RcptTo / DataStart / MessageComplete / Auth event."""
+        pending, self._pending = self._pending, None
+        if self._state is not _S.WAIT or pending is None:
+            raise RuntimeError("decide() without a pending decision")
+        self._state = _S.COMMAND
+        if pending is MailFrom:
+            if reply.positive:
+                self._mail_given = True
+            self._command_reply(reply)
+        elif pending is RcptTo:
+            if reply.positive:
+                self._rcpt_count += 1
+            self._command_reply(reply)
+        elif pending is DataStart:
+            self._start_body(reply)
+        elif pending is MessageComplete:
+            self._reply(reply)
+            self._reset_transaction()
+            self._events.append(ResetTransaction())
+        elif pending is AuthCredentials:
+            if reply.positive:
+                self.authenticated_as = self._auth_user
+            self._auth_user = None
+            if reply.code == 421:
+                self._close(reply)
+            else:
+                self._command_reply(reply)
+
+    def tls_started(self) -> None:
+        """The handshake finished: forget everything, the client must EHLO again."""
+        if self._pending is not StartTLS:
+            raise RuntimeError("tls_started() without STARTTLS")
+        self._pending = None
+        self._inbuf.clear()
+        self.tls_active = True
+        self.helo = None
+        self.esmtp = False
+        self.authenticated_as = None
+        self._reset_transaction()
+        self._state = _S.COMMAND
+
+    def timeout(self) -> None:
+        self._close(IDLE_TIMEOUT)
+
+    def close(self, reply: Reply) -> None:
+        """Server-initiated close (shutdown, session time limit)."""
+        self._close(reply)
+
+    # ------------------------------------------------------------------ internals
+
+    def _reply(self, reply: Reply) -> None:
+        self._out.append(reply.encode())
+
+    def _close(self, reply: Reply) -> None:
+        if self._state is _S.CLOSED:
+            return
+        self._reply(reply)
+        if self._mail_given or self._body is not None:
+            self._events.append(MessageAborted(reply))
+        self._state = _S.CLOSED
+        self._inbuf.clear()
+        self._events.append(Closing())
+
+    def _command_reply(self, reply: Reply) -> None:
+        """Send a reply to a client command, counting client errors."""
+        self._reply(reply)
+        if reply.code >= 400 and reply.code != 421:
+            self._errors += 1
+            if self._errors > self.s.max_errors:
+                self._close(TOO_MANY_ERRORS)
+
+    def _wait(self, event: Event) -> None:
+        self._pending = type(event)
+        self._state = _S.WAIT
+        self._events.append(event)
+
+    def _reset_transaction(self) -> None:
+        self._mail_given = False
+        self._smtputf8 = False
+        self._rcpt_count = 0
+        self._body: BodyChecker | None = None
+        self._bdat_open = False
+
+    def _step(self) -> bool:
+        """Consume some input; False when no progress is possible without more."""
+        if self._state is _S.DATA:
+            return self._step_data()
+        if self._state is _S.BDAT:
+            return self._step_bdat()
+        return self._step_line()
+
+    # ------------------------------------------------------------------ command lines
+
+    def _step_line(self) -> bool:
+        buf = self._inbuf
+        limit = _MAX_AUTH_LINE if self._state is _S.AUTH else self.s.max_command_line
+        nl = buf.find(b"\n", 0, limit + 1)
+        if nl < 0:
+            if len(buf) > limit:
+                if not self._discarding_line:
+                    self._discarding_line = True
+                    self._line_error(LINE_TOO_LONG)
+                del buf[: len(buf) - 1]  # keep a trailing CR for the CRLF check
+                return True
+            return False
+        raw = bytes(buf[: nl + 1])
+        del buf[: nl + 1]
+        if self._discarding_line:
+            self._discarding_line = False
+            return True
+        if not raw.endswith(_CRLF) or b"\r" in raw[:-2]:
+            self._line_error(BARE_LF_COMMAND)
+            return True
+        line = raw[:-2]
+        if b"\0" in line:
+            self._line_error(NUL_COMMAND)
+            return True
+        if self._state is _S.AUTH:
+            self._auth_continue(line)
+        else:
+            self._command(line)
+        return True
+
+    def _line_error(self, reply: Reply) -> None:
+        if self._state is _S.AUTH:
+            self._state = _S.COMMAND
+            self._auth_user = None
+        self._command_reply(reply)
+
+    def _command(self, line: bytes) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._command_reply(SYNTAX_ERROR)
+            return
+        verb, _, arg = text.partition(" ")
+        handler = _HANDLERS.get(verb.upper())
+        if handler is None:
+            self._command_reply(Reply(500, "5.5.2", "Command unrecognized"))
+            return
+        if not text.isascii() and verb.upper() not in ("MAIL", "RCPT"):
+            self._command_reply(SYNTAX_ERROR)
+            return
+        handler(self, arg)
+
+    def _cmd_ehlo(self, arg: str) -> None:
+        self._hello(arg, esmtp=True)
+
+    def _cmd_helo(self, arg: str) -> None:
+        self._hello(arg, esmtp=False)
+
+    def _hello(self, arg: str, *, esmtp: bool) -> None:
+        name = arg.strip()
+        if not name or " " in name or not name.isascii():
+            self._command_reply(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
+            return
+        if self._mail_given:
+            self._events.append(ResetTransaction())
+        self._reset_transaction()
+        self.helo, self.esmtp = name, esmtp
+        self._events.append(Helo(name, esmtp))
+        if not esmtp:
+            self._reply(Reply(250, "", self.s.hostname))
+            return
+        lines = [
+            self.s.hostname,
+            "PIPELINING",
+            f"SIZE {self.s.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "CHUNKING",
+        ]
+        if self.s.tls_available and not self.tls_active:
+            lines.append("STARTTLS")
+        if self._auth_offered():
+            lines.append("AUTH " + " ".join(self.s.auth_mechanisms))
+        self._reply(Reply(250, "", tuple(lines)))
+
+    def _auth_offered(self) -> bool:
+        return bool(self.s.auth_mechanisms) and (self.tls_active or not self.s.auth_requires_tls)
+
+    def _cmd_mail(self, arg: str) -> None:
+        if self.helo is None:
+            self._command_reply(NEED_HELO)
+            return
+        if self._mail_given:
+            self._command_reply(NESTED_MAIL)
+            return
+        if self.s.auth_required and self.authenticated_as is None:
+            self._command_reply(AUTH_REQUIRED)
+            return
+        try:
+            sender, params = parse_mail_argument(
+                arg, prefix="FROM:", null_allowed=True, smtputf8_allowed=True
+            )
+        except AddressError as exc:
+            self._command_reply(exc.reply)
+            return
+        size: int | None = None
+        for key, value in params.items():
+            if not self.esmtp:
+                self._command_reply(UNSUPPORTED_PARAM)
+                return
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    self._command_reply(Reply(501, "5.5.4", "Bad SIZE parameter"))
+                    return
+                size = int(value)
+            elif key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    self._command_reply(Reply(555, "5.5.4", "Unsupported BODY type"))
+                    return
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    self._command_reply(UNSUPPORTED_PARAM)
+                    return
+            elif key == "AUTH":
+                pass  # RFC 4954 §5: accepted and not trusted
+            else:
+                self._command_reply(UNSUPPORTED_PARAM)
+                return
+        smtputf8 = "SMTPUTF8" in params
+        if sender is not None and not smtputf8 and not str(sender).isascii():
+            self._command_reply(NEED_UTF8)
+            return
+        if size is not None and size > self.s.max_message_size:
+            self._command_reply(SIZE_EXCEEDED)
+            return
+        self._smtputf8 = smtputf8
+        self._wait(MailFrom(sender, params, size))
+
+    def _cmd_rcpt(self, arg: str) -> None:
+        if not self._mail_given:
+            self._command_reply(NEED_MAIL)
+            return
+        if self._rcpt_count >= self.s.max_recipients:
+            self._command_reply(TOO_MANY_RCPT)
+            return
+        try:
+            rcpt, params = parse_mail_argument(
+                arg, prefix="TO:", null_allowed=False, smtputf8_allowed=True
+            )
+        except AddressError as exc:
+            self._command_reply(exc.reply)
+            return
+        if params:
+            self._command_reply(UNSUPPORTED_PARAM)
+            return
+        if rcpt is None:  # parse_mail_argument refuses <> here; keep the type checker honest
+            self._command_reply(Reply(501, "5.1.3", "Bad recipient address syntax"))
+            return
+        if not self._smtputf8 and not str(rcpt).isascii():
+            self._command_reply(NEED_UTF8)
+            return
+        self._wait(RcptTo(rcpt, params))
+
+    def _cmd_data(self, arg: str) -> None:
+        if arg:
+            self._command_reply(NO_PARAMS)
+        elif not self._transaction_ready():
+            return
+        elif self._bdat_open:
+            self._command_reply(BAD_SEQUENCE)
+        else:
+            self._data_bdat = False
+            self._wait(DataStart(bdat=False))
+
+    def _transaction_ready(self) -> bool:
+        if not self._mail_given:
+            self._command_reply(NEED_MAIL)
+            return False
+        if self._rcpt_count == 0:
+            self._command_reply(NO_VALID_RCPT)
+            return False
+        return True
+
+    def _cmd_bdat(self, arg: str) -> None:
+        parts = arg.split(" ")
+        if (
+            not 1 <= len(parts) <= 2
+            or not parts[0].isdigit()
+            or len(parts[0]) > 20
+            or (len(parts) == 2 and parts[1].upper() != "LAST")
+        ):
+            self._command_reply(Reply(501, "5.5.4", "Syntax: BDAT size [LAST]"))
+            return
+        self._bdat_left = int(parts[0])
+        self._bdat_last = len(parts) == 2
+        self._bdat_refused = None
+        if not self._mail_given:
+            self._bdat_refused = NEED_MAIL
+        elif self._rcpt_count == 0:
+            self._bdat_refused = NO_VALID_RCPT
+        if self._bdat_refused is not None or self._bdat_open:
+            self._state = _S.BDAT  # the chunk must be read (and dropped) either way
+        else:
+            self._data_bdat = True
+            self._wait(DataStart(bdat=True))
+
+    def _start_body(self, reply: Reply) -> None:
+        if not reply.positive:
+            if self._data_bdat:
+                self._bdat_refused = reply  # the chunk's octets still have to be read
+                self._state = _S.BDAT
+            else:
+                self._command_reply(reply)
+            return
+        self._body = BodyChecker(
+            self.s.max_message_size, self.s.max_data_line, self.s.max_received_headers
+        )
+        if self._data_bdat:
+            self._bdat_open = True
+            self._state = _S.BDAT
+        else:
+            self._reply(START_INPUT)
+            self._state = _S.DATA
+
+    def _cmd_rset(self, arg: str) -> None:
+        if arg:
+            self._command_reply(NO_PARAMS)
+            return
+        if self._mail_given:
+            self._events.append(ResetTransaction())
+        self._reset_transaction()
+        self._reply(OK)
+
+    def _cmd_noop(self, arg: str) -> None:
+        self._reply(OK)
+
+    def _cmd_quit(self, arg: str) -> None:
+        self._close(BYE)
+
+    def _cmd_vrfy(self, arg: str) -> None:
+        # Same answer for every argument: VRFY must not tell which accounts exist.
+        self._reply(VRFY_REPLY)
+
+    def _cmd_expn(self, arg: str) -> None:
+        self._command_reply(EXPN_REPLY)
+
+    def _cmd_help(self, arg: str) -> None:
+        self._reply(HELP)
+
+    def _cmd_starttls(self, arg: str) -> None:
+        if arg:
+            self._command_reply(NO_PARAMS)
+        elif self.tls_active:
+            self._command_reply(TLS_ACTIVE)
+        elif not self.s.tls_available:
+            self._command_reply(TLS_UNAVAILABLE)
+        elif self._mail_given:
+            self._command_reply(BAD_SEQUENCE)
+        else:
+            self._reply(TLS_READY)
+            self._inbuf.clear()  # pipelined plaintext must never reach the TLS session
+            self._wait(StartTLS())
+
+    # ------------------------------------------------------------------ AUTH (SASL)
+
+    def _cmd_auth(self, arg: str) -> None:
+        if not self.s.auth_mechanisms:
+            self._command_reply(AUTH_UNAVAILABLE)
+            return
+        if not self._auth_offered():
+            self._command_reply(AUTH_NEEDS_TLS)
+            return
+        if self.helo is None:
+            self._command_reply(NEED_HELO)
+            return
+        if self.authenticated_as is not None:
+            self._command_reply(AUTH_DONE)
+            return
+        if self._mail_given:
+            self._command_reply(AUTH_IN_TRANSACTION)
+            return
+        mech, _, initial = arg.strip().partition(" ")
+        mech = mech.upper()
+        if mech not in self.s.auth_mechanisms:
+            self._command_reply(AUTH_BAD_MECH)
+            return
+        self._auth_mech = mech
+        self._auth_user = None
+        if initial:
+            self._auth_continue(initial.encode("ascii", "replace"))
+        elif mech == "PLAIN":
+            self._state = _S.AUTH
+            self._reply(Reply(334, "", ""))
+        else:  # LOGIN
+            self._state = _S.AUTH
+            self._reply(Reply(334, "", "VXNlcm5hbWU6"))
+
+    def _auth_continue(self, line: bytes) -> None:
+        self._state = _S.COMMAND
+        if line == b"*":
+            self._auth_user = None
+            self._command_reply(AUTH_CANCELLED)
+            return
+        try:
+            decoded = base64.b64decode(line, validate=True) if line != b"=" else b""
+            text = decoded.decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            self._auth_user = None
+            self._command_reply(AUTH_BAD_B64)
+            return
+        if self._auth_mech == "PLAIN":
+            parts = text.split("\0")
+            if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+                self._command_reply(Reply(535, "5.7.8", "Authentication credentials invalid"))
+                return
+            self._auth_user = parts[1]
+            self._wait(AuthCredentials("PLAIN", parts[1], parts[2]))
+        elif self._auth_user is None:  # LOGIN, first step: the user name
+            self._auth_user = text
+            self._state = _S.AUTH
+            self._reply(Reply(334, "", "UGFzc3dvcmQ6"))
+        else:
+            self._wait(AuthCredentials("LOGIN", self._auth_user, text))
+
+    # ------------------------------------------------------------------ DATA
+
+    def _step_data(self) -> bool:
+        """Consume complete lines of DATA; only <CRLF>.<CRLF> ends it."""
+        buf = self._inbuf
+        body = self._body
+        assert body is not None
+        # The buffer always starts at the beginning of a line.
+        if buf.startswith(b".\r\n"):
+            end, stop = 0, 3
+        else:
+            end = buf.find(b"\r\n.\r\n")
+            stop = end + 5
+            if end >= 0:
+                end += 2
+        if end >= 0:
+            self._emit_body(bytes(buf[:end]))
+            del buf[:stop]
+            self._finish_body()
+            return True
+        last = buf.rfind(_CRLF)
+        if last >= 0:
+            self._emit_body(bytes(buf[: last + 2]))
+            del buf[: last + 2]
+            return True
+        if len(buf) > self.s.max_data_line:
+            # An over-long line: record the refusal and drop what we hold, keeping one
+            # octet so a following LF still pairs with a CR and a "." stays mid-line.
+            if body.error is None:
+                body.error = DATA_LINE_TOO_LONG
+            del buf[:-1]
+            if buf != b"\r":
+                buf[:] = b"x"
+        return False
+
+    def _emit_body(self, raw: bytes) -> None:
+        """Dot-unstuff complete lines and pass them on; raw starts at a line start."""
+        if not raw:
+            return
+        if b"\r\n." in raw or raw.startswith(b"."):
+            raw = (b"\r\n" + raw).replace(b"\r\n.", b"\r\n")[2:]
+        body = self._body
+        assert body is not None
+        if body.feed(raw):
+            self._events.append(DataChunk(raw))
+
+    def _finish_body(self) -> None:
+        body = self._body
+        assert body is not None
+        error = body.finish()
+        self._state = _S.COMMAND
+        if error is not None:
+            self._events.append(MessageAborted(error))
+            self._reset_transaction()
+            self._command_reply(error)
+        else:
+            self._wait(MessageComplete(body.size))
+
+    # ------------------------------------------------------------------ BDAT
+
+    def _step_bdat(self) -> bool:
+        buf = self._inbuf
+        if self._bdat_left:
+            if not buf:
+                return False
+            n = min(self._bdat_left, len(buf))
+            chunk = bytes(buf[:n])
+            del buf[:n]
+            self._bdat_left -= n
+            body = self._body
+            if self._bdat_refused is None and body is not None and body.feed(chunk):
+                self._events.append(DataChunk(chunk))
+            if self._bdat_left:
+                return True
+        # The whole chunk has been read.
+        self._state = _S.COMMAND
+        if self._bdat_refused is not None:
+            reply, self._bdat_refused = self._bdat_refused, None
+            if self._bdat_open:
+                self._events.append(MessageAborted(reply))
+                self._reset_transaction()
+            self._command_reply(reply)
+            return True
+        if self._bdat_last:
+            self._bdat_open = False
+            self._finish_body()
+        else:
+            body = self._body
+            assert body is not None
+            self._reply(Reply(250, "2.0.0", f"{body.size} octets received"))
+        return True
+
+
+_HANDLERS = {
+    "EHLO": SMTPEngine._cmd_ehlo,
+    "HELO": SMTPEngine._cmd_helo,
+    "MAIL": SMTPEngine._cmd_mail,
+    "RCPT": SMTPEngine._cmd_rcpt,
+    "DATA": SMTPEngine._cmd_data,
+    "BDAT": SMTPEngine._cmd_bdat,
+    "RSET": SMTPEngine._cmd_rset,
+    "NOOP": SMTPEngine._cmd_noop,
+    "QUIT": SMTPEngine._cmd_quit,
+    "VRFY": SMTPEngine._cmd_vrfy,
+    "EXPN": SMTPEngine._cmd_expn,
+    "HELP": SMTPEngine._cmd_help,
+    "STARTTLS": SMTPEngine._cmd_starttls,
+    "AUTH": SMTPEngine._cmd_auth,
+}

@@ -1,0 +1,497 @@
+"""asyncio SMTP listeners (MX and submission) that drive the sans-I/O engine.
+
+A session is an ``asyncio.Protocol``, not a task with streams: an idle session costs one
+small object and one timer, which is what lets thousands of them sit after EHLO. Work that
+must not block the loop (fsync in the committer thread, argon2 in the authenticator) runs
+as a task while reading is paused; the engine parses nothing more until it is answered,
+which keeps pipelined replies in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import ssl
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from pathlib import Path
+
+from mailfort.config import Config
+from mailfort.directory.base import Directory
+from mailfort.policy.relay import decide_recipient
+from mailfort.protocol.address import Mailbox
+from mailfort.protocol.replies import TEMP_LOCAL_ERROR, Reply
+from mailfort.protocol.smtp import (
+    AuthCredentials,
+    Closing,
+    DataChunk,
+    DataStart,
+    EngineSettings,
+    Event,
+    Helo,
+    MailFrom,
+    MessageAborted,
+    MessageComplete,
+    RcptTo,
+    ResetTransaction,
+    SMTPEngine,
+    StartTLS,
+)
+from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
+
+log = logging.getLogger("mailfort.smtp")
+
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+READY_FOR_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+
+@dataclass
+class Envelope:
+    sender: Mailbox | None = None
+    local: list[str] = field(default_factory=list)  # canonical local users
+    remote: list[str] = field(default_factory=list)  # addresses to relay/forward
+    rcpts: list[str] = field(default_factory=list)  # as the client gave them
+
+
+@dataclass
+class ServiceOptions:
+    """What distinguishes MX from submission: the same engine, another profile."""
+
+    name: str  # "mx", "submission", "submissions"
+    implicit_tls: bool = False
+    auth: bool = False  # offer AUTH and require it before MAIL
+    plaintext_auth_on_loopback: bool = False
+
+
+# A hook run when a message has been accepted for remote recipients (the outbound queue).
+EnqueueHook = Callable[[Path, "Envelope", str | None], None]
+# Submission policy hooks (sender ownership, rate limits); None on the MX.
+SenderCheck = Callable[["SMTPSession", Mailbox | None], Awaitable[Reply | None]]
+
+
+class SMTPService:
+    """One listening service: its settings, its sessions and its shared parts."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        options: ServiceOptions,
+        directory: Directory,
+        committer: Committer,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        authenticate: Callable[[str, str, str], Awaitable[tuple[str, str | None]]] | None = None,
+        enqueue: EnqueueHook | None = None,
+        check_sender: SenderCheck | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.options = options
+        self.directory = directory
+        self.committer = committer
+        self.ssl_context = ssl_context
+        self.authenticate = authenticate
+        self.enqueue = enqueue
+        self.check_sender = check_sender
+        self.sessions: set[SMTPSession] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.servers: list[asyncio.base_events.Server] = []
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks]
+        lim = cfg.limits
+        self.settings = EngineSettings(
+            hostname=cfg.server.hostname,
+            max_message_size=lim.max_message_size,
+            max_recipients=lim.max_recipients,
+            max_errors=lim.max_errors,
+            max_received_headers=lim.max_received_headers,
+            tls_available=ssl_context is not None and not options.implicit_tls,
+            auth_mechanisms=("PLAIN", "LOGIN") if options.auth else (),
+            auth_requires_tls=True,
+            auth_required=options.auth,
+        )
+        # On loopback the operator may allow AUTH in the clear (lab, local MUAs).
+        self.loopback_settings = (
+            EngineSettings(**{**_fields(self.settings), "auth_requires_tls": False})
+            if options.plaintext_auth_on_loopback
+            else self.settings
+        )
+
+    async def listen(self, host: str, port: int) -> asyncio.base_events.Server:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SMTPSession(self),
+            host,
+            port,
+            ssl=self.ssl_context if self.options.implicit_tls else None,
+            ssl_handshake_timeout=30 if self.options.implicit_tls else None,
+            backlog=1024,
+            reuse_address=True,
+        )
+        self.servers.append(server)
+        return server
+
+    def trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._trusted)
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for session in list(self.sessions):
+            session.shutdown()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+
+
+def _fields(settings: EngineSettings) -> dict[str, object]:
+    return {name: getattr(settings, name) for name in settings.__slots__}
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+class SMTPSession(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, service: SMTPService) -> None:
+        self.service = service
+        self.transport: asyncio.Transport | None = None
+        self.engine: SMTPEngine | None = None
+        self.peer_ip = "?"
+        self.peer_port = 0
+        self.envelope = Envelope()
+        self.spool: Spool | None = None
+        self.spool_error = False
+        self.task: asyncio.Task[None] | None = None
+        self.started = time.monotonic()
+        self.last_activity = self.started
+        self.timer: asyncio.TimerHandle | None = None
+        self.counted = False
+        self.closing = False
+        self.tls_info = ""
+
+    # ---------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.peer_ip, self.peer_port = str(peer[0]), int(peer[1])
+        svc = self.service
+        settings = (
+            svc.loopback_settings if _is_loopback(self.peer_ip) else svc.settings
+        )
+        tls = svc.options.implicit_tls
+        self.engine = SMTPEngine(settings, tls_active=tls)
+        if tls:
+            self._note_tls(transport)
+        lim = svc.cfg.limits
+        if len(svc.sessions) >= lim.max_connections:
+            self.engine.refuse_connection(TOO_MANY_CONNECTIONS)
+        elif svc.per_ip[self.peer_ip] >= lim.max_connections_per_ip:
+            self.engine.refuse_connection(TOO_MANY_FROM_IP)
+        else:
+            svc.sessions.add(self)
+            svc.per_ip[self.peer_ip] += 1
+            self.counted = True
+            self.engine.greet()
+            self._arm_timer(lim.idle_timeout)
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        engine = self.engine
+        assert engine is not None
+        engine.receive(data)
+        if self.task is None:
+            self._pump()
+
+    def eof_received(self) -> bool | None:
+        self._abort_message()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._abort_message()
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        svc = self.service
+        if self.counted:
+            self.counted = False
+            svc.sessions.discard(self)
+            svc.per_ip[self.peer_ip] -= 1
+            if svc.per_ip[self.peer_ip] <= 0:
+                del svc.per_ip[self.peer_ip]
+        self.transport = None
+
+    def shutdown(self) -> None:
+        if self.engine is not None and self.transport is not None:
+            self.engine.close(SHUTTING_DOWN)
+            if self.task is None:
+                self._pump()
+
+    # ---------------------------------------------------------------- timers
+
+    def _arm_timer(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Re-armed lazily: one timer per session, not one per packet."""
+        self.timer = None
+        if self.transport is None or self.engine is None:
+            return
+        lim = self.service.cfg.limits
+        now = time.monotonic()
+        if now - self.started >= lim.session_timeout:
+            self.engine.close(SESSION_TOO_LONG)
+        elif self.task is None and now - self.last_activity >= lim.idle_timeout:
+            self.engine.timeout()
+        else:
+            wait = lim.idle_timeout - (now - self.last_activity)
+            self._arm_timer(max(0.05, min(wait, lim.session_timeout - (now - self.started))))
+            return
+        if self.task is None:
+            self._pump()
+
+    # ---------------------------------------------------------------- the pump
+
+    def _pump(self) -> None:
+        engine = self.engine
+        transport = self.transport
+        if engine is None or transport is None:
+            return
+        while self.task is None:
+            ev = engine.next_event()
+            if ev is None:
+                break
+            self._handle(ev)
+        out = engine.take_output()
+        if out:
+            transport.write(out)
+        if self.task is not None:
+            transport.pause_reading()
+        elif engine.closed and not self.closing:
+            self.closing = True
+            self._abort_message()
+            transport.close()
+
+    def _run(self, coro: Awaitable[None]) -> None:
+        """Run async work for the pending event; the engine waits until it decides."""
+
+        async def wrapper() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("session %s:%s: internal error", self.peer_ip, self.peer_port)
+                if self.engine is not None and self.engine.waiting:
+                    self.engine.decide(TEMP_LOCAL_ERROR)
+            finally:
+                self.task = None
+            if self.transport is not None:
+                self.transport.resume_reading()
+                self._pump()
+
+        self.task = asyncio.get_running_loop().create_task(wrapper())
+
+    def _handle(self, ev: Event) -> None:
+        engine = self.engine
+        assert engine is not None
+        if isinstance(ev, DataChunk):
+            if self.spool is not None:
+                self.spool.write(ev.data)
+        elif isinstance(ev, RcptTo):
+            engine.decide(self._decide_rcpt(ev))
+        elif isinstance(ev, MailFrom):
+            self._on_mail(ev)
+        elif isinstance(ev, DataStart):
+            engine.decide(self._start_spool(ev.bdat))
+        elif isinstance(ev, MessageComplete):
+            self._run(self._store())
+        elif isinstance(ev, MessageAborted):
+            self._abort_message()
+        elif isinstance(ev, ResetTransaction):
+            self._abort_message()
+            self.envelope = Envelope()
+        elif isinstance(ev, StartTLS):
+            self._run(self._starttls())
+        elif isinstance(ev, AuthCredentials):
+            self._run(self._auth(ev))
+        elif isinstance(ev, Helo | Closing):
+            pass
+
+    # ---------------------------------------------------------------- envelope
+
+    def _on_mail(self, ev: MailFrom) -> None:
+        engine = self.engine
+        assert engine is not None
+        self.envelope = Envelope(sender=ev.sender)
+        check = self.service.check_sender
+        if check is None:
+            engine.decide(SENDER_OK)
+            return
+
+        async def run_check() -> None:
+            refusal = await check(self, ev.sender)
+            assert self.engine is not None
+            self.engine.decide(refusal or SENDER_OK)
+
+        self._run(run_check())
+
+    def may_relay(self) -> bool:
+        engine = self.engine
+        return bool(engine and engine.authenticated_as) or self.service.trusted(self.peer_ip)
+
+    def _decide_rcpt(self, ev: RcptTo) -> Reply:
+        decision = decide_recipient(ev.recipient, self.service.directory, may_relay=self.may_relay())
+        if decision.reply.positive and decision.resolution is not None:
+            env = self.envelope
+            env.rcpts.append(str(ev.recipient))
+            env.local.extend(u for u in decision.resolution.local if u not in env.local)
+            env.remote.extend(a for a in decision.resolution.remote if a not in env.remote)
+        return decision.reply
+
+    # ---------------------------------------------------------------- the message
+
+    def _start_spool(self, bdat: bool) -> Reply:
+        try:
+            self.spool = self.service.committer.new_spool()
+            self.spool.write(self._trace_headers())
+        except OSError:
+            log.exception("cannot open spool")
+            self.spool = None
+            return TEMP_LOCAL_ERROR
+        return Reply(250, "2.0.0", "OK") if bdat else READY_FOR_DATA
+
+    def _trace_headers(self) -> bytes:
+        engine = self.engine
+        assert engine is not None
+        env = self.envelope
+        sender = str(env.sender) if env.sender is not None else ""
+        proto = "ESMTP" if engine.esmtp else "SMTP"
+        if engine.tls_active:
+            proto += "S"
+        if engine.authenticated_as:
+            proto += "A"
+        spool_id = "?"
+        rcpt = f"\r\n\tfor <{env.rcpts[0]}>" if len(env.rcpts) == 1 else ""
+        tls = f"\r\n\t(using {self.tls_info})" if self.tls_info else ""
+        svc = self.service
+        if self.spool is not None:
+            spool_id = self.spool.name.split(".")[1]
+        received = (
+            f"Received: from {engine.helo} ([{self.peer_ip}])\r\n"
+            f"\tby {svc.cfg.server.hostname} with {proto} id {spool_id}{tls}{rcpt};\r\n"
+            f"\t{formatdate(localtime=False)}\r\n"
+        )
+        return f"Return-Path: <{sender}>\r\n{received}".encode()
+
+    async def _store(self) -> None:
+        engine = self.engine
+        spool = self.spool
+        assert engine is not None
+        self.spool = None
+        if spool is None or spool.failed is not None:
+            if spool is not None:
+                spool.discard()
+            engine.decide(TEMP_LOCAL_ERROR)
+            return
+        env = self.envelope
+        svc = self.service
+        data_dir = svc.cfg.data_path
+        maildirs = [maildir_for(data_dir, u) for u in env.local]
+        extra = None
+        if env.remote and svc.enqueue is not None:
+            enqueue = svc.enqueue
+            submitted_by = engine.authenticated_as
+
+            def extra(path: Path) -> None:
+                enqueue(path, env, submitted_by)
+
+        elif env.remote:
+            spool.discard()
+            engine.decide(TEMP_LOCAL_ERROR)
+            return
+        try:
+            await svc.committer.commit(spool, maildirs, extra)
+        except StorageError as exc:
+            log.error("storage error, message refused with 451: %s", exc)
+            engine.decide(TEMP_LOCAL_ERROR)
+            return
+        log.info(
+            "stored id=%s from=<%s> local=%d remote=%d size=%d",
+            spool.name.split(".")[1],
+            env.sender or "",
+            len(env.local),
+            len(env.remote),
+            spool.size,
+        )
+        engine.decide(Reply(250, "2.0.0", f"OK queued as {spool.name.split('.')[1]}"))
+
+    def _abort_message(self) -> None:
+        if self.spool is not None:
+            self.spool.discard()
+            self.spool = None
+
+    # ---------------------------------------------------------------- TLS and AUTH
+
+    async def _starttls(self) -> None:
+        engine = self.engine
+        transport = self.transport
+        ctx = self.service.ssl_context
+        assert engine is not None and transport is not None and ctx is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(transport, self, ctx, server_side=True,
+                                       ssl_handshake_timeout=30)
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.peer_ip, exc)
+            engine.close(Reply(421, "4.7.0", "TLS handshake failed"))
+            transport.abort()
+            self.transport = None
+            return
+        if new is None:
+            self.transport = None
+            return
+        self.transport = new
+        self._note_tls(new)
+        engine.tls_started()
+
+    def _note_tls(self, transport: asyncio.BaseTransport) -> None:
+        obj = transport.get_extra_info("ssl_object")
+        if obj is not None:
+            cipher = obj.cipher()
+            self.tls_info = f"{obj.version()} with cipher {cipher[0] if cipher else '?'}"
+
+    async def _auth(self, ev: AuthCredentials) -> None:
+        engine = self.engine
+        assert engine is not None
+        auth = self.service.authenticate
+        if auth is None:
+            engine.decide(Reply(454, "4.7.0", "Temporary authentication failure"))
+            return
+        outcome, user = await auth(ev.username, ev.password, self.peer_ip)
+        if outcome == "ok" and user is not None:
+            engine.decide(Reply(235, "2.7.0", "Authentication successful"))
+            engine.authenticated_as = user
+        elif outcome == "blocked":
+            engine.decide(Reply(421, "4.7.0", "Too many failed authentications, try later"))
+        else:
+            engine.decide(Reply(535, "5.7.8", "Authentication credentials invalid"))
