@@ -360,7 +360,9 @@ class SMTPSession(asyncio.Protocol):
         return bool(engine and engine.authenticated_as) or self.service.trusted(self.peer_ip)
 
     def _decide_rcpt(self, ev: RcptTo) -> Reply:
-        decision = decide_recipient(ev.recipient, self.service.directory, may_relay=self.may_relay())
+        decision = decide_recipient(
+            ev.recipient, self.service.directory, may_relay=self.may_relay()
+        )
         if decision.reply.positive and decision.resolution is not None:
             env = self.envelope
             env.rcpts.append(str(ev.recipient))

@@ -123,10 +123,7 @@ class Spool:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass

@@ -1,0 +1,124 @@
+"""SMTP load generator with smtp-source's parameters, for servers on loopback only.
+
+Every message uses its own connection (like ``smtp-source -c``): connect, EHLO, MAIL, RCPT,
+DATA, QUIT. Reports accepted messages per second. Optional AUTH over STARTTLS for the
+submission benchmark.
+
+    python bench/smtp_load.py --port 2525 --size 1024 --sessions 50 --messages 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import ssl
+import sys
+import time
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("server closed the connection")
+        if line[3:4] != b"-":
+            return line
+
+
+async def one_message(
+    host: str, port: int, body: bytes, rcpt: str, sender: str,
+    auth: tuple[str, str] | None, tls: ssl.SSLContext | None,
+) -> bool:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await _reply(reader)
+        writer.write(b"EHLO bench.client\r\n")
+        await _reply(reader)
+        if tls is not None:
+            writer.write(b"STARTTLS\r\n")
+            if not (await _reply(reader)).startswith(b"220"):
+                return False
+            await writer.start_tls(tls)
+            writer.write(b"EHLO bench.client\r\n")
+            await _reply(reader)
+        if auth is not None:
+            token = base64.b64encode(f"\0{auth[0]}\0{auth[1]}".encode()).decode()
+            writer.write(f"AUTH PLAIN {token}\r\n".encode())
+            if not (await _reply(reader)).startswith(b"235"):
+                return False
+        writer.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
+        r1, r2, r3 = await _reply(reader), await _reply(reader), await _reply(reader)
+        if not (r1.startswith(b"250") and r2.startswith(b"250") and r3.startswith(b"354")):
+            return False
+        writer.write(body + b".\r\nQUIT\r\n")
+        ok = (await _reply(reader)).startswith(b"250")
+        await _reply(reader)
+        return ok
+    finally:
+        writer.close()
+
+
+def make_body(size: int, sender: str, rcpt: str) -> bytes:
+    head = f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: bench\r\n\r\n".encode()
+    line = b"x" * 78 + b"\r\n"
+    n = max(0, size - len(head)) // len(line) + 1
+    return head + line * n
+
+
+async def run(args: argparse.Namespace) -> dict[str, float]:
+    body = make_body(args.size, args.sender, args.rcpt)
+    tls = None
+    if args.starttls:
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+    auth = (args.user, args.password) if args.user else None
+    remaining = args.messages
+    accepted = failed = 0
+
+    async def worker() -> None:
+        nonlocal remaining, accepted, failed
+        while remaining > 0:
+            remaining -= 1
+            try:
+                ok = await one_message(args.host, args.port, body, args.rcpt, args.sender,
+                                       auth, tls)
+            except (OSError, ConnectionError, ssl.SSLError):
+                ok = False
+            if ok:
+                accepted += 1
+            else:
+                failed += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.sessions)))
+    elapsed = time.perf_counter() - start
+    return {"accepted": accepted, "failed": failed, "seconds": elapsed,
+            "rate": accepted / elapsed if elapsed else 0.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=2525)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--sessions", type=int, default=50)
+    p.add_argument("--messages", type=int, default=2000)
+    p.add_argument("--sender", default="bench@example.org")
+    p.add_argument("--rcpt", default="alice@example.test")
+    p.add_argument("--starttls", action="store_true")
+    p.add_argument("--user", default="")
+    p.add_argument("--password", default="")
+    args = p.parse_args(argv)
+    if not args.host.startswith("127.") and args.host not in ("::1", "localhost"):
+        print("refusing: benchmarks only target loopback", file=sys.stderr)
+        return 2
+    r = asyncio.run(run(args))
+    print(f"accepted={r['accepted']} failed={r['failed']} seconds={r['seconds']:.2f} "
+          f"rate={r['rate']:.1f}/s")
+    return 0 if r["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Assemble and run a mailfort node: directory, store, TLS and the listeners.
+
+``Node`` is what ``mailfort serve`` runs and what the end-to-end tests start in-process
+(with port 0 listeners, so each test gets free ports on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from pathlib import Path
+
+from mailfort.config import Config
+from mailfort.directory.sqlite import SQLiteDirectory
+from mailfort.server.smtp import ServiceOptions, SMTPService
+from mailfort.store.maildir import Committer
+
+log = logging.getLogger("mailfort")
+
+
+def directory_path(cfg: Config) -> Path:
+    return cfg.data_path / "directory.sqlite3"
+
+
+def _split(hostport: str) -> tuple[str, int]:
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Node:
+    """All services of one mailfort instance, sharing one directory and one committer."""
+
+    def __init__(self, cfg: Config, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.cfg = cfg
+        cfg.data_path.mkdir(parents=True, exist_ok=True)
+        self.directory = SQLiteDirectory(directory_path(cfg))
+        self.committer = Committer(cfg.data_path)
+        if ssl_context is None:
+            from mailfort.tls import server_context
+
+            ssl_context = server_context(cfg)
+        self.ssl_context = ssl_context
+        self.services: dict[str, SMTPService] = {}
+        self.ports: dict[str, list[int]] = {}
+        self._extra_closers: list[object] = []
+
+    def _smtp_service(self, options: ServiceOptions) -> SMTPService:
+        return SMTPService(
+            self.cfg,
+            options,
+            self.directory,
+            self.committer,
+            self.ssl_context,
+        )
+
+    async def start(self) -> None:
+        removed = self.committer.recover()
+        if removed:
+            log.info("removed %d unacknowledged spool files left by a crash", removed)
+        mx = self._smtp_service(ServiceOptions(name="mx"))
+        self.services["mx"] = mx
+        for name, service in self.services.items():
+            for hostport in getattr(self.cfg.listen, name):
+                server = await service.listen(*_split(hostport))
+                for sock in server.sockets:
+                    self.ports.setdefault(name, []).append(sock.getsockname()[1])
+
+    def port(self, name: str) -> int:
+        return self.ports[name][0]
+
+    async def stop(self) -> None:
+        for service in self.services.values():
+            await service.close()
+        await asyncio.to_thread(self.committer.stop)
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def describe(node: Node) -> str:
+    lines = ["mailfort is running:"]
+    for name, ports in node.ports.items():
+        hosts = [_split(hp)[0] for hp in getattr(node.cfg.listen, name)]
+        for host, port in zip(hosts, ports, strict=False):
+            lines.append(f"  {name:<12} {host}:{port}")
+    lines.append(f"  data         {node.cfg.data_path.resolve()}")
+    if not node.directory.list_domains():
+        lines += [
+            "No domain yet. Add one and a user (in another terminal, same directory):",
+            "  mailfort domain add example.test",
+            "  mailfort user add alice@example.test --password-file pw.txt",
+        ]
+    return "\n".join(lines)
+
+
+async def serve(cfg: Config) -> None:
+    node = Node(cfg)
+    await node.start()
+    print(describe(node), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("mailfort: shutting down", flush=True)
+    await node.stop()
+
+
+def run(cfg: Config) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(serve(cfg))

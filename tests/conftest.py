@@ -1,0 +1,88 @@
+"""Shared fixtures: test certificates and an in-process mailfort node on free loopback ports."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mailfort import config as config_mod
+from mailfort.config import Config
+
+HOSTNAME = "mx.example.test"
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_ssl_context(tls_ca: trustme.CA) -> ssl.SSLContext:
+    cert = tls_ca.issue_cert(HOSTNAME, "localhost", "127.0.0.1")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert.configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def client_ssl_context(tls_ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    tls_ca.configure_trust(ctx)
+    return ctx
+
+
+def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
+    """A config on free ports (0) under data_dir; ``sections`` override TOML tables."""
+    raw: dict[str, Any] = {
+        "server": {"hostname": HOSTNAME, "data_dir": str(data_dir)},
+        "listen": {
+            "mx": ["127.0.0.1:0"],
+            "submission": ["127.0.0.1:0"],
+            "submissions": ["127.0.0.1:0"],
+            "pop3": ["127.0.0.1:0"],
+            "pop3s": ["127.0.0.1:0"],
+        },
+    }
+    for name, table in sections.items():
+        raw.setdefault(name, {}).update(table)
+    return config_mod.from_dict(raw)
+
+
+@pytest.fixture
+def config_factory(tmp_path: Path) -> Callable[..., Config]:
+    def factory(**sections: dict[str, Any]) -> Config:
+        return make_config(tmp_path / "data", **sections)
+
+    return factory
+
+
+def seed_directory(cfg: Config) -> None:
+    """example.test with alice and bob, an alias, a remote forward."""
+    from mailfort.directory.sqlite import SQLiteDirectory
+    from mailfort.passwords import hash_password
+
+    cfg.data_path.mkdir(parents=True, exist_ok=True)
+    d = SQLiteDirectory(cfg.data_path / "directory.sqlite3")
+    d.add_domain("example.test")
+    d.add_user("alice@example.test", hash_password("alice-pw"))
+    d.add_user("bob@example.test", hash_password("bob-pw"))
+    d.add_alias("team@example.test", ["alice@example.test", "bob@example.test"])
+    d.add_alias("postmaster@example.test", ["alice@example.test"])
+
+
+@pytest.fixture
+async def node(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
+) -> AsyncIterator[Any]:
+    from mailfort.server.app import Node
+
+    cfg = config_factory()
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as n:
+        yield n
