@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
+from typing import Protocol
 
 from mailfort.config import Config
 from mailfort.directory.base import Directory
@@ -74,8 +75,20 @@ class ServiceOptions:
 
 # A hook run when a message has been accepted for remote recipients (the outbound queue).
 EnqueueHook = Callable[[Path, "Envelope", str | None], None]
-# Submission policy hooks (sender ownership, rate limits); None on the MX.
-SenderCheck = Callable[["SMTPSession", Mailbox | None], Awaitable[Reply | None]]
+_MAX_CAPTURED_HEADERS = 256 * 1024
+
+
+class SubmissionPolicy(Protocol):
+    """What an MSA checks beyond the MX rules (see server/submission.py)."""
+
+    def check_mail(self, user: str, sender: Mailbox | None) -> Reply | None: ...
+
+    def check_rcpt(self, user: str, count: int) -> Reply | None: ...
+
+    def check_headers(self, user: str, header_block: bytes) -> tuple[Reply | None, bytes]:
+        """A refusal, or the headers to add (Message-ID, Date) before the blank line."""
+
+    def message_accepted(self, user: str) -> None: ...
 
 
 class SMTPService:
@@ -91,7 +104,7 @@ class SMTPService:
         *,
         authenticate: Callable[[str, str, str], Awaitable[tuple[str, str | None]]] | None = None,
         enqueue: EnqueueHook | None = None,
-        check_sender: SenderCheck | None = None,
+        submission: SubmissionPolicy | None = None,
     ) -> None:
         self.cfg = cfg
         self.options = options
@@ -100,7 +113,7 @@ class SMTPService:
         self.ssl_context = ssl_context
         self.authenticate = authenticate
         self.enqueue = enqueue
-        self.check_sender = check_sender
+        self.submission = submission
         self.sessions: set[SMTPSession] = set()
         self.per_ip: Counter[str] = Counter()
         self.servers: list[asyncio.base_events.Server] = []
@@ -185,6 +198,8 @@ class SMTPSession(asyncio.Protocol):
         self.counted = False
         self.closing = False
         self.tls_info = ""
+        self.headers: bytearray | None = None  # submission: client headers held until checked
+        self.refusal: Reply | None = None  # submission: refusal decided from the headers
 
     # ---------------------------------------------------------------- asyncio callbacks
 
@@ -315,7 +330,9 @@ class SMTPSession(asyncio.Protocol):
         engine = self.engine
         assert engine is not None
         if isinstance(ev, DataChunk):
-            if self.spool is not None:
+            if self.headers is not None:
+                self._capture_headers(ev.data)
+            elif self.spool is not None:
                 self.spool.write(ev.data)
         elif isinstance(ev, RcptTo):
             engine.decide(self._decide_rcpt(ev))
@@ -343,23 +360,23 @@ class SMTPSession(asyncio.Protocol):
         engine = self.engine
         assert engine is not None
         self.envelope = Envelope(sender=ev.sender)
-        check = self.service.check_sender
-        if check is None:
-            engine.decide(SENDER_OK)
-            return
-
-        async def run_check() -> None:
-            refusal = await check(self, ev.sender)
-            assert self.engine is not None
-            self.engine.decide(refusal or SENDER_OK)
-
-        self._run(run_check())
+        sub = self.service.submission
+        refusal = None
+        if sub is not None and engine.authenticated_as is not None:
+            refusal = sub.check_mail(engine.authenticated_as, ev.sender)
+        engine.decide(refusal or SENDER_OK)
 
     def may_relay(self) -> bool:
         engine = self.engine
         return bool(engine and engine.authenticated_as) or self.service.trusted(self.peer_ip)
 
     def _decide_rcpt(self, ev: RcptTo) -> Reply:
+        sub = self.service.submission
+        user = self.engine.authenticated_as if self.engine is not None else None
+        if sub is not None and user is not None:
+            refusal = sub.check_rcpt(user, len(self.envelope.rcpts))
+            if refusal is not None:
+                return refusal
         decision = decide_recipient(
             ev.recipient, self.service.directory, may_relay=self.may_relay()
         )
@@ -376,6 +393,9 @@ class SMTPSession(asyncio.Protocol):
         try:
             self.spool = self.service.committer.new_spool()
             self.spool.write(self._trace_headers())
+            self.refusal = None
+            if self.service.submission is not None:
+                self.headers = bytearray()
         except OSError:
             log.exception("cannot open spool")
             self.spool = None
@@ -409,7 +429,14 @@ class SMTPSession(asyncio.Protocol):
         engine = self.engine
         spool = self.spool
         assert engine is not None
+        if self.headers is not None:
+            self._release_headers()
         self.spool = None
+        if self.refusal is not None:
+            if spool is not None:
+                spool.discard()
+            engine.decide(self.refusal)
+            return
         if spool is None or spool.failed is not None:
             if spool is not None:
                 spool.discard()
@@ -437,6 +464,8 @@ class SMTPSession(asyncio.Protocol):
             log.error("storage error, message refused with 451: %s", exc)
             engine.decide(TEMP_LOCAL_ERROR)
             return
+        if self.service.submission is not None and engine.authenticated_as is not None:
+            self.service.submission.message_accepted(engine.authenticated_as)
         log.info(
             "stored id=%s from=<%s> local=%d remote=%d size=%d",
             spool.name.split(".")[1],
@@ -447,7 +476,40 @@ class SMTPSession(asyncio.Protocol):
         )
         engine.decide(Reply(250, "2.0.0", f"OK queued as {spool.name.split('.')[1]}"))
 
+    def _capture_headers(self, data: bytes) -> None:
+        """Hold the client's header section until its end, to check and complete it."""
+        hdr = self.headers
+        assert hdr is not None
+        start = max(0, len(hdr) - 3)
+        hdr += data
+        end = 0 if hdr.startswith(b"\r\n") else hdr.find(b"\r\n\r\n", start)
+        if end == 0:
+            self._release_headers(split=0)
+        elif end > 0:
+            self._release_headers(split=end + 2)
+        elif len(hdr) > _MAX_CAPTURED_HEADERS:
+            self.refusal = Reply(552, "5.6.0", "Message header section too large")
+            self.headers = None
+
+    def _release_headers(self, split: int | None = None) -> None:
+        """Check the header block, add what an MSA adds, and pass everything on."""
+        hdr = self.headers
+        engine = self.engine
+        sub = self.service.submission
+        self.headers = None
+        if hdr is None or sub is None or engine is None or engine.authenticated_as is None:
+            return
+        block = bytes(hdr if split is None else hdr[:split])
+        rest = b"" if split is None else bytes(hdr[split:])
+        refusal, extra = sub.check_headers(engine.authenticated_as, block)
+        if refusal is not None:
+            self.refusal = refusal
+            return
+        if self.spool is not None:
+            self.spool.write(block + extra + rest)
+
     def _abort_message(self) -> None:
+        self.headers = None
         if self.spool is not None:
             self.spool.discard()
             self.spool = None

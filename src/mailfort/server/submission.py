@@ -1,0 +1,66 @@
+"""The MSA policy of the submission services (RFC 6409): ownership, limits, completion.
+
+Plugged into the same SMTP service as the MX; only what differs lives here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import formatdate
+
+from mailfort.config import Config
+from mailfort.directory.base import Directory
+from mailfort.policy.counters import Counters
+from mailfort.policy.senders import check_envelope_sender, check_header_from
+from mailfort.protocol.address import Mailbox
+from mailfort.protocol.replies import Reply
+
+RATE_LIMITED = Reply(452, "4.7.1", "Message rate limit exceeded, try again later")
+TOO_MANY_RCPT = Reply(452, "4.7.1", "Too many recipients for one message")
+_HOUR = 3600.0
+
+
+class MSAPolicy:
+    def __init__(self, cfg: Config, directory: Directory, counters: Counters) -> None:
+        self.cfg = cfg
+        self.directory = directory
+        self.counters = counters
+
+    def _key(self, user: str) -> str:
+        return f"sent-per-hour:{user.lower()}"
+
+    def check_mail(self, user: str, sender: Mailbox | None) -> Reply | None:
+        refusal = check_envelope_sender(
+            self.directory, user, sender, aliases_grant=self.cfg.submission.aliases_grant_sending
+        )
+        if refusal is not None:
+            return refusal
+        if self.counters.get(self._key(user)) >= self.cfg.submission.messages_per_hour:
+            return RATE_LIMITED
+        return None
+
+    def check_rcpt(self, user: str, count: int) -> Reply | None:
+        if count >= self.cfg.submission.max_recipients:
+            return TOO_MANY_RCPT
+        return None
+
+    def check_headers(self, user: str, header_block: bytes) -> tuple[Reply | None, bytes]:
+        refusal = check_header_from(
+            self.directory, user, header_block,
+            aliases_grant=self.cfg.submission.aliases_grant_sending,
+        )
+        if refusal is not None:
+            return refusal, b""
+        msg = BytesHeaderParser(policy=compat32).parsebytes(header_block)
+        extra = b""
+        if msg.get("Message-ID") is None:
+            mid = f"<{secrets.token_hex(12)}@{self.cfg.server.hostname}>"
+            extra += f"Message-ID: {mid}\r\n".encode()
+        if msg.get("Date") is None:
+            extra += f"Date: {formatdate(localtime=False)}\r\n".encode()
+        return None, extra
+
+    def message_accepted(self, user: str) -> None:
+        self.counters.incr(self._key(user), _HOUR)

@@ -1,0 +1,192 @@
+"""End-to-end tests of submission (587 STARTTLS, 465 implicit TLS) with real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import shutil
+import smtplib
+import ssl
+import subprocess
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+
+from mailfort.server.app import Node
+from tests.conftest import seed_directory
+from tests.server.test_mx import raw_session, read_reply, stored
+
+
+def note(sender: str = "alice@example.test", to: str = "bob@example.test") -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = "hi bob"
+    msg.set_content("from alice\n")
+    return msg
+
+
+def submit(port: int, ctx: ssl.SSLContext, msg: EmailMessage, *, user: str = "alice@example.test",
+           password: str = "alice-pw", implicit: bool = False,
+           sender: str | None = None) -> dict[str, tuple[int, bytes]]:
+    cls = smtplib.SMTP_SSL if implicit else smtplib.SMTP
+    kw: dict[str, Any] = {"context": ctx} if implicit else {}
+    with cls("127.0.0.1", port, **kw) as s:
+        s.ehlo("mua.test")
+        if not implicit:
+            s.starttls(context=ctx)
+            s.ehlo("mua.test")
+        s.login(user, password)
+        return s.send_message(msg, from_addr=sender)
+
+
+async def test_submission_587_delivers_locally_with_msa_headers(
+    node: Node, client_ssl_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await asyncio.to_thread(submit, node.port("submission"), client_ssl_context, note())
+    (msg,) = stored(node, "bob@example.test")
+    assert b"with ESMTPSA id" in msg
+    assert b"\r\nMessage-ID: <" in msg
+    assert b"\r\nDate: " in msg
+    assert b"alice-pw" not in msg
+    assert base64.b64encode(b"\0alice@example.test\0alice-pw") not in msg
+    assert "alice-pw" not in caplog.text
+
+
+async def test_submissions_465_implicit_tls(node: Node, client_ssl_context: ssl.SSLContext) -> None:
+    await asyncio.to_thread(
+        submit, node.port("submissions"), client_ssl_context, note(), implicit=True
+    )
+    (msg,) = stored(node, "bob@example.test")
+    assert b"with ESMTPSA" in msg
+
+
+async def test_auth_before_tls_and_mail_before_auth(node: Node) -> None:
+    token = base64.b64encode(b"\0alice@example.test\0alice-pw")
+    replies = await raw_session(
+        node.port("submission"),
+        [b"EHLO mua\r\n", b"AUTH PLAIN " + token + b"\r\n", b"MAIL FROM:<alice@example.test>\r\n"],
+    )
+    assert "AUTH" not in replies[1]
+    assert "STARTTLS" in replies[1]
+    assert replies[2].startswith("538 5.7.11")
+    assert replies[3].startswith("530 5.7.0")
+
+
+async def auth_reply(port: int, ctx: ssl.SSLContext, user: str, password: str) -> tuple[str, float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                   server_hostname="mx.example.test")
+    await read_reply(reader)
+    writer.write(b"EHLO mua\r\n")
+    await read_reply(reader)
+    token = base64.b64encode(f"\0{user}\0{password}".encode())
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    writer.write(b"AUTH PLAIN " + token + b"\r\n")
+    reply = await read_reply(reader)
+    elapsed = loop.time() - start
+    writer.close()
+    return reply, elapsed
+
+
+async def test_wrong_password_same_reply_for_real_and_unknown_user(
+    node: Node, client_ssl_context: ssl.SSLContext
+) -> None:
+    port = node.port("submissions")
+    real, t_real = await auth_reply(port, client_ssl_context, "alice@example.test", "wrong")
+    fake, t_fake = await auth_reply(port, client_ssl_context, "nobody@example.test", "wrong")
+    assert real == fake
+    assert real.startswith("535 5.7.8")
+
+
+async def test_brute_force_is_blocked(
+    config_factory: Any, server_ssl_context: ssl.SSLContext, client_ssl_context: ssl.SSLContext
+) -> None:
+    cfg = config_factory(auth={"delay_after_failures": 100, "block_after_failures": 3,
+                               "failure_delay": 0.0})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        port = node.port("submissions")
+        codes = []
+        for _ in range(5):
+            reply, _ = await auth_reply(port, client_ssl_context, "alice@example.test", "guess")
+            codes.append(reply[:3])
+        assert codes[:3] == ["535"] * 3
+        assert codes[-1] == "421"
+        # even the right password is refused while blocked
+        reply, _ = await auth_reply(port, client_ssl_context, "alice@example.test", "alice-pw")
+        assert reply.startswith("421 4.7.0")
+
+
+async def test_foreign_mail_from_refused(node: Node, client_ssl_context: ssl.SSLContext) -> None:
+    with pytest.raises(smtplib.SMTPSenderRefused) as exc:
+        await asyncio.to_thread(submit, node.port("submission"), client_ssl_context, note(),
+                                sender="bob@example.test")
+    assert exc.value.smtp_code == 553
+    assert b"5.7.1" in exc.value.smtp_error
+
+
+async def test_foreign_from_header_refused(node: Node, client_ssl_context: ssl.SSLContext) -> None:
+    with pytest.raises(smtplib.SMTPDataError) as exc:
+        await asyncio.to_thread(submit, node.port("submission"), client_ssl_context,
+                                note(sender="ceo@bank.test"), sender="alice@example.test")
+    assert exc.value.smtp_code == 553
+    assert stored(node, "bob@example.test") == []
+
+
+async def test_alias_grants_sending(node: Node, client_ssl_context: ssl.SSLContext) -> None:
+    await asyncio.to_thread(submit, node.port("submission"), client_ssl_context,
+                            note(sender="postmaster@example.test"),
+                            sender="postmaster@example.test")
+    assert len(stored(node, "bob@example.test")) == 1
+
+
+async def test_null_sender_refused_on_submission(
+    node: Node, client_ssl_context: ssl.SSLContext
+) -> None:
+    with pytest.raises(smtplib.SMTPSenderRefused) as exc:
+        await asyncio.to_thread(submit, node.port("submission"), client_ssl_context, note(),
+                                sender="<>")
+    assert exc.value.smtp_code == 553
+
+
+async def test_rate_limit(
+    config_factory: Any, server_ssl_context: ssl.SSLContext, client_ssl_context: ssl.SSLContext
+) -> None:
+    cfg = config_factory(submission={"messages_per_hour": 2})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        port = node.port("submission")
+        for _ in range(2):
+            await asyncio.to_thread(submit, port, client_ssl_context, note())
+        with pytest.raises(smtplib.SMTPSenderRefused) as exc:
+            await asyncio.to_thread(submit, port, client_ssl_context, note())
+        assert exc.value.smtp_code == 452
+        assert b"4.7.1" in exc.value.smtp_error
+        assert len(stored(node, "bob@example.test")) == 2
+
+
+async def test_unauthenticated_relay_on_mx_still_refused(node: Node) -> None:
+    replies = await raw_session(
+        node.port("mx"),
+        [b"EHLO c\r\n", b"MAIL FROM:<alice@example.test>\r\n", b"RCPT TO:<x@foreign.test>\r\n"],
+    )
+    assert replies[3].startswith("554 5.7.1")
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed (CI installs it)")
+async def test_swaks_submission(node: Node) -> None:
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        ["swaks", "--server", f"127.0.0.1:{node.port('submission')}", "--tls",
+         "--auth", "PLAIN", "--auth-user", "alice@example.test", "--auth-password", "alice-pw",
+         "--from", "alice@example.test", "--to", "bob@example.test",
+         "--header", "From: alice@example.test", "--body", "swaks submission"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (msg,) = stored(node, "bob@example.test")
+    assert b"swaks submission" in msg
