@@ -1,0 +1,284 @@
+"""Deliver one message to the recipients of one domain over one SMTP connection.
+
+TLS policy: STARTTLS whenever the server offers it. Without DANE or MTA-STS there is no
+name to verify a certificate against that an attacker could not also forge, so the default
+is opportunistic (encrypt, do not verify), as every MTA does. For a domain or route that
+requires TLS, a server that does not offer STARTTLS, or a handshake that fails, is a
+temporary failure for that host: the message is never sent in clear to it.
+
+Hosts are tried in order (all addresses of each MX) until one gives a definite answer to
+the transaction; connection errors, timeouts and greeting/EHLO refusals move on to the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+
+from mailfort.delivery.mx import Target
+
+Outcome = Literal["delivered", "temporary", "permanent"]
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass
+class RcptResult:
+    """What became of one recipient in this attempt."""
+
+    recipient: str
+    outcome: Outcome
+    reply: str  # "250 2.0.0 ok" as the server said it, or a local diagnostic
+    status: str  # RFC 3463 enhanced status, e.g. "5.1.1"
+    remote_mta: str = ""
+
+
+@dataclass
+class DomainResult:
+    results: dict[str, RcptResult] = field(default_factory=dict)
+    host: str = ""  # the host that took the transaction, if any
+    tls: bool = False
+
+
+def _one_line(text: str, limit: int = 900) -> str:
+    """Remote text goes into queue state and bounce headers: no control chars, bounded."""
+    text = " ".join(text.split())
+    return "".join(c if c.isprintable() else "?" for c in text)[:limit]
+
+
+def status_of(code: int, message: str) -> str:
+    """The enhanced status in a reply, or one derived from the basic code (RFC 3463)."""
+    m = _ENHANCED.match(message.strip())
+    if m and m.group(1) == str(code)[0]:
+        return m.group(0)
+    return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+
+
+def _classify(code: int) -> Outcome:
+    if 200 <= code < 300:
+        return "delivered"
+    return "permanent" if 500 <= code < 600 else "temporary"
+
+
+def _reply(code: int, message: str) -> str:
+    return _one_line(f"{code} {message}")
+
+
+def _path(address: str) -> bytes:
+    """An RFC 5321 path. Addresses were validated at submission; refuse CR/LF/<> anyway."""
+    if any(c in address for c in "\r\n<>") or any(ord(c) < 32 for c in address):
+        raise ValueError(f"unsafe address {address!r}")
+    return b"<" + address.encode("utf-8") + b">"
+
+
+class _HostFailure(Exception):
+    """This host could not take the transaction; try the next one."""
+
+    def __init__(self, status: str, reply: str) -> None:
+        super().__init__(reply)
+        self.status = status
+        self.reply = reply
+
+
+def opportunistic_context() -> ssl.SSLContext:
+    """Encrypt without verifying (see module docstring); TLS 1.2+ like everything else."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+async def deliver(
+    targets: Sequence[Target],
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    *,
+    helo: str,
+    require_tls: bool = False,
+    connect_timeout: float = 30.0,
+    timeout: float = 300.0,
+    tls_context: ssl.SSLContext | None = None,
+) -> DomainResult:
+    """Try each target address in turn; per-recipient results for every recipient.
+
+    ``require_tls`` adds to each target's own ``require_tls``. ``tls_context`` replaces the
+    opportunistic (non-verifying) context, e.g. to verify against a known CA.
+    """
+    out = DomainResult()
+    try:
+        _path(sender)
+    except ValueError as exc:
+        for r in recipients:
+            out.results[r] = RcptResult(r, "permanent", f"553 5.1.7 {exc}", "5.1.7")
+        return out
+    safe = []
+    for r in recipients:
+        try:
+            _path(r)
+            safe.append(r)
+        except ValueError as exc:
+            out.results[r] = RcptResult(r, "permanent", f"553 5.1.3 {exc}", "5.1.3")
+    if not safe:
+        return out
+    recipients = safe
+    last = _HostFailure("4.4.1", "no host to try")
+    for target in targets:
+        for addr in target.addresses:
+            try:
+                res = await _transaction(
+                    target, addr, sender, recipients, message,
+                    helo=helo,
+                    require_tls=require_tls or target.require_tls,
+                    connect_timeout=connect_timeout,
+                    timeout=timeout,
+                    tls_context=tls_context or opportunistic_context(),
+                )
+                res.results.update(out.results)
+                return res
+            except _HostFailure as exc:
+                last = exc
+    for r in recipients:
+        out.results[r] = RcptResult(r, "temporary", last.reply, last.status)
+    return out
+
+
+async def _transaction(
+    target: Target,
+    addr: str,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    *,
+    helo: str,
+    require_tls: bool,
+    connect_timeout: float,
+    timeout: float,
+    tls_context: ssl.SSLContext,
+) -> DomainResult:
+    where = f"{target.host}[{addr}]:{target.port}"
+    smtp = aiosmtplib.SMTP(
+        hostname=addr,
+        port=target.port,
+        local_hostname=helo,
+        timeout=timeout,
+        start_tls=False,
+        use_tls=False,
+        validate_certs=False,
+    )
+    try:
+        try:
+            await smtp.connect(timeout=connect_timeout)
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            raise _HostFailure(
+                "4.4.1", f"{where} refused the connection: {_reply(exc.code, exc.message)}"
+            ) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise _HostFailure("4.4.1", f"cannot connect to {where}: {_one_line(str(exc))}")\
+                from None
+        return await _session(
+            smtp, target, where, sender, recipients, message,
+            helo=helo, require_tls=require_tls, tls_context=tls_context,
+        )
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+        # Lost before a definite answer to the whole transaction: nothing was accepted.
+        raise _HostFailure("4.4.2", f"{where}: connection lost: {_one_line(str(exc))}")\
+            from None
+    finally:
+        smtp.close()
+
+
+async def _session(
+    smtp: aiosmtplib.SMTP,
+    target: Target,
+    where: str,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    *,
+    helo: str,
+    require_tls: bool,
+    tls_context: ssl.SSLContext,
+) -> DomainResult:
+    try:
+        await smtp.ehlo(hostname=helo)
+    except aiosmtplib.SMTPHeloError:
+        try:
+            await smtp.helo(hostname=helo)
+        except aiosmtplib.SMTPHeloError as exc:
+            raise _HostFailure("4.4.1", f"{where} refused HELO: {_reply(exc.code, exc.message)}")\
+                from None
+    tls = False
+    if smtp.supports_extension("starttls"):
+        try:
+            await smtp.starttls(server_hostname=target.host, tls_context=tls_context)
+            await smtp.ehlo(hostname=helo)
+            tls = True
+        except aiosmtplib.SMTPResponseException as exc:
+            # A refusal (e.g. 454) leaves the session usable in clear, if that is allowed.
+            if require_tls or exc.code == 421:
+                raise _HostFailure("4.7.5", f"{where} refused STARTTLS: "
+                                   f"{_reply(exc.code, exc.message)}") from None
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+            # The connection is unusable after a failed handshake; try the next host.
+            raise _HostFailure("4.7.5" if require_tls else "4.4.2",
+                               f"{where}: STARTTLS failed: {_one_line(str(exc))}") from None
+    elif require_tls:
+        raise _HostFailure("4.7.10", f"{where} does not offer STARTTLS and TLS is required")
+
+    options: list[bytes] = []
+    if smtp.supports_extension("size"):
+        options.append(b"SIZE=%d" % len(message))
+    if smtp.supports_extension("8bitmime") and any(b > 127 for b in message):
+        options.append(b"BODY=8BITMIME")
+    resp = await smtp.execute_command(b"MAIL", b"FROM:" + _path(sender), *options)
+    result = DomainResult(host=target.host, tls=tls)
+    if resp.code != 250:
+        outcome = _classify(resp.code)
+        if outcome == "temporary" and resp.code == 421:
+            raise _HostFailure(status_of(resp.code, resp.message),
+                               f"{where} said: {_reply(resp.code, resp.message)}")
+        for r in recipients:
+            result.results[r] = _result(r, resp, where, target.host, "MAIL FROM")
+        await _quit(smtp)
+        return result
+
+    accepted: list[str] = []
+    for r in recipients:
+        resp = await smtp.execute_command(b"RCPT", b"TO:" + _path(r))
+        if resp.code in (250, 251):
+            accepted.append(r)
+        else:
+            result.results[r] = _result(r, resp, where, target.host, "RCPT TO")
+    if not accepted:
+        await _quit(smtp)
+        return result
+    try:
+        resp = await smtp.data(message)
+    except aiosmtplib.SMTPResponseException as exc:
+        resp = SMTPResponse(exc.code, exc.message)
+    for r in accepted:
+        result.results[r] = _result(r, resp, where, target.host, "DATA")
+    await _quit(smtp)
+    return result
+
+
+def _result(r: str, resp: SMTPResponse, where: str, host: str, stage: str) -> RcptResult:
+    outcome = _classify(resp.code)
+    reply = _reply(resp.code, resp.message)
+    if outcome != "delivered":
+        reply = f"{reply} (in reply to {stage}, {where})"
+    return RcptResult(r, outcome, reply, status_of(resp.code, resp.message), host)
+
+
+async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+        await smtp.quit(timeout=10)

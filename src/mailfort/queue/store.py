@@ -1,0 +1,349 @@
+"""Durable on-disk outbound queue.
+
+Layout under the queue root (``<data_dir>/queue``)::
+
+    msg/<id>        the full RFC 5322 message (CRLF), never modified once queued
+    env/<id>.json   envelope and per-recipient delivery state, replaced atomically
+    tmp/            files being written; anything here after a crash is garbage
+
+The commit point of an entry is the rename of its state file into ``env/``: the message
+file is made durable (fsync of file and directory) *before* that rename, and the rename is
+followed by an fsync of ``env/``. So after a ``kill -9`` at any instant an entry is either
+completely present or absent (and then its submitter was never told 250). ``recover`` removes
+tmp files and message files that never got a state file. Every state change is a new file
+written in ``tmp/``, fsynced and renamed over the old one, so a reader never sees half a state.
+
+Blocking I/O throughout: the SMTP service calls ``enqueue`` from a thread, the worker wraps
+calls in ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+RecipientState = Literal["pending", "deferred", "delivered", "failed"]
+ACTIVE: tuple[str, ...] = ("pending", "deferred")
+
+_ID_RE = re.compile(r"^[0-9A-Za-z]{8,64}$")
+_FORMAT = 1
+
+
+class QueueError(Exception):
+    """A queue operation failed (unknown id, bad id, entry vanished)."""
+
+
+@dataclass
+class Recipient:
+    """One envelope recipient and where its delivery stands."""
+
+    address: str
+    state: RecipientState = "pending"
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""  # e.g. "550 5.1.1 <x@y>: no such user" or a local diagnostic
+    status: str = ""  # RFC 3463 enhanced status of the last result, e.g. "4.4.1"
+    remote_mta: str = ""  # host that gave last_reply, if any
+    last_attempt: float = 0.0
+    # For failed recipients: the bounce was sent (or none is due). Kept in the state so a
+    # crash between marking "failed" and delivering the bounce sends it after restart.
+    notified: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+
+@dataclass
+class Entry:
+    """A queued message's envelope and state (the JSON file in ``env/``)."""
+
+    id: str
+    sender: str  # envelope MAIL FROM, "" for the null sender
+    submitted_by: str | None  # authenticated local user, None if not submitted by one
+    recipients: list[Recipient]
+    created: float
+    warned: bool = False  # a delay warning was sent
+    size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def active(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.active]
+
+    @property
+    def next_attempt(self) -> float | None:
+        """Earliest time any recipient is due; None when nothing is left to try."""
+        times = [r.next_attempt for r in self.recipients if r.active]
+        return min(times) if times else None
+
+    @property
+    def unnotified(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == "failed" and not r.notified]
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left to deliver and no bounce left to send: the entry can go."""
+        return not self.active and not self.unnotified
+
+    def is_due(self, now: float) -> bool:
+        if self.unnotified:
+            return True
+        na = self.next_attempt
+        return na is not None and na <= now
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["format"] = _FORMAT
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Entry:
+        d = dict(d)
+        d.pop("format", None)
+        rcpts = [Recipient(**r) for r in d.pop("recipients")]
+        return cls(recipients=rcpts, **d)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_id() -> str:
+    """Sortable by creation time (hex seconds) and unguessable (random suffix)."""
+    return f"{int(time.time()):09X}{secrets.token_hex(6).upper()}"
+
+
+class Queue:
+    """The outbound queue directory. Safe to use from several threads of one process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.msg_dir = self.root / "msg"
+        self.env_dir = self.root / "env"
+        self.tmp_dir = self.root / "tmp"
+        for d in (self.msg_dir, self.env_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # serialises read-modify-write of state files
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self) -> int:
+        """Remove what a crash left half-written; returns how many files were removed.
+
+        Call once at start, before the SMTP services accept mail (a concurrent enqueue's
+        message file has no state file yet and would look like an orphan).
+        """
+        removed = 0
+        for p in self.tmp_dir.iterdir():
+            p.unlink(missing_ok=True)
+            removed += 1
+        known = {p.name[:-5] for p in self.env_dir.glob("*.json")}
+        for p in self.msg_dir.iterdir():
+            if p.name not in known:
+                p.unlink(missing_ok=True)
+                removed += 1
+        for ident in known:
+            if not (self.msg_dir / ident).exists():  # cannot happen by construction; be safe
+                (self.env_dir / f"{ident}.json").unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            _fsync_dir(self.msg_dir)
+            _fsync_dir(self.env_dir)
+        return removed
+
+    # ------------------------------------------------------------------ enqueue
+
+    def enqueue(
+        self,
+        message_path: Path,
+        sender: str,
+        recipients: list[str],
+        submitted_by: str | None,
+    ) -> str:
+        """Queue the message in ``message_path`` (hard link, copy across filesystems).
+
+        Returns the new id once the entry is durable. The caller still owns
+        ``message_path`` and may unlink it afterwards.
+        """
+        if not recipients:
+            raise QueueError("no recipients")
+        ident = new_id()
+        target = self.msg_dir / ident
+        try:
+            os.link(message_path, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            tmp = self.tmp_dir / f"{ident}.msg"
+            shutil.copyfile(message_path, tmp)
+            os.rename(tmp, target)
+        return self._commit(ident, target, sender, recipients, submitted_by)
+
+    def enqueue_bytes(
+        self,
+        message: bytes,
+        sender: str,
+        recipients: list[str],
+        submitted_by: str | None,
+    ) -> str:
+        """Queue a message held in memory (bounces from elsewhere, tests, tools)."""
+        if not recipients:
+            raise QueueError("no recipients")
+        ident = new_id()
+        tmp = self.tmp_dir / f"{ident}.msg"
+        with open(tmp, "wb") as f:
+            f.write(message)
+        target = self.msg_dir / ident
+        os.rename(tmp, target)
+        return self._commit(ident, target, sender, recipients, submitted_by)
+
+    def _commit(
+        self,
+        ident: str,
+        msg_path: Path,
+        sender: str,
+        recipients: list[str],
+        submitted_by: str | None,
+    ) -> str:
+        try:
+            _fsync_file(msg_path)
+            _fsync_dir(self.msg_dir)
+            now = time.time()
+            rcpts = [Recipient(address=a, next_attempt=now) for a in dict.fromkeys(recipients)]
+            entry = Entry(
+                id=ident,
+                sender=sender,
+                submitted_by=submitted_by,
+                recipients=rcpts,
+                created=now,
+                size=msg_path.stat().st_size,
+            )
+            self._write_state(entry)
+        except BaseException:
+            msg_path.unlink(missing_ok=True)
+            raise
+        return ident
+
+    # ------------------------------------------------------------------ state files
+
+    def _write_state(self, entry: Entry) -> None:
+        data = json.dumps(entry.to_json(), ensure_ascii=False, separators=(",", ":"))
+        tmp = self.tmp_dir / f"{entry.id}.{secrets.token_hex(4)}.json"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.rename(tmp, self.env_dir / f"{entry.id}.json")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.env_dir)
+
+    @staticmethod
+    def check_id(ident: str) -> str:
+        """Ids come from the command line too: refuse anything that is not one."""
+        if not _ID_RE.match(ident):
+            raise QueueError(f"not a queue id: {ident!r}")
+        return ident
+
+    def get(self, ident: str) -> Entry:
+        path = self.env_dir / f"{self.check_id(ident)}.json"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise QueueError(f"no such queue entry: {ident}") from None
+        return Entry.from_json(json.loads(raw))
+
+    def message_path(self, ident: str) -> Path:
+        return self.msg_dir / self.check_id(ident)
+
+    def read_message(self, ident: str) -> bytes:
+        try:
+            return self.message_path(ident).read_bytes()
+        except FileNotFoundError:
+            raise QueueError(f"no such queue entry: {ident}") from None
+
+    def ids(self) -> builtins.list[str]:
+        return sorted(p.name[:-5] for p in self.env_dir.glob("*.json"))
+
+    def list(self) -> builtins.list[Entry]:
+        """Every entry, oldest first (ids sort by creation time)."""
+        out = []
+        for ident in self.ids():
+            with contextlib.suppress(QueueError, ValueError, TypeError):
+                out.append(self.get(ident))
+        return out
+
+    def due(self, now: float) -> builtins.list[Entry]:
+        return [e for e in self.list() if e.is_due(now)]
+
+    def update(self, entry: Entry) -> None:
+        """Replace the entry's state atomically; QueueError if it was deleted meanwhile."""
+        with self._lock:
+            if not (self.env_dir / f"{self.check_id(entry.id)}.json").exists():
+                raise QueueError(f"no such queue entry: {entry.id}")
+            self._write_state(entry)
+
+    def delete(self, ident: str) -> None:
+        """Remove an entry: state file first (the commit point), then the message."""
+        with self._lock:
+            env = self.env_dir / f"{self.check_id(ident)}.json"
+            try:
+                env.unlink()
+            except FileNotFoundError:
+                raise QueueError(f"no such queue entry: {ident}") from None
+            _fsync_dir(self.env_dir)
+            (self.msg_dir / ident).unlink(missing_ok=True)
+
+    def retry(self, ident: str | None = None, now: float | None = None) -> int:
+        """Make the active recipients of one entry (or of all) due now; returns entries touched."""
+        now = time.time() if now is None else now
+        targets: Iterable[str] = [ident] if ident is not None else self.ids()
+        n = 0
+        for i in targets:
+            with self._lock:
+                try:
+                    entry = self.get(i)
+                except QueueError:
+                    if ident is not None:
+                        raise
+                    continue
+                if not entry.active:
+                    continue
+                for r in entry.active:
+                    r.next_attempt = now
+                self._write_state(entry)
+                n += 1
+        return n

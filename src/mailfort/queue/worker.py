@@ -1,0 +1,296 @@
+"""The delivery worker: takes due queue entries to their destinations, retries, bounces.
+
+Per pass, each due entry's active recipients are grouped by domain and every domain gets
+one connection (bounded overall by ``cfg.queue.workers``). Each recipient keeps its own
+state, so one failing recipient among ten is the only one retried.
+
+Bounce rules (the backscatter countermeasure, DESIGN.md row 3): a DSN is produced only for
+an entry with ``submitted_by`` set (mail an authenticated local user submitted), only to
+that local user (never to the envelope sender string, which could name anyone), never when
+the envelope sender is null, and it is handed to ``local_deliver`` — it never leaves this
+server. A failed recipient stays marked ``notified=False`` until its bounce was delivered,
+so a crash between the two sends the bounce after restart rather than losing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from mailfort.config import Config
+from mailfort.delivery import client, mx
+from mailfort.queue.dsn import RecipientReport, build_dsn
+from mailfort.queue.store import Entry, Queue, QueueError, Recipient
+
+log = logging.getLogger("mailfort.queue")
+
+LocalDeliver = Callable[[str, bytes], Awaitable[None]]
+# (domain, targets, sender, recipients, message) -> DomainResult; replaceable for the lab.
+Deliverer = Callable[..., Awaitable[client.DomainResult]]
+
+_MAX_SLEEP = 60.0  # rescan at least this often (picks up `mailfort queue retry` from the CLI)
+
+
+@dataclass
+class PassStats:
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+    bounces: int = 0
+    warnings: int = 0
+
+
+def backoff(cfg: Config, attempts: int) -> float:
+    """Delay before the next try after ``attempts`` failed ones: doubling, capped."""
+    q = cfg.queue
+    return float(min(q.initial_retry * (2 ** max(attempts - 1, 0)), q.max_retry))
+
+
+def may_bounce(entry: Entry) -> bool:
+    """Only an authenticated local submitter ever gets a DSN, never a null sender."""
+    return bool(entry.submitted_by) and entry.sender not in ("", "<>")
+
+
+class DeliveryWorker:
+    """Background delivery of the outbound queue; ``start``/``stop`` inside an event loop."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        cfg: Config,
+        local_deliver: LocalDeliver,
+        *,
+        mx_port: int = mx.SMTP_PORT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.queue = queue
+        self.cfg = cfg
+        self.local_deliver = local_deliver
+        self.mx_port = mx_port
+        self.clock = clock
+        self.hostname = cfg.server.hostname
+        self._sem = asyncio.Semaphore(max(1, cfg.queue.workers))
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self.stats = PassStats()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Recover the queue directory and start the loop (one pass runs at once)."""
+        await asyncio.to_thread(self.queue.recover)
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._task = asyncio.create_task(self._run(), name="mailfort-delivery")
+
+    async def stop(self) -> None:
+        """Stop now; deliveries in flight are cancelled and retried after the next start."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        tasks = list(self._inflight.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def wake(self) -> None:
+        """Start a pass now (after an enqueue). Callable from any thread."""
+        if self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._wake.set()
+        else:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                next_due = await self.run_pass()
+            except Exception:  # never let one bad pass stop delivery for good
+                log.exception("delivery pass failed")
+                next_due = self.clock() + 5.0
+            delay = _MAX_SLEEP if next_due is None else next_due - self.clock()
+            delay = min(max(delay, 0.0), _MAX_SLEEP)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    # ------------------------------------------------------------------ passes
+
+    async def run_pass(self) -> float | None:
+        """Start processing every due entry not already in flight; returns the next due time.
+
+        Entries are processed in background tasks; ``drain`` waits for them (tests).
+        """
+        now = self.clock()
+        entries = await asyncio.to_thread(self.queue.list)
+        next_due: float | None = None
+        for entry in entries:
+            if entry.id in self._inflight:
+                continue
+            if entry.is_due(now):
+                task = asyncio.create_task(self._process(entry.id))
+                self._inflight[entry.id] = task
+                task.add_done_callback(lambda _t, i=entry.id: self._inflight.pop(i, None))
+            else:
+                na = entry.next_attempt
+                if na is not None:
+                    next_due = na if next_due is None else min(next_due, na)
+        return next_due
+
+    async def drain(self) -> None:
+        """Wait until every entry in flight has been processed."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+
+    async def _process(self, ident: str) -> None:
+        try:
+            entry = await asyncio.to_thread(self.queue.get, ident)
+            message = await asyncio.to_thread(self.queue.read_message, ident)
+        except QueueError:
+            return  # deleted meanwhile (e.g. `mailfort queue delete`)
+        now = self.clock()
+        due = [r for r in entry.active if r.next_attempt <= now]
+        by_domain: dict[str, list[Recipient]] = {}
+        for r in due:
+            by_domain.setdefault(r.domain, []).append(r)
+        results = await asyncio.gather(
+            *(self._deliver_domain(entry, d, rs, message) for d, rs in by_domain.items())
+        )
+        now = self.clock()
+        expiry = entry.created + self.cfg.queue.max_lifetime
+        for domain_result in results:
+            for r in by_domain_lookup(entry, domain_result):
+                res = domain_result.results[r.address]
+                r.attempts += 1
+                r.last_attempt = now
+                r.last_reply = res.reply
+                r.status = res.status
+                r.remote_mta = res.remote_mta
+                if res.outcome == "delivered":
+                    r.state = "delivered"
+                    self.stats.delivered += 1
+                elif res.outcome == "permanent":
+                    r.state = "failed"
+                    self.stats.failed += 1
+                elif now >= expiry:
+                    r.state = "failed"
+                    r.status = "4.4.7"
+                    r.last_reply = f"message expired in queue; last reply: {res.reply}"
+                    self.stats.failed += 1
+                else:
+                    r.state = "deferred"
+                    r.next_attempt = min(now + backoff(self.cfg, r.attempts), expiry)
+                    self.stats.deferred += 1
+        if not may_bounce(entry):
+            for r in entry.unnotified:
+                r.notified = True
+        try:
+            await self._save(entry)
+            await self._notify(entry, message, now)
+        except QueueError:
+            return
+
+    async def _deliver_domain(
+        self, entry: Entry, domain: str, rcpts: list[Recipient], message: bytes
+    ) -> client.DomainResult:
+        addrs = [r.address for r in rcpts]
+        async with self._sem:
+            try:
+                targets = await mx.resolve(domain, self.cfg, port=self.mx_port)
+            except mx.LookupFailure as exc:
+                outcome: client.Outcome = "permanent" if exc.permanent else "temporary"
+                reply = f"{exc.status} {exc.message}"
+                out = client.DomainResult()
+                for a in addrs:
+                    out.results[a] = client.RcptResult(a, outcome, reply, exc.status)
+                return out
+            route = mx.route_for(self.cfg, domain)
+            res = await client.deliver(
+                targets,
+                entry.sender,
+                addrs,
+                message,
+                helo=self.hostname,
+                require_tls=mx.requires_tls(self.cfg, domain, route),
+                connect_timeout=self.cfg.queue.connect_timeout,
+            )
+        for a in addrs:  # belt and braces: every recipient gets a result
+            res.results.setdefault(a, client.RcptResult(a, "temporary", "4.4.1 no result",
+                                                        "4.4.1"))
+        log.info("queue %s domain %s: %s", entry.id, domain,
+                 ", ".join(f"{a}={res.results[a].outcome}" for a in addrs))
+        return res
+
+    async def _save(self, entry: Entry) -> None:
+        if entry.finished:
+            await asyncio.to_thread(self.queue.delete, entry.id)
+        else:
+            await asyncio.to_thread(self.queue.update, entry)
+
+    async def _notify(self, entry: Entry, message: bytes, now: float) -> None:
+        """Send the bounce for newly failed recipients and, once, the delay warning."""
+        if not may_bounce(entry):
+            return
+        assert entry.submitted_by is not None
+        expiry = entry.created + self.cfg.queue.max_lifetime
+        failed = entry.unnotified
+        if failed:
+            reports = [
+                RecipientReport(r.address, "failed", r.status or "5.0.0", r.last_reply,
+                                r.remote_mta, r.last_attempt or None)
+                for r in failed
+            ]
+            if await self._send_dsn(entry, message, reports, now):
+                for r in failed:
+                    r.notified = True
+                self.stats.bounces += 1
+                await self._save(entry)
+        late = now - entry.created >= self.cfg.queue.delay_warning_after
+        delayed = [r for r in entry.recipients if r.state == "deferred"]
+        if late and delayed and not entry.warned:
+            reports = [
+                RecipientReport(r.address, "delayed", r.status or "4.0.0", r.last_reply,
+                                r.remote_mta, r.last_attempt or None, expiry)
+                for r in delayed
+            ]
+            if await self._send_dsn(entry, message, reports, now):
+                entry.warned = True
+                self.stats.warnings += 1
+                await self._save(entry)
+
+    async def _send_dsn(
+        self, entry: Entry, message: bytes, reports: list[RecipientReport], now: float
+    ) -> bool:
+        assert entry.submitted_by is not None
+        dsn = build_dsn(
+            reporting_mta=self.hostname,
+            to=entry.submitted_by,
+            original=message,
+            reports=reports,
+            queue_id=entry.id,
+            arrival=entry.created,
+            now=now,
+        )
+        try:
+            await self.local_deliver(entry.submitted_by, dsn)
+        except Exception:
+            log.exception("queue %s: DSN to %s not delivered; will retry",
+                          entry.id, entry.submitted_by)
+            return False
+        return True
+
+
+def by_domain_lookup(entry: Entry, result: client.DomainResult) -> list[Recipient]:
+    """The entry's recipients that this domain result speaks for."""
+    return [r for r in entry.recipients if r.active and r.address in result.results]

@@ -1,0 +1,169 @@
+"""A recording SMTP server for delivery tests, on 127.0.0.1, scriptable per test.
+
+It answers just enough SMTP for an MTA client: EHLO/HELO, STARTTLS (when given an SSL
+context), MAIL, RCPT, DATA, RSET, NOOP, QUIT. Replies can be scripted: ``rcpt_replies``
+maps an address to a list of replies used one per attempt (then 250), ``data_replies`` is
+a list used one per DATA (then 250), ``mail_reply`` answers every MAIL. Everything seen is
+recorded in ``commands`` and, for each accepted message, in ``messages``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    tls: bool
+    helo: str
+
+
+@dataclass
+class Receiver:
+    ssl_context: ssl.SSLContext | None = None  # offer STARTTLS when set
+    banner: str = "220 receiver.test ESMTP"
+    mail_reply: str = "250 2.1.0 ok"
+    rcpt_replies: dict[str, list[str]] = field(default_factory=dict)
+    data_replies: list[str] = field(default_factory=list)
+    stall_data: asyncio.Event | None = None  # when set: hold the DATA reply until it fires
+    messages: list[Received] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    sessions: int = 0
+    tls_sessions: int = 0
+    data_started: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+    _server: asyncio.Server | None = None
+
+    async def start(self) -> Receiver:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    @property
+    def mail_commands(self) -> list[str]:
+        return [c for c in self.commands if c.upper().startswith("MAIL")]
+
+    def rcpt_commands(self) -> list[str]:
+        return [c for c in self.commands if c.upper().startswith("RCPT")]
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.sessions += 1
+        try:
+            await self._session(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send(line: str) -> None:
+            writer.write(line.encode() + b"\r\n")
+            await writer.drain()
+
+        tls = False
+        helo = ""
+        sender: str | None = None
+        rcpts: list[str] = []
+        await send(self.banner)
+        if not self.banner.startswith("220"):
+            return
+        while True:
+            raw = await reader.readline()
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.commands.append(line)
+            verb = line[:4].upper()
+            arg = line[5:] if len(line) > 5 else ""
+            if verb == "EHLO":
+                helo = arg
+                exts = ["SIZE 10485760", "8BITMIME"]
+                if self.ssl_context is not None and not tls:
+                    exts.append("STARTTLS")
+                lines = ["250-receiver.test", *(f"250-{e}" for e in exts[:-1]), f"250 {exts[-1]}"]
+                for x in lines:
+                    writer.write(x.encode() + b"\r\n")
+                await writer.drain()
+            elif verb == "HELO":
+                helo = arg
+                await send("250 receiver.test")
+            elif line.upper() == "STARTTLS" and self.ssl_context is not None and not tls:
+                await send("220 2.0.0 go ahead")
+                await writer.start_tls(self.ssl_context)
+                tls = True
+                self.tls_sessions += 1
+                sender, rcpts, helo = None, [], ""
+            elif verb == "MAIL":
+                if not self.mail_reply.startswith("250"):
+                    await send(self.mail_reply)
+                    continue
+                sender = _path(arg)
+                rcpts = []
+                await send(self.mail_reply)
+            elif verb == "RCPT":
+                addr = _path(arg)
+                script = self.rcpt_replies.get(addr)
+                reply = script.pop(0) if script else "250 2.1.5 ok"
+                if reply.startswith("250"):
+                    rcpts.append(addr)
+                await send(reply)
+            elif verb == "DATA":
+                if sender is None or not rcpts:
+                    await send("503 5.5.1 no valid recipients")
+                    continue
+                await send("354 go ahead")
+                data = await _read_data(reader)
+                self.data_started.set()
+                if self.stall_data is not None:
+                    await self.stall_data.wait()
+                reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 queued"
+                if reply.startswith("250"):
+                    self.messages.append(Received(sender, rcpts, data, tls, helo))
+                sender, rcpts = None, []
+                await send(reply)
+            elif verb == "RSET":
+                sender, rcpts = None, []
+                await send("250 2.0.0 ok")
+            elif verb == "NOOP":
+                await send("250 2.0.0 ok")
+            elif verb == "QUIT":
+                await send("221 2.0.0 bye")
+                return
+            else:
+                await send("500 5.5.2 unknown command")
+
+
+def _path(arg: str) -> str:
+    """``FROM:<a@b> SIZE=1`` -> ``a@b``."""
+    _, _, rest = arg.partition(":")
+    rest = rest.strip()
+    if rest.startswith("<"):
+        return rest[1 : rest.index(">")] if ">" in rest else rest[1:]
+    return rest.split(" ")[0]
+
+
+async def _read_data(reader: asyncio.StreamReader) -> bytes:
+    lines = []
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("eof in DATA")
+        if line == b".\r\n":
+            return b"".join(lines)
+        if line.startswith(b"."):
+            line = line[1:]
+        lines.append(line)

@@ -1,0 +1,187 @@
+"""A small authoritative DNS server for tests (dnslib), on 127.0.0.1 UDP and TCP.
+
+Every test sets the records it needs; nothing is forwarded anywhere, so no query ever
+leaves the machine. A name with no records at all answers NXDOMAIN (which is also "not
+listed" for a DNSBL); a name with records but none of the asked type answers NODATA.
+
+    dns = DNSServer().start()
+    dns.set_mx("remote.test", [(10, "mx1.remote.test")])
+    dns.add_a("mx1.remote.test", "127.0.0.1")
+    dns.add_txt("remote.test", "v=spf1 -all")
+    dns.servfail("broken.test"); dns.timeout("slow.test")
+    ... cfg: dns.nameservers = ["127.0.0.1"], dns.port = dns.port
+    dns.stop()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from typing import Any
+
+from dnslib import AAAA, MX, QTYPE, RCODE, RR, TXT, A, DNSRecord
+from dnslib.server import BaseResolver, DNSHandler, DNSLogger
+from dnslib.server import DNSServer as _LibServer
+
+
+def _key(name: str) -> str:
+    return name.lower().rstrip(".")
+
+
+class _Resolver(BaseResolver):  # type: ignore[misc]
+    def __init__(self, owner: DNSServer) -> None:
+        self.owner = owner
+
+    def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord | None:
+        q = request.q
+        name = _key(str(q.qname))
+        qtype = QTYPE[q.qtype]
+        o = self.owner
+        with o.lock:
+            o.queries.append((name, qtype))
+            if name in o.timeouts:
+                return None  # no reply at all: the client times out
+            reply = request.reply()
+            if name in o.rcodes:
+                reply.header.rcode = o.rcodes[name]
+                return reply
+            records = o.records.get(name)
+            if not records:
+                reply.header.rcode = RCODE.NXDOMAIN
+                return reply
+            for rtype, ttl, rdata in records:
+                if rtype == qtype or q.qtype == QTYPE.ANY:
+                    reply.add_answer(RR(q.qname, getattr(QTYPE, rtype), rdata=rdata, ttl=ttl))
+            return reply
+
+
+class _Handler(DNSHandler):  # type: ignore[misc]
+    def handle(self) -> None:
+        with contextlib.suppress(Exception):
+            super().handle()
+
+
+class DNSServer:
+    """Records per name, set and changed while running; thread-safe."""
+
+    def __init__(self, address: str = "127.0.0.1") -> None:
+        self.address = address
+        self.port = 0
+        self.lock = threading.Lock()
+        self.records: dict[str, list[tuple[str, int, Any]]] = {}
+        self.rcodes: dict[str, int] = {}
+        self.timeouts: set[str] = set()
+        self.queries: list[tuple[str, str]] = []
+        self._servers: list[Any] = []
+
+    # ------------------------------------------------------------------ records
+
+    def _add(self, name: str, rtype: str, rdata: Any, ttl: int) -> DNSServer:
+        with self.lock:
+            self.records.setdefault(_key(name), []).append((rtype, ttl, rdata))
+        return self
+
+    def add_a(self, name: str, ip: str, ttl: int = 60) -> DNSServer:
+        return self._add(name, "A", A(ip), ttl)
+
+    def add_aaaa(self, name: str, ip: str, ttl: int = 60) -> DNSServer:
+        return self._add(name, "AAAA", AAAA(ip), ttl)
+
+    def add_mx(self, domain: str, host: str, preference: int = 10, ttl: int = 60) -> DNSServer:
+        """``host`` "." is the null MX of RFC 7505."""
+        return self._add(domain, "MX", MX(host if host == "." else host + ".", preference), ttl)
+
+    def set_mx(self, domain: str, mxs: list[tuple[int, str]]) -> DNSServer:
+        self.remove(domain, "MX")
+        for pref, host in mxs:
+            self.add_mx(domain, host, pref)
+        return self
+
+    def add_txt(self, name: str, text: str, ttl: int = 60) -> DNSServer:
+        chunks = [text[i : i + 255] for i in range(0, len(text), 255)] or [""]
+        return self._add(name, "TXT", TXT(chunks), ttl)
+
+    def remove(self, name: str, rtype: str | None = None) -> DNSServer:
+        """Drop a name's records (of one type, or all), its rcode and timeout."""
+        k = _key(name)
+        with self.lock:
+            if rtype is None:
+                self.records.pop(k, None)
+                self.rcodes.pop(k, None)
+                self.timeouts.discard(k)
+            else:
+                self.records[k] = [r for r in self.records.get(k, []) if r[0] != rtype]
+        return self
+
+    def nxdomain(self, name: str) -> DNSServer:
+        return self.rcode(name, RCODE.NXDOMAIN)
+
+    def servfail(self, name: str) -> DNSServer:
+        return self.rcode(name, RCODE.SERVFAIL)
+
+    def rcode(self, name: str, rcode: int) -> DNSServer:
+        with self.lock:
+            self.rcodes[_key(name)] = rcode
+        return self
+
+    def timeout(self, name: str) -> DNSServer:
+        """Never answer queries for ``name``."""
+        with self.lock:
+            self.timeouts.add(_key(name))
+        return self
+
+    def clear(self) -> None:
+        with self.lock:
+            self.records.clear()
+            self.rcodes.clear()
+            self.timeouts.clear()
+            self.queries.clear()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> DNSServer:
+        """Bind UDP and TCP on the same free port."""
+        resolver = _Resolver(self)
+        for _ in range(20):
+            quiet = DNSLogger(logf=lambda _msg: None)
+            udp = _LibServer(resolver, port=0, address=self.address, handler=_Handler,
+                             logger=quiet)
+            port = udp.server.server_address[1]
+            try:
+                tcp = _LibServer(resolver, port=port, address=self.address, tcp=True,
+                                 handler=_Handler, logger=quiet)
+            except OSError:
+                udp.server.server_close()
+                continue
+            self.port = port
+            self._servers = [udp, tcp]
+            for s in self._servers:
+                s.start_thread()
+            return self
+        raise OSError("no free port for the test DNS server")
+
+    def stop(self) -> None:
+        for s in self._servers:
+            s.server.shutdown()
+            s.server.server_close()
+        self._servers = []
+
+    def config(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The ``[dns]`` config table that points mailfort at this server."""
+        return {"nameservers": [self.address], "port": self.port, "timeout": timeout}
+
+    def __enter__(self) -> DNSServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_port_unused() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (for connection-refused tests)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return int(port)
