@@ -130,6 +130,8 @@ class Receiver:
                 self.data_started.set()
                 if self.stall_data is not None:
                     await self.stall_data.wait()
+                    if reader.at_eof():  # the client died meanwhile: nothing was accepted
+                        return
                 reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 queued"
                 if reply.startswith("250"):
                     self.messages.append(Received(sender, rcpts, data, tls, helo))

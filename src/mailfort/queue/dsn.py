@@ -45,13 +45,16 @@ def _status(status: str, action: str) -> str:
 
 def original_headers(message: bytes) -> bytes:
     """The header block of a message (up to the first empty line), CRLF, bounded."""
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[: end + 2]
-    if len(head) > MAX_ORIGINAL_HEADERS:
-        cut = head.rfind(b"\r\n", 0, MAX_ORIGINAL_HEADERS)
-        head = head[: cut + 2] if cut > 0 else b""
-    lines = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    return b"".join(line + b"\r\n" for line in lines if line)
+    lines = []
+    size = 0
+    for line in message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"):
+        if not line:
+            break
+        size += len(line) + 2
+        if size > MAX_ORIGINAL_HEADERS:
+            break
+        lines.append(line + b"\r\n")
+    return b"".join(lines)
 
 
 def _header(message: bytes, name: str) -> str | None:

@@ -81,6 +81,7 @@ class Entry:
     created: float
     warned: bool = False  # a delay warning was sent
     size: int = 0
+    notify_after: float = 0.0  # when to retry a bounce whose local delivery failed
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -89,8 +90,10 @@ class Entry:
 
     @property
     def next_attempt(self) -> float | None:
-        """Earliest time any recipient is due; None when nothing is left to try."""
+        """Earliest time any recipient (or a pending bounce) is due; None when nothing is."""
         times = [r.next_attempt for r in self.recipients if r.active]
+        if self.unnotified:
+            times.append(self.notify_after)
         return min(times) if times else None
 
     @property
@@ -103,8 +106,6 @@ class Entry:
         return not self.active and not self.unnotified
 
     def is_due(self, now: float) -> bool:
-        if self.unnotified:
-            return True
         na = self.next_attempt
         return na is not None and na <= now
 

@@ -141,12 +141,17 @@ class DeliveryWorker:
             if entry.is_due(now):
                 task = asyncio.create_task(self._process(entry.id))
                 self._inflight[entry.id] = task
-                task.add_done_callback(lambda _t, i=entry.id: self._inflight.pop(i, None))
+                task.add_done_callback(lambda _t, i=entry.id: self._done(i))
             else:
                 na = entry.next_attempt
                 if na is not None:
                     next_due = na if next_due is None else min(next_due, na)
         return next_due
+
+    def _done(self, ident: str) -> None:
+        """An entry was processed: rescan, so its next due time is slept on."""
+        self._inflight.pop(ident, None)
+        self._wake.set()
 
     async def drain(self) -> None:
         """Wait until every entry in flight has been processed."""
@@ -255,7 +260,9 @@ class DeliveryWorker:
                 for r in failed:
                     r.notified = True
                 self.stats.bounces += 1
-                await self._save(entry)
+            else:
+                entry.notify_after = now + self.cfg.queue.initial_retry
+            await self._save(entry)
         late = now - entry.created >= self.cfg.queue.delay_warning_after
         delayed = [r for r in entry.recipients if r.state == "deferred"]
         if late and delayed and not entry.warned:

@@ -1,0 +1,93 @@
+"""The on-disk queue: durability layout, state updates, recovery, id checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mailfort.queue.store import Queue, QueueError
+
+MSG = b"From: a@example.test\r\nSubject: t\r\n\r\nbody\r\n"
+
+
+def test_enqueue_links_spool_file_and_records_envelope(tmp_path: Path) -> None:
+    spool = tmp_path / "spool-1"
+    spool.write_bytes(MSG)
+    q = Queue(tmp_path / "queue")
+    ident = q.enqueue(spool, "a@example.test", ["x@r.test", "y@r.test", "x@r.test"],
+                      "alice@example.test")
+    spool.unlink()  # the integrator discards its spool file afterwards
+    assert q.read_message(ident) == MSG
+    e = q.get(ident)
+    assert e.sender == "a@example.test" and e.submitted_by == "alice@example.test"
+    assert [r.address for r in e.recipients] == ["x@r.test", "y@r.test"]  # deduplicated
+    assert all(r.state == "pending" and r.attempts == 0 for r in e.recipients)
+    assert e.size == len(MSG)
+    raw = json.loads((tmp_path / "queue" / "env" / f"{ident}.json").read_text())
+    assert raw["id"] == ident and raw["recipients"][0]["state"] == "pending"
+    assert list((tmp_path / "queue" / "tmp").iterdir()) == []
+
+
+def test_update_due_retry_delete(tmp_path: Path) -> None:
+    q = Queue(tmp_path / "q")
+    a = q.enqueue_bytes(MSG, "a@example.test", ["x@r.test"], None)
+    b = q.enqueue_bytes(MSG, "", ["y@r.test"], None)
+    assert [e.id for e in q.list()] == sorted([a, b])
+    e = q.get(a)
+    e.recipients[0].state = "deferred"
+    e.recipients[0].next_attempt = e.created + 1000
+    e.recipients[0].last_reply = "451 4.3.0 later"
+    q.update(e)
+    assert [x.id for x in q.due(e.created + 1)] == [b]
+    assert q.get(a).recipients[0].last_reply == "451 4.3.0 later"
+    assert q.retry(a) == 1
+    assert a in [x.id for x in q.due(e.created + 1 + 1e6)]
+    assert q.retry(None) == 2
+    q.delete(a)
+    assert not (q.msg_dir / a).exists()
+    with pytest.raises(QueueError):
+        q.get(a)
+    with pytest.raises(QueueError):
+        q.update(e)  # a deleted entry is not brought back by a late state update
+    with pytest.raises(QueueError):
+        q.delete(a)
+
+
+def test_finished_entries_are_not_due(tmp_path: Path) -> None:
+    q = Queue(tmp_path / "q")
+    ident = q.enqueue_bytes(MSG, "a@example.test", ["x@r.test"], None)
+    e = q.get(ident)
+    e.recipients[0].state = "delivered"
+    q.update(e)
+    assert q.due(e.created + 10) == []
+    assert q.retry(ident) == 0
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "", "a/b", "x" * 100, "abc.json"])
+def test_ids_from_outside_are_checked(tmp_path: Path, bad: str) -> None:
+    q = Queue(tmp_path / "q")
+    with pytest.raises(QueueError):
+        q.get(bad)
+    with pytest.raises(QueueError):
+        q.delete(bad)
+
+
+def test_recover_removes_half_written_files(tmp_path: Path) -> None:
+    q = Queue(tmp_path / "q")
+    keep = q.enqueue_bytes(MSG, "a@example.test", ["x@r.test"], "alice@example.test")
+    (q.tmp_dir / "ABCDEF0123.msg").write_bytes(b"half")
+    (q.tmp_dir / "ABCDEF0123.1234.json").write_bytes(b"{")
+    (q.msg_dir / "0000ORPHAN00").write_bytes(MSG)  # message whose state never landed
+    assert Queue(q.root).recover() == 3
+    assert [e.id for e in q.list()] == [keep]
+    assert sorted(p.name for p in q.msg_dir.iterdir()) == [keep]
+    assert list(q.tmp_dir.iterdir()) == []
+
+
+def test_enqueue_requires_recipients(tmp_path: Path) -> None:
+    q = Queue(tmp_path / "q")
+    with pytest.raises(QueueError):
+        q.enqueue_bytes(MSG, "a@example.test", [], None)
+    assert list(q.msg_dir.iterdir()) == []

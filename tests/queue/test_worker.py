@@ -1,0 +1,314 @@
+"""The delivery worker end to end: queue -> DNS -> SMTP receiver, retries and bounces."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from email.message import Message
+from pathlib import Path
+
+import pytest
+
+from mailfort.config import Config
+from mailfort.queue.store import Queue
+from mailfort.queue.worker import DeliveryWorker, backoff
+from tests.delivery.conftest import ConfigFactory, ReceiverFactory
+from tests.delivery.receiver import Receiver
+from tests.dnsserver import DNSServer
+from tests.queue.conftest import LocalSink
+
+MSG = (b"From: Alice <alice@example.test>\r\nTo: bob@remote.test\r\n"
+       b"Subject: hello\r\nMessage-ID: <m1@example.test>\r\n\r\nHello Bob.\r\n")
+
+WorkerFactory = Callable[..., Awaitable[DeliveryWorker]]
+
+
+@pytest.fixture
+async def worker_factory(sink: LocalSink) -> AsyncIterator[WorkerFactory]:
+    started: list[DeliveryWorker] = []
+
+    async def factory(cfg: Config, *, mx_port: int = 25) -> DeliveryWorker:
+        w = DeliveryWorker(Queue(cfg.data_path / "queue"), cfg, sink, mx_port=mx_port)
+        await w.start()
+        started.append(w)
+        return w
+
+    yield factory
+    for w in started:
+        await w.stop()
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def mx_to(dns: DNSServer, domain: str) -> None:
+    dns.add_mx(domain, f"mx.{domain}")
+    dns.add_a(f"mx.{domain}", "127.0.0.1")
+
+
+def parse(raw: bytes) -> Message:
+    return email.message_from_bytes(raw, policy=email.policy.compat32)
+
+
+def dsn_fields(raw: bytes) -> list[Message]:
+    """The per-recipient blocks of a DSN."""
+    _, status, _ = parse(raw).get_payload()
+    return status.get_payload()[1:]
+
+
+async def test_delivered_via_mx(outbound_config: ConfigFactory, dns_server: DNSServer,
+                                receivers: ReceiverFactory, worker_factory: WorkerFactory,
+                                sink: LocalSink) -> None:
+    rx = await receivers()
+    mx_to(dns_server, "remote.test")
+    cfg = outbound_config()
+    w = await worker_factory(cfg, mx_port=rx.port)
+    ident = w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@remote.test"],
+                                  "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [])
+    (m,) = rx.messages
+    assert m.recipients == ["bob@remote.test"] and m.data == MSG
+    assert m.helo == "mailfort.example.test"
+    assert not (w.queue.msg_dir / ident).exists()
+    assert sink.delivered == []
+
+
+async def test_address_fallback_and_starttls(outbound_config: ConfigFactory,
+                                             dns_server: DNSServer, receivers: ReceiverFactory,
+                                             worker_factory: WorkerFactory,
+                                             receiver_tls: ssl.SSLContext) -> None:
+    rx = await receivers(ssl_context=receiver_tls)
+    dns_server.add_a("plain.test", "127.0.0.1")  # no MX: RFC 5321 implicit MX
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@plain.test"], "alice@example.test")
+    w.wake()
+    await wait_for(lambda: len(rx.messages) == 1)
+    assert rx.messages[0].tls is True
+    assert rx.tls_sessions == 1
+
+
+async def test_null_mx_bounces_to_submitter(outbound_config: ConfigFactory,
+                                            dns_server: DNSServer,
+                                            worker_factory: WorkerFactory,
+                                            sink: LocalSink) -> None:
+    dns_server.add_mx("nomail.test", ".", 0)
+    w = await worker_factory(outbound_config())
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@nomail.test"], "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [])
+    ((user, raw),) = sink.delivered
+    assert user == "alice@example.test"
+    (block,) = dsn_fields(raw)
+    assert block["Status"] == "5.1.10" and block["Action"] == "failed"
+    assert len(sink.files("alice@example.test")) == 1
+
+
+async def test_4xx_then_250_is_retried(outbound_config: ConfigFactory, dns_server: DNSServer,
+                                       receivers: ReceiverFactory,
+                                       worker_factory: WorkerFactory, sink: LocalSink) -> None:
+    rx = await receivers(rcpt_replies={"bob@remote.test": ["451 4.7.1 greylisted",
+                                                           "450 4.2.0 still"]})
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    ident = w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@remote.test"],
+                                  "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.get(ident).recipients[0].state == "deferred")
+    r = w.queue.get(ident).recipients[0]
+    assert r.last_reply.startswith("451 4.7.1 greylisted") and r.status == "4.7.1"
+    await wait_for(lambda: len(rx.messages) == 1)
+    await wait_for(lambda: w.queue.list() == [])
+    assert len(rx.rcpt_commands()) == 3  # two refusals, then accepted
+    assert rx.sessions == 3
+    assert sink.delivered == []  # a delivered message is never bounced
+
+
+async def test_5xx_one_bounce_to_submitter_only(outbound_config: ConfigFactory,
+                                                dns_server: DNSServer,
+                                                receivers: ReceiverFactory,
+                                                worker_factory: WorkerFactory,
+                                                sink: LocalSink) -> None:
+    rx = await receivers(rcpt_replies={"nobody@remote.test": ["550 5.1.1 no such user"]})
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    # sent as an alias address: the bounce still goes to the authenticated user
+    w.queue.enqueue_bytes(MSG, "team@example.test", ["nobody@remote.test"],
+                          "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [])
+    await asyncio.sleep(0.3)  # several retry intervals: nothing more may happen
+    assert [u for u, _ in sink.delivered] == ["alice@example.test"]
+    assert rx.messages == []  # nothing went to the remote side
+    assert len(rx.rcpt_commands()) == 1  # a permanent failure is not retried
+    raw = sink.delivered[0][1]
+    msg = parse(raw)
+    assert msg["To"] == "<alice@example.test>" and msg["Return-Path"] == "<>"
+    (block,) = dsn_fields(raw)
+    assert block["Final-Recipient"] == "rfc822; nobody@remote.test"
+    assert block["Status"] == "5.1.1"
+    assert "550 5.1.1 no such user" in block["Diagnostic-Code"]
+
+
+@pytest.mark.parametrize(("sender", "submitted_by"), [
+    ("someone@elsewhere.test", None),  # not submitted by a local user (e.g. a forward)
+    ("", "alice@example.test"),  # null sender: never bounce a bounce
+])
+async def test_no_bounce_without_submitter_or_with_null_sender(
+    outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+    worker_factory: WorkerFactory, sink: LocalSink, sender: str, submitted_by: str | None,
+) -> None:
+    rx = await receivers(rcpt_replies={"nobody@remote.test": ["550 5.1.1 no such user"]})
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    w.queue.enqueue_bytes(MSG, sender, ["nobody@remote.test"], submitted_by)
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [])
+    await asyncio.sleep(0.2)
+    assert sink.delivered == []
+    assert list(sink.root.rglob("*.eml")) == []
+    assert w.stats.failed == 1 and w.stats.bounces == 0
+
+
+async def test_only_the_failed_recipient_is_retried(outbound_config: ConfigFactory,
+                                                    dns_server: DNSServer,
+                                                    receivers: ReceiverFactory,
+                                                    worker_factory: WorkerFactory) -> None:
+    rcpts = [f"u{i}@remote.test" for i in range(10)]
+    rx = await receivers(rcpt_replies={"u7@remote.test": ["452 4.2.2 mailbox full"]})
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    w.queue.enqueue_bytes(MSG, "alice@example.test", rcpts, "alice@example.test")
+    w.wake()
+    await wait_for(lambda: len(rx.messages) == 2)
+    await wait_for(lambda: w.queue.list() == [])
+    first, second = rx.messages
+    assert first.recipients == [r for r in rcpts if r != "u7@remote.test"]
+    assert second.recipients == ["u7@remote.test"]
+    assert rx.rcpt_commands().count("RCPT TO:<u0@remote.test>") == 1
+
+
+async def test_domains_are_delivered_separately(outbound_config: ConfigFactory,
+                                                receivers: ReceiverFactory,
+                                                worker_factory: WorkerFactory) -> None:
+    a = await receivers()
+    b = await receivers()
+    cfg = outbound_config(routes={"a.test": {"host": "127.0.0.1", "port": a.port},
+                                  "b.test": {"host": "127.0.0.1", "port": b.port}})
+    w = await worker_factory(cfg)
+    w.queue.enqueue_bytes(MSG, "alice@example.test",
+                          ["x@a.test", "y@b.test", "z@a.test"], "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [])
+    assert [m.recipients for m in a.messages] == [["x@a.test", "z@a.test"]]
+    assert [m.recipients for m in b.messages] == [["y@b.test"]]
+
+
+async def test_require_tls_domain_without_starttls_is_deferred(
+    outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+    worker_factory: WorkerFactory, sink: LocalSink,
+) -> None:
+    rx = await receivers()  # offers no STARTTLS
+    mx_to(dns_server, "secure.test")
+    w = await worker_factory(outbound_config(require_tls_domains=["secure.test"]),
+                             mx_port=rx.port)
+    ident = w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@secure.test"],
+                                  "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.get(ident).recipients[0].attempts >= 2)
+    r = w.queue.get(ident).recipients[0]
+    assert r.state == "deferred" and r.status == "4.7.10"
+    assert rx.mail_commands == [] and rx.messages == []  # never sent in clear
+    assert sink.delivered == []
+
+
+async def test_expiry_bounces_once_after_one_delay_warning(
+    outbound_config: ConfigFactory, worker_factory: WorkerFactory, sink: LocalSink,
+) -> None:
+    from tests.dnsserver import free_port_unused
+
+    dead = free_port_unused()
+    cfg = outbound_config(
+        queue={"max_lifetime": 1.0, "delay_warning_after": 0.2},
+        routes={"down.test": {"host": "127.0.0.1", "port": dead}},
+    )
+    w = await worker_factory(cfg)
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@down.test"], "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [])
+    kinds = [parse(raw)["Subject"] for _, raw in sink.delivered]
+    assert kinds == ["Delayed Mail (still being retried)", "Undelivered Mail Returned to Sender"]
+    assert all(u == "alice@example.test" for u, _ in sink.delivered)
+    (warn,) = dsn_fields(sink.delivered[0][1])
+    (fail,) = dsn_fields(sink.delivered[1][1])
+    assert warn["Action"] == "delayed" and warn["Status"].startswith("4.")
+    assert fail["Action"] == "failed" and fail["Status"] == "4.4.7"
+    assert "expired" in fail["Diagnostic-Code"]
+
+
+async def test_bounce_survives_local_delivery_failure(outbound_config: ConfigFactory,
+                                                      dns_server: DNSServer,
+                                                      worker_factory: WorkerFactory,
+                                                      sink: LocalSink) -> None:
+    dns_server.add_mx("nomail.test", ".", 0)
+    sink.fail = True
+    w = await worker_factory(outbound_config())
+    ident = w.queue.enqueue_bytes(MSG, "alice@example.test", ["b@nomail.test"],
+                                  "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.get(ident).recipients[0].state == "failed")
+    assert w.queue.get(ident).unnotified  # kept until the bounce is delivered
+    sink.fail = False
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [])
+    assert len(sink.delivered) == 1
+
+
+def test_backoff_doubles_and_caps(outbound_config: ConfigFactory) -> None:
+    cfg = outbound_config(queue={"initial_retry": 300.0, "max_retry": 3600.0})
+    assert [backoff(cfg, n) for n in (1, 2, 3, 4, 5, 6)] == [300, 600, 1200, 2400, 3600, 3600]
+
+
+async def test_wake_from_another_thread(outbound_config: ConfigFactory, dns_server: DNSServer,
+                                        receivers: ReceiverFactory,
+                                        worker_factory: WorkerFactory, tmp_path: Path) -> None:
+    """The integrator enqueues from a thread (blocking fsyncs) and wakes from there."""
+    rx = await receivers()
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    spool = tmp_path / "spool"
+    spool.write_bytes(MSG)
+
+    def submit() -> str:
+        ident = w.queue.enqueue(spool, "alice@example.test", ["bob@remote.test"],
+                                "alice@example.test")
+        w.wake()
+        return ident
+
+    started = time.monotonic()
+    await asyncio.to_thread(submit)
+    await wait_for(lambda: len(rx.messages) == 1)
+    assert time.monotonic() - started < 5  # woken, not the 60 s rescan
+
+
+async def test_receiver_records(receivers: ReceiverFactory) -> None:
+    """The test receiver itself speaks enough SMTP for smtplib."""
+    import smtplib
+
+    rx: Receiver = await receivers()
+
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", rx.port, timeout=5) as s:
+            s.sendmail("a@x.test", ["b@y.test"], MSG)
+
+    await asyncio.to_thread(send)
+    assert rx.messages[0].recipients == ["b@y.test"]
