@@ -312,3 +312,49 @@ async def test_receiver_records(receivers: ReceiverFactory) -> None:
 
     await asyncio.to_thread(send)
     assert rx.messages[0].recipients == ["b@y.test"]
+
+
+async def test_bounce_lands_in_maildir_through_committer(outbound_config: ConfigFactory,
+                                                         dns_server: DNSServer) -> None:
+    """The ready-made local_deliver: durable Maildir delivery via the group committer."""
+    from mailfort.queue.worker import maildir_deliverer
+    from mailfort.store.maildir import Committer, maildir_for
+
+    dns_server.add_mx("nomail.test", ".", 0)
+    cfg = outbound_config()
+    committer = Committer(cfg.data_path)
+    w = DeliveryWorker(Queue(cfg.data_path / "queue"), cfg,
+                       maildir_deliverer(committer, cfg.data_path))
+    await w.start()
+    try:
+        w.queue.enqueue_bytes(MSG, "alice@example.test", ["b@nomail.test"],
+                              "alice@example.test")
+        w.wake()
+        await wait_for(lambda: w.queue.list() == [])
+    finally:
+        await w.stop()
+        committer.stop()
+    (f,) = (maildir_for(cfg.data_path, "alice@example.test") / "new").iterdir()
+    msg = parse(f.read_bytes())
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg.get_content_type() == "multipart/report"
+
+
+async def test_missing_message_file_drops_entry_without_looping(
+    outbound_config: ConfigFactory, worker_factory: WorkerFactory, sink: LocalSink,
+) -> None:
+    w = await worker_factory(outbound_config())
+    q = w.queue
+    ident = q.enqueue_bytes(MSG, "alice@example.test", ["b@remote.test"], "alice@example.test")
+    q.message_path(ident).unlink()  # damaged from outside, while the worker runs
+    w.wake()
+    await wait_for(lambda: q.list() == [])
+    assert sink.delivered == [] and w.stats.delivered == 0
+
+
+def test_recover_grace_spares_an_enqueue_in_progress(tmp_path: Path) -> None:
+    q = Queue(tmp_path / "q")
+    (q.msg_dir / "0000INFLIGHT").write_bytes(MSG)  # linked, state file not yet written
+    assert q.recover(grace=60) == 0
+    assert (q.msg_dir / "0000INFLIGHT").exists()
+    assert q.recover() == 1

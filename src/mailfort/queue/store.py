@@ -157,19 +157,30 @@ class Queue:
 
     # ------------------------------------------------------------------ recovery
 
-    def recover(self) -> int:
+    def recover(self, grace: float = 0.0) -> int:
         """Remove what a crash left half-written; returns how many files were removed.
 
-        Call once at start, before the SMTP services accept mail (a concurrent enqueue's
-        message file has no state file yet and would look like an orphan).
+        Files changed less than ``grace`` seconds ago are left alone, so that recovery may
+        run while the SMTP services are already enqueueing (an enqueue in progress has a
+        message file and no state file yet for a moment). ``ctime`` is used: the hard link
+        that puts a spool file into ``msg/`` updates it.
         """
+        cutoff = time.time() - grace
+
+        def old(p: Path) -> bool:
+            try:
+                return grace <= 0 or p.stat().st_ctime < cutoff
+            except FileNotFoundError:
+                return False
+
         removed = 0
         for p in self.tmp_dir.iterdir():
-            p.unlink(missing_ok=True)
-            removed += 1
+            if old(p):
+                p.unlink(missing_ok=True)
+                removed += 1
         known = {p.name[:-5] for p in self.env_dir.glob("*.json")}
         for p in self.msg_dir.iterdir():
-            if p.name not in known:
+            if p.name not in known and old(p):
                 p.unlink(missing_ok=True)
                 removed += 1
         for ident in known:

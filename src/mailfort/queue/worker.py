@@ -21,11 +21,13 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from mailfort.config import Config
 from mailfort.delivery import client, mx
 from mailfort.queue.dsn import RecipientReport, build_dsn
 from mailfort.queue.store import Entry, Queue, QueueError, Recipient
+from mailfort.store.maildir import Committer, maildir_for
 
 log = logging.getLogger("mailfort.queue")
 
@@ -34,6 +36,7 @@ LocalDeliver = Callable[[str, bytes], Awaitable[None]]
 Deliverer = Callable[..., Awaitable[client.DomainResult]]
 
 _MAX_SLEEP = 60.0  # rescan at least this often (picks up `mailfort queue retry` from the CLI)
+_RECOVER_GRACE = 60.0  # see Queue.recover: safe while the SMTP services already enqueue
 
 
 @dataclass
@@ -76,6 +79,7 @@ class DeliveryWorker:
         self.hostname = cfg.server.hostname
         self._sem = asyncio.Semaphore(max(1, cfg.queue.workers))
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._cooldown: dict[str, float] = {}  # entries whose processing crashed: not before
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,7 +90,7 @@ class DeliveryWorker:
 
     async def start(self) -> None:
         """Recover the queue directory and start the loop (one pass runs at once)."""
-        await asyncio.to_thread(self.queue.recover)
+        await asyncio.to_thread(self.queue.recover, _RECOVER_GRACE)
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._task = asyncio.create_task(self._run(), name="mailfort-delivery")
@@ -138,14 +142,16 @@ class DeliveryWorker:
         for entry in entries:
             if entry.id in self._inflight:
                 continue
-            if entry.is_due(now):
+            cooldown = self._cooldown.get(entry.id, 0.0)
+            if cooldown <= now and entry.is_due(now):
                 task = asyncio.create_task(self._process(entry.id))
                 self._inflight[entry.id] = task
                 task.add_done_callback(lambda _t, i=entry.id: self._done(i))
-            else:
-                na = entry.next_attempt
-                if na is not None:
-                    next_due = na if next_due is None else min(next_due, na)
+                continue
+            na = entry.next_attempt
+            if na is not None:
+                na = max(na, cooldown)
+                next_due = na if next_due is None else min(next_due, na)
         return next_due
 
     def _done(self, ident: str) -> None:
@@ -160,10 +166,26 @@ class DeliveryWorker:
 
     async def _process(self, ident: str) -> None:
         try:
+            await self._process_entry(ident)
+        except Exception:
+            # A bug or a disk error must not turn into a busy loop over the same entry.
+            log.exception("queue %s: processing failed; retrying later", ident)
+            self._cooldown[ident] = self.clock() + max(self.cfg.queue.initial_retry, 1.0)
+        else:
+            self._cooldown.pop(ident, None)
+
+    async def _process_entry(self, ident: str) -> None:
+        try:
             entry = await asyncio.to_thread(self.queue.get, ident)
-            message = await asyncio.to_thread(self.queue.read_message, ident)
         except QueueError:
             return  # deleted meanwhile (e.g. `mailfort queue delete`)
+        try:
+            message = await asyncio.to_thread(self.queue.read_message, ident)
+        except QueueError:
+            log.error("queue %s: message file missing; entry dropped", ident)
+            with contextlib.suppress(QueueError):
+                await asyncio.to_thread(self.queue.delete, ident)
+            return
         now = self.clock()
         due = [r for r in entry.active if r.next_attempt <= now]
         by_domain: dict[str, list[Recipient]] = {}
@@ -296,6 +318,17 @@ class DeliveryWorker:
                           entry.id, entry.submitted_by)
             return False
         return True
+
+
+def maildir_deliverer(committer: Committer, data_dir: Path) -> LocalDeliver:
+    """A ``local_deliver`` that stores a DSN durably in the user's Maildir, as the MX does."""
+
+    async def deliver(user: str, message: bytes) -> None:
+        spool = committer.new_spool()
+        spool.write(message)
+        await committer.commit(spool, [maildir_for(data_dir, user)])
+
+    return deliver
 
 
 def by_domain_lookup(entry: Entry, result: client.DomainResult) -> list[Recipient]:
