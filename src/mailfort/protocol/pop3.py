@@ -1,0 +1,689 @@
+"""The POP3 server protocol as a sans-I/O state machine (RFC 1939, 2449, 2595, 3206, 5034).
+
+Bytes go in with ``receive``; events come out of ``next_event``; reply bytes accumulate in an
+output buffer the server drains with ``take_output``. The engine owns every rule that can be
+decided from the bytes alone: syntax, states, line and error limits, what CAPA offers, the
+refusal of credentials before TLS, and discarding what was pipelined after STLS. The server
+owns the outside world and answers each waiting event:
+
+* ``CheckCredentials`` → ``credentials_accepted(user)`` or ``credentials_refused()``; a
+  refusal is one reply whatever the reason, so it discloses nothing about accounts.
+* ``OpenMailbox`` → ``mailbox_opened(listing)`` with the login snapshot (uid, size) or
+  ``mailbox_unavailable(text)`` (``[IN-USE]``, ``[SYS/TEMP]``).
+* ``StartTLS`` → ``tls_started()``; every byte received after the STLS line and before the
+  handshake is thrown away (the RFC 2595 rule; CVE-2011-0411 class of injection).
+* ``Retrieve`` → ``retrieve_started(size)`` (the engine writes ``+OK``; the server then
+  streams the encoded message, see ``MessageEncoder``) and ``retrieve_done()``; or
+  ``retrieve_failed(text)``.
+* ``Quit`` (UPDATE state) → ``update_done(failures)``: only then are deletions final.
+
+The message listing (STAT, LIST, UIDL) and the deletion marks (DELE, RSET) are plain data
+held here, so most of a session is answered without the server. No sockets, clocks or disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+MAX_LINE = 255  # octets including CRLF (RFC 2449 §4)
+MAX_SASL_LINE = 12288  # SASL responses get a bounded limit of their own (RFC 5034 §4)
+MAX_AUTH_FAILURES = 3  # per session; the shared counters handle the rest
+CRLF = b"\r\n"
+
+# ---------------------------------------------------------------------------- events
+
+
+@dataclass(slots=True)
+class CheckCredentials:
+    """Needs ``credentials_accepted(user)`` or ``credentials_refused()``."""
+
+    username: str
+    password: str = field(repr=False)
+    mechanism: str  # "USER" (USER/PASS) or "PLAIN"
+
+
+@dataclass(slots=True)
+class OpenMailbox:
+    """Needs ``mailbox_opened(listing)`` or ``mailbox_unavailable(text)``."""
+
+    user: str
+
+
+@dataclass(slots=True)
+class StartTLS:
+    """Needs ``tls_started()`` (or ``close``) once the handshake is over."""
+
+
+@dataclass(slots=True)
+class Retrieve:
+    """Needs ``retrieve_started(size)`` … ``retrieve_done()``, or ``retrieve_failed``.
+
+    ``index`` is 0-based into the login listing; ``top_lines`` is None for RETR.
+    """
+
+    index: int
+    uid: str
+    top_lines: int | None
+
+
+@dataclass(slots=True)
+class Quit:
+    """UPDATE state: remove these (0-based indexes, with uids), then ``update_done``."""
+
+    deletions: tuple[tuple[int, str], ...]
+
+
+Event = CheckCredentials | OpenMailbox | StartTLS | Retrieve | Quit
+
+
+class State(enum.Enum):
+    AUTHORIZATION = "authorization"
+    TRANSACTION = "transaction"
+    UPDATE = "update"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    tls_available: bool = False  # STLS can be offered (a certificate is configured)
+    allow_plaintext: bool = False  # USER/PASS/AUTH before TLS (loopback listener, by config)
+    max_errors: int = 10
+    greeting: str = "POP3 ready"  # names no software or version
+
+
+# Replies (text after +OK / -ERR). Response codes per RFC 2449 §8 and RFC 3206.
+NEED_TLS = "[AUTH] Plaintext authentication disallowed without TLS; use STLS"
+AUTH_FAILED = "[AUTH] Authentication failed"
+IN_USE = "[IN-USE] Mailbox is locked by another session"
+SYS_TEMP = "[SYS/TEMP] Temporary system problem, try again later"
+LINE_TOO_LONG = "Command line too long"
+TOO_MANY_ERRORS = "Too many errors, closing connection"
+IDLE_TIMEOUT = "Idle timeout, closing connection"
+
+_CAPA_COMMON = ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING")
+
+
+class _W(enum.Enum):
+    """What the engine is waiting for, if anything."""
+
+    NONE = 0
+    CREDENTIALS = 1
+    MAILBOX = 2
+    TLS = 3
+    RETRIEVE_START = 4
+    RETRIEVE_DONE = 5
+    UPDATE = 6
+    SASL = 7  # a SASL continuation line from the client (not the server)
+
+
+def _parse_number(arg: str) -> int | None:
+    """A positive decimal without sign or spaces, bounded so int() stays cheap."""
+    if not arg or len(arg) > 10 or not arg.isascii() or not arg.isdigit():
+        return None
+    return int(arg)
+
+
+class POP3Engine:
+    """One POP3 server session. See the module docstring for the contract."""
+
+    def __init__(self, settings: EngineSettings, *, tls_active: bool = False) -> None:
+        self.s = settings
+        self.tls_active = tls_active
+        self.state = State.AUTHORIZATION
+        self.user: str | None = None  # canonical address once authenticated
+        self._inbuf = bytearray()
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._wait = _W.NONE
+        self._errors = 0
+        self._auth_failures = 0
+        self._discarding = False  # skipping the rest of an over-long line
+        self._user_arg: str | None = None  # from USER, waiting for PASS
+        self._uids: list[str] = []
+        self._sizes: list[int] = []
+        self._deleted: set[int] = set()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def waiting(self) -> bool:
+        """True while an event is waiting for the server's answer."""
+        return self._wait not in (_W.NONE, _W.SASL)
+
+    def greet(self) -> None:
+        self._ok(self.s.greeting)
+
+    def refuse_connection(self, text: str) -> None:
+        self._close("-ERR " + text)
+
+    def receive(self, data: bytes) -> None:
+        if self.closed or self._wait is _W.TLS:
+            return  # after STLS nothing sent in the clear counts (RFC 2595 §4)
+        self._inbuf += data
+
+    def next_event(self) -> Event | None:
+        while not self._events and not self.waiting and not self.closed and self._step():
+            pass
+        return self._events.pop(0) if self._events else None
+
+    def take_output(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def timeout(self) -> None:
+        """Autologout (RFC 1939 §3): no UPDATE state, nothing is deleted."""
+        self._close("-ERR " + IDLE_TIMEOUT)
+
+    def close(self, text: str) -> None:
+        self._close("-ERR " + text)
+
+    @property
+    def message_count(self) -> int:
+        return len(self._uids)
+
+    # answers to events
+
+    def credentials_accepted(self, user: str) -> None:
+        if not self._expect(_W.CREDENTIALS):
+            return
+        self.user = user
+        self._wait = _W.MAILBOX
+        self._events.append(OpenMailbox(user))
+
+    def credentials_refused(self) -> None:
+        if not self._expect(_W.CREDENTIALS):
+            return
+        self._wait = _W.NONE
+        self._auth_failures += 1
+        self._err(AUTH_FAILED)
+        if self._auth_failures >= MAX_AUTH_FAILURES:
+            self._close("-ERR " + TOO_MANY_ERRORS)
+
+    def mailbox_opened(self, listing: Sequence[tuple[str, int]]) -> None:
+        if not self._expect(_W.MAILBOX):
+            return
+        self._wait = _W.NONE
+        self._uids = [uid for uid, _ in listing]
+        self._sizes = [size for _, size in listing]
+        self.state = State.TRANSACTION
+        n, total = self._stat()
+        self._ok(f"Logged in, {n} messages ({total} octets)")
+
+    def mailbox_unavailable(self, text: str) -> None:
+        """After good credentials: e.g. ``IN_USE``; the session stays in AUTHORIZATION."""
+        if not self._expect(_W.MAILBOX):
+            return
+        self._wait = _W.NONE
+        self.user = None
+        self._err(text)
+
+    def tls_started(self) -> None:
+        if not self._expect(_W.TLS):
+            return
+        self._wait = _W.NONE
+        self.tls_active = True
+        self._inbuf.clear()
+        self._discarding = False
+        self._user_arg = None
+
+    def retrieve_started(self, size: int) -> None:
+        if not self._expect(_W.RETRIEVE_START):
+            return
+        self._wait = _W.RETRIEVE_DONE
+        self._ok(f"{size} octets")
+
+    def retrieve_done(self) -> None:
+        """The server has written the encoded message including its ``.`` terminator."""
+        if not self._expect(_W.RETRIEVE_DONE):
+            return
+        self._wait = _W.NONE
+
+    def retrieve_failed(self, text: str) -> None:
+        if not self._expect(_W.RETRIEVE_START):
+            return
+        self._wait = _W.NONE
+        self._err(text)
+
+    def update_done(self, failures: int = 0) -> None:
+        if not self._expect(_W.UPDATE):
+            return
+        self._wait = _W.NONE
+        if failures:
+            self._close(f"-ERR [SYS/TEMP] {failures} deleted messages not removed")
+        else:
+            self._close("+OK Bye")
+
+    # ------------------------------------------------------------------ internals
+
+    def _expect(self, wait: _W) -> bool:
+        """False when the session closed meanwhile (timeout, shutdown): the answer is moot."""
+        if self.closed:
+            return False
+        if self._wait is not wait:
+            raise RuntimeError(f"not waiting for {wait.name} (waiting for {self._wait.name})")
+        return True
+
+    def _ok(self, text: str) -> None:
+        self._out.append(b"+OK " + text.encode() + CRLF)
+
+    def _err(self, text: str) -> None:
+        self._out.append(b"-ERR " + text.encode() + CRLF)
+
+    def _close(self, line: str) -> None:
+        if self.closed:
+            return
+        self._out.append(line.encode() + CRLF)
+        self.state = State.CLOSED
+        self._wait = _W.NONE
+        self._inbuf.clear()
+        self._events.clear()
+
+    def _bad(self, text: str) -> None:
+        """A command error: counted, and too many end the session."""
+        self._errors += 1
+        if self._errors >= self.s.max_errors:
+            self._err(text)
+            self._close("-ERR " + TOO_MANY_ERRORS)
+        else:
+            self._err(text)
+
+    def _step(self) -> bool:
+        """Handle one line if a whole one is buffered; False when more input is needed."""
+        buf = self._inbuf
+        if self._discarding:  # the tail of an over-long line: drop up to its LF
+            end = buf.find(b"\n")
+            if end < 0:
+                buf.clear()
+                return False
+            del buf[:end + 1]
+            self._discarding = False
+            return True
+        limit = MAX_SASL_LINE if self._wait is _W.SASL else MAX_LINE
+        end = buf.find(b"\n", 0, limit)
+        if end < 0:
+            if len(buf) >= limit:  # no LF within the limit: refuse now, skip to the next LF
+                del buf[:limit]
+                self._discarding = True
+                self._line_too_long()
+                return True
+            return False
+        line = bytes(buf[:end + 1])
+        del buf[:end + 1]
+        line = line[:-2] if line.endswith(CRLF) else line[:-1]
+        if self._wait is _W.SASL:
+            self._sasl_response(line)
+        else:
+            self._command(line)
+        return True
+
+    def _line_too_long(self) -> None:
+        if self._wait is _W.SASL:
+            self._wait = _W.NONE
+        self._bad(LINE_TOO_LONG)
+
+    def _command(self, line: bytes) -> None:
+        if b"\0" in line or b"\r" in line:
+            self._bad("Invalid characters in command")
+            return
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            self._bad("Command must be ASCII")
+            return
+        verb, _, arg = text.partition(" ")
+        handler = _COMMANDS.get(self.state, {}).get(verb.upper())
+        if handler is None:
+            if verb.upper() in _KNOWN:
+                self._bad(f"{verb.upper()} not allowed now")
+            else:
+                self._bad("Unknown command")
+            return
+        handler(self, arg)
+
+    def _credentials_allowed(self) -> bool:
+        return self.tls_active or self.s.allow_plaintext
+
+    def _stat(self) -> tuple[int, int]:
+        live = [i for i in range(len(self._uids)) if i not in self._deleted]
+        return len(live), sum(self._sizes[i] for i in live)
+
+    def _message(self, arg: str) -> int | None:
+        """The 0-based index of a live message, or None after an -ERR."""
+        n = _parse_number(arg)
+        if n is None:
+            self._bad("Invalid message number")
+            return None
+        if not 1 <= n <= len(self._uids):
+            self._err("No such message")
+            return None
+        if n - 1 in self._deleted:
+            self._err("Message already deleted")
+            return None
+        return n - 1
+
+    # AUTHORIZATION --------------------------------------------------------
+
+    def _cmd_capa(self, arg: str) -> None:
+        caps = list(_CAPA_COMMON)
+        if self.state is State.AUTHORIZATION:
+            if self._credentials_allowed():
+                caps += ["USER", "SASL PLAIN"]
+            if self.s.tls_available and not self.tls_active:
+                caps.append("STLS")
+        self._multiline("Capability list follows", caps)
+
+    def _cmd_stls(self, arg: str) -> None:
+        if arg:
+            self._bad("STLS takes no argument")
+        elif self.tls_active:
+            self._bad("TLS already active")
+        elif not self.s.tls_available:
+            self._bad("STLS not available")
+        else:
+            self._ok("Begin TLS negotiation")
+            self._inbuf.clear()  # pipelined plaintext after STLS is discarded
+            self._discarding = False
+            self._wait = _W.TLS
+            self._events.append(StartTLS())
+
+    def _cmd_user(self, arg: str) -> None:
+        if not self._credentials_allowed():
+            self._err(NEED_TLS)
+            return
+        if not arg:
+            self._bad("USER needs a name")
+            return
+        self._user_arg = arg
+        self._ok("Send PASS")  # the same whether the user exists or not
+
+    def _cmd_pass(self, arg: str) -> None:
+        if not self._credentials_allowed():
+            self._err(NEED_TLS)
+            return
+        if self._user_arg is None:
+            self._bad("USER first")
+            return
+        user, self._user_arg = self._user_arg, None
+        self._check(user, arg, "USER")
+
+    def _cmd_apop(self, arg: str) -> None:
+        if not self._credentials_allowed():
+            self._err(NEED_TLS)
+        else:
+            self._err("[AUTH] APOP not supported; use USER/PASS or AUTH PLAIN over TLS")
+
+    def _cmd_auth(self, arg: str) -> None:
+        if not self._credentials_allowed():
+            self._err(NEED_TLS)
+            return
+        mech, _, initial = arg.partition(" ")
+        if not mech:  # pre-RFC 5034 clients ask for the list this way
+            self._multiline("Mechanisms follow", ["PLAIN"])
+            return
+        if mech.upper() != "PLAIN":
+            self._bad("Unsupported authentication mechanism")
+            return
+        self._user_arg = None
+        if not initial:
+            self._wait = _W.SASL
+            self._out.append(b"+ " + CRLF)
+        elif initial == "=":
+            self._plain(b"")
+        else:
+            self._sasl_response(initial.encode("ascii"))
+
+    def _sasl_response(self, line: bytes) -> None:
+        self._wait = _W.NONE
+        if line == b"*":
+            self._err("[AUTH] Authentication cancelled")
+            return
+        try:
+            decoded = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self._bad("Invalid base64 in SASL response")
+            return
+        self._plain(decoded)
+
+    def _plain(self, msg: bytes) -> None:
+        """RFC 4616: authzid NUL authcid NUL passwd; no proxy authorization."""
+        parts = msg.split(b"\0")
+        try:
+            authzid, authcid, passwd = (p.decode("utf-8") for p in parts)
+        except (ValueError, UnicodeDecodeError):  # not three parts, or not UTF-8
+            authzid = authcid = passwd = ""
+        if not authcid or not passwd or (authzid and authzid.lower() != authcid.lower()):
+            self._bad("Malformed or unsupported PLAIN response")
+            return
+        self._check(authcid, passwd, "PLAIN")
+
+    def _check(self, user: str, password: str, mechanism: str) -> None:
+        self._wait = _W.CREDENTIALS
+        self._events.append(CheckCredentials(user, password, mechanism))
+
+    def _cmd_quit(self, arg: str) -> None:
+        if self.state is State.TRANSACTION:
+            self.state = State.UPDATE
+            self._wait = _W.UPDATE
+            self._events.append(Quit(tuple((i, self._uids[i]) for i in sorted(self._deleted))))
+        else:
+            self._close("+OK Bye")
+
+    # TRANSACTION ----------------------------------------------------------
+
+    def _cmd_stat(self, arg: str) -> None:
+        if arg:
+            self._bad("STAT takes no argument")
+            return
+        n, total = self._stat()
+        self._ok(f"{n} {total}")
+
+    def _cmd_list(self, arg: str) -> None:
+        self._listing(arg, self._sizes, "octets")
+
+    def _cmd_uidl(self, arg: str) -> None:
+        self._listing(arg, self._uids, "")
+
+    def _listing(self, arg: str, values: Sequence[object], what: str) -> None:
+        if arg:
+            i = self._message(arg)
+            if i is not None:
+                self._ok(f"{i + 1} {values[i]}")
+            return
+        n, total = self._stat()
+        head = f"{n} messages ({total} octets)" if what else "Unique-ID listing follows"
+        rows = [f"{i + 1} {v}" for i, v in enumerate(values) if i not in self._deleted]
+        self._multiline(head, rows)
+
+    def _cmd_retr(self, arg: str) -> None:
+        i = self._message(arg)
+        if i is not None:
+            self._retrieve(i, None)
+
+    def _cmd_top(self, arg: str) -> None:
+        msg, _, lines = arg.partition(" ")
+        n = _parse_number(lines)
+        if n is None:
+            self._bad("Usage: TOP message lines")
+            return
+        i = self._message(msg)
+        if i is not None:
+            self._retrieve(i, n)
+
+    def _retrieve(self, index: int, top: int | None) -> None:
+        self._wait = _W.RETRIEVE_START
+        self._events.append(Retrieve(index, self._uids[index], top))
+
+    def _cmd_dele(self, arg: str) -> None:
+        i = self._message(arg)
+        if i is not None:
+            self._deleted.add(i)
+            self._ok(f"Message {i + 1} deleted")
+
+    def _cmd_rset(self, arg: str) -> None:
+        self._deleted.clear()
+        n, total = self._stat()
+        self._ok(f"{n} messages ({total} octets)")
+
+    def _cmd_noop(self, arg: str) -> None:
+        self._ok("")
+
+    def _multiline(self, head: str, rows: Sequence[str]) -> None:
+        body = "".join(f"{r}\r\n" for r in rows)
+        self._out.append(f"+OK {head}\r\n{body}.\r\n".encode())
+
+
+_AUTH_CMDS = {
+    "CAPA": POP3Engine._cmd_capa,
+    "STLS": POP3Engine._cmd_stls,
+    "USER": POP3Engine._cmd_user,
+    "PASS": POP3Engine._cmd_pass,
+    "APOP": POP3Engine._cmd_apop,
+    "AUTH": POP3Engine._cmd_auth,
+    "QUIT": POP3Engine._cmd_quit,
+}
+_TRANS_CMDS = {
+    "CAPA": POP3Engine._cmd_capa,
+    "STAT": POP3Engine._cmd_stat,
+    "LIST": POP3Engine._cmd_list,
+    "UIDL": POP3Engine._cmd_uidl,
+    "RETR": POP3Engine._cmd_retr,
+    "TOP": POP3Engine._cmd_top,
+    "DELE": POP3Engine._cmd_dele,
+    "RSET": POP3Engine._cmd_rset,
+    "NOOP": POP3Engine._cmd_noop,
+    "QUIT": POP3Engine._cmd_quit,
+}
+_COMMANDS = {State.AUTHORIZATION: _AUTH_CMDS, State.TRANSACTION: _TRANS_CMDS}
+_KNOWN = frozenset(_AUTH_CMDS) | frozenset(_TRANS_CMDS)
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+class MessageEncoder:
+    """Turns a stored message, fed in chunks, into its RETR/TOP form on the wire.
+
+    Line endings become CRLF whatever is on disk (LF or CRLF; a lone CR stays data), lines
+    starting with "." get another "." (RFC 1939 §3), a missing final line ending is added and
+    ``finish`` appends the ``.`` terminator. With ``top_lines`` it stops after the header
+    section and that many body lines, and ``done`` tells the reader it may stop reading.
+    Output before stuffing is exactly ``wire_size`` of the same input, so LIST matches RETR.
+    """
+
+    __slots__ = ("_bol", "_cr", "_emitted", "_in_headers", "_left", "done")
+
+    def __init__(self, top_lines: int | None = None) -> None:
+        self._bol = True  # the next output byte starts a line
+        self._cr = False  # a trailing CR held back until we know whether LF follows
+        self._emitted = False
+        self._in_headers = top_lines is not None
+        self._left = top_lines
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return b""
+        if self._cr:
+            data = b"\r" + data
+            self._cr = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self._cr = True
+        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if self._left is not None:
+            out = self._cut(out)
+        return self._stuff(out)
+
+    def finish(self) -> bytes:
+        tail = b""
+        if not self.done:
+            if self._cr:
+                tail = self._stuff(b"\r")
+                self._cr = False
+            if self._emitted and not self._bol:
+                tail += CRLF
+        self.done = True
+        return tail + b".\r\n"
+
+    def _stuff(self, out: bytes) -> bytes:
+        if not out:
+            return out
+        if self._bol and out[:1] == b".":
+            out = b"." + out
+        out = out.replace(b"\r\n.", b"\r\n..")
+        self._bol = out.endswith(b"\n")
+        self._emitted = True
+        return out
+
+    def _cut(self, out: bytes) -> bytes:
+        """Keep the header section and ``_left`` body lines of normalised output."""
+        start = 0
+        if self._in_headers:
+            if self._bol and out.startswith(CRLF):
+                start = 2
+            else:
+                idx = out.find(b"\r\n\r\n")
+                if idx < 0:
+                    return out
+                start = idx + 4
+            self._in_headers = False
+        left = self._left
+        assert left is not None
+        pos = start
+        while left > 0:
+            idx = out.find(CRLF, pos)
+            if idx < 0:
+                break
+            pos = idx + 2
+            left -= 1
+        self._left = left
+        if left == 0:
+            self.done = True
+            self._cr = False
+            return out[:pos]
+        return out
+
+
+def wire_size(chunks: Iterable[bytes]) -> int:
+    """Octets of a message on the wire before byte-stuffing (RFC 1939 sizes), by counting.
+
+    Must agree with ``MessageEncoder``: each LF not preceded by CR adds one octet, and a
+    non-empty message that does not end with LF gets CRLF added.
+    """
+    counter = SizeCounter()
+    for chunk in chunks:
+        counter.feed(chunk)
+    return counter.size()
+
+
+class SizeCounter:
+    """Incremental ``wire_size``: feed chunks as they are read, then ``size()``."""
+
+    __slots__ = ("_last", "_n")
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._last = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        bare = chunk.count(b"\n") - chunk.count(b"\r\n")
+        if chunk[:1] == b"\n" and self._last == b"\r":
+            bare -= 1  # the CR ending the previous chunk pairs with this LF
+        self._n += len(chunk) + bare
+        self._last = chunk[-1:]
+
+    def size(self) -> int:
+        if self._n and self._last != b"\n":
+            return self._n + 2
+        return self._n

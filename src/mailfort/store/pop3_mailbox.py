@@ -1,0 +1,257 @@
+"""A Maildir as one POP3 session sees it: a locked snapshot taken at login.
+
+Why each rule:
+
+* **Snapshot.** RFC 1939 numbers messages for the whole session, so the listing is fixed at
+  login (``new/`` and ``cur/``); mail delivered meanwhile waits for the next session.
+* **Stable UIDLs.** The UID is the Maildir unique name (the part before ``:``), which never
+  changes when flags do; a name that is not a valid RFC 1939 unique-id (1-70 printable
+  characters) is replaced by a digest of itself, which is just as stable.
+* **new → cur.** Opening the mailbox moves new messages to ``cur/`` with ``:2,``; a message
+  retrieved whole gets the ``S`` flag when the session ends, as any Maildir reader expects.
+* **Deletion only at QUIT.** ``delete`` is called from the UPDATE state and nowhere else;
+  a dropped connection just ``close``s, so nothing marked with DELE is lost.
+* **One session per mailbox.** An in-process set plus ``flock`` on a lock file, so that two
+  sessions, in one process or in two, never hand out the same numbering; the second one
+  gets ``MailboxInUse`` (``-ERR [IN-USE]``).
+* **Sizes and bodies in CRLF.** Sizes are counted in wire octets (``SizeCounter``) and
+  bodies are read in bounded chunks through ``MessageEncoder``, so a 50 MB message never
+  sits in memory.
+
+Every method here blocks (disk); the server calls them in a thread or in bounded pieces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from mailfort.protocol.pop3 import MessageEncoder, SizeCounter
+
+CHUNK = 64 * 1024
+LOCK_NAME = "mailfort-pop3.lock"
+_UID_OK = re.compile(rb"[\x21-\x7e]{1,70}")
+
+_held: set[str] = set()  # maildirs locked by sessions of this process
+_held_guard = threading.Lock()
+
+
+class MailboxInUse(Exception):
+    """Another POP3 session (this process or another) holds the mailbox."""
+
+
+def uid_for(name: str) -> str:
+    """The UIDL of a Maildir file name: its unique part, or a digest if that is unfit."""
+    unique = name.split(":", 1)[0]
+    raw = unique.encode("utf-8", "surrogateescape")
+    if _UID_OK.fullmatch(raw):
+        return unique
+    return "h" + hashlib.sha256(raw).hexdigest()[:40]
+
+
+def _sort_key(name: str, mtime_ns: int) -> tuple[int, int, str]:
+    head = name.split(".", 1)[0]
+    return (int(head) if head.isdigit() and len(head) < 19 else 0, mtime_ns, name)
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    uid: str
+    path: Path  # where the file is now (cur/ once the mailbox is open)
+    size: int  # wire octets (CRLF), as LIST reports and RETR sends before stuffing
+    seen: bool = False  # retrieved whole in this session: gets the S flag at close
+
+
+class MessageReader:
+    """A message being sent: bounded reads, encoded for the wire, terminator at the end."""
+
+    __slots__ = ("_enc", "_file", "done")
+
+    def __init__(self, file: BinaryIO, top_lines: int | None) -> None:
+        self._file = file
+        self._enc = MessageEncoder(top_lines)
+        self.done = False
+
+    def read(self) -> bytes:
+        """The next piece of wire bytes (at most about 2 × CHUNK); ``done`` after the last."""
+        if self.done:
+            return b""
+        while True:
+            data = b"" if self._enc.done else self._file.read(CHUNK)
+            if not data:
+                self.done = True
+                self.close()
+                return self._enc.finish()
+            out = self._enc.feed(data)
+            if out:
+                return out
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _read_size(path: Path) -> int:
+    counter = SizeCounter()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            counter.feed(chunk)
+    return counter.size()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class POP3Mailbox:
+    """One session's locked snapshot of a Maildir. ``open`` it; always ``close`` it."""
+
+    def __init__(self, maildir: Path, messages: list[StoredMessage], lock_fd: int,
+                 key: str) -> None:
+        self.maildir = maildir
+        self.messages = messages
+        self._lock_fd: int | None = lock_fd
+        self._key = key
+
+    @classmethod
+    def open(cls, maildir: Path) -> POP3Mailbox:
+        """Lock the Maildir (creating it if needed) and take the snapshot."""
+        for sub in ("tmp", "new", "cur"):
+            (maildir / sub).mkdir(parents=True, exist_ok=True)
+        key = str(maildir.resolve())
+        with _held_guard:
+            if key in _held:
+                raise MailboxInUse(key)
+            _held.add(key)
+        fd = -1
+        try:
+            fd = os.open(maildir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MailboxInUse(key) from None
+            messages = cls._snapshot(maildir)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with _held_guard:
+                _held.discard(key)
+            raise
+        return cls(maildir, messages, fd, key)
+
+    @staticmethod
+    def _snapshot(maildir: Path) -> list[StoredMessage]:
+        found: list[tuple[tuple[int, int, str], Path]] = []
+        cur = maildir / "cur"
+        for sub in ("new", "cur"):
+            with os.scandir(maildir / sub) as it:
+                for entry in it:
+                    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                        continue
+                    try:
+                        mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+                    except FileNotFoundError:
+                        continue
+                    path = Path(entry.path)
+                    if sub == "new":  # seen by a reader now: cur/, no flags yet
+                        target = cur / (entry.name.split(":", 1)[0] + ":2,")
+                        try:
+                            os.rename(path, target)
+                            path = target
+                        except FileNotFoundError:
+                            continue  # taken by another reader meanwhile
+                        except OSError:
+                            pass  # keep reading it from new/
+                    found.append((_sort_key(entry.name, mtime), path))
+        found.sort(key=lambda item: item[0])
+        messages: list[StoredMessage] = []
+        seen_uids: set[str] = set()
+        for _, path in found:
+            uid = uid_for(path.name)
+            if uid in seen_uids:  # the same unique name twice (new/ and cur/): show one
+                continue
+            try:
+                size = _read_size(path)
+            except FileNotFoundError:
+                continue
+            seen_uids.add(uid)
+            messages.append(StoredMessage(uid, path, size))
+        return messages
+
+    @property
+    def listing(self) -> list[tuple[str, int]]:
+        return [(m.uid, m.size) for m in self.messages]
+
+    def reader(self, index: int, top_lines: int | None) -> MessageReader:
+        """Open one message for RETR (``top_lines`` None) or TOP; OSError if it is gone."""
+        msg = self.messages[index]
+        f = open(msg.path, "rb")  # noqa: SIM115 - closed by MessageReader
+        if top_lines is None:
+            msg.seen = True
+        return MessageReader(f, top_lines)
+
+    def delete(self, indexes: list[int]) -> int:
+        """UPDATE state: remove these messages durably; returns how many could not be."""
+        failures = 0
+        dirs: set[Path] = set()
+        for i in indexes:
+            msg = self.messages[i]
+            try:
+                os.unlink(msg.path)
+            except FileNotFoundError:
+                pass  # already gone: the goal is reached
+            except OSError:
+                failures += 1
+                continue
+            msg.seen = False
+            dirs.add(msg.path.parent)
+        for d in dirs:
+            try:
+                _fsync_dir(d)
+            except OSError:
+                failures += 1
+        return failures
+
+    def close(self) -> None:
+        """End of session (QUIT or dropped): record seen flags, release the lock."""
+        if self._lock_fd is None:
+            return
+        try:
+            for msg in self.messages:
+                if msg.seen:
+                    self._flag_seen(msg)
+        finally:
+            fd, self._lock_fd = self._lock_fd, None
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            with _held_guard:
+                _held.discard(self._key)
+
+    @staticmethod
+    def _flag_seen(msg: StoredMessage) -> None:
+        name = msg.path.name
+        unique, sep, info = name.partition(":")
+        if sep and info.startswith("2,"):
+            flags = info[2:]
+            if "S" in flags:
+                return
+            new_info = "2," + "".join(sorted(flags + "S"))
+        elif not sep:
+            new_info = "2,S"
+        else:
+            return  # an info we do not understand: leave it alone
+        target = msg.path.parent.parent / "cur" / f"{unique}:{new_info}"
+        with contextlib.suppress(OSError):
+            os.rename(msg.path, target)
+            msg.path = target

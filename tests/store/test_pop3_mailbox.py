@@ -1,0 +1,181 @@
+"""The POP3 view of a Maildir: snapshot, UIDs, sizes, locking, deletion, streaming."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from mailfort.store.pop3_mailbox import (
+    LOCK_NAME,
+    MailboxInUse,
+    POP3Mailbox,
+    uid_for,
+)
+
+
+def deliver(maildir: Path, name: str, data: bytes, sub: str = "new") -> Path:
+    for d in ("tmp", "new", "cur"):
+        (maildir / d).mkdir(parents=True, exist_ok=True)
+    path = maildir / sub / name
+    path.write_bytes(data)
+    return path
+
+
+def retr(box: POP3Mailbox, i: int, top: int | None = None) -> bytes:
+    reader = box.reader(i, top)
+    out = []
+    while not reader.done:
+        out.append(reader.read())
+    return b"".join(out)
+
+
+@pytest.fixture
+def maildir(tmp_path: Path) -> Path:
+    md = tmp_path / "mail" / "example.test" / "alice"
+    deliver(md, "1700000001.M1P1Q1.host", b"Subject: one\r\n\r\nbody one\r\n")
+    deliver(md, "1700000002.M1P1Q2.host", b"Subject: two\n\n.dot line\nlf only\n")
+    deliver(md, "1700000000.M1P1Q0.host:2,S", b"Subject: old\r\n\r\nseen\r\n", sub="cur")
+    return md
+
+
+def test_snapshot_moves_new_to_cur_and_orders_by_time(maildir: Path) -> None:
+    box = POP3Mailbox.open(maildir)
+    try:
+        assert [m.uid for m in box.messages] == [
+            "1700000000.M1P1Q0.host", "1700000001.M1P1Q1.host", "1700000002.M1P1Q2.host"]
+        assert os.listdir(maildir / "new") == []
+        assert sorted(os.listdir(maildir / "cur")) == [
+            "1700000000.M1P1Q0.host:2,S", "1700000001.M1P1Q1.host:2,",
+            "1700000002.M1P1Q2.host:2,"]
+    finally:
+        box.close()
+
+
+def test_sizes_are_crlf_octets_and_match_what_is_sent(maildir: Path) -> None:
+    box = POP3Mailbox.open(maildir)
+    try:
+        lf = box.messages[2]
+        assert lf.size == len(b"Subject: two\r\n\r\n.dot line\r\nlf only\r\n")
+        for i, m in enumerate(box.messages):
+            wire = retr(box, i)
+            assert wire.endswith(b"\r\n.\r\n")
+            unstuffed = wire[:-3].replace(b"\r\n..", b"\r\n.")
+            assert len(unstuffed) == m.size
+        assert b"\r\n..dot line\r\n" in retr(box, 2)
+    finally:
+        box.close()
+
+
+def test_uids_stable_across_sessions_and_flags(maildir: Path) -> None:
+    box = POP3Mailbox.open(maildir)
+    first = box.listing
+    retr(box, 1)  # RETR: seen
+    retr(box, 2, top=0)  # TOP: not seen
+    box.close()
+    names = sorted(os.listdir(maildir / "cur"))
+    assert "1700000001.M1P1Q1.host:2,S" in names
+    assert "1700000002.M1P1Q2.host:2," in names
+    box = POP3Mailbox.open(maildir)
+    try:
+        assert box.listing == first
+    finally:
+        box.close()
+
+
+def test_uid_for_unfit_names_is_a_stable_digest() -> None:
+    assert uid_for("123.abc:2,S") == "123.abc"
+    long = "x" * 100
+    assert uid_for(long) == uid_for(long + ":2,S")
+    assert len(uid_for(long)) <= 70
+    assert uid_for("caf\xe9") != "caf\xe9" and uid_for("caf\xe9").isascii()
+
+
+def test_mail_arriving_during_session_waits_for_the_next(maildir: Path) -> None:
+    box = POP3Mailbox.open(maildir)
+    deliver(maildir, "1700000003.M1P1Q3.host", b"Subject: late\r\n\r\n")
+    assert len(box.messages) == 3
+    box.close()
+    box = POP3Mailbox.open(maildir)
+    try:
+        assert len(box.messages) == 4
+    finally:
+        box.close()
+
+
+def test_close_without_update_deletes_nothing_and_delete_removes(maildir: Path) -> None:
+    box = POP3Mailbox.open(maildir)
+    box.close()
+    assert len(os.listdir(maildir / "cur")) == 3
+    box = POP3Mailbox.open(maildir)
+    doomed = box.messages[0].uid
+    assert box.delete([0]) == 0
+    box.close()
+    assert len(os.listdir(maildir / "cur")) == 2
+    assert not any(n.startswith(doomed) for n in os.listdir(maildir / "cur"))
+
+
+def test_second_open_in_process_is_in_use_until_close(maildir: Path) -> None:
+    box = POP3Mailbox.open(maildir)
+    with pytest.raises(MailboxInUse):
+        POP3Mailbox.open(maildir)
+    box.close()
+    box.close()  # idempotent
+    POP3Mailbox.open(maildir).close()
+
+
+def test_lock_is_shared_with_other_processes(maildir: Path) -> None:
+    (maildir / LOCK_NAME).touch()
+    code = (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(maildir / LOCK_NAME)!r}, os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(MailboxInUse):
+            POP3Mailbox.open(maildir)
+    finally:
+        proc.communicate("")
+    POP3Mailbox.open(maildir).close()  # released with the other process
+
+
+def test_missing_maildir_is_created_empty(tmp_path: Path) -> None:
+    box = POP3Mailbox.open(tmp_path / "nobody")
+    try:
+        assert box.messages == []
+        assert (tmp_path / "nobody" / "cur").is_dir()
+    finally:
+        box.close()
+
+
+def test_large_message_streams_in_bounded_memory(tmp_path: Path) -> None:
+    md = tmp_path / "big"
+    for d in ("tmp", "new", "cur"):
+        (md / d).mkdir(parents=True)
+    line = b"." + b"x" * 997 + b"\n"  # LF on disk and a dot to stuff on every line
+    with open(md / "new" / "1700000000.M1P1Q1.host", "wb") as f:
+        for _ in range(50 * 1024):  # 50 MB
+            f.write(line)
+    tracemalloc.start()
+    try:
+        box = POP3Mailbox.open(md)
+        reader = box.reader(0, None)
+        total = 0
+        while not reader.done:
+            total += len(reader.read())
+        box.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert box.messages[0].size == 50 * 1024 * (len(line) + 1)
+    assert total == box.messages[0].size + 50 * 1024 + 3  # one stuffed dot a line, ".\r\n"
+    assert peak < 2 * 1024 * 1024
