@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,10 +116,12 @@ class Entry:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Entry:
-        d = dict(d)
-        d.pop("format", None)
-        rcpts = [Recipient(**r) for r in d.pop("recipients")]
-        return cls(recipients=rcpts, **d)
+        """Unknown keys are ignored, so an older mailfort still delivers a newer's entries."""
+        rnames = {f.name for f in fields(Recipient)}
+        enames = {f.name for f in fields(cls)} - {"recipients"}
+        rcpts = [Recipient(**{k: v for k, v in r.items() if k in rnames})
+                 for r in d["recipients"]]
+        return cls(recipients=rcpts, **{k: v for k, v in d.items() if k in enames})
 
 
 def _fsync_dir(path: Path) -> None:

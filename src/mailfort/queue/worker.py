@@ -77,6 +77,7 @@ class DeliveryWorker:
         self.mx_port = mx_port
         self.clock = clock
         self.hostname = cfg.server.hostname
+        self._resolver = mx.make_resolver(cfg)
         self._sem = asyncio.Semaphore(max(1, cfg.queue.workers))
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._cooldown: dict[str, float] = {}  # entries whose processing crashed: not before
@@ -234,7 +235,8 @@ class DeliveryWorker:
         addrs = [r.address for r in rcpts]
         async with self._sem:
             try:
-                targets = await mx.resolve(domain, self.cfg, port=self.mx_port)
+                targets = await mx.resolve(domain, self.cfg, port=self.mx_port,
+                                           resolver=self._resolver)
             except mx.LookupFailure as exc:
                 outcome: client.Outcome = "permanent" if exc.permanent else "temporary"
                 reply = f"{exc.status} {exc.message}"
