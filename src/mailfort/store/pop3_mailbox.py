@@ -58,7 +58,7 @@ def uid_for(name: str) -> str:
 
 def _sort_key(name: str, mtime_ns: int) -> tuple[int, int, str]:
     head = name.split(".", 1)[0]
-    return (int(head) if head.isdigit() and len(head) < 19 else 0, mtime_ns, name)
+    return (int(head) if head.isdigit() and len(head) <= 20 else 0, mtime_ns, name)
 
 
 @dataclass(slots=True)

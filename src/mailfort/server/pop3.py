@@ -1,0 +1,449 @@
+"""asyncio POP3 listeners (110 with STLS, 995 with implicit TLS) driving the sans-I/O engine.
+
+A session is an ``asyncio.Protocol`` like the SMTP sessions: bytes from the socket go
+straight into the engine, so whatever a client pipelines after STLS is thrown away by the
+engine before the handshake and can never be read as if it had come over TLS. Work that
+must not block the loop (argon2 in the authenticator, opening and snapshotting a Maildir,
+reading large messages, deleting at QUIT) runs as one task at a time while reading is
+paused; the engine parses nothing more until it is answered, which keeps pipelined replies
+in order. Small messages (one chunk) are answered inline, which is what makes a mailbox of
+thousands of 1 KB messages download fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import ssl
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from mailfort.config import LimitsConfig
+from mailfort.protocol.pop3 import (
+    IN_USE,
+    SYS_TEMP,
+    CheckCredentials,
+    EngineSettings,
+    Event,
+    OpenMailbox,
+    POP3Engine,
+    Quit,
+    Retrieve,
+    StartTLS,
+)
+from mailfort.store.maildir import maildir_for
+from mailfort.store.pop3_mailbox import CHUNK, MailboxInUse, POP3Mailbox
+
+log = logging.getLogger("mailfort.pop3")
+T = TypeVar("T")
+
+TOO_MANY_CONNECTIONS = "[SYS/TEMP] Too many connections, try again later"
+TOO_MANY_FROM_IP = "[SYS/TEMP] Too many connections from your address, try again later"
+SHUTTING_DOWN = "[SYS/TEMP] Service shutting down, try again later"
+MESSAGE_GONE = "[SYS/TEMP] Message is no longer available"
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class Authenticator(Protocol):
+    """``mailfort.policy.authn.Authenticator``: same delay and counters as SMTP AUTH."""
+
+    async def verify(self, username: str, password: str, client_ip: str) -> Any: ...
+
+
+def accepted_user(outcome: Any) -> str | None:
+    """The canonical user of a successful ``AuthOutcome``; None for failed or blocked.
+
+    Failed and blocked get the same POP3 reply, so nothing here tells them apart.
+    """
+    status = getattr(outcome, "status", None)
+    ok = getattr(outcome, "ok", None)
+    if status is not None:
+        ok = getattr(status, "value", status) == "ok"
+    if callable(ok):
+        ok = ok()
+    user = getattr(outcome, "user", None)
+    return user if ok is True and isinstance(user, str) and user else None
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+class POP3Server:
+    """One POP3 listener kind: plaintext+STLS (``implicit_tls=False``) or POP3S."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        authenticator: Authenticator,
+        data_dir: Path,
+        limits: LimitsConfig,
+        implicit_tls: bool,
+        allow_plaintext: bool = False,
+        hostname: str = "localhost",
+    ) -> None:
+        """``allow_plaintext`` (config ``allow_plaintext_auth_on_loopback``) only ever
+        applies to clients connecting from a loopback address."""
+        if implicit_tls and ssl_context is None:
+            raise ValueError("implicit TLS needs an ssl_context")
+        self.ssl_context = ssl_context
+        self.authenticator = authenticator
+        self.data_dir = Path(data_dir)
+        self.limits = limits
+        self.implicit_tls = implicit_tls
+        self.hostname = hostname
+        base = EngineSettings(
+            tls_available=ssl_context is not None and not implicit_tls,
+            allow_plaintext=False,
+            max_errors=limits.max_errors,
+            greeting=f"{hostname} POP3 ready",
+        )
+        self.settings = base
+        self.loopback_settings = (
+            EngineSettings(base.tls_available, True, base.max_errors, base.greeting)
+            if allow_plaintext else base
+        )
+        self.sessions: set[POP3Session] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.servers: list[asyncio.base_events.Server] = []
+
+    async def start(self, host: str, port: int) -> asyncio.base_events.Server:
+        """Listen on host:port (port 0: a free one, see ``sockets``)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: POP3Session(self),
+            host,
+            port,
+            ssl=self.ssl_context if self.implicit_tls else None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self.implicit_tls else None,
+            backlog=1024,
+            reuse_address=True,
+        )
+        self.servers.append(server)
+        return server
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.getsockname()[1] for srv in self.servers for s in srv.sockets]
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for session in list(self.sessions):
+            session.shutdown()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        self.servers.clear()
+
+
+class POP3Session(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: POP3Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.engine: POP3Engine | None = None
+        self.peer_ip = "?"
+        self.mailbox: POP3Mailbox | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.last_activity = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+        self.counted = False
+        self.closing = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    # ---------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.peer_ip = str(peer[0])
+        srv = self.server
+        settings = srv.loopback_settings if _is_loopback(self.peer_ip) else srv.settings
+        self.engine = POP3Engine(settings, tls_active=srv.implicit_tls)
+        lim = srv.limits
+        if len(srv.sessions) >= lim.max_connections:
+            self.engine.refuse_connection(TOO_MANY_CONNECTIONS)
+        elif srv.per_ip[self.peer_ip] >= lim.max_connections_per_ip:
+            self.engine.refuse_connection(TOO_MANY_FROM_IP)
+        else:
+            srv.sessions.add(self)
+            srv.per_ip[self.peer_ip] += 1
+            self.counted = True
+            self.engine.greet()
+            self._arm_timer(lim.pop3_idle_timeout)
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        assert self.engine is not None
+        self.engine.receive(data)
+        if self.task is None:
+            self._pump()
+
+    def eof_received(self) -> bool | None:
+        return False  # close: a half-closed POP3 client is gone
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self.last_activity = time.monotonic()
+        self._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._writable.set()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self._release_mailbox()  # dropped before QUIT: nothing is deleted
+        srv = self.server
+        if self.counted:
+            self.counted = False
+            srv.sessions.discard(self)
+            srv.per_ip[self.peer_ip] -= 1
+            if srv.per_ip[self.peer_ip] <= 0:
+                del srv.per_ip[self.peer_ip]
+
+    def shutdown(self) -> None:
+        if self.engine is not None and self.transport is not None:
+            if self.task is not None:
+                self.task.cancel()
+            self.engine.close(SHUTTING_DOWN)
+            self._pump()
+
+    # ---------------------------------------------------------------- timers
+
+    def _arm_timer(self, delay: float) -> None:
+        self.timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Re-armed lazily: one timer per session, not one per packet."""
+        self.timer = None
+        if self.transport is None or self.engine is None:
+            return
+        idle = self.server.limits.pop3_idle_timeout
+        waited = time.monotonic() - self.last_activity
+        if waited < idle:
+            self._arm_timer(max(0.05, idle - waited))
+        elif self.task is not None:  # stuck writing to a client that does not read
+            log.info("pop3 %s: no progress for %.0fs, aborting", self.peer_ip, waited)
+            self.transport.abort()
+        else:
+            self.engine.timeout()
+            self._pump()
+
+    # ---------------------------------------------------------------- the pump
+
+    def _pump(self) -> None:
+        engine = self.engine
+        transport = self.transport
+        if engine is None or transport is None:
+            return
+        while self.task is None:
+            ev = engine.next_event()
+            if ev is None:
+                break
+            self._handle(ev)
+            if self.transport is None:
+                return
+        out = engine.take_output()
+        if out:
+            transport.write(out)
+        if self.task is not None:
+            transport.pause_reading()
+        elif engine.closed and not self.closing:
+            self.closing = True
+            transport.close()
+
+    def _run(self, coro: Awaitable[None]) -> None:
+        """Run async work for the pending event; the engine waits until it is answered."""
+
+        async def wrapper() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("pop3 %s: internal error", self.peer_ip)
+                if self.engine is not None:
+                    self.engine.close(SYS_TEMP)
+            finally:
+                self.task = None
+            if self.transport is not None:
+                self.transport.resume_reading()
+                self._pump()
+
+        self.task = asyncio.get_running_loop().create_task(wrapper())
+
+    def _handle(self, ev: Event) -> None:
+        if isinstance(ev, CheckCredentials):
+            self._run(self._check(ev))
+        elif isinstance(ev, OpenMailbox):
+            self._run(self._open(ev.user))
+        elif isinstance(ev, Retrieve):
+            self._retrieve(ev)
+        elif isinstance(ev, StartTLS):
+            self._run(self._starttls())
+        elif isinstance(ev, Quit):
+            self._run(self._update(ev))
+
+    # ---------------------------------------------------------------- events
+
+    async def _check(self, ev: CheckCredentials) -> None:
+        engine = self.engine
+        assert engine is not None
+        outcome = await self.server.authenticator.verify(ev.username, ev.password, self.peer_ip)
+        user = accepted_user(outcome)
+        if user is None:
+            log.info("pop3 %s: login failed (%s)", self.peer_ip, ev.mechanism)
+            engine.credentials_refused()
+        else:
+            engine.credentials_accepted(user)
+
+    async def _open(self, user: str) -> None:
+        engine = self.engine
+        assert engine is not None
+        try:
+            path = maildir_for(self.server.data_dir, user)
+            mailbox = await _in_thread(POP3Mailbox.open, path, cleanup=POP3Mailbox.close)
+        except MailboxInUse:
+            log.info("pop3 %s: %s mailbox in use", self.peer_ip, user)
+            engine.mailbox_unavailable(IN_USE)
+            return
+        except (OSError, ValueError):
+            log.exception("pop3 %s: cannot open the mailbox of %s", self.peer_ip, user)
+            engine.mailbox_unavailable(SYS_TEMP)
+            return
+        if self.transport is None or engine.closed:
+            await asyncio.to_thread(mailbox.close)
+            return
+        self.mailbox = mailbox
+        log.info("pop3 %s: %s logged in, %d messages", self.peer_ip, user,
+                 len(mailbox.messages))
+        engine.mailbox_opened(mailbox.listing)
+
+    def _retrieve(self, ev: Retrieve) -> None:
+        """Small messages inline (one read), large ones as a task reading in a thread."""
+        engine, mailbox, transport = self.engine, self.mailbox, self.transport
+        assert engine is not None and mailbox is not None and transport is not None
+        size = mailbox.messages[ev.index].size
+        if size > CHUNK or not self._writable.is_set():
+            self._run(self._stream(ev))
+            return
+        try:
+            reader = mailbox.reader(ev.index, ev.top_lines)
+        except OSError:
+            engine.retrieve_failed(MESSAGE_GONE)
+            return
+        engine.retrieve_started(size)
+        parts = [engine.take_output()]
+        try:
+            while not reader.done:
+                parts.append(reader.read())
+        except OSError:  # after +OK there is no clean way to say it: hang up
+            log.exception("pop3 %s: read error", self.peer_ip)
+            transport.abort()
+            return
+        finally:
+            reader.close()
+        transport.write(b"".join(parts))
+        engine.retrieve_done()
+
+    async def _stream(self, ev: Retrieve) -> None:
+        engine, mailbox = self.engine, self.mailbox
+        assert engine is not None and mailbox is not None
+        try:
+            reader = await asyncio.to_thread(mailbox.reader, ev.index, ev.top_lines)
+        except OSError:
+            engine.retrieve_failed(MESSAGE_GONE)
+            return
+        try:
+            engine.retrieve_started(mailbox.messages[ev.index].size)
+            self._write(engine.take_output())
+            while not reader.done:
+                await self._writable.wait()
+                if self.transport is None:
+                    return
+                self._write(await asyncio.to_thread(reader.read))
+                self.last_activity = time.monotonic()
+        finally:
+            reader.close()
+        engine.retrieve_done()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and data:
+            self.transport.write(data)
+
+    async def _starttls(self) -> None:
+        engine, transport, ctx = self.engine, self.transport, self.server.ssl_context
+        assert engine is not None and transport is not None and ctx is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(transport, self, ctx, server_side=True,
+                                       ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            log.info("pop3 %s: TLS handshake failed: %s", self.peer_ip, exc)
+            engine.close("TLS handshake failed")
+            transport.abort()
+            self.transport = None
+            return
+        if new is None:
+            self.transport = None
+            return
+        self.transport = new
+        engine.tls_started()
+
+    async def _update(self, ev: Quit) -> None:
+        """UPDATE state (RFC 1939 §6): the only place where messages are removed."""
+        engine, mailbox = self.engine, self.mailbox
+        assert engine is not None and mailbox is not None
+        self.mailbox = None  # from here on the thread owns it, even if the client drops
+
+        def update() -> int:
+            try:
+                return mailbox.delete([i for i, _ in ev.deletions])
+            finally:
+                mailbox.close()
+
+        failures = await _in_thread(update)
+        if failures:
+            log.error("pop3 %s: %d deletions failed", self.peer_ip, failures)
+        engine.update_done(failures)
+
+    def _release_mailbox(self) -> None:
+        mailbox, self.mailbox = self.mailbox, None
+        if mailbox is not None:
+            asyncio.get_running_loop().run_in_executor(None, mailbox.close)
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any,
+                     cleanup: Callable[[T], object] | None = None) -> T:
+    """Run fn in a thread; if we are cancelled, it still finishes and ``cleanup`` gets the
+    result, so a mailbox locked by a thread that outlived its session is always released."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        if cleanup is not None:
+            def done(f: asyncio.Future[T]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    cleanup(f.result())
+
+            fut.add_done_callback(done)
+        raise

@@ -1,0 +1,541 @@
+"""End-to-end POP3 and POP3S: real sockets on 127.0.0.1, real TLS (trustme), poplib and
+fetchmail as clients, the real authenticator and a real Maildir on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import poplib
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mailfort.config import AuthConfig, LimitsConfig
+from mailfort.server.pop3 import POP3Server
+from mailfort.store.maildir import maildir_for
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+PASSWORDS = {ALICE: "alice-pw", BOB: "bob-pw"}
+# A fast failure delay keeps the suite quick; the equality of replies is what is tested.
+AUTH = AuthConfig(failure_delay=0.05, delay_after_failures=100, block_after_failures=1000)
+
+
+@dataclass
+class _Outcome:
+    status: str
+    user: str | None = None
+
+
+class _StandIn:
+    """TEMPORARY until policy/authn.py lands: same delay for unknown user and bad password."""
+
+    def __init__(self) -> None:
+        from argon2 import PasswordHasher
+
+        self.ph = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+        self.hashes = {u: self.ph.hash(p) for u, p in PASSWORDS.items()}
+        self.dummy = self.ph.hash("dummy")
+
+    async def verify(self, username: str, password: str, client_ip: str) -> _Outcome:
+        h = self.hashes.get(username.lower())
+        try:
+            ok = await asyncio.to_thread(self.ph.verify, h or self.dummy, password) and h
+        except Exception:
+            ok = False
+        if ok:
+            return _Outcome("ok", username.lower())
+        await asyncio.sleep(AUTH.failure_delay)
+        return _Outcome("failed")
+
+
+def make_authenticator(data_dir: Path) -> Any:
+    """The real Authenticator over a real SQLite directory."""
+    try:
+        import mailfort.policy.authn  # noqa: F401
+    except ImportError:
+        return _StandIn()
+    from mailfort.directory.sqlite import SQLiteDirectory
+    from mailfort.passwords import hash_password
+    from mailfort.policy.authn import Authenticator
+    from mailfort.policy.counters import MemoryCounters
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    directory = SQLiteDirectory(data_dir / "directory.sqlite3")
+    directory.add_domain("example.test")
+    for user, pw in PASSWORDS.items():
+        directory.add_user(user, hash_password(pw))
+    return Authenticator(directory, MemoryCounters(), AUTH)
+
+
+@dataclass
+class POP3Lab:
+    data_dir: Path
+    plain: POP3Server
+    implicit: POP3Server
+    client_ctx: ssl.SSLContext
+    ca_file: Path
+
+    @property
+    def port(self) -> int:
+        return self.plain.ports[0]
+
+    @property
+    def tls_port(self) -> int:
+        return self.implicit.ports[0]
+
+    def deliver(self, user: str, data: bytes, name: str | None = None) -> str:
+        md = maildir_for(self.data_dir, user)
+        for sub in ("tmp", "new", "cur"):
+            (md / sub).mkdir(parents=True, exist_ok=True)
+        name = name or f"{time.time_ns()}.M{len(os.listdir(md / 'new'))}P{os.getpid()}.test"
+        (md / "tmp" / name).write_bytes(data)
+        os.rename(md / "tmp" / name, md / "new" / name)
+        return name
+
+    def files(self, user: str) -> list[str]:
+        md = maildir_for(self.data_dir, user)
+        return sorted(os.listdir(md / "new") + os.listdir(md / "cur"))
+
+    def stls_login(self, user: str = ALICE, password: str | None = None) -> poplib.POP3:
+        c = poplib.POP3("127.0.0.1", self.port, timeout=10)
+        c.stls(self.client_ctx)
+        c.user(user)
+        c.pass_(password or PASSWORDS[user])
+        return c
+
+    def tls_login(self, user: str = ALICE, password: str | None = None) -> poplib.POP3_SSL:
+        c = poplib.POP3_SSL("127.0.0.1", self.tls_port, context=self.client_ctx, timeout=10)
+        c.user(user)
+        c.pass_(password or PASSWORDS[user])
+        return c
+
+
+async def start_lab(tmp_path: Path, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
+                    tls_ca: trustme.CA, limits: LimitsConfig,
+                    allow_plaintext: bool = False) -> tuple[POP3Lab, Any]:
+    data_dir = tmp_path / "data"
+    auth = make_authenticator(data_dir)
+    common: dict[str, Any] = dict(ssl_context=server_ctx, authenticator=auth, data_dir=data_dir,
+                                  limits=limits, hostname="mx.example.test")
+    plain = POP3Server(implicit_tls=False, allow_plaintext=allow_plaintext, **common)
+    implicit = POP3Server(implicit_tls=True, **common)
+    await plain.start("127.0.0.1", 0)
+    await implicit.start("127.0.0.1", 0)
+    ca_file = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(ca_file))
+    return POP3Lab(data_dir, plain, implicit, client_ctx, ca_file), auth
+
+
+@pytest.fixture(scope="module")
+def pop3_ssl_context(tls_ca: trustme.CA) -> ssl.SSLContext:
+    """Like the shared server context, with a CN as well: fetchmail checks the CN."""
+    cert = tls_ca.issue_cert("localhost", "127.0.0.1", common_name="localhost")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert.configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture
+async def lab_factory(
+    tmp_path: Path, pop3_ssl_context: ssl.SSLContext, client_ssl_context: ssl.SSLContext,
+    tls_ca: trustme.CA,
+) -> AsyncIterator[Callable[..., Any]]:
+    server_ssl_context = pop3_ssl_context
+    labs: list[POP3Lab] = []
+
+    async def factory(limits: LimitsConfig | None = None, **kw: Any) -> POP3Lab:
+        lab, _ = await start_lab(tmp_path, server_ssl_context, client_ssl_context, tls_ca,
+                                 limits or LimitsConfig(), **kw)
+        labs.append(lab)
+        return lab
+
+    yield factory
+    for lab in labs:
+        await lab.plain.close()
+        await lab.implicit.close()
+
+
+@pytest.fixture
+async def lab(lab_factory: Callable[..., Any]) -> POP3Lab:
+    return await lab_factory()
+
+
+def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return asyncio.to_thread(fn, *args)
+
+
+CRLF_MSG = b"From: x@remote.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+# ------------------------------------------------------------------ TLS and login
+
+async def test_login_refused_before_stls_then_accepted_after(lab: POP3Lab) -> None:
+    lab.deliver(ALICE, CRLF_MSG)
+
+    def session() -> tuple[bytes, list[str], dict[str, Any], tuple[int, int]]:
+        c = poplib.POP3("127.0.0.1", lab.port, timeout=10)
+        greeting = c.getwelcome()
+        caps_before = list(c.capa())
+        with pytest.raises(poplib.error_proto) as refused:
+            c.user(ALICE)
+        assert b"[AUTH]" in refused.value.args[0]
+        with pytest.raises(poplib.error_proto):
+            c._shortcmd("AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0alice-pw")
+                        .decode())
+        c.stls(lab.client_ctx)
+        caps_after = c.capa()
+        c.user(ALICE)
+        c.pass_(PASSWORDS[ALICE])
+        stat = c.stat()
+        c.quit()
+        return greeting, caps_before, caps_after, stat
+
+    greeting, before, after, stat = await in_thread(session)
+    assert greeting.startswith(b"+OK")
+    assert b"mailfort" not in greeting.lower() and b"python" not in greeting.lower()
+    assert "STLS" in before and "USER" not in before and "SASL" not in before
+    assert "USER" in after and after["SASL"] == ["PLAIN"] and "STLS" not in after
+    assert stat == (1, len(CRLF_MSG))
+
+
+async def test_implicit_tls_login_and_auth_plain(lab: POP3Lab) -> None:
+    lab.deliver(ALICE, CRLF_MSG)
+
+    def session() -> tuple[tuple[int, int], bytes]:
+        c = poplib.POP3_SSL("127.0.0.1", lab.tls_port, context=lab.client_ctx, timeout=10)
+        assert "STLS" not in c.capa()
+        token = base64.b64encode(f"\0{ALICE}\0{PASSWORDS[ALICE]}".encode()).decode()
+        resp = c._shortcmd("AUTH PLAIN " + token)
+        stat = c.stat()
+        c.quit()
+        return stat, resp
+
+    stat, resp = await in_thread(session)
+    assert resp.startswith(b"+OK")
+    assert stat == (1, len(CRLF_MSG))
+
+
+async def test_wrong_password_and_unknown_user_get_the_same_reply(lab: POP3Lab) -> None:
+    def attempt(user: str, password: str) -> bytes:
+        c = poplib.POP3_SSL("127.0.0.1", lab.tls_port, context=lab.client_ctx, timeout=10)
+        c.user(user)
+        with pytest.raises(poplib.error_proto) as err:
+            c.pass_(password)
+        c.quit()
+        return err.value.args[0]
+
+    wrong = await in_thread(attempt, ALICE, "not-it")
+    unknown = await in_thread(attempt, "nobody@example.test", "not-it")
+    foreign = await in_thread(attempt, "x@elsewhere.test", "not-it")
+    assert wrong == unknown == foreign == b"-ERR [AUTH] Authentication failed"
+
+
+async def test_stls_discards_pipelined_commands(lab: POP3Lab) -> None:
+    lab.deliver(ALICE, CRLF_MSG)
+    sock = socket.create_connection(("127.0.0.1", lab.port), timeout=10)
+
+    def session() -> list[bytes]:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"+OK")
+        # the classic injection: commands in the same packet as STLS
+        sock.sendall(b"STLS\r\nUSER alice@example.test\r\nPASS alice-pw\r\n")
+        assert f.readline() == b"+OK Begin TLS negotiation\r\n"
+        tls = lab.client_ctx.wrap_socket(sock, server_hostname="localhost")
+        tf = tls.makefile("rb")
+        tls.sendall(b"PASS alice-pw\r\nSTAT\r\nQUIT\r\n")
+        replies = [tf.readline() for _ in range(3)]
+        tls.close()
+        return replies
+
+    replies = await in_thread(session)
+    assert replies[0].startswith(b"-ERR")  # no USER survived the handshake
+    assert replies[1].startswith(b"-ERR")  # and no login either
+    assert replies[2] == b"+OK Bye\r\n"
+
+
+async def test_plaintext_allowed_on_loopback_by_config(lab_factory: Callable[..., Any]) -> None:
+    lab = await lab_factory(allow_plaintext=True)
+
+    def session() -> tuple[dict[str, Any], tuple[int, int]]:
+        c = poplib.POP3("127.0.0.1", lab.port, timeout=10)
+        caps = c.capa()
+        c.user(ALICE)
+        c.pass_(PASSWORDS[ALICE])
+        stat = c.stat()
+        c.quit()
+        return caps, stat
+
+    caps, stat = await in_thread(session)
+    assert "USER" in caps
+    assert stat == (0, 0)
+
+
+# ------------------------------------------------------------------ RFC 1939 semantics
+
+async def test_retr_top_uidl_dele_rset_quit(lab: POP3Lab) -> None:
+    m1 = b"Subject: one\r\nX: 1\r\n\r\nl1\r\nl2\r\nl3\r\n"
+    m2 = b"Subject: two\r\n\r\nbody two\r\n"
+    n1 = lab.deliver(ALICE, m1)
+    n2 = lab.deliver(ALICE, m2)
+
+    def first() -> dict[str, Any]:
+        c = lab.stls_login()
+        r: dict[str, Any] = {}
+        r["uidl"] = c.uidl()[1]
+        r["list"] = c.list()[1]
+        r["top"] = c.top(1, 1)[1]
+        r["top0"] = c.top(1, 0)[1]
+        r["retr"] = c.retr(2)[1]
+        c.dele(1)
+        with pytest.raises(poplib.error_proto):
+            c.retr(1)
+        r["stat_after_dele"] = c.stat()
+        c.rset()
+        r["stat_after_rset"] = c.stat()
+        c.dele(2)
+        r["noop"] = c.noop()
+        r["quit"] = c.quit()
+        return r
+
+    r = await in_thread(first)
+    assert r["uidl"] == [f"1 {n1}".encode(), f"2 {n2}".encode()]
+    assert r["list"] == [b"1 %d" % len(m1), b"2 %d" % len(m2)]
+    assert r["top"] == [b"Subject: one", b"X: 1", b"", b"l1"]
+    assert r["top0"] == [b"Subject: one", b"X: 1", b""]
+    assert r["retr"] == [b"Subject: two", b"", b"body two"]
+    assert r["stat_after_dele"] == (1, len(m2))
+    assert r["stat_after_rset"] == (2, len(m1) + len(m2))
+    assert r["noop"].startswith(b"+OK")
+    assert r["quit"].startswith(b"+OK")
+    files = lab.files(ALICE)
+    assert len(files) == 1 and files[0].startswith(n1 + ":2,")  # only message 2 is gone
+
+
+async def test_dropped_connection_deletes_nothing(lab: POP3Lab) -> None:
+    lab.deliver(ALICE, CRLF_MSG)
+    lab.deliver(ALICE, CRLF_MSG)
+
+    def drop() -> None:
+        c = lab.stls_login()
+        c.dele(1)
+        c.dele(2)
+        c.sock.close()  # no QUIT
+
+    await in_thread(drop)
+    await asyncio.sleep(0.1)
+    assert len(lab.files(ALICE)) == 2
+
+    def again() -> tuple[int, int]:
+        c = lab.stls_login()  # the lock was released
+        stat = c.stat()
+        c.quit()
+        return stat
+
+    assert (await in_thread(again))[0] == 2
+
+
+async def test_two_sessions_second_is_in_use(lab: POP3Lab) -> None:
+    lab.deliver(ALICE, CRLF_MSG)
+
+    def sessions() -> tuple[bytes, tuple[int, int], tuple[int, int]]:
+        first = lab.tls_login()
+        second = poplib.POP3_SSL("127.0.0.1", lab.tls_port, context=lab.client_ctx, timeout=10)
+        second.user(ALICE)
+        with pytest.raises(poplib.error_proto) as err:
+            second.pass_(PASSWORDS[ALICE])
+        stat = first.stat()  # the first session is unaffected
+        first.quit()
+        second.user(ALICE)
+        second.pass_(PASSWORDS[ALICE])  # free again
+        stat2 = second.stat()
+        second.quit()
+        return err.value.args[0], stat, stat2
+
+    err, stat, stat2 = await in_thread(sessions)
+    assert err.startswith(b"-ERR [IN-USE]")
+    assert stat == stat2 == (1, len(CRLF_MSG))
+
+
+async def test_leading_dots_and_8bit_round_trip_byte_for_byte(lab: POP3Lab) -> None:
+    body = (
+        b"From: x@remote.test\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        b".\r\n..\r\n.leading dot\r\ncaf\xc3\xa9 \xe6\x97\xa5\xe6\x9c\xac \xff\xfe\x80\r\n"
+        b"\r\n.\r\nend\r\n"
+    )
+    lab.deliver(ALICE, body)
+    lab.deliver(ALICE, body.replace(b"\r\n", b"\n"))  # an LF file on disk: CRLF on the wire
+
+    def fetch() -> tuple[list[bytes], list[int]]:
+        c = lab.tls_login()
+        got = [b"\r\n".join(c.retr(i)[1]) + b"\r\n" for i in (1, 2)]
+        sizes = [int(x.split()[1]) for x in c.list()[1]]
+        c.quit()
+        return got, sizes
+
+    got, sizes = await in_thread(fetch)
+    assert got == [body, body]
+    assert sizes == [len(body), len(body)]
+
+
+async def test_uidl_stable_across_sessions_and_new_mail_waits(lab: POP3Lab) -> None:
+    lab.deliver(ALICE, CRLF_MSG)
+    lab.deliver(ALICE, CRLF_MSG)
+
+    def uidls(deliver_during: bool) -> list[bytes]:
+        c = lab.tls_login()
+        if deliver_during:
+            lab.deliver(ALICE, CRLF_MSG)
+        c.retr(1)
+        listing = c.uidl()[1]
+        c.quit()
+        return listing
+
+    first = await in_thread(uidls, True)
+    second = await in_thread(uidls, False)
+    assert len(first) == 2
+    assert len(second) == 3 and second[:2] == first
+    assert any(f.endswith(":2,S") for f in lab.files(ALICE))
+
+
+# ------------------------------------------------------------------ limits
+
+async def test_line_limit_and_bad_commands(lab_factory: Callable[..., Any]) -> None:
+    lab = await lab_factory(LimitsConfig(max_errors=3))
+
+    def session() -> list[bytes]:
+        sock = socket.create_connection(("127.0.0.1", lab.port), timeout=10)
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b"NOOP " + b"x" * 300 + b"\r\nCAPA\r\n")
+        out = [f.readline()]
+        while (line := f.readline()) != b".\r\n":
+            out.append(line)
+        sock.sendall(b"BOGUS\r\nBOGUS\r\nBOGUS\r\nCAPA\r\n")
+        out += f.readlines()  # until the server closes
+        sock.close()
+        return out
+
+    out = await in_thread(session)
+    assert out[0] == b"-ERR Command line too long\r\n"
+    assert out[1].startswith(b"+OK")  # the session went on after the long line
+    assert out[-1] == b"-ERR Too many errors, closing connection\r\n"
+
+
+async def test_idle_timeout_closes(lab_factory: Callable[..., Any]) -> None:
+    lab = await lab_factory(LimitsConfig(pop3_idle_timeout=0.3))
+    reader, writer = await asyncio.open_connection("127.0.0.1", lab.port)
+    assert (await reader.readline()).startswith(b"+OK")
+    line = await asyncio.wait_for(reader.readline(), 5)
+    assert line == b"-ERR Idle timeout, closing connection\r\n"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_connections_per_ip(lab_factory: Callable[..., Any]) -> None:
+    lab = await lab_factory(LimitsConfig(max_connections_per_ip=2))
+    conns = [await asyncio.open_connection("127.0.0.1", lab.port) for _ in range(3)]
+    replies = [await asyncio.wait_for(r.readline(), 5) for r, _ in conns]
+    assert replies[0].startswith(b"+OK") and replies[1].startswith(b"+OK")
+    assert replies[2].startswith(b"-ERR [SYS/TEMP]")
+    assert await asyncio.wait_for(conns[2][0].read(), 5) == b""
+    for _, w in conns:
+        w.close()
+    await asyncio.sleep(0.1)
+    r, w = await asyncio.open_connection("127.0.0.1", lab.port)
+    assert (await r.readline()).startswith(b"+OK")  # slots are given back
+    w.close()
+
+
+async def test_large_message_streams_without_buffering(lab: POP3Lab) -> None:
+    md = maildir_for(lab.data_dir, ALICE)
+    (md / "new").mkdir(parents=True)
+    big = md / "new" / "1700000000.M0P0Q0.big"
+    line = b"." + b"y" * 1021 + b"\r\n"
+    with open(big, "wb") as f:
+        for _ in range(50 * 1024):  # 50 MB
+            f.write(line)
+    size = big.stat().st_size
+
+    def fetch() -> int:
+        sock = socket.create_connection(("127.0.0.1", lab.tls_port), timeout=30)
+        tls = lab.client_ctx.wrap_socket(sock, server_hostname="localhost")
+        tls.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
+        f = tls.makefile("rb")
+        f.readline(), f.readline(), f.readline()
+        tls.sendall(b"RETR 1\r\n")
+        assert f.readline() == f"+OK {size} octets\r\n".encode()
+        total = 0
+        tail = b""
+        while not tail.endswith(b"\r\n.\r\n"):
+            chunk = f.read1(1 << 16)
+            assert chunk
+            total += len(chunk)
+            tail = (tail + chunk)[-5:]
+        tls.sendall(b"QUIT\r\n")
+        f.readline()
+        tls.close()
+        return total
+
+    tracemalloc.start()
+    try:
+        total = await in_thread(fetch)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == size + 50 * 1024 + 3  # one stuffed dot per line and the terminator
+    assert peak < 10 * 1024 * 1024
+
+
+# ------------------------------------------------------------------ a real client
+
+FETCHMAIL = shutil.which("fetchmail")
+
+
+@pytest.mark.skipif(FETCHMAIL is None, reason="fetchmail not installed (run-tests installs it)")
+@pytest.mark.parametrize("mode", ["stls", "implicit"])
+async def test_fetchmail_downloads_and_deletes(lab: POP3Lab, tmp_path: Path, mode: str) -> None:
+    bodies = [b"Subject: f%d\r\n\r\n.dot %d\r\ncaf\xc3\xa9\r\n" % (i, i) for i in range(3)]
+    for b in bodies:
+        lab.deliver(BOB, b)
+    out = tmp_path / f"fetched-{mode}"
+    out.mkdir()
+    port = lab.port if mode == "stls" else lab.tls_port
+    tls = "ssl" if mode == "implicit" else "sslproto tls1.2+"
+    rc = tmp_path / f"fetchmailrc-{mode}"
+    rc.write_text(
+        f'poll localhost via 127.0.0.1 port {port} protocol POP3 uidl\n'
+        f'  user "{BOB}" password "{PASSWORDS[BOB]}" is "tester" here\n'
+        f'  {tls} sslcertck sslcertfile "{lab.ca_file}" sslcommonname "localhost"\n'
+        f'  mda "/bin/sh -c \'cat > {out}/$$.eml\'"\n'
+    )
+    rc.chmod(0o600)
+    env = {**os.environ, "HOME": str(tmp_path), "FETCHMAILHOME": str(tmp_path)}
+    proc = await asyncio.create_subprocess_exec(
+        FETCHMAIL, "-f", str(rc), "--nodetach", "--nosyslog", "-v",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    log, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = log.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "PASS" in text and "alice-pw" not in text
+    fetched = sorted(p.read_bytes() for p in out.iterdir())
+    assert len(fetched) == 3
+    for b in bodies:
+        assert any(b.replace(b"\r\n", b"\n") in f.replace(b"\r\n", b"\n") for f in fetched)
+    assert lab.files(BOB) == []  # fetchmail deletes what it fetched, at QUIT
+
