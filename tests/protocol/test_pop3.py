@@ -80,6 +80,16 @@ def test_capa_after_tls_offers_user_and_sasl_plain_not_stls() -> None:
     assert "STLS" not in caps
 
 
+def test_utf8_password_reaches_the_check() -> None:
+    e = POP3Engine(STLS_SETTINGS, tls_active=True)
+    events, _ = run(e, "USER j\u00fcrgen@example.test\r\nPASS p\u00e4ss w\u00f6rd\r\n".encode())
+    assert events == [CheckCredentials("j\u00fcrgen@example.test", "p\u00e4ss w\u00f6rd", "USER")]
+    e.credentials_refused()
+    e.take_output()
+    _, out = run(e, b"\xff\xfe\r\n")
+    assert out.startswith(b"-ERR")
+
+
 def test_plaintext_allowed_by_setting_offers_user() -> None:
     e = POP3Engine(EngineSettings(allow_plaintext=True))
     _, out = run(e, b"CAPA\r\n")

@@ -334,10 +334,10 @@ class POP3Engine:
         if b"\0" in line or b"\r" in line:
             self._bad("Invalid characters in command")
             return
-        try:
-            text = line.decode("ascii")
+        try:  # UTF-8 so that PASS can carry any password (RFC 1939 says nothing of charset)
+            text = line.decode("utf-8")
         except UnicodeDecodeError:
-            self._bad("Command must be ASCII")
+            self._bad("Command must be UTF-8")
             return
         verb, _, arg = text.partition(" ")
         handler = _COMMANDS.get(self.state, {}).get(verb.upper())

@@ -429,7 +429,10 @@ class POP3Session(asyncio.Protocol):
     def _release_mailbox(self) -> None:
         mailbox, self.mailbox = self.mailbox, None
         if mailbox is not None:
-            asyncio.get_running_loop().run_in_executor(None, mailbox.close)
+            try:
+                asyncio.get_running_loop().run_in_executor(None, mailbox.close)
+            except RuntimeError:  # the loop is shutting down: release it right here
+                mailbox.close()
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any,
