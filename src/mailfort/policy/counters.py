@@ -1,0 +1,95 @@
+"""Expiring counters for rate limits and brute-force protection.
+
+Policy code sees only the small ``Counters`` interface, so several nodes can later share
+counters in Redis (INCR + EXPIRE has exactly these semantics); ``MemoryCounters`` is the
+embedded, in-process default.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Counters(Protocol):
+    def incr(self, key: str, window: float) -> int:
+        """Add one and return the new count. A key that is absent or expired starts at 1
+        with a fixed window of ``window`` seconds; later increments do not extend it."""
+
+    def get(self, key: str) -> int:
+        """The current count, 0 when absent or expired."""
+
+    def reset(self, key: str) -> None:
+        """Forget the key."""
+
+
+class MemoryCounters:
+    """Fixed-window counters in a dict; thread-safe; the clock is injectable for tests.
+
+    The number of keys is bounded (``max_keys``): an attacker cycling through addresses or
+    user names must not be able to grow memory without limit. Expired keys are swept first;
+    if that is not enough, the keys closest to expiry are dropped.
+    """
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 1_000_000
+    ) -> None:
+        if max_keys <= 0:
+            raise ValueError("max_keys must be positive")
+        self._clock = clock
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._data: dict[str, tuple[int, float]] = {}  # key -> (count, expires_at)
+
+    def incr(self, key: str, window: float) -> int:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        now = self._clock()
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None or entry[1] <= now:
+                if entry is None and len(self._data) >= self._max_keys:
+                    self._make_room(now)
+                self._data[key] = (1, now + window)
+                return 1
+            count = entry[0] + 1
+            self._data[key] = (count, entry[1])
+            return count
+
+    def get(self, key: str) -> int:
+        now = self._clock()
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return 0
+            if entry[1] <= now:
+                del self._data[key]
+                return 0
+            return entry[0]
+
+    def ttl(self, key: str) -> float:
+        """Seconds until the key expires, 0.0 when absent or expired."""
+        now = self._clock()
+        with self._lock:
+            entry = self._data.get(key)
+            return max(0.0, entry[1] - now) if entry is not None else 0.0
+
+    def reset(self, key: str) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def _make_room(self, now: float) -> None:
+        """Called with the lock held when the table is full."""
+        self._data = {k: v for k, v in self._data.items() if v[1] > now}
+        excess = len(self._data) - self._max_keys + 1
+        if excess > 0:
+            # Drop a tenth at once so the sort is not paid on every new key.
+            excess = max(excess, self._max_keys // 10)
+            for k, _ in sorted(self._data.items(), key=lambda kv: kv[1][1])[:excess]:
+                del self._data[k]
