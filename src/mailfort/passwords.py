@@ -7,6 +7,7 @@ what a wrong password costs, so response time does not reveal which accounts exi
 
 from __future__ import annotations
 
+import secrets
 from functools import lru_cache
 
 from argon2 import PasswordHasher, extract_parameters
@@ -17,8 +18,8 @@ DEFAULT_HASHER = PasswordHasher()
 # Made once with DEFAULT_HASHER (m=65536,t=3,p=4) from a random throw-away password;
 # nobody can log in with it, and verifying against it costs what a real check costs.
 DUMMY_HASH = (
-    "$argon2id$v=19$m=65536,t=3,p=4$gA2iXPztRAV8NpeBXR3Z3A$"
-    "T56xSq3UUuCQlD6FTVjfMoCdAXpRbrc4u00P3aQDZ5g"
+    "$argon2id$v=19$m=65536,t=3,p=4$wdw4Xfv3Uh/dRHqor6bbjg$"
+    "RhsiAKVVBbv68KKni98IAJAWHefpgjnbwgPQZ3OwoYg"
 )
 
 # Longer "passwords" are refused before hashing: no real password is this long and it
@@ -60,7 +61,7 @@ def _dummy_for(time_cost: int, memory_cost: int, parallelism: int, hash_len: int
                salt_len: int) -> str:
     ph = PasswordHasher(time_cost=time_cost, memory_cost=memory_cost, parallelism=parallelism,
                         hash_len=hash_len, salt_len=salt_len)
-    return ph.hash("mailfort unknown-user dummy")
+    return ph.hash(secrets.token_urlsafe(32))
 
 
 def dummy_hash(hasher: PasswordHasher | None = None) -> str:
