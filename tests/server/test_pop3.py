@@ -20,63 +20,32 @@ from typing import Any
 
 import pytest
 import trustme
+from argon2 import PasswordHasher
 
 from mailfort.config import AuthConfig, LimitsConfig
+from mailfort.directory.sqlite import SQLiteDirectory
+from mailfort.passwords import hash_password
+from mailfort.policy.authn import Authenticator
+from mailfort.policy.counters import MemoryCounters
 from mailfort.server.pop3 import POP3Server
 from mailfort.store.maildir import maildir_for
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
 PASSWORDS = {ALICE: "alice-pw", BOB: "bob-pw"}
-# A fast failure delay keeps the suite quick; the equality of replies is what is tested.
-AUTH = AuthConfig(failure_delay=0.05, delay_after_failures=100, block_after_failures=1000)
-
-
-@dataclass
-class _Outcome:
-    status: str
-    user: str | None = None
-
-
-class _StandIn:
-    """TEMPORARY until policy/authn.py lands: same delay for unknown user and bad password."""
-
-    def __init__(self) -> None:
-        from argon2 import PasswordHasher
-
-        self.ph = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-        self.hashes = {u: self.ph.hash(p) for u, p in PASSWORDS.items()}
-        self.dummy = self.ph.hash("dummy")
-
-    async def verify(self, username: str, password: str, client_ip: str) -> _Outcome:
-        h = self.hashes.get(username.lower())
-        try:
-            ok = await asyncio.to_thread(self.ph.verify, h or self.dummy, password) and h
-        except Exception:
-            ok = False
-        if ok:
-            return _Outcome("ok", username.lower())
-        await asyncio.sleep(AUTH.failure_delay)
-        return _Outcome("failed")
+# Delays from the second failure on, a block after five: fast, but both are exercised.
+AUTH = AuthConfig(failure_delay=0.05, delay_after_failures=1, block_after_failures=5)
+CHEAP = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 
 
 def make_authenticator(data_dir: Path) -> Any:
-    """The real Authenticator over a real SQLite directory."""
-    try:
-        import mailfort.policy.authn  # noqa: F401
-    except ImportError:
-        return _StandIn()
-    from mailfort.directory.sqlite import SQLiteDirectory
-    from mailfort.passwords import hash_password
-    from mailfort.policy.authn import Authenticator
-    from mailfort.policy.counters import MemoryCounters
-
+    """The real Authenticator over a real SQLite directory, with cheap argon2 parameters."""
     data_dir.mkdir(parents=True, exist_ok=True)
     directory = SQLiteDirectory(data_dir / "directory.sqlite3")
     directory.add_domain("example.test")
     for user, pw in PASSWORDS.items():
-        directory.add_user(user, hash_password(pw))
-    return Authenticator(directory, MemoryCounters(), AUTH)
+        directory.add_user(user, hash_password(pw, hasher=CHEAP))
+    return Authenticator(directory, MemoryCounters(), AUTH, hasher=CHEAP)
 
 
 @dataclass
@@ -86,6 +55,7 @@ class POP3Lab:
     implicit: POP3Server
     client_ctx: ssl.SSLContext
     ca_file: Path
+    auth: Authenticator
 
     @property
     def port(self) -> int:
@@ -124,7 +94,7 @@ class POP3Lab:
 
 async def start_lab(tmp_path: Path, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
                     tls_ca: trustme.CA, limits: LimitsConfig,
-                    allow_plaintext: bool = False) -> tuple[POP3Lab, Any]:
+                    allow_plaintext: bool = False) -> POP3Lab:
     data_dir = tmp_path / "data"
     auth = make_authenticator(data_dir)
     common: dict[str, Any] = dict(ssl_context=server_ctx, authenticator=auth, data_dir=data_dir,
@@ -135,7 +105,7 @@ async def start_lab(tmp_path: Path, server_ctx: ssl.SSLContext, client_ctx: ssl.
     await implicit.start("127.0.0.1", 0)
     ca_file = tmp_path / "ca.pem"
     tls_ca.cert_pem.write_to_path(str(ca_file))
-    return POP3Lab(data_dir, plain, implicit, client_ctx, ca_file), auth
+    return POP3Lab(data_dir, plain, implicit, client_ctx, ca_file, auth)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +127,7 @@ async def lab_factory(
     labs: list[POP3Lab] = []
 
     async def factory(limits: LimitsConfig | None = None, **kw: Any) -> POP3Lab:
-        lab, _ = await start_lab(tmp_path, server_ssl_context, client_ssl_context, tls_ca,
+        lab = await start_lab(tmp_path, server_ssl_context, client_ssl_context, tls_ca,
                                  limits or LimitsConfig(), **kw)
         labs.append(lab)
         return lab
@@ -166,6 +136,7 @@ async def lab_factory(
     for lab in labs:
         await lab.plain.close()
         await lab.implicit.close()
+        lab.auth.close()
 
 
 @pytest.fixture
@@ -241,6 +212,36 @@ async def test_wrong_password_and_unknown_user_get_the_same_reply(lab: POP3Lab) 
     unknown = await in_thread(attempt, "nobody@example.test", "not-it")
     foreign = await in_thread(attempt, "x@elsewhere.test", "not-it")
     assert wrong == unknown == foreign == b"-ERR [AUTH] Authentication failed"
+
+
+async def test_brute_force_block_is_shared_and_looks_like_a_failure(lab: POP3Lab) -> None:
+    # Failures counted by the shared Authenticator (here as SMTP AUTH from another host
+    # would count them) block bob's account over POP3 too, and a blocked login gets the
+    # very reply of a wrong password.
+    for _ in range(AUTH.block_after_failures):
+        outcome = await lab.auth.verify(BOB, "guess", "192.0.2.7")
+        assert not outcome.ok
+
+    def attempt(password: str) -> bytes:
+        c = poplib.POP3_SSL("127.0.0.1", lab.tls_port, context=lab.client_ctx, timeout=10)
+        c.user(BOB)
+        try:
+            return c.pass_(password)
+        except poplib.error_proto as err:
+            return err.args[0]
+        finally:
+            c.close()
+
+    blocked = await in_thread(attempt, PASSWORDS[BOB])
+    wrong = await in_thread(attempt, "another guess")
+    assert blocked == wrong == b"-ERR [AUTH] Authentication failed"
+    def alice() -> tuple[int, int]:
+        c = lab.tls_login()  # 127.0.0.1 itself is not blocked
+        stat = c.stat()
+        c.quit()
+        return stat
+
+    assert await in_thread(alice) == (0, 0)
 
 
 async def test_stls_discards_pipelined_commands(lab: POP3Lab) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from mailfort.config import LimitsConfig
+from mailfort.policy.authn import AuthOutcome
 from mailfort.protocol.pop3 import (
     IN_USE,
     SYS_TEMP,
@@ -52,22 +53,7 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 class Authenticator(Protocol):
     """``mailfort.policy.authn.Authenticator``: same delay and counters as SMTP AUTH."""
 
-    async def verify(self, username: str, password: str, client_ip: str) -> Any: ...
-
-
-def accepted_user(outcome: Any) -> str | None:
-    """The canonical user of a successful ``AuthOutcome``; None for failed or blocked.
-
-    Failed and blocked get the same POP3 reply, so nothing here tells them apart.
-    """
-    status = getattr(outcome, "status", None)
-    ok = getattr(outcome, "ok", None)
-    if status is not None:
-        ok = getattr(status, "value", status) == "ok"
-    if callable(ok):
-        ok = ok()
-    user = getattr(outcome, "user", None)
-    return user if ok is True and isinstance(user, str) and user else None
+    async def verify(self, username: str, password: str, client_ip: str) -> AuthOutcome: ...
 
 
 def _is_loopback(ip: str) -> bool:
@@ -309,12 +295,11 @@ class POP3Session(asyncio.Protocol):
         engine = self.engine
         assert engine is not None
         outcome = await self.server.authenticator.verify(ev.username, ev.password, self.peer_ip)
-        user = accepted_user(outcome)
-        if user is None:
-            log.info("pop3 %s: login failed (%s)", self.peer_ip, ev.mechanism)
+        if outcome.ok and outcome.user:
+            engine.credentials_accepted(outcome.user)
+        else:  # failed or blocked: one reply, so neither the account nor the block shows
+            log.info("pop3 %s: login %s (%s)", self.peer_ip, outcome.status, ev.mechanism)
             engine.credentials_refused()
-        else:
-            engine.credentials_accepted(user)
 
     async def _open(self, user: str) -> None:
         engine = self.engine
