@@ -1,0 +1,136 @@
+"""Server TLS: a certificate that always exists, and a context with only modern settings.
+
+Without a configured certificate mailfort makes a self-signed one on first start, so TLS
+is never "off because nobody set it up"; it is kept (and reused) in ``<data_dir>/tls/``,
+and made again only when it expires soon or no longer names ``server.hostname``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mailfort.config import Config, ConfigError
+
+CERT_NAME = "cert.pem"
+KEY_NAME = "key.pem"
+VALIDITY_DAYS = 825
+RENEW_BEFORE = dt.timedelta(days=30)
+# TLS 1.2 suites: forward secret AEAD only. TLS 1.3 suites are all good and fixed by OpenSSL.
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
+
+
+def _names(cfg: Config) -> list[str]:
+    names = [cfg.server.hostname, "localhost"]
+    return list(dict.fromkeys(n.lower() for n in names))
+
+
+def _usable(cert_path: Path, key_path: Path, cfg: Config) -> bool:
+    """The generated certificate exists, is valid for a while and names our host."""
+    if not cert_path.is_file() or not key_path.is_file():
+        return False
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    if cert.not_valid_after_utc - RENEW_BEFORE < dt.datetime.now(dt.UTC):
+        return False
+    return set(_names(cfg)) <= set(san.get_values_for_type(x509.DNSName))
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    """Write atomically (tmp + fsync + rename) with ``mode`` from the first byte."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def generate_self_signed(cfg: Config, cert_path: Path, key_path: Path) -> None:
+    """An EC P-256 self-signed certificate for hostname, localhost and 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cfg.server.hostname)])
+    now = dt.datetime.now(dt.UTC)
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName(n) for n in _names(cfg)]
+        + [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+           x509.IPAddress(ipaddress.ip_address("::1"))]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALIDITY_DAYS))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Key first: a cert on disk always has its key beside it.
+    _write_private(key_path, key_pem, 0o600)
+    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def ensure_certificate(cfg: Config) -> tuple[Path, Path]:
+    """(cert, key) paths: the configured ones, or a self-signed pair made if needed."""
+    if cfg.tls.cert_file:
+        cert, key = Path(cfg.tls.cert_file), Path(cfg.tls.key_file)
+        for k, p in (("tls.cert_file", cert), ("tls.key_file", key)):
+            if not p.is_file():
+                raise ConfigError(f"{k}: {p} does not exist")
+        return cert, key
+    tls_dir = cfg.data_path / "tls"
+    tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cert, key = tls_dir / CERT_NAME, tls_dir / KEY_NAME
+    if not _usable(cert, key, cfg):
+        generate_self_signed(cfg, cert, key)
+    return cert, key
+
+
+def server_context(cfg: Config) -> ssl.SSLContext:
+    """A server context: TLS >= tls.min_version, AEAD+PFS ciphers, no compression,
+    no renegotiation, no session tickets (stateless tickets weaken forward secrecy)."""
+    cert, key = ensure_certificate(cfg)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if cfg.tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.set_ciphers(CIPHERS)
+    ctx.options |= (
+        ssl.OP_NO_COMPRESSION
+        | ssl.OP_CIPHER_SERVER_PREFERENCE
+        | ssl.OP_SINGLE_ECDH_USE
+        | ssl.OP_SINGLE_DH_USE
+        | ssl.OP_NO_RENEGOTIATION
+        | ssl.OP_NO_TICKET
+    )
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"tls.cert_file / tls.key_file: cannot load {cert} / {key}: {exc}")\
+            from None
+    return ctx
