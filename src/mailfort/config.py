@@ -224,7 +224,29 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"routes.{dom}.port: must be 1-65535")
     if not cfg.server.hostname or " " in cfg.server.hostname:
         raise ConfigError("server.hostname: must be a host name without spaces")
+    if not cfg.server.data_dir:
+        raise ConfigError("server.data_dir: must not be empty")
+    _validate_auth(cfg.auth)
+    for k in ("messages_per_hour", "max_recipients"):
+        if getattr(cfg.submission, k) <= 0:
+            raise ConfigError(f"submission.{k}: must be a positive integer")
+    if not 0 < cfg.dns.port < 65536:
+        raise ConfigError("dns.port: must be 1-65535")
     return cfg
+
+
+def _validate_auth(auth: AuthConfig) -> None:
+    """Brute-force protection can be tuned, not switched off by a zero or a typo."""
+    if auth.delay_after_failures < 0:
+        raise ConfigError("auth.delay_after_failures: must be 0 or more")
+    if auth.block_after_failures <= 0:
+        raise ConfigError("auth.block_after_failures: must be a positive integer")
+    if auth.block_after_failures > 1000:
+        raise ConfigError("auth.block_after_failures: at most 1000 (it bounds password guessing)")
+    if auth.block_seconds <= 0:
+        raise ConfigError("auth.block_seconds: must be a positive number of seconds")
+    if not 0 <= auth.failure_delay <= 60:
+        raise ConfigError("auth.failure_delay: must be between 0 and 60 seconds")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

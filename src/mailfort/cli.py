@@ -1,0 +1,284 @@
+"""The ``mailfort`` command: serve, manage domains/users/aliases, check the configuration.
+
+Passwords are read from a prompt (twice) or from a file, never from the command line,
+where any local user could read them in the process list or the shell history. Errors
+are one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mailfort import config as config_mod
+from mailfort.config import Config, ConfigError
+from mailfort.directory import open_directory
+from mailfort.directory.sqlite import DirectoryError, SQLiteDirectory, normalize_local_address
+
+MIN_PASSWORD_LENGTH = 8
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return config_mod.load(getattr(args, "config", None))
+
+
+def _directory(args: argparse.Namespace) -> SQLiteDirectory:
+    return open_directory(_load(args))
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_file:
+        text = Path(args.password_file).read_text(encoding="utf-8")
+        password = text.removesuffix("\n").removesuffix("\r")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Password (again): ") != password:
+            raise CLIError("the passwords do not match")
+    if "\n" in password or "\r" in password:
+        raise CLIError("the password file must hold one line")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise CLIError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    return password
+
+
+def _hash(password: str) -> str:
+    from mailfort.passwords import hash_password
+
+    return hash_password(password)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot render {type(v).__name__}")
+
+
+def _toml_key(k: str) -> str:
+    bare = k and all(c.isascii() and (c.isalnum() or c in "-_") for c in k)
+    return k if bare else json.dumps(k)
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Render the effective settings as TOML (loadable again with tomllib)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for k, v in data.items():
+        if isinstance(v, dict) and (v or not prefix):
+            tables.append((k, v))
+        else:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    out = "\n".join(lines)
+    for k, v in tables:
+        name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+        inner = to_toml(v, name)
+        block = f"[{name}]\n{inner}" if not inner.startswith("[") else inner
+        if not v:
+            block = f"[{name}]"
+        out = f"{out}\n\n{block}" if out else block
+    return out
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from mailfort.server.app import run
+
+    run(cfg)
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    eff = config_mod.effective(cfg)
+    print(json.dumps(eff, indent=2) if args.json else to_toml(eff))
+    return 0
+
+
+def cmd_domain_add(args: argparse.Namespace) -> int:
+    print(f"domain {_directory(args).add_domain(args.domain)} added")
+    return 0
+
+
+def cmd_domain_list(args: argparse.Namespace) -> int:
+    d = _directory(args)
+    for name in d.list_domains():
+        target = d.catchall(name)
+        print(f"{name}\tcatch-all -> {target}" if target else name)
+    return 0
+
+
+def cmd_domain_remove(args: argparse.Namespace) -> int:
+    _directory(args).remove_domain(args.domain)
+    print(f"domain {args.domain.lower()} removed")
+    return 0
+
+
+def cmd_domain_catchall(args: argparse.Namespace) -> int:
+    if args.off == (args.target is not None):
+        raise CLIError("give either a TARGET address or --off")
+    _directory(args).set_catchall(args.domain, None if args.off else args.target)
+    print(f"catch-all for {args.domain.lower()}: {'off' if args.off else args.target}")
+    return 0
+
+
+def _local_user(d: SQLiteDirectory, address: str) -> str:
+    addr = normalize_local_address(address)
+    domain = addr.rpartition("@")[2]
+    if not d.is_local_domain(domain):
+        raise CLIError(
+            f"{domain} is not a local domain (add it with: mailfort domain add {domain})"
+        )
+    return addr
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    d = _directory(args)
+    addr = _local_user(d, args.address)  # checked before asking for a password
+    if d.password_hash(addr) is not None:
+        raise CLIError(f"user {addr} already exists")
+    d.add_user(addr, _hash(_read_password(args)))
+    print(f"user {addr} added")
+    return 0
+
+
+def cmd_user_passwd(args: argparse.Namespace) -> int:
+    d = _directory(args)
+    addr = _local_user(d, args.address)
+    if d.password_hash(addr) is None:
+        raise CLIError(f"no such user: {addr}")
+    d.set_password(addr, _hash(_read_password(args)))
+    print(f"password of {addr} changed")
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    for user in _directory(args).list_users(args.domain):
+        print(user)
+    return 0
+
+
+def cmd_user_remove(args: argparse.Namespace) -> int:
+    addr = normalize_local_address(args.address)
+    _directory(args).remove_user(addr)
+    print(f"user {addr} removed (its Maildir is kept)")
+    return 0
+
+
+def cmd_alias_add(args: argparse.Namespace) -> int:
+    src = _directory(args).add_alias(args.source, args.targets)
+    print(f"alias {src} -> {', '.join(args.targets)}")
+    return 0
+
+
+def cmd_alias_list(args: argparse.Namespace) -> int:
+    for source, targets in _directory(args).list_aliases(args.domain).items():
+        print(f"{source}\t{', '.join(targets)}")
+    return 0
+
+
+def cmd_alias_remove(args: argparse.Namespace) -> int:
+    _directory(args).remove_alias(args.source, args.targets or None)
+    print(f"alias {args.source.lower()} updated" if args.targets else
+          f"alias {args.source.lower()} removed")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="TOML configuration (default: embedded, data in ./mailfort-data)")
+    parser = argparse.ArgumentParser(prog="mailfort", description="secure-by-default mail server")
+    parser.add_argument("--config", metavar="FILE", default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def leaf(group: Any, name: str, func: Callable[[argparse.Namespace], int],
+             help_: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, parents=[common], help=help_)
+        p.set_defaults(func=func)
+        return p
+
+    leaf(sub, "serve", cmd_serve, "run the mail server")
+
+    cfg_p = sub.add_parser("config", help="configuration")
+    cfg_sub = cfg_p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = leaf(cfg_sub, "check", cmd_config_check, "validate and print effective settings")
+    check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+
+    dom = sub.add_parser("domain", help="local domains")
+    dom_sub = dom.add_subparsers(dest="action", required=True, metavar="ACTION")
+    leaf(dom_sub, "add", cmd_domain_add, "add a local domain").add_argument("domain")
+    leaf(dom_sub, "list", cmd_domain_list, "list local domains")
+    leaf(dom_sub, "remove", cmd_domain_remove, "remove an empty domain").add_argument("domain")
+    ca = leaf(dom_sub, "catchall", cmd_domain_catchall, "catch-all address (off by default)")
+    ca.add_argument("domain")
+    ca.add_argument("target", nargs="?")
+    ca.add_argument("--off", action="store_true", help="turn the catch-all off")
+
+    usr = sub.add_parser("user", help="mail accounts")
+    usr_sub = usr.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, func, help_ in (("add", cmd_user_add, "add a user (asks for the password)"),
+                              ("passwd", cmd_user_passwd, "change a user's password")):
+        p = leaf(usr_sub, name, func, help_)
+        p.add_argument("address")
+        p.add_argument("--password-file", metavar="FILE",
+                       help="read the password from the first line of FILE")
+    leaf(usr_sub, "list", cmd_user_list, "list users").add_argument("domain", nargs="?")
+    leaf(usr_sub, "remove", cmd_user_remove, "remove a user").add_argument("address")
+
+    al = sub.add_parser("alias", help="aliases and forwards")
+    al_sub = al.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = leaf(al_sub, "add", cmd_alias_add, "add targets to an alias")
+    p.add_argument("source")
+    p.add_argument("targets", nargs="+", metavar="TARGET")
+    leaf(al_sub, "list", cmd_alias_list, "list aliases").add_argument("domain", nargs="?")
+    p = leaf(al_sub, "remove", cmd_alias_remove, "remove an alias or some of its targets")
+    p.add_argument("source")
+    p.add_argument("targets", nargs="*", metavar="TARGET")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"mailfort: config error: {exc}", file=sys.stderr)
+    except (CLIError, DirectoryError) as exc:
+        print(f"mailfort: {exc}", file=sys.stderr)
+    except sqlite3.Error as exc:
+        print(f"mailfort: directory database error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"mailfort: {exc.strerror or exc}{where}", file=sys.stderr)
+    except (ValueError, EOFError) as exc:
+        print(f"mailfort: {exc or 'no input'}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("mailfort: interrupted", file=sys.stderr)
+        return 130
+    return 1

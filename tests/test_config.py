@@ -1,0 +1,113 @@
+"""Configuration loading: every mistake is named by its dotted key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailfort import config as config_mod
+from mailfort.config import Config, ConfigError
+
+
+def load_text(tmp_path: Path, text: str) -> Config:
+    p = tmp_path / "mailfort.toml"
+    p.write_text(text)
+    return config_mod.load(p)
+
+
+def test_defaults_are_safe() -> None:
+    cfg = config_mod.load(None)
+    assert cfg == Config()
+    assert cfg.relay.trusted_networks == []
+    assert cfg.tls.min_version == "TLSv1.2"
+    assert cfg.tls.cert_file == ""
+    assert not cfg.server.allow_plaintext_auth_on_loopback
+    assert all(hp.startswith("127.0.0.1:") for hp in cfg.listen.mx + cfg.listen.submission)
+    assert cfg.data_path == Path("./mailfort-data")
+    assert cfg.auth.block_after_failures > cfg.auth.delay_after_failures > 0
+
+
+def test_file_values_override_defaults(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[server]\nhostname = "mx.example.org"\n'
+                              '[limits]\nidle_timeout = 60\n'
+                              '[routes."example.net"]\nhost = "10.0.0.1"\nport = 2525\n')
+    assert cfg.server.hostname == "mx.example.org"
+    assert cfg.limits.idle_timeout == 60.0 and isinstance(cfg.limits.idle_timeout, float)
+    assert cfg.routes["example.net"].port == 2525
+    assert cfg.limits.max_recipients == 100
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[server]\nhostnme = 'x'\n", "server.hostnme"),
+    ("[nosuch]\nx = 1\n", "nosuch"),
+    ("[relay]\ntrusted = []\n", "relay.trusted"),
+])
+def test_unknown_key_is_named_with_allowed_ones(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_text(tmp_path, text)
+    msg = str(exc.value)
+    assert msg.startswith(f"{key}: unknown key")
+    assert "allowed here" in msg
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[limits]\nmax_recipients = '100'\n", "limits.max_recipients"),
+    ("[limits]\nmax_recipients = true\n", "limits.max_recipients"),
+    ("[server]\nallow_plaintext_auth_on_loopback = 1\n", "server.allow_plaintext_auth_on_loopback"),
+    ("[listen]\nmx = '127.0.0.1:25'\n", "listen.mx"),
+    ("[listen]\nmx = [25]\n", "listen.mx[0]"),
+    ("server = 3\n", "server"),
+    ("[routes.x]\nport = 25\n", "routes.x"),
+])
+def test_wrong_type_is_named(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_text(tmp_path, text)
+    assert str(exc.value).startswith(f"{key}:")
+
+
+@pytest.mark.parametrize("net", ["0.0.0.0/0", "::/0", "0.0.0.0/1", "10.0.0.0/4"])
+def test_open_relay_networks_refused(tmp_path: Path, net: str) -> None:
+    with pytest.raises(ConfigError, match=r"relay\.trusted_networks\[1\].*open relay"):
+        load_text(tmp_path, f'[relay]\ntrusted_networks = ["192.0.2.0/24", "{net}"]\n')
+
+
+def test_own_networks_accepted(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[relay]\ntrusted_networks = ["192.0.2.0/24", "2001:db8::/48"]\n')
+    assert cfg.relay.trusted_networks == ["192.0.2.0/24", "2001:db8::/48"]
+
+
+@pytest.mark.parametrize("table, key", [
+    ({"relay": {"trusted_networks": ["nonsense"]}}, "relay.trusted_networks[0]"),
+    ({"listen": {"mx": ["localhost:25"]}}, "listen.mx[0]"),
+    ({"listen": {"pop3": ["127.0.0.1:70000"]}}, "listen.pop3[0]"),
+    ({"limits": {"max_errors": 0}}, "limits.max_errors"),
+    ({"tls": {"min_version": "TLSv1.0"}}, "tls.min_version"),
+    ({"tls": {"cert_file": "/x.pem"}}, "tls.cert_file"),
+    ({"server": {"hostname": "a b"}}, "server.hostname"),
+    ({"server": {"data_dir": ""}}, "server.data_dir"),
+    ({"auth": {"block_after_failures": 0}}, "auth.block_after_failures"),
+    ({"auth": {"delay_after_failures": -1}}, "auth.delay_after_failures"),
+    ({"auth": {"block_seconds": 0}}, "auth.block_seconds"),
+    ({"auth": {"failure_delay": -0.5}}, "auth.failure_delay"),
+    ({"submission": {"messages_per_hour": 0}}, "submission.messages_per_hour"),
+    ({"dns": {"port": 0}}, "dns.port"),
+    ({"routes": {"example.net": {"host": "h", "port": 0}}}, "routes.example.net.port"),
+])
+def test_cross_checks_name_the_key(table: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config_mod.from_dict(table)  # type: ignore[arg-type]
+    assert str(exc.value).startswith(key)
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        config_mod.load(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_text(tmp_path, "[server\n")
+
+
+def test_effective_is_plain_data() -> None:
+    eff = config_mod.effective(Config())
+    assert eff["auth"]["block_after_failures"] == 10
+    assert eff["relay"]["trusted_networks"] == []
