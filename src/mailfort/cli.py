@@ -210,27 +210,32 @@ def cmd_alias_remove(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    # No abbreviations: "--password" must never be taken for "--password-file".
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="TOML configuration (default: embedded, data in ./mailfort-data)")
-    parser = argparse.ArgumentParser(prog="mailfort", description="secure-by-default mail server")
+    parser = argparse.ArgumentParser(
+        prog="mailfort", description="secure-by-default mail server", allow_abbrev=False
+    )
     parser.add_argument("--config", metavar="FILE", default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def leaf(group: Any, name: str, func: Callable[[argparse.Namespace], int],
              help_: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = group.add_parser(name, parents=[common], help=help_)
+        p: argparse.ArgumentParser = group.add_parser(
+            name, parents=[common], help=help_, allow_abbrev=False
+        )
         p.set_defaults(func=func)
         return p
 
     leaf(sub, "serve", cmd_serve, "run the mail server")
 
-    cfg_p = sub.add_parser("config", help="configuration")
+    cfg_p = sub.add_parser("config", help="configuration", allow_abbrev=False)
     cfg_sub = cfg_p.add_subparsers(dest="action", required=True, metavar="ACTION")
     check = leaf(cfg_sub, "check", cmd_config_check, "validate and print effective settings")
     check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
 
-    dom = sub.add_parser("domain", help="local domains")
+    dom = sub.add_parser("domain", help="local domains", allow_abbrev=False)
     dom_sub = dom.add_subparsers(dest="action", required=True, metavar="ACTION")
     leaf(dom_sub, "add", cmd_domain_add, "add a local domain").add_argument("domain")
     leaf(dom_sub, "list", cmd_domain_list, "list local domains")
@@ -240,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("target", nargs="?")
     ca.add_argument("--off", action="store_true", help="turn the catch-all off")
 
-    usr = sub.add_parser("user", help="mail accounts")
+    usr = sub.add_parser("user", help="mail accounts", allow_abbrev=False)
     usr_sub = usr.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, func, help_ in (("add", cmd_user_add, "add a user (asks for the password)"),
                               ("passwd", cmd_user_passwd, "change a user's password")):
@@ -251,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(usr_sub, "list", cmd_user_list, "list users").add_argument("domain", nargs="?")
     leaf(usr_sub, "remove", cmd_user_remove, "remove a user").add_argument("address")
 
-    al = sub.add_parser("alias", help="aliases and forwards")
+    al = sub.add_parser("alias", help="aliases and forwards", allow_abbrev=False)
     al_sub = al.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = leaf(al_sub, "add", cmd_alias_add, "add targets to an alias")
     p.add_argument("source")
