@@ -169,3 +169,22 @@ def test_ip_key_groups_ipv6_by_64() -> None:
     assert ip_key("::ffff:192.0.2.1") == "192.0.2.1"
     assert ip_key("192.0.2.1") == "192.0.2.1"
     assert ip_key("not-an-ip") == "not-an-ip"
+
+
+async def test_parallel_guesses_are_counted_before_hashing(rig: Rig) -> None:
+    hashed: list[str] = []
+    original = rig.auth._check
+
+    def spy(h: str, pw: str) -> bool:
+        hashed.append(pw)
+        return original(h, pw)
+
+    rig.auth._check = spy  # type: ignore[method-assign]
+    outs = await asyncio.gather(*(
+        rig.auth.verify("alice@example.test", f"guess{i}", "192.0.2.1") for i in range(20)
+    ))
+    assert len(hashed) == CFG.block_after_failures  # the rest never reached argon2
+    assert sum(o.status == "blocked" for o in outs) == 20 - CFG.block_after_failures
+    assert all(o.status in ("failed", "blocked") for o in outs)
+    assert (await rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.1")).status \
+        == "blocked"

@@ -112,6 +112,12 @@ class Authenticator:
         fail_ip, fail_user, block_ip, block_user = self._keys(username, client_ip)
         if self.counters.get(block_ip) > 0 or self.counters.get(block_user) > 0:
             return BLOCKED
+        # Counted before hashing, so that guesses sent in parallel count as well.
+        window = self.cfg.block_seconds
+        failures = max(self.counters.incr(fail_ip, window), self.counters.incr(fail_user, window))
+        if failures > self.cfg.block_after_failures:
+            self._block(fail_ip, block_ip, fail_user, block_user)
+            return BLOCKED
         stored = self.directory.password_hash(username.strip())
         loop = asyncio.get_running_loop()
         matched = await loop.run_in_executor(
@@ -121,18 +127,20 @@ class Authenticator:
             self.counters.reset(fail_ip)
             self.counters.reset(fail_user)
             return AuthOutcome(AuthStatus.OK, self._canonical(username))
-        window = self.cfg.block_seconds
-        failures = max(self.counters.incr(fail_ip, window), self.counters.incr(fail_user, window))
         if failures >= self.cfg.block_after_failures:
-            # Block whichever identity crossed the line; the failure counts start over.
-            for fail_key, block_key in ((fail_ip, block_ip), (fail_user, block_user)):
-                if self.counters.get(fail_key) >= self.cfg.block_after_failures:
-                    self.counters.incr(block_key, window)
-                    self.counters.reset(fail_key)
+            self._block(fail_ip, block_ip, fail_user, block_user)
         delay = self.delay_for(failures)
         if delay > 0:
             await self._sleep(delay)
         return FAILED
+
+    def _block(self, fail_ip: str, block_ip: str, fail_user: str, block_user: str) -> None:
+        """Block whichever identity crossed the line; its failure count starts over."""
+        for fail_key, block_key in ((fail_ip, block_ip), (fail_user, block_user)):
+            if self.counters.get(fail_key) >= self.cfg.block_after_failures:
+                if self.counters.get(block_key) == 0:
+                    self.counters.incr(block_key, self.cfg.block_seconds)
+                self.counters.reset(fail_key)
 
     def _check(self, password_hash: str, password: str) -> bool:
         return verify_password(password_hash, password, hasher=self.hasher)
