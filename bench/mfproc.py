@@ -1,0 +1,199 @@
+"""A throwaway mailfort server for one benchmark, and /proc memory readings of it.
+
+Shaped like ``Mailfort`` in ``run_all.py`` (domain example.test, users alice and bob with the
+passwords in ``passwords``, fresh data directory), but on a port base of its own so that it
+can run while ``run_all.py`` holds 12525..., and with the config knobs the benchmarks need.
+Loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+OFFSETS = {"mx": 25, "submission": 87, "submissions": 65, "pop3": 10, "pop3s": 95}
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    """Wait until something accepts on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def port_free(port: int) -> bool:
+    """True if nothing listens on 127.0.0.1:port."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """The Vm* lines of /proc/<pid>/status, in kB."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key.startswith("Vm") and rest.strip().endswith("kB"):
+            out[key] = int(rest.split()[0])
+    return out
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors the process has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def soft_nofile(pid: int) -> tuple[str, str]:
+    """The process's (soft, hard) 'Max open files' from /proc/<pid>/limits."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            parts = line.split()
+            return parts[3], parts[4]
+    return "?", "?"
+
+
+class PeakRSS:
+    """Peak RSS of a process during a ``with`` block, in kB above its RSS at entry.
+
+    Uses the kernel high-water mark (VmHWM, reset by ``echo 5 > clear_refs``) when it can
+    be reset, and in any case samples VmRSS every few ms as a cross-check.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.005) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.idle_kb = 0
+        self.sampled_peak_kb = 0
+        self.hwm_peak_kb: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rss = proc_status(self.pid)["VmRSS"]
+            except (OSError, KeyError):
+                return
+            self.sampled_peak_kb = max(self.sampled_peak_kb, rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.idle_kb = proc_status(self.pid)["VmRSS"]
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            self.hwm_reset = True
+        except OSError:
+            self.hwm_reset = False
+        self.sampled_peak_kb = self.idle_kb
+        self._thread.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.hwm_reset:
+            self.hwm_peak_kb = proc_status(self.pid)["VmHWM"]
+
+    @property
+    def peak_kb(self) -> int:
+        """The best peak figure: the reset high-water mark, else the sampled maximum."""
+        return max(self.hwm_peak_kb or 0, self.sampled_peak_kb)
+
+    @property
+    def above_idle_kb(self) -> int:
+        return self.peak_kb - self.idle_kb
+
+    def describe(self) -> str:
+        how = "VmHWM reset via clear_refs" if self.hwm_reset else "VmRSS sampled every 5 ms"
+        return (f"idle {self.idle_kb / 1024:.1f} MB, peak {self.peak_kb / 1024:.1f} MB "
+                f"({how}; sampled max {self.sampled_peak_kb / 1024:.1f} MB)")
+
+
+class MailfortServer:
+    """``python -m mailfort serve`` from a fresh data directory under ``root``."""
+
+    def __init__(self, root: Path, *, port_base: int = 13500, plaintext_pop3: bool = False,
+                 max_connections: int = 20000, max_message_size: int = 60_000_000) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.config = root / "mailfort.toml"
+        self.ports = {k: port_base + v for k, v in OFFSETS.items()}
+        busy = [p for p in self.ports.values() if not port_free(p)]
+        if busy:
+            raise RuntimeError(f"ports already in use: {busy} (pick another --port-base)")
+        listen = "\n".join(f'{k} = ["127.0.0.1:{v}"]' for k, v in self.ports.items())
+        plain = "true" if plaintext_pop3 else "false"
+        self.config.write_text(
+            f'[server]\nhostname = "mx.bench.test"\ndata_dir = "{self.data}"\n'
+            f"allow_plaintext_auth_on_loopback = {plain}\n"
+            f"[listen]\n{listen}\n"
+            f"[limits]\nmax_message_size = {max_message_size}\n"
+            f"max_connections_per_ip = {max_connections}\nmax_connections = {max_connections}\n"
+            "[submission]\nmessages_per_hour = 1000000\n"
+        )
+        self.cli("domain", "add", "example.test")
+        # The CLI wants >= 8 characters, so not the reference servers' "alicepw".
+        self.passwords = {f"{u}@example.test": f"{u}pw-bench" for u in ("alice", "bob")}
+        pw = root / "pw"
+        for user, password in self.passwords.items():
+            pw.write_text(f"{password}\n")
+            self.cli("user", "add", user, "--password-file", str(pw))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str) -> None:
+        subprocess.run([sys.executable, "-m", "mailfort", *args, "--config", str(self.config)],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        with open(self.root / "serve.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mailfort", "serve", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
+        try:
+            wait_port(self.ports["mx"])
+            wait_port(self.ports["pop3"])
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"mailfort did not start:\n{self.log_tail()}") from None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def maildir(self, user: str) -> Path:
+        """The user's Maildir (with new/, cur/, tmp/ below it)."""
+        return self.data / "mail" / "example.test" / user
+
+    def log_tail(self, lines: int = 20) -> str:
+        path = self.root / "serve.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> MailfortServer:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
