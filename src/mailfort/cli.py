@@ -20,6 +20,7 @@ from mailfort import config as config_mod
 from mailfort.config import Config, ConfigError
 from mailfort.directory import open_directory
 from mailfort.directory.sqlite import DirectoryError, SQLiteDirectory, normalize_local_address
+from mailfort.queue.store import QueueError
 
 MIN_PASSWORD_LENGTH = 8
 
@@ -206,6 +207,21 @@ def cmd_alias_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    from mailfort.queue import admin
+
+    root = admin.queue_root(_load(args))
+    if args.action == "list":
+        print(admin.queue_list(root))
+    elif args.action == "show":
+        print(admin.queue_show(root, args.id))
+    elif args.action == "retry":
+        print(admin.queue_retry(root, args.id))
+    else:
+        print(admin.queue_delete(root, args.id))
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------
 
 
@@ -265,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(al_sub, "remove", cmd_alias_remove, "remove an alias or some of its targets")
     p.add_argument("source")
     p.add_argument("targets", nargs="*", metavar="TARGET")
+
+    qu = sub.add_parser("queue", help="the outbound queue", allow_abbrev=False)
+    qu_sub = qu.add_subparsers(dest="action", required=True, metavar="ACTION")
+    leaf(qu_sub, "list", cmd_queue, "list queued messages")
+    leaf(qu_sub, "show", cmd_queue, "show one entry and its recipients").add_argument("id")
+    leaf(qu_sub, "retry", cmd_queue, "retry now (one entry or all)").add_argument(
+        "id", nargs="?"
+    )
+    leaf(qu_sub, "delete", cmd_queue, "delete an entry").add_argument("id")
     return parser
 
 
@@ -274,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"mailfort: config error: {exc}", file=sys.stderr)
-    except (CLIError, DirectoryError) as exc:
+    except (CLIError, DirectoryError, QueueError) as exc:
         print(f"mailfort: {exc}", file=sys.stderr)
     except sqlite3.Error as exc:
         print(f"mailfort: directory database error: {exc}", file=sys.stderr)

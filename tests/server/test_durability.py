@@ -84,7 +84,7 @@ async def test_acknowledged_mail_survives_sigkill(tmp_path: Path) -> None:
             await wait_port(port, proc)
             stop = asyncio.Event()
 
-            async def client() -> None:
+            async def client(stop: asyncio.Event) -> None:
                 nonlocal counter
                 while not stop.is_set():
                     counter += 1
@@ -92,7 +92,7 @@ async def test_acknowledged_mail_survives_sigkill(tmp_path: Path) -> None:
                     if await send_one(port, token):
                         acked.add(token)
 
-            tasks = [asyncio.create_task(client()) for _ in range(8)]
+            tasks = [asyncio.create_task(client(stop)) for _ in range(8)]
             await asyncio.sleep(rng.uniform(0.5, 1.5))
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -270,11 +270,15 @@ class SMTPEngine:
                 self._command_reply(reply)
 
     def tls_started(self) -> None:
-        """The handshake finished: forget everything, the client must EHLO again."""
+        """The handshake finished: forget the session, the client must EHLO again.
+
+        The plaintext that followed the STARTTLS line was dropped when that line was
+        parsed; whatever ``receive`` got since came through TLS (the server stops reading
+        the plaintext socket once StartTLS is emitted) and is kept.
+        """
         if self._pending is not StartTLS:
             raise RuntimeError("tls_started() without STARTTLS")
         self._pending = None
-        self._inbuf.clear()
         self.tls_active = True
         self.helo = None
         self.esmtp = False

@@ -15,7 +15,13 @@ from pathlib import Path
 
 from mailfort.config import Config
 from mailfort.directory.sqlite import SQLiteDirectory
-from mailfort.server.smtp import ServiceOptions, SMTPService
+from mailfort.policy.authn import Authenticator
+from mailfort.policy.counters import MemoryCounters
+from mailfort.queue.store import Queue
+from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
+from mailfort.server.pop3 import POP3Server
+from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
+from mailfort.server.submission import MSAPolicy
 from mailfort.store.maildir import Committer
 
 log = logging.getLogger("mailfort")
@@ -43,9 +49,31 @@ class Node:
 
             ssl_context = server_context(cfg)
         self.ssl_context = ssl_context
+        self.counters = MemoryCounters()
+        self.authenticator = Authenticator(self.directory, self.counters, cfg.auth)
+        self.queue = Queue(cfg.data_path / "queue")
+        self.worker = DeliveryWorker(
+            self.queue,
+            cfg,
+            maildir_deliverer(self.committer, cfg.data_path),
+            mx_port=cfg.queue.mx_port,
+        )
+        self.msa = MSAPolicy(cfg, self.directory, self.counters)
         self.services: dict[str, SMTPService] = {}
+        self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
-        self._extra_closers: list[object] = []
+
+    def _enqueue(self, path: Path, env: Envelope, submitted_by: str | None) -> None:
+        """Runs on the committer thread, after the message data is flushed."""
+        sender = "" if env.sender is None else str(env.sender)
+        self.queue.enqueue(path, sender, list(env.remote), submitted_by)
+        self.worker.wake()
+
+    async def _authenticate(
+        self, username: str, password: str, client_ip: str
+    ) -> tuple[str, str | None]:
+        outcome = await self.authenticator.verify(username, password, client_ip)
+        return outcome.status, outcome.user
 
     def _smtp_service(self, options: ServiceOptions) -> SMTPService:
         return SMTPService(
@@ -54,17 +82,41 @@ class Node:
             self.directory,
             self.committer,
             self.ssl_context,
+            authenticate=self._authenticate if options.auth else None,
+            enqueue=self._enqueue,
+            submission=self.msa if options.auth else None,
         )
 
     async def start(self) -> None:
         removed = self.committer.recover()
         if removed:
             log.info("removed %d unacknowledged spool files left by a crash", removed)
-        mx = self._smtp_service(ServiceOptions(name="mx"))
-        self.services["mx"] = mx
-        for name, service in self.services.items():
+        loopback_plain = self.cfg.server.allow_plaintext_auth_on_loopback
+        self.services["mx"] = self._smtp_service(ServiceOptions(name="mx"))
+        self.services["submission"] = self._smtp_service(
+            ServiceOptions(name="submission", auth=True, plaintext_auth_on_loopback=loopback_plain)
+        )
+        self.services["submissions"] = self._smtp_service(
+            ServiceOptions(name="submissions", implicit_tls=True, auth=True)
+        )
+        for name, implicit in (("pop3", False), ("pop3s", True)):
+            self.pop3[name] = POP3Server(
+                ssl_context=self.ssl_context,
+                authenticator=self.authenticator,
+                data_dir=self.cfg.data_path,
+                limits=self.cfg.limits,
+                implicit_tls=implicit,
+                allow_plaintext=loopback_plain,
+                hostname=self.cfg.server.hostname,
+            )
+        await self.worker.start()
+        listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
+        for name, service in listeners.items():
             for hostport in getattr(self.cfg.listen, name):
-                server = await service.listen(*_split(hostport))
+                if isinstance(service, POP3Server):
+                    server = await service.start(*_split(hostport))
+                else:
+                    server = await service.listen(*_split(hostport))
                 for sock in server.sockets:
                     self.ports.setdefault(name, []).append(sock.getsockname()[1])
 
@@ -74,7 +126,11 @@ class Node:
     async def stop(self) -> None:
         for service in self.services.values():
             await service.close()
+        for pop in self.pop3.values():
+            await pop.close()
+        await self.worker.stop()
         await asyncio.to_thread(self.committer.stop)
+        self.authenticator.close()
 
     async def __aenter__(self) -> Node:
         await self.start()
