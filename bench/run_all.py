@@ -55,7 +55,7 @@ class Mailfort:
         self.cli("domain", "add", "example.test")
         pw = root / "pw"
         for user in ("alice", "bob"):
-            pw.write_text(f"{user}pw\n")
+            pw.write_text(f"{user}pw-bench\n")
             self.cli("user", "add", f"{user}@example.test", "--password-file", str(pw))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -64,10 +64,11 @@ class Mailfort:
                        check=True, stdout=subprocess.DEVNULL)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailfort", "serve", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "serve.log", "wb"),
-        )
+        with open(self.root / "serve.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mailfort", "serve", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
         wait_port(PORTS["mx"])
 
     def stop(self) -> None:
@@ -124,7 +125,7 @@ def main() -> int:
                 rows.append((name, f"{ref:.0f}/s", f"{ours:.0f}/s ({ours / ref:.2f}×) {ok}", goal))
             sub = subprocess.run(
                 [sys.executable, str(HERE / "smtp_load.py"), "--port", str(PORTS["submission"]),
-                 "--starttls", "--user", "alice@example.test", "--password", "alicepw",
+                 "--starttls", "--user", "alice@example.test", "--password", "alicepw-bench",
                  "--sender", "alice@example.test", "--rcpt", "bob@example.test",
                  "--sessions", "50", "--messages", str(n)],
                 capture_output=True, text=True,
@@ -135,7 +136,7 @@ def main() -> int:
         finally:
             mf.stop()
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.python_version()}")
-    print(f"| measure | Postfix | mailfort | target |\n|---|---|---|---|")
+    print("| measure | Postfix | mailfort | target |\n|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
     return 0

@@ -54,8 +54,9 @@ async def send_one(port: int, token: str) -> bool:
             b"EHLO load.test\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
             b"DATA\r\n"
         )
-        for _ in range(3):
-            await read_reply(reader)
+        replies = [await read_reply(reader) for _ in range(4)]
+        if not replies[3].startswith("354"):
+            return False
         body = f"Subject: {token}\r\n\r\n" + f"{token}\r\n" * 40 + "END-OF-MESSAGE\r\n.\r\n"
         writer.write(body.encode())
         reply = await read_reply(reader)

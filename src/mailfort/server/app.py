@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import ssl
 from pathlib import Path
@@ -170,6 +171,26 @@ async def serve(cfg: Config) -> None:
     await node.stop()
 
 
+def raise_file_limit(cfg: Config) -> None:
+    """Each session is a descriptor: lift the soft limit to the hard one, warn if short.
+
+    Without this, a server at the soft limit can no longer accept() at all, so clients
+    hang instead of getting the 421 that the connection limits promise.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    needed = cfg.limits.max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open-file limit %d is below limits.max_connections + 256 (%d): "
+            "raise it (ulimit -n) or lower limits.max_connections", soft, needed,
+        )
+
+
 def run(cfg: Config) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    raise_file_limit(cfg)
     asyncio.run(serve(cfg))

@@ -242,7 +242,9 @@ class Committer:
                 if md not in self._known_maildirs:
                     ensure_maildir(md)
                     self._known_maildirs.add(md)
-                target = md / "new" / job.spool.name
+                # ",S=" (Maildir++): the size in the name, so readers need not open the
+                # file to list it; stored messages are CRLF, so it is the wire size too.
+                target = md / "new" / f"{job.spool.name},S={job.spool.size}"
                 os.link(job.spool.path, target)
                 job.links.append(target)
                 dirs.add(md / "new")

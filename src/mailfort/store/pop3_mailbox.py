@@ -97,7 +97,18 @@ class MessageReader:
         self._file.close()
 
 
+def size_from_name(name: str) -> int | None:
+    """The ``,S=<octets>`` size mailfort's delivery writes into the unique name."""
+    for field in name.split(":", 1)[0].split(",")[1:]:
+        if field.startswith("S=") and field[2:].isdigit() and len(field) <= 22:
+            return int(field[2:])
+    return None
+
+
 def _read_size(path: Path) -> int:
+    name_size = size_from_name(path.name)
+    if name_size is not None:
+        return name_size
     counter = SizeCounter()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
