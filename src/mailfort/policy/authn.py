@@ -3,7 +3,8 @@
 What an attacker must not learn or get:
 - whether an account exists: an unknown user is verified against a dummy hash with the
   same argon2 parameters, gets the same delay and the same outcome (failed/blocked);
-- unlimited guesses: failures are counted per client IP (IPv6 per /64, which one host
+- unlimited guesses: at most MAX_PARALLEL checks per IP and per account run at once;
+  failures are counted per client IP (IPv6 per /64, which one host
   usually holds) and per account; after ``delay_after_failures`` each failure is answered
   after a growing delay, after ``block_after_failures`` the IP or account is blocked for
   ``block_seconds`` (even a correct password is then refused);
@@ -14,12 +15,14 @@ What an attacker must not learn or get:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from argon2 import PasswordHasher
 
@@ -29,6 +32,7 @@ from mailfort.passwords import dummy_hash, verify_password
 from mailfort.policy.counters import Counters
 
 MAX_DELAY_FACTOR = 30  # the growing delay stops at 30 x failure_delay
+MAX_PARALLEL = 4  # password checks in flight per client IP and per account
 
 
 class AuthStatus(StrEnum):
@@ -90,6 +94,7 @@ class Authenticator:
         # argon2-cffi's default costs 64 MiB per hash: bound the concurrency.
         workers = max_workers or max(1, min(4, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argon2")
+        self._gates: dict[str, list[Any]] = {}  # key -> [Semaphore, users of it]
 
     def _keys(self, username: str, client_ip: str) -> tuple[str, str, str, str]:
         account = username.strip().lower()
@@ -110,29 +115,49 @@ class Authenticator:
 
     async def verify(self, username: str, password: str, client_ip: str) -> AuthOutcome:
         fail_ip, fail_user, block_ip, block_user = self._keys(username, client_ip)
-        if self.counters.get(block_ip) > 0 or self.counters.get(block_user) > 0:
-            return BLOCKED
-        # Counted before hashing, so that guesses sent in parallel count as well.
-        window = self.cfg.block_seconds
-        failures = max(self.counters.incr(fail_ip, window), self.counters.incr(fail_user, window))
-        if failures > self.cfg.block_after_failures:
-            self._block(fail_ip, block_ip, fail_user, block_user)
-            return BLOCKED
-        stored = self.directory.password_hash(username.strip())
-        loop = asyncio.get_running_loop()
-        matched = await loop.run_in_executor(
-            self._pool, self._check, stored or self._dummy, password
-        )
-        if matched and stored is not None:
-            self.counters.reset(fail_ip)
-            self.counters.reset(fail_user)
-            return AuthOutcome(AuthStatus.OK, self._canonical(username))
-        if failures >= self.cfg.block_after_failures:
-            self._block(fail_ip, block_ip, fail_user, block_user)
+        # At most MAX_PARALLEL checks per IP and per account are in flight: parallel
+        # guesses cannot outrun the failure count by more than that, and a busy legitimate
+        # client (many sessions logging in at once) is not mistaken for a guesser.
+        async with self._gate(fail_ip), self._gate(fail_user):
+            if self.counters.get(block_ip) > 0 or self.counters.get(block_user) > 0:
+                return BLOCKED
+            before = max(self.counters.get(fail_ip), self.counters.get(fail_user))
+            if before >= self.cfg.block_after_failures:
+                self._block(fail_ip, block_ip, fail_user, block_user)
+                return BLOCKED
+            stored = self.directory.password_hash(username.strip())
+            loop = asyncio.get_running_loop()
+            matched = await loop.run_in_executor(
+                self._pool, self._check, stored or self._dummy, password
+            )
+            if matched and stored is not None:
+                self.counters.reset(fail_ip)
+                self.counters.reset(fail_user)
+                return AuthOutcome(AuthStatus.OK, self._canonical(username))
+            window = self.cfg.block_seconds
+            failures = max(
+                self.counters.incr(fail_ip, window), self.counters.incr(fail_user, window)
+            )
+            if failures >= self.cfg.block_after_failures:
+                self._block(fail_ip, block_ip, fail_user, block_user)
         delay = self.delay_for(failures)
         if delay > 0:
             await self._sleep(delay)
         return FAILED
+
+    @contextlib.asynccontextmanager
+    async def _gate(self, key: str) -> AsyncIterator[None]:
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = [asyncio.Semaphore(MAX_PARALLEL), 0]
+        gate[1] += 1
+        try:
+            async with gate[0]:
+                yield
+        finally:
+            gate[1] -= 1
+            if gate[1] == 0:
+                del self._gates[key]
 
     def _block(self, fail_ip: str, block_ip: str, fail_user: str, block_user: str) -> None:
         """Block whichever identity crossed the line; its failure count starts over."""
