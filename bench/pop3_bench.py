@@ -79,8 +79,12 @@ def fill_maildir(path: Path, count: int, size: int, owner: tuple[int, int] | Non
         (path / sub).mkdir(parents=True, exist_ok=True)
     base = 1764244800
     for i in range(count):
-        f = path / "new" / f"{base + i}.M{i:06d}P4242.bench.test"
-        f.write_bytes(message(i, size))
+        data = message(i, size)
+        wire = len(data) + data.count(b"\n") - data.count(b"\r\n")
+        # Maildir++ sizes in the name (S= file, W= wire), as mailfort's and Postfix's
+        # deliveries to Dovecot write them; both servers read the same names.
+        f = path / "new" / f"{base + i}.M{i:06d}P4242.bench.test,S={len(data)},W={wire}"
+        f.write_bytes(data)
         if owner:
             os.chown(f, *owner)
     if owner:

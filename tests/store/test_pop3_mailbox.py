@@ -43,15 +43,29 @@ def maildir(tmp_path: Path) -> Path:
     return md
 
 
-def test_snapshot_moves_new_to_cur_and_orders_by_time(maildir: Path) -> None:
+def test_snapshot_orders_by_time_and_close_moves_new_to_cur(maildir: Path) -> None:
     box = POP3Mailbox.open(maildir)
     try:
         assert [m.uid for m in box.messages] == [
             "1700000000.M1P1Q0.host", "1700000001.M1P1Q1.host", "1700000002.M1P1Q2.host"]
-        assert os.listdir(maildir / "new") == []
-        assert sorted(os.listdir(maildir / "cur")) == [
-            "1700000000.M1P1Q0.host:2,S", "1700000001.M1P1Q1.host:2,",
-            "1700000002.M1P1Q2.host:2,"]
+        assert len(os.listdir(maildir / "new")) == 2  # a login renames nothing
+        box.reader(1, None).close()  # RETR of "one": seen
+    finally:
+        box.close()
+    assert os.listdir(maildir / "new") == []
+    assert sorted(os.listdir(maildir / "cur")) == [
+        "1700000000.M1P1Q0.host:2,S", "1700000001.M1P1Q1.host:2,S",
+        "1700000002.M1P1Q2.host:2,"]
+
+
+def test_sizes_from_maildir_plus_plus_names(tmp_path: Path) -> None:
+    md = tmp_path / "md"
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).mkdir(parents=True)
+    (md / "new" / "1700000000.M1P1Q0.host,S=10,W=12").write_bytes(b"a\nb\nc\nd\ne\n")
+    box = POP3Mailbox.open(md)
+    try:
+        assert box.listing == [("1700000000.M1P1Q0.host,S=10,W=12", 12)]
     finally:
         box.close()
 

@@ -400,13 +400,13 @@ class POP3Session(asyncio.Protocol):
         assert engine is not None and mailbox is not None
         self.mailbox = None  # from here on the thread owns it, even if the client drops
 
-        def update() -> int:
-            try:
-                return mailbox.delete([i for i, _ in ev.deletions])
-            finally:
-                mailbox.close()
-
-        failures = await _in_thread(update)
+        try:
+            failures = await _in_thread(mailbox.delete, [i for i, _ in ev.deletions])
+        finally:
+            # Seen flags and the new/ -> cur/ moves need not hold up the +OK: they finish
+            # in a thread, and a next session of this mailbox waits for them (see open).
+            self.mailbox = mailbox
+            self._release_mailbox()
         if failures:
             log.error("pop3 %s: %d deletions failed", self.peer_ip, failures)
         engine.update_done(failures)

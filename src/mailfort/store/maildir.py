@@ -242,9 +242,11 @@ class Committer:
                 if md not in self._known_maildirs:
                     ensure_maildir(md)
                     self._known_maildirs.add(md)
-                # ",S=" (Maildir++): the size in the name, so readers need not open the
-                # file to list it; stored messages are CRLF, so it is the wire size too.
-                target = md / "new" / f"{job.spool.name},S={job.spool.size}"
+                # ",S=" file size and ",W=" wire (CRLF) size in the name, as Maildir++
+                # readers expect, so a POP3 LIST needs no read of the file. Stored
+                # messages are CRLF already, so the two are equal.
+                size = job.spool.size
+                target = md / "new" / f"{job.spool.name},S={size},W={size}"
                 os.link(job.spool.path, target)
                 job.links.append(target)
                 dirs.add(md / "new")

@@ -40,6 +40,8 @@ LOCK_NAME = "mailfort-pop3.lock"
 _UID_OK = re.compile(rb"[\x21-\x7e]{1,70}")
 
 _held: set[str] = set()  # maildirs locked by sessions of this process
+_closing: dict[str, threading.Event] = {}  # maildirs whose session is finishing its close
+_CLOSE_WAIT = 10.0  # seconds a new session waits for the previous one's close
 _held_guard = threading.Lock()
 
 
@@ -67,6 +69,7 @@ class StoredMessage:
     path: Path  # where the file is now (cur/ once the mailbox is open)
     size: int  # wire octets (CRLF), as LIST reports and RETR sends before stuffing
     seen: bool = False  # retrieved whole in this session: gets the S flag at close
+    deleted: bool = False  # removed in the UPDATE state
 
 
 class MessageReader:
@@ -98,9 +101,12 @@ class MessageReader:
 
 
 def size_from_name(name: str) -> int | None:
-    """The ``,S=<octets>`` size mailfort's delivery writes into the unique name."""
+    """The ``,W=<octets>`` wire (CRLF) size that Maildir++ writers put in the name.
+
+    ``,S=`` is the file size, which differs from the wire size for LF files: not used.
+    """
     for field in name.split(":", 1)[0].split(",")[1:]:
-        if field.startswith("S=") and field[2:].isdigit() and len(field) <= 22:
+        if field.startswith("W=") and field[2:].isdigit() and len(field) <= 22:
             return int(field[2:])
     return None
 
@@ -141,6 +147,10 @@ class POP3Mailbox:
             (maildir / sub).mkdir(parents=True, exist_ok=True)
         key = str(maildir.resolve())
         with _held_guard:
+            closing = _closing.get(key)
+        if closing is not None:
+            closing.wait(_CLOSE_WAIT)
+        with _held_guard:
             if key in _held:
                 raise MailboxInUse(key)
             _held.add(key)
@@ -162,32 +172,24 @@ class POP3Mailbox:
 
     @staticmethod
     def _snapshot(maildir: Path) -> list[StoredMessage]:
-        found: list[tuple[tuple[int, int, str], Path]] = []
-        cur = maildir / "cur"
+        """new/ and cur/ as they are now, oldest first by the time in the unique name.
+
+        Nothing is renamed here: messages move from new/ to cur/ when the session ends
+        (see ``close``), so a login costs a directory listing, not a rename per message.
+        """
+        found: list[tuple[tuple[int, int, str], str]] = []
         for sub in ("new", "cur"):
             with os.scandir(maildir / sub) as it:
                 for entry in it:
-                    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    name = entry.name
+                    if name.startswith(".") or not entry.is_file(follow_symlinks=False):
                         continue
-                    try:
-                        mtime = entry.stat(follow_symlinks=False).st_mtime_ns
-                    except FileNotFoundError:
-                        continue
-                    path = Path(entry.path)
-                    if sub == "new":  # seen by a reader now: cur/, no flags yet
-                        target = cur / (entry.name.split(":", 1)[0] + ":2,")
-                        try:
-                            os.rename(path, target)
-                            path = target
-                        except FileNotFoundError:
-                            continue  # taken by another reader meanwhile
-                        except OSError:
-                            pass  # keep reading it from new/
-                    found.append((_sort_key(entry.name, mtime), path))
+                    found.append((_sort_key(name, 0), entry.path))
         found.sort(key=lambda item: item[0])
         messages: list[StoredMessage] = []
         seen_uids: set[str] = set()
-        for _, path in found:
+        for _, spath in found:
+            path = Path(spath)
             uid = uid_for(path.name)
             if uid in seen_uids:  # the same unique name twice (new/ and cur/): show one
                 continue
@@ -224,7 +226,7 @@ class POP3Mailbox:
             except OSError:
                 failures += 1
                 continue
-            msg.seen = False
+            msg.deleted = True
             dirs.add(msg.path.parent)
         for d in dirs:
             try:
@@ -234,13 +236,20 @@ class POP3Mailbox:
         return failures
 
     def close(self) -> None:
-        """End of session (QUIT or dropped): record seen flags, release the lock."""
+        """End of session (QUIT or dropped): file messages in cur/ with their flags, unlock.
+
+        Another session of this process that wants the mailbox meanwhile waits for this
+        to finish (see ``open``) instead of being told it is in use.
+        """
         if self._lock_fd is None:
             return
+        done = threading.Event()
+        with _held_guard:
+            _closing[self._key] = done
         try:
             for msg in self.messages:
-                if msg.seen:
-                    self._flag_seen(msg)
+                if not msg.deleted:
+                    self._file_in_cur(msg)
         finally:
             fd, self._lock_fd = self._lock_fd, None
             with contextlib.suppress(OSError):
@@ -248,21 +257,26 @@ class POP3Mailbox:
             os.close(fd)
             with _held_guard:
                 _held.discard(self._key)
+                _closing.pop(self._key, None)
+            done.set()
 
     @staticmethod
-    def _flag_seen(msg: StoredMessage) -> None:
+    def _file_in_cur(msg: StoredMessage) -> None:
+        """new/ -> cur/ (seen by a reader), adding the S flag if it was retrieved."""
         name = msg.path.name
+        in_new = msg.path.parent.name == "new"
         unique, sep, info = name.partition(":")
         if sep and info.startswith("2,"):
             flags = info[2:]
-            if "S" in flags:
-                return
-            new_info = "2," + "".join(sorted(flags + "S"))
         elif not sep:
-            new_info = "2,S"
+            flags = ""
         else:
             return  # an info we do not understand: leave it alone
-        target = msg.path.parent.parent / "cur" / f"{unique}:{new_info}"
+        if msg.seen and "S" not in flags:
+            flags = "".join(sorted(flags + "S"))
+        elif not in_new and sep:
+            return  # already in cur/ with nothing to add
+        target = msg.path.parent.parent / "cur" / f"{unique}:2,{flags}"
         with contextlib.suppress(OSError):
             os.rename(msg.path, target)
             msg.path = target
