@@ -354,3 +354,39 @@ async def test_bdat_chunking_with_raw_client(node: Node) -> None:
     assert replies[4].startswith("250 2.0.0")
     (msg,) = stored(node, "alice@example.test")
     assert msg.endswith(body)
+
+
+async def test_trusted_network_may_relay_and_default_may_not(
+    config_factory: Any, server_ssl_context: ssl.SSLContext
+) -> None:
+    cfg = config_factory(relay={"trusted_networks": ["127.0.0.1/32"]})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        node.worker.wake = lambda: None  # type: ignore[method-assign]  # keep it queued
+        replies = await raw_session(
+            node.port("mx"),
+            [b"EHLO c\r\n", b"MAIL FROM:<app@example.test>\r\n", b"RCPT TO:<x@foreign.test>\r\n",
+             b"DATA\r\n", b"Subject: x\r\n\r\nhi\r\n.\r\n"],
+        )
+        assert replies[3].startswith("250 2.1.5")
+        assert replies[5].startswith("250 2.0.0")
+        (entry,) = node.queue.list()
+        assert [r.address for r in entry.recipients] == ["x@foreign.test"]
+        assert entry.submitted_by is None  # no bounce will ever be sent for it
+
+
+async def test_total_connection_limit(
+    config_factory: Any, server_ssl_context: ssl.SSLContext
+) -> None:
+    cfg = config_factory(limits={"max_connections": 2})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        port = node.port("mx")
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for r, _ in held:
+            assert (await read_reply(r)).startswith("220")
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert (await read_reply(r)).startswith("421 4.7.0")
+        w.close()
+        for _, hw in held:
+            hw.close()

@@ -192,3 +192,29 @@ async def test_swaks_submission(node: Node) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (msg,) = stored(node, "bob@example.test")
     assert b"swaks submission" in msg
+
+
+async def test_recipients_per_message_limit(
+    config_factory: Any, server_ssl_context: ssl.SSLContext, client_ssl_context: ssl.SSLContext
+) -> None:
+    cfg = config_factory(submission={"max_recipients": 1})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        msg = note(to="bob@example.test, alice@example.test")
+        refused = await asyncio.to_thread(
+            submit, node.port("submission"), client_ssl_context, msg
+        )
+        assert refused["alice@example.test"][0] == 452
+        assert len(stored(node, "bob@example.test")) == 1
+        assert stored(node, "alice@example.test") == []
+
+        def second_refused() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", node.port("submission")) as s:
+                s.starttls(context=client_ssl_context)
+                s.login("alice@example.test", "alice-pw")
+                s.mail("alice@example.test")
+                assert s.rcpt("bob@example.test")[0] == 250
+                return s.rcpt("alice@example.test")
+
+        code, text = await asyncio.to_thread(second_refused)
+        assert code == 452 and b"4.7.1" in text
