@@ -1,0 +1,501 @@
+"""Issue 3 end to end: submission through a real Node, the queue, DNS, delivery, bounces.
+
+Every test runs a real mailfort Node (in-process, or ``python -m mailfort serve`` for the
+crash test) whose resolver is a real DNS server on a loopback port (tests/dnsserver.py) and
+whose MX port is a recording SMTP receiver (tests/delivery/receiver.py) on another loopback
+port. Clients are real: smtplib, swaks. Outcomes are polled with bounded deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import email.policy
+import os
+import secrets
+import shutil
+import signal
+import smtplib
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from email.message import EmailMessage, Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mailfort.config import Config
+from mailfort.queue.store import Queue
+from mailfort.server.app import Node
+from mailfort.store.maildir import maildir_for
+from tests.conftest import seed_directory
+from tests.delivery.conftest import ReceiverFactory
+from tests.delivery.receiver import Receiver
+from tests.dnsserver import DNSServer
+from tests.server.test_durability import free_port, wait_port
+from tests.server.test_mx import all_stored
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+REMOTE_DOMAINS = ("remote.test", "second.test", "third.test", "elsewhere.test")
+# Retries within a fraction of a second; nothing expires or warns during a test.
+FAST_QUEUE: dict[str, Any] = {
+    "initial_retry": 0.2,
+    "max_retry": 0.5,
+    "max_lifetime": 300.0,
+    "delay_warning_after": 3600.0,
+    "connect_timeout": 2.0,
+}
+DEADLINE = 20.0
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+async def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what}")
+        await asyncio.sleep(0.02)
+
+
+def mx_to_loopback(dns: DNSServer, domain: str) -> None:
+    """``domain`` MX 10 mx1.<domain>, and mx1.<domain> A 127.0.0.1."""
+    dns.add_mx(domain, f"mx1.{domain}", 10)
+    dns.add_a(f"mx1.{domain}", "127.0.0.1")
+
+
+def new_message(to: list[str], sender: str = ALICE) -> tuple[EmailMessage, str]:
+    token = f"outbound-{secrets.token_hex(6)}"
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = ", ".join(to)
+    msg["Subject"] = token
+    msg.set_content(f"body of {token}\n")
+    return msg, token
+
+
+def submit(
+    port: int,
+    ctx: ssl.SSLContext,
+    msg: EmailMessage,
+    rcpts: list[str],
+    *,
+    implicit: bool = False,
+    user: str = ALICE,
+    password: str = "alice-pw",
+) -> dict[str, tuple[int, bytes]]:
+    """An MUA: STARTTLS on 587 (or implicit TLS on 465), AUTH, one message."""
+    if implicit:
+        s: smtplib.SMTP = smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=30)
+    else:
+        s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    with s:
+        s.ehlo("mua.example.test")
+        if not implicit:
+            s.starttls(context=ctx)
+            s.ehlo("mua.example.test")
+        s.login(user, password)
+        return s.send_message(msg, from_addr=user, to_addrs=rcpts)
+
+
+def maildir_files(node: Node, user: str) -> list[bytes]:
+    new = maildir_for(node.cfg.data_path, user) / "new"
+    return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
+
+
+def parse(raw: bytes) -> Message:
+    return email.message_from_bytes(raw, policy=email.policy.compat32)
+
+
+def check_bounce(raw: bytes, *, failed: list[str], not_listed: list[str], token: str) -> None:
+    """An RFC 3464 DSN to alice with a null sender, listing exactly ``failed``."""
+    assert raw.startswith(b"Return-Path: <>\r\n"), raw[:200]
+    msg = parse(raw)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert ALICE in msg["To"]
+    assert msg["From"].lower().startswith("mail delivery system <mailer-daemon@")
+    parts = msg.get_payload()
+    assert isinstance(parts, list)
+    types = [p.get_content_type() for p in parts]
+    assert types == ["text/plain", "message/delivery-status", "text/rfc822-headers"], types
+    text = raw.decode("utf-8", "replace")
+    status_part = text.split("Content-Type: message/delivery-status", 1)[1]
+    status_part = status_part.split("Content-Type: text/rfc822-headers", 1)[0]
+    for addr in failed:
+        assert f"Final-Recipient: rfc822; {addr}" in status_part
+    for addr in not_listed:
+        assert addr not in status_part
+    assert status_part.count("Final-Recipient:") == len(failed)
+    assert status_part.count("Action: failed") == len(failed)
+    assert "Status: 5.1.1" in status_part
+    assert "Diagnostic-Code: smtp; 550 5.1.1" in status_part
+    # The original's headers come back (so alice knows which message), not its body.
+    assert f"Subject: {token}" in text.split("Content-Type: text/rfc822-headers", 1)[1]
+    assert f"body of {token}" not in text
+
+
+@dataclass
+class Outbound:
+    node: Node
+    receiver: Receiver
+    dns: DNSServer
+
+    @property
+    def queue(self) -> Queue:
+        return self.node.queue
+
+    def queue_empty(self) -> bool:
+        return self.node.queue.list() == []
+
+    def rcpt_count(self, addr: str) -> int:
+        return sum(1 for c in self.receiver.rcpt_commands() if f"<{addr}>" in c)
+
+
+OutboundFactory = Callable[..., Awaitable[Outbound]]
+
+
+@pytest.fixture
+async def outbound(
+    config_factory: Callable[..., Config],
+    server_ssl_context: ssl.SSLContext,
+    receiver_tls: ssl.SSLContext,
+    dns_server: DNSServer,
+    receivers: ReceiverFactory,
+) -> AsyncIterator[OutboundFactory]:
+    """``await outbound(rcpt_replies=...)``: a receiver (STARTTLS offered) reached through
+    MX records of the test DNS server, and a Node that delivers there."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def factory(**receiver_kwargs: Any) -> Outbound:
+            receiver_kwargs.setdefault("ssl_context", receiver_tls)
+            receiver = await receivers(**receiver_kwargs)
+            for domain in REMOTE_DOMAINS:
+                mx_to_loopback(dns_server, domain)
+            cfg = config_factory(
+                dns=dns_server.config(timeout=1.0),
+                queue={**FAST_QUEUE, "mx_port": receiver.port},
+            )
+            seed_directory(cfg)
+            node = await stack.enter_async_context(Node(cfg, ssl_context=server_ssl_context))
+            return Outbound(node, receiver, dns_server)
+
+        yield factory
+
+
+# ---------------------------------------------------------------------------- 1, 2: delivery
+
+
+@pytest.mark.parametrize("service", ["submission", "submissions"])
+async def test_submitted_mail_is_delivered_once_through_mx_records(
+    outbound: OutboundFactory, client_ssl_context: ssl.SSLContext, service: str
+) -> None:
+    o = await outbound()
+    msg, token = new_message(["someone@remote.test"])
+    refused = await asyncio.to_thread(
+        submit, o.node.port(service), client_ssl_context, msg, ["someone@remote.test"],
+        implicit=service == "submissions",
+    )
+    assert refused == {}
+    await wait_for(lambda: len(o.receiver.messages) >= 1, "message at the receiver")
+    await wait_for(o.queue_empty, "queue empty")
+
+    (got,) = o.receiver.messages
+    assert got.sender == ALICE
+    assert got.recipients == ["someone@remote.test"]
+    assert got.tls, "the receiver offered STARTTLS; delivery must use it"
+    assert got.helo == o.node.cfg.server.hostname
+    assert f"Subject: {token}".encode() in got.data
+    assert f"body of {token}".encode() in got.data
+    assert b"with ESMTPSA" in got.data  # the MSA's Received header went out with it
+    assert b"\r\nMessage-ID: <" in got.data
+    assert b"alice-pw" not in got.data
+    # Found through DNS: the MX of remote.test, then the A record of its exchange.
+    assert ("remote.test", "MX") in o.dns.queries
+    assert ("mx1.remote.test", "A") in o.dns.queries
+    assert len(o.receiver.mail_commands) == 1
+    assert o.rcpt_count("someone@remote.test") == 1
+    # Nothing landed locally: no bounce, no copy.
+    assert all_stored(o.node) == 0
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed (CI installs it)")
+@pytest.mark.parametrize(("service", "tls_flag"), [("submission", "--tls"),
+                                                    ("submissions", "--tlsc")])
+async def test_swaks_submission_is_delivered(
+    outbound: OutboundFactory, service: str, tls_flag: str
+) -> None:
+    o = await outbound()
+    token = f"swaks-{secrets.token_hex(6)}"
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        ["swaks", "--server", f"127.0.0.1:{o.node.port(service)}", tls_flag,
+         "--auth", "PLAIN", "--auth-user", ALICE, "--auth-password", "alice-pw",
+         "--from", ALICE, "--to", "someone@remote.test",
+         "--header", f"From: {ALICE}", "--header", f"Subject: {token}",
+         "--body", f"swaks body {token}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    await wait_for(lambda: len(o.receiver.messages) >= 1, "message at the receiver")
+    await wait_for(o.queue_empty, "queue empty")
+    (got,) = o.receiver.messages
+    assert (got.sender, got.recipients) == (ALICE, ["someone@remote.test"])
+    assert f"swaks body {token}".encode() in got.data
+    assert b"with ESMTPSA" in got.data
+    assert all_stored(o.node) == 0
+
+
+# ---------------------------------------------------------------------------- 3: 4xx then 250
+
+
+@pytest.mark.parametrize("stage", ["rcpt", "data"])
+async def test_temporary_failure_is_retried_then_delivered_without_bounce(
+    outbound: OutboundFactory, client_ssl_context: ssl.SSLContext, stage: str
+) -> None:
+    if stage == "rcpt":
+        o = await outbound(rcpt_replies={"someone@remote.test": ["450 4.2.1 try again later"]})
+    else:
+        o = await outbound(data_replies=["451 4.3.0 temporary local problem"])
+    msg, token = new_message(["someone@remote.test"])
+    await asyncio.to_thread(
+        submit, o.node.port("submission"), client_ssl_context, msg, ["someone@remote.test"]
+    )
+    await wait_for(lambda: len(o.receiver.messages) >= 1, "delivered after a retry")
+    await wait_for(o.queue_empty, "queue empty")
+
+    (got,) = o.receiver.messages
+    assert (got.sender, got.recipients) == (ALICE, ["someone@remote.test"])
+    assert f"Subject: {token}".encode() in got.data
+    assert len(o.receiver.mail_commands) == 2, "exactly one failed attempt, one retry"
+    assert o.rcpt_count("someone@remote.test") == 2
+    assert o.receiver.sessions == 2
+    assert maildir_files(o.node, ALICE) == [], "a temporary failure must not bounce"
+    assert all_stored(o.node) == 0
+
+
+# ---------------------------------------------------------------------------- 4: 5xx -> one bounce
+
+
+async def test_permanent_failure_bounces_once_to_the_submitter_only(
+    outbound: OutboundFactory, client_ssl_context: ssl.SSLContext
+) -> None:
+    o = await outbound(rcpt_replies={"someone@remote.test": ["550 5.1.1 no such user here"]})
+    msg, token = new_message(["someone@remote.test"])
+    await asyncio.to_thread(
+        submit, o.node.port("submission"), client_ssl_context, msg, ["someone@remote.test"]
+    )
+    await wait_for(lambda: len(maildir_files(o.node, ALICE)) >= 1, "bounce in alice's Maildir")
+    # The entry is deleted only after its bounce was stored: an empty queue means done.
+    await wait_for(o.queue_empty, "queue empty")
+
+    (bounce,) = maildir_files(o.node, ALICE)
+    check_bounce(bounce, failed=["someone@remote.test"], not_listed=[], token=token)
+    # Nothing to anyone else: one attempt at the receiver, no message accepted there,
+    # no DSN sent out by SMTP (no MAIL FROM:<>), nothing in any other Maildir.
+    assert o.receiver.messages == []
+    assert len(o.receiver.mail_commands) == 1
+    assert o.receiver.mail_commands[0].upper().startswith(f"MAIL FROM:<{ALICE.upper()}>")
+    assert o.rcpt_count("someone@remote.test") == 1, "a 5xx must not be retried"
+    assert maildir_files(o.node, BOB) == []
+    assert all_stored(o.node) == 1
+
+
+# ---------------------------------------------------------------------------- 5: MX -> no bounce
+
+
+@pytest.mark.parametrize(
+    "sender",
+    ["victim@elsewhere.test", ALICE, ""],
+    ids=["forged-external", "forged-local-user", "null-sender"],
+)
+async def test_mail_from_the_mx_that_fails_is_never_bounced(
+    outbound: OutboundFactory, sender: str
+) -> None:
+    o = await outbound(rcpt_replies={"x@remote.test": ["550 5.1.1 no such user here"]})
+    o.node.directory.add_alias("fwd@example.test", ["x@remote.test"])
+    msg, token = new_message(["fwd@example.test"], sender=sender or "nobody@elsewhere.test")
+
+    def send() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", o.node.port("mx"), timeout=30) as s:
+            s.ehlo("client.elsewhere.test")
+            return s.send_message(msg, from_addr=sender, to_addrs=["fwd@example.test"])
+
+    assert await asyncio.to_thread(send) == {}
+    await wait_for(lambda: o.rcpt_count("x@remote.test") >= 1, "forward attempted")
+    await wait_for(o.queue_empty, "queue empty")
+
+    # The forward was tried once and refused; no DSN anywhere: not to the envelope sender
+    # (whose domain's MX is this very receiver), not to a local Maildir, not by SMTP.
+    assert o.receiver.messages == []
+    # The single MAIL is the forward itself (the original envelope sender), no DSN.
+    (mail,) = o.receiver.mail_commands
+    assert mail.upper().startswith(f"MAIL FROM:<{sender.upper()}>")
+    assert o.rcpt_count("x@remote.test") == 1
+    assert all_stored(o.node) == 0
+    assert maildir_files(o.node, ALICE) == []
+    assert f"Subject: {token}" not in "".join(o.receiver.commands)
+
+
+# ---------------------------------------------------------------------------- 6: mixed results
+
+
+async def test_mixed_domains_only_the_failing_recipient_is_bounced(
+    outbound: OutboundFactory, client_ssl_context: ssl.SSLContext
+) -> None:
+    o = await outbound(rcpt_replies={"bad@second.test": ["550 5.1.1 no such user here"]})
+    rcpts = ["good@remote.test", "bad@second.test"]
+    msg, token = new_message(rcpts)
+    await asyncio.to_thread(submit, o.node.port("submission"), client_ssl_context, msg, rcpts)
+    await wait_for(lambda: len(maildir_files(o.node, ALICE)) >= 1, "bounce in alice's Maildir")
+    await wait_for(o.queue_empty, "queue empty")
+
+    (got,) = o.receiver.messages
+    assert (got.sender, got.recipients) == (ALICE, ["good@remote.test"])
+    assert f"Subject: {token}".encode() in got.data
+    assert o.rcpt_count("good@remote.test") == 1
+    assert o.rcpt_count("bad@second.test") == 1
+    assert o.receiver.sessions == 2, "one connection per domain"
+    (bounce,) = maildir_files(o.node, ALICE)
+    check_bounce(bounce, failed=["bad@second.test"], not_listed=["good@remote.test"],
+                 token=token)
+    assert maildir_files(o.node, BOB) == []
+
+
+async def test_mixed_domains_only_the_deferred_recipient_is_retried(
+    outbound: OutboundFactory, client_ssl_context: ssl.SSLContext
+) -> None:
+    o = await outbound(rcpt_replies={"slow@third.test": ["451 4.7.1 greylisted, come back"]})
+    rcpts = ["good@remote.test", "slow@third.test"]
+    msg, token = new_message(rcpts)
+    await asyncio.to_thread(submit, o.node.port("submission"), client_ssl_context, msg, rcpts)
+    await wait_for(lambda: len(o.receiver.messages) >= 2, "both delivered")
+    await wait_for(o.queue_empty, "queue empty")
+
+    by_rcpt = {tuple(m.recipients): m for m in o.receiver.messages}
+    assert sorted(by_rcpt) == [("good@remote.test",), ("slow@third.test",)]
+    assert all(m.sender == ALICE and f"Subject: {token}".encode() in m.data
+               for m in o.receiver.messages)
+    assert o.rcpt_count("good@remote.test") == 1, "a delivered recipient is not retried"
+    assert o.rcpt_count("slow@third.test") == 2
+    assert maildir_files(o.node, ALICE) == []
+    assert all_stored(o.node) == 0
+
+
+# ---------------------------------------------------------------------------- 7: kill -9
+
+
+def _cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailfort", *args, "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_queue_entry_survives_sigkill_and_is_delivered_after_restart(
+    tmp_path: Path,
+    tls_ca: trustme.CA,
+    client_ssl_context: ssl.SSLContext,
+    dns_server: DNSServer,
+    receivers: ReceiverFactory,
+    receiver_tls: ssl.SSLContext,
+) -> None:
+    # The receiver holds its reply to DATA: the server is killed mid-delivery, so the
+    # entry is on disk, not yet delivered, and the receiver has acknowledged nothing.
+    stall = asyncio.Event()
+    receiver = await receivers(ssl_context=receiver_tls, stall_data=stall)
+    mx_to_loopback(dns_server, "remote.test")
+
+    cert = tls_ca.issue_cert("127.0.0.1", "mailfort.example.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    data = tmp_path / "data"
+    port = free_port()
+    cfg_path = tmp_path / "mailfort.toml"
+    cfg_path.write_text(
+        "[server]\n"
+        'hostname = "mailfort.example.test"\n'
+        f'data_dir = "{data}"\n'
+        "[tls]\n"
+        f'cert_file = "{tmp_path / "cert.pem"}"\n'
+        f'key_file = "{tmp_path / "key.pem"}"\n'
+        "[listen]\n"
+        f'mx = []\nsubmission = ["127.0.0.1:{port}"]\nsubmissions = []\npop3 = []\npop3s = []\n'
+        "[dns]\n"
+        f'nameservers = ["127.0.0.1"]\nport = {dns_server.port}\ntimeout = 1.0\n'
+        "[queue]\n"
+        f"mx_port = {receiver.port}\ninitial_retry = 0.2\nmax_retry = 0.5\n"
+        "connect_timeout = 2.0\n"
+    )
+    password = "alice-long-password"
+    (tmp_path / "pw.txt").write_text(password + "\n")
+    await asyncio.to_thread(_cli, "domain", "add", "example.test", config=cfg_path)
+    await asyncio.to_thread(_cli, "user", "add", ALICE, "--password-file",
+                            str(tmp_path / "pw.txt"), config=cfg_path)
+
+    def serve() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mailfort", "serve", "--config", str(cfg_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    msg, token = new_message(["someone@remote.test"])
+    proc = serve()
+    try:
+        await wait_port(port, proc)
+        await asyncio.to_thread(
+            submit, port, client_ssl_context, msg, ["someone@remote.test"], password=password
+        )
+        await asyncio.wait_for(receiver.data_started.wait(), DEADLINE)
+        os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.to_thread(proc.wait)
+    finally:
+        _stop(proc)
+    assert receiver.messages == []
+
+    (entry,) = Queue(data / "queue").list()
+    assert entry.sender == ALICE
+    assert entry.submitted_by == ALICE
+    assert [(r.address, r.active) for r in entry.recipients] == [("someone@remote.test", True)]
+    assert f"Subject: {token}".encode() in Queue(data / "queue").read_message(entry.id)
+
+    proc = serve()
+    try:
+        await wait_port(port, proc)
+        # Release the stalled session only once the restarted server has reconnected:
+        # the killed session's EOF is then long seen, so the receiver drops it unacknowledged.
+        await wait_for(lambda: receiver.sessions >= 2, "restarted server reconnects")
+        stall.set()
+        await wait_for(lambda: len(receiver.messages) >= 1, "delivered after restart")
+        queue = Queue(data / "queue")
+        await wait_for(lambda: queue.list() == [], "queue empty after restart")
+    finally:
+        _stop(proc)
+
+    (got,) = receiver.messages
+    assert (got.sender, got.recipients) == (ALICE, ["someone@remote.test"])
+    assert f"Subject: {token}".encode() in got.data
+    assert got.tls
+    new = maildir_for(data, ALICE) / "new"
+    assert not new.exists() or list(new.iterdir()) == [], "delivered: nothing to bounce"
