@@ -66,29 +66,13 @@ async def one_message(
     host: str, port: int, body: bytes, rcpt: str, sender: str,
     auth: tuple[str, str] | None, tls: ssl.SSLContext | None,
 ) -> bool:
-    reader, writer = await asyncio.open_connection(host, port)
+    session = await open_session(host, port, auth, tls)
+    if session is None:
+        return False
+    reader, writer = session
     try:
-        await _reply(reader)
-        writer.write(b"EHLO bench.client\r\n")
-        await _reply(reader)
-        if tls is not None:
-            writer.write(b"STARTTLS\r\n")
-            if not (await _reply(reader)).startswith(b"220"):
-                return False
-            await writer.start_tls(tls)
-            writer.write(b"EHLO bench.client\r\n")
-            await _reply(reader)
-        if auth is not None:
-            token = base64.b64encode(f"\0{auth[0]}\0{auth[1]}".encode()).decode()
-            writer.write(f"AUTH PLAIN {token}\r\n".encode())
-            if not (await _reply(reader)).startswith(b"235"):
-                return False
-        writer.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
-        r1, r2, r3 = await _reply(reader), await _reply(reader), await _reply(reader)
-        if not (r1.startswith(b"250") and r2.startswith(b"250") and r3.startswith(b"354")):
-            return False
-        writer.write(body + b".\r\nQUIT\r\n")
-        ok = (await _reply(reader)).startswith(b"250")
+        ok = await send_in_session(reader, writer, body, rcpt, sender)
+        writer.write(b"QUIT\r\n")
         await _reply(reader)
         return ok
     finally:

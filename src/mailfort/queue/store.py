@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from mailfort.store.durable import fsync_dir
+
 RecipientState = Literal["pending", "deferred", "delivered", "failed"]
 ACTIVE: tuple[str, ...] = ("pending", "deferred")
 
@@ -124,13 +126,6 @@ class Entry:
         return cls(recipients=rcpts, **{k: v for k, v in d.items() if k in enames})
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -190,8 +185,8 @@ class Queue:
                 (self.env_dir / f"{ident}.json").unlink(missing_ok=True)
                 removed += 1
         if removed:
-            _fsync_dir(self.msg_dir)
-            _fsync_dir(self.env_dir)
+            fsync_dir(self.msg_dir)
+            fsync_dir(self.env_dir)
         return removed
 
     # ------------------------------------------------------------------ enqueue
@@ -250,7 +245,7 @@ class Queue:
     ) -> str:
         try:
             _fsync_file(msg_path)
-            _fsync_dir(self.msg_dir)
+            fsync_dir(self.msg_dir)
             now = time.time()
             rcpts = [Recipient(address=a, next_attempt=now) for a in dict.fromkeys(recipients)]
             entry = Entry(
@@ -283,7 +278,7 @@ class Queue:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.env_dir)
+        fsync_dir(self.env_dir)
 
     @staticmethod
     def check_id(ident: str) -> str:
@@ -338,7 +333,7 @@ class Queue:
                 env.unlink()
             except FileNotFoundError:
                 raise QueueError(f"no such queue entry: {ident}") from None
-            _fsync_dir(self.env_dir)
+            fsync_dir(self.env_dir)
             (self.msg_dir / ident).unlink(missing_ok=True)
 
     def retry(self, ident: str | None = None, now: float | None = None) -> int:

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import ssl
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -37,6 +35,7 @@ from mailfort.protocol.pop3 import (
     Retrieve,
     StartTLS,
 )
+from mailfort.server.connections import Admission, ConnectionLimiter, is_loopback
 from mailfort.store.maildir import maildir_for
 from mailfort.store.pop3_mailbox import CHUNK, MailboxInUse, POP3Mailbox
 
@@ -55,12 +54,6 @@ class Authenticator(Protocol):
 
     async def verify(self, username: str, password: str, client_ip: str) -> AuthOutcome: ...
 
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
 
 
 class POP3Server:
@@ -99,7 +92,7 @@ class POP3Server:
             if allow_plaintext else base
         )
         self.sessions: set[POP3Session] = set()
-        self.per_ip: Counter[str] = Counter()
+        self.limiter = ConnectionLimiter(limits.max_connections, limits.max_connections_per_ip)
         self.servers: list[asyncio.base_events.Server] = []
 
     async def start(self, host: str, port: int) -> asyncio.base_events.Server:
@@ -157,16 +150,16 @@ class POP3Session(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_ip = str(peer[0])
         srv = self.server
-        settings = srv.loopback_settings if _is_loopback(self.peer_ip) else srv.settings
+        settings = srv.loopback_settings if is_loopback(self.peer_ip) else srv.settings
         self.engine = POP3Engine(settings, tls_active=srv.implicit_tls)
         lim = srv.limits
-        if len(srv.sessions) >= lim.max_connections:
+        admission = srv.limiter.admit(self.peer_ip)
+        if admission is Admission.TOO_MANY:
             self.engine.refuse_connection(TOO_MANY_CONNECTIONS)
-        elif srv.per_ip[self.peer_ip] >= lim.max_connections_per_ip:
+        elif admission is Admission.TOO_MANY_FROM_IP:
             self.engine.refuse_connection(TOO_MANY_FROM_IP)
         else:
             srv.sessions.add(self)
-            srv.per_ip[self.peer_ip] += 1
             self.counted = True
             self.engine.greet()
             self._arm_timer(lim.pop3_idle_timeout)
@@ -202,9 +195,7 @@ class POP3Session(asyncio.Protocol):
         if self.counted:
             self.counted = False
             srv.sessions.discard(self)
-            srv.per_ip[self.peer_ip] -= 1
-            if srv.per_ip[self.peer_ip] <= 0:
-                del srv.per_ip[self.peer_ip]
+            srv.limiter.release(self.peer_ip)
 
     def shutdown(self) -> None:
         if self.engine is not None and self.transport is not None:

@@ -15,7 +15,6 @@ import ipaddress
 import logging
 import ssl
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -43,6 +42,7 @@ from mailfort.protocol.smtp import (
     SMTPEngine,
     StartTLS,
 )
+from mailfort.server.connections import Admission, ConnectionLimiter, is_loopback
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
 
 log = logging.getLogger("mailfort.smtp")
@@ -115,7 +115,9 @@ class SMTPService:
         self.enqueue = enqueue
         self.submission = submission
         self.sessions: set[SMTPSession] = set()
-        self.per_ip: Counter[str] = Counter()
+        self.limiter = ConnectionLimiter(
+            cfg.limits.max_connections, cfg.limits.max_connections_per_ip
+        )
         self.servers: list[asyncio.base_events.Server] = []
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks]
         lim = cfg.limits
@@ -172,12 +174,6 @@ def _fields(settings: EngineSettings) -> dict[str, object]:
     return {name: getattr(settings, name) for name in settings.__slots__}
 
 
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
-
 
 class SMTPSession(asyncio.Protocol):
     """One client connection."""
@@ -210,20 +206,20 @@ class SMTPSession(asyncio.Protocol):
         self.peer_ip, self.peer_port = str(peer[0]), int(peer[1])
         svc = self.service
         settings = (
-            svc.loopback_settings if _is_loopback(self.peer_ip) else svc.settings
+            svc.loopback_settings if is_loopback(self.peer_ip) else svc.settings
         )
         tls = svc.options.implicit_tls
         self.engine = SMTPEngine(settings, tls_active=tls)
         if tls:
             self._note_tls(transport)
         lim = svc.cfg.limits
-        if len(svc.sessions) >= lim.max_connections:
+        admission = svc.limiter.admit(self.peer_ip)
+        if admission is Admission.TOO_MANY:
             self.engine.refuse_connection(TOO_MANY_CONNECTIONS)
-        elif svc.per_ip[self.peer_ip] >= lim.max_connections_per_ip:
+        elif admission is Admission.TOO_MANY_FROM_IP:
             self.engine.refuse_connection(TOO_MANY_FROM_IP)
         else:
             svc.sessions.add(self)
-            svc.per_ip[self.peer_ip] += 1
             self.counted = True
             self.engine.greet()
             self._arm_timer(lim.idle_timeout)
@@ -251,9 +247,7 @@ class SMTPSession(asyncio.Protocol):
         if self.counted:
             self.counted = False
             svc.sessions.discard(self)
-            svc.per_ip[self.peer_ip] -= 1
-            if svc.per_ip[self.peer_ip] <= 0:
-                del svc.per_ip[self.peer_ip]
+            svc.limiter.release(self.peer_ip)
         self.transport = None
 
     def shutdown(self) -> None:

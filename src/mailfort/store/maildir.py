@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailfort.store.durable import fsync_dir
+
 _SPOOL_MEMORY = 64 * 1024  # bytes a message may hold in memory before it goes to a file
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
@@ -263,11 +265,7 @@ class Committer:
                 self._syncfs(jobs[0].spool.fileno())
             else:
                 for d in dirs:
-                    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    fsync_dir(d)
         except OSError as exc:
             for job in jobs:
                 job.error = exc

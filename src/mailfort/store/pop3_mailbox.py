@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailfort.protocol.pop3 import MessageEncoder, SizeCounter
+from mailfort.store.durable import fsync_dir
 
 CHUNK = 64 * 1024
 LOCK_NAME = "mailfort-pop3.lock"
@@ -121,13 +122,6 @@ def _read_size(path: Path) -> int:
             counter.feed(chunk)
     return counter.size()
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class POP3Mailbox:
@@ -230,7 +224,7 @@ class POP3Mailbox:
             dirs.add(msg.path.parent)
         for d in dirs:
             try:
-                _fsync_dir(d)
+                fsync_dir(d)
             except OSError:
                 failures += 1
         return failures
