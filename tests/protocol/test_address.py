@@ -12,6 +12,7 @@ from mailfort.protocol.address import (
     parse_esmtp_params,
     parse_mail_argument,
 )
+from tests.fuzzing import examples
 
 
 def rcpt(arg: str, *, utf8: bool = False) -> Mailbox:
@@ -129,7 +130,7 @@ def test_str_requotes_only_when_needed() -> None:
     assert str(rcpt('TO:<"plain"@example.test>')) == "plain@example.test"
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.text(max_size=120))
 def test_arbitrary_text_only_raises_address_error(text: str) -> None:
     try:
@@ -148,7 +149,7 @@ _atom = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-/=?^_`{|}
 _label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.one_of(
         st.lists(_atom, min_size=1, max_size=4).map(".".join),

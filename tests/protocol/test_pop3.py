@@ -20,6 +20,7 @@ from mailfort.protocol.pop3 import (
     State,
     wire_size,
 )
+from tests.fuzzing import examples
 
 STLS_SETTINGS = EngineSettings(tls_available=True, max_errors=5)
 LISTING = [("uid-a", 100), ("uid-b", 250), ("uid-c", 7)]
@@ -316,7 +317,7 @@ def test_encoder_top() -> None:
     assert encode(b"A: 1\nB: 2\n", 1) == b"A: 1\r\nB: 2\r\n.\r\n"  # no body at all
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=300).map(lambda b: b.replace(b"x", b"\n").replace(b"y", b"\r")),
        st.integers(min_value=1, max_value=20))
 def test_encoder_properties(data: bytes, chunk: int) -> None:
@@ -341,7 +342,7 @@ COMMANDS = [
 ]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(
     tls=st.booleans(),
     plaintext=st.booleans(),

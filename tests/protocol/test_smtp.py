@@ -22,6 +22,7 @@ from mailfort.protocol.smtp import (
     SMTPEngine,
     StartTLS,
 )
+from tests.fuzzing import examples
 
 
 class Driver:
@@ -327,7 +328,7 @@ _commands = st.sampled_from(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.one_of(_commands, st.binary(max_size=80)), max_size=40))
 def test_arbitrary_streams_never_crash_and_never_store_malformed(chunks: list[bytes]) -> None:
     d = Driver(tls_available=True, max_message_size=4096)
