@@ -152,6 +152,16 @@ def test_command_line_too_long() -> None:
     assert d.send(b"NOOP\r\n").startswith("250")
 
 
+def test_command_line_limit_is_512_octets_with_crlf() -> None:
+    d = Driver()
+    ok = b"NOOP " + b"x" * (512 - 7) + b"\r\n"
+    assert len(ok) == 512
+    assert d.send(ok).startswith("250")
+    too_long = b"NOOP " + b"x" * (513 - 7) + b"\r\n"
+    assert d.send(too_long).startswith("500 5.5.2")
+    assert d.send(b"NOOP\r\n").startswith("250")
+
+
 def test_data_line_too_long_refused_after_end() -> None:
     d = Driver()
     out = d.transaction(b"Subject: x\r\n\r\n" + b"y" * 1200 + b"\r\n.\r\n")

@@ -341,9 +341,9 @@ class SMTPEngine:
     def _step_line(self) -> bool:
         buf = self._inbuf
         limit = _MAX_AUTH_LINE if self._state is _S.AUTH else self.s.max_command_line
-        nl = buf.find(b"\n", 0, limit + 1)
+        nl = buf.find(b"\n", 0, limit)  # a line may be `limit` octets with its CRLF
         if nl < 0:
-            if len(buf) > limit:
+            if len(buf) >= limit:
                 if not self._discarding_line:
                     self._discarding_line = True
                     self._line_error(LINE_TOO_LONG)
