@@ -48,6 +48,9 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
             "pop3": ["127.0.0.1:0"],
             "pop3s": ["127.0.0.1:0"],
         },
+        # Never the system resolver: a test that queues remote mail must not send a DNS
+        # query off this machine. Nothing listens here, so lookups fail at once (4xx).
+        "dns": {"nameservers": ["127.0.0.1"], "port": 9, "timeout": 1.0},
     }
     for name, table in sections.items():
         raw.setdefault(name, {}).update(table)
