@@ -92,6 +92,16 @@ def fill_maildir(path: Path, count: int, size: int, owner: tuple[int, int] | Non
             os.chown(d, *owner)
 
 
+# cold: fresh messages in new/; warm: right after the cold session (back to back);
+# settled: the same, SETTLE seconds later, once each server's end-of-session work is done.
+PHASES = {
+    "cold": "messages in new/, no index",
+    "warm": "in cur/, right after the previous session",
+    "settled": "in cur/, 1 s after the previous session",
+}
+SETTLE = 1.0
+
+
 @dataclass
 class Session:
     rate: float  # messages per second over the whole session
@@ -205,7 +215,9 @@ def main() -> int:
             for rep in range(args.reps):
                 for name, port, path, owner, password in servers:
                     fill_maildir(path, args.messages, args.size, owner)
-                    for phase in ("cold", "warm"):
+                    for phase in PHASES:
+                        if phase == "settled":
+                            time.sleep(SETTLE)  # the previous session's tail work is done
                         s = pop3_session(port, "alice@example.test", password, args.messages)
                         results.setdefault(f"{name} {phase}", []).append(s)
                         print(f"#   rep {rep + 1} {name} {phase}: {s.rate:.0f} msg/s, "
@@ -214,10 +226,10 @@ def main() -> int:
                               f"STAT {s.count} msgs {s.octets} octets, "
                               f"client CPU {s.client_cpu:.0%}", flush=True)
             kb = args.size // 1024 or 1
-            for phase in ("cold", "warm"):
+            for phase in PHASES:
                 ours = statistics.median(s.rate for s in results[f"mailfort {phase}"])
                 what = (f"POP3 RETR {args.messages} x {kb} KB, one session, {phase} "
-                        f"({'messages in new/, no index' if phase == 'cold' else 'in cur/'})")
+                        f"({PHASES[phase]})")
                 if args.no_reference:
                     rows.append(f"| {what} | — | {ours:.0f} msg/s | — |")
                     continue

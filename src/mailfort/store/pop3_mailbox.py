@@ -202,7 +202,8 @@ class POP3Mailbox:
     def reader(self, index: int, top_lines: int | None) -> MessageReader:
         """Open one message for RETR (``top_lines`` None) or TOP; OSError if it is gone."""
         msg = self.messages[index]
-        f = open(msg.path, "rb")  # noqa: SIM115 - closed by MessageReader
+        # Unbuffered: the reader asks for CHUNK-sized pieces, one read(2) each.
+        f = open(msg.path, "rb", buffering=0)  # noqa: SIM115 - closed by MessageReader
         if top_lines is None:
             msg.seen = True
         return MessageReader(f, top_lines)
