@@ -67,7 +67,7 @@ def _sort_key(name: str, mtime_ns: int) -> tuple[int, int, str]:
 @dataclass(slots=True)
 class StoredMessage:
     uid: str
-    path: Path  # where the file is now (cur/ once the mailbox is open)
+    path: str  # where the file is now (a plain string: a login makes thousands of these)
     size: int  # wire octets (CRLF), as LIST reports and RETR sends before stuffing
     seen: bool = False  # retrieved whole in this session: gets the S flag at close
     deleted: bool = False  # removed in the UPDATE state
@@ -112,8 +112,8 @@ def size_from_name(name: str) -> int | None:
     return None
 
 
-def _read_size(path: Path) -> int:
-    name_size = size_from_name(path.name)
+def _read_size(path: str) -> int:
+    name_size = size_from_name(os.path.basename(path))
     if name_size is not None:
         return name_size
     counter = SizeCounter()
@@ -182,9 +182,8 @@ class POP3Mailbox:
         found.sort(key=lambda item: item[0])
         messages: list[StoredMessage] = []
         seen_uids: set[str] = set()
-        for _, spath in found:
-            path = Path(spath)
-            uid = uid_for(path.name)
+        for _, path in found:
+            uid = uid_for(os.path.basename(path))
             if uid in seen_uids:  # the same unique name twice (new/ and cur/): show one
                 continue
             try:
@@ -211,7 +210,7 @@ class POP3Mailbox:
     def delete(self, indexes: list[int]) -> int:
         """UPDATE state: remove these messages durably; returns how many could not be."""
         failures = 0
-        dirs: set[Path] = set()
+        dirs: set[str] = set()
         for i in indexes:
             msg = self.messages[i]
             try:
@@ -222,7 +221,7 @@ class POP3Mailbox:
                 failures += 1
                 continue
             msg.deleted = True
-            dirs.add(msg.path.parent)
+            dirs.add(os.path.dirname(msg.path))
         for d in dirs:
             try:
                 fsync_dir(d)
@@ -258,8 +257,8 @@ class POP3Mailbox:
     @staticmethod
     def _file_in_cur(msg: StoredMessage) -> None:
         """new/ -> cur/ (seen by a reader), adding the S flag if it was retrieved."""
-        name = msg.path.name
-        in_new = msg.path.parent.name == "new"
+        folder, name = os.path.split(msg.path)
+        in_new = os.path.basename(folder) == "new"
         unique, sep, info = name.partition(":")
         if sep and info.startswith("2,"):
             flags = info[2:]
@@ -271,7 +270,7 @@ class POP3Mailbox:
             flags = "".join(sorted(flags + "S"))
         elif not in_new and sep:
             return  # already in cur/ with nothing to add
-        target = msg.path.parent.parent / "cur" / f"{unique}:2,{flags}"
+        target = os.path.join(os.path.dirname(folder), "cur", f"{unique}:2,{flags}")
         with contextlib.suppress(OSError):
             os.rename(msg.path, target)
             msg.path = target
