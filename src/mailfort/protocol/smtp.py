@@ -153,7 +153,6 @@ EXPN_REPLY = Reply(502, "5.5.1", "EXPN not available")
 NO_VALID_RCPT = Reply(554, "5.5.1", "No valid recipients")
 NEED_HELO = Reply(503, "5.5.1", "Send EHLO/HELO first")
 NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
-NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first")
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
 TOO_MANY_RCPT = Reply(452, "4.5.3", "Too many recipients")
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
@@ -219,10 +218,6 @@ class SMTPEngine:
     @property
     def waiting(self) -> bool:
         return self._state is _S.WAIT
-
-    @property
-    def in_transaction(self) -> bool:
-        return self._mail_given
 
     def receive(self, data: bytes) -> None:
         if self._state is not _S.CLOSED:

@@ -186,7 +186,6 @@ class SMTPSession(asyncio.Protocol):
         self.peer_port = 0
         self.envelope = Envelope()
         self.spool: Spool | None = None
-        self.spool_error = False
         self.task: asyncio.Task[None] | None = None
         self.started = time.monotonic()
         self.last_activity = self.started

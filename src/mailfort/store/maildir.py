@@ -77,10 +77,9 @@ _SYNCFS = _load_syncfs()
 class Spool:
     """One message being received: in memory while small, in a spool file once large."""
 
-    __slots__ = ("_buf", "_dir", "_fd", "failed", "name", "path", "size")
+    __slots__ = ("_buf", "_fd", "failed", "name", "path", "size")
 
     def __init__(self, spool_dir: Path) -> None:
-        self._dir = spool_dir
         self.name = unique_name()
         self.path = spool_dir / self.name
         self._buf = bytearray()

@@ -1,0 +1,79 @@
+"""The group-commit Maildir store: durable, batched, nothing partial on failure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailfort.store.maildir import Committer, StorageError, maildir_for
+
+
+@pytest.fixture
+def committer(tmp_path: Path) -> Iterator[Committer]:
+    c = Committer(tmp_path)
+    yield c
+    c.stop()
+
+
+async def store(c: Committer, body: bytes, users: list[str]) -> None:
+    spool = c.new_spool()
+    spool.write(body)
+    await c.commit(spool, [maildir_for(c.data_dir, u) for u in users])
+
+
+async def test_concurrent_messages_share_flushes(committer: Committer) -> None:
+    bodies = [b"Subject: %d\r\n\r\n" % i + b"x" * (i * 100) + b"\r\n" for i in range(60)]
+    await asyncio.gather(*(store(committer, b, ["a@d.test"]) for b in bodies))
+    new = maildir_for(committer.data_dir, "a@d.test") / "new"
+    files = sorted(new.iterdir())
+    assert sorted(f.read_bytes() for f in files) == sorted(bodies)
+    for f in files:  # Maildir++ sizes in the name match the content
+        size = f.stat().st_size
+        assert f.name.endswith(f",S={size},W={size}")
+    assert committer.messages == 60
+    assert committer.batches < 60  # group commit: several messages per flush
+    assert list(committer.spool_dir.iterdir()) == []
+
+
+async def test_large_message_goes_through_a_spool_file(committer: Committer) -> None:
+    body = b"y" * 998 + b"\r\n"
+    spool = committer.new_spool()
+    for _ in range(200):
+        spool.write(body)
+    assert spool.path.exists()  # past the in-memory threshold it streams to disk
+    await committer.commit(spool, [maildir_for(committer.data_dir, "a@d.test")])
+    (f,) = (maildir_for(committer.data_dir, "a@d.test") / "new").iterdir()
+    assert f.stat().st_size == len(body) * 200
+
+
+async def test_one_file_per_recipient_and_no_partial_delivery(committer: Committer) -> None:
+    await store(committer, b"Subject: x\r\n\r\nhi\r\n", ["a@d.test", "b@d.test"])
+    for u in ("a@d.test", "b@d.test"):
+        assert len(list((maildir_for(committer.data_dir, u) / "new").iterdir())) == 1
+    broken = maildir_for(committer.data_dir, "c@d.test")
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    broken.write_text("not a maildir")
+    with pytest.raises(StorageError):
+        await store(committer, b"Subject: y\r\n\r\nhi\r\n", ["a@d.test", "c@d.test"])
+    # a@d.test did not keep a copy of the refused message
+    assert len(list((maildir_for(committer.data_dir, "a@d.test") / "new").iterdir())) == 1
+    assert list(committer.spool_dir.iterdir()) == []
+
+
+def test_recover_removes_unacknowledged_spool_files(tmp_path: Path) -> None:
+    c = Committer(tmp_path)
+    try:
+        (c.spool_dir / "leftover").write_bytes(b"half a message")
+        assert c.recover() == 1
+        assert list(c.spool_dir.iterdir()) == []
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("bad", ["nobody", "@d.test", "a@", "../x@d.test", "a@../d", ".a@d"])
+def test_maildir_for_refuses_odd_addresses(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ValueError):
+        maildir_for(tmp_path, bad)
