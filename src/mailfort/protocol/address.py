@@ -144,7 +144,7 @@ class _Scanner:
 
     def quoted_string(self) -> str:
         self.expect('"')
-        out = []
+        out: list[str] = []
         while True:
             c = self.peek()
             if not c:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -147,13 +148,16 @@ class DeliveryWorker:
             if cooldown <= now and entry.is_due(now):
                 task = asyncio.create_task(self._process(entry.id))
                 self._inflight[entry.id] = task
-                task.add_done_callback(lambda _t, i=entry.id: self._done(i))
+                task.add_done_callback(functools.partial(self._task_done, entry.id))
                 continue
             na = entry.next_attempt
             if na is not None:
                 na = max(na, cooldown)
                 next_due = na if next_due is None else min(next_due, na)
         return next_due
+
+    def _task_done(self, ident: str, _task: asyncio.Task[None]) -> None:
+        self._done(ident)
 
     def _done(self, ident: str) -> None:
         """An entry was processed: rescan, so its next due time is slept on."""

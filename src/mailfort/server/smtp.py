@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import ssl
@@ -134,7 +135,7 @@ class SMTPService:
         )
         # On loopback the operator may allow AUTH in the clear (lab, local MUAs).
         self.loopback_settings = (
-            EngineSettings(**{**_fields(self.settings), "auth_requires_tls": False})
+            dataclasses.replace(self.settings, auth_requires_tls=False)
             if options.plaintext_auth_on_loopback
             else self.settings
         )
@@ -168,10 +169,6 @@ class SMTPService:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
-
-
-def _fields(settings: EngineSettings) -> dict[str, object]:
-    return {name: getattr(settings, name) for name in settings.__slots__}
 
 
 
