@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,3 +77,21 @@ def test_recover_removes_unacknowledged_spool_files(tmp_path: Path) -> None:
 def test_maildir_for_refuses_odd_addresses(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ValueError):
         maildir_for(tmp_path, bad)
+
+
+async def test_refused_message_is_taken_back_from_the_queue_too(committer: Committer) -> None:
+    handed: list[Path] = []
+    taken_back: list[Path] = []
+
+    def to_queue(path: Path) -> Callable[[], None]:
+        handed.append(path)
+        return lambda: taken_back.append(path)
+
+    broken = maildir_for(committer.data_dir, "c@d.test")
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    broken.write_text("not a maildir")
+    spool = committer.new_spool()
+    spool.write(b"Subject: x\r\n\r\nfor a local and a remote recipient\r\n")
+    with pytest.raises(StorageError):
+        await committer.commit(spool, [broken], to_queue)
+    assert handed and taken_back == handed  # the 451 leaves no queued copy behind

@@ -12,6 +12,7 @@ import logging
 import resource
 import signal
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from mailfort.config import Config
@@ -64,11 +65,14 @@ class Node:
         self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
 
-    def _enqueue(self, path: Path, env: Envelope, submitted_by: str | None) -> None:
-        """Runs on the committer thread, after the message data is flushed."""
+    def _enqueue(
+        self, path: Path, env: Envelope, submitted_by: str | None
+    ) -> Callable[[], None]:
+        """Runs on the committer thread, after the message data is flushed. Delivery is
+        woken only once the client has its 250 (``queued``), never before."""
         sender = "" if env.sender is None else str(env.sender)
-        self.queue.enqueue(path, sender, list(env.remote), submitted_by)
-        self.worker.wake()
+        ident = self.queue.enqueue(path, sender, list(env.remote), submitted_by)
+        return lambda: self.queue.delete(ident)
 
     async def _authenticate(
         self, username: str, password: str, client_ip: str
@@ -85,6 +89,7 @@ class Node:
             self.ssl_context,
             authenticate=self._authenticate if options.auth else None,
             enqueue=self._enqueue,
+            queued=self.worker.wake,
             submission=self.msa if options.auth else None,
         )
 

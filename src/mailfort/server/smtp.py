@@ -74,8 +74,9 @@ class ServiceOptions:
     plaintext_auth_on_loopback: bool = False
 
 
-# A hook run when a message has been accepted for remote recipients (the outbound queue).
-EnqueueHook = Callable[[Path, "Envelope", str | None], None]
+# Hands a message for remote recipients to the outbound queue (on the committer thread,
+# after the data flush); returns how to take it back if the final flush then fails.
+EnqueueHook = Callable[[Path, "Envelope", str | None], Callable[[], None]]
 _MAX_CAPTURED_HEADERS = 256 * 1024
 
 
@@ -105,6 +106,7 @@ class SMTPService:
         *,
         authenticate: Callable[[str, str, str], Awaitable[tuple[str, str | None]]] | None = None,
         enqueue: EnqueueHook | None = None,
+        queued: Callable[[], None] | None = None,
         submission: SubmissionPolicy | None = None,
     ) -> None:
         self.cfg = cfg
@@ -114,6 +116,7 @@ class SMTPService:
         self.ssl_context = ssl_context
         self.authenticate = authenticate
         self.enqueue = enqueue
+        self.queued = queued  # called once queued mail is acknowledged (wakes delivery)
         self.submission = submission
         self.sessions: set[SMTPSession] = set()
         self.limiter = ConnectionLimiter(
@@ -441,8 +444,8 @@ class SMTPSession(asyncio.Protocol):
             enqueue = svc.enqueue
             submitted_by = engine.authenticated_as
 
-            def extra(path: Path) -> None:
-                enqueue(path, env, submitted_by)
+            def extra(path: Path) -> Callable[[], None]:
+                return enqueue(path, env, submitted_by)
 
         elif env.remote:
             spool.discard()
@@ -454,6 +457,8 @@ class SMTPSession(asyncio.Protocol):
             log.error("storage error, message refused with 451: %s", exc)
             engine.decide(TEMP_LOCAL_ERROR)
             return
+        if env.remote and svc.queued is not None:
+            svc.queued()
         if self.service.submission is not None and engine.authenticated_as is not None:
             self.service.submission.message_accepted(engine.authenticated_as)
         log.info(

@@ -19,6 +19,7 @@ file, which ``recover`` removes at start; the client was never told 250 and will
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import itertools
@@ -133,8 +134,10 @@ class _Job:
     maildirs: list[Path]
     future: asyncio.Future[None]
     loop: asyncio.AbstractEventLoop
-    extra: Callable[[Path], None] | None = None  # e.g. hand the file to the outbound queue
+    # e.g. hand the file to the outbound queue; returns how to take that back
+    extra: Callable[[Path], Callable[[], None]] | None = None
     links: list[Path] = field(default_factory=list)
+    undo_extra: Callable[[], None] | None = None
     error: BaseException | None = None
 
 
@@ -170,7 +173,7 @@ class Committer:
         self,
         spool: Spool,
         maildirs: list[Path],
-        extra: Callable[[Path], None] | None = None,
+        extra: Callable[[Path], Callable[[], None]] | None = None,
     ) -> None:
         """Return once the message is durable in every Maildir; StorageError otherwise."""
         loop = asyncio.get_running_loop()
@@ -220,8 +223,13 @@ class Committer:
         self._flush_names([j for j in live if j.error is None], dirs)
         for job in batch:
             if job.error is not None:
+                # Refused with 451: take back every copy, so the client's retry is the
+                # only one (no duplicate in a Maildir or in the outbound queue).
                 for link in job.links:
                     link.unlink(missing_ok=True)
+                if job.undo_extra is not None:
+                    with contextlib.suppress(Exception):
+                        job.undo_extra()
             job.spool.discard()
 
     def _flush_data(self, jobs: list[_Job]) -> None:
@@ -239,6 +247,8 @@ class Committer:
 
     def _link(self, job: _Job, dirs: set[Path]) -> None:
         try:
+            if job.extra is not None:
+                job.undo_extra = job.extra(job.spool.path)
             for md in job.maildirs:
                 if md not in self._known_maildirs:
                     ensure_maildir(md)
@@ -251,8 +261,6 @@ class Committer:
                 os.link(job.spool.path, target)
                 job.links.append(target)
                 dirs.add(md / "new")
-            if job.extra is not None:
-                job.extra(job.spool.path)
         except OSError as exc:
             job.error = exc
 
