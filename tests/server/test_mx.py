@@ -390,3 +390,23 @@ async def test_total_connection_limit(
         w.close()
         for _, hw in held:
             hw.close()
+
+
+async def test_client_that_never_reads_cannot_grow_server_buffers(node: Node) -> None:
+    """Pipelined commands from a client that reads nothing: the server stops reading it."""
+    _reader, writer = await asyncio.open_connection("127.0.0.1", node.port("mx"))
+    writer.transport.pause_reading()  # never read the replies  # type: ignore[attr-defined]
+    sent = 0
+    chunk = b"NOOP\r\n" * 10_000
+    with pytest.raises(TimeoutError):
+        for _ in range(2_000):  # up to 120 MB of commands, if nothing pushed back
+            writer.write(chunk)
+            await asyncio.wait_for(writer.drain(), 2)
+            sent += len(chunk)
+    assert sent < 50_000_000  # TCP back-pressure reached us long before that
+    (session,) = node.services["mx"].sessions
+    assert session.write_paused
+    assert session.transport.get_write_buffer_size() < 10_000_000
+    writer.transport.abort()  # type: ignore[attr-defined]
+    ok = await raw_session(node.port("mx"), [b"NOOP\r\n"])  # others are still served
+    assert ok[1].startswith("250")

@@ -53,6 +53,7 @@ TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, 
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+_CLOSE_GRACE = 10.0  # seconds a closing client gets to read our last reply
 READY_FOR_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
 
@@ -192,6 +193,7 @@ class SMTPSession(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.counted = False
         self.closing = False
+        self.write_paused = False  # the client is not reading its replies
         self.tls_info = ""
         self.headers: bytearray | None = None  # submission: client headers held until checked
         self.refusal: Reply | None = None  # submission: refusal decided from the headers
@@ -235,6 +237,18 @@ class SMTPSession(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self._abort_message()
         return False  # close the transport
+
+    def pause_writing(self) -> None:
+        """A client that sends without reading the replies: stop reading it, so neither
+        our output nor its pipelined input can grow without bound."""
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and self.task is None and not self.closing:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._abort_message()
@@ -300,6 +314,10 @@ class SMTPSession(asyncio.Protocol):
             self.closing = True
             self._abort_message()
             transport.close()
+            # close() waits for the last reply to be written; a client that does not read
+            # must not keep the connection (and its buffers) forever.
+            if transport.get_write_buffer_size():
+                asyncio.get_running_loop().call_later(_CLOSE_GRACE, transport.abort)
 
     def _run(self, coro: Awaitable[None]) -> None:
         """Run async work for the pending event; the engine waits until it decides."""
@@ -314,7 +332,8 @@ class SMTPSession(asyncio.Protocol):
             finally:
                 self.task = None
             if self.transport is not None:
-                self.transport.resume_reading()
+                if not self.write_paused:
+                    self.transport.resume_reading()
                 self._pump()
 
         self.task = asyncio.get_running_loop().create_task(wrapper())
