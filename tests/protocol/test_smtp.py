@@ -192,6 +192,14 @@ def test_size_declared_too_big() -> None:
     assert d.send(b"MAIL FROM:<a@b.test> SIZE=1001\r\n").startswith("552 5.3.4")
 
 
+def test_size_and_bdat_take_ascii_digits_only() -> None:
+    d = Driver()
+    d.send(b"EHLO c\r\n")
+    assert d.send("MAIL FROM:<a@b.test> SIZE=١٠\r\n".encode()).startswith("5")
+    d.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@mx.test>\r\n")
+    assert d.send("BDAT ١\r\n".encode()).startswith("5")
+
+
 def test_actual_size_too_big() -> None:
     d = Driver(max_message_size=1000)
     out = d.transaction(b"Subject: x\r\n\r\n" + b"y" * 500 + b"\r\n" + b"y" * 600 + b"\r\n.\r\n")

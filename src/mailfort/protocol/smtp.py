@@ -445,7 +445,7 @@ class SMTPEngine:
                 self._command_reply(UNSUPPORTED_PARAM)
                 return
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                     self._command_reply(Reply(501, "5.5.4", "Bad SIZE parameter"))
                     return
                 size = int(value)
@@ -521,7 +521,7 @@ class SMTPEngine:
         parts = arg.split(" ")
         if (
             not 1 <= len(parts) <= 2
-            or not parts[0].isdigit()
+            or not (parts[0].isascii() and parts[0].isdigit())
             or len(parts[0]) > 20
             or (len(parts) == 2 and parts[1].upper() != "LAST")
         ):

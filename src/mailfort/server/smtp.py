@@ -313,11 +313,11 @@ class SMTPSession(asyncio.Protocol):
         elif engine.closed and not self.closing:
             self.closing = True
             self._abort_message()
-            transport.close()
             # close() waits for the last reply to be written; a client that does not read
             # must not keep the connection (and its buffers) forever.
-            if transport.get_write_buffer_size():
+            if self.write_paused:
                 asyncio.get_running_loop().call_later(_CLOSE_GRACE, transport.abort)
+            transport.close()
 
     def _run(self, coro: Awaitable[None]) -> None:
         """Run async work for the pending event; the engine waits until it decides."""
