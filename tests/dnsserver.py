@@ -157,6 +157,10 @@ class DNSServer:
             self.port = port
             self._servers = [udp, tcp]
             for s in self._servers:
+                # Never wait for a handler thread at stop (a TCP client that went quiet
+                # would otherwise hold up the test's teardown).
+                s.server.daemon_threads = True
+                s.server.block_on_close = False
                 s.start_thread()
             return self
         raise OSError("no free port for the test DNS server")
