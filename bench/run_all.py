@@ -87,6 +87,17 @@ class Mailfort:
         return 0
 
 
+def wait_postfix_idle(timeout: float = 120) -> None:
+    """Postfix delivers what it accepted after the fact; let it finish before the next
+    measurement, or its Maildir writes and fsyncs land in mailfort's time window."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["postqueue", "-p"], capture_output=True, text=True).stdout
+        if "Mail queue is empty" in out:
+            return
+        time.sleep(0.2)
+
+
 def smtp_source(port: int, size: int, sessions: int, messages: int) -> float:
     start = time.perf_counter()
     subprocess.run(
@@ -116,6 +127,7 @@ def main() -> int:
             for size, sessions, target in ((1024, 50, 2.0), (102400, 50, 1.5), (1024, 1, 1.0),
                                            (1024, 10, None)):
                 ref = smtp_source(10025, size, sessions, n)
+                wait_postfix_idle()
                 before = count_new(mf.maildir("alice"))
                 ours = smtp_source(PORTS["mx"], size, sessions, n)
                 stored = count_new(mf.maildir("alice")) - before
