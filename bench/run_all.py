@@ -13,7 +13,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,70 +20,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from mfproc import MailfortServer, proc_status  # noqa: E402  (bench/ is not a package)
+
 ANCHORS = HERE.parent.parent / "shared" / "anchors"
-PORTS = {"mx": 12525, "submission": 12587, "submissions": 12465, "pop3": 12110, "pop3s": 12995}
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+PORT_BASE = 12500  # mailfort's listeners: see bench/mfproc.py OFFSETS
 
 
 def count_new(path: Path) -> int:
     return sum(1 for _ in path.iterdir()) if path.exists() else 0
-
-
-class Mailfort:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.data = root / "data"
-        self.config = root / "mailfort.toml"
-        listen = "\n".join(f'{k} = ["127.0.0.1:{v}"]' for k, v in PORTS.items())
-        self.config.write_text(
-            f'[server]\nhostname = "mx.bench.test"\ndata_dir = "{self.data}"\n'
-            f"[listen]\n{listen}\n[limits]\nmax_message_size = 60000000\n"
-            "max_connections_per_ip = 20000\nmax_connections = 20000\n"
-            "[submission]\nmessages_per_hour = 1000000\n"
-        )
-        self.cli("domain", "add", "example.test")
-        pw = root / "pw"
-        for user in ("alice", "bob"):
-            pw.write_text(f"{user}pw-bench\n")
-            self.cli("user", "add", f"{user}@example.test", "--password-file", str(pw))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def cli(self, *args: str) -> None:
-        subprocess.run([sys.executable, "-m", "mailfort", *args, "--config", str(self.config)],
-                       check=True, stdout=subprocess.DEVNULL)
-
-    def start(self) -> None:
-        with open(self.root / "serve.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mailfort", "serve", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL, stderr=log,
-            )
-        wait_port(PORTS["mx"])
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def maildir(self, user: str) -> Path:
-        return self.data / "mail" / "example.test" / user / "new"
-
-    def rss_kb(self) -> int:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
 
 
 def wait_postfix_idle(timeout: float = 120) -> None:
@@ -121,16 +65,16 @@ def main() -> int:
         return 2
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="mailfort-bench-") as tmp:
-        mf = Mailfort(Path(tmp))
+        mf = MailfortServer(Path(tmp), port_base=PORT_BASE)
         mf.start()
         try:
             for size, sessions, target in ((1024, 50, 2.0), (102400, 50, 1.5), (1024, 1, 1.0),
                                            (1024, 10, None)):
                 ref = smtp_source(10025, size, sessions, n)
                 wait_postfix_idle()
-                before = count_new(mf.maildir("alice"))
-                ours = smtp_source(PORTS["mx"], size, sessions, n)
-                stored = count_new(mf.maildir("alice")) - before
+                before = count_new(mf.maildir("alice") / "new")
+                ours = smtp_source(mf.ports["mx"], size, sessions, n)
+                stored = count_new(mf.maildir("alice") / "new") - before
                 ok = "stored==accepted" if stored == n else f"STORED {stored} != {n}"
                 name = f"MX {size // 1024} KB, {sessions} sessions"
                 goal = f"≥ {target}×" if target else "—"
@@ -140,8 +84,9 @@ def main() -> int:
                                  ("new connection + AUTH per message", [])):
                 out = subprocess.run(
                     [sys.executable, str(HERE / "smtp_load.py"), "--port",
-                     str(PORTS["submission"]), "--starttls", "--user", "alice@example.test",
-                     "--password", "alicepw-bench", "--sender", "alice@example.test",
+                     str(mf.ports["submission"]), "--starttls", "--user", "alice@example.test",
+                     "--password", mf.passwords["alice@example.test"],
+                     "--sender", "alice@example.test",
                      "--rcpt", "bob@example.test", "--sessions", "50", "--messages", str(n),
                      *extra],
                     capture_output=True, text=True,
@@ -149,7 +94,8 @@ def main() -> int:
                 rate = float(out.split("rate=")[1].split("/s")[0]) if "rate=" in out else 0.0
                 rows.append((f"submission STARTTLS+AUTH 1 KB, 50 sessions, {label}", "—",
                              f"{rate:.0f}/s ({rate / mx_rate:.2f}× MX) [{out}]", "≥ 0.5× MX"))
-            rows.append(("mailfort RSS after the runs", "—", f"{mf.rss_kb() / 1024:.0f} MB", ""))
+            rss = proc_status(mf.pid).get("VmRSS", 0)
+            rows.append(("mailfort RSS after the runs", "—", f"{rss / 1024:.0f} MB", ""))
         finally:
             mf.stop()
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.python_version()}")
