@@ -119,10 +119,7 @@ class Node:
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
             for hostport in getattr(self.cfg.listen, name):
-                if isinstance(service, POP3Server):
-                    server = await service.start(*_split(hostport))
-                else:
-                    server = await service.listen(*_split(hostport))
+                server = await service.start(*_split(hostport))
                 for sock in server.sockets:
                     self.ports.setdefault(name, []).append(sock.getsockname()[1])
 

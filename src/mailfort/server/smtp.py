@@ -144,7 +144,7 @@ class SMTPService:
             else self.settings
         )
 
-    async def listen(self, host: str, port: int) -> asyncio.base_events.Server:
+    async def start(self, host: str, port: int) -> asyncio.base_events.Server:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: SMTPSession(self),
