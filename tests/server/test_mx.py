@@ -9,6 +9,7 @@ import smtplib
 import ssl
 import subprocess
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
@@ -410,3 +411,15 @@ async def test_client_that_never_reads_cannot_grow_server_buffers(node: Node) ->
     writer.transport.abort()  # type: ignore[attr-defined]
     ok = await raw_session(node.port("mx"), [b"NOOP\r\n"])  # others are still served
     assert ok[1].startswith("250")
+
+
+def test_data_directory_is_private(tmp_path: Path, server_ssl_context: ssl.SSLContext) -> None:
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path / "fresh")
+    node = Node(cfg, ssl_context=server_ssl_context)
+    try:
+        assert (cfg.data_path.stat().st_mode & 0o777) == 0o700
+    finally:
+        node.committer.stop()
+        node.authenticator.close()

@@ -43,7 +43,7 @@ class Node:
 
     def __init__(self, cfg: Config, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.cfg = cfg
-        cfg.data_path.mkdir(parents=True, exist_ok=True)
+        cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
         self.directory = SQLiteDirectory(directory_path(cfg))
         self.committer = Committer(cfg.data_path)
         if ssl_context is None:
