@@ -540,3 +540,17 @@ async def test_fetchmail_downloads_and_deletes(lab: POP3Lab, tmp_path: Path, mod
         assert any(b.replace(b"\r\n", b"\n") in f.replace(b"\r\n", b"\n") for f in fetched)
     assert lab.files(BOB) == []  # fetchmail deletes what it fetched, at QUIT
 
+
+
+async def test_command_sent_right_after_the_stls_handshake_is_answered(lab: POP3Lab) -> None:
+    """Bytes that arrive through TLS before the server has noted the handshake count."""
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", lab.port)
+        assert (await reader.readline()).startswith(b"+OK")
+        writer.write(b"STLS\r\n")
+        assert (await reader.readline()).startswith(b"+OK")
+        await writer.start_tls(lab.client_ctx, server_hostname="localhost")
+        writer.write(b"NOOP\r\n")  # at once, no pause after the handshake
+        reply = await asyncio.wait_for(reader.readline(), 5)
+        assert reply.startswith((b"+OK", b"-ERR"))  # answered, not silently dropped
+        writer.close()

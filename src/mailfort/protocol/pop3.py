@@ -165,8 +165,12 @@ class POP3Engine:
         self._close("-ERR " + text)
 
     def receive(self, data: bytes) -> None:
-        if self.closed or self._wait is _W.TLS:
-            return  # after STLS nothing sent in the clear counts (RFC 2595 §4)
+        """Buffer input. The plaintext pipelined behind STLS was dropped when STLS was
+        parsed (RFC 2595 §4), and the server reads nothing more from the plaintext socket
+        once StartTLS is emitted; so what arrives while the handshake is being noted came
+        through TLS and is kept for after ``tls_started``."""
+        if self.closed:
+            return
         self._inbuf += data
 
     def next_event(self) -> Event | None:
@@ -231,8 +235,6 @@ class POP3Engine:
             return
         self._wait = _W.NONE
         self.tls_active = True
-        self._inbuf.clear()
-        self._discarding = False
         self._user_arg = None
 
     def retrieve_started(self, size: int) -> None:
