@@ -17,7 +17,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -36,6 +36,7 @@ from mailfort.protocol.pop3 import (
     StartTLS,
 )
 from mailfort.server.connections import Admission, ConnectionLimiter, is_loopback
+from mailfort.server.session import EngineSession
 from mailfort.store.maildir import maildir_for
 from mailfort.store.pop3_mailbox import CHUNK, MailboxInUse, POP3Mailbox
 
@@ -44,6 +45,7 @@ T = TypeVar("T")
 
 TOO_MANY_CONNECTIONS = "[SYS/TEMP] Too many connections, try again later"
 TOO_MANY_FROM_IP = "[SYS/TEMP] Too many connections from your address, try again later"
+_REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP}
 SHUTTING_DOWN = "[SYS/TEMP] Service shutting down, try again later"
 MESSAGE_GONE = "[SYS/TEMP] Message is no longer available"
 TLS_HANDSHAKE_TIMEOUT = 30.0
@@ -125,21 +127,17 @@ class POP3Server:
         self.servers.clear()
 
 
-class POP3Session(asyncio.Protocol):
+class POP3Session(EngineSession):
     """One client connection."""
 
+    engine: POP3Engine | None
+
     def __init__(self, server: POP3Server) -> None:
+        super().__init__()
         self.server = server
-        self.transport: asyncio.Transport | None = None
-        self.engine: POP3Engine | None = None
-        self.peer_ip = "?"
+        self.engine = None
         self.mailbox: POP3Mailbox | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.last_activity = time.monotonic()
-        self.timer: asyncio.TimerHandle | None = None
-        self.counted = False
-        self.closing = False
-        self._writable = asyncio.Event()
+        self._writable = asyncio.Event()  # RETR streaming waits on it
         self._writable.set()
 
     # ---------------------------------------------------------------- asyncio callbacks
@@ -152,133 +150,62 @@ class POP3Session(asyncio.Protocol):
         srv = self.server
         settings = srv.loopback_settings if is_loopback(self.peer_ip) else srv.settings
         self.engine = POP3Engine(settings, tls_active=srv.implicit_tls)
-        lim = srv.limits
-        admission = srv.limiter.admit(self.peer_ip)
-        if admission is Admission.TOO_MANY:
-            self.engine.refuse_connection(TOO_MANY_CONNECTIONS)
-        elif admission is Admission.TOO_MANY_FROM_IP:
-            self.engine.refuse_connection(TOO_MANY_FROM_IP)
-        else:
-            srv.sessions.add(self)
-            self.counted = True
-            self.engine.greet()
-            self._arm_timer(lim.pop3_idle_timeout)
-        self._pump()
-
-    def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
-        assert self.engine is not None
-        self.engine.receive(data)
-        if self.task is None:
-            self._pump()
+        self.admit(srv.limiter, srv.sessions, _REFUSALS, srv.limits.pop3_idle_timeout)
 
     def eof_received(self) -> bool | None:
         return False  # close: a half-closed POP3 client is gone
 
     def pause_writing(self) -> None:
+        super().pause_writing()
         self._writable.clear()
 
     def resume_writing(self) -> None:
-        self.last_activity = time.monotonic()
+        super().resume_writing()
         self._writable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._writable.set()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        self.release()
         self._release_mailbox()  # dropped before QUIT: nothing is deleted
-        srv = self.server
-        if self.counted:
-            self.counted = False
-            srv.sessions.discard(self)
-            srv.limiter.release(self.peer_ip)
 
     def shutdown(self) -> None:
         if self.engine is not None and self.transport is not None:
             if self.task is not None:
                 self.task.cancel()
             self.engine.close(SHUTTING_DOWN)
-            self._pump()
+            self.pump()
 
-    # ---------------------------------------------------------------- timers
+    # ---------------------------------------------------------------- hooks
 
-    def _arm_timer(self, delay: float) -> None:
-        self.timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        """Re-armed lazily: one timer per session, not one per packet."""
-        self.timer = None
-        if self.transport is None or self.engine is None:
-            return
+    def on_timer(self) -> None:
+        assert self.engine is not None and self.transport is not None
         idle = self.server.limits.pop3_idle_timeout
         waited = time.monotonic() - self.last_activity
         if waited < idle:
-            self._arm_timer(max(0.05, idle - waited))
+            self.arm_timer(max(0.05, idle - waited))
         elif self.task is not None:  # stuck writing to a client that does not read
             log.info("pop3 %s: no progress for %.0fs, aborting", self.peer_ip, waited)
             self.transport.abort()
         else:
             self.engine.timeout()
-            self._pump()
+            self.pump()
 
-    # ---------------------------------------------------------------- the pump
+    def task_failed(self) -> None:
+        if self.engine is not None:
+            self.engine.close(SYS_TEMP)
 
-    def _pump(self) -> None:
-        engine = self.engine
-        transport = self.transport
-        if engine is None or transport is None:
-            return
-        while self.task is None:
-            ev = engine.next_event()
-            if ev is None:
-                break
-            self._handle(ev)
-            if self.transport is None:
-                return
-        out = engine.take_output()
-        if out:
-            transport.write(out)
-        if self.task is not None:
-            transport.pause_reading()
-        elif engine.closed and not self.closing:
-            self.closing = True
-            transport.close()
-
-    def _run(self, coro: Awaitable[None]) -> None:
-        """Run async work for the pending event; the engine waits until it is answered."""
-
-        async def wrapper() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("pop3 %s: internal error", self.peer_ip)
-                if self.engine is not None:
-                    self.engine.close(SYS_TEMP)
-            finally:
-                self.task = None
-            if self.transport is not None:
-                self.transport.resume_reading()
-                self._pump()
-
-        self.task = asyncio.get_running_loop().create_task(wrapper())
-
-    def _handle(self, ev: Event) -> None:
+    def handle(self, ev: Event) -> None:
         if isinstance(ev, CheckCredentials):
-            self._run(self._check(ev))
+            self.run(self._check(ev))
         elif isinstance(ev, OpenMailbox):
-            self._run(self._open(ev.user))
+            self.run(self._open(ev.user))
         elif isinstance(ev, Retrieve):
             self._retrieve(ev)
         elif isinstance(ev, StartTLS):
-            self._run(self._starttls())
+            self.run(self._starttls())
         elif isinstance(ev, Quit):
-            self._run(self._update(ev))
+            self.run(self._update(ev))
 
     # ---------------------------------------------------------------- events
 
@@ -320,7 +247,7 @@ class POP3Session(asyncio.Protocol):
         assert engine is not None and mailbox is not None and transport is not None
         size = mailbox.messages[ev.index].size
         if size > CHUNK or not self._writable.is_set():
-            self._run(self._stream(ev))
+            self.run(self._stream(ev))
             return
         try:
             reader = mailbox.reader(ev.index, ev.top_lines)

@@ -44,6 +44,7 @@ from mailfort.protocol.smtp import (
     StartTLS,
 )
 from mailfort.server.connections import Admission, ConnectionLimiter, is_loopback
+from mailfort.server.session import EngineSession
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
 
 log = logging.getLogger("mailfort.smtp")
@@ -52,8 +53,8 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+_REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP}
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
-_CLOSE_GRACE = 10.0  # seconds a closing client gets to read our last reply
 READY_FOR_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
 
@@ -176,24 +177,19 @@ class SMTPService:
 
 
 
-class SMTPSession(asyncio.Protocol):
+class SMTPSession(EngineSession):
     """One client connection."""
 
+    engine: SMTPEngine | None
+
     def __init__(self, service: SMTPService) -> None:
+        super().__init__()
         self.service = service
-        self.transport: asyncio.Transport | None = None
-        self.engine: SMTPEngine | None = None
-        self.peer_ip = "?"
+        self.engine = None
         self.peer_port = 0
         self.envelope = Envelope()
         self.spool: Spool | None = None
-        self.task: asyncio.Task[None] | None = None
         self.started = time.monotonic()
-        self.last_activity = self.started
-        self.timer: asyncio.TimerHandle | None = None
-        self.counted = False
-        self.closing = False
-        self.write_paused = False  # the client is not reading its replies
         self.tls_info = ""
         self.headers: bytearray | None = None  # submission: client headers held until checked
         self.refusal: Reply | None = None  # submission: refusal decided from the headers
@@ -206,139 +202,54 @@ class SMTPSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_ip, self.peer_port = str(peer[0]), int(peer[1])
         svc = self.service
-        settings = (
-            svc.loopback_settings if is_loopback(self.peer_ip) else svc.settings
-        )
+        settings = svc.loopback_settings if is_loopback(self.peer_ip) else svc.settings
         tls = svc.options.implicit_tls
         self.engine = SMTPEngine(settings, tls_active=tls)
         if tls:
             self._note_tls(transport)
-        lim = svc.cfg.limits
-        admission = svc.limiter.admit(self.peer_ip)
-        if admission is Admission.TOO_MANY:
-            self.engine.refuse_connection(TOO_MANY_CONNECTIONS)
-        elif admission is Admission.TOO_MANY_FROM_IP:
-            self.engine.refuse_connection(TOO_MANY_FROM_IP)
-        else:
-            svc.sessions.add(self)
-            self.counted = True
-            self.engine.greet()
-            self._arm_timer(lim.idle_timeout)
-        self._pump()
-
-    def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
-        engine = self.engine
-        assert engine is not None
-        engine.receive(data)
-        if self.task is None:
-            self._pump()
+        self.admit(svc.limiter, svc.sessions, _REFUSALS, svc.cfg.limits.idle_timeout)
 
     def eof_received(self) -> bool | None:
         self._abort_message()
         return False  # close the transport
 
-    def pause_writing(self) -> None:
-        """A client that sends without reading the replies: stop reading it, so neither
-        our output nor its pipelined input can grow without bound."""
-        self.write_paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.transport is not None and self.task is None and not self.closing:
-            self.transport.resume_reading()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._abort_message()
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-        svc = self.service
-        if self.counted:
-            self.counted = False
-            svc.sessions.discard(self)
-            svc.limiter.release(self.peer_ip)
+        self.release()
         self.transport = None
 
     def shutdown(self) -> None:
         if self.engine is not None and self.transport is not None:
             self.engine.close(SHUTTING_DOWN)
             if self.task is None:
-                self._pump()
+                self.pump()
 
-    # ---------------------------------------------------------------- timers
+    # ---------------------------------------------------------------- hooks
 
-    def _arm_timer(self, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        """Re-armed lazily: one timer per session, not one per packet."""
-        self.timer = None
-        if self.transport is None or self.engine is None:
-            return
+    def on_timer(self) -> None:
+        engine = self.engine
+        assert engine is not None
         lim = self.service.cfg.limits
         now = time.monotonic()
         if now - self.started >= lim.session_timeout:
-            self.engine.close(SESSION_TOO_LONG)
+            engine.close(SESSION_TOO_LONG)
         elif self.task is None and now - self.last_activity >= lim.idle_timeout:
-            self.engine.timeout()
+            engine.timeout()
         else:
             wait = lim.idle_timeout - (now - self.last_activity)
-            self._arm_timer(max(0.05, min(wait, lim.session_timeout - (now - self.started))))
+            self.arm_timer(max(0.05, min(wait, lim.session_timeout - (now - self.started))))
             return
         if self.task is None:
-            self._pump()
+            self.pump()
 
-    # ---------------------------------------------------------------- the pump
+    def on_closing(self) -> None:
+        self._abort_message()
 
-    def _pump(self) -> None:
-        engine = self.engine
-        transport = self.transport
-        if engine is None or transport is None:
-            return
-        while self.task is None:
-            ev = engine.next_event()
-            if ev is None:
-                break
-            self._handle(ev)
-        out = engine.take_output()
-        if out:
-            transport.write(out)
-        if self.task is not None:
-            transport.pause_reading()
-        elif engine.closed and not self.closing:
-            self.closing = True
-            self._abort_message()
-            # close() waits for the last reply to be written; a client that does not read
-            # must not keep the connection (and its buffers) forever.
-            if self.write_paused:
-                asyncio.get_running_loop().call_later(_CLOSE_GRACE, transport.abort)
-            transport.close()
+    def task_failed(self) -> None:
+        if self.engine is not None and self.engine.waiting:
+            self.engine.decide(TEMP_LOCAL_ERROR)
 
-    def _run(self, coro: Awaitable[None]) -> None:
-        """Run async work for the pending event; the engine waits until it decides."""
-
-        async def wrapper() -> None:
-            try:
-                await coro
-            except Exception:
-                log.exception("session %s:%s: internal error", self.peer_ip, self.peer_port)
-                if self.engine is not None and self.engine.waiting:
-                    self.engine.decide(TEMP_LOCAL_ERROR)
-            finally:
-                self.task = None
-            if self.transport is not None:
-                if not self.write_paused:
-                    self.transport.resume_reading()
-                self._pump()
-
-        self.task = asyncio.get_running_loop().create_task(wrapper())
-
-    def _handle(self, ev: Event) -> None:
+    def handle(self, ev: Event) -> None:
         engine = self.engine
         assert engine is not None
         if isinstance(ev, DataChunk):
@@ -353,16 +264,16 @@ class SMTPSession(asyncio.Protocol):
         elif isinstance(ev, DataStart):
             engine.decide(self._start_spool(ev.bdat))
         elif isinstance(ev, MessageComplete):
-            self._run(self._store())
+            self.run(self._store())
         elif isinstance(ev, MessageAborted):
             self._abort_message()
         elif isinstance(ev, ResetTransaction):
             self._abort_message()
             self.envelope = Envelope()
         elif isinstance(ev, StartTLS):
-            self._run(self._starttls())
+            self.run(self._starttls())
         elif isinstance(ev, AuthCredentials):
-            self._run(self._auth(ev))
+            self.run(self._auth(ev))
         elif isinstance(ev, Helo | Closing):
             pass
 

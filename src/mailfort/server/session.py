@@ -1,0 +1,185 @@
+"""What every mailfort session does around its sans-I/O engine, SMTP and POP3 alike.
+
+A session is an ``asyncio.Protocol`` (an idle one costs one object and one timer). Bytes
+go into the engine; its events are handled one at a time; work that must not block the
+loop (fsync, argon2, mailbox I/O) runs as one task while reading is paused, so the engine
+parses nothing more until that work has answered it. Connection limits are checked at
+greeting; a client that stops reading its replies is not read either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from mailfort.server.connections import Admission, ConnectionLimiter
+
+log = logging.getLogger("mailfort.session")
+
+CLOSE_GRACE = 10.0  # seconds a closing client gets to read our last reply
+
+
+class Engine(Protocol):
+    """The part of the SMTP and POP3 engines that the session plumbing uses."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def receive(self, data: bytes) -> None: ...
+
+    def next_event(self) -> Any: ...
+
+    def take_output(self) -> bytes: ...
+
+    def greet(self) -> None: ...
+
+    def refuse_connection(self, reply: Any) -> None: ...
+
+
+class EngineSession(asyncio.Protocol):
+    """Plumbing shared by the SMTP and POP3 sessions; subclasses handle the events."""
+
+    engine: Engine | None
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = "?"
+        self.task: asyncio.Task[None] | None = None
+        self.last_activity = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+        self.counted = False
+        self.closing = False
+        self.write_paused = False  # the client is not reading its replies
+        self._limiter: ConnectionLimiter | None = None
+        self._sessions: set[Any] | None = None
+
+    # ---------------------------------------------------------------- admission
+
+    def admit(
+        self,
+        limiter: ConnectionLimiter,
+        sessions: set[Any],
+        refusals: dict[Admission, Any],
+        idle_timeout: float,
+    ) -> None:
+        """Greet, or refuse with the engine's own words when a connection limit is hit."""
+        assert self.engine is not None
+        admission = limiter.admit(self.peer_ip)
+        if admission is not Admission.OK:
+            self.engine.refuse_connection(refusals[admission])
+        else:
+            self._limiter, self._sessions = limiter, sessions
+            sessions.add(self)
+            self.counted = True
+            self.engine.greet()
+            self.arm_timer(idle_timeout)
+        self.pump()
+
+    def release(self) -> None:
+        """Undo ``admit`` once (from ``connection_lost``)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.counted and self._limiter is not None and self._sessions is not None:
+            self.counted = False
+            self._sessions.discard(self)
+            self._limiter.release(self.peer_ip)
+
+    # ---------------------------------------------------------------- asyncio callbacks
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        assert self.engine is not None
+        self.engine.receive(data)
+        if self.task is None:
+            self.pump()
+
+    def pause_writing(self) -> None:
+        """Stop reading a client that does not read: neither our output nor its pipelined
+        input may grow without bound."""
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.last_activity = time.monotonic()
+        if self.transport is not None and self.task is None and not self.closing:
+            self.transport.resume_reading()
+
+    # ---------------------------------------------------------------- timer
+
+    def arm_timer(self, delay: float) -> None:
+        self.timer = asyncio.get_running_loop().call_later(delay, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        if self.transport is not None and self.engine is not None:
+            self.on_timer()
+
+    def on_timer(self) -> None:
+        """Idle and session-time checks; re-arm lazily (one timer per session)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- the pump
+
+    def handle(self, ev: Any) -> None:
+        raise NotImplementedError
+
+    def on_closing(self) -> None:
+        """The engine closed the session: drop what it was holding."""
+
+    def task_failed(self) -> None:
+        """An internal error in the pending work: answer the engine so it can go on."""
+        raise NotImplementedError
+
+    def pump(self) -> None:
+        engine = self.engine
+        transport = self.transport
+        if engine is None or transport is None:
+            return
+        while self.task is None:
+            ev = engine.next_event()
+            if ev is None:
+                break
+            self.handle(ev)
+            if self.transport is None:
+                return
+        out = engine.take_output()
+        if out:
+            transport.write(out)
+        if self.task is not None:
+            transport.pause_reading()
+        elif engine.closed and not self.closing:
+            self.closing = True
+            self.on_closing()
+            # close() waits for the last reply to be written; a client that does not read
+            # must not keep the connection (and its buffers) forever.
+            if self.write_paused:
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
+            transport.close()
+
+    def run(self, coro: Awaitable[None]) -> None:
+        """Run async work for the pending event; the engine waits until it is answered."""
+
+        async def wrapper() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: internal error", self.peer_ip)
+                self.task_failed()
+            finally:
+                self.task = None
+            if self.transport is not None:
+                if not self.write_paused:
+                    self.transport.resume_reading()
+                self.pump()
+
+        self.task = asyncio.get_running_loop().create_task(wrapper())
