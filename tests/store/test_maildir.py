@@ -11,9 +11,9 @@ import pytest
 from mailfort.store.maildir import Committer, StorageError, maildir_for
 
 
-@pytest.fixture
-def committer(tmp_path: Path) -> Iterator[Committer]:
-    c = Committer(tmp_path)
+@pytest.fixture(params=[True, False], ids=["syncfs", "fsync-each"])
+def committer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Committer]:
+    c = Committer(tmp_path, use_syncfs=request.param)
     yield c
     c.stop()
 

@@ -13,7 +13,6 @@ thousands of 1 KB messages download fast.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
@@ -35,8 +34,8 @@ from mailfort.protocol.pop3 import (
     Retrieve,
     StartTLS,
 )
-from mailfort.server.connections import Admission, ConnectionLimiter, is_loopback
-from mailfort.server.session import EngineSession
+from mailfort.server.connections import Admission, is_loopback
+from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import maildir_for
 from mailfort.store.pop3_mailbox import CHUNK, MailboxInUse, POP3Mailbox
 
@@ -58,7 +57,7 @@ class Authenticator(Protocol):
 
 
 
-class POP3Server:
+class POP3Server(Listener):
     """One POP3 listener kind: plaintext+STLS (``implicit_tls=False``) or POP3S."""
 
     def __init__(
@@ -76,6 +75,7 @@ class POP3Server:
         applies to clients connecting from a loopback address."""
         if implicit_tls and ssl_context is None:
             raise ValueError("implicit TLS needs an ssl_context")
+        super().__init__(limits.max_connections, limits.max_connections_per_ip)
         self.ssl_context = ssl_context
         self.authenticator = authenticator
         self.data_dir = Path(data_dir)
@@ -93,38 +93,10 @@ class POP3Server:
             EngineSettings(base.tls_available, True, base.max_errors, base.greeting)
             if allow_plaintext else base
         )
-        self.sessions: set[POP3Session] = set()
-        self.limiter = ConnectionLimiter(limits.max_connections, limits.max_connections_per_ip)
-        self.servers: list[asyncio.base_events.Server] = []
 
     async def start(self, host: str, port: int) -> asyncio.base_events.Server:
-        """Listen on host:port (port 0: a free one, see ``sockets``)."""
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: POP3Session(self),
-            host,
-            port,
-            ssl=self.ssl_context if self.implicit_tls else None,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self.implicit_tls else None,
-            backlog=1024,
-            reuse_address=True,
-        )
-        self.servers.append(server)
-        return server
-
-    @property
-    def ports(self) -> list[int]:
-        return [s.getsockname()[1] for srv in self.servers for s in srv.sockets]
-
-    async def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        for session in list(self.sessions):
-            session.shutdown()
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 5)
-        self.servers.clear()
+        tls = self.ssl_context if self.implicit_tls else None
+        return await self.listen(lambda: POP3Session(self), host, port, tls)
 
 
 class POP3Session(EngineSession):

@@ -10,9 +10,11 @@ greeting; a client that stops reading its replies is not read either.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from mailfort.server.connections import Admission, ConnectionLimiter
@@ -20,6 +22,51 @@ from mailfort.server.connections import Admission, ConnectionLimiter
 log = logging.getLogger("mailfort.session")
 
 CLOSE_GRACE = 10.0  # seconds a closing client gets to read our last reply
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class Listener:
+    """One service's listening sockets, its live sessions and its connection limits."""
+
+    def __init__(self, max_connections: int, max_connections_per_ip: int) -> None:
+        self.sessions: set[Any] = set()
+        self.limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
+        self.servers: list[asyncio.base_events.Server] = []
+
+    async def listen(
+        self,
+        factory: Callable[[], asyncio.BaseProtocol],
+        host: str,
+        port: int,
+        implicit_tls: ssl.SSLContext | None,
+    ) -> asyncio.base_events.Server:
+        """Listen on host:port (port 0: a free one); TLS from the first byte if given."""
+        server = await asyncio.get_running_loop().create_server(
+            factory,
+            host,
+            port,
+            ssl=implicit_tls,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+            backlog=1024,
+            reuse_address=True,
+        )
+        self.servers.append(server)
+        return server
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.getsockname()[1] for srv in self.servers for s in srv.sockets]
+
+    async def close(self) -> None:
+        """Stop accepting, tell every session (421 / -ERR), wait a little for the sockets."""
+        for server in self.servers:
+            server.close()
+        for session in list(self.sessions):
+            session.shutdown()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        self.servers.clear()
 
 
 class Engine(Protocol):

@@ -10,7 +10,6 @@ which keeps pipelined replies in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -43,8 +42,8 @@ from mailfort.protocol.smtp import (
     SMTPEngine,
     StartTLS,
 )
-from mailfort.server.connections import Admission, ConnectionLimiter, is_loopback
-from mailfort.server.session import EngineSession
+from mailfort.server.connections import Admission, is_loopback
+from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
 
 log = logging.getLogger("mailfort.smtp")
@@ -95,7 +94,7 @@ class SubmissionPolicy(Protocol):
     def message_accepted(self, user: str) -> None: ...
 
 
-class SMTPService:
+class SMTPService(Listener):
     """One listening service: its settings, its sessions and its shared parts."""
 
     def __init__(
@@ -120,11 +119,7 @@ class SMTPService:
         self.enqueue = enqueue
         self.queued = queued  # called once queued mail is acknowledged (wakes delivery)
         self.submission = submission
-        self.sessions: set[SMTPSession] = set()
-        self.limiter = ConnectionLimiter(
-            cfg.limits.max_connections, cfg.limits.max_connections_per_ip
-        )
-        self.servers: list[asyncio.base_events.Server] = []
+        super().__init__(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks]
         lim = cfg.limits
         self.settings = EngineSettings(
@@ -146,18 +141,8 @@ class SMTPService:
         )
 
     async def start(self, host: str, port: int) -> asyncio.base_events.Server:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: SMTPSession(self),
-            host,
-            port,
-            ssl=self.ssl_context if self.options.implicit_tls else None,
-            ssl_handshake_timeout=30 if self.options.implicit_tls else None,
-            backlog=1024,
-            reuse_address=True,
-        )
-        self.servers.append(server)
-        return server
+        tls = self.ssl_context if self.options.implicit_tls else None
+        return await self.listen(lambda: SMTPSession(self), host, port, tls)
 
     def trusted(self, ip: str) -> bool:
         try:
@@ -165,16 +150,6 @@ class SMTPService:
         except ValueError:
             return False
         return any(addr in net for net in self._trusted)
-
-    async def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        for session in list(self.sessions):
-            session.shutdown()
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 5)
-
 
 
 class SMTPSession(EngineSession):

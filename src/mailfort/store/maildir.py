@@ -215,12 +215,21 @@ class Committer:
                 live.append(job)
             except (OSError, StorageError) as exc:
                 job.error = exc
-        self._flush_data(live)
         dirs: set[Path] = set()
+
+        def each_file() -> None:
+            for job in live:
+                os.fdatasync(job.spool.fileno())
+
+        def each_dir() -> None:
+            for d in dirs:
+                fsync_dir(d)
+
+        self._flush(live, each_file)  # 1. the data of every message
         for job in live:
             if job.error is None:
                 self._link(job, dirs)
-        self._flush_names([j for j in live if j.error is None], dirs)
+        self._flush([j for j in live if j.error is None], each_dir)  # 2. the names in new/
         for job in batch:
             if job.error is not None:
                 # Refused with 451: take back every copy, so the client's retry is the
@@ -232,15 +241,16 @@ class Committer:
                         job.undo_extra()
             job.spool.discard()
 
-    def _flush_data(self, jobs: list[_Job]) -> None:
+    def _flush(self, jobs: list[_Job], one_by_one: Callable[[], None]) -> None:
+        """One syncfs for the whole batch, or ``one_by_one`` where there is none; a failure
+        fails every message of the batch (none of them gets its 250)."""
         if not jobs:
             return
         try:
             if self._use_syncfs:
                 self._syncfs(jobs[0].spool.fileno())
             else:
-                for job in jobs:
-                    os.fdatasync(job.spool.fileno())
+                one_by_one()
         except OSError as exc:
             for job in jobs:
                 job.error = exc
@@ -263,19 +273,6 @@ class Committer:
                 dirs.add(md / "new")
         except OSError as exc:
             job.error = exc
-
-    def _flush_names(self, jobs: list[_Job], dirs: set[Path]) -> None:
-        if not jobs:
-            return
-        try:
-            if self._use_syncfs:
-                self._syncfs(jobs[0].spool.fileno())
-            else:
-                for d in dirs:
-                    fsync_dir(d)
-        except OSError as exc:
-            for job in jobs:
-                job.error = exc
 
     @staticmethod
     def _syncfs(fd: int) -> None:
