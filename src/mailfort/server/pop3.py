@@ -35,7 +35,7 @@ from mailfort.protocol.pop3 import (
     StartTLS,
 )
 from mailfort.server.connections import Admission, is_loopback
-from mailfort.server.session import EngineSession, Listener
+from mailfort.server.session import TLS_HANDSHAKE_TIMEOUT, EngineSession, Listener
 from mailfort.store.maildir import maildir_for
 from mailfort.store.pop3_mailbox import CHUNK, MailboxInUse, POP3Mailbox
 
@@ -47,7 +47,6 @@ TOO_MANY_FROM_IP = "[SYS/TEMP] Too many connections from your address, try again
 _REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP}
 SHUTTING_DOWN = "[SYS/TEMP] Service shutting down, try again later"
 MESSAGE_GONE = "[SYS/TEMP] Message is no longer available"
-TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
 class Authenticator(Protocol):

@@ -43,7 +43,7 @@ from mailfort.protocol.smtp import (
     StartTLS,
 )
 from mailfort.server.connections import Admission, is_loopback
-from mailfort.server.session import EngineSession, Listener
+from mailfort.server.session import TLS_HANDSHAKE_TIMEOUT, EngineSession, Listener
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
 
 log = logging.getLogger("mailfort.smtp")
@@ -424,7 +424,7 @@ class SMTPSession(EngineSession):
         loop = asyncio.get_running_loop()
         try:
             new = await loop.start_tls(transport, self, ctx, server_side=True,
-                                       ssl_handshake_timeout=30)
+                                       ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
             log.info("TLS handshake with %s failed: %s", self.peer_ip, exc)
             engine.close(Reply(421, "4.7.0", "TLS handshake failed"))
