@@ -196,3 +196,28 @@ async def test_parallel_good_logins_are_not_blocked(rig: Rig) -> None:
         rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.1") for _ in range(30)
     ))
     assert all(o.status == "ok" for o in outs)
+
+
+async def test_old_hash_is_upgraded_at_login_unless_changed_meanwhile(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    older = PasswordHasher(time_cost=2, memory_cost=1024, parallelism=1)
+    old_hash = hash_password("alice-pw", hasher=older)
+    rig.directory.set_password("alice@example.test", old_hash)
+    assert (await rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.1")).ok
+    rig.auth._pool.shutdown(wait=True)  # the upgrade runs after the answer
+    new_hash = rig.directory.password_hash("alice@example.test")
+    assert new_hash != old_hash and new_hash is not None
+    assert new_hash.startswith("$argon2id$v=19$m=1024,t=1,p=1$")  # the hasher's parameters
+    assert (await Authenticator(rig.directory, rig.counters, CFG, hasher=CHEAP)
+            .verify("alice@example.test", "alice-pw", "192.0.2.1")).ok
+    # A password changed by the admin in between is never overwritten by the old one.
+    assert not rig.directory.upgrade_password_hash(
+        "alice@example.test", old_hash, hash_password("alice-pw", hasher=CHEAP))
+    assert rig.directory.password_hash("alice@example.test") == new_hash
+
+
+async def test_current_hash_is_left_alone(rig: Rig) -> None:
+    before = rig.directory.password_hash("alice@example.test")
+    assert (await rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.1")).ok
+    rig.auth._pool.shutdown(wait=True)
+    assert rig.directory.password_hash("alice@example.test") == before

@@ -49,7 +49,7 @@ def test_snapshot_orders_by_time_and_close_moves_new_to_cur(maildir: Path) -> No
         assert [m.uid for m in box.messages] == [
             "1700000000.M1P1Q0.host", "1700000001.M1P1Q1.host", "1700000002.M1P1Q2.host"]
         assert len(os.listdir(maildir / "new")) == 2  # a login renames nothing
-        box.reader(1, None).close()  # RETR of "one": seen
+        box.retrieved(1)  # RETR of "one" went out whole: seen
     finally:
         box.close()
     assert os.listdir(maildir / "new") == []
@@ -88,7 +88,8 @@ def test_sizes_are_crlf_octets_and_match_what_is_sent(maildir: Path) -> None:
 def test_uids_stable_across_sessions_and_flags(maildir: Path) -> None:
     box = POP3Mailbox.open(maildir)
     first = box.listing
-    retr(box, 1)  # RETR: seen
+    retr(box, 1)
+    box.retrieved(1)  # RETR: seen
     retr(box, 2, top=0)  # TOP: not seen
     box.close()
     names = sorted(os.listdir(maildir / "cur"))

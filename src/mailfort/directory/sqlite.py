@@ -348,6 +348,18 @@ class SQLiteDirectory:
             if cur.rowcount == 0:
                 raise DirectoryError(f"no such user: {addr}")
 
+    def upgrade_password_hash(self, address: str, old_hash: str, new_hash: str) -> bool:
+        """Replace ``old_hash`` by ``new_hash`` (same password, current parameters), unless
+        the password was changed meanwhile; True if it was replaced."""
+        addr = normalize_local_address(address)
+        _check_hash(new_hash)
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE users SET password_hash = ? WHERE address = ? AND password_hash = ?",
+                (new_hash, addr, old_hash),
+            )
+        return cur.rowcount == 1
+
     def remove_user(self, address: str) -> None:
         """Remove the account; its Maildir stays on disk (mail is never deleted silently)."""
         addr = normalize_local_address(address)

@@ -10,6 +10,9 @@ What an attacker must not learn or get:
   ``block_seconds`` (even a correct password is then refused);
 - a stalled server: argon2 runs on a small dedicated thread pool, never on the event loop,
   and the pool size bounds the memory that concurrent hashing can take.
+
+A hash made with older parameters is replaced after a successful login (the only moment
+the password is at hand), in the background and only if the password is still the same.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +32,10 @@ from argon2 import PasswordHasher
 
 from mailfort.config import AuthConfig
 from mailfort.directory.base import Directory
-from mailfort.passwords import dummy_hash, verify_password
+from mailfort.passwords import dummy_hash, hash_password, needs_rehash, verify_password
 from mailfort.policy.counters import Counters
+
+log = logging.getLogger("mailfort.authn")
 
 MAX_DELAY_FACTOR = 30  # the growing delay stops at 30 x failure_delay
 MAX_PARALLEL = 4  # password checks in flight per client IP and per account
@@ -133,7 +139,10 @@ class Authenticator:
             if matched and stored is not None:
                 self.counters.reset(fail_ip)
                 self.counters.reset(fail_user)
-                return AuthOutcome(AuthStatus.OK, self._canonical(username))
+                user = self._canonical(username)
+                if needs_rehash(stored, hasher=self.hasher):
+                    self._pool.submit(self._rehash, user, stored, password)
+                return AuthOutcome(AuthStatus.OK, user)
             window = self.cfg.block_seconds
             failures = max(
                 self.counters.incr(fail_ip, window), self.counters.incr(fail_user, window)
@@ -169,6 +178,16 @@ class Authenticator:
 
     def _check(self, password_hash: str, password: str) -> bool:
         return verify_password(password_hash, password, hasher=self.hasher)
+
+    def _rehash(self, user: str, old_hash: str, password: str) -> None:
+        upgrade = getattr(self.directory, "upgrade_password_hash", None)
+        if not callable(upgrade):
+            return
+        try:
+            if upgrade(user, old_hash, hash_password(password, hasher=self.hasher)):
+                log.info("password hash of %s upgraded to the current parameters", user)
+        except Exception:  # best effort: the old hash still works
+            log.exception("could not upgrade the password hash of %s", user)
 
     def _canonical(self, username: str) -> str:
         canonical = getattr(self.directory, "canonical_user", None)

@@ -110,11 +110,13 @@ class POP3Session(EngineSession):
         self.mailbox: POP3Mailbox | None = None
         self._writable = asyncio.Event()  # RETR streaming waits on it
         self._writable.set()
+        # The message after the one just sent, read while the client reads that one: a
+        # client downloading a mailbox asks for them in order.
+        self._ahead: tuple[int, bytes] | None = None
 
     # ---------------------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_ip = str(peer[0])
@@ -216,28 +218,38 @@ class POP3Session(EngineSession):
         """Small messages inline (one read), large ones as a task reading in a thread."""
         engine, mailbox, transport = self.engine, self.mailbox, self.transport
         assert engine is not None and mailbox is not None and transport is not None
+        ahead, self._ahead = self._ahead, None
         size = mailbox.messages[ev.index].size
         if size > CHUNK or not self._writable.is_set():
             self.run(self._stream(ev))
             return
-        try:
-            reader = mailbox.reader(ev.index, ev.top_lines)
-        except OSError:
-            engine.retrieve_failed(MESSAGE_GONE)
+        if ahead is not None and ahead[0] == ev.index and ev.top_lines is None:
+            wire: bytes | None = ahead[1]
+        else:
+            try:
+                wire = mailbox.read_whole(ev.index, ev.top_lines)
+            except OSError:
+                engine.retrieve_failed(MESSAGE_GONE)
+                return
+        if wire is None:  # larger than its name said
+            self.run(self._stream(ev))
             return
         engine.retrieve_started(size)
-        parts = [engine.take_output()]
-        try:
-            while not reader.done:
-                parts.append(reader.read())
-        except OSError:  # after +OK there is no clean way to say it: hang up
-            log.exception("pop3 %s: read error", self.peer_ip)
-            transport.abort()
-            return
-        finally:
-            reader.close()
-        transport.write(b"".join(parts))
+        transport.write(engine.take_output() + wire)
         engine.retrieve_done()
+        if ev.top_lines is None:
+            mailbox.retrieved(ev.index)
+            self._read_ahead(mailbox, ev.index + 1)
+
+    def _read_ahead(self, mailbox: POP3Mailbox, index: int) -> None:
+        if index >= len(mailbox.messages) or mailbox.messages[index].size > CHUNK:
+            return
+        try:
+            wire = mailbox.read_whole(index, None)
+        except OSError:
+            return  # RETR will say it is gone
+        if wire is not None:
+            self._ahead = (index, wire)
 
     async def _stream(self, ev: Retrieve) -> None:
         engine, mailbox = self.engine, self.mailbox
@@ -259,6 +271,8 @@ class POP3Session(EngineSession):
         finally:
             reader.close()
         engine.retrieve_done()
+        if ev.top_lines is None:
+            mailbox.retrieved(ev.index)
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and data:
@@ -302,6 +316,7 @@ class POP3Session(EngineSession):
 
     def _release_mailbox(self) -> None:
         mailbox, self.mailbox = self.mailbox, None
+        self._ahead = None
         if mailbox is not None:
             try:
                 asyncio.get_running_loop().run_in_executor(None, mailbox.close)

@@ -7,8 +7,11 @@ Why each rule:
 * **Stable UIDLs.** The UID is the Maildir unique name (the part before ``:``), which never
   changes when flags do; a name that is not a valid RFC 1939 unique-id (1-70 printable
   characters) is replaced by a digest of itself, which is just as stable.
-* **new → cur.** Opening the mailbox moves new messages to ``cur/`` with ``:2,``; a message
-  retrieved whole gets the ``S`` flag when the session ends, as any Maildir reader expects.
+* **new → cur, and S.** A message retrieved whole moves to ``cur/`` with the ``S`` flag,
+  renamed in batches by a background thread while the session goes on (so neither the
+  client nor the next session waits for thousands of renames at QUIT); the rest of the new
+  messages move to ``cur/`` with ``:2,`` when the session ends. A rename racing a read is
+  resolved under ``_paths``: the path is only ever changed together with the file's name.
 * **Deletion only at QUIT.** ``delete`` is called from the UPDATE state and nowhere else;
   a dropped connection just ``close``s, so nothing marked with DELE is lost.
 * **One session per mailbox.** An in-process set plus ``flock`` on a lock file, so that two
@@ -29,6 +32,8 @@ import hashlib
 import os
 import re
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -38,7 +43,9 @@ from mailfort.store.durable import fsync_dir
 
 CHUNK = 64 * 1024
 LOCK_NAME = "mailfort-pop3.lock"
-_UID_OK = re.compile(rb"[\x21-\x7e]{1,70}")
+_UID_OK = re.compile(r"[\x21-\x7e]{1,70}")
+_W_FIELD = re.compile(r",W=([0-9]{1,20})(?=,|$)")
+FLAG_BATCH = 64  # retrieved messages renamed (S flag) per background job
 
 _held: set[str] = set()  # maildirs locked by sessions of this process
 _closing: dict[str, threading.Event] = {}  # maildirs whose session is finishing its close
@@ -52,16 +59,28 @@ class MailboxInUse(Exception):
 
 def uid_for(name: str) -> str:
     """The UIDL of a Maildir file name: its unique part, or a digest if that is unfit."""
-    unique = name.split(":", 1)[0]
-    raw = unique.encode("utf-8", "surrogateescape")
-    if _UID_OK.fullmatch(raw):
+    unique = name.partition(":")[0]
+    if _UID_OK.fullmatch(unique):  # printable ASCII only: a surrogate escape never matches
         return unique
-    return "h" + hashlib.sha256(raw).hexdigest()[:40]
+    return "h" + hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
-def _sort_key(name: str, mtime_ns: int) -> tuple[int, int, str]:
-    head = name.split(".", 1)[0]
-    return (int(head) if head.isdigit() and len(head) <= 20 else 0, mtime_ns, name)
+def _delivery_time(unique: str) -> int:
+    """The seconds at the start of a Maildir unique name, 0 if it has none (sorts first)."""
+    head = unique.partition(".")[0]
+    return int(head) if head.isascii() and head.isdigit() and len(head) <= 20 else 0
+
+
+_flag_pool: ThreadPoolExecutor | None = None
+
+
+def _flagger() -> ThreadPoolExecutor:
+    """Threads that rename retrieved messages while sessions go on (created on first use)."""
+    global _flag_pool
+    with _held_guard:
+        if _flag_pool is None:
+            _flag_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maildir-flags")
+        return _flag_pool
 
 
 @dataclass(slots=True)
@@ -69,7 +88,7 @@ class StoredMessage:
     uid: str
     path: str  # where the file is now (a plain string: a login makes thousands of these)
     size: int  # wire octets (CRLF), as LIST reports and RETR sends before stuffing
-    seen: bool = False  # retrieved whole in this session: gets the S flag at close
+    seen: bool = False  # retrieved whole in this session: gets the S flag
     deleted: bool = False  # removed in the UPDATE state
 
 
@@ -106,22 +125,17 @@ def size_from_name(name: str) -> int | None:
 
     ``,S=`` is the file size, which differs from the wire size for LF files: not used.
     """
-    for field in name.split(":", 1)[0].split(",")[1:]:
-        if field.startswith("W=") and field[2:].isdigit() and len(field) <= 22:
-            return int(field[2:])
-    return None
+    found = _W_FIELD.search(name.partition(":")[0])
+    return int(found[1]) if found else None
 
 
-def _read_size(path: str) -> int:
-    name_size = size_from_name(os.path.basename(path))
-    if name_size is not None:
-        return name_size
+def _count_size(path: str) -> int:
+    """Wire octets of a message whose name does not carry them: read it once."""
     counter = SizeCounter()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             counter.feed(chunk)
     return counter.size()
-
 
 
 class POP3Mailbox:
@@ -133,6 +147,9 @@ class POP3Mailbox:
         self.messages = messages
         self._lock_fd: int | None = lock_fd
         self._key = key
+        self._paths = threading.Lock()  # a message's path changes only with its file name
+        self._to_flag: list[StoredMessage] = []  # retrieved, not yet handed to the flagger
+        self._flagging: list[Future[None]] = []  # batches handed to it
 
     @classmethod
     def open(cls, maildir: Path) -> POP3Mailbox:
@@ -155,7 +172,7 @@ class POP3Mailbox:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise MailboxInUse(key) from None
-            messages = cls._snapshot(maildir)
+            messages = cls._snapshot(str(maildir))
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -165,31 +182,36 @@ class POP3Mailbox:
         return cls(maildir, messages, fd, key)
 
     @staticmethod
-    def _snapshot(maildir: Path) -> list[StoredMessage]:
+    def _snapshot(maildir: str) -> list[StoredMessage]:
         """new/ and cur/ as they are now, oldest first by the time in the unique name.
 
-        Nothing is renamed here: messages move from new/ to cur/ when the session ends
-        (see ``close``), so a login costs a directory listing, not a rename per message.
+        Nothing is renamed here, so a login costs a directory listing, not a rename per
+        message. A login lists thousands of names, hence plain strings and one pass.
         """
-        found: list[tuple[tuple[int, int, str], str]] = []
+        found: list[tuple[int, str, str, str]] = []  # (time, unique, name, folder)
         for sub in ("new", "cur"):
-            with os.scandir(maildir / sub) as it:
+            folder = f"{maildir}/{sub}"
+            with os.scandir(folder) as it:
                 for entry in it:
                     name = entry.name
-                    if name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    if name[0] == "." or not entry.is_file(follow_symlinks=False):
                         continue
-                    found.append((_sort_key(name, 0), entry.path))
-        found.sort(key=lambda item: item[0])
+                    unique = name.partition(":")[0]
+                    found.append((_delivery_time(unique), unique, name, folder))
+        found.sort()
         messages: list[StoredMessage] = []
         seen_uids: set[str] = set()
-        for _, path in found:
-            uid = uid_for(os.path.basename(path))
+        for _, unique, name, folder in found:
+            uid = unique if _UID_OK.fullmatch(unique) else uid_for(unique)
             if uid in seen_uids:  # the same unique name twice (new/ and cur/): show one
                 continue
-            try:
-                size = _read_size(path)
-            except FileNotFoundError:
-                continue
+            path = f"{folder}/{name}"
+            size = size_from_name(unique)
+            if size is None:
+                try:
+                    size = _count_size(path)
+                except FileNotFoundError:
+                    continue
             seen_uids.add(uid)
             messages.append(StoredMessage(uid, path, size))
         return messages
@@ -198,17 +220,63 @@ class POP3Mailbox:
     def listing(self) -> list[tuple[str, int]]:
         return [(m.uid, m.size) for m in self.messages]
 
+    def _open_file(self, msg: StoredMessage) -> int:
+        """A file descriptor for the message, even if the flagger just renamed it."""
+        try:
+            return os.open(msg.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            with self._paths:  # a rename in flight has finished once we hold this
+                return os.open(msg.path, os.O_RDONLY | os.O_CLOEXEC)
+
     def reader(self, index: int, top_lines: int | None) -> MessageReader:
         """Open one message for RETR (``top_lines`` None) or TOP; OSError if it is gone."""
+        fd = self._open_file(self.messages[index])
+        try:  # unbuffered: the reader asks for CHUNK-sized pieces, one read(2) each
+            return MessageReader(open(fd, "rb", buffering=0), top_lines)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read_whole(self, index: int, top_lines: int | None) -> bytes | None:
+        """A small message encoded for the wire, terminator included, in one read.
+
+        None if the file holds more than CHUNK octets after all (its name said less): the
+        caller streams it instead, so memory stays bounded. OSError if it is gone.
+        """
+        fd = self._open_file(self.messages[index])
+        try:
+            data = os.read(fd, CHUNK + 1)
+        finally:
+            os.close(fd)
+        if len(data) > CHUNK:
+            return None
+        enc = MessageEncoder(top_lines)
+        return enc.feed(data) + enc.finish()
+
+    def retrieved(self, index: int) -> None:
+        """The message went out whole (RETR): it gets the S flag, in the background."""
         msg = self.messages[index]
-        # Unbuffered: the reader asks for CHUNK-sized pieces, one read(2) each.
-        f = open(msg.path, "rb", buffering=0)  # noqa: SIM115 - closed by MessageReader
-        if top_lines is None:
-            msg.seen = True
-        return MessageReader(f, top_lines)
+        if msg.seen:
+            return
+        msg.seen = True
+        self._to_flag.append(msg)
+        if len(self._to_flag) >= FLAG_BATCH:
+            batch, self._to_flag = self._to_flag, []
+            self._flagging.append(_flagger().submit(self._file_all, batch))
+
+    def _file_all(self, batch: list[StoredMessage]) -> None:
+        for msg in batch:
+            if not msg.deleted:
+                self._file_in_cur(msg)
+
+    def _flags_settled(self) -> None:
+        """Wait for the background renames, so every path is final (blocks)."""
+        wait_all(self._flagging)
+        self._flagging.clear()
 
     def delete(self, indexes: list[int]) -> int:
         """UPDATE state: remove these messages durably; returns how many could not be."""
+        self._flags_settled()
         failures = 0
         dirs: set[str] = set()
         for i in indexes:
@@ -241,9 +309,9 @@ class POP3Mailbox:
         with _held_guard:
             _closing[self._key] = done
         try:
-            for msg in self.messages:
-                if not msg.deleted:
-                    self._file_in_cur(msg)
+            self._flags_settled()
+            self._to_flag.clear()  # they are in self.messages with seen set: filed below
+            self._file_all(self.messages)
         finally:
             fd, self._lock_fd = self._lock_fd, None
             with contextlib.suppress(OSError):
@@ -254,8 +322,7 @@ class POP3Mailbox:
                 _closing.pop(self._key, None)
             done.set()
 
-    @staticmethod
-    def _file_in_cur(msg: StoredMessage) -> None:
+    def _file_in_cur(self, msg: StoredMessage) -> None:
         """new/ -> cur/ (seen by a reader), adding the S flag if it was retrieved."""
         folder, name = os.path.split(msg.path)
         in_new = os.path.basename(folder) == "new"
@@ -271,6 +338,6 @@ class POP3Mailbox:
         elif not in_new and sep:
             return  # already in cur/ with nothing to add
         target = os.path.join(os.path.dirname(folder), "cur", f"{unique}:2,{flags}")
-        with contextlib.suppress(OSError):
+        with self._paths, contextlib.suppress(OSError):
             os.rename(msg.path, target)
             msg.path = target
