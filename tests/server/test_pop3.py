@@ -554,3 +554,28 @@ async def test_command_sent_right_after_the_stls_handshake_is_answered(lab: POP3
         reply = await asyncio.wait_for(reader.readline(), 5)
         assert reply.startswith((b"+OK", b"-ERR"))  # answered, not silently dropped
         writer.close()
+
+
+async def test_read_ahead_never_answers_the_wrong_command(lab: POP3Lab) -> None:
+    """The server reads message n+1 while the client reads n; TOP, out-of-order RETR and
+    DELE must still get exactly what they ask for."""
+    bodies = [b"Subject: m%d\r\n\r\nl1\r\nl2\r\n" % i for i in range(1, 5)]
+    for b in bodies:
+        lab.deliver(ALICE, b)
+        time.sleep(0.001)  # distinct delivery times keep the order
+
+    def session() -> list[list[bytes]]:
+        c = lab.stls_login()
+        got = [c.retr(1)[1], c.top(2, 0)[1], c.retr(2)[1], c.retr(4)[1], c.retr(3)[1]]
+        c.dele(1)
+        got.append(c.retr(2)[1])
+        with pytest.raises(poplib.error_proto):
+            c.retr(1)
+        c.quit()
+        return got
+
+    got = await in_thread(session)
+    lines = [b.rstrip(b"\r\n").split(b"\r\n") for b in bodies]
+    assert got == [lines[0], lines[1][:2], lines[1], lines[3], lines[2], lines[1]]
+    files = lab.files(ALICE)
+    assert len(files) == 3 and all(f.endswith(":2,S") for f in files)

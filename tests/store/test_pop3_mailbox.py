@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from mailfort.store.pop3_mailbox import (
+    CHUNK,
+    FLAG_BATCH,
     LOCK_NAME,
     MailboxInUse,
     POP3Mailbox,
@@ -194,3 +196,70 @@ def test_large_message_streams_in_bounded_memory(tmp_path: Path) -> None:
     assert box.messages[0].size == 50 * 1024 * (len(line) + 1)
     assert total == box.messages[0].size + 50 * 1024 + 3  # one stuffed dot a line, ".\r\n"
     assert peak < 2 * 1024 * 1024
+
+
+def many(tmp_path: Path, count: int) -> Path:
+    md = tmp_path / "many"
+    for i in range(count):
+        deliver(md, f"{1700000000 + i}.M{i}P1.host,S=9,W=10", b"Subject:\n")
+    return md
+
+
+def test_retrieved_messages_get_s_in_the_background_during_the_session(
+        tmp_path: Path) -> None:
+    md = many(tmp_path, FLAG_BATCH + 3)
+    box = POP3Mailbox.open(md)
+    try:
+        for i in range(FLAG_BATCH):
+            assert box.read_whole(i, None) == b"Subject:\r\n.\r\n"
+            box.retrieved(i)
+        box._flags_settled()  # what QUIT does before deleting: wait for the batch
+        cur = os.listdir(md / "cur")
+        assert len(cur) == FLAG_BATCH and all(n.endswith(":2,S") for n in cur)
+        # A message renamed under the session is still read, by its new name.
+        assert box.read_whole(0, None) == b"Subject:\r\n.\r\n"
+        assert box.delete([1]) == 0
+    finally:
+        box.close()
+    names = sorted(os.listdir(md / "cur"))
+    assert os.listdir(md / "new") == [] and len(names) == FLAG_BATCH + 2
+    assert sum(n.endswith(":2,S") for n in names) == FLAG_BATCH - 1  # one deleted
+    assert sum(n.endswith(":2,") for n in names) == 3  # never retrieved: moved, no S
+
+
+def test_a_filed_mailbox_is_not_renamed_again(tmp_path: Path) -> None:
+    md = many(tmp_path, 5)
+    box = POP3Mailbox.open(md)
+    for i in range(5):
+        box.retrieved(i)
+    box.close()
+    before = {n: os.stat(md / "cur" / n).st_ctime_ns for n in os.listdir(md / "cur")}
+    box = POP3Mailbox.open(md)
+    assert all(not m.to_file for m in box.messages)
+    for i in range(5):
+        box.retrieved(i)
+    assert not box._to_flag  # nothing queued: all had S
+    box.close()
+    after = {n: os.stat(md / "cur" / n).st_ctime_ns for n in os.listdir(md / "cur")}
+    assert after == before  # a rename would have changed the ctime
+
+
+def test_read_whole_refuses_a_file_bigger_than_its_name_says(tmp_path: Path) -> None:
+    md = tmp_path / "liar"
+    deliver(md, "1700000000.M1P1.host,S=10,W=12", b"x" * (CHUNK + 10))
+    box = POP3Mailbox.open(md)
+    try:
+        assert box.messages[0].size == 12
+        assert box.read_whole(0, None) is None  # the caller streams it instead
+        assert len(retr(box, 0)) > CHUNK
+    finally:
+        box.close()
+
+
+def test_foreign_info_is_left_alone(tmp_path: Path) -> None:
+    md = tmp_path / "foreign"
+    deliver(md, "1700000000.M1P1.host:1,experimental", b"a\n", sub="cur")
+    box = POP3Mailbox.open(md)
+    box.retrieved(0)
+    box.close()
+    assert os.listdir(md / "cur") == ["1700000000.M1P1.host:1,experimental"]

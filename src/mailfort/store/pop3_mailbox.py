@@ -90,6 +90,13 @@ class StoredMessage:
     size: int  # wire octets (CRLF), as LIST reports and RETR sends before stuffing
     seen: bool = False  # retrieved whole in this session: gets the S flag
     deleted: bool = False  # removed in the UPDATE state
+    in_cur: bool = False  # in cur/ with an info part: needs no move
+    marked: bool = False  # has S, or an info we leave alone: needs no flag either
+
+    @property
+    def to_file(self) -> bool:
+        """Whether its file name is behind what this session knows of it."""
+        return not self.deleted and (not self.in_cur or (self.seen and not self.marked))
 
 
 class MessageReader:
@@ -213,7 +220,12 @@ class POP3Mailbox:
                 except FileNotFoundError:
                     continue
             seen_uids.add(uid)
-            messages.append(StoredMessage(uid, path, size))
+            msg = StoredMessage(uid, path, size)
+            if folder[-4:] == "/cur" and ":" in name:
+                msg.in_cur = True
+                info = name.partition(":")[2]
+                msg.marked = not info.startswith("2,") or "S" in info
+            messages.append(msg)
         return messages
 
     @property
@@ -259,6 +271,8 @@ class POP3Mailbox:
         if msg.seen:
             return
         msg.seen = True
+        if not msg.to_file:
+            return
         self._to_flag.append(msg)
         if len(self._to_flag) >= FLAG_BATCH:
             batch, self._to_flag = self._to_flag, []
@@ -266,7 +280,7 @@ class POP3Mailbox:
 
     def _file_all(self, batch: list[StoredMessage]) -> None:
         for msg in batch:
-            if not msg.deleted:
+            if msg.to_file:
                 self._file_in_cur(msg)
 
     def _flags_settled(self) -> None:
@@ -331,13 +345,16 @@ class POP3Mailbox:
             flags = info[2:]
         elif not sep:
             flags = ""
-        else:
-            return  # an info we do not understand: leave it alone
+        else:  # an info we do not understand: leave it alone
+            msg.in_cur = msg.marked = True
+            return
         if msg.seen and "S" not in flags:
             flags = "".join(sorted(flags + "S"))
         elif not in_new and sep:
-            return  # already in cur/ with nothing to add
+            msg.in_cur = True  # already in cur/ with nothing to add
+            return
         target = os.path.join(os.path.dirname(folder), "cur", f"{unique}:2,{flags}")
         with self._paths, contextlib.suppress(OSError):
             os.rename(msg.path, target)
             msg.path = target
+            msg.in_cur, msg.marked = True, "S" in flags
