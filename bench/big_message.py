@@ -19,12 +19,11 @@ import hashlib
 import os
 import smtplib
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from mfproc import MailfortServer, PeakRSS
+from mfproc import MailfortServer, PeakRSS, bench_tmpdir
 
 
 def build_message(megabytes: int, tag: str) -> bytes:
@@ -74,7 +73,7 @@ def main() -> int:
     if not 1 <= args.mb <= 55:
         ap.error("--mb 1..55 (the benchmark config allows 60,000,000 bytes)")
     rows: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="mailfort-big-bench-") as tmp:
+    with bench_tmpdir("mailfort-big-bench-") as tmp:
         mf = MailfortServer(Path(tmp), port_base=args.port_base)
         with mf:
             port = mf.ports["mx"]

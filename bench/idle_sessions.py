@@ -17,12 +17,11 @@ import argparse
 import asyncio
 import resource
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-from mfproc import MailfortServer, open_fds, proc_status, soft_nofile
+from mfproc import MailfortServer, bench_tmpdir, open_fds, proc_status, soft_nofile
 
 SETUP_CONCURRENCY = 200  # handshakes in flight at once (the server's listen backlog is 1024)
 STEP_TIMEOUT = 30.0
@@ -155,7 +154,7 @@ def main() -> int:
     args = ap.parse_args()
     if not 1 <= args.sessions <= 30_000 or not 0 <= args.hold <= 240:
         ap.error("--sessions 1..30000, --hold 0..240")
-    with tempfile.TemporaryDirectory(prefix="mailfort-idle-bench-") as tmp:
+    with bench_tmpdir("mailfort-idle-bench-") as tmp:
         mf = MailfortServer(Path(tmp), port_base=args.port_base,
                             max_connections=max(20000, args.sessions + 100))
         with mf:  # started before the client raises its limit: it inherits the shell's

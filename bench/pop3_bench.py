@@ -34,12 +34,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mfproc import MailfortServer, PeakRSS, wait_port
+from mfproc import MailfortServer, PeakRSS, bench_tmpdir, wait_port
 
 HERE = Path(__file__).resolve().parent
 ANCHORS = HERE.parent.parent / "shared" / "anchors"
@@ -225,7 +224,7 @@ def main() -> int:
             subprocess.run(["bash", str(ANCHORS / "dovecot-reference.sh"), "start"], check=True)
     results: dict[str, list[Session]] = {}
     rows: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="mailfort-pop3-bench-") as tmp:
+    with bench_tmpdir("mailfort-pop3-bench-") as tmp:
         mf = MailfortServer(Path(tmp), port_base=args.port_base, plaintext_pop3=True)
         with mf:
             servers = [("mailfort", mf.ports["pop3"], mf.maildir("alice"), None,

@@ -15,13 +15,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from mfproc import MailfortServer, proc_status  # noqa: E402  (bench/ is not a package)
+from mfproc import MailfortServer, bench_tmpdir, proc_status  # noqa: E402  (bench/ is not a package)
 
 ANCHORS = HERE.parent.parent / "shared" / "anchors"
 PORT_BASE = 12500  # mailfort's listeners: see bench/mfproc.py OFFSETS
@@ -43,6 +42,9 @@ def wait_postfix_idle(timeout: float = 120) -> None:
 
 
 def smtp_source(port: int, size: int, sessions: int, messages: int) -> float:
+    # Both servers flush to disk per message (fsync, syncfs); write back what anything else
+    # left dirty first, so that neither pays for the other's deliveries in its own window.
+    os.sync()
     start = time.perf_counter()
     subprocess.run(
         ["smtp-source", "-c", "-l", str(size), "-m", str(messages), "-s", str(sessions),
@@ -64,7 +66,7 @@ def main() -> int:
         print("smtp-source not found: run ../shared/anchors/postfix-reference.sh start")
         return 2
     rows: list[tuple[str, str, str, str]] = []
-    with tempfile.TemporaryDirectory(prefix="mailfort-bench-") as tmp:
+    with bench_tmpdir("mailfort-bench-") as tmp:
         mf = MailfortServer(Path(tmp), port_base=PORT_BASE)
         mf.start()
         try:

@@ -83,6 +83,7 @@ def test_own_networks_accepted(tmp_path: Path) -> None:
     ({"listen": {"pop3": ["127.0.0.1:70000"]}}, "listen.pop3[0]"),
     ({"limits": {"max_errors": 0}}, "limits.max_errors"),
     ({"tls": {"min_version": "TLSv1.0"}}, "tls.min_version"),
+    ({"store": {"flush": "never"}}, "store.flush"),
     ({"tls": {"cert_file": "/x.pem"}}, "tls.cert_file"),
     ({"server": {"hostname": "a b"}}, "server.hostname"),
     ({"server": {"data_dir": ""}}, "server.data_dir"),

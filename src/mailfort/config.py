@@ -30,6 +30,14 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    # How a batch of messages is made durable before its 250s: "syncfs" (one flush of the
+    # filesystem per batch: fastest where mailfort has its disk to itself) or "fsync" (each
+    # file and directory on its own: flushes nothing of other programs on a shared disk).
+    flush: str = "syncfs"
+
+
+@dataclass(frozen=True)
 class TLSConfig:
     # Empty: a self-signed certificate is generated in data_dir on first start.
     cert_file: str = ""
@@ -115,6 +123,7 @@ class Route:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -215,6 +224,8 @@ def validate(cfg: Config) -> Config:
     for k in ("idle_timeout", "session_timeout", "pop3_idle_timeout"):
         if getattr(lim, k) <= 0:
             raise ConfigError(f"limits.{k}: must be a positive number of seconds")
+    if cfg.store.flush not in ("syncfs", "fsync"):
+        raise ConfigError("store.flush: allowed values are syncfs and fsync")
     if cfg.tls.min_version not in ("TLSv1.2", "TLSv1.3"):
         raise ConfigError("tls.min_version: allowed values are TLSv1.2 and TLSv1.3")
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import HOSTNAME, seed_directory
 from tests.server.test_mx import read_reply
 
@@ -21,11 +23,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp_path: Path, port: int) -> Path:
+def write_config(tmp_path: Path, port: int, flush: str) -> Path:
     data = tmp_path / "data"
     cfg = tmp_path / "mailfort.toml"
     cfg.write_text(
         f'[server]\nhostname = "{HOSTNAME}"\ndata_dir = "{data}"\n'
+        f'[store]\nflush = "{flush}"\n'
         f'[listen]\nmx = ["127.0.0.1:{port}"]\nsubmission = []\nsubmissions = []\n'
         "pop3 = []\npop3s = []\n"
     )
@@ -66,9 +69,10 @@ async def send_one(port: int, token: str) -> bool:
         return False
 
 
-async def test_acknowledged_mail_survives_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flush", ["syncfs", "fsync"])
+async def test_acknowledged_mail_survives_sigkill(tmp_path: Path, flush: str) -> None:
     port = free_port()
-    cfg_path = write_config(tmp_path, port)
+    cfg_path = write_config(tmp_path, port, flush)
     from mailfort import config
 
     cfg = config.load(cfg_path)

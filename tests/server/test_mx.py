@@ -81,6 +81,24 @@ async def test_delivers_to_local_user_with_trace_headers(node: Node) -> None:
     assert b"\n" not in msg.replace(b"\r\n", b"")
 
 
+@pytest.mark.parametrize("flush", ["syncfs", "fsync"])
+async def test_store_flush_mode_is_the_configured_one(
+    config_factory: Any, server_ssl_context: ssl.SSLContext, flush: str
+) -> None:
+    cfg = config_factory(store={"flush": flush})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as n:
+        assert n.committer.flush_mode == flush
+        port = n.port("mx")
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", port) as s:
+                s.send_message(message(), "sender@remote.test", ["alice@example.test"])
+
+        await asyncio.to_thread(send)
+        assert len(stored(n, "alice@example.test")) == 1
+
+
 async def test_starttls_received_says_esmtps(
     node: Node, client_ssl_context: ssl.SSLContext
 ) -> None:

@@ -46,7 +46,7 @@ class Node:
         self.cfg = cfg
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
         self.directory = SQLiteDirectory(directory_path(cfg))
-        self.committer = Committer(cfg.data_path)
+        self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs")
         if ssl_context is None:
             from mailfort.tls import server_context
 

@@ -47,6 +47,8 @@ TOO_MANY_FROM_IP = "[SYS/TEMP] Too many connections from your address, try again
 _REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP}
 SHUTTING_DOWN = "[SYS/TEMP] Service shutting down, try again later"
 MESSAGE_GONE = "[SYS/TEMP] Message is no longer available"
+# Read-ahead holds at most this much per session beyond what the transport buffers.
+READ_AHEAD_MAX = 16 * 1024
 
 
 class Authenticator(Protocol):
@@ -242,7 +244,7 @@ class POP3Session(EngineSession):
             self._read_ahead(mailbox, ev.index + 1)
 
     def _read_ahead(self, mailbox: POP3Mailbox, index: int) -> None:
-        if index >= len(mailbox.messages) or mailbox.messages[index].size > CHUNK:
+        if index >= len(mailbox.messages) or mailbox.messages[index].size > READ_AHEAD_MAX:
             return
         try:
             wire = mailbox.read_whole(index, None)

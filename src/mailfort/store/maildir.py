@@ -158,6 +158,11 @@ class Committer:
         self._thread = threading.Thread(target=self._run, name="mailfort-committer", daemon=True)
         self._thread.start()
 
+    @property
+    def flush_mode(self) -> str:
+        """"syncfs" or "fsync" (per file): what each batch actually uses."""
+        return "syncfs" if self._use_syncfs else "fsync"
+
     def recover(self) -> int:
         """Remove spool files left by a crash (never acknowledged); returns how many."""
         n = 0
