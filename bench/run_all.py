@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from mfproc import MailfortServer, bench_tmpdir, proc_status  # noqa: E402  (bench/ is not a package)
+from mfproc import BENCH_DIR, MailfortServer, bench_tmpdir, proc_status, wait_disk_quiet  # noqa: E402  (bench/ is not a package)
 
 ANCHORS = HERE.parent.parent / "shared" / "anchors"
 PORT_BASE = 12500  # mailfort's listeners: see bench/mfproc.py OFFSETS
@@ -42,9 +42,11 @@ def wait_postfix_idle(timeout: float = 120) -> None:
 
 
 def smtp_source(port: int, size: int, sessions: int, messages: int) -> float:
-    # Both servers flush to disk per message (fsync, syncfs); write back what anything else
-    # left dirty first, so that neither pays for the other's deliveries in its own window.
-    os.sync()
+    # Both servers flush to disk per message (fsync, syncfs): neither may pay for the other's
+    # writes, deletions or discards in its own window.
+    waited = wait_disk_quiet(BENCH_DIR)
+    if waited > 2:
+        print(f"#   waited {waited:.1f} s for the disk to go quiet", flush=True)
     start = time.perf_counter()
     subprocess.run(
         ["smtp-source", "-c", "-l", str(size), "-m", str(messages), "-s", str(sessions),

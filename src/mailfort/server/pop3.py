@@ -35,7 +35,7 @@ from mailfort.protocol.pop3 import (
     StartTLS,
 )
 from mailfort.server.connections import Admission, is_loopback
-from mailfort.server.session import TLS_HANDSHAKE_TIMEOUT, EngineSession, Listener
+from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import maildir_for
 from mailfort.store.pop3_mailbox import CHUNK, MailboxInUse, POP3Mailbox
 
@@ -281,23 +281,10 @@ class POP3Session(EngineSession):
             self.transport.write(data)
 
     async def _starttls(self) -> None:
-        engine, transport, ctx = self.engine, self.transport, self.server.ssl_context
-        assert engine is not None and transport is not None and ctx is not None
-        loop = asyncio.get_running_loop()
-        try:
-            new = await loop.start_tls(transport, self, ctx, server_side=True,
-                                       ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
-        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
-            log.info("pop3 %s: TLS handshake failed: %s", self.peer_ip, exc)
-            engine.close("TLS handshake failed")
-            transport.abort()
-            self.transport = None
-            return
-        if new is None:
-            self.transport = None
-            return
-        self.transport = new
-        engine.tls_started()
+        engine, ctx = self.engine, self.server.ssl_context
+        assert engine is not None and ctx is not None
+        if await self.start_tls(ctx, lambda: engine.close("TLS handshake failed")):
+            engine.tls_started()
 
     async def _update(self, ev: Quit) -> None:
         """UPDATE state (RFC 1939 §6): the only place where messages are removed."""

@@ -211,6 +211,25 @@ class EngineSession(asyncio.Protocol):
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
             transport.close()
 
+    async def start_tls(self, ctx: ssl.SSLContext, on_failure: Callable[[], None]) -> bool:
+        """STARTTLS/STLS: True once the connection speaks TLS (``self.transport`` is the
+        new one). A failed handshake calls ``on_failure`` (the engine's last word) and
+        aborts the connection; a connection lost meanwhile just returns False."""
+        transport = self.transport
+        assert transport is not None
+        try:
+            new = await asyncio.get_running_loop().start_tls(
+                transport, self, ctx, server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            log.info("%s: TLS handshake failed: %s", self.peer_ip, exc)
+            on_failure()
+            transport.abort()
+            self.transport = None
+            return False
+        self.transport = new
+        return new is not None
+
     def run(self, coro: Awaitable[None]) -> None:
         """Run async work for the pending event; the engine waits until it is answered."""
 

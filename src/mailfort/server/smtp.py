@@ -43,7 +43,7 @@ from mailfort.protocol.smtp import (
     StartTLS,
 )
 from mailfort.server.connections import Admission, is_loopback
-from mailfort.server.session import TLS_HANDSHAKE_TIMEOUT, EngineSession, Listener
+from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
 
 log = logging.getLogger("mailfort.smtp")
@@ -416,26 +416,13 @@ class SMTPSession(EngineSession):
     # ---------------------------------------------------------------- TLS and AUTH
 
     async def _starttls(self) -> None:
-        engine = self.engine
-        transport = self.transport
-        ctx = self.service.ssl_context
-        assert engine is not None and transport is not None and ctx is not None
-        loop = asyncio.get_running_loop()
-        try:
-            new = await loop.start_tls(transport, self, ctx, server_side=True,
-                                       ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
-        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
-            log.info("TLS handshake with %s failed: %s", self.peer_ip, exc)
-            engine.close(Reply(421, "4.7.0", "TLS handshake failed"))
-            transport.abort()
-            self.transport = None
-            return
-        if new is None:
-            self.transport = None
-            return
-        self.transport = new
-        self._note_tls(new)
-        engine.tls_started()
+        engine, ctx = self.engine, self.service.ssl_context
+        assert engine is not None and ctx is not None
+        failed = Reply(421, "4.7.0", "TLS handshake failed")
+        if await self.start_tls(ctx, lambda: engine.close(failed)):
+            assert self.transport is not None
+            self._note_tls(self.transport)
+            engine.tls_started()
 
     def _note_tls(self, transport: asyncio.BaseTransport) -> None:
         obj = transport.get_extra_info("ssl_object")
