@@ -12,7 +12,6 @@ import trustme
 
 from mailfort import config as config_mod
 from mailfort.config import Config
-from mailfort.server import eventloop
 
 HOSTNAME = "mx.example.test"
 
@@ -90,8 +89,3 @@ async def node(
     seed_directory(cfg)
     async with Node(cfg, ssl_context=server_ssl_context) as n:
         yield n
-
-
-def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
-    """Async tests run on the loop production runs on (uvloop where installed)."""
-    return {"loop": eventloop.loop_factory()}

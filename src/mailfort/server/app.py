@@ -21,7 +21,6 @@ from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
-from mailfort.server import eventloop
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
 from mailfort.server.submission import MSAPolicy
@@ -196,4 +195,4 @@ def raise_file_limit(cfg: Config) -> None:
 def run(cfg: Config) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     raise_file_limit(cfg)
-    eventloop.run(serve(cfg))
+    asyncio.run(serve(cfg))

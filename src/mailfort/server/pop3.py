@@ -6,8 +6,9 @@ engine before the handshake and can never be read as if it had come over TLS. Wo
 must not block the loop (argon2 in the authenticator, opening and snapshotting a Maildir,
 reading large messages, deleting at QUIT) runs as one task at a time while reading is
 paused; the engine parses nothing more until it is answered, which keeps pipelined replies
-in order. Small messages (one chunk) are answered inline, which is what makes a mailbox of
-thousands of 1 KB messages download fast.
+in order. Small messages (one chunk) are answered inline, and after each one the next is
+read while the client is still reading this one (clients download in order), which is what
+makes a mailbox of thousands of 1 KB messages download fast.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class POP3Session(EngineSession):
     # ---------------------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_ip = str(peer[0])
