@@ -358,3 +358,18 @@ def test_recover_grace_spares_an_enqueue_in_progress(tmp_path: Path) -> None:
     assert q.recover(grace=60) == 0
     assert (q.msg_dir / "0000INFLIGHT").exists()
     assert q.recover() == 1
+
+
+async def test_stop_is_not_lost_when_a_wake_arrives_with_it(
+        outbound_config: ConfigFactory, sink: LocalSink) -> None:
+    """A wake-up and a stop in the same loop iteration: the stop must still win (on
+    Python 3.11, ``asyncio.wait_for`` swallows a cancellation that races its result)."""
+    cfg = outbound_config()
+    w = DeliveryWorker(Queue(cfg.data_path / "queue"), cfg, sink)
+    for _ in range(10):
+        await w.start()
+        await asyncio.sleep(0.05)  # asleep until the next rescan (60 s)
+        w.wake()
+        started = time.monotonic()
+        await w.stop()
+        assert time.monotonic() - started < 2, "the stop was lost: waited for the rescan"

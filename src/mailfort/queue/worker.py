@@ -84,6 +84,7 @@ class DeliveryWorker:
         self._cooldown: dict[str, float] = {}  # entries whose processing crashed: not before
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self.stats = PassStats()
@@ -95,19 +96,25 @@ class DeliveryWorker:
         await asyncio.to_thread(self.queue.recover, _RECOVER_GRACE)
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="mailfort-delivery")
 
     async def stop(self) -> None:
         """Stop now; deliveries in flight are cancelled and retried after the next start."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        # The flag and the cancel both stop the loop: a cancel alone can be lost in a race
+        # with a wake-up (asyncio.wait_for on Python 3.11 swallows it; the loop no longer
+        # uses wait_for, the flag guards what else might). asyncio.wait, unlike awaiting
+        # the task, lets a cancellation of stop() itself through.
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
         tasks = list(self._inflight.values())
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks)
 
     def wake(self) -> None:
         """Start a pass now (after an enqueue). Callable from any thread."""
@@ -119,7 +126,7 @@ class DeliveryWorker:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 next_due = await self.run_pass()
@@ -129,7 +136,8 @@ class DeliveryWorker:
             delay = _MAX_SLEEP if next_due is None else next_due - self.clock()
             delay = min(max(delay, 0.0), _MAX_SLEEP)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     # ------------------------------------------------------------------ passes
 
