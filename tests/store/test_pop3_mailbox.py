@@ -9,6 +9,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailfort.store.pop3_mailbox import (
     CHUNK,
@@ -18,6 +20,7 @@ from mailfort.store.pop3_mailbox import (
     POP3Mailbox,
     uid_for,
 )
+from tests.fuzzing import examples
 
 
 def deliver(maildir: Path, name: str, data: bytes, sub: str = "new") -> Path:
@@ -263,3 +266,72 @@ def test_foreign_info_is_left_alone(tmp_path: Path) -> None:
     box.retrieved(0)
     box.close()
     assert os.listdir(md / "cur") == ["1700000000.M1P1.host:1,experimental"]
+
+
+_NAME_CHARS = st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",))
+
+
+@settings(max_examples=examples(60), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.text(_NAME_CHARS, min_size=1, max_size=90),
+                          st.sampled_from(["new", "cur"]), st.binary(max_size=40)),
+                max_size=12))
+def test_arbitrary_names_properties(tmp_path_factory: pytest.TempPathFactory,
+                                    files: list[tuple[str, str, bytes]]) -> None:
+    """Whatever another program put in new/ and cur/ (any names, the same unique name
+    twice): the snapshot does not fail, every UID is a valid RFC 1939 unique-id and appears
+    once, sizes match what RETR sends, no file is ever lost or overwritten, and every
+    message retrieved ends in cur/ with S unless a file of the same unique name is there."""
+    md = tmp_path_factory.mktemp("arbitrary")
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).mkdir()
+    for i, (name, sub, data) in enumerate(files):
+        if name.startswith(".") or len(name.encode()) > 200:
+            continue
+        (md / sub / name).write_bytes(data + b"#%d" % i)  # every file tells itself apart
+
+    def contents() -> list[bytes]:
+        return sorted((md / sub / n).read_bytes() for sub in ("new", "cur")
+                      for n in os.listdir(md / sub))
+
+    before = contents()
+    box = POP3Mailbox.open(md)
+    try:
+        uids = [m.uid for m in box.messages]
+        assert len(set(uids)) == len(uids)
+        assert all(1 <= len(u) <= 70 and u.isascii() and u.isprintable() and " " not in u
+                   for u in uids)
+        for i, m in enumerate(box.messages):
+            wire = retr(box, i)
+            if ",W=" not in m.path.rpartition("/")[2]:  # a name may claim any size
+                unstuffed = (b"\r\n" + wire[:-3]).replace(b"\r\n..", b"\r\n.")[2:]
+                assert len(unstuffed) == m.size
+            box.retrieved(i)
+    finally:
+        box.close()
+    assert contents() == before
+    cur = os.listdir(md / "cur")
+    for n in os.listdir(md / "new"):  # left in new/: a foreign info, or a namesake in cur/
+        unique, sep, info = n.partition(":")
+        assert (sep and not info.startswith("2,")) or any(
+            c.partition(":")[0] == unique for c in cur)
+    for m in box.messages:  # each one retrieved: S, wherever its name says "2,"
+        folder, _, name = m.path.rpartition("/")
+        assert os.path.exists(m.path)
+        info = name.partition(":")[2]
+        if folder.endswith("/cur") and info.startswith("2,"):
+            assert "S" in info[2:]
+
+
+def test_a_namesake_in_cur_is_never_overwritten(tmp_path: Path) -> None:
+    """Two files with one unique name (another program's doing): filing the one shown
+    must not replace the other, which os.rename would do silently."""
+    md = tmp_path / "twins"
+    deliver(md, "1700000000.M1P1.host", b"Subject: in new\r\n\r\n")
+    deliver(md, "1700000000.M1P1.host:2,S", b"Subject: in cur\r\n\r\n", sub="cur")
+    box = POP3Mailbox.open(md)
+    assert len(box.messages) == 1
+    box.retrieved(0)
+    box.close()
+    kept = sorted(p.read_bytes() for p in md.glob("*/1700000000.M1P1.host*"))
+    assert kept == [b"Subject: in cur\r\n\r\n", b"Subject: in new\r\n\r\n"]

@@ -1,10 +1,23 @@
-"""The one helper every durable write needs: a directory entry is durable once its
-directory is fsynced (a file's own fsync does not cover the name that points to it)."""
+"""File-system steps that must not lose mail.
+
+* A directory entry is durable once its directory is fsynced (a file's own fsync does not
+  cover the name that points to it).
+* Moving a message must never replace another file: ``os.rename`` silently overwrites its
+  target, so a Maildir holding two files with one unique name (another program's doing)
+  would lose one of them. ``rename_no_replace`` refuses instead.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -13,3 +26,34 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
+
+
+def rename_no_replace(src: str, dst: str) -> None:
+    """Move ``src`` to ``dst`` in one step; FileExistsError if ``dst`` exists.
+
+    renameat2(RENAME_NOREPLACE) where the kernel and file system have it; otherwise a hard
+    link then an unlink (a crash in between leaves two names for one file, never a loss).
+    """
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                      _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), src, None, dst)
+    os.link(src, dst)
+    os.unlink(src)

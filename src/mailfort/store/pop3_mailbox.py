@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailfort.protocol.pop3 import MessageEncoder, SizeCounter
-from mailfort.store.durable import fsync_dir
+from mailfort.store.durable import fsync_dir, rename_no_replace
 
 CHUNK = 64 * 1024
 LOCK_NAME = "mailfort-pop3.lock"
@@ -354,7 +354,13 @@ class POP3Mailbox:
             msg.in_cur = True  # already in cur/ with nothing to add
             return
         target = os.path.join(os.path.dirname(folder), "cur", f"{unique}:2,{flags}")
-        with self._paths, contextlib.suppress(OSError):
-            os.rename(msg.path, target)
+        with self._paths:
+            try:
+                rename_no_replace(msg.path, target)
+            except FileExistsError:  # another file with this unique name: keep both
+                msg.in_cur = msg.marked = True
+                return
+            except OSError:
+                return  # gone, or the disk refuses: the name stays behind, nothing is lost
             msg.path = target
             msg.in_cur, msg.marked = True, "S" in flags
