@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mailfort.config import Config
-from mailfort.queue.store import Queue
+from mailfort.queue.store import Entry, Queue
 from mailfort.queue.worker import DeliveryWorker, backoff
 from tests.delivery.conftest import ConfigFactory, ReceiverFactory
 from tests.delivery.receiver import Receiver
@@ -373,3 +374,46 @@ async def test_stop_is_not_lost_when_a_wake_arrives_with_it(
         started = time.monotonic()
         await w.stop()
         assert time.monotonic() - started < 2, "the stop was lost: waited for the rescan"
+
+
+class CountingQueue(Queue):
+    """A real queue that counts how many state files are read."""
+
+    reads = 0
+
+    def get(self, ident: str) -> Entry:
+        CountingQueue.reads += 1
+        return super().get(ident)
+
+
+async def test_a_delivery_does_not_reread_the_whole_queue(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        sink: LocalSink) -> None:
+    """Thousands of deferred messages must not be read again for every new one: a pass
+    reads the state of new entries only (all of them once a minute)."""
+    rx = await receivers()
+    mx_to(dns_server, "up.test")
+    with socket.socket() as s:  # a port where nothing listens: delivery is deferred
+        s.bind(("127.0.0.1", 0))
+        down = s.getsockname()[1]
+    cfg = outbound_config(queue={"initial_retry": 3600.0, "max_retry": 3600.0},
+                          routes={"down.test": {"host": "127.0.0.1", "port": down}})
+    w = DeliveryWorker(CountingQueue(cfg.data_path / "queue"), cfg, sink, mx_port=rx.port)
+    await w.start()
+    try:
+        ids = [w.queue.enqueue_bytes(MSG, "alice@example.test", [f"u{i}@down.test"],
+                                     "alice@example.test") for i in range(40)]
+        w.wake()
+        await wait_for(lambda: all(w.queue.get(i).recipients[0].attempts == 1 for i in ids))
+        await w.drain()
+        CountingQueue.reads = 0
+        for n in range(3):
+            w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@up.test"],
+                                  "alice@example.test")
+            w.wake()
+            await wait_for(lambda n=n: len(rx.messages) == n + 1)
+        await w.drain()
+        assert CountingQueue.reads <= 3 * 3, CountingQueue.reads  # not 3 x 40
+        assert len(w.queue.list()) == 40  # the deferred ones are all still there
+    finally:
+        await w.stop()

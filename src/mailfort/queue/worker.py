@@ -37,6 +37,7 @@ LocalDeliver = Callable[[str, bytes], Awaitable[None]]
 Deliverer = Callable[..., Awaitable[client.DomainResult]]
 
 _MAX_SLEEP = 60.0  # rescan at least this often (picks up `mailfort queue retry` from the CLI)
+_FULL_SCAN_EVERY = _MAX_SLEEP - 1.0  # seconds between reads of every state file
 _RECOVER_GRACE = 60.0  # see Queue.recover: safe while the SMTP services already enqueue
 
 
@@ -82,6 +83,13 @@ class DeliveryWorker:
         self._sem = asyncio.Semaphore(max(1, cfg.queue.workers))
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._cooldown: dict[str, float] = {}  # entries whose processing crashed: not before
+        # When each known entry is next due. Processing an entry updates it in memory, so a
+        # pass reads state files only for entries it has not seen (after ``wake``) and, every
+        # _FULL_SCAN_EVERY seconds, all of them (what the CLI changed): a queue of thousands
+        # of deferred messages costs no full read per delivery.
+        self._schedule: dict[str, float] = {}
+        self._new_mail = True
+        self._last_full_scan: float | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -117,13 +125,17 @@ class DeliveryWorker:
             await asyncio.wait(tasks)
 
     def wake(self) -> None:
-        """Start a pass now (after an enqueue). Callable from any thread."""
+        """New mail was queued: look for it now. Callable from any thread."""
         if self._loop is None:
             return
         if threading.get_ident() == self._loop_thread:
-            self._wake.set()
+            self._mark_new()
         else:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            self._loop.call_soon_threadsafe(self._mark_new)
+
+    def _mark_new(self) -> None:
+        self._new_mail = True
+        self._wake.set()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -147,22 +159,49 @@ class DeliveryWorker:
         Entries are processed in background tasks; ``drain`` waits for them (tests).
         """
         now = self.clock()
-        entries = await asyncio.to_thread(self.queue.list)
+        full = self._last_full_scan is None or now - self._last_full_scan >= _FULL_SCAN_EVERY
+        if full or self._new_mail:
+            self._new_mail = False
+            known = None if full else set(self._schedule) | set(self._inflight)
+            ids, entries = await asyncio.to_thread(self._scan, known)
+            if full:
+                self._last_full_scan = now
+            present = set(ids)
+            for ident in [i for i in self._schedule if i not in present]:
+                del self._schedule[ident]  # deleted from outside (CLI)
+            for entry in entries:
+                if entry.id not in self._inflight:  # its task will tell
+                    self._reschedule(entry)
         next_due: float | None = None
-        for entry in entries:
-            if entry.id in self._inflight:
+        for ident, due in list(self._schedule.items()):
+            if ident in self._inflight:
                 continue
-            cooldown = self._cooldown.get(entry.id, 0.0)
-            if cooldown <= now and entry.is_due(now):
-                task = asyncio.create_task(self._process(entry.id))
-                self._inflight[entry.id] = task
-                task.add_done_callback(functools.partial(self._task_done, entry.id))
-                continue
-            na = entry.next_attempt
-            if na is not None:
-                na = max(na, cooldown)
-                next_due = na if next_due is None else min(next_due, na)
+            due = max(due, self._cooldown.get(ident, 0.0))
+            if due <= now:
+                task = asyncio.create_task(self._process(ident))
+                self._inflight[ident] = task
+                task.add_done_callback(functools.partial(self._task_done, ident))
+            else:
+                next_due = due if next_due is None else min(next_due, due)
         return next_due
+
+    def _scan(self, known: set[str] | None) -> tuple[list[str], list[Entry]]:
+        """Every id, and the state of the unknown ones (all of them if ``known`` is None)."""
+        ids = self.queue.ids()
+        entries = []
+        for ident in ids:
+            if known is None or ident not in known:
+                with contextlib.suppress(QueueError, ValueError, TypeError):
+                    entries.append(self.queue.get(ident))
+        return ids, entries
+
+    def _reschedule(self, entry: Entry) -> None:
+        """Note when the entry is next due (or forget it when nothing is left to do)."""
+        due = entry.next_attempt
+        if due is None:
+            self._schedule.pop(entry.id, None)
+        else:
+            self._schedule[entry.id] = due
 
     def _task_done(self, ident: str, _task: asyncio.Task[None]) -> None:
         self._done(ident)
@@ -191,11 +230,14 @@ class DeliveryWorker:
         try:
             entry = await asyncio.to_thread(self.queue.get, ident)
         except QueueError:
+            self._schedule.pop(ident, None)
             return  # deleted meanwhile (e.g. `mailfort queue delete`)
+        self._reschedule(entry)  # as it is on disk, whatever happens below
         try:
             message = await asyncio.to_thread(self.queue.read_message, ident)
         except QueueError:
             log.error("queue %s: message file missing; entry dropped", ident)
+            self._schedule.pop(ident, None)
             with contextlib.suppress(QueueError):
                 await asyncio.to_thread(self.queue.delete, ident)
             return
@@ -239,7 +281,9 @@ class DeliveryWorker:
             await self._save(entry)
             await self._notify(entry, message, now)
         except QueueError:
+            self._schedule.pop(ident, None)  # deleted meanwhile
             return
+        self._reschedule(entry)
 
     async def _deliver_domain(
         self, entry: Entry, domain: str, rcpts: list[Recipient], message: bytes
