@@ -11,22 +11,11 @@ import pytest
 from mailfort.store.maildir import Committer, StorageError, maildir_for
 
 
-@pytest.fixture(params=[(True, False), (False, False), (True, True)],
-                ids=["syncfs", "fsync-each", "syncfs-files-ahead"])
+@pytest.fixture(params=[True, False], ids=["syncfs", "fsync-each"])
 def committer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Committer]:
-    use_syncfs, ahead = request.param
-    c = Committer(tmp_path, use_syncfs=use_syncfs)
-    if ahead:
-        c.recover()  # what the server does at start: from then on, files made ahead
+    c = Committer(tmp_path, use_syncfs=request.param)
     yield c
     c.stop()
-    assert list(c.spool_dir.iterdir()) == []  # stop removes the unused ones too
-
-
-def leftovers(spool_dir: Path) -> list[Path]:
-    """Spool files other than the empty ones made ahead of need."""
-    return [p for p in spool_dir.iterdir()
-            if not (p.name.startswith("ahead.") and p.stat().st_size == 0)]
 
 
 async def store(c: Committer, body: bytes, users: list[str]) -> None:
@@ -46,7 +35,7 @@ async def test_concurrent_messages_share_flushes(committer: Committer) -> None:
         assert f.name.endswith(f",S={size},W={size}")
     assert committer.messages == 60
     assert committer.batches < 60  # group commit: several messages per flush
-    assert leftovers(committer.spool_dir) == []
+    assert list(committer.spool_dir.iterdir()) == []
 
 
 async def test_large_message_goes_through_a_spool_file(committer: Committer) -> None:
@@ -71,43 +60,15 @@ async def test_one_file_per_recipient_and_no_partial_delivery(committer: Committ
         await store(committer, b"Subject: y\r\n\r\nhi\r\n", ["a@d.test", "c@d.test"])
     # a@d.test did not keep a copy of the refused message
     assert len(list((maildir_for(committer.data_dir, "a@d.test") / "new").iterdir())) == 1
-    assert leftovers(committer.spool_dir) == []
+    assert list(committer.spool_dir.iterdir()) == []
 
 
 def test_recover_removes_unacknowledged_spool_files(tmp_path: Path) -> None:
     c = Committer(tmp_path)
     try:
         (c.spool_dir / "leftover").write_bytes(b"half a message")
-        (c.spool_dir / "ahead.1.1").write_bytes(b"")  # made ahead by the crashed process
         assert c.recover() == 1
-        assert leftovers(c.spool_dir) == []
-    finally:
-        c.stop()
-    assert list(c.spool_dir.iterdir()) == []
-
-
-async def test_files_made_ahead_are_used_and_replenished(tmp_path: Path) -> None:
-    c = Committer(tmp_path)
-    c.recover()
-    try:
-        files = c._files
-        assert files is not None
-        for _ in range(200):  # until the pool is full
-            if len(files._ready) == files.target:
-                break
-            await asyncio.sleep(0.01)
-        ahead = {p for p, _ in files._ready}
-        for i in range(files.target):  # more messages than the pool holds
-            await store(c, b"Subject: %d\r\n\r\nhi\r\n" % i, ["a@d.test"])
-        new = list((maildir_for(c.data_dir, "a@d.test") / "new").iterdir())
-        assert len(new) == files.target
-        assert not any(p.exists() for p in ahead)  # each one became a message
-        for _ in range(200):  # and the pool was filled again meanwhile
-            if len(files._ready) > files.target // 2:
-                break
-            await asyncio.sleep(0.01)
-        assert len(files._ready) > files.target // 2
-        assert leftovers(c.spool_dir) == []
+        assert list(c.spool_dir.iterdir()) == []
     finally:
         c.stop()
 

@@ -19,7 +19,6 @@ file, which ``recover`` removes at start; the client was never told 250 and will
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -76,77 +75,14 @@ def _load_syncfs() -> Callable[[int], int] | None:
 _SYNCFS = _load_syncfs()
 
 
-class SpoolFiles:
-    """Empty spool files created ahead of need by a thread of their own.
-
-    Why: every message needs a new file (its inode becomes the Maildir file), and creating
-    one allocates an inode and joins the file system's journal. On a busy disk that was
-    seen to take ~1 ms instead of ~14 us (bench/RESULTS.md), on the committer thread, on
-    the way to every 250. Here it happens beforehand, off that path; ``take`` never waits.
-    The names are not Maildir names (the spool renames nothing: the Maildir name is given
-    by the hard link); ``Committer.recover`` removes unused ones after a crash.
-    """
-
-    def __init__(self, spool_dir: Path, target: int = 128) -> None:
-        self.spool_dir = spool_dir
-        self.target = target
-        self._ready: collections.deque[tuple[Path, int]] = collections.deque()
-        self._cv = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="mailfort-spool-files",
-                                        daemon=True)
-        self._thread.start()
-
-    def take(self) -> tuple[Path, int] | None:
-        """A fresh empty file (path, open fd) if one is ready, else None."""
-        try:
-            item = self._ready.popleft()
-        except IndexError:
-            item = None
-        if len(self._ready) == self.target // 2 or item is None:
-            with self._cv:
-                self._cv.notify()
-        return item
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        self._thread.join(timeout=10)
-        while self._ready:
-            path, fd = self._ready.popleft()
-            os.close(fd)
-            path.unlink(missing_ok=True)
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stopping and len(self._ready) > self.target // 2:
-                    self._cv.wait()
-                if self._stopping:
-                    return
-            while len(self._ready) < self.target and not self._stopping:
-                path = self.spool_dir / f"ahead.{os.getpid()}.{next(_counter)}"
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                 0o600)
-                except OSError:  # disk full etc.: spools create their own and report it
-                    break
-                self._ready.append((path, fd))
-            with self._cv:  # nothing to do, or creation failed: not a busy loop
-                if not self._stopping and len(self._ready) < self.target // 2:
-                    self._cv.wait(timeout=1.0)
-
-
 class Spool:
     """One message being received: in memory while small, in a spool file once large."""
 
-    __slots__ = ("_buf", "_fd", "_files", "failed", "name", "path", "size")
+    __slots__ = ("_buf", "_fd", "failed", "name", "path", "size")
 
-    def __init__(self, spool_dir: Path, files: SpoolFiles | None = None) -> None:
+    def __init__(self, spool_dir: Path) -> None:
         self.name = unique_name()
         self.path = spool_dir / self.name
-        self._files = files
         self._buf = bytearray()
         self._fd: int | None = None
         self.size = 0
@@ -166,11 +102,7 @@ class Spool:
 
     def _flush(self) -> None:
         if self._fd is None:
-            ready = self._files.take() if self._files is not None else None
-            if ready is not None:
-                self.path, self._fd = ready
-            else:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         view = memoryview(self._buf)
         while view:
             n = os.write(self._fd, view)
@@ -225,7 +157,6 @@ class Committer:
         self.messages = 0
         self._thread = threading.Thread(target=self._run, name="mailfort-committer", daemon=True)
         self._thread.start()
-        self._files: SpoolFiles | None = None
 
     @property
     def flush_mode(self) -> str:
@@ -233,19 +164,15 @@ class Committer:
         return "syncfs" if self._use_syncfs else "fsync"
 
     def recover(self) -> int:
-        """Remove spool files left by a crash (never acknowledged), then start making
-        spool files ahead of need; returns how many were removed."""
+        """Remove spool files left by a crash (never acknowledged); returns how many."""
         n = 0
         for p in self.spool_dir.iterdir():
             p.unlink(missing_ok=True)
-            if not p.name.startswith("ahead."):
-                n += 1
-        if self._files is None:
-            self._files = SpoolFiles(self.spool_dir)
+            n += 1
         return n
 
     def new_spool(self) -> Spool:
-        return Spool(self.spool_dir, self._files)
+        return Spool(self.spool_dir)
 
     async def commit(
         self,
@@ -268,8 +195,6 @@ class Committer:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout=10)
-        if self._files is not None:
-            self._files.stop()
 
     # ---------------------------------------------------------------- the thread
 
