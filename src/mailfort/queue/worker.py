@@ -105,6 +105,7 @@ class DeliveryWorker:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._stopping = False
+        self._last_full_scan = None  # whatever happened while stopped: read it all
         self._task = asyncio.create_task(self._run(), name="mailfort-delivery")
 
     async def stop(self) -> None:
