@@ -33,9 +33,9 @@ def wait_disk_quiet(path: str | Path, quiet: float = 0.5, timeout: float = 60.0)
 
     Both mailfort and the reference servers flush to disk per message, so each must start
     its measurement on an idle disk: deleting files (the previous run's clean-up, Postfix's
-    queue files) makes the kernel send discards to the virtual disk for seconds afterwards,
-    and a flush issued meanwhile queues behind them (seen here: file creation at ~1 ms
-    instead of 14 us).
+    queue files) makes the kernel send discards to the virtual disk (mounted with
+    ``discard`` here) for seconds afterwards, and a flush issued meanwhile can queue behind
+    them, in whichever server's window it falls.
     """
     os.sync()
     dev = os.stat(path).st_dev
