@@ -9,7 +9,11 @@ import pytest
 from mailfort.store import durable
 
 
-def test_rename_no_replace_moves_and_refuses_to_overwrite(tmp_path: Path) -> None:
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "link-unlink"])
+def test_rename_no_replace_moves_and_refuses_to_overwrite(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool) -> None:
+    if not renameat2:
+        monkeypatch.setattr(durable, "_RENAMEAT2", None)  # as on a libc without renameat2
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     a.write_bytes(b"A")
     b.write_bytes(b"B")
@@ -20,12 +24,6 @@ def test_rename_no_replace_moves_and_refuses_to_overwrite(tmp_path: Path) -> Non
     assert not a.exists() and c.read_bytes() == b"A"
     with pytest.raises(FileNotFoundError):
         durable.rename_no_replace(str(a), str(tmp_path / "d"))
-
-
-def test_fallback_without_renameat2_behaves_the_same(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(durable, "_RENAMEAT2", None)  # as on a libc without renameat2
-    test_rename_no_replace_moves_and_refuses_to_overwrite(tmp_path)
 
 
 def test_fsync_dir(tmp_path: Path) -> None:
