@@ -1,16 +1,35 @@
-"""Expiring counters for rate limits and brute-force protection.
+"""Expiring counters for rate limits and brute-force protection, and the client identity
+they count under.
 
 Policy code sees only the small ``Counters`` interface, so several nodes can later share
 counters in Redis (INCR + EXPIRE has exactly these semantics); ``MemoryCounters`` is the
-embedded, in-process default.
+embedded, in-process default. ``client_key`` is the one rule by which a client address is
+counted, by the connection limits and by the brute-force protection alike.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
+
+
+def client_key(client_ip: str) -> str:
+    """The identity of a client in every per-client count: its IPv4 address, or its IPv6
+    /64 (one host or one home network usually holds a whole /64, so counting single IPv6
+    addresses would give it billions of fresh identities). An IPv4-mapped IPv6 address is
+    its IPv4 address; anything that is not an address counts as itself."""
+    try:
+        ip = ipaddress.ip_address(client_ip.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return client_ip
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class Counters(Protocol):

@@ -21,6 +21,7 @@ from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
+from mailfort.server.connections import ConnectionLimiter
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
 from mailfort.server.submission import MSAPolicy
@@ -61,6 +62,9 @@ class Node:
             mx_port=cfg.queue.mx_port,
         )
         self.msa = MSAPolicy(cfg, self.directory, self.counters)
+        # One count of connections for the whole node, shared by every listener.
+        self.limiter = ConnectionLimiter(cfg.limits.max_connections,
+                                         cfg.limits.max_connections_per_ip)
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
@@ -118,6 +122,7 @@ class Node:
         await self.worker.start()
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
+            service.limiter = self.limiter
             for hostport in getattr(self.cfg.listen, name):
                 server = await service.start(*_split(hostport))
                 for sock in server.sockets:

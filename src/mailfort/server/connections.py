@@ -1,10 +1,18 @@
-"""Connection accounting shared by every listener: limits in all and per client IP."""
+"""Connection accounting for a whole node: limits in all and per client, over every listener.
+
+One ``ConnectionLimiter`` serves every listener of a node (MX, submission, POP3…), so
+``max_connections`` and ``max_connections_per_ip`` are the node's real caps, not per-port
+ones. A client is counted under ``client_key`` (its IPv4 address or IPv6 /64), the same
+identity that the brute-force protection counts failures under.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
 from enum import Enum
+
+from mailfort.policy.counters import client_key
 
 
 class Admission(Enum):
@@ -20,22 +28,25 @@ class ConnectionLimiter:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self.total = 0
-        self.per_ip: Counter[str] = Counter()
+        self.per_client: Counter[str] = Counter()  # client_key -> open connections
 
     def admit(self, ip: str) -> Admission:
         if self.total >= self.max_total:
             return Admission.TOO_MANY
-        if self.per_ip[ip] >= self.max_per_ip:
+        key = client_key(ip)
+        if self.per_client[key] >= self.max_per_ip:
             return Admission.TOO_MANY_FROM_IP
         self.total += 1
-        self.per_ip[ip] += 1
+        self.per_client[key] += 1
         return Admission.OK
 
     def release(self, ip: str) -> None:
+        """Undo one ``admit(ip)`` that returned OK."""
+        key = client_key(ip)
         self.total -= 1
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
+        self.per_client[key] -= 1
+        if self.per_client[key] <= 0:
+            del self.per_client[key]
 
 
 def is_loopback(ip: str) -> bool:

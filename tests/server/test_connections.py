@@ -1,0 +1,154 @@
+"""Connection limits of a whole node: one count over every listener, one client keying rule.
+
+Real sockets to a real ``Node``: connections spread over the MX, submission and POP3
+listeners must meet the one node-wide cap, and the per-client cap counts a client the way
+the brute-force protection does (``client_key``: IPv4 address, IPv6 /64).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from mailfort.config import Config
+from mailfort.policy.counters import client_key
+from mailfort.server.app import Node
+from mailfort.server.connections import Admission, ConnectionLimiter
+from tests.conftest import seed_directory
+from tests.server.test_mx import read_reply
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@asynccontextmanager
+async def node_with(
+    config_factory: Callable[..., Config], ctx: ssl.SSLContext, **sections: dict[str, Any]
+) -> AsyncIterator[Node]:
+    cfg = config_factory(**sections)
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=ctx) as node:
+        yield node
+
+
+async def connect(
+    port: int, host: str = "127.0.0.1", source: str | None = None
+) -> tuple[Conn, str]:
+    """Open a plain connection (from ``source`` if given) and read the first reply line."""
+    local = (source, 0) if source else None
+    reader, writer = await asyncio.open_connection(host, port, local_addr=local)
+    return (reader, writer), await read_reply(reader)
+
+
+def close_all(conns: list[Conn]) -> None:
+    for _, w in conns:
+        w.close()
+
+
+async def test_total_cap_counts_every_listener(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
+) -> None:
+    async with node_with(config_factory, server_ssl_context,
+                         limits={"max_connections": 2}) as node:
+        held = []
+        conn, greeting = await connect(node.port("mx"))
+        held.append(conn)
+        assert greeting.startswith("220 ")
+        conn, greeting = await connect(node.port("pop3"))
+        held.append(conn)
+        assert greeting.startswith("+OK")
+        # The third connection, on yet another listener, meets the node's cap.
+        conn, refused = await connect(node.port("submission"))
+        held.append(conn)
+        assert refused.startswith("421 4.7.0 Too many connections")
+        conn, refused = await connect(node.port("pop3"))
+        held.append(conn)
+        assert refused.startswith("-ERR [SYS/TEMP] Too many connections")
+        # A connection that ends frees its place for any listener.
+        held[0][1].close()
+        await held[0][1].wait_closed()
+        for _ in range(100):
+            if node.services["mx"].sessions == set():
+                break
+            await asyncio.sleep(0.01)
+        conn, greeting = await connect(node.port("submission"))
+        held.append(conn)
+        assert greeting.startswith("220 ")
+        close_all(held)
+
+
+async def test_per_client_cap_counts_every_listener(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
+) -> None:
+    async with node_with(config_factory, server_ssl_context,
+                         limits={"max_connections_per_ip": 2}) as node:
+        held = []
+        for name in ("mx", "pop3"):
+            conn, greeting = await connect(node.port(name))
+            held.append(conn)
+            assert not greeting.startswith(("421", "-ERR"))
+        conn, refused = await connect(node.port("submission"))
+        held.append(conn)
+        assert refused.startswith("421 4.7.0 Too many connections from your address")
+        conn, refused = await connect(node.port("pop3"))
+        held.append(conn)
+        assert refused.startswith("-ERR [SYS/TEMP] Too many connections from your address")
+        # Another client is counted on its own.
+        conn, greeting = await connect(node.port("submission"), source="127.0.0.2")
+        held.append(conn)
+        assert greeting.startswith("220 ")
+        close_all(held)
+
+
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+async def test_ipv6_client_meets_the_node_wide_cap(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
+) -> None:
+    async with node_with(config_factory, server_ssl_context,
+                         limits={"max_connections_per_ip": 2},
+                         listen={"mx": ["[::1]:0"], "pop3": ["[::1]:0"]}) as node:
+        held = []
+        for name in ("mx", "pop3"):
+            conn, greeting = await connect(node.port(name), host="::1")
+            held.append(conn)
+            assert not greeting.startswith(("421", "-ERR"))
+        conn, refused = await connect(node.port("mx"), host="::1")
+        held.append(conn)
+        assert refused.startswith("421 4.7.0 Too many connections from your address")
+        # ::1 is counted as its /64, the identity authentication counts it under too.
+        assert node.limiter.per_client == {"::/64": 2}
+        close_all(held)
+
+
+def test_one_keying_rule_for_connections_and_authentication() -> None:
+    """IPv6 by /64, IPv4-mapped as IPv4: each host gets one count, whatever its form."""
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::2") \
+        == "2001:db8:1:2::/64"
+    assert client_key("[2001:db8:1:2::1]") == "2001:db8:1:2::/64"
+    assert client_key("::ffff:192.0.2.1") == client_key("192.0.2.1") == "192.0.2.1"
+    assert client_key("not-an-ip") == "not-an-ip"
+    limiter = ConnectionLimiter(max_total=10, max_per_ip=1)
+    assert limiter.admit("2001:db8:1:2::a") is Admission.OK
+    assert limiter.admit("2001:db8:1:2:ffff::b") is Admission.TOO_MANY_FROM_IP
+    assert limiter.admit("2001:db8:1:3::a") is Admission.OK  # another /64
+    assert limiter.admit("192.0.2.1") is Admission.OK
+    assert limiter.admit("::ffff:192.0.2.1") is Admission.TOO_MANY_FROM_IP
+    limiter.release("2001:db8:1:2::a")
+    assert limiter.admit("2001:db8:1:2::c") is Admission.OK
+    assert limiter.total == 3
