@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import poplib
+import smtplib
+import socket
+import ssl
 import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from argon2 import PasswordHasher
 
-from mailfort.config import AuthConfig
+from mailfort.config import AuthConfig, Config
 from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.passwords import hash_password
-from mailfort.policy.authn import MAX_PARALLEL, Authenticator, AuthOutcome, AuthStatus, ip_key
+from mailfort.policy.authn import (
+    MAX_DELAY_FACTOR,
+    MAX_PARALLEL,
+    Authenticator,
+    AuthOutcome,
+    AuthStatus,
+)
 from mailfort.policy.counters import MemoryCounters
+from mailfort.server.app import Node
+from tests.conftest import seed_directory
 
 CHEAP = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 CFG = AuthConfig(delay_after_failures=2, block_after_failures=5, block_seconds=60.0,
@@ -63,7 +77,8 @@ async def test_unknown_user_and_wrong_password_look_the_same(rig: Rig, tmp_path:
                for _ in range(4)]
     assert wrong == unknown == [AuthOutcome(AuthStatus.FAILED)] * 4
     assert all(o.user is None and not o.ok for o in wrong)
-    assert rig.sleeps == other.sleeps == [0.5, 1.0]  # failures 3 and 4
+    # after the client's failures 3 and 4; before the account's 4th attempt
+    assert rig.sleeps == other.sleeps == [0.5, 0.5, 1.0]
 
 
 async def test_unknown_user_runs_argon2_against_dummy(rig: Rig) -> None:
@@ -94,17 +109,16 @@ async def test_argon2_runs_off_the_event_loop(rig: Rig) -> None:
     assert threads and threads[0].startswith("argon2")
 
 
-async def test_block_after_failures_then_expiry(rig: Rig) -> None:
+async def test_client_blocked_after_failures_then_expiry(rig: Rig) -> None:
     for _ in range(CFG.block_after_failures):
         assert (await rig.auth.verify("alice@example.test", "x", "192.0.2.1")).status == "failed"
-    # Blocked: even the right password, from the same IP.
+    # Blocked: even the right password, from the same client...
     out = await rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.1")
     assert out == AuthOutcome(AuthStatus.BLOCKED)
-    # The account is blocked from another IP too (distributed guessing).
-    out = await rig.auth.verify("alice@example.test", "alice-pw", "198.51.100.7")
-    assert out.status == "blocked"
+    # ...for any account.
+    assert (await rig.auth.verify("bob@example.test", "x", "192.0.2.1")).status == "blocked"
     rig.clock.now += CFG.block_seconds + 1
-    out = await rig.auth.verify("alice@example.test", "alice-pw", "198.51.100.7")
+    out = await rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.1")
     assert out.status == "ok"
 
 
@@ -116,11 +130,62 @@ async def test_ip_blocked_across_many_usernames(rig: Rig) -> None:
     assert (await rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.1")).status == "ok"
 
 
-async def test_unknown_account_blocks_like_a_real_one(rig: Rig) -> None:
+async def test_ipv6_client_is_counted_by_its_64(rig: Rig) -> None:
     for i in range(CFG.block_after_failures):
-        await rig.auth.verify("ghost@example.test", "x", f"192.0.2.{i + 10}")
-    out = await rig.auth.verify("ghost@example.test", "x", "192.0.2.99")
-    assert out == AuthOutcome(AuthStatus.BLOCKED)
+        await rig.auth.verify("alice@example.test", "x", f"2001:db8:1:2::{i + 1:x}")
+    assert (await rig.auth.verify("alice@example.test", "alice-pw", "2001:db8:1:2:ffff::1")) \
+        .status == "blocked"
+    assert (await rig.auth.verify("alice@example.test", "alice-pw", "2001:db8:1:3::1")).ok
+
+
+async def test_failures_from_many_clients_never_lock_the_account(rig: Rig) -> None:
+    """A guesser with many addresses must not be able to keep the owner out."""
+    for i in range(4 * CFG.block_after_failures):
+        out = await rig.auth.verify("alice@example.test", "x", f"198.51.100.{i + 1}")
+        assert out.status == "failed"
+    rig.sleeps.clear()
+    out = await rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.50")
+    assert out == AuthOutcome(AuthStatus.OK, "alice@example.test")
+    # It was slowed down (before the check, so the delay does not tell the outcome).
+    assert rig.sleeps == [rig.auth.delay_for(4 * CFG.block_after_failures)]
+
+
+async def test_account_delay_grows_is_capped_and_spares_the_owners_clients(rig: Rig) -> None:
+    assert (await rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.1")).ok
+    before_each: list[float] = []
+    for i in range(CFG.delay_after_failures + MAX_DELAY_FACTOR + 5):
+        rig.sleeps.clear()
+        await rig.auth.verify("alice@example.test", "x", f"198.51.100.{i + 1}")
+        before_each.append(rig.sleeps[0] if rig.sleeps else 0.0)
+    growing = [0.0] * (CFG.delay_after_failures + 1) + [
+        CFG.failure_delay * min(n, MAX_DELAY_FACTOR)
+        for n in range(1, MAX_DELAY_FACTOR + 5)]
+    assert before_each == growing
+    # The client the owner logged in from recently is not slowed, nor refused...
+    rig.sleeps.clear()
+    assert (await rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.1")).ok
+    assert rig.sleeps == []
+    # ...a new one is slowed (capped) but let in, and its success does not reset the
+    # account's count: the next new client is slowed as much.
+    for ip in ("203.0.113.1", "203.0.113.2"):
+        rig.sleeps.clear()
+        assert (await rig.auth.verify("alice@example.test", "alice-pw", ip)).ok
+        assert rig.sleeps == [CFG.failure_delay * MAX_DELAY_FACTOR]
+    # The account's count ends with its window.
+    rig.clock.now += CFG.block_seconds + 1
+    rig.sleeps.clear()
+    assert (await rig.auth.verify("alice@example.test", "alice-pw", "203.0.113.3")).ok
+    assert rig.sleeps == []
+
+
+async def test_unknown_account_is_slowed_like_a_real_one(rig: Rig, tmp_path: Path) -> None:
+    other = Rig(tmp_path / "b")
+    for i in range(CFG.block_after_failures + 3):
+        ip = f"192.0.2.{i + 10}"
+        real = await rig.auth.verify("alice@example.test", "x", ip)
+        ghost = await other.auth.verify("ghost@example.test", "x", ip)
+        assert real == ghost == AuthOutcome(AuthStatus.FAILED)
+    assert rig.sleeps == other.sleeps and rig.sleeps
 
 
 async def test_success_resets_counters(rig: Rig) -> None:
@@ -162,13 +227,6 @@ async def test_real_sleep_is_awaited_not_blocking(tmp_path: Path) -> None:
     assert elapsed >= 0.2
     assert ticks >= 5  # the loop kept running during the delay
     auth.close()
-
-
-def test_ip_key_groups_ipv6_by_64() -> None:
-    assert ip_key("2001:db8:1:2:aaaa::1") == ip_key("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
-    assert ip_key("::ffff:192.0.2.1") == "192.0.2.1"
-    assert ip_key("192.0.2.1") == "192.0.2.1"
-    assert ip_key("not-an-ip") == "not-an-ip"
 
 
 async def test_parallel_guesses_cannot_outrun_the_block(rig: Rig) -> None:
@@ -221,3 +279,95 @@ async def test_current_hash_is_left_alone(rig: Rig) -> None:
     assert (await rig.auth.verify("alice@example.test", "alice-pw", "192.0.2.1")).ok
     rig.auth._pool.shutdown(wait=True)
     assert rig.directory.password_hash("alice@example.test") == before
+
+
+# ------------------------------------------------------------------ through a node, over sockets
+#
+# Each client connects from its own loopback address (127.0.0.2, 127.0.0.3, ...: all of
+# 127/8 is loopback), so the node sees as many clients as a distributed guesser has.
+
+NODE_AUTH = {"delay_after_failures": 3, "block_after_failures": 5, "failure_delay": 0.02}
+
+
+class POP3SFrom(poplib.POP3_SSL):
+    """poplib's POP3S client, connecting from a chosen source address."""
+
+    def __init__(self, source: str, port: int, ctx: ssl.SSLContext) -> None:
+        self._source = source
+        super().__init__("127.0.0.1", port, context=ctx, timeout=10)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout,
+                                        source_address=(self._source, 0))
+        return self.context.wrap_socket(sock, server_hostname=self.host)
+
+
+def pop3_login(port: int, ctx: ssl.SSLContext, source: str, password: str) -> bytes:
+    """USER/PASS over POP3S from ``source``: the server's reply to PASS."""
+    with contextlib.closing(POP3SFrom(source, port, ctx)) as c:
+        c.user("alice@example.test")
+        try:
+            return c.pass_(password)
+        except poplib.error_proto as err:
+            return err.args[0]
+
+
+def smtp_login(port: int, ctx: ssl.SSLContext, source: str, password: str) -> int:
+    """AUTH PLAIN over SMTPS (465) from ``source``: the reply code."""
+    with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=10,
+                          source_address=(source, 0)) as s:
+        s.ehlo("mua.test")
+        s.esmtp_features["auth"] = "PLAIN"  # one attempt per login, not PLAIN then LOGIN
+        try:
+            return s.login("alice@example.test", password)[0]
+        except smtplib.SMTPResponseException as err:
+            return err.smtp_code
+
+
+@pytest.fixture
+async def guarded_node(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
+) -> AsyncIterator[Node]:
+    cfg = config_factory(auth=NODE_AUTH)
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        yield node
+
+
+@pytest.mark.parametrize("protocol", ["pop3", "smtp"])
+async def test_guessers_on_many_addresses_cannot_lock_the_account_out(
+    guarded_node: Node, client_ssl_context: ssl.SSLContext, protocol: str
+) -> None:
+    """Twice the block threshold of wrong passwords for one account, each from another
+    address, then the right one from an address that has not failed: it gets in."""
+    if protocol == "pop3":
+        port, login = guarded_node.port("pop3s"), pop3_login
+        wrong_reply: object = b"-ERR [AUTH] Authentication failed"
+    else:
+        port, login, wrong_reply = guarded_node.port("submissions"), smtp_login, 535
+    guesses = 2 * NODE_AUTH["block_after_failures"]
+    for i in range(guesses):
+        reply = await asyncio.to_thread(login, port, client_ssl_context, f"127.0.0.{i + 2}",
+                                        "guess")
+        assert reply == wrong_reply
+    reply = await asyncio.to_thread(login, port, client_ssl_context, "127.0.0.200", "alice-pw")
+    assert reply == 235 if protocol == "smtp" else reply.startswith(b"+OK")
+
+
+@pytest.mark.parametrize("protocol", ["pop3", "smtp"])
+async def test_a_guesser_on_one_address_is_still_blocked(
+    guarded_node: Node, client_ssl_context: ssl.SSLContext, protocol: str
+) -> None:
+    if protocol == "pop3":
+        port, login = guarded_node.port("pop3s"), pop3_login
+        blocked: object = b"-ERR [AUTH] Authentication failed"  # the reply of a failure
+    else:
+        port, login, blocked = guarded_node.port("submissions"), smtp_login, 421
+    for _ in range(NODE_AUTH["block_after_failures"]):
+        await asyncio.to_thread(login, port, client_ssl_context, "127.0.0.9", "guess")
+    # Even the right password is refused from the guesser's address...
+    assert await asyncio.to_thread(login, port, client_ssl_context, "127.0.0.9",
+                                   "alice-pw") == blocked
+    # ...and only from there.
+    reply = await asyncio.to_thread(login, port, client_ssl_context, "127.0.0.10", "alice-pw")
+    assert reply == 235 if protocol == "smtp" else reply.startswith(b"+OK")

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from mailfort.policy.counters import Counters, MemoryCounters
+from mailfort.policy.counters import Counters, MemoryCounters, client_key
 
 
 class Clock:
@@ -76,3 +76,13 @@ def test_satisfies_protocol_and_rejects_bad_window() -> None:
     with pytest.raises(ValueError):
         c.incr("k", 0)
     assert c.incr("k", 1) == 1
+
+
+def test_client_key_is_the_ipv4_address_or_the_ipv6_64() -> None:
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::2") \
+        == "2001:db8:1:2::/64"
+    assert client_key("[2001:db8:1:2::1]") == "2001:db8:1:2::/64"
+    assert client_key("fe80::1%eth0") == "fe80::/64"
+    assert client_key("::1") == "::/64"
+    assert client_key("::ffff:192.0.2.1") == client_key("192.0.2.1") == "192.0.2.1"
+    assert client_key("not-an-ip") == "not-an-ip"

@@ -136,13 +136,9 @@ async def test_ipv6_client_meets_the_node_wide_cap(
         close_all(held)
 
 
-def test_one_keying_rule_for_connections_and_authentication() -> None:
-    """IPv6 by /64, IPv4-mapped as IPv4: each host gets one count, whatever its form."""
-    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::2") \
-        == "2001:db8:1:2::/64"
-    assert client_key("[2001:db8:1:2::1]") == "2001:db8:1:2::/64"
-    assert client_key("::ffff:192.0.2.1") == client_key("192.0.2.1") == "192.0.2.1"
-    assert client_key("not-an-ip") == "not-an-ip"
+def test_limiter_counts_a_client_by_client_key() -> None:
+    """IPv6 by /64, IPv4-mapped as IPv4 (``client_key``, as for authentication failures:
+    tests/policy/test_authn.py::test_ipv6_client_is_counted_by_its_64)."""
     limiter = ConnectionLimiter(max_total=10, max_per_ip=1)
     assert limiter.admit("2001:db8:1:2::a") is Admission.OK
     assert limiter.admit("2001:db8:1:2:ffff::b") is Admission.TOO_MANY_FROM_IP
@@ -152,3 +148,5 @@ def test_one_keying_rule_for_connections_and_authentication() -> None:
     limiter.release("2001:db8:1:2::a")
     assert limiter.admit("2001:db8:1:2::c") is Admission.OK
     assert limiter.total == 3
+    assert set(limiter.per_client) == {client_key("2001:db8:1:2::c"), "2001:db8:1:3::/64",
+                                       "192.0.2.1"}

@@ -2,12 +2,23 @@
 
 What an attacker must not learn or get:
 - whether an account exists: an unknown user is verified against a dummy hash with the
-  same argon2 parameters, gets the same delay and the same outcome (failed/blocked);
-- unlimited guesses: at most MAX_PARALLEL checks per IP and per account run at once;
-  failures are counted per client IP (IPv6 per /64, which one host
-  usually holds) and per account; after ``delay_after_failures`` each failure is answered
-  after a growing delay, after ``block_after_failures`` the IP or account is blocked for
-  ``block_seconds`` (even a correct password is then refused);
+  same argon2 parameters, gets the same delays and the same outcome (failed/blocked);
+- unlimited guesses from one client: failures are counted per client (``client_key``:
+  the IPv4 address, or the IPv6 /64 that one host usually holds); after
+  ``delay_after_failures`` each failure is answered after a growing delay, after
+  ``block_after_failures`` the client is blocked for ``block_seconds`` (even a correct
+  password from it is then refused);
+- fast guessing against one account from many clients: failures are also counted per
+  account, and once past ``delay_after_failures`` every attempt on that account pays a
+  growing delay (capped at MAX_DELAY_FACTOR x ``failure_delay``) before its password is
+  checked, whatever the outcome, so that hanging up early teaches nothing. A client from
+  which the account logged in within TRUSTED_CLIENT_SECONDS skips that delay;
+- a way to lock the owner out: the account itself is never blocked, since anyone who
+  knows an address could otherwise keep its owner out (the price: a guesser with many
+  addresses is slowed per attempt, not stopped; each of its addresses is still blocked
+  after ``block_after_failures``);
+- parallel guesses outrunning the counts: at most MAX_PARALLEL checks per client and per
+  account (for clients that have to pay the account delay) run at once;
 - a stalled server: argon2 runs on a small dedicated thread pool, never on the event loop,
   and the pool size bounds the memory that concurrent hashing can take.
 
@@ -19,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,12 +43,15 @@ from argon2 import PasswordHasher
 from mailfort.config import AuthConfig
 from mailfort.directory.base import Directory
 from mailfort.passwords import dummy_hash, hash_password, needs_rehash, verify_password
-from mailfort.policy.counters import Counters
+from mailfort.policy.counters import Counters, client_key
 
 log = logging.getLogger("mailfort.authn")
 
 MAX_DELAY_FACTOR = 30  # the growing delay stops at 30 x failure_delay
-MAX_PARALLEL = 4  # password checks in flight per client IP and per account
+MAX_PARALLEL = 4  # password checks in flight per client and per account
+# A successful login exempts that client (client_key) from the account-level delay of that
+# account for this long: the owner's own devices stay fast while the account is attacked.
+TRUSTED_CLIENT_SECONDS = 30 * 24 * 3600.0
 
 
 class AuthStatus(StrEnum):
@@ -63,17 +76,20 @@ FAILED = AuthOutcome(AuthStatus.FAILED)
 BLOCKED = AuthOutcome(AuthStatus.BLOCKED)
 
 
-def ip_key(client_ip: str) -> str:
-    """The counter identity of a client: the address, or its /64 for IPv6."""
-    try:
-        ip = ipaddress.ip_address(client_ip.strip("[]"))
-    except ValueError:
-        return client_ip
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    """The counter keys of one attempt."""
+
+    account: str  # canonical address, or the name as given (lowercased) when unknown
+    client_fail: str
+    client_block: str
+    account_fail: str
+    trusted: str  # this client logged in to this account recently
+
+    @classmethod
+    def of(cls, account: str, client: str) -> _Keys:
+        return cls(account, f"auth-fail:ip:{client}", f"auth-block:ip:{client}",
+                   f"auth-fail:user:{account}", f"auth-ok:{account}:{client}")
 
 
 class Authenticator:
@@ -102,53 +118,52 @@ class Authenticator:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argon2")
         self._gates: dict[str, list[Any]] = {}  # key -> [Semaphore, users of it]
 
-    def _keys(self, username: str, client_ip: str) -> tuple[str, str, str, str]:
-        account = username.strip().lower()
-        ip = ip_key(client_ip)
-        return (f"auth-fail:ip:{ip}", f"auth-fail:user:{account}",
-                f"auth-block:ip:{ip}", f"auth-block:user:{account}")
-
-    def is_blocked(self, username: str, client_ip: str) -> bool:
-        _, _, block_ip, block_user = self._keys(username, client_ip)
-        return self.counters.get(block_ip) > 0 or self.counters.get(block_user) > 0
-
     def delay_for(self, failures: int) -> float:
-        """The pause before answering the ``failures``-th consecutive failure."""
+        """The pause that the ``failures``-th failure (of a client, or of an account) earns:
+        none up to ``delay_after_failures``, then growing, capped."""
         over = failures - self.cfg.delay_after_failures
         if over <= 0:
             return 0.0
         return self.cfg.failure_delay * min(over, MAX_DELAY_FACTOR)
 
     async def verify(self, username: str, password: str, client_ip: str) -> AuthOutcome:
-        fail_ip, fail_user, block_ip, block_user = self._keys(username, client_ip)
-        # At most MAX_PARALLEL checks per IP and per account are in flight: parallel
-        # guesses cannot outrun the failure count by more than that, and a busy legitimate
-        # client (many sessions logging in at once) is not mistaken for a guesser.
-        async with self._gate(fail_ip), self._gate(fail_user):
-            if self.counters.get(block_ip) > 0 or self.counters.get(block_user) > 0:
-                return BLOCKED
-            before = max(self.counters.get(fail_ip), self.counters.get(fail_user))
-            if before >= self.cfg.block_after_failures:
-                self._block(fail_ip, block_ip, fail_user, block_user)
-                return BLOCKED
-            stored = self.directory.password_hash(username.strip())
-            loop = asyncio.get_running_loop()
-            matched = await loop.run_in_executor(
-                self._pool, self._check, stored or self._dummy, password
-            )
-            if matched and stored is not None:
-                self.counters.reset(fail_ip)
-                self.counters.reset(fail_user)
-                user = self._canonical(username)
-                if needs_rehash(stored, hasher=self.hasher):
-                    self._pool.submit(self._rehash, user, stored, password)
-                return AuthOutcome(AuthStatus.OK, user)
-            window = self.cfg.block_seconds
-            failures = max(
-                self.counters.incr(fail_ip, window), self.counters.incr(fail_user, window)
-            )
-            if failures >= self.cfg.block_after_failures:
-                self._block(fail_ip, block_ip, fail_user, block_user)
+        k = _Keys.of(self._canonical(username), client_key(client_ip))
+        if self.counters.get(k.client_block) > 0:
+            return BLOCKED
+        # The owner's recent clients are not slowed down by an attack on the account.
+        trusted = self.counters.get(k.trusted) > 0
+        async with self._gate(k.client_fail):
+            if not trusted:
+                # Before the check and whatever its outcome; inside the client's gate, so
+                # that each client pays for its own attempts, MAX_PARALLEL at a time.
+                delay = self.delay_for(self.counters.get(k.account_fail))
+                if delay > 0:
+                    await self._sleep(delay)
+            async with contextlib.nullcontext() if trusted else self._gate(k.account_fail):
+                if self.counters.get(k.client_block) > 0:
+                    return BLOCKED
+                if self.counters.get(k.client_fail) >= self.cfg.block_after_failures:
+                    self._block(k)
+                    return BLOCKED
+                stored = self.directory.password_hash(username.strip())
+                loop = asyncio.get_running_loop()
+                matched = await loop.run_in_executor(
+                    self._pool, self._check, stored or self._dummy, password
+                )
+                if matched and stored is not None:
+                    # The account's failure count is left to expire: the owner's success
+                    # must not reset an attacker's slow-down.
+                    self.counters.reset(k.client_fail)
+                    self.counters.reset(k.trusted)  # a fresh window from now
+                    self.counters.incr(k.trusted, TRUSTED_CLIENT_SECONDS)
+                    if needs_rehash(stored, hasher=self.hasher):
+                        self._pool.submit(self._rehash, k.account, stored, password)
+                    return AuthOutcome(AuthStatus.OK, k.account)
+                window = self.cfg.block_seconds
+                self.counters.incr(k.account_fail, window)
+                failures = self.counters.incr(k.client_fail, window)
+                if failures >= self.cfg.block_after_failures:
+                    self._block(k)
         delay = self.delay_for(failures)
         if delay > 0:
             await self._sleep(delay)
@@ -168,13 +183,11 @@ class Authenticator:
             if gate[1] == 0:
                 del self._gates[key]
 
-    def _block(self, fail_ip: str, block_ip: str, fail_user: str, block_user: str) -> None:
-        """Block whichever identity crossed the line; its failure count starts over."""
-        for fail_key, block_key in ((fail_ip, block_ip), (fail_user, block_user)):
-            if self.counters.get(fail_key) >= self.cfg.block_after_failures:
-                if self.counters.get(block_key) == 0:
-                    self.counters.incr(block_key, self.cfg.block_seconds)
-                self.counters.reset(fail_key)
+    def _block(self, k: _Keys) -> None:
+        """Block the client; its failure count starts over for when the block ends."""
+        if self.counters.get(k.client_block) == 0:
+            self.counters.incr(k.client_block, self.cfg.block_seconds)
+        self.counters.reset(k.client_fail)
 
     def _check(self, password_hash: str, password: str) -> bool:
         return verify_password(password_hash, password, hasher=self.hasher)
