@@ -69,7 +69,8 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    # Failures per client IP / per account before delays start, and before a block.
+    # Failures (per client, and per account) before delays start; per client before a
+    # block. An account is only ever slowed down, never blocked (policy/authn.py).
     delay_after_failures: int = 3
     block_after_failures: int = 10
     block_seconds: float = 900.0
