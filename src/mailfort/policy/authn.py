@@ -106,7 +106,7 @@ class Authenticator:
         max_workers: int | None = None,
     ) -> None:
         """``hasher``: argon2 parameters (tests pass cheap ones); ``sleep``: how the
-        failure delay is awaited (tests record it instead of waiting)."""
+        client and account delays are awaited (tests record them instead of waiting)."""
         self.directory = directory
         self.counters = counters
         self.cfg = auth_cfg
