@@ -194,10 +194,9 @@ class SMTPSession(EngineSession):
         self.transport = None
 
     def shutdown(self) -> None:
-        if self.engine is not None and self.transport is not None:
-            self.engine.close(SHUTTING_DOWN)
-            if self.task is None:
-                self.pump()
+        engine = self.engine
+        if engine is not None:
+            self.close_engine(lambda: engine.close(SHUTTING_DOWN))
 
     # ---------------------------------------------------------------- hooks
 
@@ -207,15 +206,12 @@ class SMTPSession(EngineSession):
         lim = self.service.cfg.limits
         now = time.monotonic()
         if now - self.started >= lim.session_timeout:
-            engine.close(SESSION_TOO_LONG)
+            self.close_engine(lambda: engine.close(SESSION_TOO_LONG))
         elif self.task is None and now - self.last_activity >= lim.idle_timeout:
-            engine.timeout()
+            self.close_engine(engine.timeout)
         else:
             wait = lim.idle_timeout - (now - self.last_activity)
             self.arm_timer(max(0.05, min(wait, lim.session_timeout - (now - self.started))))
-            return
-        if self.task is None:
-            self.pump()
 
     def on_closing(self) -> None:
         self._abort_message()
