@@ -82,14 +82,16 @@ _MAX_CAPTURED_HEADERS = 256 * 1024
 
 
 class SubmissionPolicy(Protocol):
-    """What an MSA checks beyond the MX rules (see server/submission.py)."""
+    """What an MSA checks beyond the MX rules (see policy/msa.py)."""
 
     def check_mail(self, user: str, sender: Mailbox | None) -> Reply | None: ...
 
     def check_rcpt(self, user: str, count: int) -> Reply | None: ...
 
     def check_headers(self, user: str, header_block: bytes) -> tuple[Reply | None, bytes]:
-        """A refusal, or the headers to add (Message-ID, Date) before the blank line."""
+        """A refusal, or the header block to store instead of the client's (completed
+        with Message-ID and Date). The block is the client's header lines without the
+        blank line, or the whole message when it ended first, then maybe not in CRLF."""
 
     def message_accepted(self, user: str) -> None: ...
 
@@ -397,12 +399,12 @@ class SMTPSession(EngineSession):
             return
         block = bytes(hdr if split is None else hdr[:split])
         rest = b"" if split is None else bytes(hdr[split:])
-        refusal, extra = sub.check_headers(engine.authenticated_as, block)
+        refusal, completed = sub.check_headers(engine.authenticated_as, block)
         if refusal is not None:
             self.refusal = refusal
             return
         if self.spool is not None:
-            self.spool.write(block + extra + rest)
+            self.spool.write(completed + rest)
 
     def _abort_message(self) -> None:
         self.headers = None
