@@ -464,33 +464,37 @@ class CommitGate:
         assert await asyncio.to_thread(self.entered.wait, 10)
 
 
-async def send_until_stored(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A whole transaction up to the final dot; the 250 for it is not read yet."""
+async def send_until_stored(
+    port: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, float]:
+    """A whole transaction up to the final dot; the 250 for it is not read yet. Also
+    returns when the greeting was read (the session was admitted before that)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await read_reply(reader)
+    greeted = asyncio.get_running_loop().time()
     for line in [b"EHLO c\r\n", b"MAIL FROM:<s@remote.test>\r\n",
                  b"RCPT TO:<alice@example.test>\r\n", b"DATA\r\n"]:
         writer.write(line)
         assert (await read_reply(reader))[0] in "23"
     writer.write(b"Subject: x\r\n\r\nhi\r\n.\r\n")
-    return reader, writer
+    return reader, writer, greeted
 
 
 async def test_session_time_limit_during_store_still_sends_the_earned_250(
     config_factory: Any, server_ssl_context: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = config_factory(limits={"session_timeout": 0.2, "idle_timeout": 0.3})
+    limit = 0.5  # the transaction is sent well within it, the store outlasts it
+    cfg = config_factory(limits={"session_timeout": limit, "idle_timeout": limit})
     seed_directory(cfg)
     async with Node(cfg, ssl_context=server_ssl_context) as node:
         gate = CommitGate(node.committer, monkeypatch)
         loop = asyncio.get_running_loop()
-        connected = loop.time()
-        reader, writer = await send_until_stored(node.port("mx"))
+        reader, writer, greeted = await send_until_stored(node.port("mx"))
         try:
             await gate.wait_entered()
-            # The session timer (armed at admission, before `connected` + 0.3) is due
-            # earlier on this loop than this sleep, so it fires while the store is held.
-            await asyncio.sleep(max(0.0, connected + 0.3 - loop.time()) + 0.2)
+            # The session timer, armed at admission (before `greeted`) for `limit`, is due
+            # on this loop before this sleep ends, so it fires while the store is held.
+            await asyncio.sleep(max(0.0, greeted + limit - loop.time()) + 0.1)
         finally:
             gate.release.set()
         assert (await read_reply(reader)).startswith("250 2.0.0")
@@ -508,14 +512,17 @@ async def test_shutdown_during_store_still_sends_the_earned_250(
     node = Node(cfg, ssl_context=server_ssl_context)
     await node.start()
     gate = CommitGate(node.committer, monkeypatch)
-    reader, writer = await send_until_stored(node.port("mx"))
+    stopping = None
     try:
+        reader, writer, _ = await send_until_stored(node.port("mx"))
         await gate.wait_entered()
         stopping = asyncio.create_task(node.stop())
         await asyncio.sleep(0.1)  # stop() has told every session by now
         assert not stopping.done(), stopping
     finally:
         gate.release.set()
+        if stopping is None:
+            await node.stop()
     await asyncio.wait_for(stopping, 20)
     # stop() returned after the session was answered and closed, not before
     assert not node.services["mx"].sessions
