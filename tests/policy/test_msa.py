@@ -5,6 +5,7 @@ End-to-end submission over real TLS and real clients is in tests/server/test_sub
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from email.parser import BytesParser
 from email.policy import default
 from pathlib import Path
@@ -22,11 +23,12 @@ ALICE = "alice@example.test"
 
 
 @pytest.fixture
-def policy(tmp_path: Path) -> MSAPolicy:
+def policy(tmp_path: Path) -> Iterator[MSAPolicy]:
     cfg = make_config(tmp_path, submission={"messages_per_hour": 2, "max_recipients": 3})
     seed_directory(cfg)
     directory = SQLiteDirectory(cfg.data_path / "directory.sqlite3")
-    return MSAPolicy(cfg, directory, MemoryCounters())
+    yield MSAPolicy(cfg, directory, MemoryCounters())
+    directory.close()
 
 
 def mailbox(address: str) -> Mailbox:
