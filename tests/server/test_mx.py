@@ -531,3 +531,26 @@ async def test_shutdown_during_store_still_sends_the_earned_250(
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
     assert len(stored(node, "alice@example.test")) == 1
+
+
+async def test_a_failure_after_the_commit_does_not_take_back_the_250(
+    config_factory: Any, server_ssl_context: ssl.SSLContext
+) -> None:
+    """Once the message is durable, whatever else goes wrong (here waking delivery) must
+    not turn its 250 into a 451: the client would retry and the message would go twice."""
+    cfg = config_factory(relay={"trusted_networks": ["127.0.0.1/32"]})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+
+        def broken_wake() -> None:
+            raise RuntimeError("wake failed")
+
+        node.services["mx"].queued = broken_wake
+        replies = await raw_session(
+            node.port("mx"),
+            [b"EHLO c\r\n", b"MAIL FROM:<app@example.test>\r\n", b"RCPT TO:<x@foreign.test>\r\n",
+             b"RCPT TO:<alice@example.test>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\nhi\r\n.\r\n"],
+        )
+        assert replies[6].startswith("250 2.0.0"), replies[6]
+        assert len(node.queue.list()) == 1
+        assert len(stored(node, "alice@example.test")) == 1

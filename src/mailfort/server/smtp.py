@@ -360,19 +360,17 @@ class SMTPSession(EngineSession):
             log.error("storage error, message refused with 451: %s", exc)
             engine.decide(TEMP_LOCAL_ERROR)
             return
-        if env.remote and svc.queued is not None:
-            svc.queued()
-        if self.service.submission is not None and engine.authenticated_as is not None:
-            self.service.submission.message_accepted(engine.authenticated_as)
+        # Durable now: the 250 is earned, and nothing that follows may take it back.
+        ident = spool.name.split(".")[1]
+        engine.decide(Reply(250, "2.0.0", f"OK queued as {ident}"))
         log.info(
             "stored id=%s from=<%s> local=%d remote=%d size=%d",
-            spool.name.split(".")[1],
-            env.sender or "",
-            len(env.local),
-            len(env.remote),
-            spool.size,
+            ident, env.sender or "", len(env.local), len(env.remote), spool.size,
         )
-        engine.decide(Reply(250, "2.0.0", f"OK queued as {spool.name.split('.')[1]}"))
+        if self.service.submission is not None and engine.authenticated_as is not None:
+            self.service.submission.message_accepted(engine.authenticated_as)
+        if env.remote and svc.queued is not None:
+            svc.queued()
 
     def _capture_headers(self, data: bytes) -> None:
         """Hold the client's header section until its end, to check and complete it."""
