@@ -4,7 +4,9 @@ A session is an ``asyncio.Protocol`` (an idle one costs one object and one timer
 go into the engine; its events are handled one at a time; work that must not block the
 loop (fsync, argon2, mailbox I/O) runs as one task while reading is paused, so the engine
 parses nothing more until that work has answered it. Connection limits are checked at
-greeting; a client that stops reading its replies is not read either.
+greeting; a client that stops reading its replies is not read either. A close the server
+decides (shutdown, session time limit) waits for that work's answer, so a reply already
+earned (250 for a durable message) is sent before the 421, never replaced by it.
 """
 
 from __future__ import annotations
