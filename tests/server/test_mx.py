@@ -8,6 +8,7 @@ import shutil
 import smtplib
 import ssl
 import subprocess
+import threading
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -441,3 +442,115 @@ def test_data_directory_is_private(tmp_path: Path, server_ssl_context: ssl.SSLCo
     finally:
         node.committer.stop()
         node.authenticator.close()
+
+
+class CommitGate:
+    """Holds the committer thread at the start of its next batch: a real store that
+    takes as long as the test wants (the disk is slow), with nothing else replaced."""
+
+    def __init__(self, committer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        commit_batch = committer._commit_batch
+
+        def held(batch: Any) -> None:
+            self.entered.set()
+            self.release.wait(10)
+            commit_batch(batch)
+
+        monkeypatch.setattr(committer, "_commit_batch", held)
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 10)
+
+
+async def send_until_stored(
+    port: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, float]:
+    """A whole transaction up to the final dot; the 250 for it is not read yet. Also
+    returns when the greeting was read (the session was admitted before that)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await read_reply(reader)
+    greeted = asyncio.get_running_loop().time()
+    for line in [b"EHLO c\r\n", b"MAIL FROM:<s@remote.test>\r\n",
+                 b"RCPT TO:<alice@example.test>\r\n", b"DATA\r\n"]:
+        writer.write(line)
+        assert (await read_reply(reader))[0] in "23"
+    writer.write(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    return reader, writer, greeted
+
+
+async def test_session_time_limit_during_store_still_sends_the_earned_250(
+    config_factory: Any, server_ssl_context: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = 0.5  # the transaction is sent well within it, the store outlasts it
+    cfg = config_factory(limits={"session_timeout": limit, "idle_timeout": limit})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        gate = CommitGate(node.committer, monkeypatch)
+        loop = asyncio.get_running_loop()
+        reader, writer, greeted = await send_until_stored(node.port("mx"))
+        try:
+            await gate.wait_entered()
+            # The session timer, armed at admission (before `greeted`) for `limit`, is due
+            # on this loop before this sleep ends, so it fires while the store is held.
+            await asyncio.sleep(max(0.0, greeted + limit - loop.time()) + 0.1)
+        finally:
+            gate.release.set()
+        assert (await read_reply(reader)).startswith("250 2.0.0")
+        assert (await read_reply(reader)).startswith("421 4.4.2")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert len(stored(node, "alice@example.test")) == 1
+
+
+async def test_shutdown_during_store_still_sends_the_earned_250(
+    config_factory: Any, server_ssl_context: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config_factory()
+    seed_directory(cfg)
+    node = Node(cfg, ssl_context=server_ssl_context)
+    await node.start()
+    gate = CommitGate(node.committer, monkeypatch)
+    stopping = None
+    try:
+        reader, writer, _ = await send_until_stored(node.port("mx"))
+        await gate.wait_entered()
+        stopping = asyncio.create_task(node.stop())
+        await asyncio.sleep(0.1)  # stop() has told every session by now
+        assert not stopping.done(), stopping
+    finally:
+        gate.release.set()
+        if stopping is None:
+            await node.stop()
+    await asyncio.wait_for(stopping, 20)
+    # stop() returned after the session was answered and closed, not before
+    assert not node.services["mx"].sessions
+    assert (await read_reply(reader)).startswith("250 2.0.0")
+    assert (await read_reply(reader)).startswith("421 4.3.2")
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    assert len(stored(node, "alice@example.test")) == 1
+
+
+async def test_a_failure_after_the_commit_does_not_take_back_the_250(
+    config_factory: Any, server_ssl_context: ssl.SSLContext
+) -> None:
+    """Once the message is durable, whatever else goes wrong (here waking delivery) must
+    not turn its 250 into a 451: the client would retry and the message would go twice."""
+    cfg = config_factory(relay={"trusted_networks": ["127.0.0.1/32"]})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+
+        def broken_wake() -> None:
+            raise RuntimeError("wake failed")
+
+        node.services["mx"].queued = broken_wake
+        replies = await raw_session(
+            node.port("mx"),
+            [b"EHLO c\r\n", b"MAIL FROM:<app@example.test>\r\n", b"RCPT TO:<x@foreign.test>\r\n",
+             b"RCPT TO:<alice@example.test>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\nhi\r\n.\r\n"],
+        )
+        assert replies[6].startswith("250 2.0.0"), replies[6]
+        assert len(node.queue.list()) == 1
+        assert len(stored(node, "alice@example.test")) == 1

@@ -10,6 +10,8 @@ import smtplib
 import ssl
 import subprocess
 from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import default
 from typing import Any
 
 import pytest
@@ -226,3 +228,58 @@ async def test_recipients_per_message_limit(
 
         code, text = await asyncio.to_thread(second_refused)
         assert code == 452 and b"4.7.1" in text
+
+
+async def submit_raw(node: Node, ctx: ssl.SSLContext, transfer: list[bytes]) -> list[str]:
+    """An authenticated session on 465; ``transfer`` (DATA or BDAT commands with their
+    octets) follows RCPT, one reply read after each element."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", node.port("submissions"), ssl=ctx, server_hostname="mx.example.test")
+    token = base64.b64encode(b"\0alice@example.test\0alice-pw")
+    replies = [await read_reply(reader)]
+    for chunk in [b"EHLO mua\r\n", b"AUTH PLAIN " + token + b"\r\n",
+                  b"MAIL FROM:<alice@example.test>\r\n", b"RCPT TO:<bob@example.test>\r\n",
+                  *transfer]:
+        writer.write(chunk)
+        replies.append(await read_reply(reader))
+    writer.close()
+    return replies
+
+
+def bdat(*chunks: bytes) -> list[bytes]:
+    return [b"BDAT %d%s\r\n" % (len(c), b" LAST" if i == len(chunks) - 1 else b"") + c
+            for i, c in enumerate(chunks)]
+
+
+HEADERS = b"From: alice@example.test\r\nSubject: bdat-test"
+
+# Messages whose header section reaches the end of the message or a chunk boundary:
+# the Message-ID and Date that submission adds must each stand on a line of their own.
+HEADER_ONLY_TRANSFERS = {
+    "bdat-no-final-crlf": bdat(HEADERS),
+    "bdat-headers-crlf": bdat(HEADERS + b"\r\n"),
+    "bdat-headers-blank-line": bdat(HEADERS + b"\r\n\r\n"),
+    "bdat-split-blank-line": bdat(HEADERS + b"\r\n\r", b"\nbody\r\n"),
+    "bdat-split-no-final-crlf": bdat(b"From: alice@example.test\r\nSubj", b"ect: bdat-test"),
+    "data-headers-crlf": [b"DATA\r\n", HEADERS + b"\r\n.\r\n"],
+    "data-headers-blank-line": [b"DATA\r\n", HEADERS + b"\r\n\r\n.\r\n"],
+}
+
+
+@pytest.mark.parametrize("transfer", HEADER_ONLY_TRANSFERS.values(),
+                         ids=HEADER_ONLY_TRANSFERS.keys())
+async def test_added_headers_never_join_a_client_line(
+    node: Node, client_ssl_context: ssl.SSLContext, transfer: list[bytes]
+) -> None:
+    replies = await submit_raw(node, client_ssl_context, transfer)
+    assert replies[-1].startswith("250 2.0.0"), replies
+    (raw,) = stored(node, "bob@example.test")
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert b"Subject: bdat-test" in head
+    assert sum(line.startswith(b"Message-ID: <") for line in head) == 1
+    assert sum(line.startswith(b"Date: ") for line in head) == 1
+    msg = BytesParser(policy=default).parsebytes(raw)
+    assert msg["Subject"] == "bdat-test"
+    assert msg["Date"].datetime is not None
+    assert raw.endswith(b"\r\n")
+    assert b"\n" not in raw.replace(b"\r\n", b"")

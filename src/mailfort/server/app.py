@@ -19,12 +19,12 @@ from mailfort.config import Config
 from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
+from mailfort.policy.msa import MSAPolicy
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
-from mailfort.server.submission import MSAPolicy
 from mailfort.store.maildir import Committer
 
 log = logging.getLogger("mailfort")

@@ -4,7 +4,9 @@ A session is an ``asyncio.Protocol`` (an idle one costs one object and one timer
 go into the engine; its events are handled one at a time; work that must not block the
 loop (fsync, argon2, mailbox I/O) runs as one task while reading is paused, so the engine
 parses nothing more until that work has answered it. Connection limits are checked at
-greeting; a client that stops reading its replies is not read either.
+greeting; a client that stops reading its replies is not read either. A close the server
+decides (shutdown, session time limit) waits for that work's answer, so a reply already
+earned (250 for a durable message) is sent before the 421, never replaced by it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ log = logging.getLogger("mailfort.session")
 
 CLOSE_GRACE = 10.0  # seconds a closing client gets to read our last reply
 TLS_HANDSHAKE_TIMEOUT = 30.0
+SHUTDOWN_GRACE = 5.0  # seconds a stopping listener waits for its sessions to end
 
 
 class Listener:
@@ -58,14 +61,24 @@ class Listener:
         return [s.getsockname()[1] for srv in self.servers for s in srv.sockets]
 
     async def close(self) -> None:
-        """Stop accepting, tell every session (421 / -ERR), wait a little for the sockets."""
+        """Stop accepting, tell every session (421 / -ERR), wait a little for the sockets.
+
+        A session with work in flight closes once that work has answered (a stored
+        message gets its 250 first, see ``close_engine``); the wait lets those last
+        replies reach the client before the node stops its store and its loop.
+        (``Server.wait_closed`` waits for the connections only from Python 3.12 on.)
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE
         for server in self.servers:
             server.close()
         for session in list(self.sessions):
             session.shutdown()
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         for server in self.servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 5)
+                await asyncio.wait_for(server.wait_closed(), max(0.1, deadline - loop.time()))
         self.servers.clear()
 
 
@@ -102,6 +115,7 @@ class EngineSession(asyncio.Protocol):
         self.write_paused = False  # the client is not reading its replies
         self._limiter: ConnectionLimiter | None = None
         self._sessions: set[Any] | None = None
+        self._close_after_task: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------- admission
 
@@ -173,6 +187,21 @@ class EngineSession(asyncio.Protocol):
         """Idle and session-time checks; re-arm lazily (one timer per session)."""
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- server-side close
+
+    def close_engine(self, close: Callable[[], None]) -> None:
+        """A close the server decides (shutdown, session time limit): ``close`` gives the
+        engine its last reply. Pending work answers the engine first: a reply it has earned
+        (250 for a message already durable, 235 for a checked password) goes out before
+        the 421, so a client never retries, and duplicates, what was accepted."""
+        if self.engine is None or self.transport is None or self.engine.closed:
+            return
+        if self.task is not None:
+            self._close_after_task = close
+            return
+        close()
+        self.pump()
+
     # ---------------------------------------------------------------- the pump
 
     def handle(self, ev: Any) -> None:
@@ -243,6 +272,9 @@ class EngineSession(asyncio.Protocol):
                 self.task_failed()
             finally:
                 self.task = None
+            close, self._close_after_task = self._close_after_task, None
+            if close is not None and self.engine is not None and not self.engine.closed:
+                close()  # before the engine reads anything more the client pipelined
             if self.transport is not None:
                 if not self.write_paused:
                     self.transport.resume_reading()

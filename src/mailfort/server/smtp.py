@@ -82,14 +82,16 @@ _MAX_CAPTURED_HEADERS = 256 * 1024
 
 
 class SubmissionPolicy(Protocol):
-    """What an MSA checks beyond the MX rules (see server/submission.py)."""
+    """What an MSA checks beyond the MX rules (see policy/msa.py)."""
 
     def check_mail(self, user: str, sender: Mailbox | None) -> Reply | None: ...
 
     def check_rcpt(self, user: str, count: int) -> Reply | None: ...
 
     def check_headers(self, user: str, header_block: bytes) -> tuple[Reply | None, bytes]:
-        """A refusal, or the headers to add (Message-ID, Date) before the blank line."""
+        """A refusal, or the header block to store instead of the client's (completed
+        with Message-ID and Date). The block is the client's header lines without the
+        blank line, or the whole message when it ended first, then maybe not in CRLF."""
 
     def message_accepted(self, user: str) -> None: ...
 
@@ -194,10 +196,9 @@ class SMTPSession(EngineSession):
         self.transport = None
 
     def shutdown(self) -> None:
-        if self.engine is not None and self.transport is not None:
-            self.engine.close(SHUTTING_DOWN)
-            if self.task is None:
-                self.pump()
+        engine = self.engine
+        if engine is not None:
+            self.close_engine(lambda: engine.close(SHUTTING_DOWN))
 
     # ---------------------------------------------------------------- hooks
 
@@ -207,15 +208,12 @@ class SMTPSession(EngineSession):
         lim = self.service.cfg.limits
         now = time.monotonic()
         if now - self.started >= lim.session_timeout:
-            engine.close(SESSION_TOO_LONG)
+            self.close_engine(lambda: engine.close(SESSION_TOO_LONG))
         elif self.task is None and now - self.last_activity >= lim.idle_timeout:
-            engine.timeout()
+            self.close_engine(engine.timeout)
         else:
             wait = lim.idle_timeout - (now - self.last_activity)
             self.arm_timer(max(0.05, min(wait, lim.session_timeout - (now - self.started))))
-            return
-        if self.task is None:
-            self.pump()
 
     def on_closing(self) -> None:
         self._abort_message()
@@ -362,19 +360,17 @@ class SMTPSession(EngineSession):
             log.error("storage error, message refused with 451: %s", exc)
             engine.decide(TEMP_LOCAL_ERROR)
             return
-        if env.remote and svc.queued is not None:
-            svc.queued()
-        if self.service.submission is not None and engine.authenticated_as is not None:
-            self.service.submission.message_accepted(engine.authenticated_as)
+        # Durable now: the 250 is earned, and nothing that follows may take it back.
+        ident = spool.name.split(".")[1]
+        engine.decide(Reply(250, "2.0.0", f"OK queued as {ident}"))
         log.info(
             "stored id=%s from=<%s> local=%d remote=%d size=%d",
-            spool.name.split(".")[1],
-            env.sender or "",
-            len(env.local),
-            len(env.remote),
-            spool.size,
+            ident, env.sender or "", len(env.local), len(env.remote), spool.size,
         )
-        engine.decide(Reply(250, "2.0.0", f"OK queued as {spool.name.split('.')[1]}"))
+        if self.service.submission is not None and engine.authenticated_as is not None:
+            self.service.submission.message_accepted(engine.authenticated_as)
+        if env.remote and svc.queued is not None:
+            svc.queued()
 
     def _capture_headers(self, data: bytes) -> None:
         """Hold the client's header section until its end, to check and complete it."""
@@ -401,12 +397,12 @@ class SMTPSession(EngineSession):
             return
         block = bytes(hdr if split is None else hdr[:split])
         rest = b"" if split is None else bytes(hdr[split:])
-        refusal, extra = sub.check_headers(engine.authenticated_as, block)
+        refusal, completed = sub.check_headers(engine.authenticated_as, block)
         if refusal is not None:
             self.refusal = refusal
             return
         if self.spool is not None:
-            self.spool.write(block + extra + rest)
+            self.spool.write(completed + rest)
 
     def _abort_message(self) -> None:
         self.headers = None

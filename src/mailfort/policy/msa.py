@@ -1,6 +1,7 @@
 """The MSA policy of the submission services (RFC 6409): ownership, limits, completion.
 
-Plugged into the same SMTP service as the MX; only what differs lives here.
+Plugged into the same SMTP service as the MX; only what differs lives here. No I/O: the
+session asks and stores, this module decides (and says which header lines to add).
 """
 
 from __future__ import annotations
@@ -47,20 +48,37 @@ class MSAPolicy:
         return None
 
     def check_headers(self, user: str, header_block: bytes) -> tuple[Reply | None, bytes]:
+        """A refusal, or the header block to store in place of the client's.
+
+        ``header_block`` is the client's header lines without the blank line that ends
+        them, or the whole message when it ended first (BDAT: possibly not even in CRLF).
+        What is returned is that block with Message-ID and Date added when missing
+        (RFC 6409 §8.2, §8.3), each on a line of its own.
+        """
         refusal = check_header_from(
             self.directory, user, header_block,
             aliases_grant=self.cfg.submission.aliases_grant_sending,
         )
         if refusal is not None:
-            return refusal, b""
+            return refusal, header_block
         msg = BytesHeaderParser(policy=compat32).parsebytes(header_block)
-        extra = b""
+        extra = []
         if msg.get("Message-ID") is None:
-            mid = f"<{secrets.token_hex(12)}@{self.cfg.server.hostname}>"
-            extra += f"Message-ID: {mid}\r\n".encode()
+            extra.append(f"Message-ID: <{secrets.token_hex(12)}@{self.cfg.server.hostname}>")
         if msg.get("Date") is None:
-            extra += f"Date: {formatdate(localtime=False)}\r\n".encode()
-        return None, extra
+            extra.append(f"Date: {formatdate(localtime=False)}")
+        return None, append_header_lines(header_block, extra)
 
     def message_accepted(self, user: str) -> None:
         self.counters.incr(self._key(user), _HOUR)
+
+
+def append_header_lines(header_block: bytes, lines: list[str]) -> bytes:
+    """``header_block`` with ``lines`` after it. A block that does not end in CRLF (a
+    message cut inside its last header line) gets one first: an added header must never
+    continue a line of the client's."""
+    if not lines:
+        return header_block
+    if header_block and not header_block.endswith(b"\r\n"):
+        header_block += b"\r\n"
+    return header_block + "".join(line + "\r\n" for line in lines).encode()
