@@ -10,6 +10,7 @@ import poplib
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import time
 import tracemalloc
@@ -346,6 +347,57 @@ async def test_dropped_connection_deletes_nothing(lab: POP3Lab) -> None:
         return stat
 
     assert (await in_thread(again))[0] == 2
+
+
+async def test_quit_then_disconnect_still_applies_every_dele(lab: POP3Lab) -> None:
+    """RFC 1939 §6: once QUIT is sent, the marked messages go and nothing else does, even
+    when the client closes at once (the server then cannot answer +OK). The deletions must
+    neither race the end-of-session new/ -> cur/ renames (a delete missing a renamed file
+    left it in cur/) nor outlive the maildrop lock (a next session listed them)."""
+    count, rounds = 40, 10
+
+    def quit_and_vanish() -> None:
+        sock = socket.create_connection(("127.0.0.1", lab.tls_port), timeout=10)
+        tls = lab.client_ctx.wrap_socket(sock, server_hostname="localhost")
+        f = tls.makefile("rb")
+        tls.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
+        replies = [f.readline() for _ in range(3)]
+        assert all(r.startswith(b"+OK") for r in replies), replies
+        doomed = b"".join(b"DELE %d\r\n" % i for i in range(1, count + 1, 2))
+        tls.sendall(doomed + b"QUIT\r\n")
+        # at once and abortively (RST): the server learns of it while it is deleting
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        f.close()
+        tls.close()
+
+    def next_session() -> tuple[int, int]:
+        deadline = time.monotonic() + 10
+        while True:
+            c = poplib.POP3_SSL("127.0.0.1", lab.tls_port, context=lab.client_ctx, timeout=10)
+            c.user(ALICE)
+            try:
+                c.pass_(PASSWORDS[ALICE])
+            except poplib.error_proto as err:  # the update still holds the maildrop
+                assert err.args[0].startswith(b"-ERR [IN-USE]"), err.args
+                c.close()
+                assert time.monotonic() < deadline, "the mailbox stayed locked"
+                time.sleep(0.01)
+                continue
+            stat = c.stat()
+            c.quit()
+            return stat
+
+    md = maildir_for(lab.data_dir, ALICE)
+    for _ in range(rounds):
+        for sub in ("new", "cur"):
+            for old in os.listdir(md / sub) if (md / sub).exists() else []:
+                (md / sub / old).unlink()
+        names = [lab.deliver(ALICE, CRLF_MSG + b"%d\r\n" % i) for i in range(count)]
+        kept = set(names[1::2])  # DELE 1, 3, 5... (1-based) removes names[0::2]
+        await in_thread(quit_and_vanish)
+        stat = await in_thread(next_session)
+        assert stat[0] == count // 2  # the next session lists no deleted message
+        assert {f.partition(":")[0] for f in lab.files(ALICE)} == kept
 
 
 async def test_two_sessions_second_is_in_use(lab: POP3Lab) -> None:
