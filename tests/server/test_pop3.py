@@ -12,6 +12,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +30,7 @@ from mailfort.passwords import hash_password
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
 from mailfort.server.pop3 import POP3Server
+from mailfort.store import pop3_mailbox
 from mailfort.store.maildir import maildir_for
 
 ALICE = "alice@example.test"
@@ -399,6 +401,38 @@ async def test_quit_then_disconnect_still_applies_every_dele(lab: POP3Lab) -> No
         assert stat[0] == count // 2  # the next session lists no deleted message
         assert {f.partition(":")[0] for f in lab.files(ALICE)} == kept
 
+
+async def test_shutdown_lets_a_quit_being_applied_finish(
+        lab: POP3Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shutdown that arrives while QUIT's deletions run does not cut them short: the
+    client gets its +OK once they are done, not a "shutting down" -ERR that leaves it
+    unsure. The deletions are held at their directory fsync to make the overlap certain."""
+    for _ in range(3):
+        lab.deliver(ALICE, CRLF_MSG)
+    syncing, go_on = threading.Event(), threading.Event()
+    real_fsync_dir = pop3_mailbox.fsync_dir
+
+    def slow_fsync_dir(path: str) -> None:
+        syncing.set()
+        assert go_on.wait(10)
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(pop3_mailbox, "fsync_dir", slow_fsync_dir)
+
+    def session() -> bytes:
+        c = lab.tls_login()
+        c.dele(1)
+        c.dele(3)
+        return c.quit()
+
+    quitting = asyncio.ensure_future(in_thread(session))
+    assert await in_thread(syncing.wait, 10)
+    closing = asyncio.ensure_future(lab.implicit.close())
+    await asyncio.sleep(0.1)  # the shutdown has reached the session
+    go_on.set()
+    assert (await quitting).startswith(b"+OK")
+    await closing
+    assert len(lab.files(ALICE)) == 1
 
 async def test_two_sessions_second_is_in_use(lab: POP3Lab) -> None:
     lab.deliver(ALICE, CRLF_MSG)
