@@ -10,7 +10,9 @@ import poplib
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
+import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +30,7 @@ from mailfort.passwords import hash_password
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
 from mailfort.server.pop3 import POP3Server
+from mailfort.store import pop3_mailbox
 from mailfort.store.maildir import maildir_for
 
 ALICE = "alice@example.test"
@@ -342,6 +345,89 @@ async def test_dropped_connection_deletes_nothing(lab: POP3Lab) -> None:
 
     assert (await in_thread(again))[0] == 2
 
+
+async def test_quit_then_disconnect_still_applies_every_dele(lab: POP3Lab) -> None:
+    """RFC 1939 §6: once QUIT is sent, the marked messages go and nothing else does, even
+    when the client closes at once (the server then cannot answer +OK). The deletions must
+    neither race the end-of-session new/ -> cur/ renames (a delete missing a renamed file
+    left it in cur/) nor outlive the maildrop lock (a next session listed them)."""
+    count, rounds = 40, 10
+
+    def quit_and_vanish() -> None:
+        sock = socket.create_connection(("127.0.0.1", lab.tls_port), timeout=10)
+        tls = lab.client_ctx.wrap_socket(sock, server_hostname="localhost")
+        f = tls.makefile("rb")
+        tls.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
+        replies = [f.readline() for _ in range(3)]
+        assert all(r.startswith(b"+OK") for r in replies), replies
+        doomed = b"".join(b"DELE %d\r\n" % i for i in range(1, count + 1, 2))
+        tls.sendall(doomed + b"QUIT\r\n")
+        # at once and abortively (RST): the server learns of it while it is deleting
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        f.close()
+        tls.close()
+
+    def next_session() -> tuple[int, int]:
+        deadline = time.monotonic() + 10
+        while True:
+            c = poplib.POP3_SSL("127.0.0.1", lab.tls_port, context=lab.client_ctx, timeout=10)
+            c.user(ALICE)
+            try:
+                c.pass_(PASSWORDS[ALICE])
+            except poplib.error_proto as err:  # the update still holds the maildrop
+                assert err.args[0].startswith(b"-ERR [IN-USE]"), err.args
+                c.close()
+                assert time.monotonic() < deadline, "the mailbox stayed locked"
+                time.sleep(0.01)
+                continue
+            stat = c.stat()
+            c.quit()
+            return stat
+
+    md = maildir_for(lab.data_dir, ALICE)
+    for _ in range(rounds):
+        for sub in ("new", "cur"):
+            for old in os.listdir(md / sub) if (md / sub).exists() else []:
+                (md / sub / old).unlink()
+        names = [lab.deliver(ALICE, CRLF_MSG + b"%d\r\n" % i) for i in range(count)]
+        kept = set(names[1::2])  # DELE 1, 3, 5... (1-based) removes names[0::2]
+        await in_thread(quit_and_vanish)
+        stat = await in_thread(next_session)
+        assert stat[0] == count // 2  # the next session lists no deleted message
+        assert {f.partition(":")[0] for f in lab.files(ALICE)} == kept
+
+
+async def test_shutdown_lets_a_quit_being_applied_finish(
+        lab: POP3Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shutdown that arrives while QUIT's deletions run does not cut them short: the
+    client gets its +OK once they are done, not a "shutting down" -ERR that leaves it
+    unsure. The deletions are held at their directory fsync to make the overlap certain."""
+    for _ in range(3):
+        lab.deliver(ALICE, CRLF_MSG)
+    syncing, go_on = threading.Event(), threading.Event()
+    real_fsync_dir = pop3_mailbox.fsync_dir
+
+    def slow_fsync_dir(path: str) -> None:
+        syncing.set()
+        assert go_on.wait(10)
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(pop3_mailbox, "fsync_dir", slow_fsync_dir)
+
+    def session() -> bytes:
+        c = lab.tls_login()
+        c.dele(1)
+        c.dele(3)
+        return c.quit()
+
+    quitting = asyncio.ensure_future(in_thread(session))
+    assert await in_thread(syncing.wait, 10)
+    closing = asyncio.ensure_future(lab.implicit.close())
+    await asyncio.sleep(0.1)  # the shutdown has reached the session
+    go_on.set()
+    assert (await quitting).startswith(b"+OK")
+    await closing
+    assert len(lab.files(ALICE)) == 1
 
 async def test_two_sessions_second_is_in_use(lab: POP3Lab) -> None:
     lab.deliver(ALICE, CRLF_MSG)

@@ -5,17 +5,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailfort.store import pop3_mailbox
 from mailfort.store.pop3_mailbox import (
     CHUNK,
     FLAG_BATCH,
     LOCK_NAME,
+    MailboxClosed,
     MailboxInUse,
     POP3Mailbox,
     uid_for,
@@ -335,3 +340,37 @@ def test_a_namesake_in_cur_is_never_overwritten(tmp_path: Path) -> None:
     box.close()
     kept = sorted(p.read_bytes() for p in md.glob("*/1700000000.M1P1.host*"))
     assert kept == [b"Subject: in cur\r\n\r\n", b"Subject: in new\r\n\r\n"]
+
+
+def test_close_waits_for_a_running_delete_and_keeps_the_lock(
+        maildir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close that overlapped the deletions renamed doomed files out of their way and
+    unlocked the maildrop before they were gone; it must wait, and a closed box must not
+    delete. The deletions are held at their directory fsync to make the overlap certain."""
+    syncing, go_on = threading.Event(), threading.Event()
+    real_fsync_dir = pop3_mailbox.fsync_dir
+
+    def slow_fsync_dir(path: str) -> None:
+        syncing.set()
+        assert go_on.wait(10)
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(pop3_mailbox, "fsync_dir", slow_fsync_dir)
+    box = POP3Mailbox.open(maildir)
+    doomed = box.messages[1].uid  # in new/: the close would move it to cur/
+    with ThreadPoolExecutor(2) as pool:
+        deleting = pool.submit(box.delete, [1])
+        assert syncing.wait(10)
+        closing = pool.submit(box.close)
+        time.sleep(0.2)
+        assert not closing.done()  # still deleting: not closed, not unlocked
+        with pytest.raises(MailboxInUse):
+            POP3Mailbox.open(maildir)
+        go_on.set()
+        assert deleting.result(10) == 0
+        closing.result(10)
+    names = os.listdir(maildir / "cur") + os.listdir(maildir / "new")
+    assert len(names) == 2 and not any(n.startswith(doomed) for n in names)
+    with pytest.raises(MailboxClosed):
+        box.delete([0])
+    POP3Mailbox.open(maildir).close()  # unlocked at last

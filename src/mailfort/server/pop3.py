@@ -116,6 +116,7 @@ class POP3Session(EngineSession):
         # The message after the one just sent, read while the client reads that one: a
         # client downloading a mailbox asks for them in order.
         self._ahead: tuple[int, bytes] | None = None
+        self.updating = False  # QUIT was read: the deletions are under way
 
     # ---------------------------------------------------------------- asyncio callbacks
 
@@ -147,6 +148,8 @@ class POP3Session(EngineSession):
         self._release_mailbox()  # dropped before QUIT: nothing is deleted
 
     def shutdown(self) -> None:
+        if self.updating:
+            return  # a QUIT being applied: its deletions end soon, then +OK and close
         if self.engine is not None and self.transport is not None:
             if self.task is not None:
                 self.task.cancel()
@@ -289,18 +292,26 @@ class POP3Session(EngineSession):
             engine.tls_started()
 
     async def _update(self, ev: Quit) -> None:
-        """UPDATE state (RFC 1939 §6): the only place where messages are removed."""
+        """UPDATE state (RFC 1939 §6): the only place where messages are removed.
+
+        Once QUIT is read the deletions are carried out whatever happens to the session (a
+        client that resets the connection, a shutdown): the thread runs to its end, and only
+        then is the mailbox closed (new/ -> cur/ moves, unlock). Closing it as soon as this
+        task is cancelled let the renames race the deletions (a doomed file moved away from
+        the path being unlinked survived) and freed the maildrop for a next session while
+        its messages were still being deleted.
+        """
         engine, mailbox = self.engine, self.mailbox
         assert engine is not None and mailbox is not None
-        self.mailbox = None  # from here on the thread owns it, even if the client drops
-
-        try:
-            failures = await _in_thread(mailbox.delete, [i for i, _ in ev.deletions])
-        finally:
-            # Seen flags and the new/ -> cur/ moves need not hold up the +OK: they finish
-            # in a thread, and a next session of this mailbox waits for them (see open).
-            self.mailbox = mailbox
-            self._release_mailbox()
+        self.mailbox = None  # from here on the UPDATE owns it, even if the client drops
+        self._ahead = None
+        self.updating = True
+        deleting = asyncio.get_running_loop().run_in_executor(
+            None, mailbox.delete, [i for i, _ in ev.deletions])
+        # Seen flags and the new/ -> cur/ moves need not hold up the +OK: they finish in a
+        # thread, and a next session of this mailbox waits for them (see POP3Mailbox.open).
+        deleting.add_done_callback(lambda _: _close_in_thread(mailbox))
+        failures = await asyncio.shield(deleting)
         if failures:
             log.error("pop3 %s: %d deletions failed", self.peer_ip, failures)
         engine.update_done(failures)
@@ -309,10 +320,15 @@ class POP3Session(EngineSession):
         mailbox, self.mailbox = self.mailbox, None
         self._ahead = None
         if mailbox is not None:
-            try:
-                asyncio.get_running_loop().run_in_executor(None, mailbox.close)
-            except RuntimeError:  # the loop is shutting down: release it right here
-                mailbox.close()
+            _close_in_thread(mailbox)
+
+
+def _close_in_thread(mailbox: POP3Mailbox) -> None:
+    """Close (file in cur/, unlock) without blocking the loop."""
+    try:
+        asyncio.get_running_loop().run_in_executor(None, mailbox.close)
+    except RuntimeError:  # the loop or its executor is shutting down: release it right here
+        mailbox.close()
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any,

@@ -14,6 +14,10 @@ Why each rule:
   resolved under ``_paths``: the path is only ever changed together with the file's name.
 * **Deletion only at QUIT.** ``delete`` is called from the UPDATE state and nowhere else;
   a dropped connection just ``close``s, so nothing marked with DELE is lost.
+* **Close waits for the deletions.** ``close`` renames new/ -> cur/ and drops the lock; run
+  while ``delete`` is still unlinking, a rename would move a doomed file away from the path
+  ``delete`` unlinks (so it survived), and a next session could list what is being deleted.
+  So the two never overlap, and a closed mailbox refuses to ``delete`` (``MailboxClosed``).
 * **One session per mailbox.** An in-process set plus ``flock`` on a lock file, so that two
   sessions, in one process or in two, never hand out the same numbering; the second one
   gets ``MailboxInUse`` (``-ERR [IN-USE]``).
@@ -55,6 +59,10 @@ _held_guard = threading.Lock()
 
 class MailboxInUse(Exception):
     """Another POP3 session (this process or another) holds the mailbox."""
+
+
+class MailboxClosed(Exception):
+    """``delete`` after ``close``: the lock is gone, so deleting now could race a new session."""
 
 
 def uid_for(name: str) -> str:
@@ -155,6 +163,7 @@ class POP3Mailbox:
         self._lock_fd: int | None = lock_fd
         self._key = key
         self._paths = threading.Lock()  # a message's path changes only with its file name
+        self._ending = threading.Lock()  # delete and close never overlap
         self._to_flag: list[StoredMessage] = []  # retrieved, not yet handed to the flagger
         self._flagging: list[Future[None]] = []  # batches handed to it
 
@@ -290,51 +299,56 @@ class POP3Mailbox:
 
     def delete(self, indexes: list[int]) -> int:
         """UPDATE state: remove these messages durably; returns how many could not be."""
-        self._flags_settled()
-        failures = 0
-        dirs: set[str] = set()
-        for i in indexes:
-            msg = self.messages[i]
-            try:
-                os.unlink(msg.path)
-            except FileNotFoundError:
-                pass  # already gone: the goal is reached
-            except OSError:
-                failures += 1
-                continue
-            msg.deleted = True
-            dirs.add(os.path.dirname(msg.path))
-        for d in dirs:
-            try:
-                fsync_dir(d)
-            except OSError:
-                failures += 1
-        return failures
+        with self._ending:
+            if self._lock_fd is None:
+                raise MailboxClosed(self._key)
+            self._flags_settled()
+            failures = 0
+            dirs: set[str] = set()
+            for i in indexes:
+                msg = self.messages[i]
+                try:
+                    os.unlink(msg.path)
+                except FileNotFoundError:
+                    pass  # already gone (nothing renames it meanwhile): the goal is reached
+                except OSError:
+                    failures += 1
+                    continue
+                msg.deleted = True
+                dirs.add(os.path.dirname(msg.path))
+            for d in dirs:
+                try:
+                    fsync_dir(d)
+                except OSError:
+                    failures += 1
+            return failures
 
     def close(self) -> None:
         """End of session (QUIT or dropped): file messages in cur/ with their flags, unlock.
 
-        Another session of this process that wants the mailbox meanwhile waits for this
-        to finish (see ``open``) instead of being told it is in use.
+        A ``delete`` still running finishes first, with the lock held. Another session of
+        this process that wants the mailbox meanwhile waits for the close to finish (see
+        ``open``) instead of being told it is in use.
         """
-        if self._lock_fd is None:
-            return
-        done = threading.Event()
-        with _held_guard:
-            _closing[self._key] = done
-        try:
-            self._flags_settled()
-            self._to_flag.clear()  # they are in self.messages with seen set: filed below
-            self._file_all(self.messages)
-        finally:
-            fd, self._lock_fd = self._lock_fd, None
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        with self._ending:
+            if self._lock_fd is None:
+                return
+            done = threading.Event()
             with _held_guard:
-                _held.discard(self._key)
-                _closing.pop(self._key, None)
-            done.set()
+                _closing[self._key] = done
+            try:
+                self._flags_settled()
+                self._to_flag.clear()  # they are in self.messages with seen set: filed below
+                self._file_all(self.messages)
+            finally:
+                fd, self._lock_fd = self._lock_fd, None
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                with _held_guard:
+                    _held.discard(self._key)
+                    _closing.pop(self._key, None)
+                done.set()
 
     def _file_in_cur(self, msg: StoredMessage) -> None:
         """new/ -> cur/ (seen by a reader), adding the S flag if it was retrieved."""
