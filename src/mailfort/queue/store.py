@@ -34,12 +34,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from mailfort.store.durable import fsync_dir
+from mailfort.store.durable import fsync_dir, make_dirs
 
 RecipientState = Literal["pending", "deferred", "delivered", "failed"]
 ACTIVE: tuple[str, ...] = ("pending", "deferred")
 
-_ID_RE = re.compile(r"^[0-9A-Za-z]{8,64}$")
+_ID_RE = re.compile(r"[0-9A-Za-z]{8,64}")  # with fullmatch: "$" would allow a final "\n"
 _FORMAT = 1
 
 
@@ -149,7 +149,7 @@ class Queue:
         self.env_dir = self.root / "env"
         self.tmp_dir = self.root / "tmp"
         for d in (self.msg_dir, self.env_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            make_dirs(d)  # durable: the fsyncs of msg/ and env/ rely on their own names
         self._lock = threading.Lock()  # serialises read-modify-write of state files
 
     # ------------------------------------------------------------------ recovery
@@ -283,7 +283,7 @@ class Queue:
     @staticmethod
     def check_id(ident: str) -> str:
         """Ids come from the command line too: refuse anything that is not one."""
-        if not _ID_RE.match(ident):
+        if not isinstance(ident, str) or not _ID_RE.fullmatch(ident):
             raise QueueError(f"not a queue id: {ident!r}")
         return ident
 

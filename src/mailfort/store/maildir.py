@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailfort.store.durable import fsync_dir
+from mailfort.store.durable import fsync_dir, make_dirs
 
 _SPOOL_MEMORY = 64 * 1024  # bytes a message may hold in memory before it goes to a file
 _counter = itertools.count()
@@ -51,8 +51,10 @@ def maildir_for(data_dir: Path, user: str) -> Path:
 
 
 def ensure_maildir(path: Path) -> None:
+    """Create what is missing of the Maildir, durably (each new name's parent fsynced), so
+    that the flush of new/ before a 250 is not undone by losing new/ itself in a crash."""
     for sub in ("tmp", "new", "cur"):
-        (path / sub).mkdir(parents=True, exist_ok=True)
+        make_dirs(path / sub)
 
 
 def unique_name() -> str:
@@ -147,7 +149,7 @@ class Committer:
     def __init__(self, data_dir: Path, *, use_syncfs: bool = True) -> None:
         self.data_dir = data_dir
         self.spool_dir = data_dir / "spool"
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.spool_dir)
         self._use_syncfs = use_syncfs and _SYNCFS is not None
         self._jobs: list[_Job] = []
         self._cv = threading.Condition()
