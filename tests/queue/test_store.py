@@ -121,3 +121,24 @@ def test_new_queue_directories_are_durable(tmp_path: Path, fsynced: list[Path]) 
     fsynced.clear()
     Queue(root)  # already there: no more syncing
     assert fsynced == []
+
+
+def test_enqueue_records_what_the_message_needs_of_a_receiver(tmp_path: Path) -> None:
+    """Delivery decides SMTPUTF8 and BODY=8BITMIME from what enqueue recorded."""
+    q = Queue(tmp_path / "q")
+    plain = q.get(q.enqueue_bytes(MSG, "a@example.test", ["x@r.test"], None))
+    assert (plain.eight_bit, plain.utf8_headers) == (False, False)
+    body8 = q.get(q.enqueue_bytes(MSG + "é\r\n".encode(), "a@example.test", ["x@r.test"], None))
+    assert (body8.eight_bit, body8.utf8_headers) == (True, False)
+    utf8 = q.get(q.enqueue_bytes("Subject: é\r\n\r\nx\r\n".encode(), "a@example.test",
+                                 ["x@r.test"], None))
+    assert (utf8.eight_bit, utf8.utf8_headers) == (True, True)
+    raw = json.loads((q.env_dir / f"{utf8.id}.json").read_text())
+    assert raw["utf8_headers"] is True  # on disk, not worked out again at each attempt
+
+
+def test_read_headers_reads_the_header_block_only(tmp_path: Path) -> None:
+    q = Queue(tmp_path / "q")
+    ident = q.enqueue_bytes(MSG + b"x" * 100_000, "a@example.test", ["x@r.test"], None)
+    assert q.read_headers(ident) == b"From: a@example.test\r\nSubject: t\r\n"
+    assert q.read_headers(ident, limit=10) == b"From: a@ex"

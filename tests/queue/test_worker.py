@@ -497,3 +497,54 @@ async def test_delivery_memory_does_not_grow_with_the_queue_or_the_message(
         await w.stop()
     assert {m.sha256 for m in rx.messages} == {hashlib.sha256(message).hexdigest()}
     assert peak < size, peak
+
+
+UTF8_MSG = ("From: Zoë <zoë@example.test>\r\nTo: jürgen@remote.test\r\n"
+            "Subject: grüße\r\nMessage-ID: <u1@example.test>\r\n\r\nHallo.\r\n").encode()
+
+
+async def test_smtputf8_is_declared_to_a_remote_that_offers_it(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        worker_factory: WorkerFactory, sink: LocalSink) -> None:
+    """RFC 6531: non-ASCII addresses or headers go with the SMTPUTF8 MAIL parameter."""
+    rx = await receivers(smtputf8=True)
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    w.queue.enqueue_bytes(UTF8_MSG, "zoë@example.test", ["jürgen@remote.test"],
+                          "zoë@example.test")
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@remote.test"], None)
+    w.wake()
+    await wait_for(lambda: len(rx.messages) == 2)
+    by_rcpt = {m.recipients[0]: m for m in rx.messages}
+    utf8 = by_rcpt["jürgen@remote.test"]
+    assert utf8.sender == "zoë@example.test" and utf8.data == UTF8_MSG
+    assert utf8.mail.split()[-1] == "SMTPUTF8" and "BODY=8BITMIME" in utf8.mail.split()
+    assert "SMTPUTF8" not in by_rcpt["bob@remote.test"].mail  # only when it is needed
+    assert sink.delivered == []
+
+
+@pytest.mark.parametrize("what", ["header", "recipient"])
+async def test_smtputf8_message_to_a_remote_without_it_bounces_with_5_6_7(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        worker_factory: WorkerFactory, sink: LocalSink, what: str) -> None:
+    """No SMTPUTF8 offered: nothing is sent (no MAIL at all), no retry, and the submitter
+    gets a bounce with status 5.6.7; an ASCII message to the same remote still goes."""
+    rx = await receivers(smtputf8=False)
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    message, rcpt = ((UTF8_MSG, "juergen@remote.test") if what == "header"
+                     else (MSG, "jürgen@remote.test"))
+    w.queue.enqueue_bytes(message, "alice@example.test", [rcpt], "alice@example.test")
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@remote.test"], None)
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [] and len(sink.delivered) == 1)
+    await asyncio.sleep(0.3)  # several retry intervals: a permanent failure is not retried
+    assert [m.recipients for m in rx.messages] == [["bob@remote.test"]]
+    assert all("SMTPUTF8" not in c for c in rx.mail_commands)
+    assert len(rx.mail_commands) == 1  # the UTF-8 message never got as far as MAIL
+    (user, raw), = sink.delivered
+    assert user == "alice@example.test"
+    (block,) = dsn_fields(raw)
+    assert f"Final-Recipient: rfc822; {rcpt}".encode() in raw
+    assert block["Status"] == "5.6.7"
+    assert "SMTPUTF8" in block["Diagnostic-Code"]

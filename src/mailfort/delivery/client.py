@@ -333,10 +333,16 @@ async def _send_data(
                     break
                 chunk = await asyncio.to_thread(f.read, CHUNK)
                 out = encoder.feed(chunk) if chunk else encoder.end()
-                if out:
-                    protocol.write(out)
-                async with asyncio.timeout(timeout):
-                    await _drained(protocol)
+                try:
+                    if out:
+                        protocol.write(out)
+                    async with asyncio.timeout(timeout):
+                        await _drained(protocol)
+                except (ConnectionError, aiosmtplib.SMTPServerDisconnected):
+                    # Closed while we sent: a reply it sent first still counts, so it is
+                    # read below (and without one, that read raises the disconnection).
+                    early = True
+                    break
                 if not chunk:
                     break
         finally:
