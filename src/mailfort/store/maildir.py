@@ -155,6 +155,7 @@ class Committer:
         self._cv = threading.Condition()
         self._stopping = False
         self._known_maildirs: set[Path] = set()
+        self._synced_dirs: set[Path] = set()  # fsync mode: directories known durable
         self.batches = 0
         self.messages = 0
         self._thread = threading.Thread(target=self._run, name="mailfort-committer", daemon=True)
@@ -269,6 +270,8 @@ class Committer:
             for md in job.maildirs:
                 if md not in self._known_maildirs:
                     ensure_maildir(md)
+                    if not self._use_syncfs:
+                        self._sync_chain(md)
                     self._known_maildirs.add(md)
                 # ",S=" file size and ",W=" wire (CRLF) size in the name, as Maildir++
                 # readers expect, so a POP3 LIST needs no read of the file. Stored
@@ -280,6 +283,21 @@ class Committer:
                 dirs.add(md / "new")
         except OSError as exc:
             job.error = exc
+
+    def _sync_chain(self, maildir: Path) -> None:
+        """First use of a Maildir in this process, fsync mode: fsync it and each directory
+        above it up to the data directory, once. ``ensure_maildir`` syncs what it creates;
+        this also covers directories that someone else created without syncing (a POP3
+        login, an admin tool, a process that crashed), whose names the flush of new/ alone
+        would not keep. (syncfs mode flushes the whole file system, names included.)"""
+        d = maildir
+        while True:
+            if d not in self._synced_dirs:
+                fsync_dir(d)
+                self._synced_dirs.add(d)
+            if d == self.data_dir or d.parent == d:
+                return
+            d = d.parent
 
     @staticmethod
     def _syncfs(fd: int) -> None:
