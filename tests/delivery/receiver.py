@@ -5,13 +5,20 @@ context), MAIL, RCPT, DATA, RSET, NOOP, QUIT. Replies can be scripted: ``rcpt_re
 maps an address to a list of replies used one per attempt (then 250), ``data_replies`` is
 a list used one per DATA (then 250), ``mail_reply`` answers every MAIL. Everything seen is
 recorded in ``commands`` and, for each accepted message, in ``messages``.
+
+``smtputf8`` advertises SMTPUTF8 (RFC 6531). ``keep_data=False`` keeps only the size and
+SHA-256 of each message (a memory measurement must not count the receiver's copies).
+``probe``, when set, is called with every command line and with "." at each end of data,
+while the client waits for the reply: a test measures the client's state there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -22,6 +29,9 @@ class Received:
     data: bytes
     tls: bool
     helo: str
+    size: int = 0  # octets after dot-unstuffing
+    sha256: str = ""
+    mail: str = ""  # the MAIL command line as sent
 
 
 @dataclass
@@ -32,6 +42,9 @@ class Receiver:
     rcpt_replies: dict[str, list[str]] = field(default_factory=dict)
     data_replies: list[str] = field(default_factory=list)
     stall_data: asyncio.Event | None = None  # when set: hold the DATA reply until it fires
+    smtputf8: bool = False
+    keep_data: bool = True
+    probe: Callable[[str], None] | None = None
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     sessions: int = 0
@@ -77,6 +90,7 @@ class Receiver:
         tls = False
         helo = ""
         sender: str | None = None
+        mail_line = ""
         rcpts: list[str] = []
         await send(self.banner)
         if not self.banner.startswith("220"):
@@ -87,11 +101,15 @@ class Receiver:
                 return
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             self.commands.append(line)
+            if self.probe is not None:
+                self.probe(line)
             verb = line[:4].upper()
             arg = line[5:] if len(line) > 5 else ""
             if verb == "EHLO":
                 helo = arg
                 exts = ["SIZE 10485760", "8BITMIME"]
+                if self.smtputf8:
+                    exts.append("SMTPUTF8")
                 if self.ssl_context is not None and not tls:
                     exts.append("STARTTLS")
                 lines = ["250-receiver.test", *(f"250-{e}" for e in exts[:-1]), f"250 {exts[-1]}"]
@@ -112,6 +130,7 @@ class Receiver:
                     await send(self.mail_reply)
                     continue
                 sender = _path(arg)
+                mail_line = line
                 rcpts = []
                 await send(self.mail_reply)
             elif verb == "RCPT":
@@ -126,7 +145,9 @@ class Receiver:
                     await send("503 5.5.1 no valid recipients")
                     continue
                 await send("354 go ahead")
-                data = await _read_data(reader)
+                data, size, digest = await _read_data(reader, keep=self.keep_data)
+                if self.probe is not None:
+                    self.probe(".")
                 self.data_started.set()
                 if self.stall_data is not None:
                     await self.stall_data.wait()
@@ -134,7 +155,8 @@ class Receiver:
                         return
                 reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 queued"
                 if reply.startswith("250"):
-                    self.messages.append(Received(sender, rcpts, data, tls, helo))
+                    self.messages.append(
+                        Received(sender, rcpts, data, tls, helo, size, digest, mail_line))
                 sender, rcpts = None, []
                 await send(reply)
             elif verb == "RSET":
@@ -158,14 +180,20 @@ def _path(arg: str) -> str:
     return rest.split(" ")[0]
 
 
-async def _read_data(reader: asyncio.StreamReader) -> bytes:
+async def _read_data(reader: asyncio.StreamReader, *, keep: bool) -> tuple[bytes, int, str]:
+    """The message (or b"" unless ``keep``), its size and SHA-256, dot-unstuffed."""
     lines = []
+    size = 0
+    digest = hashlib.sha256()
     while True:
         line = await reader.readline()
         if not line:
             raise ConnectionError("eof in DATA")
         if line == b".\r\n":
-            return b"".join(lines)
+            return b"".join(lines), size, digest.hexdigest()
         if line.startswith(b"."):
             line = line[1:]
-        lines.append(line)
+        size += len(line)
+        digest.update(line)
+        if keep:
+            lines.append(line)

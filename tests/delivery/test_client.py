@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 from mailfort.delivery import client
+from mailfort.delivery.message import Outbound
 from mailfort.delivery.mx import Target
 from tests.delivery.conftest import ReceiverFactory
 from tests.dnsserver import free_port_unused
@@ -137,3 +139,89 @@ def test_status_of() -> None:
     assert client.status_of(550, "5.1.1 user unknown") == "5.1.1"
     assert client.status_of(550, "user unknown") == "5.0.0"
     assert client.status_of(450, "5.1.1 mismatched class") == "4.0.0"
+
+
+UTF8 = "From: zoë@example.test\r\nSubject: grüße\r\n\r\nHallo.\r\n".encode()
+
+
+async def test_smtputf8_host_after_one_without_it(receivers: ReceiverFactory) -> None:
+    """A host without SMTPUTF8 is skipped like an unreachable one; the next MX takes it."""
+    old = await receivers()
+    new = await receivers(smtputf8=True)
+    res = await client.deliver([target(old.port), target(new.port)], "zoë@example.test",
+                               ["bob@remote.test"], UTF8, helo="h.test")
+    assert res.results["bob@remote.test"].outcome == "delivered"
+    assert old.mail_commands == [] and old.commands[-1] == "QUIT"  # asked nothing, left
+    (m,) = new.messages
+    assert m.data == UTF8 and "SMTPUTF8" in m.mail.split()
+
+
+async def test_without_smtputf8_anywhere_permanent_but_temporary_if_a_host_was_down(
+        receivers: ReceiverFactory) -> None:
+    old = await receivers()
+    res = await client.deliver([target(old.port)], "a@example.test", ["bob@remote.test"],
+                               UTF8, helo="h.test")
+    r = res.results["bob@remote.test"]
+    assert (r.outcome, r.status) == ("permanent", "5.6.7") and "SMTPUTF8" in r.reply
+    # a host that could not be asked might offer it: try again later
+    res = await client.deliver([target(free_port_unused()), target(old.port)],
+                               "a@example.test", ["bob@remote.test"], UTF8, helo="h.test",
+                               connect_timeout=2)
+    assert res.results["bob@remote.test"].outcome == "temporary"
+    assert old.mail_commands == []
+
+
+async def test_data_is_streamed_from_a_file_with_dot_stuffing(
+        receivers: ReceiverFactory, receiver_tls: ssl.SSLContext, tmp_path: Path) -> None:
+    """A message larger than many chunks, lines starting with ".", over STARTTLS: the
+    receiver gets it byte for byte."""
+    rx = await receivers(ssl_context=receiver_tls)
+    body = b"".join(b".%d line that starts with a dot\r\n" % i for i in range(40000))
+    message = b"Subject: big\r\n\r\n" + body + b".\r\n..\r\n"
+    p = tmp_path / "msg"
+    p.write_bytes(message)
+    res = await client.deliver([target(rx.port)], "a@example.test", ["bob@remote.test"],
+                               Outbound.from_file(p), helo="h.test")
+    assert res.results["bob@remote.test"].outcome == "delivered" and res.tls
+    (m,) = rx.messages
+    assert m.size == len(message) and m.data == message
+    assert f"SIZE={len(message)}" in m.mail.split()
+
+
+async def test_a_reply_before_the_end_of_data_is_heard(receivers: ReceiverFactory,
+                                                       tmp_path: Path) -> None:
+    """A server that refuses in the middle of a long message and closes: the client stops
+    sending and reports that reply (or a lost connection), never hangs to the timeout."""
+    import asyncio
+
+    async def refuse_mid_data(reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 x ESMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"EHLO"):
+                writer.write(b"250-x\r\n250 SIZE 100000000\r\n")
+            elif line.startswith(b"DATA"):
+                writer.write(b"354 go\r\n")
+                await writer.drain()
+                await reader.readexactly(200_000)
+                writer.write(b"552 5.3.4 too much\r\n")
+                await writer.drain()
+                writer.close()
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    server = await asyncio.start_server(refuse_mid_data, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    p = tmp_path / "msg"
+    p.write_bytes(b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 20000)
+    try:
+        started = asyncio.get_running_loop().time()
+        res = await client.deliver([target(port)], "a@example.test", ["bob@remote.test"],
+                                   Outbound.from_file(p), helo="h.test", timeout=20)
+        assert asyncio.get_running_loop().time() - started < 5
+    finally:
+        server.close()
+    r = res.results["bob@remote.test"]
+    assert (r.outcome, r.status) == ("permanent", "5.3.4"), r

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from mailfort.queue.store import Queue, QueueError
+from tests.store.fsyncs import fsynced
+
+__all__ = ["fsynced"]
 
 MSG = b"From: a@example.test\r\nSubject: t\r\n\r\nbody\r\n"
 
@@ -65,13 +68,29 @@ def test_finished_entries_are_not_due(tmp_path: Path) -> None:
     assert q.retry(ident) == 0
 
 
-@pytest.mark.parametrize("bad", ["../../etc/passwd", "", "a/b", "x" * 100, "abc.json"])
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "", "a/b", "x" * 100, "abc.json",
+                                 "ABCDEF0123\n", "\nABCDEF0123"])
 def test_ids_from_outside_are_checked(tmp_path: Path, bad: str) -> None:
     q = Queue(tmp_path / "q")
     with pytest.raises(QueueError):
         q.get(bad)
     with pytest.raises(QueueError):
         q.delete(bad)
+    with pytest.raises(QueueError):
+        Queue.check_id(bad)
+    with pytest.raises(QueueError):
+        q.message_path(bad)
+
+
+def test_an_existing_id_with_a_trailing_newline_is_not_an_id(tmp_path: Path) -> None:
+    """``$`` also matches before a final newline: the check must cover the whole string."""
+    q = Queue(tmp_path / "q")
+    ident = q.enqueue_bytes(MSG, "a@example.test", ["x@r.test"], None)
+    assert Queue.check_id(ident) == ident
+    with pytest.raises(QueueError):
+        Queue.check_id(ident + "\n")
+    with pytest.raises(QueueError):
+        q.read_message(ident + "\n")
 
 
 def test_recover_removes_half_written_files(tmp_path: Path) -> None:
@@ -91,3 +110,35 @@ def test_enqueue_requires_recipients(tmp_path: Path) -> None:
     with pytest.raises(QueueError):
         q.enqueue_bytes(MSG, "a@example.test", [], None)
     assert list(q.msg_dir.iterdir()) == []
+
+
+def test_new_queue_directories_are_durable(tmp_path: Path, fsynced: list[Path]) -> None:
+    """msg/, env/ and tmp/ (and the queue root) are fsynced into their parents when
+    created: a crash after the first 250 must not lose the directory that holds it."""
+    root = tmp_path / "data" / "queue"
+    Queue(root)
+    assert {tmp_path, tmp_path / "data", root} <= set(fsynced)
+    fsynced.clear()
+    Queue(root)  # already there: no more syncing
+    assert fsynced == []
+
+
+def test_enqueue_records_what_the_message_needs_of_a_receiver(tmp_path: Path) -> None:
+    """Delivery decides SMTPUTF8 and BODY=8BITMIME from what enqueue recorded."""
+    q = Queue(tmp_path / "q")
+    plain = q.get(q.enqueue_bytes(MSG, "a@example.test", ["x@r.test"], None))
+    assert (plain.eight_bit, plain.utf8_headers) == (False, False)
+    body8 = q.get(q.enqueue_bytes(MSG + "é\r\n".encode(), "a@example.test", ["x@r.test"], None))
+    assert (body8.eight_bit, body8.utf8_headers) == (True, False)
+    utf8 = q.get(q.enqueue_bytes("Subject: é\r\n\r\nx\r\n".encode(), "a@example.test",
+                                 ["x@r.test"], None))
+    assert (utf8.eight_bit, utf8.utf8_headers) == (True, True)
+    raw = json.loads((q.env_dir / f"{utf8.id}.json").read_text())
+    assert raw["utf8_headers"] is True  # on disk, not worked out again at each attempt
+
+
+def test_read_headers_reads_the_header_block_only(tmp_path: Path) -> None:
+    q = Queue(tmp_path / "q")
+    ident = q.enqueue_bytes(MSG + b"x" * 100_000, "a@example.test", ["x@r.test"], None)
+    assert q.read_headers(ident) == b"From: a@example.test\r\nSubject: t\r\n"
+    assert q.read_headers(ident, limit=10) == b"From: a@ex"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
+import hashlib
+import os
 import socket
 import ssl
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import Message
 from pathlib import Path
@@ -417,3 +421,129 @@ async def test_a_delivery_does_not_reread_the_whole_queue(
         assert len(w.queue.list()) == 40  # the deferred ones are all still there
     finally:
         await w.stop()
+
+
+def _open_message_files(msg_dir: Path) -> int:
+    """How many descriptors of this process are open on files in the queue's msg/."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{msg_dir}/"):
+                n += 1
+    return n
+
+
+def _worker_tasks() -> int:
+    """Live tasks running the worker's own coroutines (not the receiver's sessions)."""
+    return sum(1 for t in asyncio.all_tasks()
+               if t.get_coro().__qualname__.startswith("DeliveryWorker."))
+
+
+async def test_many_due_entries_take_at_most_n_slots(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        sink: LocalSink) -> None:
+    """After an outage hundreds of entries are due at once: at most ``workers`` of them may
+    be in flight (tasks) and have their message open, measured inside the receiver while
+    each transaction is under way."""
+    n = 3
+    cfg = outbound_config(queue={"workers": n})
+    q = Queue(cfg.data_path / "queue")
+    ids = [q.enqueue_bytes(MSG, "alice@example.test", [f"u{i}@remote.test"],
+                           "alice@example.test") for i in range(200)]
+    peak = {"files": 0, "tasks": 0}
+
+    def probe(_line: str) -> None:
+        peak["files"] = max(peak["files"], _open_message_files(q.msg_dir))
+        peak["tasks"] = max(peak["tasks"], _worker_tasks())
+
+    rx = await receivers(probe=probe)
+    mx_to(dns_server, "remote.test")
+    w = DeliveryWorker(q, cfg, sink, mx_port=rx.port)
+    await w.start()
+    try:
+        await wait_for(lambda: len(rx.messages) == len(ids) and q.list() == [], timeout=30)
+    finally:
+        await w.stop()
+    assert 1 <= peak["files"] <= n, peak  # >= 1: the probe does see an open message
+    # the loop, and per slot one runner and its connection: not one per due entry
+    assert 1 <= peak["tasks"] <= 2 * n + 1, peak
+
+
+async def test_delivery_memory_does_not_grow_with_the_queue_or_the_message(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        sink: LocalSink) -> None:
+    """Eight 4 MiB messages due at once, two workers: the worker streams each message from
+    its file, so the traced peak (client, receiver and all, about 1 MiB) stays below the
+    size of a single message; reading them before taking a slot held all eight, 32 MiB."""
+    size = 4 << 20
+    line = b"x" * 998 + b"\r\n"
+    body = (line * (size // len(line) + 1))[:size - 2] + b"\r\n"
+    message = b"Subject: big\r\n\r\n" + body
+    cfg = outbound_config(queue={"workers": 2})
+    q = Queue(cfg.data_path / "queue")
+    for i in range(8):
+        q.enqueue_bytes(message, "alice@example.test", [f"u{i}@remote.test"], None)
+    rx = await receivers(keep_data=False)
+    mx_to(dns_server, "remote.test")
+    w = DeliveryWorker(q, cfg, sink, mx_port=rx.port)
+    tracemalloc.start()
+    try:
+        await w.start()
+        await wait_for(lambda: len(rx.messages) == 8, timeout=30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await w.stop()
+    assert {m.sha256 for m in rx.messages} == {hashlib.sha256(message).hexdigest()}
+    assert peak < size, peak
+
+
+UTF8_MSG = ("From: Zoë <zoë@example.test>\r\nTo: jürgen@remote.test\r\n"
+            "Subject: grüße\r\nMessage-ID: <u1@example.test>\r\n\r\nHallo.\r\n").encode()
+
+
+async def test_smtputf8_is_declared_to_a_remote_that_offers_it(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        worker_factory: WorkerFactory, sink: LocalSink) -> None:
+    """RFC 6531: non-ASCII addresses or headers go with the SMTPUTF8 MAIL parameter."""
+    rx = await receivers(smtputf8=True)
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    w.queue.enqueue_bytes(UTF8_MSG, "zoë@example.test", ["jürgen@remote.test"],
+                          "zoë@example.test")
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@remote.test"], None)
+    w.wake()
+    await wait_for(lambda: len(rx.messages) == 2)
+    by_rcpt = {m.recipients[0]: m for m in rx.messages}
+    utf8 = by_rcpt["jürgen@remote.test"]
+    assert utf8.sender == "zoë@example.test" and utf8.data == UTF8_MSG
+    assert utf8.mail.split()[-1] == "SMTPUTF8" and "BODY=8BITMIME" in utf8.mail.split()
+    assert "SMTPUTF8" not in by_rcpt["bob@remote.test"].mail  # only when it is needed
+    assert sink.delivered == []
+
+
+@pytest.mark.parametrize("what", ["header", "recipient"])
+async def test_smtputf8_message_to_a_remote_without_it_bounces_with_5_6_7(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        worker_factory: WorkerFactory, sink: LocalSink, what: str) -> None:
+    """No SMTPUTF8 offered: nothing is sent (no MAIL at all), no retry, and the submitter
+    gets a bounce with status 5.6.7; an ASCII message to the same remote still goes."""
+    rx = await receivers(smtputf8=False)
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    message, rcpt = ((UTF8_MSG, "juergen@remote.test") if what == "header"
+                     else (MSG, "jürgen@remote.test"))
+    w.queue.enqueue_bytes(message, "alice@example.test", [rcpt], "alice@example.test")
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@remote.test"], None)
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [] and len(sink.delivered) == 1)
+    await asyncio.sleep(0.3)  # several retry intervals: a permanent failure is not retried
+    assert [m.recipients for m in rx.messages] == [["bob@remote.test"]]
+    assert all("SMTPUTF8" not in c for c in rx.mail_commands)
+    assert len(rx.mail_commands) == 1  # the UTF-8 message never got as far as MAIL
+    (user, raw), = sink.delivered
+    assert user == "alice@example.test"
+    (block,) = dsn_fields(raw)
+    assert f"Final-Recipient: rfc822; {rcpt}".encode() in raw
+    assert block["Status"] == "5.6.7"
+    assert "SMTPUTF8" in block["Diagnostic-Code"]

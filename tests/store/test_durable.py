@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from mailfort.store import durable
+from tests.store.fsyncs import fsynced
+
+__all__ = ["fsynced"]
 
 
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "link-unlink"])
@@ -31,3 +34,16 @@ def test_fsync_dir(tmp_path: Path) -> None:
     with pytest.raises(NotADirectoryError):
         (tmp_path / "f").write_bytes(b"")
         durable.fsync_dir(tmp_path / "f")
+
+
+def test_make_dirs_fsyncs_the_parent_of_every_directory_it_creates(
+        tmp_path: Path, fsynced: list[Path]) -> None:
+    (tmp_path / "a").mkdir()
+    created = durable.make_dirs(tmp_path / "a" / "b" / "c")
+    assert created == [tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"]
+    assert (tmp_path / "a" / "b" / "c").is_dir()
+    # a/b's name lives in a/, c's in a/b/: both must be on disk before anything relies on them
+    assert set(fsynced) >= {tmp_path / "a", tmp_path / "a" / "b"}
+    fsynced.clear()
+    assert durable.make_dirs(tmp_path / "a" / "b" / "c") == []  # nothing new, nothing to sync
+    assert fsynced == []

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from mailfort.store.maildir import Committer, StorageError, maildir_for
+from tests.store.fsyncs import fsynced
+
+__all__ = ["fsynced"]
 
 
 @pytest.fixture(params=[True, False], ids=["syncfs", "fsync-each"])
@@ -95,3 +98,42 @@ async def test_refused_message_is_taken_back_from_the_queue_too(committer: Commi
     with pytest.raises(StorageError):
         await committer.commit(spool, [broken], to_queue)
     assert handed and taken_back == handed  # the 451 leaves no queued copy behind
+
+
+async def test_a_new_maildir_is_durable_before_its_first_message_is_acknowledged(
+        tmp_path: Path, fsynced: list[Path]) -> None:
+    """In fsync mode, fsync of new/ alone does not keep new/ itself: the name of every
+    directory created for a first message (mail/, the domain, the user, tmp/ new/ cur/)
+    lives in its parent, which must be fsynced too before the 250."""
+    data = tmp_path / "data"
+    c = Committer(data, use_syncfs=False)
+    try:
+        await store(c, b"Subject: first\r\n\r\nhi\r\n", ["a@d.test"])
+    finally:
+        c.stop()
+    md = maildir_for(data, "a@d.test")
+    assert len(list((md / "new").iterdir())) == 1
+    parents = {data, data / "mail", data / "mail" / "d.test", md}
+    assert parents <= set(fsynced), parents - set(fsynced)
+    assert md / "new" in fsynced  # the message's own name, as before
+
+
+async def test_a_maildir_made_by_someone_else_is_synced_on_first_use(
+        tmp_path: Path, fsynced: list[Path]) -> None:
+    """A Maildir whose directories exist already (a POP3 login made them with a plain
+    mkdir, or a crashed process did) is fsynced up to the data directory at its first
+    delivery in fsync mode, once per process."""
+    data = tmp_path / "data"
+    md = maildir_for(data, "b@d.test")
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).mkdir(parents=True)
+    c = Committer(data, use_syncfs=False)
+    try:
+        await store(c, b"Subject: 1\r\n\r\nx\r\n", ["b@d.test"])
+        assert {md, md.parent, data / "mail", data} <= set(fsynced)
+        fsynced.clear()
+        await store(c, b"Subject: 2\r\n\r\nx\r\n", ["b@d.test"])
+        assert md not in fsynced and data not in fsynced  # once, not per message
+        assert md / "new" in fsynced
+    finally:
+        c.stop()

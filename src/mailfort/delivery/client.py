@@ -8,11 +8,22 @@ temporary failure for that host: the message is never sent in clear to it.
 
 Hosts are tried in order (all addresses of each MX) until one gives a definite answer to
 the transaction; connection errors, timeouts and greeting/EHLO refusals move on to the next.
+
+The message is streamed from its file during DATA (``_send_data``), a chunk at a time with
+the transport's flow control, so a delivery holds one chunk of it in memory, not the whole.
+
+SMTPUTF8 (RFC 6531): a transaction whose envelope addresses or headers are non-ASCII sends
+the ``SMTPUTF8`` MAIL parameter, and only to a host that offers it. A host that does not is
+skipped; when every host reached lacks it, the recipients fail with 5.6.7 (a bounce to the
+submitter). There is no downgrade: rewriting addresses or headers would change (and break
+the signatures of) a message we did not write.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import re
 import ssl
 from collections.abc import Sequence
@@ -22,6 +33,7 @@ from typing import Literal
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
+from mailfort.delivery.message import CHUNK, DataEncoder, Outbound, needs_smtputf8
 from mailfort.delivery.mx import Target
 
 Outcome = Literal["delivered", "temporary", "permanent"]
@@ -81,15 +93,21 @@ def _path(address: str) -> bytes:
 class _HostFailure(Exception):
     """This host could not take the transaction; try the next one."""
 
-    def __init__(self, status: str, reply: str) -> None:
+    def __init__(self, status: str, reply: str, *, no_smtputf8: bool = False) -> None:
         super().__init__(reply)
         self.status = status
         self.reply = reply
+        self.no_smtputf8 = no_smtputf8  # reached, but it cannot take this message at all
 
 
+@functools.cache
 def opportunistic_context() -> ssl.SSLContext:
-    """Encrypt without verifying (see module docstring); TLS 1.2+ like everything else."""
-    ctx = ssl.create_default_context()
+    """Encrypt without verifying (see module docstring); TLS 1.2+ like everything else.
+
+    One context for every delivery, and no CA store loaded: nothing is verified against
+    it, and loading it took ~20 ms of the event loop per delivery.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -100,7 +118,7 @@ async def deliver(
     targets: Sequence[Target],
     sender: str,
     recipients: Sequence[str],
-    message: bytes,
+    message: bytes | Outbound,
     *,
     helo: str,
     require_tls: bool = False,
@@ -111,8 +129,11 @@ async def deliver(
     """Try each target address in turn; per-recipient results for every recipient.
 
     ``require_tls`` adds to each target's own ``require_tls``. ``tls_context`` replaces the
-    opportunistic (non-verifying) context, e.g. to verify against a known CA.
+    opportunistic (non-verifying) context, e.g. to verify against a known CA. ``message``
+    is best an ``Outbound`` (streamed from its file); bytes are for small messages and tests.
     """
+    if isinstance(message, bytes):
+        message = Outbound.from_bytes(message)
     out = DomainResult()
     try:
         _path(sender)
@@ -131,6 +152,7 @@ async def deliver(
         return out
     recipients = safe
     last = _HostFailure("4.4.1", "no host to try")
+    failures: list[_HostFailure] = []
     for target in targets:
         for addr in target.addresses:
             try:
@@ -146,6 +168,12 @@ async def deliver(
                 return res
             except _HostFailure as exc:
                 last = exc
+                failures.append(exc)
+    if failures and all(f.no_smtputf8 for f in failures):
+        # Every host answered and none can take it: retrying will not help (RFC 6531 §3.2).
+        for r in recipients:
+            out.results[r] = RcptResult(r, "permanent", last.reply, "5.6.7")
+        return out
     for r in recipients:
         out.results[r] = RcptResult(r, "temporary", last.reply, last.status)
     return out
@@ -156,7 +184,7 @@ async def _transaction(
     addr: str,
     sender: str,
     recipients: Sequence[str],
-    message: bytes,
+    message: Outbound,
     *,
     helo: str,
     require_tls: bool,
@@ -202,7 +230,7 @@ async def _session(
     where: str,
     sender: str,
     recipients: Sequence[str],
-    message: bytes,
+    message: Outbound,
     *,
     helo: str,
     require_tls: bool,
@@ -236,9 +264,16 @@ async def _session(
 
     options: list[bytes] = []
     if smtp.supports_extension("size"):
-        options.append(b"SIZE=%d" % len(message))
-    if smtp.supports_extension("8bitmime") and any(b > 127 for b in message):
+        options.append(b"SIZE=%d" % message.size)
+    if smtp.supports_extension("8bitmime") and message.traits.eight_bit:
         options.append(b"BODY=8BITMIME")
+    if needs_smtputf8(message.traits, sender, recipients):
+        if not smtp.supports_extension("smtputf8"):
+            await _quit(smtp)
+            raise _HostFailure(
+                "5.6.7", f"554 5.6.7 {where} does not offer SMTPUTF8, which this message "
+                "needs (non-ASCII addresses or headers)", no_smtputf8=True)
+        options.append(b"SMTPUTF8")
     resp = await smtp.execute_command(b"MAIL", b"FROM:" + _path(sender), *options)
     result = DomainResult(host=target.host, tls=tls)
     if resp.code != 250:
@@ -261,14 +296,79 @@ async def _session(
     if not accepted:
         await _quit(smtp)
         return result
-    try:
-        resp = await smtp.data(message)
-    except aiosmtplib.SMTPResponseException as exc:
-        resp = SMTPResponse(exc.code, exc.message)
+    resp = await _send_data(smtp, message, smtp.timeout)
     for r in accepted:
         result.results[r] = _result(r, resp, where, target.host, "DATA")
     await _quit(smtp)
     return result
+
+
+async def _send_data(
+    smtp: aiosmtplib.SMTP, message: Outbound, timeout: float | None
+) -> SMTPResponse:
+    """DATA, the message streamed from its file, and the final reply.
+
+    The client library takes a message only as one bytes object, so this phase is written
+    here on its connection: a chunk is read, encoded and written, then the transport's flow
+    control is awaited before the next one, so at most about one chunk plus the transport's
+    high-water mark is held per delivery. The reply is awaited from before the first octet
+    is sent, so a server that answers early (e.g. 552 mid-message) is heard, not ignored.
+    """
+    resp = await smtp.execute_command(b"DATA")
+    if resp.code != 354:
+        return resp
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("connection lost")
+    reply = asyncio.ensure_future(protocol.read_response(timeout=None))
+    await asyncio.sleep(0)  # the reply reader is armed before any data goes out
+    early = False
+    try:
+        f = await asyncio.to_thread(message.open)
+        try:
+            encoder = DataEncoder()
+            while True:
+                if reply.done():
+                    early = True
+                    break
+                chunk = await asyncio.to_thread(f.read, CHUNK)
+                out = encoder.feed(chunk) if chunk else encoder.end()
+                try:
+                    if out:
+                        protocol.write(out)
+                    async with asyncio.timeout(timeout):
+                        await _drained(protocol)
+                except (ConnectionError, aiosmtplib.SMTPServerDisconnected):
+                    # Closed while we sent: a reply it sent first still counts, so it is
+                    # read below (and without one, that read raises the disconnection).
+                    early = True
+                    break
+                if not chunk:
+                    break
+        finally:
+            f.close()
+        async with asyncio.timeout(timeout):
+            resp = await reply
+    finally:
+        reply.cancel()
+    if early:
+        smtp.close()  # the server stopped listening mid-message: no QUIT on this one
+    return resp
+
+
+async def _drained(protocol: object) -> None:
+    """Wait until the transport takes more data (asyncio's flow control).
+
+    The client library's protocol implements asyncio's pause/resume-writing flow control
+    with the same helper asyncio's own streams wait on; without it, poll the buffer.
+    """
+    helper = getattr(protocol, "_drain_helper", None)
+    if helper is not None:
+        await helper()
+        return
+    transport = getattr(protocol, "transport", None)
+    while transport is not None and transport.get_write_buffer_size() > CHUNK:
+        await asyncio.sleep(0.01)
 
 
 def _result(r: str, resp: SMTPResponse, where: str, host: str, stage: str) -> RcptResult:

@@ -34,12 +34,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from mailfort.store.durable import fsync_dir
+from mailfort.delivery.message import MAX_HEADER_SCAN, Traits, scan_file
+from mailfort.store.durable import fsync_dir, make_dirs
 
 RecipientState = Literal["pending", "deferred", "delivered", "failed"]
 ACTIVE: tuple[str, ...] = ("pending", "deferred")
 
-_ID_RE = re.compile(r"^[0-9A-Za-z]{8,64}$")
+_ID_RE = re.compile(r"[0-9A-Za-z]{8,64}")  # with fullmatch: "$" would allow a final "\n"
 _FORMAT = 1
 
 
@@ -84,6 +85,10 @@ class Entry:
     warned: bool = False  # a delay warning was sent
     size: int = 0
     notify_after: float = 0.0  # when to retry a bounce whose local delivery failed
+    # What the message's octets require of a receiver, found at enqueue (None: an entry
+    # from a version that did not record it; delivery then scans the file).
+    eight_bit: bool | None = None  # BODY=8BITMIME
+    utf8_headers: bool | None = None  # with non-ASCII envelope addresses: SMTPUTF8
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -106,6 +111,12 @@ class Entry:
     def finished(self) -> bool:
         """Nothing left to deliver and no bounce left to send: the entry can go."""
         return not self.active and not self.unnotified
+
+    @property
+    def traits(self) -> Traits | None:
+        if self.eight_bit is None or self.utf8_headers is None:
+            return None
+        return Traits(self.eight_bit, self.utf8_headers)
 
     def is_due(self, now: float) -> bool:
         na = self.next_attempt
@@ -149,7 +160,7 @@ class Queue:
         self.env_dir = self.root / "env"
         self.tmp_dir = self.root / "tmp"
         for d in (self.msg_dir, self.env_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            make_dirs(d)  # durable: the fsyncs of msg/ and env/ rely on their own names
         self._lock = threading.Lock()  # serialises read-modify-write of state files
 
     # ------------------------------------------------------------------ recovery
@@ -246,6 +257,7 @@ class Queue:
         try:
             _fsync_file(msg_path)
             fsync_dir(self.msg_dir)
+            traits = scan_file(msg_path)
             now = time.time()
             rcpts = [Recipient(address=a, next_attempt=now) for a in dict.fromkeys(recipients)]
             entry = Entry(
@@ -255,6 +267,8 @@ class Queue:
                 recipients=rcpts,
                 created=now,
                 size=msg_path.stat().st_size,
+                eight_bit=traits.eight_bit,
+                utf8_headers=traits.utf8_headers,
             )
             self._write_state(entry)
         except BaseException:
@@ -283,7 +297,7 @@ class Queue:
     @staticmethod
     def check_id(ident: str) -> str:
         """Ids come from the command line too: refuse anything that is not one."""
-        if not _ID_RE.match(ident):
+        if not isinstance(ident, str) or not _ID_RE.fullmatch(ident):
             raise QueueError(f"not a queue id: {ident!r}")
         return ident
 
@@ -303,6 +317,21 @@ class Queue:
             return self.message_path(ident).read_bytes()
         except FileNotFoundError:
             raise QueueError(f"no such queue entry: {ident}") from None
+
+    def read_headers(self, ident: str, limit: int = MAX_HEADER_SCAN) -> bytes:
+        """The start of the message up to its first empty line (at most ``limit`` octets):
+        enough for a bounce, without reading the whole message into memory."""
+        out = bytearray()
+        try:
+            with open(self.message_path(ident), "rb") as f:
+                while len(out) < limit:
+                    line = f.readline(limit - len(out))
+                    if not line or line in (b"\r\n", b"\n"):
+                        break
+                    out += line
+        except FileNotFoundError:
+            raise QueueError(f"no such queue entry: {ident}") from None
+        return bytes(out)
 
     def ids(self) -> builtins.list[str]:
         return sorted(p.name[:-5] for p in self.env_dir.glob("*.json"))

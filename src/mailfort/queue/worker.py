@@ -1,8 +1,12 @@
 """The delivery worker: takes due queue entries to their destinations, retries, bounces.
 
-Per pass, each due entry's active recipients are grouped by domain and every domain gets
-one connection (bounded overall by ``cfg.queue.workers``). Each recipient keeps its own
-state, so one failing recipient among ten is the only one retried.
+Per pass, the due entries are lined up oldest first and ``cfg.queue.workers`` runner
+tasks take them one at a time; each entry's active recipients are grouped by domain and
+every domain gets one connection (also bounded overall by ``cfg.queue.workers``). So
+after an outage, with thousands of entries due, the worker holds at most that many
+entries, connections and open message files, never the whole due queue. A message is
+streamed from its file to the remote (``delivery.client``), never read whole. Each
+recipient keeps its own state, so one failing recipient among ten is the only one retried.
 
 Bounce rules (the backscatter countermeasure, DESIGN.md row 3): a DSN is produced only for
 an entry with ``submitted_by`` set (mail an authenticated local user submitted), only to
@@ -16,17 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mailfort.config import Config
 from mailfort.delivery import client, mx
-from mailfort.queue.dsn import RecipientReport, build_dsn
+from mailfort.delivery.message import Outbound, Traits, scan_file
+from mailfort.queue.dsn import MAX_ORIGINAL_HEADERS, RecipientReport, build_dsn
 from mailfort.queue.store import Entry, Queue, QueueError, Recipient
 from mailfort.store.maildir import Committer, maildir_for
 
@@ -80,8 +85,12 @@ class DeliveryWorker:
         self.clock = clock
         self.hostname = cfg.server.hostname
         self._resolver = mx.make_resolver(cfg)
-        self._sem = asyncio.Semaphore(max(1, cfg.queue.workers))
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slots = max(1, cfg.queue.workers)
+        self._sem = asyncio.Semaphore(self._slots)  # connections
+        self._ready: deque[str] = deque()  # due entries not yet taken, oldest first
+        self._runners: set[asyncio.Task[None]] = set()  # at most self._slots
+        self._inflight: set[str] = set()  # entries a runner is processing
+        self._sleep_until: float | None = None  # when the loop wakes by itself
         self._cooldown: dict[str, float] = {}  # entries whose processing crashed: not before
         # When each known entry is next due. Processing an entry updates it in memory, so a
         # pass reads state files only for entries it has not seen (after ``wake``) and, every
@@ -119,7 +128,8 @@ class DeliveryWorker:
         if task is not None:
             task.cancel()
             await asyncio.wait([task])
-        tasks = list(self._inflight.values())
+        self._ready.clear()
+        tasks = list(self._runners)
         for t in tasks:
             t.cancel()
         if tasks:
@@ -148,22 +158,27 @@ class DeliveryWorker:
                 next_due = self.clock() + 5.0
             delay = _MAX_SLEEP if next_due is None else next_due - self.clock()
             delay = min(max(delay, 0.0), _MAX_SLEEP)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+            self._sleep_until = self.clock() + delay
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+            finally:
+                self._sleep_until = None
 
     # ------------------------------------------------------------------ passes
 
     async def run_pass(self) -> float | None:
-        """Start processing every due entry not already in flight; returns the next due time.
+        """Line up every due entry not already in flight; returns the next due time.
 
-        Entries are processed in background tasks; ``drain`` waits for them (tests).
+        At most ``cfg.queue.workers`` runner tasks process the line, one entry each at a
+        time; ``drain`` waits for them (tests).
         """
         now = self.clock()
         full = self._last_full_scan is None or now - self._last_full_scan >= _FULL_SCAN_EVERY
         if full or self._new_mail:
             self._new_mail = False
-            known = None if full else set(self._schedule) | set(self._inflight)
+            known = None if full else set(self._schedule) | self._inflight
             ids, entries = await asyncio.to_thread(self._scan, known)
             if full:
                 self._last_full_scan = now
@@ -174,17 +189,35 @@ class DeliveryWorker:
                 if entry.id not in self._inflight:  # its task will tell
                     self._reschedule(entry)
         next_due: float | None = None
-        for ident, due in list(self._schedule.items()):
+        ready: list[tuple[float, str]] = []
+        for ident, due in self._schedule.items():
             if ident in self._inflight:
                 continue
             due = max(due, self._cooldown.get(ident, 0.0))
             if due <= now:
-                task = asyncio.create_task(self._process(ident))
-                self._inflight[ident] = task
-                task.add_done_callback(functools.partial(self._task_done, ident))
+                ready.append((due, ident))
             else:
                 next_due = due if next_due is None else min(next_due, due)
+        ready.sort()
+        self._ready = deque(ident for _, ident in ready)
+        while self._ready and len(self._runners) < self._slots:
+            task = asyncio.create_task(self._runner())
+            self._runners.add(task)
+            task.add_done_callback(self._runners.discard)
         return next_due
+
+    async def _runner(self) -> None:
+        """Process lined-up entries one at a time until the line is empty."""
+        while self._ready and not self._stopping:
+            ident = self._ready.popleft()
+            if ident in self._inflight:
+                continue
+            self._inflight.add(ident)
+            try:
+                await self._process(ident)
+            finally:
+                self._inflight.discard(ident)
+            self._done(ident)
 
     def _scan(self, known: set[str] | None) -> tuple[list[str], list[Entry]]:
         """Every id, and the state of the unknown ones (all of them if ``known`` is None)."""
@@ -204,18 +237,20 @@ class DeliveryWorker:
         else:
             self._schedule[entry.id] = due
 
-    def _task_done(self, ident: str, _task: asyncio.Task[None]) -> None:
-        self._done(ident)
-
     def _done(self, ident: str) -> None:
-        """An entry was processed: rescan, so its next due time is slept on."""
-        self._inflight.pop(ident, None)
-        self._wake.set()
+        """An entry was processed: wake the loop if it is due before the loop would wake
+        by itself (an entry in flight was left out of the last pass's next due time)."""
+        due = self._schedule.get(ident)
+        if due is None:
+            return
+        due = max(due, self._cooldown.get(ident, 0.0))
+        if self._sleep_until is None or due < self._sleep_until:
+            self._wake.set()
 
     async def drain(self) -> None:
-        """Wait until every entry in flight has been processed."""
-        while self._inflight:
-            await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+        """Wait until every lined-up entry has been processed."""
+        while self._runners:
+            await asyncio.gather(*list(self._runners), return_exceptions=True)
 
     async def _process(self, ident: str) -> None:
         try:
@@ -234,9 +269,10 @@ class DeliveryWorker:
             self._schedule.pop(ident, None)
             return  # deleted meanwhile (e.g. `mailfort queue delete`)
         self._reschedule(entry)  # as it is on disk, whatever happens below
+        path = self.queue.message_path(ident)
         try:
-            message = await asyncio.to_thread(self.queue.read_message, ident)
-        except QueueError:
+            traits = await asyncio.to_thread(_traits_of, path, entry)
+        except FileNotFoundError:
             log.error("queue %s: message file missing; entry dropped", ident)
             self._schedule.pop(ident, None)
             with contextlib.suppress(QueueError):
@@ -248,7 +284,7 @@ class DeliveryWorker:
         for r in due:
             by_domain.setdefault(r.domain, []).append(r)
         results = await asyncio.gather(
-            *(self._deliver_domain(entry, d, rs, message) for d, rs in by_domain.items())
+            *(self._deliver_domain(entry, d, rs, path, traits) for d, rs in by_domain.items())
         )
         now = self.clock()
         expiry = entry.created + self.cfg.queue.max_lifetime
@@ -280,17 +316,17 @@ class DeliveryWorker:
                 r.notified = True
         try:
             await self._save(entry)
-            await self._notify(entry, message, now)
+            await self._notify(entry, now)
         except QueueError:
             self._schedule.pop(ident, None)  # deleted meanwhile
             return
         self._reschedule(entry)
 
     async def _deliver_domain(
-        self, entry: Entry, domain: str, rcpts: list[Recipient], message: bytes
+        self, entry: Entry, domain: str, rcpts: list[Recipient], path: Path, traits: Traits
     ) -> client.DomainResult:
         addrs = [r.address for r in rcpts]
-        async with self._sem:
+        async with self._sem:  # the slot first: only then is the message opened
             try:
                 targets = await mx.resolve(domain, self.cfg, port=self.mx_port,
                                            resolver=self._resolver)
@@ -302,6 +338,14 @@ class DeliveryWorker:
                     out.results[a] = client.RcptResult(a, outcome, reply, exc.status)
                 return out
             route = mx.route_for(self.cfg, domain)
+            try:
+                message = await asyncio.to_thread(Outbound.from_file, path, traits)
+            except FileNotFoundError:  # deleted meanwhile (CLI): the save below says so
+                out = client.DomainResult()
+                for a in addrs:
+                    out.results[a] = client.RcptResult(a, "temporary",
+                                                       "4.3.0 message file missing", "4.3.0")
+                return out
             res = await client.deliver(
                 targets,
                 entry.sender,
@@ -324,7 +368,7 @@ class DeliveryWorker:
         else:
             await asyncio.to_thread(self.queue.update, entry)
 
-    async def _notify(self, entry: Entry, message: bytes, now: float) -> None:
+    async def _notify(self, entry: Entry, now: float) -> None:
         """Send the bounce for newly failed recipients and, once, the delay warning."""
         if not may_bounce(entry):
             return
@@ -337,7 +381,7 @@ class DeliveryWorker:
                                 r.remote_mta, r.last_attempt or None)
                 for r in failed
             ]
-            if await self._send_dsn(entry, message, reports, now):
+            if await self._send_dsn(entry, reports, now):
                 for r in failed:
                     r.notified = True
                 self.stats.bounces += 1
@@ -352,19 +396,22 @@ class DeliveryWorker:
                                 r.remote_mta, r.last_attempt or None, expiry)
                 for r in delayed
             ]
-            if await self._send_dsn(entry, message, reports, now):
+            if await self._send_dsn(entry, reports, now):
                 entry.warned = True
                 self.stats.warnings += 1
                 await self._save(entry)
 
-    async def _send_dsn(
-        self, entry: Entry, message: bytes, reports: list[RecipientReport], now: float
-    ) -> bool:
+    async def _send_dsn(self, entry: Entry, reports: list[RecipientReport], now: float) -> bool:
         assert entry.submitted_by is not None
+        try:  # a bounce quotes the headers only: no need to read the whole message
+            headers = await asyncio.to_thread(self.queue.read_headers, entry.id,
+                                              MAX_ORIGINAL_HEADERS + 1)
+        except QueueError:
+            headers = b""
         dsn = build_dsn(
             reporting_mta=self.hostname,
             to=entry.submitted_by,
-            original=message,
+            original=headers + b"\r\n",
             reports=reports,
             queue_id=entry.id,
             arrival=entry.created,
@@ -388,6 +435,13 @@ def maildir_deliverer(committer: Committer, data_dir: Path) -> LocalDeliver:
         await committer.commit(spool, [maildir_for(data_dir, user)])
 
     return deliver
+
+
+def _traits_of(path: Path, entry: Entry) -> Traits:
+    """The traits recorded at enqueue, or scanned from the file; FileNotFoundError if the
+    message file is gone."""
+    path.stat()
+    return entry.traits or scan_file(path)
 
 
 def by_domain_lookup(entry: Entry, result: client.DomainResult) -> list[Recipient]:

@@ -2,6 +2,7 @@
 
 * A directory entry is durable once its directory is fsynced (a file's own fsync does not
   cover the name that points to it).
+* So is a new directory: ``make_dirs`` fsyncs the parent of each directory it creates.
 * Moving a message must never replace another file: ``os.rename`` silently overwrites its
   target, so a Maildir holding two files with one unique name (another program's doing)
   would lose one of them. ``rename_no_replace`` refuses instead.
@@ -26,6 +27,34 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: str | Path) -> list[Path]:
+    """``mkdir -p`` whose result survives a crash; returns the directories it created.
+
+    Each new directory's name lives in its parent, so every parent that gained an entry is
+    fsynced (deepest first) before this returns. Nothing is synced when nothing was created.
+    """
+    path = Path(path)
+    missing: list[Path] = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue  # made meanwhile by another thread or process; it syncs its own
+        created.append(d)
+    for d in reversed(created):
+        fsync_dir(d.parent)
+    return created
 
 
 def _load_renameat2() -> Callable[..., int] | None:

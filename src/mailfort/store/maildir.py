@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailfort.store.durable import fsync_dir
+from mailfort.store.durable import fsync_dir, make_dirs
 
 _SPOOL_MEMORY = 64 * 1024  # bytes a message may hold in memory before it goes to a file
 _counter = itertools.count()
@@ -51,8 +51,10 @@ def maildir_for(data_dir: Path, user: str) -> Path:
 
 
 def ensure_maildir(path: Path) -> None:
+    """Create what is missing of the Maildir, durably (each new name's parent fsynced), so
+    that the flush of new/ before a 250 is not undone by losing new/ itself in a crash."""
     for sub in ("tmp", "new", "cur"):
-        (path / sub).mkdir(parents=True, exist_ok=True)
+        make_dirs(path / sub)
 
 
 def unique_name() -> str:
@@ -147,12 +149,13 @@ class Committer:
     def __init__(self, data_dir: Path, *, use_syncfs: bool = True) -> None:
         self.data_dir = data_dir
         self.spool_dir = data_dir / "spool"
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.spool_dir)
         self._use_syncfs = use_syncfs and _SYNCFS is not None
         self._jobs: list[_Job] = []
         self._cv = threading.Condition()
         self._stopping = False
         self._known_maildirs: set[Path] = set()
+        self._synced_dirs: set[Path] = set()  # fsync mode: directories known durable
         self.batches = 0
         self.messages = 0
         self._thread = threading.Thread(target=self._run, name="mailfort-committer", daemon=True)
@@ -267,6 +270,8 @@ class Committer:
             for md in job.maildirs:
                 if md not in self._known_maildirs:
                     ensure_maildir(md)
+                    if not self._use_syncfs:
+                        self._sync_chain(md)
                     self._known_maildirs.add(md)
                 # ",S=" file size and ",W=" wire (CRLF) size in the name, as Maildir++
                 # readers expect, so a POP3 LIST needs no read of the file. Stored
@@ -278,6 +283,21 @@ class Committer:
                 dirs.add(md / "new")
         except OSError as exc:
             job.error = exc
+
+    def _sync_chain(self, maildir: Path) -> None:
+        """First use of a Maildir in this process, fsync mode: fsync it and each directory
+        above it up to the data directory, once. ``ensure_maildir`` syncs what it creates;
+        this also covers directories that someone else created without syncing (a POP3
+        login, an admin tool, a process that crashed), whose names the flush of new/ alone
+        would not keep. (syncfs mode flushes the whole file system, names included.)"""
+        d = maildir
+        while True:
+            if d not in self._synced_dirs:
+                fsync_dir(d)
+                self._synced_dirs.add(d)
+            if d == self.data_dir or d.parent == d:
+                return
+            d = d.parent
 
     @staticmethod
     def _syncfs(fd: int) -> None:
