@@ -658,5 +658,16 @@ async def test_read_ahead_never_answers_the_wrong_command(lab: POP3Lab) -> None:
     got = await in_thread(session)
     lines = [b.rstrip(b"\r\n").split(b"\r\n") for b in bodies]
     assert got == [lines[0], lines[1][:2], lines[1], lines[3], lines[2], lines[1]]
-    files = lab.files(ALICE)
+
+    def files_once_filed() -> list[str]:
+        # +OK to QUIT waits for the deletions only; filing in cur/ with the S flags ends in
+        # a thread, and the next login waits for it: list the files from inside that login.
+        c = lab.stls_login()
+        try:
+            assert c.stat()[0] == 3
+            return lab.files(ALICE)
+        finally:
+            c.quit()
+
+    files = await in_thread(files_once_filed)
     assert len(files) == 3 and all(f.endswith(":2,S") for f in files)

@@ -374,3 +374,22 @@ def test_close_waits_for_a_running_delete_and_keeps_the_lock(
     with pytest.raises(MailboxClosed):
         box.delete([0])
     POP3Mailbox.open(maildir).close()  # unlocked at last
+
+
+def test_a_login_after_announce_close_waits_for_the_close(maildir: Path) -> None:
+    """The server answers QUIT before its thread runs ``close``; a login in between was told
+    the maildrop is in use. Once the close is announced, that login waits for it instead."""
+    box = POP3Mailbox.open(maildir)
+    with pytest.raises(MailboxInUse):  # not announced: the box is simply held
+        POP3Mailbox.open(maildir)
+    box.announce_close()
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(POP3Mailbox.open, maildir)
+        time.sleep(0.2)
+        assert not opening.done()  # waiting for the announced close, not refused
+        box.close()
+        second = opening.result(10)
+    assert len(second.messages) == len(box.messages)
+    second.close()
+    box.close()  # a second close of a closed box is harmless
+    POP3Mailbox.open(maildir).close()

@@ -325,6 +325,7 @@ class POP3Session(EngineSession):
 
 def _close_in_thread(mailbox: POP3Mailbox) -> None:
     """Close (file in cur/, unlock) without blocking the loop."""
+    mailbox.announce_close()
     try:
         asyncio.get_running_loop().run_in_executor(None, mailbox.close)
     except RuntimeError:  # the loop or its executor is shutting down: release it right here

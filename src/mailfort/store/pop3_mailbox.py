@@ -323,6 +323,13 @@ class POP3Mailbox:
                     failures += 1
             return failures
 
+    def announce_close(self) -> None:
+        """Say, before ``close`` runs in a thread, that it will: a login of this mailbox that
+        comes meanwhile waits for it (see ``open``) instead of being told it is in use."""
+        if self._lock_fd is not None:
+            with _held_guard:
+                _closing.setdefault(self._key, threading.Event())
+
     def close(self) -> None:
         """End of session (QUIT or dropped): file messages in cur/ with their flags, unlock.
 
@@ -331,11 +338,14 @@ class POP3Mailbox:
         ``open``) instead of being told it is in use.
         """
         with self._ending:
-            if self._lock_fd is None:
-                return
-            done = threading.Event()
             with _held_guard:
-                _closing[self._key] = done
+                done = _closing.setdefault(self._key, threading.Event())
+            if self._lock_fd is None:  # closed before: only a late announcement to clear
+                with _held_guard:
+                    if _closing.get(self._key) is done:
+                        del _closing[self._key]
+                done.set()
+                return
             try:
                 self._flags_settled()
                 self._to_flag.clear()  # they are in self.messages with seen set: filed below
