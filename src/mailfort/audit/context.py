@@ -53,6 +53,7 @@ class Context:
         self.evidence: list[str] = []
         self.open_ports: dict[str, int] = {}
         self.software: str | None = None  # "postfix" when the server says so
+        self.cache: dict[str, object] = {}  # results shared by checks (DNS lookups)
 
     # -- budget -----------------------------------------------------------------------
 
@@ -82,9 +83,13 @@ class Context:
             c.starttls()
         return c
 
-    def smtp(self, service: str, *, tls: bool = False,
+    def smtp(self, service: str, *, tls: bool | str = False,
              ehlo: bool = True) -> tuple[RawClient, list[str]]:
-        """Greeting, EHLO and (``tls``) STARTTLS and EHLO again; returns EHLO lines."""
+        """Greeting, EHLO and (``tls``) STARTTLS and EHLO again; returns EHLO lines.
+
+        ``tls=True`` requires STARTTLS (SKIP without it); ``tls="opportunistic"`` uses it
+        when offered and goes on in the clear otherwise.
+        """
         c = self.connect(service)
         try:
             code, _ = c.reply()
@@ -97,6 +102,8 @@ class Context:
                     raise ProbeError(f"EHLO answered {code}")
             if tls and service not in IMPLICIT_TLS:
                 if not has_ext(lines, "STARTTLS"):
+                    if tls == "opportunistic":
+                        return c, lines
                     raise skip("tls.not-offered", service=service)
                 code, _ = c.cmd("STARTTLS")
                 if code != 220:
@@ -119,7 +126,7 @@ class Context:
         return c
 
     @contextlib.contextmanager
-    def session(self, service: str, **kw: bool) -> Iterator[tuple[RawClient, list[str]]]:
+    def session(self, service: str, **kw: bool | str) -> Iterator[tuple[RawClient, list[str]]]:
         c, lines = self.smtp(service, **kw)
         try:
             yield c, lines

@@ -15,7 +15,7 @@ from typing import Any
 
 from mailfort.audit import catalogue
 from mailfort.audit.client import ProbeError, RawClient
-from mailfort.audit.context import SMTP_SERVICES, Context, Target
+from mailfort.audit.context import IMPLICIT_TLS, SMTP_SERVICES, Context, Target
 from mailfort.audit.registry import (
     FAIL,
     INCONCLUSIVE,
@@ -53,23 +53,28 @@ def select(only: Iterable[str] | None) -> list[Check]:
 
 
 def discover(ctx: Context) -> None:
-    """Which given ports accept a connection; note the software a SMTP greeting names."""
+    """Which given ports greet (a port that accepts but stays silent counts as closed);
+    note the software a SMTP greeting names."""
     t = ctx.target
+    wait = min(t.timeout, 5.0)
     for service, port in t.ports.items():
         if not port:
             continue
         try:
-            c = RawClient(t.host, port, min(t.timeout, 5.0), [])
+            c = RawClient(t.host, port, wait, [])
         except ProbeError:
             continue
+        try:
+            if service in IMPLICIT_TLS:
+                c.starttls()
+            greeting = c.read_line(wait).decode("latin-1")
+        except ProbeError:
+            continue
+        finally:
+            c.close()
         ctx.open_ports[service] = port
-        if service in SMTP_SERVICES and service != "submissions":
-            try:
-                if "postfix" in c.read_line(min(t.timeout, 5.0)).decode("latin-1").lower():
-                    ctx.software = "postfix"
-            except ProbeError:
-                pass
-        c.close()
+        if service in SMTP_SERVICES and "postfix" in greeting.lower():
+            ctx.software = "postfix"
 
 
 def _run_one(ctx: Context, chk: Check) -> Verdict:

@@ -13,7 +13,7 @@ import dns.exception
 import dns.resolver
 
 from mailfort.audit.context import Context
-from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, WARN, Verdict, check, skip
+from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, WARN, Stop, Verdict, check, skip
 
 
 def resolver(ctx: Context) -> dns.resolver.Resolver:
@@ -42,10 +42,25 @@ def txt(ctx: Context, name: str) -> list[str] | None:
 
 
 def _domain(ctx: Context) -> str:
-    """The local domain when it exists in DNS, else SKIP."""
+    """The local domain when it exists in DNS, else SKIP (looked up once per run)."""
     d = ctx.target.domain
     if not d:
         raise skip("need.domain")
+    known = ctx.cache.get("dns.domain")
+    if isinstance(known, Stop):
+        raise known
+    if known:
+        return d
+    try:
+        _lookup_domain(ctx, d)
+    except Stop as stop:
+        ctx.cache["dns.domain"] = stop
+        raise
+    ctx.cache["dns.domain"] = True
+    return d
+
+
+def _lookup_domain(ctx: Context, d: str) -> None:
     try:
         resolver(ctx).resolve(d, "SOA")
     except dns.resolver.NXDOMAIN as exc:
@@ -54,7 +69,6 @@ def _domain(ctx: Context) -> str:
         pass  # the name exists (it has other records)
     except dns.exception.DNSException as exc:
         raise skip("dns.error", domain=d, error=type(exc).__name__) from exc
-    return d
 
 
 @check("dns.mx", "7", order=80)

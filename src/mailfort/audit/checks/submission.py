@@ -31,7 +31,7 @@ def _open(ctx: Context, services: tuple[str, ...]) -> list[str]:
 def mail_without_auth(ctx: Context) -> Verdict:
     relayed, mail_ok = [], []
     for service in _open(ctx, SUBMIT):
-        with ctx.session(service, tls=True) as (c, _):
+        with ctx.session(service, tls="opportunistic") as (c, _):
             code, _ = c.cmd(f"MAIL FROM:<{foreign(ctx, 'sender')}>")
             if accepted(code):
                 mail_ok.append(service)

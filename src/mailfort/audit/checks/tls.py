@@ -4,6 +4,7 @@ certificate, and no STARTTLS command injection (CVE-2011-0411 class)."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 import ssl
 
 from cryptography import x509
@@ -135,6 +136,13 @@ def weak_ciphers(ctx: Context) -> Verdict:
     return Verdict(PASS, "tls.weak-refused", {"untestable": ", ".join(untestable) or "-"})
 
 
+def _reason(exc: Exception) -> str:
+    """The verification error without OpenSSL's decoration."""
+    text = str(exc).removeprefix("TLS handshake: ")
+    text = re.sub(r"^\[SSL: [A-Z_]+\] certificate verify failed: ", "", text)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)[:120]
+
+
 @check("tls.certificate", "4", order=43)
 def certificate(ctx: Context) -> Verdict:
     problems, failures = [], []
@@ -157,7 +165,7 @@ def certificate(ctx: Context) -> Verdict:
         try:
             tls_client(ctx, service, ctx.verifying_context()).close()
         except ProbeError as exc:
-            problems.append(f"{service}: {str(exc).removeprefix('TLS handshake: ')[:120]}")
+            problems.append(f"{service}: {_reason(exc)}")
         except NoTLS:
             pass
     if failures:
