@@ -17,6 +17,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import warnings
 from dataclasses import dataclass, fields
 
 LINE_LIMIT = 512
@@ -115,7 +116,9 @@ class WeakServer:
         cert.configure_cert(self.ctx)  # type: ignore[attr-defined]
         if self.weak.old_tls:
             self.ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-            self.ctx.minimum_version = ssl.TLSVersion.TLSv1
+            with warnings.catch_warnings():  # deprecated: the weakness under test
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.ctx.minimum_version = ssl.TLSVersion.TLSv1
         else:
             self.ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.weak.weak_ciphers:

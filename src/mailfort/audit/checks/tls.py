@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import ssl
+import warnings
 
 from cryptography import x509
 
@@ -100,7 +101,9 @@ def old_versions(ctx: Context) -> Verdict:
     for label, version in OLD_VERSIONS:
         sslctx = insecure_context(legacy=True)
         try:
-            sslctx.minimum_version = sslctx.maximum_version = version
+            with warnings.catch_warnings():  # deprecated on purpose: that is the test
+                warnings.simplefilter("ignore", DeprecationWarning)
+                sslctx.minimum_version = sslctx.maximum_version = version
         except (ValueError, ssl.SSLError):
             untestable.append(label)
             continue
