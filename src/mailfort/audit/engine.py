@@ -77,6 +77,16 @@ def discover(ctx: Context) -> None:
             ctx.software = "postfix"
 
 
+def trim_evidence(lines: list[str], head: int = 40, tail: int = 10) -> list[str]:
+    """The start and end of a long transcript, and every note ("  [...]") between."""
+    if len(lines) <= head + tail + 10:
+        return list(lines)
+    middle = lines[head:-tail]
+    notes = [ln for ln in middle if ln.startswith("  [")]
+    return [*lines[:head], f"  … {len(middle) - len(notes)} lines omitted", *notes,
+            *lines[-tail:]]
+
+
 def _run_one(ctx: Context, chk: Check) -> Verdict:
     if ctx.remaining() <= 0:
         return Verdict(SKIP, "budget.spent")
@@ -117,7 +127,7 @@ def run(target: Target, *, only: Iterable[str] | None = None, lang: str = "en",
             "status": verdict.status,
             "result": catalogue.note(cat, verdict.note, verdict.params),
             "note_key": verdict.note,
-            "evidence": ctx.evidence[:60],
+            "evidence": trim_evidence(ctx.evidence),
             "why": text["why"],
             "fix": text["fix"],
             "fix_postfix": text["postfix"] if ctx.software == "postfix" else None,

@@ -64,7 +64,8 @@ class Trials:
                 self.reconnects += 1
                 if self.reconnects > MAX_RECONNECTS:
                     raise inconclusive("probe.drops", n=self.reconnects)
-                self.ctx.note("reconnect")
+                last = self.ctx.evidence[-1].strip() if self.ctx.evidence else "-"
+                self.ctx.note(f"reconnect: the server ended the session ({last[:60]})")
             self.c, _ = self.ctx.smtp(self.service, tls=self.tls)
         return self.c
 
@@ -83,7 +84,8 @@ class Trials:
                     if code == 421:
                         c.close()
                         continue
-                c.cmd("RSET")
+                if c.cmd("RSET")[0] == 421:
+                    c.close()  # dropped after the error count: the next trial reconnects
                 return mail, code
             except ProbeError:
                 c.close()
