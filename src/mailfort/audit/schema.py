@@ -88,7 +88,8 @@ def validate(doc: Any, schema: dict[str, Any] = SCHEMA, path: str = "$") -> list
             return [f"{path}: expected {'/'.join(types)}, got {type(doc).__name__}"]
     if "const" in schema and doc != schema["const"]:
         errors.append(f"{path}: expected {schema['const']!r}")
-    if "enum" in schema and doc not in schema["enum"]:
+    if "enum" in schema and not any(doc == v and type(doc) is type(v)
+                                    for v in schema["enum"]):  # True is not 1
         errors.append(f"{path}: {doc!r} not one of {schema['enum']}")
     if isinstance(doc, dict):
         for key in schema.get("required", []):

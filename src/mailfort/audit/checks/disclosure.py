@@ -16,7 +16,7 @@ SOFTWARE = re.compile(
     re.IGNORECASE,
 )
 VERSION = re.compile(
-    r"(?:\b(?:version|ver\.?|v)\s*|[/ ])(\d+\.\d+(?:\.\d+)*(?:[-+_.][0-9A-Za-z]+)?)\b",
+    r"(?:\b(?:version|ver\.?|v):?\s*|[/ ])(\d+\.\d+(?:\.\d+)*(?:[-+_.][0-9A-Za-z]+)?)\b",
     re.IGNORECASE,
 )
 STATUS_CODE = re.compile(r"^\d\.\d{1,3}\.\d{1,3}\s*")
@@ -29,7 +29,8 @@ def find_software(text: str) -> tuple[str | None, str | None]:
     as a version only next to a software name or the word "version".
     """
     body = STATUS_CODE.sub("", text)
-    body = re.sub(r"\[[0-9A-Fa-f:.IPv]+\]|\b\d+\.\d+\.\d+\.\d+\b", "", body)
+    body = re.sub(r"\[[0-9A-Fa-f:.IPv]+\]|\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}"
+                  r"(?:25[0-5]|2[0-4]\d|1?\d?\d)\b", "", body)
     name = SOFTWARE.search(body)
     version = None
     for m in VERSION.finditer(body):

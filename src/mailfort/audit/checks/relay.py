@@ -87,8 +87,9 @@ def open_relay(ctx: Context) -> Verdict:
                 tried += 1
                 _, code = trials.rcpt(sender, rcpt)
                 if accepted(code):
-                    (ambiguous if aimed_local and unknown else relayed).append(
-                        f"MAIL FROM:<{sender}> RCPT TO:{rcpt}")
+                    trial = f"MAIL FROM:<{sender}> RCPT TO:{rcpt}"
+                    (ambiguous if aimed_local and unknown else relayed).append(trial)
+                    ctx.note(f"accepted: {trial}")
     finally:
         trials.close()
     n = trials.reconnects
