@@ -38,10 +38,17 @@ def weak_factory(weak_cert: Any) -> Iterator[Callable[..., WeakServer]]:
         s.stop()
 
 
-@pytest.fixture
-def dns() -> Iterator[DNSServer]:
+@pytest.fixture(scope="session")
+def _dns_server() -> Iterator[DNSServer]:
     with DNSServer() as server:
         yield server
+
+
+@pytest.fixture
+def dns(_dns_server: DNSServer) -> DNSServer:
+    """The session's test DNS server, emptied for each test (stopping one takes ~1 s)."""
+    _dns_server.clear()
+    return _dns_server
 
 
 def port_args(ports: dict[str, int]) -> list[str]:
