@@ -111,3 +111,12 @@ def test_terminal_output_is_plain_when_piped(
     assert lines[1].startswith("summary: 1 FAIL")  # the summary comes first
     assert any(ln.startswith("FAIL") and "disclosure.banner" in ln for ln in lines)
     assert "Exim 4.69" in out  # the evidence is shown for a FAIL
+
+
+def test_schema_option_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from mailfort.audit.schema import SCHEMA
+
+    code, out, _ = run_audit(capsys, ["--schema"])
+    assert code == 0 and json.loads(out) == SCHEMA

@@ -15,6 +15,8 @@ from mailfort.audit.engine import trim_evidence
     ("mx.example.test ESMTP ready", (None, None)),
     ("2.1.0 Sender OK", (None, None)),  # an enhanced status code is not a version
     ("mx1.example.test [192.0.2.10] ESMTP", (None, None)),
+    ("mailfort.localhost ESMTP ready", (None, None)),  # a host name, not software
+    ("mx.exim.example ESMTP", (None, None)),
     ("mail.example.org ESMTP Postfix", ("Postfix", None)),
     ("mail.example.org ESMTP Postfix (Debian/GNU)", ("Postfix", None)),
     ("weak.test ESMTP Exim 4.69 ready", ("Exim", "4.69")),

@@ -49,6 +49,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="CHECK",
                    help="run only these checks (ids or prefixes such as tls)")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
+    p.add_argument("--schema", action="store_true",
+                   help="print the JSON Schema of the --json report and exit")
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     p.add_argument("--lang", choices=catalogue.LANGUAGES, default="en")
@@ -104,6 +106,11 @@ def _progress(i: int, n: int, check_id: str) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    if args.schema:
+        from mailfort.audit.schema import SCHEMA
+
+        print(json.dumps(SCHEMA, indent=2))
+        return 0
     if args.list:
         cat = catalogue.load(args.lang)
         for c in all_checks():

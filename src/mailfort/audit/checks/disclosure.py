@@ -9,10 +9,10 @@ from mailfort.audit.client import ProbeError
 from mailfort.audit.context import Context
 from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, skip
 
-SOFTWARE = re.compile(
-    r"\b(postfix|exim|sendmail|qmail|opensmtpd|microsoft esmtp|exchange|aiosmtpd|haraka|"
+SOFTWARE = re.compile(  # a name, not part of a host name such as mailfort.example.org
+    r"(?<![\w.-])(postfix|exim|sendmail|qmail|opensmtpd|microsoft esmtp|exchange|aiosmtpd|haraka|"
     r"dovecot|courier|cyrus|hmailserver|mdaemon|zimbra|kerio|smtpd\.py|python|"
-    r"mailenable|communigate|axigen|james|postcow|mailfort)\b",
+    r"mailenable|communigate|axigen|james|mailfort)(?![\w.-])",
     re.IGNORECASE,
 )
 VERSION = re.compile(
