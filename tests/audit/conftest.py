@@ -28,8 +28,8 @@ def weak_cert(tls_ca: trustme.CA) -> Any:
 def weak_factory(weak_cert: Any) -> Iterator[Callable[..., WeakServer]]:
     servers: list[WeakServer] = []
 
-    def make(**flags: bool) -> WeakServer:
-        s = WeakServer(weak_cert, Weakness(**flags)).start()
+    def make(banner: str = "weak.test ESMTP ready", **flags: bool) -> WeakServer:
+        s = WeakServer(weak_cert, Weakness(**flags), banner=banner).start()
         servers.append(s)
         return s
 

@@ -3,6 +3,7 @@ check FAILs, with the others of its family still passing; with none on, nothing 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -81,3 +82,43 @@ def test_one_weakness_fails_exactly_its_check(
     assert [k for k, v in got.items() if v == "FAIL"] == [expected]
     assert not [k for k, v in got.items() if v == "INCONCLUSIVE"]
     assert code == 1
+
+
+def test_failed_control_is_inconclusive_not_pass(
+    weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Refusals mean nothing when the known user is refused too: say so, do not PASS."""
+    server = weak_factory()
+    code, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), "--domain",
+                                      "weak.test", "--user", "nobody", *FAST, "--json",
+                                      "--only", "relay", "backscatter", "smuggling"])
+    report = json.loads(out)
+    got = {c["id"]: (c["status"], c["note_key"]) for c in report["checks"]}
+    assert got == {"relay.open": ("INCONCLUSIVE", "control.known-refused"),
+                   "backscatter.unknown-user": ("INCONCLUSIVE", "control.known-refused"),
+                   "smuggling.end-of-data": ("INCONCLUSIVE", "control.known-refused")}
+    assert code == 0
+
+
+def test_postfix_gets_postfix_fixes(
+    weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = weak_factory(banner="weak.test ESMTP Postfix (Debian/GNU)", open_relay=True)
+    code, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), "--domain",
+                                      "weak.test", "--user", "alice", *FAST, "--json",
+                                      "--only", "relay", "disclosure.banner"])
+    by_id = {c["id"]: c for c in json.loads(out)["checks"]}
+    assert code == 1
+    assert by_id["disclosure.banner"]["status"] == "WARN"  # the name, without version
+    assert "reject_unauth_destination" in by_id["relay.open"]["fix_postfix"]
+    assert any("accepted: MAIL FROM:" in e for e in by_id["relay.open"]["evidence"])
+
+
+def test_other_servers_get_no_postfix_fixes(
+    weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = weak_factory(open_relay=True)
+    _, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), "--domain",
+                                   "weak.test", "--user", "alice", *FAST, "--json",
+                                   "--only", "relay"])
+    assert json.loads(out)["checks"][0]["fix_postfix"] is None

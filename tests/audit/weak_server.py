@@ -108,8 +108,10 @@ class WeakServer:
     ROLES = ("smtp", "submission", "submissions", "pop3", "pop3s")
 
     def __init__(self, cert: object, weakness: Weakness | None = None,
-                 domain: str = "weak.test", users: dict[str, str] | None = None) -> None:
+                 domain: str = "weak.test", users: dict[str, str] | None = None,
+                 banner: str = "weak.test ESMTP ready") -> None:
         self.weak = weakness or Weakness()
+        self.banner = banner
         self.domain = domain
         self.users = users or {"alice": "alice-pw"}
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -201,7 +203,7 @@ class WeakServer:
         w = self.weak
         submission = role in ("submission", "submissions")
         c.send("220 " + ("weak.test ESMTP Exim 4.69 ready" if w.banner_version
-                         else "weak.test ESMTP ready"))
+                         else self.banner))
         authed: str | None = None
         sender: str | None = None
         rcpts: list[str] = []

@@ -56,7 +56,8 @@ def terminal(report: dict[str, Any], *, colour: bool = False, verbose: bool = Fa
                 lines.append(f"{'':13}{ui['fix']}: {r['fix']}")
                 if r["fix_postfix"]:
                     lines.append(f"{'':13}{ui['postfix']}: {r['fix_postfix']}")
-            for ev in r["evidence"][: (40 if verbose else 8)]:
+            notes = [] if verbose else [ev for ev in r["evidence"] if ev.startswith("  [")][:5]
+            for ev in notes + r["evidence"][: (40 if verbose else 8)]:
                 lines.append(f"{'':15}{ev}")
     return "\n".join(lines) + "\n"
 
