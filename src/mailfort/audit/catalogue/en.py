@@ -257,7 +257,7 @@ NOTES: dict[str, str] = {
     "tls.weak-accepted": "accepted: {where}",
     "tls.weak-refused": "no weak cipher class accepted (not testable with this OpenSSL: "
                         "{untestable})",
-    "cert.expired": "{where}",
+    "cert.expired": "expired: {where}",
     "cert.unverified": "{where}",
     "cert.ok": "certificates verify and are not about to expire",
     "inject.answered": "a command pipelined with STARTTLS/STLS was answered inside TLS on "

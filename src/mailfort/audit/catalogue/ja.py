@@ -247,7 +247,7 @@ NOTES: dict[str, str] = {
     "tls.old-refused": "TLS 1.0 と 1.1 は拒否された(ここでは試験不能: {untestable})",
     "tls.weak-accepted": "受理: {where}",
     "tls.weak-refused": "弱い暗号は受理されなかった(この OpenSSL では試験不能: {untestable})",
-    "cert.expired": "{where}",
+    "cert.expired": "期限切れ: {where}",
     "cert.unverified": "{where}",
     "cert.ok": "証明書は検証でき、期限も近くない",
     "inject.answered": "{services} で STARTTLS/STLS と一緒に送ったコマンドが TLS の中で応答された",

@@ -162,7 +162,7 @@ def certificate(ctx: Context) -> Verdict:
             ctx.note(f"{service}: {cert.subject.rfc4514_string()}, expires "
                      f"{cert.not_valid_after_utc:%Y-%m-%d}")
             if left.total_seconds() < 0:
-                failures.append(f"{service}: expired {cert.not_valid_after_utc:%Y-%m-%d}")
+                failures.append(f"{service}: {cert.not_valid_after_utc:%Y-%m-%d}")
             elif left.days < 14:
                 problems.append(f"{service}: expires in {left.days} days")
         try:
@@ -171,8 +171,8 @@ def certificate(ctx: Context) -> Verdict:
             problems.append(f"{service}: {_reason(exc)}")
         except NoTLS:
             pass
-    if failures:
-        return Verdict(FAIL, "cert.expired", {"where": "; ".join(failures)})
+    if failures:  # senders that verify (MTA-STS, DANE) stop; others go on: WARN, not FAIL
+        return Verdict(WARN, "cert.expired", {"where": "; ".join(failures)})
     if problems:
         return Verdict(WARN, "cert.unverified", {"where": "; ".join(problems)})
     return Verdict(PASS, "cert.ok", {})
