@@ -9,7 +9,7 @@ import time
 from mailfort.audit.checks.common import accepted, foreign
 from mailfort.audit.client import ProbeError, RawClient
 from mailfort.audit.context import Context, ext_arg, has_ext
-from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, skip
+from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, inconclusive, skip
 
 
 @check("limits.long-line", "6", order=60)
@@ -28,13 +28,16 @@ def long_line(ctx: Context) -> Verdict:
     return Verdict(PASS, "line.refused", {"n": n, "code": code})
 
 
-def _stream(c: RawClient, size: int) -> None:
+def _stream(ctx: Context, c: RawClient, size: int) -> None:
+    """Send a body of ``size`` octets and the end of data; stops when the budget is spent."""
     line = b"x" * 998 + b"\r\n"
     head = b"Subject: mailfort audit: over-size probe\r\n\r\n"
     c.send(head, note=f"<message body of {size} octets>")
     sent = len(head)
     chunk = line * 64
     while sent < size:
+        if ctx.remaining() <= 0:
+            raise inconclusive("budget.spent")
         c.sock.sendall(chunk)
         sent += len(chunk)
     c.sock.sendall(b".\r\n")
@@ -60,7 +63,7 @@ def size(ctx: Context) -> Verdict:
         if d != 354:
             return Verdict(PASS, "size.declared-refused", {"limit": limit})
         try:
-            _stream(c, limit + 1)
+            _stream(ctx, c, limit + 1)
             final, _ = c.reply()
         except (ProbeError, OSError):
             return Verdict(PASS, "size.closed", {"limit": limit})
