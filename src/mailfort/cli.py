@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
         "id", nargs="?"
     )
     leaf(qu_sub, "delete", cmd_queue, "delete an entry").add_argument("id")
+
+    from mailfort.audit.command import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
     return parser
 
 

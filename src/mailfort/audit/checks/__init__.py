@@ -1,0 +1,12 @@
+"""The checks; importing this package registers every one of them."""
+
+from mailfort.audit.checks import (  # noqa: F401
+    disclosure,
+    dnschecks,
+    limits,
+    pop3,
+    relay,
+    smuggling,
+    submission,
+    tls,
+)

@@ -1,0 +1,96 @@
+"""Pieces several checks share: RCPT trials that survive dropped sessions, addresses."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import socket
+
+from mailfort.audit.client import ProbeError, RawClient
+from mailfort.audit.context import Context
+from mailfort.audit.registry import inconclusive
+
+PROBE_LOCAL = "mailfort-audit"
+MAX_RECONNECTS = 30
+
+
+def accepted(code: int | None) -> bool:
+    return code is not None and 200 <= code < 300
+
+
+def foreign(ctx: Context, local: str = PROBE_LOCAL) -> str:
+    return f"{local}@{ctx.target.foreign_domain}"
+
+
+def unknown_local(ctx: Context) -> str | None:
+    """An address at the local domain that surely does not exist."""
+    d = ctx.target.domain
+    return f"no-such-user-{secrets.token_hex(4)}@{d}" if d else None
+
+
+def ip_literal(ctx: Context) -> str:
+    """The server's address as an RFC 5321 address literal."""
+    try:
+        ip = socket.getaddrinfo(ctx.target.host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except OSError:
+        ip = ctx.target.host
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
+def auth_plain(c: RawClient, user: str, password: str) -> int:
+    """AUTH PLAIN with an initial response; the transcript never shows the credentials."""
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    c.send(f"AUTH PLAIN {token}\r\n".encode(), note="AUTH PLAIN <credentials hidden>")
+    code, _ = c.reply()
+    return code
+
+
+class Trials:
+    """MAIL/RCPT/RSET trials on one SMTP service, reconnecting when the server drops us.
+
+    A strict server closes the session after N errors (mailfort after 10, Postfix after
+    20), and every refused relay attempt is an error: the trials reconnect and go on, so
+    that neither a drop nor a tarpit turns into a false PASS.
+    """
+
+    def __init__(self, ctx: Context, service: str = "smtp", *, tls: bool = False) -> None:
+        self.ctx, self.service, self.tls = ctx, service, tls
+        self.c: RawClient | None = None
+        self.reconnects = 0
+
+    def _session(self) -> RawClient:
+        if self.c is None or self.c.closed:
+            if self.c is not None:
+                self.reconnects += 1
+                if self.reconnects > MAX_RECONNECTS:
+                    raise inconclusive("probe.drops", n=self.reconnects)
+                last = self.ctx.evidence[-1].strip() if self.ctx.evidence else "-"
+                self.ctx.note(f"reconnect: the server ended the session ({last[:60]})")
+            self.c, _ = self.ctx.smtp(self.service, tls=self.tls)
+        return self.c
+
+    def rcpt(self, sender: str, rcpt: str) -> tuple[int, int | None]:
+        """(MAIL code, RCPT code or None when MAIL was refused); RSET after."""
+        for _ in range(3):
+            c = self._session()
+            try:
+                mail, _ = c.cmd(f"MAIL FROM:<{sender}>")
+                if mail == 421:
+                    c.close()
+                    continue
+                code: int | None = None
+                if accepted(mail):
+                    code, _ = c.cmd(f"RCPT TO:{rcpt}")
+                    if code == 421:
+                        c.close()
+                        continue
+                if c.cmd("RSET")[0] == 421:
+                    c.close()  # dropped after the error count: the next trial reconnects
+                return mail, code
+            except ProbeError:
+                c.close()
+        raise ProbeError("the server keeps dropping the session")
+
+    def close(self) -> None:
+        if self.c is not None:
+            self.c.quit()

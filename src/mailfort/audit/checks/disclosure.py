@@ -1,0 +1,127 @@
+"""Account and software disclosure: VRFY/EXPN, and names or versions in replies."""
+
+from __future__ import annotations
+
+import re
+
+from mailfort.audit.checks.common import unknown_local
+from mailfort.audit.client import ProbeError
+from mailfort.audit.context import Context
+from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, skip
+
+SOFTWARE = re.compile(  # a name, not part of a host name such as mailfort.example.org
+    r"(?<![\w.-])(postfix|exim|sendmail|qmail|opensmtpd|microsoft esmtp|exchange|aiosmtpd|haraka|"
+    r"dovecot|courier|cyrus|hmailserver|mdaemon|zimbra|kerio|smtpd\.py|python|"
+    r"mailenable|communigate|axigen|james|mailfort)(?![\w.-])",
+    re.IGNORECASE,
+)
+VERSION = re.compile(
+    r"(?:\b(?:version|ver\.?|v):?\s*|[/ ])(\d+\.\d+(?:\.\d+)*(?:[-+_.][0-9A-Za-z]+)?)\b",
+    re.IGNORECASE,
+)
+STATUS_CODE = re.compile(r"^\d\.\d{1,3}\.\d{1,3}\s*")
+
+
+def find_software(text: str) -> tuple[str | None, str | None]:
+    """(software name, version) named in one reply text, either may be None.
+
+    Enhanced status codes (2.1.0) and address literals are not versions; a number counts
+    as a version only next to a software name or the word "version".
+    """
+    body = STATUS_CODE.sub("", text)
+    body = re.sub(r"\[[0-9A-Fa-f:.IPv]+\]|\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}"
+                  r"(?:25[0-5]|2[0-4]\d|1?\d?\d)\b", "", body)
+    name = SOFTWARE.search(body)
+    version = None
+    for m in VERSION.finditer(body):
+        near = name and abs(m.start() - name.end()) <= 12
+        if near or re.match(r"\s*(version|ver)", m.group(0), re.IGNORECASE):
+            version = m.group(1)
+            break
+    return (name.group(1) if name else None), version
+
+
+@check("disclosure.banner", "5", order=30)
+def banner(ctx: Context) -> Verdict:
+    seen: list[tuple[str, str]] = []
+    for service in ("smtp", "submission", "submissions"):
+        if service not in ctx.open_ports:
+            continue
+        c = ctx.connect(service)
+        try:
+            _, greet = c.reply()
+            seen += [(f"{service} banner", ln) for ln in greet]
+            for cmd in ("EHLO audit.mailfort.invalid", "HELP", "XYZZY"):
+                _, lines = c.cmd(cmd)
+                seen += [(f"{service} {cmd.split()[0]}", ln) for ln in lines]
+        except ProbeError:
+            pass
+        finally:
+            c.quit()
+    for service in ("pop3", "pop3s"):
+        if service not in ctx.open_ports:
+            continue
+        c = ctx.connect(service)
+        try:
+            _, greet = c.status()
+            seen.append((f"{service} banner", greet))
+            c.send(b"CAPA\r\n")
+            ok, _ = c.status()
+            if ok:
+                seen += [(f"{service} CAPA", ln) for ln in c.multiline()]
+        except ProbeError:
+            pass
+        finally:
+            c.quit(pop3=True)
+    if not seen:
+        raise skip("port.none-of", services="smtp, submission, submissions, pop3, pop3s")
+    names: list[str] = []
+    versions: list[str] = []
+    for where, text in seen:
+        name, version = find_software(text)
+        if name and name.lower() == "postfix":
+            ctx.software = "postfix"
+        if version:
+            versions.append(f"{where}: {text.strip()[:80]}")
+        elif name:
+            names.append(f"{where}: {text.strip()[:80]}")
+    if versions:
+        return Verdict(FAIL, "banner.version", {"where": versions[0]})
+    if names:
+        return Verdict(WARN, "banner.name", {"where": names[0]})
+    return Verdict(PASS, "banner.clean", {})
+
+
+@check("disclosure.vrfy-expn", "5", order=31)
+def vrfy_expn(ctx: Context) -> Verdict:
+    t = ctx.target
+    ctx.port("smtp")
+    if not t.domain:
+        raise skip("need.domain")
+    known = t.known_address or f"postmaster@{t.domain}"
+    nobody = unknown_local(ctx) or ""
+    codes: dict[str, tuple[int, int]] = {}
+    rcpt: tuple[int, int] | None = None
+    with ctx.session("smtp") as (c, _):
+        for verb in ("VRFY", "EXPN"):
+            a, _ = c.cmd(f"{verb} {known}")
+            b, _ = c.cmd(f"{verb} {nobody}")
+            codes[verb] = (a, b)
+            if a == 421 or b == 421:
+                break
+        if not c.closed:
+            try:
+                c.cmd("MAIL FROM:<>")
+                a, _ = c.cmd(f"RCPT TO:<{known}>")
+                b, _ = c.cmd(f"RCPT TO:<{nobody}>")
+                rcpt = (a, b)
+                c.cmd("RSET")
+            except ProbeError:
+                pass
+    leaks = [f"{verb} {a}/{b}" for verb, (a, b) in codes.items()
+             if a in (250, 251) or a != b]
+    info = f"RCPT {rcpt[0]}/{rcpt[1]}" if rcpt else "RCPT -"
+    if leaks:
+        return Verdict(FAIL, "vrfy.leaks", {"what": "; ".join(leaks), "rcpt": info})
+    return Verdict(PASS, "vrfy.same", {"what": "; ".join(f"{v} {a}/{b}" for v, (a, b)
+                                                         in codes.items()), "rcpt": info})

@@ -1,0 +1,186 @@
+"""Resource limits (the old buffer-overflow and exhaustion row): long lines, SIZE,
+recipients, NUL bytes, idle connections, and liveness after all of them."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from mailfort.audit.checks.common import accepted, foreign
+from mailfort.audit.client import ProbeError, RawClient
+from mailfort.audit.context import Context, ext_arg, has_ext
+from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, inconclusive, skip
+
+
+@check("limits.long-line", "6", order=60)
+def long_line(ctx: Context) -> Verdict:
+    n = ctx.target.long_line
+    with ctx.session("smtp") as (c, _):
+        try:
+            c.send(b"NOOP " + b"A" * n + b"\r\n", note=f"NOOP <{n} octets>")
+            code, _ = c.reply()
+        except ProbeError as exc:
+            if "timeout" in str(exc):
+                return Verdict(WARN, "line.silent", {"n": n})
+            return Verdict(PASS, "line.closed", {"n": n})
+    if accepted(code):
+        return Verdict(FAIL, "line.accepted", {"n": n, "code": code})
+    return Verdict(PASS, "line.refused", {"n": n, "code": code})
+
+
+def _stream(ctx: Context, c: RawClient, size: int) -> None:
+    """Send a body of ``size`` octets and the end of data; stops when the budget is spent."""
+    line = b"x" * 998 + b"\r\n"
+    head = b"Subject: mailfort audit: over-size probe\r\n\r\n"
+    c.send(head, note=f"<message body of {size} octets>")
+    sent = len(head)
+    chunk = line * 64
+    while sent < size:
+        if ctx.remaining() <= 0:
+            raise inconclusive("budget.spent")
+        c.sock.sendall(chunk)
+        sent += len(chunk)
+    c.sock.sendall(b".\r\n")
+
+
+@check("limits.size", "6", order=61)
+def size(ctx: Context) -> Verdict:
+    t = ctx.target
+    with ctx.session("smtp") as (c, lines):
+        arg = ext_arg(lines, "SIZE")
+        if not has_ext(lines, "SIZE") or not (arg or "").strip().isdigit() or int(arg or 0) == 0:
+            return Verdict(WARN, "size.none", {})
+        limit = int(arg or 0)
+        code, _ = c.cmd(f"MAIL FROM:<{foreign(ctx, 'sender')}> SIZE={limit + 1}")
+        if accepted(code):
+            return Verdict(FAIL, "size.declared-accepted", {"limit": limit})
+        c.cmd("RSET")
+        if not t.known_address or limit + 1 > t.max_size_probe:
+            return Verdict(PASS, "size.declared-refused", {"limit": limit})
+        m, _ = c.cmd(f"MAIL FROM:<{foreign(ctx, 'sender')}>")
+        r, _ = c.cmd(f"RCPT TO:<{t.known_address}>")
+        d, _ = c.cmd("DATA") if accepted(m) and accepted(r) else (0, [])
+        if d != 354:
+            return Verdict(PASS, "size.declared-refused", {"limit": limit})
+        try:
+            _stream(ctx, c, limit + 1)
+            final, _ = c.reply()
+        except (ProbeError, OSError):
+            return Verdict(PASS, "size.closed", {"limit": limit})
+    if accepted(final):
+        return Verdict(FAIL, "size.accepted", {"limit": limit})
+    return Verdict(PASS, "size.refused", {"limit": limit, "code": final})
+
+
+@check("limits.recipients", "6", order=62)
+def recipients(ctx: Context) -> Verdict:
+    t = ctx.target
+    ctx.port("smtp")
+    if not t.known_address:
+        raise skip("need.user")
+    want = t.rcpt_count
+    ok = 0
+    with ctx.session("smtp") as (c, lines):
+        code, _ = c.cmd(f"MAIL FROM:<{foreign(ctx, 'sender')}>")
+        if not accepted(code):
+            return Verdict(PASS, "rcpt.mail-refused", {"code": code})
+        batch = 50 if has_ext(lines, "PIPELINING") else 1
+        line = f"RCPT TO:<{t.known_address}>\r\n".encode()
+        sent = 0
+        try:
+            while sent < want:
+                k = min(batch, want - sent)
+                c.send(line * k, note=f"RCPT TO:<{t.known_address}> ×{k}")
+                sent += k
+                for _ in range(k):
+                    code, _ = c.reply()
+                    if accepted(code):
+                        ok += 1
+                    if code == 421:
+                        raise ProbeError("dropped")
+        except ProbeError:
+            pass
+        del c.transcript[12:-4]  # a thousand RCPT lines are not evidence
+        if not c.closed:
+            with contextlib.suppress(ProbeError):
+                c.cmd("RSET")
+    if ok >= want:
+        return Verdict(FAIL, "rcpt.all", {"n": want})
+    return Verdict(PASS, "rcpt.limited", {"n": want, "ok": ok})
+
+
+@check("limits.nul", "6", order=63)
+def nul(ctx: Context) -> Verdict:
+    with ctx.session("smtp") as (c, _):
+        try:
+            code, _ = c.cmd(f"MAIL FROM:<mailfort-audit\0probe@{ctx.target.foreign_domain}>")
+        except ProbeError:
+            return Verdict(PASS, "nul.closed", {})
+        if not c.closed:
+            c.cmd("RSET")
+    if accepted(code):
+        return Verdict(FAIL, "nul.accepted", {"code": code})
+    return Verdict(PASS, "nul.refused", {"code": code})
+
+
+@check("limits.idle-connections", "6", order=64)
+def idle_connections(ctx: Context) -> Verdict:
+    """Hold N idle connections and one byte-at-a-time writer open, then ask for a greeting."""
+    t = ctx.target
+    port = ctx.port("smtp")
+    held: list[RawClient] = []
+    try:
+        for _ in range(t.idle_connections):
+            try:
+                held.append(RawClient(t.host, port, t.timeout, []))
+            except ProbeError:
+                break
+        ctx.note(f"{len(held)} idle connections open")
+        try:
+            slow = RawClient(t.host, port, t.timeout, [])
+            held.append(slow)
+            for b in b"NOO":
+                slow.sock.sendall(bytes([b]))
+                time.sleep(0.05)
+            ctx.note("one client writing a byte at a time")
+        except (ProbeError, OSError):
+            pass
+        started = time.monotonic()
+        try:
+            fresh = ctx.connect("smtp")
+            code, _ = fresh.reply()
+            fresh.quit()
+        except ProbeError as exc:
+            return Verdict(FAIL, "idle.starved", {"n": len(held), "error": str(exc)})
+        waited = time.monotonic() - started
+    finally:
+        for h in held:
+            h.close()
+    if code == 220:
+        return Verdict(PASS, "idle.served", {"n": len(held), "s": f"{waited:.2f}"})
+    return Verdict(PASS, "idle.refused", {"n": len(held), "code": code})
+
+
+@check("limits.liveness", "6", order=99)
+def liveness(ctx: Context) -> Verdict:
+    services = [s for s in ("smtp", "submission", "submissions", "pop3", "pop3s")
+                if s in ctx.open_ports]
+    if not services:
+        raise skip("port.none-of", services="smtp, submission, submissions, pop3, pop3s")
+    dead = []
+    for service in services:
+        try:
+            c = ctx.connect(service)
+            if service.startswith("pop3"):
+                ok = c.status()[0]
+                c.quit(pop3=True)
+            else:
+                ok = c.reply()[0] == 220
+                c.quit()
+            if not ok:
+                dead.append(f"{service}: no greeting")
+        except ProbeError as exc:
+            dead.append(f"{service}: {exc}")
+    if dead:
+        return Verdict(FAIL, "live.dead", {"where": "; ".join(dead)})
+    return Verdict(PASS, "live.ok", {"services": ", ".join(services)})

@@ -1,0 +1,270 @@
+"""TLS: offered on every port, no version below 1.2, no weak cipher class, a good
+certificate, and no STARTTLS command injection (CVE-2011-0411 class)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import ssl
+import warnings
+
+from cryptography import x509
+
+from mailfort.audit.client import ProbeError, RawClient, insecure_context
+from mailfort.audit.context import EHLO_NAME, IMPLICIT_TLS, Context, has_ext
+from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, skip
+
+TLS_SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s")
+OLD_VERSIONS = (("TLS 1.0", ssl.TLSVersion.TLSv1), ("TLS 1.1", ssl.TLSVersion.TLSv1_1))
+WEAK_CLASSES = (("NULL", "eNULL"), ("anonymous", "aNULL"), ("EXPORT", "EXPORT"),
+                ("RC4", "RC4"), ("3DES", "3DES"))
+
+
+class NoTLS(Exception):
+    """The service does not offer STARTTLS/STLS."""
+
+
+def tls_client(ctx: Context, service: str, sslctx: ssl.SSLContext) -> RawClient:
+    """A connection to ``service`` with TLS negotiated under ``sslctx`` (ProbeError if
+    the handshake fails, NoTLS when the service offers no TLS)."""
+    t = ctx.target
+    c = RawClient(t.host, ctx.port(service), t.timeout, ctx.evidence)
+    try:
+        if service not in IMPLICIT_TLS:
+            if service.startswith("pop3"):
+                ok, _ = c.status()
+                c.send(b"CAPA\r\n")
+                caps = c.multiline() if c.status()[0] else []
+                if not ok or "STLS" not in [x.split(" ")[0].upper() for x in caps]:
+                    raise NoTLS(service)
+                c.send(b"STLS\r\n")
+                if not c.status()[0]:
+                    raise ProbeError("STLS refused")
+            else:
+                c.reply()
+                _, lines = c.cmd(f"EHLO {EHLO_NAME}")
+                if not has_ext(lines, "STARTTLS"):
+                    raise NoTLS(service)
+                code, _ = c.cmd("STARTTLS")
+                if code != 220:
+                    raise ProbeError(f"STARTTLS answered {code}")
+        c.starttls(sslctx)
+        return c
+    except BaseException:
+        c.close()
+        raise
+
+
+def _endpoints(ctx: Context) -> list[str]:
+    found = [s for s in TLS_SERVICES if s in ctx.open_ports]
+    if not found:
+        raise skip("port.none-of", services=", ".join(TLS_SERVICES))
+    return found
+
+
+@check("tls.starttls", "4", order=40)
+def starttls_offered(ctx: Context) -> Verdict:
+    missing, ok = [], []
+    services = ("smtp", "submission", "submissions")
+    found = [s for s in services if s in ctx.open_ports]
+    if not found:
+        raise skip("port.none-of", services=", ".join(services))
+    for service in found:
+        try:
+            c = tls_client(ctx, service, insecure_context())
+            ok.append(service)
+            c.close()
+        except NoTLS:
+            missing.append(f"{service}: not offered")
+        except ProbeError as exc:
+            missing.append(f"{service}: {exc}")
+    if missing:
+        return Verdict(FAIL, "tls.missing", {"where": "; ".join(missing)})
+    return Verdict(PASS, "tls.everywhere", {"services": ", ".join(ok)})
+
+
+def _accepts(ctx: Context, service: str, sslctx: ssl.SSLContext) -> str | None:
+    """The negotiated cipher when the server accepts ``sslctx``'s offer, else None."""
+    try:
+        c = tls_client(ctx, service, sslctx)
+    except (NoTLS, ProbeError):
+        return None
+    tls = c.sock
+    cipher = f"{tls.version()} {tls.cipher()[0]}" if isinstance(tls, ssl.SSLSocket) else "?"
+    c.close()
+    return cipher
+
+
+@check("tls.versions", "4", order=41)
+def old_versions(ctx: Context) -> Verdict:
+    accepted, untestable = [], []
+    for label, version in OLD_VERSIONS:
+        sslctx = insecure_context(legacy=True)
+        try:
+            with warnings.catch_warnings():  # deprecated on purpose: that is the test
+                warnings.simplefilter("ignore", DeprecationWarning)
+                sslctx.minimum_version = sslctx.maximum_version = version
+        except (ValueError, ssl.SSLError):
+            untestable.append(label)
+            continue
+        for service in _endpoints(ctx):
+            got = _accepts(ctx, service, sslctx)
+            if got:
+                accepted.append(f"{service}: {got}")
+    if accepted:
+        return Verdict(FAIL, "tls.old-accepted", {"where": "; ".join(accepted)})
+    return Verdict(PASS, "tls.old-refused", {"untestable": ", ".join(untestable) or "-"})
+
+
+@check("tls.ciphers", "4", order=42)
+def weak_ciphers(ctx: Context) -> Verdict:
+    accepted, untestable = [], []
+    for label, spec in WEAK_CLASSES:
+        sslctx = insecure_context()
+        sslctx.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3 has no weak suites
+        sslctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        try:
+            sslctx.set_ciphers(f"@SECLEVEL=0:{spec}")
+            if not [c for c in sslctx.get_ciphers() if c["protocol"] != "TLSv1.3"]:
+                raise ssl.SSLError("none")
+        except ssl.SSLError:
+            untestable.append(label)
+            continue
+        for service in _endpoints(ctx):
+            got = _accepts(ctx, service, sslctx)
+            if got:
+                accepted.append(f"{service}: {label} ({got})")
+    if accepted:
+        return Verdict(FAIL, "tls.weak-accepted", {"where": "; ".join(accepted)})
+    return Verdict(PASS, "tls.weak-refused", {"untestable": ", ".join(untestable) or "-"})
+
+
+def _reason(exc: Exception) -> str:
+    """The verification error without OpenSSL's decoration."""
+    text = str(exc).removeprefix("TLS handshake: ")
+    text = re.sub(r"^\[SSL: [A-Z_]+\] certificate verify failed: ", "", text)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)[:120]
+
+
+@check("tls.certificate", "4", order=43)
+def certificate(ctx: Context) -> Verdict:
+    problems, failures = [], []
+    for service in _endpoints(ctx):
+        try:
+            c = tls_client(ctx, service, insecure_context())
+        except (NoTLS, ProbeError):
+            continue
+        der = c.sock.getpeercert(binary_form=True) if isinstance(c.sock, ssl.SSLSocket) else None
+        c.close()
+        if der:
+            cert = x509.load_der_x509_certificate(der)
+            left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+            ctx.note(f"{service}: {cert.subject.rfc4514_string()}, expires "
+                     f"{cert.not_valid_after_utc:%Y-%m-%d}")
+            if left.total_seconds() < 0:
+                failures.append(f"{service}: {cert.not_valid_after_utc:%Y-%m-%d}")
+            elif left.days < 14:
+                problems.append(f"{service}: expires in {left.days} days")
+        try:
+            tls_client(ctx, service, ctx.verifying_context()).close()
+        except ProbeError as exc:
+            problems.append(f"{service}: {_reason(exc)}")
+        except NoTLS:
+            pass
+    if failures:  # senders that verify (MTA-STS, DANE) stop; others go on: WARN, not FAIL
+        return Verdict(WARN, "cert.expired", {"where": "; ".join(failures)})
+    if problems:
+        return Verdict(WARN, "cert.unverified", {"where": "; ".join(problems)})
+    return Verdict(PASS, "cert.ok", {})
+
+
+def _injected(ctx: Context, service: str) -> bool | None:
+    """Whether a command pipelined with STARTTLS/STLS is answered inside TLS.
+
+    None when the service offers no TLS. The probe sends ``STARTTLS\\r\\nNOOP\\r\\n`` in one
+    write, negotiates TLS, sends one NOOP and counts the replies: two means the server
+    executed the plaintext NOOP inside the TLS session.
+    """
+    t = ctx.target
+    pop3 = service.startswith("pop3")
+    c = RawClient(t.host, ctx.port(service), t.timeout, ctx.evidence)
+    try:
+        if pop3:
+            c.status()
+            c.send(b"CAPA\r\n")
+            caps = c.multiline() if c.status()[0] else []
+            if "STLS" not in [x.split(" ")[0].upper() for x in caps]:
+                return None
+            c.send(b"STLS\r\nNOOP\r\n")
+            if not c.status()[0]:
+                return False
+        else:
+            c.reply()
+            _, lines = c.cmd(f"EHLO {EHLO_NAME}")
+            if not has_ext(lines, "STARTTLS"):
+                return None
+            c.send(b"STARTTLS\r\nNOOP\r\n")
+            code, _ = c.reply()
+            if code != 220:
+                return False
+        # Whatever the server already buffered in the clear is now ours to discard: a
+        # reply is only counted if it arrives inside TLS.
+        c.buf = b""
+        c.starttls()
+        c.send(b"NOOP\r\n")
+        answers = 0
+        try:
+            while True:
+                (c.status if pop3 else c.reply)(t.settle if answers else None)
+                answers += 1
+                if answers >= 2:
+                    break
+        except ProbeError:
+            pass
+        return answers >= 2
+    except ProbeError:
+        return False  # the server refused the pipelined input or dropped us
+    finally:
+        c.close()
+
+
+def _injection(ctx: Context, services: tuple[str, ...]) -> Verdict:
+    found = [s for s in services if s in ctx.open_ports]
+    if not found:
+        raise skip("port.none-of", services=", ".join(services))
+    results = {s: _injected(ctx, s) for s in found}
+    tested = [s for s, r in results.items() if r is not None]
+    if not tested:
+        raise skip("tls.not-offered", service=", ".join(found))
+    bad = [s for s in tested if results[s]]
+    if bad:
+        return Verdict(FAIL, "inject.answered", {"services": ", ".join(bad)})
+    return Verdict(PASS, "inject.discarded", {"services": ", ".join(tested)})
+
+
+@check("tls.injection-smtp", "4", order=44)
+def injection_smtp(ctx: Context) -> Verdict:
+    return _injection(ctx, ("smtp", "submission"))
+
+
+@check("tls.injection-pop3", "4", order=46)
+def injection_pop3(ctx: Context) -> Verdict:
+    return _injection(ctx, ("pop3",))
+
+
+@check("tls.pop3-stls", "4", order=40)
+def pop3_stls(ctx: Context) -> Verdict:
+    found = [s for s in ("pop3", "pop3s") if s in ctx.open_ports]
+    if not found:
+        raise skip("port.none-of", services="pop3, pop3s")
+    missing = []
+    for service in found:
+        try:
+            tls_client(ctx, service, insecure_context()).close()
+        except NoTLS:
+            missing.append(f"{service}: STLS not offered")
+        except ProbeError as exc:
+            missing.append(f"{service}: {exc}")
+    if missing:
+        return Verdict(FAIL, "tls.missing", {"where": "; ".join(missing)})
+    return Verdict(PASS, "tls.everywhere", {"services": ", ".join(found)})

@@ -1,0 +1,158 @@
+"""What a probe needs: the target, bounded connections, evidence, and the run's budget."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from mailfort.audit.client import ProbeError, RawClient, insecure_context
+from mailfort.audit.registry import skip
+
+SMTP_SERVICES = ("smtp", "submission", "submissions")
+POP3_SERVICES = ("pop3", "pop3s")
+IMPLICIT_TLS = ("submissions", "pop3s")
+EHLO_NAME = "audit.mailfort.invalid"
+
+
+@dataclass
+class Target:
+    """The server under audit and the knobs that bound the run."""
+
+    host: str
+    ports: dict[str, int | None] = field(default_factory=dict)
+    domain: str | None = None
+    user: str | None = None  # a known local part at ``domain``
+    auth_user: str | None = None
+    auth_password: str | None = None
+    foreign_domain: str = "example.com"
+    timeout: float = 10.0  # per connection and per reply
+    settle: float = 1.5  # how long to wait for replies nobody asked for
+    budget: float = 110.0  # the whole run
+    idle_connections: int = 20
+    rcpt_count: int = 1000
+    long_line: int = 100_000
+    max_size_probe: int = 64 * 1024 * 1024  # never stream more than this to test SIZE
+    resolver: tuple[str, int] | None = None
+    dnsbls: tuple[str, ...] = ("zen.spamhaus.org", "bl.spamcop.net")
+    cafile: str | None = None
+
+    @property
+    def known_address(self) -> str | None:
+        return f"{self.user}@{self.domain}" if self.user and self.domain else None
+
+
+class Context:
+    """Shared by every check of one run; ``evidence`` is reset for each check."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.started = time.monotonic()
+        self.evidence: list[str] = []
+        self.open_ports: dict[str, int] = {}
+        self.software: str | None = None  # "postfix" when the server says so
+        self.cache: dict[str, object] = {}  # results shared by checks (DNS lookups)
+
+    # -- budget -----------------------------------------------------------------------
+
+    def remaining(self) -> float:
+        return self.target.budget - (time.monotonic() - self.started)
+
+    def note(self, line: str) -> None:
+        self.evidence.append(f"  [{line}]")
+
+    # -- connections ------------------------------------------------------------------
+
+    def port(self, service: str) -> int:
+        """The open port of ``service``, or SKIP when it was not given or is closed."""
+        port = self.open_ports.get(service)
+        if port is None:
+            given = self.target.ports.get(service)
+            raise skip("port.closed" if given else "port.none", service=service, port=given)
+        return port
+
+    def connect(self, service: str, *, timeout: float | None = None) -> RawClient:
+        t = self.target
+        if self.remaining() <= 0:
+            raise ProbeError("the run's time budget is spent")
+        c = RawClient(t.host, self.port(service), min(timeout or t.timeout, t.timeout),
+                      self.evidence)
+        if service in IMPLICIT_TLS:
+            c.starttls()
+        return c
+
+    def smtp(self, service: str, *, tls: bool | str = False,
+             ehlo: bool = True) -> tuple[RawClient, list[str]]:
+        """Greeting, EHLO and (``tls``) STARTTLS and EHLO again; returns EHLO lines.
+
+        ``tls=True`` requires STARTTLS (SKIP without it); ``tls="opportunistic"`` uses it
+        when offered and goes on in the clear otherwise.
+        """
+        c = self.connect(service)
+        try:
+            code, _ = c.reply()
+            if code != 220:
+                raise ProbeError(f"greeting {code}")
+            lines: list[str] = []
+            if ehlo:
+                code, lines = c.cmd(f"EHLO {EHLO_NAME}")
+                if code != 250:
+                    raise ProbeError(f"EHLO answered {code}")
+            if tls and service not in IMPLICIT_TLS:
+                if not has_ext(lines, "STARTTLS"):
+                    if tls == "opportunistic":
+                        return c, lines
+                    raise skip("tls.not-offered", service=service)
+                code, _ = c.cmd("STARTTLS")
+                if code != 220:
+                    raise ProbeError(f"STARTTLS answered {code}")
+                c.starttls()
+                code, lines = c.cmd(f"EHLO {EHLO_NAME}")
+                if code != 250:
+                    raise ProbeError(f"EHLO after STARTTLS answered {code}")
+            return c, lines
+        except BaseException:
+            c.close()
+            raise
+
+    def pop3(self, service: str) -> RawClient:
+        c = self.connect(service)
+        ok, _ = c.status()
+        if not ok:
+            c.close()
+            raise ProbeError("POP3 greeting is not +OK")
+        return c
+
+    @contextlib.contextmanager
+    def session(self, service: str, **kw: bool | str) -> Iterator[tuple[RawClient, list[str]]]:
+        c, lines = self.smtp(service, **kw)
+        try:
+            yield c, lines
+        finally:
+            c.quit()
+
+    def verifying_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.target.cafile)
+        return ctx
+
+    def legacy_context(self) -> ssl.SSLContext:
+        return insecure_context(legacy=True)
+
+
+def has_ext(ehlo_lines: list[str], keyword: str) -> bool:
+    """Whether an EHLO reply advertises ``keyword`` (first line is the greeting)."""
+    return any(ln.split(" ")[0].upper() == keyword for ln in ehlo_lines[1:])
+
+
+def ext_arg(ehlo_lines: list[str], keyword: str) -> str | None:
+    for ln in ehlo_lines[1:]:
+        word, _, rest = ln.partition(" ")
+        if word.upper() == keyword:
+            return rest
+    return None
+
+
+def positive(code: int) -> bool:
+    return 200 <= code < 400

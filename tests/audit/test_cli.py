@@ -1,0 +1,122 @@
+"""Exit status and bounds: 2 for bad usage or an unreachable host, never a hang."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.audit.conftest import FAST, port_args, run_audit, statuses
+from tests.audit.weak_server import WeakServer
+from tests.dnsserver import free_port_unused
+
+NO_PORTS = ["--smtp-port", "0", "--submission-port", "0", "--submissions-port", "0",
+            "--pop3-port", "0", "--pop3s-port", "0"]
+
+
+def test_closed_ports_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    closed = free_port_unused()
+    code, out, err = run_audit(capsys, ["127.0.0.1", *NO_PORTS, "--smtp-port", str(closed),
+                                        *FAST])
+    assert code == 2
+    assert "unreachable" in err and out == ""
+
+
+@pytest.mark.parametrize("argv", [
+    [],  # no host
+    ["127.0.0.1", "--only", "no-such-check"],
+    ["127.0.0.1", "--user", "alice"],  # --user without --domain
+    ["127.0.0.1", "--auth-user", "alice@example.test"],  # no password file
+])
+def test_bad_usage_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_audit(capsys, argv)
+    assert code == 2
+    assert err.startswith("mailfort audit: ")
+
+
+def test_unknown_option_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_audit(capsys, ["127.0.0.1", "--no-such-option"])
+    assert exc.value.code == 2
+
+
+def test_list_names_every_check(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_audit(capsys, ["--list"])
+    assert code == 0
+    assert "relay.open" in out and "smuggling.end-of-data" in out
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """Accepts connections and never says a word (a wedged or tarpitting server)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except (TimeoutError, OSError):
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    t.join()
+    for s in held:
+        s.close()
+    listener.close()
+
+
+def test_silent_server_is_unreachable_not_a_hang(
+    silent_server: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    code, _, err = run_audit(capsys, ["127.0.0.1", *NO_PORTS, "--smtp-port",
+                                      str(silent_server), "--timeout", "0.5"])
+    assert code == 2 and "unreachable" in err
+    assert time.monotonic() - started < 3
+
+
+def test_budget_ends_the_run(
+    weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = weak_factory()
+    started = time.monotonic()
+    code, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), *FAST,
+                                      "--budget", "0.01", "--json"])
+    got = statuses(out)
+    assert time.monotonic() - started < 5
+    assert code == 0
+    assert set(got.values()) == {"SKIP"}  # every check: "the run's time budget was spent"
+
+
+def test_terminal_output_is_plain_when_piped(
+    weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = weak_factory(banner_version=True)
+    code, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), *FAST,
+                                      "--only", "disclosure.banner"])
+    assert code == 1
+    assert "\x1b[" not in out
+    lines = out.splitlines()
+    assert lines[1].startswith("summary: 1 FAIL")  # the summary comes first
+    assert any(ln.startswith("FAIL") and "disclosure.banner" in ln for ln in lines)
+    assert "Exim 4.69" in out  # the evidence is shown for a FAIL
+
+
+def test_schema_option_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from mailfort.audit.schema import SCHEMA
+
+    code, out, _ = run_audit(capsys, ["--schema"])
+    assert code == 0 and json.loads(out) == SCHEMA

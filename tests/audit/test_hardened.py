@@ -1,0 +1,61 @@
+"""The hardened mailfort, started by the test, passes every check of the audit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trustme
+
+from mailfort.audit.schema import validate
+from mailfort.config import Config
+from tests.audit.conftest import port_args, run_audit
+from tests.conftest import seed_directory
+from tests.dnsserver import DNSServer
+
+SERVICES = {"smtp": "mx", "submission": "submission", "submissions": "submissions",
+            "pop3": "pop3", "pop3s": "pop3s"}
+
+
+async def test_hardened_mailfort_passes_every_check(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext,
+    tls_ca: trustme.CA, dns: DNSServer, password_file: Callable[[str], str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mailfort.server.app import Node
+
+    dns.add_mx("example.test", "mx.example.test")
+    dns.add_txt("example.test", "v=spf1 mx -all")
+    dns.add_txt("_dmarc.example.test", "v=DMARC1; p=reject")
+    cafile = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(cafile))
+    # A small SIZE keeps the over-size probe fast; everything else is the default.
+    cfg = config_factory(limits={"max_message_size": 100_000})
+    seed_directory(cfg)
+    html = tmp_path / "report.html"
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        ports = {s: node.port(name) for s, name in SERVICES.items()}
+        argv = ["127.0.0.1", *port_args(ports), "--domain", "example.test", "--user", "alice",
+                "--auth-user", "alice@example.test",
+                "--auth-password-file", password_file("alice-pw"),
+                "--timeout", "3", "--settle", "0.25", "--idle-connections", "10",
+                "--resolver", f"127.0.0.1:{dns.port}", "--dnsbl", "bl.test",
+                "--cafile", str(cafile), "--json", "--html", str(html)]
+        code, out, _ = await asyncio.to_thread(run_audit, capsys, argv)
+    report = json.loads(out)
+    assert validate(report) == []
+    not_passed = {c["id"]: (c["status"], c["result"]) for c in report["checks"]
+                  if c["status"] != "PASS"}
+    assert not_passed == {}
+    assert code == 0 and report["exit_status"] == 0
+    assert len(report["checks"]) >= 26
+    # mailfort drops a session after 10 errors: the relay probes reconnected and went on.
+    relay = next(c for c in report["checks"] if c["id"] == "relay.open")
+    assert any("reconnect: the server ended the session (< 421" in e
+               for e in relay["evidence"])
+    page = html.read_text(encoding="utf-8")
+    assert page.count('class="badge PASS"') == 2 * len(report["checks"])

@@ -1,0 +1,43 @@
+"""Against the reference Postfix of ../shared/anchors/postfix-reference.sh, when it runs.
+
+The test does not start it (it is a system service shared with the benchmarks); it is
+skipped unless something greets on 127.0.0.1:10025.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from mailfort.audit.schema import validate
+from tests.audit.conftest import run_audit
+
+PORT = 10025
+
+
+def _postfix_greets() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", PORT), timeout=1) as s:
+            s.settimeout(2)
+            return s.recv(512).startswith(b"220 ")
+    except OSError:
+        return False
+
+
+def test_reference_postfix_is_no_open_relay(capsys: pytest.CaptureFixture[str]) -> None:
+    if not _postfix_greets():
+        pytest.skip("the reference Postfix is not running on 127.0.0.1:10025 "
+                    "(../shared/anchors/postfix-reference.sh start)")
+    code, out, _ = run_audit(capsys, [
+        "127.0.0.1", "--smtp-port", str(PORT), "--submission-port", "0",
+        "--submissions-port", "0", "--pop3-port", "0", "--pop3s-port", "0",
+        "--domain", "example.test", "--user", "alice", "--timeout", "5",
+        "--idle-connections", "10", "--resolver", "127.0.0.1:9", "--json"])
+    report = json.loads(out)
+    assert validate(report) == []
+    assert code in (0, 1)  # the run completes (its plaintext-only setup FAILs tls.starttls)
+    by_id = {c["id"]: c["status"] for c in report["checks"]}
+    assert by_id["relay.open"] == "PASS"
+    assert by_id["backscatter.unknown-user"] == "PASS"

@@ -1,0 +1,104 @@
+"""Reports: Japanese explanations, one self-contained HTML page built from the same JSON,
+and that page rendered by headless Chromium (Debian's ``chromium``, installed by
+``run-tests`` as root) without console errors, its screenshot kept as an artefact."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mailfort.audit import catalogue
+from mailfort.audit.schema import validate
+from tests.audit.conftest import FAST, port_args, run_audit
+from tests.audit.weak_server import WeakServer
+
+ONLY = ["--only", "relay", "backscatter", "disclosure", "limits.nul"]
+
+
+@pytest.fixture
+def weak_report(weak_factory: Callable[..., WeakServer], tmp_path: Path,
+                capsys: pytest.CaptureFixture[str]) -> tuple[dict, Path]:
+    """A Japanese run with three FAILs, as JSON and as HTML from the same invocation."""
+    server = weak_factory(open_relay=True, vrfy_confirms=True, banner_version=True)
+    page = tmp_path / "report.html"
+    code, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), "--domain",
+                                      "weak.test", "--user", "alice", *FAST, *ONLY,
+                                      "--lang", "ja", "--json", "--html", str(page)])
+    assert code == 1
+    return json.loads(out), page
+
+
+def test_japanese_json_uses_the_terms(weak_report: tuple[dict, Path]) -> None:
+    report, _ = weak_report
+    assert validate(report) == []
+    assert report["lang"] == "ja"
+    by_id = {c["id"]: c for c in report["checks"]}
+    assert "第三者中継" in by_id["relay.open"]["title"]
+    assert "オープンリレー" in by_id["relay.open"]["title"]
+    assert "NDRスパム" in by_id["backscatter.unknown-user"]["title"]
+    assert "VRFY/EXPN" in by_id["disclosure.vrfy-expn"]["title"]
+    assert "BOF" in by_id["disclosure.banner"]["why"]
+    assert "第三者中継の試行" in by_id["relay.open"]["result"]  # the result notes too
+
+
+def test_japanese_terminal_output(weak_factory: Callable[..., WeakServer],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    server = weak_factory(open_relay=True)
+    code, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), "--domain",
+                                      "weak.test", "--user", "alice", *FAST, "--only",
+                                      "relay", "--lang", "ja"])
+    assert code == 1
+    assert out.splitlines()[1].startswith("概要: 1 FAIL")
+    assert "第三者中継" in out and "対策" in out
+
+
+def test_html_is_self_contained_and_built_from_the_json(
+        weak_report: tuple[dict, Path]) -> None:
+    report, page = weak_report
+    text = page.read_text(encoding="utf-8")
+    embedded = re.search(r'<script type="application/json" id="report">(.*?)</script>',
+                         text, re.S)
+    assert embedded and json.loads(embedded.group(1)) == report
+    # No external resource of any kind: only in-page anchors.
+    assert not re.search(r'\b(?:src|href)="(?!#)', text)
+    assert "<link" not in text and "@import" not in text and "url(" not in text
+    # Summary first, then one section per check, failures first.
+    assert text.index('class="counts"') < text.index("<section")
+    assert text.count("<section") == len(report["checks"])
+    sections = re.findall(r'<section id="[^"]+" class="(\w+)"', text)
+    assert sections[:3] == ["FAIL", "FAIL", "FAIL"]
+    ui = catalogue.load("ja").UI
+    assert ui["fix"] in text and "第三者中継" in text
+    # Whatever a server said is escaped, never markup.
+    assert "<mailfort-audit@" not in text
+
+
+def test_html_renders_in_chromium(weak_report: tuple[dict, Path], tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (run-tests installs it as root)")
+    _, page = weak_report
+    shot = tmp_path / "audit-report.png"
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--no-first-run", "--disable-extensions", "--window-size=1200,2200",
+         "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln]
+    assert console == []
+    assert proc.returncode == 0, proc.stderr[-500:]
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    artefacts = os.environ.get("MAILFORT_TEST_ARTIFACTS")
+    if artefacts:  # kept for a person to look at (CI uploads the directory)
+        Path(artefacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(artefacts) / shot.name)

@@ -1,0 +1,124 @@
+"""Each check can FAIL: switch one weakness on in the weak server and exactly the matching
+check FAILs, with the others of its family still passing; with none on, nothing FAILs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+
+from tests.audit.conftest import FAST, port_args, run_audit, statuses
+from tests.audit.weak_server import Weakness, WeakServer
+from tests.dnsserver import DNSServer
+
+RELAY = ["relay", "backscatter"]
+SUBMISSION = ["submission"]
+DISCLOSURE = ["disclosure"]
+TLS = ["tls", "pop3"]
+LIMITS = ["limits.long-line", "limits.size", "limits.recipients", "limits.nul"]
+
+CASES: dict[str, tuple[str, list[str]]] = {
+    "open_relay": ("relay.open", RELAY),
+    "accept_unknown": ("backscatter.unknown-user", RELAY),
+    "submission_no_auth": ("submission.no-auth", SUBMISSION),
+    "auth_before_tls": ("submission.auth-before-tls", SUBMISSION),
+    "sender_forgery": ("submission.sender-forgery", SUBMISSION),
+    "vrfy_confirms": ("disclosure.vrfy-expn", DISCLOSURE),
+    "banner_version": ("disclosure.banner", DISCLOSURE),
+    "no_starttls": ("tls.starttls", TLS),
+    "no_stls": ("tls.pop3-stls", TLS),
+    "pop3_user_before_stls": ("pop3.plaintext-auth", TLS),
+    "old_tls": ("tls.versions", TLS),
+    "weak_ciphers": ("tls.ciphers", TLS),
+    "starttls_injection": ("tls.injection-smtp", TLS),
+    "stls_injection": ("tls.injection-pop3", TLS),
+    "smuggle_lf": ("smuggling.end-of-data", ["smuggling", "limits.size"]),
+    "no_line_limit": ("limits.long-line", LIMITS),
+    "no_size_limit": ("limits.size", LIMITS),
+    "no_rcpt_limit": ("limits.recipients", LIMITS),
+    "accept_nul": ("limits.nul", LIMITS),
+    "exhaustible": ("limits.idle-connections", ["limits.idle-connections", "limits.liveness"]),
+}
+
+
+def test_every_weakness_has_a_case() -> None:
+    assert set(CASES) == set(Weakness.names())
+
+
+def _argv(server: WeakServer, password_file: Callable[[str], str]) -> list[str]:
+    return ["127.0.0.1", *port_args(server.ports), "--domain", "weak.test", "--user", "alice",
+            "--auth-user", "alice@weak.test", "--auth-password-file",
+            password_file("alice-pw"), *FAST, "--json"]
+
+
+def test_careful_server_nothing_fails(
+    weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    dns: DNSServer, capsys: pytest.CaptureFixture[str],
+) -> None:
+    dns.add_mx("weak.test", "mx.weak.test")
+    dns.add_txt("weak.test", "v=spf1 mx -all")
+    dns.add_txt("_dmarc.weak.test", "v=DMARC1; p=reject")
+    server = weak_factory()
+    code, out, _ = run_audit(capsys, [*_argv(server, password_file),
+                                      "--resolver", f"127.0.0.1:{dns.port}",
+                                      "--dnsbl", "bl.test"])
+    got = statuses(out)
+    assert code == 0
+    # The certificate is not trusted (WARN); every other check passes, none is skipped.
+    assert {k: v for k, v in got.items() if v != "PASS"} == {"tls.certificate": "WARN"}
+
+
+@pytest.mark.parametrize("weakness", sorted(CASES))
+def test_one_weakness_fails_exactly_its_check(
+    weakness: str, weak_factory: Callable[..., WeakServer],
+    password_file: Callable[[str], str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    expected, family = CASES[weakness]
+    server = weak_factory(**{weakness: True})
+    code, out, _ = run_audit(capsys, [*_argv(server, password_file), "--only", *family])
+    got = statuses(out)
+    assert expected in got
+    assert [k for k, v in got.items() if v == "FAIL"] == [expected]
+    assert not [k for k, v in got.items() if v == "INCONCLUSIVE"]
+    assert code == 1
+
+
+def test_failed_control_is_inconclusive_not_pass(
+    weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Refusals mean nothing when the known user is refused too: say so, do not PASS."""
+    server = weak_factory()
+    code, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), "--domain",
+                                      "weak.test", "--user", "nobody", *FAST, "--json",
+                                      "--only", "relay", "backscatter", "smuggling"])
+    report = json.loads(out)
+    got = {c["id"]: (c["status"], c["note_key"]) for c in report["checks"]}
+    assert got == {"relay.open": ("INCONCLUSIVE", "control.known-refused"),
+                   "backscatter.unknown-user": ("INCONCLUSIVE", "control.known-refused"),
+                   "smuggling.end-of-data": ("INCONCLUSIVE", "control.known-refused")}
+    assert code == 0
+
+
+def test_postfix_gets_postfix_fixes(
+    weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = weak_factory(banner="weak.test ESMTP Postfix (Debian/GNU)", open_relay=True)
+    code, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), "--domain",
+                                      "weak.test", "--user", "alice", *FAST, "--json",
+                                      "--only", "relay", "disclosure.banner"])
+    by_id = {c["id"]: c for c in json.loads(out)["checks"]}
+    assert code == 1
+    assert by_id["disclosure.banner"]["status"] == "WARN"  # the name, without version
+    assert "reject_unauth_destination" in by_id["relay.open"]["fix_postfix"]
+    assert any("accepted: MAIL FROM:" in e for e in by_id["relay.open"]["evidence"])
+
+
+def test_other_servers_get_no_postfix_fixes(
+    weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = weak_factory(open_relay=True)
+    _, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), "--domain",
+                                   "weak.test", "--user", "alice", *FAST, "--json",
+                                   "--only", "relay"])
+    assert json.loads(out)["checks"][0]["fix_postfix"] is None
