@@ -253,10 +253,13 @@ NOTES: dict[str, str] = {
     "tls.missing": "{where}",
     "tls.everywhere": "TLS works on {services}",
     "tls.old-accepted": "accepted: {where}",
-    "tls.old-refused": "TLS 1.0 and 1.1 refused (not testable here: {untestable})",
+    "tls.old-refused": "TLS 1.0 and 1.1 refused",
+    "tls.old-refused-partly": "TLS 1.0 and 1.1 refused (not testable here: {untestable})",
+    "tls.untestable": "this client's OpenSSL cannot offer any of {untestable}: nothing tested",
     "tls.weak-accepted": "accepted: {where}",
-    "tls.weak-refused": "no weak cipher class accepted (not testable with this OpenSSL: "
-                        "{untestable})",
+    "tls.weak-refused": "no weak cipher class accepted",
+    "tls.weak-refused-partly": "no weak cipher class accepted (not testable with this "
+                               "OpenSSL: {untestable})",
     "cert.expired": "expired: {where}",
     "cert.unverified": "{where}",
     "cert.ok": "certificates verify and are not about to expire",

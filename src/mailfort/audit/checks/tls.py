@@ -12,7 +12,7 @@ from cryptography import x509
 
 from mailfort.audit.client import ProbeError, RawClient, insecure_context
 from mailfort.audit.context import EHLO_NAME, IMPLICIT_TLS, Context, has_ext
-from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, skip
+from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, WARN, Verdict, check, skip
 
 TLS_SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s")
 OLD_VERSIONS = (("TLS 1.0", ssl.TLSVersion.TLSv1), ("TLS 1.1", ssl.TLSVersion.TLSv1_1))
@@ -113,7 +113,7 @@ def old_versions(ctx: Context) -> Verdict:
                 accepted.append(f"{service}: {got}")
     if accepted:
         return Verdict(FAIL, "tls.old-accepted", {"where": "; ".join(accepted)})
-    return Verdict(PASS, "tls.old-refused", {"untestable": ", ".join(untestable) or "-"})
+    return _refused("tls.old-refused", untestable, len(OLD_VERSIONS))
 
 
 @check("tls.ciphers", "4", order=42)
@@ -136,7 +136,16 @@ def weak_ciphers(ctx: Context) -> Verdict:
                 accepted.append(f"{service}: {label} ({got})")
     if accepted:
         return Verdict(FAIL, "tls.weak-accepted", {"where": "; ".join(accepted)})
-    return Verdict(PASS, "tls.weak-refused", {"untestable": ", ".join(untestable) or "-"})
+    return _refused("tls.weak-refused", untestable, len(WEAK_CLASSES))
+
+
+def _refused(key: str, untestable: list[str], tried: int) -> Verdict:
+    """Nothing was accepted: a PASS only for what this client could really offer."""
+    if len(untestable) == tried:  # nothing was offered, so a refusal proves nothing
+        return Verdict(INCONCLUSIVE, "tls.untestable", {"untestable": ", ".join(untestable)})
+    if untestable:
+        return Verdict(PASS, key + "-partly", {"untestable": ", ".join(untestable)})
+    return Verdict(PASS, key, {})
 
 
 def _reason(exc: Exception) -> str:
