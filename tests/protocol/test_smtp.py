@@ -181,7 +181,7 @@ def test_data_line_too_long_across_many_chunks_keeps_memory_bounded() -> None:
     d.transaction(b"Subject: x\r\n\r\n")
     for _ in range(200):
         d.send(b"z" * 10_000)
-    assert len(d.engine._inbuf) < 2000
+    assert len(d.engine._lines.buffer) < 2000
     out = d.send(b"\r\n.\r\n")
     assert out.startswith("552 5.6.0")
 
