@@ -169,7 +169,8 @@ def test_auth_plain_refuses_proxy_authorization_and_other_mechanisms() -> None:
     assert [r[:4] for r in lines(out)] == ["-ERR", "-ERR"]
 
 
-@pytest.mark.parametrize("arg", ["\u00e9", "\u00e9\u00e9\u00e9\u00e9", "AGFsaWNlAHB3\u00e9", "\U0001f600"])
+@pytest.mark.parametrize(
+    "arg", ["\u00e9", "\u00e9\u00e9\u00e9\u00e9", "AGFsaWNlAHB3\u00e9", "\U0001f600"])
 def test_non_ascii_initial_response_gets_err_not_an_exception(arg: str) -> None:
     """Issue 15 item 2: ``AUTH PLAIN é`` raised UnicodeEncodeError out of the engine."""
     e = POP3Engine(STLS_SETTINGS, tls_active=True)
@@ -430,6 +431,7 @@ def test_random_streams_never_crash_or_skip_authentication(
         if e.state in (State.TRANSACTION, State.UPDATE):
             assert accepted
     assert e.state is not State.TRANSACTION or accepted
+    assert e.internal_error is None
 
 
 # ------------------------------------------------------------------ fuzzing with AUTH
@@ -503,3 +505,4 @@ def test_random_commands_with_auth_always_get_a_reply(
     assert tail or e.closed
     for ln in (out + tail).split(b"\r\n")[:-1]:
         assert ln.startswith((b"+OK", b"-ERR", b"+ ")) or ln == b"." or ln[:1].isalnum(), ln
+    assert e.internal_error is None

@@ -359,6 +359,7 @@ def test_arbitrary_streams_never_crash_and_never_store_malformed(chunks: list[by
         assert msg.count(b"\r") == msg.count(b"\n") == msg.count(b"\r\n")
         assert all(len(line) <= 998 for line in msg.split(b"\r\n"))
         assert len(msg) <= 4096
+    assert d.engine.internal_error is None
 
 
 # ------------------------------------------------------------------ fuzzing with AUTH
@@ -410,3 +411,4 @@ def test_arbitrary_streams_with_auth_never_crash(
             assert d.engine.tls_active or not requires_tls
     for line in out.split("\r\n")[:-1]:
         assert line[:3].isdigit() and line[3:4] in (" ", "-"), line
+    assert d.engine.internal_error is None

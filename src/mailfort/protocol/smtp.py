@@ -30,13 +30,6 @@ from mailfort.protocol.address import AddressError, Mailbox, parse_mail_argument
 from mailfort.protocol.body import DATA_LINE_TOO_LONG, BodyChecker
 from mailfort.protocol.errors import ErrorCounter
 from mailfort.protocol.lines import LineError, LineReader
-from mailfort.protocol.sasl import (
-    MAX_SASL_LINE,
-    SaslError,
-    decode_response,
-    decode_text,
-    parse_plain,
-)
 from mailfort.protocol.replies import (
     BAD_SEQUENCE,
     IDLE_TIMEOUT,
@@ -45,6 +38,13 @@ from mailfort.protocol.replies import (
     SYNTAX_ERROR,
     TOO_MANY_ERRORS,
     Reply,
+)
+from mailfort.protocol.sasl import (
+    MAX_SASL_LINE,
+    SaslError,
+    decode_response,
+    decode_text,
+    parse_plain,
 )
 
 # ---------------------------------------------------------------------------- events
