@@ -61,7 +61,7 @@ class Session:
 
     @property
     def sasl_prompt(self) -> bytes:
-        return b"334" if self.kind == "smtp" else b"+ "
+        return b"334 " if self.kind == "smtp" else b"+ "
 
 
 KINDS = pytest.mark.parametrize("kind", ["smtp", "pop3"])

@@ -285,7 +285,7 @@ def test_auth_plain_and_login_after_tls() -> None:
 def test_auth_cancel_and_credentials_hidden_in_repr() -> None:
     d = Driver(auth_mechanisms=("PLAIN",), auth_requires_tls=False)
     d.send(b"EHLO c\r\n")
-    assert d.send(b"AUTH PLAIN\r\n").startswith("334")
+    assert d.send(b"AUTH PLAIN\r\n") == "334 \r\n"  # RFC 4954 §8: "334" SP [base64]
     assert d.send(b"*\r\n").startswith("501")
     ev = AuthCredentials("PLAIN", "alice", "hunter2")
     assert "hunter2" not in repr(ev)

@@ -42,7 +42,7 @@ from mailfort.protocol.sasl import (
 )
 
 MAX_LINE = 255  # octets including CRLF (RFC 2449 §4)
-MAX_AUTH_FAILURES = 3  # per session; the shared counters handle the rest
+MAX_AUTH_FAILURES = 3  # the third failed login ends the session; shared counters do the rest
 CRLF = b"\r\n"
 
 # ---------------------------------------------------------------------------- events

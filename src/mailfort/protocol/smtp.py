@@ -633,7 +633,7 @@ class SMTPEngine:
             self._auth_continue(initial.encode("utf-8"))
         elif mech == "PLAIN":
             self._state = _S.AUTH
-            self._reply(Reply(334, "", ""))
+            self._out.append(b"334 \r\n")  # RFC 4954: "334" SP [base64], the SP even when empty
         else:  # LOGIN
             self._state = _S.AUTH
             self._reply(Reply(334, "", "VXNlcm5hbWU6"))
