@@ -155,3 +155,24 @@ def test_sasl_response_limit_is_the_same(kind: str) -> None:
     s.send(b"AUTH PLAIN\r\n")
     out = s.send(b"A" * (MAX_SASL_LINE - 1) + b"\r\n")
     assert len(out) == 1 and b"too long" in out[0].lower()
+
+
+@KINDS
+def test_a_bug_inside_an_engine_becomes_a_reply_and_a_close(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last line of defence: an exception in a command handler does not escape
+    ``next_event`` (the server would log a traceback per client line); the client gets a
+    temporary failure and the exception is kept for the server."""
+    def broken(engine: object, arg: str) -> None:
+        raise ValueError("bug")
+
+    if kind == "smtp":
+        monkeypatch.setitem(smtp._HANDLERS, "NOOP", broken)
+    else:
+        monkeypatch.setitem(pop3._AUTH_CMDS, "NOOP", broken)
+    s = Session(kind)
+    out = s.send(b"NOOP\r\nQUIT\r\n")
+    assert len(out) == 1 and out[0].startswith((b"421 4.3.0", b"-ERR [SYS/TEMP]"))
+    assert s.closed
+    assert isinstance(s.engine.internal_error, ValueError)

@@ -197,8 +197,7 @@ def test_bare_lf_ends_no_line() -> None:
 
 
 def test_credentials_before_tls_count_as_errors() -> None:
-    """Every -ERR counts: USER before STLS repeated forever no longer goes unanswered by
-    the error limit."""
+    """Every -ERR counts: USER refused before STLS, repeated, once went on forever."""
     e = POP3Engine(STLS_SETTINGS)
     _, out = run(e, b"USER a\r\n" * 10)
     assert e.closed
