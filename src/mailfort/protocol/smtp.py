@@ -189,8 +189,8 @@ _LINE_ERRORS = {
     LineError.BARE_LINE_ENDING: BARE_LF_COMMAND,
     LineError.NUL: NUL_COMMAND,
 }
-# RFC 4954 §4: 501 for a response that cannot be decoded or a cancel; 535 for PLAIN that
-# decodes but is malformed or asks for proxy authorization.
+# RFC 4954: 501 for a response that cannot be decoded or a cancel (§4); 535 for PLAIN that
+# decodes but is malformed or asks for proxy authorization (§6).
 _SASL_ERRORS = {
     SaslError.CANCELLED: AUTH_CANCELLED,
     SaslError.BAD_BASE64: AUTH_BAD_B64,
@@ -633,7 +633,7 @@ class SMTPEngine:
             self._auth_continue(initial.encode("utf-8"))
         elif mech == "PLAIN":
             self._state = _S.AUTH
-            self._out.append(b"334 \r\n")  # RFC 4954: "334" SP [base64], the SP even when empty
+            self._out.append(b"334 \r\n")  # RFC 4954 syntax: "334" SP [base64], SP even if empty
         else:  # LOGIN
             self._state = _S.AUTH
             self._reply(Reply(334, "", "VXNlcm5hbWU6"))
