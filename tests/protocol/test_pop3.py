@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -167,6 +169,42 @@ def test_auth_plain_refuses_proxy_authorization_and_other_mechanisms() -> None:
     assert [r[:4] for r in lines(out)] == ["-ERR", "-ERR"]
 
 
+@pytest.mark.parametrize(
+    "arg", ["\u00e9", "\u00e9\u00e9\u00e9\u00e9", "AGFsaWNlAHB3\u00e9", "\U0001f600"])
+def test_non_ascii_initial_response_gets_err_not_an_exception(arg: str) -> None:
+    """Issue 15 item 2: ``AUTH PLAIN é`` raised UnicodeEncodeError out of the engine."""
+    e = POP3Engine(STLS_SETTINGS, tls_active=True)
+    events, out = run(e, f"AUTH PLAIN {arg}\r\nCAPA\r\n".encode())
+    assert events == []
+    assert lines(out)[0] == "-ERR Invalid base64 in SASL response"
+    assert lines(out)[1].startswith("+OK Capability")  # the session goes on
+    assert e.internal_error is None
+
+
+def test_authzid_naming_the_same_account_in_another_spelling_is_accepted() -> None:
+    e = POP3Engine(STLS_SETTINGS, tls_active=True)
+    token = base64.b64encode(b"ALICE@Example.Test.\0alice@example.test\0pw").decode()
+    events, _ = run(e, f"AUTH PLAIN {token}\r\n".encode())
+    assert events == [CheckCredentials("alice@example.test", "pw", "PLAIN")]
+
+
+def test_bare_lf_ends_no_line() -> None:
+    """CRLF only, as in SMTP: ``USER x<LF>`` is refused, not taken as a command."""
+    e = POP3Engine(STLS_SETTINGS, tls_active=True)
+    events, out = run(e, b"USER alice\nPASS pw\r\n")
+    assert events == []
+    assert lines(out) == ["-ERR Bare CR or LF in command line not allowed", "-ERR USER first"]
+
+
+def test_credentials_before_tls_count_as_errors() -> None:
+    """Every -ERR counts: USER refused before STLS, repeated, once went on forever."""
+    e = POP3Engine(STLS_SETTINGS)
+    _, out = run(e, b"USER a\r\n" * 10)
+    assert e.closed
+    assert lines(out)[-1] == "-ERR Too many errors, closing connection"
+    assert len(lines(out)) == 7
+
+
 def test_auth_without_mechanism_lists_plain() -> None:
     e = POP3Engine(STLS_SETTINGS, tls_active=True)
     _, out = run(e, b"AUTH\r\n")
@@ -212,7 +250,8 @@ def test_bad_commands_close_after_max_errors() -> None:
     _, out = run(e, b"FOO\r\n" * 10)
     assert e.closed
     assert lines(out)[-1].startswith("-ERR Too many errors")
-    assert len(lines(out)) == 6  # five errors, then the closing line; the rest unread
+    # max_errors=5: five errors are forgiven, the sixth is answered and ends the session
+    assert len(lines(out)) == 7
 
 
 def test_transaction_commands_per_rfc1939() -> None:
@@ -391,3 +430,78 @@ def test_random_streams_never_crash_or_skip_authentication(
         if e.state in (State.TRANSACTION, State.UPDATE):
             assert accepted
     assert e.state is not State.TRANSACTION or accepted
+    assert e.internal_error is None
+
+
+# ------------------------------------------------------------------ fuzzing with AUTH
+
+_VERBS = [b"USER", b"PASS", b"AUTH", b"AUTH PLAIN", b"auth plain", b"AUTH LOGIN", b"APOP",
+          b"STLS", b"CAPA", b"STAT", b"LIST", b"UIDL", b"RETR", b"TOP", b"DELE", b"RSET",
+          b"NOOP", b"QUIT"]
+_PLAIN = st.tuples(
+    st.sampled_from(["", "alice@example.test", "ALICE@Example.TEST.", "bob@example.test"]),
+    st.sampled_from(["", "alice@example.test", "\u00e9@example.test"]),
+    st.sampled_from(["", "pw", "p\u00e4ss"]),
+).map(lambda t: base64.b64encode("\0".join(t).encode()))
+# An argument is anything: raw bytes (non-ASCII, NUL, CR), text, base64 of a PLAIN message.
+_ARG = st.one_of(st.binary(max_size=40), st.text(min_size=1, max_size=20).map(str.encode),
+                 _PLAIN, st.binary(max_size=30).map(base64.b64encode))
+# Credentials commands are drawn more often: they are where the engine decodes the most.
+_VERB = st.one_of(st.sampled_from([b"AUTH PLAIN", b"USER", b"PASS"]), st.sampled_from(_VERBS))
+_LINE = st.one_of(
+    st.tuples(_VERB, _ARG).map(lambda t: t[0] + b" " + t[1]),
+    st.sampled_from(COMMANDS),
+    _ARG,  # a bare SASL continuation, or noise
+)
+_END = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b""])
+
+
+def _answer_pop3(e: POP3Engine, accept: Iterator[bool], plaintext: bool) -> None:
+    while (ev := e.next_event()) is not None:
+        if isinstance(ev, CheckCredentials):
+            assert e.tls_active or plaintext
+            if next(accept, False):
+                e.credentials_accepted(ev.username)
+            else:
+                e.credentials_refused()
+        elif isinstance(ev, OpenMailbox):
+            e.mailbox_opened(LISTING)
+        elif isinstance(ev, StartTLS):
+            e.tls_started()
+        elif isinstance(ev, Retrieve):
+            e.retrieve_started(LISTING[ev.index][1])
+            e.retrieve_done()
+        elif isinstance(ev, Quit):
+            e.update_done(0)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    tls=st.booleans(),
+    plaintext=st.booleans(),
+    lines_=st.lists(st.tuples(_LINE, _END), max_size=25),
+    accept=st.lists(st.booleans(), max_size=10),
+    split=st.integers(min_value=1, max_value=64),
+)
+def test_random_commands_with_auth_always_get_a_reply(
+    tls: bool, plaintext: bool, lines_: list[tuple[bytes, bytes]], accept: list[bool],
+    split: int,
+) -> None:
+    """Any bytes, with AUTH/USER/PASS reachable: never an exception, every line a reply."""
+    e = POP3Engine(EngineSettings(tls_available=True, allow_plaintext=plaintext), tls_active=tls)
+    e.greet()
+    answers = iter(accept)
+    data = b"".join(line + end for line, end in lines_)
+    out = e.take_output()
+    for i in range(0, len(data), split):
+        e.receive(data[i:i + split])
+        _answer_pop3(e, answers, plaintext)
+        out += e.take_output()
+    # the session still answers: end any partial line, then one command
+    e.receive(b"\r\nCAPA\r\n")
+    _answer_pop3(e, answers, plaintext)
+    tail = e.take_output()
+    assert tail or e.closed
+    for ln in (out + tail).split(b"\r\n")[:-1]:
+        assert ln.startswith((b"+OK", b"-ERR", b"+ ")) or ln == b"." or ln[:1].isalnum(), ln
+    assert e.internal_error is None

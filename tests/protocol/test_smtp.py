@@ -181,7 +181,7 @@ def test_data_line_too_long_across_many_chunks_keeps_memory_bounded() -> None:
     d.transaction(b"Subject: x\r\n\r\n")
     for _ in range(200):
         d.send(b"z" * 10_000)
-    assert len(d.engine._inbuf) < 2000
+    assert len(d.engine._lines.buffer) < 2000
     out = d.send(b"\r\n.\r\n")
     assert out.startswith("552 5.6.0")
 
@@ -285,7 +285,7 @@ def test_auth_plain_and_login_after_tls() -> None:
 def test_auth_cancel_and_credentials_hidden_in_repr() -> None:
     d = Driver(auth_mechanisms=("PLAIN",), auth_requires_tls=False)
     d.send(b"EHLO c\r\n")
-    assert d.send(b"AUTH PLAIN\r\n").startswith("334")
+    assert d.send(b"AUTH PLAIN\r\n") == "334 \r\n"  # RFC 4954 §8: "334" SP [base64]
     assert d.send(b"*\r\n").startswith("501")
     ev = AuthCredentials("PLAIN", "alice", "hunter2")
     assert "hunter2" not in repr(ev)
@@ -359,3 +359,56 @@ def test_arbitrary_streams_never_crash_and_never_store_malformed(chunks: list[by
         assert msg.count(b"\r") == msg.count(b"\n") == msg.count(b"\r\n")
         assert all(len(line) <= 998 for line in msg.split(b"\r\n"))
         assert len(msg) <= 4096
+    assert d.engine.internal_error is None
+
+
+# ------------------------------------------------------------------ fuzzing with AUTH
+
+_SMTP_VERBS = [b"EHLO", b"HELO", b"AUTH", b"AUTH PLAIN", b"auth plain", b"AUTH LOGIN",
+               b"AUTH CRAM-MD5", b"MAIL FROM:", b"RCPT TO:", b"DATA", b"BDAT", b"RSET",
+               b"NOOP", b"VRFY", b"STARTTLS", b"QUIT"]
+_SASL_PLAIN = st.tuples(
+    st.sampled_from(["", "alice", "ALICE", "bob"]),
+    st.sampled_from(["", "alice", "\u00e9"]),
+    st.sampled_from(["", "secret", "p\u00e4ss"]),
+).map(lambda t: base64.b64encode("\0".join(t).encode()))
+_SMTP_ARG = st.one_of(st.binary(max_size=40), st.text(max_size=20).map(str.encode), _SASL_PLAIN,
+                      st.binary(max_size=30).map(base64.b64encode))
+_SMTP_LINE = st.one_of(
+    _commands.map(lambda c: c.removesuffix(b"\r\n")),
+    st.tuples(st.sampled_from(_SMTP_VERBS), _SMTP_ARG).map(lambda t: t[0] + b" " + t[1]),
+    _SMTP_ARG,  # a SASL continuation, or noise
+)
+_SMTP_END = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b""])
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    tls=st.booleans(),
+    requires_tls=st.booleans(),
+    lines=st.lists(st.tuples(_SMTP_LINE, _SMTP_END), max_size=25),
+    split=st.integers(min_value=1, max_value=64),
+)
+def test_arbitrary_streams_with_auth_never_crash(
+    tls: bool, requires_tls: bool, lines: list[tuple[bytes, bytes]], split: int
+) -> None:
+    """AUTH offered (PLAIN and LOGIN): any bytes get well-formed replies, never an exception; a
+    session is authenticated only by a positive answer to an AuthCredentials event."""
+    d = Driver(tls_available=True, auth_mechanisms=("PLAIN", "LOGIN"),
+               auth_requires_tls=requires_tls, max_message_size=4096)
+    d.engine.tls_active = tls
+    data = b"".join(line + end for line, end in lines)
+    out = ""
+    for i in range(0, len(data), split):
+        out += d.send(data[i:i + split])
+        if d.engine.waiting and isinstance(d.events[-1], StartTLS):
+            d.engine.tls_started()
+        if d.engine.authenticated_as is not None:
+            creds = [e for e in d.events if isinstance(e, AuthCredentials)]
+            assert creds and d.engine.authenticated_as == creds[-1].username == "alice"
+    for ev in d.events:
+        if isinstance(ev, AuthCredentials):
+            assert d.engine.tls_active or not requires_tls
+    for line in out.split("\r\n")[:-1]:
+        assert line[:3].isdigit() and line[3:4] in (" ", "-"), line
+    assert d.engine.internal_error is None

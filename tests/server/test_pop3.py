@@ -671,3 +671,27 @@ async def test_read_ahead_never_answers_the_wrong_command(lab: POP3Lab) -> None:
 
     files = await in_thread(files_once_filed)
     assert len(files) == 3 and all(f.endswith(":2,S") for f in files)
+
+
+async def test_non_ascii_auth_before_login_gets_an_err_over_pop3s(
+    lab: POP3Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 15 item 2: ``AUTH PLAIN é`` over POP3S once raised out of the engine, logged a
+    traceback and dropped the connection; it must get -ERR and the session go on."""
+    lab.deliver(ALICE, CRLF_MSG)
+
+    def session() -> tuple[bytes, tuple[int, int]]:
+        c = poplib.POP3_SSL("127.0.0.1", lab.tls_port, context=lab.client_ctx, timeout=10)
+        with pytest.raises(poplib.error_proto) as refused:
+            c._shortcmd("AUTH PLAIN \u00e9")  # poplib sends it as UTF-8
+        c.user(ALICE)
+        c.pass_(PASSWORDS[ALICE])
+        stat = c.stat()
+        c.quit()
+        return refused.value.args[0], stat
+
+    with caplog.at_level("WARNING"):
+        reply, stat = await in_thread(session)
+    assert reply.startswith(b"-ERR")
+    assert stat == (1, len(CRLF_MSG))  # the same connection went on to log in
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

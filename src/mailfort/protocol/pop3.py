@@ -19,19 +19,30 @@ owns the outside world and answers each waiting event:
 
 The message listing (STAT, LIST, UIDL) and the deletion marks (DELE, RSET) are plain data
 held here, so most of a session is answered without the server. No sockets, clocks or disk.
+
+Lines, the error limit and SASL follow the rules shared with the SMTP engine
+(``lines``, ``errors``, ``sasl``). Every byte sequence gets a ``-ERR`` at worst: an
+exception inside the engine is a bug, and even then it closes the session with
+``[SYS/TEMP]`` and is kept in ``internal_error`` rather than escaping to the server.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from mailfort.protocol.errors import ErrorCounter
+from mailfort.protocol.lines import LineError, LineReader
+from mailfort.protocol.sasl import (
+    MAX_SASL_LINE,
+    SaslError,
+    decode_response,
+    parse_plain,
+)
+
 MAX_LINE = 255  # octets including CRLF (RFC 2449 §4)
-MAX_SASL_LINE = 12288  # SASL responses get a bounded limit of their own (RFC 5034 §4)
-MAX_AUTH_FAILURES = 3  # per session; the shared counters handle the rest
+MAX_AUTH_FAILURES = 3  # the third failed login ends the session; shared counters do the rest
 CRLF = b"\r\n"
 
 # ---------------------------------------------------------------------------- events
@@ -101,6 +112,19 @@ AUTH_FAILED = "[AUTH] Authentication failed"
 IN_USE = "[IN-USE] Mailbox is locked by another session"
 SYS_TEMP = "[SYS/TEMP] Temporary system problem, try again later"
 LINE_TOO_LONG = "Command line too long"
+BARE_LINE_ENDING = "Bare CR or LF in command line not allowed"
+NUL_IN_LINE = "NUL character in command line not allowed"
+_LINE_ERRORS = {
+    LineError.TOO_LONG: LINE_TOO_LONG,
+    LineError.BARE_LINE_ENDING: BARE_LINE_ENDING,
+    LineError.NUL: NUL_IN_LINE,
+}
+_SASL_ERRORS = {
+    SaslError.CANCELLED: "[AUTH] Authentication cancelled",
+    SaslError.BAD_BASE64: "Invalid base64 in SASL response",
+    SaslError.MALFORMED: "Malformed PLAIN response",
+    SaslError.NOT_AUTHORIZED: "[AUTH] Proxy authorization not supported",
+}
 TOO_MANY_ERRORS = "Too many errors, closing connection"
 IDLE_TIMEOUT = "Idle timeout, closing connection"
 
@@ -135,13 +159,13 @@ class POP3Engine:
         self.tls_active = tls_active
         self.state = State.AUTHORIZATION
         self.user: str | None = None  # canonical address once authenticated
-        self._inbuf = bytearray()
+        self._lines = LineReader()
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self._wait = _W.NONE
-        self._errors = 0
+        self._errors = ErrorCounter(settings.max_errors)
         self._auth_failures = 0
-        self._discarding = False  # skipping the rest of an over-long line
+        self.internal_error: Exception | None = None  # a bug met while parsing, if any
         self._user_arg: str | None = None  # from USER, waiting for PASS
         self._uids: list[str] = []
         self._sizes: list[int] = []
@@ -171,11 +195,15 @@ class POP3Engine:
         through TLS and is kept for after ``tls_started``."""
         if self.closed:
             return
-        self._inbuf += data
+        self._lines.feed(data)
 
     def next_event(self) -> Event | None:
-        while not self._events and not self.waiting and not self.closed and self._step():
-            pass
+        try:
+            while not self._events and not self.waiting and not self.closed and self._step():
+                pass
+        except Exception as exc:  # a parser bug: a reply and a close, never a traceback
+            self.internal_error = exc
+            self._close("-ERR " + SYS_TEMP)
         return self._events.pop(0) if self._events else None
 
     def take_output(self) -> bytes:
@@ -278,7 +306,10 @@ class POP3Engine:
         self._out.append(b"+OK " + text.encode() + CRLF)
 
     def _err(self, text: str) -> None:
+        """A negative reply: counted (see ``errors``), and past the limit the session ends."""
         self._out.append(b"-ERR " + text.encode() + CRLF)
+        if self._errors.record():
+            self._close("-ERR " + TOO_MANY_ERRORS)
 
     def _close(self, line: str) -> None:
         if self.closed:
@@ -286,68 +317,37 @@ class POP3Engine:
         self._out.append(line.encode() + CRLF)
         self.state = State.CLOSED
         self._wait = _W.NONE
-        self._inbuf.clear()
+        self._lines.clear()
         self._events.clear()
-
-    def _bad(self, text: str) -> None:
-        """A command error: counted, and too many end the session."""
-        self._errors += 1
-        if self._errors >= self.s.max_errors:
-            self._err(text)
-            self._close("-ERR " + TOO_MANY_ERRORS)
-        else:
-            self._err(text)
 
     def _step(self) -> bool:
         """Handle one line if a whole one is buffered; False when more input is needed."""
-        buf = self._inbuf
-        if self._discarding:  # the tail of an over-long line: drop up to its LF
-            end = buf.find(b"\n")
-            if end < 0:
-                buf.clear()
-                return False
-            del buf[:end + 1]
-            self._discarding = False
-            return True
-        limit = MAX_SASL_LINE if self._wait is _W.SASL else MAX_LINE
-        end = buf.find(b"\n", 0, limit)
-        if end < 0:
-            if len(buf) >= limit:  # no LF within the limit: refuse now, skip to the next LF
-                del buf[:limit]
-                self._discarding = True
-                self._line_too_long()
-                return True
+        sasl = self._wait is _W.SASL
+        line = self._lines.next_line(MAX_SASL_LINE if sasl else MAX_LINE)
+        if line is None:
             return False
-        line = bytes(buf[:end + 1])
-        del buf[:end + 1]
-        line = line[:-2] if line.endswith(CRLF) else line[:-1]
-        if self._wait is _W.SASL:
+        if isinstance(line, LineError):
+            self._wait = _W.NONE  # a bad line also ends a SASL exchange
+            self._err(_LINE_ERRORS[line])
+        elif sasl:
             self._sasl_response(line)
         else:
             self._command(line)
         return True
 
-    def _line_too_long(self) -> None:
-        if self._wait is _W.SASL:
-            self._wait = _W.NONE
-        self._bad(LINE_TOO_LONG)
-
     def _command(self, line: bytes) -> None:
-        if b"\0" in line or b"\r" in line:
-            self._bad("Invalid characters in command")
-            return
         try:  # UTF-8 so that PASS can carry any password (RFC 1939 says nothing of charset)
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            self._bad("Command must be UTF-8")
+            self._err("Command must be UTF-8")
             return
         verb, _, arg = text.partition(" ")
         handler = _COMMANDS.get(self.state, {}).get(verb.upper())
         if handler is None:
             if verb.upper() in _KNOWN:
-                self._bad(f"{verb.upper()} not allowed now")
+                self._err(f"{verb.upper()} not allowed now")
             else:
-                self._bad("Unknown command")
+                self._err("Unknown command")
             return
         handler(self, arg)
 
@@ -362,7 +362,7 @@ class POP3Engine:
         """The 0-based index of a live message, or None after an -ERR."""
         n = _parse_number(arg)
         if n is None:
-            self._bad("Invalid message number")
+            self._err("Invalid message number")
             return None
         if not 1 <= n <= len(self._uids):
             self._err("No such message")
@@ -385,15 +385,14 @@ class POP3Engine:
 
     def _cmd_stls(self, arg: str) -> None:
         if arg:
-            self._bad("STLS takes no argument")
+            self._err("STLS takes no argument")
         elif self.tls_active:
-            self._bad("TLS already active")
+            self._err("TLS already active")
         elif not self.s.tls_available:
-            self._bad("STLS not available")
+            self._err("STLS not available")
         else:
             self._ok("Begin TLS negotiation")
-            self._inbuf.clear()  # pipelined plaintext after STLS is discarded
-            self._discarding = False
+            self._lines.clear()  # pipelined plaintext after STLS is discarded
             self._wait = _W.TLS
             self._events.append(StartTLS())
 
@@ -402,7 +401,7 @@ class POP3Engine:
             self._err(NEED_TLS)
             return
         if not arg:
-            self._bad("USER needs a name")
+            self._err("USER needs a name")
             return
         self._user_arg = arg
         self._ok("Send PASS")  # the same whether the user exists or not
@@ -412,7 +411,7 @@ class POP3Engine:
             self._err(NEED_TLS)
             return
         if self._user_arg is None:
-            self._bad("USER first")
+            self._err("USER first")
             return
         user, self._user_arg = self._user_arg, None
         self._check(user, arg, "USER")
@@ -432,40 +431,24 @@ class POP3Engine:
             self._multiline("Mechanisms follow", ["PLAIN"])
             return
         if mech.upper() != "PLAIN":
-            self._bad("Unsupported authentication mechanism")
+            self._err("Unsupported authentication mechanism")
             return
         self._user_arg = None
         if not initial:
             self._wait = _W.SASL
             self._out.append(b"+ " + CRLF)
-        elif initial == "=":
-            self._plain(b"")
-        else:
-            self._sasl_response(initial.encode("ascii"))
+        else:  # the initial response may be any UTF-8 the client typed: sasl judges it
+            self._sasl_response(initial.encode("utf-8"))
 
     def _sasl_response(self, line: bytes) -> None:
+        """One PLAIN response (RFC 4616), by the rules of ``sasl``."""
         self._wait = _W.NONE
-        if line == b"*":
-            self._err("[AUTH] Authentication cancelled")
-            return
-        try:
-            decoded = base64.b64decode(line, validate=True)
-        except (binascii.Error, ValueError):
-            self._bad("Invalid base64 in SASL response")
-            return
-        self._plain(decoded)
-
-    def _plain(self, msg: bytes) -> None:
-        """RFC 4616: authzid NUL authcid NUL passwd; no proxy authorization."""
-        parts = msg.split(b"\0")
-        try:
-            authzid, authcid, passwd = (p.decode("utf-8") for p in parts)
-        except (ValueError, UnicodeDecodeError):  # not three parts, or not UTF-8
-            authzid = authcid = passwd = ""
-        if not authcid or not passwd or (authzid and authzid.lower() != authcid.lower()):
-            self._bad("Malformed or unsupported PLAIN response")
-            return
-        self._check(authcid, passwd, "PLAIN")
+        decoded = decode_response(line)
+        creds = decoded if isinstance(decoded, SaslError) else parse_plain(decoded)
+        if isinstance(creds, SaslError):
+            self._err(_SASL_ERRORS[creds])
+        else:
+            self._check(creds.authcid, creds.password, "PLAIN")
 
     def _check(self, user: str, password: str, mechanism: str) -> None:
         self._wait = _W.CREDENTIALS
@@ -483,7 +466,7 @@ class POP3Engine:
 
     def _cmd_stat(self, arg: str) -> None:
         if arg:
-            self._bad("STAT takes no argument")
+            self._err("STAT takes no argument")
             return
         n, total = self._stat()
         self._ok(f"{n} {total}")
@@ -514,7 +497,7 @@ class POP3Engine:
         msg, _, lines = arg.partition(" ")
         n = _parse_number(lines)
         if n is None:
-            self._bad("Usage: TOP message lines")
+            self._err("Usage: TOP message lines")
             return
         i = self._message(msg)
         if i is not None:

@@ -15,17 +15,21 @@ server owns everything that needs the outside world and answers through ``decide
   the output is written.
 
 No sockets, clocks or disk: the same engine runs MX, submission, the lab and the fuzzers.
+Command lines, the error limit and SASL follow the rules shared with the POP3 engine
+(``lines``, ``errors``, ``sasl``). Every byte sequence gets a reply: an exception inside
+the engine is a bug, and even then it closes the session with 421 and is kept in
+``internal_error`` rather than escaping to the server.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 from dataclasses import dataclass, field
 
 from mailfort.protocol.address import AddressError, Mailbox, parse_mail_argument
 from mailfort.protocol.body import DATA_LINE_TOO_LONG, BodyChecker
+from mailfort.protocol.errors import ErrorCounter
+from mailfort.protocol.lines import LineError, LineReader
 from mailfort.protocol.replies import (
     BAD_SEQUENCE,
     IDLE_TIMEOUT,
@@ -34,6 +38,13 @@ from mailfort.protocol.replies import (
     SYNTAX_ERROR,
     TOO_MANY_ERRORS,
     Reply,
+)
+from mailfort.protocol.sasl import (
+    MAX_SASL_LINE,
+    SaslError,
+    decode_response,
+    decode_text,
+    parse_plain,
 )
 
 # ---------------------------------------------------------------------------- events
@@ -143,7 +154,6 @@ class _S(enum.Enum):
     CLOSED = "closed"
 
 
-_MAX_AUTH_LINE = 12288  # RFC 4954 §4
 _CRLF = b"\r\n"
 
 GREETING_TEXT = "ESMTP ready"
@@ -172,6 +182,21 @@ AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transa
 AUTH_BAD_MECH = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
 AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 AUTH_BAD_B64 = Reply(501, "5.5.2", "Cannot decode response")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection")
+_LINE_ERRORS = {
+    LineError.TOO_LONG: LINE_TOO_LONG,
+    LineError.BARE_LINE_ENDING: BARE_LF_COMMAND,
+    LineError.NUL: NUL_COMMAND,
+}
+# RFC 4954: 501 for a response that cannot be decoded or a cancel (§4); 535 for PLAIN that
+# decodes but is malformed or asks for proxy authorization (§6).
+_SASL_ERRORS = {
+    SaslError.CANCELLED: AUTH_CANCELLED,
+    SaslError.BAD_BASE64: AUTH_BAD_B64,
+    SaslError.MALFORMED: AUTH_INVALID,
+    SaslError.NOT_AUTHORIZED: AUTH_INVALID,
+}
 BYE = Reply(221, "2.0.0", "Bye")
 START_INPUT = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
@@ -186,11 +211,11 @@ class SMTPEngine:
         self.helo: str | None = None
         self.esmtp = False
         self._state = _S.COMMAND
-        self._inbuf = bytearray()
+        self._lines = LineReader()  # its buffer also holds DATA and BDAT octets
         self._out: list[bytes] = []
         self._events: list[Event] = []
-        self._errors = 0
-        self._discarding_line = False  # skipping the rest of an over-long command line
+        self._errors = ErrorCounter(settings.max_errors)
+        self.internal_error: Exception | None = None  # a bug met while parsing, if any
         self._pending: type | None = None  # event type awaiting decide()
         self._reset_transaction()
         # AUTH exchange
@@ -221,13 +246,17 @@ class SMTPEngine:
 
     def receive(self, data: bytes) -> None:
         if self._state is not _S.CLOSED:
-            self._inbuf += data
+            self._lines.feed(data)
 
     def next_event(self) -> Event | None:
         """The next event, or None when more input (or a decision) is needed."""
-        while not self._events:
-            if self._state in (_S.WAIT, _S.CLOSED) or not self._step():
-                break
+        try:
+            while not self._events:
+                if self._state in (_S.WAIT, _S.CLOSED) or not self._step():
+                    break
+        except Exception as exc:  # a parser bug: a reply and a close, never a traceback
+            self.internal_error = exc
+            self._close(INTERNAL_ERROR)
         return self._events.pop(0) if self._events else None
 
     def take_output(self) -> bytes:
@@ -252,7 +281,7 @@ class SMTPEngine:
         elif pending is DataStart:
             self._start_body(reply)
         elif pending is MessageComplete:
-            self._reply(reply)
+            self._command_reply(reply)
             self._reset_transaction()
             self._events.append(ResetTransaction())
         elif pending is AuthCredentials:
@@ -300,16 +329,14 @@ class SMTPEngine:
         if self._mail_given or self._body is not None:
             self._events.append(MessageAborted(reply))
         self._state = _S.CLOSED
-        self._inbuf.clear()
+        self._lines.clear()
         self._events.append(Closing())
 
     def _command_reply(self, reply: Reply) -> None:
-        """Send a reply to a client command, counting client errors."""
+        """Send a reply to what the client sent; a negative one counts (see ``errors``)."""
         self._reply(reply)
-        if reply.code >= 400 and reply.code != 421:
-            self._errors += 1
-            if self._errors > self.s.max_errors:
-                self._close(TOO_MANY_ERRORS)
+        if reply.code >= 400 and reply.code != 421 and self._errors.record():
+            self._close(TOO_MANY_ERRORS)
 
     def _wait(self, event: Event) -> None:
         self._pending = type(event)
@@ -334,40 +361,20 @@ class SMTPEngine:
     # ------------------------------------------------------------------ command lines
 
     def _step_line(self) -> bool:
-        buf = self._inbuf
-        limit = _MAX_AUTH_LINE if self._state is _S.AUTH else self.s.max_command_line
-        nl = buf.find(b"\n", 0, limit)  # a line may be `limit` octets with its CRLF
-        if nl < 0:
-            if len(buf) >= limit:
-                if not self._discarding_line:
-                    self._discarding_line = True
-                    self._line_error(LINE_TOO_LONG)
-                del buf[: len(buf) - 1]  # keep a trailing CR for the CRLF check
-                return True
+        auth = self._state is _S.AUTH
+        line = self._lines.next_line(MAX_SASL_LINE if auth else self.s.max_command_line)
+        if line is None:
             return False
-        raw = bytes(buf[: nl + 1])
-        del buf[: nl + 1]
-        if self._discarding_line:
-            self._discarding_line = False
-            return True
-        if not raw.endswith(_CRLF) or b"\r" in raw[:-2]:
-            self._line_error(BARE_LF_COMMAND)
-            return True
-        line = raw[:-2]
-        if b"\0" in line:
-            self._line_error(NUL_COMMAND)
-            return True
-        if self._state is _S.AUTH:
+        if isinstance(line, LineError):
+            if auth:  # a bad line also ends a SASL exchange
+                self._state = _S.COMMAND
+                self._auth_user = None
+            self._command_reply(_LINE_ERRORS[line])
+        elif auth:
             self._auth_continue(line)
         else:
             self._command(line)
         return True
-
-    def _line_error(self, reply: Reply) -> None:
-        if self._state is _S.AUTH:
-            self._state = _S.COMMAND
-            self._auth_user = None
-        self._command_reply(reply)
 
     def _command(self, line: bytes) -> None:
         try:
@@ -594,7 +601,7 @@ class SMTPEngine:
             self._command_reply(BAD_SEQUENCE)
         else:
             self._reply(TLS_READY)
-            self._inbuf.clear()  # pipelined plaintext must never reach the TLS session
+            self._lines.clear()  # pipelined plaintext must never reach the TLS session
             self._wait(StartTLS())
 
     # ------------------------------------------------------------------ AUTH (SASL)
@@ -623,34 +630,30 @@ class SMTPEngine:
         self._auth_mech = mech
         self._auth_user = None
         if initial:
-            self._auth_continue(initial.encode("ascii", "replace"))
+            self._auth_continue(initial.encode("utf-8"))
         elif mech == "PLAIN":
             self._state = _S.AUTH
-            self._reply(Reply(334, "", ""))
+            self._out.append(b"334 \r\n")  # RFC 4954 syntax: "334" SP [base64], SP even if empty
         else:  # LOGIN
             self._state = _S.AUTH
             self._reply(Reply(334, "", "VXNlcm5hbWU6"))
 
     def _auth_continue(self, line: bytes) -> None:
+        """One SASL response (PLAIN, or a LOGIN step), by the rules of ``sasl``."""
         self._state = _S.COMMAND
-        if line == b"*":
-            self._auth_user = None
-            self._command_reply(AUTH_CANCELLED)
-            return
-        try:
-            decoded = base64.b64decode(line, validate=True) if line != b"=" else b""
-            text = decoded.decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            self._auth_user = None
-            self._command_reply(AUTH_BAD_B64)
-            return
         if self._auth_mech == "PLAIN":
-            parts = text.split("\0")
-            if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
-                self._command_reply(Reply(535, "5.7.8", "Authentication credentials invalid"))
+            decoded = decode_response(line)
+            creds = decoded if isinstance(decoded, SaslError) else parse_plain(decoded)
+            if isinstance(creds, SaslError):
+                self._command_reply(_SASL_ERRORS[creds])
                 return
-            self._auth_user = parts[1]
-            self._wait(AuthCredentials("PLAIN", parts[1], parts[2]))
+            self._auth_user = creds.authcid
+            self._wait(AuthCredentials("PLAIN", creds.authcid, creds.password))
+            return
+        text = decode_text(line)
+        if isinstance(text, SaslError):
+            self._auth_user = None
+            self._command_reply(_SASL_ERRORS[text])
         elif self._auth_user is None:  # LOGIN, first step: the user name
             self._auth_user = text
             self._state = _S.AUTH
@@ -662,7 +665,7 @@ class SMTPEngine:
 
     def _step_data(self) -> bool:
         """Consume complete lines of DATA; only <CRLF>.<CRLF> ends it."""
-        buf = self._inbuf
+        buf = self._lines.buffer
         body = self._body
         assert body is not None
         # The buffer always starts at the beginning of a line.
@@ -719,7 +722,7 @@ class SMTPEngine:
     # ------------------------------------------------------------------ BDAT
 
     def _step_bdat(self) -> bool:
-        buf = self._inbuf
+        buf = self._lines.buffer
         if self._bdat_left:
             if not buf:
                 return False
