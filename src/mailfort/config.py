@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailfort.protocol.errors import Slowdown
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown or its value is not allowed."""
@@ -58,13 +60,24 @@ class ListenConfig:
 class LimitsConfig:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
-    max_errors: int = 10
+    # Errors in a session: past soft_errors each negative reply is held error_delay seconds
+    # longer than the last (at most max_error_delay); past max_errors the session ends.
+    max_errors: int = 20
+    soft_errors: int = 10
+    error_delay: float = 0.5
+    max_error_delay: float = 5.0
     max_received_headers: int = 50
     idle_timeout: float = 300.0
     session_timeout: float = 3600.0
     max_connections: int = 5000
     max_connections_per_ip: int = 50
     pop3_idle_timeout: float = 600.0
+
+    @property
+    def error_slowdown(self) -> Slowdown | None:
+        if self.error_delay == 0 or self.max_error_delay == 0:
+            return None
+        return Slowdown(self.soft_errors, self.error_delay, self.max_error_delay)
 
 
 @dataclass(frozen=True)
@@ -225,6 +238,11 @@ def validate(cfg: Config) -> Config:
     for k in ("idle_timeout", "session_timeout", "pop3_idle_timeout"):
         if getattr(lim, k) <= 0:
             raise ConfigError(f"limits.{k}: must be a positive number of seconds")
+    if not 0 <= lim.soft_errors <= lim.max_errors:
+        raise ConfigError("limits.soft_errors: must be between 0 and limits.max_errors")
+    for k in ("error_delay", "max_error_delay"):
+        if getattr(lim, k) < 0:
+            raise ConfigError(f"limits.{k}: must be zero or a positive number of seconds")
     if cfg.store.flush not in ("syncfs", "fsync"):
         raise ConfigError("store.flush: allowed values are syncfs and fsync")
     if cfg.tls.min_version not in ("TLSv1.2", "TLSv1.3"):

@@ -8,7 +8,7 @@ import base64
 import pytest
 
 from mailfort.protocol import pop3, smtp
-from mailfort.protocol.errors import ErrorCounter
+from mailfort.protocol.errors import ErrorCounter, Slowdown
 from mailfort.protocol.replies import Reply
 from mailfort.protocol.sasl import MAX_SASL_LINE
 
@@ -18,7 +18,8 @@ ALICE = "alice@example.test"
 class Session:
     """One engine behind a common face: send bytes, get reply lines and credentials seen."""
 
-    def __init__(self, kind: str, max_errors: int = 10) -> None:
+    def __init__(self, kind: str, max_errors: int = 10,
+                 slowdown: Slowdown | None = None) -> None:
         self.kind = kind
         self.credentials: list[tuple[str, str]] = []
         self.engine: smtp.SMTPEngine | pop3.POP3Engine
@@ -26,13 +27,14 @@ class Session:
             self.limit = 512
             self.engine = smtp.SMTPEngine(
                 smtp.EngineSettings(hostname="mx.test", max_errors=max_errors,
-                                    auth_mechanisms=("PLAIN",)),
+                                    error_slowdown=slowdown, auth_mechanisms=("PLAIN",)),
                 tls_active=True)
             self.engine.greet()
             self.send(b"EHLO c.test\r\n")
         else:
             self.limit = pop3.MAX_LINE
-            self.engine = pop3.POP3Engine(pop3.EngineSettings(max_errors=max_errors),
+            self.engine = pop3.POP3Engine(pop3.EngineSettings(max_errors=max_errors,
+                                                              error_slowdown=slowdown),
                                           tls_active=True)
             self.engine.greet()
         self.engine.take_output()
@@ -70,6 +72,31 @@ KINDS = pytest.mark.parametrize("kind", ["smtp", "pop3"])
 def test_error_counter_tolerates_the_limit_and_closes_past_it() -> None:
     c = ErrorCounter(2)
     assert [c.record(), c.record(), c.record()] == [False, False, True]
+
+
+def test_error_counter_holds_replies_longer_past_the_soft_limit() -> None:
+    c = ErrorCounter(6, Slowdown(after=2, step=0.5, cap=1.2))
+    holds = []
+    for _ in range(7):
+        closing = c.record()
+        holds.append((closing, c.take_hold()))
+    assert holds == [(False, 0.0), (False, 0.0), (False, 0.5), (False, 1.0), (False, 1.2),
+                     (False, 1.2), (True, 0.0)]
+
+
+@KINDS
+def test_both_engines_ask_the_same_hold_and_never_for_the_closing_reply(kind: str) -> None:
+    s = Session(kind, max_errors=3, slowdown=Slowdown(after=1, step=0.25, cap=10.0))
+    holds = []
+    for _ in range(3):
+        assert s.negative(s.send(b"BOGUS\r\n")[0])
+        holds.append(s.engine.take_hold())
+    assert holds == [0.0, 0.25, 0.5]
+    s.send(b"NOOP\r\n" if kind == "smtp" else b"CAPA\r\n")  # positive: no hold
+    assert s.engine.take_hold() == 0.0
+    out = s.send(b"BOGUS\r\n")
+    assert b"Too many errors" in out[-1] and s.closed
+    assert s.engine.take_hold() == 0.0
 
 
 @KINDS

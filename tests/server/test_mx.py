@@ -9,6 +9,7 @@ import smtplib
 import ssl
 import subprocess
 import threading
+from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -277,14 +278,68 @@ async def test_limits_reply_and_server_keeps_serving(node: Node) -> None:
     assert replies[3].startswith("500 5.5.2")
     assert replies[4].startswith("500 5.5.2")
     assert replies[5].startswith("552 5.3.4")
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"BOGUS\r\n" * 11)
-    rest = (await asyncio.wait_for(reader.read(), 10)).decode().split("\r\n")
-    assert rest[-2].startswith("421 4.7.0")  # then the server hung up
-    assert sum(line.startswith("500 5.5.2") for line in rest) == 11
-    writer.close()
     ok = await raw_session(port, [b"EHLO c\r\n"])
     assert ok[1].startswith("250")
+
+
+@pytest.fixture
+async def strict_node(config_factory: Any, server_ssl_context: ssl.SSLContext
+                      ) -> AsyncIterator[Node]:
+    """Errors slow the session down after 2 and end it after 5 (defaults: 10 and 20)."""
+    cfg = config_factory(limits={"soft_errors": 2, "max_errors": 5, "error_delay": 0.2,
+                                 "max_error_delay": 0.3})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as n:
+        yield n
+
+
+async def test_errors_past_the_soft_limit_are_answered_later_then_the_session_ends(
+        strict_node: Node) -> None:
+    port = strict_node.port("mx")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await read_reply(reader)
+    loop = asyncio.get_running_loop()
+    waited = []
+    for _ in range(6):  # 5 tolerated, the 6th is answered and ends the session
+        start = loop.time()
+        writer.write(b"BOGUS\r\n")
+        reply = await read_reply(reader)
+        waited.append(loop.time() - start)
+        assert reply.startswith("500 5.5.2")
+    assert (await read_reply(reader)).startswith("421 4.7.0")
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # then the server hung up
+    writer.close()
+    # Errors 1-2 at once; 3rd held 0.2 s, 4th and 5th 0.3 s (the cap); the closing one not.
+    assert max(waited[:2]) < 0.15
+    assert all(w >= 0.19 for w in waited[2:5]), waited
+    assert waited[5] < 0.15, waited
+    ok = await raw_session(port, [b"EHLO c\r\n"])  # and it serves the next client
+    assert ok[1].startswith("250")
+
+
+async def test_pipelined_errors_are_answered_in_order_and_closed_at_the_hard_limit(
+        strict_node: Node) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", strict_node.port("mx"))
+    writer.write(b"BOGUS\r\n" * 8)  # more than the session may make
+    rest = (await asyncio.wait_for(reader.read(), 10)).decode().split("\r\n")
+    writer.close()
+    assert rest[0].startswith("220")
+    assert sum(line.startswith("500 5.5.2") for line in rest) == 6
+    assert rest[-2].startswith("421 4.7.0")
+
+
+async def test_a_relay_scanner_gets_every_answer_before_the_default_hard_limit(
+        config_factory: Any, server_ssl_context: ssl.SSLContext) -> None:
+    """16 relay probes in one session (a standard open-relay scan) all get their 554; the
+    default limits (slow down after 10 errors, end after 20) let it reach its verdict.
+    The delay step is made tiny here so the test does not wait for it."""
+    cfg = config_factory(limits={"error_delay": 0.001, "max_error_delay": 0.01})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as n:
+        probes = [b"RCPT TO:<victim%d@remote.test>\r\n" % i for i in range(16)]
+        replies = await raw_session(
+            n.port("mx"), [b"EHLO c\r\n", b"MAIL FROM:<s@remote.test>\r\n", *probes])
+    assert [r[:9] for r in replies[3:]] == ["554 5.7.1"] * 16
 
 
 async def test_message_too_big_is_discarded_while_streaming(

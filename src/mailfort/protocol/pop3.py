@@ -32,7 +32,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from mailfort.protocol.errors import ErrorCounter
+from mailfort.protocol.errors import ErrorCounter, Slowdown
 from mailfort.protocol.lines import LineError, LineReader
 from mailfort.protocol.sasl import (
     MAX_SASL_LINE,
@@ -103,6 +103,7 @@ class EngineSettings:
     tls_available: bool = False  # STLS can be offered (a certificate is configured)
     allow_plaintext: bool = False  # USER/PASS/AUTH before TLS (loopback listener, by config)
     max_errors: int = 10
+    error_slowdown: Slowdown | None = None  # replies held longer past a soft limit
     greeting: str = "POP3 ready"  # names no software or version
 
 
@@ -163,7 +164,7 @@ class POP3Engine:
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self._wait = _W.NONE
-        self._errors = ErrorCounter(settings.max_errors)
+        self._errors = ErrorCounter(settings.max_errors, settings.error_slowdown)
         self._auth_failures = 0
         self.internal_error: Exception | None = None  # a bug met while parsing, if any
         self._user_arg: str | None = None  # from USER, waiting for PASS
@@ -210,6 +211,12 @@ class POP3Engine:
         out = b"".join(self._out)
         self._out.clear()
         return out
+
+    def take_hold(self) -> float:
+        """Seconds the server should wait before sending what ``take_output`` returned:
+        more than zero only past the soft error limit (see ``errors``), never to close."""
+        hold = self._errors.take_hold()
+        return 0.0 if self.closed else hold
 
     def timeout(self) -> None:
         """Autologout (RFC 1939 §3): no UPDATE state, nothing is deleted."""

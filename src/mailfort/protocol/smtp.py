@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from mailfort.protocol.address import AddressError, Mailbox, parse_mail_argument
 from mailfort.protocol.body import DATA_LINE_TOO_LONG, BodyChecker
-from mailfort.protocol.errors import ErrorCounter
+from mailfort.protocol.errors import ErrorCounter, Slowdown
 from mailfort.protocol.lines import LineError, LineReader
 from mailfort.protocol.replies import (
     BAD_SEQUENCE,
@@ -136,6 +136,7 @@ class EngineSettings:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
     max_errors: int = 10
+    error_slowdown: Slowdown | None = None  # replies held longer past a soft limit
     max_received_headers: int = 50
     max_command_line: int = 512
     max_data_line: int = 1000
@@ -214,7 +215,7 @@ class SMTPEngine:
         self._lines = LineReader()  # its buffer also holds DATA and BDAT octets
         self._out: list[bytes] = []
         self._events: list[Event] = []
-        self._errors = ErrorCounter(settings.max_errors)
+        self._errors = ErrorCounter(settings.max_errors, settings.error_slowdown)
         self.internal_error: Exception | None = None  # a bug met while parsing, if any
         self._pending: type | None = None  # event type awaiting decide()
         self._reset_transaction()
@@ -263,6 +264,12 @@ class SMTPEngine:
         out = b"".join(self._out)
         self._out.clear()
         return out
+
+    def take_hold(self) -> float:
+        """Seconds the server should wait before sending what ``take_output`` returned:
+        more than zero only past the soft error limit (see ``errors``), never to close."""
+        hold = self._errors.take_hold()
+        return 0.0 if self._state is _S.CLOSED else hold
 
     def decide(self, reply: Reply) -> None:
         """Answer the pending MailFrom / RcptTo / DataStart / MessageComplete / Auth event."""

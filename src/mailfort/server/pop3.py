@@ -14,6 +14,7 @@ makes a mailbox of thousands of 1 KB messages download fast.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 import time
@@ -88,12 +89,12 @@ class POP3Server(Listener):
             tls_available=ssl_context is not None and not implicit_tls,
             allow_plaintext=False,
             max_errors=limits.max_errors,
+            error_slowdown=limits.error_slowdown,
             greeting=f"{hostname} POP3 ready",
         )
         self.settings = base
         self.loopback_settings = (
-            EngineSettings(base.tls_available, True, base.max_errors, base.greeting)
-            if allow_plaintext else base
+            dataclasses.replace(base, allow_plaintext=True) if allow_plaintext else base
         )
 
     async def start(self, host: str, port: int) -> asyncio.base_events.Server:

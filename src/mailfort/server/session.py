@@ -94,6 +94,8 @@ class Engine(Protocol):
 
     def take_output(self) -> bytes: ...
 
+    def take_hold(self) -> float: ...
+
     def greet(self) -> None: ...
 
     def refuse_connection(self, reply: Any) -> None: ...
@@ -227,6 +229,13 @@ class EngineSession(asyncio.Protocol):
             if self.transport is None:
                 return
         out = engine.take_output()
+        hold = engine.take_hold()
+        if out and hold > 0 and self.task is None:
+            # Past the soft error limit: the reply waits, and so does everything the client
+            # sent after it (the session reads nothing meanwhile).
+            transport.pause_reading()
+            self.run(self._send_later(out, hold))
+            return
         if out:
             transport.write(out)
         if self.task is not None:
@@ -239,6 +248,11 @@ class EngineSession(asyncio.Protocol):
             if self.write_paused:
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
             transport.close()
+
+    async def _send_later(self, out: bytes, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.transport is not None:
+            self.transport.write(out)
 
     async def start_tls(self, ctx: ssl.SSLContext, on_failure: Callable[[], None]) -> bool:
         """STARTTLS/STLS: True once the connection speaks TLS (``self.transport`` is the

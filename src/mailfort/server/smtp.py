@@ -129,6 +129,7 @@ class SMTPService(Listener):
             max_message_size=lim.max_message_size,
             max_recipients=lim.max_recipients,
             max_errors=lim.max_errors,
+            error_slowdown=lim.error_slowdown,
             max_received_headers=lim.max_received_headers,
             tls_available=ssl_context is not None and not options.implicit_tls,
             auth_mechanisms=("PLAIN", "LOGIN") if options.auth else (),

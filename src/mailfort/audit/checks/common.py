@@ -48,7 +48,7 @@ def auth_plain(c: RawClient, user: str, password: str) -> int:
 class Trials:
     """MAIL/RCPT/RSET trials on one SMTP service, reconnecting when the server drops us.
 
-    A strict server closes the session after N errors (mailfort after 10, Postfix after
+    A strict server closes the session after N errors (mailfort after 20, Postfix after
     20), and every refused relay attempt is an error: the trials reconnect and go on, so
     that neither a drop nor a tarpit turns into a false PASS.
     """
