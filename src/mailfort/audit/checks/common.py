@@ -50,16 +50,25 @@ class Trials:
 
     A strict server closes the session after N errors (mailfort after 20, Postfix after
     20), and every refused relay attempt is an error: the trials reconnect and go on, so
-    that neither a drop nor a tarpit turns into a false PASS.
+    that neither a drop nor a tarpit turns into a false PASS. Servers that slow down their
+    replies past a soft error limit (mailfort and Postfix after 10) are spared the wait:
+    after ``FRESH_AFTER_ERRORS`` refusals the trials start a new session of their own.
     """
+
+    FRESH_AFTER_ERRORS = 8
 
     def __init__(self, ctx: Context, service: str = "smtp", *, tls: bool = False) -> None:
         self.ctx, self.service, self.tls = ctx, service, tls
         self.c: RawClient | None = None
         self.reconnects = 0
+        self.errors = 0  # refusals in the current session
 
     def _session(self) -> RawClient:
+        if self.c is not None and not self.c.closed and self.errors >= self.FRESH_AFTER_ERRORS:
+            self.c.quit()
+            self.c = None
         if self.c is None or self.c.closed:
+            self.errors = 0
             if self.c is not None:
                 self.reconnects += 1
                 if self.reconnects > MAX_RECONNECTS:
@@ -79,11 +88,13 @@ class Trials:
                     c.close()
                     continue
                 code: int | None = None
+                self.errors += mail >= 400
                 if accepted(mail):
                     code, _ = c.cmd(f"RCPT TO:{rcpt}")
                     if code == 421:
                         c.close()
                         continue
+                    self.errors += code >= 400
                 if c.cmd("RSET")[0] == 421:
                     c.close()  # dropped after the error count: the next trial reconnects
                 return mail, code
