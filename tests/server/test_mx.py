@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import smtplib
@@ -609,3 +610,26 @@ async def test_a_failure_after_the_commit_does_not_take_back_the_250(
         assert replies[6].startswith("250 2.0.0"), replies[6]
         assert len(node.queue.list()) == 1
         assert len(stored(node, "alice@example.test")) == 1
+
+
+async def test_an_engine_bug_is_answered_logged_once_and_the_server_goes_on(
+        node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A parser bug must not escape as a traceback per client line: the engine answers 421
+    and closes, the session logs it once with its cause, and other clients are served."""
+    from mailfort.protocol import smtp as smtp_engine
+
+    def broken(self: Any, arg: str) -> None:
+        raise ValueError("injected engine bug")
+
+    monkeypatch.setitem(smtp_engine._HANDLERS, "NOOP", broken)
+    caplog.set_level(logging.ERROR)
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port("mx"))
+    await read_reply(reader)
+    writer.write(b"NOOP\r\nNOOP\r\n")
+    assert (await read_reply(reader)).startswith("421 4.3.0")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    errors = [r for r in caplog.records if "protocol engine error" in r.getMessage()]
+    assert len(errors) == 1 and "injected engine bug" in errors[0].getMessage()
+    ok = await raw_session(node.port("mx"), [b"EHLO c\r\n"])
+    assert ok[1].startswith("250")

@@ -96,6 +96,8 @@ class Engine(Protocol):
 
     def take_hold(self) -> float: ...
 
+    internal_error: Exception | None
+
     def greet(self) -> None: ...
 
     def refuse_connection(self, reply: Any) -> None: ...
@@ -242,6 +244,9 @@ class EngineSession(asyncio.Protocol):
             transport.pause_reading()
         elif engine.closed and not self.closing:
             self.closing = True
+            if engine.internal_error is not None:  # the engine answered and closed; say why
+                log.error("%s: protocol engine error: %r", self.peer_ip, engine.internal_error,
+                          exc_info=engine.internal_error)
             self.on_closing()
             # close() waits for the last reply to be written; a client that does not read
             # must not keep the connection (and its buffers) forever.
