@@ -78,6 +78,15 @@ class Client(RawClient):
             time.sleep(self.pace)
         super().send(data, note=note)
 
+    def reply(self, timeout: float | None = None) -> tuple[int, list[str]]:
+        """One SMTP reply; a multi-line one (EHLO) is shown on one transcript line."""
+        mark = len(self.transcript)
+        code, texts = super().reply(timeout)
+        if len(self.transcript) - mark > 1:
+            del self.transcript[mark:]
+            self.transcript.append(f"< {code} " + " | ".join(texts))
+        return code, texts
+
     def smtp_data(self, message: str) -> tuple[int, list[str]]:
         """DATA, then the message (CRLF, dot-stuffed by hand: it has no lone dots)."""
         code, text = self.cmd("DATA")
