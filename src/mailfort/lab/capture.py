@@ -174,6 +174,10 @@ class RecordingProxy:
         try:
             await asyncio.gather(self._pipe(reader, up_w, conn, ">"),
                                  self._pipe(up_r, writer, conn, "<"))
+        except asyncio.CancelledError:
+            # Only ``close`` cancels this handler, at the lab's end. asyncio's stream server
+            # would report a cancelled handler as an error (3.11), so it ends quietly.
+            pass
         finally:
             for w in (writer, up_w):
                 w.close()

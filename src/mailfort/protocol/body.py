@@ -24,11 +24,11 @@ class BodyChecker:
     """Size, line-ending, line-length and Received-count checks across arbitrary chunks."""
 
     __slots__ = (
+        "_bare_ok",
         "_line_len",
         "_max_line",
         "_max_received",
         "_max_size",
-        "_bare_ok",
         "_pending_cr",
         "_received",
         "_tail",

@@ -1,10 +1,10 @@
 """The lab's explanations as data: one catalogue per language (``en``, ``ja``).
 
-Each module defines ``ATTACKS`` (per attack: ``title``, ``row``: the number of the weakness in the syllabus, ①–⑤, or + for smuggling,
-``summary`` for ``--list``, ``attack`` what the attacker does, ``counter`` the
-countermeasure and where in mailfort it lives), ``NOTES`` (consequence sentences with
-``{named}`` fields, read from the capture points) and ``UI`` (words of the reports). A test
-keeps the languages' keys identical, as the auditor's does.
+Each module defines ``ATTACKS`` (per attack: ``title``; ``row``, the number of the
+weakness in the syllabus, 1-5, or + for smuggling; ``summary`` for ``--list``; ``attack``,
+what the attacker does; ``counter``, the countermeasure and where in mailfort it lives),
+``NOTES`` (consequence sentences with ``{named}`` fields, read from the capture points) and
+``UI`` (words of the reports). A test keeps the languages' keys identical.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ ATTACKS: dict[str, dict[str, str]] = {
                   "堅牢化サーバでは25番ポートと投稿用ポート(サブミッションポート)の両方を試す。",
         "counter": "mailfort は入口を分ける。MX(25番)は自ドメイン宛てのメールだけを受け取り "
                    "SMTP-AUTH を提示しない。サブミッションポート 587(STARTTLS の後に SMTP-AUTH)と "
-                   "465(最初から TLS)では SMTP-AUTH の前の MAIL を 530 5.7.0 で拒否し、外部ドメイン "
+                   "465(最初から TLS)では SMTP-AUTH の前の MAIL を 530 5.7.0 で拒否し、"
+                   "外部ドメイン "
                    "への送信はそこでしか行えない。場所: server/smtp.py の ServiceOptions、"
                    "server/app.py のリスナー、protocol/smtp.py の auth_required。",
     },
@@ -24,7 +25,8 @@ ATTACKS: dict[str, dict[str, str]] = {
                    "SMTP-AUTH で認証していない(信頼ネットワークでもない)クライアントからの外部 "
                    "ドメイン宛ては 554 5.7.1 で拒否し、%、!、引用符内の @、ソースルート、IP "
                    "リテラルは経路として扱わない。オープンリレーになる設定(0.0.0.0/0)は起動時に拒否"
-                   "する。場所: policy/relay.py(decide_recipient)、protocol/address.py、config.py。",
+                   "する。場所: policy/relay.py(decide_recipient)、protocol/address.py、"
+                   "config.py。",
     },
     "spoofing": {
         "title": "送信元メールアドレスの詐称",
@@ -67,8 +69,9 @@ ATTACKS: dict[str, dict[str, str]] = {
         "summary": "VRFY/EXPN でユーザー一覧とエイリアスの実際の配送先が分かる",
         "attack": "攻撃者がよくある12の名前を VRFY で、2つのエイリアスを EXPN で問い合わせる。",
         "counter": "VRFY はどの引数にも 252、EXPN は 502 を返すので、応答からアカウントの有無は"
-                   "分からない。バナーにソフトウェア名を出さず、SMTP-AUTH の失敗は実在・非実在で同じ"
-                   "応答になる(RCPT は存在しないユーザーを拒否し続ける必要がある。それが NDRスパムを"
+                   "分からない。バナーにソフトウェア名を出さず、SMTP-AUTH の失敗は実在・非実在で"
+                   "同じ応答になる(RCPT は存在しないユーザーを拒否し続ける必要がある。それが "
+                   "NDRスパムを"
                    "防ぐため。エラー数の上限で試行を制限する)。場所: protocol/smtp.py の "
                    "_cmd_vrfy と _cmd_expn。",
     },
