@@ -281,60 +281,65 @@ def backscatter(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
         run.note("forged.nothing", to=victim)
 
 
-def _sniff(chunks: list[Chunk]) -> tuple[set[str], int, int, list[str]]:
-    """What an eavesdropper gets from recorded bytes: passwords, cleartext and TLS octets,
-    and the readable lines (client side) as evidence."""
+def _sniff(connections: dict[str, list[Chunk]]) -> tuple[set[str], int, int, list[str]]:
+    """What an eavesdropper gets from recorded bytes (per service, per connection):
+    passwords, octets in clear and in TLS records, and what the client was seen to send."""
     found: set[str] = set()
     clear = tls = 0
     lines: list[str] = []
-    by_conn: dict[int, list[Chunk]] = {}
-    for ch in chunks:
-        by_conn.setdefault(ch.conn, []).append(ch)
-    for conn_chunks in by_conn.values():
-        in_tls = False
-        pending_plain = False
-        login_user: str | None = None
-        for ch in conn_chunks:
-            if ch.data[:1] in (b"\x16", b"\x17", b"\x15", b"\x14") or in_tls:
-                in_tls = True
-                tls += len(ch.data)
-                lines.append(f"{ch.direction} [TLS records, {len(ch.data)} octets]")
-                continue
-            clear += len(ch.data)
-            for raw in ch.data.split(b"\r\n"):
-                if not raw:
+    for service, chunks in connections.items():
+        by_conn: dict[int, list[Chunk]] = {}
+        for ch in chunks:
+            by_conn.setdefault(ch.conn, []).append(ch)
+        for conn_chunks in by_conn.values():
+            lines.append(f"[{service}]")
+            in_tls = False
+            tls_here = 0
+            pending_plain = False
+            login_user: str | None = None
+            for ch in conn_chunks:
+                if in_tls or ch.data[:1] in (b"\x14", b"\x15", b"\x16", b"\x17"):
+                    in_tls = True
+                    tls_here += len(ch.data)
                     continue
-                text = raw.decode("latin-1")
-                lines.append(f"{ch.direction} {trim(text)}")
+                clear += len(ch.data)
                 if ch.direction != ">":
                     continue
-                words = text.split()
-                if pending_plain or (len(words) == 3 and words[:2] == ["AUTH", "PLAIN"]):
-                    token = text if pending_plain else words[2]
-                    pending_plain = False
-                    try:
-                        parts = base64.b64decode(token, validate=True).split(b"\0")
+                for raw in ch.data.split(b"\r\n"):
+                    if not raw:
+                        continue
+                    text = raw.decode("latin-1")
+                    lines.append(f"> {trim(text)}")
+                    words = text.split()
+                    if pending_plain or (len(words) == 3 and words[:2] == ["AUTH", "PLAIN"]):
+                        token = text if pending_plain else words[2]
+                        pending_plain = False
+                        try:
+                            parts = base64.b64decode(token, validate=True).split(b"\0")
+                        except ValueError:
+                            continue
                         if len(parts) == 3:
                             found.add(parts[2].decode("utf-8", "replace"))
-                    except ValueError:
-                        pass
-                elif words[:2] == ["AUTH", "PLAIN"]:
-                    pending_plain = True
-                elif words[:1] == ["PASS"] and len(text) > 5:
-                    found.add(text[5:])
-                elif words[:2] == ["AUTH", "LOGIN"]:
-                    login_user = ""
-                elif login_user is not None:
-                    try:
-                        value = base64.b64decode(text, validate=True).decode("utf-8")
-                    except ValueError:
-                        login_user = None
-                        continue
-                    if login_user:
-                        found.add(value)
-                        login_user = None
-                    else:
-                        login_user = value
+                    elif words[:2] == ["AUTH", "PLAIN"]:
+                        pending_plain = True
+                    elif words[:1] == ["PASS"] and len(text) > 5:
+                        found.add(text[5:])
+                    elif words[:2] == ["AUTH", "LOGIN"]:
+                        login_user = ""
+                    elif login_user is not None:
+                        try:
+                            value = base64.b64decode(text, validate=True).decode("utf-8")
+                        except ValueError:
+                            login_user = None
+                            continue
+                        if login_user:
+                            found.add(value)
+                            login_user = None
+                        else:
+                            login_user = value
+            if tls_here:
+                lines.append(f"  [then {tls_here} octets of TLS records: unreadable]")
+                tls += tls_here
     return found, clear, tls, lines
 
 
@@ -379,9 +384,9 @@ def sniff(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
     _session(smtp, run)
     _session(pop3, run)
     time.sleep(0.1)  # the proxy's last chunks
-    chunks = [ch for s in services for ch in side.proxies[s].recording.since(marks[s])]
-    found, clear, tls, lines = _sniff(chunks)
-    wire_text = b"".join(ch.data for ch in chunks)
+    recorded = {s: side.proxies[s].recording.since(marks[s]) for s in services}
+    found, clear, tls, lines = _sniff(recorded)
+    wire_text = b"".join(ch.data for chunks in recorded.values() for ch in chunks)
     run.wire = lines[:60]
     run.found.update(passwords=sorted(found), clear=clear, tls=tls,
                      message_seen=marker.encode() in wire_text)

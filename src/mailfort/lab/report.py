@@ -100,7 +100,7 @@ def terminal_attack(a: dict[str, Any], ui: dict[str, str], *, colour: bool = Fal
         out += ["", f"{ui['wire']}:"]
         for s in SIDES:
             out.append(f"  {ui[s]}:")
-            out += [f"    {ln}" for ln in a["sides"][s]["wire"][:14]]
+            out += [f"    {ln}" for ln in a["sides"][s]["wire"][:30]]
     out += ["", f"{ui['counter']}:"] + ["  " + ln for ln in _wrap(a["counter"], width - 2)]
     return "\n".join(out) + "\n"
 
