@@ -109,8 +109,10 @@ def test_overflow(lab: Lab) -> None:
     run = run_attack(lab, "overflow")
     legacy, hardened = run.sides["legacy"].found, run.sides["hardened"].found
     assert legacy["long_line"] == 250 and legacy["accepted"] == 2000
+    assert legacy["held"] == 2000 and legacy["held_octets"] > 100_000  # read from the server
     assert hardened["long_line"] == 500
     assert hardened["accepted"] == 100 and hardened["closed"]
+    assert hardened["held"] <= 100
 
 
 def test_guessing(lab: Lab) -> None:

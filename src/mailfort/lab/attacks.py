@@ -14,6 +14,7 @@ import base64
 import re
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -500,6 +501,7 @@ def overflow(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
         run.transcript.append("< " + ", ".join(f"{k} × {v}" for k, v in summary.items()))
         got["accepted"] = summary.get(250, 0)
         got["closed"] = 421 in summary
+        got["held"], got["held_octets"] = lab.call(_held_recipients(side))
         c.quit()
 
     _session(mx, run)
@@ -509,9 +511,20 @@ def overflow(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
     run.note("overflow.line-accepted" if long_ok else "overflow.line-refused",
              octets=line_octets, code=got.get("long_line", "-"))
     run.note("overflow.rcpt", accepted=got.get("accepted", 0), sent=flood,
-             kib=got.get("accepted", 0) * len(BOB) // 1024)
+             held=got.get("held", 0), kib=got.get("held_octets", 0) // 1024)
     if got.get("closed"):
         run.note("overflow.closed")
+
+
+async def _held_recipients(side: Side) -> tuple[int, int]:
+    """What the server itself holds for the open MX sessions: recipients in the envelope
+    and the octets they take (read on the lab's loop, from the sessions)."""
+    assert side.node is not None
+    envelopes = [sess.envelope for sess in side.node.services["mx"].sessions]
+    held = max((len(env.rcpts) for env in envelopes), default=0)
+    octets = max((sys.getsizeof(env.rcpts) + sum(sys.getsizeof(r) for r in env.rcpts)
+                  for env in envelopes), default=0)
+    return held, octets
 
 
 GUESSES = ["123456", "password", "qwerty", "bob", "bob123", "welcome", "dragon", "letmein",
@@ -536,6 +549,7 @@ def guessing(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
             t = time.monotonic()
             code, _ = c.cmd(f"AUTH PLAIN {_plain(BOB, word)}")
             tries.append(("SMTP", word, str(code), time.monotonic() - t))
+            run.transcript.append(f"  [{word!r}: answered after {tries[-1][3]:.2f} s]")
             if code in (235, 421) or c.closed:
                 break
         c.quit()
@@ -560,6 +574,7 @@ def guessing(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
                     words.pop(0)
                     tries.append(("POP3", word, "+OK" if ok else "-ERR",
                                   time.monotonic() - t))
+                    run.transcript.append(f"  [{word!r}: answered after {tries[-1][3]:.2f} s]")
                     if ok:
                         words.clear()
             except ProbeError as exc:  # the server ended the session: connect again

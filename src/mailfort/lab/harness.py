@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import shutil
 import tempfile
 import threading
@@ -237,6 +236,3 @@ class Lab:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def scratch_exists(path: Path) -> bool:
-    return os.path.exists(path)

@@ -147,7 +147,8 @@ NOTES: dict[str, str] = {
     "overflow.line-accepted": "a {octets}-octet command line was read and answered {code}",
     "overflow.line-refused": "the {octets}-octet command line was refused ({code}) after "
                              "512 octets",
-    "overflow.rcpt": "{accepted} of {sent} recipients held in memory (about {kib} KiB)",
+    "overflow.rcpt": "{accepted} of {sent} recipients accepted; the server held {held} in "
+                     "memory when the flood ended (about {kib} KiB)",
     "overflow.closed": "the session was closed after too many errors (421)",
     "guess.tries": "{n} passwords tried in {seconds} s (slowest answer {slowest} s)",
     "guess.found": "password of {user} found: {password} (over {via})",

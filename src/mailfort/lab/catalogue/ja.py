@@ -139,7 +139,8 @@ NOTES: dict[str, str] = {
     "overflow.line-accepted": "{octets} オクテットのコマンド行を読み込み {code} で応答した",
     "overflow.line-refused": "{octets} オクテットのコマンド行を 512 オクテットの時点で拒否した"
                              "({code})",
-    "overflow.rcpt": "宛先 {sent} 件中 {accepted} 件をメモリに保持(約 {kib} KiB)",
+    "overflow.rcpt": "宛先 {sent} 件中 {accepted} 件を受理。送信終了時にサーバがメモリに保持"
+                     "していた宛先は {held} 件(約 {kib} KiB)",
     "overflow.closed": "エラーが多すぎるためセッションを切断した(421)",
     "guess.tries": "{n} 個のパスワードを {seconds} 秒で試行(最も遅い応答 {slowest} 秒)",
     "guess.found": "{user} のパスワードが判明: {password}({via} で)",
