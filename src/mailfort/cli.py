@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mailfort.audit.command import add_parser as add_audit_parser
 
     add_audit_parser(sub)
+    from mailfort.lab.command import add_parser as add_lab_parser
+
+    add_lab_parser(sub)
     return parser
 
 

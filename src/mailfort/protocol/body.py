@@ -24,6 +24,7 @@ class BodyChecker:
     """Size, line-ending, line-length and Received-count checks across arbitrary chunks."""
 
     __slots__ = (
+        "_bare_ok",
         "_line_len",
         "_max_line",
         "_max_received",
@@ -36,7 +37,10 @@ class BodyChecker:
         "size",
     )
 
-    def __init__(self, max_size: int, max_line: int = 1000, max_received: int = 50) -> None:
+    def __init__(self, max_size: int, max_line: int = 1000, max_received: int = 50, *,
+                 bare_line_endings: bool = False) -> None:
+        """``bare_line_endings``: the lab's legacy profile only; accept bare CR and LF."""
+        self._bare_ok = bare_line_endings
         self._max_size = max_size
         self._max_line = max_line - 2  # the limit counts the CRLF
         self._max_received = max_received
@@ -61,7 +65,8 @@ class BodyChecker:
         if self._pending_cr:
             chunk = chunk[:-1]
         crlf = chunk.count(b"\r\n")
-        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+        bare = chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf
+        if bare and not self._bare_ok:
             self.error = BARE_LINE_ENDING
             return False
         if not self._check_lines(chunk, crlf):
@@ -72,7 +77,7 @@ class BodyChecker:
 
     def finish(self) -> Reply | None:
         """The refusal for the whole message, or None if it may be stored."""
-        if self.error is None and self._pending_cr:
+        if self.error is None and self._pending_cr and not self._bare_ok:
             self.error = BARE_LINE_ENDING
         return self.error
 

@@ -105,6 +105,8 @@ class EngineSettings:
     max_errors: int = 10
     error_slowdown: Slowdown | None = None  # replies held longer past a soft limit
     greeting: str = "POP3 ready"  # names no software or version
+    # Failed logins that end a session; only the lab's legacy profile raises it.
+    max_auth_failures: int = MAX_AUTH_FAILURES
 
 
 # Replies (text after +OK / -ERR). Response codes per RFC 2449 §8 and RFC 3206.
@@ -244,7 +246,7 @@ class POP3Engine:
         self._wait = _W.NONE
         self._auth_failures += 1
         self._err(AUTH_FAILED)
-        if self._auth_failures >= MAX_AUTH_FAILURES:
+        if self._auth_failures >= self.s.max_auth_failures:
             self._close("-ERR " + TOO_MANY_ERRORS)
 
     def mailbox_opened(self, listing: Sequence[tuple[str, int]]) -> None:

@@ -24,7 +24,9 @@ the engine is a bug, and even then it closes the session with 421 and is kept in
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mailfort.protocol.address import AddressError, Mailbox, parse_mail_argument
 from mailfort.protocol.body import DATA_LINE_TOO_LONG, BodyChecker
@@ -130,6 +132,16 @@ Event = (
 # ---------------------------------------------------------------------------- settings
 
 
+class AccountLookup(Protocol):
+    """What VRFY and EXPN answer when they disclose accounts: the lab's legacy profile
+    only (``mailfort.lab``). Hardened mailfort has none: VRFY is 252 and EXPN 502 for
+    every argument, so nothing tells users apart."""
+
+    def vrfy(self, arg: str) -> Reply: ...
+
+    def expn(self, arg: str) -> Reply: ...
+
+
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
     hostname: str
@@ -144,6 +156,11 @@ class EngineSettings:
     auth_mechanisms: tuple[str, ...] = ()  # empty: AUTH is not offered at all
     auth_requires_tls: bool = True
     auth_required: bool = False  # submission: MAIL before AUTH gets 530
+    # The lab's legacy profile only (mailfort.lab builds it; no config key reaches these):
+    # VRFY/EXPN answered from the directory, and bare LF taken as a line end in DATA
+    # (so "<LF>.<LF>" ends it: the SMTP smuggling hole). Defaults are the hardened rules.
+    legacy_accounts: AccountLookup | None = None
+    legacy_bare_lf: bool = False
 
 
 class _S(enum.Enum):
@@ -563,7 +580,8 @@ class SMTPEngine:
                 self._command_reply(reply)
             return
         self._body = BodyChecker(
-            self.s.max_message_size, self.s.max_data_line, self.s.max_received_headers
+            self.s.max_message_size, self.s.max_data_line, self.s.max_received_headers,
+            bare_line_endings=self.s.legacy_bare_lf,
         )
         if self._data_bdat:
             self._bdat_open = True
@@ -588,10 +606,16 @@ class SMTPEngine:
         self._close(BYE)
 
     def _cmd_vrfy(self, arg: str) -> None:
+        if self.s.legacy_accounts is not None:  # lab legacy profile only
+            self._command_reply(self.s.legacy_accounts.vrfy(arg))
+            return
         # Same answer for every argument: VRFY must not tell which accounts exist.
         self._reply(VRFY_REPLY)
 
     def _cmd_expn(self, arg: str) -> None:
+        if self.s.legacy_accounts is not None:  # lab legacy profile only
+            self._command_reply(self.s.legacy_accounts.expn(arg))
+            return
         self._command_reply(EXPN_REPLY)
 
     def _cmd_help(self, arg: str) -> None:
@@ -672,6 +696,8 @@ class SMTPEngine:
 
     def _step_data(self) -> bool:
         """Consume complete lines of DATA; only <CRLF>.<CRLF> ends it."""
+        if self.s.legacy_bare_lf:
+            return self._step_data_legacy()
         buf = self._lines.buffer
         body = self._body
         assert body is not None
@@ -701,6 +727,25 @@ class SMTPEngine:
             del buf[:-1]
             if buf != b"\r":
                 buf[:] = b"x"
+        return False
+
+    def _step_data_legacy(self) -> bool:
+        """The lab's legacy profile: any LF ends a line, so "<LF>.<LF>" (or a mix with CR)
+        ends DATA too, and what follows is read as commands: SMTP smuggling."""
+        buf = self._lines.buffer
+        end = _LEGACY_END.search(buf)
+        if end is not None:
+            self._emit_body(bytes(buf[: end.start() + len(end.group(1) or b"")]))
+            del buf[: end.end()]
+            self._finish_body()
+            return True
+        last = buf.rfind(b"\n")
+        if last >= 0:
+            self._emit_body(bytes(buf[: last + 1]))
+            del buf[: last + 1]
+            return True
+        if len(buf) > self.s.max_data_line:
+            del buf[:-1]
         return False
 
     def _emit_body(self, raw: bytes) -> None:
@@ -760,6 +805,10 @@ class SMTPEngine:
             self._reply(Reply(250, "2.0.0", f"{body.size} octets received"))
         return True
 
+
+# The legacy end of data: a "." alone on a line, whatever ends the lines (group 1 is the
+# line end before the dot, empty at the start of the buffer).
+_LEGACY_END = re.compile(rb"(?:^|(\r?\n))\.\r?\n")
 
 _HANDLERS = {
     "EHLO": SMTPEngine._cmd_ehlo,

@@ -14,6 +14,7 @@ import signal
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailfort.config import Config
 from mailfort.directory.sqlite import SQLiteDirectory
@@ -26,6 +27,9 @@ from mailfort.server.connections import ConnectionLimiter
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
 from mailfort.store.maildir import Committer
+
+if TYPE_CHECKING:
+    from mailfort.lab.profile import LegacyProfile
 
 log = logging.getLogger("mailfort")
 
@@ -42,8 +46,12 @@ def _split(hostport: str) -> tuple[str, int]:
 class Node:
     """All services of one mailfort instance, sharing one directory and one committer."""
 
-    def __init__(self, cfg: Config, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, cfg: Config, *, ssl_context: ssl.SSLContext | None = None,
+                 legacy: LegacyProfile | None = None) -> None:
+        """``legacy``: the lab's weakened profile. Only ``mailfort.lab`` passes one; no
+        configuration key or ``serve`` option leads here."""
         self.cfg = cfg
+        self.legacy = legacy
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
         self.directory = SQLiteDirectory(directory_path(cfg))
         self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs")
@@ -53,7 +61,8 @@ class Node:
             ssl_context = server_context(cfg)
         self.ssl_context = ssl_context
         self.counters = MemoryCounters()
-        self.authenticator = Authenticator(self.directory, self.counters, cfg.auth)
+        self.authenticator = Authenticator(
+            self.directory, self.counters, cfg.auth if legacy is None else legacy.auth)
         self.queue = Queue(cfg.data_path / "queue")
         self.worker = DeliveryWorker(
             self.queue,
@@ -85,16 +94,18 @@ class Node:
         return outcome.status, outcome.user
 
     def _smtp_service(self, options: ServiceOptions) -> SMTPService:
+        legacy = self.legacy  # lab only: AUTH on the one door, accept-then-bounce
         return SMTPService(
             self.cfg,
             options,
             self.directory,
             self.committer,
             self.ssl_context,
-            authenticate=self._authenticate if options.auth else None,
-            enqueue=self._enqueue,
+            authenticate=self._authenticate if options.auth or legacy else None,
+            enqueue=self._enqueue if legacy is None else legacy.enqueue_hook(self),
             queued=self.worker.wake,
             submission=self.msa if options.auth else None,
+            legacy=legacy,
         )
 
     async def start(self) -> None:
@@ -119,6 +130,9 @@ class Node:
                 allow_plaintext=loopback_plain,
                 hostname=self.cfg.server.hostname,
             )
+            if self.legacy is not None:  # lab only: no TLS, unlimited tries per session
+                pop = self.pop3[name]
+                pop.settings = pop.loopback_settings = self.legacy.pop3_settings(pop.settings)
         await self.worker.start()
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():

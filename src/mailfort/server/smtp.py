@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mailfort.config import Config
 from mailfort.directory.base import Directory
-from mailfort.policy.relay import decide_recipient
+from mailfort.policy.recipients import STRICT, RecipientPolicy
 from mailfort.protocol.address import Mailbox
 from mailfort.protocol.replies import TEMP_LOCAL_ERROR, Reply
 from mailfort.protocol.smtp import (
@@ -45,6 +45,9 @@ from mailfort.protocol.smtp import (
 from mailfort.server.connections import Admission, is_loopback
 from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
+
+if TYPE_CHECKING:
+    from mailfort.lab.profile import LegacyProfile
 
 log = logging.getLogger("mailfort.smtp")
 
@@ -111,7 +114,9 @@ class SMTPService(Listener):
         enqueue: EnqueueHook | None = None,
         queued: Callable[[], None] | None = None,
         submission: SubmissionPolicy | None = None,
+        legacy: LegacyProfile | None = None,
     ) -> None:
+        """``legacy``: the lab's weakened profile (``mailfort.lab`` only, never a config)."""
         self.cfg = cfg
         self.options = options
         self.directory = directory
@@ -142,6 +147,13 @@ class SMTPService(Listener):
             if options.plaintext_auth_on_loopback
             else self.settings
         )
+        # --- lab legacy profile: weakened engine settings and recipient policy -----------
+        self.recipients: RecipientPolicy = STRICT
+        if legacy is not None:
+            self.settings = self.loopback_settings = legacy.smtp_settings(self.settings,
+                                                                          directory)
+            self.recipients = legacy.recipients
+        # --- end lab legacy profile ----------------------------------------------------
 
     async def start(self, host: str, port: int) -> asyncio.base_events.Server:
         tls = self.ssl_context if self.options.implicit_tls else None
@@ -274,7 +286,7 @@ class SMTPSession(EngineSession):
             refusal = sub.check_rcpt(user, len(self.envelope.rcpts))
             if refusal is not None:
                 return refusal
-        decision = decide_recipient(
+        decision = self.service.recipients.decide(
             ev.recipient, self.service.directory, may_relay=self.may_relay()
         )
         if decision.reply.positive and decision.resolution is not None:

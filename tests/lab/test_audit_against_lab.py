@@ -1,0 +1,40 @@
+"""``mailfort audit`` agrees with the lab: the legacy server FAILs the checks that match
+its switched-off protections, the hardened one PASSes them (server ports, no proxy)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mailfort.lab.harness import Lab
+from tests.audit.conftest import FAST, run_audit
+
+# check id -> the lab attack that shows the same weakness
+MATCHING = {
+    "relay.open": "open-relay",
+    "backscatter.unknown-user": "backscatter",
+    "submission.auth-before-tls": "sniff",
+    "tls.starttls": "sniff",
+    "pop3.plaintext-auth": "sniff",
+    "disclosure.vrfy-expn": "vrfy",
+    "smuggling.end-of-data": "smuggling",
+    "limits.long-line": "overflow",
+    "limits.recipients": "overflow",
+}
+
+
+@pytest.mark.parametrize("side, expected", [("legacy", "FAIL"), ("hardened", "PASS")])
+def test_audit_of_the_lab(lab: Lab, capsys: pytest.CaptureFixture[str], side: str,
+                          expected: str) -> None:
+    s = lab.sides[side]
+    ports: list[str] = []
+    for service, flag in (("mx", "smtp"), ("submission", "submission"),
+                          ("submissions", "submissions"), ("pop3", "pop3"), ("pop3s", "pop3s")):
+        ports += [f"--{flag}-port", str(s.server_port(service) or 0)]
+    code, out, _ = run_audit(capsys, ["127.0.0.1", *ports, "--domain", "example.test",
+                                      "--user", "alice", *FAST, "--rcpt-count", "150",
+                                      "--json", "--only", *MATCHING])
+    statuses = {c["id"]: c["status"] for c in json.loads(out)["checks"]}
+    assert statuses == {check: expected for check in MATCHING}
+    assert code == (1 if expected == "FAIL" else 0)

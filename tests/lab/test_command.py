@@ -1,0 +1,155 @@
+"""``mailfort lab`` as a learner runs it: the whole session in Japanese with an HTML page
+(rendered by headless Chromium, Debian's ``chromium``, installed by ``run-tests`` as root,
+its screenshot kept), --list, --pace, the loopback-only rule, and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import mailfort
+from mailfort import cli
+from mailfort.lab import catalogue
+from mailfort.lab.attacks import ATTACKS
+
+SRC = Path(mailfort.__file__).resolve().parents[1]
+
+
+def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli.main(["lab", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def ja_session(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path]:
+    """The whole lab, every attack, in Japanese, with the HTML page (one run)."""
+    import contextlib
+    import io
+
+    page = tmp_path_factory.mktemp("lab") / "lab.html"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["lab", "--lang", "ja", "--html", str(page)])
+    return code, out.getvalue(), page
+
+
+def test_japanese_session(ja_session: tuple[int, str, Path]) -> None:
+    code, out, _ = ja_session
+    assert code == 0  # nothing got through the hardened server
+    for term in ("第三者中継", "オープンリレー", "NDRスパム", "SMTP-AUTH", "VRFY/EXPN",
+                 "バッファオーバーフロー", "対策", "まとめ"):
+        assert term in out, term
+    summary = out[out.rindex("まとめ"):]
+    ui = catalogue.load("ja").UI
+    for name in ATTACKS:
+        row = next(ln for ln in summary.splitlines() if f" {name} " in ln + " ")
+        assert ui["succeeded"] in row and row.rstrip().endswith(ui["stopped"]), row
+    assert "Lab stopped" not in out and ui["stopped_lab"] in out
+
+
+def test_html_is_self_contained(ja_session: tuple[int, str, Path]) -> None:
+    _, _, page = ja_session
+    text = page.read_text(encoding="utf-8")
+    embedded = re.search(r'<script type="application/json" id="lab-session">(.*?)</script>',
+                         text, re.S)
+    assert embedded
+    data = json.loads(embedded.group(1))
+    assert [a["name"] for a in data["attacks"]] == list(ATTACKS)
+    assert all(a["sides"]["legacy"]["succeeded"] and not a["sides"]["hardened"]["succeeded"]
+               for a in data["attacks"])
+    assert not re.search(r'\b(?:src|href)="(?!#)', text)
+    assert "<link" not in text and "@import" not in text and "url(" not in text
+    assert text.count("<section") == len(ATTACKS)
+    assert text.count('class="cols"') == len(ATTACKS)  # the two servers side by side
+    assert "第三者中継" in text and "&lt;alice@example.test&gt;" in text  # escaped
+
+
+def test_html_renders_in_chromium(ja_session: tuple[int, str, Path], tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (run-tests installs it as root)")
+    _, _, page = ja_session
+    shot = tmp_path / "lab-session.png"
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--no-first-run", "--disable-extensions", "--window-size=1400,2400",
+         "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln]
+    assert console == []
+    assert proc.returncode == 0, proc.stderr[-500:]
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    artefacts = os.environ.get("MAILFORT_TEST_ARTIFACTS")
+    if artefacts:  # kept for a person to look at (CI uploads the directory)
+        Path(artefacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(artefacts) / shot.name)
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, ["--list"])
+    assert code == 0
+    lines = out.splitlines()[1:]
+    assert [ln.split()[0] for ln in lines] == list(ATTACKS)
+    en = catalogue.load("en").ATTACKS
+    assert all(en[name]["summary"] in ln for name, ln in zip(ATTACKS, lines, strict=True))
+
+
+def test_catalogues_have_the_same_keys() -> None:
+    en, ja = catalogue.load("en"), catalogue.load("ja")
+    assert set(en.ATTACKS) == set(ja.ATTACKS) == set(ATTACKS)
+    for name in ATTACKS:
+        assert set(en.ATTACKS[name]) == set(ja.ATTACKS[name])
+        assert en.ATTACKS[name]["row"] == ja.ATTACKS[name]["row"]
+    assert set(en.NOTES) == set(ja.NOTES) and set(en.UI) == set(ja.UI)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "192.0.2.1", "::", "localhost"])
+def test_refuses_any_other_address(capsys: pytest.CaptureFixture[str], address: str) -> None:
+    code, _, err = _run(capsys, ["--address", address])
+    assert code == 2 and "127.0.0.1 only" in err
+
+
+def test_pace_slows_each_step(capsys: pytest.CaptureFixture[str]) -> None:
+    t = time.monotonic()
+    code, fast, _ = _run(capsys, ["--attack", "vrfy"])
+    fast_s = time.monotonic() - t
+    t = time.monotonic()
+    code2, _, _ = _run(capsys, ["--attack", "vrfy", "--pace", "0.03"])
+    slow_s = time.monotonic() - t
+    assert code == code2 == 0 and "VRFY bob" in fast
+    # 16 commands per server, two servers: at least 0.9 s more.
+    assert slow_s - fast_s > 0.9
+
+
+def test_ctrl_c_stops_cleanly_and_removes_scratch(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "mailfort", "lab", "--pace", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob("mailfort-lab-*/hardened/data")):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)  # an attack is under way
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert list(tmp_path.glob("mailfort-lab-*")) == []
