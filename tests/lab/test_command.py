@@ -124,15 +124,13 @@ def test_refuses_any_other_address(capsys: pytest.CaptureFixture[str], address: 
 
 
 def test_pace_slows_each_step(capsys: pytest.CaptureFixture[str]) -> None:
+    """16 commands per server, two servers, 0.1 s each: at least 3.2 s, where an unpaced run
+    of this attack takes well under one. Only the lower bound is asserted (a loaded machine
+    makes runs slower, never faster)."""
     t = time.monotonic()
-    code, fast, _ = _run(capsys, ["--attack", "vrfy"])
-    fast_s = time.monotonic() - t
-    t = time.monotonic()
-    code2, _, _ = _run(capsys, ["--attack", "vrfy", "--pace", "0.03"])
-    slow_s = time.monotonic() - t
-    assert code == code2 == 0 and "VRFY bob" in fast
-    # 16 commands per server, two servers: at least 0.9 s more.
-    assert slow_s - fast_s > 0.9
+    code, out, _ = _run(capsys, ["--attack", "vrfy", "--pace", "0.1"])
+    assert code == 0 and "VRFY bob" in out
+    assert time.monotonic() - t >= 3.2
 
 
 def test_ctrl_c_stops_cleanly_and_removes_scratch(tmp_path: Path) -> None:
