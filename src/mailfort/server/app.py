@@ -20,6 +20,7 @@ from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
 from mailfort.policy.msa import MSAPolicy
+from mailfort.policy.senderauth import SenderAuth
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter
@@ -62,6 +63,8 @@ class Node:
             mx_port=cfg.queue.mx_port,
         )
         self.msa = MSAPolicy(cfg, self.directory, self.counters)
+        # SPF, DKIM and DMARC of the mail the MX receives ([sender_auth]).
+        self.sender_auth = SenderAuth(cfg) if cfg.sender_auth.enabled else None
         # One count of connections for the whole node, shared by every listener.
         self.limiter = ConnectionLimiter(cfg.limits.max_connections,
                                          cfg.limits.max_connections_per_ip)
@@ -95,6 +98,7 @@ class Node:
             enqueue=self._enqueue,
             queued=self.worker.wake,
             submission=self.msa if options.auth else None,
+            sender_auth=self.sender_auth if options.name == "mx" else None,
         )
 
     async def start(self) -> None:
