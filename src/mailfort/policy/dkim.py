@@ -50,9 +50,26 @@ def _tags(value: bytes) -> dict[str, str]:
     return tags
 
 
+class _Reasons:
+    """Takes dkimpy's log messages: its ``verify`` answers only True/False, the reason
+    why it failed is what it logs."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def debug(self, *args: object, **kw: object) -> None:
+        pass
+
+    info = warning = debug
+
+    def error(self, msg: object, *args: object, **kw: object) -> None:
+        self.errors.append(str(msg) % args if args else str(msg))
+
+
 def verify(message: bytes, lookup: Lookup, timeout: float = 5.0) -> list[DKIMResult]:
     """One result per DKIM-Signature of ``message`` (the bytes as the client sent them)."""
-    d = _dkim.DKIM(message, minkey=1024, timeout=int(max(1, timeout)))
+    reasons = _Reasons()
+    d = _dkim.DKIM(message, logger=reasons, minkey=1024, timeout=int(max(1, timeout)))
     sigs = [v for k, v in d.headers if k.lower() == b"dkim-signature"]
     out: list[DKIMResult] = []
     for idx, raw in enumerate(sigs):
@@ -63,30 +80,34 @@ def verify(message: bytes, lookup: Lookup, timeout: float = 5.0) -> list[DKIMRes
             out.append(DKIMResult("policy", dom, sel, alg, "rsa-sha1 is not accepted (RFC 8301)",
                                   b8))
             continue
-        failed_dns: list[str] = []
+        key_lookup: list[str] = []  # "temp" or "missing", from the DNS callback
 
-        def dnsfunc(name: bytes, timeout: int = 5, _f: list[str] = failed_dns) -> bytes | None:
+        def dnsfunc(name: bytes, timeout: int = 5, _k: list[str] = key_lookup) -> bytes | None:
             try:
                 texts = lookup.txt(name.decode("ascii", "replace"), float(timeout))
-            except DNSTempError as exc:
-                _f.append(str(exc))
+            except DNSTempError:
+                _k.append("temp")
                 return None
-            return texts[0].encode() if texts else None
+            if not texts:
+                _k.append("missing")
+                return None
+            return texts[0].encode()
 
+        reasons.errors.clear()
         try:
             ok = d.verify(idx=idx, dnsfunc=dnsfunc)
-            reason = "" if ok else "signature did not verify"
         except _dkim.DKIMException as exc:
-            ok, reason = False, str(exc)
-        if failed_dns:
-            out.append(DKIMResult("temperror", dom, sel, alg, f"key lookup failed: {failed_dns[0]}",
-                                  b8))
-        elif ok:
+            ok = False
+            reasons.errors.append(str(exc))
+        reason = reasons.errors[-1] if reasons.errors else "signature did not verify"
+        if ok:
             out.append(DKIMResult("pass", dom, sel, alg, "", b8))
-        elif "missing public key" in reason.lower() or "no key" in reason.lower():
-            out.append(DKIMResult("permerror", dom, sel, alg, "no key for signature", b8))
+        elif "temp" in key_lookup:
+            out.append(DKIMResult("temperror", dom, sel, alg, "key lookup failed", b8))
+        elif "missing" in key_lookup:
+            out.append(DKIMResult("permerror", dom, sel, alg, "no key published", b8))
         else:
-            out.append(DKIMResult("fail", dom, sel, alg, reason or "bad signature", b8))
+            out.append(DKIMResult("fail", dom, sel, alg, reason, b8))
     return out
 
 
@@ -108,6 +129,12 @@ class SigningKey:
         key = serialization.load_pem_private_key(self.path.read_bytes(), password=None)
         assert isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey)
         return key
+
+    def zone_line(self) -> str:
+        """The record in zone-file syntax, split into strings of at most 255 octets."""
+        rec = self.dns_record()
+        parts = " ".join(f'"{rec[i:i + 255]}"' for i in range(0, len(rec), 255))
+        return f"{self.dns_name}. 3600 IN TXT {parts}"
 
     def dns_record(self) -> str:
         """The TXT record to publish at ``dns_name`` (RFC 6376 §3.6.1, RFC 8463 §4.2)."""
@@ -160,8 +187,10 @@ class KeyStore:
         )
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
+        self.root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, exist_ok=True)
         folder = self.root / domain
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
         path = folder / f"{selector}.pem"
         # O_EXCL: never overwrite a key whose record may be published; 0600 from the start.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

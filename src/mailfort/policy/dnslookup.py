@@ -33,6 +33,7 @@ class Lookup:
     """``query(name, type)`` -> rdata list ([] for NXDOMAIN / no data), or DNSTempError."""
 
     def __init__(self, cfg: DNSConfig) -> None:
+        self.cfg = cfg
         if cfg.nameservers:
             r = dns.resolver.Resolver(configure=False)
             r.nameservers = list(cfg.nameservers)
