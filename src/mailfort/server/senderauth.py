@@ -94,7 +94,7 @@ async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: b
     new, verdict = await asyncio.to_thread(
         _verify_inbound, auth, committer, spool, trace, spf_results, sender)
     log.info("sender-auth [%s] from=<%s> %s%s", peer_ip, sender, verdict.summary,
-             f" -> {verdict.refusal}" if verdict.refusal else "")
+             f" -> {verdict.refusal.code} {verdict.refusal.enhanced}" if verdict.refusal else "")
     if new is not spool:
         spool.discard()
     return Outcome(new, verdict.refusal, verdict.junk)

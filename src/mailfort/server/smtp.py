@@ -288,7 +288,8 @@ class SMTPSession(EngineSession):
         env.spf, refusal = await senderauth.check_mail(auth, self.peer_ip, engine.helo or "",
                                                        sender)
         if refusal is not None:
-            log.info("reject: MAIL from [%s]: %s; from=<%s>", self.peer_ip, refusal, sender)
+            log.info("reject: MAIL from [%s]: %s; from=<%s>", self.peer_ip,
+                     refusal.encode().decode().strip(), sender)
         engine.decide(refusal or SENDER_OK)
 
     def may_relay(self) -> bool:
@@ -379,8 +380,8 @@ class SMTPSession(EngineSession):
             raise
         if refusal is not None:
             spool.discard()
-            log.info("reject: DATA from [%s]: %s; from=<%s>", self.peer_ip, refusal,
-                     env.sender or "")
+            log.info("reject: DATA from [%s]: %s; from=<%s>", self.peer_ip,
+                     refusal.encode().decode().strip(), env.sender or "")
             engine.decide(refusal)
             return
         # ----
