@@ -55,7 +55,9 @@ class Lookup:
                 if isinstance(hit[1], DNSTempError):
                     raise hit[1]
                 return list(hit[1])
-        lifetime = self.resolver.lifetime if timeout is None else min(timeout, 60.0)
+        # ``timeout``: what the caller has left of its own budget; never more than ours.
+        lifetime = self.resolver.lifetime if timeout is None else min(timeout,
+                                                                      self.resolver.lifetime)
         try:
             answer = self.resolver.resolve(
                 dns.name.from_text(key[0]), rdtype, search=False,
