@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from mailfort.config import Config
@@ -18,6 +19,7 @@ from mailfort.policy.dnslookup import Lookup
 from mailfort.protocol.replies import Reply
 
 log = logging.getLogger("mailfort.senderauth")
+_THREADS = 16  # checks mostly wait for DNS; each holds at most dkim_max_bytes of a message
 
 
 @dataclass
@@ -47,6 +49,13 @@ class SenderAuth:
         self.opts = cfg.sender_auth
         self.lookup = lookup or Lookup(cfg.dns)
         self.rand = rand
+        # Its own threads: a slow DNS answer (up to spf_time_budget) must not hold up the
+        # threads that other work (password hashing, mailbox I/O) takes from the default pool.
+        self.executor = ThreadPoolExecutor(max_workers=_THREADS,
+                                           thread_name_prefix="sender-auth")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def check_mail(self, ip: str, helo: str, sender: str) -> tuple[list[spf.SPFResult],
                                                                     Reply | None]:

@@ -143,6 +143,8 @@ class Node:
         await self.worker.stop()
         await asyncio.to_thread(self.committer.stop)
         self.authenticator.close()
+        if self.sender_auth is not None:
+            self.sender_auth.close()
 
     async def __aenter__(self) -> Node:
         await self.start()

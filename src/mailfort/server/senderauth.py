@@ -29,7 +29,8 @@ SignHook = Callable[[str, bytes], bytes]
 
 async def check_mail(auth: SenderAuth, ip: str, helo: str,
                      sender: str) -> tuple[list[SPFResult], Reply | None]:
-    return await asyncio.to_thread(auth.check_mail, ip, helo, sender)
+    return await asyncio.get_running_loop().run_in_executor(
+        auth.executor, auth.check_mail, ip, helo, sender)
 
 
 def read_message(spool: Spool, start: int, limit: int) -> bytes | None:
@@ -91,8 +92,8 @@ def _verify_inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace:
 async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: bytes,
                   spf_results: list[SPFResult], sender: str, peer_ip: str) -> Outcome:
     """DKIM and DMARC of a message received on the MX; a refusal or the new spool."""
-    new, verdict = await asyncio.to_thread(
-        _verify_inbound, auth, committer, spool, trace, spf_results, sender)
+    new, verdict = await asyncio.get_running_loop().run_in_executor(
+        auth.executor, _verify_inbound, auth, committer, spool, trace, spf_results, sender)
     log.info("sender-auth [%s] from=<%s> %s%s", peer_ip, sender, verdict.summary,
              f" -> {verdict.refusal.code} {verdict.refusal.enhanced}" if verdict.refusal else "")
     if new is not spool:
