@@ -271,3 +271,19 @@ async def test_submission_is_signed_and_verifies_at_another_mailfort_mx(
     assert "dkim=fail" in second and "dkim=pass" not in second, second
     assert "dmarc=pass" in second  # by the aligned SPF pass alone
     assert not dkimpy.verify(again, dnsfunc=txt)
+
+
+async def test_submission_cannot_hand_a_local_user_our_results(
+    mx: NodeFactory, client_ssl_context: ssl.SSLContext
+) -> None:
+    node = await mx()
+    msg = EmailMessage()
+    msg["From"] = ALICE
+    msg["To"] = "bob@example.test"
+    msg["Subject"] = "trust me"
+    msg["Authentication-Results"] = "mx.example.test; dmarc=pass header.from=bank.test"
+    msg.set_content("hi\n")
+    await asyncio.to_thread(submit, node.port("submission"), client_ssl_context, msg,
+                            ["bob@example.test"])
+    (raw,) = stored(node, "bob@example.test")
+    assert b"Authentication-Results" not in raw and b"trust me" in raw

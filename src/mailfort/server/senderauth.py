@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailfort.policy.authresults import strip_ours
-from mailfort.policy.senderauth import SenderAuth, Verdict
+from mailfort.policy.senderauth import SenderAuth, Verdict, header_block
 from mailfort.policy.spf import SPFResult
 from mailfort.protocol.replies import Reply
 from mailfort.store.maildir import Committer, Spool
@@ -101,20 +101,25 @@ async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: b
     return Outcome(new, verdict.refusal, verdict.junk)
 
 
-def _sign(sign: SignHook, committer: Committer, spool: Spool, trace: bytes, user: str,
-          limit: int) -> Spool:
+def _sign(sign: SignHook | None, committer: Committer, spool: Spool, trace: bytes, user: str,
+          limit: int, hostname: str) -> Spool:
     message = read_message(spool, len(trace), limit)
     if message is None:
         log.warning("not DKIM-signed: message from %s over %d bytes", user, limit)
         return spool
-    fields = sign(user, message)
-    return spool if not fields else rebuild(committer, spool, trace, fields, None)
+    fields = sign(user, message) if sign is not None else b""
+    # A user must not hand a local recipient a result "from us" either (RFC 8601 §5).
+    forged = b"authentication-results" in header_block(message).lower()
+    if not fields and not forged:
+        return spool
+    return rebuild(committer, spool, trace, fields, hostname)
 
 
-async def signed(sign: SignHook, committer: Committer, spool: Spool, trace: bytes,
-                 user: str, limit: int) -> Spool:
-    """The message with DKIM-Signature fields of the From: domain's keys, if it has any."""
-    new = await asyncio.to_thread(_sign, sign, committer, spool, trace, user, limit)
+async def signed(sign: SignHook | None, committer: Committer, spool: Spool, trace: bytes,
+                 user: str, limit: int, hostname: str) -> Spool:
+    """The message with DKIM-Signature fields of the From: domain's keys, if it has any,
+    and without Authentication-Results fields that claim ``hostname``."""
+    new = await asyncio.to_thread(_sign, sign, committer, spool, trace, user, limit, hostname)
     if new is not spool:
         spool.discard()
     return new

@@ -425,10 +425,10 @@ class SMTPSession(EngineSession):
         assert engine is not None
         user = engine.authenticated_as
         if svc.submission is not None and user is not None:
-            if svc.cfg.sender_auth.sign_submissions:
-                spool = await senderauth.signed(svc.submission.sign, svc.committer, spool,
-                                                self.trace, user,
-                                                svc.cfg.sender_auth.dkim_max_bytes)
+            sa = svc.cfg.sender_auth
+            spool = await senderauth.signed(
+                svc.submission.sign if sa.sign_submissions else None, svc.committer, spool,
+                self.trace, user, sa.dkim_max_bytes, svc.cfg.server.hostname)
             return spool, None, False
         if svc.sender_auth is None or not self._checks_sender():
             return spool, None, False
