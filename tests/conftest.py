@@ -37,6 +37,21 @@ def client_ssl_context(tls_ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
+_REFUSING_DNS: list[Any] = []
+
+
+def refusing_dns_port() -> int:
+    """The port of one DNS server for the whole run that answers REFUSED to everything
+    (a dead port would instead cost every lookup its full timeout)."""
+    if not _REFUSING_DNS:
+        from dnslib import RCODE
+
+        from tests.dnsserver import DNSServer
+
+        _REFUSING_DNS.append(DNSServer(default_rcode=RCODE.REFUSED).start())
+    return int(_REFUSING_DNS[0].port)
+
+
 def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
     """A config on free ports (0) under data_dir; ``sections`` override TOML tables."""
     raw: dict[str, Any] = {
@@ -49,8 +64,9 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
             "pop3s": ["127.0.0.1:0"],
         },
         # Never the system resolver: a test that queues remote mail must not send a DNS
-        # query off this machine. Nothing listens here, so lookups fail at once (4xx).
-        "dns": {"nameservers": ["127.0.0.1"], "port": 9, "timeout": 1.0},
+        # query off this machine. This server refuses every query, so lookups fail at once:
+        # 4xx for delivery, temperror (accepted) for the MX's SPF/DKIM/DMARC.
+        "dns": {"nameservers": ["127.0.0.1"], "port": refusing_dns_port(), "timeout": 1.0},
     }
     for name, table in sections.items():
         raw.setdefault(name, {}).update(table)

@@ -169,3 +169,25 @@ def test_console_script_installed(cwd: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert directory(cwd).list_domains() == ["example.test"]
+
+
+def test_dkim_keygen_prints_the_record_and_list_shows_it(cwd: Path) -> None:
+    out = ok(cwd, "dkim", "keygen", "Example.TEST", "--selector", "s1")
+    key = cwd / "mailfort-data" / "dkim" / "example.test" / "s1.pem"
+    assert (key.stat().st_mode & 0o777) == 0o600
+    assert "name:   s1._domainkey.example.test" in out
+    value = next(ln for ln in out.splitlines() if ln.startswith("value:")).split(None, 1)[1]
+    assert value.startswith("v=DKIM1; k=rsa; p=MII")
+    # The zone-file line holds the same record, in strings of at most 255 characters.
+    zone = next(ln for ln in out.splitlines() if ln.startswith("zone:"))
+    strings = zone.split(" TXT ", 1)[1].strip('"').split('" "')
+    assert "".join(strings) == value and all(len(s) <= 255 for s in strings)
+    ed = ok(cwd, "dkim", "keygen", "example.test", "--selector", "e1", "--algorithm", "ed25519")
+    assert "k=ed25519; p=" in ed
+    listed = ok(cwd, "dkim", "list").splitlines()
+    assert listed[0].split("\t")[:3] == ["example.test", "e1", "ed25519"]
+    assert listed[1].split("\t")[:3] == ["example.test", "s1", "rsa"]
+    assert value in ok(cwd, "dkim", "list", "example.test", "--records")
+    # A published key is never overwritten.
+    assert "exists already" in fails(cwd, "dkim", "keygen", "example.test", "--selector", "s1")
+    assert "selector" in fails(cwd, "dkim", "keygen", "example.test", "--selector", "../x")

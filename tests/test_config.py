@@ -112,3 +112,19 @@ def test_effective_is_plain_data() -> None:
     eff = config_mod.effective(Config())
     assert eff["auth"]["block_after_failures"] == 10
     assert eff["relay"]["trusted_networks"] == []
+
+
+def test_sender_auth_is_on_by_default_and_validated(tmp_path: Path) -> None:
+    sa = config_mod.load(None).sender_auth
+    assert sa.enabled and sa.dmarc_enforce and sa.sign_submissions
+    assert sa.spf_fail == "mark" and sa.quarantine == "header"
+    cfg = load_text(tmp_path, '[sender_auth]\nspf_fail = "reject"\nquarantine = "junk"\n')
+    assert (cfg.sender_auth.spf_fail, cfg.sender_auth.quarantine) == ("reject", "junk")
+    for bad, key in (('spf_fail = "drop"', "sender_auth.spf_fail"),
+                     ('quarantine = "spam"', "sender_auth.quarantine"),
+                     ('quarantine_header = "X Bad: y"', "sender_auth.quarantine_header"),
+                     ("spf_time_budget = 0", "sender_auth.spf_time_budget"),
+                     ("dkim_max_bytes = -1", "sender_auth.dkim_max_bytes"),
+                     ("enabled = 1", "sender_auth.enabled")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_text(tmp_path, f"[sender_auth]\n{bad}\n")

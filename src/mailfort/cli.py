@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     leaf(qu_sub, "delete", cmd_queue, "delete an entry").add_argument("id")
 
+    from mailfort.dkim_command import add_parser as add_dkim_parser
+
+    add_dkim_parser(sub, leaf)
+
     from mailfort.audit.command import add_parser as add_audit_parser
 
     add_audit_parser(sub)

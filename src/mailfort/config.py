@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 import types
 import typing
@@ -113,6 +114,31 @@ class DNSConfig:
 
 
 @dataclass(frozen=True)
+class SenderAuthConfig:
+    # SPF, DKIM and DMARC of mail received on the MX, reported in one Authentication-Results
+    # field. DNS failures never refuse mail: the result is temperror and the mail is accepted.
+    enabled: bool = True
+    # An SPF "fail" (-all) of MAIL FROM or HELO: "mark" (reported only) or "reject" (550 5.7.23
+    # at MAIL FROM). "mark" by default: DMARC decides on the whole (RFC 7489 §10.1).
+    spf_fail: str = "mark"
+    # Honour the sender domain's DMARC policy: p=reject -> 550 5.7.1 at end of data,
+    # p=quarantine -> as below. false: only report.
+    dmarc_enforce: bool = True
+    # p=quarantine: "header" (add quarantine_header) or "junk" (that too, and file the mail
+    # into the recipient's Maildir++ folder .Junk).
+    quarantine: str = "header"
+    quarantine_header: str = "X-Quarantine"
+    # Seconds of DNS one SPF evaluation may take in all (RFC 7208 §4.6.4 suggests 20).
+    spf_time_budget: float = 20.0
+    # Messages larger than this are not DKIM-verified (dkim=neutral) nor signed: dkimpy holds
+    # the message in memory while it works.
+    dkim_max_bytes: int = 10 * 1024 * 1024
+    # DKIM-sign what authenticated users submit, with every key of the From: domain
+    # (``mailfort dkim keygen``); a domain without keys is sent unsigned.
+    sign_submissions: bool = True
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     max_lifetime: float = 5 * 86400.0
     delay_warning_after: float = 4 * 3600.0
@@ -144,6 +170,7 @@ class Config:
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    sender_auth: SenderAuthConfig = field(default_factory=SenderAuthConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     # domain -> route; "*" is the default route for every remote domain.
     routes: dict[str, Route] = field(default_factory=dict)
@@ -262,7 +289,21 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"submission.{k}: must be a positive integer")
     if not 0 < cfg.dns.port < 65536:
         raise ConfigError("dns.port: must be 1-65535")
+    _validate_sender_auth(cfg.sender_auth)
     return cfg
+
+
+def _validate_sender_auth(sa: SenderAuthConfig) -> None:
+    if sa.spf_fail not in ("mark", "reject"):
+        raise ConfigError("sender_auth.spf_fail: allowed values are mark and reject")
+    if sa.quarantine not in ("header", "junk"):
+        raise ConfigError("sender_auth.quarantine: allowed values are header and junk")
+    if not re.fullmatch(r"[!-9;-~]{1,76}", sa.quarantine_header):
+        raise ConfigError("sender_auth.quarantine_header: must be a header field name")
+    if not 0 < sa.spf_time_budget <= 60:
+        raise ConfigError("sender_auth.spf_time_budget: must be between 0 and 60 seconds")
+    if sa.dkim_max_bytes <= 0:
+        raise ConfigError("sender_auth.dkim_max_bytes: must be a positive integer")
 
 
 def _validate_auth(auth: AuthConfig) -> None:

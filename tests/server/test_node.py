@@ -42,7 +42,7 @@ import trustme
 import mailfort
 from mailfort import config as config_mod
 from mailfort.store.maildir import maildir_for
-from tests.conftest import HOSTNAME, seed_directory
+from tests.conftest import HOSTNAME, refusing_dns_port, seed_directory
 
 ALICE = "alice@example.test"
 PASSWORD = "alice-pw"  # seed_directory's
@@ -83,7 +83,8 @@ def _write_config(root: Path, tls: dict[str, str]) -> Path:
         f"data_dir = {json.dumps(str(root / 'data'))}",
         "[store]", 'flush = "fsync"',  # a shared test disk: flush our own files only
         # Never the system resolver (see tests/conftest.py): lookups fail at once.
-        "[dns]", 'nameservers = ["127.0.0.1"]', "port = 9", "timeout = 1.0",
+        "[dns]", 'nameservers = ["127.0.0.1"]', f"port = {refusing_dns_port()}",
+        "timeout = 1.0",
         "[listen]", *(f"{k} = {json.dumps(v)}" for k, v in listen.items()),
         "[tls]", *(f"{k} = {json.dumps(v)}" for k, v in tls.items()),
     ]

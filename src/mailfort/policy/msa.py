@@ -14,6 +14,9 @@ from email.utils import formatdate
 from mailfort.config import Config
 from mailfort.directory.base import Directory
 from mailfort.policy.counters import Counters
+from mailfort.policy.dkim import KeyStore
+from mailfort.policy.dmarc import from_domains
+from mailfort.policy.senderauth import header_block
 from mailfort.policy.senders import check_envelope_sender, check_header_from
 from mailfort.protocol.address import Mailbox
 from mailfort.protocol.replies import Reply
@@ -28,6 +31,7 @@ class MSAPolicy:
         self.cfg = cfg
         self.directory = directory
         self.counters = counters
+        self.keys = KeyStore(cfg.data_path)
 
     def _key(self, user: str) -> str:
         return f"sent-per-hour:{user.lower()}"
@@ -71,6 +75,17 @@ class MSAPolicy:
 
     def message_accepted(self, user: str) -> None:
         self.counters.incr(self._key(user), _HOUR)
+
+    def sign(self, user: str, message: bytes) -> bytes:
+        """DKIM-Signature fields for a submitted message, one per key of its From: domain
+        (RSA and Ed25519 side by side, RFC 8463 §3). The From: address was already checked
+        to be the user's own (``check_headers``), so the domain is one of ours."""
+        domains = from_domains(header_block(message)) or []
+        fields = b""
+        for domain in domains[:1]:
+            for key in self.keys.keys(domain):
+                fields = key.sign(message) + fields
+        return fields
 
 
 def append_header_lines(header_block: bytes, lines: list[str]) -> bytes:

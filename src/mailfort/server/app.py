@@ -21,6 +21,7 @@ from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
 from mailfort.policy.msa import MSAPolicy
+from mailfort.policy.senderauth import SenderAuth
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter
@@ -71,6 +72,8 @@ class Node:
             mx_port=cfg.queue.mx_port,
         )
         self.msa = MSAPolicy(cfg, self.directory, self.counters)
+        # SPF, DKIM and DMARC of the mail the MX receives ([sender_auth]).
+        self.sender_auth = SenderAuth(cfg) if cfg.sender_auth.enabled else None
         # One count of connections for the whole node, shared by every listener.
         self.limiter = ConnectionLimiter(cfg.limits.max_connections,
                                          cfg.limits.max_connections_per_ip)
@@ -106,6 +109,7 @@ class Node:
             queued=self.worker.wake,
             submission=self.msa if options.auth else None,
             legacy=legacy,
+            sender_auth=self.sender_auth if options.name == "mx" else None,
         )
 
     async def start(self) -> None:
@@ -153,6 +157,8 @@ class Node:
         await self.worker.stop()
         await asyncio.to_thread(self.committer.stop)
         self.authenticator.close()
+        if self.sender_auth is not None:
+            self.sender_auth.close()
 
     async def __aenter__(self) -> Node:
         await self.start()

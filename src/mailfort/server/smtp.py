@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Protocol
 from mailfort.config import Config
 from mailfort.directory.base import Directory
 from mailfort.policy.recipients import STRICT, RecipientPolicy
+from mailfort.policy.senderauth import SenderAuth
+from mailfort.policy.spf import SPFResult
 from mailfort.protocol.address import Mailbox
 from mailfort.protocol.replies import TEMP_LOCAL_ERROR, Reply
 from mailfort.protocol.smtp import (
@@ -42,6 +44,7 @@ from mailfort.protocol.smtp import (
     SMTPEngine,
     StartTLS,
 )
+from mailfort.server import senderauth
 from mailfort.server.connections import Admission, is_loopback
 from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
@@ -66,6 +69,7 @@ class Envelope:
     local: list[str] = field(default_factory=list)  # canonical local users
     remote: list[str] = field(default_factory=list)  # addresses to relay/forward
     rcpts: list[str] = field(default_factory=list)  # as the client gave them
+    spf: list[SPFResult] = field(default_factory=list)  # MX: SPF of HELO and MAIL FROM
 
 
 @dataclass
@@ -98,6 +102,9 @@ class SubmissionPolicy(Protocol):
 
     def message_accepted(self, user: str) -> None: ...
 
+    def sign(self, user: str, message: bytes) -> bytes:
+        """DKIM-Signature fields to add to the message (empty: none)."""
+
 
 class SMTPService(Listener):
     """One listening service: its settings, its sessions and its shared parts."""
@@ -115,6 +122,7 @@ class SMTPService(Listener):
         queued: Callable[[], None] | None = None,
         submission: SubmissionPolicy | None = None,
         legacy: LegacyProfile | None = None,
+        sender_auth: SenderAuth | None = None,
     ) -> None:
         """``legacy``: the lab's weakened profile (``mailfort.lab`` only, never a config)."""
         self.cfg = cfg
@@ -126,6 +134,7 @@ class SMTPService(Listener):
         self.enqueue = enqueue
         self.queued = queued  # called once queued mail is acknowledged (wakes delivery)
         self.submission = submission
+        self.sender_auth = sender_auth  # MX: SPF, DKIM, DMARC (policy/senderauth.py)
         super().__init__(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks]
         lim = cfg.limits
@@ -183,6 +192,7 @@ class SMTPSession(EngineSession):
         self.tls_info = ""
         self.headers: bytearray | None = None  # submission: client headers held until checked
         self.refusal: Reply | None = None  # submission: refusal decided from the headers
+        self.trace = b""  # the trace fields we wrote at the top of the spool
 
     # ---------------------------------------------------------------- asyncio callbacks
 
@@ -273,6 +283,26 @@ class SMTPSession(EngineSession):
         refusal = None
         if sub is not None and engine.authenticated_as is not None:
             refusal = sub.check_mail(engine.authenticated_as, ev.sender)
+        elif self._checks_sender():
+            self.run(self._check_spf())  # ---- sender authentication: SPF, off the loop
+            return
+        engine.decide(refusal or SENDER_OK)
+
+    def _checks_sender(self) -> bool:
+        """MX mail from outside (not our trusted hosts) is checked: SPF, DKIM, DMARC."""
+        return (self.service.sender_auth is not None and self.engine is not None
+                and self.engine.authenticated_as is None
+                and not self.service.trusted(self.peer_ip))
+
+    async def _check_spf(self) -> None:
+        engine, auth, env = self.engine, self.service.sender_auth, self.envelope
+        assert engine is not None and auth is not None
+        sender = str(env.sender) if env.sender is not None else ""
+        env.spf, refusal = await senderauth.check_mail(auth, self.peer_ip, engine.helo or "",
+                                                       sender)
+        if refusal is not None:
+            log.info("reject: MAIL from [%s]: %s; from=<%s>", self.peer_ip,
+                     refusal.encode().decode().strip(), sender)
         engine.decide(refusal or SENDER_OK)
 
     def may_relay(self) -> bool:
@@ -301,7 +331,8 @@ class SMTPSession(EngineSession):
     def _start_spool(self, bdat: bool) -> Reply:
         try:
             self.spool = self.service.committer.new_spool()
-            self.spool.write(self._trace_headers())
+            self.trace = self._trace_headers()
+            self.spool.write(self.trace)
             self.refusal = None
             if self.service.submission is not None:
                 self.headers = bytearray()
@@ -353,8 +384,24 @@ class SMTPSession(EngineSession):
             return
         env = self.envelope
         svc = self.service
+        # ---- sender authentication: DKIM/DMARC on the MX, DKIM signing on submission
+        junk = False
+        try:
+            spool, refusal, junk = await self._sender_auth(spool)
+        except Exception:
+            spool.discard()
+            raise
+        if refusal is not None:
+            spool.discard()
+            log.info("reject: DATA from [%s]: %s; from=<%s>", self.peer_ip,
+                     refusal.encode().decode().strip(), env.sender or "")
+            engine.decide(refusal)
+            return
+        # ----
         data_dir = svc.cfg.data_path
         maildirs = [maildir_for(data_dir, u) for u in env.local]
+        if junk:
+            maildirs = [m / ".Junk" for m in maildirs]
         extra = None
         if env.remote and svc.enqueue is not None:
             enqueue = svc.enqueue
@@ -384,6 +431,25 @@ class SMTPSession(EngineSession):
             self.service.submission.message_accepted(engine.authenticated_as)
         if env.remote and svc.queued is not None:
             svc.queued()
+
+    async def _sender_auth(self, spool: Spool) -> tuple[Spool, Reply | None, bool]:
+        """The spool to store (with the fields added), a refusal, whether it is junk."""
+        svc, engine = self.service, self.engine
+        assert engine is not None
+        user = engine.authenticated_as
+        if svc.submission is not None and user is not None:
+            sa = svc.cfg.sender_auth
+            spool = await senderauth.signed(
+                svc.submission.sign if sa.sign_submissions else None, svc.committer, spool,
+                self.trace, user, sa.dkim_max_bytes, svc.cfg.server.hostname)
+            return spool, None, False
+        if svc.sender_auth is None or not self._checks_sender():
+            return spool, None, False
+        env = self.envelope
+        out = await senderauth.inbound(svc.sender_auth, svc.committer, spool, self.trace,
+                                       env.spf, "" if env.sender is None else str(env.sender),
+                                       self.peer_ip)
+        return out.spool, out.refusal, out.junk
 
     def _capture_headers(self, data: bytes) -> None:
         """Hold the client's header section until its end, to check and complete it."""

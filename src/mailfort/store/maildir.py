@@ -27,7 +27,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +121,22 @@ class Spool:
     def fileno(self) -> int:
         assert self._fd is not None
         return self._fd
+
+    def chunks(self, start: int = 0, size: int = 1 << 20) -> Iterator[bytes]:
+        """What was written so far from offset ``start`` (while nothing is written), for
+        checks that read the message after its end of data (DKIM) or copy it."""
+        on_disk = self.size - len(self._buf)
+        if on_disk > start:
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                left = on_disk - start
+                while left > 0:
+                    data = f.read(min(size, left))
+                    if not data:
+                        break
+                    left -= len(data)
+                    yield data
+        yield bytes(self._buf[max(0, start - on_disk):])
 
     def discard(self) -> None:
         self._buf.clear()

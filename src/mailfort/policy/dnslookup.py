@@ -1,0 +1,87 @@
+"""The DNS lookups of sender authentication (SPF, DKIM keys, DMARC records), cached.
+
+Synchronous on purpose: SPF, DKIM and DMARC run in a worker thread, never on the event
+loop, and the libraries they use (pyspf, dkimpy) call DNS synchronously. The resolver is
+the configured one (``[dns]``), the system one when no nameservers are set. Answers are
+cached for their TTL (capped) and failures for a short while, so that a domain whose DNS
+is down costs one timeout, not one per message.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import dns.exception
+import dns.name
+import dns.resolver
+
+from mailfort.config import DNSConfig
+
+_MAX_TTL = 3600.0
+_FAILURE_TTL = 30.0  # a SERVFAIL or timeout is remembered this long
+_MAX_ENTRIES = 10_000
+
+
+class DNSTempError(Exception):
+    """The lookup failed in a way that may not last (timeout, SERVFAIL, no server)."""
+
+
+class Lookup:
+    """``query(name, type)`` -> rdata list ([] for NXDOMAIN / no data), or DNSTempError."""
+
+    def __init__(self, cfg: DNSConfig) -> None:
+        self.cfg = cfg
+        if cfg.nameservers:
+            r = dns.resolver.Resolver(configure=False)
+            r.nameservers = list(cfg.nameservers)
+            r.port = cfg.port
+        else:
+            r = dns.resolver.Resolver()
+        r.timeout = cfg.timeout
+        r.lifetime = cfg.timeout
+        self.resolver = r
+        self._cache: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def query(self, name: str, rdtype: str, timeout: float | None = None) -> list[Any]:
+        key = (name.lower().rstrip("."), rdtype)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > now:
+                if isinstance(hit[1], DNSTempError):
+                    raise hit[1]
+                return list(hit[1])
+        # ``timeout``: what the caller has left of its own budget; never more than ours.
+        lifetime = self.resolver.lifetime if timeout is None else min(timeout,
+                                                                      self.resolver.lifetime)
+        try:
+            answer = self.resolver.resolve(
+                dns.name.from_text(key[0]), rdtype, search=False,
+                lifetime=max(lifetime, 0.05),
+            )
+            value: Any = list(answer)
+            ttl = min(float(answer.rrset.ttl if answer.rrset is not None else 0), _MAX_TTL)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.exception.SyntaxError,
+                dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.NameTooLong):
+            value, ttl = [], 60.0  # no such name (or none that DNS could hold)
+        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.YXDOMAIN) as exc:
+            value, ttl = DNSTempError(f"{key[0]} {rdtype}: {type(exc).__name__}"), _FAILURE_TTL
+        with self._lock:
+            self._cache[key] = (now + ttl, value)
+            self._cache.move_to_end(key)
+            while len(self._cache) > _MAX_ENTRIES:
+                self._cache.popitem(last=False)
+        if isinstance(value, DNSTempError):
+            raise value
+        return list(value)
+
+    def txt(self, name: str, timeout: float | None = None) -> list[str]:
+        """Each TXT record's strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
+        return [
+            b"".join(rr.strings).decode("utf-8", "replace")
+            for rr in self.query(name, "TXT", timeout)
+        ]

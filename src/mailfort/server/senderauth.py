@@ -1,0 +1,125 @@
+"""The sessions' side of sender authentication: worker threads and spool rewriting.
+
+SPF runs at MAIL FROM, DKIM/DMARC (MX) or DKIM signing (submission) after the end of
+data, each in a worker thread so that DNS waits and RSA/Ed25519 never block the loop.
+The fields they add go on top of the message, so the spooled message is copied into a
+new spool behind them (in memory for most messages; a file copy for large ones), and
+on the MX any Authentication-Results field claiming our host name is dropped on the way.
+At most ``sender_auth.dkim_max_bytes`` of a message are read into memory for DKIM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailfort.policy.authresults import strip_ours
+from mailfort.policy.senderauth import SenderAuth, Verdict, header_block
+from mailfort.policy.spf import SPFResult
+from mailfort.protocol.replies import Reply
+from mailfort.store.maildir import Committer, Spool
+
+log = logging.getLogger("mailfort.senderauth")
+_HEADER_SCAN = 1024 * 1024  # the client's header section is looked for in this much
+# (authenticated user, the message) -> the DKIM-Signature fields to add (policy/msa.py)
+SignHook = Callable[[str, bytes], bytes]
+
+
+async def check_mail(auth: SenderAuth, ip: str, helo: str,
+                     sender: str) -> tuple[list[SPFResult], Reply | None]:
+    return await asyncio.get_running_loop().run_in_executor(
+        auth.executor, auth.check_mail, ip, helo, sender)
+
+
+def read_message(spool: Spool, start: int, limit: int) -> bytes | None:
+    """The client's message (after our trace fields), or None when over ``limit``."""
+    if spool.size - start > limit:
+        return None
+    return b"".join(spool.chunks(start))
+
+
+def rebuild(committer: Committer, spool: Spool, trace: bytes, fields: bytes,
+            strip_host: str | None) -> Spool:
+    """A new spool holding: our trace fields (Return-Path, Received), ``fields``, and the
+    client's message, without forged Authentication-Results when ``strip_host``."""
+    new = committer.new_spool()
+    try:
+        new.write(trace + fields)  # right below our Received: ours, above every earlier hop
+        chunks = spool.chunks(len(trace))
+        buf = bytearray()
+        ended = True
+        for chunk in chunks:
+            buf += chunk
+            if buf.startswith(b"\r\n") or b"\r\n\r\n" in buf or len(buf) > _HEADER_SCAN:
+                ended = False
+                break
+        end = -1 if buf.startswith(b"\r\n") else buf.find(b"\r\n\r\n")
+        if strip_host is not None and (end >= 0 or ended):
+            split = end + 2 if end >= 0 else len(buf)
+            block, removed = strip_ours(bytes(buf[:split]), strip_host)
+            if removed:
+                log.info("removed %d Authentication-Results field(s) claiming %s",
+                         removed, strip_host)
+            new.write(block + bytes(buf[split:]))
+        else:
+            new.write(bytes(buf))
+        for chunk in chunks:
+            new.write(chunk)
+    except BaseException:
+        new.discard()
+        raise
+    return new
+
+
+@dataclass
+class Outcome:
+    spool: Spool
+    refusal: Reply | None = None
+    junk: bool = False
+
+
+def _verify_inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: bytes,
+                    spf_results: list[SPFResult], sender: str) -> tuple[Spool, Verdict]:
+    limit = auth.opts.dkim_max_bytes
+    verdict = auth.check_message(read_message(spool, len(trace), limit), spf_results, sender)
+    if verdict.refusal is not None:
+        return spool, verdict
+    return rebuild(committer, spool, trace, verdict.fields, auth.cfg.server.hostname), verdict
+
+
+async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: bytes,
+                  spf_results: list[SPFResult], sender: str, peer_ip: str) -> Outcome:
+    """DKIM and DMARC of a message received on the MX; a refusal or the new spool."""
+    new, verdict = await asyncio.get_running_loop().run_in_executor(
+        auth.executor, _verify_inbound, auth, committer, spool, trace, spf_results, sender)
+    log.info("sender-auth [%s] from=<%s> %s%s", peer_ip, sender, verdict.summary,
+             f" -> {verdict.refusal.code} {verdict.refusal.enhanced}" if verdict.refusal else "")
+    if new is not spool:
+        spool.discard()
+    return Outcome(new, verdict.refusal, verdict.junk)
+
+
+def _sign(sign: SignHook | None, committer: Committer, spool: Spool, trace: bytes, user: str,
+          limit: int, hostname: str) -> Spool:
+    message = read_message(spool, len(trace), limit)
+    if message is None:
+        log.warning("not DKIM-signed: message from %s over %d bytes", user, limit)
+        return spool
+    fields = sign(user, message) if sign is not None else b""
+    # A user must not hand a local recipient a result "from us" either (RFC 8601 §5).
+    forged = b"authentication-results" in header_block(message).lower()
+    if not fields and not forged:
+        return spool
+    return rebuild(committer, spool, trace, fields, hostname)
+
+
+async def signed(sign: SignHook | None, committer: Committer, spool: Spool, trace: bytes,
+                 user: str, limit: int, hostname: str) -> Spool:
+    """The message with DKIM-Signature fields of the From: domain's keys, if it has any,
+    and without Authentication-Results fields that claim ``hostname``."""
+    new = await asyncio.to_thread(_sign, sign, committer, spool, trace, user, limit, hostname)
+    if new is not spool:
+        spool.discard()
+    return new

@@ -1,0 +1,48 @@
+"""The Authentication-Results field (RFC 8601): ours, and forgeries of ours removed."""
+
+from __future__ import annotations
+
+from mailfort.policy import authresults
+from mailfort.policy.dkim import DKIMResult
+from mailfort.policy.dmarc import DMARCResult
+from mailfort.policy.spf import SPFResult
+
+
+def test_format() -> None:
+    field = authresults.format_field(
+        "mx.example.test",
+        [SPFResult("none", "helo", "client.test", "no record"),
+         SPFResult("pass", "mailfrom", "s.test")],
+        [DKIMResult("fail", "s.test", "sel", "rsa-sha256", "body hash (mismatch)", "AbCdEfGh")],
+        DMARCResult("fail", "s.test", "reject", "reject"),
+        "a b@s.test",
+    ).decode()
+    assert field.startswith("Authentication-Results: mx.example.test;\r\n\t")
+    assert field.endswith("\r\n") and "\n\r\n" not in field
+    assert "spf=none (no record) smtp.helo=client.test" in field
+    assert 'spf=pass smtp.mailfrom="a b@s.test"' in field
+    assert ("dkim=fail (body hash \\(mismatch\\)) header.d=s.test header.s=sel "
+            "header.a=rsa-sha256 header.b=AbCdEfGh") in field
+    assert "dmarc=fail (p=reject dis=reject) header.from=s.test" in field
+    unsigned = authresults.format_field("mx.example.test", [], [], None, "").decode()
+    assert "dkim=none" in unsigned
+
+
+def test_authserv_id() -> None:
+    assert authresults.authserv_id(b" MX.Example.Test; spf=pass") == "mx.example.test"
+    assert authresults.authserv_id(b" (a (nested) comment) mx.example.test 1; none") == \
+        "mx.example.test"
+    assert authresults.authserv_id(b' "mx.example.test"; none') == "mx.example.test"
+
+
+def test_strip_ours_keeps_others_and_folding() -> None:
+    block = (b"Received: from x\r\n"
+             b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.test\r\n"
+             b"authentication-results:\r\n\t(forged) MX.EXAMPLE.TEST.;\r\n\tdmarc=pass\r\n"
+             b"Authentication-Results: mx.other.test; spf=pass\r\n"
+             b"Subject: hi\r\n")
+    out, removed = authresults.strip_ours(block, "mx.example.test")
+    assert removed == 2
+    assert out == (b"Received: from x\r\nAuthentication-Results: mx.other.test; spf=pass\r\n"
+                   b"Subject: hi\r\n")
+    assert authresults.strip_ours(b"Subject: x\r\n", "mx.example.test") == (b"Subject: x\r\n", 0)

@@ -1,0 +1,87 @@
+"""DKIM signing and verification (RFC 6376, 8301, 8463) with keys from our key store and
+their records served by the real loopback DNS server."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import dkim as dkimpy
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from mailfort.policy import dkim
+from mailfort.policy.dnslookup import Lookup
+from tests.dnsserver import DNSServer
+
+MESSAGE = (b"From: Alice <alice@sign.test>\r\nTo: bob@elsewhere.test\r\n"
+           b"Subject: hello\r\nDate: Sat, 28 Nov 2026 12:00:00 +0000\r\n"
+           b"Message-ID: <1@sign.test>\r\n\r\nhello there\r\n")
+
+
+def publish(dns_server: DNSServer, key: dkim.SigningKey) -> None:
+    dns_server.add_txt(key.dns_name, key.dns_record())
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_signed_message_verifies_and_tampered_body_fails(
+    tmp_path: Path, dns_server: DNSServer, lookup: Lookup, algorithm: str
+) -> None:
+    key = dkim.KeyStore(tmp_path).generate("sign.test", "s1", algorithm)
+    assert stat.S_IMODE(key.path.stat().st_mode) == 0o600
+    publish(dns_server, key)
+    signed = key.sign(MESSAGE) + MESSAGE
+    (r,) = dkim.verify(signed, lookup)
+    assert (r.result, r.domain, r.selector) == ("pass", "sign.test", "s1"), r
+    assert r.algorithm == ("rsa-sha256" if algorithm == "rsa" else "ed25519-sha256")
+    # dkimpy on its own, with the record we told the administrator to publish:
+    rec = key.dns_record().encode()
+    assert dkimpy.verify(signed, dnsfunc=lambda name, timeout=5: rec)
+    tampered = signed.replace(b"hello there", b"hello THERE")
+    (bad,) = dkim.verify(tampered, lookup)
+    assert bad.result == "fail"
+
+
+def test_rsa_sha1_is_not_accepted(tmp_path: Path, dns_server: DNSServer,
+                                  lookup: Lookup) -> None:
+    key = dkim.KeyStore(tmp_path).generate("sign.test", "old", "rsa")
+    publish(dns_server, key)
+    pem = serialization.load_pem_private_key(key.path.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption())
+    sig = dkimpy.sign(MESSAGE, b"old", b"sign.test", pem, signature_algorithm=b"rsa-sha1")
+    (r,) = dkim.verify(sig + MESSAGE, lookup)
+    assert r.result == "policy" and "8301" in r.reason
+
+
+def test_missing_key_and_dns_failure(tmp_path: Path, dns_server: DNSServer,
+                                     lookup: Lookup) -> None:
+    key = dkim.KeyStore(tmp_path).generate("sign.test", "s1", "ed25519")
+    signed = key.sign(MESSAGE) + MESSAGE
+    (r,) = dkim.verify(signed, lookup)  # nothing published
+    assert r.result == "permerror"
+    dns_server.servfail(key.dns_name)
+    (t,) = dkim.verify(signed, Lookup(lookup.cfg))
+    assert t.result == "temperror"
+
+
+def test_unsigned_message_has_no_result(lookup: Lookup) -> None:
+    assert dkim.verify(MESSAGE, lookup) == []
+
+
+def test_key_store_lists_and_never_overwrites(tmp_path: Path) -> None:
+    store = dkim.KeyStore(tmp_path)
+    a = store.generate("Sign.Test.", "s1", "rsa")
+    store.generate("sign.test", "s2", "ed25519")
+    store.generate("other.test", "x", "ed25519")
+    assert [(k.domain, k.selector, k.algorithm) for k in store.keys("sign.test")] == [
+        ("sign.test", "s1", "rsa"), ("sign.test", "s2", "ed25519")]
+    assert len(store.keys()) == 3
+    with pytest.raises(FileExistsError):
+        store.generate("sign.test", "s1", "ed25519")
+    assert store.keys("sign.test")[0].dns_record() == a.dns_record()
+    assert stat.S_IMODE((tmp_path / "dkim").stat().st_mode) == 0o700
+    with pytest.raises(ValueError):
+        store.generate("../etc", "s", "rsa")
+    with pytest.raises(ValueError):
+        store.generate("sign.test", "a/b", "rsa")

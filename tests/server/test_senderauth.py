@@ -1,0 +1,289 @@
+"""Sender authentication end to end: real sockets, real clients, the real loopback DNS.
+
+SPF at MAIL FROM, DKIM and DMARC at the end of data, the Authentication-Results field,
+forged ones removed, DMARC policies enforced; and mail that mailfort's submission signs,
+delivered through the outbound queue to a second mailfort's MX, verifying there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import logging
+import smtplib
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import dkim as dkimpy
+import pytest
+
+from mailfort.config import Config
+from mailfort.policy.dkim import KeyStore
+from mailfort.server.app import Node
+from mailfort.store.maildir import maildir_for
+from tests.conftest import make_config, seed_directory
+from tests.dnsserver import DNSServer
+from tests.server.test_mx import stored
+from tests.server.test_outbound import FAST_QUEUE, submit, wait_for
+
+ALICE = "alice@example.test"
+NodeFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def mx(tmp_path: Path, dns_server: DNSServer,
+             server_ssl_context: ssl.SSLContext) -> AsyncIterator[NodeFactory]:
+    """``await mx(name, **sections)``: a started node on the test DNS server."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def factory(name: str = "a", **sections: dict[str, Any]) -> Node:
+            cfg = make_config(tmp_path / name, dns=dns_server.config(timeout=1.0), **sections)
+            seed_directory(cfg)
+            return await stack.enter_async_context(Node(cfg, ssl_context=server_ssl_context))
+
+        yield factory
+
+
+def letter(frm: str, body: str = "hello\n", extra: dict[str, str] | None = None) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = frm
+    msg["To"] = ALICE
+    msg["Subject"] = "sender auth"
+    for k, v in (extra or {}).items():
+        msg[k] = v
+    msg.set_content(body)
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+
+
+def send(port: int, sender: str, data: bytes, rcpt: str = ALICE,
+         helo: str = "client.remote.test") -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo(helo)
+        s.sendmail(sender, [rcpt], data)
+
+
+def auth_results(raw: bytes) -> str:
+    """Our Authentication-Results field, unfolded."""
+    fields = email.message_from_bytes(raw).get_all("Authentication-Results") or []
+    return " ".join(" ".join(f.split()) for f in fields)
+
+
+def spf_records(dns: DNSServer) -> None:
+    dns.add_txt("pass.test", "v=spf1 ip4:127.0.0.1 -all")
+    dns.add_txt("fail.test", "v=spf1 ip4:192.0.2.1 -all")
+    dns.add_txt("soft.test", "v=spf1 ~all")
+    chain = " ".join(f"include:i{n}.perm.test" for n in range(11))
+    dns.add_txt("perm.test", f"v=spf1 {chain} ip4:127.0.0.1 -all")
+    for n in range(11):
+        dns.add_txt(f"i{n}.perm.test", "v=spf1 -all")
+
+
+async def test_spf_results_are_reported(mx: NodeFactory, dns_server: DNSServer) -> None:
+    spf_records(dns_server)
+    dns_server.add_txt("client.remote.test", "v=spf1 ip4:127.0.0.1 -all")
+    node = await mx()
+    port = node.port("mx")
+    for dom in ("pass", "fail", "soft", "perm"):
+        await asyncio.to_thread(send, port, f"a@{dom}.test", letter(f"a@{dom}.test"))
+    # Maildir names do not sort in arrival order: find each by its sender.
+    got = {ar.split("smtp.mailfrom=a@")[1].split(".")[0]: ar
+           for ar in map(auth_results, stored(node, ALICE))}
+    assert sorted(got) == ["fail", "pass", "perm", "soft"]
+    for dom, expected in (("pass", "pass"), ("fail", "fail"), ("soft", "softfail"),
+                          ("perm", "permerror")):
+        ar = got[dom]
+        assert ar.startswith("mx.example.test;"), ar
+        assert "spf=pass smtp.helo=client.remote.test" in ar
+        assert f"spf={expected}" in ar, ar
+        assert "dkim=none" in ar and "dmarc=none" in ar
+    assert "lookups" in got["perm"]  # the permerror says why: over the lookup limit
+
+
+async def test_spf_fail_is_refused_at_mail_from_when_configured(
+    mx: NodeFactory, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailfort")
+    spf_records(dns_server)
+    node = await mx(sender_auth={"spf_fail": "reject"})
+    port = node.port("mx")
+    with pytest.raises(smtplib.SMTPSenderRefused) as exc:
+        await asyncio.to_thread(send, port, "a@fail.test", letter("a@fail.test"))
+    assert exc.value.smtp_code == 550 and exc.value.smtp_error.startswith(b"5.7.23")
+    # softfail is not fail; and the same server goes on serving.
+    await asyncio.to_thread(send, port, "a@soft.test", letter("a@soft.test"))
+    assert len(stored(node, ALICE)) == 1
+    assert any("reject: MAIL from [127.0.0.1]: 550 5.7.23" in r.getMessage()
+               for r in caplog.records)
+
+
+def dmarc_records(dns: DNSServer) -> None:
+    dns.add_txt("_dmarc.rej.test", "v=DMARC1; p=reject")
+    dns.add_txt("_dmarc.quar.test", "v=DMARC1; p=quarantine")
+    dns.add_txt("_dmarc.mon.test", "v=DMARC1; p=none")
+    dns.add_txt("rej.test", "v=spf1 ip4:127.0.0.1 -all")
+    dns.add_txt("bounce.rej.test", "v=spf1 ip4:127.0.0.1 -all")
+    dns.add_txt("spfok.test", "v=spf1 ip4:127.0.0.1 -all")
+
+
+async def test_dmarc_reject_quarantine_none_aligned_and_unaligned(
+    mx: NodeFactory, dns_server: DNSServer
+) -> None:
+    dmarc_records(dns_server)
+    node = await mx()
+    port = node.port("mx")
+
+    async def outcome(sender: str, frm: str) -> str:
+        before = set(stored(node, ALICE))
+        try:
+            await asyncio.to_thread(send, port, sender, letter(frm))
+        except smtplib.SMTPDataError as exc:
+            return f"{exc.smtp_code} {exc.smtp_error.decode()}"
+        (new,) = set(stored(node, ALICE)) - before
+        return auth_results(new) + " " + (
+            email.message_from_bytes(new).get("X-Quarantine") or "-")
+
+    # Unaligned: SPF passes, but for another domain than From:.
+    refused = await outcome("a@spfok.test", "a@rej.test")
+    assert refused.startswith("550 5.7.1") and "DMARC" in refused, refused
+    assert len(stored(node, ALICE)) == 0
+    aligned = await outcome("a@rej.test", "a@rej.test")
+    assert "dmarc=pass (p=reject dis=none) header.from=rej.test" in aligned, aligned
+    relaxed = await outcome("b@bounce.rej.test", "a@rej.test")  # same organisational domain
+    assert "dmarc=pass" in relaxed, relaxed
+    quarantined = await outcome("a@spfok.test", "a@quar.test")
+    assert "dmarc=fail (p=quarantine dis=quarantine) header.from=quar.test" in quarantined
+    assert quarantined.endswith("dmarc=fail policy=quarantine header.from=quar.test")
+    monitored = await outcome("a@spfok.test", "a@mon.test")
+    assert "dmarc=fail (p=none dis=none)" in monitored and monitored.endswith(" -")
+    assert len(stored(node, ALICE)) == 4
+
+
+async def test_quarantine_into_junk_and_enforcement_off(
+    mx: NodeFactory, dns_server: DNSServer
+) -> None:
+    dmarc_records(dns_server)
+    junk = await mx("junk", sender_auth={"quarantine": "junk"})
+    await asyncio.to_thread(send, junk.port("mx"), "a@spfok.test", letter("a@quar.test"))
+    box = maildir_for(junk.cfg.data_path, ALICE)
+    assert stored(junk, ALICE) == []
+    (filed,) = list((box / ".Junk" / "new").iterdir())
+    assert b"X-Quarantine: dmarc=fail" in filed.read_bytes()
+    lax = await mx("lax", sender_auth={"dmarc_enforce": False})
+    await asyncio.to_thread(send, lax.port("mx"), "a@spfok.test", letter("a@rej.test"))
+    (kept,) = stored(lax, ALICE)
+    assert "dmarc=fail (p=reject dis=reject)" in auth_results(kept)
+
+
+async def test_forged_authentication_results_are_removed(
+    mx: NodeFactory, dns_server: DNSServer
+) -> None:
+    node = await mx()
+    forged = letter("a@bank.test", extra={
+        "Authentication-Results": "mx.example.test; dkim=pass header.d=bank.test"})
+    forged = forged.replace(
+        b"Subject:", b"Authentication-Results: (ours?)\r\n MX.Example.Test.;\r\n dmarc=pass\r\n"
+        b"Authentication-Results: mx.elsewhere.test; spf=pass\r\nSubject:", 1)
+    await asyncio.to_thread(send, node.port("mx"), "a@bank.test", forged)
+    (raw,) = stored(node, ALICE)
+    fields = email.message_from_bytes(raw).get_all("Authentication-Results")
+    assert len(fields) == 2, fields
+    assert fields[0].split(";")[0].strip() == "mx.example.test"  # ours
+    assert "dkim=none" in fields[0] and "header.d=bank.test" not in raw.decode()
+    assert fields[1] == "mx.elsewhere.test; spf=pass"  # someone else's: kept
+
+
+async def test_dns_failure_fails_open_quickly(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
+) -> None:
+    """The default test config's DNS refuses everything: accepted, temperror reported."""
+    cfg = config_factory()
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        t0 = time.monotonic()
+        await asyncio.to_thread(send, node.port("mx"), "a@rej.test", letter("a@rej.test"))
+        assert time.monotonic() - t0 < 2.0
+        (raw,) = stored(node, ALICE)
+    ar = auth_results(raw)
+    assert "spf=temperror" in ar and "dmarc=temperror" in ar, ar
+
+
+async def test_submission_is_signed_and_verifies_at_another_mailfort_mx(
+    mx: NodeFactory, dns_server: DNSServer, client_ssl_context: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
+    # Node b: the MX of remote.test (user carol); node a: example.test, where alice submits.
+    b = await mx("b", server={"hostname": "mx.remote.test"})
+    b.directory.add_domain("remote.test")
+    b.directory.add_user("carol@remote.test", "$argon2id$unused")  # never logs in
+    dns_server.add_mx("remote.test", "mx1.remote.test")
+    dns_server.add_a("mx1.remote.test", "127.0.0.1")
+    # The keys of a, created as `mailfort dkim keygen` does, and what it says to publish.
+    a_cfg_dir = tmp_path / "a"  # node a's data_dir (see the mx fixture)
+    keys = KeyStore(a_cfg_dir)
+    for sel, alg in (("r1", "rsa"), ("e1", "ed25519")):
+        key = keys.generate("example.test", sel, alg)
+        dns_server.add_txt(key.dns_name, key.dns_record())
+    dns_server.add_txt("example.test", "v=spf1 ip4:127.0.0.1 -all")
+    dns_server.add_txt("_dmarc.example.test", "v=DMARC1; p=reject")
+    a = await mx("a", queue={**FAST_QUEUE, "mx_port": b.port("mx")})
+    assert a.cfg.data_path == a_cfg_dir
+
+    msg = EmailMessage()
+    msg["From"] = ALICE
+    msg["To"] = "carol@remote.test"
+    msg["Subject"] = "signed"
+    msg.set_content("a body that must not change\n")
+    await asyncio.to_thread(submit, a.port("submission"), client_ssl_context, msg,
+                            ["carol@remote.test"])
+    await wait_for(lambda: len(stored(b, "carol@remote.test")) == 1, "delivered to b")
+    (raw,) = stored(b, "carol@remote.test")
+    ar = auth_results(raw)
+    assert ar.startswith("mx.remote.test;")
+    assert "dkim=pass header.d=example.test header.s=r1 header.a=rsa-sha256" in ar, ar
+    assert "dkim=pass header.d=example.test header.s=e1 header.a=ed25519-sha256" in ar, ar
+    assert "spf=pass smtp.mailfrom=alice@example.test" in ar
+    assert "dmarc=pass" in ar
+
+    def txt(name: bytes, timeout: int = 5) -> bytes | None:
+        rec = dns_server.records.get(name.decode().rstrip(".").lower(), [])
+        return b"".join(b"".join(r[2].data) for r in rec if r[0] == "TXT") or None
+
+    assert dkimpy.verify(raw, dnsfunc=txt), "dkimpy alone verifies the stored file"
+
+    # The same message with its body changed: DKIM fails at b's MX; sent from an
+    # unaligned envelope, DMARC p=reject refuses it; from an aligned one, it is stored
+    # with dkim=fail.
+    tampered = raw.replace(b"must not change", b"has been changed")
+    body_start = tampered.index(b"DKIM-Signature:")
+    tampered = tampered[body_start:]  # without b's own trace and result fields
+    with pytest.raises(smtplib.SMTPDataError) as exc:
+        await asyncio.to_thread(send, b.port("mx"), "x@elsewhere.test", tampered,
+                                "carol@remote.test")
+    assert exc.value.smtp_code == 550
+    await asyncio.to_thread(send, b.port("mx"), ALICE, tampered, "carol@remote.test")
+    (again,) = set(stored(b, "carol@remote.test")) - {raw}
+    second = auth_results(again)
+    assert "dkim=fail" in second and "dkim=pass" not in second, second
+    assert "dmarc=pass" in second  # by the aligned SPF pass alone
+    assert not dkimpy.verify(again, dnsfunc=txt)
+
+
+async def test_submission_cannot_hand_a_local_user_our_results(
+    mx: NodeFactory, client_ssl_context: ssl.SSLContext
+) -> None:
+    node = await mx()
+    msg = EmailMessage()
+    msg["From"] = ALICE
+    msg["To"] = "bob@example.test"
+    msg["Subject"] = "trust me"
+    msg["Authentication-Results"] = "mx.example.test; dmarc=pass header.from=bank.test"
+    msg.set_content("hi\n")
+    await asyncio.to_thread(submit, node.port("submission"), client_ssl_context, msg,
+                            ["bob@example.test"])
+    (raw,) = stored(node, "bob@example.test")
+    assert b"Authentication-Results" not in raw and b"trust me" in raw
