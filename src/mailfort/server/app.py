@@ -16,9 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mailfort.config import Config
+from mailfort.delivery.mx import make_resolver
 from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
+from mailfort.policy.dnsbl import DNSBLChecker
+from mailfort.policy.greylist import Greylist, GreylistSettings
+from mailfort.policy.inbound import InboundPolicy, zones
 from mailfort.policy.msa import MSAPolicy
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
@@ -63,8 +67,10 @@ class Node:
         )
         self.msa = MSAPolicy(cfg, self.directory, self.counters)
         # One count of connections for the whole node, shared by every listener.
-        self.limiter = ConnectionLimiter(cfg.limits.max_connections,
-                                         cfg.limits.max_connections_per_ip)
+        self.limiter = ConnectionLimiter(
+            cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
+            rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=self.counters)
+        self.inbound = inbound_policy(cfg)  # the MX's DNSBL, pre-greeting and greylisting
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
@@ -103,6 +109,7 @@ class Node:
             log.info("removed %d unacknowledged spool files left by a crash", removed)
         loopback_plain = self.cfg.server.allow_plaintext_auth_on_loopback
         self.services["mx"] = self._smtp_service(ServiceOptions(name="mx"))
+        self.services["mx"].inbound = self.inbound
         self.services["submission"] = self._smtp_service(
             ServiceOptions(name="submission", auth=True, plaintext_auth_on_loopback=loopback_plain)
         )
@@ -139,6 +146,7 @@ class Node:
         await self.worker.stop()
         await asyncio.to_thread(self.committer.stop)
         self.authenticator.close()
+        self.inbound.close()
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -146,6 +154,21 @@ class Node:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def inbound_policy(cfg: Config) -> InboundPolicy:
+    """The MX's anti-abuse checks as configured (each part only when switched on)."""
+    bl = cfg.dnsbl
+    checker = None
+    if bl.zones or bl.sender_zones or bl.helo_zones:
+        checker = DNSBLChecker(make_resolver(cfg), zones(bl.zones), threshold=bl.threshold,
+                               timeout=bl.timeout, cache_size=bl.cache_size)
+    greylist = None
+    if cfg.greylist.enabled:
+        g = cfg.greylist
+        greylist = Greylist(cfg.data_path / "greylist.sqlite3", GreylistSettings(
+            g.delay, g.retry_window, g.pass_lifetime, g.auto_allow_after))
+    return InboundPolicy(cfg, checker, greylist)
 
 
 def describe(node: Node) -> str:
