@@ -24,7 +24,7 @@ from typing import Protocol
 from mailfort.config import Config
 from mailfort.directory.base import Directory
 from mailfort.policy import decisionlog
-from mailfort.policy.inbound import ALLOWED, PREGREET, ConnectionVerdict, InboundPolicy
+from mailfort.policy.inbound import PREGREET, ConnectionVerdict, InboundPolicy
 from mailfort.policy.relay import RecipientDecision, decide_recipient
 from mailfort.protocol.address import Mailbox
 from mailfort.protocol.replies import TEMP_LOCAL_ERROR, Reply
@@ -176,7 +176,8 @@ class SMTPSession(EngineSession):
         self.tls_info = ""
         self.headers: bytearray | None = None  # submission: client headers held until checked
         self.refusal: Reply | None = None  # submission: refusal decided from the headers
-        self.screened: ConnectionVerdict = ALLOWED  # what the pre-greeting checks found
+        # What the pre-greeting checks found (nothing when there were none).
+        self.screened = ConnectionVerdict()
 
     # ---------------------------------------------------------------- asyncio callbacks
 
@@ -192,11 +193,12 @@ class SMTPSession(EngineSession):
         if tls:
             self._note_tls(transport)
         inbound = svc.inbound
-        screen = self._screen if inbound is not None and inbound.screens_connections else None
+        screening = inbound is not None and inbound.screens_connections
+        screen = self._pregreeting_checks if screening else None
         self.admit(svc.limiter, svc.sessions, _REFUSALS, svc.cfg.limits.idle_timeout,
                    screen=screen, pregreet_refusal=PREGREET)
 
-    async def _screen(self) -> Reply | None:
+    async def _pregreeting_checks(self) -> Reply | None:
         assert self.service.inbound is not None
         self.screened = await self.service.inbound.screen_connection(self.peer_ip)
         return self.screened.refusal
