@@ -118,3 +118,14 @@ def test_expire_forgets_stale_triplets(tmp_path: Path) -> None:
     assert g.expire() == 1  # the one never retried; the passed one lives on
     clock.now += 86400
     assert g.expire() == 1
+
+
+def test_stale_triplets_are_swept_while_checking(tmp_path: Path) -> None:
+    clock = Clock()
+    g = make(tmp_path, clock)
+    g.check("192.0.2.1", "a@remote.test", "alice@example.test")
+    g._checks = 1000  # the next check is the 1001st: a sweep comes first
+    clock.now += 3601
+    g.check("192.0.2.2", "b@remote.test", "alice@example.test")
+    rows = g._db.execute("SELECT sender FROM triplets").fetchall()
+    assert rows == [("b@remote.test",)]  # only the new one; the stale one went

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mailfort.protocol.replies import Reply
 
+EXPIRE_EVERY = 1000  # checks between two sweeps of stale triplets
 GREYLISTED = Reply(451, "4.7.1", "Greylisted, please try again later")
 
 
@@ -87,9 +88,17 @@ class Greylist:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._checks = 0
 
     def check(self, client_ip: str, sender: str, recipient: str) -> Outcome:
-        """Record this attempt and decide it."""
+        """Record this attempt and decide it; now and then, forget stale triplets (a
+        sender that never retries must not grow the file for ever)."""
+        self._checks += 1
+        if self._checks % EXPIRE_EVERY == 1:
+            self.expire()
+        return self._check(client_ip, sender, recipient)
+
+    def _check(self, client_ip: str, sender: str, recipient: str) -> Outcome:
         s = self.settings
         net = client_network(client_ip)
         key = (net, sender.lower(), recipient.lower())
