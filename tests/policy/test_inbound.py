@@ -59,7 +59,8 @@ async def test_reject_at_rcpt_spares_postmaster_and_abuse(tmp_path: Path,
     dns.rfc5782_test_entries("bl.test")
     p = policy(tmp_path, dns, dnsbl={"zones": [{"zone": "bl.test"}], "reject_at": "rcpt"})
     v = await p.screen_connection("127.0.0.2")
-    assert v.refusal is None and v.dnsbl.listed
+    assert v.refusal is None and v.dnsbl.listed and p.checks_rcpt(v)
+    assert not p.checks_rcpt(await p.screen_connection("127.0.0.1"))  # nothing to do
     refusal = await p.check_rcpt("127.0.0.2", v, "h.remote.test", SENDER, ALICE)
     assert refusal is not None and refusal.code == 554 and "bl.test" in str(refusal.text)
     assert await p.check_rcpt("127.0.0.2", v, "h", SENDER, POSTMASTER) is None
@@ -95,6 +96,7 @@ async def test_right_hand_side_lists_at_rcpt(tmp_path: Path, dns: DNSServer) -> 
 async def test_greylisting_after_the_blocklists(tmp_path: Path, dns: DNSServer) -> None:
     p = policy(tmp_path, dns, greylist={"enabled": True, "delay": 0.0})
     conn = ConnectionVerdict()
+    assert p.checks_rcpt(conn) and not p.checks_rcpt(ConnectionVerdict(allowed=True))
     first = await p.check_rcpt("192.0.2.1", conn, "h", SENDER, ALICE)
     assert first == Reply(451, "4.7.1", "Greylisted, please try again later")
     assert await p.check_rcpt("192.0.2.1", conn, "h", SENDER, ALICE) is None

@@ -185,11 +185,11 @@ async def test_connection_rate_limit_refuses_and_logs(
             w.close()
             assert greeting.startswith(("220 ", "+OK"))
         (reader, w), refused = await connect(node.port("mx"))
-        assert refused == "421 4.7.0 Too many connections from your address, try again later\r\n"
+        assert refused == "421 4.7.0 Connection rate limit exceeded, try again later\r\n"
         assert await asyncio.wait_for(reader.read(), 5) == b""
         w.close()
         (_, w), other = await connect(node.port("mx"), source="127.0.0.5")
         w.close()
         assert other.startswith("220 ")
-    assert ("reject: CONNECT from [127.0.0.1]: 421 4.7.0 Too many connections from your "
-            "address, try again later") in [r.getMessage() for r in caplog.records]
+    assert ("reject: CONNECT from [127.0.0.1]: 421 4.7.0 Connection rate limit exceeded, "
+            "try again later") in [r.getMessage() for r in caplog.records]

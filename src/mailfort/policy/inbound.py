@@ -91,6 +91,11 @@ class InboundPolicy:
         """Whether there is anything to do before the banner."""
         return self.greeting_delay > 0 or bool(self.checker and self.checker.zones)
 
+    def checks_rcpt(self, conn: ConnectionVerdict) -> bool:
+        """Whether ``check_rcpt`` has anything to do for this connection."""
+        return not conn.allowed and (conn.dnsbl.listed or bool(self.sender_zones)
+                                     or bool(self.helo_zones) or self.greylist is not None)
+
     def allowed(self, ip: str) -> bool:
         addr = client_address(ip)
         return addr is not None and any(addr in net for net in self.allow)

@@ -54,7 +54,7 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
-CONNECTION_RATE = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+CONNECTION_RATE = Reply(421, "4.7.0", "Connection rate limit exceeded, try again later")
 _REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP,
              Admission.RATE_FROM_IP: CONNECTION_RATE}
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
@@ -306,7 +306,7 @@ class SMTPSession(EngineSession):
         """Blocklists and greylisting judge only mail from outside to our own users."""
         inbound = self.service.inbound
         return (inbound is not None and decision.reply.positive and not decision.relay
-                and not self.may_relay())
+                and inbound.checks_rcpt(self.screened) and not self.may_relay())
 
     async def _screen_rcpt(self, ev: RcptTo, decision: RecipientDecision) -> None:
         inbound, engine = self.service.inbound, self.engine
