@@ -292,6 +292,35 @@ async def test_refusals_are_logged_and_match_the_fail2ban_filter(
     assert accepted and not any(rx.search(s) for rx in regexes for s in accepted)
 
 
+async def test_blocked_login_is_logged_for_pop3_and_smtp(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Failed and blocked logins are logged once, by the one authenticator of both."""
+    caplog.set_level(logging.INFO)
+    async with node_with(config_factory, server_ssl_context,
+                         auth={"block_after_failures": 1},
+                         server={"allow_plaintext_auth_on_loopback": True}) as node:
+        (reader, writer), greeting = await connect(node.port("pop3"))
+        assert greeting.startswith("+OK")
+        for line in (b"USER alice@example.test\r\n", b"PASS wrong\r\n"):
+            writer.write(line)
+            await reader.readline()
+        writer.close()
+
+        def smtp_login() -> None:
+            with smtplib.SMTP("127.0.0.1", node.port("submission"), timeout=10) as s, \
+                    pytest.raises(smtplib.SMTPException):
+                s.login("alice@example.test", "alice-pw")
+
+        await asyncio.to_thread(smtp_login)
+    lines = decisions(caplog)
+    assert "auth failed from [127.0.0.1] user=alice@example.test" in lines
+    assert "auth blocked from [127.0.0.1] user=alice@example.test" in lines
+    assert any(rx.search("x mailfort.decision auth blocked from [127.0.0.1] user=a")
+               for rx in fail2ban_regexes())
+
+
 def fail2ban_regexes() -> list[re.Pattern[str]]:
     """The failregex lines of the README's fail2ban example, <HOST> as fail2ban reads it."""
     text = README.read_text()
