@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 from mailfort.protocol.replies import Reply
 
@@ -56,6 +57,15 @@ def client_network(ip: str) -> str:
         else:
             return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(ipaddress.IPv4Network((addr, 24), strict=False))
+
+
+class GreylistStore(Protocol):
+    """What the MX needs of a greylist; ``Greylist`` (SQLite) is the embedded one, and
+    several nodes can later share one behind this interface."""
+
+    def check(self, client_ip: str, sender: str, recipient: str) -> Outcome: ...
+
+    def close(self) -> None: ...
 
 
 _SCHEMA = """

@@ -27,7 +27,7 @@ from mailfort.policy.dnsbl import (
     Zone,
     client_address,
 )
-from mailfort.policy.greylist import GREYLISTED, Greylist, Outcome
+from mailfort.policy.greylist import GREYLISTED, GreylistStore, Outcome
 from mailfort.protocol.address import Mailbox
 from mailfort.protocol.replies import Reply
 
@@ -68,7 +68,7 @@ class InboundPolicy:
         self,
         cfg: Config,
         checker: DNSBLChecker | None,
-        greylist: Greylist | None,
+        greylist: GreylistStore | None,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
