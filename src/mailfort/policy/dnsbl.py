@@ -212,7 +212,13 @@ class DNSBLChecker:
     async def _check(self, names: list[tuple[Zone, str]], threshold: int | None = None) -> Verdict:
         if not names:
             return NOT_LISTED
-        results = await asyncio.gather(*(self._lookup(name) for _, name in names))
+        # Cached answers first, without a task each: a returning client costs no DNS.
+        results = [self.cache.get(name) for _, name in names]
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            found = await asyncio.gather(*(self._lookup(names[i][1]) for i in missing))
+            for i, codes in zip(missing, found, strict=True):
+                results[i] = codes
         hits, errors = [], []
         for (zone, _), codes in zip(names, results, strict=True):
             if codes is None:

@@ -105,9 +105,12 @@ class InboundPolicy:
         addr = client_address(ip)
         if addr is None or self.allowed(ip):
             return ALLOWED
-        lookups = (self.checker.check_client(addr) if self.checker and self.checker.zones
-                   else _done(NOT_LISTED))
-        verdict, _ = await asyncio.gather(lookups, self._sleep(self.greeting_delay))
+        checker = self.checker if self.checker is not None and self.checker.zones else None
+        if self.greeting_delay <= 0:
+            verdict = await checker.check_client(addr) if checker else NOT_LISTED
+        else:
+            lookups = checker.check_client(addr) if checker else _done(NOT_LISTED)
+            verdict, _ = await asyncio.gather(lookups, self._sleep(self.greeting_delay))
         refusal = None
         if verdict.listed and not self.reject_at_rcpt:
             refusal = blocked(str(addr), verdict.zone)
