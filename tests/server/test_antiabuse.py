@@ -152,8 +152,9 @@ async def test_reject_at_rcpt_still_accepts_postmaster(
 
 async def test_sender_domain_blocklist(
     config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext,
-    dns_server: DNSServer,
+    dns_server: DNSServer, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)
     dns_server.list_domain("dbl.test", "remote.test")
     async with node_with(config_factory, server_ssl_context, dns=dns_server.config(),
                          dnsbl={"sender_zones": [{"zone": "dbl.test"}]}) as node:
@@ -161,6 +162,9 @@ async def test_sender_domain_blocklist(
                                           ["alice@example.test"])
     assert replies["alice@example.test"] == (
         554, b"5.7.1 Service unavailable; sender domain remote.test blocked using dbl.test")
+    assert ("reject: RCPT from [127.0.0.1]: 554 5.7.1 Service unavailable; sender domain "
+            "remote.test blocked using dbl.test; from=<sender@remote.test> "
+            "to=<alice@example.test> helo=<client.remote.test>") in decisions(caplog)
 
 
 # ------------------------------------------------------------------ before the banner
