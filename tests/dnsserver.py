@@ -196,7 +196,10 @@ class DNSServer:
                 # would otherwise hold up the test's teardown).
                 s.server.daemon_threads = True
                 s.server.block_on_close = False
-                s.start_thread()
+                # A short poll: stop() waits for it, twice (UDP and TCP) per test.
+                s.thread = threading.Thread(target=s.server.serve_forever,
+                                            kwargs={"poll_interval": 0.05}, daemon=True)
+                s.thread.start()
             return self
         raise OSError("no free port for the test DNS server")
 
