@@ -176,7 +176,7 @@ async def test_pregreet_talker_refused(
 ) -> None:
     caplog.set_level(logging.INFO)
     async with node_with(config_factory, server_ssl_context,
-                         screen={"greeting_delay": 0.5}) as node:
+                         screen={"greeting_delay": 0.8}) as node:
         port = node.port("mx")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"EHLO spambot.test\r\nMAIL FROM:<a@b.test>\r\n")  # does not wait
@@ -184,12 +184,12 @@ async def test_pregreet_talker_refused(
         reply = await read_reply(reader)
         assert reply == "554 5.5.1 Protocol error: client spoke before the greeting\r\n"
         assert await asyncio.wait_for(reader.read(), 5) == b""
-        assert time.monotonic() - start < 0.45  # refused at once, not after the delay
+        assert time.monotonic() - start < 0.7  # refused at once, not after the delay
         writer.close()
         # a patient client gets the banner after the delay, then a normal session
         start = time.monotonic()
         replies = await asyncio.to_thread(send, port, "127.0.0.1", ["alice@example.test"])
-        assert time.monotonic() - start >= 0.45
+        assert time.monotonic() - start >= 0.75
         assert replies["DATA"][0] == 250
     assert ("reject: CONNECT from [127.0.0.1]: 554 5.5.1 Protocol error: client spoke before "
             "the greeting") in decisions(caplog)
@@ -200,7 +200,7 @@ async def test_no_screen_by_default_greets_at_once(node: Node) -> None:
     start = time.monotonic()
     (_, w), greeting = await connect(node.port("mx"))
     w.close()
-    assert greeting.startswith("220 ") and time.monotonic() - start < 0.2
+    assert greeting.startswith("220 ") and time.monotonic() - start < 1.0
 
 
 # ------------------------------------------------------------------ greylisting
@@ -211,7 +211,7 @@ async def test_greylisting_defers_then_accepts_across_a_restart(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    cfg = config_factory(greylist={"enabled": True, "delay": 0.4})
+    cfg = config_factory(greylist={"enabled": True, "delay": 1.0})
     seed_directory(cfg)
     async with Node(cfg, ssl_context=server_ssl_context) as node:
         first = time.monotonic()
@@ -223,7 +223,7 @@ async def test_greylisting_defers_then_accepts_across_a_restart(
                                           ["alice@example.test"])
         assert replies["alice@example.test"][0] == 451
     assert (cfg.data_path / "greylist.sqlite3").exists()
-    await asyncio.sleep(max(0.0, 0.45 - (time.monotonic() - first)))
+    await asyncio.sleep(max(0.0, 1.05 - (time.monotonic() - first)))
     async with Node(cfg, ssl_context=server_ssl_context) as node:  # a new process's view
         replies = await asyncio.to_thread(send, node.port("mx"), "127.0.0.1",
                                           ["alice@example.test"])
