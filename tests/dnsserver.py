@@ -9,6 +9,8 @@ listed" for a DNSBL); a name with records but none of the asked type answers NOD
     dns.add_a("mx1.remote.test", "127.0.0.1")
     dns.add_txt("remote.test", "v=spf1 -all")
     dns.servfail("broken.test"); dns.timeout("slow.test")
+    dns.list_ip("bl.test", "127.0.0.2")            # a DNSBL entry (A 127.0.0.2 and a TXT)
+    dns.rfc5782_test_entries("bl.test")          # 127.0.0.2 and ::FFFF:7F00:2 listed
     ... cfg: dns.nameservers = ["127.0.0.1"], dns.port = dns.port
     dns.stop()
 """
@@ -16,6 +18,7 @@ listed" for a DNSBL); a name with records but none of the asked type answers NOD
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import threading
 from typing import Any
@@ -48,7 +51,7 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
                 return reply
             records = o.records.get(name)
             if not records:
-                reply.header.rcode = RCODE.NXDOMAIN if o.default_rcode is None else o.default_rcode
+                reply.header.rcode = RCODE.NXDOMAIN
                 return reply
             for rtype, ttl, rdata in records:
                 if rtype == qtype or q.qtype == QTYPE.ANY:
@@ -65,10 +68,8 @@ class _Handler(DNSHandler):  # type: ignore[misc]
 class DNSServer:
     """Records per name, set and changed while running; thread-safe."""
 
-    def __init__(self, address: str = "127.0.0.1", default_rcode: int | None = None) -> None:
-        """``default_rcode``: the answer for names without records (NXDOMAIN if None)."""
+    def __init__(self, address: str = "127.0.0.1") -> None:
         self.address = address
-        self.default_rcode = default_rcode
         self.port = 0
         self.lock = threading.Lock()
         self.records: dict[str, list[tuple[str, int, Any]]] = {}
@@ -103,6 +104,38 @@ class DNSServer:
     def add_txt(self, name: str, text: str, ttl: int = 60) -> DNSServer:
         chunks = [text[i : i + 255] for i in range(0, len(text), 255)] or [""]
         return self._add(name, "TXT", TXT(chunks), ttl)
+
+    # ------------------------------------------------------------------ DNS blocklists
+
+    @staticmethod
+    def dnsbl_name(ip: str, zone: str) -> str:
+        """RFC 5782 §2.1/§2.4: reversed octets, or reversed nibbles for any IPv6 address
+        (written here independently of mailfort's own code, which the tests check)."""
+        addr = ipaddress.ip_address(ip)
+        if addr.version == 4:
+            return ".".join(reversed(str(addr).split("."))) + "." + zone
+        return ".".join(reversed(addr.exploded.replace(":", ""))) + "." + zone
+
+    def list_ip(self, zone: str, ip: str, code: str = "127.0.0.2", ttl: int = 60,
+                txt: str | None = None) -> DNSServer:
+        """List ``ip`` in the DNSBL ``zone``: an A record (the listing code) and a TXT."""
+        name = self.dnsbl_name(ip, zone)
+        self.add_a(name, code, ttl)
+        return self.add_txt(name, txt or f"{ip} listed in {zone}", ttl)
+
+    def list_domain(self, zone: str, domain: str, code: str = "127.0.0.2",
+                    ttl: int = 60) -> DNSServer:
+        """List ``domain`` in the right-hand-side (domain) list ``zone``."""
+        name = f"{domain}.{zone}"
+        self.add_a(name, code, ttl)
+        return self.add_txt(name, f"{domain} listed in {zone}", ttl)
+
+    def rfc5782_test_entries(self, zone: str) -> DNSServer:
+        """RFC 5782 §5: 127.0.0.2 (and IPv6 ::FFFF:7F00:2) listed, 127.0.0.1 (and
+        ::FFFF:7F00:1) not; for a domain list, TEST listed and INVALID not."""
+        self.list_ip(zone, "127.0.0.2", txt="RFC 5782 test entry")
+        self.list_ip(zone, "::ffff:7f00:2", txt="RFC 5782 test entry")
+        return self.list_domain(zone, "test")
 
     def remove(self, name: str, rtype: str | None = None) -> DNSServer:
         """Drop a name's records (of one type, or all), its rcode and timeout."""
@@ -163,9 +196,10 @@ class DNSServer:
                 # would otherwise hold up the test's teardown).
                 s.server.daemon_threads = True
                 s.server.block_on_close = False
-                # A short poll: stop() (shutdown) waits up to one interval per server.
-                threading.Thread(target=s.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                 daemon=True).start()
+                # A short poll: stop() waits for it, twice (UDP and TCP) per test.
+                s.thread = threading.Thread(target=s.server.serve_forever,
+                                            kwargs={"poll_interval": 0.05}, daemon=True)
+                s.thread.start()
             return self
         raise OSError("no free port for the test DNS server")
 

@@ -94,6 +94,20 @@ def test_own_networks_accepted(tmp_path: Path) -> None:
     ({"submission": {"messages_per_hour": 0}}, "submission.messages_per_hour"),
     ({"dns": {"port": 0}}, "dns.port"),
     ({"routes": {"example.net": {"host": "h", "port": 0}}}, "routes.example.net.port"),
+    ({"dnsbl": {"zones": [{"zone": "nodot"}]}}, "dnsbl.zones[0].zone"),
+    ({"dnsbl": {"zones": [{"zone": "bl.test", "weight": 0}]}}, "dnsbl.zones[0].weight"),
+    ({"dnsbl": {"zones": [{"zone": "bl.test", "codes": ["127.0.0.2", "10.0.0.1"]}]}},
+     "dnsbl.zones[0].codes[1]"),
+    ({"dnsbl": {"zones": [{"weight": 2}]}}, "dnsbl.zones[0]"),
+    ({"dnsbl": {"sender_zones": [{"zone": "a b.test"}]}}, "dnsbl.sender_zones[0].zone"),
+    ({"dnsbl": {"threshold": 0}}, "dnsbl.threshold"),
+    ({"dnsbl": {"reject_at": "data"}}, "dnsbl.reject_at"),
+    ({"dnsbl": {"timeout": 0}}, "dnsbl.timeout"),
+    ({"screen": {"greeting_delay": -1}}, "screen.greeting_delay"),
+    ({"screen": {"allow_networks": ["192.0.2.0/24", "x"]}}, "screen.allow_networks[1]"),
+    ({"greylist": {"delay": 200000}}, "greylist.delay"),
+    ({"greylist": {"auto_allow_after": -1}}, "greylist.auto_allow_after"),
+    ({"limits": {"max_connection_rate_per_ip": -1}}, "limits.max_connection_rate_per_ip"),
 ])
 def test_cross_checks_name_the_key(table: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -128,3 +142,38 @@ def test_sender_auth_is_on_by_default_and_validated(tmp_path: Path) -> None:
                      ("enabled = 1", "sender_auth.enabled")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_text(tmp_path, f"[sender_auth]\n{bad}\n")
+
+
+def test_antiabuse_tables(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, """
+[dnsbl]
+zones = [{ zone = "zen.example.org", weight = 2, codes = ["127.0.0.2-127.0.0.11"] },
+         { zone = "bl.example.net" }]
+threshold = 2
+reject_at = "rcpt"
+[screen]
+greeting_delay = 1.5
+allow_networks = ["192.0.2.0/24", "2001:db8::/32"]
+[greylist]
+enabled = true
+delay = 120
+""")
+    assert [(z.zone, z.weight, z.codes) for z in cfg.dnsbl.zones] == [
+        ("zen.example.org", 2, ["127.0.0.2-127.0.0.11"]), ("bl.example.net", 1, [])]
+    assert cfg.dnsbl.reject_at == "rcpt" and cfg.screen.greeting_delay == 1.5
+    assert cfg.greylist.enabled and cfg.greylist.delay == 120.0
+    # every anti-abuse check is off by default
+    d = Config()
+    assert d.dnsbl.zones == [] and d.screen.greeting_delay == 0 and not d.greylist.enabled
+    assert d.limits.max_connection_rate_per_ip == 0
+
+
+def test_default_hostname_is_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As an MTA's own name is by default: the fully qualified name, never the software's."""
+    import socket
+
+    monkeypatch.setattr(socket, "getfqdn", lambda: "mx1.example.org")
+    assert Config().server.hostname == "mx1.example.org"
+    monkeypatch.setattr(socket, "getfqdn", lambda: "localhost")
+    monkeypatch.setattr(socket, "gethostname", lambda: "box")
+    assert Config().server.hostname == "box"

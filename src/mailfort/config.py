@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -24,9 +25,18 @@ class ConfigError(ValueError):
     """A configuration key is unknown or its value is not allowed."""
 
 
+def default_hostname() -> str:
+    """The machine's fully qualified name (as an MTA's own name is by default); its short
+    name when the resolver only knows it as localhost. Never the software's name."""
+    fqdn = socket.getfqdn()
+    if fqdn and not fqdn.startswith("localhost"):
+        return fqdn
+    return socket.gethostname() or fqdn or "localhost"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    hostname: str = "mailfort.localhost"
+    hostname: str = field(default_factory=default_hostname)
     data_dir: str = "./mailfort-data"
     # Plaintext AUTH / USER+PASS may be allowed on loopback listeners only; off by default.
     allow_plaintext_auth_on_loopback: bool = False
@@ -72,6 +82,8 @@ class LimitsConfig:
     session_timeout: float = 3600.0
     max_connections: int = 5000
     max_connections_per_ip: int = 50
+    # New connections per client (IPv4 address, IPv6 /64) per minute, node-wide; 0: no limit.
+    max_connection_rate_per_ip: int = 0
     pop3_idle_timeout: float = 600.0
 
     @property
@@ -136,6 +148,46 @@ class SenderAuthConfig:
     # DKIM-sign what authenticated users submit, with every key of the From: domain
     # (``mailfort dkim keygen``); a domain without keys is sent unsigned.
     sign_submissions: bool = True
+class DNSBLZoneConfig:
+    zone: str
+    weight: int = 1
+    # Answers that count as a listing: "127.0.0.2", "127.0.0.2-127.0.0.11", "127.0.0.0/29".
+    # Empty: any 127.0.0.0/8 answer but 127.0.0.1 and the 127.255.255.x error codes.
+    codes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DNSBLConfig:
+    """DNS blocklists (RFC 5782) checked for MX clients; none by default."""
+
+    zones: list[DNSBLZoneConfig] = field(default_factory=list)
+    threshold: int = 1  # a client is refused when the weights of its listings reach this
+    reject_at: str = "greeting"  # or "rcpt": postmaster@ and abuse@ still accepted
+    timeout: float = 2.0  # for all the lookups of one client; then fail open
+    cache_size: int = 10000
+    # Right-hand-side (domain) lists for the MAIL FROM domain and the HELO name, at RCPT.
+    sender_zones: list[DNSBLZoneConfig] = field(default_factory=list)
+    helo_zones: list[DNSBLZoneConfig] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    """Before the MX banner: how long a client is watched (one that talks is refused)."""
+
+    greeting_delay: float = 0.0
+    # Clients never screened: no DNSBL, no delay, no greylisting (relay.trusted_networks too).
+    allow_networks: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GreylistConfig:
+    """Greylisting (RFC 6647) of MX recipients; off by default."""
+
+    enabled: bool = False
+    delay: float = 300.0
+    retry_window: float = 2 * 86400.0
+    pass_lifetime: float = 36 * 86400.0
+    auto_allow_after: int = 5  # passed triplets before a client network is allowed; 0: never
 
 
 @dataclass(frozen=True)
@@ -171,6 +223,9 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     sender_auth: SenderAuthConfig = field(default_factory=SenderAuthConfig)
+    dnsbl: DNSBLConfig = field(default_factory=DNSBLConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     # domain -> route; "*" is the default route for every remote domain.
     routes: dict[str, Route] = field(default_factory=dict)
@@ -262,6 +317,8 @@ def validate(cfg: Config) -> Config:
               "max_connections", "max_connections_per_ip"):
         if getattr(lim, k) <= 0:
             raise ConfigError(f"limits.{k}: must be a positive integer")
+    if lim.max_connection_rate_per_ip < 0:
+        raise ConfigError("limits.max_connection_rate_per_ip: must be 0 (no limit) or more")
     for k in ("idle_timeout", "session_timeout", "pop3_idle_timeout"):
         if getattr(lim, k) <= 0:
             raise ConfigError(f"limits.{k}: must be a positive number of seconds")
@@ -290,6 +347,7 @@ def validate(cfg: Config) -> Config:
     if not 0 < cfg.dns.port < 65536:
         raise ConfigError("dns.port: must be 1-65535")
     _validate_sender_auth(cfg.sender_auth)
+    _validate_antiabuse(cfg)
     return cfg
 
 
@@ -304,6 +362,59 @@ def _validate_sender_auth(sa: SenderAuthConfig) -> None:
         raise ConfigError("sender_auth.spf_time_budget: must be between 0 and 60 seconds")
     if sa.dkim_max_bytes <= 0:
         raise ConfigError("sender_auth.dkim_max_bytes: must be a positive integer")
+
+
+def _check_network(key: str, net: str) -> None:
+    try:
+        ipaddress.ip_network(net, strict=False)
+    except ValueError:
+        raise ConfigError(f"{key}: {net!r} is not an address or network") from None
+
+
+def _validate_zones(key: str, zones: list[DNSBLZoneConfig]) -> None:
+    from mailfort.policy.dnsbl import parse_code_range
+
+    for i, z in enumerate(zones):
+        k = f"{key}[{i}]"
+        name = z.zone.strip(".")
+        if not name or " " in name or "." not in name:
+            raise ConfigError(f"{k}.zone: expected a DNS zone (e.g. zen.example.org)")
+        if z.weight <= 0:
+            raise ConfigError(f"{k}.weight: must be a positive integer")
+        for j, code in enumerate(z.codes):
+            try:
+                parse_code_range(code)
+            except ValueError:
+                raise ConfigError(
+                    f"{k}.codes[{j}]: {code!r} is not 127.x.y.z, a range A-B or a network "
+                    "in 127.0.0.0/8") from None
+
+
+def _validate_antiabuse(cfg: Config) -> None:
+    bl = cfg.dnsbl
+    _validate_zones("dnsbl.zones", bl.zones)
+    _validate_zones("dnsbl.sender_zones", bl.sender_zones)
+    _validate_zones("dnsbl.helo_zones", bl.helo_zones)
+    if bl.threshold <= 0:
+        raise ConfigError("dnsbl.threshold: must be a positive integer")
+    if bl.reject_at not in ("greeting", "rcpt"):
+        raise ConfigError("dnsbl.reject_at: allowed values are greeting and rcpt")
+    if not 0 < bl.timeout <= 60:
+        raise ConfigError("dnsbl.timeout: must be between 0 and 60 seconds")
+    if bl.cache_size < 0:
+        raise ConfigError("dnsbl.cache_size: must be 0 (no cache) or more")
+    if not 0 <= cfg.screen.greeting_delay <= 60:
+        raise ConfigError("screen.greeting_delay: must be between 0 and 60 seconds")
+    for i, net in enumerate(cfg.screen.allow_networks):
+        _check_network(f"screen.allow_networks[{i}]", net)
+    gl = cfg.greylist
+    for k in ("retry_window", "pass_lifetime"):
+        if getattr(gl, k) <= 0:
+            raise ConfigError(f"greylist.{k}: must be a positive number of seconds")
+    if gl.delay < 0 or gl.delay >= gl.retry_window:
+        raise ConfigError("greylist.delay: must be 0 or more and below greylist.retry_window")
+    if gl.auto_allow_after < 0:
+        raise ConfigError("greylist.auto_allow_after: must be 0 (never) or more")
 
 
 def _validate_auth(auth: AuthConfig) -> None:

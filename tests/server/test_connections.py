@@ -150,3 +150,46 @@ def test_limiter_counts_a_client_by_client_key() -> None:
     assert limiter.total == 3
     assert set(limiter.per_client) == {client_key("2001:db8:1:2::c"), "2001:db8:1:3::/64",
                                        "192.0.2.1"}
+
+
+def test_limiter_rate_per_client_per_minute() -> None:
+    from mailfort.policy.counters import MemoryCounters
+
+    now = [0.0]
+    limiter = ConnectionLimiter(100, 100, rate_per_minute=2,
+                                counters=MemoryCounters(clock=lambda: now[0]))
+    assert limiter.admit("192.0.2.1") is Admission.OK
+    limiter.release("192.0.2.1")
+    assert limiter.admit("192.0.2.1") is Admission.OK
+    limiter.release("192.0.2.1")
+    assert limiter.admit("192.0.2.1") is Admission.RATE_FROM_IP  # 3rd in a minute
+    assert limiter.admit("2001:db8::1") is Admission.OK
+    assert limiter.admit("2001:db8::2") is Admission.OK  # the same /64 ...
+    assert limiter.admit("2001:db8::3") is Admission.RATE_FROM_IP  # ... is one client
+    assert limiter.total == 2  # the refused ones hold no slot
+    now[0] = 60.0
+    assert limiter.admit("192.0.2.1") is Admission.OK  # a new minute
+
+
+async def test_connection_rate_limit_refuses_and_logs(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, "mailfort.decision")
+    async with node_with(config_factory, server_ssl_context,
+                         limits={"max_connection_rate_per_ip": 2}) as node:
+        for port in (node.port("mx"), node.port("pop3")):  # node-wide, every listener
+            (_, w), greeting = await connect(port)
+            w.close()
+            assert greeting.startswith(("220 ", "+OK"))
+        (reader, w), refused = await connect(node.port("mx"))
+        assert refused == "421 4.7.0 Connection rate limit exceeded, try again later\r\n"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        w.close()
+        (_, w), other = await connect(node.port("mx"), source="127.0.0.5")
+        w.close()
+        assert other.startswith("220 ")
+    assert ("reject: CONNECT from [127.0.0.1]: 421 4.7.0 Connection rate limit exceeded, "
+            "try again later") in [r.getMessage() for r in caplog.records]

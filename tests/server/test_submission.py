@@ -133,20 +133,33 @@ async def test_brute_force_is_blocked(
         assert reply.startswith("421 4.7.0")
 
 
-async def test_foreign_mail_from_refused(node: Node, client_ssl_context: ssl.SSLContext) -> None:
+async def test_foreign_mail_from_refused(
+    node: Node, client_ssl_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailfort.decision")
     with pytest.raises(smtplib.SMTPSenderRefused) as exc:
         await asyncio.to_thread(submit, node.port("submission"), client_ssl_context, note(),
                                 sender="bob@example.test")
     assert exc.value.smtp_code == 553
     assert b"5.7.1" in exc.value.smtp_error
+    (line,) = [r.getMessage() for r in caplog.records if "reject:" in r.getMessage()]
+    assert line.startswith("reject: MAIL from [127.0.0.1]: 553 5.7.1 ")
+    assert line.endswith("; from=<bob@example.test> helo=<" + line.split("helo=<")[1])
 
 
-async def test_foreign_from_header_refused(node: Node, client_ssl_context: ssl.SSLContext) -> None:
+async def test_foreign_from_header_refused(
+    node: Node, client_ssl_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailfort.decision")
     with pytest.raises(smtplib.SMTPDataError) as exc:
         await asyncio.to_thread(submit, node.port("submission"), client_ssl_context,
                                 note(sender="ceo@bank.test"), sender="alice@example.test")
     assert exc.value.smtp_code == 553
     assert stored(node, "bob@example.test") == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("reject: DATA from [127.0.0.1]: 553 5.7.1 ")
+               and "from=<alice@example.test>" in m for m in lines)
+    assert not any(m.startswith("accept:") for m in lines)
 
 
 async def test_alias_grants_sending(node: Node, client_ssl_context: ssl.SSLContext) -> None:

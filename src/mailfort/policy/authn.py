@@ -43,6 +43,7 @@ from argon2 import PasswordHasher
 from mailfort.config import AuthConfig
 from mailfort.directory.base import Directory
 from mailfort.passwords import dummy_hash, hash_password, needs_rehash, verify_password
+from mailfort.policy import decisionlog
 from mailfort.policy.counters import Counters, client_key
 
 log = logging.getLogger("mailfort.authn")
@@ -127,6 +128,15 @@ class Authenticator:
         return self.cfg.failure_delay * min(over, MAX_DELAY_FACTOR)
 
     async def verify(self, username: str, password: str, client_ip: str) -> AuthOutcome:
+        """Check a password; every refusal is logged for fail2ban (SMTP and POP3 alike)."""
+        outcome = await self._verify(username, password, client_ip)
+        if outcome.status is AuthStatus.FAILED:
+            decisionlog.auth_failed(client_ip, username)
+        elif outcome.status is AuthStatus.BLOCKED:
+            decisionlog.auth_blocked(client_ip, username)
+        return outcome
+
+    async def _verify(self, username: str, password: str, client_ip: str) -> AuthOutcome:
         k = _Keys.of(self._canonical(username), client_key(client_ip))
         if self.counters.get(k.client_block) > 0:
             return BLOCKED

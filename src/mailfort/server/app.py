@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailfort.config import Config
+from mailfort.delivery.mx import make_resolver
 from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
+from mailfort.policy.dnsbl import DNSBLChecker
+from mailfort.policy.greylist import Greylist, GreylistSettings
+from mailfort.policy.inbound import InboundPolicy, zones
 from mailfort.policy.msa import MSAPolicy
 from mailfort.policy.senderauth import SenderAuth
 from mailfort.queue.store import Queue
@@ -75,8 +79,10 @@ class Node:
         # SPF, DKIM and DMARC of the mail the MX receives ([sender_auth]).
         self.sender_auth = SenderAuth(cfg) if cfg.sender_auth.enabled else None
         # One count of connections for the whole node, shared by every listener.
-        self.limiter = ConnectionLimiter(cfg.limits.max_connections,
-                                         cfg.limits.max_connections_per_ip)
+        self.limiter = ConnectionLimiter(
+            cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
+            rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=self.counters)
+        self.inbound = inbound_policy(cfg)  # the MX's DNSBL, pre-greeting and greylisting
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
@@ -118,6 +124,7 @@ class Node:
             log.info("removed %d unacknowledged spool files left by a crash", removed)
         loopback_plain = self.cfg.server.allow_plaintext_auth_on_loopback
         self.services["mx"] = self._smtp_service(ServiceOptions(name="mx"))
+        self.services["mx"].inbound = self.inbound
         self.services["submission"] = self._smtp_service(
             ServiceOptions(name="submission", auth=True, plaintext_auth_on_loopback=loopback_plain)
         )
@@ -159,6 +166,7 @@ class Node:
         self.authenticator.close()
         if self.sender_auth is not None:
             self.sender_auth.close()
+        self.inbound.close()
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -166,6 +174,21 @@ class Node:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def inbound_policy(cfg: Config) -> InboundPolicy:
+    """The MX's anti-abuse checks as configured (each part only when switched on)."""
+    bl = cfg.dnsbl
+    checker = None
+    if bl.zones or bl.sender_zones or bl.helo_zones:
+        checker = DNSBLChecker(make_resolver(cfg), zones(bl.zones), threshold=bl.threshold,
+                               timeout=bl.timeout, cache_size=bl.cache_size)
+    greylist = None
+    if cfg.greylist.enabled:
+        g = cfg.greylist
+        greylist = Greylist(cfg.data_path / "greylist.sqlite3", GreylistSettings(
+            g.delay, g.retry_window, g.pass_lifetime, g.auto_allow_after))
+    return InboundPolicy(cfg, checker, greylist)
 
 
 def describe(node: Node) -> str:

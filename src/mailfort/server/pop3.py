@@ -46,7 +46,8 @@ T = TypeVar("T")
 
 TOO_MANY_CONNECTIONS = "[SYS/TEMP] Too many connections, try again later"
 TOO_MANY_FROM_IP = "[SYS/TEMP] Too many connections from your address, try again later"
-_REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP}
+_REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP,
+             Admission.RATE_FROM_IP: TOO_MANY_FROM_IP}
 SHUTTING_DOWN = "[SYS/TEMP] Service shutting down, try again later"
 MESSAGE_GONE = "[SYS/TEMP] Message is no longer available"
 # Read-ahead holds at most this much per session beyond what the transport buffers.

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from mailfort.policy import decisionlog
 from mailfort.server.connections import Admission, ConnectionLimiter
 
 log = logging.getLogger("mailfort.session")
@@ -120,6 +121,9 @@ class EngineSession(asyncio.Protocol):
         self._limiter: ConnectionLimiter | None = None
         self._sessions: set[Any] | None = None
         self._close_after_task: Callable[[], None] | None = None
+        # Pre-greeting screening (MX): the banner waits for it; input meanwhile is refused.
+        self.screening: asyncio.Task[None] | None = None
+        self._pregreet_refusal: Any = None
 
     # ---------------------------------------------------------------- admission
 
@@ -129,18 +133,60 @@ class EngineSession(asyncio.Protocol):
         sessions: set[Any],
         refusals: dict[Admission, Any],
         idle_timeout: float,
+        screen: Callable[[], Awaitable[Any]] | None = None,
+        pregreet_refusal: Any = None,
     ) -> None:
-        """Greet, or refuse with the engine's own words when a connection limit is hit."""
+        """Greet, or refuse with the engine's own words when a connection limit is hit.
+
+        ``screen`` (checks before the banner, e.g. blocklists and a greeting delay) gives
+        a refusal or None; the banner waits for it, and a client that sends anything
+        before the banner is refused with ``pregreet_refusal`` at once."""
         assert self.engine is not None
         admission = limiter.admit(self.peer_ip)
         if admission is not Admission.OK:
+            self.connection_refused(refusals[admission], admission.value)
             self.engine.refuse_connection(refusals[admission])
         else:
             self._limiter, self._sessions = limiter, sessions
             sessions.add(self)
             self.counted = True
-            self.engine.greet()
             self.arm_timer(idle_timeout)
+            if screen is not None:
+                self._pregreet_refusal = pregreet_refusal
+                self.screening = asyncio.get_running_loop().create_task(self._screen(screen))
+                return
+            self.engine.greet()
+        self.pump()
+
+    def connection_refused(self, reply: Any, reason: str) -> None:
+        """Log a refusal at greeting, one line (the SMTP session words it as SMTP)."""
+        decisionlog.connection_refused(self.peer_ip, str(reply), reason)
+
+    async def _screen(self, screen: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            refusal = await screen()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a check that fails must not keep the client out (fail open)
+            log.exception("%s: pre-greeting check failed, greeting anyway", self.peer_ip)
+            refusal = None
+        self.screening = None
+        engine = self.engine
+        if engine is None or self.transport is None or engine.closed:
+            return
+        if refusal is not None:
+            self.connection_refused(refusal, "screen")
+            engine.refuse_connection(refusal)
+        else:
+            engine.greet()
+        self.pump()
+
+    def _talked_before_greeting(self) -> None:
+        assert self.screening is not None and self.engine is not None
+        self.screening.cancel()
+        self.screening = None
+        self.connection_refused(self._pregreet_refusal, "pregreet")
+        self.engine.refuse_connection(self._pregreet_refusal)
         self.pump()
 
     def release(self) -> None:
@@ -150,6 +196,9 @@ class EngineSession(asyncio.Protocol):
             self.timer = None
         if self.task is not None and not self.task.done():
             self.task.cancel()
+        if self.screening is not None:
+            self.screening.cancel()
+            self.screening = None
         if self.counted and self._limiter is not None and self._sessions is not None:
             self.counted = False
             self._sessions.discard(self)
@@ -160,6 +209,12 @@ class EngineSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
         assert self.engine is not None
+        if self.screening is not None:
+            if self._pregreet_refusal is not None:
+                self._talked_before_greeting()
+            else:
+                self.engine.receive(data)  # answered after the banner
+            return
         self.engine.receive(data)
         if self.task is None:
             self.pump()

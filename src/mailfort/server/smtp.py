@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from mailfort.config import Config
 from mailfort.directory.base import Directory
+from mailfort.policy import decisionlog
+from mailfort.policy.inbound import PREGREET, ConnectionVerdict, InboundPolicy
 from mailfort.policy.recipients import STRICT, RecipientPolicy
+from mailfort.policy.relay import RecipientDecision
 from mailfort.policy.senderauth import SenderAuth
 from mailfort.policy.spf import SPFResult
 from mailfort.protocol.address import Mailbox
@@ -58,7 +61,9 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
-_REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP}
+CONNECTION_RATE = Reply(421, "4.7.0", "Connection rate limit exceeded, try again later")
+_REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP,
+             Admission.RATE_FROM_IP: CONNECTION_RATE}
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 READY_FOR_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
@@ -135,6 +140,8 @@ class SMTPService(Listener):
         self.queued = queued  # called once queued mail is acknowledged (wakes delivery)
         self.submission = submission
         self.sender_auth = sender_auth  # MX: SPF, DKIM, DMARC (policy/senderauth.py)
+        # MX only: blocklists, pre-greeting checks, greylisting (policy/inbound.py).
+        self.inbound: InboundPolicy | None = None
         super().__init__(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks]
         lim = cfg.limits
@@ -193,6 +200,8 @@ class SMTPSession(EngineSession):
         self.headers: bytearray | None = None  # submission: client headers held until checked
         self.refusal: Reply | None = None  # submission: refusal decided from the headers
         self.trace = b""  # the trace fields we wrote at the top of the spool
+        # What the pre-greeting checks found (nothing when there were none).
+        self.screened = ConnectionVerdict()
 
     # ---------------------------------------------------------------- asyncio callbacks
 
@@ -207,7 +216,19 @@ class SMTPSession(EngineSession):
         self.engine = SMTPEngine(settings, tls_active=tls)
         if tls:
             self._note_tls(transport)
-        self.admit(svc.limiter, svc.sessions, _REFUSALS, svc.cfg.limits.idle_timeout)
+        inbound = svc.inbound
+        screening = inbound is not None and inbound.screens_connections
+        screen = self._pregreeting_checks if screening else None
+        self.admit(svc.limiter, svc.sessions, _REFUSALS, svc.cfg.limits.idle_timeout,
+                   screen=screen, pregreet_refusal=PREGREET)
+
+    async def _pregreeting_checks(self) -> Reply | None:
+        assert self.service.inbound is not None
+        self.screened = await self.service.inbound.screen_connection(self.peer_ip)
+        return self.screened.refusal
+
+    def connection_refused(self, reply: Reply, reason: str) -> None:  # type: ignore[override]
+        decisionlog.reject("CONNECT", self.peer_ip, reply)
 
     def eof_received(self) -> bool | None:
         self._abort_message()
@@ -254,7 +275,11 @@ class SMTPSession(EngineSession):
             elif self.spool is not None:
                 self.spool.write(ev.data)
         elif isinstance(ev, RcptTo):
-            engine.decide(self._decide_rcpt(ev))
+            decision = self._decide_rcpt(ev)
+            if self._inbound_applies(decision):
+                self.run(self._screen_rcpt(ev, decision))
+            else:
+                self._answer_rcpt(ev, decision)
         elif isinstance(ev, MailFrom):
             self._on_mail(ev)
         elif isinstance(ev, DataStart):
@@ -283,6 +308,9 @@ class SMTPSession(EngineSession):
         refusal = None
         if sub is not None and engine.authenticated_as is not None:
             refusal = sub.check_mail(engine.authenticated_as, ev.sender)
+        if refusal is not None:
+            decisionlog.reject("MAIL", self.peer_ip, refusal, from_=ev.sender or "",
+                               helo=engine.helo)
         elif self._checks_sender():
             self.run(self._check_spf())  # ---- sender authentication: SPF, off the loop
             return
@@ -301,30 +329,51 @@ class SMTPSession(EngineSession):
         env.spf, refusal = await senderauth.check_mail(auth, self.peer_ip, engine.helo or "",
                                                        sender)
         if refusal is not None:
-            log.info("reject: MAIL from [%s]: %s; from=<%s>", self.peer_ip,
-                     refusal.encode().decode().strip(), sender)
+            decisionlog.reject("MAIL", self.peer_ip, refusal, from_=sender, helo=engine.helo)
         engine.decide(refusal or SENDER_OK)
 
     def may_relay(self) -> bool:
         engine = self.engine
         return bool(engine and engine.authenticated_as) or self.service.trusted(self.peer_ip)
 
-    def _decide_rcpt(self, ev: RcptTo) -> Reply:
+    def _decide_rcpt(self, ev: RcptTo) -> RecipientDecision:
         sub = self.service.submission
         user = self.engine.authenticated_as if self.engine is not None else None
         if sub is not None and user is not None:
             refusal = sub.check_rcpt(user, len(self.envelope.rcpts))
             if refusal is not None:
-                return refusal
-        decision = self.service.recipients.decide(
-            ev.recipient, self.service.directory, may_relay=self.may_relay()
-        )
+                return RecipientDecision(refusal, None)
+        return self.service.recipients.decide(
+            ev.recipient, self.service.directory, may_relay=self.may_relay())
+
+    def _inbound_applies(self, decision: RecipientDecision) -> bool:
+        """Blocklists and greylisting judge only mail from outside to our own users."""
+        inbound = self.service.inbound
+        return (inbound is not None and decision.reply.positive and not decision.relay
+                and inbound.checks_rcpt(self.screened) and not self.may_relay())
+
+    async def _screen_rcpt(self, ev: RcptTo, decision: RecipientDecision) -> None:
+        inbound, engine = self.service.inbound, self.engine
+        assert inbound is not None and engine is not None
+        refusal = await inbound.check_rcpt(
+            self.peer_ip, self.screened, engine.helo, self.envelope.sender, ev.recipient)
+        if refusal is not None:
+            decision = RecipientDecision(refusal, None)
+        self._answer_rcpt(ev, decision)
+
+    def _answer_rcpt(self, ev: RcptTo, decision: RecipientDecision) -> None:
+        engine = self.engine
+        assert engine is not None
         if decision.reply.positive and decision.resolution is not None:
             env = self.envelope
             env.rcpts.append(str(ev.recipient))
             env.local.extend(u for u in decision.resolution.local if u not in env.local)
             env.remote.extend(a for a in decision.resolution.remote if a not in env.remote)
-        return decision.reply
+        else:
+            decisionlog.reject("RCPT", self.peer_ip, decision.reply,
+                               from_=self.envelope.sender or "", to=ev.recipient,
+                               helo=engine.helo)
+        engine.decide(decision.reply)
 
     # ---------------------------------------------------------------- the message
 
@@ -375,6 +424,8 @@ class SMTPSession(EngineSession):
         if self.refusal is not None:
             if spool is not None:
                 spool.discard()
+            decisionlog.reject("DATA", self.peer_ip, self.refusal,
+                               from_=self.envelope.sender or "", helo=engine.helo)
             engine.decide(self.refusal)
             return
         if spool is None or spool.failed is not None:
@@ -422,11 +473,10 @@ class SMTPSession(EngineSession):
             return
         # Durable now: the 250 is earned, and nothing that follows may take it back.
         ident = spool.name.split(".")[1]
-        engine.decide(Reply(250, "2.0.0", f"OK queued as {ident}"))
-        log.info(
-            "stored id=%s from=<%s> local=%d remote=%d size=%d",
-            ident, env.sender or "", len(env.local), len(env.remote), spool.size,
-        )
+        accepted = Reply(250, "2.0.0", f"OK queued as {ident}")
+        engine.decide(accepted)
+        decisionlog.accept(self.peer_ip, accepted, env.sender or "",
+                           len(env.local) + len(env.remote), spool.size)
         if self.service.submission is not None and engine.authenticated_as is not None:
             self.service.submission.message_accepted(engine.authenticated_as)
         if env.remote and svc.queued is not None:

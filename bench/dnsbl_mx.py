@@ -1,0 +1,76 @@
+"""MX throughput with the DNS blocklists on, beside the plain figure.
+
+Starts the tests' DNS server (tests/dnsserver.py) on loopback with two blocklist zones that
+do not list the client (the common case: most clients are not listed, so every lookup is a
+full NXDOMAIN round trip), then a mailfort server three times: no DNSBL; two zones with the
+answer cache (the client's answers are cached for their TTL after its first connection);
+two zones without a cache (two lookups before every banner: the cost for a stream of
+clients never seen before). Each message is its own connection (like ``smtp-source -c``).
+
+    python bench/dnsbl_mx.py [--messages 2000] [--sessions 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import smtp_load  # noqa: E402
+from mfproc import MailfortServer, bench_tmpdir, wait_disk_quiet  # noqa: E402
+
+from tests.dnsserver import DNSServer  # noqa: E402
+
+ZONES = ("one.bench.test", "two.bench.test")
+
+
+def dnsbl_table(dns: DNSServer, cache_size: int) -> str:
+    zones = ", ".join(f'{{ zone = "{z}" }}' for z in ZONES)
+    return (f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\ntimeout = 2.0\n'
+            f"[dnsbl]\nzones = [{zones}]\ncache_size = {cache_size}\n")
+
+
+def measure(extra: str, args: argparse.Namespace, label: str) -> dict[str, float]:
+    with bench_tmpdir("mailfort-dnsbl-") as tmp:
+        server = MailfortServer(Path(tmp), port_base=args.port_base)
+        with server.config.open("a") as f:
+            f.write(extra)
+        with server:
+            load = argparse.Namespace(
+                host="127.0.0.1", port=server.ports["mx"], size=1024, sessions=args.sessions,
+                messages=200, sender="bench@example.org", rcpt="alice@example.test",
+                starttls=False, user="", password="", keep_session=False)
+            asyncio.run(smtp_load.run(load))  # warm-up
+            wait_disk_quiet(server.data)
+            load.messages = args.messages
+            r = asyncio.run(smtp_load.run(load))
+        print(f"{label:<40} {r['rate']:7.0f}/s  accepted={r['accepted']:.0f} "
+              f"failed={r['failed']:.0f}", flush=True)
+        return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--messages", type=int, default=2000)
+    p.add_argument("--sessions", type=int, default=50)
+    p.add_argument("--port-base", type=int, default=14500)
+    args = p.parse_args(argv)
+    with DNSServer() as dns:
+        plain = measure("", args, "MX 1 KB, no DNSBL")
+        cached = measure(dnsbl_table(dns, 10000), args, "MX 1 KB, 2 DNSBL zones, cache")
+        before = len(dns.queries)
+        cold = measure(dnsbl_table(dns, 0), args, "MX 1 KB, 2 DNSBL zones, no cache")
+        asked = len(dns.queries) - before
+    print(f"ratios: cached {cached['rate'] / plain['rate']:.2f}x, "
+          f"uncached {cold['rate'] / plain['rate']:.2f}x of plain; "
+          f"{asked} DNS queries in the uncached run")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
