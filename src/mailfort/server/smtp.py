@@ -44,6 +44,7 @@ from mailfort.protocol.smtp import (
 )
 from mailfort.server.connections import Admission, is_loopback
 from mailfort.server.session import EngineSession, Listener
+from mailfort.server.storage_replies import storage_refusal
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
 
 log = logging.getLogger("mailfort.smtp")
@@ -336,7 +337,7 @@ class SMTPSession(EngineSession):
         if spool is None or spool.failed is not None:
             if spool is not None:
                 spool.discard()
-            engine.decide(TEMP_LOCAL_ERROR)
+            engine.decide(storage_refusal(spool.failed.errno if spool and spool.failed else None))
             return
         env = self.envelope
         svc = self.service
@@ -357,8 +358,9 @@ class SMTPSession(EngineSession):
         try:
             await svc.committer.commit(spool, maildirs, extra)
         except StorageError as exc:
-            log.error("storage error, message refused with 451: %s", exc)
-            engine.decide(TEMP_LOCAL_ERROR)
+            reply = storage_refusal(exc.errno)
+            log.error("storage error, message refused with %d: %s", reply.code, exc)
+            engine.decide(reply)
             return
         # Durable now: the 250 is earned, and nothing that follows may take it back.
         ident = spool.name.split(".")[1]
