@@ -8,6 +8,11 @@ entries, connections and open message files, never the whole due queue. A messag
 streamed from its file to the remote (``delivery.client``), never read whole. Each
 recipient keeps its own state, so one failing recipient among ten is the only one retried.
 
+One destination domain holds at most ``cfg.queue.destination_concurrency`` connections:
+recipients of a domain at its limit are not attempted (no attempt is counted) and their
+entry is parked until a connection to that domain ends, so a silent or slow destination
+ties up a few runners, never all of them, and the other domains keep flowing.
+
 Bounce rules (the backscatter countermeasure, DESIGN.md row 3): a DSN is produced only for
 an entry with ``submitted_by`` set (mail an authenticated local user submitted), only to
 that local user (never to the envelope sender string, which could name anyone), never when
@@ -44,6 +49,7 @@ Deliverer = Callable[..., Awaitable[client.DomainResult]]
 _MAX_SLEEP = 60.0  # rescan at least this often (picks up `mailfort queue retry` from the CLI)
 _FULL_SCAN_EVERY = _MAX_SLEEP - 1.0  # seconds between reads of every state file
 _RECOVER_GRACE = 60.0  # see Queue.recover: safe while the SMTP services already enqueue
+_PARK_RECHECK = 5.0  # a parked entry is looked at again after this, woken or not
 
 
 @dataclass
@@ -92,6 +98,10 @@ class DeliveryWorker:
         self._inflight: set[str] = set()  # entries a runner is processing
         self._sleep_until: float | None = None  # when the loop wakes by itself
         self._cooldown: dict[str, float] = {}  # entries whose processing crashed: not before
+        self._per_destination = max(1, cfg.queue.destination_concurrency)
+        self._busy: dict[str, int] = {}  # destination domain -> connections open to it
+        self._waiting: dict[str, set[str]] = {}  # domain at its limit -> entries parked on it
+        self._parked: dict[str, float] = {}  # parked entry -> when to look again anyway
         # When each known entry is next due. Processing an entry updates it in memory, so a
         # pass reads state files only for entries it has not seen (after ``wake``) and, every
         # _FULL_SCAN_EVERY seconds, all of them (what the CLI changed): a queue of thousands
@@ -193,7 +203,7 @@ class DeliveryWorker:
         for ident, due in self._schedule.items():
             if ident in self._inflight:
                 continue
-            due = max(due, self._cooldown.get(ident, 0.0))
+            due = max(due, self._not_before(ident))
             if due <= now:
                 ready.append((due, ident))
             else:
@@ -243,8 +253,34 @@ class DeliveryWorker:
         due = self._schedule.get(ident)
         if due is None:
             return
-        due = max(due, self._cooldown.get(ident, 0.0))
+        due = max(due, self._not_before(ident))
         if self._sleep_until is None or due < self._sleep_until:
+            self._wake.set()
+
+    def _not_before(self, ident: str) -> float:
+        return max(self._cooldown.get(ident, 0.0), self._parked.get(ident, 0.0))
+
+    def _take_destination(self, domain: str, ident: str) -> bool:
+        """Count a connection to ``domain``, or park the entry if it is at its limit."""
+        busy = self._busy.get(domain, 0)
+        if busy >= self._per_destination:
+            self._waiting.setdefault(domain, set()).add(ident)
+            self._parked[ident] = self.clock() + _PARK_RECHECK
+            return False
+        self._busy[domain] = busy + 1
+        return True
+
+    def _release_destination(self, domain: str) -> None:
+        """A connection to ``domain`` ended: the entries parked on it are due again."""
+        busy = self._busy.get(domain, 0) - 1
+        if busy > 0:
+            self._busy[domain] = busy
+        else:
+            self._busy.pop(domain, None)
+        waiters = self._waiting.pop(domain, set())
+        for ident in waiters:
+            self._parked.pop(ident, None)
+        if waiters:
             self._wake.set()
 
     async def drain(self) -> None:
@@ -263,6 +299,7 @@ class DeliveryWorker:
             self._cooldown.pop(ident, None)
 
     async def _process_entry(self, ident: str) -> None:
+        self._parked.pop(ident, None)
         try:
             entry = await asyncio.to_thread(self.queue.get, ident)
         except QueueError:
@@ -280,12 +317,21 @@ class DeliveryWorker:
             return
         now = self.clock()
         due = [r for r in entry.active if r.next_attempt <= now]
-        by_domain: dict[str, list[Recipient]] = {}
+        wanted: dict[str, list[Recipient]] = {}
         for r in due:
-            by_domain.setdefault(r.domain, []).append(r)
-        results = await asyncio.gather(
-            *(self._deliver_domain(entry, d, rs, path, traits) for d, rs in by_domain.items())
-        )
+            wanted.setdefault(r.domain, []).append(r)
+        # Counted before the first await, so two entries never both take the last one.
+        by_domain = {d: rs for d, rs in wanted.items() if self._take_destination(d, ident)}
+        if wanted and not by_domain:
+            return  # every destination is at its limit: parked, nothing attempted
+        try:
+            results = await asyncio.gather(
+                *(self._deliver_domain(entry, d, rs, path, traits)
+                  for d, rs in by_domain.items())
+            )
+        finally:
+            for d in by_domain:
+                self._release_destination(d)
         now = self.clock()
         expiry = entry.created + self.cfg.queue.max_lifetime
         for domain_result in results:
@@ -354,6 +400,7 @@ class DeliveryWorker:
                 helo=self.hostname,
                 require_tls=mx.requires_tls(self.cfg, domain, route),
                 connect_timeout=self.cfg.queue.connect_timeout,
+                timeout=self.cfg.queue.command_timeout,
             )
         for a in addrs:  # belt and braces: every recipient gets a result
             res.results.setdefault(a, client.RcptResult(a, "temporary", "4.4.1 no result",
