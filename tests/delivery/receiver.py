@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ class Received:
     size: int = 0  # octets after dot-unstuffing
     sha256: str = ""
     mail: str = ""  # the MAIL command line as sent
+    accepted_at: float = 0.0  # time.monotonic() just before the 250 was sent
 
 
 @dataclass
@@ -171,7 +173,8 @@ class Receiver:
                 reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 queued"
                 if reply.startswith("250"):
                     self.messages.append(
-                        Received(sender, rcpts, data, tls, helo, size, digest, mail_line))
+                        Received(sender, rcpts, data, tls, helo, size, digest, mail_line,
+                                 time.monotonic()))
                 sender, rcpts = None, []
                 await send(reply)
             elif verb == "RSET":
