@@ -71,6 +71,7 @@ class Ledger:
     deleted: set[str] = field(default_factory=set)  # DELE, then +OK to QUIT
     maybe_deleted: set[str] = field(default_factory=set)  # DELE, QUIT not answered
     kills: list[float] = field(default_factory=list)  # monotonic time of each SIGKILL
+    kills_wall: list[float] = field(default_factory=list)  # the same, wall clock
     counter: int = 0
 
     def token(self, kind: str) -> str:
@@ -268,7 +269,7 @@ class Report:
     lost: list[str]
     duplicates: list[str]  # Maildir duplicates, or of unacknowledged messages: failures
     window_duplicates: list[str]  # remote/bounce duplicates: the protocol's own window
-    window_widths: list[float]  # seconds from the remote's 250 to the next kill
+    window_widths: list[float]  # seconds from the first copy's acceptance to the next kill
     deleted: int
     undeleted: list[str]  # DELE +OK'd by QUIT, still there
     partial: list[str]
@@ -287,16 +288,25 @@ class Report:
             f"duplicated (failure): {len(self.duplicates)} {self.duplicates[:5]}",
             f"undeleted after +OK QUIT: {len(self.undeleted)} {self.undeleted[:5]}",
             f"partial messages: {len(self.partial)} {self.partial[:5]}",
-            f"duplicates in the remote-250-to-queue-update window: "
-            f"{len(self.window_duplicates)}"
-            + (f", widths {[round(w, 3) for w in self.window_widths]} s"
+            f"duplicates in the delivered-to-queue-update window: "
+            f"{len(self.window_duplicates)} {self.window_duplicates[:5]}"
+            + (f", widths {[round(w * 1000, 2) for w in self.window_widths]} ms"
                if self.window_widths else ""),
             "RESULT: " + ("OK" if self.ok else "FAILED"),
         ]
 
 
-def _maildir_tokens(data: Path, user: str) -> tuple[Counter[str], Counter[str], list[str]]:
-    """(messages, bounces, partial files) of one user, by token."""
+def _delivered_at(name: str) -> float:
+    """The wall-clock time in a Maildir unique name (``<sec>.M<usec>P…``)."""
+    m = re.match(r"(\d+)\.M(\d+)", name)
+    return int(m.group(1)) + int(m.group(2)) / 1e6 if m else 0.0
+
+
+def _maildir_tokens(
+    data: Path, user: str, first: dict[str, float] | None = None
+) -> tuple[Counter[str], Counter[str], list[str]]:
+    """(messages, bounces, partial files) of one user, by token; ``first`` gets the
+    delivery time of each token's first bounce."""
     local, domain = user.split("@")
     md = data / "mail" / domain / local
     msgs: Counter[str] = Counter()
@@ -309,7 +319,11 @@ def _maildir_tokens(data: Path, user: str) -> tuple[Counter[str], Counter[str], 
         for f in d.iterdir():
             raw = f.read_bytes()
             if b"multipart/report" in raw:
-                bounces.update(m.decode() for m in set(TOKEN.findall(raw)))
+                for tok in {m.decode() for m in TOKEN.findall(raw)}:
+                    bounces[tok] += 1
+                    if first is not None:
+                        at = _delivered_at(f.name)
+                        first[tok] = min(first.get(tok, at), at)
                 continue
             m = TOKEN.search(raw)
             if m is None or not raw.endswith(END):
@@ -323,8 +337,9 @@ def check(data: Path, ledger: Ledger, rx: Receiver, seconds: float) -> Report:
     where: dict[str, Counter[str]] = {}
     partial: list[str] = []
     bounces: Counter[str] = Counter()
+    first_bounce: dict[str, float] = {}
     for user in (ALICE, BOB):
-        msgs, b, p = _maildir_tokens(data, user)
+        msgs, b, p = _maildir_tokens(data, user, first_bounce)
         where[user] = msgs
         bounces += b
         partial += p
@@ -360,8 +375,11 @@ def check(data: Path, ledger: Ledger, rx: Receiver, seconds: float) -> Report:
             (window if dest in ("remote", "bounce") else dups).append(tok)
     widths = []
     for tok in window:
-        t0 = first_accept.get(tok)
-        after = [k for k in ledger.kills if t0 is not None and k >= t0]
+        if tok in first_accept:
+            t0, kills = first_accept[tok], ledger.kills
+        else:
+            t0, kills = first_bounce.get(tok, 0.0), ledger.kills_wall
+        after = [k for k in kills if k >= t0]
         if after:
             widths.append(after[0] - t0)
     return Report(len(ledger.kills), Counter(ledger.acked.values()), lost, dups, window,
@@ -399,6 +417,7 @@ async def campaign(root: Path, kills: int, load: tuple[float, float], seed: int,
                 await asyncio.sleep(rng.uniform(*load))
                 proc.send_signal(signal.SIGKILL)
                 ledger.kills.append(time.monotonic())
+                ledger.kills_wall.append(time.time())
                 await asyncio.to_thread(proc.wait)
                 stop.set()
                 await asyncio.gather(*tasks)

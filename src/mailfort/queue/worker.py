@@ -18,7 +18,10 @@ an entry with ``submitted_by`` set (mail an authenticated local user submitted),
 that local user (never to the envelope sender string, which could name anyone), never when
 the envelope sender is null, and it is handed to ``local_deliver`` — it never leaves this
 server. A failed recipient stays marked ``notified=False`` until its bounce was delivered,
-so a crash between the two sends the bounce after restart rather than losing it.
+so a crash between the two sends the bounce after restart rather than losing it. Each DSN
+has a key that is the same on that resend (the entry, how many DSNs it already sent, and
+the time of the attempt it reports, all in the saved state), and ``local_deliver`` stores a
+key once: the resend after such a crash finds the first copy and adds none.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from mailfort.delivery import client, mx
 from mailfort.delivery.message import Outbound, Traits, scan_file
 from mailfort.queue.dsn import MAX_ORIGINAL_HEADERS, RecipientReport, build_dsn
 from mailfort.queue.store import Entry, Queue, QueueError, Recipient
-from mailfort.store.maildir import Committer, maildir_for
+from mailfort.store.maildir import Committer, in_maildir, keyed_name, maildir_for
 
 log = logging.getLogger("mailfort.queue")
 
-LocalDeliver = Callable[[str, bytes], Awaitable[None]]
+# (user, message, key): store the message for the user, once per key (see maildir_deliverer)
+LocalDeliver = Callable[[str, bytes, str], Awaitable[None]]
 # (domain, targets, sender, recipients, message) -> DomainResult; replaceable for the lab.
 Deliverer = Callable[..., Awaitable[client.DomainResult]]
 
@@ -428,7 +432,7 @@ class DeliveryWorker:
                                 r.remote_mta, r.last_attempt or None)
                 for r in failed
             ]
-            if await self._send_dsn(entry, reports, now):
+            if await self._send_dsn(entry, reports, now, failed):
                 for r in failed:
                     r.notified = True
                 self.stats.bounces += 1
@@ -443,13 +447,17 @@ class DeliveryWorker:
                                 r.remote_mta, r.last_attempt or None, expiry)
                 for r in delayed
             ]
-            if await self._send_dsn(entry, reports, now):
+            if await self._send_dsn(entry, reports, now, delayed):
                 entry.warned = True
                 self.stats.warnings += 1
                 await self._save(entry)
 
-    async def _send_dsn(self, entry: Entry, reports: list[RecipientReport], now: float) -> bool:
+    async def _send_dsn(self, entry: Entry, reports: list[RecipientReport], now: float,
+                        about: list[Recipient]) -> bool:
         assert entry.submitted_by is not None
+        sent = int(entry.extra.get("dsns", 0))
+        when = int(max((r.last_attempt for r in about), default=0.0) or entry.created)
+        key = f"{when}.B{entry.id}N{sent}"  # the same after a crash before the next save
         try:  # a bounce quotes the headers only: no need to read the whole message
             headers = await asyncio.to_thread(self.queue.read_headers, entry.id,
                                               MAX_ORIGINAL_HEADERS + 1)
@@ -465,21 +473,29 @@ class DeliveryWorker:
             now=now,
         )
         try:
-            await self.local_deliver(entry.submitted_by, dsn)
+            await self.local_deliver(entry.submitted_by, dsn, key)
         except Exception:
             log.exception("queue %s: DSN to %s not delivered; will retry",
                           entry.id, entry.submitted_by)
             return False
+        entry.extra["dsns"] = sent + 1
         return True
 
 
 def maildir_deliverer(committer: Committer, data_dir: Path) -> LocalDeliver:
-    """A ``local_deliver`` that stores a DSN durably in the user's Maildir, as the MX does."""
+    """A ``local_deliver`` that stores a DSN durably in the user's Maildir, as the MX does,
+    under a unique name made from its key: a key already in new/ or cur/ is not stored
+    again. (A copy that a POP3 client deleted meanwhile cannot be seen, and is resent.)"""
 
-    async def deliver(user: str, message: bytes) -> None:
-        spool = committer.new_spool()
+    async def deliver(user: str, message: bytes, key: str) -> None:
+        maildir = maildir_for(data_dir, user)
+        name = keyed_name(key)
+        if await asyncio.to_thread(in_maildir, maildir, name):
+            log.info("%s already delivered to %s; not again", name, user)
+            return
+        spool = committer.new_spool(name)
         spool.write(message)
-        await committer.commit(spool, [maildir_for(data_dir, user)])
+        await committer.commit(spool, [maildir])
 
     return deliver
 

@@ -78,6 +78,29 @@ def unique_name() -> str:
     return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(_counter)}.{_HOST}"
 
 
+def keyed_name(key: str) -> str:
+    """A unique name chosen by the caller (``<seconds>.<id>``) for a message that must be
+    stored once per key, with the host added as for every name."""
+    if "/" in key or ":" in key or "," in key or not key[:1].isdigit():
+        raise ValueError(f"not a Maildir key: {key!r}")
+    return f"{key}.{_HOST}"
+
+
+def in_maildir(maildir: Path, name: str) -> bool:
+    """Whether a message with this unique name is in new/ or cur/ (with any size or flag
+    suffix: ``name,S=…`` in new/, ``name,S=…:2,S`` once read)."""
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(maildir / sub) as it:
+                for entry in it:
+                    n = entry.name
+                    if n == name or (n.startswith(name) and n[len(name)] in ",:"):
+                        return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 def _load_syncfs() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -97,8 +120,9 @@ class Spool:
 
     __slots__ = ("_buf", "_fd", "failed", "fault", "name", "path", "size")
 
-    def __init__(self, spool_dir: Path, fault: FaultHook | None = None) -> None:
-        self.name = unique_name()
+    def __init__(self, spool_dir: Path, fault: FaultHook | None = None,
+                 name: str | None = None) -> None:
+        self.name = name or unique_name()
         self.path = spool_dir / self.name
         self._buf = bytearray()
         self._fd: int | None = None
@@ -195,8 +219,9 @@ class Committer:
             n += 1
         return n
 
-    def new_spool(self) -> Spool:
-        return Spool(self.spool_dir, self.fault)
+    def new_spool(self, name: str | None = None) -> Spool:
+        """A spool for one message; ``name`` (see ``keyed_name``) instead of a fresh one."""
+        return Spool(self.spool_dir, self.fault, name)
 
     async def commit(
         self,
