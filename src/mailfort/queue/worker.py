@@ -129,6 +129,8 @@ class DeliveryWorker:
         self._loop_thread = threading.get_ident()
         self._stopping = False
         self._last_full_scan = None  # whatever happened while stopped: read it all
+        self._parked.clear()  # nothing is in flight now: no destination is busy
+        self._waiting.clear()
         self._task = asyncio.create_task(self._run(), name="mailfort-delivery")
 
     async def stop(self) -> None:
