@@ -197,7 +197,13 @@ class QueueConfig:
     initial_retry: float = 300.0
     max_retry: float = 4 * 3600.0
     workers: int = 20
-    connect_timeout: float = 30.0
+    # Connections at once to one destination domain: a slow or silent destination then
+    # holds at most this many of the ``workers``, and the other domains keep flowing.
+    destination_concurrency: int = 5
+    connect_timeout: float = 30.0  # TCP connect and the greeting
+    # Each reply after the greeting (RFC 5321 §4.5.3.2 gives 5 minutes for most, 10 for
+    # the end of data); a host that stops answering is given up after this long.
+    command_timeout: float = 300.0
     # Port of the MX hosts found in DNS: 25 on the Internet; tests and the lab use another.
     mx_port: int = 25
 
@@ -346,6 +352,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"submission.{k}: must be a positive integer")
     if not 0 < cfg.dns.port < 65536:
         raise ConfigError("dns.port: must be 1-65535")
+    for k in ("workers", "destination_concurrency"):
+        if getattr(cfg.queue, k) <= 0:
+            raise ConfigError(f"queue.{k}: must be a positive integer")
+    for k in ("connect_timeout", "command_timeout"):
+        if getattr(cfg.queue, k) <= 0:
+            raise ConfigError(f"queue.{k}: must be a positive number of seconds")
     _validate_sender_auth(cfg.sender_auth)
     _validate_antiabuse(cfg)
     return cfg

@@ -10,6 +10,10 @@ recorded in ``commands`` and, for each accepted message, in ``messages``.
 SHA-256 of each message (a memory measurement must not count the receiver's copies).
 ``probe``, when set, is called with every command line and with "." at each end of data,
 while the client waits for the reply: a test measures the client's state there.
+
+Faults of a real remote: ``stall_at`` ("BANNER" or a verb such as "EHLO", "MAIL", "DATA")
+stops answering there, for good, while keeping the connection open; ``drop_in_data``
+closes the connection after the first line of the message.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +37,7 @@ class Received:
     size: int = 0  # octets after dot-unstuffing
     sha256: str = ""
     mail: str = ""  # the MAIL command line as sent
+    accepted_at: float = 0.0  # time.monotonic() just before the 250 was sent
 
 
 @dataclass
@@ -45,6 +51,8 @@ class Receiver:
     smtputf8: bool = False
     keep_data: bool = True
     probe: Callable[[str], None] | None = None
+    stall_at: str | None = None
+    drop_in_data: bool = False
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     sessions: int = 0
@@ -92,6 +100,9 @@ class Receiver:
         sender: str | None = None
         mail_line = ""
         rcpts: list[str] = []
+        if self.stall_at == "BANNER":
+            await _hold(reader)
+            return
         await send(self.banner)
         if not self.banner.startswith("220"):
             return
@@ -105,6 +116,9 @@ class Receiver:
                 self.probe(line)
             verb = line[:4].upper()
             arg = line[5:] if len(line) > 5 else ""
+            if verb == self.stall_at:
+                await _hold(reader)
+                return
             if verb == "EHLO":
                 helo = arg
                 exts = ["SIZE 10485760", "8BITMIME"]
@@ -145,6 +159,9 @@ class Receiver:
                     await send("503 5.5.1 no valid recipients")
                     continue
                 await send("354 go ahead")
+                if self.drop_in_data:
+                    await reader.readline()
+                    return  # closed mid-message: nothing accepted
                 data, size, digest = await _read_data(reader, keep=self.keep_data)
                 if self.probe is not None:
                     self.probe(".")
@@ -156,7 +173,8 @@ class Receiver:
                 reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 queued"
                 if reply.startswith("250"):
                     self.messages.append(
-                        Received(sender, rcpts, data, tls, helo, size, digest, mail_line))
+                        Received(sender, rcpts, data, tls, helo, size, digest, mail_line,
+                                 time.monotonic()))
                 sender, rcpts = None, []
                 await send(reply)
             elif verb == "RSET":
@@ -169,6 +187,12 @@ class Receiver:
                 return
             else:
                 await send("500 5.5.2 unknown command")
+
+
+async def _hold(reader: asyncio.StreamReader) -> None:
+    """Answer nothing more; read until the client gives up and closes."""
+    while await reader.read(65536):
+        pass
 
 
 def _path(arg: str) -> str:

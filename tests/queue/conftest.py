@@ -19,7 +19,7 @@ class LocalSink:
         self.delivered: list[tuple[str, bytes]] = []
         self.fail = False
 
-    async def __call__(self, user: str, message: bytes) -> None:
+    async def __call__(self, user: str, message: bytes, key: str = "") -> None:
         if self.fail:
             raise OSError("local delivery unavailable")
         d = self.root / user / "new"

@@ -31,7 +31,7 @@ CHILD_WORKER = textwrap.dedent("""
     raw = json.loads(sys.argv[1])
     cfg = config.from_dict(raw)
 
-    async def local(user, data):
+    async def local(user, data, key):
         pass
 
     async def main():

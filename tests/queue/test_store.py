@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from mailfort.queue.store import Queue, QueueError
 from tests.store.fsyncs import fsynced
+from tests.store.test_storage_faults import fill, small_fs
 
-__all__ = ["fsynced"]
+__all__ = ["fsynced", "small_fs"]
 
 MSG = b"From: a@example.test\r\nSubject: t\r\n\r\nbody\r\n"
 
@@ -142,3 +145,23 @@ def test_read_headers_reads_the_header_block_only(tmp_path: Path) -> None:
     ident = q.enqueue_bytes(MSG + b"x" * 100_000, "a@example.test", ["x@r.test"], None)
     assert q.read_headers(ident) == b"From: a@example.test\r\nSubject: t\r\n"
     assert q.read_headers(ident, limit=10) == b"From: a@ex"
+
+
+def test_a_state_that_does_not_fit_on_the_disk_is_refused_not_truncated(
+    small_fs: Path,
+) -> None:
+    """Two pages free, a state file of three: the write comes back short. The entry is
+    refused (nothing to acknowledge) and leaves no file, instead of being committed with
+    a truncated state that no reader can parse (a lost entry after its 250)."""
+    q = Queue(small_fs / "queue")
+    filler = fill(small_fs)
+    os.truncate(filler, os.path.getsize(filler) - 2 * 4096)
+    rcpts = [f"recipient-{i:04d}@remote.example.test" for i in range(200)]
+    with pytest.raises(OSError) as err:
+        q.enqueue_bytes(MSG, "a@example.test", rcpts, "alice@example.test")
+    assert err.value.errno == errno.ENOSPC
+    assert q.ids() == [] and q.list() == []
+    assert [p for d in (q.msg_dir, q.env_dir, q.tmp_dir) for p in d.iterdir()] == []
+    filler.unlink()
+    ident = q.enqueue_bytes(MSG, "a@example.test", rcpts, "alice@example.test")
+    assert len(q.get(ident).recipients) == 200

@@ -345,6 +345,44 @@ async def test_bounce_lands_in_maildir_through_committer(outbound_config: Config
     assert msg.get_content_type() == "multipart/report"
 
 
+class LosesTheBounceRecord(Queue):
+    """The save that would record a sent bounce fails once, which is what a kill at that
+    moment leaves: the DSN is in the Maildir, the state on disk says "not notified"."""
+
+    lost = False
+
+    def delete(self, ident: str) -> None:
+        if not self.lost:
+            self.lost = True
+            raise OSError("killed before the state was saved")
+        super().delete(ident)
+
+
+async def test_bounce_resent_after_a_lost_state_save_is_stored_once(
+    outbound_config: ConfigFactory, dns_server: DNSServer,
+) -> None:
+    """The resend of a DSN whose delivery the queue could not record finds the first copy
+    (same key, same Maildir name) and adds no second bounce."""
+    from mailfort.queue.worker import maildir_deliverer
+    from mailfort.store.maildir import Committer, maildir_for
+
+    dns_server.add_mx("nomail.test", ".", 0)
+    cfg = outbound_config()
+    committer = Committer(cfg.data_path)
+    q = LosesTheBounceRecord(cfg.data_path / "queue")
+    w = DeliveryWorker(q, cfg, maildir_deliverer(committer, cfg.data_path))
+    await w.start()
+    try:
+        q.enqueue_bytes(MSG, "alice@example.test", ["b@nomail.test"], "alice@example.test")
+        w.wake()
+        await wait_for(lambda: q.lost and q.list() == [], 5)
+    finally:
+        await w.stop()
+        committer.stop()
+    files = list((maildir_for(cfg.data_path, "alice@example.test") / "new").iterdir())
+    assert len(files) == 1, [f.name for f in files]
+
+
 async def test_missing_message_file_drops_entry_without_looping(
     outbound_config: ConfigFactory, worker_factory: WorkerFactory, sink: LocalSink,
 ) -> None:

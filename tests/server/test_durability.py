@@ -1,38 +1,27 @@
-"""What was acknowledged survives SIGKILL of the server at any moment, stored exactly once."""
+"""What was acknowledged survives SIGKILL of the server at any moment, exactly once.
+
+The load and the verdict are bench/crash_campaign.py's (MX, submission to local, remote
+and bounced recipients, POP3 deletions); here is its short form, a few kills per flush
+mode, and a check that its verdict can fail.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import random
-import signal
+import importlib.util
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-
-from tests.conftest import HOSTNAME, seed_directory
-from tests.server.test_mx import read_reply
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def write_config(tmp_path: Path, port: int, flush: str) -> Path:
-    data = tmp_path / "data"
-    cfg = tmp_path / "mailfort.toml"
-    cfg.write_text(
-        f'[server]\nhostname = "{HOSTNAME}"\ndata_dir = "{data}"\n'
-        f'[store]\nflush = "{flush}"\n'
-        f'[listen]\nmx = ["127.0.0.1:{port}"]\nsubmission = []\nsubmissions = []\n'
-        "pop3 = []\npop3s = []\n"
-    )
-    return cfg
 
 
 async def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -48,73 +37,53 @@ async def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError("server did not start")
 
 
-async def send_one(port: int, token: str) -> bool:
-    """True only if the server answered 250 after DATA."""
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await read_reply(reader)
-        writer.write(
-            b"EHLO load.test\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
-            b"DATA\r\n"
-        )
-        replies = [await read_reply(reader) for _ in range(4)]
-        if not replies[3].startswith("354"):
-            return False
-        body = f"Subject: {token}\r\n\r\n" + f"{token}\r\n" * 40 + "END-OF-MESSAGE\r\n.\r\n"
-        writer.write(body.encode())
-        reply = await read_reply(reader)
-        writer.close()
-        return reply.startswith("250")
-    except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-        return False
+# ------------------------------------------------------------------ the crash campaign
+
+def _campaign() -> ModuleType:
+    """bench/crash_campaign.py: the long run lives in bench/, this is its short form."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "crash_campaign.py"
+    spec = importlib.util.spec_from_file_location("crash_campaign", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("flush", ["syncfs", "fsync"])
-async def test_acknowledged_mail_survives_sigkill(tmp_path: Path, flush: str) -> None:
-    port = free_port()
-    cfg_path = write_config(tmp_path, port, flush)
-    from mailfort import config
+async def test_crash_campaign_short_form(tmp_path: Path, flush: str) -> None:
+    """MX, submission (local, remote, bounced) and POP3 deletions under 3 SIGKILLs: every
+    250 stored or delivered or bounced exactly once, every confirmed DELE gone."""
+    cc = _campaign()
+    report = await cc.campaign(tmp_path, kills=3, load=(0.5, 0.9), seed=16, flush=flush,
+                               drain_timeout=30.0)
+    assert report.ok, "\n".join(report.lines())
+    assert report.kills == 3
+    assert sum(report.acked.values()) > 30, "the load did not get going"
+    kinds = {"alice@example.test", "bob@example.test", "remote", "bounce"}
+    assert kinds <= set(report.acked), report.acked
 
-    cfg = config.load(cfg_path)
-    seed_directory(cfg)
-    acked: set[str] = set()
-    rng = random.Random(1234)
-    counter = 0
-    for _round in range(4):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mailfort", "serve", "--config", str(cfg_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            await wait_port(port, proc)
-            stop = asyncio.Event()
 
-            async def client(stop: asyncio.Event) -> None:
-                nonlocal counter
-                while not stop.is_set():
-                    counter += 1
-                    token = f"token-{counter:06d}"
-                    if await send_one(port, token):
-                        acked.add(token)
+def test_crash_campaign_check_sees_loss_duplicate_and_undeleted(tmp_path: Path) -> None:
+    """The campaign's verdict can fail: a lost, a doubled and an undeleted message."""
+    cc = _campaign()
+    new = tmp_path / "mail" / "example.test" / "alice" / "new"
+    new.mkdir(parents=True)
 
-            tasks = [asyncio.create_task(client(stop)) for _ in range(8)]
-            await asyncio.sleep(rng.uniform(0.5, 1.5))
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            stop.set()
-            await asyncio.gather(*tasks)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert len(acked) > 20, "the load did not get going"
-    counts: dict[str, int] = {}
-    new = cfg.data_path / "mail" / "example.test" / "alice" / "new"
-    for f in new.iterdir():
-        data = f.read_bytes()
-        assert data.endswith(b"END-OF-MESSAGE\r\n"), f"partial message {f.name}"
-        token = data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
-        counts[token] = counts.get(token, 0) + 1
-    lost = sorted(t for t in acked if t not in counts)
-    assert lost == [], f"acknowledged but lost: {lost[:5]}"
-    assert all(n == 1 for n in counts.values())
+    def store(name: str, token: str) -> None:
+        (new / name).write_bytes(f"Subject: {token}\r\n\r\n".encode() + cc.END)
+
+    store("1", "tok-mx-000001")
+    store("2", "tok-mx-000002")
+    store("3", "tok-mx-000002")
+    store("4", "tok-mx-000004")
+    ledger = cc.Ledger()
+    for i in (1, 2, 3, 4):
+        ledger.sent.add(f"tok-mx-00000{i}")
+        ledger.acked[f"tok-mx-00000{i}"] = "alice@example.test"
+    ledger.deleted.add("tok-mx-000004")
+    report = cc.check(tmp_path, ledger, cc.Receiver(), 0.0)
+    assert report.lost == ["tok-mx-000003"]
+    assert report.duplicates == ["tok-mx-000002"]
+    assert report.undeleted == ["tok-mx-000004"]
+    assert not report.ok

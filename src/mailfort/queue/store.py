@@ -283,14 +283,18 @@ class Queue:
         tmp = self.tmp_dir / f"{entry.id}.{secrets.token_hex(4)}.json"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, data.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                # os.write may write less than asked (a nearly full disk): loop, or the
+                # rename below would commit a truncated state, i.e. lose the entry.
+                view = memoryview(data.encode("utf-8"))
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.rename(tmp, self.env_dir / f"{entry.id}.json")
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # a full disk must not also leak files in tmp/
             raise
         fsync_dir(self.env_dir)
 

@@ -8,12 +8,20 @@ entries, connections and open message files, never the whole due queue. A messag
 streamed from its file to the remote (``delivery.client``), never read whole. Each
 recipient keeps its own state, so one failing recipient among ten is the only one retried.
 
+One destination domain holds at most ``cfg.queue.destination_concurrency`` connections:
+recipients of a domain at its limit are not attempted (no attempt is counted) and their
+entry is parked until a connection to that domain ends, so a silent or slow destination
+ties up a few runners, never all of them, and the other domains keep flowing.
+
 Bounce rules (the backscatter countermeasure, DESIGN.md row 3): a DSN is produced only for
 an entry with ``submitted_by`` set (mail an authenticated local user submitted), only to
 that local user (never to the envelope sender string, which could name anyone), never when
 the envelope sender is null, and it is handed to ``local_deliver`` — it never leaves this
 server. A failed recipient stays marked ``notified=False`` until its bounce was delivered,
-so a crash between the two sends the bounce after restart rather than losing it.
+so a crash between the two sends the bounce after restart rather than losing it. Each DSN
+has a key that is the same on that resend (the entry, how many DSNs it already sent, and
+the time of the attempt it reports, all in the saved state), and ``local_deliver`` stores a
+key once: the resend after such a crash finds the first copy and adds none.
 """
 
 from __future__ import annotations
@@ -33,17 +41,19 @@ from mailfort.delivery import client, mx
 from mailfort.delivery.message import Outbound, Traits, scan_file
 from mailfort.queue.dsn import MAX_ORIGINAL_HEADERS, RecipientReport, build_dsn
 from mailfort.queue.store import Entry, Queue, QueueError, Recipient
-from mailfort.store.maildir import Committer, maildir_for
+from mailfort.store.maildir import Committer, in_maildir, keyed_name, maildir_for
 
 log = logging.getLogger("mailfort.queue")
 
-LocalDeliver = Callable[[str, bytes], Awaitable[None]]
+# (user, message, key): store the message for the user, once per key (see maildir_deliverer)
+LocalDeliver = Callable[[str, bytes, str], Awaitable[None]]
 # (domain, targets, sender, recipients, message) -> DomainResult; replaceable for the lab.
 Deliverer = Callable[..., Awaitable[client.DomainResult]]
 
 _MAX_SLEEP = 60.0  # rescan at least this often (picks up `mailfort queue retry` from the CLI)
 _FULL_SCAN_EVERY = _MAX_SLEEP - 1.0  # seconds between reads of every state file
 _RECOVER_GRACE = 60.0  # see Queue.recover: safe while the SMTP services already enqueue
+_PARK_RECHECK = 5.0  # a parked entry is looked at again after this, woken or not
 
 
 @dataclass
@@ -92,6 +102,10 @@ class DeliveryWorker:
         self._inflight: set[str] = set()  # entries a runner is processing
         self._sleep_until: float | None = None  # when the loop wakes by itself
         self._cooldown: dict[str, float] = {}  # entries whose processing crashed: not before
+        self._per_destination = max(1, cfg.queue.destination_concurrency)
+        self._busy: dict[str, int] = {}  # destination domain -> connections open to it
+        self._waiting: dict[str, set[str]] = {}  # domain at its limit -> entries parked on it
+        self._parked: dict[str, float] = {}  # parked entry -> when to look again anyway
         # When each known entry is next due. Processing an entry updates it in memory, so a
         # pass reads state files only for entries it has not seen (after ``wake``) and, every
         # _FULL_SCAN_EVERY seconds, all of them (what the CLI changed): a queue of thousands
@@ -115,6 +129,8 @@ class DeliveryWorker:
         self._loop_thread = threading.get_ident()
         self._stopping = False
         self._last_full_scan = None  # whatever happened while stopped: read it all
+        self._parked.clear()  # nothing is in flight now: no destination is busy
+        self._waiting.clear()
         self._task = asyncio.create_task(self._run(), name="mailfort-delivery")
 
     async def stop(self) -> None:
@@ -193,7 +209,7 @@ class DeliveryWorker:
         for ident, due in self._schedule.items():
             if ident in self._inflight:
                 continue
-            due = max(due, self._cooldown.get(ident, 0.0))
+            due = max(due, self._not_before(ident))
             if due <= now:
                 ready.append((due, ident))
             else:
@@ -243,8 +259,34 @@ class DeliveryWorker:
         due = self._schedule.get(ident)
         if due is None:
             return
-        due = max(due, self._cooldown.get(ident, 0.0))
+        due = max(due, self._not_before(ident))
         if self._sleep_until is None or due < self._sleep_until:
+            self._wake.set()
+
+    def _not_before(self, ident: str) -> float:
+        return max(self._cooldown.get(ident, 0.0), self._parked.get(ident, 0.0))
+
+    def _take_destination(self, domain: str, ident: str) -> bool:
+        """Count a connection to ``domain``, or park the entry if it is at its limit."""
+        busy = self._busy.get(domain, 0)
+        if busy >= self._per_destination:
+            self._waiting.setdefault(domain, set()).add(ident)
+            self._parked[ident] = self.clock() + _PARK_RECHECK
+            return False
+        self._busy[domain] = busy + 1
+        return True
+
+    def _release_destination(self, domain: str) -> None:
+        """A connection to ``domain`` ended: the entries parked on it are due again."""
+        busy = self._busy.get(domain, 0) - 1
+        if busy > 0:
+            self._busy[domain] = busy
+        else:
+            self._busy.pop(domain, None)
+        waiters = self._waiting.pop(domain, set())
+        for ident in waiters:
+            self._parked.pop(ident, None)
+        if waiters:
             self._wake.set()
 
     async def drain(self) -> None:
@@ -263,6 +305,7 @@ class DeliveryWorker:
             self._cooldown.pop(ident, None)
 
     async def _process_entry(self, ident: str) -> None:
+        self._parked.pop(ident, None)
         try:
             entry = await asyncio.to_thread(self.queue.get, ident)
         except QueueError:
@@ -280,12 +323,21 @@ class DeliveryWorker:
             return
         now = self.clock()
         due = [r for r in entry.active if r.next_attempt <= now]
-        by_domain: dict[str, list[Recipient]] = {}
+        wanted: dict[str, list[Recipient]] = {}
         for r in due:
-            by_domain.setdefault(r.domain, []).append(r)
-        results = await asyncio.gather(
-            *(self._deliver_domain(entry, d, rs, path, traits) for d, rs in by_domain.items())
-        )
+            wanted.setdefault(r.domain, []).append(r)
+        # Counted before the first await, so two entries never both take the last one.
+        by_domain = {d: rs for d, rs in wanted.items() if self._take_destination(d, ident)}
+        if wanted and not by_domain:
+            return  # every destination is at its limit: parked, nothing attempted
+        try:
+            results = await asyncio.gather(
+                *(self._deliver_domain(entry, d, rs, path, traits)
+                  for d, rs in by_domain.items())
+            )
+        finally:
+            for d in by_domain:
+                self._release_destination(d)
         now = self.clock()
         expiry = entry.created + self.cfg.queue.max_lifetime
         for domain_result in results:
@@ -354,6 +406,7 @@ class DeliveryWorker:
                 helo=self.hostname,
                 require_tls=mx.requires_tls(self.cfg, domain, route),
                 connect_timeout=self.cfg.queue.connect_timeout,
+                timeout=self.cfg.queue.command_timeout,
             )
         for a in addrs:  # belt and braces: every recipient gets a result
             res.results.setdefault(a, client.RcptResult(a, "temporary", "4.4.1 no result",
@@ -381,7 +434,7 @@ class DeliveryWorker:
                                 r.remote_mta, r.last_attempt or None)
                 for r in failed
             ]
-            if await self._send_dsn(entry, reports, now):
+            if await self._send_dsn(entry, reports, now, failed):
                 for r in failed:
                     r.notified = True
                 self.stats.bounces += 1
@@ -396,13 +449,17 @@ class DeliveryWorker:
                                 r.remote_mta, r.last_attempt or None, expiry)
                 for r in delayed
             ]
-            if await self._send_dsn(entry, reports, now):
+            if await self._send_dsn(entry, reports, now, delayed):
                 entry.warned = True
                 self.stats.warnings += 1
                 await self._save(entry)
 
-    async def _send_dsn(self, entry: Entry, reports: list[RecipientReport], now: float) -> bool:
+    async def _send_dsn(self, entry: Entry, reports: list[RecipientReport], now: float,
+                        about: list[Recipient]) -> bool:
         assert entry.submitted_by is not None
+        sent = int(entry.extra.get("dsns", 0))
+        when = int(max((r.last_attempt for r in about), default=0.0) or entry.created)
+        key = f"{when}.B{entry.id}N{sent}"  # the same after a crash before the next save
         try:  # a bounce quotes the headers only: no need to read the whole message
             headers = await asyncio.to_thread(self.queue.read_headers, entry.id,
                                               MAX_ORIGINAL_HEADERS + 1)
@@ -418,21 +475,29 @@ class DeliveryWorker:
             now=now,
         )
         try:
-            await self.local_deliver(entry.submitted_by, dsn)
+            await self.local_deliver(entry.submitted_by, dsn, key)
         except Exception:
             log.exception("queue %s: DSN to %s not delivered; will retry",
                           entry.id, entry.submitted_by)
             return False
+        entry.extra["dsns"] = sent + 1
         return True
 
 
 def maildir_deliverer(committer: Committer, data_dir: Path) -> LocalDeliver:
-    """A ``local_deliver`` that stores a DSN durably in the user's Maildir, as the MX does."""
+    """A ``local_deliver`` that stores a DSN durably in the user's Maildir, as the MX does,
+    under a unique name made from its key: a key already in new/ or cur/ is not stored
+    again. (A copy that a POP3 client deleted meanwhile cannot be seen, and is resent.)"""
 
-    async def deliver(user: str, message: bytes) -> None:
-        spool = committer.new_spool()
+    async def deliver(user: str, message: bytes, key: str) -> None:
+        maildir = maildir_for(data_dir, user)
+        name = keyed_name(key)
+        if await asyncio.to_thread(in_maildir, maildir, name):
+            log.info("%s already delivered to %s; not again", name, user)
+            return
+        spool = committer.new_spool(name)
         spool.write(message)
-        await committer.commit(spool, [maildir_for(data_dir, user)])
+        await committer.commit(spool, [maildir])
 
     return deliver
 

@@ -50,6 +50,7 @@ from mailfort.protocol.smtp import (
 from mailfort.server import senderauth
 from mailfort.server.connections import Admission, is_loopback
 from mailfort.server.session import EngineSession, Listener
+from mailfort.server.storage_replies import storage_refusal
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
 
 if TYPE_CHECKING:
@@ -431,7 +432,7 @@ class SMTPSession(EngineSession):
         if spool is None or spool.failed is not None:
             if spool is not None:
                 spool.discard()
-            engine.decide(TEMP_LOCAL_ERROR)
+            engine.decide(storage_refusal(spool.failed.errno if spool and spool.failed else None))
             return
         env = self.envelope
         svc = self.service
@@ -468,8 +469,9 @@ class SMTPSession(EngineSession):
         try:
             await svc.committer.commit(spool, maildirs, extra)
         except StorageError as exc:
-            log.error("storage error, message refused with 451: %s", exc)
-            engine.decide(TEMP_LOCAL_ERROR)
+            reply = storage_refusal(exc.errno)
+            log.error("storage error, message refused with %d: %s", reply.code, exc)
+            engine.decide(reply)
             return
         # Durable now: the 250 is earned, and nothing that follows may take it back.
         ident = spool.name.split(".")[1]

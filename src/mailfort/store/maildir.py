@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -35,11 +36,25 @@ from mailfort.store.durable import fsync_dir, make_dirs
 
 _SPOOL_MEMORY = 64 * 1024  # bytes a message may hold in memory before it goes to a file
 _counter = itertools.count()
+log = logging.getLogger("mailfort.store")
 _HOST = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
 
 
 class StorageError(Exception):
-    """The message could not be made durable; nothing was acknowledged."""
+    """The message could not be made durable; nothing was acknowledged.
+
+    ``errno`` is the cause's (ENOSPC, EROFS, EIO...), so that the reply can say whether
+    the disk is full (452 4.3.1) or something else failed (451 4.3.0).
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+# Fault injection (tests): called with the step about to run ("write", "sync" or "link");
+# raising OSError there is what a failing disk does at that step.
+FaultHook = Callable[[str], None]
 
 
 def maildir_for(data_dir: Path, user: str) -> Path:
@@ -63,6 +78,29 @@ def unique_name() -> str:
     return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(_counter)}.{_HOST}"
 
 
+def keyed_name(key: str) -> str:
+    """A unique name chosen by the caller (``<seconds>.<id>``) for a message that must be
+    stored once per key, with the host added as for every name."""
+    if "/" in key or ":" in key or "," in key or not key[:1].isdigit():
+        raise ValueError(f"not a Maildir key: {key!r}")
+    return f"{key}.{_HOST}"
+
+
+def in_maildir(maildir: Path, name: str) -> bool:
+    """Whether a message with this unique name is in new/ or cur/ (with any size or flag
+    suffix: ``name,S=…`` in new/, ``name,S=…:2,S`` once read)."""
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(maildir / sub) as it:
+                for entry in it:
+                    n = entry.name
+                    if n == name or (n.startswith(name) and n[len(name)] in ",:"):
+                        return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 def _load_syncfs() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -80,15 +118,17 @@ _SYNCFS = _load_syncfs()
 class Spool:
     """One message being received: in memory while small, in a spool file once large."""
 
-    __slots__ = ("_buf", "_fd", "failed", "name", "path", "size")
+    __slots__ = ("_buf", "_fd", "failed", "fault", "name", "path", "size")
 
-    def __init__(self, spool_dir: Path) -> None:
-        self.name = unique_name()
+    def __init__(self, spool_dir: Path, fault: FaultHook | None = None,
+                 name: str | None = None) -> None:
+        self.name = name or unique_name()
         self.path = spool_dir / self.name
         self._buf = bytearray()
         self._fd: int | None = None
         self.size = 0
         self.failed: OSError | None = None
+        self.fault = fault
 
     def write(self, data: bytes) -> None:
         if self.failed is not None:
@@ -103,19 +143,23 @@ class Spool:
                 self._buf.clear()
 
     def _flush(self) -> None:
+        if self.fault is not None:
+            self.fault("write")
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        view = memoryview(self._buf)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        view.release()
+        # Each view is released even when a write fails (disk full): a view left alive
+        # by the exception would make the later ``clear`` of the buffer raise BufferError.
+        done = 0
+        with memoryview(self._buf) as view:
+            while done < len(view):
+                with view[done:] as rest:
+                    done += os.write(self._fd, rest)
         self._buf.clear()
 
     def finish(self) -> None:
         """Write out the rest (from the committer thread); the file then holds it all."""
         if self.failed is not None:
-            raise StorageError(str(self.failed))
+            raise StorageError(str(self.failed), self.failed.errno)
         self._flush()
 
     def fileno(self) -> int:
@@ -174,6 +218,7 @@ class Committer:
         self._synced_dirs: set[Path] = set()  # fsync mode: directories known durable
         self.batches = 0
         self.messages = 0
+        self.fault: FaultHook | None = None  # tests only: see FaultHook
         self._thread = threading.Thread(target=self._run, name="mailfort-committer", daemon=True)
         self._thread.start()
 
@@ -190,8 +235,9 @@ class Committer:
             n += 1
         return n
 
-    def new_spool(self) -> Spool:
-        return Spool(self.spool_dir)
+    def new_spool(self, name: str | None = None) -> Spool:
+        """A spool for one message; ``name`` (see ``keyed_name``) instead of a fresh one."""
+        return Spool(self.spool_dir, self.fault, name)
 
     async def commit(
         self,
@@ -225,7 +271,13 @@ class Committer:
                 if not self._jobs and self._stopping:
                     return
                 batch, self._jobs = self._jobs, []
-            self._commit_batch(batch)
+            try:
+                self._commit_batch(batch)
+            except Exception as exc:  # must fail this batch, not stop every later one
+                log.exception("commit of a batch failed")
+                for job in batch:
+                    job.error = job.error or exc
+                    _take_back(job)
             for job in batch:
                 job.loop.call_soon_threadsafe(_settle, job)
 
@@ -256,13 +308,7 @@ class Committer:
         self._flush([j for j in live if j.error is None], each_dir)  # 2. the names in new/
         for job in batch:
             if job.error is not None:
-                # Refused with 451: take back every copy, so the client's retry is the
-                # only one (no duplicate in a Maildir or in the outbound queue).
-                for link in job.links:
-                    link.unlink(missing_ok=True)
-                if job.undo_extra is not None:
-                    with contextlib.suppress(Exception):
-                        job.undo_extra()
+                _take_back(job)
             job.spool.discard()
 
     def _flush(self, jobs: list[_Job], one_by_one: Callable[[], None]) -> None:
@@ -271,6 +317,8 @@ class Committer:
         if not jobs:
             return
         try:
+            if self.fault is not None:
+                self.fault("sync")
             if self._use_syncfs:
                 self._syncfs(jobs[0].spool.fileno())
             else:
@@ -294,6 +342,8 @@ class Committer:
                 # messages are CRLF already, so the two are equal.
                 size = job.spool.size
                 target = md / "new" / f"{job.spool.name},S={size},W={size}"
+                if self.fault is not None:
+                    self.fault("link")
                 os.link(job.spool.path, target)
                 job.links.append(target)
                 dirs.add(md / "new")
@@ -323,10 +373,27 @@ class Committer:
             raise OSError(err, os.strerror(err))
 
 
+def _take_back(job: _Job) -> None:
+    """Refused with 4xx: remove every copy, so the client's retry is the only one (no
+    duplicate in a Maildir or in the outbound queue)."""
+    for link in job.links:
+        with contextlib.suppress(OSError):
+            link.unlink(missing_ok=True)
+    job.links.clear()
+    if job.undo_extra is not None:
+        with contextlib.suppress(Exception):
+            job.undo_extra()
+        job.undo_extra = None
+    with contextlib.suppress(Exception):
+        job.spool.discard()
+
+
 def _settle(job: _Job) -> None:
     if job.future.done():
         return
     if job.error is not None:
-        job.future.set_exception(StorageError(str(job.error)))
+        err = job.error
+        code = err.errno if isinstance(err, OSError | StorageError) else None
+        job.future.set_exception(StorageError(str(err), code))
     else:
         job.future.set_result(None)

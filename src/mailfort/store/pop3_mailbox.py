@@ -31,6 +31,7 @@ Every method here blocks (disk); the server calls them in a thread or in bounded
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -153,6 +154,24 @@ def _count_size(path: str) -> int:
     return counter.size()
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor.
+
+    On a read-only file system the lock file is opened read-only (flock needs no write
+    access), or, when it was never made, the Maildir itself is locked: nothing can be
+    deleted there anyway, and what is stored can still be read.
+    """
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
 class POP3Mailbox:
     """One session's locked snapshot of a Maildir. ``open`` it; always ``close`` it."""
 
@@ -183,7 +202,7 @@ class POP3Mailbox:
             _held.add(key)
         fd = -1
         try:
-            fd = os.open(maildir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = _open_lock(maildir / LOCK_NAME)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
