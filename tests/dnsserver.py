@@ -51,7 +51,7 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
                 return reply
             records = o.records.get(name)
             if not records:
-                reply.header.rcode = RCODE.NXDOMAIN
+                reply.header.rcode = RCODE.NXDOMAIN if o.default_rcode is None else o.default_rcode
                 return reply
             for rtype, ttl, rdata in records:
                 if rtype == qtype or q.qtype == QTYPE.ANY:
@@ -68,8 +68,10 @@ class _Handler(DNSHandler):  # type: ignore[misc]
 class DNSServer:
     """Records per name, set and changed while running; thread-safe."""
 
-    def __init__(self, address: str = "127.0.0.1") -> None:
+    def __init__(self, address: str = "127.0.0.1", default_rcode: int | None = None) -> None:
+        """``default_rcode``: the answer for names without records (NXDOMAIN if None)."""
         self.address = address
+        self.default_rcode = default_rcode
         self.port = 0
         self.lock = threading.Lock()
         self.records: dict[str, list[tuple[str, int, Any]]] = {}
