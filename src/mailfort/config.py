@@ -148,6 +148,9 @@ class SenderAuthConfig:
     # DKIM-sign what authenticated users submit, with every key of the From: domain
     # (``mailfort dkim keygen``); a domain without keys is sent unsigned.
     sign_submissions: bool = True
+
+
+@dataclass(frozen=True)
 class DNSBLZoneConfig:
     zone: str
     weight: int = 1
