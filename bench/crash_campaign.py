@@ -53,7 +53,10 @@ for p in (ROOT, ROOT / "src"):
         sys.path.insert(0, str(p))
 
 from mailfort import config as config_mod  # noqa: E402
-from tests.conftest import seed_directory  # noqa: E402  (alice, bob; alice-pw, bob-pw)
+from tests.conftest import (  # noqa: E402  (alice, bob; alice-pw, bob-pw)
+    refusing_dns_port,
+    seed_directory,
+)
 from tests.delivery.receiver import Receiver  # noqa: E402
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
@@ -225,7 +228,10 @@ def write_config(root: Path, ports: dict[str, int], rx_port: int, flush: str) ->
         "[store]", f'flush = "{flush}"',
         "[listen]", *(f'{k} = ["127.0.0.1:{ports[k]}"]' for k in SERVICES),
         "submissions = []", "pop3s = []",
-        "[dns]", 'nameservers = ["127.0.0.1"]', "port = 9", "timeout = 1.0",
+        # A loopback DNS server that refuses everything: lookups (SPF, DMARC, MX) fail at
+        # once instead of costing each restarted server a timeout per new domain.
+        "[dns]", 'nameservers = ["127.0.0.1"]', f"port = {refusing_dns_port()}",
+        "timeout = 1.0",
         "[queue]", "initial_retry = 0.5", "max_retry = 2.0", "connect_timeout = 2.0",
         "command_timeout = 5.0",
         '[routes."remote.test"]', 'host = "127.0.0.1"', f"port = {rx_port}",
