@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 
+import dns.resolver
+import pytest
+
 from mailfort.lab.attacks import ALICE, BOB, GUESSES, run_attack
 from mailfort.lab.harness import FORGED_DOMAIN, PASSWORDS, Lab
 
@@ -45,6 +48,24 @@ def test_spoofing(lab: Lab) -> None:
     assert not [m for m in lab.sides["hardened"].mailbox(BOB) if b"Urgent transfer" in m]
     assert any("553 5.7.1" in line for line in run.sides["hardened"].transcript)
     assert run.sides["legacy"].succeeded and not run.sides["hardened"].succeeded
+    # The same forgery from outside on the MX: both copies stored on legacy; on hardened the
+    # lab domain's published SPF and DMARC (p=reject) refuse it at the end of data.
+    legacy_forged = [m for m in lab.sides["legacy"].mailbox(BOB) if forged in m]
+    assert len(legacy_forged) == 2
+    assert any("550 5.7.1" in line for line in run.sides["hardened"].transcript)
+
+
+def test_the_lab_dns_answers_the_published_policy_and_nothing_else(lab: Lab) -> None:
+
+    assert lab.dns is not None
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers, r.port, r.lifetime = ["127.0.0.1"], lab.dns.port, 2.0
+    txt = [b"".join(x.strings) for x in r.resolve("_dmarc.example.test", "TXT")]
+    assert txt == [b"v=DMARC1; p=reject; rua=mailto:postmaster@example.test"]
+    with pytest.raises(dns.resolver.NXDOMAIN):
+        r.resolve("example.org", "A")
+    with pytest.raises(dns.resolver.NoAnswer):
+        r.resolve("example.test", "MX")
 
 
 def test_backscatter(lab: Lab) -> None:

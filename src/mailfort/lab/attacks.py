@@ -246,7 +246,19 @@ def spoofing(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
             c.smtp_data(forged)
         c.quit()
 
+    def from_outside() -> None:
+        # The same forgery from a stranger's machine, straight to the MX: only the lab
+        # domain's published SPF and DMARC (lab/dns.py) can tell it is not the CEO's.
+        c = _connect(side, "mx", run, pace)
+        assert c is not None
+        c.cmd("EHLO mail.stranger.example")
+        c.cmd(f"MAIL FROM:<ceo@{DOMAIN}>")
+        if c.cmd(f"RCPT TO:<{BOB}>")[0] == 250:
+            c.smtp_data(forged)
+        c.quit()
+
     _session(legacy if side.legacy else hardened, run)
+    _session(from_outside, run)
     stored = [m for m in side.mailbox(BOB) if marker.encode() in m]
     run.found["stored"] = len(stored)
     run.succeeded = any(b"From: CEO <ceo@" in m for m in stored)

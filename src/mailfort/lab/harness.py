@@ -27,6 +27,7 @@ from mailfort import config as config_mod
 from mailfort.config import Config
 from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.lab.capture import CaptureSMTP, RecordingProxy
+from mailfort.lab.dns import LabDNS
 from mailfort.lab.profile import LegacyProfile
 from mailfort.passwords import hash_password
 from mailfort.server.app import Node, directory_path
@@ -55,6 +56,11 @@ ALIASES = {
 HARDENED_AUTH = {"delay_after_failures": 2, "block_after_failures": 6,
                  "failure_delay": 0.1, "block_seconds": 120.0}
 SIDES = ("legacy", "hardened")
+# What the lab domain publishes in the lab's DNS: no host may send as it from outside.
+PUBLISHED_TXT = {
+    DOMAIN: ["v=spf1 -all"],
+    f"_dmarc.{DOMAIN}": [f"v=DMARC1; p=reject; rua=mailto:postmaster@{DOMAIN}"],
+}
 
 
 class LabError(Exception):
@@ -111,7 +117,7 @@ class Side:
         return out
 
 
-def _config(side: Side, routes: dict[str, dict[str, Any]]) -> Config:
+def _config(side: Side, routes: dict[str, dict[str, Any]], dns_port: int) -> Config:
     listen = {name: [f"{LOOPBACK}:0"] for name in
               ("mx", "submission", "submissions", "pop3", "pop3s")}
     if side.legacy:  # one door: no submission ports, no implicit TLS
@@ -121,12 +127,14 @@ def _config(side: Side, routes: dict[str, dict[str, Any]]) -> Config:
         "store": {"flush": "fsync"},  # a shared disk: flush only our own files
         "listen": listen,
         "routes": routes,
-        # Never the system resolver: every remote domain is routed to a capture point,
-        # and a lookup that slips through goes to a loopback port where nothing answers.
-        "dns": {"nameservers": [LOOPBACK], "port": 9, "timeout": 1.0},
+        # Never the system resolver: the lab's own DNS (lab/dns.py) answers for the lab
+        # domain and NXDOMAIN for every other name; remote mail is routed to capture points.
+        "dns": {"nameservers": [LOOPBACK], "port": dns_port, "timeout": 1.0},
         "queue": {"initial_retry": 1.0, "connect_timeout": 5.0},
     }
-    if not side.legacy:
+    if side.legacy:  # the old way: whoever connects may claim any sender
+        raw["sender_auth"] = {"enabled": False}
+    else:
         raw["auth"] = HARDENED_AUTH
     return config_mod.from_dict(raw)
 
@@ -156,6 +164,7 @@ class Lab:
             else scratch
         self.sides = {name: Side(name, self.scratch / name) for name in SIDES}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.dns: LabDNS | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -179,6 +188,7 @@ class Lab:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     async def _start(self) -> None:
+        self.dns = await LabDNS(PUBLISHED_TXT, LOOPBACK).start()
         for side in self.sides.values():
             side.root.mkdir(parents=True, exist_ok=True)
             side.sink = CaptureSMTP("sink", f"mx.{REMOTE_DOMAIN}", side.root / "sink")
@@ -188,7 +198,7 @@ class Lab:
             await side.forged.start()
             routes = {"*": {"host": LOOPBACK, "port": side.sink.port},
                       FORGED_DOMAIN: {"host": LOOPBACK, "port": side.forged.port}}
-            cfg = _config(side, routes)
+            cfg = _config(side, routes, self.dns.port)
             await asyncio.to_thread(_seed, cfg)
             legacy = LegacyProfile(domain=DOMAIN) if side.legacy else None
             node = Node(cfg, legacy=legacy)
@@ -210,6 +220,8 @@ class Lab:
             for cap in (side.sink, side.forged):
                 if cap is not None:
                     await cap.close()
+        if self.dns is not None:
+            await self.dns.close()
 
     def stop(self) -> None:
         """Stop everything and remove the scratch data (safe to call twice)."""

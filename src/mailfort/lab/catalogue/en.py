@@ -34,12 +34,15 @@ ATTACKS: dict[str, dict[str, str]] = {
         "row": "2",
         "summary": "a forged MAIL FROM/From: of a local user is delivered as if genuine",
         "attack": "mallory, who has an account, sends bob an urgent payment order as "
-                  "ceo@example.test (MAIL FROM and From:).",
+                  "ceo@example.test (MAIL FROM and From:); then a stranger sends the same "
+                  "forgery from outside, straight to the MX.",
         "counter": "An authenticated user may send only as their own address or an alias "
                    "that leads to them, in MAIL FROM and in the From: header (553 5.7.1). "
                    "Where: policy/senders.py and policy/msa.py, applied by the submission "
-                   "services. Forged local senders arriving from outside on the MX are the "
-                   "job of SPF, DKIM and DMARC (DESIGN row 7).",
+                   "services. From outside, the MX checks SPF and DMARC: example.test "
+                   "publishes 'v=spf1 -all' and 'p=reject', the forged mail passes neither, "
+                   "and it is refused with 550 5.7.1 at the end of data. Where: "
+                   "policy/spf.py, policy/dmarc.py, server/senderauth.py.",
     },
     "backscatter": {
         "title": "Backscatter (NDR spam)",

@@ -33,11 +33,14 @@ ATTACKS: dict[str, dict[str, str]] = {
         "row": "2",
         "summary": "ローカルユーザーを詐称した MAIL FROM/From: が本物として配送される",
         "attack": "アカウントを持つ mallory が ceo@example.test を名乗り(MAIL FROM と From:)、"
-                  "bob に至急の送金指示を送る。",
+                  "bob に至急の送金指示を送る。"
+                  "続いて外部の第三者が同じ詐称メールを MX に直接送る。",
         "counter": "認証済みユーザーは自分のアドレスと自分に届くエイリアスでしか送信できない"
                    "(MAIL FROM と From: ヘッダの両方、違反は 553 5.7.1)。場所: policy/senders.py、"
-                   "policy/msa.py(サブミッションで適用)。外部から MX に届く自ドメイン詐称は "
-                   "SPF・DKIM・DMARC の役割(設計表の7行目)。",
+                   "policy/msa.py(サブミッションで適用)。外部から MX に届く自ドメイン詐称には "
+                   "SPF と DMARC を検査する: example.test は 'v=spf1 -all' と 'p=reject' を公開して"
+                   "おり、詐称メールはどちらにも合格せず、DATA の終わりに 550 5.7.1 で拒否される。"
+                   "場所: policy/spf.py、policy/dmarc.py、server/senderauth.py。",
     },
     "backscatter": {
         "title": "NDRスパム(バックスキャッター)",
