@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mailfort.dkim_command import add_parser as add_dkim_parser
 
     add_dkim_parser(sub, leaf)
+    from mailfort.dns_command import add_parser as add_dns_parser
+
+    add_dns_parser(sub, leaf)
 
     from mailfort.audit.command import add_parser as add_audit_parser
 

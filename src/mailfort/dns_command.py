@@ -1,0 +1,172 @@
+"""``mailfort dns check DOMAIN``: does the world's DNS say what this server needs it to?
+
+For one of our domains: the MX names this server, SPF lets this server's address send,
+each DKIM key we sign with is published as we would publish it, DMARC has a policy, and
+this server's address is on none of the configured blocklists. Every problem is printed
+with the exact record to publish, so an administrator does not have to work it out from
+four RFCs. Lookups go through the configured resolver (``[dns]``), like the server's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mailfort import config as config_mod
+from mailfort.config import Config
+from mailfort.policy.dkim import KeyStore
+from mailfort.policy.dnsbl import reverse_name
+from mailfort.policy.dnslookup import DNSTempError, Lookup
+from mailfort.policy.spf import check_mailfrom
+
+
+@dataclass(frozen=True)
+class Finding:
+    ok: bool
+    what: str  # "MX", "SPF", "DKIM s1", "DMARC", "DNSBL zone"
+    detail: str
+    publish: str = ""  # the record to publish when it is missing or wrong
+
+
+def _txt(lookup: Lookup, name: str, prefix: str) -> list[str]:
+    return [t for t in lookup.txt(name) if t.lower().startswith(prefix)]
+
+
+def check_mx(lookup: Lookup, domain: str, hostname: str) -> Finding:
+    hosts = sorted((rr.preference, rr.exchange.to_text(True).lower())
+                   for rr in lookup.query(domain, "MX"))
+    publish = f"{domain}. 3600 IN MX 10 {hostname}."
+    if not hosts:
+        return Finding(False, "MX", "no MX record: mail for the domain goes nowhere", publish)
+    names = ", ".join(f"{p} {h}" for p, h in hosts)
+    if hostname.lower().rstrip(".") not in {h for _, h in hosts}:
+        return Finding(False, "MX", f"{names}: none is this server ({hostname})", publish)
+    return Finding(True, "MX", names)
+
+
+def check_spf(lookup: Lookup, domain: str, addresses: list[str]) -> Finding:
+    records = _txt(lookup, domain, "v=spf1")
+    publish = f'{domain}. 3600 IN TXT "v=spf1 mx -all"'
+    if not records:
+        return Finding(False, "SPF", "no SPF record: anyone may claim to send as the domain",
+                       publish)
+    if len(records) > 1:
+        return Finding(False, "SPF", f"{len(records)} SPF records (RFC 7208 §4.5: permerror); "
+                       "keep one", publish)
+    failing = []
+    for ip in addresses:
+        r = check_mailfrom(lookup, ip, f"postmaster@{domain}", domain, budget=10.0)
+        if r.result != "pass":
+            failing.append(f"{ip}: {r.result}")
+    if failing:
+        return Finding(False, "SPF", f"{records[0]!r} does not let this server send ("
+                       + "; ".join(failing) + ")", publish)
+    return Finding(True, "SPF", records[0])
+
+
+def check_dkim(lookup: Lookup, domain: str, store: KeyStore) -> list[Finding]:
+    keys = store.keys(domain)
+    if not keys:
+        return [Finding(False, "DKIM", "no signing key: mail from the domain is unsigned "
+                        f"(create one: mailfort dkim keygen {domain})")]
+    out = []
+    for key in keys:
+        want = "".join(key.dns_record().split())
+        found = ["".join(t.split()) for t in _txt(lookup, key.dns_name, "v=dkim1")]
+        label = f"DKIM {key.selector}"
+        if want in found:
+            out.append(Finding(True, label, f"{key.dns_name} publishes this key"))
+        elif found:
+            out.append(Finding(False, label, f"{key.dns_name} publishes another key",
+                               key.zone_line()))
+        else:
+            out.append(Finding(False, label, f"{key.dns_name} is not published",
+                               key.zone_line()))
+    return out
+
+
+def check_dmarc(lookup: Lookup, domain: str) -> Finding:
+    name = f"_dmarc.{domain}"
+    records = _txt(lookup, name, "v=dmarc1")
+    publish = f'{name}. 3600 IN TXT "v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}"'
+    if len(records) != 1:
+        why = "no DMARC record" if not records else f"{len(records)} DMARC records"
+        return Finding(False, "DMARC", f"{why}: receivers apply no policy to forgeries",
+                       publish)
+    tags = dict(t.strip().partition("=")[::2] for t in records[0].split(";") if "=" in t)
+    policy = tags.get("p", "").strip().lower()
+    if policy not in ("none", "quarantine", "reject"):
+        return Finding(False, "DMARC", f"{records[0]!r}: no valid p= tag", publish)
+    if policy == "none":
+        return Finding(False, "DMARC", f"{records[0]!r}: p=none asks receivers to do "
+                       "nothing with forgeries (fine while monitoring, not after)", publish)
+    return Finding(True, "DMARC", records[0])
+
+
+def check_dnsbl(lookup: Lookup, cfg: Config, addresses: list[str]) -> list[Finding]:
+    out = []
+    for zone in cfg.dnsbl.zones:
+        listed = []
+        for ip in addresses:
+            codes = [rr.address for rr in lookup.query(
+                reverse_name(ipaddress.ip_address(ip), zone.zone), "A")]
+            if codes:
+                listed.append(f"{ip} ({', '.join(codes)})")
+        out.append(Finding(not listed, f"DNSBL {zone.zone}",
+                           "listed: " + "; ".join(listed) if listed else "not listed"))
+    return out
+
+
+def server_addresses(lookup: Lookup, hostname: str) -> list[str]:
+    return [rr.address for rtype in ("A", "AAAA") for rr in lookup.query(hostname, rtype)]
+
+
+def run_checks(cfg: Config, domain: str, addresses: list[str]) -> list[Finding]:
+    lookup = Lookup(cfg.dns)
+    hostname = cfg.server.hostname
+    out = [check_mx(lookup, domain, hostname)]
+    if not addresses:
+        addresses = server_addresses(lookup, hostname)
+    if addresses:
+        out.append(check_spf(lookup, domain, addresses))
+    else:
+        out.append(Finding(False, "SPF", f"{hostname} has no address in DNS (give --address "
+                           "to check SPF and the blocklists against this server's address)"))
+    out += check_dkim(lookup, domain, KeyStore(cfg.data_path))
+    out.append(check_dmarc(lookup, domain))
+    out += check_dnsbl(lookup, cfg, addresses)
+    return out
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(getattr(args, "config", None))
+    try:
+        findings = run_checks(cfg, args.domain.lower().rstrip("."), list(args.address))
+    except DNSTempError as exc:
+        print(f"DNS did not answer ({exc}); nothing can be said yet")
+        return 2
+    for f in findings:
+        print(f"{'ok ' if f.ok else 'FIX'}  {f.what:<22} {f.detail}")
+        if f.publish:
+            print(f"     publish: {f.publish}")
+    return 0 if all(f.ok for f in findings) else 1
+
+
+def _address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
+    dn = sub.add_parser("dns", help="our domains' DNS records", allow_abbrev=False)
+    dn_sub = dn.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ck = leaf(dn_sub, "check", cmd_check,
+              "check MX, SPF, DKIM, DMARC and blocklists for a domain; print what to publish")
+    ck.add_argument("domain")
+    ck.add_argument("--address", action="append", default=[], metavar="IP", type=_address,
+                    help="this server's public address (default: server.hostname's A/AAAA)")
