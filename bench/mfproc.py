@@ -166,7 +166,12 @@ class MailfortServer:
     """``python -m mailfort serve`` from a fresh data directory under ``root``."""
 
     def __init__(self, root: Path, *, port_base: int = 13500, plaintext_pop3: bool = False,
-                 max_connections: int = 20000, max_message_size: int = 60_000_000) -> None:
+                 max_connections: int = 20000, max_message_size: int = 60_000_000,
+                 dns_port: int = 9, sender_auth: bool = False) -> None:
+        """``dns_port``: the loopback DNS server the node asks (never the system resolver:
+        a benchmark sends nothing off the machine; on the default, a port where nothing
+        answers, lookups fail). ``sender_auth``: SPF/DKIM/DMARC at the MX, off by default
+        so the MX rows measure what the reference Postfix does (it checks none of them)."""
         self.root = root
         self.data = root / "data"
         self.config = root / "mailfort.toml"
@@ -183,6 +188,8 @@ class MailfortServer:
             f"[limits]\nmax_message_size = {max_message_size}\n"
             f"max_connections_per_ip = {max_connections}\nmax_connections = {max_connections}\n"
             "[submission]\nmessages_per_hour = 1000000\n"
+            f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 2.0\n'
+            f"[sender_auth]\nenabled = {'true' if sender_auth else 'false'}\n"
         )
         self.cli("domain", "add", "example.test")
         # The CLI wants >= 8 characters, so not the reference servers' "alicepw".
