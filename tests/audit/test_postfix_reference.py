@@ -41,3 +41,10 @@ def test_reference_postfix_is_no_open_relay(capsys: pytest.CaptureFixture[str]) 
     by_id = {c["id"]: c["status"] for c in report["checks"]}
     assert by_id["relay.open"] == "PASS"
     assert by_id["backscatter.unknown-user"] == "PASS"
+    # No false verdicts on its plaintext-only, stock-limits setup: no TLS means nothing to
+    # say about versions, ciphers or certificates; a line cut at line_length_limit and the
+    # 1,000-recipient limit are limits.
+    for tls_check in ("tls.versions", "tls.ciphers", "tls.certificate"):
+        assert by_id[tls_check] == "SKIP", tls_check
+    assert by_id["limits.long-line"] == "PASS"
+    assert by_id["limits.recipients"] == "PASS"

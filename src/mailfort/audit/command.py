@@ -63,7 +63,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     tune.add_argument("--settle", type=float, default=1.5,
                       help="seconds to wait for replies nobody asked for (default 1.5)")
     tune.add_argument("--idle-connections", type=int, default=20, metavar="N")
-    tune.add_argument("--rcpt-count", type=int, default=1000, metavar="N")
+    tune.add_argument("--rcpt-count", type=int, default=1100, metavar="N")
     tune.add_argument("--foreign-domain", default="example.com",
                       help="the foreign domain of relay probes (nothing is ever sent there)")
     tune.add_argument("--resolver", type=_hostport, metavar="IP:PORT",

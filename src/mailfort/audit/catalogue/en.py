@@ -212,6 +212,7 @@ CHECKS: dict[str, dict[str, str]] = {
 NOTES: dict[str, str] = {
     "port.closed": "port {port} ({service}) is closed",
     "port.none": "no {service} port given",
+    "tls.none-offered": "no TLS offered on {services}: nothing to test (see tls.starttls)",
     "port.none-of": "none of these is open: {services}",
     "tls.not-offered": "{service} offers no TLS",
     "need.domain": "give --domain to run this check",
@@ -271,8 +272,8 @@ NOTES: dict[str, str] = {
     "smuggle.no-data": "DATA answered {code}",
     "line.silent": "no reply to a {n}-octet line (the server may be stuck)",
     "line.closed": "the server closed the connection on a {n}-octet line",
-    "line.accepted": "a {n}-octet command line was answered {code}",
-    "line.refused": "a {n}-octet command line was refused with {code}",
+    "line.accepted": "MAIL FROM with a {n}-octet address was answered {code}",
+    "line.refused": "MAIL FROM with a {n}-octet address was refused with {code}",
     "size.none": "no SIZE limit advertised",
     "size.declared-accepted": "MAIL with SIZE={limit}+1 accepted",
     "size.declared-refused": "MAIL with SIZE above {limit} refused",

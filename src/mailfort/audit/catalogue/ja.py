@@ -203,6 +203,7 @@ CHECKS: dict[str, dict[str, str]] = {
 NOTES: dict[str, str] = {
     "port.closed": "ポート {port}({service})は閉じている",
     "port.none": "{service} のポートが指定されていない",
+    "tls.none-offered": "{services} は TLS を提供していない: 試験対象なし(tls.starttls を参照)",
     "port.none-of": "どれも開いていない: {services}",
     "tls.not-offered": "{service} は TLS を提供していない",
     "need.domain": "このチェックには --domain が必要",
@@ -261,8 +262,8 @@ NOTES: dict[str, str] = {
     "smuggle.no-data": "DATA への応答は {code}",
     "line.silent": "{n} オクテットの行に応答がない(サーバが停止している可能性)",
     "line.closed": "{n} オクテットの行でサーバが接続を切った",
-    "line.accepted": "{n} オクテットのコマンド行に {code} が返った",
-    "line.refused": "{n} オクテットのコマンド行は {code} で拒否された",
+    "line.accepted": "{n} オクテットのアドレスの MAIL FROM に {code} が返った",
+    "line.refused": "{n} オクテットのアドレスの MAIL FROM は {code} で拒否された",
     "size.none": "SIZE の上限が提示されていない",
     "size.declared-accepted": "SIZE={limit}+1 の MAIL が受理された",
     "size.declared-refused": "{limit} を超える SIZE の MAIL は拒否された",

@@ -14,11 +14,20 @@ from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, inconclusi
 
 @check("limits.long-line", "6", order=60)
 def long_line(ctx: Context) -> Verdict:
+    """A sender address as long as the line: a server with a line limit refuses the line,
+    or cuts it and finds the address unterminated (501); only a server that holds the
+    whole line accepts it. (A long NOOP cannot tell those apart: a server that cuts a line
+    and skips the rest answers the NOOP 250 without ever holding the line.)"""
     n = ctx.target.long_line
     with ctx.session("smtp") as (c, _):
         try:
-            c.send(b"NOOP " + b"A" * n + b"\r\n", note=f"NOOP <{n} octets>")
+            domain = foreign(ctx, "sender").rpartition("@")[2]
+            c.send(b"MAIL FROM:<" + b"a" * n + b"@" + domain.encode() + b">\r\n",
+                   note=f"MAIL FROM:<{n} octets@{domain}>")
             code, _ = c.reply()
+            if not c.closed:
+                with contextlib.suppress(ProbeError):
+                    c.cmd("RSET")
         except ProbeError as exc:
             if "timeout" in str(exc):
                 return Verdict(WARN, "line.silent", {"n": n})

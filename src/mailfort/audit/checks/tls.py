@@ -56,10 +56,26 @@ def tls_client(ctx: Context, service: str, sslctx: ssl.SSLContext) -> RawClient:
 
 
 def _endpoints(ctx: Context) -> list[str]:
+    """The open services that offer TLS at all: a version, cipher or certificate check on
+    a service without TLS would be a PASS about nothing (``tls.starttls`` reports it)."""
     found = [s for s in TLS_SERVICES if s in ctx.open_ports]
     if not found:
         raise skip("port.none-of", services=", ".join(TLS_SERVICES))
-    return found
+    cached = ctx.cache.get("tls.endpoints")
+    if not isinstance(cached, list):
+        cached = []
+        for service in found:
+            try:
+                tls_client(ctx, service, insecure_context()).close()
+            except NoTLS:
+                continue
+            except ProbeError:
+                pass  # offered, but this handshake failed: the checks say more
+            cached.append(service)
+        ctx.cache["tls.endpoints"] = cached
+    if not cached:
+        raise skip("tls.none-offered", services=", ".join(found))
+    return list(cached)
 
 
 @check("tls.starttls", "4", order=40)
