@@ -356,3 +356,35 @@ async def test_default_hostname_is_the_machine_and_names_no_software(
     for text in (banner, ehlo, cfg.server.hostname.encode()):
         for word in (b"mailfort", b"python", b"asyncio"):
             assert word not in text.lower()
+
+
+async def test_the_engines_own_refusals_are_logged_once_each(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Syntax, sequence and line-limit refusals and the close for too many errors come from
+    the protocol engine, not from a server decision: each still gets its one log line, and
+    a server decision (the relay refusal) is not logged a second time."""
+    caplog.set_level(logging.INFO)
+    async with node_with(config_factory, server_ssl_context,
+                         limits={"max_errors": 4, "soft_errors": 4}) as node:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port("mx"))
+        await read_reply(reader)
+        for line in (b"BOGUS\r\n", b"RCPT TO:<a@example.test>\r\n", b"EHLO c.test\r\n",
+                     b"NOOP " + b"x" * 600 + b"\r\n", b"MAIL FROM:<s@remote.test>\r\n",
+                     b"RCPT TO:<v@foreign.test>\r\n", b"DATA\r\n"):
+            writer.write(line)
+            await read_reply(reader)
+        assert (await read_reply(reader)).startswith("421 4.7.0")
+        writer.close()
+    lines = [s for s in decisions(caplog) if s.startswith("reject:")]
+    assert lines == [
+        "reject: UNKNOWN from [127.0.0.1]: 500 5.5.2 Command unrecognized",
+        "reject: RCPT from [127.0.0.1]: 503 5.5.1 Need MAIL command first",
+        "reject: LINE from [127.0.0.1]: 500 5.5.2 Line too long; helo=<c.test>",
+        "reject: RCPT from [127.0.0.1]: 554 5.7.1 Relay access denied; "
+        "from=<s@remote.test> to=<v@foreign.test> helo=<c.test>",
+        "reject: DATA from [127.0.0.1]: 554 5.5.1 No valid recipients; helo=<c.test>",
+        "reject: SESSION from [127.0.0.1]: 421 4.7.0 Too many errors, closing connection; "
+        "helo=<c.test>",
+    ], lines

@@ -234,6 +234,8 @@ class SMTPEngine:
         self._events: list[Event] = []
         self._errors = ErrorCounter(settings.max_errors, settings.error_slowdown)
         self.internal_error: Exception | None = None  # a bug met while parsing, if any
+        self._refusals: list[tuple[str, Reply]] = []  # see take_refusals
+        self._verb = "CONNECT"  # the command being answered, for take_refusals
         self._pending: type | None = None  # event type awaiting decide()
         self._reset_transaction()
         # AUTH exchange
@@ -297,15 +299,15 @@ class SMTPEngine:
         if pending is MailFrom:
             if reply.positive:
                 self._mail_given = True
-            self._command_reply(reply)
+            self._command_reply(reply, decided=True)
         elif pending is RcptTo:
             if reply.positive:
                 self._rcpt_count += 1
-            self._command_reply(reply)
+            self._command_reply(reply, decided=True)
         elif pending is DataStart:
             self._start_body(reply)
         elif pending is MessageComplete:
-            self._command_reply(reply)
+            self._command_reply(reply, decided=True)
             self._reset_transaction()
             self._events.append(ResetTransaction())
         elif pending is AuthCredentials:
@@ -315,7 +317,7 @@ class SMTPEngine:
             if reply.code == 421:
                 self._close(reply)
             else:
-                self._command_reply(reply)
+                self._command_reply(reply, decided=True)
 
     def tls_started(self) -> None:
         """The handshake finished: forget the session, the client must EHLO again.
@@ -356,11 +358,22 @@ class SMTPEngine:
         self._lines.clear()
         self._events.append(Closing())
 
-    def _command_reply(self, reply: Reply) -> None:
-        """Send a reply to what the client sent; a negative one counts (see ``errors``)."""
+    def _command_reply(self, reply: Reply, *, decided: bool = False) -> None:
+        """Send a reply to what the client sent; a negative one counts (see ``errors``).
+        The engine's own refusals (not ``decided`` by the server, which logs those) are
+        kept for the server's decision log (``take_refusals``)."""
         self._reply(reply)
+        if reply.code >= 400 and not decided:
+            self._refusals.append((self._verb, reply))
         if reply.code >= 400 and reply.code != 421 and self._errors.record():
+            self._refusals.append(("SESSION", TOO_MANY_ERRORS))
             self._close(TOO_MANY_ERRORS)
+
+    def take_refusals(self) -> list[tuple[str, Reply]]:
+        """(command verb, reply) for each refusal the engine itself answered since the last
+        call: syntax, sequence and limit errors, and the close for too many errors."""
+        out, self._refusals = self._refusals, []
+        return out
 
     def _wait(self, event: Event) -> None:
         self._pending = type(event)
@@ -390,6 +403,7 @@ class SMTPEngine:
         if line is None:
             return False
         if isinstance(line, LineError):
+            self._verb = "LINE"
             if auth:  # a bad line also ends a SASL exchange
                 self._state = _S.COMMAND
                 self._auth_user = None
@@ -404,9 +418,11 @@ class SMTPEngine:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
+            self._verb = "UNKNOWN"
             self._command_reply(SYNTAX_ERROR)
             return
         verb, _, arg = text.partition(" ")
+        self._verb = verb.upper() if verb.upper() in _HANDLERS else "UNKNOWN"
         handler = _HANDLERS.get(verb.upper())
         if handler is None:
             self._command_reply(Reply(500, "5.5.2", "Command unrecognized"))
@@ -577,7 +593,7 @@ class SMTPEngine:
                 self._bdat_refused = reply  # the chunk's octets still have to be read
                 self._state = _S.BDAT
             else:
-                self._command_reply(reply)
+                self._command_reply(reply, decided=True)
             return
         self._body = BodyChecker(
             self.s.max_message_size, self.s.max_data_line, self.s.max_received_headers,

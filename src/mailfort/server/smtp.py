@@ -267,6 +267,13 @@ class SMTPSession(EngineSession):
         if self.engine is not None and self.engine.waiting:
             self.engine.decide(TEMP_LOCAL_ERROR)
 
+    def pump(self) -> None:
+        super().pump()
+        engine = self.engine
+        if engine is not None:  # the engine's own refusals, one decision-log line each
+            for verb, reply in engine.take_refusals():
+                decisionlog.reject(verb, self.peer_ip, reply, helo=engine.helo)
+
     def handle(self, ev: Event) -> None:
         engine = self.engine
         assert engine is not None
