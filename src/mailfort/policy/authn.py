@@ -130,7 +130,9 @@ class Authenticator:
     async def verify(self, username: str, password: str, client_ip: str) -> AuthOutcome:
         """Check a password; every refusal is logged for fail2ban (SMTP and POP3 alike)."""
         outcome = await self._verify(username, password, client_ip)
-        if outcome.status is AuthStatus.FAILED:
+        if outcome.status is AuthStatus.OK:
+            decisionlog.auth_ok(client_ip, outcome.user or username)
+        elif outcome.status is AuthStatus.FAILED:
             decisionlog.auth_failed(client_ip, username)
         elif outcome.status is AuthStatus.BLOCKED:
             decisionlog.auth_blocked(client_ip, username)

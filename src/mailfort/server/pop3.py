@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from mailfort.config import LimitsConfig
+from mailfort.policy import decisionlog
 from mailfort.policy.authn import AuthOutcome
 from mailfort.protocol.pop3 import (
     IN_USE,
@@ -130,6 +131,7 @@ class POP3Session(EngineSession):
         srv = self.server
         settings = srv.loopback_settings if is_loopback(self.peer_ip) else srv.settings
         self.engine = POP3Engine(settings, tls_active=srv.implicit_tls)
+        decisionlog.connect("pop3s" if srv.implicit_tls else "pop3", self.peer_ip)
         self.admit(srv.limiter, srv.sessions, _REFUSALS, srv.limits.pop3_idle_timeout)
 
     def eof_received(self) -> bool | None:

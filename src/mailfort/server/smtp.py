@@ -215,6 +215,7 @@ class SMTPSession(EngineSession):
         settings = svc.loopback_settings if is_loopback(self.peer_ip) else svc.settings
         tls = svc.options.implicit_tls
         self.engine = SMTPEngine(settings, tls_active=tls)
+        decisionlog.connect(svc.options.name, self.peer_ip)
         if tls:
             self._note_tls(transport)
         inbound = svc.inbound
@@ -445,8 +446,7 @@ class SMTPSession(EngineSession):
             raise
         if refusal is not None:
             spool.discard()
-            log.info("reject: DATA from [%s]: %s; from=<%s>", self.peer_ip,
-                     refusal.encode().decode().strip(), env.sender or "")
+            decisionlog.reject("DATA", self.peer_ip, refusal, from_=env.sender or "")
             engine.decide(refusal)
             return
         # ----
@@ -478,7 +478,8 @@ class SMTPSession(EngineSession):
         accepted = Reply(250, "2.0.0", f"OK queued as {ident}")
         engine.decide(accepted)
         decisionlog.accept(self.peer_ip, accepted, env.sender or "",
-                           len(env.local) + len(env.remote), spool.size)
+                           len(env.local) + len(env.remote), spool.size,
+                           tls=self.tls_info.partition(" ")[0])
         if self.service.submission is not None and engine.authenticated_as is not None:
             self.service.submission.message_accepted(engine.authenticated_as)
         if env.remote and svc.queued is not None:
