@@ -200,7 +200,7 @@ def inbound_policy(cfg: Config) -> InboundPolicy:
 def describe(node: Node) -> str:
     lines = ["mailfort is running:"]
     for name, ports in node.ports.items():
-        hosts = [_split(hp)[0] for hp in getattr(node.cfg.listen, name)]
+        hosts = [hp.rpartition(":")[0] for hp in getattr(node.cfg.listen, name)]
         for host, port in zip(hosts, ports, strict=False):
             lines.append(f"  {name:<12} {host}:{port}")
     lines.append(f"  data         {node.cfg.data_path.resolve()}")
