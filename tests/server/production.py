@@ -58,7 +58,13 @@ def _toml(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_toml(x)}" for k, x in v.items()) + " }"
     return str(v)
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml(k)
 
 
 def write_config(root: Path, dns_port: int, listen: dict[str, list[str]] | None = None,
@@ -73,7 +79,7 @@ def write_config(root: Path, dns_port: int, listen: dict[str, list[str]] | None 
     for name, values in tables.items():
         data[name] = data.get(name, {}) | values
     text = "\n".join(
-        f"[{name}]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in values.items())
+        f"[{name}]\n" + "\n".join(f"{_key(k)} = {_toml(v)}" for k, v in values.items())
         for name, values in data.items()) + "\n"
     path = root / "mailfort.toml"
     path.write_text(text)
@@ -102,7 +108,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out, err = self.proc.communicate()
+                _out, err = self.proc.communicate()
                 raise AssertionError(f"mailfort serve exited {self.proc.returncode}: {err}")
             try:
                 control.request(self.data_dir, "status", timeout=2)

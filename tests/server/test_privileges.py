@@ -88,7 +88,7 @@ def test_root_without_user_on_unprivileged_ports_runs_with_a_loud_warning(
     config = write_config(root_dir, refusing_dns_port())
     with serving(config, root_dir / "data") as server:
         assert proc_ids(server.pid)["Uid"][1] == 0
-        out, err = server.stop()
+        _out, err = server.stop()
     assert "WARNING: mailfort is running as ROOT" in err
     assert "server.user" in err
 
@@ -102,12 +102,12 @@ def test_verify_dropped_refuses_a_process_that_can_become_root_again() -> None:
 
 def test_unknown_user_is_a_config_error_with_the_command_to_create_it(tmp_path: Path) -> None:
     cfg = config_mod.from_dict({"server": {"data_dir": str(tmp_path), "user": "no-such-acct"}})
-    with pytest.raises(ConfigError, match="server.user: no such user.*useradd"):
+    with pytest.raises(ConfigError, match=r"server\.user: no such user.*useradd"):
         privileges.account(cfg)
 
 
 def test_root_cannot_be_the_service_user() -> None:
-    with pytest.raises(ConfigError, match="server.user"):
+    with pytest.raises(ConfigError, match=r"server\.user"):
         config_mod.from_dict({"server": {"user": "root"}})
 
 
