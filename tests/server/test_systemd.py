@@ -67,3 +67,19 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_grafana_dashboard_queries_only_metrics_that_exist() -> None:
+    import json
+    import re
+
+    from mailfort import metrics
+
+    dash = json.loads((UNIT.parent / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"mailfort_\w+", e)}
+    known = {"mailfort_sessions_open", "mailfort_queue_length", "mailfort_queue_oldest_seconds"}
+    for family in metrics.REGISTRY.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+        known |= {family.name + x for x in suffixes.get(family.type, [""])}
+    assert used and used <= known, used - known
