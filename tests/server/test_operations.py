@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import poplib
 import shutil
 import signal
 import smtplib
@@ -108,14 +109,33 @@ def _session(server: Server) -> int:
     return len(msg.as_bytes())
 
 
+def _pop3_logins(server: Server) -> None:
+    pop = poplib.POP3("127.0.0.1", _port(server.config, "pop3"), timeout=20)
+    try:
+        pop.stls(context=_no_verify())
+        pop.user("alice@example.test")
+        with pytest.raises(poplib.error_proto):
+            pop.pass_(WRONG)
+    finally:
+        pop.close()
+    pop = poplib.POP3_SSL("127.0.0.1", _port(server.config, "pop3s"), timeout=20,
+                          context=_no_verify())
+    pop.user("alice@example.test")
+    pop.pass_(PASSWORD)
+    pop.quit()
+
+
 def test_log_has_a_line_per_event_and_never_a_password_or_body(server: Server) -> None:
     _session(server)
+    _pop3_logins(server)
     text = _log(server)
     for secret in (PASSWORD, WRONG, BODY_SECRET):
         assert secret not in text
     events = [json.loads(line) for line in text.splitlines()]
     kinds = [e.get("event") for e in events]
     assert "connect" in kinds and "auth_failed" in kinds and "auth_ok" in kinds
+    services = {e.get("service") for e in events if e.get("event") == "connect"}
+    assert {"submission", "pop3", "pop3s"} <= services
     refused = [e for e in events if e.get("event") == "reject" and e.get("stage") == "RCPT"]
     assert refused and refused[-1]["code"] == "550" and refused[-1]["client"] == "127.0.0.1"
     accepted = [e for e in events if e.get("event") == "accept"]
