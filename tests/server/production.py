@@ -128,12 +128,32 @@ class Server:
         return out, err
 
 
+# Runs ``mailfort serve`` with listening sockets as systemd hands them over: descriptors
+# 3, 4, ... and LISTEN_PID set to the pid that serves (known only once it runs).
+ACTIVATE = """
+import os, sys
+fds = [int(x) for x in sys.argv[1].split(",")]
+for i, fd in enumerate(fds):
+    os.dup2(fd, 3 + i)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = str(len(fds))
+os.execv(sys.executable, [sys.executable, "-m", "mailfort", "serve", "--config", sys.argv[2]])
+"""
+
+
 @contextmanager
 def serving(config: Path, data_dir: Path, ready: bool = True,
+            activate: list[socket.socket] | None = None, popen: dict[str, Any] | None = None,
             **env_extra: str) -> Iterator[Server]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mailfort", "serve", "--config", str(config)],
-        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(**env_extra))
+    """``activate``: sockets handed over as systemd does; ``popen``: e.g. user=, group=."""
+    argv = [sys.executable, "-m", "mailfort", "serve", "--config", str(config)]
+    extra: dict[str, Any] = dict(popen or {})
+    if activate:
+        fds = [s.fileno() for s in activate]
+        argv = [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds)), str(config)]
+        extra["pass_fds"] = fds
+    proc = subprocess.Popen(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env(**env_extra), **extra)
     server = Server(config, data_dir, proc)
     try:
         if ready:

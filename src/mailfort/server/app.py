@@ -11,6 +11,7 @@ import contextlib
 import logging
 import resource
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -90,6 +91,8 @@ class Node:
         self.ports: dict[str, list[int]] = {}
         # Called once every listener is bound, before delivery starts (privilege drop).
         self.after_bind: Callable[[], None] | None = None
+        # (listen.* name, index) -> a socket already listening (systemd socket activation).
+        self.inherited: dict[tuple[str, int], socket.socket] = {}
 
     def _enqueue(
         self, path: Path, env: Envelope, submitted_by: str | None
@@ -151,8 +154,9 @@ class Node:
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
             service.limiter = self.limiter
-            for hostport in getattr(self.cfg.listen, name):
-                server = await service.start(*_split(hostport))
+            for i, hostport in enumerate(getattr(self.cfg.listen, name)):
+                server = await service.start(*_split(hostport),
+                                             sock=self.inherited.get((name, i)))
                 for sock in server.sockets:
                     self.ports.setdefault(name, []).append(sock.getsockname()[1])
         if self.after_bind is not None:
@@ -217,6 +221,7 @@ async def serve(cfg: Config, ops: Operations | None = None) -> None:
     ops = Operations(cfg) if ops is None else ops  # production: privileges, notify, metrics
     node = Node(cfg)
     node.after_bind = ops.after_bind
+    node.inherited = ops.inherited
     await node.start()
     await ops.started(node)
     print(describe(node), flush=True)

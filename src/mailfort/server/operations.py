@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailfort import logsetup, metrics, tlsinfo
 from mailfort.config import Config
-from mailfort.server import privileges
+from mailfort.server import activation, privileges
 from mailfort.server.control import ControlServer, socket_path
 from mailfort.server.sdnotify import Notifier
 
@@ -50,7 +50,10 @@ class Operations:
     def __init__(self, cfg: Config, log_handler: logging.Handler | None = None) -> None:
         self.cfg = cfg
         self.log_handler = log_handler
-        self.account = privileges.preflight(cfg)  # ConfigError before anything is opened
+        # Sockets from systemd socket activation need no bind (nor root); ConfigError for
+        # any that the configuration does not name, and (preflight) before anything opens.
+        self.inherited = activation.assign(cfg, activation.inherited_sockets())
+        self.account = privileges.preflight(cfg, set(self.inherited))
         self.notifier = Notifier()
         self.started_at = time.time()
         self.node: Node | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -99,9 +100,10 @@ class POP3Server(Listener):
             dataclasses.replace(base, allow_plaintext=True) if allow_plaintext else base
         )
 
-    async def start(self, host: str, port: int) -> asyncio.base_events.Server:
+    async def start(self, host: str, port: int,
+                    sock: socket.socket | None = None) -> asyncio.base_events.Server:
         tls = self.ssl_context if self.implicit_tls else None
-        return await self.listen(lambda: POP3Session(self), host, port, tls)
+        return await self.listen(lambda: POP3Session(self), host, port, tls, sock=sock)
 
 
 class POP3Session(EngineSession):

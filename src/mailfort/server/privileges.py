@@ -14,6 +14,7 @@ import grp
 import logging
 import os
 import pwd
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,18 +57,20 @@ def account(cfg: Config) -> Account:
     return Account(cfg.server.user, pw.pw_uid, gid)
 
 
-def privileged_listeners(cfg: Config) -> list[str]:
-    """``listen.X[i] (HOST:PORT)`` for each configured listener on a port below 1024."""
+def privileged_listeners(cfg: Config,
+                         inherited: Collection[tuple[str, int]] = ()) -> list[str]:
+    """``listen.X[i] (HOST:PORT)`` for each listener on a port below 1024 that is to be
+    bound here (not one ``inherited`` from socket activation)."""
     out = []
     for key in LISTEN_KEYS:
         for i, hostport in enumerate(getattr(cfg.listen, key)):
             port = int(hostport.rpartition(":")[2])
-            if 0 < port < PRIVILEGED_BELOW:
+            if 0 < port < PRIVILEGED_BELOW and (key, i) not in inherited:
                 out.append(f"listen.{key}[{i}] ({hostport})")
     return out
 
 
-def preflight(cfg: Config) -> Account | None:
+def preflight(cfg: Config, inherited: Collection[tuple[str, int]] = ()) -> Account | None:
     """Decide before anything is opened; the account to switch to, or None.
 
     Raises ConfigError: root without ``server.user`` on privileged ports; ``server.user``
@@ -83,7 +86,7 @@ def preflight(cfg: Config) -> Account | None:
         return None
     if cfg.server.user:
         return account(cfg)
-    low = privileged_listeners(cfg)
+    low = privileged_listeners(cfg, inherited)
     if low:
         raise ConfigError(
             "server.user: started as root without server.user, mailfort would serve as "
