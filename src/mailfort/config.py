@@ -60,6 +60,14 @@ class TLSConfig:
     cert_file: str = ""
     key_file: str = ""
     min_version: str = "TLSv1.2"
+    # ACME (RFC 8555): a certificate for server.hostname from a CA (Let's Encrypt by
+    # default), HTTP-01 answered on acme_http_listen, renewed acme_renew_days before expiry.
+    acme: bool = False
+    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_email: str = ""
+    acme_http_listen: str = "0.0.0.0:80"
+    acme_ca_file: str = ""  # CA bundle to trust for the directory's HTTPS (tests, private CAs)
+    acme_renew_days: int = 30
 
 
 @dataclass(frozen=True)
@@ -364,6 +372,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("tls.min_version: allowed values are TLSv1.2 and TLSv1.3")
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
         raise ConfigError("tls.cert_file / tls.key_file: give both or neither")
+    if cfg.tls.acme:
+        if cfg.tls.cert_file:
+            raise ConfigError("tls.acme: the certificate comes from ACME; remove "
+                              "tls.cert_file / tls.key_file, or set acme = false")
+        _check_hostport("tls.acme_http_listen", cfg.tls.acme_http_listen)
+        if not cfg.tls.acme_directory.startswith("https://"):
+            raise ConfigError("tls.acme_directory: must be an https:// URL")
+        if not 0 < cfg.tls.acme_renew_days < 90:
+            raise ConfigError("tls.acme_renew_days: must be between 1 and 89")
     for dom, route in cfg.routes.items():
         if not 0 < route.port < 65536:
             raise ConfigError(f"routes.{dom}.port: must be 1-65535")

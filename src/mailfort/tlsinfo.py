@@ -16,6 +16,10 @@ def served_certificate_path(cfg: Config) -> Path:
     """The configured certificate, or the one generated in the data directory."""
     if cfg.tls.cert_file:
         return Path(cfg.tls.cert_file)
+    if cfg.tls.acme:
+        from mailfort.acmecert import paths
+
+        return paths(cfg)[0]
     return cfg.data_path / "tls" / CERT_NAME
 
 

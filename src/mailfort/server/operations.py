@@ -20,8 +20,8 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from mailfort import logsetup, metrics, tlsinfo
-from mailfort.config import Config
+from mailfort import acmecert, logsetup, metrics, tlsinfo
+from mailfort.config import Config, ConfigError
 from mailfort.server import activation, privileges
 from mailfort.server.control import ControlServer, socket_path
 from mailfort.server.sdnotify import Notifier
@@ -30,6 +30,19 @@ if TYPE_CHECKING:
     from mailfort.server.app import Node
 
 log = logging.getLogger("mailfort")
+
+
+ACME_CHECK_EVERY = 12 * 3600.0
+
+
+def _acme_start(cfg: Config) -> acmecert.ChallengeServer:
+    try:
+        return acmecert.ensure(cfg)
+    except (ConfigError, OSError):
+        raise
+    except Exception as exc:  # the CA's refusal, a network error: one line, not a trace
+        raise ConfigError(f"tls.acme: no certificate from {cfg.tls.acme_directory}: "
+                          f"{exc}") from None
 
 
 def listener_addresses(node: Node) -> dict[str, list[str]]:
@@ -54,6 +67,10 @@ class Operations:
         # any that the configuration does not name, and (preflight) before anything opens.
         self.inherited = activation.assign(cfg, activation.inherited_sockets())
         self.account = privileges.preflight(cfg, set(self.inherited))
+        self.acme: acmecert.ChallengeServer | None = None
+        self.renewal: asyncio.Task[None] | None = None
+        if cfg.tls.acme:  # before the node: its TLS context needs the certificate
+            self.acme = _acme_start(cfg)
         self.notifier = Notifier()
         self.started_at = time.time()
         self.node: Node | None = None
@@ -88,6 +105,8 @@ class Operations:
             with contextlib.suppress(NotImplementedError):
                 asyncio.get_running_loop().add_signal_handler(
                     signal.SIGUSR1, logsetup.reopen, handler)
+        if self.acme is not None:
+            self.renewal = asyncio.create_task(self._renew_loop(node), name="acme-renewal")
         self.notifier.notify(READY="1", STATUS="serving", MAINPID=str(os.getpid()))
 
     # ------------------------------------------------------------------ stop
@@ -96,6 +115,10 @@ class Operations:
         self.notifier.notify(STOPPING="1")
 
     async def stopped(self) -> None:
+        if self.renewal is not None:
+            self.renewal.cancel()
+        if self.acme is not None:
+            self.acme.close()
         if self.control is not None:
             await self.control.close()
         if self.collector is not None:
@@ -107,6 +130,19 @@ class Operations:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
         self.notifier.close()
+
+    async def _renew_loop(self, node: Node) -> None:
+        """Renew when due; the live TLS context loads the new files, so new handshakes get
+        the new certificate and open sessions keep theirs."""
+        assert self.acme is not None
+        while True:
+            await asyncio.sleep(ACME_CHECK_EVERY)
+            try:
+                renewed = await asyncio.to_thread(acmecert.renew_if_due, self.cfg, self.acme)
+                if renewed and node.ssl_context is not None:
+                    node.ssl_context.load_cert_chain(*acmecert.paths(self.cfg))
+            except Exception:  # try again at the next check; the old certificate serves
+                log.exception("acme: renewal failed")
 
     # ------------------------------------------------------------------ control commands
 
