@@ -147,6 +147,8 @@ def obtain(cfg: Config, challenges_server: ChallengeServer) -> None:
     order = acme.new_order(crypto_util.make_csr(key_pem, [cfg.server.hostname]))
     tokens = []
     for authz in order.authorizations:
+        if authz.body.status == messages.STATUS_VALID:
+            continue  # proved recently: the CA reuses it (answering again is an error)
         for chall in authz.body.challenges:
             if isinstance(chall.chall, challenges.HTTP01):
                 response, validation = chall.response_and_validation(account_key)
