@@ -125,3 +125,48 @@ def test_renewal_orders_a_new_certificate_when_due(pebble: dict[str, object],
         assert "Pebble" in second.issuer.rfc4514_string()
     finally:
         server.close()
+
+
+async def test_renewed_certificate_served_to_new_sessions_open_ones_kept(
+        pebble: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from mailfort.server import operations
+    from mailfort.server.app import Node
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path / "d", server={"hostname": HOST}, tls=_acme_table(pebble))
+    ops = operations.Operations(cfg)  # obtains the first certificate
+    node = Node(cfg)
+    node.after_bind = ops.after_bind
+    await node.start()
+    monkeypatch.setattr(operations, "ACME_CHECK_EVERY", 0.05)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+
+    def handshake() -> tuple[smtplib.SMTP, int]:
+        smtp = smtplib.SMTP("127.0.0.1", node.port("mx"), timeout=20)
+        smtp.starttls(context=ctx)
+        der = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        return smtp, x509.load_der_x509_certificate(der).serial_number
+
+    try:
+        old_session, first = await asyncio.to_thread(handshake)
+        # Pebble's certificates live for years: make the next check find this one due.
+        real_due = acmecert.due
+        calls = iter([True])
+        monkeypatch.setattr(acmecert, "due", lambda c, now=None: next(calls, real_due(c)))
+        await ops.started(node)
+        deadline = time.monotonic() + 30
+        second = first
+        while second == first and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            new_session, second = await asyncio.to_thread(handshake)
+            await asyncio.to_thread(new_session.quit)
+        assert second != first, "the renewed certificate is not served"
+        assert (await asyncio.to_thread(old_session.noop))[0] == 250  # still open
+        await asyncio.to_thread(old_session.quit)
+    finally:
+        ops.stopping()
+        await node.stop()
+        await ops.stopped()
