@@ -106,6 +106,24 @@ def cmd_tls_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_block_remove(args: argparse.Namespace) -> int:
+    """Lift a brute-force block (client address) or forget an account's failures."""
+    cfg = _cfg(args)
+    if any(c.isspace() for c in args.target) or not args.target:
+        raise ValueError("give one IP address or user name")
+    try:
+        reply = control.request(cfg.data_path, f"unblock {args.target}")
+    except control.NotRunning:
+        print("mailfort is not running: blocks live in the running server only, "
+              "nothing to remove")
+        return 3
+    status, _, text = reply.partition(" ")
+    if status != "ok":
+        raise ValueError(text or reply)
+    print(text)
+    return 0
+
+
 def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     st = leaf(sub, "status", cmd_status, "is the server running: listeners, queue, certificate")
     st.add_argument("--json", action="store_true", help="print the server's answer as JSON")
@@ -113,3 +131,9 @@ def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     tls_sub = tls.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = leaf(tls_sub, "show", cmd_tls_show, "subject, names, issuer and expiry")
     show.add_argument("--json", action="store_true", help="print JSON")
+    blk = sub.add_parser("block", help="brute-force blocks of the running server",
+                         allow_abbrev=False)
+    blk_sub = blk.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rm = leaf(blk_sub, "remove", cmd_block_remove,
+              "lift the block of a client address, or forget an account's failures")
+    rm.add_argument("target", metavar="IP|USER")

@@ -253,3 +253,38 @@ async def test_ipv6_listener_beside_ipv4(tmp_path: Path) -> None:
             reader, writer = await asyncio.open_connection(host, port)
             assert (await reader.readline()).startswith(b"220 ")
             writer.close()
+
+
+def test_block_remove_lifts_a_brute_force_block_at_once() -> None:
+    root = world_dir()
+    config = write_config(root, refusing_dns_port(),
+                          auth={"block_after_failures": 2, "failure_delay": 0.0},
+                          server={"allow_plaintext_auth_on_loopback": True})
+    pw = root / "pw.txt"
+    pw.write_text(PASSWORD + "\n")
+    for args in (("domain", "add", "example.test"),
+                 ("user", "add", "alice@example.test", "--password-file", str(pw))):
+        assert cli(config, *args).returncode == 0
+
+    def login(password: str) -> bool:
+        with smtplib.SMTP("127.0.0.1", _port(config, "submission"), timeout=20) as smtp:
+            try:
+                smtp.login("alice@example.test", password)
+            except (smtplib.SMTPAuthenticationError, smtplib.SMTPServerDisconnected,
+                    smtplib.SMTPResponseException):
+                return False
+            return True
+
+    try:
+        with serving(config, root / "data"):
+            for _ in range(2):
+                assert not login(WRONG)
+            assert not login(PASSWORD)  # blocked: even the right password is refused
+            r = cli(config, "block", "remove", "127.0.0.1")
+            assert r.returncode == 0, r.stderr
+            assert "client 127.0.0.1: block removed" in r.stdout
+            assert login(PASSWORD)
+        r = cli(config, "block", "remove", "127.0.0.1")
+        assert r.returncode == 3 and "not running" in r.stdout
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -98,7 +98,8 @@ class Operations:
             lambda: sessions_open(node), lambda: [e.created for e in node.queue.list()])
         metrics.REGISTRY.register(self.collector)
         self.control = ControlServer(socket_path(self.cfg.data_path),
-                                     {"retry": self._retry, "status": self._status})
+                                     {"retry": self._retry, "status": self._status,
+                                      "unblock": self._unblock})
         await self.control.start()
         handler = self.log_handler
         if handler is not None:
@@ -152,6 +153,12 @@ class Operations:
         n = await asyncio.to_thread(self.node.queue.retry, ident)
         self.node.worker.rescan()
         return f"ok {n}"
+
+    async def _unblock(self, args: list[str]) -> str:
+        assert self.node is not None
+        if len(args) != 1:
+            raise ValueError("unblock takes one IP address or user name")
+        return "ok " + self.node.authenticator.unblock(args[0])
 
     async def _status(self, args: list[str]) -> str:
         assert self.node is not None
