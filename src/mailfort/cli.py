@@ -215,8 +215,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
         print(admin.queue_list(root))
     elif args.action == "show":
         print(admin.queue_show(root, args.id))
-    elif args.action == "retry":
-        print(admin.queue_retry(root, args.id))
+    elif args.action == "retry":  # the running server retries at once (control socket)
+        from mailfort.ops_commands import queue_retry
+
+        print(queue_retry(_load(args), args.id))
     else:
         print(admin.queue_delete(root, args.id))
     return 0
@@ -291,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     leaf(qu_sub, "delete", cmd_queue, "delete an entry").add_argument("id")
 
+    from mailfort.ops_commands import add_parser as add_ops_parser
+
+    add_ops_parser(sub, leaf)  # status, tls show
     from mailfort.dkim_command import add_parser as add_dkim_parser
 
     add_dkim_parser(sub, leaf)

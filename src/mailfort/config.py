@@ -40,6 +40,10 @@ class ServerConfig:
     data_dir: str = "./mailfort-data"
     # Plaintext AUTH / USER+PASS may be allowed on loopback listeners only; off by default.
     allow_plaintext_auth_on_loopback: bool = False
+    # Started as root, mailfort binds its listeners, then runs as this user (and group:
+    # empty means the user's own group) for good. Empty: no switch (see server/privileges.py).
+    user: str = ""
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,14 @@ class TLSConfig:
     cert_file: str = ""
     key_file: str = ""
     min_version: str = "TLSv1.2"
+    # ACME (RFC 8555): a certificate for server.hostname from a CA (Let's Encrypt by
+    # default), HTTP-01 answered on acme_http_listen, renewed acme_renew_days before expiry.
+    acme: bool = False
+    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_email: str = ""
+    acme_http_listen: str = "0.0.0.0:80"
+    acme_ca_file: str = ""  # CA bundle to trust for the directory's HTTPS (tests, private CAs)
+    acme_renew_days: int = 30
 
 
 @dataclass(frozen=True)
@@ -212,6 +224,22 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    # "text": one readable line per event; "json": one JSON object per line.
+    format: str = "text"
+    # Empty: stderr (journald under systemd). A file is reopened on SIGUSR1 and when it is
+    # moved away (logrotate without copytruncate).
+    file: str = ""
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # HOST:PORT of the Prometheus endpoint (e.g. "127.0.0.1:9465"); empty: no endpoint.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class Route:
     """Where to deliver mail for one domain instead of its MX (smarthost or fixed host)."""
 
@@ -236,6 +264,8 @@ class Config:
     screen: ScreenConfig = field(default_factory=ScreenConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # domain -> route; "*" is the default route for every remote domain.
     routes: dict[str, Route] = field(default_factory=dict)
     # domains on which delivery must use STARTTLS (defer instead of sending in clear).
@@ -342,6 +372,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("tls.min_version: allowed values are TLSv1.2 and TLSv1.3")
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
         raise ConfigError("tls.cert_file / tls.key_file: give both or neither")
+    if cfg.tls.acme:
+        if cfg.tls.cert_file:
+            raise ConfigError("tls.acme: the certificate comes from ACME; remove "
+                              "tls.cert_file / tls.key_file, or set acme = false")
+        _check_hostport("tls.acme_http_listen", cfg.tls.acme_http_listen)
+        if not cfg.tls.acme_directory.startswith("https://"):
+            raise ConfigError("tls.acme_directory: must be an https:// URL")
+        if not 0 < cfg.tls.acme_renew_days < 90:
+            raise ConfigError("tls.acme_renew_days: must be between 1 and 89")
     for dom, route in cfg.routes.items():
         if not 0 < route.port < 65536:
             raise ConfigError(f"routes.{dom}.port: must be 1-65535")
@@ -363,7 +402,22 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"queue.{k}: must be a positive number of seconds")
     _validate_sender_auth(cfg.sender_auth)
     _validate_antiabuse(cfg)
+    _validate_operations(cfg)
     return cfg
+
+
+def _validate_operations(cfg: Config) -> None:
+    """[log], [metrics] and the service user."""
+    if cfg.log.format not in ("text", "json"):
+        raise ConfigError("log.format: allowed values are text and json")
+    if cfg.log.level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log.level: allowed values are debug, info, warning and error")
+    if cfg.metrics.listen:
+        _check_hostport("metrics.listen", cfg.metrics.listen)
+    if cfg.server.group and not cfg.server.user:
+        raise ConfigError("server.group: set server.user too (the group alone is not a drop)")
+    if cfg.server.user == "root" or cfg.server.user == "0":
+        raise ConfigError("server.user: must be an unprivileged account, not root")
 
 
 def _validate_sender_auth(sa: SenderAuthConfig) -> None:

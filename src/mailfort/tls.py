@@ -97,6 +97,13 @@ def generate_self_signed(cfg: Config, cert_path: Path, key_path: Path) -> None:
 
 def ensure_certificate(cfg: Config) -> tuple[Path, Path]:
     """(cert, key) paths: the configured ones, or a self-signed pair made if needed."""
+    if cfg.tls.acme:  # obtained at start, before the node (server/operations.py)
+        from mailfort.acmecert import paths
+
+        cert, key = paths(cfg)
+        if not cert.is_file() or not key.is_file():
+            raise ConfigError(f"tls.acme: no certificate in {cert.parent} yet")
+        return cert, key
     if cfg.tls.cert_file:
         cert, key = Path(cfg.tls.cert_file), Path(cfg.tls.key_file)
         for k, p in (("tls.cert_file", cert), ("tls.key_file", key)):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -130,7 +131,9 @@ class Authenticator:
     async def verify(self, username: str, password: str, client_ip: str) -> AuthOutcome:
         """Check a password; every refusal is logged for fail2ban (SMTP and POP3 alike)."""
         outcome = await self._verify(username, password, client_ip)
-        if outcome.status is AuthStatus.FAILED:
+        if outcome.status is AuthStatus.OK:
+            decisionlog.auth_ok(client_ip, outcome.user or username)
+        elif outcome.status is AuthStatus.FAILED:
             decisionlog.auth_failed(client_ip, username)
         elif outcome.status is AuthStatus.BLOCKED:
             decisionlog.auth_blocked(client_ip, username)
@@ -211,6 +214,24 @@ class Authenticator:
                 log.info("password hash of %s upgraded to the current parameters", user)
         except Exception:  # best effort: the old hash still works
             log.exception("could not upgrade the password hash of %s", user)
+
+    def unblock(self, target: str) -> str:
+        """Forget the failures (and block) of a client address or of an account: what
+        ``mailfort block remove IP|USER`` asks of the running server. Says what it did."""
+        try:
+            ipaddress.ip_address(target.strip("[]"))
+        except ValueError:
+            account = self._canonical(target)
+            k = _Keys.of(account, "")
+            was = self.counters.get(k.account_fail)
+            self.counters.reset(k.account_fail)
+            return f"account {account}: {was} recent failure(s) forgotten"
+        client = client_key(target)
+        k = _Keys.of("", client)
+        blocked = self.counters.get(k.client_block) > 0
+        self.counters.reset(k.client_block)
+        self.counters.reset(k.client_fail)
+        return f"client {client}: {'block removed' if blocked else 'was not blocked'}"
 
     def _canonical(self, username: str) -> str:
         canonical = getattr(self.directory, "canonical_user", None)

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailfort import metrics
 from mailfort.config import Config
 from mailfort.delivery import client, mx
 from mailfort.delivery.message import Outbound, Traits, scan_file
@@ -159,6 +160,20 @@ class DeliveryWorker:
             self._mark_new()
         else:
             self._loop.call_soon_threadsafe(self._mark_new)
+
+    def rescan(self) -> None:
+        """Read every state file again at once (the operator changed some: ``mailfort
+        queue retry``), instead of at the next full pass. Callable from any thread."""
+        if self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._rescan_now()
+        else:
+            self._loop.call_soon_threadsafe(self._rescan_now)
+
+    def _rescan_now(self) -> None:
+        self._last_full_scan = None
+        self._mark_new()
 
     def _mark_new(self) -> None:
         self._new_mail = True
@@ -343,6 +358,7 @@ class DeliveryWorker:
         for domain_result in results:
             for r in by_domain_lookup(entry, domain_result):
                 res = domain_result.results[r.address]
+                metrics.DELIVERIES.labels(res.outcome).inc()
                 r.attempts += 1
                 r.last_attempt = now
                 r.last_reply = res.reply

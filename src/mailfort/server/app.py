@@ -11,11 +11,13 @@ import contextlib
 import logging
 import resource
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mailfort import logsetup
 from mailfort.config import Config
 from mailfort.delivery.mx import make_resolver
 from mailfort.directory.sqlite import SQLiteDirectory
@@ -29,6 +31,7 @@ from mailfort.policy.senderauth import SenderAuth
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter
+from mailfort.server.operations import Operations
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
 from mailfort.store.maildir import Committer
@@ -86,6 +89,10 @@ class Node:
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
+        # Called once every listener is bound, before delivery starts (privilege drop).
+        self.after_bind: Callable[[], None] | None = None
+        # (listen.* name, index) -> a socket already listening (systemd socket activation).
+        self.inherited: dict[tuple[str, int], socket.socket] = {}
 
     def _enqueue(
         self, path: Path, env: Envelope, submitted_by: str | None
@@ -144,14 +151,17 @@ class Node:
             if self.legacy is not None:  # lab only: no TLS, unlimited tries per session
                 pop = self.pop3[name]
                 pop.settings = pop.loopback_settings = self.legacy.pop3_settings(pop.settings)
-        await self.worker.start()
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
             service.limiter = self.limiter
-            for hostport in getattr(self.cfg.listen, name):
-                server = await service.start(*_split(hostport))
+            for i, hostport in enumerate(getattr(self.cfg.listen, name)):
+                server = await service.start(*_split(hostport),
+                                             sock=self.inherited.get((name, i)))
                 for sock in server.sockets:
                     self.ports.setdefault(name, []).append(sock.getsockname()[1])
+        if self.after_bind is not None:
+            self.after_bind()
+        await self.worker.start()
 
     def port(self, name: str) -> int:
         return self.ports[name][0]
@@ -194,7 +204,7 @@ def inbound_policy(cfg: Config) -> InboundPolicy:
 def describe(node: Node) -> str:
     lines = ["mailfort is running:"]
     for name, ports in node.ports.items():
-        hosts = [_split(hp)[0] for hp in getattr(node.cfg.listen, name)]
+        hosts = [hp.rpartition(":")[0] for hp in getattr(node.cfg.listen, name)]
         for host, port in zip(hosts, ports, strict=False):
             lines.append(f"  {name:<12} {host}:{port}")
     lines.append(f"  data         {node.cfg.data_path.resolve()}")
@@ -207,9 +217,13 @@ def describe(node: Node) -> str:
     return "\n".join(lines)
 
 
-async def serve(cfg: Config) -> None:
+async def serve(cfg: Config, ops: Operations | None = None) -> None:
+    ops = Operations(cfg) if ops is None else ops  # production: privileges, notify, metrics
     node = Node(cfg)
+    node.after_bind = ops.after_bind
+    node.inherited = ops.inherited
     await node.start()
+    await ops.started(node)
     print(describe(node), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -218,7 +232,9 @@ async def serve(cfg: Config) -> None:
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("mailfort: shutting down", flush=True)
+    ops.stopping()
     await node.stop()
+    await ops.stopped()
 
 
 def raise_file_limit(cfg: Config) -> None:
@@ -241,6 +257,7 @@ def raise_file_limit(cfg: Config) -> None:
 
 
 def run(cfg: Config) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    handler = logsetup.configure(cfg)  # [log]: text or json, stderr or a file
+    ops = Operations(cfg, handler)  # refuses root on privileged ports before any bind
     raise_file_limit(cfg)
-    asyncio.run(serve(cfg))
+    asyncio.run(serve(cfg, ops))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from mailfort.config import LimitsConfig
+from mailfort.policy import decisionlog
 from mailfort.policy.authn import AuthOutcome
 from mailfort.protocol.pop3 import (
     IN_USE,
@@ -98,9 +100,10 @@ class POP3Server(Listener):
             dataclasses.replace(base, allow_plaintext=True) if allow_plaintext else base
         )
 
-    async def start(self, host: str, port: int) -> asyncio.base_events.Server:
+    async def start(self, host: str, port: int,
+                    sock: socket.socket | None = None) -> asyncio.base_events.Server:
         tls = self.ssl_context if self.implicit_tls else None
-        return await self.listen(lambda: POP3Session(self), host, port, tls)
+        return await self.listen(lambda: POP3Session(self), host, port, tls, sock=sock)
 
 
 class POP3Session(EngineSession):
@@ -130,6 +133,7 @@ class POP3Session(EngineSession):
         srv = self.server
         settings = srv.loopback_settings if is_loopback(self.peer_ip) else srv.settings
         self.engine = POP3Engine(settings, tls_active=srv.implicit_tls)
+        decisionlog.connect("pop3s" if srv.implicit_tls else "pop3", self.peer_ip)
         self.admit(srv.limiter, srv.sessions, _REFUSALS, srv.limits.pop3_idle_timeout)
 
     def eof_received(self) -> bool | None:

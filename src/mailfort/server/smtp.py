@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -172,9 +173,10 @@ class SMTPService(Listener):
             self.recipients = legacy.recipients
         # --- end lab legacy profile ----------------------------------------------------
 
-    async def start(self, host: str, port: int) -> asyncio.base_events.Server:
+    async def start(self, host: str, port: int,
+                    sock: socket.socket | None = None) -> asyncio.base_events.Server:
         tls = self.ssl_context if self.options.implicit_tls else None
-        return await self.listen(lambda: SMTPSession(self), host, port, tls)
+        return await self.listen(lambda: SMTPSession(self), host, port, tls, sock=sock)
 
     def trusted(self, ip: str) -> bool:
         try:
@@ -215,6 +217,7 @@ class SMTPSession(EngineSession):
         settings = svc.loopback_settings if is_loopback(self.peer_ip) else svc.settings
         tls = svc.options.implicit_tls
         self.engine = SMTPEngine(settings, tls_active=tls)
+        decisionlog.connect(svc.options.name, self.peer_ip)
         if tls:
             self._note_tls(transport)
         inbound = svc.inbound
@@ -452,8 +455,7 @@ class SMTPSession(EngineSession):
             raise
         if refusal is not None:
             spool.discard()
-            log.info("reject: DATA from [%s]: %s; from=<%s>", self.peer_ip,
-                     refusal.encode().decode().strip(), env.sender or "")
+            decisionlog.reject("DATA", self.peer_ip, refusal, from_=env.sender or "")
             engine.decide(refusal)
             return
         # ----
@@ -485,7 +487,8 @@ class SMTPSession(EngineSession):
         accepted = Reply(250, "2.0.0", f"OK queued as {ident}")
         engine.decide(accepted)
         decisionlog.accept(self.peer_ip, accepted, env.sender or "",
-                           len(env.local) + len(env.remote), spool.size)
+                           len(env.local) + len(env.remote), spool.size,
+                           tls=self.tls_info.partition(" ")[0])
         if self.service.submission is not None and engine.authenticated_as is not None:
             self.service.submission.message_accepted(engine.authenticated_as)
         if env.remote and svc.queued is not None:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailfort import metrics
 from mailfort.store.durable import fsync_dir, make_dirs
 
 _SPOOL_MEMORY = 64 * 1024  # bytes a message may hold in memory before it goes to a file
@@ -319,10 +320,11 @@ class Committer:
         try:
             if self.fault is not None:
                 self.fault("sync")
-            if self._use_syncfs:
-                self._syncfs(jobs[0].spool.fileno())
-            else:
-                one_by_one()
+            with metrics.FLUSH_SECONDS.time():
+                if self._use_syncfs:
+                    self._syncfs(jobs[0].spool.fileno())
+                else:
+                    one_by_one()
         except OSError as exc:
             for job in jobs:
                 job.error = exc

@@ -1,0 +1,82 @@
+"""Where ``mailfort serve`` logs, and in what form (``[log]``).
+
+To stderr by default (journald adds its own time stamps and priority), or to a file that
+logrotate may move: the file is reopened when it has been moved or removed (checked at each
+line) and on SIGUSR1 (``reopen``), so a rotation never loses lines nor writes into the old
+file. ``json`` gives one object per line with the decision's fields (``extra={"fields":
+...}`` from policy/decisionlog.py) next to the text. What is logged is decided elsewhere;
+no password or message content is ever passed to a logger.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import logging.handlers
+import sys
+
+from mailfort.config import Config
+
+_OWNED = "_mailfort_handler"
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the decision fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update({k: v for k, v in fields.items() if k not in out})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def make_handler(cfg: Config) -> logging.Handler:
+    handler: logging.Handler
+    if cfg.log.file:
+        # WatchedFileHandler reopens by itself when the file was moved or removed.
+        handler = logging.handlers.WatchedFileHandler(cfg.log.file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    if cfg.log.format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    setattr(handler, _OWNED, True)
+    return handler
+
+
+def configure(cfg: Config) -> logging.Handler:
+    """Replace the handlers this module installed before; returns the new one."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, _OWNED, False):
+            root.removeHandler(h)
+            h.close()
+    handler = make_handler(cfg)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, cfg.log.level.upper()))
+    return handler
+
+
+def reopen(handler: logging.Handler) -> None:
+    """Close and open the log file again (SIGUSR1, after a rotation); no-op for stderr."""
+    if isinstance(handler, logging.FileHandler):
+        handler.acquire()
+        try:
+            if handler.stream is not None:
+                handler.stream.close()
+            handler.stream = handler._open()
+            if isinstance(handler, logging.handlers.WatchedFileHandler):
+                handler._statstream()
+        finally:
+            handler.release()

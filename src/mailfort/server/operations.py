@@ -1,0 +1,189 @@
+"""What ``mailfort serve`` adds around a Node to run in production.
+
+In order: ``Operations(cfg)`` decides about privileges before anything is opened (see
+server/privileges.py) and connects to the service manager's notify socket; the node binds
+its listeners and calls ``after_bind``, which gives the data directory to the service user
+and drops to it (before any delivery or session runs as root); ``started`` opens the
+metrics endpoint and the control socket, installs SIGUSR1 (reopen the log file) and tells
+systemd READY=1; ``stopping``/``stopped`` undo it, STOPPING=1 first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from mailfort import acmecert, logsetup, metrics, tlsinfo
+from mailfort.config import Config, ConfigError
+from mailfort.server import activation, privileges
+from mailfort.server.control import ControlServer, socket_path
+from mailfort.server.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from mailfort.server.app import Node
+
+log = logging.getLogger("mailfort")
+
+
+ACME_CHECK_EVERY = 12 * 3600.0
+
+
+def _acme_start(cfg: Config) -> acmecert.ChallengeServer:
+    try:
+        return acmecert.ensure(cfg)
+    except (ConfigError, OSError):
+        raise
+    except Exception as exc:  # the CA's refusal, a network error: one line, not a trace
+        raise ConfigError(f"tls.acme: no certificate from {cfg.tls.acme_directory}: "
+                          f"{exc}") from None
+
+
+def listener_addresses(node: Node) -> dict[str, list[str]]:
+    """service -> ["HOST:PORT", ...] as bound (port 0 resolved), IPv6 in brackets."""
+    out: dict[str, list[str]] = {}
+    for name, ports in node.ports.items():
+        hosts = [hp.rpartition(":")[0] for hp in getattr(node.cfg.listen, name)]
+        out[name] = [f"{h}:{p}" for h, p in zip(hosts, ports, strict=False)]
+    return out
+
+
+def sessions_open(node: Node) -> dict[str, int]:
+    services: dict[str, Any] = {**node.services, **node.pop3}
+    return {name: len(svc.sessions) for name, svc in services.items()}
+
+
+class Operations:
+    def __init__(self, cfg: Config, log_handler: logging.Handler | None = None) -> None:
+        self.cfg = cfg
+        self.log_handler = log_handler
+        # Sockets from systemd socket activation need no bind (nor root); ConfigError for
+        # any that the configuration does not name, and (preflight) before anything opens.
+        self.inherited = activation.assign(cfg, activation.inherited_sockets())
+        self.account = privileges.preflight(cfg, set(self.inherited))
+        self.acme: acmecert.ChallengeServer | None = None
+        self.renewal: asyncio.Task[None] | None = None
+        if cfg.tls.acme:  # before the node: its TLS context needs the certificate
+            self.acme = _acme_start(cfg)
+        self.notifier = Notifier()
+        self.started_at = time.time()
+        self.node: Node | None = None
+        self.control: ControlServer | None = None
+        self.metrics_server: Any = None
+        self.collector: metrics.NodeCollector | None = None
+
+    # ------------------------------------------------------------------ start
+
+    def after_bind(self) -> None:
+        """Listeners are bound; nothing has been served or delivered yet."""
+        if self.cfg.metrics.listen:
+            self.metrics_server = metrics.serve(self.cfg.metrics.listen)
+        if self.account is None:
+            return
+        privileges.own_data_dir(self.cfg.data_path, self.account)
+        if self.cfg.log.file:
+            with contextlib.suppress(OSError):  # so a reopen after rotation can write
+                os.chown(self.cfg.log.file, self.account.uid, self.account.gid)
+        privileges.drop(self.account)
+
+    async def started(self, node: Node) -> None:
+        self.node = node
+        self.collector = metrics.NodeCollector(
+            lambda: sessions_open(node), lambda: [e.created for e in node.queue.list()])
+        metrics.REGISTRY.register(self.collector)
+        self.control = ControlServer(socket_path(self.cfg.data_path),
+                                     {"retry": self._retry, "status": self._status,
+                                      "unblock": self._unblock})
+        await self.control.start()
+        handler = self.log_handler
+        if handler is not None:
+            with contextlib.suppress(NotImplementedError):
+                asyncio.get_running_loop().add_signal_handler(
+                    signal.SIGUSR1, logsetup.reopen, handler)
+        if self.acme is not None:
+            self.renewal = asyncio.create_task(self._renew_loop(node), name="acme-renewal")
+        self.notifier.notify(READY="1", STATUS="serving", MAINPID=str(os.getpid()))
+
+    # ------------------------------------------------------------------ stop
+
+    def stopping(self) -> None:
+        self.notifier.notify(STOPPING="1")
+
+    async def stopped(self) -> None:
+        if self.renewal is not None:
+            self.renewal.cancel()
+        if self.acme is not None:
+            self.acme.close()
+        if self.control is not None:
+            await self.control.close()
+        if self.collector is not None:
+            metrics.REGISTRY.unregister(self.collector)
+            self.collector = None
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+        self.notifier.close()
+
+    async def _renew_loop(self, node: Node) -> None:
+        """Renew when due; the live TLS context loads the new files, so new handshakes get
+        the new certificate and open sessions keep theirs."""
+        assert self.acme is not None
+        while True:
+            await asyncio.sleep(ACME_CHECK_EVERY)
+            try:
+                renewed = await asyncio.to_thread(acmecert.renew_if_due, self.cfg, self.acme)
+                if renewed and node.ssl_context is not None:
+                    node.ssl_context.load_cert_chain(*acmecert.paths(self.cfg))
+            except Exception:  # try again at the next check; the old certificate serves
+                log.exception("acme: renewal failed")
+
+    # ------------------------------------------------------------------ control commands
+
+    async def _retry(self, args: list[str]) -> str:
+        assert self.node is not None
+        ident = args[0] if args else None
+        n = await asyncio.to_thread(self.node.queue.retry, ident)
+        self.node.worker.rescan()
+        return f"ok {n}"
+
+    async def _unblock(self, args: list[str]) -> str:
+        assert self.node is not None
+        if len(args) != 1:
+            raise ValueError("unblock takes one IP address or user name")
+        return "ok " + self.node.authenticator.unblock(args[0])
+
+    async def _status(self, args: list[str]) -> str:
+        assert self.node is not None
+        node = self.node
+        entries = await asyncio.to_thread(node.queue.list)
+        now = time.time()
+        cert: dict[str, Any]
+        try:
+            cert = tlsinfo.describe(tlsinfo.served_certificate_path(self.cfg))
+        except (OSError, ValueError) as exc:
+            cert = {"error": str(exc)}
+        status = {
+            "pid": os.getpid(),
+            "user": pwd.getpwuid(os.geteuid()).pw_name,
+            "uptime": round(now - self.started_at),
+            "listeners": listener_addresses(node),
+            "metrics": self.cfg.metrics.listen,
+            "sessions": sessions_open(node),
+            "queue": {
+                "messages": len(entries),
+                "recipients": sum(len(e.active) for e in entries),
+                "oldest_seconds": round(now - min(e.created for e in entries))
+                if entries else 0,
+            },
+            "certificate": cert,
+            "accepted": metrics.REGISTRY.get_sample_value("mailfort_messages_accepted_total"),
+        }
+        return "ok " + json.dumps(status)
