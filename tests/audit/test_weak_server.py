@@ -42,6 +42,11 @@ CASES: dict[str, tuple[str, list[str]]] = {
 }
 
 
+# A server that answers an over-long line normally may hold it whole (this weak server
+# does) or cut it (Postfix does): no reply tells them apart, so the check WARNs.
+WARN_ONLY = {"no_line_limit"}
+
+
 def test_every_weakness_has_a_case() -> None:
     assert set(CASES) == set(Weakness.names())
 
@@ -79,8 +84,12 @@ def test_one_weakness_fails_exactly_its_check(
     code, out, _ = run_audit(capsys, [*_argv(server, password_file), "--only", *family])
     got = statuses(out)
     assert expected in got
-    assert [k for k, v in got.items() if v == "FAIL"] == [expected]
     assert not [k for k, v in got.items() if v == "INCONCLUSIVE"]
+    if weakness in WARN_ONLY:  # see WARN_ONLY: seen, said, but not provable from outside
+        assert [k for k, v in got.items() if v != "PASS"] == [expected]
+        assert got[expected] == "WARN" and code == 0
+        return
+    assert [k for k, v in got.items() if v == "FAIL"] == [expected]
     assert code == 1
 
 

@@ -36,5 +36,8 @@ def test_audit_of_the_lab(lab: Lab, capsys: pytest.CaptureFixture[str], side: st
                                       "--user", "alice", *FAST, "--rcpt-count", "150",
                                       "--json", "--only", *MATCHING])
     statuses = {c["id"]: c["status"] for c in json.loads(out)["checks"]}
-    assert statuses == {check: expected for check in MATCHING}
+    want = {check: expected for check in MATCHING}
+    if side == "legacy":  # answered normally: cut or held, not provable from outside
+        want["limits.long-line"] = "WARN"
+    assert statuses == want
     assert code == (1 if expected == "FAIL" else 0)

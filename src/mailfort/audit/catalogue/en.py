@@ -272,8 +272,10 @@ NOTES: dict[str, str] = {
     "smuggle.no-data": "DATA answered {code}",
     "line.silent": "no reply to a {n}-octet line (the server may be stuck)",
     "line.closed": "the server closed the connection on a {n}-octet line",
-    "line.accepted": "MAIL FROM with a {n}-octet address was answered {code}",
-    "line.refused": "MAIL FROM with a {n}-octet address was refused with {code}",
+    "line.accepted": "a {n}-octet command line was answered {code}: the server either cut it "
+                     "(safe) or held it whole (memory exhaustion); this cannot be told "
+                     "from outside",
+    "line.refused": "a {n}-octet command line was refused with {code}",
     "size.none": "no SIZE limit advertised",
     "size.declared-accepted": "MAIL with SIZE={limit}+1 accepted",
     "size.declared-refused": "MAIL with SIZE above {limit} refused",

@@ -262,8 +262,9 @@ NOTES: dict[str, str] = {
     "smuggle.no-data": "DATA への応答は {code}",
     "line.silent": "{n} オクテットの行に応答がない(サーバが停止している可能性)",
     "line.closed": "{n} オクテットの行でサーバが接続を切った",
-    "line.accepted": "{n} オクテットのアドレスの MAIL FROM に {code} が返った",
-    "line.refused": "{n} オクテットのアドレスの MAIL FROM は {code} で拒否された",
+    "line.accepted": "{n} オクテットのコマンド行に {code} が返った: 行を切り捨てた(安全)のか"
+                     "全体を保持した(メモリ枯渇)のかは外からは区別できない",
+    "line.refused": "{n} オクテットのコマンド行は {code} で拒否された",
     "size.none": "SIZE の上限が提示されていない",
     "size.declared-accepted": "SIZE={limit}+1 の MAIL が受理された",
     "size.declared-refused": "{limit} を超える SIZE の MAIL は拒否された",

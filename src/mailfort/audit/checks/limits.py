@@ -14,26 +14,21 @@ from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, inconclusi
 
 @check("limits.long-line", "6", order=60)
 def long_line(ctx: Context) -> Verdict:
-    """A sender address as long as the line: a server with a line limit refuses the line,
-    or cuts it and finds the address unterminated (501); only a server that holds the
-    whole line accepts it. (A long NOOP cannot tell those apart: a server that cuts a line
-    and skips the rest answers the NOOP 250 without ever holding the line.)"""
+    """A command line far past RFC 5321's 512 octets. A refusal is a PASS. A normal answer
+    is a WARN, not a FAIL: a server that cuts the line and skips its tail (Postfix, at
+    line_length_limit) answers exactly like one that holds every octet in memory, and no
+    reply tells them apart from outside."""
     n = ctx.target.long_line
     with ctx.session("smtp") as (c, _):
         try:
-            domain = foreign(ctx, "sender").rpartition("@")[2]
-            c.send(b"MAIL FROM:<" + b"a" * n + b"@" + domain.encode() + b">\r\n",
-                   note=f"MAIL FROM:<{n} octets@{domain}>")
+            c.send(b"NOOP " + b"A" * n + b"\r\n", note=f"NOOP <{n} octets>")
             code, _ = c.reply()
-            if not c.closed:
-                with contextlib.suppress(ProbeError):
-                    c.cmd("RSET")
         except ProbeError as exc:
             if "timeout" in str(exc):
                 return Verdict(WARN, "line.silent", {"n": n})
             return Verdict(PASS, "line.closed", {"n": n})
     if accepted(code):
-        return Verdict(FAIL, "line.accepted", {"n": n, "code": code})
+        return Verdict(WARN, "line.accepted", {"n": n, "code": code})
     return Verdict(PASS, "line.refused", {"n": n, "code": code})
 
 
