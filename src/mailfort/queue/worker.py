@@ -39,6 +39,7 @@ from pathlib import Path
 from mailfort.config import Config
 from mailfort.delivery import client, mx
 from mailfort.delivery.message import Outbound, Traits, scan_file
+from mailfort.delivery.outbound_tls import OutboundTLS
 from mailfort.queue.dsn import MAX_ORIGINAL_HEADERS, RecipientReport, build_dsn
 from mailfort.queue.store import Entry, Queue, QueueError, Recipient
 from mailfort.store.maildir import Committer, in_maildir, keyed_name, maildir_for
@@ -95,6 +96,7 @@ class DeliveryWorker:
         self.clock = clock
         self.hostname = cfg.server.hostname
         self._resolver = mx.make_resolver(cfg)
+        self._tls = OutboundTLS(cfg, self._resolver)  # outbound TLS policy (issue 13)
         self._slots = max(1, cfg.queue.workers)
         self._sem = asyncio.Semaphore(self._slots)  # connections
         self._ready: deque[str] = deque()  # due entries not yet taken, oldest first
@@ -398,6 +400,9 @@ class DeliveryWorker:
                     out.results[a] = client.RcptResult(a, "temporary",
                                                        "4.3.0 message file missing", "4.3.0")
                 return out
+            # --- outbound TLS policy (issue 13): floor, per-domain level, DANE, MTA-STS
+            policy = await self._tls.policy_for(domain, route, targets)
+            # --- end outbound TLS policy
             res = await client.deliver(
                 targets,
                 entry.sender,
@@ -407,6 +412,8 @@ class DeliveryWorker:
                 require_tls=mx.requires_tls(self.cfg, domain, route),
                 connect_timeout=self.cfg.queue.connect_timeout,
                 timeout=self.cfg.queue.command_timeout,
+                policy=policy,  # issue 13
+                report=self._tls.report,  # issue 13: TLS-RPT events
             )
         for a in addrs:  # belt and braces: every recipient gets a result
             res.results.setdefault(a, client.RcptResult(a, "temporary", "4.4.1 no result",
