@@ -20,7 +20,7 @@ class PolicyServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 owner.requests += 1
                 data = owner.body.encode()
                 if self.path != "/.well-known/mta-sts.txt":
@@ -53,5 +53,5 @@ class PolicyServer:
 
 
 def policy_text(mode: str, *mx: str, max_age: int = 86400) -> str:
-    return "version: STSv1\r\nmode: %s\r\n%smax_age: %d\r\n" % (
-        mode, "".join(f"mx: {m}\r\n" for m in mx), max_age)
+    mx_lines = "".join(f"mx: {m}\r\n" for m in mx)
+    return f"version: STSv1\r\nmode: {mode}\r\n{mx_lines}max_age: {max_age}\r\n"

@@ -114,7 +114,7 @@ async def test_enforce_defers_when_starttls_is_stripped(
     r = w.queue.get(ident).recipients[0]
     assert r.state == "deferred" and r.status.startswith("4.7.")
     assert rx.mail_commands == []
-    assert [e["result"] for e in events(cfg)][0] == "starttls-not-supported"
+    assert events(cfg)[0]["result"] == "starttls-not-supported"
 
 
 async def test_testing_delivers_and_records_the_failure(
@@ -209,3 +209,14 @@ def test_publish_prints_txt_and_policy() -> None:
     assert txt.startswith('_mta-sts.example.test. IN TXT "v=STSv1; id=')
     assert parse_txt([txt.split('"')[1]]) is not None
     assert parse_policy(policy).mx == ("mx.example.test",)
+
+
+def test_cli_prints_what_to_publish(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mailfort.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[server]\nhostname = "mx.example.test"\ndata_dir = "{tmp_path}/d"\n')
+    assert main(["mta-sts", "policy", "example.test", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert '_mta-sts.example.test. IN TXT "v=STSv1; id=' in out
+    assert "mode: enforce\r\nmx: mx.example.test\r\nmax_age: 604800" in out
