@@ -113,3 +113,29 @@ async def test_reports_sent_by_mail_and_https(
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+async def test_daily_task_sends_yesterday_once(
+    dns_server: DNSServer, outbound_config: ConfigFactory,
+) -> None:
+    import asyncio
+
+    from mailfort.delivery.tlsrpt_send import daily
+
+    cfg = outbound_config()
+    _record(TLSReportStore(cfg.data_path / "tlsrpt"))
+    dns_server.add_txt("_smtp._tls.remote.test", "v=TLSRPTv1; rua=mailto:tls@remote.test")
+    queue = Queue(cfg.data_path / "queue")
+    woken: list[int] = []
+    clock = lambda: DAY_START + 86400 + 300  # noqa: E731 (five past midnight the day after)
+    for _ in range(2):  # a restart the same day sends nothing again
+        task = asyncio.create_task(daily(cfg, queue, make_resolver(cfg),
+                                         lambda: woken.append(1), clock))
+        for _ in range(200):
+            if (cfg.data_path / "tlsrpt" / f"sent-{DAY}").exists():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert len(queue.list()) == 1 and woken == [1]

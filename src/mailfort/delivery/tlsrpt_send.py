@@ -91,3 +91,30 @@ async def send_reports(cfg: Config, queue: Queue, resolver: dns.asyncresolver.Re
             else:
                 done.append(f"{domain}: skipped rua scheme {parsed.scheme!r}")
     return done
+
+
+async def daily(cfg: Config, queue: Queue, resolver: dns.asyncresolver.Resolver,
+                wake: object = None, clock: object = None) -> None:
+    """Forever: once per UTC day, send the previous day's reports (a marker file in the
+    report directory makes it once, across restarts). Cancel to stop."""
+    import datetime as dt
+    import logging
+    import time
+
+    log = logging.getLogger("mailfort.tlsrpt")
+    now_fn = clock or time.time
+    root = cfg.data_path / "tlsrpt"
+    while True:
+        now = float(now_fn())  # type: ignore[operator]
+        yesterday = dt.datetime.fromtimestamp(now - 86400, dt.UTC).strftime("%Y-%m-%d")
+        marker = root / f"sent-{yesterday}"
+        if (root / f"{yesterday}.jsonl").exists() and not marker.exists():
+            try:
+                for line in await send_reports(cfg, queue, resolver, yesterday):
+                    log.info("TLS report %s", line)
+                marker.touch()
+                if wake is not None:
+                    wake()  # type: ignore[operator]
+            except Exception:  # never let reporting stop for good; retry in an hour
+                log.exception("sending the TLS reports of %s failed", yesterday)
+        await asyncio.sleep(3600)

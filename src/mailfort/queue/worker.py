@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailfort.config import Config
-from mailfort.delivery import client, mx
+from mailfort.delivery import client, mx, tlsrpt_send
 from mailfort.delivery.message import Outbound, Traits, scan_file
 from mailfort.delivery.outbound_tls import OutboundTLS
 from mailfort.queue.dsn import MAX_ORIGINAL_HEADERS, RecipientReport, build_dsn
@@ -97,6 +97,7 @@ class DeliveryWorker:
         self.hostname = cfg.server.hostname
         self._resolver = mx.make_resolver(cfg)
         self._tls = OutboundTLS(cfg, self._resolver)  # outbound TLS policy (issue 13)
+        self._tlsrpt_task: asyncio.Task[None] | None = None  # issue 13
         self._slots = max(1, cfg.queue.workers)
         self._sem = asyncio.Semaphore(self._slots)  # connections
         self._ready: deque[str] = deque()  # due entries not yet taken, oldest first
@@ -134,6 +135,12 @@ class DeliveryWorker:
         self._parked.clear()  # nothing is in flight now: no destination is busy
         self._waiting.clear()
         self._task = asyncio.create_task(self._run(), name="mailfort-delivery")
+        # --- TLS-RPT (issue 13): yesterday's reports, once a day, through this queue
+        if self.cfg.delivery.tls_reports:
+            self._tlsrpt_task = asyncio.create_task(
+                tlsrpt_send.daily(self.cfg, self.queue, self._resolver, self.wake),
+                name="mailfort-tlsrpt")
+        # --- end TLS-RPT
 
     async def stop(self) -> None:
         """Stop now; deliveries in flight are cancelled and retried after the next start."""
@@ -142,6 +149,12 @@ class DeliveryWorker:
         # uses wait_for, the flag guards what else might). asyncio.wait, unlike awaiting
         # the task, lets a cancellation of stop() itself through.
         self._stopping = True
+        # --- TLS-RPT (issue 13)
+        rpt, self._tlsrpt_task = self._tlsrpt_task, None
+        if rpt is not None:
+            rpt.cancel()
+            await asyncio.wait([rpt])
+        # --- end TLS-RPT
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
