@@ -186,3 +186,15 @@ def test_matching_variants(server: Server) -> None:
     assert dane.authenticate((dane.TLSA(2, 0, 0, b"x"),), chain, h) is not None
     # PKIX-EE(1) is not usable for SMTP
     assert dane.authenticate((dane.TLSA(1, 0, 0, server.leaf_der),), chain, h) is not None
+
+
+async def test_failed_tlsa_lookup_defers_that_host(
+    server: Server, dns_server: DNSServer, receivers: ReceiverFactory, run: Any,
+) -> None:
+    """SERVFAIL (what a validating resolver answers for bogus DNSSEC): not delivered."""
+    dns_server.servfail(TLSA_NAME)
+    rx = await receivers(ssl_context=server.ctx)
+    w = await run(rx.port)
+    r = await _deferred(w, await _send(w))
+    assert r.status == "4.7.5" and rx.sessions == 0
+    assert _events(w)[0]["result"] == "dnssec-invalid"

@@ -181,8 +181,9 @@ async def deliver(
         if plan.mode == "may" and (require_tls or target.require_tls):
             plan = HostPlan("encrypt")
         if not plan.allowed:
-            detail = f"MX {target.host} is not listed in the MTA-STS policy of {policy.domain}"
-            note("validation-failure", target, "", detail)
+            detail = plan.refusal or \
+                f"MX {target.host} is not listed in the MTA-STS policy of {policy.domain}"
+            note(plan.refusal_result, target, "", detail)
             if not plan.testing:
                 last = _HostFailure("4.7.5", detail)
                 failures.append(last)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 DANE_TA = 2
 DANE_EE = 3
+INDETERMINATE = 256  # not a real usage: marks a host whose TLSA lookup failed
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,9 @@ class OutboundTLS:
                     records = await dane.tlsa_for(self.resolver, host)
                 except dane.DANELookupError as exc:
                     # Cannot tell whether DANE applies: no delivery to it in the meantime
-                    # (RFC 7672 §2.2.1); an unusable record means "TLS required, unverified",
-                    # so at least the host is never used in clear.
+                    # (RFC 7672 §2.2); see TLSPolicy.plan.
                     log.warning("%s", exc)
-                    records = (dane.TLSA(255, 255, 255, b""),)
+                    records = (dane.TLSA(dane.INDETERMINATE, 0, 0, b""),)
                 if records:
                     tlsa[host] = records
         policy = TLSPolicy(base.level, base.source, d, tlsa=tlsa, ca_file=base.ca_file,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mailfort.config import Config, Route
-from mailfort.delivery.dane import TLSA
+from mailfort.delivery.dane import INDETERMINATE, TLSA
 
 Level = Literal["may", "encrypt", "verify"]
 Mode = Literal["may", "encrypt", "verify", "dane"]
@@ -68,6 +68,12 @@ class TLSPolicy:
     def plan(self, host: str) -> HostPlan:
         """What the client must check for one MX host."""
         records = self.tlsa.get(host.lower().rstrip("."), ())
+        if records and records[0].usage == INDETERMINATE:
+            # The TLSA lookup failed (for a validating resolver: bogus DNSSEC): whether
+            # DANE applies is unknown, so this host is not used for now (RFC 7672 §2.2).
+            return HostPlan("dane", records, allowed=False, ca_file=self.ca_file,
+                            refusal=f"TLSA lookup for {host} failed; not delivering there "
+                            "until it succeeds", refusal_result="dnssec-invalid")
         if records:
             return HostPlan("dane", records, allowed=True, ca_file=self.ca_file)
         allowed = not self.mx_patterns or any(mx_matches(p, host) for p in self.mx_patterns)
@@ -83,6 +89,8 @@ class HostPlan:
     testing: bool = False
     ca_file: str = ""
     fallback: Level = "may"  # what an MTA-STS "testing" failure falls back to
+    refusal: str = ""  # why a host that is not ``allowed`` is skipped (default: MTA-STS)
+    refusal_result: str = "validation-failure"
 
     @property
     def requires_tls(self) -> bool:
