@@ -43,13 +43,15 @@ def test_report_aggregates_one_day_of_one_domain(tmp_path: Path) -> None:
     assert store.domains(DAY) == {"remote.test", "other.test"}
     rep = build_report(store, DAY, "remote.test", organization="mailfort.example.test",
                        contact="postmaster@mailfort.example.test",
-                       policy_strings={"sts": ["version: STSv1", "mode: enforce"]})
+                       policy_strings={"sts": ["version: STSv1", "mode: enforce",
+                                               "mx: *.remote.test"]})
     assert rep["date-range"] == {"start-datetime": "2026-11-28T00:00:00Z",
                                  "end-datetime": "2026-11-28T23:59:59Z"}
     (pol,) = rep["policies"]
     assert pol["policy"]["policy-type"] == "sts"
     assert pol["policy"]["policy-domain"] == "remote.test"
-    assert pol["policy"]["policy-string"] == ["version: STSv1", "mode: enforce"]
+    assert pol["policy"]["policy-string"][1] == "mode: enforce"
+    assert pol["policy"]["mx-host"] == ["*.remote.test"]
     assert pol["summary"] == {"total-successful-session-count": 2,
                               "total-failure-session-count": 2}
     assert pol["failure-details"] == [{

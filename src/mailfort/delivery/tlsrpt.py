@@ -90,8 +90,10 @@ def build_report(store: TLSReportStore, day: str, domain: str, *, organization: 
         policy: dict[str, Any] = {"policy-type": ptype, "policy-domain": domain}
         if policy_strings and ptype in policy_strings:
             policy["policy-string"] = policy_strings[ptype]
-        if ptype == "sts":
-            policy["mx-host"] = sorted({e["mx"] for e in evs if e["mx"]})
+        if ptype == "sts" and policy_strings and "sts" in policy_strings:
+            # §4.4: the mx patterns of the policy in force
+            policy["mx-host"] = [ln.split(":", 1)[1].strip()
+                                 for ln in policy_strings["sts"] if ln.startswith("mx:")]
         policies.append({
             "policy": policy,
             "summary": {"total-successful-session-count": ok,

@@ -50,6 +50,17 @@ def report_mail(cfg: Config, domain: str, rcpt: str, report: dict[str, object],
     return msg.as_bytes().replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n")
 
 
+def _known_policies(cfg: Config, domain: str) -> dict[str, list[str]]:
+    """The MTA-STS policy text cached for ``domain`` (delivery/mtasts.py), if any."""
+    import json
+
+    try:
+        raw = json.loads((cfg.data_path / "mta-sts" / f"{domain}.json").read_text())
+        return {"sts": [str(x) for x in raw["text"]]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _post(url: str, body: bytes, ctx: ssl.SSLContext, timeout: float) -> int:
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"Content-Type": MEDIA_TYPE})
@@ -69,7 +80,8 @@ async def send_reports(cfg: Config, queue: Queue, resolver: dns.asyncresolver.Re
         if not uris:
             continue
         report = build_report(store, day, domain, organization=cfg.server.hostname,
-                              contact=f"postmaster@{cfg.server.hostname}")
+                              contact=f"postmaster@{cfg.server.hostname}",
+                              policy_strings=_known_policies(cfg, domain))
         body = gzip_report(report)
         for uri in uris:
             parsed = urllib.parse.urlsplit(uri)
