@@ -220,3 +220,19 @@ def test_cli_prints_what_to_publish(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert '_mta-sts.example.test. IN TXT "v=STSv1; id=' in out
     assert "mode: enforce\r\nmx: mx.example.test\r\nmax_age: 604800" in out
+
+
+async def test_testing_with_wrong_name_delivers_on_a_fresh_connection(
+    sts: Any, dns_server: DNSServer, receivers: ReceiverFactory,
+    receiver_tls: ssl.SSLContext, run: Any,
+) -> None:
+    dns_server.set_mx("remote.test", [(10, "mx2.example.test")])
+    dns_server.add_a("mx2.example.test", "127.0.0.1")
+    cfg = sts("testing", "*.example.test")
+    rx = await receivers(ssl_context=receiver_tls)  # names mx.example.test only
+    w = await run(cfg, rx.port)
+    await _send(w)
+    await wait_for(lambda: len(rx.messages) == 1)
+    assert rx.messages[0].tls  # still encrypted, just not verified
+    assert rx.sessions == 2  # the failed verification, then the delivery
+    assert events(cfg)[0]["result"] == "certificate-host-mismatch"
