@@ -52,7 +52,7 @@ async def tlsa_for(resolver: dns.asyncresolver.Resolver, host: str,
         answer = await resolver.resolve(name, "TLSA", search=False, raise_on_no_answer=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return ()
-    except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
+    except dns.exception.DNSException as exc:  # SERVFAIL, timeout, malformed answer
         raise DANELookupError(f"TLSA lookup of {name} failed: {exc}") from None
     if answer.rrset is None or not answer.response.flags & dns.flags.AD:
         return ()

@@ -173,8 +173,7 @@ class MTASTS:
     async def _txt_id(self, domain: str) -> str | None:
         try:
             answer = await self.resolver.resolve(f"_mta-sts.{domain}", "TXT", search=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers,
-                dns.exception.Timeout):
+        except dns.exception.DNSException:
             return None
         return parse_txt([b"".join(r.strings).decode("utf-8", "replace") for r in answer])
 

@@ -130,8 +130,7 @@ async def rua_of(resolver: dns.asyncresolver.Resolver, domain: str) -> list[str]
     """The ``rua`` URIs of ``_smtp._tls.DOMAIN`` (``v=TLSRPTv1; rua=...``), else []."""
     try:
         answer = await resolver.resolve(f"_smtp._tls.{domain}", "TXT", search=False)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers,
-            dns.exception.Timeout):
+    except dns.exception.DNSException:
         return []
     records = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
     records = [r for r in records if r.replace(" ", "").startswith("v=TLSRPTv1")]
