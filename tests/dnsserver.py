@@ -23,7 +23,7 @@ import socket
 import threading
 from typing import Any
 
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, TXT, A, DNSRecord
+from dnslib import AAAA, MX, QTYPE, RCODE, RR, TLSA, TXT, A, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger
 from dnslib.server import DNSServer as _LibServer
 
@@ -56,6 +56,8 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
             for rtype, ttl, rdata in records:
                 if rtype == qtype or q.qtype == QTYPE.ANY:
                     reply.add_answer(RR(q.qname, getattr(QTYPE, rtype), rdata=rdata, ttl=ttl))
+            if name in o.authentic:  # as a validating resolver would (DNSSEC, RFC 4035)
+                reply.header.ad = 1
             return reply
 
 
@@ -78,6 +80,7 @@ class DNSServer:
         self.rcodes: dict[str, int] = {}
         self.timeouts: set[str] = set()
         self.queries: list[tuple[str, str]] = []
+        self.authentic: set[str] = set()  # names answered with the AD bit set
         self._servers: list[Any] = []
 
     # ------------------------------------------------------------------ records
@@ -106,6 +109,20 @@ class DNSServer:
     def add_txt(self, name: str, text: str, ttl: int = 60) -> DNSServer:
         chunks = [text[i : i + 255] for i in range(0, len(text), 255)] or [""]
         return self._add(name, "TXT", TXT(chunks), ttl)
+
+    def add_tlsa(self, name: str, usage: int, selector: int, mtype: int, data: bytes,
+                 ttl: int = 60, *, authentic: bool = True) -> DNSServer:
+        """A TLSA record (RFC 6698); ``authentic`` sets AD on the name's answers, as a
+        validating resolver would for a signed zone (DANE trusts only those)."""
+        if authentic:
+            self.set_authentic(name)
+        return self._add(name, "TLSA", TLSA(usage, selector, mtype, data), ttl)
+
+    def set_authentic(self, name: str, on: bool = True) -> DNSServer:
+        """Answer ``name`` with the AD (authentic data) bit set, or not."""
+        with self.lock:
+            (self.authentic.add if on else self.authentic.discard)(_key(name))
+        return self
 
     # ------------------------------------------------------------------ DNS blocklists
 
@@ -174,6 +191,7 @@ class DNSServer:
             self.rcodes.clear()
             self.timeouts.clear()
             self.queries.clear()
+            self.authentic.clear()
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dns_parser(sub, leaf)
 
+    from mailfort.delivery.mtasts_command import add_parser as add_mta_sts_parser
+
+    add_mta_sts_parser(sub, leaf)
+
     from mailfort.audit.command import add_parser as add_audit_parser
 
     add_audit_parser(sub)

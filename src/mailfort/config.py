@@ -223,6 +223,35 @@ class QueueConfig:
     mx_port: int = 25
 
 
+TLS_LEVELS = ("may", "encrypt", "verify")
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Outbound TLS: how much protection each destination's mail gets on the way."""
+
+    # The least every outbound delivery gets: "may" (STARTTLS when offered), "encrypt"
+    # (no TLS: defer, never send in clear) or "verify" (certificate must chain to a trusted
+    # CA and match the MX host name, else defer).
+    tls_floor: str = "may"
+    # destination domain -> "may" | "encrypt" | "verify"; never weaker than tls_floor.
+    tls_policy: dict[str, str] = field(default_factory=dict)
+    # PEM CA bundle for "verify" and MTA-STS checks; empty: the system's trust store.
+    ca_file: str = ""
+    # MTA-STS (RFC 8461): fetch and honour the destination's policy.
+    mta_sts: bool = True
+    # PEM CA bundle for fetching MTA-STS policies over HTTPS; empty: ca_file, else system.
+    mta_sts_ca_file: str = ""
+    # FOR TESTS AND THE LAB ONLY: the HTTPS port of mta-sts.DOMAIN (443 on the Internet)
+    # and fixed addresses for policy hosts (host -> IP; only loopback is accepted).
+    mta_sts_port: int = 443
+    mta_sts_addresses: dict[str, str] = field(default_factory=dict)
+    # DANE (RFC 7672): TLSA records trusted when the configured resolver sets AD.
+    dane: bool = True
+    # TLS-RPT (RFC 8460): record TLS failures per policy domain in data_dir.
+    tls_reports: bool = True
+
+
 @dataclass(frozen=True)
 class LogConfig:
     # "text": one readable line per event; "json": one JSON object per line.
@@ -270,6 +299,7 @@ class Config:
     routes: dict[str, Route] = field(default_factory=dict)
     # domains on which delivery must use STARTTLS (defer instead of sending in clear).
     require_tls_domains: list[str] = field(default_factory=list)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
     @property
     def data_path(self) -> Path:
@@ -381,6 +411,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("tls.acme_directory: must be an https:// URL")
         if not 0 < cfg.tls.acme_renew_days < 90:
             raise ConfigError("tls.acme_renew_days: must be between 1 and 89")
+    _validate_delivery(cfg.delivery)
     for dom, route in cfg.routes.items():
         if not 0 < route.port < 65536:
             raise ConfigError(f"routes.{dom}.port: must be 1-65535")
@@ -498,6 +529,25 @@ def _validate_auth(auth: AuthConfig) -> None:
         raise ConfigError("auth.block_seconds: must be a positive number of seconds")
     if not 0 <= auth.failure_delay <= 60:
         raise ConfigError("auth.failure_delay: must be between 0 and 60 seconds")
+
+
+def _validate_delivery(d: DeliveryConfig) -> None:
+    allowed = ", ".join(TLS_LEVELS)
+    if d.tls_floor not in TLS_LEVELS:
+        raise ConfigError(f"delivery.tls_floor: allowed values are {allowed}")
+    for dom, level in d.tls_policy.items():
+        if level not in TLS_LEVELS:
+            raise ConfigError(f"delivery.tls_policy.{dom}: allowed values are {allowed}")
+    if not 0 < d.mta_sts_port < 65536:
+        raise ConfigError("delivery.mta_sts_port: must be 1-65535")
+    for host, ip in d.mta_sts_addresses.items():
+        try:
+            loopback = ipaddress.ip_address(ip).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"delivery.mta_sts_addresses.{host}: only loopback addresses "
+                              "(this override exists for tests and the lab)")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

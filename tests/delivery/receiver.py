@@ -6,8 +6,9 @@ maps an address to a list of replies used one per attempt (then 250), ``data_rep
 a list used one per DATA (then 250), ``mail_reply`` answers every MAIL. Everything seen is
 recorded in ``commands`` and, for each accepted message, in ``messages``.
 
-``smtputf8`` advertises SMTPUTF8 (RFC 6531). ``keep_data=False`` keeps only the size and
-SHA-256 of each message (a memory measurement must not count the receiver's copies).
+``starttls_reply``, when set, answers STARTTLS with it (e.g. "454 4.7.0 not now") instead
+of starting TLS. ``smtputf8`` advertises SMTPUTF8 (RFC 6531). ``keep_data=False`` keeps only
+the size and SHA-256 of each message (a memory measurement must not count the receiver's copies).
 ``probe``, when set, is called with every command line and with "." at each end of data,
 while the client waits for the reply: a test measures the client's state there.
 
@@ -48,6 +49,7 @@ class Receiver:
     rcpt_replies: dict[str, list[str]] = field(default_factory=dict)
     data_replies: list[str] = field(default_factory=list)
     stall_data: asyncio.Event | None = None  # when set: hold the DATA reply until it fires
+    starttls_reply: str | None = None
     smtputf8: bool = False
     keep_data: bool = True
     probe: Callable[[str], None] | None = None
@@ -133,6 +135,8 @@ class Receiver:
             elif verb == "HELO":
                 helo = arg
                 await send("250 receiver.test")
+            elif line.upper() == "STARTTLS" and self.starttls_reply is not None:
+                await send(self.starttls_reply)
             elif line.upper() == "STARTTLS" and self.ssl_context is not None and not tls:
                 await send("220 2.0.0 go ahead")
                 await writer.start_tls(self.ssl_context)

@@ -2,9 +2,14 @@
 
 TLS policy: STARTTLS whenever the server offers it. Without DANE or MTA-STS there is no
 name to verify a certificate against that an attacker could not also forge, so the default
-is opportunistic (encrypt, do not verify), as every MTA does. For a domain or route that
-requires TLS, a server that does not offer STARTTLS, or a handshake that fails, is a
-temporary failure for that host: the message is never sent in clear to it.
+is opportunistic (encrypt, do not verify), as every MTA does. A ``TLSPolicy``
+(delivery/tlspolicy.py) raises that per destination: under ``encrypt`` a server that does
+not offer STARTTLS, refuses it or fails the handshake is a temporary failure (4.7.x) for
+that host and the message is never sent in clear to it; ``verify`` also requires a
+certificate that chains to a trusted CA and names the MX host; ``dane`` requires one that
+matches the host's TLSA records. MTA-STS "testing" checks like ``verify`` and reports a
+failure, then delivers over a fresh, opportunistic connection. Every TLS outcome under a
+policy goes to the ``report`` callback (TLS-RPT).
 
 Hosts are tried in order (all addresses of each MX) until one gives a definite answer to
 the transaction; connection errors, timeouts and greeting/EHLO refusals move on to the next.
@@ -33,8 +38,10 @@ from typing import Literal
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
+from mailfort.delivery import dane
 from mailfort.delivery.message import CHUNK, DataEncoder, Outbound, needs_smtputf8
 from mailfort.delivery.mx import Target
+from mailfort.delivery.tlspolicy import HostPlan, Reporter, TLSEvent, TLSPolicy, failure_type
 
 Outcome = Literal["delivered", "temporary", "permanent"]
 
@@ -57,6 +64,8 @@ class DomainResult:
     results: dict[str, RcptResult] = field(default_factory=dict)
     host: str = ""  # the host that took the transaction, if any
     tls: bool = False
+    tls_version: str = ""  # e.g. "TLSv1.3"
+    verified: str = ""  # how the peer was authenticated: "", "pkix" or "dane"
 
 
 def _one_line(text: str, limit: int = 900) -> str:
@@ -93,11 +102,13 @@ def _path(address: str) -> bytes:
 class _HostFailure(Exception):
     """This host could not take the transaction; try the next one."""
 
-    def __init__(self, status: str, reply: str, *, no_smtputf8: bool = False) -> None:
+    def __init__(self, status: str, reply: str, *, no_smtputf8: bool = False,
+                 tls_result: str = "") -> None:
         super().__init__(reply)
         self.status = status
         self.reply = reply
         self.no_smtputf8 = no_smtputf8  # reached, but it cannot take this message at all
+        self.tls_result = tls_result  # RFC 8460 result-type when the required TLS failed
 
 
 @functools.cache
@@ -125,12 +136,15 @@ async def deliver(
     connect_timeout: float = 30.0,
     timeout: float = 300.0,
     tls_context: ssl.SSLContext | None = None,
+    policy: TLSPolicy | None = None,
+    report: Reporter | None = None,
 ) -> DomainResult:
     """Try each target address in turn; per-recipient results for every recipient.
 
-    ``require_tls`` adds to each target's own ``require_tls``. ``tls_context`` replaces the
-    opportunistic (non-verifying) context, e.g. to verify against a known CA. ``message``
-    is best an ``Outbound`` (streamed from its file); bytes are for small messages and tests.
+    ``require_tls`` adds to each target's own ``require_tls``; ``policy`` says what each
+    host must offer (see module docstring). ``tls_context`` replaces the opportunistic
+    (non-verifying) context. ``message`` is best an ``Outbound`` (streamed from its file);
+    bytes are for small messages and tests.
     """
     if isinstance(message, bytes):
         message = Outbound.from_bytes(message)
@@ -153,17 +167,55 @@ async def deliver(
     recipients = safe
     last = _HostFailure("4.4.1", "no host to try")
     failures: list[_HostFailure] = []
+    policy = policy or TLSPolicy()
+    opportunistic = tls_context or opportunistic_context()
+
+    def note(result: str, target: Target, addr: str, detail: str = "") -> None:
+        if report is not None and policy.domain:
+            ptype = "tlsa" if policy.plan(target.host).mode == "dane" else \
+                "sts" if policy.source == "mta-sts" else "no-policy-found"
+            report(TLSEvent(result, ptype, policy.domain, target.host, addr, detail))
+
     for target in targets:
+        plan = policy.plan(target.host)
+        if plan.mode == "may" and (require_tls or target.require_tls):
+            plan = HostPlan("encrypt")
+        if not plan.allowed:
+            detail = plan.refusal or \
+                f"MX {target.host} is not listed in the MTA-STS policy of {policy.domain}"
+            note(plan.refusal_result, target, "", detail)
+            if not plan.testing:
+                last = _HostFailure("4.7.5", detail)
+                failures.append(last)
+                continue
+            plan = HostPlan(plan.fallback, ca_file=plan.ca_file)
         for addr in target.addresses:
             try:
-                res = await _transaction(
-                    target, addr, sender, recipients, message,
-                    helo=helo,
-                    require_tls=require_tls or target.require_tls,
-                    connect_timeout=connect_timeout,
-                    timeout=timeout,
-                    tls_context=tls_context or opportunistic_context(),
-                )
+                try:
+                    res = await _transaction(
+                        target, addr, sender, recipients, message,
+                        helo=helo, plan=plan,
+                        connect_timeout=connect_timeout,
+                        timeout=timeout,
+                        tls_context=plan.context(opportunistic),
+                    )
+                except _HostFailure as exc:
+                    if not exc.tls_result:
+                        raise
+                    note(exc.tls_result, target, addr, exc.reply)
+                    if not plan.testing:
+                        raise
+                    # MTA-STS testing: reported; now deliver as without a policy.
+                    fallback = HostPlan(plan.fallback, ca_file=plan.ca_file)
+                    res = await _transaction(
+                        target, addr, sender, recipients, message,
+                        helo=helo, plan=fallback,
+                        connect_timeout=connect_timeout, timeout=timeout,
+                        tls_context=fallback.context(opportunistic),
+                    )
+                else:
+                    if res.tls and plan.mode != "may":
+                        note("success", target, addr)
                 res.results.update(out.results)
                 return res
             except _HostFailure as exc:
@@ -187,7 +239,7 @@ async def _transaction(
     message: Outbound,
     *,
     helo: str,
-    require_tls: bool,
+    plan: HostPlan,
     connect_timeout: float,
     timeout: float,
     tls_context: ssl.SSLContext,
@@ -214,7 +266,7 @@ async def _transaction(
                 from None
         return await _session(
             smtp, target, where, sender, recipients, message,
-            helo=helo, require_tls=require_tls, tls_context=tls_context,
+            helo=helo, plan=plan, tls_context=tls_context,
         )
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
         # Lost before a definite answer to the whole transaction: nothing was accepted.
@@ -233,9 +285,10 @@ async def _session(
     message: Outbound,
     *,
     helo: str,
-    require_tls: bool,
+    plan: HostPlan,
     tls_context: ssl.SSLContext,
 ) -> DomainResult:
+    require_tls = plan.requires_tls
     try:
         await smtp.ehlo(hostname=helo)
     except aiosmtplib.SMTPHeloError:
@@ -245,22 +298,46 @@ async def _session(
             raise _HostFailure("4.4.1", f"{where} refused HELO: {_reply(exc.code, exc.message)}")\
                 from None
     tls = False
+    tls_version = verified = ""
     if smtp.supports_extension("starttls"):
         try:
             await smtp.starttls(server_hostname=target.host, tls_context=tls_context)
-            await smtp.ehlo(hostname=helo)
-            tls = True
         except aiosmtplib.SMTPResponseException as exc:
             # A refusal (e.g. 454) leaves the session usable in clear, if that is allowed.
             if require_tls or exc.code == 421:
                 raise _HostFailure("4.7.5", f"{where} refused STARTTLS: "
-                                   f"{_reply(exc.code, exc.message)}") from None
+                                   f"{_reply(exc.code, exc.message)}",
+                                   tls_result="starttls-not-supported" if require_tls
+                                   else "") from None
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
             # The connection is unusable after a failed handshake; try the next host.
+            # Never a retry in clear: a required TLS that failed is a 4.7.x deferral.
+            cause = exc.__cause__ or exc.__context__ or exc
+            if not isinstance(cause, ssl.SSLError):
+                cause = exc
             raise _HostFailure("4.7.5" if require_tls else "4.4.2",
-                               f"{where}: STARTTLS failed: {_one_line(str(exc))}") from None
+                               f"{where}: STARTTLS failed: {_one_line(str(exc))}",
+                               tls_result=failure_type(cause) if require_tls else "")\
+                from None
+        else:
+            tls = True
+            ssl_object = smtp.transport.get_extra_info("ssl_object") \
+                if smtp.transport is not None else None
+            tls_version = str(ssl_object.version() or "") if ssl_object is not None else ""
+            if plan.mode == "verify":
+                verified = "pkix"
+            elif plan.mode == "dane":
+                why = dane.authenticate(plan.tlsa, dane.presented_chain(ssl_object)
+                                        if ssl_object is not None else [], target.host)
+                if why is not None and any(r.usable for r in plan.tlsa):
+                    await _quit(smtp)
+                    raise _HostFailure("4.7.5", f"{where}: DANE authentication failed: {why}",
+                                       tls_result="validation-failure")
+                verified = "dane" if why is None else ""
+            await smtp.ehlo(hostname=helo)
     elif require_tls:
-        raise _HostFailure("4.7.10", f"{where} does not offer STARTTLS and TLS is required")
+        raise _HostFailure("4.7.10", f"{where} does not offer STARTTLS and TLS is required",
+                           tls_result="starttls-not-supported")
 
     options: list[bytes] = []
     if smtp.supports_extension("size"):
@@ -275,7 +352,8 @@ async def _session(
                 "needs (non-ASCII addresses or headers)", no_smtputf8=True)
         options.append(b"SMTPUTF8")
     resp = await smtp.execute_command(b"MAIL", b"FROM:" + _path(sender), *options)
-    result = DomainResult(host=target.host, tls=tls)
+    result = DomainResult(host=target.host, tls=tls, tls_version=tls_version,
+                          verified=verified)
     if resp.code != 250:
         outcome = _classify(resp.code)
         if outcome == "temporary" and resp.code == 421:

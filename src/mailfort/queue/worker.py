@@ -38,8 +38,9 @@ from pathlib import Path
 
 from mailfort import metrics
 from mailfort.config import Config
-from mailfort.delivery import client, mx
+from mailfort.delivery import client, mx, tlsrpt_send
 from mailfort.delivery.message import Outbound, Traits, scan_file
+from mailfort.delivery.outbound_tls import OutboundTLS
 from mailfort.queue.dsn import MAX_ORIGINAL_HEADERS, RecipientReport, build_dsn
 from mailfort.queue.store import Entry, Queue, QueueError, Recipient
 from mailfort.store.maildir import Committer, in_maildir, keyed_name, maildir_for
@@ -96,6 +97,8 @@ class DeliveryWorker:
         self.clock = clock
         self.hostname = cfg.server.hostname
         self._resolver = mx.make_resolver(cfg)
+        self._tls = OutboundTLS(cfg, self._resolver)  # outbound TLS policy (issue 13)
+        self._tlsrpt_task: asyncio.Task[None] | None = None  # issue 13
         self._slots = max(1, cfg.queue.workers)
         self._sem = asyncio.Semaphore(self._slots)  # connections
         self._ready: deque[str] = deque()  # due entries not yet taken, oldest first
@@ -133,6 +136,12 @@ class DeliveryWorker:
         self._parked.clear()  # nothing is in flight now: no destination is busy
         self._waiting.clear()
         self._task = asyncio.create_task(self._run(), name="mailfort-delivery")
+        # --- TLS-RPT (issue 13): yesterday's reports, once a day, through this queue
+        if self.cfg.delivery.tls_reports:
+            self._tlsrpt_task = asyncio.create_task(
+                tlsrpt_send.daily(self.cfg, self.queue, self._resolver, self.wake),
+                name="mailfort-tlsrpt")
+        # --- end TLS-RPT
 
     async def stop(self) -> None:
         """Stop now; deliveries in flight are cancelled and retried after the next start."""
@@ -141,6 +150,12 @@ class DeliveryWorker:
         # uses wait_for, the flag guards what else might). asyncio.wait, unlike awaiting
         # the task, lets a cancellation of stop() itself through.
         self._stopping = True
+        # --- TLS-RPT (issue 13)
+        rpt, self._tlsrpt_task = self._tlsrpt_task, None
+        if rpt is not None:
+            rpt.cancel()
+            await asyncio.wait([rpt])
+        # --- end TLS-RPT
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -414,6 +429,9 @@ class DeliveryWorker:
                     out.results[a] = client.RcptResult(a, "temporary",
                                                        "4.3.0 message file missing", "4.3.0")
                 return out
+            # --- outbound TLS policy (issue 13): floor, per-domain level, DANE, MTA-STS
+            policy = await self._tls.policy_for(domain, route, targets)
+            # --- end outbound TLS policy
             res = await client.deliver(
                 targets,
                 entry.sender,
@@ -423,6 +441,8 @@ class DeliveryWorker:
                 require_tls=mx.requires_tls(self.cfg, domain, route),
                 connect_timeout=self.cfg.queue.connect_timeout,
                 timeout=self.cfg.queue.command_timeout,
+                policy=policy,  # issue 13
+                report=self._tls.report,  # issue 13: TLS-RPT events
             )
         for a in addrs:  # belt and braces: every recipient gets a result
             res.results.setdefault(a, client.RcptResult(a, "temporary", "4.4.1 no result",
