@@ -7,6 +7,7 @@ account can still reach its data directory; the subprocess imports this checkout
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,10 +27,20 @@ SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, for a server started later: picked below the kernel's ephemeral
+    range (32768+), where port 0 would pick, so that the outgoing connections of whatever
+    else runs meanwhile cannot take it before the server binds it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port in 20000-32000")
 
 
 def free_low_port() -> int:
