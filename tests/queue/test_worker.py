@@ -80,11 +80,11 @@ async def test_delivered_via_mx(outbound_config: ConfigFactory, dns_server: DNSS
     ident = w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@remote.test"],
                                   "alice@example.test")
     w.wake()
-    await wait_for(lambda: w.queue.list() == [])
+    # The state file goes first (the commit point), the message file right after it.
+    await wait_for(lambda: w.queue.list() == [] and not (w.queue.msg_dir / ident).exists())
     (m,) = rx.messages
     assert m.recipients == ["bob@remote.test"] and m.data == MSG
     assert m.helo == "mailfort.example.test"
-    assert not (w.queue.msg_dir / ident).exists()
     assert sink.delivered == []
 
 
