@@ -31,6 +31,7 @@ from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
+from mailfort.server.stress import StressGuard
 from mailfort.store.maildir import Committer
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ class Node:
         self.limiter = ConnectionLimiter(
             cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
             rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=self.counters)
+        # This process's stress mode (server/stress.py), shared by every listener.
+        self.stress = StressGuard(cfg.limits.stress)
         self.inbound = inbound_policy(cfg)  # the MX's DNSBL, pre-greeting and greylisting
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
@@ -148,6 +151,7 @@ class Node:
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
             service.limiter = self.limiter
+            service.stress = self.stress
             for hostport in getattr(self.cfg.listen, name):
                 server = await service.start(*_split(hostport))
                 for sock in server.sockets:
@@ -157,6 +161,7 @@ class Node:
         return self.ports[name][0]
 
     async def stop(self) -> None:
+        self.stress.stop()
         for service in self.services.values():
             await service.close()
         for pop in self.pop3.values():
