@@ -166,7 +166,10 @@ class MailfortServer:
     """``python -m mailfort serve`` from a fresh data directory under ``root``."""
 
     def __init__(self, root: Path, *, port_base: int = 13500, plaintext_pop3: bool = False,
-                 max_connections: int = 20000, max_message_size: int = 60_000_000) -> None:
+                 max_connections: int = 20000, max_message_size: int = 60_000_000,
+                 max_connections_per_ip: int | None = None, extra_limits: str = "") -> None:
+        """``max_connections_per_ip`` None: the same as ``max_connections``;
+        ``extra_limits``: more ``[limits]`` lines (TOML) for the benchmark at hand."""
         self.root = root
         self.data = root / "data"
         self.config = root / "mailfort.toml"
@@ -181,7 +184,8 @@ class MailfortServer:
             f"allow_plaintext_auth_on_loopback = {plain}\n"
             f"[listen]\n{listen}\n"
             f"[limits]\nmax_message_size = {max_message_size}\n"
-            f"max_connections_per_ip = {max_connections}\nmax_connections = {max_connections}\n"
+            f"max_connections_per_ip = {max_connections_per_ip or max_connections}\n"
+            f"max_connections = {max_connections}\n{extra_limits}"
             "[submission]\nmessages_per_hour = 1000000\n"
         )
         self.cli("domain", "add", "example.test")
