@@ -161,7 +161,7 @@ def main() -> int:
     args = ap.parse_args()
     if not 1 <= args.hostile <= 15_000 or not 10 <= args.duration <= 3600:
         ap.error("--hostile 1..15000, --duration 10..3600")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     extra = "stress_threshold = 0\n" if args.no_stress else ""
     with bench_tmpdir("mailfort-hostile-") as tmp:
