@@ -102,11 +102,11 @@ def _legitimate_send(port: int) -> tuple[float, str]:
 
 
 async def _ended_with(conns: list[Conn], text: bytes) -> int:
-    """How many of ``conns`` were told ``text`` and closed by the server (within 2 s)."""
+    """How many of ``conns`` were told ``text`` and closed by the server (within 1 s)."""
 
     async def one(reader: asyncio.StreamReader) -> bool:
         with contextlib.suppress(TimeoutError, ConnectionError):
-            return text in await asyncio.wait_for(reader.read(), 2)
+            return text in await asyncio.wait_for(reader.read(), 1)
         return False
 
     return sum(await asyncio.gather(*(one(r) for r, _ in conns)))
@@ -200,4 +200,29 @@ async def test_sessions_opened_under_stress_get_the_lower_error_limit(
         assert await errors_until_closed(stressed) == 4  # the 4th error ends it
         assert await errors_until_closed(calm) == 99  # opened before: the normal limit
         for _, w in [calm, stressed, *crowd]:  # type: ignore[misc]
+            w.close()
+
+
+async def test_a_full_table_ends_an_idle_pop3_session_for_a_new_smtp_client(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
+) -> None:
+    """One table over every listener: the oldest idle session goes, whatever its protocol,
+    and it is told so in its own protocol's words."""
+    cfg = config_factory(limits={"max_connections": 2})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        pop_r, pop_w = await asyncio.open_connection("127.0.0.1", node.port("pop3"))
+        assert (await pop_r.readline()).startswith(b"+OK")
+        smtp_conn = await _open(node.port("mx"), 0)
+        assert smtp_conn is not None
+        smtp_conn[1].write(b"NOOP\r\n")  # the SMTP session has made progress since
+        assert (await read_reply(smtp_conn[0])).startswith("250")
+        newcomer = await _open(node.port("submission"), 1)
+        assert newcomer is not None  # admitted: the table made room
+        last = await asyncio.wait_for(pop_r.read(), 5)
+        assert last.startswith(b"-ERR [SYS/TEMP] Server busy"), last
+        smtp_conn[1].write(b"NOOP\r\n")  # the more recent SMTP session was kept
+        assert (await read_reply(smtp_conn[0])).startswith("250")
+        assert node.stress.evicted == 1
+        for w in (pop_w, smtp_conn[1], newcomer[1]):
             w.close()
