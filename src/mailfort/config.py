@@ -340,8 +340,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"limits.{k}: must be a positive integer")
     if not 0 <= lim.stress_threshold <= 1:
         raise ConfigError("limits.stress_threshold: must be between 0 (off) and 1")
-    if lim.stress_idle_timeout <= 0 or lim.stress_max_errors < 1:
-        raise ConfigError("limits.stress_idle_timeout and stress_max_errors: must be positive")
+    if lim.stress_idle_timeout <= 0:
+        raise ConfigError("limits.stress_idle_timeout: must be a positive number of seconds")
+    if lim.stress_max_errors < 1:
+        raise ConfigError("limits.stress_max_errors: must be 1 or more")
     if lim.max_connection_rate_per_ip < 0:
         raise ConfigError("limits.max_connection_rate_per_ip: must be 0 (no limit) or more")
     for k in ("idle_timeout", "session_timeout", "pop3_idle_timeout"):
