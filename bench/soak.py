@@ -99,13 +99,13 @@ async def run(mf: SoakServer, minutes: float, rate: float, sample: float) -> Non
     while (now := time.monotonic()) - t0 < minutes * 60:
         if now >= next_sample:
             st = proc_status(mf.pid)
-            queue = len(list((mf.data / "queue").glob("*"))) if (mf.data / "queue").exists() \
-                else 0
+            env = mf.data / "queue" / "env"  # one state file per queue entry
+            queue = len(list(env.glob("*.json"))) if env.exists() else 0
             boxes = sum(len(list((mf.maildir(u) / "new").glob("*"))) for u in ("alice", "bob")
                         if (mf.maildir(u) / "new").exists())
             rows.append((now - t0, st["VmRSS"], open_fds(mf.pid), mf.tasks(), queue, boxes))
             print(f"# t={(now - t0) / 60:5.1f} min RSS {st['VmRSS'] / 1024:6.1f} MB fds "
-                  f"{rows[-1][2]:4d} tasks {rows[-1][3]:4d} queue files {queue:4d} "
+                  f"{rows[-1][2]:4d} tasks {rows[-1][3]:4d} queue entries {queue:4d} "
                   f"mail in new/ {boxes:4d} ops {sum(ops.values())} errors "
                   f"{sum(errors.values())}", flush=True)
             next_sample += sample
@@ -128,7 +128,7 @@ async def run(mf: SoakServer, minutes: float, rate: float, sample: float) -> Non
     print(f"# operations {dict(ops)}; errors {dict(errors) or 'none'}")
     steady = rows[1:] if len(rows) > 2 else rows
     xs = [r[0] for r in steady]
-    for i, name in ((1, "RSS kB"), (2, "fds"), (3, "tasks"), (4, "queue files")):
+    for i, name in ((1, "RSS kB"), (2, "fds"), (3, "tasks"), (4, "queue entries")):
         ys = [float(r[i]) for r in steady]
         print(f"# {name:12s} start {rows[0][i]:>8} end {rows[-1][i]:>8} "
               f"slope after warm-up {slope_per_hour(xs, ys):+.1f}/h")
