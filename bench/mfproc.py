@@ -167,8 +167,11 @@ class MailfortServer:
 
     def __init__(self, root: Path, *, port_base: int = 13500, plaintext_pop3: bool = False,
                  max_connections: int = 20000, max_message_size: int = 60_000_000,
+                 max_connections_per_ip: int | None = None, extra_limits: str = "",
                  dns_port: int = 9, sender_auth: bool = False) -> None:
-        """``dns_port``: the loopback DNS server the node asks (never the system resolver:
+        """``max_connections_per_ip`` None: the same as ``max_connections``;
+        ``extra_limits``: more ``[limits]`` lines (TOML) for the benchmark at hand.
+        ``dns_port``: the loopback DNS server the node asks (never the system resolver:
         a benchmark sends nothing off the machine; on the default, a port where nothing
         answers, lookups fail). ``sender_auth``: SPF/DKIM/DMARC at the MX, off by default
         so the MX rows measure what the reference Postfix does (it checks none of them)."""
@@ -186,7 +189,8 @@ class MailfortServer:
             f"allow_plaintext_auth_on_loopback = {plain}\n"
             f"[listen]\n{listen}\n"
             f"[limits]\nmax_message_size = {max_message_size}\n"
-            f"max_connections_per_ip = {max_connections}\nmax_connections = {max_connections}\n"
+            f"max_connections_per_ip = {max_connections_per_ip or max_connections}\n"
+            f"max_connections = {max_connections}\n{extra_limits}"
             "[submission]\nmessages_per_hour = 1000000\n"
             f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 2.0\n'
             f"[sender_auth]\nenabled = {'true' if sender_auth else 'false'}\n"

@@ -177,3 +177,21 @@ def test_default_hostname_is_the_machines(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(socket, "getfqdn", lambda: "localhost")
     monkeypatch.setattr(socket, "gethostname", lambda: "box")
     assert Config().server.hostname == "box"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[limits]\nstress_threshold = 1.5\n", "limits.stress_threshold"),
+    ("[limits]\nstress_threshold = -0.1\n", "limits.stress_threshold"),
+    ("[limits]\nstress_idle_timeout = 0\n", "limits.stress_idle_timeout"),
+    ("[limits]\nstress_max_errors = 0\n", "limits.stress_max_errors"),
+])
+def test_stress_mode_limits_are_checked(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_text(tmp_path, text)
+    assert str(exc.value).startswith(f"{key}:")
+
+
+def test_stress_mode_settings_come_from_limits(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, "[limits]\nstress_threshold = 0.5\nstress_idle_timeout = 4\n")
+    assert (cfg.limits.stress.threshold, cfg.limits.stress.idle_timeout,
+            cfg.limits.stress.max_errors) == (0.5, 4.0, 3)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mailfort.protocol.errors import Slowdown
+from mailfort.server.stress import StressSettings
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,17 @@ class LimitsConfig:
     # New connections per client (IPv4 address, IPv6 /64) per minute, node-wide; 0: no limit.
     max_connection_rate_per_ip: int = 0
     pop3_idle_timeout: float = 600.0
+    # Stress mode (server/stress.py): past stress_threshold of max_connections (0: never),
+    # a session must make progress every stress_idle_timeout seconds, new sessions get
+    # stress_max_errors, and a full table ends its oldest idle session before refusing.
+    stress_threshold: float = 0.8
+    stress_idle_timeout: float = 10.0
+    stress_max_errors: int = 3
+
+    @property
+    def stress(self) -> StressSettings:
+        return StressSettings(self.stress_threshold, self.stress_idle_timeout,
+                              self.stress_max_errors)
 
     @property
     def error_slowdown(self) -> Slowdown | None:
@@ -386,6 +398,12 @@ def validate(cfg: Config) -> Config:
               "max_connections", "max_connections_per_ip"):
         if getattr(lim, k) <= 0:
             raise ConfigError(f"limits.{k}: must be a positive integer")
+    if not 0 <= lim.stress_threshold <= 1:
+        raise ConfigError("limits.stress_threshold: must be between 0 (off) and 1")
+    if lim.stress_idle_timeout <= 0:
+        raise ConfigError("limits.stress_idle_timeout: must be a positive number of seconds")
+    if lim.stress_max_errors < 1:
+        raise ConfigError("limits.stress_max_errors: must be 1 or more")
     if lim.max_connection_rate_per_ip < 0:
         raise ConfigError("limits.max_connection_rate_per_ip: must be 0 (no limit) or more")
     for k in ("idle_timeout", "session_timeout", "pop3_idle_timeout"):

@@ -585,3 +585,36 @@ async def test_smtputf8_message_to_a_remote_without_it_bounces_with_5_6_7(
     assert f"Final-Recipient: rfc822; {rcpt}".encode() in raw
     assert block["Status"] == "5.6.7"
     assert "SMTPUTF8" in block["Diagnostic-Code"]
+
+
+class LosesOneCancel(LocalSink):
+    """Local delivery that swallows the first cancellation and carries on, as
+    ``asyncio.wait_for`` does on Python 3.11 when the cancel races its result (dnspython's
+    asyncio backend awaits every DNS query through it)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.entered = asyncio.Event()
+
+    async def __call__(self, user: str, message: bytes, key: str = "") -> None:
+        self.entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(30)  # the cancel is lost: this work goes on
+
+
+async def test_stop_ends_a_runner_whose_cancel_was_lost(
+        outbound_config: ConfigFactory, dns_server: DNSServer, tmp_path: Path) -> None:
+    """stop() must not wait for a runner that did not take its cancel (the teardown hang)."""
+    dns_server.add_mx("nomail.test", ".", 0)  # null MX: bounced at once, to local delivery
+    cfg = outbound_config()
+    sink = LosesOneCancel(tmp_path / "local")
+    w = DeliveryWorker(Queue(cfg.data_path / "queue"), cfg, sink)
+    await w.start()
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["b@nomail.test"], "alice@example.test")
+    w.wake()
+    await asyncio.wait_for(sink.entered.wait(), 10)
+    started = time.monotonic()
+    await asyncio.wait_for(w.stop(), 10)
+    assert time.monotonic() - started < 2, "stop() waited for the runner's lost cancel"

@@ -54,7 +54,7 @@ async def test_total_cap_counts_every_listener(
     config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
 ) -> None:
     async with node_with(config_factory, server_ssl_context,
-                         limits={"max_connections": 2}) as node:
+                         limits={"max_connections": 2, "stress_threshold": 0}) as node:
         held = []
         conn, greeting = await connect(node.port("mx"))
         held.append(conn)

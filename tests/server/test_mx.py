@@ -454,7 +454,7 @@ async def test_trusted_network_may_relay_and_default_may_not(
 async def test_total_connection_limit(
     config_factory: Any, server_ssl_context: ssl.SSLContext
 ) -> None:
-    cfg = config_factory(limits={"max_connections": 2})
+    cfg = config_factory(limits={"max_connections": 2, "stress_threshold": 0})
     seed_directory(cfg)
     async with Node(cfg, ssl_context=server_ssl_context) as node:
         port = node.port("mx")

@@ -157,15 +157,10 @@ class DeliveryWorker:
             await asyncio.wait([rpt])
         # --- end TLS-RPT
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
         self._ready.clear()
-        tasks = list(self._runners)
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await _cancel_until_done([task] if task is not None else [])
+        self._ready.clear()
+        await _cancel_until_done(list(self._runners))
 
     def wake(self) -> None:
         """New mail was queued: look for it now. Callable from any thread."""
@@ -518,6 +513,18 @@ class DeliveryWorker:
             return False
         entry.extra["dsns"] = sent + 1
         return True
+
+
+async def _cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again while any is still running: a
+    cancel can be lost (``asyncio.wait_for`` on Python 3.11 swallows one that races its
+    result, and dnspython awaits every query through it), and a task that lost it would
+    otherwise be waited for until its work ends (a delivery: up to its command timeout)."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
 
 
 def maildir_deliverer(committer: Committer, data_dir: Path) -> LocalDeliver:

@@ -34,6 +34,7 @@ from mailfort.server.connections import ConnectionLimiter
 from mailfort.server.operations import Operations
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
+from mailfort.server.stress import StressGuard
 from mailfort.store.maildir import Committer
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class Node:
         self.limiter = ConnectionLimiter(
             cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
             rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=self.counters)
+        # This process's stress mode (server/stress.py), shared by every listener.
+        self.stress = StressGuard(cfg.limits.stress)
         self.inbound = inbound_policy(cfg)  # the MX's DNSBL, pre-greeting and greylisting
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
@@ -154,6 +157,7 @@ class Node:
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
             service.limiter = self.limiter
+            service.stress = self.stress
             for i, hostport in enumerate(getattr(self.cfg.listen, name)):
                 server = await service.start(*_split(hostport),
                                              sock=self.inherited.get((name, i)))
@@ -167,6 +171,7 @@ class Node:
         return self.ports[name][0]
 
     async def stop(self) -> None:
+        self.stress.stop()
         for service in self.services.values():
             await service.close()
         for pop in self.pop3.values():

@@ -51,6 +51,7 @@ TOO_MANY_FROM_IP = "[SYS/TEMP] Too many connections from your address, try again
 _REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP,
              Admission.RATE_FROM_IP: TOO_MANY_FROM_IP}
 SHUTTING_DOWN = "[SYS/TEMP] Service shutting down, try again later"
+STRESS_CLOSE = "[SYS/TEMP] Server busy, closing idle connection, try again later"
 MESSAGE_GONE = "[SYS/TEMP] Message is no longer available"
 # Read-ahead holds at most this much per session beyond what the transport buffers.
 READ_AHEAD_MAX = 16 * 1024
@@ -132,9 +133,11 @@ class POP3Session(EngineSession):
         self.peer_ip = str(peer[0])
         srv = self.server
         settings = srv.loopback_settings if is_loopback(self.peer_ip) else srv.settings
+        settings = srv.stress.engine_settings(srv.limiter, settings)
         self.engine = POP3Engine(settings, tls_active=srv.implicit_tls)
         decisionlog.connect("pop3s" if srv.implicit_tls else "pop3", self.peer_ip)
-        self.admit(srv.limiter, srv.sessions, _REFUSALS, srv.limits.pop3_idle_timeout)
+        self.admit(srv.limiter, srv.sessions, _REFUSALS, srv.limits.pop3_idle_timeout,
+                   stress=srv.stress)
 
     def eof_received(self) -> bool | None:
         return False  # close: a half-closed POP3 client is gone
@@ -152,6 +155,9 @@ class POP3Session(EngineSession):
         self._writable.set()
         self.release()
         self._release_mailbox()  # dropped before QUIT: nothing is deleted
+
+    def stress_reply(self, engine: POP3Engine) -> None:  # type: ignore[override]
+        engine.close(STRESS_CLOSE)
 
     def shutdown(self) -> None:
         if self.updating:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from mailfort.policy import decisionlog
 from mailfort.server.connections import Admission, ConnectionLimiter
+from mailfort.server.stress import PROGRESS_BYTES, StressGuard
 
 log = logging.getLogger("mailfort.session")
 
@@ -36,6 +37,7 @@ class Listener:
     def __init__(self, max_connections: int, max_connections_per_ip: int) -> None:
         self.sessions: set[Any] = set()
         self.limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
+        self.stress = StressGuard()  # a node gives every listener its one guard
         self.servers: list[asyncio.base_events.Server] = []
 
     async def listen(
@@ -123,6 +125,10 @@ class EngineSession(asyncio.Protocol):
         self.write_paused = False  # the client is not reading its replies
         self._limiter: ConnectionLimiter | None = None
         self._sessions: set[Any] | None = None
+        # Stress mode (server/stress.py): progress is a reply sent or PROGRESS_BYTES received.
+        self._stress: StressGuard | None = None
+        self.last_progress = self.last_activity
+        self._unprogressed = 0  # octets received since the last progress
         self._close_after_task: Callable[[], None] | None = None
         # Pre-greeting screening (MX): the banner waits for it; input meanwhile is refused.
         self.screening: asyncio.Task[None] | None = None
@@ -138,13 +144,17 @@ class EngineSession(asyncio.Protocol):
         idle_timeout: float,
         screen: Callable[[], Awaitable[Any]] | None = None,
         pregreet_refusal: Any = None,
+        stress: StressGuard | None = None,
     ) -> None:
         """Greet, or refuse with the engine's own words when a connection limit is hit.
 
         ``screen`` (checks before the banner, e.g. blocklists and a greeting delay) gives
         a refusal or None; the banner waits for it, and a client that sends anything
-        before the banner is refused with ``pregreet_refusal`` at once."""
+        before the banner is refused with ``pregreet_refusal`` at once. With ``stress``, a
+        full table first ends its oldest idle session to make room (server/stress.py)."""
         assert self.engine is not None
+        if stress is not None and limiter.total >= limiter.max_total:
+            stress.make_room(limiter)
         admission = limiter.admit(self.peer_ip)
         if admission is not Admission.OK:
             self.connection_refused(refusals[admission], admission.value)
@@ -153,6 +163,10 @@ class EngineSession(asyncio.Protocol):
             self._limiter, self._sessions = limiter, sessions
             sessions.add(self)
             self.counted = True
+            if stress is not None:
+                self._stress = stress
+                stress.add(self)
+                stress.check(limiter)
             self.arm_timer(idle_timeout)
             if screen is not None:
                 self._pregreet_refusal = pregreet_refusal
@@ -206,11 +220,34 @@ class EngineSession(asyncio.Protocol):
             self.counted = False
             self._sessions.discard(self)
             self._limiter.release(self.peer_ip)
+        if self._stress is not None:
+            self._stress.discard(self)
+            self._stress = None
+
+    def stress_close(self) -> None:
+        """Stress mode ends this session (idle too long, or its slot is needed): the
+        engine's last word, then the slot is freed at once, not when the socket drains; a
+        client that does not read loses its connection now."""
+        engine, transport = self.engine, self.transport
+        if engine is not None and transport is not None and not engine.closed:
+            self.stress_reply(engine)
+            self.pump()
+        if self.write_paused and self.transport is not None:
+            self.transport.abort()
+        self.release()
+
+    def stress_reply(self, engine: Any) -> None:
+        """Give the engine its last reply when stress mode ends the session."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------- asyncio callbacks
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
+        self._unprogressed += len(data)
+        if self._unprogressed >= PROGRESS_BYTES and self._stress is not None:
+            self._unprogressed = 0
+            self._stress.progress(self)
         assert self.engine is not None
         if self.screening is not None:
             if self._pregreet_refusal is not None:
@@ -298,6 +335,7 @@ class EngineSession(asyncio.Protocol):
             return
         if out:
             transport.write(out)
+            self._progressed()
         if self.task is not None:
             transport.pause_reading()
         elif engine.closed and not self.closing:
@@ -311,6 +349,12 @@ class EngineSession(asyncio.Protocol):
             if self.write_paused:
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
             transport.close()
+
+    def _progressed(self) -> None:
+        """A reply went out: a command completed (stress mode's per-command deadline)."""
+        self._unprogressed = 0
+        if self._stress is not None:
+            self._stress.progress(self)
 
     async def _send_later(self, out: bytes, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -63,6 +63,7 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+STRESS_CLOSE = Reply(421, "4.7.0", "Server busy, closing idle connection, try again later")
 CONNECTION_RATE = Reply(421, "4.7.0", "Connection rate limit exceeded, try again later")
 _REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP,
              Admission.RATE_FROM_IP: CONNECTION_RATE}
@@ -215,6 +216,7 @@ class SMTPSession(EngineSession):
         self.peer_ip, self.peer_port = str(peer[0]), int(peer[1])
         svc = self.service
         settings = svc.loopback_settings if is_loopback(self.peer_ip) else svc.settings
+        settings = svc.stress.engine_settings(svc.limiter, settings)
         tls = svc.options.implicit_tls
         self.engine = SMTPEngine(settings, tls_active=tls)
         decisionlog.connect(svc.options.name, self.peer_ip)
@@ -224,7 +226,7 @@ class SMTPSession(EngineSession):
         screening = inbound is not None and inbound.screens_connections
         screen = self._pregreeting_checks if screening else None
         self.admit(svc.limiter, svc.sessions, _REFUSALS, svc.cfg.limits.idle_timeout,
-                   screen=screen, pregreet_refusal=PREGREET)
+                   screen=screen, pregreet_refusal=PREGREET, stress=svc.stress)
 
     async def _pregreeting_checks(self) -> Reply | None:
         assert self.service.inbound is not None
@@ -247,6 +249,10 @@ class SMTPSession(EngineSession):
         engine = self.engine
         if engine is not None:
             self.close_engine(lambda: engine.close(SHUTTING_DOWN))
+
+    def stress_reply(self, engine: SMTPEngine) -> None:  # type: ignore[override]
+        self._abort_message()
+        engine.close(STRESS_CLOSE)
 
     # ---------------------------------------------------------------- hooks
 

@@ -1,0 +1,288 @@
+"""Coverage-guided fuzzing (atheris/libFuzzer) of mailfort's parsers, bounded in time.
+
+    python bench/atheris_fuzz.py                      # every target, 25 s each
+    python bench/atheris_fuzz.py --target smtp --seconds 300
+    python bench/atheris_fuzz.py --target smtp --run-one   # (internal) one libFuzzer run
+
+Targets: ``smtp`` (the SMTP engine: bytes in, every event answered, positively or not,
+from the same input), ``pop3`` (the POP3 engine likewise), ``address`` (RFC 5321 paths and
+ESMTP parameters), ``msa`` (the From:/Message-ID/Date header checks of submission) and
+``config`` (TOML to a validated Config). A crash is any exception other than the parser's
+own refusal (AddressError, ConfigError, TOML errors), an engine's ``internal_error`` (the
+engine catches its own bugs and answers 421; the fuzzer must see them), or a broken
+invariant (a reply line without CRLF). Seeds are in bench/fuzz_corpus/<target>/ (kept in
+the repository); inputs the fuzzer finds go to a scratch directory, crashes to
+bench/fuzz_crashes/. Each target runs in its own process (libFuzzer exits when done);
+the summary line per target gives executions, executions per second and coverage (edges
+``cov`` and features ``ft``) as libFuzzer counts them. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CORPUS = HERE / "fuzz_corpus"
+CRASHES = HERE / "fuzz_crashes"
+TARGETS = ("smtp", "pop3", "address", "msa", "config")
+
+
+# ------------------------------------------------------------------------- the targets
+# Each builds its test function after atheris has instrumented mailfort's modules.
+
+
+def smtp_target():  # type: ignore[no-untyped-def]
+    import atheris
+
+    from mailfort.protocol import smtp
+    from mailfort.protocol.replies import Reply
+
+    settings = smtp.EngineSettings(hostname="mx.fuzz.test", tls_available=True,
+                                   auth_mechanisms=("PLAIN", "LOGIN"), auth_requires_tls=False,
+                                   max_message_size=4096, max_recipients=5)
+    answers = [Reply(250, "2.0.0", "OK"), Reply(354, "", "go on"), Reply(550, "5.7.1", "no"),
+               Reply(451, "4.3.0", "later"), Reply(421, "4.7.0", "bye"),
+               Reply(235, "2.7.0", "Authentication successful")]
+
+    def one(data: bytes) -> None:
+        fdp = atheris.FuzzedDataProvider(data)
+        engine = smtp.SMTPEngine(settings, tls_active=fdp.ConsumeBool())
+        engine.greet()
+        choices = fdp.ConsumeBytes(16) or b"\0"
+        k = 0
+        while fdp.remaining_bytes() and not engine.closed:
+            engine.receive(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 600)))
+            while (ev := engine.next_event()) is not None:
+                k += 1
+                c = choices[k % len(choices)]
+                if isinstance(ev, smtp.StartTLS):
+                    engine.tls_started()
+                elif engine.waiting and not isinstance(ev, smtp.StartTLS):
+                    if isinstance(ev, smtp.DataStart):
+                        engine.decide(answers[1] if c % 3 else answers[2])
+                    else:
+                        engine.decide(answers[c % len(answers)] if c % 4 else answers[0])
+            _check_smtp_output(engine.take_output())
+            engine.take_hold()
+            if engine.internal_error is not None:
+                raise engine.internal_error
+
+    return one
+
+
+def _check_smtp_output(out: bytes) -> None:
+    if out and not out.endswith(b"\r\n"):
+        raise AssertionError(f"reply without CRLF: {out[-80:]!r}")
+    for line in out.split(b"\r\n")[:-1]:
+        if not re.fullmatch(rb"[2-5]\d\d[ -].*", line, re.S) or b"\n" in line or b"\r" in line:
+            raise AssertionError(f"malformed reply line: {line[:80]!r}")
+
+
+def pop3_target():  # type: ignore[no-untyped-def]
+    import atheris
+
+    from mailfort.protocol import pop3
+
+    settings = pop3.EngineSettings(tls_available=True, allow_plaintext=True)
+    listing = [("uid-a", 120), ("uid-b", 4000), ("uid-c", 1)]
+
+    def one(data: bytes) -> None:
+        fdp = atheris.FuzzedDataProvider(data)
+        engine = pop3.POP3Engine(settings, tls_active=fdp.ConsumeBool())
+        engine.greet()
+        choices = fdp.ConsumeBytes(16) or b"\0"
+        k = 0
+        while fdp.remaining_bytes() and not engine.closed:
+            engine.receive(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 600)))
+            while (ev := engine.next_event()) is not None:
+                k += 1
+                c = choices[k % len(choices)]
+                if isinstance(ev, pop3.CheckCredentials):
+                    if c % 3:
+                        engine.credentials_accepted("alice@example.test")
+                    else:
+                        engine.credentials_refused()
+                elif isinstance(ev, pop3.OpenMailbox):
+                    if c % 5:
+                        engine.mailbox_opened(listing[: c % 4])
+                    else:
+                        engine.mailbox_unavailable("[IN-USE] locked")
+                elif isinstance(ev, pop3.StartTLS):
+                    engine.tls_started()
+                elif isinstance(ev, pop3.Retrieve):
+                    if c % 4:
+                        engine.retrieve_started(listing[ev.index][1])
+                        engine.retrieve_done()
+                    else:
+                        engine.retrieve_failed("[SYS/TEMP] gone")
+                elif isinstance(ev, pop3.Quit):
+                    engine.update_done(c % 2)
+            out = engine.take_output()
+            engine.take_hold()
+            if out and not out.endswith(b"\r\n"):
+                raise AssertionError(f"reply without CRLF: {out[-80:]!r}")
+            if engine.internal_error is not None:
+                raise engine.internal_error
+
+    return one
+
+
+def address_target():  # type: ignore[no-untyped-def]
+    import atheris
+
+    from mailfort.protocol.address import AddressError, parse_esmtp_params, parse_mail_argument
+
+    def one(data: bytes) -> None:
+        fdp = atheris.FuzzedDataProvider(data)
+        prefix = "FROM:" if fdp.ConsumeBool() else "TO:"
+        null_ok, utf8_ok = fdp.ConsumeBool(), fdp.ConsumeBool()
+        text = fdp.ConsumeUnicodeNoSurrogates(1000)
+        try:
+            mailbox, _ = parse_mail_argument(text, prefix=prefix, null_allowed=null_ok,
+                                             smtputf8_allowed=utf8_ok)
+        except AddressError:
+            pass
+        else:
+            if mailbox is not None:  # what we parsed, written back, parses to the same
+                again, _ = parse_mail_argument(f"{prefix}<{mailbox}>", prefix=prefix,
+                                               null_allowed=False, smtputf8_allowed=utf8_ok)
+                if again != mailbox:
+                    raise AssertionError(f"{text!r}: {mailbox!r} reparsed as {again!r}")
+        with contextlib.suppress(AddressError):
+            parse_esmtp_params(text, smtputf8_allowed=utf8_ok)
+
+    return one
+
+
+class _FuzzDirectory:
+    """The directory the header checks consult: one local user with one alias."""
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower() == "example.test"
+
+    def resolve(self, address: str) -> None:
+        return None
+
+    def password_hash(self, user: str) -> None:
+        return None
+
+    def addresses_of(self, user: str) -> frozenset[str]:
+        return frozenset({"alice@example.test", "team@example.test"})
+
+
+def msa_target():  # type: ignore[no-untyped-def]
+    from mailfort.config import Config, ServerConfig
+    from mailfort.policy.counters import MemoryCounters
+    from mailfort.policy.dmarc import from_domains
+    from mailfort.policy.msa import MSAPolicy, append_header_lines
+
+    scratch = Path(tempfile.mkdtemp(prefix="mailfort-fuzz-msa-"))
+    cfg = Config(server=ServerConfig(data_dir=str(scratch)))
+    policy = MSAPolicy(cfg, _FuzzDirectory(), MemoryCounters())  # type: ignore[arg-type]
+
+    def one(data: bytes) -> None:
+        refusal, block = policy.check_headers("alice@example.test", data)
+        if refusal is None:
+            if not block.startswith(data):
+                raise AssertionError("the client's header block was changed")
+            if block != data and b"\r\n" not in block[len(data):]:
+                raise AssertionError("added header lines without CRLF")
+        from_domains(data)
+        append_header_lines(data, ["X-Fuzz: 1"])
+
+    return one
+
+
+def config_target():  # type: ignore[no-untyped-def]
+    import tomllib
+
+    from mailfort.config import ConfigError, from_dict
+
+    def one(data: bytes) -> None:
+        try:
+            parsed = tomllib.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return
+        with contextlib.suppress(ConfigError):
+            from_dict(parsed)
+
+    return one
+
+
+BUILDERS = {"smtp": smtp_target, "pop3": pop3_target, "address": address_target,
+            "msa": msa_target, "config": config_target}
+
+
+# ------------------------------------------------------------------------- running
+
+
+def run_one(target: str, seconds: int, extra: list[str]) -> None:
+    """In this process: instrument mailfort, run libFuzzer until ``seconds`` pass."""
+    import atheris
+
+    with atheris.instrument_imports(include=["mailfort"]):
+        import mailfort.config
+        import mailfort.policy.dmarc
+        import mailfort.policy.msa
+        import mailfort.policy.senders
+        import mailfort.protocol.address
+        import mailfort.protocol.pop3
+        import mailfort.protocol.smtp  # noqa: F401
+    one = BUILDERS[target]()
+    CRASHES.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"mailfort-fuzz-{target}-"))
+    argv = [sys.argv[0], f"-max_total_time={seconds}", "-timeout=10", "-rss_limit_mb=2048",
+            f"-artifact_prefix={CRASHES}/{target}-", "-print_final_stats=1", *extra,
+            str(work), str(CORPUS / target)]
+    atheris.Setup(argv, one)
+    atheris.Fuzz()
+
+
+def summarize(target: str, log: str) -> str:
+    """One table row from libFuzzer's output."""
+    runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", log)
+    rate = re.search(r"stat::average_exec_per_sec:\s*(\d+)", log)
+    covs = re.findall(r"cov: (\d+) ft: (\d+)", log)
+    crashed = "crash-" in log or "==ERROR" in log or "Uncaught Python exception" in log
+    cov, ft = covs[-1] if covs else ("?", "?")
+    seeds = len(list((CORPUS / target).iterdir()))
+    return (f"| {target} | {seeds} | {runs.group(1) if runs else '?'} | "
+            f"{rate.group(1) if rate else '?'} | {cov} | {ft} | "
+            f"{'CRASH (see bench/fuzz_crashes)' if crashed else 'none'} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", choices=TARGETS, action="append")
+    ap.add_argument("--seconds", type=int, default=25)
+    ap.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
+    args, extra = ap.parse_known_args()
+    targets = args.target or list(TARGETS)
+    if args.run_one:
+        run_one(targets[0], args.seconds, extra)
+        return 0
+    rows = []
+    for target in targets:
+        proc = subprocess.run([sys.executable, __file__, "--run-one", "--target", target,
+                               "--seconds", str(args.seconds), *extra],
+                              capture_output=True, text=True, timeout=args.seconds + 120)
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            tail = "\n".join(log.splitlines()[-25:])
+            print(f"# {target}: exit {proc.returncode}\n{tail}", flush=True)
+        rows.append(summarize(target, log))
+        print(rows[-1], flush=True)
+    print("\n| target | seeds | executions | exec/s | cov (edges) | ft | crashes |\n"
+          "|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
