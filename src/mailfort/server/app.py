@@ -11,6 +11,7 @@ import contextlib
 import logging
 import resource
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,12 @@ from typing import TYPE_CHECKING
 from mailfort.config import Config
 from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.policy.authn import Authenticator
-from mailfort.policy.counters import MemoryCounters
+from mailfort.policy.counters import Counters, MemoryCounters
 from mailfort.policy.msa import MSAPolicy
 from mailfort.policy.senderauth import SenderAuth
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
-from mailfort.server.connections import ConnectionLimiter
+from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
 from mailfort.store.maildir import Committer
@@ -48,9 +49,13 @@ class Node:
     """All services of one mailfort instance, sharing one directory and one committer."""
 
     def __init__(self, cfg: Config, *, ssl_context: ssl.SSLContext | None = None,
-                 legacy: LegacyProfile | None = None) -> None:
+                 legacy: LegacyProfile | None = None,
+                 counters: Counters | None = None,
+                 limiter: ConnectionLimiter | SharedConnectionLimiter | None = None) -> None:
         """``legacy``: the lab's weakened profile. Only ``mailfort.lab`` passes one; no
-        configuration key or ``serve`` option leads here."""
+        configuration key or ``serve`` option leads here. ``counters``, ``limiter``: the
+        state that a worker process shares with the others (server/supervisor.py); by
+        default in-process."""
         self.cfg = cfg
         self.legacy = legacy
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
@@ -61,7 +66,7 @@ class Node:
 
             ssl_context = server_context(cfg)
         self.ssl_context = ssl_context
-        self.counters = MemoryCounters()
+        self.counters: Counters = counters if counters is not None else MemoryCounters()
         self.authenticator = Authenticator(
             self.directory, self.counters, cfg.auth if legacy is None else legacy.auth)
         self.queue = Queue(cfg.data_path / "queue")
@@ -75,8 +80,11 @@ class Node:
         # SPF, DKIM and DMARC of the mail the MX receives ([sender_auth]).
         self.sender_auth = SenderAuth(cfg) if cfg.sender_auth.enabled else None
         # One count of connections for the whole node, shared by every listener.
-        self.limiter = ConnectionLimiter(cfg.limits.max_connections,
-                                         cfg.limits.max_connections_per_ip)
+        self.limiter = limiter if limiter is not None else ConnectionLimiter(
+            cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+        # --- worker processes (server/supervisor.py): set by start() --------------------
+        self.queued: Callable[[], None] = self.worker.wake  # new outbound mail was queued
+        # --- end worker processes -------------------------------------------------------
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
@@ -106,16 +114,25 @@ class Node:
             self.ssl_context,
             authenticate=self._authenticate if options.auth or legacy else None,
             enqueue=self._enqueue if legacy is None else legacy.enqueue_hook(self),
-            queued=self.worker.wake,
+            queued=lambda: self.queued(),
             submission=self.msa if options.auth else None,
             legacy=legacy,
             sender_auth=self.sender_auth if options.name == "mx" else None,
         )
 
-    async def start(self) -> None:
-        removed = self.committer.recover()
-        if removed:
-            log.info("removed %d unacknowledged spool files left by a crash", removed)
+    async def start(self, *, sockets: dict[str, list[socket.socket]] | None = None,
+                    deliver: bool = True, queued: Callable[[], None] | None = None) -> None:
+        """Without arguments: a whole node in this process. A worker process of
+        server/supervisor.py passes the listening ``sockets`` it inherited (the spool was
+        recovered by the supervisor, before any worker could be writing to it), runs
+        delivery only if it is the one delivery worker, and otherwise tells that worker
+        through ``queued``."""
+        if sockets is None:
+            removed = self.committer.recover()
+            if removed:
+                log.info("removed %d unacknowledged spool files left by a crash", removed)
+        if queued is not None:
+            self.queued = queued
         loopback_plain = self.cfg.server.allow_plaintext_auth_on_loopback
         self.services["mx"] = self._smtp_service(ServiceOptions(name="mx"))
         self.services["submission"] = self._smtp_service(
@@ -137,12 +154,15 @@ class Node:
             if self.legacy is not None:  # lab only: no TLS, unlimited tries per session
                 pop = self.pop3[name]
                 pop.settings = pop.loopback_settings = self.legacy.pop3_settings(pop.settings)
-        await self.worker.start()
+        if deliver:
+            await self.worker.start()
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
-            service.limiter = self.limiter
+            service.limiter = self.limiter  # type: ignore[assignment]
+            inherited = iter(sockets.get(name, [])) if sockets is not None else None
             for hostport in getattr(self.cfg.listen, name):
-                server = await service.start(*_split(hostport))
+                given = next(inherited) if inherited is not None else None
+                server = await service.start(*_split(hostport), sock=given)
                 for sock in server.sockets:
                     self.ports.setdefault(name, []).append(sock.getsockname()[1])
 
@@ -193,6 +213,12 @@ async def serve(cfg: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    # --- worker processes: SIGHUP reloads the certificate here too (server/supervisor.py)
+    from mailfort.server.supervisor import reload_certificate
+
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, reload_certificate, node.ssl_context, cfg)
+    # --- end worker processes ----------------------------------------------------------
     await stop.wait()
     print("mailfort: shutting down", flush=True)
     await node.stop()
@@ -220,4 +246,10 @@ def raise_file_limit(cfg: Config) -> None:
 def run(cfg: Config) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     raise_file_limit(cfg)
+    # --- worker processes: [server] workers > 1 runs a supervisor (server/supervisor.py)
+    from mailfort.server.supervisor import run_supervisor, worker_count
+
+    if worker_count(cfg) > 1:
+        raise SystemExit(run_supervisor(cfg))
+    # --- end worker processes ----------------------------------------------------------
     asyncio.run(serve(cfg))

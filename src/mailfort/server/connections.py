@@ -9,8 +9,10 @@ identity that the brute-force protection counts failures under.
 from __future__ import annotations
 
 import ipaddress
+import threading
 from collections import Counter
 from enum import Enum
+from pathlib import Path
 
 from mailfort.policy.counters import client_key
 
@@ -54,3 +56,89 @@ def is_loopback(ip: str) -> bool:
         return ipaddress.ip_address(ip).is_loopback
     except ValueError:
         return False
+
+
+class SharedConnectionLimiter:
+    """``ConnectionLimiter`` for a node of several worker processes: one count for all.
+
+    Each worker keeps its own rows (``slot``, client) in a table of the node's shared
+    SQLite file, so the caps are checked against the sum over every worker in one short
+    write transaction. A worker that dies cannot release its connections: its slot's rows
+    are cleared when the supervisor reaps it and again when its replacement starts
+    (``reset_slot``), so a crash never leaves phantom connections counted.
+    """
+
+    def __init__(self, path: Path, slot: int, max_total: int, max_per_ip: int) -> None:
+        from mailfort.policy.shared_counters import open_shared_db
+
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.slot = slot
+        self._lock = threading.Lock()
+        self._conn = open_shared_db(path)
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS connections (slot INTEGER NOT NULL, "
+            "client TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (slot, client))"
+            " WITHOUT ROWID")
+
+    def reset_slot(self) -> None:
+        """Forget what this slot counted (its previous worker died or stopped)."""
+        with self._lock:
+            self._conn.execute("DELETE FROM connections WHERE slot = ?", (self.slot,))
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            (n,) = self._conn.execute("SELECT coalesce(sum(n), 0) FROM connections").fetchone()
+        return int(n)
+
+    def admit(self, ip: str) -> Admission:
+        key = client_key(ip)
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                (total,) = c.execute("SELECT coalesce(sum(n), 0) FROM connections").fetchone()
+                if total >= self.max_total:
+                    return Admission.TOO_MANY
+                (mine,) = c.execute("SELECT coalesce(sum(n), 0) FROM connections "
+                                    "WHERE client = ?", (key,)).fetchone()
+                if mine >= self.max_per_ip:
+                    return Admission.TOO_MANY_FROM_IP
+                c.execute("INSERT INTO connections(slot, client, n) VALUES (?, ?, 1) "
+                          "ON CONFLICT(slot, client) DO UPDATE SET n = n + 1",
+                          (self.slot, key))
+                return Admission.OK
+            finally:
+                c.execute("COMMIT")
+
+    def release(self, ip: str) -> None:
+        """Undo one ``admit(ip)`` that returned OK."""
+        key = client_key(ip)
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.execute("UPDATE connections SET n = n - 1 WHERE slot = ? AND client = ?",
+                          (self.slot, key))
+                c.execute("DELETE FROM connections WHERE slot = ? AND n <= 0", (self.slot,))
+            finally:
+                c.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def clear_slot(path: Path, slot: int) -> None:
+    """The supervisor's cleanup after reaping the worker of ``slot``."""
+    from mailfort.policy.shared_counters import open_shared_db
+
+    conn = open_shared_db(path)
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS connections (slot INTEGER NOT NULL, "
+                     "client TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (slot, client))"
+                     " WITHOUT ROWID")
+        conn.execute("DELETE FROM connections WHERE slot = ?", (slot,))
+    finally:
+        conn.close()

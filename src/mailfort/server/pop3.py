@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -97,9 +98,11 @@ class POP3Server(Listener):
             dataclasses.replace(base, allow_plaintext=True) if allow_plaintext else base
         )
 
-    async def start(self, host: str, port: int) -> asyncio.base_events.Server:
+    async def start(self, host: str, port: int, *,
+                    sock: socket.socket | None = None) -> asyncio.base_events.Server:
+        """``sock``: accept on this listening socket (a worker's) instead of binding."""
         tls = self.ssl_context if self.implicit_tls else None
-        return await self.listen(lambda: POP3Session(self), host, port, tls)
+        return await self.listen(lambda: POP3Session(self), host, port, tls, sock)
 
 
 class POP3Session(EngineSession):

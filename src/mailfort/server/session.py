@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -42,17 +43,21 @@ class Listener:
         host: str,
         port: int,
         implicit_tls: ssl.SSLContext | None,
+        sock: socket.socket | None = None,
     ) -> asyncio.base_events.Server:
-        """Listen on host:port (port 0: a free one); TLS from the first byte if given."""
-        server = await asyncio.get_running_loop().create_server(
-            factory,
-            host,
-            port,
-            ssl=implicit_tls,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
-            backlog=1024,
-            reuse_address=True,
-        )
+        """Listen on host:port (port 0: a free one); TLS from the first byte if given.
+        ``sock``: a socket already listening (a worker's, inherited from the supervisor)
+        to accept on instead of binding host:port."""
+        tls_timeout = TLS_HANDSHAKE_TIMEOUT if implicit_tls else None
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            server = await loop.create_server(
+                factory, sock=sock, ssl=implicit_tls, ssl_handshake_timeout=tls_timeout,
+                backlog=1024)
+        else:
+            server = await loop.create_server(
+                factory, host, port, ssl=implicit_tls, ssl_handshake_timeout=tls_timeout,
+                backlog=1024, reuse_address=True)
         self.servers.append(server)
         return server
 

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -164,9 +165,11 @@ class SMTPService(Listener):
             self.recipients = legacy.recipients
         # --- end lab legacy profile ----------------------------------------------------
 
-    async def start(self, host: str, port: int) -> asyncio.base_events.Server:
+    async def start(self, host: str, port: int, *,
+                    sock: socket.socket | None = None) -> asyncio.base_events.Server:
+        """``sock``: accept on this listening socket (a worker's) instead of binding."""
         tls = self.ssl_context if self.options.implicit_tls else None
-        return await self.listen(lambda: SMTPSession(self), host, port, tls)
+        return await self.listen(lambda: SMTPSession(self), host, port, tls, sock)
 
     def trusted(self, ip: str) -> bool:
         try:
