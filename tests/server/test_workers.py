@@ -6,8 +6,9 @@ holds a connection is read from /proc: the server side of the TCP connection (fr
 
 * connections land on both workers;
 * a worker killed under load loses no acknowledged message and is replaced;
-* the brute-force block and the per-user send rate hold across workers (with per-process
-  counters each worker would allow the full count: 2x the guesses, 2x the mail);
+* the brute-force block, the per-user send rate and the per-client connection limit hold
+  across workers (with per-process counts each worker would allow the full count: 2x the
+  guesses, 2x the mail, 2x the connections);
 * SIGHUP: the next handshake presents the new certificate; an open session carries on;
 * SIGTERM: no new connections, an open transaction finishes with its 250, exit 0.
 """
@@ -46,6 +47,7 @@ ALICE, BOB = "alice@example.test", "bob@example.test"
 SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s")
 BLOCK_AFTER = 4  # auth.block_after_failures in these nodes
 PER_HOUR = 2  # submission.messages_per_hour
+PER_IP = 8  # limits.max_connections_per_ip
 
 
 @dataclass
@@ -130,6 +132,7 @@ def _start(root: Path) -> Supervised:
         "timeout = 1.0",
         "[auth]", f"block_after_failures = {BLOCK_AFTER}", "failure_delay = 0.0",
         "[submission]", f"messages_per_hour = {PER_HOUR}",
+        "[limits]", f"max_connections_per_ip = {PER_IP}",
         "[listen]", *(f'{k} = ["127.0.0.1:0"]' for k in SERVICES),
         "[tls]", f"cert_file = {json.dumps(str(cert))}", f"key_file = {json.dumps(str(key))}",
     ]
@@ -261,6 +264,34 @@ def test_brute_force_block_holds_across_workers(node: Supervised) -> None:
     # Another client is not affected by the block.
     with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=10) as smtp:
         assert smtp.login(ALICE, "alice-pw")[0] == 235
+
+
+def test_connection_limit_per_client_holds_across_workers(node: Supervised) -> None:
+    """PER_IP connections over both workers: the next one is refused at greeting. Each
+    worker holds at most PER_IP - 1 of them, so per-worker counts would have admitted it."""
+    held = list(_on_each_worker(node, "mx", "127.0.0.4").values())
+    deadline = time.monotonic() + 5
+    while True:  # the extra connections _on_each_worker closed are released
+        held.append(socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10,
+                                             source_address=("127.0.0.4", 0)))
+        greeting = held[-1].recv(512)
+        if greeting.startswith(b"220"):
+            break
+        held.pop().close()
+        assert time.monotonic() < deadline, greeting
+        time.sleep(0.05)
+    while len(held) < PER_IP:
+        held.append(socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10,
+                                             source_address=("127.0.0.4", 0)))
+        assert held[-1].recv(512).startswith(b"220")
+    with socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10,
+                                  source_address=("127.0.0.4", 0)) as over:
+        assert over.recv(512).startswith(b"421")
+    with socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10) as other:
+        assert other.recv(512).startswith(b"220")  # another client is not affected
+    assert len({node.owner(s, "mx") for s in held}) == 2
+    for s in held:
+        s.close()
 
 
 def test_send_rate_holds_across_workers(node: Supervised) -> None:
