@@ -22,6 +22,8 @@ copies only the calling thread). It:
 * SIGTERM / SIGINT: closes its copies of the listeners and forwards the signal; each
   worker stops accepting, lets its sessions finish for ``server.shutdown_grace`` seconds,
   says 421 / -ERR to those still open, and exits; the supervisor exits 0;
+* SIGKILL of the supervisor kills the workers too (the node is down, as after a crash of
+  a single process; nothing acknowledged is lost);
 * SIGHUP: forwarded; each worker loads the certificate and key again into its TLS context
   (new handshakes present the new certificate, open sessions keep theirs).
 
@@ -187,11 +189,27 @@ async def drain(node: Node, grace: float) -> None:
         await asyncio.sleep(0.05)
 
 
+def _die_with_parent() -> None:
+    """A worker dies with its supervisor (Linux PR_SET_PDEATHSIG): a SIGKILLed
+    supervisor then leaves no orphan holding the ports, and the node is down as a
+    single-process node would be (what it acknowledged is on disk; the next start
+    recovers the rest)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
+
+
 def _child(cfg: Config, slot: int, sockets: dict[str, list[socket.socket]],
            wake_r: int, wake_w: int) -> None:
     """In the forked worker: never returns."""
     code = 1
     try:
+        _die_with_parent()
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
