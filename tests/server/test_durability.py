@@ -23,11 +23,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp_path: Path, port: int, flush: str) -> Path:
+def write_config(tmp_path: Path, port: int, flush: str, workers: int = 1) -> Path:
     data = tmp_path / "data"
     cfg = tmp_path / "mailfort.toml"
     cfg.write_text(
-        f'[server]\nhostname = "{HOSTNAME}"\ndata_dir = "{data}"\n'
+        f'[server]\nhostname = "{HOSTNAME}"\ndata_dir = "{data}"\nworkers = {workers}\n'
         f'[store]\nflush = "{flush}"\n'
         f'[listen]\nmx = ["127.0.0.1:{port}"]\nsubmission = []\nsubmissions = []\n'
         "pop3 = []\npop3s = []\n"
@@ -69,10 +69,12 @@ async def send_one(port: int, token: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("flush", ["syncfs", "fsync"])
-async def test_acknowledged_mail_survives_sigkill(tmp_path: Path, flush: str) -> None:
+@pytest.mark.parametrize(("flush", "workers"), [("syncfs", 1), ("fsync", 2)])
+async def test_acknowledged_mail_survives_sigkill(
+        tmp_path: Path, flush: str, workers: int) -> None:
+    """``workers = 2``: the SIGKILL hits the supervisor, and its workers die with it."""
     port = free_port()
-    cfg_path = write_config(tmp_path, port, flush)
+    cfg_path = write_config(tmp_path, port, flush, workers)
     from mailfort import config
 
     cfg = config.load(cfg_path)
