@@ -65,35 +65,10 @@ class Supervised:
         return self.root / "data"
 
     def workers(self) -> list[int]:
-        """PIDs of the supervisor's children (its workers)."""
-        pids = []
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{d}/stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                    pids.append(int(d))
-        return sorted(pids)
+        return children(self.proc.pid)
 
     def owner(self, sock: socket.socket, service: str) -> int:
-        """The worker holding the server side of ``sock`` (a connection to ``service``)."""
-        port, client_port = self.ports[service], sock.getsockname()[1]
-        pids = self.workers()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-                f = line.split()
-                if (int(f[1].rpartition(":")[2], 16) == port
-                        and int(f[2].rpartition(":")[2], 16) == client_port):
-                    target = f"socket:[{f[9]}]"
-                    for pid in pids:
-                        for fd in _fds(pid):
-                            with contextlib.suppress(OSError):
-                                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                                    return pid
-            time.sleep(0.02)
-        raise AssertionError("no worker holds the connection")
+        return worker_of(self.proc.pid, self.ports[service], sock)
 
     def context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context()
@@ -103,6 +78,39 @@ class Supervised:
     def stored(self, user: str) -> list[bytes]:
         md = maildir_for(self.data_dir, user)
         return [(md / "new" / n).read_bytes() for n in os.listdir(md / "new")]
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of the children of ``pid`` (a supervisor's workers)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{d}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(d))
+    return sorted(pids)
+
+
+def worker_of(supervisor: int, port: int, sock: socket.socket) -> int:
+    """The worker holding the server side of ``sock``, a connection to local ``port``."""
+    client_port = sock.getsockname()[1]
+    pids = children(supervisor)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            f = line.split()
+            if (int(f[1].rpartition(":")[2], 16) == port
+                    and int(f[2].rpartition(":")[2], 16) == client_port):
+                target = f"socket:[{f[9]}]"
+                for pid in pids:
+                    for fd in _fds(pid):
+                        with contextlib.suppress(OSError):
+                            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                                return pid
+        time.sleep(0.02)
+    raise AssertionError("no worker holds the connection")
 
 
 def _fds(pid: int) -> list[str]:
