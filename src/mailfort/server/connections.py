@@ -9,6 +9,7 @@ identity that the brute-force protection counts failures under.
 from __future__ import annotations
 
 import ipaddress
+import sqlite3
 import threading
 from collections import Counter
 from enum import Enum
@@ -58,6 +59,24 @@ def is_loopback(ip: str) -> bool:
         return False
 
 
+# Per client and worker slot (looked up by client at each admission), and per slot (the
+# node's total is the sum of a few rows, not of one row per client).
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS connections (client TEXT NOT NULL, slot INTEGER NOT NULL,
+    n INTEGER NOT NULL, PRIMARY KEY (client, slot)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slot_totals (slot INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+"""
+
+
+def _clear(conn: sqlite3.Connection, slot: int) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DELETE FROM connections WHERE slot = ?", (slot,))
+        conn.execute("DELETE FROM slot_totals WHERE slot = ?", (slot,))
+    finally:
+        conn.execute("COMMIT")
+
+
 class SharedConnectionLimiter:
     """``ConnectionLimiter`` for a node of several worker processes: one count for all.
 
@@ -76,20 +95,17 @@ class SharedConnectionLimiter:
         self.slot = slot
         self._lock = threading.Lock()
         self._conn = open_shared_db(path)
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS connections (slot INTEGER NOT NULL, "
-            "client TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (slot, client))"
-            " WITHOUT ROWID")
+        self._conn.executescript(_SCHEMA)
 
     def reset_slot(self) -> None:
         """Forget what this slot counted (its previous worker died or stopped)."""
         with self._lock:
-            self._conn.execute("DELETE FROM connections WHERE slot = ?", (self.slot,))
+            _clear(self._conn, self.slot)
 
     @property
     def total(self) -> int:
         with self._lock:
-            (n,) = self._conn.execute("SELECT coalesce(sum(n), 0) FROM connections").fetchone()
+            (n,) = self._conn.execute("SELECT coalesce(sum(n), 0) FROM slot_totals").fetchone()
         return int(n)
 
     def admit(self, ip: str) -> Admission:
@@ -98,16 +114,18 @@ class SharedConnectionLimiter:
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             try:
-                (total,) = c.execute("SELECT coalesce(sum(n), 0) FROM connections").fetchone()
+                (total,) = c.execute("SELECT coalesce(sum(n), 0) FROM slot_totals").fetchone()
                 if total >= self.max_total:
                     return Admission.TOO_MANY
                 (mine,) = c.execute("SELECT coalesce(sum(n), 0) FROM connections "
                                     "WHERE client = ?", (key,)).fetchone()
                 if mine >= self.max_per_ip:
                     return Admission.TOO_MANY_FROM_IP
-                c.execute("INSERT INTO connections(slot, client, n) VALUES (?, ?, 1) "
-                          "ON CONFLICT(slot, client) DO UPDATE SET n = n + 1",
-                          (self.slot, key))
+                c.execute("INSERT INTO connections(client, slot, n) VALUES (?, ?, 1) "
+                          "ON CONFLICT(client, slot) DO UPDATE SET n = n + 1",
+                          (key, self.slot))
+                c.execute("INSERT INTO slot_totals(slot, n) VALUES (?, 1) "
+                          "ON CONFLICT(slot) DO UPDATE SET n = n + 1", (self.slot,))
                 return Admission.OK
             finally:
                 c.execute("COMMIT")
@@ -119,9 +137,11 @@ class SharedConnectionLimiter:
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             try:
-                c.execute("UPDATE connections SET n = n - 1 WHERE slot = ? AND client = ?",
-                          (self.slot, key))
-                c.execute("DELETE FROM connections WHERE slot = ? AND n <= 0", (self.slot,))
+                c.execute("UPDATE connections SET n = n - 1 WHERE client = ? AND slot = ?",
+                          (key, self.slot))
+                c.execute("DELETE FROM connections WHERE client = ? AND slot = ? AND n <= 0",
+                          (key, self.slot))
+                c.execute("UPDATE slot_totals SET n = n - 1 WHERE slot = ?", (self.slot,))
             finally:
                 c.execute("COMMIT")
 
@@ -136,9 +156,7 @@ def clear_slot(path: Path, slot: int) -> None:
 
     conn = open_shared_db(path)
     try:
-        conn.execute("CREATE TABLE IF NOT EXISTS connections (slot INTEGER NOT NULL, "
-                     "client TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (slot, client))"
-                     " WITHOUT ROWID")
-        conn.execute("DELETE FROM connections WHERE slot = ?", (slot,))
+        conn.executescript(_SCHEMA)
+        _clear(conn, slot)
     finally:
         conn.close()

@@ -44,6 +44,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 import time
@@ -260,8 +261,10 @@ class Supervisor:
             from mailfort.policy.shared_counters import open_shared_db
 
             conn = open_shared_db(path)  # connection counts of a previous run are void
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(sqlite3.Error):
                 conn.execute("DELETE FROM connections")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("DELETE FROM slot_totals")
             conn.close()
         self.sockets = bind_listeners(cfg)
         self.wake_r, self.wake_w = os.pipe()
