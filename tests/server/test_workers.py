@@ -126,14 +126,14 @@ def _issue(ca: trustme.CA, cert: Path, key: Path) -> None:
     issued.private_key_pem.write_to_path(str(key))
 
 
-def _start(root: Path) -> Supervised:
+def _start(root: Path, workers: int = 2) -> Supervised:
     root.mkdir(parents=True)
     ca = trustme.CA()
     cert, key = root / "cert.pem", root / "key.pem"
     _issue(ca, cert, key)
     lines = [
         "[server]", f"hostname = {json.dumps(HOSTNAME)}",
-        f"data_dir = {json.dumps(str(root / 'data'))}", "workers = 2",
+        f"data_dir = {json.dumps(str(root / 'data'))}", f"workers = {workers}",
         "shutdown_grace = 5.0", "allow_plaintext_auth_on_loopback = true",
         "[store]", 'flush = "fsync"',
         "[dns]", 'nameservers = ["127.0.0.1"]', f"port = {refusing_dns_port()}",
@@ -156,7 +156,7 @@ def _start(root: Path) -> Supervised:
             env=env, cwd=root)
     served = Supervised(proc, root, log, _ports(proc, log), ca, cert, key)
     deadline = time.monotonic() + 30
-    while log.read_text().count(" serving") < 2:  # both workers are listening
+    while workers > 1 and log.read_text().count(" serving") < workers:  # all listening
         assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
         time.sleep(0.05)
     return served
@@ -432,3 +432,19 @@ def test_sigterm_drains(tmp_path: Path) -> None:
     assert served.proc.wait(20) == 0
     assert any(b"Subject: in flight" in m for m in served.stored(ALICE))
     assert "Traceback" not in served.log.read_text()
+
+
+def test_sighup_in_a_single_process(tmp_path: Path) -> None:
+    """workers = 1 (no supervisor): SIGHUP reloads the certificate there too."""
+    served = _start(tmp_path / "single", workers=1)
+    try:
+        assert served.workers() == []  # one process, no children
+        old = _presented(served)
+        _issue(served.ca, served.cert_file, served.key_file)
+        served.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while _presented(served) == old:
+            assert time.monotonic() < deadline, "the old certificate is still presented"
+            time.sleep(0.05)
+    finally:
+        assert _terminate(served) == 0
