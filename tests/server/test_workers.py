@@ -448,3 +448,23 @@ def test_sighup_in_a_single_process(tmp_path: Path) -> None:
             time.sleep(0.05)
     finally:
         assert _terminate(served) == 0
+
+
+def test_restart_back_off_doubles_then_caps() -> None:
+    from mailfort.server.supervisor import BACKOFF_MAX, restart_delay
+
+    delays = [restart_delay(n) for n in range(1, 14)]
+    assert delays[:3] == [0.1, 0.2, 0.4]
+    assert delays == sorted(delays) and delays[-1] == BACKOFF_MAX
+
+
+def test_dead_workers_spool_files_are_removed_and_no_others(tmp_path: Path) -> None:
+    from mailfort.server.supervisor import remove_spool_of
+    from mailfort.store.maildir import unique_name
+
+    mine = unique_name()  # this process's naming: ...P<pid>Q<n>...
+    (tmp_path / mine).write_bytes(b"half a message")
+    other = mine.replace(f"P{os.getpid()}Q", f"P{os.getpid()}1Q")  # another pid, same prefix
+    (tmp_path / other).write_bytes(b"another worker's message in flight")
+    assert remove_spool_of(tmp_path, os.getpid()) == 1
+    assert sorted(os.listdir(tmp_path)) == [other]

@@ -299,11 +299,14 @@ class Supervisor:
                 slot.pid = 0
                 with contextlib.suppress(Exception):
                     clear_slot(shared_state_path(self.cfg), i)
+                removed = remove_spool_of(self.cfg.data_path / "spool", pid)
+                if removed:
+                    log.info("removed %d unacknowledged spool files of worker %d", removed, i)
                 if self.stopping:
                     break
                 lived = time.monotonic() - slot.started
                 slot.failures = 0 if lived >= STABLE_AFTER else slot.failures + 1
-                delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** max(0, slot.failures - 1))
+                delay = restart_delay(slot.failures)
                 slot.restart_at = time.monotonic() + delay
                 log.warning("worker %d (pid %d) ended (%s); restarting in %.1f s",
                             i, pid, _status(status), delay)
@@ -353,6 +356,22 @@ class Supervisor:
                 if slot.pid == 0 and slot.restart_at is not None \
                         and time.monotonic() >= slot.restart_at:
                     self._spawn(i)
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before restarting a worker after ``failures`` short lives in a row."""
+    return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** max(0, failures - 1))
+
+
+def remove_spool_of(spool: Path, pid: int) -> int:
+    """Remove the spool files of a dead worker (named ``...P<pid>Q...`` by
+    ``store.maildir.unique_name``): never acknowledged, and no one else writes them."""
+    n = 0
+    with contextlib.suppress(OSError):
+        for p in spool.glob(f"*P{pid}Q*"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def _status(status: int) -> str:
