@@ -121,7 +121,8 @@ def bind_listeners(cfg: Config) -> dict[str, list[socket.socket]]:
     return out
 
 
-def describe(cfg: Config, sockets: dict[str, list[socket.socket]], workers: int) -> str:
+def describe(cfg: Config, sockets: dict[str, list[socket.socket]], workers: int,
+             no_domain: bool = False) -> str:
     """What ``serve`` prints at start, in the single-process format (tests read it)."""
     lines = ["mailfort is running:"]
     for name, socks in sockets.items():
@@ -130,6 +131,12 @@ def describe(cfg: Config, sockets: dict[str, list[socket.socket]], workers: int)
             lines.append(f"  {name:<12} {host}:{port}")
     lines.append(f"  workers      {workers}")
     lines.append(f"  data         {cfg.data_path.resolve()}")
+    if no_domain:
+        lines += [
+            "No domain yet. Add one and a user (in another terminal, same directory):",
+            "  mailfort domain add example.test",
+            "  mailfort user add alice@example.test --password-file pw.txt",
+        ]
     return "\n".join(lines)
 
 
@@ -386,6 +393,13 @@ def run_supervisor(cfg: Config) -> int:
 
     workers = worker_count(cfg)
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    from mailfort.directory.sqlite import SQLiteDirectory
+    from mailfort.server.app import directory_path
+
+    cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory = SQLiteDirectory(directory_path(cfg))  # closed before the forks
+    no_domain = not directory.list_domains()
+    directory.close()
     sup = Supervisor(cfg, workers)
     try:
         sup.start()
@@ -394,7 +408,7 @@ def run_supervisor(cfg: Config) -> int:
             print(f"mailfort: cannot listen: {exc.strerror}", file=sys.stderr)
             return 1
         raise
-    print(describe(cfg, sup.sockets, workers), flush=True)
+    print(describe(cfg, sup.sockets, workers, no_domain), flush=True)
     code = sup.run()
     print("mailfort: shut down", flush=True)
     return code
