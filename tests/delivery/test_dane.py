@@ -123,6 +123,8 @@ async def test_tlsa_without_ad_is_ignored(
     w = await run(rx.port)
     await _send(w)
     await wait_for(lambda: len(rx.messages) == 1)  # as without DANE: opportunistic
+    assert rx.messages[0].tls  # STARTTLS as offered, but no DANE policy applied to it
+    assert not [e for e in _events(w) if e.get("policy_type") == "tlsa"]
 
 
 async def test_dane_without_starttls_is_not_delivered(
@@ -143,6 +145,9 @@ async def test_dane_ta_full_certificate_delivers(
     w = await run(rx.port)
     await _send(w)
     await wait_for(lambda: len(rx.messages) == 1)
+    assert rx.messages[0].tls
+    await wait_for(lambda: bool(_events(w)))
+    assert (_events(w)[0]["result"], _events(w)[0]["policy_type"]) == ("success", "tlsa")
 
 
 async def test_dane_ta_with_wrong_host_name_defers(
