@@ -9,25 +9,16 @@ what the attacker does; ``counter``, the countermeasure and where in mailfort it
 
 from __future__ import annotations
 
-import string
 from importlib import import_module
 from types import ModuleType
-from typing import Any
 
-LANGUAGES = ("en", "ja")
+# The same languages and the same sentence filling as the audit's catalogues.
+from mailfort.audit.catalogue import LANGUAGES, note
+
+__all__ = ["LANGUAGES", "load", "note"]
 
 
 def load(lang: str) -> ModuleType:
     if lang not in LANGUAGES:
         raise ValueError(f"unknown language {lang!r} (have: {', '.join(LANGUAGES)})")
     return import_module(f"mailfort.lab.catalogue.{lang}")
-
-
-class _Missing(dict[str, Any]):
-    def __missing__(self, key: str) -> str:
-        return "?"
-
-
-def note(cat: ModuleType, key: str, params: dict[str, Any]) -> str:
-    template = cat.NOTES.get(key, key)
-    return string.Formatter().vformat(template, (), _Missing(params))
