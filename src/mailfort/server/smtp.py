@@ -94,7 +94,7 @@ class ServiceOptions:
 # after the data flush); returns how to take it back if the final flush then fails.
 EnqueueHook = Callable[[Path, "Envelope", str | None], Callable[[], None]]
 _MAX_CAPTURED_HEADERS = 256 * 1024
-_MAX_REMEMBERED_IPS = 4096  # client addresses whose trusted-network answer is kept
+_MAX_REMEMBERED_IPS = 4096  # client addresses (and local users) whose answer is kept
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -161,6 +161,7 @@ class SMTPService(Listener):
         super().__init__(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks]
         self._trusted_ips: dict[str, bool] = {}
+        self._maildirs: dict[str, Path] = {}
         lim = cfg.limits
         self.settings = EngineSettings(
             hostname=cfg.server.hostname,
@@ -192,6 +193,15 @@ class SMTPService(Listener):
                     sock: socket.socket | None = None) -> asyncio.base_events.Server:
         tls = self.ssl_context if self.options.implicit_tls else None
         return await self.listen(lambda: SMTPSession(self), host, port, tls, sock=sock)
+
+    def maildir(self, user: str) -> Path:
+        """The Maildir of a canonical local user, remembered (a Path costs a few us)."""
+        found = self._maildirs.get(user)
+        if found is None:
+            if len(self._maildirs) >= _MAX_REMEMBERED_IPS:  # bounded like the IPs
+                self._maildirs.clear()
+            found = self._maildirs[user] = maildir_for(self.cfg.data_path, user)
+        return found
 
     def trusted(self, ip: str) -> bool:
         """Whether ``ip`` is in ``relay.trusted_networks``; remembered per address (asked
@@ -492,8 +502,7 @@ class SMTPSession(EngineSession):
             engine.decide(refusal)
             return
         # ----
-        data_dir = svc.cfg.data_path
-        maildirs = [maildir_for(data_dir, u) for u in env.local]
+        maildirs = [svc.maildir(u) for u in env.local]
         if junk:
             maildirs = [m / ".Junk" for m in maildirs]
         extra = None

@@ -279,8 +279,12 @@ class Committer:
                 for job in batch:
                     job.error = job.error or exc
                     _take_back(job)
+            # One wake-up per event loop for the whole batch, not one per message.
+            loops: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
             for job in batch:
-                job.loop.call_soon_threadsafe(_settle, job)
+                loops.setdefault(job.loop, []).append(job)
+            for loop, jobs in loops.items():
+                loop.call_soon_threadsafe(_settle_all, jobs)
 
     def _commit_batch(self, batch: list[_Job]) -> None:
         self.batches += 1
@@ -388,6 +392,11 @@ def _take_back(job: _Job) -> None:
         job.undo_extra = None
     with contextlib.suppress(Exception):
         job.spool.discard()
+
+
+def _settle_all(jobs: list[_Job]) -> None:
+    for job in jobs:
+        _settle(job)
 
 
 def _settle(job: _Job) -> None:
