@@ -240,13 +240,20 @@ class MailfortServer:
     def __init__(self, root: Path, *, port_base: int = 13500, plaintext_pop3: bool = False,
                  max_connections: int = 20000, max_message_size: int = 60_000_000,
                  max_connections_per_ip: int | None = None, extra_limits: str = "",
-                 dns_port: int = 9, sender_auth: bool = False) -> None:
+                 dns_port: int = 9, sender_auth: bool = False,
+                 store_flush: str = "syncfs", source: str | None = None) -> None:
         """``max_connections_per_ip`` None: the same as ``max_connections``;
         ``extra_limits``: more ``[limits]`` lines (TOML) for the benchmark at hand.
         ``dns_port``: the loopback DNS server the node asks (never the system resolver:
         a benchmark sends nothing off the machine; on the default, a port where nothing
         answers, lookups fail). ``sender_auth``: SPF/DKIM/DMARC at the MX, off by default
-        so the MX rows measure what the reference Postfix does (it checks none of them)."""
+        so the MX rows measure what the reference Postfix does (it checks none of them).
+        ``store_flush``: ``[store] flush``, "syncfs" (the default) or "fsync".
+        ``source``: run mailfort from this ``src`` directory (another checkout) instead
+        of the one Python finds, to compare two versions side by side."""
+        self.env = dict(os.environ)
+        if source is not None:
+            self.env["PYTHONPATH"] = source
         self.root = root
         self.data = root / "data"
         self.config = root / "mailfort.toml"
@@ -266,6 +273,7 @@ class MailfortServer:
             "[submission]\nmessages_per_hour = 1000000\n"
             f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 2.0\n'
             f"[sender_auth]\nenabled = {'true' if sender_auth else 'false'}\n"
+            f'[store]\nflush = "{store_flush}"\n'
         )
         self.cli("domain", "add", "example.test")
         # The CLI wants >= 8 characters, so not the reference servers' "alicepw".
@@ -278,13 +286,13 @@ class MailfortServer:
 
     def cli(self, *args: str) -> None:
         subprocess.run([sys.executable, "-m", "mailfort", *args, "--config", str(self.config)],
-                       check=True, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, env=self.env)
 
     def start(self) -> None:
         with open(self.root / "serve.log", "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mailfort", "serve", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL, stderr=log,
+                stdout=subprocess.DEVNULL, stderr=log, env=self.env,
             )
         try:
             wait_port(self.ports["mx"])
