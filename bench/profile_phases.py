@@ -1,7 +1,7 @@
 """Split a py-spy profile of ``mailfort serve`` into the phases of an MX message.
 
     python bench/cpu_per_message.py --profile prof.txt   # prints the next command
-    python bench/profile_phases.py prof.txt --main-us 390 --other-us 90
+    python bench/profile_phases.py prof.txt [prof2.txt...] --main-us 390 --other-us 90
 
 Only the event loop's thread is split: each of its samples goes to the first phase whose
 rule matches (see ``PHASES``), samples waiting in ``select`` are idle and left out, and
@@ -62,18 +62,19 @@ def classify(frames: list[str]) -> str | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("profile")
+    ap.add_argument("profile", nargs="+", help="py-spy raw profiles (pooled: more samples)")
     ap.add_argument("--main-us", type=float, default=0.0,
                     help="event loop thread CPU microseconds per message (from /proc)")
     ap.add_argument("--other-us", type=float, default=0.0,
                     help="other threads' CPU microseconds per message (from /proc)")
     args = ap.parse_args()
     counts: collections.Counter[str] = collections.Counter()
-    for line in Path(args.profile).read_text(encoding="utf-8").splitlines():
-        stack, _, n = line.rstrip("\n").rpartition(" ")
-        phase = classify(stack.split(";"))
-        if phase is not None:
-            counts[phase] += int(n)
+    for profile in args.profile:
+        for line in Path(profile).read_text(encoding="utf-8").splitlines():
+            stack, _, n = line.rpartition(" ")
+            phase = classify(stack.split(";"))
+            if phase is not None:
+                counts[phase] += int(n)
     total = sum(counts.values())
     if not total:
         print("no samples", file=sys.stderr)
