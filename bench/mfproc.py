@@ -90,6 +90,78 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces):
+    index 0 is field 3 (state), 1 is the parent pid, 11..14 are utime, stime, cutime, cstime."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live process below it (from the parent pids in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry))[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def cpu_times(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by ``root`` and its process tree, all threads.
+
+    Each process counts its own time and that of its children it has already reaped
+    (cutime, cstime), so a child that exits during a measurement (a Postfix smtpd after
+    its ``max_use`` sessions, a mailfort worker) still counts, once: before, in its own
+    entry; after, in its parent's. Immune to a busy machine in a way a rate is not: it is
+    what the server spent, however long it waited for a CPU.
+    """
+    user = system = 0
+    for pid in process_tree(root):
+        try:
+            f = _stat_fields(pid)
+        except OSError:  # exited meanwhile: its parent has (or will have) its time
+            continue
+        user += int(f[11]) + int(f[13])
+        system += int(f[12]) + int(f[14])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
+
+
+def thread_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(main thread, every other thread) user + system CPU seconds of one process: for
+    mailfort, its event loop against the committer (and executor) threads."""
+    main = other = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            f = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        f_ = f[f.rindex(")") + 2:].split()
+        ticks = int(f_[11]) + int(f_[12])
+        if int(tid) == pid:
+            main += ticks
+        else:
+            other += ticks
+    return main / CLOCK_TICKS, other / CLOCK_TICKS
+
+
+def cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of ``root``'s process tree (see ``cpu_times``)."""
+    return sum(cpu_times(root))
+
+
 def open_fds(pid: int) -> int:
     """How many file descriptors the process has open."""
     return len(os.listdir(f"/proc/{pid}/fd"))
@@ -168,13 +240,20 @@ class MailfortServer:
     def __init__(self, root: Path, *, port_base: int = 13500, plaintext_pop3: bool = False,
                  max_connections: int = 20000, max_message_size: int = 60_000_000,
                  max_connections_per_ip: int | None = None, extra_limits: str = "",
-                 dns_port: int = 9, sender_auth: bool = False) -> None:
+                 dns_port: int = 9, sender_auth: bool = False,
+                 store_flush: str = "syncfs", source: str | None = None) -> None:
         """``max_connections_per_ip`` None: the same as ``max_connections``;
         ``extra_limits``: more ``[limits]`` lines (TOML) for the benchmark at hand.
         ``dns_port``: the loopback DNS server the node asks (never the system resolver:
         a benchmark sends nothing off the machine; on the default, a port where nothing
         answers, lookups fail). ``sender_auth``: SPF/DKIM/DMARC at the MX, off by default
-        so the MX rows measure what the reference Postfix does (it checks none of them)."""
+        so the MX rows measure what the reference Postfix does (it checks none of them).
+        ``store_flush``: ``[store] flush``, "syncfs" (the default) or "fsync".
+        ``source``: run mailfort from this ``src`` directory (another checkout) instead
+        of the one Python finds, to compare two versions side by side."""
+        self.env = dict(os.environ)
+        if source is not None:
+            self.env["PYTHONPATH"] = source
         self.root = root
         self.data = root / "data"
         self.config = root / "mailfort.toml"
@@ -194,6 +273,7 @@ class MailfortServer:
             "[submission]\nmessages_per_hour = 1000000\n"
             f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 2.0\n'
             f"[sender_auth]\nenabled = {'true' if sender_auth else 'false'}\n"
+            f'[store]\nflush = "{store_flush}"\n'
         )
         self.cli("domain", "add", "example.test")
         # The CLI wants >= 8 characters, so not the reference servers' "alicepw".
@@ -206,13 +286,13 @@ class MailfortServer:
 
     def cli(self, *args: str) -> None:
         subprocess.run([sys.executable, "-m", "mailfort", *args, "--config", str(self.config)],
-                       check=True, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, env=self.env)
 
     def start(self) -> None:
         with open(self.root / "serve.log", "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mailfort", "serve", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL, stderr=log,
+                stdout=subprocess.DEVNULL, stderr=log, env=self.env,
             )
         try:
             wait_port(self.ports["mx"])

@@ -3,6 +3,17 @@
     python bench/run_all.py            # everything (installs/starts the reference servers)
     python bench/run_all.py --quick    # 500 messages per case, POP3 once, 1,000 idle sessions
     python bench/run_all.py --smtp-only    # only the MX and submission rows
+    python bench/run_all.py --quick --smtp-only --no-reference --pairs 2   # a dry run
+
+Each MX row is measured in ``--pairs`` (default 5) pairs, the two servers alternating
+(Postfix first in even pairs, mailfort first in odd ones), after an unmeasured warm-up of
+both, and each measurement starts only once both servers are idle: Postfix's queue empty,
+neither server using CPU, the disk quiet. A row reports the median rates, the median
+mailfort/Postfix ratio over the pairs and its range (worst and best pair), and the CPU
+time each server spent per message, from /proc: mailfort's process tree, and Postfix's
+master with every child (smtpd, cleanup, qmgr, virtual...) up to the end of its
+deliveries, since mailfort's figure includes its own. The targets are judged on the
+median and, where the issue sets one, on the worst pair.
 
 Besides its own MX and submission rows it runs ``pop3_bench.py`` (vs Dovecot),
 ``idle_sessions.py`` and ``big_message.py`` and puts their rows in the same table.
@@ -17,17 +28,30 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from mfproc import BENCH_DIR, MailfortServer, bench_tmpdir, proc_status, wait_disk_quiet  # noqa: E402  (bench/ is not a package)
+from mfproc import (  # noqa: E402  (bench/ is not a package)
+    BENCH_DIR,
+    MailfortServer,
+    bench_tmpdir,
+    cpu_seconds,
+    proc_status,
+    wait_disk_quiet,
+)
 
 ANCHORS = HERE.parent.parent / "shared" / "anchors"
 PORT_BASE = 12500  # mailfort's listeners: see bench/mfproc.py OFFSETS
+# (size, sessions, (median target, worst-pair target) or None) of the MX rows
+MX_ROWS = ((1024, 50, (2.0, 1.6)), (102400, 50, (1.5, None)), (1024, 1, (1.0, None)),
+           (1024, 10, None))
 
 
 def count_new(path: Path) -> int:
@@ -45,19 +69,134 @@ def wait_postfix_idle(timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def smtp_source(port: int, size: int, sessions: int, messages: int) -> float:
-    # Both servers flush to disk per message (fsync, syncfs): neither may pay for the other's
-    # writes, deletions or discards in its own window.
-    waited = wait_disk_quiet(BENCH_DIR)
+def postfix_master() -> int | None:
+    """The pid of the running Postfix master (its process tree is Postfix), or None."""
+    queue = subprocess.run(["postconf", "-h", "queue_directory"], capture_output=True,
+                           text=True).stdout.strip() or "/var/spool/postfix"
+    try:
+        pid = int(Path(queue, "pid", "master.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+def wait_cpu_idle(pid: int, quiet: float = 0.5, timeout: float = 60.0) -> float:
+    """Wait until the process tree of ``pid`` has used no CPU for ``quiet`` seconds (one
+    clock tick of slack); returns the seconds waited."""
+    start = time.monotonic()
+    last, since = cpu_seconds(pid), start
+    while time.monotonic() - start < timeout:
+        time.sleep(0.1)
+        now = cpu_seconds(pid)
+        if now - last > 0.011:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return time.monotonic() - start
+
+
+def load(port: int, size: int, sessions: int, messages: int) -> float:
+    """Send the messages (a connection each) to 127.0.0.1:port; the seconds it took.
+    Postfix's smtp-source when installed, else bench/smtp_load.py with its parameters."""
+    if shutil.which("smtp-source"):
+        cmd = ["smtp-source", "-c", "-l", str(size), "-m", str(messages), "-s", str(sessions),
+               "-f", "bench@example.org", "-t", "alice@example.test", f"127.0.0.1:{port}"]
+    else:
+        cmd = [sys.executable, str(HERE / "smtp_load.py"), "--port", str(port), "--size",
+               str(size), "--sessions", str(sessions), "--messages", str(messages)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def _no_after_work() -> None:
+    """mailfort has nothing left to do once the load has its 250s (they mean stored)."""
+
+
+@dataclass
+class Server:
+    """One side of the comparison: how to load it, whose CPU it is, how to wait for it."""
+
+    name: str
+    port: int
+    pid: Callable[[], int | None]
+    settle: Callable[[], None] = _no_after_work  # work the server does after its 250s
+    rates: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+
+    def idle(self) -> None:
+        self.settle()
+        pid = self.pid()
+        if pid is not None and wait_cpu_idle(pid) > 5:
+            print(f"#   waited for {self.name} to stop using CPU", flush=True)
+
+    def measure(self, size: int, sessions: int, messages: int) -> float:
+        """One measurement; its rate (messages/s). The CPU counts up to the end of the
+        server's own after-work (Postfix's deliveries), not just the load's window."""
+        pid = self.pid()
+        before = cpu_seconds(pid) if pid is not None else 0.0
+        seconds = load(self.port, size, sessions, messages)
+        self.settle()
+        if pid is not None:
+            self.cpu_us.append((cpu_seconds(pid) - before) / messages * 1e6)
+        self.rates.append(messages / seconds)
+        return self.rates[-1]
+
+
+IDLE_TIMEOUT = [60.0]  # seconds to wait for the disk to go quiet (--idle-timeout)
+
+
+def both_idle(servers: list[Server]) -> None:
+    """Before each measurement: neither server at work, and the disk quiet (both servers
+    flush to disk per message; neither may pay for the other's writes or discards)."""
+    for server in servers:
+        server.idle()
+    waited = wait_disk_quiet(BENCH_DIR, timeout=IDLE_TIMEOUT[0])
     if waited > 2:
         print(f"#   waited {waited:.1f} s for the disk to go quiet", flush=True)
-    start = time.perf_counter()
-    subprocess.run(
-        ["smtp-source", "-c", "-l", str(size), "-m", str(messages), "-s", str(sessions),
-         "-f", "bench@example.org", "-t", "alice@example.test", f"127.0.0.1:{port}"],
-        check=True, stdout=subprocess.DEVNULL,
-    )
-    return messages / (time.perf_counter() - start)
+
+
+def median_cpu(server: Server) -> str:
+    return f"{statistics.median(server.cpu_us):.0f} µs CPU/msg" if server.cpu_us else "CPU ?"
+
+
+def mx_row(servers: list[Server], ours: Server, ref: Server | None, mf: MailfortServer,
+           size: int, sessions: int, target: tuple[float, float | None] | None,
+           pairs: int, n: int) -> tuple[str, str, str, str]:
+    """One MX row: ``pairs`` alternating measurements of each server."""
+    for server in servers:
+        server.rates.clear()
+        server.cpu_us.clear()
+    name = f"MX {size // 1024} KB, {sessions} sessions"
+    stored_ok = True
+    for pair in range(pairs):
+        for server in servers if pair % 2 == 0 else servers[::-1]:
+            both_idle(servers)
+            before = count_new(mf.maildir("alice") / "new")
+            server.measure(size, sessions, n)
+            if server is ours:
+                stored_ok = stored_ok and count_new(mf.maildir("alice") / "new") - before == n
+        line = ", ".join(f"{s.name} {s.rates[-1]:.0f}/s {s.cpu_us[-1]:.0f} µs CPU/msg"
+                         for s in servers if s.cpu_us)
+        ratio = f" ({ours.rates[-1] / ref.rates[-1]:.2f}×)" if ref else ""
+        print(f"# {name}, pair {pair + 1}: {line}{ratio}", flush=True)
+    ok = "stored==accepted" if stored_ok else "**STORED != ACCEPTED**"
+    rate = f"{statistics.median(ours.rates):.0f}/s"
+    if ref is None:
+        goal = f"median ≥ {target[0]}× (no reference run)" if target else "—"
+        return name, "—", f"{rate}, {median_cpu(ours)}, {ok}", goal
+    ratios = sorted(o / r for o, r in zip(ours.rates, ref.rates, strict=True))
+    med, worst, best = statistics.median(ratios), ratios[0], ratios[-1]
+    mine = (f"{rate} (median {med:.2f}×, range {worst:.2f}–{best:.2f}× over {len(ratios)} "
+            f"pairs), {median_cpu(ours)}, {ok}")
+    reference = f"Postfix {statistics.median(ref.rates):.0f}/s, {median_cpu(ref)}"
+    goal = "—"
+    if target is not None:
+        need, floor = target
+        met = med >= need and (floor is None or worst >= floor)
+        goal = (f"median ≥ {need}×" + (f", worst ≥ {floor}×" if floor else "")
+                + (" met" if met else " **not met**"))
+    return name, reference, mine, goal
 
 
 def other_rows(script: str, *args: str) -> list[tuple[str, str, str, str]]:
@@ -90,43 +229,43 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--smtp-only", action="store_true", help="skip POP3, idle and 50 MB rows")
+    ap.add_argument("--pairs", type=int, default=5,
+                    help="alternating measurements of each server per MX row (default 5)")
+    ap.add_argument("--idle-timeout", type=float, default=60.0,
+                    help="longest wait for a quiet disk before a measurement (seconds)")
     args = ap.parse_args()
+    IDLE_TIMEOUT[0] = args.idle_timeout
     n = 500 if args.quick else 2000
     if not args.no_reference:
         subprocess.run(["bash", str(ANCHORS / "postfix-reference.sh"), "start"], check=True)
-    if shutil.which("smtp-source") is None:
-        print("smtp-source not found: run ../shared/anchors/postfix-reference.sh start")
-        return 2
+        if shutil.which("smtp-source") is None:
+            print("smtp-source not found: run ../shared/anchors/postfix-reference.sh start")
+            return 2
     rows: list[tuple[str, str, str, str]] = []
     with bench_tmpdir("mailfort-bench-") as tmp:
         mf = MailfortServer(Path(tmp), port_base=PORT_BASE)
         mf.start()
         try:
+            ours = Server("mailfort", mf.ports["mx"], lambda: mf.pid)
+            ref = None
+            if not args.no_reference:
+                ref = Server("Postfix", 10025, postfix_master, settle=wait_postfix_idle)
+                if postfix_master() is None:
+                    print("# Postfix master pid not found: its CPU per message is not shown")
+            servers = [s for s in (ref, ours) if s is not None]
             # Warm both up first, unmeasured, so that both are measured in their steady
             # state: Postfix's first burst after a start was seen at half its later rate,
             # and mailfort's first ~4,000 messages into a fresh data directory at ~1,000/s
             # against ~2,200/s after them (old and new code alike; Postfix's queue
             # directories have long been in use).
-            for port in ((10025,) if not args.no_reference else ()) + (mf.ports["mx"],):
-                smtp_source(port, 1024, 50, 500 if args.quick else 5000)
-            if not args.no_reference:
-                wait_postfix_idle()
-            for size, sessions, target in ((1024, 50, 2.0), (102400, 50, 1.5), (1024, 1, 1.0),
-                                           (1024, 10, None)):
-                ref = None
-                if not args.no_reference:
-                    ref = smtp_source(10025, size, sessions, n)
-                    wait_postfix_idle()
-                before = count_new(mf.maildir("alice") / "new")
-                ours = smtp_source(mf.ports["mx"], size, sessions, n)
-                stored = count_new(mf.maildir("alice") / "new") - before
-                ok = "stored==accepted" if stored == n else f"STORED {stored} != {n}"
-                name = f"MX {size // 1024} KB, {sessions} sessions"
-                goal = f"≥ {target}×" if target else "—"
-                ratio = f" ({ours / ref:.2f}×)" if ref else ""
-                rows.append((name, f"Postfix {ref:.0f}/s" if ref else "—",
-                             f"{ours:.0f}/s{ratio} {ok}", goal))
-            mx_rate = float(rows[0][2].split("/s")[0])
+            for server in servers:
+                both_idle(servers)
+                load(server.port, 1024, 50, 500 if args.quick else 5000)
+            for size, sessions, target in MX_ROWS:
+                rows.append(mx_row(servers, ours, ref, mf, size, sessions, target,
+                                   args.pairs, n))
+            rates = [float(r[2].split("/s")[0]) for r in rows]
+            mx_rate = rates[0] if rates else 1.0
             for label, extra in (("one connection + AUTH per session", ["--keep-session"]),
                                  ("new connection + AUTH per message", [])):
                 out = subprocess.run(

@@ -15,6 +15,7 @@ import json
 import logging
 import logging.handlers
 import sys
+import time
 
 from mailfort.config import Config
 
@@ -40,6 +41,23 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``<time> <logger> <message>``, the standard Formatter's line, with the local time
+    stamp formatted once a second instead of for every record (two records per message)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(name)s %(message)s")
+        self._stamp = (-1, "")  # (second, its text), replaced whole
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second, text = self._stamp
+        if second != int(record.created):
+            second = int(record.created)
+            text = time.strftime(self.default_time_format, self.converter(second))
+            self._stamp = (second, text)
+        return self.default_msec_format % (text, record.msecs)
+
+
 def make_handler(cfg: Config) -> logging.Handler:
     handler: logging.Handler
     if cfg.log.file:
@@ -50,7 +68,7 @@ def make_handler(cfg: Config) -> logging.Handler:
     if cfg.log.format == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     setattr(handler, _OWNED, True)
     return handler
 
@@ -64,6 +82,10 @@ def configure(cfg: Config) -> logging.Handler:
             h.close()
     handler = make_handler(cfg)
     root.addHandler(handler)
+    # No line shows the caller's file and line, the thread or the process: do not look them
+    # up for every record (the switches of the logging HOWTO's "Optimization" section).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root.setLevel(getattr(logging, cfg.log.level.upper()))
     return handler
 

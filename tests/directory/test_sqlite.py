@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from mailfort.directory.base import Resolution
-from mailfort.directory.sqlite import MAX_ALIAS_DEPTH, DirectoryError, SQLiteDirectory
+from mailfort.directory.sqlite import (
+    LOOKUP_CACHE_MAX,
+    MAX_ALIAS_DEPTH,
+    DirectoryError,
+    SQLiteDirectory,
+)
 
 H = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA"  # shape of a hash; never verified here
 
@@ -249,3 +254,58 @@ def test_second_process_view_sees_writes(tmp_path: Path, d: SQLiteDirectory) -> 
     other = SQLiteDirectory(tmp_path / "directory.sqlite3")
     other.add_user("dave@example.test", H)
     assert d.password_hash("dave@example.test") == H
+
+
+def _statements(d: SQLiteDirectory) -> list[str]:
+    """The SQL statements this thread's connection runs from now on."""
+    seen: list[str] = []
+    d._conn().set_trace_callback(seen.append)
+    return seen
+
+
+def test_repeated_rcpt_lookups_run_only_the_change_check(d: SQLiteDirectory) -> None:
+    """The MX asks is_local_domain + resolve for every RCPT (five indexed queries); a
+    repeat of the same lookup, with nothing changed since, costs one PRAGMA data_version."""
+    d.add_alias("team@example.test", ["alice@example.test", "bob@example.test"])
+    first = (d.is_local_domain("example.test"), d.resolve("Team@Example.test"),
+             d.resolve("nobody@example.test"))
+    seen = _statements(d)
+    again = (d.is_local_domain("EXAMPLE.test."), d.resolve("team@example.test"),
+             d.resolve("nobody@example.test"))
+    assert again == first
+    assert first[1] == Resolution(local=("alice@example.test", "bob@example.test"), remote=())
+    assert seen == ["PRAGMA data_version"] * 3
+
+
+def test_cached_lookups_see_writes_from_another_connection_at_once(
+        tmp_path: Path, d: SQLiteDirectory) -> None:
+    """``mailfort user add/del`` from another process: the next RCPT sees it."""
+    assert d.resolve("dave@example.test") is None
+    assert d.resolve("alice@example.test") is not None
+    assert not d.is_local_domain("other.test")
+    admin = SQLiteDirectory(tmp_path / "directory.sqlite3")
+    admin.add_user("dave@example.test", H)
+    admin.remove_user("alice@example.test")
+    admin.add_domain("other.test")
+    assert d.resolve("dave@example.test") == Resolution(local=("dave@example.test",), remote=())
+    assert d.resolve("alice@example.test") is None
+    assert d.is_local_domain("other.test")
+
+
+def test_cached_lookups_see_writes_through_the_same_connection(d: SQLiteDirectory) -> None:
+    """A connection's own commits do not move its data_version: they clear the cache."""
+    assert d.resolve("carol@example.test") is None
+    d.add_user("carol@example.test", H)
+    assert d.resolve("carol@example.test") == Resolution(local=("carol@example.test",), remote=())
+    assert d.resolve("help@example.test") is None
+    d.add_alias("help@example.test", ["carol@example.test"])
+    assert d.resolve("help@example.test") == Resolution(local=("carol@example.test",), remote=())
+    d.remove_user("carol@example.test")
+    assert d.resolve("carol@example.test") is None
+
+
+def test_lookup_cache_is_bounded(d: SQLiteDirectory) -> None:
+    """A client probing random recipients cannot grow the cache without bound."""
+    for i in range(3 * LOOKUP_CACHE_MAX):
+        d.resolve(f"probe{i}@example.test")
+    assert len(d._local.cache) <= LOOKUP_CACHE_MAX

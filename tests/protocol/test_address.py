@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from mailfort.protocol.address import (
     AddressError,
     Mailbox,
+    _plain_path,
+    _Scanner,
     parse_esmtp_params,
     parse_mail_argument,
     quote_local_part,
@@ -467,3 +469,53 @@ def test_round_trip_utf8(local: str, domain: str) -> None:
     assume(len(quote_local_part(local).encode()) <= 64 and len(domain.encode()) <= 255)
     assume(all(len(label.encode()) <= 63 for label in domain.split(".")))
     assert rcpt(f"TO:<{mbox}>", utf8=True) == mbox
+
+
+# --- the everyday path's shortcut agrees with the scanner ---
+
+
+def _by_scanner(text: str, utf8: bool) -> tuple[Mailbox | None, int] | AddressError:
+    scanner = _Scanner(text, utf8, "recipient")
+    try:
+        return scanner.path(null_allowed=False), scanner.pos
+    except AddressError as exc:
+        return exc
+
+
+_rough_label = st.from_regex(r"[a-z0-9-]{0,4}|[a-z]{60,66}", fullmatch=True)
+_plain_chars = st.sampled_from([*"<>@.-aZ09!%_=", "ab", "x.test", "\u00e9"])
+
+
+@settings(max_examples=examples(1000), deadline=None)
+@given(
+    st.one_of(
+        st.lists(_path_chars, max_size=40).map("".join),
+        st.lists(_plain_chars, max_size=40).map("".join),
+        st.tuples(st.lists(st.one_of(_atom, st.just("")), min_size=1, max_size=30)
+                  .map(".".join),
+                  st.lists(st.one_of(_label, _rough_label), min_size=1, max_size=40)
+                  .map(".".join),
+                  st.sampled_from(["", " SIZE=1", "x", ".", ">"]))
+        .map(lambda t: f"<{t[0]}@{t[1]}>{t[2]}"),
+    ),
+    st.booleans(),
+)
+def test_plain_path_shortcut_takes_only_what_the_scanner_takes(text: str, utf8: bool) -> None:
+    """Whatever the shortcut accepts, the scanner accepts with the same mailbox and end;
+    lengths at and past every limit included (up to 30 atoms, 40 labels)."""
+    for candidate in ("<" + text, text):
+        fast = _plain_path(candidate)
+        if fast is not None:
+            assert _by_scanner(candidate, utf8) == fast
+
+
+def test_plain_path_shortcut_limits() -> None:
+    """At each length limit the shortcut declines and the scanner's error stands."""
+    for arg in ("TO:<a@b-.test>", "TO:<a@-b.test>", "TO:<a@b..test>", "TO:<a..b@x.test>",
+                "TO:<.a@x.test>", "TO:<a@x.test.>", f"TO:<{'a' * 65}@x.test>",
+                f"TO:<a@{'b' * 64}.test>",
+                f"TO:<a@{'.'.join(['b' * 60] * 5)}>", f"TO:<{'a' * 60}@{'b.' * 100}test>"):
+        with pytest.raises(AddressError):
+            rcpt(arg)
+    assert rcpt(f"TO:<{'a' * 64}@{'b' * 63}.Test>") == Mailbox("a" * 64, "b" * 63 + ".test")
+    assert quote_local_part("a.b") == "a.b" and quote_local_part(".a") == '".a"'

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from mailfort.store import maildir
 from mailfort.store.maildir import Committer, StorageError, maildir_for
 from tests.store.fsyncs import fsynced
 
@@ -137,3 +139,20 @@ async def test_a_maildir_made_by_someone_else_is_synced_on_first_use(
         assert md / "new" in fsynced
     finally:
         c.stop()
+
+
+def test_unique_names_carry_the_pid_of_a_forked_worker() -> None:
+    """The pid in a Maildir name is read once per process, and again in a forked child
+    (worker processes): two workers never make the same name."""
+    parent = maildir.unique_name()
+    assert f"P{os.getpid()}Q" in parent
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover  (the child)
+        os.write(w, maildir.unique_name().encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        name = f.read().decode()
+    os.waitpid(child, 0)
+    assert f"P{child}Q" in name and f"P{os.getpid()}Q" not in name

@@ -2,7 +2,11 @@
 
 WAL mode lets the server read while ``mailfort user add`` writes from another process.
 Each thread gets its own connection; reads are single indexed lookups, cheap enough to
-run on the asyncio loop. Addresses are stored lowercase, and a user's local part is
+run on the asyncio loop. What the MX asks at every RCPT (``is_local_domain``, ``resolve``:
+five queries) is cached per thread and checked with one ``PRAGMA data_version`` per
+lookup, which changes as soon as any other connection (another process) commits; the
+connection's own commits clear the cache. So a change is seen by the next lookup, as
+without the cache. Addresses are stored lowercase, and a user's local part is
 limited to a safe set because it becomes a Maildir directory name. The file holds
 password hashes, so it is created readable by its owner only.
 """
@@ -16,11 +20,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from mailfort.directory.base import Resolution
 
 MAX_ALIAS_DEPTH = 10
 MAX_TARGETS = 1000
+LOOKUP_CACHE_MAX = 4096  # cached lookups per thread; a full cache starts over
+_MISS = object()
 
 _LOCAL_RE = re.compile(r"[a-z0-9_+\-][a-z0-9._+\-]{0,63}")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -141,7 +148,21 @@ class SQLiteDirectory:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        else:
+            conn.execute("COMMIT")
+        finally:
+            # data_version does not move for a connection's own commits: drop the cache.
+            self._local.cache = None
+
+    def _lookup_cache(self) -> dict[tuple[str, str], object]:
+        """This thread's cache of lookups, emptied when the database changed since."""
+        local = self._local
+        version = self._conn().execute("PRAGMA data_version").fetchone()[0]
+        cache: dict[tuple[str, str], object] | None = getattr(local, "cache", None)
+        if cache is None or local.version != version or len(cache) >= LOOKUP_CACHE_MAX:
+            cache = local.cache = {}
+            local.version = version
+        return cache
 
     def close(self) -> None:
         """Close every connection this object opened (call when no thread uses it)."""
@@ -161,8 +182,12 @@ class SQLiteDirectory:
 
     def is_local_domain(self, domain: str) -> bool:
         d = domain.strip().lower().removesuffix(".")
-        row = self._conn().execute("SELECT 1 FROM domains WHERE name = ?", (d,)).fetchone()
-        return row is not None
+        cache = self._lookup_cache()
+        found = cache.get(("domain", d), _MISS)
+        if found is _MISS:
+            row = self._conn().execute("SELECT 1 FROM domains WHERE name = ?", (d,)).fetchone()
+            found = cache["domain", d] = row is not None
+        return bool(found)
 
     def password_hash(self, user: str) -> str | None:
         key = _lookup_key(user)
@@ -187,7 +212,13 @@ class SQLiteDirectory:
         key = _lookup_key(address)
         if key is None:
             return None
-        addr, domain = key
+        cache = self._lookup_cache()
+        found = cache.get(("resolve", key[0]), _MISS)
+        if found is _MISS:
+            found = cache["resolve", key[0]] = self._resolve(*key)
+        return cast(Resolution | None, found)
+
+    def _resolve(self, addr: str, domain: str) -> Resolution | None:
         conn = self._conn()
         row = conn.execute("SELECT catchall FROM domains WHERE name = ?", (domain,)).fetchone()
         if row is None:

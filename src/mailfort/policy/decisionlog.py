@@ -23,12 +23,15 @@ change it only together with the fail2ban example in the README and its test.
 
 Each function also moves the matching Prometheus counter (mailfort/metrics.py), and hands
 its fields to the logger (``extra={"fields": ...}``) for the JSON log format. Nothing here
-takes a password or message content: none can reach the log or the metrics.
+takes a password or message content: none can reach the log or the metrics. A line is
+formatted (and its values cleaned, once for the text and the fields alike) only when the
+logger would emit it: the MX writes two of these per message.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
 from mailfort import metrics
@@ -37,15 +40,15 @@ from mailfort.protocol.replies import Reply
 log = logging.getLogger("mailfort.decision")
 
 _MAX_FIELD = 200
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\[\]]")  # controls and the brackets around the client
 
 
 def clean(value: object) -> str:
     """A client-chosen value made safe for one log line."""
     text = "" if value is None else str(value)
-    out = "".join(
-        "?" if (ord(c) < 0x20 or ord(c) == 0x7F or c in "[]") else c for c in text
-    )
-    return out if len(out) <= _MAX_FIELD else out[:_MAX_FIELD] + "..."
+    if _UNSAFE.search(text) is not None:
+        text = _UNSAFE.sub("?", text)
+    return text if len(text) <= _MAX_FIELD else text[:_MAX_FIELD] + "..."
 
 
 def reply_text(reply: Reply) -> str:
@@ -53,29 +56,39 @@ def reply_text(reply: Reply) -> str:
     return f"{reply.code} {reply.enhanced} {text}".replace("  ", " ").strip()
 
 
-def _fields(fields: dict[str, object]) -> str:
-    parts = [f"{k.rstrip('_')}=<{clean(v)}>" for k, v in fields.items() if v is not None]
-    return "; " + " ".join(parts) if parts else ""
+def _on() -> bool:
+    return log.isEnabledFor(logging.INFO)
 
 
-def _extra(event: str, ip: str, **fields: object) -> dict[str, object]:
-    clean_fields = {k.rstrip("_"): clean(v) for k, v in fields.items() if v is not None}
-    return {"fields": {"event": event, "client": clean(ip), **clean_fields}}
+def _cleaned(fields: dict[str, object]) -> dict[str, str]:
+    """The fields that were given (not None), named without the trailing ``_`` that
+    keeps ``from_`` a valid keyword, cleaned."""
+    return {k.rstrip("_"): clean(v) for k, v in fields.items() if v is not None}
+
+
+def _emit(event: str, ip: str, fields: dict[str, str], msg: str, *args: object) -> None:
+    log.info(msg, *args, extra={"fields": {"event": event, "client": ip, **fields}})
 
 
 def connect(service: str, ip: str) -> None:
     """A connection accepted by a listener (before any limit or screening)."""
     metrics.CONNECTIONS.labels(service).inc()
-    log.info("connect from [%s] service=%s", clean(ip), clean(service),
-             extra=_extra("connect", ip, service=service))
+    if _on():
+        c_ip, c_service = clean(ip), clean(service)
+        _emit("connect", c_ip, {"service": c_service}, "connect from [%s] service=%s",
+              c_ip, c_service)
 
 
 def reject(stage: str, ip: str, reply: Reply, **fields: object) -> None:
     """A refused connection (stage CONNECT) or command (HELO, MAIL, RCPT, DATA, AUTH)."""
     metrics.REFUSED.labels(stage, reply.enhanced or str(reply.code)).inc()
-    log.info("reject: %s from [%s]: %s%s", stage, clean(ip), reply_text(reply), _fields(fields),
-             extra=_extra("reject", ip, stage=stage, code=reply.code, status=reply.enhanced,
-                          reply=reply_text(reply), **fields))
+    if not _on():
+        return
+    c_ip, text, given = clean(ip), reply_text(reply), _cleaned(fields)
+    tail = "; " + " ".join(f"{k}=<{v}>" for k, v in given.items()) if given else ""
+    _emit("reject", c_ip, {"stage": clean(stage), "code": str(reply.code),
+                           "status": clean(reply.enhanced), "reply": clean(text), **given},
+          "reject: %s from [%s]: %s%s", stage, c_ip, text, tail)
 
 
 def accept(ip: str, reply: Reply, sender: object, nrcpt: int, size: int,
@@ -83,43 +96,59 @@ def accept(ip: str, reply: Reply, sender: object, nrcpt: int, size: int,
     """A message stored or queued (its 250 is earned); ``tls``: the protocol version."""
     metrics.ACCEPTED.inc()
     metrics.ACCEPTED_BYTES.inc(size)
-    log.info("accept: DATA from [%s]: %s; from=<%s> nrcpt=%d size=%d tls=%s",
-             clean(ip), reply_text(reply), clean(sender), nrcpt, size, clean(tls or "none"),
-             extra=_extra("accept", ip, reply=reply_text(reply), from_=sender, nrcpt=nrcpt,
-                          size=size, tls=tls or "none"))
+    if not _on():
+        return
+    c_ip, text, c_from, c_tls = clean(ip), reply_text(reply), clean(sender), clean(tls or "none")
+    fields = {"reply": clean(text), "from": c_from, "nrcpt": str(nrcpt), "size": str(size),
+              "tls": c_tls}
+    if sender is None:
+        del fields["from"]
+    _emit("accept", c_ip, fields, "accept: DATA from [%s]: %s; from=<%s> nrcpt=%d size=%d tls=%s",
+          c_ip, text, c_from, nrcpt, size, c_tls)
 
 
 def auth_ok(ip: str, user: str) -> None:
     metrics.AUTH.labels("ok").inc()
-    log.info("auth ok from [%s] user=%s", clean(ip), clean(user),
-             extra=_extra("auth_ok", ip, user=user))
+    if _on():
+        c_ip, c_user = clean(ip), clean(user)
+        _emit("auth_ok", c_ip, {"user": c_user}, "auth ok from [%s] user=%s", c_ip, c_user)
 
 
 def auth_failed(ip: str, user: str, service: str = "") -> None:
     metrics.AUTH.labels("failed").inc()
-    svc = f" service={clean(service)}" if service else ""
-    log.info("auth failed from [%s] user=%s%s", clean(ip), clean(user), svc,
-             extra=_extra("auth_failed", ip, user=user, service=service or None))
+    if not _on():
+        return
+    c_ip, c_user = clean(ip), clean(user)
+    fields = {"user": c_user}
+    svc = ""
+    if service:
+        fields["service"] = clean(service)
+        svc = f" service={fields['service']}"
+    _emit("auth_failed", c_ip, fields, "auth failed from [%s] user=%s%s", c_ip, c_user, svc)
 
 
 def auth_blocked(ip: str, user: str) -> None:
     """A client over the failure limit: its attempt was not even checked."""
     metrics.AUTH.labels("blocked").inc()
     metrics.BLOCKS.labels("auth").inc()
-    log.info("auth blocked from [%s] user=%s", clean(ip), clean(user),
-             extra=_extra("auth_blocked", ip, user=user))
+    if _on():
+        c_ip, c_user = clean(ip), clean(user)
+        _emit("auth_blocked", c_ip, {"user": c_user}, "auth blocked from [%s] user=%s",
+              c_ip, c_user)
 
 
 def connection_refused(ip: str, text: str, reason: str) -> None:
     """A refusal at greeting by a service whose replies are not SMTP replies (POP3)."""
     metrics.REFUSED.labels("CONNECT", clean(reason)).inc()
-    log.info("reject: CONNECT from [%s]: %s; reason=%s", clean(ip), clean(text), clean(reason),
-             extra=_extra("reject", ip, stage="CONNECT", reply=text, reason=reason))
+    if _on():
+        c_ip, c_reason = clean(ip), clean(reason)
+        _emit("reject", c_ip, {"stage": "CONNECT", "reply": clean(text), "reason": c_reason},
+              "reject: CONNECT from [%s]: %s; reason=%s", c_ip, clean(text), c_reason)
 
 
 def dnsbl_listed(ip: str, zone: str, codes: Iterable[str], weight: int) -> None:
     metrics.BLOCKS.labels("dnsbl").inc()
-    codes = list(codes)
-    log.info("dnsbl [%s] listed in %s (%s) weight=%d", clean(ip), clean(zone),
-             ",".join(codes), weight,
-             extra=_extra("dnsbl", ip, zone=zone, codes=",".join(codes), weight=weight))
+    if _on():
+        c_ip, c_zone, joined = clean(ip), clean(zone), ",".join(codes)
+        _emit("dnsbl", c_ip, {"zone": c_zone, "codes": clean(joined), "weight": str(weight)},
+              "dnsbl [%s] listed in %s (%s) weight=%d", c_ip, c_zone, joined, weight)

@@ -19,11 +19,16 @@ Deliberate strictness (each refusal is a 501 with an enhanced code):
 - lengths: local part 64 octets as written, label 63, domain 255, whole path 256.
 
 A small hand-written scanner, not a regular expression: every character is looked at once.
+The everyday path (ASCII dot-atom ``<local@host.domain>``, no route, no literal, no quotes)
+is first tried against one anchored pattern with no nested repetition over a bounded
+window; it only ever accepts what the scanner accepts, with the same result (a property
+test holds it to that), and everything else goes to the scanner.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Literal
@@ -39,6 +44,11 @@ _LETDIG = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456
 _ATEXT = _LETDIG | frozenset("!#$%&'*+-/=?^_`{|}~")
 _KEYWORD = _LETDIG | {"-"}
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+# The common case, ASCII only (see the module docstring): dot-atom local part, LDH labels.
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_LDH_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_ASCII_DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_PLAIN_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*)@({_LDH_LABEL}(?:\.{_LDH_LABEL})*)>")
 
 AddressKind = Literal["sender", "recipient", "syntax"]
 
@@ -78,7 +88,7 @@ class Mailbox:
 
 def quote_local_part(local: str) -> str:
     """The local part as it must be written: a dot-string if it can be, else quoted."""
-    if local and _is_dot_string(local):
+    if _ASCII_DOT_STRING.fullmatch(local) or (local and _is_dot_string(local)):
         return local
     escaped = "".join("\\" + c if c in '"\\' else c for c in local)
     return f'"{escaped}"'
@@ -247,6 +257,18 @@ class _Scanner:
         return mbox
 
 
+def _plain_path(text: str) -> tuple[Mailbox, int] | None:
+    """The everyday path at the start of ``text`` and where it ends, or None: then the
+    scanner decides (it may still accept it, or says what is wrong)."""
+    m = _PLAIN_PATH.match(text, 0, MAX_PATH + 1)
+    if m is None or m.end() > MAX_PATH or len(m[1]) > MAX_LOCAL_PART:
+        return None
+    domain = m[2]
+    if len(domain) > MAX_DOMAIN or any(len(label) > MAX_LABEL for label in domain.split(".")):
+        return None
+    return Mailbox(m[1], domain.translate(_ASCII_LOWER)), m.end()
+
+
 def parse_esmtp_params(text: str, *, smtputf8_allowed: bool = False) -> dict[str, str | None]:
     """esmtp-param *(SP esmtp-param); keys upper-cased, duplicates refused.
 
@@ -299,7 +321,11 @@ def parse_mail_argument(
     if rest.startswith(" "):
         rest = rest[1:]
     scanner = _Scanner(rest, smtputf8_allowed, kind)
-    mailbox = scanner.path(null_allowed)
+    plain = _plain_path(rest)
+    if plain is not None:
+        mailbox, scanner.pos = plain
+    else:
+        mailbox = scanner.path(null_allowed)
     tail = rest[scanner.pos :].rstrip(" ")
     if tail and not tail.startswith(" "):
         raise scanner.fail("junk after address")

@@ -94,6 +94,19 @@ class ServiceOptions:
 # after the data flush); returns how to take it back if the final flush then fails.
 EnqueueHook = Callable[[Path, "Envelope", str | None], Callable[[], None]]
 _MAX_CAPTURED_HEADERS = 256 * 1024
+_MAX_REMEMBERED_IPS = 4096  # client addresses (and local users) whose answer is kept
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_now() -> str:
+    """RFC 5322 date of this second (UTC) for the Received field, formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, localtime=False))
+    return _date_cache[1]
 
 
 class SubmissionPolicy(Protocol):
@@ -147,6 +160,8 @@ class SMTPService(Listener):
         self.inbound: InboundPolicy | None = None
         super().__init__(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks]
+        self._trusted_ips: dict[str, bool] = {}
+        self._maildirs: dict[str, Path] = {}
         lim = cfg.limits
         self.settings = EngineSettings(
             hostname=cfg.server.hostname,
@@ -179,12 +194,32 @@ class SMTPService(Listener):
         tls = self.ssl_context if self.options.implicit_tls else None
         return await self.listen(lambda: SMTPSession(self), host, port, tls, sock=sock)
 
+    def maildir(self, user: str) -> Path:
+        """The Maildir of a canonical local user, remembered (a Path costs a few us)."""
+        found = self._maildirs.get(user)
+        if found is None:
+            if len(self._maildirs) >= _MAX_REMEMBERED_IPS:  # bounded like the IPs
+                self._maildirs.clear()
+            found = self._maildirs[user] = maildir_for(self.cfg.data_path, user)
+        return found
+
     def trusted(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        """Whether ``ip`` is in ``relay.trusted_networks``; remembered per address (asked
+        for every message; none configured, the default, needs no parsing at all)."""
+        if not self._trusted:
             return False
-        return any(addr in net for net in self._trusted)
+        known = self._trusted_ips.get(ip)
+        if known is None:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                known = False
+            else:
+                known = any(addr in net for net in self._trusted)
+            if len(self._trusted_ips) >= _MAX_REMEMBERED_IPS:
+                self._trusted_ips.clear()
+            self._trusted_ips[ip] = known
+        return known
 
 
 class SMTPSession(EngineSession):
@@ -215,7 +250,9 @@ class SMTPSession(EngineSession):
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_ip, self.peer_port = str(peer[0]), int(peer[1])
         svc = self.service
-        settings = svc.loopback_settings if is_loopback(self.peer_ip) else svc.settings
+        settings = svc.settings
+        if svc.loopback_settings is not settings and is_loopback(self.peer_ip):
+            settings = svc.loopback_settings
         settings = svc.stress.engine_settings(svc.limiter, settings)
         tls = svc.options.implicit_tls
         self.engine = SMTPEngine(settings, tls_active=tls)
@@ -427,7 +464,7 @@ class SMTPSession(EngineSession):
         received = (
             f"Received: from {engine.helo} ([{self.peer_ip}])\r\n"
             f"\tby {svc.cfg.server.hostname} with {proto} id {spool_id}{tls}{rcpt};\r\n"
-            f"\t{formatdate(localtime=False)}\r\n"
+            f"\t{_date_now()}\r\n"
         )
         return f"Return-Path: <{sender}>\r\n{received}".encode()
 
@@ -465,8 +502,7 @@ class SMTPSession(EngineSession):
             engine.decide(refusal)
             return
         # ----
-        data_dir = svc.cfg.data_path
-        maildirs = [maildir_for(data_dir, u) for u in env.local]
+        maildirs = [svc.maildir(u) for u in env.local]
         if junk:
             maildirs = [m / ".Junk" for m in maildirs]
         extra = None

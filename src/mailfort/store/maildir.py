@@ -73,10 +73,14 @@ def ensure_maildir(path: Path) -> None:
         make_dirs(path / sub)
 
 
+_pid = [os.getpid()]  # this process's, asked once (and again in a forked child)
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
 def unique_name() -> str:
     """A Maildir unique name: time, microseconds, pid and a counter, then the host."""
     now = time.time()
-    return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(_counter)}.{_HOST}"
+    return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{_pid[0]}Q{next(_counter)}.{_HOST}"
 
 
 def keyed_name(key: str) -> str:
@@ -119,17 +123,23 @@ _SYNCFS = _load_syncfs()
 class Spool:
     """One message being received: in memory while small, in a spool file once large."""
 
-    __slots__ = ("_buf", "_fd", "failed", "fault", "name", "path", "size")
+    __slots__ = ("_buf", "_dir", "_fd", "failed", "fault", "name", "size")
 
     def __init__(self, spool_dir: Path, fault: FaultHook | None = None,
                  name: str | None = None) -> None:
         self.name = name or unique_name()
-        self.path = spool_dir / self.name
+        self._dir = spool_dir
         self._buf = bytearray()
         self._fd: int | None = None
         self.size = 0
         self.failed: OSError | None = None
         self.fault = fault
+
+    @property
+    def path(self) -> Path:
+        """The spool file's path (made when asked: most spools are only ever touched by
+        the committer thread, and a Path costs the event loop a few microseconds)."""
+        return self._dir / self.name
 
     def write(self, data: bytes) -> None:
         if self.failed is not None:
@@ -279,8 +289,12 @@ class Committer:
                 for job in batch:
                     job.error = job.error or exc
                     _take_back(job)
+            # One wake-up per event loop for the whole batch, not one per message.
+            loops: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
             for job in batch:
-                job.loop.call_soon_threadsafe(_settle, job)
+                loops.setdefault(job.loop, []).append(job)
+            for loop, jobs in loops.items():
+                loop.call_soon_threadsafe(_settle_all, jobs)
 
     def _commit_batch(self, batch: list[_Job]) -> None:
         self.batches += 1
@@ -388,6 +402,11 @@ def _take_back(job: _Job) -> None:
         job.undo_extra = None
     with contextlib.suppress(Exception):
         job.spool.discard()
+
+
+def _settle_all(jobs: list[_Job]) -> None:
+    for job in jobs:
+        _settle(job)
 
 
 def _settle(job: _Job) -> None:
