@@ -103,7 +103,8 @@ class Node:
         """Runs on the committer thread, after the message data is flushed. Delivery is
         woken only once the client has its 250 (``queued``), never before."""
         sender = "" if env.sender is None else str(env.sender)
-        ident = self.queue.enqueue(path, sender, list(env.remote), submitted_by)
+        ident = self.queue.enqueue(path, sender, list(env.remote), submitted_by,
+                                   requiretls=env.requiretls)
         return lambda: self.queue.delete(ident)
 
     async def _authenticate(
