@@ -262,6 +262,11 @@ class DeliveryConfig:
     dane: bool = True
     # TLS-RPT (RFC 8460): record TLS failures per policy domain in data_dir.
     tls_reports: bool = True
+    # FOR TESTS AND THE LAB ONLY: deliver to an MX (or A/AAAA fallback, or address literal)
+    # of a foreign domain that resolves to a loopback, private, link-local or other
+    # non-public address. Off, such mail is refused (5.4.4), so the queue cannot be used to
+    # reach internal services; a configured [routes] entry may always point inward.
+    allow_private_destinations: bool = False
 
 
 @dataclass(frozen=True)

@@ -198,3 +198,13 @@ async def test_testing_with_wrong_name_delivers_on_a_fresh_connection(
     assert rx.messages[0].tls  # still encrypted, just not verified
     assert rx.sessions == 2  # the failed verification, then the delivery
     assert events(cfg)[0]["result"] == "certificate-host-mismatch"
+
+
+async def test_policy_host_resolving_inward_is_not_fetched(
+    sts: Any, dns_server: DNSServer, https: PolicyServer,
+) -> None:
+    """The policy fetch follows the same rule as delivery: no HTTPS to internal addresses."""
+    cfg = sts("enforce", "mx.example.test", allow_private_destinations=False)
+    policy, err = await MTASTS(cfg, make_resolver(cfg)).get("remote.test")
+    assert policy is None and err is not None and "non-public 127.0.0.1" in str(err)
+    assert https.requests == 0

@@ -4,6 +4,7 @@ bounce the submitter gets when no verified path exists."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -77,7 +78,9 @@ async def test_requiretls_to_a_destination_without_policy_is_bounced(
 
 async def test_requiretls_with_enforce_policy_is_delivered_with_the_parameter(
     sts: Any, receivers: ReceiverFactory, receiver_tls: ssl.SSLContext, run: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "mailfort.queue")
     cfg = sts("enforce", "*.example.test")
     rx = await receivers(ssl_context=receiver_tls, requiretls=True)
     w = await run(cfg, rx.port)
@@ -85,6 +88,9 @@ async def test_requiretls_with_enforce_policy_is_delivered_with_the_parameter(
     await wait_for(lambda: len(rx.messages) == 1)
     m = rx.messages[0]
     assert m.tls and "REQUIRETLS" in m.mail.upper().split()
+    # the delivery log names the hop's TLS and how it was verified
+    await wait_for(lambda: "verified by mta-sts, REQUIRETLS" in caplog.text)
+    assert "via mx.example.test, TLSv1." in caplog.text
 
 
 async def test_requiretls_with_testing_policy_still_needs_the_verified_path(
@@ -169,3 +175,26 @@ async def test_requiretls_wins_over_tls_required_no(
     assert entry.requiretls and not entry.tls_optional
     await wait_for(lambda: len(bounces.got) == 1)
     assert b"Status: 5.7.30" in bounces.got[0][1] and rx.sessions == 0
+
+
+async def test_requiretls_over_dane_is_delivered(
+    dns_server: DNSServer, outbound_config: ConfigFactory, receivers: ReceiverFactory,
+    run: Any, tls_ca: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No MTA-STS, but DNSSEC-authenticated TLSA records for the MX that match: enough."""
+    import hashlib
+
+    from tests.delivery.test_dane import TLSA_NAME, Server
+
+    caplog.set_level(logging.INFO, "mailfort.queue")
+    server = Server(tls_ca, tmp_path)
+    dns_server.add_mx("remote.test", "mx.example.test")
+    dns_server.add_a("mx.example.test", "127.0.0.1")
+    dns_server.add_tlsa(TLSA_NAME, 3, 1, 1, hashlib.sha256(server.spki()).digest())
+    cfg = outbound_config(delivery={"mta_sts": False})
+    rx = await receivers(ssl_context=server.ctx, requiretls=True)
+    w = await run(cfg, rx.port)
+    _send(w)
+    await wait_for(lambda: len(rx.messages) == 1)
+    assert "REQUIRETLS" in rx.messages[0].mail.upper().split()
+    await wait_for(lambda: "verified by dane, REQUIRETLS" in caplog.text)
