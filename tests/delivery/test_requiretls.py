@@ -198,3 +198,24 @@ async def test_requiretls_over_dane_is_delivered(
     await wait_for(lambda: len(rx.messages) == 1)
     assert "REQUIRETLS" in rx.messages[0].mail.upper().split()
     await wait_for(lambda: "verified by dane, REQUIRETLS" in caplog.text)
+
+
+@pytest.mark.parametrize("level", ["verify", "encrypt"])
+async def test_requiretls_through_a_configured_route_needs_verify(
+    dns_server: DNSServer, outbound_config: ConfigFactory, receivers: ReceiverFactory,
+    receiver_tls: ssl.SSLContext, run: Any, ca_file: str, level: str,
+) -> None:
+    """A route names its host itself (no DNS to forge): verified TLS to it is enough."""
+    dns_server.add_a("mx.example.test", "127.0.0.1")
+    rx = await receivers(ssl_context=receiver_tls, requiretls=True)
+    cfg = outbound_config(routes={"remote.test": {"host": "mx.example.test", "port": rx.port}},
+                          delivery={"ca_file": ca_file, "tls_policy": {"remote.test": level}})
+    bounces = Bounces()
+    w = await run(cfg, rx.port, bounces)
+    _send(w)
+    if level == "verify":
+        await wait_for(lambda: len(rx.messages) == 1)
+        assert "REQUIRETLS" in rx.messages[0].mail.upper().split()
+    else:
+        await wait_for(lambda: len(bounces.got) == 1)
+        assert b"Status: 5.7.30" in bounces.got[0][1] and rx.sessions == 0

@@ -290,6 +290,10 @@ def _requiretls_refusal(plan: HostPlan, policy: TLSPolicy, target: Target) -> _H
                             f"REQUIRETLS: {reason}", final=not transient)
     if plan.mode == "dane" or (plan.mode == "verify" and plan.authenticated_name):
         return None
+    if policy.pinned:
+        return _HostFailure(NEEDS_REQUIRETLS, f"REQUIRETLS: the route to {host} does not "
+                            "verify TLS (set delivery.tls_policy for the domain to \"verify\")",
+                            final=True)
     if policy.lookup_error:  # the MTA-STS policy could not be had this time
         return _HostFailure("4.7.5", f"REQUIRETLS: no verifiable TLS for {host} yet: "
                             f"{_one_line(policy.lookup_error)}")
