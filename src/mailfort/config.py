@@ -286,6 +286,20 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class MTASTSConfig:
+    """Serving our own MTA-STS policy (RFC 8461 §3.3) at
+    ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt``, with the certificate of [tls] (which
+    must then name mta-sts.DOMAIN for each domain). ``mailfort mta-sts policy`` prints the
+    matching TXT record."""
+
+    # HOST:PORT of the HTTPS listener (e.g. "0.0.0.0:443"); empty: the policy is not served.
+    listen: str = ""
+    mode: str = "enforce"  # "enforce" | "testing" | "none"
+    mx: list[str] = field(default_factory=list)  # MX names or *.patterns; empty: hostname
+    max_age: int = 604800
+
+
+@dataclass(frozen=True)
 class Route:
     """Where to deliver mail for one domain instead of its MX (smarthost or fixed host)."""
 
@@ -317,6 +331,7 @@ class Config:
     # domains on which delivery must use STARTTLS (defer instead of sending in clear).
     require_tls_domains: list[str] = field(default_factory=list)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    mta_sts: MTASTSConfig = field(default_factory=MTASTSConfig)
 
     @property
     def data_path(self) -> Path:
@@ -468,6 +483,16 @@ def _validate_operations(cfg: Config) -> None:
         raise ConfigError("log.level: allowed values are debug, info, warning and error")
     if cfg.metrics.listen:
         _check_hostport("metrics.listen", cfg.metrics.listen)
+    m = cfg.mta_sts
+    if m.listen:
+        _check_hostport("mta_sts.listen", m.listen)
+    if m.mode not in ("enforce", "testing", "none"):
+        raise ConfigError("mta_sts.mode: allowed values are enforce, testing and none")
+    if not 0 < m.max_age <= 31557600:
+        raise ConfigError("mta_sts.max_age: must be 1-31557600 seconds (RFC 8461 §3.2)")
+    for i, mx in enumerate(m.mx):
+        if not mx or any(c.isspace() or not c.isprintable() for c in mx) or len(mx) > 253:
+            raise ConfigError(f"mta_sts.mx[{i}]: not a host name or *.pattern: {mx!r}")
     if cfg.server.group and not cfg.server.user:
         raise ConfigError("server.group: set server.user too (the group alone is not a drop)")
     if cfg.server.user == "root" or cfg.server.user == "0":
