@@ -11,6 +11,12 @@ matches the host's TLSA records. MTA-STS "testing" checks like ``verify`` and re
 failure, then delivers over a fresh, opportunistic connection. Every TLS outcome under a
 policy goes to the ``report`` callback (TLS-RPT).
 
+REQUIRETLS (RFC 8689, ``deliver(requiretls=True)``): the message goes only to a host whose
+name is vouched for (DANE, a matching MTA-STS policy, a configured route) over TLS verified
+against that name, and that offers REQUIRETLS; the parameter is passed on. Any other host is
+a final failure for this message, and when all are, its recipients fail (5.7.30, or 5.7.10
+when TLS could not be set up): a bounce, never a send in clear or unverified.
+
 Hosts are tried in order (all addresses of each MX) until one gives a definite answer to
 the transaction; connection errors, timeouts and greeting/EHLO refusals move on to the next.
 

@@ -6,6 +6,11 @@ DANE enforcement: deliver even when that policy fails).
 RFC 8689 §4.1: when the REQUIRETLS parameter was given, the header field is ignored, so
 the two never combine; REQUIRETLS wins. The tags are decided once, at enqueue, and kept in
 the queue entry (so a restart does not lose them).
+
+RFC 8689 §5 asks that the bounce of such a message be protected like the message itself.
+mailfort's bounces are only ever delivered locally, to the authenticated submitter's
+mailbox (queue/worker.py): they cross no network hop, and they quote the original header
+section, never the body.
 """
 
 from __future__ import annotations
