@@ -262,6 +262,11 @@ class DeliveryConfig:
     dane: bool = True
     # TLS-RPT (RFC 8460): record TLS failures per policy domain in data_dir.
     tls_reports: bool = True
+    # FOR TESTS AND THE LAB ONLY: deliver to an MX (or A/AAAA fallback, or address literal)
+    # of a foreign domain that resolves to a loopback, private, link-local or other
+    # non-public address. Off, such mail is refused (5.4.4), so the queue cannot be used to
+    # reach internal services; a configured [routes] entry may always point inward.
+    allow_private_destinations: bool = False
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,20 @@ class LogConfig:
 class MetricsConfig:
     # HOST:PORT of the Prometheus endpoint (e.g. "127.0.0.1:9465"); empty: no endpoint.
     listen: str = ""
+
+
+@dataclass(frozen=True)
+class MTASTSConfig:
+    """Serving our own MTA-STS policy (RFC 8461 §3.3) at
+    ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt``, with the certificate of [tls] (which
+    must then name mta-sts.DOMAIN for each domain). ``mailfort mta-sts policy`` prints the
+    matching TXT record."""
+
+    # HOST:PORT of the HTTPS listener (e.g. "0.0.0.0:443"); empty: the policy is not served.
+    listen: str = ""
+    mode: str = "enforce"  # "enforce" | "testing" | "none"
+    mx: list[str] = field(default_factory=list)  # MX names or *.patterns; empty: hostname
+    max_age: int = 604800
 
 
 @dataclass(frozen=True)
@@ -312,6 +331,7 @@ class Config:
     # domains on which delivery must use STARTTLS (defer instead of sending in clear).
     require_tls_domains: list[str] = field(default_factory=list)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    mta_sts: MTASTSConfig = field(default_factory=MTASTSConfig)
 
     @property
     def data_path(self) -> Path:
@@ -463,6 +483,16 @@ def _validate_operations(cfg: Config) -> None:
         raise ConfigError("log.level: allowed values are debug, info, warning and error")
     if cfg.metrics.listen:
         _check_hostport("metrics.listen", cfg.metrics.listen)
+    m = cfg.mta_sts
+    if m.listen:
+        _check_hostport("mta_sts.listen", m.listen)
+    if m.mode not in ("enforce", "testing", "none"):
+        raise ConfigError("mta_sts.mode: allowed values are enforce, testing and none")
+    if not 0 < m.max_age <= 31557600:
+        raise ConfigError("mta_sts.max_age: must be 1-31557600 seconds (RFC 8461 §3.2)")
+    for i, mx in enumerate(m.mx):
+        if not mx or any(c.isspace() or not c.isprintable() for c in mx) or len(mx) > 253:
+            raise ConfigError(f"mta_sts.mx[{i}]: not a host name or *.pattern: {mx!r}")
     if cfg.server.group and not cfg.server.user:
         raise ConfigError("server.group: set server.user too (the group alone is not a drop)")
     if cfg.server.user == "root" or cfg.server.user == "0":

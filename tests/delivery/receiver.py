@@ -7,7 +7,8 @@ a list used one per DATA (then 250), ``mail_reply`` answers every MAIL. Everythi
 recorded in ``commands`` and, for each accepted message, in ``messages``.
 
 ``starttls_reply``, when set, answers STARTTLS with it (e.g. "454 4.7.0 not now") instead
-of starting TLS. ``smtputf8`` advertises SMTPUTF8 (RFC 6531). ``keep_data=False`` keeps only
+of starting TLS. ``smtputf8`` advertises SMTPUTF8 (RFC 6531); ``requiretls`` advertises
+REQUIRETLS (RFC 8689) once TLS is active. ``keep_data=False`` keeps only
 the size and SHA-256 of each message (a memory measurement must not count the receiver's copies).
 ``probe``, when set, is called with every command line and with "." at each end of data,
 while the client waits for the reply: a test measures the client's state there.
@@ -51,6 +52,7 @@ class Receiver:
     stall_data: asyncio.Event | None = None  # when set: hold the DATA reply until it fires
     starttls_reply: str | None = None
     smtputf8: bool = False
+    requiretls: bool = False
     keep_data: bool = True
     probe: Callable[[str], None] | None = None
     stall_at: str | None = None
@@ -126,6 +128,8 @@ class Receiver:
                 exts = ["SIZE 10485760", "8BITMIME"]
                 if self.smtputf8:
                     exts.append("SMTPUTF8")
+                if self.requiretls and tls:
+                    exts.append("REQUIRETLS")
                 if self.ssl_context is not None and not tls:
                     exts.append("STARTTLS")
                 lines = ["250-receiver.test", *(f"250-{e}" for e in exts[:-1]), f"250 {exts[-1]}"]

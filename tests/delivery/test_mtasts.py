@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,48 +16,10 @@ from mailfort.delivery.mtasts import MTASTS, PolicyError, parse_policy, parse_tx
 from mailfort.delivery.mx import make_resolver
 from mailfort.delivery.tlspolicy import mx_matches
 from mailfort.queue.worker import DeliveryWorker
-from tests.delivery.conftest import ConfigFactory, ReceiverFactory
+from tests.delivery.conftest import ReceiverFactory
 from tests.delivery.policyserver import PolicyServer, policy_text
 from tests.delivery.worker_helpers import MSG, make_worker, wait_for
 from tests.dnsserver import DNSServer
-
-
-@pytest.fixture
-def ca_file(tls_ca: trustme.CA, tmp_path: Path) -> str:
-    path = tmp_path / "ca.pem"
-    tls_ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
-@pytest.fixture
-def https(tls_ca: trustme.CA) -> Iterator[PolicyServer]:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls_ca.issue_cert("mta-sts.remote.test").configure_cert(ctx)
-    server = PolicyServer(ctx).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def sts(dns_server: DNSServer, https: PolicyServer, outbound_config: ConfigFactory,
-        ca_file: str) -> Any:
-    """Publish a policy for remote.test (MX mx.example.test -> 127.0.0.1); returns a
-    config factory pointed at the DNS, HTTPS and CA of the test."""
-    dns_server.add_mx("remote.test", "mx.example.test")
-    dns_server.add_a("mx.example.test", "127.0.0.1")
-    dns_server.add_a("mta-sts.remote.test", "127.0.0.1")
-
-    def publish_(mode: str, *mx: str, sts_id: str = "id1", **overrides: Any) -> Any:
-        dns_server.remove("_mta-sts.remote.test")
-        dns_server.add_txt("_mta-sts.remote.test", f"v=STSv1; id={sts_id}")
-        https.body = policy_text(mode, *mx)
-        delivery = {"ca_file": ca_file, "mta_sts_port": https.port, "dane": False}
-        delivery.update(overrides)
-        return outbound_config(delivery=delivery)
-
-    return publish_
 
 
 @pytest.fixture
@@ -236,3 +198,13 @@ async def test_testing_with_wrong_name_delivers_on_a_fresh_connection(
     assert rx.messages[0].tls  # still encrypted, just not verified
     assert rx.sessions == 2  # the failed verification, then the delivery
     assert events(cfg)[0]["result"] == "certificate-host-mismatch"
+
+
+async def test_policy_host_resolving_inward_is_not_fetched(
+    sts: Any, dns_server: DNSServer, https: PolicyServer,
+) -> None:
+    """The policy fetch follows the same rule as delivery: no HTTPS to internal addresses."""
+    cfg = sts("enforce", "mx.example.test", allow_private_destinations=False)
+    policy, err = await MTASTS(cfg, make_resolver(cfg)).get("remote.test")
+    assert policy is None and err is not None and "non-public 127.0.0.1" in str(err)
+    assert https.requests == 0

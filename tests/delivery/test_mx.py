@@ -105,3 +105,67 @@ def test_require_tls_domains(outbound_config: Callable[..., Config]) -> None:
     cfg = outbound_config(require_tls_domains=["Secure.test"])
     assert mx.requires_tls(cfg, "secure.test.")
     assert not mx.requires_tls(cfg, "other.test")
+
+
+# ------------------------------------------------- delivery does not follow the network inward
+
+
+@pytest.fixture
+def strict(outbound_config: Callable[..., Config]) -> Config:
+    """The default: no private destinations (the test fixture otherwise allows loopback)."""
+    return outbound_config(delivery={"allow_private_destinations": False})
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.0.1",
+                                "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1"])
+async def test_mx_pointing_inward_is_refused(dns_server: DNSServer, strict: Config,
+                                             ip: str) -> None:
+    dns_server.add_mx("remote.test", "mx.remote.test")
+    dns_server.add_a("mx.remote.test", ip)
+    with pytest.raises(mx.LookupFailure) as ei:
+        await mx.resolve("remote.test", strict)
+    assert ei.value.status == "5.4.4" and ei.value.permanent
+    assert ip in ei.value.message and "non-public" in ei.value.message
+
+
+@pytest.mark.parametrize("ip", ["::1", "fe80::1", "fd00::1", "ff02::1", "::ffff:7f00:1"])
+async def test_implicit_mx_with_inward_ipv6_is_refused(dns_server: DNSServer, strict: Config,
+                                                       ip: str) -> None:
+    dns_server.add_aaaa("plain.test", ip)
+    dns_server.add_txt("plain.test", "v=spf1 -all")
+    with pytest.raises(mx.LookupFailure) as ei:
+        await mx.resolve("plain.test", strict)
+    assert ei.value.status == "5.4.4"
+
+
+async def test_only_the_public_addresses_are_kept(dns_server: DNSServer, strict: Config) -> None:
+    dns_server.set_mx("remote.test", [(10, "a.remote.test"), (20, "b.remote.test")])
+    dns_server.add_a("a.remote.test", "10.0.0.5")  # inward: dropped with its MX
+    dns_server.add_a("b.remote.test", "127.0.0.1")
+    dns_server.add_a("b.remote.test", "203.0.114.7")  # not resolved to connect: data only
+    (t,) = await mx.resolve("remote.test", strict)
+    assert (t.host, t.addresses) == ("b.remote.test", ("203.0.114.7",))
+
+
+async def test_address_literal_inward_is_refused(strict: Config) -> None:
+    with pytest.raises(mx.LookupFailure) as ei:
+        await mx.resolve("[10.9.8.7]", strict)
+    assert ei.value.status == "5.4.4"
+
+
+async def test_a_configured_route_may_point_inward(dns_server: DNSServer,
+                                                   outbound_config: Callable[..., Config]
+                                                   ) -> None:
+    dns_server.add_a("smarthost.test", "127.0.0.1")
+    cfg = outbound_config(delivery={"allow_private_destinations": False},
+                          routes={"*": {"host": "smarthost.test", "port": 2700}})
+    (t,) = await mx.resolve("remote.test", cfg)
+    assert t.addresses == ("127.0.0.1",)
+
+
+async def test_opt_in_allows_loopback_for_tests(dns_server: DNSServer, cfg: Config) -> None:
+    assert cfg.delivery.allow_private_destinations  # what the delivery test fixture sets
+    dns_server.add_mx("remote.test", "mx.remote.test")
+    dns_server.add_a("mx.remote.test", "127.0.0.1")
+    (t,) = await mx.resolve("remote.test", cfg)
+    assert t.addresses == ("127.0.0.1",)

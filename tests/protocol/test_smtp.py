@@ -260,6 +260,44 @@ def test_starttls_discards_pipelined_commands() -> None:
     assert "STARTTLS" not in out
 
 
+def test_requiretls_offered_and_accepted_only_over_tls() -> None:
+    """RFC 8689 §2: REQUIRETLS is advertised only once TLS is active; the MAIL parameter in
+    the clear is refused with 530 5.7.10 and no MailFrom reaches the server."""
+    d = Driver(tls_available=True)
+    assert "REQUIRETLS" not in d.send(b"EHLO c\r\n")
+    assert d.send(b"MAIL FROM:<a@b.test> REQUIRETLS\r\n").startswith("530 5.7.10")
+    assert not any(isinstance(e, MailFrom) for e in d.events)
+    d.send(b"STARTTLS\r\n")
+    d.engine.tls_started()
+    assert "REQUIRETLS\r\n" in d.send(b"EHLO c\r\n")
+    assert d.send(b"MAIL FROM:<a@b.test> requiretls\r\n").startswith("250")
+    mail = [e for e in d.events if isinstance(e, MailFrom)]
+    assert len(mail) == 1 and mail[0].requiretls
+    d.send(b"RSET\r\n")
+    d.send(b"MAIL FROM:<a@b.test>\r\n")
+    assert [e.requiretls for e in d.events if isinstance(e, MailFrom)] == [True, False]
+
+
+def test_requiretls_takes_no_value_and_not_twice() -> None:
+    d = Driver(tls_available=True)
+    d.engine.tls_active = True
+    d.send(b"EHLO c\r\n")
+    assert d.send(b"MAIL FROM:<a@b.test> REQUIRETLS=YES\r\n").startswith("501 5.5.4")
+    assert d.send(b"MAIL FROM:<a@b.test> REQUIRETLS REQUIRETLS\r\n").startswith("501")
+    assert not any(isinstance(e, MailFrom) for e in d.events)
+
+
+def test_requiretls_needs_ehlo_and_can_be_switched_off() -> None:
+    d = Driver(tls_available=True)
+    d.engine.tls_active = True
+    d.send(b"HELO c\r\n")  # RFC 1869: no ESMTP parameters after HELO
+    assert d.send(b"MAIL FROM:<a@b.test> REQUIRETLS\r\n").startswith("555")
+    off = Driver(tls_available=True, requiretls=False)
+    off.engine.tls_active = True
+    assert "REQUIRETLS" not in off.send(b"EHLO c\r\n")
+    assert off.send(b"MAIL FROM:<a@b.test> REQUIRETLS\r\n").startswith("555")
+
+
 def test_auth_not_offered_before_tls_and_refused() -> None:
     d = Driver(tls_available=True, auth_mechanisms=("PLAIN", "LOGIN"), auth_required=True)
     out = d.send(b"EHLO c\r\n")
@@ -342,7 +380,8 @@ _commands = st.sampled_from(
     [b"EHLO x\r\n", b"HELO x\r\n", b"MAIL FROM:<a@b.test>\r\n", b"MAIL FROM:<>\r\n",
      b"RCPT TO:<u@mx.test>\r\n", b"DATA\r\n", b".\r\n", b"\r\n.\r\n", b"RSET\r\n", b"BDAT 3\r\n",
      b"BDAT 0 LAST\r\n", b"STARTTLS\r\n", b"AUTH PLAIN\r\n", b"\n.\n", b"x" * 600, b"\r", b"\n",
-     b"QUIT\r\n", b"NOOP\r\n", b"VRFY a\r\n"]
+     b"QUIT\r\n", b"NOOP\r\n", b"VRFY a\r\n", b"MAIL FROM:<a@b.test> REQUIRETLS\r\n",
+     b"MAIL FROM:<> REQUIRETLS SIZE=10\r\n"]
 )
 
 
@@ -351,7 +390,11 @@ _commands = st.sampled_from(
 def test_arbitrary_streams_never_crash_and_never_store_malformed(chunks: list[bytes]) -> None:
     d = Driver(tls_available=True, max_message_size=4096)
     for chunk in chunks:
+        seen = len(d.events)
         d.send(chunk)
+        # REQUIRETLS (RFC 8689) is only ever granted to a transaction that TLS protects
+        assert all(d.engine.tls_active for e in d.events[seen:]
+                   if isinstance(e, MailFrom) and e.requiretls)
         if d.engine.waiting and isinstance(d.events[-1], StartTLS):
             d.engine.tls_started()
     for msg in d.stored:

@@ -165,3 +165,28 @@ def test_a_state_that_does_not_fit_on_the_disk_is_refused_not_truncated(
     filler.unlink()
     ident = q.enqueue_bytes(MSG, "a@example.test", rcpts, "alice@example.test")
     assert len(q.get(ident).recipients) == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "requiretls", "tags"),
+    [
+        (b"", False, (False, False)),
+        (b"TLS-Required: No\r\n", False, (False, True)),
+        (b"tls-required:\r\n  no\r\n", False, (False, True)),  # folded, any case
+        (b"TLS-Required: No\r\n", True, (True, False)),  # REQUIRETLS wins (RFC 8689 4.1)
+        (b"TLS-Required: Yes\r\n", False, (False, False)),
+        (b"TLS-Required: No\r\nTLS-Required: No\r\n", False, (False, False)),  # ambiguous
+        (b"", True, (True, False)),
+    ],
+)
+def test_rfc8689_tags_are_decided_at_enqueue_and_kept(
+    tmp_path: Path, header: bytes, requiretls: bool, tags: tuple[bool, bool]
+) -> None:
+    q = Queue(tmp_path / "q")
+    msg = MSG.replace(b"Subject: t\r\n", b"Subject: t\r\n" + header)
+    ident = q.enqueue_bytes(msg + b"TLS-Required: No\r\n", "a@example.test", ["x@r.test"],
+                            None, requiretls=requiretls)  # a body line never counts
+    e = Queue(tmp_path / "q").get(ident)  # as read after a restart
+    assert (e.requiretls, e.tls_optional) == tags
+    q.update(e)  # a state change keeps them
+    assert (q.get(ident).requiretls, q.get(ident).tls_optional) == tags

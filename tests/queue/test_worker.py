@@ -88,6 +88,25 @@ async def test_delivered_via_mx(outbound_config: ConfigFactory, dns_server: DNSS
     assert sink.delivered == []
 
 
+async def test_mx_resolving_to_loopback_is_not_delivered_to(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        worker_factory: WorkerFactory, sink: LocalSink) -> None:
+    """A foreign domain whose MX points at 127.0.0.1 (a service on this host, listening
+    right there): without an explicit opt-in nothing connects, and the submitter is told."""
+    rx = await receivers()
+    mx_to(dns_server, "remote.test")
+    cfg = outbound_config(delivery={"allow_private_destinations": False})
+    w = await worker_factory(cfg, mx_port=rx.port)
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["bob@remote.test"], "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [])
+    assert rx.sessions == 0
+    ((user, raw),) = sink.delivered
+    assert user == "alice@example.test"
+    (block,) = dsn_fields(raw)
+    assert block["Status"] == "5.4.4" and "non-public address 127.0.0.1" in raw.decode()
+
+
 async def test_address_fallback_and_starttls(outbound_config: ConfigFactory,
                                              dns_server: DNSServer, receivers: ReceiverFactory,
                                              worker_factory: WorkerFactory,
@@ -182,6 +201,37 @@ async def test_no_bounce_without_submitter_or_with_null_sender(
     assert sink.delivered == []
     assert list(sink.root.rglob("*.eml")) == []
     assert w.stats.failed == 1 and w.stats.bounces == 0
+
+
+async def test_bounce_says_which_tls_the_failed_hop_had(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        worker_factory: WorkerFactory, sink: LocalSink, receiver_tls: ssl.SSLContext) -> None:
+    rx = await receivers(ssl_context=receiver_tls,
+                         rcpt_replies={"nobody@remote.test": ["550 5.1.1 no such user"]})
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["nobody@remote.test"],
+                          "alice@example.test")
+    w.wake()
+    await wait_for(lambda: len(sink.delivered) == 1)
+    (block,) = dsn_fields(sink.delivered[0][1])
+    diag = " ".join(block["Diagnostic-Code"].split())
+    assert "550 5.1.1 no such user" in diag
+    assert "TLSv1.3, not verified" in diag or "TLSv1.2, not verified" in diag  # opportunistic
+
+
+async def test_bounce_after_a_plaintext_hop_says_so(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        worker_factory: WorkerFactory, sink: LocalSink) -> None:
+    rx = await receivers(rcpt_replies={"nobody@remote.test": ["550 5.1.1 no such user"]})
+    mx_to(dns_server, "remote.test")
+    w = await worker_factory(outbound_config(), mx_port=rx.port)
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["nobody@remote.test"],
+                          "alice@example.test")
+    w.wake()
+    await wait_for(lambda: len(sink.delivered) == 1)
+    (block,) = dsn_fields(sink.delivered[0][1])
+    assert "no TLS" in block["Diagnostic-Code"]
 
 
 async def test_only_the_failed_recipient_is_retried(outbound_config: ConfigFactory,

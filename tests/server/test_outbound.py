@@ -184,6 +184,7 @@ async def outbound(
             cfg = config_factory(
                 dns=dns_server.config(timeout=1.0),
                 queue={**FAST_QUEUE, "mx_port": receiver.port},
+                delivery={"allow_private_destinations": True},  # the MX is on loopback
             )
             seed_directory(cfg)
             node = await stack.enter_async_context(Node(cfg, ssl_context=server_ssl_context))
@@ -447,6 +448,8 @@ async def test_queue_entry_survives_sigkill_and_is_delivered_after_restart(
         "[queue]\n"
         f"mx_port = {receiver.port}\ninitial_retry = 0.2\nmax_retry = 0.5\n"
         "connect_timeout = 2.0\n"
+        "[delivery]\n"
+        "allow_private_destinations = true\n"  # the receiver is on loopback
     )
     password = "alice-long-password"
     (tmp_path / "pw.txt").write_text(password + "\n")

@@ -230,7 +230,8 @@ async def test_submission_is_signed_and_verifies_at_another_mailfort_mx(
         dns_server.add_txt(key.dns_name, key.dns_record())
     dns_server.add_txt("example.test", "v=spf1 ip4:127.0.0.1 -all")
     dns_server.add_txt("_dmarc.example.test", "v=DMARC1; p=reject")
-    a = await mx("a", queue={**FAST_QUEUE, "mx_port": b.port("mx")})
+    a = await mx("a", queue={**FAST_QUEUE, "mx_port": b.port("mx")},
+                 delivery={"allow_private_destinations": True})  # b listens on loopback
     assert a.cfg.data_path == a_cfg_dir
 
     msg = EmailMessage()

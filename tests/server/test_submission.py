@@ -11,6 +11,7 @@ import ssl
 import subprocess
 from email.message import EmailMessage
 from email.parser import BytesParser
+from email.policy import SMTP as SMTP_POLICY
 from email.policy import default
 from typing import Any
 
@@ -296,3 +297,55 @@ async def test_added_headers_never_join_a_client_line(
     assert msg["Date"].datetime is not None
     assert raw.endswith(b"\r\n")
     assert b"\n" not in raw.replace(b"\r\n", b"")
+
+
+# ------------------------------------------------------------------ REQUIRETLS (RFC 8689)
+
+
+async def test_requiretls_in_the_clear_is_refused_with_530_5_7_10(node: Node) -> None:
+    replies = await raw_session(
+        node.port("mx"),
+        [b"EHLO relay.test\r\n", b"MAIL FROM:<x@remote.test> REQUIRETLS\r\n",
+         b"MAIL FROM:<x@remote.test>\r\n"],
+    )
+    assert "REQUIRETLS" not in replies[1]
+    assert replies[2].startswith("530 5.7.10")
+    assert replies[3].startswith("250")  # the session goes on
+
+
+async def test_requiretls_after_starttls_is_offered_and_recorded_durably(
+    node: Node, client_ssl_context: ssl.SSLContext
+) -> None:
+    from mailfort.queue.store import Queue
+
+    def run() -> tuple[bool, bool]:
+        with smtplib.SMTP("127.0.0.1", node.port("submission")) as s:
+            s.ehlo("mua.test")
+            before = s.has_extn("requiretls")
+            s.starttls(context=client_ssl_context)
+            s.ehlo("mua.test")
+            after = s.has_extn("requiretls")
+            s.login("alice@example.test", "alice-pw")
+            s.sendmail("alice@example.test", ["carol@remote.test"],
+                       note(to="carol@remote.test").as_bytes(policy=SMTP_POLICY),
+                       mail_options=["REQUIRETLS"])
+            s.sendmail("alice@example.test", ["dave@remote.test"],
+                       note(to="dave@remote.test").as_bytes(policy=SMTP_POLICY))
+        return before, after
+
+    before, after = await asyncio.to_thread(run)
+    assert (before, after) == (False, True)
+    # read back from disk by a fresh queue object, as after a restart
+    entries = {e.recipients[0].address: e for e in Queue(node.cfg.data_path / "queue").list()}
+    assert entries["carol@remote.test"].requiretls is True
+    assert entries["dave@remote.test"].requiretls is False
+
+
+async def test_received_header_names_tls_version_and_cipher(
+    node: Node, client_ssl_context: ssl.SSLContext
+) -> None:
+    await asyncio.to_thread(submit, node.port("submission"), client_ssl_context, note())
+    (msg,) = stored(node, "bob@example.test")
+    received = msg.split(b"\r\n\r\n")[0].decode()
+    assert "(using TLSv1.3 with cipher TLS_" in received or \
+        "(using TLSv1.2 with cipher " in received

@@ -11,6 +11,12 @@ matches the host's TLSA records. MTA-STS "testing" checks like ``verify`` and re
 failure, then delivers over a fresh, opportunistic connection. Every TLS outcome under a
 policy goes to the ``report`` callback (TLS-RPT).
 
+REQUIRETLS (RFC 8689, ``deliver(requiretls=True)``): the message goes only to a host whose
+name is vouched for (DANE, a matching MTA-STS policy, a configured route) over TLS verified
+against that name, and that offers REQUIRETLS; the parameter is passed on. Any other host is
+a final failure for this message, and when all are, its recipients fail (5.7.30, or 5.7.10
+when TLS could not be set up): a bounce, never a send in clear or unverified.
+
 Hosts are tried in order (all addresses of each MX) until one gives a definite answer to
 the transaction; connection errors, timeouts and greeting/EHLO refusals move on to the next.
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import re
 import ssl
@@ -41,6 +48,7 @@ from aiosmtplib import SMTPResponse
 from mailfort.delivery import dane
 from mailfort.delivery.message import CHUNK, DataEncoder, Outbound, needs_smtputf8
 from mailfort.delivery.mx import Target
+from mailfort.delivery.requiretls import NEEDS_REQUIRETLS
 from mailfort.delivery.tlspolicy import HostPlan, Reporter, TLSEvent, TLSPolicy, failure_type
 
 Outcome = Literal["delivered", "temporary", "permanent"]
@@ -65,7 +73,19 @@ class DomainResult:
     host: str = ""  # the host that took the transaction, if any
     tls: bool = False
     tls_version: str = ""  # e.g. "TLSv1.3"
-    verified: str = ""  # how the peer was authenticated: "", "pkix" or "dane"
+    verified: str = ""  # how the peer was authenticated: "", "dane", "mta-sts", "policy verify"
+
+    @property
+    def hop(self) -> str:
+        """The TLS of the hop, for logs and DSNs: "TLSv1.3, verified by dane" / "no TLS"."""
+        return hop_text(self.tls, self.tls_version, self.verified)
+
+
+def hop_text(tls: bool, version: str, verified: str) -> str:
+    if not tls:
+        return "no TLS"
+    return f"{version or 'TLS'}, verified by {verified}" if verified else \
+        f"{version or 'TLS'}, not verified"
 
 
 def _one_line(text: str, limit: int = 900) -> str:
@@ -103,12 +123,21 @@ class _HostFailure(Exception):
     """This host could not take the transaction; try the next one."""
 
     def __init__(self, status: str, reply: str, *, no_smtputf8: bool = False,
-                 tls_result: str = "") -> None:
+                 tls_result: str = "", final: bool = False) -> None:
         super().__init__(reply)
         self.status = status
         self.reply = reply
         self.no_smtputf8 = no_smtputf8  # reached, but it cannot take this message at all
         self.tls_result = tls_result  # RFC 8460 result-type when the required TLS failed
+        self.final = final  # REQUIRETLS: this host can never take this message (RFC 8689)
+
+    def for_requiretls(self) -> _HostFailure:
+        """The same TLS failure for a REQUIRETLS message: final (RFC 8689 §4.2.1: no
+        verified path is no delivery, and a bounce), 5.7.10 when TLS could not be set up
+        at all, 5.7.30 when it was not the verified TLS the message requires."""
+        status = "5.7.10" if self.tls_result == "starttls-not-supported" else NEEDS_REQUIRETLS
+        return _HostFailure(status, f"REQUIRETLS: {self.reply}", tls_result=self.tls_result,
+                            final=True)
 
 
 @functools.cache
@@ -138,8 +167,14 @@ async def deliver(
     tls_context: ssl.SSLContext | None = None,
     policy: TLSPolicy | None = None,
     report: Reporter | None = None,
+    requiretls: bool = False,
 ) -> DomainResult:
     """Try each target address in turn; per-recipient results for every recipient.
+
+    ``requiretls`` (RFC 8689 §4.2.1): only a host whose name is vouched for (DANE, an
+    MTA-STS policy, a configured route), over TLS verified against it, that offers
+    REQUIRETLS gets the message, with the REQUIRETLS parameter; a host that fails any of
+    these is final for it, and when every host is, the recipients fail (5.7.x, a bounce).
 
     ``require_tls`` adds to each target's own ``require_tls``; ``policy`` says what each
     host must offer (see module docstring). ``tls_context`` replaces the opportunistic
@@ -178,6 +213,13 @@ async def deliver(
 
     for target in targets:
         plan = policy.plan(target.host)
+        if requiretls:
+            refusal = _requiretls_refusal(plan, policy, target)
+            if refusal is not None:
+                last = refusal
+                failures.append(last)
+                continue
+            plan = dataclasses.replace(plan, testing=False)  # no fallback to the clear
         if plan.mode == "may" and (require_tls or target.require_tls):
             plan = HostPlan("encrypt")
         if not plan.allowed:
@@ -198,11 +240,14 @@ async def deliver(
                         connect_timeout=connect_timeout,
                         timeout=timeout,
                         tls_context=plan.context(opportunistic),
+                        requiretls=requiretls,
                     )
                 except _HostFailure as exc:
                     if not exc.tls_result:
                         raise
                     note(exc.tls_result, target, addr, exc.reply)
+                    if requiretls and not exc.final:
+                        raise exc.for_requiretls() from None
                     if not plan.testing:
                         raise
                     # MTA-STS testing: reported; now deliver as without a policy.
@@ -226,9 +271,42 @@ async def deliver(
         for r in recipients:
             out.results[r] = RcptResult(r, "permanent", last.reply, "5.6.7")
         return out
+    if failures and all(f.final or f.no_smtputf8 for f in failures):
+        # REQUIRETLS: no host offers the verified path the sender asked for (RFC 8689).
+        final = next(f for f in reversed(failures) if f.final)
+        for r in recipients:
+            out.results[r] = RcptResult(r, "permanent", final.reply, final.status)
+        return out
+    last = next((f for f in reversed(failures) if not f.final), last)
     for r in recipients:
         out.results[r] = RcptResult(r, "temporary", last.reply, last.status)
     return out
+
+
+def _requiretls_refusal(plan: HostPlan, policy: TLSPolicy, target: Target) -> _HostFailure | None:
+    """Why a host cannot take a REQUIRETLS message before we even connect, or None."""
+    host = target.host
+    if not plan.allowed:
+        # A failed TLSA lookup may succeed later: not final. A host the MTA-STS policy
+        # does not list never will be.
+        transient = plan.refusal_result == "dnssec-invalid"
+        reason = plan.refusal or f"MX {host} is not listed in the MTA-STS policy of " \
+            f"{policy.domain}"
+        return _HostFailure("4.7.5" if transient else NEEDS_REQUIRETLS,
+                            f"REQUIRETLS: {reason}", final=not transient)
+    if plan.mode == "dane" or (plan.mode == "verify" and plan.authenticated_name):
+        return None
+    if policy.pinned:
+        return _HostFailure(NEEDS_REQUIRETLS, f"REQUIRETLS: the route to {host} does not "
+                            "verify TLS (set delivery.tls_policy for the domain to \"verify\")",
+                            final=True)
+    if policy.lookup_error:  # the MTA-STS policy could not be had this time
+        return _HostFailure("4.7.5", f"REQUIRETLS: no verifiable TLS for {host} yet: "
+                            f"{_one_line(policy.lookup_error)}")
+    return _HostFailure(NEEDS_REQUIRETLS, f"REQUIRETLS: {host} cannot be verified: "
+                        f"{policy.domain or host} publishes no MTA-STS policy and {host} "
+                        "no DANE TLSA records, so there is no authenticated TLS path",
+                        final=True)
 
 
 async def _transaction(
@@ -243,6 +321,7 @@ async def _transaction(
     connect_timeout: float,
     timeout: float,
     tls_context: ssl.SSLContext,
+    requiretls: bool = False,
 ) -> DomainResult:
     where = f"{target.host}[{addr}]:{target.port}"
     smtp = aiosmtplib.SMTP(
@@ -266,7 +345,7 @@ async def _transaction(
                 from None
         return await _session(
             smtp, target, where, sender, recipients, message,
-            helo=helo, plan=plan, tls_context=tls_context,
+            helo=helo, plan=plan, tls_context=tls_context, requiretls=requiretls,
         )
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
         # Lost before a definite answer to the whole transaction: nothing was accepted.
@@ -287,6 +366,7 @@ async def _session(
     helo: str,
     plan: HostPlan,
     tls_context: ssl.SSLContext,
+    requiretls: bool = False,
 ) -> DomainResult:
     require_tls = plan.requires_tls
     try:
@@ -325,7 +405,7 @@ async def _session(
                 if smtp.transport is not None else None
             tls_version = str(ssl_object.version() or "") if ssl_object is not None else ""
             if plan.mode == "verify":
-                verified = "pkix"
+                verified = plan.verify_label
             elif plan.mode == "dane":
                 why = dane.authenticate(plan.tlsa, dane.presented_chain(ssl_object)
                                         if ssl_object is not None else [], target.host)
@@ -340,6 +420,17 @@ async def _session(
                            tls_result="starttls-not-supported")
 
     options: list[bytes] = []
+    if requiretls:
+        hop = hop_text(tls, tls_version, verified)
+        if not verified:
+            await _quit(smtp)
+            raise _HostFailure(NEEDS_REQUIRETLS, f"REQUIRETLS: {where}: TLS not verified "
+                               f"({hop})", final=True)
+        if not smtp.supports_extension("requiretls"):
+            await _quit(smtp)
+            raise _HostFailure(NEEDS_REQUIRETLS, f"REQUIRETLS: {where} does not offer "
+                               f"REQUIRETLS ({hop})", final=True)
+        options.append(b"REQUIRETLS")
     if smtp.supports_extension("size"):
         options.append(b"SIZE=%d" % message.size)
     if smtp.supports_extension("8bitmime") and message.traits.eight_bit:
@@ -354,13 +445,14 @@ async def _session(
     resp = await smtp.execute_command(b"MAIL", b"FROM:" + _path(sender), *options)
     result = DomainResult(host=target.host, tls=tls, tls_version=tls_version,
                           verified=verified)
+    where_tls = f"{where}, {result.hop}"  # failures say which TLS the hop had
     if resp.code != 250:
         outcome = _classify(resp.code)
         if outcome == "temporary" and resp.code == 421:
             raise _HostFailure(status_of(resp.code, resp.message),
                                f"{where} said: {_reply(resp.code, resp.message)}")
         for r in recipients:
-            result.results[r] = _result(r, resp, where, target.host, "MAIL FROM")
+            result.results[r] = _result(r, resp, where_tls, target.host, "MAIL FROM")
         await _quit(smtp)
         return result
 
@@ -370,13 +462,13 @@ async def _session(
         if resp.code in (250, 251):
             accepted.append(r)
         else:
-            result.results[r] = _result(r, resp, where, target.host, "RCPT TO")
+            result.results[r] = _result(r, resp, where_tls, target.host, "RCPT TO")
     if not accepted:
         await _quit(smtp)
         return result
     resp = await _send_data(smtp, message, smtp.timeout)
     for r in accepted:
-        result.results[r] = _result(r, resp, where, target.host, "DATA")
+        result.results[r] = _result(r, resp, where_tls, target.host, "DATA")
     await _quit(smtp)
     return result
 

@@ -27,6 +27,7 @@ import dns.exception
 import dns.resolver
 
 from mailfort.config import Config
+from mailfort.delivery.mx import is_public
 
 MAX_POLICY_SIZE = 64 * 1024  # RFC 8461 §3.3 suggests 64 KiB
 MAX_AGE_LIMIT = 31557600  # one year (§3.2)
@@ -181,13 +182,22 @@ class MTASTS:
         fixed = self.cfg.delivery.mta_sts_addresses.get(host)
         if fixed:
             return fixed
+        inward_ok = self.cfg.delivery.allow_private_destinations
+        refused = []
         for rdtype in ("A", "AAAA"):
             try:
                 answer = await self.resolver.resolve(host, rdtype, search=False)
-                return str(next(iter(answer)).address)
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers,
-                    dns.exception.Timeout, StopIteration):
+                    dns.exception.Timeout):
                 continue
+            for rr in answer:
+                address = str(rr.address)
+                if inward_ok or is_public(address):
+                    return address
+                refused.append(address)  # the fetch must not reach internal services either
+        if refused:
+            raise PolicyError("sts-policy-fetch-error",
+                              f"{host} resolves only to non-public {', '.join(refused[:4])}")
         raise PolicyError("sts-policy-fetch-error", f"{host} has no address")
 
     async def fetch(self, domain: str, sts_id: str) -> STSPolicy:

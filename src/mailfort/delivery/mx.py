@@ -75,6 +75,24 @@ def requires_tls(cfg: Config, domain: str, route: Route | None = None) -> bool:
     return listed or bool(route and route.require_tls)
 
 
+def is_public(address: str) -> bool:
+    """A globally routable unicast address: not loopback, private (RFC 1918, unique-local),
+    link-local, shared (RFC 6598), multicast, reserved, documentation or unspecified."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _inward(domain: str, refused: list[str]) -> LookupFailure:
+    shown = ", ".join(refused[:4]) + (", ..." if len(refused) > 4 else "")
+    return LookupFailure("5.4.4", f"{domain} resolves only to non-public address {shown}; "
+                         "not delivering inward (configure a route to allow it)")
+
+
 def _ip(text: str) -> str | None:
     try:
         return str(ipaddress.ip_address(text.strip("[]")))
@@ -122,11 +140,24 @@ async def resolve(
             raise LookupFailure("4.4.4", f"route host {route.host} has no address")
         return [Target(route.host, addrs, route.port, 0, tls)]
 
+    # Past here the addresses come from the destination (its DNS, or the address itself):
+    # only public ones, unless the operator allows otherwise (a route, or the test opt-in).
+    inward_ok = cfg.delivery.allow_private_destinations
+    refused: list[str] = []
+
+    def public(addrs: tuple[str, ...]) -> tuple[str, ...]:
+        if inward_ok:
+            return addrs
+        refused.extend(a for a in addrs if not is_public(a))
+        return tuple(a for a in addrs if is_public(a))
+
     literal = domain.startswith("[") and domain.endswith("]")
     if literal:  # user@[192.0.2.1]: RFC 5321 address literal, no DNS
         ip = _ip(domain.removeprefix("[").removesuffix("]").removeprefix("IPv6:"))
         if ip is None:
             raise LookupFailure("5.1.2", f"bad address literal {domain}")
+        if not public((ip,)):
+            raise _inward(domain, refused)
         return [Target(ip, (ip,), port, 0, tls)]
 
     try:
@@ -147,6 +178,9 @@ async def resolve(
         addrs = await _addresses(resolver, domain)
         if not addrs:
             raise LookupFailure("5.1.2", f"domain {domain} has no MX and no address")
+        addrs = public(addrs)
+        if not addrs:
+            raise _inward(domain, refused)
         return [Target(domain, addrs, port, 0, tls)]
 
     # Sort by preference; equal preferences in random order (RFC 5321 §5.1 SHOULD).
@@ -161,8 +195,11 @@ async def resolve(
         except LookupFailure as exc:
             failure = exc
             continue
+        addrs = public(addrs)
         if addrs:
             targets.append(Target(host, addrs, port, pref, tls))
+    if not targets and refused and failure is None:
+        raise _inward(domain, refused)
     if not targets:
         raise failure or LookupFailure("4.4.4", f"no MX host of {domain} has an address")
     return targets

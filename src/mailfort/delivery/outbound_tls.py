@@ -11,6 +11,7 @@ configured level.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -69,6 +70,8 @@ class OutboundTLS:
         sts, error = await self.sts.get(d)
         if error is not None:
             self.report(TLSEvent(error.result, "sts", d, detail=str(error)))
+        if sts is None and error is not None:
+            return dataclasses.replace(policy, lookup_error=str(error))
         if sts is None or sts.mode == "none":
             return policy
         return TLSPolicy(stronger(base.level, "verify"), "mta-sts", d, mx_patterns=sts.mx,

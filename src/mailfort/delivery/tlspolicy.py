@@ -56,6 +56,8 @@ class TLSPolicy:
     tlsa: dict[str, tuple[TLSA, ...]] = field(default_factory=dict)  # DANE, per MX host
     ca_file: str = ""
     floor: Level = "may"  # the configured level, kept when an MTA-STS test fails
+    pinned: bool = False  # a configured route: the host name comes from us, not from DNS
+    lookup_error: str = ""  # the MTA-STS policy could not be fetched (and none is cached)
 
     @property
     def policy_type(self) -> str:
@@ -75,10 +77,14 @@ class TLSPolicy:
                             refusal=f"TLSA lookup for {host} failed; not delivering there "
                             "until it succeeds", refusal_result="dnssec-invalid")
         if records:
-            return HostPlan("dane", records, allowed=True, ca_file=self.ca_file)
+            return HostPlan("dane", records, allowed=True, ca_file=self.ca_file,
+                            authenticated_name=True, verify_label="dane")
         allowed = not self.mx_patterns or any(mx_matches(p, host) for p in self.mx_patterns)
+        sts = self.source == "mta-sts" and bool(self.mx_patterns)
         return HostPlan(self.level, (), allowed=allowed, testing=self.testing,
-                        ca_file=self.ca_file, fallback=self.floor)
+                        ca_file=self.ca_file, fallback=self.floor,
+                        authenticated_name=self.pinned or (sts and allowed),
+                        verify_label="mta-sts" if sts else "policy verify")
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,10 @@ class HostPlan:
     fallback: Level = "may"  # what an MTA-STS "testing" failure falls back to
     refusal: str = ""  # why a host that is not ``allowed`` is skipped (default: MTA-STS)
     refusal_result: str = "validation-failure"
+    # The host name itself is vouched for (RFC 8689 §4.2.1: a DNSSEC-signed TLSA set, an
+    # MTA-STS policy that lists it, or a configured route), not just taken from plain DNS.
+    authenticated_name: bool = False
+    verify_label: str = "policy verify"  # how a verified peer is named in logs and DSNs
 
     @property
     def requires_tls(self) -> bool:
@@ -127,7 +137,8 @@ def static_policy(cfg: Config, domain: str, route: Route | None) -> TLSPolicy:
     listed = any(x.lower().rstrip(".") == d for x in cfg.require_tls_domains)
     if (listed or (route is not None and route.require_tls)) and level == "may":
         level, source = "encrypt", "route" if route and route.require_tls else "config"
-    return TLSPolicy(level, source, d, ca_file=dc.ca_file, floor=level)
+    return TLSPolicy(level, source, d, ca_file=dc.ca_file, floor=level,
+                     pinned=route is not None)
 
 
 @functools.cache

@@ -60,11 +60,13 @@ class Helo:
 
 @dataclass(slots=True)
 class MailFrom:
-    """Needs decide(). ``sender`` is None for the null reverse-path ``<>``."""
+    """Needs decide(). ``sender`` is None for the null reverse-path ``<>``. ``requiretls``:
+    the client asked for REQUIRETLS (RFC 8689), granted only over TLS."""
 
     sender: Mailbox | None
     params: dict[str, str | None]
     size: int | None
+    requiretls: bool = False
 
 
 @dataclass(slots=True)
@@ -156,6 +158,7 @@ class EngineSettings:
     auth_mechanisms: tuple[str, ...] = ()  # empty: AUTH is not offered at all
     auth_requires_tls: bool = True
     auth_required: bool = False  # submission: MAIL before AUTH gets 530
+    requiretls: bool = True  # RFC 8689: offered (after TLS only) and the MAIL parameter taken
     # The lab's legacy profile only (mailfort.lab builds it; no config key reaches these):
     # VRFY/EXPN answered from the directory, and bare LF taken as a line end in DATA
     # (so "<LF>.<LF>" ends it: the SMTP smuggling hole). Defaults are the hardened rules.
@@ -195,6 +198,9 @@ TLS_UNAVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
 AUTH_UNAVAILABLE = Reply(502, "5.5.1", "AUTH not available")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+# RFC 8689 §4.1 / RFC 5248: REQUIRETLS asked for on a session that TLS does not protect.
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS-protected session")
+REQUIRETLS_SYNTAX = Reply(501, "5.5.4", "REQUIRETLS takes no value")
 AUTH_DONE = Reply(503, "5.5.1", "Already authenticated")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
 AUTH_BAD_MECH = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
@@ -462,6 +468,8 @@ class SMTPEngine:
         ]
         if self.s.tls_available and not self.tls_active:
             lines.append("STARTTLS")
+        if self.s.requiretls and self.tls_active:  # RFC 8689 §2: never before TLS
+            lines.append("REQUIRETLS")
         if self._auth_offered():
             lines.append("AUTH " + " ".join(self.s.auth_mechanisms))
         self._reply(Reply(250, "", tuple(lines)))
@@ -506,6 +514,13 @@ class SMTPEngine:
                     return
             elif key == "AUTH":
                 pass  # RFC 4954 §5: accepted and not trusted
+            elif key == "REQUIRETLS" and self.s.requiretls:
+                if value is not None:
+                    self._command_reply(REQUIRETLS_SYNTAX)
+                    return
+                if not self.tls_active:
+                    self._command_reply(REQUIRETLS_NEEDS_TLS)
+                    return
             else:
                 self._command_reply(UNSUPPORTED_PARAM)
                 return
@@ -517,7 +532,7 @@ class SMTPEngine:
             self._command_reply(SIZE_EXCEEDED)
             return
         self._smtputf8 = smtputf8
-        self._wait(MailFrom(sender, params, size))
+        self._wait(MailFrom(sender, params, size, requiretls="REQUIRETLS" in params))
 
     def _cmd_rcpt(self, arg: str) -> None:
         if not self._mail_given:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from mailfort.delivery import requiretls as rtls
 from mailfort.delivery.message import MAX_HEADER_SCAN, Traits, scan_file
 from mailfort.store.durable import fsync_dir, make_dirs
 
@@ -89,6 +90,11 @@ class Entry:
     # from a version that did not record it; delivery then scans the file).
     eight_bit: bool | None = None  # BODY=8BITMIME
     utf8_headers: bool | None = None  # with non-ASCII envelope addresses: SMTPUTF8
+    # RFC 8689 (delivery/requiretls.py), decided at enqueue: REQUIRETLS was given with MAIL
+    # (only verified TLS to a REQUIRETLS server, else a bounce), or the message says
+    # "TLS-Required: No" (the destination's MTA-STS/DANE failures do not stop delivery).
+    requiretls: bool = False
+    tls_optional: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -144,6 +150,18 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _header_block(path: Path, limit: int = MAX_HEADER_SCAN) -> bytes:
+    """The message's header lines (up to the first empty line, at most ``limit`` octets)."""
+    out = bytearray()
+    with open(path, "rb") as f:
+        while len(out) < limit:
+            line = f.readline(limit - len(out))
+            if not line or line in (b"\r\n", b"\n"):
+                break
+            out += line
+    return bytes(out)
 
 
 def new_id() -> str:
@@ -208,6 +226,8 @@ class Queue:
         sender: str,
         recipients: list[str],
         submitted_by: str | None,
+        *,
+        requiretls: bool = False,
     ) -> str:
         """Queue the message in ``message_path`` (hard link, copy across filesystems).
 
@@ -226,7 +246,7 @@ class Queue:
             tmp = self.tmp_dir / f"{ident}.msg"
             shutil.copyfile(message_path, tmp)
             os.rename(tmp, target)
-        return self._commit(ident, target, sender, recipients, submitted_by)
+        return self._commit(ident, target, sender, recipients, submitted_by, requiretls)
 
     def enqueue_bytes(
         self,
@@ -234,6 +254,8 @@ class Queue:
         sender: str,
         recipients: list[str],
         submitted_by: str | None,
+        *,
+        requiretls: bool = False,
     ) -> str:
         """Queue a message held in memory (bounces from elsewhere, tests, tools)."""
         if not recipients:
@@ -244,7 +266,7 @@ class Queue:
             f.write(message)
         target = self.msg_dir / ident
         os.rename(tmp, target)
-        return self._commit(ident, target, sender, recipients, submitted_by)
+        return self._commit(ident, target, sender, recipients, submitted_by, requiretls)
 
     def _commit(
         self,
@@ -253,11 +275,13 @@ class Queue:
         sender: str,
         recipients: list[str],
         submitted_by: str | None,
+        requiretls: bool = False,
     ) -> str:
         try:
             _fsync_file(msg_path)
             fsync_dir(self.msg_dir)
             traits = scan_file(msg_path)
+            required, optional = rtls.tags(requiretls, _header_block(msg_path))
             now = time.time()
             rcpts = [Recipient(address=a, next_attempt=now) for a in dict.fromkeys(recipients)]
             entry = Entry(
@@ -269,6 +293,8 @@ class Queue:
                 size=msg_path.stat().st_size,
                 eight_bit=traits.eight_bit,
                 utf8_headers=traits.utf8_headers,
+                requiretls=required,
+                tls_optional=optional,
             )
             self._write_state(entry)
         except BaseException:
@@ -325,17 +351,10 @@ class Queue:
     def read_headers(self, ident: str, limit: int = MAX_HEADER_SCAN) -> bytes:
         """The start of the message up to its first empty line (at most ``limit`` octets):
         enough for a bounce, without reading the whole message into memory."""
-        out = bytearray()
         try:
-            with open(self.message_path(ident), "rb") as f:
-                while len(out) < limit:
-                    line = f.readline(limit - len(out))
-                    if not line or line in (b"\r\n", b"\n"):
-                        break
-                    out += line
+            return _header_block(self.message_path(ident), limit)
         except FileNotFoundError:
             raise QueueError(f"no such queue entry: {ident}") from None
-        return bytes(out)
 
     def ids(self) -> builtins.list[str]:
         return sorted(p.name[:-5] for p in self.env_dir.glob("*.json"))

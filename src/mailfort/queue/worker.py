@@ -41,6 +41,7 @@ from mailfort.config import Config
 from mailfort.delivery import client, mx, tlsrpt_send
 from mailfort.delivery.message import Outbound, Traits, scan_file
 from mailfort.delivery.outbound_tls import OutboundTLS
+from mailfort.delivery.tlspolicy import static_policy
 from mailfort.queue.dsn import MAX_ORIGINAL_HEADERS, RecipientReport, build_dsn
 from mailfort.queue.store import Entry, Queue, QueueError, Recipient
 from mailfort.store.maildir import Committer, in_maildir, keyed_name, maildir_for
@@ -424,8 +425,13 @@ class DeliveryWorker:
                     out.results[a] = client.RcptResult(a, "temporary",
                                                        "4.3.0 message file missing", "4.3.0")
                 return out
-            # --- outbound TLS policy (issue 13): floor, per-domain level, DANE, MTA-STS
-            policy = await self._tls.policy_for(domain, route, targets)
+            # --- outbound TLS policy (issue 13): floor, per-domain level, DANE, MTA-STS.
+            # "TLS-Required: No" (RFC 8689 §4.2.2): the sender waives the destination's
+            # MTA-STS and DANE; our own configured levels still hold.
+            if entry.tls_optional and not entry.requiretls:
+                policy = static_policy(self.cfg, domain, route)
+            else:
+                policy = await self._tls.policy_for(domain, route, targets)
             # --- end outbound TLS policy
             res = await client.deliver(
                 targets,
@@ -438,12 +444,15 @@ class DeliveryWorker:
                 timeout=self.cfg.queue.command_timeout,
                 policy=policy,  # issue 13
                 report=self._tls.report,  # issue 13: TLS-RPT events
+                requiretls=entry.requiretls,  # RFC 8689
             )
         for a in addrs:  # belt and braces: every recipient gets a result
             res.results.setdefault(a, client.RcptResult(a, "temporary", "4.4.1 no result",
                                                         "4.4.1"))
-        log.info("queue %s domain %s: %s", entry.id, domain,
-                 ", ".join(f"{a}={res.results[a].outcome}" for a in addrs))
+        log.info("queue %s domain %s: %s (%s%s)", entry.id, domain,
+                 ", ".join(f"{a}={res.results[a].outcome}" for a in addrs),
+                 f"via {res.host}, {res.hop}" if res.host else "not handed over",
+                 ", REQUIRETLS" if entry.requiretls else "")
         return res
 
     async def _save(self, entry: Entry) -> None:

@@ -31,6 +31,7 @@ from mailfort.policy.senderauth import SenderAuth
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter
+from mailfort.server.mtasts_http import PolicyServer
 from mailfort.server.operations import Operations
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
@@ -96,6 +97,8 @@ class Node:
         self.after_bind: Callable[[], None] | None = None
         # (listen.* name, index) -> a socket already listening (systemd socket activation).
         self.inherited: dict[tuple[str, int], socket.socket] = {}
+        self.mta_sts: PolicyServer | None = None  # [mta_sts] listen (not in ``ports``,
+        self.mta_sts_port = 0  # which are the mail services of [listen]), its bound port
 
     def _enqueue(
         self, path: Path, env: Envelope, submitted_by: str | None
@@ -103,7 +106,8 @@ class Node:
         """Runs on the committer thread, after the message data is flushed. Delivery is
         woken only once the client has its 250 (``queued``), never before."""
         sender = "" if env.sender is None else str(env.sender)
-        ident = self.queue.enqueue(path, sender, list(env.remote), submitted_by)
+        ident = self.queue.enqueue(path, sender, list(env.remote), submitted_by,
+                                   requiretls=env.requiretls)
         return lambda: self.queue.delete(ident)
 
     async def _authenticate(
@@ -163,6 +167,11 @@ class Node:
                                              sock=self.inherited.get((name, i)))
                 for sock in server.sockets:
                     self.ports.setdefault(name, []).append(sock.getsockname()[1])
+        if self.cfg.mta_sts.listen:  # our MTA-STS policy over HTTPS (RFC 8461 §3.3)
+            if self.ssl_context is None:
+                raise RuntimeError("mta_sts.listen needs a certificate ([tls])")
+            self.mta_sts = PolicyServer(self.cfg, self.ssl_context)
+            self.mta_sts_port = await self.mta_sts.start(self.cfg.mta_sts.listen)
         if self.after_bind is not None:
             self.after_bind()
         await self.worker.start()
@@ -176,6 +185,8 @@ class Node:
             await service.close()
         for pop in self.pop3.values():
             await pop.close()
+        if self.mta_sts is not None:
+            await self.mta_sts.close()
         await self.worker.stop()
         await asyncio.to_thread(self.committer.stop)
         self.authenticator.close()
@@ -212,6 +223,9 @@ def describe(node: Node) -> str:
         hosts = [hp.rpartition(":")[0] for hp in getattr(node.cfg.listen, name)]
         for host, port in zip(hosts, ports, strict=False):
             lines.append(f"  {name:<12} {host}:{port}")
+    if node.mta_sts is not None:
+        host = node.cfg.mta_sts.listen.rpartition(":")[0]
+        lines.append(f"  mta-sts      https://{host}:{node.mta_sts_port}/.well-known/mta-sts.txt")
     lines.append(f"  data         {node.cfg.data_path.resolve()}")
     if not node.directory.list_domains():
         lines += [

@@ -78,6 +78,7 @@ class Envelope:
     remote: list[str] = field(default_factory=list)  # addresses to relay/forward
     rcpts: list[str] = field(default_factory=list)  # as the client gave them
     spf: list[SPFResult] = field(default_factory=list)  # MX: SPF of HELO and MAIL FROM
+    requiretls: bool = False  # MAIL ... REQUIRETLS (RFC 8689), kept in the queue entry
 
 
 @dataclass
@@ -357,7 +358,7 @@ class SMTPSession(EngineSession):
     def _on_mail(self, ev: MailFrom) -> None:
         engine = self.engine
         assert engine is not None
-        self.envelope = Envelope(sender=ev.sender)
+        self.envelope = Envelope(sender=ev.sender, requiretls=ev.requiretls)
         sub = self.service.submission
         refusal = None
         if sub is not None and engine.authenticated_as is not None:
