@@ -19,6 +19,7 @@ from typing import Any
 from mailfort import config as config_mod
 from mailfort.config import Config, ConfigError
 from mailfort.directory import open_directory
+from mailfort.directory.postgresql import PostgreSQLDirectory
 from mailfort.directory.sqlite import DirectoryError, SQLiteDirectory, normalize_local_address
 from mailfort.queue.store import QueueError
 
@@ -36,7 +37,7 @@ def _load(args: argparse.Namespace) -> Config:
     return config_mod.load(getattr(args, "config", None))
 
 
-def _directory(args: argparse.Namespace) -> SQLiteDirectory:
+def _directory(args: argparse.Namespace) -> SQLiteDirectory | PostgreSQLDirectory:
     return open_directory(_load(args))
 
 
@@ -145,7 +146,7 @@ def cmd_domain_catchall(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_user(d: SQLiteDirectory, address: str) -> str:
+def _local_user(d: SQLiteDirectory | PostgreSQLDirectory, address: str) -> str:
     addr = normalize_local_address(address)
     domain = addr.rpartition("@")[2]
     if not d.is_local_domain(domain):
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mailfort.ops_commands import add_parser as add_ops_parser
 
     add_ops_parser(sub, leaf)  # status, tls show
+    from mailfort.db_command import add_parser as add_db_parser
+
+    add_db_parser(sub, leaf)  # db migrate, db import
     from mailfort.dkim_command import add_parser as add_dkim_parser
 
     add_dkim_parser(sub, leaf)
@@ -316,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_database_error(exc: Exception) -> bool:
+    """A PostgreSQL error or pool timeout (psycopg is only imported when configured)."""
+    mod = type(exc).__module__
+    return mod.startswith(("psycopg.", "psycopg_pool")) or mod == "psycopg"
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -326,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mailfort: {exc}", file=sys.stderr)
     except sqlite3.Error as exc:
         print(f"mailfort: directory database error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not _is_database_error(exc):
+            raise
+        print(f"mailfort: directory database error: {_first_line(exc)}", file=sys.stderr)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"mailfort: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from mailfort import logsetup
 from mailfort.config import Config
 from mailfort.delivery.mx import make_resolver
-from mailfort.directory.sqlite import SQLiteDirectory
+from mailfort.directory import open_directory
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
 from mailfort.policy.dnsbl import DNSBLChecker
@@ -62,7 +62,8 @@ class Node:
         self.cfg = cfg
         self.legacy = legacy
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
-        self.directory = SQLiteDirectory(directory_path(cfg))
+        # The embedded SQLite file, or the PostgreSQL database that several nodes share.
+        self.directory = open_directory(cfg)
         self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs")
         if ssl_context is None:
             from mailfort.tls import server_context
@@ -182,6 +183,7 @@ class Node:
         if self.sender_auth is not None:
             self.sender_auth.close()
         self.inbound.close()
+        self.directory.close()
 
     async def __aenter__(self) -> Node:
         await self.start()
