@@ -64,7 +64,8 @@ class Node:
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
         # The embedded SQLite file, or the PostgreSQL database that several nodes share.
         self.directory = open_directory(cfg)
-        self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs")
+        self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs",
+                                   mail_root=cfg.mail_path)
         if ssl_context is None:
             from mailfort.tls import server_context
 
@@ -77,7 +78,7 @@ class Node:
         self.worker = DeliveryWorker(
             self.queue,
             cfg,
-            maildir_deliverer(self.committer, cfg.data_path),
+            maildir_deliverer(self.committer, cfg.mail_path),
             mx_port=cfg.queue.mx_port,
         )
         self.msa = MSAPolicy(cfg, self.directory, self.counters)
@@ -146,7 +147,7 @@ class Node:
             self.pop3[name] = POP3Server(
                 ssl_context=self.ssl_context,
                 authenticator=self.authenticator,
-                data_dir=self.cfg.data_path,
+                mail_dir=self.cfg.mail_path,
                 limits=self.cfg.limits,
                 implicit_tls=implicit,
                 allow_plaintext=loopback_plain,

@@ -508,8 +508,7 @@ class SMTPSession(EngineSession):
             engine.decide(refusal)
             return
         # ----
-        data_dir = svc.cfg.data_path
-        maildirs = [maildir_for(data_dir, u) for u in env.local]
+        maildirs = [maildir_for(svc.cfg.mail_path, u) for u in env.local]
         if junk:
             maildirs = [m / ".Junk" for m in maildirs]
         extra = None
