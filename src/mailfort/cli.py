@@ -212,6 +212,17 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from mailfort.queue import admin
 
     root = admin.queue_root(_load(args))
+    if args.action == "adopt":
+        from mailfort.queue.adopt import adopt
+        from mailfort.queue.store import Queue
+
+        r = adopt(Queue(root), Path(args.dir))
+        print(f"adopted {r.adopted} message(s) from {args.dir} into {root}"
+              + (f"; {r.finished} finished from an earlier run" if r.finished else "")
+              + (f"; {r.left} never-acknowledged file(s) left in {args.dir}/msg"
+                 if r.left else "")
+              + ("; a running server sends them at its next queue scan" if r.adopted else ""))
+        return 0
     if args.action == "list":
         print(admin.queue_list(root))
     elif args.action == "show":
@@ -293,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         "id", nargs="?"
     )
     leaf(qu_sub, "delete", cmd_queue, "delete an entry").add_argument("id")
+    leaf(qu_sub, "adopt", cmd_queue,
+         "take over the queue directory of a node that is gone for good").add_argument(
+        "dir", metavar="DIR", help="that node's queue directory (its data_dir/queue)")
 
     from mailfort.ops_commands import add_parser as add_ops_parser
 

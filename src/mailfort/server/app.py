@@ -28,6 +28,7 @@ from mailfort.policy.greylist import Greylist, GreylistSettings
 from mailfort.policy.inbound import InboundPolicy, zones
 from mailfort.policy.msa import MSAPolicy
 from mailfort.policy.senderauth import SenderAuth
+from mailfort.queue import owner as queue_owner
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter
@@ -75,6 +76,7 @@ class Node:
         self.authenticator = Authenticator(
             self.directory, self.counters, cfg.auth if legacy is None else legacy.auth)
         self.queue = Queue(cfg.data_path / "queue")
+        self._queue_lock: int | None = None
         self.worker = DeliveryWorker(
             self.queue,
             cfg,
@@ -131,6 +133,11 @@ class Node:
         )
 
     async def start(self) -> None:
+        try:  # so that `mailfort queue adopt` refuses this queue while the node runs
+            self._queue_lock = queue_owner.hold(self.queue.root)
+        except queue_owner.QueueBusy as exc:
+            self._queue_lock = None
+            log.warning("%s: another process delivers from this queue too", exc)
         removed = self.committer.recover()
         if removed:
             log.info("removed %d unacknowledged spool files left by a crash", removed)
@@ -185,6 +192,9 @@ class Node:
             self.sender_auth.close()
         self.inbound.close()
         self.directory.close()
+        if self._queue_lock is not None:
+            queue_owner.release(self._queue_lock)
+            self._queue_lock = None
 
     async def __aenter__(self) -> Node:
         await self.start()
