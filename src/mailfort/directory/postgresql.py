@@ -86,7 +86,7 @@ class PostgreSQLDirectory:
             psycopg.connect(url, **kwargs).close()
         except psycopg.Error as exc:
             raise DirectoryError(f"cannot connect to the PostgreSQL directory at "
-                                 f"{_safe(url)}: {_last_line(exc)}") from None
+                                 f"{safe_url(url)}: {_last_line(exc)}") from None
         self._pool: ConnectionPool = ConnectionPool(
             url, min_size=1, max_size=pool_size, kwargs=kwargs, timeout=timeout,
             open=True, name="mailfort-directory")
@@ -417,9 +417,9 @@ def _expand(conn: psycopg.Connection[Any], start: str) -> tuple[list[str], list[
     return list(local)[:MAX_TARGETS], list(remote)[: max(0, MAX_TARGETS - len(local))]
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without anything between ``://`` and ``@`` (config forbids a password
-    there, but an error message is no place to find out it was not followed)."""
+    there, but a message or log line is no place to find out it was not followed)."""
     scheme, sep, rest = url.partition("://")
     return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else "the configured URL"
 

@@ -226,6 +226,12 @@ def describe(node: Node) -> str:
         for host, port in zip(hosts, ports, strict=False):
             lines.append(f"  {name:<12} {host}:{port}")
     lines.append(f"  data         {node.cfg.data_path.resolve()}")
+    if node.cfg.server.mail_dir:
+        lines.append(f"  mail         {node.cfg.mail_path.resolve()}")
+    if node.cfg.directory.backend != "sqlite":
+        from mailfort.directory.postgresql import safe_url
+
+        lines.append(f"  directory    {safe_url(node.cfg.directory.url)}")
     if not node.directory.list_domains():
         lines += [
             "No domain yet. Add one and a user (in another terminal, same directory):",
