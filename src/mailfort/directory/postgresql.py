@@ -91,7 +91,11 @@ class PostgreSQLDirectory:
             url, min_size=1, max_size=pool_size, kwargs=kwargs, timeout=timeout,
             open=True, name="mailfort-directory")
         if check_schema:
-            self.require_schema()
+            try:
+                self.require_schema()
+            except BaseException:
+                self._pool.close()  # its worker threads must not outlive the refusal
+                raise
 
     @classmethod
     def from_config(cls, cfg: DirectoryConfig, *, check_schema: bool = True
