@@ -37,7 +37,7 @@ def _toml(value: Any) -> str:
 
 
 def write_config(root: Path, name: str, directory: dict[str, Any], mail_dir: Path,
-                 file: str = "") -> Path:
+                 file: str = "", extra: str = "") -> Path:
     """One node's configuration file (``root/<file or name>.toml``): its own data_dir
     (``root/<file or name>``) and addresses, the shared rest."""
     ip = NODE_IPS[name]
@@ -51,7 +51,7 @@ def write_config(root: Path, name: str, directory: dict[str, Any], mail_dir: Pat
               "[directory]"]
     lines += [f"{k} = {_toml(v)}" for k, v in directory.items()]
     path = root / f"{file}.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + extra)
     return path
 
 
@@ -82,7 +82,9 @@ def node_tls(tls_ca: trustme.CA) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 @pytest.fixture
 def configs(tmp_path: Path, pg_directory: dict[str, Any]) -> dict[str, Path]:
     shared = tmp_path / "shared-mail"
-    return {n: write_config(tmp_path, n, pg_directory, shared) for n in NODE_IPS}
+    # Greylisting on, with no delay: a first attempt is deferred, any retry passes.
+    grey = "[greylist]\nenabled = true\ndelay = 0\n"
+    return {n: write_config(tmp_path, n, pg_directory, shared, extra=grey) for n in NODE_IPS}
 
 
 @pytest.fixture
@@ -126,7 +128,10 @@ async def test_user_added_through_node_a_reads_on_node_b_what_a_received(
         with smtplib.SMTP(NODE_IPS["a"], a.port("mx"), timeout=10) as s:
             s.send_message(msg)
 
-    await asyncio.to_thread(send)
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as grey:  # the first attempt...
+        await asyncio.to_thread(send)
+    assert grey.value.recipients[ALICE][0] == 451
+    await asyncio.to_thread(send)  # ...and its retry, through the same node
     got = await asyncio.to_thread(pop3_retrieve_all, NODE_IPS["b"], b.port("pop3s"),
                                   node_tls[1], ALICE, PASSWORD)
     assert len(got) == 1 and b"received by a, read on b" in got[0]
@@ -139,6 +144,21 @@ async def test_user_added_through_node_a_reads_on_node_b_what_a_received(
     with pytest.raises(poplib.error_proto, match="ERR"):
         await asyncio.to_thread(pop3_retrieve_all, NODE_IPS["a"], a.port("pop3s"),
                                 node_tls[1], ALICE, "wrong-password")
+
+
+async def test_greylisting_is_shared_so_a_retry_through_the_other_node_passes(
+        nodes: dict[str, Node], configs: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    ok(configs["a"], "user", "add", ALICE, "--password-file", str(tmp_path / "pw"))
+
+    def rcpt(node: str) -> int:
+        with smtplib.SMTP(NODE_IPS[node], nodes[node].port("mx"), timeout=10) as s:
+            s.ehlo("client.test")
+            s.mail("x@far.test")
+            return s.rcpt(ALICE)[0]
+
+    assert await asyncio.to_thread(rcpt, "a") == 451  # first attempt, on A
+    assert await asyncio.to_thread(rcpt, "b") == 250  # the retry lands on B: known there
 
 
 async def test_unknown_recipient_refused_at_rcpt_from_postgresql(

@@ -37,6 +37,23 @@ CREATE TABLE aliases (
 CREATE INDEX aliases_target ON aliases(target);
 CREATE INDEX aliases_domain ON aliases(domain);
 """),
+    (2, """
+-- Greylisting (policy/greylist_pg.py): shared, so a retry through another node passes.
+CREATE TABLE greylist_triplets (
+    network text NOT NULL,
+    sender text NOT NULL,
+    recipient text NOT NULL,
+    first_seen double precision NOT NULL,
+    last_seen double precision NOT NULL,
+    passed boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (network, sender, recipient)
+);
+CREATE TABLE greylist_networks (
+    network text PRIMARY KEY,
+    passes integer NOT NULL,
+    last_seen double precision NOT NULL
+);
+"""),
 ]
 
 

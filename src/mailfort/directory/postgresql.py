@@ -87,7 +87,7 @@ class PostgreSQLDirectory:
         except psycopg.Error as exc:
             raise DirectoryError(f"cannot connect to the PostgreSQL directory at "
                                  f"{safe_url(url)}: {_last_line(exc)}") from None
-        self._pool: ConnectionPool = ConnectionPool(
+        self._pool: ConnectionPool[Any] = ConnectionPool(
             url, min_size=1, max_size=pool_size, kwargs=kwargs, timeout=timeout,
             open=True, name="mailfort-directory")
         if check_schema:
@@ -115,6 +115,12 @@ class PostgreSQLDirectory:
         with self._pool.connection() as conn, conn.transaction():  # all or nothing
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
             yield conn
+
+    @property
+    def pool(self) -> ConnectionPool[Any]:
+        """The connection pool, for the other shared state kept in this database
+        (greylisting: ``policy/greylist_pg.py``)."""
+        return self._pool
 
     def schema_version(self) -> int:
         with self._read() as conn:

@@ -24,7 +24,7 @@ from mailfort.directory import open_directory
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
 from mailfort.policy.dnsbl import DNSBLChecker
-from mailfort.policy.greylist import Greylist, GreylistSettings
+from mailfort.policy.greylist import Greylist, GreylistSettings, GreylistStore
 from mailfort.policy.inbound import InboundPolicy, zones
 from mailfort.policy.msa import MSAPolicy
 from mailfort.policy.senderauth import SenderAuth
@@ -92,7 +92,8 @@ class Node:
             rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=self.counters)
         # This process's stress mode (server/stress.py), shared by every listener.
         self.stress = StressGuard(cfg.limits.stress)
-        self.inbound = inbound_policy(cfg)  # the MX's DNSBL, pre-greeting and greylisting
+        # The MX's DNSBL, pre-greeting and greylisting.
+        self.inbound = inbound_policy(cfg, self.directory)
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
@@ -204,18 +205,27 @@ class Node:
         await self.stop()
 
 
-def inbound_policy(cfg: Config) -> InboundPolicy:
-    """The MX's anti-abuse checks as configured (each part only when switched on)."""
+def inbound_policy(cfg: Config, directory: object = None) -> InboundPolicy:
+    """The MX's anti-abuse checks as configured (each part only when switched on).
+    Greylisting state lives with a PostgreSQL ``directory`` when there is one (shared by
+    the nodes), else in ``<data_dir>/greylist.sqlite3``."""
     bl = cfg.dnsbl
     checker = None
     if bl.zones or bl.sender_zones or bl.helo_zones:
         checker = DNSBLChecker(make_resolver(cfg), zones(bl.zones), threshold=bl.threshold,
                                timeout=bl.timeout, cache_size=bl.cache_size)
-    greylist = None
+    greylist: GreylistStore | None = None
     if cfg.greylist.enabled:
         g = cfg.greylist
-        greylist = Greylist(cfg.data_path / "greylist.sqlite3", GreylistSettings(
-            g.delay, g.retry_window, g.pass_lifetime, g.auto_allow_after))
+        settings = GreylistSettings(g.delay, g.retry_window, g.pass_lifetime,
+                                    g.auto_allow_after)
+        pool = getattr(directory, "pool", None)
+        if pool is not None:
+            from mailfort.policy.greylist_pg import PostgreSQLGreylist
+
+            greylist = PostgreSQLGreylist(pool, settings)
+        else:
+            greylist = Greylist(cfg.data_path / "greylist.sqlite3", settings)
     return InboundPolicy(cfg, checker, greylist)
 
 
