@@ -272,3 +272,30 @@ def test_node_config_is_valid(configs: dict[str, Path]) -> None:
     cfg: Config = config_mod.load(configs["b"])
     assert cfg.directory.backend == "postgresql"
     assert cfg.listen.pop3s == [f"{NODE_IPS['b']}:0"]
+
+
+async def test_directory_down_is_a_temporary_failure_and_the_node_keeps_serving(
+        nodes: dict[str, Node], postgres_server: Any, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """PostgreSQL refusing the nodes: RCPT gets a 4xx (the sender retries later; nothing
+    is bounced or lost), the node stays up and answers the next client."""
+    from tests.pgserver import PASSWORD as DB_PASSWORD
+    from tests.pgserver import ROLE
+
+    node = nodes["b"]
+
+    def rcpt() -> tuple[int, int]:
+        with smtplib.SMTP(NODE_IPS["b"], node.port("mx"), timeout=30) as s:
+            s.ehlo("client.test")
+            s.mail("x@far.test")
+            return s.rcpt(ALICE)[0], s.noop()[0]
+
+    postgres_server.admin_sql(f"ALTER ROLE {ROLE} NOLOGIN")
+    try:
+        postgres_server.admin_sql(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{ROLE}'")
+        assert await asyncio.to_thread(rcpt) == (451, 250)  # the session goes on too
+        assert await asyncio.to_thread(rcpt) == (451, 250)  # no reconnection possible
+    finally:
+        postgres_server.admin_sql(f"ALTER ROLE {ROLE} LOGIN")
+    assert DB_PASSWORD not in caplog.text
