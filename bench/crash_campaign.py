@@ -309,12 +309,12 @@ def _delivered_at(name: str) -> float:
 
 
 def _maildir_tokens(
-    data: Path, user: str, first: dict[str, float] | None = None
+    mail_root: Path, user: str, first: dict[str, float] | None = None
 ) -> tuple[Counter[str], Counter[str], list[str]]:
     """(messages, bounces, partial files) of one user, by token; ``first`` gets the
     delivery time of each token's first bounce."""
     local, domain = user.split("@")
-    md = data / "mail" / domain / local
+    md = mail_root / domain / local
     msgs: Counter[str] = Counter()
     bounces: Counter[str] = Counter()
     partial: list[str] = []
@@ -339,13 +339,13 @@ def _maildir_tokens(
     return msgs, bounces, partial
 
 
-def check(data: Path, ledger: Ledger, rx: Receiver, seconds: float) -> Report:
+def check(mail_root: Path, ledger: Ledger, rx: Receiver, seconds: float) -> Report:
     where: dict[str, Counter[str]] = {}
     partial: list[str] = []
     bounces: Counter[str] = Counter()
     first_bounce: dict[str, float] = {}
     for user in (ALICE, BOB):
-        msgs, b, p = _maildir_tokens(data, user, first_bounce)
+        msgs, b, p = _maildir_tokens(mail_root, user, first_bounce)
         where[user] = msgs
         bounces += b
         partial += p
@@ -447,7 +447,7 @@ async def campaign(root: Path, kills: int, load: tuple[float, float], seed: int,
                 proc.wait()
     finally:
         await rx.stop()
-    return check(cfg.data_path, ledger, rx, time.monotonic() - started)
+    return check(cfg.mail_path, ledger, rx, time.monotonic() - started)
 
 
 def main() -> int:

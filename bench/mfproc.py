@@ -241,7 +241,8 @@ class MailfortServer:
                  max_connections: int = 20000, max_message_size: int = 60_000_000,
                  max_connections_per_ip: int | None = None, extra_limits: str = "",
                  dns_port: int = 9, sender_auth: bool = False,
-                 store_flush: str = "syncfs", source: str | None = None) -> None:
+                 store_flush: str = "syncfs", source: str | None = None,
+                 mail_dir: Path | None = None) -> None:
         """``max_connections_per_ip`` None: the same as ``max_connections``;
         ``extra_limits``: more ``[limits]`` lines (TOML) for the benchmark at hand.
         ``dns_port``: the loopback DNS server the node asks (never the system resolver:
@@ -250,12 +251,14 @@ class MailfortServer:
         so the MX rows measure what the reference Postfix does (it checks none of them).
         ``store_flush``: ``[store] flush``, "syncfs" (the default) or "fsync".
         ``source``: run mailfort from this ``src`` directory (another checkout) instead
-        of the one Python finds, to compare two versions side by side."""
+        of the one Python finds, to compare two versions side by side.
+        ``mail_dir``: the Maildir root ([server] mail_dir), default ``data/mail``."""
         self.env = dict(os.environ)
         if source is not None:
             self.env["PYTHONPATH"] = source
         self.root = root
         self.data = root / "data"
+        self.mail = mail_dir or self.data / "mail"
         self.config = root / "mailfort.toml"
         self.ports = {k: port_base + v for k, v in OFFSETS.items()}
         busy = [p for p in self.ports.values() if not port_free(p)]
@@ -265,6 +268,7 @@ class MailfortServer:
         plain = "true" if plaintext_pop3 else "false"
         self.config.write_text(
             f'[server]\nhostname = "mx.bench.test"\ndata_dir = "{self.data}"\n'
+            f'mail_dir = "{self.mail}"\n'
             f"allow_plaintext_auth_on_loopback = {plain}\n"
             f"[listen]\n{listen}\n"
             f"[limits]\nmax_message_size = {max_message_size}\n"
@@ -317,7 +321,7 @@ class MailfortServer:
 
     def maildir(self, user: str) -> Path:
         """The user's Maildir (with new/, cur/, tmp/ below it)."""
-        return self.data / "mail" / "example.test" / user
+        return self.mail / "example.test" / user
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.root / "serve.log"

@@ -115,3 +115,31 @@ async def node(
     seed_directory(cfg)
     async with Node(cfg, ssl_context=server_ssl_context) as n:
         yield n
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """One real PostgreSQL for the run (tests/pgserver.py); skipped when not installed."""
+    from tests.pgserver import PostgresServer, find_bindir, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no PostgreSQL: {reason}")
+    bindir = find_bindir()
+    assert bindir is not None
+    server = PostgresServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_directory(postgres_server: Any, tmp_path: Path) -> dict[str, Any]:
+    """A ``[directory]`` table for a fresh, empty (unmigrated) database; the password is
+    in a file, as in production."""
+    from tests.pgserver import PASSWORD
+
+    secret = tmp_path / "directory-password"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)
+    return {"backend": "postgresql", "url": postgres_server.url(postgres_server.create_database()),
+            "password_file": str(secret)}

@@ -195,3 +195,27 @@ def test_stress_mode_settings_come_from_limits(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, "[limits]\nstress_threshold = 0.5\nstress_idle_timeout = 4\n")
     assert (cfg.limits.stress.threshold, cfg.limits.stress.idle_timeout,
             cfg.limits.stress.max_errors) == (0.5, 4.0, 3)
+
+
+def test_mail_dir_defaults_to_mail_under_data_dir() -> None:
+    default = config_mod.from_dict({"server": {"data_dir": "/srv/d"}})
+    assert default.mail_path == Path("/srv/d/mail")
+    shared = config_mod.from_dict({"server": {"data_dir": "/srv/d", "mail_dir": "/shared/m"}})
+    assert shared.mail_path == Path("/shared/m")
+
+
+def test_directory_backend_is_embedded_by_default_and_checked() -> None:
+    assert Config().directory.backend == "sqlite"
+    ok = config_mod.from_dict({"directory": {"backend": "postgresql",
+                                             "url": "postgresql://mf@db.example:5432/mail"}})
+    assert ok.directory.url.endswith("/mail")
+    for table, message in (
+        ({"backend": "mysql"}, "directory.backend"),
+        ({"backend": "postgresql", "url": "http://x"}, "directory.url"),
+        ({"backend": "postgresql", "url": "postgresql://mf:hunter2@db/mail"}, "password"),
+        ({"backend": "postgresql", "url": "postgresql://mf@db/mail?password=x"}, "password"),
+        ({"url": "postgresql://mf@db/mail"}, "only for"),
+    ):
+        with pytest.raises(ConfigError, match=message) as err:
+            config_mod.from_dict({"directory": table})
+        assert "hunter2" not in str(err.value)

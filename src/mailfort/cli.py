@@ -19,6 +19,7 @@ from typing import Any
 from mailfort import config as config_mod
 from mailfort.config import Config, ConfigError
 from mailfort.directory import open_directory
+from mailfort.directory.postgresql import PostgreSQLDirectory
 from mailfort.directory.sqlite import DirectoryError, SQLiteDirectory, normalize_local_address
 from mailfort.queue.store import QueueError
 
@@ -36,7 +37,7 @@ def _load(args: argparse.Namespace) -> Config:
     return config_mod.load(getattr(args, "config", None))
 
 
-def _directory(args: argparse.Namespace) -> SQLiteDirectory:
+def _directory(args: argparse.Namespace) -> SQLiteDirectory | PostgreSQLDirectory:
     return open_directory(_load(args))
 
 
@@ -145,7 +146,7 @@ def cmd_domain_catchall(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_user(d: SQLiteDirectory, address: str) -> str:
+def _local_user(d: SQLiteDirectory | PostgreSQLDirectory, address: str) -> str:
     addr = normalize_local_address(address)
     domain = addr.rpartition("@")[2]
     if not d.is_local_domain(domain):
@@ -211,6 +212,17 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from mailfort.queue import admin
 
     root = admin.queue_root(_load(args))
+    if args.action == "adopt":
+        from mailfort.queue.adopt import adopt
+        from mailfort.queue.store import Queue
+
+        r = adopt(Queue(root), Path(args.dir))
+        print(f"adopted {r.adopted} message(s) from {args.dir} into {root}"
+              + (f"; {r.finished} finished from an earlier run" if r.finished else "")
+              + (f"; {r.left} never-acknowledged file(s) left in {args.dir}/msg"
+                 if r.left else "")
+              + ("; a running server sends them at its next queue scan" if r.adopted else ""))
+        return 0
     if args.action == "list":
         print(admin.queue_list(root))
     elif args.action == "show":
@@ -292,10 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
         "id", nargs="?"
     )
     leaf(qu_sub, "delete", cmd_queue, "delete an entry").add_argument("id")
+    leaf(qu_sub, "adopt", cmd_queue,
+         "take over the queue directory of a node that is gone for good").add_argument(
+        "dir", metavar="DIR", help="that node's queue directory (its data_dir/queue)")
 
     from mailfort.ops_commands import add_parser as add_ops_parser
 
     add_ops_parser(sub, leaf)  # status, tls show
+    from mailfort.db_command import add_parser as add_db_parser
+
+    add_db_parser(sub, leaf)  # db migrate, db import
     from mailfort.dkim_command import add_parser as add_dkim_parser
 
     add_dkim_parser(sub, leaf)
@@ -316,6 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_database_error(exc: Exception) -> bool:
+    """A PostgreSQL error or pool timeout (psycopg is only imported when configured)."""
+    mod = type(exc).__module__
+    return mod.startswith(("psycopg.", "psycopg_pool")) or mod == "psycopg"
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -326,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mailfort: {exc}", file=sys.stderr)
     except sqlite3.Error as exc:
         print(f"mailfort: directory database error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not _is_database_error(exc):
+            raise
+        print(f"mailfort: directory database error: {_first_line(exc)}", file=sys.stderr)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"mailfort: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -39,12 +39,29 @@ def default_hostname() -> str:
 class ServerConfig:
     hostname: str = field(default_factory=default_hostname)
     data_dir: str = "./mailfort-data"
+    # The Maildir root; empty: "mail" under data_dir. Several nodes point it at one shared
+    # filesystem (Maildir's unique names and rename delivery need no lock across them).
+    mail_dir: str = ""
     # Plaintext AUTH / USER+PASS may be allowed on loopback listeners only; off by default.
     allow_plaintext_auth_on_loopback: bool = False
     # Started as root, mailfort binds its listeners, then runs as this user (and group:
     # empty means the user's own group) for good. Empty: no switch (see server/privileges.py).
     user: str = ""
     group: str = ""
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    # "sqlite": the embedded file in data_dir (one node); "postgresql": one database that
+    # several nodes share (schema made by `mailfort db migrate`).
+    backend: str = "sqlite"
+    # postgresql://USER@HOST:PORT/DBNAME, without a password: that comes from
+    # password_file, or from the environment variable MAILFORT_DIRECTORY_PASSWORD.
+    url: str = ""
+    password_file: str = ""
+    pool_size: int = 10
+    # Seconds to wait for a connection from the pool, and for one statement.
+    timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -313,6 +330,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -336,6 +354,11 @@ class Config:
     @property
     def data_path(self) -> Path:
         return Path(self.server.data_dir)
+
+    @property
+    def mail_path(self) -> Path:
+        """The Maildir root: ``server.mail_dir``, else ``<data_dir>/mail``."""
+        return Path(self.server.mail_dir) if self.server.mail_dir else self.data_path / "mail"
 
 
 def _type_name(tp: Any) -> str:
@@ -457,6 +480,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("server.hostname: must be a host name without spaces")
     if not cfg.server.data_dir:
         raise ConfigError("server.data_dir: must not be empty")
+    _validate_directory(cfg.directory)
     _validate_auth(cfg.auth)
     for k in ("messages_per_hour", "max_recipients"):
         if getattr(cfg.submission, k) <= 0:
@@ -473,6 +497,30 @@ def validate(cfg: Config) -> Config:
     _validate_antiabuse(cfg)
     _validate_operations(cfg)
     return cfg
+
+
+_PG_URL = re.compile(r"postgres(?:ql)?://(?P<auth>[^@/]*@)?[^/]*(?:/[^?#]*)?(?:\?.*)?")
+
+
+def _validate_directory(d: DirectoryConfig) -> None:
+    if d.backend not in ("sqlite", "postgresql"):
+        raise ConfigError("directory.backend: allowed values are sqlite and postgresql")
+    if d.backend == "sqlite":
+        if d.url or d.password_file:
+            raise ConfigError("directory.url / directory.password_file: only for "
+                              'backend = "postgresql"')
+        return
+    m = _PG_URL.fullmatch(d.url)
+    if m is None:
+        raise ConfigError("directory.url: expected postgresql://USER@HOST:PORT/DBNAME")
+    if ":" in (m.group("auth") or "") or "password=" in d.url.lower():
+        # A URL is printed by `config check` and may reach logs: no secret in it.
+        raise ConfigError("directory.url: must not hold the password; put it in "
+                          "directory.password_file or MAILFORT_DIRECTORY_PASSWORD")
+    if d.pool_size < 1:
+        raise ConfigError("directory.pool_size: must be 1 or more")
+    if d.timeout <= 0:
+        raise ConfigError("directory.timeout: must be a positive number of seconds")
 
 
 def _validate_operations(cfg: Config) -> None:

@@ -1,8 +1,13 @@
-"""Greylisting (RFC 6647) decisions, on the SQLite state file, with an injected clock."""
+"""Greylisting (RFC 6647) decisions with an injected clock, on each store: the embedded
+SQLite file and the shared PostgreSQL tables (a real server, tests/pgserver.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from mailfort.policy.greylist import Greylist, GreylistSettings, Outcome, client_network
 
@@ -19,8 +24,34 @@ SETTINGS = GreylistSettings(delay=300, retry_window=3600, pass_lifetime=86400,
                             auto_allow_after=3)
 
 
-def make(tmp_path: Path, clock: Clock, settings: GreylistSettings = SETTINGS) -> Greylist:
-    return Greylist(tmp_path / "greylist.sqlite3", settings, clock=clock)
+Make = Callable[..., Any]  # (clock, settings=SETTINGS) -> a GreylistStore
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Make]:
+    if request.param == "sqlite":
+        yield lambda clock, settings=SETTINGS: Greylist(tmp_path / "greylist.sqlite3",
+                                                        settings, clock=clock)
+        return
+    from mailfort.directory.postgresql import PostgreSQLDirectory
+    from mailfort.policy.greylist_pg import PostgreSQLGreylist
+    from tests.pgserver import PASSWORD
+
+    server = request.getfixturevalue("postgres_server")
+    directory = PostgreSQLDirectory(server.url(server.create_database()), password=PASSWORD,
+                                    check_schema=False)
+    directory.migrate()
+    yield lambda clock, settings=SETTINGS: PostgreSQLGreylist(directory.pool, settings,
+                                                              clock=clock)
+    directory.close()
+
+
+def senders(g: Any) -> list[str]:
+    """The senders of the stored triplets, from whichever store ``g`` is."""
+    if isinstance(g, Greylist):
+        return [r[0] for r in g._db.execute("SELECT sender FROM triplets")]
+    with g._pool.connection() as conn:
+        return [r[0] for r in conn.execute("SELECT sender FROM greylist_triplets")]
 
 
 def test_client_network_is_a_slash_24_or_64() -> None:
@@ -29,9 +60,9 @@ def test_client_network_is_a_slash_24_or_64() -> None:
     assert client_network("2001:db8:1:2:3::4") == "2001:db8:1:2::/64"
 
 
-def test_deferred_until_the_delay_then_passes(tmp_path: Path) -> None:
+def test_deferred_until_the_delay_then_passes(make: Make) -> None:
     clock = Clock()
-    g = make(tmp_path, clock)
+    g = make(clock)
     args = ("192.0.2.1", "a@remote.test", "alice@example.test")
     assert g.check(*args) is Outcome.DEFER
     clock.now += 299
@@ -46,9 +77,9 @@ def test_deferred_until_the_delay_then_passes(tmp_path: Path) -> None:
     assert g.check("198.51.100.1", "a@remote.test", "alice@example.test") is Outcome.DEFER
 
 
-def test_a_retry_after_the_window_starts_over(tmp_path: Path) -> None:
+def test_a_retry_after_the_window_starts_over(make: Make) -> None:
     clock = Clock()
-    g = make(tmp_path, clock)
+    g = make(clock)
     args = ("192.0.2.1", "", "alice@example.test")  # the null sender too
     assert g.check(*args) is Outcome.DEFER
     clock.now += 3601
@@ -57,9 +88,9 @@ def test_a_retry_after_the_window_starts_over(tmp_path: Path) -> None:
     assert g.check(*args) is Outcome.PASS
 
 
-def test_a_passed_triplet_expires_after_its_lifetime(tmp_path: Path) -> None:
+def test_a_passed_triplet_expires_after_its_lifetime(make: Make) -> None:
     clock = Clock()
-    g = make(tmp_path, clock)
+    g = make(clock)
     args = ("192.0.2.1", "a@remote.test", "alice@example.test")
     g.check(*args)
     clock.now += 300
@@ -68,9 +99,9 @@ def test_a_passed_triplet_expires_after_its_lifetime(tmp_path: Path) -> None:
     assert g.check(*args) is Outcome.DEFER
 
 
-def test_network_auto_allowed_after_successful_retries(tmp_path: Path) -> None:
+def test_network_auto_allowed_after_successful_retries(make: Make) -> None:
     clock = Clock()
-    g = make(tmp_path, clock)
+    g = make(clock)
     rcpts = [f"u{i}@example.test" for i in range(4)]
     for r in rcpts[:3]:
         assert g.check("192.0.2.1", "a@remote.test", r) is Outcome.DEFER
@@ -83,9 +114,9 @@ def test_network_auto_allowed_after_successful_retries(tmp_path: Path) -> None:
     assert g.check("198.51.100.1", "other@remote.test", "y@example.test") is Outcome.DEFER
 
 
-def test_auto_allow_can_be_switched_off(tmp_path: Path) -> None:
+def test_auto_allow_can_be_switched_off(make: Make) -> None:
     clock = Clock()
-    g = make(tmp_path, clock, GreylistSettings(delay=10, retry_window=100,
+    g = make(clock, GreylistSettings(delay=10, retry_window=100,
                                                 pass_lifetime=1000, auto_allow_after=0))
     for i in range(5):
         g.check("192.0.2.1", "a@remote.test", f"u{i}@example.test")
@@ -95,21 +126,21 @@ def test_auto_allow_can_be_switched_off(tmp_path: Path) -> None:
     assert g.check("192.0.2.1", "a@remote.test", "new@example.test") is Outcome.DEFER
 
 
-def test_state_survives_reopening(tmp_path: Path) -> None:
+def test_state_survives_reopening(make: Make) -> None:
     clock = Clock()
-    g = make(tmp_path, clock)
+    g = make(clock)
     args = ("192.0.2.1", "a@remote.test", "alice@example.test")
     assert g.check(*args) is Outcome.DEFER
     g.close()
     clock.now += 300
-    again = make(tmp_path, clock)
+    again = make(clock)
     assert again.check(*args) is Outcome.PASS
     again.close()
 
 
-def test_expire_forgets_stale_triplets(tmp_path: Path) -> None:
+def test_expire_forgets_stale_triplets(make: Make) -> None:
     clock = Clock()
-    g = make(tmp_path, clock)
+    g = make(clock)
     g.check("192.0.2.1", "a@remote.test", "alice@example.test")
     g.check("192.0.2.2", "b@remote.test", "alice@example.test")
     clock.now += 300
@@ -120,12 +151,11 @@ def test_expire_forgets_stale_triplets(tmp_path: Path) -> None:
     assert g.expire() == 1
 
 
-def test_stale_triplets_are_swept_while_checking(tmp_path: Path) -> None:
+def test_stale_triplets_are_swept_while_checking(make: Make) -> None:
     clock = Clock()
-    g = make(tmp_path, clock)
+    g = make(clock)
     g.check("192.0.2.1", "a@remote.test", "alice@example.test")
     g._checks = 1000  # the next check is the 1001st: a sweep comes first
     clock.now += 3601
     g.check("192.0.2.2", "b@remote.test", "alice@example.test")
-    rows = g._db.execute("SELECT sender FROM triplets").fetchall()
-    assert rows == [("b@remote.test",)]  # only the new one; the stale one went
+    assert senders(g) == ["b@remote.test"]  # only the new one; the stale one went

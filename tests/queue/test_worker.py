@@ -379,7 +379,7 @@ async def test_bounce_lands_in_maildir_through_committer(outbound_config: Config
     cfg = outbound_config()
     committer = Committer(cfg.data_path)
     w = DeliveryWorker(Queue(cfg.data_path / "queue"), cfg,
-                       maildir_deliverer(committer, cfg.data_path))
+                       maildir_deliverer(committer, cfg.mail_path))
     await w.start()
     try:
         w.queue.enqueue_bytes(MSG, "alice@example.test", ["b@nomail.test"],
@@ -389,7 +389,7 @@ async def test_bounce_lands_in_maildir_through_committer(outbound_config: Config
     finally:
         await w.stop()
         committer.stop()
-    (f,) = (maildir_for(cfg.data_path, "alice@example.test") / "new").iterdir()
+    (f,) = (maildir_for(cfg.mail_path, "alice@example.test") / "new").iterdir()
     msg = parse(f.read_bytes())
     assert msg["Auto-Submitted"] == "auto-replied"
     assert msg.get_content_type() == "multipart/report"
@@ -420,7 +420,7 @@ async def test_bounce_resent_after_a_lost_state_save_is_stored_once(
     cfg = outbound_config()
     committer = Committer(cfg.data_path)
     q = LosesTheBounceRecord(cfg.data_path / "queue")
-    w = DeliveryWorker(q, cfg, maildir_deliverer(committer, cfg.data_path))
+    w = DeliveryWorker(q, cfg, maildir_deliverer(committer, cfg.mail_path))
     await w.start()
     try:
         q.enqueue_bytes(MSG, "alice@example.test", ["b@nomail.test"], "alice@example.test")
@@ -429,7 +429,7 @@ async def test_bounce_resent_after_a_lost_state_save_is_stored_once(
     finally:
         await w.stop()
         committer.stop()
-    files = list((maildir_for(cfg.data_path, "alice@example.test") / "new").iterdir())
+    files = list((maildir_for(cfg.mail_path, "alice@example.test") / "new").iterdir())
     assert len(files) == 1, [f.name for f in files]
 
 

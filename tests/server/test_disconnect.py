@@ -50,14 +50,14 @@ def open_fds() -> int:
 
 def stored_files(node: Node) -> list[Path]:
     """Every message file a reader could see: the Maildir (as POP3 lists it) and the queue."""
-    md = maildir_for(node.cfg.data_path, ALICE)
+    md = maildir_for(node.cfg.mail_path, ALICE)
     dirs = [md / "new", md / "cur", node.cfg.data_path / "queue" / "msg"]
     return [p for d in dirs if d.is_dir() for p in d.iterdir()]
 
 
 def leftovers(node: Node) -> list[Path]:
     data = node.cfg.data_path
-    dirs = [data / "spool", maildir_for(data, ALICE) / "tmp", data / "queue" / "tmp"]
+    dirs = [data / "spool", maildir_for(data / "mail", ALICE) / "tmp", data / "queue" / "tmp"]
     return [p for d in dirs if d.is_dir() for p in d.iterdir()]
 
 

@@ -82,7 +82,7 @@ def test_crash_campaign_check_sees_loss_duplicate_and_undeleted(tmp_path: Path) 
         ledger.sent.add(f"tok-mx-00000{i}")
         ledger.acked[f"tok-mx-00000{i}"] = "alice@example.test"
     ledger.deleted.add("tok-mx-000004")
-    report = cc.check(tmp_path, ledger, cc.Receiver(), 0.0)
+    report = cc.check(tmp_path / "mail", ledger, cc.Receiver(), 0.0)
     assert report.lost == ["tok-mx-000003"]
     assert report.duplicates == ["tok-mx-000002"]
     assert report.undeleted == ["tok-mx-000004"]

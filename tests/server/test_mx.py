@@ -24,14 +24,14 @@ from tests.conftest import seed_directory
 
 
 def stored(node: Any, user: str) -> list[bytes]:
-    new = maildir_for(node.cfg.data_path, user) / "new"
+    new = maildir_for(node.cfg.mail_path, user) / "new"
     if not new.exists():
         return []
     return [p.read_bytes() for p in sorted(new.iterdir())]
 
 
 def all_stored(node: Any) -> int:
-    root = node.cfg.data_path / "mail"
+    root = node.cfg.mail_path
     return sum(1 for p in root.rglob("*") if p.is_file() and p.parent.name == "new")
 
 
@@ -383,7 +383,7 @@ async def test_connection_limits_and_idle_timeout(
 
 
 async def test_storage_error_answers_451_and_acknowledges_nothing(node: Node) -> None:
-    md = maildir_for(node.cfg.data_path, "bob@example.test")
+    md = maildir_for(node.cfg.mail_path, "bob@example.test")
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("not a directory")  # the Maildir cannot be created
     replies = await raw_session(

@@ -72,7 +72,7 @@ class Served:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
     def maildir_files(self, user: str) -> list[str]:
-        md = maildir_for(self.data_dir, user)
+        md = maildir_for(self.data_dir / "mail", user)
         return sorted(os.listdir(md / "new") + os.listdir(md / "cur"))
 
 

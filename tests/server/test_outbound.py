@@ -107,7 +107,7 @@ def submit(
 
 
 def maildir_files(node: Node, user: str) -> list[bytes]:
-    new = maildir_for(node.cfg.data_path, user) / "new"
+    new = maildir_for(node.cfg.mail_path, user) / "new"
     return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
 
 
@@ -500,5 +500,5 @@ async def test_queue_entry_survives_sigkill_and_is_delivered_after_restart(
     assert (got.sender, got.recipients) == (ALICE, ["someone@remote.test"])
     assert f"Subject: {token}".encode() in got.data
     assert got.tls
-    new = maildir_for(data, ALICE) / "new"
+    new = maildir_for(data / "mail", ALICE) / "new"
     assert not new.exists() or list(new.iterdir()) == [], "delivered: nothing to bounce"

@@ -69,7 +69,7 @@ class POP3Lab:
         return self.implicit.ports[0]
 
     def deliver(self, user: str, data: bytes, name: str | None = None) -> str:
-        md = maildir_for(self.data_dir, user)
+        md = maildir_for(self.data_dir / "mail", user)
         for sub in ("tmp", "new", "cur"):
             (md / sub).mkdir(parents=True, exist_ok=True)
         name = name or f"{time.time_ns()}.M{len(os.listdir(md / 'new'))}P{os.getpid()}.test"
@@ -78,7 +78,7 @@ class POP3Lab:
         return name
 
     def files(self, user: str) -> list[str]:
-        md = maildir_for(self.data_dir, user)
+        md = maildir_for(self.data_dir / "mail", user)
         return sorted(os.listdir(md / "new") + os.listdir(md / "cur"))
 
     def stls_login(self, user: str = ALICE, password: str | None = None) -> poplib.POP3:
@@ -100,7 +100,8 @@ async def start_lab(tmp_path: Path, server_ctx: ssl.SSLContext, client_ctx: ssl.
                     allow_plaintext: bool = False) -> POP3Lab:
     data_dir = tmp_path / "data"
     auth = make_authenticator(data_dir)
-    common: dict[str, Any] = dict(ssl_context=server_ctx, authenticator=auth, data_dir=data_dir,
+    common: dict[str, Any] = dict(ssl_context=server_ctx, authenticator=auth,
+                                  mail_dir=data_dir / "mail",
                                   limits=limits, hostname="mx.example.test")
     plain = POP3Server(implicit_tls=False, allow_plaintext=allow_plaintext, **common)
     implicit = POP3Server(implicit_tls=True, **common)
@@ -384,7 +385,7 @@ async def test_quit_then_disconnect_still_applies_every_dele(lab: POP3Lab) -> No
             c.quit()
             return stat
 
-    md = maildir_for(lab.data_dir, ALICE)
+    md = maildir_for(lab.data_dir / "mail", ALICE)
     for _ in range(rounds):
         for sub in ("new", "cur"):
             for old in os.listdir(md / sub) if (md / sub).exists() else []:
@@ -543,7 +544,7 @@ async def test_connections_per_ip(lab_factory: Callable[..., Any]) -> None:
 
 
 async def test_large_message_streams_without_buffering(lab: POP3Lab) -> None:
-    md = maildir_for(lab.data_dir, ALICE)
+    md = maildir_for(lab.data_dir / "mail", ALICE)
     (md / "new").mkdir(parents=True)
     big = md / "new" / "1700000000.M0P0Q0.big"
     line = b"." + b"y" * 1021 + b"\r\n"

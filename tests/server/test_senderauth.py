@@ -169,7 +169,7 @@ async def test_quarantine_into_junk_and_enforcement_off(
     dmarc_records(dns_server)
     junk = await mx("junk", sender_auth={"quarantine": "junk"})
     await asyncio.to_thread(send, junk.port("mx"), "a@spfok.test", letter("a@quar.test"))
-    box = maildir_for(junk.cfg.data_path, ALICE)
+    box = maildir_for(junk.cfg.mail_path, ALICE)
     assert stored(junk, ALICE) == []
     (filed,) = list((box / ".Junk" / "new").iterdir())
     assert b"X-Quarantine: dmarc=fail" in filed.read_bytes()

@@ -26,13 +26,13 @@ def committer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Commit
 async def store(c: Committer, body: bytes, users: list[str]) -> None:
     spool = c.new_spool()
     spool.write(body)
-    await c.commit(spool, [maildir_for(c.data_dir, u) for u in users])
+    await c.commit(spool, [maildir_for(c.data_dir / "mail", u) for u in users])
 
 
 async def test_concurrent_messages_share_flushes(committer: Committer) -> None:
     bodies = [b"Subject: %d\r\n\r\n" % i + b"x" * (i * 100) + b"\r\n" for i in range(60)]
     await asyncio.gather(*(store(committer, b, ["a@d.test"]) for b in bodies))
-    new = maildir_for(committer.data_dir, "a@d.test") / "new"
+    new = maildir_for(committer.data_dir / "mail", "a@d.test") / "new"
     files = sorted(new.iterdir())
     assert sorted(f.read_bytes() for f in files) == sorted(bodies)
     for f in files:  # Maildir++ sizes in the name match the content
@@ -49,22 +49,22 @@ async def test_large_message_goes_through_a_spool_file(committer: Committer) -> 
     for _ in range(200):
         spool.write(body)
     assert spool.path.exists()  # past the in-memory threshold it streams to disk
-    await committer.commit(spool, [maildir_for(committer.data_dir, "a@d.test")])
-    (f,) = (maildir_for(committer.data_dir, "a@d.test") / "new").iterdir()
+    await committer.commit(spool, [maildir_for(committer.data_dir / "mail", "a@d.test")])
+    (f,) = (maildir_for(committer.data_dir / "mail", "a@d.test") / "new").iterdir()
     assert f.stat().st_size == len(body) * 200
 
 
 async def test_one_file_per_recipient_and_no_partial_delivery(committer: Committer) -> None:
     await store(committer, b"Subject: x\r\n\r\nhi\r\n", ["a@d.test", "b@d.test"])
     for u in ("a@d.test", "b@d.test"):
-        assert len(list((maildir_for(committer.data_dir, u) / "new").iterdir())) == 1
-    broken = maildir_for(committer.data_dir, "c@d.test")
+        assert len(list((maildir_for(committer.data_dir / "mail", u) / "new").iterdir())) == 1
+    broken = maildir_for(committer.data_dir / "mail", "c@d.test")
     broken.parent.mkdir(parents=True, exist_ok=True)
     broken.write_text("not a maildir")
     with pytest.raises(StorageError):
         await store(committer, b"Subject: y\r\n\r\nhi\r\n", ["a@d.test", "c@d.test"])
     # a@d.test did not keep a copy of the refused message
-    assert len(list((maildir_for(committer.data_dir, "a@d.test") / "new").iterdir())) == 1
+    assert len(list((maildir_for(committer.data_dir / "mail", "a@d.test") / "new").iterdir())) == 1
     assert list(committer.spool_dir.iterdir()) == []
 
 
@@ -92,7 +92,7 @@ async def test_refused_message_is_taken_back_from_the_queue_too(committer: Commi
         handed.append(path)
         return lambda: taken_back.append(path)
 
-    broken = maildir_for(committer.data_dir, "c@d.test")
+    broken = maildir_for(committer.data_dir / "mail", "c@d.test")
     broken.parent.mkdir(parents=True, exist_ok=True)
     broken.write_text("not a maildir")
     spool = committer.new_spool()
@@ -113,7 +113,7 @@ async def test_a_new_maildir_is_durable_before_its_first_message_is_acknowledged
         await store(c, b"Subject: first\r\n\r\nhi\r\n", ["a@d.test"])
     finally:
         c.stop()
-    md = maildir_for(data, "a@d.test")
+    md = maildir_for(data / "mail", "a@d.test")
     assert len(list((md / "new").iterdir())) == 1
     parents = {data, data / "mail", data / "mail" / "d.test", md}
     assert parents <= set(fsynced), parents - set(fsynced)
@@ -126,7 +126,7 @@ async def test_a_maildir_made_by_someone_else_is_synced_on_first_use(
     mkdir, or a crashed process did) is fsynced up to the data directory at its first
     delivery in fsync mode, once per process."""
     data = tmp_path / "data"
-    md = maildir_for(data, "b@d.test")
+    md = maildir_for(data / "mail", "b@d.test")
     for sub in ("tmp", "new", "cur"):
         (md / sub).mkdir(parents=True)
     c = Committer(data, use_syncfs=False)
@@ -156,3 +156,44 @@ def test_unique_names_carry_the_pid_of_a_forked_worker() -> None:
         name = f.read().decode()
     os.waitpid(child, 0)
     assert f"P{child}Q" in name and f"P{os.getpid()}Q" not in name
+
+
+@pytest.fixture
+def other_fs_root() -> Iterator[Path]:
+    """A Maildir root on another file system than tmp_path (tmpfs), as a shared mail_dir
+    is; skipped where there is no such second file system."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == Path(tempfile.gettempdir()).stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) to put the Maildir root on")
+    root = Path(tempfile.mkdtemp(prefix="mailfort-maildir-", dir=shm))
+    os.chmod(root, 0o700)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("use_syncfs", [True, False], ids=["syncfs", "fsync-each"])
+async def test_mail_root_on_another_file_system_gets_durable_copies(
+        tmp_path: Path, other_fs_root: Path, fsynced: list[Path], use_syncfs: bool) -> None:
+    """A hard link cannot cross file systems: the message is copied into tmp/, synced and
+    renamed into new/, whose fsync the spool file system's syncfs would not cover."""
+    c = Committer(tmp_path / "data", use_syncfs=use_syncfs, mail_root=other_fs_root)
+    big = b"Subject: big\r\n\r\n" + b"y" * 200_000 + b"\r\n"  # in a spool file
+    try:
+        for body in (b"Subject: small\r\n\r\nhi\r\n", big):
+            spool = c.new_spool()
+            spool.write(body)
+            await c.commit(spool, [maildir_for(other_fs_root, u)
+                                   for u in ("a@d.test", "b@d.test")])
+    finally:
+        c.stop()
+    for user in ("a@d.test", "b@d.test"):
+        md = maildir_for(other_fs_root, user)
+        got = sorted(f.read_bytes() for f in (md / "new").iterdir())
+        assert got == sorted([b"Subject: small\r\n\r\nhi\r\n", big])
+        assert list((md / "tmp").iterdir()) == []
+        assert md / "new" in fsynced
+    assert other_fs_root.parent not in fsynced  # the walk up stops at the mail root
+    assert list((tmp_path / "data" / "spool").iterdir()) == []

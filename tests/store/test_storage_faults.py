@@ -101,7 +101,7 @@ def message(tag: str, size: int = 0) -> bytes:
 
 def stored(node: Node, user: str = ALICE) -> list[bytes]:
     """The Subject of every message in the user's Maildir (new/ and cur/)."""
-    md = maildir_for(node.cfg.data_path, user)
+    md = maildir_for(node.cfg.mail_path, user)
     out = []
     for sub in ("new", "cur"):
         if (md / sub).is_dir():
@@ -114,7 +114,7 @@ def leftovers(node: Node) -> list[str]:
     """Files that a refused message must not leave behind: spool, queue, Maildir tmp/."""
     data = node.cfg.data_path
     dirs = [data / "spool", data / "queue" / "tmp", data / "queue" / "msg",
-            data / "queue" / "env", maildir_for(data, ALICE) / "tmp"]
+            data / "queue" / "env", maildir_for(data / "mail", ALICE) / "tmp"]
     return [str(p) for d in dirs if d.is_dir() for p in d.iterdir()]
 
 

@@ -8,8 +8,12 @@ domain and exact (case-preserving but compared case-insensitively) on the local 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,3 +39,17 @@ class Directory(Protocol):
 
     def addresses_of(self, user: str) -> frozenset[str]:
         """Addresses the user may send as: their own, plus aliases that lead to them."""
+
+
+def is_blocking(directory: object) -> bool:
+    """Whether the directory's lookups are network round trips (PostgreSQL), which the
+    server must run off the event loop. The embedded SQLite directory's are indexed reads
+    of a local file, cheap enough to stay on the loop as they always have."""
+    return bool(getattr(directory, "blocking", False))
+
+
+async def lookup(directory: object, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` (a method of ``directory``), in a thread when the directory blocks."""
+    if is_blocking(directory):
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)

@@ -108,7 +108,7 @@ class Side:
     def mailbox(self, user: str) -> list[bytes]:
         """Every message stored for a local user (new/ and cur/)."""
         assert self.node is not None
-        md = maildir_for(self.node.cfg.data_path, user)
+        md = maildir_for(self.node.cfg.mail_path, user)
         out = []
         for sub in ("new", "cur"):
             d = md / sub

@@ -42,7 +42,7 @@ from typing import Any
 from argon2 import PasswordHasher
 
 from mailfort.config import AuthConfig
-from mailfort.directory.base import Directory
+from mailfort.directory.base import Directory, lookup
 from mailfort.passwords import dummy_hash, hash_password, needs_rehash, verify_password
 from mailfort.policy import decisionlog
 from mailfort.policy.counters import Counters, client_key
@@ -140,7 +140,8 @@ class Authenticator:
         return outcome
 
     async def _verify(self, username: str, password: str, client_ip: str) -> AuthOutcome:
-        k = _Keys.of(self._canonical(username), client_key(client_ip))
+        k = _Keys.of(await lookup(self.directory, self._canonical, username),
+                     client_key(client_ip))
         if self.counters.get(k.client_block) > 0:
             return BLOCKED
         # The owner's recent clients are not slowed down by an attack on the account.
@@ -158,7 +159,8 @@ class Authenticator:
                 if self.counters.get(k.client_fail) >= self.cfg.block_after_failures:
                     self._block(k)
                     return BLOCKED
-                stored = self.directory.password_hash(username.strip())
+                stored = await lookup(self.directory, self.directory.password_hash,
+                                      username.strip())
                 loop = asyncio.get_running_loop()
                 matched = await loop.run_in_executor(
                     self._pool, self._check, stored or self._dummy, password

@@ -17,7 +17,7 @@ from mailfort.policy.counters import Counters
 from mailfort.policy.dkim import KeyStore
 from mailfort.policy.dmarc import from_domains
 from mailfort.policy.senderauth import header_block
-from mailfort.policy.senders import check_envelope_sender, check_header_from
+from mailfort.policy.senders import allowed_addresses, check_envelope_sender, check_header_from
 from mailfort.protocol.address import Mailbox
 from mailfort.protocol.replies import Reply
 
@@ -36,10 +36,18 @@ class MSAPolicy:
     def _key(self, user: str) -> str:
         return f"sent-per-hour:{user.lower()}"
 
-    def check_mail(self, user: str, sender: Mailbox | None) -> Reply | None:
+    def sender_rights(self, user: str) -> frozenset[str]:
+        """The addresses ``user`` may send as (a directory lookup: the session fetches them
+        off the event loop once per transaction when the directory is networked)."""
+        return allowed_addresses(self.directory, user,
+                                 aliases_grant=self.cfg.submission.aliases_grant_sending)
+
+    def check_mail(self, user: str, sender: Mailbox | None,
+                   rights: frozenset[str] | None = None) -> Reply | None:
+        """``rights``: ``sender_rights(user)`` if already known, else looked up here."""
         refusal = check_envelope_sender(
-            self.directory, user, sender, aliases_grant=self.cfg.submission.aliases_grant_sending
-        )
+            self.directory, user, sender, aliases_grant=self.cfg.submission.aliases_grant_sending,
+            allowed=rights)
         if refusal is not None:
             return refusal
         if self.counters.get(self._key(user)) >= self.cfg.submission.messages_per_hour:
@@ -51,7 +59,8 @@ class MSAPolicy:
             return TOO_MANY_RCPT
         return None
 
-    def check_headers(self, user: str, header_block: bytes) -> tuple[Reply | None, bytes]:
+    def check_headers(self, user: str, header_block: bytes,
+                      rights: frozenset[str] | None = None) -> tuple[Reply | None, bytes]:
         """A refusal, or the header block to store in place of the client's.
 
         ``header_block`` is the client's header lines without the blank line that ends
@@ -61,7 +70,7 @@ class MSAPolicy:
         """
         refusal = check_header_from(
             self.directory, user, header_block,
-            aliases_grant=self.cfg.submission.aliases_grant_sending,
+            aliases_grant=self.cfg.submission.aliases_grant_sending, allowed=rights,
         )
         if refusal is not None:
             return refusal, header_block

@@ -28,14 +28,16 @@ def allowed_addresses(directory: Directory, user: str, *, aliases_grant: bool) -
 
 
 def check_envelope_sender(
-    directory: Directory, user: str, sender: Mailbox | None, *, aliases_grant: bool
+    directory: Directory, user: str, sender: Mailbox | None, *, aliases_grant: bool,
+    allowed: frozenset[str] | None = None,
 ) -> Reply | None:
-    """None when the user may use ``sender`` in MAIL FROM, else the refusal."""
+    """None when the user may use ``sender`` in MAIL FROM, else the refusal. ``allowed``:
+    the user's ``allowed_addresses`` when the caller already has them."""
     if sender is None:
         return NULL_SENDER_REFUSED
-    if sender.literal or str(sender).lower() not in allowed_addresses(
-        directory, user, aliases_grant=aliases_grant
-    ):
+    if allowed is None:
+        allowed = allowed_addresses(directory, user, aliases_grant=aliases_grant)
+    if sender.literal or str(sender).lower() not in allowed:
         return SENDER_NOT_OWNED
     return None
 
@@ -53,12 +55,14 @@ def from_addresses(header_block: bytes) -> list[str] | None:
 
 
 def check_header_from(
-    directory: Directory, user: str, header_block: bytes, *, aliases_grant: bool
+    directory: Directory, user: str, header_block: bytes, *, aliases_grant: bool,
+    allowed: frozenset[str] | None = None,
 ) -> Reply | None:
     addrs = from_addresses(header_block)
     if addrs is None:
         return FROM_MISSING
-    allowed = allowed_addresses(directory, user, aliases_grant=aliases_grant)
+    if allowed is None:
+        allowed = allowed_addresses(directory, user, aliases_grant=aliases_grant)
     if any(a.lower() not in allowed for a in addrs):
         return FROM_NOT_OWNED
     return None

@@ -536,13 +536,13 @@ async def _cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
         _, pending = await asyncio.wait(pending, timeout=0.1)
 
 
-def maildir_deliverer(committer: Committer, data_dir: Path) -> LocalDeliver:
+def maildir_deliverer(committer: Committer, mail_root: Path) -> LocalDeliver:
     """A ``local_deliver`` that stores a DSN durably in the user's Maildir, as the MX does,
     under a unique name made from its key: a key already in new/ or cur/ is not stored
     again. (A copy that a POP3 client deleted meanwhile cannot be seen, and is resent.)"""
 
     async def deliver(user: str, message: bytes, key: str) -> None:
-        maildir = maildir_for(data_dir, user)
+        maildir = maildir_for(mail_root, user)
         name = keyed_name(key)
         if await asyncio.to_thread(in_maildir, maildir, name):
             log.info("%s already delivered to %s; not again", name, user)

@@ -20,14 +20,15 @@ from typing import TYPE_CHECKING
 from mailfort import logsetup
 from mailfort.config import Config
 from mailfort.delivery.mx import make_resolver
-from mailfort.directory.sqlite import SQLiteDirectory
+from mailfort.directory import open_directory
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
 from mailfort.policy.dnsbl import DNSBLChecker
-from mailfort.policy.greylist import Greylist, GreylistSettings
+from mailfort.policy.greylist import Greylist, GreylistSettings, GreylistStore
 from mailfort.policy.inbound import InboundPolicy, zones
 from mailfort.policy.msa import MSAPolicy
 from mailfort.policy.senderauth import SenderAuth
+from mailfort.queue import owner as queue_owner
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter
@@ -63,8 +64,10 @@ class Node:
         self.cfg = cfg
         self.legacy = legacy
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
-        self.directory = SQLiteDirectory(directory_path(cfg))
-        self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs")
+        # The embedded SQLite file, or the PostgreSQL database that several nodes share.
+        self.directory = open_directory(cfg)
+        self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs",
+                                   mail_root=cfg.mail_path)
         if ssl_context is None:
             from mailfort.tls import server_context
 
@@ -74,10 +77,11 @@ class Node:
         self.authenticator = Authenticator(
             self.directory, self.counters, cfg.auth if legacy is None else legacy.auth)
         self.queue = Queue(cfg.data_path / "queue")
+        self._queue_lock: int | None = None
         self.worker = DeliveryWorker(
             self.queue,
             cfg,
-            maildir_deliverer(self.committer, cfg.data_path),
+            maildir_deliverer(self.committer, cfg.mail_path),
             mx_port=cfg.queue.mx_port,
         )
         self.msa = MSAPolicy(cfg, self.directory, self.counters)
@@ -89,7 +93,8 @@ class Node:
             rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=self.counters)
         # This process's stress mode (server/stress.py), shared by every listener.
         self.stress = StressGuard(cfg.limits.stress)
-        self.inbound = inbound_policy(cfg)  # the MX's DNSBL, pre-greeting and greylisting
+        # The MX's DNSBL, pre-greeting and greylisting.
+        self.inbound = inbound_policy(cfg, self.directory)
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
@@ -133,6 +138,11 @@ class Node:
         )
 
     async def start(self) -> None:
+        try:  # so that `mailfort queue adopt` refuses this queue while the node runs
+            self._queue_lock = queue_owner.hold(self.queue.root)
+        except queue_owner.QueueBusy as exc:
+            self._queue_lock = None
+            log.warning("%s: another process delivers from this queue too", exc)
         removed = self.committer.recover()
         if removed:
             log.info("removed %d unacknowledged spool files left by a crash", removed)
@@ -149,7 +159,7 @@ class Node:
             self.pop3[name] = POP3Server(
                 ssl_context=self.ssl_context,
                 authenticator=self.authenticator,
-                data_dir=self.cfg.data_path,
+                mail_dir=self.cfg.mail_path,
                 limits=self.cfg.limits,
                 implicit_tls=implicit,
                 allow_plaintext=loopback_plain,
@@ -193,6 +203,10 @@ class Node:
         if self.sender_auth is not None:
             self.sender_auth.close()
         self.inbound.close()
+        self.directory.close()
+        if self._queue_lock is not None:
+            queue_owner.release(self._queue_lock)
+            self._queue_lock = None
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -202,18 +216,27 @@ class Node:
         await self.stop()
 
 
-def inbound_policy(cfg: Config) -> InboundPolicy:
-    """The MX's anti-abuse checks as configured (each part only when switched on)."""
+def inbound_policy(cfg: Config, directory: object = None) -> InboundPolicy:
+    """The MX's anti-abuse checks as configured (each part only when switched on).
+    Greylisting state lives with a PostgreSQL ``directory`` when there is one (shared by
+    the nodes), else in ``<data_dir>/greylist.sqlite3``."""
     bl = cfg.dnsbl
     checker = None
     if bl.zones or bl.sender_zones or bl.helo_zones:
         checker = DNSBLChecker(make_resolver(cfg), zones(bl.zones), threshold=bl.threshold,
                                timeout=bl.timeout, cache_size=bl.cache_size)
-    greylist = None
+    greylist: GreylistStore | None = None
     if cfg.greylist.enabled:
         g = cfg.greylist
-        greylist = Greylist(cfg.data_path / "greylist.sqlite3", GreylistSettings(
-            g.delay, g.retry_window, g.pass_lifetime, g.auto_allow_after))
+        settings = GreylistSettings(g.delay, g.retry_window, g.pass_lifetime,
+                                    g.auto_allow_after)
+        pool = getattr(directory, "pool", None)
+        if pool is not None:
+            from mailfort.policy.greylist_pg import PostgreSQLGreylist
+
+            greylist = PostgreSQLGreylist(pool, settings)
+        else:
+            greylist = Greylist(cfg.data_path / "greylist.sqlite3", settings)
     return InboundPolicy(cfg, checker, greylist)
 
 
@@ -227,6 +250,12 @@ def describe(node: Node) -> str:
         host = node.cfg.mta_sts.listen.rpartition(":")[0]
         lines.append(f"  mta-sts      https://{host}:{node.mta_sts_port}/.well-known/mta-sts.txt")
     lines.append(f"  data         {node.cfg.data_path.resolve()}")
+    if node.cfg.server.mail_dir:
+        lines.append(f"  mail         {node.cfg.mail_path.resolve()}")
+    if node.cfg.directory.backend != "sqlite":
+        from mailfort.directory.postgresql import safe_url
+
+        lines.append(f"  directory    {safe_url(node.cfg.directory.url)}")
     if not node.directory.list_domains():
         lines += [
             "No domain yet. Add one and a user (in another terminal, same directory):",

@@ -87,6 +87,7 @@ class Operations:
         if self.account is None:
             return
         privileges.own_data_dir(self.cfg.data_path, self.account)
+        privileges.own_mail_root(self.cfg, self.account)
         if self.cfg.log.file:
             with contextlib.suppress(OSError):  # so a reopen after rotation can write
                 os.chown(self.cfg.log.file, self.account.uid, self.account.gid)

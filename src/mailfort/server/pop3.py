@@ -72,7 +72,7 @@ class POP3Server(Listener):
         *,
         ssl_context: ssl.SSLContext | None,
         authenticator: Authenticator,
-        data_dir: Path,
+        mail_dir: Path,
         limits: LimitsConfig,
         implicit_tls: bool,
         allow_plaintext: bool = False,
@@ -85,7 +85,7 @@ class POP3Server(Listener):
         super().__init__(limits.max_connections, limits.max_connections_per_ip)
         self.ssl_context = ssl_context
         self.authenticator = authenticator
-        self.data_dir = Path(data_dir)
+        self.mail_dir = Path(mail_dir)  # the Maildir root (Config.mail_path)
         self.limits = limits
         self.implicit_tls = implicit_tls
         self.hostname = hostname
@@ -215,7 +215,7 @@ class POP3Session(EngineSession):
         engine = self.engine
         assert engine is not None
         try:
-            path = maildir_for(self.server.data_dir, user)
+            path = maildir_for(self.server.mail_dir, user)
             mailbox = await _in_thread(POP3Mailbox.open, path, cleanup=POP3Mailbox.close)
         except MailboxInUse:
             log.info("pop3 %s: %s mailbox in use", self.peer_ip, user)

@@ -117,6 +117,21 @@ def own_data_dir(data_dir: Path, acct: Account) -> None:
             os.chmod(key, 0o600)
 
 
+def own_mail_root(cfg: Config, acct: Account) -> None:
+    """A ``server.mail_dir`` outside the data directory: its top is made (0700) and given
+    to the account, not the tree below it, which on shared storage is every node's and
+    may be large; the nodes' accounts must have the same uid there."""
+    root = cfg.mail_path
+    if root.resolve().is_relative_to(cfg.data_path.resolve()):
+        return  # owned with the data directory
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.chown(root, acct.uid, acct.gid)
+    except PermissionError:  # e.g. NFS with root squashed: the admin set it up
+        log.warning("cannot give %s to %s; it must be writable by that account",
+                    root, acct.name)
+
+
 def drop(acct: Account) -> None:
     """Switch the whole process (every thread: glibc applies set*id to all) for good."""
     os.setgroups([])

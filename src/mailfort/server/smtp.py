@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from mailfort.config import Config
-from mailfort.directory.base import Directory
+from mailfort.directory.base import Directory, is_blocking
 from mailfort.policy import decisionlog
 from mailfort.policy.inbound import PREGREET, ConnectionVerdict, InboundPolicy
 from mailfort.policy.recipients import STRICT, RecipientPolicy
@@ -79,6 +79,9 @@ class Envelope:
     rcpts: list[str] = field(default_factory=list)  # as the client gave them
     spf: list[SPFResult] = field(default_factory=list)  # MX: SPF of HELO and MAIL FROM
     requiretls: bool = False  # MAIL ... REQUIRETLS (RFC 8689), kept in the queue entry
+    # Submission: the addresses the user may send as, fetched once per transaction when
+    # the directory is networked (None: looked up where needed, as the embedded one is).
+    sender_rights: frozenset[str] | None = None
 
 
 @dataclass
@@ -113,11 +116,16 @@ def _date_now() -> str:
 class SubmissionPolicy(Protocol):
     """What an MSA checks beyond the MX rules (see policy/msa.py)."""
 
-    def check_mail(self, user: str, sender: Mailbox | None) -> Reply | None: ...
+    def sender_rights(self, user: str) -> frozenset[str]:
+        """The addresses ``user`` may send as (a directory lookup, may block)."""
+
+    def check_mail(self, user: str, sender: Mailbox | None,
+                   rights: frozenset[str] | None = None) -> Reply | None: ...
 
     def check_rcpt(self, user: str, count: int) -> Reply | None: ...
 
-    def check_headers(self, user: str, header_block: bytes) -> tuple[Reply | None, bytes]:
+    def check_headers(self, user: str, header_block: bytes,
+                      rights: frozenset[str] | None = None) -> tuple[Reply | None, bytes]:
         """A refusal, or the header block to store instead of the client's (completed
         with Message-ID and Date). The block is the client's header lines without the
         blank line, or the whole message when it ended first, then maybe not in CRLF."""
@@ -201,7 +209,7 @@ class SMTPService(Listener):
         if found is None:
             if len(self._maildirs) >= _MAX_REMEMBERED_IPS:  # bounded like the IPs
                 self._maildirs.clear()
-            found = self._maildirs[user] = maildir_for(self.cfg.data_path, user)
+            found = self._maildirs[user] = maildir_for(self.cfg.mail_path, user)
         return found
 
     def trusted(self, ip: str) -> bool:
@@ -330,6 +338,9 @@ class SMTPSession(EngineSession):
             elif self.spool is not None:
                 self.spool.write(ev.data)
         elif isinstance(ev, RcptTo):
+            if is_blocking(self.service.directory):
+                self.run(self._rcpt_off_loop(ev))  # a networked directory: off the loop
+                return
             decision = self._decide_rcpt(ev)
             if self._inbound_applies(decision):
                 self.run(self._screen_rcpt(ev, decision))
@@ -361,8 +372,25 @@ class SMTPSession(EngineSession):
         self.envelope = Envelope(sender=ev.sender, requiretls=ev.requiretls)
         sub = self.service.submission
         refusal = None
-        if sub is not None and engine.authenticated_as is not None:
-            refusal = sub.check_mail(engine.authenticated_as, ev.sender)
+        user = engine.authenticated_as
+        if sub is not None and user is not None and is_blocking(self.service.directory):
+            self.run(self._mail_off_loop(ev, sub, user))
+            return
+        if sub is not None and user is not None:
+            refusal = sub.check_mail(user, ev.sender)
+        self._after_mail_check(ev, refusal)
+
+    async def _mail_off_loop(self, ev: MailFrom, sub: SubmissionPolicy, user: str) -> None:
+        """MAIL on submission with a networked directory: the user's sender rights are
+        fetched in a thread, once for the transaction (MAIL and the From: check)."""
+        rights = await asyncio.to_thread(sub.sender_rights, user)
+        self.envelope.sender_rights = rights
+        # (An authenticated sender gets no SPF check: _after_mail_check decides at once.)
+        self._after_mail_check(ev, sub.check_mail(user, ev.sender, rights))
+
+    def _after_mail_check(self, ev: MailFrom, refusal: Reply | None) -> None:
+        engine = self.engine
+        assert engine is not None
         if refusal is not None:
             decisionlog.reject("MAIL", self.peer_ip, refusal, from_=ev.sender or "",
                                helo=engine.helo)
@@ -391,15 +419,30 @@ class SMTPSession(EngineSession):
         engine = self.engine
         return bool(engine and engine.authenticated_as) or self.service.trusted(self.peer_ip)
 
-    def _decide_rcpt(self, ev: RcptTo) -> RecipientDecision:
+    def _limit_rcpt(self) -> RecipientDecision | None:
         sub = self.service.submission
         user = self.engine.authenticated_as if self.engine is not None else None
         if sub is not None and user is not None:
             refusal = sub.check_rcpt(user, len(self.envelope.rcpts))
             if refusal is not None:
                 return RecipientDecision(refusal, None)
-        return self.service.recipients.decide(
+        return None
+
+    def _decide_rcpt(self, ev: RcptTo) -> RecipientDecision:
+        return self._limit_rcpt() or self.service.recipients.decide(
             ev.recipient, self.service.directory, may_relay=self.may_relay())
+
+    async def _rcpt_off_loop(self, ev: RcptTo) -> None:
+        """RCPT with a networked directory: the same decision, its lookups in a thread."""
+        decision = self._limit_rcpt()
+        if decision is None:
+            decision = await asyncio.to_thread(
+                self.service.recipients.decide, ev.recipient, self.service.directory,
+                may_relay=self.may_relay())
+        if self._inbound_applies(decision):
+            await self._screen_rcpt(ev, decision)
+        else:
+            self._answer_rcpt(ev, decision)
 
     def _inbound_applies(self, decision: RecipientDecision) -> bool:
         """Blocklists and greylisting judge only mail from outside to our own users."""
@@ -581,7 +624,8 @@ class SMTPSession(EngineSession):
             return
         block = bytes(hdr if split is None else hdr[:split])
         rest = b"" if split is None else bytes(hdr[split:])
-        refusal, completed = sub.check_headers(engine.authenticated_as, block)
+        refusal, completed = sub.check_headers(engine.authenticated_as, block,
+                                               self.envelope.sender_rights)
         if refusal is not None:
             self.refusal = refusal
             return

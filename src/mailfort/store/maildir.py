@@ -11,6 +11,12 @@ message waiting at that moment as one batch and makes the whole batch durable to
 3. one more ``syncfs`` (or an ``fsync`` of each ``new/`` directory touched): the names
    are durable. Only then does each waiting session get its 250.
 
+A Maildir root on another file system than the spool (``[server] mail_dir`` on storage
+that several nodes share) cannot take a hard link: there the message is copied into the
+Maildir's ``tmp/``, fdatasynced and renamed into ``new/`` (the classic Maildir delivery,
+no lock needed across nodes), and that ``new/`` is fsynced on its own, since a syncfs of
+the spool's file system does not reach it.
+
 So many messages share two flushes instead of paying three each, and no 250 is ever sent
 before the flush that covers its message. A crash before step 3 leaves at most a spool
 file, which ``recover`` removes at start; the client was never told 250 and will retry.
@@ -22,6 +28,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import itertools
 import logging
 import os
@@ -58,12 +65,13 @@ class StorageError(Exception):
 FaultHook = Callable[[str], None]
 
 
-def maildir_for(data_dir: Path, user: str) -> Path:
-    """The Maildir of a canonical user address: ``<data_dir>/mail/<domain>/<local>``."""
+def maildir_for(mail_root: Path, user: str) -> Path:
+    """The Maildir of a canonical user address: ``<mail_root>/<domain>/<local>``, where
+    ``mail_root`` is ``Config.mail_path`` (``server.mail_dir``, else ``<data_dir>/mail``)."""
     local, _, domain = user.rpartition("@")
     if not local or not domain or "/" in user or local.startswith(".") or domain.startswith("."):
         raise ValueError(f"not a canonical user address: {user!r}")
-    return data_dir / "mail" / domain.lower() / local.lower()
+    return mail_root / domain.lower() / local.lower()
 
 
 def ensure_maildir(path: Path) -> None:
@@ -217,8 +225,12 @@ class _Job:
 class Committer:
     """Makes spooled messages durable in batches on one background thread."""
 
-    def __init__(self, data_dir: Path, *, use_syncfs: bool = True) -> None:
+    def __init__(self, data_dir: Path, *, use_syncfs: bool = True,
+                 mail_root: Path | None = None) -> None:
+        """``mail_root``: the Maildir root (``Config.mail_path``) when it is not under
+        ``data_dir``; the fsync of parent directories stops there."""
         self.data_dir = data_dir
+        self.mail_root = mail_root
         self.spool_dir = data_dir / "spool"
         make_dirs(self.spool_dir)
         self._use_syncfs = use_syncfs and _SYNCFS is not None
@@ -307,6 +319,7 @@ class Committer:
             except (OSError, StorageError) as exc:
                 job.error = exc
         dirs: set[Path] = set()
+        foreign: set[Path] = set()  # new/ directories on another file system (copies)
 
         def each_file() -> None:
             for job in live:
@@ -319,8 +332,9 @@ class Committer:
         self._flush(live, each_file)  # 1. the data of every message
         for job in live:
             if job.error is None:
-                self._link(job, dirs)
+                self._link(job, dirs, foreign)
         self._flush([j for j in live if j.error is None], each_dir)  # 2. the names in new/
+        self._sync_foreign([j for j in live if j.error is None], foreign)
         for job in batch:
             if job.error is not None:
                 _take_back(job)
@@ -343,7 +357,20 @@ class Committer:
             for job in jobs:
                 job.error = exc
 
-    def _link(self, job: _Job, dirs: set[Path]) -> None:
+    def _sync_foreign(self, jobs: list[_Job], foreign: set[Path]) -> None:
+        """syncfs mode: fsync each ``new/`` that the spool file system's flush did not
+        cover (fsync mode did them all in step 2); a failure fails the batch's messages,
+        as a failed flush does."""
+        if not foreign or not jobs or not self._use_syncfs:
+            return
+        try:
+            for d in foreign:
+                fsync_dir(d)
+        except OSError as exc:
+            for job in jobs:
+                job.error = exc
+
+    def _link(self, job: _Job, dirs: set[Path], foreign: set[Path]) -> None:
         try:
             if job.extra is not None:
                 job.undo_extra = job.extra(job.spool.path)
@@ -360,8 +387,16 @@ class Committer:
                 target = md / "new" / f"{job.spool.name},S={size},W={size}"
                 if self.fault is not None:
                     self.fault("link")
-                os.link(job.spool.path, target)
-                job.links.append(target)
+                try:
+                    os.link(job.spool.path, target)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    job.links.append(target)  # taken back too if the copy fails midway
+                    _copy_in(job.spool, md / "tmp" / target.name, target)
+                    foreign.add(md / "new")
+                else:
+                    job.links.append(target)
                 dirs.add(md / "new")
         except OSError as exc:
             job.error = exc
@@ -377,7 +412,7 @@ class Committer:
             if d not in self._synced_dirs:
                 fsync_dir(d)
                 self._synced_dirs.add(d)
-            if d == self.data_dir or d.parent == d:
+            if d in (self.data_dir, self.mail_root) or d.parent == d:
                 return
             d = d.parent
 
@@ -387,6 +422,23 @@ class Committer:
         if _SYNCFS(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
+
+
+def _copy_in(spool: Spool, tmp: Path, target: Path) -> None:
+    """Deliver a copy: write ``tmp`` (in the Maildir's tmp/), fdatasync it, rename it to
+    ``target`` in new/. A crash leaves at most a file in tmp/, which readers ignore."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for chunk in spool.chunks():
+            while chunk:
+                chunk = chunk[os.write(fd, chunk):]
+        os.fdatasync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.rename(tmp, target)
 
 
 def _take_back(job: _Job) -> None:
