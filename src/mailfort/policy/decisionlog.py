@@ -110,6 +110,13 @@ def auth_blocked(ip: str, user: str) -> None:
              extra=_extra("auth_blocked", ip, user=user))
 
 
+def auth_unavailable(ip: str, user: str) -> None:
+    """A login refused for now: the shared counters cannot be reached (policy/authn.py)."""
+    metrics.AUTH.labels("unavailable").inc()
+    log.warning("auth temporarily refused from [%s] user=%s: shared counters unavailable",
+                clean(ip), clean(user), extra=_extra("auth_unavailable", ip, user=user))
+
+
 def connection_refused(ip: str, text: str, reason: str) -> None:
     """A refusal at greeting by a service whose replies are not SMTP replies (POP3)."""
     metrics.REFUSED.labels("CONNECT", clean(reason)).inc()

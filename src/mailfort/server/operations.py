@@ -158,7 +158,7 @@ class Operations:
         assert self.node is not None
         if len(args) != 1:
             raise ValueError("unblock takes one IP address or user name")
-        return "ok " + self.node.authenticator.unblock(args[0])
+        return "ok " + await self.node.authenticator.unblock(args[0])
 
     async def _status(self, args: list[str]) -> str:
         assert self.node is not None

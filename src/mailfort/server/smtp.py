@@ -99,7 +99,7 @@ _MAX_CAPTURED_HEADERS = 256 * 1024
 class SubmissionPolicy(Protocol):
     """What an MSA checks beyond the MX rules (see policy/msa.py)."""
 
-    def check_mail(self, user: str, sender: Mailbox | None) -> Reply | None: ...
+    async def check_mail(self, user: str, sender: Mailbox | None) -> Reply | None: ...
 
     def check_rcpt(self, user: str, count: int) -> Reply | None: ...
 
@@ -108,7 +108,7 @@ class SubmissionPolicy(Protocol):
         with Message-ID and Date). The block is the client's header lines without the
         blank line, or the whole message when it ended first, then maybe not in CRLF."""
 
-    def message_accepted(self, user: str) -> None: ...
+    async def message_accepted(self, user: str) -> None: ...
 
     def sign(self, user: str, message: bytes) -> bytes:
         """DKIM-Signature fields to add to the message (empty: none)."""
@@ -321,16 +321,21 @@ class SMTPSession(EngineSession):
         engine = self.engine
         assert engine is not None
         self.envelope = Envelope(sender=ev.sender)
-        sub = self.service.submission
-        refusal = None
-        if sub is not None and engine.authenticated_as is not None:
-            refusal = sub.check_mail(engine.authenticated_as, ev.sender)
+        if self.service.submission is not None and engine.authenticated_as is not None:
+            self.run(self._check_submission(ev))  # the rate may be counted over the network
+            return
+        if self._checks_sender():
+            self.run(self._check_spf())  # ---- sender authentication: SPF, off the loop
+            return
+        engine.decide(SENDER_OK)
+
+    async def _check_submission(self, ev: MailFrom) -> None:
+        engine, sub = self.engine, self.service.submission
+        assert engine is not None and sub is not None and engine.authenticated_as is not None
+        refusal = await sub.check_mail(engine.authenticated_as, ev.sender)
         if refusal is not None:
             decisionlog.reject("MAIL", self.peer_ip, refusal, from_=ev.sender or "",
                                helo=engine.helo)
-        elif self._checks_sender():
-            self.run(self._check_spf())  # ---- sender authentication: SPF, off the loop
-            return
         engine.decide(refusal or SENDER_OK)
 
     def _checks_sender(self) -> bool:
@@ -496,7 +501,7 @@ class SMTPSession(EngineSession):
                            len(env.local) + len(env.remote), spool.size,
                            tls=self.tls_info.partition(" ")[0])
         if self.service.submission is not None and engine.authenticated_as is not None:
-            self.service.submission.message_accepted(engine.authenticated_as)
+            await self.service.submission.message_accepted(engine.authenticated_as)
         if env.remote and svc.queued is not None:
             svc.queued()
 
@@ -587,5 +592,7 @@ class SMTPSession(EngineSession):
             engine.authenticated_as = user
         elif outcome == "blocked":
             engine.decide(Reply(421, "4.7.0", "Too many failed authentications, try later"))
+        elif outcome == "unavailable":  # the shared counters are down (policy/authn.py)
+            engine.decide(Reply(454, "4.7.0", "Temporary authentication failure"))
         else:
             engine.decide(Reply(535, "5.7.8", "Authentication credentials invalid"))
