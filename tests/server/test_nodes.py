@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import poplib
 import smtplib
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -98,6 +99,19 @@ async def make_cluster(tmp_path: Path, redis_server: Any, server_ssl_context: ss
             return Cluster(nodes, client_ctx)
 
         yield make
+
+
+class POP3SFrom(poplib.POP3_SSL):
+    """POP3S from a chosen loopback address (poplib has no source_address)."""
+
+    def __init__(self, source: str, *args: Any, **kwargs: Any) -> None:
+        self.source = source
+        super().__init__(*args, **kwargs)
+
+    def _create_socket(self, timeout: float) -> Any:
+        sock = socket.create_connection((self.host, self.port), timeout,
+                                        source_address=(self.source, 0))
+        return self.context.wrap_socket(sock, server_hostname=self.host)
 
 
 def run(fn: Callable[..., Any], *args: Any) -> Any:
@@ -193,3 +207,28 @@ async def test_redis_stopped_mid_run_refuses_logins_keeps_mx_and_recovers(
     p = await run(c.pop3, 1)
     assert (await run(p.stat))[0] == 1  # B's own Maildir: the message B received
     await run(p.quit)
+
+
+async def test_a_block_made_on_a_is_listed_and_removed_on_b(make_cluster: Any) -> None:
+    """What ``mailfort block list|remove`` asks of a node (server/operations.py), with the
+    blocks in Redis: any node lists and lifts what any node blocked."""
+    c = await make_cluster(auth=AUTH)
+
+    def guess_from(ip: str, password: str) -> bool:
+        p = POP3SFrom(ip, NODES[0], c.nodes[0].port("pop3s"), context=c.ctx, timeout=10)
+        try:
+            p.user(ALICE)
+            p.pass_(password)
+            return True
+        except poplib.error_proto:
+            return False
+        finally:
+            p.close()
+
+    for _ in range(AUTH["block_after_failures"]):
+        assert not await run(guess_from, "127.0.0.5", "wrong")
+    assert not await run(guess_from, "127.0.0.5", ALICE_PW)  # blocked
+    listed = await c.nodes[1].authenticator.blocks()
+    assert [(b.kind, b.key) for b in listed if b.kind == "client"] == [("client", "127.0.0.5")]
+    assert "block removed" in await c.nodes[1].authenticator.unblock("127.0.0.5")
+    assert await run(guess_from, "127.0.0.5", ALICE_PW)
