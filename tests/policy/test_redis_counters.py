@@ -97,3 +97,27 @@ async def test_a_password_comes_from_the_config_never_the_url(tmp_path: Any) -> 
                                              "password_file": str(pw)}})
     assert cfg.counters.password() == "s3cret"
     assert "s3cret" not in repr(config_mod.effective(cfg))
+
+
+async def test_a_password_from_the_environment_reaches_redis(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailfort import config as config_mod
+    from mailfort.server.app import make_counters
+    from tests.redisserver import RedisServer
+
+    server = RedisServer(password="pw-4b1e9c").start()
+    try:
+        monkeypatch.setenv("MF_TEST_REDIS_PW", "pw-4b1e9c")
+        cfg = config_mod.from_dict({"counters": {
+            "backend": "redis", "url": server.url, "password_env": "MF_TEST_REDIS_PW"}})
+        shared, throttles, _locks = make_counters(cfg, MemoryCounters())
+        assert await shared.incr("k", 60) == 1
+        assert await throttles.get("k") == 1
+        await shared.aclose()  # type: ignore[attr-defined]
+        monkeypatch.setenv("MF_TEST_REDIS_PW", "wrong")
+        wrong, _, _ = make_counters(cfg, MemoryCounters())
+        with pytest.raises(CountersUnavailable):
+            await wrong.get("k")
+        await wrong.aclose()  # type: ignore[attr-defined]
+    finally:
+        server.cleanup()
