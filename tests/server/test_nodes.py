@@ -232,3 +232,22 @@ async def test_a_block_made_on_a_is_listed_and_removed_on_b(make_cluster: Any) -
     assert [(b.kind, b.key) for b in listed if b.kind == "client"] == [("client", "127.0.0.5")]
     assert "block removed" in await c.nodes[1].authenticator.unblock("127.0.0.5")
     assert await run(guess_from, "127.0.0.5", ALICE_PW)
+
+
+async def test_a_session_whose_lease_is_lost_ends_without_its_deletions(
+        make_cluster: Any, redis_server: Any) -> None:
+    """If the lease goes (it expired while Redis was away, say), another node may hold the
+    maildrop now: the session is ended and its DELEs are not applied."""
+    c = await make_cluster()
+    c.nodes[0].maildrop_locks.ttl = 0.6  # renewed every 0.2 s
+    await run(c.mx, 0, 1)
+    p = await run(c.pop3, 0)
+    await run(p.dele, 1)
+    await c.nodes[0].counters.client.delete(f"mailfort:pop3-lock:{ALICE}")
+    await asyncio.sleep(0.6)
+    with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+        await run(p.quit)  # the server's -ERR came first
+    p.close()
+    p = await run(c.pop3, 0)
+    assert (await run(p.stat))[0] == 1  # the DELE was not applied
+    await run(p.quit)
