@@ -143,3 +143,15 @@ def pg_directory(postgres_server: Any, tmp_path: Path) -> dict[str, Any]:
     secret.chmod(0o600)
     return {"backend": "postgresql", "url": postgres_server.url(postgres_server.create_database()),
             "password_file": str(secret)}
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A real redis-server on a free loopback port (skipped when not installed)."""
+    from tests.redisserver import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -17,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mailfort.protocol.errors import Slowdown
 from mailfort.server.stress import StressSettings
@@ -297,6 +299,36 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class CountersConfig:
+    # Where brute-force, rate and connection counts live: "memory" (this process, the
+    # embedded default) or "redis" (shared by every node that names the same Redis).
+    backend: str = "memory"
+    # redis://HOST:PORT/DB (or rediss:// for TLS), without a password in it.
+    url: str = ""
+    # The Redis password: read from this file, or from this environment variable; never
+    # in the configuration itself, on a command line or in a log.
+    password_file: str = ""
+    password_env: str = ""
+    # Every key of this node group starts with it (one Redis may serve several groups).
+    key_prefix: str = "mailfort:"
+
+    def password(self) -> str | None:
+        """The secret, read when connecting (so a rotated file is picked up on restart)."""
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().strip() or None
+            except OSError as exc:
+                raise ConfigError(f"counters.password_file: cannot read: {exc.strerror}") \
+                    from None
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"counters.password_env: {self.password_env} is not set")
+            return value or None
+        return None
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     # HOST:PORT of the Prometheus endpoint (e.g. "127.0.0.1:9465"); empty: no endpoint.
     listen: str = ""
@@ -344,6 +376,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    counters: CountersConfig = field(default_factory=CountersConfig)
     # domain -> route; "*" is the default route for every remote domain.
     routes: dict[str, Route] = field(default_factory=dict)
     # domains on which delivery must use STARTTLS (defer instead of sending in clear).
@@ -496,6 +529,7 @@ def validate(cfg: Config) -> Config:
     _validate_sender_auth(cfg.sender_auth)
     _validate_antiabuse(cfg)
     _validate_operations(cfg)
+    _validate_counters(cfg.counters)
     return cfg
 
 
@@ -521,6 +555,24 @@ def _validate_directory(d: DirectoryConfig) -> None:
         raise ConfigError("directory.pool_size: must be 1 or more")
     if d.timeout <= 0:
         raise ConfigError("directory.timeout: must be a positive number of seconds")
+
+
+def _validate_counters(c: CountersConfig) -> None:
+    if c.backend not in ("memory", "redis"):
+        raise ConfigError("counters.backend: allowed values are memory and redis")
+    if c.backend == "redis":
+        if not c.url:
+            raise ConfigError("counters.url: required with backend = \"redis\" "
+                              "(e.g. redis://127.0.0.1:6379/0)")
+        parsed = urlsplit(c.url)
+        if parsed.scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("counters.url: must start with redis://, rediss:// or unix://")
+        if parsed.password is not None:
+            raise ConfigError("counters.url: no password in the URL (it would show in "
+                              "`config check` and logs); use counters.password_file or "
+                              "counters.password_env")
+    if c.password_file and c.password_env:
+        raise ConfigError("counters.password_file / counters.password_env: give one")
 
 
 def _validate_operations(cfg: Config) -> None:

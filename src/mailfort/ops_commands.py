@@ -106,6 +106,50 @@ def cmd_tls_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _blocks_not_running(cfg: Config, what: str) -> int:
+    """Blocks are asked of the running server (one way, whatever [counters] says)."""
+    if cfg.counters.backend == "redis":
+        print(f"mailfort is not running here: the blocks are in Redis, shared by every "
+              f"node; run `mailfort block {what}` on a node that is running")
+    else:
+        print(f"mailfort is not running: blocks live in the running server only, "
+              f"nothing to {what}")
+    return 3
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def cmd_block_list(args: argparse.Namespace) -> int:
+    """The blocked clients and the accounts slowed down by failures, with time left."""
+    cfg = _cfg(args)
+    try:
+        reply = control.request(cfg.data_path, "blocks")
+    except control.NotRunning:
+        return _blocks_not_running(cfg, "list")
+    status, _, payload = reply.partition(" ")
+    if status != "ok":
+        raise ValueError(payload or reply)
+    blocks: list[dict[str, Any]] = json.loads(payload)
+    if args.json:
+        print(json.dumps(blocks, indent=2))
+        return 0
+    if not blocks:
+        print("no blocks")
+        return 0
+    for b in blocks:
+        if b["kind"] == "client":
+            print(f"client   {b['key']:<40} blocked, {_duration(b['remaining'])} left")
+        else:
+            print(f"account  {b['key']:<40} {b['failures']} recent failures (logins slowed),"
+                  f" {_duration(b['remaining'])} left")
+    return 0
+
+
 def cmd_block_remove(args: argparse.Namespace) -> int:
     """Lift a brute-force block (client address) or forget an account's failures."""
     cfg = _cfg(args)
@@ -114,9 +158,7 @@ def cmd_block_remove(args: argparse.Namespace) -> int:
     try:
         reply = control.request(cfg.data_path, f"unblock {args.target}")
     except control.NotRunning:
-        print("mailfort is not running: blocks live in the running server only, "
-              "nothing to remove")
-        return 3
+        return _blocks_not_running(cfg, "remove")
     status, _, text = reply.partition(" ")
     if status != "ok":
         raise ValueError(text or reply)
@@ -134,6 +176,9 @@ def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     blk = sub.add_parser("block", help="brute-force blocks of the running server",
                          allow_abbrev=False)
     blk_sub = blk.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = leaf(blk_sub, "list", cmd_block_list,
+              "blocked clients and slowed-down accounts, with the time left")
+    ls.add_argument("--json", action="store_true", help="print JSON")
     rm = leaf(blk_sub, "remove", cmd_block_remove,
               "lift the block of a client address, or forget an account's failures")
     rm.add_argument("target", metavar="IP|USER")

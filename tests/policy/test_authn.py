@@ -11,6 +11,7 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from argon2 import PasswordHasher
@@ -371,3 +372,44 @@ async def test_a_guesser_on_one_address_is_still_blocked(
     # ...and only from there.
     reply = await asyncio.to_thread(login, port, client_ssl_context, "127.0.0.10", "alice-pw")
     assert reply == 235 if protocol == "smtp" else reply.startswith(b"+OK")
+
+
+async def test_shared_counters_down_refuses_logins_for_now_then_recovers(
+        rig: Rig, redis_server: Any) -> None:
+    """Redis down: even the right password gets UNAVAILABLE (a temporary refusal), never
+    a check against counts that other nodes cannot see; back up, logins work again."""
+    from mailfort.policy import redis_counters
+    from mailfort.policy.redis_counters import RedisCounters, connect
+
+    server = redis_server
+    shared = RedisCounters(connect(server.url, None))
+    auth = Authenticator(rig.directory, shared, CFG, hasher=CHEAP, sleep=rig._sleep)
+    try:
+        for _ in range(3):
+            assert (await auth.verify("alice@example.test", "nope", "192.0.2.7")).status \
+                == AuthStatus.FAILED
+        server.stop()
+        for password in ("alice-pw", "nope"):
+            out = await auth.verify("alice@example.test", password, "192.0.2.7")
+            assert out.status == AuthStatus.UNAVAILABLE and not out.ok
+        server.start()
+        await asyncio.sleep(redis_counters.RETRY_EVERY + 0.1)
+        assert (await auth.verify("alice@example.test", "alice-pw", "192.0.2.7")).ok
+        blocks = await auth.blocks()
+        assert blocks == []  # the restarted Redis is empty: nothing listed
+    finally:
+        auth.close()
+        await shared.aclose()
+
+
+async def test_blocks_lists_blocked_clients_and_slowed_accounts(rig: Rig) -> None:
+    for _ in range(CFG.block_after_failures):
+        await rig.auth.verify("alice@example.test", "nope", "192.0.2.9")
+    blocks = await rig.auth.blocks()
+    kinds = {(b.kind, b.key) for b in blocks}
+    assert kinds == {("client", "192.0.2.9"), ("account", "alice@example.test")}
+    account = next(b for b in blocks if b.kind == "account")
+    assert account.failures == CFG.block_after_failures
+    assert all(0 < b.remaining <= CFG.block_seconds for b in blocks)
+    assert "block removed" in await rig.auth.unblock("192.0.2.9")
+    assert {b.kind for b in await rig.auth.blocks()} == {"account"}

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from mailfort.policy.counters import Counters, MemoryCounters, client_key
+from mailfort.policy.counters import CounterStore, MemoryCounters, client_key
 
 
 class Clock:
@@ -72,7 +72,7 @@ def test_thread_safe_increments() -> None:
 
 
 def test_satisfies_protocol_and_rejects_bad_window() -> None:
-    c: Counters = MemoryCounters()
+    c: CounterStore = MemoryCounters()
     with pytest.raises(ValueError):
         c.incr("k", 0)
     assert c.incr("k", 1) == 1
@@ -86,3 +86,18 @@ def test_client_key_is_the_ipv4_address_or_the_ipv6_64() -> None:
     assert client_key("::1") == "::/64"
     assert client_key("::ffff:192.0.2.1") == client_key("192.0.2.1") == "192.0.2.1"
     assert client_key("not-an-ip") == "not-an-ip"
+
+
+def test_entries_lists_live_keys_under_a_prefix_with_their_time_left() -> None:
+    clock = Clock()
+    c = MemoryCounters(clock=clock)
+    c.incr("auth-block:ip:192.0.2.1", 60)
+    c.incr("auth-block:ip:192.0.2.2", 10)
+    c.incr("auth-fail:ip:192.0.2.1", 60)
+    clock.now += 5
+    got = sorted(c.entries("auth-block:ip:"), key=lambda e: e.key)
+    assert [(e.key, e.count) for e in got] == [("auth-block:ip:192.0.2.1", 1),
+                                               ("auth-block:ip:192.0.2.2", 1)]
+    assert [e.ttl for e in got] == [pytest.approx(55), pytest.approx(5)]
+    clock.now += 5  # the second one has expired
+    assert [e.key for e in c.entries("auth-block:")] == ["auth-block:ip:192.0.2.1"]

@@ -36,20 +36,20 @@ def mailbox(address: str) -> Mailbox:
     return Mailbox(local, domain)
 
 
-def test_envelope_sender_must_be_owned(policy: MSAPolicy) -> None:
-    assert policy.check_mail(ALICE, mailbox(ALICE)) is None
-    assert policy.check_mail(ALICE, mailbox("postmaster@example.test")) is None  # alias
-    assert policy.check_mail(ALICE, mailbox("bob@example.test")) == SENDER_NOT_OWNED
-    refusal = policy.check_mail(ALICE, None)
+async def test_envelope_sender_must_be_owned(policy: MSAPolicy) -> None:
+    assert await policy.check_mail(ALICE, mailbox(ALICE)) is None
+    assert await policy.check_mail(ALICE, mailbox("postmaster@example.test")) is None  # alias
+    assert await policy.check_mail(ALICE, mailbox("bob@example.test")) == SENDER_NOT_OWNED
+    refusal = await policy.check_mail(ALICE, None)
     assert refusal is not None and refusal.code == 553
 
 
-def test_rate_limit_counts_accepted_messages_per_user(policy: MSAPolicy) -> None:
+async def test_rate_limit_counts_accepted_messages_per_user(policy: MSAPolicy) -> None:
     for _ in range(2):
-        assert policy.check_mail(ALICE, mailbox(ALICE)) is None
-        policy.message_accepted(ALICE)
-    assert policy.check_mail(ALICE, mailbox(ALICE)) == RATE_LIMITED
-    assert policy.check_mail("bob@example.test", mailbox("bob@example.test")) is None
+        assert await policy.check_mail(ALICE, mailbox(ALICE)) is None
+        await policy.message_accepted(ALICE)
+    assert await policy.check_mail(ALICE, mailbox(ALICE)) == RATE_LIMITED
+    assert await policy.check_mail("bob@example.test", mailbox("bob@example.test")) is None
 
 
 def test_recipients_per_message(policy: MSAPolicy) -> None:

@@ -505,3 +505,18 @@ def test_random_commands_with_auth_always_get_a_reply(
     for ln in (out + tail).split(b"\r\n")[:-1]:
         assert ln.startswith((b"+OK", b"-ERR", b"+ ")) or ln == b"." or ln[:1].isalnum(), ln
     assert e.internal_error is None
+
+
+def test_credentials_unverifiable_is_temporary_and_not_a_failure() -> None:
+    """Shared counters down (policy/authn.py): -ERR [SYS/TEMP]; it does not count toward
+    the failures that end the session, and the client may try again in the session."""
+    e = POP3Engine(STLS_SETTINGS, tls_active=True)
+    for _ in range(STLS_SETTINGS.max_auth_failures + 1):
+        events, _ = run(e, b"USER alice@example.test\r\nPASS pw\r\n")
+        assert events == [CheckCredentials("alice@example.test", "pw", "USER")]
+        e.credentials_unverifiable()
+        assert e.take_output().startswith(b"-ERR [SYS/TEMP] ")
+        assert not e.closed
+    run(e, b"USER alice@example.test\r\nPASS pw\r\n")
+    e.credentials_accepted("alice@example.test")
+    assert e.next_event() == OpenMailbox("alice@example.test")

@@ -14,6 +14,7 @@ import poplib
 import shutil
 import signal
 import smtplib
+import socket
 import ssl
 import sys
 import time
@@ -21,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -288,3 +290,76 @@ def test_block_remove_lifts_a_brute_force_block_at_once() -> None:
         assert r.returncode == 3 and "not running" in r.stdout
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+class _POP3SFrom(poplib.POP3_SSL):
+    """POP3S from a chosen loopback address (poplib has no source_address)."""
+
+    source = "127.0.0.5"
+
+    def _create_socket(self, timeout: float) -> Any:
+        sock = socket.create_connection((self.host, self.port), timeout,
+                                        source_address=(self.source, 0))
+        return self.context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _pop3s_login(config: Path, password: str) -> bool:
+    c = _POP3SFrom("127.0.0.1", _port(config, "pop3s"), context=_no_verify(), timeout=20)
+    try:
+        c.user("alice@example.test")
+        c.pass_(password)
+        return True
+    except poplib.error_proto:
+        return False
+    finally:
+        c.close()
+
+
+def _block_world(**tables: dict[str, Any]) -> tuple[Path, Path]:
+    root = world_dir()
+    config = write_config(root, refusing_dns_port(),
+                          auth={"block_after_failures": 3, "failure_delay": 0.0}, **tables)
+    pw = root / "pw.txt"
+    pw.write_text(PASSWORD + "\n")
+    for args in (("domain", "add", "example.test"),
+                 ("user", "add", "alice@example.test", "--password-file", str(pw))):
+        assert cli(config, *args).returncode == 0
+    return root, config
+
+
+def test_block_list_shows_a_pop3s_guesser_and_remove_lets_it_in_again() -> None:
+    root, config = _block_world()
+    try:
+        with serving(config, root / "data"):
+            for _ in range(3):  # block_after_failures
+                assert not _pop3s_login(config, WRONG)
+            assert not _pop3s_login(config, PASSWORD)  # blocked: the right one is refused
+            r = cli(config, "block", "list")
+            assert r.returncode == 0, r.stderr
+            line = next(x for x in r.stdout.splitlines() if "127.0.0.5" in x)
+            assert line.startswith("client") and "blocked" in line and "left" in line
+            listed = json.loads(cli(config, "block", "list", "--json").stdout)
+            client = next(b for b in listed if b["kind"] == "client")
+            assert client["key"] == "127.0.0.5" and 0 < client["remaining"] <= 900
+            r = cli(config, "block", "remove", "127.0.0.5")
+            assert r.returncode == 0 and "client 127.0.0.5: block removed" in r.stdout
+            assert _pop3s_login(config, PASSWORD)
+        r = cli(config, "block", "list")
+        assert r.returncode == 3 and "not running" in r.stdout
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_block_list_without_a_server_says_where_the_blocks_are(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from mailfort import ops_commands
+
+    for counters, where in (({}, "live in the running server only"),
+                            ({"backend": "redis", "url": "redis://127.0.0.1:1/0"},
+                             "the blocks are in Redis")):
+        config = write_config(tmp_path, refusing_dns_port(), counters=counters)
+        args = argparse.Namespace(config=str(config), json=False)
+        assert ops_commands.cmd_block_list(args) == 3
+        assert where in capsys.readouterr().out

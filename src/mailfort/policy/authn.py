@@ -22,6 +22,14 @@ What an attacker must not learn or get:
 - a stalled server: argon2 runs on a small dedicated thread pool, never on the event loop,
   and the pool size bounds the memory that concurrent hashing can take.
 
+When the shared counters (Redis) cannot be reached, logins are refused with a temporary
+error (``UNAVAILABLE``: SMTP 454 4.7.0, POP3 ``-ERR [SYS/TEMP]``) until they are back. Why
+not count on this node alone meanwhile: an attacker who can make Redis unreachable (or
+merely waits for an outage) would get a fresh allowance of guesses on every node, and
+blocks already made on other nodes would be forgotten; a refused login costs a real user
+a retry (every client retries a 4xx/[SYS/TEMP]), and the MX, which takes no password, is
+not affected.
+
 A hash made with older parameters is replaced after a successful login (the only moment
 the password is at hand), in the background and only if the password is still the same.
 """
@@ -45,7 +53,13 @@ from mailfort.config import AuthConfig
 from mailfort.directory.base import Directory, lookup
 from mailfort.passwords import dummy_hash, hash_password, needs_rehash, verify_password
 from mailfort.policy import decisionlog
-from mailfort.policy.counters import Counters, client_key
+from mailfort.policy.counters import (
+    Counters,
+    CounterStore,
+    CountersUnavailable,
+    as_async,
+    client_key,
+)
 
 log = logging.getLogger("mailfort.authn")
 
@@ -60,6 +74,7 @@ class AuthStatus(StrEnum):
     OK = "ok"
     FAILED = "failed"
     BLOCKED = "blocked"
+    UNAVAILABLE = "unavailable"  # the shared counters cannot be reached: try again later
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +91,18 @@ class AuthOutcome:
 
 FAILED = AuthOutcome(AuthStatus.FAILED)
 BLOCKED = AuthOutcome(AuthStatus.BLOCKED)
+UNAVAILABLE = AuthOutcome(AuthStatus.UNAVAILABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """What ``mailfort block list`` shows: a blocked client, or an account being slowed
+    down by its recent failures (accounts are never blocked, see above)."""
+
+    kind: str  # "client" or "account"
+    key: str  # client_key, or canonical account
+    remaining: float  # seconds until it ends
+    failures: int = 0  # accounts: failures in the window
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +127,7 @@ class Authenticator:
     def __init__(
         self,
         directory: Directory,
-        counters: Counters,
+        counters: Counters | CounterStore,
         auth_cfg: AuthConfig,
         *,
         hasher: PasswordHasher | None = None,
@@ -110,7 +137,7 @@ class Authenticator:
         """``hasher``: argon2 parameters (tests pass cheap ones); ``sleep``: how the
         client and account delays are awaited (tests record them instead of waiting)."""
         self.directory = directory
-        self.counters = counters
+        self.counters = as_async(counters)
         self.cfg = auth_cfg
         self.hasher = hasher
         self._dummy = dummy_hash(hasher)
@@ -137,27 +164,36 @@ class Authenticator:
             decisionlog.auth_failed(client_ip, username)
         elif outcome.status is AuthStatus.BLOCKED:
             decisionlog.auth_blocked(client_ip, username)
+        else:
+            decisionlog.auth_unavailable(client_ip, username)
         return outcome
 
     async def _verify(self, username: str, password: str, client_ip: str) -> AuthOutcome:
+        try:
+            return await self._verify_counted(username, password, client_ip)
+        except CountersUnavailable:
+            return UNAVAILABLE
+
+    async def _verify_counted(self, username: str, password: str,
+                              client_ip: str) -> AuthOutcome:
         k = _Keys.of(await lookup(self.directory, self._canonical, username),
                      client_key(client_ip))
-        if self.counters.get(k.client_block) > 0:
+        if await self.counters.get(k.client_block) > 0:
             return BLOCKED
         # The owner's recent clients are not slowed down by an attack on the account.
-        trusted = self.counters.get(k.trusted) > 0
+        trusted = await self.counters.get(k.trusted) > 0
         async with self._gate(k.client_fail):
             if not trusted:
                 # Before the check and whatever its outcome; inside the client's gate, so
                 # that each client pays for its own attempts, MAX_PARALLEL at a time.
-                delay = self.delay_for(self.counters.get(k.account_fail))
+                delay = self.delay_for(await self.counters.get(k.account_fail))
                 if delay > 0:
                     await self._sleep(delay)
             async with contextlib.nullcontext() if trusted else self._gate(k.account_fail):
-                if self.counters.get(k.client_block) > 0:
+                if await self.counters.get(k.client_block) > 0:
                     return BLOCKED
-                if self.counters.get(k.client_fail) >= self.cfg.block_after_failures:
-                    self._block(k)
+                if await self.counters.get(k.client_fail) >= self.cfg.block_after_failures:
+                    await self._block(k)
                     return BLOCKED
                 stored = await lookup(self.directory, self.directory.password_hash,
                                       username.strip())
@@ -168,17 +204,17 @@ class Authenticator:
                 if matched and stored is not None:
                     # The account's failure count is left to expire: the owner's success
                     # must not reset an attacker's slow-down.
-                    self.counters.reset(k.client_fail)
-                    self.counters.reset(k.trusted)  # a fresh window from now
-                    self.counters.incr(k.trusted, TRUSTED_CLIENT_SECONDS)
+                    await self.counters.reset(k.client_fail)
+                    await self.counters.reset(k.trusted)  # a fresh window from now
+                    await self.counters.incr(k.trusted, TRUSTED_CLIENT_SECONDS)
                     if needs_rehash(stored, hasher=self.hasher):
                         self._pool.submit(self._rehash, k.account, stored, password)
                     return AuthOutcome(AuthStatus.OK, k.account)
                 window = self.cfg.block_seconds
-                self.counters.incr(k.account_fail, window)
-                failures = self.counters.incr(k.client_fail, window)
+                await self.counters.incr(k.account_fail, window)
+                failures = await self.counters.incr(k.client_fail, window)
                 if failures >= self.cfg.block_after_failures:
-                    self._block(k)
+                    await self._block(k)
         delay = self.delay_for(failures)
         if delay > 0:
             await self._sleep(delay)
@@ -198,11 +234,11 @@ class Authenticator:
             if gate[1] == 0:
                 del self._gates[key]
 
-    def _block(self, k: _Keys) -> None:
+    async def _block(self, k: _Keys) -> None:
         """Block the client; its failure count starts over for when the block ends."""
-        if self.counters.get(k.client_block) == 0:
-            self.counters.incr(k.client_block, self.cfg.block_seconds)
-        self.counters.reset(k.client_fail)
+        if await self.counters.get(k.client_block) == 0:
+            await self.counters.incr(k.client_block, self.cfg.block_seconds)
+        await self.counters.reset(k.client_fail)
 
     def _check(self, password_hash: str, password: str) -> bool:
         return verify_password(password_hash, password, hasher=self.hasher)
@@ -217,7 +253,7 @@ class Authenticator:
         except Exception:  # best effort: the old hash still works
             log.exception("could not upgrade the password hash of %s", user)
 
-    def unblock(self, target: str) -> str:
+    async def unblock(self, target: str) -> str:
         """Forget the failures (and block) of a client address or of an account: what
         ``mailfort block remove IP|USER`` asks of the running server. Says what it did."""
         try:
@@ -225,15 +261,24 @@ class Authenticator:
         except ValueError:
             account = self._canonical(target)
             k = _Keys.of(account, "")
-            was = self.counters.get(k.account_fail)
-            self.counters.reset(k.account_fail)
+            was = await self.counters.get(k.account_fail)
+            await self.counters.reset(k.account_fail)
             return f"account {account}: {was} recent failure(s) forgotten"
         client = client_key(target)
         k = _Keys.of("", client)
-        blocked = self.counters.get(k.client_block) > 0
-        self.counters.reset(k.client_block)
-        self.counters.reset(k.client_fail)
+        blocked = await self.counters.get(k.client_block) > 0
+        await self.counters.reset(k.client_block)
+        await self.counters.reset(k.client_fail)
         return f"client {client}: {'block removed' if blocked else 'was not blocked'}"
+
+    async def blocks(self) -> list[Block]:
+        """The blocked clients and the slowed-down accounts, soonest to end first."""
+        out = [Block("client", e.key.removeprefix("auth-block:ip:"), e.ttl)
+               for e in await self.counters.entries("auth-block:ip:")]
+        out += [Block("account", e.key.removeprefix("auth-fail:user:"), e.ttl, e.count)
+                for e in await self.counters.entries("auth-fail:user:")
+                if e.count > self.cfg.delay_after_failures]
+        return sorted(out, key=lambda b: b.remaining)
 
     def _canonical(self, username: str) -> str:
         canonical = getattr(self.directory, "canonical_user", None)

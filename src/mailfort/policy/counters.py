@@ -1,18 +1,25 @@
 """Expiring counters for rate limits and brute-force protection, and the client identity
 they count under.
 
-Policy code sees only the small ``Counters`` interface, so several nodes can later share
-counters in Redis (INCR + EXPIRE has exactly these semantics); ``MemoryCounters`` is the
-embedded, in-process default. ``client_key`` is the one rule by which a client address is
-counted, by the connection limits and by the brute-force protection alike.
+Policy code awaits the small ``Counters`` interface, so that several nodes can share the
+counts in Redis (policy/redis_counters.py: INCR + EXPIRE has exactly these semantics)
+without a network round trip ever blocking the event loop. A store of this machine (the
+embedded ``MemoryCounters``, or any other ``CounterStore``) answers at once and is used
+through ``LocalCounters``; ``as_async`` takes either kind. A remote store that cannot be
+reached raises ``CountersUnavailable``: each caller decides what that means for it (the
+authenticator refuses logins for the time being, throttles fall back to this node's own
+counts: see ``FallbackCounters``). ``client_key`` is the one rule by which a client
+address is counted, by the connection limits and by the brute-force protection alike.
 """
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -32,7 +39,22 @@ def client_key(client_ip: str) -> str:
     return str(ip)
 
 
-class Counters(Protocol):
+class CountersUnavailable(Exception):
+    """The shared store cannot be reached (for now): nothing was counted or read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One live key: its count and the seconds left in its window."""
+
+    key: str
+    count: int
+    ttl: float
+
+
+class CounterStore(Protocol):
+    """A store on this machine: every call answers at once (no network)."""
+
     def incr(self, key: str, window: float) -> int:
         """Add one and return the new count. A key that is absent or expired starts at 1
         with a fixed window of ``window`` seconds; later increments do not extend it."""
@@ -42,6 +64,80 @@ class Counters(Protocol):
 
     def reset(self, key: str) -> None:
         """Forget the key."""
+
+    def entries(self, prefix: str) -> list[Entry]:
+        """The live keys that start with ``prefix``."""
+
+
+class Counters(Protocol):
+    """What policy awaits: ``CounterStore``'s operations, maybe over the network."""
+
+    async def incr(self, key: str, window: float) -> int: ...
+
+    async def get(self, key: str) -> int: ...
+
+    async def reset(self, key: str) -> None: ...
+
+    async def entries(self, prefix: str) -> list[Entry]: ...
+
+
+class LocalCounters:
+    """The ``Counters`` face of a ``CounterStore``: the same calls, awaited."""
+
+    def __init__(self, store: CounterStore) -> None:
+        self.store = store
+
+    async def incr(self, key: str, window: float) -> int:
+        return self.store.incr(key, window)
+
+    async def get(self, key: str) -> int:
+        return self.store.get(key)
+
+    async def reset(self, key: str) -> None:
+        self.store.reset(key)
+
+    async def entries(self, prefix: str) -> list[Entry]:
+        return self.store.entries(prefix)
+
+
+def as_async(counters: Counters | CounterStore) -> Counters:
+    """``counters`` itself when its operations are awaited, else its ``LocalCounters``."""
+    if inspect.iscoroutinefunction(getattr(counters, "incr", None)):
+        return counters  # type: ignore[return-value]
+    return LocalCounters(counters)  # type: ignore[arg-type]
+
+
+class FallbackCounters:
+    """A shared store with this node's own counts as the fallback, for throttles.
+
+    Used where counting locally while the shared store is down is safer than refusing
+    service (a submission rate, say): each node then still enforces its own limit, so
+    the total is at most (number of nodes) x the limit until the store is back. Counts
+    taken meanwhile stay local; the shared ones resume where they were.
+    """
+
+    def __init__(self, shared: Counters, local: CounterStore | None = None) -> None:
+        self.shared = shared
+        self.local: CounterStore = local if local is not None else MemoryCounters()
+
+    async def incr(self, key: str, window: float) -> int:
+        try:
+            return await self.shared.incr(key, window)
+        except CountersUnavailable:
+            return self.local.incr(key, window)
+
+    async def get(self, key: str) -> int:
+        try:
+            return await self.shared.get(key)
+        except CountersUnavailable:
+            return self.local.get(key)
+
+    async def reset(self, key: str) -> None:
+        self.local.reset(key)
+        await self.shared.reset(key)
+
+    async def entries(self, prefix: str) -> list[Entry]:
+        return await self.shared.entries(prefix)
 
 
 class MemoryCounters:
@@ -98,6 +194,12 @@ class MemoryCounters:
     def reset(self, key: str) -> None:
         with self._lock:
             self._data.pop(key, None)
+
+    def entries(self, prefix: str) -> list[Entry]:
+        now = self._clock()
+        with self._lock:
+            return [Entry(k, c, exp - now) for k, (c, exp) in self._data.items()
+                    if k.startswith(prefix) and exp > now]
 
     def __len__(self) -> int:
         with self._lock:

@@ -137,6 +137,15 @@ def auth_blocked(ip: str, user: str) -> None:
               c_ip, c_user)
 
 
+def auth_unavailable(ip: str, user: str) -> None:
+    """A login refused for now: the shared counters cannot be reached (policy/authn.py)."""
+    metrics.AUTH.labels("unavailable").inc()
+    c_ip, c_user = clean(ip), clean(user)
+    log.warning("auth temporarily refused from [%s] user=%s: shared counters unavailable",
+                c_ip, c_user,
+                extra={"fields": {"event": "auth_unavailable", "client": c_ip, "user": c_user}})
+
+
 def connection_refused(ip: str, text: str, reason: str) -> None:
     """A refusal at greeting by a service whose replies are not SMTP replies (POP3)."""
     metrics.REFUSED.labels("CONNECT", clean(reason)).inc()

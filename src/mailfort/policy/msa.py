@@ -13,7 +13,7 @@ from email.utils import formatdate
 
 from mailfort.config import Config
 from mailfort.directory.base import Directory
-from mailfort.policy.counters import Counters
+from mailfort.policy.counters import Counters, CounterStore, as_async
 from mailfort.policy.dkim import KeyStore
 from mailfort.policy.dmarc import from_domains
 from mailfort.policy.senderauth import header_block
@@ -27,10 +27,13 @@ _HOUR = 3600.0
 
 
 class MSAPolicy:
-    def __init__(self, cfg: Config, directory: Directory, counters: Counters) -> None:
+    def __init__(self, cfg: Config, directory: Directory,
+                 counters: Counters | CounterStore) -> None:
+        """``counters``: with shared ones, a ``FallbackCounters`` (the hourly rate is a
+        throttle: counted on this node alone while the shared store is down)."""
         self.cfg = cfg
         self.directory = directory
-        self.counters = counters
+        self.counters = as_async(counters)
         self.keys = KeyStore(cfg.data_path)
 
     def _key(self, user: str) -> str:
@@ -42,15 +45,15 @@ class MSAPolicy:
         return allowed_addresses(self.directory, user,
                                  aliases_grant=self.cfg.submission.aliases_grant_sending)
 
-    def check_mail(self, user: str, sender: Mailbox | None,
-                   rights: frozenset[str] | None = None) -> Reply | None:
+    async def check_mail(self, user: str, sender: Mailbox | None,
+                         rights: frozenset[str] | None = None) -> Reply | None:
         """``rights``: ``sender_rights(user)`` if already known, else looked up here."""
         refusal = check_envelope_sender(
             self.directory, user, sender, aliases_grant=self.cfg.submission.aliases_grant_sending,
             allowed=rights)
         if refusal is not None:
             return refusal
-        if self.counters.get(self._key(user)) >= self.cfg.submission.messages_per_hour:
+        if await self.counters.get(self._key(user)) >= self.cfg.submission.messages_per_hour:
             return RATE_LIMITED
         return None
 
@@ -82,8 +85,8 @@ class MSAPolicy:
             extra.append(f"Date: {formatdate(localtime=False)}")
         return None, append_header_lines(header_block, extra)
 
-    def message_accepted(self, user: str) -> None:
-        self.counters.incr(self._key(user), _HOUR)
+    async def message_accepted(self, user: str) -> None:
+        await self.counters.incr(self._key(user), _HOUR)
 
     def sign(self, user: str, message: bytes) -> bytes:
         """DKIM-Signature fields for a submitted message, one per key of its From: domain

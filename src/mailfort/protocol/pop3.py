@@ -249,6 +249,14 @@ class POP3Engine:
         if self._auth_failures >= self.s.max_auth_failures:
             self._close("-ERR " + TOO_MANY_ERRORS)
 
+    def credentials_unverifiable(self, text: str = "") -> None:
+        """The check could not be made now (e.g. ``SYS_TEMP``): not counted as a failure;
+        the session stays in AUTHORIZATION and the client may try again later."""
+        if not self._expect(_W.CREDENTIALS):
+            return
+        self._wait = _W.NONE
+        self._err(text or SYS_TEMP)
+
     def mailbox_opened(self, listing: Sequence[tuple[str, int]]) -> None:
         if not self._expect(_W.MAILBOX):
             return

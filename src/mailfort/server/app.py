@@ -22,7 +22,12 @@ from mailfort.config import Config
 from mailfort.delivery.mx import make_resolver
 from mailfort.directory import open_directory
 from mailfort.policy.authn import Authenticator
-from mailfort.policy.counters import MemoryCounters
+from mailfort.policy.counters import (
+    Counters,
+    FallbackCounters,
+    LocalCounters,
+    MemoryCounters,
+)
 from mailfort.policy.dnsbl import DNSBLChecker
 from mailfort.policy.greylist import Greylist, GreylistSettings, GreylistStore
 from mailfort.policy.inbound import InboundPolicy, zones
@@ -38,6 +43,7 @@ from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
 from mailfort.server.stress import StressGuard
 from mailfort.store.maildir import Committer
+from mailfort.store.maildrop_lock import MaildropLocks, NodeLocks
 
 if TYPE_CHECKING:
     from mailfort.lab.profile import LegacyProfile
@@ -73,7 +79,11 @@ class Node:
 
             ssl_context = server_context(cfg)
         self.ssl_context = ssl_context
-        self.counters = MemoryCounters()
+        # This node's own counts (the connection rate, and the fallback of throttles),
+        # and the ones the logins and throttles use: shared when [counters] says so.
+        self.local_counters = MemoryCounters()
+        self.counters, self.throttles, self.maildrop_locks = make_counters(
+            cfg, self.local_counters)
         self.authenticator = Authenticator(
             self.directory, self.counters, cfg.auth if legacy is None else legacy.auth)
         self.queue = Queue(cfg.data_path / "queue")
@@ -84,13 +94,16 @@ class Node:
             maildir_deliverer(self.committer, cfg.mail_path),
             mx_port=cfg.queue.mx_port,
         )
-        self.msa = MSAPolicy(cfg, self.directory, self.counters)
+        self.msa = MSAPolicy(cfg, self.directory, self.throttles)
         # SPF, DKIM and DMARC of the mail the MX receives ([sender_auth]).
         self.sender_auth = SenderAuth(cfg) if cfg.sender_auth.enabled else None
-        # One count of connections for the whole node, shared by every listener.
+        # One count of connections for the whole node, shared by every listener. It is
+        # decided at accept, without a network round trip: per node even with [counters]
+        # in Redis (each node protects its own sockets; the logins are what is shared).
         self.limiter = ConnectionLimiter(
             cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
-            rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=self.counters)
+            rate_per_minute=cfg.limits.max_connection_rate_per_ip,
+            counters=self.local_counters)
         # This process's stress mode (server/stress.py), shared by every listener.
         self.stress = StressGuard(cfg.limits.stress)
         # The MX's DNSBL, pre-greeting and greylisting.
@@ -164,6 +177,7 @@ class Node:
                 implicit_tls=implicit,
                 allow_plaintext=loopback_plain,
                 hostname=self.cfg.server.hostname,
+                locks=self.maildrop_locks,
             )
             if self.legacy is not None:  # lab only: no TLS, unlimited tries per session
                 pop = self.pop3[name]
@@ -207,6 +221,9 @@ class Node:
         if self._queue_lock is not None:
             queue_owner.release(self._queue_lock)
             self._queue_lock = None
+        aclose = getattr(self.counters, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -214,6 +231,26 @@ class Node:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def make_counters(
+    cfg: Config, local: MemoryCounters
+) -> tuple[Counters, Counters, MaildropLocks]:
+    """(counters of the logins, counters of the throttles, POP3 maildrop locks).
+
+    With ``[counters] backend = "redis"`` the logins count in Redis alone (refused for
+    now while it is down: policy/authn.py says why), the throttles fall back to ``local``
+    (``FallbackCounters``), and the maildrop lock holds across nodes."""
+    c = cfg.counters
+    if c.backend != "redis":
+        mine = LocalCounters(local)
+        return mine, mine, NodeLocks()
+    from mailfort.policy.redis_counters import RedisCounters, connect
+    from mailfort.store.maildrop_lock import RedisLocks
+
+    client = connect(c.url, c.password())
+    shared = RedisCounters(client, prefix=c.key_prefix)
+    return shared, FallbackCounters(shared, local), RedisLocks(client, prefix=c.key_prefix)
 
 
 def inbound_policy(cfg: Config, directory: object = None) -> InboundPolicy:

@@ -14,7 +14,7 @@ import ipaddress
 from collections import Counter
 from enum import Enum
 
-from mailfort.policy.counters import Counters, MemoryCounters, client_key
+from mailfort.policy.counters import CounterStore, MemoryCounters, client_key
 
 RATE_WINDOW = 60.0  # seconds: the rate limit counts connections per minute
 
@@ -35,14 +35,14 @@ class ConnectionLimiter:
         max_per_ip: int,
         *,
         rate_per_minute: int = 0,
-        counters: Counters | None = None,
+        counters: CounterStore | None = None,
     ) -> None:
         """``rate_per_minute`` 0: no rate limit. Every attempt counts toward the rate,
         refused ones included, so hammering does not earn fresh slots."""
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self.rate_per_minute = rate_per_minute
-        self.counters: Counters = counters if counters is not None else MemoryCounters()
+        self.counters: CounterStore = counters if counters is not None else MemoryCounters()
         self.total = 0
         self.per_client: Counter[str] = Counter()  # client_key -> open connections
 

@@ -5,6 +5,8 @@ A unix stream socket ``<data_dir>/control.sock``, mode 0600, owned by the server
 
     retry [ID]   ->  ok N              (entries made due now; the worker rescans at once)
     status       ->  ok {json}         (listeners, queue, certificate, sessions)
+    blocks       ->  ok [json]         (blocked clients, slowed accounts, time left)
+    unblock X    ->  ok TEXT           (lift a client's block / forget an account's failures)
     anything     ->  error TEXT
 
 The client (``request``) says whether a server answered, so the CLI never claims that a

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -100,7 +101,7 @@ class Operations:
         metrics.REGISTRY.register(self.collector)
         self.control = ControlServer(socket_path(self.cfg.data_path),
                                      {"retry": self._retry, "status": self._status,
-                                      "unblock": self._unblock})
+                                      "unblock": self._unblock, "blocks": self._blocks})
         await self.control.start()
         handler = self.log_handler
         if handler is not None:
@@ -159,7 +160,14 @@ class Operations:
         assert self.node is not None
         if len(args) != 1:
             raise ValueError("unblock takes one IP address or user name")
-        return "ok " + self.node.authenticator.unblock(args[0])
+        return "ok " + await self.node.authenticator.unblock(args[0])
+
+    async def _blocks(self, args: list[str]) -> str:
+        """The brute-force blocks as this node sees them (with [counters] in Redis: those
+        of every node)."""
+        assert self.node is not None
+        blocks = await self.node.authenticator.blocks()
+        return "ok " + json.dumps([dataclasses.asdict(b) for b in blocks])
 
     async def _status(self, args: list[str]) -> str:
         assert self.node is not None

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 from mailfort.config import LimitsConfig
 from mailfort.policy import decisionlog
-from mailfort.policy.authn import AuthOutcome
+from mailfort.policy.authn import AuthOutcome, AuthStatus
 from mailfort.protocol.pop3 import (
     IN_USE,
     SYS_TEMP,
@@ -41,6 +41,7 @@ from mailfort.protocol.pop3 import (
 from mailfort.server.connections import Admission, is_loopback
 from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import maildir_for
+from mailfort.store.maildrop_lock import Lease, LocksUnavailable, MaildropLocks, NodeLocks
 from mailfort.store.pop3_mailbox import CHUNK, MailboxInUse, POP3Mailbox
 
 log = logging.getLogger("mailfort.pop3")
@@ -55,6 +56,7 @@ STRESS_CLOSE = "[SYS/TEMP] Server busy, closing idle connection, try again later
 MESSAGE_GONE = "[SYS/TEMP] Message is no longer available"
 # Read-ahead holds at most this much per session beyond what the transport buffers.
 READ_AHEAD_MAX = 16 * 1024
+SHUTDOWN_LEASE_WAIT = 5.0  # seconds a stopping server waits to release maildrop leases
 
 
 class Authenticator(Protocol):
@@ -77,9 +79,11 @@ class POP3Server(Listener):
         implicit_tls: bool,
         allow_plaintext: bool = False,
         hostname: str = "localhost",
+        locks: MaildropLocks | None = None,
     ) -> None:
         """``allow_plaintext`` (config ``allow_plaintext_auth_on_loopback``) only ever
-        applies to clients connecting from a loopback address."""
+        applies to clients connecting from a loopback address. ``locks``: the maildrop
+        lock across nodes (store/maildrop_lock.py); default: this node's own."""
         if implicit_tls and ssl_context is None:
             raise ValueError("implicit TLS needs an ssl_context")
         super().__init__(limits.max_connections, limits.max_connections_per_ip)
@@ -89,6 +93,8 @@ class POP3Server(Listener):
         self.limits = limits
         self.implicit_tls = implicit_tls
         self.hostname = hostname
+        self.locks: MaildropLocks = locks if locks is not None else NodeLocks()
+        self.releasing: set[asyncio.Task[None]] = set()  # leases freed after a close
         base = EngineSettings(
             tls_available=ssl_context is not None and not implicit_tls,
             allow_plaintext=False,
@@ -106,6 +112,11 @@ class POP3Server(Listener):
         tls = self.ssl_context if self.implicit_tls else None
         return await self.listen(lambda: POP3Session(self), host, port, tls, sock=sock)
 
+    async def close(self) -> None:
+        await super().close()
+        if self.releasing:  # let closes finish and free their maildrops on other nodes
+            await asyncio.wait(list(self.releasing), timeout=SHUTDOWN_LEASE_WAIT)
+
 
 class POP3Session(EngineSession):
     """One client connection."""
@@ -117,6 +128,8 @@ class POP3Session(EngineSession):
         self.server = server
         self.engine = None
         self.mailbox: POP3Mailbox | None = None
+        self.lease: Lease | None = None  # the maildrop lock across nodes, with the mailbox
+        self._watch: asyncio.Task[None] | None = None  # ends the session if it is lost
         self._writable = asyncio.Event()  # RETR streaming waits on it
         self._writable.set()
         # The message after the one just sent, read while the client reads that one: a
@@ -207,6 +220,8 @@ class POP3Session(EngineSession):
         outcome = await self.server.authenticator.verify(ev.username, ev.password, self.peer_ip)
         if outcome.ok and outcome.user:
             engine.credentials_accepted(outcome.user)
+        elif outcome.status is AuthStatus.UNAVAILABLE:  # shared counters down: try later
+            engine.credentials_unverifiable(SYS_TEMP)
         else:  # failed or blocked: one reply, so neither the account nor the block shows
             log.info("pop3 %s: login %s (%s)", self.peer_ip, outcome.status, ev.mechanism)
             engine.credentials_refused()
@@ -215,20 +230,40 @@ class POP3Session(EngineSession):
         engine = self.engine
         assert engine is not None
         try:
+            lease = await self.server.locks.acquire(user)
+        except LocksUnavailable as exc:  # exclusivity cannot be known: not now
+            log.warning("pop3 %s: maildrop lock of %s unavailable (%s)", self.peer_ip, user,
+                        exc)
+            engine.mailbox_unavailable(SYS_TEMP)
+            return
+        if lease is None:
+            log.info("pop3 %s: %s mailbox in use on another node", self.peer_ip, user)
+            engine.mailbox_unavailable(IN_USE)
+            return
+        try:
             path = maildir_for(self.server.mail_dir, user)
             mailbox = await _in_thread(POP3Mailbox.open, path, cleanup=POP3Mailbox.close)
         except MailboxInUse:
+            self._free(lease)
             log.info("pop3 %s: %s mailbox in use", self.peer_ip, user)
             engine.mailbox_unavailable(IN_USE)
             return
         except (OSError, ValueError):
+            self._free(lease)
             log.exception("pop3 %s: cannot open the mailbox of %s", self.peer_ip, user)
             engine.mailbox_unavailable(SYS_TEMP)
             return
-        if self.transport is None or engine.closed:
+        except BaseException:  # cancelled: _in_thread closes the mailbox
+            self._free(lease)
+            raise
+        if self.transport is None or engine.closed or lease.lost.is_set():
             await asyncio.to_thread(mailbox.close)
+            self._free(lease)
+            if not engine.closed and self.transport is not None:
+                engine.mailbox_unavailable(SYS_TEMP)
             return
-        self.mailbox = mailbox
+        self.mailbox, self.lease = mailbox, lease
+        self._watch = asyncio.get_running_loop().create_task(self._watch_lease(lease))
         log.info("pop3 %s: %s logged in, %d messages", self.peer_ip, user,
                  len(mailbox.messages))
         engine.mailbox_opened(mailbox.listing)
@@ -313,35 +348,83 @@ class POP3Session(EngineSession):
         the path being unlinked survived) and freed the maildrop for a next session while
         its messages were still being deleted.
         """
-        engine, mailbox = self.engine, self.mailbox
+        engine, mailbox, lease = self.engine, self.mailbox, self.lease
         assert engine is not None and mailbox is not None
-        self.mailbox = None  # from here on the UPDATE owns it, even if the client drops
+        if lease is not None and lease.lost.is_set():  # another node may hold it now
+            self._release_mailbox()
+            engine.update_done(len(ev.deletions))
+            return
+        self._stop_watch()
+        self.mailbox, self.lease = None, None  # the UPDATE owns them, even if the client drops
         self._ahead = None
         self.updating = True
         deleting = asyncio.get_running_loop().run_in_executor(
             None, mailbox.delete, [i for i, _ in ev.deletions])
         # Seen flags and the new/ -> cur/ moves need not hold up the +OK: they finish in a
-        # thread, and a next session of this mailbox waits for them (see POP3Mailbox.open).
-        deleting.add_done_callback(lambda _: _close_in_thread(mailbox))
+        # thread, and a next session of this mailbox waits for them (see POP3Mailbox.open;
+        # on another node, the lease says "closing" until then: store/maildrop_lock.py).
+        deleting.add_done_callback(lambda _: self._close(mailbox, lease))
         failures = await asyncio.shield(deleting)
+        if lease is not None:
+            await lease.closing()  # before the +OK: a next login anywhere waits for us
         if failures:
             log.error("pop3 %s: %d deletions failed", self.peer_ip, failures)
         engine.update_done(failures)
 
     def _release_mailbox(self) -> None:
+        self._stop_watch()
         mailbox, self.mailbox = self.mailbox, None
+        lease, self.lease = self.lease, None
         self._ahead = None
         if mailbox is not None:
-            _close_in_thread(mailbox)
+            self._close(mailbox, lease)
+
+    def _stop_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+
+    def _close(self, mailbox: POP3Mailbox, lease: Lease | None) -> None:
+        """Close the mailbox in a thread; then free the maildrop for the other nodes."""
+        closing = _close_in_thread(mailbox)
+        if lease is not None:
+            self._free(lease, closing)
+
+    def _free(self, lease: Lease, after: asyncio.Future[None] | None = None) -> None:
+        async def free() -> None:
+            await lease.closing()
+            if after is not None:
+                await asyncio.wait([after])
+            await lease.release()
+
+        try:
+            task = asyncio.get_running_loop().create_task(free())
+        except RuntimeError:  # no loop any more: the lease ends by expiry
+            return
+        self.server.releasing.add(task)
+        task.add_done_callback(self.server.releasing.discard)
+
+    async def _watch_lease(self, lease: Lease) -> None:
+        """End the session if the maildrop lease is lost: another node may have it now,
+        so nothing of this session's (its DELEs) may be applied."""
+        await lease.lost.wait()
+        engine = self.engine
+        if self.lease is not lease or engine is None:
+            return
+        self._watch = None
+        log.error("pop3 %s: maildrop lease lost, closing the session", self.peer_ip)
+        self._release_mailbox()
+        self.close_engine(lambda: engine.close(SYS_TEMP))
 
 
-def _close_in_thread(mailbox: POP3Mailbox) -> None:
-    """Close (file in cur/, unlock) without blocking the loop."""
+def _close_in_thread(mailbox: POP3Mailbox) -> asyncio.Future[None] | None:
+    """Close (file in cur/, unlock) without blocking the loop; the close's future."""
     mailbox.announce_close()
     try:
-        asyncio.get_running_loop().run_in_executor(None, mailbox.close)
+        return asyncio.get_running_loop().run_in_executor(None, mailbox.close)
     except RuntimeError:  # the loop or its executor is shutting down: release it right here
         mailbox.close()
+        return None
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any,

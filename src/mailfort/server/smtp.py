@@ -119,8 +119,8 @@ class SubmissionPolicy(Protocol):
     def sender_rights(self, user: str) -> frozenset[str]:
         """The addresses ``user`` may send as (a directory lookup, may block)."""
 
-    def check_mail(self, user: str, sender: Mailbox | None,
-                   rights: frozenset[str] | None = None) -> Reply | None: ...
+    async def check_mail(self, user: str, sender: Mailbox | None,
+                         rights: frozenset[str] | None = None) -> Reply | None: ...
 
     def check_rcpt(self, user: str, count: int) -> Reply | None: ...
 
@@ -130,7 +130,7 @@ class SubmissionPolicy(Protocol):
         with Message-ID and Date). The block is the client's header lines without the
         blank line, or the whole message when it ended first, then maybe not in CRLF."""
 
-    def message_accepted(self, user: str) -> None: ...
+    async def message_accepted(self, user: str) -> None: ...
 
     def sign(self, user: str, message: bytes) -> bytes:
         """DKIM-Signature fields to add to the message (empty: none)."""
@@ -370,33 +370,29 @@ class SMTPSession(EngineSession):
         engine = self.engine
         assert engine is not None
         self.envelope = Envelope(sender=ev.sender, requiretls=ev.requiretls)
-        sub = self.service.submission
-        refusal = None
-        user = engine.authenticated_as
-        if sub is not None and user is not None and is_blocking(self.service.directory):
-            self.run(self._mail_off_loop(ev, sub, user))
+        if self.service.submission is not None and engine.authenticated_as is not None:
+            self.run(self._check_submission(ev))  # the rate may be counted over the network
             return
-        if sub is not None and user is not None:
-            refusal = sub.check_mail(user, ev.sender)
-        self._after_mail_check(ev, refusal)
+        if self._checks_sender():
+            self.run(self._check_spf())  # ---- sender authentication: SPF, off the loop
+            return
+        engine.decide(SENDER_OK)
 
-    async def _mail_off_loop(self, ev: MailFrom, sub: SubmissionPolicy, user: str) -> None:
-        """MAIL on submission with a networked directory: the user's sender rights are
-        fetched in a thread, once for the transaction (MAIL and the From: check)."""
-        rights = await asyncio.to_thread(sub.sender_rights, user)
-        self.envelope.sender_rights = rights
-        # (An authenticated sender gets no SPF check: _after_mail_check decides at once.)
-        self._after_mail_check(ev, sub.check_mail(user, ev.sender, rights))
-
-    def _after_mail_check(self, ev: MailFrom, refusal: Reply | None) -> None:
-        engine = self.engine
-        assert engine is not None
+    async def _check_submission(self, ev: MailFrom) -> None:
+        """MAIL on submission: sender rights and the hourly rate. With a networked
+        directory the user's sender rights are fetched in a thread, once for the
+        transaction (MAIL and the From: check)."""
+        engine, sub = self.engine, self.service.submission
+        assert engine is not None and sub is not None and engine.authenticated_as is not None
+        user = engine.authenticated_as
+        rights = None
+        if is_blocking(self.service.directory):
+            rights = await asyncio.to_thread(sub.sender_rights, user)
+            self.envelope.sender_rights = rights
+        refusal = await sub.check_mail(user, ev.sender, rights)
         if refusal is not None:
             decisionlog.reject("MAIL", self.peer_ip, refusal, from_=ev.sender or "",
                                helo=engine.helo)
-        elif self._checks_sender():
-            self.run(self._check_spf())  # ---- sender authentication: SPF, off the loop
-            return
         engine.decide(refusal or SENDER_OK)
 
     def _checks_sender(self) -> bool:
@@ -576,7 +572,7 @@ class SMTPSession(EngineSession):
                            len(env.local) + len(env.remote), spool.size,
                            tls=self.tls_info.partition(" ")[0])
         if self.service.submission is not None and engine.authenticated_as is not None:
-            self.service.submission.message_accepted(engine.authenticated_as)
+            await self.service.submission.message_accepted(engine.authenticated_as)
         if env.remote and svc.queued is not None:
             svc.queued()
 
@@ -668,5 +664,7 @@ class SMTPSession(EngineSession):
             engine.authenticated_as = user
         elif outcome == "blocked":
             engine.decide(Reply(421, "4.7.0", "Too many failed authentications, try later"))
+        elif outcome == "unavailable":  # the shared counters are down (policy/authn.py)
+            engine.decide(Reply(454, "4.7.0", "Temporary authentication failure"))
         else:
             engine.decide(Reply(535, "5.7.8", "Authentication credentials invalid"))
