@@ -355,10 +355,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mailfort: {exc}", file=sys.stderr)
     except sqlite3.Error as exc:
         print(f"mailfort: directory database error: {exc}", file=sys.stderr)
-    except Exception as exc:
-        if not _is_database_error(exc):
-            raise
-        print(f"mailfort: directory database error: {_first_line(exc)}", file=sys.stderr)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"mailfort: {exc.strerror or exc}{where}", file=sys.stderr)
@@ -367,4 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mailfort: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # last: only a database error is expected here
+        if not _is_database_error(exc):
+            raise
+        print(f"mailfort: directory database error: {_first_line(exc)}", file=sys.stderr)
     return 1
