@@ -77,7 +77,7 @@ async def test_reports_sent_by_mail_and_https(
     tmp_path: Path, dns_server: DNSServer, outbound_config: ConfigFactory, tls_ca: trustme.CA,
 ) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls_ca.issue_cert("localhost").configure_cert(ctx)
+    tls_ca.issue_cert("tlsrpt.other.test").configure_cert(ctx)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
     t = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -88,8 +88,9 @@ async def test_reports_sent_by_mail_and_https(
         store = TLSReportStore(cfg.data_path / "tlsrpt")
         _record(store)
         dns_server.add_txt("_smtp._tls.remote.test", "v=TLSRPTv1; rua=mailto:tls@remote.test")
-        dns_server.add_txt("_smtp._tls.other.test",
-                           f"v=TLSRPTv1; rua=https://localhost:{httpd.server_address[1]}/r")
+        dns_server.add_txt("_smtp._tls.other.test", "v=TLSRPTv1; "
+                           f"rua=https://tlsrpt.other.test:{httpd.server_address[1]}/r")
+        dns_server.add_a("tlsrpt.other.test", "127.0.0.1")  # allowed: the tests' opt-in
         client_ctx = ssl.create_default_context()
         tls_ca.configure_trust(client_ctx)
         queue = Queue(cfg.data_path / "queue")
@@ -112,6 +113,44 @@ async def test_reports_sent_by_mail_and_https(
         assert att.get_content_type() == "application/tlsrpt+gzip"
         rep = json.loads(gzip.decompress(att.get_content()))
         assert rep["policies"][0]["summary"]["total-failure-session-count"] == 2
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+async def test_reports_are_never_posted_inward(
+    dns_server: DNSServer, outbound_config: ConfigFactory, tls_ca: trustme.CA,
+) -> None:
+    """A rua is anyone's to publish: by default a POST to a name that resolves to loopback
+    (or an address literal that is one) is refused before any connection."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls_ca.issue_cert("tlsrpt.other.test", "127.0.0.1").configure_cert(ctx)
+    _Collector.posts.clear()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    t = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True)
+    t.start()
+    try:
+        cfg = outbound_config(delivery={"allow_private_destinations": False})
+        assert not cfg.delivery.allow_private_destinations
+        _record(TLSReportStore(cfg.data_path / "tlsrpt"))
+        port = httpd.server_address[1]
+        dns_server.add_txt("_smtp._tls.remote.test",
+                           f"v=TLSRPTv1; rua=https://tlsrpt.other.test:{port}/r")
+        dns_server.add_txt("_smtp._tls.other.test",
+                           f"v=TLSRPTv1; rua=https://127.0.0.1:{port}/r")
+        dns_server.add_a("tlsrpt.other.test", "127.0.0.1")
+        client_ctx = ssl.create_default_context()
+        tls_ca.configure_trust(client_ctx)
+        done = await send_reports(cfg, Queue(cfg.data_path / "queue"), make_resolver(cfg),
+                                  DAY, ctx=client_ctx)
+        other, remote = done
+        assert other.startswith("other.test: POST") and other.endswith(
+            "failed: 127.0.0.1 is not a public address"), done
+        assert remote.startswith("remote.test: POST") and remote.endswith(
+            "failed: tlsrpt.other.test resolves only to non-public 127.0.0.1"), done
+        assert _Collector.posts == []
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import http.client
 import json
-import socket
 import ssl
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ import dns.exception
 import dns.resolver
 
 from mailfort.config import Config
-from mailfort.delivery.mx import is_public
+from mailfort.delivery.outward import NotOutward, PinnedHTTPS, outward_address
 
 MAX_POLICY_SIZE = 64 * 1024  # RFC 8461 §3.3 suggests 64 KiB
 MAX_AGE_LIMIT = 31557600  # one year (§3.2)
@@ -93,23 +92,9 @@ def parse_policy(text: str, sts_id: str = "", now: float = 0.0) -> STSPolicy:
     return STSPolicy(mode, mx, max_age, sts_id, now, tuple(lines))
 
 
-class _Pinned(http.client.HTTPSConnection):
-    """HTTPS to a host name at a given address (the resolver's answer, not the system's)."""
-
-    def __init__(self, host: str, address: str, port: int, ctx: ssl.SSLContext,
-                 timeout: float) -> None:
-        super().__init__(host, port, context=ctx, timeout=timeout)
-        self._address = address
-        self._ctx = ctx
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._ctx.wrap_socket(sock, server_hostname=self.host)
-
-
 def _fetch_sync(host: str, address: str, port: int, ctx: ssl.SSLContext,
                 timeout: float) -> str:
-    conn = _Pinned(host, address, port, ctx, timeout)
+    conn = PinnedHTTPS(host, address, port, ctx, timeout)
     try:
         try:
             conn.request("GET", "/.well-known/mta-sts.txt", headers={"Host": host})
@@ -182,23 +167,11 @@ class MTASTS:
         fixed = self.cfg.delivery.mta_sts_addresses.get(host)
         if fixed:
             return fixed
-        inward_ok = self.cfg.delivery.allow_private_destinations
-        refused = []
-        for rdtype in ("A", "AAAA"):
-            try:
-                answer = await self.resolver.resolve(host, rdtype, search=False)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers,
-                    dns.exception.Timeout):
-                continue
-            for rr in answer:
-                address = str(rr.address)
-                if inward_ok or is_public(address):
-                    return address
-                refused.append(address)  # the fetch must not reach internal services either
-        if refused:
-            raise PolicyError("sts-policy-fetch-error",
-                              f"{host} resolves only to non-public {', '.join(refused[:4])}")
-        raise PolicyError("sts-policy-fetch-error", f"{host} has no address")
+        try:  # the fetch must not reach internal services either
+            return await outward_address(
+                self.resolver, host, allow_private=self.cfg.delivery.allow_private_destinations)
+        except NotOutward as exc:
+            raise PolicyError("sts-policy-fetch-error", str(exc)) from None
 
     async def fetch(self, domain: str, sts_id: str) -> STSPolicy:
         host = f"mta-sts.{domain}"

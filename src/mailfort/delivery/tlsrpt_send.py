@@ -1,22 +1,23 @@
 """Sending the daily TLS-RPT reports (RFC 8460 §5): to each ``rua`` of the policy domain's
 ``_smtp._tls`` record, by mail (``mailto:``, through our own outbound queue, so the
 report gets the same TLS policy and retries as any mail) or by HTTPS POST (``https:``,
-certificate verified). Reports go only to domains whose events are recorded, once a day.
+certificate verified, only to a public address: the same rule as delivery). Reports go
+only to domains whose events are recorded, once a day.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import http.client
 import ssl
-import urllib.error
 import urllib.parse
-import urllib.request
 from email.message import EmailMessage
 
 import dns.asyncresolver
 
 from mailfort.config import Config
+from mailfort.delivery.outward import PinnedHTTPS, outward_address
 from mailfort.delivery.tlsrpt import (
     TLSReportStore,
     build_report,
@@ -61,12 +62,20 @@ def _known_policies(cfg: Config, domain: str) -> dict[str, list[str]]:
         return {}
 
 
-def _post(url: str, body: bytes, ctx: ssl.SSLContext, timeout: float) -> int:
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": MEDIA_TYPE})
-    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
-    with opener.open(req, timeout=timeout) as resp:
+def _post(url: urllib.parse.SplitResult, address: str, body: bytes, ctx: ssl.SSLContext,
+          timeout: float) -> int:
+    """POST to the checked ``address``; a redirect is an answer, not followed."""
+    host = url.hostname or ""
+    conn = PinnedHTTPS(host, address, url.port or 443, ctx, timeout)
+    try:
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        conn.request("POST", path, body=body,
+                     headers={"Content-Type": MEDIA_TYPE, "Host": url.netloc})
+        resp = conn.getresponse()
+        resp.read(64 * 1024)
         return int(resp.status)
+    finally:
+        conn.close()
 
 
 async def send_reports(cfg: Config, queue: Queue, resolver: dns.asyncresolver.Resolver,
@@ -96,9 +105,13 @@ async def send_reports(cfg: Config, queue: Queue, resolver: dns.asyncresolver.Re
                 done.append(f"{domain}: queued for {rcpt}")
             elif parsed.scheme == "https":
                 try:
-                    status = await asyncio.to_thread(_post, uri, body, ctx, 30.0)
+                    # A rua is anyone's to publish: never POST to an internal service.
+                    address = await outward_address(
+                        resolver, parsed.hostname or "",
+                        allow_private=cfg.delivery.allow_private_destinations)
+                    status = await asyncio.to_thread(_post, parsed, address, body, ctx, 30.0)
                     done.append(f"{domain}: POST {uri} -> {status}")
-                except (OSError, urllib.error.URLError) as exc:
+                except (OSError, ValueError, http.client.HTTPException) as exc:
                     done.append(f"{domain}: POST {uri} failed: {exc}")
             else:
                 done.append(f"{domain}: skipped rua scheme {parsed.scheme!r}")
