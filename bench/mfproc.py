@@ -168,13 +168,16 @@ class MailfortServer:
     def __init__(self, root: Path, *, port_base: int = 13500, plaintext_pop3: bool = False,
                  max_connections: int = 20000, max_message_size: int = 60_000_000,
                  max_connections_per_ip: int | None = None, extra_limits: str = "",
-                 dns_port: int = 9, sender_auth: bool = False) -> None:
+                 dns_port: int = 9, sender_auth: bool = False,
+                 workers: int = 1) -> None:
         """``max_connections_per_ip`` None: the same as ``max_connections``;
         ``extra_limits``: more ``[limits]`` lines (TOML) for the benchmark at hand.
         ``dns_port``: the loopback DNS server the node asks (never the system resolver:
         a benchmark sends nothing off the machine; on the default, a port where nothing
         answers, lookups fail). ``sender_auth``: SPF/DKIM/DMARC at the MX, off by default
-        so the MX rows measure what the reference Postfix does (it checks none of them)."""
+        so the MX rows measure what the reference Postfix does (it checks none of them).
+        ``workers``: [server] workers. 1 by default, so that the memory rows (which read
+        ``pid``) measure the one process that serves; above 1, ``pids`` lists them all."""
         self.root = root
         self.data = root / "data"
         self.config = root / "mailfort.toml"
@@ -186,7 +189,7 @@ class MailfortServer:
         plain = "true" if plaintext_pop3 else "false"
         self.config.write_text(
             f'[server]\nhostname = "mx.bench.test"\ndata_dir = "{self.data}"\n'
-            f"allow_plaintext_auth_on_loopback = {plain}\n"
+            f"allow_plaintext_auth_on_loopback = {plain}\nworkers = {workers}\n"
             f"[listen]\n{listen}\n"
             f"[limits]\nmax_message_size = {max_message_size}\n"
             f"max_connections_per_ip = {max_connections_per_ip or max_connections}\n"
@@ -234,6 +237,32 @@ class MailfortServer:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The serve process and its children (the workers, when there are several)."""
+        out = [self.pid]
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    stat = Path(f"/proc/{d}/stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.pid:
+                    out.append(int(d))
+        return out
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the serve process and its workers so far."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.pids:
+            try:
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(f[11]) + int(f[12])  # utime, stime
+        return total / tick
 
     def maildir(self, user: str) -> Path:
         """The user's Maildir (with new/, cur/, tmp/ below it)."""

@@ -45,6 +45,10 @@ class ServerConfig:
     # empty means the user's own group) for good. Empty: no switch (see server/privileges.py).
     user: str = ""
     group: str = ""
+    # Worker processes sharing the listeners; 0: one per CPU. 1 runs a single process.
+    workers: int = 0
+    # Seconds that SIGTERM lets open sessions finish before they get a 421 / -ERR.
+    shutdown_grace: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -437,6 +441,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("server.hostname: must be a host name without spaces")
     if not cfg.server.data_dir:
         raise ConfigError("server.data_dir: must not be empty")
+    if not 0 <= cfg.server.workers <= 256:
+        raise ConfigError("server.workers: 0 (one per CPU) to 256")
+    if not 0 <= cfg.server.shutdown_grace <= 3600:
+        raise ConfigError("server.shutdown_grace: must be between 0 and 3600 seconds")
     _validate_auth(cfg.auth)
     for k in ("messages_per_hour", "max_recipients"):
         if getattr(cfg.submission, k) <= 0:

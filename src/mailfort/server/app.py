@@ -15,14 +15,14 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailfort import logsetup
 from mailfort.config import Config
 from mailfort.delivery.mx import make_resolver
 from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.policy.authn import Authenticator
-from mailfort.policy.counters import MemoryCounters
+from mailfort.policy.counters import Counters, MemoryCounters
 from mailfort.policy.dnsbl import DNSBLChecker
 from mailfort.policy.greylist import Greylist, GreylistSettings
 from mailfort.policy.inbound import InboundPolicy, zones
@@ -30,7 +30,7 @@ from mailfort.policy.msa import MSAPolicy
 from mailfort.policy.senderauth import SenderAuth
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
-from mailfort.server.connections import ConnectionLimiter
+from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
 from mailfort.server.operations import Operations
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
@@ -56,9 +56,13 @@ class Node:
     """All services of one mailfort instance, sharing one directory and one committer."""
 
     def __init__(self, cfg: Config, *, ssl_context: ssl.SSLContext | None = None,
-                 legacy: LegacyProfile | None = None) -> None:
+                 legacy: LegacyProfile | None = None,
+                 counters: Counters | None = None,
+                 limiter: ConnectionLimiter | SharedConnectionLimiter | None = None) -> None:
         """``legacy``: the lab's weakened profile. Only ``mailfort.lab`` passes one; no
-        configuration key or ``serve`` option leads here."""
+        configuration key or ``serve`` option leads here. ``counters``, ``limiter``: the
+        state that a worker process shares with the others (server/supervisor.py); by
+        default in-process."""
         self.cfg = cfg
         self.legacy = legacy
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
@@ -69,7 +73,7 @@ class Node:
 
             ssl_context = server_context(cfg)
         self.ssl_context = ssl_context
-        self.counters = MemoryCounters()
+        self.counters: Counters = counters if counters is not None else MemoryCounters()
         self.authenticator = Authenticator(
             self.directory, self.counters, cfg.auth if legacy is None else legacy.auth)
         self.queue = Queue(cfg.data_path / "queue")
@@ -83,19 +87,29 @@ class Node:
         # SPF, DKIM and DMARC of the mail the MX receives ([sender_auth]).
         self.sender_auth = SenderAuth(cfg) if cfg.sender_auth.enabled else None
         # One count of connections for the whole node, shared by every listener.
-        self.limiter = ConnectionLimiter(
-            cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
-            rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=self.counters)
-        # This process's stress mode (server/stress.py), shared by every listener.
+        self.limiter: ConnectionLimiter | SharedConnectionLimiter = (
+            limiter if limiter is not None else ConnectionLimiter(
+                cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
+                rate_per_minute=cfg.limits.max_connection_rate_per_ip,
+                counters=self.counters))
+        # This process's stress mode (server/stress.py), shared by every listener. In a
+        # worker process it adapts this worker's sessions; the count it reads is the node's.
         self.stress = StressGuard(cfg.limits.stress)
         self.inbound = inbound_policy(cfg)  # the MX's DNSBL, pre-greeting and greylisting
+        # New outbound mail was queued: wake delivery (a worker process without delivery
+        # tells the one that has it, server/supervisor.py).
+        self.queued: Callable[[], None] = self.worker.wake
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
         # Called once every listener is bound, before delivery starts (privilege drop).
         self.after_bind: Callable[[], None] | None = None
-        # (listen.* name, index) -> a socket already listening (systemd socket activation).
+        # (listen.* name, index) -> a socket already listening (systemd socket activation,
+        # or a worker process's, inherited from its supervisor).
         self.inherited: dict[tuple[str, int], socket.socket] = {}
+        # A worker process's listeners count their sessions where the node's metrics
+        # endpoint sums them (metrics.CountedSessions); None: a plain set.
+        self.session_set: Callable[[str], set[Any]] | None = None
 
     def _enqueue(
         self, path: Path, env: Envelope, submitted_by: str | None
@@ -122,16 +136,21 @@ class Node:
             self.ssl_context,
             authenticate=self._authenticate if options.auth or legacy else None,
             enqueue=self._enqueue if legacy is None else legacy.enqueue_hook(self),
-            queued=self.worker.wake,
+            queued=lambda: self.queued(),
             submission=self.msa if options.auth else None,
             legacy=legacy,
             sender_auth=self.sender_auth if options.name == "mx" else None,
         )
 
-    async def start(self) -> None:
-        removed = self.committer.recover()
-        if removed:
-            log.info("removed %d unacknowledged spool files left by a crash", removed)
+    async def start(self, *, recover: bool = True, deliver: bool = True) -> None:
+        """Without arguments: a whole node in this process. A worker process of
+        server/supervisor.py passes ``recover=False`` (the supervisor recovered the spool
+        before any worker could be writing to it) and runs delivery only if it is the
+        one delivery worker (``deliver``); its listening sockets are in ``inherited``."""
+        if recover:
+            removed = self.committer.recover()
+            if removed:
+                log.info("removed %d unacknowledged spool files left by a crash", removed)
         loopback_plain = self.cfg.server.allow_plaintext_auth_on_loopback
         self.services["mx"] = self._smtp_service(ServiceOptions(name="mx"))
         self.services["mx"].inbound = self.inbound
@@ -156,8 +175,10 @@ class Node:
                 pop.settings = pop.loopback_settings = self.legacy.pop3_settings(pop.settings)
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
-            service.limiter = self.limiter
+            service.limiter = self.limiter  # type: ignore[assignment]
             service.stress = self.stress
+            if self.session_set is not None:
+                service.sessions = self.session_set(name)
             for i, hostport in enumerate(getattr(self.cfg.listen, name)):
                 server = await service.start(*_split(hostport),
                                              sock=self.inherited.get((name, i)))
@@ -165,7 +186,8 @@ class Node:
                     self.ports.setdefault(name, []).append(sock.getsockname()[1])
         if self.after_bind is not None:
             self.after_bind()
-        await self.worker.start()
+        if deliver:
+            await self.worker.start()
 
     def port(self, name: str) -> int:
         return self.ports[name][0]
@@ -262,7 +284,12 @@ def raise_file_limit(cfg: Config) -> None:
 
 
 def run(cfg: Config) -> None:
+    from mailfort.server.supervisor import check_workers, run_supervisor, worker_count
+
+    check_workers(cfg)  # what cannot run with several workers yet: before anything opens
     handler = logsetup.configure(cfg)  # [log]: text or json, stderr or a file
     ops = Operations(cfg, handler)  # refuses root on privileged ports before any bind
     raise_file_limit(cfg)
+    if worker_count(cfg) > 1:  # [server] workers: a supervisor and its worker processes
+        raise SystemExit(run_supervisor(cfg, ops))
     asyncio.run(serve(cfg, ops))
