@@ -61,7 +61,8 @@ def server() -> Iterator[Server]:
     metrics_port = free_port()
     config = write_config(root, refusing_dns_port(),
                           log={"format": "json", "file": str(root / "mailfort.log")},
-                          metrics={"listen": f"127.0.0.1:{metrics_port}"})
+                          metrics={"listen": f"127.0.0.1:{metrics_port}"},
+                          server={"workers": 2})  # one endpoint sums both workers
     pw = root / "pw.txt"
     pw.write_text(PASSWORD + "\n")
     for args in (("domain", "add", "example.test"),
@@ -144,20 +145,21 @@ def test_log_has_a_line_per_event_and_never_a_password_or_body(server: Server) -
     assert "tls=TLSv1." in accepted[-1]["message"]
 
 
-def test_log_file_reopened_after_rotation_and_on_sigusr1(server: Server) -> None:
+def test_log_file_reopened_after_rotation_and_on_sigusr1_and_sighup(server: Server) -> None:
     log = server.config.parent / "mailfort.log"
     rotated = log.with_suffix(".log.1")
     log.rename(rotated)  # logrotate without copytruncate
     with smtplib.SMTP("127.0.0.1", _port(server.config, "mx"), timeout=20) as smtp:
         smtp.ehlo()
     assert '"event": "connect"' in log.read_text()  # a new file, not the moved one
-    log.rename(rotated)
-    os.kill(server.pid, signal.SIGUSR1)  # without a handler, SIGUSR1 ends a process
-    deadline = time.monotonic() + 10
-    while not log.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert log.exists()
-    assert server.proc.poll() is None
+    for sig in (signal.SIGUSR1, signal.SIGHUP):  # without a handler, either ends a process
+        log.rename(rotated)
+        os.kill(server.pid, sig)
+        deadline = time.monotonic() + 10
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert log.exists(), sig
+        assert server.proc.poll() is None
 
 
 def test_metrics_move_with_the_traffic(server: Server) -> None:
@@ -184,7 +186,8 @@ def test_metrics_move_with_the_traffic(server: Server) -> None:
 def test_status_and_tls_show(server: Server) -> None:
     r = cli(server.config, "status")
     assert r.returncode == 0, r.stderr
-    assert f"pid {server.pid}" in r.stdout
+    assert f"pid {server.pid}" in r.stdout  # the supervisor's, which systemd knows
+    assert "2 worker process(es)" in r.stdout
     mx = _port(server.config, "mx")
     assert f"127.0.0.1:{mx}" in r.stdout
     assert "queue: 0 message(s)" in r.stdout and "days left" in r.stdout

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ import mailfort
 from mailfort import config as config_mod
 from mailfort.store.maildir import maildir_for
 from tests.conftest import HOSTNAME, refusing_dns_port, seed_directory
+from tests.server.production import free_port
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 
@@ -59,6 +61,7 @@ class Supervised:
     ca: trustme.CA
     cert_file: Path
     key_file: Path
+    metrics: str = ""  # HOST:PORT of the node's metrics endpoint
 
     @property
     def data_dir(self) -> Path:
@@ -143,6 +146,7 @@ def _start(root: Path, workers: int = 2) -> Supervised:
         "[limits]", f"max_connections_per_ip = {PER_IP}",
         "[listen]", *(f'{k} = ["127.0.0.1:0"]' for k in SERVICES),
         "[tls]", f"cert_file = {json.dumps(str(cert))}", f"key_file = {json.dumps(str(key))}",
+        "[metrics]", f'listen = "127.0.0.1:{free_port()}"',
     ]
     cfg_path = root / "mailfort.toml"
     cfg_path.write_text("\n".join(lines) + "\n")
@@ -154,7 +158,8 @@ def _start(root: Path, workers: int = 2) -> Supervised:
             [sys.executable, "-m", "mailfort", "serve", "--config", str(cfg_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
             env=env, cwd=root)
-    served = Supervised(proc, root, log, _ports(proc, log), ca, cert, key)
+    served = Supervised(proc, root, log, _ports(proc, log), ca, cert, key,
+                        config_mod.load(cfg_path).metrics.listen)
     deadline = time.monotonic() + 30
     while workers > 1 and log.read_text().count(" serving") < workers:  # all listening
         assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
@@ -374,6 +379,35 @@ def test_killed_worker_loses_no_acknowledged_message_and_is_replaced(
         s.close()
 
 
+def _scrape(node: Supervised) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {name: float(value) for name, _, value in
+            (line.rpartition(" ") for line in text.splitlines()
+             if line and not line.startswith("#"))}
+
+
+def test_metrics_endpoint_sums_every_worker(node: Supervised) -> None:
+    """One endpoint for the node: a message accepted on each worker counts 2, and the
+    open sessions of both are counted (per-process metrics would show one worker's)."""
+    before = _scrape(node).get("mailfort_messages_accepted_total", 0.0)
+    held = _on_each_worker(node, "mx", "127.0.0.3")
+    for s in held.values():
+        _cmd(s, "EHLO client.test")
+        _cmd(s, "MAIL FROM:<sender@remote.test>")
+        _cmd(s, f"RCPT TO:<{ALICE}>")
+        assert _cmd(s, "DATA").startswith(b"354")
+        assert _cmd(s, "Subject: counted\r\n\r\nx\r\n.").startswith(b"250")
+    deadline = time.monotonic() + 5
+    while (now := _scrape(node)).get('mailfort_sessions_open{service="mx"}') != 2:
+        assert time.monotonic() < deadline, now.get('mailfort_sessions_open{service="mx"}')
+        time.sleep(0.05)
+    assert now["mailfort_messages_accepted_total"] - before == 2
+    assert now['mailfort_connections_total{service="mx"}'] >= 2
+    for s in held.values():
+        s.close()
+
+
 def _presented(node: Supervised) -> bytes:
     with socket.create_connection(("127.0.0.1", node.ports["submissions"]), timeout=10) as raw, \
             node.context().wrap_socket(raw, server_hostname=HOSTNAME) as tls:
@@ -435,17 +469,27 @@ def test_sigterm_drains(tmp_path: Path) -> None:
 
 
 def test_sighup_in_a_single_process(tmp_path: Path) -> None:
-    """workers = 1 (no supervisor): SIGHUP reloads the certificate there too."""
+    """workers = 1 (no supervisor): SIGHUP reloads the certificate there too, and an open
+    TLS session carries on."""
     served = _start(tmp_path / "single", workers=1)
     try:
         assert served.workers() == []  # one process, no children
         old = _presented(served)
+        raw = socket.create_connection(("127.0.0.1", served.ports["mx"]), timeout=10)
+        assert raw.recv(512).startswith(b"220")
+        _cmd(raw, "EHLO client.test")
+        assert _cmd(raw, "STARTTLS").startswith(b"220")
+        tls = served.context().wrap_socket(raw, server_hostname=HOSTNAME)
         _issue(served.ca, served.cert_file, served.key_file)
         served.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while _presented(served) == old:
             assert time.monotonic() < deadline, "the old certificate is still presented"
             time.sleep(0.05)
+        assert tls.getpeercert(binary_form=True) == old
+        assert _cmd(tls, "EHLO client.test").startswith(b"250")
+        assert _cmd(tls, "NOOP").startswith(b"250")
+        tls.close()
     finally:
         assert _terminate(served) == 0
 
