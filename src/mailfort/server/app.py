@@ -284,9 +284,8 @@ def raise_file_limit(cfg: Config) -> None:
 
 
 def run(cfg: Config) -> None:
-    from mailfort.server.supervisor import check_workers, run_supervisor, worker_count
+    from mailfort.server.supervisor import run_supervisor, worker_count
 
-    check_workers(cfg)  # what cannot run with several workers yet: before anything opens
     handler = logsetup.configure(cfg)  # [log]: text or json, stderr or a file
     ops = Operations(cfg, handler)  # refuses root on privileged ports before any bind
     raise_file_limit(cfg)

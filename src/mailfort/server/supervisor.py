@@ -40,8 +40,14 @@ Worker slot 0, the primary, runs outbound delivery (and its replacement, if it d
 no queued message is delivered twice, and what must run once per node: the control
 socket (``mailfort queue retry`` / ``status`` / ``block remove``) and the metrics
 endpoint. The others wake it through a pipe when they queue mail; it also scans the queue
-on its own schedule, so a lost wake-up only delays. ACME (``tls.acme``) is not run with
-several workers yet: ``check_workers`` refuses the combination.
+on its own schedule, so a lost wake-up only delays.
+
+ACME (``tls.acme``) runs in the supervisor, once for the node: ``Operations`` obtains the
+certificate before anything is bound and keeps the HTTP-01 challenge listener (bound as
+root if its port needs it); every ``ACME_CHECK_EVERY`` seconds, and at each SIGHUP, the
+supervisor renews it if due and then has every worker load it (as a SIGHUP does). The
+renewal blocks the supervisor's loop for the seconds it takes (a worker that dies then is
+restarted after it); the workers serve on meanwhile.
 
 Brute-force counters, per-user send rates, connection rates and connection limits are
 shared through one SQLite file in the data directory (``SQLiteCounters``,
@@ -66,7 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailfort.config import Config, ConfigError
+from mailfort.config import Config
 from mailfort.server.privileges import LISTEN_KEYS
 
 if TYPE_CHECKING:
@@ -80,6 +86,7 @@ METRICS_DIR = "metrics"
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # seconds a worker must live for the back-off to start over
+ACME_CHECK_EVERY = 12 * 3600.0  # seconds between checks whether to renew (tls.acme)
 # SIGUSR2: a worker tells that it serves (its slot number is in the ready pipe).
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
             signal.SIGUSR2}
@@ -87,17 +94,6 @@ _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal
 
 def worker_count(cfg: Config) -> int:
     return cfg.server.workers or os.cpu_count() or 1
-
-
-def check_workers(cfg: Config) -> None:
-    """Refuse, before anything opens, what does not run correctly with several workers."""
-    if worker_count(cfg) > 1 and cfg.tls.acme:
-        raise ConfigError(
-            "tls.acme: certificates from ACME are obtained and renewed by a single "
-            f"process; with server.workers = {cfg.server.workers or 'one per CPU'} "
-            f"({worker_count(cfg)} workers) set server.workers = 1, or obtain the "
-            "certificate with another tool (tls.cert_file / tls.key_file, reloaded on "
-            "SIGHUP)")
 
 
 def shared_state_path(cfg: Config) -> Path:
@@ -257,6 +253,8 @@ def _child(sup: Supervisor, slot: int) -> None:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         os.close(sup.ready_r)
+        if sup.ops.acme is not None:  # the supervisor's: the worker has no thread for it
+            sup.ops.acme.httpd.socket.close()
         code = asyncio.run(_worker_main(sup, slot))
     except BaseException:  # report, then leave through _exit
         traceback.print_exc()
@@ -383,9 +381,23 @@ class Supervisor:
             self.ops.notifier.notify(READY="1", STATUS=f"serving, {self.workers} workers",
                                      MAINPID=str(self.main_pid))
 
+    def _renew_acme(self) -> bool:
+        """Renew the ACME certificate if due (blocking); True if there is a new one."""
+        from mailfort import acmecert
+
+        self.acme_check_at = time.monotonic() + ACME_CHECK_EVERY
+        if self.ops.acme is None:
+            return False
+        try:
+            return acmecert.renew_if_due(self.cfg, self.ops.acme)
+        except Exception:  # try again at the next check; the old certificate serves
+            log.exception("acme: renewal failed")
+            return False
+
     def _reload(self) -> None:
-        """SIGHUP: the self-signed certificate renewed here, once, if due; the log file
-        reopened; each worker then reloads its certificate and reopens its log."""
+        """SIGHUP: the self-signed certificate renewed here, once, if due (the ACME one
+        too); the log file reopened; each worker then reloads its certificate and reopens
+        its log."""
         from mailfort import logsetup
         from mailfort.tls import ensure_certificate
 
@@ -394,6 +406,7 @@ class Supervisor:
             MONOTONIC_USEC=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         if self.log_handler is not None:
             logsetup.reopen(self.log_handler)
+        self._renew_acme()
         try:
             ensure_certificate(self.cfg)
         except Exception as exc:  # the workers keep the one they have
@@ -406,8 +419,13 @@ class Supervisor:
         from mailfort import logsetup
 
         kill_at: float | None = None
+        self.acme_check_at = time.monotonic() + ACME_CHECK_EVERY
         while True:
             now = time.monotonic()
+            if self.ops.acme is not None and now >= self.acme_check_at \
+                    and not self.stopping and self._renew_acme():
+                self._forward(signal.SIGHUP)  # every worker loads the new certificate
+                now = time.monotonic()
             due = [s.restart_at for s in self.slots if s.restart_at is not None]
             timeout = max(0.0, min(due) - now) if due else 1.0
             if kill_at is not None:
