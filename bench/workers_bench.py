@@ -37,7 +37,7 @@ def smtp_source(port: int, size: int, sessions: int, messages: int) -> float:
 def one(workers: int, args: argparse.Namespace) -> tuple[float, float]:
     """(messages per second, CPU microseconds per message) of one fresh server."""
     with bench_tmpdir("mf-workers-") as tmp:
-        mf = MailfortServer(Path(tmp), port_base=PORT_BASE, workers=workers)
+        mf = MailfortServer(Path(tmp), port_base=args.port_base, workers=workers)
         with mf:
             time.sleep(1.0)  # every worker is listening
             smtp_source(mf.ports["mx"], args.size, args.sessions, args.warmup)
@@ -58,6 +58,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--sessions", type=int, default=50)
+    ap.add_argument("--port-base", type=int, default=PORT_BASE,
+                    help="first of the loopback ports the servers listen on")
     args = ap.parse_args()
     if shutil.which("smtp-source") is None:
         print("smtp-source not found: run ../shared/anchors/postfix-reference.sh start")

@@ -74,12 +74,13 @@ def share_between_processes(directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     for old in directory.glob("*.db"):
         old.unlink()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    values.ValueClass = values.MultiProcessValue()
     for metric in _ALL:
         if metric._labelnames:
             metric.clear()  # children are made, in the new mode, on their first use
-        else:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue()
+    for metric in _ALL:
+        if not metric._labelnames:
             metric._metric_init()
 
 
