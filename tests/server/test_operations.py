@@ -291,3 +291,54 @@ def test_block_remove_lifts_a_brute_force_block_at_once() -> None:
         assert r.returncode == 3 and "not running" in r.stdout
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_certificate_files_changed_on_disk_are_served_without_a_signal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another tool renews tls.cert_file / key_file in place: new handshakes get the new
+    certificate without SIGHUP, and an open TLS session carries on."""
+    import trustme
+    from cryptography import x509
+
+    from mailfort.server import operations
+    from tests.conftest import HOSTNAME, make_config
+
+    ca = trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def issue() -> None:
+        issued = ca.issue_cert(HOSTNAME)
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+
+    issue()
+    cfg = make_config(tmp_path / "d", tls={"cert_file": str(cert), "key_file": str(key)})
+    monkeypatch.setattr(operations, "CERT_WATCH_EVERY", 0.05)
+    ops = operations.Operations(cfg)
+    node = Node(cfg)
+    node.after_bind = ops.after_bind
+    await node.start()
+    await ops.started(node)
+
+    def handshake() -> tuple[smtplib.SMTP, int]:
+        smtp = smtplib.SMTP("127.0.0.1", node.port("mx"), timeout=20)
+        smtp.starttls(context=_no_verify())
+        der = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        return smtp, x509.load_der_x509_certificate(der).serial_number
+
+    try:
+        old_session, first = await asyncio.to_thread(handshake)
+        issue()
+        deadline = time.monotonic() + 10
+        second = first
+        while second == first and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            session, second = await asyncio.to_thread(handshake)
+            await asyncio.to_thread(session.quit)
+        assert second != first, "the changed files are not served"
+        assert (await asyncio.to_thread(old_session.noop))[0] == 250
+        await asyncio.to_thread(old_session.quit)
+    finally:
+        ops.stopping()
+        await node.stop()
+        await ops.stopped()

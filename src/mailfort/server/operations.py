@@ -27,6 +27,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailfort import acmecert, logsetup, metrics, tls, tlsinfo
@@ -42,6 +43,16 @@ log = logging.getLogger("mailfort")
 
 
 ACME_CHECK_EVERY = 12 * 3600.0
+CERT_WATCH_EVERY = 30.0  # seconds between looks at tls.cert_file / tls.key_file
+
+
+def _file_stamp(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int], ...] | None:
+    """What changes when a tool writes or replaces the files (inode, size, mtime)."""
+    try:
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns)
+                     for st in (p.stat() for p in paths))
+    except OSError:
+        return None
 
 
 def _acme_start(cfg: Config) -> acmecert.ChallengeServer:
@@ -92,6 +103,7 @@ class Operations:
         self.role = role
         self.acme: acmecert.ChallengeServer | None = None
         self.renewal: asyncio.Task[None] | None = None
+        self.cert_watch: asyncio.Task[None] | None = None
         self.registry = metrics.REGISTRY
         if role is not None:  # the supervisor bound, dropped privileges, talks to systemd
             self.inherited = role.sockets
@@ -141,6 +153,9 @@ class Operations:
                 loop.add_signal_handler(signal.SIGUSR1, logsetup.reopen, handler)
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.cfg.tls.cert_file and node.ssl_context is not None:
+            self.cert_watch = asyncio.create_task(self._watch_certificate(node),
+                                                  name="certificate-watch")
         role = self.role
         if role is not None and not role.primary:
             return
@@ -182,6 +197,8 @@ class Operations:
     async def stopped(self) -> None:
         if self.renewal is not None:
             self.renewal.cancel()
+        if self.cert_watch is not None:
+            self.cert_watch.cancel()
         if self.acme is not None:
             self.acme.close()
         if self.control is not None:
@@ -196,6 +213,21 @@ class Operations:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         self.notifier.close()
+
+    async def _watch_certificate(self, node: Node) -> None:
+        """tls.cert_file / key_file changed on disk (a renewal by another tool): load them,
+        as SIGHUP would, without waiting for one. A pair caught half-written fails to load
+        (the old one stays) and is tried again at its next change."""
+        assert node.ssl_context is not None
+        paths = (Path(self.cfg.tls.cert_file), Path(self.cfg.tls.key_file))
+        seen = _file_stamp(paths)
+        while True:
+            await asyncio.sleep(CERT_WATCH_EVERY)
+            now = _file_stamp(paths)
+            if now is not None and now != seen:
+                seen = now
+                log.info("certificate files changed on disk")
+                tls.reload_certificate(node.ssl_context, self.cfg)
 
     async def _renew_loop(self, node: Node) -> None:
         """Renew when due; the live TLS context loads the new files, so new handshakes get
