@@ -213,7 +213,8 @@ async def test_queue_retry_wakes_the_running_server_at_once() -> None:
     config = write_config(root, refusing_dns_port(),
                           relay={"trusted_networks": ["127.0.0.1/32"]},
                           routes={"remote.test": {"host": "127.0.0.1", "port": dest}},
-                          queue={"initial_retry": 3600.0})
+                          queue={"initial_retry": 3600.0},
+                          server={"workers": 2})  # the primary worker delivers and answers
     queue = Queue(root / "data" / "queue")
     receiver = Receiver()
     try:
@@ -262,7 +263,8 @@ def test_block_remove_lifts_a_brute_force_block_at_once() -> None:
     root = world_dir()
     config = write_config(root, refusing_dns_port(),
                           auth={"block_after_failures": 2, "failure_delay": 0.0},
-                          server={"allow_plaintext_auth_on_loopback": True})
+                          server={"allow_plaintext_auth_on_loopback": True,
+                                  "workers": 2})  # the block and its removal hold node-wide
     pw = root / "pw.txt"
     pw.write_text(PASSWORD + "\n")
     for args in (("domain", "add", "example.test"),
