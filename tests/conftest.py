@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import trustme
 
 from mailfort import config as config_mod
 from mailfort.config import Config
+from tests.dnsserver import DNSServer
 
 HOSTNAME = "mx.example.test"
 
@@ -46,8 +47,6 @@ def refusing_dns_port() -> int:
     if not _REFUSING_DNS:
         from dnslib import RCODE
 
-        from tests.dnsserver import DNSServer
-
         _REFUSING_DNS.append(DNSServer(default_rcode=RCODE.REFUSED).start())
     return int(_REFUSING_DNS[0].port)
 
@@ -71,6 +70,17 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
     for name, table in sections.items():
         raw.setdefault(name, {}).update(table)
     return config_mod.from_dict(raw)
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DNSServer]:
+    """The project's own authoritative DNS server on loopback: each test sets its records,
+    nothing is forwarded, so no query leaves the machine."""
+    server = DNSServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,13 @@ HOST = "mx.example.test"
 ADDRESS = "192.0.2.25"  # only ever looked up in the test DNS, never connected to
 
 
-@pytest.fixture
-def dns() -> Iterator[DNSServer]:
-    server = DNSServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 @pytest.fixture
-def config_file(tmp_path: Path, dns: DNSServer) -> Path:
+def config_file(tmp_path: Path, dns_server: DNSServer) -> Path:
     path = tmp_path / "mailfort.toml"
     path.write_text(
         f'[server]\nhostname = "{HOST}"\ndata_dir = "{tmp_path / "data"}"\n'
-        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\ntimeout = 2.0\n'
+        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_server.port}\ntimeout = 2.0\n'
         '[dnsbl]\nzones = [{ zone = "bl.test" }]\n')
     return path
 
@@ -41,19 +32,19 @@ def check(config_file: Path, capsys: pytest.CaptureFixture[str], *extra: str
     return code, capsys.readouterr().out
 
 
-def publish_all(dns: DNSServer, config_file: Path) -> None:
+def publish_all(dns_server: DNSServer, config_file: Path) -> None:
     cfg = config_mod.load(config_file)
     key = KeyStore(cfg.data_path).generate("example.test", "s1", "ed25519")
-    dns.add_mx("example.test", HOST)
-    dns.add_a(HOST, ADDRESS)
-    dns.add_txt("example.test", "v=spf1 mx -all")
-    dns.add_txt(key.dns_name, key.dns_record())
-    dns.add_txt("_dmarc.example.test", "v=DMARC1; p=reject")
+    dns_server.add_mx("example.test", HOST)
+    dns_server.add_a(HOST, ADDRESS)
+    dns_server.add_txt("example.test", "v=spf1 mx -all")
+    dns_server.add_txt(key.dns_name, key.dns_record())
+    dns_server.add_txt("_dmarc.example.test", "v=DMARC1; p=reject")
 
 
-def test_everything_published_is_ok(dns: DNSServer, config_file: Path,
+def test_everything_published_is_ok(dns_server: DNSServer, config_file: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    publish_all(dns, config_file)
+    publish_all(dns_server, config_file)
     code, out = check(config_file, capsys)
     assert code == 0, out
     assert "FIX" not in out
@@ -62,7 +53,7 @@ def test_everything_published_is_ok(dns: DNSServer, config_file: Path,
 
 
 def test_nothing_published_prints_every_record_to_publish(
-        dns: DNSServer, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        dns_server: DNSServer, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = check(config_file, capsys, "--address", ADDRESS)
     assert code == 1
     assert f"publish: example.test. 3600 IN MX 10 {HOST}." in out
@@ -71,13 +62,14 @@ def test_nothing_published_prints_every_record_to_publish(
     assert 'publish: _dmarc.example.test. 3600 IN TXT "v=DMARC1; p=quarantine' in out
 
 
-def test_each_wrong_record_is_named(dns: DNSServer, config_file: Path,
+def test_each_wrong_record_is_named(dns_server: DNSServer, config_file: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    publish_all(dns, config_file)
-    dns.remove("example.test", "TXT").add_txt("example.test", "v=spf1 ip4:198.51.100.0/24 -all")
-    dns.remove("_dmarc.example.test").add_txt("_dmarc.example.test", "v=DMARC1; p=none")
-    dns.remove("example.test", "MX").add_mx("example.test", "mx.elsewhere.test")
-    dns.list_ip("bl.test", ADDRESS)
+    publish_all(dns_server, config_file)
+    dns_server.remove("example.test", "TXT").add_txt("example.test",
+                                                     "v=spf1 ip4:198.51.100.0/24 -all")
+    dns_server.remove("_dmarc.example.test").add_txt("_dmarc.example.test", "v=DMARC1; p=none")
+    dns_server.remove("example.test", "MX").add_mx("example.test", "mx.elsewhere.test")
+    dns_server.list_ip("bl.test", ADDRESS)
     code, out = check(config_file, capsys)
     assert code == 1
     fixes = {line.split()[1] for line in out.splitlines() if line.startswith("FIX")}
@@ -86,8 +78,8 @@ def test_each_wrong_record_is_named(dns: DNSServer, config_file: Path,
 
 
 def test_a_key_not_yet_published_gets_its_zone_line(
-        dns: DNSServer, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    publish_all(dns, config_file)
+        dns_server: DNSServer, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    publish_all(dns_server, config_file)
     cfg = config_mod.load(config_file)
     late = KeyStore(cfg.data_path).generate("example.test", "s2", "rsa")
     code, out = check(config_file, capsys)

@@ -5,10 +5,7 @@ and that page rendered by headless Chromium (Debian's ``chromium``, installed by
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from mailfort.audit import catalogue
 from mailfort.audit.schema import validate
 from tests.audit.conftest import FAST, port_args, run_audit
 from tests.audit.weak_server import WeakServer
+from tests.browser import screenshot
 
 ONLY = ["--only", "relay", "backscatter", "disclosure", "limits.nul"]
 
@@ -81,24 +79,5 @@ def test_html_is_self_contained_and_built_from_the_json(
 
 
 def test_html_renders_in_chromium(weak_report: tuple[dict, Path], tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (run-tests installs it as root)")
     _, page = weak_report
-    shot = tmp_path / "audit-report.png"
-    proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--no-first-run", "--disable-extensions", "--window-size=1200,2200",
-         "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={shot}", page.as_uri()],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln]
-    assert console == []
-    assert proc.returncode == 0, proc.stderr[-500:]
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    artefacts = os.environ.get("MAILFORT_TEST_ARTIFACTS")
-    if artefacts:  # kept for a person to look at (CI uploads the directory)
-        Path(artefacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(artefacts) / shot.name)
+    screenshot(page, tmp_path / "audit-report.png", width=1200, height=2200)

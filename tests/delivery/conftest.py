@@ -1,13 +1,14 @@
-"""Fixtures for outbound delivery tests: a test DNS server and recording SMTP receivers.
+"""Fixtures for outbound delivery tests: recording SMTP receivers (the test DNS server is
+the root conftest's ``dns_server``).
 
-Other test packages reuse them with ``from tests.delivery.conftest import dns_server,
-receivers`` in their own conftest.py.
+Other test packages reuse them with ``from tests.delivery.conftest import receivers`` in
+their own conftest.py.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,6 @@ def outbound_config(tmp_path: Path, dns_server: DNSServer) -> ConfigFactory:
 
     return factory
 
-
-@pytest.fixture
-def dns_server() -> Iterator[DNSServer]:
-    server = DNSServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ its screenshot kept), --list, --pace, the loopback-only rule, and Ctrl-C."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import mailfort
 from mailfort import cli
 from mailfort.lab import catalogue
 from mailfort.lab.attacks import ATTACKS
+from tests.browser import screenshot
 
 SRC = Path(mailfort.__file__).resolve().parents[1]
 
@@ -76,27 +75,8 @@ def test_html_is_self_contained(ja_session: tuple[int, str, Path]) -> None:
 
 
 def test_html_renders_in_chromium(ja_session: tuple[int, str, Path], tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (run-tests installs it as root)")
     _, _, page = ja_session
-    shot = tmp_path / "lab-session.png"
-    proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--no-first-run", "--disable-extensions", "--window-size=1400,2400",
-         "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={shot}", page.as_uri()],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln]
-    assert console == []
-    assert proc.returncode == 0, proc.stderr[-500:]
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    artefacts = os.environ.get("MAILFORT_TEST_ARTIFACTS")
-    if artefacts:  # kept for a person to look at (CI uploads the directory)
-        Path(artefacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(artefacts) / shot.name)
+    screenshot(page, tmp_path / "lab-session.png", width=1400, height=2400)
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from mailfort.config import DNSConfig
 from mailfort.policy.dnslookup import Lookup
 from tests.dnsserver import DNSServer
-
-
-@pytest.fixture
-def dns_server() -> Iterator[DNSServer]:
-    server = DNSServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

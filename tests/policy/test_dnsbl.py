@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,15 +22,6 @@ from mailfort.policy.dnsbl import (
 from tests.dnsserver import DNSServer
 
 
-@pytest.fixture
-def dns() -> Iterator[DNSServer]:
-    server = DNSServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -40,9 +30,9 @@ class Clock:
         return self.now
 
 
-def checker(dns: DNSServer, zones: list[Zone], *, threshold: int = 1, timeout: float = 1.0,
+def checker(dns_server: DNSServer, zones: list[Zone], *, threshold: int = 1, timeout: float = 1.0,
             clock: Clock | None = None) -> DNSBLChecker:
-    cfg = config_mod.from_dict({"dns": dns.config(timeout=timeout)})
+    cfg = config_mod.from_dict({"dns": dns_server.config(timeout=timeout)})
     return DNSBLChecker(make_resolver(cfg), zones, threshold=threshold, timeout=timeout,
                         clock=clock or time.monotonic)
 
@@ -94,9 +84,10 @@ def test_code_filter() -> None:
 # ------------------------------------------------------------------ lookups
 
 
-async def test_rfc5782_test_entries(dns: DNSServer, caplog: pytest.LogCaptureFixture) -> None:
-    dns.rfc5782_test_entries("bl.test")
-    c = checker(dns, [Zone("bl.test")])
+async def test_rfc5782_test_entries(dns_server: DNSServer,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    dns_server.rfc5782_test_entries("bl.test")
+    c = checker(dns_server, [Zone("bl.test")])
     caplog.set_level(logging.INFO, "mailfort.decision")
     listed = await c.check_client(v4("127.0.0.2"))
     assert listed.listed and listed.zone == "bl.test" and listed.hits[0].codes == ("127.0.0.2",)
@@ -104,41 +95,41 @@ async def test_rfc5782_test_entries(dns: DNSServer, caplog: pytest.LogCaptureFix
     assert not (await c.check_client(v4("127.0.0.1"))).listed
     six = await c.check_client(ipaddress.IPv6Address("::ffff:7f00:2"))
     assert six.listed
-    assert (DNSServer.dnsbl_name("::ffff:7f00:2", "bl.test"), "A") in dns.queries
+    assert (DNSServer.dnsbl_name("::ffff:7f00:2", "bl.test"), "A") in dns_server.queries
     assert not (await c.check_client(ipaddress.IPv6Address("::ffff:7f00:1"))).listed
 
 
-async def test_weights_and_threshold(dns: DNSServer) -> None:
-    dns.list_ip("one.test", "192.0.2.1").list_ip("two.test", "192.0.2.1")
-    dns.list_ip("one.test", "192.0.2.7")
+async def test_weights_and_threshold(dns_server: DNSServer) -> None:
+    dns_server.list_ip("one.test", "192.0.2.1").list_ip("two.test", "192.0.2.1")
+    dns_server.list_ip("one.test", "192.0.2.7")
     zones = [Zone("one.test", 1), Zone("two.test", 2), Zone("three.test", 1)]
-    c = checker(dns, zones, threshold=3)
+    c = checker(dns_server, zones, threshold=3)
     both = await c.check_client(v4("192.0.2.1"))
     assert both.listed and both.score == 3 and both.zone == "two.test"
     one = await c.check_client(v4("192.0.2.7"))
     assert not one.listed and one.score == 1  # found, but under the threshold
     # every zone is asked, side by side
-    asked = {n for n, _ in dns.queries}
+    asked = {n for n, _ in dns_server.queries}
     assert {"1.2.0.192.one.test", "1.2.0.192.two.test", "1.2.0.192.three.test"} <= asked
 
 
-async def test_per_zone_return_code_filter(dns: DNSServer) -> None:
-    dns.list_ip("bl.test", "192.0.2.1", code="127.0.0.2")
-    dns.list_ip("bl.test", "192.0.2.2", code="127.0.0.20")  # e.g. a "policy" listing
-    dns.list_ip("bl.test", "192.0.2.3", code="127.255.255.254")  # "query refused"
-    c = checker(dns, [Zone("bl.test", codes=CodeFilter(["127.0.0.2-127.0.0.11"]))])
+async def test_per_zone_return_code_filter(dns_server: DNSServer) -> None:
+    dns_server.list_ip("bl.test", "192.0.2.1", code="127.0.0.2")
+    dns_server.list_ip("bl.test", "192.0.2.2", code="127.0.0.20")  # e.g. a "policy" listing
+    dns_server.list_ip("bl.test", "192.0.2.3", code="127.255.255.254")  # "query refused"
+    c = checker(dns_server, [Zone("bl.test", codes=CodeFilter(["127.0.0.2-127.0.0.11"]))])
     assert (await c.check_client(v4("192.0.2.1"))).listed
     assert not (await c.check_client(v4("192.0.2.2"))).listed
     assert not (await c.check_client(v4("192.0.2.3"))).listed
 
 
-async def test_timeout_fails_open_quickly(dns: DNSServer,
+async def test_timeout_fails_open_quickly(dns_server: DNSServer,
                                           caplog: pytest.LogCaptureFixture) -> None:
     name = DNSServer.dnsbl_name("192.0.2.1", "slow.test")
-    dns.timeout(name)
-    dns.timeout(DNSServer.dnsbl_name("192.0.2.1", "slow2.test"))
-    dns.list_ip("fast.test", "192.0.2.9")
-    c = checker(dns, [Zone("slow.test"), Zone("slow2.test"), Zone("fast.test")], timeout=0.5)
+    dns_server.timeout(name)
+    dns_server.timeout(DNSServer.dnsbl_name("192.0.2.1", "slow2.test"))
+    dns_server.list_ip("fast.test", "192.0.2.9")
+    c = checker(dns_server, [Zone("slow.test"), Zone("slow2.test"), Zone("fast.test")], timeout=0.5)
     start = time.monotonic()
     verdict = await c.check_client(v4("192.0.2.1"))
     # two zones timing out at 0.5 s each, side by side: well under their 1 s in a row
@@ -147,44 +138,44 @@ async def test_timeout_fails_open_quickly(dns: DNSServer,
     assert f"dnsbl lookup {name} failed" in caplog.text and "fail open" in caplog.text
 
 
-async def test_servfail_fails_open(dns: DNSServer) -> None:
-    dns.servfail(DNSServer.dnsbl_name("192.0.2.1", "bl.test"))
-    verdict = await checker(dns, [Zone("bl.test")]).check_client(v4("192.0.2.1"))
+async def test_servfail_fails_open(dns_server: DNSServer) -> None:
+    dns_server.servfail(DNSServer.dnsbl_name("192.0.2.1", "bl.test"))
+    verdict = await checker(dns_server, [Zone("bl.test")]).check_client(v4("192.0.2.1"))
     assert not verdict.listed and verdict.errors == ("bl.test",)
 
 
-async def test_cache_honours_ttl(dns: DNSServer) -> None:
+async def test_cache_honours_ttl(dns_server: DNSServer) -> None:
     clock = Clock()
-    dns.list_ip("bl.test", "192.0.2.1", ttl=30)
-    c = checker(dns, [Zone("bl.test")], clock=clock)
+    dns_server.list_ip("bl.test", "192.0.2.1", ttl=30)
+    c = checker(dns_server, [Zone("bl.test")], clock=clock)
     name = DNSServer.dnsbl_name("192.0.2.1", "bl.test")
 
     def asked() -> int:
-        return sum(1 for n, t in dns.queries if n == name and t == "A")
+        return sum(1 for n, t in dns_server.queries if n == name and t == "A")
 
     assert (await c.check_client(v4("192.0.2.1"))).listed
     clock.now += 29
     assert (await c.check_client(v4("192.0.2.1"))).listed
     assert asked() == 1  # from the cache
-    dns.remove(name)  # delisted
+    dns_server.remove(name)  # delisted
     clock.now += 2  # past the TTL
     assert not (await c.check_client(v4("192.0.2.1"))).listed
     assert asked() == 2
 
 
-async def test_failures_are_not_cached(dns: DNSServer) -> None:
+async def test_failures_are_not_cached(dns_server: DNSServer) -> None:
     name = DNSServer.dnsbl_name("192.0.2.1", "bl.test")
-    dns.servfail(name)
-    c = checker(dns, [Zone("bl.test")])
+    dns_server.servfail(name)
+    c = checker(dns_server, [Zone("bl.test")])
     assert not (await c.check_client(v4("192.0.2.1"))).listed
-    dns.remove(name)
-    dns.list_ip("bl.test", "192.0.2.1")
+    dns_server.remove(name)
+    dns_server.list_ip("bl.test", "192.0.2.1")
     assert (await c.check_client(v4("192.0.2.1"))).listed
 
 
-async def test_right_hand_side_list(dns: DNSServer) -> None:
-    dns.rfc5782_test_entries("dbl.test")
-    c = checker(dns, [])
+async def test_right_hand_side_list(dns_server: DNSServer) -> None:
+    dns_server.rfc5782_test_entries("dbl.test")
+    c = checker(dns_server, [])
     zones = [Zone("dbl.test")]
     assert (await c.check_domain("TEST", zones)).listed
     assert not (await c.check_domain("invalid", zones)).listed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,9 @@ from mailfort.server.app import inbound_policy
 from tests.dnsserver import DNSServer
 
 
-@pytest.fixture
-def dns() -> Iterator[DNSServer]:
-    server = DNSServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def policy(tmp_path: Path, dns: DNSServer, **sections: dict[str, Any]) -> InboundPolicy:
+def policy(tmp_path: Path, dns_server: DNSServer, **sections: dict[str, Any]) -> InboundPolicy:
     raw: dict[str, Any] = {"server": {"data_dir": str(tmp_path / "data")},
-                           "dns": dns.config(timeout=1.0)}
+                           "dns": dns_server.config(timeout=1.0)}
     raw.update(sections)
     cfg = config_mod.from_dict(raw)
     cfg.data_path.mkdir(parents=True, exist_ok=True)
@@ -41,9 +31,9 @@ POSTMASTER = Mailbox("PostMaster", "example.test")
 SENDER = Mailbox("someone", "remote.test")
 
 
-async def test_listed_client_refused_at_greeting(tmp_path: Path, dns: DNSServer) -> None:
-    dns.rfc5782_test_entries("bl.test")
-    p = policy(tmp_path, dns, dnsbl={"zones": [{"zone": "bl.test"}]})
+async def test_listed_client_refused_at_greeting(tmp_path: Path, dns_server: DNSServer) -> None:
+    dns_server.rfc5782_test_entries("bl.test")
+    p = policy(tmp_path, dns_server, dnsbl={"zones": [{"zone": "bl.test"}]})
     assert p.screens_connections
     v = await p.screen_connection("127.0.0.2")
     assert v.refusal == Reply(554, "5.7.1",
@@ -55,9 +45,9 @@ async def test_listed_client_refused_at_greeting(tmp_path: Path, dns: DNSServer)
 
 
 async def test_reject_at_rcpt_spares_postmaster_and_abuse(tmp_path: Path,
-                                                          dns: DNSServer) -> None:
-    dns.rfc5782_test_entries("bl.test")
-    p = policy(tmp_path, dns, dnsbl={"zones": [{"zone": "bl.test"}], "reject_at": "rcpt"})
+                                                          dns_server: DNSServer) -> None:
+    dns_server.rfc5782_test_entries("bl.test")
+    p = policy(tmp_path, dns_server, dnsbl={"zones": [{"zone": "bl.test"}], "reject_at": "rcpt"})
     v = await p.screen_connection("127.0.0.2")
     assert v.refusal is None and v.dnsbl.listed and p.checks_rcpt(v)
     assert not p.checks_rcpt(await p.screen_connection("127.0.0.1"))  # nothing to do
@@ -67,19 +57,19 @@ async def test_reject_at_rcpt_spares_postmaster_and_abuse(tmp_path: Path,
     assert await p.check_rcpt("127.0.0.2", v, "h", None, Mailbox("abuse", "example.test")) is None
 
 
-async def test_allow_list_skips_every_check(tmp_path: Path, dns: DNSServer) -> None:
-    dns.rfc5782_test_entries("bl.test")
-    p = policy(tmp_path, dns, dnsbl={"zones": [{"zone": "bl.test"}]},
+async def test_allow_list_skips_every_check(tmp_path: Path, dns_server: DNSServer) -> None:
+    dns_server.rfc5782_test_entries("bl.test")
+    p = policy(tmp_path, dns_server, dnsbl={"zones": [{"zone": "bl.test"}]},
                screen={"allow_networks": ["127.0.0.0/30"]}, greylist={"enabled": True})
     v = await p.screen_connection("127.0.0.2")
     assert v.allowed and v.refusal is None
-    assert not [q for q in dns.queries if q[0].endswith("bl.test")]  # not even asked
+    assert not [q for q in dns_server.queries if q[0].endswith("bl.test")]  # not even asked
     assert await p.check_rcpt("127.0.0.2", v, "h", SENDER, ALICE) is None  # no greylisting
 
 
-async def test_right_hand_side_lists_at_rcpt(tmp_path: Path, dns: DNSServer) -> None:
-    dns.list_domain("dbl.test", "remote.test").list_domain("hbl.test", "bad.helo.test")
-    p = policy(tmp_path, dns, dnsbl={"sender_zones": [{"zone": "dbl.test"}],
+async def test_right_hand_side_lists_at_rcpt(tmp_path: Path, dns_server: DNSServer) -> None:
+    dns_server.list_domain("dbl.test", "remote.test").list_domain("hbl.test", "bad.helo.test")
+    p = policy(tmp_path, dns_server, dnsbl={"sender_zones": [{"zone": "dbl.test"}],
                                      "helo_zones": [{"zone": "hbl.test"}]})
     assert not p.screens_connections  # nothing to look up before the banner
     conn = ConnectionVerdict()
@@ -93,8 +83,8 @@ async def test_right_hand_side_lists_at_rcpt(tmp_path: Path, dns: DNSServer) -> 
     assert await p.check_rcpt("192.0.2.1", conn, "bad.helo.test", SENDER, POSTMASTER) is None
 
 
-async def test_greylisting_after_the_blocklists(tmp_path: Path, dns: DNSServer) -> None:
-    p = policy(tmp_path, dns, greylist={"enabled": True, "delay": 0.0})
+async def test_greylisting_after_the_blocklists(tmp_path: Path, dns_server: DNSServer) -> None:
+    p = policy(tmp_path, dns_server, greylist={"enabled": True, "delay": 0.0})
     conn = ConnectionVerdict()
     assert p.checks_rcpt(conn) and not p.checks_rcpt(ConnectionVerdict(allowed=True))
     first = await p.check_rcpt("192.0.2.1", conn, "h", SENDER, ALICE)
@@ -103,7 +93,8 @@ async def test_greylisting_after_the_blocklists(tmp_path: Path, dns: DNSServer) 
     p.close()
 
 
-async def test_greeting_delay_runs_beside_the_lookups(tmp_path: Path, dns: DNSServer) -> None:
+async def test_greeting_delay_runs_beside_the_lookups(tmp_path: Path,
+                                                      dns_server: DNSServer) -> None:
     slept: list[float] = []
 
     async def sleep(seconds: float) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.delivery.conftest import dns_server, outbound_config, receiver_tls, receivers
+from tests.delivery.conftest import outbound_config, receiver_tls, receivers
 
-__all__ = ["LocalSink", "dns_server", "outbound_config", "receiver_tls", "receivers"]
+__all__ = ["LocalSink", "outbound_config", "receiver_tls", "receivers"]
 
 
 class LocalSink:

@@ -1,7 +1,7 @@
-"""Server tests reuse the outbound-delivery fixtures: a test DNS server and SMTP receivers."""
+"""Server tests reuse the outbound-delivery fixtures: SMTP receivers."""
 
 from __future__ import annotations
 
-from tests.delivery.conftest import dns_server, receiver_tls, receivers
+from tests.delivery.conftest import receiver_tls, receivers
 
-__all__ = ["dns_server", "receiver_tls", "receivers"]
+__all__ = ["receiver_tls", "receivers"]
