@@ -250,7 +250,10 @@ def _child(sup: Supervisor, slot: int) -> None:
     try:
         _die_with_parent(sup.main_pid)
         for sig in _SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+            # A reload (SIGHUP, SIGUSR1) that comes while this worker starts must not end
+            # it; its loop takes them over once it serves.
+            ignore = sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+            signal.signal(sig, signal.SIG_IGN if ignore else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         os.close(sup.ready_r)
         if sup.ops.acme is not None:  # the supervisor's: the worker has no thread for it
