@@ -220,11 +220,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(root: Path, ports: dict[str, int], rx_port: int, flush: str) -> Path:
+def write_config(root: Path, ports: dict[str, int], rx_port: int, flush: str,
+                 workers: int = 1) -> Path:
     data = root / "data"
     lines = [
         "[server]", 'hostname = "mx.example.test"', f"data_dir = {json.dumps(str(data))}",
-        "allow_plaintext_auth_on_loopback = true",
+        "allow_plaintext_auth_on_loopback = true", f"workers = {workers}",
         "[store]", f'flush = "{flush}"',
         "[listen]", *(f'{k} = ["127.0.0.1:{ports[k]}"]' for k in SERVICES),
         "submissions = []", "pop3s = []",
@@ -396,12 +397,14 @@ def check(mail_root: Path, ledger: Ledger, rx: Receiver, seconds: float) -> Repo
 
 
 async def campaign(root: Path, kills: int, load: tuple[float, float], seed: int,
-                   flush: str = "fsync", drain_timeout: float = 60.0) -> Report:
+                   flush: str = "fsync", drain_timeout: float = 60.0,
+                   workers: int = 1) -> Report:
+    """``workers`` > 1: the SIGKILL hits the supervisor (its workers die with it)."""
     rng = random.Random(seed)
     started = time.monotonic()
     rx = await Receiver().start()
     ports = {k: free_port() for k in SERVICES}
-    cfg_path = write_config(root, ports, rx.port, flush)
+    cfg_path = write_config(root, ports, rx.port, flush, workers)
     cfg = config_mod.load(cfg_path)
     seed_directory(cfg)
     log = root / "serve.log"
@@ -457,11 +460,12 @@ def main() -> int:
                     help="seconds of load before each kill, drawn uniformly")
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--flush", choices=("fsync", "syncfs"), default="fsync")
+    ap.add_argument("--workers", type=int, default=1, help="[server] workers")
     args = ap.parse_args()
     base = os.environ.get("MAILFORT_BENCH_DIR", "/var/tmp")
     with tempfile.TemporaryDirectory(prefix="mailfort-crash-", dir=base) as tmp:
         report = asyncio.run(campaign(Path(tmp), args.kills, tuple(args.load), args.seed,
-                                      args.flush))
+                                      args.flush, workers=args.workers))
         print(f"seed {args.seed}, flush {args.flush}")
         print("\n".join(report.lines()))
         if not report.ok:

@@ -242,7 +242,7 @@ class MailfortServer:
                  max_connections_per_ip: int | None = None, extra_limits: str = "",
                  dns_port: int = 9, sender_auth: bool = False,
                  store_flush: str = "syncfs", source: str | None = None,
-                 mail_dir: Path | None = None) -> None:
+                 mail_dir: Path | None = None, workers: int = 1) -> None:
         """``max_connections_per_ip`` None: the same as ``max_connections``;
         ``extra_limits``: more ``[limits]`` lines (TOML) for the benchmark at hand.
         ``dns_port``: the loopback DNS server the node asks (never the system resolver:
@@ -252,7 +252,9 @@ class MailfortServer:
         ``store_flush``: ``[store] flush``, "syncfs" (the default) or "fsync".
         ``source``: run mailfort from this ``src`` directory (another checkout) instead
         of the one Python finds, to compare two versions side by side.
-        ``mail_dir``: the Maildir root ([server] mail_dir), default ``data/mail``."""
+        ``mail_dir``: the Maildir root ([server] mail_dir), default ``data/mail``.
+        ``workers``: [server] workers. 1 by default, so that the memory rows (which read
+        ``pid``) measure the one process that serves; above 1, ``pids`` lists them all."""
         self.env = dict(os.environ)
         if source is not None:
             self.env["PYTHONPATH"] = source
@@ -269,7 +271,7 @@ class MailfortServer:
         self.config.write_text(
             f'[server]\nhostname = "mx.bench.test"\ndata_dir = "{self.data}"\n'
             f'mail_dir = "{self.mail}"\n'
-            f"allow_plaintext_auth_on_loopback = {plain}\n"
+            f"allow_plaintext_auth_on_loopback = {plain}\nworkers = {workers}\n"
             f"[listen]\n{listen}\n"
             f"[limits]\nmax_message_size = {max_message_size}\n"
             f"max_connections_per_ip = {max_connections_per_ip or max_connections}\n"
@@ -318,6 +320,15 @@ class MailfortServer:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The serve process and its children (the workers, when there are several)."""
+        return process_tree(self.pid)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the serve process and its workers so far."""
+        return cpu_seconds(self.pid)
 
     def maildir(self, user: str) -> Path:
         """The user's Maildir (with new/, cur/, tmp/ below it)."""

@@ -44,6 +44,17 @@ def dns() -> Iterator[DNSServer]:
 
 @pytest.fixture
 def pebble(tmp_path: Path, dns: DNSServer) -> Iterator[dict[str, object]]:
+    yield from _pebble(tmp_path, dns)
+
+
+@pytest.fixture
+def short_pebble(tmp_path: Path, dns: DNSServer) -> Iterator[dict[str, object]]:
+    """Certificates valid 10 days: always due with tls.acme_renew_days = 30."""
+    yield from _pebble(tmp_path, dns, validity=10 * 86400)
+
+
+def _pebble(tmp_path: Path, dns: DNSServer,
+            validity: int | None = None) -> Iterator[dict[str, object]]:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert.private_key_pem.write_to_path(str(tmp_path / "pebble-key.pem"))
@@ -57,6 +68,8 @@ def pebble(tmp_path: Path, dns: DNSServer) -> Iterator[dict[str, object]]:
         "privateKey": str(tmp_path / "pebble-key.pem"),
         "httpPort": http_port, "tlsPort": free_port(),
         "ocspResponderURL": "", "externalAccountBindingRequired": False}}
+    if validity is not None:
+        conf["pebble"]["certificateValidityPeriod"] = validity
     (tmp_path / "pebble.json").write_text(json.dumps(conf))
     env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
     proc = subprocess.Popen(
@@ -86,11 +99,13 @@ def _acme_table(p: dict[str, object]) -> dict[str, object]:
             "acme_http_listen": f"127.0.0.1:{p['http_port']}"}
 
 
-def test_certificate_obtained_and_served_on_starttls(pebble: dict[str, object]) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_certificate_obtained_and_served_on_starttls(pebble: dict[str, object],
+                                                     workers: int) -> None:
     root = world_dir()
     try:
         config = write_config(root, int(pebble["dns_port"]),  # type: ignore[arg-type]
-                              tls=_acme_table(pebble))
+                              tls=_acme_table(pebble), server={"workers": workers})
         with serving(config, root / "data"):
             mx = int(config_mod.load(config).listen.mx[0].rpartition(":")[2])
             ctx = ssl.create_default_context()
@@ -170,3 +185,46 @@ async def test_renewed_certificate_served_to_new_sessions_open_ones_kept(
         ops.stopping()
         await node.stop()
         await ops.stopped()
+
+
+def _starttls_serial(port: int) -> tuple[smtplib.SMTP, int]:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    smtp = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    smtp.starttls(context=ctx)
+    der = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+    return smtp, x509.load_der_x509_certificate(der).serial_number
+
+
+def test_with_workers_the_supervisor_renews_and_every_worker_serves_it(
+        short_pebble: dict[str, object]) -> None:
+    """workers = 2: the supervisor renews (here at SIGHUP, the certificate being due) and
+    the workers present the new certificate to new sessions; open sessions carry on."""
+    import signal
+
+    root = world_dir()
+    try:
+        config = write_config(root, int(short_pebble["dns_port"]),  # type: ignore[arg-type]
+                              tls=_acme_table(short_pebble), server={"workers": 2})
+        mx = int(config_mod.load(config).listen.mx[0].rpartition(":")[2])
+        with serving(config, root / "data") as server:
+            old_sessions = [_starttls_serial(mx) for _ in range(4)]
+            first = {serial for _, serial in old_sessions}
+            assert len(first) == 1
+            server.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                got = []
+                for _ in range(4):  # new sessions, on either worker
+                    smtp, serial = _starttls_serial(mx)
+                    smtp.quit()
+                    got.append(serial)
+                if not first & set(got):
+                    break
+                time.sleep(0.2)
+            assert not first & set(got), "a worker still presents the old certificate"
+            for smtp, _ in old_sessions:
+                assert smtp.noop()[0] == 250  # still open
+                smtp.quit()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -87,6 +87,8 @@ def test_own_networks_accepted(tmp_path: Path) -> None:
     ({"tls": {"cert_file": "/x.pem"}}, "tls.cert_file"),
     ({"server": {"hostname": "a b"}}, "server.hostname"),
     ({"server": {"data_dir": ""}}, "server.data_dir"),
+    ({"server": {"workers": -1}}, "server.workers"),
+    ({"server": {"shutdown_grace": -1.0}}, "server.shutdown_grace"),
     ({"auth": {"block_after_failures": 0}}, "auth.block_after_failures"),
     ({"auth": {"delay_after_failures": -1}}, "auth.delay_after_failures"),
     ({"auth": {"block_seconds": 0}}, "auth.block_seconds"),

@@ -50,6 +50,10 @@ class ServerConfig:
     # empty means the user's own group) for good. Empty: no switch (see server/privileges.py).
     user: str = ""
     group: str = ""
+    # Worker processes sharing the listeners; 0: one per CPU. 1 runs a single process.
+    workers: int = 0
+    # Seconds that SIGTERM lets open sessions finish before they get a 421 / -ERR.
+    shutdown_grace: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -300,8 +304,9 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class CountersConfig:
-    # Where brute-force, rate and connection counts live: "memory" (this process, the
-    # embedded default) or "redis" (shared by every node that names the same Redis).
+    # Where brute-force, rate and connection counts live: "memory" (this node: in the
+    # process, or with [server] workers above 1 in one SQLite file that its worker
+    # processes share) or "redis" (shared by every node that names the same Redis).
     backend: str = "memory"
     # redis://HOST:PORT/DB (or rediss:// for TLS), without a password in it.
     url: str = ""
@@ -514,6 +519,10 @@ def validate(cfg: Config) -> Config:
     if not cfg.server.data_dir:
         raise ConfigError("server.data_dir: must not be empty")
     _validate_directory(cfg.directory)
+    if not 0 <= cfg.server.workers <= 256:
+        raise ConfigError("server.workers: 0 (one per CPU) to 256")
+    if not 0 <= cfg.server.shutdown_grace <= 3600:
+        raise ConfigError("server.shutdown_grace: must be between 0 and 3600 seconds")
     _validate_auth(cfg.auth)
     for k in ("messages_per_hour", "max_recipients"):
         if getattr(cfg.submission, k) <= 0:

@@ -67,7 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0
     print(f"mailfort is running: pid {status['pid']} as {status['user']}, "
-          f"up {status['uptime']}s")
+          f"up {status['uptime']}s, {status.get('workers', 1)} worker process(es)")
     listeners: dict[str, list[str]] = status["listeners"]  # type: ignore[assignment]
     sessions: dict[str, int] = status["sessions"]  # type: ignore[assignment]
     for name, addrs in listeners.items():

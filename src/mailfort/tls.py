@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import ssl
 from pathlib import Path
@@ -19,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mailfort.config import Config, ConfigError
+
+log = logging.getLogger("mailfort")
 
 CERT_NAME = "cert.pem"
 KEY_NAME = "key.pem"
@@ -141,3 +144,21 @@ def server_context(cfg: Config) -> ssl.SSLContext:
         raise ConfigError(f"tls.cert_file / tls.key_file: cannot load {cert} / {key}: {exc}")\
             from None
     return ctx
+
+
+def reload_certificate(ctx: ssl.SSLContext, cfg: Config) -> bool:
+    """Load the configured (or generated) certificate and key again into ``ctx`` (SIGHUP).
+
+    The context is changed in place: the listeners with implicit TLS hold it, and
+    STARTTLS reads it per session, so every new handshake presents the new certificate,
+    while each open session keeps the one it negotiated. A bad pair is logged and the old
+    one stays in force (a reload must never stop the server). True if loaded.
+    """
+    try:
+        cert, key = ensure_certificate(cfg)
+        ctx.load_cert_chain(cert, key)
+    except Exception as exc:
+        log.error("certificate reload failed, keeping the current one: %s", exc)
+        return False
+    log.info("certificate reloaded from %s", cert)
+    return True

@@ -174,6 +174,20 @@ def serving(config: Path, data_dir: Path, ready: bool = True,
         server.stop()
 
 
+def node_pids(pid: int) -> list[int]:
+    """``pid`` (``mailfort serve``) and its children (its worker processes, if any)."""
+    out = [pid]
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
 def proc_ids(pid: int, task: int | None = None) -> dict[str, list[int]]:
     """Uid, Gid (real, effective, saved, fs) and Groups of a process (or one of its
     threads), from /proc."""

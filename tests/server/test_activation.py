@@ -48,9 +48,13 @@ def _listening(port: int) -> socket.socket:
     return sock
 
 
-def test_inherited_socket_serves_the_listener_that_names_its_address(root_dir: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_inherited_socket_serves_the_listener_that_names_its_address(
+        root_dir: Path, workers: int) -> None:
+    """workers = 2: the supervisor takes the socket and its workers serve it."""
     port = free_port()
-    config = write_config(root_dir, refusing_dns_port(), listen={"mx": [f"127.0.0.1:{port}"]})
+    config = write_config(root_dir, refusing_dns_port(), listen={"mx": [f"127.0.0.1:{port}"]},
+                          server={"workers": workers})
     with _listening(port) as sock, serving(config, root_dir / "data", activate=[sock]):
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
             assert smtp.ehlo()[0] == 250

@@ -193,3 +193,25 @@ async def test_connection_rate_limit_refuses_and_logs(
         assert other.startswith("220 ")
     assert ("reject: CONNECT from [127.0.0.1]: 421 4.7.0 Connection rate limit exceeded, "
             "try again later") in [r.getMessage() for r in caplog.records]
+
+
+def test_shared_limiter_counts_over_workers_and_forgets_a_dead_one(tmp_path: Any) -> None:
+    """Two workers' limiters on one file: the caps hold over both; a slot reset (its
+    worker died and is replaced) releases what that worker had counted."""
+    from mailfort.server.connections import SharedConnectionLimiter, clear_slot
+
+    path = tmp_path / "shared.sqlite3"
+    w0 = SharedConnectionLimiter(path, 0, max_total=3, max_per_ip=2)
+    w1 = SharedConnectionLimiter(path, 1, max_total=3, max_per_ip=2)
+    assert w0.admit("192.0.2.1") is Admission.OK
+    assert w1.admit("192.0.2.1") is Admission.OK
+    assert w0.admit("192.0.2.1") is Admission.TOO_MANY_FROM_IP
+    assert w1.admit("192.0.2.1") is Admission.TOO_MANY_FROM_IP
+    assert w1.admit("192.0.2.2") is Admission.OK
+    assert w0.admit("192.0.2.3") is Admission.TOO_MANY
+    w0.release("192.0.2.1")
+    assert w0.admit("192.0.2.3") is Admission.OK
+    assert w0.total == 3
+    clear_slot(path, 1)  # worker 1 died: its two connections are gone with it
+    assert w0.total == 1
+    assert w0.admit("192.0.2.1") is Admission.OK

@@ -63,7 +63,8 @@ def server() -> Iterator[Server]:
     metrics_port = free_port()
     config = write_config(root, refusing_dns_port(),
                           log={"format": "json", "file": str(root / "mailfort.log")},
-                          metrics={"listen": f"127.0.0.1:{metrics_port}"})
+                          metrics={"listen": f"127.0.0.1:{metrics_port}"},
+                          server={"workers": 2})  # one endpoint sums both workers
     pw = root / "pw.txt"
     pw.write_text(PASSWORD + "\n")
     for args in (("domain", "add", "example.test"),
@@ -146,20 +147,21 @@ def test_log_has_a_line_per_event_and_never_a_password_or_body(server: Server) -
     assert "tls=TLSv1." in accepted[-1]["message"]
 
 
-def test_log_file_reopened_after_rotation_and_on_sigusr1(server: Server) -> None:
+def test_log_file_reopened_after_rotation_and_on_sigusr1_and_sighup(server: Server) -> None:
     log = server.config.parent / "mailfort.log"
     rotated = log.with_suffix(".log.1")
     log.rename(rotated)  # logrotate without copytruncate
     with smtplib.SMTP("127.0.0.1", _port(server.config, "mx"), timeout=20) as smtp:
         smtp.ehlo()
     assert '"event": "connect"' in log.read_text()  # a new file, not the moved one
-    log.rename(rotated)
-    os.kill(server.pid, signal.SIGUSR1)  # without a handler, SIGUSR1 ends a process
-    deadline = time.monotonic() + 10
-    while not log.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert log.exists()
-    assert server.proc.poll() is None
+    for sig in (signal.SIGUSR1, signal.SIGHUP):  # without a handler, either ends a process
+        log.rename(rotated)
+        os.kill(server.pid, sig)
+        deadline = time.monotonic() + 10
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert log.exists(), sig
+        assert server.proc.poll() is None
 
 
 def test_metrics_move_with_the_traffic(server: Server) -> None:
@@ -186,7 +188,8 @@ def test_metrics_move_with_the_traffic(server: Server) -> None:
 def test_status_and_tls_show(server: Server) -> None:
     r = cli(server.config, "status")
     assert r.returncode == 0, r.stderr
-    assert f"pid {server.pid}" in r.stdout
+    assert f"pid {server.pid}" in r.stdout  # the supervisor's, which systemd knows
+    assert "2 worker process(es)" in r.stdout
     mx = _port(server.config, "mx")
     assert f"127.0.0.1:{mx}" in r.stdout
     assert "queue: 0 message(s)" in r.stdout and "days left" in r.stdout
@@ -212,7 +215,8 @@ async def test_queue_retry_wakes_the_running_server_at_once() -> None:
     config = write_config(root, refusing_dns_port(),
                           relay={"trusted_networks": ["127.0.0.1/32"]},
                           routes={"remote.test": {"host": "127.0.0.1", "port": dest}},
-                          queue={"initial_retry": 3600.0})
+                          queue={"initial_retry": 3600.0},
+                          server={"workers": 2})  # the primary worker delivers and answers
     queue = Queue(root / "data" / "queue")
     receiver = Receiver()
     try:
@@ -261,7 +265,8 @@ def test_block_remove_lifts_a_brute_force_block_at_once() -> None:
     root = world_dir()
     config = write_config(root, refusing_dns_port(),
                           auth={"block_after_failures": 2, "failure_delay": 0.0},
-                          server={"allow_plaintext_auth_on_loopback": True})
+                          server={"allow_plaintext_auth_on_loopback": True,
+                                  "workers": 2})  # the block and its removal hold node-wide
     pw = root / "pw.txt"
     pw.write_text(PASSWORD + "\n")
     for args in (("domain", "add", "example.test"),
@@ -363,3 +368,54 @@ def test_block_list_without_a_server_says_where_the_blocks_are(
         args = argparse.Namespace(config=str(config), json=False)
         assert ops_commands.cmd_block_list(args) == 3
         assert where in capsys.readouterr().out
+
+
+async def test_certificate_files_changed_on_disk_are_served_without_a_signal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another tool renews tls.cert_file / key_file in place: new handshakes get the new
+    certificate without SIGHUP, and an open TLS session carries on."""
+    import trustme
+    from cryptography import x509
+
+    from mailfort.server import operations
+    from tests.conftest import HOSTNAME, make_config
+
+    ca = trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def issue() -> None:
+        issued = ca.issue_cert(HOSTNAME)
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+
+    issue()
+    cfg = make_config(tmp_path / "d", tls={"cert_file": str(cert), "key_file": str(key)})
+    monkeypatch.setattr(operations, "CERT_WATCH_EVERY", 0.05)
+    ops = operations.Operations(cfg)
+    node = Node(cfg)
+    node.after_bind = ops.after_bind
+    await node.start()
+    await ops.started(node)
+
+    def handshake() -> tuple[smtplib.SMTP, int]:
+        smtp = smtplib.SMTP("127.0.0.1", node.port("mx"), timeout=20)
+        smtp.starttls(context=_no_verify())
+        der = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        return smtp, x509.load_der_x509_certificate(der).serial_number
+
+    try:
+        old_session, first = await asyncio.to_thread(handshake)
+        issue()
+        deadline = time.monotonic() + 10
+        second = first
+        while second == first and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            session, second = await asyncio.to_thread(handshake)
+            await asyncio.to_thread(session.quit)
+        assert second != first, "the changed files are not served"
+        assert (await asyncio.to_thread(old_session.noop))[0] == 250
+        await asyncio.to_thread(old_session.quit)
+    finally:
+        ops.stopping()
+        await node.stop()
+        await ops.stopped()

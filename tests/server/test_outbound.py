@@ -502,3 +502,74 @@ async def test_queue_entry_survives_sigkill_and_is_delivered_after_restart(
     assert got.tls
     new = maildir_for(data / "mail", ALICE) / "new"
     assert not new.exists() or list(new.iterdir()) == [], "delivered: nothing to bounce"
+
+
+async def test_mail_queued_on_any_worker_is_delivered_once_and_at_once(
+    tmp_path: Path,
+    tls_ca: trustme.CA,
+    client_ssl_context: ssl.SSLContext,
+    dns_server: DNSServer,
+    receivers: ReceiverFactory,
+    receiver_tls: ssl.SSLContext,
+) -> None:
+    """``workers = 2``: only worker 0 delivers. Mail submitted on worker 1 wakes it through
+    the supervisor's pipe, so it leaves in seconds, not at the next rescan of the queue
+    (a minute), and every message is delivered exactly once."""
+    from tests.server.test_workers import worker_of
+
+    receiver = await receivers(ssl_context=receiver_tls)
+    mx_to_loopback(dns_server, "remote.test")
+    cert = tls_ca.issue_cert("127.0.0.1", "mailfort.example.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    port = free_port()
+    cfg_path = tmp_path / "mailfort.toml"
+    cfg_path.write_text(
+        '[server]\nhostname = "mailfort.example.test"\n'
+        f'data_dir = "{tmp_path / "data"}"\nworkers = 2\n'
+        f'[tls]\ncert_file = "{tmp_path / "cert.pem"}"\nkey_file = "{tmp_path / "key.pem"}"\n'
+        f'[listen]\nmx = []\nsubmission = ["127.0.0.1:{port}"]\nsubmissions = []\n'
+        "pop3 = []\npop3s = []\n"
+        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_server.port}\ntimeout = 1.0\n'
+        f"[queue]\nmx_port = {receiver.port}\ninitial_retry = 0.2\nmax_retry = 0.5\n"
+        "connect_timeout = 2.0\n"
+    )
+    password = "alice-long-password"
+    (tmp_path / "pw.txt").write_text(password + "\n")
+    await asyncio.to_thread(_cli, "domain", "add", "example.test", config=cfg_path)
+    await asyncio.to_thread(_cli, "user", "add", ALICE, "--password-file",
+                            str(tmp_path / "pw.txt"), config=cfg_path)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailfort", "serve", "--config", str(cfg_path)],
+            stdout=subprocess.DEVNULL, stderr=err)
+
+    def send(token_msg: EmailMessage) -> int:
+        """Submit; the pid of the worker that took the message."""
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            pid = worker_of(proc.pid, port, s.sock)
+            s.starttls(context=client_ssl_context)
+            s.login(ALICE, password)
+            assert s.send_message(token_msg, to_addrs=["someone@remote.test"]) == {}
+        return pid
+
+    try:
+        await wait_for(lambda: log.read_text().count(" serving") == 2, "two workers")
+        (line,) = [x for x in log.read_text().splitlines() if "with outbound delivery" in x]
+        delivering = int(line.split("(pid ")[1].split(")")[0])
+        tokens, on_other = [], False
+        for _ in range(20):
+            msg, token = new_message(["someone@remote.test"])
+            on_other |= await asyncio.to_thread(send, msg) != delivering
+            tokens.append(token)
+            if on_other and len(tokens) >= 3:
+                break
+        assert on_other, "every submission landed on the delivering worker"
+        await wait_for(lambda: len(receiver.messages) >= len(tokens), "delivered", 15.0)
+        await asyncio.sleep(0.5)  # a second delivery would show here
+    finally:
+        _stop(proc)
+    got = sorted(t for m in receiver.messages for t in tokens
+                 if f"Subject: {t}".encode() in m.data)
+    assert got == sorted(tokens)

@@ -24,6 +24,7 @@ from tests.conftest import refusing_dns_port
 from tests.server.production import (
     cli,
     free_low_port,
+    node_pids,
     proc_ids,
     serving,
     world_dir,
@@ -45,20 +46,28 @@ def root_dir() -> Path:
 
 
 @as_root
-def test_started_as_root_serves_as_server_user_with_no_way_back(root_dir: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_started_as_root_serves_as_server_user_with_no_way_back(
+        root_dir: Path, workers: int) -> None:
+    """With workers = 2 the supervisor drops before it forks: no process serves as root."""
     low = free_low_port()
     config = write_config(root_dir, refusing_dns_port(),
                           listen={"mx": [f"127.0.0.1:{low}"]},
-                          server={"user": "nobody"})
+                          server={"user": "nobody", "workers": workers})
     with serving(config, root_dir / "data") as server:
-        ids = proc_ids(server.pid)
-        assert ids["Uid"] == [NOBODY.pw_uid] * 4  # real, effective, saved, filesystem
-        assert ids["Gid"] == [NOBODY.pw_gid] * 4
-        assert ids["Groups"] == []  # root's supplementary groups are gone
-        tasks = [int(t.name) for t in Path(f"/proc/{server.pid}/task").iterdir()]
-        assert len(tasks) > 1  # the committer thread at least
-        for task in tasks:  # every thread, not only the main one
-            assert proc_ids(server.pid, task)["Uid"] == [NOBODY.pw_uid] * 4, task
+        pids = node_pids(server.pid)
+        assert len(pids) == (1 if workers == 1 else 1 + workers)
+        threads = 0
+        for pid in pids:
+            ids = proc_ids(pid)
+            assert ids["Uid"] == [NOBODY.pw_uid] * 4  # real, effective, saved, filesystem
+            assert ids["Gid"] == [NOBODY.pw_gid] * 4
+            assert ids["Groups"] == []  # root's supplementary groups are gone
+            tasks = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+            threads += len(tasks)
+            for task in tasks:  # every thread, not only the main one
+                assert proc_ids(pid, task)["Uid"] == [NOBODY.pw_uid] * 4, task
+        assert threads > len(pids)  # the committer threads at least
         # ... and it still serves on the privileged port it bound as root.
         with smtplib.SMTP("127.0.0.1", low, timeout=10) as smtp:
             assert smtp.ehlo()[0] == 250

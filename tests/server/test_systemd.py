@@ -18,13 +18,17 @@ from tests.server.production import serving, world_dir, write_config
 UNIT = Path(__file__).resolve().parents[2] / "contrib" / "mailfort.service"
 
 
-def test_serve_says_ready_once_listening_and_stopping_at_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_says_ready_once_listening_reloading_at_sighup_and_stopping_at_sigterm(
+        tmp_path: Path, workers: int) -> None:
+    """With workers = 2 the supervisor speaks for the node (the workers have no socket):
+    READY=1 once every worker serves."""
     root = world_dir()
     sock_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(sock_path))
         sock.settimeout(20)
-        config = write_config(root, refusing_dns_port())
+        config = write_config(root, refusing_dns_port(), server={"workers": workers})
         with serving(config, root / "data", ready=False,
                      NOTIFY_SOCKET=str(sock_path)) as server:
             ready = sock.recv(4096).decode()
@@ -32,6 +36,11 @@ def test_serve_says_ready_once_listening_and_stopping_at_sigterm(tmp_path: Path)
             assert f"MAINPID={server.pid}" in ready.splitlines()
             # Ready means ready: the control socket answers already.
             server.wait_ready(timeout=1)
+            server.proc.send_signal(signal.SIGHUP)
+            reloading = sock.recv(4096).decode().splitlines()
+            assert "RELOADING=1" in reloading
+            assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
+            assert "READY=1" in sock.recv(4096).decode().splitlines()
             server.proc.send_signal(signal.SIGTERM)
             assert "STOPPING=1" in sock.recv(4096).decode().splitlines()
             server.proc.wait(20)

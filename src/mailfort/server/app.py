@@ -15,7 +15,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailfort import logsetup
 from mailfort.config import Config
@@ -24,6 +24,7 @@ from mailfort.directory import open_directory
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import (
     Counters,
+    CounterStore,
     FallbackCounters,
     LocalCounters,
     MemoryCounters,
@@ -36,7 +37,7 @@ from mailfort.policy.senderauth import SenderAuth
 from mailfort.queue import owner as queue_owner
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
-from mailfort.server.connections import ConnectionLimiter
+from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
 from mailfort.server.mtasts_http import PolicyServer
 from mailfort.server.operations import Operations
 from mailfort.server.pop3 import POP3Server
@@ -64,9 +65,13 @@ class Node:
     """All services of one mailfort instance, sharing one directory and one committer."""
 
     def __init__(self, cfg: Config, *, ssl_context: ssl.SSLContext | None = None,
-                 legacy: LegacyProfile | None = None) -> None:
+                 legacy: LegacyProfile | None = None,
+                 counters: CounterStore | None = None,
+                 limiter: ConnectionLimiter | SharedConnectionLimiter | None = None) -> None:
         """``legacy``: the lab's weakened profile. Only ``mailfort.lab`` passes one; no
-        configuration key or ``serve`` option leads here."""
+        configuration key or ``serve`` option leads here. ``counters``, ``limiter``: the
+        state that a worker process shares with the others (server/supervisor.py); by
+        default in-process."""
         self.cfg = cfg
         self.legacy = legacy
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
@@ -79,9 +84,11 @@ class Node:
 
             ssl_context = server_context(cfg)
         self.ssl_context = ssl_context
-        # This node's own counts (the connection rate, and the fallback of throttles),
-        # and the ones the logins and throttles use: shared when [counters] says so.
-        self.local_counters = MemoryCounters()
+        # This node's own counts (the connection rate, and the fallback of throttles): in
+        # this process, or the store a worker process shares with the others on this
+        # machine (server/supervisor.py). The logins and throttles count there too, or in
+        # Redis when [counters] says so.
+        self.local_counters: CounterStore = counters if counters is not None else MemoryCounters()
         self.counters, self.throttles, self.maildrop_locks = make_counters(
             cfg, self.local_counters)
         self.authenticator = Authenticator(
@@ -97,26 +104,36 @@ class Node:
         self.msa = MSAPolicy(cfg, self.directory, self.throttles)
         # SPF, DKIM and DMARC of the mail the MX receives ([sender_auth]).
         self.sender_auth = SenderAuth(cfg) if cfg.sender_auth.enabled else None
-        # One count of connections for the whole node, shared by every listener. It is
-        # decided at accept, without a network round trip: per node even with [counters]
-        # in Redis (each node protects its own sockets; the logins are what is shared).
-        self.limiter = ConnectionLimiter(
-            cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
-            rate_per_minute=cfg.limits.max_connection_rate_per_ip,
-            counters=self.local_counters)
-        # This process's stress mode (server/stress.py), shared by every listener.
+        # One count of connections for the whole node, shared by every listener (and by
+        # every worker process). It is decided at accept, without a network round trip:
+        # per node even with [counters] in Redis (each node protects its own sockets; the
+        # logins are what is shared).
+        self.limiter: ConnectionLimiter | SharedConnectionLimiter = (
+            limiter if limiter is not None else ConnectionLimiter(
+                cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
+                rate_per_minute=cfg.limits.max_connection_rate_per_ip,
+                counters=self.local_counters))
+        # This process's stress mode (server/stress.py), shared by every listener. In a
+        # worker process it adapts this worker's sessions; the count it reads is the node's.
         self.stress = StressGuard(cfg.limits.stress)
         # The MX's DNSBL, pre-greeting and greylisting.
         self.inbound = inbound_policy(cfg, self.directory)
+        # New outbound mail was queued: wake delivery (a worker process without delivery
+        # tells the one that has it, server/supervisor.py).
+        self.queued: Callable[[], None] = self.worker.wake
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.ports: dict[str, list[int]] = {}
         # Called once every listener is bound, before delivery starts (privilege drop).
         self.after_bind: Callable[[], None] | None = None
-        # (listen.* name, index) -> a socket already listening (systemd socket activation).
+        # (listen.* name, index) -> a socket already listening (systemd socket activation,
+        # or a worker process's, inherited from its supervisor).
         self.inherited: dict[tuple[str, int], socket.socket] = {}
         self.mta_sts: PolicyServer | None = None  # [mta_sts] listen (not in ``ports``,
         self.mta_sts_port = 0  # which are the mail services of [listen]), its bound port
+        # A worker process's listeners count their sessions where the node's metrics
+        # endpoint sums them (metrics.CountedSessions); None: a plain set.
+        self.session_set: Callable[[str], set[Any]] | None = None
 
     def _enqueue(
         self, path: Path, env: Envelope, submitted_by: str | None
@@ -144,21 +161,27 @@ class Node:
             self.ssl_context,
             authenticate=self._authenticate if options.auth or legacy else None,
             enqueue=self._enqueue if legacy is None else legacy.enqueue_hook(self),
-            queued=self.worker.wake,
+            queued=lambda: self.queued(),
             submission=self.msa if options.auth else None,
             legacy=legacy,
             sender_auth=self.sender_auth if options.name == "mx" else None,
         )
 
-    async def start(self) -> None:
-        try:  # so that `mailfort queue adopt` refuses this queue while the node runs
-            self._queue_lock = queue_owner.hold(self.queue.root)
-        except queue_owner.QueueBusy as exc:
-            self._queue_lock = None
-            log.warning("%s: another process delivers from this queue too", exc)
-        removed = self.committer.recover()
-        if removed:
-            log.info("removed %d unacknowledged spool files left by a crash", removed)
+    async def start(self, *, recover: bool = True, deliver: bool = True) -> None:
+        """Without arguments: a whole node in this process. A worker process of
+        server/supervisor.py passes ``recover=False`` (the supervisor recovered the spool
+        before any worker could be writing to it) and ``deliver`` only for the one worker
+        that runs what a node runs once: outbound delivery and the queue's ownership, and
+        the MTA-STS policy listener; its listening sockets are in ``inherited``."""
+        if deliver:
+            try:  # so that `mailfort queue adopt` refuses this queue while the node runs
+                self._queue_lock = queue_owner.hold(self.queue.root)
+            except queue_owner.QueueBusy as exc:
+                log.warning("%s: another process delivers from this queue too", exc)
+        if recover:
+            removed = self.committer.recover()
+            if removed:
+                log.info("removed %d unacknowledged spool files left by a crash", removed)
         loopback_plain = self.cfg.server.allow_plaintext_auth_on_loopback
         self.services["mx"] = self._smtp_service(ServiceOptions(name="mx"))
         self.services["mx"].inbound = self.inbound
@@ -184,21 +207,25 @@ class Node:
                 pop.settings = pop.loopback_settings = self.legacy.pop3_settings(pop.settings)
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
-            service.limiter = self.limiter
+            service.limiter = self.limiter  # type: ignore[assignment]
             service.stress = self.stress
+            if self.session_set is not None:
+                service.sessions = self.session_set(name)
             for i, hostport in enumerate(getattr(self.cfg.listen, name)):
                 server = await service.start(*_split(hostport),
                                              sock=self.inherited.get((name, i)))
                 for sock in server.sockets:
                     self.ports.setdefault(name, []).append(sock.getsockname()[1])
-        if self.cfg.mta_sts.listen:  # our MTA-STS policy over HTTPS (RFC 8461 §3.3)
+        if self.cfg.mta_sts.listen and deliver:  # our MTA-STS policy (RFC 8461 §3.3)
             if self.ssl_context is None:
                 raise RuntimeError("mta_sts.listen needs a certificate ([tls])")
             self.mta_sts = PolicyServer(self.cfg, self.ssl_context)
-            self.mta_sts_port = await self.mta_sts.start(self.cfg.mta_sts.listen)
+            self.mta_sts_port = await self.mta_sts.start(
+                self.cfg.mta_sts.listen, sock=self.inherited.get(("mta_sts", 0)))
         if self.after_bind is not None:
             self.after_bind()
-        await self.worker.start()
+        if deliver:
+            await self.worker.start()
 
     def port(self, name: str) -> int:
         return self.ports[name][0]
@@ -342,7 +369,11 @@ def raise_file_limit(cfg: Config) -> None:
 
 
 def run(cfg: Config) -> None:
+    from mailfort.server.supervisor import run_supervisor, worker_count
+
     handler = logsetup.configure(cfg)  # [log]: text or json, stderr or a file
     ops = Operations(cfg, handler)  # refuses root on privileged ports before any bind
     raise_file_limit(cfg)
+    if worker_count(cfg) > 1:  # [server] workers: a supervisor and its worker processes
+        raise SystemExit(run_supervisor(cfg, ops))
     asyncio.run(serve(cfg, ops))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 
 from mailfort.config import Config
@@ -75,11 +76,18 @@ class PolicyServer:
         self.server: asyncio.base_events.Server | None = None
         self._open = 0
 
-    async def start(self, hostport: str) -> int:
+    async def start(self, hostport: str, sock: socket.socket | None = None) -> int:
+        """Listen on ``hostport``, or on ``sock`` when one is already bound there (worker
+        processes: the supervisor binds it before it drops privileges)."""
         host, _, port = hostport.rpartition(":")
-        self.server = await asyncio.start_server(
-            self._client, host.strip("[]"), int(port), ssl=self.ssl_context,
-            ssl_handshake_timeout=REQUEST_TIMEOUT, limit=MAX_HEAD, reuse_address=True)
+        if sock is not None:
+            self.server = await asyncio.start_server(
+                self._client, sock=sock, ssl=self.ssl_context,
+                ssl_handshake_timeout=REQUEST_TIMEOUT, limit=MAX_HEAD)
+        else:
+            self.server = await asyncio.start_server(
+                self._client, host.strip("[]"), int(port), ssl=self.ssl_context,
+                ssl_handshake_timeout=REQUEST_TIMEOUT, limit=MAX_HEAD, reuse_address=True)
         bound = int(self.server.sockets[0].getsockname()[1])
         log.info("MTA-STS policy on https://%s:%d%s", host, bound, PATH)
         return bound

@@ -4,8 +4,15 @@ In order: ``Operations(cfg)`` decides about privileges before anything is opened
 server/privileges.py) and connects to the service manager's notify socket; the node binds
 its listeners and calls ``after_bind``, which gives the data directory to the service user
 and drops to it (before any delivery or session runs as root); ``started`` opens the
-metrics endpoint and the control socket, installs SIGUSR1 (reopen the log file) and tells
+metrics endpoint and the control socket, installs SIGHUP (reload the certificate and
+reopen the log file, RELOADING=1 then READY=1) and SIGUSR1 (reopen the log file) and tells
 systemd READY=1; ``stopping``/``stopped`` undo it, STOPPING=1 first.
+
+In a worker process (``[server] workers`` > 1, server/supervisor.py) the supervisor did the
+first part (privileges, binding, systemd) once for the node; ``Operations(cfg, handler,
+role=...)`` then only does what each worker must (SIGHUP, SIGUSR1), and in the primary
+worker, the one that also delivers, what must run once per node: the control socket and
+the metrics endpoint (on the socket the supervisor bound, summing every worker's counts).
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mailfort import acmecert, logsetup, metrics, tlsinfo
+from mailfort import acmecert, logsetup, metrics, tls, tlsinfo
 from mailfort.config import Config, ConfigError
 from mailfort.server import activation, privileges
 from mailfort.server.control import ControlServer, socket_path
@@ -34,6 +44,16 @@ log = logging.getLogger("mailfort")
 
 
 ACME_CHECK_EVERY = 12 * 3600.0
+CERT_WATCH_EVERY = 30.0  # seconds between looks at tls.cert_file / tls.key_file
+
+
+def _file_stamp(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int], ...] | None:
+    """What changes when a tool writes or replaces the files (inode, size, mtime)."""
+    try:
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns)
+                     for st in (p.stat() for p in paths))
+    except OSError:
+        return None
 
 
 def _acme_start(cfg: Config) -> acmecert.ChallengeServer:
@@ -60,19 +80,45 @@ def sessions_open(node: Node) -> dict[str, int]:
     return {name: len(svc.sessions) for name, svc in services.items()}
 
 
+@dataclass
+class WorkerRole:
+    """What a worker process is told by its supervisor."""
+
+    slot: int
+    workers: int
+    main_pid: int  # the supervisor: the pid systemd and ``mailfort status`` know
+    sockets: dict[tuple[str, int], socket.socket]  # (listen.* name, index) -> listening
+    metrics_socket: socket.socket | None = None  # the primary worker serves the endpoint
+
+    @property
+    def primary(self) -> bool:
+        """Slot 0 delivers, and runs what must run once per node."""
+        return self.slot == 0
+
+
 class Operations:
-    def __init__(self, cfg: Config, log_handler: logging.Handler | None = None) -> None:
+    def __init__(self, cfg: Config, log_handler: logging.Handler | None = None, *,
+                 role: WorkerRole | None = None) -> None:
         self.cfg = cfg
         self.log_handler = log_handler
-        # Sockets from systemd socket activation need no bind (nor root); ConfigError for
-        # any that the configuration does not name, and (preflight) before anything opens.
-        self.inherited = activation.assign(cfg, activation.inherited_sockets())
-        self.account = privileges.preflight(cfg, set(self.inherited))
+        self.role = role
         self.acme: acmecert.ChallengeServer | None = None
         self.renewal: asyncio.Task[None] | None = None
-        if cfg.tls.acme:  # before the node: its TLS context needs the certificate
-            self.acme = _acme_start(cfg)
-        self.notifier = Notifier()
+        self.cert_watch: asyncio.Task[None] | None = None
+        self.registry = metrics.REGISTRY
+        if role is not None:  # the supervisor bound, dropped privileges, talks to systemd
+            self.inherited = role.sockets
+            self.account: privileges.Account | None = None
+            self.notifier = Notifier({})
+        else:
+            # Sockets from systemd socket activation need no bind (nor root); ConfigError
+            # for any that the configuration does not name, and (preflight) before
+            # anything opens.
+            self.inherited = activation.assign(cfg, activation.inherited_sockets())
+            self.account = privileges.preflight(cfg, set(self.inherited))
+            if cfg.tls.acme:  # before the node: its TLS context needs the certificate
+                self.acme = _acme_start(cfg)
+            self.notifier = Notifier()
         self.started_at = time.time()
         self.node: Node | None = None
         self.control: ControlServer | None = None
@@ -83,8 +129,14 @@ class Operations:
 
     def after_bind(self) -> None:
         """Listeners are bound; nothing has been served or delivered yet."""
+        if self.role is not None:
+            return
         if self.cfg.metrics.listen:
             self.metrics_server = metrics.serve(self.cfg.metrics.listen)
+        self.drop_privileges()
+
+    def drop_privileges(self) -> None:
+        """Give the data directory (and log file) to the service user, then become it."""
         if self.account is None:
             return
         privileges.own_data_dir(self.cfg.data_path, self.account)
@@ -96,21 +148,48 @@ class Operations:
 
     async def started(self, node: Node) -> None:
         self.node = node
-        self.collector = metrics.NodeCollector(
-            lambda: sessions_open(node), lambda: [e.created for e in node.queue.list()])
-        metrics.REGISTRY.register(self.collector)
+        loop = asyncio.get_running_loop()
+        handler = self.log_handler
+        if handler is not None:
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(signal.SIGUSR1, logsetup.reopen, handler)
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.cfg.tls.cert_file and node.ssl_context is not None:
+            self.cert_watch = asyncio.create_task(self._watch_certificate(node),
+                                                  name="certificate-watch")
+        role = self.role
+        if role is not None and not role.primary:
+            return
+        queue_created = lambda: [e.created for e in node.queue.list()]  # noqa: E731
+        if role is None:
+            self.collector = metrics.NodeCollector(lambda: sessions_open(node), queue_created)
+            metrics.REGISTRY.register(self.collector)
+        else:  # the node's sums over every worker; the sessions are in their gauges
+            self.registry = metrics.node_registry()
+            self.registry.register(metrics.NodeCollector(None, queue_created))
+            if role.metrics_socket is not None:
+                self.metrics_server = metrics.serve_socket(role.metrics_socket,
+                                                           self.registry)
         self.control = ControlServer(socket_path(self.cfg.data_path),
                                      {"retry": self._retry, "status": self._status,
                                       "unblock": self._unblock, "blocks": self._blocks})
         await self.control.start()
-        handler = self.log_handler
-        if handler is not None:
-            with contextlib.suppress(NotImplementedError):
-                asyncio.get_running_loop().add_signal_handler(
-                    signal.SIGUSR1, logsetup.reopen, handler)
         if self.acme is not None:
             self.renewal = asyncio.create_task(self._renew_loop(node), name="acme-renewal")
         self.notifier.notify(READY="1", STATUS="serving", MAINPID=str(os.getpid()))
+
+    def reload(self) -> None:
+        """SIGHUP: the certificate again from its files (new handshakes present it, open
+        sessions keep theirs) and the log file reopened (logrotate)."""
+        self.notifier.notify(RELOADING="1",
+                             MONOTONIC_USEC=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+                                                // 1000))
+        if self.log_handler is not None:
+            logsetup.reopen(self.log_handler)
+        if self.node is not None and self.node.ssl_context is not None:
+            tls.reload_certificate(self.node.ssl_context, self.cfg)
+        self.notifier.notify(READY="1", STATUS="serving")
 
     # ------------------------------------------------------------------ stop
 
@@ -120,6 +199,8 @@ class Operations:
     async def stopped(self) -> None:
         if self.renewal is not None:
             self.renewal.cancel()
+        if self.cert_watch is not None:
+            self.cert_watch.cancel()
         if self.acme is not None:
             self.acme.close()
         if self.control is not None:
@@ -132,7 +213,23 @@ class Operations:
             self.metrics_server.server_close()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         self.notifier.close()
+
+    async def _watch_certificate(self, node: Node) -> None:
+        """tls.cert_file / key_file changed on disk (a renewal by another tool): load them,
+        as SIGHUP would, without waiting for one. A pair caught half-written fails to load
+        (the old one stays) and is tried again at its next change."""
+        assert node.ssl_context is not None
+        paths = (Path(self.cfg.tls.cert_file), Path(self.cfg.tls.key_file))
+        seen = _file_stamp(paths)
+        while True:
+            await asyncio.sleep(CERT_WATCH_EVERY)
+            now = _file_stamp(paths)
+            if now is not None and now != seen:
+                seen = now
+                log.info("certificate files changed on disk")
+                tls.reload_certificate(node.ssl_context, self.cfg)
 
     async def _renew_loop(self, node: Node) -> None:
         """Renew when due; the live TLS context loads the new files, so new handshakes get
@@ -179,13 +276,19 @@ class Operations:
             cert = tlsinfo.describe(tlsinfo.served_certificate_path(self.cfg))
         except (OSError, ValueError) as exc:
             cert = {"error": str(exc)}
+        role = self.role
+        sessions = sessions_open(node) if role is None else {
+            name: int(self.registry.get_sample_value(
+                "mailfort_sessions_open", {"service": name}) or 0)
+            for name in sessions_open(node)}
         status = {
-            "pid": os.getpid(),
+            "pid": os.getpid() if role is None else role.main_pid,
+            "workers": 1 if role is None else role.workers,
             "user": pwd.getpwuid(os.geteuid()).pw_name,
             "uptime": round(now - self.started_at),
             "listeners": listener_addresses(node),
             "metrics": self.cfg.metrics.listen,
-            "sessions": sessions_open(node),
+            "sessions": sessions,
             "queue": {
                 "messages": len(entries),
                 "recipients": sum(len(e.active) for e in entries),
@@ -193,6 +296,6 @@ class Operations:
                 if entries else 0,
             },
             "certificate": cert,
-            "accepted": metrics.REGISTRY.get_sample_value("mailfort_messages_accepted_total"),
+            "accepted": self.registry.get_sample_value("mailfort_messages_accepted_total"),
         }
         return "ok " + json.dumps(status)

@@ -1,0 +1,522 @@
+"""Worker processes: one supervisor binds the listeners, N workers serve them.
+
+``[server] workers = N`` (0, the default: one per CPU; 1: the single process of
+``app.serve``). The supervisor (``mailfort serve``) binds every listener once (or takes
+them from systemd socket activation), drops privileges, then forks the workers, which
+inherit the listening sockets and each accept on all of them from their own event loop.
+
+Why inherited sockets rather than SO_REUSEPORT: the port set is fixed by the one bind
+(port 0 in tests and ``[listen]`` stay meaningful, and no other process of the same user
+can join the group); connections waiting in the one accept queue are not lost when a
+worker dies (with SO_REUSEPORT each socket has its own queue, reset when its worker
+dies); and only a worker whose loop is idle calls accept(), so a busy worker takes fewer
+new connections by itself. The cost is a shared wake-up of the idle workers per burst.
+
+The supervisor itself runs no event loop and starts no thread before forking (a fork
+copies only the calling thread). Once per node, it:
+
+* decides about privileges (server/privileges.py, via ``Operations``), binds, gives the
+  data directory to ``server.user`` and drops to it before any worker starts: nothing
+  serves as root;
+* recovers the spool, before any worker could be writing to it;
+* makes the self-signed certificate (workers would race to write it);
+* binds the metrics port (the primary worker serves it) and switches the metrics to
+  prometheus_client's multiprocess files, so the endpoint reports the node's sums;
+* talks to systemd: READY=1 once every worker serves, RELOADING=1 / READY=1 around
+  SIGHUP, STOPPING=1 at SIGTERM;
+* restarts a worker that dies, after a back-off that doubles while they keep dying
+  (0.1 s up to 30 s, reset once a worker has lived a minute), and clears the dead
+  worker's connection counts, spool files and session gauges;
+* SIGTERM / SIGINT: closes its copies of the listeners and forwards the signal; each
+  worker stops accepting, lets its sessions finish for ``server.shutdown_grace`` seconds,
+  says 421 / -ERR to those still open, and exits; the supervisor exits 0;
+* SIGKILL of the supervisor kills the workers too (the node is down, as after a crash of
+  a single process; nothing acknowledged is lost);
+* SIGHUP and SIGUSR1: forwarded; each worker reloads its certificate into its TLS
+  context (new handshakes present the new certificate, open sessions keep theirs) and
+  reopens the log file.
+
+Worker slot 0, the primary, runs outbound delivery (and its replacement, if it dies), so
+no queued message is delivered twice, and what must run once per node: the control
+socket (``mailfort queue retry`` / ``status`` / ``block remove``) and the metrics
+endpoint. The others wake it through a pipe when they queue mail; it also scans the queue
+on its own schedule, so a lost wake-up only delays.
+
+ACME (``tls.acme``) runs in the supervisor, once for the node: ``Operations`` obtains the
+certificate before anything is bound and keeps the HTTP-01 challenge listener (bound as
+root if its port needs it); every ``ACME_CHECK_EVERY`` seconds, and at each SIGHUP, the
+supervisor renews it if due and then has every worker load it (as a SIGHUP does). The
+renewal blocks the supervisor's loop for the seconds it takes (a worker that dies then is
+restarted after it); the workers serve on meanwhile.
+
+Brute-force counters, per-user send rates, connection rates and connection limits are
+shared through one SQLite file in the data directory (``SQLiteCounters``,
+``SharedConnectionLimiter``). Stress mode (server/stress.py) stays per worker: each
+worker adapts and evicts its own sessions, against the node's shared connection count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mailfort.config import Config
+from mailfort.server.privileges import LISTEN_KEYS
+
+if TYPE_CHECKING:
+    from mailfort.server.app import Node
+    from mailfort.server.operations import Operations
+
+log = logging.getLogger("mailfort.supervisor")
+
+SHARED_STATE = "shared-state.sqlite3"
+METRICS_DIR = "metrics"
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0  # seconds a worker must live for the back-off to start over
+ACME_CHECK_EVERY = 12 * 3600.0  # seconds between checks whether to renew (tls.acme)
+# SIGUSR2: a worker tells that it serves (its slot number is in the ready pipe).
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
+            signal.SIGUSR2}
+
+
+def worker_count(cfg: Config) -> int:
+    return cfg.server.workers or os.cpu_count() or 1
+
+
+def shared_state_path(cfg: Config) -> Path:
+    return cfg.data_path / SHARED_STATE
+
+
+# ------------------------------------------------------------------ binding
+
+def _split(hostport: str) -> tuple[str, int]:
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _bind(hostport: str) -> socket.socket:
+    host, port = _split(hostport)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_listeners(cfg: Config, inherited: dict[tuple[str, int], socket.socket]
+                   ) -> dict[tuple[str, int], socket.socket]:
+    """Every ``[listen]`` address, listening: the ``inherited`` ones (systemd socket
+    activation) as they are, the others bound here."""
+    out: dict[tuple[str, int], socket.socket] = {}
+    try:
+        for name in LISTEN_KEYS:
+            for i, hostport in enumerate(getattr(cfg.listen, name)):
+                given = inherited.get((name, i))
+                if given is not None:
+                    given.setblocking(False)
+                out[(name, i)] = given if given is not None else _bind(hostport)
+    except BaseException:
+        for s in out.values():
+            s.close()
+        raise
+    return out
+
+
+def describe(cfg: Config, sockets: dict[tuple[str, int], socket.socket], workers: int,
+             no_domain: bool = False) -> str:
+    """What ``serve`` prints at start, in the single-process format (tests read it)."""
+    lines = ["mailfort is running:"]
+    for (name, i), s in sockets.items():
+        host = getattr(cfg.listen, name)[i].rpartition(":")[0]
+        lines.append(f"  {name:<12} {host}:{s.getsockname()[1]}")
+    lines.append(f"  workers      {workers}")
+    lines.append(f"  data         {cfg.data_path.resolve()}")
+    if no_domain:
+        lines += [
+            "No domain yet. Add one and a user (in another terminal, same directory):",
+            "  mailfort domain add example.test",
+            "  mailfort user add alice@example.test --password-file pw.txt",
+        ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the worker
+
+@dataclass
+class _Pipes:
+    wake_r: int  # mail queued by a worker without delivery -> the primary
+    wake_w: int
+    ready_w: int  # a worker serves -> the supervisor
+
+
+async def _worker_main(sup: Supervisor, slot: int) -> int:
+    from mailfort import metrics
+    from mailfort.policy.shared_counters import SQLiteCounters
+    from mailfort.server.app import Node
+    from mailfort.server.connections import SharedConnectionLimiter
+    from mailfort.server.operations import Operations, WorkerRole
+
+    cfg, pipes = sup.cfg, sup.pipes
+    path = shared_state_path(cfg)
+    counters = SQLiteCounters(path)
+    limiter = SharedConnectionLimiter(
+        path, slot, cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
+        rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=counters)
+    limiter.reset_slot()
+    loop = asyncio.get_running_loop()
+    role = WorkerRole(slot, sup.workers, sup.main_pid, sup.sockets,
+                      sup.metrics_socket if slot == 0 else None)
+    once_per_node = [x for x in (sup.metrics_socket, sup.mta_sts_socket) if x is not None]
+    if not role.primary:
+        for sock in once_per_node:
+            sock.close()  # only the primary serves them
+    ops = Operations(cfg, sup.log_handler, role=role)
+
+    def tell_delivery() -> None:
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+            os.write(pipes.wake_w, b"w")
+
+    node = Node(cfg, counters=counters, limiter=limiter)
+    node.inherited = dict(role.sockets)
+    if role.primary and sup.mta_sts_socket is not None:
+        node.inherited[("mta_sts", 0)] = sup.mta_sts_socket
+    node.session_set = metrics.CountedSessions
+    if not role.primary:
+        node.queued = tell_delivery
+    await node.start(recover=False, deliver=role.primary)
+    await ops.started(node)
+    if role.primary:
+        def woken() -> None:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(pipes.wake_r, 4096):
+                    pass
+            node.worker.wake()
+
+        loop.add_reader(pipes.wake_r, woken)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    log.info("worker %d (pid %d) serving%s", slot, os.getpid(),
+             ", with outbound delivery, control socket and metrics" if role.primary else "")
+    with contextlib.suppress(OSError):
+        os.write(pipes.ready_w, bytes([slot]))
+        os.kill(sup.main_pid, signal.SIGUSR2)
+    await stop.wait()
+    await drain(node, cfg.server.shutdown_grace)
+    await node.stop()
+    await ops.stopped()
+    counters.close()
+    limiter.reset_slot()
+    limiter.close()
+    return 0
+
+
+async def drain(node: Node, grace: float) -> None:
+    """Stop accepting; wait up to ``grace`` seconds for the open sessions to end."""
+    listeners = [*node.services.values(), *node.pop3.values()]
+    for listener in listeners:
+        for server in listener.servers:
+            server.close()
+    deadline = time.monotonic() + grace
+    while any(listener.sessions for listener in listeners) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker dies with its supervisor (Linux PR_SET_PDEATHSIG): a SIGKILLed
+    supervisor then leaves no orphan holding the ports, and the node is down as a
+    single-process node would be (what it acknowledged is on disk; the next start
+    recovers the rest)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
+
+
+def _child(sup: Supervisor, slot: int) -> None:
+    """In the forked worker: never returns."""
+    code = 1
+    try:
+        _die_with_parent(sup.main_pid)
+        for sig in _SIGNALS:
+            # A reload (SIGHUP, SIGUSR1) that comes while this worker starts must not end
+            # it; its loop takes them over once it serves.
+            ignore = sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+            signal.signal(sig, signal.SIG_IGN if ignore else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        os.close(sup.ready_r)
+        if sup.ops.acme is not None:  # the supervisor's: the worker has no thread for it
+            sup.ops.acme.httpd.socket.close()
+        code = asyncio.run(_worker_main(sup, slot))
+    except BaseException:  # report, then leave through _exit
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+# ------------------------------------------------------------------ the supervisor
+
+@dataclass
+class _Slot:
+    pid: int = 0
+    started: float = 0.0
+    failures: int = 0  # consecutive short lives
+    restart_at: float | None = None
+
+
+@dataclass
+class Supervisor:
+    cfg: Config
+    workers: int
+    ops: Operations
+    sockets: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
+    slots: list[_Slot] = field(default_factory=list)
+    stopping: bool = False
+    metrics_socket: socket.socket | None = None
+    mta_sts_socket: socket.socket | None = None
+    ready: set[int] = field(default_factory=set)
+    announced: bool = False
+
+    def __post_init__(self) -> None:
+        self.main_pid = os.getpid()
+        self.log_handler = self.ops.log_handler
+
+    def start(self) -> None:
+        from mailfort import metrics
+        from mailfort.policy.shared_counters import open_shared_db
+        from mailfort.store.maildir import make_dirs
+        from mailfort.tls import ensure_certificate
+
+        cfg = self.cfg
+        cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        spool = cfg.data_path / "spool"
+        make_dirs(spool)
+        removed = 0
+        for p in spool.iterdir():  # Committer.recover, before any worker writes there
+            p.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.info("removed %d unacknowledged spool files left by a crash", removed)
+        ensure_certificate(cfg)
+        conn = open_shared_db(shared_state_path(cfg))  # connection counts of a previous
+        for table in ("connections", "slot_totals"):   # run are void
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute(f"DELETE FROM {table}")
+        conn.close()
+        metrics.share_between_processes(cfg.data_path / METRICS_DIR)
+        self.sockets = bind_listeners(cfg, self.ops.inherited)
+        if cfg.metrics.listen:
+            self.metrics_socket = _bind(cfg.metrics.listen)
+        if cfg.mta_sts.listen:  # port 443 in production: bound before the drop too
+            self.mta_sts_socket = _bind(cfg.mta_sts.listen)
+        self.ops.drop_privileges()  # nothing is served or delivered as root
+        self.wake_r, self.wake_w = os.pipe()
+        self.ready_r, ready_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w, self.ready_r):
+            os.set_blocking(fd, False)
+        self.pipes = _Pipes(self.wake_r, self.wake_w, ready_w)
+        self.slots = [_Slot() for _ in range(self.workers)]
+        for i in range(self.workers):
+            self._spawn(i)
+
+    def _spawn(self, i: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(self, i)
+        slot = self.slots[i]
+        slot.pid, slot.started, slot.restart_at = pid, time.monotonic(), None
+
+    def _reap(self) -> None:
+        from mailfort import metrics
+        from mailfort.server.connections import clear_slot
+
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for i, slot in enumerate(self.slots):
+                if slot.pid != pid:
+                    continue
+                slot.pid = 0
+                with contextlib.suppress(Exception):
+                    clear_slot(shared_state_path(self.cfg), i)
+                with contextlib.suppress(Exception):
+                    metrics.forget_process(pid)
+                removed = remove_spool_of(self.cfg.data_path / "spool", pid)
+                if removed:
+                    log.info("removed %d unacknowledged spool files of worker %d", removed, i)
+                if self.stopping:
+                    break
+                lived = time.monotonic() - slot.started
+                slot.failures = 0 if lived >= STABLE_AFTER else slot.failures + 1
+                delay = restart_delay(slot.failures)
+                slot.restart_at = time.monotonic() + delay
+                log.warning("worker %d (pid %d) ended (%s); restarting in %.1f s",
+                            i, pid, _status(status), delay)
+
+    def _forward(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, sig)
+
+    def _collect_ready(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(self.ready_r, 256):
+                self.ready.update(data)
+        if not self.announced and len(self.ready) >= self.workers:
+            self.announced = True
+            self.ops.notifier.notify(READY="1", STATUS=f"serving, {self.workers} workers",
+                                     MAINPID=str(self.main_pid))
+
+    def _renew_acme(self) -> bool:
+        """Renew the ACME certificate if due (blocking); True if there is a new one."""
+        from mailfort import acmecert
+
+        self.acme_check_at = time.monotonic() + ACME_CHECK_EVERY
+        if self.ops.acme is None:
+            return False
+        try:
+            return acmecert.renew_if_due(self.cfg, self.ops.acme)
+        except Exception:  # try again at the next check; the old certificate serves
+            log.exception("acme: renewal failed")
+            return False
+
+    def _reload(self) -> None:
+        """SIGHUP: the self-signed certificate renewed here, once, if due (the ACME one
+        too); the log file reopened; each worker then reloads its certificate and reopens
+        its log."""
+        from mailfort import logsetup
+        from mailfort.tls import ensure_certificate
+
+        self.ops.notifier.notify(
+            RELOADING="1",
+            MONOTONIC_USEC=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        if self.log_handler is not None:
+            logsetup.reopen(self.log_handler)
+        self._renew_acme()
+        try:
+            ensure_certificate(self.cfg)
+        except Exception as exc:  # the workers keep the one they have
+            log.error("certificate reload: %s", exc)
+        self._forward(signal.SIGHUP)
+        self.ops.notifier.notify(READY="1", STATUS=f"serving, {self.workers} workers")
+
+    def run(self) -> int:
+        """The supervisor's loop: signals and restarts, until the workers have stopped."""
+        from mailfort import logsetup
+
+        kill_at: float | None = None
+        self.acme_check_at = time.monotonic() + ACME_CHECK_EVERY
+        while True:
+            now = time.monotonic()
+            if self.ops.acme is not None and now >= self.acme_check_at \
+                    and not self.stopping and self._renew_acme():
+                self._forward(signal.SIGHUP)  # every worker loads the new certificate
+                now = time.monotonic()
+            due = [s.restart_at for s in self.slots if s.restart_at is not None]
+            timeout = max(0.0, min(due) - now) if due else 1.0
+            if kill_at is not None:
+                timeout = min(timeout, max(0.0, kill_at - now))
+            info = signal.sigtimedwait(_SIGNALS, min(timeout, 1.0))
+            sig = info.si_signo if info is not None else None
+            if sig in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                self.stopping = True
+                self.ops.notifier.notify(STOPPING="1")
+                for s in self.sockets.values():  # the workers' copies close as they go
+                    s.close()
+                self._forward(signal.SIGTERM)
+                for slot in self.slots:
+                    slot.restart_at = None
+                kill_at = time.monotonic() + self.cfg.server.shutdown_grace + 15.0
+            elif sig == signal.SIGHUP and not self.stopping:
+                self._reload()
+            elif sig == signal.SIGUSR1:
+                if self.log_handler is not None:
+                    logsetup.reopen(self.log_handler)
+                self._forward(signal.SIGUSR1)
+            self._collect_ready()
+            self._reap()
+            if self.stopping:
+                if not any(s.pid for s in self.slots):
+                    return 0
+                if kill_at is not None and time.monotonic() >= kill_at:
+                    log.error("workers did not stop in time: killing them")
+                    self._forward(signal.SIGKILL)
+                    kill_at = None
+                continue
+            for i, slot in enumerate(self.slots):
+                if slot.pid == 0 and slot.restart_at is not None \
+                        and time.monotonic() >= slot.restart_at:
+                    self._spawn(i)
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before restarting a worker after ``failures`` short lives in a row."""
+    return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** max(0, failures - 1))
+
+
+def remove_spool_of(spool: Path, pid: int) -> int:
+    """Remove the spool files of a dead worker (named ``...P<pid>Q...`` by
+    ``store.maildir.unique_name``): never acknowledged, and no one else writes them."""
+    n = 0
+    with contextlib.suppress(OSError):
+        for p in spool.glob(f"*P{pid}Q*"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def run_supervisor(cfg: Config, ops: Operations) -> int:
+    """``mailfort serve`` with workers > 1. Returns the exit status (0 after SIGTERM)."""
+    import mailfort.server.app  # noqa: F401 - imported once, before the forks
+
+    workers = worker_count(cfg)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    from mailfort.directory.sqlite import SQLiteDirectory
+    from mailfort.server.app import directory_path
+
+    cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory = SQLiteDirectory(directory_path(cfg))  # closed before the forks
+    no_domain = not directory.list_domains()
+    directory.close()
+    sup = Supervisor(cfg, workers, ops)
+    try:
+        sup.start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"mailfort: cannot listen: {exc.strerror}", file=sys.stderr)
+            return 1
+        raise
+    print(describe(cfg, sup.sockets, workers, no_domain), flush=True)
+    code = sup.run()
+    print("mailfort: shut down", flush=True)
+    return code

@@ -1,0 +1,514 @@
+"""``mailfort serve`` with ``[server] workers = 2``: a supervisor and two worker processes.
+
+A real subprocess on free loopback ports (as in test_node.py), real clients. Which worker
+holds a connection is read from /proc: the server side of the TCP connection (from
+/proc/net/tcp) is a socket inode, and exactly one worker has a descriptor on it.
+
+* connections land on both workers;
+* a worker killed under load loses no acknowledged message and is replaced;
+* the brute-force block, the per-user send rate and the per-client connection limit hold
+  across workers (with per-process counts each worker would allow the full count: 2x the
+  guesses, 2x the mail, 2x the connections);
+* SIGHUP: the next handshake presents the new certificate; an open session carries on;
+* SIGTERM: no new connections, an open transaction finishes with its 250, exit 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import queue
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+import mailfort
+from mailfort import config as config_mod
+from mailfort.store.maildir import maildir_for
+from tests.conftest import HOSTNAME, refusing_dns_port, seed_directory
+from tests.server.production import free_port
+
+pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+
+SRC = Path(mailfort.__file__).resolve().parents[1]
+ALICE, BOB = "alice@example.test", "bob@example.test"
+SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s")
+BLOCK_AFTER = 4  # auth.block_after_failures in these nodes
+PER_HOUR = 2  # submission.messages_per_hour
+PER_IP = 8  # limits.max_connections_per_ip
+
+
+@dataclass
+class Supervised:
+    proc: subprocess.Popen[str]
+    root: Path
+    log: Path
+    ports: dict[str, int]
+    ca: trustme.CA
+    cert_file: Path
+    key_file: Path
+    metrics: str = ""  # HOST:PORT of the node's metrics endpoint
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def workers(self) -> list[int]:
+        return children(self.proc.pid)
+
+    def owner(self, sock: socket.socket, service: str) -> int:
+        return worker_of(self.proc.pid, self.ports[service], sock)
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        return ctx
+
+    def stored(self, user: str) -> list[bytes]:
+        md = maildir_for(self.data_dir, user)
+        return [(md / "new" / n).read_bytes() for n in os.listdir(md / "new")]
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of the children of ``pid`` (a supervisor's workers)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{d}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(d))
+    return sorted(pids)
+
+
+def worker_of(supervisor: int, port: int, sock: socket.socket) -> int:
+    """The worker holding the server side of ``sock``, a connection to local ``port``."""
+    client_port = sock.getsockname()[1]
+    pids = children(supervisor)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            f = line.split()
+            if (int(f[1].rpartition(":")[2], 16) == port
+                    and int(f[2].rpartition(":")[2], 16) == client_port):
+                target = f"socket:[{f[9]}]"
+                for pid in pids:
+                    for fd in _fds(pid):
+                        with contextlib.suppress(OSError):
+                            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                                return pid
+        time.sleep(0.02)
+    raise AssertionError("no worker holds the connection")
+
+
+def _fds(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+
+
+def _issue(ca: trustme.CA, cert: Path, key: Path) -> None:
+    issued = ca.issue_cert(HOSTNAME, "localhost", "127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+
+
+def _start(root: Path, workers: int = 2) -> Supervised:
+    root.mkdir(parents=True)
+    ca = trustme.CA()
+    cert, key = root / "cert.pem", root / "key.pem"
+    _issue(ca, cert, key)
+    lines = [
+        "[server]", f"hostname = {json.dumps(HOSTNAME)}",
+        f"data_dir = {json.dumps(str(root / 'data'))}", f"workers = {workers}",
+        "shutdown_grace = 5.0", "allow_plaintext_auth_on_loopback = true",
+        "[store]", 'flush = "fsync"',
+        "[dns]", 'nameservers = ["127.0.0.1"]', f"port = {refusing_dns_port()}",
+        "timeout = 1.0",
+        "[auth]", f"block_after_failures = {BLOCK_AFTER}", "failure_delay = 0.0",
+        "[submission]", f"messages_per_hour = {PER_HOUR}",
+        "[limits]", f"max_connections_per_ip = {PER_IP}",
+        "[listen]", *(f'{k} = ["127.0.0.1:0"]' for k in SERVICES),
+        "[tls]", f"cert_file = {json.dumps(str(cert))}", f"key_file = {json.dumps(str(key))}",
+        "[metrics]", f'listen = "127.0.0.1:{free_port()}"',
+    ]
+    cfg_path = root / "mailfort.toml"
+    cfg_path.write_text("\n".join(lines) + "\n")
+    seed_directory(config_mod.load(cfg_path))
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    log = root / "serve.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailfort", "serve", "--config", str(cfg_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+            env=env, cwd=root)
+    served = Supervised(proc, root, log, _ports(proc, log), ca, cert, key,
+                        config_mod.load(cfg_path).metrics.listen)
+    deadline = time.monotonic() + 30
+    while workers > 1 and log.read_text().count(" serving") < workers:  # all listening
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    return served
+
+
+def _ports(proc: subprocess.Popen[str], log: Path) -> dict[str, int]:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=read, daemon=True).start()
+    ports: dict[str, int] = {}
+    while True:
+        try:
+            line = lines.get(timeout=30)
+        except queue.Empty:
+            line = ""
+        if not line:
+            proc.kill()
+            raise AssertionError(f"serve did not start:\n{log.read_text()}")
+        fields = line.split()
+        if len(fields) == 2 and fields[0] in SERVICES:
+            ports[fields[0]] = int(fields[1].rpartition(":")[2])
+        if fields and fields[0] == "data":
+            return ports
+
+
+def _terminate(served: Supervised) -> int:
+    served.proc.send_signal(signal.SIGTERM)
+    try:
+        return served.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        served.proc.kill()
+        served.proc.wait()
+        raise AssertionError("serve did not stop on SIGTERM") from None
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]:
+    served = _start(tmp_path_factory.mktemp("workers") / "node")
+    try:
+        yield served
+    finally:
+        code = _terminate(served)
+        text = served.log.read_text(errors="replace")
+        assert code == 0 and "Traceback" not in text, text
+
+
+def _on_each_worker(node: Supervised, service: str, source: str,
+                    ) -> dict[int, socket.socket]:
+    """One open connection (greeting read) held by each worker: connect until covered."""
+    held: dict[int, socket.socket] = {}
+    for _ in range(60):
+        s = socket.create_connection(("127.0.0.1", node.ports[service]), timeout=10,
+                                     source_address=(source, 0))
+        assert s.recv(512).startswith(b"220")
+        pid = node.owner(s, service)
+        if pid in held:
+            s.close()  # within the per-client connection limit
+        else:
+            held[pid] = s
+        if len(held) == 2:
+            return held
+    raise AssertionError(f"60 connections all landed on {list(held)}")
+
+
+def _cmd(sock: socket.socket, line: str) -> bytes:
+    sock.sendall(line.encode() + b"\r\n")
+    reply = b""
+    while not (reply.endswith(b"\r\n") and reply.splitlines()[-1][3:4] == b" "):
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed"
+        reply += chunk
+    return reply
+
+
+def _auth(sock: socket.socket, user: str, password: str) -> bytes:
+    _cmd(sock, "EHLO client.test")
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    return _cmd(sock, f"AUTH PLAIN {token}")
+
+
+# ------------------------------------------------------------------ the tests
+
+def test_connections_land_on_both_workers(node: Supervised) -> None:
+    assert len(node.workers()) == 2
+    held = _on_each_worker(node, "mx", "127.0.0.1")
+    assert set(held) == set(node.workers())
+    for s in held.values():  # each worker serves the session it holds
+        assert _cmd(s, "EHLO client.test").startswith(b"250")
+        s.close()
+
+
+def test_brute_force_block_holds_across_workers(node: Supervised) -> None:
+    """BLOCK_AFTER failures, half on each worker: then even the right password is refused.
+    With per-worker counters each worker would have seen only half and let it in."""
+    held = _on_each_worker(node, "submission", "127.0.0.2")
+    socks = list(held.values())
+    for i in range(BLOCK_AFTER):
+        reply = _auth(socks[i % 2], ALICE, "wrong-guess") if i < 2 else \
+            _cmd(socks[i % 2], "AUTH PLAIN " + base64.b64encode(
+                f"\0{ALICE}\0wrong-guess".encode()).decode())
+        assert reply.startswith(b"535"), reply
+    for s in socks:  # either worker: blocked, the right password included
+        reply = _cmd(s, "AUTH PLAIN " + base64.b64encode(
+            f"\0{ALICE}\0alice-pw".encode()).decode())
+        assert not reply.startswith(b"235"), reply
+        s.close()
+    # Another client is not affected by the block.
+    with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=10) as smtp:
+        assert smtp.login(ALICE, "alice-pw")[0] == 235
+
+
+def test_connection_limit_per_client_holds_across_workers(node: Supervised) -> None:
+    """PER_IP connections over both workers: the next one is refused at greeting. Each
+    worker holds at most PER_IP - 1 of them, so per-worker counts would have admitted it."""
+    held = list(_on_each_worker(node, "mx", "127.0.0.4").values())
+    deadline = time.monotonic() + 5
+    while True:  # the extra connections _on_each_worker closed are released
+        held.append(socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10,
+                                             source_address=("127.0.0.4", 0)))
+        greeting = held[-1].recv(512)
+        if greeting.startswith(b"220"):
+            break
+        held.pop().close()
+        assert time.monotonic() < deadline, greeting
+        time.sleep(0.05)
+    while len(held) < PER_IP:
+        held.append(socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10,
+                                             source_address=("127.0.0.4", 0)))
+        assert held[-1].recv(512).startswith(b"220")
+    with socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10,
+                                  source_address=("127.0.0.4", 0)) as over:
+        assert over.recv(512).startswith(b"421")
+    with socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10) as other:
+        assert other.recv(512).startswith(b"220")  # another client is not affected
+    assert len({node.owner(s, "mx") for s in held}) == 2
+    for s in held:
+        s.close()
+
+
+def test_send_rate_holds_across_workers(node: Supervised) -> None:
+    """PER_HOUR messages in all, sent over both workers; the next is refused on both."""
+    held = _on_each_worker(node, "submission", "127.0.0.3")
+    socks = list(held.values())
+    for s in socks:
+        assert _auth(s, BOB, "bob-pw").startswith(b"235")
+
+    def send(s: socket.socket, n: int) -> bytes:
+        _cmd(s, f"MAIL FROM:<{BOB}>")
+        rcpt = _cmd(s, f"RCPT TO:<{ALICE}>")
+        if not rcpt.startswith(b"250"):
+            _cmd(s, "RSET")
+            return rcpt
+        assert _cmd(s, "DATA").startswith(b"354")
+        return _cmd(s, f"From: {BOB}\r\nTo: {ALICE}\r\nSubject: rate {n}\r\n\r\nx\r\n.")
+
+    replies = [send(socks[i % 2], i) for i in range(PER_HOUR + 2)]
+    assert [r[:1] for r in replies[:PER_HOUR]] == [b"2"] * PER_HOUR, replies
+    assert all(not r.startswith(b"2") for r in replies[PER_HOUR:]), replies
+    for s in socks:
+        s.close()
+
+
+def test_killed_worker_loses_no_acknowledged_message_and_is_replaced(
+        node: Supervised) -> None:
+    before = node.workers()
+    acked: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        n = 0
+        while not stop.is_set():
+            subject = f"load-{k}-{n}"
+            n += 1
+            try:
+                with smtplib.SMTP("127.0.0.1", node.ports["mx"], timeout=10) as smtp:
+                    smtp.sendmail("sender@remote.test", [BOB],
+                                  f"Subject: {subject}\r\n\r\nbody\r\n")
+            except (OSError, smtplib.SMTPException):
+                continue  # not acknowledged: the client would retry
+            with lock:
+                acked.append(subject)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        os.kill(before[-1], signal.SIGKILL)
+        time.sleep(0.7)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+    stored = b"\n".join(node.stored(BOB))
+    missing = [s for s in acked if f"Subject: {s}\r\n".encode() not in stored
+               and f"Subject: {s}\n".encode() not in stored]
+    assert len(acked) > 10 and missing == []
+    deadline = time.monotonic() + 10
+    while len(node.workers()) < 2 or before[-1] in node.workers():
+        assert time.monotonic() < deadline, node.log.read_text()
+        time.sleep(0.05)
+    after = node.workers()
+    assert before[0] in after and before[-1] not in after
+    # The replacement serves: a connection that lands on it gets a session.
+    held = _on_each_worker(node, "mx", "127.0.0.1")
+    assert set(held) == set(after)
+    for s in held.values():
+        s.close()
+
+
+def _scrape(node: Supervised) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {name: float(value) for name, _, value in
+            (line.rpartition(" ") for line in text.splitlines()
+             if line and not line.startswith("#"))}
+
+
+def test_metrics_endpoint_sums_every_worker(node: Supervised) -> None:
+    """One endpoint for the node: a message accepted on each worker counts 2, and the
+    open sessions of both are counted (per-process metrics would show one worker's)."""
+    before = _scrape(node).get("mailfort_messages_accepted_total", 0.0)
+    held = _on_each_worker(node, "mx", "127.0.0.3")
+    for s in held.values():
+        _cmd(s, "EHLO client.test")
+        _cmd(s, "MAIL FROM:<sender@remote.test>")
+        _cmd(s, f"RCPT TO:<{ALICE}>")
+        assert _cmd(s, "DATA").startswith(b"354")
+        assert _cmd(s, "Subject: counted\r\n\r\nx\r\n.").startswith(b"250")
+    deadline = time.monotonic() + 5
+    while (now := _scrape(node)).get('mailfort_sessions_open{service="mx"}') != 2:
+        assert time.monotonic() < deadline, now.get('mailfort_sessions_open{service="mx"}')
+        time.sleep(0.05)
+    assert now["mailfort_messages_accepted_total"] - before == 2
+    assert now['mailfort_connections_total{service="mx"}'] >= 2
+    for s in held.values():
+        s.close()
+
+
+def _presented(node: Supervised) -> bytes:
+    with socket.create_connection(("127.0.0.1", node.ports["submissions"]), timeout=10) as raw, \
+            node.context().wrap_socket(raw, server_hostname=HOSTNAME) as tls:
+        cert = tls.getpeercert(binary_form=True)
+        assert cert is not None
+        return cert
+
+
+def test_sighup_new_certificate_without_closing_open_sessions(node: Supervised) -> None:
+    old = _presented(node)
+    sessions = []
+    for pid, s in _on_each_worker(node, "mx", "127.0.0.1").items():
+        assert _cmd(s, "EHLO client.test").startswith(b"250")
+        assert _cmd(s, "STARTTLS").startswith(b"220")
+        tls = node.context().wrap_socket(s, server_hostname=HOSTNAME)
+        assert tls.getpeercert(binary_form=True) == old
+        sessions.append((pid, tls))
+    _issue(node.ca, node.cert_file, node.key_file)  # renewal: same paths, new files
+    node.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    seen: set[bytes] = set()
+    while time.monotonic() < deadline:  # every new handshake, on either worker
+        got = [_presented(node) for _ in range(6)]
+        if old not in got:
+            seen.update(got)
+            break
+        time.sleep(0.1)
+    assert seen and old not in seen
+    for _, tls in sessions:  # the open sessions carry on, on the certificate they have
+        assert _cmd(tls, "EHLO client.test").startswith(b"250")
+        assert _cmd(tls, "NOOP").startswith(b"250")
+        tls.close()
+
+
+def test_sigterm_drains(tmp_path: Path) -> None:
+    served = _start(tmp_path / "drain")
+    with socket.create_connection(("127.0.0.1", served.ports["mx"]), timeout=10) as s:
+        assert s.recv(512).startswith(b"220")
+        _cmd(s, "EHLO client.test")
+        _cmd(s, "MAIL FROM:<sender@remote.test>")
+        _cmd(s, f"RCPT TO:<{ALICE}>")
+        assert _cmd(s, "DATA").startswith(b"354")
+        s.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        served.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while True:  # the listeners close first
+            try:
+                socket.create_connection(("127.0.0.1", served.ports["mx"]), timeout=1).close()
+            except ConnectionRefusedError:
+                break
+            assert time.monotonic() < deadline, "still accepting after SIGTERM"
+            time.sleep(0.05)
+        assert served.proc.poll() is None  # waiting for the open session
+        assert _cmd(s, "second half\r\n.").startswith(b"250")
+        assert _cmd(s, "QUIT").startswith(b"221")
+    assert served.proc.wait(20) == 0
+    assert any(b"Subject: in flight" in m for m in served.stored(ALICE))
+    assert "Traceback" not in served.log.read_text()
+
+
+def test_sighup_in_a_single_process(tmp_path: Path) -> None:
+    """workers = 1 (no supervisor): SIGHUP reloads the certificate there too, and an open
+    TLS session carries on."""
+    served = _start(tmp_path / "single", workers=1)
+    try:
+        assert served.workers() == []  # one process, no children
+        old = _presented(served)
+        raw = socket.create_connection(("127.0.0.1", served.ports["mx"]), timeout=10)
+        assert raw.recv(512).startswith(b"220")
+        _cmd(raw, "EHLO client.test")
+        assert _cmd(raw, "STARTTLS").startswith(b"220")
+        tls = served.context().wrap_socket(raw, server_hostname=HOSTNAME)
+        _issue(served.ca, served.cert_file, served.key_file)
+        served.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while _presented(served) == old:
+            assert time.monotonic() < deadline, "the old certificate is still presented"
+            time.sleep(0.05)
+        assert tls.getpeercert(binary_form=True) == old
+        assert _cmd(tls, "EHLO client.test").startswith(b"250")
+        assert _cmd(tls, "NOOP").startswith(b"250")
+        tls.close()
+    finally:
+        assert _terminate(served) == 0
+
+
+def test_restart_back_off_doubles_then_caps() -> None:
+    from mailfort.server.supervisor import BACKOFF_MAX, restart_delay
+
+    delays = [restart_delay(n) for n in range(1, 14)]
+    assert delays[:3] == [0.1, 0.2, 0.4]
+    assert delays == sorted(delays) and delays[-1] == BACKOFF_MAX
+
+
+def test_dead_workers_spool_files_are_removed_and_no_others(tmp_path: Path) -> None:
+    from mailfort.server.supervisor import remove_spool_of
+    from mailfort.store.maildir import unique_name
+
+    mine = unique_name()  # this process's naming: ...P<pid>Q<n>...
+    (tmp_path / mine).write_bytes(b"half a message")
+    other = mine.replace(f"P{os.getpid()}Q", f"P{os.getpid()}1Q")  # another pid, same prefix
+    (tmp_path / other).write_bytes(b"another worker's message in flight")
+    assert remove_spool_of(tmp_path, os.getpid()) == 1
+    assert sorted(os.listdir(tmp_path)) == [other]
