@@ -533,6 +533,7 @@ async def test_mail_queued_on_any_worker_is_delivered_once_and_at_once(
         f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_server.port}\ntimeout = 1.0\n'
         f"[queue]\nmx_port = {receiver.port}\ninitial_retry = 0.2\nmax_retry = 0.5\n"
         "connect_timeout = 2.0\n"
+        "[delivery]\nallow_private_destinations = true\n"  # the test MX is on loopback
     )
     password = "alice-long-password"
     (tmp_path / "pw.txt").write_text(password + "\n")
