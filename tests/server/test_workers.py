@@ -79,7 +79,7 @@ class Supervised:
         return ctx
 
     def stored(self, user: str) -> list[bytes]:
-        md = maildir_for(self.data_dir, user)
+        md = maildir_for(self.data_dir / "mail", user)
         return [(md / "new" / n).read_bytes() for n in os.listdir(md / "new")]
 
 
