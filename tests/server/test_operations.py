@@ -332,8 +332,10 @@ def _block_world(**tables: dict[str, Any]) -> tuple[Path, Path]:
     return root, config
 
 
-def test_block_list_shows_a_pop3s_guesser_and_remove_lets_it_in_again() -> None:
-    root, config = _block_world()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_block_list_shows_a_pop3s_guesser_and_remove_lets_it_in_again(workers: int) -> None:
+    """With two worker processes the guesses land on either; the list is the node's."""
+    root, config = _block_world(server={"workers": workers})
     try:
         with serving(config, root / "data"):
             for _ in range(3):  # block_after_failures
