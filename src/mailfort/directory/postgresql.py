@@ -22,11 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mailfort.directory import aliases
+from mailfort.directory.aliases import MAX_ALIAS_DEPTH
 from mailfort.directory.base import Resolution
 from mailfort.directory.migrations import MIGRATIONS, current_version, migrate
 from mailfort.directory.sqlite import (
-    MAX_ALIAS_DEPTH,
-    MAX_TARGETS,
     DirectoryError,
     _check_hash,
     _lookup_key,
@@ -400,31 +400,11 @@ def _forget_target(conn: psycopg.Connection[Any], addr: str) -> None:
 
 
 def _expand(conn: psycopg.Connection[Any], start: str) -> tuple[list[str], list[str]]:
-    """Breadth-first alias expansion, as in the SQLite directory: each address once, at
-    most MAX_ALIAS_DEPTH levels, at most MAX_TARGETS results."""
-    local: dict[str, None] = {}
-    remote: dict[str, None] = {}
-    seen = {start}
-    level = [start]
-    local_domains = {r[0] for r in conn.execute("SELECT name FROM domains")}
-    for depth in range(MAX_ALIAS_DEPTH + 1):
-        nxt: list[str] = []
-        for addr in level:
-            domain = addr.rpartition("@")[2].lower()
-            if domain not in local_domains:
-                remote[addr] = None
-            elif _is_user(conn, addr):
-                local[addr] = None
-            elif depth < MAX_ALIAS_DEPTH:
-                for (target,) in conn.execute(
-                        "SELECT target FROM aliases WHERE source = %s ORDER BY id", (addr,)):
-                    if target not in seen:
-                        seen.add(target)
-                        nxt.append(target)
-        if len(local) + len(remote) >= MAX_TARGETS or not nxt:
-            break
-        level = nxt
-    return list(local)[:MAX_TARGETS], list(remote)[: max(0, MAX_TARGETS - len(local))]
+    return aliases.expand(
+        start, {r[0] for r in conn.execute("SELECT name FROM domains")},
+        lambda addr: _is_user(conn, addr),
+        lambda addr: [t for (t,) in conn.execute(
+            "SELECT target FROM aliases WHERE source = %s ORDER BY id", (addr,))])
 
 
 def safe_url(url: str) -> str:

@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
+from mailfort.directory import aliases
+from mailfort.directory.aliases import MAX_ALIAS_DEPTH
 from mailfort.directory.base import Resolution
 
-MAX_ALIAS_DEPTH = 10
-MAX_TARGETS = 1000
 LOOKUP_CACHE_MAX = 4096  # cached lookups per thread; a full cache starts over
 _MISS = object()
 
@@ -267,35 +267,11 @@ class SQLiteDirectory:
         return row is not None
 
     def _expand(self, conn: sqlite3.Connection, start: str) -> tuple[list[str], list[str]]:
-        """Breadth-first alias expansion: each address is visited once (loops end), at
-        most MAX_ALIAS_DEPTH levels deep, and the result is capped at MAX_TARGETS."""
-        local: dict[str, None] = {}
-        remote: dict[str, None] = {}
-        seen = {start}
-        level = [start]
-        local_domains = {r[0] for r in conn.execute("SELECT name FROM domains")}
-        for depth in range(MAX_ALIAS_DEPTH + 1):
-            nxt: list[str] = []
-            for addr in level:
-                domain = addr.rpartition("@")[2].lower()
-                if domain not in local_domains:
-                    remote[addr] = None
-                elif self._is_user(conn, addr):
-                    local[addr] = None
-                elif depth < MAX_ALIAS_DEPTH:
-                    for (target,) in conn.execute(
-                        "SELECT target FROM aliases WHERE source = ? ORDER BY rowid", (addr,)
-                    ):
-                        if target not in seen:
-                            seen.add(target)
-                            nxt.append(target)
-                # else: an unknown local address (dangling target) or too deep: dropped.
-            if len(local) + len(remote) >= MAX_TARGETS:
-                break
-            if not nxt:
-                break
-            level = nxt
-        return list(local)[:MAX_TARGETS], list(remote)[: max(0, MAX_TARGETS - len(local))]
+        return aliases.expand(
+            start, {r[0] for r in conn.execute("SELECT name FROM domains")},
+            lambda addr: self._is_user(conn, addr),
+            lambda addr: [t for (t,) in conn.execute(
+                "SELECT target FROM aliases WHERE source = ? ORDER BY rowid", (addr,))])
 
     # -- domains -----------------------------------------------------------------------
 
