@@ -221,3 +221,13 @@ def test_directory_backend_is_embedded_by_default_and_checked() -> None:
         with pytest.raises(ConfigError, match=message) as err:
             config_mod.from_dict({"directory": table})
         assert "hunter2" not in str(err.value)
+
+
+def test_pop3_lease_seconds_defaults_to_30_and_must_cover_its_renewals() -> None:
+    """The lease is renewed every third of it: below a second it would not survive a slow
+    Redis round trip; a node that dies keeps its maildrops locked this long."""
+    assert config_mod.from_dict({}).counters.pop3_lease_seconds == 30.0
+    assert config_mod.from_dict(
+        {"counters": {"pop3_lease_seconds": 5}}).counters.pop3_lease_seconds == 5
+    with pytest.raises(ConfigError, match=r"counters\.pop3_lease_seconds"):
+        config_mod.from_dict({"counters": {"pop3_lease_seconds": 0.5}})

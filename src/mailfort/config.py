@@ -316,6 +316,9 @@ class CountersConfig:
     password_env: str = ""
     # Every key of this node group starts with it (one Redis may serve several groups).
     key_prefix: str = "mailfort:"
+    # Seconds a POP3 maildrop lease lives without renewal (renewed every third of it): how
+    # long a maildrop stays locked after the node holding it died.
+    pop3_lease_seconds: float = 30.0
 
     def password(self) -> str | None:
         """The secret, read when connecting (so a rotated file is picked up on restart)."""
@@ -582,6 +585,9 @@ def _validate_counters(c: CountersConfig) -> None:
                               "counters.password_env")
     if c.password_file and c.password_env:
         raise ConfigError("counters.password_file / counters.password_env: give one")
+    if c.pop3_lease_seconds < 1:
+        raise ConfigError("counters.pop3_lease_seconds: must be 1 or more (renewed every "
+                          "third of it)")
 
 
 def _validate_operations(cfg: Config) -> None:

@@ -87,13 +87,11 @@ async def make_cluster(tmp_path: Path, redis_server: Any, server_ssl_context: ss
             for i, ip in enumerate(NODES):
                 listen = {name: [f"{ip}:0"] for name in
                           ("mx", "submission", "submissions", "pop3", "pop3s")}
+                server = {"mail_dir": str(tmp_path / "shared-mail")} if shared_mail else {}
                 cfg = make_config(tmp_path / f"node{i}", listen=listen,
                                   counters={"backend": "redis", "url": redis_server.url},
-                                  **sections)
+                                  **({"server": server} if server else {}), **sections)
                 seed_directory(cfg)
-                if shared_mail and i > 0:  # one Maildir root for both (shared filesystem)
-                    (tmp_path / "node0" / "mail").mkdir(parents=True, exist_ok=True)
-                    (cfg.data_path / "mail").symlink_to(tmp_path / "node0" / "mail")
                 nodes.append(await stack.enter_async_context(
                     Node(cfg, ssl_context=server_ssl_context)))
             return Cluster(nodes, client_ctx)

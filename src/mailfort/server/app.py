@@ -277,7 +277,8 @@ def make_counters(
 
     client = connect(c.url, c.password())
     shared = RedisCounters(client, prefix=c.key_prefix)
-    return shared, FallbackCounters(shared, local), RedisLocks(client, prefix=c.key_prefix)
+    return shared, FallbackCounters(shared, local), RedisLocks(client, prefix=c.key_prefix,
+                                                              ttl=c.pop3_lease_seconds)
 
 
 def inbound_policy(cfg: Config, directory: object = None) -> InboundPolicy:
