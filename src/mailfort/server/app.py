@@ -261,7 +261,7 @@ class Node:
 
 
 def make_counters(
-    cfg: Config, local: MemoryCounters
+    cfg: Config, local: CounterStore
 ) -> tuple[Counters, Counters, MaildropLocks]:
     """(counters of the logins, counters of the throttles, POP3 maildrop locks).
 
