@@ -143,3 +143,44 @@ def test_cli_txt_matches_what_is_served(tmp_path: Path,
     txt, policy = publish("example.test", ["mx.example.test"], mode="testing", max_age=86400)
     out = capsys.readouterr().out
     assert txt in out and policy in out
+
+
+def test_with_two_workers_the_policy_is_served_once_per_node(
+        tmp_path: Path, tls_ca: trustme.CA, ca_file: str) -> None:
+    """``workers = 2``: the supervisor binds the listener (before any privilege drop) and
+    only the first worker serves it; the others would otherwise fail to bind the port."""
+    import subprocess
+    import sys
+    import time
+
+    cert = tls_ca.issue_cert("mx.example.test", HOST)
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "mailfort.toml"
+    config.write_text(
+        f'[server]\nhostname = "mx.example.test"\ndata_dir = "{tmp_path / "data"}"\n'
+        "workers = 2\n"
+        f'[tls]\ncert_file = "{tmp_path / "cert.pem"}"\nkey_file = "{tmp_path / "key.pem"}"\n'
+        '[listen]\nmx = ["127.0.0.1:0"]\nsubmission = []\nsubmissions = []\npop3 = []\n'
+        "pop3s = []\n"
+        f'[mta_sts]\nlisten = "127.0.0.1:{port}"\nmx = ["mx.example.test"]\n')
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "mailfort", "serve", "--config",
+                                 str(config)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 20
+        while log.read_text().count(" serving") < 2:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        text = _fetch_sync(HOST, "127.0.0.1", port, client_ctx(ca_file), 5.0)
+        assert parse_policy(text).mx == ("mx.example.test",)
+        assert log.read_text().count("MTA-STS policy on https://127.0.0.1") == 1
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
