@@ -9,6 +9,7 @@ holds a connection is read from /proc: the server side of the TCP connection (fr
 * the brute-force block, the per-user send rate and the per-client connection limit hold
   across workers (with per-process counts each worker would allow the full count: 2x the
   guesses, 2x the mail, 2x the connections);
+* one POP3 session per maildrop across workers (-ERR [IN-USE] on the other worker);
 * SIGHUP: the next handshake presents the new certificate; an open session carries on;
 * SIGTERM: no new connections, an open transaction finishes with its 250, exit 0.
 """
@@ -328,6 +329,55 @@ def test_send_rate_holds_across_workers(node: Supervised) -> None:
     assert all(not r.startswith(b"2") for r in replies[PER_HOUR:]), replies
     for s in socks:
         s.close()
+
+
+def _pop(sock: socket.socket, line: str) -> bytes:
+    sock.sendall(line.encode() + b"\r\n")
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed"
+        reply += chunk
+    return reply
+
+
+def test_pop3_maildrop_lock_holds_across_workers(node: Supervised) -> None:
+    """One POP3 session per maildrop even when the two sessions are on two workers (the
+    Maildir's flock lock; an in-process lock alone would let both in): the second login
+    gets -ERR [IN-USE], and logs in once the first has quit."""
+    held: dict[int, socket.socket] = {}
+    for _ in range(60):
+        s = socket.create_connection(("127.0.0.1", node.ports["pop3"]), timeout=10,
+                                     source_address=("127.0.0.6", 0))
+        assert s.recv(512).startswith(b"+OK")
+        pid = node.owner(s, "pop3")
+        if pid in held:
+            s.close()
+        else:
+            held[pid] = s
+        if len(held) == 2:
+            break
+    assert len(held) == 2, f"60 connections all landed on {list(held)}"
+    first, second = held.values()
+    assert _pop(first, f"USER {BOB}").startswith(b"+OK")
+    assert _pop(first, "PASS bob-pw").startswith(b"+OK")
+    assert _pop(second, f"USER {BOB}").startswith(b"+OK")
+    assert _pop(second, "PASS bob-pw").startswith(b"-ERR [IN-USE]")
+    assert _pop(first, "QUIT").startswith(b"+OK")
+    first.close()
+    second.close()
+    deadline = time.monotonic() + 5
+    while True:  # released with the first session
+        with socket.create_connection(("127.0.0.1", node.ports["pop3"]), timeout=10,
+                                      source_address=("127.0.0.6", 0)) as again:
+            assert again.recv(512).startswith(b"+OK")
+            assert _pop(again, f"USER {BOB}").startswith(b"+OK")
+            reply = _pop(again, "PASS bob-pw")
+            if reply.startswith(b"+OK"):
+                _pop(again, "QUIT")
+                break
+        assert time.monotonic() < deadline, reply
+        time.sleep(0.1)
 
 
 def test_killed_worker_loses_no_acknowledged_message_and_is_replaced(
