@@ -94,10 +94,11 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
-async def smtp_send(port: int, auth: bool, sender: str, rcpts: list[str], msg: bytes) -> bool:
+async def smtp_send(port: int, auth: bool, sender: str, rcpts: list[str], msg: bytes,
+                    host: str = "127.0.0.1") -> bool:
     """One transaction on a fresh connection; True only for a 250 after the data."""
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection(host, port)
     except OSError:
         return False
     try:

@@ -76,36 +76,6 @@ async def wait_open(ip: str, ports: dict[str, int], proc: subprocess.Popen[bytes
                 await asyncio.sleep(0.05)
 
 
-async def mx_send(ip: str, port: int, msg: bytes) -> bool:
-    """One MX transaction; True only for a 250 after the data."""
-    async def reply(r: asyncio.StreamReader) -> bytes:
-        while True:
-            line = await asyncio.wait_for(r.readline(), 10)
-            if not line:
-                raise ConnectionError("closed")
-            if line[3:4] != b"-":
-                return line
-    try:
-        r, w = await asyncio.open_connection(ip, port)
-    except OSError:
-        return False
-    try:
-        await reply(r)
-        for cmd, code in ((b"EHLO load.test", b"250"), (b"MAIL FROM:<x@far.test>", b"250"),
-                          (f"RCPT TO:<{ALICE}>".encode(), b"250"), (b"DATA", b"354")):
-            w.write(cmd + b"\r\n")
-            if not (await reply(r)).startswith(code):
-                return False
-        w.write(msg + b".\r\n")
-        ok_ = (await reply(r)).startswith(b"250")
-        w.write(b"QUIT\r\n")
-        return ok_
-    except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-        return False
-    finally:
-        w.close()
-
-
 async def test_killing_node_a_under_load_loses_no_acknowledged_message(
         tmp_path: Path, pg_directory: dict[str, Any], redis_server: Any) -> None:
     cc = _campaign()
@@ -135,7 +105,8 @@ async def test_killing_node_a_under_load_loses_no_acknowledged_message(
         async def load(n: str) -> None:
             while not stop.is_set():
                 token = ledger.token(n)
-                if await mx_send(NODE_IPS[n], ports[n]["mx"], cc.message(token, ALICE, 1024)):
+                if await cc.smtp_send(ports[n]["mx"], False, "x@far.test", [ALICE],
+                                    cc.message(token, ALICE, 1024), host=NODE_IPS[n]):
                     acked[n].append(token)
                 else:
                     failed[n] += 1
