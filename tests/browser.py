@@ -15,6 +15,12 @@ from pathlib import Path
 import pytest
 
 
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    assert data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
 def screenshot(page: Path, shot: Path, *, width: int, height: int) -> bytes:
     """Render ``page`` into ``shot`` (PNG) and return its bytes; skip without Chromium."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

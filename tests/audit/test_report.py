@@ -15,7 +15,7 @@ from mailfort.audit import catalogue
 from mailfort.audit.schema import validate
 from tests.audit.conftest import FAST, port_args, run_audit
 from tests.audit.weak_server import WeakServer
-from tests.browser import screenshot
+from tests.browser import png_size, screenshot
 
 ONLY = ["--only", "relay", "backscatter", "disclosure", "limits.nul"]
 
@@ -80,4 +80,5 @@ def test_html_is_self_contained_and_built_from_the_json(
 
 def test_html_renders_in_chromium(weak_report: tuple[dict, Path], tmp_path: Path) -> None:
     _, page = weak_report
-    screenshot(page, tmp_path / "audit-report.png", width=1200, height=2200)
+    png = screenshot(page, tmp_path / "audit-report.png", width=1200, height=2200)
+    assert png_size(png) == (1200, 2200)  # the whole page was rendered at the asked size

@@ -18,7 +18,7 @@ import mailfort
 from mailfort import cli
 from mailfort.lab import catalogue
 from mailfort.lab.attacks import ATTACKS
-from tests.browser import screenshot
+from tests.browser import png_size, screenshot
 
 SRC = Path(mailfort.__file__).resolve().parents[1]
 
@@ -76,7 +76,8 @@ def test_html_is_self_contained(ja_session: tuple[int, str, Path]) -> None:
 
 def test_html_renders_in_chromium(ja_session: tuple[int, str, Path], tmp_path: Path) -> None:
     _, _, page = ja_session
-    screenshot(page, tmp_path / "lab-session.png", width=1400, height=2400)
+    png = screenshot(page, tmp_path / "lab-session.png", width=1400, height=2400)
+    assert png_size(png) == (1400, 2400)  # the whole page was rendered at the asked size
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:
