@@ -114,10 +114,17 @@ def test_pace_slows_each_step(capsys: pytest.CaptureFixture[str]) -> None:
     assert time.monotonic() - t >= 3.2
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_cleanly_and_removes_scratch(tmp_path: Path) -> None:
     env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    # As from a terminal: SIGINT at its default. A suite started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and CPython then keeps it ignored.
     proc = subprocess.Popen([sys.executable, "-m", "mailfort", "lab", "--pace", "0.2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_sigint_default)
     try:
         deadline = time.monotonic() + 30
         while not list(tmp_path.glob("mailfort-lab-*/hardened/data")):
