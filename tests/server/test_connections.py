@@ -196,13 +196,13 @@ async def test_connection_rate_limit_refuses_and_logs(
 
 
 def test_shared_limiter_counts_over_workers_and_forgets_a_dead_one(tmp_path: Any) -> None:
-    """Two workers' limiters on one file: the caps hold over both; a slot reset (its
+    """Two workers' limiters on one table: the caps hold over both; a slot cleared (its
     worker died and is replaced) releases what that worker had counted."""
-    from mailfort.server.connections import SharedConnectionLimiter, clear_slot
+    from mailfort.server.connections import ConnectionTable, SharedConnectionLimiter
 
-    path = tmp_path / "shared.sqlite3"
-    w0 = SharedConnectionLimiter(path, 0, max_total=3, max_per_ip=2)
-    w1 = SharedConnectionLimiter(path, 1, max_total=3, max_per_ip=2)
+    table = ConnectionTable(2, tmp_path / "connections.lock")
+    w0 = SharedConnectionLimiter(table, 0, max_total=3, max_per_ip=2)
+    w1 = SharedConnectionLimiter(table, 1, max_total=3, max_per_ip=2)
     assert w0.admit("192.0.2.1") is Admission.OK
     assert w1.admit("192.0.2.1") is Admission.OK
     assert w0.admit("192.0.2.1") is Admission.TOO_MANY_FROM_IP
@@ -212,6 +212,52 @@ def test_shared_limiter_counts_over_workers_and_forgets_a_dead_one(tmp_path: Any
     w0.release("192.0.2.1")
     assert w0.admit("192.0.2.3") is Admission.OK
     assert w0.total == 3
-    clear_slot(path, 1)  # worker 1 died: its two connections are gone with it
+    table.clear(1)  # worker 1 died: its two connections are gone with it
     assert w0.total == 1
     assert w0.admit("192.0.2.1") is Admission.OK
+    assert w1.admit("192.0.2.1") is Admission.OK
+
+
+def test_workers_in_other_processes_never_admit_past_the_cap_together(tmp_path: Any) -> None:
+    """Four forked workers, released at one moment, each admit and release one connection
+    3,000 times against a node cap of 2: after every admission it gets, a worker reads the
+    node's count, and no worker ever sees more than 2 (each admission is checked and
+    counted under the table's lock). The parent, a fifth process, shares the same counts."""
+    import os
+
+    from mailfort.server.connections import ConnectionTable, SharedConnectionLimiter
+
+    table = ConnectionTable(5, tmp_path / "connections.lock")
+    go_r, go_w = os.pipe()
+    pids = []
+    for slot in range(4):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(go_w)
+                mine = SharedConnectionLimiter(table, slot, max_total=2, max_per_ip=100)
+                os.read(go_r, 1)  # returns when the parent closes its end: all start at once
+                most = got = 0
+                for _ in range(3000):
+                    if mine.admit("198.51.100.7") is Admission.OK:
+                        got += 1
+                        most = max(most, mine.total)
+                        mine.release("198.51.100.7")
+                (tmp_path / f"seen-{slot}").write_text(f"{got} {most}")
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    os.close(go_r)
+    os.close(go_w)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    seen = [tuple(map(int, (tmp_path / f"seen-{s}").read_text().split())) for s in range(4)]
+    assert all(got > 0 for got, _ in seen)
+    assert max(most for _, most in seen) <= 2
+    parent = SharedConnectionLimiter(table, 4, max_total=2, max_per_ip=100)
+    assert parent.total == 0  # every admission was released
+    assert parent.admit("198.51.100.7") is Admission.OK
+    assert parent.admit("198.51.100.8") is Admission.OK
+    assert parent.admit("198.51.100.9") is Admission.TOO_MANY

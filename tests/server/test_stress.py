@@ -231,12 +231,12 @@ async def test_a_full_table_ends_an_idle_pop3_session_for_a_new_smtp_client(
 def test_a_workers_stress_mode_reads_the_nodes_connection_count(tmp_path: Any) -> None:
     """With worker processes, each worker's guard adapts its own sessions, but it goes
     into stress mode on the node's count (shared), not on the connections it holds."""
-    from mailfort.server.connections import Admission, SharedConnectionLimiter
+    from mailfort.server.connections import Admission, ConnectionTable, SharedConnectionLimiter
     from mailfort.server.stress import StressGuard, StressSettings
 
-    path = tmp_path / "shared-state.sqlite3"
-    w0 = SharedConnectionLimiter(path, 0, max_total=10, max_per_ip=10)
-    w1 = SharedConnectionLimiter(path, 1, max_total=10, max_per_ip=10)
+    table = ConnectionTable(2, tmp_path / "connections.lock")
+    w0 = SharedConnectionLimiter(table, 0, max_total=10, max_per_ip=10)
+    w1 = SharedConnectionLimiter(table, 1, max_total=10, max_per_ip=10)
     guard0 = StressGuard(StressSettings(threshold=0.5))
     for i in range(5):  # every connection on worker 1
         assert w1.admit(f"192.0.2.{i}") is Admission.OK

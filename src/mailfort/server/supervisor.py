@@ -49,9 +49,11 @@ supervisor renews it if due and then has every worker load it (as a SIGHUP does)
 renewal blocks the supervisor's loop for the seconds it takes (a worker that dies then is
 restarted after it); the workers serve on meanwhile.
 
-Brute-force counters, per-user send rates, connection rates and connection limits are
-shared through one SQLite file in the data directory (``SQLiteCounters``,
-``SharedConnectionLimiter``). Stress mode (server/stress.py) stays per worker: each
+Brute-force counters, per-user send rates and connection rates are shared through one
+SQLite file in the data directory (``SQLiteCounters``); the connection limits through
+memory that the supervisor maps before forking (``ConnectionTable``), checked at every
+accept without a database write. The committers share their flushes
+(store/shared_flush.py). Stress mode (server/stress.py) stays per worker: each
 worker adapts and evicts its own sessions, against the node's shared connection count.
 """
 
@@ -64,7 +66,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import sys
 import time
 import traceback
@@ -77,11 +78,13 @@ from mailfort.server.privileges import LISTEN_KEYS
 
 if TYPE_CHECKING:
     from mailfort.server.app import Node
+    from mailfort.server.connections import ConnectionTable
     from mailfort.server.operations import Operations
 
 log = logging.getLogger("mailfort.supervisor")
 
 SHARED_STATE = "shared-state.sqlite3"
+CONNECTIONS_LOCK = "connections.lock"
 METRICS_DIR = "metrics"
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 30.0
@@ -171,8 +174,9 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     cfg, pipes = sup.cfg, sup.pipes
     path = shared_state_path(cfg)
     counters = SQLiteCounters(path)
+    assert sup.connections is not None
     limiter = SharedConnectionLimiter(
-        path, slot, cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
+        sup.connections, slot, cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
         rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=counters)
     limiter.reset_slot()
     loop = asyncio.get_running_loop()
@@ -293,6 +297,7 @@ class Supervisor:
     mta_sts_socket: socket.socket | None = None
     ready: set[int] = field(default_factory=set)
     announced: bool = False
+    connections: ConnectionTable | None = None  # made in ``start``, before any fork
 
     def __post_init__(self) -> None:
         self.main_pid = os.getpid()
@@ -300,7 +305,7 @@ class Supervisor:
 
     def start(self) -> None:
         from mailfort import metrics
-        from mailfort.policy.shared_counters import open_shared_db
+        from mailfort.server.connections import ConnectionTable
         from mailfort.store.maildir import make_dirs
         from mailfort.tls import ensure_certificate
 
@@ -315,11 +320,7 @@ class Supervisor:
         if removed:
             log.info("removed %d unacknowledged spool files left by a crash", removed)
         ensure_certificate(cfg)
-        conn = open_shared_db(shared_state_path(cfg))  # connection counts of a previous
-        for table in ("connections", "slot_totals"):   # run are void
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute(f"DELETE FROM {table}")
-        conn.close()
+        self.connections = ConnectionTable(self.workers, cfg.data_path / CONNECTIONS_LOCK)
         metrics.share_between_processes(cfg.data_path / METRICS_DIR)
         self.sockets = bind_listeners(cfg, self.ops.inherited)
         if cfg.metrics.listen:
@@ -347,7 +348,6 @@ class Supervisor:
 
     def _reap(self) -> None:
         from mailfort import metrics
-        from mailfort.server.connections import clear_slot
 
         while True:
             try:
@@ -361,7 +361,8 @@ class Supervisor:
                     continue
                 slot.pid = 0
                 with contextlib.suppress(Exception):
-                    clear_slot(shared_state_path(self.cfg), i)
+                    if self.connections is not None:
+                        self.connections.clear(i)
                 with contextlib.suppress(Exception):
                     metrics.forget_process(pid)
                 removed = remove_spool_of(self.cfg.data_path / "spool", pid)

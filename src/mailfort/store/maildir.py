@@ -41,6 +41,7 @@ from pathlib import Path
 
 from mailfort import metrics
 from mailfort.store.durable import fsync_dir, make_dirs
+from mailfort.store.shared_flush import SharedFlush
 
 _SPOOL_MEMORY = 64 * 1024  # bytes a message may hold in memory before it goes to a file
 _counter = itertools.count()
@@ -234,6 +235,8 @@ class Committer:
         self.spool_dir = data_dir / "spool"
         make_dirs(self.spool_dir)
         self._use_syncfs = use_syncfs and _SYNCFS is not None
+        # The node's worker processes share their flushes (store/shared_flush.py).
+        self._shared_flush = SharedFlush(data_dir, self._syncfs) if self._use_syncfs else None
         self._jobs: list[_Job] = []
         self._cv = threading.Condition()
         self._stopping = False
@@ -283,6 +286,8 @@ class Committer:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        if self._shared_flush is not None and not self._thread.is_alive():
+            self._shared_flush.close()
 
     # ---------------------------------------------------------------- the thread
 
@@ -349,8 +354,8 @@ class Committer:
             if self.fault is not None:
                 self.fault("sync")
             with metrics.FLUSH_SECONDS.time():
-                if self._use_syncfs:
-                    self._syncfs(jobs[0].spool.fileno())
+                if self._shared_flush is not None:
+                    self._shared_flush.flush(jobs[0].spool.fileno())
                 else:
                     one_by_one()
         except OSError as exc:
