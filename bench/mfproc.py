@@ -58,7 +58,16 @@ def wait_disk_quiet(path: str | Path, quiet: float = 0.5, timeout: float = 60.0)
 
 
 def bench_tmpdir(prefix: str) -> tempfile.TemporaryDirectory[str]:
-    """A fresh directory for one benchmark's data, removed afterwards."""
+    """A fresh directory for one benchmark's data, removed afterwards.
+
+    A benchmark that starts several servers makes each one a subdirectory of one such
+    directory, removed only at the end, never between measurements: on ext4 without a
+    journal (this project's VMs), the kernel will not reuse an inode freed in the last
+    minute or so (up to six when its table block is still dirty) and scans past each one
+    to create a file, so a server started right after thousands of files were deleted
+    creates its files at half speed or less (bench/RESULTS.md, "The slow mode"). For the
+    same reason, a benchmark started within minutes of another one's clean-up runs slower.
+    """
     return tempfile.TemporaryDirectory(prefix=prefix, dir=BENCH_DIR)
 
 

@@ -16,6 +16,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,20 +35,21 @@ def smtp_source(port: int, size: int, sessions: int, messages: int) -> float:
     return messages / (time.perf_counter() - start)
 
 
-def one(workers: int, args: argparse.Namespace) -> tuple[float, float]:
-    """(messages per second, CPU microseconds per message) of one fresh server."""
-    with bench_tmpdir("mf-workers-") as tmp:
-        mf = MailfortServer(Path(tmp), port_base=args.port_base, workers=workers)
-        with mf:
-            time.sleep(1.0)  # every worker is listening
-            smtp_source(mf.ports["mx"], args.size, args.sessions, args.warmup)
-            wait_disk_quiet(BENCH_DIR)
-            cpu0 = mf.cpu_seconds()
-            rate = smtp_source(mf.ports["mx"], args.size, args.sessions, args.messages)
-            cpu = mf.cpu_seconds() - cpu0
-            stored = len(os.listdir(mf.maildir("alice") / "new"))
-            if stored != args.warmup + args.messages:
-                raise SystemExit(f"stored {stored} != accepted {args.warmup + args.messages}")
+def one(workers: int, args: argparse.Namespace, root: Path) -> tuple[float, float]:
+    """(messages per second, CPU microseconds per message) of one fresh server, whose data
+    stays in ``root`` until the end of the benchmark (see ``bench_tmpdir``)."""
+    tmp = tempfile.mkdtemp(prefix=f"w{workers}-", dir=root)
+    mf = MailfortServer(Path(tmp), port_base=args.port_base, workers=workers)
+    with mf:
+        time.sleep(1.0)  # every worker is listening
+        smtp_source(mf.ports["mx"], args.size, args.sessions, args.warmup)
+        wait_disk_quiet(BENCH_DIR)
+        cpu0 = mf.cpu_seconds()
+        rate = smtp_source(mf.ports["mx"], args.size, args.sessions, args.messages)
+        cpu = mf.cpu_seconds() - cpu0
+        stored = len(os.listdir(mf.maildir("alice") / "new"))
+        if stored != args.warmup + args.messages:
+            raise SystemExit(f"stored {stored} != accepted {args.warmup + args.messages}")
     return rate, cpu / args.messages * 1e6
 
 
@@ -65,12 +67,13 @@ def main() -> int:
         print("smtp-source not found: run ../shared/anchors/postfix-reference.sh start")
         return 2
     results: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
-    for r in range(args.rounds):
-        for w in (1, 2) if r % 2 == 0 else (2, 1):
-            rate, us = one(w, args)
-            results[w].append((rate, us))
-            print(f"# round {r + 1} workers={w}: {rate:.0f}/s, {us:.0f} us CPU/message",
-                  flush=True)
+    with bench_tmpdir("mf-workers-") as root:
+        for r in range(args.rounds):
+            for w in (1, 2) if r % 2 == 0 else (2, 1):
+                rate, us = one(w, args, Path(root))
+                results[w].append((rate, us))
+                print(f"# round {r + 1} workers={w}: {rate:.0f}/s, {us:.0f} us CPU/message",
+                      flush=True)
     ratios = [b[0] / a[0] for a, b in zip(results[1], results[2], strict=True)]
     for w, rows in results.items():
         rates = [x[0] for x in rows]
