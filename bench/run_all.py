@@ -231,6 +231,9 @@ def main() -> int:
     ap.add_argument("--smtp-only", action="store_true", help="skip POP3, idle and 50 MB rows")
     ap.add_argument("--pairs", type=int, default=5,
                     help="alternating measurements of each server per MX row (default 5)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="mailfort's [server] workers for the MX and submission rows "
+                         "(default 1; 0: one per CPU, the server's own default)")
     ap.add_argument("--idle-timeout", type=float, default=60.0,
                     help="longest wait for a quiet disk before a measurement (seconds)")
     args = ap.parse_args()
@@ -243,7 +246,7 @@ def main() -> int:
             return 2
     rows: list[tuple[str, str, str, str]] = []
     with bench_tmpdir("mailfort-bench-") as tmp:
-        mf = MailfortServer(Path(tmp), port_base=PORT_BASE)
+        mf = MailfortServer(Path(tmp), port_base=PORT_BASE, workers=args.workers)
         mf.start()
         try:
             ours = Server("mailfort", mf.ports["mx"], lambda: mf.pid)
@@ -280,8 +283,9 @@ def main() -> int:
                 rate = float(out.split("rate=")[1].split("/s")[0]) if "rate=" in out else 0.0
                 rows.append((f"submission STARTTLS+AUTH 1 KB, 50 sessions, {label}", "—",
                              f"{rate:.0f}/s ({rate / mx_rate:.2f}× MX) [{out}]", "≥ 0.5× MX"))
-            rss = proc_status(mf.pid).get("VmRSS", 0)
-            rows.append(("mailfort RSS after the runs", "—", f"{rss / 1024:.0f} MB", ""))
+            rss = sum(proc_status(pid).get("VmRSS", 0) for pid in mf.pids)
+            rows.append((f"mailfort RSS after the runs ({len(mf.pids)} processes)", "—",
+                         f"{rss / 1024:.0f} MB", ""))
         finally:
             mf.stop()
     if not args.smtp_only:
@@ -290,7 +294,8 @@ def main() -> int:
                                                       else []))
         rows += other_rows("idle_sessions.py", "--sessions", "1000" if args.quick else "10000")
         rows += other_rows("big_message.py")
-    print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.python_version()}")
+    print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.python_version()}; "
+          f"mailfort workers = {args.workers}")
     print("| measure | reference | mailfort | target |\n|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
