@@ -75,6 +75,7 @@ class Ledger:
     maybe_deleted: set[str] = field(default_factory=set)  # DELE, QUIT not answered
     kills: list[float] = field(default_factory=list)  # monotonic time of each SIGKILL
     kills_wall: list[float] = field(default_factory=list)  # the same, wall clock
+    worker_kills: int = 0  # of them, kills of one worker (the node went on)
     counter: int = 0
 
     def token(self, kind: str) -> str:
@@ -273,6 +274,7 @@ async def wait_ports(ports: dict[str, int], proc: subprocess.Popen[bytes]) -> No
 @dataclass
 class Report:
     kills: int
+    worker_kills: int
     acked: Counter[str]
     lost: list[str]
     duplicates: list[str]  # Maildir duplicates, or of unacknowledged messages: failures
@@ -289,7 +291,8 @@ class Report:
 
     def lines(self) -> list[str]:
         return [
-            f"kills: {self.kills}   run: {self.seconds:.1f} s",
+            f"kills: {self.kills} (of one worker: {self.worker_kills})   "
+            f"run: {self.seconds:.1f} s",
             "acknowledged: " + ", ".join(f"{k} {v}" for k, v in sorted(self.acked.items())),
             f"POP3 deletions confirmed by QUIT: {self.deleted}",
             f"lost: {len(self.lost)} {self.lost[:5]}",
@@ -390,17 +393,28 @@ def check(mail_root: Path, ledger: Ledger, rx: Receiver, seconds: float) -> Repo
         after = [k for k in kills if k >= t0]
         if after:
             widths.append(after[0] - t0)
-    return Report(len(ledger.kills), Counter(ledger.acked.values()), lost, dups, window,
-                  widths, len(ledger.deleted), undeleted, partial, seconds)
+    return Report(len(ledger.kills), ledger.worker_kills, Counter(ledger.acked.values()),
+                  lost, dups, window, widths, len(ledger.deleted), undeleted, partial, seconds)
 
 
 # ------------------------------------------------------------------ the run
 
 
+def worker_pids(supervisor: int) -> list[int]:
+    """The supervisor's children (its workers)."""
+    try:
+        path = Path(f"/proc/{supervisor}/task/{supervisor}/children")
+        return [int(p) for p in path.read_text().split()]
+    except OSError:
+        return []
+
+
 async def campaign(root: Path, kills: int, load: tuple[float, float], seed: int,
                    flush: str = "fsync", drain_timeout: float = 60.0,
                    workers: int = 1) -> Report:
-    """``workers`` > 1: the SIGKILL hits the supervisor (its workers die with it)."""
+    """``workers`` > 1: halfway through each round's load one worker is SIGKILLed (the
+    supervisor replaces it, the others serve on), then at its end the supervisor (the
+    workers die with it)."""
     rng = random.Random(seed)
     started = time.monotonic()
     rx = await Receiver().start()
@@ -424,7 +438,18 @@ async def campaign(root: Path, kills: int, load: tuple[float, float], seed: int,
                       for _ in range(3)),
                     asyncio.create_task(pop3_load(ports["pop3"], ledger, stop, rng)),
                 ]
-                await asyncio.sleep(rng.uniform(*load))
+                duration = rng.uniform(*load)
+                if workers > 1:
+                    await asyncio.sleep(duration / 2)
+                    victims = worker_pids(proc.pid)
+                    if victims:
+                        os.kill(rng.choice(victims), signal.SIGKILL)
+                        ledger.kills.append(time.monotonic())
+                        ledger.kills_wall.append(time.time())
+                        ledger.worker_kills += 1
+                    await asyncio.sleep(duration / 2)
+                else:
+                    await asyncio.sleep(duration)
                 proc.send_signal(signal.SIGKILL)
                 ledger.kills.append(time.monotonic())
                 ledger.kills_wall.append(time.time())
