@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,10 @@ async def test_crash_campaign_short_form(tmp_path: Path, flush: str, workers: in
     assert report.ok, "\n".join(report.lines())
     assert report.worker_kills == (3 if workers > 1 else 0)
     assert report.kills == 3 + report.worker_kills
+    if workers > 1:  # the workers' committers shared their flushes (store/shared_flush.py)
+        count = (tmp_path / "data" / "flush.count").read_bytes()
+        started, completed = struct.unpack("<QQ", count)
+        assert started >= completed > 0
     assert sum(report.acked.values()) > 30, "the load did not get going"
     kinds = {"alice@example.test", "bob@example.test", "remote", "bounce"}
     assert kinds <= set(report.acked), report.acked

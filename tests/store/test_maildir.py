@@ -16,9 +16,11 @@ from tests.store.fsyncs import fsynced
 __all__ = ["fsynced"]
 
 
-@pytest.fixture(params=[True, False], ids=["syncfs", "fsync-each"])
+@pytest.fixture(params=[("syncfs", False), ("syncfs", True), ("fsync", False)],
+                ids=["syncfs", "syncfs-shared", "fsync-each"])
 def committer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Committer]:
-    c = Committer(tmp_path, use_syncfs=request.param)
+    flush, shared = request.param
+    c = Committer(tmp_path, use_syncfs=flush == "syncfs", shared_flush=shared)
     yield c
     c.stop()
 

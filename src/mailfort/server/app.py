@@ -67,18 +67,20 @@ class Node:
     def __init__(self, cfg: Config, *, ssl_context: ssl.SSLContext | None = None,
                  legacy: LegacyProfile | None = None,
                  counters: CounterStore | None = None,
-                 limiter: ConnectionLimiter | SharedConnectionLimiter | None = None) -> None:
+                 limiter: ConnectionLimiter | SharedConnectionLimiter | None = None,
+                 shared_flush: bool = False) -> None:
         """``legacy``: the lab's weakened profile. Only ``mailfort.lab`` passes one; no
         configuration key or ``serve`` option leads here. ``counters``, ``limiter``: the
         state that a worker process shares with the others (server/supervisor.py); by
-        default in-process."""
+        default in-process. ``shared_flush``: a worker process's committer shares its
+        flushes with the other workers' (store/shared_flush.py)."""
         self.cfg = cfg
         self.legacy = legacy
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
         # The embedded SQLite file, or the PostgreSQL database that several nodes share.
         self.directory = open_directory(cfg)
         self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs",
-                                   mail_root=cfg.mail_path)
+                                   mail_root=cfg.mail_path, shared_flush=shared_flush)
         if ssl_context is None:
             from mailfort.tls import server_context
 

@@ -193,7 +193,7 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
         with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
             os.write(pipes.wake_w, b"w")
 
-    node = Node(cfg, counters=counters, limiter=limiter)
+    node = Node(cfg, counters=counters, limiter=limiter, shared_flush=True)
     node.inherited = dict(role.sockets)
     if role.primary and sup.mta_sts_socket is not None:
         node.inherited[("mta_sts", 0)] = sup.mta_sts_socket
@@ -306,6 +306,7 @@ class Supervisor:
 
     def start(self) -> None:
         from mailfort import metrics
+        from mailfort.policy.shared_counters import SQLiteCounters
         from mailfort.server.connections import ConnectionTable
         from mailfort.store.maildir import make_dirs
         from mailfort.tls import ensure_certificate
@@ -321,6 +322,10 @@ class Supervisor:
         if removed:
             log.info("removed %d unacknowledged spool files left by a crash", removed)
         ensure_certificate(cfg)
+        # The shared counters' file is made (in WAL mode, its table created) before the
+        # workers open it: two of them switching a new file to WAL at once would have one
+        # fail with "database is locked" (SQLite does not wait for that lock).
+        SQLiteCounters(shared_state_path(cfg)).close()
         self.connections = ConnectionTable(self.workers, cfg.data_path / CONNECTIONS_LOCK)
         metrics.share_between_processes(cfg.data_path / METRICS_DIR)
         self.sockets = bind_listeners(cfg, self.ops.inherited)
