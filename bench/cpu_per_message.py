@@ -38,6 +38,7 @@ from mfproc import (  # noqa: E402  (bench/ is not a package)
     cpu_times,
     thread_cpu_seconds,
     wait_disk_quiet,
+    wait_freed_inodes,
 )
 
 
@@ -96,6 +97,7 @@ def main() -> int:
                     help="then one more run under py-spy (raw format: collapsed stacks)")
     args = ap.parse_args()
     label = f"mailfort MX {args.size} B, {args.sessions} sessions, {args.flush}"
+    wait_freed_inodes()  # mfproc.FREED_INODE_WINDOW
     with bench_tmpdir("mailfort-cpu-") as tmp:
         for sub in ("this", "baseline"):
             (Path(tmp) / sub).mkdir()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,7 +26,12 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import smtp_load  # noqa: E402
-from mfproc import MailfortServer, bench_tmpdir, wait_disk_quiet  # noqa: E402
+from mfproc import (  # noqa: E402
+    MailfortServer,
+    bench_tmpdir,
+    wait_disk_quiet,
+    wait_freed_inodes,
+)
 
 from tests.dnsserver import DNSServer  # noqa: E402
 
@@ -46,7 +53,9 @@ def publish_sender_policy(dns: DNSServer) -> None:
 
 def measure(extra: str, args: argparse.Namespace, label: str, dns: DNSServer,
             sender_auth: bool = False) -> dict[str, float]:
-    with bench_tmpdir("mailfort-dnsbl-") as tmp:
+    """One fresh server; its files stay in ``args.data`` until the benchmark ends
+    (mfproc.FREED_INODE_WINDOW)."""
+    with contextlib.nullcontext(tempfile.mkdtemp(prefix="mf-", dir=args.data)) as tmp:
         server = MailfortServer(Path(tmp), port_base=args.port_base, dns_port=dns.port,
                                 sender_auth=sender_auth)
         with server.config.open("a") as f:
@@ -74,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5000, help="unmeasured messages first")
     p.add_argument("--port-base", type=int, default=14500)
     args = p.parse_args(argv)
-    with DNSServer() as dns:
+    wait_freed_inodes()
+    with DNSServer() as dns, bench_tmpdir("mailfort-dnsbl-") as args.data:
         publish_sender_policy(dns)
         plain = measure("", args, "MX 1 KB, no DNSBL", dns)
         cached = measure(dnsbl_table(10000), args, "MX 1 KB, 2 DNSBL zones, cache", dns)

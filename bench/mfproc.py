@@ -8,13 +8,16 @@ Loopback only.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -57,18 +60,61 @@ def wait_disk_quiet(path: str | Path, quiet: float = 0.5, timeout: float = 60.0)
     return time.monotonic() - start
 
 
-def bench_tmpdir(prefix: str) -> tempfile.TemporaryDirectory[str]:
-    """A fresh directory for one benchmark's data, removed afterwards.
+# On ext4 without a journal (this project's VMs: /sys/fs/ext4/vda/journal_task reads
+# "<none>") the kernel will not reuse an inode freed in the last minute, six while its inode
+# table block is still dirty, and to create a file it scans past every such inode of the
+# block group. A server started within minutes of a benchmark's clean-up (thousands of files
+# deleted) creates its files at half speed or less: bench/RESULTS.md, "The slow mode".
+FREED_INODE_WINDOW = 360.0  # seconds
+_CLEANED = Path(BENCH_DIR) / ".mailfort-bench-cleaned"
+
+
+@contextlib.contextmanager
+def bench_tmpdir(prefix: str) -> Iterator[str]:
+    """A fresh directory for one benchmark's data, removed afterwards (the time of the
+    removal is noted for ``wait_freed_inodes``).
 
     A benchmark that starts several servers makes each one a subdirectory of one such
-    directory, removed only at the end, never between measurements: on ext4 without a
-    journal (this project's VMs), the kernel will not reuse an inode freed in the last
-    minute or so (up to six when its table block is still dirty) and scans past each one
-    to create a file, so a server started right after thousands of files were deleted
-    creates its files at half speed or less (bench/RESULTS.md, "The slow mode"). For the
-    same reason, a benchmark started within minutes of another one's clean-up runs slower.
+    directory, removed only at the end, never between measurements.
     """
-    return tempfile.TemporaryDirectory(prefix=prefix, dir=BENCH_DIR)
+    path = tempfile.mkdtemp(prefix=prefix, dir=BENCH_DIR)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _CLEANED.write_text(f"{time.time()}\n")
+
+
+def _without_journal(path: str | Path) -> bool:
+    dev = os.stat(path).st_dev
+    block = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    try:
+        journal = Path(f"/sys/fs/ext4/{block.resolve().name}/journal_task").read_text()
+    except OSError:
+        return False  # not ext4, or not a block device we can name: nothing to wait for
+    return journal.strip() == "<none>"
+
+
+def wait_freed_inodes() -> float:
+    """Before measuring how fast files are created: wait until the inodes that the last
+    benchmark's clean-up freed may be reused (see ``FREED_INODE_WINDOW``); returns the
+    seconds waited. Nothing to wait for on a file system with a journal, or with
+    ``MAILFORT_BENCH_NO_WAIT=1``."""
+    if os.environ.get("MAILFORT_BENCH_NO_WAIT") == "1" or not _without_journal(BENCH_DIR):
+        return 0.0
+    try:
+        cleaned = float(_CLEANED.read_text())
+    except (OSError, ValueError):
+        return 0.0
+    left = cleaned + FREED_INODE_WINDOW - time.time()
+    if left <= 0:
+        return 0.0
+    print(f"# waiting {left:.0f} s: a benchmark deleted its data {time.time() - cleaned:.0f} s "
+          "ago, and this ext4 has no journal, so files are slow to create for minutes after "
+          "many were freed (MAILFORT_BENCH_NO_WAIT=1 skips the wait)", flush=True)
+    time.sleep(left)
+    return left
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:

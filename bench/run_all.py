@@ -45,6 +45,7 @@ from mfproc import (  # noqa: E402  (bench/ is not a package)
     cpu_seconds,
     proc_status,
     wait_disk_quiet,
+    wait_freed_inodes,
 )
 
 ANCHORS = HERE.parent.parent / "shared" / "anchors"
@@ -245,6 +246,7 @@ def main() -> int:
             print("smtp-source not found: run ../shared/anchors/postfix-reference.sh start")
             return 2
     rows: list[tuple[str, str, str, str]] = []
+    wait_freed_inodes()  # mfproc.FREED_INODE_WINDOW
     with bench_tmpdir("mailfort-bench-") as tmp:
         mf = MailfortServer(Path(tmp), port_base=PORT_BASE, workers=args.workers)
         mf.start()

@@ -21,7 +21,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mfproc import BENCH_DIR, MailfortServer, bench_tmpdir, wait_disk_quiet
+from mfproc import (
+    BENCH_DIR,
+    MailfortServer,
+    bench_tmpdir,
+    wait_disk_quiet,
+    wait_freed_inodes,
+)
 
 PORT_BASE = 14500
 
@@ -67,6 +73,7 @@ def main() -> int:
         print("smtp-source not found: run ../shared/anchors/postfix-reference.sh start")
         return 2
     results: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+    wait_freed_inodes()  # mfproc.FREED_INODE_WINDOW
     with bench_tmpdir("mf-workers-") as root:
         for r in range(args.rounds):
             for w in (1, 2) if r % 2 == 0 else (2, 1):
