@@ -73,7 +73,7 @@ def test_committers_that_arrive_during_a_flush_share_the_next_one(tmp_path: Path
         late = [threading.Thread(target=f.flush, args=(fd,)) for f in flushes[1:]]
         for t in late:
             t.start()
-        time.sleep(0.3)  # all three have taken their ticket and wait for the lock
+        time.sleep(1.0)  # all three have taken their ticket and wait for the lock
         gate.set()
         for t in [first, *late]:
             t.join(10)
