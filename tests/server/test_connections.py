@@ -219,44 +219,58 @@ def test_shared_limiter_counts_over_workers_and_forgets_a_dead_one(tmp_path: Any
 
 
 def test_workers_in_other_processes_never_admit_past_the_cap_together(tmp_path: Any) -> None:
-    """Four forked workers, released at one moment, each admit and release one connection
-    3,000 times against a node cap of 2: after every admission it gets, a worker reads the
-    node's count, and no worker ever sees more than 2 (each admission is checked and
-    counted under the table's lock). The parent, a fifth process, shares the same counts."""
-    import os
+    """Four forked workers, 100 rounds: at a barrier they all start admitting one client's
+    connections until refused, against a node cap of 2; at the next barrier the admissions
+    are counted (exactly 2 every round: each admission is checked and counted under the
+    table's lock), then released. Each read of the shared counts is slowed down (a real
+    read, then a sleep), so that admissions overlap: without the lock, two workers that
+    read 1 at the same moment both get in, and this test fails. The parent, a fifth
+    process, shares the same counts."""
+    import multiprocessing
+    import time
 
     from mailfort.server.connections import ConnectionTable, SharedConnectionLimiter
 
-    table = ConnectionTable(5, tmp_path / "connections.lock")
-    go_r, go_w = os.pipe()
-    pids = []
-    for slot in range(4):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(go_w)
-                mine = SharedConnectionLimiter(table, slot, max_total=2, max_per_ip=100)
-                os.read(go_r, 1)  # returns when the parent closes its end: all start at once
-                most = got = 0
-                for _ in range(3000):
-                    if mine.admit("198.51.100.7") is Admission.OK:
-                        got += 1
-                        most = max(most, mine.total)
-                        mine.release("198.51.100.7")
-                (tmp_path / f"seen-{slot}").write_text(f"{got} {most}")
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    os.close(go_r)
-    os.close(go_w)
-    for pid in pids:
-        os.waitpid(pid, 0)
-    seen = [tuple(map(int, (tmp_path / f"seen-{s}").read_text().split())) for s in range(4)]
-    assert all(got > 0 for got, _ in seen)
-    assert max(most for _, most in seen) <= 2
-    parent = SharedConnectionLimiter(table, 4, max_total=2, max_per_ip=100)
+    class SlowReads:
+        def __init__(self, counts: Any) -> None:
+            self._counts = counts
+
+        def __getitem__(self, i: int) -> int:
+            value = self._counts[i]
+            time.sleep(0.0001)
+            return int(value)
+
+        def __setitem__(self, i: int, value: int) -> None:
+            self._counts[i] = value
+
+    rounds, workers = 100, 4
+    table = ConnectionTable(workers + 1, tmp_path / "connections.lock")
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(workers, timeout=30)
+    got = ctx.Array("i", rounds * workers, lock=False)  # admissions per round and worker
+
+    def worker(slot: int) -> None:
+        mine = SharedConnectionLimiter(table, slot, max_total=2, max_per_ip=100)
+        mine._counts = SlowReads(table.counts)  # type: ignore[assignment]
+        for r in range(rounds):
+            barrier.wait()
+            n = 0
+            while mine.admit("198.51.100.7") is Admission.OK:
+                n += 1
+            got[r * workers + slot] = n
+            barrier.wait()
+            for _ in range(n):
+                mine.release("198.51.100.7")
+
+    procs = [ctx.Process(target=worker, args=(slot,)) for slot in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    per_round = [sum(got[r * workers:(r + 1) * workers]) for r in range(rounds)]
+    assert per_round == [2] * rounds, [n for n in per_round if n != 2][:10]
+    parent = SharedConnectionLimiter(table, workers, max_total=2, max_per_ip=100)
     assert parent.total == 0  # every admission was released
     assert parent.admit("198.51.100.7") is Admission.OK
     assert parent.admit("198.51.100.8") is Admission.OK
