@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -51,29 +50,29 @@ def publish_sender_policy(dns: DNSServer) -> None:
     dns.add_txt(f"_dmarc.{SENDER_DOMAIN}", "v=DMARC1; p=none")
 
 
-def measure(extra: str, args: argparse.Namespace, label: str, dns: DNSServer,
+def measure(extra: str, args: argparse.Namespace, label: str, dns: DNSServer, data: str,
             sender_auth: bool = False) -> dict[str, float]:
-    """One fresh server; its files stay in ``args.data`` until the benchmark ends
+    """One fresh server; its files stay in ``data`` until the benchmark ends
     (mfproc.FREED_INODE_WINDOW)."""
-    with contextlib.nullcontext(tempfile.mkdtemp(prefix="mf-", dir=args.data)) as tmp:
-        server = MailfortServer(Path(tmp), port_base=args.port_base, dns_port=dns.port,
-                                sender_auth=sender_auth)
-        with server.config.open("a") as f:
-            f.write(extra)
-        with server:
-            load = argparse.Namespace(
-                host="127.0.0.1", port=server.ports["mx"], size=1024, sessions=args.sessions,
-                messages=args.warmup, sender=f"bench@{SENDER_DOMAIN}", rcpt="alice@example.test",
-                starttls=False, user="", password="", keep_session=False)
-            # warm-up: a fresh data directory's first few thousand messages run slower
-            # (bench/RESULTS.md), which would swamp the differences measured here
-            asyncio.run(smtp_load.run(load))
-            wait_disk_quiet(server.data)
-            load.messages = args.messages
-            r = asyncio.run(smtp_load.run(load))
-        print(f"{label:<40} {r['rate']:7.0f}/s  accepted={r['accepted']:.0f} "
-              f"failed={r['failed']:.0f}", flush=True)
-        return r
+    tmp = tempfile.mkdtemp(prefix="mf-", dir=data)
+    server = MailfortServer(Path(tmp), port_base=args.port_base, dns_port=dns.port,
+                            sender_auth=sender_auth)
+    with server.config.open("a") as f:
+        f.write(extra)
+    with server:
+        load = argparse.Namespace(
+            host="127.0.0.1", port=server.ports["mx"], size=1024, sessions=args.sessions,
+            messages=args.warmup, sender=f"bench@{SENDER_DOMAIN}", rcpt="alice@example.test",
+            starttls=False, user="", password="", keep_session=False)
+        # warm-up: a fresh data directory's first few thousand messages run slower
+        # (bench/RESULTS.md), which would swamp the differences measured here
+        asyncio.run(smtp_load.run(load))
+        wait_disk_quiet(server.data)
+        load.messages = args.messages
+        r = asyncio.run(smtp_load.run(load))
+    print(f"{label:<40} {r['rate']:7.0f}/s  accepted={r['accepted']:.0f} "
+          f"failed={r['failed']:.0f}", flush=True)
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,16 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port-base", type=int, default=14500)
     args = p.parse_args(argv)
     wait_freed_inodes()
-    with DNSServer() as dns, bench_tmpdir("mailfort-dnsbl-") as args.data:
+    with DNSServer() as dns, bench_tmpdir("mailfort-dnsbl-") as data:
         publish_sender_policy(dns)
-        plain = measure("", args, "MX 1 KB, no DNSBL", dns)
-        cached = measure(dnsbl_table(10000), args, "MX 1 KB, 2 DNSBL zones, cache", dns)
+        plain = measure("", args, "MX 1 KB, no DNSBL", dns, data)
+        cached = measure(dnsbl_table(10000), args, "MX 1 KB, 2 DNSBL zones, cache", dns, data)
         before = len(dns.queries)
-        cold = measure(dnsbl_table(0), args, "MX 1 KB, 2 DNSBL zones, no cache", dns)
+        cold = measure(dnsbl_table(0), args, "MX 1 KB, 2 DNSBL zones, no cache", dns, data)
         asked = len(dns.queries) - before
-        sa = measure("", args, "MX 1 KB, SPF+DKIM+DMARC", dns, sender_auth=True)
+        sa = measure("", args, "MX 1 KB, SPF+DKIM+DMARC", dns, data, sender_auth=True)
         both = measure(dnsbl_table(10000), args, "MX 1 KB, DNSBL (cache) + SPF/DKIM/DMARC",
-                       dns, sender_auth=True)
+                       dns, data, sender_auth=True)
     print(f"ratios: cached {cached['rate'] / plain['rate']:.2f}x, "
           f"uncached {cold['rate'] / plain['rate']:.2f}x, "
           f"SPF/DKIM/DMARC {sa['rate'] / plain['rate']:.2f}x, "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -86,56 +85,56 @@ def one_run(kind: str, args: argparse.Namespace, pg: PostgresServer | None,
             redis: RedisServer | None, data: str) -> float:
     """Fresh nodes for configuration ``kind`` ("a", "b", "c"); accepted messages/s. Their
     files stay in ``data`` until the benchmark ends (mfproc.FREED_INODE_WINDOW)."""
-    with contextlib.nullcontext(tempfile.mkdtemp(prefix=f"{kind}-", dir=data)) as tmp:
-        root = Path(tmp)
-        shared: dict[str, str] = {}
-        if kind != "a":
-            assert pg is not None and redis is not None
-            (root / "pw").write_text(PASSWORD + "\n")
-            shared = {"pg": pg.url(pg.create_database()), "pw": str(root / "pw"),
-                      "redis": redis.url}
-        (root / "alice-pw").write_text(ALICE_PW + "\n")
-        nodes = [write_config(root, f"n{i}", ip, root / "mail", shared)
-                 for i, ip in enumerate(IPS[:2 if kind == "c" else 1])]
-        first = nodes[0][0]
-        if shared:
-            cli(first, "db", "migrate")
-        cli(first, "domain", "add", "example.test")
-        cli(first, "user", "add", ALICE, "--password-file", str(root / "alice-pw"))
-        procs = [subprocess.Popen([sys.executable, "-m", "mailfort", "serve", "--config",
-                                   str(cfg)], env=env(), stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for cfg, _ in nodes]
-        try:
-            for (_, port), ip, p in zip(nodes, IPS, procs, strict=False):
-                wait_open(ip, port, p)
-            wait_disk_quiet(root)
-            share = args.messages // len(nodes)
-            loads = [argparse.Namespace(host=ip, port=port, size=1024, sessions=args.sessions
-                                        // len(nodes), messages=share,
-                                        sender="bench@example.org", rcpt=ALICE,
-                                        starttls=False, user="", password="",
-                                        keep_session=False)
-                     for (_, port), ip in zip(nodes, IPS, strict=False)]
+    tmp = tempfile.mkdtemp(prefix=f"{kind}-", dir=data)
+    root = Path(tmp)
+    shared: dict[str, str] = {}
+    if kind != "a":
+        assert pg is not None and redis is not None
+        (root / "pw").write_text(PASSWORD + "\n")
+        shared = {"pg": pg.url(pg.create_database()), "pw": str(root / "pw"),
+                  "redis": redis.url}
+    (root / "alice-pw").write_text(ALICE_PW + "\n")
+    nodes = [write_config(root, f"n{i}", ip, root / "mail", shared)
+             for i, ip in enumerate(IPS[:2 if kind == "c" else 1])]
+    first = nodes[0][0]
+    if shared:
+        cli(first, "db", "migrate")
+    cli(first, "domain", "add", "example.test")
+    cli(first, "user", "add", ALICE, "--password-file", str(root / "alice-pw"))
+    procs = [subprocess.Popen([sys.executable, "-m", "mailfort", "serve", "--config",
+                               str(cfg)], env=env(), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for cfg, _ in nodes]
+    try:
+        for (_, port), ip, p in zip(nodes, IPS, procs, strict=False):
+            wait_open(ip, port, p)
+        wait_disk_quiet(root)
+        share = args.messages // len(nodes)
+        loads = [argparse.Namespace(host=ip, port=port, size=1024, sessions=args.sessions
+                                    // len(nodes), messages=share,
+                                    sender="bench@example.org", rcpt=ALICE,
+                                    starttls=False, user="", password="",
+                                    keep_session=False)
+                 for (_, port), ip in zip(nodes, IPS, strict=False)]
 
-            async def all_loads() -> list[dict[str, float]]:
-                return await asyncio.gather(*(smtp_load.run(a) for a in loads))
+        async def all_loads() -> list[dict[str, float]]:
+            return await asyncio.gather(*(smtp_load.run(a) for a in loads))
 
-            start = time.perf_counter()
-            results = asyncio.run(all_loads())
-            elapsed = time.perf_counter() - start
-            failed = sum(r["failed"] for r in results)
-            if failed:
-                print(f"  {kind}: {failed} failed", file=sys.stderr)
-            return sum(r["accepted"] for r in results) / elapsed
-        finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        start = time.perf_counter()
+        results = asyncio.run(all_loads())
+        elapsed = time.perf_counter() - start
+        failed = sum(r["failed"] for r in results)
+        if failed:
+            print(f"  {kind}: {failed} failed", file=sys.stderr)
+        return sum(r["accepted"] for r in results) / elapsed
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def main() -> int:
