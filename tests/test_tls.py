@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import ssl
 import stat
@@ -14,7 +15,7 @@ from cryptography import x509
 
 from mailfort import config as config_mod
 from mailfort.config import Config, ConfigError
-from mailfort.tls import ensure_certificate, server_context
+from mailfort.tls import ensure_certificate, record_path, server_context
 
 
 def cfg_for(tmp_path: Path, **tls: str) -> Config:
@@ -42,6 +43,28 @@ def test_reused_then_regenerated_when_hostname_changes(tmp_path: Path) -> None:
     other = config_mod.from_dict({"server": {"hostname": "mail.other.test",
                                              "data_dir": str(tmp_path / "data")}})
     assert ensure_certificate(other)[0].read_bytes() != first
+
+
+def test_generated_certificate_is_recorded_and_the_record_read_back(tmp_path: Path) -> None:
+    """What the node checks at each start (names, expiry) comes from the record made with
+    the certificate, so a serving process never parses X.509; a record that no longer
+    matches the file (another certificate, or an edited record) is not believed."""
+    cert_path, _ = ensure_certificate(cfg_for(tmp_path))
+    record = json.loads(record_path(cert_path).read_text())
+    assert {"mx.example.test", "localhost"} <= set(record["dns_names"])
+    assert "127.0.0.1" in record["ip_addresses"] and record["self_signed"]
+    first = cert_path.read_bytes()
+    # The record is what is read: one that no longer names the host makes a new certificate.
+    record_path(cert_path).write_text(json.dumps({**record, "dns_names": ["localhost"]}))
+    second = ensure_certificate(cfg_for(tmp_path))[0].read_bytes()
+    assert second != first
+    # A record whose digest is not the file's is ignored: the file is parsed, still
+    # usable, kept, and recorded again.
+    fresh = json.loads(record_path(cert_path).read_text())
+    record_path(cert_path).write_text(json.dumps({**fresh, "sha256": "0" * 64,
+                                                  "not_after": "2000-01-01T00:00:00+00:00"}))
+    assert ensure_certificate(cfg_for(tmp_path))[0].read_bytes() == second
+    assert json.loads(record_path(cert_path).read_text()) == fresh
 
 
 def test_configured_files_used_and_missing_reported(tmp_path: Path) -> None:

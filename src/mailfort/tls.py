@@ -3,21 +3,26 @@
 Without a configured certificate mailfort makes a self-signed one on first start, so TLS
 is never "off because nobody set it up"; it is kept (and reused) in ``<data_dir>/tls/``,
 and made again only when it expires soon or no longer names ``server.hostname``.
+
+What the node needs to know of that certificate (its names and expiry, at every start and
+reload; a description for ``mailfort status``) is parsed once, when it is made, and kept
+beside it in ``cert.pem.json`` with the certificate's SHA-256: a serving process reads the
+record and never loads the X.509 parser (cryptography adds ~15 MB to a process, counted in
+every node's memory). A record that does not match the file is ignored and the file parsed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
+import json
 import logging
 import os
 import ssl
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import Any
 
 from mailfort.config import Config, ConfigError
 
@@ -41,13 +46,58 @@ def _usable(cert_path: Path, key_path: Path, cfg: Config) -> bool:
     if not cert_path.is_file() or not key_path.is_file():
         return False
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        facts = certificate_facts(cert_path, record=True)
+    except (OSError, ValueError):
+        return False
+    if dt.datetime.fromisoformat(facts["not_after"]) - RENEW_BEFORE < dt.datetime.now(dt.UTC):
+        return False
+    return set(_names(cfg)) <= set(facts["dns_names"])
+
+
+def record_path(cert_path: Path) -> Path:
+    return cert_path.with_name(cert_path.name + ".json")
+
+
+def certificate_facts(path: Path, *, record: bool = False) -> dict[str, Any]:
+    """Subject, names, issuer and validity of the first certificate in a PEM file.
+
+    From the record beside the file when its digest is the file's; otherwise parsed
+    (ValueError if there is no certificate) and, with ``record``, recorded for next time.
+    """
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    rec = record_path(path)
+    with contextlib.suppress(OSError, ValueError):
+        facts = json.loads(rec.read_bytes())
+        if isinstance(facts, dict) and facts.get("sha256") == digest:
+            return facts
+    facts = _parse_certificate(data)
+    facts["sha256"] = digest
+    if record:
+        _write_private(rec, json.dumps(facts, indent=1).encode(), 0o644)
+    return facts
+
+
+def _parse_certificate(pem: bytes) -> dict[str, Any]:
+    # Imported here, not with the module: see the module's docstring.
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
-        return False
-    if cert.not_valid_after_utc - RENEW_BEFORE < dt.datetime.now(dt.UTC):
-        return False
-    return set(_names(cfg)) <= set(san.get_values_for_type(x509.DNSName))
+        dns_names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+        ips = [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        dns_names, ips = [], []
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "dns_names": dns_names,
+        "ip_addresses": ips,
+        "issuer": cert.issuer.rfc4514_string(),
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "self_signed": cert.issuer == cert.subject,
+    }
 
 
 def _write_private(path: Path, data: bytes, mode: int) -> None:
@@ -64,7 +114,13 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
 
 
 def generate_self_signed(cfg: Config, cert_path: Path, key_path: Path) -> None:
-    """An EC P-256 self-signed certificate for hostname, localhost and 127.0.0.1."""
+    """An EC P-256 self-signed certificate for hostname, localhost and 127.0.0.1, and
+    the record of it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cfg.server.hostname)])
     now = dt.datetime.now(dt.UTC)
@@ -96,6 +152,7 @@ def generate_self_signed(cfg: Config, cert_path: Path, key_path: Path) -> None:
     # Key first: a cert on disk always has its key beside it.
     _write_private(key_path, key_pem, 0o600)
     _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    certificate_facts(cert_path, record=True)
 
 
 def ensure_certificate(cfg: Config) -> tuple[Path, Path]:

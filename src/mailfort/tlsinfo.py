@@ -6,10 +6,8 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from mailfort.config import Config
-from mailfort.tls import CERT_NAME
+from mailfort.tls import CERT_NAME, certificate_facts
 
 
 def served_certificate_path(cfg: Config) -> Path:
@@ -24,25 +22,20 @@ def served_certificate_path(cfg: Config) -> Path:
 
 
 def describe(path: Path, now: dt.datetime | None = None) -> dict[str, Any]:
-    """Subject, SANs, issuer and expiry of the first certificate in a PEM file."""
-    cert = x509.load_pem_x509_certificate(path.read_bytes())
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
-        names += [str(a) for a in san.get_values_for_type(x509.IPAddress)]
-    except x509.ExtensionNotFound:
-        names = []
+    """Subject, SANs, issuer and expiry of the first certificate in a PEM file (the
+    generated one from its record, see ``tls.certificate_facts``)."""
+    facts = certificate_facts(path)
     now = dt.datetime.now(dt.UTC) if now is None else now
-    after = cert.not_valid_after_utc
+    after = dt.datetime.fromisoformat(facts["not_after"])
     return {
         "file": str(path),
-        "subject": cert.subject.rfc4514_string(),
-        "san": names,
-        "issuer": cert.issuer.rfc4514_string(),
-        "not_before": cert.not_valid_before_utc.isoformat(),
-        "not_after": after.isoformat(),
+        "subject": facts["subject"],
+        "san": facts["dns_names"] + facts["ip_addresses"],
+        "issuer": facts["issuer"],
+        "not_before": facts["not_before"],
+        "not_after": facts["not_after"],
         "days_left": (after - now).days,
-        "self_signed": cert.issuer == cert.subject,
+        "self_signed": facts["self_signed"],
     }
 
 

@@ -42,6 +42,37 @@ def test_signed_message_verifies_and_tampered_body_fails(
     assert bad.result == "fail"
 
 
+def test_keys_placed_by_the_administrator_sign_as_they_are(
+    tmp_path: Path, dns_server: DNSServer, lookup: Lookup
+) -> None:
+    """Signing hands the file to dkimpy without parsing it here: a PKCS #1 RSA key (as
+    older tools write them) signs too, and an Ed25519 key is recognised by its PKCS #8
+    form alone."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    folder = tmp_path / "dkim" / "sign.test"
+    folder.mkdir(parents=True)
+    rsa_key = rsa.generate_private_key(65537, 2048)
+    (folder / "old.pem").write_bytes(rsa_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    ed_pem = ed_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    (folder / "ed.pem").write_bytes(ed_pem)
+    seed = ed_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption())
+    assert dkim.ed25519_seed(ed_pem) == seed
+    assert dkim.ed25519_seed((folder / "old.pem").read_bytes()) is None
+    assert dkim.ed25519_seed(b"-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END") is None
+    keys = {k.selector: k for k in dkim.KeyStore(tmp_path).keys("sign.test")}
+    assert {s: k.algorithm for s, k in keys.items()} == {"old": "rsa", "ed": "ed25519"}
+    for key in keys.values():
+        publish(dns_server, key)
+        (r,) = dkim.verify(key.sign(MESSAGE) + MESSAGE, lookup)
+        assert (r.result, r.selector) == ("pass", key.selector), r
+
+
 def test_rsa_sha1_is_not_accepted(tmp_path: Path, dns_server: DNSServer,
                                   lookup: Lookup) -> None:
     key = dkim.KeyStore(tmp_path).generate("sign.test", "old", "rsa")

@@ -130,11 +130,15 @@ def _issue(ca: trustme.CA, cert: Path, key: Path) -> None:
     issued.private_key_pem.write_to_path(str(key))
 
 
-def _start(root: Path, workers: int = 2) -> Supervised:
+def _start(root: Path, workers: int = 2, self_signed: bool = False) -> Supervised:
+    """A node whose certificate is issued by a test CA, or (``self_signed``) the one it
+    makes itself in ``data/tls``."""
     root.mkdir(parents=True)
     ca = trustme.CA()
     cert, key = root / "cert.pem", root / "key.pem"
     _issue(ca, cert, key)
+    tls = [] if self_signed else [
+        "[tls]", f"cert_file = {json.dumps(str(cert))}", f"key_file = {json.dumps(str(key))}"]
     lines = [
         "[server]", f"hostname = {json.dumps(HOSTNAME)}",
         f"data_dir = {json.dumps(str(root / 'data'))}", f"workers = {workers}",
@@ -146,7 +150,7 @@ def _start(root: Path, workers: int = 2) -> Supervised:
         "[submission]", f"messages_per_hour = {PER_HOUR}",
         "[limits]", f"max_connections_per_ip = {PER_IP}",
         "[listen]", *(f'{k} = ["127.0.0.1:0"]' for k in SERVICES),
-        "[tls]", f"cert_file = {json.dumps(str(cert))}", f"key_file = {json.dumps(str(key))}",
+        *tls,
         "[metrics]", f'listen = "127.0.0.1:{free_port()}"',
     ]
     cfg_path = root / "mailfort.toml"
@@ -540,6 +544,45 @@ def test_sighup_in_a_single_process(tmp_path: Path) -> None:
         assert _cmd(tls, "EHLO client.test").startswith(b"250")
         assert _cmd(tls, "NOOP").startswith(b"250")
         tls.close()
+    finally:
+        assert _terminate(served) == 0
+
+
+def _x509_library_loaded(pid: int) -> bool:
+    return "/cryptography/" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_node_making_its_own_certificate_never_loads_the_x509_library(
+    tmp_path: Path, workers: int
+) -> None:
+    """From a fresh data directory the certificate is made in a short-lived child, so
+    neither the supervisor nor the workers it forks (nor the single process) carry the
+    X.509 library (~15 MB); they, a SIGHUP and ``mailfort status`` read the record made
+    with the certificate."""
+    served = _start(tmp_path / "own", workers=workers, self_signed=True)
+    try:
+        made = served.root / "data" / "tls" / "cert.pem"
+        ctx = ssl.create_default_context(cafile=str(made))
+        with socket.create_connection(("127.0.0.1", served.ports["submissions"]),
+                                      timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=HOSTNAME) as tls:
+            assert tls.getpeercert() is not None  # verified against the one it made
+        served.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while served.log.read_text().count("certificate reloaded") < workers:
+            assert time.monotonic() < deadline, served.log.read_text()
+            time.sleep(0.05)
+        status = subprocess.run(
+            [sys.executable, "-m", "mailfort", "status", "--json", "--config",
+             str(served.root / "mailfort.toml")], capture_output=True, text=True, timeout=30,
+            env={**os.environ, "PYTHONPATH": str(SRC)})
+        assert status.returncode == 0, status.stderr
+        assert HOSTNAME in json.loads(status.stdout)["certificate"]["san"]
+        pids = [served.proc.pid, *served.workers()]
+        assert len(pids) == (3 if workers == 2 else 1)
+        assert [pid for pid in pids if _x509_library_loaded(pid)] == []
+        assert _x509_library_loaded(os.getpid())  # the check can see it where it is
     finally:
         assert _terminate(served) == 0
 

@@ -8,19 +8,24 @@ Usable records (RFC 7672 §3.1.3, RFC 7218 names): DANE-TA(2) and DANE-EE(3), se
 Cert(0) or SPKI(1), matching Full(0), SHA2-256(1) or SHA2-512(2). PKIX-TA(0)/PKIX-EE(1) and
 unknown parameters are unusable; a TLSA RRset with only unusable records is treated as
 "TLS required, nothing to authenticate with" (encrypt), per RFC 7672 §2.2.
+
+The X.509 library is imported by the functions that look into certificates, not with the
+module: only a delivery to a host with usable TLSA records needs it (tls.py says why).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.exception
 import dns.flags
 import dns.resolver
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 DANE_TA = 2
 DANE_EE = 3
@@ -63,6 +68,9 @@ async def tlsa_for(resolver: dns.asyncresolver.Resolver, host: str,
 def _selected(der: bytes, selector: int) -> bytes:
     if selector == 0:
         return der
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     cert = x509.load_der_x509_certificate(der)
     return cert.public_key().public_bytes(serialization.Encoding.DER,
                                           serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -85,6 +93,8 @@ def matches(record: TLSA, der: bytes) -> bool:
 
 
 def _names(cert: x509.Certificate) -> list[str]:
+    from cryptography import x509
+
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         return [n.lower() for n in ext.value.get_values_for_type(x509.DNSName)]
@@ -118,6 +128,8 @@ def authenticate(records: tuple[TLSA, ...], chain: list[bytes], host: str) -> st
     for r in usable:
         if r.usage == DANE_EE and matches(r, chain[0]):
             return None
+    from cryptography import x509
+
     certs = [x509.load_der_x509_certificate(d) for d in chain]
     for r in usable:
         if r.usage != DANE_TA:

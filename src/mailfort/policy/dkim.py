@@ -3,8 +3,12 @@
 Verification and signing are dkimpy's; this module decides what counts (RFC 8301: no
 rsa-sha1, RSA keys of 1024 bits at least; ed25519-sha256 of RFC 8463 accepted), turns a
 DNS failure into ``temperror`` instead of ``fail``, and keeps the signing keys:
-``<data_dir>/dkim/<domain>/<selector>.pem`` (mode 0600), RSA or Ed25519. Synchronous
-(CPU and DNS): run it in a worker thread.
+``<data_dir>/dkim/<domain>/<selector>.pem`` (mode 0600, PKCS #8), RSA or Ed25519.
+Synchronous (CPU and DNS): run it in a worker thread.
+
+Signing hands the key to dkimpy as it is on disk (it reads PKCS #8 RSA keys; an Ed25519
+key is a fixed 16-octet prefix and its seed, RFC 8410 §7), so the serving processes never
+load the X.509 library, which only making a key and its DNS record need (tls.py says why).
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dkim as _dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailfort.policy.dnslookup import DNSTempError, Lookup
 
@@ -29,6 +31,8 @@ SIGNED_HEADERS = (
     b"references",
 )
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9](?:[a-z0-9-]{0,62}))*$")
+# RFC 8410 §7: an Ed25519 private key in PKCS #8 (DER) is this prefix, then the 32-octet seed.
+_ED25519_PKCS8 = bytes.fromhex("302e020100300506032b657004220420")
 
 
 @dataclass(frozen=True)
@@ -125,11 +129,6 @@ class SigningKey:
     def dns_name(self) -> str:
         return f"{self.selector}._domainkey.{self.domain}"
 
-    def _private(self) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
-        key = serialization.load_pem_private_key(self.path.read_bytes(), password=None)
-        assert isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey)
-        return key
-
     def zone_line(self) -> str:
         """The record in zone-file syntax, split into strings of at most 255 octets."""
         rec = self.dns_record()
@@ -138,7 +137,10 @@ class SigningKey:
 
     def dns_record(self) -> str:
         """The TXT record to publish at ``dns_name`` (RFC 6376 §3.6.1, RFC 8463 §4.2)."""
-        pub = self._private().public_key()
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        pub = serialization.load_pem_private_key(self.path.read_bytes(), None).public_key()
         if isinstance(pub, ed25519.Ed25519PublicKey):
             raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
@@ -148,23 +150,31 @@ class SigningKey:
 
     def sign(self, message: bytes) -> bytes:
         """The DKIM-Signature header line(s), CRLF-terminated, for ``message``."""
-        key = self._private()
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            seed = key.private_bytes(serialization.Encoding.Raw,
-                                     serialization.PrivateFormat.Raw,
-                                     serialization.NoEncryption())
+        pem = self.path.read_bytes()
+        seed = ed25519_seed(pem)
+        if seed is not None:
             material, alg = base64.b64encode(seed), b"ed25519-sha256"
         else:
-            material = key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.TraditionalOpenSSL,
-                                         serialization.NoEncryption())
-            alg = b"rsa-sha256"
+            material, alg = pem, b"rsa-sha256"
         sig = _dkim.sign(
             message, self.selector.encode(), self.domain.encode(), material,
             canonicalize=(b"relaxed", b"relaxed"), signature_algorithm=alg,
             include_headers=list(SIGNED_HEADERS), linesep=b"\r\n",
         )
         return bytes(sig)
+
+
+def ed25519_seed(pem: bytes) -> bytes | None:
+    """The seed of an Ed25519 private key in PKCS #8 PEM; None for any other key."""
+    body = b"".join(line.strip() for line in pem.splitlines()
+                    if line.strip() and not line.startswith(b"-----"))
+    try:
+        der = base64.b64decode(body, validate=True)
+    except ValueError:
+        return None
+    if len(der) == len(_ED25519_PKCS8) + 32 and der.startswith(_ED25519_PKCS8):
+        return der[len(_ED25519_PKCS8):]
+    return None
 
 
 class KeyStore:
@@ -181,6 +191,9 @@ class KeyStore:
             raise ValueError(f"not a selector (letters, digits, '-', '.'): {selector!r}")
         if algorithm not in ("rsa", "ed25519"):
             raise ValueError("algorithm: rsa or ed25519")
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
         key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey = (
             rsa.generate_private_key(65537, RSA_BITS) if algorithm == "rsa"
             else ed25519.Ed25519PrivateKey.generate()
@@ -210,7 +223,6 @@ class KeyStore:
             if not folder.is_dir():
                 continue
             for path in sorted(folder.glob("*.pem")):
-                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-                alg = "ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa"
+                alg = "rsa" if ed25519_seed(path.read_bytes()) is None else "ed25519"
                 out.append(SigningKey(folder.name, path.stem, alg, path))
         return out

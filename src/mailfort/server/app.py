@@ -372,11 +372,12 @@ def raise_file_limit(cfg: Config) -> None:
 
 
 def run(cfg: Config) -> None:
-    from mailfort.server.supervisor import run_supervisor, worker_count
+    from mailfort.server.supervisor import ensure_certificate_apart, run_supervisor, worker_count
 
     handler = logsetup.configure(cfg)  # [log]: text or json, stderr or a file
     ops = Operations(cfg, handler)  # refuses root on privileged ports before any bind
     raise_file_limit(cfg)
     if worker_count(cfg) > 1:  # [server] workers: a supervisor and its worker processes
         raise SystemExit(run_supervisor(cfg, ops))
+    ensure_certificate_apart(cfg)  # before the loop and its threads: the node reads its record
     asyncio.run(serve(cfg, ops))

@@ -31,13 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mailfort import acmecert, logsetup, metrics, tls, tlsinfo
+from mailfort import logsetup, metrics, tls, tlsinfo
 from mailfort.config import Config, ConfigError
 from mailfort.server import activation, privileges
 from mailfort.server.control import ControlServer, socket_path
 from mailfort.server.sdnotify import Notifier
 
 if TYPE_CHECKING:
+    # Imported where used: ACME needs the X.509 library, which a node without ACME never
+    # loads (tls.py says why).
+    from mailfort import acmecert
     from mailfort.server.app import Node
 
 log = logging.getLogger("mailfort")
@@ -57,6 +60,8 @@ def _file_stamp(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int], ...] | N
 
 
 def _acme_start(cfg: Config) -> acmecert.ChallengeServer:
+    from mailfort import acmecert
+
     try:
         return acmecert.ensure(cfg)
     except (ConfigError, OSError):
@@ -234,6 +239,8 @@ class Operations:
     async def _renew_loop(self, node: Node) -> None:
         """Renew when due; the live TLS context loads the new files, so new handshakes get
         the new certificate and open sessions keep theirs."""
+        from mailfort import acmecert
+
         assert self.acme is not None
         while True:
             await asyncio.sleep(ACME_CHECK_EVERY)

@@ -19,7 +19,8 @@ copies only the calling thread). Once per node, it:
   data directory to ``server.user`` and drops to it before any worker starts: nothing
   serves as root;
 * recovers the spool, before any worker could be writing to it;
-* makes the self-signed certificate (workers would race to write it);
+* makes the self-signed certificate (workers would race to write it), in a short-lived
+  child process so that the X.509 library never enters the memory the workers share;
 * binds the metrics port (the primary worker serves it) and switches the metrics to
   prometheus_client's multiprocess files, so the endpoint reports the node's sums;
 * talks to systemd: READY=1 once every worker serves, RELOADING=1 / READY=1 around
@@ -74,7 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailfort.config import Config
+from mailfort.config import Config, ConfigError
 from mailfort.server.privileges import LISTEN_KEYS
 
 if TYPE_CHECKING:
@@ -309,7 +310,6 @@ class Supervisor:
         from mailfort.policy.shared_counters import SQLiteCounters
         from mailfort.server.connections import ConnectionTable
         from mailfort.store.maildir import make_dirs
-        from mailfort.tls import ensure_certificate
 
         cfg = self.cfg
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -321,7 +321,7 @@ class Supervisor:
             removed += 1
         if removed:
             log.info("removed %d unacknowledged spool files left by a crash", removed)
-        ensure_certificate(cfg)
+        ensure_certificate_apart(cfg)
         # The shared counters' file is made (in WAL mode, its table created) before the
         # workers open it: two of them switching a new file to WAL at once would have one
         # fail with "database is locked" (SQLite does not wait for that lock).
@@ -406,11 +406,11 @@ class Supervisor:
 
     def _renew_acme(self) -> bool:
         """Renew the ACME certificate if due (blocking); True if there is a new one."""
-        from mailfort import acmecert
-
         self.acme_check_at = time.monotonic() + ACME_CHECK_EVERY
         if self.ops.acme is None:
             return False
+        from mailfort import acmecert  # only with ACME: it loads the X.509 library
+
         try:
             return acmecert.renew_if_due(self.cfg, self.ops.acme)
         except Exception:  # try again at the next check; the old certificate serves
@@ -422,7 +422,6 @@ class Supervisor:
         too); the log file reopened; each worker then reloads its certificate and reopens
         its log."""
         from mailfort import logsetup
-        from mailfort.tls import ensure_certificate
 
         self.ops.notifier.notify(
             RELOADING="1",
@@ -431,7 +430,7 @@ class Supervisor:
             logsetup.reopen(self.log_handler)
         self._renew_acme()
         try:
-            ensure_certificate(self.cfg)
+            ensure_certificate_apart(self.cfg)
         except Exception as exc:  # the workers keep the one they have
             log.error("certificate reload: %s", exc)
         self._forward(signal.SIGHUP)
@@ -484,6 +483,40 @@ class Supervisor:
                 if slot.pid == 0 and slot.restart_at is not None \
                         and time.monotonic() >= slot.restart_at:
                     self._spawn(i)
+
+
+def ensure_certificate_apart(cfg: Config) -> None:
+    """``tls.ensure_certificate`` in a short-lived child process.
+
+    Making a certificate loads the X.509 library (~15 MB, see tls.py); made in the process
+    that serves (or in the supervisor, whose memory every worker inherits), it would stay
+    there for the process's life. The child makes it (and its record, which the serving
+    processes read instead) and exits. Called where no other thread runs. ConfigError with
+    the child's message when it fails."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child (its effects are tested)
+        code = 1
+        try:
+            os.close(r)
+            from mailfort.tls import ensure_certificate
+
+            ensure_certificate(cfg)
+            code = 0
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(w, f"{exc}".encode(errors="replace")[:4000])
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        message = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise ConfigError(message.decode(errors="replace")
+                          or f"certificate: the child process ended ({_status(status)})")
 
 
 def restart_delay(failures: int) -> float:
