@@ -84,6 +84,13 @@ class Envelope:
     sender_rights: frozenset[str] | None = None
 
 
+# A session's envelope before MAIL and after RSET: one for all of them, never changed (the
+# engine accepts RCPT and DATA only after MAIL, which makes the transaction's own), so an
+# idle session holds no envelope and lists of its own (issue 12: memory per session).
+NO_TRANSACTION = Envelope()
+# What a session that was not screened at connect found: nothing (one for all, frozen).
+NOT_SCREENED = ConnectionVerdict()
+
 @dataclass
 class ServiceOptions:
     """What distinguishes MX from submission: the same engine, another profile."""
@@ -241,7 +248,7 @@ class SMTPSession(EngineSession):
         self.service = service
         self.engine = None
         self.peer_port = 0
-        self.envelope = Envelope()
+        self.envelope = NO_TRANSACTION
         self.spool: Spool | None = None
         self.started = time.monotonic()
         self.tls_info = ""
@@ -249,7 +256,7 @@ class SMTPSession(EngineSession):
         self.refusal: Reply | None = None  # submission: refusal decided from the headers
         self.trace = b""  # the trace fields we wrote at the top of the spool
         # What the pre-greeting checks found (nothing when there were none).
-        self.screened = ConnectionVerdict()
+        self.screened = NOT_SCREENED
 
     # ---------------------------------------------------------------- asyncio callbacks
 
@@ -356,7 +363,7 @@ class SMTPSession(EngineSession):
             self._abort_message()
         elif isinstance(ev, ResetTransaction):
             self._abort_message()
-            self.envelope = Envelope()
+            self.envelope = NO_TRANSACTION
         elif isinstance(ev, StartTLS):
             self.run(self._starttls())
         elif isinstance(ev, AuthCredentials):
@@ -460,6 +467,7 @@ class SMTPSession(EngineSession):
         assert engine is not None
         if decision.reply.positive and decision.resolution is not None:
             env = self.envelope
+            assert env is not NO_TRANSACTION
             env.rcpts.append(str(ev.recipient))
             env.local.extend(u for u in decision.resolution.local if u not in env.local)
             env.remote.extend(a for a in decision.resolution.remote if a not in env.remote)
