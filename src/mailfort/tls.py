@@ -47,11 +47,11 @@ def _usable(cert_path: Path, key_path: Path, cfg: Config) -> bool:
         return False
     try:
         facts = certificate_facts(cert_path, record=True)
-    except (OSError, ValueError):
+        after = dt.datetime.fromisoformat(facts["not_after"])
+        names = set(facts["dns_names"])
+    except (OSError, ValueError, KeyError, TypeError):  # no certificate, or a bad record
         return False
-    if dt.datetime.fromisoformat(facts["not_after"]) - RENEW_BEFORE < dt.datetime.now(dt.UTC):
-        return False
-    return set(_names(cfg)) <= set(facts["dns_names"])
+    return after - RENEW_BEFORE >= dt.datetime.now(dt.UTC) and set(_names(cfg)) <= names
 
 
 def record_path(cert_path: Path) -> Path:
@@ -74,7 +74,8 @@ def certificate_facts(path: Path, *, record: bool = False) -> dict[str, Any]:
     facts = _parse_certificate(data)
     facts["sha256"] = digest
     if record:
-        _write_private(rec, json.dumps(facts, indent=1).encode(), 0o644)
+        with contextlib.suppress(OSError):  # then parsed again next time; nothing worse
+            _write_private(rec, json.dumps(facts, indent=1).encode(), 0o644)
     return facts
 
 

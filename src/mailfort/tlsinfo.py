@@ -1,4 +1,9 @@
-"""What certificate is served, for ``mailfort tls show`` and ``mailfort status``."""
+"""What certificate is served, for ``mailfort tls show`` and ``mailfort status``.
+
+The generated certificate is described from its record (tls.py); a configured one is
+parsed, which loads the X.509 library into the process that answers (for ``status``, the
+primary worker, from the first request on).
+"""
 
 from __future__ import annotations
 

@@ -91,6 +91,7 @@ NO_TRANSACTION = Envelope()
 # What a session that was not screened at connect found: nothing (one for all, frozen).
 NOT_SCREENED = ConnectionVerdict()
 
+
 @dataclass
 class ServiceOptions:
     """What distinguishes MX from submission: the same engine, another profile."""

@@ -491,8 +491,14 @@ def ensure_certificate_apart(cfg: Config) -> None:
     Making a certificate loads the X.509 library (~15 MB, see tls.py); made in the process
     that serves (or in the supervisor, whose memory every worker inherits), it would stay
     there for the process's life. The child makes it (and its record, which the serving
-    processes read instead) and exits. Called where no other thread runs. ConfigError with
-    the child's message when it fails."""
+    processes read instead) and exits. Called before the loop and its threads exist; a
+    configured or ACME certificate is only looked for, here (no X.509 work, and ACME's
+    challenge thread may be running). ConfigError with the child's message when it fails."""
+    from mailfort.tls import ensure_certificate
+
+    if cfg.tls.cert_file or cfg.tls.acme:
+        ensure_certificate(cfg)
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     r, w = os.pipe()
@@ -501,8 +507,6 @@ def ensure_certificate_apart(cfg: Config) -> None:
         code = 1
         try:
             os.close(r)
-            from mailfort.tls import ensure_certificate
-
             ensure_certificate(cfg)
             code = 0
         except BaseException as exc:
