@@ -33,6 +33,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from mailfort import procid
+
 log = logging.getLogger("mailfort")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -78,7 +80,8 @@ def share_between_processes(directory: Path) -> None:
         if metric._labelnames:
             metric.clear()  # children are made, in the new mode, on their first use
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    values.ValueClass = values.MultiProcessValue()
+    # The pid names each process's files; the library would ask the kernel at every update.
+    values.ValueClass = values.MultiProcessValue(process_identifier=procid.pid)
     for metric in _ALL:
         if not metric._labelnames:
             metric._metric_init()

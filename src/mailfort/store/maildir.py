@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailfort import metrics
+from mailfort import metrics, procid
 from mailfort.store.durable import fsync_dir, make_dirs
 from mailfort.store.shared_flush import SharedFlush
 
@@ -82,14 +82,12 @@ def ensure_maildir(path: Path) -> None:
         make_dirs(path / sub)
 
 
-_pid = [os.getpid()]  # this process's, asked once (and again in a forked child)
-os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 def unique_name() -> str:
     """A Maildir unique name: time, microseconds, pid and a counter, then the host."""
     now = time.time()
-    return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{_pid[0]}Q{next(_counter)}.{_HOST}"
+    return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{procid.pid()}Q{next(_counter)}.{_HOST}"
 
 
 def keyed_name(key: str) -> str:
