@@ -605,3 +605,26 @@ def test_dead_workers_spool_files_are_removed_and_no_others(tmp_path: Path) -> N
     (tmp_path / other).write_bytes(b"another worker's message in flight")
     assert remove_spool_of(tmp_path, os.getpid()) == 1
     assert sorted(os.listdir(tmp_path)) == [other]
+
+
+def test_certificate_made_apart_reports_the_childs_failure(tmp_path: Path) -> None:
+    """The child that makes the certificate runs in-process code in a fork: what it
+    cannot do comes back to the caller as a ConfigError with its reason, and a certificate
+    made there is the one the caller then finds (with its record)."""
+    from mailfort.config import ConfigError
+    from mailfort.server.supervisor import ensure_certificate_apart
+    from mailfort.tls import ensure_certificate, record_path
+
+    cfg = config_mod.from_dict({"server": {"hostname": HOSTNAME,
+                                           "data_dir": str(tmp_path / "data")}})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tls").write_text("a file where the directory should be")
+    with pytest.raises(ConfigError, match="tls"):
+        ensure_certificate_apart(cfg)
+    (tmp_path / "data" / "tls").unlink()
+    ensure_certificate_apart(cfg)
+    cert, _ = ensure_certificate(cfg)  # found, not made again
+    assert record_path(cert).is_file()
+    made = cert.read_bytes()
+    ensure_certificate_apart(cfg)
+    assert cert.read_bytes() == made
