@@ -108,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from mailfort.server.app import run
 
-    run(cfg)
+    run(cfg, reload_config=lambda: _load(args))
     return 0
 
 

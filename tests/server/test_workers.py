@@ -33,6 +33,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -628,3 +629,90 @@ def test_certificate_made_apart_reports_the_childs_failure(tmp_path: Path) -> No
     made = cert.read_bytes()
     ensure_certificate_apart(cfg)
     assert cert.read_bytes() == made
+
+
+def _ehlo_size(sock: socket.socket) -> int:
+    reply = _cmd(sock, "EHLO client.test")
+    (size,) = [line.split()[1] for line in reply.decode().splitlines()
+               if line[4:].startswith("SIZE")]
+    return int(size)
+
+
+def _wait(predicate: Any, what: str, log: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}\n{log.read_text(errors='replace')}"
+        time.sleep(0.05)
+
+
+def test_sighup_with_a_new_configuration_starts_new_workers_and_open_sessions_finish(
+    tmp_path: Path
+) -> None:
+    """A changed ``[limits]``: new workers serve new connections with it; a session open on
+    a worker it replaces goes on with the old settings, delivers its message, and that
+    worker ends after it; the control socket and the queue pass to the new primary."""
+    served = _start(tmp_path / "reload")
+    try:
+        before = served.workers()
+        old = socket.create_connection(("127.0.0.1", served.ports["mx"]), timeout=10)
+        assert old.recv(512).startswith(b"220")
+        default_size = _ehlo_size(old)
+        holder = served.owner(old, "mx")
+        cfg_path = served.root / "mailfort.toml"
+        cfg_path.write_text(cfg_path.read_text().replace(
+            "[limits]\n", "[limits]\nmax_message_size = 1000000\n"))
+        served.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: served.log.read_text().count(" serving") >= 4, "no new workers",
+              served.log)
+        new = [pid for pid in served.workers() if pid not in before]
+        assert len(new) == 2
+        with socket.create_connection(("127.0.0.1", served.ports["mx"]), timeout=10) as s:
+            assert s.recv(512).startswith(b"220")
+            assert _ehlo_size(s) == 1000000 != default_size
+            assert served.owner(s, "mx") in new
+        assert holder in served.workers()  # still there: it has a session open
+        _cmd(old, "MAIL FROM:<sender@remote.test>")
+        assert _cmd(old, f"RCPT TO:<{ALICE}>").startswith(b"250")
+        assert _cmd(old, "DATA").startswith(b"354")
+        assert _cmd(old, "Subject: across the reload\r\n\r\nhello\r\n.").startswith(b"250")
+        assert _cmd(old, "QUIT").startswith(b"221")
+        old.close()
+        _wait(lambda: sorted(served.workers()) == sorted(new), "old workers still there",
+              served.log)
+        assert any(b"across the reload" in m for m in served.stored(ALICE))
+        status = subprocess.run(
+            [sys.executable, "-m", "mailfort", "status", "--json", "--config", str(cfg_path)],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(SRC)})
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["pid"] == served.proc.pid
+    finally:
+        assert _terminate(served) == 0
+    text = served.log.read_text()
+    assert "configuration reloaded" in text and "retiring" in text
+    assert "another process delivers" not in text and "Traceback" not in text, text
+
+
+def test_sighup_keeps_the_workers_when_the_configuration_cannot_be_reloaded(
+    tmp_path: Path
+) -> None:
+    """A file that does not load, or that changes what the supervisor fixed (the
+    listeners), changes nothing: same workers, still serving, and the log says why."""
+    served = _start(tmp_path / "kept")
+    try:
+        before = sorted(served.workers())
+        cfg_path = served.root / "mailfort.toml"
+        good = cfg_path.read_text()
+        cfg_path.write_text(good + "[limits\n")
+        served.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: "configuration not reloaded (the running one stays)" in
+              served.log.read_text(), "no word on the bad file", served.log)
+        cfg_path.write_text(good.replace('mx = ["127.0.0.1:0"]', 'mx = ["127.0.0.2:0"]'))
+        served.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: "listen changed, which takes a restart" in served.log.read_text(),
+              "no word on the fixed setting", served.log)
+        assert sorted(served.workers()) == before
+        with socket.create_connection(("127.0.0.1", served.ports["mx"]), timeout=10) as s:
+            assert s.recv(512).startswith(b"220")
+            assert _cmd(s, "EHLO client.test").startswith(b"250")
+    finally:
+        assert _terminate(served) == 0

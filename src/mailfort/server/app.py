@@ -97,6 +97,10 @@ class Node:
             self.directory, self.counters, cfg.auth if legacy is None else legacy.auth)
         self.queue = Queue(cfg.data_path / "queue")
         self._queue_lock: int | None = None
+        # Seconds ``start`` waits for the queue's owner lock before delivering anyway (with
+        # a warning): the primary worker of a reloaded configuration waits for the one it
+        # replaces to hand over (server/supervisor.py), so that only one delivers.
+        self.queue_wait = 0.0
         self.worker = DeliveryWorker(
             self.queue,
             cfg,
@@ -175,11 +179,8 @@ class Node:
         before any worker could be writing to it) and ``deliver`` only for the one worker
         that runs what a node runs once: outbound delivery and the queue's ownership, and
         the MTA-STS policy listener; its listening sockets are in ``inherited``."""
-        if deliver:
-            try:  # so that `mailfort queue adopt` refuses this queue while the node runs
-                self._queue_lock = queue_owner.hold(self.queue.root)
-            except queue_owner.QueueBusy as exc:
-                log.warning("%s: another process delivers from this queue too", exc)
+        if deliver:  # held so that `mailfort queue adopt` refuses it while the node runs
+            self._queue_lock = await self._hold_queue()
         if recover:
             removed = self.committer.recover()
             if removed:
@@ -228,6 +229,25 @@ class Node:
             self.after_bind()
         if deliver:
             await self.worker.start()
+
+    async def _hold_queue(self) -> int | None:
+        deadline = asyncio.get_running_loop().time() + self.queue_wait
+        while True:
+            try:
+                return queue_owner.hold(self.queue.root)
+            except queue_owner.QueueBusy as exc:
+                if asyncio.get_running_loop().time() >= deadline:
+                    log.warning("%s: another process delivers from this queue too", exc)
+                    return None
+            await asyncio.sleep(0.05)
+
+    async def hand_over(self) -> None:
+        """Stop outbound delivery and release the queue, for another process to take
+        them (a new generation of workers after a configuration reload)."""
+        await self.worker.stop()
+        if self._queue_lock is not None:
+            queue_owner.release(self._queue_lock)
+            self._queue_lock = None
 
     def port(self, name: str) -> int:
         return self.ports[name][0]
@@ -371,13 +391,15 @@ def raise_file_limit(cfg: Config) -> None:
         )
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config, reload_config: Callable[[], Config] | None = None) -> None:
+    """``mailfort serve``. ``reload_config`` reads the configuration file again (SIGHUP,
+    with worker processes; server/supervisor.py)."""
     from mailfort.server.supervisor import ensure_certificate_apart, run_supervisor, worker_count
 
     handler = logsetup.configure(cfg)  # [log]: text or json, stderr or a file
     ops = Operations(cfg, handler)  # refuses root on privileged ports before any bind
     raise_file_limit(cfg)
     if worker_count(cfg) > 1:  # [server] workers: a supervisor and its worker processes
-        raise SystemExit(run_supervisor(cfg, ops))
+        raise SystemExit(run_supervisor(cfg, ops, reload_config))
     ensure_certificate_apart(cfg)  # before the loop and its threads: the node reads its record
     asyncio.run(serve(cfg, ops))

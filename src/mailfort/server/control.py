@@ -44,6 +44,7 @@ class ControlServer:
         self.path = path
         self.handlers = handlers
         self.server: asyncio.base_events.Server | None = None
+        self._inode = 0  # of the socket file this server made (see close)
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -54,6 +55,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        self._inode = os.stat(self.path).st_ino
 
     async def close(self) -> None:
         if self.server is not None:
@@ -61,8 +63,11 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
             self.server = None
+        # Only our own file: after a reload of the configuration, the next worker
+        # generation's primary may already have put its socket at this path.
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            if os.stat(self.path).st_ino == self._inode:
+                self.path.unlink()
 
     async def _client(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:

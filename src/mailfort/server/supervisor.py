@@ -36,6 +36,16 @@ copies only the calling thread). Once per node, it:
 * SIGHUP and SIGUSR1: forwarded; each worker reloads its certificate into its TLS
   context (new handshakes present the new certificate, open sessions keep theirs) and
   reopens the log file.
+* SIGHUP also reads the configuration file again. If it changed, and only in what the
+  workers decide (not the listeners, directories, workers, user, metrics, MTA-STS
+  listener, ACME or log settings, fixed by the supervisor: those take a restart), a new
+  generation of workers starts with it on the same sockets, and the workers it replaces
+  retire (SIGQUIT): they stop accepting, the old primary hands outbound delivery, the
+  queue and the control socket over at once, and each lets its open sessions end as
+  they would have (a SIGTERM meanwhile gives them ``shutdown_grace``, as to the others).
+  A file that does not load is logged and changes nothing. The connection table has two
+  rows per slot, one per generation; a second reload waits until the previous
+  generation has finished.
 
 Worker slot 0, the primary, runs outbound delivery (and its replacement, if it dies), so
 no queued message is delivered twice, and what must run once per node: the control
@@ -71,7 +81,8 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,6 +103,7 @@ BACKOFF_MIN = 0.1
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # seconds a worker must live for the back-off to start over
 ACME_CHECK_EVERY = 12 * 3600.0  # seconds between checks whether to renew (tls.acme)
+QUEUE_HANDOVER_WAIT = 120.0  # seconds a new primary waits for the queue (then warns)
 # SIGUSR2: a worker tells that it serves (its slot number is in the ready pipe).
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
             signal.SIGUSR2}
@@ -178,7 +190,8 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     counters = SQLiteCounters(path)
     assert sup.connections is not None
     limiter = SharedConnectionLimiter(
-        sup.connections, slot, cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
+        sup.connections, sup.slots[slot].row, cfg.limits.max_connections,
+        cfg.limits.max_connections_per_ip,
         rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=counters)
     limiter.reset_slot()
     loop = asyncio.get_running_loop()
@@ -195,6 +208,8 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
             os.write(pipes.wake_w, b"w")
 
     node = Node(cfg, counters=counters, limiter=limiter, shared_flush=True)
+    if sup.generation > 0:  # the primary it replaces hands the queue over first
+        node.queue_wait = QUEUE_HANDOVER_WAIT
     node.inherited = dict(role.sockets)
     if role.primary and sup.mta_sts_socket is not None:
         node.inherited[("mta_sts", 0)] = sup.mta_sts_socket
@@ -211,32 +226,62 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
             node.worker.wake()
 
         loop.add_reader(pipes.wake_r, woken)
-    stop = asyncio.Event()
+    stop, retire = asyncio.Event(), asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGQUIT, retire.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGQUIT})  # held since the fork
     log.info("worker %d (pid %d) serving%s", slot, os.getpid(),
              ", with outbound delivery, control socket and metrics" if role.primary else "")
     with contextlib.suppress(OSError):
         os.write(pipes.ready_w, bytes([slot]))
         os.kill(sup.main_pid, signal.SIGUSR2)
-    await stop.wait()
-    await drain(node, cfg.server.shutdown_grace)
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, retire)]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    handed_over = False
+    if retire.is_set() and not stop.is_set():
+        log.info("worker %d (pid %d) retiring: workers with the new configuration serve; "
+                 "its open sessions end as they would", slot, os.getpid())
+        stop_accepting(node)
+        if role.primary:  # what runs once per node is the next primary's from now on
+            loop.remove_reader(pipes.wake_r)
+            await node.hand_over()
+            await ops.stopped()
+            handed_over = True
+        await drain(node, None, stop, cfg.server.shutdown_grace)
+    else:
+        await drain(node, cfg.server.shutdown_grace)
     await node.stop()
-    await ops.stopped()
+    if not handed_over:
+        await ops.stopped()
     counters.close()
     limiter.reset_slot()
     limiter.close()
     return 0
 
 
-async def drain(node: Node, grace: float) -> None:
-    """Stop accepting; wait up to ``grace`` seconds for the open sessions to end."""
-    listeners = [*node.services.values(), *node.pop3.values()]
-    for listener in listeners:
+def stop_accepting(node: Node) -> None:
+    for listener in [*node.services.values(), *node.pop3.values()]:
         for server in listener.servers:
             server.close()
-    deadline = time.monotonic() + grace
-    while any(listener.sessions for listener in listeners) and time.monotonic() < deadline:
+
+
+async def drain(node: Node, grace: float | None, stop: asyncio.Event | None = None,
+                stop_grace: float = 0.0) -> None:
+    """Stop accepting; wait up to ``grace`` seconds (None: for as long as they last) for
+    the open sessions to end; ``stop`` set meanwhile leaves them ``stop_grace`` more."""
+    stop_accepting(node)
+    listeners = [*node.services.values(), *node.pop3.values()]
+    deadline = None if grace is None else time.monotonic() + grace
+    while any(listener.sessions for listener in listeners):
+        if stop is not None and stop.is_set():
+            stop = None
+            later = time.monotonic() + stop_grace
+            deadline = later if deadline is None else min(deadline, later)
+        if deadline is not None and time.monotonic() >= deadline:
+            return
         await asyncio.sleep(0.05)
 
 
@@ -265,6 +310,10 @@ def _child(sup: Supervisor, slot: int) -> None:
             ignore = sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
             signal.signal(sig, signal.SIG_IGN if ignore else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        # SIGQUIT (retire, after a reload) waits until the loop can take it; the supervisor
+        # holds it until then, and so does every thread this worker starts.
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGQUIT})
         os.close(sup.ready_r)
         if sup.ops.acme is not None:  # the supervisor's: the worker has no thread for it
             sup.ops.acme.httpd.socket.close()
@@ -282,6 +331,7 @@ def _child(sup: Supervisor, slot: int) -> None:
 @dataclass
 class _Slot:
     pid: int = 0
+    row: int = 0  # its row in the connection table (slot, or slot + workers: generation)
     started: float = 0.0
     failures: int = 0  # consecutive short lives
     restart_at: float | None = None
@@ -300,6 +350,9 @@ class Supervisor:
     ready: set[int] = field(default_factory=set)
     announced: bool = False
     connections: ConnectionTable | None = None  # made in ``start``, before any fork
+    reload_config: Callable[[], Config] | None = None  # reads the file again (SIGHUP)
+    generation: int = 0  # configurations loaded since the start
+    retiring: dict[int, int] = field(default_factory=dict)  # pid -> row, previous generation
 
     def __post_init__(self) -> None:
         self.main_pid = os.getpid()
@@ -326,7 +379,7 @@ class Supervisor:
         # workers open it: two of them switching a new file to WAL at once would have one
         # fail with "database is locked" (SQLite does not wait for that lock).
         SQLiteCounters(shared_state_path(cfg)).close()
-        self.connections = ConnectionTable(self.workers, cfg.data_path / CONNECTIONS_LOCK)
+        self.connections = ConnectionTable(2 * self.workers, cfg.data_path / CONNECTIONS_LOCK)
         metrics.share_between_processes(cfg.data_path / METRICS_DIR)
         self.sockets = bind_listeners(cfg, self.ops.inherited)
         if cfg.metrics.listen:
@@ -339,7 +392,7 @@ class Supervisor:
         for fd in (self.wake_r, self.wake_w, self.ready_r):
             os.set_blocking(fd, False)
         self.pipes = _Pipes(self.wake_r, self.wake_w, ready_w)
-        self.slots = [_Slot() for _ in range(self.workers)]
+        self.slots = [_Slot(row=i) for i in range(self.workers)]
         # What the supervisor has loaded (modules, configuration) is shared with every
         # worker until someone writes to its pages. A collection in a worker writes to the
         # header of every object it scans: frozen objects are never scanned, so the pages
@@ -359,8 +412,6 @@ class Supervisor:
         slot.pid, slot.started, slot.restart_at = pid, time.monotonic(), None
 
     def _reap(self) -> None:
-        from mailfort import metrics
-
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -368,18 +419,17 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            row = self.retiring.pop(pid, None)
+            if row is not None:  # a worker of the previous configuration has finished
+                self._forget(pid, row)
+                log.info("worker pid %d of the previous configuration ended (%s)", pid,
+                         _status(status))
+                continue
             for i, slot in enumerate(self.slots):
                 if slot.pid != pid:
                     continue
                 slot.pid = 0
-                with contextlib.suppress(Exception):
-                    if self.connections is not None:
-                        self.connections.clear(i)
-                with contextlib.suppress(Exception):
-                    metrics.forget_process(pid)
-                removed = remove_spool_of(self.cfg.data_path / "spool", pid)
-                if removed:
-                    log.info("removed %d unacknowledged spool files of worker %d", removed, i)
+                self._forget(pid, slot.row)
                 if self.stopping:
                     break
                 lived = time.monotonic() - slot.started
@@ -389,11 +439,66 @@ class Supervisor:
                 log.warning("worker %d (pid %d) ended (%s); restarting in %.1f s",
                             i, pid, _status(status), delay)
 
-    def _forward(self, sig: int) -> None:
-        for slot in self.slots:
+    def _forget(self, pid: int, row: int) -> None:
+        """What a worker that ended leaves: its connection counts, its gauges, its spool
+        files (never acknowledged)."""
+        from mailfort import metrics
+
+        with contextlib.suppress(Exception):
+            if self.connections is not None:
+                self.connections.clear(row)
+        with contextlib.suppress(Exception):
+            metrics.forget_process(pid)
+        removed = remove_spool_of(self.cfg.data_path / "spool", pid)
+        if removed:
+            log.info("removed %d unacknowledged spool files of worker pid %d", removed, pid)
+
+    def _forward(self, sig: int, retiring: bool = False) -> None:
+        """To the current workers (and, with ``retiring``, to the previous generation's:
+        only SIGTERM and SIGKILL, as they no longer take reloads)."""
+        pids = [slot.pid for slot in self.slots if slot.pid]
+        for pid in [*pids, *(self.retiring if retiring else ())]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _changed_configuration(self) -> Config | None:
+        """SIGHUP: the configuration file again, if it changed only what workers decide
+        (otherwise None, and the log says why)."""
+        if self.reload_config is None:
+            return None
+        try:
+            new = self.reload_config()
+        except ConfigError as exc:
+            log.error("configuration not reloaded (the running one stays): %s", exc)
+            return None
+        if new == self.cfg:
+            return None
+        fixed = fixed_settings_changed(self.cfg, new)
+        if fixed:
+            log.error("configuration not reloaded: %s changed, which takes a restart",
+                      ", ".join(fixed))
+            return None
+        if self.retiring:
+            log.error("configuration not reloaded: %d worker(s) of the previous one still "
+                      "finish their sessions; send SIGHUP again once they have",
+                      len(self.retiring))
+            return None
+        return new
+
+    def _start_generation(self, cfg: Config) -> None:
+        """New workers with ``cfg`` in every slot; the current ones retire."""
+        self.cfg = cfg
+        self.generation += 1
+        log.info("configuration reloaded: %d new workers; the previous ones finish their "
+                 "sessions", self.workers)
+        for i, slot in enumerate(self.slots):
             if slot.pid:
+                self.retiring[slot.pid] = slot.row
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.pid, sig)
+                    os.kill(slot.pid, signal.SIGQUIT)
+            slot.pid, slot.failures = 0, 0
+            slot.row = i + self.workers * (self.generation % 2)
+            self._spawn(i)
 
     def _collect_ready(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -418,9 +523,11 @@ class Supervisor:
             return False
 
     def _reload(self) -> None:
-        """SIGHUP: the self-signed certificate renewed here, once, if due (the ACME one
-        too); the log file reopened; each worker then reloads its certificate and reopens
-        its log."""
+        """SIGHUP: the log file reopened; the ACME certificate renewed if due; the
+        configuration file read again. If it changed what the workers decide, a new
+        generation of workers starts with it (the self-signed certificate made first if the
+        new one needs another); otherwise the certificate is checked here, once, and each
+        worker reloads it and reopens its log."""
         from mailfort import logsetup
 
         self.ops.notifier.notify(
@@ -429,11 +536,16 @@ class Supervisor:
         if self.log_handler is not None:
             logsetup.reopen(self.log_handler)
         self._renew_acme()
-        try:
-            ensure_certificate_apart(self.cfg)
+        new = self._changed_configuration()
+        try:  # the certificate the new workers, if any, will load
+            ensure_certificate_apart(new or self.cfg)
         except Exception as exc:  # the workers keep the one they have
             log.error("certificate reload: %s", exc)
-        self._forward(signal.SIGHUP)
+            new = None
+        if new is not None:
+            self._start_generation(new)
+        else:
+            self._forward(signal.SIGHUP)
         self.ops.notifier.notify(READY="1", STATUS=f"serving, {self.workers} workers")
 
     def run(self) -> int:
@@ -459,7 +571,7 @@ class Supervisor:
                 self.ops.notifier.notify(STOPPING="1")
                 for s in self.sockets.values():  # the workers' copies close as they go
                     s.close()
-                self._forward(signal.SIGTERM)
+                self._forward(signal.SIGTERM, retiring=True)
                 for slot in self.slots:
                     slot.restart_at = None
                 kill_at = time.monotonic() + self.cfg.server.shutdown_grace + 15.0
@@ -472,11 +584,11 @@ class Supervisor:
             self._collect_ready()
             self._reap()
             if self.stopping:
-                if not any(s.pid for s in self.slots):
+                if not any(s.pid for s in self.slots) and not self.retiring:
                     return 0
                 if kill_at is not None and time.monotonic() >= kill_at:
                     log.error("workers did not stop in time: killing them")
-                    self._forward(signal.SIGKILL)
+                    self._forward(signal.SIGKILL, retiring=True)
                     kill_at = None
                 continue
             for i, slot in enumerate(self.slots):
@@ -523,6 +635,28 @@ def ensure_certificate_apart(cfg: Config) -> None:
                           or f"certificate: the child process ended ({_status(status)})")
 
 
+# What the supervisor fixed at start (sockets, directories, processes, privileges, log
+# handler, ACME): a change to any of these takes a restart, not a reload.
+_FIXED = {"listen": None, "metrics": None, "log": None, "mta_sts": ("listen",),
+          "server": ("data_dir", "mail_dir", "workers", "user", "group"),
+          "tls": ("acme", "acme_email", "acme_directory", "acme_http_listen", "acme_ca_file",
+                  "acme_renew_days")}
+
+
+def fixed_settings_changed(old: Config, new: Config) -> list[str]:
+    """The fixed settings (``section`` or ``section.key``) that differ between two."""
+    out = []
+    for section, keys in _FIXED.items():
+        a, b = getattr(old, section), getattr(new, section)
+        if keys is None:
+            if a != b:
+                out.append(section)
+            continue
+        names = {f.name for f in fields(a)}
+        out += [f"{section}.{k}" for k in keys if k in names and getattr(a, k) != getattr(b, k)]
+    return out
+
+
 def restart_delay(failures: int) -> float:
     """Seconds before restarting a worker after ``failures`` short lives in a row."""
     return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** max(0, failures - 1))
@@ -545,8 +679,10 @@ def _status(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-def run_supervisor(cfg: Config, ops: Operations) -> int:
-    """``mailfort serve`` with workers > 1. Returns the exit status (0 after SIGTERM)."""
+def run_supervisor(cfg: Config, ops: Operations,
+                   reload_config: Callable[[], Config] | None = None) -> int:
+    """``mailfort serve`` with workers > 1. Returns the exit status (0 after SIGTERM).
+    ``reload_config`` reads the configuration file again, at SIGHUP."""
     import mailfort.server.app  # noqa: F401 - imported once, before the forks
 
     workers = worker_count(cfg)
@@ -558,7 +694,7 @@ def run_supervisor(cfg: Config, ops: Operations) -> int:
     directory = SQLiteDirectory(directory_path(cfg))  # closed before the forks
     no_domain = not directory.list_domains()
     directory.close()
-    sup = Supervisor(cfg, workers, ops)
+    sup = Supervisor(cfg, workers, ops, reload_config=reload_config)
     try:
         sup.start()
     except OSError as exc:
