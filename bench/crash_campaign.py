@@ -26,6 +26,12 @@ width reported (time from the remote's 250 to the kill that followed), not hidde
 
     python bench/crash_campaign.py --kills 25            # the long run (bench/RESULTS.md)
     python bench/crash_campaign.py --kills 3 --load 0.4  # what the test suite runs
+    python bench/crash_campaign.py --kills 25 --workers 2 --reloads   # and a reload in each
+
+With ``--workers 2`` each round also SIGKILLs one worker halfway through its load; with
+``--reloads`` too, a quarter of the way through the configuration file changes and the
+supervisor gets SIGHUP: a new generation of workers takes over while the old one finishes
+the sessions it holds (and the old primary hands the queue over), all under load.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ class Ledger:
     kills: list[float] = field(default_factory=list)  # monotonic time of each SIGKILL
     kills_wall: list[float] = field(default_factory=list)  # the same, wall clock
     worker_kills: int = 0  # of them, kills of one worker (the node went on)
+    reloads: int = 0  # SIGHUPs with a changed configuration (a new generation of workers)
     counter: int = 0
 
     def token(self, kind: str) -> str:
@@ -223,12 +230,13 @@ def free_port() -> int:
 
 
 def write_config(root: Path, ports: dict[str, int], rx_port: int, flush: str,
-                 workers: int = 1) -> Path:
+                 workers: int = 1, max_recipients: int = 100) -> Path:
     data = root / "data"
     lines = [
         "[server]", 'hostname = "mx.example.test"', f"data_dir = {json.dumps(str(data))}",
         "allow_plaintext_auth_on_loopback = true", f"workers = {workers}",
         "[store]", f'flush = "{flush}"',
+        "[limits]", f"max_recipients = {max_recipients}",  # what a reload changes
         "[listen]", *(f'{k} = ["127.0.0.1:{ports[k]}"]' for k in SERVICES),
         "submissions = []", "pop3s = []",
         # A loopback DNS server that refuses everything: lookups (SPF, DMARC, MX) fail at
@@ -275,6 +283,7 @@ async def wait_ports(ports: dict[str, int], proc: subprocess.Popen[bytes]) -> No
 class Report:
     kills: int
     worker_kills: int
+    reloads: int
     acked: Counter[str]
     lost: list[str]
     duplicates: list[str]  # Maildir duplicates, or of unacknowledged messages: failures
@@ -292,6 +301,7 @@ class Report:
     def lines(self) -> list[str]:
         return [
             f"kills: {self.kills} (of one worker: {self.worker_kills})   "
+            f"reloads: {self.reloads}   "
             f"run: {self.seconds:.1f} s",
             "acknowledged: " + ", ".join(f"{k} {v}" for k, v in sorted(self.acked.items())),
             f"POP3 deletions confirmed by QUIT: {self.deleted}",
@@ -393,7 +403,8 @@ def check(mail_root: Path, ledger: Ledger, rx: Receiver, seconds: float) -> Repo
         after = [k for k in kills if k >= t0]
         if after:
             widths.append(after[0] - t0)
-    return Report(len(ledger.kills), ledger.worker_kills, Counter(ledger.acked.values()),
+    return Report(len(ledger.kills), ledger.worker_kills, ledger.reloads,
+                  Counter(ledger.acked.values()),
                   lost, dups, window, widths, len(ledger.deleted), undeleted, partial, seconds)
 
 
@@ -411,10 +422,11 @@ def worker_pids(supervisor: int) -> list[int]:
 
 async def campaign(root: Path, kills: int, load: tuple[float, float], seed: int,
                    flush: str = "fsync", drain_timeout: float = 60.0,
-                   workers: int = 1) -> Report:
+                   workers: int = 1, reloads: bool = False) -> Report:
     """``workers`` > 1: halfway through each round's load one worker is SIGKILLed (the
     supervisor replaces it, the others serve on), then at its end the supervisor (the
-    workers die with it)."""
+    workers die with it). ``reloads`` (with workers > 1): a quarter of the way, the
+    configuration changes and the supervisor gets SIGHUP (a new generation of workers)."""
     rng = random.Random(seed)
     started = time.monotonic()
     rx = await Receiver().start()
@@ -440,7 +452,15 @@ async def campaign(root: Path, kills: int, load: tuple[float, float], seed: int,
                 ]
                 duration = rng.uniform(*load)
                 if workers > 1:
-                    await asyncio.sleep(duration / 2)
+                    if reloads:
+                        await asyncio.sleep(duration / 4)
+                        write_config(root, ports, rx.port, flush, workers,
+                                     max_recipients=100 - (ledger.reloads + 1) % 2)
+                        proc.send_signal(signal.SIGHUP)
+                        ledger.reloads += 1
+                        await asyncio.sleep(duration / 4)
+                    else:
+                        await asyncio.sleep(duration / 2)
                     victims = worker_pids(proc.pid)
                     if victims:
                         os.kill(rng.choice(victims), signal.SIGKILL)
@@ -487,11 +507,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--flush", choices=("fsync", "syncfs"), default="fsync")
     ap.add_argument("--workers", type=int, default=1, help="[server] workers")
+    ap.add_argument("--reloads", action="store_true",
+                    help="with --workers 2: a configuration reload (SIGHUP) in each round")
     args = ap.parse_args()
     base = os.environ.get("MAILFORT_BENCH_DIR", "/var/tmp")
     with tempfile.TemporaryDirectory(prefix="mailfort-crash-", dir=base) as tmp:
         report = asyncio.run(campaign(Path(tmp), args.kills, tuple(args.load), args.seed,
-                                      args.flush, workers=args.workers))
+                                      args.flush, workers=args.workers,
+                                      reloads=args.reloads))
         print(f"seed {args.seed}, flush {args.flush}")
         print("\n".join(report.lines()))
         if not report.ok:

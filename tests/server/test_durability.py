@@ -55,13 +55,17 @@ def _campaign() -> ModuleType:
 async def test_crash_campaign_short_form(tmp_path: Path, flush: str, workers: int) -> None:
     """MX, submission (local, remote, bounced) and POP3 deletions under 3 SIGKILLs: every
     250 stored or delivered or bounced exactly once, every confirmed DELE gone. With
-    ``workers = 2`` each round also SIGKILLs one worker halfway (the other serves on, the
-    supervisor replaces it; their flushes are shared), then the supervisor, and its
-    workers die with it."""
+    ``workers = 2`` each round also reloads a changed configuration a quarter of the way
+    (a new generation of workers takes over under load, the old primary hands the queue
+    over), SIGKILLs one worker halfway (the supervisor replaces it; the workers' flushes
+    are shared), then the supervisor, and its workers die with it."""
     cc = _campaign()
     report = await cc.campaign(tmp_path, kills=3, load=(0.5, 0.9), seed=16, flush=flush,
-                               drain_timeout=30.0, workers=workers)
+                               drain_timeout=30.0, workers=workers, reloads=workers > 1)
     assert report.ok, "\n".join(report.lines())
+    log = (tmp_path / "serve.log").read_text(errors="replace")
+    assert log.count("configuration reloaded") == report.reloads == (3 if workers > 1 else 0)
+    assert "another process delivers" not in log  # one deliverer at any time
     assert report.worker_kills == (3 if workers > 1 else 0)
     assert report.kills == 3 + report.worker_kills
     if workers > 1:  # the workers' committers shared their flushes (store/shared_flush.py)
