@@ -310,10 +310,9 @@ def _child(sup: Supervisor, slot: int) -> None:
             ignore = sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
             signal.signal(sig, signal.SIG_IGN if ignore else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-        # SIGQUIT (retire, after a reload) waits until the loop can take it; the supervisor
-        # holds it until then, and so does every thread this worker starts.
+        # SIGQUIT (retire, after a reload) stays held, from the fork (``_spawn``) until the
+        # loop takes it (``_worker_main``); the threads this worker starts hold it too.
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGQUIT})
         os.close(sup.ready_r)
         if sup.ops.acme is not None:  # the supervisor's: the worker has no thread for it
             sup.ops.acme.httpd.socket.close()
@@ -405,9 +404,13 @@ class Supervisor:
     def _spawn(self, i: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # The child starts with SIGQUIT (retire) held: one that comes before its loop can
+        # take it waits, and is not the default action (a core dump).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGQUIT})
         pid = os.fork()
         if pid == 0:
             _child(self, i)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         slot = self.slots[i]
         slot.pid, slot.started, slot.restart_at = pid, time.monotonic(), None
 
