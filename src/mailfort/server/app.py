@@ -97,10 +97,12 @@ class Node:
             self.directory, self.counters, cfg.auth if legacy is None else legacy.auth)
         self.queue = Queue(cfg.data_path / "queue")
         self._queue_lock: int | None = None
-        # Seconds ``start`` waits for the queue's owner lock before delivering anyway (with
-        # a warning): the primary worker of a reloaded configuration waits for the one it
-        # replaces to hand over (server/supervisor.py), so that only one delivers.
+        # Seconds the node waits for the queue's owner lock before delivering anyway (with
+        # a warning). Above 0 (the primary worker of a reloaded configuration, which waits
+        # for the one it replaces to hand over, server/supervisor.py), it serves meanwhile
+        # and delivery starts once the lock is its own: one process delivers at a time.
         self.queue_wait = 0.0
+        self._delivery_start: asyncio.Task[None] | None = None
         self.worker = DeliveryWorker(
             self.queue,
             cfg,
@@ -179,8 +181,6 @@ class Node:
         before any worker could be writing to it) and ``deliver`` only for the one worker
         that runs what a node runs once: outbound delivery and the queue's ownership, and
         the MTA-STS policy listener; its listening sockets are in ``inherited``."""
-        if deliver:  # held so that `mailfort queue adopt` refuses it while the node runs
-            self._queue_lock = await self._hold_queue()
         if recover:
             removed = self.committer.recover()
             if removed:
@@ -227,8 +227,16 @@ class Node:
                 self.cfg.mta_sts.listen, sock=self.inherited.get(("mta_sts", 0)))
         if self.after_bind is not None:
             self.after_bind()
-        if deliver:
-            await self.worker.start()
+        if deliver and self.queue_wait > 0:
+            self._delivery_start = asyncio.get_running_loop().create_task(self._deliver())
+        elif deliver:
+            await self._deliver()
+
+    async def _deliver(self) -> None:
+        # The queue's lock, held so that `mailfort queue adopt` refuses it while the node
+        # runs, and so that a node's next primary waits for this one to hand it over.
+        self._queue_lock = await self._hold_queue()
+        await self.worker.start()
 
     async def _hold_queue(self) -> int | None:
         deadline = asyncio.get_running_loop().time() + self.queue_wait
@@ -244,6 +252,9 @@ class Node:
     async def hand_over(self) -> None:
         """Stop outbound delivery and release the queue, for another process to take
         them (a new generation of workers after a configuration reload)."""
+        if self._delivery_start is not None:
+            self._delivery_start.cancel()
+            await asyncio.gather(self._delivery_start, return_exceptions=True)
         await self.worker.stop()
         if self._queue_lock is not None:
             queue_owner.release(self._queue_lock)
@@ -260,6 +271,9 @@ class Node:
             await pop.close()
         if self.mta_sts is not None:
             await self.mta_sts.close()
+        if self._delivery_start is not None:
+            self._delivery_start.cancel()
+            await asyncio.gather(self._delivery_start, return_exceptions=True)
         await self.worker.stop()
         await asyncio.to_thread(self.committer.stop)
         self.authenticator.close()

@@ -39,10 +39,13 @@ copies only the calling thread). Once per node, it:
 * SIGHUP also reads the configuration file again. If it changed, and only in what the
   workers decide (not the listeners, directories, workers, user, metrics, MTA-STS
   listener, ACME or log settings, fixed by the supervisor: those take a restart), a new
-  generation of workers starts with it on the same sockets, and the workers it replaces
-  retire (SIGQUIT): they stop accepting, the old primary hands outbound delivery, the
-  queue and the control socket over at once, and each lets its open sessions end as
-  they would have (a SIGTERM meanwhile gives them ``shutdown_grace``, as to the others).
+  generation of workers starts with it on the same sockets; once every one of them
+  serves, the workers they replace retire (SIGQUIT): they stop accepting, the old primary
+  hands outbound delivery and the queue over (the new primary starts delivering once the
+  queue's lock is its own) and closes its control socket, and each lets its open sessions
+  end as they would have (a SIGTERM meanwhile gives them ``shutdown_grace``, as to the
+  others). Until then the old generation serves on: no moment without a worker accepting,
+  and new workers that cannot start leave the old ones serving.
   A file that does not load is logged and changes nothing. The connection table has two
   rows per slot, one per generation; a second reload waits until the previous
   generation has finished.
@@ -351,7 +354,10 @@ class Supervisor:
     connections: ConnectionTable | None = None  # made in ``start``, before any fork
     reload_config: Callable[[], Config] | None = None  # reads the file again (SIGHUP)
     generation: int = 0  # configurations loaded since the start
-    retiring: dict[int, int] = field(default_factory=dict)  # pid -> row, previous generation
+    # The previous generation, pid -> row: serving until the new one does, then retiring.
+    outgoing: dict[int, int] = field(default_factory=dict)
+    retiring: dict[int, int] = field(default_factory=dict)
+    awaited: set[int] = field(default_factory=set)  # new generation's slots not serving yet
 
     def __post_init__(self) -> None:
         self.main_pid = os.getpid()
@@ -423,6 +429,8 @@ class Supervisor:
             if pid == 0:
                 return
             row = self.retiring.pop(pid, None)
+            if row is None:
+                row = self.outgoing.pop(pid, None)  # it died before it could retire
             if row is not None:  # a worker of the previous configuration has finished
                 self._forget(pid, row)
                 log.info("worker pid %d of the previous configuration ended (%s)", pid,
@@ -460,7 +468,7 @@ class Supervisor:
         """To the current workers (and, with ``retiring``, to the previous generation's:
         only SIGTERM and SIGKILL, as they no longer take reloads)."""
         pids = [slot.pid for slot in self.slots if slot.pid]
-        for pid in [*pids, *(self.retiring if retiring else ())]:
+        for pid in [*pids, *((*self.outgoing, *self.retiring) if retiring else ())]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
@@ -481,32 +489,43 @@ class Supervisor:
             log.error("configuration not reloaded: %s changed, which takes a restart",
                       ", ".join(fixed))
             return None
-        if self.retiring:
+        if self.outgoing or self.retiring:
             log.error("configuration not reloaded: %d worker(s) of the previous one still "
-                      "finish their sessions; send SIGHUP again once they have",
-                      len(self.retiring))
+                      "serve (the new ones have not all started: see why above) or finish "
+                      "their sessions; send SIGHUP again once they have",
+                      len(self.outgoing) + len(self.retiring))
             return None
         return new
 
     def _start_generation(self, cfg: Config) -> None:
-        """New workers with ``cfg`` in every slot; the current ones retire."""
+        """New workers with ``cfg`` in every slot; the current ones serve on until all of
+        the new ones do (``_collect_ready``), then retire."""
         self.cfg = cfg
         self.generation += 1
-        log.info("configuration reloaded: %d new workers; the previous ones finish their "
-                 "sessions", self.workers)
+        log.info("configuration reloaded: starting %d new workers; the previous ones retire "
+                 "once they serve", self.workers)
+        self.awaited = set(range(self.workers))
         for i, slot in enumerate(self.slots):
             if slot.pid:
-                self.retiring[slot.pid] = slot.row
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.pid, signal.SIGQUIT)
+                self.outgoing[slot.pid] = slot.row
             slot.pid, slot.failures = 0, 0
             slot.row = i + self.workers * (self.generation % 2)
             self._spawn(i)
+
+    def _retire_outgoing(self) -> None:
+        for pid, row in self.outgoing.items():
+            self.retiring[pid] = row
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGQUIT)
+        self.outgoing.clear()
 
     def _collect_ready(self) -> None:
         with contextlib.suppress(BlockingIOError):
             while data := os.read(self.ready_r, 256):
                 self.ready.update(data)
+                self.awaited.difference_update(data)
+        if self.outgoing and not self.awaited and not self.stopping:
+            self._retire_outgoing()
         if not self.announced and len(self.ready) >= self.workers:
             self.announced = True
             self.ops.notifier.notify(READY="1", STATUS=f"serving, {self.workers} workers",
@@ -587,7 +606,8 @@ class Supervisor:
             self._collect_ready()
             self._reap()
             if self.stopping:
-                if not any(s.pid for s in self.slots) and not self.retiring:
+                if not any(s.pid for s in self.slots) and not self.retiring \
+                        and not self.outgoing:
                     return 0
                 if kill_at is not None and time.monotonic() >= kill_at:
                     log.error("workers did not stop in time: killing them")
