@@ -668,3 +668,25 @@ async def test_stop_ends_a_runner_whose_cancel_was_lost(
     started = time.monotonic()
     await asyncio.wait_for(w.stop(), 10)
     assert time.monotonic() - started < 2, "stop() waited for the runner's lost cancel"
+
+
+async def test_dsn_stored_over_a_spool_file_left_by_a_killed_attempt(tmp_path: Path) -> None:
+    """A primary worker killed while it stored a DSN leaves its spool file, named by the
+    DSN's key (not by its pid, so the supervisor does not remove it): the next attempt,
+    in the worker that replaces it, stores the DSN all the same, once."""
+    from mailfort.queue.worker import maildir_deliverer
+    from mailfort.store.maildir import Committer, keyed_name, maildir_for
+
+    committer = Committer(tmp_path / "data")
+    key = "1796524240.B06B14C8D02AF25697BCBCN0"
+    (committer.spool_dir / keyed_name(key)).write_bytes(b"Subject: half a bou")
+    deliver = maildir_deliverer(committer, tmp_path / "mail")
+    dsn = b"Subject: Undelivered Mail\r\n\r\nit bounced\r\n"
+    try:
+        await deliver("alice@example.test", dsn, key)
+        await deliver("alice@example.test", dsn, key)  # a resend finds it: not again
+    finally:
+        committer.stop()
+    new = maildir_for(tmp_path / "mail", "alice@example.test") / "new"
+    assert [p.read_bytes() for p in new.iterdir()] == [dsn]
+    assert list(committer.spool_dir.iterdir()) == []

@@ -264,7 +264,15 @@ class Committer:
         return n
 
     def new_spool(self, name: str | None = None) -> Spool:
-        """A spool for one message; ``name`` (see ``keyed_name``) instead of a fresh one."""
+        """A spool for one message; ``name`` (see ``keyed_name``) instead of a fresh one.
+
+        A spool file of that name is what an attempt for the same key left unfinished (a
+        worker killed meanwhile; the key, not a pid, names it, so the supervisor's clean-up
+        does not find it): never acknowledged, it is removed. Should that attempt still be
+        running (a primary handing over), its link fails or lands first under the same
+        Maildir name, and this one's then fails: one copy either way."""
+        if name is not None:
+            (self.spool_dir / name).unlink(missing_ok=True)
         return Spool(self.spool_dir, self.fault, name)
 
     async def commit(
