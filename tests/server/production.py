@@ -26,19 +26,27 @@ SRC = str(Path(mailfort.__file__).resolve().parents[1])
 SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s")
 
 
+_GIVEN: set[int] = set()  # handed out in this run: never twice
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free now, for a server started later: picked below the kernel's ephemeral
     range (32768+), where port 0 would pick, so that the outgoing connections of whatever
-    else runs meanwhile cannot take it before the server binds it."""
+    else runs meanwhile cannot take it before the server binds it; and never one handed
+    out before in this run (two picks for servers that bind later, such as the several
+    listeners of one configuration and an ACME challenge port, could otherwise match)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(20000, 32000)
+        if port in _GIVEN:
+            continue
         with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+            _GIVEN.add(port)
             return port
     raise OSError("no free port in 20000-32000")
 
