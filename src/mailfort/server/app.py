@@ -252,13 +252,18 @@ class Node:
     async def hand_over(self) -> None:
         """Stop outbound delivery and release the queue, for another process to take
         them (a new generation of workers after a configuration reload)."""
-        if self._delivery_start is not None:
-            self._delivery_start.cancel()
-            await asyncio.gather(self._delivery_start, return_exceptions=True)
-        await self.worker.stop()
+        await self._stop_delivery()
         if self._queue_lock is not None:
             queue_owner.release(self._queue_lock)
             self._queue_lock = None
+
+    async def _stop_delivery(self) -> None:
+        """Outbound delivery stopped, or its start (waiting for the queue) given up."""
+        if self._delivery_start is not None:
+            self._delivery_start.cancel()
+            await asyncio.gather(self._delivery_start, return_exceptions=True)
+            self._delivery_start = None
+        await self.worker.stop()
 
     def port(self, name: str) -> int:
         return self.ports[name][0]
@@ -271,10 +276,7 @@ class Node:
             await pop.close()
         if self.mta_sts is not None:
             await self.mta_sts.close()
-        if self._delivery_start is not None:
-            self._delivery_start.cancel()
-            await asyncio.gather(self._delivery_start, return_exceptions=True)
-        await self.worker.stop()
+        await self._stop_delivery()
         await asyncio.to_thread(self.committer.stop)
         self.authenticator.close()
         if self.sender_auth is not None:
