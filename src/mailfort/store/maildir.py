@@ -82,8 +82,6 @@ def ensure_maildir(path: Path) -> None:
         make_dirs(path / sub)
 
 
-
-
 def unique_name() -> str:
     """A Maildir unique name: time, microseconds, pid and a counter, then the host."""
     now = time.time()
