@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from mailfort.store import maildir
+from mailfort.store import intents, maildir
 from mailfort.store.maildir import Committer, StorageError, maildir_for
 from tests.store.fsyncs import fsynced
 
@@ -31,6 +33,17 @@ async def store(c: Committer, body: bytes, users: list[str]) -> None:
     await c.commit(spool, [maildir_for(c.data_dir / "mail", u) for u in users])
 
 
+async def spool_emptied(c: Committer) -> None:
+    """Wait (5 s at most) for the spool to empty: after one flush the 250s go out, and the
+    spool files and their link record stay until the flush of the links, which the
+    committer makes as soon as it is idle."""
+    for _ in range(500):
+        if not list(c.spool_dir.iterdir()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"spool not emptied: {sorted(p.name for p in c.spool_dir.iterdir())}")
+
+
 async def test_concurrent_messages_share_flushes(committer: Committer) -> None:
     bodies = [b"Subject: %d\r\n\r\n" % i + b"x" * (i * 100) + b"\r\n" for i in range(60)]
     await asyncio.gather(*(store(committer, b, ["a@d.test"]) for b in bodies))
@@ -42,7 +55,7 @@ async def test_concurrent_messages_share_flushes(committer: Committer) -> None:
         assert f.name.endswith(f",S={size},W={size}")
     assert committer.messages == 60
     assert committer.batches < 60  # group commit: several messages per flush
-    assert list(committer.spool_dir.iterdir()) == []
+    await spool_emptied(committer)
 
 
 async def test_large_message_goes_through_a_spool_file(committer: Committer) -> None:
@@ -67,7 +80,7 @@ async def test_one_file_per_recipient_and_no_partial_delivery(committer: Committ
         await store(committer, b"Subject: y\r\n\r\nhi\r\n", ["a@d.test", "c@d.test"])
     # a@d.test did not keep a copy of the refused message
     assert len(list((maildir_for(committer.data_dir / "mail", "a@d.test") / "new").iterdir())) == 1
-    assert list(committer.spool_dir.iterdir()) == []
+    await spool_emptied(committer)
 
 
 def test_recover_removes_unacknowledged_spool_files(tmp_path: Path) -> None:
@@ -199,3 +212,74 @@ async def test_mail_root_on_another_file_system_gets_durable_copies(
         assert md / "new" in fsynced
     assert other_fs_root.parent not in fsynced  # the walk up stops at the mail root
     assert list((tmp_path / "data" / "spool").iterdir()) == []
+
+
+async def test_the_250_waits_for_one_flush_and_the_links_for_the_next(
+        committer: Committer) -> None:
+    """syncfs mode: once the data and the link record are flushed, the message is linked
+    and acknowledged while the flush of the links is still running (held here inside it);
+    the spool empties when that flush returns. fsync mode keeps no record: its
+    acknowledgement waits for the second flush."""
+    release = threading.Event()
+    syncs: list[str] = []
+
+    def fault(at: str) -> None:
+        if at == "sync":
+            syncs.append(at)
+            if len(syncs) == 2:
+                assert release.wait(10)
+
+    committer.fault = fault
+    md = maildir_for(committer.data_dir / "mail", "a@d.test")
+    commit = asyncio.ensure_future(store(committer, b"Subject: one\r\n\r\nflush\r\n",
+                                         ["a@d.test"]))
+    try:
+        if committer.flush_mode == "fsync":
+            done, _ = await asyncio.wait([commit], timeout=0.5)
+            assert not done  # held in the second flush: no 250 yet
+            release.set()
+            await asyncio.wait_for(commit, 10)
+            assert list(committer.spool_dir.iterdir()) == []
+            return
+        await asyncio.wait_for(commit, 10)
+        assert len(syncs) <= 2 and not release.is_set()  # the second flush has not returned
+        assert len(list((md / "new").iterdir())) == 1
+        names = sorted(p.name for p in committer.spool_dir.iterdir())
+        assert len(names) == 2 and names[1].endswith(intents.SUFFIX)  # spool file + record
+    finally:
+        release.set()
+        committer.fault = None
+    await spool_emptied(committer)
+    assert len(syncs) == 2
+
+
+async def test_a_failed_flush_of_the_links_keeps_their_record_for_the_next(
+        tmp_path: Path) -> None:
+    """The 250 is given; the links' flush fails: the record stays (recovery would replay
+    it) until a later flush succeeds, here the next message's."""
+    c = Committer(tmp_path)
+    syncs = 0
+
+    def fault(at: str) -> None:
+        nonlocal syncs
+        if at == "sync":
+            syncs += 1
+            if syncs == 2:
+                raise OSError(errno.EIO, "injected")
+
+    c.fault = fault
+    try:
+        await store(c, b"Subject: 1\r\n\r\nfirst\r\n", ["a@d.test"])
+        for _ in range(100):
+            if syncs >= 2:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        kept = [p.name for p in c.spool_dir.iterdir()]
+        assert any(n.endswith(intents.SUFFIX) for n in kept) and len(kept) == 2
+        await store(c, b"Subject: 2\r\n\r\nsecond\r\n", ["a@d.test"])
+        await spool_emptied(c)
+        assert len(list((maildir_for(tmp_path / "mail", "a@d.test") / "new").iterdir())) == 2
+    finally:
+        c.stop()
+

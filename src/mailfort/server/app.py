@@ -184,7 +184,7 @@ class Node:
         if recover:
             removed = self.committer.recover()
             if removed:
-                log.info("removed %d unacknowledged spool files left by a crash", removed)
+                log.info("removed %d spool files left by a crash", removed)
         loopback_plain = self.cfg.server.allow_plaintext_auth_on_loopback
         self.services["mx"] = self._smtp_service(ServiceOptions(name="mx"))
         self.services["mx"].inbound = self.inbound

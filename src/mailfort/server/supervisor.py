@@ -367,18 +367,15 @@ class Supervisor:
         from mailfort import metrics
         from mailfort.policy.shared_counters import SQLiteCounters
         from mailfort.server.connections import ConnectionTable
-        from mailfort.store.maildir import make_dirs
+        from mailfort.store.maildir import make_dirs, recover_spool
 
         cfg = self.cfg
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         spool = cfg.data_path / "spool"
         make_dirs(spool)
-        removed = 0
-        for p in spool.iterdir():  # Committer.recover, before any worker writes there
-            p.unlink(missing_ok=True)
-            removed += 1
+        removed = recover_spool(spool)  # before any worker writes there
         if removed:
-            log.info("removed %d unacknowledged spool files left by a crash", removed)
+            log.info("removed %d spool files left by a crash", removed)
         ensure_certificate_apart(cfg)
         # The shared counters' file is made (in WAL mode, its table created) before the
         # workers open it: two of them switching a new file to WAL at once would have one
@@ -462,7 +459,7 @@ class Supervisor:
             metrics.forget_process(pid)
         removed = remove_spool_of(self.cfg.data_path / "spool", pid)
         if removed:
-            log.info("removed %d unacknowledged spool files of worker pid %d", removed, pid)
+            log.info("removed %d spool files of worker pid %d", removed, pid)
 
     def _forward(self, sig: int, retiring: bool = False) -> None:
         """To the current workers (and, with ``retiring``, to the previous generation's:
@@ -686,14 +683,15 @@ def restart_delay(failures: int) -> float:
 
 
 def remove_spool_of(spool: Path, pid: int) -> int:
-    """Remove the spool files of a dead worker (named ``...P<pid>Q...`` by
-    ``store.maildir.unique_name``): never acknowledged, and no one else writes them."""
-    n = 0
-    with contextlib.suppress(OSError):
-        for p in spool.glob(f"*P{pid}Q*"):
-            p.unlink(missing_ok=True)
-            n += 1
-    return n
+    """What a dead worker left in the spool (``store.maildir.recover_spool``: its link
+    records replayed, then its spool files removed; no one else writes them)."""
+    from mailfort.store.maildir import recover_spool
+
+    try:
+        return recover_spool(spool, pid)
+    except OSError as exc:
+        log.error("recovery of the spool of worker pid %d failed: %s", pid, exc)
+        return 0
 
 
 def _status(status: int) -> str:

@@ -4,12 +4,19 @@ A message is spooled as it streams in (small ones stay in memory, large ones go 
 in ``<data_dir>/spool``), then handed to the ``Committer``. The committer thread takes every
 message waiting at that moment as one batch and makes the whole batch durable together:
 
-1. write out what is still buffered, then one ``syncfs`` (or an ``fdatasync`` per file where
-   syncfs is not available): the message data and its inode are on stable storage;
+1. write out what is still buffered, and a record of the links to come (store/intents.py),
+   then one ``syncfs``: the message data, its inode and the record are on stable storage;
 2. hard-link each message into ``new/`` of every recipient's Maildir (the Maildir rule:
-   the name appears in ``new/`` only once the file is complete);
-3. one more ``syncfs`` (or an ``fsync`` of each ``new/`` directory touched): the names
-   are durable. Only then does each waiting session get its 250.
+   the name appears in ``new/`` only once the file is complete), and give each waiting
+   session its 250;
+3. the next ``syncfs`` (the next batch's step 1, or one made as soon as the committer is
+   idle) makes the names durable; then the spool files and the record go. Should a crash
+   come first, recovery links again from the record whatever the crash undid.
+
+Where the record cannot stand for the links, the names are flushed before the 250: in
+``fsync`` mode (an ``fdatasync`` per file where syncfs is not available, then an ``fsync``
+of each ``new/`` directory touched), for a batch that also hands a message to the outbound
+queue, and for a Maildir on another file system than the spool.
 
 A Maildir root on another file system than the spool (``[server] mail_dir`` on storage
 that several nodes share) cannot take a hard link: there the message is copied into the
@@ -17,9 +24,10 @@ Maildir's ``tmp/``, fdatasynced and renamed into ``new/`` (the classic Maildir d
 no lock needed across nodes), and that ``new/`` is fsynced on its own, since a syncfs of
 the spool's file system does not reach it.
 
-So many messages share two flushes instead of paying three each, and no 250 is ever sent
-before the flush that covers its message. A crash before step 3 leaves at most a spool
-file, which ``recover`` removes at start; the client was never told 250 and will retry.
+So many messages share one flush on the way to their 250 instead of paying three each,
+and no 250 is ever sent before the flush that covers its message and its record. A crash
+before step 1 completes leaves at most spool files and a record that does not check out,
+which recovery removes; the client was never told 250 and will retry.
 """
 
 from __future__ import annotations
@@ -35,11 +43,13 @@ import os
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailfort import metrics, procid
+from mailfort.store import intents
 from mailfort.store.durable import fsync_dir, make_dirs
 from mailfort.store.shared_flush import SharedFlush
 
@@ -128,7 +138,7 @@ _SYNCFS = _load_syncfs()
 class Spool:
     """One message being received: in memory while small, in a spool file once large."""
 
-    __slots__ = ("_buf", "_dir", "_fd", "failed", "fault", "name", "size")
+    __slots__ = ("_buf", "_dir", "_fd", "crc", "failed", "fault", "name", "size")
 
     def __init__(self, spool_dir: Path, fault: FaultHook | None = None,
                  name: str | None = None) -> None:
@@ -137,6 +147,7 @@ class Spool:
         self._buf = bytearray()
         self._fd: int | None = None
         self.size = 0
+        self.crc = 0  # CRC-32 of what is in the file (store/intents.py checks it)
         self.failed: OSError | None = None
         self.fault = fault
 
@@ -167,6 +178,7 @@ class Spool:
         # by the exception would make the later ``clear`` of the buffer raise BufferError.
         done = 0
         with memoryview(self._buf) as view:
+            self.crc = zlib.crc32(view, self.crc)
             while done < len(view):
                 with view[done:] as rest:
                     done += os.write(self._fd, rest)
@@ -241,6 +253,9 @@ class Committer:
         self._cv = threading.Condition()
         self._stopping = False
         self._known_maildirs: set[Path] = set()
+        # Acknowledged after one flush, their links not yet flushed (store/intents.py)
+        self._linked: list[_Job] = []
+        self._intents: list[Path] = []
         self._synced_dirs: set[Path] = set()  # fsync mode: directories known durable
         self.batches = 0
         self.messages = 0
@@ -254,12 +269,8 @@ class Committer:
         return "syncfs" if self._use_syncfs else "fsync"
 
     def recover(self) -> int:
-        """Remove spool files left by a crash (never acknowledged); returns how many."""
-        n = 0
-        for p in self.spool_dir.iterdir():
-            p.unlink(missing_ok=True)
-            n += 1
-        return n
+        """``recover_spool`` of this committer's spool directory."""
+        return recover_spool(self.spool_dir)
 
     def new_spool(self, name: str | None = None) -> Spool:
         """A spool for one message; ``name`` (see ``keyed_name``) instead of a fresh one.
@@ -296,17 +307,29 @@ class Committer:
         self._thread.join(timeout=10)
         if self._shared_flush is not None and not self._thread.is_alive():
             self._shared_flush.close()
+            self._shared_flush = None
 
     # ---------------------------------------------------------------- the thread
 
     def _run(self) -> None:
+        retry_at = 0.0  # after a failed flush of links: when to try again, if idle
         while True:
             with self._cv:
                 while not self._jobs and not self._stopping:
-                    self._cv.wait()
-                if not self._jobs and self._stopping:
-                    return
+                    if self._linked and time.monotonic() >= retry_at:
+                        break  # idle: flush the last batch's links now
+                    self._cv.wait(max(0.0, retry_at - time.monotonic()) if self._linked
+                                  else None)
                 batch, self._jobs = self._jobs, []
+                stopping = self._stopping
+            if not batch:
+                if self._linked and not self._flush_links():
+                    if stopping:  # recovery replays their intents at the next start
+                        return
+                    retry_at = time.monotonic() + 1.0
+                elif stopping and not self._linked:
+                    return
+                continue
             try:
                 self._commit_batch(batch)
             except Exception as exc:  # must fail this batch, not stop every later one
@@ -342,35 +365,101 @@ class Committer:
             for d in dirs:
                 fsync_dir(d)
 
-        self._flush(live, each_file)  # 1. the data of every message
+        intent = self._write_intent(live)
+        # 1. the data of every message (its intent, and the links of the batch before)
+        if self._flush(live, each_file) and self._linked:
+            self._discard_linked()
         for job in live:
             if job.error is None:
                 self._link(job, dirs, foreign)
-        self._flush([j for j in live if j.error is None], each_dir)  # 2. the names in new/
-        self._sync_foreign([j for j in live if j.error is None], foreign)
+        done = [j for j in live if j.error is None]
+        if intent is not None and done and not foreign:
+            # 2. deferred: the intent stands for the links until a flush covers them
+            self._linked.extend(done)
+            self._intents.append(intent)
+            for job in batch:
+                if job.error is not None:
+                    _take_back(job)
+            return
+        self._flush(done, each_dir)  # 2. the names in new/
+        self._sync_foreign([j for j in done if j.error is None], foreign)
+        if intent is not None:
+            intent.unlink(missing_ok=True)
         for job in batch:
             if job.error is not None:
                 _take_back(job)
             job.spool.discard()
 
-    def _flush(self, jobs: list[_Job], one_by_one: Callable[[], None]) -> None:
-        """One syncfs for the whole batch, or ``one_by_one`` where there is none; a failure
-        fails every message of the batch (none of them gets its 250)."""
-        if not jobs:
-            return
+    def _write_intent(self, live: list[_Job]) -> Path | None:
+        """The batch's link record (store/intents.py), when its 250s may follow the first
+        flush: syncfs mode (the flush covers the record too), nothing for the outbound
+        queue (whose files have no record), something to store. None: two flushes."""
+        if not self._use_syncfs or not live or any(j.extra is not None for j in live):
+            return None
+        entries = [intents.Entry(j.spool.name, j.spool.size, j.spool.crc,
+                                 tuple(str(_target(md, j.spool)) for md in j.maildirs))
+                   for j in live]
+        path = self.spool_dir / (unique_name() + intents.SUFFIX)
         try:
-            if self.fault is not None:
-                self.fault("sync")
-            with metrics.FLUSH_SECONDS.time():
-                if self._shared_flush is not None:
-                    self._shared_flush.flush(jobs[0].spool.fileno())
-                elif self._use_syncfs:
-                    self._syncfs(jobs[0].spool.fileno())
-                else:
+            intents.write(path, entries)
+        except OSError as exc:  # the batch takes the two flushes instead
+            log.warning("could not write a link record, flushing twice: %s", exc)
+            path.unlink(missing_ok=True)
+            return None
+        return path
+
+    def _flush_links(self) -> bool:
+        """Flush the links of the batches whose 250s went out after one flush; then their
+        spool files and intents may go. False (all kept) if the flush failed."""
+        try:
+            self._sync(self._linked[0].spool.fileno())
+        except OSError as exc:
+            log.error("flush of acknowledged messages' Maildir links failed (their link "
+                      "records stay for the next flush, or for recovery): %s", exc)
+            return False
+        self._discard_linked()
+        return True
+
+    def _discard_linked(self) -> None:
+        """The links of ``_linked`` are durable: the records first, then the spool files
+        (a spool file left without its record is removed at recovery, as it should be)."""
+        for path in self._intents:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        for job in self._linked:
+            with contextlib.suppress(OSError):
+                job.spool.discard()
+        self._intents.clear()
+        self._linked.clear()
+
+    def _flush(self, jobs: list[_Job], one_by_one: Callable[[], None]) -> bool:
+        """One syncfs for the whole batch, or ``one_by_one`` where there is none; a failure
+        fails every message of the batch (none of them gets its 250). True if it flushed."""
+        if not jobs:
+            return False
+        try:
+            if self._use_syncfs:
+                self._sync(jobs[0].spool.fileno())
+            else:
+                if self.fault is not None:
+                    self.fault("sync")
+                with metrics.FLUSH_SECONDS.time():
                     one_by_one()
         except OSError as exc:
             for job in jobs:
                 job.error = exc
+            return False
+        return True
+
+    def _sync(self, fd: int) -> None:
+        """syncfs of the file system of ``fd``, shared with the node's other committers."""
+        if self.fault is not None:
+            self.fault("sync")
+        with metrics.FLUSH_SECONDS.time():
+            if self._shared_flush is not None:
+                self._shared_flush.flush(fd)
+            else:
+                self._syncfs(fd)
 
     def _sync_foreign(self, jobs: list[_Job], foreign: set[Path]) -> None:
         """syncfs mode: fsync each ``new/`` that the spool file system's flush did not
@@ -395,11 +484,7 @@ class Committer:
                     if not self._use_syncfs:
                         self._sync_chain(md)
                     self._known_maildirs.add(md)
-                # ",S=" file size and ",W=" wire (CRLF) size in the name, as Maildir++
-                # readers expect, so a POP3 LIST needs no read of the file. Stored
-                # messages are CRLF already, so the two are equal.
-                size = job.spool.size
-                target = md / "new" / f"{job.spool.name},S={size},W={size}"
+                target = _target(md, job.spool)
                 if self.fault is not None:
                     self.fault("link")
                 try:
@@ -437,6 +522,27 @@ class Committer:
         if _SYNCFS(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
+
+
+def recover_spool(spool_dir: Path, pid: int | None = None) -> int:
+    """After a crash, before anything writes to ``spool_dir`` (``pid``: only what the dead
+    worker process ``pid`` left, named ``...P<pid>Q...`` by ``unique_name``): link again
+    what the link records promised and a power loss may have undone (store/intents.py),
+    then remove the spool files, none of which is still needed; returns how many."""
+    pattern = "*" if pid is None else f"*P{pid}Q*"
+    intents.replay(spool_dir, pattern)
+    n = 0
+    for p in spool_dir.glob(pattern):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _target(maildir: Path, spool: Spool) -> Path:
+    """The message's name in new/: ",S=" file size and ",W=" wire (CRLF) size, as Maildir++
+    readers expect, so a POP3 LIST needs no read of the file. Stored messages are CRLF
+    already, so the two are equal."""
+    return maildir / "new" / f"{spool.name},S={spool.size},W={spool.size}"
 
 
 def _copy_in(spool: Spool, tmp: Path, target: Path) -> None:

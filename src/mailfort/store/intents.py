@@ -1,0 +1,155 @@
+"""Write-ahead records of the Maildir links a batch makes: one flush before a 250, not two.
+
+A hard link into ``new/`` may only become durable after the message's data (a name in
+``new/`` must never point at a partial file, after a power loss included), so making a batch
+durable takes two flushes: the data, then the names. The 250 need not wait for the second
+one if the first also made durable a record of the links to come: after a crash, the record
+is replayed. The committer (store/maildir.py) writes, beside the batch's spool files, one
+*intent* file listing each message's spool file, its size and CRC-32, and the paths it is
+to be linked as; the first flush covers the data and the intent together; the links follow;
+the 250s go out; the next flush (that of the next batch, or one made when the committer is
+idle) covers the links, after which the spool files and the intent are removed.
+
+Recovery (``replay``), at start and for a worker that died: an intent whose own checksum
+holds names messages whose data is on disk whole (size and CRC-32 as recorded: a flush cut
+short by a power loss can leave a file of the right size full of zeros) and each target
+that is neither in ``new/`` nor in ``cur/`` is linked again; the directories touched are
+fsynced before anything is removed. An intent or a message that does not check out was
+never acknowledged (its 250 waited for the flush that would have made it whole): it is
+dropped. A message whose first flush completed but whose 250 never reached the client is
+delivered by the replay, and the client sends it again: a duplicate, which SMTP accepts
+over a loss (RFC 5321, section 6.1), and the same window the committer always had between
+its last flush and the 250 leaving.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailfort.store.durable import fsync_dir, make_dirs
+
+SUFFIX = ".links"
+_MAGIC = "mailfort-links 1"
+log = logging.getLogger("mailfort.store")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One message of a batch: its spool file (a name in the spool directory), what the
+    file holds, and the paths (in ``new/`` of Maildirs) it is to be linked as."""
+
+    spool: str
+    size: int
+    crc: int
+    targets: tuple[str, ...]
+
+
+def encode(entries: list[Entry]) -> bytes:
+    body = json.dumps([[e.spool, e.size, e.crc, list(e.targets)] for e in entries],
+                      ensure_ascii=True, separators=(",", ":"))
+    text = f"{_MAGIC}\n{body}\n"
+    return f"{text}{zlib.crc32(text.encode()):08x}\n".encode()
+
+
+def decode(data: bytes) -> list[Entry] | None:
+    """The entries, or None for a record that is torn, altered or not one of ours."""
+    text, sep, tail = data.rstrip(b"\n").rpartition(b"\n")
+    if not sep or len(tail) != 8:
+        return None
+    try:
+        if int(tail, 16) != zlib.crc32(text + b"\n"):
+            return None
+        magic, _, body = text.decode("ascii").partition("\n")
+        if magic != _MAGIC:
+            return None
+        return [Entry(str(s), int(n), int(c), tuple(str(t) for t in ts))
+                for s, n, c, ts in json.loads(body)]
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+
+
+def write(path: Path, entries: list[Entry]) -> None:
+    """Create the intent file (its durability comes with the batch's first flush)."""
+    data = encode(entries)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    finally:
+        os.close(fd)
+
+
+def replay(spool_dir: Path, pattern: str = "*") -> int:
+    """Link again what the intents matching ``pattern`` (``<pattern>.links``) record and
+    is missing, make it durable, then remove those intents; returns the links made.
+    The spool files themselves are left to the caller, which removes them all."""
+    linked = 0
+    touched: set[Path] = set()
+    intents = sorted(spool_dir.glob(pattern + SUFFIX))
+    for intent in intents:
+        try:
+            entries = decode(intent.read_bytes())
+        except OSError:
+            entries = None
+        if entries is None:
+            log.warning("dropped the unreadable link record %s (its batch was never "
+                        "acknowledged)", intent.name)
+            continue
+        for entry in entries:
+            spool = spool_dir / entry.spool
+            if "/" in entry.spool or not _whole(spool, entry):
+                continue
+            for target in map(Path, entry.targets):
+                if _relink(spool, target, entry.spool):
+                    linked += 1
+                    touched.add(target.parent)
+    for d in touched:  # the links are durable before the intents go
+        fsync_dir(d)
+    for intent in intents:
+        intent.unlink(missing_ok=True)
+    if linked:
+        log.warning("made %d Maildir links again after a crash (their messages were "
+                    "acknowledged before the links were flushed)", linked)
+    return linked
+
+
+def _whole(spool: Path, entry: Entry) -> bool:
+    """Whether the spool file holds what was written (size and CRC-32)."""
+    try:
+        with open(spool, "rb") as f:
+            crc, size = 0, 0
+            while chunk := f.read(1 << 20):
+                crc = zlib.crc32(chunk, crc)
+                size += len(chunk)
+    except OSError:
+        return False
+    return size == entry.size and crc == entry.crc
+
+
+def _relink(spool: Path, target: Path, name: str) -> bool:
+    """Link ``spool`` as ``target`` unless the message (by its unique name) is already in
+    that Maildir's new/ or cur/; True when a link was made."""
+    from mailfort.store.maildir import in_maildir
+
+    maildir = target.parent.parent
+    if target.parent.name != "new" or in_maildir(maildir, name):
+        return False
+    try:
+        for sub in ("tmp", "new", "cur"):
+            make_dirs(maildir / sub)
+        os.link(spool, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:  # a copy: its batch flushed it before any 250
+            return False
+        log.error("could not link %s again after a crash: %s", target, exc)
+        return False
+    return True
