@@ -36,7 +36,7 @@ async def store(c: Committer, body: bytes, users: list[str]) -> None:
 async def spool_emptied(c: Committer) -> None:
     """Wait (5 s at most) for the spool to empty: after one flush the 250s go out, and the
     spool files and their link record stay until the flush of the links, which the
-    committer makes as soon as it is idle."""
+    committer makes when no batch came for ``LINKS_FLUSH_DELAY``."""
     for _ in range(500):
         if not list(c.spool_dir.iterdir()):
             return
@@ -246,11 +246,12 @@ async def test_the_250_waits_for_one_flush_and_the_links_for_the_next(
         assert len(list((md / "new").iterdir())) == 1
         names = sorted(p.name for p in committer.spool_dir.iterdir())
         assert len(names) == 2 and names[1].endswith(intents.SUFFIX)  # spool file + record
+        release.set()
+        await spool_emptied(committer)
+        assert len(syncs) == 2
     finally:
         release.set()
         committer.fault = None
-    await spool_emptied(committer)
-    assert len(syncs) == 2
 
 
 async def test_a_failed_flush_of_the_links_keeps_their_record_for_the_next(

@@ -7,8 +7,8 @@ one if the first also made durable a record of the links to come: after a crash,
 is replayed. The committer (store/maildir.py) writes, beside the batch's spool files, one
 *intent* file listing each message's spool file, its size and CRC-32, and the paths it is
 to be linked as; the first flush covers the data and the intent together; the links follow;
-the 250s go out; the next flush (that of the next batch, or one made when the committer is
-idle) covers the links, after which the spool files and the intent are removed.
+the 250s go out; the next flush (that of the next batch, or one made when none came for a
+few milliseconds) covers the links, after which the spool files and the intent go.
 
 Recovery (``replay``), at start and for a worker that died: an intent whose own checksum
 holds names messages whose data is on disk whole (size and CRC-32 as recorded: a flush cut

@@ -9,9 +9,9 @@ message waiting at that moment as one batch and makes the whole batch durable to
 2. hard-link each message into ``new/`` of every recipient's Maildir (the Maildir rule:
    the name appears in ``new/`` only once the file is complete), and give each waiting
    session its 250;
-3. the next ``syncfs`` (the next batch's step 1, or one made as soon as the committer is
-   idle) makes the names durable; then the spool files and the record go. Should a crash
-   come first, recovery links again from the record whatever the crash undid.
+3. the next ``syncfs`` (the next batch's step 1, or one made when no batch came within
+   ``LINKS_FLUSH_DELAY``) makes the names durable; then the spool files and the record
+   go. Should a crash come first, recovery links again from the record what it undid.
 
 Where the record cannot stand for the links, the names are flushed before the 250: in
 ``fsync`` mode (an ``fdatasync`` per file where syncfs is not available, then an ``fsync``
@@ -53,6 +53,11 @@ from mailfort.store import intents
 from mailfort.store.durable import fsync_dir, make_dirs
 from mailfort.store.shared_flush import SharedFlush
 
+# How long acknowledged links may wait for the next batch, whose first flush covers them
+# too, before the committer flushes them on its own: a little longer than a message takes
+# in a single session (about 2 ms), so that one sender alone costs one flush per message.
+# Their records keep them safe meanwhile (store/intents.py).
+LINKS_FLUSH_DELAY = 0.005
 _SPOOL_MEMORY = 64 * 1024  # bytes a message may hold in memory before it goes to a file
 _counter = itertools.count()
 log = logging.getLogger("mailfort.store")
@@ -312,21 +317,21 @@ class Committer:
     # ---------------------------------------------------------------- the thread
 
     def _run(self) -> None:
-        retry_at = 0.0  # after a failed flush of links: when to try again, if idle
+        flush_at = 0.0  # when to flush the links of ``_linked`` if no batch comes first
         while True:
             with self._cv:
                 while not self._jobs and not self._stopping:
-                    if self._linked and time.monotonic() >= retry_at:
-                        break  # idle: flush the last batch's links now
-                    self._cv.wait(max(0.0, retry_at - time.monotonic()) if self._linked
+                    if self._linked and time.monotonic() >= flush_at:
+                        break  # idle: flush the links now
+                    self._cv.wait(max(0.0, flush_at - time.monotonic()) if self._linked
                                   else None)
                 batch, self._jobs = self._jobs, []
                 stopping = self._stopping
             if not batch:
                 if self._linked and not self._flush_links():
-                    if stopping:  # recovery replays their intents at the next start
+                    if stopping:  # recovery replays their records at the next start
                         return
-                    retry_at = time.monotonic() + 1.0
+                    flush_at = time.monotonic() + 1.0  # a failing disk: not in a loop
                 elif stopping and not self._linked:
                     return
                 continue
@@ -343,6 +348,7 @@ class Committer:
                 loops.setdefault(job.loop, []).append(job)
             for loop, jobs in loops.items():
                 loop.call_soon_threadsafe(_settle_all, jobs)
+            flush_at = time.monotonic() + LINKS_FLUSH_DELAY
 
     def _commit_batch(self, batch: list[_Job]) -> None:
         self.batches += 1
