@@ -3,7 +3,8 @@
 A power loss cannot be had in a test; what it leaves can. After the first flush of a
 batch, the data and the record are on disk whatever happens next, while the links made
 after it may be lost: these tests build that state (by a real commit whose link is then
-removed, or by hand) and run the recovery the node runs at start.
+removed, or by hand) and run the recovery the node runs at start, as in a later boot (the
+record names another boot than the one recovery runs in).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import asyncio
 import threading
 import zlib
 from pathlib import Path
+
+import pytest
 
 from mailfort.store import intents
 from mailfort.store.maildir import Committer, maildir_for, recover_spool
@@ -32,11 +35,16 @@ def _entry(name: str, data: bytes, *maildirs: Path) -> intents.Entry:
                          tuple(str(md / "new" / f"{name},S={n},W={n}") for md in maildirs))
 
 
+def _record(path: Path, entries: list[intents.Entry], boot: str = "an-earlier-boot") -> None:
+    """A record as a committer of ``boot`` wrote it."""
+    path.write_bytes(intents.encode(entries, boot))
+
+
 def test_a_record_reads_back_and_any_damage_is_seen() -> None:
     entries = [intents.Entry("1.M2P3Q4.h", 10, 0xDEADBEEF, ("/m/a/new/x", "/m/é\t\n/new/y")),
                intents.Entry("1.M2P3Q5.h", 0, 0, ())]
-    data = intents.encode(entries)
-    assert intents.decode(data) == entries
+    data = intents.encode(entries, "boot-1")
+    assert intents.decode(data) == ("boot-1", entries)
     for cut in range(len(data) - 1):  # torn anywhere (the final newline is optional)
         assert intents.decode(data[:cut]) is None, cut
     for i in range(len(data)):
@@ -51,7 +59,7 @@ def test_recovery_links_again_what_the_record_promised(tmp_path: Path) -> None:
     name = "1796530000.M1P4242Q7.host"
     spool = _spool(tmp_path, name, BODY)
     a, b = tmp_path / "mail" / "d.test" / "a", tmp_path / "mail" / "d.test" / "b"
-    intents.write(spool / f"1796530000.M2P4242Q8.host{intents.SUFFIX}", [_entry(name, BODY, a, b)])
+    _record(spool / f"1796530000.M2P4242Q8.host{intents.SUFFIX}", [_entry(name, BODY, a, b)])
     assert recover_spool(spool, 4242) == 1  # the spool file (the record goes with its replay)
     for md in (a, b):
         (f,) = (md / "new").iterdir()
@@ -66,7 +74,7 @@ def test_recovery_does_not_deliver_twice_what_is_already_there(tmp_path: Path) -
     md = tmp_path / "mail" / "d.test" / "a"
     (md / "cur").mkdir(parents=True)
     (md / "cur" / f"{name},S={len(BODY)},W={len(BODY)}:2,S").write_bytes(BODY)  # read
-    intents.write(spool / f"r{intents.SUFFIX}", [_entry(name, BODY, md)])
+    _record(spool / f"r{intents.SUFFIX}", [_entry(name, BODY, md)])
     recover_spool(spool)
     assert not (md / "new").exists() or list((md / "new").iterdir()) == []
     assert len(list((md / "cur").iterdir())) == 1
@@ -77,16 +85,33 @@ def test_recovery_never_links_a_message_the_flush_did_not_finish(tmp_path: Path)
     batch was never acknowledged, and nothing of it is delivered."""
     md = tmp_path / "mail" / "d.test" / "a"
     spool = _spool(tmp_path, "1.M1P9Q1.h", b"\x00" * len(BODY))
-    intents.write(spool / f"1.M1P9Q2.h{intents.SUFFIX}", [_entry("1.M1P9Q1.h", BODY, md)])
+    _record(spool / f"1.M1P9Q2.h{intents.SUFFIX}", [_entry("1.M1P9Q1.h", BODY, md)])
     (spool / "1.M1P9Q3.h").write_bytes(BODY)
-    torn = intents.encode([_entry("1.M1P9Q3.h", BODY, md)])
+    torn = intents.encode([_entry("1.M1P9Q3.h", BODY, md)], "boot-1")
     (spool / f"1.M1P9Q4.h{intents.SUFFIX}").write_bytes(torn[: len(torn) // 2])
     assert recover_spool(spool) == 2  # the two spool files
     assert not (md / "new").exists()
     assert list(spool.iterdir()) == []
 
 
-def test_a_link_lost_after_the_250_comes_back_at_recovery(tmp_path: Path) -> None:
+def test_a_record_of_this_boot_is_not_replayed(tmp_path: Path) -> None:
+    """A worker process that died (SIGKILL) lost none of its links: the kernel has them. A
+    message a POP3 client deleted since must not come back, so the record is only flushed
+    and removed."""
+    name = "1796530000.M1P4343Q1.host"
+    spool = _spool(tmp_path, name, BODY)
+    md = tmp_path / "mail" / "d.test" / "a"
+    (md / "new").mkdir(parents=True)  # the message was linked, then deleted by its reader
+    _record(spool / f"1796530000.M1P4343Q2.host{intents.SUFFIX}", [_entry(name, BODY, md)],
+            intents.BOOT_ID)
+    assert recover_spool(spool, 4343) == 1
+    assert list((md / "new").iterdir()) == []
+    assert list(spool.iterdir()) == []
+
+
+def test_a_link_lost_after_the_250_comes_back_at_recovery(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
     """The whole path: a real commit, acknowledged after its first flush; the flush of its
     link is held, and the link is then removed, as a power loss before that flush would
     lose it; the committer's files are what the disk would hold. Recovery restores it."""
@@ -124,6 +149,7 @@ def test_a_link_lost_after_the_250_comes_back_at_recovery(tmp_path: Path) -> Non
     release.set()
     c.stop()
     assert any(p.name.endswith(intents.SUFFIX) for p in c.spool_dir.iterdir())
+    monkeypatch.setattr(intents, "BOOT_ID", "the-boot-after-the-power-came-back")
     recover_spool(c.spool_dir)
     (back,) = (md / "new").iterdir()
     assert back.read_bytes() == BODY and back.name == link.name

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailfort.store.durable import fsync_dir, make_dirs
+from mailfort.store.syncfs import SYNCFS as _SYNCFS
 
 SUFFIX = ".links"
 _MAGIC = "mailfort-links 1"
@@ -50,15 +51,30 @@ class Entry:
     targets: tuple[str, ...]
 
 
-def encode(entries: list[Entry]) -> bytes:
-    body = json.dumps([[e.spool, e.size, e.crc, list(e.targets)] for e in entries],
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+# The kernel's identity for this boot: a record written in this boot names links that are
+# still in the page cache (a process that dies loses none of them); only a record from an
+# earlier boot can name links that were lost.
+BOOT_ID = _boot_id()
+
+
+def encode(entries: list[Entry], boot: str) -> bytes:
+    body = json.dumps({"boot": boot,
+                       "messages": [[e.spool, e.size, e.crc, list(e.targets)] for e in entries]},
                       ensure_ascii=True, separators=(",", ":"))
     text = f"{_MAGIC}\n{body}\n"
     return f"{text}{zlib.crc32(text.encode()):08x}\n".encode()
 
 
-def decode(data: bytes) -> list[Entry] | None:
-    """The entries, or None for a record that is torn, altered or not one of ours."""
+def decode(data: bytes) -> tuple[str, list[Entry]] | None:
+    """The boot that wrote the record and its entries, or None for a record that is torn,
+    altered or not one of ours."""
     text, sep, tail = data.rstrip(b"\n").rpartition(b"\n")
     if not sep or len(tail) != 8:
         return None
@@ -68,15 +84,16 @@ def decode(data: bytes) -> list[Entry] | None:
         magic, _, body = text.decode("ascii").partition("\n")
         if magic != _MAGIC:
             return None
-        return [Entry(str(s), int(n), int(c), tuple(str(t) for t in ts))
-                for s, n, c, ts in json.loads(body)]
-    except (ValueError, TypeError, UnicodeDecodeError):
+        record = json.loads(body)
+        return str(record["boot"]), [Entry(str(s), int(n), int(c), tuple(str(t) for t in ts))
+                                     for s, n, c, ts in record["messages"]]
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
         return None
 
 
 def write(path: Path, entries: list[Entry]) -> None:
     """Create the intent file (its durability comes with the batch's first flush)."""
-    data = encode(entries)
+    data = encode(entries, BOOT_ID)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         done = 0
@@ -87,20 +104,28 @@ def write(path: Path, entries: list[Entry]) -> None:
 
 
 def replay(spool_dir: Path, pattern: str = "*") -> int:
-    """Link again what the intents matching ``pattern`` (``<pattern>.links``) record and
-    is missing, make it durable, then remove those intents; returns the links made.
+    """Make durable what the intents matching ``pattern`` (``<pattern>.links``) record,
+    then remove them; returns the links made again. A record of this boot: its links are
+    intact (only the kernel could have lost them), one ``syncfs`` makes them durable; of an
+    earlier boot: what is missing is linked again (a message deleted from its Maildir in
+    the moments between its 250 and the crash comes back: a duplicate, never a loss).
     The spool files themselves are left to the caller, which removes them all."""
     linked = 0
     touched: set[Path] = set()
-    intents = sorted(spool_dir.glob(pattern + SUFFIX))
-    for intent in intents:
+    this_boot = False
+    records = sorted(spool_dir.glob(pattern + SUFFIX))
+    for path in records:
         try:
-            entries = decode(intent.read_bytes())
+            record = decode(path.read_bytes())
         except OSError:
-            entries = None
-        if entries is None:
+            record = None
+        if record is None:
             log.warning("dropped the unreadable link record %s (its batch was never "
-                        "acknowledged)", intent.name)
+                        "acknowledged)", path.name)
+            continue
+        boot, entries = record
+        if boot and boot == BOOT_ID:
+            this_boot = True
             continue
         for entry in entries:
             spool = spool_dir / entry.spool
@@ -110,14 +135,25 @@ def replay(spool_dir: Path, pattern: str = "*") -> int:
                 if _relink(spool, target, entry.spool):
                     linked += 1
                     touched.add(target.parent)
-    for d in touched:  # the links are durable before the intents go
+    if this_boot:  # hard links, so on the spool's file system
+        _syncfs(spool_dir)
+    for d in touched:  # the links are durable before the records go
         fsync_dir(d)
-    for intent in intents:
-        intent.unlink(missing_ok=True)
+    for path in records:
+        path.unlink(missing_ok=True)
     if linked:
         log.warning("made %d Maildir links again after a crash (their messages were "
                     "acknowledged before the links were flushed)", linked)
     return linked
+
+
+def _syncfs(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS is None or _SYNCFS(fd) != 0:
+            os.sync()  # no syncfs: every file system, which includes this one
+    finally:
+        os.close(fd)
 
 
 def _whole(spool: Path, entry: Entry) -> bool:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import itertools
 import logging
@@ -52,6 +51,7 @@ from mailfort import metrics, procid
 from mailfort.store import intents
 from mailfort.store.durable import fsync_dir, make_dirs
 from mailfort.store.shared_flush import SharedFlush
+from mailfort.store.syncfs import SYNCFS as _SYNCFS
 
 # How long acknowledged links may wait for the next batch, whose first flush covers them
 # too, before the committer flushes them on its own: a little longer than a message takes
@@ -126,18 +126,6 @@ def in_maildir(maildir: Path, name: str) -> bool:
     return False
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNCFS = _load_syncfs()
 
 
 class Spool:
