@@ -126,8 +126,6 @@ def in_maildir(maildir: Path, name: str) -> bool:
     return False
 
 
-
-
 class Spool:
     """One message being received: in memory while small, in a spool file once large."""
 
