@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import signal
 import smtplib
 import socket
@@ -40,6 +41,7 @@ import trustme
 
 import mailfort
 from mailfort import config as config_mod
+from mailfort.server.acceptor import AcceptGate
 from mailfort.store.maildir import maildir_for
 from tests.conftest import HOSTNAME, refusing_dns_port, seed_directory
 from tests.server.production import free_port
@@ -263,6 +265,23 @@ def test_connections_land_on_both_workers(node: Supervised) -> None:
     for s in held.values():  # each worker serves the session it holds
         assert _cmd(s, "EHLO client.test").startswith(b"250")
         s.close()
+
+
+def test_one_client_at_a_time_is_served_by_one_worker(node: Supervised) -> None:
+    """A quiet node: connections one after the other all land on the first worker (the
+    others' gates stay closed, server/acceptor.py), not on whichever wakes first, nor in
+    turns on both, each with cold caches."""
+    time.sleep(AcceptGate.HOLD + 0.2)  # what earlier tests did has left the node quiet
+    owners = []
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10) as s:
+            assert s.recv(512).startswith(b"220")
+            owners.append(node.owner(s, "mx"))
+            assert _cmd(s, "QUIT").startswith(b"221")
+            assert s.recv(512) == b""  # closed by the server: released before the next
+        time.sleep(0.02)
+    first = re.findall(r"worker 0 \(pid (\d+)\) serving", node.log.read_text())[-1]
+    assert owners == [int(first)] * len(owners), f"{owners}, first worker {first}"
 
 
 def test_brute_force_block_holds_across_workers(node: Supervised) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from mailfort.policy import decisionlog
+from mailfort.server.acceptor import Acceptor, bind
 from mailfort.server.connections import Admission, ConnectionLimiter
 from mailfort.server.stress import PROGRESS_BYTES, StressGuard
 
@@ -38,7 +39,7 @@ class Listener:
         self.sessions: set[Any] = set()
         self.limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
         self.stress = StressGuard()  # a node gives every listener its one guard
-        self.servers: list[asyncio.base_events.Server] = []
+        self.servers: list[Acceptor] = []
 
     async def listen(
         self,
@@ -47,20 +48,15 @@ class Listener:
         port: int,
         implicit_tls: ssl.SSLContext | None,
         sock: socket.socket | None = None,
-    ) -> asyncio.base_events.Server:
+    ) -> Acceptor:
         """Listen on host:port (port 0: a free one), or on ``sock`` already bound and
-        listening (socket activation); TLS from the first byte if given."""
-        loop = asyncio.get_running_loop()
+        listening (socket activation, worker processes); TLS from the first byte if given."""
+        if sock is None:
+            sock = bind(host, port)
         tls_timeout = TLS_HANDSHAKE_TIMEOUT if implicit_tls else None
-        if sock is not None:
-            server = await loop.create_server(factory, sock=sock, ssl=implicit_tls,
-                                              ssl_handshake_timeout=tls_timeout, backlog=1024)
-        else:
-            server = await loop.create_server(factory, host, port, ssl=implicit_tls,
-                                              ssl_handshake_timeout=tls_timeout,
-                                              backlog=1024, reuse_address=True)
-        self.servers.append(server)
-        return server
+        acceptor = Acceptor(sock, factory, implicit_tls, tls_timeout)
+        self.servers.append(acceptor)
+        return acceptor
 
     @property
     def ports(self) -> list[int]:

@@ -90,12 +90,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailfort.config import Config, ConfigError
+from mailfort.server.acceptor import AcceptGate, bind
 from mailfort.server.privileges import LISTEN_KEYS
 
 if TYPE_CHECKING:
     from mailfort.server.app import Node
     from mailfort.server.connections import ConnectionTable
     from mailfort.server.operations import Operations
+    from mailfort.server.session import Listener
 
 log = logging.getLogger("mailfort.supervisor")
 
@@ -128,11 +130,7 @@ def _split(hostport: str) -> tuple[str, int]:
 
 
 def _bind(hostport: str) -> socket.socket:
-    host, port = _split(hostport)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=1024)
-    sock.setblocking(False)
-    return sock
+    return bind(*_split(hostport))
 
 
 def bind_listeners(cfg: Config, inherited: dict[tuple[str, int], socket.socket]
@@ -221,6 +219,11 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
         node.queued = tell_delivery
     await node.start(recover=False, deliver=role.primary)
     await ops.started(node)
+    # The first worker takes every connection while the node is quiet; the others join
+    # when it is busy (server/acceptor.py: one sender alone has warm caches).
+    gate = None if role.primary else AcceptGate(
+        [a for listener in _listeners(node) for a in listener.servers],
+        lambda: limiter.total)
     if role.primary:
         def woken() -> None:
             with contextlib.suppress(BlockingIOError):
@@ -244,6 +247,8 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     for w in waits:
         w.cancel()
     handed_over = False
+    if gate is not None:
+        gate.stop()
     if retire.is_set() and not stop.is_set():
         log.info("worker %d (pid %d) retiring: workers with the new configuration serve; "
                  "its open sessions end as they would", slot, os.getpid())
@@ -265,8 +270,12 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     return 0
 
 
+def _listeners(node: Node) -> list[Listener]:
+    return [*node.services.values(), *node.pop3.values()]
+
+
 def stop_accepting(node: Node) -> None:
-    for listener in [*node.services.values(), *node.pop3.values()]:
+    for listener in _listeners(node):
         for server in listener.servers:
             server.close()
 
@@ -276,7 +285,7 @@ async def drain(node: Node, grace: float | None, stop: asyncio.Event | None = No
     """Stop accepting; wait up to ``grace`` seconds (None: for as long as they last) for
     the open sessions to end; ``stop`` set meanwhile leaves them ``stop_grace`` more."""
     stop_accepting(node)
-    listeners = [*node.services.values(), *node.pop3.values()]
+    listeners = _listeners(node)
     deadline = None if grace is None else time.monotonic() + grace
     while any(listener.sessions for listener in listeners):
         if stop is not None and stop.is_set():

@@ -1,0 +1,183 @@
+"""Accepting on a listening socket from the event loop, with a gate a worker can close.
+
+asyncio's ``Server`` cannot stop accepting without closing its socket, and a worker
+process of a node must be able to (``AcceptGate``), so each listening socket is served by
+an ``Acceptor``: a reader on the loop that accepts what is waiting and hands each
+connection to ``loop.connect_accepted_socket`` (TLS from the first byte where given).
+
+Why a gate. With several workers on one set of sockets, a client that sends one message
+per connection, one after the other, lands on whichever worker is idle at that moment: as
+the one that served the last connection is still closing it, that is the other one, and the
+workers take turns. Each then serves every other message with cold caches, and the node
+was measured taking 1.6 times the CPU per message of a single worker at one session (bench/
+RESULTS.md, 2026-12-06). So every worker but the first keeps its gate closed while the
+node is quiet: it opens once the node holds ``OPEN_AT`` connections or more, or once
+connections wait in a listener's queue (the first worker is busy, stuck or dead: the gate
+is also what keeps a node serving while the first worker restarts), either seen at two
+looks in a row, ``TICK`` apart; and it stays open for ``HOLD`` seconds after the last time
+it had to be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("mailfort.session")
+
+_ACCEPT_BATCH = 128  # connections accepted per wake-up at most (the others wait their turn)
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_RETRY = 1.0  # seconds without accepting after running out of descriptors or memory
+# struct tcp_info (linux/tcp.h): eight one-byte fields, then u32 rto, ato, snd_mss,
+# rcv_mss, unacked; on a listening socket ``tcpi_unacked`` is its accept queue's length.
+_TCP_INFO_UNACKED = 24
+_TCP_INFO_SIZE = 104
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host`` (an address; IPv6 without brackets) and ``port``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Acceptor:
+    """One listening socket served on the running loop."""
+
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.BaseProtocol],
+                 tls: ssl.SSLContext | None, handshake_timeout: float | None) -> None:
+        self._sock = sock
+        self._factory = factory
+        self._tls = tls
+        self._handshake_timeout = handshake_timeout
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._gate_open = True
+        self._resting = False  # after EMFILE and the like, for _RETRY seconds
+        self._reading = False
+        self._closed = False
+        sock.setblocking(False)
+        self._update()
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [] if self._closed else [self._sock]
+
+    def set_gate(self, open_: bool) -> None:
+        self._gate_open = open_
+        self._update()
+
+    def waiting(self) -> bool:
+        """Whether connections wait in this socket's accept queue."""
+        if self._closed:
+            return False
+        try:
+            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        except OSError:
+            return False
+        return len(info) >= _TCP_INFO_UNACKED + 4 and \
+            struct.unpack_from("I", info, _TCP_INFO_UNACKED)[0] > 0
+
+    def close(self) -> None:
+        """Stop accepting and close this process's copy of the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        self._update()
+        self._sock.close()
+
+    async def wait_closed(self) -> None:
+        """Until the connections accepted have their transports (or failed)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    def _update(self) -> None:
+        want = self._gate_open and not self._resting and not self._closed
+        if want and not self._reading:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+        elif self._reading and not want:
+            self._loop.remove_reader(self._sock.fileno())
+        self._reading = want
+
+    def _rested(self) -> None:
+        self._resting = False
+        self._update()
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    log.error("cannot accept on %s (%s): pausing %.0f s",
+                              self._sock.getsockname(), exc, _RETRY)
+                    self._resting = True
+                    self._update()
+                    self._loop.call_later(_RETRY, self._rested)
+                return  # ECONNABORTED and the like: that connection is gone
+            conn.setblocking(False)
+            task = self._loop.create_task(self._start(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _start(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                self._factory, conn, ssl=self._tls,
+                ssl_handshake_timeout=self._handshake_timeout if self._tls else None)
+        except OSError as exc:  # a reset, a failed or timed-out TLS handshake (SSLError)
+            log.debug("connection not started: %s", exc)
+            conn.close()
+
+
+class AcceptGate:
+    """Opens a worker's acceptors only while the node is busy (see the module's text)."""
+
+    OPEN_AT = 2  # open connections in the node at which this worker accepts too
+    HOLD = 1.0  # seconds the gate stays open after the node was last busy
+    TICK = 0.005  # seconds between looks while the node has connections open
+    IDLE_TICK = 0.02  # and while it has none
+
+    def __init__(self, acceptors: list[Acceptor], open_connections: Callable[[], int]) -> None:
+        """``open_connections``: the node's, over every worker (the shared connection
+        table)."""
+        self._acceptors = acceptors
+        self._open_connections = open_connections
+        self._loop = asyncio.get_running_loop()
+        self._until = 0.0
+        self._was_busy = False
+        self._open = True
+        self._timer: asyncio.TimerHandle | None = None
+        self._set(False)
+        self._tick()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _set(self, open_: bool) -> None:
+        if open_ != self._open:
+            self._open = open_
+            for a in self._acceptors:
+                a.set_gate(open_)
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        connections = self._open_connections()
+        busy = connections >= self.OPEN_AT or any(a.waiting() for a in self._acceptors)
+        if busy and self._was_busy:  # twice in a row: a connection waiting for the first
+            self._until = now + self.HOLD  # worker to wake up is no reason
+        self._was_busy = busy
+        self._set(now < self._until)
+        delay = self.TICK if connections or self._open else self.IDLE_TICK
+        self._timer = self._loop.call_later(delay, self._tick)

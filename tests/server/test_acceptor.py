@@ -1,0 +1,98 @@
+"""Accepting with a gate (server/acceptor.py), on real loopback sockets.
+
+The protocol greets on connection; a client that gets no greeting was not accepted: its
+connection waits in the listening socket's queue, which the kernel completes on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from mailfort.server.acceptor import AcceptGate, Acceptor, bind
+
+
+class Greeter(asyncio.Protocol):
+    accepted = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        Greeter.accepted += 1
+        transport.write(b"220 hello\r\n")
+
+
+async def _greeted(port: int, timeout: float) -> tuple[bool, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except TimeoutError:
+        return False, writer
+    return line.startswith(b"220"), writer
+
+
+async def _until(predicate: object, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_closed_gate_leaves_connections_waiting_and_opening_it_serves_them() -> None:
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    acceptor = Acceptor(sock, Greeter, None, None)
+    acceptor.set_gate(False)
+    greeted, writer = await _greeted(port, 0.3)
+    assert not greeted and acceptor.waiting()
+    acceptor.set_gate(True)
+    greeted, later = await _greeted(port, 5)  # the one that waited is served, and this one
+    assert greeted
+    await _until(lambda: not acceptor.waiting())
+    writer.close()
+    later.close()
+    acceptor.close()
+    assert acceptor.sockets == [] and sock.fileno() == -1
+    await acceptor.wait_closed()
+
+
+async def test_the_gate_opens_while_the_node_is_busy_or_connections_wait() -> None:
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    acceptor = Acceptor(sock, Greeter, None, None)
+    node_connections = 0
+    gate = AcceptGate([acceptor], lambda: node_connections)
+    gate.HOLD = 0.2
+    try:
+        before = Greeter.accepted
+        # Quiet node, nothing waiting: closed. A connection arrives: it waits in the queue,
+        # the gate sees it waiting and opens (another worker would have taken it first).
+        greeted, w1 = await _greeted(port, 5)
+        assert greeted and Greeter.accepted == before + 1
+        w1.close()
+        await asyncio.sleep(0.4)  # past HOLD: closed again
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.settimeout(5)
+            await _until(acceptor.waiting)  # not accepted at once: the gate was closed
+            assert (await asyncio.to_thread(raw.recv, 64)).startswith(b"220")  # within ticks
+        await asyncio.sleep(0.4)
+        node_connections = AcceptGate.OPEN_AT  # a busy node: open without anything waiting
+        await asyncio.sleep(0.05)
+        greeted, w2 = await _greeted(port, 0.1)
+        assert greeted
+        w2.close()
+        node_connections = 0
+    finally:
+        gate.stop()
+        acceptor.close()
+
+
+def test_bind_listens_on_ipv6_too() -> None:
+    try:
+        sock = bind("::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    with sock:
+        assert sock.family == socket.AF_INET6 and sock.getsockname()[1] > 0
