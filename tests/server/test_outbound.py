@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -559,13 +560,22 @@ async def test_mail_queued_on_any_worker_is_delivered_once_and_at_once(
         await wait_for(lambda: log.read_text().count(" serving") == 2, "two workers")
         (line,) = [x for x in log.read_text().splitlines() if "with outbound delivery" in x]
         delivering = int(line.split("(pid ")[1].split(")")[0])
+        # Two connections held open make the node busy, so that the second worker
+        # accepts too (a quiet node's connections all go to the first: acceptor.py).
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
         tokens, on_other = [], False
-        for _ in range(20):
-            msg, token = new_message(["someone@remote.test"])
-            on_other |= await asyncio.to_thread(send, msg) != delivering
-            tokens.append(token)
-            if on_other and len(tokens) >= 3:
-                break
+        try:
+            for s in held:
+                assert s.recv(512).startswith(b"220")
+            for _ in range(20):
+                msg, token = new_message(["someone@remote.test"])
+                on_other |= await asyncio.to_thread(send, msg) != delivering
+                tokens.append(token)
+                if on_other and len(tokens) >= 3:
+                    break
+        finally:
+            for s in held:
+                s.close()
         assert on_other, "every submission landed on the delivering worker"
         await wait_for(lambda: len(receiver.messages) >= len(tokens), "delivered", 15.0)
         await asyncio.sleep(0.5)  # a second delivery would show here
