@@ -284,6 +284,20 @@ def test_one_client_at_a_time_is_served_by_one_worker(node: Supervised) -> None:
     assert owners == [int(first)] * len(owners), f"{owners}, first worker {first}"
 
 
+def test_a_stopped_first_worker_leaves_the_others_serving(node: Supervised) -> None:
+    """The first worker frozen (SIGSTOP): connections wait in the queue, and the second
+    worker's gate opens for them within a few looks (server/acceptor.py)."""
+    first = int(re.findall(r"worker 0 \(pid (\d+)\) serving", node.log.read_text())[-1])
+    os.kill(first, signal.SIGSTOP)
+    try:
+        with socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10) as s:
+            assert s.recv(512).startswith(b"220")
+            assert node.owner(s, "mx") != first
+            assert _cmd(s, "QUIT").startswith(b"221")
+    finally:
+        os.kill(first, signal.SIGCONT)
+
+
 def test_brute_force_block_holds_across_workers(node: Supervised) -> None:
     """BLOCK_AFTER failures, half on each worker: then even the right password is refused.
     With per-worker counters each worker would have seen only half and let it in."""

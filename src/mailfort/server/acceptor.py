@@ -36,6 +36,7 @@ _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _RETRY = 1.0  # seconds without accepting after running out of descriptors or memory
 # struct tcp_info (linux/tcp.h): eight one-byte fields, then u32 rto, ato, snd_mss,
 # rcv_mss, unacked; on a listening socket ``tcpi_unacked`` is its accept queue's length.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux
 _TCP_INFO_UNACKED = 24
 _TCP_INFO_SIZE = 104
 
@@ -76,10 +77,10 @@ class Acceptor:
 
     def waiting(self) -> bool:
         """Whether connections wait in this socket's accept queue."""
-        if self._closed:
+        if self._closed or _TCP_INFO is None:
             return False
         try:
-            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+            info = self._sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
         except OSError:
             return False
         return len(info) >= _TCP_INFO_UNACKED + 4 and \
