@@ -18,6 +18,7 @@ import pytest
 
 from mailfort.store import intents
 from mailfort.store.maildir import Committer, maildir_for, recover_spool
+from tests.store.faults import AtFlush
 
 BODY = b"Subject: kept\r\n\r\nacknowledged before its link was flushed\r\n"
 
@@ -116,18 +117,8 @@ def test_a_link_lost_after_the_250_comes_back_at_recovery(tmp_path: Path,
     link is held, and the link is then removed, as a power loss before that flush would
     lose it; the committer's files are what the disk would hold. Recovery restores it."""
     c = Committer(tmp_path)
-    held, release = threading.Event(), threading.Event()
-    syncs = 0
-
-    def fault(at: str) -> None:
-        nonlocal syncs
-        if at == "sync":
-            syncs += 1
-            if syncs == 2:
-                held.set()
-                assert release.wait(10)
-                raise OSError(5, "the machine lost power")  # this flush never completes
-
+    release = threading.Event()
+    fault = AtFlush(2, release=release, error=OSError(5, "the machine lost power"))
     c.fault = fault
     md = maildir_for(tmp_path / "mail", "a@d.test")
 
@@ -137,7 +128,7 @@ def test_a_link_lost_after_the_250_comes_back_at_recovery(tmp_path: Path,
         await c.commit(spool, [md])
 
     asyncio.run(one())
-    assert held.wait(10)
+    assert fault.held.wait(10)
     (link,) = (md / "new").iterdir()
     link.unlink()  # lost with the power
 

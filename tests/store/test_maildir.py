@@ -13,6 +13,7 @@ import pytest
 
 from mailfort.store import intents, maildir
 from mailfort.store.maildir import Committer, StorageError, maildir_for
+from tests.store.faults import AtFlush
 from tests.store.fsyncs import fsynced
 
 __all__ = ["fsynced"]
@@ -221,14 +222,7 @@ async def test_the_250_waits_for_one_flush_and_the_links_for_the_next(
     the spool empties when that flush returns. fsync mode keeps no record: its
     acknowledgement waits for the second flush."""
     release = threading.Event()
-    syncs: list[str] = []
-
-    def fault(at: str) -> None:
-        if at == "sync":
-            syncs.append(at)
-            if len(syncs) == 2:
-                assert release.wait(10)
-
+    fault = AtFlush(2, release=release)
     committer.fault = fault
     md = maildir_for(committer.data_dir / "mail", "a@d.test")
     commit = asyncio.ensure_future(store(committer, b"Subject: one\r\n\r\nflush\r\n",
@@ -242,13 +236,13 @@ async def test_the_250_waits_for_one_flush_and_the_links_for_the_next(
             assert list(committer.spool_dir.iterdir()) == []
             return
         await asyncio.wait_for(commit, 10)
-        assert len(syncs) <= 2 and not release.is_set()  # the second flush has not returned
+        assert fault.calls <= 2 and not release.is_set()  # the second flush has not returned
         assert len(list((md / "new").iterdir())) == 1
         names = sorted(p.name for p in committer.spool_dir.iterdir())
         assert len(names) == 2 and names[1].endswith(intents.SUFFIX)  # spool file + record
         release.set()
         await spool_emptied(committer)
-        assert len(syncs) == 2
+        assert fault.calls == 2
     finally:
         release.set()
         committer.fault = None
@@ -259,20 +253,12 @@ async def test_a_failed_flush_of_the_links_keeps_their_record_for_the_next(
     """The 250 is given; the links' flush fails: the record stays (recovery would replay
     it) until a later flush succeeds, here the next message's."""
     c = Committer(tmp_path)
-    syncs = 0
-
-    def fault(at: str) -> None:
-        nonlocal syncs
-        if at == "sync":
-            syncs += 1
-            if syncs == 2:
-                raise OSError(errno.EIO, "injected")
-
+    fault = AtFlush(2, error=OSError(errno.EIO, "injected"))
     c.fault = fault
     try:
         await store(c, b"Subject: 1\r\n\r\nfirst\r\n", ["a@d.test"])
         for _ in range(100):
-            if syncs >= 2:
+            if fault.calls >= 2:
                 break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
