@@ -78,7 +78,7 @@ async def test_the_gate_opens_while_the_node_is_busy_or_connections_wait() -> No
             await _until(acceptor.waiting)  # not accepted at once: the gate was closed
             assert (await asyncio.to_thread(raw.recv, 64)).startswith(b"220")  # within ticks
         await asyncio.sleep(0.4)
-        node_connections = AcceptGate.OPEN_AT  # a busy node: open without anything waiting
+        node_connections = AcceptGate.BUSY_AT  # a busy node: open without anything waiting
         await asyncio.sleep(0.05)
         greeted, w2 = await _greeted(port, 0.1)
         assert greeted

@@ -11,11 +11,12 @@ the one that served the last connection is still closing it, that is the other o
 workers take turns. Each then serves every other message with cold caches, and the node
 was measured taking 1.6 times the CPU per message of a single worker at one session (bench/
 RESULTS.md, 2026-12-06). So every worker but the first keeps its gate closed while the
-node is quiet: it opens once the node holds ``OPEN_AT`` connections or more, or once
-connections wait in a listener's queue (the first worker is busy, stuck or dead: the gate
-is also what keeps a node serving while the first worker restarts), either seen at two
-looks in a row, ``TICK`` apart; and it stays open for ``HOLD`` seconds after the last time
-it had to be.
+node is quiet. It opens at once when the node holds ``BUSY_AT`` connections or two wait
+in the listeners' queues, and when ``PRESSED_AT`` are open or one waits at
+``PRESSED_LOOKS`` looks in a row (50 ms: a lone client shows that much only for an instant,
+between closing a connection and opening the next; a first worker that is frozen or
+restarting shows it for as long as it lasts, so this is also what keeps such a node
+serving); it then stays open for ``HOLD`` seconds after the last time it had to be.
 """
 
 from __future__ import annotations
@@ -75,16 +76,17 @@ class Acceptor:
         self._gate_open = open_
         self._update()
 
-    def waiting(self) -> bool:
-        """Whether connections wait in this socket's accept queue."""
+    def waiting(self) -> int:
+        """How many connections wait in this socket's accept queue."""
         if self._closed or _TCP_INFO is None:
-            return False
+            return 0
         try:
             info = self._sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
         except OSError:
-            return False
-        return len(info) >= _TCP_INFO_UNACKED + 4 and \
-            struct.unpack_from("I", info, _TCP_INFO_UNACKED)[0] > 0
+            return 0
+        if len(info) < _TCP_INFO_UNACKED + 4:
+            return 0
+        return int(struct.unpack_from("I", info, _TCP_INFO_UNACKED)[0])
 
     def close(self) -> None:
         """Stop accepting and close this process's copy of the socket."""
@@ -143,7 +145,9 @@ class Acceptor:
 class AcceptGate:
     """Opens a worker's acceptors only while the node is busy (see the module's text)."""
 
-    OPEN_AT = 2  # open connections in the node at which this worker accepts too
+    BUSY_AT = 3  # open connections in the node at which this worker accepts too, at once
+    PRESSED_AT = 2  # ... or after ``PRESSED_LOOKS`` looks in a row with this many
+    PRESSED_LOOKS = 10  # (one client alone shows two, or one waiting, for an instant)
     HOLD = 1.0  # seconds the gate stays open after the node was last busy
     TICK = 0.005  # seconds between looks while the node has connections open
     IDLE_TICK = 0.02  # and while it has none
@@ -155,7 +159,7 @@ class AcceptGate:
         self._open_connections = open_connections
         self._loop = asyncio.get_running_loop()
         self._until = 0.0
-        self._was_busy = False
+        self._pressed = 0  # looks in a row that found the node pressed
         self._open = True
         self._timer: asyncio.TimerHandle | None = None
         self._set(False)
@@ -175,10 +179,11 @@ class AcceptGate:
     def _tick(self) -> None:
         now = self._loop.time()
         connections = self._open_connections()
-        busy = connections >= self.OPEN_AT or any(a.waiting() for a in self._acceptors)
-        if busy and self._was_busy:  # twice in a row: a connection waiting for the first
-            self._until = now + self.HOLD  # worker to wake up is no reason
-        self._was_busy = busy
+        waiting = sum(a.waiting() for a in self._acceptors)
+        pressed = connections >= self.PRESSED_AT or waiting >= 1
+        self._pressed = self._pressed + 1 if pressed else 0
+        if connections >= self.BUSY_AT or waiting >= 2 or self._pressed >= self.PRESSED_LOOKS:
+            self._until = now + self.HOLD
         self._set(now < self._until)
         delay = self.TICK if connections or self._open else self.IDLE_TICK
         self._timer = self._loop.call_later(delay, self._tick)
