@@ -32,8 +32,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailfort.store.durable import fsync_dir, make_dirs
-from mailfort.store.syncfs import SYNCFS as _SYNCFS
+from mailfort.store.durable import fsync_dir
+from mailfort.store.syncfs import SYNCFS, syncfs
 
 SUFFIX = ".links"
 _MAGIC = "mailfort-links 1"
@@ -150,8 +150,10 @@ def replay(spool_dir: Path, pattern: str = "*") -> int:
 def _syncfs(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _SYNCFS is None or _SYNCFS(fd) != 0:
-            os.sync()  # no syncfs: every file system, which includes this one
+        if SYNCFS is None:
+            os.sync()  # every file system, which includes this one
+        else:
+            syncfs(fd)
     finally:
         os.close(fd)
 
@@ -172,14 +174,13 @@ def _whole(spool: Path, entry: Entry) -> bool:
 def _relink(spool: Path, target: Path, name: str) -> bool:
     """Link ``spool`` as ``target`` unless the message (by its unique name) is already in
     that Maildir's new/ or cur/; True when a link was made."""
-    from mailfort.store.maildir import in_maildir
+    from mailfort.store.maildir import ensure_maildir, in_maildir
 
     maildir = target.parent.parent
     if target.parent.name != "new" or in_maildir(maildir, name):
         return False
     try:
-        for sub in ("tmp", "new", "cur"):
-            make_dirs(maildir / sub)
+        ensure_maildir(maildir)
         os.link(spool, target)
     except FileExistsError:
         return False

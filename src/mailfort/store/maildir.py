@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import itertools
 import logging
@@ -52,6 +51,7 @@ from mailfort.store import intents
 from mailfort.store.durable import fsync_dir, make_dirs
 from mailfort.store.shared_flush import SharedFlush
 from mailfort.store.syncfs import SYNCFS as _SYNCFS
+from mailfort.store.syncfs import syncfs
 
 # How long acknowledged links may wait for the next batch, whose first flush covers them
 # too, before the committer flushes them on its own: a little longer than a message takes
@@ -508,12 +508,7 @@ class Committer:
                 return
             d = d.parent
 
-    @staticmethod
-    def _syncfs(fd: int) -> None:
-        assert _SYNCFS is not None
-        if _SYNCFS(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+    _syncfs = staticmethod(syncfs)
 
 
 def recover_spool(spool_dir: Path, pid: int | None = None) -> int:

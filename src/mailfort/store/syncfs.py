@@ -1,10 +1,11 @@
 """``syncfs(2)``: flush one file system, found by a descriptor on it (glibc has it; Python's
-``os`` does not), or None where the C library lacks it."""
+``os`` does not). ``SYNCFS`` is None where the C library lacks it."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from collections.abc import Callable
 
 
@@ -20,3 +21,11 @@ def _load() -> Callable[[int], int] | None:
 
 
 SYNCFS = _load()
+
+
+def syncfs(fd: int) -> None:
+    """Flush the file system of ``fd``; OSError on failure (``SYNCFS`` must exist)."""
+    assert SYNCFS is not None
+    if SYNCFS(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
