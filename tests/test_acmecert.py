@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import smtplib
 import ssl
 import subprocess
@@ -99,6 +100,21 @@ def _acme_table(p: dict[str, object]) -> dict[str, object]:
             "acme_http_listen": f"127.0.0.1:{p['http_port']}"}
 
 
+def _every_thread_holds_the_supervisor_signals(pid: int) -> None:
+    """The supervisor takes its signals with sigtimedwait; a thread of it that did not
+    block them (the ACME challenge server's) would take a worker's SIGUSR2, or a SIGHUP,
+    with the default action: the node ended."""
+    held = {signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+    # Not the main thread: in sigtimedwait the kernel shows the waited signals unblocked.
+    tasks = [t for t in Path(f"/proc/{pid}/task").iterdir() if t.name != str(pid)]
+    assert tasks  # the challenge server's thread runs beside the main one
+    for task in tasks:
+        line = next(x for x in (task / "status").read_text().splitlines()
+                    if x.startswith("SigBlk:"))
+        mask = int(line.split()[1], 16)
+        assert all(mask >> (int(sig) - 1) & 1 for sig in held), (task.name, hex(mask))
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_certificate_obtained_and_served_on_starttls(pebble: dict[str, object],
                                                      workers: int) -> None:
@@ -106,7 +122,9 @@ def test_certificate_obtained_and_served_on_starttls(pebble: dict[str, object],
     try:
         config = write_config(root, int(pebble["dns_port"]),  # type: ignore[arg-type]
                               tls=_acme_table(pebble), server={"workers": workers})
-        with serving(config, root / "data"):
+        with serving(config, root / "data") as server:
+            if workers > 1:
+                _every_thread_holds_the_supervisor_signals(server.pid)
             mx = int(config_mod.load(config).listen.mx[0].rpartition(":")[2])
             ctx = ssl.create_default_context()
             ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE

@@ -410,12 +410,19 @@ def raise_file_limit(cfg: Config) -> None:
 def run(cfg: Config, reload_config: Callable[[], Config] | None = None) -> None:
     """``mailfort serve``. ``reload_config`` reads the configuration file again (SIGHUP,
     with worker processes; server/supervisor.py)."""
-    from mailfort.server.supervisor import ensure_certificate_apart, run_supervisor, worker_count
+    from mailfort.server.supervisor import (ensure_certificate_apart, hold_signals,
+                                            run_supervisor, worker_count)
 
     handler = logsetup.configure(cfg)  # [log]: text or json, stderr or a file
+    supervised = worker_count(cfg) > 1  # [server] workers: a supervisor and its workers
+    if supervised:
+        # Before Operations starts the ACME challenge thread: a thread inherits the mask,
+        # and one that does not hold the supervisor's signals would take their default
+        # action (a worker's SIGUSR2 "serving" ended the node).
+        hold_signals()
     ops = Operations(cfg, handler)  # refuses root on privileged ports before any bind
     raise_file_limit(cfg)
-    if worker_count(cfg) > 1:  # [server] workers: a supervisor and its worker processes
+    if supervised:
         raise SystemExit(run_supervisor(cfg, ops, reload_config))
     ensure_certificate_apart(cfg)  # before the loop and its threads: the node reads its record
     asyncio.run(serve(cfg, ops))

@@ -114,6 +114,13 @@ _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal
             signal.SIGUSR2}
 
 
+def hold_signals() -> None:
+    """Block the signals the supervisor takes with ``sigtimedwait``, in the calling thread
+    and so in every thread started after it: a signal sent to the process goes to any
+    thread that does not block it, and there it would take its default action."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
 def worker_count(cfg: Config) -> int:
     return cfg.server.workers or os.cpu_count() or 1
 
@@ -716,7 +723,7 @@ def run_supervisor(cfg: Config, ops: Operations,
     import mailfort.server.app  # noqa: F401 - imported once, before the forks
 
     workers = worker_count(cfg)
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    hold_signals()
     from mailfort.directory.sqlite import SQLiteDirectory
     from mailfort.server.app import directory_path
 
