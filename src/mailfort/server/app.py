@@ -410,8 +410,12 @@ def raise_file_limit(cfg: Config) -> None:
 def run(cfg: Config, reload_config: Callable[[], Config] | None = None) -> None:
     """``mailfort serve``. ``reload_config`` reads the configuration file again (SIGHUP,
     with worker processes; server/supervisor.py)."""
-    from mailfort.server.supervisor import (ensure_certificate_apart, hold_signals,
-                                            run_supervisor, worker_count)
+    from mailfort.server.supervisor import (
+        ensure_certificate_apart,
+        hold_signals,
+        run_supervisor,
+        worker_count,
+    )
 
     handler = logsetup.configure(cfg)  # [log]: text or json, stderr or a file
     supervised = worker_count(cfg) > 1  # [server] workers: a supervisor and its workers
