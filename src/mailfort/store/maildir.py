@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import itertools
 import logging
 import os
@@ -248,9 +247,6 @@ class Committer:
         # Acknowledged after one flush, their links not yet flushed (store/intents.py)
         self._linked: list[_Job] = []
         self._intents: list[Path] = []
-        # Durable, no longer needed: removed once the batch's 250s are on their way (an
-        # unlink is about 70 us here, and a 250 need not wait for it).
-        self._spent: list[Callable[[], object]] = []
         self._synced_dirs: set[Path] = set()  # fsync mode: directories known durable
         self.batches = 0
         self.messages = 0
@@ -338,7 +334,6 @@ class Committer:
                 loops.setdefault(job.loop, []).append(job)
             for loop, jobs in loops.items():
                 loop.call_soon_threadsafe(_settle_all, jobs)
-            self._remove_spent()
             flush_at = time.monotonic() + LINKS_FLUSH_DELAY
 
     def _commit_batch(self, batch: list[_Job]) -> None:
@@ -365,7 +360,7 @@ class Committer:
         intent = self._write_intent(live)
         # 1. the data of every message (its intent, and the links of the batch before)
         if self._flush(live, each_file) and self._linked:
-            self._spend_linked()
+            self._discard_linked()
         for job in live:
             if job.error is None:
                 self._link(job, dirs, foreign)
@@ -381,11 +376,11 @@ class Committer:
         self._flush(done, each_dir)  # 2. the names in new/
         self._sync_foreign([j for j in done if j.error is None], foreign)
         if intent is not None:
-            self._spent.append(functools.partial(intent.unlink, missing_ok=True))
+            intent.unlink(missing_ok=True)
         for job in batch:
             if job.error is not None:
                 _take_back(job)
-            self._spent.append(job.spool.discard)
+            job.spool.discard()
 
     def _write_intent(self, live: list[_Job]) -> Path | None:
         """The batch's link record (store/intents.py), when its 250s may follow the first
@@ -414,24 +409,20 @@ class Committer:
             log.error("flush of acknowledged messages' Maildir links failed (their link "
                       "records stay for the next flush, or for recovery): %s", exc)
             return False
-        self._spend_linked()
-        self._remove_spent()
+        self._discard_linked()
         return True
 
-    def _spend_linked(self) -> None:
-        """The links of ``_linked`` are durable: their records, then their spool files,
-        may go (a spool file left without its record is removed at recovery, as it
-        should be)."""
-        self._spent += [functools.partial(p.unlink, missing_ok=True) for p in self._intents]
-        self._spent += [job.spool.discard for job in self._linked]
+    def _discard_linked(self) -> None:
+        """The links of ``_linked`` are durable: the records first, then the spool files
+        (a spool file left without its record is removed at recovery, as it should be)."""
+        for path in self._intents:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        for job in self._linked:
+            with contextlib.suppress(OSError):
+                job.spool.discard()
         self._intents.clear()
         self._linked.clear()
-
-    def _remove_spent(self) -> None:
-        for remove in self._spent:
-            with contextlib.suppress(OSError):
-                remove()
-        self._spent.clear()
 
     def _flush(self, jobs: list[_Job], one_by_one: Callable[[], None]) -> bool:
         """One syncfs for the whole batch, or ``one_by_one`` where there is none; a failure
