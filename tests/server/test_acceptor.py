@@ -79,7 +79,7 @@ async def test_the_gate_opens_while_the_node_is_busy_or_connections_wait() -> No
             assert (await asyncio.to_thread(raw.recv, 64)).startswith(b"220")  # within ticks
         await asyncio.sleep(0.4)
         node_connections = AcceptGate.BUSY_AT  # a busy node: open without anything waiting
-        await asyncio.sleep(0.05)
+        await _until(lambda: acceptor.gate_open)  # at the next look, nothing waiting
         greeted, w2 = await _greeted(port, 0.1)
         assert greeted
         w2.close()

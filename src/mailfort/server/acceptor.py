@@ -11,12 +11,18 @@ the one that served the last connection is still closing it, that is the other o
 workers take turns. Each then serves every other message with cold caches, and the node
 was measured taking 1.6 times the CPU per message of a single worker at one session (bench/
 RESULTS.md, 2026-12-06). So every worker but the first keeps its gate closed while the
-node is quiet. It opens at once when the node holds ``BUSY_AT`` connections or two wait
-in the listeners' queues, and when ``PRESSED_AT`` are open or one waits at
-``PRESSED_LOOKS`` looks in a row (50 ms: a lone client shows that much only for an instant,
-between closing a connection and opening the next; a first worker that is frozen or
-restarting shows it for as long as it lasts, so this is also what keeps such a node
-serving); it then stays open for ``HOLD`` seconds after the last time it had to be.
+node is quiet. It opens at the first look that finds the node holding ``BUSY_AT``
+connections or two waiting in the listeners' queues, and when ``PRESSED_AT`` are open or
+one waits at ``PRESSED_LOOKS`` looks in a row (100 ms: a lone client shows that much only
+for an instant, between closing a connection and opening the next; a first worker that is
+frozen or restarting shows it for as long as it lasts, so this is also what keeps such a
+node serving); it then stays open for ``HOLD`` seconds after the last time it had to be.
+
+The looks are few on purpose: a look is a wake-up of an otherwise idle process, and at
+5 ms apart (200 a second while a lone client was served) they cost that client about 7 %
+of its rate on two cores (bench/RESULTS.md, 2026-12-06, third session). A load that
+arrives at once waits at most one ``TICK`` for the second worker; the first serves it
+meanwhile.
 """
 
 from __future__ import annotations
@@ -77,6 +83,10 @@ class Acceptor:
     @property
     def sockets(self) -> list[socket.socket]:
         return [] if self._closed else [self._sock]
+
+    @property
+    def gate_open(self) -> bool:
+        return self._gate_open
 
     def set_gate(self, open_: bool) -> None:
         self._gate_open = open_
@@ -160,10 +170,10 @@ class AcceptGate:
 
     BUSY_AT = 3  # open connections in the node at which this worker accepts too, at once
     PRESSED_AT = 2  # ... or after ``PRESSED_LOOKS`` looks in a row with this many
-    PRESSED_LOOKS = 10  # (one client alone shows two, or one waiting, for an instant)
+    PRESSED_LOOKS = 4  # (one client alone shows two, or one waiting, for an instant)
     HOLD = 1.0  # seconds the gate stays open after the node was last busy
-    TICK = 0.005  # seconds between looks while the node has connections open
-    IDLE_TICK = 0.02  # and while it has none
+    TICK = 0.025  # seconds between looks while the node has connections open
+    IDLE_TICK = 0.1  # and while it has none
 
     def __init__(self, acceptors: list[Acceptor], open_connections: Callable[[], int]) -> None:
         """``open_connections``: the node's, over every worker (the shared connection

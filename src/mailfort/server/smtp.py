@@ -577,11 +577,9 @@ class SMTPSession(EngineSession):
         ident = spool.name.split(".")[1]
         accepted = Reply(250, "2.0.0", f"OK queued as {ident}")
         engine.decide(accepted)
-        # Logged right after the 250 is written (when this task ends), not before it: the
-        # client's next step waits for the reply, not for the log line.
-        asyncio.get_running_loop().call_soon(
-            decisionlog.accept, self.peer_ip, accepted, env.sender or "",
-            len(env.local) + len(env.remote), spool.size, self.tls_info.partition(" ")[0])
+        decisionlog.accept(self.peer_ip, accepted, env.sender or "",
+                           len(env.local) + len(env.remote), spool.size,
+                           tls=self.tls_info.partition(" ")[0])
         if self.service.submission is not None and engine.authenticated_as is not None:
             await self.service.submission.message_accepted(engine.authenticated_as)
         if env.remote and svc.queued is not None:
