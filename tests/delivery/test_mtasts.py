@@ -61,6 +61,9 @@ async def test_enforce_delivers_to_matching_mx_with_valid_certificate(
     await _send(w)
     await wait_for(lambda: len(rx.messages) == 1)
     assert rx.messages[0].tls and https.requests == 1
+    # The success is recorded once the receiver's 250 is in, which the receiver sends after
+    # it holds the message: wait for the record too.
+    await wait_for(lambda: len(events(cfg)) >= 1)
     (ev,) = events(cfg)
     assert (ev["result"], ev["policy_type"], ev["domain"]) == ("success", "sts", "remote.test")
 
