@@ -68,6 +68,23 @@ def test_snapshot_orders_by_time_and_close_moves_new_to_cur(maildir: Path) -> No
         "1700000002.M1P1Q2.host:2,"]
 
 
+def test_snapshot_orders_within_a_second_by_the_microseconds(tmp_path: Path) -> None:
+    """Unique names carry the microseconds unpadded: compared as text, the later M120456
+    would come before M95123 (two messages received in the same second)."""
+    md = tmp_path / "md"
+    deliver(md, "1700000005.M120456P7Q2.host", b"Subject: later\r\n\r\n")
+    deliver(md, "1700000005.M95123P7Q1.host", b"Subject: earlier\r\n\r\n")
+    deliver(md, "1700000005.M9P7Q0.host", b"Subject: first\r\n\r\n")
+    deliver(md, "1700000004.M999999P7Q9.host", b"Subject: the second before\r\n\r\n")
+    box = POP3Mailbox.open(md)
+    try:
+        assert [m.uid for m in box.messages] == [
+            "1700000004.M999999P7Q9.host", "1700000005.M9P7Q0.host",
+            "1700000005.M95123P7Q1.host", "1700000005.M120456P7Q2.host"]
+    finally:
+        box.close()
+
+
 def test_sizes_from_maildir_plus_plus_names(tmp_path: Path) -> None:
     md = tmp_path / "md"
     for sub in ("tmp", "new", "cur"):

@@ -49,6 +49,7 @@ from mailfort.store.durable import fsync_dir, rename_no_replace
 CHUNK = 64 * 1024
 LOCK_NAME = "mailfort-pop3.lock"
 _UID_OK = re.compile(r"[\x21-\x7e]{1,70}")
+_MICRO = re.compile(r"M([0-9]{1,6})(?![0-9])")
 _W_FIELD = re.compile(r",W=([0-9]{1,20})(?=,|$)")
 FLAG_BATCH = 64  # retrieved messages renamed (S flag) per background job
 
@@ -74,10 +75,14 @@ def uid_for(name: str) -> str:
     return "h" + hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
-def _delivery_time(unique: str) -> int:
-    """The seconds at the start of a Maildir unique name, 0 if it has none (sorts first)."""
-    head = unique.partition(".")[0]
-    return int(head) if head.isascii() and head.isdigit() and len(head) <= 20 else 0
+def _delivery_time(unique: str) -> tuple[int, int]:
+    """The seconds and microseconds at the start of a Maildir unique name
+    (``<seconds>.M<microseconds>...``), 0 where it has none (sorts first). The microseconds
+    are compared as numbers: as text, ``M120456`` would sort before ``M95123``."""
+    head, _, rest = unique.partition(".")
+    seconds = int(head) if head.isascii() and head.isdigit() and len(head) <= 20 else 0
+    micro = _MICRO.match(rest)
+    return seconds, int(micro[1]) if micro is not None else 0
 
 
 _flag_pool: ThreadPoolExecutor | None = None
@@ -223,7 +228,7 @@ class POP3Mailbox:
         Nothing is renamed here, so a login costs a directory listing, not a rename per
         message. A login lists thousands of names, hence plain strings and one pass.
         """
-        found: list[tuple[int, str, str, str]] = []  # (time, unique, name, folder)
+        found: list[tuple[tuple[int, int], str, str, str]] = []  # (time, unique, name, folder)
         for sub in ("new", "cur"):
             folder = f"{maildir}/{sub}"
             with os.scandir(folder) as it:
