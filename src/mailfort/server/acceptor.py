@@ -20,11 +20,9 @@ node serving); it then stays open for ``HOLD`` seconds after the last time it ha
 
 The looks are few on purpose: a look is a wake-up of an otherwise idle process, and at
 5 ms apart (200 a second while a lone client was served) they cost that client about 7 %
-of its rate on two cores (bench/RESULTS.md, 2026-12-06, third session). So a node with
-one connection and nothing waiting is looked at every ``IDLE_TICK``, as an empty one; a
-look that finds it pressed, or an open gate, brings the next after ``TICK``. A load that
-arrives on a quiet node waits at most one ``IDLE_TICK`` for the second worker; the first
-serves it meanwhile.
+of its rate on two cores (bench/RESULTS.md, 2026-12-06, third session). A load that
+arrives at once waits at most one ``TICK`` for the second worker; the first serves it
+meanwhile.
 """
 
 from __future__ import annotations
@@ -174,8 +172,8 @@ class AcceptGate:
     PRESSED_AT = 2  # ... or after ``PRESSED_LOOKS`` looks in a row with this many
     PRESSED_LOOKS = 4  # (one client alone shows two, or one waiting, for an instant)
     HOLD = 1.0  # seconds the gate stays open after the node was last busy
-    TICK = 0.025  # seconds between looks while the node is pressed, or this gate open
-    IDLE_TICK = 0.1  # and otherwise
+    TICK = 0.025  # seconds between looks while the node has connections open
+    IDLE_TICK = 0.1  # and while it has none
 
     def __init__(self, acceptors: list[Acceptor], open_connections: Callable[[], int]) -> None:
         """``open_connections``: the node's, over every worker (the shared connection
@@ -210,7 +208,5 @@ class AcceptGate:
         if connections >= self.BUSY_AT or waiting >= 2 or self._pressed >= self.PRESSED_LOOKS:
             self._until = now + self.HOLD
         self._set(now < self._until)
-        # A lone client (one connection, nothing waiting) is looked at as seldom as an empty
-        # node: only what may be pressure is looked at again soon.
-        delay = self.TICK if pressed or self._open else self.IDLE_TICK
+        delay = self.TICK if connections or self._open else self.IDLE_TICK
         self._timer = self._loop.call_later(delay, self._tick)
