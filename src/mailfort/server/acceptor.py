@@ -21,8 +21,8 @@ node serving); it then stays open for ``HOLD`` seconds after the last time it ha
 The looks are few on purpose: a look is a wake-up of an otherwise idle process, and at
 5 ms apart (200 a second while a lone client was served) they cost that client about 7 %
 of its rate on two cores (bench/RESULTS.md, 2026-12-06, third session). A load that
-arrives at once waits at most one ``TICK`` for the second worker; the first serves it
-meanwhile.
+arrives on an empty node waits at most one ``IDLE_TICK`` for the second worker; the first
+serves it meanwhile.
 """
 
 from __future__ import annotations
