@@ -160,8 +160,13 @@ class SubmissionConfig:
 
 @dataclass(frozen=True)
 class RelayConfig:
-    # Networks allowed to relay without AUTH. Empty by default; 0.0.0.0/0 and ::/0 are refused.
+    # Networks allowed to relay without AUTH. Empty by default. Only private, loopback and
+    # link-local space (10/8, 172.16/12, 192.168/16, 127/8, 169.254/16, fc00::/7, fe80::/10,
+    # ::1), written without host bits; 0.0.0.0/0 and ::/0 are refused.
     trusted_networks: list[str] = field(default_factory=list)
+    # Public networks of trusted_networks, named a second time: trusted all the same (a
+    # typo such as 11.0.0.0/8 for 10.0.0.0/8 is refused, not trusted).
+    i_know_these_are_public: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -466,17 +471,7 @@ def validate(cfg: Config) -> Config:
     for name in ("mx", "submission", "submissions", "pop3", "pop3s"):
         for i, hp in enumerate(getattr(cfg.listen, name)):
             _check_hostport(f"listen.{name}[{i}]", hp)
-    for i, net in enumerate(cfg.relay.trusted_networks):
-        key = f"relay.trusted_networks[{i}]"
-        try:
-            n = ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            raise ConfigError(f"{key}: {net!r} is not a network (e.g. 192.0.2.0/24)") from None
-        if n.prefixlen < (8 if n.version == 4 else 32):
-            raise ConfigError(
-                f"{key}: {net} would make this server an open relay; "
-                "list only the networks of your own hosts"
-            )
+    _validate_relay(cfg.relay)
     lim = cfg.limits
     for k in ("max_message_size", "max_recipients", "max_errors", "max_received_headers",
               "max_connections", "max_connections_per_ip"):
@@ -543,6 +538,65 @@ def validate(cfg: Config) -> Config:
     _validate_operations(cfg)
     _validate_counters(cfg.counters)
     return cfg
+
+
+# Address space no stranger on the Internet sends from: private (RFC 1918, RFC 4193),
+# loopback and link-local. Not 100.64.0.0/10 (RFC 6598): a carrier shares it among all its
+# customers behind one NAT, so trusting it trusts them. Nor documentation or NAT64 space.
+_OWN_V4 = tuple(ipaddress.IPv4Network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16"))
+_OWN_V6 = tuple(ipaddress.IPv6Network(n) for n in ("fc00::/7", "fe80::/10", "::1/128"))
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _relay_network(key: str, net: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``net`` parsed; one too large to be anyone's own is refused, and so are host bits
+    (``10.0.0.1/8`` is a typo, or a host meant as /32: either way not what the operator
+    believes is trusted)."""
+    try:
+        loose = ipaddress.ip_network(net, strict=False)
+    except ValueError:
+        raise ConfigError(f"{key}: {net!r} is not a network (e.g. 192.168.1.0/24)") from None
+    if loose.prefixlen < (8 if loose.version == 4 else 32) and _is_public(loose):
+        raise ConfigError(f"{key}: {net} would make this server an open relay; "
+                          "list only the networks of your own hosts")
+    try:
+        return ipaddress.ip_network(net, strict=True)
+    except ValueError:
+        host = net.split("/", 1)[0]
+        raise ConfigError(f"{key}: {net} has host bits set; did you mean {loose} "
+                          f"(or {host}/{loose.max_prefixlen} for that host alone)?") from None
+
+
+def _is_public(n: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """Whether any address of ``n`` lies outside private, loopback and link-local space
+    (an IPv4-mapped IPv6 network is judged by its IPv4 addresses)."""
+    if isinstance(n, ipaddress.IPv6Network):
+        if not n.subnet_of(_V4_MAPPED):
+            return not any(n.subnet_of(own) for own in _OWN_V6)
+        n = ipaddress.IPv4Network((int(n.network_address) & 0xFFFFFFFF, n.prefixlen - 96))
+    return not any(n.subnet_of(own) for own in _OWN_V4)
+
+
+def _validate_relay(relay: RelayConfig) -> None:
+    """The open-relay guard: only our own (non-public) networks relay without AUTH,
+    unless a public one is named twice, and never one too large to be anyone's own."""
+    trusted = [_relay_network(f"relay.trusted_networks[{i}]", net)
+               for i, net in enumerate(relay.trusted_networks)]
+    public = set()
+    for i, net in enumerate(relay.i_know_these_are_public):
+        n = _relay_network(f"relay.i_know_these_are_public[{i}]", net)
+        if n not in trusted:
+            raise ConfigError(f"relay.i_know_these_are_public[{i}]: {net} is not in "
+                              "relay.trusted_networks (name each public entry as written there)")
+        public.add(n)
+    for i, (net, n) in enumerate(zip(relay.trusted_networks, trusted, strict=True)):
+        key = f"relay.trusted_networks[{i}]"
+        if _is_public(n) and n not in public:
+            raise ConfigError(
+                f"{key}: {net} is public address space (not private, loopback or link-local):"
+                " every host in it could relay through this server; list only your own "
+                "networks, or name it in relay.i_know_these_are_public if you mean it")
 
 
 _PG_URL = re.compile(r"postgres(?:ql)?://(?P<auth>[^@/]*@)?[^/]*(?:/[^?#]*)?(?:\?.*)?")
