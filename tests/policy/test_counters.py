@@ -1,12 +1,23 @@
-"""MemoryCounters with a fake clock: windows, expiry, reset and the key bound."""
+"""MemoryCounters with a fake clock: windows, expiry, reset and the key bound; the atomic
+reserve-and-release of every store on this machine."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from mailfort.policy.counters import CounterStore, MemoryCounters, client_key
+from mailfort.policy.counters import (
+    CounterStore,
+    CountersUnavailable,
+    FallbackCounters,
+    MemoryCounters,
+    as_async,
+    client_key,
+)
+from mailfort.policy.shared_counters import SQLiteCounters
 
 
 class Clock:
@@ -101,3 +112,70 @@ def test_entries_lists_live_keys_under_a_prefix_with_their_time_left() -> None:
     assert [e.ttl for e in got] == [pytest.approx(55), pytest.approx(5)]
     clock.now += 5  # the second one has expired
     assert [e.key for e in c.entries("auth-block:")] == ["auth-block:ip:192.0.2.1"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp, clock: MemoryCounters(clock=clock),
+    lambda tmp, clock: SQLiteCounters(tmp / "s.sqlite3", clock=clock),
+], ids=["memory", "sqlite"])
+def test_reserve_takes_one_only_under_the_limit_and_release_gives_it_back(
+        tmp_path: Path, make: Callable[[Path, Clock], CounterStore]) -> None:
+    """The check and the count in one step, so that no two callers both take the last one
+    (issue 24: parallel sessions each read 'under the limit' and all sent)."""
+    clock = Clock()
+    c = make(tmp_path, clock)
+    assert [c.reserve("k", 3, 10) for _ in range(5)] == [True, True, True, False, False]
+    assert c.get("k") == 3
+    c.release("k")
+    assert c.get("k") == 2
+    assert c.reserve("k", 3, 10) and not c.reserve("k", 3, 10)
+    clock.now += 10  # the window ends: a new one, and a release now takes nothing from it
+    c.release("k")
+    assert c.get("k") == 0
+    assert c.reserve("k", 3, 10) and c.get("k") == 1
+    c.release("gone")
+    assert c.get("gone") == 0
+    assert not c.reserve("zero", 0, 10) and c.get("zero") == 0
+    with pytest.raises(ValueError):
+        c.reserve("k", 3, 0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: MemoryCounters(), lambda tmp: SQLiteCounters(tmp / "s.sqlite3"),
+], ids=["memory", "sqlite"])
+def test_reserve_from_many_threads_never_passes_the_limit(
+        tmp_path: Path, make: Callable[[Path], CounterStore]) -> None:
+    c = make(tmp_path)
+    barrier = threading.Barrier(8)
+    taken: list[bool] = []
+
+    def work() -> None:
+        barrier.wait(timeout=10)
+        taken.extend([c.reserve("shared", 30, 60) for _ in range(20)])
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert taken.count(True) == 30 and c.get("shared") == 30
+
+
+async def test_local_and_fallback_counters_reserve_and_release() -> None:
+    store = MemoryCounters()
+    local = as_async(store)
+    assert await local.reserve("k", 1, 60) and not await local.reserve("k", 1, 60)
+    await local.release("k")
+    assert store.get("k") == 0
+
+    class Down:
+        async def reserve(self, key: str, limit: int, window: float) -> bool:
+            raise CountersUnavailable("down")
+
+        async def release(self, key: str) -> None:
+            raise CountersUnavailable("down")
+
+    fallback = FallbackCounters(Down(), store)  # type: ignore[arg-type]
+    assert await fallback.reserve("k", 1, 60) and not await fallback.reserve("k", 1, 60)
+    await fallback.release("k")
+    assert store.get("k") == 0

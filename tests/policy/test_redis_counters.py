@@ -121,3 +121,24 @@ async def test_a_password_from_the_environment_reaches_redis(
         await wrong.aclose()  # type: ignore[attr-defined]
     finally:
         server.cleanup()
+
+
+async def test_reserve_is_atomic_across_nodes(redis_server: Any) -> None:
+    """Two nodes reserving at once: exactly the limit is taken, in one window; a release
+    gives one back and never takes the count below zero."""
+    a = RedisCounters(connect(redis_server.url, None), prefix="t:")
+    b = RedisCounters(connect(redis_server.url, None), prefix="t:")
+    try:
+        taken = await asyncio.gather(*(c.reserve("sent", 30, 60) for _ in range(50)
+                                       for c in (a, b)))
+        assert taken.count(True) == 30 and await a.get("sent") == 30
+        assert 0 < await a.client.pttl("t:sent") <= 60_000
+        await b.release("sent")
+        assert await a.get("sent") == 29
+        assert await a.reserve("sent", 30, 60) and not await b.reserve("sent", 30, 60)
+        await a.release("absent")
+        assert await a.client.get("t:absent") is None
+        assert not await a.reserve("zero", 0, 60)
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -87,3 +87,29 @@ def test_entries_lists_live_keys_under_a_prefix(tmp_path: Path) -> None:
     clock.now += 30  # the second has expired
     assert c.entries("block:") == [Entry("block:127.0.0.5", 1, 840.0)]
     assert c.entries("block:%") == []  # the prefix is text, not a pattern
+
+
+def test_processes_reserving_at_once_take_exactly_the_limit(tmp_path: Path) -> None:
+    """Two workers reserving the last places of one key: together never past the limit."""
+    path = tmp_path / "s.sqlite3"
+    SQLiteCounters(path).close()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read)
+            other = SQLiteCounters(path)
+            taken = sum(other.reserve("sent", 150, 60) for _ in range(200))
+            os.write(write, str(taken).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    mine = SQLiteCounters(path)
+    taken = sum(mine.reserve("sent", 150, 60) for _ in range(200))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with os.fdopen(read) as f:
+        assert taken + int(f.read()) == 150
+    assert mine.get("sent") == 150

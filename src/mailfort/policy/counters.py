@@ -8,7 +8,10 @@ embedded ``MemoryCounters``, or any other ``CounterStore``) answers at once and 
 through ``LocalCounters``; ``as_async`` takes either kind. A remote store that cannot be
 reached raises ``CountersUnavailable``: each caller decides what that means for it (the
 authenticator refuses logins for the time being, throttles fall back to this node's own
-counts: see ``FallbackCounters``). ``client_key`` is the one rule by which a client
+counts: see ``FallbackCounters``). A limit that parallel sessions share is taken with
+``reserve`` (the check and the count in one atomic step) and given back with ``release``:
+reading the count and adding to it later lets N sessions that read at once all pass.
+``client_key`` is the one rule by which a client
 address is counted, by the connection limits and by the brute-force protection alike.
 """
 
@@ -62,6 +65,14 @@ class CounterStore(Protocol):
     def get(self, key: str) -> int:
         """The current count, 0 when absent or expired."""
 
+    def reserve(self, key: str, limit: int, window: float) -> bool:
+        """Add one if the count is below ``limit`` (window as for ``incr``), in one atomic
+        step: whether it was added. Any number of callers at once take at most ``limit``."""
+
+    def release(self, key: str) -> None:
+        """Take back one ``reserve``: subtract one from a live count above zero (nothing
+        once the window has ended: the new window owes the old one nothing)."""
+
     def reset(self, key: str) -> None:
         """Forget the key."""
 
@@ -75,6 +86,10 @@ class Counters(Protocol):
     async def incr(self, key: str, window: float) -> int: ...
 
     async def get(self, key: str) -> int: ...
+
+    async def reserve(self, key: str, limit: int, window: float) -> bool: ...
+
+    async def release(self, key: str) -> None: ...
 
     async def reset(self, key: str) -> None: ...
 
@@ -92,6 +107,12 @@ class LocalCounters:
 
     async def get(self, key: str) -> int:
         return self.store.get(key)
+
+    async def reserve(self, key: str, limit: int, window: float) -> bool:
+        return self.store.reserve(key, limit, window)
+
+    async def release(self, key: str) -> None:
+        self.store.release(key)
 
     async def reset(self, key: str) -> None:
         self.store.reset(key)
@@ -132,6 +153,20 @@ class FallbackCounters:
         except CountersUnavailable:
             return self.local.get(key)
 
+    async def reserve(self, key: str, limit: int, window: float) -> bool:
+        try:
+            return await self.shared.reserve(key, limit, window)
+        except CountersUnavailable:
+            return self.local.reserve(key, limit, window)
+
+    async def release(self, key: str) -> None:
+        """Given back where it can be: a place taken locally during an outage and given
+        back once the store is back frees one shared place (an outage allows more anyway)."""
+        try:
+            await self.shared.release(key)
+        except CountersUnavailable:
+            self.local.release(key)
+
     async def reset(self, key: str) -> None:
         self.local.reset(key)
         await self.shared.reset(key)
@@ -163,15 +198,38 @@ class MemoryCounters:
             raise ValueError("window must be positive")
         now = self._clock()
         with self._lock:
+            return self._incr_locked(key, window, now)
+
+    def _incr_locked(self, key: str, window: float, now: float) -> int:
+        entry = self._data.get(key)
+        if entry is None or entry[1] <= now:
+            if entry is None and len(self._data) >= self._max_keys:
+                self._make_room(now)
+            self._data[key] = (1, now + window)
+            return 1
+        count = entry[0] + 1
+        self._data[key] = (count, entry[1])
+        return count
+
+    def reserve(self, key: str, limit: int, window: float) -> bool:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        if limit <= 0:
+            return False
+        now = self._clock()
+        with self._lock:  # the check and the count under one hold of the lock
             entry = self._data.get(key)
-            if entry is None or entry[1] <= now:
-                if entry is None and len(self._data) >= self._max_keys:
-                    self._make_room(now)
-                self._data[key] = (1, now + window)
-                return 1
-            count = entry[0] + 1
-            self._data[key] = (count, entry[1])
-            return count
+            if entry is not None and entry[1] > now and entry[0] >= limit:
+                return False
+            self._incr_locked(key, window, now)
+            return True
+
+    def release(self, key: str) -> None:
+        now = self._clock()
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is not None and entry[1] > now and entry[0] > 0:
+                self._data[key] = (entry[0] - 1, entry[1])
 
     def get(self, key: str) -> int:
         now = self._clock()

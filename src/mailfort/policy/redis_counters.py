@@ -3,13 +3,16 @@
 The semantics are ``MemoryCounters``' (fixed windows): ``incr`` is INCR, and PEXPIRE when
 the key has no expiry yet, in one Lua script, so the two are atomic (a node dying between
 them cannot leave a key that never expires, and two nodes racing on a new key give it one
-window). Every key is under ``prefix`` so one Redis can serve other things too.
+window). ``reserve`` (the count compared with the limit, then INCR) and ``release`` (DECR of
+a live count above zero) are Lua scripts too: Redis runs a script whole, so any number of
+nodes reserving at once take at most the limit. Every key is under ``prefix`` so one Redis
+can serve other things too.
 
 When Redis cannot be reached, each operation raises ``CountersUnavailable`` at once rather
 than waiting on the network: after a failure, Redis is tried again at most every
 ``RETRY_EVERY`` seconds (redis-py reconnects by itself on that next try). The change of
-state is logged once each way, never per call. What a caller does without the shared
-counts is its own decision (see policy/authn.py and ``FallbackCounters``).
+state is logged once each way, never per call. What a caller does without the shared counts
+is its own decision (see policy/authn.py and ``FallbackCounters``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,22 @@ _INCR = """
 local n = redis.call('INCR', KEYS[1])
 if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n
+"""
+
+# KEYS[1]: the key; ARGV[1]: the window in ms; ARGV[2]: the limit. 1: taken, 0: at the limit.
+_RESERVE = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[2]) then return 0 end
+redis.call('INCR', KEYS[1])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# An expired key is absent: nothing to give back to a window that has ended.
+_RELEASE = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n > 0 then redis.call('DECR', KEYS[1]) end
+return 0
 """
 
 
@@ -56,6 +75,8 @@ class RedisCounters:
         self._down_since: float | None = None
         self._next_try = 0.0
         self._incr = client.register_script(_INCR)
+        self._reserve = client.register_script(_RESERVE)
+        self._release = client.register_script(_RELEASE)
 
     @property
     def available(self) -> bool:
@@ -88,6 +109,18 @@ class RedisCounters:
             raise ValueError("window must be positive")
         ms = max(1, int(window * 1000))
         return int(await self._call("incr", self._incr, keys=[self.prefix + key], args=[ms]))
+
+    async def reserve(self, key: str, limit: int, window: float) -> bool:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        if limit <= 0:
+            return False
+        ms = max(1, int(window * 1000))
+        return bool(await self._call("reserve", self._reserve, keys=[self.prefix + key],
+                                     args=[ms, limit]))
+
+    async def release(self, key: str) -> None:
+        await self._call("release", self._release, keys=[self.prefix + key], args=[])
 
     async def get(self, key: str) -> int:
         value = await self._call("get", self.client.get, self.prefix + key)

@@ -4,9 +4,11 @@ With ``[server] workers`` above 1 each worker has its own event loop and memory,
 in-process ``MemoryCounters`` would give a password guesser (or a sender over its hourly
 quota) N times the allowance by landing on N workers. ``SQLiteCounters`` keeps the same
 fixed-window semantics in one file in the data directory: each operation is one short
-statement (an UPSERT with RETURNING for ``incr``), so a worker holds the write lock for
-microseconds. The counts need not survive a crash of the machine (a lost brute-force count
-after a power cut is harmless), so the file is not fsynced (``synchronous = OFF``).
+statement (an UPSERT with RETURNING for ``incr``; for ``reserve`` the same UPSERT whose
+update is conditional on the limit, so the check and the count are one write under SQLite's
+lock, whichever process asks), so a worker holds the write lock for microseconds. The counts
+need not survive a crash of the machine (a lost brute-force count after a power cut is
+harmless), so the file is not fsynced (``synchronous = OFF``).
 """
 
 from __future__ import annotations
@@ -58,10 +60,7 @@ class SQLiteCounters:
             raise ValueError("window must be positive")
         now = self._clock()
         with self._lock:
-            self._since_sweep += 1
-            if self._since_sweep >= self._sweep_every:
-                self._since_sweep = 0
-                self._sweep(now)
+            self._maybe_sweep(now)
             row = self._conn.execute(
                 "INSERT INTO counters(key, count, expires) VALUES (?1, 1, ?2 + ?3) "
                 "ON CONFLICT(key) DO UPDATE SET "
@@ -69,6 +68,31 @@ class SQLiteCounters:
                 "expires = CASE WHEN expires <= ?2 THEN ?2 + ?3 ELSE expires END "
                 "RETURNING count", (key, now, window)).fetchone()
         return int(row[0])
+
+    def reserve(self, key: str, limit: int, window: float) -> bool:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        if limit <= 0:
+            return False
+        now = self._clock()
+        with self._lock:
+            self._maybe_sweep(now)
+            # A live row at the limit is left alone: DO UPDATE ... WHERE is false, and
+            # RETURNING gives no row. One statement: no other process runs between.
+            row = self._conn.execute(
+                "INSERT INTO counters(key, count, expires) VALUES (?1, 1, ?2 + ?3) "
+                "ON CONFLICT(key) DO UPDATE SET "
+                "count = CASE WHEN expires <= ?2 THEN 1 ELSE count + 1 END, "
+                "expires = CASE WHEN expires <= ?2 THEN ?2 + ?3 ELSE expires END "
+                "WHERE expires <= ?2 OR count < ?4 "
+                "RETURNING count", (key, now, window, limit)).fetchone()
+        return row is not None
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE counters SET count = count - 1 "
+                "WHERE key = ? AND expires > ? AND count > 0", (key, self._clock()))
 
     def get(self, key: str) -> int:
         with self._lock:
@@ -101,6 +125,13 @@ class SQLiteCounters:
     def __len__(self) -> int:
         with self._lock:
             return int(self._conn.execute("SELECT count(*) FROM counters").fetchone()[0])
+
+    def _maybe_sweep(self, now: float) -> None:
+        """Called with the lock held before a write that may add a key."""
+        self._since_sweep += 1
+        if self._since_sweep >= self._sweep_every:
+            self._since_sweep = 0
+            self._sweep(now)
 
     def _sweep(self, now: float) -> None:
         """Called with the lock held: drop expired keys, then a tenth if still too many."""
