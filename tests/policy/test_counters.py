@@ -133,6 +133,11 @@ def test_reserve_takes_one_only_under_the_limit_and_release_gives_it_back(
     c.release("k")
     assert c.get("k") == 0
     assert c.reserve("k", 3, 10) and c.get("k") == 1
+    assert c.reserve("k", 3, 10) and c.reserve("k", 3, 10)
+    c.release("k", 2)
+    assert c.get("k") == 1
+    c.release("k", 5)  # never below zero
+    assert c.get("k") == 0
     c.release("gone")
     assert c.get("gone") == 0
     assert not c.reserve("zero", 0, 10) and c.get("zero") == 0
@@ -172,7 +177,7 @@ async def test_local_and_fallback_counters_reserve_and_release() -> None:
         async def reserve(self, key: str, limit: int, window: float) -> bool:
             raise CountersUnavailable("down")
 
-        async def release(self, key: str) -> None:
+        async def release(self, key: str, amount: int = 1) -> None:
             raise CountersUnavailable("down")
 
     fallback = FallbackCounters(Down(), store)  # type: ignore[arg-type]

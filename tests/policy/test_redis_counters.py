@@ -136,6 +136,10 @@ async def test_reserve_is_atomic_across_nodes(redis_server: Any) -> None:
         await b.release("sent")
         assert await a.get("sent") == 29
         assert await a.reserve("sent", 30, 60) and not await b.reserve("sent", 30, 60)
+        await a.release("sent", 3)
+        assert await a.get("sent") == 27
+        await a.release("sent", 100)  # never below zero, the window kept
+        assert await a.get("sent") == 0 and await a.client.pttl("t:sent") > 0
         await a.release("absent")
         assert await a.client.get("t:absent") is None
         assert not await a.reserve("zero", 0, 60)

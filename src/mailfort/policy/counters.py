@@ -69,9 +69,9 @@ class CounterStore(Protocol):
         """Add one if the count is below ``limit`` (window as for ``incr``), in one atomic
         step: whether it was added. Any number of callers at once take at most ``limit``."""
 
-    def release(self, key: str) -> None:
-        """Take back one ``reserve``: subtract one from a live count above zero (nothing
-        once the window has ended: the new window owes the old one nothing)."""
+    def release(self, key: str, amount: int = 1) -> None:
+        """Take back ``amount`` reservations: subtract them from a live count, never below
+        zero (nothing once the window has ended: the new window owes the old one nothing)."""
 
     def reset(self, key: str) -> None:
         """Forget the key."""
@@ -89,7 +89,7 @@ class Counters(Protocol):
 
     async def reserve(self, key: str, limit: int, window: float) -> bool: ...
 
-    async def release(self, key: str) -> None: ...
+    async def release(self, key: str, amount: int = 1) -> None: ...
 
     async def reset(self, key: str) -> None: ...
 
@@ -111,8 +111,8 @@ class LocalCounters:
     async def reserve(self, key: str, limit: int, window: float) -> bool:
         return self.store.reserve(key, limit, window)
 
-    async def release(self, key: str) -> None:
-        self.store.release(key)
+    async def release(self, key: str, amount: int = 1) -> None:
+        self.store.release(key, amount)
 
     async def reset(self, key: str) -> None:
         self.store.reset(key)
@@ -159,13 +159,13 @@ class FallbackCounters:
         except CountersUnavailable:
             return self.local.reserve(key, limit, window)
 
-    async def release(self, key: str) -> None:
+    async def release(self, key: str, amount: int = 1) -> None:
         """Given back where it can be: a place taken locally during an outage and given
         back once the store is back frees one shared place (an outage allows more anyway)."""
         try:
-            await self.shared.release(key)
+            await self.shared.release(key, amount)
         except CountersUnavailable:
-            self.local.release(key)
+            self.local.release(key, amount)
 
     async def reset(self, key: str) -> None:
         self.local.reset(key)
@@ -224,12 +224,12 @@ class MemoryCounters:
             self._incr_locked(key, window, now)
             return True
 
-    def release(self, key: str) -> None:
+    def release(self, key: str, amount: int = 1) -> None:
         now = self._clock()
         with self._lock:
             entry = self._data.get(key)
-            if entry is not None and entry[1] > now and entry[0] > 0:
-                self._data[key] = (entry[0] - 1, entry[1])
+            if entry is not None and entry[1] > now and amount > 0:
+                self._data[key] = (max(0, entry[0] - amount), entry[1])
 
     def get(self, key: str) -> int:
         now = self._clock()

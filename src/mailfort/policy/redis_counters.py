@@ -44,10 +44,12 @@ if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) 
 return 1
 """
 
-# An expired key is absent: nothing to give back to a window that has ended.
+# ARGV[1]: how many to give back, never below zero. An expired key is absent: nothing is
+# given back to a window that has ended.
 _RELEASE = """
 local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n > 0 then redis.call('DECR', KEYS[1]) end
+local k = math.min(n, tonumber(ARGV[1]))
+if k > 0 then redis.call('DECRBY', KEYS[1], k) end
 return 0
 """
 
@@ -119,8 +121,10 @@ class RedisCounters:
         return bool(await self._call("reserve", self._reserve, keys=[self.prefix + key],
                                      args=[ms, limit]))
 
-    async def release(self, key: str) -> None:
-        await self._call("release", self._release, keys=[self.prefix + key], args=[])
+    async def release(self, key: str, amount: int = 1) -> None:
+        if amount > 0:
+            await self._call("release", self._release, keys=[self.prefix + key],
+                             args=[amount])
 
     async def get(self, key: str) -> int:
         value = await self._call("get", self.client.get, self.prefix + key)

@@ -88,11 +88,11 @@ class SQLiteCounters:
                 "RETURNING count", (key, now, window, limit)).fetchone()
         return row is not None
 
-    def release(self, key: str) -> None:
+    def release(self, key: str, amount: int = 1) -> None:
         with self._lock:
             self._conn.execute(
-                "UPDATE counters SET count = count - 1 "
-                "WHERE key = ? AND expires > ? AND count > 0", (key, self._clock()))
+                "UPDATE counters SET count = max(0, count - ?3) "
+                "WHERE key = ?1 AND expires > ?2 AND count > 0", (key, self._clock(), amount))
 
     def get(self, key: str) -> int:
         with self._lock:
