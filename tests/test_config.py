@@ -147,3 +147,160 @@ def test_config_check_and_serve_refuse_public_trusted_networks(tmp_path: Path) -
     assert tomllib.loads(r.stdout)["relay"] == {
         "trusted_networks": ["10.0.0.0/8", "11.0.0.0/8"],
         "i_know_these_are_public": ["11.0.0.0/8"]}
+
+
+@pytest.mark.parametrize("table, key", [
+    ({"relay": {"trusted_networks": ["nonsense"]}}, "relay.trusted_networks[0]"),
+    ({"listen": {"mx": ["localhost:25"]}}, "listen.mx[0]"),
+    ({"listen": {"pop3": ["127.0.0.1:70000"]}}, "listen.pop3[0]"),
+    ({"limits": {"max_errors": 0}}, "limits.max_errors"),
+    ({"tls": {"min_version": "TLSv1.0"}}, "tls.min_version"),
+    ({"store": {"flush": "never"}}, "store.flush"),
+    ({"tls": {"cert_file": "/x.pem"}}, "tls.cert_file"),
+    ({"server": {"hostname": "a b"}}, "server.hostname"),
+    ({"server": {"data_dir": ""}}, "server.data_dir"),
+    ({"server": {"workers": -1}}, "server.workers"),
+    ({"server": {"shutdown_grace": -1.0}}, "server.shutdown_grace"),
+    ({"auth": {"block_after_failures": 0}}, "auth.block_after_failures"),
+    ({"auth": {"delay_after_failures": -1}}, "auth.delay_after_failures"),
+    ({"auth": {"block_seconds": 0}}, "auth.block_seconds"),
+    ({"auth": {"failure_delay": -0.5}}, "auth.failure_delay"),
+    ({"submission": {"messages_per_hour": 0}}, "submission.messages_per_hour"),
+    ({"submission": {"recipients_per_hour": 0}}, "submission.recipients_per_hour"),
+    ({"dns": {"port": 0}}, "dns.port"),
+    ({"routes": {"example.net": {"host": "h", "port": 0}}}, "routes.example.net.port"),
+    ({"dnsbl": {"zones": [{"zone": "nodot"}]}}, "dnsbl.zones[0].zone"),
+    ({"dnsbl": {"zones": [{"zone": "bl.test", "weight": 0}]}}, "dnsbl.zones[0].weight"),
+    ({"dnsbl": {"zones": [{"zone": "bl.test", "codes": ["127.0.0.2", "10.0.0.1"]}]}},
+     "dnsbl.zones[0].codes[1]"),
+    ({"dnsbl": {"zones": [{"weight": 2}]}}, "dnsbl.zones[0]"),
+    ({"dnsbl": {"sender_zones": [{"zone": "a b.test"}]}}, "dnsbl.sender_zones[0].zone"),
+    ({"dnsbl": {"threshold": 0}}, "dnsbl.threshold"),
+    ({"dnsbl": {"reject_at": "data"}}, "dnsbl.reject_at"),
+    ({"dnsbl": {"timeout": 0}}, "dnsbl.timeout"),
+    ({"screen": {"greeting_delay": -1}}, "screen.greeting_delay"),
+    ({"screen": {"allow_networks": ["192.0.2.0/24", "x"]}}, "screen.allow_networks[1]"),
+    ({"greylist": {"delay": 200000}}, "greylist.delay"),
+    ({"greylist": {"auto_allow_after": -1}}, "greylist.auto_allow_after"),
+    ({"limits": {"max_connection_rate_per_ip": -1}}, "limits.max_connection_rate_per_ip"),
+])
+def test_cross_checks_name_the_key(table: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config_mod.from_dict(table)  # type: ignore[arg-type]
+    assert str(exc.value).startswith(key)
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        config_mod.load(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_text(tmp_path, "[server\n")
+
+
+def test_effective_is_plain_data() -> None:
+    eff = config_mod.effective(Config())
+    assert eff["auth"]["block_after_failures"] == 10
+    assert eff["relay"]["trusted_networks"] == []
+
+
+def test_sender_auth_is_on_by_default_and_validated(tmp_path: Path) -> None:
+    sa = config_mod.load(None).sender_auth
+    assert sa.enabled and sa.dmarc_enforce and sa.sign_submissions
+    assert sa.spf_fail == "mark" and sa.quarantine == "header"
+    cfg = load_text(tmp_path, '[sender_auth]\nspf_fail = "reject"\nquarantine = "junk"\n')
+    assert (cfg.sender_auth.spf_fail, cfg.sender_auth.quarantine) == ("reject", "junk")
+    for bad, key in (('spf_fail = "drop"', "sender_auth.spf_fail"),
+                     ('quarantine = "spam"', "sender_auth.quarantine"),
+                     ('quarantine_header = "X Bad: y"', "sender_auth.quarantine_header"),
+                     ("spf_time_budget = 0", "sender_auth.spf_time_budget"),
+                     ("dkim_max_bytes = -1", "sender_auth.dkim_max_bytes"),
+                     ("enabled = 1", "sender_auth.enabled")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_text(tmp_path, f"[sender_auth]\n{bad}\n")
+
+
+def test_antiabuse_tables(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, """
+[dnsbl]
+zones = [{ zone = "zen.example.org", weight = 2, codes = ["127.0.0.2-127.0.0.11"] },
+         { zone = "bl.example.net" }]
+threshold = 2
+reject_at = "rcpt"
+[screen]
+greeting_delay = 1.5
+allow_networks = ["192.0.2.0/24", "2001:db8::/32"]
+[greylist]
+enabled = true
+delay = 120
+""")
+    assert [(z.zone, z.weight, z.codes) for z in cfg.dnsbl.zones] == [
+        ("zen.example.org", 2, ["127.0.0.2-127.0.0.11"]), ("bl.example.net", 1, [])]
+    assert cfg.dnsbl.reject_at == "rcpt" and cfg.screen.greeting_delay == 1.5
+    assert cfg.greylist.enabled and cfg.greylist.delay == 120.0
+    # every anti-abuse check is off by default
+    d = Config()
+    assert d.dnsbl.zones == [] and d.screen.greeting_delay == 0 and not d.greylist.enabled
+    assert d.limits.max_connection_rate_per_ip == 0
+
+
+def test_default_hostname_is_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As an MTA's own name is by default: the fully qualified name, never the software's."""
+    import socket
+
+    monkeypatch.setattr(socket, "getfqdn", lambda: "mx1.example.org")
+    assert Config().server.hostname == "mx1.example.org"
+    monkeypatch.setattr(socket, "getfqdn", lambda: "localhost")
+    monkeypatch.setattr(socket, "gethostname", lambda: "box")
+    assert Config().server.hostname == "box"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[limits]\nstress_threshold = 1.5\n", "limits.stress_threshold"),
+    ("[limits]\nstress_threshold = -0.1\n", "limits.stress_threshold"),
+    ("[limits]\nstress_idle_timeout = 0\n", "limits.stress_idle_timeout"),
+    ("[limits]\nstress_max_errors = 0\n", "limits.stress_max_errors"),
+])
+def test_stress_mode_limits_are_checked(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_text(tmp_path, text)
+    assert str(exc.value).startswith(f"{key}:")
+
+
+def test_stress_mode_settings_come_from_limits(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, "[limits]\nstress_threshold = 0.5\nstress_idle_timeout = 4\n")
+    assert (cfg.limits.stress.threshold, cfg.limits.stress.idle_timeout,
+            cfg.limits.stress.max_errors) == (0.5, 4.0, 3)
+
+
+def test_mail_dir_defaults_to_mail_under_data_dir() -> None:
+    default = config_mod.from_dict({"server": {"data_dir": "/srv/d"}})
+    assert default.mail_path == Path("/srv/d/mail")
+    shared = config_mod.from_dict({"server": {"data_dir": "/srv/d", "mail_dir": "/shared/m"}})
+    assert shared.mail_path == Path("/shared/m")
+
+
+def test_directory_backend_is_embedded_by_default_and_checked() -> None:
+    assert Config().directory.backend == "sqlite"
+    ok = config_mod.from_dict({"directory": {"backend": "postgresql",
+                                             "url": "postgresql://mf@db.example:5432/mail"}})
+    assert ok.directory.url.endswith("/mail")
+    for table, message in (
+        ({"backend": "mysql"}, "directory.backend"),
+        ({"backend": "postgresql", "url": "http://x"}, "directory.url"),
+        ({"backend": "postgresql", "url": "postgresql://mf:hunter2@db/mail"}, "password"),
+        ({"backend": "postgresql", "url": "postgresql://mf@db/mail?password=x"}, "password"),
+        ({"url": "postgresql://mf@db/mail"}, "only for"),
+    ):
+        with pytest.raises(ConfigError, match=message) as err:
+            config_mod.from_dict({"directory": table})
+        assert "hunter2" not in str(err.value)
+
+
+def test_pop3_lease_seconds_defaults_to_30_and_must_cover_its_renewals() -> None:
+    """The lease is renewed every third of it: below a second it would not survive a slow
+    Redis round trip; a node that dies keeps its maildrops locked this long."""
+    assert config_mod.from_dict({}).counters.pop3_lease_seconds == 30.0
+    assert config_mod.from_dict(
+        {"counters": {"pop3_lease_seconds": 5}}).counters.pop3_lease_seconds == 5
+    with pytest.raises(ConfigError, match=r"counters\.pop3_lease_seconds"):
+        config_mod.from_dict({"counters": {"pop3_lease_seconds": 0.5}})
