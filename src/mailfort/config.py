@@ -152,8 +152,11 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class SubmissionConfig:
+    # Per user, each taken at MAIL / RCPT and given back unless the message gets its 250;
+    # past either: 452 4.7.1 (a compromised account sends no more than this).
     messages_per_hour: int = 200
-    max_recipients: int = 50
+    recipients_per_hour: int = 500
+    max_recipients: int = 50  # per message
     # Whether an alias whose targets include the user lets that user send as the alias.
     aliases_grant_sending: bool = True
 
@@ -522,7 +525,7 @@ def validate(cfg: Config) -> Config:
     if not 0 <= cfg.server.shutdown_grace <= 3600:
         raise ConfigError("server.shutdown_grace: must be between 0 and 3600 seconds")
     _validate_auth(cfg.auth)
-    for k in ("messages_per_hour", "max_recipients"):
+    for k in ("messages_per_hour", "recipients_per_hour", "max_recipients"):
         if getattr(cfg.submission, k) <= 0:
             raise ConfigError(f"submission.{k}: must be a positive integer")
     if not 0 < cfg.dns.port < 65536:

@@ -14,7 +14,13 @@ import pytest
 
 from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.policy.counters import MemoryCounters
-from mailfort.policy.msa import RATE_LIMITED, TOO_MANY_RCPT, MSAPolicy, append_header_lines
+from mailfort.policy.msa import (
+    RATE_LIMITED,
+    RCPT_RATE_LIMITED,
+    TOO_MANY_RCPT,
+    MSAPolicy,
+    append_header_lines,
+)
 from mailfort.policy.senders import FROM_MISSING, FROM_NOT_OWNED, SENDER_NOT_OWNED
 from mailfort.protocol.address import Mailbox
 from tests.conftest import make_config, seed_directory
@@ -44,12 +50,28 @@ async def test_envelope_sender_must_be_owned(policy: MSAPolicy) -> None:
     assert refusal is not None and refusal.code == 553
 
 
-async def test_rate_limit_counts_accepted_messages_per_user(policy: MSAPolicy) -> None:
+async def test_rate_limit_reserves_messages_per_user(policy: MSAPolicy) -> None:
+    """MAIL reserves one of the hour; a transaction without 250 gives it back."""
     for _ in range(2):
         assert await policy.check_mail(ALICE, mailbox(ALICE)) is None
-        await policy.message_accepted(ALICE)
     assert await policy.check_mail(ALICE, mailbox(ALICE)) == RATE_LIMITED
     assert await policy.check_mail("bob@example.test", mailbox("bob@example.test")) is None
+    await policy.release(ALICE, 1, 0)
+    assert await policy.check_mail(ALICE, mailbox(ALICE)) is None
+    # a refused sender reserves nothing
+    assert await policy.check_mail("bob@example.test", mailbox(ALICE)) == SENDER_NOT_OWNED
+    assert await policy.check_mail("bob@example.test", mailbox("bob@example.test")) is None
+
+
+async def test_recipients_per_hour_reserved_and_released(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, submission={"recipients_per_hour": 3})
+    policy = MSAPolicy(cfg, None, MemoryCounters())  # type: ignore[arg-type]
+    assert [await policy.reserve_recipient(ALICE) for _ in range(4)] == [None] * 3 + [
+        RCPT_RATE_LIMITED]
+    assert RCPT_RATE_LIMITED.code == RATE_LIMITED.code == 452
+    await policy.release(ALICE, 0, 2)
+    assert await policy.reserve_recipient(ALICE) is None
+    assert await policy.reserve_recipient("bob@example.test") is None
 
 
 def test_recipients_per_message(policy: MSAPolicy) -> None:

@@ -25,6 +25,7 @@ import trustme
 from mailfort.policy import redis_counters
 from mailfort.server.app import Node
 from tests.conftest import make_config, seed_directory
+from tests.server.test_submission import parallel_transactions
 
 ALICE, ALICE_PW = "alice@example.test", "alice-pw"
 BOB = "bob@example.test"
@@ -150,6 +151,17 @@ async def test_the_per_user_send_rate_is_shared(make_cluster: Any) -> None:
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
             await run(send, i, 3)
         assert refused.value.smtp_code == 452
+
+
+async def test_parallel_sessions_on_both_nodes_get_exactly_the_hourly_limits(
+        make_cluster: Any) -> None:
+    """Eight sessions at once, spread over both nodes: the reservation at MAIL and at RCPT
+    is one Lua script in Redis, so together they get exactly the limits."""
+    c = await make_cluster(submission={"messages_per_hour": 3, "recipients_per_hour": 5})
+    results = await run(parallel_transactions, lambda i: c.smtp_login(i % 2), [BOB, ALICE])
+    assert sorted(mail for mail, _, _ in results) == [250] * 3 + [452] * 5
+    assert sorted(code for _, rcpts, _ in results for code in rcpts) == [250] * 5 + [452]
+    assert [data for _, _, data in results].count(250) == 3
 
 
 async def test_a_second_pop3_session_on_the_other_node_is_in_use(make_cluster: Any) -> None:

@@ -9,6 +9,9 @@ import shutil
 import smtplib
 import ssl
 import subprocess
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import SMTP as SMTP_POLICY
@@ -21,6 +24,7 @@ from mailfort.server.app import Node
 from tests.conftest import seed_directory
 from tests.server.test_mx import raw_session, read_reply, stored
 
+ALICE, BOB = "alice@example.test", "bob@example.test"
 
 def note(sender: str = "alice@example.test", to: str = "bob@example.test") -> EmailMessage:
     msg = EmailMessage()
@@ -349,3 +353,122 @@ async def test_received_header_names_tls_version_and_cipher(
     received = msg.split(b"\r\n\r\n")[0].decode()
     assert "(using TLSv1.3 with cipher TLS_" in received or \
         "(using TLSv1.2 with cipher " in received
+
+
+# ---- hourly limits under parallel sessions (issue 24, item 11) ------------------------------
+
+SESSIONS = 8
+
+
+def parallel_transactions(login: Callable[[int], smtplib.SMTP], rcpts: list[str],
+                          sessions: int = SESSIONS) -> list[tuple[int, list[int], int]]:
+    """``sessions`` authenticated sessions, each in its own thread: all log in, all give
+    MAIL and ``rcpts``, wait for one another, then each with a recipient sends DATA. Every
+    MAIL and RCPT is thus answered before any message ends: a limit that is read at MAIL
+    and counted after the 250 lets them all through. (mail, [rcpt...], data) per session
+    (data 0: not sent)."""
+    logged_in, mailed = threading.Barrier(sessions), threading.Barrier(sessions)
+
+    def one(i: int) -> tuple[int, list[int], int]:
+        with login(i) as s:
+            logged_in.wait(timeout=60)
+            mail = s.mail(ALICE)
+            codes = [s.rcpt(r)[0] for r in rcpts] if mail[0] == 250 else []
+            if mail[0] == 250:
+                assert mail[1] == b"2.1.0 Sender OK"
+            else:
+                assert mail == (452, b"4.7.1 Message rate limit exceeded, try again later")
+            mailed.wait(timeout=60)
+            if 250 not in codes:
+                return mail[0], codes, 0
+            return mail[0], codes, s.data(f"From: {ALICE}\r\nTo: {BOB}\r\n\r\nhi\r\n")[0]
+
+    with ThreadPoolExecutor(sessions) as pool:  # not asyncio's: its few threads would wait
+        return list(pool.map(one, range(sessions)))
+
+
+def starttls_login(port: int, ctx: ssl.SSLContext) -> Callable[[int], smtplib.SMTP]:
+    def login(i: int) -> smtplib.SMTP:
+        s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+        s.starttls(context=ctx)
+        s.login(ALICE, "alice-pw")
+        return s
+    return login
+
+
+async def test_parallel_sessions_get_exactly_the_hourly_messages(
+    config_factory: Any, server_ssl_context: ssl.SSLContext, client_ssl_context: ssl.SSLContext
+) -> None:
+    """Eight sessions at once, three messages an hour: three get 250 at MAIL and deliver,
+    five get 452 4.7.1 at MAIL (reserved at MAIL, atomically, in the shared counters)."""
+    cfg = config_factory(submission={"messages_per_hour": 3})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        login = starttls_login(node.port("submission"), client_ssl_context)
+        results = await asyncio.to_thread(parallel_transactions, login, [BOB])
+        assert sorted(mail for mail, _, _ in results) == [250] * 3 + [452] * 5
+        assert [data for _, _, data in results].count(250) == 3
+        assert len(stored(node, BOB)) == 3
+        with pytest.raises(smtplib.SMTPSenderRefused):  # and the hour stays spent
+            await asyncio.to_thread(submit, node.port("submission"), client_ssl_context, note())
+
+
+async def test_parallel_sessions_get_exactly_the_hourly_recipients(
+    config_factory: Any, server_ssl_context: ssl.SSLContext, client_ssl_context: ssl.SSLContext
+) -> None:
+    """submission.recipients_per_hour: each RCPT takes one, atomically; past it RCPT gets
+    452 4.7.1 (RFC 5321 §4.5.3.1.10: the client sends those recipients later)."""
+    cfg = config_factory(submission={"recipients_per_hour": 5})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        login = starttls_login(node.port("submission"), client_ssl_context)
+        results = await asyncio.to_thread(parallel_transactions, login, [BOB, ALICE])
+        codes = [c for _, rcpts, _ in results for c in rcpts]
+        assert sorted(codes) == [250] * 5 + [452] * 11
+        assert len(stored(node, BOB)) + len(stored(node, ALICE)) == 5
+
+        def refused() -> tuple[int, bytes]:
+            with login(0) as s:
+                assert s.mail(ALICE)[0] == 250
+                return s.rcpt(BOB)
+
+        assert await asyncio.to_thread(refused) == (
+            452, b"4.7.1 Recipient rate limit exceeded, try again later")
+
+
+async def test_a_transaction_without_250_gives_its_reservation_back(
+    config_factory: Any, server_ssl_context: ssl.SSLContext, client_ssl_context: ssl.SSLContext
+) -> None:
+    """Reserved at MAIL and RCPT, given back by RSET, a refusal at DATA, a new EHLO or a
+    connection that ends: only 250s spend the hour."""
+    cfg = config_factory(submission={"messages_per_hour": 2, "recipients_per_hour": 2})
+    seed_directory(cfg)
+    async with Node(cfg, ssl_context=server_ssl_context) as node:
+        port = node.port("submission")
+        login = starttls_login(port, client_ssl_context)
+
+        def abandon() -> None:
+            with login(0) as s:
+                for end in ("RSET", "EHLO mua.test", "RSET"):
+                    assert s.mail(ALICE)[0] == 250 and s.rcpt(BOB)[0] == 250
+                    assert s.docmd(end)[0] == 250
+                assert s.mail(ALICE)[0] == 250 and s.rcpt(BOB)[0] == 250
+                code, _ = s.data(f"From: {BOB}\r\nTo: {BOB}\r\n\r\nnot mine\r\n")
+                assert code == 553
+                assert s.mail(ALICE)[0] == 250 and s.rcpt(BOB)[0] == 250
+            # closed in the middle of a transaction
+            s = login(0)
+            assert s.mail(ALICE)[0] == 250 and s.rcpt(BOB)[0] == 250
+            s.sock.close()
+
+        await asyncio.to_thread(abandon)
+        for _ in range(20):  # the server sees the close a moment later
+            if not node.services["submission"].sessions:
+                break
+            await asyncio.sleep(0.05)
+        for _ in range(2):
+            await asyncio.to_thread(submit, port, client_ssl_context, note())
+        assert len(stored(node, BOB)) == 2
+        with pytest.raises(smtplib.SMTPSenderRefused) as exc:
+            await asyncio.to_thread(submit, port, client_ssl_context, note())
+        assert exc.value.smtp_code == 452

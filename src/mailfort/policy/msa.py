@@ -21,7 +21,10 @@ from mailfort.policy.senders import allowed_addresses, check_envelope_sender, ch
 from mailfort.protocol.address import Mailbox
 from mailfort.protocol.replies import Reply
 
+# 452 at MAIL and at RCPT alike: temporary (the client tries later), and at RCPT the reply
+# a client takes as "these recipients in a later transaction" (RFC 5321 §4.5.3.1.10).
 RATE_LIMITED = Reply(452, "4.7.1", "Message rate limit exceeded, try again later")
+RCPT_RATE_LIMITED = Reply(452, "4.7.1", "Recipient rate limit exceeded, try again later")
 TOO_MANY_RCPT = Reply(452, "4.7.1", "Too many recipients for one message")
 _HOUR = 3600.0
 
@@ -39,6 +42,9 @@ class MSAPolicy:
     def _key(self, user: str) -> str:
         return f"sent-per-hour:{user.lower()}"
 
+    def _rcpt_key(self, user: str) -> str:
+        return f"rcpts-per-hour:{user.lower()}"
+
     def sender_rights(self, user: str) -> frozenset[str]:
         """The addresses ``user`` may send as (a directory lookup: the session fetches them
         off the event loop once per transaction when the directory is networked)."""
@@ -47,15 +53,38 @@ class MSAPolicy:
 
     async def check_mail(self, user: str, sender: Mailbox | None,
                          rights: frozenset[str] | None = None) -> Reply | None:
-        """``rights``: ``sender_rights(user)`` if already known, else looked up here."""
+        """A refusal, or None with one of the user's messages of the hour reserved for
+        this transaction: the caller ``release``s it unless the message gets its 250.
+
+        Reserved, not read: the check and the count are one atomic step in the shared
+        counters, so N sessions at once get at most the limit. At MAIL rather than at the
+        end of DATA: a sender over the limit hears so before sending the message, as a
+        temporary reply its client retries. ``rights``: ``sender_rights(user)`` if already
+        known, else looked up here."""
         refusal = check_envelope_sender(
             self.directory, user, sender, aliases_grant=self.cfg.submission.aliases_grant_sending,
             allowed=rights)
         if refusal is not None:
             return refusal
-        if await self.counters.get(self._key(user)) >= self.cfg.submission.messages_per_hour:
+        if not await self.counters.reserve(self._key(user), self.cfg.submission.messages_per_hour,
+                                           _HOUR):
             return RATE_LIMITED
         return None
+
+    async def reserve_recipient(self, user: str) -> Reply | None:
+        """RCPT already accepted otherwise: one of the user's recipients of the hour
+        reserved (None), as ``check_mail`` reserves a message, or a refusal."""
+        if not await self.counters.reserve(self._rcpt_key(user),
+                                           self.cfg.submission.recipients_per_hour, _HOUR):
+            return RCPT_RATE_LIMITED
+        return None
+
+    async def release(self, user: str, messages: int, recipients: int) -> None:
+        """Give back what a transaction reserved and did not spend (no 250)."""
+        if messages:
+            await self.counters.release(self._key(user), messages)
+        if recipients:
+            await self.counters.release(self._rcpt_key(user), recipients)
 
     def check_rcpt(self, user: str, count: int) -> Reply | None:
         if count >= self.cfg.submission.max_recipients:
@@ -84,9 +113,6 @@ class MSAPolicy:
         if msg.get("Date") is None:
             extra.append(f"Date: {formatdate(localtime=False)}")
         return None, append_header_lines(header_block, extra)
-
-    async def message_accepted(self, user: str) -> None:
-        await self.counters.incr(self._key(user), _HOUR)
 
     def sign(self, user: str, message: bytes) -> bytes:
         """DKIM-Signature fields for a submitted message, one per key of its From: domain

@@ -82,6 +82,11 @@ class Envelope:
     # Submission: the addresses the user may send as, fetched once per transaction when
     # the directory is networked (None: looked up where needed, as the embedded one is).
     sender_rights: frozenset[str] | None = None
+    # Submission: what the transaction has reserved of the user's hourly allowances
+    # (policy/msa.py), spent by the 250 at the end of data, else given back.
+    held_for: str = ""
+    held_messages: int = 0
+    held_rcpts: int = 0
 
 
 # A session's envelope before MAIL and after RSET: one for all of them, never changed (the
@@ -121,6 +126,23 @@ def _date_now() -> str:
     return _date_cache[1]
 
 
+_background: set[asyncio.Task[None]] = set()  # held here until done (the loop holds weakly)
+
+
+def _in_background(work: Awaitable[None], peer_ip: str) -> None:
+    """Run ``work`` that no reply waits for; a failure is logged, never lost silently."""
+
+    async def guarded() -> None:
+        try:
+            await work
+        except Exception:
+            log.exception("%s: background work failed", peer_ip)
+
+    task = asyncio.get_running_loop().create_task(guarded())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
 class SubmissionPolicy(Protocol):
     """What an MSA checks beyond the MX rules (see policy/msa.py)."""
 
@@ -128,17 +150,22 @@ class SubmissionPolicy(Protocol):
         """The addresses ``user`` may send as (a directory lookup, may block)."""
 
     async def check_mail(self, user: str, sender: Mailbox | None,
-                         rights: frozenset[str] | None = None) -> Reply | None: ...
+                         rights: frozenset[str] | None = None) -> Reply | None:
+        """A refusal, or None with one message of the user's hour reserved."""
 
     def check_rcpt(self, user: str, count: int) -> Reply | None: ...
+
+    async def reserve_recipient(self, user: str) -> Reply | None:
+        """A refusal, or None with one recipient of the user's hour reserved."""
+
+    async def release(self, user: str, messages: int, recipients: int) -> None:
+        """Give back reservations that no 250 spent."""
 
     def check_headers(self, user: str, header_block: bytes,
                       rights: frozenset[str] | None = None) -> tuple[Reply | None, bytes]:
         """A refusal, or the header block to store instead of the client's (completed
         with Message-ID and Date). The block is the client's header lines without the
         blank line, or the whole message when it ended first, then maybe not in CRLF."""
-
-    async def message_accepted(self, user: str) -> None: ...
 
     def sign(self, user: str, message: bytes) -> bytes:
         """DKIM-Signature fields to add to the message (empty: none)."""
@@ -346,8 +373,8 @@ class SMTPSession(EngineSession):
             elif self.spool is not None:
                 self.spool.write(ev.data)
         elif isinstance(ev, RcptTo):
-            if is_blocking(self.service.directory):
-                self.run(self._rcpt_off_loop(ev))  # a networked directory: off the loop
+            if is_blocking(self.service.directory) or self._submitting():
+                self.run(self._rcpt_off_loop(ev))  # a networked directory or count
                 return
             decision = self._decide_rcpt(ev)
             if self._inbound_applies(decision):
@@ -377,6 +404,7 @@ class SMTPSession(EngineSession):
     def _on_mail(self, ev: MailFrom) -> None:
         engine = self.engine
         assert engine is not None
+        self._release_held()
         self.envelope = Envelope(sender=ev.sender, requiretls=ev.requiretls)
         if self.service.submission is not None and engine.authenticated_as is not None:
             self.run(self._check_submission(ev))  # the rate may be counted over the network
@@ -397,11 +425,45 @@ class SMTPSession(EngineSession):
         if is_blocking(self.service.directory):
             rights = await asyncio.to_thread(sub.sender_rights, user)
             self.envelope.sender_rights = rights
+        env = self.envelope
         refusal = await sub.check_mail(user, ev.sender, rights)
         if refusal is not None:
             decisionlog.reject("MAIL", self.peer_ip, refusal, from_=ev.sender or "",
                                helo=engine.helo)
+        else:
+            env.held_for, env.held_messages = user, 1
         engine.decide(refusal or SENDER_OK)
+
+    def _submitting(self) -> bool:
+        """An authenticated session on submission: its recipients count per hour."""
+        engine = self.engine
+        return (self.service.submission is not None and engine is not None
+                and engine.authenticated_as is not None)
+
+    async def _reserve_rcpt(self, decision: RecipientDecision) -> RecipientDecision:
+        """Submission: an accepted recipient takes one of the user's hour, or is refused."""
+        engine, sub, env = self.engine, self.service.submission, self.envelope
+        if not decision.reply.positive or sub is None or engine is None:
+            return decision
+        user = engine.authenticated_as
+        if user is None:
+            return decision
+        refusal = await sub.reserve_recipient(user)
+        if refusal is not None:
+            return RecipientDecision(refusal, None)
+        env.held_for = user
+        env.held_rcpts += 1
+        return decision
+
+    def _release_held(self) -> None:
+        """Give back what the transaction reserved and no 250 spent (RSET, EHLO, a refused
+        or aborted message, the connection gone): in the background, as nothing waits."""
+        env, sub = self.envelope, self.service.submission
+        if sub is None or not (env.held_messages or env.held_rcpts):
+            return
+        messages, rcpts = env.held_messages, env.held_rcpts
+        env.held_messages = env.held_rcpts = 0
+        _in_background(sub.release(env.held_for, messages, rcpts), self.peer_ip)
 
     def _checks_sender(self) -> bool:
         """MX mail from outside (not our trusted hosts) is checked: SPF, DKIM, DMARC."""
@@ -437,12 +499,18 @@ class SMTPSession(EngineSession):
             ev.recipient, self.service.directory, may_relay=self.may_relay())
 
     async def _rcpt_off_loop(self, ev: RcptTo) -> None:
-        """RCPT with a networked directory: the same decision, its lookups in a thread."""
+        """RCPT that awaits: the same decision, a networked directory's lookups in a
+        thread, then on submission the recipient reserved in the (maybe shared) counts."""
         decision = self._limit_rcpt()
         if decision is None:
-            decision = await asyncio.to_thread(
-                self.service.recipients.decide, ev.recipient, self.service.directory,
-                may_relay=self.may_relay())
+            if is_blocking(self.service.directory):
+                decision = await asyncio.to_thread(
+                    self.service.recipients.decide, ev.recipient, self.service.directory,
+                    may_relay=self.may_relay())
+            else:
+                decision = self.service.recipients.decide(
+                    ev.recipient, self.service.directory, may_relay=self.may_relay())
+        decision = await self._reserve_rcpt(decision)
         if self._inbound_applies(decision):
             await self._screen_rcpt(ev, decision)
         else:
@@ -574,14 +642,13 @@ class SMTPSession(EngineSession):
             engine.decide(reply)
             return
         # Durable now: the 250 is earned, and nothing that follows may take it back.
+        env.held_messages = env.held_rcpts = 0  # the hour's reservations are spent
         ident = spool.name.split(".")[1]
         accepted = Reply(250, "2.0.0", f"OK queued as {ident}")
         engine.decide(accepted)
         decisionlog.accept(self.peer_ip, accepted, env.sender or "",
                            len(env.local) + len(env.remote), spool.size,
                            tls=self.tls_info.partition(" ")[0])
-        if self.service.submission is not None and engine.authenticated_as is not None:
-            await self.service.submission.message_accepted(engine.authenticated_as)
         if env.remote and svc.queued is not None:
             svc.queued()
 
@@ -638,6 +705,8 @@ class SMTPSession(EngineSession):
             self.spool.write(completed + rest)
 
     def _abort_message(self) -> None:
+        """The transaction ends without a 250 (or after it, with nothing held)."""
+        self._release_held()
         self.headers = None
         if self.spool is not None:
             self.spool.discard()
