@@ -83,7 +83,9 @@ class Envelope:
     # the directory is networked (None: looked up where needed, as the embedded one is).
     sender_rights: frozenset[str] | None = None
     # Submission: what the transaction has reserved of the user's hourly allowances
-    # (policy/msa.py), spent by the 250 at the end of data, else given back.
+    # (policy/msa.py), spent by the 250 at the end of data, else given back. (A reservation
+    # whose answer a lost connection cancelled stays counted till its hour ends: an error
+    # against the sender, never for it.)
     held_for: str = ""
     held_messages: int = 0
     held_rcpts: int = 0
