@@ -57,11 +57,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="evidence for every check")
     tune = p.add_argument_group("bounds and DNS")
     tune.add_argument("--timeout", type=float, default=10.0,
-                      help="seconds per connection and reply (default 10)")
+                      help="seconds per connection, send and whole reply, however it "
+                           "trickles (default 10); never past --budget")
     tune.add_argument("--budget", type=float, default=110.0,
-                      help="seconds for the whole run (default 110)")
+                      help="seconds for the whole run, enforced inside each check; a check "
+                           "cut by it is INCONCLUSIVE (default 110)")
     tune.add_argument("--settle", type=float, default=1.5,
-                      help="seconds to wait for replies nobody asked for (default 1.5)")
+                      help="ignored, kept for old command lines: probes now count replies "
+                           "up to a QUIT marker instead of waiting for silence")
     tune.add_argument("--idle-connections", type=int, default=20, metavar="N")
     tune.add_argument("--rcpt-count", type=int, default=1100, metavar="N")
     tune.add_argument("--foreign-domain", default="example.com",

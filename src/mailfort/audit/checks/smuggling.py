@@ -4,12 +4,15 @@ Each probe sends one message to the known local user whose body holds a non-stan
 end-of-data sequence followed by a second, smuggled transaction (also to the known user)
 and then the real <CRLF>.<CRLF>. A safe server answers once (250, or 5xx for the bare
 line ending); a vulnerable one answers the smuggled MAIL, RCPT and DATA as commands.
+Replies are counted up to the reply to a QUIT sent after the message, never up to a
+pause: a server that answers MAIL late (an SPF check, a sender callout) is still counted,
+and one that does not answer QUIT in time leaves the check INCONCLUSIVE.
 """
 
 from __future__ import annotations
 
 from mailfort.audit.checks.common import accepted, foreign
-from mailfort.audit.client import ProbeError
+from mailfort.audit.client import NoReply
 from mailfort.audit.context import Context
 from mailfort.audit.registry import FAIL, PASS, Verdict, check, inconclusive, skip
 
@@ -53,13 +56,12 @@ def smuggling(ctx: Context) -> Verdict:
                 raise inconclusive("smuggle.no-data", code=code)
             c.send(payload(sender, t.known_address, label, seq),
                    note=f"<message with {label}, then MAIL/RCPT/DATA, then <CRLF>.<CRLF>>")
-            codes: list[int] = []
             try:
-                codes.append(c.reply()[0])
-                while len(codes) < 6:
-                    codes.append(c.reply(t.settle)[0])
-            except ProbeError:
-                pass
+                codes = [int(code) for code in c.replies_before_quit()]
+            except NoReply as exc:
+                raise inconclusive("replies.uncounted", what=f"the {label} probe",
+                                   error=str(exc)) from exc
+            c.close()
             if any(200 <= code < 400 for code in codes[1:]):
                 smuggled.append(f"{label}: replies {' '.join(map(str, codes))}")
     if smuggled:
