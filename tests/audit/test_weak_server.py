@@ -158,3 +158,17 @@ def test_slow_replies_are_counted_not_taken_for_silence(
                                    "--only", check])
     report = json.loads(out)["checks"]
     assert [(c["id"], c["status"]) for c in report] == [(check, "FAIL" if weak else "PASS")]
+
+
+@pytest.mark.parametrize("check", ["smuggling.end-of-data", "tls.injection-smtp"])
+def test_replies_that_cannot_be_counted_are_inconclusive_not_pass(
+    check: str, weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """QUIT answered after --timeout: the probe cannot know what else was answered."""
+    server = weak_factory(slow={"QUIT": 1.0})
+    _, out, _ = run_audit(capsys, [*_argv(server, password_file), "--timeout", "0.5",
+                                   "--only", check])
+    report = json.loads(out)["checks"]
+    assert [(c["id"], c["status"], c["note_key"]) for c in report] == \
+        [(check, "INCONCLUSIVE", "replies.uncounted")]

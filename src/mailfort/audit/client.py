@@ -152,7 +152,8 @@ class RawClient:
 
     def read_line(self, timeout: float | None = None, *,
                   deadline: float | None = None) -> bytes:
-        """One line without its CRLF (or LF); ProbeError on timeout or close.
+        """One line without its CRLF (or LF): NoReply when late, BudgetSpent when the run's
+        budget ends first, ProbeError on a close.
 
         ``deadline`` (of the whole reply the line belongs to) wins over ``timeout``.
         """
@@ -171,13 +172,14 @@ class RawClient:
         """One SMTP reply (all its lines): (code, texts). Code 0 for garbage.
 
         ``timeout`` bounds the whole reply, not each line, and a reply has at most
-        MAX_LINES lines: NoReply otherwise.
+        MAX_LINES lines and MAX_REPLY octets: NoReply (and the session closed) otherwise.
         """
         deadline = self._until(timeout)
         lines: list[str] = []
         while True:
-            if len(lines) >= MAX_LINES:
-                raise NoReply(f"a reply of more than {MAX_LINES} lines")
+            if len(lines) >= MAX_LINES or sum(map(len, lines)) > MAX_REPLY:
+                self.close()  # the rest of it would be read as the next reply
+                raise NoReply(f"a reply of more than {MAX_LINES} lines or {MAX_REPLY} octets")
             raw = self.read_line(deadline=deadline)
             text = raw.decode("latin-1")
             lines.append(text)
@@ -231,16 +233,6 @@ class RawClient:
         self.sock = tls
         self.transcript.append(f"  [TLS {tls.version()} {(tls.cipher() or ('?',))[0]}]")
         return tls
-
-    def pending(self, wait: float) -> bool:
-        """Whether the server sends anything unasked within ``wait`` seconds."""
-        if self.buf:
-            return True
-        try:
-            self._fill(self._until(wait))
-        except ProbeError:
-            return bool(self.buf)
-        return True
 
     def close(self) -> None:
         self.closed = True

@@ -91,7 +91,7 @@ def _target(args: argparse.Namespace) -> Target:
                for s in ("smtp", "submission", "submissions", "pop3", "pop3s")},
         domain=args.domain.lower().rstrip(".") if args.domain else None,
         user=args.user, auth_user=args.auth_user, auth_password=password,
-        foreign_domain=args.foreign_domain, timeout=args.timeout, settle=args.settle,
+        foreign_domain=args.foreign_domain, timeout=args.timeout,
         budget=args.budget, idle_connections=args.idle_connections,
         rcpt_count=args.rcpt_count, resolver=args.resolver, cafile=args.cafile,
     )

@@ -29,7 +29,6 @@ class Target:
     auth_password: str | None = None
     foreign_domain: str = "example.com"
     timeout: float = 10.0  # per connection, per send and per reply (all its lines)
-    settle: float = 1.5  # unused: probes count replies up to a marker instead of waiting
     budget: float = 110.0  # the whole run
     idle_connections: int = 20
     rcpt_count: int = 1100  # past the common 1,000 (Postfix's smtpd_recipient_limit)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from mailfort.audit.checks.common import accepted, foreign
 from mailfort.audit.client import NoReply
 from mailfort.audit.context import Context
-from mailfort.audit.registry import FAIL, PASS, Verdict, check, inconclusive, skip
+from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, Verdict, check, inconclusive, skip
 
 VARIANTS: tuple[tuple[str, bytes], ...] = (
     ("<LF>.<LF>", b"\n.\n"),
@@ -45,6 +45,7 @@ def smuggling(ctx: Context) -> Verdict:
         raise skip("need.user")
     sender = foreign(ctx, "sender")
     smuggled: list[str] = []
+    uncounted: list[tuple[str, str]] = []
     for label, seq in VARIANTS:
         with ctx.session("smtp") as (c, _):
             mail, _ = c.cmd(f"MAIL FROM:<{sender}>")
@@ -58,12 +59,17 @@ def smuggling(ctx: Context) -> Verdict:
                    note=f"<message with {label}, then MAIL/RCPT/DATA, then <CRLF>.<CRLF>>")
             try:
                 codes = [int(code) for code in c.replies_before_quit()]
-            except NoReply as exc:
-                raise inconclusive("replies.uncounted", what=f"the {label} probe",
-                                   error=str(exc)) from exc
-            c.close()
+            except NoReply as exc:  # one variant not counted does not hide another's FAIL
+                uncounted.append((label, str(exc)))
+                continue
+            finally:
+                c.close()
             if any(200 <= code < 400 for code in codes[1:]):
                 smuggled.append(f"{label}: replies {' '.join(map(str, codes))}")
     if smuggled:
         return Verdict(FAIL, "smuggle.answered", {"what": "; ".join(smuggled)})
+    if uncounted:
+        what = f"{len(uncounted)} of {len(VARIANTS)} probes, first {uncounted[0][0]}"
+        return Verdict(INCONCLUSIVE, "replies.uncounted", {"what": what,
+                                                           "error": uncounted[0][1]})
     return Verdict(PASS, "smuggle.one-reply", {"n": len(VARIANTS)})
