@@ -172,3 +172,16 @@ def test_replies_that_cannot_be_counted_are_inconclusive_not_pass(
     report = json.loads(out)["checks"]
     assert [(c["id"], c["status"], c["note_key"]) for c in report] == \
         [(check, "INCONCLUSIVE", "replies.uncounted")]
+
+
+def test_a_late_answer_is_not_a_refusal(
+    weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """MAIL with a NUL answered (250) after --timeout: not "closed", so not a PASS."""
+    server = weak_factory(accept_nul=True, slow={"MAIL": 1.0})
+    _, out, _ = run_audit(capsys, [*_argv(server, password_file), "--timeout", "0.5",
+                                   "--only", "limits.nul"])
+    report = json.loads(out)["checks"]
+    assert [(c["id"], c["status"], c["note_key"]) for c in report] == \
+        [("limits.nul", "INCONCLUSIVE", "probe.no-reply")]
