@@ -174,14 +174,19 @@ def test_replies_that_cannot_be_counted_are_inconclusive_not_pass(
         [(check, "INCONCLUSIVE", "replies.uncounted")]
 
 
+@pytest.mark.parametrize(("flags", "verb", "check"), [
+    ({"accept_nul": True}, "MAIL", "limits.nul"),  # would be "closed"
+    ({"old_tls": True}, "EHLO", "tls.versions"),  # would be "TLS 1.0 refused"
+])
 def test_a_late_answer_is_not_a_refusal(
+    flags: dict[str, bool], verb: str, check: str,
     weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """MAIL with a NUL answered (250) after --timeout: not "closed", so not a PASS."""
-    server = weak_factory(accept_nul=True, slow={"MAIL": 1.0})
+    """A weak server answering after --timeout: not a refusal, so not a PASS."""
+    server = weak_factory(slow={verb: 1.0}, **flags)
     _, out, _ = run_audit(capsys, [*_argv(server, password_file), "--timeout", "0.5",
-                                   "--only", "limits.nul"])
+                                   "--only", check])
     report = json.loads(out)["checks"]
     assert [(c["id"], c["status"], c["note_key"]) for c in report] == \
-        [("limits.nul", "INCONCLUSIVE", "probe.no-reply")]
+        [(check, "INCONCLUSIVE", "probe.no-reply")]

@@ -109,9 +109,14 @@ def starttls_offered(ctx: Context) -> Verdict:
 
 
 def _accepts(ctx: Context, service: str, sslctx: ssl.SSLContext) -> str | None:
-    """The negotiated cipher when the server accepts ``sslctx``'s offer, else None."""
+    """The negotiated cipher when the server accepts ``sslctx``'s offer, else None.
+
+    A reply that never came is not a refusal: INCONCLUSIVE, not None."""
     try:
         c = tls_client(ctx, service, sslctx)
+    except NoReply as exc:
+        raise inconclusive("probe.no-reply", what=f"{service}: the way to a TLS handshake",
+                           error=str(exc)) from exc
     except (NoTLS, ProbeError):
         return None
     tls = c.sock
