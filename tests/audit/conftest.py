@@ -28,8 +28,10 @@ def weak_cert(tls_ca: trustme.CA) -> Any:
 def weak_factory(weak_cert: Any) -> Iterator[Callable[..., WeakServer]]:
     servers: list[WeakServer] = []
 
-    def make(banner: str = "weak.test ESMTP ready", **flags: bool) -> WeakServer:
-        s = WeakServer(weak_cert, Weakness(**flags), banner=banner).start()
+    def make(banner: str = "weak.test ESMTP ready", slow: dict[str, float] | None = None,
+             trickle: float = 0.0, **flags: bool) -> WeakServer:
+        s = WeakServer(weak_cert, Weakness(**flags), banner=banner, slow=slow,
+                       trickle=trickle).start()
         servers.append(s)
         return s
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +18,7 @@ from tests.audit.conftest import FAST, port_args, run_audit, statuses
 from tests.audit.weak_server import WeakServer
 from tests.dnsserver import free_port_unused
 
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 NO_PORTS = ["--smtp-port", "0", "--submission-port", "0", "--submissions-port", "0",
             "--pop3-port", "0", "--pop3s-port", "0"]
 
@@ -114,9 +120,30 @@ def test_terminal_output_is_plain_when_piped(
 
 
 def test_schema_option_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
-    import json
-
     from mailfort.audit.schema import SCHEMA
 
     code, out, _ = run_audit(capsys, ["--schema"])
     assert code == 0 and json.loads(out) == SCHEMA
+
+
+def test_a_trickling_greeting_cannot_stretch_the_budget(
+    weak_factory: Callable[..., WeakServer],
+) -> None:
+    """Port 25 sends ``220-x`` every 0.5 s forever: each reply ends at --timeout, the check
+    running when --budget runs out is cut (INCONCLUSIVE), and the run ends near --budget."""
+    server = weak_factory(trickle=0.5)
+    budget, margin = 8.0, 2.5
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailfort", "audit", "127.0.0.1", *NO_PORTS,
+         "--smtp-port", str(server.ports["smtp"]), "--timeout", "2",
+         "--budget", str(budget), "--json"],
+        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True,
+        timeout=budget * 4)
+    took = time.monotonic() - started
+    assert proc.returncode in (0, 1), proc.stderr
+    checks = json.loads(proc.stdout)["checks"]
+    assert took < budget + margin, took
+    assert not [c["id"] for c in checks if c["status"] == "PASS"]
+    cut = [c for c in checks if c["note_key"] == "budget.cut"]
+    assert len(cut) == 1 and cut[0]["status"] == "INCONCLUSIVE"

@@ -131,3 +131,62 @@ def test_other_servers_get_no_postfix_fixes(
                                    "weak.test", "--user", "alice", *FAST, "--json",
                                    "--only", "relay"])
     assert json.loads(out)["checks"][0]["fix_postfix"] is None
+
+
+# Later than --settle, well inside --timeout: a server that looks up SPF or calls the sender
+# back at MAIL answers like this; one that tarpits answers NOOP late.
+SLOW = 0.3
+SLOW_CASES = [
+    ("smuggle_lf", "smuggling.end-of-data", "MAIL"),
+    ("starttls_injection", "tls.injection-smtp", "NOOP"),
+    ("stls_injection", "tls.injection-pop3", "NOOP"),
+]
+
+
+@pytest.mark.parametrize("weak", [True, False], ids=["weak", "careful"])
+@pytest.mark.parametrize(("weakness", "check", "verb"), SLOW_CASES,
+                         ids=[c[1] for c in SLOW_CASES])
+def test_slow_replies_are_counted_not_taken_for_silence(
+    weakness: str, check: str, verb: str, weak: bool,
+    weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A reply later than --settle is still a reply: the weak server FAILs, the careful
+    one PASSes, neither is INCONCLUSIVE (the probe waits for its QUIT marker's reply)."""
+    server = weak_factory(slow={verb: SLOW}, **({weakness: True} if weak else {}))
+    _, out, _ = run_audit(capsys, [*_argv(server, password_file), "--settle", "0.05",
+                                   "--only", check])
+    report = json.loads(out)["checks"]
+    assert [(c["id"], c["status"]) for c in report] == [(check, "FAIL" if weak else "PASS")]
+
+
+@pytest.mark.parametrize("check", ["smuggling.end-of-data", "tls.injection-smtp"])
+def test_replies_that_cannot_be_counted_are_inconclusive_not_pass(
+    check: str, weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """QUIT answered after --timeout: the probe cannot know what else was answered."""
+    server = weak_factory(slow={"QUIT": 1.0})
+    _, out, _ = run_audit(capsys, [*_argv(server, password_file), "--timeout", "0.5",
+                                   "--only", check])
+    report = json.loads(out)["checks"]
+    assert [(c["id"], c["status"], c["note_key"]) for c in report] == \
+        [(check, "INCONCLUSIVE", "replies.uncounted")]
+
+
+@pytest.mark.parametrize(("flags", "verb", "check"), [
+    ({"accept_nul": True}, "MAIL", "limits.nul"),  # would be "closed"
+    ({"old_tls": True}, "EHLO", "tls.versions"),  # would be "TLS 1.0 refused"
+])
+def test_a_late_answer_is_not_a_refusal(
+    flags: dict[str, bool], verb: str, check: str,
+    weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A weak server answering after --timeout: not a refusal, so not a PASS."""
+    server = weak_factory(slow={verb: 1.0}, **flags)
+    _, out, _ = run_audit(capsys, [*_argv(server, password_file), "--timeout", "0.5",
+                                   "--only", check])
+    report = json.loads(out)["checks"]
+    assert [(c["id"], c["status"], c["note_key"]) for c in report] == \
+        [(check, "INCONCLUSIVE", "probe.no-reply")]

@@ -7,7 +7,10 @@ limits on lines, SIZE, recipients and NUL, no software name). Each field of
 :class:`Weakness` switches one of those off, so a test can prove that exactly the
 matching audit check FAILs. Raw sockets and one thread per connection keep it small and
 let it misbehave in ways a real engine would not (keep plaintext buffered across TLS,
-end DATA at a bare LF, starve connections).
+end DATA at a bare LF, starve connections). Two behaviours are not weaknesses but make
+a careful or weak server awkward to audit: ``slow`` answers chosen verbs late (an SPF
+check or a sender callout at MAIL), ``trickle`` greets on port 25 with ``220-x``
+continuation lines, one every ``trickle`` seconds, forever.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 import warnings
 from dataclasses import dataclass, fields
 
@@ -109,9 +113,12 @@ class WeakServer:
 
     def __init__(self, cert: object, weakness: Weakness | None = None,
                  domain: str = "weak.test", users: dict[str, str] | None = None,
-                 banner: str = "weak.test ESMTP ready") -> None:
+                 banner: str = "weak.test ESMTP ready", slow: dict[str, float] | None = None,
+                 trickle: float = 0.0) -> None:
         self.weak = weakness or Weakness()
         self.banner = banner
+        self.slow = {verb.upper(): delay for verb, delay in (slow or {}).items()}
+        self.trickle = trickle
         self.domain = domain
         self.users = users or {"alice": "alice-pw"}
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -202,6 +209,11 @@ class WeakServer:
     def _smtp(self, c: _Conn, role: str, tls: bool) -> None:
         w = self.weak
         submission = role in ("submission", "submissions")
+        if self.trickle and role == "smtp":
+            while not self._stop.is_set():  # the reply never ends; the client must give up
+                c.send("220-x")
+                time.sleep(self.trickle)
+            return
         c.send("220 " + ("weak.test ESMTP Exim 4.69 ready" if w.banner_version
                          else self.banner))
         authed: str | None = None
@@ -219,6 +231,7 @@ class WeakServer:
                 verb, _, arg = line.partition(" ")
                 verb = verb.upper()
                 reply = ""
+                time.sleep(self.slow.get(verb, 0.0))
                 if verb in ("EHLO", "HELO"):
                     sender, rcpts = None, []
                     ext = ["PIPELINING", f"SIZE {SIZE_LIMIT}"]
@@ -350,6 +363,7 @@ class WeakServer:
         while True:
             raw, _ = c.line(LINE_LIMIT)
             verb = raw.decode("latin-1").partition(" ")[0].upper()
+            time.sleep(self.slow.get(verb, 0.0))
             if verb == "CAPA":
                 caps = ["TOP", "UIDL"]
                 if not tls and not w.no_stls:

@@ -2,8 +2,10 @@
 
 Probes for smuggling, injection, overlong lines and NUL must send bytes that no
 well-behaved client library would send, so the auditor speaks SMTP and POP3 over a
-plain socket. Every read has a timeout and a size cap, so a server that stops answering
-or answers forever can slow a check down but never hang it. Every exchange is kept in a
+plain socket. Every reply is bounded as a whole, by one deadline and a number of lines
+(a server that trickles continuation lines cannot stretch it), and every wait is also
+bounded by the run's budget (``deadline``), so a server that stops answering or answers
+forever can slow a check down but never hang it or the run. Every exchange is kept in a
 transcript (trimmed) that becomes the check's evidence.
 """
 
@@ -14,12 +16,30 @@ import socket
 import ssl
 import time
 
-MAX_REPLY = 64 * 1024  # octets kept per reply; a server that sends more is cut off
+MAX_REPLY = 64 * 1024  # octets kept per line; a server that sends more is cut off
+MAX_LINES = 100  # lines of one reply (EHLO and HELP send a few dozen at most)
 TRIM = 160  # characters of one transcript line
 
 
 class ProbeError(Exception):
     """The connection failed, timed out or was closed: the session is over."""
+
+
+class NoReply(ProbeError):
+    """No complete reply within the time (or lines) allowed.
+
+    Unlike a close, this says nothing about what the server did with the command: it may
+    still be thinking (an SPF check, a callout, a tarpit). A check must not read it as a
+    refusal.
+    """
+
+
+class BudgetSpent(Exception):
+    """The run's ``--budget`` ran out in the middle of a check.
+
+    Not a ProbeError, so that no check mistakes it for the server's doing; the engine
+    makes the check INCONCLUSIVE.
+    """
 
 
 def insecure_context(*, legacy: bool = False) -> ssl.SSLContext:
@@ -47,39 +67,81 @@ def trim(data: bytes | str) -> str:
 
 
 class RawClient:
-    """One TCP connection (optionally TLS) with line reads under a timeout."""
+    """One TCP connection (optionally TLS) with line reads under a timeout.
+
+    ``timeout`` bounds the connect, each send and each reply as a whole; ``deadline`` (a
+    ``time.monotonic()`` value, the end of the run's budget) bounds them all.
+    """
+
+    deadline: float | None = None  # (a subclass may set up its socket itself)
 
     def __init__(self, host: str, port: int, timeout: float,
-                 transcript: list[str] | None = None) -> None:
+                 transcript: list[str] | None = None, *, deadline: float | None = None) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self.deadline = deadline
         self.transcript = transcript if transcript is not None else []
         self.buf = b""
         self.closed = False
         try:
-            self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
+            self.sock: socket.socket = socket.create_connection(
+                (host, port), timeout=self._left(self._until(timeout)))
+        except TimeoutError as exc:
+            raise self._late(self._until(timeout), "connect timeout") from exc
         except OSError as exc:
             raise ProbeError(f"connect {host}:{port}: {exc}") from exc
-        self.sock.settimeout(timeout)
+
+    # -- deadlines --------------------------------------------------------------------
+
+    def _until(self, seconds: float | None) -> float:
+        """The moment a wait of ``seconds`` (default: the timeout) ends, budget included."""
+        end = time.monotonic() + (self.timeout if seconds is None else seconds)
+        return end if self.deadline is None else min(end, self.deadline)
+
+    def _late(self, deadline: float, what: str = "timeout") -> Exception:
+        """The error for a wait that ended at ``deadline``: the budget's, or the reply's."""
+        if self.deadline is not None and deadline >= self.deadline:
+            return BudgetSpent("the run's time budget ran out")
+        return NoReply(what)
+
+    def _left(self, deadline: float) -> float:
+        """Seconds to ``deadline``; raises when none are left."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._late(deadline)
+        return remaining
 
     # -- bytes ------------------------------------------------------------------------
 
     def send(self, data: bytes, *, note: str | None = None) -> None:
         self.transcript.append("> " + (note or trim(data.rstrip(b"\r\n"))))
+        self.send_raw(data)
+
+    def send_raw(self, data: bytes) -> None:
+        """Send ``data`` whole, within the timeout and the budget, and keep no transcript."""
+        deadline = self._until(None)
         try:
+            self.sock.settimeout(self._left(deadline))
             self.sock.sendall(data)
+        except TimeoutError as exc:
+            self.closed = True  # part of ``data`` may be sent: the session is unusable
+            raise self._late(deadline, "send timeout") from exc
         except OSError as exc:
             self.closed = True
             raise ProbeError(f"send: {exc}") from exc
 
     def _fill(self, deadline: float) -> None:
+        """Read more; a read that ends late closes the session, which is out of step for
+        good (a late reply would be read as the next command's)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ProbeError("timeout")
+            self.close()
+            raise self._late(deadline)
         self.sock.settimeout(remaining)
         try:
             chunk = self.sock.recv(65536)
         except TimeoutError as exc:
-            raise ProbeError("timeout") from exc
+            self.close()
+            raise self._late(deadline) from exc
         except (OSError, ssl.SSLError) as exc:
             self.closed = True
             raise ProbeError(f"recv: {exc}") from exc
@@ -88,28 +150,41 @@ class RawClient:
             raise ProbeError("connection closed by the server")
         self.buf += chunk
 
-    def read_line(self, timeout: float | None = None) -> bytes:
-        """One line without its CRLF (or LF); ProbeError on timeout or close."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+    def read_line(self, timeout: float | None = None, *,
+                  deadline: float | None = None) -> bytes:
+        """One line without its CRLF (or LF): NoReply when late, BudgetSpent when the run's
+        budget ends first, ProbeError on a close.
+
+        ``deadline`` (of the whole reply the line belongs to) wins over ``timeout``.
+        """
+        end = self._until(timeout) if deadline is None else deadline
         while b"\n" not in self.buf:
             if len(self.buf) > MAX_REPLY:
                 line, self.buf = self.buf, b""
                 return line
-            self._fill(deadline)
+            self._fill(end)
         line, _, self.buf = self.buf.partition(b"\n")
         return line.rstrip(b"\r")
 
     # -- SMTP -------------------------------------------------------------------------
 
     def reply(self, timeout: float | None = None) -> tuple[int, list[str]]:
-        """One SMTP reply (all its lines): (code, texts). Code 0 for garbage."""
+        """One SMTP reply (all its lines): (code, texts). Code 0 for garbage.
+
+        ``timeout`` bounds the whole reply, not each line, and a reply has at most
+        MAX_LINES lines and MAX_REPLY octets: NoReply (and the session closed) otherwise.
+        """
+        deadline = self._until(timeout)
         lines: list[str] = []
         while True:
-            raw = self.read_line(timeout)
+            if len(lines) >= MAX_LINES or sum(map(len, lines)) > MAX_REPLY:
+                self.close()  # the rest of it would be read as the next reply
+                raise NoReply(f"a reply of more than {MAX_LINES} lines or {MAX_REPLY} octets")
+            raw = self.read_line(deadline=deadline)
             text = raw.decode("latin-1")
             lines.append(text)
             self.transcript.append("< " + trim(text))
-            if len(text) < 4 or text[3] != "-" or sum(map(len, lines)) > MAX_REPLY:
+            if len(text) < 4 or text[3] != "-":
                 break
         code = int(lines[-1][:3]) if lines[-1][:3].isdigit() else 0
         return code, [ln[4:] for ln in lines]
@@ -128,10 +203,11 @@ class RawClient:
         return text.startswith("+OK"), text
 
     def multiline(self, timeout: float | None = None) -> list[str]:
-        """The body of a POP3 multi-line response, up to the lone '.'."""
+        """The body of a POP3 multi-line response, up to the lone '.' (one deadline)."""
+        deadline = self._until(timeout)
         out: list[str] = []
         while True:
-            text = self.read_line(timeout).decode("latin-1")
+            text = self.read_line(deadline=deadline).decode("latin-1")
             if text == ".":
                 break
             out.append(text)
@@ -144,24 +220,19 @@ class RawClient:
 
     def starttls(self, ctx: ssl.SSLContext | None = None) -> ssl.SSLSocket:
         """Wrap the socket in TLS. Bytes already buffered stay (they came in the clear)."""
+        deadline = self._until(None)
         try:
+            self.sock.settimeout(self._left(deadline))
             tls = (ctx or insecure_context()).wrap_socket(self.sock, server_hostname=self.host)
+        except TimeoutError as exc:
+            self.closed = True
+            raise self._late(deadline, "TLS handshake timeout") from exc
         except (OSError, ssl.SSLError) as exc:
             self.closed = True
             raise ProbeError(f"TLS handshake: {exc}") from exc
         self.sock = tls
         self.transcript.append(f"  [TLS {tls.version()} {(tls.cipher() or ('?',))[0]}]")
         return tls
-
-    def pending(self, wait: float) -> bool:
-        """Whether the server sends anything unasked within ``wait`` seconds."""
-        if self.buf:
-            return True
-        try:
-            self._fill(time.monotonic() + wait)
-        except ProbeError:
-            return bool(self.buf)
-        return True
 
     def close(self) -> None:
         self.closed = True
@@ -177,9 +248,39 @@ class RawClient:
                     self.status(min(self.timeout, 2.0))
                 else:
                     self.reply(min(self.timeout, 2.0))
-            except ProbeError:
+            except (ProbeError, BudgetSpent):
                 pass
         self.close()
+
+    def replies_before_quit(self, pop3: bool = False) -> list[str]:
+        """Send QUIT as a marker and return the replies that come before its own.
+
+        A reply that comes late is still a reply: counting up to the marker's reply (221,
+        or for POP3 the server's close that follows its +OK) does not mistake a slow
+        server for a silent one. Returns the SMTP codes (POP3 status lines) before the
+        marker's reply; a close before it ends the count too. NoReply when the marker is
+        not answered in time: then the replies cannot be counted.
+        """
+        with contextlib.suppress(ProbeError):  # closed already: count what it sent
+            self.send(b"QUIT\r\n")
+        seen: list[str] = []
+        try:
+            for _ in range(MAX_LINES):
+                if pop3:
+                    seen.append(self.read_line().decode("latin-1"))
+                    self.transcript.append("< " + trim(seen[-1]))
+                    continue
+                code, _ = self.reply()
+                if code == 221:
+                    return seen
+                seen.append(str(code))
+        except NoReply:
+            raise
+        except ProbeError:  # the server closed the connection: nothing more will come
+            if pop3 and seen and seen[-1].startswith("+OK"):
+                seen.pop()  # QUIT's own answer; the close that followed is the marker
+            return seen
+        raise NoReply(f"more than {MAX_LINES} replies before QUIT's")
 
     def __enter__(self) -> RawClient:
         return self

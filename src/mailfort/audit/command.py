@@ -57,11 +57,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="evidence for every check")
     tune = p.add_argument_group("bounds and DNS")
     tune.add_argument("--timeout", type=float, default=10.0,
-                      help="seconds per connection and reply (default 10)")
+                      help="seconds per connection, send and whole reply, however it "
+                           "trickles (default 10); never past --budget")
     tune.add_argument("--budget", type=float, default=110.0,
-                      help="seconds for the whole run (default 110)")
+                      help="seconds for the whole run, enforced inside each check; a check "
+                           "cut by it is INCONCLUSIVE (default 110)")
     tune.add_argument("--settle", type=float, default=1.5,
-                      help="seconds to wait for replies nobody asked for (default 1.5)")
+                      help="ignored, kept for old command lines: probes now count replies "
+                           "up to a QUIT marker instead of waiting for silence")
     tune.add_argument("--idle-connections", type=int, default=20, metavar="N")
     tune.add_argument("--rcpt-count", type=int, default=1100, metavar="N")
     tune.add_argument("--foreign-domain", default="example.com",
@@ -88,7 +91,7 @@ def _target(args: argparse.Namespace) -> Target:
                for s in ("smtp", "submission", "submissions", "pop3", "pop3s")},
         domain=args.domain.lower().rstrip(".") if args.domain else None,
         user=args.user, auth_user=args.auth_user, auth_password=password,
-        foreign_domain=args.foreign_domain, timeout=args.timeout, settle=args.settle,
+        foreign_domain=args.foreign_domain, timeout=args.timeout,
         budget=args.budget, idle_connections=args.idle_connections,
         rcpt_count=args.rcpt_count, resolver=args.resolver, cafile=args.cafile,
     )

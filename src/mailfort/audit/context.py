@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from mailfort.audit.client import ProbeError, RawClient, insecure_context
+from mailfort.audit.client import BudgetSpent, ProbeError, RawClient, insecure_context
 from mailfort.audit.registry import skip
 
 SMTP_SERVICES = ("smtp", "submission", "submissions")
@@ -28,8 +28,7 @@ class Target:
     auth_user: str | None = None
     auth_password: str | None = None
     foreign_domain: str = "example.com"
-    timeout: float = 10.0  # per connection and per reply
-    settle: float = 1.5  # how long to wait for replies nobody asked for
+    timeout: float = 10.0  # per connection, per send and per reply (all its lines)
     budget: float = 110.0  # the whole run
     idle_connections: int = 20
     rcpt_count: int = 1100  # past the common 1,000 (Postfix's smtpd_recipient_limit)
@@ -50,6 +49,7 @@ class Context:
     def __init__(self, target: Target) -> None:
         self.target = target
         self.started = time.monotonic()
+        self.deadline = self.started + target.budget  # every wait of every check ends here
         self.evidence: list[str] = []
         self.open_ports: dict[str, int] = {}
         self.software: str | None = None  # "postfix" when the server says so
@@ -73,12 +73,18 @@ class Context:
             raise skip("port.closed" if given else "port.none", service=service, port=given)
         return port
 
+    def raw(self, port: int, *, evidence: bool = True) -> RawClient:
+        """A bare connection to ``port`` under the run's timeout and budget."""
+        t = self.target
+        return RawClient(t.host, port, t.timeout, self.evidence if evidence else [],
+                         deadline=self.deadline)
+
     def connect(self, service: str, *, timeout: float | None = None) -> RawClient:
         t = self.target
         if self.remaining() <= 0:
-            raise ProbeError("the run's time budget is spent")
+            raise BudgetSpent("the run's time budget is spent")
         c = RawClient(t.host, self.port(service), min(timeout or t.timeout, t.timeout),
-                      self.evidence)
+                      self.evidence, deadline=self.deadline)
         if service in IMPLICIT_TLS:
             c.starttls()
         return c

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from mailfort.audit import catalogue
-from mailfort.audit.client import ProbeError, RawClient
+from mailfort.audit.client import BudgetSpent, ProbeError, RawClient
 from mailfort.audit.context import IMPLICIT_TLS, SMTP_SERVICES, Context, Target
 from mailfort.audit.registry import (
     FAIL,
@@ -54,7 +54,8 @@ def select(only: Iterable[str] | None) -> list[Check]:
 
 def discover(ctx: Context) -> None:
     """Which given ports greet (a port that accepts but stays silent counts as closed);
-    note the software a SMTP greeting names."""
+    note the software a SMTP greeting names. Each port costs at most one greeting line
+    within ``min(timeout, 5)``; the budget is for the checks."""
     t = ctx.target
     wait = min(t.timeout, 5.0)
     for service, port in t.ports.items():
@@ -94,6 +95,8 @@ def _run_one(ctx: Context, chk: Check) -> Verdict:
         return chk.probe(ctx)
     except Stop as stop:
         return stop.verdict
+    except BudgetSpent:
+        return Verdict(INCONCLUSIVE, "budget.cut", {"budget": f"{ctx.target.budget:g}"})
     except (ProbeError, OSError) as exc:
         return Verdict(INCONCLUSIVE, "probe.error", {"error": str(exc)[:200]})
     except Exception as exc:  # a bug in one check must not end the audit

@@ -222,6 +222,11 @@ NOTES: dict[str, str] = {
     "probe.error": "the probe failed: {error}",
     "internal.error": "the check failed inside the auditor: {error}",
     "budget.spent": "the run's time budget was spent before this check",
+    "budget.cut": "the run's time budget (--budget {budget} s) ran out during this check",
+    "replies.uncounted": "no reply to QUIT within --timeout after {what} ({error}): the "
+                         "replies could not be counted",
+    "probe.no-reply": "no complete reply within --timeout to {what} ({error}): the server may "
+                      "still act on it",
     "control.none": "no refusal can be trusted without a control: give --domain and --user "
                     "({tried} probes refused)",
     "control.known-refused": "control failed: the known user {address} is not accepted, so "

@@ -213,6 +213,11 @@ NOTES: dict[str, str] = {
     "probe.error": "プローブが失敗した: {error}",
     "internal.error": "監査ツール内部でチェックが失敗した: {error}",
     "budget.spent": "このチェックの前に実行時間の上限に達した",
+    "budget.cut": "このチェックの途中で実行時間の上限 (--budget {budget} 秒) に達した",
+    "replies.uncounted": "{what} の後に送った QUIT への応答が --timeout 内になかった ({error}): "
+                         "応答の数を数えられない",
+    "probe.no-reply": "{what} への完全な応答が --timeout 内になかった ({error}): サーバーは"
+                      "まだそれを処理するかもしれない",
     "control.none": "対照がないため拒否を信頼できない: --domain と --user を指定する"
                     "({tried} 件の試行が拒否された)",
     "control.known-refused": "対照の失敗: 既知のユーザー {address} が受け付けられないため、"

@@ -7,7 +7,7 @@ import re
 from mailfort.audit.checks.common import unknown_local
 from mailfort.audit.client import ProbeError
 from mailfort.audit.context import Context
-from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, skip
+from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, WARN, Verdict, check, skip
 
 SOFTWARE = re.compile(  # a name, not part of a host name such as mailfort.example.org
     r"(?<![\w.-])(postfix|exim|sendmail|qmail|opensmtpd|microsoft esmtp|exchange|aiosmtpd|haraka|"
@@ -44,6 +44,7 @@ def find_software(text: str) -> tuple[str | None, str | None]:
 @check("disclosure.banner", "5", order=30)
 def banner(ctx: Context) -> Verdict:
     seen: list[tuple[str, str]] = []
+    unread: list[str] = []  # services whose replies could not be read: no PASS over them
     for service in ("smtp", "submission", "submissions"):
         if service not in ctx.open_ports:
             continue
@@ -54,8 +55,8 @@ def banner(ctx: Context) -> Verdict:
             for cmd in ("EHLO audit.mailfort.invalid", "HELP", "XYZZY"):
                 _, lines = c.cmd(cmd)
                 seen += [(f"{service} {cmd.split()[0]}", ln) for ln in lines]
-        except ProbeError:
-            pass
+        except ProbeError as exc:
+            unread.append(f"{service}: {exc}")
         finally:
             c.quit()
     for service in ("pop3", "pop3s"):
@@ -69,11 +70,11 @@ def banner(ctx: Context) -> Verdict:
             ok, _ = c.status()
             if ok:
                 seen += [(f"{service} CAPA", ln) for ln in c.multiline()]
-        except ProbeError:
-            pass
+        except ProbeError as exc:
+            unread.append(f"{service}: {exc}")
         finally:
             c.quit(pop3=True)
-    if not seen:
+    if not seen and not unread:
         raise skip("port.none-of", services="smtp, submission, submissions, pop3, pop3s")
     names: list[str] = []
     versions: list[str] = []
@@ -89,6 +90,8 @@ def banner(ctx: Context) -> Verdict:
         return Verdict(FAIL, "banner.version", {"where": versions[0]})
     if names:
         return Verdict(WARN, "banner.name", {"where": names[0]})
+    if unread:
+        return Verdict(INCONCLUSIVE, "probe.error", {"error": "; ".join(unread)[:200]})
     return Verdict(PASS, "banner.clean", {})
 
 

@@ -12,6 +12,7 @@ import socket
 import dns.exception
 import dns.resolver
 
+from mailfort.audit.client import BudgetSpent
 from mailfort.audit.context import Context
 from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, WARN, Stop, Verdict, check, skip
 
@@ -24,7 +25,10 @@ def resolver(ctx: Context) -> dns.resolver.Resolver:
         r.port = t.resolver[1]
     else:
         r = dns.resolver.Resolver()
-    r.timeout = r.lifetime = min(t.timeout, 5.0)
+    left = ctx.remaining()
+    if left <= 0:
+        raise BudgetSpent("the run's time budget ran out")
+    r.timeout = r.lifetime = min(t.timeout, 5.0, left)
     return r
 
 
@@ -142,6 +146,8 @@ def dnsbl(ctx: Context) -> Verdict:
                 ctx.note(f"{name}: not listed")
                 continue
             except dns.exception.DNSException as exc:
+                if ctx.remaining() <= 0:  # cut by the budget, not the zone's error
+                    raise BudgetSpent("the run's time budget ran out") from exc
                 errors.append(f"{zone}: {type(exc).__name__}")
                 continue
             codes = [r.address for r in answer]

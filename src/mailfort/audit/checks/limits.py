@@ -7,7 +7,7 @@ import contextlib
 import time
 
 from mailfort.audit.checks.common import accepted, foreign
-from mailfort.audit.client import ProbeError, RawClient
+from mailfort.audit.client import BudgetSpent, NoReply, ProbeError, RawClient
 from mailfort.audit.context import Context, ext_arg, has_ext
 from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, inconclusive, skip
 
@@ -23,9 +23,9 @@ def long_line(ctx: Context) -> Verdict:
         try:
             c.send(b"NOOP " + b"A" * n + b"\r\n", note=f"NOOP <{n} octets>")
             code, _ = c.reply()
-        except ProbeError as exc:
-            if "timeout" in str(exc):
-                return Verdict(WARN, "line.silent", {"n": n})
+        except NoReply:
+            return Verdict(WARN, "line.silent", {"n": n})
+        except ProbeError:
             return Verdict(PASS, "line.closed", {"n": n})
     if accepted(code):
         return Verdict(WARN, "line.accepted", {"n": n, "code": code})
@@ -41,10 +41,10 @@ def _stream(ctx: Context, c: RawClient, size: int) -> None:
     chunk = line * 64
     while sent < size:
         if ctx.remaining() <= 0:
-            raise inconclusive("budget.spent")
-        c.sock.sendall(chunk)
+            raise BudgetSpent("the run's time budget ran out while streaming")
+        c.send_raw(chunk)
         sent += len(chunk)
-    c.sock.sendall(b".\r\n")
+    c.send_raw(b".\r\n")
 
 
 @check("limits.size", "6", order=61)
@@ -68,8 +68,14 @@ def size(ctx: Context) -> Verdict:
             return Verdict(PASS, "size.declared-refused", {"limit": limit})
         try:
             _stream(ctx, c, limit + 1)
+        except (ProbeError, OSError):  # it stopped reading: the message cannot be stored
+            return Verdict(PASS, "size.closed", {"limit": limit})
+        try:
             final, _ = c.reply()
-        except (ProbeError, OSError):
+        except NoReply as exc:  # it has the whole message and may still store it
+            raise inconclusive("probe.no-reply", what="the over-size message",
+                               error=str(exc)) from exc
+        except ProbeError:
             return Verdict(PASS, "size.closed", {"limit": limit})
     if accepted(final):
         return Verdict(FAIL, "size.accepted", {"limit": limit})
@@ -83,7 +89,7 @@ def recipients(ctx: Context) -> Verdict:
     if not t.known_address:
         raise skip("need.user")
     want = t.rcpt_count
-    ok = 0
+    ok = refused = 0
     with ctx.session("smtp") as (c, lines):
         code, _ = c.cmd(f"MAIL FROM:<{foreign(ctx, 'sender')}>")
         if not accepted(code):
@@ -100,8 +106,14 @@ def recipients(ctx: Context) -> Verdict:
                     code, _ = c.reply()
                     if accepted(code):
                         ok += 1
+                    else:
+                        refused += 1
                     if code == 421:
                         raise ProbeError("dropped")
+        except NoReply as exc:
+            if not refused:  # slow, not refusing: a limit is not shown
+                raise inconclusive("probe.no-reply", what=f"{ok} accepted recipients",
+                                   error=str(exc)) from exc
         except ProbeError:
             pass
         del c.transcript[12:-4]  # a thousand RCPT lines are not evidence
@@ -118,6 +130,9 @@ def nul(ctx: Context) -> Verdict:
     with ctx.session("smtp") as (c, _):
         try:
             code, _ = c.cmd(f"MAIL FROM:<mailfort-audit\0probe@{ctx.target.foreign_domain}>")
+        except NoReply as exc:
+            raise inconclusive("probe.no-reply", what="MAIL with a NUL",
+                               error=str(exc)) from exc
         except ProbeError:
             return Verdict(PASS, "nul.closed", {})
         if not c.closed:
@@ -136,12 +151,12 @@ def idle_connections(ctx: Context) -> Verdict:
     try:
         for _ in range(t.idle_connections):
             try:
-                held.append(RawClient(t.host, port, t.timeout, []))
+                held.append(ctx.raw(port, evidence=False))
             except ProbeError:
                 break
         ctx.note(f"{len(held)} idle connections open")
         try:
-            slow = RawClient(t.host, port, t.timeout, [])
+            slow = ctx.raw(port, evidence=False)
             held.append(slow)
             for b in b"NOO":
                 slow.sock.sendall(bytes([b]))

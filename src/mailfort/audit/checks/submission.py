@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mailfort.audit.checks.common import accepted, auth_plain, foreign
-from mailfort.audit.client import ProbeError
+from mailfort.audit.client import NoReply, ProbeError
 from mailfort.audit.context import Context, has_ext
 from mailfort.audit.registry import (
     FAIL,
@@ -97,6 +97,9 @@ def sender_forgery(ctx: Context) -> Verdict:
             c.send(_message(foreign(ctx, "ceo"), t.auth_user), note="<message, From: forged>")
             try:
                 final, _ = c.reply()
+            except NoReply as exc:  # it has the message and may still send it on
+                raise inconclusive("probe.no-reply", what="the message with a forged From:",
+                                   error=str(exc)) from exc
             except ProbeError:
                 final = 0
             if accepted(final):

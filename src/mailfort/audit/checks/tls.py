@@ -10,9 +10,19 @@ import warnings
 
 from cryptography import x509
 
-from mailfort.audit.client import ProbeError, RawClient, insecure_context
+from mailfort.audit.client import NoReply, ProbeError, RawClient, insecure_context
 from mailfort.audit.context import EHLO_NAME, IMPLICIT_TLS, Context, has_ext
-from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, WARN, Verdict, check, skip
+from mailfort.audit.registry import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    WARN,
+    Stop,
+    Verdict,
+    check,
+    inconclusive,
+    skip,
+)
 
 TLS_SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s")
 OLD_VERSIONS = (("TLS 1.0", ssl.TLSVersion.TLSv1), ("TLS 1.1", ssl.TLSVersion.TLSv1_1))
@@ -27,8 +37,7 @@ class NoTLS(Exception):
 def tls_client(ctx: Context, service: str, sslctx: ssl.SSLContext) -> RawClient:
     """A connection to ``service`` with TLS negotiated under ``sslctx`` (ProbeError if
     the handshake fails, NoTLS when the service offers no TLS)."""
-    t = ctx.target
-    c = RawClient(t.host, ctx.port(service), t.timeout, ctx.evidence)
+    c = ctx.raw(ctx.port(service))
     try:
         if service not in IMPLICIT_TLS:
             if service.startswith("pop3"):
@@ -100,9 +109,14 @@ def starttls_offered(ctx: Context) -> Verdict:
 
 
 def _accepts(ctx: Context, service: str, sslctx: ssl.SSLContext) -> str | None:
-    """The negotiated cipher when the server accepts ``sslctx``'s offer, else None."""
+    """The negotiated cipher when the server accepts ``sslctx``'s offer, else None.
+
+    A reply that never came is not a refusal: INCONCLUSIVE, not None."""
     try:
         c = tls_client(ctx, service, sslctx)
+    except NoReply as exc:
+        raise inconclusive("probe.no-reply", what=f"{service}: the way to a TLS handshake",
+                           error=str(exc)) from exc
     except (NoTLS, ProbeError):
         return None
     tls = c.sock
@@ -207,12 +221,12 @@ def _injected(ctx: Context, service: str) -> bool | None:
     """Whether a command pipelined with STARTTLS/STLS is answered inside TLS.
 
     None when the service offers no TLS. The probe sends ``STARTTLS\\r\\nNOOP\\r\\n`` in one
-    write, negotiates TLS, sends one NOOP and counts the replies: two means the server
-    executed the plaintext NOOP inside the TLS session.
+    write, negotiates TLS, sends one NOOP and then QUIT, and counts the replies before
+    QUIT's: two means the server executed the plaintext NOOP inside the TLS session. A
+    reply is counted however late it comes; a QUIT not answered in time is INCONCLUSIVE.
     """
-    t = ctx.target
     pop3 = service.startswith("pop3")
-    c = RawClient(t.host, ctx.port(service), t.timeout, ctx.evidence)
+    c = ctx.raw(ctx.port(service))
     try:
         if pop3:
             c.status()
@@ -237,16 +251,10 @@ def _injected(ctx: Context, service: str) -> bool | None:
         c.buf = b""
         c.starttls()
         c.send(b"NOOP\r\n")
-        answers = 0
-        try:
-            while True:
-                (c.status if pop3 else c.reply)(t.settle if answers else None)
-                answers += 1
-                if answers >= 2:
-                    break
-        except ProbeError:
-            pass
-        return answers >= 2
+        return len(c.replies_before_quit(pop3)) >= 2
+    except NoReply as exc:
+        raise inconclusive("replies.uncounted", what=f"{service}: the pipelined NOOP",
+                           error=str(exc)) from exc
     except ProbeError:
         return False  # the server refused the pipelined input or dropped us
     finally:
@@ -257,13 +265,21 @@ def _injection(ctx: Context, services: tuple[str, ...]) -> Verdict:
     found = [s for s in services if s in ctx.open_ports]
     if not found:
         raise skip("port.none-of", services=", ".join(services))
-    results = {s: _injected(ctx, s) for s in found}
+    results: dict[str, bool | None] = {}
+    uncounted: Stop | None = None
+    for service in found:
+        try:
+            results[service] = _injected(ctx, service)
+        except Stop as stop:  # one service not counted does not hide another's FAIL
+            uncounted = stop
+    bad = [s for s, r in results.items() if r]
+    if bad:
+        return Verdict(FAIL, "inject.answered", {"services": ", ".join(bad)})
+    if uncounted:
+        raise uncounted
     tested = [s for s, r in results.items() if r is not None]
     if not tested:
         raise skip("tls.not-offered", service=", ".join(found))
-    bad = [s for s in tested if results[s]]
-    if bad:
-        return Verdict(FAIL, "inject.answered", {"services": ", ".join(bad)})
     return Verdict(PASS, "inject.discarded", {"services": ", ".join(tested)})
 
 
