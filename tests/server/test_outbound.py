@@ -257,6 +257,47 @@ async def test_swaks_submission_is_delivered(
     assert all_stored(o.node) == 0
 
 
+def header_section(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+async def test_relayed_mail_carries_no_return_path(
+    outbound: OutboundFactory, client_ssl_context: ssl.SSLContext
+) -> None:
+    """RFC 5321 §4.4: only the final delivery adds Return-Path; a relay must not send one
+    (ours, written on top of the spool, went out with every relayed message). One the
+    client wrote goes too (§4.4: a message with one SHOULD NOT be sent on)."""
+    o = await outbound()
+    msg, token = new_message(["someone@remote.test"])
+    msg["Return-Path"] = "<forged@elsewhere.test>"
+    await asyncio.to_thread(
+        submit, o.node.port("submission"), client_ssl_context, msg, ["someone@remote.test"])
+    await wait_for(lambda: len(o.receiver.messages) >= 1, "message at the receiver")
+    (got,) = o.receiver.messages
+    head = header_section(got.data)
+    assert b"return-path" not in head.lower(), head.decode()
+    assert f"Subject: {token}".encode() in head and b"with ESMTPSA" in head
+
+
+async def test_forwarded_mail_carries_no_return_path(outbound: OutboundFactory) -> None:
+    o = await outbound()
+    o.node.directory.add_alias("fwd@example.test", ["x@remote.test"])
+    msg, token = new_message(["fwd@example.test"], sender="someone@elsewhere.test")
+
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", o.node.port("mx"), timeout=30) as s:
+            s.ehlo("client.elsewhere.test")
+            s.send_message(msg, from_addr="someone@elsewhere.test",
+                           to_addrs=["fwd@example.test"])
+
+    await asyncio.to_thread(send)
+    await wait_for(lambda: len(o.receiver.messages) >= 1, "forward at the receiver")
+    (got,) = o.receiver.messages
+    head = header_section(got.data)
+    assert b"return-path" not in head.lower(), head.decode()
+    assert f"Subject: {token}".encode() in head
+
+
 # ---------------------------------------------------------------------------- 3: 4xx then 250
 
 

@@ -46,7 +46,13 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from mailfort.delivery import dane
-from mailfort.delivery.message import CHUNK, DataEncoder, Outbound, needs_smtputf8
+from mailfort.delivery.message import (
+    CHUNK,
+    DataEncoder,
+    Outbound,
+    ReturnPathFilter,
+    needs_smtputf8,
+)
 from mailfort.delivery.mx import Target
 from mailfort.delivery.requiretls import NEEDS_REQUIRETLS
 from mailfort.delivery.tlspolicy import HostPlan, Reporter, TLSEvent, TLSPolicy, failure_type
@@ -497,12 +503,14 @@ async def _send_data(
         f = await asyncio.to_thread(message.open)
         try:
             encoder = DataEncoder()
+            strip = ReturnPathFilter()  # RFC 5321 §4.4: no Return-Path leaves with it
             while True:
                 if reply.done():
                     early = True
                     break
                 chunk = await asyncio.to_thread(f.read, CHUNK)
-                out = encoder.feed(chunk) if chunk else encoder.end()
+                out = encoder.feed(strip.feed(chunk)) if chunk else \
+                    encoder.feed(strip.end()) + encoder.end()
                 try:
                     if out:
                         protocol.write(out)
