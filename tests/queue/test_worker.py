@@ -690,3 +690,24 @@ async def test_dsn_stored_over_a_spool_file_left_by_a_killed_attempt(tmp_path: P
     new = maildir_for(tmp_path / "mail", "alice@example.test") / "new"
     assert [p.read_bytes() for p in new.iterdir()] == [dsn]
     assert list(committer.spool_dir.iterdir()) == []
+
+
+async def test_too_many_recipients_552_is_not_a_bounce(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        worker_factory: WorkerFactory, sink: LocalSink) -> None:
+    """A remote limit of 2 recipients per transaction answers the third RCPT with 552
+    (RFC 821's code for it): RFC 5321 §4.5.3.1.10 takes it as temporary, and the rest go in
+    new transactions on the same connection at once, not after a backoff or as a bounce."""
+    rx = await receivers(max_rcpts=2)
+    mx_to(dns_server, "remote.test")
+    # A retry would come only after an hour: only the same pass can deliver them all.
+    cfg = outbound_config(queue={"initial_retry": 3600.0, "max_retry": 3600.0})
+    w = await worker_factory(cfg, mx_port=rx.port)
+    rcpts = [f"r{i}@remote.test" for i in range(5)]
+    w.queue.enqueue_bytes(MSG, "alice@example.test", rcpts, "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [])
+    assert sorted(r for m in rx.messages for r in m.recipients) == rcpts
+    assert rx.sessions == 1 and len(rx.messages) == 3
+    assert w.stats.delivered == 5 and w.stats.deferred == 0 and w.stats.failed == 0
+    assert sink.delivered == []
