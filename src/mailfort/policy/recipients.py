@@ -25,7 +25,7 @@ from mailfort.directory.base import Directory, Resolution
 from mailfort.policy import srs as srs_mod
 from mailfort.policy.relay import RCPT_OK, RecipientDecision, decide_recipient
 from mailfort.protocol.address import Mailbox
-from mailfort.protocol.replies import NO_SUCH_USER
+from mailfort.protocol.replies import NO_SUCH_USER, TEMP_LOCAL_ERROR
 
 log = logging.getLogger("mailfort.srs")
 
@@ -62,9 +62,9 @@ class StrictRecipients:
             return RecipientDecision(NO_SUCH_USER, None)
         try:
             original = self.srs.reverse(rcpt.local_part)
-        except (OSError, ValueError):
-            log.exception("SRS key unavailable; %s refused", rcpt)
-            return RecipientDecision(NO_SUCH_USER, None)
+        except (OSError, ValueError):  # the key file: a local fault, the bounce may retry
+            log.exception("SRS key unavailable; %s deferred", rcpt)
+            return RecipientDecision(TEMP_LOCAL_ERROR, None)
         if original is None:
             log.info("SRS address %s does not verify (forged, altered or expired)", rcpt)
             return RecipientDecision(NO_SUCH_USER, None)

@@ -28,7 +28,12 @@ def forward_sender(srs: SRS | None, srs_domain: str, sender: str, alias: str,
     domain = srs_domain or alias.rpartition("@")[2]
     if sender.rpartition("@")[2].lower() == domain.lower():
         return sender
-    rewritten = srs.forward(sender, domain)
+    try:
+        rewritten = srs.forward(sender, domain)
+    except (OSError, ValueError):  # the key file: forward as before SRS, and say so
+        log.exception("forward by %s: SRS key unavailable; sender <%s> not rewritten",
+                      alias, sender)
+        return sender
     if rewritten is None:
         log.warning("forward by %s: sender <%s> not rewritten with SRS (not a plain ASCII "
                     "address, or too long); SPF may fail at the destination", alias, sender)
