@@ -193,3 +193,14 @@ def test_srs_domain_that_is_not_a_directory_domain(srs: SRS) -> None:
     other = mailbox("SRS0=abcdef=aa=x.test=y@other.test")  # not ours: a relay attempt
     no = policy.decide(other, Dir(), may_relay=False, bounce=True)  # type: ignore[arg-type]
     assert no.reply.code == 554
+
+
+def test_srs_settings_are_checked() -> None:
+    from mailfort import config
+
+    assert config.from_dict({}).srs.max_age_days == 21
+    for bad in ({"max_age_days": 0}, {"max_age_days": 1024}, {"domain": "not a domain"}):
+        with pytest.raises(config.ConfigError, match="srs"):
+            config.from_dict({"srs": bad})
+    off = config.from_dict({"srs": {"enabled": False}})
+    assert srs_mod.for_config(off) is None
