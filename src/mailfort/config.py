@@ -365,6 +365,19 @@ class MTASTSConfig:
 
 
 @dataclass(frozen=True)
+class SRSConfig:
+    """Forwarded mail (an alias to a remote address) leaves with an SRS envelope sender of
+    ours (policy/srs.py), so that SPF passes at its destination; bounces to it come back."""
+
+    enabled: bool = True
+    # The domain of the rewritten senders (its MX must be this server); empty: the domain
+    # of the alias that forwarded the mail.
+    domain: str = ""
+    # Days a bounce to a rewritten sender is accepted (at most 1000).
+    max_age_days: int = 21
+
+
+@dataclass(frozen=True)
 class Route:
     """Where to deliver mail for one domain instead of its MX (smarthost or fixed host)."""
 
@@ -399,6 +412,7 @@ class Config:
     require_tls_domains: list[str] = field(default_factory=list)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     mta_sts: MTASTSConfig = field(default_factory=MTASTSConfig)
+    srs: SRSConfig = field(default_factory=SRSConfig)
 
     @property
     def data_path(self) -> Path:
@@ -540,6 +554,11 @@ def validate(cfg: Config) -> Config:
     _validate_antiabuse(cfg)
     _validate_operations(cfg)
     _validate_counters(cfg.counters)
+    if not 1 <= cfg.srs.max_age_days <= 1000:  # the day stamp wraps after 1024 days
+        raise ConfigError("srs.max_age_days: must be between 1 and 1000")
+    if cfg.srs.domain and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?",
+                                           cfg.srs.domain):
+        raise ConfigError(f"srs.domain: {cfg.srs.domain!r} is not a domain name")
     return cfg
 
 

@@ -6,6 +6,9 @@ maps an address to a list of replies used one per attempt (then 250), ``data_rep
 a list used one per DATA (then 250), ``mail_reply`` answers every MAIL. Everything seen is
 recorded in ``commands`` and, for each accepted message, in ``messages``.
 
+``max_rcpts``, when set, is the server's recipient limit per transaction: past it every RCPT
+gets ``rcpt_limit_reply`` (RFC 5321 §4.5.3.1.10; "552" as RFC 821 had it, or "452").
+
 ``starttls_reply``, when set, answers STARTTLS with it (e.g. "454 4.7.0 not now") instead
 of starting TLS. ``smtputf8`` advertises SMTPUTF8 (RFC 6531); ``requiretls`` advertises
 REQUIRETLS (RFC 8689) once TLS is active. ``keep_data=False`` keeps only
@@ -15,7 +18,8 @@ while the client waits for the reply: a test measures the client's state there.
 
 Faults of a real remote: ``stall_at`` ("BANNER" or a verb such as "EHLO", "MAIL", "DATA")
 stops answering there, for good, while keeping the connection open; ``drop_in_data``
-closes the connection after the first line of the message.
+closes the connection after the first line of the message; ``drop_after_messages`` closes
+it after accepting that many messages in the session (before the next command's reply).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class Receiver:
     mail_reply: str = "250 2.1.0 ok"
     rcpt_replies: dict[str, list[str]] = field(default_factory=dict)
     data_replies: list[str] = field(default_factory=list)
+    max_rcpts: int | None = None
+    rcpt_limit_reply: str = "552 5.5.3 Too many recipients"
     stall_data: asyncio.Event | None = None  # when set: hold the DATA reply until it fires
     starttls_reply: str | None = None
     smtputf8: bool = False
@@ -57,6 +63,7 @@ class Receiver:
     probe: Callable[[str], None] | None = None
     stall_at: str | None = None
     drop_in_data: bool = False
+    drop_after_messages: int | None = None
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     sessions: int = 0
@@ -120,6 +127,9 @@ class Receiver:
                 self.probe(line)
             verb = line[:4].upper()
             arg = line[5:] if len(line) > 5 else ""
+            if self.drop_after_messages is not None and \
+                    len(self.messages) >= self.drop_after_messages:
+                return
             if verb == self.stall_at:
                 await _hold(reader)
                 return
@@ -158,7 +168,10 @@ class Receiver:
             elif verb == "RCPT":
                 addr = _path(arg)
                 script = self.rcpt_replies.get(addr)
-                reply = script.pop(0) if script else "250 2.1.5 ok"
+                if self.max_rcpts is not None and len(rcpts) >= self.max_rcpts:
+                    reply = self.rcpt_limit_reply
+                else:
+                    reply = script.pop(0) if script else "250 2.1.5 ok"
                 if reply.startswith("250"):
                     rcpts.append(addr)
                 await send(reply)

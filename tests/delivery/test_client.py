@@ -5,6 +5,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+import pytest
+
 from mailfort.delivery import client
 from mailfort.delivery.message import Outbound
 from mailfort.delivery.mx import Target
@@ -225,3 +227,50 @@ async def test_a_reply_before_the_end_of_data_is_heard(receivers: ReceiverFactor
         server.close()
     r = res.results["bob@remote.test"]
     assert (r.outcome, r.status) == ("permanent", "5.3.4"), r
+
+
+@pytest.mark.parametrize("limit_reply", ["552 5.5.3 Too many recipients",
+                                         "452 4.5.3 Too many recipients"])
+async def test_recipient_limit_sends_the_rest_in_a_new_transaction_at_once(
+        receivers: ReceiverFactory, limit_reply: str) -> None:
+    """RFC 5321 §4.5.3.1.10: "too many recipients" (452, or 552 as RFC 821 had it) is not a
+    failure of the recipient: the rest go in another transaction, on the same connection."""
+    rx = await receivers(max_rcpts=2, rcpt_limit_reply=limit_reply)
+    rcpts = [f"r{i}@remote.test" for i in range(5)]
+    res = await client.deliver([target(rx.port)], "a@example.test", rcpts, MSG,
+                               helo="me.test")
+    assert {r: res.results[r].outcome for r in rcpts} == dict.fromkeys(rcpts, "delivered")
+    assert [m.recipients for m in rx.messages] == [rcpts[0:2], rcpts[2:4], rcpts[4:]]
+    assert rx.sessions == 1
+    assert len(rx.mail_commands) == 3
+
+
+async def test_recipient_limit_then_a_refusal_of_the_first_is_final(
+        receivers: ReceiverFactory) -> None:
+    """A 552 to the first RCPT of a transaction is about that recipient (a full mailbox),
+    not the limit: it is final, and the next ones still go."""
+    rx = await receivers(max_rcpts=1, rcpt_replies={"full@remote.test": ["552 5.2.2 full"] * 3})
+    rcpts = ["a@remote.test", "full@remote.test", "b@remote.test"]
+    res = await client.deliver([target(rx.port)], "a@example.test", rcpts, MSG,
+                               helo="me.test")
+    assert {r: res.results[r].outcome for r in rcpts} == {
+        "a@remote.test": "delivered", "full@remote.test": "permanent",
+        "b@remote.test": "delivered"}
+    assert res.results["full@remote.test"].status == "5.2.2"
+    assert [m.recipients for m in rx.messages] == [["a@remote.test"], ["b@remote.test"]]
+    assert rx.sessions == 1
+
+
+async def test_connection_lost_in_a_later_transaction_keeps_what_was_delivered(
+        receivers: ReceiverFactory) -> None:
+    """The first transaction's recipients were delivered: the rest are retried later, and
+    nothing is sent twice (not again on this host, nor on the next one)."""
+    rx = await receivers(max_rcpts=1, drop_after_messages=1)
+    other = await receivers()
+    rcpts = ["a@remote.test", "b@remote.test"]
+    res = await client.deliver([target(rx.port), target(other.port, host="mx2.remote.test")],
+                               "x@example.test", rcpts, MSG, helo="me.test")
+    assert res.results["a@remote.test"].outcome == "delivered"
+    assert res.results["b@remote.test"].outcome == "temporary"
+    assert [m.recipients for m in rx.messages] == [["a@remote.test"]]
+    assert other.sessions == 0

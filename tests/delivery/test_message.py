@@ -11,6 +11,7 @@ import pytest
 from mailfort.delivery.message import (
     DataEncoder,
     Outbound,
+    ReturnPathFilter,
     Traits,
     needs_smtputf8,
     scan_bytes,
@@ -103,3 +104,38 @@ def test_needs_smtputf8() -> None:
     assert needs_smtputf8(ascii_msg, "ä@x.test", ["b@y.test"])
     assert needs_smtputf8(ascii_msg, "a@x.test", ["b@y.test", "ü@y.test"])
     assert needs_smtputf8(Traits(True, True), "", ["b@y.test"])
+
+
+RP_MESSAGE = (b"Return-Path: <a@example.test>\r\nReceived: from x\r\n\tby y; date\r\n"
+              b"return-path :\r\n <folded@elsewhere.test>\r\nSubject: Return-Path: kept\r\n"
+              b"X-Return-Path: kept\r\n\r\nReturn-Path: <in the body, kept>\r\n")
+RP_EXPECTED = (b"Received: from x\r\n\tby y; date\r\nSubject: Return-Path: kept\r\n"
+               b"X-Return-Path: kept\r\n\r\nReturn-Path: <in the body, kept>\r\n")
+
+
+def strip_in_pieces(message: bytes, cuts: list[int]) -> bytes:
+    f = ReturnPathFilter()
+    out, start = [], 0
+    for cut in [*sorted(cuts), len(message)]:
+        out.append(f.feed(message[start:cut]))
+        start = cut
+    out.append(f.end())
+    return b"".join(out)
+
+
+def test_return_path_fields_are_dropped_from_the_header_section_only() -> None:
+    """RFC 5321 §4.4: a relay sends no Return-Path (ours is the spool's first line)."""
+    for cut in range(len(RP_MESSAGE) + 1):
+        assert strip_in_pieces(RP_MESSAGE, [cut]) == RP_EXPECTED, cut
+    rng = random.Random(24)
+    for _ in range(200):
+        cuts = rng.sample(range(len(RP_MESSAGE) + 1), rng.randint(0, 8))
+        assert strip_in_pieces(RP_MESSAGE, cuts) == RP_EXPECTED
+    assert strip_in_pieces(b"Return-Path: <x@y>", []) == b""  # no line end, no body
+    assert strip_in_pieces(b"Subject: x\r\n", [3]) == b"Subject: x\r\n"
+
+
+def test_return_path_filter_gives_up_past_the_scan_limit() -> None:
+    from mailfort.delivery.message import MAX_HEADER_SCAN
+    long = b"X-Long: " + b"a" * (MAX_HEADER_SCAN + 10) + b"\r\nReturn-Path: <late>\r\n\r\nb\r\n"
+    assert strip_in_pieces(long, [100, 70_000]) == long

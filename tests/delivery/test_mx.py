@@ -169,3 +169,40 @@ async def test_opt_in_allows_loopback_for_tests(dns_server: DNSServer, cfg: Conf
     dns_server.add_a("mx.remote.test", "127.0.0.1")
     (t,) = await mx.resolve("remote.test", cfg)
     assert t.addresses == ("127.0.0.1",)
+
+
+# An IPv6 address that carries an IPv4 one is judged by the IPv4 one (issue 24, "Also"):
+# ``64:ff9b::127.0.0.1`` reaches this host's loopback through a NAT64 gateway.
+@pytest.mark.parametrize("ip", [
+    "64:ff9b::127.0.0.1",  # NAT64 well-known prefix (RFC 6052)
+    "64:ff9b::10.1.2.3",
+    "64:ff9b:1::808:808",  # NAT64 local-use (RFC 8215): never the Internet
+    "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+    "2002:c0a8:101::1",  # 6to4 of 192.168.1.1
+    "::127.0.0.1",  # IPv4-compatible (deprecated)
+    "::10.0.0.1",
+    "::ffff:0:127.0.0.1",  # IPv4-translated (RFC 2765)
+    "::ffff:0:169.254.1.1",
+    "::ffff:10.0.0.1",  # IPv4-mapped
+    "fec0::1",  # site-local (deprecated, RFC 3879)
+    "fefe::1",
+])
+def test_embedded_or_site_local_inward_address_is_not_public(ip: str) -> None:
+    assert not mx.is_public(ip)
+
+
+@pytest.mark.parametrize("ip", [
+    "64:ff9b::8.8.8.8", "2002:808:808::1", "::8.8.8.8", "::ffff:0:8.8.8.8",
+    "::ffff:8.8.8.8", "2607:f8b0:4004::1", "8.8.8.8",
+])
+def test_embedded_public_address_is_public(ip: str) -> None:
+    assert mx.is_public(ip)
+
+
+async def test_mx_with_nat64_loopback_address_is_refused(dns_server: DNSServer,
+                                                         strict: Config) -> None:
+    dns_server.add_mx("remote.test", "mx.remote.test")
+    dns_server.add_aaaa("mx.remote.test", "64:ff9b::7f00:1")
+    with pytest.raises(mx.LookupFailure) as ei:
+        await mx.resolve("remote.test", strict)
+    assert ei.value.status == "5.4.4"

@@ -60,3 +60,13 @@ def test_unknown_and_malformed_ids(cfg: Config) -> None:
         admin.queue_delete(root, "../../directory.sqlite3")
     with pytest.raises(QueueError):
         admin.queue_retry(root, "0123456789ABCDEF")
+
+
+def test_show_names_the_forwarding_alias_and_the_original_sender(cfg: Config) -> None:
+    root = admin.queue_root(cfg)
+    ident = Queue(root).enqueue_bytes(
+        MSG, "SRS0=abcdef=aa=outside.test=eve@example.test", ["x@r.test"], None,
+        forwards={"x@r.test": "fwd@example.test"}, original_sender="eve@outside.test")
+    shown = admin.queue_show(root, ident)
+    assert "rewritten from: <eve@outside.test> (SRS)" in shown
+    assert "forwarded by: fwd@example.test" in shown

@@ -690,3 +690,96 @@ async def test_dsn_stored_over_a_spool_file_left_by_a_killed_attempt(tmp_path: P
     new = maildir_for(tmp_path / "mail", "alice@example.test") / "new"
     assert [p.read_bytes() for p in new.iterdir()] == [dsn]
     assert list(committer.spool_dir.iterdir()) == []
+
+
+async def test_too_many_recipients_552_is_not_a_bounce(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        worker_factory: WorkerFactory, sink: LocalSink) -> None:
+    """A remote limit of 2 recipients per transaction answers the third RCPT with 552
+    (RFC 821's code for it): RFC 5321 §4.5.3.1.10 takes it as temporary, and the rest go in
+    new transactions on the same connection at once, not after a backoff or as a bounce."""
+    rx = await receivers(max_rcpts=2)
+    mx_to(dns_server, "remote.test")
+    # A retry would come only after an hour: only the same pass can deliver them all.
+    cfg = outbound_config(queue={"initial_retry": 3600.0, "max_retry": 3600.0})
+    w = await worker_factory(cfg, mx_port=rx.port)
+    rcpts = [f"r{i}@remote.test" for i in range(5)]
+    w.queue.enqueue_bytes(MSG, "alice@example.test", rcpts, "alice@example.test")
+    w.wake()
+    await wait_for(lambda: w.queue.list() == [])
+    assert sorted(r for m in rx.messages for r in m.recipients) == rcpts
+    assert rx.sessions == 1 and len(rx.messages) == 3
+    assert w.stats.delivered == 5 and w.stats.deferred == 0 and w.stats.failed == 0
+    assert sink.delivered == []
+
+
+# ------------------------------------------------------------------ forwards (issue 24)
+
+
+async def forward_worker(cfg: Config, sink: LocalSink, port: int,
+                         postmaster: list[str] | None) -> DeliveryWorker:
+    from mailfort.directory.sqlite import SQLiteDirectory
+
+    cfg.data_path.mkdir(parents=True, exist_ok=True)
+    d = SQLiteDirectory(cfg.data_path / "directory.sqlite3")
+    d.add_domain("example.test")
+    d.add_user("bob@example.test", "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA")
+    if postmaster is not None:
+        d.add_alias("postmaster@example.test", postmaster)
+    w = DeliveryWorker(Queue(cfg.data_path / "queue"), cfg, sink, mx_port=port, directory=d)
+    await w.start()
+    return w
+
+
+async def test_failed_forward_is_told_to_the_alias_owner_until_stored(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        sink: LocalSink) -> None:
+    """Mail from outside forwarded by fwd@example.test, refused for good: the postmaster of
+    example.test hears of it (kept in the queue while that local delivery fails), the
+    outside sender never does."""
+    rx = await receivers(rcpt_replies={"x@remote.test": ["550 5.7.26 SPF/DMARC says no"]})
+    mx_to(dns_server, "remote.test")
+    w = await forward_worker(outbound_config(), sink, rx.port, ["bob@example.test"])
+    try:
+        sink.fail = True
+        ident = w.queue.enqueue_bytes(MSG, "SRS0=abcdef=aa=outside.test=eve@example.test",
+                                      ["x@remote.test"], None,
+                                      forwards={"x@remote.test": "fwd@example.test"},
+                                      original_sender="eve@outside.test")
+        w.wake()
+        await wait_for(lambda: w.queue.get(ident).recipients[0].state == "failed")
+        assert w.queue.get(ident).unnotified  # not lost: kept until the owner is told
+        sink.fail = False
+        w.rescan()
+        await wait_for(lambda: w.queue.list() == [])
+    finally:
+        await w.stop()
+    ((user, raw),) = sink.delivered
+    assert user == "bob@example.test"
+    msg = parse(raw)
+    assert msg["Subject"] == "Undelivered forwarded mail (alias fwd@example.test)"
+    (block,) = dsn_fields(raw)
+    assert block["Final-Recipient"] == "rfc822; x@remote.test" and block["Status"] == "5.7.26"
+    assert "<eve@outside.test>, who was not told" in raw.decode()
+    assert len(rx.mail_commands) == 1  # the forward; no DSN left by SMTP
+
+
+async def test_failed_forward_without_a_local_postmaster_is_logged(
+        outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+        sink: LocalSink, caplog: pytest.LogCaptureFixture) -> None:
+    rx = await receivers(rcpt_replies={"x@remote.test": ["550 5.1.1 gone"]})
+    mx_to(dns_server, "remote.test")
+    w = await forward_worker(outbound_config(), sink, rx.port, None)
+    caplog.set_level("WARNING", logger="mailfort.queue")
+    try:
+        w.queue.enqueue_bytes(MSG, "eve@outside.test", ["x@remote.test"], None,
+                              forwards={"x@remote.test": "fwd@example.test"})
+        w.wake()
+        await wait_for(lambda: w.queue.list() == [])
+    finally:
+        await w.stop()
+    assert sink.delivered == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("<eve@outside.test> to <x@remote.test> failed: 550 5.1.1 gone" in ln
+               and "fwd@example.test" in ln for ln in lines), lines
+    assert any("nobody to tell" in ln and "postmaster@example.test" in ln for ln in lines)

@@ -13,6 +13,7 @@ import contextlib
 import email
 import email.policy
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -257,6 +258,47 @@ async def test_swaks_submission_is_delivered(
     assert all_stored(o.node) == 0
 
 
+def header_section(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+async def test_relayed_mail_carries_no_return_path(
+    outbound: OutboundFactory, client_ssl_context: ssl.SSLContext
+) -> None:
+    """RFC 5321 §4.4: only the final delivery adds Return-Path; a relay must not send one
+    (ours, written on top of the spool, went out with every relayed message). One the
+    client wrote goes too (§4.4: a message with one SHOULD NOT be sent on)."""
+    o = await outbound()
+    msg, token = new_message(["someone@remote.test"])
+    msg["Return-Path"] = "<forged@elsewhere.test>"
+    await asyncio.to_thread(
+        submit, o.node.port("submission"), client_ssl_context, msg, ["someone@remote.test"])
+    await wait_for(lambda: len(o.receiver.messages) >= 1, "message at the receiver")
+    (got,) = o.receiver.messages
+    head = header_section(got.data)
+    assert b"return-path" not in head.lower(), head.decode()
+    assert f"Subject: {token}".encode() in head and b"with ESMTPSA" in head
+
+
+async def test_forwarded_mail_carries_no_return_path(outbound: OutboundFactory) -> None:
+    o = await outbound()
+    o.node.directory.add_alias("fwd@example.test", ["x@remote.test"])
+    msg, token = new_message(["fwd@example.test"], sender="someone@elsewhere.test")
+
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", o.node.port("mx"), timeout=30) as s:
+            s.ehlo("client.elsewhere.test")
+            s.send_message(msg, from_addr="someone@elsewhere.test",
+                           to_addrs=["fwd@example.test"])
+
+    await asyncio.to_thread(send)
+    await wait_for(lambda: len(o.receiver.messages) >= 1, "forward at the receiver")
+    (got,) = o.receiver.messages
+    head = header_section(got.data)
+    assert b"return-path" not in head.lower(), head.decode()
+    assert f"Subject: {token}".encode() in head
+
+
 # ---------------------------------------------------------------------------- 3: 4xx then 250
 
 
@@ -315,37 +357,153 @@ async def test_permanent_failure_bounces_once_to_the_submitter_only(
 # ---------------------------------------------------------------------------- 5: MX -> no bounce
 
 
+def send_via_mx(port: int, msg: EmailMessage, sender: str, rcpts: list[str]
+                ) -> dict[str, tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.elsewhere.test")
+        return s.send_message(msg, from_addr=sender, to_addrs=rcpts)
+
+
 @pytest.mark.parametrize(
     "sender",
     ["victim@elsewhere.test", ALICE, ""],
     ids=["forged-external", "forged-local-user", "null-sender"],
 )
 async def test_mail_from_the_mx_that_fails_is_never_bounced(
-    outbound: OutboundFactory, sender: str
+    outbound: OutboundFactory, sender: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A refused forward is told to the alias's owner (postmaster@example.test: alice),
+    never to the envelope sender (who may be forged: backscatter), and logged."""
     o = await outbound(rcpt_replies={"x@remote.test": ["550 5.1.1 no such user here"]})
     o.node.directory.add_alias("fwd@example.test", ["x@remote.test"])
     msg, token = new_message(["fwd@example.test"], sender=sender or "nobody@elsewhere.test")
+    caplog.set_level("WARNING", logger="mailfort.queue")
 
-    def send() -> dict[str, tuple[int, bytes]]:
-        with smtplib.SMTP("127.0.0.1", o.node.port("mx"), timeout=30) as s:
-            s.ehlo("client.elsewhere.test")
-            return s.send_message(msg, from_addr=sender, to_addrs=["fwd@example.test"])
-
-    assert await asyncio.to_thread(send) == {}
+    assert await asyncio.to_thread(send_via_mx, o.node.port("mx"), msg, sender,
+                                   ["fwd@example.test"]) == {}
     await wait_for(lambda: o.rcpt_count("x@remote.test") >= 1, "forward attempted")
+    await wait_for(lambda: len(maildir_files(o.node, ALICE)) >= 1, "the owner told")
     await wait_for(o.queue_empty, "queue empty")
 
-    # The forward was tried once and refused; no DSN anywhere: not to the envelope sender
-    # (whose domain's MX is this very receiver), not to a local Maildir, not by SMTP.
+    # The forward was tried once and refused; no DSN by SMTP (to the envelope sender,
+    # whose domain's MX is this very receiver): the one MAIL is the forward itself, with
+    # the sender rewritten (SRS) unless null or of the forwarding domain.
     assert o.receiver.messages == []
-    # The single MAIL is the forward itself (the original envelope sender), no DSN.
     (mail,) = o.receiver.mail_commands
-    assert mail.upper().startswith(f"MAIL FROM:<{sender.upper()}>")
+    if sender == "victim@elsewhere.test":
+        assert mail.upper().startswith("MAIL FROM:<SRS0=")
+        assert "=ELSEWHERE.TEST=VICTIM@EXAMPLE.TEST>" in mail.upper()
+    else:
+        assert mail.upper().startswith(f"MAIL FROM:<{sender.upper()}>")
     assert o.rcpt_count("x@remote.test") == 1
-    assert all_stored(o.node) == 0
-    assert maildir_files(o.node, ALICE) == []
     assert f"Subject: {token}" not in "".join(o.receiver.commands)
+    # The alias's owner, and only they, got a report: which alias, which recipient, why.
+    (notice,) = maildir_files(o.node, ALICE)
+    assert all_stored(o.node) == 1
+    n = parse(notice)
+    assert n["Subject"] == "Undelivered forwarded mail (alias fwd@example.test)"
+    assert n.get_param("report-type") == "delivery-status" and ALICE in n["To"]
+    text = notice.decode()
+    assert "Final-Recipient: rfc822; x@remote.test" in text
+    assert "550 5.1.1 no such user here" in text
+    assert f"<{sender}>, who was not told" in text
+    assert f"Subject: {token}" in text and f"body of {token}" not in text
+    assert any("x@remote.test" in r.getMessage() and "550 5.1.1" in r.getMessage()
+               and "fwd@example.test" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------- SRS (issue 24)
+
+SRS_SENDER = re.compile(r"SRS0=[a-z2-7]{6}=[a-z2-7]{2}=elsewhere\.test=someone@example\.test")
+
+
+def spf_of(o: Outbound, sender: str) -> str:
+    """SPF of ``sender`` for a client at 127.0.0.1, as the destination evaluates it."""
+    from mailfort.policy.dnslookup import Lookup
+    from mailfort.policy.spf import check_mailfrom
+
+    return check_mailfrom(Lookup(o.node.cfg.dns), "127.0.0.1", sender, "mx.example.test",
+                          budget=5).result
+
+
+async def forwarded_once(o: Outbound) -> str:
+    """someone@elsewhere.test writes to fwd@example.test, forwarded to x@remote.test;
+    returns the envelope sender the forward left with."""
+    o.dns.add_txt("elsewhere.test", "v=spf1 ip4:192.0.2.1 -all")  # not us
+    o.dns.add_txt("example.test", "v=spf1 ip4:127.0.0.1 -all")  # us
+    o.node.directory.add_alias("fwd@example.test", ["x@remote.test"])
+    msg, _ = new_message(["fwd@example.test"], sender="someone@elsewhere.test")
+    await asyncio.to_thread(send_via_mx, o.node.port("mx"), msg, "someone@elsewhere.test",
+                            ["fwd@example.test"])
+    await wait_for(lambda: len(o.receiver.messages) >= 1, "forward delivered")
+    (got,) = o.receiver.messages
+    return got.sender
+
+
+async def test_forward_leaves_with_an_srs_sender_that_passes_spf(
+        outbound: OutboundFactory) -> None:
+    """The outsider's address would fail SPF from us at the destination; the SRS one,
+    of the alias's domain, passes."""
+    o = await outbound()
+    sender = await forwarded_once(o)
+    assert SRS_SENDER.fullmatch(sender), sender
+    assert await asyncio.to_thread(spf_of, o, "someone@elsewhere.test") == "fail"
+    assert await asyncio.to_thread(spf_of, o, sender) == "pass"
+    assert (o.node.cfg.data_path / "srs.key").stat().st_mode & 0o777 == 0o600
+
+
+async def test_bounce_to_the_srs_address_goes_back_to_the_original_sender(
+        outbound: OutboundFactory) -> None:
+    o = await outbound()
+    srs_sender = await forwarded_once(o)
+    dsn = (b"From: MAILER-DAEMON@remote.test\r\nTo: " + srs_sender.encode() +
+           b"\r\nSubject: Undelivered Mail\r\n\r\nx@remote.test: mailbox gone later\r\n")
+
+    def bounce() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", o.node.port("mx"), timeout=30) as s:
+            s.ehlo("mx.remote.test")
+            return s.sendmail("", [srs_sender], dsn)
+
+    assert await asyncio.to_thread(bounce) == {}
+    await wait_for(lambda: len(o.receiver.messages) >= 2, "bounce sent back")
+    await wait_for(o.queue_empty, "queue empty")
+    back = o.receiver.messages[1]
+    assert (back.sender, back.recipients) == ("", ["someone@elsewhere.test"])
+    assert b"mailbox gone later" in back.data
+    assert all_stored(o.node) == 0
+
+
+async def test_srs_address_is_no_open_relay_and_no_backscatter_route(
+        outbound: OutboundFactory) -> None:
+    """Only a null sender, only a hash of ours, only a recent day: everything else is an
+    unknown user at RCPT (nothing accepted, nothing queued, nothing bounced)."""
+    o = await outbound()
+    good = await forwarded_once(o)
+    local = good.rpartition("@")[0]
+    _, h, tt, dom, user = local.split("=")
+    forged = [
+        f"SRS0={'b' if h[0] == 'a' else 'a'}{h[1:]}={tt}={dom}={user}@example.test",
+        f"SRS0={h}={tt}=victim.test={user}@example.test",
+        f"SRS0={h}={tt}={dom}=victim@example.test",
+        "SRS0=abcdef=aa=victim.test=v@example.test",
+        f"SRS1={h}=other.test=={h}={tt}={dom}={user}@example.test",
+    ]
+
+    def rcpt(sender: str, to: str) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", o.node.port("mx"), timeout=30) as s:
+            s.ehlo("client.elsewhere.test")
+            s.mail(sender)
+            return s.rcpt(to)
+
+    for to in forged:
+        code, text = await asyncio.to_thread(rcpt, "", to)
+        assert (code, text[:5]) == (550, b"5.1.1"), (to, code, text)
+    # The real address, with a sender: not a bounce, so no way to write to someone@ via us.
+    code, text = await asyncio.to_thread(rcpt, "spammer@elsewhere.test", good)
+    assert (code, text[:5]) == (550, b"5.1.1")
+    code, _ = await asyncio.to_thread(rcpt, "", good)
+    assert code == 250
+    assert o.queue_empty() and len(o.receiver.messages) == 1
 
 
 # ---------------------------------------------------------------------------- 6: mixed results

@@ -19,6 +19,9 @@ when TLS could not be set up): a bounce, never a send in clear or unverified.
 
 Hosts are tried in order (all addresses of each MX) until one gives a definite answer to
 the transaction; connection errors, timeouts and greeting/EHLO refusals move on to the next.
+A server's limit of recipients per transaction (452, or 552 as RFC 821 had it, at a later
+RCPT: RFC 5321 §4.5.3.1.10) ends the transaction there; the remaining recipients go in the
+next one on the same connection, at once.
 
 The message is streamed from its file during DATA (``_send_data``), a chunk at a time with
 the transport's flow control, so a delivery holds one chunk of it in memory, not the whole.
@@ -46,7 +49,13 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from mailfort.delivery import dane
-from mailfort.delivery.message import CHUNK, DataEncoder, Outbound, needs_smtputf8
+from mailfort.delivery.message import (
+    CHUNK,
+    DataEncoder,
+    Outbound,
+    ReturnPathFilter,
+    needs_smtputf8,
+)
 from mailfort.delivery.mx import Target
 from mailfort.delivery.requiretls import NEEDS_REQUIRETLS
 from mailfort.delivery.tlspolicy import HostPlan, Reporter, TLSEvent, TLSPolicy, failure_type
@@ -442,35 +451,88 @@ async def _session(
                 "5.6.7", f"554 5.6.7 {where} does not offer SMTPUTF8, which this message "
                 "needs (non-ASCII addresses or headers)", no_smtputf8=True)
         options.append(b"SMTPUTF8")
-    resp = await smtp.execute_command(b"MAIL", b"FROM:" + _path(sender), *options)
     result = DomainResult(host=target.host, tls=tls, tls_version=tls_version,
                           verified=verified)
     where_tls = f"{where}, {result.hop}"  # failures say which TLS the hop had
+    pending = list(recipients)
+    first = True
+    while pending:
+        try:
+            pending = await _mail_transaction(smtp, where, where_tls, target.host, sender,
+                                              pending, options, message, result,
+                                              first=first)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
+                OSError) as exc:
+            if first:
+                raise
+            # Lost in a later transaction: what the earlier ones settled stands (sending
+            # it all again elsewhere would duplicate it); the rest is retried later.
+            reply = f"{where}: connection lost: {_one_line(str(exc))}"
+            for r in recipients:
+                result.results.setdefault(r, RcptResult(r, "temporary", reply, "4.4.2"))
+            return result
+        first = False
+    await _quit(smtp)
+    return result
+
+
+def _too_many(resp: SMTPResponse, position: int) -> bool:
+    """RFC 5321 §4.5.3.1.10: a server out of recipients for this transaction says 452 (RFC
+    821 said 552, so 552 is taken the same way, as temporary); the rest go in a new one.
+    An enhanced status other than X.5.3 ("too many recipients", RFC 3463) says it is about
+    this recipient (4.2.2 mailbox full); and the first RCPT of a transaction cannot have
+    hit the limit: its reply is final."""
+    if resp.code not in (452, 552) or position == 0:
+        return False
+    m = _ENHANCED.match(resp.message.strip())
+    return m is None or (m.group(2), m.group(3)) == ("5", "3")
+
+
+async def _mail_transaction(
+    smtp: aiosmtplib.SMTP,
+    where: str,
+    where_tls: str,
+    host: str,
+    sender: str,
+    recipients: list[str],
+    options: list[bytes],
+    message: Outbound,
+    result: DomainResult,
+    *,
+    first: bool,
+) -> list[str]:
+    """One MAIL/RCPT/DATA on the open connection. Records a result for each recipient it
+    settles and returns those left for another transaction (the server's recipient limit
+    was reached): they are sent at once, on this connection, not after a backoff."""
+    if not first:
+        await smtp.execute_command(b"RSET")
+    resp = await smtp.execute_command(b"MAIL", b"FROM:" + _path(sender), *options)
     if resp.code != 250:
         outcome = _classify(resp.code)
-        if outcome == "temporary" and resp.code == 421:
+        if first and outcome == "temporary" and resp.code == 421:
             raise _HostFailure(status_of(resp.code, resp.message),
                                f"{where} said: {_reply(resp.code, resp.message)}")
         for r in recipients:
-            result.results[r] = _result(r, resp, where_tls, target.host, "MAIL FROM")
-        await _quit(smtp)
-        return result
+            result.results[r] = _result(r, resp, where_tls, host, "MAIL FROM")
+        return []
 
     accepted: list[str] = []
-    for r in recipients:
+    leftover: list[str] = []
+    for i, r in enumerate(recipients):
         resp = await smtp.execute_command(b"RCPT", b"TO:" + _path(r))
         if resp.code in (250, 251):
             accepted.append(r)
+        elif _too_many(resp, i):
+            leftover = recipients[i:]
+            break
         else:
-            result.results[r] = _result(r, resp, where_tls, target.host, "RCPT TO")
+            result.results[r] = _result(r, resp, where_tls, host, "RCPT TO")
     if not accepted:
-        await _quit(smtp)
-        return result
+        return leftover
     resp = await _send_data(smtp, message, smtp.timeout)
     for r in accepted:
-        result.results[r] = _result(r, resp, where_tls, target.host, "DATA")
-    await _quit(smtp)
-    return result
+        result.results[r] = _result(r, resp, where_tls, host, "DATA")
+    return leftover
 
 
 async def _send_data(
@@ -497,12 +559,14 @@ async def _send_data(
         f = await asyncio.to_thread(message.open)
         try:
             encoder = DataEncoder()
+            strip = ReturnPathFilter()  # RFC 5321 §4.4: no Return-Path leaves with it
             while True:
                 if reply.done():
                     early = True
                     break
                 chunk = await asyncio.to_thread(f.read, CHUNK)
-                out = encoder.feed(chunk) if chunk else encoder.end()
+                out = encoder.feed(strip.feed(chunk)) if chunk else \
+                    encoder.feed(strip.end()) + encoder.end()
                 try:
                     if out:
                         protocol.write(out)

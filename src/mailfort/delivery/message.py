@@ -4,6 +4,8 @@
 RFC 6531 SMTPUTF8); the queue records them at enqueue (``scan``) so that a delivery needs no
 extra pass over the file. ``DataEncoder`` turns pieces of the message into the DATA wire
 form (CRLF line ends, dot-stuffing, RFC 5321 §4.5.2) whatever the piece boundaries.
+``ReturnPathFilter`` drops the Return-Path fields on the way out: every spooled message
+starts with ours, and a relay must not send one (RFC 5321 §4.4).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ CHUNK = 64 * 1024  # bytes read from the file (and written to the remote) at a t
 MAX_HEADER_SCAN = 1 << 20  # a header block longer than this: the rest counts as body
 
 _LINE_END = re.compile(rb"\r\n|\n|\r")
+_RETURN_PATH = re.compile(rb"return-path[ \t]*:", re.IGNORECASE)  # obs: WSP before ":"
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,67 @@ class DataEncoder:
         self._cr = False
         self._bol = True
         return out + b".\r\n"
+
+
+class ReturnPathFilter:
+    """Message octets in, the same without Return-Path fields in the header section.
+
+    RFC 5321 §4.4: Return-Path is added at final delivery only; a relay or forward must not
+    send one, and a message that has one should not be sent on. The queue file keeps the
+    field we wrote when the message arrived (it is the spool file, linked); it is dropped
+    here, with its continuation lines, whatever the piece boundaries. A header line longer
+    than the scan limit ends the filtering (the rest passes unchanged).
+    """
+
+    def __init__(self) -> None:
+        self._held = bytearray()  # an incomplete header line
+        self._in_headers = True
+        self._dropping = False  # inside a Return-Path field (continuation lines go too)
+        self._seen = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._in_headers:
+            return data
+        self._held += data
+        buf = self._held
+        out = bytearray()
+        pos = 0
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                break
+            line = bytes(buf[pos:nl + 1])
+            pos = nl + 1
+            self._seen += len(line)
+            if line in (b"\r\n", b"\n"):  # end of the header section
+                self._in_headers = False
+                out += line
+                break
+            if line[:1] not in (b" ", b"\t"):
+                self._dropping = _RETURN_PATH.match(line) is not None
+            if not self._dropping:
+                out += line
+            if self._seen > MAX_HEADER_SCAN:
+                self._in_headers = False
+                break
+        rest = bytes(buf[pos:])
+        self._held = bytearray()
+        if not self._in_headers or self._seen + len(rest) > MAX_HEADER_SCAN:
+            self._in_headers = False
+            return bytes(out) + rest
+        self._held += rest
+        return bytes(out)
+
+    def end(self) -> bytes:
+        """What is still held: a last header line without a line end."""
+        rest = bytes(self._held)
+        self._held = bytearray()
+        if not self._in_headers:
+            return rest
+        self._in_headers = False
+        if rest[:1] in (b" ", b"\t"):
+            return b"" if self._dropping else rest
+        return b"" if _RETURN_PATH.match(rest) else rest
 
 
 @dataclass(frozen=True)

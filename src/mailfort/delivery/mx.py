@@ -75,16 +75,48 @@ def requires_tls(cfg: Config, domain: str, route: Route | None = None) -> bool:
     return listed or bool(route and route.require_tls)
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address the packet really goes to: NAT64
+# well-known (RFC 6052), IPv4-translated (RFC 2765, "::ffff:0:a.b.c.d"), IPv4-compatible
+# (RFC 4291 §2.5.5.1, deprecated "::a.b.c.d"; :: and ::1 themselves are judged as IPv6).
+_EMBEDS_IPV4_LAST32 = tuple(ipaddress.IPv6Network(n) for n in
+                            ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96"))
+# Never a destination on the Internet: NAT64 local-use (RFC 8215, its IPv4 may sit at any
+# of the RFC 6052 offsets, so it is not unwrapped) and the deprecated site-local fec0::/10
+# (RFC 3879), which Python's ``is_global`` still counts as global.
+_NOT_PUBLIC_V6 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b:1::/48", "fec0::/10"))
+
+
 def is_public(address: str) -> bool:
     """A globally routable unicast address: not loopback, private (RFC 1918, unique-local),
-    link-local, shared (RFC 6598), multicast, reserved, documentation or unspecified."""
+    link-local, shared (RFC 6598), multicast, reserved, documentation or unspecified.
+
+    An IPv6 address that carries an IPv4 address the traffic ends at (IPv4-mapped, NAT64,
+    6to4, IPv4-compatible or -translated, Teredo's client) is judged by that IPv4 address:
+    ``64:ff9b::127.0.0.1`` reaches this host's loopback through a NAT64 gateway.
+    """
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _NOT_PUBLIC_V6):
+            return False
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            ip = embedded
     return ip.is_global and not ip.is_multicast
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]  # the client's address (Teredo itself is not global anyway)
+    if int(ip) > 1 and any(ip in net for net in _EMBEDS_IPV4_LAST32):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 def _inward(domain: str, refused: list[str]) -> LookupFailure:

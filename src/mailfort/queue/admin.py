@@ -75,6 +75,7 @@ def format_entry(entry: Entry, headers: bytes = b"") -> str:
         f"id:           {entry.id}",
         f"created:      {_when(entry.created)}",
         f"sender:       {_sender(entry)}",
+        *([f"rewritten from: <{entry.original_sender}> (SRS)"] if entry.original_sender else []),
         f"submitted by: {entry.submitted_by or '- (no bounce will be sent)'}",
         f"size:         {entry.size}",
         f"warned:       {'yes' if entry.warned else 'no'}",
@@ -82,6 +83,9 @@ def format_entry(entry: Entry, headers: bytes = b"") -> str:
     ]
     for r in entry.recipients:
         lines.append(f"  {r.address}: {r.state}, {r.attempts} attempt(s)")
+        if r.address in entry.forwards:
+            lines.append(f"    forwarded by: {entry.forwards[r.address]} (a failure is told "
+                         "to its domain's postmaster)")
         if r.active:
             lines.append(f"    next attempt: {_when(r.next_attempt)}")
         if r.last_reply:

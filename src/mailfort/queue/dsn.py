@@ -77,8 +77,14 @@ def build_dsn(
     queue_id: str = "",
     arrival: float | None = None,
     now: float | None = None,
+    forwarded_by: str = "",
+    forwarded_from: str = "",
 ) -> bytes:
     """A complete multipart/report message (CRLF) ready for local delivery.
+
+    ``forwarded_by``: the report goes to the owner of that alias, about mail it forwarded
+    (from ``forwarded_from``, who is not told: the sender of mail from outside may be
+    forged, and a bounce to it would be backscatter).
 
     ``Return-Path: <>`` records the null envelope sender of a DSN (RFC 3464 §2, RFC 5321
     §4.5.5), so no reply to it can bounce back in a loop.
@@ -92,6 +98,7 @@ def build_dsn(
     msgid = f"<{int(now)}.{secrets.token_hex(8)}@{host}>"
     subject = (
         "Delayed Mail (still being retried)" if delayed
+        else f"Undelivered forwarded mail (alias {_clean(forwarded_by, 300)})" if forwarded_by
         else "Undelivered Mail Returned to Sender"
     )
     orig_id = _header(original, "Message-ID")
@@ -115,7 +122,17 @@ def build_dsn(
     # 1. the human-readable part
     lines += [f"--{boundary}", "Content-Type: text/plain; charset=utf-8",
               "Content-Transfer-Encoding: 8bit", ""]
-    if delayed:
+    if forwarded_by and not delayed:
+        lines += [
+            f"This is the mail system at {host}.",
+            "",
+            f"Mail that the alias <{_clean(forwarded_by, 300)}> forwarded could not be "
+            "delivered to the recipients below. It will not be retried.",
+            f"It came from <{_clean(forwarded_from, 300)}>, who was not told: the sender "
+            "of mail from outside may be forged, and a bounce to it would be backscatter.",
+            "You receive this as postmaster of the alias's domain.",
+        ]
+    elif delayed:
         lines += [
             f"This is the mail system at {host}.",
             "",

@@ -95,6 +95,10 @@ class Entry:
     # "TLS-Required: No" (the destination's MTA-STS/DANE failures do not stop delivery).
     requiretls: bool = False
     tls_optional: bool = False
+    # Forwarded mail (queue/forward.py): recipient -> the alias of ours it came through,
+    # whose owner is told of a permanent failure; and the sender before SRS rewrote it.
+    forwards: dict[str, str] = field(default_factory=dict)
+    original_sender: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -228,6 +232,8 @@ class Queue:
         submitted_by: str | None,
         *,
         requiretls: bool = False,
+        forwards: dict[str, str] | None = None,
+        original_sender: str = "",
     ) -> str:
         """Queue the message in ``message_path`` (hard link, copy across filesystems).
 
@@ -246,7 +252,8 @@ class Queue:
             tmp = self.tmp_dir / f"{ident}.msg"
             shutil.copyfile(message_path, tmp)
             os.rename(tmp, target)
-        return self._commit(ident, target, sender, recipients, submitted_by, requiretls)
+        return self._commit(ident, target, sender, recipients, submitted_by, requiretls,
+                            forwards, original_sender)
 
     def enqueue_bytes(
         self,
@@ -256,6 +263,8 @@ class Queue:
         submitted_by: str | None,
         *,
         requiretls: bool = False,
+        forwards: dict[str, str] | None = None,
+        original_sender: str = "",
     ) -> str:
         """Queue a message held in memory (bounces from elsewhere, tests, tools)."""
         if not recipients:
@@ -266,7 +275,8 @@ class Queue:
             f.write(message)
         target = self.msg_dir / ident
         os.rename(tmp, target)
-        return self._commit(ident, target, sender, recipients, submitted_by, requiretls)
+        return self._commit(ident, target, sender, recipients, submitted_by, requiretls,
+                            forwards, original_sender)
 
     def _commit(
         self,
@@ -276,6 +286,8 @@ class Queue:
         recipients: list[str],
         submitted_by: str | None,
         requiretls: bool = False,
+        forwards: dict[str, str] | None = None,
+        original_sender: str = "",
     ) -> str:
         try:
             _fsync_file(msg_path)
@@ -295,6 +307,8 @@ class Queue:
                 utf8_headers=traits.utf8_headers,
                 requiretls=required,
                 tls_optional=optional,
+                forwards={a: f for a, f in (forwards or {}).items() if a in recipients},
+                original_sender=original_sender,
             )
             self._write_state(entry)
         except BaseException:

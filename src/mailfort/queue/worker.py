@@ -22,6 +22,13 @@ so a crash between the two sends the bounce after restart rather than losing it.
 has a key that is the same on that resend (the entry, how many DSNs it already sent, and
 the time of the attempt it reports, all in the saved state), and ``local_deliver`` stores a
 key once: the resend after such a crash finds the first copy and adds none.
+
+Forwarded mail (an alias of ours to a remote address, queue/forward.py) that fails for
+good is told to the alias's owner: the postmaster of the alias's domain, as resolved by
+the directory to local mailboxes (aliases are the domain administrator's, and their
+targets may all be remote). Never the outside sender. It is kept unnotified, like a
+bounce, until that notice is stored; each such failure, and every permanent failure that
+no one is told of (mail from outside, a null sender), is also a log line with its reason.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from mailfort.delivery import client, mx, tlsrpt_send
 from mailfort.delivery.message import Outbound, Traits, scan_file
 from mailfort.delivery.outbound_tls import OutboundTLS
 from mailfort.delivery.tlspolicy import static_policy
+from mailfort.directory.base import Directory, lookup
 from mailfort.queue.dsn import MAX_ORIGINAL_HEADERS, RecipientReport, build_dsn
 from mailfort.queue.store import Entry, Queue, QueueError, Recipient
 from mailfort.store.maildir import Committer, in_maildir, keyed_name, maildir_for
@@ -90,8 +98,12 @@ class DeliveryWorker:
         *,
         mx_port: int = mx.SMTP_PORT,
         clock: Callable[[], float] = time.time,
+        directory: Directory | None = None,
     ) -> None:
+        """``directory``: where the owners of forwarding aliases are found; without one a
+        failed forward is only logged."""
         self.queue = queue
+        self.directory = directory
         self.cfg = cfg
         self.local_deliver = local_deliver
         self.mx_port = mx_port
@@ -381,18 +393,21 @@ class DeliveryWorker:
                 elif res.outcome == "permanent":
                     r.state = "failed"
                     self.stats.failed += 1
+                    self._log_failure(entry, r)
                 elif now >= expiry:
                     r.state = "failed"
                     r.status = "4.4.7"
                     r.last_reply = f"message expired in queue; last reply: {res.reply}"
                     self.stats.failed += 1
+                    self._log_failure(entry, r)
                 else:
                     r.state = "deferred"
                     r.next_attempt = min(now + backoff(self.cfg, r.attempts), expiry)
                     self.stats.deferred += 1
         if not may_bounce(entry):
             for r in entry.unnotified:
-                r.notified = True
+                if r.address not in entry.forwards:  # the alias's owner is told (_notify)
+                    r.notified = True
         try:
             await self._save(entry)
             await self._notify(entry, now)
@@ -461,8 +476,72 @@ class DeliveryWorker:
         else:
             await asyncio.to_thread(self.queue.update, entry)
 
+    def _log_failure(self, entry: Entry, r: Recipient) -> None:
+        """One line per recipient that failed for good, saying who will hear of it."""
+        alias = entry.forwards.get(r.address)
+        if may_bounce(entry):
+            told = f"bounce to {entry.submitted_by}"
+        elif alias is not None:
+            told = f"forwarded by {alias}: its owner (postmaster@{alias.rpartition('@')[2]}) " \
+                "is told, not the sender"
+        elif not entry.sender:
+            told = "null sender: no bounce"
+        else:
+            told = "no bounce: the sender is not a local user (backscatter rule)"
+        sender = entry.original_sender or entry.sender
+        log.warning("queue %s: <%s> to <%s> failed: %s; %s", entry.id, sender, r.address,
+                    r.last_reply, told)
+
+    async def _owners(self, domain: str) -> tuple[str, ...]:
+        """The local mailboxes of postmaster@``domain`` (RFC 5321 §4.5.1 requires one)."""
+        if self.directory is None:
+            return ()
+        try:
+            found = await lookup(self.directory, self.directory.resolve, f"postmaster@{domain}")
+        except Exception:
+            log.exception("looking up postmaster@%s failed", domain)
+            raise
+        return found.local if found is not None else ()
+
+    async def _tell_owners(self, entry: Entry, now: float) -> None:
+        """A notice of failed forwards to each alias's owner; kept unnotified (retried
+        after ``initial_retry``) until stored."""
+        failed = [r for r in entry.unnotified if r.address in entry.forwards]
+        if not failed:
+            return
+        by_alias: dict[str, list[Recipient]] = {}
+        for r in failed:
+            by_alias.setdefault(entry.forwards[r.address], []).append(r)
+        retry = False
+        for alias, rs in by_alias.items():
+            domain = alias.rpartition("@")[2].lower()
+            try:
+                owners = await self._owners(domain)
+            except Exception:
+                retry = True
+                continue
+            if not owners:
+                log.error("queue %s: failed forward by %s: nobody to tell (postmaster@%s "
+                          "is not a local mailbox); see the lines above", entry.id, alias,
+                          domain)
+            reports = [RecipientReport(r.address, "failed", r.status or "5.0.0", r.last_reply,
+                                       r.remote_mta, r.last_attempt or None) for r in rs]
+            told = True
+            for owner in owners:
+                told &= await self._send_dsn(entry, reports, now, rs, to=owner, alias=alias)
+            if told:
+                for r in rs:
+                    r.notified = True
+            else:
+                retry = True
+        if retry:
+            entry.notify_after = now + self.cfg.queue.initial_retry
+        await self._save(entry)
+
     async def _notify(self, entry: Entry, now: float) -> None:
         """Send the bounce for newly failed recipients and, once, the delay warning."""
+        if entry.forwards and not may_bounce(entry):
+            await self._tell_owners(entry, now)
         if not may_bounce(entry):
             return
         assert entry.submitted_by is not None
@@ -495,8 +574,12 @@ class DeliveryWorker:
                 await self._save(entry)
 
     async def _send_dsn(self, entry: Entry, reports: list[RecipientReport], now: float,
-                        about: list[Recipient]) -> bool:
-        assert entry.submitted_by is not None
+                        about: list[Recipient], *, to: str | None = None,
+                        alias: str = "") -> bool:
+        """A DSN to ``to`` (the submitter by default), stored locally; ``alias``: it tells
+        an alias's owner of forwards that failed."""
+        to = to or entry.submitted_by
+        assert to is not None
         sent = int(entry.extra.get("dsns", 0))
         when = int(max((r.last_attempt for r in about), default=0.0) or entry.created)
         key = f"{when}.B{entry.id}N{sent}"  # the same after a crash before the next save
@@ -507,18 +590,19 @@ class DeliveryWorker:
             headers = b""
         dsn = build_dsn(
             reporting_mta=self.hostname,
-            to=entry.submitted_by,
+            to=to,
             original=headers + b"\r\n",
             reports=reports,
             queue_id=entry.id,
             arrival=entry.created,
             now=now,
+            forwarded_by=alias,
+            forwarded_from=entry.original_sender or entry.sender,
         )
         try:
-            await self.local_deliver(entry.submitted_by, dsn, key)
+            await self.local_deliver(to, dsn, key)
         except Exception:
-            log.exception("queue %s: DSN to %s not delivered; will retry",
-                          entry.id, entry.submitted_by)
+            log.exception("queue %s: DSN to %s not delivered; will retry", entry.id, to)
             return False
         entry.extra["dsns"] = sent + 1
         return True

@@ -21,6 +21,7 @@ from mailfort import logsetup
 from mailfort.config import Config
 from mailfort.delivery.mx import make_resolver
 from mailfort.directory import open_directory
+from mailfort.policy import srs
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import (
     Counters,
@@ -35,6 +36,7 @@ from mailfort.policy.inbound import InboundPolicy, zones
 from mailfort.policy.msa import MSAPolicy
 from mailfort.policy.senderauth import SenderAuth
 from mailfort.queue import owner as queue_owner
+from mailfort.queue.forward import enqueue_envelope
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
@@ -108,6 +110,7 @@ class Node:
             cfg,
             maildir_deliverer(self.committer, cfg.mail_path),
             mx_port=cfg.queue.mx_port,
+            directory=self.directory,  # the owners of forwarding aliases (issue 24)
         )
         self.msa = MSAPolicy(cfg, self.directory, self.throttles)
         # SPF, DKIM and DMARC of the mail the MX receives ([sender_auth]).
@@ -149,9 +152,15 @@ class Node:
         """Runs on the committer thread, after the message data is flushed. Delivery is
         woken only once the client has its 250 (``queued``), never before."""
         sender = "" if env.sender is None else str(env.sender)
-        ident = self.queue.enqueue(path, sender, list(env.remote), submitted_by,
-                                   requiretls=env.requiretls)
-        return lambda: self.queue.delete(ident)
+        idents = enqueue_envelope(self.queue, srs.for_config(self.cfg), self.cfg.srs.domain,
+                                  path, sender, list(env.remote), env.forwards, submitted_by,
+                                  requiretls=env.requiretls)
+
+        def take_back() -> None:
+            for ident in idents:
+                self.queue.delete(ident)
+
+        return take_back
 
     async def _authenticate(
         self, username: str, password: str, client_ip: str

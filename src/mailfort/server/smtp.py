@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from mailfort.config import Config
 from mailfort.directory.base import Directory, is_blocking
-from mailfort.policy import decisionlog
+from mailfort.policy import decisionlog, srs
 from mailfort.policy.inbound import PREGREET, ConnectionVerdict, InboundPolicy
-from mailfort.policy.recipients import STRICT, RecipientPolicy
+from mailfort.policy.recipients import BounceReturn, RecipientPolicy, StrictRecipients
 from mailfort.policy.relay import RecipientDecision
 from mailfort.policy.senderauth import SenderAuth
 from mailfort.policy.spf import SPFResult
@@ -76,6 +76,9 @@ class Envelope:
     sender: Mailbox | None = None
     local: list[str] = field(default_factory=list)  # canonical local users
     remote: list[str] = field(default_factory=list)  # addresses to relay/forward
+    # Remote addresses reached through an alias of ours -> that alias (forwards: their
+    # sender is rewritten with SRS, and a failure is told to the alias's owner).
+    forwards: dict[str, str] = field(default_factory=dict)
     rcpts: list[str] = field(default_factory=list)  # as the client gave them
     spf: list[SPFResult] = field(default_factory=list)  # MX: SPF of HELO and MAIL FROM
     requiretls: bool = False  # MAIL ... REQUIRETLS (RFC 8689), kept in the queue entry
@@ -228,7 +231,7 @@ class SMTPService(Listener):
             else self.settings
         )
         # --- lab legacy profile: weakened engine settings and recipient policy -----------
-        self.recipients: RecipientPolicy = STRICT
+        self.recipients: RecipientPolicy = StrictRecipients(srs.for_config(cfg), cfg.srs.domain)
         if legacy is not None:
             self.settings = self.loopback_settings = legacy.smtp_settings(self.settings,
                                                                           directory)
@@ -498,7 +501,8 @@ class SMTPSession(EngineSession):
 
     def _decide_rcpt(self, ev: RcptTo) -> RecipientDecision:
         return self._limit_rcpt() or self.service.recipients.decide(
-            ev.recipient, self.service.directory, may_relay=self.may_relay())
+            ev.recipient, self.service.directory, may_relay=self.may_relay(),
+            bounce=self.envelope.sender is None)
 
     async def _rcpt_off_loop(self, ev: RcptTo) -> None:
         """RCPT that awaits: the same decision, a networked directory's lookups in a
@@ -508,10 +512,11 @@ class SMTPSession(EngineSession):
             if is_blocking(self.service.directory):
                 decision = await asyncio.to_thread(
                     self.service.recipients.decide, ev.recipient, self.service.directory,
-                    may_relay=self.may_relay())
+                    may_relay=self.may_relay(), bounce=self.envelope.sender is None)
             else:
                 decision = self.service.recipients.decide(
-                    ev.recipient, self.service.directory, may_relay=self.may_relay())
+                    ev.recipient, self.service.directory, may_relay=self.may_relay(),
+                    bounce=self.envelope.sender is None)
         decision = await self._reserve_rcpt(decision)
         if self._inbound_applies(decision):
             await self._screen_rcpt(ev, decision)
@@ -542,6 +547,9 @@ class SMTPSession(EngineSession):
             env.rcpts.append(str(ev.recipient))
             env.local.extend(u for u in decision.resolution.local if u not in env.local)
             env.remote.extend(a for a in decision.resolution.remote if a not in env.remote)
+            if not decision.relay and not isinstance(decision, BounceReturn):
+                for a in decision.resolution.remote:  # through our alias: a forward
+                    env.forwards.setdefault(a, str(ev.recipient))
         else:
             decisionlog.reject("RCPT", self.peer_ip, decision.reply,
                                from_=self.envelope.sender or "", to=ev.recipient,
