@@ -412,7 +412,7 @@ def run(cfg: Config, reload_config: Callable[[], Config] | None = None) -> None:
     """``mailfort serve``. ``reload_config`` reads the configuration file again (SIGHUP,
     with worker processes; server/supervisor.py)."""
     from mailfort.server.supervisor import (
-        ensure_certificate_apart,
+        certificate_around_drop,
         hold_signals,
         run_supervisor,
         worker_count,
@@ -435,8 +435,8 @@ def run(cfg: Config, reload_config: Callable[[], Config] | None = None) -> None:
     # Maildirs) is opened only after the drop (issue 24).
     ops.bind()
     ssl_context = configured_context(cfg)
-    ops.drop_privileges()
-    ensure_certificate_apart(cfg)  # before the loop and its threads: the node reads its record
+    # Before the loop and its threads (a fork): the node reads the certificate's record.
+    certificate_around_drop(cfg, ops)
     asyncio.run(serve(cfg, ops, ssl_context))
 
 

@@ -148,6 +148,7 @@ class Operations:
                     self.acme = _acme_listen(cfg)
             self.notifier = Notifier()
         self.dropped = False  # drop_privileges has switched to the service user
+        self.given = False  # give_away has given the data directory to it
         self.metrics_socket: socket.socket | None = None  # bound by ``bind``
         self.started_at = time.time()
         self.node: Node | None = None
@@ -188,6 +189,17 @@ class Operations:
             self.metrics_server = metrics.serve(self.cfg.metrics.listen)
         self.drop_privileges()
 
+    def give_away(self) -> None:
+        """Root, before the switch: the data directory, the Maildir root and the log file
+        become the service user's (nothing in them followed through a symlink). Once."""
+        if self.account is None or self.given:
+            return
+        privileges.own_data_dir(self.cfg.data_path, self.account)
+        privileges.own_mail_root(self.cfg, self.account)
+        if self.cfg.log.file:  # so a reopen after rotation can write
+            privileges.own_log_file(Path(self.cfg.log.file), self.account)
+        self.given = True
+
     def drop_privileges(self) -> None:
         """Give the data directory (and log file) to the service user, then become it;
         then what was put off until now: the ACME order, written into the data directory.
@@ -195,10 +207,7 @@ class Operations:
         once bound)."""
         if self.account is None or self.dropped:
             return
-        privileges.own_data_dir(self.cfg.data_path, self.account)
-        privileges.own_mail_root(self.cfg, self.account)
-        if self.cfg.log.file:  # so a reopen after rotation can write
-            privileges.own_log_file(Path(self.cfg.log.file), self.account)
+        self.give_away()
         privileges.drop(self.account)
         self.dropped = True
         if self.acme is not None:

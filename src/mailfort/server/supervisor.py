@@ -92,7 +92,7 @@ from typing import TYPE_CHECKING
 
 from mailfort.config import Config, ConfigError
 from mailfort.server.acceptor import AcceptGate, bind
-from mailfort.server.privileges import LISTEN_KEYS
+from mailfort.server.privileges import LISTEN_KEYS, Account
 
 if TYPE_CHECKING:
     from mailfort.server.app import Node
@@ -386,11 +386,12 @@ class Supervisor:
         self.log_handler = self.ops.log_handler
 
     def start(self) -> None:
+        # Imported while root: after the drop, a Python in root's home is unreadable.
+        import mailfort.directory.sqlite  # noqa: F401
         from mailfort import metrics
         from mailfort.policy.shared_counters import SQLiteCounters
         from mailfort.server.connections import ConnectionTable
         from mailfort.store.maildir import make_dirs, recover_spool
-
         cfg = self.cfg
         # Root binds, and nothing else: whatever is in the data directory is the service
         # user's to change, so it is read and written only after the drop (issue 24).
@@ -399,13 +400,12 @@ class Supervisor:
             self.metrics_socket = _bind(cfg.metrics.listen)
         if cfg.mta_sts.listen:  # port 443 in production: bound before the drop too
             self.mta_sts_socket = _bind(cfg.mta_sts.listen)
-        self.ops.drop_privileges()  # nothing is served, delivered or recovered as root
+        certificate_around_drop(cfg, self.ops)  # nothing served or recovered as root
         spool = cfg.data_path / "spool"
         make_dirs(spool)
         removed = recover_spool(spool, mail_root=cfg.mail_path)  # before any worker writes
         if removed:
             log.info("removed %d spool files left by a crash", removed)
-        ensure_certificate_apart(cfg)
         # The shared counters' file is made (in WAL mode, its table created) before the
         # workers open it: two of them switching a new file to WAL at once would have one
         # fail with "database is locked" (SQLite does not wait for that lock).
@@ -641,7 +641,21 @@ class Supervisor:
                     self._spawn(i)
 
 
-def ensure_certificate_apart(cfg: Config) -> None:
+def certificate_around_drop(cfg: Config, ops: Operations) -> None:
+    """At start, as root: give the data directory away, make the self-signed certificate
+    there as the service user (``ensure_certificate_apart`` with the account), drop
+    privileges (``ops``: the ACME order is written then), and look for a configured or
+    ACME certificate. Nothing in the data directory is written or read as root."""
+    apart = not (cfg.tls.cert_file or cfg.tls.acme)
+    ops.give_away()
+    if apart:
+        ensure_certificate_apart(cfg, ops.account)
+    ops.drop_privileges()
+    if not apart:
+        ensure_certificate_apart(cfg)
+
+
+def ensure_certificate_apart(cfg: Config, account: Account | None = None) -> None:
     """``tls.ensure_certificate`` in a short-lived child process.
 
     Making a certificate loads the X.509 library (~15 MB, see tls.py); made in the process
@@ -649,7 +663,11 @@ def ensure_certificate_apart(cfg: Config) -> None:
     there for the process's life. The child makes it (and its record, which the serving
     processes read instead) and exits. Called before the loop and its threads exist; a
     configured or ACME certificate is only looked for, here (no X.509 work, and ACME's
-    challenge thread may be running). ConfigError with the child's message when it fails."""
+    challenge thread may be running). ConfigError with the child's message when it fails.
+    ``account``: the caller is root, the data directory already the service user's; the
+    child makes a certificate in memory (as root: a Python installed in root's home is
+    unreadable after the switch), then switches to the account for good before it looks
+    at anything in the data directory, and writes it there if the one there will not do."""
     from mailfort.tls import ensure_certificate
 
     if cfg.tls.cert_file or cfg.tls.acme:
@@ -663,7 +681,14 @@ def ensure_certificate_apart(cfg: Config) -> None:
         code = 1
         try:
             os.close(r)
-            ensure_certificate(cfg)
+            made = None
+            if account is not None:
+                from mailfort.server.privileges import drop
+                from mailfort.tls import make_self_signed
+
+                made = make_self_signed(cfg)  # in memory, as root: no file touched
+                drop(account)
+            ensure_certificate(cfg, made)
             code = 0
         except BaseException as exc:
             with contextlib.suppress(OSError):
