@@ -219,3 +219,33 @@ def test_a_planted_tls_dir_or_log_file_changes_nothing_outside(
         server.wait_ready()
     assert snapshot(root_dir, data) == before
     assert (shadow / "shadow").stat().st_uid == 0
+
+
+@as_root
+def test_own_data_dir_follows_no_symlink_and_no_extra_hard_link(root_dir: Path) -> None:
+    """What own_data_dir meets as root: a symlink to root's file (its own owner changes,
+    never the target's), a hard link to root's file (as the account could make one where
+    fs.protected_hardlinks is off: left to root), tls -> a directory of root's (no chmod
+    through it), and files an admin command made as root (given to the account)."""
+    from mailfort.server import privileges
+
+    acct = privileges.Account("nobody", NOBODY.pw_uid, NOBODY.pw_gid)
+    data = root_dir / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "made-by-root").write_bytes(b"x")
+    secret = root_only(root_dir, "root-only", {"secret": b"root's"})
+    (data / "sub" / "link").symlink_to(secret / "secret")
+    os.link(secret / "secret", data / "sub" / "hard")
+    tls = root_dir / "root-tls"
+    tls.mkdir(mode=0o755)
+    (tls / "server-key.pem").write_bytes(b"k")
+    (tls / "server-key.pem").chmod(0o644)
+    (data / "tls").symlink_to(tls)
+    privileges.own_data_dir(data, acct)
+    st = (secret / "secret").stat()
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert os.lstat(data / "sub" / "link").st_uid == NOBODY.pw_uid
+    assert (data / "sub" / "made-by-root").stat().st_uid == NOBODY.pw_uid
+    assert (data / "sub").stat().st_uid == NOBODY.pw_uid
+    assert stat.S_IMODE(tls.stat().st_mode) == 0o755 and tls.stat().st_uid == 0
+    assert stat.S_IMODE((tls / "server-key.pem").stat().st_mode) == 0o644
