@@ -1,9 +1,12 @@
 """What ``mailfort serve`` adds around a Node to run in production.
 
 In order: ``Operations(cfg)`` decides about privileges before anything is opened (see
-server/privileges.py) and connects to the service manager's notify socket; the node binds
-its listeners and calls ``after_bind``, which gives the data directory to the service user
-and drops to it (before any delivery or session runs as root); ``started`` opens the
+server/privileges.py) and connects to the service manager's notify socket; ``bind`` binds
+every listener, ``give_away`` gives the data directory to the service user and
+``drop_privileges`` drops to it, all before the node is made: nothing in the data
+directory, which that user can change, is opened as root (issue 24). (A node made
+without ``bind``, as in tests, binds itself and calls ``after_bind``, which drops.)
+``started`` opens the
 metrics endpoint and the control socket, installs SIGHUP (reload the certificate and
 reopen the log file, RELOADING=1 then READY=1) and SIGUSR1 (reopen the log file) and tells
 systemd READY=1; ``stopping``/``stopped`` undo it, STOPPING=1 first.
