@@ -124,6 +124,17 @@ def due(cfg: Config, now: dt.datetime | None = None) -> bool:
     return cert.not_valid_after_utc - dt.timedelta(days=cfg.tls.acme_renew_days) <= now
 
 
+def load_client() -> None:
+    """Import the ACME client now, before a privilege drop (``obtain`` imports it when
+    first called, which may be after)."""
+    import netrc  # noqa: F401 - requests looks for ~/.netrc at each request
+    import shlex  # noqa: F401
+
+    import cryptography.hazmat.backends.openssl.backend  # noqa: F401 - josepy's, lazily
+    import josepy  # noqa: F401
+    from acme import challenges, client, crypto_util, errors, messages  # noqa: F401
+
+
 def obtain(cfg: Config, challenges_server: ChallengeServer) -> None:
     """Order a certificate for server.hostname (HTTP-01) and write it with its new key."""
     import josepy as jose

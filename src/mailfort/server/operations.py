@@ -75,8 +75,11 @@ def _acme_start(cfg: Config) -> acmecert.ChallengeServer:
 
 
 def _acme_listen(cfg: Config) -> acmecert.ChallengeServer:
+    """Root's part of ACME: the challenge listener (port 80), and the ACME client's modules
+    imported (after the drop, a Python in root's home is unreadable)."""
     from mailfort import acmecert
 
+    acmecert.load_client()
     return acmecert.ChallengeServer(cfg.tls.acme_http_listen)
 
 
