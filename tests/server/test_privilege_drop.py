@@ -29,7 +29,7 @@ import pytest
 
 from mailfort.store import intents
 from tests.conftest import refusing_dns_port
-from tests.server.production import free_port, serving, world_dir, write_config
+from tests.server.production import cli, free_port, serving, world_dir, write_config
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it starts mailfort as "
                              "root with server.user and plants files as that user")
@@ -249,3 +249,20 @@ def test_own_data_dir_follows_no_symlink_and_no_extra_hard_link(root_dir: Path) 
     assert (data / "sub").stat().st_uid == NOBODY.pw_uid
     assert stat.S_IMODE(tls.stat().st_mode) == 0o755 and tls.stat().st_uid == 0
     assert stat.S_IMODE((tls / "server-key.pem").stat().st_mode) == 0o644
+
+
+@as_root
+def test_a_data_dir_the_account_could_swap_for_a_symlink_is_refused(root_dir: Path) -> None:
+    """data_dir in a directory of the service user's: it could replace the data directory
+    by a symlink to /etc, and root, giving the data directory away, would give /etc. The
+    start is refused, naming the setting, before anything is given away."""
+    theirs = root_dir / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY.pw_uid, NOBODY.pw_gid)
+    config = write_config(root_dir, refusing_dns_port(), server={"user": "nobody"})
+    text = config.read_text().replace(str(root_dir / "data"), str(theirs / "data"))
+    config.write_text(text)
+    r = cli(config, "serve")
+    assert r.returncode == 1
+    assert "server.data_dir" in r.stderr and str(theirs) in r.stderr, r.stderr
+    assert not (theirs / "data").exists()

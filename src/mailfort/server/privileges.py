@@ -6,6 +6,11 @@ as root and ``drop`` switches for good (supplementary groups, gid, uid, then a c
 uid 0 cannot be regained); started as root without it, privileged ports are refused (the
 error names the setting) and unprivileged ones run with a loud warning. Started as the
 service user itself (systemd ``User=`` with CAP_NET_BIND_SERVICE) nothing is switched.
+
+The rule between the bind and the drop (issue 24): nothing runs as root on a path the
+service user can change. The data directory is that user's, so root only gives it away
+(``own_data_dir``: descriptors, no symlink followed, no file with extra hard links given);
+everything else in it is read and written after the drop.
 """
 
 from __future__ import annotations
@@ -106,6 +111,34 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
+def check_place(path: Path, acct: Account, setting: str) -> None:
+    """ConfigError unless every directory above ``path`` is out of the account's reach:
+    root gives ``path`` (the account's) away by its name, so no directory on the way may
+    let the account put a symlink there (owned by it, writable by its group or by anyone;
+    a sticky directory holding only others' entries excepted)."""
+    for named in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        _check_parents(Path(named), acct, setting)
+
+
+def _check_parents(path: Path, acct: Account, setting: str) -> None:
+    child_is_theirs = True  # ``path`` itself is, or is about to be, the account's
+    for parent in path.parents:
+        try:
+            st = os.stat(parent)
+        except FileNotFoundError:  # made by root's mkdir: root's
+            child_is_theirs = False
+            continue
+        others = st.st_mode & stat.S_IWOTH and (child_is_theirs
+                                                or not st.st_mode & stat.S_ISVTX)
+        if st.st_uid == acct.uid or (st.st_mode & stat.S_IWGRP and st.st_gid == acct.gid) \
+                or others:
+            raise ConfigError(
+                f"{setting}: {parent} can be changed by {acct.name} (its owner, group or "
+                f"mode), who could put a symlink on the way to {path} for root to follow; "
+                f"keep it in a directory root owns (e.g. /var/lib)")
+        child_is_theirs = False
+
+
 def own_data_dir(data_dir: Path, acct: Account) -> None:
     """Give the data directory and everything in it to the account (files an admin
     command made as root, for one); 0700 at the top, the TLS keys 0600.
@@ -115,7 +148,9 @@ def own_data_dir(data_dir: Path, acct: Account) -> None:
     directory below the top by name without following a symlink; owners and modes are
     changed on descriptors, or by name in the directory opened with no symlink followed;
     a file that already is the account's is not touched, and one with several links that
-    is not (a hard link to a file elsewhere) is left to root, with a warning."""
+    is not (a hard link to a file elsewhere) is left to root, with a warning. ConfigError
+    when a directory above it is the account's to change (``check_place``)."""
+    check_place(data_dir, acct, "server.data_dir")
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # The top's own name is in a directory root owns (the admin's path, followed).
     top = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -192,6 +227,7 @@ def own_mail_root(cfg: Config, acct: Account) -> None:
     root = cfg.mail_path
     if root.resolve().is_relative_to(cfg.data_path.resolve()):
         return  # owned with the data directory
+    check_place(root, acct, "server.mail_dir")
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
