@@ -246,3 +246,51 @@ def test_with_workers_the_supervisor_renews_and_every_worker_serves_it(
                 smtp.quit()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it starts mailfort as root with "
+                    "server.user and plants a symlink as that user")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_as_root_the_order_is_written_by_the_service_user_not_through_a_symlink(
+        pebble: dict[str, object], workers: int) -> None:
+    """Issue 24: started as root with server.user, the challenge listener is root's, the
+    certificate is ordered and written after the drop, as that user. Then, as that user,
+    data/acme -> a directory of root's: at the next start no key or certificate is written
+    there (the start fails: the account broke its own directory)."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    root = world_dir()
+    try:
+        ca = root / "ca.pem"  # readable after the drop (tmp_path is root's alone)
+        shutil.copy(str(pebble["ca_file"]), ca)
+        ca.chmod(0o644)
+        config = write_config(root, int(pebble["dns_port"]),  # type: ignore[arg-type]
+                              tls=_acme_table(pebble) | {"acme_ca_file": str(ca)},
+                              server={"workers": workers, "user": "nobody"})
+        data = root / "data"
+        with serving(config, data):
+            mx = int(config_mod.load(config).listen.mx[0].rpartition(":")[2])
+            smtp, _serial = _starttls_serial(mx)  # served, with the ordered certificate
+            smtp.quit()
+        for name in ("account.pem", "key.pem", "cert.pem"):
+            assert (data / "acme" / name).stat().st_uid == nobody.pw_uid, name
+        victim = root / "root-acme"
+        victim.mkdir(mode=0o755)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child, as the service account
+            try:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                shutil.rmtree(data / "acme")
+                (data / "acme").symlink_to(victim)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert (data / "acme").is_symlink()
+        with serving(config, data, ready=False) as server:
+            server.proc.wait(60)
+        assert os.listdir(victim) == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

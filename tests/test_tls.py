@@ -67,6 +67,20 @@ def test_generated_certificate_is_recorded_and_the_record_read_back(tmp_path: Pa
     assert json.loads(record_path(cert_path).read_text()) == fresh
 
 
+def test_a_certificate_made_in_memory_is_written_only_when_needed(tmp_path: Path) -> None:
+    """Issue 24: root makes the certificate in memory (no file touched), the service user
+    writes it into the data directory, only if the one there will not do."""
+    from mailfort.tls import make_self_signed
+
+    cfg = cfg_for(tmp_path)
+    made = make_self_signed(cfg)
+    assert not (tmp_path / "data").exists()
+    cert_path, key_path = ensure_certificate(cfg, made)
+    assert cert_path.read_bytes() == made[1] and key_path.read_bytes() == made[0]
+    assert json.loads(record_path(cert_path).read_text())["not_after"] == made[2]["not_after"]
+    assert ensure_certificate(cfg, make_self_signed(cfg))[0].read_bytes() == made[1]
+
+
 def test_configured_files_used_and_missing_reported(tmp_path: Path) -> None:
     ca = trustme.CA()
     issued = ca.issue_cert("mx.example.test")

@@ -7,6 +7,9 @@ challenge is answered by ``ChallengeServer`` on ``tls.acme_http_listen`` (port 8
 Internet), bound once, as root when started so, and kept for the process's life, so that a
 renewal after the privilege drop can still answer on it. ``renew_if_due`` is what a
 periodic task calls; it returns True when new files were written (the caller reloads).
+Started as root with ``server.user``, only the listener is made as root: the first order,
+which writes into the data directory (the service user's to change), waits for the drop
+(server/operations.py).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import http.server
 import logging
-import os
 import socket
 import threading
 from pathlib import Path
@@ -86,10 +88,10 @@ class ChallengeServer:
         self.httpd.server_close()
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     from mailfort.tls import _write_private as write
 
-    write(path, data, 0o600)
+    write(path, data, mode)
 
 
 def _load_or_make_account_key(d: Path) -> rsa.RSAPrivateKey:
@@ -120,6 +122,17 @@ def due(cfg: Config, now: dt.datetime | None = None) -> bool:
                                            san.get_values_for_type(x509.DNSName)]:
         return True
     return cert.not_valid_after_utc - dt.timedelta(days=cfg.tls.acme_renew_days) <= now
+
+
+def load_client() -> None:
+    """Import the ACME client now, before a privilege drop (``obtain`` imports it when
+    first called, which may be after)."""
+    import netrc  # noqa: F401 - requests looks for ~/.netrc at each request
+    import shlex  # noqa: F401
+
+    import cryptography.hazmat.backends.openssl.backend  # noqa: F401 - josepy's, lazily
+    import josepy  # noqa: F401
+    from acme import challenges, client, crypto_util, errors, messages  # noqa: F401
 
 
 def obtain(cfg: Config, challenges_server: ChallengeServer) -> None:
@@ -167,8 +180,8 @@ def obtain(cfg: Config, challenges_server: ChallengeServer) -> None:
             challenges_server.tokens.pop(token, None)
     cert_path, key_path = paths(cfg)
     _write_private(key_path, key_pem)  # key first: a certificate always has its key
-    _write_private(cert_path, order.fullchain_pem.encode())
-    os.chmod(cert_path, 0o644)
+    # 0644 from its creation: no chmod by path afterwards (it would follow a symlink).
+    _write_private(cert_path, order.fullchain_pem.encode(), 0o644)
     log.info("acme: certificate for %s obtained from %s", cfg.server.hostname,
              cfg.tls.acme_directory)
 

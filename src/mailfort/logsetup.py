@@ -14,8 +14,10 @@ import datetime as dt
 import json
 import logging
 import logging.handlers
+import os
 import sys
 import time
+from typing import Any
 
 from mailfort.config import Config
 
@@ -58,11 +60,21 @@ class TextFormatter(logging.Formatter):
         return self.default_msec_format % (text, record.msecs)
 
 
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """Never opens its file through a symlink: opened as root at start, the file may sit
+    where the service user can plant one, and root would append to what it names."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 def make_handler(cfg: Config) -> logging.Handler:
     handler: logging.Handler
     if cfg.log.file:
         # WatchedFileHandler reopens by itself when the file was moved or removed.
-        handler = logging.handlers.WatchedFileHandler(cfg.log.file, encoding="utf-8")
+        handler = _LogFile(cfg.log.file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
     if cfg.log.format == "json":

@@ -10,9 +10,11 @@ meant for loopback: it says nothing secret but much about the traffic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -73,9 +75,7 @@ def share_between_processes(directory: Path) -> None:
     the node's sums. Called by the supervisor once, before it forks any worker; the
     directory is emptied first (counters start at zero with the node, as in one process).
     """
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for old in directory.glob("*.db"):
-        old.unlink()
+    _fresh_directory(directory)
     for metric in _ALL:
         if metric._labelnames:
             metric.clear()  # children are made, in the new mode, on their first use
@@ -85,6 +85,31 @@ def share_between_processes(directory: Path) -> None:
     for metric in _ALL:
         if not metric._labelnames:
             metric._metric_init()
+
+
+def _fresh_directory(directory: Path) -> None:
+    """``directory`` as a real directory of this process's user, without the files of a
+    previous run. Called after the privilege drop (the data directory is the service
+    user's to change); still, a symlink planted in its place is removed, not followed,
+    and the ``*.db`` entries (files, or symlinks themselves) are unlinked by name in the
+    directory opened."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(directory)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            log.warning("%s was not a directory: replaced by one", directory)
+            directory.unlink()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise PermissionError(f"{directory} belongs to another user")
+        with os.scandir(fd) as it:
+            old = [e.name for e in it if e.name.endswith(".db")
+                   and not e.is_dir(follow_symlinks=False)]
+        for name in old:
+            os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def forget_process(pid: int) -> None:

@@ -49,8 +49,8 @@ def _usable(cert_path: Path, key_path: Path, cfg: Config) -> bool:
         facts = certificate_facts(cert_path, record=True)
         after = dt.datetime.fromisoformat(facts["not_after"])
         names = set(facts["dns_names"])
-    except (OSError, ValueError, KeyError, TypeError):  # no certificate, or a bad record
-        return False
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return False  # no certificate, a bad record, or none and no X.509 library to read it
     return after - RENEW_BEFORE >= dt.datetime.now(dt.UTC) and set(_names(cfg)) <= names
 
 
@@ -114,9 +114,14 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def generate_self_signed(cfg: Config, cert_path: Path, key_path: Path) -> None:
-    """An EC P-256 self-signed certificate for hostname, localhost and 127.0.0.1, and
-    the record of it."""
+# A self-signed certificate made in memory: (key PEM, certificate PEM, its facts).
+Made = tuple[bytes, bytes, dict[str, Any]]
+
+
+def make_self_signed(cfg: Config) -> Made:
+    """An EC P-256 self-signed certificate for hostname, localhost and 127.0.0.1, made in
+    memory (no file is touched: a process about to drop privileges makes it as root, where
+    the X.509 library can still be read, and writes it after the drop)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -150,14 +155,25 @@ def generate_self_signed(cfg: Config, cert_path: Path, key_path: Path) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    return key_pem, cert_pem, _parse_certificate(cert_pem)
+
+
+def generate_self_signed(cfg: Config, cert_path: Path, key_path: Path,
+                         made: Made | None = None) -> None:
+    """Write a self-signed certificate (``made``, or one made now) and the record of it."""
+    key_pem, cert_pem, facts = made if made is not None else make_self_signed(cfg)
     # Key first: a cert on disk always has its key beside it.
     _write_private(key_path, key_pem, 0o600)
-    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    certificate_facts(cert_path, record=True)
+    _write_private(cert_path, cert_pem, 0o644)
+    record = dict(facts, sha256=hashlib.sha256(cert_pem).hexdigest())
+    with contextlib.suppress(OSError):  # then parsed again next time; nothing worse
+        _write_private(record_path(cert_path), json.dumps(record, indent=1).encode(), 0o644)
 
 
-def ensure_certificate(cfg: Config) -> tuple[Path, Path]:
-    """(cert, key) paths: the configured ones, or a self-signed pair made if needed."""
+def ensure_certificate(cfg: Config, made: Made | None = None) -> tuple[Path, Path]:
+    """(cert, key) paths: the configured ones, or a self-signed pair written if needed
+    (``made``: the one to write then, made beforehand by ``make_self_signed``)."""
     if cfg.tls.acme:  # obtained at start, before the node (server/operations.py)
         from mailfort.acmecert import paths
 
@@ -175,7 +191,7 @@ def ensure_certificate(cfg: Config) -> tuple[Path, Path]:
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     cert, key = tls_dir / CERT_NAME, tls_dir / KEY_NAME
     if not _usable(cert, key, cfg):
-        generate_self_signed(cfg, cert, key)
+        generate_self_signed(cfg, cert, key, made)
     return cert, key
 
 

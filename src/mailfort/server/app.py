@@ -377,9 +377,10 @@ def describe(node: Node) -> str:
     return "\n".join(lines)
 
 
-async def serve(cfg: Config, ops: Operations | None = None) -> None:
+async def serve(cfg: Config, ops: Operations | None = None,
+                ssl_context: ssl.SSLContext | None = None) -> None:
     ops = Operations(cfg) if ops is None else ops  # production: privileges, notify, metrics
-    node = Node(cfg)
+    node = Node(cfg, ssl_context=ssl_context)
     node.after_bind = ops.after_bind
     node.inherited = ops.inherited
     await node.start()
@@ -420,7 +421,7 @@ def run(cfg: Config, reload_config: Callable[[], Config] | None = None) -> None:
     """``mailfort serve``. ``reload_config`` reads the configuration file again (SIGHUP,
     with worker processes; server/supervisor.py)."""
     from mailfort.server.supervisor import (
-        ensure_certificate_apart,
+        certificate_around_drop,
         hold_signals,
         run_supervisor,
         worker_count,
@@ -437,5 +438,28 @@ def run(cfg: Config, reload_config: Callable[[], Config] | None = None) -> None:
     raise_file_limit(cfg)
     if supervised:
         raise SystemExit(run_supervisor(cfg, ops, reload_config))
-    ensure_certificate_apart(cfg)  # before the loop and its threads: the node reads its record
-    asyncio.run(serve(cfg, ops))
+    # As the supervisor does: root binds and reads the configured certificate, then drops.
+    # The data directory is the service user's to change, so everything in it (the
+    # directory, the spool's recovery, the self-signed certificate, the counters, the
+    # Maildirs) is opened only after the drop (issue 24).
+    ops.bind()
+    ssl_context = configured_context(cfg)
+    # Before the loop and its threads (a fork): the node reads the certificate's record.
+    certificate_around_drop(cfg, ops)
+    asyncio.run(serve(cfg, ops, ssl_context))
+
+
+def configured_context(cfg: Config) -> ssl.SSLContext | None:
+    """The TLS context of ``tls.cert_file``, read now (as root when started so, before the
+    drop: its key may be root's alone), when it lies outside the data directory; None for
+    a certificate in the data directory (self-signed, ACME, or put there), which the node
+    reads after the drop."""
+    if not cfg.tls.cert_file or cfg.tls.acme:
+        return None
+    data = cfg.data_path.resolve()
+    for name in (cfg.tls.cert_file, cfg.tls.key_file):
+        if Path(name).resolve().is_relative_to(data):
+            return None
+    from mailfort.tls import server_context
+
+    return server_context(cfg)

@@ -1,9 +1,12 @@
 """What ``mailfort serve`` adds around a Node to run in production.
 
 In order: ``Operations(cfg)`` decides about privileges before anything is opened (see
-server/privileges.py) and connects to the service manager's notify socket; the node binds
-its listeners and calls ``after_bind``, which gives the data directory to the service user
-and drops to it (before any delivery or session runs as root); ``started`` opens the
+server/privileges.py) and connects to the service manager's notify socket; ``bind`` binds
+every listener, ``give_away`` gives the data directory to the service user and
+``drop_privileges`` drops to it, all before the node is made: nothing in the data
+directory, which that user can change, is opened as root (issue 24). (A node made
+without ``bind``, as in tests, binds itself and calls ``after_bind``, which drops.)
+``started`` opens the
 metrics endpoint and the control socket, installs SIGHUP (reload the certificate and
 reopen the log file, RELOADING=1 then READY=1) and SIGUSR1 (reopen the log file) and tells
 systemd READY=1; ``stopping``/``stopped`` undo it, STOPPING=1 first.
@@ -71,6 +74,29 @@ def _acme_start(cfg: Config) -> acmecert.ChallengeServer:
                           f"{exc}") from None
 
 
+def _acme_listen(cfg: Config) -> acmecert.ChallengeServer:
+    """Root's part of ACME: the challenge listener (port 80), and the ACME client's modules
+    imported (after the drop, a Python in root's home is unreadable)."""
+    from mailfort import acmecert
+
+    acmecert.load_client()
+    return acmecert.ChallengeServer(cfg.tls.acme_http_listen)
+
+
+def _acme_order(cfg: Config, server: acmecert.ChallengeServer) -> None:
+    """The first certificate, if due, written into the data directory (as the service
+    user: the directory is that user's to change)."""
+    from mailfort import acmecert
+
+    try:
+        acmecert.renew_if_due(cfg, server)
+    except (ConfigError, OSError):
+        raise
+    except Exception as exc:
+        raise ConfigError(f"tls.acme: no certificate from {cfg.tls.acme_directory}: "
+                          f"{exc}") from None
+
+
 def listener_addresses(node: Node) -> dict[str, list[str]]:
     """service -> ["HOST:PORT", ...] as bound (port 0 resolved), IPv6 in brackets."""
     out: dict[str, list[str]] = {}
@@ -122,8 +148,14 @@ class Operations:
             self.inherited = activation.assign(cfg, activation.inherited_sockets())
             self.account = privileges.preflight(cfg, set(self.inherited))
             if cfg.tls.acme:  # before the node: its TLS context needs the certificate
-                self.acme = _acme_start(cfg)
+                if self.account is None:
+                    self.acme = _acme_start(cfg)
+                else:  # its listener bound as root; the order written after the drop
+                    self.acme = _acme_listen(cfg)
             self.notifier = Notifier()
+        self.dropped = False  # drop_privileges has switched to the service user
+        self.given = False  # give_away has given the data directory to it
+        self.metrics_socket: socket.socket | None = None  # bound by ``bind``
         self.started_at = time.time()
         self.node: Node | None = None
         self.control: ControlServer | None = None
@@ -132,24 +164,60 @@ class Operations:
 
     # ------------------------------------------------------------------ start
 
+    def bind(self) -> dict[tuple[str, int], socket.socket]:
+        """``mailfort serve`` in one process: every listener, the metrics endpoint's and
+        the MTA-STS listener's sockets, bound now (as root when started so), so that the
+        node, made after ``drop_privileges``, opens nothing in the data directory as root.
+        Returns the listeners, for ``Node.inherited``."""
+        from mailfort.server.supervisor import bind_address, bind_listeners
+
+        sockets = bind_listeners(self.cfg, self.inherited)
+        try:
+            if self.cfg.metrics.listen:
+                self.metrics_socket = bind_address(self.cfg.metrics.listen)
+            if self.cfg.mta_sts.listen:
+                sockets[("mta_sts", 0)] = bind_address(self.cfg.mta_sts.listen)
+        except BaseException:
+            for sock in sockets.values():
+                sock.close()
+            raise
+        self.inherited = sockets
+        return sockets
+
     def after_bind(self) -> None:
         """Listeners are bound; nothing has been served or delivered yet."""
         if self.role is not None:
             return
-        if self.cfg.metrics.listen:
+        if self.metrics_socket is not None:
+            self.metrics_server = metrics.serve_socket(self.metrics_socket, self.registry)
+            log.info("metrics on http://%s/metrics", self.cfg.metrics.listen)
+        elif self.cfg.metrics.listen:
             self.metrics_server = metrics.serve(self.cfg.metrics.listen)
         self.drop_privileges()
 
-    def drop_privileges(self) -> None:
-        """Give the data directory (and log file) to the service user, then become it."""
-        if self.account is None:
+    def give_away(self) -> None:
+        """Root, before the switch: the data directory, the Maildir root and the log file
+        become the service user's (nothing in them followed through a symlink). Once."""
+        if self.account is None or self.given:
             return
         privileges.own_data_dir(self.cfg.data_path, self.account)
         privileges.own_mail_root(self.cfg, self.account)
-        if self.cfg.log.file:
-            with contextlib.suppress(OSError):  # so a reopen after rotation can write
-                os.chown(self.cfg.log.file, self.account.uid, self.account.gid)
+        if self.cfg.log.file:  # so a reopen after rotation can write
+            privileges.own_log_file(Path(self.cfg.log.file), self.account)
+        self.given = True
+
+    def drop_privileges(self) -> None:
+        """Give the data directory (and log file) to the service user, then become it;
+        then what was put off until now: the ACME order, written into the data directory.
+        Once only (``mailfort serve`` calls it before making the node, which calls it again
+        once bound)."""
+        if self.account is None or self.dropped:
+            return
+        self.give_away()
         privileges.drop(self.account)
+        self.dropped = True
+        if self.acme is not None:
+            _acme_order(self.cfg, self.acme)
 
     async def started(self, node: Node) -> None:
         self.node = node

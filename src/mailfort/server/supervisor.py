@@ -16,9 +16,10 @@ The supervisor itself runs no event loop and starts no thread before forking (a 
 copies only the calling thread). Once per node, it:
 
 * decides about privileges (server/privileges.py, via ``Operations``), binds, gives the
-  data directory to ``server.user`` and drops to it before any worker starts: nothing
-  serves as root;
-* recovers the spool, before any worker could be writing to it;
+  data directory to ``server.user`` and drops to it before any worker starts, and before
+  it reads or writes anything in the data directory (all of it the service user's to
+  change): nothing serves, recovers or writes there as root;
+* recovers the spool (as the service user), before any worker could be writing to it;
 * makes the self-signed certificate (workers would race to write it), in a short-lived
   child process so that the X.509 library never enters the memory the workers share;
 * binds the metrics port (the primary worker serves it) and switches the metrics to
@@ -91,7 +92,7 @@ from typing import TYPE_CHECKING
 
 from mailfort.config import Config, ConfigError
 from mailfort.server.acceptor import AcceptGate, bind
-from mailfort.server.privileges import LISTEN_KEYS
+from mailfort.server.privileges import LISTEN_KEYS, Account
 
 if TYPE_CHECKING:
     from mailfort.server.app import Node
@@ -136,8 +137,12 @@ def _split(hostport: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _bind(hostport: str) -> socket.socket:
+def bind_address(hostport: str) -> socket.socket:
+    """A listening socket on HOST:PORT (IPv6 in brackets)."""
     return bind(*_split(hostport))
+
+
+_bind = bind_address
 
 
 def bind_listeners(cfg: Config, inherited: dict[tuple[str, int], socket.socket]
@@ -374,37 +379,40 @@ class Supervisor:
     outgoing: dict[int, int] = field(default_factory=dict)
     retiring: dict[int, int] = field(default_factory=dict)
     awaited: set[int] = field(default_factory=set)  # new generation's slots not serving yet
+    no_domain: bool = False  # the directory has no domain yet (read in ``start``)
 
     def __post_init__(self) -> None:
         self.main_pid = os.getpid()
         self.log_handler = self.ops.log_handler
 
     def start(self) -> None:
+        # Imported while root: after the drop, a Python in root's home is unreadable.
+        import mailfort.directory.sqlite  # noqa: F401
         from mailfort import metrics
         from mailfort.policy.shared_counters import SQLiteCounters
         from mailfort.server.connections import ConnectionTable
         from mailfort.store.maildir import make_dirs, recover_spool
-
         cfg = self.cfg
-        cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Root binds, and nothing else: whatever is in the data directory is the service
+        # user's to change, so it is read and written only after the drop (issue 24).
+        self.sockets = bind_listeners(cfg, self.ops.inherited)
+        if cfg.metrics.listen:
+            self.metrics_socket = _bind(cfg.metrics.listen)
+        if cfg.mta_sts.listen:  # port 443 in production: bound before the drop too
+            self.mta_sts_socket = _bind(cfg.mta_sts.listen)
+        certificate_around_drop(cfg, self.ops)  # nothing served or recovered as root
         spool = cfg.data_path / "spool"
         make_dirs(spool)
-        removed = recover_spool(spool)  # before any worker writes there
+        removed = recover_spool(spool, mail_root=cfg.mail_path)  # before any worker writes
         if removed:
             log.info("removed %d spool files left by a crash", removed)
-        ensure_certificate_apart(cfg)
         # The shared counters' file is made (in WAL mode, its table created) before the
         # workers open it: two of them switching a new file to WAL at once would have one
         # fail with "database is locked" (SQLite does not wait for that lock).
         SQLiteCounters(shared_state_path(cfg)).close()
         self.connections = ConnectionTable(2 * self.workers, cfg.data_path / CONNECTIONS_LOCK)
         metrics.share_between_processes(cfg.data_path / METRICS_DIR)
-        self.sockets = bind_listeners(cfg, self.ops.inherited)
-        if cfg.metrics.listen:
-            self.metrics_socket = _bind(cfg.metrics.listen)
-        if cfg.mta_sts.listen:  # port 443 in production: bound before the drop too
-            self.mta_sts_socket = _bind(cfg.mta_sts.listen)
-        self.ops.drop_privileges()  # nothing is served or delivered as root
+        self.no_domain = _no_domain(cfg)  # the directory closed again before the forks
         self.wake_r, self.wake_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
         for fd in (self.wake_r, self.wake_w, self.ready_r):
@@ -473,7 +481,7 @@ class Supervisor:
                 self.connections.clear(row)
         with contextlib.suppress(Exception):
             metrics.forget_process(pid)
-        removed = remove_spool_of(self.cfg.data_path / "spool", pid)
+        removed = remove_spool_of(self.cfg.data_path / "spool", pid, self.cfg.mail_path)
         if removed:
             log.info("removed %d spool files of worker pid %d", removed, pid)
 
@@ -633,7 +641,21 @@ class Supervisor:
                     self._spawn(i)
 
 
-def ensure_certificate_apart(cfg: Config) -> None:
+def certificate_around_drop(cfg: Config, ops: Operations) -> None:
+    """At start, as root: give the data directory away, make the self-signed certificate
+    there as the service user (``ensure_certificate_apart`` with the account), drop
+    privileges (``ops``: the ACME order is written then), and look for a configured or
+    ACME certificate. Nothing in the data directory is written or read as root."""
+    apart = not (cfg.tls.cert_file or cfg.tls.acme)
+    ops.give_away()
+    if apart:
+        ensure_certificate_apart(cfg, ops.account)
+    ops.drop_privileges()
+    if not apart:
+        ensure_certificate_apart(cfg)
+
+
+def ensure_certificate_apart(cfg: Config, account: Account | None = None) -> None:
     """``tls.ensure_certificate`` in a short-lived child process.
 
     Making a certificate loads the X.509 library (~15 MB, see tls.py); made in the process
@@ -641,7 +663,11 @@ def ensure_certificate_apart(cfg: Config) -> None:
     there for the process's life. The child makes it (and its record, which the serving
     processes read instead) and exits. Called before the loop and its threads exist; a
     configured or ACME certificate is only looked for, here (no X.509 work, and ACME's
-    challenge thread may be running). ConfigError with the child's message when it fails."""
+    challenge thread may be running). ConfigError with the child's message when it fails.
+    ``account``: the caller is root, the data directory already the service user's; the
+    child makes a certificate in memory (as root: a Python installed in root's home is
+    unreadable after the switch), then switches to the account for good before it looks
+    at anything in the data directory, and writes it there if the one there will not do."""
     from mailfort.tls import ensure_certificate
 
     if cfg.tls.cert_file or cfg.tls.acme:
@@ -655,7 +681,14 @@ def ensure_certificate_apart(cfg: Config) -> None:
         code = 1
         try:
             os.close(r)
-            ensure_certificate(cfg)
+            made = None
+            if account is not None:
+                from mailfort.server.privileges import drop
+                from mailfort.tls import make_self_signed
+
+                made = make_self_signed(cfg)  # in memory, as root: no file touched
+                drop(account)
+            ensure_certificate(cfg, made)
             code = 0
         except BaseException as exc:
             with contextlib.suppress(OSError):
@@ -698,16 +731,31 @@ def restart_delay(failures: int) -> float:
     return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** max(0, failures - 1))
 
 
-def remove_spool_of(spool: Path, pid: int) -> int:
+def remove_spool_of(spool: Path, pid: int, mail_root: Path | None = None) -> int:
     """What a dead worker left in the spool (``store.maildir.recover_spool``: its link
-    records replayed, then its spool files removed; no one else writes them)."""
+    records replayed below ``mail_root``, default ``<spool>/../mail``, then its spool files
+    removed; no one else writes them)."""
     from mailfort.store.maildir import recover_spool
 
     try:
-        return recover_spool(spool, pid)
+        return recover_spool(spool, pid,
+                             mail_root=spool.parent / "mail" if mail_root is None else mail_root)
     except OSError as exc:
         log.error("recovery of the spool of worker pid %d failed: %s", pid, exc)
         return 0
+
+
+def _no_domain(cfg: Config) -> bool:
+    """Whether the embedded directory has no domain yet (what ``serve`` prints), read as
+    the service user."""
+    from mailfort.directory.sqlite import SQLiteDirectory
+    from mailfort.server.app import directory_path
+
+    directory = SQLiteDirectory(directory_path(cfg))
+    try:
+        return not directory.list_domains()
+    finally:
+        directory.close()
 
 
 def _status(status: int) -> str:
@@ -724,13 +772,6 @@ def run_supervisor(cfg: Config, ops: Operations,
 
     workers = worker_count(cfg)
     hold_signals()
-    from mailfort.directory.sqlite import SQLiteDirectory
-    from mailfort.server.app import directory_path
-
-    cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    directory = SQLiteDirectory(directory_path(cfg))  # closed before the forks
-    no_domain = not directory.list_domains()
-    directory.close()
     sup = Supervisor(cfg, workers, ops, reload_config=reload_config)
     try:
         sup.start()
@@ -739,7 +780,7 @@ def run_supervisor(cfg: Config, ops: Operations,
             print(f"mailfort: cannot listen: {exc.strerror}", file=sys.stderr)
             return 1
         raise
-    print(describe(cfg, sup.sockets, workers, no_domain), flush=True)
+    print(describe(cfg, sup.sockets, workers, sup.no_domain), flush=True)
     code = sup.run()
     print("mailfort: shut down", flush=True)
     return code

@@ -39,6 +39,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 import zlib
@@ -234,6 +235,8 @@ class Committer:
         a process of its own)."""
         self.data_dir = data_dir
         self.mail_root = mail_root
+        # What the link records name their targets relative to (store/intents.py).
+        self.record_root = mail_root if mail_root is not None else data_dir / "mail"
         self.spool_dir = data_dir / "spool"
         make_dirs(self.spool_dir)
         self._use_syncfs = use_syncfs and _SYNCFS is not None
@@ -261,7 +264,7 @@ class Committer:
 
     def recover(self) -> int:
         """``recover_spool`` of this committer's spool directory."""
-        return recover_spool(self.spool_dir)
+        return recover_spool(self.spool_dir, mail_root=self.record_root)
 
     def new_spool(self, name: str | None = None) -> Spool:
         """A spool for one message; ``name`` (see ``keyed_name``) instead of a fresh one.
@@ -388,9 +391,13 @@ class Committer:
         queue (whose files have no record), something to store. None: two flushes."""
         if not self._use_syncfs or not live or any(j.extra is not None for j in live):
             return None
-        entries = [intents.Entry(j.spool.name, j.spool.size, j.spool.crc,
-                                 tuple(str(_target(md, j.spool)) for md in j.maildirs))
-                   for j in live]
+        try:  # each target by user, relative to the Maildir root (never a path)
+            entries = [intents.Entry(j.spool.name, j.spool.size, j.spool.crc,
+                                     tuple(_target(md, j.spool).relative_to(
+                                         self.record_root).as_posix() for md in j.maildirs))
+                       for j in live]
+        except ValueError:  # a Maildir outside the root (tests): the two flushes
+            return None
         path = self.spool_dir / (unique_name() + intents.SUFFIX)
         try:
             intents.write(path, entries)
@@ -511,16 +518,23 @@ class Committer:
     _syncfs = staticmethod(syncfs)
 
 
-def recover_spool(spool_dir: Path, pid: int | None = None) -> int:
+def recover_spool(spool_dir: Path, pid: int | None = None, *, mail_root: Path) -> int:
     """After a crash, before anything writes to ``spool_dir`` (``pid``: only what the dead
     worker process ``pid`` left, named ``...P<pid>Q...`` by ``unique_name``): link again
-    what the link records promised and a power loss may have undone (store/intents.py),
-    then remove the spool files, none of which is still needed; returns how many."""
+    what the link records promised and a power loss may have undone (store/intents.py,
+    below ``mail_root`` only), then remove the spool files, none of which is still needed
+    (directories, such as ``kept/``, stay); returns how many. Run as the service user,
+    never as root (server/supervisor.py): the spool is that user's to change."""
     pattern = "*" if pid is None else f"*P{pid}Q*"
-    intents.replay(spool_dir, pattern)
+    intents.replay(spool_dir, mail_root, pattern)
     n = 0
     for p in spool_dir.glob(pattern):
-        p.unlink(missing_ok=True)
+        try:
+            if stat.S_ISDIR(os.lstat(p).st_mode):
+                continue
+            p.unlink()
+        except FileNotFoundError:
+            continue
         n += 1
     return n
 
