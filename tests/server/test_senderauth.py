@@ -8,6 +8,7 @@ delivered through the outbound queue to a second mailfort's MX, verifying there.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email
 import logging
@@ -23,7 +24,7 @@ import dkim as dkimpy
 import pytest
 
 from mailfort.config import Config
-from mailfort.policy.dkim import KeyStore
+from mailfort.policy.dkim import KeyStore, ed25519_seed
 from mailfort.server.app import Node
 from mailfort.store.maildir import maildir_for
 from tests.conftest import make_config, seed_directory
@@ -427,10 +428,6 @@ async def test_dkim_length_tag_short_of_the_body_is_no_pass(
 ) -> None:
     """Issue 24 #6: bank.test signed with l=; a phishing paragraph appended after the
     signed length must not keep dkim=pass nor make dmarc=pass."""
-    from mailfort.policy.dkim import ed25519_seed
-
-    import base64
-
     dns_server.add_txt("_dmarc.bank.test", "v=DMARC1; p=reject")
     dns_server.add_txt("spfok.test", "v=spf1 ip4:127.0.0.1 -all")
     key = KeyStore(tmp_path / "keys").generate("bank.test", "s1", "ed25519")
@@ -441,7 +438,7 @@ async def test_dkim_length_tag_short_of_the_body_is_no_pass(
     signature = dkimpy.sign(original, b"s1", b"bank.test", base64.b64encode(seed),
                             signature_algorithm=b"ed25519-sha256", length=True,
                             include_headers=[b"from", b"to", b"subject"], linesep=b"\r\n")
-    assert b" l=" in signature or b";l=" in signature or b"l=" in signature
+    assert b" l=" in signature
     node = await mx()
     port = node.port("mx")
     # As signed (l= covers the whole body): a pass, aligned, accepted.

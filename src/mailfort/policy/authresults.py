@@ -14,8 +14,8 @@ import re
 from collections.abc import Sequence
 
 from mailfort.policy.dkim import DKIMResult
-from mailfort.policy.headerfields import WSP, Scanner, Unreadable
 from mailfort.policy.dmarc import DMARCResult
+from mailfort.policy.headerfields import WSP, Scanner, Unreadable
 from mailfort.policy.spf import SPFResult
 
 FIELD = "Authentication-Results"
