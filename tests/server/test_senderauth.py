@@ -449,3 +449,16 @@ async def test_dkim_length_tag_short_of_the_body_is_no_pass(
     got = await asyncio.to_thread(outcome, port, "a@spfok.test", phished)
     assert got.startswith("550 5.7.1") and "DMARC" in got, got
     assert len(stored(node, ALICE)) == 1
+
+
+async def test_forgeries_are_removed_when_sender_checks_are_off(mx: NodeFactory) -> None:
+    """With ``sender_auth.enabled = false`` the MX writes no result, but a filter that
+    trusts our authserv-id must still never find one it did not write (RFC 8601 §5)."""
+    node = await mx(sender_auth={"enabled": False})
+    await asyncio.to_thread(send, node.port("mx"), "a@remote.test",
+                            raw_letter(b"From: a@remote.test\r\n" + FORGED_AR
+                                       + b"Authentication-Results: other.test; spf=pass\r\n"))
+    (raw,) = stored(node, ALICE)
+    assert b"dmarc=pass" not in raw
+    assert email.message_from_bytes(raw).get_all("Authentication-Results") == [
+        "other.test; spf=pass"]

@@ -126,6 +126,22 @@ async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: b
     return Outcome(new, verdict.refusal, verdict.junk)
 
 
+def _unforged(committer: Committer, spool: Spool, trace: bytes, hostname: str) -> Spool:
+    if not strip_ours(read_headers(spool, len(trace)), hostname)[1]:
+        return spool  # the common case: nothing to remove, no copy
+    return rebuild(committer, spool, trace, b"", hostname)
+
+
+async def unforged(committer: Committer, spool: Spool, trace: bytes, hostname: str) -> Spool:
+    """The MX's message without Authentication-Results fields claiming ``hostname`` when
+    it does not check the sender itself (disabled, or a trusted network): a reader that
+    trusts our authserv-id must never find a result we did not write (RFC 8601 §5)."""
+    new = await asyncio.to_thread(_unforged, committer, spool, trace, hostname)
+    if new is not spool:
+        spool.discard()
+    return new
+
+
 def _sign(sign: SignHook | None, committer: Committer, spool: Spool, trace: bytes, user: str,
           limit: int, hostname: str) -> Spool:
     message = read_message(spool, len(trace), limit)
