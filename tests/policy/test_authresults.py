@@ -80,3 +80,10 @@ def test_strip_ours_removes_forgeries_anywhere_and_obsolete_names() -> None:
              + b"X-Last: 1\r\n")
     out, removed = authresults.strip_ours(block, "mx.example.test")
     assert removed == 2 and out == b"Subject: hi\r\n" + pad + b"X-Last: 1\r\n"
+
+
+def test_strip_ours_reads_field_names_as_the_shared_reader_does() -> None:
+    block = (b"Authentication-Results\x00 : mx.example.test; dmarc=pass\r\n"
+             b"X-Authentication-Results: mx.example.test; kept\r\n")
+    out, removed = authresults.strip_ours(block, "mx.example.test")
+    assert removed == 1 and out == b"X-Authentication-Results: mx.example.test; kept\r\n"

@@ -107,3 +107,12 @@ def test_from_fields_are_counted_with_any_spacing(names: list[str]) -> None:
     block = b"".join(f"{n}: v@x.test\r\n".encode() for n in names)
     expected = sum(1 for n in names if n.strip().lower() == "from" and not n.startswith(" "))
     assert len(headerfields.values(block, "from")) == expected
+
+
+def test_control_characters_in_a_name_do_not_hide_the_field() -> None:
+    """Some readers drop NUL and other controls: to them ``Fr<NUL>om:`` is From:."""
+    assert headerfields.values(b"Fr\x00om: ceo@bank.test\r\nFROM \t: b@x.test\r\n", "from") == [
+        " ceo@bank.test", " b@x.test"]
+    assert headerfields.field_name("Subject: x") == "subject"
+    assert headerfields.field_name("no colon here") is None
+    assert headerfields.field_name(": empty name") is None

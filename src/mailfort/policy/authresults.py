@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from mailfort.policy.dkim import DKIMResult
 from mailfort.policy.dmarc import DMARCResult
-from mailfort.policy.headerfields import WSP, Scanner, Unreadable
+from mailfort.policy.headerfields import WSP, Scanner, Unreadable, field_name
 from mailfort.policy.spf import SPFResult
 
 FIELD = "Authentication-Results"
@@ -127,8 +127,9 @@ def strip_ours(header_block: bytes, hostname: str) -> tuple[bytes, int]:
         nonlocal removed
         if not field:
             return
-        name, _, value = field[0].partition(b":")
-        if name.rstrip(b" \t").lower() == FIELD.lower().encode() and claims(
+        value = field[0].partition(b":")[2]
+        name = field_name(field[0].decode("utf-8", "replace"))
+        if name == FIELD.lower() and claims(
             b"\r\n".join([value, *field[1:]]), hostname
         ):
             removed += 1

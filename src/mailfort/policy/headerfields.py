@@ -5,8 +5,9 @@ One field reader serves DMARC (the From: domain, policy/dmarc.py), the submissio
 check (From:, Sender:, Resent-*, policy/senders.py) and Authentication-Results
 (policy/authresults.py): two readers that disagree on which fields a message has are how a
 second, unchecked ``From :`` slips by. The reader errs on the side of seeing more: a name
-with white space before its colon (RFC 5322 §4.5.3) is that field, any line ending ends a
-line, a line that is not a field does not end the section. The parsers answer None when
+with white space before its colon (RFC 5322 §4.5.3) is that field (so is one with a control
+character inside, which some readers drop), any line ending ends a line, and a line that is
+not a field does not end the section. The parsers answer None when
 they cannot tell (the callers refuse or remove): comments nest and hold quoted-pairs
 (§3.2.2), which a naive reader gets wrong one way or the other.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 §2.2: printable US-ASCII except ":"
 WSP = " \t"
+_IGNORED_IN_NAME = re.compile(r"[\x00-\x20\x7f]")
 _SPECIALS = frozenset('()<>[]:;@\\,."')  # RFC 5322 §3.2.3
 
 
@@ -34,14 +36,22 @@ def fields(block: bytes) -> list[tuple[str, str]]:
             if current is not None:
                 current.append(line)
             continue
-        name, colon, value = line.partition(":")
-        name = name.rstrip(WSP)
-        if colon and _NAME.fullmatch(name):
+        name, value = field_name(line), line.partition(":")[2]
+        if name is not None:
             current = [value]
-            out.append((name.lower(), current))
+            out.append((name, current))
         else:
             current = None  # not a field: lines folded under it belong to nothing
     return [(name, "".join(parts)) for name, parts in out]
+
+
+def field_name(line: str) -> str | None:
+    """The lower-case name of the field that ``line`` (not a continuation line) starts, or
+    None when it starts none. White space and control characters before the colon do not
+    count: ``From :`` (obsolete syntax) and ``Fr<NUL>om:`` are From: to some reader."""
+    name, colon, _ = line.partition(":")
+    name = _IGNORED_IN_NAME.sub("", name)
+    return name.lower() if colon and _NAME.fullmatch(name) else None
 
 
 def values(block: bytes, name: str) -> list[str]:
