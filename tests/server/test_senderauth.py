@@ -462,3 +462,30 @@ async def test_forgeries_are_removed_when_sender_checks_are_off(mx: NodeFactory)
     assert b"dmarc=pass" not in raw
     assert email.message_from_bytes(raw).get_all("Authentication-Results") == [
         "other.test; spf=pass"]
+
+
+async def test_messages_too_large_for_dkim_are_still_checked_and_cleaned(
+    mx: NodeFactory, dns_server: DNSServer, client_ssl_context: ssl.SSLContext
+) -> None:
+    """Over ``dkim_max_bytes`` nothing is verified or signed, but the From: rule holds and
+    forged results are removed, on the MX and on submission alike."""
+    dns_server.add_txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    node = await mx(sender_auth={"dkim_max_bytes": 2000})
+    body = b"x" * 998 + b"\r\n"
+    two = raw_letter(b"From: ceo@bank.test\r\nFrom: a@remote.test\r\n", body * 5)
+    got = await asyncio.to_thread(outcome, node.port("mx"), "a@remote.test", two)
+    assert got.startswith("550 5.7.1"), got
+    await asyncio.to_thread(send, node.port("mx"), "a@remote.test",
+                            raw_letter(b"From: a@remote.test\r\n" + FORGED_AR, body * 5))
+    (raw,) = stored(node, ALICE)
+    assert b"dmarc=pass" not in raw and b"over 2000 bytes" in raw
+    msg = EmailMessage()
+    msg["From"] = ALICE
+    msg["To"] = "bob@example.test"
+    msg["Subject"] = "big"
+    msg["Authentication-Results"] = "mx.example.test; dmarc=pass header.from=bank.test"
+    msg.set_content(("y" * 70 + "\n") * 40)
+    await asyncio.to_thread(submit, node.port("submission"), client_ssl_context, msg,
+                            ["bob@example.test"])
+    (sub,) = stored(node, "bob@example.test")
+    assert b"Authentication-Results" not in sub and len(sub) > 2000

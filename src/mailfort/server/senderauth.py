@@ -147,10 +147,10 @@ def _sign(sign: SignHook | None, committer: Committer, spool: Spool, trace: byte
     message = read_message(spool, len(trace), limit)
     if message is None:
         log.warning("not DKIM-signed: message from %s over %d bytes", user, limit)
-        return spool
+        return _unforged(committer, spool, trace, hostname)
     fields = sign(user, message) if sign is not None else b""
     # A user must not hand a local recipient a result "from us" either (RFC 8601 §5).
-    forged = b"authentication-results" in header_block(message).lower()
+    forged = strip_ours(header_block(message), hostname)[1] > 0
     if not fields and not forged:
         return spool
     return rebuild(committer, spool, trace, fields, hostname)
