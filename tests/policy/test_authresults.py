@@ -46,3 +46,44 @@ def test_strip_ours_keeps_others_and_folding() -> None:
     assert out == (b"Received: from x\r\nAuthentication-Results: mx.other.test; spf=pass\r\n"
                    b"Subject: hi\r\n")
     assert authresults.strip_ours(b"Subject: x\r\n", "mx.example.test") == (b"Subject: x\r\n", 0)
+
+
+def test_authserv_id_reads_comments_with_quoted_pairs() -> None:
+    """RFC 5322 §3.2.2: ``\\(`` inside a comment does not open another (issue 24 #5b)."""
+    assert authresults.authserv_id(rb" (\() mx.example.test; dkim=pass") == "mx.example.test"
+    assert authresults.authserv_id(rb" (a (b \) c) d) mx.example.test; x") == "mx.example.test"
+    assert authresults.authserv_id(rb" (\) mx.example.test; ) other.test; x") == "other.test"
+    assert authresults.authserv_id(b" (a\r\n\t(b)) Folded.Test\r\n\t; x") == "folded.test"
+    for doubtful in (b" (unterminated mx.example.test; x", b' "mx.example.test; x', b"",
+                     b" ; spf=pass", b' mx.example.test"x"; none', b" (only a comment)"):
+        assert authresults.authserv_id(doubtful) is None, doubtful
+
+
+def test_claims_when_any_reader_could_see_our_host() -> None:
+    host = "mx.example.test"
+    for value in (rb" (\() mx.example.test; dkim=pass",  # a correct reader
+                  rb" (\) mx.example.test; ) other.test; dmarc=pass",  # a naive one
+                  b" (unterminated; dmarc=pass",  # nobody can tell
+                  b" MX.EXAMPLE.TEST.; dmarc=pass", b' "mx.example.test" 1; none'):
+        assert authresults.claims(value, host), value
+    for value in (b" mx.elsewhere.test; spf=pass",
+                  b" other.test; spf=pass smtp.helo=" + host.encode(),
+                  b" mx.example.test.evil; dmarc=pass", b" evil-mx.example.test; dkim=pass"):
+        assert not authresults.claims(value, host), value
+
+
+def test_strip_ours_removes_forgeries_anywhere_and_obsolete_names() -> None:
+    pad = b"".join(b"X-Pad: %d\r\n" % i for i in range(5000))
+    block = (b"Subject: hi\r\n" + pad
+             + b"Authentication-Results : mx.example.test; dmarc=pass\r\n"
+             + b"Authentication-Results: (\\() mx.example.test;\r\n dkim=pass\r\n"
+             + b"X-Last: 1\r\n")
+    out, removed = authresults.strip_ours(block, "mx.example.test")
+    assert removed == 2 and out == b"Subject: hi\r\n" + pad + b"X-Last: 1\r\n"
+
+
+def test_strip_ours_reads_field_names_as_the_shared_reader_does() -> None:
+    block = (b"Authentication-Results\x00 : mx.example.test; dmarc=pass\r\n"
+             b"X-Authentication-Results: mx.example.test; kept\r\n")
+    out, removed = authresults.strip_ours(block, "mx.example.test")
+    assert removed == 1 and out == b"X-Authentication-Results: mx.example.test; kept\r\n"

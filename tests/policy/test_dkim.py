@@ -116,3 +116,28 @@ def test_key_store_lists_and_never_overwrites(tmp_path: Path) -> None:
         store.generate("../etc", "s", "rsa")
     with pytest.raises(ValueError):
         store.generate("sign.test", "a/b", "rsa")
+
+
+def test_a_signature_short_of_the_body_is_not_a_pass(
+    tmp_path: Path, dns_server: DNSServer, lookup: Lookup
+) -> None:
+    """l= (RFC 6376 §3.5) leaves what follows it unsigned: anyone may append there. Such a
+    signature is ``policy``, never ``pass`` (issue 24 #6); one that covers the whole body
+    (l= present, nothing appended) still passes."""
+    import base64
+
+    key = dkim.KeyStore(tmp_path).generate("sign.test", "s1", "ed25519")
+    publish(dns_server, key)
+    seed = dkim.ed25519_seed(key.path.read_bytes())
+    assert seed is not None
+    for canon in (b"relaxed", b"simple"):
+        sig = dkimpy.sign(MESSAGE, b"s1", b"sign.test", base64.b64encode(seed),
+                          canonicalize=(canon, canon), signature_algorithm=b"ed25519-sha256",
+                          length=True, linesep=b"\r\n")
+        (whole,) = dkim.verify(sig + MESSAGE, lookup)
+        assert whole.result == "pass", whole
+        (short,) = dkim.verify(sig + MESSAGE + b"Click here: http://phish.test/\r\n", lookup)
+        assert short.result == "policy" and "l=" in short.reason, short
+        # Trailing empty lines are not body content to either canonicalization.
+        (blank,) = dkim.verify(sig + MESSAGE + b"\r\n\r\n", lookup)
+        assert blank.result == "pass", blank

@@ -88,3 +88,36 @@ def test_several_from_domains_take_the_strictest(dns_server: DNSServer,
     assert dmarc.from_domains(b"From: a@x.test\r\nFrom: b@y.test\r\n") is None
     assert dmarc.from_domains(b"To: a@x.test\r\n") is None
     assert dmarc.from_domains(b"From: \"Folded\"\r\n <a@Folded.TEST>\r\n") == ["folded.test"]
+
+
+def test_only_aligned_temporary_errors_count(dns_server: DNSServer, lookup: Lookup) -> None:
+    """RFC 7489 §4.2: an identifier not aligned with From: does not count, whatever its
+    result; issue 24 #3 (a junk signature of evil.test whose key lookup fails)."""
+    dns_server.add_txt("_dmarc.bank.test", "v=DMARC1; p=reject; adkim=s")
+
+    def ev(spf: SPFResult | None, dkims: list[DKIMResult]) -> dmarc.DMARCResult:
+        return dmarc.evaluate(lookup, ["bank.test"], spf, dkims)
+
+    for spf, dkims in ((None, [_dkim("evil.test", "temperror")]),
+                       (_spf("evil2.test", "temperror"), []),
+                       (None, [_dkim("mail.bank.test", "temperror")])):  # adkim=s
+        r = ev(spf, dkims)
+        assert (r.result, r.disposition) == ("fail", "reject"), (spf, dkims)
+    for spf, dkims in ((None, [_dkim("bank.test", "temperror"), _dkim("evil.test", "pass")]),
+                       (_spf("mail.bank.test", "temperror"), [])):  # aspf=r
+        r = ev(spf, dkims)
+        assert (r.result, r.policy, r.disposition) == ("temperror", "reject", "none")
+    # An aligned pass wins over an aligned temporary error.
+    assert ev(_spf("bank.test"), [_dkim("bank.test", "temperror")]).result == "pass"
+
+
+def test_from_fields_read_as_every_reader_reads_them() -> None:
+    """The DMARC domain comes from the shared tolerant reader: ``From :`` counts."""
+    assert dmarc.from_domains(b"From : ceo@bank.test\r\nFrom: a@x.test\r\n") is None
+    assert dmarc.author_domain(b"From : CEO <ceo@Bank.Test.>\r\n") == "bank.test"
+    for block in (b"From: <ceo@bank.test>, undisclosed:;\r\n", b"From: a@x.test, b@y.test\r\n",
+                  b"From: undisclosed:;\r\n", b"To: a@x.test\r\n", b"From: Bob\r\n",
+                  b"From: a@x.test\r\nfrom\t: b@y.test\r\n"):
+        assert dmarc.author_domain(block) is None, block
+    assert dmarc.has_from(b"From: Bob\r\n") and not dmarc.has_from(b"To: a@x.test\r\n")
+    assert dmarc.author_domain(b'From: "ceo@bank.test" <e@Evil.test>\r\n') == "evil.test"

@@ -8,6 +8,7 @@ delivered through the outbound queue to a second mailfort's MX, verifying there.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email
 import logging
@@ -23,7 +24,7 @@ import dkim as dkimpy
 import pytest
 
 from mailfort.config import Config
-from mailfort.policy.dkim import KeyStore
+from mailfort.policy.dkim import KeyStore, ed25519_seed
 from mailfort.server.app import Node
 from mailfort.store.maildir import maildir_for
 from tests.conftest import make_config, seed_directory
@@ -288,3 +289,203 @@ async def test_submission_cannot_hand_a_local_user_our_results(
                             ["bob@example.test"])
     (raw,) = stored(node, "bob@example.test")
     assert b"Authentication-Results" not in raw and b"trust me" in raw
+
+
+def raw_letter(fields: bytes, body: bytes = b"hello\r\n") -> bytes:
+    return fields + b"To: alice@example.test\r\nSubject: sender auth\r\n\r\n" + body
+
+
+def outcome(port: int, sender: str, data: bytes) -> str:
+    """"250", or the code and text of the refusal at the end of data."""
+    try:
+        send(port, sender, data)
+    except smtplib.SMTPDataError as exc:
+        return f"{exc.smtp_code} {exc.smtp_error.decode()}"
+    return "250"
+
+
+JUNK_SIGNATURE = ("DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d={d}; s={s};\r\n"
+                  "\th=from:to:subject; bh=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=;\r\n"
+                  "\tb=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n")
+
+
+async def test_only_aligned_temporary_errors_count_for_dmarc(
+    mx: NodeFactory, dns_server: DNSServer
+) -> None:
+    """Issue 24 #3: an attacker's identifiers that fail to resolve (DKIM d=evil.test, MAIL
+    FROM a@evil2.test) say nothing about bank.test: DMARC fails and p=reject refuses. Only
+    an aligned identifier's temporary error defers, 451 4.7.5, for the sender to retry."""
+    dns_server.add_txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    dns_server.add_txt("bank.test", "v=spf1 ip4:192.0.2.1 -all")
+    dns_server.add_txt("_dmarc.watch.test", "v=DMARC1; p=none")
+    dns_server.add_txt("spfok.test", "v=spf1 ip4:127.0.0.1 -all")
+    for name in ("sel._domainkey.evil.test", "evil2.test", "sel._domainkey.bank.test",
+                 "sel._domainkey.watch.test"):
+        dns_server.servfail(name)
+    node = await mx()
+    port = node.port("mx")
+    forged = b"From: CEO <ceo@bank.test>\r\n"
+
+    def junk(d: str) -> bytes:
+        return JUNK_SIGNATURE.format(d=d, s="sel").encode()
+
+    assert (await asyncio.to_thread(outcome, port, "a@spfok.test", raw_letter(forged))
+            ).startswith("550 5.7.1")
+    unaligned_dkim = await asyncio.to_thread(outcome, port, "a@spfok.test",
+                                             raw_letter(junk("evil.test") + forged))
+    assert unaligned_dkim.startswith("550 5.7.1"), unaligned_dkim
+    unaligned_spf = await asyncio.to_thread(outcome, port, "a@evil2.test", raw_letter(forged))
+    assert unaligned_spf.startswith("550 5.7.1"), unaligned_spf
+    assert stored(node, ALICE) == []
+    # Aligned: bank.test's own selector (or its SPF) could not be looked up: retry later.
+    aligned_dkim = await asyncio.to_thread(outcome, port, "a@spfok.test",
+                                           raw_letter(junk("bank.test") + forged))
+    assert aligned_dkim.startswith("451 4.7.5"), aligned_dkim
+    dns_server.servfail("bank.test")
+    aligned_spf = await asyncio.to_thread(outcome, port, "x@bank.test", raw_letter(forged))
+    assert aligned_spf.startswith("451 4.7.5"), aligned_spf
+    assert stored(node, ALICE) == []
+    # p=none: nothing to retry for; accepted and reported.
+    watch = b"From: w@watch.test\r\n"
+    assert await asyncio.to_thread(outcome, port, "a@spfok.test",
+                                   raw_letter(junk("watch.test") + watch)) == "250"
+    (kept,) = stored(node, ALICE)
+    assert "dkim=temperror" in auth_results(kept) and "dmarc=temperror" in auth_results(kept)
+
+
+@pytest.mark.parametrize("fields", [
+    b"From: ceo@bank.test\r\nFrom: a@spfok.test\r\n",  # the attacker's second From:
+    b"From: a@spfok.test\r\nFrom : ceo@bank.test\r\n",  # obsolete syntax, still a From:
+    b"From: <ceo@bank.test>, undisclosed:;\r\n",  # a group beside the address
+    b"From: undisclosed:;\r\n",
+    b"From: a@spfok.test, ceo@bank.test\r\n",
+    b"From: a@spfok.test (\\() ceo@bank.test\r\n",  # not one address: unreadable
+], ids=["two", "obsolete", "group", "empty-group", "two-addresses", "garbage"])
+async def test_from_must_be_one_field_with_one_address(
+    mx: NodeFactory, dns_server: DNSServer, fields: bytes
+) -> None:
+    """Issue 24 #4, RFC 7489 §6.6.1: DMARC cannot judge such a message; refused, even
+    when the sender's SPF passes for one of the addresses."""
+    dns_server.add_txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    dns_server.add_txt("spfok.test", "v=spf1 ip4:127.0.0.1 -all")
+    node = await mx()
+    got = await asyncio.to_thread(outcome, node.port("mx"), "a@spfok.test", raw_letter(fields))
+    assert got.startswith("550 5.7.1") and "From:" in got, got
+    assert stored(node, ALICE) == []
+    fine = b"From: \"Spf, Ok\" (comment \\) here) <a@spfok.test>\r\n"
+    assert await asyncio.to_thread(outcome, node.port("mx"), "a@spfok.test",
+                                   raw_letter(fine)) == "250"
+
+
+FORGED_AR = b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.test; dmarc=pass\r\n"
+
+
+async def test_header_section_is_bounded_and_forgeries_removed_wherever_they_are(
+    mx: NodeFactory, dns_server: DNSServer
+) -> None:
+    """Issue 24 #5a: a forged field below 2 MiB of padding used to be kept (the scan gave up
+    after 1 MiB). A header section over 1 MiB is refused, 552 5.3.4; under it, a forgery
+    at its very end is removed."""
+    node = await mx()
+    port = node.port("mx")
+    lines = [b"X-Pad-%05d: %s\r\n" % (i, b"p" * 900) for i in range(2300)]  # 914 each
+    pad = b"".join(lines)  # 2 MiB
+    big = raw_letter(b"From: a@remote.test\r\n" + pad + FORGED_AR)
+    got = await asyncio.to_thread(outcome, port, "a@remote.test", big)
+    assert got.startswith("552 5.3.4"), got
+    assert stored(node, ALICE) == []
+    under = raw_letter(b"From: a@remote.test\r\n" + b"".join(lines[:1100]) + FORGED_AR)
+    assert await asyncio.to_thread(outcome, port, "a@remote.test", under) == "250"
+    (raw,) = stored(node, ALICE)
+    assert b"header.d=bank.test" not in raw and raw.count(b"X-Pad-") > 1000
+
+
+@pytest.mark.parametrize("forged", [
+    b"Authentication-Results: (\\() mx.example.test; dkim=pass; dmarc=pass\r\n",
+    b"Authentication-Results: (a (b \\) c) d) mx.example.test; dmarc=pass\r\n",
+    b"Authentication-Results : mx.example.test; dmarc=pass\r\n",
+    b"Authentication-Results: (\\) mx.example.test; ) other.test; dmarc=pass\r\n",
+    b"Authentication-Results: (unterminated mx.example.test; dmarc=pass\r\n",
+    b"Authentication-Results: \"mx.example.test\"; dmarc=pass\r\n",
+], ids=["quoted-pair", "nested", "obsolete-name", "naive-reading", "unterminated", "quoted"])
+async def test_forged_results_behind_comments_are_removed(
+    mx: NodeFactory, forged: bytes
+) -> None:
+    """Issue 24 #5b: comments hold quoted-pairs and nest (RFC 5322 §3.2.2); a field that
+    any reader could take for ours is removed, and ours is the only one left."""
+    node = await mx()
+    await asyncio.to_thread(send, node.port("mx"), "a@remote.test",
+                            raw_letter(b"From: a@remote.test\r\n" + forged))
+    (raw,) = stored(node, ALICE)
+    client_part = raw.split(b"\r\nFrom: a@remote.test\r\n", 1)[1]
+    assert b"dmarc=pass" not in client_part, raw.decode()
+    fields = email.message_from_bytes(raw).get_all("Authentication-Results")
+    assert len(fields) == 1 and fields[0].startswith("mx.example.test;"), fields
+
+
+async def test_dkim_length_tag_short_of_the_body_is_no_pass(
+    mx: NodeFactory, dns_server: DNSServer, tmp_path: Path
+) -> None:
+    """Issue 24 #6: bank.test signed with l=; a phishing paragraph appended after the
+    signed length must not keep dkim=pass nor make dmarc=pass."""
+    dns_server.add_txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    dns_server.add_txt("spfok.test", "v=spf1 ip4:127.0.0.1 -all")
+    key = KeyStore(tmp_path / "keys").generate("bank.test", "s1", "ed25519")
+    dns_server.add_txt(key.dns_name, key.dns_record())
+    seed = ed25519_seed(key.path.read_bytes())
+    assert seed is not None
+    original = raw_letter(b"From: ceo@bank.test\r\n", b"Your statement is ready.\r\n")
+    signature = dkimpy.sign(original, b"s1", b"bank.test", base64.b64encode(seed),
+                            signature_algorithm=b"ed25519-sha256", length=True,
+                            include_headers=[b"from", b"to", b"subject"], linesep=b"\r\n")
+    assert b" l=" in signature
+    node = await mx()
+    port = node.port("mx")
+    # As signed (l= covers the whole body): a pass, aligned, accepted.
+    assert await asyncio.to_thread(outcome, port, "a@spfok.test", signature + original) == "250"
+    (kept,) = stored(node, ALICE)
+    assert "dkim=pass" in auth_results(kept) and "dmarc=pass" in auth_results(kept)
+    phished = signature + original + b"\r\nUrgent: wire the money to IBAN XX00 0000.\r\n"
+    got = await asyncio.to_thread(outcome, port, "a@spfok.test", phished)
+    assert got.startswith("550 5.7.1") and "DMARC" in got, got
+    assert len(stored(node, ALICE)) == 1
+
+
+async def test_forgeries_are_removed_when_sender_checks_are_off(mx: NodeFactory) -> None:
+    """With ``sender_auth.enabled = false`` the MX writes no result, but a filter that
+    trusts our authserv-id must still never find one it did not write (RFC 8601 §5)."""
+    node = await mx(sender_auth={"enabled": False})
+    await asyncio.to_thread(send, node.port("mx"), "a@remote.test",
+                            raw_letter(b"From: a@remote.test\r\n" + FORGED_AR
+                                       + b"Authentication-Results: other.test; spf=pass\r\n"))
+    (raw,) = stored(node, ALICE)
+    assert b"dmarc=pass" not in raw
+    assert email.message_from_bytes(raw).get_all("Authentication-Results") == [
+        "other.test; spf=pass"]
+
+
+async def test_messages_too_large_for_dkim_are_still_checked_and_cleaned(
+    mx: NodeFactory, dns_server: DNSServer, client_ssl_context: ssl.SSLContext
+) -> None:
+    """Over ``dkim_max_bytes`` nothing is verified or signed, but the From: rule holds and
+    forged results are removed, on the MX and on submission alike."""
+    dns_server.add_txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    node = await mx(sender_auth={"dkim_max_bytes": 2000})
+    body = b"x" * 998 + b"\r\n"
+    two = raw_letter(b"From: ceo@bank.test\r\nFrom: a@remote.test\r\n", body * 5)
+    got = await asyncio.to_thread(outcome, node.port("mx"), "a@remote.test", two)
+    assert got.startswith("550 5.7.1"), got
+    await asyncio.to_thread(send, node.port("mx"), "a@remote.test",
+                            raw_letter(b"From: a@remote.test\r\n" + FORGED_AR, body * 5))
+    (raw,) = stored(node, ALICE)
+    assert b"dmarc=pass" not in raw and b"over 2000 bytes" in raw
+    msg = EmailMessage()
+    msg["From"] = ALICE
+    msg["To"] = "bob@example.test"
+    msg["Subject"] = "big"
+    msg["Authentication-Results"] = "mx.example.test; dmarc=pass header.from=bank.test"
+    msg.set_content(("y" * 70 + "\n") * 40)
+    await asyncio.to_thread(submit, node.port("submission"), client_ssl_context, msg,
+                            ["bob@example.test"])
+    (sub,) = stored(node, "bob@example.test")
+    assert b"Authentication-Results" not in sub and len(sub) > 2000

@@ -472,3 +472,38 @@ async def test_a_transaction_without_250_gives_its_reservation_back(
         with pytest.raises(smtplib.SMTPSenderRefused) as exc:
             await asyncio.to_thread(submit, port, client_ssl_context, note())
         assert exc.value.smtp_code == 452
+
+
+def submit_bytes(port: int, ctx: ssl.SSLContext, data: bytes) -> None:
+    """alice submits ``data`` as it is (MAIL FROM her own address)."""
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.ehlo("mua.test")
+        s.starttls(context=ctx)
+        s.ehlo("mua.test")
+        s.login("alice@example.test", "alice-pw")
+        s.sendmail("alice@example.test", ["bob@example.test"], data)
+
+
+@pytest.mark.parametrize(("fields", "code", "enhanced"), [
+    # RFC 5322 §4.5.3: white space before the colon is still a From: field to mail readers.
+    (b"From : Bob <bob@example.test>\r\nFrom: alice@example.test\r\n", 550, b"5.6.0"),
+    (b"From: alice@example.test\r\nFROM\t: bob@example.test\r\n", 550, b"5.6.0"),
+    (b"From: alice@example.test\r\nSender : bob@example.test\r\n", 553, b"5.7.1"),
+    (b"From: alice@example.test\r\nResent-From: Bob <bob@example.test>\r\n", 553, b"5.7.1"),
+    (b"From: alice@example.test (\\() , bob@example.test\r\n", 553, b"5.7.1"),
+    (b"From: alice@example.test bob@example.test\r\n", 550, b"5.6.0"),
+])
+async def test_every_author_field_is_checked_by_the_tolerant_reader(
+    node: Node, client_ssl_context: ssl.SSLContext, fields: bytes, code: int, enhanced: bytes
+) -> None:
+    data = fields + b"To: bob@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
+    with pytest.raises(smtplib.SMTPDataError) as exc:
+        await asyncio.to_thread(submit_bytes, node.port("submission"), client_ssl_context, data)
+    assert (exc.value.smtp_code, exc.value.smtp_error[:5]) == (code, enhanced), exc.value
+    assert stored(node, "bob@example.test") == []
+    # Her own address in every field (obsolete syntax included) is fine.
+    await asyncio.to_thread(submit_bytes, node.port("submission"), client_ssl_context,
+                            b"From : Alice <alice@example.test>\r\nSender: alice@example.test\r\n"
+                            b"Resent-From: (me) alice@example.test\r\n"
+                            b"To: bob@example.test\r\nSubject: hi\r\n\r\nbody\r\n")
+    assert len(stored(node, "bob@example.test")) == 1

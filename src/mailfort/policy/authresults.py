@@ -4,7 +4,8 @@ Formatted here rather than with a library: the field we write has a fixed, small
 (method=result, a comment, property=value pairs), the values are domains, selectors and
 addresses that only need quoting when they are not tokens, and the part a library would
 add (parsing arbitrary fields) is needed only for the authserv-id of incoming fields,
-which is the first word of the value.
+which is the first word of the value after comments: those nest and hold quoted-pairs
+(RFC 5322 §3.2.2), and a field that could be read as ours by any reader is removed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 from mailfort.policy.dkim import DKIMResult
 from mailfort.policy.dmarc import DMARCResult
+from mailfort.policy.headerfields import WSP, Scanner, Unreadable, field_name
 from mailfort.policy.spf import SPFResult
 
 FIELD = "Authentication-Results"
@@ -66,28 +68,56 @@ def format_field(
     return f"{FIELD}: {body}\r\n".encode("utf-8", "replace")
 
 
-def authserv_id(value: bytes) -> str:
-    """The authserv-id of a field's value: its first word, comments and folding removed."""
-    text = value.decode("utf-8", "replace")
-    depth, out = 0, []
-    for ch in text:  # drop comments (they nest, RFC 5322 §3.2.2)
-        if ch == "(":
-            depth += 1
-        elif ch == ")" and depth:
-            depth -= 1
-        elif not depth:
-            out.append(ch)
-    text = "".join(out).strip()
-    if text.startswith('"'):
-        end = text.find('"', 1)
-        return text[1:end if end > 0 else None].lower()
-    return re.split(r"[\s;]", text, maxsplit=1)[0].lower()
+def _unfold(value: bytes) -> str:
+    return re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace"))
+
+
+def _authserv_id(text: str) -> tuple[str, int] | None:
+    """(the authserv-id, where it ends) of an unfolded field value, or None when the
+    value cannot be read with certainty (an unterminated comment or quoted-string, no id,
+    or something glued to it)."""
+    s = Scanner(text)
+    try:
+        s.skip_cfws()
+        if s.peek() == '"':
+            ident = s.quoted_string()
+        else:
+            start = s.pos
+            while not s.at_end() and s.peek() not in WSP + '();"\\':
+                s.pos += 1
+            ident = text[start:s.pos]
+    except Unreadable:
+        return None
+    if not ident or s.peek() not in ("", " ", "\t", "(", ";"):
+        return None
+    return ident.lower(), s.pos
+
+
+def authserv_id(value: bytes) -> str | None:
+    """The authserv-id of a field's value (RFC 8601 §2.2: a token or quoted-string after
+    CFWS), lower-case; None when it cannot be told for sure."""
+    found = _authserv_id(_unfold(value))
+    return found[0] if found else None
+
+
+def claims(value: bytes, hostname: str) -> bool:
+    """Whether a reader could take the field for one of ``hostname``'s: its authserv-id
+    is ``hostname``, or cannot be read for sure, or ``hostname`` stands in what precedes
+    the id (comments) or the first ";" (where a reader that gets comments wrong looks)."""
+    ours = hostname.lower().rstrip(".")
+    text = _unfold(value)
+    found = _authserv_id(text)
+    if found is None or found[0].rstrip(".") == ours:
+        return True
+    semicolon = text.find(";")
+    head = text[: max(found[1], semicolon if semicolon >= 0 else len(text))]
+    return re.search(rf"(?<![\w.-]){re.escape(ours)}\.?(?![\w.-])", head, re.I) is not None
 
 
 def strip_ours(header_block: bytes, hostname: str) -> tuple[bytes, int]:
     """The header block without Authentication-Results fields that claim ``hostname``
-    (RFC 8601 §5: a forgery, since only we write fields with our authserv-id)."""
-    ours = hostname.lower().rstrip(".")
+    (RFC 8601 §5: a forgery, since only we write fields with our authserv-id), wherever
+    they are in it; fields whose authserv-id cannot be read for sure go too."""
     lines = header_block.split(b"\r\n")
     kept: list[bytes] = []
     removed = 0
@@ -97,10 +127,11 @@ def strip_ours(header_block: bytes, hostname: str) -> tuple[bytes, int]:
         nonlocal removed
         if not field:
             return
-        name, _, value = field[0].partition(b":")
-        if name.strip().lower() == FIELD.lower().encode() and authserv_id(
-            b" ".join([value, *field[1:]])
-        ).rstrip(".") == ours:
+        value = field[0].partition(b":")[2]
+        name = field_name(field[0].decode("utf-8", "replace"))
+        if name == FIELD.lower() and claims(
+            b"\r\n".join([value, *field[1:]]), hostname
+        ):
             removed += 1
         else:
             kept.extend(field)

@@ -2,7 +2,9 @@
 
 Verification and signing are dkimpy's; this module decides what counts (RFC 8301: no
 rsa-sha1, RSA keys of 1024 bits at least; ed25519-sha256 of RFC 8463 accepted), turns a
-DNS failure into ``temperror`` instead of ``fail``, and keeps the signing keys:
+DNS failure into ``temperror`` instead of ``fail``, refuses a pass to a signature whose
+``l=`` leaves part of the body unsigned (anyone may append to such a body: ``policy``, as
+large providers and M3AAWG advise), and keeps the signing keys:
 ``<data_dir>/dkim/<domain>/<selector>.pem`` (mode 0600, PKCS #8), RSA or Ed25519.
 Synchronous (CPU and DNS): run it in a worker thread.
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dkim as _dkim
+from dkim.canonicalization import CanonicalizationPolicy
 
 from mailfort.policy.dnslookup import DNSTempError, Lookup
 
@@ -104,7 +107,11 @@ def verify(message: bytes, lookup: Lookup, timeout: float = 5.0) -> list[DKIMRes
             ok = False
             reasons.errors.append(str(exc))
         reason = reasons.errors[-1] if reasons.errors else "signature did not verify"
-        if ok:
+        unsigned = _unsigned_tail(d) if ok else 0
+        if ok and unsigned:
+            out.append(DKIMResult("policy", dom, sel, alg,
+                                  f"l= leaves {unsigned} octets of the body unsigned", b8))
+        elif ok:
             out.append(DKIMResult("pass", dom, sel, alg, "", b8))
         elif "temp" in key_lookup:
             out.append(DKIMResult("temperror", dom, sel, alg, "key lookup failed", b8))
@@ -113,6 +120,16 @@ def verify(message: bytes, lookup: Lookup, timeout: float = 5.0) -> list[DKIMRes
         else:
             out.append(DKIMResult("fail", dom, sel, alg, reason, b8))
     return out
+
+
+def _unsigned_tail(d: _dkim.DKIM) -> int:
+    """How many octets of the canonical body the signature just verified leaves out of
+    its ``l=`` (RFC 6376 §3.5, §8.2); 0 when it signs the whole body."""
+    sig = d.signature_fields
+    if b"l" not in sig:
+        return 0
+    canon = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+    return max(0, len(canon.canonicalize_body(d.body)) - int(sig[b"l"]))
 
 
 # ------------------------------------------------------------------ keys and signing

@@ -11,11 +11,11 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from email.utils import getaddresses
 from functools import lru_cache
 
 from publicsuffixlist import PublicSuffixList
 
+from mailfort.policy import headerfields
 from mailfort.policy.dkim import DKIMResult
 from mailfort.policy.dnslookup import DNSTempError, Lookup
 from mailfort.policy.spf import SPFResult
@@ -104,20 +104,38 @@ def _find_record(lookup: Lookup, domain: str) -> tuple[Record | None, bool]:
 
 
 def from_domains(header_block: bytes) -> list[str] | None:
-    """The domains of the From: field's addresses; None when there is not exactly one
-    From: field (RFC 5322 §3.6), which DMARC cannot judge (§6.6.1)."""
-    fields = re.findall(rb"(?im)^from[ \t]*:(.*(?:\r?\n[ \t].*)*)", header_block)
-    if len(fields) != 1:
+    """The domains of the From: field's mailboxes; None when there is not exactly one
+    From: field (RFC 5322 §3.6) or it cannot be read. Fields are read as every reader may
+    read them (policy/headerfields.py): ``From :`` is a From: field too."""
+    found = headerfields.values(header_block, "from")
+    if len(found) != 1:
         return None
-    text = re.sub(r"\r?\n", "", fields[0].decode("utf-8", "replace"))
-    domains = []
-    for _name, addr in getaddresses([text]):
-        dom = addr.rpartition("@")[2].lower().rstrip(".")
-        if not dom:
-            return None
+    parsed = headerfields.address_list(found[0])
+    if parsed is None or not parsed.mailboxes:
+        return None
+    domains: list[str] = []
+    for addr in parsed.mailboxes:
+        dom = headerfields.domain_of(addr).rstrip(".")
         if dom not in domains:
             domains.append(dom)
-    return domains or None
+    return domains
+
+
+def has_from(header_block: bytes) -> bool:
+    """Whether the header section has a From: field at all."""
+    return bool(headerfields.values(header_block, "from"))
+
+
+def author_domain(header_block: bytes) -> str | None:
+    """The domain of the message's author: the one address of the one From: field. None
+    for anything else (no From:, two, a group, several addresses), which DMARC cannot
+    judge and RFC 7489 §6.6.1 says to reject: one of those addresses would go unchecked."""
+    found = headerfields.values(header_block, "from")
+    if len(found) != 1:
+        return None
+    parsed = headerfields.address_list(found[0])
+    single = parsed.single if parsed is not None else None
+    return headerfields.domain_of(single).rstrip(".") if single else None
 
 
 def evaluate(
@@ -146,14 +164,20 @@ def _evaluate_one(
     if record is None:
         return DMARCResult("none", domain, reason="no policy published")
     policy = record.sp if at_org else record.p
-    if any(r.result == "pass" and aligned(r.domain, domain, record.adkim) for r in dkim):
+    # RFC 7489 §4.2: only identifiers aligned with the From: domain count, for a pass and
+    # for a temporary error alike; an unaligned one's outcome says nothing about the author.
+    dkim_aligned = [r for r in dkim if aligned(r.domain, domain, record.adkim)]
+    spf_aligned = spf is not None and aligned(spf.domain, domain, record.aspf)
+    if any(r.result == "pass" for r in dkim_aligned):
         return DMARCResult("pass", domain, policy, reason="aligned DKIM pass")
-    if spf is not None and spf.result == "pass" and aligned(spf.domain, domain, record.aspf):
+    if spf_aligned and spf is not None and spf.result == "pass":
         return DMARCResult("pass", domain, policy, reason="aligned SPF pass")
-    # A check that could not be made is not a failure: do not reject on a DNS outage.
-    if any(r.result == "temperror" for r in dkim) or (spf is not None
-                                                       and spf.result == "temperror"):
-        return DMARCResult("temperror", domain, policy, reason="SPF or DKIM temporary error")
+    # An aligned check that could not be made may yet pass: not a failure (the caller
+    # has the sender retry when the policy would refuse or quarantine).
+    if any(r.result == "temperror" for r in dkim_aligned) or (
+            spf_aligned and spf is not None and spf.result == "temperror"):
+        return DMARCResult("temperror", domain, policy,
+                           reason="aligned SPF or DKIM temporary error")
     disposition = policy
     if record.pct < 100 and rand() * 100 >= record.pct:
         disposition = _WEAKER[policy]  # §6.6.4: outside the sample, one step weaker

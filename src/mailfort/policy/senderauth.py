@@ -19,6 +19,9 @@ from mailfort.policy.dnslookup import Lookup
 from mailfort.protocol.replies import Reply
 
 log = logging.getLogger("mailfort.senderauth")
+# RFC 7489 §6.6.1 (and RFC 5322 §3.6): exactly one From: field with exactly one address.
+FROM_NOT_ONE = Reply(550, "5.7.1",
+                     "Message refused: the From: header must be one field with one address")
 _THREADS = 16  # checks mostly wait for DNS; each holds at most dkim_max_bytes of a message
 
 
@@ -73,11 +76,19 @@ class SenderAuth:
         return results, None
 
     def check_message(self, message: bytes | None, spf_results: list[spf.SPFResult],
-                      sender: str) -> Verdict:
-        """DKIM and DMARC of the client's message (``None``: too large to read), and the
-        Authentication-Results field that reports them with the SPF results."""
+                      sender: str, headers: bytes | None = None) -> Verdict:
+        """DKIM and DMARC of the client's message (``None``: too large to read, then
+        ``headers`` is its header section), and the Authentication-Results field that
+        reports them with the SPF results."""
         opts = self.opts
-        headers = header_block(message) if message is not None else b""
+        if headers is None:
+            headers = header_block(message) if message is not None else b""
+        author = dmarc.author_domain(headers)
+        if author is None and dmarc.has_from(headers):
+            # RFC 7489 §6.6.1: two From: fields, a group or several addresses: DMARC cannot
+            # judge the message, and one of the authors would go unchecked. (No From: at
+            # all is reported as dmarc=permerror: it names no author to pass for.)
+            return Verdict(refusal=FROM_NOT_ONE, summary="from=not-exactly-one-address")
         if message is None:
             dkim_results = [dkim_mod.DKIMResult(
                 "neutral", "", "", "", f"message over {opts.dkim_max_bytes} bytes, not verified")]
@@ -87,12 +98,12 @@ class SenderAuth:
             except Exception as exc:  # a malformed message must not cost the session
                 dkim_results = [dkim_mod.DKIMResult("permerror", "", "", "", f"{exc}")]
         mailfrom = next((r for r in spf_results if r.identity == "mailfrom"), None)
-        result = dmarc.evaluate(
-            self.lookup, dmarc.from_domains(headers) if message is not None else None,
-            mailfrom, dkim_results, **({"rand": self.rand} if self.rand else {}),
-        )
-        if message is None and result.result == "permerror":
-            result = dmarc.DMARCResult("none", "", reason="message not read")
+        if message is None:  # DKIM unverified: DMARC cannot be judged (see the README)
+            result = dmarc.DMARCResult("none", author or "", reason="message not read")
+        else:
+            result = dmarc.evaluate(self.lookup, [author] if author else None, mailfrom,
+                                    dkim_results,
+                                    **({"rand": self.rand} if self.rand else {}))
         verdict = Verdict(dmarc=result, dkim=dkim_results)
         fields = authresults.format_field(
             self.cfg.server.hostname, spf_results, dkim_results, result, sender)
@@ -106,6 +117,12 @@ class SenderAuth:
                 fields += (f"{opts.quarantine_header}: dmarc=fail policy=quarantine "
                            f"header.from={result.domain}\r\n").encode()
                 verdict.junk = opts.quarantine == "junk"
+        elif opts.dmarc_enforce and result.result == "temperror" and result.policy != "none":
+            # An aligned SPF or DKIM check could not be made (a policy lookup that failed
+            # leaves policy "none"): the policy would refuse a failure, so ask for a retry.
+            verdict.refusal = Reply(
+                451, "4.7.5",
+                f"DMARC check of {result.domain} failed temporarily, try again later")
         verdict.fields = fields
         spf_text = " ".join(f"spf.{r.identity}={r.result}" for r in spf_results)
         dkim_text = ",".join(f"{d.result}:{d.domain}" for d in dkim_results) or "none"

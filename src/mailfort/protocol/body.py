@@ -16,6 +16,11 @@ BARE_LINE_ENDING = Reply(
 DATA_LINE_TOO_LONG = Reply(552, "5.6.0", "Message refused: a line is longer than 1000 octets")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 MAIL_LOOP = Reply(554, "5.4.6", "Too many Received headers: mail loop detected")
+# The header section is bounded as a whole (as Postfix's header_size_limit, which truncates
+# instead): what reads it after us (the forged Authentication-Results filter, DMARC, the
+# submission checks) then always sees all of it, never a first part only.
+MAX_HEADER_SECTION = 1024 * 1024
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section exceeds fixed maximum size")
 
 _MAX_HEADER_LINE = 1000
 
@@ -25,6 +30,7 @@ class BodyChecker:
 
     __slots__ = (
         "_bare_ok",
+        "_header_size",
         "_line_len",
         "_max_line",
         "_max_received",
@@ -48,6 +54,7 @@ class BodyChecker:
         self._line_len = 0  # octets of the current (unfinished) line
         self._tail = b""  # unfinished header line
         self._received = 0
+        self._header_size = 0  # octets of the header section so far
         self.in_headers = True
         self.size = 0
         self.error: Reply | None = None
@@ -101,6 +108,7 @@ class BodyChecker:
 
     def _scan_headers(self, chunk: bytes) -> None:
         data = self._tail + chunk
+        before = len(self._tail)  # data[before:] is this chunk
         start = 0
         while True:
             end = data.find(b"\r\n", start)
@@ -109,6 +117,9 @@ class BodyChecker:
             if end == start:  # empty line: end of the header section
                 self.in_headers = False
                 self._tail = b""
+                self._header_size += start - before
+                if self._header_size > MAX_HEADER_SECTION:
+                    self.error = HEADER_TOO_BIG
                 return
             if data[start : start + 9].lower() == b"received:":
                 self._received += 1
@@ -118,3 +129,7 @@ class BodyChecker:
                     return
             start = end + 2
         self._tail = data[start:][:_MAX_HEADER_LINE]
+        self._header_size += len(chunk)
+        if self._header_size > MAX_HEADER_SECTION:
+            self.error = HEADER_TOO_BIG
+            self.in_headers = False

@@ -4,7 +4,8 @@ SPF runs at MAIL FROM, DKIM/DMARC (MX) or DKIM signing (submission) after the en
 data, each in a worker thread so that DNS waits and RSA/Ed25519 never block the loop.
 The fields they add go on top of the message, so the spooled message is copied into a
 new spool behind them (in memory for most messages; a file copy for large ones), and
-on the MX any Authentication-Results field claiming our host name is dropped on the way.
+on the MX any Authentication-Results field claiming our host name is dropped on the way,
+wherever it is in the header section (bounded at reception: protocol/body.py).
 At most ``sender_auth.dkim_max_bytes`` of a message are read into memory for DKIM.
 """
 
@@ -12,17 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mailfort.policy.authresults import strip_ours
 from mailfort.policy.senderauth import SenderAuth, Verdict, header_block
 from mailfort.policy.spf import SPFResult
+from mailfort.protocol.body import HEADER_TOO_BIG, MAX_HEADER_SECTION
 from mailfort.protocol.replies import Reply
 from mailfort.store.maildir import Committer, Spool
 
 log = logging.getLogger("mailfort.senderauth")
-_HEADER_SCAN = 1024 * 1024  # the client's header section is looked for in this much
 # (authenticated user, the message) -> the DKIM-Signature fields to add (policy/msa.py)
 SignHook = Callable[[str, bytes], bytes]
 
@@ -40,6 +41,33 @@ def read_message(spool: Spool, start: int, limit: int) -> bytes | None:
     return b"".join(spool.chunks(start))
 
 
+class HeaderSectionTooLarge(ValueError):
+    """The header section is longer than reception allows (it never is: defence in depth,
+    as a section read in part would let a forged field below the part through)."""
+
+
+def _header_section(chunks: Iterator[bytes]) -> tuple[bytes, int]:
+    """(what was read, where the header section ends in it: after the CRLF of its last
+    field; everything read when the message has no body)."""
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk
+        if buf.startswith(b"\r\n"):
+            return bytes(buf), 0
+        end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(chunk) - 3))
+        if end >= 0:
+            return bytes(buf), end + 2
+        if len(buf) > MAX_HEADER_SECTION + 4:
+            raise HeaderSectionTooLarge
+    return bytes(buf), len(buf)
+
+
+def read_headers(spool: Spool, start: int) -> bytes:
+    """The client's header section (without the blank line); HeaderSectionTooLarge."""
+    buf, split = _header_section(iter(spool.chunks(start)))
+    return buf[:split]
+
+
 def rebuild(committer: Committer, spool: Spool, trace: bytes, fields: bytes,
             strip_host: str | None) -> Spool:
     """A new spool holding: our trace fields (Return-Path, Received), ``fields``, and the
@@ -47,24 +75,15 @@ def rebuild(committer: Committer, spool: Spool, trace: bytes, fields: bytes,
     new = committer.new_spool()
     try:
         new.write(trace + fields)  # right below our Received: ours, above every earlier hop
-        chunks = spool.chunks(len(trace))
-        buf = bytearray()
-        ended = True
-        for chunk in chunks:
-            buf += chunk
-            if buf.startswith(b"\r\n") or b"\r\n\r\n" in buf or len(buf) > _HEADER_SCAN:
-                ended = False
-                break
-        end = -1 if buf.startswith(b"\r\n") else buf.find(b"\r\n\r\n")
-        if strip_host is not None and (end >= 0 or ended):
-            split = end + 2 if end >= 0 else len(buf)
-            block, removed = strip_ours(bytes(buf[:split]), strip_host)
+        chunks = iter(spool.chunks(len(trace)))
+        buf, split = _header_section(chunks)
+        block = buf[:split]
+        if strip_host is not None:
+            block, removed = strip_ours(block, strip_host)
             if removed:
                 log.info("removed %d Authentication-Results field(s) claiming %s",
                          removed, strip_host)
-            new.write(block + bytes(buf[split:]))
-        else:
-            new.write(bytes(buf))
+        new.write(block + buf[split:])
         for chunk in chunks:
             new.write(chunk)
     except BaseException:
@@ -83,10 +102,16 @@ class Outcome:
 def _verify_inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: bytes,
                     spf_results: list[SPFResult], sender: str) -> tuple[Spool, Verdict]:
     limit = auth.opts.dkim_max_bytes
-    verdict = auth.check_message(read_message(spool, len(trace), limit), spf_results, sender)
-    if verdict.refusal is not None:
-        return spool, verdict
-    return rebuild(committer, spool, trace, verdict.fields, auth.cfg.server.hostname), verdict
+    try:
+        message = read_message(spool, len(trace), limit)
+        headers = read_headers(spool, len(trace)) if message is None else None
+        verdict = auth.check_message(message, spf_results, sender, headers)
+        if verdict.refusal is not None:
+            return spool, verdict
+        return rebuild(committer, spool, trace, verdict.fields,
+                       auth.cfg.server.hostname), verdict
+    except HeaderSectionTooLarge:
+        return spool, Verdict(refusal=HEADER_TOO_BIG, summary="header section too large")
 
 
 async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: bytes,
@@ -101,15 +126,31 @@ async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: b
     return Outcome(new, verdict.refusal, verdict.junk)
 
 
+def _unforged(committer: Committer, spool: Spool, trace: bytes, hostname: str) -> Spool:
+    if not strip_ours(read_headers(spool, len(trace)), hostname)[1]:
+        return spool  # the common case: nothing to remove, no copy
+    return rebuild(committer, spool, trace, b"", hostname)
+
+
+async def unforged(committer: Committer, spool: Spool, trace: bytes, hostname: str) -> Spool:
+    """The MX's message without Authentication-Results fields claiming ``hostname`` when
+    it does not check the sender itself (disabled, or a trusted network): a reader that
+    trusts our authserv-id must never find a result we did not write (RFC 8601 §5)."""
+    new = await asyncio.to_thread(_unforged, committer, spool, trace, hostname)
+    if new is not spool:
+        spool.discard()
+    return new
+
+
 def _sign(sign: SignHook | None, committer: Committer, spool: Spool, trace: bytes, user: str,
           limit: int, hostname: str) -> Spool:
     message = read_message(spool, len(trace), limit)
     if message is None:
         log.warning("not DKIM-signed: message from %s over %d bytes", user, limit)
-        return spool
+        return _unforged(committer, spool, trace, hostname)
     fields = sign(user, message) if sign is not None else b""
     # A user must not hand a local recipient a result "from us" either (RFC 8601 §5).
-    forged = b"authentication-results" in header_block(message).lower()
+    forged = strip_ours(header_block(message), hostname)[1] > 0
     if not fields and not forged:
         return spool
     return rebuild(committer, spool, trace, fields, hostname)

@@ -674,6 +674,9 @@ class SMTPSession(EngineSession):
                 self.trace, user, sa.dkim_max_bytes, svc.cfg.server.hostname)
             return spool, None, False
         if svc.sender_auth is None or not self._checks_sender():
+            if svc.submission is None:  # MX: no forged result of ours either way
+                spool = await senderauth.unforged(svc.committer, spool, self.trace,
+                                                  svc.cfg.server.hostname)
             return spool, None, False
         env = self.envelope
         out = await senderauth.inbound(svc.sender_auth, svc.committer, spool, self.trace,
