@@ -8,7 +8,7 @@ synchronous (DNS and CPU) and the session runs it in a worker thread.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -23,6 +23,7 @@ log = logging.getLogger("mailfort.senderauth")
 FROM_NOT_ONE = Reply(550, "5.7.1",
                      "Message refused: the From: header must be one field with one address")
 _THREADS = 16  # checks mostly wait for DNS; each holds at most dkim_max_bytes of a message
+# (a larger one is verified as it streams: policy/dkim.py)
 
 
 @dataclass
@@ -76,11 +77,13 @@ class SenderAuth:
         return results, None
 
     def check_message(self, message: bytes | None, spf_results: list[spf.SPFResult],
-                      sender: str, headers: bytes | None = None) -> Verdict:
-        """DKIM and DMARC of the client's message (``None``: too large to read, then
-        ``headers`` is its header section), and the Authentication-Results field that
-        reports them with the SPF results."""
-        opts = self.opts
+                      sender: str, headers: bytes | None = None,
+                      body: Iterable[bytes] = ()) -> Verdict:
+        """DKIM and DMARC of the client's message, and the Authentication-Results field
+        that reports them with the SPF results. ``message`` is ``None`` when it is too
+        large to hold in memory: then ``headers`` is its header section and ``body`` its
+        body in pieces, verified as they stream (a large message is judged as a small
+        one: leaving it unverified let a padded forgery past DMARC)."""
         if headers is None:
             headers = header_block(message) if message is not None else b""
         author = dmarc.author_domain(headers)
@@ -89,21 +92,17 @@ class SenderAuth:
             # judge the message, and one of the authors would go unchecked. (No From: at
             # all is reported as dmarc=permerror: it names no author to pass for.)
             return Verdict(refusal=FROM_NOT_ONE, summary="from=not-exactly-one-address")
-        if message is None:
-            dkim_results = [dkim_mod.DKIMResult(
-                "neutral", "", "", "", f"message over {opts.dkim_max_bytes} bytes, not verified")]
-        else:
-            try:
-                dkim_results = dkim_mod.verify(message, self.lookup, self.cfg.dns.timeout)
-            except Exception as exc:  # a malformed message must not cost the session
-                dkim_results = [dkim_mod.DKIMResult("permerror", "", "", "", f"{exc}")]
+        opts, timeout = self.opts, self.cfg.dns.timeout
+        try:
+            if message is not None:
+                dkim_results = dkim_mod.verify(message, self.lookup, timeout)
+            else:
+                dkim_results = dkim_mod.verify_streamed(headers, body, self.lookup, timeout)
+        except Exception as exc:  # a malformed message must not cost the session
+            dkim_results = [dkim_mod.DKIMResult("permerror", "", "", "", f"{exc}")]
         mailfrom = next((r for r in spf_results if r.identity == "mailfrom"), None)
-        if message is None:  # DKIM unverified: DMARC cannot be judged (see the README)
-            result = dmarc.DMARCResult("none", author or "", reason="message not read")
-        else:
-            result = dmarc.evaluate(self.lookup, [author] if author else None, mailfrom,
-                                    dkim_results,
-                                    **({"rand": self.rand} if self.rand else {}))
+        result = dmarc.evaluate(self.lookup, [author] if author else None, mailfrom,
+                                dkim_results, **({"rand": self.rand} if self.rand else {}))
         verdict = Verdict(dmarc=result, dkim=dkim_results)
         fields = authresults.format_field(
             self.cfg.server.hostname, spf_results, dkim_results, result, sender)

@@ -6,12 +6,14 @@ The fields they add go on top of the message, so the spooled message is copied i
 new spool behind them (in memory for most messages; a file copy for large ones), and
 on the MX any Authentication-Results field claiming our host name is dropped on the way,
 wherever it is in the header section (bounded at reception: protocol/body.py).
-At most ``sender_auth.dkim_max_bytes`` of a message are read into memory for DKIM.
+At most ``sender_auth.dkim_max_bytes`` of a message are read into memory for DKIM; a
+larger one is verified as it streams from the spool (never skipped: DMARC needs it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,6 +70,16 @@ def read_headers(spool: Spool, start: int) -> bytes:
     return buf[:split]
 
 
+def headers_and_body(spool: Spool, start: int) -> tuple[bytes, Iterator[bytes]]:
+    """The client's header section (as read_headers) and its body (after the empty line)
+    in pieces, read from the spool as they are consumed."""
+    chunks = iter(spool.chunks(start))
+    buf, split = _header_section(chunks)
+    rest = buf[split:]
+    first = rest[2:] if rest.startswith(b"\r\n") else b""
+    return buf[:split], itertools.chain((first,), chunks)
+
+
 def rebuild(committer: Committer, spool: Spool, trace: bytes, fields: bytes,
             strip_host: str | None) -> Spool:
     """A new spool holding: our trace fields (Return-Path, Received), ``fields``, and the
@@ -104,8 +116,11 @@ def _verify_inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace:
     limit = auth.opts.dkim_max_bytes
     try:
         message = read_message(spool, len(trace), limit)
-        headers = read_headers(spool, len(trace)) if message is None else None
-        verdict = auth.check_message(message, spf_results, sender, headers)
+        if message is None:  # larger: verified as it streams from the spool
+            headers, body = headers_and_body(spool, len(trace))
+            verdict = auth.check_message(None, spf_results, sender, headers, body)
+        else:
+            verdict = auth.check_message(message, spf_results, sender)
         if verdict.refusal is not None:
             return spool, verdict
         return rebuild(committer, spool, trace, verdict.fields,
