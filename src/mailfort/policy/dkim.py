@@ -261,7 +261,7 @@ def _trailing_blank_lines(text: bytes) -> int:
 
 class _HashedBody(_dkim.DKIM):
     """dkimpy's DKIM object, but the body hashes are ours: computed beforehand, from a
-    stream, in linear time, and a short ``l=`` is ``policy`` before any hashing.
+    stream, in linear time; a signature whose ``l=`` is short of the body is ``policy``.
 
     Why: dkimpy canonicalises the whole body in memory (``self.body``), and its relaxed
     form strips trailing white space with a regular expression that is quadratic in the
@@ -271,9 +271,11 @@ class _HashedBody(_dkim.DKIM):
     then hashes the header fields and checks ``b=``. This class checks ``bh=`` against
     its digest and hands dkimpy the tags without ``bh``: the header hash is computed from
     the raw DKIM-Signature field (``hash_headers`` takes ``sig_header``, not the dict), so
-    the ``bh=`` checked here is the one ``b=`` signs. Should a later dkimpy hash the body
-    regardless, a streamed message has an empty ``self.body`` there and fails: never a
-    false pass (tests/policy/test_dkim.py verifies with dkimpy alone too)."""
+    the ``bh=`` checked here is the one ``b=`` signs. Should a later dkimpy hash
+    ``self.body`` regardless, that is a second check (the whole body) or fails (streamed:
+    empty); should it stop calling this method, ``body_checked`` stays False and
+    ``_results`` fails the signature: never a false pass (tests/policy/test_dkim.py also
+    compares with dkimpy alone)."""
 
     def __init__(self, message: bytes, **kw: Any) -> None:
         super().__init__(message, **kw)
