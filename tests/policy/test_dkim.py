@@ -251,3 +251,17 @@ def test_relaxed_body_hash_takes_linear_time(tmp_path: Path, dns_server: DNSServ
     (r,) = dkim.verify(sig + header + b"\r\n\r\n" + body, lookup)
     assert r.result == "fail" and "body hash" in r.reason, r
     assert time.monotonic() - t0 < 1.0
+
+
+def test_signatures_past_the_bound_are_not_verified(
+    tmp_path: Path, dns_server: DNSServer, lookup: Lookup
+) -> None:
+    """A sender cannot make the server check a thousand signatures: past
+    ``MAX_SIGNATURES`` each is ``policy``, with no key lookup."""
+    key = dkim.KeyStore(tmp_path).generate("sign.test", "s1", "ed25519")
+    publish(dns_server, key)
+    sig = key.sign(MESSAGE)
+    results = dkim.verify(sig * (dkim.MAX_SIGNATURES + 3) + MESSAGE, lookup)
+    assert [r.result for r in results] == (
+        ["pass"] * dkim.MAX_SIGNATURES + ["policy"] * 3)
+    assert "more than 8 signatures" in results[-1].reason

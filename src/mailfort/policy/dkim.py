@@ -78,6 +78,12 @@ class _Reasons:
         self.errors.append(str(msg) % args if args else str(msg))
 
 
+# Each signature costs a key lookup and a hash of up to the whole header section: a sender
+# that adds a thousand of them must not buy a thousand. Real mail carries one to three (the
+# author's domain, its provider, a list); the first ones are checked, the rest are "policy".
+MAX_SIGNATURES = 8
+
+
 def verify(message: bytes, lookup: Lookup, timeout: float = 5.0) -> list[DKIMResult]:
     """One result per DKIM-Signature of ``message`` (the bytes as the client sent them)."""
     reasons = _Reasons()
@@ -107,6 +113,10 @@ def _results(d: _HashedBody, reasons: _Reasons, lookup: Lookup) -> list[DKIMResu
         tags = _tags(raw)
         dom, sel, alg = tags.get("d", "").lower(), tags.get("s", ""), tags.get("a", "").lower()
         b8 = tags.get("b", "")[:8]
+        if idx >= MAX_SIGNATURES:
+            out.append(DKIMResult("policy", dom, sel, alg,
+                                  f"not verified: more than {MAX_SIGNATURES} signatures", b8))
+            continue
         if alg == "rsa-sha1":
             out.append(DKIMResult("policy", dom, sel, alg, "rsa-sha1 is not accepted (RFC 8301)",
                                   b8))
