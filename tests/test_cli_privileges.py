@@ -22,6 +22,7 @@ import ssl
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -230,3 +231,26 @@ def test_the_commands_that_keep_root_are_named() -> None:
     assert command_path(parser.parse_args(["user", "add", "a@b.test"])) == ("user", "add")
     assert command_path(parser.parse_args(["status"])) == ("status",)
     assert command_path(parser.parse_args(["audit", "--list"])) == ("audit",)
+
+
+@as_root
+def test_postgresql_directory_commands_switch_too(root_dir: Path, postgres_server: Any) -> None:
+    """With the shared PostgreSQL directory, ``db migrate`` and ``domain add`` run as the
+    service user too: psycopg is imported before the switch, the password file is read
+    after it (as ``serve`` reads it: it must be the service user's)."""
+    from tests.pgserver import PASSWORD
+
+    password = root_dir / "directory-password"
+    password.write_text(PASSWORD + "\n")
+    password.chmod(0o600)
+    os.chown(password, NOBODY.pw_uid, NOBODY.pw_gid)
+    config = write_config(root_dir, refusing_dns_port(), server={"user": "nobody"},
+                          directory={"backend": "postgresql",
+                                     "url": postgres_server.url(
+                                         postgres_server.create_database()),
+                                     "password_file": str(password)})
+    for command in (("db", "migrate"), ("domain", "add", "example.test"), ("domain", "list")):
+        r = cli(config, *command)
+        assert (r.returncode, r.stderr) == (0, ""), command
+    assert r.stdout == "example.test\n"
+    everything_is_nobodys(root_dir / "data")
