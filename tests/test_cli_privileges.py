@@ -188,6 +188,23 @@ def test_commands_as_root_make_the_data_dir_the_service_users_and_serve_uses_it(
 
 
 @as_root
+def test_a_directory_left_by_root_in_the_data_dir_is_given_away_first(root_dir: Path) -> None:
+    """An earlier version's ``domain add`` as root left directory.sqlite3 root's in the
+    service user's data directory: the command gives the tree away (as ``serve`` does, no
+    symlink followed) before it switches, and then can write it."""
+    data = nobodys_data_dir(root_dir)
+    config = write_config(root_dir, refusing_dns_port(), server={"user": "nobody"})
+    r = cli(config, "domain", "add", "example.test")
+    assert r.returncode == 0, r.stderr
+    os.chown(data / "directory.sqlite3", 0, 0)
+
+    r = cli(config, "domain", "add", "example.org")
+
+    assert (r.returncode, r.stderr) == (0, "")
+    everything_is_nobodys(data)
+
+
+@as_root
 def test_every_command_that_drops_finds_what_it_imports(root_dir: Path) -> None:
     """After the switch, a Python installed in root's home (as here) is unreadable: each
     command must have imported what it needs before. Run the commands whose imports

@@ -256,6 +256,20 @@ def command_path(args: argparse.Namespace) -> tuple[str, ...]:
     return (args.command, action) if isinstance(action, str) else (args.command,)
 
 
+def _all_theirs(data_dir: Path, owner: tuple[int, int]) -> bool:
+    """Whether the data directory exists and it and its entries are ``owner``'s (lstat:
+    nothing followed). An entry that is not (directory.sqlite3 made as root by an earlier
+    version, say) would be unwritable after the switch: then the tree is given away, once;
+    the walk is not done at every command (the Maildirs may be below)."""
+    try:
+        top = os.stat(data_dir)
+        with os.scandir(data_dir) as it:
+            entries = [e.stat(follow_symlinks=False) for e in it]
+    except FileNotFoundError:
+        return False
+    return all((st.st_uid, st.st_gid) == owner for st in [top, *entries])
+
+
 def drop_for_data_dir(args: argparse.Namespace) -> None:
     """As root with ``server.user`` set, switch to that user for good unless the command
     is in ``KEEPS_PRIVILEGES``; as anyone else, nothing to do.
@@ -263,7 +277,8 @@ def drop_for_data_dir(args: argparse.Namespace) -> None:
     Before the switch, as root, and on nothing the service user can change: the
     configuration and a ``--password-file`` are read; the data directory is made and given
     to the user as ``serve`` does (``own_data_dir``: no symlink followed) when it is missing
-    or not the user's yet, so that what the command creates there is the server's own; and
+    or not all the user's yet (``_all_theirs``), so that what the command creates there is
+    the server's own and it can write what is there; and
     the modules the command loads later are imported (a Python installed in root's home
     is unreadable afterwards)."""
     if os.geteuid() != 0 or command_path(args) in KEEPS_PRIVILEGES:
@@ -276,11 +291,7 @@ def drop_for_data_dir(args: argparse.Namespace) -> None:
     acct = privileges.account(cfg)
     if getattr(args, "password_file", None):
         _password_file_text(args)
-    try:
-        top = os.stat(cfg.data_path)
-    except FileNotFoundError:
-        top = None
-    if top is None or (top.st_uid, top.st_gid) != (acct.uid, acct.gid):
+    if not _all_theirs(cfg.data_path, (acct.uid, acct.gid)):
         privileges.own_data_dir(cfg.data_path, acct)
     needs: tuple[str | Callable[[], object], ...] = getattr(args, "needs", ())
     if cfg.directory.backend == "postgresql":
