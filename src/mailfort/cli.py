@@ -3,13 +3,21 @@
 Passwords are read from a prompt (twice) or from a file, never from the command line,
 where any local user could read them in the process list or the shell history. Errors
 are one line on stderr and a non-zero exit status, never a traceback.
+
+Started as root with ``server.user`` configured, every command but those in
+``KEEPS_PRIVILEGES`` switches to that user for good right after reading the configuration
+(``drop_for_data_dir``), before it opens anything in the data directory: that directory is
+the service user's to change, and root must not follow what it planted there (issue 24).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
+import importlib
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
@@ -33,17 +41,33 @@ class CLIError(Exception):
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return config_mod.load(getattr(args, "config", None))
+def config_of(args: argparse.Namespace) -> Config:
+    """The configuration, read once: as root, before the switch to the service user (the
+    file may be readable by root only); the commands use this copy afterwards."""
+    cfg: Config | None = getattr(args, "loaded_config", None)
+    if cfg is None:
+        cfg = config_mod.load(getattr(args, "config", None))
+        args.loaded_config = cfg
+    return cfg
 
 
 def _directory(args: argparse.Namespace) -> SQLiteDirectory | PostgreSQLDirectory:
-    return open_directory(_load(args))
+    return open_directory(config_of(args))
+
+
+def _password_file_text(args: argparse.Namespace) -> str:
+    """The ``--password-file``: a file the admin named, read as the admin (before the
+    switch, when there is one) and kept for the command."""
+    text: str | None = getattr(args, "password_text", None)
+    if text is None:
+        text = Path(args.password_file).read_text(encoding="utf-8")
+        args.password_text = text
+    return text
 
 
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_file:
-        text = Path(args.password_file).read_text(encoding="utf-8")
+        text = _password_file_text(args)
         password = text.removesuffix("\n").removesuffix("\r")
     else:
         password = getpass.getpass("Password: ")
@@ -105,15 +129,16 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = config_of(args)
     from mailfort.server.app import run
 
-    run(cfg, reload_config=lambda: _load(args))
+    # A reload reads the file again (config_of keeps the first reading).
+    run(cfg, reload_config=lambda: config_mod.load(getattr(args, "config", None)))
     return 0
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = config_of(args)
     eff = config_mod.effective(cfg)
     print(json.dumps(eff, indent=2) if args.json else to_toml(eff))
     return 0
@@ -208,10 +233,83 @@ def cmd_alias_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- privileges ------------------------------------------------------------------------
+
+# The commands that keep the privileges they were started with, and why. Every other
+# command opens something in the data directory (directory.sqlite3, queue/, dkim/, tls/,
+# control.sock, ...) and, started as root with server.user set, switches to that user first.
+KEEPS_PRIVILEGES: dict[tuple[str, ...], str] = {
+    ("serve",): "binds as root, then drops itself before the data directory (server/app.py)",
+    ("config", "check"): "reads the configuration only",
+    ("mta-sts", "policy"): "reads the configuration only",
+    ("audit",): "a client of some mail server: no configuration, no data directory",
+    ("lab",): "its own scratch servers in a fresh temporary directory, no configuration",
+}
+
+# Imported before the switch whatever the command: what the PostgreSQL directory loads.
+_POSTGRESQL = ("psycopg", "psycopg_pool", "mailfort.directory.postgresql")
+
+
+def command_path(args: argparse.Namespace) -> tuple[str, ...]:
+    """("user", "add") for ``mailfort user add ...``; ("serve",) for ``mailfort serve``."""
+    action = getattr(args, "action", None)
+    return (args.command, action) if isinstance(action, str) else (args.command,)
+
+
+def _all_theirs(data_dir: Path, owner: tuple[int, int]) -> bool:
+    """Whether the data directory exists and it and its entries are ``owner``'s (lstat:
+    nothing followed). An entry that is not (directory.sqlite3 made as root by an earlier
+    version, say) would be unwritable after the switch: then the tree is given away, once;
+    the walk is not done at every command (the Maildirs may be below)."""
+    try:
+        top = os.stat(data_dir)
+        with os.scandir(data_dir) as it:
+            entries = [e.stat(follow_symlinks=False) for e in it]
+    except FileNotFoundError:
+        return False
+    return all((st.st_uid, st.st_gid) == owner for st in [top, *entries])
+
+
+def drop_for_data_dir(args: argparse.Namespace) -> None:
+    """As root with ``server.user`` set, switch to that user for good unless the command
+    is in ``KEEPS_PRIVILEGES``; as anyone else, nothing to do.
+
+    Before the switch, as root, and on nothing the service user can change: the
+    configuration and a ``--password-file`` are read; the data directory is made and given
+    to the user as ``serve`` does (``own_data_dir``: no symlink followed) when it is missing
+    or not all the user's yet (``_all_theirs``), so that what the command creates there is
+    the server's own and it can write what is there; and
+    the modules the command loads later are imported (a Python installed in root's home
+    is unreadable afterwards)."""
+    if os.geteuid() != 0 or command_path(args) in KEEPS_PRIVILEGES:
+        return
+    cfg = config_of(args)
+    if not cfg.server.user:
+        return  # root's own data directory: nobody else can change it
+    from mailfort.server import privileges
+
+    acct = privileges.account(cfg)
+    if getattr(args, "password_file", None):
+        _password_file_text(args)
+    if not _all_theirs(cfg.data_path, (acct.uid, acct.gid)):
+        privileges.own_data_dir(cfg.data_path, acct)
+    needs: tuple[str | Callable[[], object], ...] = getattr(args, "needs", ())
+    if cfg.directory.backend == "postgresql":
+        needs += _POSTGRESQL
+    for need in needs:
+        if callable(need):
+            need()
+        else:
+            # An optional package not installed: the command says so itself.
+            with contextlib.suppress(ImportError):
+                importlib.import_module(need)
+    privileges.drop(acct)
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     from mailfort.queue import admin
 
-    root = admin.queue_root(_load(args))
+    root = admin.queue_root(config_of(args))
     if args.action == "adopt":
         from mailfort.queue.adopt import adopt
         from mailfort.queue.store import Queue
@@ -230,7 +328,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     elif args.action == "retry":  # the running server retries at once (control socket)
         from mailfort.ops_commands import queue_retry
 
-        print(queue_retry(_load(args), args.id))
+        print(queue_retry(config_of(args), args.id))
     else:
         print(admin.queue_delete(root, args.id))
     return 0
@@ -251,11 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def leaf(group: Any, name: str, func: Callable[[argparse.Namespace], int],
-             help_: str) -> argparse.ArgumentParser:
+             help_: str, needs: Sequence[str | Callable[[], object]] = ()
+             ) -> argparse.ArgumentParser:
+        """A command; ``needs``: what it imports (or loads) later, for when it runs as the
+        service user (``drop_for_data_dir``)."""
         p: argparse.ArgumentParser = group.add_parser(
             name, parents=[common], help=help_, allow_abbrev=False
         )
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, needs=tuple(needs))
         return p
 
     leaf(sub, "serve", cmd_serve, "run the mail server")
@@ -279,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     usr_sub = usr.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, func, help_ in (("add", cmd_user_add, "add a user (asks for the password)"),
                               ("passwd", cmd_user_passwd, "change a user's password")):
-        p = leaf(usr_sub, name, func, help_)
+        p = leaf(usr_sub, name, func, help_, needs=("mailfort.passwords",))
         p.add_argument("address")
         p.add_argument("--password-file", metavar="FILE",
                        help="read the password from the first line of FILE")
@@ -298,14 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     qu = sub.add_parser("queue", help="the outbound queue", allow_abbrev=False)
     qu_sub = qu.add_subparsers(dest="action", required=True, metavar="ACTION")
-    leaf(qu_sub, "list", cmd_queue, "list queued messages")
-    leaf(qu_sub, "show", cmd_queue, "show one entry and its recipients").add_argument("id")
-    leaf(qu_sub, "retry", cmd_queue, "retry now (one entry or all)").add_argument(
+    queue_needs = ("mailfort.queue.admin", "mailfort.ops_commands")
+    leaf(qu_sub, "list", cmd_queue, "list queued messages", queue_needs)
+    leaf(qu_sub, "show", cmd_queue, "show one entry and its recipients",
+         queue_needs).add_argument("id")
+    leaf(qu_sub, "retry", cmd_queue, "retry now (one entry or all)", queue_needs).add_argument(
         "id", nargs="?"
     )
-    leaf(qu_sub, "delete", cmd_queue, "delete an entry").add_argument("id")
+    leaf(qu_sub, "delete", cmd_queue, "delete an entry", queue_needs).add_argument("id")
     leaf(qu_sub, "adopt", cmd_queue,
-         "take over the queue directory of a node that is gone for good").add_argument(
+         "take over the queue directory of a node that is gone for good",
+         (*queue_needs, "mailfort.queue.adopt")).add_argument(
         "dir", metavar="DIR", help="that node's queue directory (its data_dir/queue)")
 
     from mailfort.ops_commands import add_parser as add_ops_parser
@@ -348,6 +452,7 @@ def _first_line(exc: Exception) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        drop_for_data_dir(args)
         return int(args.func(args))
     except ConfigError as exc:
         print(f"mailfort: config error: {exc}", file=sys.stderr)

@@ -8,12 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mailfort import config as config_mod
 from mailfort.directory.sqlite import DirectoryError
 
 
 def _postgresql(args: argparse.Namespace, *, check_schema: bool) -> Any:
-    cfg = config_mod.load(getattr(args, "config", None))
+    from mailfort.cli import config_of
+
+    cfg = config_of(args)
     if cfg.directory.backend != "postgresql":
         raise DirectoryError('this needs [directory] backend = "postgresql" in the '
                              "configuration (the embedded SQLite directory has no migrations)")
@@ -49,6 +50,7 @@ def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     db_sub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
     leaf(db_sub, "migrate", cmd_migrate, "create or upgrade the directory's schema")
     imp = leaf(db_sub, "import", cmd_import,
-               "copy an embedded (SQLite) directory in; refused on any conflict")
+               "copy an embedded (SQLite) directory in; refused on any conflict",
+               ("mailfort.directory.transfer",))
     imp.add_argument("--from-sqlite", metavar="FILE", required=True,
                      help="the embedded directory, e.g. mailfort-data/directory.sqlite3")

@@ -12,12 +12,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mailfort import config as config_mod
 from mailfort.policy.dkim import KeyStore, SigningKey
+
+# What making and showing a key loads, imported before a switch to the service user.
+NEEDS = ("cryptography.hazmat.primitives.serialization",
+         "cryptography.hazmat.primitives.asymmetric.ed25519",
+         "cryptography.hazmat.primitives.asymmetric.rsa")
 
 
 def _store(args: argparse.Namespace) -> KeyStore:
-    return KeyStore(config_mod.load(getattr(args, "config", None)).data_path)
+    from mailfort.cli import config_of
+
+    return KeyStore(config_of(args).data_path)
 
 
 def _show(key: SigningKey) -> str:
@@ -54,11 +60,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     dk = sub.add_parser("dkim", help="DKIM signing keys", allow_abbrev=False)
     dk_sub = dk.add_subparsers(dest="action", required=True, metavar="ACTION")
-    gen = leaf(dk_sub, "keygen", cmd_keygen, "create a signing key, print its DNS record")
+    gen = leaf(dk_sub, "keygen", cmd_keygen, "create a signing key, print its DNS record",
+               NEEDS)
     gen.add_argument("domain")
     gen.add_argument("--selector", help="default: YYYYMM and r (RSA) or e (Ed25519)")
     gen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
                      help="rsa (2048 bits, the default: every verifier knows it) or ed25519")
-    ls = leaf(dk_sub, "list", cmd_list, "list the signing keys")
+    ls = leaf(dk_sub, "list", cmd_list, "list the signing keys", NEEDS)
     ls.add_argument("domain", nargs="?")
     ls.add_argument("--records", action="store_true", help="print each key's DNS record too")

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mailfort import config as config_mod
+import dns.rdata
+
+from mailfort import dkim_command
 from mailfort.config import Config
 from mailfort.policy.dkim import KeyStore
 from mailfort.policy.dnsbl import reverse_name
@@ -142,7 +144,9 @@ def run_checks(cfg: Config, domain: str, addresses: list[str]) -> list[Finding]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(getattr(args, "config", None))
+    from mailfort.cli import config_of
+
+    cfg = config_of(args)
     try:
         findings = run_checks(cfg, args.domain.lower().rstrip("."), list(args.address))
     except DNSTempError as exc:
@@ -165,8 +169,11 @@ def _address(text: str) -> str:
 def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     dn = sub.add_parser("dns", help="our domains' DNS records", allow_abbrev=False)
     dn_sub = dn.add_subparsers(dest="action", required=True, metavar="ACTION")
+    # dnspython loads a record type's module at its first answer; DKIM records are
+    # compared by key: both before a switch to the service user.
     ck = leaf(dn_sub, "check", cmd_check,
-              "check MX, SPF, DKIM, DMARC and blocklists for a domain; print what to publish")
+              "check MX, SPF, DKIM, DMARC and blocklists for a domain; print what to publish",
+              (dns.rdata.load_all_types, *dkim_command.NEEDS))
     ck.add_argument("domain")
     ck.add_argument("--address", action="append", default=[], metavar="IP", type=_address,
                     help="this server's public address (default: server.hostname's A/AAAA)")

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mailfort import config as config_mod
 from mailfort import tlsinfo
 from mailfort.config import Config
-from mailfort.server import control, privileges
+from mailfort.server import control
 
 
 def _cfg(args: argparse.Namespace) -> Config:
-    return config_mod.load(getattr(args, "config", None))
+    from mailfort.cli import config_of
+
+    return config_of(args)
 
 
 def queue_retry(cfg: Config, ident: str | None) -> str:
@@ -46,11 +46,9 @@ def queue_retry(cfg: Config, ident: str | None) -> str:
 def _retry_offline(cfg: Config, ident: str | None) -> str:
     from mailfort.queue import admin
 
+    # Started as root with server.user, the command runs as that user by now (cli.py):
+    # the files stay the server's own.
     text = admin.queue_retry(admin.queue_root(cfg), ident)
-    if os.geteuid() == 0 and cfg.server.user:  # keep the files the server's own
-        acct = privileges.account(cfg)
-        for path in admin.queue_root(cfg).rglob("*"):
-            os.chown(path, acct.uid, acct.gid, follow_symlinks=False)
     return (f"{text}; no mailfort server is running (nothing answers on "
             f"{control.socket_path(cfg.data_path)}): delivery is attempted when it starts")
 
@@ -167,11 +165,14 @@ def cmd_block_remove(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
-    st = leaf(sub, "status", cmd_status, "is the server running: listeners, queue, certificate")
+    # A configured certificate is parsed (X.509), after the switch to the service user.
+    x509 = ("cryptography.x509",)
+    st = leaf(sub, "status", cmd_status, "is the server running: listeners, queue, certificate",
+              x509)
     st.add_argument("--json", action="store_true", help="print the server's answer as JSON")
     tls = sub.add_parser("tls", help="the served certificate", allow_abbrev=False)
     tls_sub = tls.add_subparsers(dest="action", required=True, metavar="ACTION")
-    show = leaf(tls_sub, "show", cmd_tls_show, "subject, names, issuer and expiry")
+    show = leaf(tls_sub, "show", cmd_tls_show, "subject, names, issuer and expiry", x509)
     show.add_argument("--json", action="store_true", help="print JSON")
     blk = sub.add_parser("block", help="brute-force blocks of the running server",
                          allow_abbrev=False)
