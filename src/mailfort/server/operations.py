@@ -74,6 +74,19 @@ def _acme_start(cfg: Config) -> acmecert.ChallengeServer:
                           f"{exc}") from None
 
 
+def load_lazy_data() -> None:
+    """What the libraries read from their own files on first use, read now, as root: after
+    the drop, a Python in root's home is unreadable, and a record type or the public suffix
+    list loaded then would fail every DNS check of the node (dnspython loads each record
+    type's module when first met; publicsuffixlist reads its data file when first built)."""
+    import dns.rdata
+
+    from mailfort.policy import dmarc
+
+    dns.rdata.load_all_types()
+    dmarc.organizational_domain("example.com")  # builds and caches the list
+
+
 def _acme_listen(cfg: Config) -> acmecert.ChallengeServer:
     """Root's part of ACME: the challenge listener (port 80), and the ACME client's modules
     imported (after the drop, a Python in root's home is unreadable)."""
@@ -214,6 +227,7 @@ class Operations:
         if self.account is None or self.dropped:
             return
         self.give_away()
+        load_lazy_data()
         privileges.drop(self.account)
         self.dropped = True
         if self.acme is not None:
