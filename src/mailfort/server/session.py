@@ -203,11 +203,14 @@ class EngineSession(asyncio.Protocol):
         self.pump()
 
     def release(self) -> None:
-        """Undo ``admit`` once (from ``connection_lost``)."""
+        """Undo ``admit``: the slot, the timer, the pending work. Idempotent, so that every
+        way a session ends may call it (``connection_lost``, which ``start_tls`` also calls
+        for a connection that died in the handshake; stress mode's eviction)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.task is not None and not self.task.done():
+        if self.task is not None and not self.task.done() \
+                and self.task is not asyncio.current_task():  # start_tls ends it itself
             self.task.cancel()
         if self.screening is not None:
             self.screening.cancel()
@@ -360,19 +363,27 @@ class EngineSession(asyncio.Protocol):
     async def start_tls(self, ctx: ssl.SSLContext, on_failure: Callable[[], None]) -> bool:
         """STARTTLS/STLS: True once the connection speaks TLS (``self.transport`` is the
         new one). A failed handshake calls ``on_failure`` (the engine's last word) and
-        aborts the connection; a connection lost meanwhile just returns False."""
+        ends the session; so does a connection lost meanwhile.
+
+        While the handshake runs, the connection belongs to asyncio's TLS layer: a reset
+        or a handshake timeout there is never reported to this protocol (issue 24: such
+        sessions kept their slot for good). So whatever way the handshake ends without a
+        TLS transport, the session ends here, through the one idempotent
+        ``connection_lost``."""
         transport = self.transport
         assert transport is not None
+        new: asyncio.Transport | None = None
         try:
             new = await asyncio.get_running_loop().start_tls(
                 transport, self, ctx, server_side=True,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
-            log.info("%s: TLS handshake failed: %s", self.peer_ip, exc)
+            log.info("%s: TLS handshake failed: %s", self.peer_ip, exc or type(exc).__name__)
             on_failure()
-            transport.abort()
-            self.transport = None
-            return False
+        finally:
+            if new is None:  # failed, lost, or this task cancelled
+                transport.abort()
+                self.connection_lost(None)
         self.transport = new
         return new is not None
 
