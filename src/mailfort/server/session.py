@@ -17,12 +17,12 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from mailfort.policy import decisionlog
 from mailfort.server.acceptor import Acceptor, bind
-from mailfort.server.connections import Admission, ConnectionLimiter
+from mailfort.server.connections import Admission, ConnectionLimiter, Network
 from mailfort.server.stress import PROGRESS_BYTES, StressGuard
 
 log = logging.getLogger("mailfort.session")
@@ -35,9 +35,13 @@ SHUTDOWN_GRACE = 5.0  # seconds a stopping listener waits for its sessions to en
 class Listener:
     """One service's listening sockets, its live sessions and its connection limits."""
 
-    def __init__(self, max_connections: int, max_connections_per_ip: int) -> None:
+    def __init__(self, max_connections: int, max_connections_per_ip: int,
+                 exempt: Iterable[Network] = ()) -> None:
+        """A node gives every listener its one limiter; this one serves a listener alone
+        (``exempt``: see ``connections.limit_exceptions``)."""
         self.sessions: set[Any] = set()
-        self.limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
+        self.limiter = ConnectionLimiter(max_connections, max_connections_per_ip,
+                                         exempt=exempt)
         self.stress = StressGuard()  # a node gives every listener its one guard
         self.servers: list[Acceptor] = []
 
@@ -215,13 +219,26 @@ class EngineSession(asyncio.Protocol):
         if self.screening is not None:
             self.screening.cancel()
             self.screening = None
-        if self.counted and self._limiter is not None and self._sessions is not None:
-            self.counted = False
+        self._free_slot()
+        if self._sessions is not None:
             self._sessions.discard(self)
-            self._limiter.release(self.peer_ip)
+            self._sessions = None
         if self._stress is not None:
             self._stress.discard(self)
             self._stress = None
+
+    def _free_slot(self) -> None:
+        """Give the connection slot back, once: the one place that does.
+
+        Called by ``release`` and as soon as the session's last reply is decided (QUIT's
+        221, a 421), before that reply is written: a client that read it and connects
+        again at once, maybe to another worker, must find its slot free (issue 24: 45
+        parallel senders met the cap of 50 with slots of sessions they had ended). The
+        connection may linger a little to flush that reply (``CLOSE_GRACE`` at most for
+        a client that does not read), holding a descriptor, not a slot."""
+        if self.counted and self._limiter is not None:
+            self.counted = False
+            self._limiter.release(self.peer_ip)
 
     def stress_close(self) -> None:
         """Stress mode ends this session (idle too long, or its slot is needed): the
@@ -332,6 +349,8 @@ class EngineSession(asyncio.Protocol):
             transport.pause_reading()
             self.run(self._send_later(out, hold))
             return
+        if engine.closed and self.task is None:
+            self._free_slot()  # before the last reply, which the client may act on at once
         if out:
             transport.write(out)
             self._progressed()
@@ -344,8 +363,9 @@ class EngineSession(asyncio.Protocol):
                           exc_info=engine.internal_error)
             self.on_closing()
             # close() waits for the last reply to be written; a client that does not read
-            # must not keep the connection (and its buffers) forever.
-            if self.write_paused:
+            # must not keep the connection (and its buffers) forever, the less so as its
+            # slot is already free (``_free_slot``).
+            if self.write_paused or transport.get_write_buffer_size():
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
             transport.close()
 
@@ -357,6 +377,8 @@ class EngineSession(asyncio.Protocol):
 
     async def _send_later(self, out: bytes, delay: float) -> None:
         await asyncio.sleep(delay)
+        if self.engine is not None and self.engine.closed:
+            self._free_slot()
         if self.transport is not None:
             self.transport.write(out)
 
