@@ -227,19 +227,20 @@ class SharedConnectionLimiter:
         return sum(counts[i] for i in self._totals)
 
     def admit(self, ip: str) -> Admission:
-        key = client_key(ip)
-        exempt = self.exempt(ip)
-        if self.rate_per_minute > 0 and not exempt:
-            rate = self.counters.incr(f"connrate:{key}", RATE_WINDOW)
-            if rate > self.rate_per_minute:
-                return Admission.RATE_FROM_IP
-        at = self._table.bucket_at(self._table.bucket(key))
+        at: list[int] | None = None  # the client's bucket in every row; None: exempt
+        if not self.exempt(ip):
+            key = client_key(ip)
+            if self.rate_per_minute > 0:
+                rate = self.counters.incr(f"connrate:{key}", RATE_WINDOW)
+                if rate > self.rate_per_minute:
+                    return Admission.RATE_FROM_IP
+            at = self._table.bucket_at(self._table.bucket(key))
         counts = self._counts
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
             if sum(counts[i] for i in self._totals) >= self.max_total:
                 return Admission.TOO_MANY
-            if not exempt:
+            if at is not None:
                 if sum(counts[i] for i in at) >= self.max_per_ip:
                     return Admission.TOO_MANY_FROM_IP
                 counts[at[self.slot]] += 1

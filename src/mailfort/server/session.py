@@ -4,7 +4,10 @@ A session is an ``asyncio.Protocol`` (an idle one costs one object and one timer
 go into the engine; its events are handled one at a time; work that must not block the
 loop (fsync, argon2, mailbox I/O) runs as one task while reading is paused, so the engine
 parses nothing more until that work has answered it. Connection limits are checked at
-greeting; a client that stops reading its replies is not read either. A close the server
+greeting; the slot is given back in one idempotent place (``_free_slot``), as soon as the
+last reply is decided (before the client can read it) or else when the session ends any
+other way (``release``, which a connection dying in a STARTTLS handshake reaches too). A
+client that stops reading its replies is not read either. A close the server
 decides (shutdown, session time limit) waits for that work's answer, so a reply already
 earned (250 for a durable message) is sent before the 421, never replaced by it.
 """
