@@ -422,3 +422,16 @@ def test_parallel_senders_never_meet_the_per_address_cap_over_workers() -> None:
             for s in held:
                 s.close()
         assert greetings == [b"220 "] * 55
+
+
+@pytest.mark.parametrize("entry", ["lo", "10.0.0.1/8", "192.0.2.0/33", ""])
+def test_a_wrong_limit_exception_is_refused_and_named(
+    config_factory: Callable[..., Config], entry: str,
+) -> None:
+    from mailfort.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"limits\.connection_limit_exceptions\[1\]"):
+        config_factory(limits={"connection_limit_exceptions": ["loopback", entry]})
+    cfg = config_factory(limits={"connection_limit_exceptions": ["trusted_networks",
+                                                                  "2001:db8::/32"]})
+    assert cfg.limits.connection_limit_exceptions == ["trusted_networks", "2001:db8::/32"]
