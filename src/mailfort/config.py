@@ -120,6 +120,11 @@ class LimitsConfig:
     max_connections_per_ip: int = 50
     # New connections per client (IPv4 address, IPv6 /64) per minute, node-wide; 0: no limit.
     max_connection_rate_per_ip: int = 0
+    # Clients the two per-address limits above do not count (as Postfix's
+    # smtpd_client_connection_limit_exceptions): networks, or "loopback" and
+    # "trusted_networks" (relay.trusted_networks). The node-wide max_connections still holds.
+    connection_limit_exceptions: list[str] = field(
+        default_factory=lambda: ["loopback", "trusted_networks"])
     pop3_idle_timeout: float = 600.0
     # Stress mode (server/stress.py): past stress_threshold of max_connections (0: never),
     # a session must make progress every stress_idle_timeout seconds, new sessions get
@@ -502,6 +507,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("limits.stress_max_errors: must be 1 or more")
     if lim.max_connection_rate_per_ip < 0:
         raise ConfigError("limits.max_connection_rate_per_ip: must be 0 (no limit) or more")
+    _validate_limit_exceptions(lim.connection_limit_exceptions)
     for k in ("idle_timeout", "session_timeout", "pop3_idle_timeout"):
         if getattr(lim, k) <= 0:
             raise ConfigError(f"limits.{k}: must be a positive number of seconds")
@@ -622,6 +628,22 @@ def _validate_relay(relay: RelayConfig) -> None:
 
 
 _PG_URL = re.compile(r"postgres(?:ql)?://(?P<auth>[^@/]*@)?[^/]*(?:/[^?#]*)?(?:\?.*)?")
+
+
+LIMIT_EXCEPTION_WORDS = ("loopback", "trusted_networks")
+
+
+def _validate_limit_exceptions(entries: list[str]) -> None:
+    for i, entry in enumerate(entries):
+        if entry in LIMIT_EXCEPTION_WORDS:
+            continue
+        try:
+            ipaddress.ip_network(entry)
+        except ValueError:
+            raise ConfigError(
+                f"limits.connection_limit_exceptions[{i}]: {entry!r} is neither a network "
+                "(e.g. 192.0.2.0/24, no host bits) nor one of "
+                + ", ".join(f'"{w}"' for w in LIMIT_EXCEPTION_WORDS)) from None
 
 
 def _validate_directory(d: DirectoryConfig) -> None:

@@ -19,11 +19,15 @@ import pytest
 from mailfort.config import Config
 from mailfort.policy.counters import client_key
 from mailfort.server.app import Node
-from mailfort.server.connections import Admission, ConnectionLimiter
-from tests.conftest import seed_directory
+from mailfort.server.connections import Admission, ConnectionLimiter, limit_exceptions
+from tests.conftest import refusing_dns_port, seed_directory
+from tests.server.production import serving, world_dir, write_config
 from tests.server.test_mx import read_reply
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# These clients connect from loopback, which is exempt from the per-address limits by
+# default (limits.connection_limit_exceptions): the tests of those limits count it.
+COUNT_LOOPBACK: dict[str, Any] = {"connection_limit_exceptions": []}
 
 
 @asynccontextmanager
@@ -86,7 +90,7 @@ async def test_per_client_cap_counts_every_listener(
     config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
 ) -> None:
     async with node_with(config_factory, server_ssl_context,
-                         limits={"max_connections_per_ip": 2}) as node:
+                         limits={"max_connections_per_ip": 2, **COUNT_LOOPBACK}) as node:
         held = []
         for name in ("mx", "pop3"):
             conn, greeting = await connect(node.port(name))
@@ -121,7 +125,7 @@ async def test_ipv6_client_meets_the_node_wide_cap(
     config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
 ) -> None:
     async with node_with(config_factory, server_ssl_context,
-                         limits={"max_connections_per_ip": 2},
+                         limits={"max_connections_per_ip": 2, **COUNT_LOOPBACK},
                          listen={"mx": ["[::1]:0"], "pop3": ["[::1]:0"]}) as node:
         held = []
         for name in ("mx", "pop3"):
@@ -179,7 +183,7 @@ async def test_connection_rate_limit_refuses_and_logs(
 
     caplog.set_level(logging.INFO, "mailfort.decision")
     async with node_with(config_factory, server_ssl_context,
-                         limits={"max_connection_rate_per_ip": 2}) as node:
+                         limits={"max_connection_rate_per_ip": 2, **COUNT_LOOPBACK}) as node:
         for port in (node.port("mx"), node.port("pop3")):  # node-wide, every listener
             (_, w), greeting = await connect(port)
             w.close()
@@ -275,3 +279,159 @@ def test_workers_in_other_processes_never_admit_past_the_cap_together(tmp_path: 
     assert parent.admit("198.51.100.7") is Admission.OK
     assert parent.admit("198.51.100.8") is Admission.OK
     assert parent.admit("198.51.100.9") is Admission.TOO_MANY
+
+
+# ------------------------------------------------ issue 24, item 9: slots and exceptions
+
+EXEMPT = limit_exceptions(["loopback", "trusted_networks", "198.51.100.0/24"],
+                          ["192.0.2.0/24"])
+
+
+def test_exceptions_skip_the_per_client_cap_and_rate_but_not_the_node_cap() -> None:
+    limiter = ConnectionLimiter(max_total=5, max_per_ip=1, rate_per_minute=1, exempt=EXEMPT)
+    exempt = ["127.0.0.1", "127.0.0.1", "::1", "::ffff:192.0.2.7", "198.51.100.9"]
+    for ip in exempt:
+        assert limiter.admit(ip) is Admission.OK, ip
+    assert limiter.per_client == {}  # counted in the node's total only
+    assert limiter.admit("127.0.0.1") is Admission.TOO_MANY
+    for ip in exempt:
+        limiter.release(ip)
+    assert limiter.total == 0
+    assert limiter.admit("203.0.113.1") is Admission.OK  # others are held to both limits
+    assert limiter.admit("203.0.113.1") is Admission.RATE_FROM_IP
+    assert limit_exceptions([], ["192.0.2.0/24"]) == ()
+
+
+def test_shared_limiter_exempts_over_workers(tmp_path: Any) -> None:
+    from mailfort.server.connections import ConnectionTable, SharedConnectionLimiter
+
+    table = ConnectionTable(2, tmp_path / "connections.lock")
+    w0, w1 = (SharedConnectionLimiter(table, slot, max_total=4, max_per_ip=1, exempt=EXEMPT)
+              for slot in (0, 1))
+    assert [w.admit("192.0.2.1") for w in (w0, w1, w0)] == [Admission.OK] * 3
+    assert w1.admit("203.0.113.1") is Admission.OK
+    assert w0.admit("203.0.113.1") is Admission.TOO_MANY
+    w0.release("192.0.2.1")
+    assert w0.admit("203.0.113.1") is Admission.TOO_MANY_FROM_IP
+    for w, ip in ((w1, "192.0.2.1"), (w0, "192.0.2.1"), (w1, "203.0.113.1")):
+        w.release(ip)
+    assert w0.total == 0 and not any(table.counts)
+
+
+async def test_loopback_is_exempt_from_the_per_client_cap_by_default(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
+) -> None:
+    async with node_with(config_factory, server_ssl_context,
+                         limits={"max_connections_per_ip": 1}) as node:
+        held = []
+        for name in ("mx", "pop3", "mx"):
+            conn, greeting = await connect(node.port(name))
+            held.append(conn)
+            assert greeting.startswith(("220 ", "+OK")), greeting
+        assert node.limiter.total == 3 and node.limiter.per_client == {}
+        close_all(held)
+
+
+async def test_trusted_networks_are_exempt_when_listed(
+    config_factory: Callable[..., Config], server_ssl_context: ssl.SSLContext
+) -> None:
+    async with node_with(config_factory, server_ssl_context,
+                         limits={"max_connections_per_ip": 1,
+                                 "connection_limit_exceptions": ["trusted_networks"]},
+                         relay={"trusted_networks": ["127.0.0.2/32"]}) as node:
+        held = []
+        for _ in range(3):
+            conn, greeting = await connect(node.port("mx"), source="127.0.0.2")
+            held.append(conn)
+            assert greeting.startswith("220 ")
+        conn, greeting = await connect(node.port("mx"), source="127.0.0.3")
+        held.append(conn)
+        assert greeting.startswith("220 ")
+        conn, refused = await connect(node.port("mx"), source="127.0.0.3")
+        held.append(conn)
+        assert refused.startswith("421 4.7.0 Too many connections from your address")
+        close_all(held)
+
+
+async def _send_messages(port: int, sessions: int, messages: int) -> dict[str, int]:
+    """``sessions`` clients at once, one connection per message (as ``smtp-source -s``):
+    the replies that ended each attempt, counted."""
+    left = messages
+    outcomes: dict[str, int] = {}
+    body = b"From: <s@remote.test>\r\nSubject: load\r\n\r\nhello\r\n.\r\n"
+
+    async def one() -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            greeting = await read_reply(reader)
+            if not greeting.startswith("220 "):
+                return greeting[:60]
+            writer.write(b"EHLO client.remote.test\r\nMAIL FROM:<s@remote.test>\r\n"
+                         b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+            for _ in range(4):
+                await read_reply(reader)
+            writer.write(body)
+            end = await read_reply(reader)
+            writer.write(b"QUIT\r\n")
+            await read_reply(reader)
+            return "250" if end.startswith("250 ") else end[:60]
+        finally:
+            writer.close()
+
+    async def client() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            outcome = await asyncio.wait_for(one(), 30)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    await asyncio.gather(*(client() for _ in range(sessions)))
+    return outcomes
+
+
+SENDERS = 45
+
+
+def test_parallel_senders_never_meet_the_per_address_cap_over_workers() -> None:
+    """Issue 24, item 9, against ``mailfort serve`` with two workers: 45 senders at once,
+    each message on its own connection. The slot of a session that answered QUIT is free
+    before its client reads the 221, so the next connection (often on the other worker)
+    never meets the cap. The cap is exactly 45 here, so that a slot still counted for a
+    moment after its 221 shows at once (with the default 50, today's code met it only
+    after a few thousand messages; bench/parallel_senders.py runs the issue's 20,000).
+    Loopback is counted here; 127.0.0.9, a trusted network, is exempt on every worker."""
+    from mailfort.config import load
+
+    root = world_dir()
+    config = write_config(root, refusing_dns_port(), server={"workers": 2},
+                          log={"file": str(root / "serve.log")},
+                          limits={"max_connections_per_ip": SENDERS,
+                                  "connection_limit_exceptions": ["trusted_networks"]},
+                          relay={"trusted_networks": ["127.0.0.9/32"]})
+    cfg = load(config)
+    seed_directory(cfg)
+    port = int(cfg.listen.mx[0].rsplit(":", 1)[1])
+    with serving(config, cfg.data_path):
+        outcomes = asyncio.run(_send_messages(port, SENDERS, 1500))
+        assert outcomes == {"250": 1500}, outcomes
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10,
+                                         source_address=("127.0.0.9", 0)) for _ in range(55)]
+        try:
+            greetings = [s.recv(200)[:4] for s in held]
+        finally:
+            for s in held:
+                s.close()
+        assert greetings == [b"220 "] * 55
+
+
+@pytest.mark.parametrize("entry", ["lo", "10.0.0.1/8", "192.0.2.0/33", ""])
+def test_a_wrong_limit_exception_is_refused_and_named(
+    config_factory: Callable[..., Config], entry: str,
+) -> None:
+    from mailfort.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"limits\.connection_limit_exceptions\[1\]"):
+        config_factory(limits={"connection_limit_exceptions": ["loopback", entry]})
+    cfg = config_factory(limits={"connection_limit_exceptions": ["trusted_networks",
+                                                                  "2001:db8::/32"]})
+    assert cfg.limits.connection_limit_exceptions == ["trusted_networks", "2001:db8::/32"]

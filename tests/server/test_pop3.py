@@ -542,7 +542,8 @@ async def test_idle_timeout_closes(lab_factory: Callable[..., Any]) -> None:
 
 
 async def test_connections_per_ip(lab_factory: Callable[..., Any]) -> None:
-    lab = await lab_factory(LimitsConfig(max_connections_per_ip=2))
+    lab = await lab_factory(LimitsConfig(max_connections_per_ip=2,
+                                         connection_limit_exceptions=[]))  # count loopback
     conns = [await asyncio.open_connection("127.0.0.1", lab.port) for _ in range(3)]
     replies = [await asyncio.wait_for(r.readline(), 5) for r, _ in conns]
     assert replies[0].startswith(b"+OK") and replies[1].startswith(b"+OK")

@@ -39,7 +39,11 @@ from mailfort.queue import owner as queue_owner
 from mailfort.queue.forward import enqueue_envelope
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
-from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
+from mailfort.server.connections import (
+    ConnectionLimiter,
+    SharedConnectionLimiter,
+    limit_exceptions,
+)
 from mailfort.server.mtasts_http import PolicyServer
 from mailfort.server.operations import Operations
 from mailfort.server.pop3 import POP3Server
@@ -123,7 +127,8 @@ class Node:
             limiter if limiter is not None else ConnectionLimiter(
                 cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
                 rate_per_minute=cfg.limits.max_connection_rate_per_ip,
-                counters=self.local_counters))
+                counters=self.local_counters, exempt=limit_exceptions(
+                    cfg.limits.connection_limit_exceptions, cfg.relay.trusted_networks)))
         # This process's stress mode (server/stress.py), shared by every listener. In a
         # worker process it adapts this worker's sessions; the count it reads is the node's.
         self.stress = StressGuard(cfg.limits.stress)

@@ -6,6 +6,10 @@ ones. A client is counted under ``client_key`` (its IPv4 address or IPv6 /64), t
 identity that the brute-force protection counts failures under. Beside the concurrency
 caps, an optional rate (new connections per client per minute) stops a client that opens
 and closes connections in a loop, which a concurrency cap never sees.
+
+Clients in ``limits.connection_limit_exceptions`` (by default loopback and
+``relay.trusted_networks``: our own hosts, as Postfix exempts ``$mynetworks``) are not held
+to the per-client cap or rate; they count toward ``max_connections`` like any other.
 """
 
 from __future__ import annotations
@@ -17,13 +21,60 @@ import ipaddress
 import mmap
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
 
 from mailfort.policy.counters import CounterStore, MemoryCounters, client_key
 
 RATE_WINDOW = 60.0  # seconds: the rate limit counts connections per minute
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+_MAX_REMEMBERED = 4096  # addresses whose exemption is remembered (then forgotten at once)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def limit_exceptions(entries: Iterable[str], trusted_networks: Iterable[str]) -> tuple[
+        Network, ...]:
+    """The networks of ``limits.connection_limit_exceptions`` (validated by config):
+    "loopback" and "trusted_networks" stand for those networks."""
+    out: list[Network] = []
+    for entry in entries:
+        if entry == "loopback":
+            out.extend(LOOPBACK)
+        elif entry == "trusted_networks":
+            out.extend(ipaddress.ip_network(n, strict=False) for n in trusted_networks)
+        else:
+            out.append(ipaddress.ip_network(entry, strict=False))
+    return tuple(out)
+
+
+class Exemptions:
+    """Whether a client address is in the exceptions, remembered per address (asked at
+    every connection and at its end; the answer for an address never changes, so the
+    release always undoes exactly what the admission counted)."""
+
+    def __init__(self, networks: Iterable[Network]) -> None:
+        self.networks = tuple(networks)
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, ip: str) -> bool:
+        if not self.networks:
+            return False
+        known = self._known.get(ip)
+        if known is None:
+            try:
+                addr = ipaddress.ip_address(ip.strip("[]").split("%", 1)[0])
+            except ValueError:
+                known = False
+            else:
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                    addr = addr.ipv4_mapped
+                known = any(addr.version == n.version and addr in n for n in self.networks)
+            if len(self._known) >= _MAX_REMEMBERED:
+                self._known.clear()
+            self._known[ip] = known
+        return known
 
 
 class Admission(Enum):
@@ -43,17 +94,25 @@ class ConnectionLimiter:
         *,
         rate_per_minute: int = 0,
         counters: CounterStore | None = None,
+        exempt: Iterable[Network] = (),
     ) -> None:
         """``rate_per_minute`` 0: no rate limit. Every attempt counts toward the rate,
-        refused ones included, so hammering does not earn fresh slots."""
+        refused ones included, so hammering does not earn fresh slots. ``exempt``: the
+        networks not held to the per-client cap and rate (``limit_exceptions``)."""
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self.rate_per_minute = rate_per_minute
         self.counters: CounterStore = counters if counters is not None else MemoryCounters()
+        self.exempt = Exemptions(exempt)
         self.total = 0
         self.per_client: Counter[str] = Counter()  # client_key -> open connections
 
     def admit(self, ip: str) -> Admission:
+        if self.exempt(ip):
+            if self.total >= self.max_total:
+                return Admission.TOO_MANY
+            self.total += 1
+            return Admission.OK
         key = client_key(ip)
         if self.rate_per_minute > 0:
             rate = self.counters.incr(f"connrate:{key}", RATE_WINDOW)
@@ -69,8 +128,10 @@ class ConnectionLimiter:
 
     def release(self, ip: str) -> None:
         """Undo one ``admit(ip)`` that returned OK."""
-        key = client_key(ip)
         self.total -= 1
+        if self.exempt(ip):
+            return
+        key = client_key(ip)
         self.per_client[key] -= 1
         if self.per_client[key] <= 0:
             del self.per_client[key]
@@ -138,13 +199,15 @@ class SharedConnectionLimiter:
     and ``reset_slot`` when the replacement starts)."""
 
     def __init__(self, table: ConnectionTable, slot: int, max_total: int, max_per_ip: int,
-                 *, rate_per_minute: int = 0, counters: CounterStore | None = None) -> None:
-        """``rate_per_minute``, ``counters``: as for ``ConnectionLimiter``; pass the
-        node's shared counters so that the rate holds over every worker."""
+                 *, rate_per_minute: int = 0, counters: CounterStore | None = None,
+                 exempt: Iterable[Network] = ()) -> None:
+        """``rate_per_minute``, ``counters``, ``exempt``: as for ``ConnectionLimiter``;
+        pass the node's shared counters so that the rate holds over every worker."""
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self.rate_per_minute = rate_per_minute
         self.counters: CounterStore = counters if counters is not None else MemoryCounters()
+        self.exempt = Exemptions(exempt)
         self.slot = slot
         self._table = table
         self._counts = table.counts
@@ -164,21 +227,24 @@ class SharedConnectionLimiter:
         return sum(counts[i] for i in self._totals)
 
     def admit(self, ip: str) -> Admission:
-        key = client_key(ip)
-        if self.rate_per_minute > 0:
-            rate = self.counters.incr(f"connrate:{key}", RATE_WINDOW)
-            if rate > self.rate_per_minute:
-                return Admission.RATE_FROM_IP
-        at = self._table.bucket_at(self._table.bucket(key))
+        at: list[int] | None = None  # the client's bucket in every row; None: exempt
+        if not self.exempt(ip):
+            key = client_key(ip)
+            if self.rate_per_minute > 0:
+                rate = self.counters.incr(f"connrate:{key}", RATE_WINDOW)
+                if rate > self.rate_per_minute:
+                    return Admission.RATE_FROM_IP
+            at = self._table.bucket_at(self._table.bucket(key))
         counts = self._counts
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
             if sum(counts[i] for i in self._totals) >= self.max_total:
                 return Admission.TOO_MANY
-            if sum(counts[i] for i in at) >= self.max_per_ip:
-                return Admission.TOO_MANY_FROM_IP
+            if at is not None:
+                if sum(counts[i] for i in at) >= self.max_per_ip:
+                    return Admission.TOO_MANY_FROM_IP
+                counts[at[self.slot]] += 1
             counts[self._my_total] += 1
-            counts[at[self.slot]] += 1
             return Admission.OK
         finally:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
@@ -187,10 +253,11 @@ class SharedConnectionLimiter:
         """Undo one ``admit(ip)`` that returned OK. Only this worker writes its row, and a
         reader sees each count whole, so no lock: an admission that reads the count just
         before this store is one that would have raced with the release anyway."""
-        mine = self._table.bucket_at(self._table.bucket(client_key(ip)))[self.slot]
         counts = self._counts
-        if counts[mine] > 0:  # 0 only after a reset_slot while it was open
-            counts[mine] -= 1
+        if not self.exempt(ip):
+            mine = self._table.bucket_at(self._table.bucket(client_key(ip)))[self.slot]
+            if counts[mine] > 0:  # 0 only after a reset_slot while it was open
+                counts[mine] -= 1
         if counts[self._my_total] > 0:
             counts[self._my_total] -= 1
 

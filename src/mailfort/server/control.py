@@ -7,7 +7,7 @@ A unix stream socket ``<data_dir>/control.sock``, mode 0600, owned by the server
     status       ->  ok {json}         (listeners, queue, certificate, sessions)
     blocks       ->  ok [json]         (blocked clients, slowed accounts, time left)
     unblock X    ->  ok TEXT           (lift a client's block / forget an account's failures)
-    anything     ->  error TEXT
+    anything     ->  error TEXT        (so is a line over MAX_LINE bytes)
 
 The client (``request``) says whether a server answered, so the CLI never claims that a
 server did something when none is running.
@@ -27,7 +27,7 @@ from pathlib import Path
 log = logging.getLogger("mailfort")
 
 SOCKET_NAME = "control.sock"
-MAX_LINE = 1024
+MAX_LINE = 1024  # bytes of a request line; a longer one is answered with an error
 TIMEOUT = 10.0
 
 Handler = Callable[[list[str]], Awaitable[str]]
@@ -51,7 +51,8 @@ class ControlServer:
             self.path.unlink()  # a stale socket of a server that did not stop cleanly
         old = os.umask(0o177)  # 0600 from creation: no window where others may connect
         try:
-            self.server = await asyncio.start_unix_server(self._client, path=str(self.path))
+            self.server = await asyncio.start_unix_server(self._client, path=str(self.path),
+                                                          limit=MAX_LINE)
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
@@ -72,10 +73,15 @@ class ControlServer:
     async def _client(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), TIMEOUT)
-            words = line[:MAX_LINE].decode("utf-8", "replace").split()
+            try:
+                line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+            except ValueError:  # no newline within MAX_LINE: no request is that long
+                line = None
+            words = line.decode("utf-8", "replace").split() if line is not None else []
             handler = self.handlers.get(words[0]) if words else None
-            if handler is None:
+            if line is None:
+                reply = f"error request line longer than {MAX_LINE} bytes"
+            elif handler is None:
                 reply = f"error unknown command; known: {', '.join(sorted(self.handlers))}"
             else:
                 try:

@@ -38,7 +38,7 @@ from mailfort.protocol.pop3 import (
     Retrieve,
     StartTLS,
 )
-from mailfort.server.connections import Admission, is_loopback
+from mailfort.server.connections import Admission, is_loopback, limit_exceptions
 from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import maildir_for
 from mailfort.store.maildrop_lock import Lease, LocksUnavailable, MaildropLocks, NodeLocks
@@ -86,7 +86,8 @@ class POP3Server(Listener):
         lock across nodes (store/maildrop_lock.py); default: this node's own."""
         if implicit_tls and ssl_context is None:
             raise ValueError("implicit TLS needs an ssl_context")
-        super().__init__(limits.max_connections, limits.max_connections_per_ip)
+        super().__init__(limits.max_connections, limits.max_connections_per_ip,
+                         limit_exceptions(limits.connection_limit_exceptions, ()))
         self.ssl_context = ssl_context
         self.authenticator = authenticator
         self.mail_dir = Path(mail_dir)  # the Maildir root (Config.mail_path)

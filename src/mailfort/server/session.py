@@ -4,7 +4,10 @@ A session is an ``asyncio.Protocol`` (an idle one costs one object and one timer
 go into the engine; its events are handled one at a time; work that must not block the
 loop (fsync, argon2, mailbox I/O) runs as one task while reading is paused, so the engine
 parses nothing more until that work has answered it. Connection limits are checked at
-greeting; a client that stops reading its replies is not read either. A close the server
+greeting; the slot is given back in one idempotent place (``_free_slot``), as soon as the
+last reply is decided (before the client can read it) or else when the session ends any
+other way (``release``, which a connection dying in a STARTTLS handshake reaches too). A
+client that stops reading its replies is not read either. A close the server
 decides (shutdown, session time limit) waits for that work's answer, so a reply already
 earned (250 for a durable message) is sent before the 421, never replaced by it.
 """
@@ -17,12 +20,12 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from mailfort.policy import decisionlog
 from mailfort.server.acceptor import Acceptor, bind
-from mailfort.server.connections import Admission, ConnectionLimiter
+from mailfort.server.connections import Admission, ConnectionLimiter, Network
 from mailfort.server.stress import PROGRESS_BYTES, StressGuard
 
 log = logging.getLogger("mailfort.session")
@@ -35,9 +38,13 @@ SHUTDOWN_GRACE = 5.0  # seconds a stopping listener waits for its sessions to en
 class Listener:
     """One service's listening sockets, its live sessions and its connection limits."""
 
-    def __init__(self, max_connections: int, max_connections_per_ip: int) -> None:
+    def __init__(self, max_connections: int, max_connections_per_ip: int,
+                 exempt: Iterable[Network] = ()) -> None:
+        """A node gives every listener its one limiter; this one serves a listener alone
+        (``exempt``: see ``connections.limit_exceptions``)."""
         self.sessions: set[Any] = set()
-        self.limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
+        self.limiter = ConnectionLimiter(max_connections, max_connections_per_ip,
+                                         exempt=exempt)
         self.stress = StressGuard()  # a node gives every listener its one guard
         self.servers: list[Acceptor] = []
 
@@ -203,22 +210,38 @@ class EngineSession(asyncio.Protocol):
         self.pump()
 
     def release(self) -> None:
-        """Undo ``admit`` once (from ``connection_lost``)."""
+        """Undo ``admit``: the slot, the timer, the pending work. Idempotent, so that every
+        way a session ends may call it (``connection_lost``, which ``start_tls`` also calls
+        for a connection that died in the handshake; stress mode's eviction)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.task is not None and not self.task.done():
+        if self.task is not None and not self.task.done() \
+                and self.task is not asyncio.current_task():  # start_tls ends it itself
             self.task.cancel()
         if self.screening is not None:
             self.screening.cancel()
             self.screening = None
-        if self.counted and self._limiter is not None and self._sessions is not None:
-            self.counted = False
+        self._free_slot()
+        if self._sessions is not None:
             self._sessions.discard(self)
-            self._limiter.release(self.peer_ip)
+            self._sessions = None
         if self._stress is not None:
             self._stress.discard(self)
             self._stress = None
+
+    def _free_slot(self) -> None:
+        """Give the connection slot back, once: the one place that does.
+
+        Called by ``release`` and as soon as the session's last reply is decided (QUIT's
+        221, a 421), before that reply is written: a client that read it and connects
+        again at once, maybe to another worker, must find its slot free (issue 24: 45
+        parallel senders met the cap of 50 with slots of sessions they had ended). The
+        connection may linger a little to flush that reply (``CLOSE_GRACE`` at most for
+        a client that does not read), holding a descriptor, not a slot."""
+        if self.counted and self._limiter is not None:
+            self.counted = False
+            self._limiter.release(self.peer_ip)
 
     def stress_close(self) -> None:
         """Stress mode ends this session (idle too long, or its slot is needed): the
@@ -329,6 +352,8 @@ class EngineSession(asyncio.Protocol):
             transport.pause_reading()
             self.run(self._send_later(out, hold))
             return
+        if engine.closed and self.task is None:
+            self._free_slot()  # before the last reply, which the client may act on at once
         if out:
             transport.write(out)
             self._progressed()
@@ -341,8 +366,9 @@ class EngineSession(asyncio.Protocol):
                           exc_info=engine.internal_error)
             self.on_closing()
             # close() waits for the last reply to be written; a client that does not read
-            # must not keep the connection (and its buffers) forever.
-            if self.write_paused:
+            # must not keep the connection (and its buffers) forever, the less so as its
+            # slot is already free (``_free_slot``).
+            if self.write_paused or transport.get_write_buffer_size():
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
             transport.close()
 
@@ -354,25 +380,35 @@ class EngineSession(asyncio.Protocol):
 
     async def _send_later(self, out: bytes, delay: float) -> None:
         await asyncio.sleep(delay)
+        if self.engine is not None and self.engine.closed:
+            self._free_slot()
         if self.transport is not None:
             self.transport.write(out)
 
     async def start_tls(self, ctx: ssl.SSLContext, on_failure: Callable[[], None]) -> bool:
         """STARTTLS/STLS: True once the connection speaks TLS (``self.transport`` is the
         new one). A failed handshake calls ``on_failure`` (the engine's last word) and
-        aborts the connection; a connection lost meanwhile just returns False."""
+        ends the session; so does a connection lost meanwhile.
+
+        While the handshake runs, the connection belongs to asyncio's TLS layer: a reset
+        or a handshake timeout there is never reported to this protocol (issue 24: such
+        sessions kept their slot for good). So whatever way the handshake ends without a
+        TLS transport, the session ends here, through the one idempotent
+        ``connection_lost``."""
         transport = self.transport
         assert transport is not None
+        new: asyncio.Transport | None = None
         try:
             new = await asyncio.get_running_loop().start_tls(
                 transport, self, ctx, server_side=True,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
-            log.info("%s: TLS handshake failed: %s", self.peer_ip, exc)
+            log.info("%s: TLS handshake failed: %s", self.peer_ip, exc or type(exc).__name__)
             on_failure()
-            transport.abort()
-            self.transport = None
-            return False
+        finally:
+            if new is None:  # failed, lost, or this task cancelled
+                transport.abort()
+                self.connection_lost(None)
         self.transport = new
         return new is not None
 

@@ -49,7 +49,7 @@ from mailfort.protocol.smtp import (
     StartTLS,
 )
 from mailfort.server import senderauth
-from mailfort.server.connections import Admission, is_loopback
+from mailfort.server.connections import Admission, is_loopback, limit_exceptions
 from mailfort.server.session import EngineSession, Listener
 from mailfort.server.storage_replies import storage_refusal
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
@@ -207,7 +207,9 @@ class SMTPService(Listener):
         self.sender_auth = sender_auth  # MX: SPF, DKIM, DMARC (policy/senderauth.py)
         # MX only: blocklists, pre-greeting checks, greylisting (policy/inbound.py).
         self.inbound: InboundPolicy | None = None
-        super().__init__(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+        super().__init__(cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
+                         limit_exceptions(cfg.limits.connection_limit_exceptions,
+                                          cfg.relay.trusted_networks))
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks]
         self._trusted_ips: dict[str, bool] = {}
         self._maildirs: dict[str, Path] = {}

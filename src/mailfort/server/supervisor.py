@@ -195,7 +195,7 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     from mailfort import metrics
     from mailfort.policy.shared_counters import SQLiteCounters
     from mailfort.server.app import Node
-    from mailfort.server.connections import SharedConnectionLimiter
+    from mailfort.server.connections import SharedConnectionLimiter, limit_exceptions
     from mailfort.server.operations import Operations, WorkerRole
 
     cfg, pipes = sup.cfg, sup.pipes
@@ -205,7 +205,9 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     limiter = SharedConnectionLimiter(
         sup.connections, sup.slots[slot].row, cfg.limits.max_connections,
         cfg.limits.max_connections_per_ip,
-        rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=counters)
+        rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=counters,
+        exempt=limit_exceptions(cfg.limits.connection_limit_exceptions,
+                                cfg.relay.trusted_networks))
     limiter.reset_slot()
     loop = asyncio.get_running_loop()
     role = WorkerRole(slot, sup.workers, sup.main_pid, sup.sockets,
