@@ -79,7 +79,8 @@ def main() -> int:
             port = mf.ports["mx"]
             with smtplib.SMTP("127.0.0.1", port, timeout=120) as warm:  # load the code paths
                 warm.sendmail("bench@example.org", ["alice@example.test"],
-                              b"Subject: warm-up\r\n\r\nhello\r\n")
+                              b"From: bench@example.org\r\nSubject: warm-up\r\n\r\n"
+                              b"hello\r\n")
             tag = uuid.uuid4().hex
             msg = build_message(args.mb, tag)
             time.sleep(0.5)

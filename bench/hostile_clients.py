@@ -105,7 +105,8 @@ def probe(port: int) -> tuple[float, str]:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
             s.ehlo("legit.bench.test")
             s.sendmail("someone@elsewhere.test", ["alice@example.test"],
-                       b"Subject: probe\r\n\r\nstill served\r\n")
+                       b"From: <someone@elsewhere.test>\r\nSubject: probe\r\n\r\n"
+                       b"still served\r\n")
     except (smtplib.SMTPException, OSError) as exc:
         return time.monotonic() - t0, f"{type(exc).__name__}: {str(exc)[:60]}"
     return time.monotonic() - t0, "250"

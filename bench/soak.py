@@ -52,7 +52,8 @@ class SoakServer(MailfortServer):
 def mx_message(port: int, n: int) -> None:
     rcpt = "alice@example.test" if n % 2 else "bob@example.test"
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-        s.sendmail("soak@elsewhere.test", [rcpt], f"Subject: mx {n}\r\n\r\nsoak {n}\r\n")
+        s.sendmail("soak@elsewhere.test", [rcpt],
+                   f"From: soak@elsewhere.test\r\nSubject: mx {n}\r\n\r\nsoak {n}\r\n")
 
 
 def submission(port: int, n: int, password: str) -> None:

@@ -58,6 +58,11 @@ async def read_reply(reader: asyncio.StreamReader) -> str:
             return "".join(out)
 
 
+# The MX refuses a message without exactly one From: (RFC 5322 §3.6, 550 5.7.1): raw
+# messages below carry this one.
+FROM_LINE = b"From: <s@remote.test>\r\n"
+
+
 def message(to: str = "alice@example.test", body: str = "hello\n") -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = "sender@remote.test"
@@ -175,7 +180,7 @@ async def test_upper_case_domain_resolves_to_local_user(node: Node) -> None:
     replies = await raw_session(
         node.port("mx"),
         [b"EHLO c\r\n", b"MAIL FROM:<s@remote.test>\r\n", b"RCPT TO:<Alice@EXAMPLE.TEST>\r\n",
-         b"DATA\r\n", b"Subject: x\r\n\r\nhi\r\n.\r\n"],
+         b"DATA\r\n", FROM_LINE + b"Subject: x\r\n\r\nhi\r\n.\r\n"],
     )
     assert replies[3].startswith("250 2.1.5")
     assert replies[5].startswith("250 2.0.0")
@@ -261,7 +266,7 @@ async def test_leading_dots_stored_exactly(node: Node) -> None:
     replies = await raw_session(
         node.port("mx"),
         [b"EHLO c\r\n", b"MAIL FROM:<s@remote.test>\r\n", b"RCPT TO:<alice@example.test>\r\n",
-         b"DATA\r\n", b"Subject: x\r\n\r\n..one\r\n...two\r\n.\r\n"],
+         b"DATA\r\n", FROM_LINE + b"Subject: x\r\n\r\n..one\r\n...two\r\n.\r\n"],
     )
     assert replies[5].startswith("250")
     (msg,) = stored(node, "alice@example.test")
@@ -390,7 +395,8 @@ async def test_storage_error_answers_451_and_acknowledges_nothing(node: Node) ->
     replies = await raw_session(
         node.port("mx"),
         [b"EHLO c\r\n", b"MAIL FROM:<s@remote.test>\r\n", b"RCPT TO:<alice@example.test>\r\n",
-         b"RCPT TO:<bob@example.test>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\nhi\r\n.\r\n"],
+         b"RCPT TO:<bob@example.test>\r\n", b"DATA\r\n",
+         FROM_LINE + b"Subject: x\r\n\r\nhi\r\n.\r\n"],
     )
     assert replies[6].startswith("451 4.3.0")
     assert stored(node, "alice@example.test") == []  # no partial delivery either
@@ -422,7 +428,7 @@ async def test_swaks_with_starttls_and_pipelining(node: Node) -> None:
 
 
 async def test_bdat_chunking_with_raw_client(node: Node) -> None:
-    body = b"Subject: chunked\r\n\r\n.dot stays\r\n"
+    body = FROM_LINE + b"Subject: chunked\r\n\r\n.dot stays\r\n"
     replies = await raw_session(
         node.port("mx"),
         [b"EHLO c\r\n", b"MAIL FROM:<s@remote.test>\r\n", b"RCPT TO:<alice@example.test>\r\n",
@@ -533,7 +539,7 @@ async def send_until_stored(
                  b"RCPT TO:<alice@example.test>\r\n", b"DATA\r\n"]:
         writer.write(line)
         assert (await read_reply(reader))[0] in "23"
-    writer.write(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    writer.write(FROM_LINE + b"Subject: x\r\n\r\nhi\r\n.\r\n")
     return reader, writer, greeted
 
 

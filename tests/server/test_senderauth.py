@@ -377,6 +377,33 @@ async def test_from_must_be_one_field_with_one_address(
                                    raw_letter(fine)) == "250"
 
 
+@pytest.mark.parametrize("data", [
+    raw_letter(b""),  # To: and Subject: only
+    raw_letter(b"Sender: ceo@bank.test\r\nResent-From: a@spfok.test\r\n"),  # no From: still
+    raw_letter(b"X-From: ceo@bank.test\r\n"),  # a name that only ends in "From"
+    b"\r\nno header section at all\r\n",
+    raw_letter(b"", (b"x" * 998 + b"\r\n") * 5),  # over dkim_max_bytes: read as it streams
+], ids=["none", "sender-only", "x-from", "body-only", "over-dkim-max-bytes"])
+async def test_message_without_from_is_refused(
+    mx: NodeFactory, dns_server: DNSServer, caplog: pytest.LogCaptureFixture, data: bytes
+) -> None:
+    """RFC 5322 §3.6 requires exactly one From: and RFC 7489 §6.6.1 says a message DMARC
+    cannot judge is typically rejected: with no From: a reader shows whatever it likes as
+    the author. Refused 550 5.7.1 with a reason, stored nowhere, even with SPF passing
+    (it used to be stored with dmarc=permerror)."""
+    dns_server.add_txt("spfok.test", "v=spf1 ip4:127.0.0.1 -all")
+    node = await mx(sender_auth={"dkim_max_bytes": 2000})
+    with caplog.at_level(logging.INFO, logger="mailfort.senderauth"):
+        got = await asyncio.to_thread(outcome, node.port("mx"), "a@spfok.test", data)
+    assert got.startswith("550 5.7.1") and "no From:" in got, got
+    assert stored(node, ALICE) == []
+    assert any("from=none -> 550 5.7.1" in r.getMessage() for r in caplog.records)
+    # The same message with a From: is accepted.
+    assert await asyncio.to_thread(outcome, node.port("mx"), "a@spfok.test",
+                                   b"From: a@spfok.test\r\n" + data) == "250"
+    assert len(stored(node, ALICE)) == 1
+
+
 FORGED_AR = b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.test; dmarc=pass\r\n"
 
 

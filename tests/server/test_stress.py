@@ -95,7 +95,8 @@ def _legitimate_send(port: int) -> tuple[float, str]:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
             s.ehlo("legit.test")
             s.sendmail("someone@elsewhere.test", ["alice@example.test"],
-                       b"Subject: hi\r\n\r\nstill served\r\n")
+                       b"From: <someone@elsewhere.test>\r\nSubject: hi\r\n\r\n"
+                       b"still served\r\n")
     except smtplib.SMTPException as exc:
         return time.monotonic() - t0, repr(exc)
     return time.monotonic() - t0, "250"

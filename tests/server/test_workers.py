@@ -54,6 +54,8 @@ SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s")
 BLOCK_AFTER = 4  # auth.block_after_failures in these nodes
 PER_HOUR = 2  # submission.messages_per_hour
 PER_IP = 8  # limits.max_connections_per_ip
+# The MX refuses a message without exactly one From: (RFC 5322 §3.6, 550 5.7.1).
+FROM_LINE = "From: <sender@remote.test>\r\n"
 
 
 @dataclass
@@ -434,7 +436,7 @@ def test_killed_worker_loses_no_acknowledged_message_and_is_replaced(
             try:
                 with smtplib.SMTP("127.0.0.1", node.ports["mx"], timeout=10) as smtp:
                     smtp.sendmail("sender@remote.test", [BOB],
-                                  f"Subject: {subject}\r\n\r\nbody\r\n")
+                                  f"{FROM_LINE}Subject: {subject}\r\n\r\nbody\r\n")
             except (OSError, smtplib.SMTPException):
                 continue  # not acknowledged: the client would retry
             with lock:
@@ -486,7 +488,7 @@ def test_metrics_endpoint_sums_every_worker(node: Supervised) -> None:
         _cmd(s, "MAIL FROM:<sender@remote.test>")
         _cmd(s, f"RCPT TO:<{ALICE}>")
         assert _cmd(s, "DATA").startswith(b"354")
-        assert _cmd(s, "Subject: counted\r\n\r\nx\r\n.").startswith(b"250")
+        assert _cmd(s, FROM_LINE + "Subject: counted\r\n\r\nx\r\n.").startswith(b"250")
     deadline = time.monotonic() + 5
     while (now := _scrape(node)).get('mailfort_sessions_open{service="mx"}') != 2:
         assert time.monotonic() < deadline, now.get('mailfort_sessions_open{service="mx"}')
@@ -539,7 +541,7 @@ def test_sigterm_drains(tmp_path: Path) -> None:
         _cmd(s, "MAIL FROM:<sender@remote.test>")
         _cmd(s, f"RCPT TO:<{ALICE}>")
         assert _cmd(s, "DATA").startswith(b"354")
-        s.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        s.sendall(FROM_LINE.encode() + b"Subject: in flight\r\n\r\nfirst half\r\n")
         served.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while True:  # the listeners close first
@@ -708,7 +710,8 @@ def test_sighup_with_a_new_configuration_starts_new_workers_and_open_sessions_fi
         _cmd(old, "MAIL FROM:<sender@remote.test>")
         assert _cmd(old, f"RCPT TO:<{ALICE}>").startswith(b"250")
         assert _cmd(old, "DATA").startswith(b"354")
-        assert _cmd(old, "Subject: across the reload\r\n\r\nhello\r\n.").startswith(b"250")
+        assert _cmd(old, FROM_LINE + "Subject: across the reload\r\n\r\nhello\r\n."
+                    ).startswith(b"250")
         assert _cmd(old, "QUIT").startswith(b"221")
         old.close()
         _wait(lambda: sorted(served.workers()) == sorted(new), "old workers still there",

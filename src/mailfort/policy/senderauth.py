@@ -19,9 +19,11 @@ from mailfort.policy.dnslookup import Lookup
 from mailfort.protocol.replies import Reply
 
 log = logging.getLogger("mailfort.senderauth")
-# RFC 7489 §6.6.1 (and RFC 5322 §3.6): exactly one From: field with exactly one address.
+# RFC 5322 §3.6 and RFC 7489 §6.6.1: exactly one From: field with exactly one address.
 FROM_NOT_ONE = Reply(550, "5.7.1",
                      "Message refused: the From: header must be one field with one address")
+FROM_MISSING = Reply(550, "5.7.1", "Message refused: it has no From: header field; "
+                     "exactly one, with one address, is required")
 _THREADS = 16  # checks mostly wait for DNS; each holds at most dkim_max_bytes of a message
 # (a larger one is verified as it streams: policy/dkim.py)
 
@@ -87,10 +89,12 @@ class SenderAuth:
         if headers is None:
             headers = header_block(message) if message is not None else b""
         author = dmarc.author_domain(headers)
-        if author is None and dmarc.has_from(headers):
-            # RFC 7489 §6.6.1: two From: fields, a group or several addresses: DMARC cannot
-            # judge the message, and one of the authors would go unchecked. (No From: at
-            # all is reported as dmarc=permerror: it names no author to pass for.)
+        if author is None:
+            # RFC 7489 §6.6.1: no From:, two From: fields, a group or several addresses:
+            # DMARC cannot judge the message (an author would go unchecked, or there is
+            # none to check, and a reader shows whatever it likes), so it is refused.
+            if not dmarc.has_from(headers):
+                return Verdict(refusal=FROM_MISSING, summary="from=none")
             return Verdict(refusal=FROM_NOT_ONE, summary="from=not-exactly-one-address")
         opts, timeout = self.opts, self.cfg.dns.timeout
         try:

@@ -32,10 +32,12 @@ def long_line(ctx: Context) -> Verdict:
     return Verdict(PASS, "line.refused", {"n": n, "code": code})
 
 
-def _stream(ctx: Context, c: RawClient, size: int) -> None:
-    """Send a body of ``size`` octets and the end of data; stops when the budget is spent."""
+def _stream(ctx: Context, c: RawClient, size: int, sender: str) -> None:
+    """Send a message of ``size`` octets and the end of data; stops when the budget is
+    spent. It has a From: so that only its size can be what a server refuses (a server may
+    refuse a message without one, as mailfort's MX does)."""
     line = b"x" * 998 + b"\r\n"
-    head = b"Subject: mailfort audit: over-size probe\r\n\r\n"
+    head = f"From: <{sender}>\r\nSubject: mailfort audit: over-size probe\r\n\r\n".encode()
     c.send(head, note=f"<message body of {size} octets>")
     sent = len(head)
     chunk = line * 64
@@ -67,7 +69,7 @@ def size(ctx: Context) -> Verdict:
         if d != 354:
             return Verdict(PASS, "size.declared-refused", {"limit": limit})
         try:
-            _stream(ctx, c, limit + 1)
+            _stream(ctx, c, limit + 1, foreign(ctx, "sender"))
         except (ProbeError, OSError):  # it stopped reading: the message cannot be stored
             return Verdict(PASS, "size.closed", {"limit": limit})
         try:
