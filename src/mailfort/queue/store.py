@@ -224,7 +224,7 @@ def _is_state(v: object) -> str | None:
 def _is_recipients(v: object) -> str | None:
     if not isinstance(v, list) or not v:
         return "not a non-empty list"
-    return None if all(isinstance(r, dict) for r in v) else "holds a non-object"
+    return None if all(isinstance(r, dict) for r in v) else "not a list of objects"
 
 
 def _is_str_map(v: object) -> str | None:
@@ -298,12 +298,15 @@ def parse_state(raw: bytes, ident: str) -> Entry:
     if not raw.strip():
         raise StateError("empty file")
     try:
-        d = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise StateError("not UTF-8") from None
+    try:
+        d = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
-        cut = " (truncated?)" if exc.pos >= len(raw.rstrip()) else ""
-        raise StateError(f"not JSON{cut}: {exc.msg} at octet {exc.pos}") from None
+        ends = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated")
+        cut = " (truncated?)" if ends else ""
+        raise StateError(f"not JSON{cut}: {exc.msg} (character {exc.pos})") from None
     except RecursionError:
         raise StateError("not JSON: nested too deeply") from None
     entry = Entry.from_json(d)
