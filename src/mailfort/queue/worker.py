@@ -141,9 +141,9 @@ class DeliveryWorker:
 
     async def start(self) -> None:
         """Recover the queue directory and start the loop (one pass runs at once)."""
-        await asyncio.to_thread(self.queue.recover, _RECOVER_GRACE)
-        damaged = await asyncio.to_thread(self.queue.damaged)
-        if damaged:  # set aside before, and still there: once per start
+        damaged = await asyncio.to_thread(self.queue.damaged)  # set aside before this start
+        await asyncio.to_thread(self.queue.recover, _RECOVER_GRACE)  # logs what it sets aside
+        if damaged:  # once per start, so that a restart does not hide them
             log.warning("queue: %d damaged entr%s kept in %s, not delivered: %s; see "
                         "`mailfort queue list`", len(damaged), "y" if len(damaged) == 1
                         else "ies", self.queue.corrupt_dir, ", ".join(d.id for d in damaged))
