@@ -87,6 +87,11 @@ def _format_damaged(damaged: list[Damaged], now: float) -> list[str]:
     return lines
 
 
+def _shown(text: str) -> str:
+    """Text read from a damaged file, with control characters escaped (the terminal)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:998])
+
+
 def format_damaged(d: Damaged, headers: bytes = b"") -> str:
     """A damaged entry: why, what is kept, what its state still says, what to do."""
     lines = [
@@ -97,20 +102,21 @@ def format_damaged(d: Damaged, headers: bytes = b"") -> str:
         f"state file:   {d.state_path or '- (none)'}",
         f"message:      {f'{d.message_path} ({d.size} octets)' if d.message_path else '- (lost)'}",
     ]
+    source = "from its state" if d.valid_state else "read from the damaged state, unverified"
     if d.sender is not None:
-        lines.append(f"sender:       <{d.sender}> (read from the damaged state, unverified)")
+        lines.append(f"sender:       <{_shown(d.sender)}> ({source})")
     if d.recipients:
-        lines.append("recipients:   (read from the damaged state, unverified; which of them "
-                     "were already delivered to is not known)")
-        lines += [f"  {a}" for a in d.recipients]
+        known = ")" if d.valid_state else "; which were delivered to is not known)"
+        lines.append(f"recipients:   ({source}{known}")
+        lines += [f"  {_shown(a)}" for a in d.recipients]
     lines.append("what to do:")
     if d.message_path is None:
-        lines.append("  The message is lost; tell its sender and recipients if you know them, "
-                     f"then `mailfort queue delete {d.id}`.")
+        lines += ["  The message is lost: tell its sender and recipients if you know them,",
+                  f"  then `mailfort queue delete {d.id}`."]
     else:
-        lines.append("  To send it, submit the message file again (e.g. through the submission "
-                     "port, as its sender) to the recipients that still need it,")
-        lines.append(f"  then `mailfort queue delete {d.id}`. To give it up: only the delete.")
+        lines += ["  To send it, submit the message file again (e.g. on the submission port,",
+                  "  as its sender) to the recipients that still need it, then",
+                  f"  `mailfort queue delete {d.id}`. To give it up: only the delete."]
     if headers:
         lines.append("headers:")
         text = headers.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")

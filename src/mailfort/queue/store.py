@@ -311,7 +311,7 @@ def parse_state(raw: bytes, ident: str) -> Entry:
         raise StateError("not JSON: nested too deeply") from None
     entry = Entry.from_json(d)
     if entry.id != ident:
-        raise StateError(f"field id is {entry.id!r}, not the file's name")
+        raise StateError(f"field id is {entry.id[:64]!r}, not the file's name")
     return entry
 
 
@@ -327,6 +327,7 @@ class Damaged:
     size: int  # of the message, 0 without one
     sender: str | None  # what the state file says, unverified (None: unreadable)
     recipients: list[str]  # idem; active or not
+    valid_state: bool = False  # the state itself is valid: recipients are "address (state)"
 
 
 _FIELD_RE = re.compile(rb'"(sender|address)"\s*:\s*"((?:[^"\\]|\\.){0,998})"')
@@ -612,19 +613,16 @@ class Queue:
         state = self.corrupt_dir / f"{self.check_id(ident)}.json"
         msg = self.corrupt_dir / ident
         times, raw, size = [], None, 0
-        try:
+        with contextlib.suppress(OSError):  # absent, or not a file this queue wrote
             raw = state.read_bytes()
             times.append(state.stat().st_ctime)
-        except FileNotFoundError:
-            pass
-        try:
+        with contextlib.suppress(OSError):
             st = msg.stat()
             times.append(st.st_ctime)
             size = st.st_size
-        except FileNotFoundError:
-            pass
         if not times:
             return None
+        valid = False
         if raw is None:
             reason, sender, rcpts = "state file missing", None, []
         else:
@@ -636,9 +634,10 @@ class Queue:
             else:
                 reason = ("message file missing" if not msg.exists() else
                           "set aside, though state and message look complete now")
-                sender, rcpts = entry.sender, [r.address for r in entry.recipients]
+                sender, valid = entry.sender, True
+                rcpts = [f"{r.address} ({r.state})" for r in entry.recipients]
         return Damaged(ident, reason, max(times), state if raw is not None else None,
-                       msg if msg.exists() else None, size, sender, rcpts)
+                       msg if msg.exists() else None, size, sender, rcpts, valid)
 
     def damaged(self) -> builtins.list[Damaged]:
         """Every damaged entry in ``corrupt/``, oldest id first."""

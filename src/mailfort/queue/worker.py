@@ -146,7 +146,8 @@ class DeliveryWorker:
         if damaged:  # once per start, so that a restart does not hide them
             log.warning("queue: %d damaged entr%s kept in %s, not delivered: %s; see "
                         "`mailfort queue list`", len(damaged), "y" if len(damaged) == 1
-                        else "ies", self.queue.corrupt_dir, ", ".join(d.id for d in damaged))
+                        else "ies", self.queue.corrupt_dir,
+                        ", ".join(d.id for d in damaged[:10]) + (", ..." if damaged[10:] else ""))
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._stopping = False
