@@ -26,7 +26,15 @@ def _cfg(args: argparse.Namespace) -> Config:
 
 
 def queue_retry(cfg: Config, ident: str | None) -> str:
-    """Ask the running server to retry now; without one, mark the files due."""
+    """Ask the running server to retry now; without one, mark the files due. A damaged
+    entry is refused here (the files say so), never sent to the server."""
+    from mailfort.queue import admin
+
+    root = admin.queue_root(cfg)
+    if ident is not None:
+        found = admin.Queue(root).damaged_entry(ident)
+        if found is not None:
+            raise admin.DamagedEntry(ident, found.reason)
     line = "retry" + (f" {ident}" if ident else "")
     try:
         reply = control.request(cfg.data_path, line)
@@ -40,7 +48,8 @@ def queue_retry(cfg: Config, ident: str | None) -> str:
     if ident is not None and n == 0:
         return f"{ident}: nothing to retry"
     return (f"{what}{n} message(s) being retried now by the running server"
-            f" (pid answering on {control.socket_path(cfg.data_path)})")
+            f" (pid answering on {control.socket_path(cfg.data_path)})"
+            + ("" if ident else admin.damaged_note(root)))
 
 
 def _retry_offline(cfg: Config, ident: str | None) -> str:
@@ -74,7 +83,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  metrics      http://{status['metrics']}/metrics")
     q: dict[str, Any] = status["queue"]  # type: ignore[assignment]
     print(f"queue: {q['messages']} message(s), {q['recipients']} recipient(s) pending, "
-          f"oldest {q['oldest_seconds']}s")
+          f"oldest {q['oldest_seconds']}s"
+          + (f", {q['damaged']} DAMAGED (set aside, not delivered: `mailfort queue list`)"
+             if q.get("damaged") else ""))
     print(f"accepted since start: {int(status.get('accepted') or 0)}")
     cert: dict[str, Any] = status["certificate"]  # type: ignore[assignment]
     if "error" in cert:

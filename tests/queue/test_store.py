@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
-from mailfort.queue.store import Queue, QueueError
+from mailfort.queue import store
+from mailfort.queue.store import DamagedEntry, Queue, QueueError
+from tests.queue.damage import DAMAGES, corrupt_files, kept_files
 from tests.store.fsyncs import fsynced
 from tests.store.test_storage_faults import fill, small_fs
 
@@ -190,3 +194,121 @@ def test_rfc8689_tags_are_decided_at_enqueue_and_kept(
     assert (e.requiretls, e.tls_optional) == tags
     q.update(e)  # a state change keeps them
     assert (q.get(ident).requiretls, q.get(ident).tls_optional) == tags
+
+
+# ------------------------------------------------------------------ damaged entries
+
+
+def _damaged_beside_healthy(root: Path, kind: str) -> tuple[Queue, str, str]:
+    q = Queue(root)
+    bad = q.enqueue_bytes(MSG, "a@example.test", ["lost@r.test"], "a@example.test")
+    good = q.enqueue_bytes(MSG, "a@example.test", ["ok@r.test"], "a@example.test")
+    DAMAGES[kind][0](q, bad)
+    return q, bad, good
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_a_damaged_entry_is_set_aside_with_one_log_line_and_the_rest_goes_on(
+        tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    q, bad, good = _damaged_beside_healthy(tmp_path / "q", kind)
+    caplog.set_level(logging.INFO, "mailfort.queue")
+    q.recover()  # what a start does first (a message without a state is found here)
+    assert [e.id for e in q.list()] == [good]
+    assert [e.id for e in q.due(float("inf"))] == [good]
+    assert q.retry() == 1  # the healthy one; the damaged one stops nothing
+    (d,) = q.damaged()
+    assert d.id == bad and DAMAGES[kind][1] in d.reason
+    assert corrupt_files(q, bad) == kept_files(kind, bad)
+    assert not (q.env_dir / f"{bad}.json").exists() and not (q.msg_dir / bad).exists()
+    lines = [r for r in caplog.records if bad in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.ERROR
+    assert DAMAGES[kind][1] in lines[0].getMessage()
+    q.list()  # read again: nothing more to set aside, no second line
+    assert len([r for r in caplog.records if bad in r.getMessage()]) == 1
+
+    # A restart (a new Queue on the same directory) still has it, and only it, damaged.
+    again = Queue(q.root)
+    again.recover()
+    assert [d.id for d in again.damaged()] == [bad]
+    assert [e.id for e in again.list()] == [good]
+    with pytest.raises(DamagedEntry, match="damaged"):
+        again.get(bad)
+    with pytest.raises(DamagedEntry):
+        again.retry(bad)
+    again.delete(bad)
+    assert again.damaged() == [] and corrupt_files(again, bad) == set()
+    assert [e.id for e in again.list()] == [good]
+
+
+def test_what_a_truncated_state_still_says_is_read_for_the_operator(tmp_path: Path) -> None:
+    q, bad, _ = _damaged_beside_healthy(tmp_path / "q", "truncated")
+    q.list()
+    (d,) = q.damaged()
+    assert d.sender == "a@example.test" and d.recipients == ["lost@r.test"]
+    assert d.message_path == q.corrupt_dir / bad and d.size == len(MSG)
+
+
+def test_setting_aside_is_durable(tmp_path: Path, fsynced: list[Path]) -> None:
+    q, *_ = _damaged_beside_healthy(tmp_path / "q", "missing key")
+    fsynced.clear()
+    q.list()
+    assert {q.corrupt_dir, q.msg_dir, q.env_dir} <= set(fsynced)
+
+
+def test_a_set_aside_cut_short_by_a_crash_finishes_at_the_next_read(tmp_path: Path) -> None:
+    """The message goes first: a crash before the state follows leaves a state without
+    its message, which is set aside too, with the state's own reason kept."""
+    q, bad, good = _damaged_beside_healthy(tmp_path / "q", "missing key")
+    os.rename(q.msg_dir / bad, q.corrupt_dir / bad)  # killed right after the first rename
+    assert [e.id for e in Queue(q.root).list()] == [good]
+    (d,) = q.damaged()
+    assert "field recipients is missing" in d.reason
+    assert corrupt_files(q, bad) == {bad, f"{bad}.json"}
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"created": "yesterday"}, "field created is not a time"),
+    ({"created": True}, "field created is not a time"),
+    ({"size": -1}, "field size is not a whole number"),
+    ({"submitted_by": 7}, "field submitted_by is not a string or null"),
+    ({"forwards": {"x@r.test": None}}, "field forwards is not an object of strings"),
+    ({"extra": {"dsns": "two"}}, "field extra is not a whole number"),
+    ({"id": "0000000000OTHER"}, "not the file's name"),
+    ({"recipients": []}, "field recipients is not a non-empty list"),
+    ({"recipients": ["x@r.test"]}, "field recipients is not a list of objects"),
+    ({"recipients": [{"state": "pending"}]}, "field recipients[0].address is missing"),
+    ({"recipients": [{"address": "x@r.test", "state": "sent"}]},
+     "field recipients[0].state is not one of"),
+    ({"recipients": [{"address": "x@r.test", "attempts": 1.5}]},
+     "field recipients[0].attempts is not a whole number"),
+])
+def test_the_schema_checks_every_field(tmp_path: Path, change: dict[str, object],
+                                       why: str) -> None:
+    q = Queue(tmp_path / "q")
+    ident = q.enqueue_bytes(MSG, "a@example.test", ["x@r.test"], None)
+    d = json.loads((q.env_dir / f"{ident}.json").read_bytes())
+    d.update(change)
+    (q.env_dir / f"{ident}.json").write_text(json.dumps(d))
+    assert q.list() == []
+    (found,) = q.damaged()
+    assert why in found.reason
+
+
+def test_nan_is_not_a_time_and_unknown_keys_are_ignored(tmp_path: Path) -> None:
+    q = Queue(tmp_path / "q")
+    ident = q.enqueue_bytes(MSG, "a@example.test", ["x@r.test"], None)
+    path = q.env_dir / f"{ident}.json"
+    d = json.loads(path.read_bytes())
+    d["from_a_newer_version"] = {"anything": [1]}
+    path.write_text(json.dumps(d))
+    assert [e.id for e in q.list()] == [ident]
+    path.write_text(json.dumps(d).replace(f'"created":{d["created"]}', '"created":NaN')
+                    .replace(f'"created": {d["created"]}', '"created": NaN'))
+    assert q.list() == []
+    assert "NaN is not a number" in q.damaged()[0].reason
+
+
+def test_the_schema_names_every_field_of_an_entry() -> None:
+    """A field added to Entry or Recipient must be added to the schema too."""
+    assert set(store.ENTRY_SCHEMA) == {f.name for f in dataclasses.fields(store.Entry)}
+    assert set(store.RECIPIENT_SCHEMA) == {f.name for f in dataclasses.fields(store.Recipient)}

@@ -7,6 +7,7 @@ import contextlib
 import email
 import email.policy
 import hashlib
+import logging
 import os
 import socket
 import ssl
@@ -19,12 +20,14 @@ from pathlib import Path
 import pytest
 
 from mailfort.config import Config
+from mailfort.queue import worker as worker_mod
 from mailfort.queue.store import Entry, Queue
 from mailfort.queue.worker import DeliveryWorker, backoff
 from tests.delivery.conftest import ConfigFactory, ReceiverFactory
 from tests.delivery.receiver import Receiver
 from tests.dnsserver import DNSServer
 from tests.queue.conftest import LocalSink
+from tests.queue.damage import DAMAGES, corrupt_files, kept_files
 
 MSG = (b"From: Alice <alice@example.test>\r\nTo: bob@remote.test\r\n"
        b"Subject: hello\r\nMessage-ID: <m1@example.test>\r\n\r\nHello Bob.\r\n")
@@ -443,6 +446,9 @@ async def test_missing_message_file_drops_entry_without_looping(
     w.wake()
     await wait_for(lambda: q.list() == [])
     assert sink.delivered == [] and w.stats.delivered == 0
+    # Set aside, not deleted: its state still says for whom the lost message was.
+    assert [d.id for d in q.damaged()] == [ident]
+    assert corrupt_files(q, ident) == {f"{ident}.json"}
 
 
 def test_recover_grace_spares_an_enqueue_in_progress(tmp_path: Path) -> None:
@@ -783,3 +789,52 @@ async def test_failed_forward_without_a_local_postmaster_is_logged(
     assert any("<eve@outside.test> to <x@remote.test> failed: 550 5.1.1 gone" in ln
                and "fwd@example.test" in ln for ln in lines), lines
     assert any("nobody to tell" in ln and "postmaster@example.test" in ln for ln in lines)
+
+
+# ------------------------------------------------------------------ damaged entries
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+async def test_a_damaged_entry_stops_no_other_delivery_and_is_kept_across_a_restart(
+        kind: str, outbound_config: ConfigFactory, dns_server: DNSServer,
+        receivers: ReceiverFactory, worker_factory: WorkerFactory, sink: LocalSink,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 25 items 8 and 9: a state file without "recipients" failed every pass (no
+    other mail went out); a truncated one vanished from view, never delivered or bounced."""
+    monkeypatch.setattr(worker_mod, "_RECOVER_GRACE", 0.0)  # the orphan counts as old
+    caplog.set_level(logging.INFO, "mailfort.queue")
+    rx = await receivers()
+    mx_to(dns_server, "remote.test")
+    cfg = outbound_config()
+    q = Queue(cfg.data_path / "queue")
+    bad = q.enqueue_bytes(MSG, "alice@example.test", ["lost@remote.test"],
+                          "alice@example.test")
+    good = q.enqueue_bytes(MSG, "alice@example.test", ["bob@remote.test"],
+                           "alice@example.test")
+    DAMAGES[kind][0](q, bad)
+
+    w = await worker_factory(cfg, mx_port=rx.port)
+    await wait_for(lambda: len(rx.messages) == 1 and not (q.env_dir / f"{good}.json").exists())
+    assert rx.messages[0].recipients == ["bob@remote.test"]
+    assert q.list() == [] and [d.id for d in q.damaged()] == [bad]
+    assert corrupt_files(q, bad) == kept_files(kind, bad)
+    assert sink.delivered == []  # kept, not bounced
+    lines = [r for r in caplog.records if bad in r.getMessage()]
+    assert len(lines) == 1 and DAMAGES[kind][1] in lines[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+    # More mail while it sits there: delivered too, and nothing more is logged about it.
+    w.queue.enqueue_bytes(MSG, "alice@example.test", ["carol@remote.test"],
+                          "alice@example.test")
+    w.wake()
+    await wait_for(lambda: len(rx.messages) == 2)
+    await w.stop()
+
+    caplog.clear()
+    again = await worker_factory(cfg, mx_port=rx.port)  # a restart on the same directory
+    await asyncio.sleep(0.2)
+    assert [d.id for d in again.queue.damaged()] == [bad]
+    assert corrupt_files(again.queue, bad) == kept_files(kind, bad)
+    (note,) = [r for r in caplog.records if bad in r.getMessage()]
+    assert note.levelno == logging.WARNING and "1 damaged entry kept" in note.getMessage()
+    assert len(rx.messages) == 2 and sink.delivered == []

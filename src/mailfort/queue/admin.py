@@ -3,7 +3,9 @@
 Each function takes the queue directory (``queue_root(cfg)``) and returns the text to
 print; errors (unknown or malformed id) raise ``QueueError`` with a message fit for the
 user. They work on the files directly, so they work whether or not the server runs; a
-running worker notices ``retry`` at its next rescan (within a minute).
+running worker notices ``retry`` at its next rescan (within a minute). A damaged entry
+(queue/store.py) is listed apart, shown with what could be read of it and what to do, and
+deleted like any other; it is never retried.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from pathlib import Path
 
 from mailfort.config import Config
 from mailfort.queue.dsn import original_headers
-from mailfort.queue.store import Entry, Queue, QueueError
+from mailfort.queue.store import Damaged, DamagedEntry, Entry, Queue, QueueError
 
-__all__ = ["QueueError", "queue_delete", "queue_list", "queue_retry", "queue_root",
-           "queue_show"]
+__all__ = ["DamagedEntry", "Queue", "QueueError", "damaged_note", "queue_delete", "queue_list",
+           "queue_retry", "queue_root", "queue_show"]
 
 
 def queue_root(cfg: Config) -> Path:
@@ -45,11 +47,16 @@ def _sender(entry: Entry) -> str:
     return f"<{entry.sender}>"
 
 
-def format_list(entries: list[Entry], now: float | None = None) -> str:
-    """One line per entry: id, age, size, sender, remaining/total recipients, next try."""
+def format_list(entries: list[Entry], now: float | None = None,
+                damaged: list[Damaged] | None = None) -> str:
+    """One line per entry: id, age, size, sender, remaining/total recipients, next try;
+    then the damaged entries, one line each with the reason."""
     now = time.time() if now is None else now
-    if not entries:
+    damaged = damaged or []
+    if not entries and not damaged:
         return "queue is empty"
+    if not entries:
+        return "\n".join(_format_damaged(damaged, now))
     rows = [("ID", "AGE", "SIZE", "SENDER", "RCPTS", "NEXT ATTEMPT")]
     for e in entries:
         left = len(e.active)
@@ -66,6 +73,54 @@ def format_list(entries: list[Entry], now: float | None = None) -> str:
              for r in rows]
     lines.append(f"{len(entries)} message(s), "
                  f"{sum(len(e.active) for e in entries)} recipient(s) pending")
+    if damaged:
+        lines += ["", *_format_damaged(damaged, now)]
+    return "\n".join(lines)
+
+
+def _format_damaged(damaged: list[Damaged], now: float) -> list[str]:
+    lines = [f"{len(damaged)} DAMAGED entr{'y' if len(damaged) == 1 else 'ies'}, set aside "
+             "(not delivered; `mailfort queue show ID` says what to do):"]
+    width = max(len(d.id) for d in damaged)
+    for d in damaged:
+        lines.append(f"{d.id.ljust(width)}  {_age(now - d.set_aside)}  DAMAGED: {d.reason}")
+    return lines
+
+
+def _shown(text: str) -> str:
+    """Text read from a damaged file, with control characters escaped (the terminal)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:998])
+
+
+def format_damaged(d: Damaged, headers: bytes = b"") -> str:
+    """A damaged entry: why, what is kept, what its state still says, what to do."""
+    lines = [
+        f"id:           {d.id}",
+        "state:        DAMAGED, set aside (not delivered, not expired, not bounced)",
+        f"why:          {d.reason}",
+        f"set aside:    {_when(d.set_aside)}",
+        f"state file:   {d.state_path or '- (none)'}",
+        f"message:      {f'{d.message_path} ({d.size} octets)' if d.message_path else '- (lost)'}",
+    ]
+    source = "from its state" if d.valid_state else "read from the damaged state, unverified"
+    if d.sender is not None:
+        lines.append(f"sender:       <{_shown(d.sender)}> ({source})")
+    if d.recipients:
+        known = ")" if d.valid_state else "; which were delivered to is not known)"
+        lines.append(f"recipients:   ({source}{known}")
+        lines += [f"  {_shown(a)}" for a in d.recipients]
+    lines.append("what to do:")
+    if d.message_path is None:
+        lines += ["  The message is lost: tell its sender and recipients if you know them,",
+                  f"  then `mailfort queue delete {d.id}`."]
+    else:
+        lines += ["  To send it, submit the message file again (e.g. on the submission port,",
+                  "  as its sender) to the recipients that still need it, then",
+                  f"  `mailfort queue delete {d.id}`. To give it up: only the delete."]
+    if headers:
+        lines.append("headers:")
+        text = headers.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")
+        lines += [f"  {x}" for x in text.split("\n")]
     return "\n".join(lines)
 
 
@@ -98,28 +153,50 @@ def format_entry(entry: Entry, headers: bytes = b"") -> str:
 
 
 def queue_list(root: Path) -> str:
-    return format_list(Queue(root).list())
+    q = Queue(root)
+    entries = q.list()  # sets aside what it finds damaged: listed below, then
+    return format_list(entries, damaged=q.damaged())
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64 * 1024)
+    except FileNotFoundError:
+        return b""
 
 
 def queue_show(root: Path, ident: str) -> str:
     q = Queue(root)
-    entry = q.get(ident)
     try:
-        with open(q.message_path(ident), "rb") as f:
-            head = f.read(64 * 1024)
-    except FileNotFoundError:
-        head = b""
-    return format_entry(entry, original_headers(head))
+        entry = q.get(ident)
+    except DamagedEntry:
+        found = q.damaged_entry(ident)
+        if found is None:  # deleted meanwhile
+            raise QueueError(f"no such queue entry: {ident}") from None
+        head = _head(found.message_path) if found.message_path else b""
+        return format_damaged(found, original_headers(head) if head else b"")
+    return format_entry(entry, original_headers(_head(q.message_path(ident))))
+
+
+def damaged_note(root: Path) -> str:
+    """"; N damaged entries not retried (...)", or "" when there are none."""
+    n = len(Queue(root).damaged())
+    return (f"; {n} damaged entr{'y' if n == 1 else 'ies'} set aside, not retried "
+            "(see `mailfort queue list`)") if n else ""
 
 
 def queue_retry(root: Path, ident: str | None = None) -> str:
     n = Queue(root).retry(ident)
     if ident is not None:
         return f"{ident}: scheduled for immediate retry" if n else f"{ident}: nothing to retry"
-    return f"{n} message(s) scheduled for immediate retry"
+    return f"{n} message(s) scheduled for immediate retry{damaged_note(root)}"
 
 
 def queue_delete(root: Path, ident: str) -> str:
     """Delete without a bounce: the operator decided, nobody is told."""
-    Queue(root).delete(ident)
-    return f"{ident}: deleted"
+    q = Queue(root)
+    damaged = not (q.env_dir / f"{q.check_id(ident)}.json").exists()
+    q.delete(ident)
+    return f"{ident}: deleted" + (" (a damaged entry, with what was kept of it)"
+                                  if damaged else "")

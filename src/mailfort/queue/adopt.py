@@ -25,14 +25,13 @@ then delivered twice, never lost (SMTP's own rule when in doubt).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mailfort.queue import owner
-from mailfort.queue.store import Entry, Queue, QueueError, _fsync_file
+from mailfort.queue.store import Queue, QueueError, StateError, _fsync_file, parse_state
 from mailfort.store.durable import fsync_dir
 
 
@@ -75,9 +74,11 @@ def _move(queue: Queue, src: Queue, ident: str) -> bool:
     mine = queue.env_dir / f"{ident}.json"
     moved = not mine.exists()
     if moved:
-        entry = Entry.from_json(json.loads((src.env_dir / f"{ident}.json").read_bytes()))
-        if entry.id != ident:
-            raise QueueError(f"{src.env_dir / ident}.json: holds entry {entry.id}")
+        state = src.env_dir / f"{ident}.json"
+        try:
+            entry = parse_state(state.read_bytes(), ident)
+        except StateError as exc:  # nothing moved yet: repair or remove it, run again
+            raise QueueError(f"{state}: damaged ({exc}); nothing of it was adopted") from None
         target = queue.msg_dir / ident
         target.unlink(missing_ok=True)  # an earlier run's copy that never got its state
         _place(src.msg_dir / ident, target, queue.tmp_dir / f"{ident}.adopt")

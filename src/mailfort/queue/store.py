@@ -5,13 +5,24 @@ Layout under the queue root (``<data_dir>/queue``)::
     msg/<id>        the full RFC 5322 message (CRLF), never modified once queued
     env/<id>.json   envelope and per-recipient delivery state, replaced atomically
     tmp/            files being written; anything here after a crash is garbage
+    corrupt/        damaged entries set aside: <id>.json and/or <id>, as they were found
 
 The commit point of an entry is the rename of its state file into ``env/``: the message
 file is made durable (fsync of file and directory) *before* that rename, and the rename is
 followed by an fsync of ``env/``. So after a ``kill -9`` at any instant an entry is either
 completely present or absent (and then its submitter was never told 250). ``recover`` removes
-tmp files and message files that never got a state file. Every state change is a new file
-written in ``tmp/``, fsynced and renamed over the old one, so a reader never sees half a state.
+tmp files. Every state change is a new file written in ``tmp/``, fsynced and renamed over the
+old one, so a reader never sees half a state.
+
+A state file is checked field by field whenever it is read (``parse_state``, one explicit
+schema). One that is not a valid entry (a hand edit, a partial restore, a disk fault, a
+bug), a state whose message file is gone, and a message file without a state are *damaged*:
+moved whole into ``corrupt/`` (message first, each rename fsynced on both sides) with one log
+line, so that they cost only themselves: the worker and the admin commands go on with the
+rest. A damaged entry is kept, never delivered, expired or bounced (its recipients are not
+known for sure); ``mailfort queue show`` says what could be read of it and what to do. A
+message without a state is most often an enqueue cut short by a crash, whose client was not
+told 250 and sent it again; it is kept all the same (the two cannot be told apart).
 
 Blocking I/O throughout: the SMTP service calls ``enqueue`` from a thread, the worker wraps
 calls in ``asyncio.to_thread``.
@@ -23,6 +34,8 @@ import builtins
 import contextlib
 import errno
 import json
+import logging
+import math
 import os
 import re
 import secrets
@@ -30,7 +43,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +51,10 @@ from mailfort.delivery import requiretls as rtls
 from mailfort.delivery.message import MAX_HEADER_SCAN, Traits, scan_file
 from mailfort.store.durable import fsync_dir, make_dirs
 
+log = logging.getLogger("mailfort.queue")
+
 RecipientState = Literal["pending", "deferred", "delivered", "failed"]
+STATES: tuple[str, ...] = ("pending", "deferred", "delivered", "failed")
 ACTIVE: tuple[str, ...] = ("pending", "deferred")
 
 _ID_RE = re.compile(r"[0-9A-Za-z]{8,64}")  # with fullmatch: "$" would allow a final "\n"
@@ -47,6 +63,20 @@ _FORMAT = 1
 
 class QueueError(Exception):
     """A queue operation failed (unknown id, bad id, entry vanished)."""
+
+
+class DamagedEntry(QueueError):
+    """The entry is damaged and set aside in ``corrupt/``: not delivered, not retried."""
+
+    def __init__(self, ident: str, reason: str) -> None:
+        super().__init__(f"{ident} is damaged ({reason}) and set aside, not delivered: "
+                         f"see `mailfort queue show {ident}`")
+        self.ident = ident
+        self.reason = reason
+
+
+class StateError(ValueError):
+    """A state file's content is not a valid entry; the text says which field and why."""
 
 
 @dataclass
@@ -138,13 +168,187 @@ class Entry:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Entry:
-        """Unknown keys are ignored, so an older mailfort still delivers a newer's entries."""
-        rnames = {f.name for f in fields(Recipient)}
-        enames = {f.name for f in fields(cls)} - {"recipients"}
-        rcpts = [Recipient(**{k: v for k, v in r.items() if k in rnames})
-                 for r in d["recipients"]]
-        return cls(recipients=rcpts, **{k: v for k, v in d.items() if k in enames})
+    def from_json(cls, d: object) -> Entry:
+        """Every known field checked against ``ENTRY_SCHEMA`` (StateError says which is
+        wrong); unknown keys are ignored, so an older mailfort still delivers a newer's
+        entries."""
+        _check("", d, ENTRY_SCHEMA)
+        assert isinstance(d, dict)
+        rcpts = []
+        for i, r in enumerate(d["recipients"]):
+            _check(f"recipients[{i}].", r, RECIPIENT_SCHEMA)
+            rcpts.append(Recipient(**{k: v for k, v in r.items() if k in RECIPIENT_SCHEMA}))
+        kw = {k: v for k, v in d.items() if k in ENTRY_SCHEMA and k != "recipients"}
+        return cls(recipients=rcpts, **kw)
+
+
+# --------------------------------------------------------------------- state schema
+#
+# Each field: (check, required). A field with a default in the dataclass may be absent
+# (a state written by an older mailfort); when present, its type must be right. bool is
+# not a number here, and numbers are finite (the JSON reader refuses NaN and Infinity).
+
+Check = Any  # a callable (value) -> str | None: None when valid, else what is wrong
+
+
+def _is_str(v: object) -> str | None:
+    return None if isinstance(v, str) else "not a string"
+
+
+def _is_bool(v: object) -> str | None:
+    return None if isinstance(v, bool) else "not true/false"
+
+
+def _is_opt_bool(v: object) -> str | None:
+    return None if v is None or isinstance(v, bool) else "not true/false/null"
+
+
+def _is_opt_str(v: object) -> str | None:
+    return None if v is None or isinstance(v, str) else "not a string or null"
+
+
+def _is_count(v: object) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return None if ok else "not a whole number >= 0"
+
+
+def _is_time(v: object) -> str | None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    return None if ok else "not a time (a number >= 0)"
+
+
+def _is_state(v: object) -> str | None:
+    return None if v in STATES else f"not one of {', '.join(STATES)}"
+
+
+def _is_recipients(v: object) -> str | None:
+    if not isinstance(v, list) or not v:
+        return "not a non-empty list"
+    return None if all(isinstance(r, dict) for r in v) else "not a list of objects"
+
+
+def _is_str_map(v: object) -> str | None:
+    ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+    return None if ok else "not an object of strings"
+
+
+def _is_extra(v: object) -> str | None:
+    if not isinstance(v, dict):
+        return "not an object"
+    return None if "dsns" not in v else _is_count(v["dsns"])
+
+
+def _is_format(v: object) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) else "not a whole number"
+
+
+RECIPIENT_SCHEMA: dict[str, tuple[Check, bool]] = {
+    "address": (_is_str, True),
+    "state": (_is_state, False),
+    "attempts": (_is_count, False),
+    "next_attempt": (_is_time, False),
+    "last_reply": (_is_str, False),
+    "status": (_is_str, False),
+    "remote_mta": (_is_str, False),
+    "last_attempt": (_is_time, False),
+    "notified": (_is_bool, False),
+}
+
+ENTRY_SCHEMA: dict[str, tuple[Check, bool]] = {
+    "id": (_is_str, True),
+    "sender": (_is_str, True),
+    "submitted_by": (_is_opt_str, True),
+    "recipients": (_is_recipients, True),
+    "created": (_is_time, True),
+    "warned": (_is_bool, False),
+    "size": (_is_count, False),
+    "notify_after": (_is_time, False),
+    "eight_bit": (_is_opt_bool, False),
+    "utf8_headers": (_is_opt_bool, False),
+    "requiretls": (_is_bool, False),
+    "tls_optional": (_is_bool, False),
+    "forwards": (_is_str_map, False),
+    "original_sender": (_is_str, False),
+    "extra": (_is_extra, False),
+}
+_TOP_ONLY = {"format": (_is_format, False)}  # written by to_json, not an Entry field
+
+
+def _check(where: str, d: object, schema: dict[str, tuple[Check, bool]]) -> None:
+    if not isinstance(d, dict):
+        raise StateError(f"{where.rstrip('.') or 'state'} is not a JSON object")
+    extra_checks = _TOP_ONLY if not where else {}
+    for name, (check, required) in (schema | extra_checks).items():
+        if name not in d:
+            if required:
+                raise StateError(f"field {where}{name} is missing")
+            continue
+        why = check(d[name])
+        if why is not None:
+            raise StateError(f"field {where}{name} is {why}")
+
+
+def _no_constant(name: str) -> Any:
+    raise StateError(f"not JSON: {name} is not a number")
+
+
+def parse_state(raw: bytes, ident: str) -> Entry:
+    """The entry in a state file's bytes, for the entry ``ident``; StateError with the
+    reason otherwise (the only way a state file is read)."""
+    if not raw.strip():
+        raise StateError("empty file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StateError("not UTF-8") from None
+    try:
+        d = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        ends = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated")
+        cut = " (truncated?)" if ends else ""
+        raise StateError(f"not JSON{cut}: {exc.msg} (character {exc.pos})") from None
+    except RecursionError:
+        raise StateError("not JSON: nested too deeply") from None
+    entry = Entry.from_json(d)
+    if entry.id != ident:
+        raise StateError(f"field id is {entry.id[:64]!r}, not the file's name")
+    return entry
+
+
+@dataclass
+class Damaged:
+    """A damaged entry in ``corrupt/``, as far as it can be read."""
+
+    id: str
+    reason: str
+    set_aside: float  # when it was moved there (the newest of its files' ctime)
+    state_path: Path | None  # the state file as it was found, if there was one
+    message_path: Path | None  # the message, kept, if there was one
+    size: int  # of the message, 0 without one
+    sender: str | None  # what the state file says, unverified (None: unreadable)
+    recipients: list[str]  # idem; active or not
+    valid_state: bool = False  # the state itself is valid: recipients are "address (state)"
+
+
+_FIELD_RE = re.compile(rb'"(sender|address)"\s*:\s*"((?:[^"\\]|\\.){0,998})"')
+
+
+def _salvage(raw: bytes) -> tuple[str | None, list[str]]:
+    """Sender and recipient addresses that can still be read from a damaged state file
+    (also a truncated one): help for the operator, never acted upon."""
+    sender: str | None = None
+    rcpts: list[str] = []
+    for m in _FIELD_RE.finditer(raw):
+        try:
+            value = json.loads(b'"' + m.group(2) + b'"')
+        except ValueError:
+            continue
+        if m.group(1) == b"sender":
+            if sender is None:
+                sender = value
+        elif value not in rcpts:
+            rcpts.append(value)
+    return sender, rcpts
 
 
 
@@ -181,14 +385,19 @@ class Queue:
         self.msg_dir = self.root / "msg"
         self.env_dir = self.root / "env"
         self.tmp_dir = self.root / "tmp"
-        for d in (self.msg_dir, self.env_dir, self.tmp_dir):
+        self.corrupt_dir = self.root / "corrupt"
+        for d in (self.msg_dir, self.env_dir, self.tmp_dir, self.corrupt_dir):
             make_dirs(d)  # durable: the fsyncs of msg/ and env/ rely on their own names
-        self._lock = threading.Lock()  # serialises read-modify-write of state files
+        # Serialises read-modify-write of state files; re-entrant: a read under it may set
+        # a damaged entry aside, which takes it too.
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ recovery
 
     def recover(self, grace: float = 0.0) -> int:
-        """Remove what a crash left half-written; returns how many files were removed.
+        """Remove what a crash left half-written and set aside what lost its other half
+        (a message without a state file, a state file without its message); returns how
+        many files were removed or set aside.
 
         Files changed less than ``grace`` seconds ago are left alone, so that recovery may
         run while the SMTP services are already enqueueing (an enqueue in progress has a
@@ -211,11 +420,16 @@ class Queue:
         known = {p.name[:-5] for p in self.env_dir.glob("*.json")}
         for p in self.msg_dir.iterdir():
             if p.name not in known and old(p):
-                p.unlink(missing_ok=True)
+                if _ID_RE.fullmatch(p.name):  # ours: an enqueue cut short, or a lost state
+                    self.set_aside(p.name, "state file missing")
+                else:
+                    p.unlink(missing_ok=True)
                 removed += 1
         for ident in known:
-            if not (self.msg_dir / ident).exists():  # cannot happen by construction; be safe
-                (self.env_dir / f"{ident}.json").unlink(missing_ok=True)
+            if not _ID_RE.fullmatch(ident):
+                continue  # not a name this queue writes: never read, left alone
+            if not (self.msg_dir / ident).exists():  # cannot happen by construction
+                self.set_aside(ident, "message file missing")
                 removed += 1
         if removed:
             fsync_dir(self.msg_dir)
@@ -346,12 +560,94 @@ class Queue:
         return ident
 
     def get(self, ident: str) -> Entry:
+        """The entry, checked; a damaged one is set aside and DamagedEntry raised."""
         path = self.env_dir / f"{self.check_id(ident)}.json"
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
+            found = self.damaged_entry(ident)
+            if found is not None:
+                raise DamagedEntry(ident, found.reason) from None
             raise QueueError(f"no such queue entry: {ident}") from None
-        return Entry.from_json(json.loads(raw))
+        except OSError as exc:  # unreadable (EACCES, EIO): skipped, not moved
+            raise QueueError(f"queue entry {ident} cannot be read: {exc}") from None
+        try:
+            entry = parse_state(raw, ident)
+        except StateError as exc:
+            reason = str(exc)
+        else:
+            if (self.msg_dir / ident).exists():
+                return entry
+            reason = "message file missing"
+        if not self.set_aside(ident, reason):
+            raise QueueError(f"no such queue entry: {ident}")  # deleted meanwhile
+        raise DamagedEntry(ident, reason)
+
+    # ------------------------------------------------------------------ damaged entries
+
+    def set_aside(self, ident: str, reason: str) -> bool:
+        """Move a damaged entry's files into ``corrupt/`` and log why; False if there was
+        nothing left to move (deleted or set aside meanwhile, e.g. by another process).
+
+        The message goes first: a crash in between leaves a state without its message,
+        which the next read sets aside too. Each rename is fsynced in both directories."""
+        moved = False
+        with self._lock:
+            for src, dst in ((self.msg_dir / ident, self.corrupt_dir / ident),
+                             (self.env_dir / f"{ident}.json",
+                              self.corrupt_dir / f"{ident}.json")):
+                try:
+                    os.rename(src, dst)
+                except FileNotFoundError:
+                    continue
+                fsync_dir(self.corrupt_dir)
+                fsync_dir(src.parent)
+                moved = True
+        if moved:
+            log.error("queue %s: damaged entry set aside in %s: %s; %s", ident,
+                      self.corrupt_dir, reason, _consequence(reason, ident))
+        return moved
+
+    def damaged_entry(self, ident: str) -> Damaged | None:
+        """The damaged entry ``ident`` in ``corrupt/``, or None."""
+        state = self.corrupt_dir / f"{self.check_id(ident)}.json"
+        msg = self.corrupt_dir / ident
+        times, raw, size = [], None, 0
+        with contextlib.suppress(OSError):  # absent, or not a file this queue wrote
+            raw = state.read_bytes()
+            times.append(state.stat().st_ctime)
+        with contextlib.suppress(OSError):
+            st = msg.stat()
+            times.append(st.st_ctime)
+            size = st.st_size
+        if not times:
+            return None
+        valid = False
+        if raw is None:
+            reason, sender, rcpts = "state file missing", None, []
+        else:
+            try:
+                entry = parse_state(raw, ident)
+            except StateError as exc:
+                reason = str(exc)
+                sender, rcpts = _salvage(raw)
+            else:
+                reason = ("message file missing" if not msg.exists() else
+                          "set aside, though state and message look complete now")
+                sender, valid = entry.sender, True
+                rcpts = [f"{r.address} ({r.state})" for r in entry.recipients]
+        return Damaged(ident, reason, max(times), state if raw is not None else None,
+                       msg if msg.exists() else None, size, sender, rcpts, valid)
+
+    def damaged(self) -> builtins.list[Damaged]:
+        """Every damaged entry in ``corrupt/``, oldest id first."""
+        names = {p.name.removesuffix(".json") for p in self.corrupt_dir.iterdir()}
+        out = []
+        for ident in sorted(n for n in names if _ID_RE.fullmatch(n)):
+            found = self.damaged_entry(ident)
+            if found is not None:
+                out.append(found)
+        return out
 
     def message_path(self, ident: str) -> Path:
         return self.msg_dir / self.check_id(ident)
@@ -374,10 +670,11 @@ class Queue:
         return sorted(p.name[:-5] for p in self.env_dir.glob("*.json"))
 
     def list(self) -> builtins.list[Entry]:
-        """Every entry, oldest first (ids sort by creation time)."""
+        """Every valid entry, oldest first (ids sort by creation time); damaged ones are
+        set aside on the way (``damaged`` lists them)."""
         out = []
         for ident in self.ids():
-            with contextlib.suppress(QueueError, ValueError, TypeError):
+            with contextlib.suppress(QueueError):
                 out.append(self.get(ident))
         return out
 
@@ -392,18 +689,28 @@ class Queue:
             self._write_state(entry)
 
     def delete(self, ident: str) -> None:
-        """Remove an entry: state file first (the commit point), then the message."""
+        """Remove an entry: state file first (the commit point), then the message. A
+        damaged entry is removed from ``corrupt/`` the same way."""
         with self._lock:
             env = self.env_dir / f"{self.check_id(ident)}.json"
             try:
                 env.unlink()
             except FileNotFoundError:
-                raise QueueError(f"no such queue entry: {ident}") from None
-            fsync_dir(self.env_dir)
-            (self.msg_dir / ident).unlink(missing_ok=True)
+                pass
+            else:
+                fsync_dir(self.env_dir)
+                (self.msg_dir / ident).unlink(missing_ok=True)
+                return
+            state, msg = self.corrupt_dir / f"{ident}.json", self.corrupt_dir / ident
+            if not state.exists() and not msg.exists():
+                raise QueueError(f"no such queue entry: {ident}")
+            state.unlink(missing_ok=True)
+            msg.unlink(missing_ok=True)
+            fsync_dir(self.corrupt_dir)
 
     def retry(self, ident: str | None = None, now: float | None = None) -> int:
-        """Make the active recipients of one entry (or of all) due now; returns entries touched."""
+        """Make the active recipients of one entry (or of all) due now; returns entries
+        touched. Damaged entries are skipped (DamagedEntry when it is the one asked for)."""
         now = time.time() if now is None else now
         targets: Iterable[str] = [ident] if ident is not None else self.ids()
         n = 0
@@ -422,3 +729,12 @@ class Queue:
                 self._write_state(entry)
                 n += 1
         return n
+
+
+def _consequence(reason: str, ident: str) -> str:
+    """What a damaged entry means for its mail, in the log line and ``queue show``."""
+    if reason == "message file missing":
+        return ("the message is lost, nothing can be delivered; its state is kept to say "
+                f"for whom it was (`mailfort queue show {ident}`)")
+    return ("the message is kept, not delivered, not expired and not bounced: see "
+            f"`mailfort queue show {ident}`")

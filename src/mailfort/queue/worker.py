@@ -141,7 +141,13 @@ class DeliveryWorker:
 
     async def start(self) -> None:
         """Recover the queue directory and start the loop (one pass runs at once)."""
-        await asyncio.to_thread(self.queue.recover, _RECOVER_GRACE)
+        damaged = await asyncio.to_thread(self.queue.damaged)  # set aside before this start
+        await asyncio.to_thread(self.queue.recover, _RECOVER_GRACE)  # logs what it sets aside
+        if damaged:  # once per start, so that a restart does not hide them
+            log.warning("queue: %d damaged entr%s kept in %s, not delivered: %s; see "
+                        "`mailfort queue list`", len(damaged), "y" if len(damaged) == 1
+                        else "ies", self.queue.corrupt_dir,
+                        ", ".join(d.id for d in damaged[:10]) + (", ..." if damaged[10:] else ""))
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._stopping = False
@@ -279,7 +285,8 @@ class DeliveryWorker:
         entries = []
         for ident in ids:
             if known is None or ident not in known:
-                with contextlib.suppress(QueueError, ValueError, TypeError):
+                # A damaged entry is set aside (and logged) by get: it costs only itself.
+                with contextlib.suppress(QueueError):
                     entries.append(self.queue.get(ident))
         return ids, entries
 
@@ -346,18 +353,16 @@ class DeliveryWorker:
         self._parked.pop(ident, None)
         try:
             entry = await asyncio.to_thread(self.queue.get, ident)
-        except QueueError:
+        except QueueError:  # deleted meanwhile (`mailfort queue delete`), or damaged
             self._schedule.pop(ident, None)
-            return  # deleted meanwhile (e.g. `mailfort queue delete`)
+            return
         self._reschedule(entry)  # as it is on disk, whatever happens below
         path = self.queue.message_path(ident)
         try:
             traits = await asyncio.to_thread(_traits_of, path, entry)
-        except FileNotFoundError:
-            log.error("queue %s: message file missing; entry dropped", ident)
+        except FileNotFoundError:  # gone since get() looked: damaged too
             self._schedule.pop(ident, None)
-            with contextlib.suppress(QueueError):
-                await asyncio.to_thread(self.queue.delete, ident)
+            await asyncio.to_thread(self.queue.set_aside, ident, "message file missing")
             return
         now = self.clock()
         due = [r for r in entry.active if r.next_attempt <= now]

@@ -359,6 +359,7 @@ class Operations:
         assert self.node is not None
         node = self.node
         entries = await asyncio.to_thread(node.queue.list)
+        damaged = len(await asyncio.to_thread(node.queue.damaged))
         now = time.time()
         cert: dict[str, Any]
         try:
@@ -383,6 +384,7 @@ class Operations:
                 "recipients": sum(len(e.active) for e in entries),
                 "oldest_seconds": round(now - min(e.created for e in entries))
                 if entries else 0,
+                "damaged": damaged,  # set aside in queue/corrupt/, not delivered
             },
             "certificate": cert,
             "accepted": self.registry.get_sample_value("mailfort_messages_accepted_total"),
