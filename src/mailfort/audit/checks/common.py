@@ -102,6 +102,37 @@ class Trials:
                 c.close()
         raise ProbeError("the server keeps dropping the session")
 
+    def rcpts(self, sender: str, rcpts: list[str]) -> tuple[int, list[int | None]]:
+        """One MAIL and several RCPTs, RSET after: (MAIL code, RCPT codes; None where
+        MAIL was refused). Fewer sessions than one trial per RCPT; a session that ends
+        or reaches ``FRESH_AFTER_ERRORS`` refusals is replaced and the rest tried anew."""
+        codes: list[int | None] = []
+        mail, stalls = 0, 0
+        while len(codes) < len(rcpts):
+            c = self._session()
+            before = len(codes)
+            try:
+                mail, _ = c.cmd(f"MAIL FROM:<{sender}>")
+                if mail == 421:
+                    raise ProbeError("MAIL answered 421")
+                self.errors += mail >= 400
+                if not accepted(mail):
+                    return mail, codes + [None] * (len(rcpts) - len(codes))
+                while len(codes) < len(rcpts) and self.errors < self.FRESH_AFTER_ERRORS:
+                    code, _ = c.cmd(f"RCPT TO:{rcpts[len(codes)]}")
+                    if code == 421:
+                        raise ProbeError("RCPT answered 421")
+                    self.errors += code >= 400
+                    codes.append(code)
+                if c.cmd("RSET")[0] == 421:
+                    c.close()
+            except ProbeError:
+                c.close()  # the next round reconnects and goes on where this one stopped
+            stalls = 0 if len(codes) > before else stalls + 1
+            if stalls >= 3:
+                raise ProbeError("the server keeps dropping the session")
+        return mail, codes
+
     def close(self) -> None:
         if self.c is not None:
             self.c.quit()
