@@ -238,9 +238,12 @@ def test_no_completed_handshake_is_never_a_pass(
 ) -> None:
     """STARTTLS/STLS offered, every handshake fails: the offer FAILs, nothing PASSes."""
     server = weak_factory(broken_tls=True)
-    code, out, _ = run_audit(capsys, [*_argv(server, password_file), "--only", "tls"])
+    code, out, _ = run_audit(capsys, [*_argv(server, password_file), "--only", "tls",
+                                      "limits.liveness"])
     got = _checks(out)
     assert code == 1 and got["tls.starttls"]["status"] == "FAIL"
+    assert "submissions: TLS handshake" in got["tls.starttls"]["result"]  # 465 is not closed
+    assert got["limits.liveness"]["status"] == "PASS"
     assert {k: (got[k]["status"], got[k]["note_key"]) for k in UNTESTED_TLS} == \
         dict.fromkeys(UNTESTED_TLS, ("INCONCLUSIVE", "tls.no-handshake"))
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from mailfort.audit import catalogue
-from mailfort.audit.client import BudgetSpent, ProbeError, RawClient
+from mailfort.audit.client import BudgetSpent, NoReply, ProbeError, RawClient
 from mailfort.audit.context import IMPLICIT_TLS, SMTP_SERVICES, Context, Target
 from mailfort.audit.registry import (
     FAIL,
@@ -54,7 +54,8 @@ def select(only: Iterable[str] | None) -> list[Check]:
 
 
 def discover(ctx: Context) -> None:
-    """Which given ports greet (a port that accepts but stays silent counts as closed);
+    """Which given ports greet (a port that accepts but stays silent counts as closed, one
+    whose implicit TLS handshake fails counts as open);
     note the software a SMTP greeting names. The ports are asked at once, each for one
     greeting line within ``min(timeout, 5)`` and the run's budget: a server that greets
     slowly costs one wait, not one per port."""
@@ -69,7 +70,13 @@ def discover(ctx: Context) -> None:
             return
         try:
             if service in IMPLICIT_TLS:
-                c.starttls()
+                try:
+                    c.starttls()
+                except NoReply:
+                    return
+                except ProbeError:  # it answered, with a broken handshake: open, and
+                    greetings[service] = ""  # the TLS checks say what is wrong with it
+                    return
             greetings[service] = c.read_line(wait).decode("latin-1")
         except (ProbeError, BudgetSpent):
             return

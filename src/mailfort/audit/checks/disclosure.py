@@ -48,7 +48,11 @@ def banner(ctx: Context) -> Verdict:
     for service in ("smtp", "submission", "submissions"):
         if service not in ctx.open_ports:
             continue
-        c = ctx.connect(service)
+        try:
+            c = ctx.connect(service)
+        except ProbeError as exc:
+            unread.append(f"{service}: {exc}")
+            continue
         try:
             _, greet = c.reply()
             seen += [(f"{service} banner", ln) for ln in greet]
@@ -62,7 +66,11 @@ def banner(ctx: Context) -> Verdict:
     for service in ("pop3", "pop3s"):
         if service not in ctx.open_ports:
             continue
-        c = ctx.connect(service)
+        try:
+            c = ctx.connect(service)
+        except ProbeError as exc:
+            unread.append(f"{service}: {exc}")
+            continue
         try:
             _, greet = c.status()
             seen.append((f"{service} banner", greet))
