@@ -273,7 +273,7 @@ NOTES: dict[str, str] = {
                                 "bounce was seen, but a message with a known user too "
                                 "cannot be refused for the unknown one alone",
     "backscatter.rcpt-only": "an unknown user at {domain} is accepted at RCPT (the message "
-                             "probe got {code} before DATA)",
+                             "probe did not get past DATA: {code})",
     "backscatter.refused": "unknown users are refused at RCPT, the known user accepted",
     "submission.relayed": "MAIL and a foreign RCPT accepted without AUTH on {services}",
     "submission.mail-accepted": "MAIL accepted without AUTH on {services} (the foreign RCPT "

@@ -265,7 +265,7 @@ NOTES: dict[str, str] = {
                                 "確認していないが、既知のユーザーも宛先に含むメールでは存在"
                                 "しない方だけを拒否できない",
     "backscatter.rcpt-only": "{domain} の存在しないユーザーが RCPT で受理された(メールの"
-                             "試行は DATA の前に {code})",
+                             "試行は DATA を越えられなかった: {code})",
     "backscatter.refused": "存在しないユーザーは RCPT で拒否され、既知のユーザーは受理された",
     "submission.relayed": "{services} で AUTH なしに MAIL と外部宛て RCPT が受理された",
     "submission.mail-accepted": "{services} で AUTH なしに MAIL が受理された(外部宛て RCPT は"

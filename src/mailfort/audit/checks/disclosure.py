@@ -108,8 +108,9 @@ def _shape(lines: list[str], address: str) -> str:
     the same for a known and an unknown user, or the text tells them apart."""
     text = " ".join(lines)
     for part in (address, address.partition("@")[0]):
-        if part:
-            text = re.sub(re.escape(part), "", text, flags=re.IGNORECASE)
+        if part:  # whole tokens only: the local part "a" must not eat every "a"
+            text = re.sub(rf"(?<![\w.+-]){re.escape(part)}(?![\w.+-])", "", text,
+                          flags=re.IGNORECASE)
     return " ".join(text.split())
 
 

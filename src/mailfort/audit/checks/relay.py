@@ -15,7 +15,7 @@ from mailfort.audit.checks.common import (
     ip_literal,
     unknown_local,
 )
-from mailfort.audit.client import NoReply
+from mailfort.audit.client import NoReply, ProbeError
 from mailfort.audit.context import Context
 from mailfort.audit.registry import (
     FAIL,
@@ -134,7 +134,15 @@ def open_relay(ctx: Context) -> Verdict:
 def _data_for_unknown(ctx: Context, nobody: str) -> tuple[str, int]:
     """What the server does with a message for the unknown user it accepted at RCPT:
     ("accepted" | "refused" | "rcpt-only", code). The null sender keeps any bounce from
-    going anywhere, and the message never leaves the local domain."""
+    going anywhere, and the message never leaves the local domain. A drop on the way
+    leaves "rcpt-only": the RCPT acceptance was seen all the same."""
+    try:
+        return _send_to_unknown(ctx, nobody)
+    except ProbeError:
+        return "rcpt-only", 0
+
+
+def _send_to_unknown(ctx: Context, nobody: str) -> tuple[str, int]:
     with ctx.session("smtp") as (c, _):
         mail, _ = c.cmd("MAIL FROM:<>")
         rcpt, _ = c.cmd(f"RCPT TO:<{nobody}>") if accepted(mail) else (0, [])
