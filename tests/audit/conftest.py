@@ -29,9 +29,11 @@ def weak_factory(weak_cert: Any) -> Iterator[Callable[..., WeakServer]]:
     servers: list[WeakServer] = []
 
     def make(banner: str = "weak.test ESMTP ready", slow: dict[str, float] | None = None,
-             trickle: float = 0.0, **flags: bool) -> WeakServer:
+             trickle: float = 0.0, greeting: str | None = None, broken_tls: bool = False,
+             refuse_data: bool = False, **flags: bool) -> WeakServer:
         s = WeakServer(weak_cert, Weakness(**flags), banner=banner, slow=slow,
-                       trickle=trickle).start()
+                       trickle=trickle, greeting=greeting, broken_tls=broken_tls,
+                       refuse_data=refuse_data).start()
         servers.append(s)
         return s
 

@@ -4,6 +4,7 @@ check FAILs, with the others of its family still passing; with none on, nothing 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 import pytest
@@ -39,6 +40,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "no_rcpt_limit": ("limits.recipients", LIMITS),
     "accept_nul": ("limits.nul", LIMITS),
     "exhaustible": ("limits.idle-connections", ["limits.idle-connections", "limits.liveness"]),
+    "relay_local_sender": ("relay.open", RELAY),
+    "apop": ("pop3.apop", TLS),
+    "vrfy_text": ("disclosure.vrfy-expn", DISCLOSURE),
 }
 
 
@@ -183,10 +187,127 @@ def test_a_late_answer_is_not_a_refusal(
     weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A weak server answering after --timeout: not a refusal, so not a PASS."""
+    """A weak server answering after --timeout: not a refusal, so not a PASS. (Only port
+    25 is given: the weak server's other TLS ports would show TLS 1.0 without EHLO.)"""
     server = weak_factory(slow={verb: 1.0}, **flags)
+    server.ports = {"smtp": server.ports["smtp"]}
     _, out, _ = run_audit(capsys, [*_argv(server, password_file), "--timeout", "0.5",
                                    "--only", check])
     report = json.loads(out)["checks"]
     assert [(c["id"], c["status"], c["note_key"]) for c in report] == \
         [(check, "INCONCLUSIVE", "probe.no-reply")]
+
+
+def _checks(out: str) -> dict[str, dict[str, str]]:
+    return {c["id"]: c for c in json.loads(out)["checks"]}
+
+
+def test_relay_for_a_forged_local_sender_names_the_sender(
+    weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """"Relay for my own domain's senders": found with the known user as MAIL FROM."""
+    server = weak_factory(relay_local_sender=True)
+    code, out, _ = run_audit(capsys, [*_argv(server, password_file), "--only", "relay.open"])
+    relay = _checks(out)["relay.open"]
+    assert code == 1 and relay["status"] == "FAIL"
+    assert "<alice@weak.test>" in relay["result"]
+    assert any("accepted: MAIL FROM:<alice@weak.test>" in e for e in relay["evidence"])
+
+
+def test_apop_is_a_fail_with_why_and_fix(
+    weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = weak_factory(apop=True)
+    for lang, word in (("en", "MD5"), ("ja", "チャレンジレスポンス")):
+        _, out, _ = run_audit(capsys, [*_argv(server, password_file), "--lang", lang,
+                                       "--only", "pop3.apop"])
+        apop = _checks(out)["pop3.apop"]
+        assert apop["status"] == "FAIL" and "@weak.test>" in apop["result"]
+        assert word in apop["why"] and "2007" in apop["why"] and "APOP" in apop["fix"]
+
+
+UNTESTED_TLS = ["tls.versions", "tls.ciphers", "tls.certificate", "tls.injection-smtp",
+                "tls.injection-pop3"]
+
+
+def test_no_completed_handshake_is_never_a_pass(
+    weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """STARTTLS/STLS offered, every handshake fails: the offer FAILs, nothing PASSes."""
+    server = weak_factory(broken_tls=True)
+    code, out, _ = run_audit(capsys, [*_argv(server, password_file), "--only", "tls",
+                                      "limits.liveness"])
+    got = _checks(out)
+    assert code == 1 and got["tls.starttls"]["status"] == "FAIL"
+    assert "submissions: TLS handshake" in got["tls.starttls"]["result"]  # 465 is not closed
+    assert got["limits.liveness"]["status"] == "PASS"
+    assert {k: (got[k]["status"], got[k]["note_key"]) for k in UNTESTED_TLS} == \
+        dict.fromkeys(UNTESTED_TLS, ("INCONCLUSIVE", "tls.no-handshake"))
+
+
+def test_a_554_greeting_is_a_greeting(
+    weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """RFC 5321 §3.1: the server refuses every session. Not "no greeting", not "no TLS":
+    the checks that need a session say so, and that alone is no exit 1."""
+    server = weak_factory(greeting="554 5.3.2 weak.test accepts no mail here")
+    code, out, _ = run_audit(capsys, [*_argv(server, password_file), "--only", *RELAY,
+                                      "disclosure", "tls.starttls", "tls.injection-smtp",
+                                      "limits", "smuggling"])
+    got = _checks(out)
+    assert code == 0 and not [k for k, c in got.items() if c["status"] == "FAIL"]
+    refused = ["relay.open", "backscatter.unknown-user", "disclosure.vrfy-expn",
+               "tls.starttls", "tls.injection-smtp", "limits.recipients",
+               "limits.idle-connections", "smuggling.end-of-data"]
+    assert {k: (got[k]["status"], got[k]["note_key"]) for k in refused} == \
+        dict.fromkeys(refused, ("INCONCLUSIVE", "greeting.refused"))
+    assert "554" in got["relay.open"]["result"]
+    assert got["limits.liveness"]["status"] == "PASS"
+
+
+def test_vrfy_text_without_the_address_must_match(
+    weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """252 for both, but only the known user's text says "local mailbox": a leak."""
+    server = weak_factory(vrfy_text=True)
+    _, out, _ = run_audit(capsys, [*_argv(server, password_file),
+                                   "--only", "disclosure.vrfy-expn"])
+    vrfy = _checks(out)["disclosure.vrfy-expn"]
+    assert vrfy["status"] == "FAIL" and "VRFY 252/252 with different texts" in vrfy["result"]
+
+
+def test_accepted_at_rcpt_refused_at_data_is_said_as_seen(
+    weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """250 to every RCPT, 554 at the end of DATA: still FAILs, worded as seen."""
+    server = weak_factory(open_relay=True, accept_unknown=True, refuse_data=True)
+    _, out, _ = run_audit(capsys, [*_argv(server, password_file), "--only", *RELAY])
+    got = _checks(out)
+    relay, back = got["relay.open"], got["backscatter.unknown-user"]
+    assert relay["status"] == back["status"] == "FAIL"
+    assert "accepted at RCPT" in relay["result"] and "not seen" in relay["result"]
+    assert back["note_key"] == "backscatter.data-refused"
+    assert "refused at the end of DATA (554)" in back["result"]
+
+
+@pytest.mark.parametrize("check", ["relay.open", "limits.recipients"])
+def test_the_budget_bounds_a_server_slow_on_every_reply(
+    check: str, weak_factory: Callable[..., WeakServer], password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every reply 1 s late, --budget 3: the run ends near 3 s (its greeting waits too),
+    the check cut short and INCONCLUSIVE."""
+    server = weak_factory(slow={"*": 1.0})
+    started = time.monotonic()
+    _, out, _ = run_audit(capsys, [*_argv(server, password_file), "--budget", "3",
+                                   "--only", check])
+    elapsed = time.monotonic() - started
+    got = _checks(out)[check]
+    assert (got["status"], got["note_key"]) == ("INCONCLUSIVE", "budget.cut")
+    assert elapsed < 4.0

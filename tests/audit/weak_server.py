@@ -9,14 +9,20 @@ matching audit check FAILs. Raw sockets and one thread per connection keep it sm
 let it misbehave in ways a real engine would not (keep plaintext buffered across TLS,
 end DATA at a bare LF, starve connections). Two behaviours are not weaknesses but make
 a careful or weak server awkward to audit: ``slow`` answers chosen verbs late (an SPF
-check or a sender callout at MAIL), ``trickle`` greets on port 25 with ``220-x``
-continuation lines, one every ``trickle`` seconds, forever.
+check or a sender callout at MAIL; the key ``"*"`` delays every reply, the greeting
+too), ``trickle`` greets on port 25 with ``220-x`` continuation lines, one every
+``trickle`` seconds, forever. Three more are not weaknesses the audit should FAIL on their
+own: ``greeting`` replaces the SMTP greeting (``554 …`` refuses every session, RFC 5321
+§3.1, then 503 to all but QUIT), ``broken_tls`` offers STARTTLS/STLS but every handshake
+fails (no certificate loaded), ``refuse_data`` refuses every message at the end of DATA.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import os
 import socket
 import ssl
 import threading
@@ -52,6 +58,9 @@ class Weakness:
     no_rcpt_limit: bool = False
     accept_nul: bool = False
     exhaustible: bool = False  # serves at most 3 sessions; others wait, unanswered
+    relay_local_sender: bool = False  # relays any RCPT when MAIL FROM is a local user
+    apop: bool = False  # timestamp in the POP3 greeting, APOP answered before STLS
+    vrfy_text: bool = False  # VRFY 252 for all, but the text tells users apart
 
     @classmethod
     def names(cls) -> list[str]:
@@ -114,15 +123,19 @@ class WeakServer:
     def __init__(self, cert: object, weakness: Weakness | None = None,
                  domain: str = "weak.test", users: dict[str, str] | None = None,
                  banner: str = "weak.test ESMTP ready", slow: dict[str, float] | None = None,
-                 trickle: float = 0.0) -> None:
+                 trickle: float = 0.0, greeting: str | None = None, broken_tls: bool = False,
+                 refuse_data: bool = False) -> None:
         self.weak = weakness or Weakness()
         self.banner = banner
+        self.greeting = greeting
+        self.refuse_data = refuse_data
         self.slow = {verb.upper(): delay for verb, delay in (slow or {}).items()}
         self.trickle = trickle
         self.domain = domain
         self.users = users or {"alice": "alice-pw"}
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        cert.configure_cert(self.ctx)  # type: ignore[attr-defined]
+        if not broken_tls:  # without a certificate every handshake fails
+            cert.configure_cert(self.ctx)  # type: ignore[attr-defined]
         if self.weak.old_tls:
             self.ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
             with warnings.catch_warnings():  # deprecated: the weakness under test
@@ -214,8 +227,15 @@ class WeakServer:
                 c.send("220-x")
                 time.sleep(self.trickle)
             return
-        c.send("220 " + ("weak.test ESMTP Exim 4.69 ready" if w.banner_version
-                         else self.banner))
+        time.sleep(self.slow.get("*", 0.0))
+        if self.greeting is not None:
+            c.send(self.greeting)
+            if not self.greeting.startswith("220"):
+                self._refusing(c)
+                return
+        else:
+            c.send("220 " + ("weak.test ESMTP Exim 4.69 ready" if w.banner_version
+                             else self.banner))
         authed: str | None = None
         sender: str | None = None
         rcpts: list[str] = []
@@ -231,7 +251,7 @@ class WeakServer:
                 verb, _, arg = line.partition(" ")
                 verb = verb.upper()
                 reply = ""
-                time.sleep(self.slow.get(verb, 0.0))
+                time.sleep(self.slow.get(verb, self.slow.get("*", 0.0)))
                 if verb in ("EHLO", "HELO"):
                     sender, rcpts = None, []
                     ext = ["PIPELINING", f"SIZE {SIZE_LIMIT}"]
@@ -262,7 +282,7 @@ class WeakServer:
                         reply = "452 4.5.3 Too many recipients"
                     else:
                         relay_ok = authed or (submission and w.submission_no_auth)
-                        reply = self._rcpt(_addr(arg), bool(relay_ok))
+                        reply = self._rcpt(_addr(arg), bool(relay_ok), sender)
                         if reply.startswith("250"):
                             rcpts.append(_addr(arg))
                 elif verb == "DATA":
@@ -278,6 +298,9 @@ class WeakServer:
                     if w.vrfy_confirms:
                         reply = (f"250 2.1.5 <{local}@{self.domain}>" if local in self.users
                                  else "550 5.1.1 No such user")
+                    elif w.vrfy_text and verb == "VRFY":
+                        reply = (f"252 <{local}@{self.domain}> is a local mailbox"
+                                 if local in self.users else "252 Cannot VRFY user")
                     else:
                         reply = "252 2.5.2 Cannot VRFY" if verb == "VRFY" else "502 5.5.1 No"
                 elif verb == "RSET":
@@ -297,6 +320,15 @@ class WeakServer:
                     c.send("421 4.7.0 Too many errors")
                     return
             c.send(reply)
+
+    def _refusing(self, c: _Conn) -> None:
+        """After a 554 greeting: 503 to everything until QUIT (RFC 5321 §3.1)."""
+        while True:
+            raw, _ = c.line(LINE_LIMIT)
+            if raw.decode("latin-1").partition(" ")[0].upper() == "QUIT":
+                c.send("221 2.0.0 Bye")
+                return
+            c.send("503 5.5.1 No service")
 
     def _auth_user(self, arg: str) -> str:
         try:
@@ -332,8 +364,12 @@ class WeakServer:
             return "553 5.7.1 Not your address"
         return "250 2.1.0 OK"
 
-    def _rcpt(self, addr: str, may_relay: bool) -> str:
+    def _rcpt(self, addr: str, may_relay: bool, sender: str | None = None) -> str:
         local, _, domain = addr.rpartition("@")
+        s_local, _, s_domain = (sender or "").rpartition("@")
+        if (self.weak.relay_local_sender and s_domain.lower() == self.domain
+                and s_local.lower() in self.users):
+            may_relay = True  # "relay for my own domain's senders": forgeable
         if domain.lower() == self.domain:
             if local.lower() in self.users or self.weak.accept_unknown:
                 return "250 2.1.5 OK"
@@ -344,6 +380,8 @@ class WeakServer:
 
     def _data(self, body: bytes, authed: str | None) -> str:
         w = self.weak
+        if self.refuse_data:
+            return "554 5.7.1 Message refused"
         if len(body) > SIZE_LIMIT and not w.no_size_limit:
             return "552 5.3.4 Too big"
         if not w.smuggle_lf and (b"\r" in body.replace(b"\r\n", b"")
@@ -359,11 +397,14 @@ class WeakServer:
 
     def _pop3(self, c: _Conn, tls: bool) -> None:
         w = self.weak
-        c.send("+OK weak.test POP3 ready")
+        stamp = f"<{os.getpid()}.{time.time_ns()}@{self.domain}>"
+        time.sleep(self.slow.get("*", 0.0))
+        c.send("+OK weak.test POP3 ready" + (f" {stamp}" if w.apop else ""))
         while True:
             raw, _ = c.line(LINE_LIMIT)
-            verb = raw.decode("latin-1").partition(" ")[0].upper()
-            time.sleep(self.slow.get(verb, 0.0))
+            verb, _, arg = raw.decode("latin-1").partition(" ")
+            verb = verb.upper()
+            time.sleep(self.slow.get(verb, self.slow.get("*", 0.0)))
             if verb == "CAPA":
                 caps = ["TOP", "UIDL"]
                 if not tls and not w.no_stls:
@@ -380,6 +421,10 @@ class WeakServer:
                     c.send("-ERR [PRIVACY] STLS first")
                 else:
                     c.send("+OK" if verb == "USER" else "-ERR [AUTH] Invalid")
+            elif verb == "APOP" and w.apop:
+                user, _, digest = arg.partition(" ")
+                good = hashlib.md5((stamp + self.users.get(user, "\0")).encode()).hexdigest()
+                c.send("+OK maildrop locked" if digest == good else "-ERR [AUTH] Invalid")
             elif verb == "QUIT":
                 c.send("+OK Bye")
                 return

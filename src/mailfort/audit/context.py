@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from mailfort.audit.client import BudgetSpent, ProbeError, RawClient, insecure_context
-from mailfort.audit.registry import skip
+from mailfort.audit.registry import inconclusive, skip
 
 SMTP_SERVICES = ("smtp", "submission", "submissions")
 POP3_SERVICES = ("pop3", "pop3s")
@@ -52,6 +52,7 @@ class Context:
         self.deadline = self.started + target.budget  # every wait of every check ends here
         self.evidence: list[str] = []
         self.open_ports: dict[str, int] = {}
+        self.greetings: dict[str, str] = {}  # first greeting line per open port
         self.software: str | None = None  # "postfix" when the server says so
         self.cache: dict[str, object] = {}  # results shared by checks (DNS lookups)
 
@@ -98,9 +99,7 @@ class Context:
         """
         c = self.connect(service)
         try:
-            code, _ = c.reply()
-            if code != 220:
-                raise ProbeError(f"greeting {code}")
+            smtp_greeting(c, service)
             lines: list[str] = []
             if ehlo:
                 code, lines = c.cmd(f"EHLO {EHLO_NAME}")
@@ -145,6 +144,18 @@ class Context:
 
     def legacy_context(self) -> ssl.SSLContext:
         return insecure_context(legacy=True)
+
+
+def smtp_greeting(c: RawClient, service: str) -> None:
+    """Read the greeting. A 554 (or other 4xx/5xx) greeting is a greeting (RFC 5321 §3.1):
+    the server refuses every session, so a check that needs one is INCONCLUSIVE, not a
+    FAIL of whatever it was about to test."""
+    code, lines = c.reply()
+    if 400 <= code < 600:
+        raise inconclusive("greeting.refused", service=service, code=code,
+                           text=" ".join(lines)[:80])
+    if code != 220:
+        raise ProbeError(f"greeting {code}")
 
 
 def has_ext(ehlo_lines: list[str], keyword: str) -> bool:

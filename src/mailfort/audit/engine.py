@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from mailfort.audit import catalogue
-from mailfort.audit.client import BudgetSpent, ProbeError, RawClient
+from mailfort.audit.client import BudgetSpent, NoReply, ProbeError, RawClient
 from mailfort.audit.context import IMPLICIT_TLS, SMTP_SERVICES, Context, Target
 from mailfort.audit.registry import (
     FAIL,
@@ -53,29 +54,47 @@ def select(only: Iterable[str] | None) -> list[Check]:
 
 
 def discover(ctx: Context) -> None:
-    """Which given ports greet (a port that accepts but stays silent counts as closed);
-    note the software a SMTP greeting names. Each port costs at most one greeting line
-    within ``min(timeout, 5)``; the budget is for the checks."""
+    """Which given ports greet (a port that accepts but stays silent counts as closed, one
+    whose implicit TLS handshake fails counts as open);
+    note the software a SMTP greeting names. The ports are asked at once, each for one
+    greeting line within ``min(timeout, 5)`` and the run's budget: a server that greets
+    slowly costs one wait, not one per port."""
     t = ctx.target
     wait = min(t.timeout, 5.0)
-    for service, port in t.ports.items():
-        if not port:
-            continue
+    greetings: dict[str, str] = {}
+
+    def ask(service: str, port: int) -> None:
         try:
-            c = RawClient(t.host, port, wait, [])
-        except ProbeError:
-            continue
+            c = RawClient(t.host, port, wait, [], deadline=ctx.deadline)
+        except (ProbeError, BudgetSpent):
+            return
         try:
             if service in IMPLICIT_TLS:
-                c.starttls()
-            greeting = c.read_line(wait).decode("latin-1")
-        except ProbeError:
-            continue
+                try:
+                    c.starttls()
+                except NoReply:
+                    return
+                except ProbeError:  # it answered, with a broken handshake: open, and
+                    greetings[service] = ""  # the TLS checks say what is wrong with it
+                    return
+            greetings[service] = c.read_line(wait).decode("latin-1")
+        except (ProbeError, BudgetSpent):
+            return
         finally:
             c.close()
-        ctx.open_ports[service] = port
-        if service in SMTP_SERVICES and "postfix" in greeting.lower():
-            ctx.software = "postfix"
+
+    threads = [threading.Thread(target=ask, args=(service, port), daemon=True)
+               for service, port in t.ports.items() if port]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for service, port in t.ports.items():  # in the given order, not the answering one
+        if port and service in greetings:
+            ctx.open_ports[service] = port
+            ctx.greetings[service] = greetings[service]
+            if service in SMTP_SERVICES and "postfix" in greetings[service].lower():
+                ctx.software = "postfix"
 
 
 def trim_evidence(lines: list[str], head: int = 40, tail: int = 10) -> list[str]:

@@ -6,7 +6,13 @@ CHECKS: dict[str, dict[str, str]] = {
         "why": "A server that accepts mail from anyone for anyone relays spam for strangers "
                "under its own name: its address ends up on blocklists and its own users' mail "
                "is refused. Old relay tests hide the foreign address in %-hacks, quoted local "
-               "parts, source routes, bang paths and address literals.",
+               "parts, source routes, bang paths and address literals, and forge a local "
+               "sender for servers that relay for their own domain. The audit stops after "
+               "RCPT and sends nothing, so it sees the acceptance, not the relaying; but a "
+               "server that accepts a foreign recipient at RCPT and refuses only at the end "
+               "of DATA is one content decision away from relaying, and one DATA reply "
+               "answers every recipient, so a message for a local and a foreign user is "
+               "either refused whole or relayed.",
         "fix": "Accept mail from unauthenticated clients only for local domains, and judge "
                "the recipient after parsing the address as RFC 5321 defines it: never treat "
                "%, !, a quoted @ or a source route as a routing instruction.",
@@ -18,7 +24,10 @@ CHECKS: dict[str, dict[str, str]] = {
         "title": "Backscatter (NDR spam): unknown users accepted",
         "why": "A server that accepts mail for users that do not exist bounces it later to "
                "the sender, and spammers forge that sender: the server mails their spam to "
-               "innocent victims as non-delivery reports.",
+               "innocent victims as non-delivery reports. Refusing such mail only at the end "
+               "of DATA avoids the bounce for that message, but one DATA reply answers every "
+               "recipient: a message for a known and an unknown user must be accepted (and "
+               "bounced for the unknown one) or refused for both.",
         "fix": "Check recipients at RCPT time and refuse unknown ones with 550 5.1.1, so that "
                "nothing accepted needs to bounce.",
         "postfix": "Use smtpd_reject_unlisted_recipient = yes with complete local_recipient_maps "
@@ -89,6 +98,18 @@ CHECKS: dict[str, dict[str, str]] = {
         "fix": "Refuse USER, PASS and AUTH before STLS and do not advertise them in CAPA.",
         "postfix": "Postfix does not serve POP3: in the POP3 server disable plaintext auth "
                    "without TLS.",
+    },
+    "pop3.apop": {
+        "title": "POP3 APOP",
+        "why": "APOP is MD5 challenge-response: the password itself is not sent, but since "
+               "the practical MD5 collision attacks of 2007 a man in the middle who poses as "
+               "the server and picks the challenges recovers the password from the client's "
+               "answers, and an eavesdropper can guess it offline from one captured exchange. "
+               "The server must also keep every password in plaintext to check the digest.",
+        "fix": "Do not offer APOP (no timestamp in the greeting); authenticate with USER/PASS "
+               "or SASL PLAIN only inside TLS (STLS or port 995).",
+        "postfix": "Postfix does not serve POP3: disable APOP in the POP3 server "
+                   "(for Dovecot, drop apop from auth_mechanisms).",
     },
     "tls.versions": {
         "title": "TLS versions below 1.2",
@@ -221,6 +242,12 @@ NOTES: dict[str, str] = {
     "probe.drops": "the server dropped the session {n} times",
     "probe.error": "the probe failed: {error}",
     "internal.error": "the check failed inside the auditor: {error}",
+    "greeting.refused": "{service} greets with {code} ({text}): the server refuses every "
+                        "session (RFC 5321 §3.1), so this could not be tested",
+    "tls.no-handshake": "{service} offers TLS but no handshake completed ({error}): nothing "
+                        "could be tested there (see tls.starttls)",
+    "apop.offered": "APOP offered: {where}",
+    "apop.none": "no APOP timestamp in the greeting on {services}",
     "budget.spent": "the run's time budget was spent before this check",
     "budget.cut": "the run's time budget (--budget {budget} s) ran out during this check",
     "replies.uncounted": "no reply to QUIT within --timeout after {what} ({error}): the "
@@ -232,12 +259,21 @@ NOTES: dict[str, str] = {
     "control.known-refused": "control failed: the known user {address} is not accepted, so "
                              "refusals mean nothing",
     "control.own-refused": "control failed: {user} may not send as itself",
-    "relay.accepted": "{n} of {tried} relay attempts accepted at RCPT, first: {first}",
+    "relay.accepted": "{n} of {tried} relay attempts accepted at RCPT (sender {senders}), "
+                      "first: {first}; no message was sent, so relaying itself was not seen",
     "relay.ambiguous": "{n} local-looking relay forms accepted, but the server accepts every "
                        "local recipient (see backscatter), first: {first}",
-    "relay.refused": "all {tried} relay forms refused, the known user accepted "
-                     "({reconnects} reconnections)",
-    "backscatter.accepted": "an unknown user at {domain} is accepted at RCPT",
+    "relay.refused": "all {tried} relay attempts ({senders} senders) refused, the known user "
+                     "accepted ({reconnects} reconnections)",
+    "backscatter.accepted": "an unknown user at {domain} is accepted at RCPT, and a message "
+                            "to them at the end of DATA ({code}): it must now be bounced or "
+                            "dropped",
+    "backscatter.data-refused": "an unknown user at {domain} is accepted at RCPT; a message "
+                                "to them was refused at the end of DATA ({code}), so no "
+                                "bounce was seen, but a message with a known user too "
+                                "cannot be refused for the unknown one alone",
+    "backscatter.rcpt-only": "an unknown user at {domain} is accepted at RCPT (the message "
+                             "probe did not get past DATA: {code})",
     "backscatter.refused": "unknown users are refused at RCPT, the known user accepted",
     "submission.relayed": "MAIL and a foreign RCPT accepted without AUTH on {services}",
     "submission.mail-accepted": "MAIL accepted without AUTH on {services} (the foreign RCPT "

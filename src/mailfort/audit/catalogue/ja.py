@@ -6,7 +6,12 @@ CHECKS: dict[str, dict[str, str]] = {
         "why": "誰からでも誰宛てでも受け付けるサーバは、第三者中継によってスパマーの踏み台になり、"
                "RBL.jp などのブラックリストに登録されて自組織のメールまで受信拒否される。"
                "古い中継テストは %ハック、引用符付きローカル部、ソースルート、バングパス、"
-               "IP アドレスリテラルで宛先を隠す。",
+               "IP アドレスリテラルで宛先を隠し、自ドメインの送信者なら中継するサーバには"
+               "自ドメインの送信元アドレスを詐称する。監査は RCPT で止めて何も送らないため、"
+               "見えるのは受理であって中継そのものではない。しかし外部宛てを RCPT で受理し "
+               "DATA の終わりでだけ拒否するサーバは、内容判定ひとつで中継に転じる。また DATA の"
+               "応答は全宛先に一つなので、自ドメイン宛てと外部宛てを含むメールは丸ごと拒否"
+               "するか中継するかしかない。",
         "fix": "認証していないクライアントからは自ドメイン宛てのメールだけを受け付け、宛先は "
                "RFC 5321 どおりに解析してから判定する。%、!、引用符内の @、ソースルートを"
                "中継指示として扱わない。",
@@ -17,7 +22,10 @@ CHECKS: dict[str, dict[str, str]] = {
     "backscatter.unknown-user": {
         "title": "NDRスパム(バックスキャッタ): 存在しないユーザー宛てを受理",
         "why": "存在しないユーザー宛てのメールを受け付けてから配送不能通知(NDR)を返すサーバは、"
-               "送信元を詐称したスパムを無関係の第三者へ NDRスパムとして送りつける踏み台になる。",
+               "送信元を詐称したスパムを無関係の第三者へ NDRスパムとして送りつける踏み台になる。"
+               "DATA の終わりで拒否すればそのメールの NDR は出ないが、DATA の応答は全宛先に"
+               "一つなので、既知と存在しないユーザーの両方宛てのメールは受理して存在しない方に"
+               "NDR を返すか、両方とも拒否するしかない。",
         "fix": "RCPT の時点で宛先を確認し、存在しないユーザーは 550 5.1.1 で拒否する。"
                "受け付けた後で返送する必要のあるメールを作らない。",
         "postfix": "smtpd_reject_unlisted_recipient = yes とし、local_recipient_maps または "
@@ -85,6 +93,18 @@ CHECKS: dict[str, dict[str, str]] = {
                "パスワードを平文で送ってしまう。",
         "fix": "STLS 前の USER、PASS、AUTH を拒否し、CAPA にも載せない。",
         "postfix": "Postfix は POP3 を提供しない。POP3 サーバで TLS なしの平文認証を無効にする。",
+    },
+    "pop3.apop": {
+        "title": "POP3 の APOP",
+        "why": "APOP は MD5 を用いたチャレンジレスポンス方式の認証で、パスワードそのものは"
+               "送らないが、2007 年に MD5 の衝突を利用した実用的な攻撃が示され、チャレンジを"
+               "選べる中間者(サーバになりすます者)はクライアントの応答からパスワードを"
+               "割り出せる。盗聴した一回分の応答からオフラインで推測することもできる。さらにサーバは"
+               "ダイジェストを照合するため全パスワードを平文で保存しなければならない。",
+        "fix": "APOP を提供しない(挨拶にタイムスタンプを含めない)。認証は TLS の中"
+               "(STLS または 995 番ポート)で USER/PASS か SASL PLAIN だけにする。",
+        "postfix": "Postfix は POP3 を提供しない。POP3 サーバ側で APOP を無効にする"
+                   "(Dovecot なら auth_mechanisms から apop を外す)。",
     },
     "tls.versions": {
         "title": "TLS 1.2 未満のバージョン",
@@ -212,6 +232,12 @@ NOTES: dict[str, str] = {
     "probe.drops": "サーバがセッションを {n} 回切断した",
     "probe.error": "プローブが失敗した: {error}",
     "internal.error": "監査ツール内部でチェックが失敗した: {error}",
+    "greeting.refused": "{service} の挨拶が {code} ({text}): サーバはすべてのセッションを"
+                        "拒否している (RFC 5321 3.1 節) ため、これは検査できない",
+    "tls.no-handshake": "{service} は TLS を提示するが、ハンドシェイクが一度も完了しない "
+                        "({error}): そこでは何も検査できない (tls.starttls を参照)",
+    "apop.offered": "APOP が提示されている: {where}",
+    "apop.none": "{services} の挨拶に APOP のタイムスタンプはない",
     "budget.spent": "このチェックの前に実行時間の上限に達した",
     "budget.cut": "このチェックの途中で実行時間の上限 (--budget {budget} 秒) に達した",
     "replies.uncounted": "{what} の後に送った QUIT への応答が --timeout 内になかった ({error}): "
@@ -223,12 +249,23 @@ NOTES: dict[str, str] = {
     "control.known-refused": "対照の失敗: 既知のユーザー {address} が受け付けられないため、"
                              "拒否は何も意味しない",
     "control.own-refused": "対照の失敗: {user} が自分自身として送信できない",
-    "relay.accepted": "第三者中継の試行 {tried} 件中 {n} 件が RCPT で受理された。最初: {first}",
+    "relay.accepted": "第三者中継の試行 {tried} 件中 {n} 件が RCPT で受理された(送信元 "
+                      "{senders})。最初: {first}。メールは送っていないため中継そのものは"
+                      "確認していない",
     "relay.ambiguous": "自ドメイン形式の中継 {n} 件が受理されたが、サーバはどのローカル宛先も"
                        "受理する(NDRスパムを参照)。最初: {first}",
-    "relay.refused": "{tried} 通りの第三者中継をすべて拒否し、既知のユーザーは受理した"
+    "relay.refused": "{tried} 通りの第三者中継(送信元 {senders} 種)をすべて拒否し、既知の"
+                     "ユーザーは受理した"
                      "(再接続 {reconnects} 回)",
-    "backscatter.accepted": "{domain} の存在しないユーザーが RCPT で受理された",
+    "backscatter.accepted": "{domain} の存在しないユーザーが RCPT で受理され、その宛先への"
+                            "メールも DATA の終わりで受理された ({code})。NDR を返すか"
+                            "黙って捨てるしかない",
+    "backscatter.data-refused": "{domain} の存在しないユーザーが RCPT で受理された。その宛先"
+                                "へのメールは DATA の終わりで拒否された ({code}) ため NDR は"
+                                "確認していないが、既知のユーザーも宛先に含むメールでは存在"
+                                "しない方だけを拒否できない",
+    "backscatter.rcpt-only": "{domain} の存在しないユーザーが RCPT で受理された(メールの"
+                             "試行は DATA を越えられなかった: {code})",
     "backscatter.refused": "存在しないユーザーは RCPT で拒否され、既知のユーザーは受理された",
     "submission.relayed": "{services} で AUTH なしに MAIL と外部宛て RCPT が受理された",
     "submission.mail-accepted": "{services} で AUTH なしに MAIL が受理された(外部宛て RCPT は"

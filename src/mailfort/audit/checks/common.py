@@ -52,7 +52,9 @@ class Trials:
     20), and every refused relay attempt is an error: the trials reconnect and go on, so
     that neither a drop nor a tarpit turns into a false PASS. Servers that slow down their
     replies past a soft error limit (mailfort and Postfix after 10) are spared the wait:
-    after ``FRESH_AFTER_ERRORS`` refusals the trials start a new session of their own.
+    after ``FRESH_AFTER_ERRORS`` refusals the trials start a new session of their own, and
+    after a drop they start one before the number of refusals the server allowed, so that
+    a strict limit costs one drop, not one per session.
     """
 
     FRESH_AFTER_ERRORS = 8
@@ -62,12 +64,16 @@ class Trials:
         self.c: RawClient | None = None
         self.reconnects = 0
         self.errors = 0  # refusals in the current session
+        self.fresh_after = self.FRESH_AFTER_ERRORS
 
     def _session(self) -> RawClient:
-        if self.c is not None and not self.c.closed and self.errors >= self.FRESH_AFTER_ERRORS:
+        if self.c is not None and not self.c.closed and self.errors >= self.fresh_after:
             self.c.quit()
             self.c = None
         if self.c is None or self.c.closed:
+            if self.c is not None and self.errors:  # dropped after this many refusals:
+                # stay below that next time (each further drop lowers it by one more)
+                self.fresh_after = max(1, min(self.fresh_after, self.errors) - 1)
             self.errors = 0
             if self.c is not None:
                 self.reconnects += 1
@@ -101,6 +107,37 @@ class Trials:
             except ProbeError:
                 c.close()
         raise ProbeError("the server keeps dropping the session")
+
+    def rcpts(self, sender: str, rcpts: list[str]) -> tuple[int, list[int | None]]:
+        """One MAIL and several RCPTs, RSET after: (MAIL code, RCPT codes; None where
+        MAIL was refused). Fewer sessions than one trial per RCPT; a session that ends
+        or reaches ``fresh_after`` refusals is replaced and the rest tried anew."""
+        codes: list[int | None] = []
+        mail, stalls = 0, 0
+        while len(codes) < len(rcpts):
+            c = self._session()
+            before = len(codes)
+            try:
+                mail, _ = c.cmd(f"MAIL FROM:<{sender}>")
+                if mail == 421:
+                    raise ProbeError("MAIL answered 421")
+                self.errors += mail >= 400
+                if not accepted(mail):
+                    return mail, codes + [None] * (len(rcpts) - len(codes))
+                while len(codes) < len(rcpts) and self.errors < self.fresh_after:
+                    code, _ = c.cmd(f"RCPT TO:{rcpts[len(codes)]}")
+                    if code == 421:
+                        raise ProbeError("RCPT answered 421")
+                    self.errors += code >= 400
+                    codes.append(code)
+                if c.cmd("RSET")[0] == 421:
+                    c.close()
+            except ProbeError:
+                c.close()  # the next round reconnects and goes on where this one stopped
+            stalls = 0 if len(codes) > before else stalls + 1
+            if stalls >= 3:
+                raise ProbeError("the server keeps dropping the session")
+        return mail, codes
 
     def close(self) -> None:
         if self.c is not None:

@@ -48,7 +48,11 @@ def banner(ctx: Context) -> Verdict:
     for service in ("smtp", "submission", "submissions"):
         if service not in ctx.open_ports:
             continue
-        c = ctx.connect(service)
+        try:
+            c = ctx.connect(service)
+        except ProbeError as exc:
+            unread.append(f"{service}: {exc}")
+            continue
         try:
             _, greet = c.reply()
             seen += [(f"{service} banner", ln) for ln in greet]
@@ -62,7 +66,11 @@ def banner(ctx: Context) -> Verdict:
     for service in ("pop3", "pop3s"):
         if service not in ctx.open_ports:
             continue
-        c = ctx.connect(service)
+        try:
+            c = ctx.connect(service)
+        except ProbeError as exc:
+            unread.append(f"{service}: {exc}")
+            continue
         try:
             _, greet = c.status()
             seen.append((f"{service} banner", greet))
@@ -95,8 +103,21 @@ def banner(ctx: Context) -> Verdict:
     return Verdict(PASS, "banner.clean", {})
 
 
+def _shape(lines: list[str], address: str) -> str:
+    """A reply's text with the address and its local part taken out: what is left must be
+    the same for a known and an unknown user, or the text tells them apart."""
+    text = " ".join(lines)
+    for part in (address, address.partition("@")[0]):
+        if part:  # whole tokens only: the local part "a" must not eat every "a"
+            text = re.sub(rf"(?<![\w.+-]){re.escape(part)}(?![\w.+-])", "", text,
+                          flags=re.IGNORECASE)
+    return " ".join(text.split())
+
+
 @check("disclosure.vrfy-expn", "5", order=31)
 def vrfy_expn(ctx: Context) -> Verdict:
+    """VRFY and EXPN for the known user and for a made-up one: the codes and the texts
+    (without the address) must be the same. RCPT is shown too; it may tell them apart."""
     t = ctx.target
     ctx.port("smtp")
     if not t.domain:
@@ -104,12 +125,14 @@ def vrfy_expn(ctx: Context) -> Verdict:
     known = t.known_address or f"postmaster@{t.domain}"
     nobody = unknown_local(ctx) or ""
     codes: dict[str, tuple[int, int]] = {}
+    texts: dict[str, tuple[str, str]] = {}
     rcpt: tuple[int, int] | None = None
     with ctx.session("smtp") as (c, _):
         for verb in ("VRFY", "EXPN"):
-            a, _ = c.cmd(f"{verb} {known}")
-            b, _ = c.cmd(f"{verb} {nobody}")
+            a, a_text = c.cmd(f"{verb} {known}")
+            b, b_text = c.cmd(f"{verb} {nobody}")
             codes[verb] = (a, b)
+            texts[verb] = (_shape(a_text, known), _shape(b_text, nobody))
             if a == 421 or b == 421:
                 break
         if not c.closed:
@@ -121,8 +144,13 @@ def vrfy_expn(ctx: Context) -> Verdict:
                 c.cmd("RSET")
             except ProbeError:
                 pass
-    leaks = [f"{verb} {a}/{b}" for verb, (a, b) in codes.items()
-             if a in (250, 251) or a != b]
+    leaks = []
+    for verb, (a, b) in codes.items():
+        if a in (250, 251) or a != b:
+            leaks.append(f"{verb} {a}/{b}")
+        elif texts[verb][0] != texts[verb][1]:
+            leaks.append(f"{verb} {a}/{b} with different texts: "
+                         f"{texts[verb][0][:40]!r} / {texts[verb][1][:40]!r}")
     info = f"RCPT {rcpt[0]}/{rcpt[1]}" if rcpt else "RCPT -"
     if leaks:
         return Verdict(FAIL, "vrfy.leaks", {"what": "; ".join(leaks), "rcpt": info})

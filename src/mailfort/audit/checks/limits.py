@@ -149,6 +149,10 @@ def idle_connections(ctx: Context) -> Verdict:
     """Hold N idle connections and one byte-at-a-time writer open, then ask for a greeting."""
     t = ctx.target
     port = ctx.port("smtp")
+    greeting = ctx.greetings.get("smtp", "220")
+    if greeting[:1] in ("4", "5"):  # it refuses everyone: a refusal here shows no limit
+        raise inconclusive("greeting.refused", service="smtp", code=greeting[:3],
+                           text=greeting[4:84])
     held: list[RawClient] = []
     try:
         for _ in range(t.idle_connections):
@@ -184,8 +188,10 @@ def idle_connections(ctx: Context) -> Verdict:
 
 @check("limits.liveness", "6", order=99)
 def liveness(ctx: Context) -> Verdict:
+    # A port whose implicit TLS handshake failed already at the start (greeting "") did
+    # not die of the probes: tls.starttls reports it.
     services = [s for s in ("smtp", "submission", "submissions", "pop3", "pop3s")
-                if s in ctx.open_ports]
+                if s in ctx.open_ports and ctx.greetings.get(s) != ""]
     if not services:
         raise skip("port.none-of", services="smtp, submission, submissions, pop3, pop3s")
     dead = []
@@ -195,8 +201,9 @@ def liveness(ctx: Context) -> Verdict:
             if service.startswith("pop3"):
                 ok = c.status()[0]
                 c.quit(pop3=True)
-            else:
-                ok = c.reply()[0] == 220
+            else:  # greeting as at the start (a 554 greeting is a greeting too)
+                code = c.reply()[0]
+                ok = code == 220 or str(code) == ctx.greetings.get(service, "")[:3]
                 c.quit()
             if not ok:
                 dead.append(f"{service}: no greeting")

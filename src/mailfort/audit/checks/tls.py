@@ -11,7 +11,7 @@ import warnings
 from cryptography import x509
 
 from mailfort.audit.client import NoReply, ProbeError, RawClient, insecure_context
-from mailfort.audit.context import EHLO_NAME, IMPLICIT_TLS, Context, has_ext
+from mailfort.audit.context import EHLO_NAME, IMPLICIT_TLS, Context, has_ext, smtp_greeting
 from mailfort.audit.registry import (
     FAIL,
     INCONCLUSIVE,
@@ -50,7 +50,7 @@ def tls_client(ctx: Context, service: str, sslctx: ssl.SSLContext) -> RawClient:
                 if not c.status()[0]:
                     raise ProbeError("STLS refused")
             else:
-                c.reply()
+                smtp_greeting(c, service)
                 _, lines = c.cmd(f"EHLO {EHLO_NAME}")
                 if not has_ext(lines, "STARTTLS"):
                     raise NoTLS(service)
@@ -64,32 +64,59 @@ def tls_client(ctx: Context, service: str, sslctx: ssl.SSLContext) -> RawClient:
         raise
 
 
-def _endpoints(ctx: Context) -> list[str]:
-    """The open services that offer TLS at all: a version, cipher or certificate check on
-    a service without TLS would be a PASS about nothing (``tls.starttls`` reports it)."""
+def _handshakes(ctx: Context) -> dict[str, Stop | None]:
+    """Per open service that offers TLS: None when a handshake completed, else why not.
+
+    Looked up once per run. A service whose handshake never completes (no certificate, a
+    broken key) or whose greeting refuses every session is untested, never a PASS.
+    """
     found = [s for s in TLS_SERVICES if s in ctx.open_ports]
     if not found:
         raise skip("port.none-of", services=", ".join(TLS_SERVICES))
-    cached = ctx.cache.get("tls.endpoints")
-    if not isinstance(cached, list):
-        cached = []
-        for service in found:
-            try:
-                tls_client(ctx, service, insecure_context()).close()
-            except NoTLS:
-                continue
-            except ProbeError:
-                pass  # offered, but this handshake failed: the checks say more
-            cached.append(service)
-        ctx.cache["tls.endpoints"] = cached
-    if not cached:
+    cached = ctx.cache.get("tls.handshakes")
+    if isinstance(cached, dict):
+        return cached
+    result: dict[str, Stop | None] = {}
+    for service in found:
+        try:
+            tls_client(ctx, service, insecure_context()).close()
+        except NoTLS:
+            continue
+        except NoReply as exc:
+            result[service] = inconclusive("probe.no-reply", error=str(exc),
+                                           what=f"{service}: the way to a TLS handshake")
+        except ProbeError as exc:
+            result[service] = inconclusive("tls.no-handshake", service=service,
+                                           error=str(exc)[:120])
+        except Stop as stop:
+            result[service] = stop
+        else:
+            result[service] = None
+    ctx.cache["tls.handshakes"] = result
+    if not result:
         raise skip("tls.none-offered", services=", ".join(found))
-    return list(cached)
+    return result
+
+
+def _endpoints(ctx: Context) -> list[str]:
+    """The open services where a TLS handshake completes: a version, cipher or certificate
+    check on a service without TLS would be a PASS about nothing (``tls.starttls`` reports
+    it); when TLS is offered but no handshake completes anywhere, INCONCLUSIVE."""
+    done = [s for s, why in _handshakes(ctx).items() if why is None]
+    if not done:
+        raise _untested(ctx) or skip("tls.none-offered", services="-")
+    return done
+
+
+def _untested(ctx: Context) -> Stop | None:
+    """Why a service that offers TLS could not be tested (the first such), or None."""
+    return next((why for why in _handshakes(ctx).values() if why is not None), None)
 
 
 @check("tls.starttls", "4", order=40)
 def starttls_offered(ctx: Context) -> Verdict:
     missing, ok = [], []
+    untested: Stop | None = None
     services = ("smtp", "submission", "submissions")
     found = [s for s in services if s in ctx.open_ports]
     if not found:
@@ -103,8 +130,12 @@ def starttls_offered(ctx: Context) -> Verdict:
             missing.append(f"{service}: not offered")
         except ProbeError as exc:
             missing.append(f"{service}: {exc}")
+        except Stop as stop:  # e.g. a 554 greeting: not known whether TLS is offered
+            untested = untested or stop
     if missing:
         return Verdict(FAIL, "tls.missing", {"where": "; ".join(missing)})
+    if untested:
+        raise untested
     return Verdict(PASS, "tls.everywhere", {"services": ", ".join(ok)})
 
 
@@ -143,7 +174,7 @@ def old_versions(ctx: Context) -> Verdict:
                 accepted.append(f"{service}: {got}")
     if accepted:
         return Verdict(FAIL, "tls.old-accepted", {"where": "; ".join(accepted)})
-    return _refused("tls.old-refused", untestable, len(OLD_VERSIONS))
+    return _refused(ctx, "tls.old-refused", untestable, len(OLD_VERSIONS))
 
 
 @check("tls.ciphers", "4", order=42)
@@ -166,11 +197,15 @@ def weak_ciphers(ctx: Context) -> Verdict:
                 accepted.append(f"{service}: {label} ({got})")
     if accepted:
         return Verdict(FAIL, "tls.weak-accepted", {"where": "; ".join(accepted)})
-    return _refused("tls.weak-refused", untestable, len(WEAK_CLASSES))
+    return _refused(ctx, "tls.weak-refused", untestable, len(WEAK_CLASSES))
 
 
-def _refused(key: str, untestable: list[str], tried: int) -> Verdict:
-    """Nothing was accepted: a PASS only for what this client could really offer."""
+def _refused(ctx: Context, key: str, untestable: list[str], tried: int) -> Verdict:
+    """Nothing was accepted: a PASS only for what this client could really offer, and
+    only when every service that offers TLS completed a handshake."""
+    stop = _untested(ctx)
+    if stop:
+        raise stop
     if len(untestable) == tried:  # nothing was offered, so a refusal proves nothing
         return Verdict(INCONCLUSIVE, "tls.untestable", {"untestable": ", ".join(untestable)})
     if untestable:
@@ -214,6 +249,9 @@ def certificate(ctx: Context) -> Verdict:
         return Verdict(WARN, "cert.expired", {"where": "; ".join(failures)})
     if problems:
         return Verdict(WARN, "cert.unverified", {"where": "; ".join(problems)})
+    stop = _untested(ctx)
+    if stop:  # no certificate seen there: it cannot be called good
+        raise stop
     return Verdict(PASS, "cert.ok", {})
 
 
@@ -238,7 +276,7 @@ def _injected(ctx: Context, service: str) -> bool | None:
             if not c.status()[0]:
                 return False
         else:
-            c.reply()
+            smtp_greeting(c, service)
             _, lines = c.cmd(f"EHLO {EHLO_NAME}")
             if not has_ext(lines, "STARTTLS"):
                 return None
@@ -267,7 +305,14 @@ def _injection(ctx: Context, services: tuple[str, ...]) -> Verdict:
         raise skip("port.none-of", services=", ".join(services))
     results: dict[str, bool | None] = {}
     uncounted: Stop | None = None
+    try:
+        handshakes = _handshakes(ctx)
+    except Stop:  # no TLS anywhere: each service below says so itself
+        handshakes = {}
     for service in found:
+        if handshakes.get(service) is not None:  # no handshake completes there at all:
+            uncounted = handshakes[service]  # a failed one after STARTTLS proves nothing
+            continue
         try:
             results[service] = _injected(ctx, service)
         except Stop as stop:  # one service not counted does not hide another's FAIL
