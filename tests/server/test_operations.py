@@ -361,14 +361,14 @@ def test_block_list_without_a_server_says_where_the_blocks_are(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from mailfort import ops_commands
+    from mailfort.cli import status
 
     for counters, where in (({}, "live in the running server only"),
                             ({"backend": "redis", "url": "redis://127.0.0.1:1/0"},
                              "the blocks are in Redis")):
         config = write_config(tmp_path, refusing_dns_port(), counters=counters)
         args = argparse.Namespace(config=str(config), json=False)
-        assert ops_commands.cmd_block_list(args) == 3
+        assert status.cmd_block_list(args) == 3
         assert where in capsys.readouterr().out
 
 

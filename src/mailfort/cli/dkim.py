@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mailfort.cli.common import config_of
 from mailfort.policy.dkim import KeyStore, SigningKey
 
 # What making and showing a key loads, imported before a switch to the service user.
@@ -21,8 +22,6 @@ NEEDS = ("cryptography.hazmat.primitives.serialization",
 
 
 def _store(args: argparse.Namespace) -> KeyStore:
-    from mailfort.cli import config_of
-
     return KeyStore(config_of(args).data_path)
 
 

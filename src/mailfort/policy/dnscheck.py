@@ -1,4 +1,4 @@
-"""``mailfort dns check DOMAIN``: does the world's DNS say what this server needs it to?
+"""Does the world's DNS say what this server needs it to? (``mailfort dns check DOMAIN``)
 
 For one of our domains: the MX names this server, SPF lets this server's address send,
 each DKIM key we sign with is published as we would publish it, DMARC has a policy, and
@@ -9,19 +9,13 @@ four RFCs. Lookups go through the configured resolver (``[dns]``), like the serv
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import dns.rdata
-
-from mailfort import dkim_command
 from mailfort.config import Config
 from mailfort.policy.dkim import KeyStore
 from mailfort.policy.dnsbl import reverse_name
-from mailfort.policy.dnslookup import DNSTempError, Lookup
+from mailfort.policy.dnslookup import Lookup
 from mailfort.policy.spf import check_mailfrom
 
 
@@ -141,39 +135,3 @@ def run_checks(cfg: Config, domain: str, addresses: list[str]) -> list[Finding]:
     out.append(check_dmarc(lookup, domain))
     out += check_dnsbl(lookup, cfg, addresses)
     return out
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    from mailfort.cli import config_of
-
-    cfg = config_of(args)
-    try:
-        findings = run_checks(cfg, args.domain.lower().rstrip("."), list(args.address))
-    except DNSTempError as exc:
-        print(f"DNS did not answer ({exc}); nothing can be said yet")
-        return 2
-    for f in findings:
-        print(f"{'ok ' if f.ok else 'FIX'}  {f.what:<22} {f.detail}")
-        if f.publish:
-            print(f"     publish: {f.publish}")
-    return 0 if all(f.ok for f in findings) else 1
-
-
-def _address(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
-
-
-def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
-    dn = sub.add_parser("dns", help="our domains' DNS records", allow_abbrev=False)
-    dn_sub = dn.add_subparsers(dest="action", required=True, metavar="ACTION")
-    # dnspython loads a record type's module at its first answer; DKIM records are
-    # compared by key: both before a switch to the service user.
-    ck = leaf(dn_sub, "check", cmd_check,
-              "check MX, SPF, DKIM, DMARC and blocklists for a domain; print what to publish",
-              (dns.rdata.load_all_types, *dkim_command.NEEDS))
-    ck.add_argument("domain")
-    ck.add_argument("--address", action="append", default=[], metavar="IP", type=_address,
-                    help="this server's public address (default: server.hostname's A/AAAA)")

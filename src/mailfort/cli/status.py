@@ -1,9 +1,5 @@
-"""Operator commands that talk to the running server: ``status``, ``tls show`` and the
-server side of ``queue retry``.
-
-Each says truthfully whether a running server answered (control socket, see
-server/control.py): a retry done on the queue files alone is attempted only when a server
-next reads them, and the command says so instead of promising "now".
+"""``mailfort status`` and ``mailfort block list|remove``: ask the running server over its
+control socket (server/control.py), and say truthfully when none answers.
 """
 
 from __future__ import annotations
@@ -11,59 +7,16 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from mailfort import tlsinfo
+from mailfort.cli.common import config_of
 from mailfort.config import Config
 from mailfort.server import control
 
 
-def _cfg(args: argparse.Namespace) -> Config:
-    from mailfort.cli import config_of
-
-    return config_of(args)
-
-
-def queue_retry(cfg: Config, ident: str | None) -> str:
-    """Ask the running server to retry now; without one, mark the files due. A damaged
-    entry is refused here (the files say so), never sent to the server."""
-    from mailfort.queue import admin
-
-    root = admin.queue_root(cfg)
-    if ident is not None:
-        found = admin.Queue(root).damaged_entry(ident)
-        if found is not None:
-            raise admin.DamagedEntry(ident, found.reason)
-    line = "retry" + (f" {ident}" if ident else "")
-    try:
-        reply = control.request(cfg.data_path, line)
-    except control.NotRunning:
-        return _retry_offline(cfg, ident)
-    status, _, rest = reply.partition(" ")
-    if status != "ok":
-        raise ValueError(rest or reply)
-    n = int(rest)
-    what = f"{ident}: " if ident else ""
-    if ident is not None and n == 0:
-        return f"{ident}: nothing to retry"
-    return (f"{what}{n} message(s) being retried now by the running server"
-            f" (pid answering on {control.socket_path(cfg.data_path)})"
-            + ("" if ident else admin.damaged_note(root)))
-
-
-def _retry_offline(cfg: Config, ident: str | None) -> str:
-    from mailfort.queue import admin
-
-    # Started as root with server.user, the command runs as that user by now (cli.py):
-    # the files stay the server's own.
-    text = admin.queue_retry(admin.queue_root(cfg), ident)
-    return (f"{text}; no mailfort server is running (nothing answers on "
-            f"{control.socket_path(cfg.data_path)}): delivery is attempted when it starts")
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _cfg(args)
+    cfg = config_of(args)
     try:
         status = control.parse_status(control.request(cfg.data_path, "status"))
     except control.NotRunning as exc:
@@ -104,17 +57,6 @@ def _print_certificate(cfg: Config) -> None:
               f"({info['days_left']} days left)")
 
 
-def cmd_tls_show(args: argparse.Namespace) -> int:
-    cfg = _cfg(args)
-    path = tlsinfo.served_certificate_path(cfg)
-    if not path.is_file():
-        raise ValueError(f"no certificate at {path}: set tls.cert_file, or start mailfort "
-                         "once to generate a self-signed one")
-    info = tlsinfo.describe(Path(path))
-    print(json.dumps(info, indent=2) if args.json else tlsinfo.format_description(info))
-    return 0
-
-
 def _blocks_not_running(cfg: Config, what: str) -> int:
     """Blocks are asked of the running server (one way, whatever [counters] says)."""
     if cfg.counters.backend == "redis":
@@ -135,7 +77,7 @@ def _duration(seconds: float) -> str:
 
 def cmd_block_list(args: argparse.Namespace) -> int:
     """The blocked clients and the accounts slowed down by failures, with time left."""
-    cfg = _cfg(args)
+    cfg = config_of(args)
     try:
         reply = control.request(cfg.data_path, "blocks")
     except control.NotRunning:
@@ -161,7 +103,7 @@ def cmd_block_list(args: argparse.Namespace) -> int:
 
 def cmd_block_remove(args: argparse.Namespace) -> int:
     """Lift a brute-force block (client address) or forget an account's failures."""
-    cfg = _cfg(args)
+    cfg = config_of(args)
     if any(c.isspace() for c in args.target) or not args.target:
         raise ValueError("give one IP address or user name")
     try:
@@ -175,16 +117,17 @@ def cmd_block_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
-    # A configured certificate is parsed (X.509), after the switch to the service user.
-    x509 = ("cryptography.x509",)
+# A configured certificate is parsed (X.509), after the switch to the service user.
+X509 = ("cryptography.x509",)
+
+
+def add_status_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     st = leaf(sub, "status", cmd_status, "is the server running: listeners, queue, certificate",
-              x509)
+              X509)
     st.add_argument("--json", action="store_true", help="print the server's answer as JSON")
-    tls = sub.add_parser("tls", help="the served certificate", allow_abbrev=False)
-    tls_sub = tls.add_subparsers(dest="action", required=True, metavar="ACTION")
-    show = leaf(tls_sub, "show", cmd_tls_show, "subject, names, issuer and expiry", x509)
-    show.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_block_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     blk = sub.add_parser("block", help="brute-force blocks of the running server",
                          allow_abbrev=False)
     blk_sub = blk.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -8,12 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mailfort.cli.common import config_of
 from mailfort.directory.sqlite import DirectoryError
 
 
 def _postgresql(args: argparse.Namespace, *, check_schema: bool) -> Any:
-    from mailfort.cli import config_of
-
     cfg = config_of(args)
     if cfg.directory.backend != "postgresql":
         raise DirectoryError('this needs [directory] backend = "postgresql" in the '
