@@ -6,7 +6,6 @@ Both read only the dict that ``--json`` prints, so the three outputs never disag
 from __future__ import annotations
 
 import html
-from string import Template
 from typing import Any
 
 from mailfort import weaknesses
@@ -73,17 +72,6 @@ pre { font-size: .8rem; }
 dt { font-weight: 600; margin-top: .4rem; } dd { margin-left: 1rem; }
 """
 
-BODY = Template("""<p class="meta">$meta</p>
-<p class="meta">$no_foreign</p>
-<div class="counts">$counts</div>
-<table>
-<thead><tr><th>$h_status</th><th>$h_check</th><th>$h_result</th></tr></thead>
-<tbody>
-$rows
-</tbody>
-</table>
-$sections""")
-
 
 def html_page(report: dict[str, Any]) -> str:
     """One self-contained page: summary, table, one section per check; no external URL."""
@@ -118,9 +106,9 @@ def html_page(report: dict[str, Any]) -> str:
     meta = (f"{ui['target']}: {t['host']} ("
             + ", ".join(f"{k} {v}" for k, v in t["open_ports"].items())
             + f") · {report['started']} · {report['duration_s']:.1f} s")
-    body = BODY.substitute(
-        meta=e(meta), no_foreign=e(ui["no_foreign"]), counts=counts, h_status=ui["status"],
-        h_check=ui["check"], h_result=ui["result"], rows="\n".join(rows),
-        sections="\n".join(sections))
+    body = "\n".join([
+        f'<p class="meta">{e(meta)}</p>', f'<p class="meta">{e(ui["no_foreign"])}</p>',
+        f'<div class="counts">{counts}</div>',
+        page.table([ui["status"], ui["check"], ui["result"]], rows), *sections])
     return page.document(lang=report["lang"], title=f"{ui['report']}: {t['host']}",
                          body=body, css=CSS, data_id="report", data=report)

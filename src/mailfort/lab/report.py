@@ -7,7 +7,6 @@ page a teacher hands out says exactly what the terminal said.
 from __future__ import annotations
 
 import html
-from string import Template
 from typing import Any
 
 from mailfort import weaknesses
@@ -111,16 +110,6 @@ ul { margin: .3rem 0; padding-left: 1.2rem; }
 .counter { background: #eef6ee; border-radius: .3rem; padding: .4rem .8rem; }
 """
 
-BODY = Template("""<p class="meta">$intro</p>
-<h2>$h_summary</h2>
-<table>
-<thead><tr><th>$h_attack</th><th>$h_legacy</th><th>$h_hardened</th></tr></thead>
-<tbody>
-$rows
-</tbody>
-</table>
-$sections""")
-
 
 def _badge(ui: dict[str, str], ok: bool) -> str:
     return page.badge("works", ui["succeeded"]) if ok else page.badge("stopped", ui["stopped"])
@@ -157,9 +146,8 @@ def html_page(report: dict[str, Any]) -> str:
             f'<div class="cols">{"".join(cols)}</div>'
             f'<p class="counter"><strong>{e(ui["counter"])}:</strong> {e(a["counter"])}</p>'
             "</section>")
-    body = BODY.substitute(
-        intro=e(ui["intro"]), h_summary=e(ui["summary"]), h_attack=e(ui["attack"]),
-        h_legacy=e(ui["legacy"]), h_hardened=e(ui["hardened"]), rows="\n".join(rows),
-        sections="\n".join(sections))
+    body = "\n".join([
+        f'<p class="meta">{e(ui["intro"])}</p>', f"<h2>{e(ui['summary'])}</h2>",
+        page.table([ui["attack"], ui["legacy"], ui["hardened"]], rows), *sections])
     return page.document(lang=report["lang"], title=ui["title"], body=body, css=CSS,
                          data_id="lab-session", data=report, max_width="80rem")

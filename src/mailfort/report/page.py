@@ -57,6 +57,13 @@ def badge(css_class: str, text: str) -> str:
     return f'<span class="badge {css_class}">{html.escape(text)}</span>'
 
 
+def table(headings: list[str], rows: list[str]) -> str:
+    """A table of ``rows`` (each a ready ``<tr>``) under ``headings`` (plain text)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headings)
+    return "\n".join(["<table>", f"<thead><tr>{head}</tr></thead>", "<tbody>", *rows,
+                      "</tbody>", "</table>"])
+
+
 def document(*, lang: str, title: str, body: str, css: str, data_id: str, data: Any,
              max_width: str = "62rem") -> str:
     """The whole page: ``title`` (plain text, escaped here) as <title> and <h1>, ``body``
