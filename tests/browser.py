@@ -1,18 +1,35 @@
-"""Render an HTML report in Debian's headless Chromium, as a reader's browser would.
+"""Checks of a report page as a reader gets it: one self-contained file, and what Debian's
+headless Chromium makes of it.
 
-Both reports (audit and lab) are single self-contained pages; rendering them proves the
-page loads with no console error and produces a real picture, which is kept for a person
-to look at when ``MAILFORT_TEST_ARTIFACTS`` names a directory (CI uploads it).
+Both reports (audit and lab) are built by one page helper (mailfort.report.page); their
+tests hand their real page to these helpers. Rendering proves the page loads with no
+console error and produces a real picture, which is kept for a person to look at when
+``MAILFORT_TEST_ARTIFACTS`` names a directory (CI uploads it).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+
+def self_contained(text: str, data_id: str) -> Any:
+    """Assert the page loads nothing from outside; return the JSON it carries."""
+    embedded = re.search(rf'<script type="application/json" id="{data_id}">(.*?)</script>',
+                         text, re.S)
+    assert embedded, f"no embedded {data_id} data"
+    # No external resource of any kind: only in-page anchors.
+    assert not re.search(r'\b(?:src|href)="(?!#)', text)
+    assert "<link" not in text and "@import" not in text and "url(" not in text
+    assert text.count("<script") == 1  # the data, which never runs
+    return json.loads(embedded.group(1))
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -43,3 +60,8 @@ def screenshot(page: Path, shot: Path, *, width: int, height: int) -> bytes:
         Path(artefacts).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(artefacts) / shot.name)
     return data
+
+
+def renders(page: Path, shot: Path, *, width: int, height: int) -> None:
+    """The page renders in Chromium, whole, at the asked size, without a console error."""
+    assert png_size(screenshot(page, shot, width=width, height=height)) == (width, height)

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from mailfort import weaknesses
 from mailfort.audit import catalogue
 from mailfort.audit.schema import validate
 from tests.audit.conftest import FAST, port_args, run_audit
 from tests.audit.weak_server import WeakServer
-from tests.browser import png_size, screenshot
+from tests.browser import renders, self_contained
 
 ONLY = ["--only", "relay", "backscatter", "disclosure", "limits.nul"]
 
@@ -61,12 +62,7 @@ def test_html_is_self_contained_and_built_from_the_json(
         weak_report: tuple[dict, Path]) -> None:
     report, page = weak_report
     text = page.read_text(encoding="utf-8")
-    embedded = re.search(r'<script type="application/json" id="report">(.*?)</script>',
-                         text, re.S)
-    assert embedded and json.loads(embedded.group(1)) == report
-    # No external resource of any kind: only in-page anchors.
-    assert not re.search(r'\b(?:src|href)="(?!#)', text)
-    assert "<link" not in text and "@import" not in text and "url(" not in text
+    assert self_contained(text, "report") == report
     # Summary first, then one section per check, failures first.
     assert text.index('class="counts"') < text.index("<section")
     assert text.count("<section") == len(report["checks"])
@@ -74,11 +70,12 @@ def test_html_is_self_contained_and_built_from_the_json(
     assert sections[:3] == ["FAIL", "FAIL", "FAIL"]
     ui = catalogue.load("ja").UI
     assert ui["fix"] in text and "第三者中継" in text
+    # Each check names its weakness by the one table's number and Japanese name.
+    assert f"{ui['row']} 2: {weaknesses.by_number('2').ja}" in text
     # Whatever a server said is escaped, never markup.
     assert "<mailfort-audit@" not in text
 
 
 def test_html_renders_in_chromium(weak_report: tuple[dict, Path], tmp_path: Path) -> None:
     _, page = weak_report
-    png = screenshot(page, tmp_path / "audit-report.png", width=1200, height=2200)
-    assert png_size(png) == (1200, 2200)  # the whole page was rendered at the asked size
+    renders(page, tmp_path / "audit-report.png", width=1200, height=2200)

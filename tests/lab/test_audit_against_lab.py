@@ -41,3 +41,17 @@ def test_audit_of_the_lab(lab: Lab, capsys: pytest.CaptureFixture[str], side: st
         want["limits.long-line"] = "WARN"
     assert statuses == want
     assert code == (1 if expected == "FAIL" else 0)
+
+
+def test_audit_and_lab_number_each_weakness_alike() -> None:
+    """A check and the attack that shows the same weakness carry the same number, taken
+    from the one table (mailfort.weaknesses), so a reader can put the two reports side by
+    side."""
+    from mailfort.audit.registry import REGISTRY, all_checks
+    from mailfort.lab import catalogue
+
+    all_checks()
+    attacks = catalogue.load("en").ATTACKS
+    pairs = {(check, REGISTRY[check].row, attack, attacks[attack]["row"])
+             for check, attack in MATCHING.items()}
+    assert {p for p in pairs if p[1] != p[3]} == set()

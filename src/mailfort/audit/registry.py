@@ -1,4 +1,4 @@
-"""One registry of checks: id, the DESIGN.md weakness row, the probe, its verdict.
+"""One registry of checks: id, the weakness it tests, the probe, its verdict.
 
 A new check is one function decorated with :func:`check`. Probes return a
 :class:`Verdict` whose ``note`` is a key into the language catalogues (with ``params``
@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from mailfort import weaknesses
 
 if TYPE_CHECKING:
     from mailfort.audit.context import Context
@@ -47,7 +49,7 @@ Probe = Callable[["Context"], Verdict]
 @dataclass(frozen=True)
 class Check:
     id: str
-    row: str  # the weakness row of DESIGN.md: "1".."7" or "+"
+    row: str  # the weakness's number in the one table, mailfort.weaknesses ("1", "+", ...)
     probe: Probe
     order: int
 
@@ -57,6 +59,8 @@ REGISTRY: dict[str, Check] = {}
 
 def check(check_id: str, row: str, *, order: int = 50) -> Callable[[Probe], Probe]:
     """Register ``probe`` under ``check_id``; ``order`` places it in the run (liveness last)."""
+
+    weaknesses.by_number(row)  # a row that is not in the table is a mistake: say so at import
 
     def register(probe: Probe) -> Probe:
         if check_id in REGISTRY:

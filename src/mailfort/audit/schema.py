@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mailfort import weaknesses
 from mailfort.audit.registry import STATUSES
 
 _STR_OR_NULL = {"type": ["string", "null"]}
@@ -20,7 +21,7 @@ CHECK = {
     "additionalProperties": False,
     "properties": {
         "id": {"type": "string"},
-        "row": {"enum": ["1", "2", "3", "4", "5", "6", "7", "+"]},
+        "row": {"enum": list(weaknesses.NUMBERS)},  # the number in the one weakness table
         "title": {"type": "string"},
         "status": {"enum": list(STATUSES)},
         "result": {"type": "string"},

@@ -7,17 +7,19 @@ page a teacher hands out says exactly what the terminal said.
 from __future__ import annotations
 
 import html
-import json
-import textwrap
-import unicodedata
-from string import Template
 from typing import Any
 
+from mailfort import weaknesses
 from mailfort.lab import catalogue
 from mailfort.lab.attacks import AttackRun
 from mailfort.lab.harness import SIDES
+from mailfort.report import page
+from mailfort.report.text import cut as _cut
+from mailfort.report.text import width as _width
+from mailfort.report.text import wrap as _wrap
 
-ROW_MARKS = {"1": "①", "2": "②", "3": "③", "4": "④", "5": "⑤", "6": "⑥", "+": "+"}
+# The mark of each weakness number of the one table (mailfort.weaknesses): ① for 1, ...
+ROW_MARKS = {w.number: w.mark for w in weaknesses.TABLE}
 
 
 def session(runs: list[AttackRun], lang: str) -> dict[str, Any]:
@@ -40,33 +42,6 @@ def session(runs: list[AttackRun], lang: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- terminal
-
-
-def _width(text: str) -> int:
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
-
-
-def _cut(text: str, width: int) -> str:
-    out, w = [], 0
-    for ch in text:
-        cw = 2 if unicodedata.east_asian_width(ch) in "WF" else 1
-        if w + cw > width:
-            return "".join(out[:-1]) + "…"
-        out.append(ch)
-        w += cw
-    return "".join(out) + " " * (width - w)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    if all(_width(c) == 1 for c in text):
-        return textwrap.wrap(text, width)
-    lines, cur = [], ""
-    for ch in text:  # CJK: wrap by display width
-        if _width(cur + ch) > width:
-            lines.append(cur)
-            cur = ""
-        cur += ch
-    return lines + ([cur] if cur else [])
 
 
 def _verdict(ui: dict[str, str], ok: bool, colour: bool) -> str:
@@ -121,54 +96,23 @@ def terminal_summary(report: dict[str, Any], *, colour: bool = False) -> str:
 
 # ---------------------------------------------------------------------------- HTML
 
-PAGE = Template("""<!DOCTYPE html>
-<html lang="$lang">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>$title</title>
-<style>
-body { font: 15px/1.5 system-ui, sans-serif; margin: 0 auto; max-width: 80rem;
-       padding: 1.5rem; color: #1d232a; background: #fafafa; }
-h1 { font-size: 1.5rem; margin-bottom: .2rem; }
-.meta { color: #555; margin-top: 0; }
-table { border-collapse: collapse; background: #fff; margin: 1rem 0; }
-th, td { text-align: left; padding: .35rem .8rem; border-bottom: 1px solid #e3e3e3; }
-td.id { font-family: ui-monospace, monospace; white-space: nowrap; }
-.badge { display: inline-block; min-width: 7rem; text-align: center; border-radius: .3rem;
-         color: #fff; font-weight: 600; font-size: .85rem; padding: .05rem .4rem; }
+CSS = """\
+table { margin: 1rem 0; }
+th, td { padding: .35rem .8rem; }
+.badge { min-width: 7rem; }
 .works { background: #c62828; } .stopped { background: #2e7d32; }
-section { background: #fff; border: 1px solid #e3e3e3; border-left: .4rem solid #c62828;
-          border-radius: .3rem; margin: 1.2rem 0; padding: .4rem 1rem .8rem; }
-section h2 { font-size: 1.15rem; margin: .5rem 0 .2rem; }
+section { border-left: .4rem solid #c62828; margin: 1.2rem 0; }
+section h2 { font-size: 1.15rem; }
 .cols { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }
 .col h3 { font-size: 1rem; margin: .6rem 0 .3rem; }
-pre { background: #f3f4f6; padding: .5rem; overflow-x: auto; font-size: .75rem;
-      white-space: pre-wrap; word-break: break-all; margin: .3rem 0; }
+pre { font-size: .75rem; margin: .3rem 0; }
 ul { margin: .3rem 0; padding-left: 1.2rem; }
 .counter { background: #eef6ee; border-radius: .3rem; padding: .4rem .8rem; }
-</style>
-</head>
-<body>
-<h1>$title</h1>
-<p class="meta">$intro</p>
-<h2>$h_summary</h2>
-<table>
-<thead><tr><th>$h_attack</th><th>$h_legacy</th><th>$h_hardened</th></tr></thead>
-<tbody>
-$rows
-</tbody>
-</table>
-$sections
-<script type="application/json" id="lab-session">$json</script>
-</body>
-</html>
-""")
+"""
 
 
 def _badge(ui: dict[str, str], ok: bool) -> str:
-    return (f'<span class="badge works">{html.escape(ui["succeeded"])}</span>' if ok
-            else f'<span class="badge stopped">{html.escape(ui["stopped"])}</span>')
+    return page.badge("works", ui["succeeded"]) if ok else page.badge("stopped", ui["stopped"])
 
 
 def html_page(report: dict[str, Any]) -> str:
@@ -202,9 +146,8 @@ def html_page(report: dict[str, Any]) -> str:
             f'<div class="cols">{"".join(cols)}</div>'
             f'<p class="counter"><strong>{e(ui["counter"])}:</strong> {e(a["counter"])}</p>'
             "</section>")
-    embedded = json.dumps(report, ensure_ascii=False).replace("<", "\\u003c")
-    return PAGE.substitute(
-        lang=report["lang"], title=e(ui["title"]), intro=e(ui["intro"]),
-        h_summary=e(ui["summary"]), h_attack=e(ui["attack"]), h_legacy=e(ui["legacy"]),
-        h_hardened=e(ui["hardened"]), rows="\n".join(rows), sections="\n".join(sections),
-        json=embedded)
+    body = "\n".join([
+        f'<p class="meta">{e(ui["intro"])}</p>', f"<h2>{e(ui['summary'])}</h2>",
+        page.table([ui["attack"], ui["legacy"], ui["hardened"]], rows), *sections])
+    return page.document(lang=report["lang"], title=ui["title"], body=body, css=CSS,
+                         data_id="lab-session", data=report, max_width="80rem")

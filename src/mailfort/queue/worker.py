@@ -13,7 +13,7 @@ recipients of a domain at its limit are not attempted (no attempt is counted) an
 entry is parked until a connection to that domain ends, so a silent or slow destination
 ties up a few runners, never all of them, and the other domains keep flowing.
 
-Bounce rules (the backscatter countermeasure, DESIGN.md row 3): a DSN is produced only for
+Bounce rules (against backscatter, weakness 3 in mailfort.weaknesses): a DSN is made only for
 an entry with ``submitted_by`` set (mail an authenticated local user submitted), only to
 that local user (never to the envelope sender string, which could name anyone), never when
 the envelope sender is null, and it is handed to ``local_deliver`` — it never leaves this

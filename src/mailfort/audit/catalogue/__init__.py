@@ -2,32 +2,14 @@
 
 Each catalogue module defines ``CHECKS`` (per check id: title, why, fix, and a
 Postfix-specific ``postfix`` fix), ``NOTES`` (result sentences with ``{named}`` fields)
-and ``UI`` (words of the reports). A test keeps the languages' keys identical.
+and ``UI`` (words of the reports). A test keeps the languages' keys identical. Loading and
+filling are shared with the lab (:mod:`mailfort.report.catalogue`).
 """
 
 from __future__ import annotations
 
-import string
-from types import ModuleType
-from typing import Any
+from mailfort.report.catalogue import LANGUAGES, loader, note
 
-LANGUAGES = ("en", "ja")
+__all__ = ["LANGUAGES", "load", "note"]
 
-
-def load(lang: str) -> ModuleType:
-    if lang not in LANGUAGES:
-        raise ValueError(f"unknown language {lang!r} (have: {', '.join(LANGUAGES)})")
-    from importlib import import_module
-
-    return import_module(f"mailfort.audit.catalogue.{lang}")
-
-
-class _Missing(dict[str, Any]):
-    def __missing__(self, key: str) -> str:
-        return "?"
-
-
-def note(cat: ModuleType, key: str, params: dict[str, Any]) -> str:
-    """The sentence for ``key`` with its fields filled; the key itself if unknown."""
-    template = cat.NOTES.get(key, key)
-    return string.Formatter().vformat(template, (), _Missing(params))
+load = loader(__name__)

@@ -3,7 +3,6 @@
 ATTACKS: dict[str, dict[str, str]] = {
     "one-door": {
         "title": "One door for submission and relay",
-        "row": "1",
         "summary": "a client with no account submits mail on port 25 as a local user",
         "attack": "A stranger connects to port 25, the only door of the legacy server, and "
                   "sends a message as alice@example.test to a partner at remote.example, "
@@ -18,7 +17,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "open-relay": {
         "title": "Open relay (third-party relay)",
-        "row": "2",
         "summary": "a stranger's spam for a foreign domain arrives in the victim's sink",
         "attack": "A spam engine with no link to the server sends from spam-engine.example "
                   "to victim@remote.example through it.",
@@ -31,7 +29,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "spoofing": {
         "title": "Sender spoofing",
-        "row": "2",
         "summary": "a forged MAIL FROM/From: of a local user is delivered as if genuine",
         "attack": "mallory, who has an account, sends bob an urgent payment order as "
                   "ceo@example.test (MAIL FROM and From:); then a stranger sends the same "
@@ -46,7 +43,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "backscatter": {
         "title": "Backscatter (NDR spam)",
-        "row": "2",
         "summary": "spam to an unknown user with a forged sender: the bounce carries it to "
                    "the forged address",
         "attack": "A spam engine sends its spam to a user that does not exist, with the "
@@ -59,7 +55,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "sniff": {
         "title": "Plaintext: passwords and mail on the wire",
-        "row": "3",
         "summary": "alice's password (AUTH PLAIN, POP3 PASS) and her message read from the "
                    "wire recording",
         "attack": "alice sends a confidential message and reads her mailbox, as her mail "
@@ -73,7 +68,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "vrfy": {
         "title": "Account disclosure through VRFY/EXPN",
-        "row": "4",
         "summary": "the user list and an alias's real destination recovered through "
                    "VRFY/EXPN",
         "attack": "A harvester asks VRFY for twelve common names and EXPN for two aliases.",
@@ -85,7 +79,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "smuggling": {
         "title": "SMTP smuggling",
-        "row": "+",
         "summary": "a second message with a forged sender smuggled through <LF>.<LF>",
         "attack": "Inside one message, the attacker ends a line with a bare LF, a dot and a "
                   "bare LF, followed by a complete second transaction from ceo@example.test.",
@@ -96,7 +89,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "overflow": {
         "title": "Buffer overflow and resource exhaustion",
-        "row": "5",
         "summary": "a 20,000-octet command line and 2,000 RCPTs: held on legacy, refused on "
                    "hardened",
         "attack": "The attacker sends a command line of 20,000 octets (old MTAs copied lines "
@@ -110,7 +102,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "guessing": {
         "title": "Password guessing",
-        "row": "2",
         "summary": "passwords tried over SMTP AUTH and POP3: unlimited on legacy, delayed "
                    "then blocked on hardened",
         "attack": "From its own address, the attacker tries nine common passwords for "

@@ -3,7 +3,6 @@
 ATTACKS: dict[str, dict[str, str]] = {
     "one-door": {
         "title": "メールの投稿と中継が同じ仕組み(25番ポート)",
-        "row": "1",
         "summary": "アカウントを持たないクライアントが25番ポートでローカルユーザーとして投稿する",
         "attack": "第三者が旧来型サーバの唯一の入口である25番ポートに接続し、アカウントなしで "
                   "alice@example.test を名乗って remote.example の取引先にメールを投稿する。"
@@ -17,7 +16,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "open-relay": {
         "title": "第三者中継(オープンリレー)",
-        "row": "2",
         "summary": "第三者のスパムが外部ドメイン宛てに中継され、被害者のサーバに届く",
         "attack": "サーバと無関係のスパマーが spam-engine.example から victim@remote.example "
                   "宛てのメールをこのサーバ経由で送る。",
@@ -30,7 +28,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "spoofing": {
         "title": "送信元メールアドレスの詐称",
-        "row": "2",
         "summary": "ローカルユーザーを詐称した MAIL FROM/From: が本物として配送される",
         "attack": "アカウントを持つ mallory が ceo@example.test を名乗り(MAIL FROM と From:)、"
                   "bob に至急の送金指示を送る。"
@@ -44,7 +41,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "backscatter": {
         "title": "NDRスパム(バックスキャッター)",
-        "row": "2",
         "summary": "送信元を詐称して存在しないユーザーに送ると、NDRメールがスパムを添付して"
                    "詐称されたアドレスに届く",
         "attack": "スパマーが送信元を被害者のアドレス victim@innocent.example に詐称し、"
@@ -57,7 +53,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "sniff": {
         "title": "平文通信(パスワードとメールの盗聴)",
-        "row": "3",
         "summary": "alice のパスワード(AUTH PLAIN、POP3 PASS)とメール本文を通信の記録から読む",
         "attack": "alice がいつもどおり機密のメールを送り、メールボックスを読む。記録プロキシは、"
                   "経路上の誰か(共有ネットワーク、盗聴)が読める内容を示す。",
@@ -68,7 +63,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "vrfy": {
         "title": "VRFY/EXPN によるアカウント情報の漏洩",
-        "row": "4",
         "summary": "VRFY/EXPN でユーザー一覧とエイリアスの実際の配送先が分かる",
         "attack": "攻撃者がよくある12の名前を VRFY で、2つのエイリアスを EXPN で問い合わせる。",
         "counter": "VRFY はどの引数にも 252、EXPN は 502 を返すので、応答からアカウントの有無は"
@@ -80,7 +74,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "smuggling": {
         "title": "SMTP スマグリング",
-        "row": "+",
         "summary": "<LF>.<LF> を使い、送信元を詐称した2通目のメールを紛れ込ませる",
         "attack": "攻撃者は1通のメールの中で、行を単独の LF・ドット・単独の LF で終え、続けて "
                   "ceo@example.test からの完全な2つ目のトランザクションを書く。",
@@ -90,7 +83,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "overflow": {
         "title": "バッファオーバーフロー(BOF)とリソース枯渇",
-        "row": "5",
         "summary": "20,000オクテットのコマンド行と2,000件の RCPT: 旧来型は保持、堅牢化は拒否",
         "attack": "攻撃者は20,000オクテットのコマンド行(古い MTA は行を固定長バッファにコピー"
                   "していた: バッファオーバーフロー)を送り、続けて1つのトランザクションに2,000件の"
@@ -103,7 +95,6 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "guessing": {
         "title": "パスワードの推測(総当たり)",
-        "row": "2",
         "summary": "SMTP-AUTH と POP3 でパスワードを試す: 旧来型は無制限、堅牢化は遅延の後に遮断",
         "attack": "攻撃者は自分のアドレスから bob@example.test のよくあるパスワード9個を、"
                   "5個を SMTP-AUTH で、残りを POP3 で試す。",
