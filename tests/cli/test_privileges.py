@@ -20,14 +20,14 @@ import socket
 import sqlite3
 import ssl
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import refusing_dns_port
-from tests.server.production import cli, free_port, serving, world_dir, write_config
+from tests.server.production import as_nobody, cli, free_port, serving, world_dir, write_config
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs mailfort commands "
                              "as root with server.user and plants files as that user")
@@ -42,24 +42,6 @@ def root_dir() -> Iterator[Path]:
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
-
-def as_nobody(work: Callable[[], None]) -> None:
-    """Run ``work`` in a forked child that has become nobody for good; fail if it fails."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY.pw_gid)
-            os.setuid(NOBODY.pw_uid)
-            work()
-            code = 0
-        except BaseException as exc:
-            os.write(2, f"as nobody: {exc!r}\n".encode())
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "planting as nobody failed"
 
 
 def nobodys_data_dir(root: Path) -> Path:

@@ -7,6 +7,7 @@ account can still reach its data directory; the subprocess imports this checkout
 from __future__ import annotations
 
 import os
+import pwd
 import random
 import signal
 import socket
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,24 @@ def proc_ids(pid: int, task: int | None = None) -> dict[str, list[int]]:
         if key in ("Uid", "Gid", "Groups"):
             out[key] = [int(x) for x in value.split()]
     return out
+
+
+def as_nobody(work: Callable[[], None]) -> None:
+    """Run ``work`` in a forked child that has become nobody for good (as a compromised
+    service account would be); fail if it fails."""
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            work()
+            code = 0
+        except BaseException as exc:
+            os.write(2, f"as nobody: {exc!r}\n".encode())
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "planting as nobody failed"

@@ -22,14 +22,13 @@ import shutil
 import smtplib
 import stat
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mailfort.store import intents
 from tests.conftest import refusing_dns_port
-from tests.server.production import cli, free_port, serving, world_dir, write_config
+from tests.server.production import as_nobody, cli, free_port, serving, world_dir, write_config
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it starts mailfort as "
                              "root with server.user and plants files as that user")
@@ -45,25 +44,6 @@ def root_dir() -> Path:
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
-
-def as_nobody(work: Callable[[], None]) -> None:
-    """Run ``work`` in a forked child that has become nobody for good (as the service
-    account would be); fail if it fails."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY.pw_gid)
-            os.setuid(NOBODY.pw_uid)
-            work()
-            code = 0
-        except BaseException as exc:
-            os.write(2, f"as nobody: {exc!r}\n".encode())
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "planting as nobody failed"
 
 
 def snapshot(root: Path, skip: Path) -> dict[str, tuple[object, ...]]:
