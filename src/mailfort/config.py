@@ -746,7 +746,7 @@ def _check_network(key: str, net: str) -> None:
 
 
 def _validate_zones(key: str, zones: list[DNSBLZoneConfig]) -> None:
-    from mailfort.policy.dnsbl import parse_code_range
+    from mailfort.protocol.dnsbl_codes import parse_code_range
 
     for i, z in enumerate(zones):
         k = f"{key}[{i}]"
