@@ -26,23 +26,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mailfort.config import Config, ConfigError
+from mailfort.tls import _write_private
+from mailfort.tls import acme_paths as paths
 
 log = logging.getLogger("mailfort")
 
 ACCOUNT_KEY = "account.pem"
-CERT = "cert.pem"
-KEY = "key.pem"
 ORDER_TIMEOUT = 90.0
 
 
 def acme_dir(cfg: Config) -> Path:
-    return cfg.data_path / "acme"
-
-
-def paths(cfg: Config) -> tuple[Path, Path]:
-    """(certificate chain, key) of the ACME certificate."""
-    d = acme_dir(cfg)
-    return d / CERT, d / KEY
+    return paths(cfg)[0].parent
 
 
 class ChallengeServer:
@@ -86,12 +80,6 @@ class ChallengeServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    from mailfort.tls import _write_private as write
-
-    write(path, data, mode)
 
 
 def _load_or_make_account_key(d: Path) -> rsa.RSAPrivateKey:

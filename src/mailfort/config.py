@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mailfort.protocol.errors import Slowdown
-from mailfort.server.stress import StressSettings
 
 
 class ConfigError(ValueError):
@@ -101,6 +100,20 @@ class ListenConfig:
     submissions: list[str] = field(default_factory=lambda: ["127.0.0.1:2465"])
     pop3: list[str] = field(default_factory=lambda: ["127.0.0.1:2110"])
     pop3s: list[str] = field(default_factory=lambda: ["127.0.0.1:2995"])
+
+
+@dataclass(frozen=True)
+class StressSettings:
+    """What server/stress.py's guard runs with (``LimitsConfig.stress`` makes it). Here, not
+    in server/, because settings are config's: config imports no layer above it."""
+
+    threshold: float = 0.8  # fraction of max_connections; 0 disables stress mode
+    idle_timeout: float = 10.0  # seconds without progress under stress
+    max_errors: int = 3  # error limit of sessions opened under stress
+    # A full table ends a session only once it has made no progress for this long. 0: the
+    # least recently active one, however recent: a flood of fresh connections must not
+    # keep a legitimate newcomer out (a session that is talking stays at the newest end).
+    evict_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -733,7 +746,7 @@ def _check_network(key: str, net: str) -> None:
 
 
 def _validate_zones(key: str, zones: list[DNSBLZoneConfig]) -> None:
-    from mailfort.policy.dnsbl import parse_code_range
+    from mailfort.protocol.dnsbl_codes import parse_code_range
 
     for i, z in enumerate(zones):
         k = f"{key}[{i}]"

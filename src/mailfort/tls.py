@@ -54,6 +54,13 @@ def _usable(cert_path: Path, key_path: Path, cfg: Config) -> bool:
     return after - RENEW_BEFORE >= dt.datetime.now(dt.UTC) and set(_names(cfg)) <= names
 
 
+def acme_paths(cfg: Config) -> tuple[Path, Path]:
+    """(certificate chain, key) that acmecert.py obtains into ``<data_dir>/acme/``: named
+    here, below acmecert, because loading a certificate must not need the ACME client."""
+    d = cfg.data_path / "acme"
+    return d / CERT_NAME, d / KEY_NAME
+
+
 def record_path(cert_path: Path) -> Path:
     return cert_path.with_name(cert_path.name + ".json")
 
@@ -101,7 +108,7 @@ def _parse_certificate(pem: bytes) -> dict[str, Any]:
     }
 
 
-def _write_private(path: Path, data: bytes, mode: int) -> None:
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write atomically (tmp + fsync + rename) with ``mode`` from the first byte."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -175,9 +182,7 @@ def ensure_certificate(cfg: Config, made: Made | None = None) -> tuple[Path, Pat
     """(cert, key) paths: the configured ones, or a self-signed pair written if needed
     (``made``: the one to write then, made beforehand by ``make_self_signed``)."""
     if cfg.tls.acme:  # obtained at start, before the node (server/operations.py)
-        from mailfort.acmecert import paths
-
-        cert, key = paths(cfg)
+        cert, key = acme_paths(cfg)
         if not cert.is_file() or not key.is_file():
             raise ConfigError(f"tls.acme: no certificate in {cert.parent} yet")
         return cert, key

@@ -94,7 +94,7 @@ async def test_reports_sent_by_mail_and_https(
         client_ctx = ssl.create_default_context()
         tls_ca.configure_trust(client_ctx)
         queue = Queue(cfg.data_path / "queue")
-        done = await send_reports(cfg, queue, make_resolver(cfg), DAY, ctx=client_ctx)
+        done = await send_reports(cfg, queue.enqueue_bytes, make_resolver(cfg), DAY, ctx=client_ctx)
         assert any("queued for tls@remote.test" in d for d in done), done
         assert any("-> 201" in d for d in done), done
         ((ctype, body),) = _Collector.posts
@@ -143,7 +143,8 @@ async def test_reports_are_never_posted_inward(
         dns_server.add_a("tlsrpt.other.test", "127.0.0.1")
         client_ctx = ssl.create_default_context()
         tls_ca.configure_trust(client_ctx)
-        done = await send_reports(cfg, Queue(cfg.data_path / "queue"), make_resolver(cfg),
+        done = await send_reports(cfg, Queue(cfg.data_path / "queue").enqueue_bytes,
+                                  make_resolver(cfg),
                                   DAY, ctx=client_ctx)
         other, remote = done
         assert other.startswith("other.test: POST") and other.endswith(
@@ -170,7 +171,7 @@ async def test_daily_task_sends_yesterday_once(
     woken: list[int] = []
     clock = lambda: DAY_START + 86400 + 300  # noqa: E731 (five past midnight the day after)
     for _ in range(2):  # a restart the same day sends nothing again
-        task = asyncio.create_task(daily(cfg, queue, make_resolver(cfg),
+        task = asyncio.create_task(daily(cfg, queue.enqueue_bytes, make_resolver(cfg),
                                          lambda: woken.append(1), clock))
         for _ in range(200):
             if (cfg.data_path / "tlsrpt" / f"sent-{DAY}").exists():

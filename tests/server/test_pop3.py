@@ -487,6 +487,23 @@ async def test_leading_dots_and_8bit_round_trip_byte_for_byte(lab: POP3Lab) -> N
     assert sizes == [len(body), len(body)]
 
 
+async def test_a_bare_cr_on_disk_reaches_the_client_as_a_line_end(lab: POP3Lab) -> None:
+    """RETR follows SMTP DATA's rule (protocol/dotstuff.py): a bare CR in a file that another
+    program wrote ends a line, and LIST (counted: no W= in the name) says what RETR sends."""
+    lab.deliver(ALICE, b"Subject: cr\r\n\r\nold\rmac\r.lines\r\nend")
+
+    def fetch() -> tuple[list[bytes], int]:
+        c = lab.tls_login()
+        lines = c.retr(1)[1]
+        size = int(c.list()[1][0].split()[1])
+        c.quit()
+        return lines, size
+
+    lines, size = await in_thread(fetch)
+    assert lines == [b"Subject: cr", b"", b"old", b"mac", b".lines", b"end"]
+    assert size == sum(len(line) + 2 for line in lines)
+
+
 async def test_uidl_stable_across_sessions_and_new_mail_waits(lab: POP3Lab) -> None:
     lab.deliver(ALICE, CRLF_MSG)
     lab.deliver(ALICE, CRLF_MSG)

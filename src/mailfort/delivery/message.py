@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from mailfort.protocol.dotstuff import DotStuffer
+
 CHUNK = 64 * 1024  # bytes read from the file (and written to the remote) at a time
 MAX_HEADER_SCAN = 1 << 20  # a header block longer than this: the rest counts as body
 
-_LINE_END = re.compile(rb"\r\n|\n|\r")
 _RETURN_PATH = re.compile(rb"return-path[ \t]*:", re.IGNORECASE)  # obs: WSP before ":"
 
 
@@ -87,39 +88,13 @@ def scan_file(path: Path) -> Traits:
     return s.traits()
 
 
-class DataEncoder:
-    """Message octets in, DATA octets out: every line end CRLF, a leading "." doubled.
+class DataEncoder(DotStuffer):
+    """Message octets in, DATA octets out, by ``protocol/dotstuff.py``'s rule: every line
+    end CRLF (bare CR and bare LF too: a remote must never see one, SMTP smuggling), a
+    leading "." doubled. Pieces may split anywhere, including between the CR and LF of one
+    line end; ``end`` closes the data."""
 
-    Bare CR and bare LF become CRLF (a remote must never see one: SMTP smuggling). Pieces
-    may split anywhere, including between the CR and LF of one line end.
-    """
-
-    def __init__(self) -> None:
-        self._bol = True  # the next octet starts a line
-        self._cr = False  # a CR held back from the end of the previous piece
-
-    def feed(self, data: bytes) -> bytes:
-        if self._cr:
-            data = b"\r" + data
-            self._cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._cr = True
-        if not data:
-            return b""
-        data = _LINE_END.sub(b"\r\n", data)
-        if self._bol and data.startswith(b"."):
-            data = b"." + data
-        data = data.replace(b"\n.", b"\n..")
-        self._bol = data.endswith(b"\n")
-        return data
-
-    def end(self) -> bytes:
-        """What closes the data: a final line end if missing, then "." CRLF."""
-        out = b"\r\n" if self._cr or not self._bol else b""
-        self._cr = False
-        self._bol = True
-        return out + b".\r\n"
+    __slots__ = ()
 
 
 class ReturnPathFilter:

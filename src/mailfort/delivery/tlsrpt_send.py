@@ -12,6 +12,7 @@ import email.utils
 import http.client
 import ssl
 import urllib.parse
+from collections.abc import Callable
 from email.message import EmailMessage
 
 import dns.asyncresolver
@@ -25,9 +26,13 @@ from mailfort.delivery.tlsrpt import (
     report_filename,
     rua_of,
 )
-from mailfort.queue.store import Queue
 
 MEDIA_TYPE = "application/tlsrpt+gzip"
+
+# How a report mail is queued: (message, sender, recipients, submitted_by), e.g. the
+# queue's ``enqueue_bytes``. Passed in by whoever runs the reports (queue/worker.py), so
+# that delivery, which the queue uses, does not import the queue back.
+Enqueue = Callable[[bytes, str, list[str], str | None], object]
 
 
 def report_mail(cfg: Config, domain: str, rcpt: str, report: dict[str, object],
@@ -78,7 +83,7 @@ def _post(url: urllib.parse.SplitResult, address: str, body: bytes, ctx: ssl.SSL
         conn.close()
 
 
-async def send_reports(cfg: Config, queue: Queue, resolver: dns.asyncresolver.Resolver,
+async def send_reports(cfg: Config, enqueue: Enqueue, resolver: dns.asyncresolver.Resolver,
                        day: str, *, ctx: ssl.SSLContext | None = None) -> list[str]:
     """Send ``day``'s reports; returns what was done, one line per destination."""
     store = TLSReportStore(cfg.data_path / "tlsrpt")
@@ -101,7 +106,7 @@ async def send_reports(cfg: Config, queue: Queue, resolver: dns.asyncresolver.Re
                     continue
                 msg = report_mail(cfg, domain, rcpt, report, body, day)
                 # Null sender: a report is never bounced back (RFC 8460 §5.3 allows it).
-                await asyncio.to_thread(queue.enqueue_bytes, msg, "", [rcpt], None)
+                await asyncio.to_thread(enqueue, msg, "", [rcpt], None)
                 done.append(f"{domain}: queued for {rcpt}")
             elif parsed.scheme == "https":
                 try:
@@ -118,7 +123,7 @@ async def send_reports(cfg: Config, queue: Queue, resolver: dns.asyncresolver.Re
     return done
 
 
-async def daily(cfg: Config, queue: Queue, resolver: dns.asyncresolver.Resolver,
+async def daily(cfg: Config, enqueue: Enqueue, resolver: dns.asyncresolver.Resolver,
                 wake: object = None, clock: object = None) -> None:
     """Forever: once per UTC day, send the previous day's reports (a marker file in the
     report directory makes it once, across restarts). Cancel to stop."""
@@ -135,7 +140,7 @@ async def daily(cfg: Config, queue: Queue, resolver: dns.asyncresolver.Resolver,
         marker = root / f"sent-{yesterday}"
         if (root / f"{yesterday}.jsonl").exists() and not marker.exists():
             try:
-                for line in await send_reports(cfg, queue, resolver, yesterday):
+                for line in await send_reports(cfg, enqueue, resolver, yesterday):
                     log.info("TLS report %s", line)
                 marker.touch()
                 if wake is not None:

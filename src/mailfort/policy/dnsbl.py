@@ -27,11 +27,11 @@ import dns.exception
 import dns.resolver
 
 from mailfort.policy import decisionlog
+from mailfort.protocol.dnsbl_codes import LISTING_NET, parse_code_range
 
 log = logging.getLogger("mailfort.dnsbl")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_LISTING_NET = ipaddress.ip_network("127.0.0.0/8")
 _ERROR_NET = ipaddress.ip_network("127.255.255.0/24")
 _NEGATIVE_TEST = ipaddress.ip_address("127.0.0.1")
 NEGATIVE_TTL = 60.0  # seconds a "not listed" answer is kept
@@ -86,29 +86,12 @@ class CodeFilter:
             addr = ipaddress.IPv4Address(code)
         except ValueError:
             return False
-        if addr not in _LISTING_NET or addr in _ERROR_NET or addr == _NEGATIVE_TEST:
+        if addr not in LISTING_NET or addr in _ERROR_NET or addr == _NEGATIVE_TEST:
             return False
         if not self.ranges:
             return True
         n = int(addr)
         return any(lo <= n <= hi for lo, hi in self.ranges)
-
-
-def parse_code_range(spec: str) -> tuple[int, int]:
-    """``127.0.0.2``, ``127.0.0.2-127.0.0.11`` or ``127.0.0.0/29`` as (first, last);
-    ValueError for anything else or anything outside 127.0.0.0/8."""
-    spec = spec.strip()
-    if "-" in spec:
-        first, _, last = spec.partition("-")
-        lo, hi = ipaddress.IPv4Address(first.strip()), ipaddress.IPv4Address(last.strip())
-    elif "/" in spec:
-        net = ipaddress.IPv4Network(spec, strict=False)
-        lo, hi = net.network_address, net.broadcast_address
-    else:
-        lo = hi = ipaddress.IPv4Address(spec)
-    if lo > hi or lo not in _LISTING_NET or hi not in _LISTING_NET:
-        raise ValueError(f"{spec!r} is not a range of addresses in 127.0.0.0/8")
-    return int(lo), int(hi)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from mailfort.protocol.dotstuff import TERMINATOR, DotStuffer, SizeCounter
 from mailfort.protocol.errors import ErrorCounter, Slowdown
 from mailfort.protocol.lines import LineError, LineReader
 from mailfort.protocol.sasl import (
@@ -571,22 +572,19 @@ _KNOWN = frozenset(_AUTH_CMDS) | frozenset(_TRANS_CMDS)
 # ---------------------------------------------------------------------------- encoding
 
 
-class MessageEncoder:
+class MessageEncoder(DotStuffer):
     """Turns a stored message, fed in chunks, into its RETR/TOP form on the wire.
 
-    Line endings become CRLF whatever is on disk (LF or CRLF; a lone CR stays data), lines
-    starting with "." get another "." (RFC 1939 §3), a missing final line ending is added and
-    ``finish`` appends the ``.`` terminator. With ``top_lines`` it stops after the header
-    section and that many body lines, and ``done`` tells the reader it may stop reading.
-    Output before stuffing is exactly ``wire_size`` of the same input, so LIST matches RETR.
+    The line-end and dot-stuffing rule is ``protocol/dotstuff.py``'s, the same as SMTP
+    DATA's. With ``top_lines`` it stops after the header section and that many body lines,
+    and ``done`` tells the reader it may stop reading. Output before stuffing is exactly
+    ``wire_size`` of the same input, so LIST matches RETR.
     """
 
-    __slots__ = ("_bol", "_cr", "_emitted", "_in_headers", "_left", "done")
+    __slots__ = ("_in_headers", "_left", "done")
 
     def __init__(self, top_lines: int | None = None) -> None:
-        self._bol = True  # the next output byte starts a line
-        self._cr = False  # a trailing CR held back until we know whether LF follows
-        self._emitted = False
+        super().__init__()
         self._in_headers = top_lines is not None
         self._left = top_lines
         self.done = False
@@ -594,37 +592,16 @@ class MessageEncoder:
     def feed(self, data: bytes) -> bytes:
         if self.done:
             return b""
-        if self._cr:
-            data = b"\r" + data
-            self._cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._cr = True
-        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        out = self.crlf(data)
         if self._left is not None:
             out = self._cut(out)
-        return self._stuff(out)
+        return self.stuff(out)
 
     def finish(self) -> bytes:
-        tail = b""
-        if not self.done:
-            if self._cr:
-                tail = self._stuff(b"\r")
-                self._cr = False
-            if self._emitted and not self._bol:
-                tail += CRLF
+        if self.done:
+            return TERMINATOR
         self.done = True
-        return tail + b".\r\n"
-
-    def _stuff(self, out: bytes) -> bytes:
-        if not out:
-            return out
-        if self._bol and out[:1] == b".":
-            out = b"." + out
-        out = out.replace(b"\r\n.", b"\r\n..")
-        self._bol = out.endswith(b"\n")
-        self._emitted = True
-        return out
+        return self.end()
 
     def _cut(self, out: bytes) -> bytes:
         """Keep the header section and ``_left`` body lines of normalised output."""
@@ -650,42 +627,15 @@ class MessageEncoder:
         self._left = left
         if left == 0:
             self.done = True
-            self._cr = False
+            self.drop_pending()
             return out[:pos]
         return out
 
 
 def wire_size(chunks: Iterable[bytes]) -> int:
-    """Octets of a message on the wire before byte-stuffing (RFC 1939 sizes), by counting.
-
-    Must agree with ``MessageEncoder``: each LF not preceded by CR adds one octet, and a
-    non-empty message that does not end with LF gets CRLF added.
-    """
+    """Octets of a message on the wire before byte-stuffing (RFC 1939 sizes), by counting
+    (``dotstuff.SizeCounter``: what ``MessageEncoder`` sends before stuffing)."""
     counter = SizeCounter()
     for chunk in chunks:
         counter.feed(chunk)
     return counter.size()
-
-
-class SizeCounter:
-    """Incremental ``wire_size``: feed chunks as they are read, then ``size()``."""
-
-    __slots__ = ("_last", "_n")
-
-    def __init__(self) -> None:
-        self._n = 0
-        self._last = b""
-
-    def feed(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        bare = chunk.count(b"\n") - chunk.count(b"\r\n")
-        if chunk[:1] == b"\n" and self._last == b"\r":
-            bare -= 1  # the CR ending the previous chunk pairs with this LF
-        self._n += len(chunk) + bare
-        self._last = chunk[-1:]
-
-    def size(self) -> int:
-        if self._n and self._last != b"\n":
-            return self._n + 2
-        return self._n

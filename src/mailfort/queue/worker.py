@@ -158,7 +158,7 @@ class DeliveryWorker:
         # --- TLS-RPT (issue 13): yesterday's reports, once a day, through this queue
         if self.cfg.delivery.tls_reports:
             self._tlsrpt_task = asyncio.create_task(
-                tlsrpt_send.daily(self.cfg, self.queue, self._resolver, self.wake),
+                tlsrpt_send.daily(self.cfg, self.queue.enqueue_bytes, self._resolver, self.wake),
                 name="mailfort-tlsrpt")
         # --- end TLS-RPT
 

@@ -25,24 +25,14 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Protocol
+
+from mailfort.config import StressSettings
 
 log = logging.getLogger("mailfort.stress")
 
 PROGRESS_BYTES = 1024  # octets received that count as progress without a reply
 SWEEP_INTERVAL = 1.0  # seconds between sweeps while under stress
-
-
-@dataclass(frozen=True)
-class StressSettings:
-    threshold: float = 0.8  # fraction of max_connections; 0 disables stress mode
-    idle_timeout: float = 10.0  # seconds without progress under stress
-    max_errors: int = 3  # error limit of sessions opened under stress
-    # A full table ends a session only once it has made no progress for this long. 0: the
-    # least recently active one, however recent: a flood of fresh connections must not
-    # keep a legitimate newcomer out (a session that is talking stays at the newest end).
-    evict_after: float = 0.0
 
 
 class StressedSession(Protocol):

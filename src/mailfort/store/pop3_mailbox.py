@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from mailfort.protocol.pop3 import MessageEncoder, SizeCounter
+from mailfort.protocol.dotstuff import SizeCounter
+from mailfort.protocol.pop3 import MessageEncoder
 from mailfort.store.durable import fsync_dir, rename_no_replace
 
 CHUNK = 64 * 1024
