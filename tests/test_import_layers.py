@@ -24,6 +24,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         # a library (which certificate is served, described), read by `mailfort status`
         # in server/operations.py too: not a command module, whatever its folder
         "mailfort.tlsinfo",
+        # the weakness table and what audit and lab share to print reports: data and text
+        "mailfort.weaknesses", "mailfort.report",
     )),
     ("store", ("mailfort.store", "mailfort.directory", "mailfort.policy")),
     # delivery sends one message; the queue decides when and runs it (Postfix's qmgr and
@@ -32,8 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("queue", ("mailfort.queue",)),
     ("server", ("mailfort.server",)),
     ("commands", (
-        "mailfort.__main__", "mailfort.cli", "mailfort.ops_commands", "mailfort.dns_command",
-        "mailfort.dkim_command", "mailfort.db_command", "mailfort.audit", "mailfort.lab",
+        "mailfort.__main__", "mailfort.cli", "mailfort.audit", "mailfort.lab",
     )),
 ]
 
@@ -48,12 +49,9 @@ KNOWN: dict[tuple[str, str], str] = {
     ("mailfort.server.app", "mailfort.lab.profile"): "issue 26.1",
     ("mailfort.server.smtp", "mailfort.lab.profile"): "issue 26.1",
 }
-# The circle that the same import closes (lab/profile imports the server back), and the
-# command modules importing each other at the package root (issue 26.3 makes mailfort/cli/).
+# The circle that the same import closes (lab/profile imports the server back).
 KNOWN_CYCLES: list[tuple[str, ...]] = [
     ("mailfort.lab.profile", "mailfort.server"),
-    ("mailfort.cli", "mailfort.db_command", "mailfort.dkim_command", "mailfort.dns_command",
-     "mailfort.ops_commands"),
 ]
 
 
