@@ -94,6 +94,11 @@ class Recipient:
     # For failed recipients: the bounce was sent (or none is due). Kept in the state so a
     # crash between marking "failed" and delivering the bounce sends it after restart.
     notified: bool = False
+    # `queue retry` makes a recipient due now without touching its backoff: ``retry_at``
+    # keeps the time it was scheduled for (0: no manual retry pending), to which a failed
+    # early attempt returns; ``early`` counts such attempts, which backoff does not.
+    retry_at: float = 0.0
+    early: int = 0
 
     @property
     def active(self) -> bool:
@@ -252,6 +257,8 @@ RECIPIENT_SCHEMA: dict[str, tuple[Check, bool]] = {
     "remote_mta": (_is_str, False),
     "last_attempt": (_is_time, False),
     "notified": (_is_bool, False),
+    "retry_at": (_is_time, False),
+    "early": (_is_count, False),
 }
 
 ENTRY_SCHEMA: dict[str, tuple[Check, bool]] = {
@@ -304,7 +311,9 @@ def parse_state(raw: bytes, ident: str) -> Entry:
     try:
         d = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
-        ends = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated")
+        rest = text[exc.pos:].rstrip()  # a literal cut short ("fal") is a truncation too
+        ends = not rest or exc.msg.startswith("Unterminated") or \
+            any(lit.startswith(rest) for lit in ("true", "false", "null"))
         cut = " (truncated?)" if ends else ""
         raise StateError(f"not JSON{cut}: {exc.msg} (character {exc.pos})") from None
     except RecursionError:
@@ -725,7 +734,9 @@ class Queue:
                 if not entry.active:
                     continue
                 for r in entry.active:
-                    r.next_attempt = now
+                    if r.next_attempt > now:  # keep the schedule (see Recipient.retry_at)
+                        r.retry_at = max(r.retry_at, r.next_attempt)
+                        r.next_attempt = now
                 self._write_state(entry)
                 n += 1
         return n

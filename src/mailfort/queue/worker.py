@@ -383,11 +383,16 @@ class DeliveryWorker:
                 self._release_destination(d)
         now = self.clock()
         expiry = entry.created + self.cfg.queue.max_lifetime
-        for domain_result in results:
+        for domain_result, timing in results:
             for r in by_domain_lookup(entry, domain_result):
                 res = domain_result.results[r.address]
                 metrics.DELIVERIES.labels(res.outcome).inc()
+                # Tried before its time by `queue retry`: the schedule stays as it was.
+                early = r.retry_at > now
+                scheduled, r.retry_at = r.retry_at, 0.0
                 r.attempts += 1
+                if early:
+                    r.early += 1
                 r.last_attempt = now
                 r.last_reply = res.reply
                 r.status = res.status
@@ -395,20 +400,27 @@ class DeliveryWorker:
                 if res.outcome == "delivered":
                     r.state = "delivered"
                     self.stats.delivered += 1
+                    word = "sent"
                 elif res.outcome == "permanent":
                     r.state = "failed"
                     self.stats.failed += 1
-                    self._log_failure(entry, r)
+                    word = "bounced"
                 elif now >= expiry:
                     r.state = "failed"
                     r.status = "4.4.7"
                     r.last_reply = f"message expired in queue; last reply: {res.reply}"
                     self.stats.failed += 1
-                    self._log_failure(entry, r)
+                    word = "expired"
                 else:
                     r.state = "deferred"
-                    r.next_attempt = min(now + backoff(self.cfg, r.attempts), expiry)
+                    later = scheduled if early else \
+                        now + backoff(self.cfg, r.attempts - r.early)
+                    r.next_attempt = min(later, expiry)
                     self.stats.deferred += 1
+                    word = "deferred"
+                log_attempt(entry, r, domain_result, word, timing)
+                if r.state == "failed":
+                    self._log_failure(entry, r)
         if not may_bounce(entry):
             for r in entry.unnotified:
                 if r.address not in entry.forwards:  # the alias's owner is told (_notify)
@@ -423,9 +435,11 @@ class DeliveryWorker:
 
     async def _deliver_domain(
         self, entry: Entry, domain: str, rcpts: list[Recipient], path: Path, traits: Traits
-    ) -> client.DomainResult:
+    ) -> tuple[client.DomainResult, Timing]:
         addrs = [r.address for r in rcpts]
         async with self._sem:  # the slot first: only then is the message opened
+            started = time.time()
+            t0 = time.monotonic()
             try:
                 targets = await mx.resolve(domain, self.cfg, port=self.mx_port,
                                            resolver=self._resolver)
@@ -435,7 +449,7 @@ class DeliveryWorker:
                 out = client.DomainResult()
                 for a in addrs:
                     out.results[a] = client.RcptResult(a, outcome, reply, exc.status)
-                return out
+                return out, Timing(started, time.monotonic() - t0, 0.0, 0.0)
             route = mx.route_for(self.cfg, domain)
             try:
                 message = await asyncio.to_thread(Outbound.from_file, path, traits)
@@ -444,7 +458,7 @@ class DeliveryWorker:
                 for a in addrs:
                     out.results[a] = client.RcptResult(a, "temporary",
                                                        "4.3.0 message file missing", "4.3.0")
-                return out
+                return out, Timing(started, time.monotonic() - t0, 0.0, 0.0)
             # --- outbound TLS policy (issue 13): floor, per-domain level, DANE, MTA-STS.
             # "TLS-Required: No" (RFC 8689 §4.2.2): the sender waives the destination's
             # MTA-STS and DANE; our own configured levels still hold.
@@ -453,6 +467,7 @@ class DeliveryWorker:
             else:
                 policy = await self._tls.policy_for(domain, route, targets)
             # --- end outbound TLS policy
+            t1 = time.monotonic()
             res = await client.deliver(
                 targets,
                 entry.sender,
@@ -466,18 +481,17 @@ class DeliveryWorker:
                 report=self._tls.report,  # issue 13: TLS-RPT events
                 requiretls=entry.requiretls,  # RFC 8689
             )
+            t2 = time.monotonic()
         for a in addrs:  # belt and braces: every recipient gets a result
             res.results.setdefault(a, client.RcptResult(a, "temporary", "4.4.1 no result",
                                                         "4.4.1"))
-        log.info("queue %s domain %s: %s (%s%s)", entry.id, domain,
-                 ", ".join(f"{a}={res.results[a].outcome}" for a in addrs),
-                 f"via {res.host}, {res.hop}" if res.host else "not handed over",
-                 ", REQUIRETLS" if entry.requiretls else "")
-        return res
+        mail_at = res.mail_at if t1 <= res.mail_at <= t2 else t2
+        return res, Timing(started, t1 - t0, mail_at - t1, t2 - mail_at)
 
     async def _save(self, entry: Entry) -> None:
         if entry.finished:
             await asyncio.to_thread(self.queue.delete, entry.id)
+            log.info("queue %s: removed (%s)", entry.id, removal_reason(entry))
         else:
             await asyncio.to_thread(self.queue.update, entry)
 
@@ -587,7 +601,7 @@ class DeliveryWorker:
         assert to is not None
         sent = int(entry.extra.get("dsns", 0))
         when = int(max((r.last_attempt for r in about), default=0.0) or entry.created)
-        key = f"{when}.B{entry.id}N{sent}"  # the same after a crash before the next save
+        key = f"{when}.{dsn_id(entry.id, sent)}"  # the same after a crash before the next save
         try:  # a bounce quotes the headers only: no need to read the whole message
             headers = await asyncio.to_thread(self.queue.read_headers, entry.id,
                                               MAX_ORIGINAL_HEADERS + 1)
@@ -610,6 +624,10 @@ class DeliveryWorker:
             log.exception("queue %s: DSN to %s not delivered; will retry", entry.id, to)
             return False
         entry.extra["dsns"] = sent + 1
+        kind = "forward failure" if alias else \
+            "delay" if reports[0].action == "delayed" else "non-delivery"
+        log.info("queue %s: sender %s notification: %s to=<%s>, recipients=%d", entry.id,
+                 kind, dsn_id(entry.id, sent), to, len(reports))
         return True
 
 
@@ -648,6 +666,72 @@ def _traits_of(path: Path, entry: Entry) -> Traits:
     message file is gone."""
     path.stat()
     return entry.traits or scan_file(path)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where an attempt's time went: ``started`` (wall clock, after waiting for a delivery
+    slot), then DNS (MX and TLS policy lookups), connection setup (connect, greeting,
+    EHLO, STARTTLS, over every host tried) and the transaction (MAIL to the last reply)."""
+
+    started: float
+    dns: float
+    connect: float
+    transaction: float
+
+
+def _secs(x: float) -> str:
+    """Seconds as Postfix writes them: two decimals at most, no trailing zeros."""
+    return f"{max(x, 0.0):.2f}".rstrip("0").rstrip(".")
+
+
+def tls_word(res: client.DomainResult) -> str:
+    """``none``, ``not-verified`` or ``verified(dane|mta-sts|policy)``."""
+    if not res.tls:
+        return "none"
+    if not res.verified:
+        return "not-verified"
+    return f"verified({res.verified.replace(' verify', '').replace(' ', '-')})"
+
+
+def attempt_line(ident: str, r: Recipient, res: client.DomainResult, word: str,
+                 created: float, timing: Timing | None) -> str:
+    """The delivery log line of one recipient in one attempt (README, "Delivery log")."""
+    t = timing or Timing(r.last_attempt, 0.0, 0.0, 0.0)
+    wait = t.started - created
+    total = wait + t.dns + t.connect + t.transaction
+    relay = res.relay or "none"
+    tls = tls_word(res) if res.relay else "none"
+    reply = " ".join(r.last_reply.split()) or "no reply"
+    return (f"queue {ident}: to=<{r.address}>, relay={relay}, delay={_secs(total)}, "
+            f"delays={_secs(wait)}/{_secs(t.dns)}/{_secs(t.connect)}/"
+            f"{_secs(t.transaction)}, tls={tls}, dsn={r.status or '4.0.0'}, "
+            f"status={word} ({reply})")
+
+
+def log_attempt(entry: Entry, r: Recipient, res: client.DomainResult, word: str,
+                timing: Timing | None) -> None:
+    line = attempt_line(entry.id, r, res, word, entry.created, timing)
+    if word == "sent":
+        log.info("%s", line)
+    else:
+        log.warning("%s", line)
+
+
+def dsn_id(ident: str, n: int) -> str:
+    """The id of the ``n``-th DSN (bounce or delay warning) about entry ``ident``: in its
+    log line and in the name of its file in the recipient's Maildir."""
+    return f"B{ident}N{n}"
+
+
+def removal_reason(entry: Entry) -> str:
+    """What became of a finished entry's recipients, e.g. "2 sent, 1 bounced"."""
+    sent = sum(r.state == "delivered" for r in entry.recipients)
+    expired = sum(r.state == "failed" and r.status == "4.4.7" for r in entry.recipients)
+    bounced = sum(r.state == "failed" for r in entry.recipients) - expired
+    parts = [f"{n} {w}" for n, w in ((sent, "sent"), (bounced, "bounced"),
+                                      (expired, "expired")) if n]
+    return ", ".join(parts) or "nothing left to do"
 
 
 def by_domain_lookup(entry: Entry, result: client.DomainResult) -> list[Recipient]:
