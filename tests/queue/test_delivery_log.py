@@ -166,3 +166,26 @@ async def test_rejected_recipient_is_bounced_with_the_remote_reply_and_notice(
     (notice,) = lines(caplog, NOTICE, ident)
     assert notice["kind"] == "non-delivery" and notice["n"] == "1"
     assert lines(caplog, REMOVED, ident)[0]["why"] == "1 sent, 1 bounced"
+
+
+async def test_an_entry_deleted_by_the_operator_is_logged_as_removed(
+    outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+    sink: LocalSink, started: list[DeliveryWorker], caplog: pytest.LogCaptureFixture,
+) -> None:
+    from mailfort.queue.admin import queue_delete, queue_root
+
+    caplog.set_level(logging.INFO, "mailfort.queue")
+    rx = await receivers(data_replies=["451 4.3.0 later"] * 10)
+    dns_server.add_a("mx.slow.test", "127.0.0.1")
+    cfg = outbound_config(queue=FAST | {"initial_retry": 600.0, "max_lifetime": 3600.0},
+                          routes={"slow.test": {"host": "mx.slow.test", "port": rx.port}})
+    w = await start(cfg, sink, started)
+    ident = w.queue.enqueue_bytes(MSG, "alice@example.test", ["x@slow.test"], None)
+    w.wake()
+    await wait_for(lambda: bool(lines(caplog, ATTEMPT, ident)))
+    (m,) = lines(caplog, ATTEMPT, ident)
+    assert m["status"] == "deferred" and m["text"].startswith("451 4.3.0 later")
+    assert queue_delete(queue_root(cfg), ident) == f"{ident}: deleted"
+    w.rescan()
+    await wait_for(lambda: bool(lines(caplog, REMOVED, ident)))
+    assert lines(caplog, REMOVED, ident)[0]["why"] == "deleted by the operator"

@@ -245,6 +245,7 @@ class DeliveryWorker:
             present = set(ids)
             for ident in [i for i in self._schedule if i not in present]:
                 del self._schedule[ident]  # deleted from outside (CLI)
+                await asyncio.to_thread(self._log_deleted, ident)
             for entry in entries:
                 if entry.id not in self._inflight:  # its task will tell
                     self._reschedule(entry)
@@ -289,6 +290,14 @@ class DeliveryWorker:
                 with contextlib.suppress(QueueError):
                     entries.append(self.queue.get(ident))
         return ids, entries
+
+    def _log_deleted(self, ident: str) -> None:
+        """An entry this worker had scheduled is gone and was not set aside as damaged:
+        `mailfort queue delete` (the CLI works on the files, so the server says it)."""
+        with contextlib.suppress(QueueError):
+            if self.queue.damaged_entry(ident) is not None:
+                return
+        log.info("queue %s: removed (deleted by the operator)", ident)
 
     def _reschedule(self, entry: Entry) -> None:
         """Note when the entry is next due (or forget it when nothing is left to do)."""
@@ -354,7 +363,8 @@ class DeliveryWorker:
         try:
             entry = await asyncio.to_thread(self.queue.get, ident)
         except QueueError:  # deleted meanwhile (`mailfort queue delete`), or damaged
-            self._schedule.pop(ident, None)
+            if self._schedule.pop(ident, None) is not None:
+                await asyncio.to_thread(self._log_deleted, ident)
             return
         self._reschedule(entry)  # as it is on disk, whatever happens below
         path = self.queue.message_path(ident)
@@ -428,8 +438,9 @@ class DeliveryWorker:
         try:
             await self._save(entry)
             await self._notify(entry, now)
-        except QueueError:
-            self._schedule.pop(ident, None)  # deleted meanwhile
+        except QueueError:  # deleted meanwhile
+            if self._schedule.pop(ident, None) is not None:
+                await asyncio.to_thread(self._log_deleted, ident)
             return
         self._reschedule(entry)
 
