@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -189,3 +190,34 @@ async def test_an_entry_deleted_by_the_operator_is_logged_as_removed(
     w.rescan()
     await wait_for(lambda: bool(lines(caplog, REMOVED, ident)))
     assert lines(caplog, REMOVED, ident)[0]["why"] == "deleted by the operator"
+
+
+def readme_regex() -> re.Pattern[str]:
+    """The attempt-line regex the README gives operators."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    block = text.split("A fail2ban-style regex reads every attempt line", 1)[1]
+    return re.compile(block.split("```text\n", 1)[1].split("\n```", 1)[0])
+
+
+async def test_the_readme_regex_reads_the_attempt_lines(
+    outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+    sink: LocalSink, started: list[DeliveryWorker], caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "mailfort.queue")
+    rx = await receivers(rcpt_replies={"gone@mixed.test": ["550 5.1.1 no such user"]})
+    dns_server.add_a("mx.mixed.test", "127.0.0.1")
+    dns_server.servfail("nowhere.test")
+    cfg = outbound_config(queue=FAST, dns={"timeout": 0.3},
+                          routes={"mixed.test": {"host": "mx.mixed.test", "port": rx.port}})
+    w = await start(cfg, sink, started)
+    ident = w.queue.enqueue_bytes(MSG, "alice@example.test",
+                                  ["ok@mixed.test", "gone@mixed.test", "x@nowhere.test"],
+                                  "alice@example.test")
+    w.wake()
+    await wait_for(lambda: bool(lines(caplog, REMOVED, ident)))
+    attempts = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(f"queue {ident}: to=")]
+    pattern = readme_regex()
+    assert all(pattern.match(x) for x in attempts), attempts
+    assert {pattern.match(x)["status"] for x in attempts} == \
+        {"sent", "bounced", "deferred", "expired"}
