@@ -221,3 +221,23 @@ async def test_the_readme_regex_reads_the_attempt_lines(
     assert all(pattern.match(x) for x in attempts), attempts
     assert {pattern.match(x)["status"] for x in attempts} == \
         {"sent", "bounced", "deferred", "expired"}
+
+
+async def test_a_delay_warning_is_one_line_with_its_own_id(
+    outbound_config: ConfigFactory, dns_server: DNSServer, receivers: ReceiverFactory,
+    sink: LocalSink, started: list[DeliveryWorker], caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "mailfort.queue")
+    rx = await receivers(data_replies=["451 4.3.0 later"] * 100)
+    dns_server.add_a("mx.slow.test", "127.0.0.1")
+    cfg = outbound_config(queue=FAST | {"max_lifetime": 3600.0, "delay_warning_after": 0.2},
+                          routes={"slow.test": {"host": "mx.slow.test", "port": rx.port}})
+    w = await start(cfg, sink, started)
+    ident = w.queue.enqueue_bytes(MSG, "alice@example.test", ["x@slow.test"],
+                                  "alice@example.test")
+    w.wake()
+    await wait_for(lambda: bool(lines(caplog, NOTICE, ident)))
+    (notice,) = lines(caplog, NOTICE, ident)
+    assert notice["kind"] == "delay" and notice["dsn_id"] == f"B{ident}N0"
+    assert notice["to"] == "alice@example.test" and notice["n"] == "1"
+    assert sink.delivered and sink.delivered[0][0] == "alice@example.test"
