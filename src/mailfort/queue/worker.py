@@ -29,6 +29,10 @@ the directory to local mailboxes (aliases are the domain administrator's, and th
 targets may all be remote). Never the outside sender. It is kept unnotified, like a
 bounce, until that notice is stored; each such failure, and every permanent failure that
 no one is told of (mail from outside, a null sender), is also a log line with its reason.
+
+The log follows a message as Postfix's does (README, "Delivery log"): one line per recipient
+per attempt (``attempt_line``: relay, delays, TLS, enhanced status, the reply or the local
+reason), one per DSN sent (with the DSN's own id, ``dsn_id``), one when the entry is removed.
 """
 
 from __future__ import annotations
