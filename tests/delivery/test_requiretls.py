@@ -89,8 +89,8 @@ async def test_requiretls_with_enforce_policy_is_delivered_with_the_parameter(
     m = rx.messages[0]
     assert m.tls and "REQUIRETLS" in m.mail.upper().split()
     # the delivery log names the hop's TLS and how it was verified
-    await wait_for(lambda: "verified by mta-sts, REQUIRETLS" in caplog.text)
-    assert "via mx.example.test, TLSv1." in caplog.text
+    await wait_for(lambda: "tls=verified(mta-sts)" in caplog.text)
+    assert "relay=mx.example.test[127.0.0.1]:" in caplog.text
 
 
 async def test_requiretls_with_testing_policy_still_needs_the_verified_path(
@@ -197,7 +197,7 @@ async def test_requiretls_over_dane_is_delivered(
     _send(w)
     await wait_for(lambda: len(rx.messages) == 1)
     assert "REQUIRETLS" in rx.messages[0].mail.upper().split()
-    await wait_for(lambda: "verified by dane, REQUIRETLS" in caplog.text)
+    await wait_for(lambda: "tls=verified(dane)" in caplog.text)
 
 
 @pytest.mark.parametrize("level", ["verify", "encrypt"])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,6 +177,57 @@ async def test_a_running_server_delivers_around_a_damaged_entry_and_the_cli_hand
         log = err + "".join(p.read_text() for p in root.glob("*.log"))
         assert f"queue {bad}: damaged entry set aside" in log
         assert "delivery pass failed" not in log and "Traceback" not in log
+    finally:
+        await rx.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_retry_now_keeps_the_schedule_and_a_bad_id_is_one_log_line() -> None:
+    """Issue 27 with a real `mailfort serve` and an entry as the previous version wrote it
+    (no retry fields): `queue show` takes its id; `queue retry ID` tries at once but the
+    next scheduled attempt stays where it was (before: every manual retry doubled the
+    wait); `queue retry nosuch` is refused with one log line, not a traceback."""
+    root = world_dir()
+    rx = await Receiver(rcpt_replies={"bob@remote.test": ["451 4.3.0 later"] * 100}).start()
+    config = write_config(root, refusing_dns_port(),
+                          routes={"remote.test": {"host": "127.0.0.1", "port": rx.port}},
+                          queue={"initial_retry": 600, "max_retry": 7200})
+    q = Queue(root / "data" / "queue")
+    ident = q.enqueue_bytes(MSG, "alice@example.test", ["bob@remote.test"], None)
+    state = q.env_dir / f"{ident}.json"
+    old = json.loads(state.read_text())
+    for r in old["recipients"]:  # as written before retry_at/early existed
+        r.pop("retry_at", None)
+        r.pop("early", None)
+    state.write_text(json.dumps(old))
+
+    def rcpt() -> Any:
+        return q.get(ident).recipients[0]
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        r = await asyncio.to_thread(cli, config, *args)
+        assert "Traceback" not in r.stderr, r.stderr
+        return r.returncode, r.stdout, r.stderr
+
+    try:
+        with serving(config, root / "data") as srv:
+            await _until(lambda: rcpt().attempts == 1, "no first attempt")
+            scheduled = rcpt().next_attempt
+            assert scheduled > time.time() + 500
+            code, out, _ = await run("queue", "show", ident)
+            assert code == 0 and f"id:           {ident}" in out
+            for n in (2, 3):
+                code, out, _ = await run("queue", "retry", ident)
+                assert code == 0 and "being retried now" in out, out
+                await _until(lambda n=n: rcpt().attempts == n, f"no attempt {n}")  # type: ignore[misc]
+                assert rcpt().next_attempt == pytest.approx(scheduled), "schedule moved"
+            code, out, err = await run("queue", "retry", "nosuchid0")
+            assert code != 0 and "no such queue entry" in err
+            _, err = srv.stop()
+        log = err + "".join(p.read_text() for p in root.glob("*.log"))
+        failed = [ln for ln in log.splitlines() if "control command" in ln]
+        assert len(failed) == 1 and "nosuchid0" in failed[0], failed
+        assert "Traceback" not in log
     finally:
         await rx.stop()
         shutil.rmtree(root, ignore_errors=True)

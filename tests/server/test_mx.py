@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import logging
 import os
 import shutil
@@ -87,6 +88,27 @@ async def test_delivers_to_local_user_with_trace_headers(node: Node) -> None:
     assert b"for <alice@example.test>" in msg
     assert b"\r\nhello\r\n" in msg
     assert b"\n" not in msg.replace(b"\r\n", b"")
+
+
+async def test_received_carries_the_id_the_client_was_told(node: Node) -> None:
+    """Before: "queued as" gave one id, Received: another (the MX's sender
+    authentication stores through a second spool)."""
+    port = node.port("mx")
+
+    def send() -> bytes:
+        with smtplib.SMTP("127.0.0.1", port) as s:
+            s.ehlo("client.remote.test")
+            s.mail("sender@remote.test")
+            s.rcpt("alice@example.test")
+            code, text = s.data(message().as_bytes(policy=email.policy.SMTP))
+            assert code == 250
+            return text
+
+    text = await asyncio.to_thread(send)
+    ident = text.rpartition(b" ")[2]
+    assert text.startswith(b"2.0.0 OK queued as ") and ident.isalnum()
+    (msg,) = stored(node, "alice@example.test")
+    assert b"with ESMTP id " + ident + b"\r\n" in msg
 
 
 @pytest.mark.parametrize("flush", ["syncfs", "fsync"])

@@ -742,3 +742,55 @@ async def test_mail_queued_on_any_worker_is_delivered_once_and_at_once(
     got = sorted(t for m in receiver.messages for t in tokens
                  if f"Subject: {t}".encode() in m.data)
     assert got == sorted(tokens)
+
+
+# ---------------------------------------------------------------------------- one id per message
+
+
+def submit_for_reply(port: int, ctx: ssl.SSLContext, msg: EmailMessage,
+                     rcpts: list[str]) -> str:
+    """Submit as alice; the text of the final reply to the message data."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("mua.example.test")
+        s.starttls(context=ctx)
+        s.ehlo("mua.example.test")
+        s.login(ALICE, "alice-pw")
+        s.mail(ALICE)
+        for r in rcpts:
+            assert s.rcpt(r)[0] == 250
+        code, text = s.data(msg.as_bytes(policy=email.policy.SMTP))
+        assert code == 250, text
+        return text.decode()
+
+
+async def test_the_id_in_the_250_is_the_id_everywhere(
+    outbound: OutboundFactory, client_ssl_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: the 250, Received: and the queue each had an id of their own, and
+    `queue show` did not know the one the client was told."""
+    from mailfort.queue.admin import queue_root, queue_show
+
+    caplog.set_level("INFO", logger="mailfort.queue")
+    o = await outbound(rcpt_replies={"someone@remote.test": ["450 4.2.1 later"] * 3})
+    rcpts = ["someone@remote.test", "other@second.test", BOB]
+    msg, _ = new_message(rcpts)
+    text = await asyncio.to_thread(submit_for_reply, o.node.port("submission"),
+                                   client_ssl_context, msg, rcpts)
+    m = re.search(r"queued as ([0-9A-Za-z]+)$", text)
+    assert m, text
+    ident = m.group(1)
+    await wait_for(lambda: o.rcpt_count("someone@remote.test") >= 1, "a first attempt")
+    shown = queue_show(queue_root(o.node.cfg), ident)  # the key the client was told
+    assert f"id:           {ident}" in shown and "someone@remote.test: " in shown
+    await wait_for(lambda: len(o.receiver.messages) >= 2, "both remote domains")
+    await wait_for(o.queue_empty, "queue empty")
+    for got in o.receiver.messages:  # one id for both destinations
+        assert re.search(rb"with ESMTPSA id " + ident.encode() + rb"\b", got.data), got.data
+    (local,) = maildir_files(o.node, BOB)
+    assert b"with ESMTPSA id " + ident.encode() in local
+    about = [r.getMessage() for r in caplog.records if f"queue {ident}:" in r.getMessage()]
+    assert any("to=<someone@remote.test>" in x and "status=deferred" in x for x in about)
+    assert any("to=<someone@remote.test>" in x and "status=sent" in x for x in about)
+    assert any("to=<other@second.test>" in x and "status=sent" in x for x in about)
+    assert any("removed (2 sent)" in x for x in about)

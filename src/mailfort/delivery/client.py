@@ -38,9 +38,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
+import os
 import re
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -83,6 +86,11 @@ class DomainResult:
     tls: bool = False
     tls_version: str = ""  # e.g. "TLSv1.3"
     verified: str = ""  # how the peer was authenticated: "", "dane", "mta-sts", "policy verify"
+    # For the delivery log line: host[ip]:port of the host that answered last ("" when
+    # none could be reached), and when its mail transaction began (time.monotonic(), 0:
+    # never), which splits connection setup from the transaction in ``delays=``.
+    relay: str = ""
+    mail_at: float = 0.0
 
     @property
     def hop(self) -> str:
@@ -139,6 +147,7 @@ class _HostFailure(Exception):
         self.no_smtputf8 = no_smtputf8  # reached, but it cannot take this message at all
         self.tls_result = tls_result  # RFC 8460 result-type when the required TLS failed
         self.final = final  # REQUIRETLS: this host can never take this message (RFC 8689)
+        self.relay = ""  # host[ip]:port when the host was reached (the log's relay=)
 
     def for_requiretls(self) -> _HostFailure:
         """The same TLS failure for a REQUIRETLS message: final (RFC 8689 §4.2.1: no
@@ -287,9 +296,28 @@ async def deliver(
             out.results[r] = RcptResult(r, "permanent", final.reply, final.status)
         return out
     last = next((f for f in reversed(failures) if not f.final), last)
+    out.relay = last.relay
     for r in recipients:
         out.results[r] = RcptResult(r, "temporary", last.reply, last.status)
     return out
+
+
+def connect_reason(exc: BaseException) -> str:
+    """Why a connection could not be made, as the system says it ("Connection refused",
+    "Network is unreachable", "timed out"), without the client library's wrapping."""
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError | TimeoutError):
+        return "Connection timed out"
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return errno_text(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    m = re.search(r"\[Errno (\d+)\]", str(exc))
+    return errno_text(int(m.group(1))) if m else _one_line(str(exc.__cause__ or exc))
+
+
+def errno_text(code: int) -> str:
+    return os.strerror(code) if code in errno.errorcode else f"error {code}"
 
 
 def _requiretls_refusal(plan: HostPlan, policy: TLSPolicy, target: Target) -> _HostFailure | None:
@@ -350,16 +378,21 @@ async def _transaction(
                 "4.4.1", f"{where} refused the connection: {_reply(exc.code, exc.message)}"
             ) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise _HostFailure("4.4.1", f"cannot connect to {where}: {_one_line(str(exc))}")\
+            raise _HostFailure("4.4.1", f"connect to {where}: {connect_reason(exc)}")\
                 from None
-        return await _session(
-            smtp, target, where, sender, recipients, message,
-            helo=helo, plan=plan, tls_context=tls_context, requiretls=requiretls,
-        )
+        try:
+            return await _session(
+                smtp, target, where, sender, recipients, message,
+                helo=helo, plan=plan, tls_context=tls_context, requiretls=requiretls,
+            )
+        except _HostFailure as exc:
+            exc.relay = exc.relay or where
+            raise
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
         # Lost before a definite answer to the whole transaction: nothing was accepted.
-        raise _HostFailure("4.4.2", f"{where}: connection lost: {_one_line(str(exc))}")\
-            from None
+        lost = _HostFailure("4.4.2", f"{where}: connection lost: {_one_line(str(exc))}")
+        lost.relay = where
+        raise lost from None
     finally:
         smtp.close()
 
@@ -452,7 +485,7 @@ async def _session(
                 "needs (non-ASCII addresses or headers)", no_smtputf8=True)
         options.append(b"SMTPUTF8")
     result = DomainResult(host=target.host, tls=tls, tls_version=tls_version,
-                          verified=verified)
+                          verified=verified, relay=where, mail_at=time.monotonic())
     where_tls = f"{where}, {result.hop}"  # failures say which TLS the hop had
     pending = list(recipients)
     first = True

@@ -89,7 +89,8 @@ class LegacyProfile:
             foreign = [a for a in env.remote if a not in unknown]
             idents = []
             if foreign:
-                idents.append(queue.enqueue(path, sender, foreign, submitted_by))
+                idents.append(queue.enqueue(path, sender, foreign, submitted_by,
+                                            ident=env.queue_id or None))
             if unknown and sender:
                 bounce = legacy_bounce(hostname, sender, unknown, path.read_bytes())
                 idents.append(queue.enqueue_bytes(bounce, "", [sender], None))

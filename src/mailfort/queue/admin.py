@@ -10,6 +10,7 @@ deleted like any other; it is never retried.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -166,6 +167,13 @@ def _head(path: Path) -> bytes:
         return b""
 
 
+def _related(q: Queue, ident: str) -> list[str]:
+    """The other entries of message ``ident``: one per further envelope sender, named
+    ``ident`` + ``S1``, ``S2``… (queue/forward.py)."""
+    pattern = re.compile(re.escape(ident) + r"S\d+")
+    return [i for i in q.ids() if pattern.fullmatch(i)]
+
+
 def queue_show(root: Path, ident: str) -> str:
     q = Queue(root)
     try:
@@ -176,7 +184,19 @@ def queue_show(root: Path, ident: str) -> str:
             raise QueueError(f"no such queue entry: {ident}") from None
         head = _head(found.message_path) if found.message_path else b""
         return format_damaged(found, original_headers(head) if head else b"")
-    return format_entry(entry, original_headers(_head(q.message_path(ident))))
+    except QueueError:
+        others = _related(q, ident)
+        if not others:
+            raise QueueError(f"no such queue entry: {ident} (not in the queue: delivered, "
+                             f"bounced, deleted, or never queued; the log lines "
+                             f"\"queue {ident}:\" say which)") from None
+        return "\n\n".join(queue_show(root, i) for i in others)
+    text = format_entry(entry, original_headers(_head(q.message_path(ident))))
+    others = _related(q, ident)
+    if others:
+        text += "\nother entries of this message (one per envelope sender): " + \
+            ", ".join(others)
+    return text
 
 
 def damaged_note(root: Path) -> str:

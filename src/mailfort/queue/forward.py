@@ -7,6 +7,10 @@ ours to send), or already of the forwarding domain; so SPF passes at the destina
 a bounce comes back to us, not to whoever the outside sender claimed to be. Entries are
 made per envelope sender (the message file is linked into each); a forward's entry
 records the alias, whose owner the delivery worker tells of a permanent failure.
+
+Ids: the message's id (made at DATA, in its ``Received:`` field and the 250) names the
+entry of the original sender, or the first entry when every sender is rewritten; each
+other entry is that id + ``S1``, ``S2``… (``mailfort queue show ID`` shows them all).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def enqueue_envelope(
     submitted_by: str | None,
     *,
     requiretls: bool = False,
+    ident: str | None = None,
 ) -> list[str]:
     """Queue ``remote`` (``forwards``: those reached through an alias, and that alias);
     returns the ids of the entries, all durable, or none (an error takes back the ones
@@ -63,12 +68,15 @@ def enqueue_envelope(
             forward_sender(srs, srs_domain, sender, alias, submitted_by)
         groups.setdefault(out, []).append(a)
     made: list[str] = []
+    order = sorted(groups, key=lambda out: out != sender)  # the unchanged sender first
     try:
-        for out, rcpts in groups.items():
+        for n, out in enumerate(order):
+            rcpts = groups[out]
             made.append(queue.enqueue(
                 path, out, rcpts, submitted_by, requiretls=requiretls,
                 forwards={a: forwards[a] for a in rcpts if a in forwards},
-                original_sender=sender if out != sender else ""))
+                original_sender=sender if out != sender else "",
+                ident=None if ident is None else ident if n == 0 else f"{ident}S{n}"))
     except BaseException:
         for ident in made:
             queue.delete(ident)

@@ -94,6 +94,11 @@ class Recipient:
     # For failed recipients: the bounce was sent (or none is due). Kept in the state so a
     # crash between marking "failed" and delivering the bounce sends it after restart.
     notified: bool = False
+    # `queue retry` makes a recipient due now without touching its backoff: ``retry_at``
+    # keeps the time it was scheduled for (0: no manual retry pending), to which a failed
+    # early attempt returns; ``early`` counts such attempts, which backoff does not.
+    retry_at: float = 0.0
+    early: int = 0
 
     @property
     def active(self) -> bool:
@@ -252,6 +257,8 @@ RECIPIENT_SCHEMA: dict[str, tuple[Check, bool]] = {
     "remote_mta": (_is_str, False),
     "last_attempt": (_is_time, False),
     "notified": (_is_bool, False),
+    "retry_at": (_is_time, False),
+    "early": (_is_count, False),
 }
 
 ENTRY_SCHEMA: dict[str, tuple[Check, bool]] = {
@@ -304,7 +311,9 @@ def parse_state(raw: bytes, ident: str) -> Entry:
     try:
         d = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
-        ends = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated")
+        rest = text[exc.pos:].rstrip()  # a literal cut short ("fal") is a truncation too
+        ends = not rest or exc.msg.startswith("Unterminated") or \
+            any(lit.startswith(rest) for lit in ("true", "false", "null"))
         cut = " (truncated?)" if ends else ""
         raise StateError(f"not JSON{cut}: {exc.msg} (character {exc.pos})") from None
     except RecursionError:
@@ -373,7 +382,13 @@ def _header_block(path: Path, limit: int = MAX_HEADER_SCAN) -> bytes:
 
 
 def new_id() -> str:
-    """Sortable by creation time (hex seconds) and unguessable (random suffix)."""
+    """Sortable by creation time (hex seconds) and unguessable (random suffix).
+
+    One id per message: the SMTP service makes it at the start of DATA, writes it in the
+    ``Received:`` field and the 250 ("queued as ID"), and the queue entry takes it; where a
+    message needs several entries (one per envelope sender, queue/forward.py) the others
+    are ``ID`` + ``S1``, ``S2``…; a DSN about it is ``B`` + ``ID`` + ``N0``, ``N1``…
+    """
     return f"{int(time.time()):09X}{secrets.token_hex(6).upper()}"
 
 
@@ -448,15 +463,16 @@ class Queue:
         requiretls: bool = False,
         forwards: dict[str, str] | None = None,
         original_sender: str = "",
+        ident: str | None = None,
     ) -> str:
         """Queue the message in ``message_path`` (hard link, copy across filesystems).
 
-        Returns the new id once the entry is durable. The caller still owns
-        ``message_path`` and may unlink it afterwards.
+        Returns the id (``ident``, the message's, or a new one) once the entry is durable.
+        The caller still owns ``message_path`` and may unlink it afterwards.
         """
         if not recipients:
             raise QueueError("no recipients")
-        ident = new_id()
+        ident = self._fresh(ident)
         target = self.msg_dir / ident
         try:
             os.link(message_path, target)
@@ -479,11 +495,12 @@ class Queue:
         requiretls: bool = False,
         forwards: dict[str, str] | None = None,
         original_sender: str = "",
+        ident: str | None = None,
     ) -> str:
         """Queue a message held in memory (bounces from elsewhere, tests, tools)."""
         if not recipients:
             raise QueueError("no recipients")
-        ident = new_id()
+        ident = self._fresh(ident)
         tmp = self.tmp_dir / f"{ident}.msg"
         with open(tmp, "wb") as f:
             f.write(message)
@@ -491,6 +508,17 @@ class Queue:
         os.rename(tmp, target)
         return self._commit(ident, target, sender, recipients, submitted_by, requiretls,
                             forwards, original_sender)
+
+    def _fresh(self, ident: str | None) -> str:
+        """``ident`` if no entry has it (nor a damaged one), else QueueError; or a new id.
+        (Two entries cannot take one id: the message file's link fails on the second.)"""
+        if ident is None:
+            return new_id()
+        self.check_id(ident)
+        if any(p.exists() for p in (self.msg_dir / ident, self.env_dir / f"{ident}.json",
+                                    self.corrupt_dir / ident)):
+            raise QueueError(f"queue id {ident} is taken")
+        return ident
 
     def _commit(
         self,
@@ -725,7 +753,9 @@ class Queue:
                 if not entry.active:
                     continue
                 for r in entry.active:
-                    r.next_attempt = now
+                    if r.next_attempt > now:  # keep the schedule (see Recipient.retry_at)
+                        r.retry_at = max(r.retry_at, r.next_attempt)
+                        r.next_attempt = now
                 self._write_state(entry)
                 n += 1
         return n

@@ -29,6 +29,10 @@ the directory to local mailboxes (aliases are the domain administrator's, and th
 targets may all be remote). Never the outside sender. It is kept unnotified, like a
 bounce, until that notice is stored; each such failure, and every permanent failure that
 no one is told of (mail from outside, a null sender), is also a log line with its reason.
+
+The log follows a message as Postfix's does (README, "Delivery log"): one line per recipient
+per attempt (``attempt_line``: relay, delays, TLS, enhanced status, the reply or the local
+reason), one per DSN sent (with the DSN's own id, ``dsn_id``), one when the entry is removed.
 """
 
 from __future__ import annotations
@@ -245,6 +249,7 @@ class DeliveryWorker:
             present = set(ids)
             for ident in [i for i in self._schedule if i not in present]:
                 del self._schedule[ident]  # deleted from outside (CLI)
+                await asyncio.to_thread(self._log_deleted, ident)
             for entry in entries:
                 if entry.id not in self._inflight:  # its task will tell
                     self._reschedule(entry)
@@ -289,6 +294,14 @@ class DeliveryWorker:
                 with contextlib.suppress(QueueError):
                     entries.append(self.queue.get(ident))
         return ids, entries
+
+    def _log_deleted(self, ident: str) -> None:
+        """An entry this worker had scheduled is gone and was not set aside as damaged:
+        `mailfort queue delete` (the CLI works on the files, so the server says it)."""
+        with contextlib.suppress(QueueError):
+            if self.queue.damaged_entry(ident) is not None:
+                return
+        log.info("queue %s: removed (deleted by the operator)", ident)
 
     def _reschedule(self, entry: Entry) -> None:
         """Note when the entry is next due (or forget it when nothing is left to do)."""
@@ -354,7 +367,8 @@ class DeliveryWorker:
         try:
             entry = await asyncio.to_thread(self.queue.get, ident)
         except QueueError:  # deleted meanwhile (`mailfort queue delete`), or damaged
-            self._schedule.pop(ident, None)
+            if self._schedule.pop(ident, None) is not None:
+                await asyncio.to_thread(self._log_deleted, ident)
             return
         self._reschedule(entry)  # as it is on disk, whatever happens below
         path = self.queue.message_path(ident)
@@ -383,11 +397,16 @@ class DeliveryWorker:
                 self._release_destination(d)
         now = self.clock()
         expiry = entry.created + self.cfg.queue.max_lifetime
-        for domain_result in results:
+        for domain_result, timing in results:
             for r in by_domain_lookup(entry, domain_result):
                 res = domain_result.results[r.address]
                 metrics.DELIVERIES.labels(res.outcome).inc()
+                # Tried before its time by `queue retry`: the schedule stays as it was.
+                early = r.retry_at > now
+                scheduled, r.retry_at = r.retry_at, 0.0
                 r.attempts += 1
+                if early:
+                    r.early += 1
                 r.last_attempt = now
                 r.last_reply = res.reply
                 r.status = res.status
@@ -395,20 +414,27 @@ class DeliveryWorker:
                 if res.outcome == "delivered":
                     r.state = "delivered"
                     self.stats.delivered += 1
+                    word = "sent"
                 elif res.outcome == "permanent":
                     r.state = "failed"
                     self.stats.failed += 1
-                    self._log_failure(entry, r)
+                    word = "bounced"
                 elif now >= expiry:
                     r.state = "failed"
                     r.status = "4.4.7"
                     r.last_reply = f"message expired in queue; last reply: {res.reply}"
                     self.stats.failed += 1
-                    self._log_failure(entry, r)
+                    word = "expired"
                 else:
                     r.state = "deferred"
-                    r.next_attempt = min(now + backoff(self.cfg, r.attempts), expiry)
+                    later = scheduled if early else \
+                        now + backoff(self.cfg, r.attempts - r.early)
+                    r.next_attempt = min(later, expiry)
                     self.stats.deferred += 1
+                    word = "deferred"
+                log_attempt(entry, r, domain_result, word, timing)
+                if r.state == "failed":
+                    self._log_failure(entry, r)
         if not may_bounce(entry):
             for r in entry.unnotified:
                 if r.address not in entry.forwards:  # the alias's owner is told (_notify)
@@ -416,16 +442,19 @@ class DeliveryWorker:
         try:
             await self._save(entry)
             await self._notify(entry, now)
-        except QueueError:
-            self._schedule.pop(ident, None)  # deleted meanwhile
+        except QueueError:  # deleted meanwhile
+            if self._schedule.pop(ident, None) is not None:
+                await asyncio.to_thread(self._log_deleted, ident)
             return
         self._reschedule(entry)
 
     async def _deliver_domain(
         self, entry: Entry, domain: str, rcpts: list[Recipient], path: Path, traits: Traits
-    ) -> client.DomainResult:
+    ) -> tuple[client.DomainResult, Timing]:
         addrs = [r.address for r in rcpts]
         async with self._sem:  # the slot first: only then is the message opened
+            started = time.time()
+            t0 = time.monotonic()
             try:
                 targets = await mx.resolve(domain, self.cfg, port=self.mx_port,
                                            resolver=self._resolver)
@@ -435,7 +464,7 @@ class DeliveryWorker:
                 out = client.DomainResult()
                 for a in addrs:
                     out.results[a] = client.RcptResult(a, outcome, reply, exc.status)
-                return out
+                return out, Timing(started, time.monotonic() - t0, 0.0, 0.0)
             route = mx.route_for(self.cfg, domain)
             try:
                 message = await asyncio.to_thread(Outbound.from_file, path, traits)
@@ -444,7 +473,7 @@ class DeliveryWorker:
                 for a in addrs:
                     out.results[a] = client.RcptResult(a, "temporary",
                                                        "4.3.0 message file missing", "4.3.0")
-                return out
+                return out, Timing(started, time.monotonic() - t0, 0.0, 0.0)
             # --- outbound TLS policy (issue 13): floor, per-domain level, DANE, MTA-STS.
             # "TLS-Required: No" (RFC 8689 §4.2.2): the sender waives the destination's
             # MTA-STS and DANE; our own configured levels still hold.
@@ -453,6 +482,7 @@ class DeliveryWorker:
             else:
                 policy = await self._tls.policy_for(domain, route, targets)
             # --- end outbound TLS policy
+            t1 = time.monotonic()
             res = await client.deliver(
                 targets,
                 entry.sender,
@@ -466,18 +496,17 @@ class DeliveryWorker:
                 report=self._tls.report,  # issue 13: TLS-RPT events
                 requiretls=entry.requiretls,  # RFC 8689
             )
+            t2 = time.monotonic()
         for a in addrs:  # belt and braces: every recipient gets a result
             res.results.setdefault(a, client.RcptResult(a, "temporary", "4.4.1 no result",
                                                         "4.4.1"))
-        log.info("queue %s domain %s: %s (%s%s)", entry.id, domain,
-                 ", ".join(f"{a}={res.results[a].outcome}" for a in addrs),
-                 f"via {res.host}, {res.hop}" if res.host else "not handed over",
-                 ", REQUIRETLS" if entry.requiretls else "")
-        return res
+        mail_at = res.mail_at if t1 <= res.mail_at <= t2 else t2
+        return res, Timing(started, t1 - t0, mail_at - t1, t2 - mail_at)
 
     async def _save(self, entry: Entry) -> None:
         if entry.finished:
             await asyncio.to_thread(self.queue.delete, entry.id)
+            log.info("queue %s: removed (%s)", entry.id, removal_reason(entry))
         else:
             await asyncio.to_thread(self.queue.update, entry)
 
@@ -587,7 +616,7 @@ class DeliveryWorker:
         assert to is not None
         sent = int(entry.extra.get("dsns", 0))
         when = int(max((r.last_attempt for r in about), default=0.0) or entry.created)
-        key = f"{when}.B{entry.id}N{sent}"  # the same after a crash before the next save
+        key = f"{when}.{dsn_id(entry.id, sent)}"  # the same after a crash before the next save
         try:  # a bounce quotes the headers only: no need to read the whole message
             headers = await asyncio.to_thread(self.queue.read_headers, entry.id,
                                               MAX_ORIGINAL_HEADERS + 1)
@@ -610,6 +639,10 @@ class DeliveryWorker:
             log.exception("queue %s: DSN to %s not delivered; will retry", entry.id, to)
             return False
         entry.extra["dsns"] = sent + 1
+        kind = "forward failure" if alias else \
+            "delay" if reports[0].action == "delayed" else "non-delivery"
+        log.info("queue %s: sender %s notification: %s to=<%s>, recipients=%d", entry.id,
+                 kind, dsn_id(entry.id, sent), to, len(reports))
         return True
 
 
@@ -648,6 +681,72 @@ def _traits_of(path: Path, entry: Entry) -> Traits:
     message file is gone."""
     path.stat()
     return entry.traits or scan_file(path)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where an attempt's time went: ``started`` (wall clock, after waiting for a delivery
+    slot), then DNS (MX and TLS policy lookups), connection setup (connect, greeting,
+    EHLO, STARTTLS, over every host tried) and the transaction (MAIL to the last reply)."""
+
+    started: float
+    dns: float
+    connect: float
+    transaction: float
+
+
+def _secs(x: float) -> str:
+    """Seconds as Postfix writes them: two decimals at most, no trailing zeros."""
+    return f"{max(x, 0.0):.2f}".rstrip("0").rstrip(".")
+
+
+def tls_word(res: client.DomainResult) -> str:
+    """``none``, ``not-verified`` or ``verified(dane|mta-sts|policy)``."""
+    if not res.tls:
+        return "none"
+    if not res.verified:
+        return "not-verified"
+    return f"verified({res.verified.replace(' verify', '').replace(' ', '-')})"
+
+
+def attempt_line(ident: str, r: Recipient, res: client.DomainResult, word: str,
+                 created: float, timing: Timing | None) -> str:
+    """The delivery log line of one recipient in one attempt (README, "Delivery log")."""
+    t = timing or Timing(r.last_attempt, 0.0, 0.0, 0.0)
+    wait = t.started - created
+    total = wait + t.dns + t.connect + t.transaction
+    relay = res.relay or "none"
+    tls = tls_word(res) if res.relay else "none"
+    reply = " ".join(r.last_reply.split()) or "no reply"
+    return (f"queue {ident}: to=<{r.address}>, relay={relay}, delay={_secs(total)}, "
+            f"delays={_secs(wait)}/{_secs(t.dns)}/{_secs(t.connect)}/"
+            f"{_secs(t.transaction)}, tls={tls}, dsn={r.status or '4.0.0'}, "
+            f"status={word} ({reply})")
+
+
+def log_attempt(entry: Entry, r: Recipient, res: client.DomainResult, word: str,
+                timing: Timing | None) -> None:
+    line = attempt_line(entry.id, r, res, word, entry.created, timing)
+    if word == "sent":
+        log.info("%s", line)
+    else:
+        log.warning("%s", line)
+
+
+def dsn_id(ident: str, n: int) -> str:
+    """The id of the ``n``-th DSN (bounce or delay warning) about entry ``ident``: in its
+    log line and in the name of its file in the recipient's Maildir."""
+    return f"B{ident}N{n}"
+
+
+def removal_reason(entry: Entry) -> str:
+    """What became of a finished entry's recipients, e.g. "2 sent, 1 bounced"."""
+    sent = sum(r.state == "delivered" for r in entry.recipients)
+    expired = sum(r.state == "failed" and r.status == "4.4.7" for r in entry.recipients)
+    bounced = sum(r.state == "failed" for r in entry.recipients) - expired
+    parts = [f"{n} {w}" for n, w in ((sent, "sent"), (bounced, "bounced"),
+                                      (expired, "expired")) if n]
+    return ", ".join(parts) or "nothing left to do"
 
 
 def by_domain_lookup(entry: Entry, result: client.DomainResult) -> list[Recipient]:

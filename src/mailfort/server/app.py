@@ -159,7 +159,7 @@ class Node:
         sender = "" if env.sender is None else str(env.sender)
         idents = enqueue_envelope(self.queue, srs.for_config(self.cfg), self.cfg.srs.domain,
                                   path, sender, list(env.remote), env.forwards, submitted_by,
-                                  requiretls=env.requiretls)
+                                  requiretls=env.requiretls, ident=env.queue_id or None)
 
         def take_back() -> None:
             for ident in idents:

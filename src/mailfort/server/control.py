@@ -87,7 +87,11 @@ class ControlServer:
                 try:
                     reply = await handler(words[1:])
                 except Exception as exc:  # the operator gets the reason, the server lives
-                    log.exception("control command %s failed", words[0])
+                    # One line: a refused request (`queue retry nosuch`) is not a crash.
+                    # The traceback is there for debugging, at debug level.
+                    log.warning("control command %r failed: %s", " ".join(words)[:200],
+                                " ".join(str(exc).split()) or type(exc).__name__)
+                    log.debug("control command %s failed", words[0], exc_info=True)
                     reply = f"error {exc}"
             writer.write(reply.replace("\n", " ").encode() + b"\n")
             await writer.drain()

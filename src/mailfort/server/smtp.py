@@ -48,6 +48,7 @@ from mailfort.protocol.smtp import (
     SMTPEngine,
     StartTLS,
 )
+from mailfort.queue.store import new_id
 from mailfort.server import senderauth
 from mailfort.server.connections import Admission, is_loopback, limit_exceptions
 from mailfort.server.session import EngineSession, Listener
@@ -82,6 +83,9 @@ class Envelope:
     rcpts: list[str] = field(default_factory=list)  # as the client gave them
     spf: list[SPFResult] = field(default_factory=list)  # MX: SPF of HELO and MAIL FROM
     requiretls: bool = False  # MAIL ... REQUIRETLS (RFC 8689), kept in the queue entry
+    # The message's one id (queue/store.py new_id), made at DATA: in Received:, the 250,
+    # the queue entry and every log line about it.
+    queue_id: str = ""
     # Submission: the addresses the user may send as, fetched once per transaction when
     # the directory is networked (None: looked up where needed, as the embedded one is).
     sender_rights: frozenset[str] | None = None
@@ -563,6 +567,7 @@ class SMTPSession(EngineSession):
     def _start_spool(self, bdat: bool) -> Reply:
         try:
             self.spool = self.service.committer.new_spool()
+            self.envelope.queue_id = new_id()
             self.trace = self._trace_headers()
             self.spool.write(self.trace)
             self.refusal = None
@@ -584,15 +589,12 @@ class SMTPSession(EngineSession):
             proto += "S"
         if engine.authenticated_as:
             proto += "A"
-        spool_id = "?"
         rcpt = f"\r\n\tfor <{env.rcpts[0]}>" if len(env.rcpts) == 1 else ""
         tls = f"\r\n\t(using {self.tls_info})" if self.tls_info else ""
         svc = self.service
-        if self.spool is not None:
-            spool_id = self.spool.name.split(".")[1]
         received = (
             f"Received: from {engine.helo} ([{self.peer_ip}])\r\n"
-            f"\tby {svc.cfg.server.hostname} with {proto} id {spool_id}{tls}{rcpt};\r\n"
+            f"\tby {svc.cfg.server.hostname} with {proto} id {env.queue_id}{tls}{rcpt};\r\n"
             f"\t{_date_now()}\r\n"
         )
         return f"Return-Path: <{sender}>\r\n{received}".encode()
@@ -655,8 +657,7 @@ class SMTPSession(EngineSession):
             return
         # Durable now: the 250 is earned, and nothing that follows may take it back.
         env.held_messages = env.held_rcpts = 0  # the hour's reservations are spent
-        ident = spool.name.split(".")[1]
-        accepted = Reply(250, "2.0.0", f"OK queued as {ident}")
+        accepted = Reply(250, "2.0.0", f"OK queued as {env.queue_id}")
         engine.decide(accepted)
         decisionlog.accept(self.peer_ip, accepted, env.sender or "",
                            len(env.local) + len(env.remote), spool.size,
