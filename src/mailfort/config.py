@@ -583,6 +583,8 @@ def validate(cfg: Config) -> Config:
     _validate_delivery(cfg.delivery)
     for dom, route in cfg.routes.items():
         _validate_route(dom, route)
+        # The default made explicit: ``config check`` shows the TLS each route gets.
+        cfg.routes[dom] = dataclasses.replace(route, tls=route.tls_mode)
     if not cfg.server.hostname or " " in cfg.server.hostname:
         raise ConfigError("server.hostname: must be a host name without spaces")
     if not cfg.server.data_dir:
