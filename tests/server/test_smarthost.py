@@ -12,7 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
+import shutil
 import ssl
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +27,11 @@ import trustme
 
 from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.passwords import hash_password
+from mailfort.queue.store import Queue
 from mailfort.server.app import Node
 from tests.conftest import make_config, seed_directory
 from tests.dnsserver import DNSServer
-from tests.server.production import cli, world_dir, write_config
+from tests.server.production import cli, serving, world_dir, write_config
 from tests.server.test_outbound import ALICE, maildir_files, new_message, submit, wait_for
 
 PROVIDER = "smtp.provider.test"
@@ -188,3 +193,81 @@ def test_config_check_shows_the_route_but_never_the_password(tmp_path: Path) -> 
         "auth_password_file": str(pw)}})
     r = cli(bad, "config", "check")
     assert r.returncode != 0 and "auth_user" in r.stderr, (r.stdout, r.stderr)
+
+
+# ------------------------------------------------ the password file and the service user
+
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it starts mailfort as "
+                             "root with server.user = nobody")
+
+
+@as_root
+@pytest.mark.parametrize("readable_by_service", [True, False])
+async def test_password_file_is_read_by_the_service_user_after_the_drop(
+    tls_ca: trustme.CA, dns_server: DNSServer, readable_by_service: bool,
+) -> None:
+    """The decision, checked on a real ``mailfort serve`` started as root that drops to
+    nobody: the file is read at login, as the service user. root:nogroup 0640 works; a
+    root-only file defers (4.3.5, naming the file and "Permission denied"), because root
+    never reads it for the service."""
+    root = world_dir()
+    try:
+        dns_server.add_a(PROVIDER, "127.0.0.1")
+        pcfg = make_config(root / "provider", server={"hostname": PROVIDER})
+        pcfg.data_path.mkdir(parents=True)
+        d = SQLiteDirectory(pcfg.data_path / "directory.sqlite3")
+        d.add_domain("provider.test")
+        d.add_user(DEST, hash_password("dest-pw"))
+        d.add_domain("example.test")
+        d.add_user(ALICE, hash_password(RELAY_PW))
+        ca = root / "provider-ca.pem"
+        tls_ca.cert_pem.write_to_path(str(ca))
+        ca.chmod(0o644)
+        pw = root / "relay.pw"
+        pw.write_text(RELAY_PW + "\n")
+        nobody = pwd.getpwnam("nobody")
+        os.chown(pw, 0, nobody.pw_gid if readable_by_service else 0)
+        pw.chmod(0o640 if readable_by_service else 0o600)
+        async with Node(pcfg, ssl_context=_provider_context(tls_ca)) as provider:
+            config = write_config(
+                root, int(dns_server.port), server={"user": "nobody", "workers": 1},
+                queue=QUEUE, routes={"*": {
+                    "host": PROVIDER, "port": provider.port("submission"), "tls": "starttls",
+                    "auth_user": ALICE, "auth_password_file": str(pw), "cafile": str(ca)}})
+            data = root / "data"
+            assert cli(config, "domain", "add", "example.test").returncode == 0
+            upw = root / "alice.pw"
+            upw.write_text("alice-pw\n")
+            add = cli(config, "user", "add", ALICE, "--password-file", str(upw))
+            assert add.returncode == 0, add.stderr
+            port = int(tomllib.loads(config.read_text())["listen"]["submission"][0]
+                       .rpartition(":")[2])
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # its self-signed one
+            with serving(config, data) as server:
+                msg, _token = new_message([DEST])
+                await asyncio.to_thread(submit, port, ctx, msg, [DEST], password="alice-pw")
+                queue = Queue(data / "queue")
+
+                def settled() -> bool:
+                    if readable_by_service:
+                        return len(maildir_files(provider, DEST)) == 1
+                    return any(r.attempts >= 1 for e in queue.list()
+                               for r in queue.get(e.id).recipients)
+
+                try:
+                    await wait_for(settled, "delivered or deferred")
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}; the server said: {server.stop()[1][-6000:]}")\
+                        from None
+                if not readable_by_service:
+                    (entry,) = queue.list()
+                    (r,) = queue.get(entry.id).recipients
+                    assert r.status == "4.3.5" and "Permission denied" in r.last_reply, \
+                        r.last_reply
+                    assert str(pw) in r.last_reply
+                _out, err = await asyncio.to_thread(server.stop)
+            assert RELAY_PW not in err
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
