@@ -354,6 +354,7 @@ async def _transaction(
 ) -> DomainResult:
     where = f"{target.host}[{addr}]:{target.port}"
     implicit = route is not None and route.tls_mode == "implicit"
+    sock: socket.socket | None = None
     if implicit:
         # TLS from the first byte, verified against the route's host (not the address):
         # the socket is connected here so that the handshake names the host.
@@ -379,6 +380,8 @@ async def _transaction(
                 "4.4.1", f"{where} refused the connection: {_reply(exc.code, exc.message)}"
             ) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
+            if sock is not None:  # no transport took it over
+                sock.close()
             cause = exc.__cause__ or exc.__context__
             if implicit and isinstance(cause, ssl.SSLError):
                 # Nothing was sent: no greeting read, no EHLO, no AUTH.
