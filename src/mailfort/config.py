@@ -533,6 +533,12 @@ def _validate_route(dom: str, route: Route) -> None:
         raise ConfigError(f"{key}: auth_user and auth_password_file: give both or neither")
     if any(c in route.auth_user for c in "\r\n\0"):
         raise ConfigError(f"{key}.auth_user: must not contain control characters")
+    # The well-known ports speak one way only: the other one would fail at every attempt.
+    if route.tls_mode == "implicit" and route.port in (25, 587):
+        raise ConfigError(f"{key}: port {route.port} speaks STARTTLS, not implicit TLS "
+                          "(use port = 465, or tls = \"starttls\")")
+    if route.tls_mode != "implicit" and route.port == 465:
+        raise ConfigError(f"{key}: port 465 speaks implicit TLS (set tls = \"implicit\")")
     if route.cafile and not route.verified:
         raise ConfigError(f"{key}.cafile: only used with tls = \"starttls\" or \"implicit\"")
 

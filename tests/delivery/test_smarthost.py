@@ -165,6 +165,8 @@ async def test_world_readable_password_file_is_not_used(
     ({"auth_password_file": "/p"}, "auth_user"),
     ({"require_tls": True, "tls": "may"}, "require_tls"),
     ({"cafile": "/ca.pem"}, "cafile"),
+    ({"tls": "implicit"}, "port 587 speaks STARTTLS"),
+    ({"tls": "starttls", "port": 465}, "port 465 speaks implicit TLS"),
 ])
 def test_config_refuses_a_route_that_could_leak_or_contradict(
     outbound_config: ConfigFactory, route_keys: dict[str, Any], expected: str,

@@ -267,6 +267,9 @@ async def test_password_file_is_read_by_the_service_user_after_the_drop(
                     assert r.status == "4.3.5" and "Permission denied" in r.last_reply, \
                         r.last_reply
                     assert str(pw) in r.last_reply
+                status = await asyncio.to_thread(cli, config, "status")
+                assert status.returncode == 0, status.stderr
+                assert RELAY_PW not in status.stdout + status.stderr
                 _out, err = await asyncio.to_thread(server.stop)
             assert RELAY_PW not in err
     finally:
