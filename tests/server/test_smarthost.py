@@ -177,7 +177,7 @@ async def test_certificate_that_does_not_verify_defers_and_sends_no_auth(
 
 
 def test_config_check_shows_the_route_but_never_the_password(tmp_path: Path) -> None:
-    root = world_dir()
+    root = tmp_path
     pw = root / "relay.pw"
     pw.write_text(RELAY_PW + "\n")
     pw.chmod(0o640)
