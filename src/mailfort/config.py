@@ -395,13 +395,39 @@ class SRSConfig:
     max_age_days: int = 21
 
 
+ROUTE_TLS = ("may", "starttls", "implicit")
+
+
 @dataclass(frozen=True)
 class Route:
-    """Where to deliver mail for one domain instead of its MX (smarthost or fixed host)."""
+    """Where to deliver mail for one domain instead of its MX (smarthost or fixed host).
+
+    ``tls``: "starttls" (STARTTLS required) or "implicit" (TLS from the first byte, port
+    465), both with the certificate verified against ``host`` (``cafile``, else the
+    system's trust store); "may" is STARTTLS when offered, unverified, as for any MX.
+    Unset: "starttls" when ``require_tls`` or ``auth_user`` is set (a password never
+    leaves without verified TLS), else "may" (what a route was before these keys).
+    ``auth_password_file`` is read by the service user at each connection that logs in.
+    """
 
     host: str
     port: int = 25
-    require_tls: bool = False
+    require_tls: bool = False  # the older spelling of tls = "starttls"
+    tls: str = ""
+    auth_user: str = ""
+    auth_password_file: str = ""
+    cafile: str = ""
+
+    @property
+    def tls_mode(self) -> str:
+        """The effective ``tls`` (see the class docstring for the default)."""
+        if self.tls:
+            return self.tls
+        return "starttls" if self.require_tls or self.auth_user else "may"
+
+    @property
+    def verified(self) -> bool:
+        return self.tls_mode in ("starttls", "implicit")
 
 
 @dataclass(frozen=True)
@@ -501,6 +527,35 @@ def _check_hostport(key: str, value: str) -> None:
         raise ConfigError(f"{key}: {host!r} is not an IP address") from None
 
 
+def _validate_route(dom: str, route: Route) -> None:
+    key = f"routes.{dom}"
+    if not 0 < route.port < 65536:
+        raise ConfigError(f"{key}.port: must be 1-65535")
+    if not route.host or any(c.isspace() for c in route.host):
+        raise ConfigError(f"{key}.host: must be a host name or IP address without spaces")
+    if route.auth_user and not route.verified:
+        raise ConfigError(f"{key}.auth_user: needs tls = \"starttls\" or \"implicit\" "
+                          "(a password is never sent without verified TLS)")
+    if route.tls and route.tls not in ROUTE_TLS:
+        raise ConfigError(f"{key}.tls: allowed values are " + ", ".join(ROUTE_TLS)
+                          + " (\"none\" is not one: nothing leaves in clear on request)")
+    if route.require_tls and route.tls == "may":
+        raise ConfigError(f"{key}: require_tls = true contradicts tls = \"may\"; "
+                          "use tls = \"starttls\"")
+    if bool(route.auth_user) != bool(route.auth_password_file):
+        raise ConfigError(f"{key}: auth_user and auth_password_file: give both or neither")
+    if any(c in route.auth_user for c in "\r\n\0"):
+        raise ConfigError(f"{key}.auth_user: must not contain control characters")
+    # The well-known ports speak one way only: the other one would fail at every attempt.
+    if route.tls_mode == "implicit" and route.port in (25, 587):
+        raise ConfigError(f"{key}: port {route.port} speaks STARTTLS, not implicit TLS "
+                          "(use port = 465, or tls = \"starttls\")")
+    if route.tls_mode != "implicit" and route.port == 465:
+        raise ConfigError(f"{key}: port 465 speaks implicit TLS (set tls = \"implicit\")")
+    if route.cafile and not route.verified:
+        raise ConfigError(f"{key}.cafile: only used with tls = \"starttls\" or \"implicit\"")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-key checks; raises ConfigError naming the key."""
     for name in ("mx", "submission", "submissions", "pop3", "pop3s"):
@@ -546,8 +601,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("tls.acme_renew_days: must be between 1 and 89")
     _validate_delivery(cfg.delivery)
     for dom, route in cfg.routes.items():
-        if not 0 < route.port < 65536:
-            raise ConfigError(f"routes.{dom}.port: must be 1-65535")
+        _validate_route(dom, route)
+        # The default made explicit: ``config check`` shows the TLS each route gets.
+        cfg.routes[dom] = dataclasses.replace(route, tls=route.tls_mode)
     if not cfg.server.hostname or " " in cfg.server.hostname:
         raise ConfigError("server.hostname: must be a host name without spaces")
     if not cfg.server.data_dir:

@@ -140,7 +140,9 @@ def test_config_check_prints_loadable_effective_settings(cwd: Path) -> None:
                                 '[routes."example.net"]\nhost = "10.0.0.1"\n')
     eff = tomllib.loads(ok(cwd, "config", "check", "--config", "m.toml"))
     assert eff["limits"]["max_recipients"] == 7
-    assert eff["routes"]["example.net"] == {"host": "10.0.0.1", "port": 25, "require_tls": False}
+    assert eff["routes"]["example.net"] == {
+        "host": "10.0.0.1", "port": 25, "require_tls": False, "tls": "may", "auth_user": "",
+        "auth_password_file": "", "cafile": ""}
     assert eff["relay"]["trusted_networks"] == []
     as_json = json.loads(ok(cwd, "config", "check", "--json"))
     assert as_json["server"]["data_dir"] == "./mailfort-data"

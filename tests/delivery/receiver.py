@@ -13,6 +13,9 @@ gets ``rcpt_limit_reply`` (RFC 5321 §4.5.3.1.10; "552" as RFC 821 had it, or "4
 of starting TLS. ``smtputf8`` advertises SMTPUTF8 (RFC 6531); ``requiretls`` advertises
 REQUIRETLS (RFC 8689) once TLS is active. ``keep_data=False`` keeps only
 the size and SHA-256 of each message (a memory measurement must not count the receiver's copies).
+``auth``, when set (e.g. "PLAIN LOGIN"), is advertised as AUTH, in clear as well (as a
+careless provider would); ``auth_reply`` answers the credentials, which are recorded,
+decoded, with whether TLS was active, in ``logins``.
 ``probe``, when set, is called with every command line and with "." at each end of data,
 while the client waits for the reply: a test measures the client's state there.
 
@@ -25,6 +28,7 @@ it after accepting that many messages in the session (before the next command's 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import ssl
@@ -61,6 +65,9 @@ class Receiver:
     requiretls: bool = False
     keep_data: bool = True
     probe: Callable[[str], None] | None = None
+    auth: str = ""
+    auth_reply: str = "235 2.7.0 Authentication successful"
+    logins: list[tuple[str, str, str, bool]] = field(default_factory=list)  # mech,user,pw,tls
     stall_at: str | None = None
     drop_in_data: bool = False
     drop_after_messages: int | None = None
@@ -142,6 +149,8 @@ class Receiver:
                     exts.append("REQUIRETLS")
                 if self.ssl_context is not None and not tls:
                     exts.append("STARTTLS")
+                if self.auth:
+                    exts.append(f"AUTH {self.auth}")
                 lines = ["250-receiver.test", *(f"250-{e}" for e in exts[:-1]), f"250 {exts[-1]}"]
                 for x in lines:
                     writer.write(x.encode() + b"\r\n")
@@ -157,6 +166,17 @@ class Receiver:
                 tls = True
                 self.tls_sessions += 1
                 sender, rcpts, helo = None, [], ""
+            elif verb == "AUTH" and self.auth:
+                mech, _, initial = arg.partition(" ")
+                if mech.upper() == "PLAIN":
+                    _z, user, pw = base64.b64decode(initial).decode().split("\0")
+                else:
+                    await send("334 VXNlcm5hbWU6")
+                    user = base64.b64decode(await reader.readline()).decode()
+                    await send("334 UGFzc3dvcmQ6")
+                    pw = base64.b64decode(await reader.readline()).decode()
+                self.logins.append((mech.upper(), user, pw, tls))
+                await send(self.auth_reply)
             elif verb == "MAIL":
                 if not self.mail_reply.startswith("250"):
                     await send(self.mail_reply)

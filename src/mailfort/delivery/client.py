@@ -31,18 +31,31 @@ the ``SMTPUTF8`` MAIL parameter, and only to a host that offers it. A host that 
 skipped; when every host reached lacks it, the recipients fail with 5.6.7 (a bounce to the
 submitter). There is no downgrade: rewriting addresses or headers would change (and break
 the signatures of) a message we did not write.
+
+Smarthost (a configured ``Route``, ``deliver(route=...)``): ``tls = "implicit"`` starts TLS
+on connect (port 465), ``"starttls"`` requires STARTTLS; both verify the certificate
+against the route's host (the policy's ``verify`` level, with the route's ``cafile``). With
+``auth_user`` the client logs in (AUTH PLAIN, else LOGIN) only on a connection whose TLS
+was verified: a handshake that fails, or a session without verified TLS, never gets the
+password. The password is read from ``auth_password_file`` at each login, by the service
+user (so a changed password needs no restart), and appears in no reply, log or DSN. A
+refused login is a temporary failure carrying the provider's reply: the message stays
+queued, and the bounce at expiry says why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import errno
 import functools
 import os
 import re
+import socket
 import ssl
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +64,7 @@ from typing import Literal
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
+from mailfort.config import Route
 from mailfort.delivery import dane
 from mailfort.delivery.message import (
     CHUNK,
@@ -186,6 +200,7 @@ async def deliver(
     policy: TLSPolicy | None = None,
     report: Reporter | None = None,
     requiretls: bool = False,
+    route: Route | None = None,
 ) -> DomainResult:
     """Try each target address in turn; per-recipient results for every recipient.
 
@@ -197,7 +212,8 @@ async def deliver(
     ``require_tls`` adds to each target's own ``require_tls``; ``policy`` says what each
     host must offer (see module docstring). ``tls_context`` replaces the opportunistic
     (non-verifying) context. ``message`` is best an ``Outbound`` (streamed from its file);
-    bytes are for small messages and tests.
+    bytes are for small messages and tests. ``route``: the configured route the targets
+    come from, for its implicit TLS and its login (see module docstring).
     """
     if isinstance(message, bytes):
         message = Outbound.from_bytes(message)
@@ -259,6 +275,7 @@ async def deliver(
                         timeout=timeout,
                         tls_context=plan.context(opportunistic),
                         requiretls=requiretls,
+                        route=route,
                     )
                 except _HostFailure as exc:
                     if not exc.tls_result:
@@ -275,6 +292,7 @@ async def deliver(
                         helo=helo, plan=fallback,
                         connect_timeout=connect_timeout, timeout=timeout,
                         tls_context=fallback.context(opportunistic),
+                        route=route,
                     )
                 else:
                     if res.tls and plan.mode != "may":
@@ -359,17 +377,28 @@ async def _transaction(
     timeout: float,
     tls_context: ssl.SSLContext,
     requiretls: bool = False,
+    route: Route | None = None,
 ) -> DomainResult:
     where = f"{target.host}[{addr}]:{target.port}"
-    smtp = aiosmtplib.SMTP(
-        hostname=addr,
-        port=target.port,
-        local_hostname=helo,
-        timeout=timeout,
-        start_tls=False,
-        use_tls=False,
-        validate_certs=False,
-    )
+    implicit = route is not None and route.tls_mode == "implicit"
+    sock: socket.socket | None = None
+    if implicit:
+        # TLS from the first byte, verified against the route's host (not the address):
+        # the socket is connected here so that the handshake names the host.
+        sock = await _tcp(addr, target.port, connect_timeout, where)
+        smtp = aiosmtplib.SMTP(hostname=target.host, sock=sock, local_hostname=helo,
+                               timeout=timeout, start_tls=False, use_tls=True,
+                               tls_context=tls_context)
+    else:
+        smtp = aiosmtplib.SMTP(
+            hostname=addr,
+            port=target.port,
+            local_hostname=helo,
+            timeout=timeout,
+            start_tls=False,
+            use_tls=False,
+            validate_certs=False,
+        )
     try:
         try:
             await smtp.connect(timeout=connect_timeout)
@@ -378,12 +407,21 @@ async def _transaction(
                 "4.4.1", f"{where} refused the connection: {_reply(exc.code, exc.message)}"
             ) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
+            if sock is not None:  # no transport took it over
+                sock.close()
+            cause = exc.__cause__ or exc.__context__
+            if implicit and isinstance(cause, ssl.SSLError):
+                # Nothing was sent: no greeting read, no EHLO, no AUTH.
+                raise _HostFailure("4.7.5", f"{where}: TLS handshake failed: "
+                                   f"{_one_line(str(cause))}",
+                                   tls_result=failure_type(cause)) from None
             raise _HostFailure("4.4.1", f"connect to {where}: {connect_reason(exc)}")\
                 from None
         try:
             return await _session(
                 smtp, target, where, sender, recipients, message,
                 helo=helo, plan=plan, tls_context=tls_context, requiretls=requiretls,
+                route=route, implicit=implicit,
             )
         except _HostFailure as exc:
             exc.relay = exc.relay or where
@@ -409,6 +447,8 @@ async def _session(
     plan: HostPlan,
     tls_context: ssl.SSLContext,
     requiretls: bool = False,
+    route: Route | None = None,
+    implicit: bool = False,
 ) -> DomainResult:
     require_tls = plan.requires_tls
     try:
@@ -421,7 +461,14 @@ async def _session(
                 from None
     tls = False
     tls_version = verified = ""
-    if smtp.supports_extension("starttls"):
+    if implicit:
+        # The handshake in connect() verified the certificate (the policy's verify level).
+        tls = True
+        ssl_object = smtp.transport.get_extra_info("ssl_object") \
+            if smtp.transport is not None else None
+        tls_version = str(ssl_object.version() or "") if ssl_object is not None else ""
+        verified = plan.verify_label if plan.mode == "verify" else ""
+    elif smtp.supports_extension("starttls"):
         try:
             await smtp.starttls(server_hostname=target.host, tls_context=tls_context)
         except aiosmtplib.SMTPResponseException as exc:
@@ -460,6 +507,8 @@ async def _session(
     elif require_tls:
         raise _HostFailure("4.7.10", f"{where} does not offer STARTTLS and TLS is required",
                            tls_result="starttls-not-supported")
+    if route is not None and route.auth_user:
+        await _login(smtp, where, route, verified=tls and bool(verified))
 
     options: list[bytes] = []
     if requiretls:
@@ -644,6 +693,83 @@ def _result(r: str, resp: SMTPResponse, where: str, host: str, stage: str) -> Rc
     if outcome != "delivered":
         reply = f"{reply} (in reply to {stage}, {where})"
     return RcptResult(r, outcome, reply, status_of(resp.code, resp.message), host)
+
+
+async def _tcp(addr: str, port: int, timeout: float, where: str) -> socket.socket:
+    """A connected, non-blocking TCP socket to ``addr`` (for implicit TLS)."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (addr, port))
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        why = _one_line(str(exc)) or "timed out"
+        raise _HostFailure("4.4.1", f"cannot connect to {where}: {why}") from None
+    return sock
+
+
+def read_password(path: str) -> str:
+    """The route's password: the file's first line. Refused when every user may read it
+    (a secret on a multi-user host), when empty, or when unreadable; the message names the
+    file, never its content."""
+    try:
+        with open(path, "rb") as f:
+            if stat.S_IMODE(os.fstat(f.fileno()).st_mode) & stat.S_IROTH:
+                raise _HostFailure("4.3.5", f"auth_password_file {path} is readable by every "
+                                   "user: refusing to use it (chmod o-rwx)")
+            data = f.read(4096)
+    except OSError as exc:
+        raise _HostFailure("4.3.5", f"cannot read auth_password_file {path}: "
+                           f"{exc.strerror}") from None
+    line = data.decode("utf-8", "replace").splitlines()[0] if data.strip() else ""
+    if not line or any(c in line for c in "\0\r\n"):
+        raise _HostFailure("4.3.5", f"auth_password_file {path} holds no password")
+    return line
+
+
+async def _login(smtp: aiosmtplib.SMTP, where: str, route: Route, *, verified: bool) -> None:
+    """SMTP AUTH (RFC 4954) with the route's account: PLAIN (RFC 4616), else LOGIN.
+
+    Only over verified TLS: the configuration already demands it, and this is where it is
+    enforced, so no path can hand the password to a server we have not authenticated.
+    A refusal is temporary for the message (the account may be fixed meanwhile)."""
+    if not verified:
+        await _quit(smtp)
+        raise _HostFailure("4.7.10", f"{where}: no verified TLS, so no AUTH: the password "
+                           "is not sent")
+    offered = [m.lower() for m in smtp.server_auth_methods]
+    if not smtp.supports_extension("auth") or not {"plain", "login"} & set(offered):
+        await _quit(smtp)
+        raise _HostFailure("4.7.0", f"{where} offers no AUTH PLAIN or LOGIN "
+                           f"(offers: {_one_line(' '.join(offered)) or 'no AUTH'})")
+    password = await asyncio.to_thread(read_password, route.auth_password_file)
+    user = route.auth_user.encode("utf-8")
+    secret = password.encode("utf-8")
+    b64 = base64.b64encode
+    if "plain" in offered:
+        mech = "PLAIN"
+        blob = b64(b"\0" + user + b"\0" + secret)
+        resp = await smtp.execute_command(b"AUTH", b"PLAIN", blob)
+        hidden = (blob,)
+    else:
+        mech = "LOGIN"
+        hidden = (b64(secret),)
+        resp = await smtp.execute_command(b"AUTH", b"LOGIN")
+        if resp.code == 334:
+            resp = await smtp.execute_command(b64(user))
+        if resp.code == 334:
+            resp = await smtp.execute_command(hidden[0])
+    if resp.code == 235:
+        return
+    await _quit(smtp)
+    reply = _reply(resp.code, resp.message)
+    for h in (*hidden, secret):  # a server that echoes what it got must not log it for us
+        reply = reply.replace(h.decode("utf-8", "replace"), "[hidden]")
+    status = status_of(resp.code, resp.message)
+    raise _HostFailure("4" + status[1:], f"{where} refused AUTH {mech} as {route.auth_user}: "
+                       f"{reply}")
 
 
 async def _quit(smtp: aiosmtplib.SMTP) -> None:

@@ -5,9 +5,10 @@ can strip it), ``encrypt`` (no TLS, no delivery: defer with 4.7.x, never send in
 ``verify`` (the certificate must chain to a trusted CA and name the MX host, else defer).
 
 The level of a domain is the strongest of: the global floor (``delivery.tls_floor``), the
-domain's entry in ``delivery.tls_policy``, ``require_tls_domains`` or a route's
-``require_tls`` (encrypt), and the domain's published policy: MTA-STS in enforce mode
-(verify, and only MX hosts its patterns allow). DANE (RFC 7672), when an MX host has usable
+domain's entry in ``delivery.tls_policy``, ``require_tls_domains`` (encrypt), a route's
+``tls`` = "starttls" or "implicit" (verify, against the route's host and ``cafile``), and
+the domain's published policy: MTA-STS in enforce mode (verify, and only MX hosts its
+patterns allow). DANE (RFC 7672), when an MX host has usable
 TLSA records, replaces name-and-CA checking for that host (and takes precedence over
 MTA-STS, RFC 8461 §2): see ``HostPlan``.
 """
@@ -135,9 +136,14 @@ def static_policy(cfg: Config, domain: str, route: Route | None) -> TLSPolicy:
         if key.lower().rstrip(".") == d and _RANK[value] > _RANK[level]:
             level, source = value, "config"  # type: ignore[assignment]
     listed = any(x.lower().rstrip(".") == d for x in cfg.require_tls_domains)
-    if (listed or (route is not None and route.require_tls)) and level == "may":
-        level, source = "encrypt", "route" if route and route.require_tls else "config"
-    return TLSPolicy(level, source, d, ca_file=dc.ca_file, floor=level,
+    if listed and level == "may":
+        level, source = "encrypt", "config"
+    ca_file = dc.ca_file
+    if route is not None and route.verified:
+        # tls = "starttls" | "implicit" (or the older require_tls): the route names its
+        # host itself, so its certificate is checked against that name.
+        level, source, ca_file = "verify", "route", route.cafile or dc.ca_file
+    return TLSPolicy(level, source, d, ca_file=ca_file, floor=level,
                      pinned=route is not None)
 
 

@@ -495,6 +495,7 @@ class DeliveryWorker:
                 policy=policy,  # issue 13
                 report=self._tls.report,  # issue 13: TLS-RPT events
                 requiretls=entry.requiretls,  # RFC 8689
+                route=route,  # smarthost: implicit TLS, AUTH (issue 27)
             )
             t2 = time.monotonic()
         for a in addrs:  # belt and braces: every recipient gets a result

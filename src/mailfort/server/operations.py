@@ -78,12 +78,16 @@ def load_lazy_data() -> None:
     """What the libraries read from their own files on first use, read now, as root: after
     the drop, a Python in root's home is unreadable, and a record type or the public suffix
     list loaded then would fail every DNS check of the node (dnspython loads each record
-    type's module when first met; publicsuffixlist reads its data file when first built)."""
+    type's module when first met; publicsuffixlist reads its data file when first built;
+    the asyncio backend of dnspython's async resolver, which every outbound MX and route
+    lookup uses, is imported at its first query)."""
+    import dns.asyncbackend
     import dns.rdata
 
     from mailfort.policy import dmarc
 
     dns.rdata.load_all_types()
+    dns.asyncbackend.get_backend("asyncio")
     dmarc.organizational_domain("example.com")  # builds and caches the list
 
 
