@@ -15,7 +15,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mailfort import logsetup
 from mailfort.config import Config
@@ -47,13 +47,11 @@ from mailfort.server.connections import (
 from mailfort.server.mtasts_http import PolicyServer
 from mailfort.server.operations import Operations
 from mailfort.server.pop3 import POP3Server
+from mailfort.server.profile import HARDENED, Profile
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
 from mailfort.server.stress import StressGuard
 from mailfort.store.maildir import Committer
 from mailfort.store.maildrop_lock import MaildropLocks, NodeLocks
-
-if TYPE_CHECKING:
-    from mailfort.lab.profile import LegacyProfile
 
 log = logging.getLogger("mailfort")
 
@@ -71,17 +69,18 @@ class Node:
     """All services of one mailfort instance, sharing one directory and one committer."""
 
     def __init__(self, cfg: Config, *, ssl_context: ssl.SSLContext | None = None,
-                 legacy: LegacyProfile | None = None,
+                 profile: Profile = HARDENED,
                  counters: CounterStore | None = None,
                  limiter: ConnectionLimiter | SharedConnectionLimiter | None = None,
                  shared_flush: bool = False) -> None:
-        """``legacy``: the lab's weakened profile. Only ``mailfort.lab`` passes one; no
-        configuration key or ``serve`` option leads here. ``counters``, ``limiter``: the
-        state that a worker process shares with the others (server/supervisor.py); by
-        default in-process. ``shared_flush``: a worker process's committer shares its
-        flushes with the other workers' (store/shared_flush.py)."""
+        """``profile``: policies given in Python in place of the hardened ones
+        (server/profile.py); no configuration key or ``serve`` option leads here.
+        ``counters``, ``limiter``: the state that a worker process shares with the others
+        (server/supervisor.py); by default in-process. ``shared_flush``: a worker
+        process's committer shares its flushes with the other workers'
+        (store/shared_flush.py)."""
         self.cfg = cfg
-        self.legacy = legacy
+        self.profile = profile
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
         # The embedded SQLite file, or the PostgreSQL database that several nodes share.
         self.directory = open_directory(cfg)
@@ -100,7 +99,7 @@ class Node:
         self.counters, self.throttles, self.maildrop_locks = make_counters(
             cfg, self.local_counters)
         self.authenticator = Authenticator(
-            self.directory, self.counters, cfg.auth if legacy is None else legacy.auth)
+            self.directory, self.counters, cfg.auth if profile.auth is None else profile.auth)
         self.queue = Queue(cfg.data_path / "queue")
         self._queue_lock: int | None = None
         # Seconds the node waits for the queue's owner lock before delivering anyway (with
@@ -174,18 +173,19 @@ class Node:
         return outcome.status, outcome.user
 
     def _smtp_service(self, options: ServiceOptions) -> SMTPService:
-        legacy = self.legacy  # lab only: AUTH on the one door, accept-then-bounce
+        profile = self.profile
         return SMTPService(
             self.cfg,
             options,
             self.directory,
             self.committer,
             self.ssl_context,
-            authenticate=self._authenticate if options.auth or legacy else None,
-            enqueue=self._enqueue if legacy is None else legacy.enqueue_hook(self),
+            authenticate=(self._authenticate if options.auth or profile.auth_on_every_port
+                          else None),
+            enqueue=self._enqueue if profile.enqueue is None else profile.enqueue(self),
             queued=lambda: self.queued(),
             submission=self.msa if options.auth else None,
-            legacy=legacy,
+            profile=profile,
             sender_auth=self.sender_auth if options.name == "mx" else None,
         )
 
@@ -219,9 +219,9 @@ class Node:
                 hostname=self.cfg.server.hostname,
                 locks=self.maildrop_locks,
             )
-            if self.legacy is not None:  # lab only: no TLS, unlimited tries per session
+            if self.profile.pop3_settings is not None:  # server/profile.py
                 pop = self.pop3[name]
-                pop.settings = pop.loopback_settings = self.legacy.pop3_settings(pop.settings)
+                pop.settings = pop.loopback_settings = self.profile.pop3_settings(pop.settings)
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
             service.limiter = self.limiter  # type: ignore[assignment]
