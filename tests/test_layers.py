@@ -80,3 +80,12 @@ def test_the_walk_sees_an_import() -> None:
     """The rule can fail: the walk finds the lab's own import of the server."""
     assert "mailfort.server.app" in _imports(PKG / "lab" / "harness.py")
     assert any(_under(n, "server") for n in _imports(PKG / "lab" / "profile.py"))
+
+
+def test_the_plan_lists_every_listener() -> None:
+    """server/node_plan.py is the one list of services: the keys privileges and socket
+    activation check are the same, in the same order."""
+    from mailfort.server.node_plan import LISTENERS
+    from mailfort.server.privileges import LISTEN_KEYS
+
+    assert tuple(p.name for p in LISTENERS) == LISTEN_KEYS

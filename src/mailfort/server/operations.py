@@ -182,7 +182,7 @@ class Operations:
         the MTA-STS listener's sockets, bound now (as root when started so), so that the
         node, made after ``drop_privileges``, opens nothing in the data directory as root.
         Returns the listeners, for ``Node.inherited``."""
-        from mailfort.server.supervisor import bind_address, bind_listeners
+        from mailfort.server.node_plan import bind_address, bind_listeners
 
         sockets = bind_listeners(self.cfg, self.inherited)
         try:
