@@ -75,6 +75,7 @@ class Node:
         self.cfg = cfg
         self.profile = profile
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
+        # --- node_plan.py phase 7, the store (directory, committer; the queue below) ---
         # The embedded SQLite file, or the PostgreSQL database that several nodes share.
         self.directory = open_directory(cfg)
         self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs",
@@ -84,6 +85,7 @@ class Node:
 
             ssl_context = server_context(cfg)
         self.ssl_context = ssl_context
+        # --- phase 8, the policies (the delivery worker and queue are built among them) ---
         # This node's own counts (the connection rate, and the fallback of throttles): in
         # this process, or the store a worker process shares with the others on this
         # machine (server/supervisor.py). The logins and throttles count there too, or in
@@ -186,6 +188,7 @@ class Node:
             removed = self.committer.recover()
             if removed:
                 log.info("removed %d spool files left by a crash", removed)
+        # --- phase 9, the engines; then phase 10, delivery ---
         loopback_plain = self.cfg.server.allow_plaintext_auth_on_loopback
         for plan in LISTENERS:  # node_plan.py: the services, in start order
             plain = plan.plaintext_on_loopback and loopback_plain

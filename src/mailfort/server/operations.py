@@ -1,4 +1,5 @@
-"""What ``mailfort serve`` adds around a Node to run in production.
+"""What ``mailfort serve`` adds around a Node to run in production (phases 1-6 and 11 of
+server/node_plan.py, the one list of what a node is made of and in which order).
 
 In order: ``Operations(cfg)`` decides about privileges before anything is opened (see
 server/privileges.py) and connects to the service manager's notify socket; ``bind`` binds
