@@ -178,3 +178,29 @@ def test_legacy_profile_only_weakens_what_it_says() -> None:
     assert weak.hostname == "h" and weak.max_message_size == base.max_message_size
     assert not weak.tls_available and not weak.auth_required and not weak.auth_requires_tls
     assert weak.legacy_bare_lf and weak.legacy_accounts is not None
+
+
+def test_the_server_profile_defaults_to_hardened() -> None:
+    """``server.profile.HARDENED``, what every configuration runs, changes nothing."""
+    from mailfort.server.profile import HARDENED, Profile
+
+    base = smtp.EngineSettings(hostname="h", tls_available=True, auth_required=True)
+    assert HARDENED.smtp(base, _Dir()) is base  # type: ignore[arg-type]
+    assert all(getattr(HARDENED, f.name) in (None, False) for f in dataclasses.fields(Profile))
+
+
+def test_the_lab_composes_its_server_from_the_seams() -> None:
+    """Every seam of the server's profile is set by the lab, to the lab's own rules."""
+    from mailfort.server.profile import Profile
+
+    legacy = LegacyProfile(domain="example.test")
+    composed = legacy.compose()
+    assert all(getattr(composed, f.name) not in (None, False)
+               for f in dataclasses.fields(Profile))
+    base = smtp.EngineSettings(hostname="h", tls_available=True, auth_required=True)
+    weak = composed.smtp(base, _Dir())  # type: ignore[arg-type]
+    same = legacy.smtp_settings(base, _Dir())  # type: ignore[arg-type]
+    assert dataclasses.replace(weak, legacy_accounts=None) == dataclasses.replace(
+        same, legacy_accounts=None)
+    assert weak.legacy_accounts is not None
+    assert weak.legacy_accounts.expn("alice").code == 250  # answered from the directory

@@ -2,7 +2,8 @@
 points, all on 127.0.0.1 and free ports, with scratch data removed at the end.
 
 Both nodes are the real ``server.app.Node``, with the same domain, users and aliases;
-the legacy one is given ``profile.LegacyProfile`` in Python. Each side has its own capture
+the legacy one is given ``profile.LegacyProfile`` composed into the server's own policy
+seams (``server.profile.Profile``) in Python. Each side has its own capture
 points, so a consequence is always traced to the server that caused it: a sink playing the
 victim's remote server (``[routes]`` sends every remote domain there), a mailbox for the
 forged sender (its domain routed there), and a recording proxy in front of each service.
@@ -200,8 +201,8 @@ class Lab:
                       FORGED_DOMAIN: {"host": LOOPBACK, "port": side.forged.port}}
             cfg = _config(side, routes, self.dns.port)
             await asyncio.to_thread(_seed, cfg)
-            legacy = LegacyProfile(domain=DOMAIN) if side.legacy else None
-            node = Node(cfg, legacy=legacy)
+            node = (Node(cfg, profile=LegacyProfile(domain=DOMAIN).compose()) if side.legacy
+                    else Node(cfg))
             side.node = node
             await node.start()
             for service in ("mx", "submission", "pop3"):

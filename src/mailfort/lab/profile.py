@@ -1,9 +1,12 @@
 """The lab's legacy profile: mailfort with its protections switched off, for teaching.
 
-This object is the only way to the weakened behaviour, and only ``mailfort.lab`` builds
-one: it is handed to ``Node(..., legacy=...)`` in Python, never read from a configuration
-file, and ``mailfort serve`` has no option that leads to it (a test tries both). Each
-switch is a small hook at its own depth, so the hardened path stays as it is:
+The server knows policies, not the lab: ``server.profile.Profile`` names the seams where
+a node asks a policy (engine settings, recipients, disclosure, the enqueue hook, login
+throttling), each defaulting to the hardened rule. ``LegacyProfile.compose()`` fills them
+with the weakened ones, and the lab hands the result to ``Node(..., profile=...)`` in
+Python; it is never read from a configuration file, and ``mailfort serve`` has no option
+that leads to it (a test tries both). Each switch is a small hook at its own depth, so the
+hardened path stays as it is:
 
 * engine options (``protocol.smtp.EngineSettings``): AUTH offered on the MX port in the
   clear and never required (one door for submission and relay), no STARTTLS, VRFY/EXPN
@@ -33,6 +36,7 @@ from mailfort.policy.disclosure import DirectoryDisclosure
 from mailfort.policy.recipients import LegacyRecipients
 from mailfort.protocol import pop3 as pop3_engine
 from mailfort.protocol import smtp as smtp_engine
+from mailfort.server.profile import Profile
 
 if TYPE_CHECKING:
     from mailfort.server.app import Node
@@ -57,8 +61,28 @@ class LegacyProfile:
     auth: AuthConfig = NO_BRUTE_FORCE_LIMIT
     recipients: LegacyRecipients = dataclasses.field(default_factory=LegacyRecipients)
 
+    def compose(self) -> Profile:
+        """The weakened server, as the server's own seams (server/profile.py)."""
+        return Profile(
+            auth=self.auth,
+            auth_on_every_port=True,  # AUTH on the one door (the MX)
+            smtp_settings=self.engine_settings,
+            disclosure=self.disclosure,
+            pop3_settings=self.pop3_settings,
+            recipients=self.recipients,
+            enqueue=self.enqueue_hook,
+        )
+
     def smtp_settings(self, base: smtp_engine.EngineSettings,
                       directory: Directory) -> smtp_engine.EngineSettings:
+        """Both SMTP seams at once: the engine's weakened settings and VRFY/EXPN."""
+        return dataclasses.replace(self.engine_settings(base),
+                                   legacy_accounts=self.disclosure(directory))
+
+    def disclosure(self, directory: Directory) -> DirectoryDisclosure:
+        return DirectoryDisclosure(directory, self.domain)
+
+    def engine_settings(self, base: smtp_engine.EngineSettings) -> smtp_engine.EngineSettings:
         return dataclasses.replace(
             base,
             max_command_line=SAFE_COMMAND_LINE,
@@ -69,7 +93,6 @@ class LegacyProfile:
             auth_mechanisms=("PLAIN", "LOGIN"),
             auth_requires_tls=False,
             auth_required=False,
-            legacy_accounts=DirectoryDisclosure(directory, self.domain),
             legacy_bare_lf=True,
         )
 

@@ -4,7 +4,7 @@ Hardened mailfort answers VRFY with 252 and EXPN with 502 for everything (in the
 ``protocol.smtp``), so a stranger cannot list the users or learn where an alias really
 leads. ``DirectoryDisclosure`` is the old behaviour that the lab's legacy server shows:
 VRFY confirms users (250) and denies the rest (550), EXPN expands aliases, remote
-forwards included. Only ``mailfort.lab`` builds one.
+forwards included. It is set in Python only (server/profile.py), never by a config.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ or the lab's legacy one.
 ``STRICT`` is mailfort's rule (``relay.decide_recipient``): relay only for an authenticated
 or trusted client, unknown local users refused at RCPT. ``LegacyRecipients`` is what the
 lab's legacy profile swaps in to show what that rule prevents: it relays for anyone (open
-relay, 第三者中継) and accepts unknown local users, to bounce later (backscatter). Only
-``mailfort.lab`` builds one; no configuration key or command-line flag can select it.
+relay, 第三者中継) and accepts unknown local users, to bounce later (backscatter). It is
+set in Python only (server/profile.py); no configuration key or command-line flag can select it.
 
 SRS addresses (policy/srs.py) of our domains are decided before the directory: a bounce
 (null sender) to one whose hash and day verify goes back to the original sender

@@ -136,8 +136,8 @@ Event = (
 
 class AccountLookup(Protocol):
     """What VRFY and EXPN answer when they disclose accounts: the lab's legacy profile
-    only (``mailfort.lab``). Hardened mailfort has none: VRFY is 252 and EXPN 502 for
-    every argument, so nothing tells users apart."""
+    only (set in Python, server/profile.py). Hardened mailfort has none: VRFY is 252 and
+    EXPN 502 for every argument, so nothing tells users apart."""
 
     def vrfy(self, arg: str) -> Reply: ...
 
@@ -159,7 +159,7 @@ class EngineSettings:
     auth_requires_tls: bool = True
     auth_required: bool = False  # submission: MAIL before AUTH gets 530
     requiretls: bool = True  # RFC 8689: offered (after TLS only) and the MAIL parameter taken
-    # The lab's legacy profile only (mailfort.lab builds it; no config key reaches these):
+    # The lab's legacy profile only (server/profile.py; no config key reaches these):
     # VRFY/EXPN answered from the directory, and bare LF taken as a line end in DATA
     # (so "<LF>.<LF>" ends it: the SMTP smuggling hole). Defaults are the hardened rules.
     legacy_accounts: AccountLookup | None = None

@@ -1,7 +1,9 @@
 """Assemble and run a mailfort node: directory, store, TLS and the listeners.
 
 ``Node`` is what ``mailfort serve`` runs and what the end-to-end tests start in-process
-(with port 0 listeners, so each test gets free ports on 127.0.0.1).
+(with port 0 listeners, so each test gets free ports on 127.0.0.1). What a node is made
+of, and in which order it starts and stops, is listed once in server/node_plan.py; this
+module builds it that way.
 """
 
 from __future__ import annotations
@@ -15,45 +17,34 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mailfort import logsetup
 from mailfort.config import Config
-from mailfort.delivery.mx import make_resolver
 from mailfort.directory import open_directory
 from mailfort.policy import srs
 from mailfort.policy.authn import Authenticator
-from mailfort.policy.counters import (
-    Counters,
-    CounterStore,
-    FallbackCounters,
-    LocalCounters,
-    MemoryCounters,
-)
-from mailfort.policy.dnsbl import DNSBLChecker
-from mailfort.policy.greylist import Greylist, GreylistSettings, GreylistStore
-from mailfort.policy.inbound import InboundPolicy, zones
+from mailfort.policy.counters import CounterStore, MemoryCounters
 from mailfort.policy.msa import MSAPolicy
 from mailfort.policy.senderauth import SenderAuth
 from mailfort.queue import owner as queue_owner
 from mailfort.queue.forward import enqueue_envelope
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
-from mailfort.server.connections import (
-    ConnectionLimiter,
-    SharedConnectionLimiter,
-    limit_exceptions,
-)
+from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
 from mailfort.server.mtasts_http import PolicyServer
+from mailfort.server.node_plan import (
+    LISTENERS,
+    connection_limiter,
+    inbound_policy,
+    make_counters,
+)
 from mailfort.server.operations import Operations
 from mailfort.server.pop3 import POP3Server
+from mailfort.server.profile import HARDENED, Profile
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
 from mailfort.server.stress import StressGuard
 from mailfort.store.maildir import Committer
-from mailfort.store.maildrop_lock import MaildropLocks, NodeLocks
-
-if TYPE_CHECKING:
-    from mailfort.lab.profile import LegacyProfile
 
 log = logging.getLogger("mailfort")
 
@@ -71,18 +62,20 @@ class Node:
     """All services of one mailfort instance, sharing one directory and one committer."""
 
     def __init__(self, cfg: Config, *, ssl_context: ssl.SSLContext | None = None,
-                 legacy: LegacyProfile | None = None,
+                 profile: Profile = HARDENED,
                  counters: CounterStore | None = None,
                  limiter: ConnectionLimiter | SharedConnectionLimiter | None = None,
                  shared_flush: bool = False) -> None:
-        """``legacy``: the lab's weakened profile. Only ``mailfort.lab`` passes one; no
-        configuration key or ``serve`` option leads here. ``counters``, ``limiter``: the
-        state that a worker process shares with the others (server/supervisor.py); by
-        default in-process. ``shared_flush``: a worker process's committer shares its
-        flushes with the other workers' (store/shared_flush.py)."""
+        """``profile``: policies given in Python in place of the hardened ones
+        (server/profile.py); no configuration key or ``serve`` option leads here.
+        ``counters``, ``limiter``: the state that a worker process shares with the others
+        (server/supervisor.py); by default in-process. ``shared_flush``: a worker
+        process's committer shares its flushes with the other workers'
+        (store/shared_flush.py)."""
         self.cfg = cfg
-        self.legacy = legacy
+        self.profile = profile
         cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # mail is private
+        # --- node_plan.py phase 7, the store (directory, committer; the queue below) ---
         # The embedded SQLite file, or the PostgreSQL database that several nodes share.
         self.directory = open_directory(cfg)
         self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs",
@@ -92,6 +85,7 @@ class Node:
 
             ssl_context = server_context(cfg)
         self.ssl_context = ssl_context
+        # --- phase 8, the policies (the delivery worker and queue are built among them) ---
         # This node's own counts (the connection rate, and the fallback of throttles): in
         # this process, or the store a worker process shares with the others on this
         # machine (server/supervisor.py). The logins and throttles count there too, or in
@@ -100,7 +94,7 @@ class Node:
         self.counters, self.throttles, self.maildrop_locks = make_counters(
             cfg, self.local_counters)
         self.authenticator = Authenticator(
-            self.directory, self.counters, cfg.auth if legacy is None else legacy.auth)
+            self.directory, self.counters, cfg.auth if profile.auth is None else profile.auth)
         self.queue = Queue(cfg.data_path / "queue")
         self._queue_lock: int | None = None
         # Seconds the node waits for the queue's owner lock before delivering anyway (with
@@ -120,15 +114,9 @@ class Node:
         # SPF, DKIM and DMARC of the mail the MX receives ([sender_auth]).
         self.sender_auth = SenderAuth(cfg) if cfg.sender_auth.enabled else None
         # One count of connections for the whole node, shared by every listener (and by
-        # every worker process). It is decided at accept, without a network round trip:
-        # per node even with [counters] in Redis (each node protects its own sockets; the
-        # logins are what is shared).
+        # every worker process: ``limiter``), decided at accept (node_plan.py).
         self.limiter: ConnectionLimiter | SharedConnectionLimiter = (
-            limiter if limiter is not None else ConnectionLimiter(
-                cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
-                rate_per_minute=cfg.limits.max_connection_rate_per_ip,
-                counters=self.local_counters, exempt=limit_exceptions(
-                    cfg.limits.connection_limit_exceptions, cfg.relay.trusted_networks)))
+            limiter if limiter is not None else connection_limiter(cfg, self.local_counters))
         # This process's stress mode (server/stress.py), shared by every listener. In a
         # worker process it adapts this worker's sessions; the count it reads is the node's.
         self.stress = StressGuard(cfg.limits.stress)
@@ -174,18 +162,19 @@ class Node:
         return outcome.status, outcome.user
 
     def _smtp_service(self, options: ServiceOptions) -> SMTPService:
-        legacy = self.legacy  # lab only: AUTH on the one door, accept-then-bounce
+        profile = self.profile
         return SMTPService(
             self.cfg,
             options,
             self.directory,
             self.committer,
             self.ssl_context,
-            authenticate=self._authenticate if options.auth or legacy else None,
-            enqueue=self._enqueue if legacy is None else legacy.enqueue_hook(self),
+            authenticate=(self._authenticate if options.auth or profile.auth_on_every_port
+                          else None),
+            enqueue=self._enqueue if profile.enqueue is None else profile.enqueue(self),
             queued=lambda: self.queued(),
             submission=self.msa if options.auth else None,
-            legacy=legacy,
+            profile=profile,
             sender_auth=self.sender_auth if options.name == "mx" else None,
         )
 
@@ -199,29 +188,30 @@ class Node:
             removed = self.committer.recover()
             if removed:
                 log.info("removed %d spool files left by a crash", removed)
+        # --- phase 9, the engines; then phase 10, delivery ---
         loopback_plain = self.cfg.server.allow_plaintext_auth_on_loopback
-        self.services["mx"] = self._smtp_service(ServiceOptions(name="mx"))
-        self.services["mx"].inbound = self.inbound
-        self.services["submission"] = self._smtp_service(
-            ServiceOptions(name="submission", auth=True, plaintext_auth_on_loopback=loopback_plain)
-        )
-        self.services["submissions"] = self._smtp_service(
-            ServiceOptions(name="submissions", implicit_tls=True, auth=True)
-        )
-        for name, implicit in (("pop3", False), ("pop3s", True)):
-            self.pop3[name] = POP3Server(
+        for plan in LISTENERS:  # node_plan.py: the services, in start order
+            plain = plan.plaintext_on_loopback and loopback_plain
+            if plan.engine == "smtp":
+                service = self._smtp_service(ServiceOptions(
+                    name=plan.name, implicit_tls=plan.implicit_tls, auth=plan.auth,
+                    plaintext_auth_on_loopback=plain))
+                if plan.inbound:
+                    service.inbound = self.inbound
+                self.services[plan.name] = service
+                continue
+            pop = self.pop3[plan.name] = POP3Server(
                 ssl_context=self.ssl_context,
                 authenticator=self.authenticator,
                 mail_dir=self.cfg.mail_path,
                 limits=self.cfg.limits,
-                implicit_tls=implicit,
-                allow_plaintext=loopback_plain,
+                implicit_tls=plan.implicit_tls,
+                allow_plaintext=plain,
                 hostname=self.cfg.server.hostname,
                 locks=self.maildrop_locks,
             )
-            if self.legacy is not None:  # lab only: no TLS, unlimited tries per session
-                pop = self.pop3[name]
-                pop.settings = pop.loopback_settings = self.legacy.pop3_settings(pop.settings)
+            if self.profile.pop3_settings is not None:  # server/profile.py
+                pop.settings = pop.loopback_settings = self.profile.pop3_settings(pop.settings)
         listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
         for name, service in listeners.items():
             service.limiter = self.limiter  # type: ignore[assignment]
@@ -310,51 +300,6 @@ class Node:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def make_counters(
-    cfg: Config, local: CounterStore
-) -> tuple[Counters, Counters, MaildropLocks]:
-    """(counters of the logins, counters of the throttles, POP3 maildrop locks).
-
-    With ``[counters] backend = "redis"`` the logins count in Redis alone (refused for
-    now while it is down: policy/authn.py says why), the throttles fall back to ``local``
-    (``FallbackCounters``), and the maildrop lock holds across nodes."""
-    c = cfg.counters
-    if c.backend != "redis":
-        mine = LocalCounters(local)
-        return mine, mine, NodeLocks()
-    from mailfort.policy.redis_counters import RedisCounters, connect
-    from mailfort.store.maildrop_lock import RedisLocks
-
-    client = connect(c.url, c.password())
-    shared = RedisCounters(client, prefix=c.key_prefix)
-    return shared, FallbackCounters(shared, local), RedisLocks(client, prefix=c.key_prefix,
-                                                              ttl=c.pop3_lease_seconds)
-
-
-def inbound_policy(cfg: Config, directory: object = None) -> InboundPolicy:
-    """The MX's anti-abuse checks as configured (each part only when switched on).
-    Greylisting state lives with a PostgreSQL ``directory`` when there is one (shared by
-    the nodes), else in ``<data_dir>/greylist.sqlite3``."""
-    bl = cfg.dnsbl
-    checker = None
-    if bl.zones or bl.sender_zones or bl.helo_zones:
-        checker = DNSBLChecker(make_resolver(cfg), zones(bl.zones), threshold=bl.threshold,
-                               timeout=bl.timeout, cache_size=bl.cache_size)
-    greylist: GreylistStore | None = None
-    if cfg.greylist.enabled:
-        g = cfg.greylist
-        settings = GreylistSettings(g.delay, g.retry_window, g.pass_lifetime,
-                                    g.auto_allow_after)
-        pool = getattr(directory, "pool", None)
-        if pool is not None:
-            from mailfort.policy.greylist_pg import PostgreSQLGreylist
-
-            greylist = PostgreSQLGreylist(pool, settings)
-        else:
-            greylist = Greylist(cfg.data_path / "greylist.sqlite3", settings)
-    return InboundPolicy(cfg, checker, greylist)
 
 
 def describe(node: Node) -> str:

@@ -1,4 +1,5 @@
-"""What ``mailfort serve`` adds around a Node to run in production.
+"""What ``mailfort serve`` adds around a Node to run in production (phases 1-6 and 11 of
+server/node_plan.py, the one list of what a node is made of and in which order).
 
 In order: ``Operations(cfg)`` decides about privileges before anything is opened (see
 server/privileges.py) and connects to the service manager's notify socket; ``bind`` binds
@@ -186,7 +187,7 @@ class Operations:
         the MTA-STS listener's sockets, bound now (as root when started so), so that the
         node, made after ``drop_privileges``, opens nothing in the data directory as root.
         Returns the listeners, for ``Node.inherited``."""
-        from mailfort.server.supervisor import bind_address, bind_listeners
+        from mailfort.server.node_plan import bind_address, bind_listeners
 
         sockets = bind_listeners(self.cfg, self.inherited)
         try:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from mailfort.config import Config
 from mailfort.directory.base import Directory, is_blocking
@@ -51,12 +51,10 @@ from mailfort.protocol.smtp import (
 from mailfort.queue.store import new_id
 from mailfort.server import senderauth
 from mailfort.server.connections import Admission, is_loopback, limit_exceptions
+from mailfort.server.profile import HARDENED, Profile
 from mailfort.server.session import EngineSession, Listener
 from mailfort.server.storage_replies import storage_refusal
 from mailfort.store.maildir import Committer, Spool, StorageError, maildir_for
-
-if TYPE_CHECKING:
-    from mailfort.lab.profile import LegacyProfile
 
 log = logging.getLogger("mailfort.smtp")
 
@@ -195,10 +193,10 @@ class SMTPService(Listener):
         enqueue: EnqueueHook | None = None,
         queued: Callable[[], None] | None = None,
         submission: SubmissionPolicy | None = None,
-        legacy: LegacyProfile | None = None,
+        profile: Profile = HARDENED,
         sender_auth: SenderAuth | None = None,
     ) -> None:
-        """``legacy``: the lab's weakened profile (``mailfort.lab`` only, never a config)."""
+        """``profile``: the policies given in Python (server/profile.py), never by a config."""
         self.cfg = cfg
         self.options = options
         self.directory = directory
@@ -230,19 +228,19 @@ class SMTPService(Listener):
             auth_requires_tls=True,
             auth_required=options.auth,
         )
-        # On loopback the operator may allow AUTH in the clear (lab, local MUAs).
+        # On loopback the operator may allow AUTH in the clear (local MUAs, tests).
         self.loopback_settings = (
             dataclasses.replace(self.settings, auth_requires_tls=False)
             if options.plaintext_auth_on_loopback
             else self.settings
         )
-        # --- lab legacy profile: weakened engine settings and recipient policy -----------
-        self.recipients: RecipientPolicy = StrictRecipients(srs.for_config(cfg), cfg.srs.domain)
-        if legacy is not None:
-            self.settings = self.loopback_settings = legacy.smtp_settings(self.settings,
-                                                                          directory)
-            self.recipients = legacy.recipients
-        # --- end lab legacy profile ----------------------------------------------------
+        # The profile's seams (server/profile.py): engine settings, disclosure, recipients.
+        self.recipients: RecipientPolicy = (
+            profile.recipients if profile.recipients is not None
+            else StrictRecipients(srs.for_config(cfg), cfg.srs.domain))
+        weakened = profile.smtp(self.settings, directory)
+        if weakened is not self.settings:
+            self.settings = self.loopback_settings = weakened
 
     async def start(self, host: str, port: int,
                     sock: socket.socket | None = None) -> asyncio.base_events.Server:

@@ -91,8 +91,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailfort.config import Config, ConfigError
-from mailfort.server.acceptor import AcceptGate, bind
-from mailfort.server.privileges import LISTEN_KEYS, Account
+from mailfort.server.acceptor import AcceptGate
+from mailfort.server.node_plan import bind_address, bind_listeners
+from mailfort.server.privileges import Account
 
 if TYPE_CHECKING:
     from mailfort.server.app import Node
@@ -131,38 +132,7 @@ def shared_state_path(cfg: Config) -> Path:
 
 
 # ------------------------------------------------------------------ binding
-
-def _split(hostport: str) -> tuple[str, int]:
-    host, _, port = hostport.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def bind_address(hostport: str) -> socket.socket:
-    """A listening socket on HOST:PORT (IPv6 in brackets)."""
-    return bind(*_split(hostport))
-
-
-_bind = bind_address
-
-
-def bind_listeners(cfg: Config, inherited: dict[tuple[str, int], socket.socket]
-                   ) -> dict[tuple[str, int], socket.socket]:
-    """Every ``[listen]`` address, listening: the ``inherited`` ones (systemd socket
-    activation) as they are, the others bound here."""
-    out: dict[tuple[str, int], socket.socket] = {}
-    try:
-        for name in LISTEN_KEYS:
-            for i, hostport in enumerate(getattr(cfg.listen, name)):
-                given = inherited.get((name, i))
-                if given is not None:
-                    given.setblocking(False)
-                out[(name, i)] = given if given is not None else _bind(hostport)
-    except BaseException:
-        for s in out.values():
-            s.close()
-        raise
-    return out
-
+# (node_plan.py binds: the listeners are listed there.)
 
 def describe(cfg: Config, sockets: dict[tuple[str, int], socket.socket], workers: int,
              no_domain: bool = False) -> str:
@@ -195,19 +165,14 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     from mailfort import metrics
     from mailfort.policy.shared_counters import SQLiteCounters
     from mailfort.server.app import Node
-    from mailfort.server.connections import SharedConnectionLimiter, limit_exceptions
+    from mailfort.server.node_plan import shared_connection_limiter
     from mailfort.server.operations import Operations, WorkerRole
 
     cfg, pipes = sup.cfg, sup.pipes
     path = shared_state_path(cfg)
     counters = SQLiteCounters(path)
     assert sup.connections is not None
-    limiter = SharedConnectionLimiter(
-        sup.connections, sup.slots[slot].row, cfg.limits.max_connections,
-        cfg.limits.max_connections_per_ip,
-        rate_per_minute=cfg.limits.max_connection_rate_per_ip, counters=counters,
-        exempt=limit_exceptions(cfg.limits.connection_limit_exceptions,
-                                cfg.relay.trusted_networks))
+    limiter = shared_connection_limiter(cfg, sup.connections, sup.slots[slot].row, counters)
     limiter.reset_slot()
     loop = asyncio.get_running_loop()
     role = WorkerRole(slot, sup.workers, sup.main_pid, sup.sockets,
@@ -399,9 +364,9 @@ class Supervisor:
         # user's to change, so it is read and written only after the drop (issue 24).
         self.sockets = bind_listeners(cfg, self.ops.inherited)
         if cfg.metrics.listen:
-            self.metrics_socket = _bind(cfg.metrics.listen)
+            self.metrics_socket = bind_address(cfg.metrics.listen)
         if cfg.mta_sts.listen:  # port 443 in production: bound before the drop too
-            self.mta_sts_socket = _bind(cfg.mta_sts.listen)
+            self.mta_sts_socket = bind_address(cfg.mta_sts.listen)
         certificate_around_drop(cfg, self.ops)  # nothing served or recovered as root
         spool = cfg.data_path / "spool"
         make_dirs(spool)
