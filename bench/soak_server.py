@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from mailfort.config import load
-from mailfort.server.app import Node, raise_file_limit
+from mailfort.server.app import Node
+from mailfort.server.main import raise_file_limit
 
 
 async def main(config: str, stats: Path) -> None:

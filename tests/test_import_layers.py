@@ -43,15 +43,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ALLOWED_CYCLES: list[tuple[str, ...]] = [("mailfort.audit.checks", "mailfort.audit.context",
                                           "mailfort.audit.registry")]
 
-# (importer, imported): upward imports that remain, each with the item that removes it.
-# The server importing the lab's legacy profile is issue 26 item 1 (done elsewhere).
-KNOWN: dict[tuple[str, str], str] = {
-    ("mailfort.server.app", "mailfort.lab.profile"): "issue 26.1",
-    ("mailfort.server.smtp", "mailfort.lab.profile"): "issue 26.1",
-}
-# The circle that the same import closes (lab/profile imports the server back).
-KNOWN_CYCLES: list[tuple[str, ...]] = [
-    ("mailfort.lab.profile", "mailfort.server"),
+# (importer, imported): upward imports that remain, each with the reason it may. None now.
+KNOWN: dict[tuple[str, str], str] = {}
+# Circles that remain besides the allowed ones. None now.
+KNOWN_CYCLES: list[tuple[str, ...]] = []
+
+# (importers, forbidden): beyond the floors, a module under one of ``importers`` imports
+# nothing under one of ``forbidden`` (prefixes of dotted names).
+RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    # 26.1: the production server knows policies (server/profile.py), not the lab, which
+    # composes its legacy profile from them.
+    (("mailfort.server", "mailfort.policy", "mailfort.protocol"), ("mailfort.lab",)),
 ]
 
 
@@ -75,12 +77,28 @@ def _resolve(name: str) -> str | None:
     return name or None
 
 
-def _imports(module: str, path: Path) -> dict[str, int]:
+def _type_only(tree: ast.Module) -> set[int]:
+    """ids of the import nodes under ``if TYPE_CHECKING:``: names for annotations, never
+    executed (every module has ``from __future__ import annotations``)."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name | ast.Attribute) \
+                and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            out.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return out
+
+
+def _imports(module: str, path: Path, *, typing: bool = True) -> dict[str, int]:
     """mailfort modules that ``module`` imports (anywhere: top level or in a function),
-    with a line number of one such import."""
+    with a line number of one such import; without ``typing``, those under
+    ``if TYPE_CHECKING:`` left out."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: dict[str, int] = {}
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skip = set() if typing else _type_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -98,6 +116,9 @@ def _imports(module: str, path: Path) -> dict[str, int]:
 
 
 GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
+# What runs: the graph whose circles count. An annotation may name a module above (a
+# policy's callback takes the Node that a composition root builds) without importing it.
+RUN_GRAPH = {m: _imports(m, p, typing=False) for m, p in MODULES.items()}
 
 
 def layer_of(module: str) -> int | None:
@@ -110,29 +131,29 @@ def layer_of(module: str) -> int | None:
     return None if best is None else best[0]
 
 
-def _cycles() -> list[list[str]]:
+def _cycles(graph: dict[str, dict[str, int]] = RUN_GRAPH) -> list[list[str]]:
     """Strongly connected groups of more than one module (Tarjan, iteratively)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
     on_stack: set[str] = set()
     groups: list[list[str]] = []
-    for root in GRAPH:
+    for root in graph:
         if root in index:
             continue
-        work = [(root, iter(GRAPH[root]))]
+        work = [(root, iter(graph[root]))]
         index[root] = low[root] = len(index)
         stack.append(root)
         on_stack.add(root)
         while work:
             node, edges = work[-1]
-            nxt = next((w for w in edges if w in GRAPH), None)
+            nxt = next((w for w in edges if w in graph), None)
             if nxt is not None:
                 if nxt not in index:
                     index[nxt] = low[nxt] = len(index)
                     stack.append(nxt)
                     on_stack.add(nxt)
-                    work.append((nxt, iter(GRAPH[nxt])))
+                    work.append((nxt, iter(graph[nxt])))
                 elif nxt in on_stack:
                     low[node] = min(low[node], index[nxt])
                 continue
@@ -174,6 +195,20 @@ def test_no_module_imports_a_higher_layer() -> None:
     assert not upward, "\n".join(upward)
 
 
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+@pytest.mark.parametrize(("importers", "forbidden"), RULES,
+                         ids=[f"{'+'.join(i)}-not-{'+'.join(f)}" for i, f in RULES])
+def test_no_forbidden_import(importers: tuple[str, ...], forbidden: tuple[str, ...]) -> None:
+    bad = [f"{module}:{line} imports {target}"
+           for module, targets in sorted(GRAPH.items())
+           if any(_under(module, i) for i in importers)
+           for target, line in targets.items() if any(_under(target, f) for f in forbidden)]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_import_circle() -> None:
     allowed = [*ALLOWED_CYCLES, *KNOWN_CYCLES]
     circles = [g for g in _cycles() if not any(_within(g, a) for a in allowed)]
@@ -202,3 +237,7 @@ def test_the_reader_sees_every_kind_of_import() -> None:
     assert "mailfort.tls" in GRAPH["mailfort.acmecert"]
     assert "mailfort.protocol.dnsbl_codes" in GRAPH["mailfort.config"]  # inside a function
     assert "mailfort.delivery.tlsrpt_send" in GRAPH["mailfort.queue.worker"]  # from pkg import
+    assert "mailfort.server.app" in GRAPH["mailfort.lab.harness"]  # the lab uses the server
+    # under TYPE_CHECKING: seen for the floors, not for the circles
+    assert "mailfort.server.app" in GRAPH["mailfort.server.operations"]
+    assert "mailfort.server.app" not in RUN_GRAPH["mailfort.server.operations"]

@@ -53,7 +53,7 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = config_of(args)
-    from mailfort.server.app import run
+    from mailfort.server.main import run
 
     # A reload reads the file again (config_of keeps the first reading).
     run(cfg, reload_config=lambda: config_mod.load(getattr(args, "config", None)))

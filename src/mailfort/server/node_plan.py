@@ -1,7 +1,7 @@
 """What a mailfort node is made of, in the order it starts and stops: the one plan.
 
 Like Postfix's ``master.cf``, this is where a reader sees the whole node; the modules named
-do the work. ``app.run`` (one process) and ``supervisor.Supervisor`` (a supervisor and its
+do the work. ``main.run`` (one process) and ``supervisor.Supervisor`` (a supervisor and its
 worker processes) follow the same phases; ``app.Node`` builds the parts below with the
 builders of this module, and ``Operations`` (server/operations.py) wraps them.
 
@@ -11,7 +11,7 @@ Start::
     1 preflight    root     [server] user checked, systemd sockets  Operations(cfg)
                             taken, ACME challenge port
     2 bind         root     LISTENERS, metrics, MTA-STS sockets     bind_listeners
-    3 certificate  root     tls.cert_file outside the data dir      app.configured_context
+    3 certificate  root     tls.cert_file outside the data dir      main.configured_context
     4 give away    root     data dir, Maildir root, log file        Operations.give_away
     5 lazy data    root     DNS record types, public suffixes       operations.load_lazy_data
     6 drop         -> user  setgid/setuid, then the ACME order and  privileges.drop
@@ -87,7 +87,7 @@ class ListenerPlan:
     inbound: bool = False  # SMTP: DNSBL, pre-greeting, greylisting, SPF/DKIM/DMARC (MX)
 
 
-# In start order. privileges.LISTEN_KEYS names the same keys (tests/test_layers.py checks).
+# In start order. privileges.LISTEN_KEYS names the same keys (test_node_plan.py checks).
 LISTENERS: tuple[ListenerPlan, ...] = (
     ListenerPlan("mx", "smtp", inbound=True),
     ListenerPlan("submission", "smtp", auth=True, plaintext_on_loopback=True),
