@@ -212,3 +212,13 @@ def test_unwritable_html_fails_before_the_run(
     assert proc.stderr.startswith(f"mailfort audit: --html {html}")
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
     assert time.monotonic() - started < 5
+
+
+def test_readme_audits_after_the_domain_and_user_exist() -> None:
+    """The first audit a newcomer runs comes after ``domain add`` and ``user add``: before,
+    it can only say INCONCLUSIVE."""
+    readme = (Path(SRC).parent / "README.md").read_text(encoding="utf-8")
+    first_audit = readme.index("mailfort audit 127.0.0.1")
+    assert readme.index("mailfort domain add example.test") < first_audit
+    assert readme.index("mailfort user add alice@example.test") < first_audit
+    assert "3 nothing FAILs but something is INCONCLUSIVE" in readme
