@@ -53,6 +53,15 @@ def test_japanese_session(ja_session: tuple[int, str, Path]) -> None:
         row = next(ln for ln in summary.splitlines() if f" {name} " in ln + " ")
         assert ui["succeeded"] in row and row.rstrip().endswith(ui["stopped"]), row
     assert "Lab stopped" not in out and ui["stopped_lab"] in out
+    # Words of the catalogue, never Python's: the backscatter's bounce carried the spam.
+    assert "True" not in out and "False" not in out
+    assert "(スパムを添付: はい)" in out
+
+
+def test_english_words_not_python_booleans(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, ["--attack", "backscatter"])
+    assert code == 0
+    assert "(spam inside: yes)" in out and "True" not in out
 
 
 def test_html_is_self_contained(ja_session: tuple[int, str, Path]) -> None:

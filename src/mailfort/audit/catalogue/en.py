@@ -354,6 +354,9 @@ NOTES: dict[str, str] = {
 }
 
 UI: dict[str, str] = {
+    "yes": "yes",
+    "no": "no",
+    "list_sep": "; ",
     "report": "mailfort audit",
     "target": "target",
     "summary": "summary",

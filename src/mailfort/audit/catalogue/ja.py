@@ -344,6 +344,9 @@ NOTES: dict[str, str] = {
 }
 
 UI: dict[str, str] = {
+    "yes": "はい",
+    "no": "いいえ",
+    "list_sep": "、",
     "report": "mailfort 監査",
     "target": "対象",
     "summary": "概要",
