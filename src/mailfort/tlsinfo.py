@@ -8,6 +8,9 @@ primary worker, from the first request on).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,19 @@ def served_certificate_path(cfg: Config) -> Path:
     return cfg.data_path / "tls" / CERT_NAME
 
 
+_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def fingerprint(path: Path) -> str:
+    """SHA-256 of the first certificate's DER, as clients show it (``AB:CD:…``), so that a
+    POP3/IMAP user can compare it before trusting a self-signed certificate."""
+    block = _PEM.search(path.read_bytes())
+    if block is None:
+        raise ValueError(f"no certificate in {path}")
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(block.group().decode("ascii")))
+    return ":".join(f"{b:02X}" for b in digest.digest())
+
+
 def describe(path: Path, now: dt.datetime | None = None) -> dict[str, Any]:
     """Subject, SANs, issuer and expiry of the first certificate in a PEM file (the
     generated one from its record, see ``tls.certificate_facts``)."""
@@ -41,6 +57,7 @@ def describe(path: Path, now: dt.datetime | None = None) -> dict[str, Any]:
         "not_after": facts["not_after"],
         "days_left": (after - now).days,
         "self_signed": facts["self_signed"],
+        "sha256": fingerprint(path),
     }
 
 
@@ -52,6 +69,7 @@ def format_description(info: dict[str, Any]) -> str:
         f"issuer:     {info['issuer']}{' (self-signed)' if info['self_signed'] else ''}",
         f"not before: {info['not_before']}",
         f"not after:  {info['not_after']} ({info['days_left']} days left)",
+        f"sha256:     {info['sha256']}",
     ]
     if info["days_left"] < 0:
         lines.append("EXPIRED: clients that check certificates refuse it")

@@ -151,6 +151,7 @@ class WeakServer:
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(3)
         self._stop = threading.Event()
+        self.accepted = 0  # connections taken (a run that never started takes none)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -192,6 +193,7 @@ class WeakServer:
             sock.settimeout(20)
             with self._lock:
                 self._socks.add(sock)
+                self.accepted += 1
             threading.Thread(target=self._serve, args=(sock, role), daemon=True).start()
 
     def _serve(self, sock: socket.socket, role: str) -> None:

@@ -53,6 +53,15 @@ def test_japanese_session(ja_session: tuple[int, str, Path]) -> None:
         row = next(ln for ln in summary.splitlines() if f" {name} " in ln + " ")
         assert ui["succeeded"] in row and row.rstrip().endswith(ui["stopped"]), row
     assert "Lab stopped" not in out and ui["stopped_lab"] in out
+    # Words of the catalogue, never Python's: the backscatter's bounce carried the spam.
+    assert "True" not in out and "False" not in out
+    assert "(スパムを添付: はい)" in out
+
+
+def test_english_words_not_python_booleans(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, ["--attack", "backscatter"])
+    assert code == 0
+    assert "(spam inside: yes)" in out and "True" not in out
 
 
 def test_html_is_self_contained(ja_session: tuple[int, str, Path]) -> None:
@@ -112,7 +121,12 @@ def _sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_stops_cleanly_and_removes_scratch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_removes_scratch(
+    tmp_path: Path, signum: int, status: int,
+) -> None:
+    """Ctrl-C, and SIGTERM (``kill``, systemd, a closing terminal pane) alike: the servers
+    stop and the scratch directory is gone, 128 + the signal's number."""
     env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
     # As from a terminal: SIGINT at its default. A suite started in the background by a
     # non-interactive shell inherits SIGINT ignored, and CPython then keeps it ignored.
@@ -125,11 +139,11 @@ def test_ctrl_c_stops_cleanly_and_removes_scratch(tmp_path: Path) -> None:
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
         time.sleep(0.5)  # an attack is under way
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert "Traceback" not in err
     assert list(tmp_path.glob("mailfort-lab-*")) == []

@@ -31,6 +31,17 @@ from mailfort.audit.registry import (
 SCHEMA_ID = "mailfort-audit/1"
 
 
+# Exit statuses, for scripts and cron jobs: a run that could not tell is not "all fine".
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INCONCLUSIVE = 0, 1, 2, 3
+
+
+def exit_status(summary: dict[str, int]) -> int:
+    """1 if anything FAILs, else 3 if anything is INCONCLUSIVE, else 0 (PASS, WARN, SKIP)."""
+    if summary.get(FAIL):
+        return EXIT_FAIL
+    return EXIT_INCONCLUSIVE if summary.get(INCONCLUSIVE) else EXIT_OK
+
+
 class UsageError(Exception):
     """Bad arguments: exit status 2."""
 
@@ -173,7 +184,7 @@ def run(target: Target, *, only: Iterable[str] | None = None, lang: str = "en",
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - ctx.started, 3),
         "summary": summary,
-        "exit_status": 1 if summary[FAIL] else 0,
+        "exit_status": exit_status(summary),
         "checks": results,
     }
 

@@ -43,6 +43,15 @@ def inconclusive(note: str, **params: Any) -> Stop:
     return Stop(INCONCLUSIVE, note, **params)
 
 
+Part = tuple[str, dict[str, Any]]
+
+
+def part(note: str, **params: Any) -> Part:
+    """One piece of a note's list field (``[part(...), ...]``), itself a catalogue key:
+    a finding made of several pieces is told in the report's language, piece by piece."""
+    return note, params
+
+
 Probe = Callable[["Context"], Verdict]
 
 

@@ -66,7 +66,7 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {s: {"type": "integer"} for s in STATUSES},
         },
-        "exit_status": {"enum": [0, 1]},
+        "exit_status": {"enum": [0, 1, 3]},  # 2 (usage) never gets a report
         "checks": {"type": "array", "items": CHECK},
     },
 }

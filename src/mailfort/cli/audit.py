@@ -1,9 +1,10 @@
-"""``mailfort audit``: arguments, progress line, outputs and exit status (0/1/2)."""
+"""``mailfort audit``: arguments, progress line, outputs and exit status (0/1/2/3)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,12 @@ from mailfort.audit.registry import all_checks
 DESCRIPTION = """\
 Check a mail server from the outside for every weakness mailfort closes (open relay,
 unauthenticated submission, backscatter, plaintext, VRFY/EXPN, limits, smuggling, DNS)
-and say how to fix each finding. Exit status: 0 nothing FAILs, 1 something FAILs,
-2 bad usage or unreachable host.
+and say how to fix each finding.
+
+Exit status: 0 every check PASS, WARN or SKIP; 1 something FAILs; 2 bad usage,
+unwritable --html FILE or unreachable host (no report); 3 nothing FAILs but something
+is INCONCLUSIVE (the audit could not tell: often --domain/--user not given or not
+known to the server, or --budget too small) - not "all fine".
 
 Safety: no message ever leaves for a foreign domain. Relay probes stop after RCPT and
 reset; the only messages completed go to the known local user (--user) for the smuggling,
@@ -102,6 +107,18 @@ def _target(args: argparse.Namespace) -> Target:
     return t
 
 
+def _check_writable(name: str) -> None:
+    """Say before the run, not after it, that the HTML report cannot be written."""
+    path = Path(name)
+    parent = path.parent
+    if path.is_dir():
+        raise engine.UsageError(f"--html {name}: is a directory")
+    if not parent.is_dir():
+        raise engine.UsageError(f"--html {name}: no directory {str(parent)!r}")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise engine.UsageError(f"--html {name}: not writable")
+
+
 def _progress(i: int, n: int, check_id: str) -> None:
     line = f"[{i}/{n}] {check_id}" if check_id else ""
     sys.stderr.write("\r\x1b[K" + line)
@@ -123,21 +140,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if not args.host:
             raise engine.UsageError("give the HOST to audit")
         target = _target(args)
+        if args.html:
+            _check_writable(args.html)
         engine.resolve_host(target.host)
         tty = sys.stderr.isatty() and not args.json
         result = engine.run(target, only=args.only, lang=args.lang,
                             progress=_progress if tty else None)
     except (engine.UsageError, OSError) as exc:
         print(f"mailfort audit: {exc}", file=sys.stderr)
-        return 2
+        return engine.EXIT_USAGE
     except engine.Unreachable as exc:
         print(f"mailfort audit: unreachable: {exc}", file=sys.stderr)
-        return 2
+        return engine.EXIT_USAGE
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
     else:
         sys.stdout.write(report.terminal(result, colour=sys.stdout.isatty(),
                                          verbose=args.verbose))
     if args.html:
-        Path(args.html).write_text(report.html_page(result), encoding="utf-8")
+        try:
+            Path(args.html).write_text(report.html_page(result), encoding="utf-8")
+        except OSError as exc:
+            print(f"mailfort audit: --html {args.html}: {exc.strerror or exc}", file=sys.stderr)
+            return engine.EXIT_USAGE
     return int(result["exit_status"])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from mailfort.lab import catalogue, report
@@ -17,11 +19,22 @@ a legacy profile with its protections switched off and the hardened default, wit
 same domain and users, plus capture points (the victim's remote server, the forged
 sender's mailbox, a recording proxy in front of each server). Then run each attack
 against both and show the replies side by side, what the capture points saw, and the
-countermeasure. Nothing leaves this machine. Ctrl-C stops cleanly.
+countermeasure. Nothing leaves this machine. Ctrl-C or SIGTERM stops cleanly.
 
 The legacy profile exists only inside this command: no configuration file and no
 option of `mailfort serve` can select it.
 """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, systemd, a closing tmux pane): stop as Ctrl-C does, scratch removed.
+
+    A KeyboardInterrupt, so that no ``except Exception`` in an attack can swallow it."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+    raise Terminated
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -62,21 +75,28 @@ def cmd_lab(args: argparse.Namespace) -> int:
     names = args.attack or list(ATTACKS)
     colour = sys.stdout.isatty()
     print(cat.UI["starting"], flush=True)
-    lab = Lab(args.address)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    lab: Lab | None = None
     runs = []
     try:
+        lab = Lab(args.address)  # makes the scratch directory: from here on, stop() removes it
         lab.start()
         for name in names:
             run = run_attack(lab, name, args.pace)
             runs.append(run)
             one = report.session([run], args.lang)
             print(report.terminal_attack(one["attacks"][0], cat.UI, colour=colour), flush=True)
-    except KeyboardInterrupt:
-        lab.stop()
+    except KeyboardInterrupt as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup runs to its end
+        if lab is not None:
+            lab.stop()
         print(f"\n{cat.UI['stopped_lab']}", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
     finally:
-        lab.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if lab is not None:
+            lab.stop()
+        signal.signal(signal.SIGTERM, previous)
     full = report.session(runs, args.lang)
     print(report.terminal_summary(full, colour=colour))
     if args.html:

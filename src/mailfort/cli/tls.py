@@ -1,5 +1,5 @@
 """``mailfort tls show``: the certificate the server presents (subject, names, issuer,
-expiry), described by the library in tlsinfo.py."""
+expiry, fingerprint), described by the library in tlsinfo.py."""
 
 from __future__ import annotations
 
@@ -28,5 +28,6 @@ def cmd_tls_show(args: argparse.Namespace) -> int:
 def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     tls = sub.add_parser("tls", help="the served certificate", allow_abbrev=False)
     tls_sub = tls.add_subparsers(dest="action", required=True, metavar="ACTION")
-    show = leaf(tls_sub, "show", cmd_tls_show, "subject, names, issuer and expiry", X509)
+    show = leaf(tls_sub, "show", cmd_tls_show,
+                "subject, names, issuer, expiry and SHA-256 fingerprint", X509)
     show.add_argument("--json", action="store_true", help="print JSON")

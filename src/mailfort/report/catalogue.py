@@ -31,10 +31,22 @@ class _Missing(dict[str, Any]):
         return "?"
 
 
+def _word(cat: ModuleType, value: Any) -> Any:
+    """A field's value in the catalogue's language: a bool is the catalogue's yes/no (never
+    Python's ``True``), a list of parts ``(key, params)`` is each part's sentence, joined."""
+    if isinstance(value, bool):
+        return cat.UI["yes" if value else "no"]
+    if isinstance(value, list) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        return cat.UI["list_sep"].join(note(cat, k, p) for k, p in value)
+    return value
+
+
 def note(cat: ModuleType, key: str, params: dict[str, Any]) -> str:
     """The sentence for ``key`` with its fields filled; the key itself if unknown.
 
     A field the probe did not give reads ``?``: a report is never lost to a missing value.
+    Every word comes from the catalogue: bools and sentence parts are told in its language.
     """
     template = cat.NOTES.get(key, key)
-    return string.Formatter().vformat(template, (), _Missing(params))
+    filled = {name: _word(cat, value) for name, value in params.items()}
+    return string.Formatter().vformat(template, (), _Missing(filled))

@@ -6,7 +6,7 @@ import re
 
 from mailfort.audit.client import ProbeError
 from mailfort.audit.context import Context
-from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, Verdict, check, skip
+from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, Part, Verdict, check, part, skip
 
 # RFC 1939 §7: a server that supports APOP puts a msg-id-like timestamp in its greeting.
 APOP_STAMP = re.compile(r"<[^<>\s]+@[^<>\s]+>")
@@ -15,7 +15,7 @@ APOP_STAMP = re.compile(r"<[^<>\s]+@[^<>\s]+>")
 @check("pop3.plaintext-auth", "4", order=45)
 def plaintext_auth(ctx: Context) -> Verdict:
     ctx.port("pop3")
-    bad: list[str] = []
+    bad: list[Part] = []
     c = ctx.pop3("pop3")
     try:
         c.send(b"CAPA\r\n")
@@ -24,15 +24,15 @@ def plaintext_auth(ctx: Context) -> Verdict:
         for cap in caps:
             word = cap.split(" ")[0].upper()
             if word == "USER" or (word == "SASL" and len(cap.split()) > 1):
-                bad.append(f"CAPA {cap} before STLS")
+                bad.append(part("pop3.why.capa", cap=cap))
         c.send(b"USER mailfort-audit-probe\r\n")
         ok, _ = c.status()
         if ok:
-            bad.append("USER answered +OK before STLS")
+            bad.append(part("pop3.why.user-ok"))
     finally:
         c.quit(pop3=True)
     if bad:
-        return Verdict(FAIL, "pop3.cleartext", {"what": "; ".join(bad)})
+        return Verdict(FAIL, "pop3.cleartext", {"what": bad})
     return Verdict(PASS, "pop3.refused", {})
 
 

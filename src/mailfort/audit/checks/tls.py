@@ -17,10 +17,12 @@ from mailfort.audit.registry import (
     INCONCLUSIVE,
     PASS,
     WARN,
+    Part,
     Stop,
     Verdict,
     check,
     inconclusive,
+    part,
     skip,
 )
 
@@ -127,13 +129,13 @@ def starttls_offered(ctx: Context) -> Verdict:
             ok.append(service)
             c.close()
         except NoTLS:
-            missing.append(f"{service}: not offered")
+            missing.append(part("tls.why.not-offered", service=service))
         except ProbeError as exc:
-            missing.append(f"{service}: {exc}")
+            missing.append(part("tls.why.error", service=service, error=str(exc)))
         except Stop as stop:  # e.g. a 554 greeting: not known whether TLS is offered
             untested = untested or stop
     if missing:
-        return Verdict(FAIL, "tls.missing", {"where": "; ".join(missing)})
+        return Verdict(FAIL, "tls.missing", {"where": missing})
     if untested:
         raise untested
     return Verdict(PASS, "tls.everywhere", {"services": ", ".join(ok)})
@@ -220,9 +222,32 @@ def _reason(exc: Exception) -> str:
     return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)[:120]
 
 
+# OpenSSL's verify results (X509_V_ERR_*) that have words of their own in the catalogues;
+# any other is told with OpenSSL's own text (cert.why.other).
+_VERIFY_NOTES = {
+    18: "cert.why.self-signed",  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "cert.why.unknown-ca",  # SELF_SIGNED_CERT_IN_CHAIN
+    20: "cert.why.unknown-ca",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "cert.why.unknown-ca",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    10: "cert.why.expired-now",  # CERT_HAS_EXPIRED
+    9: "cert.why.not-yet-valid",  # CERT_NOT_YET_VALID
+    62: "cert.why.name-mismatch",  # HOSTNAME_MISMATCH
+}
+
+
+def _unverified(service: str, exc: ProbeError) -> Part:
+    """Why the certificate of ``service`` did not verify, as a catalogue part."""
+    cause = exc.__cause__
+    code = cause.verify_code if isinstance(cause, ssl.SSLCertVerificationError) else None
+    if code in _VERIFY_NOTES:
+        return part(_VERIFY_NOTES[code], service=service)
+    return part("cert.why.other", service=service, reason=_reason(exc))
+
+
 @check("tls.certificate", "4", order=43)
 def certificate(ctx: Context) -> Verdict:
-    problems, failures = [], []
+    problems: list[Part] = []
+    failures: list[Part] = []
     for service in _endpoints(ctx):
         try:
             c = tls_client(ctx, service, insecure_context())
@@ -236,19 +261,21 @@ def certificate(ctx: Context) -> Verdict:
             ctx.note(f"{service}: {cert.subject.rfc4514_string()}, expires "
                      f"{cert.not_valid_after_utc:%Y-%m-%d}")
             if left.total_seconds() < 0:
-                failures.append(f"{service}: {cert.not_valid_after_utc:%Y-%m-%d}")
+                failures.append(part("cert.why.expired", service=service,
+                                     date=f"{cert.not_valid_after_utc:%Y-%m-%d}"))
             elif left.days < 14:
-                problems.append(f"{service}: expires in {left.days} days")
+                problems.append(part("cert.why.expires-soon", service=service,
+                                     days=left.days))
         try:
             tls_client(ctx, service, ctx.verifying_context()).close()
         except ProbeError as exc:
-            problems.append(f"{service}: {_reason(exc)}")
+            problems.append(_unverified(service, exc))
         except NoTLS:
             pass
     if failures:  # senders that verify (MTA-STS, DANE) stop; others go on: WARN, not FAIL
-        return Verdict(WARN, "cert.expired", {"where": "; ".join(failures)})
+        return Verdict(WARN, "cert.expired", {"where": failures})
     if problems:
-        return Verdict(WARN, "cert.unverified", {"where": "; ".join(problems)})
+        return Verdict(WARN, "cert.unverified", {"where": problems})
     stop = _untested(ctx)
     if stop:  # no certificate seen there: it cannot be called good
         raise stop
@@ -348,9 +375,9 @@ def pop3_stls(ctx: Context) -> Verdict:
         try:
             tls_client(ctx, service, insecure_context()).close()
         except NoTLS:
-            missing.append(f"{service}: STLS not offered")
+            missing.append(part("tls.why.stls-not-offered", service=service))
         except ProbeError as exc:
-            missing.append(f"{service}: {exc}")
+            missing.append(part("tls.why.error", service=service, error=str(exc)))
     if missing:
-        return Verdict(FAIL, "tls.missing", {"where": "; ".join(missing)})
+        return Verdict(FAIL, "tls.missing", {"where": missing})
     return Verdict(PASS, "tls.everywhere", {"services": ", ".join(found)})

@@ -150,6 +150,9 @@ NOTES: dict[str, str] = {
 }
 
 UI: dict[str, str] = {
+    "yes": "yes",
+    "no": "no",
+    "list_sep": "; ",
     "title": "mailfort lab: each weakness on a legacy server and on mailfort",
     "intro": "Two mailfort servers on 127.0.0.1, same domain and users: a legacy profile "
              "with its protections switched off, and the hardened default. Nothing leaves "

@@ -142,6 +142,9 @@ NOTES: dict[str, str] = {
 }
 
 UI: dict[str, str] = {
+    "yes": "はい",
+    "no": "いいえ",
+    "list_sep": "、",
     "title": "mailfort ラボ: 各脆弱性を旧来型サーバと mailfort で比べる",
     "intro": "127.0.0.1 上の2台の mailfort(同じドメインとユーザー): 保護を外した旧来型"
              "プロファイルと、標準の堅牢化構成。このマシンの外には何も出ない。",
