@@ -64,11 +64,10 @@ def preflight(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = preflight(args)
+    from mailfort.server.acceptor import BindError
     from mailfort.server.app import run
 
     # A reload reads the file again (config_of keeps the first reading).
-    from mailfort.server.acceptor import BindError
-
     try:
         run(cfg, reload_config=lambda: config_mod.load(getattr(args, "config", None)))
     except BindError as exc:  # as the supervisor says it (server/supervisor.py)
