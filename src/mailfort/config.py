@@ -2,7 +2,9 @@
 
 The schema is a tree of frozen dataclasses; the loader walks it generically, so a wrong
 key or a wrong type is reported with its dotted name and what is allowed. Checks that
-span several keys (open-relay networks, listener clashes) live in ``validate``.
+span several keys (open-relay networks) live in ``validate``; what serve would refuse
+beyond the file itself (unreadable files, unknown accounts, missing extras, listeners that
+clash) in ``preflight``, which ``serve`` and ``config check`` both run.
 """
 
 from __future__ import annotations
@@ -843,6 +845,8 @@ def effective(cfg: Config) -> dict[str, Any]:
 # same words. Only what is known without binding: a port taken by another program shows at
 # serve's bind (server/acceptor.py names the address).
 
+LISTEN_NAMES = ("mx", "submission", "submissions", "pop3", "pop3s")
+
 EXTRAS: dict[str, tuple[str, ...]] = {
     # extra -> the modules it installs that mailfort imports
     "postgresql": ("psycopg", "psycopg_pool"),
@@ -922,8 +926,6 @@ def hostname_warnings(cfg: Config) -> list[str]:
             "it in HELO and the certificate must name it; set server.hostname to this "
             "host's name in DNS (e.g. mail.example.org)"]
 
-
-LISTEN_NAMES = ("mx", "submission", "submissions", "pop3", "pop3s")
 
 
 def preflight(cfg: Config) -> list[str]:

@@ -222,7 +222,8 @@ def test_mta_sts_policy_and_dkim_keygen_only_for_a_local_domain_and_a_full_mx(
 
 @pytest.mark.parametrize("command", [
     ("queue", "list"), ("queue", "retry"), ("queue", "show", "X1"), ("user", "list"),
-    ("domain", "list"), ("alias", "list"), ("status",), ("block", "list"), ("dkim", "list"),
+    ("domain", "list"), ("alias", "list"), ("block", "list"), ("dkim", "list"),
+    ("tls", "show"),
     ("mta-sts", "policy", "example.test", "--mx", "mail.example.test"),
 ])
 def test_read_only_commands_create_no_data_directory(tmp_path: Path,
@@ -254,3 +255,13 @@ def test_password_from_standard_input(tmp_path: Path) -> None:
     assert "--password-file -" in line
     line = refused(tmp_path, "user", "add", "bob@example.test", "--password-file", "-")
     assert line == "mailfort: --password-file -: nothing on standard input"
+
+
+def test_status_where_there_is_no_data_directory(tmp_path: Path) -> None:
+    """Exit 3 as for a server not running (what monitoring reads), the reason said, and
+    nothing created."""
+    r = run(tmp_path, "status")
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == ("mailfort is not running (no data directory here (use --config or the "
+                        "directory where serve runs): mailfort-data does not exist)\n")
+    assert list(tmp_path.iterdir()) == []

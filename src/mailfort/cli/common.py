@@ -49,7 +49,8 @@ def reads_only(parser: argparse.ArgumentParser, what: str = "data") -> argparse.
     """Mark a command that only reads or changes what exists: where there is no data
     directory it says so and creates nothing (``require_data_dir``). ``what``: "data"
     (the queue, keys, control socket: always in the data directory) or "directory" (the
-    domains and users: in the data directory unless the directory is PostgreSQL)."""
+    domains and users: in the data directory unless the directory is PostgreSQL) or
+    "status" (``mailfort status``: said on stdout, exit 3, as for a server not running)."""
     parser.set_defaults(reads_only=what)
     return parser
 
@@ -64,6 +65,9 @@ def require_data_dir(args: argparse.Namespace) -> None:
     if what == "directory" and cfg.directory.backend == "postgresql":
         return
     if not os.path.isdir(cfg.data_path):
+        if what == "status":  # as ``status`` says it when nothing answers, LSB exit 3
+            print(f"mailfort is not running ({NO_DATA_DIR}: {cfg.data_path} does not exist)")
+            raise SystemExit(3)
         raise CLIError(f"{NO_DATA_DIR}: {cfg.data_path} does not exist")
 
 

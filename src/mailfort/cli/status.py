@@ -123,7 +123,8 @@ X509 = ("cryptography.x509",)
 
 def add_status_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     st = reads_only(leaf(sub, "status", cmd_status,
-                         "is the server running: listeners, queue, certificate", X509))
+                         "is the server running: listeners, queue, certificate", X509),
+                    "status")
     st.add_argument("--json", action="store_true", help="print the server's answer as JSON")
 
 
