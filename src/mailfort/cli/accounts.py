@@ -31,13 +31,15 @@ def _read_password(args: argparse.Namespace) -> str:
     if args.password_file:
         text = password_file_text(args)
         password = text.removesuffix("\n").removesuffix("\r")
-    elif not sys.stdin.isatty():
-        # getpass would read the piped line, then fail on the second prompt
-        raise CLIError("no terminal to ask for the password: give --password-file FILE, "
-                       "or --password-file - to read it from standard input")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Password (again): ") != password:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Password (again): ")
+        except EOFError:  # piped once (without a terminal getpass reads stdin): say how
+            print(file=sys.stderr)  # end the prompt's line
+            raise CLIError("the password is asked twice, and standard input ended: to "
+                           "pipe it once, use --password-file -") from None
+        if again != password:
             raise CLIError("the passwords do not match")
     if "\n" in password or "\r" in password:
         raise CLIError("the password file must hold one line")
