@@ -168,6 +168,7 @@ def test_config_check_and_serve_refuse_public_trusted_networks(tmp_path: Path) -
     ({"submission": {"messages_per_hour": 0}}, "submission.messages_per_hour"),
     ({"submission": {"recipients_per_hour": 0}}, "submission.recipients_per_hour"),
     ({"dns": {"port": 0}}, "dns.port"),
+    ({"dns": {"nameservers": ["127.0.0.1", "dns.google"]}}, "dns.nameservers[1]"),
     ({"routes": {"example.net": {"host": "h", "port": 0}}}, "routes.example.net.port"),
     ({"dnsbl": {"zones": [{"zone": "nodot"}]}}, "dnsbl.zones[0].zone"),
     ({"dnsbl": {"zones": [{"zone": "bl.test", "weight": 0}]}}, "dnsbl.zones[0].weight"),
@@ -304,3 +305,30 @@ def test_pop3_lease_seconds_defaults_to_30_and_must_cover_its_renewals() -> None
         {"counters": {"pop3_lease_seconds": 5}}).counters.pop3_lease_seconds == 5
     with pytest.raises(ConfigError, match=r"counters\.pop3_lease_seconds"):
         config_mod.from_dict({"counters": {"pop3_lease_seconds": 0.5}})
+
+
+@pytest.mark.parametrize("table, key", [
+    ({"listen": {"mx": ["127.0.0.1:2525"], "pop3": ["127.0.0.1:2525"]}}, "listen.pop3[0]"),
+    ({"listen": {"mx": ["[::]:2525"], "pop3": ["[::1]:2525"]}}, "listen.pop3[0]"),
+    ({"listen": {"mx": [], "submission": [], "submissions": [], "pop3": [], "pop3s": []}},
+     "listen"),
+    ({"server": {"user": "no-such-user-here"}}, "server.user"),
+    ({"tls": {"cert_file": "/nonexistent/c.pem", "key_file": "/nonexistent/k.pem"}},
+     "tls.cert_file"),
+    ({"log": {"file": "/nonexistent/mailfort.log"}}, "log.file"),
+])
+def test_preflight_names_the_key(table: dict[str, object], key: str) -> None:
+    """serve's own checks (also run by ``config check``); the TOML itself is valid."""
+    cfg = config_mod.from_dict(table)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as exc:
+        config_mod.preflight(cfg)
+    assert str(exc.value).startswith(f"{key}:")
+
+
+def test_preflight_accepts_the_families_apart_and_warns_of_a_short_host_name() -> None:
+    cfg = config_mod.from_dict({"server": {"hostname": "mail.example.test"},
+                                "listen": {"mx": ["0.0.0.0:2525"], "pop3": ["[::]:2525"]}})
+    assert config_mod.preflight(cfg) == []
+    short = config_mod.from_dict({"server": {"hostname": "vm"}})
+    (warning,) = config_mod.preflight(short)
+    assert warning.startswith("server.hostname: 'vm' is not fully qualified")

@@ -2,7 +2,9 @@
 
 The schema is a tree of frozen dataclasses; the loader walks it generically, so a wrong
 key or a wrong type is reported with its dotted name and what is allowed. Checks that
-span several keys (open-relay networks, listener clashes) live in ``validate``.
+span several keys (open-relay networks) live in ``validate``; what serve would refuse
+beyond the file itself (unreadable files, unknown accounts, missing extras, listeners that
+clash) in ``preflight``, which ``serve`` and ``config check`` both run.
 """
 
 from __future__ import annotations
@@ -619,6 +621,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"submission.{k}: must be a positive integer")
     if not 0 < cfg.dns.port < 65536:
         raise ConfigError("dns.port: must be 1-65535")
+    _validate_nameservers(cfg.dns)
     for k in ("workers", "destination_concurrency"):
         if getattr(cfg.queue, k) <= 0:
             raise ConfigError(f"queue.{k}: must be a positive integer")
@@ -901,3 +904,118 @@ def load(path: str | Path | None) -> Config:
 def effective(cfg: Config) -> dict[str, Any]:
     """The settings in force, as a plain dict (for ``mailfort config check``)."""
     return dataclasses.asdict(cfg)
+
+
+# -- serve's own refusals (issue 27) ------------------------------------------------------
+#
+# What the TOML alone cannot tell: files, accounts, installed extras, listeners that clash.
+# ``preflight`` is run by both ``mailfort serve`` (before anything is bound) and
+# ``mailfort config check``, so that the check refuses exactly what serve would, in the
+# same words. Only what is known without binding: a port taken by another program shows at
+# serve's bind (server/acceptor.py names the address).
+
+LISTEN_NAMES = ("mx", "submission", "submissions", "pop3", "pop3s")
+
+EXTRAS: dict[str, tuple[str, ...]] = {
+    # extra -> the modules it installs that mailfort imports
+    "postgresql": ("psycopg", "psycopg_pool"),
+    "acme": ("josepy", "acme"),
+}
+
+
+def _validate_nameservers(d: DNSConfig) -> None:
+    """dnspython takes addresses only; a name there failed at the first lookup."""
+    for i, ns in enumerate(d.nameservers):
+        try:
+            ipaddress.ip_address(ns)
+        except ValueError:
+            raise ConfigError(f"dns.nameservers[{i}]: {ns!r} must be an IP address "
+                              "(e.g. 127.0.0.53 or 2001:db8::53), not a host name") from None
+
+
+def require_extra(extra: str, why: str) -> None:
+    """ConfigError in one line when an optional extra is not installed (never the
+    ImportError's traceback, wherever the first import would have happened)."""
+    import importlib
+
+    for module in EXTRAS[extra]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ConfigError(f"{why} needs the optional package {module}: install it with: "
+                              f"pip install 'mailfort[{extra}]'") from None
+
+
+def require_directory_extra(cfg: Config) -> None:
+    if cfg.directory.backend == "postgresql":
+        require_extra("postgresql", 'directory.backend = "postgresql"')
+
+
+def _listen_address(hostport: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    host, _, port = hostport.rpartition(":")
+    return ipaddress.ip_address(host.strip("[]")), int(port)
+
+
+def _listener_clash(cfg: Config) -> None:
+    """Two listeners on one address and port (or one on the wildcard address of the same
+    family and port, which Linux refuses as well): the second bind would fail."""
+    seen: list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = []
+    keys = [(f"listen.{name}[{i}]", hp) for name in LISTEN_NAMES
+            for i, hp in enumerate(getattr(cfg.listen, name))]
+    keys += [(k, v) for k, v in (("metrics.listen", cfg.metrics.listen),
+                                 ("mta_sts.listen", cfg.mta_sts.listen),
+                                 ("tls.acme_http_listen",
+                                  cfg.tls.acme_http_listen if cfg.tls.acme else ""))
+             if v]
+    for key, hp in keys:
+        addr, port = _listen_address(hp)
+        if port == 0:  # any free port: never a clash
+            continue
+        for other, oaddr, oport in seen:
+            if port == oport and addr.version == oaddr.version and (
+                    addr == oaddr or addr.is_unspecified or oaddr.is_unspecified):
+                raise ConfigError(f"{key}: {hp} is already taken by {other} "
+                                  "(two listeners cannot share an address and port)")
+        seen.append((key, addr, port))
+
+
+def _readable(key: str, path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+
+
+def hostname_warnings(cfg: Config) -> list[str]:
+    name = cfg.server.hostname.rstrip(".")
+    if "." in name:
+        return []
+    return [f"server.hostname: {name!r} is not fully qualified (no dot): other servers see "
+            "it in HELO and the certificate must name it; set server.hostname to this "
+            "host's name in DNS (e.g. mail.example.org)"]
+
+
+
+def preflight(cfg: Config) -> list[str]:
+    """What ``serve`` would refuse, checked without binding or writing anything: raises
+    ConfigError with the first problem; returns the warnings (served all the same)."""
+    if not any(getattr(cfg.listen, name) for name in LISTEN_NAMES):
+        raise ConfigError("listen: every listener (mx, submission, submissions, pop3, pop3s) "
+                          "is empty: the server would serve nothing")
+    _listener_clash(cfg)
+    if cfg.tls.cert_file and not cfg.tls.acme:
+        _readable("tls.cert_file", cfg.tls.cert_file)
+        _readable("tls.key_file", cfg.tls.key_file)
+    if cfg.server.user:
+        from mailfort.server.privileges import account
+
+        account(cfg)  # ConfigError naming the missing user or group
+    if cfg.log.file:
+        parent = Path(cfg.log.file).parent
+        if not parent.is_dir():
+            raise ConfigError(f"log.file: the directory {parent} does not exist")
+    require_directory_extra(cfg)
+    if cfg.tls.acme:
+        require_extra("acme", "tls.acme = true")
+    return hostname_warnings(cfg)

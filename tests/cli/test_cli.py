@@ -174,6 +174,7 @@ def test_console_script_installed(cwd: Path) -> None:
 
 
 def test_dkim_keygen_prints_the_record_and_list_shows_it(cwd: Path) -> None:
+    ok(cwd, "domain", "add", "example.test")
     out = ok(cwd, "dkim", "keygen", "Example.TEST", "--selector", "s1")
     key = cwd / "mailfort-data" / "dkim" / "example.test" / "s1.pem"
     assert (key.stat().st_mode & 0o777) == 0o600

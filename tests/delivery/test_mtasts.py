@@ -181,6 +181,7 @@ def test_cli_prints_what_to_publish(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[server]\nhostname = "mx.example.test"\ndata_dir = "{tmp_path}/d"\n')
+    assert main(["domain", "add", "example.test", "--config", str(cfg)]) == 0  # ours only
     assert main(["mta-sts", "policy", "example.test", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert '_mta-sts.example.test. IN TXT "v=STSv1; id=' in out

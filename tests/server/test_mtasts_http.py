@@ -139,6 +139,7 @@ def test_cli_txt_matches_what_is_served(tmp_path: Path,
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[server]\nhostname = "mx.example.test"\ndata_dir = "{tmp_path}/d"\n'
                    '[mta_sts]\nmx = ["mx.example.test"]\nmax_age = 86400\nmode = "testing"\n')
+    assert main(["domain", "add", "example.test", "--config", str(cfg)]) == 0  # ours only
     assert main(["mta-sts", "policy", "example.test", "--config", str(cfg)]) == 0
     txt, policy = publish("example.test", ["mx.example.test"], mode="testing", max_age=86400)
     out = capsys.readouterr().out

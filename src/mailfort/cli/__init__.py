@@ -35,7 +35,7 @@ from mailfort.cli import (
     status,
     tls,
 )
-from mailfort.cli.common import CLIError, config_of, password_file_text
+from mailfort.cli.common import CLIError, config_of, password_file_text, require_data_dir
 from mailfort.config import ConfigError
 from mailfort.directory.sqlite import DirectoryError
 from mailfort.queue.store import QueueError
@@ -59,7 +59,6 @@ __all__ = [
 KEEPS_PRIVILEGES: dict[tuple[str, ...], str] = {
     ("serve",): "binds as root, then drops itself before the data directory (server/app.py)",
     ("config", "check"): "reads the configuration only",
-    ("mta-sts", "policy"): "reads the configuration only",
     ("audit",): "a client of some mail server: no configuration, no data directory",
     ("lab",): "its own scratch servers in a fresh temporary directory, no configuration",
 }
@@ -179,6 +178,7 @@ def _first_line(exc: Exception) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        require_data_dir(args)  # before the switch, which would make it
         drop_for_data_dir(args)
         return int(args.func(args))
     except ConfigError as exc:
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"mailfort: {exc.strerror or exc}{where}", file=sys.stderr)
     except (ValueError, EOFError) as exc:
-        print(f"mailfort: {exc or 'no input'}", file=sys.stderr)
+        print(f"mailfort: {str(exc) or 'no input'}", file=sys.stderr)
     except KeyboardInterrupt:
         print("mailfort: interrupted", file=sys.stderr)
         return 130

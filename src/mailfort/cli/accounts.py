@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import sys
 from collections.abc import Callable
 from typing import Any
 
-from mailfort.cli.common import CLIError, config_of, password_file_text
+from mailfort import config as config_mod
+from mailfort.cli.common import CLIError, config_of, password_file_text, reads_only
 from mailfort.directory import open_directory
 from mailfort.directory.postgresql import PostgreSQLDirectory
 from mailfort.directory.sqlite import SQLiteDirectory, normalize_local_address
@@ -20,7 +22,9 @@ MIN_PASSWORD_LENGTH = 8
 
 
 def _directory(args: argparse.Namespace) -> SQLiteDirectory | PostgreSQLDirectory:
-    return open_directory(config_of(args))
+    cfg = config_of(args)
+    config_mod.require_directory_extra(cfg)  # one line, not psycopg's ImportError
+    return open_directory(cfg)
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -28,8 +32,14 @@ def _read_password(args: argparse.Namespace) -> str:
         text = password_file_text(args)
         password = text.removesuffix("\n").removesuffix("\r")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Password (again): ") != password:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Password (again): ")
+        except EOFError:  # piped once (without a terminal getpass reads stdin): say how
+            print(file=sys.stderr)  # end the prompt's line
+            raise CLIError("the password is asked twice, and standard input ended: to "
+                           "pipe it once, use --password-file -") from None
+        if again != password:
             raise CLIError("the passwords do not match")
     if "\n" in password or "\r" in password:
         raise CLIError("the password file must hold one line")
@@ -137,9 +147,11 @@ def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     dom = sub.add_parser("domain", help="local domains", allow_abbrev=False)
     dom_sub = dom.add_subparsers(dest="action", required=True, metavar="ACTION")
     leaf(dom_sub, "add", cmd_domain_add, "add a local domain").add_argument("domain")
-    leaf(dom_sub, "list", cmd_domain_list, "list local domains")
-    leaf(dom_sub, "remove", cmd_domain_remove, "remove an empty domain").add_argument("domain")
-    ca = leaf(dom_sub, "catchall", cmd_domain_catchall, "catch-all address (off by default)")
+    reads_only(leaf(dom_sub, "list", cmd_domain_list, "list local domains"), "directory")
+    reads_only(leaf(dom_sub, "remove", cmd_domain_remove, "remove an empty domain"),
+               "directory").add_argument("domain")
+    ca = reads_only(leaf(dom_sub, "catchall", cmd_domain_catchall,
+                         "catch-all address (off by default)"), "directory")
     ca.add_argument("domain")
     ca.add_argument("target", nargs="?")
     ca.add_argument("--off", action="store_true", help="turn the catch-all off")
@@ -149,18 +161,25 @@ def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     for name, func, help_ in (("add", cmd_user_add, "add a user (asks for the password)"),
                               ("passwd", cmd_user_passwd, "change a user's password")):
         p = leaf(usr_sub, name, func, help_, needs=("mailfort.passwords",))
+        if name == "passwd":
+            reads_only(p, "directory")
         p.add_argument("address")
         p.add_argument("--password-file", metavar="FILE",
-                       help="read the password from the first line of FILE")
-    leaf(usr_sub, "list", cmd_user_list, "list users").add_argument("domain", nargs="?")
-    leaf(usr_sub, "remove", cmd_user_remove, "remove a user").add_argument("address")
+                       help="read the password from the first line of FILE (- : standard "
+                       "input)")
+    reads_only(leaf(usr_sub, "list", cmd_user_list, "list users"),
+               "directory").add_argument("domain", nargs="?")
+    reads_only(leaf(usr_sub, "remove", cmd_user_remove, "remove a user"),
+               "directory").add_argument("address")
 
     al = sub.add_parser("alias", help="aliases and forwards", allow_abbrev=False)
     al_sub = al.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = leaf(al_sub, "add", cmd_alias_add, "add targets to an alias")
+    p = reads_only(leaf(al_sub, "add", cmd_alias_add, "add targets to an alias"), "directory")
     p.add_argument("source")
     p.add_argument("targets", nargs="+", metavar="TARGET")
-    leaf(al_sub, "list", cmd_alias_list, "list aliases").add_argument("domain", nargs="?")
-    p = leaf(al_sub, "remove", cmd_alias_remove, "remove an alias or some of its targets")
+    reads_only(leaf(al_sub, "list", cmd_alias_list, "list aliases"),
+               "directory").add_argument("domain", nargs="?")
+    p = reads_only(leaf(al_sub, "remove", cmd_alias_remove,
+                        "remove an alias or some of its targets"), "directory")
     p.add_argument("source")
     p.add_argument("targets", nargs="*", metavar="TARGET")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mailfort import config as config_mod
 from mailfort.cli.common import config_of
 from mailfort.directory.sqlite import DirectoryError
 
@@ -17,6 +18,7 @@ def _postgresql(args: argparse.Namespace, *, check_schema: bool) -> Any:
     if cfg.directory.backend != "postgresql":
         raise DirectoryError('this needs [directory] backend = "postgresql" in the '
                              "configuration (the embedded SQLite directory has no migrations)")
+    config_mod.require_directory_extra(cfg)  # one line, not psycopg's ImportError
     from mailfort.directory.postgresql import PostgreSQLDirectory
 
     return PostgreSQLDirectory.from_config(cfg.directory, check_schema=check_schema)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mailfort.cli.common import config_of
+from mailfort.cli.common import config_of, reads_only, require_local_domain
 from mailfort.policy.dkim import KeyStore, SigningKey
 
 # What making and showing a key loads, imported before a switch to the service user.
@@ -34,8 +34,9 @@ def _show(key: SigningKey) -> str:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     selector = args.selector or time.strftime("%Y%m") + ("r" if args.algorithm == "rsa" else "e")
+    domain = require_local_domain(config_of(args), args.domain)
     try:
-        key = _store(args).generate(args.domain, selector, args.algorithm)
+        key = _store(args).generate(domain, selector, args.algorithm)
     except FileExistsError:
         raise ValueError(f"a key for selector {selector} of {args.domain} exists already; "
                          "choose another --selector") from None
@@ -65,6 +66,6 @@ def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     gen.add_argument("--selector", help="default: YYYYMM and r (RSA) or e (Ed25519)")
     gen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
                      help="rsa (2048 bits, the default: every verifier knows it) or ed25519")
-    ls = leaf(dk_sub, "list", cmd_list, "list the signing keys", NEEDS)
+    ls = reads_only(leaf(dk_sub, "list", cmd_list, "list the signing keys", NEEDS))
     ls.add_argument("domain", nargs="?")
     ls.add_argument("--records", action="store_true", help="print each key's DNS record too")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mailfort.cli.common import config_of
+from mailfort.cli.common import config_of, reads_only
 from mailfort.config import Config
 from mailfort.server import control
 
@@ -84,13 +84,14 @@ def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     qu = sub.add_parser("queue", help="the outbound queue", allow_abbrev=False)
     qu_sub = qu.add_subparsers(dest="action", required=True, metavar="ACTION")
     queue_needs = ("mailfort.queue.admin",)
-    leaf(qu_sub, "list", cmd_queue, "list queued messages", queue_needs)
-    leaf(qu_sub, "show", cmd_queue, "show one entry and its recipients",
-         queue_needs).add_argument("id")
-    leaf(qu_sub, "retry", cmd_queue, "retry now (one entry or all)", queue_needs).add_argument(
-        "id", nargs="?"
-    )
-    leaf(qu_sub, "delete", cmd_queue, "delete an entry", queue_needs).add_argument("id")
+    # All but adopt work on what is there: where there is no data directory, they say so.
+    reads_only(leaf(qu_sub, "list", cmd_queue, "list queued messages", queue_needs))
+    reads_only(leaf(qu_sub, "show", cmd_queue, "show one entry and its recipients",
+                    queue_needs)).add_argument("id")
+    reads_only(leaf(qu_sub, "retry", cmd_queue, "retry now (one entry or all)",
+                    queue_needs)).add_argument("id", nargs="?")
+    reads_only(leaf(qu_sub, "delete", cmd_queue, "delete an entry",
+                    queue_needs)).add_argument("id")
     leaf(qu_sub, "adopt", cmd_queue,
          "take over the queue directory of a node that is gone for good",
          (*queue_needs, "mailfort.queue.adopt")).add_argument(

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from mailfort import config as config_mod
-from mailfort.cli.common import config_of
+from mailfort.cli.common import CLIError, config_of
 
 
 def _toml_value(v: Any) -> str:
@@ -51,17 +52,31 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     return out
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def preflight(args: argparse.Namespace) -> config_mod.Config:
+    """The configuration and serve's own checks (``config.preflight``), the same for
+    ``serve`` and ``config check``: a refusal raises ConfigError (one line, exit 1); a
+    warning is printed on stderr and does not stop either command (exit 0)."""
     cfg = config_of(args)
+    for warning in config_mod.preflight(cfg):
+        print(f"mailfort: warning: {warning}", file=sys.stderr, flush=True)
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = preflight(args)
+    from mailfort.server.acceptor import BindError
     from mailfort.server.main import run
 
     # A reload reads the file again (config_of keeps the first reading).
-    run(cfg, reload_config=lambda: config_mod.load(getattr(args, "config", None)))
+    try:
+        run(cfg, reload_config=lambda: config_mod.load(getattr(args, "config", None)))
+    except BindError as exc:  # as the supervisor says it (server/supervisor.py)
+        raise CLIError(f"cannot listen: {exc.strerror}") from None
     return 0
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    cfg = config_of(args)
+    cfg = preflight(args)
     eff = config_mod.effective(cfg)
     print(json.dumps(eff, indent=2) if args.json else to_toml(eff))
     return 0

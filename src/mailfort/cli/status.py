@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailfort import tlsinfo
-from mailfort.cli.common import config_of
+from mailfort.cli.common import config_of, reads_only
 from mailfort.config import Config
 from mailfort.server import control
 
@@ -122,8 +122,9 @@ X509 = ("cryptography.x509",)
 
 
 def add_status_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
-    st = leaf(sub, "status", cmd_status, "is the server running: listeners, queue, certificate",
-              X509)
+    st = reads_only(leaf(sub, "status", cmd_status,
+                         "is the server running: listeners, queue, certificate", X509),
+                    "status")
     st.add_argument("--json", action="store_true", help="print the server's answer as JSON")
 
 
@@ -131,9 +132,10 @@ def add_block_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> 
     blk = sub.add_parser("block", help="brute-force blocks of the running server",
                          allow_abbrev=False)
     blk_sub = blk.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ls = leaf(blk_sub, "list", cmd_block_list,
-              "blocked clients and slowed-down accounts, with the time left")
+    ls = reads_only(leaf(blk_sub, "list", cmd_block_list,
+                         "blocked clients and slowed-down accounts, with the time left"))
     ls.add_argument("--json", action="store_true", help="print JSON")
-    rm = leaf(blk_sub, "remove", cmd_block_remove,
-              "lift the block of a client address, or forget an account's failures")
+    rm = reads_only(leaf(blk_sub, "remove", cmd_block_remove,
+                         "lift the block of a client address, or forget an account's "
+                         "failures"))
     rm.add_argument("target", metavar="IP|USER")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mailfort import tlsinfo
-from mailfort.cli.common import config_of
+from mailfort.cli.common import config_of, reads_only
 from mailfort.cli.status import X509
 
 
@@ -28,6 +28,6 @@ def cmd_tls_show(args: argparse.Namespace) -> int:
 def add_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     tls = sub.add_parser("tls", help="the served certificate", allow_abbrev=False)
     tls_sub = tls.add_subparsers(dest="action", required=True, metavar="ACTION")
-    show = leaf(tls_sub, "show", cmd_tls_show,
-                "subject, names, issuer, expiry and SHA-256 fingerprint", X509)
+    show = reads_only(leaf(tls_sub, "show", cmd_tls_show,
+                           "subject, names, issuer, expiry and SHA-256 fingerprint", X509))
     show.add_argument("--json", action="store_true", help="print JSON")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -48,10 +49,19 @@ _TCP_INFO_UNACKED = 24
 _TCP_INFO_SIZE = 104
 
 
+class BindError(OSError):
+    """A listener that cannot be bound (port taken, address not on this host); its
+    ``strerror`` is ``HOST:PORT: reason``."""
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host`` (an address; IPv6 without brackets) and ``port``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=1024)
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:  # one line that names the address ("cannot listen: " + strerror)
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        raise BindError(exc.errno, f"{shown}:{port}: {os.strerror(exc.errno or 0)}") from None
     sock.setblocking(False)
     return sock
 
