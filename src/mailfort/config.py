@@ -997,6 +997,29 @@ def hostname_warnings(cfg: Config) -> list[str]:
 
 
 
+def service_ids(cfg: Config) -> tuple[int, int]:
+    """(uid, gid) of ``server.user`` / ``server.group``; ConfigError when unknown or root."""
+    import grp
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(cfg.server.user)
+    except KeyError:
+        raise ConfigError(
+            f"server.user: no such user {cfg.server.user!r} (create it, e.g. "
+            f"useradd --system --home-dir /var/lib/mailfort --shell /usr/sbin/nologin "
+            f"{cfg.server.user})") from None
+    gid = pw.pw_gid
+    if cfg.server.group:
+        try:
+            gid = grp.getgrnam(cfg.server.group).gr_gid
+        except KeyError:
+            raise ConfigError(f"server.group: no such group {cfg.server.group!r}") from None
+    if pw.pw_uid == 0 or gid == 0:
+        raise ConfigError("server.user / server.group: must not be root (uid or gid 0)")
+    return pw.pw_uid, gid
+
+
 def preflight(cfg: Config) -> list[str]:
     """What ``serve`` would refuse, checked without binding or writing anything: raises
     ConfigError with the first problem; returns the warnings (served all the same)."""
@@ -1008,9 +1031,7 @@ def preflight(cfg: Config) -> list[str]:
         _readable("tls.cert_file", cfg.tls.cert_file)
         _readable("tls.key_file", cfg.tls.key_file)
     if cfg.server.user:
-        from mailfort.server.privileges import account
-
-        account(cfg)  # ConfigError naming the missing user or group
+        service_ids(cfg)  # ConfigError naming the missing user or group
     if cfg.log.file:
         parent = Path(cfg.log.file).parent
         if not parent.is_dir():

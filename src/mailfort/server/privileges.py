@@ -16,16 +16,14 @@ everything else in it is read and written after the drop.
 from __future__ import annotations
 
 import fnmatch
-import grp
 import logging
 import os
-import pwd
 import stat
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailfort.config import Config, ConfigError
+from mailfort.config import Config, ConfigError, service_ids
 
 log = logging.getLogger("mailfort")
 
@@ -46,22 +44,8 @@ class Account:
 
 def account(cfg: Config) -> Account:
     """The configured service user and group, looked up (ConfigError when unknown)."""
-    try:
-        pw = pwd.getpwnam(cfg.server.user)
-    except KeyError:
-        raise ConfigError(
-            f"server.user: no such user {cfg.server.user!r} (create it, e.g. "
-            f"useradd --system --home-dir /var/lib/mailfort --shell /usr/sbin/nologin "
-            f"{cfg.server.user})") from None
-    gid = pw.pw_gid
-    if cfg.server.group:
-        try:
-            gid = grp.getgrnam(cfg.server.group).gr_gid
-        except KeyError:
-            raise ConfigError(f"server.group: no such group {cfg.server.group!r}") from None
-    if pw.pw_uid == 0 or gid == 0:
-        raise ConfigError("server.user / server.group: must not be root (uid or gid 0)")
-    return Account(cfg.server.user, pw.pw_uid, gid)
+    uid, gid = service_ids(cfg)
+    return Account(cfg.server.user, uid, gid)
 
 
 def privileged_listeners(cfg: Config,
