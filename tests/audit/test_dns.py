@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -84,3 +85,17 @@ def test_dnsbl_error_codes_are_not_listings(
         dns.add_a(f"1.0.0.127.{zone}", "127.255.255.254")
     code, got = _audit(weak_factory, dns, capsys)
     assert got["dns.dnsbl"] == "INCONCLUSIVE" and code == 3
+
+
+def test_a_special_use_domain_is_not_asked_of_the_systems_resolver(
+        weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str]) -> None:
+    """The README audits example.test: without --resolver no query leaves for the public
+    DNS, which never holds .test, .example, .invalid or .localhost names."""
+    server = weak_factory()
+    code, out, _ = run_audit(capsys, ["127.0.0.1", *port_args(server.ports), "--domain",
+                                      "weak.test", *FAST, "--only", "dns", "--json"])
+    checks = json.loads(out)["checks"]
+    assert {c["id"]: c["status"] for c in checks} == {
+        "dns.mx": "SKIP", "dns.spf": "SKIP", "dns.dmarc": "SKIP", "dns.dnsbl": "SKIP"}
+    assert all("special-use name" in c["result"] for c in checks), checks
+    assert code == 0

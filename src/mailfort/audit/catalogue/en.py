@@ -349,6 +349,8 @@ NOTES: dict[str, str] = {
     "live.dead": "no answer: {where}",
     "live.ok": "greeting on {services}",
     "dns.no-domain": "{domain} does not resolve",
+    "dns.special-use": ("{domain} is a special-use name that the public DNS never holds "
+                        "(give --resolver to ask a server that does)"),
     "dns.error": "DNS error for {domain}: {error}",
     "mx.none": "{domain} has no MX record",
     "mx.null": "{domain} has a null MX (accepts no mail)",

@@ -339,6 +339,8 @@ NOTES: dict[str, str] = {
     "live.dead": "応答なし: {where}",
     "live.ok": "{services} で応答あり",
     "dns.no-domain": "{domain} は名前解決できない",
+    "dns.special-use": ("{domain} は公開DNSに存在しない特殊用途の名前"
+                        "（それを持つDNSサーバーは --resolver で指定）"),
     "dns.error": "{domain} の DNS エラー: {error}",
     "mx.none": "{domain} に MX レコードがない",
     "mx.null": "{domain} は null MX(メールを受け付けない)",

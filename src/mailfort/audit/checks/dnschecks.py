@@ -45,11 +45,19 @@ def txt(ctx: Context, name: str) -> list[str] | None:
     return out
 
 
+# RFC 6761 / RFC 2606 top-level names that the public DNS never holds: asking the system's
+# resolver about them only sends a query off the machine for nothing (the README's example
+# audits example.test). With --resolver, the operator's own server may well hold them.
+SPECIAL_USE = frozenset({"test", "example", "invalid", "localhost"})
+
+
 def _domain(ctx: Context) -> str:
     """The local domain when it exists in DNS, else SKIP (looked up once per run)."""
     d = ctx.target.domain
     if not d:
         raise skip("need.domain")
+    if not ctx.target.resolver and d.rstrip(".").rpartition(".")[2].lower() in SPECIAL_USE:
+        raise skip("dns.special-use", domain=d)
     known = ctx.cache.get("dns.domain")
     if isinstance(known, Stop):
         raise known
