@@ -332,6 +332,11 @@ class Mailbox:
         """Every message in the map, by UID (call ``scan`` first to see new files)."""
         with self._locked():
             st = self._log.state
+            if any(uid not in self._paths for uid in st.entries):  # another session's
+                for unique, (sub, name) in self._list_files().items():
+                    uid = st.by_unique.get(unique)
+                    if uid is not None:
+                        self._paths[uid] = f"{self.path}/{sub}/{name}"
             return [MessageInfo(e.uid, letters_to_flags(e.letters, e.keywords), e.size, e.date,
                                 e.modseq, self._paths.get(e.uid, ""))
                     for e in sorted(st.entries.values(), key=lambda e: e.uid)]
