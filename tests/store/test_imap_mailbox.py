@@ -317,6 +317,77 @@ def test_sigkill_in_the_middle_of_a_record_write(tmp_path: Path) -> None:
     assert replay(tmp_path).uidnext == 4
 
 
+def test_compaction_keeps_every_fact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uidmap, "COMPACT_MIN", 10)
+    monkeypatch.setattr(uidmap, "MAX_EXPUNGE_GROUPS", 2)
+    box = MailStore(tmp_path).mailbox(INBOX)
+    for i in range(8):
+        box.append(MSG, ["\\Deleted"] if i % 2 else ["Kw"])
+    for uid in (2, 4, 6):
+        box.expunge([uid])
+    before = box.messages()
+    modseq = box.status()["HIGHESTMODSEQ"]
+    for _ in range(12):  # flag churn: the log grows, then is rewritten
+        box.store([1], add=["\\Seen"])
+        box.store([1], remove=["\\Seen"])
+    header = (tmp_path / LOG_NAME).read_bytes().split(b"\n")[0].split()
+    assert header[1] == b"H" and header[3] == b"9"  # compacted: UIDNEXT in the header
+    state = replay(tmp_path)
+    assert state.uidnext == 9 and state.highestmodseq >= modseq + 24
+    assert set(state.expunged) == {2, 4, 6}
+    after = MailStore(tmp_path).mailbox(INBOX).messages()
+    assert [(m.uid, m.flags, m.size, m.internal_date) for m in after] == [
+        (m.uid, m.flags, m.size, m.internal_date) for m in before]
+    assert box.expunged_since(0) == [2, 4, 6]
+    assert MailStore(tmp_path).mailbox(INBOX).append(MSG)[1] == 9
+
+
+def test_sigkill_during_compaction_leaves_the_old_log(tmp_path: Path) -> None:
+    box = MailStore(tmp_path).mailbox(INBOX)
+    for _ in range(3):
+        box.append(MSG)
+    good = (tmp_path / LOG_NAME).read_bytes()
+
+    def child() -> None:
+        uidmap.COMPACT_MIN = -100  # compact at the next append
+
+        def die(*args: object) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        uidmap.os.rename = die  # type: ignore[assignment]  # the forked child only
+        MailStore(tmp_path).mailbox(INBOX).store([1, 2], add=["\\Seen"])
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    assert (tmp_path / LOG_NAME).read_bytes() == good
+    again = MailStore(tmp_path).mailbox(INBOX)
+    result = again.scan()  # the renames that were done are seen as changes
+    assert result.changed == [1, 2] and result.added == [] and result.expunged == []
+    assert again.append(MSG)[1] == 4
+    assert list(tmp_path.glob("*.tmp")) != []
+    uidmap.UidLog(tmp_path).create(uidmap.next_uidvalidity(tmp_path))  # any rewrite
+    assert list(tmp_path.glob("*.tmp")) == []  # cleans up
+
+
+def test_move_refused_whole_while_pop3_holds_inbox(tmp_path: Path) -> None:
+    store = MailStore(tmp_path)
+    store.ensure_special()
+    inbox = store.mailbox(INBOX)
+    inbox.append(MSG)
+    pop = POP3Mailbox.open(tmp_path)
+    try:
+        with pytest.raises(MailboxBusy):
+            inbox.move_to([1], store.mailbox("Archive"))
+        assert uids_of(store, "Archive") == []
+        os.unlink(inbox.messages()[0].path)  # a file gone while POP3 runs: not yet an
+        assert inbox.scan().expunged == []  # expunge (its renames could hide a file)
+    finally:
+        pop.close()
+    assert inbox.scan().expunged == [1]
+
+
 # -- concurrency -----------------------------------------------------------------------------
 
 

@@ -262,11 +262,22 @@ class Mailbox:
             return self._scan()
 
     def _scan(self, skip: frozenset[str] = frozenset()) -> ScanResult:
+        with self._renaming() as quiet:
+            return self._scan_quiet(skip, quiet)
+
+    def _scan_quiet(self, skip: frozenset[str], quiet: bool) -> ScanResult:
+        """The scan proper. ``quiet``: no POP3 session is running, whose renames in cur/
+        could hide a file from one listing (readdir may miss a file renamed meanwhile)."""
         st = self._log.state
         files = self._list_files()
         records: list[bytes] = []
         modseq = st.highestmodseq + 1
-        gone = [uid for unique, uid in st.by_unique.items() if unique not in files]
+        gone: list[int] = []
+        if quiet:  # else left for a scan after the POP3 session, which deletes only at QUIT
+            gone = [uid for unique, uid in st.by_unique.items() if unique not in files]
+        if gone:  # confirmed by a second listing: a tool renaming without a lock is missed
+            again = self._list_files()  # by one listing at most, not by two
+            gone = [uid for uid in gone if st.entries[uid].unique not in again]
         changed: list[int] = []
         fresh: list[tuple[tuple[int, int], str, str, str]] = []
         for unique, (sub, name) in files.items():
@@ -303,30 +314,28 @@ class Mailbox:
             added.append(uid)
             uid += 1
         self._log.append(records)  # durable before anyone is told of these UIDs
-        self._file_new()
+        if quiet:
+            self._file_new()
         return ScanResult(added, gone, changed)
 
     def _file_new(self) -> None:
         """Move what is in new/ to cur/ with ``:2,`` (IMAP has no use for new/)."""
         moved = False
-        with self._renaming() as may:
-            if not may:
-                return
-            for uid, path in list(self._paths.items()):
-                folder, name = os.path.split(path)
-                if not folder.endswith("/new"):
-                    continue
-                unique, letters = _info(name)
-                target = f"{self.path}/cur/{unique}:2,{letters or ''}"
-                try:
-                    rename_no_replace(path, target)
-                except OSError:
-                    continue  # gone, or a twin in cur/: it stays where it is
-                self._paths[uid] = target
-                moved = True
-            if moved:
-                fsync_dir(self.path / "cur")
-                fsync_dir(self.path / "new")
+        for uid, path in list(self._paths.items()):
+            folder, name = os.path.split(path)
+            if not folder.endswith("/new"):
+                continue
+            unique, letters = _info(name)
+            target = f"{self.path}/cur/{unique}:2,{letters or ''}"
+            try:
+                rename_no_replace(path, target)
+            except OSError:
+                continue  # gone, or a twin in cur/: it stays where it is
+            self._paths[uid] = target
+            moved = True
+        if moved:
+            fsync_dir(self.path / "cur")
+            fsync_dir(self.path / "new")
 
     def messages(self) -> list[MessageInfo]:
         """Every message in the map, by UID (call ``scan`` first to see new files)."""
@@ -435,10 +444,11 @@ class Mailbox:
             doomed = [u for u in chosen if "T" in st.entries[u].letters]
             return self._expunge(doomed)
 
-    def _expunge(self, uids: list[int]) -> list[int]:
+    def _expunge(self, uids: list[int], *, held: bool = False) -> list[int]:
+        """Unlink, then record; ``held``: the caller holds POP3's lock already."""
         if not uids:
             return []
-        with self._renaming() as may:
+        with contextlib.nullcontext(True) if held else self._renaming() as may:
             if not may:
                 raise MailboxBusy(self.name)
             for uid in uids:
@@ -509,42 +519,55 @@ class Mailbox:
         self._log.append(records)
         return uids
 
+    @contextlib.contextmanager
+    def _with(self, target: Mailbox) -> Iterator[None]:
+        """Both mailboxes locked, in the order of their paths (two opposite COPYs in two
+        sessions would otherwise wait for each other forever)."""
+        first, second = sorted((self, target), key=lambda box: str(box.path))
+        with first._locked(), second._locked():
+            yield
+
     def copy_to(self, uids: Iterable[int], target: Mailbox) -> tuple[int, list[int], list[int]]:
         """COPY: hard links (a copy across file systems) into the target's cur/ with new
         unique names and UIDs; (target UIDVALIDITY, source UIDs, target UIDs) for COPYUID.
         Messages already gone are skipped."""
         if target.path == self.path:
             raise MailboxError("copy into the same mailbox")
-        with self._locked():
-            st = self._log.state
-            wanted: list[tuple[int, Entry, str]] = []
-            for uid in sorted(set(uids)):
-                path = self._find(uid)
-                if path is not None:
-                    wanted.append((uid, st.entries[uid], path))
+        with self._with(target):
+            return self._copy(uids, target)
+
+    def _copy(self, uids: Iterable[int], target: Mailbox) -> tuple[int, list[int], list[int]]:
+        st = self._log.state
         placed: list[tuple[int, tuple[str, str, tuple[str, ...], int, int, str]]] = []
-        with target._locked():
-            for uid, e, path in wanted:
-                letters = _info(os.path.basename(path))[1]
-                letters = e.letters if letters is None else letters
-                full = f"{unique_name()},S={e.size},W={e.size}"
-                dest = f"{target.path}/cur/{full}:2,{letters}"
-                try:
-                    _link_or_copy(path, dest, target.path / "tmp" / full)
-                except FileNotFoundError:
-                    continue  # expunged meanwhile
-                placed.append((uid, (full, letters, e.keywords, e.size, e.date, dest)))
-            if placed:
-                fsync_dir(target.path / "cur")
-            new_uids = target._assign([p[1] for p in placed])
-            return target._log.state.uidvalidity, [p[0] for p in placed], new_uids
+        for uid in sorted(set(uids)):
+            path = self._find(uid)
+            if path is None:
+                continue  # expunged meanwhile
+            e = st.entries[uid]
+            letters = _info(os.path.basename(path))[1]
+            letters = e.letters if letters is None else letters
+            full = f"{unique_name()},S={e.size},W={e.size}"
+            dest = f"{target.path}/cur/{full}:2,{letters}"
+            try:
+                _link_or_copy(path, dest, target.path / "tmp" / full)
+            except FileNotFoundError:
+                continue  # removed by a tool that takes no lock
+            placed.append((uid, (full, letters, e.keywords, e.size, e.date, dest)))
+        if placed:
+            fsync_dir(target.path / "cur")
+        new_uids = target._assign([p[1] for p in placed])
+        return target._log.state.uidvalidity, [p[0] for p in placed], new_uids
 
     def move_to(self, uids: Iterable[int], target: Mailbox) -> tuple[int, list[int], list[int]]:
-        """MOVE: copy, then expunge the originals (a crash between leaves a copy in both,
-        never in neither)."""
-        validity, src, dst = self.copy_to(uids, target)
-        with self._locked():
-            self._expunge([u for u in src if u in self._log.state.entries])
+        """MOVE: copy, then expunge the originals, both mailboxes locked throughout (a crash
+        between leaves the message in both, never in neither)."""
+        if target.path == self.path:
+            raise MailboxError("move into the same mailbox")
+        with self._with(target), self._renaming() as may:
+            if not may:  # refused before anything is copied
+                raise MailboxBusy(self.name)
+            validity, src, dst = self._copy(uids, target)
+            self._expunge(src, held=True)
         return validity, src, dst
 
 

@@ -50,7 +50,8 @@ from mailfort.store.durable import fsync_dir
 LOG_NAME = "mailfort-imap.uids"
 VALIDITY_NAME = "mailfort-imap.validity"
 VALIDITY_LOCK = "mailfort-imap.validity.lock"
-COMPACT_MIN = 4096  # records before compaction is considered
+COMPACT_MIN = 4096  # records appended before compaction is considered
+MAX_EXPUNGE_GROUPS = 1000  # X records kept by compaction; older ones merge upwards
 _SAFE = "!#$&'()*+-.;<=>?@[]^_`{|}~"  # kept as is in names (no space, comma, %, /)
 
 
@@ -257,7 +258,9 @@ class UidLog:
         """Append records durably (fsync) after cutting any torn tail."""
         if not records:
             return
-        if self._records > COMPACT_MIN and self._records > 4 * (len(self.state.entries) + 64):
+        st = self.state
+        live = len(st.entries) + min(len(st.expunged), MAX_EXPUNGE_GROUPS)
+        if self._records > COMPACT_MIN + 2 * live:  # a rewrite per >= COMPACT_MIN + live
             self._rewrite(records)
             return
         fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
@@ -288,8 +291,20 @@ class UidLog:
         by_modseq: dict[int, list[int]] = {}
         for uid, modseq in st.expunged.items():
             by_modseq.setdefault(modseq, []).append(uid)
-        lines += [rec_expunge(m, u) for m, u in sorted(by_modseq.items())]
+        groups = sorted(by_modseq.items())
+        if len(groups) > MAX_EXPUNGE_GROUPS:
+            # Older expunges merge into one record at the newest merged MODSEQ: a QRESYNC
+            # client may then hear of a UID as VANISHED twice, which RFC 7162 allows; it
+            # never misses one. The UIDs stay remembered, so UIDNEXT cannot fall back.
+            cut = len(groups) - MAX_EXPUNGE_GROUPS + 1
+            merged = [u for _, us in groups[:cut] for u in us]
+            groups = [(groups[cut - 1][0], merged), *groups[cut:]]
+            for u in merged:
+                st.expunged[u] = groups[0][0]
+        lines += [rec_expunge(m, u) for m, u in groups]
         data = b"".join(lines)
+        for stale in self.path.parent.glob(f"{LOG_NAME}.*.tmp"):  # a compaction killed
+            stale.unlink(missing_ok=True)  # midway (none runs now: we hold the lock)
         tmp = self.path.with_name(f"{LOG_NAME}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
