@@ -316,7 +316,7 @@ class Mailbox:
         self._log.append(records)  # durable before anyone is told of these UIDs
         if quiet:
             self._file_new()
-        return ScanResult(added, gone, changed)
+        return ScanResult(added, sorted(gone), sorted(changed))
 
     def _file_new(self) -> None:
         """Move what is in new/ to cur/ with ``:2,`` (IMAP has no use for new/)."""
