@@ -488,6 +488,9 @@ class MailboxMachine(RuleBasedStateMachine):
         self.modseq = self.box.status()["HIGHESTMODSEQ"]
         self.delivered = 0
         self.pending = 0  # delivered, not numbered yet
+        self.store.create("Archive")
+        self.archive: dict[int, frozenset[str]] = {}  # its model
+        self.archive_top = 0
 
     def teardown(self) -> None:
         import shutil
@@ -556,6 +559,42 @@ class MailboxMachine(RuleBasedStateMachine):
         result = self.box.scan()
         assert result.expunged == [uid]
         self._apply(result)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), move=st.booleans())
+    def copy_or_move(self, data: st.DataObject, move: bool) -> None:
+        uids = data.draw(st.sets(st.sampled_from(sorted(self.model)), min_size=1))
+        target = self.store.mailbox("Archive")
+        do = self.box.move_to if move else self.box.copy_to
+        _, src, dst = do(uids, target)
+        assert src == sorted(uids) and dst == sorted(dst) and dst[0] > self.archive_top
+        self.archive_top = dst[-1]
+        for s_uid, d_uid in zip(src, dst, strict=True):
+            self.archive[d_uid] = self.model[s_uid]
+            if move:
+                del self.model[s_uid]
+        assert {m.uid: m.flags for m in target.messages()} == self.archive
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def external_flag(self, data: st.DataObject) -> None:
+        uid = data.draw(st.sampled_from(sorted(self.model)))
+        self.box.scan()  # the file is in cur/ (a tool renames in cur/ only)
+        self._apply_pending()
+        (m,) = [m for m in self.box.messages() if m.uid == uid]
+        head, _, letters = m.path.rpartition(":2,")
+        new = "".join(sorted(set(letters) ^ {"F"}))
+        os.rename(m.path, f"{head}:2,{new}")  # another Maildir tool toggles \Flagged
+        before = self.box.status()["HIGHESTMODSEQ"]
+        assert self.box.scan().changed == [uid]
+        assert self.box.messages()[[x.uid for x in self.box.messages()].index(uid)].modseq > before
+        self.model[uid] = self.model[uid] ^ {"\\Flagged"}
+
+    def _apply_pending(self) -> None:
+        for earlier in range(self.top + 1, self.top + self.pending + 1):
+            self.model[earlier] = frozenset()
+            self._note(earlier)
+        self.pending = 0
 
     @rule()
     def reopen(self) -> None:

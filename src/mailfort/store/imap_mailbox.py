@@ -358,20 +358,21 @@ class Mailbox:
     # -- flags ---------------------------------------------------------------------------
 
     def _find(self, uid: int) -> str | None:
-        """The file of a UID now (it may have been renamed by another session)."""
+        """The file of a UID now (another session may have renamed it): on a miss, one
+        listing refreshes every path, so a STORE over many stale paths lists once."""
         e = self._log.state.entries.get(uid)
         if e is None:
             return None
         path = self._paths.get(uid)
         if path is not None and os.path.lexists(path):
             return path
-        for sub in ("cur", "new"):
-            with os.scandir(self.path / sub) as it:
-                for entry in it:
-                    if entry.name.partition(":")[0] == e.unique:
-                        self._paths[uid] = entry.path
-                        return entry.path
-        return None
+        by_unique = self._log.state.by_unique
+        for unique, (sub, name) in self._list_files().items():
+            known = by_unique.get(unique)
+            if known is not None:
+                self._paths[known] = f"{self.path}/{sub}/{name}"
+        path = self._paths.get(uid)
+        return path if path is not None and os.path.lexists(path) else None
 
     def store(self, uids: Iterable[int], *, add: Iterable[str] = (), remove: Iterable[str] = (),
               replace: Iterable[str] | None = None,
@@ -645,9 +646,11 @@ class MailStore:
         try:
             path.mkdir()
         except FileExistsError:
-            raise MailboxExists(name) from None
+            if (path / "cur").is_dir():
+                raise MailboxExists(name) from None
+            # a CREATE that crashed before cur/ (or a race with one still running): finish it
         for sub in ("tmp", "new", "cur"):
-            (path / sub).mkdir()
+            (path / sub).mkdir(exist_ok=True)
         # maildirfolder marks a Maildir++ folder for Courier's and Dovecot's tools
         (path / "maildirfolder").touch()
         for sub in ("tmp", "new", "cur"):
