@@ -3,6 +3,7 @@ processes), flags in file names that POP3 sees, MODSEQ, copy/move, mailbox names
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -25,6 +26,7 @@ from mailfort.store.imap_mailbox import (
     NoSuchMailbox,
     ScanResult,
 )
+from mailfort.store.maildir import Committer, maildir_for
 from mailfort.store.pop3_mailbox import POP3Mailbox
 from mailfort.store.uidmap import LOG_NAME, UidLog
 
@@ -97,6 +99,39 @@ def test_flags_round_trip_through_names_and_pop3_sees_them(tmp_path: Path) -> No
     assert result.expunged == [1] and result.changed == [2]
     assert [(m.uid, m.flags) for m in box.messages()] == [(2, frozenset({"\\Seen"}))]
     assert box.expunged_since(before) == [1]
+
+
+def test_mail_delivered_by_the_committer_appears_in_inbox_and_junk(tmp_path: Path) -> None:
+    committer = Committer(tmp_path)
+    root = maildir_for(tmp_path / "mail", "alice@example.org")
+
+    async def deliver_two() -> None:
+        for target in (root, root / ".Junk"):  # the MX files DMARC quarantine in .Junk
+            spool = committer.new_spool()
+            spool.write(MSG)
+            await committer.commit(spool, [target])
+
+    try:
+        asyncio.run(deliver_two())
+    finally:
+        committer.stop()
+    store = MailStore(root)
+    assert store.names() == [INBOX, "Junk"]
+    for name in (INBOX, "Junk"):
+        box = store.mailbox(name)
+        assert box.scan().added == [1]
+        (m,) = box.messages()
+        assert m.size == len(MSG) and Path(m.path).read_bytes() == MSG
+
+
+def test_create_finishes_a_folder_left_half_made(tmp_path: Path) -> None:
+    store = MailStore(tmp_path)
+    store.mailbox(INBOX)
+    (tmp_path / ".Half").mkdir()  # a CREATE killed after its first mkdir
+    with pytest.raises(NoSuchMailbox):
+        store.mailbox("Half")
+    store.create("Half").append(MSG)
+    assert uids_of(store, "Half") == [1]
 
 
 def test_replace_keeps_unknown_letters_and_refuses_bad_flags(tmp_path: Path) -> None:
@@ -249,6 +284,7 @@ def test_bad_record_before_good_ones_means_a_lost_map(tmp_path: Path) -> None:
     fresh = MailStore(tmp_path).mailbox(INBOX)
     fresh.scan()
     assert fresh.status()["UIDVALIDITY"] != old  # not replayed with a hole in it
+    assert len(list(tmp_path.glob(f"{LOG_NAME}.damaged-*"))) == 1
 
 
 def _append_forever(root: str, report: str) -> None:
@@ -595,6 +631,13 @@ class MailboxMachine(RuleBasedStateMachine):
             self.model[earlier] = frozenset()
             self._note(earlier)
         self.pending = 0
+
+    @rule(cut=st.integers(min_value=1, max_value=60))
+    def torn_tail(self, cut: int) -> None:
+        """A writer killed mid-record: part of a record that was never acknowledged."""
+        rec = uidmap.rec_assign(uidmap.Entry(self.top + 99, "ghost", "S", (), 1, 1, 1))
+        with open(self.dir / LOG_NAME, "ab") as f:
+            f.write(rec[: min(cut, len(rec) - 1)])
 
     @rule()
     def reopen(self) -> None:

@@ -211,8 +211,9 @@ class Mailbox:
         try:
             if self._log.refresh():
                 return
-        except MapLost:
-            pass
+        except MapLost:  # kept aside for a post-mortem, never read again
+            with contextlib.suppress(OSError):
+                os.rename(self._log.path, f"{self._log.path}.damaged-{int(time.time())}")
         # No usable map: start over with a new UIDVALIDITY (never the old one). Files keep
         # their names; the scan that follows gives them new UIDs under the new validity.
         self._log.reset()
