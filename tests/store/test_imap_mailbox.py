@@ -134,6 +134,18 @@ def test_create_finishes_a_folder_left_half_made(tmp_path: Path) -> None:
     assert uids_of(store, "Half") == [1]
 
 
+def test_odd_file_names_survive_the_map(tmp_path: Path) -> None:
+    odd = ["1700000001.a b,c%d", "-", "1700000002.caf\udce9", "1700000003.x:2,S é-"]
+    for name in odd:
+        deliver(tmp_path, name, sub="cur" if ":" in name else "new")
+    assert MailStore(tmp_path).mailbox(INBOX).scan().added == [1, 2, 3, 4]
+    again = MailStore(tmp_path).mailbox(INBOX).messages()
+    assert sorted(Path(m.path).name.partition(":")[0] for m in again) == sorted(
+        n.partition(":")[0] for n in odd)
+    assert [m.flags for m in again if "x" in m.path] == [{"\\Seen"}]
+    assert replay(tmp_path).entries[4].letters == " -Sé"
+
+
 def test_replace_keeps_unknown_letters_and_refuses_bad_flags(tmp_path: Path) -> None:
     deliver(tmp_path, "1700000001.M1P1Q1.h:2,Sa", sub="cur")  # 'a': another tool's keyword
     box = MailStore(tmp_path).mailbox(INBOX)

@@ -6,13 +6,14 @@ log of text records, one a line::
     <crc32 of payload, 8 hex> <payload>\\n
 
     H <uidvalidity> <uidnext> <highestmodseq>          first record (and after compaction)
-    A <uid> <modseq> <letters> <size> <date> <name> <keywords>   a UID given to a file
+    A <uid> <modseq> <letters> <size> <date> <name> <keywords>  a UID given to a file
     F <uid> <modseq> <letters>                          the file's Maildir flags changed
     K <uid> <modseq> <keywords>                         the message's keywords changed
     X <modseq> <uid set>                                messages expunged (``1:4,9``)
 
-``name`` is the Maildir unique name (before ``:2,``) and keywords are comma-separated, both
-percent-encoded; ``-`` stands for an empty field. Why a log and not a rewritten file: a
+``name`` is the Maildir unique name (before ``:2,``), keywords are comma-separated; names,
+letters and keywords are percent-encoded (any bytes a file name may hold), ``-`` stands for
+an empty field. Why a log and not a rewritten file: a
 STORE on one message of 10,000 then costs one short append and one fsync, not a rewrite of
 the whole map. Compaction (rewrite to a temporary file, fsync, rename, fsync the directory)
 runs when the log is several times larger than the live state.
@@ -81,7 +82,9 @@ class MapState:
 
 
 def _enc_name(name: str) -> str:
-    return quote(name.encode("utf-8", "surrogateescape"), safe=_SAFE) or "-"
+    """Percent-encoded (no space, comma or non-ASCII left); ``-`` only for the empty one."""
+    text = quote(name.encode("utf-8", "surrogateescape"), safe=_SAFE)
+    return "%2D" if text == "-" else text or "-"
 
 
 def _dec_name(text: str) -> str:
@@ -131,12 +134,12 @@ def rec_header(st: MapState) -> bytes:
 
 
 def rec_assign(e: Entry) -> bytes:
-    return record("A", e.uid, e.modseq, e.letters or "-", e.size, e.date, _enc_name(e.unique),
+    return record("A", e.uid, e.modseq, _enc_name(e.letters), e.size, e.date, _enc_name(e.unique),
                   _enc_kw(e.keywords))
 
 
 def rec_flags(uid: int, modseq: int, letters: str) -> bytes:
-    return record("F", uid, modseq, letters or "-")
+    return record("F", uid, modseq, _enc_name(letters))
 
 
 def rec_keywords(uid: int, modseq: int, keywords: tuple[str, ...]) -> bytes:
@@ -169,7 +172,7 @@ def apply(st: MapState, f: list[str]) -> bool:
             st.uidnext = max(st.uidnext, int(f[2]))
             st.highestmodseq = max(st.highestmodseq, int(f[3]))
         elif kind == "A" and len(f) == 8:
-            e = Entry(int(f[1]), _dec_name(f[6]), "" if f[3] == "-" else f[3], _dec_kw(f[7]),
+            e = Entry(int(f[1]), _dec_name(f[6]), _dec_name(f[3]), _dec_kw(f[7]),
                       int(f[2]), int(f[4]), int(f[5]))
             if e.uid < 1 or e.unique in st.by_unique or e.uid in st.entries:
                 return False
@@ -183,7 +186,7 @@ def apply(st: MapState, f: list[str]) -> bool:
             st.highestmodseq = max(st.highestmodseq, modseq)
             if e2 is not None:
                 if kind == "F":
-                    e2.letters = "" if f[3] == "-" else f[3]
+                    e2.letters = _dec_name(f[3])
                 else:
                     e2.keywords = _dec_kw(f[3])
                 e2.modseq = max(e2.modseq, modseq)
