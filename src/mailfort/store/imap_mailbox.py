@@ -1,0 +1,734 @@
+"""The IMAP view of a Maildir: mailboxes, UIDs, flags, MODSEQ, on the files MX and POP3 use.
+
+Layout (Maildir++, one layout for everything): INBOX is the Maildir root; a mailbox
+``A.B`` is the directory ``.A.B`` beside ``new/ cur/ tmp/`` (``.`` is the hierarchy
+separator, so a name part cannot contain one). Names are Unicode in this API (IMAP4rev2 is
+UTF-8; an IMAP4rev1 session converts at its edge) and modified UTF-7 on disk, as Courier and
+Dovecot write them (``.Entw&APw-rfe``). ``INBOX`` is case-insensitive and has no children
+here (``INBOX.x`` is refused): the namespace is flat under the root, as Dovecot's Maildir++.
+
+What is true where:
+
+* **The file name** holds the system flags (``:2,`` letters: \\Seen S, \\Answered R,
+  \\Flagged F, \\Deleted T, \\Draft D; P is shown as the keyword ``$Forwarded``), so every
+  Maildir tool, and POP3, agrees on them. Letters we do not know are kept as they are.
+* **The UID map** (store/uidmap.py) holds UIDs, keywords, MODSEQ, size and INTERNALDATE,
+  keyed by the Maildir unique name (before ``:2,``), which never changes with the flags.
+* A ``scan`` reconciles the two: a file not in the map gets the next UID (ordered by
+  delivery time, then name), a mapped file that is gone is an expunge (POP3 DELE, another
+  tool), a file whose letters changed under us (POP3's S, another tool) gets a new MODSEQ.
+  So every change made outside this module is seen, and a crash between a rename and its
+  record is repaired the same way.
+
+Every change happens under the mailbox's lock (``flock`` on ``mailfort-imap.lock`` in its
+directory, one descriptor per operation, so threads and processes exclude each other): the
+map is refreshed from the log, the files changed, then the records appended and fsynced.
+Two sessions can thus neither hand out one UID twice nor lose each other's flag change.
+
+Renaming or unlinking files while a POP3 session holds the Maildir would stale its
+snapshot (its DELE would miss a renamed file), so renames and unlinks in INBOX are done
+only while holding POP3's lock too, taken without waiting: new messages then stay in
+``new/`` for that scan (their UIDs are given all the same), and a flag change or expunge
+raises ``MailboxBusy`` (the engine answers ``NO [INUSE]``).
+
+Every method blocks (disk); the server calls them in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailfort.protocol.dotstuff import SizeCounter
+from mailfort.store import mutf7
+from mailfort.store.durable import fsync_dir, make_dirs, rename_no_replace
+from mailfort.store.maildir import unique_name
+from mailfort.store.pop3_mailbox import LOCK_NAME as POP3_LOCK
+from mailfort.store.pop3_mailbox import _delivery_time, size_from_name
+from mailfort.store.uidmap import (
+    Entry,
+    MapLost,
+    UidLog,
+    next_uidvalidity,
+    rec_assign,
+    rec_expunge,
+    rec_flags,
+    rec_keywords,
+)
+
+LOCK_NAME = "mailfort-imap.lock"
+INBOX = "INBOX"
+SEP = "."
+SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Junk": "\\Junk", "Trash": "\\Trash",
+               "Archive": "\\Archive"}
+SYSTEM_FLAGS = {"\\seen": ("\\Seen", "S"), "\\answered": ("\\Answered", "R"),
+                "\\flagged": ("\\Flagged", "F"), "\\deleted": ("\\Deleted", "T"),
+                "\\draft": ("\\Draft", "D"), "$forwarded": ("$Forwarded", "P")}
+_LETTER_FLAG = {letter: flag for flag, letter in SYSTEM_FLAGS.values()}
+MAX_KEYWORDS = 64  # per message
+MAX_NAME = 255  # octets of a mailbox name on disk
+_ATOM = re.compile(r"[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]{1,100}")  # a keyword (IMAP atom)
+_CHUNK = 64 * 1024
+
+
+class MailboxError(Exception):
+    """A mailbox operation that cannot be done as asked (the engine answers NO)."""
+
+
+class NoSuchMailbox(MailboxError):
+    pass
+
+
+class MailboxExists(MailboxError):
+    pass
+
+
+class BadName(MailboxError):
+    pass
+
+
+class MailboxBusy(MailboxError):
+    """A POP3 session holds the Maildir: files cannot be renamed now ([INUSE])."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    uid: int
+    flags: frozenset[str]  # system flags and keywords, as IMAP spells them
+    size: int  # RFC822.SIZE: wire octets (CRLF)
+    internal_date: int  # seconds since the epoch
+    modseq: int
+    path: str  # where the file was at the last scan
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    added: list[int]
+    expunged: list[int]
+    changed: list[int]  # flags changed outside this module
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    changed: dict[int, tuple[frozenset[str], int]]  # uid -> (flags, modseq)
+    modified: list[int]  # UNCHANGEDSINCE failed (CONDSTORE [MODIFIED])
+
+
+def letters_to_flags(letters: str, keywords: Iterable[str] = ()) -> frozenset[str]:
+    return frozenset([_LETTER_FLAG[c] for c in letters if c in _LETTER_FLAG] + list(keywords))
+
+
+def split_flags(flags: Iterable[str]) -> tuple[str, tuple[str, ...]]:
+    """IMAP flags as Maildir letters (sorted) and keywords; BadName-like ValueError for a
+    flag that is neither a system flag nor an atom."""
+    letters: set[str] = set()
+    keywords: dict[str, str] = {}
+    for flag in flags:
+        known = SYSTEM_FLAGS.get(flag.lower())
+        if known is not None:
+            letters.add(known[1])
+        elif flag.startswith("\\") or not _ATOM.fullmatch(flag):
+            raise ValueError(f"not a storable flag: {flag!r}")
+        else:
+            keywords.setdefault(flag.lower(), flag)
+    if len(keywords) > MAX_KEYWORDS:
+        raise ValueError("too many keywords")
+    return "".join(sorted(letters)), tuple(sorted(keywords.values(), key=str.lower))
+
+
+def wire_size(data: bytes) -> int:
+    counter = SizeCounter()
+    counter.feed(data)
+    return counter.size()
+
+
+def _file_wire_size(path: str) -> int:
+    counter = SizeCounter()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            counter.feed(chunk)
+    return counter.size()
+
+
+def _info(name: str) -> tuple[str, str | None]:
+    """(unique name, sorted ``:2,`` letters) of a file name; letters None for an info
+    that is not ``2,`` (left alone: never renamed by us)."""
+    unique, sep, info = name.partition(":")
+    if not sep:
+        return unique, ""
+    if not info.startswith("2,"):
+        return unique, None
+    return unique, "".join(sorted(set(info[2:])))
+
+
+@contextlib.contextmanager
+def _flock(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # drops the lock
+
+
+class Mailbox:
+    """One mailbox (a Maildir directory) as IMAP sees it. Cheap to keep; holds no lock."""
+
+    def __init__(self, path: Path, name: str, root: Path) -> None:
+        self.path = path
+        self.name = name
+        self._root = root
+        self._log = UidLog(path)
+        self._paths: dict[int, str] = {}  # uid -> file path at the last look
+        self._guard = threading.Lock()  # one operation of this object at a time
+
+    # -- locking and the map -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._guard, _flock(self.path / LOCK_NAME):
+            try:
+                self._load()
+                yield
+            except BaseException:
+                self._log.reset()  # memory may be ahead of the file: replay it all next time
+                raise
+
+    def _load(self) -> None:
+        try:
+            if self._log.refresh():
+                return
+        except MapLost:  # kept aside for a post-mortem, never read again
+            with contextlib.suppress(OSError):
+                os.rename(self._log.path, f"{self._log.path}.damaged-{int(time.time())}")
+        # No usable map: start over with a new UIDVALIDITY (never the old one). Files keep
+        # their names; the scan that follows gives them new UIDs under the new validity.
+        self._log.reset()
+        self._log.create(next_uidvalidity(self._root))
+        self._paths.clear()
+
+    @contextlib.contextmanager
+    def _renaming(self) -> Iterator[bool]:
+        """POP3's lock (INBOX only, other folders are not POP3's), without waiting."""
+        if self.name != INBOX:
+            yield True
+            return
+        with _flock(self.path / POP3_LOCK, wait=False) as got:
+            yield got
+
+    @property
+    def uidvalidity(self) -> int:
+        with self._locked():
+            return self._log.state.uidvalidity
+
+    def status(self) -> dict[str, int]:
+        """UIDVALIDITY, UIDNEXT, MESSAGES, HIGHESTMODSEQ, SIZE as of the map (no scan)."""
+        with self._locked():
+            st = self._log.state
+            return {"UIDVALIDITY": st.uidvalidity, "UIDNEXT": st.uidnext,
+                    "MESSAGES": len(st.entries), "HIGHESTMODSEQ": st.highestmodseq,
+                    "SIZE": sum(e.size for e in st.entries.values()),
+                    "UNSEEN": sum(1 for e in st.entries.values() if "S" not in e.letters)}
+
+    # -- scan ----------------------------------------------------------------------------
+
+    def _list_files(self) -> dict[str, tuple[str, str]]:
+        """unique -> (sub, file name) in new/ and cur/ (cur/ wins a duplicate)."""
+        found: dict[str, tuple[str, str]] = {}
+        for sub in ("new", "cur"):
+            with os.scandir(self.path / sub) as it:
+                for entry in it:
+                    name = entry.name
+                    if name[0] == "." or not entry.is_file(follow_symlinks=False):
+                        continue
+                    found[name.partition(":")[0]] = (sub, name)
+        return found
+
+    def scan(self) -> ScanResult:
+        """Reconcile the map with the files (see the module docstring); new/ -> cur/."""
+        with self._locked():
+            return self._scan()
+
+    def _scan(self, skip: frozenset[str] = frozenset()) -> ScanResult:
+        with self._renaming() as quiet:
+            return self._scan_quiet(skip, quiet)
+
+    def _scan_quiet(self, skip: frozenset[str], quiet: bool) -> ScanResult:
+        """The scan proper. ``quiet``: no POP3 session is running, whose renames in cur/
+        could hide a file from one listing (readdir may miss a file renamed meanwhile)."""
+        st = self._log.state
+        files = self._list_files()
+        records: list[bytes] = []
+        modseq = st.highestmodseq + 1
+        gone: list[int] = []
+        if quiet:  # else left for a scan after the POP3 session, which deletes only at QUIT
+            gone = [uid for unique, uid in st.by_unique.items() if unique not in files]
+        if gone:  # confirmed by a second listing: a tool renaming without a lock is missed
+            again = self._list_files()  # by one listing at most, not by two
+            gone = [uid for uid in gone if st.entries[uid].unique not in again]
+        changed: list[int] = []
+        fresh: list[tuple[tuple[int, int], str, str, str]] = []
+        for unique, (sub, name) in files.items():
+            uid = st.by_unique.get(unique)
+            if uid is None:
+                if unique in skip:
+                    continue  # being placed by append or copy, which numbers it
+                fresh.append((_delivery_time(unique), unique, sub, name))
+                continue
+            self._paths[uid] = f"{self.path}/{sub}/{name}"
+            letters = _info(name)[1]
+            if letters is not None and letters != st.entries[uid].letters:
+                records.append(rec_flags(uid, modseq, letters))
+                changed.append(uid)
+        if gone:
+            records.append(rec_expunge(modseq, gone))
+            for uid in gone:
+                self._paths.pop(uid, None)
+        fresh.sort()
+        added: list[int] = []
+        uid = st.uidnext
+        for (seconds, _), unique, sub, name in fresh:
+            path = f"{self.path}/{sub}/{name}"
+            try:
+                size = size_from_name(unique)
+                if size is None:
+                    size = _file_wire_size(path)
+                date = seconds or int(os.stat(path).st_mtime)
+            except FileNotFoundError:
+                continue  # gone meanwhile (POP3): never numbered
+            letters = _info(name)[1] or ""
+            records.append(rec_assign(Entry(uid, unique, letters, (), modseq, size, date)))
+            self._paths[uid] = path
+            added.append(uid)
+            uid += 1
+        self._log.append(records)  # durable before anyone is told of these UIDs
+        if quiet:
+            self._file_new()
+        return ScanResult(added, sorted(gone), sorted(changed))
+
+    def _file_new(self) -> None:
+        """Move what is in new/ to cur/ with ``:2,`` (IMAP has no use for new/)."""
+        moved = False
+        for uid, path in list(self._paths.items()):
+            folder, name = os.path.split(path)
+            if not folder.endswith("/new"):
+                continue
+            unique, letters = _info(name)
+            target = f"{self.path}/cur/{unique}:2,{letters or ''}"
+            try:
+                rename_no_replace(path, target)
+            except OSError:
+                continue  # gone, or a twin in cur/: it stays where it is
+            self._paths[uid] = target
+            moved = True
+        if moved:
+            fsync_dir(self.path / "cur")
+            fsync_dir(self.path / "new")
+
+    def messages(self) -> list[MessageInfo]:
+        """Every message in the map, by UID (call ``scan`` first to see new files)."""
+        with self._locked():
+            st = self._log.state
+            if any(uid not in self._paths for uid in st.entries):  # another session's
+                for unique, (sub, name) in self._list_files().items():
+                    uid = st.by_unique.get(unique)
+                    if uid is not None:
+                        self._paths[uid] = f"{self.path}/{sub}/{name}"
+            return [MessageInfo(e.uid, letters_to_flags(e.letters, e.keywords), e.size, e.date,
+                                e.modseq, self._paths.get(e.uid, ""))
+                    for e in sorted(st.entries.values(), key=lambda e: e.uid)]
+
+    def expunged_since(self, modseq: int) -> list[int]:
+        """UIDs expunged after ``modseq`` that the map still remembers (QRESYNC VANISHED)."""
+        with self._locked():
+            return sorted(u for u, m in self._log.state.expunged.items() if m > modseq)
+
+    # -- flags ---------------------------------------------------------------------------
+
+    def _find(self, uid: int) -> str | None:
+        """The file of a UID now (another session may have renamed it): on a miss, one
+        listing refreshes every path, so a STORE over many stale paths lists once."""
+        e = self._log.state.entries.get(uid)
+        if e is None:
+            return None
+        path = self._paths.get(uid)
+        if path is not None and os.path.lexists(path):
+            return path
+        by_unique = self._log.state.by_unique
+        for unique, (sub, name) in self._list_files().items():
+            known = by_unique.get(unique)
+            if known is not None:
+                self._paths[known] = f"{self.path}/{sub}/{name}"
+        path = self._paths.get(uid)
+        return path if path is not None and os.path.lexists(path) else None
+
+    def store(self, uids: Iterable[int], *, add: Iterable[str] = (), remove: Iterable[str] = (),
+              replace: Iterable[str] | None = None,
+              unchanged_since: int | None = None) -> StoreResult:
+        """STORE: set, add or remove flags; system flags by renaming the file, keywords in
+        the map. Messages whose MODSEQ is above ``unchanged_since`` are left and reported."""
+        add_l, add_k = split_flags(add)
+        rem_l, rem_k = split_flags(remove)
+        rep = split_flags(replace) if replace is not None else None
+        with self._locked():
+            st = self._log.state
+            modseq = st.highestmodseq + 1
+            records: list[bytes] = []
+            modified: list[int] = []
+            changed: dict[int, tuple[frozenset[str], int]] = {}
+            renamed = False
+            with self._renaming() as may:
+                if not may and (add_l or rem_l or rep is not None):
+                    raise MailboxBusy(self.name)
+                for uid in sorted(set(uids)):
+                    e = st.entries.get(uid)
+                    if e is None:
+                        continue
+                    if unchanged_since is not None and e.modseq > unchanged_since:
+                        modified.append(uid)
+                        continue
+                    path = self._find(uid)
+                    if path is None:
+                        continue  # gone: the next scan expunges it
+                    unique, on_file = _info(os.path.basename(path))
+                    letters = on_file if on_file is not None else e.letters
+                    known = "".join(c for c in letters if c not in "DFPRST")
+                    if rep is not None:
+                        new_l = set(rep[0]) | set(known)
+                        kws = {k.lower(): k for k in rep[1]}
+                    else:
+                        new_l = (set(letters) | set(add_l)) - set(rem_l)
+                        kws = {k.lower(): k for k in e.keywords}
+                        kws.update({k.lower(): k for k in add_k})
+                        for k in rem_k:
+                            kws.pop(k.lower(), None)
+                    new_letters = letters if on_file is None else "".join(sorted(new_l))
+                    new_kw = tuple(sorted(kws.values(), key=str.lower))
+                    if len(new_kw) > MAX_KEYWORDS:
+                        raise MailboxError("too many keywords")
+                    if new_letters != letters:
+                        target = f"{self.path}/cur/{unique}:2,{new_letters}"
+                        rename_no_replace(path, target)
+                        self._paths[uid] = target
+                        renamed = True
+                    if new_letters != e.letters:
+                        records.append(rec_flags(uid, modseq, new_letters))
+                    if new_kw != e.keywords:
+                        records.append(rec_keywords(uid, modseq, new_kw))
+                    if new_letters != e.letters or new_kw != e.keywords:
+                        changed[uid] = (letters_to_flags(new_letters, new_kw), modseq)
+                if renamed:
+                    fsync_dir(self.path / "cur")
+                    fsync_dir(self.path / "new")
+            self._log.append(records)
+            return StoreResult(changed, modified)
+
+    # -- expunge -------------------------------------------------------------------------
+
+    def expunge(self, uids: Iterable[int] | None = None) -> list[int]:
+        """EXPUNGE (or UID EXPUNGE with ``uids``): remove the messages flagged \\Deleted."""
+        with self._locked():
+            st = self._log.state
+            chosen = st.entries.keys() if uids is None else set(uids) & st.entries.keys()
+            doomed = [u for u in chosen if "T" in st.entries[u].letters]
+            return self._expunge(doomed)
+
+    def _expunge(self, uids: list[int], *, held: bool = False) -> list[int]:
+        """Unlink, then record; ``held``: the caller holds POP3's lock already."""
+        if not uids:
+            return []
+        with contextlib.nullcontext(True) if held else self._renaming() as may:
+            if not may:
+                raise MailboxBusy(self.name)
+            for uid in uids:
+                path = self._find(uid)
+                if path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            fsync_dir(self.path / "cur")
+            fsync_dir(self.path / "new")
+        st = self._log.state
+        self._log.append([rec_expunge(st.highestmodseq + 1, uids)])
+        for uid in uids:
+            self._paths.pop(uid, None)
+        return sorted(uids)
+
+    # -- append and copy -----------------------------------------------------------------
+
+    def append(self, data: bytes, flags: Iterable[str] = (),
+               internal_date: int | None = None) -> tuple[int, int]:
+        """APPEND: the message lands in cur/ whole, with its flags; (UIDVALIDITY, UID) for
+        APPENDUID. tmp/ first and fsynced, so a crash leaves at most a file in tmp/."""
+        letters, keywords = split_flags(flags)
+        unique = unique_name()
+        size = wire_size(data)
+        date = int(time.time()) if internal_date is None else internal_date
+        tmp = self.path / "tmp" / unique
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.utime(fd, (date, date))
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        full = f"{unique},S={len(data)},W={size}"
+        try:
+            with self._locked():
+                target = f"{self.path}/cur/{full}:2,{letters}"
+                rename_no_replace(str(tmp), target)
+                fsync_dir(self.path / "cur")
+                uid = self._assign([(full, letters, keywords, size, date, target)])[0]
+                return self._log.state.uidvalidity, uid
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _assign(self, items: list[tuple[str, str, tuple[str, ...], int, int, str]]) -> list[int]:
+        """UIDs for files already in place (under the lock), after a scan so that files
+        that came earlier keep the order they arrived in."""
+        self._scan(frozenset(item[0] for item in items))
+        st = self._log.state
+        modseq = st.highestmodseq + 1
+        uids: list[int] = []
+        records: list[bytes] = []
+        for unique, letters, keywords, size, date, path in items:
+            uid = st.by_unique.get(unique)  # the scan may have numbered it: keep that UID
+            if uid is None:
+                uid = st.uidnext + len(records)
+                records.append(rec_assign(Entry(uid, unique, letters, keywords, modseq, size,
+                                                date)))
+            elif keywords:
+                records.append(rec_keywords(uid, modseq, keywords))
+            self._paths[uid] = path
+            uids.append(uid)
+        self._log.append(records)
+        return uids
+
+    @contextlib.contextmanager
+    def _with(self, target: Mailbox) -> Iterator[None]:
+        """Both mailboxes locked, in the order of their paths (two opposite COPYs in two
+        sessions would otherwise wait for each other forever)."""
+        first, second = sorted((self, target), key=lambda box: str(box.path))
+        with first._locked(), second._locked():
+            yield
+
+    def copy_to(self, uids: Iterable[int], target: Mailbox) -> tuple[int, list[int], list[int]]:
+        """COPY: hard links (a copy across file systems) into the target's cur/ with new
+        unique names and UIDs; (target UIDVALIDITY, source UIDs, target UIDs) for COPYUID.
+        Messages already gone are skipped."""
+        if target.path == self.path:
+            raise MailboxError("copy into the same mailbox")
+        with self._with(target):
+            return self._copy(uids, target)
+
+    def _copy(self, uids: Iterable[int], target: Mailbox) -> tuple[int, list[int], list[int]]:
+        st = self._log.state
+        placed: list[tuple[int, tuple[str, str, tuple[str, ...], int, int, str]]] = []
+        for uid in sorted(set(uids)):
+            path = self._find(uid)
+            if path is None:
+                continue  # expunged meanwhile
+            e = st.entries[uid]
+            letters = _info(os.path.basename(path))[1]
+            letters = e.letters if letters is None else letters
+            full = f"{unique_name()},S={e.size},W={e.size}"
+            dest = f"{target.path}/cur/{full}:2,{letters}"
+            try:
+                _link_or_copy(path, dest, target.path / "tmp" / full)
+            except FileNotFoundError:
+                continue  # removed by a tool that takes no lock
+            placed.append((uid, (full, letters, e.keywords, e.size, e.date, dest)))
+        if placed:
+            fsync_dir(target.path / "cur")
+        new_uids = target._assign([p[1] for p in placed])
+        return target._log.state.uidvalidity, [p[0] for p in placed], new_uids
+
+    def move_to(self, uids: Iterable[int], target: Mailbox) -> tuple[int, list[int], list[int]]:
+        """MOVE: copy, then expunge the originals, both mailboxes locked throughout (a crash
+        between leaves the message in both, never in neither)."""
+        if target.path == self.path:
+            raise MailboxError("move into the same mailbox")
+        with self._with(target), self._renaming() as may:
+            if not may:  # refused before anything is copied
+                raise MailboxBusy(self.name)
+            validity, src, dst = self._copy(uids, target)
+            self._expunge(src, held=True)
+        return validity, src, dst
+
+
+def _link_or_copy(src: str, dest: str, tmp: Path) -> None:
+    try:
+        os.link(src, dest)
+        return
+    except OSError as exc:
+        if exc.errno != 18:  # EXDEV: another file system
+            raise
+    with open(src, "rb") as fin, open(tmp, "xb") as fout:
+        shutil.copyfileobj(fin, fout, _CHUNK)
+        fout.flush()
+        os.fsync(fout.fileno())
+    rename_no_replace(str(tmp), dest)
+
+
+# -- the mailboxes of one user ---------------------------------------------------------------
+
+
+def _check_name(name: str) -> str:
+    """The canonical name (``INBOX`` upper case) or BadName."""
+    if name.upper() == INBOX:
+        return INBOX
+    parts = name.split(SEP)
+    if parts[0].upper() == INBOX:
+        raise BadName("INBOX has no children here")
+    for part in parts:
+        if not part or part.strip() != part or any(c in part for c in "/\\%*") \
+                or any(ord(c) < 0x20 or ord(c) == 0x7F for c in part):
+            raise BadName(f"not a mailbox name: {name!r}")
+    if len(folder_dir(name)) > MAX_NAME:
+        raise BadName("mailbox name too long")
+    return name
+
+
+def folder_dir(name: str) -> str:
+    """The Maildir++ directory name of a mailbox other than INBOX."""
+    return SEP + SEP.join(mutf7.encode(p) for p in name.split(SEP))
+
+
+class MailStore:
+    """The mailboxes of one user: INBOX at ``root``, the others as Maildir++ folders."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._boxes: dict[str, Mailbox] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, name: str) -> Path:
+        return self.root if name == INBOX else self.root / folder_dir(name)
+
+    def mailbox(self, name: str) -> Mailbox:
+        """An existing mailbox (NoSuchMailbox otherwise); one object per name per store."""
+        name = _check_name(name)
+        path = self._path(name)
+        if name == INBOX:
+            for sub in ("tmp", "new", "cur"):
+                make_dirs(path / sub)
+        elif not (path / "cur").is_dir():
+            raise NoSuchMailbox(name)
+        with self._lock:
+            box = self._boxes.get(name)
+            if box is None or box.path != path:
+                box = self._boxes[name] = Mailbox(path, name, self.root)
+            return box
+
+    def create(self, name: str) -> Mailbox:
+        """CREATE: the folder with new/ cur/ tmp/ and a map with a never-used UIDVALIDITY."""
+        name = _check_name(name)
+        if name == INBOX:
+            raise MailboxExists(name)
+        path = self._path(name)
+        make_dirs(self.root)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if (path / "cur").is_dir():
+                raise MailboxExists(name) from None
+            # a CREATE that crashed before cur/ (or a race with one still running): finish it
+        for sub in ("tmp", "new", "cur"):
+            (path / sub).mkdir(exist_ok=True)
+        # maildirfolder marks a Maildir++ folder for Courier's and Dovecot's tools
+        (path / "maildirfolder").touch()
+        for sub in ("tmp", "new", "cur"):
+            fsync_dir(path / sub)
+        fsync_dir(path)
+        fsync_dir(self.root)
+        box = self.mailbox(name)
+        box.status()  # writes the map, with its UIDVALIDITY
+        return box
+
+    def ensure_special(self) -> None:
+        """The special-use set (Sent, Drafts, Junk, Trash, Archive), made where missing."""
+        for name in SPECIAL_USE:
+            with contextlib.suppress(MailboxExists):
+                self.create(name)
+
+    def delete(self, name: str) -> None:
+        """DELETE: the folder vanishes at once (a rename into tmp/), then is removed.
+        Its children stay. Its UIDVALIDITY is never given again (next_uidvalidity)."""
+        name = _check_name(name)
+        if name == INBOX:
+            raise MailboxError("INBOX cannot be deleted")
+        path = self._path(name)
+        if not (path / "cur").is_dir():
+            raise NoSuchMailbox(name)
+        make_dirs(self.root / "tmp")
+        grave = self.root / "tmp" / f".deleted-{secrets.token_hex(8)}"
+        os.rename(path, grave)
+        fsync_dir(self.root)
+        with self._lock:
+            self._boxes.pop(name, None)
+        shutil.rmtree(grave, ignore_errors=True)
+
+    def rename(self, old: str, new: str) -> None:
+        """RENAME with its children (``A`` -> ``B`` also moves ``A.x`` to ``B.x``). The
+        messages keep their UIDs and UIDVALIDITY. Renaming INBOX is not done here yet."""
+        old, new = _check_name(old), _check_name(new)
+        if INBOX in (old, new):
+            raise MailboxError("renaming INBOX is not supported")
+        if not (self._path(old) / "cur").is_dir():
+            raise NoSuchMailbox(old)
+        if self._path(new).exists():
+            raise MailboxExists(new)
+        moves = [(old, new)] + [(n, new + n[len(old):]) for n in self.names()
+                                if n.startswith(old + SEP)]
+        for a, b in moves:
+            os.rename(self._path(a), self._path(b))
+        fsync_dir(self.root)
+        with self._lock:
+            self._boxes.clear()
+
+    def names(self) -> list[str]:
+        """Every mailbox, INBOX first, then by name (undecodable folder names skipped)."""
+        out: list[str] = []
+        with os.scandir(self.root) as it:
+            for entry in it:
+                n = entry.name
+                if len(n) < 2 or n[0] != SEP or n[1] == SEP or not entry.is_dir():
+                    continue
+                try:
+                    name = SEP.join(mutf7.decode(p) for p in n[1:].split(SEP))
+                    _check_name(name)
+                except (ValueError, BadName):
+                    continue
+                if (Path(entry.path) / "cur").is_dir():
+                    out.append(name)
+        return [INBOX, *sorted(out)]
+
+    def list(self) -> list[tuple[str, frozenset[str]]]:
+        """LIST: each mailbox with its attributes (special use, children)."""
+        names = self.names()
+        result: list[tuple[str, frozenset[str]]] = []
+        for name in names:
+            attrs = set()
+            if name in SPECIAL_USE:
+                attrs.add(SPECIAL_USE[name])
+            kids = any(n.startswith(name + SEP) for n in names)
+            attrs.add("\\HasChildren" if kids else "\\HasNoChildren")
+            result.append((name, frozenset(attrs)))
+        return result
