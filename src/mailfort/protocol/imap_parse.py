@@ -221,9 +221,9 @@ Event = ContinuationRequest | Command | ParseError | IdleDone | SaslResponse
 
 
 class _Fail(Exception):
-    def __init__(self, text: str, code: str | None = None, status: str = "BAD") -> None:
+    def __init__(self, text: str, code: str | None = None) -> None:
         super().__init__(text)
-        self.text, self.code, self.status = text, code, status
+        self.text, self.code = text, code
 
 
 # ---------------------------------------------------------------------------- characters
@@ -833,6 +833,7 @@ class _State(enum.Enum):
     LITERAL = 2  # collecting the octets of an accepted literal
     DISCARD = 3  # counting away the octets of a refused non-synchronising literal
     SKIP = 4  # dropping the rest of a refused line, up to its LF
+    CLOSED = 5  # after a fatal error: everything is dropped, the engine closes
 
 
 _AGAIN = object()  # _command_line: nothing to report yet, but read on
@@ -873,6 +874,7 @@ class CommandReader:
         self._skip_literals = True  # SKIP: honour a literal announced at the end
         self._fatal_pending = False  # a skipped line announced a literal too large to skip
         self._last_head = b""  # the start (or, if complete, all) of the last line read
+        self._scanned = 0  # octets of the buffer known to hold no LF
 
     def _reset_command(self) -> None:
         self._lines: list[bytes] = []
@@ -892,6 +894,7 @@ class CommandReader:
     def clear(self) -> None:
         """STARTTLS: forget everything buffered (RFC 9051 §6.2.1: no plaintext injection)."""
         self.buffer.clear()
+        self._scanned = 0
         self._state = _State.LINE
         self.mode = Mode.COMMAND
         self._reset_command()
@@ -915,9 +918,17 @@ class CommandReader:
     def next_event(self) -> Event | None:
         """The next event, or None until more input is fed."""
         while True:
+            if self._state is _State.CLOSED:
+                self.buffer.clear()
+                self._scanned = 0
+                if self._fatal_pending:
+                    self._fatal_pending = False
+                    return ParseError(None, "literal too large to skip", "TOOBIG", "BAD", True)
+                return None
             if self._state is _State.DISCARD:
                 n = min(self._remaining, len(self.buffer))
                 del self.buffer[:n]
+                self._scanned = 0
                 self._remaining -= n
                 if self._remaining:
                     return None
@@ -931,6 +942,7 @@ class CommandReader:
                 n = min(self._remaining, len(self.buffer))
                 self._literal += self.buffer[:n]
                 del self.buffer[:n]
+                self._scanned = 0
                 self._remaining -= n
                 if self._remaining:
                     return None
@@ -950,18 +962,18 @@ class CommandReader:
         if nl < 0:
             self._tail = (self._tail + bytes(self.buffer))[-_TAIL:]
             self.buffer.clear()
+            self._scanned = 0
             return False
         line = (self._tail + bytes(self.buffer[:nl]))[-_TAIL:]
         del self.buffer[: nl + 1]
+        self._scanned = 0
         self._tail = b""
         found = _announcement(line.removesuffix(b"\r")) if self._skip_literals else None
         if found is not None and found[2]:  # the client sends {N+} octets unasked
             size = found[1]
             if size < 0 or size > self.limits.max_discard:
-                self._state = _State.LINE
+                self._state, self._fatal_pending = _State.CLOSED, True
                 self._reset_command()
-                self.buffer.clear()
-                self._fatal_pending = True
                 return True
             self._state, self._remaining = _State.DISCARD, size
             return True
@@ -976,17 +988,20 @@ class CommandReader:
         """
         buf = self.buffer
         limit = max(limit, 1)
-        nl = buf.find(b"\n", 0, limit)
+        nl = buf.find(b"\n", self._scanned, limit)
         if nl < 0:
             if len(buf) < limit:
+                self._scanned = len(buf)  # a trickle of octets is not searched again
                 return None
             self._last_head = bytes(buf[:64])
             self._tail = bytes(buf[max(0, limit - _TAIL):limit])
             del buf[:limit]
+            self._scanned = 0
             self._state = _State.SKIP
             return "line too long"
         raw = bytes(buf[: nl + 1])
         del buf[: nl + 1]
+        self._scanned = 0
         self._last_head = raw if len(raw) <= 64 else raw[:32] + raw[-32:]
         if not raw.endswith(CRLF) or b"\r" in raw[:-2]:
             return "bare CR or LF"
@@ -1013,9 +1028,6 @@ class CommandReader:
         return ParseError(tag, text, code, status, fatal)  # type: ignore[arg-type]
 
     def _command_line(self) -> Event | object | None:
-        if self._fatal_pending:
-            self._fatal_pending = False
-            return ParseError(None, "literal too large to skip", "TOOBIG", "BAD", True)
         budget = self.limits.max_line - self._used
         self._skip_literals = True
         line = self._line(budget)
@@ -1065,7 +1077,7 @@ class CommandReader:
         if not nonsync:  # the client waits for "+": it sends nothing more of this command
             return self._fail(text, code, status)
         if size < 0 or size > self.limits.max_discard:
-            self.buffer.clear()
+            self._state = _State.CLOSED
             return self._fail(text, code, status, fatal=True)
         self._state, self._remaining = _State.DISCARD, size
         return self._fail(text, code, status)
