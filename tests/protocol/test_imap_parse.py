@@ -332,7 +332,7 @@ noise = st.one_of(st.binary(max_size=400),
 
 @settings(max_examples=examples(300), deadline=None)
 @given(noise, st.lists(st.integers(1, 50), min_size=1, max_size=20))
-def test_any_bytes_any_split_same_events_bounded_memory(data: bytes, cuts: list[int]) -> None:
+def test_random_bytes_any_split_same_events_bounded_memory(data: bytes, cuts: list[int]) -> None:
     whole = CommandReader(LIMITS)
     whole.feed(data)
     expected = _drain(whole)
@@ -355,7 +355,7 @@ def test_any_bytes_any_split_same_events_bounded_memory(data: bytes, cuts: list[
 
 @settings(max_examples=examples(100), deadline=None)
 @given(noise, st.sampled_from(["idle", "sasl"]))
-def test_special_modes_never_crash(data: bytes, mode: str) -> None:
+def test_special_modes_random_input_never_crash(data: bytes, mode: str) -> None:
     r = CommandReader(LIMITS)
     r.feed(data)
     for _ in range(50):
