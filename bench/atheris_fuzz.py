@@ -4,19 +4,20 @@
     python bench/atheris_fuzz.py --target smtp --seconds 300
     python bench/atheris_fuzz.py --target smtp --run-one   # (internal) one libFuzzer run
 
-Targets: ``smtp`` (the SMTP engine: bytes in, every event answered, positively or not,
-from the same input), ``pop3`` (the POP3 engine likewise), ``imap`` (the IMAP command
-reader: the input fed whole and in the fuzzer's chunks gives the same events, memory stays
-within the limits, IDLE and AUTHENTICATE lines taken when the events ask), ``address``
-(RFC 5321 paths and ESMTP parameters), ``msa`` (the From:/Message-ID/Date header checks
-of submission) and ``config`` (TOML to a validated Config). A crash is any exception other than the parser's
-own refusal (AddressError, ConfigError, TOML errors), an engine's ``internal_error`` (the
-engine catches its own bugs and answers 421; the fuzzer must see them), or a broken
-invariant (a reply line without CRLF). Seeds are in bench/fuzz_corpus/<target>/ (kept in
-the repository); inputs the fuzzer finds go to a scratch directory, crashes to
-bench/fuzz_crashes/. Each target runs in its own process (libFuzzer exits when done);
-the summary line per target gives executions, executions per second and coverage (edges
-``cov`` and features ``ft``) as libFuzzer counts them. Not part of the test suite.
+Targets: ``smtp`` (the SMTP engine: bytes in, every event answered, positively or not, from
+the same input), ``pop3`` (the POP3 engine likewise), ``imap`` (the IMAP command reader:
+the input fed whole and in the fuzzer's chunks gives the same events, memory stays within
+the limits, IDLE and AUTHENTICATE lines taken when the events ask), ``address`` (RFC 5321
+paths and ESMTP parameters), ``msa`` (the From:/Message-ID/Date header checks of
+submission) and ``config`` (TOML to a validated Config). A crash is any exception other
+than the parser's own refusal (AddressError, ConfigError, TOML errors), an engine's
+``internal_error`` (the engine catches its own bugs and answers 421; the fuzzer must see
+them), or a broken invariant (a reply line without CRLF). Seeds are in
+bench/fuzz_corpus/<target>/ (kept in the repository); inputs the fuzzer finds go to a
+scratch directory, crashes to bench/fuzz_crashes/. Each target runs in its own process
+(libFuzzer exits when done); the summary line per target gives executions, executions per
+second and coverage (edges ``cov`` and features ``ft``) as libFuzzer counts them. Not part
+of the test suite.
 """
 
 from __future__ import annotations
