@@ -67,6 +67,25 @@ def test_thunderbird_header_fetch() -> None:
     assert mods == ()
 
 
+def test_mutt_mbsync_apple_shapes() -> None:
+    fields = (b"DATE FROM SENDER SUBJECT TO CC MESSAGE-ID REFERENCES CONTENT-TYPE "
+              b"CONTENT-DESCRIPTION IN-REPLY-TO REPLY-TO LINES LIST-POST X-LABEL")
+    c = cmd(b"a0005 UID FETCH 1:* (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[HEADER.FIELDS ("
+            + fields + b")])\r\n")
+    assert c.args[1][-1].section.fields == tuple(fields.decode().split())
+    assert cmd(b"6 UID FETCH 3 (BODY.PEEK[])\r\n").args[1] == (FetchAtt("BODY.PEEK", Section()),)
+    assert cmd(b"7 UID STORE 4 +FLAGS.SILENT \\Deleted\r\n").args[4] == ("\\Deleted",)
+    assert cmd(b"3 UID fetch 1:* (FLAGS)\r\n").args[1] == (FetchAtt("FLAGS"),)
+    assert cmd(b'8 SELECT "INBOX" (CONDSTORE)\r\n').args == ("INBOX", (Atom("CONDSTORE"),))
+    c = cmd(b"9 UID FETCH 1:* (FLAGS) (CHANGEDSINCE 5 VANISHED)\r\n")
+    assert c.args[2] == (Atom("CHANGEDSINCE"), Atom("5"), Atom("VANISHED"))
+    assert cmd(b'10 GETQUOTAROOT "INBOX"\r\n').args == ("INBOX",)
+    assert cmd(b'11 LIST "" "%" RETURN (SPECIAL-USE)\r\n').args[3] == (Atom("SPECIAL-USE"),)
+    assert cmd(b"12 SEARCH LARGER 9223372036854775807\r\n").name == "SEARCH"
+    assert one(b"13 SEARCH LARGER 9223372036854775808\r\n") == ParseError(
+        "13", "number out of range")
+
+
 def test_fetch_sections_partials_macros_and_changedsince() -> None:
     c = cmd(b"A654 FETCH 2:4 (FLAGS BODY[HEADER.FIELDS (DATE FROM)] BODY[1.2.MIME] "
             b"BODY[]<0.2048> BINARY.PEEK[1]<10.20> BINARY.SIZE[2] BODY[3.TEXT])\r\n")
@@ -253,8 +272,11 @@ def test_huge_literal_refused_before_any_octet_is_buffered() -> None:
         ParseError("A1", "literal too large", "TOOBIG", "NO")]
     assert r.held == 0
     assert events(r, b"A2 LOGIN {99999999999999999999999}\r\n")[0].code == "TOOBIG"
-    r = CommandReader(Limits(max_append=1000))
+    r = CommandReader(Limits(max_append=1000, max_nonsync_literal=2000))
     assert events(r, b"A1 APPEND INBOX {1001}\r\n")[0].code == "TOOBIG"
+    assert events(r, b"A1 APPEND INBOX {1001+}\r\n" + b"m" * 1001 + b"\r\n") == [
+        ParseError("A1", "literal too large", "TOOBIG", "NO")]
+    assert r.held == 0
     assert events(r, b"A2 APPEND INBOX {1000}\r\n") == [ContinuationRequest()]
     # outside APPEND the small limit applies, to each literal and to their sum
     r = CommandReader(Limits(max_literal=10))

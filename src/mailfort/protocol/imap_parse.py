@@ -21,7 +21,9 @@ Limits (``Limits``), each refused before it costs memory:
   announcement arrives, *before* any literal octet is buffered; APPEND has its own (larger)
   limit, every other command the small one (a password, a SEARCH string). The sum of the
   literals of one command is held to the same limit. A synchronising literal is accepted
-  with ``ContinuationRequest`` only after the check; refused, the client never sends it.
+  with ``ContinuationRequest`` only after the check (and after the tag and command name
+  were found valid); refused, the client never sends it. The rest of the syntax is judged
+  when the command is complete, so a command may get its ``+`` and still end in BAD.
 * ``max_nonsync_literal``: a non-synchronising literal (``{N+}``) arrives unasked, so a
   refusal must skip its N octets to stay in step. Over 4096 octets it is refused (LITERAL-,
   RFC 7888 §4: tagged BAD ``[TOOBIG]``); the octets are counted away, never buffered. Over
@@ -387,7 +389,7 @@ class _Cursor:
         if len(raw) > digits:
             raise _Fail("number too large")
         n = int(raw)
-        if (digits == 10 and n > 0xFFFFFFFF) or (nonzero and n == 0):
+        if n > (0xFFFFFFFF if digits == 10 else 2**63 - 1) or (nonzero and n == 0):
             raise _Fail("number out of range")
         return n
 
@@ -1058,7 +1060,7 @@ class CommandReader:
         start, size, nonsync, binary = found
         limit = self.limits.max_append if self._name == "APPEND" else self.limits.max_literal
         if size < 0 or self._literal_total + size > limit:
-            status = "NO" if self._name == "APPEND" and not nonsync else "BAD"
+            status = "NO" if self._name == "APPEND" else "BAD"  # RFC 7889: NO [TOOBIG]
             return self._refuse_literal(found, "literal too large", "TOOBIG", status)
         if nonsync and size > self.limits.max_nonsync_literal:
             return self._refuse_literal(found, "non-synchronizing literal over 4096 octets "
