@@ -962,11 +962,11 @@ class CommandReader:
         """Drop up to the LF of the refused line; True once past it."""
         nl = self.buffer.find(b"\n")
         if nl < 0:
-            self._tail = (self._tail + bytes(self.buffer))[-_TAIL:]
+            self._tail = (self._tail + bytes(self.buffer[-_TAIL:]))[-_TAIL:]
             self.buffer.clear()
             self._scanned = 0
             return False
-        line = (self._tail + bytes(self.buffer[:nl]))[-_TAIL:]
+        line = (self._tail + bytes(self.buffer[max(0, nl - _TAIL):nl]))[-_TAIL:]
         del self.buffer[: nl + 1]
         self._scanned = 0
         self._tail = b""
