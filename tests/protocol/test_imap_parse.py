@@ -287,8 +287,7 @@ def test_huge_literal_refused_before_any_octet_is_buffered() -> None:
 def test_nonsync_literal_over_literal_minus_skipped_without_buffering() -> None:
     r = CommandReader()
     got = events(r, b"A1 APPEND INBOX {5000+}\r\n" + b"z NOOP\r\n" * 100)
-    assert got == [ParseError("A1", "non-synchronizing literal over 4096 octets (LITERAL-)",
-                              "TOOBIG")]
+    assert got == [ParseError("A1", "non-synchronizing literal over 4096 octets", "TOOBIG")]
     assert r.held == 0
     # the literal's octets, even ones that look like commands, are never commands; after
     # them comes the rest of the refused command's line, skipped as well

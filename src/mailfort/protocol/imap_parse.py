@@ -1063,8 +1063,8 @@ class CommandReader:
             status = "NO" if self._name == "APPEND" else "BAD"  # RFC 7889: NO [TOOBIG]
             return self._refuse_literal(found, "literal too large", "TOOBIG", status)
         if nonsync and size > self.limits.max_nonsync_literal:
-            return self._refuse_literal(found, "non-synchronizing literal over 4096 octets "
-                                        "(LITERAL-)", "TOOBIG")
+            text = f"non-synchronizing literal over {self.limits.max_nonsync_literal} octets"
+            return self._refuse_literal(found, text, "TOOBIG")
         self._literal_total += size
         self._lines.append(line[:start])
         self._binary = binary
