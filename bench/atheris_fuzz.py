@@ -4,17 +4,20 @@
     python bench/atheris_fuzz.py --target smtp --seconds 300
     python bench/atheris_fuzz.py --target smtp --run-one   # (internal) one libFuzzer run
 
-Targets: ``smtp`` (the SMTP engine: bytes in, every event answered, positively or not,
-from the same input), ``pop3`` (the POP3 engine likewise), ``address`` (RFC 5321 paths and
-ESMTP parameters), ``msa`` (the From:/Message-ID/Date header checks of submission) and
-``config`` (TOML to a validated Config). A crash is any exception other than the parser's
-own refusal (AddressError, ConfigError, TOML errors), an engine's ``internal_error`` (the
-engine catches its own bugs and answers 421; the fuzzer must see them), or a broken
-invariant (a reply line without CRLF). Seeds are in bench/fuzz_corpus/<target>/ (kept in
-the repository); inputs the fuzzer finds go to a scratch directory, crashes to
-bench/fuzz_crashes/. Each target runs in its own process (libFuzzer exits when done);
-the summary line per target gives executions, executions per second and coverage (edges
-``cov`` and features ``ft``) as libFuzzer counts them. Not part of the test suite.
+Targets: ``smtp`` (the SMTP engine: bytes in, every event answered, positively or not, from
+the same input), ``pop3`` (the POP3 engine likewise), ``imap`` (the IMAP command reader:
+the input fed whole and in the fuzzer's chunks gives the same events, memory stays within
+the limits, IDLE and AUTHENTICATE lines taken when the events ask), ``address`` (RFC 5321
+paths and ESMTP parameters), ``msa`` (the From:/Message-ID/Date header checks of
+submission) and ``config`` (TOML to a validated Config). A crash is any exception other
+than the parser's own refusal (AddressError, ConfigError, TOML errors), an engine's
+``internal_error`` (the engine catches its own bugs and answers 421; the fuzzer must see
+them), or a broken invariant (a reply line without CRLF). Seeds are in
+bench/fuzz_corpus/<target>/ (kept in the repository); inputs the fuzzer finds go to a
+scratch directory, crashes to bench/fuzz_crashes/. Each target runs in its own process
+(libFuzzer exits when done); the summary line per target gives executions, executions per
+second and coverage (edges ``cov`` and features ``ft``) as libFuzzer counts them. Not part
+of the test suite.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "fuzz_corpus"
 CRASHES = HERE / "fuzz_crashes"
-TARGETS = ("smtp", "pop3", "address", "msa", "config")
+TARGETS = ("smtp", "pop3", "imap", "address", "msa", "config")
 
 
 # ------------------------------------------------------------------------- the targets
@@ -133,6 +136,49 @@ def pop3_target():  # type: ignore[no-untyped-def]
     return one
 
 
+def imap_target():  # type: ignore[no-untyped-def]
+    import atheris
+
+    from mailfort.protocol import imap_parse as ip
+
+    limits = ip.Limits(max_line=512, max_literal=256, max_append=2048, max_nonsync_literal=128,
+                       max_discard=4096, max_depth=6, max_ranges=40, max_search_keys=30)
+    bound = limits.max_line + limits.max_append + 64
+
+    def drive(reader: ip.CommandReader, chunks: list[bytes]) -> list[object]:
+        """Feed chunk by chunk, draining after each; switch modes as an engine would."""
+        out: list[object] = []
+        for chunk in chunks:
+            reader.feed(chunk)
+            while (ev := reader.next_event()) is not None:
+                out.append(ev)
+                if isinstance(ev, ip.Command) and ev.name == "IDLE":
+                    reader.expect_done()
+                elif isinstance(ev, ip.Command) and ev.name == "AUTHENTICATE":
+                    reader.expect_sasl_response()
+                elif isinstance(ev, ip.ParseError) and ev.fatal:
+                    return out
+            if reader.held > bound + len(chunk):
+                raise AssertionError(f"reader holds {reader.held} octets")
+        return out
+
+    def one(data: bytes) -> None:
+        fdp = atheris.FuzzedDataProvider(data)
+        cuts = [fdp.ConsumeIntInRange(1, 64) for _ in range(4)]
+        stream = fdp.ConsumeBytes(fdp.remaining_bytes())
+        chunks, pos, k = [], 0, 0
+        while pos < len(stream):
+            chunks.append(stream[pos:pos + cuts[k % 4]])
+            pos += cuts[k % 4]
+            k += 1
+        split = drive(ip.CommandReader(limits), chunks)
+        whole = drive(ip.CommandReader(limits), [stream])
+        if split != whole:
+            raise AssertionError(f"chunking changed the events: {split!r} != {whole!r}")
+
+    return one
+
+
 def address_target():  # type: ignore[no-untyped-def]
     import atheris
 
@@ -215,7 +261,8 @@ def config_target():  # type: ignore[no-untyped-def]
     return one
 
 
-BUILDERS = {"smtp": smtp_target, "pop3": pop3_target, "address": address_target,
+BUILDERS = {"smtp": smtp_target, "pop3": pop3_target, "imap": imap_target,
+            "address": address_target,
             "msa": msa_target, "config": config_target}
 
 
@@ -232,6 +279,7 @@ def run_one(target: str, seconds: int, extra: list[str]) -> None:
         import mailfort.policy.msa
         import mailfort.policy.senders
         import mailfort.protocol.address
+        import mailfort.protocol.imap_parse
         import mailfort.protocol.pop3
         import mailfort.protocol.smtp  # noqa: F401
     one = BUILDERS[target]()
