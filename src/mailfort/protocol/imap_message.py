@@ -1,0 +1,748 @@
+"""What IMAP FETCH returns and what SEARCH matches, for one message (RFC 9051 §6.4.4, §7.5.2).
+
+Pure functions on the message octets: the caller reads the file, hands over its bytes and
+the store's facts (flags, UID, size, internal date); nothing here opens a file or reads a
+clock. Section octets and sizes are the raw octets of the file, line ends as stored.
+
+Why the MIME tree is cut here and not by ``email.message_from_bytes``: the ``email``
+package (either policy) parses into objects and serialises them again, which refolds
+headers and rewrites line ends; ``BODY[1.2]``, ``RFC822.SIZE`` and the body sizes of
+BODYSTRUCTURE must be the stored octets, and a client that fetches ``BODY[HEADER]`` and
+``BODY[TEXT]`` must get exactly ``BODY[]`` back. So header/body and boundary splitting work
+on byte offsets, and ``email`` (``compat32`` helpers, which take a header value and never
+see the octets) is used only where its job is the meaning of one value: Content-Type
+parameters, RFC 2047 words for SEARCH, ``Date:`` for SENT*, charset decoding of bodies.
+
+Bounds: nesting is cut at ``MAX_DEPTH`` levels (deeper parts are leaves), a multipart keeps
+at most ``MAX_PARTS`` children, and SEARCH looks at no more than ``SEARCH_CAP`` octets of
+decoded text per message, with ``in`` on case-folded text (never a regular expression from
+the client). RFC 2047 encoded words are left as they are in ENVELOPE, as servers do.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import email.errors
+import email.header
+import email.message
+import email.utils
+import quopri
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from mailfort.protocol.imap_parse import FetchAtt, SearchKey, Section, SequenceSet
+
+MAX_DEPTH = 32  # MIME nesting kept; a deeper part is a leaf (Dovecot cuts too)
+MAX_PARTS = 10000  # children of one multipart
+SEARCH_CAP = 10 * 1024 * 1024  # octets of decoded text searched per message
+QUOTED_MAX = 1024  # a longer string is sent as a literal
+
+Nil = None
+
+
+class UnknownCTE(ValueError):
+    """BINARY on a part whose transfer encoding we cannot undo (``NO [UNKNOWN-CTE]``)."""
+
+
+class Concat(tuple):
+    """Items written side by side without spaces: the bodies of a multipart structure."""
+
+
+class Literal8(bytes):
+    """Binary octets that may hold NUL: written ``~{n}`` (RFC 3516)."""
+
+
+# ---------------------------------------------------------------------------- the tree
+
+
+@dataclass(eq=False)
+class Part:
+    """One MIME entity, as offsets into the octets it came from."""
+
+    header: bytes  # the header block, the blank line that ends it included
+    body: bytes
+    fields: list[tuple[str, bytes]]  # (lower-case name, raw field with its line ends)
+    maintype: str = "text"
+    subtype: str = "plain"
+    params: list[tuple[str, str]] = field(default_factory=list)
+    children: list[Part] = field(default_factory=list)
+    message: Part | None = None  # the embedded message of message/rfc822
+
+    @property
+    def multipart(self) -> bool:
+        return self.maintype.lower() == "multipart"
+
+    def get(self, name: str) -> bytes | None:
+        """The first field ``name``, unfolded, without its name: what ENVELOPE shows."""
+        for lname, raw in self.fields:
+            if lname == name:
+                value = raw.split(b":", 1)[1] if b":" in raw else b""
+                return value.replace(b"\r\n", b"").replace(b"\n", b"").strip(b" \t")
+        return None
+
+
+def _split_header(data: bytes) -> tuple[bytes, bytes]:
+    """Header block (with its ending blank line) and body; a header-only entity has none."""
+    if data.startswith(b"\r\n"):
+        return data[:2], data[2:]
+    if data.startswith(b"\n"):
+        return data[:1], data[1:]
+    crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")
+    if crlf >= 0 and (lf < 0 or crlf < lf + 1):
+        return data[:crlf + 4], data[crlf + 4:]
+    if lf >= 0:
+        return data[:lf + 2], data[lf + 2:]
+    return data, b""
+
+
+def _fields(header: bytes) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    for line in header.splitlines(keepends=True):
+        if line in (b"\r\n", b"\n"):
+            break
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1] = (out[-1][0], out[-1][1] + line)
+            continue
+        name = line.split(b":", 1)[0].strip() if b":" in line else b""
+        out.append((name.decode("ascii", "replace").lower(), line))
+    return out
+
+
+def _content_type(part: Part, default: tuple[str, str]) -> None:
+    raw = part.get("content-type")
+    part.maintype, part.subtype = default
+    part.params = [("charset", "us-ascii")] if default == ("text", "plain") else []
+    if raw is None:
+        return
+    msg = email.message.Message()
+    msg["Content-Type"] = raw.decode("utf-8", "surrogateescape")
+    params = msg.get_params(header="content-type") or []
+    if not params:
+        return
+    mime = params[0][0]
+    if "/" not in mime:
+        return
+    main, sub = (x.strip() for x in mime.split("/", 1))
+    if not main or not sub:
+        return
+    part.maintype, part.subtype = main, sub
+    part.params = []
+    for name, value in params[1:]:
+        if isinstance(value, tuple):
+            value = email.utils.collapse_rfc2231_value(value)
+        part.params.append((name, str(value)))
+
+
+def _param(part: Part, name: str) -> str | None:
+    for key, value in part.params:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
+    """The bodies between ``--boundary`` lines (RFC 2046 §5.1.1: the CRLF before a
+    delimiter belongs to it). No delimiter at all gives one empty part."""
+    delim = b"--" + boundary
+    starts: list[tuple[int, int, bool]] = []  # (line start, after the line, closing)
+    pos = 0
+    while len(starts) <= MAX_PARTS:
+        i = body.find(delim, pos)
+        if i < 0:
+            break
+        pos = i + len(delim)
+        if i and body[i - 1:i] != b"\n":
+            continue
+        end = body.find(b"\n", pos)
+        end = len(body) if end < 0 else end + 1
+        closing = body[pos:pos + 2] == b"--"
+        if not closing and body[pos:end].strip(b" \t\r\n"):
+            continue  # a longer boundary that starts with ours
+        starts.append((i, end, closing))
+        pos = end
+        if closing:
+            break
+    if not starts:
+        return [b""]
+    parts = []
+    for (_, after, closing), nxt in zip(starts, [*starts[1:], None], strict=True):
+        if closing:
+            break
+        stop = len(body) if nxt is None else nxt[0]
+        if nxt is not None:
+            if body[stop - 2:stop] == b"\r\n" and stop - 2 >= after:
+                stop -= 2
+            elif body[stop - 1:stop] == b"\n" and stop - 1 >= after:
+                stop -= 1
+        parts.append(body[after:stop])
+    return parts or [b""]
+
+
+def parse(data: bytes, *, _depth: int = 0,
+          _default: tuple[str, str] = ("text", "plain")) -> Part:
+    """The MIME tree of ``data``; never raises, whatever the octets."""
+    header, body = _split_header(data)
+    part = Part(header, body, _fields(header))
+    _content_type(part, _default)
+    if _depth >= MAX_DEPTH:
+        return part
+    if part.multipart:
+        boundary = _param(part, "boundary")
+        if not boundary:
+            part.maintype, part.subtype, part.params = "text", "plain", []
+            return part
+        child_default = ("message", "rfc822") if part.subtype.lower() == "digest" \
+            else ("text", "plain")
+        for chunk in _split_multipart(body, boundary.encode("utf-8", "surrogateescape")):
+            part.children.append(parse(chunk, _depth=_depth + 1, _default=child_default))
+    elif (part.maintype.lower(), part.subtype.lower()) in (("message", "rfc822"),
+                                                           ("message", "global")):
+        part.message = parse(body, _depth=_depth + 1)
+    return part
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+def _subparts(node: Part, is_message: bool) -> list[Part]:
+    if node.multipart:
+        return node.children
+    if node.message is not None and not is_message:
+        return _subparts(node.message, True)
+    return [node] if is_message else []
+
+
+def find_part(root: Part, numbers: tuple[int, ...]) -> Part | None:
+    """The part ``1.2.3`` names (RFC 9051 §6.4.5), or None when there is none.
+
+    A non-multipart message has one part, 1, its body; the parts of a message/rfc822
+    part are those of the message it carries.
+    """
+    node = root
+    candidates = _subparts(root, True)
+    for n in numbers:
+        if n < 1 or n > len(candidates):
+            return None
+        node = candidates[n - 1]
+        candidates = [] if node is root else _subparts(node, False)
+    return node
+
+
+def _header_fields(part: Part, names: tuple[str, ...], negate: bool) -> bytes:
+    wanted = {n.lower() for n in names}
+    kept = [raw for name, raw in part.fields if (name in wanted) != negate]
+    eol = b"\n" if part.header.endswith(b"\n") and not part.header.endswith(b"\r\n") else b"\r\n"
+    out = b"".join(kept)
+    if out and not out.endswith(b"\n"):
+        out += eol
+    return out + b"\r\n"
+
+
+def section_bytes(root: Part, section: Section, data: bytes) -> bytes | None:
+    """The octets of ``BODY[section]`` (no partial), or None for a part that is not there."""
+    if not section.part:
+        target: Part | None = root
+    else:
+        node = find_part(root, section.part)
+        if node is None:
+            return None
+        if section.text is None:
+            return node.body
+        if section.text == "MIME":
+            return node.header
+        target = node.message
+        if target is None:
+            return None
+    if section.text is None:
+        return data if target is root else target.header + target.body
+    if section.text == "HEADER":
+        return target.header
+    if section.text == "TEXT":
+        return target.body
+    if section.text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+        return _header_fields(target, section.fields, section.text.endswith(".NOT"))
+    return None
+
+
+def partial(octets: bytes | None, origin_count: tuple[int, int] | None) -> bytes | None:
+    if octets is None or origin_count is None:
+        return octets
+    origin, count = origin_count
+    return octets[origin:origin + count]
+
+
+def _decode_cte(part: Part) -> bytes:
+    cte = (part.get("content-transfer-encoding") or b"7bit").strip().lower()
+    if cte in (b"7bit", b"8bit", b"binary", b""):
+        return part.body
+    if cte == b"base64":
+        cleaned = bytes(c for c in part.body if c not in b" \t\r\n")
+        try:
+            return base64.b64decode(cleaned + b"=" * (-len(cleaned) % 4), validate=False)
+        except (binascii.Error, ValueError) as exc:
+            raise UnknownCTE("bad base64") from exc
+    if cte == b"quoted-printable":
+        return quopri.decodestring(part.body)
+    raise UnknownCTE(cte.decode("ascii", "replace"))
+
+
+def binary_bytes(root: Part, part_numbers: tuple[int, ...], data: bytes) -> bytes | None:
+    """``BINARY[part]``: the part with its transfer encoding undone (RFC 3516)."""
+    if not part_numbers:
+        return data
+    node = find_part(root, part_numbers)
+    if node is None:
+        return None
+    if node.multipart or node.message is not None and node is not root:
+        return node.body
+    return _decode_cte(node)
+
+
+# ---------------------------------------------------------------------------- ENVELOPE
+
+
+def _tokens(value: bytes) -> list[tuple[str, bytes]]:
+    """Address-list tokens: ("q", quoted), ("a", atom), ("s", special); comments dropped."""
+    out: list[tuple[str, bytes]] = []
+    i, n = 0, len(value)
+    while i < n:
+        c = value[i:i + 1]
+        if c in b" \t\r\n":
+            i += 1
+        elif c == b'"':
+            j, buf = i + 1, bytearray()
+            while j < n and value[j:j + 1] != b'"':
+                if value[j:j + 1] == b"\\" and j + 1 < n:
+                    j += 1
+                buf += value[j:j + 1]
+                j += 1
+            out.append(("q", bytes(buf)))
+            i = j + 1
+        elif c == b"(":
+            depth, j = 1, i + 1
+            while j < n and depth:
+                ch = value[j:j + 1]
+                if ch == b"\\":
+                    j += 1
+                elif ch == b"(":
+                    depth += 1
+                elif ch == b")":
+                    depth -= 1
+                j += 1
+            i = j
+        elif c in b"<>,:;@":
+            out.append(("s", c))
+            i += 1
+        else:
+            j = i
+            while j < n and value[j:j + 1] not in b' \t\r\n"(<>,:;@':
+                j += 1
+            out.append(("a", value[i:j]))
+            i = j
+    return out
+
+
+def _address(tokens: list[tuple[str, bytes]]) -> tuple | None:
+    if not tokens:
+        return None
+    name: bytes | None = None
+    spec = tokens
+    if ("s", b"<") in tokens:
+        k = tokens.index(("s", b"<"))
+        words = [t[1] for t in tokens[:k]]
+        name = b" ".join(words) if words else None
+        spec = [t for t in tokens[k + 1:] if t != ("s", b">")]
+    adl: bytes | None = None
+    if ("s", b":") in spec:  # obsolete route: @a,@b:local@host
+        k = spec.index(("s", b":"))
+        adl = b"".join(t[1] for t in spec[:k]) or None
+        spec = spec[k + 1:]
+    at = max((i for i, t in enumerate(spec) if t == ("s", b"@")), default=-1)
+    if at >= 0:
+        local = b"".join(t[1] for t in spec[:at])
+        host: bytes | None = b"".join(t[1] for t in spec[at + 1:]) or b"MISSING_DOMAIN"
+    else:
+        local, host = b"".join(t[1] for t in spec), b"MISSING_DOMAIN"
+    if not local and name is None:
+        return None
+    return (name, adl, local or b"MISSING_MAILBOX", host)
+
+
+def addresses(value: bytes | None) -> tuple | None:
+    """An address list as ENVELOPE shows it, groups as (NIL NIL name NIL) … (NIL NIL NIL NIL)."""
+    if value is None:
+        return None
+    out: list[tuple] = []
+    seg: list[tuple[str, bytes]] = []
+    in_group = angle = False
+    for tok in _tokens(value):
+        if tok == ("s", b"<"):
+            angle = True
+        elif tok == ("s", b">"):
+            angle = False
+        if tok == ("s", b":") and not angle and not in_group and ("s", b"@") not in seg \
+                and ("s", b"<") not in seg:
+            out.append((None, None, b" ".join(t[1] for t in seg), None))
+            in_group, seg = True, []
+            continue
+        if tok in (("s", b","), ("s", b";")) and not angle:
+            addr = _address(seg)
+            if addr:
+                out.append(addr)
+            seg = []
+            if tok == ("s", b";") and in_group:
+                out.append((None, None, None, None))
+                in_group = False
+            continue
+        seg.append(tok)
+    addr = _address(seg)
+    if addr:
+        out.append(addr)
+    if in_group:
+        out.append((None, None, None, None))
+    return tuple(out) or None
+
+
+def envelope(part: Part) -> tuple:
+    """ENVELOPE (RFC 9051 §7.5.2) of a message: sender and reply-to default to from."""
+    frm = addresses(part.get("from"))
+    sender = addresses(part.get("sender")) or frm
+    reply_to = addresses(part.get("reply-to")) or frm
+    return (part.get("date"), part.get("subject"), frm, sender, reply_to,
+            addresses(part.get("to")), addresses(part.get("cc")), addresses(part.get("bcc")),
+            part.get("in-reply-to"), part.get("message-id"))
+
+
+# ---------------------------------------------------------------------------- BODYSTRUCTURE
+
+
+def _lines(body: bytes) -> int:
+    return body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0)
+
+
+def _plist(params: list[tuple[str, str]]) -> tuple | None:
+    flat: list[object] = []
+    for key, value in params:
+        flat += [key.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape")]
+    return tuple(flat) or None
+
+
+def _disposition(part: Part) -> tuple | None:
+    raw = part.get("content-disposition")
+    if raw is None:
+        return None
+    msg = email.message.Message()
+    msg["Content-Disposition"] = raw.decode("utf-8", "surrogateescape")
+    params = msg.get_params(header="content-disposition") or []
+    if not params or not params[0][0]:
+        return None
+    rest = [(k, str(email.utils.collapse_rfc2231_value(v)) if isinstance(v, tuple) else v)
+            for k, v in params[1:]]
+    return (params[0][0].encode("utf-8", "surrogateescape"), _plist(rest))
+
+
+def _language(part: Part) -> tuple | None:
+    raw = part.get("content-language")
+    if raw is None:
+        return None
+    langs = tuple(x.strip() for x in raw.split(b",") if x.strip())
+    return langs or None
+
+
+def bodystructure(part: Part, extended: bool = True) -> tuple:
+    """BODYSTRUCTURE (``extended``) or BODY of ``part``, as nested Python values."""
+    ext: tuple = ()
+    if part.multipart:
+        if extended:
+            ext = (_plist(part.params), _disposition(part), _language(part),
+                   part.get("content-location"))
+        return (Concat(bodystructure(c, extended) for c in part.children),
+                part.subtype.encode("utf-8", "surrogateescape"), *ext)
+    enc = part.get("content-transfer-encoding")
+    basic = (part.maintype.encode("utf-8", "surrogateescape"),
+             part.subtype.encode("utf-8", "surrogateescape"), _plist(part.params),
+             part.get("content-id"), part.get("content-description"), enc or b"7bit",
+             len(part.body))
+    if part.message is not None:
+        basic += (envelope(part.message), bodystructure(part.message, extended),
+                  _lines(part.body))
+    elif part.maintype.lower() == "text":
+        basic += (_lines(part.body),)
+    if extended:
+        ext = (part.get("content-md5"), _disposition(part), _language(part),
+               part.get("content-location"))
+    return basic + ext
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def _quotable(s: bytes) -> bool:
+    return len(s) <= QUOTED_MAX and all(0 < c < 0x80 and c not in (0x0A, 0x0D) for c in s)
+
+
+def encode(value: object) -> bytes:
+    """IMAP wire form: NIL, numbers, quoted strings when safe, literals otherwise, lists."""
+    if value is None:
+        return b"NIL"
+    if isinstance(value, bool):
+        raise TypeError("bool is not an IMAP value")
+    if isinstance(value, int):
+        return str(value).encode("ascii")
+    if isinstance(value, Literal8):
+        return b"~{%d}\r\n" % len(value) + bytes(value)
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    if isinstance(value, bytes):
+        if _quotable(value):
+            return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+        return b"{%d}\r\n" % len(value) + value
+    if isinstance(value, Concat):
+        return b"".join(encode(v) for v in value)
+    if isinstance(value, tuple | list):
+        return b"(" + b" ".join(encode(v) for v in value) + b")"
+    raise TypeError(f"not an IMAP value: {type(value).__name__}")
+
+
+def _section_spec(att: FetchAtt) -> bytes:
+    sec = att.section or Section()
+    spec = ".".join(str(n) for n in sec.part)
+    if sec.text:
+        spec = f"{spec}.{sec.text}" if spec else sec.text
+        if sec.fields:
+            spec += " (" + " ".join(f.upper() for f in sec.fields) + ")"
+    return spec.encode("utf-8", "replace")
+
+
+def fetch_item(att: FetchAtt, data: bytes, root: Part | None = None) -> bytes:
+    """One ``name value`` pair of a FETCH response for a message-content item.
+
+    Covers ENVELOPE, BODY, BODYSTRUCTURE, RFC822(.HEADER/.TEXT/.SIZE), BODY[…]<…>,
+    BINARY[…]<…> and BINARY.SIZE[…]; FLAGS, UID, INTERNALDATE and MODSEQ are the
+    engine's (they come from the store, not the octets). Raises ``UnknownCTE`` for
+    BINARY on an encoding it cannot undo, ``ValueError`` for an item it does not serve.
+    """
+    root = root if root is not None else parse(data)
+    name = att.name
+    if name == "ENVELOPE":
+        return b"ENVELOPE " + encode(envelope(root))
+    if name in ("BODYSTRUCTURE", "BODY") and att.section is None:
+        return name.encode() + b" " + encode(bodystructure(root, name == "BODYSTRUCTURE"))
+    if name == "RFC822.SIZE":
+        return b"RFC822.SIZE %d" % len(data)
+    if name == "RFC822":
+        return b"RFC822 " + encode(data)
+    if name == "RFC822.HEADER":
+        return b"RFC822.HEADER " + encode(root.header)
+    if name == "RFC822.TEXT":
+        return b"RFC822.TEXT " + encode(root.body)
+    if name in ("BODY", "BODY.PEEK") and att.section is not None:
+        octets = partial(section_bytes(root, att.section, data), att.partial)
+        origin = b"<%d>" % att.partial[0] if att.partial else b""
+        return b"BODY[" + _section_spec(att) + b"]" + origin + b" " + encode(octets)
+    if name in ("BINARY", "BINARY.PEEK", "BINARY.SIZE") and att.section is not None:
+        decoded = binary_bytes(root, att.section.part, data)
+        spec = b"[" + _section_spec(att) + b"]"
+        if name == "BINARY.SIZE":
+            return b"BINARY.SIZE" + spec + b" " + (encode(None) if decoded is None
+                                                   else b"%d" % len(decoded))
+        decoded = partial(decoded, att.partial)
+        origin = b"<%d>" % att.partial[0] if att.partial else b""
+        value: object = None
+        if decoded is not None:
+            value = Literal8(decoded) if b"\x00" in decoded else decoded
+        return b"BINARY" + spec + origin + b" " + encode(value)
+    raise ValueError(f"not a message-content item: {name}")
+
+
+# ---------------------------------------------------------------------------- SEARCH
+
+
+def _decode_words(raw: bytes) -> str:
+    """A header value with RFC 2047 words decoded; undecodable octets read as UTF-8."""
+    text = raw.decode("utf-8", "replace")
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+        return text
+
+
+def _body_text(part: Part, budget: list[int]) -> list[str]:
+    """Decoded text of the text/* leaves (and of messages inside), within ``budget``."""
+    out: list[str] = []
+    if budget[0] <= 0:
+        return out
+    if part.multipart:
+        for child in part.children:
+            out += _body_text(child, budget)
+    elif part.message is not None:
+        out.append(header_text(part.message)[:budget[0]])
+        budget[0] -= len(out[-1])
+        out += _body_text(part.message, budget)
+    elif part.maintype.lower() == "text":
+        try:
+            raw = _decode_cte(part)
+        except UnknownCTE:
+            raw = part.body
+        raw = raw[:budget[0]]
+        budget[0] -= len(raw)
+        charset = _param(part, "charset") or "utf-8"
+        try:
+            out.append(raw.decode(charset, "replace"))
+        except LookupError:
+            out.append(raw.decode("utf-8", "replace"))
+    return out
+
+
+def header_text(part: Part) -> str:
+    return "\n".join(_decode_words(raw) for _, raw in part.fields)
+
+
+def _in_set(n: int, seqset: SequenceSet, star: int) -> bool:
+    for lo, hi in seqset.ranges:
+        a, b = (star if lo is None else lo), (star if hi is None else hi)
+        if min(a, b) <= n <= max(a, b):
+            return True
+    return False
+
+
+@dataclass
+class SearchMessage:
+    """One message as SEARCH sees it: its octets and the store's facts about it.
+
+    ``tz`` is the server's zone for BEFORE/ON/SINCE (internal date, day granularity);
+    ``last_seq``/``last_uid`` stand for ``*``; ``now`` is for OLDER/YOUNGER.
+    """
+
+    data: bytes
+    flags: frozenset[str]
+    uid: int
+    seq: int
+    size: int
+    internal_date: int
+    tz: datetime.tzinfo = datetime.UTC
+    last_seq: int = 0
+    last_uid: int = 0
+    recent: bool = False
+    modseq: int = 0
+    now: int = 0
+
+    @cached_property
+    def root(self) -> Part:
+        return parse(self.data[:SEARCH_CAP])
+
+    @cached_property
+    def lower_flags(self) -> frozenset[str]:
+        return frozenset(f.lower() for f in self.flags)
+
+    @cached_property
+    def body(self) -> str:
+        return "".join(_body_text(self.root, [SEARCH_CAP])).casefold()
+
+    @cached_property
+    def headers(self) -> str:
+        return header_text(self.root).casefold()
+
+    def field(self, name: str) -> list[str]:
+        name = name.lower()
+        return [_decode_words(raw.split(b":", 1)[1] if b":" in raw else b"")
+                for lname, raw in self.root.fields if lname == name]
+
+    @cached_property
+    def sent_date(self) -> datetime.date | None:
+        raw = self.root.get("date")
+        if raw is None:
+            return None
+        parsed = email.utils.parsedate_tz(raw.decode("ascii", "replace"))
+        if parsed is None:
+            return None
+        try:
+            return datetime.date(*parsed[:3])
+        except ValueError:
+            return None
+
+    @cached_property
+    def internal_day(self) -> datetime.date:
+        return datetime.datetime.fromtimestamp(self.internal_date, self.tz).date()
+
+
+_FLAG_KEYS = {"ANSWERED": "\\answered", "DELETED": "\\deleted", "DRAFT": "\\draft",
+              "FLAGGED": "\\flagged", "SEEN": "\\seen"}
+
+
+def _text(arg: object) -> str:
+    if isinstance(arg, bytes):
+        return arg.decode("utf-8", "replace").casefold()
+    return str(arg).casefold()
+
+
+def matches(key: SearchKey, msg: SearchMessage) -> bool:
+    """Whether ``msg`` satisfies ``key`` (RFC 9051 §6.4.4); substring keys are
+    case-insensitive on decoded UTF-8 text. An unknown key matches nothing."""
+    name = key.name
+    if name == "ALL":
+        return True
+    if name == "AND":
+        return all(matches(k, msg) for k in key.children)
+    if name == "OR":
+        return any(matches(k, msg) for k in key.children)
+    if name == "NOT":
+        return not matches(key.children[0], msg)
+    if name in _FLAG_KEYS:
+        return _FLAG_KEYS[name] in msg.lower_flags
+    if name.startswith("UN") and name[2:] in _FLAG_KEYS:
+        return _FLAG_KEYS[name[2:]] not in msg.lower_flags
+    if name == "RECENT":
+        return msg.recent
+    if name == "OLD":
+        return not msg.recent
+    if name == "NEW":
+        return msg.recent and "\\seen" not in msg.lower_flags
+    if name == "KEYWORD":
+        return str(key.args[0]).lower() in msg.lower_flags
+    if name == "UNKEYWORD":
+        return str(key.args[0]).lower() not in msg.lower_flags
+    if name in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+        needle = _text(key.args[0])
+        return any(needle in v.casefold() for v in msg.field(name))
+    if name == "HEADER":
+        values = msg.field(str(key.args[0]))
+        needle = _text(key.args[1])
+        return any(needle in v.casefold() for v in values)
+    if name == "BODY":
+        return _text(key.args[0]) in msg.body
+    if name == "TEXT":
+        needle = _text(key.args[0])
+        return needle in msg.headers or needle in msg.body
+    if name in ("BEFORE", "ON", "SINCE"):
+        return _date_cmp(name, msg.internal_day, key.args[0])
+    if name in ("SENTBEFORE", "SENTON", "SENTSINCE"):
+        sent = msg.sent_date
+        return sent is not None and _date_cmp(name[4:], sent, key.args[0])
+    if name == "LARGER":
+        return msg.size > int(key.args[0])  # type: ignore[call-overload]
+    if name == "SMALLER":
+        return msg.size < int(key.args[0])  # type: ignore[call-overload]
+    if name == "OLDER":
+        return msg.now - msg.internal_date >= int(key.args[0])  # type: ignore[call-overload]
+    if name == "YOUNGER":
+        return msg.now - msg.internal_date <= int(key.args[0])  # type: ignore[call-overload]
+    if name == "UID":
+        return _in_set(msg.uid, key.args[0], msg.last_uid)  # type: ignore[arg-type]
+    if name == "SEQSET":
+        return _in_set(msg.seq, key.args[0], msg.last_seq)  # type: ignore[arg-type]
+    if name == "MODSEQ":
+        return msg.modseq >= int(key.args[-1])  # type: ignore[call-overload]
+    return False
+
+
+def _date_cmp(op: str, day: datetime.date, wanted: object) -> bool:
+    if op == "BEFORE":
+        return day < wanted  # type: ignore[operator]
+    if op == "ON":
+        return day == wanted
+    return day >= wanted  # type: ignore[operator]
