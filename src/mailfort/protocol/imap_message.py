@@ -295,7 +295,7 @@ def binary_bytes(root: Part, part_numbers: tuple[int, ...], data: bytes) -> byte
     node = find_part(root, part_numbers)
     if node is None:
         return None
-    if node.multipart or node.message is not None and node is not root:
+    if node.multipart or (node.message is not None and node is not root):
         return node.body
     return _decode_cte(node)
 

@@ -1,0 +1,342 @@
+"""FETCH items and SEARCH matching of protocol/imap_message.py, on real message octets."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from email.message import EmailMessage
+from email.policy import SMTP
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailfort.protocol import imap_message as im
+from mailfort.protocol.imap_parse import FetchAtt, SearchKey, Section, SequenceSet
+
+SIMPLE = (b"Date: Wed, 17 Jul 1996 02:23:25 -0700 (PDT)\r\n"
+          b"From: Terry Gray <gray@cac.washington.edu>\r\n"
+          b"Subject: IMAP4rev2 WG mtg summary and minutes\r\n"
+          b"To: imap@cac.washington.edu\r\n"
+          b"cc: minutes@CNRI.Reston.VA.US,\r\n John Klensin <KLENSIN@MIT.EDU>\r\n"
+          b"Message-Id: <B27397-0100000@cac.washington.edu>\r\n"
+          b"\r\n"
+          b"Hello\r\nworld\r\n")
+
+MIXED = (b"From: a@example.test\r\nTo: b@example.test\r\nSubject: with attachment\r\n"
+         b"MIME-Version: 1.0\r\n"
+         b'Content-Type: multipart/mixed; boundary="XX"\r\n\r\n'
+         b"preamble\r\n"
+         b"--XX\r\n"
+         b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+         b"the text part\r\n"
+         b"--XX\r\n"
+         b"Content-Type: application/pdf; name=a.pdf\r\n"
+         b"Content-Transfer-Encoding: base64\r\n"
+         b'Content-Disposition: attachment; filename="a.pdf"\r\n'
+         b"Content-Language: en, de\r\n\r\n"
+         b"JVBERi0xLjQKAAE=\r\n"
+         b"--XX--\r\n"
+         b"epilogue\r\n")
+
+ALTERNATIVE = (b"From: a@example.test\r\nSubject: alt\r\n"
+               b"Content-Type: multipart/alternative; boundary=b1\r\n\r\n"
+               b"--b1\r\nContent-Type: text/plain\r\n\r\nplain words\r\n"
+               b"--b1\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: "
+               b"quoted-printable\r\n\r\n<p>caf=C3=A9 html</p>\r\n"
+               b"--b1--\r\n")
+
+INNER = (b"From: Inner <inner@example.test>\r\nSubject: the original\r\n"
+         b"Content-Type: multipart/mixed; boundary=in\r\n\r\n"
+         b"--in\r\nContent-Type: text/plain\r\n\r\ninner one\r\n"
+         b"--in\r\nContent-Type: text/plain\r\n\r\ninner two\r\n--in--\r\n")
+
+FORWARD = (b"From: fwd@example.test\r\nSubject: Fwd: the original\r\n"
+           b"Content-Type: multipart/mixed; boundary=out\r\n\r\n"
+           b"--out\r\nContent-Type: text/plain\r\n\r\nsee below\r\n"
+           b"--out\r\nContent-Type: message/rfc822\r\n\r\n" + INNER +
+           b"\r\n--out--\r\n")
+
+NO_BOUNDARY = (b"From: x@example.test\r\nContent-Type: multipart/mixed\r\n\r\n"
+               b"--lost\r\nContent-Type: text/plain\r\n\r\nbody\r\n--lost--\r\n")
+
+MISSING_DELIMITER = (b"From: x@example.test\r\nContent-Type: multipart/mixed; boundary=zz\r\n"
+                     b"\r\nno delimiter here\r\n")
+
+NON_ASCII = (b"From: =?utf-8?q?J=C3=BCrgen?= <jurgen@example.test>\r\n"
+             b"To: undisclosed-recipients:;\r\n"
+             b"Subject: =?utf-8?b?R3LDvMOfZQ==?=\r\n"
+             b"Date: Mon, 07 Dec 2026 10:00:00 +0100\r\n"
+             b"Content-Type: text/plain; charset=utf-8\r\n"
+             b"Content-Transfer-Encoding: 8bit\r\n\r\n" +
+             "Grüße aus Köln\r\n".encode())
+
+
+def sec(part: tuple[int, ...] = (), text: str | None = None, *fields: str) -> Section:
+    return Section(part, text, tuple(fields))
+
+
+def body(data: bytes, section: Section) -> bytes | None:
+    return im.section_bytes(im.parse(data), section, data)
+
+
+# ---------------------------------------------------------------------------- ENVELOPE
+
+
+def test_envelope_matches_the_rfc_example_shape() -> None:
+    env = im.envelope(im.parse(SIMPLE))
+    assert env[0] == b"Wed, 17 Jul 1996 02:23:25 -0700 (PDT)"
+    assert env[1] == b"IMAP4rev2 WG mtg summary and minutes"
+    gray = ((b"Terry Gray", None, b"gray", b"cac.washington.edu"),)
+    assert env[2] == env[3] == env[4] == gray  # sender and reply-to default to from
+    assert env[5] == ((None, None, b"imap", b"cac.washington.edu"),)
+    assert env[6] == ((None, None, b"minutes", b"CNRI.Reston.VA.US"),
+                      (b"John Klensin", None, b"KLENSIN", b"MIT.EDU"))
+    assert env[7] is None and env[8] is None
+    assert env[9] == b"<B27397-0100000@cac.washington.edu>"
+    wire = im.fetch_item(FetchAtt("ENVELOPE"), SIMPLE)
+    assert wire.startswith(b'ENVELOPE ("Wed, 17 Jul 1996 02:23:25 -0700 (PDT)" '
+                           b'"IMAP4rev2 WG mtg summary and minutes" '
+                           b'(("Terry Gray" NIL "gray" "cac.washington.edu"))')
+    assert wire.endswith(b'NIL NIL "<B27397-0100000@cac.washington.edu>")')
+
+
+def test_envelope_groups_routes_and_encoded_words_left_alone() -> None:
+    env = im.envelope(im.parse(NON_ASCII))
+    assert env[1] == b"=?utf-8?b?R3LDvMOfZQ==?="
+    assert env[2] == ((b"=?utf-8?q?J=C3=BCrgen?=", None, b"jurgen", b"example.test"),)
+    assert env[5] == ((None, None, b"undisclosed-recipients", None), (None, None, None, None))
+    got = im.addresses(b'team: "A, B" <a@x.test>, c@y.test; <@r1,@r2:d@z.test>, e')
+    assert got == ((None, None, b"team", None), (b"A, B", None, b"a", b"x.test"),
+                   (None, None, b"c", b"y.test"), (None, None, None, None),
+                   (None, b"@r1,@r2", b"d", b"z.test"), (None, None, b"e", b"MISSING_DOMAIN"))
+    assert im.envelope(im.parse(b"\r\nno header"))[2] is None
+
+
+# ---------------------------------------------------------------------------- BODYSTRUCTURE
+
+
+def test_bodystructure_of_a_plain_message() -> None:
+    bs = im.bodystructure(im.parse(SIMPLE))
+    assert bs == (b"text", b"plain", (b"charset", b"us-ascii"), None, None, b"7bit", 14, 2,
+                  None, None, None, None)
+    assert im.encode(im.bodystructure(im.parse(SIMPLE), extended=False)) == \
+        b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 14 2)'
+
+
+def test_bodystructure_of_mixed_with_attachment() -> None:
+    bs = im.bodystructure(im.parse(MIXED))
+    text, pdf = bs[0]
+    assert text[:8] == (b"text", b"plain", (b"charset", b"utf-8"), None, None, b"7bit", 13, 1)
+    assert pdf[:7] == (b"application", b"pdf", (b"name", b"a.pdf"), None, None, b"base64", 16)
+    assert pdf[7:] == (None, (b"attachment", (b"filename", b"a.pdf")), (b"en", b"de"), None)
+    assert bs[1:] == (b"mixed", (b"boundary", b"XX"), None, None, None)
+    wire = im.encode(bs)
+    assert wire.startswith(b'(("text" "plain" ("charset" "utf-8") NIL NIL "7bit" 13 1 NIL NIL '
+                           b'NIL NIL)("application" "pdf"')  # bodies side by side
+    assert wire.endswith(b' "mixed" ("boundary" "XX") NIL NIL NIL)')
+
+
+def test_bodystructure_of_a_forwarded_message() -> None:
+    root = im.parse(FORWARD)
+    fwd = im.bodystructure(root, extended=False)[0][1]
+    assert fwd[:2] == (b"message", b"rfc822")
+    assert fwd[6] == len(INNER) and fwd[-1] == INNER.count(b"\n")
+    assert fwd[7][1] == b"the original"  # the envelope of the inner message
+    assert fwd[8][1] == b"mixed" and len(fwd[8][0]) == 2
+
+
+def test_malformed_multiparts_do_not_lose_the_message() -> None:
+    bs = im.bodystructure(im.parse(NO_BOUNDARY), extended=False)
+    assert bs[:2] == (b"text", b"plain") and bs[6] == len(NO_BOUNDARY.split(b"\r\n\r\n", 1)[1])
+    bs = im.bodystructure(im.parse(MISSING_DELIMITER), extended=False)
+    assert bs[1] == b"mixed" and len(bs[0]) == 1 and bs[0][0][6] == 0
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@pytest.mark.parametrize("data", [SIMPLE, MIXED, ALTERNATIVE, FORWARD, NO_BOUNDARY,
+                                  MISSING_DELIMITER, NON_ASCII])
+def test_header_and_text_make_the_whole_message(data: bytes) -> None:
+    assert body(data, sec()) == data
+    assert body(data, sec((), "HEADER")) + body(data, sec((), "TEXT")) == data
+
+
+def test_part_numbers_and_message_nesting() -> None:
+    assert body(MIXED, sec((1,))) == b"the text part"
+    assert body(MIXED, sec((2,))) == b"JVBERi0xLjQKAAE="
+    assert body(MIXED, sec((2,), "MIME")).startswith(b"Content-Type: application/pdf")
+    assert body(MIXED, sec((3,))) is None and body(MIXED, sec((1, 1))) is None
+    assert body(SIMPLE, sec((1,))) == b"Hello\r\nworld\r\n"  # a single part is part 1
+    assert body(FORWARD, sec((2,))) == INNER
+    assert body(FORWARD, sec((2,), "HEADER")) == INNER.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    assert body(FORWARD, sec((2,), "TEXT")) == INNER.split(b"\r\n\r\n", 1)[1]
+    assert body(FORWARD, sec((2,), "MIME")) == b"Content-Type: message/rfc822\r\n\r\n"
+    assert body(FORWARD, sec((2, 1))) == b"inner one"
+    assert body(FORWARD, sec((2, 2))) == b"inner two"
+    assert body(FORWARD, sec((1,), "HEADER")) is None  # only message/rfc822 has one
+
+
+def test_header_fields_and_not() -> None:
+    assert body(SIMPLE, sec((), "HEADER.FIELDS", "subject", "CC")) == (
+        b"Subject: IMAP4rev2 WG mtg summary and minutes\r\n"
+        b"cc: minutes@CNRI.Reston.VA.US,\r\n John Klensin <KLENSIN@MIT.EDU>\r\n\r\n")
+    assert body(SIMPLE, sec((), "HEADER.FIELDS", "X-None")) == b"\r\n"
+    rest = body(SIMPLE, sec((), "HEADER.FIELDS.NOT", "Date", "Cc", "Message-Id", "From"))
+    assert rest == (b"Subject: IMAP4rev2 WG mtg summary and minutes\r\n"
+                    b"To: imap@cac.washington.edu\r\n\r\n")
+
+
+def test_fetch_items_on_the_wire() -> None:
+    att = FetchAtt("BODY.PEEK", sec((), "HEADER.FIELDS", "From"), (0, 5))
+    assert im.fetch_item(att, SIMPLE) == b'BODY[HEADER.FIELDS (FROM)]<0> "From:"'
+    assert im.fetch_item(FetchAtt("RFC822.SIZE"), SIMPLE) == b"RFC822.SIZE %d" % len(SIMPLE)
+    assert im.fetch_item(FetchAtt("BODY", sec((1,))), SIMPLE) == \
+        b"BODY[1] {14}\r\nHello\r\nworld\r\n"
+    assert im.fetch_item(FetchAtt("BODY", sec((9,))), SIMPLE) == b"BODY[9] NIL"
+    assert im.fetch_item(FetchAtt("BODY", sec()), NON_ASCII).startswith(
+        b"BODY[] {%d}\r\nFrom:" % len(NON_ASCII))
+
+
+def test_binary_decodes_the_transfer_encoding() -> None:
+    pdf = b"%PDF-1.4\n\x00\x01"
+    assert im.binary_bytes(im.parse(MIXED), (2,), MIXED) == pdf
+    assert im.fetch_item(FetchAtt("BINARY", Section((2,))), MIXED) == \
+        b"BINARY[2] ~{%d}\r\n" % len(pdf) + pdf
+    assert im.fetch_item(FetchAtt("BINARY.SIZE", Section((2,))), MIXED) == b"BINARY.SIZE[2] 11"
+    assert im.binary_bytes(im.parse(ALTERNATIVE), (2,), ALTERNATIVE) == \
+        "<p>café html</p>".encode()
+    odd = b"Content-Transfer-Encoding: x-uuencode\r\n\r\nbegin\r\n"
+    with pytest.raises(im.UnknownCTE):
+        im.binary_bytes(im.parse(odd), (1,), odd)
+
+
+def test_string_encoding() -> None:
+    assert im.encode(None) == b"NIL"
+    assert im.encode(b'say "hi" \\o/') == b'"say \\"hi\\" \\\\o/"'
+    assert im.encode("Grüße") == b"{7}\r\n" + "Grüße".encode()
+    assert im.encode(b"a\r\nb") == b"{4}\r\na\r\nb"
+    assert im.encode(b"x" * 2000).startswith(b"{2000}\r\n")
+
+
+def test_email_message_built_fixture() -> None:
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = "Ann <ann@example.test>"
+    msg["To"] = "bob@example.test"
+    msg["Subject"] = "Report Ümlaut"
+    msg.set_content("see attached\n")
+    msg.add_attachment(b"\x89PNG\r\n\x00", maintype="image", subtype="png", filename="p.png")
+    data = msg.as_bytes()
+    root = im.parse(data)
+    bs = im.bodystructure(root)
+    assert bs[1] == b"mixed" and [p[:2] for p in bs[0]] == [(b"text", b"plain"),
+                                                             (b"image", b"png")]
+    assert im.binary_bytes(root, (2,), data) == b"\x89PNG\r\n\x00"
+    assert matches(key("SUBJECT", "ümlaut"), data)
+    assert b"=?utf-8?" in im.envelope(root)[1]  # left encoded
+
+
+# ---------------------------------------------------------------------------- hypothesis
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600) | st.sampled_from([SIMPLE, MIXED, FORWARD, NO_BOUNDARY]).flatmap(
+    lambda d: st.integers(0, len(d)).map(lambda i: d[:i])), st.integers(0, 700),
+    st.integers(1, 700))
+def test_any_octets_never_crash_and_partial_is_the_slice(data: bytes, origin: int,
+                                                         count: int) -> None:
+    root = im.parse(data)
+    im.encode(im.envelope(root))
+    im.encode(im.bodystructure(root))
+    whole = im.fetch_item(FetchAtt("BODY", Section(), (origin, count)), data, root)
+    expect = data[origin:origin + count]
+    assert whole == b"BODY[]<%d> " % origin + im.encode(expect)
+    assert root.header + root.body == data
+    for part in ((1,), (1, 1), (2,), (2, 1)):
+        for text in (None, "HEADER", "TEXT", "MIME"):
+            im.section_bytes(root, Section(part, text), data)
+        with contextlib.suppress(im.UnknownCTE):
+            im.binary_bytes(root, part, data)
+    matches(key("TEXT", "x"), data)
+
+
+# ---------------------------------------------------------------------------- SEARCH
+
+
+def key(name: str, *args: object, children: tuple[SearchKey, ...] = ()) -> SearchKey:
+    return SearchKey(name, tuple(a.encode() if isinstance(a, str) else a for a in args),
+                     children)
+
+
+def matches(k: SearchKey, data: bytes = NON_ASCII, **facts: object) -> bool:
+    base: dict[str, object] = {"flags": frozenset({"\\Seen", "\\Flagged", "$Work"}),
+                               "uid": 40, "seq": 4, "size": len(data),
+                               "internal_date": 1796637600,  # 2026-12-07 10:00 UTC
+                               "last_seq": 9, "last_uid": 90}
+    base.update(facts)
+    return im.matches(k, im.SearchMessage(data, **base))  # type: ignore[arg-type]
+
+
+D = datetime.date
+CASES = [  # (key, matching, not matching) as (key, facts-or-data)
+    (key("ALL"), {}, None),
+    (key("SEEN"), {}, {"flags": frozenset()}),
+    (key("UNSEEN"), {"flags": frozenset()}, {}),
+    (key("FLAGGED"), {}, {"flags": frozenset()}),
+    (key("UNFLAGGED"), {"flags": frozenset()}, {}),
+    (key("ANSWERED"), {"flags": frozenset({"\\Answered"})}, {}),
+    (key("UNANSWERED"), {}, {"flags": frozenset({"\\Answered"})}),
+    (key("DELETED"), {"flags": frozenset({"\\Deleted"})}, {}),
+    (key("UNDELETED"), {}, {"flags": frozenset({"\\Deleted"})}),
+    (key("DRAFT"), {"flags": frozenset({"\\Draft"})}, {}),
+    (key("UNDRAFT"), {}, {"flags": frozenset({"\\Draft"})}),
+    (SearchKey("KEYWORD", ("$work",)), {}, {"flags": frozenset()}),
+    (SearchKey("UNKEYWORD", ("$Work",)), {"flags": frozenset()}, {}),
+    (key("FROM", "jürgen"), {}, {"data": SIMPLE}),
+    (key("FROM", "JURGEN@EXAMPLE"), {}, {"data": SIMPLE}),
+    (key("TO", "undisclosed"), {}, {"data": SIMPLE}),
+    (key("CC", "klensin"), {"data": SIMPLE}, {}),
+    (key("BCC", "hidden"), {"data": b"Bcc: hidden@x.test\r\n\r\n"}, {}),
+    (key("SUBJECT", "GRÜSSE".lower().replace("ss", "ß")), {}, {"data": SIMPLE}),
+    (SearchKey("HEADER", ("Message-Id", b"b27397")), {"data": SIMPLE}, {}),
+    (SearchKey("HEADER", ("Message-Id", b"")), {"data": SIMPLE}, {}),
+    (key("BODY", "köln"), {}, {"data": SIMPLE}),
+    (key("BODY", "café"), {"data": ALTERNATIVE}, {"data": MIXED}),
+    (key("BODY", "inner two"), {"data": FORWARD}, {"data": MIXED}),
+    (key("BODY", "Subject"), {"data": FORWARD}, {}),  # the forwarded header is body text
+    (key("TEXT", "grüße"), {}, {"data": SIMPLE}),
+    (key("TEXT", "minutes"), {"data": SIMPLE}, {}),
+    (key("BEFORE", D(2026, 12, 8)), {}, {"internal_date": 1796688000}),
+    (key("ON", D(2026, 12, 7)), {}, {"internal_date": 1796688000}),
+    (key("SINCE", D(2026, 12, 7)), {}, {"internal_date": 1796515200}),
+    (key("ON", D(2026, 12, 8)), {"tz": datetime.timezone(datetime.timedelta(hours=14))}, {}),
+    (key("SENTBEFORE", D(2026, 12, 8)), {}, {"data": SIMPLE.replace(b"1996", b"2027")}),
+    (key("SENTON", D(1996, 7, 17)), {"data": SIMPLE}, {}),
+    (key("SENTSINCE", D(2026, 12, 7)), {}, {"data": SIMPLE}),
+    (key("LARGER", 10), {}, {"size": 10}),
+    (key("SMALLER", 10), {"size": 9}, {}),
+    (key("UID", SequenceSet(((30, 50),))), {}, {"uid": 51}),
+    (key("UID", SequenceSet(((None, None),))), {"uid": 90}, {}),
+    (key("SEQSET", SequenceSet(((1, 1), (4, None)))), {}, {"seq": 2}),
+    (key("NOT", children=(key("SEEN"),)), {"flags": frozenset()}, {}),
+    (key("OR", children=(key("DRAFT"), key("SEEN"))), {}, {"flags": frozenset()}),
+    (key("AND", children=(key("SEEN"), key("FROM", "jurgen"))), {}, {"data": SIMPLE}),
+]
+
+
+@pytest.mark.parametrize(("k", "positive", "negative"), CASES,
+                         ids=[f"{c[0].name}-{i}" for i, c in enumerate(CASES)])
+def test_search_key(k: SearchKey, positive: dict, negative: dict | None) -> None:
+    pos = dict(positive)
+    assert matches(k, pos.pop("data", NON_ASCII), **pos)
+    if negative is not None:
+        neg = dict(negative)
+        assert not matches(k, neg.pop("data", NON_ASCII), **neg)
+
+
+def test_search_reads_a_bounded_amount(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(im, "SEARCH_CAP", 64)
+    data = b"Subject: big\r\n\r\n" + b"a" * 100 + b"needle\r\n"
+    assert not matches(key("BODY", "needle"), data)
+    assert matches(key("BODY", "aaa"), data)
