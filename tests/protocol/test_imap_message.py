@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import imaplib
+import os
+import shutil
+import socket
+import subprocess
 from email.message import EmailMessage
 from email.policy import SMTP
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -127,12 +133,12 @@ def test_bodystructure_of_a_plain_message() -> None:
 def test_bodystructure_of_mixed_with_attachment() -> None:
     bs = im.bodystructure(im.parse(MIXED))
     text, pdf = bs[0]
-    assert text[:8] == (b"text", b"plain", (b"charset", b"utf-8"), None, None, b"7bit", 13, 1)
+    assert text[:8] == (b"text", b"plain", (b"charset", b"utf-8"), None, None, b"7bit", 13, 0)
     assert pdf[:7] == (b"application", b"pdf", (b"name", b"a.pdf"), None, None, b"base64", 16)
     assert pdf[7:] == (None, (b"attachment", (b"filename", b"a.pdf")), (b"en", b"de"), None)
     assert bs[1:] == (b"mixed", (b"boundary", b"XX"), None, None, None)
     wire = im.encode(bs)
-    assert wire.startswith(b'(("text" "plain" ("charset" "utf-8") NIL NIL "7bit" 13 1 NIL NIL '
+    assert wire.startswith(b'(("text" "plain" ("charset" "utf-8") NIL NIL "7bit" 13 0 NIL NIL '
                            b'NIL NIL)("application" "pdf"')  # bodies side by side
     assert wire.endswith(b' "mixed" ("boundary" "XX") NIL NIL NIL)')
 
@@ -141,7 +147,7 @@ def test_bodystructure_of_a_forwarded_message() -> None:
     root = im.parse(FORWARD)
     fwd = im.bodystructure(root, extended=False)[0][1]
     assert fwd[:2] == (b"message", b"rfc822")
-    assert fwd[6] == len(INNER) and fwd[-1] == INNER.count(b"\n")
+    assert fwd[6] == len(INNER) and fwd[-1] == INNER.count(b"\n") == 13
     assert fwd[7][1] == b"the original"  # the envelope of the inner message
     assert fwd[8][1] == b"mixed" and len(fwd[8][0]) == 2
 
@@ -340,3 +346,137 @@ def test_search_reads_a_bounded_amount(monkeypatch: pytest.MonkeyPatch) -> None:
     data = b"Subject: big\r\n\r\n" + b"a" * 100 + b"needle\r\n"
     assert not matches(key("BODY", "needle"), data)
     assert matches(key("BODY", "aaa"), data)
+
+
+# ---------------------------------------------------------------------------- Dovecot
+
+
+DOVECOT_SCRIPT = Path("/work/shared/anchors/dovecot-reference.sh")
+MAILDIRS = Path("/var/mail/vhosts/example.test")
+
+
+def _imap_values(raw: bytes) -> list[object]:
+    """A small reader of IMAP response values (NIL, numbers, strings, literals, lists)."""
+    pos = 0
+
+    def value() -> object:
+        nonlocal pos
+        while raw[pos:pos + 1] == b" ":
+            pos += 1
+        c = raw[pos:pos + 1]
+        if c == b"(":
+            pos += 1
+            items = []
+            while True:
+                while raw[pos:pos + 1] == b" ":
+                    pos += 1
+                if raw[pos:pos + 1] == b")":
+                    pos += 1
+                    return items
+                items.append(value())
+        if c == b'"':
+            pos += 1
+            out = bytearray()
+            while raw[pos:pos + 1] != b'"':
+                if raw[pos:pos + 1] == b"\\":
+                    pos += 1
+                out += raw[pos:pos + 1]
+                pos += 1
+            pos += 1
+            return bytes(out)
+        if c in (b"{", b"~"):
+            end = raw.index(b"}", pos)
+            n = int(raw[raw.index(b"{", pos) + 1:end])
+            pos = end + 3
+            pos += n
+            return raw[pos - n:pos]
+        start = pos
+        while pos < len(raw) and raw[pos:pos + 1] not in b" ()":
+            pos += 1
+        atom = raw[start:pos]
+        if atom.upper() == b"NIL":
+            return None
+        return int(atom) if atom.isdigit() else atom
+
+    out = []
+    while pos < len(raw):
+        out.append(value())
+        while raw[pos:pos + 1] in (b" ", b"\r", b"\n"):
+            pos += 1
+    return out
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _dovecot() -> str | None:
+    """None when the reference Dovecot serves IMAP, else why not."""
+    if _port_open(11143):
+        return None
+    if os.geteuid() != 0:
+        return "the reference Dovecot needs root to start"
+    if not DOVECOT_SCRIPT.exists() or shutil.which("dovecot") is None:
+        return "the reference Dovecot (script or Debian packages) is not installed"
+    try:
+        subprocess.run(["bash", str(DOVECOT_SCRIPT), "start"], timeout=60, check=True,
+                       capture_output=True)
+    except (subprocess.SubprocessError, OSError) as exc:
+        return f"the reference Dovecot did not start within a minute: {exc}"
+    return None if _port_open(11143) else "the reference Dovecot does not listen on 11143"
+
+
+DIFFERENTIAL = {"simple": SIMPLE, "mixed": MIXED, "alternative": ALTERNATIVE,
+                "forward": FORWARD, "non-ascii": NON_ASCII}
+
+
+def _normalise(value: object) -> object:
+    """Case of MIME type and parameter atoms is the sender's; compare without it."""
+    if isinstance(value, list | tuple):
+        return [_normalise(v) for v in value]
+    if isinstance(value, bytes):
+        return value.lower()
+    return value
+
+
+def test_envelope_and_bodystructure_agree_with_dovecot() -> None:
+    reason = _dovecot()
+    if reason:
+        pytest.skip(reason)
+    folder = f"mailfort-fetch-{os.getpid()}"
+    base = MAILDIRS / "alice"
+    box = base / f".{folder}"
+    created = [p for p in (MAILDIRS, base) if not p.exists()]
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(DIFFERENTIAL.values()):
+        (box / "cur" / f"17000000{i}.M{i}P1.mailfort:2,").write_bytes(data)
+    for path in [*created, box, *box.rglob("*")]:
+        os.chown(path, 5000, 5000)
+    try:
+        imap = imaplib.IMAP4("127.0.0.1", 11143, timeout=10)
+        try:
+            imap.login("alice", "alicepw")
+            typ, _ = imap.select(f'"{folder}"', readonly=True)
+            assert typ == "OK"
+            typ, data = imap.fetch(f"1:{len(DIFFERENTIAL)}", "(ENVELOPE BODYSTRUCTURE)")
+            assert typ == "OK"
+        finally:
+            imap.logout()
+    finally:
+        shutil.rmtree(box, ignore_errors=True)
+    raw = b""
+    for item in data:
+        raw += item[0] + b"\r\n" + item[1] if isinstance(item, tuple) else item + b"\r\n"
+    values = _imap_values(raw)
+    theirs: dict[int, dict[bytes, object]] = {}
+    for seq, items in zip(values[0::2], values[1::2], strict=True):
+        theirs[seq] = dict(zip(items[0::2], items[1::2], strict=True))
+    for seq, (name, data_) in enumerate(DIFFERENTIAL.items(), start=1):
+        root = im.parse(data_)
+        ours_env = _imap_values(im.encode(im.envelope(root)))[0]
+        ours_bs = _imap_values(im.encode(im.bodystructure(root)))[0]
+        assert ours_env == theirs[seq][b"ENVELOPE"], name
+        assert _normalise(ours_bs) == _normalise(theirs[seq][b"BODYSTRUCTURE"]), name

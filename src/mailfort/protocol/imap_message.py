@@ -133,6 +133,8 @@ def _content_type(part: Part, default: tuple[str, str]) -> None:
         if isinstance(value, tuple):
             value = email.utils.collapse_rfc2231_value(value)
         part.params.append((name, str(value)))
+    if main.lower() == "text" and _param(part, "charset") is None:
+        part.params.insert(0, ("charset", "us-ascii"))  # RFC 2045 §5.2, shown as Dovecot does
 
 
 def _param(part: Part, name: str) -> str | None:
@@ -419,7 +421,9 @@ def envelope(part: Part) -> tuple:
 
 
 def _lines(body: bytes) -> int:
-    return body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0)
+    """Line ends in the body: a last line without one (before a boundary) is not counted,
+    as Dovecot counts."""
+    return body.count(b"\n")
 
 
 def _plist(params: list[tuple[str, str]]) -> tuple | None:
@@ -591,6 +595,8 @@ def _body_text(part: Part, budget: list[int]) -> list[str]:
         raw = raw[:budget[0]]
         budget[0] -= len(raw)
         charset = _param(part, "charset") or "utf-8"
+        if charset.lower() in ("us-ascii", "ascii"):
+            charset = "utf-8"  # a superset: undeclared 8-bit text is most often UTF-8
         try:
             out.append(raw.decode(charset, "replace"))
         except LookupError:
