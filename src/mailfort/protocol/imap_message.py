@@ -192,8 +192,8 @@ def parse(data: bytes, *, _depth: int = 0,
         return part
     if part.multipart:
         boundary = _param(part, "boundary")
-        if not boundary:
-            part.maintype, part.subtype, part.params = "text", "plain", []
+        if not boundary:  # a multipart of one empty part, as Dovecot shows it
+            part.children.append(parse(b"", _depth=_depth + 1))
             return part
         child_default = ("message", "rfc822") if part.subtype.lower() == "digest" \
             else ("text", "plain")
@@ -367,8 +367,6 @@ def _address(tokens: list[tuple[str, bytes]]) -> tuple | None:
         host: bytes | None = b"".join(t[1] for t in spec[at + 1:]) or b"MISSING_DOMAIN"
     else:
         local, host = b"".join(t[1] for t in spec), b"MISSING_DOMAIN"
-    if not local and name is None:
-        return None
     return (name, adl, local or b"MISSING_MAILBOX", host)
 
 
