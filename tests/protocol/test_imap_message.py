@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
@@ -18,7 +19,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailfort.protocol import imap_message as im
-from mailfort.protocol.imap_parse import FetchAtt, SearchKey, Section, SequenceSet
+from mailfort.protocol.imap_parse import (
+    FetchAtt,
+    Limits,
+    SearchKey,
+    Section,
+    SequenceSet,
+    parse_command,
+)
+from mailfort.store.imap_mailbox import wire_size
 
 SIMPLE = (b"Date: Wed, 17 Jul 1996 02:23:25 -0700 (PDT)\r\n"
           b"From: Terry Gray <gray@cac.washington.edu>\r\n"
@@ -174,7 +183,8 @@ def test_part_numbers_and_message_nesting() -> None:
     assert body(MIXED, sec((1,))) == b"the text part"
     assert body(MIXED, sec((2,))) == b"JVBERi0xLjQKAAE="
     assert body(MIXED, sec((2,), "MIME")).startswith(b"Content-Type: application/pdf")
-    assert body(MIXED, sec((3,))) is None and body(MIXED, sec((1, 1))) is None
+    assert body(MIXED, sec((3,))) is None and body(MIXED, sec((1, 4))) is None
+    assert body(MIXED, sec((2, 1, 1))) == body(MIXED, sec((2,)))  # a leaf is its own 1
     assert body(SIMPLE, sec((1,))) == b"Hello\r\nworld\r\n"  # a single part is part 1
     assert body(FORWARD, sec((2,))) == INNER
     assert body(FORWARD, sec((2,), "HEADER")) == INNER.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
@@ -450,7 +460,23 @@ def _normalise(value: object) -> object:
     return value
 
 
-def test_envelope_and_bodystructure_agree_with_dovecot() -> None:
+FLAG_LETTERS = {"S": "\\Seen", "F": "\\Flagged", "R": "\\Answered", "D": "\\Draft"}
+LETTERS = ["S", "", "FS", "R", "", "S", "D", "", "S", "F", ""]  # per DIFFERENTIAL message
+DAY = 86400
+MTIMES = [1796637600 - DAY * (i % 4) for i in range(len(DIFFERENTIAL))]  # 4 days before 8 Dec
+
+
+def _responses(data: list) -> dict[int, list]:
+    raw = b""
+    for item in data:
+        raw += item[0] + b"\r\n" + item[1] if isinstance(item, tuple) else item + b"\r\n"
+    values = _imap_values(raw)
+    return dict(zip(values[0::2], values[1::2], strict=True))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def dovecot() -> Iterator[imaplib.IMAP4]:
+    """The DIFFERENTIAL messages in a folder of alice's of their own, selected read-only."""
     reason = _dovecot()
     if reason:
         pytest.skip(reason)
@@ -461,7 +487,9 @@ def test_envelope_and_bodystructure_agree_with_dovecot() -> None:
     for sub in ("cur", "new", "tmp"):
         (box / sub).mkdir(parents=True, exist_ok=True)
     for i, data in enumerate(DIFFERENTIAL.values()):
-        (box / "cur" / f"17000000{i}.M{i}P1.mailfort:2,").write_bytes(data)
+        path = box / "cur" / f"{1700000000 + i}.M{i}P1.mailfort:2,{LETTERS[i]}"
+        path.write_bytes(data)
+        os.utime(path, (MTIMES[i], MTIMES[i]))
     for path in [*created, box, *box.rglob("*")]:
         os.chown(path, 5000, 5000)
     try:
@@ -470,19 +498,18 @@ def test_envelope_and_bodystructure_agree_with_dovecot() -> None:
             imap.login("alice", "alicepw")
             typ, _ = imap.select(f'"{folder}"', readonly=True)
             assert typ == "OK"
-            typ, data = imap.fetch(f"1:{len(DIFFERENTIAL)}", "(ENVELOPE BODYSTRUCTURE)")
-            assert typ == "OK"
+            yield imap
         finally:
             imap.logout()
     finally:
         shutil.rmtree(box, ignore_errors=True)
-    raw = b""
-    for item in data:
-        raw += item[0] + b"\r\n" + item[1] if isinstance(item, tuple) else item + b"\r\n"
-    values = _imap_values(raw)
-    theirs: dict[int, dict[bytes, object]] = {}
-    for seq, items in zip(values[0::2], values[1::2], strict=True):
-        theirs[seq] = dict(zip(items[0::2], items[1::2], strict=True))
+
+
+def test_envelope_and_bodystructure_agree_with_dovecot(dovecot: imaplib.IMAP4) -> None:
+    typ, data = dovecot.fetch(f"1:{len(DIFFERENTIAL)}", "(ENVELOPE BODYSTRUCTURE)")
+    assert typ == "OK"
+    theirs = {seq: dict(zip(items[0::2], items[1::2], strict=True))
+              for seq, items in _responses(data).items()}
     for seq, (name, data_) in enumerate(DIFFERENTIAL.items(), start=1):
         root = im.parse(data_)
         ours_env = _imap_values(im.encode(im.envelope(root)))[0]
@@ -491,3 +518,49 @@ def test_envelope_and_bodystructure_agree_with_dovecot() -> None:
         assert ours_env == dove_env, f"{name}: ours {ours_env} Dovecot {dove_env}"
         assert _normalise(ours_bs) == _normalise(dove_bs), \
             f"{name}: ours {ours_bs} Dovecot {dove_bs}"
+
+
+SECTIONS = ["", "HEADER", "TEXT", "1", "1.MIME", "2", "2.MIME", "2.HEADER", "2.TEXT", "2.1",
+            "2.2", "HEADER.FIELDS (FROM SUBJECT)", "HEADER.FIELDS.NOT (FROM)", "1.1"]
+
+
+@pytest.mark.parametrize("spec", SECTIONS)
+def test_sections_agree_with_dovecot(dovecot: imaplib.IMAP4, spec: str) -> None:
+    typ, data = dovecot.fetch(f"1:{len(DIFFERENTIAL)}", f"(BODY.PEEK[{spec}])")
+    assert typ == "OK"
+    theirs = _responses(data)
+    cmd = parse_command([b"a FETCH 1 BODY.PEEK[" + spec.encode() + b"]"], [], Limits())
+    att = cmd.args[1][0]  # type: ignore[union-attr]
+    for seq, (name, data_) in enumerate(DIFFERENTIAL.items(), start=1):
+        if (name, spec) == ("header-only", "HEADER.FIELDS.NOT (FROM)"):
+            continue  # Dovecot adds the missing CRLF to the last field for FIELDS, not for NOT
+        wire = im.to_wire(data_)
+        ours = im.section_bytes(im.parse(wire), att.section, wire)
+        dove = theirs[seq][-1]
+        assert (ours or b"") == (dove or b""), f"{name} [{spec}]: ours {ours!r} Dovecot {dove!r}"
+
+
+SEARCHES = ["ALL", "SEEN", "UNSEEN", "FLAGGED", "ANSWERED", "UNDRAFT", "SUBJECT original",
+            "FROM example.test", "TO undisclosed", "CC klensin", "BODY \"inner two\"",
+            "BODY words", "TEXT minutes", "HEADER Message-Id b27397", "HEADER Subject \"\"",
+            "LARGER 300", "SMALLER 100", "OR SEEN FROM fwd", "NOT SUBJECT x", "2:4 UNSEEN",
+            "UID 3:*", "SENTSINCE 1-Jan-2000", "SENTBEFORE 1-Jan-2000", "SENTON 17-Jul-1996",
+            "ON 6-Dec-2026", "SINCE 6-Dec-2026", "BEFORE 6-Dec-2026", "(SEEN SMALLER 200)"]
+
+
+@pytest.mark.parametrize("criteria", SEARCHES)
+def test_search_agrees_with_dovecot(dovecot: imaplib.IMAP4, criteria: str) -> None:
+    typ, data = dovecot.search(None, criteria)
+    assert typ == "OK"
+    theirs = {int(n) for n in data[0].split()}
+    cmd = parse_command([b"a SEARCH " + criteria.encode()], [], Limits())
+    k = cmd.args[2]  # type: ignore[union-attr]
+    tz = datetime.datetime.now().astimezone().tzinfo
+    ours = set()
+    for seq, data_ in enumerate(DIFFERENTIAL.values(), start=1):
+        flags = frozenset(FLAG_LETTERS[c] for c in LETTERS[seq - 1])
+        msg = im.SearchMessage(data_, flags, seq, seq, wire_size(data_), MTIMES[seq - 1],
+                               tz=tz, last_seq=len(DIFFERENTIAL), last_uid=len(DIFFERENTIAL))
+        if im.matches(k, msg):
+            ours.add(seq)
+    assert ours == theirs, criteria

@@ -2,7 +2,8 @@
 
 Pure functions on the message octets: the caller reads the file, hands over its bytes and
 the store's facts (flags, UID, size, internal date); nothing here opens a file or reads a
-clock. Section octets and sizes are the raw octets of the file, line ends as stored.
+clock. Section octets and sizes are the raw octets of the file, in wire form: a file with
+bare LF line ends is seen with CRLF (``to_wire``, as the store's RFC822.SIZE and Dovecot).
 
 Why the MIME tree is cut here and not by ``email.message_from_bytes``: the ``email``
 package (either policy) parses into objects and serialises them again, which refolds
@@ -55,6 +56,14 @@ class Literal8(bytes):
 
 
 # ---------------------------------------------------------------------------- the tree
+
+
+def to_wire(data: bytes) -> bytes:
+    """The message as IMAP shows it: a bare LF becomes CRLF (the store's RFC822.SIZE counts
+    so too). Files written by mailfort are CRLF already and come back unchanged, uncopied."""
+    if data.count(b"\n") == data.count(b"\r\n"):
+        return data
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 @dataclass(eq=False)
@@ -208,38 +217,43 @@ def parse(data: bytes, *, _depth: int = 0,
 # ---------------------------------------------------------------------------- sections
 
 
-def _subparts(node: Part, is_message: bool) -> list[Part]:
-    if node.multipart:
-        return node.children
-    if node.message is not None and not is_message:
-        return _subparts(node.message, True)
-    return [node] if is_message else []
-
-
 def find_part(root: Part, numbers: tuple[int, ...]) -> Part | None:
     """The part ``1.2.3`` names (RFC 9051 §6.4.5), or None when there is none.
 
     A non-multipart message has one part, 1, its body; the parts of a message/rfc822
-    part are those of the message it carries.
+    part are those of the message it carries. Like Dovecot, part 1 of any other leaf is
+    the leaf itself (``BODY[2.1]`` of an attachment is the attachment), but the body of a
+    single-part message has no parts below it.
     """
     node = root
-    candidates = _subparts(root, True)
+    candidates = root.children if root.multipart else [root]
+    terminal = not root.multipart
     for n in numbers:
         if n < 1 or n > len(candidates):
             return None
         node = candidates[n - 1]
-        candidates = [] if node is root else _subparts(node, False)
+        if terminal:
+            candidates = []
+        elif node.multipart:
+            candidates = node.children
+        elif node.message is not None:
+            inner = node.message
+            candidates = inner.children if inner.multipart else [inner]
+            terminal = not inner.multipart
+        else:
+            candidates = [node]
     return node
 
 
 def _header_fields(part: Part, names: tuple[str, ...], negate: bool) -> bytes:
     wanted = {n.lower() for n in names}
     kept = [raw for name, raw in part.fields if (name in wanted) != negate]
-    eol = b"\n" if part.header.endswith(b"\n") and not part.header.endswith(b"\r\n") else b"\r\n"
     out = b"".join(kept)
     if out and not out.endswith(b"\n"):
-        out += eol
-    return out + b"\r\n"
+        out += b"\r\n"
+    ended = part.header.endswith(b"\n\n") or part.header.endswith(b"\n\r\n") \
+        or part.header in (b"\r\n", b"\n")
+    return out + b"\r\n" if ended else out  # no blank line where the header had none
 
 
 def section_bytes(root: Part, section: Section, data: bytes) -> bytes | None:
@@ -525,8 +539,11 @@ def fetch_item(att: FetchAtt, data: bytes, root: Part | None = None) -> bytes:
     BINARY[…]<…> and BINARY.SIZE[…]; FLAGS, UID, INTERNALDATE and MODSEQ are the
     engine's (they come from the store, not the octets). Raises ``UnknownCTE`` for
     BINARY on an encoding it cannot undo, ``ValueError`` for an item it does not serve.
+    Given ``root``, ``data`` must be the wire octets it was parsed from (``to_wire``).
     """
-    root = root if root is not None else parse(data)
+    if root is None:
+        data = to_wire(data)
+        root = parse(data)
     name = att.name
     if name == "ENVELOPE":
         return b"ENVELOPE " + encode(envelope(root))
@@ -637,7 +654,7 @@ class SearchMessage:
 
     @cached_property
     def root(self) -> Part:
-        return parse(self.data[:SEARCH_CAP])
+        return parse(to_wire(self.data[:SEARCH_CAP]))
 
     @cached_property
     def lower_flags(self) -> frozenset[str]:
@@ -725,8 +742,9 @@ def matches(key: SearchKey, msg: SearchMessage) -> bool:
     if name in ("BEFORE", "ON", "SINCE"):
         return _date_cmp(name, msg.internal_day, key.args[0])
     if name in ("SENTBEFORE", "SENTON", "SENTSINCE"):
-        sent = msg.sent_date
-        return sent is not None and _date_cmp(name[4:], sent, key.args[0])
+        # no or a bad Date: counts as 1 Jan 1970, as Dovecot does (SENTBEFORE finds it)
+        sent = msg.sent_date or datetime.date(1970, 1, 1)
+        return _date_cmp(name[4:], sent, key.args[0])
     if name == "LARGER":
         return msg.size > int(key.args[0])  # type: ignore[call-overload]
     if name == "SMALLER":
