@@ -321,7 +321,10 @@ CASES = [  # (key, matching, not matching) as (key, facts-or-data)
     (key("BODY", "köln"), {}, {"data": SIMPLE}),
     (key("BODY", "café"), {"data": ALTERNATIVE}, {"data": MIXED}),
     (key("BODY", "inner two"), {"data": FORWARD}, {"data": MIXED}),
-    (key("BODY", "Subject"), {"data": FORWARD}, {}),  # the forwarded header is body text
+    (key("BODY", "inner one"), {"data": FORWARD}, {"data": FORWARD.replace(b"one", b"1")}),
+    (key("FROM", "comment"), {"data": b"From: Comment <x@y.test>\r\n\r\n"},
+     {"data": b"From: x@y.test (comment)\r\n\r\n"}),
+    (key("TEXT", "inner@example"), {"data": FORWARD}, {"data": MIXED}),
     (key("TEXT", "grüße"), {}, {"data": SIMPLE}),
     (key("TEXT", "minutes"), {"data": SIMPLE}, {}),
     (key("BEFORE", D(2026, 12, 8)), {}, {"internal_date": 1796688000}),
@@ -545,7 +548,11 @@ SEARCHES = ["ALL", "SEEN", "UNSEEN", "FLAGGED", "ANSWERED", "UNDRAFT", "SUBJECT 
             "BODY words", "TEXT minutes", "HEADER Message-Id b27397", "HEADER Subject \"\"",
             "LARGER 300", "SMALLER 100", "OR SEEN FROM fwd", "NOT SUBJECT x", "2:4 UNSEEN",
             "UID 3:*", "SENTSINCE 1-Jan-2000", "SENTBEFORE 1-Jan-2000", "SENTON 17-Jul-1996",
-            "ON 6-Dec-2026", "SINCE 6-Dec-2026", "BEFORE 6-Dec-2026", "(SEEN SMALLER 200)"]
+            "ON 6-Dec-2026", "SINCE 6-Dec-2026", "BEFORE 6-Dec-2026", "(SEEN SMALLER 200)",
+            "BODY Subject", "BODY preamble", "BODY JVBER", "BODY epilogue", "TEXT inner",
+            "FROM jurgen", "HEADER Content-Type mixed", "TO team", "BODY lost",
+            "BODY \"no delimiter\"", "TEXT \"lf\"", "FROM \"(c)\"", "TEXT inner@example",
+            "SUBJECT \"=?utf-8\""]
 
 
 @pytest.mark.parametrize("criteria", SEARCHES)

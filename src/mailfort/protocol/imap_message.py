@@ -590,18 +590,20 @@ def _decode_words(raw: bytes) -> str:
         return text
 
 
-def _body_text(part: Part, budget: list[int]) -> list[str]:
-    """Decoded text of the text/* leaves (and of messages inside), within ``budget``."""
+def _body_text(part: Part, budget: list[int], headers: bool = False) -> list[str]:
+    """Decoded text of the text/* leaves (and of messages inside), within ``budget``; the
+    headers of messages inside only for TEXT (BODY leaves them out, as Dovecot does)."""
     out: list[str] = []
     if budget[0] <= 0:
         return out
     if part.multipart:
         for child in part.children:
-            out += _body_text(child, budget)
+            out += _body_text(child, budget, headers)
     elif part.message is not None:
-        out.append(header_text(part.message)[:budget[0]])
-        budget[0] -= len(out[-1])
-        out += _body_text(part.message, budget)
+        if headers:
+            out.append(header_text(part.message)[:budget[0]])
+            budget[0] -= len(out[-1])
+        out += _body_text(part.message, budget, headers)
     elif part.maintype.lower() == "text":
         try:
             raw = _decode_cte(part)
@@ -665,13 +667,30 @@ class SearchMessage:
         return "".join(_body_text(self.root, [SEARCH_CAP])).casefold()
 
     @cached_property
-    def headers(self) -> str:
-        return header_text(self.root).casefold()
+    def text(self) -> str:
+        """What TEXT searches: the header, the body and the headers of messages inside."""
+        head = header_text(self.root)[:SEARCH_CAP]
+        rest = _body_text(self.root, [SEARCH_CAP - len(head)], headers=True)
+        return "\n".join([head, *rest]).casefold()
 
     def field(self, name: str) -> list[str]:
         name = name.lower()
         return [_decode_words(raw.split(b":", 1)[1] if b":" in raw else b"")
                 for lname, raw in self.root.fields if lname == name]
+
+    def address_field(self, name: str) -> list[str]:
+        """An address field as its envelope reads: ``name <mailbox@host>``, comments gone."""
+        out = []
+        for lname, raw in self.root.fields:
+            if lname != name.lower():
+                continue
+            for dname, _adl, mailbox, host in addresses(raw.split(b":", 1)[1]) or ():
+                words = [_decode_words(dname)] if dname else []
+                if mailbox is not None:
+                    at = b"@" + host if host is not None else b""
+                    words.append("<" + (mailbox + at).decode("utf-8", "replace") + ">")
+                out.append(" ".join(words))
+        return out
 
     @cached_property
     def sent_date(self) -> datetime.date | None:
@@ -727,7 +746,10 @@ def matches(key: SearchKey, msg: SearchMessage) -> bool:
         return str(key.args[0]).lower() in msg.lower_flags
     if name == "UNKEYWORD":
         return str(key.args[0]).lower() not in msg.lower_flags
-    if name in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+    if name in ("FROM", "TO", "CC", "BCC"):
+        needle = _text(key.args[0])
+        return any(needle in v.casefold() for v in msg.address_field(name))
+    if name == "SUBJECT":
         needle = _text(key.args[0])
         return any(needle in v.casefold() for v in msg.field(name))
     if name == "HEADER":
@@ -738,7 +760,7 @@ def matches(key: SearchKey, msg: SearchMessage) -> bool:
         return _text(key.args[0]) in msg.body
     if name == "TEXT":
         needle = _text(key.args[0])
-        return needle in msg.headers or needle in msg.body
+        return needle in msg.text
     if name in ("BEFORE", "ON", "SINCE"):
         return _date_cmp(name, msg.internal_day, key.args[0])
     if name in ("SENTBEFORE", "SENTON", "SENTSINCE"):
