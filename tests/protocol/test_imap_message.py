@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -276,6 +277,22 @@ def test_any_octets_never_crash_and_partial_is_the_slice(data: bytes, origin: in
         with contextlib.suppress(im.UnknownCTE):
             im.binary_bytes(root, part, data)
     matches(key("TEXT", "x"), data)
+
+
+@pytest.mark.parametrize("data", [
+    b"Subject: x\r\n" + b" folded\r\n" * 200_000 + b"\r\nbody",  # one 2 MB folded field
+    b"To: a@b" + b":x" * 300_000 + b"\r\n\r\n",  # colons after an address
+    b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + b"--b\r\n" * 100_000,
+    b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n" * 1000,  # deep nesting
+], ids=["folded", "colons", "many-parts", "deep"])
+def test_hostile_shapes_stay_linear(data: bytes) -> None:
+    start = time.monotonic()
+    root = im.parse(data)
+    im.encode(im.envelope(root))
+    im.encode(im.bodystructure(root))
+    matches(key("TEXT", "needle"), data)
+    matches(key("TO", "needle"), data)
+    assert time.monotonic() - start < 5
 
 
 # ---------------------------------------------------------------------------- SEARCH

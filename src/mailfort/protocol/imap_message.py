@@ -107,16 +107,16 @@ def _split_header(data: bytes) -> tuple[bytes, bytes]:
 
 
 def _fields(header: bytes) -> list[tuple[str, bytes]]:
-    out: list[tuple[str, bytes]] = []
+    pieces: list[tuple[str, list[bytes]]] = []  # lines joined once: folding stays linear
     for line in header.splitlines(keepends=True):
         if line in (b"\r\n", b"\n"):
             break
-        if line[:1] in (b" ", b"\t") and out:
-            out[-1] = (out[-1][0], out[-1][1] + line)
+        if line[:1] in (b" ", b"\t") and pieces:
+            pieces[-1][1].append(line)
             continue
         name = line.split(b":", 1)[0].strip() if b":" in line else b""
-        out.append((name.decode("ascii", "replace").lower(), line))
-    return out
+        pieces.append((name.decode("ascii", "replace").lower(), [line]))
+    return [(name, b"".join(lines)) for name, lines in pieces]
 
 
 def _content_type(part: Part, default: tuple[str, str]) -> None:
@@ -390,14 +390,15 @@ def addresses(value: bytes | None) -> tuple | None:
         return None
     out: list[tuple] = []
     seg: list[tuple[str, bytes]] = []
-    in_group = angle = False
+    in_group = angle = seg_addr = False  # seg_addr: "@" or "<" seen in this segment
     for tok in _tokens(value):
         if tok == ("s", b"<"):
-            angle = True
+            angle = seg_addr = True
         elif tok == ("s", b">"):
             angle = False
-        if tok == ("s", b":") and not angle and not in_group and ("s", b"@") not in seg \
-                and ("s", b"<") not in seg:
+        elif tok == ("s", b"@"):
+            seg_addr = True
+        if tok == ("s", b":") and not angle and not in_group and not seg_addr:
             out.append((None, None, b" ".join(t[1] for t in seg), None))
             in_group, seg = True, []
             continue
@@ -405,7 +406,7 @@ def addresses(value: bytes | None) -> tuple | None:
             addr = _address(seg)
             if addr:
                 out.append(addr)
-            seg = []
+            seg, seg_addr = [], False
             if tok == ("s", b";") and in_group:
                 out.append((None, None, None, None))
                 in_group = False
