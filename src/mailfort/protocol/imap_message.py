@@ -305,7 +305,11 @@ def _decode_cte(part: Part) -> bytes:
 
 
 def binary_bytes(root: Part, part_numbers: tuple[int, ...], data: bytes) -> bytes | None:
-    """``BINARY[part]``: the part with its transfer encoding undone (RFC 3516)."""
+    """``BINARY[part]``: the part with its transfer encoding undone (RFC 3516).
+
+    A multipart or a whole message (``BINARY[]``) comes back as stored: its own encoding is
+    7bit/8bit/binary. Dovecot goes further and decodes the leaves inside; not done here.
+    """
     if not part_numbers:
         return data
     node = find_part(root, part_numbers)
