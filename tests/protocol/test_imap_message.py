@@ -162,6 +162,15 @@ def test_bodystructure_of_a_forwarded_message() -> None:
     assert fwd[8][1] == b"mixed" and len(fwd[8][0]) == 2
 
 
+def test_rfc2231_parameters_as_dovecot_shows_them() -> None:
+    bs = im.bodystructure(im.parse(DIFFERENTIAL["rfc2231"]))
+    leaf = bs[0][0]
+    assert leaf[2] == (b"name", b"longname.bin")  # continuations joined
+    assert leaf[8] == (b"inline", (b"filename*", b"utf-8''%C3%A4.bin"))  # charset kept
+    assert leaf[3:5] == (b"<cid@x>", b"a file") and leaf[10] == b"http://x.test/a"
+    assert bs[2] == (b"boundary", b"=_a b")
+
+
 def test_malformed_multiparts_do_not_lose_the_message() -> None:
     bs = im.bodystructure(im.parse(NO_BOUNDARY), extended=False)
     assert bs == (im.Concat([(b"text", b"plain", (b"charset", b"us-ascii"), None, None,
@@ -468,6 +477,16 @@ DIFFERENTIAL = {
               b"Subject: s\r\n\r\nb\r\n--d--\r\n",
     "groups": b'To: team: "A, B" <a@x.test>, c@y.test;, e\r\nFrom: (c) <>\r\n\r\nx',
     "header-only": b"Subject: x",
+    "rfc2231": b"Content-Type: multipart/mixed; boundary=\"=_a b\"\r\n\r\n--=_a b\r\n"
+               b"Content-Type: APPLICATION/octet-stream;\r\n name*0=\"long\";\r\n"
+               b" name*1=\"name.bin\"\r\nContent-ID: <cid@x>\r\n"
+               b"Content-Description: a file\r\nContent-MD5: Q2hlY2sgSW50ZWdyaXR5IQ==\r\n"
+               b"Content-Location: http://x.test/a\r\nContent-Disposition: inline;"
+               b" filename*=utf-8''%C3%A4.bin\r\n\r\nabc\r\n--=_a b--\r\n",
+    "addresses": b'From: "Last, First" <first.last@x.test>, "quoted local"@x.test\r\n'
+                 b"Sender: =?iso-8859-1?q?J=F6rg?= <j@x.test>\r\nReply-To: empty:;\r\n"
+                 b"To: nobody, <@a.test,@b.test:c@d.test>\r\nCc: <>\r\n"
+                 b"In-Reply-To: <a@b>\r\nDate: garbage\r\n\r\nx\r\n",
 }
 
 
@@ -481,7 +500,7 @@ def _normalise(value: object) -> object:
 
 
 FLAG_LETTERS = {"S": "\\Seen", "F": "\\Flagged", "R": "\\Answered", "D": "\\Draft"}
-LETTERS = ["S", "", "FS", "R", "", "S", "D", "", "S", "F", ""]  # per DIFFERENTIAL message
+LETTERS = ["S", "", "FS", "R", "", "S", "D", "", "S", "F", "", "", "S"]  # per DIFFERENTIAL message
 DAY = 86400
 MTIMES = [1796637600 - DAY * (i % 4) for i in range(len(DIFFERENTIAL))]  # 4 days before 8 Dec
 

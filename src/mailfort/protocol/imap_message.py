@@ -30,6 +30,7 @@ import email.header
 import email.message
 import email.utils
 import quopri
+import urllib.parse
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -137,13 +138,25 @@ def _content_type(part: Part, default: tuple[str, str]) -> None:
     if not main or not sub:
         return
     part.maintype, part.subtype = main, sub
-    part.params = []
-    for name, value in params[1:]:
-        if isinstance(value, tuple):
-            value = email.utils.collapse_rfc2231_value(value)
-        part.params.append((name, str(value)))
+    part.params = [_rfc2231(name, value) for name, value in params[1:]]
     if main.lower() == "text" and _param(part, "charset") is None:
         part.params.insert(0, ("charset", "us-ascii"))  # RFC 2045 §5.2, shown as Dovecot does
+
+
+def _rfc2231(name: str, value: str | tuple[str, str, str]) -> tuple[str, str]:
+    """A parameter as BODYSTRUCTURE shows it: continuations joined, an RFC 2231 value with
+    a charset kept encoded (``name*`` "utf-8''%C3%A4"), as Dovecot does; IMAP strings have no
+    charset of their own, so the client decodes it."""
+    if not isinstance(value, tuple):
+        return name, value
+    charset, lang, text = value
+    try:
+        raw = text.encode("latin-1")  # email unquoted %XX into latin-1 characters
+    except UnicodeEncodeError:
+        return name, text
+    if not charset:
+        return name, raw.decode("utf-8", "surrogateescape")
+    return f"{name}*", f"{charset}'{lang or ''}'" + urllib.parse.quote(raw, safe="!#$&+-.^_`|~")
 
 
 def _param(part: Part, name: str) -> str | None:
@@ -459,8 +472,7 @@ def _disposition(part: Part) -> tuple | None:
     params = msg.get_params(header="content-disposition") or []
     if not params or not params[0][0]:
         return None
-    rest = [(k, str(email.utils.collapse_rfc2231_value(v)) if isinstance(v, tuple) else v)
-            for k, v in params[1:]]
+    rest = [_rfc2231(k, v) for k, v in params[1:]]
     return (params[0][0].encode("utf-8", "surrogateescape"), _plist(rest))
 
 
