@@ -30,6 +30,7 @@ import email.header
 import email.message
 import email.utils
 import quopri
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -336,44 +337,41 @@ def binary_bytes(root: Part, part_numbers: tuple[int, ...], data: bytes) -> byte
 # ---------------------------------------------------------------------------- ENVELOPE
 
 
+_TOKEN = re.compile(rb'[ \t\r\n]+|"((?:[^"\\]|\\.)*)"?|([<>,:;@])|(\()|([^ \t\r\n"(<>,:;@]+)',
+                    re.DOTALL)  # a fixed pattern of ours, linear: no input reaches it as a regex
+_UNESCAPE = re.compile(rb"\\(.)", re.DOTALL)
+
+
 def _tokens(value: bytes) -> list[tuple[str, bytes]]:
     """Address-list tokens: ("q", quoted), ("a", atom), ("s", special); comments dropped."""
     out: list[tuple[str, bytes]] = []
     i, n = 0, len(value)
     while i < n:
-        c = value[i:i + 1]
-        if c in b" \t\r\n":
+        m = _TOKEN.match(value, i)
+        if m is None:  # a lone backslash or ")": skip it
             i += 1
-        elif c == b'"':
-            j, buf = i + 1, bytearray()
-            while j < n and value[j:j + 1] != b'"':
-                if value[j:j + 1] == b"\\" and j + 1 < n:
-                    j += 1
-                buf += value[j:j + 1]
-                j += 1
-            out.append(("q", bytes(buf)))
-            i = j + 1
-        elif c == b"(":
-            depth, j = 1, i + 1
+            continue
+        quoted, special, comment, atom = m.groups()
+        if quoted is not None:
+            out.append(("q", _UNESCAPE.sub(rb"\1", quoted) if b"\\" in quoted else quoted))
+        elif special is not None:
+            out.append(("s", special))
+        elif atom is not None:
+            out.append(("a", atom))
+        elif comment is not None:
+            depth, j = 1, m.end()
             while j < n and depth:
-                ch = value[j:j + 1]
-                if ch == b"\\":
+                ch = value[j]
+                if ch == 0x5C:  # backslash
                     j += 1
-                elif ch == b"(":
+                elif ch == 0x28:
                     depth += 1
-                elif ch == b")":
+                elif ch == 0x29:
                     depth -= 1
                 j += 1
             i = j
-        elif c in b"<>,:;@":
-            out.append(("s", c))
-            i += 1
-        else:
-            j = i
-            while j < n and value[j:j + 1] not in b' \t\r\n"(<>,:;@':
-                j += 1
-            out.append(("a", value[i:j]))
-            i = j
+            continue
+        i = m.end()
     return out
 
 
