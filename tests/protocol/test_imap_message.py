@@ -458,7 +458,8 @@ def _dovecot() -> str | None:
         return None
     if os.geteuid() != 0:
         return "the reference Dovecot needs root to start"
-    if not DOVECOT_SCRIPT.exists() or shutil.which("dovecot") is None:
+    if not DOVECOT_SCRIPT.exists() or shutil.which("dovecot") is None \
+            or not Path("/usr/lib/dovecot/imap").exists():  # else the script would apt-get
         return "the reference Dovecot (script or Debian packages) is not installed"
     try:
         subprocess.run(["bash", str(DOVECOT_SCRIPT), "start"], timeout=60, check=True,

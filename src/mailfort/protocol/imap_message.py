@@ -511,7 +511,8 @@ def bodystructure(part: Part, extended: bool = True) -> tuple:
 
 
 def _quotable(s: bytes) -> bool:
-    return len(s) <= QUOTED_MAX and all(0 < c < 0x80 and c not in (0x0A, 0x0D) for c in s)
+    return (len(s) <= QUOTED_MAX and s.isascii() and b"\r" not in s and b"\n" not in s
+            and b"\0" not in s)
 
 
 def encode(value: object) -> bytes:
