@@ -79,6 +79,7 @@ class Part:
     subtype: str = "plain"
     params: list[tuple[str, str]] = field(default_factory=list)
     children: list[Part] = field(default_factory=list)
+    frames: list[bytes] = field(default_factory=list)  # around the children (multipart)
     message: Part | None = None  # the embedded message of message/rfc822
 
     @property
@@ -167,9 +168,11 @@ def _param(part: Part, name: str) -> str | None:
     return None
 
 
-def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
+def _split_multipart(body: bytes, boundary: bytes) -> tuple[list[bytes], list[bytes]]:
     """The bodies between ``--boundary`` lines (RFC 2046 §5.1.1: the CRLF before a
-    delimiter belongs to it). No delimiter at all gives one empty part."""
+    delimiter belongs to it), and the frames around them (preamble and first delimiter,
+    the delimiters between, the last and the epilogue): frames[0] + parts[0] + frames[1] …
+    is the body again. No delimiter at all gives one empty part."""
     delim = b"--" + boundary
     starts: list[tuple[int, int, bool]] = []  # (line start, after the line, closing)
     pos = 0
@@ -190,8 +193,10 @@ def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
         if closing:
             break
     if not starts:
-        return [b""]
-    parts = []
+        return [b""], [body, b""]
+    parts: list[bytes] = []
+    frames: list[bytes] = []
+    prev = 0
     for (_, after, closing), nxt in zip(starts, [*starts[1:], None], strict=True):
         if closing:
             break
@@ -201,8 +206,12 @@ def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
                 stop -= 2
             elif body[stop - 1:stop] == b"\n" and stop - 1 >= after:
                 stop -= 1
+        frames.append(body[prev:after])
         parts.append(body[after:stop])
-    return parts or [b""]
+        prev = stop
+    if not parts:
+        return [b""], [body, b""]
+    return parts, [*frames, body[prev:]]
 
 
 def parse(data: bytes, *, _depth: int = 0,
@@ -217,10 +226,13 @@ def parse(data: bytes, *, _depth: int = 0,
         boundary = _param(part, "boundary")
         if not boundary:  # a multipart of one empty part, as Dovecot shows it
             part.children.append(parse(b"", _depth=_depth + 1))
+            part.frames = [body, b""]
             return part
         child_default = ("message", "rfc822") if part.subtype.lower() == "digest" \
             else ("text", "plain")
-        for chunk in _split_multipart(body, boundary.encode("utf-8", "surrogateescape")):
+        chunks, part.frames = _split_multipart(body, boundary.encode("utf-8",
+                                                                     "surrogateescape"))
+        for chunk in chunks:
             part.children.append(parse(chunk, _depth=_depth + 1, _default=child_default))
     elif (part.maintype.lower(), part.subtype.lower()) in (("message", "rfc822"),
                                                            ("message", "global")):
@@ -321,17 +333,41 @@ def _decode_cte(part: Part) -> bytes:
 def binary_bytes(root: Part, part_numbers: tuple[int, ...], data: bytes) -> bytes | None:
     """``BINARY[part]``: the part with its transfer encoding undone (RFC 3516).
 
-    A multipart or a whole message (``BINARY[]``) comes back as stored: its own encoding is
-    7bit/8bit/binary. Dovecot goes further and decodes the leaves inside; not done here.
+    A multipart, a message/rfc822 part or the whole message (``BINARY[]``) comes back with
+    every base64 or quoted-printable leaf inside decoded and labelled
+    ``Content-Transfer-Encoding: binary``, as Dovecot does.
     """
     if not part_numbers:
-        return data
+        header, body = _binary(root)
+        return header + body
     node = find_part(root, part_numbers)
     if node is None:
         return None
     if node.multipart or (node.message is not None and node is not root):
-        return node.body
+        return _binary(node)[1]
     return _decode_cte(node)
+
+
+_IDENTITY = (b"7bit", b"8bit", b"binary", b"")
+
+
+def _binary(part: Part) -> tuple[bytes, bytes]:
+    """Header and body of ``part`` with the leaves inside decoded."""
+    if part.multipart and part.children:
+        out = [part.frames[0]]
+        for child, frame in zip(part.children, part.frames[1:], strict=True):
+            out += [*_binary(child), frame]
+        return part.header, b"".join(out)
+    if part.message is not None:
+        return part.header, b"".join(_binary(part.message))
+    cte = (part.get("content-transfer-encoding") or b"").strip().lower()
+    if part.multipart or cte in _IDENTITY:
+        return part.header, part.body
+    body = _decode_cte(part)
+    kept = b"".join(raw for name, raw in part.fields if name != "content-transfer-encoding")
+    if kept and not kept.endswith(b"\n"):
+        kept += b"\r\n"
+    return kept + b"Content-Transfer-Encoding: binary\r\n\r\n", body
 
 
 # ---------------------------------------------------------------------------- ENVELOPE
