@@ -18,6 +18,10 @@ Bounds: nesting is cut at ``MAX_DEPTH`` levels (deeper parts are leaves), a mult
 at most ``MAX_PARTS`` children, and SEARCH looks at no more than ``SEARCH_CAP`` octets of
 decoded text per message, with ``in`` on case-folded text (never a regular expression from
 the client). RFC 2047 encoded words are left as they are in ENVELOPE, as servers do.
+
+Where the RFCs leave a choice (line counts, default charset, a multipart without boundary,
+part 1 of a leaf, RFC 2231 parameters, SEARCH of a missing Date), the choice is the
+reference Dovecot's, and tests/protocol/test_imap_message.py compares the two.
 """
 
 from __future__ import annotations
