@@ -6,7 +6,13 @@ import re
 
 from mailfort.audit.checks.common import unknown_local
 from mailfort.audit.client import ProbeError, RawClient
-from mailfort.audit.context import Context, imap_greeting
+from mailfort.audit.context import (
+    IMAP_SERVICES,
+    POP3_SERVICES,
+    SMTP_SERVICES,
+    Context,
+    imap_greeting,
+)
 from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, WARN, Verdict, check, skip
 
 SOFTWARE = re.compile(  # a name, not part of a host name such as mailfort.example.org
@@ -71,9 +77,9 @@ def _imap_texts(c: RawClient, service: str) -> list[tuple[str, str]]:
 
 # How each protocol is read and left: (services, reader, quit keywords).
 _READERS = (
-    (("smtp", "submission", "submissions"), _smtp_texts, {}),
-    (("pop3", "pop3s"), _pop3_texts, {"pop3": True}),
-    (("imap", "imaps"), _imap_texts, {"imap": True}),
+    (SMTP_SERVICES, _smtp_texts, {}),
+    (POP3_SERVICES, _pop3_texts, {"pop3": True}),
+    (IMAP_SERVICES, _imap_texts, {"imap": True}),
 )
 
 

@@ -8,7 +8,7 @@ import time
 
 from mailfort.audit.checks.common import accepted, foreign
 from mailfort.audit.client import BudgetSpent, NoReply, ProbeError, RawClient
-from mailfort.audit.context import Context, ext_arg, has_ext, imap_greeting
+from mailfort.audit.context import IMAP_SERVICES, Context, ext_arg, has_ext, imap_greeting
 from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, inconclusive, skip
 
 
@@ -190,9 +190,9 @@ HUGE_LITERAL = 4294967295  # 2^32 - 1: a server that sizes a buffer from it is d
 
 
 def _imap_service(ctx: Context) -> str:
-    found = [s for s in ("imap", "imaps") if s in ctx.open_ports]
+    found = [s for s in IMAP_SERVICES if s in ctx.open_ports]
     if not found:
-        raise skip("port.none-of", services="imap, imaps")
+        raise skip("port.none-of", services=", ".join(IMAP_SERVICES))
     return found[0]
 
 
@@ -226,6 +226,7 @@ def imap_literal(ctx: Context) -> Verdict:
         except ProbeError:
             return Verdict(PASS, "literal.closed", {"service": service})
         if status == "+":
+            c.close()  # it now reads literal bytes: a LOGOUT would be taken as some of them
             return Verdict(FAIL, "literal.continued", {"service": service, "n": HUGE_LITERAL})
         try:
             state = _imap_alive(c)
