@@ -1,9 +1,10 @@
-"""A deliberately weak SMTP/POP3 server for the auditor's tests, loopback only.
+"""A deliberately weak SMTP/POP3/IMAP server for the auditor's tests, loopback only.
 
 With no weakness switched on it behaves like a careful server (relay refused, unknown
 users refused at RCPT, VRFY 252, STARTTLS/STLS with TLS 1.2+, AUTH and USER only inside
 TLS, pipelined plaintext discarded at the handshake, only <CRLF>.<CRLF> ends DATA,
-limits on lines, SIZE, recipients and NUL, no software name). Each field of
+limits on lines, SIZE, recipients and NUL, no software name; IMAP with LOGINDISABLED
+before STARTTLS and literals over 64 KiB refused without ``+``). Each field of
 :class:`Weakness` switches one of those off, so a test can prove that exactly the
 matching audit check FAILs. Raw sockets and one thread per connection keep it small and
 let it misbehave in ways a real engine would not (keep plaintext buffered across TLS,
@@ -68,6 +69,7 @@ class Weakness:
     imap_injection: bool = False  # keeps plaintext pipelined with STARTTLS
     imap_huge_literal: bool = False  # answers + to a {4294967295} literal
     imap_banner_version: bool = False  # software and version in the IMAP greeting
+    imap_literal_drop: bool = False  # a huge literal ends the session without a BYE
 
     @classmethod
     def names(cls) -> list[str]:
@@ -464,6 +466,8 @@ class WeakServer:
                 if not size.isdigit():
                     c.send(f"{tag} BAD Bad literal")
                     continue
+                if int(size) > IMAP_LITERAL_LIMIT and w.imap_literal_drop:
+                    return  # as a session process that dies would
                 if int(size) > IMAP_LITERAL_LIMIT and not w.imap_huge_literal:
                     c.send(f"{tag} BAD Literal too big")
                     continue

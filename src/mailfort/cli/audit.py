@@ -14,10 +14,9 @@ from mailfort.audit.context import Target
 from mailfort.audit.registry import all_checks
 
 DESCRIPTION = """\
-Check a mail server from the outside for every weakness mailfort closes (open relay,
-unauthenticated submission, backscatter, plaintext, VRFY/EXPN, limits, smuggling, DNS;
-SMTP, POP3 and IMAP)
-and say how to fix each finding.
+Check a mail server (SMTP, POP3, IMAP) from the outside for every weakness mailfort
+closes (open relay, unauthenticated submission, backscatter, plaintext, VRFY/EXPN, limits,
+smuggling, DNS) and say how to fix each finding.
 
 Exit status: 0 every check PASS, WARN or SKIP; 1 something FAILs; 2 bad usage,
 unwritable --html FILE or unreachable host (no report); 3 nothing FAILs but something

@@ -331,6 +331,8 @@ NOTES: dict[str, str] = {
                       "waiting for its bytes",
     "literal.wedged": "{service} refused the 4 GiB literal but then answered no NOOP",
     "literal.closed": "{service} closed the session on the 4 GiB literal or the long line",
+    "literal.dropped": "{service} dropped the connection on the 4 GiB literal without a BYE "
+                       "(a crashed session?)",
     "literal.refused": "{service} refused the 4 GiB literal without + and the {n}-octet line",
     "pop3.cleartext": "a password can be sent in the clear: {what}",
     "pop3.refused": "USER/PASS and SASL are not offered or accepted before STLS",

@@ -320,6 +320,8 @@ NOTES: dict[str, str] = {
                       "可能性",
     "literal.wedged": "{service} は 4 GiB のリテラルを拒否したが、その後 NOOP に応答しない",
     "literal.closed": "{service} は 4 GiB のリテラルか長い行で接続を切った",
+    "literal.dropped": "{service} は 4 GiB のリテラルで BYE なしに接続を切った(セッションが"
+                       "異常終了した可能性)",
     "literal.refused": "{service} は 4 GiB のリテラルを + なしで拒否し、{n} オクテットの行も"
                        "拒否した",
     "pop3.cleartext": "パスワードを平文で送れる: {what}",

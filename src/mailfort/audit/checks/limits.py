@@ -196,6 +196,14 @@ def _imap_service(ctx: Context) -> str:
     return found[0]
 
 
+def _closed(c: RawClient, since: int, service: str) -> Verdict:
+    """The session ended: politely (an untagged BYE first, RFC 9051 §7.1.5) is a PASS; a
+    bare close may be a crashed session process, so it is a WARN."""
+    if any(ln.upper().startswith("< * BYE") for ln in c.transcript[since:]):
+        return Verdict(PASS, "literal.closed", {"service": service})
+    return Verdict(WARN, "literal.dropped", {"service": service})
+
+
 def _imap_alive(c: RawClient) -> str:
     """After a refusal: "alive" when a NOOP is answered, "closed" when the server ended
     the session (politely or not); NoReply when it is silent."""
@@ -218,13 +226,14 @@ def imap_literal(ctx: Context) -> Verdict:
     n = ctx.target.long_line
     c = ctx.imap(service)
     try:
+        since = len(c.transcript)
         c.send(f"A LOGIN {{{HUGE_LITERAL}}}\r\n".encode())
         try:
             status, _ = c.tagged("A")
         except NoReply:
             return Verdict(WARN, "literal.silent", {"service": service})
         except ProbeError:
-            return Verdict(PASS, "literal.closed", {"service": service})
+            return _closed(c, since, service)
         if status == "+":
             c.close()  # it now reads literal bytes: a LOGOUT would be taken as some of them
             return Verdict(FAIL, "literal.continued", {"service": service, "n": HUGE_LITERAL})
@@ -233,7 +242,7 @@ def imap_literal(ctx: Context) -> Verdict:
         except NoReply:
             return Verdict(FAIL, "literal.wedged", {"service": service})
         if state == "closed":
-            return Verdict(PASS, "literal.closed", {"service": service})
+            return _closed(c, since, service)
         tag = b"T" * n
         try:
             c.send(tag + b" NOOP\r\n", note=f"<{n}-octet tag> NOOP")
