@@ -46,3 +46,16 @@ def test_the_budget_bounds_a_read_inside_a_check(
     assert time.monotonic() - started < 1.2
     with pytest.raises(BudgetSpent):  # nothing left: no new connection either
         RawClient("127.0.0.1", server.ports["smtp"], 10.0, deadline=started)
+
+
+def test_imap_tagged_replies_are_counted_up_to_the_logout_marker(
+    weak_factory: Callable[..., WeakServer],
+) -> None:
+    """Untagged lines (CAPABILITY data, BYE) are not replies; each tagged one is."""
+    server = weak_factory()
+    with RawClient("127.0.0.1", server.ports["imap"], 2.0) as c:
+        c.read_line()
+        status, untagged = c.imap("C", "CAPABILITY")
+        assert status == "OK" and untagged[0].startswith("* CAPABILITY IMAP4rev1")
+        c.send(b"a NOOP\r\nb NOOP\r\n")
+        assert [r.split()[0] for r in c.replies_before_quit(imap=True)] == ["a", "b"]

@@ -17,6 +17,8 @@ RELAY = ["relay", "backscatter"]
 SUBMISSION = ["submission"]
 DISCLOSURE = ["disclosure"]
 TLS = ["tls", "pop3"]
+IMAP = ["imap", "tls.starttls", "tls.injection-imap", "limits.imap-literal",
+        "disclosure.banner"]
 LIMITS = ["limits.long-line", "limits.size", "limits.recipients", "limits.nul"]
 
 CASES: dict[str, tuple[str, list[str]]] = {
@@ -43,12 +45,19 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "relay_local_sender": ("relay.open", RELAY),
     "apop": ("pop3.apop", TLS),
     "vrfy_text": ("disclosure.vrfy-expn", DISCLOSURE),
+    "imap_plaintext_login": ("imap.plaintext-auth", IMAP),
+    "no_imap_starttls": ("tls.starttls", IMAP),
+    "imap_injection": ("tls.injection-imap", IMAP),
+    "imap_huge_literal": ("limits.imap-literal", IMAP),
+    "imap_banner_version": ("disclosure.banner", IMAP),
+    "imap_literal_drop": ("limits.imap-literal", IMAP),
 }
 
 
 # A server that answers an over-long line normally may hold it whole (this weak server
-# does) or cut it (Postfix does): no reply tells them apart, so the check WARNs.
-WARN_ONLY = {"no_line_limit"}
+# does) or cut it (Postfix does): no reply tells them apart, so the check WARNs. An IMAP
+# session that ends without BYE on a huge literal may have crashed: a WARN too.
+WARN_ONLY = {"no_line_limit", "imap_literal_drop"}
 
 
 def test_every_weakness_has_a_case() -> None:

@@ -1,9 +1,10 @@
-"""A deliberately weak SMTP/POP3 server for the auditor's tests, loopback only.
+"""A deliberately weak SMTP/POP3/IMAP server for the auditor's tests, loopback only.
 
 With no weakness switched on it behaves like a careful server (relay refused, unknown
 users refused at RCPT, VRFY 252, STARTTLS/STLS with TLS 1.2+, AUTH and USER only inside
 TLS, pipelined plaintext discarded at the handshake, only <CRLF>.<CRLF> ends DATA,
-limits on lines, SIZE, recipients and NUL, no software name). Each field of
+limits on lines, SIZE, recipients and NUL, no software name; IMAP with LOGINDISABLED
+before STARTTLS and literals over 64 KiB refused without ``+``). Each field of
 :class:`Weakness` switches one of those off, so a test can prove that exactly the
 matching audit check FAILs. Raw sockets and one thread per connection keep it small and
 let it misbehave in ways a real engine would not (keep plaintext buffered across TLS,
@@ -31,6 +32,8 @@ import warnings
 from dataclasses import dataclass, fields
 
 LINE_LIMIT = 512
+IMAP_LINE_LIMIT = 8192
+IMAP_LITERAL_LIMIT = 65536
 SIZE_LIMIT = 10_000
 RCPT_LIMIT = 100
 MAX_ERRORS = 10
@@ -61,6 +64,12 @@ class Weakness:
     relay_local_sender: bool = False  # relays any RCPT when MAIL FROM is a local user
     apop: bool = False  # timestamp in the POP3 greeting, APOP answered before STLS
     vrfy_text: bool = False  # VRFY 252 for all, but the text tells users apart
+    imap_plaintext_login: bool = False  # no LOGINDISABLED, AUTH=PLAIN and LOGIN before TLS
+    no_imap_starttls: bool = False
+    imap_injection: bool = False  # keeps plaintext pipelined with STARTTLS
+    imap_huge_literal: bool = False  # answers + to a {4294967295} literal
+    imap_banner_version: bool = False  # software and version in the IMAP greeting
+    imap_literal_drop: bool = False  # a huge literal ends the session without a BYE
 
     @classmethod
     def names(cls) -> list[str]:
@@ -116,9 +125,9 @@ class _Conn:
 
 
 class WeakServer:
-    """SMTP (MX), submission, submissions, POP3, POP3S on free loopback ports."""
+    """SMTP (MX), submission, submissions, POP3, POP3S, IMAP, IMAPS on free loopback ports."""
 
-    ROLES = ("smtp", "submission", "submissions", "pop3", "pop3s")
+    ROLES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 
     def __init__(self, cert: object, weakness: Weakness | None = None,
                  domain: str = "weak.test", users: dict[str, str] | None = None,
@@ -202,11 +211,13 @@ class WeakServer:
             self._slots.acquire()
         try:
             conn = _Conn(sock)
-            tls = role in ("submissions", "pop3s")
+            tls = role in ("submissions", "pop3s", "imaps")
             if tls:
                 conn.wrap(self.ctx, keep_buffer=False)
             if role.startswith("pop3"):
                 self._pop3(conn, tls)
+            elif role.startswith("imap"):
+                self._imap(conn, tls)
             else:
                 self._smtp(conn, role, tls)
         except (_Closed, OSError, ssl.SSLError):
@@ -432,6 +443,66 @@ class WeakServer:
                 return
             else:
                 c.send("-ERR Not allowed now")
+
+
+    # -- IMAP -----------------------------------------------------------------------------
+
+    def _imap(self, c: _Conn, tls: bool) -> None:
+        """Just enough IMAP for the auditor: CAPABILITY, NOOP, STARTTLS, LOGIN, LOGOUT."""
+        w = self.weak
+        c.send("* OK " + ("weak.test Dovecot 2.3.21 ready" if w.imap_banner_version
+                          else "weak.test IMAP ready"))
+        while True:
+            raw, too_long = c.line(IMAP_LINE_LIMIT)
+            if too_long:
+                c.send("* BAD Line too long")
+                continue
+            line = raw.decode("latin-1")
+            tag, _, rest = line.partition(" ")
+            verb, _, arg = rest.partition(" ")
+            verb = verb.upper()
+            if line.endswith("}") and "{" in line:
+                size = line.rpartition("{")[2][:-1]
+                if not size.isdigit():
+                    c.send(f"{tag} BAD Bad literal")
+                    continue
+                if int(size) > IMAP_LITERAL_LIMIT and w.imap_literal_drop:
+                    return  # as a session process that dies would
+                if int(size) > IMAP_LITERAL_LIMIT and not w.imap_huge_literal:
+                    c.send(f"{tag} BAD Literal too big")
+                    continue
+                c.send("+ Ready for literal data")
+                c.line(None)  # the literal and the rest of the command: not served here
+                c.send(f"{tag} NO Not supported here")
+                continue
+            if verb == "CAPABILITY":
+                caps = ["IMAP4rev1"]
+                if not tls and not w.no_imap_starttls:
+                    caps.append("STARTTLS")
+                if tls or w.imap_plaintext_login:
+                    caps.append("AUTH=PLAIN")
+                else:
+                    caps.append("LOGINDISABLED")
+                c.send("* CAPABILITY " + " ".join(caps) + f"\r\n{tag} OK CAPABILITY done")
+            elif verb == "NOOP":
+                c.send(f"{tag} OK NOOP done")
+            elif verb == "STARTTLS" and not tls and not w.no_imap_starttls:
+                c.send(f"{tag} OK Begin TLS")
+                c.wrap(self.ctx, keep_buffer=w.imap_injection)
+                tls = True
+            elif verb in ("LOGIN", "AUTHENTICATE"):
+                if not tls and not w.imap_plaintext_login:
+                    c.send(f"{tag} NO [PRIVACYREQUIRED] STARTTLS first")
+                else:
+                    user, _, pw = arg.partition(" ")
+                    ok = self.users.get(user.partition("@")[0]) == pw.strip('"')
+                    c.send(f"{tag} OK Logged in" if ok and verb == "LOGIN"
+                           else f"{tag} NO [AUTHENTICATIONFAILED] Invalid")
+            elif verb == "LOGOUT":
+                c.send(f"* BYE Logging out\r\n{tag} OK LOGOUT done")
+                return
+            else:
+                c.send(f"{tag} BAD Unknown command")
 
 
 def _addr(arg: str) -> str:

@@ -216,6 +216,31 @@ class RawClient:
         self.transcript.append("< " + trim(" | ".join(out)))
         return out
 
+    # -- IMAP -------------------------------------------------------------------------
+
+    def tagged(self, tag: str, timeout: float | None = None) -> tuple[str, list[str]]:
+        """Lines up to the tagged reply of ``tag`` (one deadline, at most MAX_LINES):
+        (its status word, OK/NO/BAD, and the untagged lines before it). A ``+``
+        continuation comes back as status ``+``: the server waits for a literal."""
+        deadline = self._until(timeout)
+        untagged: list[str] = []
+        for _ in range(MAX_LINES):
+            text = self.read_line(deadline=deadline).decode("latin-1")
+            self.transcript.append("< " + trim(text))
+            word, _, rest = text.partition(" ")
+            if word == tag:
+                return rest.partition(" ")[0].upper(), untagged
+            if word == "+":
+                return "+", untagged
+            untagged.append(text)
+        self.close()
+        raise NoReply(f"more than {MAX_LINES} lines before the reply to {tag}")
+
+    def imap(self, tag: str, line: str, timeout: float | None = None) -> tuple[str, list[str]]:
+        """Send ``TAG line`` and read up to its tagged reply (see :meth:`tagged`)."""
+        self.send(f"{tag} {line}\r\n".encode("latin-1"))
+        return self.tagged(tag, timeout)
+
     # -- TLS and end ------------------------------------------------------------------
 
     def starttls(self, ctx: ssl.SSLContext | None = None) -> ssl.SSLSocket:
@@ -239,21 +264,28 @@ class RawClient:
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    def quit(self, pop3: bool = False) -> None:
-        """QUIT politely when possible, then close; never raises."""
+    def quit(self, pop3: bool = False, imap: bool = False) -> None:
+        """QUIT (IMAP: LOGOUT) politely when possible, then close; never raises."""
         if not self.closed:
             try:
-                self.send(b"QUIT\r\n")
-                if pop3:
-                    self.status(min(self.timeout, 2.0))
+                if imap:
+                    self.imap("Z", "LOGOUT", min(self.timeout, 2.0))
                 else:
-                    self.reply(min(self.timeout, 2.0))
+                    self.send(b"QUIT\r\n")
+                    if pop3:
+                        self.status(min(self.timeout, 2.0))
+                    else:
+                        self.reply(min(self.timeout, 2.0))
             except (ProbeError, BudgetSpent):
                 pass
         self.close()
 
-    def replies_before_quit(self, pop3: bool = False) -> list[str]:
+    def replies_before_quit(self, pop3: bool = False, imap: bool = False) -> list[str]:
         """Send QUIT as a marker and return the replies that come before its own.
+
+        For IMAP the marker is ``Z LOGOUT`` and the replies counted are the tagged ones
+        (untagged data and BYE are not replies to a command); its own tagged reply, or the
+        close after its BYE, ends the count.
 
         A reply that comes late is still a reply: counting up to the marker's reply (221,
         or for POP3 the server's close that follows its +OK) does not mistake a slow
@@ -262,10 +294,19 @@ class RawClient:
         not answered in time: then the replies cannot be counted.
         """
         with contextlib.suppress(ProbeError):  # closed already: count what it sent
-            self.send(b"QUIT\r\n")
+            self.send(b"Z LOGOUT\r\n" if imap else b"QUIT\r\n")
         seen: list[str] = []
         try:
             for _ in range(MAX_LINES):
+                if imap:
+                    text = self.read_line().decode("latin-1")
+                    self.transcript.append("< " + trim(text))
+                    tag = text.partition(" ")[0]
+                    if tag == "Z":
+                        return seen
+                    if tag not in ("*", "+"):
+                        seen.append(text)
+                    continue
                 if pop3:
                     seen.append(self.read_line().decode("latin-1"))
                     self.transcript.append("< " + trim(seen[-1]))

@@ -8,12 +8,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from mailfort.audit.client import BudgetSpent, ProbeError, RawClient, insecure_context
+from mailfort.audit.client import BudgetSpent, ProbeError, RawClient, insecure_context, trim
 from mailfort.audit.registry import inconclusive, skip
 
 SMTP_SERVICES = ("smtp", "submission", "submissions")
 POP3_SERVICES = ("pop3", "pop3s")
-IMPLICIT_TLS = ("submissions", "pop3s")
+IMAP_SERVICES = ("imap", "imaps")
+IMPLICIT_TLS = ("submissions", "pop3s", "imaps")
 EHLO_NAME = "audit.mailfort.invalid"
 
 
@@ -130,6 +131,21 @@ class Context:
             raise ProbeError("POP3 greeting is not +OK")
         return c
 
+    def imap(self, service: str) -> RawClient:
+        """A connection whose ``* OK`` greeting is read (PREAUTH or BYE: INCONCLUSIVE, a
+        session that is not in the not-authenticated state tests nothing here)."""
+        c = self.connect(service)
+        try:
+            greeting = imap_greeting(c)
+        except BaseException:
+            c.close()
+            raise
+        if not greeting.upper().startswith("* OK"):
+            c.close()
+            raise inconclusive("greeting.refused", service=service, code=greeting[2:9],
+                               text=greeting[:80])
+        return c
+
     @contextlib.contextmanager
     def session(self, service: str, **kw: bool | str) -> Iterator[tuple[RawClient, list[str]]]:
         c, lines = self.smtp(service, **kw)
@@ -156,6 +172,26 @@ def smtp_greeting(c: RawClient, service: str) -> None:
                            text=" ".join(lines)[:80])
     if code != 220:
         raise ProbeError(f"greeting {code}")
+
+
+def imap_greeting(c: RawClient) -> str:
+    """The IMAP greeting line (``* OK``, ``* PREAUTH`` or ``* BYE``)."""
+    text = c.read_line().decode("latin-1")
+    c.transcript.append("< " + trim(text))
+    return text
+
+
+def imap_capabilities(c: RawClient) -> list[str]:
+    """The words of the CAPABILITY reply, upper-cased (``STARTTLS``, ``AUTH=PLAIN``…)."""
+    status, lines = c.imap("C", "CAPABILITY")
+    if status != "OK":
+        raise ProbeError(f"CAPABILITY answered {status}")
+    words: list[str] = []
+    for ln in lines:
+        head = "* CAPABILITY "
+        if ln.upper().startswith(head):
+            words += ln[len(head):].upper().split()
+    return words
 
 
 def has_ext(ehlo_lines: list[str], keyword: str) -> bool:

@@ -78,10 +78,11 @@ CHECKS: dict[str, dict[str, str]] = {
         "postfix": "disable_vrfy_command = yes.",
     },
     "tls.starttls": {
-        "title": "STARTTLS on every SMTP port",
+        "title": "STARTTLS on every SMTP and IMAP port",
         "why": "Without TLS, mail and passwords cross the network in plaintext and can be read "
                "or changed on the way.",
-        "fix": "Offer STARTTLS on 25 and 587 and implicit TLS on 465, with a valid certificate.",
+        "fix": "Offer STARTTLS on 25, 587 and 143 and implicit TLS on 465 and 993, with a valid "
+               "certificate.",
         "postfix": "smtpd_tls_cert_file, smtpd_tls_key_file, smtpd_tls_security_level = may "
                    "(25) / encrypt (587).",
     },
@@ -149,6 +150,34 @@ CHECKS: dict[str, dict[str, str]] = {
                "executed inside TLS.",
         "fix": "Discard everything buffered when STLS is answered.",
         "postfix": "Postfix does not serve POP3: upgrade the POP3 server.",
+    },
+    "imap.plaintext-auth": {
+        "title": "IMAP LOGIN before TLS",
+        "why": "An IMAP server that offers LOGIN or AUTH= mechanisms before STARTTLS lets every "
+               "mail client send its password in plaintext, readable on the network.",
+        "fix": "Advertise LOGINDISABLED and no AUTH= mechanism before STARTTLS on 143, refuse "
+               "LOGIN there with NO [PRIVACYREQUIRED] or BAD, and prefer implicit TLS on 993.",
+        "postfix": "Postfix does not serve IMAP: in the IMAP server disable plaintext auth "
+                   "without TLS (for Dovecot, disable_plaintext_auth = yes / "
+                   "auth_allow_cleartext = no).",
+    },
+    "tls.injection-imap": {
+        "title": "STARTTLS command injection (IMAP)",
+        "why": "The same injection as for SMTP: plaintext commands pipelined with STARTTLS "
+               "executed inside TLS (CVE-2011-0411 class, found in several IMAP servers).",
+        "fix": "Discard everything buffered when STARTTLS is answered.",
+        "postfix": "Postfix does not serve IMAP: upgrade the IMAP server.",
+    },
+    "limits.imap-literal": {
+        "title": "IMAP literal and line limits (BOF)",
+        "why": "An IMAP literal announces its size ({4294967295}) before its bytes: a server "
+               "that answers + to any size, or sizes a buffer from it, can be made to hold "
+               "gigabytes or overflow; unbounded command lines exhaust memory the same way.",
+        "fix": "Refuse a literal over the limit with a tagged NO or BAD before any byte is "
+               "read (no + continuation), and bound the command line; keep serving or close "
+               "with BYE.",
+        "postfix": "Postfix does not serve IMAP: keep the IMAP server's literal and line "
+                   "limits (for Dovecot, imap_max_line_length) at their defaults.",
     },
     "smuggling.end-of-data": {
         "title": "SMTP smuggling",
@@ -290,6 +319,21 @@ NOTES: dict[str, str] = {
     "banner.clean": "no software name or version in banner, EHLO, HELP or errors",
     "vrfy.leaks": "VRFY/EXPN tell users apart (known/unknown): {what}; {rcpt} (expected)",
     "vrfy.same": "VRFY/EXPN do not tell users apart: {what}; {rcpt} (expected)",
+    "imap.cleartext": "a password can be sent in the clear: {what}",
+    "imap.refused": "LOGINDISABLED advertised, no AUTH= and LOGIN refused before STARTTLS",
+    "imap.why.no-logindisabled": "no LOGINDISABLED before STARTTLS",
+    "imap.why.auth": "{mechs} offered before STARTTLS",
+    "imap.why.login-ok": "LOGIN accepted before STARTTLS",
+    "imap.why.login-checked": "LOGIN before STARTTLS was checked (AUTHENTICATIONFAILED): the "
+                              "password was taken in the clear",
+    "literal.continued": "{service} answered + to a {n}-octet literal: it would read it",
+    "literal.silent": "{service} neither refused nor continued a 4 GiB literal: it may be "
+                      "waiting for its bytes",
+    "literal.wedged": "{service} refused the 4 GiB literal but then answered no NOOP",
+    "literal.closed": "{service} closed the session on the 4 GiB literal or the long line",
+    "literal.dropped": "{service} dropped the connection on the 4 GiB literal without a BYE "
+                       "(a crashed session?)",
+    "literal.refused": "{service} refused the 4 GiB literal without + and the {n}-octet line",
     "pop3.cleartext": "a password can be sent in the clear: {what}",
     "pop3.refused": "USER/PASS and SASL are not offered or accepted before STLS",
     "tls.missing": "no TLS: {where}",

@@ -74,10 +74,10 @@ CHECKS: dict[str, dict[str, str]] = {
         "postfix": "disable_vrfy_command = yes。",
     },
     "tls.starttls": {
-        "title": "全 SMTP ポートでの STARTTLS",
+        "title": "全 SMTP・IMAP ポートでの STARTTLS",
         "why": "SMTP にはメールを暗号化する機能がなく、TLS がなければメールもパスワードも平文で"
                "ネットワークを流れ、盗聴・改竄される。",
-        "fix": "25/587 で STARTTLS、465 で暗黙の TLS を提供し、正しい証明書を使う。",
+        "fix": "25/587/143 で STARTTLS、465/993 で暗黙の TLS を提供し、正しい証明書を使う。",
         "postfix": "smtpd_tls_cert_file、smtpd_tls_key_file、smtpd_tls_security_level = may(25)"
                    " / encrypt(587)。",
     },
@@ -141,6 +141,32 @@ CHECKS: dict[str, dict[str, str]] = {
         "why": "SMTP と同じく、STLS と一緒に送られた平文コマンドが TLS の中で実行される。",
         "fix": "STLS に応答する時点で受信済みのデータをすべて捨てる。",
         "postfix": "Postfix は POP3 を提供しない。POP3 サーバを更新する。",
+    },
+    "imap.plaintext-auth": {
+        "title": "TLS 前の IMAP LOGIN",
+        "why": "STARTTLS 前に LOGIN や AUTH= を受け付ける IMAP サーバでは、メールクライアントが"
+               "パスワードを平文で送ってしまい、パケット盗聴で漏洩する。",
+        "fix": "143 番では STARTTLS 前に LOGINDISABLED を提示して AUTH= を載せず、LOGIN には "
+               "NO [PRIVACYREQUIRED] か BAD を返す。993 番の暗黙の TLS を勧める。",
+        "postfix": "Postfix は IMAP を提供しない。IMAP サーバで TLS なしの平文認証を無効にする"
+                   "(Dovecot では disable_plaintext_auth = yes / auth_allow_cleartext = no)。",
+    },
+    "tls.injection-imap": {
+        "title": "STARTTLS コマンドインジェクション(IMAP)",
+        "why": "SMTP と同じく、STARTTLS と一緒に送られた平文コマンドが TLS の中で実行される"
+               "(CVE-2011-0411 の類で、複数の IMAP サーバで見つかった)。",
+        "fix": "STARTTLS に応答する時点で受信済みのデータをすべて捨てる。",
+        "postfix": "Postfix は IMAP を提供しない。IMAP サーバを更新する。",
+    },
+    "limits.imap-literal": {
+        "title": "IMAP のリテラルと行の上限(BOF)",
+        "why": "IMAP のリテラルはバイト列の前に大きさ({4294967295})を宣言する。どんな大きさにも "
+               "+ で応じたり、その値でバッファを確保したりするサーバは、数 GB を抱え込まされるか "
+               "BOF 攻撃を受ける。上限のないコマンド行も同じくメモリを使い果たさせる。",
+        "fix": "上限を超えるリテラルは 1 バイトも読まずにタグ付きの NO か BAD で拒否し(+ を"
+               "返さない)、コマンド行も制限する。その後もサービスを続けるか BYE で切断する。",
+        "postfix": "Postfix は IMAP を提供しない。IMAP サーバのリテラルと行の上限(Dovecot では "
+                   "imap_max_line_length)を既定値のまま保つ。",
     },
     "smuggling.end-of-data": {
         "title": "SMTP スマグリング",
@@ -282,6 +308,22 @@ NOTES: dict[str, str] = {
     "banner.clean": "バナー、EHLO、HELP、エラーにソフトウェア名もバージョンもない",
     "vrfy.leaks": "VRFY/EXPN でユーザーの有無が区別できる(既知/不明): {what}; {rcpt}(想定どおり)",
     "vrfy.same": "VRFY/EXPN でユーザーの有無は区別できない: {what}; {rcpt}(想定どおり)",
+    "imap.cleartext": "パスワードを平文で送れる: {what}",
+    "imap.refused": "STARTTLS 前は LOGINDISABLED を提示し、AUTH= はなく、LOGIN を拒否する",
+    "imap.why.no-logindisabled": "STARTTLS 前に LOGINDISABLED がない",
+    "imap.why.auth": "STARTTLS 前に {mechs} を提示",
+    "imap.why.login-ok": "STARTTLS 前の LOGIN が受理された",
+    "imap.why.login-checked": "STARTTLS 前の LOGIN が照合された(AUTHENTICATIONFAILED): "
+                              "パスワードを平文で受け取った",
+    "literal.continued": "{service} が {n} オクテットのリテラルに + で応じた: 読み込もうとする",
+    "literal.silent": "{service} は 4 GiB のリテラルを拒否も継続もしない: バイト列を待っている"
+                      "可能性",
+    "literal.wedged": "{service} は 4 GiB のリテラルを拒否したが、その後 NOOP に応答しない",
+    "literal.closed": "{service} は 4 GiB のリテラルか長い行で接続を切った",
+    "literal.dropped": "{service} は 4 GiB のリテラルで BYE なしに接続を切った(セッションが"
+                       "異常終了した可能性)",
+    "literal.refused": "{service} は 4 GiB のリテラルを + なしで拒否し、{n} オクテットの行も"
+                       "拒否した",
     "pop3.cleartext": "パスワードを平文で送れる: {what}",
     "pop3.refused": "STLS 前には USER/PASS も SASL も提示・受理しない",
     "tls.missing": "TLS なし: {where}",

@@ -3,6 +3,7 @@
 from mailfort.audit.checks import (  # noqa: F401
     disclosure,
     dnschecks,
+    imap,
     limits,
     pop3,
     relay,

@@ -5,8 +5,14 @@ from __future__ import annotations
 import re
 
 from mailfort.audit.checks.common import unknown_local
-from mailfort.audit.client import ProbeError
-from mailfort.audit.context import Context
+from mailfort.audit.client import ProbeError, RawClient
+from mailfort.audit.context import (
+    IMAP_SERVICES,
+    POP3_SERVICES,
+    SMTP_SERVICES,
+    Context,
+    imap_greeting,
+)
 from mailfort.audit.registry import FAIL, INCONCLUSIVE, PASS, WARN, Verdict, check, skip
 
 SOFTWARE = re.compile(  # a name, not part of a host name such as mailfort.example.org
@@ -41,49 +47,64 @@ def find_software(text: str) -> tuple[str | None, str | None]:
     return (name.group(1) if name else None), version
 
 
+def _smtp_texts(c: RawClient, service: str) -> list[tuple[str, str]]:
+    _, greet = c.reply()
+    seen = [(f"{service} banner", ln) for ln in greet]
+    for cmd in ("EHLO audit.mailfort.invalid", "HELP", "XYZZY"):
+        _, lines = c.cmd(cmd)
+        seen += [(f"{service} {cmd.split()[0]}", ln) for ln in lines]
+    return seen
+
+
+def _pop3_texts(c: RawClient, service: str) -> list[tuple[str, str]]:
+    _, greet = c.status()
+    seen = [(f"{service} banner", greet)]
+    c.send(b"CAPA\r\n")
+    if c.status()[0]:
+        seen += [(f"{service} CAPA", ln) for ln in c.multiline()]
+    return seen
+
+
+def _imap_texts(c: RawClient, service: str) -> list[tuple[str, str]]:
+    """The greeting, CAPABILITY and the answer to an unknown command. ID is not asked:
+    a client that sends ID asks for the software's name, which is not a disclosure."""
+    seen = [(f"{service} banner", imap_greeting(c))]
+    for cmd in ("CAPABILITY", "XYZZY"):
+        _, lines = c.imap("D", cmd)
+        seen += [(f"{service} {cmd}", ln) for ln in lines]
+    return seen
+
+
+# How each protocol is read and left: (services, reader, quit keywords).
+_READERS = (
+    (SMTP_SERVICES, _smtp_texts, {}),
+    (POP3_SERVICES, _pop3_texts, {"pop3": True}),
+    (IMAP_SERVICES, _imap_texts, {"imap": True}),
+)
+
+
 @check("disclosure.banner", "5", order=30)
 def banner(ctx: Context) -> Verdict:
     seen: list[tuple[str, str]] = []
     unread: list[str] = []  # services whose replies could not be read: no PASS over them
-    for service in ("smtp", "submission", "submissions"):
-        if service not in ctx.open_ports:
-            continue
-        try:
-            c = ctx.connect(service)
-        except ProbeError as exc:
-            unread.append(f"{service}: {exc}")
-            continue
-        try:
-            _, greet = c.reply()
-            seen += [(f"{service} banner", ln) for ln in greet]
-            for cmd in ("EHLO audit.mailfort.invalid", "HELP", "XYZZY"):
-                _, lines = c.cmd(cmd)
-                seen += [(f"{service} {cmd.split()[0]}", ln) for ln in lines]
-        except ProbeError as exc:
-            unread.append(f"{service}: {exc}")
-        finally:
-            c.quit()
-    for service in ("pop3", "pop3s"):
-        if service not in ctx.open_ports:
-            continue
-        try:
-            c = ctx.connect(service)
-        except ProbeError as exc:
-            unread.append(f"{service}: {exc}")
-            continue
-        try:
-            _, greet = c.status()
-            seen.append((f"{service} banner", greet))
-            c.send(b"CAPA\r\n")
-            ok, _ = c.status()
-            if ok:
-                seen += [(f"{service} CAPA", ln) for ln in c.multiline()]
-        except ProbeError as exc:
-            unread.append(f"{service}: {exc}")
-        finally:
-            c.quit(pop3=True)
+    for services, read, quit_kw in _READERS:
+        for service in services:
+            if service not in ctx.open_ports:
+                continue
+            try:
+                c = ctx.connect(service)
+            except ProbeError as exc:
+                unread.append(f"{service}: {exc}")
+                continue
+            try:
+                seen += read(c, service)
+            except ProbeError as exc:
+                unread.append(f"{service}: {exc}")
+            finally:
+                c.quit(**quit_kw)
     if not seen and not unread:
-        raise skip("port.none-of", services="smtp, submission, submissions, pop3, pop3s")
+        raise skip("port.none-of", services=", ".join(s for group, _, _ in _READERS
+                                                      for s in group))
     names: list[str] = []
     versions: list[str] = []
     for where, text in seen:

@@ -8,7 +8,7 @@ import time
 
 from mailfort.audit.checks.common import accepted, foreign
 from mailfort.audit.client import BudgetSpent, NoReply, ProbeError, RawClient
-from mailfort.audit.context import Context, ext_arg, has_ext
+from mailfort.audit.context import IMAP_SERVICES, Context, ext_arg, has_ext, imap_greeting
 from mailfort.audit.registry import FAIL, PASS, WARN, Verdict, check, inconclusive, skip
 
 
@@ -186,14 +186,88 @@ def idle_connections(ctx: Context) -> Verdict:
     return Verdict(PASS, "idle.refused", {"n": len(held), "code": code})
 
 
+HUGE_LITERAL = 4294967295  # 2^32 - 1: a server that sizes a buffer from it is done for
+
+
+def _imap_service(ctx: Context) -> str:
+    found = [s for s in IMAP_SERVICES if s in ctx.open_ports]
+    if not found:
+        raise skip("port.none-of", services=", ".join(IMAP_SERVICES))
+    return found[0]
+
+
+def _closed(c: RawClient, since: int, service: str) -> Verdict:
+    """The session ended: politely (an untagged BYE first, RFC 9051 §7.1.5) is a PASS; a
+    bare close may be a crashed session process, so it is a WARN."""
+    if any(ln.upper().startswith("< * BYE") for ln in c.transcript[since:]):
+        return Verdict(PASS, "literal.closed", {"service": service})
+    return Verdict(WARN, "literal.dropped", {"service": service})
+
+
+def _imap_alive(c: RawClient) -> str:
+    """After a refusal: "alive" when a NOOP is answered, "closed" when the server ended
+    the session (politely or not); NoReply when it is silent."""
+    try:
+        status, _ = c.imap("N", "NOOP")
+    except NoReply:
+        raise
+    except ProbeError:
+        return "closed"
+    return "alive" if status in ("OK", "NO", "BAD") else "closed"
+
+
+@check("limits.imap-literal", "6", order=65)
+def imap_literal(ctx: Context) -> Verdict:
+    """A synchronizing literal of 4 GiB must be refused (tagged NO or BAD) without the
+    ``+`` that asks for its bytes, and the session must go on or end cleanly; a command
+    line of ``--long-line`` octets (as a tag, so that only its length can be refused) must
+    be refused as well. No literal byte is ever sent."""
+    service = _imap_service(ctx)
+    n = ctx.target.long_line
+    c = ctx.imap(service)
+    try:
+        since = len(c.transcript)
+        c.send(f"A LOGIN {{{HUGE_LITERAL}}}\r\n".encode())
+        try:
+            status, _ = c.tagged("A")
+        except NoReply:
+            return Verdict(WARN, "literal.silent", {"service": service})
+        except ProbeError:
+            return _closed(c, since, service)
+        if status == "+":
+            c.close()  # it now reads literal bytes: a LOGOUT would be taken as some of them
+            return Verdict(FAIL, "literal.continued", {"service": service, "n": HUGE_LITERAL})
+        try:
+            state = _imap_alive(c)
+        except NoReply:
+            return Verdict(FAIL, "literal.wedged", {"service": service})
+        if state == "closed":
+            return _closed(c, since, service)
+        tag = b"T" * n
+        try:
+            c.send(tag + b" NOOP\r\n", note=f"<{n}-octet tag> NOOP")
+            _, untagged = c.imap("N", "NOOP")
+        except NoReply:
+            return Verdict(WARN, "line.silent", {"n": n})
+        except ProbeError:
+            return Verdict(PASS, "literal.refused", {"service": service, "n": n})
+        if "T OK " in "".join(untagged) + " ":  # a long line may come in several pieces
+            return Verdict(WARN, "line.accepted", {"n": n, "code": "OK"})
+        return Verdict(PASS, "literal.refused", {"service": service, "n": n})
+    finally:
+        c.quit(imap=True)
+
+
 @check("limits.liveness", "6", order=99)
 def liveness(ctx: Context) -> Verdict:
     # A port whose implicit TLS handshake failed already at the start (greeting "") did
     # not die of the probes: tls.starttls reports it.
-    services = [s for s in ("smtp", "submission", "submissions", "pop3", "pop3s")
+    services = [s for s in ("smtp", "submission", "submissions", "pop3", "pop3s", "imap",
+                            "imaps")
                 if s in ctx.open_ports and ctx.greetings.get(s) != ""]
     if not services:
-        raise skip("port.none-of", services="smtp, submission, submissions, pop3, pop3s")
+        raise skip("port.none-of",
+                   services="smtp, submission, submissions, pop3, pop3s, imap, imaps")
     dead = []
     for service in services:
         try:
@@ -201,6 +275,9 @@ def liveness(ctx: Context) -> Verdict:
             if service.startswith("pop3"):
                 ok = c.status()[0]
                 c.quit(pop3=True)
+            elif service.startswith("imap"):
+                ok = imap_greeting(c).upper().startswith(("* OK", "* PREAUTH"))
+                c.quit(imap=True)
             else:  # greeting as at the start (a 554 greeting is a greeting too)
                 code = c.reply()[0]
                 ok = code == 220 or str(code) == ctx.greetings.get(service, "")[:3]

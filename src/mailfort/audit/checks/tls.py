@@ -11,7 +11,15 @@ import warnings
 from cryptography import x509
 
 from mailfort.audit.client import NoReply, ProbeError, RawClient, insecure_context
-from mailfort.audit.context import EHLO_NAME, IMPLICIT_TLS, Context, has_ext, smtp_greeting
+from mailfort.audit.context import (
+    EHLO_NAME,
+    IMPLICIT_TLS,
+    Context,
+    has_ext,
+    imap_capabilities,
+    imap_greeting,
+    smtp_greeting,
+)
 from mailfort.audit.registry import (
     FAIL,
     INCONCLUSIVE,
@@ -26,7 +34,7 @@ from mailfort.audit.registry import (
     skip,
 )
 
-TLS_SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s")
+TLS_SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 OLD_VERSIONS = (("TLS 1.0", ssl.TLSVersion.TLSv1), ("TLS 1.1", ssl.TLSVersion.TLSv1_1))
 WEAK_CLASSES = (("NULL", "eNULL"), ("anonymous", "aNULL"), ("EXPORT", "EXPORT"),
                 ("RC4", "RC4"), ("3DES", "3DES"))
@@ -36,29 +44,46 @@ class NoTLS(Exception):
     """The service does not offer STARTTLS/STLS."""
 
 
+def ask_tls(c: RawClient, service: str, pipelined: bytes = b"") -> None:
+    """Greeting, capabilities and STARTTLS (POP3: STLS) on a fresh connection, up to the
+    server's go-ahead; ``pipelined`` goes in the same write as the command (the injection
+    probe). NoTLS when it is not offered, ProbeError when it is refused."""
+    if service.startswith("pop3"):
+        ok, _ = c.status()
+        c.send(b"CAPA\r\n")
+        caps = c.multiline() if c.status()[0] else []
+        if not ok or "STLS" not in [x.split(" ")[0].upper() for x in caps]:
+            raise NoTLS(service)
+        c.send(b"STLS\r\n" + pipelined)
+        if not c.status()[0]:
+            raise ProbeError("STLS refused")
+    elif service.startswith("imap"):
+        if not imap_greeting(c).upper().startswith("* OK"):
+            raise ProbeError("IMAP greeting is not * OK")
+        if "STARTTLS" not in imap_capabilities(c):
+            raise NoTLS(service)
+        c.send(b"S STARTTLS\r\n" + pipelined)
+        status, _ = c.tagged("S")
+        if status != "OK":
+            raise ProbeError(f"STARTTLS answered {status}")
+    else:
+        smtp_greeting(c, service)
+        _, lines = c.cmd(f"EHLO {EHLO_NAME}")
+        if not has_ext(lines, "STARTTLS"):
+            raise NoTLS(service)
+        c.send(b"STARTTLS\r\n" + pipelined)
+        code, _ = c.reply()
+        if code != 220:
+            raise ProbeError(f"STARTTLS answered {code}")
+
+
 def tls_client(ctx: Context, service: str, sslctx: ssl.SSLContext) -> RawClient:
     """A connection to ``service`` with TLS negotiated under ``sslctx`` (ProbeError if
     the handshake fails, NoTLS when the service offers no TLS)."""
     c = ctx.raw(ctx.port(service))
     try:
         if service not in IMPLICIT_TLS:
-            if service.startswith("pop3"):
-                ok, _ = c.status()
-                c.send(b"CAPA\r\n")
-                caps = c.multiline() if c.status()[0] else []
-                if not ok or "STLS" not in [x.split(" ")[0].upper() for x in caps]:
-                    raise NoTLS(service)
-                c.send(b"STLS\r\n")
-                if not c.status()[0]:
-                    raise ProbeError("STLS refused")
-            else:
-                smtp_greeting(c, service)
-                _, lines = c.cmd(f"EHLO {EHLO_NAME}")
-                if not has_ext(lines, "STARTTLS"):
-                    raise NoTLS(service)
-                code, _ = c.cmd("STARTTLS")
-                if code != 220:
-                    raise ProbeError(f"STARTTLS answered {code}")
+            ask_tls(c, service)
         c.starttls(sslctx)
         return c
     except BaseException:
@@ -119,7 +144,7 @@ def _untested(ctx: Context) -> Stop | None:
 def starttls_offered(ctx: Context) -> Verdict:
     missing, ok = [], []
     untested: Stop | None = None
-    services = ("smtp", "submission", "submissions")
+    services = ("smtp", "submission", "submissions", "imap", "imaps")
     found = [s for s in services if s in ctx.open_ports]
     if not found:
         raise skip("port.none-of", services=", ".join(services))
@@ -289,34 +314,21 @@ def _injected(ctx: Context, service: str) -> bool | None:
     write, negotiates TLS, sends one NOOP and then QUIT, and counts the replies before
     QUIT's: two means the server executed the plaintext NOOP inside the TLS session. A
     reply is counted however late it comes; a QUIT not answered in time is INCONCLUSIVE.
+    IMAP counts tagged replies (``N``, ``M``) up to a ``Z LOGOUT`` marker the same way.
     """
-    pop3 = service.startswith("pop3")
+    pop3, imap = service.startswith("pop3"), service.startswith("imap")
     c = ctx.raw(ctx.port(service))
     try:
-        if pop3:
-            c.status()
-            c.send(b"CAPA\r\n")
-            caps = c.multiline() if c.status()[0] else []
-            if "STLS" not in [x.split(" ")[0].upper() for x in caps]:
-                return None
-            c.send(b"STLS\r\nNOOP\r\n")
-            if not c.status()[0]:
-                return False
-        else:
-            smtp_greeting(c, service)
-            _, lines = c.cmd(f"EHLO {EHLO_NAME}")
-            if not has_ext(lines, "STARTTLS"):
-                return None
-            c.send(b"STARTTLS\r\nNOOP\r\n")
-            code, _ = c.reply()
-            if code != 220:
-                return False
+        try:
+            ask_tls(c, service, b"N NOOP\r\n" if imap else b"NOOP\r\n")
+        except NoTLS:
+            return None
         # Whatever the server already buffered in the clear is now ours to discard: a
         # reply is only counted if it arrives inside TLS.
         c.buf = b""
         c.starttls()
-        c.send(b"NOOP\r\n")
-        return len(c.replies_before_quit(pop3)) >= 2
+        c.send(b"M NOOP\r\n" if imap else b"NOOP\r\n")
+        return len(c.replies_before_quit(pop3, imap)) >= 2
     except NoReply as exc:
         raise inconclusive("replies.uncounted", what=f"{service}: the pipelined NOOP",
                            error=str(exc)) from exc
@@ -363,6 +375,11 @@ def injection_smtp(ctx: Context) -> Verdict:
 @check("tls.injection-pop3", "4", order=46)
 def injection_pop3(ctx: Context) -> Verdict:
     return _injection(ctx, ("pop3",))
+
+
+@check("tls.injection-imap", "4", order=46)
+def injection_imap(ctx: Context) -> Verdict:
+    return _injection(ctx, ("imap",))
 
 
 @check("tls.pop3-stls", "4", order=40)

@@ -1,0 +1,68 @@
+"""The auditor over IMAP alone (143 and 993): the careful weak server passes, TLS on 993
+is judged like any other port, and the reference Dovecot's plaintext LOGIN is found."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+
+import pytest
+
+from tests.audit.conftest import FAST, run_audit, statuses
+from tests.audit.weak_server import WeakServer
+
+NO_SMTP_POP3 = ["--smtp-port", "0", "--submission-port", "0", "--submissions-port", "0",
+                "--pop3-port", "0", "--pop3s-port", "0"]
+IMAP_CHECKS = ["imap", "tls.starttls", "tls.versions", "tls.ciphers", "tls.injection-imap",
+               "limits.imap-literal", "disclosure.banner", "limits.liveness"]
+DOVECOT_IMAP = 11143
+
+
+def _imap_argv(server: WeakServer, *only: str) -> list[str]:
+    return ["127.0.0.1", *NO_SMTP_POP3, "--imap-port", str(server.ports["imap"]),
+            "--imaps-port", str(server.ports["imaps"]), *FAST, "--json", "--only", *only]
+
+
+def test_careful_imap_passes_every_imap_check(
+    weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run_audit(capsys, _imap_argv(weak_factory(), *IMAP_CHECKS))
+    by_id = {c["id"]: c for c in json.loads(out)["checks"]}
+    assert {k: c["status"] for k, c in by_id.items()} == dict.fromkeys(by_id, "PASS")
+    assert set(by_id) >= {"imap.plaintext-auth", "tls.injection-imap", "limits.imap-literal"}
+    assert "imap, imaps" in by_id["tls.starttls"]["result"]
+    assert code == 0
+
+
+def test_old_tls_on_993_fails_tls_versions(
+    weak_factory: Callable[..., WeakServer], capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run_audit(capsys, _imap_argv(weak_factory(old_tls=True), "tls.versions"))
+    check = json.loads(out)["checks"][0]
+    assert check["status"] == "FAIL" and "imaps: TLSv1" in check["result"]
+    assert code == 1
+
+
+def _dovecot_greets() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", DOVECOT_IMAP), timeout=1) as s:
+            s.settimeout(2)
+            return s.recv(512).startswith(b"* OK")
+    except OSError:
+        return False
+
+
+def test_reference_dovecot_allows_plaintext_login(capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark box allows plaintext LOGIN on purpose: the audit must say so."""
+    if not _dovecot_greets():
+        pytest.skip("the reference Dovecot is not running on 127.0.0.1:11143 "
+                    "(../shared/anchors/dovecot-reference.sh start)")
+    _, out, _ = run_audit(capsys, ["127.0.0.1", *NO_SMTP_POP3, "--imap-port",
+                                   str(DOVECOT_IMAP), "--imaps-port", "0", "--timeout", "5",
+                                   "--json", "--only", *IMAP_CHECKS])
+    got = statuses(out)
+    assert got["imap.plaintext-auth"] == "FAIL"
+    assert got["tls.starttls"] == "FAIL"  # ssl = no
+    assert got["limits.imap-literal"] == "PASS"  # BYE on a literal too large
+    assert got["limits.liveness"] == "PASS"
