@@ -155,3 +155,18 @@ def redis_server() -> Iterator[Any]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def reference_dovecot() -> Iterator[int]:
+    """The reference Dovecot's IMAP port (tests/refdovecot.py), or the test skips."""
+    from tests import refdovecot
+
+    started, reason = refdovecot.start()
+    try:
+        if reason:
+            pytest.skip(reason)
+        yield refdovecot.IMAP_PORT
+    finally:
+        if started:
+            refdovecot.stop()

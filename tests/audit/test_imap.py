@@ -4,7 +4,6 @@ is judged like any other port, and the reference Dovecot's plaintext LOGIN is fo
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable
 
 import pytest
@@ -16,7 +15,6 @@ NO_SMTP_POP3 = ["--smtp-port", "0", "--submission-port", "0", "--submissions-por
                 "--pop3-port", "0", "--pop3s-port", "0"]
 IMAP_CHECKS = ["imap", "tls.starttls", "tls.versions", "tls.ciphers", "tls.injection-imap",
                "limits.imap-literal", "disclosure.banner", "limits.liveness"]
-DOVECOT_IMAP = 11143
 
 
 def _imap_argv(server: WeakServer, *only: str) -> list[str]:
@@ -44,22 +42,12 @@ def test_old_tls_on_993_fails_tls_versions(
     assert code == 1
 
 
-def _dovecot_greets() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", DOVECOT_IMAP), timeout=1) as s:
-            s.settimeout(2)
-            return s.recv(512).startswith(b"* OK")
-    except OSError:
-        return False
 
-
-def test_reference_dovecot_allows_plaintext_login(capsys: pytest.CaptureFixture[str]) -> None:
+def test_reference_dovecot_allows_plaintext_login(
+        capsys: pytest.CaptureFixture[str], reference_dovecot: int) -> None:
     """The benchmark box allows plaintext LOGIN on purpose: the audit must say so."""
-    if not _dovecot_greets():
-        pytest.skip("the reference Dovecot is not running on 127.0.0.1:11143 "
-                    "(../shared/anchors/dovecot-reference.sh start)")
     _, out, _ = run_audit(capsys, ["127.0.0.1", *NO_SMTP_POP3, "--imap-port",
-                                   str(DOVECOT_IMAP), "--imaps-port", "0", "--timeout", "5",
+                                   str(reference_dovecot), "--imaps-port", "0", "--timeout", "5",
                                    "--json", "--only", *IMAP_CHECKS])
     got = statuses(out)
     assert got["imap.plaintext-auth"] == "FAIL"

@@ -7,8 +7,6 @@ import datetime
 import imaplib
 import os
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -404,7 +402,6 @@ def test_search_reads_a_bounded_amount(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------------------- Dovecot
 
 
-DOVECOT_SCRIPT = Path("/work/shared/anchors/dovecot-reference.sh")
 MAILDIRS = Path("/var/mail/vhosts/example.test")
 
 
@@ -459,27 +456,6 @@ def _imap_values(raw: bytes) -> list[object]:
     return out
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _dovecot() -> str | None:
-    """None when the reference Dovecot serves IMAP, else why not."""
-    if _port_open(11143):
-        return None
-    if os.geteuid() != 0:
-        return "the reference Dovecot needs root to start"
-    if not DOVECOT_SCRIPT.exists() or shutil.which("dovecot") is None \
-            or not Path("/usr/lib/dovecot/imap").exists():  # else the script would apt-get
-        return "the reference Dovecot (script or Debian packages) is not installed"
-    try:
-        subprocess.run(["bash", str(DOVECOT_SCRIPT), "start"], timeout=60, check=True,
-                       capture_output=True)
-    except (subprocess.SubprocessError, OSError) as exc:
-        return f"the reference Dovecot did not start within a minute: {exc}"
-    return None if _port_open(11143) else "the reference Dovecot does not listen on 11143"
 
 
 DIFFERENTIAL = {
@@ -528,11 +504,8 @@ def _responses(data: list) -> dict[int, list]:
 
 
 @pytest.fixture(scope="module")
-def dovecot() -> Iterator[imaplib.IMAP4]:
+def dovecot(reference_dovecot: int) -> Iterator[imaplib.IMAP4]:
     """The DIFFERENTIAL messages in a folder of alice's of their own, selected read-only."""
-    reason = _dovecot()
-    if reason:
-        pytest.skip(reason)
     folder = f"mailfort-fetch-{os.getpid()}"
     base = MAILDIRS / "alice"
     box = base / f".{folder}"
@@ -546,7 +519,7 @@ def dovecot() -> Iterator[imaplib.IMAP4]:
     for path in [*created, box, *box.rglob("*")]:
         os.chown(path, 5000, 5000)
     try:
-        imap = imaplib.IMAP4("127.0.0.1", 11143, timeout=10)
+        imap = imaplib.IMAP4("127.0.0.1", reference_dovecot, timeout=10)
         try:
             imap.login("alice", "alicepw")
             typ, _ = imap.select(f'"{folder}"', readonly=True)
