@@ -233,7 +233,7 @@ def _strings(data: bytes, count: int, *, optional: int = 0) -> list[str]:
             text = part.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise _Malformed("string not UTF-8") from exc
-        if any(ord(c) < 32 and c not in "\t\r\n" or ord(c) == 127 for c in text):
+        if any((ord(c) < 32 and c not in "\t\r\n") or ord(c) == 127 for c in text):
             raise _Malformed("control character in string")
         out.append(text)
     return out + [""] * (count - len(parts))
@@ -243,12 +243,6 @@ def _index(data: bytes) -> tuple[int, bytes]:
     if len(data) < 4:
         raise _Malformed("short index")
     return struct.unpack(">I", data[:4])[0], data[4:]
-
-
-def _empty(data: bytes, event: Reply) -> Reply:
-    if data:
-        raise _Malformed("data after a reply that takes none")
-    return event
 
 
 def _reply_code(data: bytes) -> ReplyCode:
@@ -278,31 +272,41 @@ def _optneg(data: bytes) -> Negotiated:
     return Negotiated(version, actions, protocol, macros)
 
 
+_NO_DATA: dict[bytes, Reply] = {
+    b"a": Accept(), b"c": Continue(), b"r": Reject(), b"t": Tempfail(), b"d": Discard(),
+    b"s": Skip(), b"p": Progress(),
+}
+
+
 def _decode(command: bytes, data: bytes) -> Reply:
     """One reply packet to its event; ``_Malformed`` for anything else."""
-    match command:
-        case b"a": return _empty(data, Accept())
-        case b"c": return _empty(data, Continue())
-        case b"r": return _empty(data, Reject())
-        case b"t": return _empty(data, Tempfail())
-        case b"d": return _empty(data, Discard())
-        case b"s": return _empty(data, Skip())
-        case b"p": return _empty(data, Progress())
-        case b"y": return _reply_code(data)
-        case b"q": return Quarantine(*_strings(data, 1))
-        case b"h": return AddHeader(*_strings(data, 2))
-        case b"m" | b"i":
-            index, rest = _index(data)
-            name, value = _strings(rest, 2)
-            if not name:
-                raise _Malformed("empty header name")
-            return (ChangeHeader if command == b"m" else InsertHeader)(index, name, value)
-        case b"+": return AddRecipient(*_strings(data, 1))
-        case b"2": return AddRecipient(*_strings(data, 2, optional=1))
-        case b"-": return DeleteRecipient(*_strings(data, 1))
-        case b"e": return ChangeSender(*_strings(data, 2, optional=1))
-        case b"b": return ReplaceBody(data)
-        case b"O": return _optneg(data)
+    if command in _NO_DATA:
+        if data:
+            raise _Malformed("data after a reply that takes none")
+        return _NO_DATA[command]
+    if command in (b"m", b"i"):
+        index, rest = _index(data)
+        name, value = _strings(rest, 2)
+        if not name:
+            raise _Malformed("empty header name")
+        return (ChangeHeader if command == b"m" else InsertHeader)(index, name, value)
+    if command == b"h":
+        name, value = _strings(data, 2)
+        if not name:
+            raise _Malformed("empty header name")
+        return AddHeader(name, value)
+    decoders = {
+        b"y": _reply_code,
+        b"q": lambda d: Quarantine(*_strings(d, 1)),
+        b"+": lambda d: AddRecipient(*_strings(d, 1)),
+        b"2": lambda d: AddRecipient(*_strings(d, 2, optional=1)),
+        b"-": lambda d: DeleteRecipient(*_strings(d, 1)),
+        b"e": lambda d: ChangeSender(*_strings(d, 2, optional=1)),
+        b"b": ReplaceBody,
+        b"O": _optneg,
+    }
+    if command in decoders:
+        return decoders[command](data)
     raise _Malformed(f"unknown reply {command!r}")
 
 
