@@ -89,6 +89,8 @@ def filter_that(at_eom: list[bytes], *, wait: float = 0.0, protocol: int = 0,
                 if command == b"O":
                     writer.write(reply(b"O", struct.pack(">III", 6, actions, protocol)))
                 elif command == b"E":
+                    if not at_eom:
+                        break  # drop the connection instead of answering
                     await asyncio.sleep(wait)
                     writer.write(b"".join(at_eom))
                 elif command in (b"Q", b"A"):
