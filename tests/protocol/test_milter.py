@@ -98,6 +98,8 @@ def test_every_reply_decodes_to_its_event() -> None:
         reply(b"y", b"554 5.7.1 Gtube pattern\0"): m.ReplyCode(554, "5.7.1 Gtube pattern"),
         reply(b"q", b"why\0"): m.Quarantine("why"),
         reply(b"h", b"X-Spam\0Yes\0"): m.AddHeader("X-Spam", "Yes"),
+        reply(b"h", b"X-R\0a;\r\n\tb;\n c\0"): m.AddHeader("X-R", "a;\r\n\tb;\n c"),
+        reply(b"y", b"550-5.7.1 a\r\n550 5.7.1 b\0"): m.ReplyCode(550, "5.7.1 a\r\n550 5.7.1 b"),
         reply(b"m", idx + b"Subject\0\0"): m.ChangeHeader(2, "Subject", ""),
         reply(b"i", idx + b"X-A\0b\0"): m.InsertHeader(2, "X-A", "b"),
         reply(b"+", b"<x@y>\0"): m.AddRecipient("<x@y>"),
@@ -116,6 +118,8 @@ def test_every_reply_decodes_to_its_event() -> None:
     reply(b"Z"), reply(b"c", b"junk"), reply(b"y", b"250 ok\0"), reply(b"y", b"554 a\nb\0"),
     reply(b"h", b"X\0"), reply(b"h", b"X\0v"), reply(b"h", b"\0v\0"), reply(b"m", b"\0\0"),
     reply(b"h", b"X\0\x01\0"), reply(b"q", b"\xff\0"), reply(b"O", b"\0\0\0\6"),
+    reply(b"h", b"X\0a\r\nBcc: x@y\0"), reply(b"h", b"X: y\0v\0"), reply(b"h", b"X\0a\rb\0"),
+    reply(b"+", b"<a@b>\r\nRCPT TO:<c@d>\0"), reply(b"y", b"\xd9\xa5\xd9\xa5\xd9\xa5 x\0"),
     struct.pack(">I", 0), struct.pack(">I", m.MAX_REPLY + 1),
 ])
 def test_malformed_replies_are_protocol_errors(wire: bytes) -> None:

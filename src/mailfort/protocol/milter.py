@@ -127,7 +127,8 @@ class Discard:
 
 @dataclass(frozen=True, slots=True)
 class ReplyCode:
-    """Reject or tempfail with the filter's own SMTP reply (code 4xx/5xx and its text)."""
+    """Reject or tempfail with the filter's own SMTP reply: code 4xx/5xx and the text after it
+    (a multi-line reply keeps its CRLFs and the codes of its later lines)."""
 
     code: int
     text: str
@@ -220,23 +221,41 @@ class _Malformed(Exception):
     """Internal: a packet that does not parse; turned into a ProtocolError, never escapes."""
 
 
-def _strings(data: bytes, count: int, *, optional: int = 0) -> list[str]:
-    """``count`` NUL-terminated strings (the last ``optional`` of them may be absent)."""
+def _strings(data: bytes, count: int, *, optional: int = 0, folded: int = -1) -> list[str]:
+    """``count`` NUL-terminated UTF-8 strings (the last ``optional`` of them may be absent).
+
+    No control characters but TAB; the string at index ``folded`` (a header value) may hold
+    line breaks only as folding (CRLF or LF followed by a space or TAB): whatever the filter
+    sends is later written into a message or a reply, and must not add lines of its own."""
     if not data.endswith(b"\0") and data:
         raise _Malformed("string not NUL-terminated")
     parts = data[:-1].split(b"\0") if data else []
     if not count - optional <= len(parts) <= count:
         raise _Malformed(f"expected {count} strings, got {len(parts)}")
     out = []
-    for part in parts:
+    for i, part in enumerate(parts):
         try:
             text = part.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise _Malformed("string not UTF-8") from exc
-        if any((ord(c) < 32 and c not in "\t\r\n") or ord(c) == 127 for c in text):
+        if i == folded:
+            text_check = text.replace("\r\n", "\n")
+            if any(line[:1] not in (" ", "\t") for line in text_check.split("\n")[1:]):
+                raise _Malformed("line break in a header value that is not folding")
+            text_check = text_check.replace("\n", "")
+        else:
+            text_check = text
+        if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text_check):
             raise _Malformed("control character in string")
         out.append(text)
     return out + [""] * (count - len(parts))
+
+
+def _header(data: bytes) -> tuple[str, str]:
+    name, value = _strings(data, 2, folded=1)
+    if not name or any(not 33 <= ord(c) <= 126 or c == ":" for c in name):
+        raise _Malformed("bad header field name")
+    return name, value
 
 
 def _index(data: bytes) -> tuple[int, bytes]:
@@ -246,13 +265,12 @@ def _index(data: bytes) -> tuple[int, bytes]:
 
 
 def _reply_code(data: bytes) -> ReplyCode:
-    (text,) = _strings(data, 1)
+    _strings(data.replace(b"\r\n", b" "), 1)  # the checks, with CRLF (a line break) allowed
+    text = data[:-1].decode("utf-8")
     code = text[:3]
-    if not (len(text) >= 3 and code.isdigit() and code[0] in "45" and text[3:4] in ("", " ", "-")):
+    well_formed = len(code) == 3 and code.isascii() and code.isdigit()
+    if not (well_formed and code[0] in "45" and text[3:4] in ("", " ", "-")):
         raise _Malformed("reply code not 4xx/5xx")
-    for line in text.split("\r\n"):
-        if "\r" in line or "\n" in line:
-            raise _Malformed("bare CR or LF in reply text")
     return ReplyCode(int(code), text[4:])
 
 
@@ -286,15 +304,9 @@ def _decode(command: bytes, data: bytes) -> Reply:
         return _NO_DATA[command]
     if command in (b"m", b"i"):
         index, rest = _index(data)
-        name, value = _strings(rest, 2)
-        if not name:
-            raise _Malformed("empty header name")
-        return (ChangeHeader if command == b"m" else InsertHeader)(index, name, value)
+        return (ChangeHeader if command == b"m" else InsertHeader)(index, *_header(rest))
     if command == b"h":
-        name, value = _strings(data, 2)
-        if not name:
-            raise _Malformed("empty header name")
-        return AddHeader(name, value)
+        return AddHeader(*_header(data))
     decoders = {
         b"y": _reply_code,
         b"q": lambda d: Quarantine(*_strings(d, 1)),
