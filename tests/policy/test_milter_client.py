@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from mailfort.policy.milter_client import MilterMessage, check_message, split_message
+from mailfort.policy.milter_client import (
+    MilterMessage,
+    MilterVerdict,
+    check_message,
+    split_message,
+)
 from mailfort.protocol import milter as m
 from tests.rspamdserver import RspamdServer
 
@@ -54,12 +59,12 @@ def test_rspamd_accepts_a_normal_message_with_its_header(rspamd: RspamdServer,
     assert "X-Spamd-Result" in names, verdict.modifications
 
 
-def test_rspamd_stopped_is_an_error_verdict() -> None:
-    server = RspamdServer()
-    try:  # the port of an rspamd that is not running: nothing listens
-        verdict = asyncio.run(check_message(server.address, ENVELOPE, message(b"hi")))
-    finally:
-        server.cleanup()
+def test_rspamd_stopped_is_an_error_verdict(rspamd: RspamdServer) -> None:
+    """Last of the rspamd tests (file order): it stops the module's rspamd."""
+    assert asyncio.run(check_message(rspamd.address, ENVELOPE, message(b"hi"))).action in (
+        "accept", "continue")
+    rspamd.stop()
+    verdict = asyncio.run(check_message(rspamd.address, ENVELOPE, message(b"hi")))
     assert verdict.action == "error" and verdict.step == "connect", verdict
 
 
@@ -106,11 +111,12 @@ def filter_that(at_eom: list[bytes], *, wait: float = 0.0, protocol: int = 0,
     return handle
 
 
-async def run_with(handler: Handler, content: bytes = b"", **kw: float) -> object:
+async def run_with(handler: Handler, content: bytes = b"", envelope: MilterMessage = ENVELOPE,
+                   **kw: float) -> MilterVerdict:
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
-        return await check_message(f"inet:127.0.0.1:{port}", ENVELOPE,
+        return await check_message(f"inet:127.0.0.1:{port}", envelope,
                                    content or message(b"hello"), **kw)
 
 
@@ -173,3 +179,23 @@ def test_split_message_reads_headers_and_chunks_body() -> None:
     headers, body = split_message(b"A: 1\r\nB: two\r\n  folded\r\n\r\n" + b"x" * 70000)
     assert headers == [("A", "1"), ("B", "two\r\n  folded")]
     assert [len(c) for c in body] == [65535, 70000 - 65535]
+
+
+def test_what_cannot_be_sent_is_an_error_verdict_not_an_exception() -> None:
+    nul = MilterMessage("a\0b@example.org", ["bob@example.net"])
+    verdict = asyncio.run(run_with(filter_that([reply(b"c")]), envelope=nul))
+    assert verdict.action == "error" and "encode" in verdict.reason
+    none = asyncio.run(check_message("inet:127.0.0.1:9", MilterMessage("a@b", []), b""))
+    assert none.action == "error" and none.step == "rcpt"
+    bad = asyncio.run(check_message("tcp:127.0.0.1:9", ENVELOPE, b""))
+    assert bad.action == "error" and bad.step == "connect"
+
+
+def test_unix_socket_address(tmp_path: Path) -> None:
+    async def go() -> MilterVerdict:
+        path = tmp_path / "milter.sock"
+        server = await asyncio.start_unix_server(filter_that([reply(b"a")]), str(path))
+        async with server:
+            return await check_message(f"unix:{path}", ENVELOPE, message(b"hi"))
+
+    assert asyncio.run(go()).action == "accept"

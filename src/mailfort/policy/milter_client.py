@@ -187,6 +187,8 @@ async def check_message(address: str, message: MilterMessage,
                         total_timeout: float = 120.0) -> MilterVerdict:
     """Run ``message`` (``content``: the whole RFC 5322 message, CRLF line ends) through the
     milter at ``address``. Never raises for anything the filter or the network does."""
+    if not message.recipients:
+        return MilterVerdict("error", step="rcpt", reason="a message needs a recipient")
     try:
         target = parse_address(address)
     except ValueError as exc:
@@ -210,6 +212,8 @@ async def check_message(address: str, message: MilterMessage,
         return MilterVerdict("error", reason="total timeout")
     except (OSError, asyncio.IncompleteReadError) as exc:
         return MilterVerdict("error", reason=f"connection failed: {exc!r}")
+    except ValueError as exc:  # a NUL in what we were given to send: refuse, do not crash
+        return MilterVerdict("error", reason=f"cannot encode: {exc}")
     finally:
         try:
             if not writer.is_closing() and talk.session.error is None:
