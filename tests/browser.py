@@ -62,6 +62,6 @@ def screenshot(page: Path, shot: Path, *, width: int, height: int) -> bytes:
     return data
 
 
-def renders(page: Path, shot: Path, *, width: int, height: int) -> None:
-    """The page renders in Chromium, whole, at the asked size, without a console error."""
-    assert png_size(screenshot(page, shot, width=width, height=height)) == (width, height)
+def rendered_size(page: Path, shot: Path, *, width: int, height: int) -> tuple[int, int]:
+    """The (width, height) of Chromium's picture of ``page`` (no console error allowed)."""
+    return png_size(screenshot(page, shot, width=width, height=height))

@@ -16,7 +16,7 @@ from mailfort.audit import catalogue
 from mailfort.audit.schema import validate
 from tests.audit.conftest import FAST, port_args, run_audit
 from tests.audit.weak_server import WeakServer
-from tests.browser import renders, self_contained
+from tests.browser import rendered_size, self_contained
 
 ONLY = ["--only", "relay", "backscatter", "disclosure", "limits.nul"]
 
@@ -78,4 +78,5 @@ def test_html_is_self_contained_and_built_from_the_json(
 
 def test_html_renders_in_chromium(weak_report: tuple[dict, Path], tmp_path: Path) -> None:
     _, page = weak_report
-    renders(page, tmp_path / "audit-report.png", width=1200, height=2200)
+    shot = tmp_path / "audit-report.png"
+    assert rendered_size(page, shot, width=1200, height=2200) == (1200, 2200)

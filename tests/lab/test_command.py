@@ -16,7 +16,7 @@ import mailfort
 from mailfort import cli
 from mailfort.lab import catalogue
 from mailfort.lab.attacks import ATTACKS
-from tests.browser import renders, self_contained
+from tests.browser import rendered_size, self_contained
 
 SRC = Path(mailfort.__file__).resolve().parents[1]
 
@@ -78,7 +78,8 @@ def test_html_is_self_contained(ja_session: tuple[int, str, Path]) -> None:
 
 def test_html_renders_in_chromium(ja_session: tuple[int, str, Path], tmp_path: Path) -> None:
     _, _, page = ja_session
-    renders(page, tmp_path / "lab-session.png", width=1400, height=2400)
+    shot = tmp_path / "lab-session.png"
+    assert rendered_size(page, shot, width=1400, height=2400) == (1400, 2400)
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:
