@@ -199,8 +199,8 @@ def address_list(text: str) -> AddressList | None:
     return AddressList(boxes, groups)
 
 
-def _address(s: Scanner, in_group: bool) -> tuple[str, str]:
-    """("mailbox", address) or ("group", "") for the group's display name and colon."""
+def _words(s: Scanner) -> list[str]:
+    """The words and dots of a display name or local part (obs-phrase allows dots too)."""
     words: list[str] = []
     while True:
         s.skip_cfws()
@@ -210,8 +210,13 @@ def _address(s: Scanner, in_group: bool) -> tuple[str, str]:
             continue
         w = s.word()
         if w is None:
-            break
+            return words
         words.append(w)
+
+
+def _address(s: Scanner, in_group: bool) -> tuple[str, str]:
+    """("mailbox", address) or ("group", "") for the group's display name and colon."""
+    words = _words(s)
     ch = s.peek()
     if ch == "<":
         s.pos += 1
@@ -240,17 +245,7 @@ def _angle_addr(s: Scanner) -> str:
         if s.peek() != ":":
             raise Unreadable("bad route")
         s.pos += 1
-    words: list[str] = []
-    while True:
-        s.skip_cfws()
-        if s.peek() == ".":
-            words.append(".")
-            s.pos += 1
-            continue
-        w = s.word()
-        if w is None:
-            break
-        words.append(w)
+    words = _words(s)
     if s.peek() != "@" or not words:
         raise Unreadable("no address in <>")
     s.pos += 1
