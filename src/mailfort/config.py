@@ -703,6 +703,7 @@ _PG_URL = re.compile(r"postgres(?:ql)?://(?P<auth>[^@/]*@)?[^/]*(?:/[^?#]*)?(?:\
 
 
 LIMIT_EXCEPTION_WORDS = ("loopback", "trusted_networks")
+MIN_EXCEPTION_PREFIX = {4: 8, 6: 16}  # 10.0.0.0/8 is the largest a site needs
 
 
 def _validate_limit_exceptions(entries: list[str]) -> None:
@@ -710,12 +711,19 @@ def _validate_limit_exceptions(entries: list[str]) -> None:
         if entry in LIMIT_EXCEPTION_WORDS:
             continue
         try:
-            ipaddress.ip_network(entry)
+            net = ipaddress.ip_network(entry)
         except ValueError:
             raise ConfigError(
                 f"limits.connection_limit_exceptions[{i}]: {entry!r} is neither a network "
                 "(e.g. 192.0.2.0/24, no host bits) nor one of "
                 + ", ".join(f'"{w}"' for w in LIMIT_EXCEPTION_WORDS)) from None
+        # An exception is for one's own hosts: a prefix this short (0.0.0.0/0 at worst)
+        # would lift the limits for a large part of the Internet, which is no exception.
+        if net.prefixlen < MIN_EXCEPTION_PREFIX[net.version]:
+            raise ConfigError(
+                f"limits.connection_limit_exceptions[{i}]: {entry} is too large an "
+                f"exception (shortest prefix /{MIN_EXCEPTION_PREFIX[net.version]}); list "
+                "your own networks")
 
 
 def _validate_directory(d: DirectoryConfig) -> None:

@@ -424,7 +424,8 @@ def test_parallel_senders_never_meet_the_per_address_cap_over_workers() -> None:
         assert greetings == [b"220 "] * 55
 
 
-@pytest.mark.parametrize("entry", ["lo", "10.0.0.1/8", "192.0.2.0/33", ""])
+@pytest.mark.parametrize("entry", ["lo", "10.0.0.1/8", "192.0.2.0/33", "", "0.0.0.0/0", "::/0",
+                                   "64.0.0.0/2"])
 def test_a_wrong_limit_exception_is_refused_and_named(
     config_factory: Callable[..., Config], entry: str,
 ) -> None:
