@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 from mailfort.config import Config
 
@@ -83,16 +84,11 @@ def asked_domain(host: str, query: str) -> str | None:
     """The domain an autoconfig request is about: that of ``?emailaddress=`` when given
     (Thunderbird sends it), else the Host name without ``autoconfig.``. None when neither
     names a domain. Whether it is ours is the caller's question (the directory)."""
-    from urllib.parse import parse_qs
-
     try:
         addresses = parse_qs(query, max_num_fields=8, strict_parsing=False).get("emailaddress")
     except ValueError:  # more fields than a client sends
         return None
-    if addresses:
-        name = addresses[0].rpartition("@")[2]
-    else:
-        name = host.removeprefix("autoconfig.")
+    name = addresses[0].rpartition("@")[2] if addresses else host.removeprefix("autoconfig.")
     name = name.strip().rstrip(".").lower()
     if not name or len(name) > 253 or not all(c.isalnum() or c in ".-" for c in name) \
             or not name.isascii():
