@@ -377,7 +377,8 @@ class MTASTSConfig:
     must then name mta-sts.DOMAIN for each domain). ``mailfort mta-sts policy`` prints the
     matching TXT record."""
 
-    # HOST:PORT of the HTTPS listener (e.g. "0.0.0.0:443"); empty: the policy is not served.
+    # HOST:PORT of the HTTPS listener (e.g. "0.0.0.0:443"); empty: the policy is not served
+    # (nor the mail clients' autoconfig file of [client_setup]).
     listen: str = ""
     mode: str = "enforce"  # "enforce" | "testing" | "none"
     mx: list[str] = field(default_factory=list)  # MX names or *.patterns; empty: hostname

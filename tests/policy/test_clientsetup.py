@@ -66,3 +66,22 @@ def test_asked_domain() -> None:
     assert ask("x.test", "emailaddress=a@") is None
     assert ask("", "") is None
     assert ask("x.test", "&".join(["a=1"] * 9)) is None  # more fields than a client sends
+
+
+def test_readme_block_is_valid_and_names_the_defaults() -> None:
+    """The README's [client_setup] example loads, and the defaults it states are these."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from mailfort.config import ClientSetupConfig
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```toml\n(\[client_setup\]\n.*?)```", readme, re.DOTALL)
+    assert block is not None
+    cfg = from_dict(tomllib.loads(block.group(1)))
+    assert cfg.client_setup.hostname == "mail.example.org"
+    told = dict(re.findall(r"(\w+) = (\d+)", block.group(1)))
+    d = ClientSetupConfig()
+    assert {k: int(v) for k, v in told.items()} == {k: getattr(d, k) for k in told}
+    assert set(told) == {s.name for s in clientsetup.SERVICES}
