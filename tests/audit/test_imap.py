@@ -67,7 +67,7 @@ def test_reference_dovecot_allows_plaintext_login(
     assert got["imap.plaintext-auth"] == "FAIL"
     assert got["tls.starttls"] == "FAIL"  # ssl = no
     assert got["limits.imap-literal"] == "PASS"  # BYE on a literal too large
-    assert got["limits.imap-line"] == "PASS"  # "* BYE Input buffer full" past 64 KiB
+    assert got["limits.imap-line"] == "PASS"  # closed ("* BYE Input buffer full") past 64 KiB
     assert got["disclosure.banner"] == "WARN"  # "Dovecot ready", ID ("name" "Dovecot")
     banner = next(c for c in json.loads(out)["checks"] if c["id"] == "disclosure.banner")
     assert '< * ID ("name" "Dovecot")' in banner["evidence"]

@@ -211,3 +211,24 @@ def test_a_domain_added_later_is_served_without_a_restart(tmp_path: Path) -> Non
     assert server.autoconfig("late.test") is None
     d.add_domain("late.test")
     assert server.autoconfig("late.test") == clientsetup.config_xml(cfg, "late.test")
+
+
+async def test_a_directory_that_fails_gets_a_503_and_the_listener_serves_on(
+        config_factory: Callable[..., Config], node_ctx: ssl.SSLContext,
+        client_ctx: ssl.SSLContext) -> None:
+    """A lookup that raises (a shared directory's database down) is a 503, not a dropped
+    connection with a traceback; the policy is still served."""
+    cfg = config_factory(mta_sts={"listen": "127.0.0.1:0"})
+    async for n in _node(cfg, node_ctx):
+        assert n.mta_sts is not None
+
+        def broken(domain: str) -> bytes | None:
+            raise OSError("connection refused")
+
+        n.mta_sts.autoconfig = broken
+        status, _, body = await get(n, client_ctx, "autoconfig.example.test",
+                                    "/mail/config-v1.1.xml")
+        assert (status, body) == (503, b"try again later\n")
+        status, _, _ = await get(n, client_ctx, "mta-sts.example.test",
+                                 "/.well-known/mta-sts.txt")
+        assert status == 200

@@ -156,11 +156,15 @@ class PolicyServer:
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
                 return
             else:
-                if self._blocking:  # a network directory (PostgreSQL): off the loop
-                    answer = await asyncio.to_thread(respond, head[:-4], self.policy,
-                                                     self.autoconfig)
-                else:
-                    answer = respond(head[:-4], self.policy, self.autoconfig)
+                try:
+                    if self._blocking:  # a network directory (PostgreSQL): off the loop
+                        answer = await asyncio.to_thread(respond, head[:-4], self.policy,
+                                                         self.autoconfig)
+                    else:
+                        answer = respond(head[:-4], self.policy, self.autoconfig)
+                except Exception as exc:  # the directory failed (its database is down)
+                    log.warning("autoconfig: the directory did not answer: %s", exc)
+                    answer = _response("503 Service Unavailable", b"try again later\n")
                 writer.write(answer)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(REQUEST_TIMEOUT):

@@ -348,9 +348,7 @@ NOTES: dict[str, str] = {
     "imap-line.held": "{service} answered a command at the end of a {n}-octet line: it held "
                       "the line whole",
     "imap-line.refused": "{service} refused a {n}-octet command line",
-    "imap-line.closed": "{service} closed the session on a {n}-octet line, after a BYE",
-    "imap-line.dropped": "{service} dropped the connection on a {n}-octet line without a BYE "
-                         "(a crashed session?)",
+    "imap-line.closed": "{service} closed the session on a {n}-octet line",
     "pop3.cleartext": "a password can be sent in the clear: {what}",
     "pop3.refused": "USER/PASS and SASL are not offered or accepted before STLS",
     "tls.missing": "no TLS: {where}",

@@ -337,9 +337,7 @@ NOTES: dict[str, str] = {
     "imap-line.held": "{service} は {n} オクテットの行の末尾のコマンドに応答した: 行を丸ごと"
                       "保持している",
     "imap-line.refused": "{service} は {n} オクテットのコマンド行を拒否した",
-    "imap-line.closed": "{service} は {n} オクテットの行で BYE を送って接続を切った",
-    "imap-line.dropped": "{service} は {n} オクテットの行で BYE なしに接続を切った(セッションが"
-                         "異常終了した可能性)",
+    "imap-line.closed": "{service} は {n} オクテットの行で接続を切った",
     "pop3.cleartext": "パスワードを平文で送れる: {what}",
     "pop3.refused": "STLS 前には USER/PASS も SASL も提示・受理しない",
     "tls.missing": "TLS なし: {where}",
