@@ -23,7 +23,7 @@ import socket
 import threading
 from typing import Any
 
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, TLSA, TXT, A, DNSRecord
+from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, SRV, TLSA, TXT, A, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger
 from dnslib.server import DNSServer as _LibServer
 
@@ -53,9 +53,17 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
             if not records:
                 reply.header.rcode = RCODE.NXDOMAIN if o.default_rcode is None else o.default_rcode
                 return reply
+            owner = q.qname
+            for _ in range(8):  # a CNAME is followed inside this server's names (RFC 1034 §3.6.2)
+                alias = next(((ttl, rd) for rt, ttl, rd in records if rt == "CNAME"), None)
+                if alias is None or qtype in ("CNAME", "ANY"):
+                    break
+                reply.add_answer(RR(owner, QTYPE.CNAME, rdata=alias[1], ttl=alias[0]))
+                owner = alias[1].label
+                records = o.records.get(_key(str(owner)), [])
             for rtype, ttl, rdata in records:
                 if rtype == qtype or q.qtype == QTYPE.ANY:
-                    reply.add_answer(RR(q.qname, getattr(QTYPE, rtype), rdata=rdata, ttl=ttl))
+                    reply.add_answer(RR(owner, getattr(QTYPE, rtype), rdata=rdata, ttl=ttl))
             if name in o.authentic:  # as a validating resolver would (DNSSEC, RFC 4035)
                 reply.header.ad = 1
             return reply
@@ -109,6 +117,16 @@ class DNSServer:
     def add_txt(self, name: str, text: str, ttl: int = 60) -> DNSServer:
         chunks = [text[i : i + 255] for i in range(0, len(text), 255)] or [""]
         return self._add(name, "TXT", TXT(chunks), ttl)
+
+    def add_srv(self, name: str, priority: int, weight: int, port: int, target: str,
+                ttl: int = 60) -> DNSServer:
+        """An SRV record (RFC 2782); ``target`` "." says the service is not offered."""
+        return self._add(name, "SRV", SRV(priority, weight, port,
+                                          target if target == "." else target + "."), ttl)
+
+    def add_cname(self, name: str, target: str, ttl: int = 60) -> DNSServer:
+        """``name`` is an alias of ``target``; queries of other types follow it."""
+        return self._add(name, "CNAME", CNAME(target + "."), ttl)
 
     def add_tlsa(self, name: str, usage: int, selector: int, mtype: int, data: bytes,
                  ttl: int = 60, *, authentic: bool = True) -> DNSServer:

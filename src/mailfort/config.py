@@ -377,11 +377,31 @@ class MTASTSConfig:
     must then name mta-sts.DOMAIN for each domain). ``mailfort mta-sts policy`` prints the
     matching TXT record."""
 
-    # HOST:PORT of the HTTPS listener (e.g. "0.0.0.0:443"); empty: the policy is not served.
+    # HOST:PORT of the HTTPS listener (e.g. "0.0.0.0:443"); empty: the policy is not served
+    # (nor the mail clients' autoconfig file of [client_setup]).
     listen: str = ""
     mode: str = "enforce"  # "enforce" | "testing" | "none"
     mx: list[str] = field(default_factory=list)  # MX names or *.patterns; empty: hostname
     max_age: int = 604800
+
+
+@dataclass(frozen=True)
+class ClientSetupConfig:
+    """What mail clients are told so that a user types only an address and a password:
+    the autoconfig file (served on the [mta_sts] listen HTTPS listener, which must then be
+    set, with a certificate naming autoconfig.DOMAIN) and the RFC 6186 SRV records that
+    ``mailfort dns check`` asks for. These are the public name and ports, which may differ
+    from [listen]'s (a firewall forwards 993 to the embedded 2993). A service is told only
+    when its port here is not 0 and its [listen] list is not empty."""
+
+    hostname: str = ""  # the name clients connect to; empty: server.hostname
+    autoconfig: bool = True  # serve config-v1.1.xml when [mta_sts] listen is set
+    imaps: int = 993  # implicit TLS (RFC 8314: preferred)
+    imap: int = 143  # STARTTLS
+    pop3s: int = 995
+    pop3: int = 110
+    submissions: int = 465
+    submission: int = 587
 
 
 @dataclass(frozen=True)
@@ -458,6 +478,7 @@ class Config:
     require_tls_domains: list[str] = field(default_factory=list)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     mta_sts: MTASTSConfig = field(default_factory=MTASTSConfig)
+    client_setup: ClientSetupConfig = field(default_factory=ClientSetupConfig)
     srs: SRSConfig = field(default_factory=SRSConfig)
 
     @property
@@ -786,6 +807,13 @@ def _validate_operations(cfg: Config) -> None:
     for i, mx in enumerate(m.mx):
         if not mx or any(c.isspace() or not c.isprintable() for c in mx) or len(mx) > 253:
             raise ConfigError(f"mta_sts.mx[{i}]: not a host name or *.pattern: {mx!r}")
+    cs = cfg.client_setup
+    for name in ("imaps", "imap", "pop3s", "pop3", "submissions", "submission"):
+        if not 0 <= getattr(cs, name) < 65536:
+            raise ConfigError(f"client_setup.{name}: a port 1-65535, or 0 (not told)")
+    if cs.hostname and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?",
+                                        cs.hostname.rstrip(".")):
+        raise ConfigError(f"client_setup.hostname: {cs.hostname!r} is not a host name")
     if cfg.server.group and not cfg.server.user:
         raise ConfigError("server.group: set server.user too (the group alone is not a drop)")
     if cfg.server.user == "root" or cfg.server.user == "0":

@@ -21,7 +21,8 @@ SERVICES = {"smtp": "mx", "submission": "submission", "submissions": "submission
             "pop3": "pop3", "pop3s": "pop3s"}
 # mailfort serves no IMAP yet: its checks are told no IMAP port (SKIP, not a PASS).
 NO_IMAP = ["--imap-port", "0", "--imaps-port", "0"]
-IMAP_CHECKS = {"imap.plaintext-auth", "tls.injection-imap", "limits.imap-literal"}
+IMAP_CHECKS = {"imap.plaintext-auth", "tls.injection-imap", "limits.imap-literal",
+               "limits.imap-line"}
 
 
 async def test_hardened_mailfort_passes_every_check(

@@ -18,7 +18,7 @@ SUBMISSION = ["submission"]
 DISCLOSURE = ["disclosure"]
 TLS = ["tls", "pop3"]
 IMAP = ["imap", "tls.starttls", "tls.injection-imap", "limits.imap-literal",
-        "disclosure.banner"]
+        "limits.imap-line", "disclosure.banner"]
 LIMITS = ["limits.long-line", "limits.size", "limits.recipients", "limits.nul"]
 
 CASES: dict[str, tuple[str, list[str]]] = {
@@ -51,6 +51,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "imap_huge_literal": ("limits.imap-literal", IMAP),
     "imap_banner_version": ("disclosure.banner", IMAP),
     "imap_literal_drop": ("limits.imap-literal", IMAP),
+    "imap_id_version": ("disclosure.banner", IMAP),
+    "imap_no_line_limit": ("limits.imap-line", IMAP),
 }
 
 

@@ -70,6 +70,8 @@ class Weakness:
     imap_huge_literal: bool = False  # answers + to a {4294967295} literal
     imap_banner_version: bool = False  # software and version in the IMAP greeting
     imap_literal_drop: bool = False  # a huge literal ends the session without a BYE
+    imap_id_version: bool = False  # ID answers the software's name and version, not NIL
+    imap_no_line_limit: bool = False  # holds a command line of any length, and runs it
 
     @classmethod
     def names(cls) -> list[str]:
@@ -448,12 +450,12 @@ class WeakServer:
     # -- IMAP -----------------------------------------------------------------------------
 
     def _imap(self, c: _Conn, tls: bool) -> None:
-        """Just enough IMAP for the auditor: CAPABILITY, NOOP, STARTTLS, LOGIN, LOGOUT."""
+        """Just enough IMAP for the auditor: CAPABILITY, NOOP, ID, STARTTLS, LOGIN, LOGOUT."""
         w = self.weak
         c.send("* OK " + ("weak.test Dovecot 2.3.21 ready" if w.imap_banner_version
                           else "weak.test IMAP ready"))
         while True:
-            raw, too_long = c.line(IMAP_LINE_LIMIT)
+            raw, too_long = c.line(None if w.imap_no_line_limit else IMAP_LINE_LIMIT)
             if too_long:
                 c.send("* BAD Line too long")
                 continue
@@ -476,7 +478,7 @@ class WeakServer:
                 c.send(f"{tag} NO Not supported here")
                 continue
             if verb == "CAPABILITY":
-                caps = ["IMAP4rev1"]
+                caps = ["IMAP4rev1", "ID"]
                 if not tls and not w.no_imap_starttls:
                     caps.append("STARTTLS")
                 if tls or w.imap_plaintext_login:
@@ -486,6 +488,9 @@ class WeakServer:
                 c.send("* CAPABILITY " + " ".join(caps) + f"\r\n{tag} OK CAPABILITY done")
             elif verb == "NOOP":
                 c.send(f"{tag} OK NOOP done")
+            elif verb == "ID":
+                c.send(('* ID ("name" "WeakIMAP" "version" "1.2.3")' if w.imap_id_version
+                        else "* ID NIL") + f"\r\n{tag} OK ID done")
             elif verb == "STARTTLS" and not tls and not w.no_imap_starttls:
                 c.send(f"{tag} OK Begin TLS")
                 c.wrap(self.ctx, keep_buffer=w.imap_injection)

@@ -1,8 +1,10 @@
 """Does the world's DNS say what this server needs it to? (``mailfort dns check DOMAIN``)
 
 For one of our domains: the MX names this server, SPF lets this server's address send,
-each DKIM key we sign with is published as we would publish it, DMARC has a policy, and
-this server's address is on none of the configured blocklists. Every problem is printed
+each DKIM key we sign with is published as we would publish it, DMARC has a policy,
+this server's address is on none of the configured blocklists, and mail clients find
+their servers (the RFC 6186 SRV records of [client_setup], and ``autoconfig.DOMAIN``
+when the autoconfig file is served). Every problem is printed
 with the exact record to publish, so an administrator does not have to work it out from
 four RFCs. Lookups go through the configured resolver (``[dns]``), like the server's own.
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Any
 
 from mailfort.config import Config
+from mailfort.policy import clientsetup
 from mailfort.policy.dkim import KeyStore
 from mailfort.policy.dnsbl import reverse_name
 from mailfort.policy.dnslookup import Lookup
@@ -22,7 +26,7 @@ from mailfort.policy.spf import check_mailfrom
 @dataclass(frozen=True)
 class Finding:
     ok: bool
-    what: str  # "MX", "SPF", "DKIM s1", "DMARC", "DNSBL zone"
+    what: str  # "MX", "SPF", "DKIM s1", "DMARC", "DNSBL zone", "SRV _imaps._tcp"
     detail: str
     publish: str = ""  # the record to publish when it is missing or wrong
 
@@ -116,6 +120,71 @@ def check_dnsbl(lookup: Lookup, cfg: Config, addresses: list[str]) -> list[Findi
     return out
 
 
+def _srv_text(rr: Any) -> str:
+    return f"{rr.priority} {rr.weight} {rr.port} {rr.target.to_text(True).lower()}"
+
+
+def check_srv(lookup: Lookup, cfg: Config, domain: str) -> list[Finding]:
+    """One finding per RFC 6186 / RFC 8314 service: an offered one must name the public
+    host and port of [client_setup]; one not offered must not send clients here (absent,
+    or the RFC 6186 §4 target "." that says so). A STARTTLS service preferred over its
+    implicit-TLS twin is a problem too (RFC 8314 §5.1: implicit TLS first)."""
+    host = clientsetup.public_host(cfg)
+    out: list[Finding] = []
+    best: dict[str, int] = {}  # protocol -> priority of the implicit-TLS record found right
+    for service in clientsetup.SERVICES:
+        name = clientsetup.srv_name(service, domain)
+        what = f"SRV _{service.name}._tcp"
+        publish = clientsetup.srv_record(cfg, service, domain)
+        want = clientsetup.port(cfg, service)
+        records = lookup.query(name, "SRV")
+        found = ", ".join(sorted(_srv_text(rr) for rr in records)) or "none"
+        ours = [rr for rr in records
+                if rr.target.to_text(True).lower() == host and rr.port == want]
+        here = [rr for rr in records if rr.target.to_text(True).lower() == host]
+        if not want:
+            if here:
+                out.append(Finding(False, what, f"{found}: sends clients to this server, "
+                                   "which does not offer it", publish))
+            else:
+                out.append(Finding(True, what, f"{found} (not offered here)"))
+        elif not records:
+            out.append(Finding(False, what, f"no record: clients do not find {host}:{want}",
+                               publish))
+        elif not ours:
+            out.append(Finding(False, what, f"{found}: not {host} port {want}", publish))
+        elif service.socket == "STARTTLS" and service.protocol in best \
+                and min(rr.priority for rr in ours) < best[service.protocol]:
+            out.append(Finding(False, what, f"{found}: preferred to implicit TLS (RFC 8314 "
+                               "§5.1: give it a larger priority number)", publish))
+        else:
+            if service.socket == "SSL":
+                best[service.protocol] = min(rr.priority for rr in ours)
+            out.append(Finding(True, what, found))
+    return out
+
+
+def check_autoconfig(lookup: Lookup, cfg: Config, domain: str,
+                     addresses: list[str]) -> Finding:
+    """``autoconfig.DOMAIN`` must reach the HTTPS listener that serves the file: an address
+    of this server (directly or through a CNAME, which the resolver follows)."""
+    name = f"autoconfig.{domain}"
+    host = clientsetup.public_host(cfg)
+    publish = f"{name}. 3600 IN CNAME {host}."
+    if not (cfg.mta_sts.listen and cfg.client_setup.autoconfig):
+        return Finding(True, "autoconfig", "not served here ([mta_sts] listen is empty or "
+                       "client_setup.autoconfig is off): clients use the SRV records")
+    found = server_addresses(lookup, name)
+    mine = set(addresses) | set(server_addresses(lookup, host))
+    if not found:
+        return Finding(False, "autoconfig", f"{name} does not resolve: Thunderbird cannot "
+                       "fetch its settings (the certificate must name it too)", publish)
+    if not set(found) & mine:
+        return Finding(False, "autoconfig", f"{name} is {', '.join(found)}, not this server "
+                       f"({', '.join(sorted(mine)) or host})", publish)
+    return Finding(True, "autoconfig", f"{name} is {', '.join(found)}")
+
+
 def server_addresses(lookup: Lookup, hostname: str) -> list[str]:
     return [rr.address for rtype in ("A", "AAAA") for rr in lookup.query(hostname, rtype)]
 
@@ -134,4 +203,6 @@ def run_checks(cfg: Config, domain: str, addresses: list[str]) -> list[Finding]:
     out += check_dkim(lookup, domain, KeyStore(cfg.data_path))
     out.append(check_dmarc(lookup, domain))
     out += check_dnsbl(lookup, cfg, addresses)
+    out += check_srv(lookup, cfg, domain)
+    out.append(check_autoconfig(lookup, cfg, domain, addresses))
     return out

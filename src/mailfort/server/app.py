@@ -224,7 +224,7 @@ class Node:
         if self.cfg.mta_sts.listen and deliver:  # our MTA-STS policy (RFC 8461 §3.3)
             if self.ssl_context is None:
                 raise RuntimeError("mta_sts.listen needs a certificate ([tls])")
-            self.mta_sts = PolicyServer(self.cfg, self.ssl_context)
+            self.mta_sts = PolicyServer(self.cfg, self.ssl_context, self.directory)
             self.mta_sts_port = await self.mta_sts.start(
                 self.cfg.mta_sts.listen, sock=self.inherited.get(("mta_sts", 0)))
         if self.after_bind is not None:

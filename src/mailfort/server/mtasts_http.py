@@ -1,11 +1,16 @@
-"""Our own MTA-STS policy over HTTPS (RFC 8461 §3.3), ``[mta_sts] listen``.
+"""Our own MTA-STS policy over HTTPS (RFC 8461 §3.3), ``[mta_sts] listen``, and on the same
+listener the mail clients' autoconfig file (``[client_setup]``, policy/clientsetup.py).
 
 Senders fetch ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt``; the same policy serves
 every domain of ours (it names MX hosts, not domains), so the Host header only has to be an
-``mta-sts.`` name. ``respond`` is the whole protocol, bytes in and bytes out, and answers
-only GET and HEAD of that one path; everything read from the network is bounded (the
-request head, the time to send it, the connections at once). The asyncio part only moves
-bytes. The certificate is the one of [tls], which must name ``mta-sts.DOMAIN``.
+``mta-sts.`` name. Thunderbird fetches ``https://autoconfig.DOMAIN/mail/config-v1.1.xml``
+and ``https://DOMAIN/.well-known/autoconfig/mail/config-v1.1.xml`` (with
+``?emailaddress=``): answered only for a local domain, 404 for any other, so the listener
+tells nothing about domains that are not ours. ``respond`` is the whole protocol, bytes in
+and bytes out, and answers only GET and HEAD of those paths; everything read from the
+network is bounded (the request head, the time to send it, the connections at once). The
+asyncio part only moves bytes. The certificate is the one of [tls], which must name
+``mta-sts.DOMAIN`` (and ``autoconfig.DOMAIN``).
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import contextlib
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 
 from mailfort.config import Config
 from mailfort.delivery.mtasts import publish
+from mailfort.directory.base import Directory, is_blocking
+from mailfort.policy import clientsetup
 
 log = logging.getLogger("mailfort.mta_sts")
 
@@ -41,8 +49,11 @@ def _response(status: str, body: bytes, *, head_only: bool = False,
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (b"" if head_only else body)
 
 
-def respond(head: bytes, policy: str) -> bytes:
-    """The answer to one request head (request line and headers, CRLF CRLF excluded)."""
+def respond(head: bytes, policy: str,
+            autoconfig: Callable[[str], bytes | None] | None = None) -> bytes:
+    """The answer to one request head (request line and headers, CRLF CRLF excluded).
+    ``autoconfig``: the autoconfig file of a domain, None when it is not ours (None: the
+    autoconfig paths are not served)."""
     try:
         text = head.decode("ascii")
     except UnicodeDecodeError:
@@ -60,6 +71,9 @@ def respond(head: bytes, policy: str) -> bytes:
     if method not in ("GET", "HEAD"):
         return _response("405 Method Not Allowed", b"method not allowed\n",
                          extra=("Allow: GET, HEAD",))
+    path, _, query = target.partition("?")
+    if autoconfig is not None and path in clientsetup.PATHS:
+        return _autoconfig(method, path, query, host, autoconfig)
     if target != PATH or (host and not host.startswith("mta-sts.")):
         return _response("404 Not Found", b"not found\n", head_only=method == "HEAD")
     # RFC 8461 §3.3: media type text/plain; no redirects, no other content.
@@ -67,12 +81,39 @@ def respond(head: bytes, policy: str) -> bytes:
                      ctype="text/plain")
 
 
+def _autoconfig(method: str, path: str, query: str, host: str,
+                autoconfig: Callable[[str], bytes | None]) -> bytes:
+    """``/mail/config-v1.1.xml`` is the path on ``autoconfig.DOMAIN`` only; the well-known
+    one is asked of the domain itself (or of any name of ours that its certificate names)."""
+    head_only = method == "HEAD"
+    domain = clientsetup.asked_domain(host, query)
+    if (path == clientsetup.PATHS[1] and host and not host.startswith("autoconfig.")) \
+            or domain is None:
+        return _response("404 Not Found", b"not found\n", head_only=head_only)
+    body = autoconfig(domain)
+    if body is None:  # not a domain of ours: the same 404 as any unknown path
+        return _response("404 Not Found", b"not found\n", head_only=head_only)
+    return _response("200 OK", body, head_only=head_only, ctype="text/xml; charset=utf-8")
+
+
 class PolicyServer:
     """The HTTPS listener; ``start`` binds it, ``close`` stops it."""
 
-    def __init__(self, cfg: Config, ssl_context: ssl.SSLContext) -> None:
+    def __init__(self, cfg: Config, ssl_context: ssl.SSLContext,
+                 directory: Directory | None = None) -> None:
+        """``directory``: whose local domains get the autoconfig file ([client_setup]
+        autoconfig); None: the autoconfig paths are not served."""
         self.policy = policy_text(cfg)
         self.ssl_context = ssl_context
+        self.autoconfig: Callable[[str], bytes | None] | None = None
+        self._blocking = is_blocking(directory)
+        if directory is not None and cfg.client_setup.autoconfig:
+            local = directory.is_local_domain
+
+            def autoconfig(domain: str) -> bytes | None:
+                return clientsetup.config_xml(cfg, domain) if local(domain) else None
+
+            self.autoconfig = autoconfig
         self.server: asyncio.base_events.Server | None = None
         self._open = 0
 
@@ -90,6 +131,9 @@ class PolicyServer:
                 ssl_handshake_timeout=REQUEST_TIMEOUT, limit=MAX_HEAD, reuse_address=True)
         bound = int(self.server.sockets[0].getsockname()[1])
         log.info("MTA-STS policy on https://%s:%d%s", host, bound, PATH)
+        if self.autoconfig is not None:
+            log.info("mail client autoconfig on https://%s:%d%s", host, bound,
+                     clientsetup.PATHS[0])
         return bound
 
     async def close(self) -> None:
@@ -112,7 +156,16 @@ class PolicyServer:
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
                 return
             else:
-                writer.write(respond(head[:-4], self.policy))
+                try:
+                    if self._blocking:  # a network directory (PostgreSQL): off the loop
+                        answer = await asyncio.to_thread(respond, head[:-4], self.policy,
+                                                         self.autoconfig)
+                    else:
+                        answer = respond(head[:-4], self.policy, self.autoconfig)
+                except Exception as exc:  # the directory failed (its database is down)
+                    log.warning("autoconfig: the directory did not answer: %s", exc)
+                    answer = _response("503 Service Unavailable", b"try again later\n")
+                writer.write(answer)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(REQUEST_TIMEOUT):
                     await writer.drain()

@@ -66,7 +66,8 @@ CHECKS: dict[str, dict[str, str]] = {
         "title": "Software name or version disclosed",
         "why": "A banner that names the software and its version tells an attacker which "
                "known vulnerabilities (such as old BOF holes) to try.",
-        "fix": "Greet, answer EHLO, HELP and errors without software name or version.",
+        "fix": "Greet, answer EHLO, HELP, CAPA, CAPABILITY, errors and IMAP's ID without "
+               "software name or version (ID: answer NIL).",
         "postfix": "smtpd_banner = $myhostname ESMTP (without $mail_name or $mail_version).",
     },
     "disclosure.vrfy-expn": {
@@ -169,15 +170,25 @@ CHECKS: dict[str, dict[str, str]] = {
         "postfix": "Postfix does not serve IMAP: upgrade the IMAP server.",
     },
     "limits.imap-literal": {
-        "title": "IMAP literal and line limits (BOF)",
+        "title": "IMAP literal limit (BOF)",
         "why": "An IMAP literal announces its size ({4294967295}) before its bytes: a server "
                "that answers + to any size, or sizes a buffer from it, can be made to hold "
-               "gigabytes or overflow; unbounded command lines exhaust memory the same way.",
+               "gigabytes or overflow.",
         "fix": "Refuse a literal over the limit with a tagged NO or BAD before any byte is "
-               "read (no + continuation), and bound the command line; keep serving or close "
-               "with BYE.",
-        "postfix": "Postfix does not serve IMAP: keep the IMAP server's literal and line "
-                   "limits (for Dovecot, imap_max_line_length) at their defaults.",
+               "read (no + continuation); keep serving or close with BYE.",
+        "postfix": "Postfix does not serve IMAP: keep the IMAP server's literal limits at "
+                   "their defaults (for Dovecot, imap_max_line_length bounds them too).",
+    },
+    "limits.imap-line": {
+        "title": "IMAP command line limit (BOF)",
+        "why": "A server that holds a command line of any length can be made to hold "
+               "megabytes per session, for as many sessions as it accepts; fixed buffers "
+               "overflow (BOF). An IMAP answer to such a line proves it was held whole: the "
+               "tagged reply echoes the tag, and the command stood at the line's end.",
+        "fix": "Bound the command line (RFC 9051 §4 asks clients to keep to 8192 octets) and "
+               "answer beyond it with BAD, or BYE and close.",
+        "postfix": "Postfix does not serve IMAP: keep the IMAP server's line limit (for "
+                   "Dovecot, imap_max_line_length, 64 KiB) at its default.",
     },
     "smuggling.end-of-data": {
         "title": "SMTP smuggling",
@@ -316,7 +327,7 @@ NOTES: dict[str, str] = {
     "forgery.refused": "foreign MAIL FROM, null sender and forged From: refused",
     "banner.version": "software version disclosed: {where}",
     "banner.name": "software name disclosed: {where}",
-    "banner.clean": "no software name or version in banner, EHLO, HELP or errors",
+    "banner.clean": "no software name or version in banner, EHLO, HELP, errors or IMAP ID",
     "vrfy.leaks": "VRFY/EXPN tell users apart (known/unknown): {what}; {rcpt} (expected)",
     "vrfy.same": "VRFY/EXPN do not tell users apart: {what}; {rcpt} (expected)",
     "imap.cleartext": "a password can be sent in the clear: {what}",
@@ -330,10 +341,14 @@ NOTES: dict[str, str] = {
     "literal.silent": "{service} neither refused nor continued a 4 GiB literal: it may be "
                       "waiting for its bytes",
     "literal.wedged": "{service} refused the 4 GiB literal but then answered no NOOP",
-    "literal.closed": "{service} closed the session on the 4 GiB literal or the long line",
+    "literal.closed": "{service} closed the session on the 4 GiB literal",
     "literal.dropped": "{service} dropped the connection on the 4 GiB literal without a BYE "
                        "(a crashed session?)",
-    "literal.refused": "{service} refused the 4 GiB literal without + and the {n}-octet line",
+    "literal.refused": "{service} refused the 4 GiB literal without +",
+    "imap-line.held": "{service} answered a command at the end of a {n}-octet line: it held "
+                      "the line whole",
+    "imap-line.refused": "{service} refused a {n}-octet command line",
+    "imap-line.closed": "{service} closed the session on a {n}-octet line",
     "pop3.cleartext": "a password can be sent in the clear: {what}",
     "pop3.refused": "USER/PASS and SASL are not offered or accepted before STLS",
     "tls.missing": "no TLS: {where}",

@@ -62,7 +62,8 @@ CHECKS: dict[str, dict[str, str]] = {
         "title": "ソフトウェア名・バージョンの開示",
         "why": "バナーに MTA の種類とバージョンがあると、攻撃者はそのバージョンの既知の脆弱性"
                "(BOF 攻撃など)を狙える。",
-        "fix": "グリーティング、EHLO、HELP、エラー応答にソフトウェア名もバージョンも含めない。",
+        "fix": "グリーティング、EHLO、HELP、CAPA、CAPABILITY、エラー応答、IMAP の ID に"
+               "ソフトウェア名もバージョンも含めない(ID には NIL を返す)。",
         "postfix": "smtpd_banner = $myhostname ESMTP($mail_name や $mail_version を外す)。",
     },
     "disclosure.vrfy-expn": {
@@ -159,14 +160,24 @@ CHECKS: dict[str, dict[str, str]] = {
         "postfix": "Postfix は IMAP を提供しない。IMAP サーバを更新する。",
     },
     "limits.imap-literal": {
-        "title": "IMAP のリテラルと行の上限(BOF)",
+        "title": "IMAP のリテラルの上限(BOF)",
         "why": "IMAP のリテラルはバイト列の前に大きさ({4294967295})を宣言する。どんな大きさにも "
                "+ で応じたり、その値でバッファを確保したりするサーバは、数 GB を抱え込まされるか "
-               "BOF 攻撃を受ける。上限のないコマンド行も同じくメモリを使い果たさせる。",
+               "BOF 攻撃を受ける。",
         "fix": "上限を超えるリテラルは 1 バイトも読まずにタグ付きの NO か BAD で拒否し(+ を"
-               "返さない)、コマンド行も制限する。その後もサービスを続けるか BYE で切断する。",
-        "postfix": "Postfix は IMAP を提供しない。IMAP サーバのリテラルと行の上限(Dovecot では "
-                   "imap_max_line_length)を既定値のまま保つ。",
+               "返さない)、その後もサービスを続けるか BYE で切断する。",
+        "postfix": "Postfix は IMAP を提供しない。IMAP サーバのリテラルの上限を既定値のまま保つ"
+                   "(Dovecot では imap_max_line_length もこれを制限する)。",
+    },
+    "limits.imap-line": {
+        "title": "IMAP のコマンド行の上限(BOF)",
+        "why": "どんなに長いコマンド行でも抱え込むサーバは、受け付けるセッションごとに数 MB を"
+               "使わされ、固定長のバッファなら BOF 攻撃を受ける。IMAP ではその行への応答が、行を"
+               "丸ごと保持した証拠になる: タグ付き応答はタグを返し、コマンドは行の末尾にあった。",
+        "fix": "コマンド行を制限し(RFC 9051 §4 はクライアントに 8192 オクテット以内を求める)、"
+               "超えたら BAD を返すか、BYE を送って切断する。",
+        "postfix": "Postfix は IMAP を提供しない。IMAP サーバの行の上限(Dovecot では "
+                   "imap_max_line_length、64 KiB)を既定値のまま保つ。",
     },
     "smuggling.end-of-data": {
         "title": "SMTP スマグリング",
@@ -305,7 +316,7 @@ NOTES: dict[str, str] = {
     "forgery.refused": "外部の MAIL FROM、空の送信者、詐称した From: はすべて拒否された",
     "banner.version": "ソフトウェアのバージョンを開示: {where}",
     "banner.name": "ソフトウェア名を開示: {where}",
-    "banner.clean": "バナー、EHLO、HELP、エラーにソフトウェア名もバージョンもない",
+    "banner.clean": "バナー、EHLO、HELP、エラー、IMAP の ID にソフトウェア名もバージョンもない",
     "vrfy.leaks": "VRFY/EXPN でユーザーの有無が区別できる(既知/不明): {what}; {rcpt}(想定どおり)",
     "vrfy.same": "VRFY/EXPN でユーザーの有無は区別できない: {what}; {rcpt}(想定どおり)",
     "imap.cleartext": "パスワードを平文で送れる: {what}",
@@ -319,11 +330,14 @@ NOTES: dict[str, str] = {
     "literal.silent": "{service} は 4 GiB のリテラルを拒否も継続もしない: バイト列を待っている"
                       "可能性",
     "literal.wedged": "{service} は 4 GiB のリテラルを拒否したが、その後 NOOP に応答しない",
-    "literal.closed": "{service} は 4 GiB のリテラルか長い行で接続を切った",
+    "literal.closed": "{service} は 4 GiB のリテラルで接続を切った",
     "literal.dropped": "{service} は 4 GiB のリテラルで BYE なしに接続を切った(セッションが"
                        "異常終了した可能性)",
-    "literal.refused": "{service} は 4 GiB のリテラルを + なしで拒否し、{n} オクテットの行も"
-                       "拒否した",
+    "literal.refused": "{service} は 4 GiB のリテラルを + なしで拒否した",
+    "imap-line.held": "{service} は {n} オクテットの行の末尾のコマンドに応答した: 行を丸ごと"
+                      "保持している",
+    "imap-line.refused": "{service} は {n} オクテットのコマンド行を拒否した",
+    "imap-line.closed": "{service} は {n} オクテットの行で接続を切った",
     "pop3.cleartext": "パスワードを平文で送れる: {what}",
     "pop3.refused": "STLS 前には USER/PASS も SASL も提示・受理しない",
     "tls.missing": "TLS なし: {where}",

@@ -66,13 +66,45 @@ def _pop3_texts(c: RawClient, service: str) -> list[tuple[str, str]]:
 
 
 def _imap_texts(c: RawClient, service: str) -> list[tuple[str, str]]:
-    """The greeting, CAPABILITY and the answer to an unknown command. ID is not asked:
-    a client that sends ID asks for the software's name, which is not a disclosure."""
+    """The greeting, CAPABILITY, the answer to an unknown command, and the ``* ID`` reply
+    to ``ID NIL`` when ID is offered: what the server tells any client before a login,
+    an attacker's included (RFC 2971 leaves the fields to the server; NIL is the safe
+    answer). Sent in the clear before STARTTLS, as an attacker on 143 would."""
     seen = [(f"{service} banner", imap_greeting(c))]
+    caps: list[str] = []
     for cmd in ("CAPABILITY", "XYZZY"):
         _, lines = c.imap("D", cmd)
         seen += [(f"{service} {cmd}", ln) for ln in lines]
+        caps += [w.upper() for ln in lines if ln.upper().startswith("* CAPABILITY ")
+                 for w in ln.split()[2:]]
+    if "ID" in caps:
+        _, lines = c.imap("D", "ID NIL")
+        seen += [(f"{service} ID", ln) for ln in lines if ln.upper().startswith("* ID ")]
     return seen
+
+
+ID_NAME = ("name", "vendor", "os")  # RFC 2971 §3.3 fields that name software
+ID_VERSION = ("version", "os-version", "date")  # and those that date it
+
+
+def id_fields(line: str) -> dict[str, str]:
+    """The field-value pairs of a ``* ID (...)`` reply (quoted strings; NIL values left
+    out), field names lower-cased. Enough for RFC 2971's quoted form, nothing more."""
+    values = [m.group(1) for m in re.finditer(r'"((?:[^"\\]|\\.)*)"|\bNIL\b', line,
+                                              re.IGNORECASE)]
+    return {k.lower(): v for k, v in zip(values[::2], values[1::2], strict=False)
+            if k is not None and v}
+
+
+def _find(where: str, text: str) -> tuple[str | None, str | None]:
+    """(software name, version) in one reply; an ID reply's fields say what they are, so
+    any ``name`` there is a name and any ``version`` a version, known software or not."""
+    name, version = find_software(text)
+    if where.endswith(" ID"):
+        fields = id_fields(text)
+        name = name or next((fields[k] for k in ID_NAME if k in fields), None)
+        version = version or next((fields[k] for k in ID_VERSION if k in fields), None)
+    return name, version
 
 
 # How each protocol is read and left: (services, reader, quit keywords).
@@ -108,7 +140,7 @@ def banner(ctx: Context) -> Verdict:
     names: list[str] = []
     versions: list[str] = []
     for where, text in seen:
-        name, version = find_software(text)
+        name, version = _find(where, text)
         if name and name.lower() == "postfix":
             ctx.software = "postfix"
         if version:

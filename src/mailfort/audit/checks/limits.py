@@ -219,11 +219,9 @@ def _imap_alive(c: RawClient) -> str:
 @check("limits.imap-literal", "6", order=65)
 def imap_literal(ctx: Context) -> Verdict:
     """A synchronizing literal of 4 GiB must be refused (tagged NO or BAD) without the
-    ``+`` that asks for its bytes, and the session must go on or end cleanly; a command
-    line of ``--long-line`` octets (as a tag, so that only its length can be refused) must
-    be refused as well. No literal byte is ever sent."""
+    ``+`` that asks for its bytes, and the session must go on or end cleanly. No literal
+    byte is ever sent."""
     service = _imap_service(ctx)
-    n = ctx.target.long_line
     c = ctx.imap(service)
     try:
         since = len(c.transcript)
@@ -243,17 +241,33 @@ def imap_literal(ctx: Context) -> Verdict:
             return Verdict(FAIL, "literal.wedged", {"service": service})
         if state == "closed":
             return _closed(c, since, service)
-        tag = b"T" * n
+        return Verdict(PASS, "literal.refused", {"service": service})
+    finally:
+        c.quit(imap=True)
+
+
+@check("limits.imap-line", "6", order=66)
+def imap_line(ctx: Context) -> Verdict:
+    """A command line of ``--long-line`` octets, nearly all of it the tag, with the command
+    (NOOP) at its end. Unlike SMTP's long line, an answer here proves the line was held
+    whole: a server that cut it would have lost the command, and its tagged reply echoes
+    the tag. A refusal (BAD, an untagged BAD) or a close is a PASS; a close with or without
+    BYE cannot be told apart here, unlike after the literal: the server closes while the
+    line is still coming, and the reset that follows may take its BYE with it."""
+    service = _imap_service(ctx)
+    n = ctx.target.long_line
+    c = ctx.imap(service)
+    try:
         try:
-            c.send(tag + b" NOOP\r\n", note=f"<{n}-octet tag> NOOP")
+            c.send(b"T" * n + b" NOOP\r\n", note=f"<{n}-octet tag> NOOP")
             _, untagged = c.imap("N", "NOOP")
         except NoReply:
             return Verdict(WARN, "line.silent", {"n": n})
         except ProbeError:
-            return Verdict(PASS, "literal.refused", {"service": service, "n": n})
-        if "T OK " in "".join(untagged) + " ":  # a long line may come in several pieces
-            return Verdict(WARN, "line.accepted", {"n": n, "code": "OK"})
-        return Verdict(PASS, "literal.refused", {"service": service, "n": n})
+            return Verdict(PASS, "imap-line.closed", {"service": service, "n": n})
+        if "T OK " in "".join(untagged) + " ":  # a long reply line may come in pieces
+            return Verdict(FAIL, "imap-line.held", {"service": service, "n": n})
+        return Verdict(PASS, "imap-line.refused", {"service": service, "n": n})
     finally:
         c.quit(imap=True)
 
