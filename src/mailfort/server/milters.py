@@ -59,7 +59,7 @@ _MAX_TEXT = 200
 def reply_text(text: str, fallback: str) -> str:
     """A filter's reply text as one printable ASCII line: the codes of later lines and a
     leading enhanced status code removed, controls and non-ASCII replaced, bounded."""
-    text = re.sub(r"\r?\n(\d{3}[ -])?", " ", text)
+    text = re.sub(r"\r?\n(\d{3}[ -])?(\d\.\d{1,3}\.\d{1,3} )?", " ", text)
     text = re.sub(r"^\s*\d\.\d{1,3}\.\d{1,3}(\s+|$)", "", text)
     text = "".join(c if " " <= c <= "~" else "?" for c in text)
     text = " ".join(text.split())[:_MAX_TEXT]
@@ -193,8 +193,13 @@ _CONTENT = (m.AddHeader, m.ChangeHeader, m.InsertHeader, m.ReplaceBody)
 
 
 def _macros(ctx: FilterContext, sender: str) -> dict[str, dict[str, str]]:
-    """The macros Postfix sends, per step ({rcpt_addr} is set per recipient)."""
-    connect = {"j": ctx.hostname, "{daemon_name}": ctx.service, "v": "mailfort",
+    """The macros Postfix sends, per step ({rcpt_addr} is set per recipient).
+
+    ``{daemon_name}`` is our host name, not the listener's: rspamd takes it for the
+    authserv-id of its Authentication-Results field, which then claims ours and is dropped
+    (one result under our name); the listener's name goes in ``{if_name}``."""
+    connect = {"j": ctx.hostname, "{daemon_name}": ctx.hostname, "{if_name}": ctx.service,
+               "v": "mailfort",
                "{client_addr}": ctx.peer_ip, "{client_port}": str(ctx.peer_port),
                "{client_name}": "unknown", "_": f"unknown [{ctx.peer_ip}]"}
     helo = {"{tls_version}": ctx.tls_version, "{cipher}": ctx.cipher} if ctx.tls_version else {}
