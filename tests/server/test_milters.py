@@ -216,6 +216,12 @@ async def test_quarantine_files_into_junk(mailfort: NodeFactory,
     assert inbox(node) == []
     (raw,) = inbox(node, folder=".Junk")
     assert fields(raw, "X-Quarantine") == ["milter; looks like a phish"]
+    # submission has no hold queue: held mail for outside is refused, not sent
+    code, text = await asyncio.to_thread(send, node.port("submission"),
+                                         letter("milter: quarantine", frm=ALICE),
+                                         ("dave@remote.test",), ALICE, ALICE)
+    assert (code, text) == (550, "5.7.1 Message held by content filter: looks like a phish")
+    assert node.queue.ids() == [] and len(inbox(node, folder=".Junk")) == 1
 
 
 async def test_tempfail_reject_and_discard(mailfort: NodeFactory, libmilter: FilterProcess,
@@ -321,6 +327,7 @@ async def test_connections_are_bounded_per_node(mailfort: NodeFactory) -> None:
         port = node.port("mx")
         first = asyncio.create_task(asyncio.to_thread(send, port, letter("first")))
         await asyncio.sleep(0.5)  # the first holds the only connection
+        assert inbox(node) == []  # and is not stored before its filter has said yes
         second = await asyncio.to_thread(send, port, letter("second"))
         assert second == (451, "4.7.1 Content filter unavailable, try again later")
         assert (await first)[0] == 250 and len(inbox(node)) == 1

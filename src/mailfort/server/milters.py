@@ -115,7 +115,8 @@ class Milters:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.slots)
         try:
-            await asyncio.wait_for(self._semaphore.acquire(), self.wait)
+            async with asyncio.timeout(self.wait):  # a free one is taken at once, even at 0
+                await self._semaphore.acquire()
         except TimeoutError:
             return MilterVerdict("error", step="connect",
                                  reason="no free milter connection (limits.max_milter_connections)")
@@ -291,6 +292,12 @@ class _SpoolReader(io.RawIOBase):
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:  # the spool file, when the filter decided before the end
+            close()
+        super().close()
 
 
 def _fields(block: bytes) -> list[bytes]:
