@@ -273,14 +273,17 @@ async def test_slow_filter_gets_on_error(mailfort: NodeFactory,
 
 @contextlib.asynccontextmanager
 async def raw_filter(at: bytes, then: Callable[[asyncio.StreamWriter], Any] | None = None,
-                     wait: float = 0.0) -> AsyncIterator[str]:
+                     wait: float = 0.0, seen: list[bytes] | None = None) -> AsyncIterator[str]:
     """A filter that negotiates everything, continues each step, and at command ``at``
-    waits ``wait`` seconds, then does ``then`` (None: closes the connection)."""
+    waits ``wait`` seconds, then does ``then`` (None: closes the connection); the header
+    packets it gets go into ``seen``."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
-                command, _ = await read_packet(reader)
+                command, data = await read_packet(reader)
+                if command == b"L" and seen is not None:
+                    seen.append(data)
                 if command == b"O":
                     writer.write(reply(b"O", struct.pack(">III", 6, 0x1FF, 0)))
                 elif command == at:
@@ -331,6 +334,18 @@ async def test_connections_are_bounded_per_node(mailfort: NodeFactory) -> None:
         second = await asyncio.to_thread(send, port, letter("second"))
         assert second == (451, "4.7.1 Content filter unavailable, try again later")
         assert (await first)[0] == 250 and len(inbox(node)) == 1
+
+
+async def test_filters_run_in_order_each_seeing_what_the_last_changed(
+        mailfort: NodeFactory, libmilter: FilterProcess) -> None:
+    seen: list[bytes] = []
+    async with raw_filter(b"E", lambda w: w.write(reply(b"a")), seen=seen) as address:
+        node = await mailfort({"address": libmilter.address}, {"address": address})
+        assert (await asyncio.to_thread(send, node.port("mx"), letter("milter: headers")))[0] \
+            == 250
+    assert seen[0].startswith(b"Received\0from client.remote.test ([127.0.0.1])")
+    assert b"X-Filter\0seen\0" in seen
+    assert b"Subject\0[filtered] milter: headers\0" in seen
 
 
 async def test_bdat_end_is_filtered_too(mailfort: NodeFactory,
