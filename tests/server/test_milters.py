@@ -43,6 +43,13 @@ use = ["x-spamd-result", "x-spam-status", "authentication-results"];
 skip_local = false;
 skip_authenticated = false;
 """
+# rspamd's own actions on demand: its settings module by envelope sender
+RSPAMD_SETTINGS = """\
+header { priority = high; from = "header@remote.test";
+         apply { actions { reject = 1000; "add header" = -100; } } }
+subject { priority = high; from = "subject@remote.test";
+          apply { actions { reject = 1000; "rewrite subject" = -100; } } }
+"""
 NodeFactory = Callable[..., Any]
 
 
@@ -114,6 +121,7 @@ async def mailfort(tmp_path: Path, server_ssl_context: ssl.SSLContext
 @pytest.fixture(scope="module")
 def rspamd() -> Iterator[RspamdServer]:
     server = RspamdServer(RSPAMD_HEADERS)
+    (server.dir / "local.d" / "settings.conf").write_text(RSPAMD_SETTINGS)
     try:
         yield server.start()
     finally:
@@ -149,6 +157,18 @@ async def test_rspamd_clean_message_is_stored_with_its_headers_and_one_result_of
     # rspamd wrote one under our authserv-id ({daemon_name}): dropped, ours kept
     assert len(results) == 1 and results[0].startswith("mx.example.test; spf="), results
     assert text.endswith(raw.split(b" id ", 1)[1].split(b"\r\n", 1)[0].decode())  # queue id
+
+
+async def test_rspamd_add_header_and_rewrite_subject(mailfort: NodeFactory,
+                                                     rspamd: RspamdServer) -> None:
+    node = await mailfort({"address": rspamd.address})
+    for sender in ("header@remote.test", "subject@remote.test"):
+        code, _ = await asyncio.to_thread(send, node.port("mx"), letter("lunch"), (ALICE,),
+                                          sender)
+        assert code == 250
+    marked, rewritten = sorted(inbox(node), key=lambda raw: b"*** SPAM ***" in raw)
+    assert fields(marked, "X-Spam") == ["Yes"] and fields(marked, "Subject") == ["lunch"]
+    assert fields(rewritten, "Subject") == ["*** SPAM *** lunch"]
 
 
 async def test_rspamd_stopped_tempfails_by_default_or_accepts_when_configured(

@@ -659,6 +659,9 @@ class SMTPSession(EngineSession):
             # Discarded by a filter (or every recipient taken away): the 250 the filter
             # asked for, nothing stored; the decision log has the filter's line.
             spool.discard()
+            if not filtered.discard:
+                log.info("%s: every recipient removed by the content filters: nothing stored",
+                         env.queue_id)
             env.held_messages = env.held_rcpts = 0
             engine.decide(Reply(250, "2.0.0", f"OK queued as {env.queue_id}"))
             return
