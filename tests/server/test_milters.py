@@ -344,12 +344,16 @@ async def test_malformed_packet(mailfort: NodeFactory) -> None:
 
 
 async def test_connections_are_bounded_per_node(mailfort: NodeFactory) -> None:
-    async with raw_filter(b"E", lambda w: w.write(reply(b"c")), wait=1.5) as address:
+    seen: list[bytes] = []
+    async with raw_filter(b"E", lambda w: w.write(reply(b"c")), wait=1.5,
+                          seen=seen) as address:
         node = await mailfort({"address": address},
                               limits={"max_milter_connections": 1, "milter_wait": 0.2})
         port = node.port("mx")
         first = asyncio.create_task(asyncio.to_thread(send, port, letter("first")))
-        await asyncio.sleep(0.5)  # the first holds the only connection
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:  # the first holds the connection
+            await asyncio.sleep(0.02)
         assert inbox(node) == []  # and is not stored before its filter has said yes
         second = await asyncio.to_thread(send, port, letter("second"))
         assert second == (451, "4.7.1 Content filter unavailable, try again later")
