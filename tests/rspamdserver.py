@@ -55,7 +55,7 @@ def _free_port() -> int:
 
 
 class RspamdServer:
-    def __init__(self) -> None:
+    def __init__(self, milter_headers: str = MILTER_HEADERS) -> None:
         exe = shutil.which("rspamd")
         if exe is None or not Path("/etc/rspamd/common.conf").exists():
             pytest.skip(SKIP_REASON)
@@ -66,7 +66,7 @@ class RspamdServer:
         for sub in ("local.d", "run", "db"):
             (self.dir / sub).mkdir()
         (self.dir / "rspamd.conf").write_text(CONFIG.format(port=self.port))
-        (self.dir / "local.d" / "milter_headers.conf").write_text(MILTER_HEADERS)
+        (self.dir / "local.d" / "milter_headers.conf").write_text(milter_headers)
 
     @property
     def address(self) -> str:

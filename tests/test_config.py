@@ -332,3 +332,40 @@ def test_preflight_accepts_the_families_apart_and_warns_of_a_short_host_name() -
     short = config_mod.from_dict({"server": {"hostname": "vm"}})
     (warning,) = config_mod.preflight(short)
     assert warning.startswith("server.hostname: 'vm' is not fully qualified")
+
+
+def test_milter_entries_are_read_in_order_with_safe_defaults(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[[milter]]\naddress = "inet:127.0.0.1:11332"\n'
+                              '[[milter]]\naddress = "unix:/run/clamav/milter.sock"\n'
+                              'on_error = "accept"\nservices = ["mx"]\ncommand_timeout = 5\n')
+    rspamd, clam = cfg.milter
+    assert rspamd.on_error == "tempfail"  # never unfiltered unless the operator says so
+    assert rspamd.services == ["mx", "submission", "submissions"]
+    assert (clam.on_error, clam.services, clam.command_timeout) == ("accept", ["mx"], 5.0)
+    assert Config().milter == []
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('address = "127.0.0.1:11332"', r"milter\[0\]\.address: expected inet:HOST:PORT"),
+    ('address = "inet:localhost:11332"', r"milter\[0\]\.address: 'localhost' is not an IP"),
+    ('address = "inet:127.0.0.1:0"', r"milter\[0\]\.address"),
+    ('address = "unix:run/m.sock"', r"milter\[0\]\.address: .*must be absolute"),
+    ('address = "inet:[::1]:1"\non_error = "reject"', r"milter\[0\]\.on_error: allowed"),
+    ('address = "inet:[::1]:1"\nservices = ["pop3"]', r"milter\[0\]\.services: "),
+    ('address = "inet:[::1]:1"\nservices = []', r"milter\[0\]\.services: "),
+    ('address = "inet:[::1]:1"\ncommand_timeout = 0', r"milter\[0\]\.command_timeout: "),
+    ('address = "inet:[::1]:1"\nmessage_timeout = 5', r"milter\[0\]\.message_timeout: "),
+    ('on_error = "accept"', r"^milter\[0\]: .*address"),
+    ('address = "inet:[::1]:1"\nactions = 1', r"^milter\[0\]\.actions: unknown key"),
+])
+def test_milter_mistakes_are_named(tmp_path: Path, entry: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, f"[[milter]]\n{entry}\n")
+
+
+def test_milter_connection_limit_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"limits\.max_milter_connections"):
+        load_text(tmp_path, '[limits]\nmax_milter_connections = 0\n'
+                            '[[milter]]\naddress = "inet:127.0.0.1:11332"\n')
+    with pytest.raises(ConfigError, match=r"limits\.milter_wait"):
+        load_text(tmp_path, "[limits]\nmilter_wait = -1\n")

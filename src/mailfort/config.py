@@ -147,6 +147,10 @@ class LimitsConfig:
     stress_threshold: float = 0.8
     stress_idle_timeout: float = 10.0
     stress_max_errors: int = 3
+    # Milter conversations at once on this node (its worker processes share them out); a
+    # message over it waits up to milter_wait seconds for one, then its milter's on_error.
+    max_milter_connections: int = 64
+    milter_wait: float = 2.0
 
     @property
     def stress(self) -> StressSettings:
@@ -417,6 +421,27 @@ class SRSConfig:
     max_age_days: int = 21
 
 
+MILTER_SERVICES = ("mx", "submission", "submissions")
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    """One content filter spoken to through the milter protocol (rspamd's proxy worker in
+    milter mode, clamav-milter...), asked at the end of DATA/BDAT before the 250, in the
+    order of the ``[[milter]]`` entries."""
+
+    # "inet:HOST:PORT" (IPv6 as inet:[::1]:PORT) or "unix:/absolute/path"
+    address: str
+    # The filter unreachable, too slow or broken: "tempfail" (451 4.7.1: the client retries,
+    # nothing goes in unfiltered) or "accept" (the message goes on without this filter).
+    on_error: str = "tempfail"
+    # The SMTP listeners where it acts.
+    services: list[str] = field(default_factory=lambda: list(MILTER_SERVICES))
+    connect_timeout: float = 5.0  # TCP or unix connect
+    command_timeout: float = 30.0  # each reply (a filter's "progress" restarts it)
+    message_timeout: float = 120.0  # the whole conversation about one message
+
+
 ROUTE_TLS = ("may", "starttls", "implicit")
 
 
@@ -480,6 +505,8 @@ class Config:
     mta_sts: MTASTSConfig = field(default_factory=MTASTSConfig)
     client_setup: ClientSetupConfig = field(default_factory=ClientSetupConfig)
     srs: SRSConfig = field(default_factory=SRSConfig)
+    # [[milter]] entries: content filters asked in order at the end of data.
+    milter: list[MilterConfig] = field(default_factory=list)
 
     @property
     def data_path(self) -> Path:
@@ -650,6 +677,7 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg.queue, k) <= 0:
             raise ConfigError(f"queue.{k}: must be a positive number of seconds")
     _validate_sender_auth(cfg.sender_auth)
+    _validate_milters(cfg)
     _validate_antiabuse(cfg)
     _validate_operations(cfg)
     _validate_counters(cfg.counters)
@@ -818,6 +846,42 @@ def _validate_operations(cfg: Config) -> None:
         raise ConfigError("server.group: set server.user too (the group alone is not a drop)")
     if cfg.server.user == "root" or cfg.server.user == "0":
         raise ConfigError("server.user: must be an unprivileged account, not root")
+
+
+def _validate_milters(cfg: Config) -> None:
+    from mailfort.protocol.milter import parse_address
+
+    lim = cfg.limits
+    if cfg.milter and lim.max_milter_connections < 1:
+        raise ConfigError("limits.max_milter_connections: must be 1 or more")
+    if not 0 <= lim.milter_wait <= 60:
+        raise ConfigError("limits.milter_wait: must be between 0 and 60 seconds")
+    for i, m in enumerate(cfg.milter):
+        key = f"milter[{i}]"
+        try:
+            kind, where, _ = parse_address(m.address)
+        except ValueError:
+            raise ConfigError(f"{key}.address: expected inet:HOST:PORT (e.g. "
+                              f"inet:127.0.0.1:11332) or unix:/path, got {m.address!r}") from None
+        if kind == "unix" and not where.startswith("/"):
+            raise ConfigError(f"{key}.address: the unix socket path must be absolute")
+        if kind == "inet":
+            try:
+                ipaddress.ip_address(where)
+            except ValueError:
+                raise ConfigError(f"{key}.address: {where!r} is not an IP address (a name "
+                                  "would be resolved at every message)") from None
+        if m.on_error not in ("tempfail", "accept"):
+            raise ConfigError(f"{key}.on_error: allowed values are tempfail and accept")
+        if not m.services or len(set(m.services)) != len(m.services) or any(
+                s not in MILTER_SERVICES for s in m.services):
+            raise ConfigError(f"{key}.services: a non-empty list of distinct names among "
+                              + ", ".join(MILTER_SERVICES))
+        for k in ("connect_timeout", "command_timeout", "message_timeout"):
+            if not 0 < getattr(m, k) <= 3600:
+                raise ConfigError(f"{key}.{k}: must be between 0 and 3600 seconds")
+        if m.message_timeout < m.command_timeout:
+            raise ConfigError(f"{key}.message_timeout: must be at least command_timeout")
 
 
 def _validate_sender_auth(sa: SenderAuthConfig) -> None:

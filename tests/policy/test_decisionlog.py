@@ -66,6 +66,21 @@ def test_reject_line_and_fields(caplog: pytest.LogCaptureFixture) -> None:
                                "to": "b?@y?"}
 
 
+def test_milter_line_and_fields(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mailfort.decision")
+    decisionlog.milter("192.0.2.7", "1a2b", "inet:127.0.0.1:11332", "reject",
+                       "550 5.7.1 Gtube [pattern]\r\nX: y")
+    decisionlog.milter("192.0.2.7", "1a2c", "unix:/run/m.sock", "accept")
+    assert [r.getMessage() for r in caplog.records] == [
+        "milter [192.0.2.7] id=1a2b filter=inet:127.0.0.1:11332 action=reject "
+        "detail=<550 5.7.1 Gtube ?pattern???X: y>",
+        "milter [192.0.2.7] id=1a2c filter=unix:/run/m.sock action=accept",
+    ]
+    assert _fields(caplog.records[1]) == {"event": "milter", "client": "192.0.2.7",
+                                          "id": "1a2c", "filter": "unix:/run/m.sock",
+                                          "action": "accept", "detail": ""}
+
+
 def test_clean_keeps_unicode_and_folds_controls_and_brackets() -> None:
     assert decisionlog.clean("ünï [x]\t\x1b\x7f\x85") == "ünï ?x????\x85"
     assert decisionlog.clean(None) == ""

@@ -172,7 +172,7 @@ def test_skipped_steps_are_not_sent() -> None:
 
     verdict = asyncio.run(run_with(handle))
     assert verdict.action == "accept"
-    assert seen == [b"O", b"D", b"C", b"M", b"R", b"T", b"N", b"D", b"E"]
+    assert seen == [b"O", b"D", b"C", b"M", b"D", b"R", b"T", b"N", b"D", b"E"]  # {rcpt_addr}
 
 
 def test_split_message_reads_headers_and_chunks_body() -> None:

@@ -15,6 +15,8 @@ log)::
     auth failed from [192.0.2.1] user=alice@example.test
     auth blocked from [192.0.2.1] user=alice@example.test
     dnsbl [192.0.2.1] listed in zen.example (127.0.0.2) weight=2
+    milter [192.0.2.1] id=1a2b filter=inet:127.0.0.1:11332 action=reject \
+        detail=<5.7.1 Gtube pattern>
 
 What the client chose (addresses, HELO name, user name) is quoted after the address and
 cleaned of control characters and brackets, so it can neither forge a line nor put another
@@ -161,3 +163,17 @@ def dnsbl_listed(ip: str, zone: str, codes: Iterable[str], weight: int) -> None:
         c_ip, c_zone, joined = clean(ip), clean(zone), ",".join(codes)
         _emit("dnsbl", c_ip, {"zone": c_zone, "codes": clean(joined), "weight": str(weight)},
               "dnsbl [%s] listed in %s (%s) weight=%d", c_ip, c_zone, joined, weight)
+
+
+def milter(ip: str, queue_id: str, address: str, action: str, detail: object = "") -> None:
+    """A content filter's verdict on one message (server/milters.py): accept, continue,
+    reject, tempfail, discard, quarantine, or error (then ``detail`` says what the
+    milter's on_error made of it)."""
+    metrics.MILTER.labels(action).inc()
+    if _on():
+        c_ip, c_id, c_addr, c_action = clean(ip), clean(queue_id), clean(address), clean(action)
+        c_detail = clean(detail)
+        tail = f" detail=<{c_detail}>" if c_detail else ""
+        _emit("milter", c_ip, {"id": c_id, "filter": c_addr, "action": c_action,
+                               "detail": c_detail},
+              "milter [%s] id=%s filter=%s action=%s%s", c_ip, c_id, c_addr, c_action, tail)

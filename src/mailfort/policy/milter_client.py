@@ -9,7 +9,7 @@ the filter's side (unreachable, too slow, closed, protocol broken) is an ``error
 an exception: the caller maps it to the milter's ``on_error`` (tempfail by default: a message is
 never silently left unfiltered because the filter was down).
 
-Not wired into the server yet: the session will call it at the end of DATA, before the 250.
+The server asks it at the end of DATA/BDAT, before the 250 (server/milters.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailfort.protocol import milter as m
+from mailfort.protocol.milter import parse_address
 
 READ_CHUNK = 16384
 MAX_HEADER_LINE = 65536  # a longer "header" line ends the header section (the rest is body)
@@ -69,19 +70,6 @@ class _Stop(Exception):
     def __init__(self, verdict: MilterVerdict) -> None:
         super().__init__(verdict.action)
         self.verdict = verdict
-
-
-def parse_address(address: str) -> tuple[str, str, int]:
-    """``inet:host:port`` → ("inet", host, port); ``unix:/path`` → ("unix", path, 0)."""
-    kind, _, rest = address.partition(":")
-    if kind == "unix" and rest:
-        return ("unix", rest, 0)
-    if kind in ("inet", "inet6") and rest:
-        host, _, port = rest.rpartition(":")
-        host = host.strip("[]")
-        if host and port.isdigit() and 0 < int(port) < 65536:
-            return ("inet", host, int(port))
-    raise ValueError(f"milter address must be inet:HOST:PORT or unix:/path, not {address!r}")
 
 
 def split_message(source: bytes | Path | BinaryIO) -> tuple[list[tuple[str, str]], Iterator[bytes]]:
@@ -244,7 +232,8 @@ async def _run(talk: _Conversation, msg: MilterMessage,
             return verdict
     refused: dict[str, tuple[int, str]] = {}
     for rcpt in msg.recipients:
-        final = _final(await send(s.rcpt(rcpt, (), macros.get("rcpt")), "rcpt"))
+        per_rcpt = {**macros.get("rcpt", {}), "{rcpt_addr}": rcpt}  # this recipient's
+        final = _final(await send(s.rcpt(rcpt, (), per_rcpt), "rcpt"))
         verdict = _decided(final, "rcpt")
         if verdict is None:
             continue

@@ -366,6 +366,20 @@ class ReplyDecoder:
 # ---------------------------------------------------------------------------- commands
 
 
+def parse_address(address: str) -> tuple[str, str, int]:
+    """``inet:host:port`` → ("inet", host, port); ``unix:/path`` → ("unix", path, 0)."""
+    kind, _, rest = address.partition(":")
+    if kind == "unix" and rest:
+        return ("unix", rest, 0)
+    if kind in ("inet", "inet6") and rest:
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return ("inet", host, int(port))
+    raise ValueError(f"milter address must be inet:HOST:PORT or unix:/path, not {address!r}")
+
+
+
 def packet(command: bytes, data: bytes = b"") -> bytes:
     """Frame one packet: length (command byte included), command, data."""
     return struct.pack(">I", len(data) + 1) + command + data

@@ -30,6 +30,7 @@ from mailfort.queue.forward import enqueue_envelope
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
+from mailfort.server.milters import Milters, processes
 from mailfort.server.mtasts_http import PolicyServer
 from mailfort.server.node_plan import (
     LISTENERS,
@@ -111,6 +112,9 @@ class Node:
         self.msa = MSAPolicy(cfg, self.directory, self.throttles)
         # SPF, DKIM and DMARC of the mail the MX receives ([sender_auth]).
         self.sender_auth = SenderAuth(cfg) if cfg.sender_auth.enabled else None
+        # The [[milter]] content filters, with this process's share of the node's
+        # limits.max_milter_connections (a worker process shares them with the others).
+        self.milters = Milters(cfg, processes(cfg, shared_flush)) if cfg.milter else None
         # One count of connections for the whole node, shared by every listener (and by
         # every worker process: ``limiter``), decided at accept (node_plan.py).
         self.limiter: ConnectionLimiter | SharedConnectionLimiter = (
@@ -174,6 +178,7 @@ class Node:
             submission=self.msa if options.auth else None,
             profile=profile,
             sender_auth=self.sender_auth if options.name == "mx" else None,
+            milters=self.milters,
         )
 
     async def start(self, *, recover: bool = True, deliver: bool = True) -> None:

@@ -21,6 +21,7 @@ Start::
                             queue
     8 policies     user     counters (make_counters), logins        Node.__init__
                             (authenticator), MSA, sender auth,
+                            milters (server/milters.py),
                             connection_limiter,
                             stress guard, inbound_policy, and the
                             profile's seams (server/profile.py)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import logging
 import socket
@@ -49,6 +50,7 @@ from mailfort.protocol.smtp import (
     StartTLS,
 )
 from mailfort.queue.store import new_id
+from mailfort.server import milters as content
 from mailfort.server import senderauth
 from mailfort.server.connections import Admission, is_loopback, limit_exceptions
 from mailfort.server.profile import HARDENED, Profile
@@ -150,6 +152,17 @@ def _in_background(work: Awaitable[None], peer_ip: str) -> None:
     task.add_done_callback(_background.discard)
 
 
+def _add_recipient(env: Envelope, rcpt: str, decision: RecipientDecision) -> None:
+    """An accepted recipient into the envelope: its local users, remote addresses, forwards."""
+    assert decision.resolution is not None
+    env.rcpts.append(rcpt)
+    env.local.extend(u for u in decision.resolution.local if u not in env.local)
+    env.remote.extend(a for a in decision.resolution.remote if a not in env.remote)
+    if not decision.relay and not isinstance(decision, BounceReturn):
+        for a in decision.resolution.remote:  # through our alias: a forward
+            env.forwards.setdefault(a, rcpt)
+
+
 class SubmissionPolicy(Protocol):
     """What an MSA checks beyond the MX rules (see policy/msa.py)."""
 
@@ -195,6 +208,7 @@ class SMTPService(Listener):
         submission: SubmissionPolicy | None = None,
         profile: Profile = HARDENED,
         sender_auth: SenderAuth | None = None,
+        milters: content.Milters | None = None,
     ) -> None:
         """``profile``: the policies given in Python (server/profile.py), never by a config."""
         self.cfg = cfg
@@ -207,6 +221,9 @@ class SMTPService(Listener):
         self.queued = queued  # called once queued mail is acknowledged (wakes delivery)
         self.submission = submission
         self.sender_auth = sender_auth  # MX: SPF, DKIM, DMARC (policy/senderauth.py)
+        # [[milter]] content filters acting on this listener (server/milters.py), or None.
+        self.milters = milters if milters is not None and milters.for_service(
+            options.name) else None
         # MX only: blocklists, pre-greeting checks, greylisting (policy/inbound.py).
         self.inbound: InboundPolicy | None = None
         super().__init__(cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
@@ -546,14 +563,8 @@ class SMTPSession(EngineSession):
         engine = self.engine
         assert engine is not None
         if decision.reply.positive and decision.resolution is not None:
-            env = self.envelope
-            assert env is not NO_TRANSACTION
-            env.rcpts.append(str(ev.recipient))
-            env.local.extend(u for u in decision.resolution.local if u not in env.local)
-            env.remote.extend(a for a in decision.resolution.remote if a not in env.remote)
-            if not decision.relay and not isinstance(decision, BounceReturn):
-                for a in decision.resolution.remote:  # through our alias: a forward
-                    env.forwards.setdefault(a, str(ev.recipient))
+            assert self.envelope is not NO_TRANSACTION
+            _add_recipient(self.envelope, str(ev.recipient), decision)
         else:
             decisionlog.reject("RCPT", self.peer_ip, decision.reply,
                                from_=self.envelope.sender or "", to=ev.recipient,
@@ -618,10 +629,24 @@ class SMTPSession(EngineSession):
             return
         env = self.envelope
         svc = self.service
-        # ---- sender authentication: DKIM/DMARC on the MX, DKIM signing on submission
+        # ---- sender authentication: DKIM/DMARC on the MX, DKIM signing on submission;
+        # the content filters on the message as it will be stored: on the MX after the
+        # checks (which must see it as the client sent it), on submission before signing.
         junk = False
+        refusal = None
+        filtered: content.Outcome | None = None
+        submitting = svc.submission is not None and engine.authenticated_as is not None
         try:
-            spool, refusal, junk = await self._sender_auth(spool)
+            if submitting and svc.milters is not None:
+                filtered = await self._filter(spool, svc.milters)
+                spool, refusal = filtered.spool, filtered.refusal
+            if refusal is None and not (filtered and filtered.discard):
+                spool, refusal, junk = await self._sender_auth(spool)
+            if refusal is None and not submitting and svc.milters is not None:
+                filtered = await self._filter(spool, svc.milters)
+                spool, refusal = filtered.spool, filtered.refusal
+            if refusal is None and filtered is not None and not filtered.discard:
+                refusal = await self._apply_envelope(filtered)
         except Exception:
             spool.discard()
             raise
@@ -630,6 +655,18 @@ class SMTPSession(EngineSession):
             decisionlog.reject("DATA", self.peer_ip, refusal, from_=env.sender or "")
             engine.decide(refusal)
             return
+        if filtered is not None and (filtered.discard or not env.rcpts):
+            # Discarded by a filter (or every recipient taken away): the 250 the filter
+            # asked for, nothing stored; the decision log has the filter's line.
+            spool.discard()
+            if not filtered.discard:
+                log.info("%s: every recipient removed by the content filters: nothing stored",
+                         env.queue_id)
+            env.held_messages = env.held_rcpts = 0
+            engine.decide(Reply(250, "2.0.0", f"OK queued as {env.queue_id}"))
+            return
+        if filtered is not None and filtered.quarantine is not None:
+            junk = True
         # ----
         maildirs = [svc.maildir(u) for u in env.local]
         if junk:
@@ -662,6 +699,51 @@ class SMTPSession(EngineSession):
                            tls=self.tls_info.partition(" ")[0])
         if env.remote and svc.queued is not None:
             svc.queued()
+
+    async def _filter(self, spool: Spool, milters: content.Milters) -> content.Outcome:
+        """The message through the service's milters (server/milters.py)."""
+        engine, env = self.engine, self.envelope
+        assert engine is not None
+        version, _, cipher = self.tls_info.partition(" with cipher ")
+        ctx = content.FilterContext(
+            self.service.options.name, self.service.cfg.server.hostname, self.peer_ip,
+            self.peer_port, engine.helo or "", env.queue_id, engine.authenticated_as,
+            version, cipher)
+        sender = "" if env.sender is None else str(env.sender)
+        out = await milters.run(ctx, self.service.committer, spool, self.trace, sender,
+                                list(env.rcpts))
+        if out.spool is not spool:
+            spool.discard()
+            self.trace = out.trace
+        return out
+
+    async def _apply_envelope(self, out: content.Outcome) -> Reply | None:
+        """A filter's sender and recipient changes. Each recipient goes through the same
+        recipient policy as RCPT for this session (on the MX, for a client that may not
+        relay: our domains only); one it refuses is dropped and logged. A quarantined
+        message for remote recipients is refused on submission: there is no hold queue."""
+        env, svc = self.envelope, self.service
+        if out.sender is not None:
+            env.sender = content.mailbox(out.sender) if out.sender else None
+        if out.recipients is not None:
+            env.rcpts, env.local, env.remote, env.forwards = [], [], [], {}
+            for addr in out.recipients:
+                rcpt = content.mailbox(addr)
+                if rcpt is None:
+                    continue
+                decide = functools.partial(svc.recipients.decide, rcpt, svc.directory,
+                                           may_relay=self.may_relay(),
+                                           bounce=env.sender is None)
+                decision = (await asyncio.to_thread(decide) if is_blocking(svc.directory)
+                            else decide())
+                if decision.reply.positive and decision.resolution is not None:
+                    _add_recipient(env, addr, decision)
+                else:
+                    decisionlog.reject("MILTER", self.peer_ip, decision.reply,
+                                       from_=env.sender or "", to=addr)
+        if out.quarantine is not None and env.remote and svc.submission is not None:
+            return Reply(550, "5.7.1", f"Message held by content filter: {out.quarantine}")
+        return None
 
     async def _sender_auth(self, spool: Spool) -> tuple[Spool, Reply | None, bool]:
         """The spool to store (with the fields added), a refusal, whether it is junk."""
