@@ -30,6 +30,7 @@ from mailfort.queue.forward import enqueue_envelope
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
+from mailfort.server.imap import IMAPServer, PollingWatcher, UserSessions
 from mailfort.server.mtasts_http import PolicyServer
 from mailfort.server.node_plan import (
     LISTENERS,
@@ -125,6 +126,11 @@ class Node:
         self.queued: Callable[[], None] = self.worker.wake
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
+        self.imap: dict[str, IMAPServer] = {}
+        # What the IMAP listeners of this process share: the sessions per user, and the
+        # watcher that wakes IDLE sessions when a mailbox changes.
+        self.imap_users = UserSessions(cfg.limits.imap_sessions_per_user)
+        self.watcher = PollingWatcher()
         self.ports: dict[str, list[int]] = {}
         # Called once every listener is bound, before delivery starts (privilege drop).
         self.after_bind: Callable[[], None] | None = None
@@ -198,6 +204,18 @@ class Node:
                     service.inbound = self.inbound
                 self.services[plan.name] = service
                 continue
+            if plan.engine == "imap":
+                self.imap[plan.name] = IMAPServer(
+                    ssl_context=self.ssl_context,
+                    authenticator=self.authenticator,
+                    mail_dir=self.cfg.mail_path,
+                    limits=self.cfg.limits,
+                    implicit_tls=plan.implicit_tls,
+                    allow_plaintext=plain,
+                    watcher=self.watcher,
+                    user_sessions=self.imap_users,
+                )
+                continue
             pop = self.pop3[plan.name] = POP3Server(
                 ssl_context=self.ssl_context,
                 authenticator=self.authenticator,
@@ -210,7 +228,8 @@ class Node:
             )
             if self.profile.pop3_settings is not None:  # server/profile.py
                 pop.settings = pop.loopback_settings = self.profile.pop3_settings(pop.settings)
-        listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
+        listeners: dict[str, SMTPService | POP3Server | IMAPServer] = {
+            **self.services, **self.pop3, **self.imap}
         for name, service in listeners.items():
             service.limiter = self.limiter  # type: ignore[assignment]
             service.stress = self.stress
@@ -276,6 +295,8 @@ class Node:
             await service.close()
         for pop in self.pop3.values():
             await pop.close()
+        for imap in self.imap.values():
+            await imap.close()
         if self.mta_sts is not None:
             await self.mta_sts.close()
         await self._stop_delivery()
