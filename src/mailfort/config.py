@@ -77,6 +77,12 @@ class StoreConfig:
     # filesystem per batch: fastest where mailfort has its disk to itself) or "fsync" (each
     # file and directory on its own: flushes nothing of other programs on a shared disk).
     flush: str = "syncfs"
+    # How IMAP sessions learn of changes made elsewhere (server/mailbox_watch.py): inotify on
+    # this machine, Redis of [counters] across nodes, and a stat poll of subscribed mailboxes
+    # as the last resort. "auto": poll what inotify cannot watch, and everything when
+    # mail_dir is on a network file system without Redis; "always"; "never".
+    watch_poll: str = "auto"
+    watch_poll_interval: float = 0.5  # seconds between two polls
 
 
 @dataclass(frozen=True)
@@ -604,6 +610,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"limits.{k}: must be zero or a positive number of seconds")
     if cfg.store.flush not in ("syncfs", "fsync"):
         raise ConfigError("store.flush: allowed values are syncfs and fsync")
+    if cfg.store.watch_poll not in ("auto", "always", "never"):
+        raise ConfigError("store.watch_poll: allowed values are auto, always and never")
+    if not 0.05 <= cfg.store.watch_poll_interval <= 60:
+        raise ConfigError("store.watch_poll_interval: between 0.05 and 60 seconds")
     if cfg.tls.min_version not in ("TLSv1.2", "TLSv1.3"):
         raise ConfigError("tls.min_version: allowed values are TLSv1.2 and TLSv1.3")
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
