@@ -388,8 +388,7 @@ class IMAPSession(EngineSession):
         outcome = await self._call(mail.execute, cmd)
         if not await self._stream(outcome.untagged):
             return  # the client is gone
-        changed = mail.changed()
-        if changed is not None:
+        for changed in _changed_dirs(mail):
             self.server.watcher.changed(changed)
         engine.executed(outcome.status, outcome.code, outcome.text, outcome.selected)
         self._follow(mail.watched)
@@ -482,6 +481,16 @@ class IMAPSession(EngineSession):
         else:
             busy.add_done_callback(
                 lambda _: loop.run_in_executor(None, _close_quietly, mail, items))
+
+
+def _changed_dirs(mail: MailSessionLike) -> list[Path]:
+    """What the last command changed: every directory (MOVE: source and target) where the
+    mail session says, else the one of the contract's ``changed``."""
+    many = getattr(mail, "changed_dirs", None)
+    if many is not None:
+        return list(many())
+    one = mail.changed()
+    return [one] if one is not None else []
 
 
 def _close_opened(fut: asyncio.Future[Any]) -> None:
