@@ -453,3 +453,50 @@ async def test_shutdown_says_bye(lab: IMAPLab) -> None:
     bye = await in_thread(raw.line)
     raw.close()
     assert bye == b"* BYE [UNAVAILABLE] Service shutting down, try again later\r\n"
+
+
+# ------------------------------------------------------------------ the node
+
+
+def test_embedded_default_listens_on_2143_and_2993() -> None:
+    from mailfort.config import Config
+    from mailfort.server.node_plan import LISTENERS
+
+    listen = Config().listen
+    assert (listen.imap, listen.imaps) == (["127.0.0.1:2143"], ["127.0.0.1:2993"])
+    rows = {p.name: p for p in LISTENERS}
+    assert rows["imap"].engine == rows["imaps"].engine == "imap"
+    assert rows["imaps"].implicit_tls and not rows["imap"].implicit_tls
+
+
+async def test_node_mail_from_the_mx_wakes_an_idle_client(
+        node: Any, client_ssl_context: ssl.SSLContext) -> None:
+    """The whole node: the MX's committer tells the watcher, IDLE over IMAPS sees it."""
+    import smtplib
+
+    ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def idler() -> tuple[list[Any], float]:
+        with IMAPClient("127.0.0.1", port=node.port("imaps"), ssl=True,
+                        ssl_context=client_ssl_context, timeout=10) as c:
+            c.login(ALICE, "alice-pw")
+            c.select_folder("INBOX")
+            c.idle()
+            loop.call_soon_threadsafe(ready.set)
+            start = time.monotonic()
+            responses = c.idle_check(timeout=5)
+            took = time.monotonic() - start
+            c.idle_done()
+            c.logout()
+        return responses, took
+
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", node.port("mx"), timeout=10) as s:
+            s.sendmail("x@remote.test", [ALICE], MSG)
+
+    task = asyncio.ensure_future(in_thread(idler))
+    await ready.wait()
+    await in_thread(send)
+    responses, took = await task
+    assert (1, b"EXISTS") in responses and took < 1.5
