@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import logging
 import os
 import socket
 import ssl
@@ -279,6 +280,25 @@ async def test_brute_force_block_is_shared_with_the_other_services(lab: IMAPLab)
     blocked = await in_thread(attempt, PASSWORDS[BOB])
     wrong = await in_thread(attempt, "another-guess")
     assert blocked == wrong == b"a NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
+
+
+async def test_decision_log_lines_as_pop3_and_no_password_logged(
+        lab: IMAPLab, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    def session() -> None:
+        with lab.tls_client() as c:
+            with pytest.raises(Exception, match="AUTHENTICATIONFAILED"):
+                c.login(ALICE, "wrong-secret-pw")
+            c.login(ALICE, PASSWORDS[ALICE])
+            c.logout()
+
+    await in_thread(session)
+    decisions = [r.getMessage() for r in caplog.records if r.name == "mailfort.decision"]
+    assert "connect from [127.0.0.1] service=imaps" in decisions
+    assert f"auth failed from [127.0.0.1] user={ALICE}" in decisions
+    assert any(d.startswith("auth ok from [127.0.0.1]") for d in decisions)
+    assert "wrong-secret-pw" not in caplog.text and PASSWORDS[ALICE] not in caplog.text
 
 
 # ------------------------------------------------------------------ limits
