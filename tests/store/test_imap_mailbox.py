@@ -674,3 +674,13 @@ MailboxMachine.TestCase.settings = settings(
     max_examples=25, stateful_step_count=20, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_mailbox_state_machine = MailboxMachine.TestCase
+
+
+def test_adding_a_keyword_in_another_case_keeps_its_spelling(tmp_path: Path) -> None:
+    """Keywords compare case-insensitively: +FLAGS ($work) on $Work changes nothing, so the
+    flag list a session announced stays true (it used to become $work, a new MODSEQ)."""
+    store = MailStore(tmp_path)
+    box = store.mailbox(INBOX)
+    _, uid = box.append(MSG, ["$Work"])
+    assert box.store([uid], add=["$work"]).changed == {}
+    assert box.messages()[0].flags == frozenset({"$Work"})

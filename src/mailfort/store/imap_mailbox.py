@@ -412,7 +412,8 @@ class Mailbox:
                     else:
                         new_l = (set(letters) | set(add_l)) - set(rem_l)
                         kws = {k.lower(): k for k in e.keywords}
-                        kws.update({k.lower(): k for k in add_k})
+                        for k in add_k:  # a keyword keeps the spelling it has
+                            kws.setdefault(k.lower(), k)
                         for k in rem_k:
                             kws.pop(k.lower(), None)
                     new_letters = letters if on_file is None else "".join(sorted(new_l))
