@@ -392,6 +392,47 @@ async def test_idle_timeout_before_login(lab_factory: Callable[..., Any]) -> Non
     assert got[1] == b"* BYE Autologout; idle for too long\r\n" and got[2] == b""
 
 
+async def test_large_fetch_streams_as_the_client_reads(
+        lab_factory: Callable[..., Any]) -> None:
+    """10 MiB of messages to a client that reads slowly: the session never holds more than
+    about one message and a socket buffer of it (the untagged responses are pulled lazily)."""
+    lab = await lab_factory(allow_plaintext=True)
+    body = b"Subject: big\r\n\r\n" + (b"x" * 1022 + b"\r\n") * 256  # 256 KiB
+    for _ in range(40):
+        lab.deliver(ALICE, body)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    sock.settimeout(10)
+    await in_thread(sock.connect, ("127.0.0.1", lab.port))
+    f = sock.makefile("rb")
+
+    def start() -> None:
+        f.readline()
+        sock.sendall(f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\nb SELECT INBOX\r\n".encode())
+        while not f.readline().startswith(b"b OK"):
+            pass
+        sock.sendall(b"c UID FETCH 1:* BODY.PEEK[]\r\n")
+
+    await in_thread(start)
+    await asyncio.sleep(0.5)  # the client reads nothing meanwhile
+    (session,) = lab.plain.sessions
+    held = session.transport.get_write_buffer_size()
+    assert held < 1024 * 1024, held
+
+    def drain() -> int:
+        total = 0
+        while True:
+            line = f.readline()
+            if line.startswith(b"c "):
+                assert line.startswith(b"c OK"), line
+                return total
+            total += len(line)
+
+    got = await in_thread(drain)
+    sock.close()
+    assert got > 40 * len(body)
+
+
 # ------------------------------------------------------------------ IDLE
 
 

@@ -432,18 +432,23 @@ class IMAPSession(EngineSession):
     # ---------------------------------------------------------------- IDLE
 
     async def _idle(self) -> None:
-        """While the engine idles: each wake-up of the subscription writes the updates
-        (as a task, so that DONE is read only after them). No mailbox selected: nothing
-        to watch; DONE or the timeout ends it."""
+        """While the engine idles: the updates due at once (a change between the last
+        command's scan and the subscription is not lost), then those of each wake-up of the
+        subscription, each written by a task so that DONE is read only after them. No
+        mailbox selected: nothing to watch; DONE or the timeout ends it."""
+        first = True
         while True:
             sub, engine = self._sub, self.engine
             if sub is None or engine is None:
                 return
-            await sub.wait()
+            if not first:
+                await sub.wait()
+            first = False
+            while self.task is not None:  # the previous wake-up's updates still going out
+                await asyncio.wait([self.task])
             if not engine.idling or self.transport is None:
                 return
-            if self.task is None:
-                self.run(self._idle_updates())
+            self.run(self._idle_updates())
 
     async def _idle_updates(self) -> None:
         engine, mail = self.engine, self.mail
