@@ -355,8 +355,6 @@ class IMAPEngine:
         return True
 
     def _parse_error(self, ev: ParseError) -> None:
-        if self._wait in (_W.SASL, _W.IDLE):  # cannot happen: those lines are not parsed
-            self._wait = _W.NONE
         text = f"[{ev.code}] {ev.text}" if ev.code else ev.text
         self._tagged(ev.tag or "*", ev.status, text)
         if ev.fatal:

@@ -48,6 +48,7 @@ from mailfort.protocol.imap import (
 )
 from mailfort.protocol.imap_parse import Command
 from mailfort.server.connections import Admission, is_loopback, limit_exceptions
+from mailfort.server.imap_commands import MailSession, MailSessionSettings, Outcome
 from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import maildir_for
 
@@ -71,7 +72,7 @@ POLL_SECONDS = 1.0  # the fallback watcher's period
 class MailSessionLike(Protocol):
     """server/imap_commands.MailSession, as this driver uses it (IMAP_CONTRACT.md)."""
 
-    def execute(self, cmd: Command) -> Any: ...  # an Outcome
+    def execute(self, cmd: Command) -> Outcome: ...
 
     def updates(self) -> list[bytes]: ...
 
@@ -146,10 +147,8 @@ class UserSessions:
 
 def open_mail_session(maildir: Path, user: str, limits: LimitsConfig) -> MailSessionLike:
     """The mailbox side of a logged-in session (blocking: creates the special folders)."""
-    from mailfort.server import imap_commands
-
-    settings = imap_commands.MailSessionSettings(append_limit=limits.imap_append_limit)
-    return imap_commands.MailSession(maildir, user=user, settings=settings)
+    settings = MailSessionSettings(append_limit=limits.imap_append_limit)
+    return MailSession(maildir, user=user, settings=settings)
 
 
 def _batch(items: Iterator[bytes], limit: int) -> bytes:
@@ -385,7 +384,7 @@ class IMAPSession(EngineSession):
             engine.write_untagged(b"".join(await self._call(mail.updates)))
             engine.executed("OK", None, "NOOP completed")
             return
-        outcome = await self._call(mail.execute, cmd)
+        outcome: Outcome = await self._call(mail.execute, cmd)
         if not await self._stream(outcome.untagged):
             return  # the client is gone
         for changed in _changed_dirs(mail):
