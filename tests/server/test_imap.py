@@ -433,6 +433,32 @@ async def test_large_fetch_streams_as_the_client_reads(
     assert got > 40 * len(body)
 
 
+async def test_timeouts_by_state_idle_outlasts_the_others(
+        lab_factory: Callable[..., Any]) -> None:
+    lab = await lab_factory(LimitsConfig(imap_login_timeout=0.2, imap_timeout=0.4,
+                                         imap_idle_timeout=5), allow_plaintext=True)
+
+    def session() -> tuple[list[bytes], float]:
+        raw = Raw(lab.port)
+        raw.line()
+        raw.send(f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\nb IDLE\r\n".encode())
+        got = raw.until(b"a")
+        got.append(raw.line())  # + idling
+        time.sleep(1.0)  # longer than both other timeouts: IDLE has its own
+        raw.send(b"DONE\r\n")
+        got += raw.until(b"b")
+        start = time.monotonic()
+        got.append(raw.line())  # the logged-in timeout, counted from DONE
+        took = time.monotonic() - start
+        raw.close()
+        return got, took
+
+    got, took = await in_thread(session)
+    assert got[-3] == b"+ idling\r\n" and got[-2] == b"b OK IDLE terminated\r\n"
+    assert got[-1] == b"* BYE Autologout; idle for too long\r\n"
+    assert 0.2 < took < 2.0
+
+
 # ------------------------------------------------------------------ IDLE
 
 

@@ -290,6 +290,11 @@ class IMAPSession(EngineSession):
             return limits.imap_login_timeout
         return limits.imap_timeout
 
+    def _rearm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.arm_timer(self._timeout())
+
     def on_timer(self) -> None:
         assert self.engine is not None and self.transport is not None
         limit = self._timeout()
@@ -321,6 +326,7 @@ class IMAPSession(EngineSession):
             self._idle_wait = asyncio.get_running_loop().create_task(self._idle())
         elif isinstance(ev, IdleEnded):
             self._stop_idle()
+            self._rearm()  # the timer was set for IDLE's longer timeout
 
     # ---------------------------------------------------------------- login and TLS
 
