@@ -115,6 +115,7 @@ class ScanResult:
     added: list[int]
     expunged: list[int]
     changed: list[int]  # flags changed outside this module
+    highestmodseq: int = 0  # of the map after the scan: every change raises it
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +318,7 @@ class Mailbox:
         self._log.append(records)  # durable before anyone is told of these UIDs
         if quiet:
             self._file_new()
-        return ScanResult(added, sorted(gone), sorted(changed))
+        return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq)
 
     def _file_new(self) -> None:
         """Move what is in new/ to cur/ with ``:2,`` (IMAP has no use for new/)."""
