@@ -4,6 +4,7 @@ mailbox, POP3 and MX beside them, and a large FETCH that must stream."""
 
 from __future__ import annotations
 
+import os
 import re
 import tracemalloc
 from pathlib import Path
@@ -633,3 +634,87 @@ def test_a_message_renamed_by_another_session_is_still_fetched(tmp_path: Path) -
     assert lines[0] == b'* 1 FETCH (BODY[HEADER.FIELDS (SUBJECT)] {24}\r\n' \
         b"Subject: hello there\r\n\r\n)\r\n"
     assert fetch_flags(lines[1:]) == {1: b"\\Answered"}
+
+
+# -- against the reference Dovecot ------------------------------------------------------------
+
+
+def test_a_scripted_session_agrees_with_dovecot(tmp_path: Path, reference_dovecot: int) -> None:
+    """The same messages (same files, flags and dates) in Dovecot and in a MailSession:
+    STATUS and EXAMINE counts, FETCH (FLAGS RFC822.SIZE ENVELOPE BODYSTRUCTURE) and SEARCH
+    results agree. Messages are matched by (size, envelope): the two number them alike
+    only by chance of directory order."""
+    import imaplib
+    import shutil
+
+    from tests.protocol.test_imap_message import (
+        DIFFERENTIAL,
+        LETTERS,
+        MAILDIRS,
+        MTIMES,
+        _imap_values,
+        _normalise,
+        _responses,
+    )
+
+    folder = f"mailfort-session-{os.getpid()}"
+    dove_box = MAILDIRS / "alice" / f".{folder}"
+    ours_box = tmp_path / f".{folder}"
+    created = [p for p in (MAILDIRS, MAILDIRS / "alice") if not p.exists()]
+    for box in (dove_box, ours_box):
+        for sub in ("cur", "new", "tmp"):
+            (box / sub).mkdir(parents=True, exist_ok=True)
+        (box / "maildirfolder").touch()
+        for i, data in enumerate(DIFFERENTIAL.values()):
+            path = box / "cur" / f"{1700000000 + i}.M{i}P1.mailfort:2,{LETTERS[i]}"
+            path.write_bytes(data)
+            os.utime(path, (MTIMES[i], MTIMES[i]))
+    for path in [*created, dove_box, *dove_box.rglob("*")]:
+        os.chown(path, 5000, 5000)
+    searches = ["ALL", "UNSEEN", "FLAGGED", "SUBJECT original", "FROM example.test",
+                'BODY "inner two"', "TEXT minutes", "LARGER 300", "OR SEEN FROM fwd",
+                "NOT SUBJECT x", "SENTBEFORE 1-Jan-2000", "BEFORE 6-Dec-2026"]
+    items = "(FLAGS RFC822.SIZE ENVELOPE BODYSTRUCTURE)"
+    try:
+        imap = imaplib.IMAP4("127.0.0.1", reference_dovecot, timeout=10)
+        try:
+            imap.login("alice", "alicepw")
+            typ, data = imap.status(f'"{folder}"', "(MESSAGES UNSEEN)")
+            assert typ == "OK"
+            dove_status = _imap_values(data[0])[1]
+            typ, data = imap.select(f'"{folder}"', readonly=True)
+            dove_exists = int(data[0])
+            typ, data = imap.fetch("1:*", items)
+            dove_fetch = _responses(data)
+            dove_search = {c: {int(n) for n in imap.search(None, c)[1][0].split()}
+                           for c in searches}
+        finally:
+            imap.logout()
+    finally:
+        shutil.rmtree(dove_box, ignore_errors=True)
+
+    client = Client(tmp_path)
+    (line,) = client.ok(b"a STATUS " + folder.encode() + b" (MESSAGES UNSEEN)")
+    assert _imap_values(line[2:])[2] == dove_status
+    lines = client.ok(b"a EXAMINE " + folder.encode())
+    assert f"* {dove_exists} EXISTS\r\n".encode() in lines
+    raw = b"".join(x[2:].replace(b" FETCH ", b" ", 1) for x in client.ok(
+        b"a FETCH 1:* " + items.encode()))
+    values = _imap_values(raw)
+    ours_fetch = dict(zip(values[0::2], values[1::2], strict=True))
+
+    def table(fetched: dict) -> dict[int, tuple]:
+        out = {}
+        for seq, pairs in fetched.items():
+            d = dict(zip(pairs[0::2], pairs[1::2], strict=True))
+            flags = sorted(f for f in d[b"FLAGS"] if f != b"\\Recent")
+            out[seq] = (d[b"RFC822.SIZE"], repr(d[b"ENVELOPE"]), flags,
+                        repr(_normalise(d[b"BODYSTRUCTURE"])))
+        return out
+
+    ours_t, dove_t = table(ours_fetch), table(dove_fetch)
+    assert sorted(ours_t.values()) == sorted(dove_t.values())
+    for criteria in searches:
+        (line,) = client.ok(b"a SEARCH " + criteria.encode())
+        ours = {ours_t[int(n)][:2] for n in line.split()[2:]}
+        assert ours == {dove_t[n][:2] for n in dove_search[criteria]}, criteria

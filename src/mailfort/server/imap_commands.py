@@ -250,6 +250,7 @@ class _View:
     recent: set[int] = field(default_factory=set)
     top: int = 0  # highest UID the client was told of
     keywords: frozenset[str] = frozenset()
+    modseq: int = 0  # the mailbox's HIGHESTMODSEQ when the view was last brought up to date
 
 
 class MailSession:
@@ -268,6 +269,7 @@ class MailSession:
         self.view: _View | None = None
         self.saved: list[int] = []  # SEARCHRES ``$``, as UIDs
         self._changed: list[Path] = []
+        self._rescanned = False  # a stale path was refreshed during this command
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -299,6 +301,7 @@ class MailSession:
         if handler is None or (cmd.name == "LSUB" and self.rev2):
             return Outcome("BAD", "unknown command")
         self._changed = []
+        self._rescanned = False
         try:
             return handler(cmd)
         except _Bad as exc:
@@ -390,27 +393,34 @@ class MailSession:
         box = v.box
         try:
             scan = box.scan()
-            infos = box.messages()
         except (MailboxError, OSError):
             return []  # the mailbox went away (DELETE elsewhere): nothing to say now
         v.recent.update(scan.added)
+        if scan.highestmodseq == v.modseq and not scan.added:
+            return []  # no change of any kind since the last look (each one raises it)
+        try:
+            infos = box.messages()
+        except (MailboxError, OSError):
+            return []
+        v.modseq = scan.highestmodseq
         current = {m.uid: m for m in infos}
         out: list[bytes] = []
-        if expunge_ok:
-            gone = [u for u in v.uids if u not in current]
-            if gone:
-                if self.qresync:
-                    out.append(b"* VANISHED %s\r\n" % uid_set(gone).encode())
-                    keep = set(gone)
-                    v.uids = [u for u in v.uids if u not in keep]
-                else:
-                    for u in reversed(gone):
-                        i = bisect.bisect_left(v.uids, u)
-                        out.append(b"* %d EXPUNGE\r\n" % (i + 1))
-                        del v.uids[i]
-                for u in gone:
-                    v.info.pop(u, None)
-                    v.recent.discard(u)
+        gone = [u for u in v.uids if u not in current]
+        if gone and not expunge_ok:
+            v.modseq = -1  # expunges still to report: the next sync must not skip
+        elif gone:
+            if self.qresync:
+                out.append(b"* VANISHED %s\r\n" % uid_set(gone).encode())
+                keep = set(gone)
+                v.uids = [u for u in v.uids if u not in keep]
+            else:
+                for u in reversed(gone):
+                    i = bisect.bisect_left(v.uids, u)
+                    out.append(b"* %d EXPUNGE\r\n" % (i + 1))
+                    del v.uids[i]
+            for u in gone:
+                v.info.pop(u, None)
+                v.recent.discard(u)
         changed: list[tuple[int, MessageInfo]] = []
         for i, u in enumerate(v.uids):
             m = current.get(u)
@@ -483,22 +493,27 @@ class MailSession:
                 end = j
         return out
 
-    def _path(self, uid: int) -> str | None:
-        """The message file now; a stale path (renamed by another session) is refreshed
-        by one rescan of the mailbox."""
+    def _read_message(self, uid: int, header_only: bool) -> bytes | None:
+        """The message (or its header), None when it is gone. A path made stale by
+        another session's flag change is refreshed by one rescan per command."""
         v = self.view
         assert v is not None
         info = v.info.get(uid)
         if info is None:
             return None
-        if info.path and os.path.exists(info.path):
-            return info.path
-        v.box.scan()
-        for m in v.box.messages():
-            if m.uid in v.info:
-                v.info[m.uid] = dataclasses.replace(v.info[m.uid], path=m.path)
-        path = v.info[uid].path
-        return path if path and os.path.exists(path) else None
+        try:
+            return _read(info.path, header_only)
+        except FileNotFoundError:
+            pass
+        if not self._rescanned:
+            self._rescanned = True
+            v.box.scan()
+            for m in v.box.messages():
+                if m.uid in v.info:
+                    v.info[m.uid] = dataclasses.replace(v.info[m.uid], path=m.path)
+            with contextlib.suppress(FileNotFoundError):
+                return _read(v.info[uid].path, header_only)
+        return None  # expunged elsewhere: a later sync reports it
 
     def _enable_condstore(self) -> None:
         self.condstore = True
@@ -577,6 +592,7 @@ class MailSession:
         v.info = {m.uid: m for m in infos}
         v.recent = set(scan.added)
         v.top = v.uids[-1] if v.uids else 0
+        v.modseq = min(scan.highestmodseq, st["HIGHESTMODSEQ"])
         kws: set[str] = set()
         for m in infos:
             kws.update(f for f in m.flags if not f.startswith("\\"))
@@ -1079,10 +1095,10 @@ class MailSession:
 
     def _loader(self, uid: int, header_only: bool) -> Callable[[], bytes]:
         def load() -> bytes:
-            path = self._path(uid)
-            if path is None:
+            data = self._read_message(uid, header_only)
+            if data is None:
                 raise FileNotFoundError(uid)
-            return _read(path, header_only)
+            return data
         return load
 
     # -- FETCH -----------------------------------------------------------------------------
@@ -1172,13 +1188,13 @@ class MailSession:
             wire = b""
             root: im.Part | None = None
             if need:
-                path = self._path(uid)
-                if path is None:
-                    continue  # expunged elsewhere: reported by a later sync
                 try:
-                    wire = im.to_wire(_read(path, header_only=need == 1))
+                    data = self._read_message(uid, header_only=need == 1)
                 except OSError:
-                    continue
+                    data = None
+                if data is None:
+                    continue  # expunged elsewhere: reported by a later sync
+                wire = im.to_wire(data)
             parts: list[bytes] = []
             for a in items:
                 name = a.name
@@ -1292,11 +1308,9 @@ class MailSession:
         if target.path == v.box.path:
             src, dst = [], []
             for u in uids:
-                path = self._path(u)
-                if path is None:
+                data = self._read_message(u, header_only=False)
+                if data is None:
                     continue
-                with open(path, "rb") as f:
-                    data = f.read()
                 info = v.info[u]
                 validity, new = target.append(data, info.flags, info.internal_date)
                 src.append(u)
