@@ -471,8 +471,8 @@ class MailboxWatcher:
             await asyncio.sleep(self.poll_interval)
             boxes = []
             for box in list(self._boxes.values()):
-                if not box.wds and self._ino is not None and box.subs:
-                    self._watch(box)  # it may be there now, or watches freed
+                if not box.wds and self._ino is not None and box.subs and self._watch(box):
+                    self._wake(box)  # there now, or watches freed: unwatched until now
                 if self._polled(box):
                     boxes.append(box)
                 else:
