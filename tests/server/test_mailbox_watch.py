@@ -382,3 +382,70 @@ async def test_redis_carries_changes_between_nodes(
     finally:
         await a.close()
         await b.close()
+
+
+# ------------------------------------------------------------------ through a node
+
+async def test_node_wakes_on_mx_delivery_and_pop3_update(
+        tmp_path: Path, server_ssl_context: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node whose kernel has no inotify and that never polls: only the committer's hook
+    (a message to the MX, and to an alias of two users) and POP3's report (DELE at QUIT)
+    can wake the IMAP subscribers."""
+    import poplib
+    import smtplib
+
+    from mailfort.server.app import Node
+    from tests.conftest import make_config, seed_directory
+
+    def no_inotify(self: Any) -> None:
+        raise OSError(38, "Function not implemented", "inotify_init1")
+
+    monkeypatch.setattr(mailbox_watch.Inotify, "__init__", no_inotify)
+    cfg = make_config(tmp_path / "data", store={"watch_poll": "never"},
+                      server={"allow_plaintext_auth_on_loopback": True})
+    seed_directory(cfg)
+    reports: list[list[Path]] = []
+    node = Node(cfg, ssl_context=server_ssl_context)
+    hook = node.committer.delivered
+    assert hook is not None
+
+    def spy(dirs: list[Path]) -> None:
+        reports.append(dirs)
+        hook(dirs)
+
+    node.committer.delivered = spy
+    async with node:
+        assert node.watcher.inotify_error is not None
+        alice = cfg.mail_path / "example.test" / "alice"
+        bob = cfg.mail_path / "example.test" / "bob"
+        ensure_maildir(alice)
+        ensure_maildir(bob)
+        sub_a, sub_b = node.watcher.subscribe(alice), node.watcher.subscribe(bob)
+
+        def send(rcpt: str) -> float:
+            with smtplib.SMTP("127.0.0.1", node.port("mx"), timeout=10) as s:
+                s.sendmail("someone@remote.test", [rcpt],
+                           f"From: someone@remote.test\r\nTo: {rcpt}\r\n\r\nhi\r\n")
+            return time.monotonic()
+
+        done = await asyncio.to_thread(send, "alice@example.test")
+        assert await woken_after(sub_a, done) < WAKE  # woken before the 250 came back
+        assert await not_woken(sub_b, 0.1)
+        assert reports == [[alice]]
+        await asyncio.to_thread(send, "team@example.test")
+        await asyncio.wait_for(sub_a.wait(), 1)
+        await asyncio.wait_for(sub_b.wait(), 1)
+        assert sorted(reports[1]) == [alice, bob]
+
+        def pop3_delete() -> None:
+            c = poplib.POP3("127.0.0.1", node.port("pop3"), timeout=10)
+            c.user("alice@example.test")
+            c.pass_("alice-pw")
+            c.dele(1)
+            c.quit()
+
+        await asyncio.to_thread(pop3_delete)
+        await asyncio.wait_for(sub_a.wait(), 1)
+        assert await not_woken(sub_b, 0.1)
+        sub_a.close()
+        sub_b.close()
