@@ -274,6 +274,8 @@ class MailboxWatcher:
                             self.poll_interval)
             else:
                 self._loop.add_reader(self._ino.fd, self._on_inotify)
+                for box in self._boxes.values():  # subscribed before the start
+                    self._watch(box)
         else:
             self.inotify_error = "disabled"
         fstype = mount_fstype(self.mail_root)
