@@ -26,7 +26,11 @@ from mailfort.store.imap_mailbox import MailStore
 from mailfort.store.maildir import ensure_maildir
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-WAKE = 0.1  # the target: a change reaches a subscriber of another process within 100 ms
+# The targets (issue 28): a change reaches a subscriber in < 100 ms median, < 1 s worst.
+# One sample is held to the worst case (the machine running the tests is shared and busy),
+# the median of many to the median's.
+WAKE = 1.0
+MEDIAN = 0.1
 
 _WRITER = r"""
 import os, sys, time
@@ -138,6 +142,18 @@ async def test_delivery_into_new_by_another_process(
     assert await not_woken(sub)  # one change, one wake-up
 
 
+async def test_median_wake_up_from_another_process(
+        watcher: MailboxWatcher, maildir: Path, writer: Writer) -> None:
+    sub = watcher.subscribe(maildir)
+    delays = []
+    for _ in range(21):
+        since = await writer.do("deliver")
+        delays.append(await woken_after(sub, since))
+    delays.sort()
+    assert delays[10] < MEDIAN, delays
+    assert delays[-1] < WAKE, delays
+
+
 async def test_flag_rename_in_cur_by_another_process(
         watcher: MailboxWatcher, maildir: Path, writer: Writer) -> None:
     (maildir / "cur" / "1.M1P1Q1.host:2,").write_bytes(b"x\r\n")
@@ -189,7 +205,7 @@ async def test_changed_in_process_wakes_without_inotify(tmp_path: Path, maildir:
         sub = w.subscribe(maildir)
         t = time.monotonic()
         w.changed(maildir)
-        assert await woken_after(sub, t) < 0.01
+        assert await woken_after(sub, t) < MEDIAN
         # from another thread, as the committer's hook calls it
         t = time.monotonic()
         threading.Thread(target=w.changed_many, args=([maildir / "."],)).start()
@@ -295,11 +311,11 @@ async def test_poll_when_inotify_is_not_there(tmp_path: Path, maildir: Path,
         await asyncio.wait_for(sub.wait(), 1)  # the first look: no baseline yet
         assert await not_woken(sub, 0.2)  # nothing changes, nothing wakes
         since = await writer.do("deliver")
-        assert await woken_after(sub, since) < 0.05 + WAKE
+        assert await woken_after(sub, since) < WAKE
         (maildir / "cur" / "1.M1P1Q1.host:2,").write_bytes(b"x\r\n")
         await asyncio.wait_for(sub.wait(), 1)
         since = await writer.do("rename 1.M1P1Q1.host:2, 1.M1P1Q1.host:2,S")
-        assert await woken_after(sub, since) < 0.05 + WAKE
+        assert await woken_after(sub, since) < WAKE
         sub.close()
         assert w.subscribed == 0
     finally:
