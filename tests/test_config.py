@@ -156,6 +156,8 @@ def test_config_check_and_serve_refuse_public_trusted_networks(tmp_path: Path) -
     ({"limits": {"max_errors": 0}}, "limits.max_errors"),
     ({"tls": {"min_version": "TLSv1.0"}}, "tls.min_version"),
     ({"store": {"flush": "never"}}, "store.flush"),
+    ({"store": {"watch_poll": "sometimes"}}, "store.watch_poll"),
+    ({"store": {"watch_poll_interval": 0}}, "store.watch_poll_interval"),
     ({"tls": {"cert_file": "/x.pem"}}, "tls.cert_file"),
     ({"server": {"hostname": "a b"}}, "server.hostname"),
     ({"server": {"data_dir": ""}}, "server.data_dir"),

@@ -252,7 +252,6 @@ class MailboxWatcher:
         self._me = secrets.token_hex(8)  # this watcher's messages come back to it: skipped
         self._outbox: set[str] = set()
         self._publishing = False
-        self._poll_wakeup: asyncio.Event | None = None
         self._closed = False
         self._enospc_logged = False
         self.inotify_error: str | None = None  # why there is no inotify, for the log/tests
@@ -270,10 +269,13 @@ class MailboxWatcher:
                 self._ino = Inotify()
             except (OSError, AttributeError) as exc:  # no inotify here (or instances used up)
                 self.inotify_error = str(exc)
-                log.warning("no inotify (%s): mailboxes are polled every %gs", exc,
-                            self.poll_interval)
+                log.warning("no inotify (%s): other processes' changes to mailboxes are %s",
+                            exc, "never seen (watch_poll = never)" if self.poll_mode == "never"
+                            else f"seen by a poll every {self.poll_interval:g}s")
             else:
                 self._loop.add_reader(self._ino.fd, self._on_inotify)
+                for box in self._boxes.values():  # subscribed before the start
+                    self._watch(box)
         else:
             self.inotify_error = "disabled"
         fstype = mount_fstype(self.mail_root)
@@ -281,7 +283,6 @@ class MailboxWatcher:
         if self._network_fs and self._redis_cfg is None and self.poll_mode == "auto":
             log.info("mail_dir is on %s and [counters] has no Redis: subscribed mailboxes are "
                      "polled every %gs for other nodes' changes", fstype, self.poll_interval)
-        self._poll_wakeup = asyncio.Event()
         self._tasks.append(self._loop.create_task(self._poll_loop()))
         if self._redis_cfg is not None:
             from mailfort.policy.redis_counters import connect
@@ -471,8 +472,8 @@ class MailboxWatcher:
             await asyncio.sleep(self.poll_interval)
             boxes = []
             for box in list(self._boxes.values()):
-                if not box.wds and self._ino is not None and box.subs:
-                    self._watch(box)  # it may be there now, or watches freed
+                if not box.wds and self._ino is not None and box.subs and self._watch(box):
+                    self._wake(box)  # there now, or watches freed: unwatched until now
                 if self._polled(box):
                     boxes.append(box)
                 else:
