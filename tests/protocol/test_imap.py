@@ -22,6 +22,7 @@ from mailfort.protocol.imap import (
     StartTLS,
     State,
 )
+from mailfort.protocol.sasl import MAX_SASL_LINE
 from tests.fuzzing import examples
 
 STARTTLS_PORT = EngineSettings(tls_available=True)  # 143 with a certificate
@@ -184,6 +185,36 @@ def test_authenticate_errors() -> None:
                    b"b BAD bad initial response\r\n"
                    b"c NO [AUTHORIZATIONFAILED] Proxy authorization not supported\r\n"
                    b"+ \r\nd BAD Invalid base64 in SASL response\r\n")
+
+
+@pytest.mark.parametrize(
+    ("authzid", "authcid", "seen"),
+    [
+        ("", "alice@example.test", True),
+        ("Alice@EXAMPLE.test.", "alice@example.test", True),  # the same account
+        ("bob@example.test", "alice@example.test", False),  # no proxy authorization
+        ("", "", False),
+    ],
+)
+def test_plain_authzid_rule_is_the_smtp_and_pop3_one(authzid: str, authcid: str,
+                                                      seen: bool) -> None:
+    token = base64.b64encode(f"{authzid}\0{authcid}\0pw".encode())
+    for data in (b"a AUTHENTICATE PLAIN " + token + b"\r\n",
+                 b"a AUTHENTICATE PLAIN\r\n" + token + b"\r\n"):
+        e = IMAPEngine(STARTTLS_PORT, tls_active=True)
+        events, out = run(e, data)
+        assert events == ([CheckCredentials(authcid, "pw", "PLAIN")] if seen else [])
+        assert seen or out.split(b"\r\n")[-2].startswith((b"a NO", b"a BAD"))
+
+
+def test_sasl_response_line_limit_is_the_shared_one() -> None:
+    e = IMAPEngine(STARTTLS_PORT, tls_active=True)
+    run(e, b"a AUTHENTICATE PLAIN\r\n")
+    _, out = run(e, b"A" * (MAX_SASL_LINE - 2) + b"\r\n")
+    assert out == b"a BAD Invalid base64 in SASL response\r\n"
+    run(e, b"b AUTHENTICATE PLAIN\r\n")
+    _, out = run(e, b"A" * (MAX_SASL_LINE - 1) + b"\r\n")
+    assert out == b"b BAD SASL response line refused\r\n" and not e.closed
 
 
 def test_unverifiable_is_not_a_failed_login() -> None:
