@@ -7,7 +7,9 @@
 Targets: ``smtp`` (the SMTP engine: bytes in, every event answered, positively or not, from
 the same input), ``pop3`` (the POP3 engine likewise), ``imap`` (the IMAP command reader:
 the input fed whole and in the fuzzer's chunks gives the same events, memory stays within
-the limits, IDLE and AUTHENTICATE lines taken when the events ask), ``address`` (RFC 5321
+the limits, IDLE and AUTHENTICATE lines taken when the events ask), ``imapd`` (the IMAP
+engine over that reader: every event answered, positively or not; every output line a
+``*``, ``+`` or tagged response), ``address`` (RFC 5321
 paths and ESMTP parameters), ``msa`` (the From:/Message-ID/Date header checks of
 submission) and ``config`` (TOML to a validated Config). A crash is any exception other
 than the parser's own refusal (AddressError, ConfigError, TOML errors), an engine's
@@ -33,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "fuzz_corpus"
 CRASHES = HERE / "fuzz_crashes"
-TARGETS = ("smtp", "pop3", "imap", "address", "msa", "config")
+TARGETS = ("smtp", "pop3", "imap", "imapd", "address", "msa", "config")
 
 
 # ------------------------------------------------------------------------- the targets
@@ -179,6 +181,59 @@ def imap_target():  # type: ignore[no-untyped-def]
     return one
 
 
+def imapd_target():  # type: ignore[no-untyped-def]
+    import atheris
+
+    from mailfort.protocol import imap
+    from mailfort.protocol.imap_parse import Limits
+
+    settings = imap.EngineSettings(
+        tls_available=True, max_errors=50, append_limit=2048,
+        limits=Limits(max_line=512, max_literal=256, max_nonsync_literal=128, max_discard=4096))
+
+    def one(data: bytes) -> None:
+        fdp = atheris.FuzzedDataProvider(data)
+        engine = imap.IMAPEngine(
+            settings if fdp.ConsumeBool() else
+            imap.EngineSettings(tls_available=True, allow_plaintext=True),
+            tls_active=fdp.ConsumeBool())
+        engine.greet()
+        choices = fdp.ConsumeBytes(16) or b"\0"
+        k = 0
+        while fdp.remaining_bytes() and not engine.closed:
+            engine.receive(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 600)))
+            while (ev := engine.next_event()) is not None:
+                k += 1
+                c = choices[k % len(choices)]
+                if isinstance(ev, imap.CheckCredentials):
+                    if c % 3 == 0:
+                        engine.credentials_accepted("alice@example.test")
+                    elif c % 3 == 1:
+                        engine.credentials_refused()
+                    else:
+                        engine.credentials_unverifiable()
+                elif isinstance(ev, imap.StartTLS):
+                    engine.tls_started()
+                elif isinstance(ev, imap.Execute):
+                    engine.write_untagged(b"* 1 EXISTS\r\n")
+                    engine.executed(("OK", "NO", "BAD")[c % 3], "CODE" if c & 4 else None,
+                                    "done", (None, True, False)[c % 3])
+                elif isinstance(ev, imap.Idle):
+                    engine.write_untagged(b"* 2 EXISTS\r\n")
+            out = engine.take_output()
+            engine.take_hold()
+            for line in out.split(b"\r\n")[:-1] if out else ():
+                if not (line.startswith((b"* ", b"+ ")) or line.split(b" ")[1:2] in (
+                        [b"OK"], [b"NO"], [b"BAD"])):
+                    raise AssertionError(f"not a response: {line[:80]!r}")
+            if out and not out.endswith(b"\r\n"):
+                raise AssertionError(f"reply without CRLF: {out[-80:]!r}")
+            if engine.internal_error is not None:
+                raise engine.internal_error
+
+    return one
+
+
 def address_target():  # type: ignore[no-untyped-def]
     import atheris
 
@@ -262,6 +317,7 @@ def config_target():  # type: ignore[no-untyped-def]
 
 
 BUILDERS = {"smtp": smtp_target, "pop3": pop3_target, "imap": imap_target,
+            "imapd": imapd_target,
             "address": address_target,
             "msa": msa_target, "config": config_target}
 
@@ -279,6 +335,7 @@ def run_one(target: str, seconds: int, extra: list[str]) -> None:
         import mailfort.policy.msa
         import mailfort.policy.senders
         import mailfort.protocol.address
+        import mailfort.protocol.imap
         import mailfort.protocol.imap_parse
         import mailfort.protocol.pop3
         import mailfort.protocol.smtp  # noqa: F401

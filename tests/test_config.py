@@ -156,6 +156,8 @@ def test_config_check_and_serve_refuse_public_trusted_networks(tmp_path: Path) -
     ({"limits": {"max_errors": 0}}, "limits.max_errors"),
     ({"tls": {"min_version": "TLSv1.0"}}, "tls.min_version"),
     ({"store": {"flush": "never"}}, "store.flush"),
+    ({"store": {"watch_poll": "sometimes"}}, "store.watch_poll"),
+    ({"store": {"watch_poll_interval": 0}}, "store.watch_poll_interval"),
     ({"tls": {"cert_file": "/x.pem"}}, "tls.cert_file"),
     ({"server": {"hostname": "a b"}}, "server.hostname"),
     ({"server": {"data_dir": ""}}, "server.data_dir"),
@@ -267,6 +269,28 @@ def test_stress_mode_limits_are_checked(tmp_path: Path, text: str, key: str) -> 
     assert str(exc.value).startswith(f"{key}:")
 
 
+@pytest.mark.parametrize("text, key", [
+    ("[limits]\nimap_login_timeout = 0\n", "limits.imap_login_timeout"),
+    ("[limits]\nimap_timeout = -1\n", "limits.imap_timeout"),
+    ("[limits]\nimap_idle_timeout = 0\n", "limits.imap_idle_timeout"),
+    ("[limits]\nimap_sessions_per_user = 0\n", "limits.imap_sessions_per_user"),
+    ("[limits]\nimap_append_limit = 0\n", "limits.imap_append_limit"),
+    ('[listen]\nimap = ["127.0.0.1"]\n', "listen.imap[0]"),
+    ('[listen]\nimaps = ["127.0.0.1:2525"]\nmx = ["127.0.0.1:2525"]\n', "listen.imaps[0]"),
+])
+def test_imap_settings_are_checked(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        cfg = load_text(tmp_path, text)
+        config_mod.preflight(cfg)
+    assert str(exc.value).startswith(f"{key}:")
+
+
+def test_imap_defaults() -> None:
+    lim = Config().limits
+    assert (lim.imap_login_timeout, lim.imap_timeout, lim.imap_idle_timeout) == (60, 1800, 1800)
+    assert (lim.imap_sessions_per_user, lim.imap_append_limit) == (20, 25 * 1024 * 1024)
+
+
 def test_stress_mode_settings_come_from_limits(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, "[limits]\nstress_threshold = 0.5\nstress_idle_timeout = 4\n")
     assert (cfg.limits.stress.threshold, cfg.limits.stress.idle_timeout,
@@ -310,8 +334,8 @@ def test_pop3_lease_seconds_defaults_to_30_and_must_cover_its_renewals() -> None
 @pytest.mark.parametrize("table, key", [
     ({"listen": {"mx": ["127.0.0.1:2525"], "pop3": ["127.0.0.1:2525"]}}, "listen.pop3[0]"),
     ({"listen": {"mx": ["[::]:2525"], "pop3": ["[::1]:2525"]}}, "listen.pop3[0]"),
-    ({"listen": {"mx": [], "submission": [], "submissions": [], "pop3": [], "pop3s": []}},
-     "listen"),
+    ({"listen": {"mx": [], "submission": [], "submissions": [], "pop3": [], "pop3s": [],
+                 "imap": [], "imaps": []}}, "listen"),
     ({"server": {"user": "no-such-user-here"}}, "server.user"),
     ({"tls": {"cert_file": "/nonexistent/c.pem", "key_file": "/nonexistent/k.pem"}},
      "tls.cert_file"),

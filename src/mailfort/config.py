@@ -77,6 +77,12 @@ class StoreConfig:
     # filesystem per batch: fastest where mailfort has its disk to itself) or "fsync" (each
     # file and directory on its own: flushes nothing of other programs on a shared disk).
     flush: str = "syncfs"
+    # How IMAP sessions learn of changes made elsewhere (server/mailbox_watch.py): inotify on
+    # this machine, Redis of [counters] across nodes, and a stat poll of subscribed mailboxes
+    # as the last resort. "auto": poll what inotify cannot watch, and everything when
+    # mail_dir is on a network file system without Redis; "always"; "never".
+    watch_poll: str = "auto"
+    watch_poll_interval: float = 0.5  # seconds between two polls
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,8 @@ class ListenConfig:
     submissions: list[str] = field(default_factory=lambda: ["127.0.0.1:2465"])
     pop3: list[str] = field(default_factory=lambda: ["127.0.0.1:2110"])
     pop3s: list[str] = field(default_factory=lambda: ["127.0.0.1:2995"])
+    imap: list[str] = field(default_factory=lambda: ["127.0.0.1:2143"])
+    imaps: list[str] = field(default_factory=lambda: ["127.0.0.1:2993"])
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,16 @@ class LimitsConfig:
     connection_limit_exceptions: list[str] = field(
         default_factory=lambda: ["loopback", "trusted_networks"])
     pop3_idle_timeout: float = 600.0
+    # IMAP: seconds without a command before login, once logged in (RFC 9051 §5.4: at least
+    # 30 minutes after login), and during IDLE (RFC 2177: clients re-IDLE within 29 minutes).
+    imap_login_timeout: float = 60.0
+    imap_timeout: float = 1800.0
+    imap_idle_timeout: float = 1800.0
+    # IMAP sessions one user may hold on a node at once; past it LOGIN gets NO [LIMIT].
+    imap_sessions_per_user: int = 20
+    # The largest message APPEND takes (APPENDLIMIT); larger is refused NO [TOOBIG] before
+    # a byte of it is sent.
+    imap_append_limit: int = 25 * 1024 * 1024
     # Stress mode (server/stress.py): past stress_threshold of max_connections (0: never),
     # a session must make progress every stress_idle_timeout seconds, new sessions get
     # stress_max_errors, and a full table ends its oldest idle session before refusing.
@@ -608,7 +626,7 @@ def _validate_route(dom: str, route: Route) -> None:
 
 def validate(cfg: Config) -> Config:
     """Cross-key checks; raises ConfigError naming the key."""
-    for name in ("mx", "submission", "submissions", "pop3", "pop3s"):
+    for name in LISTEN_NAMES:
         for i, hp in enumerate(getattr(cfg.listen, name)):
             _check_hostport(f"listen.{name}[{i}]", hp)
     _validate_relay(cfg.relay)
@@ -626,9 +644,13 @@ def validate(cfg: Config) -> Config:
     if lim.max_connection_rate_per_ip < 0:
         raise ConfigError("limits.max_connection_rate_per_ip: must be 0 (no limit) or more")
     _validate_limit_exceptions(lim.connection_limit_exceptions)
-    for k in ("idle_timeout", "session_timeout", "pop3_idle_timeout"):
+    for k in ("idle_timeout", "session_timeout", "pop3_idle_timeout", "imap_login_timeout",
+              "imap_timeout", "imap_idle_timeout"):
         if getattr(lim, k) <= 0:
             raise ConfigError(f"limits.{k}: must be a positive number of seconds")
+    for k in ("imap_sessions_per_user", "imap_append_limit"):
+        if getattr(lim, k) <= 0:
+            raise ConfigError(f"limits.{k}: must be a positive integer")
     if not 0 <= lim.soft_errors <= lim.max_errors:
         raise ConfigError("limits.soft_errors: must be between 0 and limits.max_errors")
     for k in ("error_delay", "max_error_delay"):
@@ -636,6 +658,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"limits.{k}: must be zero or a positive number of seconds")
     if cfg.store.flush not in ("syncfs", "fsync"):
         raise ConfigError("store.flush: allowed values are syncfs and fsync")
+    if cfg.store.watch_poll not in ("auto", "always", "never"):
+        raise ConfigError("store.watch_poll: allowed values are auto, always and never")
+    if not 0.05 <= cfg.store.watch_poll_interval <= 60:
+        raise ConfigError("store.watch_poll_interval: between 0.05 and 60 seconds")
     if cfg.tls.min_version not in ("TLSv1.2", "TLSv1.3"):
         raise ConfigError("tls.min_version: allowed values are TLSv1.2 and TLSv1.3")
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
@@ -1014,7 +1040,7 @@ def effective(cfg: Config) -> dict[str, Any]:
 # same words. Only what is known without binding: a port taken by another program shows at
 # serve's bind (server/acceptor.py names the address).
 
-LISTEN_NAMES = ("mx", "submission", "submissions", "pop3", "pop3s")
+LISTEN_NAMES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     # extra -> the modules it installs that mailfort imports
@@ -1124,7 +1150,7 @@ def preflight(cfg: Config) -> list[str]:
     """What ``serve`` would refuse, checked without binding or writing anything: raises
     ConfigError with the first problem; returns the warnings (served all the same)."""
     if not any(getattr(cfg.listen, name) for name in LISTEN_NAMES):
-        raise ConfigError("listen: every listener (mx, submission, submissions, pop3, pop3s) "
+        raise ConfigError("listen: every listener (" + ", ".join(LISTEN_NAMES) + ") "
                           "is empty: the server would serve nothing")
     _listener_clash(cfg)
     if cfg.tls.cert_file and not cfg.tls.acme:

@@ -512,3 +512,11 @@ def serialize(c: Command, style: int) -> bytes:
 def test_generated_commands_round_trip(command: Command, style: int) -> None:
     wire = serialize(command, style)
     assert events(CommandReader(), wire) == [command]
+
+
+def test_searchres_dollar_is_a_saved_sequence_set() -> None:
+    """RFC 5182: ``$`` stands for the saved SEARCH result, in commands and SEARCH keys."""
+    assert cmd(b"a UID FETCH $ FLAGS\r\n").args[0] == SequenceSet((), saved=True)
+    assert cmd(b"a COPY $ Trash\r\n").args == (SequenceSet((), saved=True), "Trash")
+    key = cmd(b"a SEARCH OR $ SEEN\r\n").args[2]
+    assert key.children[0].children[0] == SearchKey("SEQSET", (SequenceSet((), saved=True),))

@@ -24,7 +24,7 @@ import mailfort
 from mailfort.server import control
 
 SRC = str(Path(mailfort.__file__).resolve().parents[1])
-SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s")
+SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 
 
 _GIVEN: set[int] = set()  # handed out in this run: never twice

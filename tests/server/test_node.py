@@ -48,8 +48,9 @@ ALICE = "alice@example.test"
 PASSWORD = "alice-pw"  # seed_directory's
 SRC = Path(mailfort.__file__).resolve().parents[1]  # the tree under test, not an install
 START_TIMEOUT = 60.0
-TLS_PORTS = ("mx", "submission", "submissions", "pop3", "pop3s")
-STARTTLS = {"mx": "smtp", "submission": "smtp", "pop3": "pop3"}  # others: implicit TLS
+TLS_PORTS = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+# The others: implicit TLS.
+STARTTLS = {"mx": "smtp", "submission": "smtp", "pop3": "pop3", "imap": "imap"}
 WEAK = "@SECLEVEL=0:ALL"  # lets this OpenSSL offer TLS 1.0/1.1 and every old suite class
 
 
@@ -271,6 +272,10 @@ def _handshake(port_name: str, port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
                 assert f.readline().startswith(b"+OK")
                 sock.sendall(b"STLS\r\n")
                 assert f.readline().startswith(b"+OK")
+            elif kind == "imap":
+                assert f.readline().startswith(b"* OK")
+                sock.sendall(b"t STARTTLS\r\n")
+                assert f.readline().startswith(b"t OK")
         tls = ctx.wrap_socket(sock, server_hostname="localhost")
     except BaseException:
         sock.close()
@@ -282,6 +287,11 @@ def _handshake(port_name: str, port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
                     assert _read_smtp_reply(f).startswith(b"220")
                 tls.sendall(b"EHLO probe.test\r\n")
                 assert _read_smtp_reply(f).startswith(b"250")
+            elif port_name in ("imap", "imaps"):
+                if kind is None:
+                    assert f.readline().startswith(b"* OK")
+                tls.sendall(b"t CAPABILITY\r\n")
+                assert f.readline().startswith(b"* CAPABILITY")
             else:
                 if kind is None:
                     assert f.readline().startswith(b"+OK")

@@ -59,6 +59,8 @@ def test_scan_numbers_by_delivery_time_then_name_and_files_in_cur(tmp_path: Path
     deliver(tmp_path, "1700000002.M5P1Q1.h")
     deliver(tmp_path, "1700000001.M900000P1Q2.h")
     deliver(tmp_path, "1700000001.M95000P1Q3.h")  # M95000 < M900000 as numbers
+    for i, path in enumerate(sorted((tmp_path / "new").iterdir())):
+        os.utime(path, (1600000000 + i, 1600000000 + i))  # INTERNALDATE: mtime, as Dovecot
     box = MailStore(tmp_path).mailbox(INBOX)
     result = box.scan()
     assert result.added == [1, 2, 3]
@@ -66,7 +68,7 @@ def test_scan_numbers_by_delivery_time_then_name_and_files_in_cur(tmp_path: Path
     assert paths == ["1700000001.M95000P1Q3.h:2,", "1700000001.M900000P1Q2.h:2,",
                      "1700000002.M5P1Q1.h:2,"]
     assert os.listdir(tmp_path / "new") == []
-    assert [m.internal_date for m in box.messages()] == [1700000001, 1700000001, 1700000002]
+    assert [m.internal_date for m in box.messages()] == [1600000001, 1600000000, 1600000002]
     assert all(m.size == len(MSG) for m in box.messages())
     assert box.scan().added == []  # stable
 
@@ -674,3 +676,35 @@ MailboxMachine.TestCase.settings = settings(
     max_examples=25, stateful_step_count=20, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_mailbox_state_machine = MailboxMachine.TestCase
+
+
+def test_adding_a_keyword_in_another_case_keeps_its_spelling(tmp_path: Path) -> None:
+    """Keywords compare case-insensitively: +FLAGS ($work) on $Work changes nothing, so the
+    flag list a session announced stays true (it used to become $work, a new MODSEQ)."""
+    store = MailStore(tmp_path)
+    box = store.mailbox(INBOX)
+    _, uid = box.append(MSG, ["$Work"])
+    assert box.store([uid], add=["$work"]).changed == {}
+    assert box.messages()[0].flags == frozenset({"$Work"})
+
+
+def test_rfc822_size_is_the_size_of_body_as_sent(tmp_path: Path) -> None:
+    """RFC822.SIZE must equal the octets BODY[] sends (imap_message.to_wire): no final CRLF
+    added (Dovecot says 10 for "Subject: x"), bare LF counted as CRLF. It used to be the
+    POP3 size (+2 for a missing final line end); the name's W= stays POP3's."""
+    from mailfort.protocol.imap_message import to_wire
+
+    store = MailStore(tmp_path)
+    box = store.mailbox(INBOX)
+    box.append(b"Subject: x")
+    deliver(tmp_path, "1700000001.M1P1.h", b"Subject: y\n\nlf body")
+    deliver(tmp_path, f"1700000002.M1P1.h,S={len(MSG)},W={len(MSG)}", MSG)
+    box.scan()
+    sizes = [m.size for m in box.messages()]
+    assert sizes == [10, len(to_wire(b"Subject: y\n\nlf body")), len(MSG)]
+    appended = next(p.name for p in (tmp_path / "cur").iterdir() if ",S=10," in p.name)
+    assert ",W=12:" in appended  # POP3 LIST and RETR still agree
+    trash = store.create("Trash")
+    box.copy_to([1], trash)
+    assert [m.size for m in trash.messages()] == [10]
+    assert any(",S=10,W=12:" in p.name for p in (trash.path / "cur").iterdir())

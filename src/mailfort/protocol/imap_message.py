@@ -550,15 +550,32 @@ def bodystructure(part: Part, extended: bool = True) -> tuple:
 # ---------------------------------------------------------------------------- encoding
 
 
+_UNQUOTABLE = re.compile(rb"[\x00\r\n\x80-\xff]")
+
+
 def _quotable(s: bytes) -> bool:
-    return (len(s) <= QUOTED_MAX and s.isascii() and b"\r" not in s and b"\n" not in s
-            and b"\0" not in s)
+    return len(s) <= QUOTED_MAX and _UNQUOTABLE.search(s) is None
+
+
+def _string(value: bytes) -> bytes:
+    if len(value) <= QUOTED_MAX and _UNQUOTABLE.search(value) is None:
+        if b"\\" in value or b'"' in value:
+            value = value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+        return b'"' + value + b'"'
+    return b"{%d}\r\n" % len(value) + value
 
 
 def encode(value: object) -> bytes:
-    """IMAP wire form: NIL, numbers, quoted strings when safe, literals otherwise, lists."""
+    """IMAP wire form: NIL, numbers, quoted strings when safe, literals otherwise, lists.
+
+    Exact types are tested first: an ENVELOPE of 2,000 messages is some 60,000 values."""
+    kind = type(value)
+    if kind is bytes:
+        return _string(value)  # type: ignore[arg-type]
     if value is None:
         return b"NIL"
+    if kind is tuple:
+        return b"(" + b" ".join([encode(v) for v in value]) + b")"  # type: ignore[attr-defined]
     if isinstance(value, bool):
         raise TypeError("bool is not an IMAP value")
     if isinstance(value, int):
@@ -566,11 +583,9 @@ def encode(value: object) -> bytes:
     if isinstance(value, Literal8):
         return b"~{%d}\r\n" % len(value) + bytes(value)
     if isinstance(value, str):
-        value = value.encode("utf-8", "surrogateescape")
+        return _string(value.encode("utf-8", "surrogateescape"))
     if isinstance(value, bytes):
-        if _quotable(value):
-            return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-        return b"{%d}\r\n" % len(value) + value
+        return _string(bytes(value))
     if isinstance(value, Concat):
         return b"".join(encode(v) for v in value)
     if isinstance(value, tuple | list):

@@ -120,9 +120,13 @@ Value = Atom | Quoted | LiteralBytes | None | tuple  # None is NIL; tuple a pare
 
 @dataclass(frozen=True, slots=True)
 class SequenceSet:
-    """Ranges as sent, ``None`` for ``*``; a single number is a range (n, n)."""
+    """Ranges as sent, ``None`` for ``*``; a single number is a range (n, n).
+
+    ``saved`` is ``$`` (RFC 5182 SEARCHRES): the result the last ``SEARCH RETURN (SAVE)``
+    kept; it stands alone, with no ranges."""
 
     ranges: tuple[tuple[int | None, int | None], ...]
+    saved: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +404,9 @@ class _Cursor:
 
     def sequence_set(self) -> SequenceSet:
         ranges = []
+        if self.take(b"$"):
+            self.ranges += 1
+            return SequenceSet((), saved=True)
         while True:
             self.ranges += 1
             if self.ranges > self.limits.max_ranges:
@@ -571,7 +578,7 @@ def _parse_search_key(c: _Cursor, depth: int) -> SearchKey:
         raise _Fail("search nested too deep", "LIMIT")
     if c.peek() == 0x28:
         return SearchKey("AND", children=c.plist(lambda: _parse_search_key(c, depth + 1), depth))
-    if c.peek() in _DIGITS or c.peek() == 0x2A:
+    if c.peek() in _DIGITS or c.peek() in (0x2A, 0x24):  # a number, "*" or "$"
         return SearchKey("SEQSET", (c.sequence_set(),))
     name = c.atom("a search key").upper()
     if name in SEARCH_FLAGS:

@@ -30,6 +30,8 @@ from mailfort.queue.forward import enqueue_envelope
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
+from mailfort.server.imap import IMAPServer, UserSessions
+from mailfort.server.mailbox_watch import MailboxWatcher
 from mailfort.server.milters import Milters, processes
 from mailfort.server.mtasts_http import PolicyServer
 from mailfort.server.node_plan import (
@@ -79,6 +81,15 @@ class Node:
         self.directory = open_directory(cfg)
         self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs",
                                    mail_root=cfg.mail_path, shared_flush=shared_flush)
+        # Wakes IMAP sessions when a mailbox changes: in this process (the committer's
+        # deliveries, sessions' changes), in other processes (inotify), on other nodes
+        # (Redis of [counters], or the poll): server/mailbox_watch.py. Listeners get it.
+        c = cfg.counters
+        self.watcher = MailboxWatcher(
+            cfg.mail_path, poll=cfg.store.watch_poll,
+            poll_interval=cfg.store.watch_poll_interval,
+            redis=(c.url, c.password(), c.key_prefix) if c.backend == "redis" else None)
+        self.committer.delivered = self.watcher.changed_many
         if ssl_context is None:
             from mailfort.tls import server_context
 
@@ -129,6 +140,10 @@ class Node:
         self.queued: Callable[[], None] = self.worker.wake
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
+        self.imap: dict[str, IMAPServer] = {}
+        # The IMAP sessions per user of this process, shared by its IMAP listeners (which
+        # share ``watcher`` too).
+        self.imap_users = UserSessions(cfg.limits.imap_sessions_per_user)
         self.ports: dict[str, list[int]] = {}
         # Called once every listener is bound, before delivery starts (privilege drop).
         self.after_bind: Callable[[], None] | None = None
@@ -191,6 +206,7 @@ class Node:
             removed = self.committer.recover()
             if removed:
                 log.info("removed %d spool files left by a crash", removed)
+        await self.watcher.start()  # before any listener: each can wake or be woken
         # --- phase 9, the engines; then phase 10, delivery ---
         loopback_plain = self.cfg.server.allow_plaintext_auth_on_loopback
         for plan in LISTENERS:  # node_plan.py: the services, in start order
@@ -203,6 +219,18 @@ class Node:
                     service.inbound = self.inbound
                 self.services[plan.name] = service
                 continue
+            if plan.engine == "imap":
+                self.imap[plan.name] = IMAPServer(
+                    ssl_context=self.ssl_context,
+                    authenticator=self.authenticator,
+                    mail_dir=self.cfg.mail_path,
+                    limits=self.cfg.limits,
+                    implicit_tls=plan.implicit_tls,
+                    allow_plaintext=plain,
+                    watcher=self.watcher,
+                    user_sessions=self.imap_users,
+                )
+                continue
             pop = self.pop3[plan.name] = POP3Server(
                 ssl_context=self.ssl_context,
                 authenticator=self.authenticator,
@@ -213,9 +241,11 @@ class Node:
                 hostname=self.cfg.server.hostname,
                 locks=self.maildrop_locks,
             )
+            pop.changed = self.watcher.changed
             if self.profile.pop3_settings is not None:  # server/profile.py
                 pop.settings = pop.loopback_settings = self.profile.pop3_settings(pop.settings)
-        listeners: dict[str, SMTPService | POP3Server] = {**self.services, **self.pop3}
+        listeners: dict[str, SMTPService | POP3Server | IMAPServer] = {
+            **self.services, **self.pop3, **self.imap}
         for name, service in listeners.items():
             service.limiter = self.limiter  # type: ignore[assignment]
             service.stress = self.stress
@@ -281,10 +311,13 @@ class Node:
             await service.close()
         for pop in self.pop3.values():
             await pop.close()
+        for imap in self.imap.values():
+            await imap.close()
         if self.mta_sts is not None:
             await self.mta_sts.close()
         await self._stop_delivery()
         await asyncio.to_thread(self.committer.stop)
+        await self.watcher.close()  # after the committer: its last batch has reported
         self.authenticator.close()
         if self.sender_auth is not None:
             self.sender_auth.close()

@@ -25,8 +25,9 @@ Start::
                             connection_limiter,
                             stress guard, inbound_policy, and the
                             profile's seams (server/profile.py)
-    9 engines      user     LISTENERS in order: SMTP (server/smtp)  Node.start
-                            and POP3 (server/pop3) over those parts
+    9 engines      user     LISTENERS in order: SMTP (server/smtp), Node.start
+                            POP3 (server/pop3) and IMAP
+                            (server/imap) over those parts
     10 delivery    user     MTA-STS policy listener, queue owner    Node.start
                             lock, delivery worker (once per node:
                             the primary worker)
@@ -34,7 +35,7 @@ Start::
                             SIGHUP/SIGUSR1, systemd READY=1
 
 Stop, the reverse: STOPPING=1; listeners stop accepting and drain (``shutdown_grace``);
-SMTP, POP3, MTA-STS closed; delivery stopped; committer flushed; authenticator, sender
+SMTP, POP3, IMAP, MTA-STS closed; delivery stopped; committer flushed; authenticator, sender
 auth, inbound, directory closed; queue released; counters closed; then the operations
 (control socket, metrics, signal handlers) in ``Operations.stopped``.
 
@@ -81,8 +82,8 @@ class ListenerPlan:
     """One row of the node's services: a ``[listen]`` key and how its engine is set."""
 
     name: str  # the [listen] key (addresses), the metrics and log name
-    engine: str  # "smtp" or "pop3"
-    implicit_tls: bool = False  # TLS from the first octet (465, 995)
+    engine: str  # "smtp", "pop3" or "imap"
+    implicit_tls: bool = False  # TLS from the first octet (465, 995, 993)
     auth: bool = False  # SMTP: AUTH offered and required before MAIL (submission)
     plaintext_on_loopback: bool = False  # server.allow_plaintext_auth_on_loopback applies
     inbound: bool = False  # SMTP: DNSBL, pre-greeting, greylisting, SPF/DKIM/DMARC (MX)
@@ -95,6 +96,8 @@ LISTENERS: tuple[ListenerPlan, ...] = (
     ListenerPlan("submissions", "smtp", implicit_tls=True, auth=True),
     ListenerPlan("pop3", "pop3", plaintext_on_loopback=True),
     ListenerPlan("pop3s", "pop3", implicit_tls=True, plaintext_on_loopback=True),
+    ListenerPlan("imap", "imap", plaintext_on_loopback=True),
+    ListenerPlan("imaps", "imap", implicit_tls=True, plaintext_on_loopback=True),
 )
 
 

@@ -96,6 +96,9 @@ class POP3Server(Listener):
         self.hostname = hostname
         self.locks: MaildropLocks = locks if locks is not None else NodeLocks()
         self.releasing: set[asyncio.Task[None]] = set()  # leases freed after a close
+        # Told the Maildir once a session's UPDATE and close have changed it (DELE, Seen,
+        # new/ -> cur/), so IMAP sessions on other nodes learn it (server/mailbox_watch.py).
+        self.changed: Callable[[Path], None] | None = None
         base = EngineSettings(
             tls_available=ssl_context is not None and not implicit_tls,
             allow_plaintext=False,
@@ -388,6 +391,9 @@ class POP3Session(EngineSession):
     def _close(self, mailbox: POP3Mailbox, lease: Lease | None) -> None:
         """Close the mailbox in a thread; then free the maildrop for the other nodes."""
         closing = _close_in_thread(mailbox)
+        changed = self.server.changed
+        if changed is not None and closing is not None:
+            closing.add_done_callback(lambda _: changed(mailbox.maildir))
         if lease is not None:
             self._free(lease, closing)
 

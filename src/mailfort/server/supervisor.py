@@ -250,7 +250,7 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
 
 
 def _listeners(node: Node) -> list[Listener]:
-    return [*node.services.values(), *node.pop3.values()]
+    return [*node.services.values(), *node.pop3.values(), *node.imap.values()]
 
 
 def stop_accepting(node: Node) -> None:

@@ -53,7 +53,7 @@ from mailfort.store import mutf7
 from mailfort.store.durable import fsync_dir, make_dirs, rename_no_replace
 from mailfort.store.maildir import unique_name
 from mailfort.store.pop3_mailbox import LOCK_NAME as POP3_LOCK
-from mailfort.store.pop3_mailbox import _delivery_time, size_from_name
+from mailfort.store.pop3_mailbox import _delivery_time
 from mailfort.store.uidmap import (
     Entry,
     MapLost,
@@ -115,6 +115,7 @@ class ScanResult:
     added: list[int]
     expunged: list[int]
     changed: list[int]  # flags changed outside this module
+    highestmodseq: int = 0  # of the map after the scan: every change raises it
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,17 +147,44 @@ def split_flags(flags: Iterable[str]) -> tuple[str, tuple[str, ...]]:
 
 
 def wire_size(data: bytes) -> int:
+    """The POP3 wire size (``,W=`` in the name): a missing final line end adds two octets,
+    a bare CR becomes CRLF, as POP3 sends the message."""
     counter = SizeCounter()
     counter.feed(data)
     return counter.size()
 
 
-def _file_wire_size(path: str) -> int:
-    counter = SizeCounter()
+def imap_size(data: bytes) -> int:
+    """RFC822.SIZE: the octets of ``imap_message.to_wire(data)``, what BODY[] sends (bare LF
+    as CRLF, nothing added at the end, as Dovecot counts); not always POP3's ``W=``."""
+    lf = data.count(b"\n")
+    return len(data) + lf - data.count(b"\r\n") if lf else len(data)
+
+
+def _file_imap_size(path: str) -> int:
+    """``imap_size`` of a file, read in chunks."""
+    total = lf = crlf = 0
+    last = b""
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            counter.feed(chunk)
-    return counter.size()
+            total += len(chunk)
+            lf += chunk.count(b"\n")
+            crlf += chunk.count(b"\r\n") + (last == b"\r" and chunk[:1] == b"\n")
+            last = chunk[-1:]
+    return total + lf - crlf if lf else total
+
+
+_SIZES = re.compile(r",([SW])=(\d{1,15})")
+
+
+def _name_size(unique: str, path: str) -> int:
+    """RFC822.SIZE of a new file: from its name when ``S=`` equals ``W=`` (the file is CRLF
+    throughout and ends with a line end, as MX delivers: both sizes are the IMAP size),
+    else counted from the file."""
+    found = dict(_SIZES.findall(unique))
+    if "S" in found and found.get("W") == found["S"]:
+        return int(found["S"])
+    return _file_imap_size(path)
 
 
 def _info(name: str) -> tuple[str, str | None]:
@@ -300,13 +328,11 @@ class Mailbox:
         fresh.sort()
         added: list[int] = []
         uid = st.uidnext
-        for (seconds, _), unique, sub, name in fresh:
+        for _, unique, sub, name in fresh:
             path = f"{self.path}/{sub}/{name}"
             try:
-                size = size_from_name(unique)
-                if size is None:
-                    size = _file_wire_size(path)
-                date = seconds or int(os.stat(path).st_mtime)
+                size = _name_size(unique, path)
+                date = int(os.stat(path).st_mtime)  # as Dovecot; APPEND sets it (utime)
             except FileNotFoundError:
                 continue  # gone meanwhile (POP3): never numbered
             letters = _info(name)[1] or ""
@@ -317,7 +343,7 @@ class Mailbox:
         self._log.append(records)  # durable before anyone is told of these UIDs
         if quiet:
             self._file_new()
-        return ScanResult(added, sorted(gone), sorted(changed))
+        return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq)
 
     def _file_new(self) -> None:
         """Move what is in new/ to cur/ with ``:2,`` (IMAP has no use for new/)."""
@@ -412,7 +438,8 @@ class Mailbox:
                     else:
                         new_l = (set(letters) | set(add_l)) - set(rem_l)
                         kws = {k.lower(): k for k in e.keywords}
-                        kws.update({k.lower(): k for k in add_k})
+                        for k in add_k:  # a keyword keeps the spelling it has
+                            kws.setdefault(k.lower(), k)
                         for k in rem_k:
                             kws.pop(k.lower(), None)
                     new_letters = letters if on_file is None else "".join(sorted(new_l))
@@ -474,7 +501,7 @@ class Mailbox:
         APPENDUID. tmp/ first and fsynced, so a crash leaves at most a file in tmp/."""
         letters, keywords = split_flags(flags)
         unique = unique_name()
-        size = wire_size(data)
+        size = imap_size(data)
         date = int(time.time()) if internal_date is None else internal_date
         tmp = self.path / "tmp" / unique
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -489,7 +516,7 @@ class Mailbox:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        full = f"{unique},S={len(data)},W={size}"
+        full = f"{unique},S={len(data)},W={wire_size(data)}"
         try:
             with self._locked():
                 target = f"{self.path}/cur/{full}:2,{letters}"
@@ -548,7 +575,7 @@ class Mailbox:
             e = st.entries[uid]
             letters = _info(os.path.basename(path))[1]
             letters = e.letters if letters is None else letters
-            full = f"{unique_name()},S={e.size},W={e.size}"
+            full = _copy_name(os.path.basename(path), e.size)
             dest = f"{target.path}/cur/{full}:2,{letters}"
             try:
                 _link_or_copy(path, dest, target.path / "tmp" / full)
@@ -571,6 +598,13 @@ class Mailbox:
             validity, src, dst = self._copy(uids, target)
             self._expunge(src, held=True)
         return validity, src, dst
+
+
+def _copy_name(source: str, size: int) -> str:
+    """A new unique name for a copy, with the source's ``S=``/``W=`` when it has them."""
+    found = dict(_SIZES.findall(source.partition(":")[0]))
+    raw = found.get("S", str(size))
+    return f"{unique_name()},S={raw},W={found.get('W', raw)}"
 
 
 def _link_or_copy(src: str, dest: str, tmp: Path) -> None:

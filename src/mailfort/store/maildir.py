@@ -254,6 +254,10 @@ class Committer:
         self.batches = 0
         self.messages = 0
         self.fault: FaultHook | None = None  # tests only: see FaultHook
+        # Told the Maildirs each batch delivered into, from the committer thread, as the
+        # sessions get their 250s: the node wakes IMAP sessions with it (the store does not
+        # know the server; server/mailbox_watch.py). Must not block.
+        self.delivered: Callable[[list[Path]], None] | None = None
         self._thread = threading.Thread(target=self._run, name="mailfort-committer", daemon=True)
         self._thread.start()
 
@@ -331,6 +335,7 @@ class Committer:
                 for job in batch:
                     job.error = job.error or exc
                     _take_back(job)
+            self._report(batch)
             # One wake-up per event loop for the whole batch, not one per message.
             loops: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
             for job in batch:
@@ -338,6 +343,19 @@ class Committer:
             for loop, jobs in loops.items():
                 loop.call_soon_threadsafe(_settle_all, jobs)
             flush_at = time.monotonic() + LINKS_FLUSH_DELAY
+
+    def _report(self, batch: list[_Job]) -> None:
+        """``delivered`` with the Maildirs of the batch's messages that made it."""
+        hook = self.delivered
+        if hook is None:
+            return
+        dirs = list(dict.fromkeys(md for job in batch if job.error is None
+                                  for md in job.maildirs))
+        if dirs:
+            try:
+                hook(dirs)
+            except Exception:  # a watcher's trouble must not fail deliveries
+                log.exception("the delivery hook failed")
 
     def _commit_batch(self, batch: list[_Job]) -> None:
         self.batches += 1

@@ -1,0 +1,518 @@
+"""asyncio IMAP listeners (143 with STARTTLS, 993 with implicit TLS) driving the engine.
+
+A session is an ``asyncio.Protocol`` like the POP3 and SMTP sessions (server/session.py):
+bytes go straight into ``protocol/imap.py``, so what a client pipelines behind STARTTLS is
+discarded by the engine before the handshake. Logins go through the node's authenticator
+(policy/authn.py: the same delays, blocks and decision log lines as POP3 and submission).
+A logged-in session holds one ``MailSession`` (server/imap_commands.py), blocking code that
+runs in worker threads, one call at a time, while reading is paused: the engine parses
+nothing more until the command is answered, which keeps replies in order. Its untagged
+responses are pulled from a lazy iterable in batches and written as the client reads
+them, so a ``UID FETCH 1:* BODY.PEEK[]`` of a large mailbox never sits whole in memory.
+
+IDLE waits on the node's mailbox watcher (``MailboxWatcher.subscribe``; a session
+subscribes to its selected mailbox while it is selected), and a command that changed a
+mailbox tells the watcher (``changed``) so the other sessions wake at once. The idle
+timeout depends on the state: short before login, 30 minutes after it (RFC 9051 §5.4) and
+during IDLE. The number of sessions of one user is bounded per listener group (the node's
+``UserSessions``): past it LOGIN gets ``NO [LIMIT]`` and the session stays unauthenticated,
+so a client can tell it from a wrong password and try again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from mailfort.config import LimitsConfig
+from mailfort.policy import decisionlog
+from mailfort.policy.authn import AuthOutcome, AuthStatus
+from mailfort.protocol.imap import (
+    UNAVAILABLE,
+    CheckCredentials,
+    EngineSettings,
+    Event,
+    Execute,
+    Idle,
+    IdleEnded,
+    IMAPEngine,
+    StartTLS,
+    State,
+)
+from mailfort.protocol.imap_parse import Command
+from mailfort.server.connections import Admission, is_loopback, limit_exceptions
+from mailfort.server.imap_commands import MailSession, MailSessionSettings, Outcome
+from mailfort.server.session import EngineSession, Listener
+from mailfort.store.maildir import maildir_for
+
+log = logging.getLogger("mailfort.imap")
+
+TOO_MANY_CONNECTIONS = "[UNAVAILABLE] Too many connections, try again later"
+TOO_MANY_FROM_IP = "[UNAVAILABLE] Too many connections from your address, try again later"
+_REFUSALS = {Admission.TOO_MANY: TOO_MANY_CONNECTIONS, Admission.TOO_MANY_FROM_IP: TOO_MANY_FROM_IP,
+             Admission.RATE_FROM_IP: TOO_MANY_FROM_IP}
+SHUTTING_DOWN = "[UNAVAILABLE] Service shutting down, try again later"
+STRESS_CLOSE = "[UNAVAILABLE] Server busy, closing idle connection, try again later"
+TOO_MANY_SESSIONS = "[LIMIT] Too many sessions for this user, try again later"
+INTERNAL = "[SERVERBUG] Internal error, closing connection"
+BATCH_BYTES = 64 * 1024  # untagged responses pulled from the mailbox side per write
+POLL_SECONDS = 1.0  # the fallback watcher's period
+
+
+# ------------------------------------------------------------------ what the driver needs
+
+
+class MailSessionLike(Protocol):
+    """server/imap_commands.MailSession, as this driver uses it (IMAP_CONTRACT.md)."""
+
+    def execute(self, cmd: Command) -> Outcome: ...
+
+    def updates(self) -> list[bytes]: ...
+
+    @property
+    def watched(self) -> Path | None: ...
+
+    def changed(self) -> Path | None: ...
+
+    def close(self) -> None: ...
+
+
+class Subscription(Protocol):
+    async def wait(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Watcher(Protocol):
+    """server/mailbox_watch.MailboxWatcher, as this driver uses it."""
+
+    def subscribe(self, mailbox_dir: Path) -> Subscription: ...
+
+    def changed(self, mailbox_dir: Path) -> None: ...
+
+
+class Authenticator(Protocol):
+    async def verify(self, username: str, password: str, client_ip: str) -> AuthOutcome: ...
+
+
+class _Poll:
+    """A subscription that wakes every ``POLL_SECONDS`` (spurious wake-ups are allowed)."""
+
+    async def wait(self) -> None:
+        await asyncio.sleep(POLL_SECONDS)
+
+    def close(self) -> None:
+        pass
+
+
+class PollingWatcher:
+    """The fallback watcher: no notification, IDLE polls once a second. For a listener
+    built without the node's watcher (tests, tools)."""
+
+    def subscribe(self, mailbox_dir: Path) -> Subscription:
+        return _Poll()
+
+    def changed(self, mailbox_dir: Path) -> None:
+        pass
+
+
+class UserSessions:
+    """Logged-in IMAP sessions per user in this process, bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def take(self, user: str) -> bool:
+        n = self.counts.get(user, 0)
+        if n >= self.limit:
+            return False
+        self.counts[user] = n + 1
+        return True
+
+    def give(self, user: str) -> None:
+        n = self.counts.get(user, 0) - 1
+        if n > 0:
+            self.counts[user] = n
+        else:
+            self.counts.pop(user, None)
+
+
+def open_mail_session(maildir: Path, user: str, limits: LimitsConfig) -> MailSessionLike:
+    """The mailbox side of a logged-in session (blocking: creates the special folders)."""
+    settings = MailSessionSettings(append_limit=limits.imap_append_limit)
+    return MailSession(maildir, user=user, settings=settings)
+
+
+def _batch(items: Iterator[bytes], limit: int) -> bytes:
+    """Untagged responses from ``items`` up to about ``limit`` octets (runs in a thread)."""
+    out: list[bytes] = []
+    size = 0
+    for item in items:
+        out.append(item)
+        size += len(item)
+        if size >= limit:
+            break
+    return b"".join(out)
+
+
+# ------------------------------------------------------------------ the listener
+
+
+class IMAPServer(Listener):
+    """One IMAP listener kind: plaintext+STARTTLS (``implicit_tls=False``) or IMAPS."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        authenticator: Authenticator,
+        mail_dir: Path,
+        limits: LimitsConfig,
+        implicit_tls: bool,
+        allow_plaintext: bool = False,
+        watcher: Watcher | None = None,
+        user_sessions: UserSessions | None = None,
+        open_session: Callable[[Path, str], MailSessionLike] | None = None,
+    ) -> None:
+        """``allow_plaintext`` (``allow_plaintext_auth_on_loopback``) applies to loopback
+        clients only. ``watcher``, ``user_sessions``: the node's, shared by its IMAP
+        listeners. ``open_session(maildir, user)``: the mailbox side (blocking)."""
+        if implicit_tls and ssl_context is None:
+            raise ValueError("implicit TLS needs an ssl_context")
+        super().__init__(limits.max_connections, limits.max_connections_per_ip,
+                         limit_exceptions(limits.connection_limit_exceptions, ()))
+        self.ssl_context = ssl_context
+        self.authenticator = authenticator
+        self.mail_dir = Path(mail_dir)
+        self.limits = limits
+        self.implicit_tls = implicit_tls
+        self.watcher: Watcher = watcher if watcher is not None else PollingWatcher()
+        self.user_sessions = (user_sessions if user_sessions is not None
+                              else UserSessions(limits.imap_sessions_per_user))
+        self.open_session = open_session or (
+            lambda maildir, user: open_mail_session(maildir, user, limits))
+        base = EngineSettings(
+            tls_available=ssl_context is not None and not implicit_tls,
+            allow_plaintext=False,
+            max_errors=limits.max_errors,
+            error_slowdown=limits.error_slowdown,
+            append_limit=limits.imap_append_limit,
+        )
+        self.settings = base
+        self.loopback_settings = (
+            dataclasses.replace(base, allow_plaintext=True) if allow_plaintext else base)
+        self.name = "imaps" if implicit_tls else "imap"
+
+    async def start(self, host: str, port: int,
+                    sock: socket.socket | None = None) -> asyncio.base_events.Server:
+        tls = self.ssl_context if self.implicit_tls else None
+        return await self.listen(lambda: IMAPSession(self), host, port, tls, sock=sock)
+
+
+# ------------------------------------------------------------------ one connection
+
+
+class IMAPSession(EngineSession):
+    """One client connection."""
+
+    engine: IMAPEngine | None
+
+    def __init__(self, server: IMAPServer) -> None:
+        super().__init__()
+        self.server = server
+        self.engine = None
+        self.mail: MailSessionLike | None = None
+        self.user: str | None = None  # holds a slot of UserSessions while set
+        self._busy: asyncio.Future[Any] | None = None  # the mail session's call in a thread
+        self._untagged: Iterator[bytes] | None = None  # being written
+        self._watched: Path | None = None
+        self._sub: Subscription | None = None
+        self._idle_wait: asyncio.Task[None] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    # ---------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.peer_ip = str(peer[0])
+        srv = self.server
+        settings = srv.loopback_settings if is_loopback(self.peer_ip) else srv.settings
+        settings = srv.stress.engine_settings(srv.limiter, settings)
+        self.engine = IMAPEngine(settings, tls_active=srv.implicit_tls)
+        decisionlog.connect(srv.name, self.peer_ip)
+        self.admit(srv.limiter, srv.sessions, _REFUSALS, srv.limits.imap_login_timeout,
+                   stress=srv.stress)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._writable.set()
+        self.release()
+        self._end_mail()
+
+    def stress_reply(self, engine: IMAPEngine) -> None:  # type: ignore[override]
+        engine.close(STRESS_CLOSE)
+
+    def shutdown(self) -> None:
+        engine = self.engine
+        if engine is not None:  # a command in flight is answered first (an APPEND stored)
+            self.close_engine(lambda: engine.close(SHUTTING_DOWN))
+
+    # ---------------------------------------------------------------- hooks
+
+    def _timeout(self) -> float:
+        engine, limits = self.engine, self.server.limits
+        assert engine is not None
+        if engine.idling:
+            return limits.imap_idle_timeout
+        if engine.state is State.NOT_AUTHENTICATED:
+            return limits.imap_login_timeout
+        return limits.imap_timeout
+
+    def _rearm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.arm_timer(self._timeout())
+
+    def on_timer(self) -> None:
+        assert self.engine is not None and self.transport is not None
+        limit = self._timeout()
+        waited = time.monotonic() - self.last_activity
+        if waited < limit:
+            self.arm_timer(max(0.05, limit - waited))
+        elif self.task is not None:  # stuck writing to a client that does not read
+            log.info("imap %s: no progress for %.0fs, aborting", self.peer_ip, waited)
+            self.transport.abort()
+        else:
+            self.engine.timeout()
+            self.pump()
+
+    def task_failed(self) -> None:
+        if self.engine is not None:
+            self.engine.close(INTERNAL)
+
+    def on_closing(self) -> None:
+        self._end_mail()
+
+    def handle(self, ev: Event) -> None:
+        if isinstance(ev, CheckCredentials):
+            self.run(self._check(ev))
+        elif isinstance(ev, Execute):
+            self.run(self._execute(ev.command))
+        elif isinstance(ev, StartTLS):
+            self.run(self._starttls())
+        elif isinstance(ev, Idle):
+            self._idle_wait = asyncio.get_running_loop().create_task(self._idle())
+        elif isinstance(ev, IdleEnded):
+            self._stop_idle()
+            self._rearm()  # the timer was set for IDLE's longer timeout
+
+    # ---------------------------------------------------------------- login and TLS
+
+    async def _check(self, ev: CheckCredentials) -> None:
+        engine, srv = self.engine, self.server
+        assert engine is not None
+        outcome = await srv.authenticator.verify(ev.username, ev.password, self.peer_ip)
+        if outcome.status is AuthStatus.UNAVAILABLE:  # shared counters down: try later
+            engine.credentials_unverifiable(UNAVAILABLE)
+            return
+        if not (outcome.ok and outcome.user):  # one reply: neither account nor block shows
+            log.info("imap %s: login %s (%s)", self.peer_ip, outcome.status, ev.mechanism)
+            engine.credentials_refused()
+            return
+        user = outcome.user
+        if not srv.user_sessions.take(user):
+            log.info("imap %s: %s has %d sessions, login refused", self.peer_ip, user,
+                     srv.user_sessions.limit)
+            engine.credentials_unverifiable(TOO_MANY_SESSIONS)
+            return
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, srv.open_session, maildir_for(srv.mail_dir, user), user)
+        self._busy = fut
+        try:
+            mail = await asyncio.shield(fut)
+        except (OSError, ValueError):
+            srv.user_sessions.give(user)
+            log.exception("imap %s: cannot open the mailboxes of %s", self.peer_ip, user)
+            engine.credentials_unverifiable(UNAVAILABLE)
+            return
+        except BaseException:  # cancelled: the thread goes on; close what it opens
+            srv.user_sessions.give(user)
+            fut.add_done_callback(_close_opened)
+            raise
+        self.mail, self.user = mail, user
+        if self.transport is None or engine.closed:
+            self._end_mail()
+            return
+        log.info("imap %s: %s logged in", self.peer_ip, user)
+        engine.credentials_accepted(user)
+
+    async def _starttls(self) -> None:
+        engine, ctx = self.engine, self.server.ssl_context
+        assert engine is not None and ctx is not None
+        if await self.start_tls(ctx, lambda: engine.close("TLS handshake failed")):
+            engine.tls_started()
+
+    # ---------------------------------------------------------------- the mailbox side
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn`` in a worker thread. If this session is cancelled meanwhile the call runs
+        to its end, and the mail session is closed only after it (``_end_mail``)."""
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        self._busy = fut
+        return await asyncio.shield(fut)
+
+    async def _execute(self, cmd: Command) -> None:
+        engine, mail = self.engine, self.mail
+        assert engine is not None and mail is not None
+        if cmd.name == "NOOP":  # RFC 9051 §6.1.2: the updates are its whole point
+            engine.write_untagged(b"".join(await self._call(mail.updates)))
+            engine.executed("OK", None, "NOOP completed")
+            return
+        outcome: Outcome = await self._call(mail.execute, cmd)
+        if not await self._stream(outcome.untagged):
+            return  # the client is gone
+        for changed in _changed_dirs(mail):
+            self.server.watcher.changed(changed)
+        engine.executed(outcome.status, outcome.code, outcome.text, outcome.selected)
+        self._follow(mail.watched)
+
+    async def _stream(self, untagged: Iterable[bytes]) -> bool:
+        """Write the untagged responses in batches as the client reads them; False if the
+        connection was lost meanwhile."""
+        engine = self.engine
+        assert engine is not None
+        items = iter(untagged)
+        self._untagged = items
+        try:
+            while True:
+                chunk = await self._call(_batch, items, BATCH_BYTES)
+                if not chunk:
+                    return True
+                engine.write_untagged(chunk)
+                out = engine.take_output()
+                if self.transport is None:
+                    return False
+                self.transport.write(out)
+                self.last_activity = time.monotonic()
+                await self._writable.wait()
+                if self.transport is None:
+                    return False
+        finally:
+            if self._untagged is items:
+                self._untagged = None
+
+    def _follow(self, watched: Path | None) -> None:
+        """Subscribe to the selected mailbox (and only to it) while it is selected."""
+        if watched == self._watched:
+            return
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+        self._watched = watched
+        if watched is not None:
+            self._sub = self.server.watcher.subscribe(watched)
+
+    # ---------------------------------------------------------------- IDLE
+
+    async def _idle(self) -> None:
+        """While the engine idles: the updates due at once (a change between the last
+        command's scan and the subscription is not lost), then those of each wake-up of the
+        subscription, each written by a task so that DONE is read only after them. No
+        mailbox selected: nothing to watch; DONE or the timeout ends it."""
+        first = True
+        while True:
+            sub, engine = self._sub, self.engine
+            if sub is None or engine is None:
+                return
+            if not first:
+                await sub.wait()
+            first = False
+            while self.task is not None:  # the previous wake-up's updates still going out
+                await asyncio.wait([self.task])
+            if not engine.idling or self.transport is None:
+                return
+            self.run(self._idle_updates())
+
+    async def _idle_updates(self) -> None:
+        engine, mail = self.engine, self.mail
+        assert engine is not None and mail is not None
+        lines = await self._call(mail.updates)
+        engine.write_untagged(b"".join(lines))
+
+    def _stop_idle(self) -> None:
+        task, self._idle_wait = self._idle_wait, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    # ---------------------------------------------------------------- the end
+
+    def _end_mail(self) -> None:
+        """Give back the user's slot and close the mail session (after its call in flight,
+        and the responses being written, in a thread)."""
+        self._stop_idle()
+        self._follow(None)
+        if self.user is not None:
+            self.server.user_sessions.give(self.user)
+            self.user = None
+        mail, self.mail = self.mail, None
+        items, self._untagged = self._untagged, None
+        if mail is None:
+            return
+        busy = self._busy
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            _close_quietly(mail, items)
+            return
+        if busy is None or busy.done():
+            loop.run_in_executor(None, _close_quietly, mail, items)
+        else:
+            busy.add_done_callback(
+                lambda _: loop.run_in_executor(None, _close_quietly, mail, items))
+
+
+def _changed_dirs(mail: MailSessionLike) -> list[Path]:
+    """What the last command changed: every directory (MOVE: source and target) where the
+    mail session says, else the one of the contract's ``changed``."""
+    many = getattr(mail, "changed_dirs", None)
+    if many is not None:
+        return list(many())
+    one = mail.changed()
+    return [one] if one is not None else []
+
+
+def _close_opened(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        _close_quietly(fut.result(), None)
+
+
+def _close_quietly(mail: MailSessionLike, items: Iterator[bytes] | None) -> None:
+    try:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+        mail.close()
+    except Exception:
+        log.exception("imap: closing a mail session failed")

@@ -1,0 +1,589 @@
+"""End-to-end IMAP and IMAPS: real sockets on 127.0.0.1, real TLS (trustme), imaplib and
+imapclient as clients, the real authenticator, mailbox side, watcher and Maildir on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from imapclient import IMAPClient
+
+from mailfort.config import LimitsConfig
+from mailfort.policy.authn import Authenticator
+from mailfort.server.imap import IMAPServer, UserSessions
+from mailfort.server.mailbox_watch import MailboxWatcher
+from mailfort.store.maildir import maildir_for
+from tests.server.test_pop3 import ALICE, AUTH, BOB, PASSWORDS, make_authenticator
+
+MSG = b"From: x@remote.test\r\nTo: alice@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+@dataclass
+class IMAPLab:
+    data_dir: Path
+    plain: IMAPServer
+    implicit: IMAPServer
+    client_ctx: ssl.SSLContext
+    auth: Authenticator
+    watcher: MailboxWatcher
+
+    @property
+    def port(self) -> int:
+        return self.plain.ports[0]
+
+    @property
+    def tls_port(self) -> int:
+        return self.implicit.ports[0]
+
+    def deliver(self, user: str, data: bytes) -> None:
+        """As the MX's committer does: tmp/ then a rename into new/."""
+        md = maildir_for(self.data_dir / "mail", user)
+        for sub in ("tmp", "new", "cur"):
+            (md / sub).mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns()}.M{len(os.listdir(md / 'new'))}P{os.getpid()}.test"
+        (md / "tmp" / name).write_bytes(data)
+        os.rename(md / "tmp" / name, md / "new" / name)
+
+    def starttls_login(self, user: str = ALICE) -> imaplib.IMAP4:
+        c = imaplib.IMAP4("127.0.0.1", self.port, timeout=10)
+        c.starttls(self.client_ctx)
+        c.login(user, PASSWORDS[user])
+        return c
+
+    def tls_client(self) -> IMAPClient:
+        return IMAPClient("127.0.0.1", port=self.tls_port, ssl=True,
+                          ssl_context=self.client_ctx, timeout=10)
+
+
+@pytest.fixture
+async def lab_factory(
+    tmp_path: Path, server_ssl_context: ssl.SSLContext, client_ssl_context: ssl.SSLContext,
+    tls_ca: trustme.CA,
+) -> AsyncIterator[Callable[..., Any]]:
+    labs: list[IMAPLab] = []
+
+    async def factory(limits: LimitsConfig | None = None, **kw: Any) -> IMAPLab:
+        limits = limits or LimitsConfig()
+        data_dir = tmp_path / f"data{len(labs)}"
+        auth = make_authenticator(data_dir)
+        watcher = MailboxWatcher(data_dir / "mail")
+        await watcher.start()
+        users = UserSessions(limits.imap_sessions_per_user)
+        common: dict[str, Any] = dict(ssl_context=server_ssl_context, authenticator=auth,
+                                      mail_dir=data_dir / "mail", limits=limits,
+                                      watcher=watcher, user_sessions=users)
+        plain = IMAPServer(implicit_tls=False, **common, **kw)
+        implicit = IMAPServer(implicit_tls=True, **common)
+        await plain.start("127.0.0.1", 0)
+        await implicit.start("127.0.0.1", 0)
+        lab = IMAPLab(data_dir, plain, implicit, client_ssl_context, auth, watcher)
+        labs.append(lab)
+        return lab
+
+    yield factory
+    for lab in labs:
+        await lab.plain.close()
+        await lab.implicit.close()
+        await lab.watcher.close()
+        lab.auth.close()
+
+
+@pytest.fixture
+async def lab(lab_factory: Callable[..., Any]) -> IMAPLab:
+    return await lab_factory()
+
+
+def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return asyncio.to_thread(fn, *args)
+
+
+class Raw:
+    """A line-level client, for what a library would not send."""
+
+    def __init__(self, port: int) -> None:
+        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
+            ("127.0.0.1", port), timeout=10)
+        self.f = self.sock.makefile("rb")
+
+    def line(self) -> bytes:
+        return self.f.readline()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def until(self, tag: bytes) -> list[bytes]:
+        out = []
+        while True:
+            ln = self.line()
+            assert ln, f"closed; got {out}"
+            out.append(ln)
+            if ln.startswith(tag + b" "):
+                return out
+
+    def tls(self, ctx: ssl.SSLContext) -> None:
+        self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
+        self.f = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ------------------------------------------------------------------ TLS and login
+
+
+async def test_starttls_then_login_with_imaplib(lab: IMAPLab) -> None:
+    lab.deliver(ALICE, MSG)
+
+    def session() -> tuple[bytes, tuple[str, ...], tuple[str, ...], list[bytes]]:
+        c = imaplib.IMAP4("127.0.0.1", lab.port, timeout=10)
+        greeting = c.welcome
+        before = c.capabilities
+        c.starttls(lab.client_ctx)
+        after = c.capabilities
+        c.login(ALICE, PASSWORDS[ALICE])
+        typ, _ = c.select("INBOX")
+        assert typ == "OK"
+        typ, body = c.fetch("1", "(BODY.PEEK[])")
+        c.logout()
+        return greeting, before, after, body
+
+    greeting, before, after, body = await in_thread(session)
+    assert greeting.startswith(b"* OK [CAPABILITY ") and greeting.endswith(b"IMAP ready")
+    assert b"mailfort" not in greeting.lower() and b"python" not in greeting.lower()
+    assert "LOGINDISABLED" in before and "STARTTLS" in before
+    assert not any(c.startswith("AUTH=") for c in before)
+    assert "AUTH=PLAIN" in after and "STARTTLS" not in after and "LOGINDISABLED" not in after
+    assert body[0][1] == MSG  # type: ignore[index]
+
+
+async def test_implicit_tls_login_with_imapclient(lab: IMAPLab) -> None:
+    lab.deliver(ALICE, MSG)
+
+    def session() -> tuple[list[bytes], dict[bytes, Any], dict[int, Any]]:
+        with lab.tls_client() as c:
+            caps = list(c.capabilities())
+            c.login(ALICE, PASSWORDS[ALICE])
+            caps = list(c.capabilities())
+            info = c.select_folder("INBOX")
+            got = c.fetch(c.search(), ["RFC822.SIZE", "FLAGS"])
+            c.logout()
+        return caps, info, got
+
+    caps, info, got = await in_thread(session)
+    assert b"IDLE" in caps and b"UIDPLUS" in caps and b"STARTTLS" not in caps
+    assert info[b"EXISTS"] == 1
+    assert [v[b"RFC822.SIZE"] for v in got.values()] == [len(MSG)]
+
+
+async def test_authenticate_plain_with_sasl_ir_over_imaps(lab: IMAPLab) -> None:
+    def session() -> bytes:
+        with lab.tls_client() as c:
+            typ = c.plain_login(ALICE, PASSWORDS[ALICE])
+            c.logout()
+        return typ  # type: ignore[no-any-return]
+
+    assert b"Logged in" in await in_thread(session)
+
+
+async def test_login_in_the_clear_refused_without_tls(lab: IMAPLab) -> None:
+    def session() -> tuple[str, bytes]:
+        c = imaplib.IMAP4("127.0.0.1", lab.port, timeout=10)
+        try:
+            c.login(ALICE, PASSWORDS[ALICE])
+        except imaplib.IMAP4.error as err:
+            refused = str(err)
+        else:
+            raise AssertionError("LOGIN accepted in the clear")
+        raw = Raw(lab.port)
+        raw.line()
+        raw.send(b"a AUTHENTICATE PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABhbGljZS1wdw==\r\n")
+        reply = raw.line()
+        raw.close()
+        c.logout()
+        return refused, reply
+
+    refused, reply = await in_thread(session)
+    assert "PRIVACYREQUIRED" in refused
+    assert reply == b"a NO [PRIVACYREQUIRED] Use STARTTLS before logging in\r\n"
+
+
+async def test_loopback_exception_allows_login_in_the_clear(
+        lab_factory: Callable[..., Any]) -> None:
+    lab = await lab_factory(allow_plaintext=True)
+
+    def session() -> tuple[str, ...]:
+        c = imaplib.IMAP4("127.0.0.1", lab.port, timeout=10)
+        caps = c.capabilities
+        c.login(ALICE, PASSWORDS[ALICE])
+        c.logout()
+        return caps
+
+    caps = await in_thread(session)
+    assert "AUTH=PLAIN" in caps and "LOGINDISABLED" not in caps
+
+
+async def test_pipelined_command_after_starttls_is_not_executed(lab: IMAPLab) -> None:
+    def session() -> list[bytes]:
+        raw = Raw(lab.port)
+        raw.line()
+        # the injection: a command in the same packet as STARTTLS
+        raw.send(b"a STARTTLS\r\nb LOGIN alice@example.test alice-pw\r\nc CAPABILITY\r\n")
+        assert raw.line() == b"a OK Begin TLS negotiation now\r\n"
+        raw.tls(lab.client_ctx)
+        raw.send(b"d NOOP\r\n")
+        got = raw.until(b"d")
+        raw.close()
+        return got
+
+    assert await in_thread(session) == [b"d OK NOOP completed\r\n"]
+
+
+async def test_wrong_password_and_unknown_user_get_the_same_reply(lab: IMAPLab) -> None:
+    def attempt(user: str, password: str) -> str:
+        with lab.tls_client() as c:
+            try:
+                c.login(user, password)
+            except Exception as err:  # imapclient.exceptions.LoginError
+                return str(err)
+        raise AssertionError("login accepted")
+
+    wrong = await in_thread(attempt, ALICE, "not-it")
+    unknown = await in_thread(attempt, "nobody@example.test", "not-it")
+    assert wrong == unknown and "[AUTHENTICATIONFAILED] Authentication failed" in wrong
+
+
+async def test_brute_force_block_is_shared_with_the_other_services(lab: IMAPLab) -> None:
+    for _ in range(AUTH.block_after_failures):
+        assert not (await lab.auth.verify(BOB, "guess", "127.0.0.1")).ok
+
+    def attempt(password: str) -> bytes:
+        raw = Raw(lab.tls_port)
+        raw.sock = lab.client_ctx.wrap_socket(raw.sock, server_hostname="localhost")
+        raw.f = raw.sock.makefile("rb")
+        raw.line()
+        raw.send(f"a LOGIN {BOB} {password}\r\n".encode())
+        reply = raw.line()
+        raw.close()
+        return reply
+
+    blocked = await in_thread(attempt, PASSWORDS[BOB])
+    wrong = await in_thread(attempt, "another-guess")
+    assert blocked == wrong == b"a NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
+
+
+async def test_decision_log_lines_as_pop3_and_no_password_logged(
+        lab: IMAPLab, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    def session() -> None:
+        with lab.tls_client() as c:
+            with pytest.raises(Exception, match="AUTHENTICATIONFAILED"):
+                c.login(ALICE, "wrong-secret-pw")
+            c.login(ALICE, PASSWORDS[ALICE])
+            c.logout()
+
+    await in_thread(session)
+    decisions = [r.getMessage() for r in caplog.records if r.name == "mailfort.decision"]
+    assert "connect from [127.0.0.1] service=imaps" in decisions
+    assert f"auth failed from [127.0.0.1] user={ALICE}" in decisions
+    assert any(d.startswith("auth ok from [127.0.0.1]") for d in decisions)
+    assert "wrong-secret-pw" not in caplog.text and PASSWORDS[ALICE] not in caplog.text
+
+
+# ------------------------------------------------------------------ limits
+
+
+async def test_sessions_per_user_limit(lab_factory: Callable[..., Any]) -> None:
+    lab = await lab_factory(LimitsConfig(imap_sessions_per_user=2))
+
+    def session() -> tuple[str, str]:
+        first, second = lab.tls_client(), lab.tls_client()
+        first.login(ALICE, PASSWORDS[ALICE])
+        second.login(ALICE, PASSWORDS[ALICE])
+        with lab.tls_client() as third:
+            try:
+                third.login(ALICE, PASSWORDS[ALICE])
+            except Exception as err:
+                refused = str(err)
+            else:
+                raise AssertionError("a third session logged in")
+            # another user is not concerned
+            with lab.tls_client() as bob:
+                bob.login(BOB, PASSWORDS[BOB])
+                bob.logout()
+            first.logout()
+            deadline = time.monotonic() + 5
+            while True:  # the slot is given back when the server has closed the first one
+                try:
+                    third.login(ALICE, PASSWORDS[ALICE])
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            ok = "logged in"
+            third.logout()
+        second.logout()
+        return refused, ok
+
+    refused, ok = await in_thread(session)
+    assert "[LIMIT] Too many sessions for this user" in refused
+    assert ok == "logged in"
+
+
+async def test_huge_literal_refused_before_buffering(lab: IMAPLab) -> None:
+    def session() -> list[bytes]:
+        raw = Raw(lab.port)
+        raw.line()
+        raw.send(b"a LOGIN {4294967295}\r\n")
+        got = [raw.line()]
+        raw.send(b"b CAPABILITY\r\n")
+        got += raw.until(b"b")
+        raw.close()
+        return got
+
+    got = await in_thread(session)
+    assert got[0] == b"a BAD [TOOBIG] literal too large\r\n"
+    assert got[-1] == b"b OK CAPABILITY completed\r\n"
+
+
+async def test_append_over_appendlimit_refused_toobig(lab_factory: Callable[..., Any]) -> None:
+    lab = await lab_factory(LimitsConfig(imap_append_limit=1000))
+
+    def session() -> tuple[list[bytes], bytes]:
+        with lab.tls_client() as c:
+            c.login(ALICE, PASSWORDS[ALICE])
+            caps = list(c.capabilities())
+            try:
+                c.append("INBOX", b"x" * 2000)
+            except Exception as err:
+                refused = str(err).encode()
+            else:
+                raise AssertionError("APPEND over the limit accepted")
+            c.logout()
+        return caps, refused
+
+    caps, refused = await in_thread(session)
+    assert b"APPENDLIMIT=1000" in caps
+    assert b"TOOBIG" in refused
+
+
+async def test_idle_timeout_before_login(lab_factory: Callable[..., Any]) -> None:
+    lab = await lab_factory(LimitsConfig(imap_login_timeout=0.3))
+
+    def session() -> list[bytes]:
+        raw = Raw(lab.port)
+        got = [raw.line(), raw.line(), raw.line()]
+        raw.close()
+        return got
+
+    got = await in_thread(session)
+    assert got[1] == b"* BYE Autologout; idle for too long\r\n" and got[2] == b""
+
+
+async def test_large_fetch_streams_as_the_client_reads(
+        lab_factory: Callable[..., Any]) -> None:
+    """10 MiB of messages to a client that reads slowly: the session never holds more than
+    about one message and a socket buffer of it (the untagged responses are pulled lazily)."""
+    lab = await lab_factory(allow_plaintext=True)
+    body = b"Subject: big\r\n\r\n" + (b"x" * 1022 + b"\r\n") * 256  # 256 KiB
+    for _ in range(40):
+        lab.deliver(ALICE, body)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    sock.settimeout(10)
+    await in_thread(sock.connect, ("127.0.0.1", lab.port))
+    f = sock.makefile("rb")
+
+    def start() -> None:
+        f.readline()
+        sock.sendall(f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\nb SELECT INBOX\r\n".encode())
+        while not f.readline().startswith(b"b OK"):
+            pass
+        sock.sendall(b"c UID FETCH 1:* BODY.PEEK[]\r\n")
+
+    await in_thread(start)
+    await asyncio.sleep(0.5)  # the client reads nothing meanwhile
+    (session,) = lab.plain.sessions
+    held = session.transport.get_write_buffer_size()
+    assert held < 1024 * 1024, held
+
+    def drain() -> int:
+        total = 0
+        while True:
+            line = f.readline()
+            if line.startswith(b"c "):
+                assert line.startswith(b"c OK"), line
+                return total
+            total += len(line)
+
+    got = await in_thread(drain)
+    sock.close()
+    assert got > 40 * len(body)
+
+
+async def test_timeouts_by_state_idle_outlasts_the_others(
+        lab_factory: Callable[..., Any]) -> None:
+    lab = await lab_factory(LimitsConfig(imap_login_timeout=0.2, imap_timeout=0.4,
+                                         imap_idle_timeout=5), allow_plaintext=True)
+
+    def session() -> tuple[list[bytes], float]:
+        raw = Raw(lab.port)
+        raw.line()
+        raw.send(f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\nb IDLE\r\n".encode())
+        got = raw.until(b"a")
+        got.append(raw.line())  # + idling
+        time.sleep(1.0)  # longer than both other timeouts: IDLE has its own
+        raw.send(b"DONE\r\n")
+        got += raw.until(b"b")
+        start = time.monotonic()
+        got.append(raw.line())  # the logged-in timeout, counted from DONE
+        took = time.monotonic() - start
+        raw.close()
+        return got, took
+
+    got, took = await in_thread(session)
+    assert got[-3] == b"+ idling\r\n" and got[-2] == b"b OK IDLE terminated\r\n"
+    assert got[-1] == b"* BYE Autologout; idle for too long\r\n"
+    assert 0.2 < took < 2.0
+
+
+# ------------------------------------------------------------------ IDLE
+
+
+async def test_idle_sees_a_delivered_message(lab: IMAPLab) -> None:
+    lab.deliver(ALICE, MSG)
+    ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def session() -> tuple[list[Any], float]:
+        with lab.tls_client() as c:
+            c.login(ALICE, PASSWORDS[ALICE])
+            c.select_folder("INBOX")
+            c.idle()
+            loop.call_soon_threadsafe(ready.set)
+            start = time.monotonic()
+            responses = c.idle_check(timeout=5)
+            took = time.monotonic() - start
+            c.idle_done()
+            c.logout()
+        return responses, took
+
+    task = asyncio.ensure_future(in_thread(session))
+    await ready.wait()
+    await asyncio.sleep(0.1)
+    lab.deliver(ALICE, MSG)
+    responses, took = await task
+    assert (2, b"EXISTS") in responses
+    assert took < 1.5
+
+
+async def test_noop_reports_a_delivered_message(lab: IMAPLab) -> None:
+    def session() -> list[Any]:
+        with lab.tls_client() as c:
+            c.login(ALICE, PASSWORDS[ALICE])
+            c.select_folder("INBOX")
+            lab.deliver(ALICE, MSG)
+            _, responses = c.noop()
+            c.logout()
+        return responses  # type: ignore[no-any-return]
+
+    assert (1, b"EXISTS") in await in_thread(session)
+
+
+async def test_store_wakes_another_sessions_idle(lab: IMAPLab) -> None:
+    lab.deliver(ALICE, MSG)
+    ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def idler() -> list[Any]:
+        with lab.tls_client() as c:
+            c.login(ALICE, PASSWORDS[ALICE])
+            c.select_folder("INBOX")
+            c.idle()
+            loop.call_soon_threadsafe(ready.set)
+            responses = c.idle_check(timeout=5)
+            c.idle_done()
+            c.logout()
+        return responses  # type: ignore[no-any-return]
+
+    def writer() -> None:
+        with lab.tls_client() as c:
+            c.login(ALICE, PASSWORDS[ALICE])
+            c.select_folder("INBOX")
+            c.add_flags(c.search(), [b"\\Flagged"], silent=True)
+            c.logout()
+
+    task = asyncio.ensure_future(in_thread(idler))
+    await ready.wait()
+    await in_thread(writer)
+    responses = await task
+    assert any(r[0] == 1 and r[1] == b"FETCH" for r in responses), responses
+
+
+async def test_shutdown_says_bye(lab: IMAPLab) -> None:
+    raw = Raw(lab.port)
+    greeting = await in_thread(raw.line)
+    assert greeting.startswith(b"* OK")
+    await lab.plain.close()
+    bye = await in_thread(raw.line)
+    raw.close()
+    assert bye == b"* BYE [UNAVAILABLE] Service shutting down, try again later\r\n"
+
+
+# ------------------------------------------------------------------ the node
+
+
+def test_embedded_default_listens_on_2143_and_2993() -> None:
+    from mailfort.config import Config
+    from mailfort.server.node_plan import LISTENERS
+
+    listen = Config().listen
+    assert (listen.imap, listen.imaps) == (["127.0.0.1:2143"], ["127.0.0.1:2993"])
+    rows = {p.name: p for p in LISTENERS}
+    assert rows["imap"].engine == rows["imaps"].engine == "imap"
+    assert rows["imaps"].implicit_tls and not rows["imap"].implicit_tls
+
+
+async def test_node_mail_from_the_mx_wakes_an_idle_client(
+        node: Any, client_ssl_context: ssl.SSLContext) -> None:
+    """The whole node: the MX's committer tells the watcher, IDLE over IMAPS sees it."""
+    import smtplib
+
+    ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def idler() -> tuple[list[Any], float]:
+        with IMAPClient("127.0.0.1", port=node.port("imaps"), ssl=True,
+                        ssl_context=client_ssl_context, timeout=10) as c:
+            c.login(ALICE, "alice-pw")
+            c.select_folder("INBOX")
+            c.idle()
+            loop.call_soon_threadsafe(ready.set)
+            start = time.monotonic()
+            responses = c.idle_check(timeout=5)
+            took = time.monotonic() - start
+            c.idle_done()
+            c.logout()
+        return responses, took
+
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", node.port("mx"), timeout=10) as s:
+            s.sendmail("x@remote.test", [ALICE], MSG)
+
+    task = asyncio.ensure_future(in_thread(idler))
+    await ready.wait()
+    await in_thread(send)
+    responses, took = await task
+    assert (1, b"EXISTS") in responses and took < 1.5
