@@ -410,8 +410,9 @@ class MailboxWatcher:
                     ino.remove(wd)
             if exc.errno == errno.ENOSPC and not self._enospc_logged:
                 self._enospc_logged = True
-                log.warning("inotify watches used up (fs.inotify.max_user_watches): %s is "
-                            "polled every %gs", box.key, self.poll_interval)
+                log.warning("inotify watches used up (fs.inotify.max_user_watches; first "
+                            "left out: %s): mailboxes left out are polled (watch_poll = %s)",
+                            box.key, self.poll_mode)
             return False
         for i, wd in enumerate(added):
             self._wds.setdefault(wd, []).append((box, i == 0))
