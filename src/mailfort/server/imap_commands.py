@@ -30,7 +30,10 @@ import datetime
 import errno
 import os
 import re
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -235,6 +238,75 @@ class _LazySearch(im.SearchMessage):
         return im.parse(im.to_wire(self.loader()[:im.SEARCH_CAP]))
 
 
+CACHE_BYTES = 16 * 1024 * 1024  # per process
+
+
+class _Cache:
+    """Headers and ENVELOPE/BODYSTRUCTURE/BODY answers of message files, per process, by
+    (mailbox directory, Maildir unique name): a delivered file's octets never change, so an
+    entry is never stale. Clients ask for envelopes at every resync and a header SEARCH
+    would otherwise open every file; bounded in octets, least recently used out first."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[tuple[str, str], dict[str, bytes]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> dict[str, bytes]:
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                return {}
+            self._items.move_to_end(key)
+            return dict(found)
+
+    def add(self, key: tuple[str, str], name: str, value: bytes) -> None:
+        cost = len(value) + len(key[1]) + 100
+        if cost > self.limit // 64:
+            return  # one huge header or structure would push out hundreds of others
+        with self._lock:
+            entry = self._items.setdefault(key, {})
+            if name in entry:
+                return
+            entry[name] = value
+            self._items.move_to_end(key)
+            self._size += cost
+            while self._size > self.limit and self._items:
+                _, gone = self._items.popitem(last=False)
+                self._size -= sum(len(v) + len(key[1]) + 100 for v in gone.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
+
+_CACHE = _Cache(CACHE_BYTES)
+
+
+def _cache_name(att: FetchAtt) -> str | None:
+    """The cache slot of a FETCH item that depends on the octets alone, without options."""
+    if att.name in ("ENVELOPE", "BODYSTRUCTURE") or (att.name == "BODY" and att.section is None):
+        return att.name
+    return None
+
+
+_STORES: weakref.WeakValueDictionary[str, MailStore] = weakref.WeakValueDictionary()
+_STORES_LOCK = threading.Lock()
+
+
+def _store_for(maildir: Path) -> MailStore:
+    """One MailStore per Maildir per process, shared by that user's sessions: a mailbox's
+    UID map is then replayed once, not at every SELECT (Mailbox serialises its callers)."""
+    key = os.path.abspath(maildir)
+    with _STORES_LOCK:
+        store = _STORES.get(key)
+        if store is None:
+            store = _STORES[key] = MailStore(maildir)
+        return store
+
+
 # ------------------------------------------------------------------------------ the session
 
 
@@ -260,7 +332,7 @@ class MailSession:
         self.maildir = maildir
         self.user = user
         self.settings = settings
-        self.store = MailStore(maildir)
+        self.store = _store_for(maildir)
         self.store.ensure_special()
         self.rev2 = False
         self.utf8 = False
@@ -302,6 +374,14 @@ class MailSession:
             return Outcome("BAD", "unknown command")
         self._changed = []
         self._rescanned = False
+        was = self.view is not None
+        outcome = self._guarded(handler, cmd)
+        if was and self.view is None and outcome.selected is None:
+            outcome.selected = False  # a failed SELECT (or a vanished mailbox) deselected
+        return outcome
+
+    def _guarded(self, handler: Callable[[Command], Outcome], cmd: Command) -> Outcome:
+        """The handler's outcome, or the refusal its exception means."""
         try:
             return handler(cmd)
         except _Bad as exc:
@@ -493,6 +573,11 @@ class MailSession:
                 end = j
         return out
 
+    def _cache_key(self, info: MessageInfo) -> tuple[str, str]:
+        v = self.view
+        assert v is not None
+        return str(v.box.path), os.path.basename(info.path).partition(":")[0]
+
     def _read_message(self, uid: int, header_only: bool) -> bytes | None:
         """The message (or its header), None when it is gone. A path made stale by
         another session's flag change is refreshed by one rescan per command."""
@@ -501,8 +586,16 @@ class MailSession:
         info = v.info.get(uid)
         if info is None:
             return None
+        key = self._cache_key(info)
+        if header_only:
+            cached = _CACHE.get(key).get("HEADER")
+            if cached is not None:
+                return cached
         try:
-            return _read(info.path, header_only)
+            data = _read(info.path, header_only)
+            if header_only:
+                _CACHE.add(key, "HEADER", data)
+            return data
         except FileNotFoundError:
             pass
         if not self._rescanned:
@@ -1187,7 +1280,12 @@ class MailSession:
                 continue
             wire = b""
             root: im.Part | None = None
-            if need:
+            key = self._cache_key(info)
+            cached = _CACHE.get(key) if need else {}
+            if need and all(_cache_name(a) in cached for a in items
+                            if a.name not in _SIMPLE_ITEMS):
+                pass  # every content item is known: the file need not be read
+            elif need:
                 try:
                     data = self._read_message(uid, header_only=need == 1)
                 except OSError:
@@ -1216,10 +1314,16 @@ class MailSession:
                 elif name == "RFC822":
                     parts.append(b"RFC822 " + im.encode(wire))
                 else:
+                    slot = _cache_name(a)
+                    if slot is not None and slot in cached:
+                        parts.append(cached[slot])
+                        continue
                     if root is None:
                         root = im.parse(wire)
                     try:
                         parts.append(im.fetch_item(a, wire, root))
+                        if slot is not None:
+                            _CACHE.add(key, slot, parts[-1])
                     except im.UnknownCTE:
                         outcome.status, outcome.code = "NO", "UNKNOWN-CTE"
                         outcome.text = "a part has a transfer encoding that cannot be undone"
