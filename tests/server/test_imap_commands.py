@@ -44,6 +44,7 @@ class Client:
     """A MailSession driven as the engine drives it: parsed commands in, lines out."""
 
     def __init__(self, maildir: Path, **settings: object) -> None:
+        settings.setdefault("sync_interval", 0.0)  # every command reports what is due
         self.session = MailSession(maildir, user="u",
                                    settings=MailSessionSettings(**settings))  # type: ignore[arg-type]
         self.last: Outcome | None = None
@@ -622,6 +623,21 @@ def test_pop3_dele_is_an_expunge_and_delivery_is_exists(tmp_path: Path) -> None:
     assert a.session.updates() == [b"* 3 EXISTS\r\n", b"* 1 RECENT\r\n"]
     assert a.session.watched == tmp_path
     assert a.ok(b"a UID SEARCH ALL") == [b"* SEARCH 1 3 4\r\n"]
+
+
+def test_commands_rescan_at_most_every_sync_interval_but_own_changes_at_once(
+        tmp_path: Path) -> None:
+    """A burst of STOREs does not rescan the mailbox after each (mbsync sends one per
+    message); NOOP (updates) always does, and the session's own EXPUNGE is reported at once."""
+    a = filled(tmp_path, 3, sync_interval=3600.0)
+    a.ok(b"a SELECT INBOX")
+    deliver(tmp_path, "1900000000.M3P1.host")
+    assert fetch_flags(a.ok(b"a STORE 1 +FLAGS (\\Seen)")) == {1: b"\\Seen"}  # no EXISTS yet
+    assert a.ok(b"a UID STORE 2 +FLAGS.SILENT (\\Deleted)") == []
+    assert a.ok(b"a EXPUNGE")[0] == b"* 2 EXPUNGE\r\n"  # its own: at once, with the rest
+    assert a.session.updates() == []
+    deliver(tmp_path, "1900000001.M4P1.host")
+    assert a.ok(b"a CHECK") == [b"* 4 EXISTS\r\n", b"* 2 RECENT\r\n"]
 
 
 def test_a_message_renamed_by_another_session_is_still_fetched(tmp_path: Path) -> None:

@@ -113,6 +113,7 @@ class MailSessionSettings:
     max_search_work: int = 4_000_000  # SEARCH: messages x keys, else NO [LIMIT]
     max_mailboxes: int = 10_000  # CREATE refused beyond ([LIMIT])
     tz: datetime.tzinfo | None = None  # INTERNALDATE and SEARCH dates; None: local time
+    sync_interval: float = 1.0  # seconds between rescans after commands (updates(): always)
 
 
 class _Bad(Exception):
@@ -342,6 +343,8 @@ class MailSession:
         self.saved: list[int] = []  # SEARCHRES ``$``, as UIDs
         self._changed: list[Path] = []
         self._rescanned = False  # a stale path was refreshed during this command
+        self._dirty = False  # this command changed the selected mailbox behind the view
+        self._synced = 0.0  # time.monotonic() of the last rescan
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -366,6 +369,8 @@ class MailSession:
         """EXPUNGE/VANISHED, FETCH FLAGS and EXISTS since the last report (NOOP, IDLE)."""
         if self.view is None:
             return []
+        self._dirty = False
+        self._synced = time.monotonic()
         return self._sync(expunge_ok=True)
 
     def execute(self, cmd: Command) -> Outcome:
@@ -524,16 +529,30 @@ class MailSession:
                 out.append(b"* %d RECENT\r\n" % len(v.recent))
         return out
 
+    def _due(self, expunge_ok: bool) -> list[bytes]:
+        """The updates after a command: at once when this command changed the mailbox in a
+        way the view does not yet show (EXPUNGE, APPEND, COPY into it, MOVE), else at most
+        every ``sync_interval`` (RFC 9051 §7: updates may come with any later command), so
+        a burst of pipelined STOREs costs no rescan of the mailbox each."""
+        if self.view is None:
+            return []
+        now = time.monotonic()
+        if not self._dirty and now - self._synced < self.settings.sync_interval:
+            return []
+        self._dirty = False
+        self._synced = now
+        return self._sync(expunge_ok)
+
     def _after(self, main: Iterable[bytes], expunge_ok: bool = True) -> Iterator[bytes]:
         """``main``, then the updates due after it (computed when ``main`` is drained)."""
         yield from main
-        yield from self._sync(expunge_ok)
+        yield from self._due(expunge_ok)
 
     def _done(self, text: str = "done", code: str | None = None,
               untagged: Iterable[bytes] = (), expunge_ok: bool = True) -> Outcome:
         if self.view is None:
             return Outcome("OK", text, code, list(untagged))
-        return Outcome("OK", text, code, [*untagged, *self._sync(expunge_ok)])
+        return Outcome("OK", text, code, [*untagged, *self._due(expunge_ok)])
 
     def _resolve(self, seqset: SequenceSet, uid: bool) -> list[int]:
         """Indexes into the view (ascending, no duplicates) that ``seqset`` names.
@@ -637,7 +656,7 @@ class MailSession:
 
     def _cmd_check(self, cmd: Command) -> Outcome:
         self._need_view()
-        return self._done("check done")
+        return Outcome("OK", "check done", untagged=self.updates())
 
     # -- SELECT EXAMINE CLOSE UNSELECT -------------------------------------------------------
 
@@ -691,6 +710,7 @@ class MailSession:
             kws.update(f for f in m.flags if not f.startswith("\\"))
         v.keywords = frozenset(kws)
         self.view = v
+        self._synced = time.monotonic()
         uidnext = max(st["UIDNEXT"], v.top + 1)
         out += self._flags_response(v.keywords)
         out.append(b"* %d EXISTS\r\n" % len(v.uids))
@@ -849,6 +869,7 @@ class MailSession:
             if uids:
                 inbox.move_to(uids, target)
                 self._changed += [inbox.path, target.path]
+                self._dirty = True
             return self._done("INBOX renamed")
         special = self._special()
         self.store.rename(old, new)
@@ -1094,6 +1115,7 @@ class MailSession:
         date = int(when.timestamp()) if when is not None else None
         validity, uid = box.append(data, flags, date)
         self._changed.append(box.path)
+        self._dirty = self.view is not None and self.view.box.path == box.path
         return self._done("appended", f"APPENDUID {validity} {uid}")
 
     # -- EXPUNGE ---------------------------------------------------------------------------
@@ -1107,6 +1129,7 @@ class MailSession:
             uids = [v.uids[i] for i in self._resolve(cmd.args[0], True)]  # type: ignore[arg-type]
         if v.box.expunge(uids):
             self._changed.append(v.box.path)
+            self._dirty = True
         return self._done("expunged")
 
     # -- SEARCH ----------------------------------------------------------------------------
@@ -1424,6 +1447,7 @@ class MailSession:
         if not src:
             return self._done("nothing copied")
         self._changed.append(target.path)
+        self._dirty = target.path == v.box.path
         return self._done("copied", f"COPYUID {validity} {uid_set(src)} {uid_set(dst)}")
 
     def _cmd_move(self, cmd: Command) -> Outcome:
@@ -1440,6 +1464,7 @@ class MailSession:
         out: list[bytes] = []
         if src:
             self._changed += [target.path, v.box.path]
+            self._dirty = True
             out.append(b"* OK [COPYUID %d %s %s] moved\r\n" % (
                 validity, uid_set(src).encode(), uid_set(dst).encode()))
         return self._done("moved", untagged=out)
