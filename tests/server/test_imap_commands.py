@@ -734,3 +734,28 @@ def test_a_scripted_session_agrees_with_dovecot(tmp_path: Path, reference_doveco
         (line,) = client.ok(b"a SEARCH " + criteria.encode())
         ours = {ours_t[int(n)][:2] for n in line.split()[2:]}
         assert ours == {dove_t[n][:2] for n in dove_search[criteria]}, criteria
+
+
+def test_envelopes_come_from_the_cache_the_second_time_and_the_cache_is_bounded(
+        tmp_path: Path) -> None:
+    """A file's octets never change under its name: the second ENVELOPE fetch reads no
+    file (shown by moving the files away behind the session's back, which a real client
+    would never see answered from disk), and the cache holds to its byte limit."""
+    from mailfort.server import imap_commands
+
+    client = filled(tmp_path, 3)
+    client.ok(b"a SELECT INBOX")
+    first = client.ok(b"a FETCH 1:3 ENVELOPE")
+    hidden = tmp_path / "hidden"
+    (tmp_path / "cur").rename(hidden)
+    try:
+        assert client.ok(b"a FETCH 1:3 ENVELOPE") == first
+        assert client.ok(b"a FETCH 1:3 BODY.PEEK[TEXT]") == []  # not cached: files are gone
+    finally:
+        hidden.rename(tmp_path / "cur")
+    cache = imap_commands._Cache(64 * 1000)
+    for i in range(200):
+        cache.add(("box", f"m{i}"), "ENVELOPE", b"x" * 500)
+    assert cache._size <= 64 * 1000 and cache.get(("box", "m199")) and not cache.get(("box", "m0"))
+    cache.add(("box", "big"), "ENVELOPE", b"x" * 2000)  # over 1/64 of the limit: not kept
+    assert cache.get(("box", "big")) == {}
