@@ -759,3 +759,31 @@ def test_envelopes_come_from_the_cache_the_second_time_and_the_cache_is_bounded(
     assert cache._size <= 64 * 1000 and cache.get(("box", "m199")) and not cache.get(("box", "m0"))
     cache.add(("box", "big"), "ENVELOPE", b"x" * 2000)  # over 1/64 of the limit: not kept
     assert cache.get(("box", "big")) == {}
+
+
+def test_sessions_that_caught_up_share_one_view_of_the_mailbox(tmp_path: Path) -> None:
+    """Sessions of one user idle on the same mailbox share its snapshot: one more session
+    on a 2,000-message INBOX costs a few KB, not a copy of every message's facts; a session
+    that changes flags copies, and shares again once caught up."""
+    cur = tmp_path / "cur"
+    for sub in ("tmp", "new", "cur"):
+        (tmp_path / sub).mkdir()
+    for i in range(2000):
+        (cur / f"1700000000.M{i}P1.host,S={len(MSG)},W={len(MSG)}:2,").write_bytes(MSG)
+    first = Client(tmp_path)
+    first.ok(b"a SELECT INBOX")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        others = [Client(tmp_path) for _ in range(20)]
+        for c in others:
+            c.ok(b"a SELECT INBOX")
+        per_session = (tracemalloc.get_traced_memory()[0] - before) / len(others)
+    finally:
+        tracemalloc.stop()
+    assert per_session < 40_000, per_session
+    first.ok(b"a STORE 1 +FLAGS (\\Seen)")
+    for c in others:
+        assert fetch_flags(c.session.updates()) == {1: b"\\Seen"}
+    first.session.updates()
+    assert all(c.session.view.info is first.session.view.info for c in others)  # type: ignore[union-attr]

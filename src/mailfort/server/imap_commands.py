@@ -297,6 +297,25 @@ _STORES: weakref.WeakValueDictionary[str, MailStore] = weakref.WeakValueDictiona
 _STORES_LOCK = threading.Lock()
 
 
+_SNAPSHOTS: weakref.WeakKeyDictionary[Mailbox, tuple[int, list[int], dict[int, MessageInfo]]] \
+    = weakref.WeakKeyDictionary()
+
+
+def _snapshot(box: Mailbox, modseq: int) -> tuple[list[int], dict[int, MessageInfo]]:
+    """The messages of ``box`` (UIDs ascending, and by UID) as of at least ``modseq``, one
+    copy for every session of the process that asks at the same HIGHESTMODSEQ. Never to be
+    changed in place (views copy first: ``MailSession._own``)."""
+    with _STORES_LOCK:
+        found = _SNAPSHOTS.get(box)
+    if found is not None and found[0] == modseq:
+        return found[1], found[2]
+    infos = box.messages()
+    snap = (modseq, [m.uid for m in infos], {m.uid: m for m in infos})
+    with _STORES_LOCK:
+        _SNAPSHOTS[box] = snap
+    return snap[1], snap[2]
+
+
 def _store_for(maildir: Path) -> MailStore:
     """One MailStore per Maildir per process, shared by that user's sessions: a mailbox's
     UID map is then replayed once, not at every SELECT (Mailbox serialises its callers)."""
@@ -324,6 +343,7 @@ class _View:
     top: int = 0  # highest UID the client was told of
     keywords: frozenset[str] = frozenset()
     modseq: int = 0  # the mailbox's HIGHESTMODSEQ when the view was last brought up to date
+    shared: bool = False  # uids and info are the mailbox's snapshot: copy before a change
 
 
 class MailSession:
@@ -430,6 +450,13 @@ class MailSession:
             raise _Bad("no mailbox selected")
         return self.view
 
+    @staticmethod
+    def _own(v: _View) -> None:
+        """Copy the view's lists before changing them, if it shares the mailbox's snapshot
+        (sessions that have caught up share one, so idle sessions cost little each)."""
+        if v.shared:
+            v.uids, v.info, v.shared = list(v.uids), dict(v.info), False
+
     def _fetch_line(self, seq: int, info: MessageInfo, uid: bool) -> bytes:
         v = self.view
         assert v is not None
@@ -484,14 +511,15 @@ class MailSession:
         if scan.highestmodseq == v.modseq and not scan.added:
             return []  # no change of any kind since the last look (each one raises it)
         try:
-            infos = box.messages()
+            snap_uids, current = _snapshot(box, scan.highestmodseq)
         except (MailboxError, OSError):
             return []
         v.modseq = scan.highestmodseq
-        current = {m.uid: m for m in infos}
+        self._own(v)
         out: list[bytes] = []
         gone = [u for u in v.uids if u not in current]
-        if gone and not expunge_ok:
+        deferred = bool(gone) and not expunge_ok
+        if deferred:
             v.modseq = -1  # expunges still to report: the next sync must not skip
         elif gone:
             if self.qresync:
@@ -517,12 +545,15 @@ class MailSession:
             v.info[u] = m  # the path too, which a flag change elsewhere renamed
         out += self._note_keywords(m.flags for _, m in changed)
         out += [self._fetch_line(seq, m, False) for seq, m in changed]
-        new = [m for m in infos if m.uid > v.top]
+        new = [current[u] for u in snap_uids[bisect.bisect_right(snap_uids, v.top):]]
+        if not deferred and len(v.uids) + len(new) == len(snap_uids):
+            v.uids, v.info, v.shared = snap_uids, current, True  # caught up: share it
         if new:
             out += self._note_keywords(m.flags for m in new)
-            for m in new:
-                v.uids.append(m.uid)
-                v.info[m.uid] = m
+            if not v.shared:
+                for m in new:
+                    v.uids.append(m.uid)
+                    v.info[m.uid] = m
             v.top = new[-1].uid
             out.append(b"* %d EXISTS\r\n" % len(v.uids))
             if not self.rev2:
@@ -619,6 +650,7 @@ class MailSession:
             pass
         if not self._rescanned:
             self._rescanned = True
+            self._own(v)
             v.box.scan()
             for m in v.box.messages():
                 if m.uid in v.info:
@@ -695,16 +727,15 @@ class MailSession:
             box = self.store.mailbox(self._name_in(name))
             scan = box.scan()
             st = box.status()
-            infos = box.messages()
+            uids, info = _snapshot(box, scan.highestmodseq)  # as of scan.highestmodseq or later
         except (NoSuchMailbox, BadName, _No):
             return Outcome("NO", "no such mailbox", "NONEXISTENT", out,
                            selected=False if was else None)
-        v = _View(box, box.name, readonly)
-        v.uids = [m.uid for m in infos]
-        v.info = {m.uid: m for m in infos}
+        v = _View(box, box.name, readonly, uids, info, shared=True)
         v.recent = set(scan.added)
         v.top = v.uids[-1] if v.uids else 0
-        v.modseq = min(scan.highestmodseq, st["HIGHESTMODSEQ"])
+        v.modseq = scan.highestmodseq
+        infos = [info[u] for u in uids]
         kws: set[str] = set()
         for m in infos:
             kws.update(f for f in m.flags if not f.startswith("\\"))
@@ -721,7 +752,7 @@ class MailSession:
                 out.append(b"* OK [UNSEEN %d] first unseen\r\n" % unseen)
         out.append(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % st["UIDVALIDITY"])
         out.append(b"* OK [UIDNEXT %d] predicted next UID\r\n" % uidnext)
-        out.append(b"* OK [HIGHESTMODSEQ %d] highest\r\n" % st["HIGHESTMODSEQ"])
+        out.append(b"* OK [HIGHESTMODSEQ %d] highest\r\n" % scan.highestmodseq)
         if self.rev2:
             attrs = self._attrs_of(box.name)
             out.append(b"* LIST (" + " ".join(sorted(attrs)).encode() + b') "." '
@@ -1267,6 +1298,7 @@ class MailSession:
             if unseen:
                 with contextlib.suppress(MailboxBusy):
                     res = v.box.store(unseen, add=("\\Seen",))
+                    self._own(v)
                     for u, (flags, modseq) in res.changed.items():
                         v.info[u] = dataclasses.replace(v.info[u], flags=flags, modseq=modseq)
                         marks.add(u)
@@ -1395,6 +1427,7 @@ class MailSession:
         res = v.box.store(uids, **kw)  # type: ignore[arg-type]
         if res.changed:
             self._changed.append(v.box.path)
+        self._own(v)
         for u, (fl, modseq) in res.changed.items():
             v.info[u] = dataclasses.replace(v.info[u], flags=fl, modseq=modseq)
         out = self._note_keywords(fl for fl, _ in res.changed.values())
