@@ -787,3 +787,13 @@ def test_sessions_that_caught_up_share_one_view_of_the_mailbox(tmp_path: Path) -
         assert fetch_flags(c.session.updates()) == {1: b"\\Seen"}
     first.session.updates()
     assert all(c.session.view.info is first.session.view.info for c in others)  # type: ignore[union-attr]
+
+
+def test_a_subscriptions_file_written_by_dovecot_is_read(tmp_path: Path) -> None:
+    """Dovecot's Maildir++ ``subscriptions`` (version line, levels split by a tab) is the
+    same file: a user moving from Dovecot keeps the folders the client shows."""
+    client = Client(tmp_path)
+    client.ok(b"a CREATE Lists.python")
+    (tmp_path / "subscriptions").write_text("V\t2\n\nINBOX\nLists\tpython\n")
+    lines = client.ok(b'a LSUB "" "*"')
+    assert lines == [b'* LSUB () "." "INBOX"\r\n', b'* LSUB () "." "Lists.python"\r\n']

@@ -834,9 +834,9 @@ class MailSession:
         out = []
         for line in text.splitlines():
             if not line or line.startswith("V\t"):
-                continue
+                continue  # Dovecot's version line; its names separate levels with a tab
             with contextlib.suppress(ValueError):
-                name = mutf7.decode(line)
+                name = mutf7.decode(line.replace("\t", SEP))
                 out.append(INBOX if name.upper() == INBOX else name)
         return list(dict.fromkeys(out))
 
@@ -969,7 +969,7 @@ class MailSession:
                     raise _Bad("STATUS needs a list of items")
                 status_items = tuple(_atom(x).upper() for x in ret.pop(0))
                 self._check_status_items(status_items)
-            elif r in ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE", "MYRIGHTS"):
+            elif r in ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE"):
                 want.add(r)
             else:
                 raise _Bad("unknown LIST return option")
