@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from mailfort.server.mailbox_watch import MailboxWatcher  # noqa: E402
 
@@ -165,6 +166,8 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--redis", action="store_true", help="also the Redis path (redis-server)")
     ap.add_argument("--poll", type=float, default=0.5, help="also the poll at this interval")
+    ap.add_argument("--mx-load", type=int, default=0, metavar="SESSIONS",
+                    help="also: probes to alice while SESSIONS MX sessions send to bob")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="mailfort-watch-", dir=os.environ.get(
         "MAILFORT_BENCH_DIR", "/var/tmp")))
@@ -201,6 +204,8 @@ async def main() -> None:
             await w.start()
             await latency(base, f"poll every {args.poll}s", w, max(20, args.rounds // 10))
             await w.close()
+        if args.mx_load:
+            await mx_load(base, 100, args.mx_load)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -224,6 +229,72 @@ async def redis_latency(base: Path, a: MailboxWatcher, b: MailboxWatcher, rounds
     await asyncio.gather(task, return_exceptions=True)
     local.close()
     await ino.close()
+
+
+async def mx_load(base: Path, probes: int, sessions: int) -> None:
+    """A ``mailfort serve`` with two workers takes ``sessions`` MX sessions sending to bob
+    without pause; meanwhile ``probes`` messages to alice, one at a time, each reach a
+    subscriber in this process (another process than the worker that stored it)."""
+    import smtplib
+
+    import aiosmtplib
+    from mfproc import MailfortServer
+
+    (base / "serve").mkdir()
+    srv = MailfortServer(base / "serve", port_base=13600, workers=2, source=str(ROOT / "src"))
+    srv.start()
+    w = MailboxWatcher(srv.mail, poll="never")
+    await w.start()
+    stop = asyncio.Event()
+    sent = [0]
+    body = b"From: load@remote.test\r\nTo: bob@example.test\r\n\r\n" + (b"x" * 76 + b"\r\n") * 13
+
+    async def load() -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=srv.ports["mx"], timeout=30,
+                                start_tls=False)
+        await client.connect()
+        while not stop.is_set():
+            await client.sendmail("load@remote.test", ["bob@example.test"], body)
+            sent[0] += 1
+        await client.quit()
+
+    def probe() -> tuple[float, float]:
+        with smtplib.SMTP("127.0.0.1", srv.ports["mx"], timeout=30) as c:
+            c.ehlo("probe.test")
+            t0 = time.monotonic()
+            c.sendmail("probe@remote.test", ["alice@example.test"],
+                       "From: probe@remote.test\r\nTo: alice@example.test\r\n\r\nhi\r\n")
+            return t0, time.monotonic()
+
+    try:
+        md = srv.maildir("alice")
+        make_maildir(md)
+        sub = w.subscribe(md)
+        loaders = [asyncio.create_task(load()) for _ in range(sessions)]
+        await asyncio.sleep(2.0)
+        from_send, from_250 = [], []
+        for _ in range(probes):
+            task = asyncio.create_task(asyncio.to_thread(probe))
+            await asyncio.wait_for(sub.wait(), 10)
+            woke = time.monotonic()
+            t0, t250 = await task
+            from_send.append(woke - t0)
+            from_250.append(woke - t250)
+            await asyncio.sleep(0.05)
+        stop.set()
+        errors = [r for r in await asyncio.gather(*loaders, return_exceptions=True) if r]
+        if errors:
+            print(f"load sessions failed: {len(errors)}, e.g. {errors[0]!r}")
+        from_send.sort()
+        print(f"latency under MX load ({sessions} sessions, {sent[0]} messages to bob, 2 "
+              f"workers): {probes} probes to alice, from the probe's MAIL FROM to the "
+              f"wake-up: median {statistics.median(from_send) * 1000:.1f} ms, worst "
+              f"{from_send[-1] * 1000:.1f} ms; wake-up minus the probe's 250: median "
+              f"{statistics.median(from_250) * 1000:+.1f} ms")
+        sub.close()
+    finally:
+        await w.close()
+        srv.stop()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class Client:
     """A MailSession driven as the engine drives it: parsed commands in, lines out."""
 
     def __init__(self, maildir: Path, **settings: object) -> None:
+        settings.setdefault("sync_interval", 0.0)  # every command reports what is due
         self.session = MailSession(maildir, user="u",
                                    settings=MailSessionSettings(**settings))  # type: ignore[arg-type]
         self.last: Outcome | None = None
@@ -624,6 +625,21 @@ def test_pop3_dele_is_an_expunge_and_delivery_is_exists(tmp_path: Path) -> None:
     assert a.ok(b"a UID SEARCH ALL") == [b"* SEARCH 1 3 4\r\n"]
 
 
+def test_commands_rescan_at_most_every_sync_interval_but_own_changes_at_once(
+        tmp_path: Path) -> None:
+    """A burst of STOREs does not rescan the mailbox after each (mbsync sends one per
+    message); NOOP (updates) always does, and the session's own EXPUNGE is reported at once."""
+    a = filled(tmp_path, 3, sync_interval=3600.0)
+    a.ok(b"a SELECT INBOX")
+    deliver(tmp_path, "1900000000.M3P1.host")
+    assert fetch_flags(a.ok(b"a STORE 1 +FLAGS (\\Seen)")) == {1: b"\\Seen"}  # no EXISTS yet
+    assert a.ok(b"a UID STORE 2 +FLAGS.SILENT (\\Deleted)") == []
+    assert a.ok(b"a EXPUNGE")[0] == b"* 2 EXPUNGE\r\n"  # its own: at once, with the rest
+    assert a.session.updates() == []
+    deliver(tmp_path, "1900000001.M4P1.host")
+    assert a.ok(b"a CHECK") == [b"* 4 EXISTS\r\n", b"* 2 RECENT\r\n"]
+
+
 def test_a_message_renamed_by_another_session_is_still_fetched(tmp_path: Path) -> None:
     a = filled(tmp_path, 1)
     b = Client(tmp_path)
@@ -718,3 +734,66 @@ def test_a_scripted_session_agrees_with_dovecot(tmp_path: Path, reference_doveco
         (line,) = client.ok(b"a SEARCH " + criteria.encode())
         ours = {ours_t[int(n)][:2] for n in line.split()[2:]}
         assert ours == {dove_t[n][:2] for n in dove_search[criteria]}, criteria
+
+
+def test_envelopes_come_from_the_cache_the_second_time_and_the_cache_is_bounded(
+        tmp_path: Path) -> None:
+    """A file's octets never change under its name: the second ENVELOPE fetch reads no
+    file (shown by moving the files away behind the session's back, which a real client
+    would never see answered from disk), and the cache holds to its byte limit."""
+    from mailfort.server import imap_commands
+
+    client = filled(tmp_path, 3)
+    client.ok(b"a SELECT INBOX")
+    first = client.ok(b"a FETCH 1:3 ENVELOPE")
+    hidden = tmp_path / "hidden"
+    (tmp_path / "cur").rename(hidden)
+    try:
+        assert client.ok(b"a FETCH 1:3 ENVELOPE") == first
+        assert client.ok(b"a FETCH 1:3 BODY.PEEK[TEXT]") == []  # not cached: files are gone
+    finally:
+        hidden.rename(tmp_path / "cur")
+    cache = imap_commands._Cache(64 * 1000)
+    for i in range(200):
+        cache.add(("box", f"m{i}"), "ENVELOPE", b"x" * 500)
+    assert cache._size <= 64 * 1000 and cache.get(("box", "m199")) and not cache.get(("box", "m0"))
+    cache.add(("box", "big"), "ENVELOPE", b"x" * 2000)  # over 1/64 of the limit: not kept
+    assert cache.get(("box", "big")) == {}
+
+
+def test_sessions_that_caught_up_share_one_view_of_the_mailbox(tmp_path: Path) -> None:
+    """Sessions of one user idle on the same mailbox share its snapshot: one more session
+    on a 2,000-message INBOX costs a few KB, not a copy of every message's facts; a session
+    that changes flags copies, and shares again once caught up."""
+    cur = tmp_path / "cur"
+    for sub in ("tmp", "new", "cur"):
+        (tmp_path / sub).mkdir()
+    for i in range(2000):
+        (cur / f"1700000000.M{i}P1.host,S={len(MSG)},W={len(MSG)}:2,").write_bytes(MSG)
+    first = Client(tmp_path)
+    first.ok(b"a SELECT INBOX")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        others = [Client(tmp_path) for _ in range(20)]
+        for c in others:
+            c.ok(b"a SELECT INBOX")
+        per_session = (tracemalloc.get_traced_memory()[0] - before) / len(others)
+    finally:
+        tracemalloc.stop()
+    assert per_session < 40_000, per_session
+    first.ok(b"a STORE 1 +FLAGS (\\Seen)")
+    for c in others:
+        assert fetch_flags(c.session.updates()) == {1: b"\\Seen"}
+    first.session.updates()
+    assert all(c.session.view.info is first.session.view.info for c in others)  # type: ignore[union-attr]
+
+
+def test_a_subscriptions_file_written_by_dovecot_is_read(tmp_path: Path) -> None:
+    """Dovecot's Maildir++ ``subscriptions`` (version line, levels split by a tab) is the
+    same file: a user moving from Dovecot keeps the folders the client shows."""
+    client = Client(tmp_path)
+    client.ok(b"a CREATE Lists.python")
+    (tmp_path / "subscriptions").write_text("V\t2\n\nINBOX\nLists\tpython\n")
+    lines = client.ok(b'a LSUB "" "*"')
+    assert lines == [b'* LSUB () "." "INBOX"\r\n', b'* LSUB () "." "Lists.python"\r\n']

@@ -30,7 +30,10 @@ import datetime
 import errno
 import os
 import re
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -110,6 +113,7 @@ class MailSessionSettings:
     max_search_work: int = 4_000_000  # SEARCH: messages x keys, else NO [LIMIT]
     max_mailboxes: int = 10_000  # CREATE refused beyond ([LIMIT])
     tz: datetime.tzinfo | None = None  # INTERNALDATE and SEARCH dates; None: local time
+    sync_interval: float = 1.0  # seconds between rescans after commands (updates(): always)
 
 
 class _Bad(Exception):
@@ -235,6 +239,94 @@ class _LazySearch(im.SearchMessage):
         return im.parse(im.to_wire(self.loader()[:im.SEARCH_CAP]))
 
 
+CACHE_BYTES = 16 * 1024 * 1024  # per process
+
+
+class _Cache:
+    """Headers and ENVELOPE/BODYSTRUCTURE/BODY answers of message files, per process, by
+    (mailbox directory, Maildir unique name): a delivered file's octets never change, so an
+    entry is never stale. Clients ask for envelopes at every resync and a header SEARCH
+    would otherwise open every file; bounded in octets, least recently used out first."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[tuple[str, str], dict[str, bytes]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> dict[str, bytes]:
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                return {}
+            self._items.move_to_end(key)
+            return dict(found)
+
+    def add(self, key: tuple[str, str], name: str, value: bytes) -> None:
+        cost = len(value) + len(key[1]) + 100
+        if cost > self.limit // 64:
+            return  # one huge header or structure would push out hundreds of others
+        with self._lock:
+            entry = self._items.setdefault(key, {})
+            if name in entry:
+                return
+            entry[name] = value
+            self._items.move_to_end(key)
+            self._size += cost
+            while self._size > self.limit and self._items:
+                _, gone = self._items.popitem(last=False)
+                self._size -= sum(len(v) + len(key[1]) + 100 for v in gone.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
+
+_CACHE = _Cache(CACHE_BYTES)
+
+
+def _cache_name(att: FetchAtt) -> str | None:
+    """The cache slot of a FETCH item that depends on the octets alone, without options."""
+    if att.name in ("ENVELOPE", "BODYSTRUCTURE") or (att.name == "BODY" and att.section is None):
+        return att.name
+    return None
+
+
+_STORES: weakref.WeakValueDictionary[str, MailStore] = weakref.WeakValueDictionary()
+_STORES_LOCK = threading.Lock()
+
+
+_SNAPSHOTS: weakref.WeakKeyDictionary[Mailbox, tuple[int, list[int], dict[int, MessageInfo]]] \
+    = weakref.WeakKeyDictionary()
+
+
+def _snapshot(box: Mailbox, modseq: int) -> tuple[list[int], dict[int, MessageInfo]]:
+    """The messages of ``box`` (UIDs ascending, and by UID) as of at least ``modseq``, one
+    copy for every session of the process that asks at the same HIGHESTMODSEQ. Never to be
+    changed in place (views copy first: ``MailSession._own``)."""
+    with _STORES_LOCK:
+        found = _SNAPSHOTS.get(box)
+    if found is not None and found[0] == modseq:
+        return found[1], found[2]
+    infos = box.messages()
+    snap = (modseq, [m.uid for m in infos], {m.uid: m for m in infos})
+    with _STORES_LOCK:
+        _SNAPSHOTS[box] = snap
+    return snap[1], snap[2]
+
+
+def _store_for(maildir: Path) -> MailStore:
+    """One MailStore per Maildir per process, shared by that user's sessions: a mailbox's
+    UID map is then replayed once, not at every SELECT (Mailbox serialises its callers)."""
+    key = os.path.abspath(maildir)
+    with _STORES_LOCK:
+        store = _STORES.get(key)
+        if store is None:
+            store = _STORES[key] = MailStore(maildir)
+        return store
+
+
 # ------------------------------------------------------------------------------ the session
 
 
@@ -251,6 +343,7 @@ class _View:
     top: int = 0  # highest UID the client was told of
     keywords: frozenset[str] = frozenset()
     modseq: int = 0  # the mailbox's HIGHESTMODSEQ when the view was last brought up to date
+    shared: bool = False  # uids and info are the mailbox's snapshot: copy before a change
 
 
 class MailSession:
@@ -260,7 +353,7 @@ class MailSession:
         self.maildir = maildir
         self.user = user
         self.settings = settings
-        self.store = MailStore(maildir)
+        self.store = _store_for(maildir)
         self.store.ensure_special()
         self.rev2 = False
         self.utf8 = False
@@ -270,6 +363,8 @@ class MailSession:
         self.saved: list[int] = []  # SEARCHRES ``$``, as UIDs
         self._changed: list[Path] = []
         self._rescanned = False  # a stale path was refreshed during this command
+        self._dirty = False  # this command changed the selected mailbox behind the view
+        self._synced = 0.0  # time.monotonic() of the last rescan
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -294,6 +389,8 @@ class MailSession:
         """EXPUNGE/VANISHED, FETCH FLAGS and EXISTS since the last report (NOOP, IDLE)."""
         if self.view is None:
             return []
+        self._dirty = False
+        self._synced = time.monotonic()
         return self._sync(expunge_ok=True)
 
     def execute(self, cmd: Command) -> Outcome:
@@ -302,6 +399,14 @@ class MailSession:
             return Outcome("BAD", "unknown command")
         self._changed = []
         self._rescanned = False
+        was = self.view is not None
+        outcome = self._guarded(handler, cmd)
+        if was and self.view is None and outcome.selected is None:
+            outcome.selected = False  # a failed SELECT (or a vanished mailbox) deselected
+        return outcome
+
+    def _guarded(self, handler: Callable[[Command], Outcome], cmd: Command) -> Outcome:
+        """The handler's outcome, or the refusal its exception means."""
         try:
             return handler(cmd)
         except _Bad as exc:
@@ -344,6 +449,13 @@ class MailSession:
         if self.view is None:
             raise _Bad("no mailbox selected")
         return self.view
+
+    @staticmethod
+    def _own(v: _View) -> None:
+        """Copy the view's lists before changing them, if it shares the mailbox's snapshot
+        (sessions that have caught up share one, so idle sessions cost little each)."""
+        if v.shared:
+            v.uids, v.info, v.shared = list(v.uids), dict(v.info), False
 
     def _fetch_line(self, seq: int, info: MessageInfo, uid: bool) -> bytes:
         v = self.view
@@ -399,14 +511,15 @@ class MailSession:
         if scan.highestmodseq == v.modseq and not scan.added:
             return []  # no change of any kind since the last look (each one raises it)
         try:
-            infos = box.messages()
+            snap_uids, current = _snapshot(box, scan.highestmodseq)
         except (MailboxError, OSError):
             return []
         v.modseq = scan.highestmodseq
-        current = {m.uid: m for m in infos}
+        self._own(v)
         out: list[bytes] = []
         gone = [u for u in v.uids if u not in current]
-        if gone and not expunge_ok:
+        deferred = bool(gone) and not expunge_ok
+        if deferred:
             v.modseq = -1  # expunges still to report: the next sync must not skip
         elif gone:
             if self.qresync:
@@ -432,28 +545,45 @@ class MailSession:
             v.info[u] = m  # the path too, which a flag change elsewhere renamed
         out += self._note_keywords(m.flags for _, m in changed)
         out += [self._fetch_line(seq, m, False) for seq, m in changed]
-        new = [m for m in infos if m.uid > v.top]
+        new = [current[u] for u in snap_uids[bisect.bisect_right(snap_uids, v.top):]]
+        if not deferred and len(v.uids) + len(new) == len(snap_uids):
+            v.uids, v.info, v.shared = snap_uids, current, True  # caught up: share it
         if new:
             out += self._note_keywords(m.flags for m in new)
-            for m in new:
-                v.uids.append(m.uid)
-                v.info[m.uid] = m
+            if not v.shared:
+                for m in new:
+                    v.uids.append(m.uid)
+                    v.info[m.uid] = m
             v.top = new[-1].uid
             out.append(b"* %d EXISTS\r\n" % len(v.uids))
             if not self.rev2:
                 out.append(b"* %d RECENT\r\n" % len(v.recent))
         return out
 
+    def _due(self, expunge_ok: bool) -> list[bytes]:
+        """The updates after a command: at once when this command changed the mailbox in a
+        way the view does not yet show (EXPUNGE, APPEND, COPY into it, MOVE), else at most
+        every ``sync_interval`` (RFC 9051 §7: updates may come with any later command), so
+        a burst of pipelined STOREs costs no rescan of the mailbox each."""
+        if self.view is None:
+            return []
+        now = time.monotonic()
+        if not self._dirty and now - self._synced < self.settings.sync_interval:
+            return []
+        self._dirty = False
+        self._synced = now
+        return self._sync(expunge_ok)
+
     def _after(self, main: Iterable[bytes], expunge_ok: bool = True) -> Iterator[bytes]:
         """``main``, then the updates due after it (computed when ``main`` is drained)."""
         yield from main
-        yield from self._sync(expunge_ok)
+        yield from self._due(expunge_ok)
 
     def _done(self, text: str = "done", code: str | None = None,
               untagged: Iterable[bytes] = (), expunge_ok: bool = True) -> Outcome:
         if self.view is None:
             return Outcome("OK", text, code, list(untagged))
-        return Outcome("OK", text, code, [*untagged, *self._sync(expunge_ok)])
+        return Outcome("OK", text, code, [*untagged, *self._due(expunge_ok)])
 
     def _resolve(self, seqset: SequenceSet, uid: bool) -> list[int]:
         """Indexes into the view (ascending, no duplicates) that ``seqset`` names.
@@ -493,6 +623,11 @@ class MailSession:
                 end = j
         return out
 
+    def _cache_key(self, info: MessageInfo) -> tuple[str, str]:
+        v = self.view
+        assert v is not None
+        return str(v.box.path), os.path.basename(info.path).partition(":")[0]
+
     def _read_message(self, uid: int, header_only: bool) -> bytes | None:
         """The message (or its header), None when it is gone. A path made stale by
         another session's flag change is refreshed by one rescan per command."""
@@ -501,12 +636,21 @@ class MailSession:
         info = v.info.get(uid)
         if info is None:
             return None
+        key = self._cache_key(info)
+        if header_only:
+            cached = _CACHE.get(key).get("HEADER")
+            if cached is not None:
+                return cached
         try:
-            return _read(info.path, header_only)
+            data = _read(info.path, header_only)
+            if header_only:
+                _CACHE.add(key, "HEADER", data)
+            return data
         except FileNotFoundError:
             pass
         if not self._rescanned:
             self._rescanned = True
+            self._own(v)
             v.box.scan()
             for m in v.box.messages():
                 if m.uid in v.info:
@@ -544,7 +688,7 @@ class MailSession:
 
     def _cmd_check(self, cmd: Command) -> Outcome:
         self._need_view()
-        return self._done("check done")
+        return Outcome("OK", "check done", untagged=self.updates())
 
     # -- SELECT EXAMINE CLOSE UNSELECT -------------------------------------------------------
 
@@ -583,21 +727,21 @@ class MailSession:
             box = self.store.mailbox(self._name_in(name))
             scan = box.scan()
             st = box.status()
-            infos = box.messages()
+            uids, info = _snapshot(box, scan.highestmodseq)  # as of scan.highestmodseq or later
         except (NoSuchMailbox, BadName, _No):
             return Outcome("NO", "no such mailbox", "NONEXISTENT", out,
                            selected=False if was else None)
-        v = _View(box, box.name, readonly)
-        v.uids = [m.uid for m in infos]
-        v.info = {m.uid: m for m in infos}
+        v = _View(box, box.name, readonly, uids, info, shared=True)
         v.recent = set(scan.added)
         v.top = v.uids[-1] if v.uids else 0
-        v.modseq = min(scan.highestmodseq, st["HIGHESTMODSEQ"])
+        v.modseq = scan.highestmodseq
+        infos = [info[u] for u in uids]
         kws: set[str] = set()
         for m in infos:
             kws.update(f for f in m.flags if not f.startswith("\\"))
         v.keywords = frozenset(kws)
         self.view = v
+        self._synced = time.monotonic()
         uidnext = max(st["UIDNEXT"], v.top + 1)
         out += self._flags_response(v.keywords)
         out.append(b"* %d EXISTS\r\n" % len(v.uids))
@@ -608,7 +752,7 @@ class MailSession:
                 out.append(b"* OK [UNSEEN %d] first unseen\r\n" % unseen)
         out.append(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % st["UIDVALIDITY"])
         out.append(b"* OK [UIDNEXT %d] predicted next UID\r\n" % uidnext)
-        out.append(b"* OK [HIGHESTMODSEQ %d] highest\r\n" % st["HIGHESTMODSEQ"])
+        out.append(b"* OK [HIGHESTMODSEQ %d] highest\r\n" % scan.highestmodseq)
         if self.rev2:
             attrs = self._attrs_of(box.name)
             out.append(b"* LIST (" + " ".join(sorted(attrs)).encode() + b') "." '
@@ -690,9 +834,9 @@ class MailSession:
         out = []
         for line in text.splitlines():
             if not line or line.startswith("V\t"):
-                continue
+                continue  # Dovecot's version line; its names separate levels with a tab
             with contextlib.suppress(ValueError):
-                name = mutf7.decode(line)
+                name = mutf7.decode(line.replace("\t", SEP))
                 out.append(INBOX if name.upper() == INBOX else name)
         return list(dict.fromkeys(out))
 
@@ -756,6 +900,7 @@ class MailSession:
             if uids:
                 inbox.move_to(uids, target)
                 self._changed += [inbox.path, target.path]
+                self._dirty = True
             return self._done("INBOX renamed")
         special = self._special()
         self.store.rename(old, new)
@@ -824,7 +969,7 @@ class MailSession:
                     raise _Bad("STATUS needs a list of items")
                 status_items = tuple(_atom(x).upper() for x in ret.pop(0))
                 self._check_status_items(status_items)
-            elif r in ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE", "MYRIGHTS"):
+            elif r in ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE"):
                 want.add(r)
             else:
                 raise _Bad("unknown LIST return option")
@@ -1001,6 +1146,7 @@ class MailSession:
         date = int(when.timestamp()) if when is not None else None
         validity, uid = box.append(data, flags, date)
         self._changed.append(box.path)
+        self._dirty = self.view is not None and self.view.box.path == box.path
         return self._done("appended", f"APPENDUID {validity} {uid}")
 
     # -- EXPUNGE ---------------------------------------------------------------------------
@@ -1014,6 +1160,7 @@ class MailSession:
             uids = [v.uids[i] for i in self._resolve(cmd.args[0], True)]  # type: ignore[arg-type]
         if v.box.expunge(uids):
             self._changed.append(v.box.path)
+            self._dirty = True
         return self._done("expunged")
 
     # -- SEARCH ----------------------------------------------------------------------------
@@ -1151,6 +1298,7 @@ class MailSession:
             if unseen:
                 with contextlib.suppress(MailboxBusy):
                     res = v.box.store(unseen, add=("\\Seen",))
+                    self._own(v)
                     for u, (flags, modseq) in res.changed.items():
                         v.info[u] = dataclasses.replace(v.info[u], flags=flags, modseq=modseq)
                         marks.add(u)
@@ -1187,7 +1335,12 @@ class MailSession:
                 continue
             wire = b""
             root: im.Part | None = None
-            if need:
+            key = self._cache_key(info)
+            cached = _CACHE.get(key) if need else {}
+            if need and all(_cache_name(a) in cached for a in items
+                            if a.name not in _SIMPLE_ITEMS):
+                pass  # every content item is known: the file need not be read
+            elif need:
                 try:
                     data = self._read_message(uid, header_only=need == 1)
                 except OSError:
@@ -1216,10 +1369,16 @@ class MailSession:
                 elif name == "RFC822":
                     parts.append(b"RFC822 " + im.encode(wire))
                 else:
+                    slot = _cache_name(a)
+                    if slot is not None and slot in cached:
+                        parts.append(cached[slot])
+                        continue
                     if root is None:
                         root = im.parse(wire)
                     try:
                         parts.append(im.fetch_item(a, wire, root))
+                        if slot is not None:
+                            _CACHE.add(key, slot, parts[-1])
                     except im.UnknownCTE:
                         outcome.status, outcome.code = "NO", "UNKNOWN-CTE"
                         outcome.text = "a part has a transfer encoding that cannot be undone"
@@ -1268,6 +1427,7 @@ class MailSession:
         res = v.box.store(uids, **kw)  # type: ignore[arg-type]
         if res.changed:
             self._changed.append(v.box.path)
+        self._own(v)
         for u, (fl, modseq) in res.changed.items():
             v.info[u] = dataclasses.replace(v.info[u], flags=fl, modseq=modseq)
         out = self._note_keywords(fl for fl, _ in res.changed.values())
@@ -1320,6 +1480,7 @@ class MailSession:
         if not src:
             return self._done("nothing copied")
         self._changed.append(target.path)
+        self._dirty = target.path == v.box.path
         return self._done("copied", f"COPYUID {validity} {uid_set(src)} {uid_set(dst)}")
 
     def _cmd_move(self, cmd: Command) -> Outcome:
@@ -1336,6 +1497,7 @@ class MailSession:
         out: list[bytes] = []
         if src:
             self._changed += [target.path, v.box.path]
+            self._dirty = True
             out.append(b"* OK [COPYUID %d %s %s] moved\r\n" % (
                 validity, uid_set(src).encode(), uid_set(dst).encode()))
         return self._done("moved", untagged=out)

@@ -92,6 +92,10 @@ NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "gluster
                         "afs", "lustre", "gpfs", "ocfs2", "gfs2", "beegfs", "cephfs"})
 POLL_MODES = ("auto", "always", "never")
 REDIS_RETRY = 1.0  # seconds between tries of an unreachable Redis
+# A quiet pub/sub connection is PINGed; one that stays silent is taken for dead (a peer gone
+# without a FIN: a partition), so that the poll covers while it is reconnected.
+REDIS_PING_AFTER = 5.0
+REDIS_DEAD_AFTER = 12.0
 
 
 class Inotify:
@@ -406,8 +410,9 @@ class MailboxWatcher:
                     ino.remove(wd)
             if exc.errno == errno.ENOSPC and not self._enospc_logged:
                 self._enospc_logged = True
-                log.warning("inotify watches used up (fs.inotify.max_user_watches): %s is "
-                            "polled every %gs", box.key, self.poll_interval)
+                log.warning("inotify watches used up (fs.inotify.max_user_watches; first "
+                            "left out: %s): mailboxes left out are polled (watch_poll = %s)",
+                            box.key, self.poll_mode)
             return False
         for i, wd in enumerate(added):
             self._wds.setdefault(wd, []).append((box, i == 0))
@@ -520,6 +525,7 @@ class MailboxWatcher:
     async def _listen(self) -> None:
         """The pub/sub connection: other nodes' changes, for as long as the watcher runs."""
         down_logged = False
+        loop = asyncio.get_running_loop()
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
@@ -530,11 +536,20 @@ class MailboxWatcher:
                     down_logged = False
                 self._redis_up = True
                 self._wake_all()  # whatever was published while we were not listening
+                heard = pinged = loop.time()
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                   timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        self._received(msg.get("data"))
+                                                   timeout=min(1.0, REDIS_PING_AFTER / 2))
+                    now = loop.time()
+                    if msg is not None:
+                        heard = now
+                        if msg.get("type") == "message":
+                            self._received(msg.get("data"))
+                    elif now - heard >= REDIS_DEAD_AFTER:  # no pong: a half-open connection
+                        raise TimeoutError("no answer to PING")
+                    elif now - heard >= REDIS_PING_AFTER and now - pinged >= REDIS_PING_AFTER:
+                        pinged = now
+                        await pubsub.ping()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
