@@ -582,6 +582,7 @@ def run(t: Target) -> dict[str, Any]:
         finally:
             s.close()
     out["~special_use"] = special_use(t)
+    out["~uidvalidity"] = uidvalidity(t)
     if "folders/list" in out:
         keep = {"{BOX}", *SPECIAL} | {n for n in _names(out["folders/list"])
                                       if n.startswith("{P}")}
@@ -611,6 +612,19 @@ def special_use(t: Target) -> dict[str, list[str]]:
     return out
 
 
+def uidvalidity(t: Target) -> int:
+    """The box's raw UIDVALIDITY (normalised away above; kept to show it was there)."""
+    s = Session(t)
+    try:
+        r = s.cmd(f"EXAMINE {_quote(t.box)}")
+    finally:
+        s.close()
+    for line in r.untagged:
+        if m := re.search(rb"\[UIDVALIDITY (\d+)\]", line):
+            return int(m.group(1))
+    raise AssertionError(f"no UIDVALIDITY from {t.name}: {r}")
+
+
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The keys whose normalised results differ (``~`` keys are informational)."""
     diffs = []
@@ -629,11 +643,15 @@ VMAIL = (5000, 5000)
 _RUNS = iter(range(1, 1_000_000))
 
 
-def maildir_put(folder: Path, data: bytes, n: int, owner: tuple[int, int] | None) -> Path:
-    """One message into ``folder``/new as a delivery does it (tmp, then rename); names
-    sort by ``n``, which is the order both servers number new messages in."""
+def maildir_put(folder: Path, data: bytes, n: int, owner: tuple[int, int] | None,
+                letters: str | None = None) -> Path:
+    """One message into ``folder``/new as a delivery does it (tmp, then rename), or into
+    cur/ with flag ``letters``; names sort by ``n``, which is the order both servers number
+    new messages in."""
     name = f"{1765000000 + n}.M{n:06d}P{os.getpid()}.mfdiff"
     tmp, new = folder / "tmp" / name, folder / "new" / name
+    if letters is not None:
+        new = folder / "cur" / f"{name}:2,{letters}"
     tmp.write_bytes(data)
     if owner:
         os.chown(tmp, *owner)
@@ -644,12 +662,14 @@ def maildir_put(folder: Path, data: bytes, n: int, owner: tuple[int, int] | None
 @contextlib.contextmanager
 def dovecot_target(port: int, messages: list[bytes], user: str = "alice",
                    password: str = "alicepw",
-                   idle_message: bytes | None = None) -> Iterator[Target]:
+                   idle_message: bytes | None = None,
+                   letters: dict[int, str] | None = None) -> Iterator[Target]:
     """A fresh folder of ``user``'s at the reference Dovecot holding ``messages`` (the
     INBOX is shared with other tests and benchmarks), and the five special folders the way
     mailfort creates them for every user; the folder and everything the script created
     are removed afterwards. ``idle_message``: the bytes to deliver instead of what the
-    script asks for (the copy another server stored)."""
+    script asks for (the copy another server stored); ``letters``: message index -> Maildir
+    flag letters it starts with."""
     run_id = f"mfd-{os.getpid()}-{next(_RUNS)}"
     base = DOVECOT_ROOT / user
     box = base / f".{run_id}"
@@ -659,7 +679,7 @@ def dovecot_target(port: int, messages: list[bytes], user: str = "alice",
                 (d / sub).mkdir(parents=True)
                 os.chown(d / sub, *VMAIL)
     for n, data in enumerate(messages):
-        maildir_put(box, data, n, VMAIL)
+        maildir_put(box, data, n, VMAIL, (letters or {}).get(n))
     counter = iter(range(len(messages), len(messages) + 1000))
 
     def deliver(data: bytes) -> None:
