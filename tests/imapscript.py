@@ -8,13 +8,18 @@ IDLE, MOVE or ENABLE reply handling of its own).
 
 What normalisation drops, and why (everything else is compared as the server sent it):
 the human text of every reply (server wording); UIDVALIDITY and MODSEQ values (chosen by
-each server); INTERNALDATE (the arrival time); ``\\Recent`` and RECENT counts (gone in
-IMAP4rev2, per-session in rev1); untagged OK/NO/BAD without a code, ``[CLOSED]`` and
-``[HIGHESTMODSEQ]`` (informational); the names of the mailboxes under test, which differ by
-run (replaced by ``{BOX}`` and ``{P}``); the case of BODYSTRUCTURE atoms (the sender's);
-special-use attributes, kept apart under ``~special_use`` (the reference Dovecot is
-configured without them) for the caller to check. A deliberately different mailbox must
-still compare unequal: ``tests/server/test_imap_differential.py`` checks that.
+each server); the keywords listed in FLAGS and PERMANENTFLAGS, and FLAGS or PERMANENTFLAGS
+sent outside SELECT/EXAMINE (Dovecot lists every keyword the mailbox ever had, and
+announces one a SEARCH merely names; another server may list those in use: the keywords of
+each message are compared in FETCH); INTERNALDATE (the arrival time); ``\\Recent`` and
+RECENT counts (gone in IMAP4rev2, per-session in rev1); untagged OK/NO/BAD without a code,
+``[CLOSED]``, ``[HIGHESTMODSEQ]``, ``[CLIENTBUG]`` (informational) and the optional RFC 5530
+codes of a refusal (the refusal itself is compared; TRYCREATE stays); the order of LIST
+responses; the names of the mailboxes under test, which differ by run (replaced by
+``{BOX}`` and ``{P}``); the case of BODYSTRUCTURE atoms (the sender's); special-use
+attributes, kept apart under ``~special_use`` (the reference Dovecot is configured without
+them) for the caller to check. A deliberately different mailbox must still compare
+unequal: ``tests/server/test_imap_differential.py`` checks that.
 """
 
 from __future__ import annotations
@@ -103,6 +108,7 @@ class Reply:
     status: str
     code: str | None
     untagged: list[bytes] = field(default_factory=list)
+    command: str = ""  # its name (SELECT, UID SEARCH, ...)
 
 
 def client_context(cafile: str | None) -> ssl.SSLContext:
@@ -162,6 +168,12 @@ class Session:
 
     def cmd(self, *parts: bytes | str) -> Reply:
         """One command: ``str`` parts are text, ``bytes`` parts are synchronising literals."""
+        reply = self._cmd(*parts)
+        words = str(parts[0]).split()
+        reply.command = " ".join(words[:2] if words[0].upper() == "UID" else words[:1]).upper()
+        return reply
+
+    def _cmd(self, *parts: bytes | str) -> Reply:
         tag = self.imap._new_tag()
         got: list[bytes] = []
         pending = tag + b" "
@@ -319,7 +331,8 @@ class Norm:
             return " ".join([key, "*", *words[2:]])
         if key == "PERMANENTFLAGS":
             inner = code[len(words[0]):].strip()
-            return key + " " + " ".join(sorted(_flags(parse(inner.encode())[0])))
+            return key + " " + " ".join(f for f in sorted(_flags(parse(inner.encode())[0]))
+                                        if f.startswith("\\"))
         return code
 
     def flags(self, value: list[Any]) -> list[str]:
@@ -343,8 +356,8 @@ class Norm:
             return f"{kind.decode()} {int(head)}"
         vals = parse(body)
         kind = vals[0].upper() if isinstance(vals[0], bytes) else b""
-        if kind == b"FLAGS":
-            return ("FLAGS", self.flags(vals[1]))
+        if kind == b"FLAGS":  # the keywords listed are the server's choice: left out
+            return ("FLAGS", [f for f in self.flags(vals[1]) if f.startswith("\\")])
         if kind in (b"SEARCH", b"SORT"):
             return ("SEARCH", sorted(int(v) for v in vals[1:] if v.isdigit()))
         if kind == b"ESEARCH":
@@ -396,6 +409,9 @@ class Norm:
         if r.status != "OK" and code and code.split()[0].upper() in _OPTIONAL_CODES:
             code = None
         got = [u for u in map(self.untagged, r.untagged) if u is not None]
+        if r.command not in ("SELECT", "EXAMINE"):  # a new keyword announced, or not
+            got = [u for u in got if not (u[0] == "FLAGS" or str(u).startswith(
+                "OK [PERMANENTFLAGS"))]
         # LIST, LSUB and STATUS responses come in no order the RFCs fix
         lists = sorted((u for u in got if isinstance(u, tuple) and u[0] in _UNORDERED), key=repr)
         return {"status": r.status, "code": code,
@@ -504,7 +520,7 @@ def s_folders(s: Session, t: Target) -> dict[str, Reply]:
     out["fetch-p"] = s.cmd("UID FETCH 1:* (FLAGS RFC822.SIZE ENVELOPE)")
     out["select-sub"] = s.cmd(f"SELECT {_quote(p + '.Sub')}")
     out["fetch-sub"] = s.cmd("UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-    out["list"] = s.cmd('LIST "" "*" RETURN (SPECIAL-USE)')
+    out["list"] = s.cmd('LIST "" "*" RETURN (SPECIAL-USE CHILDREN)')
     out["list-pattern"] = s.cmd(f'LIST "" {_quote(p + "%")}')
     out["lsub"] = s.cmd(f'LSUB "" {_quote(p + "*")}')
     out["rename"] = s.cmd(f"RENAME {_quote(p + '.Sub')} {_quote(p + '.Moved')}")
