@@ -200,12 +200,13 @@ class Session:
         Returns the untagged responses and the seconds from ``during`` to the EXISTS."""
         tag = self.imap._new_tag()
         self.imap.send(tag + b" IDLE\r\n")
-        first = self._response()
-        if not first.startswith(b"+"):
-            raise ValueError(f"IDLE refused: {first!r}")
+        got: list[bytes] = []
+        while not (first := self._response()).startswith(b"+"):
+            if first.startswith(tag + b" "):
+                raise ValueError(f"IDLE refused: {first!r}")
+            got.append(first)  # untagged responses may come before the continuation
         t0 = time.monotonic()
         during()
-        got: list[bytes] = []
         took = -1.0
         sock = self.imap.sock
         deadline = t0 + wait
