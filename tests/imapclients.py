@@ -202,7 +202,8 @@ def mbsync_sync(account: Account, work: Path, changes: Changes | None = None,
         "IMAPAccount acc", f"Host {account.host}", f"Port {account.port}",
         f"User {_mbsync_quote(account.user)}", f"Pass {_mbsync_quote(account.password)}",
         f"SSLType {ssl_type}",
-        # without TLS, mbsync 1.4 offers no mechanism at all unless LOGIN is named
+        # in the clear (the reference Dovecot alone) the LOGIN command, with a warning;
+        # over TLS AUTHENTICATE PLAIN first, as mailfort offers after TLS
         "AuthMechs LOGIN" if account.tls == "none" else "AuthMechs PLAIN LOGIN",
         "Timeout 10", "PipelineDepth 1",
     ]
