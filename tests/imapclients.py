@@ -292,24 +292,22 @@ def _offlineimap_ok(log: str) -> None:
 
 # ------------------------------------------------------------------ interimap (QRESYNC)
 
-_NOBODY = pwd.getpwnam("nobody")
-
-
 class LocalDovecot:
     """interimap's local side: Dovecot's imap binary on a Maildir of its own, run as
     nobody (as root it refuses a socket on stdout: "must not be started from inetd")."""
 
     def __init__(self, work: Path) -> None:
+        nobody = pwd.getpwnam("nobody")
         self.maildir = work / "interimap-maildir"
         self.maildir.mkdir()
-        os.chown(self.maildir, _NOBODY.pw_uid, _NOBODY.pw_gid)
+        os.chown(self.maildir, nobody.pw_uid, nobody.pw_gid)
         self.conf = work / "interimap-dovecot.conf"
         self.conf.write_text(
             f"mail_location = maildir:{self.maildir}\nssl = no\nlog_path = /dev/null\n"
             "mail_uid = nobody\nmail_gid = nogroup\nfirst_valid_uid = 1\n"
             "first_valid_gid = 1\n")
         self.conf.chmod(0o644)
-        self.argv = ["setpriv", f"--reuid={_NOBODY.pw_uid}", f"--regid={_NOBODY.pw_gid}",
+        self.argv = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
                      "--clear-groups", DOVECOT_IMAP, "-c", str(self.conf)]
 
     def folder_dir(self, folder: str) -> Path:
