@@ -13,6 +13,7 @@ mailfort stored.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,8 @@ from tests import imapscript as script
 from tests.server import imapserve
 
 ALICE = "alice@example.test"
+# the reference Dovecot's Maildirs belong to vmail
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="writes Maildirs as vmail: root only")
 
 
 @pytest.fixture(scope="module")
