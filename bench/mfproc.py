@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 OFFSETS = {"mx": 25, "submission": 87, "submissions": 65, "pop3": 10, "pop3s": 95}
+IMAP_OFFSETS = {"imap": 43, "imaps": 93}  # only with imap=True (bench/imap_bench.py)
 
 # Where benchmark data directories go. Not /tmp: on the test machine, creating a file in a
 # new directory under /tmp became 60 times slower over a day of test runs (about 900 us
@@ -297,7 +298,7 @@ class MailfortServer:
                  max_connections_per_ip: int | None = None, extra_limits: str = "",
                  dns_port: int = 9, sender_auth: bool = False,
                  store_flush: str = "syncfs", source: str | None = None,
-                 mail_dir: Path | None = None, workers: int = 1) -> None:
+                 mail_dir: Path | None = None, workers: int = 1, imap: bool = False) -> None:
         """``max_connections_per_ip`` None: the same as ``max_connections``;
         ``extra_limits``: more ``[limits]`` lines (TOML) for the benchmark at hand.
         ``dns_port``: the loopback DNS server the node asks (never the system resolver:
@@ -317,7 +318,8 @@ class MailfortServer:
         self.data = root / "data"
         self.mail = mail_dir or self.data / "mail"
         self.config = root / "mailfort.toml"
-        self.ports = {k: port_base + v for k, v in OFFSETS.items()}
+        offsets = OFFSETS | (IMAP_OFFSETS if imap else {})
+        self.ports = {k: port_base + v for k, v in offsets.items()}
         busy = [p for p in self.ports.values() if not port_free(p)]
         if busy:
             raise RuntimeError(f"ports already in use: {busy} (pick another --port-base)")
@@ -336,7 +338,7 @@ class MailfortServer:
             f"[sender_auth]\nenabled = {'true' if sender_auth else 'false'}\n"
             f'[store]\nflush = "{store_flush}"\n'
         )
-        self.cli("domain", "add", "example.test")
+        self.cli("domain", "add", "example.test", quiet=imap)
         # The CLI wants >= 8 characters, so not the reference servers' "alicepw".
         self.passwords = {f"{u}@example.test": f"{u}pw-bench" for u in ("alice", "bob")}
         pw = root / "pw"
@@ -345,9 +347,10 @@ class MailfortServer:
             self.cli("user", "add", user, "--password-file", str(pw))
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def cli(self, *args: str) -> None:
+    def cli(self, *args: str, quiet: bool = False) -> None:
         subprocess.run([sys.executable, "-m", "mailfort", *args, "--config", str(self.config)],
-                       check=True, stdout=subprocess.DEVNULL, env=self.env)
+                       check=True, stdout=subprocess.DEVNULL, env=self.env,
+                       stderr=subprocess.DEVNULL if quiet else None)
 
     def start(self) -> None:
         with open(self.root / "serve.log", "wb") as log:
@@ -356,8 +359,9 @@ class MailfortServer:
                 stdout=subprocess.DEVNULL, stderr=log, env=self.env,
             )
         try:
-            wait_port(self.ports["mx"])
-            wait_port(self.ports["pop3"])
+            for name in ("mx", "pop3", "imap"):
+                if name in self.ports:
+                    wait_port(self.ports[name])
         except RuntimeError:
             self.stop()
             raise RuntimeError(f"mailfort did not start:\n{self.log_tail()}") from None
