@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import ClassVar
 
 import pytest
 
@@ -96,3 +97,43 @@ def test_bind_listens_on_ipv6_too() -> None:
         pytest.skip("no IPv6 loopback on this machine")
     with sock:
         assert sock.family == socket.AF_INET6 and sock.getsockname()[1] > 0
+
+
+class _Recorder(asyncio.Protocol):
+    nodelay: ClassVar[list[int]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        _Recorder.nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(b"* OK\r\n")
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_every_accepted_connection_has_nagle_off(tls: bool) -> None:
+    """A reply written in two parts (IMAP's untagged lines, then the tagged one) must not
+    wait for the client's delayed ACK: 40 ms per command. ``socket.create_server`` makes
+    sockets with protocol 0, for which asyncio does not set TCP_NODELAY itself."""
+    import ssl
+
+    import trustme
+
+    ctx = None
+    client_ctx = None
+    if tls:
+        ca = trustme.CA()
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("localhost").configure_cert(ctx)
+        client_ctx = ssl.create_default_context()
+        ca.configure_trust(client_ctx)
+    sock = bind("127.0.0.1", 0)
+    acceptor = Acceptor(sock, _Recorder, ctx, 5.0 if tls else None)
+    _Recorder.nodelay = []
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", sock.getsockname()[1], ssl=client_ctx,
+        server_hostname="localhost" if tls else None)
+    assert await asyncio.wait_for(reader.readline(), 5) == b"* OK\r\n"
+    assert _Recorder.nodelay == [1]
+    writer.close()
+    acceptor.close()
+    await acceptor.wait_closed()

@@ -154,6 +154,11 @@ class Acceptor:
                     self._loop.call_later(_RETRY, self._rested)
                 return  # ECONNABORTED and the like: that connection is gone
             conn.setblocking(False)
+            # Nagle off, as asyncio's own servers have it: its transports set TCP_NODELAY
+            # only on sockets made with IPPROTO_TCP, and ``socket.create_server`` (bind)
+            # makes them with 0. With Nagle on, a reply written in two parts (IMAP's
+            # untagged lines, then the tagged one) waited for the client's delayed ACK.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is None and self._make_transport is not None:
                 try:
                     self._make_transport(conn, self._factory())
