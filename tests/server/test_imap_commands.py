@@ -797,3 +797,17 @@ def test_a_subscriptions_file_written_by_dovecot_is_read(tmp_path: Path) -> None
     (tmp_path / "subscriptions").write_text("V\t2\n\nINBOX\nLists\tpython\n")
     lines = client.ok(b'a LSUB "" "*"')
     assert lines == [b'* LSUB () "." "INBOX"\r\n', b'* LSUB () "." "Lists.python"\r\n']
+
+
+def test_condstore_select_parameter_and_move_under_qresync(tmp_path: Path) -> None:
+    client = filled(tmp_path, 3)
+    lines = client.ok(b"a SELECT INBOX (CONDSTORE)")
+    assert code(lines, b"HIGHESTMODSEQ")
+    (line,) = client.ok(b"a STORE 1 +FLAGS (\\Flagged)")  # enabled: STORE tells MODSEQ
+    assert re.fullmatch(rb"\* 1 FETCH \(FLAGS \(\\Flagged\) MODSEQ \(\d+\)\)\r\n", line)
+    assert client.run(b"a SELECT INBOX (BOGUS)")[0].status == "BAD"
+    client.ok(b"a ENABLE QRESYNC")
+    client.ok(b"a SELECT INBOX")
+    lines = client.ok(b"a MOVE 2:3 Trash")
+    assert lines[1:] == [b"* VANISHED 2:3\r\n"]
+    assert client.ok(b"a UID FETCH 1 FLAGS") == [b"* 1 FETCH (UID 1 FLAGS (\\Flagged))\r\n"]
