@@ -218,6 +218,13 @@ def _split_multipart(body: bytes, boundary: bytes) -> tuple[list[bytes], list[by
     return parts, [*frames, body[prev:]]
 
 
+def parse_header(data: bytes) -> Part:
+    """The top header of ``data`` only, its fields split, no MIME look (what SEARCH on a
+    header field and ENVELOPE need): Content-Type is not parsed, the body not cut."""
+    header, body = _split_header(data)
+    return Part(header, body, _fields(header))
+
+
 def parse(data: bytes, *, _depth: int = 0,
           _default: tuple[str, str] = ("text", "plain")) -> Part:
     """The MIME tree of ``data``; never raises, whatever the octets."""

@@ -233,10 +233,12 @@ class _LazySearch(im.SearchMessage):
     """A SearchMessage that reads its file only when a key looks at the content."""
 
     loader: Callable[[], bytes] = staticmethod(lambda: b"")  # type: ignore[assignment]
+    header_only: bool = False
 
     @cached_property
     def root(self) -> im.Part:  # type: ignore[override]
-        return im.parse(im.to_wire(self.loader()[:im.SEARCH_CAP]))
+        data = im.to_wire(self.loader()[:im.SEARCH_CAP])
+        return im.parse_header(data) if self.header_only else im.parse(data)
 
 
 CACHE_BYTES = 16 * 1024 * 1024  # per process
@@ -1198,6 +1200,7 @@ class MailSession:
                               len(v.uids), last_uid, u in v.recent, m.modseq, now)
             if need:
                 msg.loader = self._loader(u, header_only=need == 1)
+                msg.header_only = need == 1
             try:
                 if im.matches(key, msg):
                     found.append((i + 1, u, m.modseq))
