@@ -626,3 +626,12 @@ def test_utf8_search_agrees_with_dovecot(dovecot: imaplib.IMAP4, words: str) -> 
                 if im.matches(k, im.SearchMessage(data_, frozenset(), seq, seq,
                                                   wire_size(data_), MTIMES[seq - 1]))}
         assert ours == theirs, f"{field} {words}"
+
+
+@pytest.mark.parametrize("name", list(DIFFERENTIAL))
+def test_parse_header_sees_the_fields_parse_sees(name: str) -> None:
+    """SEARCH on header keys uses parse_header (no MIME look): same header, same fields."""
+    data = im.to_wire(DIFFERENTIAL[name])
+    full, head = im.parse(data), im.parse_header(data)
+    assert (head.header, head.fields) == (full.header, full.fields)
+    assert im.envelope(head) == im.envelope(full)
