@@ -14,11 +14,22 @@ before the view drops the message. During FETCH, STORE and SEARCH by sequence nu
 expunge is reported (RFC 9051 §7.5.1): the expunged messages stay in the view until a
 command that may report them.
 
+After a command the rescan runs at once only when the command itself changed the selected
+mailbox behind the view (EXPUNGE, APPEND or COPY into it, MOVE); otherwise at most every
+``sync_interval``, since a client pipelining one STORE per message would pay a listing of
+the mailbox for each. ``updates()`` (NOOP, IDLE, CHECK) always rescans.
+
+Cost per session: the sessions of one user in one process share one ``MailStore`` (a UID
+map is replayed once) and, once caught up, one snapshot of the selected mailbox (copied
+on write). Message headers and ENVELOPE/BODYSTRUCTURE answers are cached per process by
+file name (``_Cache``): a Maildir file's octets never change under its name.
+
 Where the RFCs leave a choice the answer is the reference Dovecot's (an empty or out of
 range sequence set is BAD, INBOX rename moves the messages, STATUS of the selected mailbox
-is allowed). Bounds: SEARCH work (messages x keys) is capped (``NO [LIMIT]``), FETCH reads
-one message at a time (only its header when the items need no more), APPEND is held to
-``append_limit`` (``[TOOBIG]``) and the quota (``[OVERQUOTA]``).
+is allowed, MODSEQ only where asked or where flags changed). Bounds: SEARCH work
+(messages x keys) is capped (``NO [LIMIT]``), FETCH reads one message at a time (only its
+header when the items need no more), APPEND is held to ``append_limit`` (``[TOOBIG]``) and
+the quota (``[OVERQUOTA]``), CREATE to ``max_mailboxes``.
 """
 
 from __future__ import annotations
