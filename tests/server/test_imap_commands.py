@@ -811,3 +811,42 @@ def test_condstore_select_parameter_and_move_under_qresync(tmp_path: Path) -> No
     lines = client.ok(b"a MOVE 2:3 Trash")
     assert lines[1:] == [b"* VANISHED 2:3\r\n"]
     assert client.ok(b"a UID FETCH 1 FLAGS") == [b"* 1 FETCH (UID 1 FLAGS (\\Flagged))\r\n"]
+
+
+def test_concurrent_sessions_in_threads_lose_no_flag_and_agree(tmp_path: Path) -> None:
+    """Two sessions of one user in two threads (the driver runs each in a worker thread)
+    add different keywords to the same messages while mail arrives: no change is lost, and
+    both views end equal to the store's."""
+    import threading
+
+    a, b = filled(tmp_path, 10), Client(tmp_path)
+    a.ok(b"a SELECT INBOX")
+    b.ok(b"a SELECT INBOX")
+    errors: list[BaseException] = []
+
+    def work(client: Client, keyword: bytes) -> None:
+        try:
+            for n in range(1, 11):
+                client.ok(b"a STORE %d +FLAGS (%s)" % (n, keyword))
+                client.ok(b"a FETCH %d (FLAGS BODY.PEEK[HEADER])" % n)
+                client.session.updates()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(a, b"$A")),
+               threading.Thread(target=work, args=(b, b"$B"))]
+    for t in threads:
+        t.start()
+    for i in range(5):
+        deliver(tmp_path, f"1900000100.M{i}P9.host")
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for c in (a, b):
+        c.session.updates()
+    truth = {m.uid: m.flags for m in a.session.store.mailbox("INBOX").messages()}
+    assert all({"$A", "$B"} <= truth[u] for u in range(1, 11))
+    for c in (a, b):
+        view = c.session.view
+        assert view is not None and view.uids == sorted(truth)
+        assert {u: view.info[u].flags for u in view.uids} == truth
