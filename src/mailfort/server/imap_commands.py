@@ -1192,6 +1192,8 @@ class MailSession:
     def _cmd_search(self, cmd: Command) -> Outcome:
         v = self._need_view()
         ret, charset, key = cmd.args  # type: ignore[misc]
+        if ret and "SAVE" in ret:
+            self.saved = []  # RFC 5182 §2.1: a SEARCH that fails leaves $ empty
         if charset is not None and charset not in ("UTF-8", "US-ASCII"):
             raise _No("charset not supported", "BADCHARSET (UTF-8 US-ASCII)")
         work = _count_keys(key) * max(1, len(v.uids))
