@@ -474,6 +474,10 @@ def test_search_keys_charsets_esearch_and_searchres(tmp_path: Path) -> None:
     assert client.ok(b"a SEARCH RETURN (SAVE) FROM carol") == []
     assert fetch_flags(client.ok(b"a FETCH $ FLAGS")) == {2: b""}
     assert search(b"SEARCH OR $ SEEN") == b"* SEARCH 1 2\r\n"
+    assert client.ok(b"a SEARCH RETURN (SAVE) OR $ SEEN") == []  # uses the $ of before
+    assert search(b"UID SEARCH $") == b"* SEARCH 1 2\r\n"
+    assert client.run(b"a SEARCH RETURN (SAVE) CHARSET X ALL")[0].status == "NO"
+    assert search(b"SEARCH $") == b"* SEARCH\r\n"  # a failed SAVE empties it
     line = search(b"SEARCH MODSEQ 1")
     assert re.fullmatch(rb"\* SEARCH 1 2 3 \(MODSEQ \d+\)\r\n", line)
     out, _ = client.run(b"a SEARCH CHARSET KOI8-R ALL")

@@ -1192,6 +1192,7 @@ class MailSession:
     def _cmd_search(self, cmd: Command) -> Outcome:
         v = self._need_view()
         ret, charset, key = cmd.args  # type: ignore[misc]
+        key = self._subst_saved(key)  # the $ of before this SEARCH
         if ret and "SAVE" in ret:
             self.saved = []  # RFC 5182 §2.1: a SEARCH that fails leaves $ empty
         if charset is not None and charset not in ("UTF-8", "US-ASCII"):
@@ -1199,7 +1200,6 @@ class MailSession:
         work = _count_keys(key) * max(1, len(v.uids))
         if work > self.settings.max_search_work:
             raise _No("search too complex for this mailbox", "LIMIT")
-        key = self._subst_saved(key)
         if _has_modseq(key):
             self._enable_condstore()
         need = _key_needs(key)
