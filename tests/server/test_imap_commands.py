@@ -854,3 +854,30 @@ def test_concurrent_sessions_in_threads_lose_no_flag_and_agree(tmp_path: Path) -
         view = c.session.view
         assert view is not None and view.uids == sorted(truth)
         assert {u: view.info[u].flags for u in view.uids} == truth
+
+
+def _other_process_changes(maildir: str) -> None:
+    """Runs in a child process: a session of its own (its own MailStore and UID map)."""
+    other = Client(Path(maildir))
+    other.ok(b"a SELECT INBOX")
+    other.ok(b"a STORE 2 +FLAGS (\\Deleted)")
+    other.ok(b"a STORE 3 +FLAGS ($Other)")
+    other.ok(b"a EXPUNGE")
+
+
+def test_changes_made_by_a_session_in_another_process_are_reported(tmp_path: Path) -> None:
+    """Another worker process (no shared memory, only the files and the UID map) expunges
+    and flags: this session's NOOP reports both, numbers renumbered."""
+    import multiprocessing
+
+    client = filled(tmp_path, 3)
+    client.ok(b"a SELECT INBOX")
+    child = multiprocessing.get_context("fork").Process(target=_other_process_changes,
+                                                         args=(str(tmp_path),))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    lines = client.session.updates()
+    assert lines[0] == b"* 2 EXPUNGE\r\n"
+    assert lines[1].startswith(b"* FLAGS (") and b"$Other" in lines[1]
+    assert fetch_flags(lines) == {2: b"$Other"}
