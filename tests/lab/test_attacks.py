@@ -168,6 +168,32 @@ def test_legacy_imap_takes_authenticate_plain_in_the_clear(lab: Lab) -> None:
         hardened.logout()
 
 
+def test_sniffer_reads_a_password_sent_as_a_literal(lab: Lab) -> None:
+    """Clients send a password with odd characters as a literal ({N}, then the octets
+    after the server's +): the eavesdropper reads it all the same."""
+    import socket
+
+    from mailfort.lab.attacks import _sniff
+
+    password = PASSWORDS[ALICE]
+    proxy = lab.sides["legacy"].proxies["imap"]
+    mark = proxy.recording.mark()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"* OK")
+        sock.sendall(f"L LOGIN {{{len(ALICE)}}}\r\n".encode())
+        assert reader.readline().startswith(b"+")
+        sock.sendall(f"{ALICE} {{{len(password)}}}\r\n".encode())
+        assert reader.readline().startswith(b"+")
+        sock.sendall(password.encode() + b"\r\n")
+        assert reader.readline().startswith(b"L OK")
+        sock.sendall(b"Z LOGOUT\r\n")
+        while reader.readline().split(b" ")[:1] not in ([b"Z"], [b""]):
+            pass
+    found, *_ = _sniff({"imap": proxy.recording.since(mark)})
+    assert found == {password: ["IMAP LOGIN"]}
+
+
 def test_vrfy(lab: Lab) -> None:
     run = run_attack(lab, "vrfy")
     legacy, hardened = run.sides["legacy"], run.sides["hardened"]
