@@ -66,7 +66,10 @@ class Literal8(bytes):
 
 def to_wire(data: bytes) -> bytes:
     """The message as IMAP shows it: a bare LF becomes CRLF (the store's RFC822.SIZE counts
-    so too). Files written by mailfort are CRLF already and come back unchanged, uncopied."""
+    so too). Files written by mailfort are CRLF already and come back unchanged, uncopied;
+    a file with no CR at all (LF endings, as Postfix writes) is converted in one pass."""
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n") if b"\n" in data else data
     if data.count(b"\n") == data.count(b"\r\n"):
         return data
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
@@ -795,6 +798,86 @@ class SearchMessage:
     @cached_property
     def internal_day(self) -> datetime.date:
         return datetime.datetime.fromtimestamp(self.internal_date, self.tz).date()
+
+
+# ---------------------------------------------------------------------------- SEARCH probe
+
+# What a value of a parameter named charset may be for the octets to read as themselves
+# (ASCII octets are the same characters in each of these).
+_ASCII_SAFE = re.compile(rb'charset[ \t]*=[ \t]*"?(?:us-ascii|ascii|utf-8|utf8|iso-8859-[0-9]{1,2}'
+                         rb'|windows-125[0-8]|cp125[0-8]|latin-?1|koi8-[ru])(?![-0-9a-z_])')
+_CTE_PLAIN = re.compile(rb"content-transfer-encoding[ \t]*:[ \t]*(?:7bit|8bit|binary)[ \t]*\r?\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Needles every match must contain: ``(where, needle)``, ``where`` "header" (SUBJECT,
+    HEADER), "body" (BODY) or "text" (TEXT); needles ASCII, case-folded, without CR or LF."""
+
+    needles: tuple[tuple[str, bytes], ...]
+
+
+def search_probe(key: SearchKey) -> Probe | None:
+    """The needles a message must hold for ``key`` to match (from the key and the ``AND``
+    under it; ``OR`` and ``NOT`` promise nothing), None when there are none."""
+    found: list[tuple[str, bytes]] = []
+
+    def walk(k: SearchKey) -> None:
+        if k.name == "AND":
+            for child in k.children:
+                walk(child)
+            return
+        where = {"SUBJECT": "header", "HEADER": "header", "BODY": "body", "TEXT": "text"}.get(
+            k.name)
+        if where is None or not k.args:
+            return
+        text = _text(k.args[-1])
+        if text and text.isascii() and "\r" not in text and "\n" not in text:
+            found.append((where, text.encode("ascii")))
+
+    walk(key)
+    return Probe(tuple(found)) if found else None
+
+
+def _reads_as_is(low: bytes) -> bool:
+    """Whether the decoded text SEARCH sees of an ASCII message (lower-cased ``low``) is
+    its octets as they are: no transfer encoding to undo, no charset that maps ASCII octets
+    elsewhere, one body (BODY joins text parts without a separator, so a needle could
+    span two of them). Conservative: any mention it cannot vouch for says no."""
+    if b"multipart" in low:
+        return False
+    n = low.count(b"content-transfer-encoding")
+    if n and len(_CTE_PLAIN.findall(low)) != n:
+        return False
+    n = low.count(b"charset")
+    return not n or len(_ASCII_SAFE.findall(low)) == n
+
+
+def excluded(probe: Probe, data: bytes, whole: bool) -> bool:
+    """True when ``data`` (the message, or its header when not ``whole``) cannot match:
+    some needle is not among its octets, and the octets are what SEARCH would compare
+    (ASCII, whose case-folding is lower-casing, no RFC 2047 word, no decoding to do).
+    False means "look properly": never a wrong answer, only a slower one."""
+    if not data.isascii():
+        return False  # decoding or case-folding could make text that is not in the octets
+    low = data.lower()
+    words: bool | None = None  # an RFC 2047 word somewhere (headers are decoded)
+    plain: bool | None = None
+    for where, needle in probe.needles:
+        if needle in low or (where != "header" and not whole):
+            continue
+        if where != "body":
+            if words is None:
+                words = b"=?" in low
+            if words:
+                continue
+        if where == "header":
+            return True  # header values are the octets (ASCII, no encoded word)
+        if plain is None:
+            plain = _reads_as_is(low)
+        if plain:
+            return True
+    return False
 
 
 _FLAG_KEYS = {"ANSWERED": "\\answered", "DELETED": "\\deleted", "DRAFT": "\\draft",

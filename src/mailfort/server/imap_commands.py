@@ -87,7 +87,8 @@ SYSTEM_ORDER = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 PERMANENT = b"(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 USE_ATTRS = frozenset(SPECIAL_USE.values()) | {"\\All", "\\Flagged"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_HEADER_PROBE = 64 * 1024  # read this much first when only the header is needed
+_HEADER_PROBE = 64 * 1024  # read this much first (a whole message, most of the time)
+_READ_CHUNK = 1024 * 1024  # then this much at a time
 _CONTENT_KEYS = frozenset({"BODY", "TEXT"})
 _HEADER_KEYS = frozenset({"FROM", "TO", "CC", "BCC", "SUBJECT", "HEADER", "SENTBEFORE",
                           "SENTON", "SENTSINCE"})
@@ -226,18 +227,68 @@ def _has_modseq(key: SearchKey) -> bool:
 
 
 def _read(path: str, header_only: bool) -> bytes:
-    """The file, or (``header_only``) its start up to the blank line after the header."""
-    with open(path, "rb") as f:
-        if not header_only:
-            return f.read()
-        head = f.read(_HEADER_PROBE)
-        for sep in (b"\r\n\r\n", b"\n\n"):
-            i = head.find(sep)
-            if i >= 0:
-                return head[:i + len(sep)]
-        if head.startswith((b"\r\n", b"\n")):
-            return head[:2] if head.startswith(b"\r\n") else head[:1]
-        return head + f.read()  # a header longer than the probe: read on
+    """The file, or (``header_only``) its start up to the blank line after the header.
+
+    Descriptor-level reads (no buffered file object): a FETCH or SEARCH opens thousands of
+    small files, and one ``os.read`` of a Maildir file (never written once in new/ or cur/)
+    that returns less than asked for has reached its end."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        head = os.read(fd, _HEADER_PROBE)
+        if header_only:
+            for sep in (b"\r\n\r\n", b"\n\n"):
+                i = head.find(sep)
+                if i >= 0:
+                    return head[:i + len(sep)]
+            if head.startswith((b"\r\n", b"\n")):
+                return head[:2] if head.startswith(b"\r\n") else head[:1]
+        if len(head) < _HEADER_PROBE:
+            return head
+        chunks = [head]
+        while chunk := os.read(fd, _READ_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class _Headers:
+    """Message headers by file path, per process, for SEARCH and header-only FETCH: a
+    Maildir file's octets never change under its name (a flag change renames it: a miss,
+    never a stale answer). Bounded in octets; the oldest half goes when full. A plain dict
+    read without a lock (one lookup per message of a 10,000-message SEARCH)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: dict[str, bytes] = {}
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> bytes | None:
+        return self._items.get(path)
+
+    def add(self, path: str, header: bytes) -> None:
+        cost = len(header) + len(path) + 100
+        if cost > self.limit // 64:
+            return
+        with self._lock:
+            if path in self._items:
+                return
+            if self._size + cost > self.limit:
+                drop = list(self._items)[:len(self._items) // 2 + 1]
+                for k in drop:
+                    self._size -= len(self._items.pop(k)) + len(k) + 100
+            self._items[path] = header
+            self._size += cost
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
+
+def _const(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
 
 
 class _LazySearch(im.SearchMessage):
@@ -297,6 +348,7 @@ class _Cache:
 
 
 _CACHE = _Cache(CACHE_BYTES)
+_HEADERS = _Headers(CACHE_BYTES)
 
 
 def _cache_name(att: FetchAtt) -> str | None:
@@ -649,15 +701,14 @@ class MailSession:
         info = v.info.get(uid)
         if info is None:
             return None
-        key = self._cache_key(info)
         if header_only:
-            cached = _CACHE.get(key).get("HEADER")
+            cached = _HEADERS.get(info.path)
             if cached is not None:
                 return cached
         try:
             data = _read(info.path, header_only)
             if header_only:
-                _CACHE.add(key, "HEADER", data)
+                _HEADERS.add(info.path, data)
             return data
         except FileNotFoundError:
             pass
@@ -1207,13 +1258,28 @@ class MailSession:
         tz = self.settings.tz or datetime.datetime.now().astimezone().tzinfo
         last_uid = v.uids[-1] if v.uids else 0
         found: list[tuple[int, int, int]] = []  # (seq, uid, modseq)
+        header_only = need == 1
+        # Needles every match holds: a message whose octets lack one is passed over without
+        # a MIME parse (im.excluded says when the octets are what SEARCH compares).
+        probe = im.search_probe(key) if need else None
+        known = _HEADERS.get
         for i, u in enumerate(v.uids):
             m = v.info[u]
+            data: bytes | None = None
+            if probe is not None:
+                try:
+                    data = (header_only and known(m.path)) or self._read_message(u, header_only)
+                except OSError:
+                    continue
+                if data is None:
+                    continue  # the file went away meanwhile: the next sync expunges it
+                if im.excluded(probe, data, not header_only):
+                    continue
             msg = _LazySearch(b"", m.flags, u, i + 1, m.size, m.internal_date, tz,
                               len(v.uids), last_uid, u in v.recent, m.modseq, now)
             if need:
-                msg.loader = self._loader(u, header_only=need == 1)
-                msg.header_only = need == 1
+                msg.loader = self._loader(u, header_only) if data is None else _const(data)
+                msg.header_only = header_only
             try:
                 if im.matches(key, msg):
                     found.append((i + 1, u, m.modseq))
@@ -1342,6 +1408,12 @@ class MailSession:
                 and a.section.text.startswith("HEADER"))
             need = max(need, 1 if header_only else 2)
         tz = self.settings.tz
+        # Items answered from the octets alone (ENVELOPE, BODYSTRUCTURE) are cached; with
+        # none of them asked for (BODY[] alone, say) the cache is not looked at.
+        slots = any(_cache_name(a) is not None for a in items)
+        parse = im.parse_header if need == 1 else im.parse  # the header is all there is
+        cached: dict[str, bytes] = {}
+        key = ("", "")
         for i in indexes:
             uid = v.uids[i]
             info = v.info.get(uid)
@@ -1351,10 +1423,11 @@ class MailSession:
                 continue
             wire = b""
             root: im.Part | None = None
-            key = self._cache_key(info)
-            cached = _CACHE.get(key) if need else {}
-            if need and all(_cache_name(a) in cached for a in items
-                            if a.name not in _SIMPLE_ITEMS):
+            if slots:
+                key = self._cache_key(info)
+                cached = _CACHE.get(key)
+            if slots and all(_cache_name(a) in cached for a in items
+                             if a.name not in _SIMPLE_ITEMS):
                 pass  # every content item is known: the file need not be read
             elif need:
                 try:
@@ -1390,7 +1463,7 @@ class MailSession:
                         parts.append(cached[slot])
                         continue
                     if root is None:
-                        root = im.parse(wire)
+                        root = parse(wire)
                     try:
                         parts.append(im.fetch_item(a, wire, root))
                         if slot is not None:
