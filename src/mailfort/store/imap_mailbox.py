@@ -165,12 +165,15 @@ def _file_imap_size(path: str) -> int:
     """``imap_size`` of a file, read in chunks."""
     total = lf = crlf = 0
     last = b""
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # no file object: thousands at a SELECT
+    try:
+        while chunk := os.read(fd, _CHUNK):
             total += len(chunk)
             lf += chunk.count(b"\n")
             crlf += chunk.count(b"\r\n") + (last == b"\r" and chunk[:1] == b"\n")
             last = chunk[-1:]
+    finally:
+        os.close(fd)
     return total + lf - crlf if lf else total
 
 
