@@ -62,7 +62,8 @@ SHUTTING_DOWN = "[UNAVAILABLE] Service shutting down, try again later"
 STRESS_CLOSE = "[UNAVAILABLE] Server busy, closing idle connection, try again later"
 TOO_MANY_SESSIONS = "[LIMIT] Too many sessions for this user, try again later"
 INTERNAL = "[SERVERBUG] Internal error, closing connection"
-BATCH_BYTES = 64 * 1024  # untagged responses pulled from the mailbox side per write
+BATCH_BYTES = 256 * 1024  # untagged responses pulled from the mailbox side per write
+# (a thread hop each: 2 MB of BODY[] in 8 hops, not 33; a session holds at most this)
 POLL_SECONDS = 1.0  # the fallback watcher's period
 
 
