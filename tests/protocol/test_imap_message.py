@@ -659,3 +659,79 @@ def test_fields_split_as_the_line_loop_did(pieces: list[bytes]) -> None:
     over bytes.splitlines lines on any mix of line ends, folds, colons and blank lines."""
     header = b"".join(pieces)
     assert im._fields(header) == _fields_by_lines(header)
+
+
+# ---------------------------------------------------------------- the SEARCH probe
+
+_PROBE_CASES = [
+    # (message, key): the needle is in the text SEARCH compares but not (as such) in the
+    # octets, or is in them only where SEARCH does not look; the probe must never pass over
+    # a message that matches.
+    (b"Subject: x\r\nContent-Transfer-Encoding: base64\r\n\r\nemVicmFmaXNo\r\n", "BODY"),
+    (b"Subject: x\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nzebra=\r\nfish\r\n",
+     "BODY"),
+    (b"Subject: x\r\nContent-Transfer-Encoding: Quoted-Printable\r\n\r\nzebra=66ish\r\n",
+     "TEXT"),
+    (b"Subject: x\r\nContent-Transfer-Encoding:\r\n base64\r\n\r\nemVicmFmaXNo\r\n", "BODY"),
+    (b"Subject: x\r\nContent-Type: text/plain; charset=utf-7\r\n\r\n+AHoAZQBiAHIAYQBmAGkAcwBo-\r\n",
+     "BODY"),
+    (b"Subject: x\r\nContent-Type: text/plain; charset=\"UTF-7\"\r\n\r\n+AHo-ebrafish\r\n", "BODY"),
+    (b"Subject: x\r\nContent-Type: text/plain; charset*0=utf-7\r\n\r\n+AHo-ebrafish\r\n", "BODY"),
+    (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nzebra\r\n"
+     b"--b\r\n\r\nfish\r\n--b--\r\n", "BODY"),
+    (b"Subject: =?us-ascii?q?zebra=66ish?=\r\n\r\nbody\r\n", "SUBJECT"),
+    (b"Subject: =?us-ascii?q?zebra=66ish?=\r\n\r\nbody\r\n", "TEXT"),
+    (b"Subject: =?us-ascii?q?zebra=66ish?=\r\n", "HEADER"),
+    ("Subject: zebra\ufb01sh\r\n\r\nx\r\n".encode(), "SUBJECT"),  # the fi ligature folds
+    ("Subject: x\r\n\r\nzebra\ufb01sh\r\n".encode(), "BODY"),  # to "fi"
+    (b"Subject: x\n\nZEBRAFISH\n", "BODY"),  # LF endings, upper case
+    (b"Subject: ZebraFish\n", "HEADER"),
+    (b"Subject: x\r\nContent-Type: message/rfc822\r\n\r\nSubject: y\r\n\r\nzebrafish\r\n",
+     "BODY"),
+]
+
+
+def _probe_key(kind: str, needle: bytes = b"zebrafish") -> SearchKey:
+    return SearchKey("HEADER", ("Subject", needle)) if kind == "HEADER" else \
+        SearchKey(kind, (needle,))
+
+
+@pytest.mark.parametrize("data,kind", _PROBE_CASES)
+def test_probe_never_passes_over_a_match(data: bytes, kind: str) -> None:
+    key = _probe_key(kind)
+    probe = im.search_probe(key)
+    assert probe is not None
+    header = data[:data.find(b"\n\n") + 2] if b"\n\n" in data else data
+    want = im.matches(key, im.SearchMessage(data, frozenset(), 1, 1, len(data), 0))
+    assert want, "every case is a match, as the full parse sees it"
+    assert not im.excluded(probe, data, whole=True)
+    if kind in ("SUBJECT", "HEADER"):
+        assert not im.excluded(probe, header, whole=False)
+
+
+def test_probe_passes_over_plain_messages_without_the_needle() -> None:
+    plain = (b"From: a@b.example\nSubject: hello\nContent-Type: text/plain; charset=us-ascii\n"
+             b"Content-Transfer-Encoding: 7bit\n\nnothing to see\n")
+    for kind in ("BODY", "TEXT", "SUBJECT", "HEADER"):
+        probe = im.search_probe(_probe_key(kind))
+        assert probe is not None and im.excluded(probe, plain, whole=True), kind
+    # AND: one absent needle is enough; OR and NOT promise nothing
+    both = SearchKey("AND", (), (_probe_key("BODY", b"nothing"), _probe_key("SUBJECT")))
+    probe = im.search_probe(both)
+    assert probe is not None and im.excluded(probe, plain, whole=True)
+    assert im.search_probe(SearchKey("OR", (), (_probe_key("BODY"), SearchKey("ALL")))) is None
+    assert im.search_probe(SearchKey("NOT", (), (_probe_key("BODY"),))) is None
+    assert im.search_probe(_probe_key("BODY", "é".encode())) is None  # not ASCII: no probe
+    assert im.search_probe(_probe_key("BODY", b"a\r\nb")) is None
+
+
+@given(st.binary(max_size=300), st.sampled_from(["BODY", "TEXT", "SUBJECT", "HEADER"]),
+       st.sampled_from([b"ab", b"=", b"a b", b"x"]))
+@settings(max_examples=300, deadline=None)
+def test_probe_agrees_with_the_full_search(data: bytes, kind: str, needle: bytes) -> None:
+    """Whatever the octets: passed over means the full search finds nothing."""
+    key = _probe_key(kind, needle)
+    probe = im.search_probe(key)
+    assert probe is not None
+    if im.excluded(probe, data, whole=True):
+        assert not im.matches(key, im.SearchMessage(data, frozenset(), 1, 1, len(data), 0))
