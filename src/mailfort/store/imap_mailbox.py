@@ -161,12 +161,14 @@ def imap_size(data: bytes) -> int:
     return len(data) + lf - data.count(b"\r\n") if lf else len(data)
 
 
-def _file_imap_size(path: str) -> int:
-    """``imap_size`` of a file, read in chunks."""
+def _file_facts(path: str) -> tuple[int, int]:
+    """(``imap_size``, mtime in seconds) of a file, read in chunks; the mtime from the open
+    descriptor (no second lookup of the path)."""
     total = lf = crlf = 0
     last = b""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # no file object: thousands at a SELECT
     try:
+        mtime = int(os.fstat(fd).st_mtime)
         while chunk := os.read(fd, _CHUNK):
             total += len(chunk)
             lf += chunk.count(b"\n")
@@ -174,20 +176,21 @@ def _file_imap_size(path: str) -> int:
             last = chunk[-1:]
     finally:
         os.close(fd)
-    return total + lf - crlf if lf else total
+    return (total + lf - crlf if lf else total), mtime
 
 
 _SIZES = re.compile(r",([SW])=(\d{1,15})")
 
 
-def _name_size(unique: str, path: str) -> int:
-    """RFC822.SIZE of a new file: from its name when ``S=`` equals ``W=`` (the file is CRLF
-    throughout and ends with a line end, as MX delivers: both sizes are the IMAP size),
-    else counted from the file."""
+def _new_facts(unique: str, path: str) -> tuple[int, int]:
+    """(RFC822.SIZE, INTERNALDATE) of a new file. The size from its name when ``S=`` equals
+    ``W=`` (the file is CRLF throughout and ends with a line end, as MX delivers: both sizes
+    are the IMAP size), else counted from the file; the date is its mtime, as Dovecot's
+    (APPEND sets it with utime)."""
     found = dict(_SIZES.findall(unique))
     if "S" in found and found.get("W") == found["S"]:
-        return int(found["S"])
-    return _file_imap_size(path)
+        return int(found["S"]), int(os.stat(path).st_mtime)
+    return _file_facts(path)
 
 
 def _info(name: str) -> tuple[str, str | None]:
@@ -334,8 +337,7 @@ class Mailbox:
         for _, unique, sub, name in fresh:
             path = f"{self.path}/{sub}/{name}"
             try:
-                size = _name_size(unique, path)
-                date = int(os.stat(path).st_mtime)  # as Dovecot; APPEND sets it (utime)
+                size, date = _new_facts(unique, path)
             except FileNotFoundError:
                 continue  # gone meanwhile (POP3): never numbered
             letters = _info(name)[1] or ""

@@ -89,8 +89,10 @@ _AS_IS = re.compile(r"[A-Za-z0-9_.~" + re.escape(_SAFE) + r"]+")
 
 def _enc_name(name: str) -> str:
     """Percent-encoded (no space, comma or non-ASCII left); ``-`` only for the empty one."""
-    if name != "-" and _AS_IS.fullmatch(name):
-        return name
+    if not name:
+        return "-"
+    if name != "-" and _AS_IS.fullmatch(name.replace(",", "")):
+        return name.replace(",", "%2C")  # what quote makes of it (",S=...,W=..." names)
     text = quote(name.encode("utf-8", "surrogateescape"), safe=_SAFE)
     return "%2D" if text == "-" else text or "-"
 
