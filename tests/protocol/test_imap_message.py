@@ -735,3 +735,15 @@ def test_probe_agrees_with_the_full_search(data: bytes, kind: str, needle: bytes
     assert probe is not None
     if im.excluded(probe, data, whole=True):
         assert not im.matches(key, im.SearchMessage(data, frozenset(), 1, 1, len(data), 0))
+
+
+@given(st.lists(st.sampled_from([
+    b"From: A <a@b.example>\r\n", b"From: =?utf-8?q?x?= <a@b>, c@d\r\n", b"Sender: \r\n",
+    b"Reply-To: g: x@y, z@w;\r\n", b"To: \"q \\\" x\" <p@q>\r\n", b"Cc: (c) r@s (t)\r\n",
+    b"Subject: a\r\n b\r\n", b"Subject: \"\\\r\n", b"Date: x\n", b"Message-ID: <m@x>\r\n",
+    b"In-Reply-To: \xff\r\n", b"Bcc:\r\n", b"X: y\r\n", b"to: two@x\r\n", b"FROM:\r\n"]),
+    max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_envelope_wire_is_encode_of_envelope(lines: list[bytes]) -> None:
+    root = im.parse_header(b"".join(lines) + b"\r\nbody\r\n")
+    assert im.envelope_wire(root) == im.encode(im.envelope(root))

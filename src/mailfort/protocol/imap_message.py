@@ -37,7 +37,7 @@ import quopri
 import re
 import urllib.parse
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from mailfort.protocol.imap_parse import FetchAtt, SearchKey, Section, SequenceSet
 
@@ -494,6 +494,46 @@ def addresses(value: bytes | None) -> tuple | None:
     return tuple(out) or None
 
 
+_ENVELOPE_FIELDS = frozenset({"date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc",
+                              "in-reply-to", "message-id"})
+_MEMO_VALUE = 1024  # address values up to this long are memoised (they repeat in a mailbox)
+
+
+@lru_cache(maxsize=4096)
+def _addresses_memo(value: bytes) -> bytes:
+    return encode(addresses(value))
+
+
+def _addresses_wire(value: bytes | None) -> bytes:
+    """``encode(addresses(value))``, memoised for short values: a mailbox holds the same
+    From and To in message after message, and their parse is most of an ENVELOPE."""
+    if value is not None and len(value) <= _MEMO_VALUE:
+        return _addresses_memo(value)
+    return encode(addresses(value))
+
+
+def _nstring(value: bytes | None) -> bytes:
+    return b"NIL" if value is None else _string(value)
+
+
+def envelope_wire(part: Part) -> bytes:
+    """``encode(envelope(part))``, octet for octet, in one pass over the fields."""
+    first: dict[str, bytes] = {}
+    for lname, raw in part.fields:
+        if lname in _ENVELOPE_FIELDS and lname not in first:
+            value = raw.split(b":", 1)[1] if b":" in raw else b""
+            first[lname] = value.replace(b"\r\n", b"").replace(b"\n", b"").strip(b" \t")
+    get = first.get
+    frm = _addresses_wire(get("from"))
+    sender = _addresses_wire(get("sender"))
+    reply_to = _addresses_wire(get("reply-to"))
+    return b"(" + b" ".join((
+        _nstring(get("date")), _nstring(get("subject")), frm,
+        frm if sender == b"NIL" else sender, frm if reply_to == b"NIL" else reply_to,
+        _addresses_wire(get("to")), _addresses_wire(get("cc")), _addresses_wire(get("bcc")),
+        _nstring(get("in-reply-to")), _nstring(get("message-id")))) + b")"
+
+
 def envelope(part: Part) -> tuple:
     """ENVELOPE (RFC 9051 §7.5.2) of a message: sender and reply-to default to from."""
     frm = addresses(part.get("from"))
@@ -636,7 +676,7 @@ def fetch_item(att: FetchAtt, data: bytes, root: Part | None = None) -> bytes:
         root = parse(data)
     name = att.name
     if name == "ENVELOPE":
-        return b"ENVELOPE " + encode(envelope(root))
+        return b"ENVELOPE " + envelope_wire(root)
     if name in ("BODYSTRUCTURE", "BODY") and att.section is None:
         return name.encode() + b" " + encode(bodystructure(root, name == "BODYSTRUCTURE"))
     if name == "RFC822.SIZE":
