@@ -381,14 +381,25 @@ def _snapshot(box: Mailbox, modseq: int) -> tuple[list[int], dict[int, MessageIn
     return snap[1], snap[2]
 
 
+KEEP_STORES = 8  # the stores of the users who logged in last, kept after their sessions
+_KEPT: OrderedDict[str, MailStore] = OrderedDict()
+
+
 def _store_for(maildir: Path) -> MailStore:
     """One MailStore per Maildir per process, shared by that user's sessions: a mailbox's
-    UID map is then replayed once, not at every SELECT (Mailbox serialises its callers)."""
+    UID map is then replayed once, not at every SELECT (Mailbox serialises its callers).
+    The last few users' stores outlive their sessions, so a client that logs in again
+    (most connect for each check) finds its maps and snapshots in memory: a map is only
+    read forward from where it was, never trusted beyond what its file says."""
     key = os.path.abspath(maildir)
     with _STORES_LOCK:
         store = _STORES.get(key)
         if store is None:
             store = _STORES[key] = MailStore(maildir)
+        _KEPT[key] = store
+        _KEPT.move_to_end(key)
+        while len(_KEPT) > KEEP_STORES:
+            _KEPT.popitem(last=False)
         return store
 
 
