@@ -271,6 +271,27 @@ def test_lost_map_changes_uidvalidity_and_renumbers_openly(tmp_path: Path) -> No
     assert uids_of(MailStore(tmp_path)) == [1, 2]
 
 
+def test_another_map_at_the_same_inode_is_read_from_its_start(tmp_path: Path) -> None:
+    """A map replaced by another one that got the old file's inode number (deleted, then
+    made anew: ext4 reuses numbers) and is at least as long is not read on from the old
+    offset: its first record differs, so it is replayed whole."""
+    store = MailStore(tmp_path)
+    first = store.mailbox(INBOX)
+    first.append(MSG)
+    other = store.create("Other")
+    a, b = first.path, other.path
+    for _ in range(3):
+        other.append(MSG)
+    assert other.status()["UIDVALIDITY"] != first.status()["UIDVALIDITY"]
+    replacement = (b / LOG_NAME).read_bytes()
+    log = a / LOG_NAME
+    assert len(replacement) > log.stat().st_size
+    with open(log, "r+b") as f:  # same inode, other map
+        f.write(replacement)
+    st = first.status()
+    assert st["UIDVALIDITY"] == other.status()["UIDVALIDITY"] and st["MESSAGES"] == 3
+
+
 def test_torn_last_record_is_ignored_then_cut(tmp_path: Path) -> None:
     box = MailStore(tmp_path).mailbox(INBOX)
     box.append(MSG)

@@ -227,6 +227,7 @@ class UidLog:
         self.path = directory / LOG_NAME
         self.state = MapState()
         self._ino: int | None = None  # the log file we replayed
+        self._head = b""  # its first record (a file at a reused inode number lacks it)
         self._good = 0  # bytes of it that checked out
         self._records = 0
 
@@ -242,7 +243,8 @@ class UidLog:
             return False
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
-            if st.st_ino != self._ino or st.st_size < self._good:
+            if st.st_ino != self._ino or st.st_size < self._good or (
+                    self._good and os.pread(fd, len(self._head), 0) != self._head):
                 self.state, self._ino, self._good, self._records = MapState(), st.st_ino, 0, 0
             f.seek(self._good)
             data = f.read()
@@ -257,6 +259,8 @@ class UidLog:
                 if data.find(b"\n", nl + 1) >= 0 or self._good + pos == 0:
                     raise MapLost(str(self.path))  # good records after a bad one
                 break  # only the last line is bad: a torn tail
+            if first:
+                self._head = data[:nl + 1]
             pos = nl + 1
             self._records += 1
         self._good += pos
@@ -334,7 +338,7 @@ class UidLog:
             os.close(fd)
         os.rename(tmp, self.path)
         fsync_dir(self.path.parent)
-        self._good, self._records = len(data), len(lines)
+        self._good, self._records, self._head = len(data), len(lines), lines[0]
 
 
 def next_uidvalidity(root: Path) -> int:
