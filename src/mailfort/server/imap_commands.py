@@ -76,6 +76,7 @@ from mailfort.store.imap_mailbox import (
     MailStore,
     MessageInfo,
     NoSuchMailbox,
+    ScanResult,
     _check_name,
     split_flags,
 )
@@ -263,9 +264,7 @@ class _Headers:
         self._items: dict[str, bytes] = {}
         self._size = 0
         self._lock = threading.Lock()
-
-    def get(self, path: str) -> bytes | None:
-        return self._items.get(path)
+        self.get: Callable[[str], bytes | None] = self._items.get
 
     def add(self, path: str, header: bytes) -> None:
         cost = len(header) + len(path) + 100
@@ -362,20 +361,23 @@ _STORES: weakref.WeakValueDictionary[str, MailStore] = weakref.WeakValueDictiona
 _STORES_LOCK = threading.Lock()
 
 
-_SNAPSHOTS: weakref.WeakKeyDictionary[Mailbox, tuple[int, list[int], dict[int, MessageInfo]]] \
+_SNAPSHOTS: weakref.WeakKeyDictionary[
+    Mailbox, tuple[tuple[int, int], list[int], dict[int, MessageInfo]]] \
     = weakref.WeakKeyDictionary()
 
 
-def _snapshot(box: Mailbox, modseq: int) -> tuple[list[int], dict[int, MessageInfo]]:
-    """The messages of ``box`` (UIDs ascending, and by UID) as of at least ``modseq``, one
-    copy for every session of the process that asks at the same HIGHESTMODSEQ. Never to be
-    changed in place (views copy first: ``MailSession._own``)."""
+def _snapshot(box: Mailbox, scan: ScanResult) -> tuple[list[int], dict[int, MessageInfo]]:
+    """The messages of ``box`` (UIDs ascending, and by UID) as of at least the scan's
+    HIGHESTMODSEQ, one copy for every session of the process that asks at the same
+    (UIDVALIDITY, HIGHESTMODSEQ): a map made anew counts its MODSEQs from the start again.
+    Never to be changed in place (views copy first: ``MailSession._own``)."""
+    version = (scan.uidvalidity, scan.highestmodseq)
     with _STORES_LOCK:
         found = _SNAPSHOTS.get(box)
-    if found is not None and found[0] == modseq:
+    if found is not None and found[0] == version:
         return found[1], found[2]
     infos = box.messages()
-    snap = (modseq, [m.uid for m in infos], {m.uid: m for m in infos})
+    snap = (version, [m.uid for m in infos], {m.uid: m for m in infos})
     with _STORES_LOCK:
         _SNAPSHOTS[box] = snap
     return snap[1], snap[2]
@@ -587,7 +589,7 @@ class MailSession:
         if scan.highestmodseq == v.modseq and not scan.added:
             return []  # no change of any kind since the last look (each one raises it)
         try:
-            snap_uids, current = _snapshot(box, scan.highestmodseq)
+            snap_uids, current = _snapshot(box, scan)
         except (MailboxError, OSError):
             return []
         v.modseq = scan.highestmodseq
@@ -802,7 +804,7 @@ class MailSession:
             box = self.store.mailbox(self._name_in(name))
             scan = box.scan()
             st = box.status()
-            uids, info = _snapshot(box, scan.highestmodseq)  # as of scan.highestmodseq or later
+            uids, info = _snapshot(box, scan)  # as of scan.highestmodseq or later
         except (NoSuchMailbox, BadName, _No):
             return Outcome("NO", "no such mailbox", "NONEXISTENT", out,
                            selected=False if was else None)
@@ -1274,7 +1276,14 @@ class MailSession:
         # a MIME parse (im.excluded says when the octets are what SEARCH compares).
         probe = im.search_probe(key) if need else None
         known = _HEADERS.get
-        for i, u in enumerate(v.uids):
+        order: Iterable[int] = range(len(v.uids))
+        if probe is not None and header_only:
+            heads = [known(v.info[u].path) or self._header_or_none(u) for u in v.uids]
+            picked = im.header_candidates(probe, [h or b"" for h in heads])
+            if picked is not None:
+                order = [i for i in picked if heads[i] is not None]
+        for i in order:
+            u = v.uids[i]
             m = v.info[u]
             data: bytes | None = None
             if probe is not None:
@@ -1332,6 +1341,12 @@ class MailSession:
                     line += b" MODSEQ %d" % modseq
                 out.append(line + b"\r\n")
         return self._done("searched", untagged=out, expunge_ok=cmd.uid)
+
+    def _header_or_none(self, uid: int) -> bytes | None:
+        try:
+            return self._read_message(uid, header_only=True)
+        except OSError:
+            return None
 
     def _loader(self, uid: int, header_only: bool) -> Callable[[], bytes]:
         def load() -> bytes:

@@ -116,6 +116,7 @@ class ScanResult:
     expunged: list[int]
     changed: list[int]  # flags changed outside this module
     highestmodseq: int = 0  # of the map after the scan: every change raises it
+    uidvalidity: int = 0  # of the map: a new map (lost, recreated) starts its MODSEQs over
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +349,8 @@ class Mailbox:
         self._log.append(records)  # durable before anyone is told of these UIDs
         if quiet:
             self._file_new()
-        return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq)
+        return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq,
+                          st.uidvalidity)
 
     def _file_new(self) -> None:
         """Move what is in new/ to cur/ with ``:2,`` (IMAP has no use for new/)."""
