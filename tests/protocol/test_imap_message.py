@@ -747,3 +747,26 @@ def test_probe_agrees_with_the_full_search(data: bytes, kind: str, needle: bytes
 def test_envelope_wire_is_encode_of_envelope(lines: list[bytes]) -> None:
     root = im.parse_header(b"".join(lines) + b"\r\nbody\r\n")
     assert im.envelope_wire(root) == im.encode(im.envelope(root))
+
+
+@given(st.lists(st.sampled_from([
+    b"Subject: zebrafish\r\n\r\n", b"Subject: x\r\n\r\n",
+    b"Subject: =?us-ascii?q?zebra=66ish?=\r\n",
+    "Subject: zebra\ufb01sh\r\n".encode(), b"X: ZEBRAFISH\n\n", b"", b"zebra", b"fish\r\n",
+    b"Subject: a\r\n =?x\r\n", b"\xff\r\n"]), max_size=12),
+    st.sampled_from([b"zebrafish", b"x", b"fish"]))
+@settings(max_examples=300, deadline=None)
+def test_header_candidates_cover_every_possible_match(heads: list[bytes], needle: bytes) -> None:
+    """The one-sweep header filter keeps every header the per-message probe would keep,
+    and so every header the full search matches."""
+    key = SearchKey("HEADER", ("Subject", needle))
+    probe = im.search_probe(key)
+    assert probe is not None
+    picked = im.header_candidates(probe, heads)
+    assert picked is not None and picked == sorted(set(picked))
+    for i, h in enumerate(heads):
+        if not im.excluded(probe, h, whole=False):
+            assert i in picked, (i, h)
+        if im.matches(key, im.SearchMessage(h, frozenset(), 1, 1, len(h), 0)):
+            assert i in picked, (i, h)
+    assert im.header_candidates(im.Probe((("body", b"x"),)), heads) is None
