@@ -228,6 +228,7 @@ class Mailbox:
         self._root = root
         self._log = UidLog(path)
         self._paths: dict[int, str] = {}  # uid -> file path at the last look
+        self._letters: dict[str, str | None] = {}  # file name -> _info letters, last scan
         self._guard = threading.Lock()  # one operation of this object at a time
 
     # -- locking and the map -------------------------------------------------------------
@@ -316,16 +317,25 @@ class Mailbox:
             gone = [uid for uid in gone if st.entries[uid].unique not in again]
         changed: list[int] = []
         fresh: list[tuple[tuple[int, int], str, str, str]] = []
+        in_new: list[int] = []
+        prefix = {"new": f"{self.path}/new/", "cur": f"{self.path}/cur/"}
+        paths, by_unique, entries = self._paths, st.by_unique, st.entries
+        # The letters of each name, from the last scan where the name was seen: a mailbox
+        # of 10,000 messages is listed at every SELECT, and names rarely change between.
+        known, self._letters = self._letters, {}
         for unique, (sub, name) in files.items():
-            uid = st.by_unique.get(unique)
+            uid = by_unique.get(unique)
             if uid is None:
                 if unique in skip:
                     continue  # being placed by append or copy, which numbers it
                 fresh.append((_delivery_time(unique), unique, sub, name))
                 continue
-            self._paths[uid] = f"{self.path}/{sub}/{name}"
-            letters = _info(name)[1]
-            if letters is not None and letters != st.entries[uid].letters:
+            paths[uid] = prefix[sub] + name
+            if sub == "new":
+                in_new.append(uid)
+            letters = known[name] if name in known else _info(name)[1]
+            self._letters[name] = letters
+            if letters is not None and letters != entries[uid].letters:
                 records.append(rec_flags(uid, modseq, letters))
                 changed.append(uid)
         if gone:
@@ -344,28 +354,30 @@ class Mailbox:
             letters = _info(name)[1] or ""
             records.append(rec_assign(Entry(uid, unique, letters, (), modseq, size, date)))
             self._paths[uid] = path
+            if sub == "new":
+                in_new.append(uid)
             added.append(uid)
             uid += 1
         self._log.append(records)  # durable before anyone is told of these UIDs
-        if quiet:
-            self._file_new()
+        if quiet and in_new:
+            self._file_new(in_new)
         return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq,
                           st.uidvalidity)
 
-    def _file_new(self) -> None:
-        """Move what is in new/ to cur/ with ``:2,`` (IMAP has no use for new/)."""
+    def _file_new(self, uids: list[int]) -> None:
+        """Move the files of ``uids`` (listed in new/) to cur/ with ``:2,`` (IMAP has no
+        use for new/)."""
         moved = False
-        for uid, path in list(self._paths.items()):
-            folder, name = os.path.split(path)
-            if not folder.endswith("/new"):
-                continue
-            unique, letters = _info(name)
+        for uid in uids:
+            path = self._paths[uid]
+            unique, letters = _info(os.path.basename(path))
             target = f"{self.path}/cur/{unique}:2,{letters or ''}"
             try:
                 rename_no_replace(path, target)
             except OSError:
                 continue  # gone, or a twin in cur/: it stays where it is
             self._paths[uid] = target
+            self._letters[os.path.basename(target)] = letters or ""
             moved = True
         if moved:
             fsync_dir(self.path / "cur")
