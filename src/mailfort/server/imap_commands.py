@@ -813,10 +813,8 @@ class MailSession:
         v.top = v.uids[-1] if v.uids else 0
         v.modseq = scan.highestmodseq
         infos = [info[u] for u in uids]
-        kws: set[str] = set()
-        for m in infos:
-            kws.update(f for f in m.flags if not f.startswith("\\"))
-        v.keywords = frozenset(kws)
+        v.keywords = frozenset(f for f in set().union(*(m.flags for m in infos))
+                               if not f.startswith("\\"))
         self.view = v
         self._synced = time.monotonic()
         uidnext = max(st["UIDNEXT"], v.top + 1)
