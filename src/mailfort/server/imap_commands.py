@@ -1438,6 +1438,11 @@ class MailSession:
         parse = im.parse_header if need == 1 else im.parse  # the header is all there is
         cached: dict[str, bytes] = {}
         key = ("", "")
+        names = {a.name for a in items}
+        whole = Section()
+        # each item with the name it is dispatched on ("BODY[]": the whole message)
+        named = [(a, "BODY[]" if a.name in ("BODY", "BODY.PEEK") and a.section == whole
+                  else a.name) for a in items]
         for i in indexes:
             uid = v.uids[i]
             info = v.info.get(uid)
@@ -1462,8 +1467,7 @@ class MailSession:
                     continue  # expunged elsewhere: reported by a later sync
                 wire = im.to_wire(data)
             parts: list[bytes] = []
-            for a in items:
-                name = a.name
+            for a, name in named:
                 if name == "UID":
                     parts.append(b"UID %d" % uid)
                 elif name == "FLAGS":
@@ -1475,7 +1479,7 @@ class MailSession:
                     parts.append(b"RFC822.SIZE %d" % info.size)
                 elif name == "MODSEQ":
                     parts.append(b"MODSEQ (%d)" % info.modseq)
-                elif name in ("BODY", "BODY.PEEK") and a.section == Section():
+                elif name == "BODY[]":
                     octets = im.partial(wire, a.partial)
                     origin = b"<%d>" % a.partial[0] if a.partial else b""
                     parts.append(b"BODY[]" + origin + b" " + im.encode(octets))
@@ -1498,12 +1502,12 @@ class MailSession:
                     except ValueError:
                         continue
             if uid in marks:
-                if "FLAGS" not in (a.name for a in items):
+                if "FLAGS" not in names:
                     parts.append(b"FLAGS " + _flag_list(info.flags,
                                                         not self.rev2 and uid in v.recent))
-                if self.condstore and "MODSEQ" not in (a.name for a in items):
+                if self.condstore and "MODSEQ" not in names:
                     parts.append(b"MODSEQ (%d)" % info.modseq)
-            if self.qresync and "UID" not in (a.name for a in items):
+            if self.qresync and "UID" not in names:
                 parts.insert(0, b"UID %d" % uid)
             yield b"* %d FETCH (" % (i + 1) + b" ".join(parts) + b")\r\n"
 
