@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -729,3 +729,15 @@ def test_rfc822_size_is_the_size_of_body_as_sent(tmp_path: Path) -> None:
     box.copy_to([1], trash)
     assert [m.size for m in trash.messages()] == [10]
     assert any(",S=10,W=12:" in p.name for p in (trash.path / "cur").iterdir())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("aZ09,.-_~%:/ é\udcff!")), max_size=12))
+def test_name_encoding_fast_paths_agree_with_quote(name: str) -> None:
+    """The shortcuts for plain names (and names with commas) write what quote() writes,
+    and every name reads back as itself."""
+    from urllib.parse import quote
+    ref = quote(name.encode("utf-8", "surrogateescape"), safe=uidmap._SAFE)
+    ref = "%2D" if ref == "-" else ref or "-"
+    assert uidmap._enc_name(name) == ref
+    assert uidmap._dec_name(uidmap._enc_name(name)) == name

@@ -383,7 +383,7 @@ def _snapshot(box: Mailbox, scan: ScanResult) -> tuple[list[int], dict[int, Mess
     return snap[1], snap[2]
 
 
-KEEP_STORES = 8  # the stores of the users who logged in last, kept after their sessions
+KEEP_STORES = 4  # the stores of the users who logged in last, kept after their sessions
 _KEPT: OrderedDict[str, MailStore] = OrderedDict()
 
 
