@@ -770,3 +770,11 @@ def test_header_candidates_cover_every_possible_match(heads: list[bytes], needle
         if im.matches(key, im.SearchMessage(h, frozenset(), 1, 1, len(h), 0)):
             assert i in picked, (i, h)
     assert im.header_candidates(im.Probe((("body", b"x"),)), heads) is None
+
+
+@given(st.lists(st.sampled_from([b"Subject", b" ", b"\t", b":", b"\r", b"\n", b"\r\n", b"a",
+                                 b"X-Y ", b"\xff", b"  :"]), max_size=30))
+@settings(max_examples=500, deadline=None)
+def test_fields_by_lines_cut_as_the_field_regex(chunks: list[bytes]) -> None:
+    header = b"".join(chunks)
+    assert im._fields(header) == im._fields_by_regex(header)
