@@ -14,8 +14,9 @@ Both servers get the same files (same names, same bytes, LF line endings as Post
 writes them, Maildir++ S=/W= sizes in the names) in alice's Maildir: mailfort's fresh data
 directory, and /var/mail/vhosts/example.test/alice/ (owned by vmail) for Dovecot on
 127.0.0.1:11143 (``../shared/anchors/dovecot-reference.sh start``). Each repetition refills
-both (with names of its own: no cache by file name outlives it), each server's index or UID map removed first, then runs a "cold" session (messages in
-new/, no index: SELECT assigns the UIDs) and a "warm" one (right after); the servers
+both (with names of its own: no cache by file name outlives it), each server's index or UID
+map removed first, then runs a "cold" session (messages in new/, no index: SELECT assigns
+the UIDs) and a "warm" one (right after); the servers
 alternate (Dovecot first in even repetitions, mailfort first in odd ones). The search rows
 fill 10,000 messages (a word in 1 in 1,000 bodies, a unique subject each) and time each
 search three times in one session after an untimed SELECT.
