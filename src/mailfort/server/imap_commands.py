@@ -153,7 +153,21 @@ def _quote(text: str) -> bytes:
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+_FLAG_LISTS: dict[tuple[frozenset[str], bool], bytes] = {}  # a mailbox has few flag sets
+
+
 def _flag_list(flags: Iterable[str], recent: bool = False) -> bytes:
+    if isinstance(flags, frozenset):
+        found = _FLAG_LISTS.get((flags, recent))
+        if found is None:
+            if len(_FLAG_LISTS) > 4096:
+                _FLAG_LISTS.clear()
+            found = _FLAG_LISTS[(flags, recent)] = _format_flags(flags, recent)
+        return found
+    return _format_flags(flags, recent)
+
+
+def _format_flags(flags: Iterable[str], recent: bool) -> bytes:
     flags = set(flags)
     ordered = [f for f in SYSTEM_ORDER if f in flags]
     ordered += sorted((f for f in flags if f not in SYSTEM_ORDER), key=str.lower)
