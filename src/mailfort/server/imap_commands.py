@@ -376,16 +376,18 @@ _STORES_LOCK = threading.Lock()
 
 
 _SNAPSHOTS: weakref.WeakKeyDictionary[
-    Mailbox, tuple[tuple[int, int], list[int], dict[int, MessageInfo]]] \
+    Mailbox, tuple[tuple[int, int, int], list[int], dict[int, MessageInfo]]] \
     = weakref.WeakKeyDictionary()
 
 
 def _snapshot(box: Mailbox, scan: ScanResult) -> tuple[list[int], dict[int, MessageInfo]]:
     """The messages of ``box`` (UIDs ascending, and by UID) as of at least the scan's
     HIGHESTMODSEQ, one copy for every session of the process that asks at the same
-    (UIDVALIDITY, HIGHESTMODSEQ): a map made anew counts its MODSEQs from the start again.
+    HIGHESTMODSEQ of the same map: a map made anew counts its MODSEQs from the start again,
+    and may even get the old UIDVALIDITY (its record lost too, within the same second), so
+    the key also holds the generation of the process's copy, raised at each new start.
     Never to be changed in place (views copy first: ``MailSession._own``)."""
-    version = (scan.uidvalidity, scan.highestmodseq)
+    version = (scan.generation, scan.uidvalidity, scan.highestmodseq)
     with _STORES_LOCK:
         found = _SNAPSHOTS.get(box)
     if found is not None and found[0] == version:

@@ -117,6 +117,7 @@ class ScanResult:
     changed: list[int]  # flags changed outside this module
     highestmodseq: int = 0  # of the map after the scan: every change raises it
     uidvalidity: int = 0  # of the map: a new map (lost, recreated) starts its MODSEQs over
+    generation: int = 0  # of this process's copy of the map: raised when it starts over
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +363,7 @@ class Mailbox:
         if quiet and in_new:
             self._file_new(in_new)
         return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq,
-                          st.uidvalidity)
+                          st.uidvalidity, self._log.generation)
 
     def _file_new(self, uids: list[int]) -> None:
         """Move the files of ``uids`` (listed in new/) to cur/ with ``:2,`` (IMAP has no

@@ -230,6 +230,7 @@ class UidLog:
         self._head = b""  # its first record (a file at a reused inode number lacks it)
         self._good = 0  # bytes of it that checked out
         self._records = 0
+        self.generation = 0  # raised whenever ``state`` is started over (a cache key)
 
     def refresh(self, fresh_validity: int | None = None) -> bool:
         """Bring ``state`` up to the file (others may have appended or compacted).
@@ -246,6 +247,7 @@ class UidLog:
             if st.st_ino != self._ino or st.st_size < self._good or (
                     self._good and os.pread(fd, len(self._head), 0) != self._head):
                 self.state, self._ino, self._good, self._records = MapState(), st.st_ino, 0, 0
+                self.generation += 1
             f.seek(self._good)
             data = f.read()
         pos = 0
@@ -269,10 +271,12 @@ class UidLog:
     def reset(self) -> None:
         """Forget what was replayed (after a failed write): the next refresh reads it all."""
         self.state, self._ino, self._good, self._records = MapState(), None, 0, 0
+        self.generation += 1
 
     def create(self, uidvalidity: int, uidnext: int = 1, highestmodseq: int = 1) -> None:
         """A new map with a fresh UIDVALIDITY (temp + fsync + rename + fsync dir)."""
         self.state = MapState(uidvalidity, uidnext, highestmodseq)
+        self.generation += 1
         self._rewrite([])
 
     def append(self, records: list[bytes]) -> None:
