@@ -1451,6 +1451,7 @@ class MailSession:
         # Items answered from the octets alone (ENVELOPE, BODYSTRUCTURE) are cached; with
         # none of them asked for (BODY[] alone, say) the cache is not looked at.
         slots = any(_cache_name(a) is not None for a in items)
+        content_slots = [_cache_name(a) for a in items if a.name not in _SIMPLE_ITEMS]
         parse = im.parse_header if need == 1 else im.parse  # the header is all there is
         cached: dict[str, bytes] = {}
         key = ("", "")
@@ -1471,8 +1472,7 @@ class MailSession:
             if slots:
                 key = self._cache_key(info)
                 cached = _CACHE.get(key)
-            if slots and all(_cache_name(a) in cached for a in items
-                             if a.name not in _SIMPLE_ITEMS):
+            if slots and all(slot in cached for slot in content_slots):
                 pass  # every content item is known: the file need not be read
             elif need:
                 try:
@@ -1502,7 +1502,7 @@ class MailSession:
                 elif name == "RFC822":
                     parts.append(b"RFC822 " + im.encode(wire))
                 else:
-                    slot = _cache_name(a)
+                    slot = _cache_name(a) if slots else None
                     if slot is not None and slot in cached:
                         parts.append(cached[slot])
                         continue
