@@ -14,8 +14,9 @@ Both servers get the same files (same names, same bytes, LF line endings as Post
 writes them, Maildir++ S=/W= sizes in the names) in alice's Maildir: mailfort's fresh data
 directory, and /var/mail/vhosts/example.test/alice/ (owned by vmail) for Dovecot on
 127.0.0.1:11143 (``../shared/anchors/dovecot-reference.sh start``). Each repetition refills
-both, each server's index or UID map removed first, then runs a "cold" session (messages in
-new/, no index: SELECT assigns the UIDs) and a "warm" one (right after); the servers
+both (with names of its own: no cache by file name outlives it), each server's index or UID
+map removed first, then runs a "cold" session (messages in new/, no index: SELECT assigns
+the UIDs) and a "warm" one (right after); the servers
 alternate (Dovecot first in even repetitions, mailfort first in odd ones). The search rows
 fill 10,000 messages (a word in 1 in 1,000 bodies, a unique subject each) and time each
 search three times in one session after an untimed SELECT.
@@ -88,8 +89,11 @@ def clear_maildir(path: Path) -> None:
 
 
 def fill_maildir(path: Path, count: int, size: int, owner: tuple[int, int] | None,
-                 needle_every: int = 0) -> None:
-    """``count`` messages into new/, the same names and bytes every time."""
+                 needle_every: int = 0, rep: int = 0) -> None:
+    """``count`` messages into new/, the same bytes every time, the same names for both
+    servers in one repetition and other names in the next: a Maildir never reuses a name,
+    so a server's cache by file name (mailfort's per-process header and ENVELOPE caches)
+    must not answer a later repetition's "cold" rows."""
     clear_maildir(path)
     for sub in ("new", "cur", "tmp"):
         (path / sub).mkdir(parents=True, exist_ok=True)
@@ -97,7 +101,7 @@ def fill_maildir(path: Path, count: int, size: int, owner: tuple[int, int] | Non
     for i in range(count):
         data = message(i, size, bool(needle_every) and i % needle_every == 7)
         wire = len(data) + data.count(b"\n") - data.count(b"\r\n")
-        f = path / "new" / f"{base + i}.M{i:06d}P4343.bench.test,S={len(data)},W={wire}"
+        f = path / "new" / f"{base + i}.M{i:06d}P{4343 + rep}.bench.test,S={len(data)},W={wire}"
         f.write_bytes(data)
         if owner:
             os.chown(f, *owner)
@@ -291,7 +295,7 @@ def main() -> int:
             for rep in range(args.reps):
                 order = servers if rep % 2 == 0 else servers[::-1]
                 for s in order:
-                    fill_maildir(s.maildir, args.messages, args.size, s.owner)
+                    fill_maildir(s.maildir, args.messages, args.size, s.owner, rep=rep)
                     for phase in ("cold", "warm"):
                         fetch_session(s, args.messages, phase, samples)
                     print(f"#   rep {rep + 1} {s.name}: " + ", ".join(
@@ -302,7 +306,7 @@ def main() -> int:
                 order = servers if rep % 2 == 0 else servers[::-1]
                 for s in order:
                     fill_maildir(s.maildir, args.search_messages, args.size, s.owner,
-                                 needle_every=1000)
+                                 needle_every=1000, rep=100 + rep)
                     search_session(s, args.search_messages, samples, found)
                     print(f"#   search rep {rep + 1} {s.name}: " + ", ".join(
                         f"{k} {samples[f'{s.name} search {k}'][-1] * 1000:.1f} ms" for k in (

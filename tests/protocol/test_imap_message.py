@@ -659,3 +659,122 @@ def test_fields_split_as_the_line_loop_did(pieces: list[bytes]) -> None:
     over bytes.splitlines lines on any mix of line ends, folds, colons and blank lines."""
     header = b"".join(pieces)
     assert im._fields(header) == _fields_by_lines(header)
+
+
+# ---------------------------------------------------------------- the SEARCH probe
+
+_PROBE_CASES = [
+    # (message, key): the needle is in the text SEARCH compares but not (as such) in the
+    # octets, or is in them only where SEARCH does not look; the probe must never pass over
+    # a message that matches.
+    (b"Subject: x\r\nContent-Transfer-Encoding: base64\r\n\r\nemVicmFmaXNo\r\n", "BODY"),
+    (b"Subject: x\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nzebra=\r\nfish\r\n",
+     "BODY"),
+    (b"Subject: x\r\nContent-Transfer-Encoding: Quoted-Printable\r\n\r\nzebra=66ish\r\n",
+     "TEXT"),
+    (b"Subject: x\r\nContent-Transfer-Encoding:\r\n base64\r\n\r\nemVicmFmaXNo\r\n", "BODY"),
+    (b"Subject: x\r\nContent-Type: text/plain; charset=utf-7\r\n\r\n+AHoAZQBiAHIAYQBmAGkAcwBo-\r\n",
+     "BODY"),
+    (b"Subject: x\r\nContent-Type: text/plain; charset=\"UTF-7\"\r\n\r\n+AHo-ebrafish\r\n", "BODY"),
+    (b"Subject: x\r\nContent-Type: text/plain; charset*0=utf-7\r\n\r\n+AHo-ebrafish\r\n", "BODY"),
+    (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nzebra\r\n"
+     b"--b\r\n\r\nfish\r\n--b--\r\n", "BODY"),
+    (b"Subject: =?us-ascii?q?zebra=66ish?=\r\n\r\nbody\r\n", "SUBJECT"),
+    (b"Subject: =?us-ascii?q?zebra=66ish?=\r\n\r\nbody\r\n", "TEXT"),
+    (b"Subject: =?us-ascii?q?zebra=66ish?=\r\n", "HEADER"),
+    ("Subject: zebra\ufb01sh\r\n\r\nx\r\n".encode(), "SUBJECT"),  # the fi ligature folds
+    ("Subject: x\r\n\r\nzebra\ufb01sh\r\n".encode(), "BODY"),  # to "fi"
+    (b"Subject: x\n\nZEBRAFISH\n", "BODY"),  # LF endings, upper case
+    (b"Subject: ZebraFish\n", "HEADER"),
+    (b"Subject: x\r\nContent-Type: message/rfc822\r\n\r\nSubject: y\r\n\r\nzebrafish\r\n",
+     "BODY"),
+]
+
+
+def _probe_key(kind: str, needle: bytes = b"zebrafish") -> SearchKey:
+    return SearchKey("HEADER", ("Subject", needle)) if kind == "HEADER" else \
+        SearchKey(kind, (needle,))
+
+
+@pytest.mark.parametrize("data,kind", _PROBE_CASES)
+def test_probe_never_passes_over_a_match(data: bytes, kind: str) -> None:
+    key = _probe_key(kind)
+    probe = im.search_probe(key)
+    assert probe is not None
+    header = data[:data.find(b"\n\n") + 2] if b"\n\n" in data else data
+    want = im.matches(key, im.SearchMessage(data, frozenset(), 1, 1, len(data), 0))
+    assert want, "every case is a match, as the full parse sees it"
+    assert not im.excluded(probe, data, whole=True)
+    if kind in ("SUBJECT", "HEADER"):
+        assert not im.excluded(probe, header, whole=False)
+
+
+def test_probe_passes_over_plain_messages_without_the_needle() -> None:
+    plain = (b"From: a@b.example\nSubject: hello\nContent-Type: text/plain; charset=us-ascii\n"
+             b"Content-Transfer-Encoding: 7bit\n\nnothing to see\n")
+    for kind in ("BODY", "TEXT", "SUBJECT", "HEADER"):
+        probe = im.search_probe(_probe_key(kind))
+        assert probe is not None and im.excluded(probe, plain, whole=True), kind
+    # AND: one absent needle is enough; OR and NOT promise nothing
+    both = SearchKey("AND", (), (_probe_key("BODY", b"nothing"), _probe_key("SUBJECT")))
+    probe = im.search_probe(both)
+    assert probe is not None and im.excluded(probe, plain, whole=True)
+    assert im.search_probe(SearchKey("OR", (), (_probe_key("BODY"), SearchKey("ALL")))) is None
+    assert im.search_probe(SearchKey("NOT", (), (_probe_key("BODY"),))) is None
+    assert im.search_probe(_probe_key("BODY", "é".encode())) is None  # not ASCII: no probe
+    assert im.search_probe(_probe_key("BODY", b"a\r\nb")) is None
+
+
+@given(st.binary(max_size=300), st.sampled_from(["BODY", "TEXT", "SUBJECT", "HEADER"]),
+       st.sampled_from([b"ab", b"=", b"a b", b"x"]))
+@settings(max_examples=300, deadline=None)
+def test_probe_agrees_with_the_full_search(data: bytes, kind: str, needle: bytes) -> None:
+    """Whatever the octets: passed over means the full search finds nothing."""
+    key = _probe_key(kind, needle)
+    probe = im.search_probe(key)
+    assert probe is not None
+    if im.excluded(probe, data, whole=True):
+        assert not im.matches(key, im.SearchMessage(data, frozenset(), 1, 1, len(data), 0))
+
+
+@given(st.lists(st.sampled_from([
+    b"From: A <a@b.example>\r\n", b"From: =?utf-8?q?x?= <a@b>, c@d\r\n", b"Sender: \r\n",
+    b"Reply-To: g: x@y, z@w;\r\n", b"To: \"q \\\" x\" <p@q>\r\n", b"Cc: (c) r@s (t)\r\n",
+    b"Subject: a\r\n b\r\n", b"Subject: \"\\\r\n", b"Date: x\n", b"Message-ID: <m@x>\r\n",
+    b"In-Reply-To: \xff\r\n", b"Bcc:\r\n", b"X: y\r\n", b"to: two@x\r\n", b"FROM:\r\n"]),
+    max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_envelope_wire_is_encode_of_envelope(lines: list[bytes]) -> None:
+    root = im.parse_header(b"".join(lines) + b"\r\nbody\r\n")
+    assert im.envelope_wire(root) == im.encode(im.envelope(root))
+
+
+@given(st.lists(st.sampled_from([
+    b"Subject: zebrafish\r\n\r\n", b"Subject: x\r\n\r\n",
+    b"Subject: =?us-ascii?q?zebra=66ish?=\r\n",
+    "Subject: zebra\ufb01sh\r\n".encode(), b"X: ZEBRAFISH\n\n", b"", b"zebra", b"fish\r\n",
+    b"Subject: a\r\n =?x\r\n", b"\xff\r\n"]), max_size=12),
+    st.sampled_from([b"zebrafish", b"x", b"fish"]))
+@settings(max_examples=300, deadline=None)
+def test_header_candidates_cover_every_possible_match(heads: list[bytes], needle: bytes) -> None:
+    """The one-sweep header filter keeps every header the per-message probe would keep,
+    and so every header the full search matches."""
+    key = SearchKey("HEADER", ("Subject", needle))
+    probe = im.search_probe(key)
+    assert probe is not None
+    picked = im.header_candidates(probe, heads)
+    assert picked is not None and picked == sorted(set(picked))
+    for i, h in enumerate(heads):
+        if not im.excluded(probe, h, whole=False):
+            assert i in picked, (i, h)
+        if im.matches(key, im.SearchMessage(h, frozenset(), 1, 1, len(h), 0)):
+            assert i in picked, (i, h)
+    assert im.header_candidates(im.Probe((("body", b"x"),)), heads) is None
+
+
+@given(st.lists(st.sampled_from([b"Subject", b" ", b"\t", b":", b"\r", b"\n", b"\r\n", b"a",
+                                 b"X-Y ", b"\xff", b"  :"]), max_size=30))
+@settings(max_examples=500, deadline=None)
+def test_fields_by_lines_cut_as_the_field_regex(chunks: list[bytes]) -> None:
+    header = b"".join(chunks)
+    assert im._fields(header) == im._fields_by_regex(header)

@@ -10,6 +10,7 @@ never assumed.
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import os
 import poplib
@@ -56,22 +57,37 @@ class Mailfort:
         md = self.maildir(user)
         return {p for sub in ("new", "cur") if (md / sub).is_dir() for p in (md / sub).iterdir()}
 
+    def by_unique(self, user: str) -> dict[str, Path]:
+        """The files of new/ and cur/ by Maildir unique name (a file a session moves from
+        new/ to cur/ between the two listings is one message, not two)."""
+        return {p.name.partition(":")[0]: p for p in self.files(user)}
+
     def deliver(self, user: str, data: bytes) -> bytes:
         """``data`` over SMTP to the MX; the bytes as stored (with the trace headers)."""
-        before = self.files(user)
+        before = set(self.by_unique(user))
         with smtplib.SMTP("127.0.0.1", self.ports["mx"], timeout=20) as smtp:
             smtp.ehlo("client.remote.test")
             smtp.sendmail("sender@remote.test", [user], data)
-        new = self.files(user) - before
+        new = set(self.by_unique(user)) - before
         assert len(new) == 1, f"one new file expected in {user}'s Maildir, got {new}"
-        return new.pop().read_bytes()
+        unique = new.pop()
+        for _ in range(20):  # an IDLE session may move it to cur/ while we read
+            path = self.by_unique(user).get(unique)
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    return path.read_bytes()
+        raise AssertionError(f"{unique} vanished from {user}'s Maildir")
 
     def stored(self, user: str, message_id: str) -> bytes:
         """The stored copy of one message, by Message-ID (without brackets)."""
-        for f in self.files(user):
-            data = f.read_bytes()
-            if read_message(data, set()).message_id == message_id:
-                return data
+        for _ in range(3):  # a file moved from new/ to cur/ meanwhile: list again
+            for f in self.files(user):
+                try:
+                    data = f.read_bytes()
+                except FileNotFoundError:
+                    continue
+                if read_message(data, set()).message_id == message_id:
+                    return data
         raise AssertionError(f"{message_id} not stored for {user}")
 
     def pop3_ids(self, user: str) -> list[str]:

@@ -881,3 +881,72 @@ def test_changes_made_by_a_session_in_another_process_are_reported(tmp_path: Pat
     assert lines[0] == b"* 2 EXPUNGE\r\n"
     assert lines[1].startswith(b"* FLAGS (") and b"$Other" in lines[1]
     assert fetch_flags(lines) == {2: b"$Other"}
+
+
+# -- what the process keeps between sessions -------------------------------------------------
+
+
+def test_a_new_session_after_the_maildir_was_emptied_and_refilled_sees_the_new_mail(
+        tmp_path: Path) -> None:
+    """The store and snapshot a finished session leaves in the process are never taken for
+    a map made anew: same HIGHESTMODSEQ, other UIDVALIDITY, other messages."""
+    for i in range(2):
+        deliver(tmp_path, f"1700000000.M{i}P1.host", MSG)
+    first = Client(tmp_path)
+    lines = first.ok(b"a SELECT INBOX")
+    assert b"* 2 EXISTS\r\n" in lines
+    validity = code(lines, b"UIDVALIDITY")
+    first.session.close()
+    del first
+    for sub in ("new", "cur"):
+        for f in (tmp_path / sub).iterdir():
+            f.unlink()
+    (tmp_path / "mailfort-imap.uids").unlink()
+    for i in range(5):
+        deliver(tmp_path, f"1700000100.M{i}P1.host", MSG.replace(b"hello", b"fresh"))
+    second = Client(tmp_path)
+    lines = second.ok(b"a SELECT INBOX")
+    assert b"* 5 EXISTS\r\n" in lines and code(lines, b"UIDVALIDITY") != validity
+    assert second.ok(b"a UID SEARCH SUBJECT fresh") == [b"* SEARCH 1 2 3 4 5\r\n"]
+
+
+def test_search_probe_keeps_answers_of_headers_read_before_a_flag_change(
+        tmp_path: Path) -> None:
+    """Headers cached by path: a flag change renames the file, the search reads the new
+    name's header and answers the same."""
+    c = filled(tmp_path, 3)
+    c.ok(b"a SELECT INBOX")
+    assert c.ok(b"a UID SEARCH SUBJECT hello") == [b"* SEARCH 1 2 3\r\n"]
+    c.ok(b"a UID STORE 2 +FLAGS (\\Seen)")
+    assert c.ok(b"a UID SEARCH SUBJECT hello") == [b"* SEARCH 1 2 3\r\n"]
+    assert c.ok(b"a UID SEARCH SUBJECT hello SEEN") == [b"* SEARCH 2\r\n"]
+    assert c.ok(b"a UID SEARCH SUBJECT nothere") == [b"* SEARCH\r\n"]
+    assert c.ok(b"a UID SEARCH BODY BODY") == [b"* SEARCH 1 2 3\r\n"]
+
+
+def test_a_map_made_anew_with_the_old_uidvalidity_is_not_taken_for_the_old_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Map and UIDVALIDITY record both lost, within one second: the new map gets the old
+    UIDVALIDITY and the old HIGHESTMODSEQ. The process's snapshot of the old map (and the
+    file paths in it) must still not answer for the new one."""
+    from mailfort.store import uidmap
+    monkeypatch.setattr(uidmap.time, "time", lambda: 1796000000.0)
+    for i in range(2):
+        deliver(tmp_path, f"1700000000.M{i}P1.host", MSG)
+    first = Client(tmp_path)  # its special folders took UIDVALIDITYs: forget them
+    (tmp_path / "mailfort-imap.validity").unlink()
+    assert b"* 2 EXISTS\r\n" in first.ok(b"a SELECT INBOX")
+    first.ok(b"a FETCH 1:* (ENVELOPE BODY.PEEK[HEADER])")  # the caches hold the old files
+    first.session.close()
+    del first
+    for sub in ("new", "cur"):
+        for f in (tmp_path / sub).iterdir():
+            f.unlink()
+    for name in ("mailfort-imap.uids", "mailfort-imap.validity"):
+        (tmp_path / name).unlink()
+    for i in range(2):
+        deliver(tmp_path, f"1700000100.M{i}P1.host", MSG.replace(b"hello", b"fresh"))
+    second = Client(tmp_path)
+    assert b"* 2 EXISTS\r\n" in second.ok(b"a SELECT INBOX")
+    lines = second.ok(b"a FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert all(b"fresh" in line for line in lines if b"FETCH" in line), lines

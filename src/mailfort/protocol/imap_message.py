@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import datetime
 import email.errors
 import email.header
 import email.message
 import email.utils
+import itertools
 import quopri
 import re
 import urllib.parse
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from mailfort.protocol.imap_parse import FetchAtt, SearchKey, Section, SequenceSet
 
@@ -66,7 +68,10 @@ class Literal8(bytes):
 
 def to_wire(data: bytes) -> bytes:
     """The message as IMAP shows it: a bare LF becomes CRLF (the store's RFC822.SIZE counts
-    so too). Files written by mailfort are CRLF already and come back unchanged, uncopied."""
+    so too). Files written by mailfort are CRLF already and come back unchanged, uncopied;
+    a file with no CR at all (LF endings, as Postfix writes) is converted in one pass."""
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n") if b"\n" in data else data
     if data.count(b"\n") == data.count(b"\r\n"):
         return data
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
@@ -121,6 +126,32 @@ _FIELD = re.compile(rb"(?!\r\n|\n)(?:([^\r\n:]*):)?[^\r\n]*(?:\r\n|\r|\n|\Z)"
 
 
 def _fields(header: bytes) -> list[tuple[str, bytes]]:
+    """The fields of a header block, as ``_FIELD`` cuts them, from its lines: ``splitlines``
+    ends lines where ``_FIELD`` does (CRLF, CR, LF), a line starting with a space or tab
+    continues the field before it, a blank line ends the header. A third of the time
+    of one match per field (the regex stays as the definition, ``_fields_by_regex``)."""
+    out: list[tuple[str, bytes]] = []
+    folded: list[bytes] = []  # the lines of the last field, when it has more than one
+    for line in header.splitlines(keepends=True):
+        if out and line[:1] in (b" ", b"\t"):
+            if not folded:
+                folded.append(out[-1][1])
+            folded.append(line)  # joined once at the end of the field: linear
+            continue
+        if folded:
+            out[-1] = (out[-1][0], b"".join(folded))
+            folded = []
+        if line == b"\r\n" or line == b"\n":
+            break
+        colon = line.find(b":")
+        out.append((line[:colon].strip().decode("ascii", "replace").lower()
+                    if colon > 0 else "", line))
+    if folded:
+        out[-1] = (out[-1][0], b"".join(folded))
+    return out
+
+
+def _fields_by_regex(header: bytes) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     pos, end = 0, len(header)
     match = _FIELD.match
@@ -491,6 +522,46 @@ def addresses(value: bytes | None) -> tuple | None:
     return tuple(out) or None
 
 
+_ENVELOPE_FIELDS = frozenset({"date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc",
+                              "in-reply-to", "message-id"})
+_MEMO_VALUE = 1024  # address values up to this long are memoised (they repeat in a mailbox)
+
+
+@lru_cache(maxsize=4096)
+def _addresses_memo(value: bytes) -> bytes:
+    return encode(addresses(value))
+
+
+def _addresses_wire(value: bytes | None) -> bytes:
+    """``encode(addresses(value))``, memoised for short values: a mailbox holds the same
+    From and To in message after message, and their parse is most of an ENVELOPE."""
+    if value is not None and len(value) <= _MEMO_VALUE:
+        return _addresses_memo(value)
+    return encode(addresses(value))
+
+
+def _nstring(value: bytes | None) -> bytes:
+    return b"NIL" if value is None else _string(value)
+
+
+def envelope_wire(part: Part) -> bytes:
+    """``encode(envelope(part))``, octet for octet, in one pass over the fields."""
+    first: dict[str, bytes] = {}
+    for lname, raw in part.fields:
+        if lname in _ENVELOPE_FIELDS and lname not in first:
+            value = raw.split(b":", 1)[1] if b":" in raw else b""
+            first[lname] = value.replace(b"\r\n", b"").replace(b"\n", b"").strip(b" \t")
+    get = first.get
+    frm = _addresses_wire(get("from"))
+    sender = _addresses_wire(get("sender"))
+    reply_to = _addresses_wire(get("reply-to"))
+    return b"(" + b" ".join((
+        _nstring(get("date")), _nstring(get("subject")), frm,
+        frm if sender == b"NIL" else sender, frm if reply_to == b"NIL" else reply_to,
+        _addresses_wire(get("to")), _addresses_wire(get("cc")), _addresses_wire(get("bcc")),
+        _nstring(get("in-reply-to")), _nstring(get("message-id")))) + b")"
+
+
 def envelope(part: Part) -> tuple:
     """ENVELOPE (RFC 9051 §7.5.2) of a message: sender and reply-to default to from."""
     frm = addresses(part.get("from"))
@@ -633,7 +704,7 @@ def fetch_item(att: FetchAtt, data: bytes, root: Part | None = None) -> bytes:
         root = parse(data)
     name = att.name
     if name == "ENVELOPE":
-        return b"ENVELOPE " + encode(envelope(root))
+        return b"ENVELOPE " + envelope_wire(root)
     if name in ("BODYSTRUCTURE", "BODY") and att.section is None:
         return name.encode() + b" " + encode(bodystructure(root, name == "BODYSTRUCTURE"))
     if name == "RFC822.SIZE":
@@ -795,6 +866,114 @@ class SearchMessage:
     @cached_property
     def internal_day(self) -> datetime.date:
         return datetime.datetime.fromtimestamp(self.internal_date, self.tz).date()
+
+
+# ---------------------------------------------------------------------------- SEARCH probe
+
+# What a value of a parameter named charset may be for the octets to read as themselves
+# (ASCII octets are the same characters in each of these).
+_ASCII_SAFE = re.compile(rb'charset[ \t]*=[ \t]*"?(?:us-ascii|ascii|utf-8|utf8|iso-8859-[0-9]{1,2}'
+                         rb'|windows-125[0-8]|cp125[0-8]|latin-?1|koi8-[ru])(?![-0-9a-z_])')
+_CTE_PLAIN = re.compile(rb"content-transfer-encoding[ \t]*:[ \t]*(?:7bit|8bit|binary)[ \t]*\r?\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Needles every match must contain: ``(where, needle)``, ``where`` "header" (SUBJECT,
+    HEADER), "body" (BODY) or "text" (TEXT); needles ASCII, case-folded, without CR or LF."""
+
+    needles: tuple[tuple[str, bytes], ...]
+
+
+def search_probe(key: SearchKey) -> Probe | None:
+    """The needles a message must hold for ``key`` to match (from the key and the ``AND``
+    under it; ``OR`` and ``NOT`` promise nothing), None when there are none."""
+    found: list[tuple[str, bytes]] = []
+
+    def walk(k: SearchKey) -> None:
+        if k.name == "AND":
+            for child in k.children:
+                walk(child)
+            return
+        where = {"SUBJECT": "header", "HEADER": "header", "BODY": "body", "TEXT": "text"}.get(
+            k.name)
+        if where is None or not k.args:
+            return
+        text = _text(k.args[-1])
+        if text and text.isascii() and "\r" not in text and "\n" not in text:
+            found.append((where, text.encode("ascii")))
+
+    walk(key)
+    return Probe(tuple(found)) if found else None
+
+
+def _reads_as_is(low: bytes) -> bool:
+    """Whether the decoded text SEARCH sees of an ASCII message (lower-cased ``low``) is
+    its octets as they are: no transfer encoding to undo, no charset that maps ASCII octets
+    elsewhere, one body (BODY joins text parts without a separator, so a needle could
+    span two of them). Conservative: any mention it cannot vouch for says no."""
+    if b"multipart" in low:
+        return False
+    n = low.count(b"content-transfer-encoding")
+    if n and len(_CTE_PLAIN.findall(low)) != n:
+        return False
+    n = low.count(b"charset")
+    return not n or len(_ASCII_SAFE.findall(low)) == n
+
+
+def excluded(probe: Probe, data: bytes, whole: bool) -> bool:
+    """True when ``data`` (the message, or its header when not ``whole``) cannot match:
+    some needle is not among its octets, and the octets are what SEARCH would compare
+    (ASCII, whose case-folding is lower-casing, no RFC 2047 word, no decoding to do).
+    False means "look properly": never a wrong answer, only a slower one."""
+    if not data.isascii():
+        return False  # decoding or case-folding could make text that is not in the octets
+    low = data.lower()
+    words: bool | None = None  # an RFC 2047 word somewhere (headers are decoded)
+    plain: bool | None = None
+    for where, needle in probe.needles:
+        if needle in low or (where != "header" and not whole):
+            continue
+        if where != "body":
+            if words is None:
+                words = b"=?" in low
+            if words:
+                continue
+        if where == "header":
+            return True  # header values are the octets (ASCII, no encoded word)
+        if plain is None:
+            plain = _reads_as_is(low)
+        if plain:
+            return True
+    return False
+
+
+def header_candidates(probe: Probe, headers: list[bytes]) -> list[int] | None:
+    """Indexes into ``headers`` (message headers, in order) that ``excluded`` would not pass
+    over, found in one sweep of their joined octets (a repeated header SEARCH of 10,000
+    cached headers is then a few ``bytes.find``, not 10,000 calls); None when the probe
+    has a needle other than a header one (then message by message)."""
+    if any(where != "header" or b"\0" in needle for where, needle in probe.needles):
+        return None
+    low = b"\0".join(headers).lower()  # no needle holds the separator: none spans two
+    ends = list(itertools.accumulate(len(h) + 1 for h in headers))  # next one's start
+    keep: set[int] | None = None
+    for _, needle in probe.needles:
+        hits: set[int] = set()
+        pos = low.find(needle)
+        while pos >= 0:
+            i = bisect.bisect_right(ends, pos)
+            hits.add(i)
+            pos = low.find(needle, ends[i])
+        keep = hits if keep is None else keep & hits
+    # octets that decoding could turn into other text: always looked at properly
+    murky = set() if low.isascii() else {i for i, h in enumerate(headers) if not h.isascii()}
+    pos = low.find(b"=?")
+    while pos >= 0:
+        i = bisect.bisect_right(ends, pos)
+        murky.add(i)
+        pos = low.find(b"=?", ends[i])
+    return sorted((keep or set()) | murky)
 
 
 _FLAG_KEYS = {"ANSWERED": "\\answered", "DELETED": "\\deleted", "DRAFT": "\\draft",

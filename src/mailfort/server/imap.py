@@ -62,7 +62,8 @@ SHUTTING_DOWN = "[UNAVAILABLE] Service shutting down, try again later"
 STRESS_CLOSE = "[UNAVAILABLE] Server busy, closing idle connection, try again later"
 TOO_MANY_SESSIONS = "[LIMIT] Too many sessions for this user, try again later"
 INTERNAL = "[SERVERBUG] Internal error, closing connection"
-BATCH_BYTES = 64 * 1024  # untagged responses pulled from the mailbox side per write
+BATCH_BYTES = 256 * 1024  # untagged responses pulled from the mailbox side per write
+# (a thread hop each: 2 MB of BODY[] in 8 hops, not 33; a session holds at most this)
 POLL_SECONDS = 1.0  # the fallback watcher's period
 
 
@@ -382,9 +383,13 @@ class IMAPSession(EngineSession):
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn`` in a worker thread. If this session is cancelled meanwhile the call runs
         to its end, and the mail session is closed only after it (``_end_mail``)."""
+        return await asyncio.shield(self._submit(fn, *args))
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """``fn`` started in a worker thread (the one call in flight: ``_busy``)."""
         fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         self._busy = fut
-        return await asyncio.shield(fut)
+        return fut
 
     async def _execute(self, cmd: Command) -> None:
         engine, mail = self.engine, self.mail
@@ -409,19 +414,22 @@ class IMAPSession(EngineSession):
         items = iter(untagged)
         self._untagged = items
         try:
-            while True:
-                chunk = await self._call(_batch, items, BATCH_BYTES)
-                if not chunk:
-                    return True
+            chunk = await self._call(_batch, items, BATCH_BYTES)
+            while chunk:
                 engine.write_untagged(chunk)
                 out = engine.take_output()
                 if self.transport is None:
                     return False
                 self.transport.write(out)
                 self.last_activity = time.monotonic()
+                # The next batch is made in its thread while the client reads this one
+                # (one batch ahead at most: it waits below until the transport drains).
+                ahead = self._submit(_batch, items, BATCH_BYTES)
                 await self._writable.wait()
+                chunk = await asyncio.shield(ahead)
                 if self.transport is None:
                     return False
+            return True
         finally:
             if self._untagged is items:
                 self._untagged = None

@@ -76,6 +76,7 @@ from mailfort.store.imap_mailbox import (
     MailStore,
     MessageInfo,
     NoSuchMailbox,
+    ScanResult,
     _check_name,
     split_flags,
 )
@@ -87,7 +88,8 @@ SYSTEM_ORDER = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 PERMANENT = b"(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 USE_ATTRS = frozenset(SPECIAL_USE.values()) | {"\\All", "\\Flagged"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_HEADER_PROBE = 64 * 1024  # read this much first when only the header is needed
+_HEADER_PROBE = 64 * 1024  # read this much first (a whole message, most of the time)
+_READ_CHUNK = 1024 * 1024  # then this much at a time
 _CONTENT_KEYS = frozenset({"BODY", "TEXT"})
 _HEADER_KEYS = frozenset({"FROM", "TO", "CC", "BCC", "SUBJECT", "HEADER", "SENTBEFORE",
                           "SENTON", "SENTSINCE"})
@@ -151,7 +153,21 @@ def _quote(text: str) -> bytes:
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+_FLAG_LISTS: dict[tuple[frozenset[str], bool], bytes] = {}  # a mailbox has few flag sets
+
+
 def _flag_list(flags: Iterable[str], recent: bool = False) -> bytes:
+    if isinstance(flags, frozenset):
+        found = _FLAG_LISTS.get((flags, recent))
+        if found is None:
+            if len(_FLAG_LISTS) > 4096:
+                _FLAG_LISTS.clear()
+            found = _FLAG_LISTS[(flags, recent)] = _format_flags(flags, recent)
+        return found
+    return _format_flags(flags, recent)
+
+
+def _format_flags(flags: Iterable[str], recent: bool) -> bytes:
     flags = set(flags)
     ordered = [f for f in SYSTEM_ORDER if f in flags]
     ordered += sorted((f for f in flags if f not in SYSTEM_ORDER), key=str.lower)
@@ -226,18 +242,66 @@ def _has_modseq(key: SearchKey) -> bool:
 
 
 def _read(path: str, header_only: bool) -> bytes:
-    """The file, or (``header_only``) its start up to the blank line after the header."""
-    with open(path, "rb") as f:
-        if not header_only:
-            return f.read()
-        head = f.read(_HEADER_PROBE)
-        for sep in (b"\r\n\r\n", b"\n\n"):
-            i = head.find(sep)
-            if i >= 0:
-                return head[:i + len(sep)]
-        if head.startswith((b"\r\n", b"\n")):
-            return head[:2] if head.startswith(b"\r\n") else head[:1]
-        return head + f.read()  # a header longer than the probe: read on
+    """The file, or (``header_only``) its start up to the blank line after the header.
+
+    Descriptor-level reads (no buffered file object): a FETCH or SEARCH opens thousands of
+    small files, and one ``os.read`` of a Maildir file (never written once in new/ or cur/)
+    that returns less than asked for has reached its end."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        head = os.read(fd, _HEADER_PROBE)
+        if header_only:
+            for sep in (b"\r\n\r\n", b"\n\n"):
+                i = head.find(sep)
+                if i >= 0:
+                    return head[:i + len(sep)]
+            if head.startswith((b"\r\n", b"\n")):
+                return head[:2] if head.startswith(b"\r\n") else head[:1]
+        if len(head) < _HEADER_PROBE:
+            return head
+        chunks = [head]
+        while chunk := os.read(fd, _READ_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class _Headers:
+    """Message headers by file path, per process, for SEARCH and header-only FETCH: a
+    Maildir file's octets never change under its name (a flag change renames it: a miss,
+    never a stale answer). Bounded in octets; the oldest half goes when full. A plain dict
+    read without a lock (one lookup per message of a 10,000-message SEARCH)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: dict[str, bytes] = {}
+        self._size = 0
+        self._lock = threading.Lock()
+        self.get: Callable[[str], bytes | None] = self._items.get
+
+    def add(self, path: str, header: bytes) -> None:
+        cost = len(header) + len(path) + 100
+        if cost > self.limit // 64:
+            return
+        with self._lock:
+            if path in self._items:
+                return
+            if self._size + cost > self.limit:
+                drop = list(self._items)[:len(self._items) // 2 + 1]
+                for k in drop:
+                    self._size -= len(self._items.pop(k)) + len(k) + 100
+            self._items[path] = header
+            self._size += cost
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
+
+def _const(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
 
 
 class _LazySearch(im.SearchMessage):
@@ -297,6 +361,7 @@ class _Cache:
 
 
 _CACHE = _Cache(CACHE_BYTES)
+_HEADERS = _Headers(CACHE_BYTES)
 
 
 def _cache_name(att: FetchAtt) -> str | None:
@@ -310,33 +375,49 @@ _STORES: weakref.WeakValueDictionary[str, MailStore] = weakref.WeakValueDictiona
 _STORES_LOCK = threading.Lock()
 
 
-_SNAPSHOTS: weakref.WeakKeyDictionary[Mailbox, tuple[int, list[int], dict[int, MessageInfo]]] \
+_SNAPSHOTS: weakref.WeakKeyDictionary[
+    Mailbox, tuple[tuple[int, int, int], list[int], dict[int, MessageInfo]]] \
     = weakref.WeakKeyDictionary()
 
 
-def _snapshot(box: Mailbox, modseq: int) -> tuple[list[int], dict[int, MessageInfo]]:
-    """The messages of ``box`` (UIDs ascending, and by UID) as of at least ``modseq``, one
-    copy for every session of the process that asks at the same HIGHESTMODSEQ. Never to be
-    changed in place (views copy first: ``MailSession._own``)."""
+def _snapshot(box: Mailbox, scan: ScanResult) -> tuple[list[int], dict[int, MessageInfo]]:
+    """The messages of ``box`` (UIDs ascending, and by UID) as of at least the scan's
+    HIGHESTMODSEQ, one copy for every session of the process that asks at the same
+    HIGHESTMODSEQ of the same map: a map made anew counts its MODSEQs from the start again,
+    and may even get the old UIDVALIDITY (its record lost too, within the same second), so
+    the key also holds the generation of the process's copy, raised at each new start.
+    Never to be changed in place (views copy first: ``MailSession._own``)."""
+    version = (scan.generation, scan.uidvalidity, scan.highestmodseq)
     with _STORES_LOCK:
         found = _SNAPSHOTS.get(box)
-    if found is not None and found[0] == modseq:
+    if found is not None and found[0] == version:
         return found[1], found[2]
     infos = box.messages()
-    snap = (modseq, [m.uid for m in infos], {m.uid: m for m in infos})
+    snap = (version, [m.uid for m in infos], {m.uid: m for m in infos})
     with _STORES_LOCK:
         _SNAPSHOTS[box] = snap
     return snap[1], snap[2]
 
 
+KEEP_STORES = 4  # the stores of the users who logged in last, kept after their sessions
+_KEPT: OrderedDict[str, MailStore] = OrderedDict()
+
+
 def _store_for(maildir: Path) -> MailStore:
     """One MailStore per Maildir per process, shared by that user's sessions: a mailbox's
-    UID map is then replayed once, not at every SELECT (Mailbox serialises its callers)."""
+    UID map is then replayed once, not at every SELECT (Mailbox serialises its callers).
+    The last few users' stores outlive their sessions, so a client that logs in again
+    (most connect for each check) finds its maps and snapshots in memory: a map is only
+    read forward from where it was, never trusted beyond what its file says."""
     key = os.path.abspath(maildir)
     with _STORES_LOCK:
         store = _STORES.get(key)
         if store is None:
             store = _STORES[key] = MailStore(maildir)
+        _KEPT[key] = store
+        _KEPT.move_to_end(key)
+        while len(_KEPT) > KEEP_STORES:
+            _KEPT.popitem(last=False)
         return store
 
 
@@ -524,7 +605,7 @@ class MailSession:
         if scan.highestmodseq == v.modseq and not scan.added:
             return []  # no change of any kind since the last look (each one raises it)
         try:
-            snap_uids, current = _snapshot(box, scan.highestmodseq)
+            snap_uids, current = _snapshot(box, scan)
         except (MailboxError, OSError):
             return []
         v.modseq = scan.highestmodseq
@@ -649,15 +730,14 @@ class MailSession:
         info = v.info.get(uid)
         if info is None:
             return None
-        key = self._cache_key(info)
         if header_only:
-            cached = _CACHE.get(key).get("HEADER")
+            cached = _HEADERS.get(info.path)
             if cached is not None:
                 return cached
         try:
             data = _read(info.path, header_only)
             if header_only:
-                _CACHE.add(key, "HEADER", data)
+                _HEADERS.add(info.path, data)
             return data
         except FileNotFoundError:
             pass
@@ -740,7 +820,7 @@ class MailSession:
             box = self.store.mailbox(self._name_in(name))
             scan = box.scan()
             st = box.status()
-            uids, info = _snapshot(box, scan.highestmodseq)  # as of scan.highestmodseq or later
+            uids, info = _snapshot(box, scan)  # as of scan.highestmodseq or later
         except (NoSuchMailbox, BadName, _No):
             return Outcome("NO", "no such mailbox", "NONEXISTENT", out,
                            selected=False if was else None)
@@ -749,10 +829,8 @@ class MailSession:
         v.top = v.uids[-1] if v.uids else 0
         v.modseq = scan.highestmodseq
         infos = [info[u] for u in uids]
-        kws: set[str] = set()
-        for m in infos:
-            kws.update(f for f in m.flags if not f.startswith("\\"))
-        v.keywords = frozenset(kws)
+        v.keywords = frozenset(f for f in set().union(*(m.flags for m in infos))
+                               if not f.startswith("\\"))
         self.view = v
         self._synced = time.monotonic()
         uidnext = max(st["UIDNEXT"], v.top + 1)
@@ -1207,13 +1285,35 @@ class MailSession:
         tz = self.settings.tz or datetime.datetime.now().astimezone().tzinfo
         last_uid = v.uids[-1] if v.uids else 0
         found: list[tuple[int, int, int]] = []  # (seq, uid, modseq)
-        for i, u in enumerate(v.uids):
+        header_only = need == 1
+        # Needles every match holds: a message whose octets lack one is passed over without
+        # a MIME parse (im.excluded says when the octets are what SEARCH compares).
+        probe = im.search_probe(key) if need else None
+        known = _HEADERS.get
+        order: Iterable[int] = range(len(v.uids))
+        if probe is not None and header_only:
+            heads = [known(v.info[u].path) or self._header_or_none(u) for u in v.uids]
+            picked = im.header_candidates(probe, [h or b"" for h in heads])
+            if picked is not None:
+                order = [i for i in picked if heads[i] is not None]
+        for i in order:
+            u = v.uids[i]
             m = v.info[u]
+            data: bytes | None = None
+            if probe is not None:
+                try:
+                    data = (header_only and known(m.path)) or self._read_message(u, header_only)
+                except OSError:
+                    continue
+                if data is None:
+                    continue  # the file went away meanwhile: the next sync expunges it
+                if im.excluded(probe, data, not header_only):
+                    continue
             msg = _LazySearch(b"", m.flags, u, i + 1, m.size, m.internal_date, tz,
                               len(v.uids), last_uid, u in v.recent, m.modseq, now)
             if need:
-                msg.loader = self._loader(u, header_only=need == 1)
-                msg.header_only = need == 1
+                msg.loader = self._loader(u, header_only) if data is None else _const(data)
+                msg.header_only = header_only
             try:
                 if im.matches(key, msg):
                     found.append((i + 1, u, m.modseq))
@@ -1255,6 +1355,12 @@ class MailSession:
                     line += b" MODSEQ %d" % modseq
                 out.append(line + b"\r\n")
         return self._done("searched", untagged=out, expunge_ok=cmd.uid)
+
+    def _header_or_none(self, uid: int) -> bytes | None:
+        try:
+            return self._read_message(uid, header_only=True)
+        except OSError:
+            return None
 
     def _loader(self, uid: int, header_only: bool) -> Callable[[], bytes]:
         def load() -> bytes:
@@ -1342,6 +1448,18 @@ class MailSession:
                 and a.section.text.startswith("HEADER"))
             need = max(need, 1 if header_only else 2)
         tz = self.settings.tz
+        # Items answered from the octets alone (ENVELOPE, BODYSTRUCTURE) are cached; with
+        # none of them asked for (BODY[] alone, say) the cache is not looked at.
+        slots = any(_cache_name(a) is not None for a in items)
+        content_slots = [_cache_name(a) for a in items if a.name not in _SIMPLE_ITEMS]
+        parse = im.parse_header if need == 1 else im.parse  # the header is all there is
+        cached: dict[str, bytes] = {}
+        key = ("", "")
+        names = {a.name for a in items}
+        whole = Section()
+        # each item with the name it is dispatched on ("BODY[]": the whole message)
+        named = [(a, "BODY[]" if a.name in ("BODY", "BODY.PEEK") and a.section == whole
+                  else a.name) for a in items]
         for i in indexes:
             uid = v.uids[i]
             info = v.info.get(uid)
@@ -1351,10 +1469,10 @@ class MailSession:
                 continue
             wire = b""
             root: im.Part | None = None
-            key = self._cache_key(info)
-            cached = _CACHE.get(key) if need else {}
-            if need and all(_cache_name(a) in cached for a in items
-                            if a.name not in _SIMPLE_ITEMS):
+            if slots:
+                key = self._cache_key(info)
+                cached = _CACHE.get(key)
+            if slots and all(slot in cached for slot in content_slots):
                 pass  # every content item is known: the file need not be read
             elif need:
                 try:
@@ -1365,8 +1483,7 @@ class MailSession:
                     continue  # expunged elsewhere: reported by a later sync
                 wire = im.to_wire(data)
             parts: list[bytes] = []
-            for a in items:
-                name = a.name
+            for a, name in named:
                 if name == "UID":
                     parts.append(b"UID %d" % uid)
                 elif name == "FLAGS":
@@ -1378,19 +1495,19 @@ class MailSession:
                     parts.append(b"RFC822.SIZE %d" % info.size)
                 elif name == "MODSEQ":
                     parts.append(b"MODSEQ (%d)" % info.modseq)
-                elif name in ("BODY", "BODY.PEEK") and a.section == Section():
+                elif name == "BODY[]":
                     octets = im.partial(wire, a.partial)
                     origin = b"<%d>" % a.partial[0] if a.partial else b""
                     parts.append(b"BODY[]" + origin + b" " + im.encode(octets))
                 elif name == "RFC822":
                     parts.append(b"RFC822 " + im.encode(wire))
                 else:
-                    slot = _cache_name(a)
+                    slot = _cache_name(a) if slots else None
                     if slot is not None and slot in cached:
                         parts.append(cached[slot])
                         continue
                     if root is None:
-                        root = im.parse(wire)
+                        root = parse(wire)
                     try:
                         parts.append(im.fetch_item(a, wire, root))
                         if slot is not None:
@@ -1401,12 +1518,12 @@ class MailSession:
                     except ValueError:
                         continue
             if uid in marks:
-                if "FLAGS" not in (a.name for a in items):
+                if "FLAGS" not in names:
                     parts.append(b"FLAGS " + _flag_list(info.flags,
                                                         not self.rev2 and uid in v.recent))
-                if self.condstore and "MODSEQ" not in (a.name for a in items):
+                if self.condstore and "MODSEQ" not in names:
                     parts.append(b"MODSEQ (%d)" % info.modseq)
-            if self.qresync and "UID" not in (a.name for a in items):
+            if self.qresync and "UID" not in names:
                 parts.insert(0, b"UID %d" % uid)
             yield b"* %d FETCH (" % (i + 1) + b" ".join(parts) + b")\r\n"
 

@@ -116,6 +116,8 @@ class ScanResult:
     expunged: list[int]
     changed: list[int]  # flags changed outside this module
     highestmodseq: int = 0  # of the map after the scan: every change raises it
+    uidvalidity: int = 0  # of the map: a new map (lost, recreated) starts its MODSEQs over
+    generation: int = 0  # of this process's copy of the map: raised when it starts over
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,30 +163,36 @@ def imap_size(data: bytes) -> int:
     return len(data) + lf - data.count(b"\r\n") if lf else len(data)
 
 
-def _file_imap_size(path: str) -> int:
-    """``imap_size`` of a file, read in chunks."""
+def _file_facts(path: str) -> tuple[int, int]:
+    """(``imap_size``, mtime in seconds) of a file, read in chunks; the mtime from the open
+    descriptor (no second lookup of the path)."""
     total = lf = crlf = 0
     last = b""
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # no file object: thousands at a SELECT
+    try:
+        mtime = int(os.fstat(fd).st_mtime)
+        while chunk := os.read(fd, _CHUNK):
             total += len(chunk)
             lf += chunk.count(b"\n")
             crlf += chunk.count(b"\r\n") + (last == b"\r" and chunk[:1] == b"\n")
             last = chunk[-1:]
-    return total + lf - crlf if lf else total
+    finally:
+        os.close(fd)
+    return (total + lf - crlf if lf else total), mtime
 
 
 _SIZES = re.compile(r",([SW])=(\d{1,15})")
 
 
-def _name_size(unique: str, path: str) -> int:
-    """RFC822.SIZE of a new file: from its name when ``S=`` equals ``W=`` (the file is CRLF
-    throughout and ends with a line end, as MX delivers: both sizes are the IMAP size),
-    else counted from the file."""
+def _new_facts(unique: str, path: str) -> tuple[int, int]:
+    """(RFC822.SIZE, INTERNALDATE) of a new file. The size from its name when ``S=`` equals
+    ``W=`` (the file is CRLF throughout and ends with a line end, as MX delivers: both sizes
+    are the IMAP size), else counted from the file; the date is its mtime, as Dovecot's
+    (APPEND sets it with utime)."""
     found = dict(_SIZES.findall(unique))
     if "S" in found and found.get("W") == found["S"]:
-        return int(found["S"])
-    return _file_imap_size(path)
+        return int(found["S"]), int(os.stat(path).st_mtime)
+    return _file_facts(path)
 
 
 def _info(name: str) -> tuple[str, str | None]:
@@ -221,6 +229,7 @@ class Mailbox:
         self._root = root
         self._log = UidLog(path)
         self._paths: dict[int, str] = {}  # uid -> file path at the last look
+        self._letters: dict[str, str | None] = {}  # file name -> _info letters, last scan
         self._guard = threading.Lock()  # one operation of this object at a time
 
     # -- locking and the map -------------------------------------------------------------
@@ -309,16 +318,25 @@ class Mailbox:
             gone = [uid for uid in gone if st.entries[uid].unique not in again]
         changed: list[int] = []
         fresh: list[tuple[tuple[int, int], str, str, str]] = []
+        in_new: list[int] = []
+        prefix = {"new": f"{self.path}/new/", "cur": f"{self.path}/cur/"}
+        paths, by_unique, entries = self._paths, st.by_unique, st.entries
+        # The letters of each name, from the last scan where the name was seen: a mailbox
+        # of 10,000 messages is listed at every SELECT, and names rarely change between.
+        known, self._letters = self._letters, {}
         for unique, (sub, name) in files.items():
-            uid = st.by_unique.get(unique)
+            uid = by_unique.get(unique)
             if uid is None:
                 if unique in skip:
                     continue  # being placed by append or copy, which numbers it
                 fresh.append((_delivery_time(unique), unique, sub, name))
                 continue
-            self._paths[uid] = f"{self.path}/{sub}/{name}"
-            letters = _info(name)[1]
-            if letters is not None and letters != st.entries[uid].letters:
+            paths[uid] = prefix[sub] + name
+            if sub == "new":
+                in_new.append(uid)
+            letters = known[name] if name in known else _info(name)[1]
+            self._letters[name] = letters
+            if letters is not None and letters != entries[uid].letters:
                 records.append(rec_flags(uid, modseq, letters))
                 changed.append(uid)
         if gone:
@@ -331,34 +349,36 @@ class Mailbox:
         for _, unique, sub, name in fresh:
             path = f"{self.path}/{sub}/{name}"
             try:
-                size = _name_size(unique, path)
-                date = int(os.stat(path).st_mtime)  # as Dovecot; APPEND sets it (utime)
+                size, date = _new_facts(unique, path)
             except FileNotFoundError:
                 continue  # gone meanwhile (POP3): never numbered
             letters = _info(name)[1] or ""
             records.append(rec_assign(Entry(uid, unique, letters, (), modseq, size, date)))
             self._paths[uid] = path
+            if sub == "new":
+                in_new.append(uid)
             added.append(uid)
             uid += 1
         self._log.append(records)  # durable before anyone is told of these UIDs
-        if quiet:
-            self._file_new()
-        return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq)
+        if quiet and in_new:
+            self._file_new(in_new)
+        return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq,
+                          st.uidvalidity, self._log.generation)
 
-    def _file_new(self) -> None:
-        """Move what is in new/ to cur/ with ``:2,`` (IMAP has no use for new/)."""
+    def _file_new(self, uids: list[int]) -> None:
+        """Move the files of ``uids`` (listed in new/) to cur/ with ``:2,`` (IMAP has no
+        use for new/)."""
         moved = False
-        for uid, path in list(self._paths.items()):
-            folder, name = os.path.split(path)
-            if not folder.endswith("/new"):
-                continue
-            unique, letters = _info(name)
+        for uid in uids:
+            path = self._paths[uid]
+            unique, letters = _info(os.path.basename(path))
             target = f"{self.path}/cur/{unique}:2,{letters or ''}"
             try:
                 rename_no_replace(path, target)
             except OSError:
                 continue  # gone, or a twin in cur/: it stays where it is
             self._paths[uid] = target
+            self._letters[os.path.basename(target)] = letters or ""
             moved = True
         if moved:
             fsync_dir(self.path / "cur")

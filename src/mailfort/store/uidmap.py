@@ -40,6 +40,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -81,14 +82,27 @@ class MapState:
     expunged: dict[int, int] = field(default_factory=dict)  # uid -> modseq (QRESYNC)
 
 
+# What ``quote`` leaves as it is: names made only of these (every name MX, APPEND and COPY
+# make) skip it, which matters when a SELECT numbers 10,000 new files or replays their log.
+_AS_IS = re.compile(r"[A-Za-z0-9_.~" + re.escape(_SAFE) + r"]+")
+
+
 def _enc_name(name: str) -> str:
     """Percent-encoded (no space, comma or non-ASCII left); ``-`` only for the empty one."""
+    if not name:
+        return "-"
+    if name != "-" and _AS_IS.fullmatch(name.replace(",", "")):
+        return name.replace(",", "%2C")  # what quote makes of it (",S=...,W=..." names)
     text = quote(name.encode("utf-8", "surrogateescape"), safe=_SAFE)
     return "%2D" if text == "-" else text or "-"
 
 
 def _dec_name(text: str) -> str:
-    return "" if text == "-" else unquote_to_bytes(text).decode("utf-8", "surrogateescape")
+    if text == "-":
+        return ""
+    if "%" not in text:
+        return text  # ASCII (records are), nothing escaped
+    return unquote_to_bytes(text).decode("utf-8", "surrogateescape")
 
 
 def _enc_kw(keywords: tuple[str, ...]) -> str:
@@ -213,8 +227,10 @@ class UidLog:
         self.path = directory / LOG_NAME
         self.state = MapState()
         self._ino: int | None = None  # the log file we replayed
+        self._head = b""  # its first record (a file at a reused inode number lacks it)
         self._good = 0  # bytes of it that checked out
         self._records = 0
+        self.generation = 0  # raised whenever ``state`` is started over (a cache key)
 
     def refresh(self, fresh_validity: int | None = None) -> bool:
         """Bring ``state`` up to the file (others may have appended or compacted).
@@ -228,8 +244,10 @@ class UidLog:
             return False
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
-            if st.st_ino != self._ino or st.st_size < self._good:
+            if st.st_ino != self._ino or st.st_size < self._good or (
+                    self._good and os.pread(fd, len(self._head), 0) != self._head):
                 self.state, self._ino, self._good, self._records = MapState(), st.st_ino, 0, 0
+                self.generation += 1
             f.seek(self._good)
             data = f.read()
         pos = 0
@@ -243,6 +261,8 @@ class UidLog:
                 if data.find(b"\n", nl + 1) >= 0 or self._good + pos == 0:
                     raise MapLost(str(self.path))  # good records after a bad one
                 break  # only the last line is bad: a torn tail
+            if first:
+                self._head = data[:nl + 1]
             pos = nl + 1
             self._records += 1
         self._good += pos
@@ -251,10 +271,12 @@ class UidLog:
     def reset(self) -> None:
         """Forget what was replayed (after a failed write): the next refresh reads it all."""
         self.state, self._ino, self._good, self._records = MapState(), None, 0, 0
+        self.generation += 1
 
     def create(self, uidvalidity: int, uidnext: int = 1, highestmodseq: int = 1) -> None:
         """A new map with a fresh UIDVALIDITY (temp + fsync + rename + fsync dir)."""
         self.state = MapState(uidvalidity, uidnext, highestmodseq)
+        self.generation += 1
         self._rewrite([])
 
     def append(self, records: list[bytes]) -> None:
@@ -320,7 +342,7 @@ class UidLog:
             os.close(fd)
         os.rename(tmp, self.path)
         fsync_dir(self.path.parent)
-        self._good, self._records = len(data), len(lines)
+        self._good, self._records, self._head = len(data), len(lines), lines[0]
 
 
 def next_uidvalidity(root: Path) -> int:
