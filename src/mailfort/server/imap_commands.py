@@ -327,6 +327,21 @@ def _store_for(maildir: Path) -> MailStore:
         return store
 
 
+def _silent_view(old: frozenset[str], new: frozenset[str], action: str,
+                 asked: Iterable[str]) -> frozenset[str]:
+    """The flags a client believes a message has after ``STORE ... .SILENT``: those it knew
+    with the change it asked for (spelled as stored). A change another session made
+    meanwhile is in ``new`` only, so the view must not take ``new`` whole: the next sync
+    would then find nothing to report and the client would never hear of that change."""
+    spelled = {f.lower(): f for f in new}
+    want = {spelled.get(f.lower(), f) for f in asked}
+    if action == "FLAGS":
+        return frozenset(want)
+    lower = {f.lower() for f in want}
+    kept = {f for f in old if f.lower() not in lower}
+    return frozenset(kept | want) if action == "+FLAGS" else frozenset(kept)
+
+
 # ------------------------------------------------------------------------------ the session
 
 
@@ -1429,13 +1444,17 @@ class MailSession:
             self._changed.append(v.box.path)
         self._own(v)
         for u, (fl, modseq) in res.changed.items():
+            if silent:  # the client knows only what it asked for: the rest at the next sync
+                fl = _silent_view(v.info[u].flags, fl, action, flags)
             v.info[u] = dataclasses.replace(v.info[u], flags=fl, modseq=modseq)
         out = self._note_keywords(fl for fl, _ in res.changed.values())
-        modified = set(res.modified)
+        modified, gone = set(res.modified), set(res.gone)
+        if gone:  # expunged elsewhere: no FETCH of flags it does not have; the EXPUNGE
+            self._dirty = True  # comes as soon as RFC 9051 §7.5.1 allows (UID STORE: now)
         for i in indexes:
             u = v.uids[i]
             info = v.info.get(u)
-            if info is None or u in modified:
+            if info is None or u in modified or u in gone:
                 continue
             if silent:
                 if self.condstore and u in res.changed:

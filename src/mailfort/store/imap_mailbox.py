@@ -122,6 +122,7 @@ class ScanResult:
 class StoreResult:
     changed: dict[int, tuple[frozenset[str], int]]  # uid -> (flags, modseq)
     modified: list[int]  # UNCHANGEDSINCE failed (CONDSTORE [MODIFIED])
+    gone: tuple[int, ...] = ()  # expunged meanwhile (another session, POP3): not stored
 
 
 def letters_to_flags(letters: str, keywords: Iterable[str] = ()) -> frozenset[str]:
@@ -415,6 +416,7 @@ class Mailbox:
             records: list[bytes] = []
             modified: list[int] = []
             changed: dict[int, tuple[frozenset[str], int]] = {}
+            gone: list[int] = []
             renamed = False
             with self._renaming() as may:
                 if not may and (add_l or rem_l or rep is not None):
@@ -422,12 +424,14 @@ class Mailbox:
                 for uid in sorted(set(uids)):
                     e = st.entries.get(uid)
                     if e is None:
+                        gone.append(uid)
                         continue
                     if unchanged_since is not None and e.modseq > unchanged_since:
                         modified.append(uid)
                         continue
                     path = self._find(uid)
                     if path is None:
+                        gone.append(uid)
                         continue  # gone: the next scan expunges it
                     unique, on_file = _info(os.path.basename(path))
                     letters = on_file if on_file is not None else e.letters
@@ -461,7 +465,7 @@ class Mailbox:
                     fsync_dir(self.path / "cur")
                     fsync_dir(self.path / "new")
             self._log.append(records)
-            return StoreResult(changed, modified)
+            return StoreResult(changed, modified, tuple(gone))
 
     # -- expunge -------------------------------------------------------------------------
 

@@ -1,0 +1,416 @@
+"""Several IMAP sessions on one mailbox stay consistent, across worker processes and nodes.
+
+In the manner of Dovecot's imaptest (not packaged in Debian: tests/server/imapcheck.py is
+the checker): real ``mailfort serve`` processes, (a) one node with two workers, sessions
+spread over both, (b) two nodes sharing ``mail_dir`` and Redis. While MX deliveries arrive
+over SMTP and POP3 sessions DELE, the IMAP sessions STORE keywords and flags, FETCH,
+SEARCH and EXPUNGE concurrently; after each round every session does NOOP and all must
+agree (UIDs, flags, EXISTS), each keyword must be what its owner's last STORE made it (no
+change lost), and no session may ever have been told what RFC 9051 forbids (imapcheck).
+Then: a delivery reaches an IDLE session on the other worker / node within one second; a
+worker SIGKILLed during APPEND/COPY/STORE never costs a UID (no reuse, UIDVALIDITY kept);
+``limits.imap_sessions_per_user`` holds across the workers of a node.
+
+A longer run of the same rounds: bench/imap_soak.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import poplib
+import random
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailfort import config as config_mod
+from tests.conftest import HOSTNAME, refusing_dns_port, seed_directory
+from tests.server.imapcheck import Checked, ImapError, UidRegistry, message_ids
+from tests.server.test_workers import SRC, _ports, children, worker_of
+
+pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+
+ALICE, ALICE_PW = "alice@example.test", "alice-pw"
+SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+SESSIONS_PER_USER = 6  # limits.imap_sessions_per_user of these nodes
+SEED = int(os.environ.get("MAILFORT_IMAPCHECK_SEED", "28"))  # another run: another seed
+
+
+# ------------------------------------------------------------------ the servers
+
+
+@dataclass
+class Served:
+    """One ``mailfort serve`` (a node): its process, ports and log."""
+
+    proc: subprocess.Popen[str]
+    root: Path
+    ports: dict[str, int]
+    log: Path
+
+    def workers(self) -> list[int]:
+        return children(self.proc.pid)
+
+
+def start_node(root: Path, *, workers: int = 1, mail_dir: Path | None = None,
+               redis_url: str | None = None) -> Served:
+    root.mkdir(parents=True)
+    lines = [
+        "[server]", f"hostname = {json.dumps(HOSTNAME)}",
+        f"data_dir = {json.dumps(str(root / 'data'))}", f"workers = {workers}",
+        "shutdown_grace = 2.0", "allow_plaintext_auth_on_loopback = true",
+        *([f"mail_dir = {json.dumps(str(mail_dir))}"] if mail_dir else []),
+        "[dns]", 'nameservers = ["127.0.0.1"]', f"port = {refusing_dns_port()}",
+        "timeout = 1.0",
+        "[sender_auth]", "enabled = false",
+        "[limits]", f"imap_sessions_per_user = {SESSIONS_PER_USER}",
+        "[listen]", *(f'{k} = ["127.0.0.1:0"]' for k in SERVICES),
+    ]
+    if redis_url:
+        lines += ["[counters]", 'backend = "redis"', f"url = {json.dumps(redis_url)}"]
+    cfg_path = root / "mailfort.toml"
+    cfg_path.write_text("\n".join(lines) + "\n")
+    seed_directory(config_mod.load(cfg_path))
+    log = root / "serve.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailfort", "serve", "--config", str(cfg_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+            env={**os.environ, "PYTHONPATH": str(SRC)}, cwd=root)
+    served = Served(proc, root, _ports(proc, log), log)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 30
+    while workers > 1 and log.read_text().count(" serving") < workers:
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    return served
+
+
+def stop_node(served: Served) -> str:
+    served.proc.send_signal(signal.SIGTERM)
+    try:
+        served.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        served.proc.kill()
+        served.proc.wait()
+    return served.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    served = start_node(tmp_path_factory.mktemp("imapc") / "node", workers=2)
+    try:
+        yield served
+    finally:
+        text = stop_node(served)
+        assert "Traceback" not in text, text
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path, redis_server: Any) -> Iterator[list[Served]]:
+    shared = tmp_path / "shared-mail"
+    nodes: list[Served] = []
+    try:
+        for name in ("a", "b"):
+            nodes.append(start_node(tmp_path / name, mail_dir=shared,
+                                    redis_url=redis_server.url))
+        yield nodes
+    finally:
+        for n in nodes:
+            text = stop_node(n)
+            assert "Traceback" not in text, text
+
+
+# ------------------------------------------------------------------ clients
+
+
+_COUNTER = iter(range(1, 1 << 30))
+_COUNTER_LOCK = threading.Lock()
+
+
+def next_id(tag: str) -> str:
+    with _COUNTER_LOCK:
+        return f"{tag}-{next(_COUNTER)}-{os.getpid()}@remote.test"
+
+
+def mx_deliver(port: int, count: int = 1, tag: str = "mx") -> list[str]:
+    """``count`` messages to alice over SMTP; their Message-IDs."""
+    ids = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        for _ in range(count):
+            ident = next_id(tag)
+            body = (f"From: <sender@remote.test>\r\nTo: <{ALICE}>\r\n"
+                    f"Message-ID: <{ident}>\r\nSubject: {ident}\r\n\r\n"
+                    + "line of text\r\n" * 40)
+            smtp.sendmail("sender@remote.test", [ALICE], body)
+            ids.append(ident)
+    return ids
+
+
+def pop3_dele_first(port: int) -> bool:
+    """A POP3 session that DELEs the first message; False if the maildrop was in use."""
+    pop = poplib.POP3("127.0.0.1", port, timeout=20)
+    try:
+        pop.user(ALICE)
+        try:
+            pop.pass_(ALICE_PW)
+        except poplib.error_proto:
+            return False  # in use (another POP3 session): the next round tries again
+        count, _ = pop.stat()
+        if count:
+            pop.dele(1)
+        pop.quit()
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            pop.close()
+
+
+def imap_session(port: int, name: str, *, condstore: bool = False,
+                 qresync: bool = False) -> Checked:
+    s = Checked("127.0.0.1", port, name)
+    r = s.login(ALICE, ALICE_PW)
+    if r.status != "OK":
+        s.close()
+        raise ImapError(f"login: {r.status} {r.text}")
+    if qresync:
+        s.ok("ENABLE QRESYNC")
+    elif condstore:
+        s.ok("ENABLE CONDSTORE")
+    s.select("INBOX")
+    return s
+
+
+def on_both_workers(node: Served, count: int) -> list[Checked]:
+    """``count`` logged-in sessions, at least two held by each worker of ``node``."""
+    port = node.ports["imap"]
+    held: dict[int, list[Checked]] = {}
+    extra: list[Checked] = []
+    for i in range(80):
+        s = Checked("127.0.0.1", port, f"s{i}")
+        pid = worker_of(node.proc.pid, port, s.sock)
+        mine = held.setdefault(pid, [])
+        if len(mine) < max(2, count - 2):
+            mine.append(s)
+        else:
+            extra.append(s)  # kept open meanwhile: the node looks busy, both gates open
+        if len(held) == 2 and all(len(v) >= 2 for v in held.values()) \
+                and sum(map(len, held.values())) >= count:
+            break
+    for s in extra:
+        s.close()
+    got = [s for v in held.values() for s in v]
+    assert len(held) == 2 and len(got) >= count, {k: len(v) for k, v in held.items()}
+    out = []
+    for i, s in enumerate(got[:count]):
+        s.name = f"s{i}"
+        assert s.login(ALICE, ALICE_PW).status == "OK"
+        if i % 3 == 1:
+            s.ok("ENABLE CONDSTORE")
+        elif i % 3 == 2:
+            s.ok("ENABLE QRESYNC")
+        s.select("INBOX")
+        out.append(s)
+    for s in got[count:]:
+        s.close()
+    return out
+
+
+# ------------------------------------------------------------------ the rounds
+
+
+@dataclass
+class Expectation:
+    """The keyword each session owns, and its last successful STORE per UID."""
+
+    last: dict[str, dict[int, str]] = field(default_factory=dict)  # keyword -> uid -> +/-
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note(self, keyword: str, uids: list[int], op: str) -> None:
+        with self.lock:
+            mine = self.last.setdefault(keyword, {})
+            for u in uids:
+                mine[u] = op
+
+
+def session_work(s: Checked, rng: random.Random, keyword: str, exp: Expectation,
+                 steps: int) -> None:
+    """Random STORE (by UID and by sequence number), FETCH and SEARCH by sequence number:
+    the kind of commands during which no EXPUNGE may come."""
+    for _ in range(steps):
+        known = [u for u in s.uids if u is not None]
+        if not known:
+            return
+        what = rng.random()
+        if what < 0.45:
+            uids = rng.sample(known, min(len(known), rng.randint(1, 4)))
+            op = rng.choice(("+FLAGS", "-FLAGS"))
+            r = s.store(uids, op, keyword)
+            if r.status == "OK":
+                exp.note(keyword, uids, op[0])
+            else:
+                raise ImapError(f"{s.name}: STORE {r.status} {r.text}")
+        elif what < 0.6:
+            n = rng.randint(1, len(s.uids))
+            uid = s.uids[n - 1]
+            op = rng.choice(("+FLAGS", "-FLAGS"))
+            r = s.command(f"STORE {n} {op}.SILENT ({keyword})")
+            if r.status != "OK":
+                raise ImapError(f"{s.name}: STORE {n} {r.status} {r.text}")
+            if uid is not None:
+                exp.note(keyword, [uid], op[0])
+                if uid in s.flags:  # .SILENT: the client applies the change itself
+                    have = s.flags[uid]
+                    s.flags[uid] = have | {keyword} if op[0] == "+" else have - {keyword}
+        elif what < 0.85:
+            s.ok(f"FETCH 1:{len(s.uids)} (UID FLAGS RFC822.SIZE BODY.PEEK[])")
+        else:
+            s.ok(f"SEARCH 1:{len(s.uids)} KEYWORD {keyword}")
+
+
+def expunger_work(s: Checked, rng: random.Random) -> None:
+    """\\Deleted on one or two messages, then EXPUNGE (NO [INUSE] while POP3 holds the
+    maildrop: tried again)."""
+    for _ in range(5):
+        known = [u for u in s.uids if u is not None]
+        if len(known) < 8:
+            return
+        doomed = rng.sample(known, 2)
+        r = s.command(f"UID STORE {doomed[0]},{doomed[1]} +FLAGS.SILENT (\\Deleted)")
+        if r.status == "OK":
+            r = s.command("EXPUNGE")
+            if r.status == "OK":
+                return
+        if "INUSE" not in r.text:
+            raise ImapError(f"{s.name}: {r.status} {r.text}")
+        time.sleep(0.05)
+
+
+def run_rounds(sessions: list[Checked], mx_ports: list[int], pop3_ports: list[int],
+               rounds: int, steps: int, seed: int,
+               on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The concurrent rounds and their checkpoints; the figures (for the soak)."""
+    rng = random.Random(seed)
+    exp = Expectation()
+    registry = UidRegistry()
+    keywords = {s.name: f"kw{s.name}" for s in sessions}
+    worker_of_session = sessions[1:]
+    expunger = sessions[0]
+    figures = {"rounds": 0, "delivered": 0, "expunged": 0, "pop3_dele": 0}
+    for rnd in range(rounds):
+        errors: list[BaseException] = []
+
+        def guarded(fn: Callable[..., Any], *args: Any,
+                    errors: list[BaseException] = errors) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    fn(*args)
+                except BaseException as exc:  # reported by the main thread
+                    errors.append(exc)
+            return run
+
+        def deliver(r: random.Random) -> None:
+            for _ in range(3):
+                mx_deliver(r.choice(mx_ports), r.randint(1, 2))
+                figures["delivered"] += 1
+                time.sleep(r.random() * 0.1)
+
+        def pop3(r: random.Random) -> None:
+            time.sleep(r.random() * 0.2)
+            if pop3_dele_first(r.choice(pop3_ports)):
+                figures["pop3_dele"] += 1
+
+        threads = [threading.Thread(target=guarded(
+            session_work, s, random.Random(rng.random()), keywords[s.name], exp, steps))
+            for s in worker_of_session]
+        threads.append(threading.Thread(target=guarded(
+            expunger_work, expunger, random.Random(rng.random()))))
+        threads += [threading.Thread(target=guarded(deliver, random.Random(rng.random()))),
+                    threading.Thread(target=guarded(pop3, random.Random(rng.random())))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        if errors:
+            raise errors[0]
+        checkpoint(sessions, exp, registry, rnd)
+        figures["rounds"] += 1
+        if on_round is not None:
+            on_round(rnd)
+    figures["expunged"] = sum(s.expunges for s in sessions)
+    return figures
+
+
+def checkpoint(sessions: list[Checked], exp: Expectation, registry: UidRegistry,
+               rnd: int) -> None:
+    """Every session NOOPs; then they agree, and each keyword is its owner's last STORE."""
+    for s in sessions:
+        s.noop()
+    for s in sessions:
+        s.noop()  # a change another session made during the first NOOPs
+    views = {s.name: s.view() for s in sessions}
+    problems = [v for s in sessions for v in s.violations]
+    first = sessions[0].name
+    uids0, flags0 = views[first]
+    for name, (uids, flags) in views.items():
+        if None in uids:
+            problems.append(f"round {rnd}: {name} has unknown UIDs")
+        if uids != sorted(u for u in uids if u is not None):
+            problems.append(f"round {rnd}: {name}'s UIDs not ascending: {uids}")
+        if uids != uids0:
+            problems.append(f"round {rnd}: {name} sees UIDs {uids}, {first} sees {uids0}")
+        for u in uids0:
+            if u is not None and flags.get(u) != flags0.get(u):
+                problems.append(f"round {rnd}: UID {u}: {name} sees {sorted(flags.get(u, ()))}"
+                                f", {first} sees {sorted(flags0.get(u, ()))}")
+    for kw, last in exp.last.items():
+        for u, op in last.items():
+            if u in flags0 and (kw in flags0[u]) != (op == "+"):
+                problems.append(f"round {rnd}: UID {u}: {kw} should be "
+                                f"{'set' if op == '+' else 'clear'}, is {sorted(flags0[u])}")
+    ids = message_ids(sessions[0], "INBOX", registry)
+    if sorted(ids) != uids0:
+        problems.append(f"round {rnd}: UID FETCH 1:* gives {sorted(ids)}, the views {uids0}")
+    problems += registry.problems
+    assert not problems, "\n".join(problems[:30])
+
+
+# ------------------------------------------------------------------ the tests
+
+
+def test_sessions_on_two_workers_agree_under_concurrent_changes(two_workers: Served) -> None:
+    node = two_workers
+    mx_deliver(node.ports["mx"], 12, "seed")
+    sessions = on_both_workers(node, 5)
+    try:
+        figures = run_rounds(sessions, [node.ports["mx"]], [node.ports["pop3"]],
+                             rounds=4, steps=6, seed=SEED)
+        assert figures["expunged"] > 0
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def test_sessions_on_two_nodes_agree_under_concurrent_changes(two_nodes: list[Served]) -> None:
+    a, b = two_nodes
+    mx_deliver(a.ports["mx"], 12, "seed")
+    sessions = [imap_session(n.ports["imap"], f"n{i}", condstore=i % 3 == 1,
+                             qresync=i % 3 == 2)
+                for i, n in enumerate([a, b, a, b, a])]
+    try:
+        figures = run_rounds(sessions, [a.ports["mx"], b.ports["mx"]],
+                             [a.ports["pop3"], b.ports["pop3"]], rounds=4, steps=6, seed=SEED + 1)
+        assert figures["expunged"] > 0
+    finally:
+        for s in sessions:
+            s.close()
