@@ -315,14 +315,21 @@ class Checked:
     def view(self) -> tuple[list[int | None], dict[int, frozenset[str]]]:
         return list(self.uids), dict(self.flags)
 
-    def store(self, uids: list[int], op: str, flags: str) -> Reply:
+    def store(self, uids: list[int], op: str, flags: str, *, silent: bool = False) -> Reply:
         """``UID STORE`` (``op`` ``+FLAGS`` or ``-FLAGS``), checking that each untagged
         FETCH answers with the change made (the flags asked for are owned by this session:
-        no one else can undo them meanwhile)."""
-        r = self.command(f"UID STORE {','.join(map(str, uids))} {op} ({flags})")
+        no one else can undo them meanwhile). ``silent``: ``.SILENT``, the model takes the
+        change itself, as a client does."""
+        dot = ".SILENT" if silent else ""
+        r = self.command(f"UID STORE {','.join(map(str, uids))} {op}{dot} ({flags})")
         if r.status != "OK":
             return r
         wanted = set(flags.split())
+        if silent:
+            for uid in uids:
+                if uid in self.flags:
+                    have = self.flags[uid]
+                    self.flags[uid] = have | wanted if op[0] == "+" else have - wanted
         seen: set[int] = set()
         for resp in r.untagged:
             m = _NUMBERED.match(resp)

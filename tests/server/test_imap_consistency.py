@@ -414,3 +414,68 @@ def test_sessions_on_two_nodes_agree_under_concurrent_changes(two_nodes: list[Se
     finally:
         for s in sessions:
             s.close()
+
+
+# ------------------------------------------------------------------ what the rounds found
+# Deterministic forms of the defects the rounds above found, on bob's INBOX (the rounds use
+# alice's). Each runs inside the one-second window in which a session does not rescan after
+# a command (MailSessionSettings.sync_interval), which is where the rounds met them.
+
+BOB, BOB_PW = "bob@example.test", "bob-pw"
+
+
+def bob_with(node: Served, count: int) -> tuple[Checked, Checked, list[int]]:
+    """Two sessions on bob's INBOX, emptied and given ``count`` fresh messages."""
+    a = Checked("127.0.0.1", node.ports["imap"], "a")
+    b = Checked("127.0.0.1", node.ports["imap"], "b")
+    for s in (a, b):
+        assert s.login(BOB, BOB_PW).status == "OK"
+    b.select()
+    if b.uids:
+        b.ok("STORE 1:* +FLAGS.SILENT (\\Deleted)")
+        b.ok("EXPUNGE")
+    with smtplib.SMTP("127.0.0.1", node.ports["mx"], timeout=20) as smtp:
+        for n in range(count):
+            smtp.sendmail("sender@remote.test", [BOB],
+                          f"From: <sender@remote.test>\r\nMessage-ID: <bob{n}@x>\r\n\r\nx\r\n")
+    b.noop()
+    a.select()
+    assert a.uids == b.uids and len(a.uids) == count
+    return a, b, [u for u in a.uids if u is not None]
+
+
+def test_uid_store_on_a_message_expunged_elsewhere_shows_no_stale_flags(
+        two_workers: Served) -> None:
+    """B expunges a message; A, not yet told, stores a keyword on it by UID. The server
+    used to answer ``* n FETCH (UID u FLAGS ())``, flags without the keyword just added,
+    as if the STORE had been undone; now no FETCH for it, and the EXPUNGE in the same
+    response (a UID command may carry one)."""
+    a, b, uids = bob_with(two_workers, 3)
+    try:
+        b.ok(f"UID STORE {uids[1]} +FLAGS.SILENT (\\Deleted)")
+        b.ok("EXPUNGE")
+        r = a.store([uids[1]], "+FLAGS", "mine")
+        assert r.status == "OK", r
+        assert not a.violations, a.violations
+        assert a.uids == [uids[0], uids[2]], (a.uids, r.untagged)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_silent_store_leaves_another_sessions_change_for_the_next_noop(
+        two_workers: Served) -> None:
+    """B adds a keyword; A, not yet told, adds another with .SILENT. The view of A used to
+    take the message's whole new flag list, B's keyword included, so its NOOP had nothing
+    to report and A's client never learnt of B's keyword."""
+    a, b, uids = bob_with(two_workers, 2)
+    try:
+        b.store([uids[0]], "+FLAGS", "theirs")
+        a.store([uids[0]], "+FLAGS", "mine", silent=True)
+        assert a.flags[uids[0]] == {"mine"}
+        a.noop()
+        assert a.flags[uids[0]] == {"mine", "theirs"}, a.flags
+        assert not a.violations, a.violations
+    finally:
+        a.close()
+        b.close()
