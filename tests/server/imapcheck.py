@@ -296,7 +296,8 @@ class Checked:
         return self.command(f'LOGIN "{user}" "{password}"')
 
     def select(self, mailbox: str = "INBOX") -> Reply:
-        self.uids, self.flags, self.modseq = [], {}, {}
+        self.uids, self.flags, self.modseq, self.gone = [], {}, {}, set()
+        self.uidvalidity = 0  # another mailbox: its own UIDVALIDITY
         r = self.ok(f"SELECT {mailbox}")
         self.learn()
         return r
@@ -351,27 +352,30 @@ class Checked:
                 self.bad(f"STORE {op} ({flags}) on UID {uid} answered {resp!r}")
         return r
 
-    def idle_until(self, predicate: str, timeout: float) -> float | None:
-        """IDLE until an untagged response containing ``predicate`` (e.g. "EXISTS") comes;
-        the seconds it took from now, or None. DONE is sent either way."""
+    def idle_until(self, predicate: str, timeout: float,
+                   ready: threading.Event | None = None) -> float | None:
+        """IDLE until an untagged response containing ``predicate`` (e.g. "EXISTS") comes:
+        the ``time.monotonic()`` it came at, or None after ``timeout``. ``ready`` is set
+        once the server has accepted IDLE. DONE is sent either way."""
         self.current = "IDLE"
         tag = self.send("IDLE")
         cont = self._response()
         if not cont.startswith(b"+"):
             raise ImapError(f"{self.name}: IDLE refused: {cont!r}")
-        start = time.monotonic()
-        took: float | None = None
-        self.sock.settimeout(0.1)
+        if ready is not None:
+            ready.set()
+        deadline = time.monotonic() + timeout
+        came: float | None = None
+        self.sock.settimeout(0.05)
         try:
-            while time.monotonic() - start < timeout:
+            while came is None and time.monotonic() < deadline:
                 try:
                     resp = self._response()
                 except TimeoutError:
                     continue
                 self.apply(resp)
                 if predicate.encode() in resp:
-                    took = time.monotonic() - start
-                    break
+                    came = time.monotonic()
         finally:
             self.sock.settimeout(30)
         self.sock.sendall(b"DONE\r\n")
@@ -381,7 +385,7 @@ class Checked:
                 break
             self.apply(resp)
         self.current = ""
-        return took
+        return came
 
 
 class UidRegistry:

@@ -157,6 +157,13 @@ def mx_deliver(port: int, count: int = 1, tag: str = "mx") -> list[str]:
     return ids
 
 
+def mx_deliver_to(port: int, user: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        smtp.sendmail("sender@remote.test", [user],
+                      f"From: <sender@remote.test>\r\nMessage-ID: <{next_id('idle')}>\r\n"
+                      "\r\nx\r\n")
+
+
 def pop3_dele_first(port: int) -> bool:
     """A POP3 session that DELEs the first message; False if the maildrop was in use."""
     pop = poplib.POP3("127.0.0.1", port, timeout=20)
@@ -176,10 +183,10 @@ def pop3_dele_first(port: int) -> bool:
             pop.close()
 
 
-def imap_session(port: int, name: str, *, condstore: bool = False,
-                 qresync: bool = False) -> Checked:
+def imap_session(port: int, name: str, *, condstore: bool = False, qresync: bool = False,
+                 user: str = ALICE, password: str = ALICE_PW, select: bool = True) -> Checked:
     s = Checked("127.0.0.1", port, name)
-    r = s.login(ALICE, ALICE_PW)
+    r = s.login(user, password)
     if r.status != "OK":
         s.close()
         raise ImapError(f"login: {r.status} {r.text}")
@@ -187,34 +194,41 @@ def imap_session(port: int, name: str, *, condstore: bool = False,
         s.ok("ENABLE QRESYNC")
     elif condstore:
         s.ok("ENABLE CONDSTORE")
-    s.select("INBOX")
+    if select:
+        s.select("INBOX")
     return s
 
 
-def on_both_workers(node: Served, count: int) -> list[Checked]:
-    """``count`` logged-in sessions, at least two held by each worker of ``node``."""
+def spread(node: Served, per_worker: int) -> dict[int, list[Checked]]:
+    """Connections to ``node``'s IMAP port (greeting read, not logged in): worker pid ->
+    ``per_worker`` of them (connect until both workers hold that many)."""
     port = node.ports["imap"]
     held: dict[int, list[Checked]] = {}
     extra: list[Checked] = []
     for i in range(80):
         s = Checked("127.0.0.1", port, f"s{i}")
-        pid = worker_of(node.proc.pid, port, s.sock)
-        mine = held.setdefault(pid, [])
-        if len(mine) < max(2, count - 2):
-            mine.append(s)
-        else:
-            extra.append(s)  # kept open meanwhile: the node looks busy, both gates open
-        if len(held) == 2 and all(len(v) >= 2 for v in held.values()) \
-                and sum(map(len, held.values())) >= count:
+        mine = held.setdefault(worker_of(node.proc.pid, port, s.sock), [])
+        # the extra ones stay open meanwhile: the node looks busy, both gates open
+        (mine if len(mine) < per_worker else extra).append(s)
+        if len(held) == 2 and all(len(v) >= per_worker for v in held.values()):
             break
     for s in extra:
         s.close()
-    got = [s for v in held.values() for s in v]
-    assert len(held) == 2 and len(got) >= count, {k: len(v) for k, v in held.items()}
+    assert len(held) == 2 and all(len(v) >= per_worker for v in held.values()), \
+        {k: len(v) for k, v in held.items()}
+    return held
+
+
+def on_both_workers(node: Served, count: int, user: str = ALICE,
+                    password: str = ALICE_PW) -> list[Checked]:
+    """``count`` logged-in sessions on INBOX, spread over both workers of ``node``; some
+    with CONDSTORE, some with QRESYNC (whose expunges come as VANISHED)."""
+    held = spread(node, (count + 1) // 2)
+    got = [s for pair in zip(*held.values(), strict=True) for s in pair]
     out = []
     for i, s in enumerate(got[:count]):
         s.name = f"s{i}"
-        assert s.login(ALICE, ALICE_PW).status == "OK"
+        assert s.login(user, password).status == "OK"
         if i % 3 == 1:
             s.ok("ENABLE CONDSTORE")
         elif i % 3 == 2:
@@ -479,3 +493,160 @@ def test_silent_store_leaves_another_sessions_change_for_the_next_noop(
     finally:
         a.close()
         b.close()
+
+
+# ------------------------------------------------------------------ IDLE across processes
+
+
+def idle_latencies(idlers: list[Checked], deliver: Callable[[], None],
+                   timeout: float = 3.0) -> list[float | None]:
+    """Every session IDLEs; one message is delivered; the seconds from the start of the
+    delivery to each session's EXISTS (None: none within ``timeout``)."""
+    came: list[float | None] = [None] * len(idlers)
+    ready = [threading.Event() for _ in idlers]
+
+    def idle(i: int) -> None:
+        came[i] = idlers[i].idle_until("EXISTS", timeout, ready[i])
+
+    threads = [threading.Thread(target=idle, args=(i,)) for i in range(len(idlers))]
+    for t in threads:
+        t.start()
+    for e in ready:
+        assert e.wait(10)
+    time.sleep(0.2)  # the sessions are waiting on their watcher, not on IDLE's first look
+    start = time.monotonic()
+    deliver()
+    for t in threads:
+        t.join(timeout + 10)
+    return [None if c is None else max(0.0, c - start) for c in came]
+
+
+def test_mx_delivery_reaches_idle_sessions_on_both_workers_within_a_second(
+        two_workers: Served) -> None:
+    """An IDLE session on each worker: whichever worker the MX connection lands on, the
+    other one learns of the new message from the file system (inotify), within 1 s."""
+    held = spread(two_workers, 1)
+    idlers = [s for v in held.values() for s in v]
+    try:
+        for s in idlers:
+            assert s.login(BOB, BOB_PW).status == "OK"
+            s.select()
+        for _ in range(2):
+            took = idle_latencies(idlers, lambda: mx_deliver_to(two_workers.ports["mx"], BOB))
+            assert all(t is not None and t < 1.0 for t in took), took
+        assert not [v for s in idlers for v in s.violations]
+    finally:
+        for s in idlers:
+            s.close()
+
+
+def test_mx_delivery_on_one_node_reaches_an_idle_session_on_the_other_within_a_second(
+        two_nodes: list[Served]) -> None:
+    a, b = two_nodes
+    idlers = [imap_session(n.ports["imap"], f"i{i}") for i, n in enumerate((a, b))]
+    try:
+        for via in (a, b, a):
+            took = idle_latencies(idlers, lambda via=via: mx_deliver_to(via.ports["mx"], ALICE))
+            assert all(t is not None and t < 1.0 for t in took), took
+        assert not [v for s in idlers for v in s.violations]
+    finally:
+        for s in idlers:
+            s.close()
+
+
+# ------------------------------------------------------------------ UIDs across a SIGKILL
+
+
+def churn(s: Checked, registry: UidRegistry, done: list[int]) -> None:
+    """APPEND into Kill, COPY to KillCopy, STORE, until the connection dies; every
+    APPENDUID and COPYUID is noted (what the client was told is what must hold). ``done``
+    gets the number of commands answered, or -1 if something else than the connection's
+    end stopped it."""
+    import re
+
+    n = 0
+    try:
+        while True:
+            ident = next_id("kill")
+            data = f"From: <x@remote.test>\r\nMessage-ID: <{ident}>\r\n\r\n{ident}\r\n".encode()
+            r = s.command("APPEND Kill (\\Seen)", literal=data)
+            m = re.search(r"\[APPENDUID (\d+) (\d+)\]", r.text)
+            if r.status != "OK" or m is None:
+                raise AssertionError(f"APPEND: {r.status} {r.text}")
+            registry.note(f"Kill/{m.group(1)}", int(m.group(2)), ident)
+            s.noop()
+            known = [u for u in s.uids if u is not None]
+            if known:
+                s.command(f"UID STORE {known[-1]} +FLAGS.SILENT (\\Flagged)")
+                r = s.command(f"UID COPY {known[-1]} KillCopy")
+                m = re.search(r"\[COPYUID (\d+) (\S+) (\d+)\]", r.text)
+                if r.status == "OK" and m is not None:
+                    src_uid = int(m.group(2))
+                    with registry.lock:
+                        src = registry.seen.get((f"Kill/{s.uidvalidity}", src_uid))
+                    if src is not None:
+                        registry.note(f"KillCopy/{m.group(1)}", int(m.group(3)), src)
+            n += 1
+    except (ImapError, OSError):
+        done.append(n)
+    except BaseException:
+        done.append(-1)
+        raise
+
+
+def test_uids_are_never_reused_across_a_sigkilled_worker(two_workers: Served) -> None:
+    """The worker serving a session that APPENDs, COPYs and STOREs is SIGKILLed at a
+    random moment, twice; after the supervisor's restart UIDVALIDITY is the same, every UID
+    a client was told still names the same message, and new messages get UIDs above every
+    UID seen before (none given twice)."""
+    node = two_workers
+    registry = UidRegistry()
+    setup = imap_session(node.ports["imap"], "k", user=BOB, password=BOB_PW, select=False)
+    for box in ("Kill", "KillCopy"):
+        setup.command(f"CREATE {box}")
+    setup.close()
+    rng = random.Random(SEED)
+    validity: dict[str, int] = {}
+    for round_ in range(2):
+        s = imap_session(node.ports["imap"], f"k{round_}", user=BOB, password=BOB_PW,
+                         select=False)
+        s.select("Kill")
+        victim = worker_of(node.proc.pid, node.ports["imap"], s.sock)
+        done: list[int] = []
+        t = threading.Thread(target=churn, args=(s, registry, done))
+        t.start()
+        time.sleep(0.3 + rng.random() * 0.5)
+        os.kill(victim, signal.SIGKILL)
+        t.join(20)
+        assert not t.is_alive() and done and done[0] > 0, done
+        s.close()
+        deadline = time.monotonic() + 20
+        while not (len(node.workers()) == 2 and victim not in node.workers()
+                   and node.log.read_text().count(" serving") >= 3 + round_):
+            assert time.monotonic() < deadline, node.log.read_text()
+            time.sleep(0.05)
+        check = imap_session(node.ports["imap"], f"c{round_}", user=BOB, password=BOB_PW,
+                             select=False)
+        try:
+            for box in ("Kill", "KillCopy"):
+                check.select(box)
+                v = check.uidvalidity
+                assert validity.setdefault(box, v) == v, (box, validity[box], v)
+                key = f"{box}/{v}"
+                with registry.lock:
+                    told = {u for (b, u) in registry.seen if b == key}
+                ids = message_ids(check, key, registry)
+                assert told <= set(ids), f"{box}: acknowledged UIDs lost: {told - set(ids)}"
+                unseen = set(ids) - told  # numbered after the kill (an APPEND cut short)
+                assert all(u > max(told, default=0) for u in unseen), (sorted(told), unseen)
+                if box == "Kill":  # a new message goes above everything seen so far
+                    ident = f"after-{round_}@x"
+                    r = check.ok("APPEND Kill ()",
+                                 literal=f"Message-ID: <{ident}>\r\n\r\nx\r\n".encode())
+                    new_uid = int(r.text.split("APPENDUID ")[1].split()[1].rstrip("]"))
+                    assert new_uid > max(ids, default=0), (new_uid, max(ids))
+                    registry.note(key, new_uid, ident)
+            assert not registry.problems, registry.problems
+            assert not check.violations, check.violations
+        finally:
+            check.close()
