@@ -165,7 +165,8 @@ def mx_deliver_to(port: int, user: str) -> None:
 
 
 def pop3_dele_first(port: int) -> bool:
-    """A POP3 session that DELEs the first message; False if the maildrop was in use."""
+    """A POP3 session that RETRs the last message and DELEs the first; False if the
+    maildrop was in use."""
     pop = poplib.POP3("127.0.0.1", port, timeout=20)
     try:
         pop.user(ALICE)
@@ -175,6 +176,7 @@ def pop3_dele_first(port: int) -> bool:
             return False  # in use (another POP3 session): the next round tries again
         count, _ = pop.stat()
         if count:
+            pop.retr(count)  # POP3 marks it seen (S in the file name): IMAP's \Seen
             pop.dele(1)
         pop.quit()
         return True
@@ -257,39 +259,43 @@ class Expectation:
                 mine[u] = op
 
 
-def session_work(s: Checked, rng: random.Random, keyword: str, exp: Expectation,
+def session_work(s: Checked, rng: random.Random, owned: list[str], exp: Expectation,
                  steps: int) -> None:
-    """Random STORE (by UID and by sequence number), FETCH and SEARCH by sequence number:
-    the kind of commands during which no EXPUNGE may come."""
+    """Random STORE of the flags this session owns (by UID and by sequence number), FETCH
+    and SEARCH by sequence number: the commands during which no EXPUNGE may come. A STORE
+    of a system flag renames the file, which POP3's lock forbids while a POP3 session runs
+    (NO [INUSE]: not done, so not expected)."""
     for _ in range(steps):
         known = [u for u in s.uids if u is not None]
         if not known:
             return
+        flag = rng.choice(owned)
+        op = rng.choice(("+FLAGS", "-FLAGS"))
         what = rng.random()
         if what < 0.45:
             uids = rng.sample(known, min(len(known), rng.randint(1, 4)))
-            op = rng.choice(("+FLAGS", "-FLAGS"))
-            r = s.store(uids, op, keyword)
+            r = s.store(uids, op, flag)
             if r.status == "OK":
-                exp.note(keyword, uids, op[0])
-            else:
+                exp.note(flag, uids, op[0])
+            elif "[INUSE]" not in r.text or not flag.startswith("\\"):
                 raise ImapError(f"{s.name}: STORE {r.status} {r.text}")
         elif what < 0.6:
             n = rng.randint(1, len(s.uids))
             uid = s.uids[n - 1]
-            op = rng.choice(("+FLAGS", "-FLAGS"))
-            r = s.command(f"STORE {n} {op}.SILENT ({keyword})")
-            if r.status != "OK":
-                raise ImapError(f"{s.name}: STORE {n} {r.status} {r.text}")
-            if uid is not None:
-                exp.note(keyword, [uid], op[0])
+            r = s.command(f"STORE {n} {op}.SILENT ({flag})")
+            if r.status == "OK" and uid is not None:
+                exp.note(flag, [uid], op[0])
                 if uid in s.flags:  # .SILENT: the client applies the change itself
                     have = s.flags[uid]
-                    s.flags[uid] = have | {keyword} if op[0] == "+" else have - {keyword}
-        elif what < 0.85:
+                    s.flags[uid] = have | {flag} if op[0] == "+" else have - {flag}
+            elif r.status != "OK" and ("[INUSE]" not in r.text or not flag.startswith("\\")):
+                raise ImapError(f"{s.name}: STORE {n} {r.status} {r.text}")
+        elif what < 0.8:
             s.ok(f"FETCH 1:{len(s.uids)} (UID FLAGS RFC822.SIZE BODY.PEEK[])")
+        elif what < 0.85:  # BODY[] sets \Seen (no one owns it: only agreement is checked)
+            s.ok(f"FETCH {rng.randint(1, len(s.uids))} (BODY[HEADER])")
         else:
-            s.ok(f"SEARCH 1:{len(s.uids)} KEYWORD {keyword}")
+            s.ok(f"SEARCH 1:{len(s.uids)} KEYWORD {owned[0]}")
 
 
 def expunger_work(s: Checked, rng: random.Random) -> None:
@@ -300,27 +306,35 @@ def expunger_work(s: Checked, rng: random.Random) -> None:
         if len(known) < 8:
             return
         doomed = rng.sample(known, 2)
-        r = s.command(f"UID STORE {doomed[0]},{doomed[1]} +FLAGS.SILENT (\\Deleted)")
-        if r.status == "OK":
-            r = s.command("EXPUNGE")
+        if rng.random() < 0.3:  # a MOVE expunges too
+            r = s.command(f"UID MOVE {doomed[0]} Archive")
             if r.status == "OK":
                 return
+        else:
+            r = s.command(f"UID STORE {doomed[0]},{doomed[1]} +FLAGS.SILENT (\\Deleted)")
+            if r.status == "OK":
+                r = s.command("EXPUNGE")
+                if r.status == "OK":
+                    return
         if "INUSE" not in r.text:
             raise ImapError(f"{s.name}: {r.status} {r.text}")
         time.sleep(0.05)
 
 
 def run_rounds(sessions: list[Checked], mx_ports: list[int], pop3_ports: list[int],
-               rounds: int, steps: int, seed: int,
-               on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """The concurrent rounds and their checkpoints; the figures (for the soak)."""
+               rounds: int, steps: int, seed: int, exp: Expectation | None = None,
+               registry: UidRegistry | None = None) -> dict[str, Any]:
+    """The concurrent rounds and their checkpoints; the figures (for the soak, which
+    carries ``exp`` and ``registry`` over from one set of sessions to the next)."""
     rng = random.Random(seed)
-    exp = Expectation()
-    registry = UidRegistry()
-    keywords = {s.name: f"kw{s.name}" for s in sessions}
+    exp = exp if exp is not None else Expectation()
+    registry = registry if registry is not None else UidRegistry()
+    system = ["\\Flagged", "\\Answered", "\\Draft"]
+    owned = {s.name: [f"kw{s.name}"] + ([system[i]] if i < len(system) else [])
+             for i, s in enumerate(sessions[1:])}
     worker_of_session = sessions[1:]
     expunger = sessions[0]
-    figures = {"rounds": 0, "delivered": 0, "expunged": 0, "pop3_dele": 0}
+    figures = {"rounds": 0, "mx_sessions": 0, "expunged": 0, "pop3_dele": 0}
     for rnd in range(rounds):
         errors: list[BaseException] = []
 
@@ -336,7 +350,7 @@ def run_rounds(sessions: list[Checked], mx_ports: list[int], pop3_ports: list[in
         def deliver(r: random.Random) -> None:
             for _ in range(3):
                 mx_deliver(r.choice(mx_ports), r.randint(1, 2))
-                figures["delivered"] += 1
+                figures["mx_sessions"] += 1
                 time.sleep(r.random() * 0.1)
 
         def pop3(r: random.Random) -> None:
@@ -345,7 +359,7 @@ def run_rounds(sessions: list[Checked], mx_ports: list[int], pop3_ports: list[in
                 figures["pop3_dele"] += 1
 
         threads = [threading.Thread(target=guarded(
-            session_work, s, random.Random(rng.random()), keywords[s.name], exp, steps))
+            session_work, s, random.Random(rng.random()), owned[s.name], exp, steps))
             for s in worker_of_session]
         threads.append(threading.Thread(target=guarded(
             expunger_work, expunger, random.Random(rng.random()))))
@@ -359,8 +373,6 @@ def run_rounds(sessions: list[Checked], mx_ports: list[int], pop3_ports: list[in
             raise errors[0]
         checkpoint(sessions, exp, registry, rnd)
         figures["rounds"] += 1
-        if on_round is not None:
-            on_round(rnd)
     figures["expunged"] = sum(s.expunges for s in sessions)
     return figures
 
