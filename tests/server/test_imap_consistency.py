@@ -662,3 +662,88 @@ def test_uids_are_never_reused_across_a_sigkilled_worker(two_workers: Served) ->
             assert not check.violations, check.violations
         finally:
             check.close()
+
+
+# ------------------------------------------------------------------ sessions per user
+
+
+def login_until_ok(node: Served, user: str, password: str, seconds: float = 3.0) -> Checked:
+    """A logged-in session; NO [LIMIT] is retried for ``seconds`` (sessions closed just
+    before give their slot back once the server has seen the connection end)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        s = Checked("127.0.0.1", node.ports["imap"], "u")
+        r = s.login(user, password)
+        if r.status == "OK":
+            return s
+        s.close()
+        assert "[LIMIT]" in r.text and time.monotonic() < deadline, r
+        time.sleep(0.1)
+
+
+def test_imap_sessions_per_user_hold_across_the_workers_of_a_node(two_workers: Served) -> None:
+    """limits.imap_sessions_per_user sessions, half on each worker: the next login is
+    refused NO [LIMIT] on either worker (per-process counts let each worker take the whole
+    limit: twice as many in all). A session that ends gives its slot back to the other
+    worker; a worker SIGKILLed gives back all of its own (the supervisor clears its row)."""
+    node = two_workers
+    held = spread(node, SESSIONS_PER_USER // 2)
+    sessions = [s for v in held.values() for s in v]
+    try:
+        deadline = time.monotonic() + 3
+        for s in sessions:
+            while (r := s.login(BOB, BOB_PW)).status != "OK":
+                assert "[LIMIT]" in r.text and time.monotonic() < deadline, r
+                time.sleep(0.1)
+        for _ in range(2):  # on whichever worker it lands, at two tries
+            extra = Checked("127.0.0.1", node.ports["imap"], "x")
+            r = extra.login(BOB, BOB_PW)
+            extra.close()
+            assert r.status == "NO" and "[LIMIT]" in r.text, r
+        # One ends on one worker: a login is taken again, wherever it lands.
+        sessions.pop().close()
+        sessions.append(login_until_ok(node, BOB, BOB_PW))
+        # The other worker is killed: its sessions' slots are free again.
+        victim = worker_of(node.proc.pid, node.ports["imap"], sessions[0].sock)
+        gone = [s for s in sessions if worker_of(node.proc.pid, node.ports["imap"], s.sock)
+                == victim]
+        os.kill(victim, signal.SIGKILL)
+        for s in gone:
+            s.close()
+            sessions.remove(s)
+        deadline = time.monotonic() + 20
+        while len(node.workers()) < 2 or victim in node.workers():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for _ in gone:
+            sessions.append(login_until_ok(node, BOB, BOB_PW, 10.0))
+        extra = Checked("127.0.0.1", node.ports["imap"], "x")
+        r = extra.login(BOB, BOB_PW)
+        extra.close()
+        assert r.status == "NO" and "[LIMIT]" in r.text, r
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def test_the_shared_count_per_user_is_exact_and_reuses_its_room(tmp_path: Path) -> None:
+    """The table itself, two rows as two workers: each user's own limit (no sharing of a
+    count between users, as hash buckets would), and a row that saw many more users than
+    it has room for keeps working (users at 0 sessions are compacted away)."""
+    from mailfort.server.imap import SharedUserSessions, UserSessionTable
+
+    table = UserSessionTable(2, 8, tmp_path / "lock")
+    w0, w1 = (SharedUserSessions(table, row, 3) for row in (0, 1))
+    assert [w0.take("a"), w1.take("a"), w1.take("a"), w0.take("a")] == [True] * 3 + [False]
+    assert w1.take("b") and w0.take("b")  # another user: a count of its own
+    w1.give("a")
+    assert w0.take("a") and not w1.take("a")
+    for n in range(10 * table.cap):  # users come and go: the row never fills up
+        user = f"user{n}"
+        assert w0.take(user), n
+        w0.give(user)
+    assert not w1.take("a") and w0.take("b") and not w1.take("b")
+    w1.reset_slot()  # the worker of row 1 died: its sessions no longer count
+    assert w1.take("a") and w1.take("b")
+    w0.close()
+    w1.close()
