@@ -8,8 +8,9 @@ for minutes, with SIGKILLs of workers between rounds.
 Each round: every session STOREs the keyword and system flag it owns (by UID and by
 sequence number, .SILENT or not), FETCHes and SEARCHes by sequence number, one session
 EXPUNGEs and MOVEs, MX deliveries arrive over SMTP and a POP3 session RETRs and DELEs.
-After each round every session NOOPs and all must agree (tests/server/imapcheck.py lists
-what else is checked on every response). Every ``--kill-every`` rounds (workers mode) a
+After each round every session NOOPs and all must agree, and a QRESYNC client away since
+the last checkpoint must catch up to the same state (tests/server/imapcheck.py lists what
+else is checked on every response). Every ``--kill-every`` rounds (workers mode) a
 random worker is SIGKILLed, the supervisor restarts it, new sessions log in, and the
 UIDs every session was ever told must still name the same messages. Exits 1 at the first
 inconsistency, with the checker's findings. Loopback only; the seed makes a run repeatable.
@@ -30,7 +31,7 @@ from pathlib import Path
 _TREE = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(_TREE / "src"), str(_TREE)]  # this checkout's mailfort and tests
 
-from tests.server.imapcheck import Checked, UidRegistry  # noqa: E402
+from tests.server.imapcheck import Checked, Resync, UidRegistry  # noqa: E402
 from tests.server.test_imap_consistency import (  # noqa: E402
     Expectation,
     Served,
@@ -95,15 +96,16 @@ def soak(args: argparse.Namespace, nodes: list[Served]) -> int:
           f"{'two nodes' if len(nodes) == 2 else 'two workers'}", flush=True)
     while time.monotonic() < end:
         sessions = sessions_for(nodes, args.sessions)
+        away = imap_session(nodes[-1].ports["imap"], "q", qresync=True, select=False)
         try:
             batch = args.kill_every if args.kill_every and len(nodes) == 1 else 5
             figures = run_rounds(sessions, mx, pop3, batch, args.steps, rng.randrange(1 << 30),
-                                 exp, registry)
+                                 exp, registry, Resync(away))
         except AssertionError as exc:
             print(f"INCONSISTENT after {totals['rounds']} rounds (seed {args.seed}):\n{exc}")
             return 1
         finally:
-            for s in sessions:
+            for s in [*sessions, away]:
                 s.close()
         for k in ("rounds", "mx_sessions", "expunged", "pop3_dele"):
             totals[k] += figures[k]

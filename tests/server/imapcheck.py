@@ -421,3 +421,54 @@ def message_ids(sess: Checked, mailbox: str, registry: UidRegistry) -> dict[int,
         out[uid] = ident
         registry.note(mailbox, uid, ident)
     return out
+
+
+class Resync:
+    """A QRESYNC client that is away between checkpoints (UNSELECTed): it keeps UID ->
+    flags and the HIGHESTMODSEQ it last saw, and at each ``resync`` SELECTs with
+    ``QRESYNC (uidvalidity modseq)``. The VANISHED (EARLIER) and FETCH responses must
+    bring its copy to the mailbox's state (RFC 7162 §3.2.5): a change recorded without a
+    MODSEQ above the old one, or an expunge not remembered, leaves it behind."""
+
+    def __init__(self, sess: Checked) -> None:
+        self.sess = sess
+        self.cache: dict[int, frozenset[str]] = {}
+        self.validity = 0
+        self.modseq = 0
+
+    def resync(self, mailbox: str = "INBOX") -> dict[int, frozenset[str]]:
+        s = self.sess
+        s.uids, s.flags, s.modseq, s.gone, s.uidvalidity = [], {}, {}, set(), 0
+        first = not self.validity
+        qresync = "" if first else f" (QRESYNC ({self.validity} {self.modseq}))"
+        r = s.ok(f"SELECT {mailbox}{qresync}")
+        s.learn()
+        if first:
+            r.untagged += s.ok("UID FETCH 1:* (FLAGS)").untagged
+        for resp in r.untagged:
+            m = re.search(rb"\[HIGHESTMODSEQ (\d+)\]", resp)
+            if m is not None:
+                self.modseq = int(m.group(1))
+            m = re.search(rb"\[UIDVALIDITY (\d+)\]", resp)
+            if m is not None:
+                value = int(m.group(1))
+                if self.validity and value != self.validity:
+                    s.bad(f"UIDVALIDITY {self.validity} -> {value}")
+                    self.cache.clear()
+                self.validity = value
+            if resp.upper().startswith(b"* VANISHED (EARLIER) "):
+                for uid in uid_set(resp[len(b"* VANISHED (EARLIER) "):].decode().strip()):
+                    self.cache.pop(uid, None)
+                continue
+            m = _NUMBERED.match(resp)
+            if m is None or m.group(2).upper() != b"FETCH":
+                continue
+            items, _ = parse_list(resp[m.end():].lstrip(), 1)
+            data = {str(items[i]).upper(): items[i + 1] for i in range(0, len(items) - 1, 2)}
+            if "UID" in data and "FLAGS" in data:
+                flags = data["FLAGS"]
+                assert isinstance(flags, list)
+                self.cache[int(str(data["UID"]))] = frozenset(str(f) for f in flags) - {
+                    "\\Recent"}
+        s.ok("UNSELECT")
+        return dict(self.cache)

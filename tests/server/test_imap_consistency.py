@@ -36,7 +36,7 @@ import pytest
 
 from mailfort import config as config_mod
 from tests.conftest import HOSTNAME, refusing_dns_port, seed_directory
-from tests.server.imapcheck import Checked, ImapError, UidRegistry, message_ids
+from tests.server.imapcheck import Checked, ImapError, Resync, UidRegistry, message_ids
 from tests.server.test_workers import SRC, _ports, children, worker_of
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
@@ -323,7 +323,8 @@ def expunger_work(s: Checked, rng: random.Random) -> None:
 
 def run_rounds(sessions: list[Checked], mx_ports: list[int], pop3_ports: list[int],
                rounds: int, steps: int, seed: int, exp: Expectation | None = None,
-               registry: UidRegistry | None = None) -> dict[str, Any]:
+               registry: UidRegistry | None = None,
+               resync: Resync | None = None) -> dict[str, Any]:
     """The concurrent rounds and their checkpoints; the figures (for the soak, which
     carries ``exp`` and ``registry`` over from one set of sessions to the next)."""
     rng = random.Random(seed)
@@ -371,15 +372,16 @@ def run_rounds(sessions: list[Checked], mx_ports: list[int], pop3_ports: list[in
             t.join(120)
         if errors:
             raise errors[0]
-        checkpoint(sessions, exp, registry, rnd)
+        checkpoint(sessions, exp, registry, rnd, resync)
         figures["rounds"] += 1
     figures["expunged"] = sum(s.expunges for s in sessions)
     return figures
 
 
 def checkpoint(sessions: list[Checked], exp: Expectation, registry: UidRegistry,
-               rnd: int) -> None:
-    """Every session NOOPs; then they agree, and each keyword is its owner's last STORE."""
+               rnd: int, resync: Resync | None = None) -> None:
+    """Every session NOOPs; then they agree, and each keyword is its owner's last STORE;
+    ``resync``, away since the last checkpoint, catches up by QRESYNC to the same state."""
     for s in sessions:
         s.noop()
     for s in sessions:
@@ -408,6 +410,16 @@ def checkpoint(sessions: list[Checked], exp: Expectation, registry: UidRegistry,
     if sorted(ids) != uids0:
         problems.append(f"round {rnd}: UID FETCH 1:* gives {sorted(ids)}, the views {uids0}")
     problems += registry.problems
+    if resync is not None:
+        caught_up = resync.resync()
+        problems += resync.sess.violations
+        want = {u: flags0.get(u) for u in uids0 if u is not None}
+        for u in sorted(set(caught_up) | set(want)):
+            if caught_up.get(u) != want.get(u):
+                problems.append(f"round {rnd}: after QRESYNC UID {u} is "
+                                f"{sorted(caught_up[u]) if u in caught_up else 'absent'}, "
+                                f"the sessions see "
+                                f"{sorted(want[u] or ()) if u in want else 'none'}")
     assert not problems, "\n".join(problems[:30])
 
 
@@ -418,9 +430,11 @@ def test_sessions_on_two_workers_agree_under_concurrent_changes(two_workers: Ser
     node = two_workers
     mx_deliver(node.ports["mx"], 12, "seed")
     sessions = on_both_workers(node, 5)
+    away = imap_session(node.ports["imap"], "q", qresync=True, select=False)
+    sessions.append(away)  # closed with the others
     try:
-        figures = run_rounds(sessions, [node.ports["mx"]], [node.ports["pop3"]],
-                             rounds=4, steps=6, seed=SEED)
+        figures = run_rounds(sessions[:-1], [node.ports["mx"]], [node.ports["pop3"]],
+                             rounds=4, steps=6, seed=SEED, resync=Resync(away))
         assert figures["expunged"] > 0
     finally:
         for s in sessions:
@@ -433,9 +447,12 @@ def test_sessions_on_two_nodes_agree_under_concurrent_changes(two_nodes: list[Se
     sessions = [imap_session(n.ports["imap"], f"n{i}", condstore=i % 3 == 1,
                              qresync=i % 3 == 2)
                 for i, n in enumerate([a, b, a, b, a])]
+    away = imap_session(b.ports["imap"], "q", qresync=True, select=False)
+    sessions.append(away)  # closed with the others
     try:
-        figures = run_rounds(sessions, [a.ports["mx"], b.ports["mx"]],
-                             [a.ports["pop3"], b.ports["pop3"]], rounds=4, steps=6, seed=SEED + 1)
+        figures = run_rounds(sessions[:-1], [a.ports["mx"], b.ports["mx"]],
+                             [a.ports["pop3"], b.ports["pop3"]], rounds=4, steps=6,
+                             seed=SEED + 1, resync=Resync(away))
         assert figures["expunged"] > 0
     finally:
         for s in sessions:
