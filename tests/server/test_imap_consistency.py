@@ -64,7 +64,7 @@ class Served:
 
 
 def start_node(root: Path, *, workers: int = 1, mail_dir: Path | None = None,
-               redis_url: str | None = None) -> Served:
+               redis_url: str | None = None, per_user: int = SESSIONS_PER_USER) -> Served:
     root.mkdir(parents=True)
     lines = [
         "[server]", f"hostname = {json.dumps(HOSTNAME)}",
@@ -74,7 +74,7 @@ def start_node(root: Path, *, workers: int = 1, mail_dir: Path | None = None,
         "[dns]", 'nameservers = ["127.0.0.1"]', f"port = {refusing_dns_port()}",
         "timeout = 1.0",
         "[sender_auth]", "enabled = false",
-        "[limits]", f"imap_sessions_per_user = {SESSIONS_PER_USER}",
+        "[limits]", f"imap_sessions_per_user = {per_user}",
         "[listen]", *(f'{k} = ["127.0.0.1:0"]' for k in SERVICES),
     ]
     if redis_url:
