@@ -125,6 +125,7 @@ class Checked:
         self.uidvalidity = 0
         self.current = ""  # the command in progress, e.g. "FETCH" or "UID FETCH"
         self.expunges = 0
+        self.unanswered: set[int] = set()  # UIDs a FETCH by sequence number skipped
         greeting = self._response()
         if not greeting.startswith(b"* OK"):
             raise ImapError(f"{name}: greeting {greeting!r}")

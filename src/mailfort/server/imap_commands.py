@@ -645,7 +645,8 @@ class MailSession:
 
     def _read_message(self, uid: int, header_only: bool) -> bytes | None:
         """The message (or its header), None when it is gone. A path made stale by
-        another session's flag change is refreshed by one rescan per command."""
+        another session's flag change is refreshed by one rescan per command (many stale
+        paths cost one listing); a file renamed again after that is looked up alone."""
         v = self.view
         assert v is not None
         info = v.info.get(uid)
@@ -656,22 +657,26 @@ class MailSession:
             cached = _CACHE.get(key).get("HEADER")
             if cached is not None:
                 return cached
-        try:
-            data = _read(info.path, header_only)
-            if header_only:
-                _CACHE.add(key, "HEADER", data)
-            return data
-        except FileNotFoundError:
-            pass
-        if not self._rescanned:
-            self._rescanned = True
+        for attempt in range(4):
+            try:
+                data = _read(v.info[uid].path, header_only)
+                if header_only:
+                    _CACHE.add(key, "HEADER", data)
+                return data
+            except FileNotFoundError:
+                pass
             self._own(v)
-            v.box.scan()
-            for m in v.box.messages():
-                if m.uid in v.info:
-                    v.info[m.uid] = dataclasses.replace(v.info[m.uid], path=m.path)
-            with contextlib.suppress(FileNotFoundError):
-                return _read(v.info[uid].path, header_only)
+            if not self._rescanned:
+                self._rescanned = True
+                v.box.scan()
+                for m in v.box.messages():
+                    if m.uid in v.info:
+                        v.info[m.uid] = dataclasses.replace(v.info[m.uid], path=m.path)
+            elif attempt < 3:
+                path = v.box.locate(uid)  # renamed since (flags) under us, or gone
+                if path is None:
+                    break
+                v.info[uid] = dataclasses.replace(v.info[uid], path=path)
         return None  # expunged elsewhere: a later sync reports it
 
     def _enable_condstore(self) -> None:

@@ -402,6 +402,12 @@ class Mailbox:
         path = self._paths.get(uid)
         return path if path is not None and os.path.lexists(path) else None
 
+    def locate(self, uid: int) -> str | None:
+        """The file of ``uid`` now, or None once it is expunged (a reader whose path a
+        flag change made stale: a rename keeps the unique name)."""
+        with self._locked():
+            return self._find(uid)
+
     def store(self, uids: Iterable[int], *, add: Iterable[str] = (), remove: Iterable[str] = (),
               replace: Iterable[str] | None = None,
               unchanged_since: int | None = None) -> StoreResult:
