@@ -3,6 +3,7 @@ for minutes, with SIGKILLs of workers between rounds.
 
     python bench/imap_soak.py                         # 10 minutes, one node with 2 workers
     python bench/imap_soak.py --minutes 30 --sessions 8 --kill-every 5
+    python bench/imap_soak.py --kill-mid              # the SIGKILL in the middle of a round
     python bench/imap_soak.py --nodes                 # two nodes sharing mail_dir and Redis
 
 Each round: every session STOREs the keyword and system flag it owns (by UID and by
@@ -12,8 +13,10 @@ After each round every session NOOPs and all must agree, and a QRESYNC client aw
 the last checkpoint must catch up to the same state (tests/server/imapcheck.py lists what
 else is checked on every response). Every ``--kill-every`` rounds (workers mode) a
 random worker is SIGKILLed, the supervisor restarts it, new sessions log in, and the
-UIDs every session was ever told must still name the same messages. Exits 1 at the first
-inconsistency, with the checker's findings. Loopback only; the seed makes a run repeatable.
+UIDs every session was ever told must still name the same messages; with ``--kill-mid``
+the SIGKILL comes during a round, and the sessions it did not cut off must still agree.
+Exits 1 at the first inconsistency, with the checker's findings. Loopback only; the seed
+makes the choices repeatable (not the timing).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=6)
     ap.add_argument("--steps", type=int, default=10, help="commands per session per round")
     ap.add_argument("--kill-every", type=int, default=10, help="rounds; 0: never")
+    ap.add_argument("--kill-mid", action="store_true",
+                    help="kill during a round (sessions cut off are dropped), not between")
     ap.add_argument("--nodes", action="store_true", help="two nodes (needs redis-server)")
     ap.add_argument("--seed", type=int, default=int(time.time()))
     args = ap.parse_args()
@@ -84,6 +89,10 @@ def sessions_for(nodes: list[Served], count: int) -> list[Checked]:
                          qresync=i % 3 == 2) for i in range(count)]
 
 
+def kill_one(node: Served, rng: random.Random) -> None:
+    os.kill(rng.choice(node.workers()), signal.SIGKILL)
+
+
 def soak(args: argparse.Namespace, nodes: list[Served]) -> int:
     rng = random.Random(args.seed)
     mx = [n.ports["mx"] for n in nodes]
@@ -99,8 +108,10 @@ def soak(args: argparse.Namespace, nodes: list[Served]) -> int:
         away = imap_session(nodes[-1].ports["imap"], "q", qresync=True, select=False)
         try:
             batch = args.kill_every if args.kill_every and len(nodes) == 1 else 5
+            killing = args.kill_mid and args.kill_every and len(nodes) == 1
             figures = run_rounds(sessions, mx, pop3, batch, args.steps, rng.randrange(1 << 30),
-                                 exp, registry, Resync(away))
+                                 exp, registry, Resync(away),
+                                 kill=(lambda: kill_one(nodes[0], rng)) if killing else None)
         except AssertionError as exc:
             print(f"INCONSISTENT after {totals['rounds']} rounds (seed {args.seed}):\n{exc}")
             return 1
@@ -110,8 +121,8 @@ def soak(args: argparse.Namespace, nodes: list[Served]) -> int:
         for k in ("rounds", "mx_sessions", "expunged", "pop3_dele"):
             totals[k] += figures[k]
         if args.kill_every and len(nodes) == 1:
-            victim = rng.choice(nodes[0].workers())
-            os.kill(victim, signal.SIGKILL)
+            if not args.kill_mid:
+                kill_one(nodes[0], rng)
             totals["kills"] += 1
             deadline = time.monotonic() + 60
             # (the supervisor's back-off grows with restarts in a row: up to 30 s)

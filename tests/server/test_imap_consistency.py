@@ -327,29 +327,42 @@ def expunger_work(s: Checked, rng: random.Random) -> None:
         time.sleep(0.05)
 
 
+_DEATHS = (ImapError, OSError, smtplib.SMTPException, poplib.error_proto)
+
+
 def run_rounds(sessions: list[Checked], mx_ports: list[int], pop3_ports: list[int],
                rounds: int, steps: int, seed: int, exp: Expectation | None = None,
-               registry: UidRegistry | None = None,
-               resync: Resync | None = None) -> dict[str, Any]:
+               registry: UidRegistry | None = None, resync: Resync | None = None,
+               kill: Callable[[], None] | None = None) -> dict[str, Any]:
     """The concurrent rounds and their checkpoints; the figures (for the soak, which
-    carries ``exp`` and ``registry`` over from one set of sessions to the next)."""
+    carries ``exp`` and ``registry`` over from one set of sessions to the next).
+
+    ``kill`` (the soak's SIGKILL of a worker) is called at a random moment of the first
+    round: the sessions it cuts off are dropped from ``sessions``, and so is what their
+    flags were expected to be (their last STORE may or may not have been made); the
+    others go on and must still agree, with each other and with the files."""
     rng = random.Random(seed)
     exp = exp if exp is not None else Expectation()
     registry = registry if registry is not None else UidRegistry()
     system = ["\\Flagged", "\\Answered", "\\Draft"]
     owned = {s.name: [f"kw{s.name}"] + ([system[i]] if i < len(system) else [])
              for i, s in enumerate(sessions[1:])}
-    worker_of_session = sessions[1:]
-    expunger = sessions[0]
     figures = {"rounds": 0, "mx_sessions": 0, "expunged": 0, "pop3_dele": 0}
     for rnd in range(rounds):
         errors: list[BaseException] = []
+        dead: list[Checked] = []
+        killing = kill is not None and rnd == 0
 
-        def guarded(fn: Callable[..., Any], *args: Any,
-                    errors: list[BaseException] = errors) -> Callable[[], None]:
+        def guarded(fn: Callable[..., Any], *args: Any, errors: list[BaseException] = errors,
+                    dead: list[Checked] = dead, killing: bool = killing) -> Callable[[], None]:
             def run() -> None:
                 try:
                     fn(*args)
+                except _DEATHS as exc:
+                    if not killing:
+                        errors.append(exc)
+                    elif isinstance(args[0], Checked):
+                        dead.append(args[0])
                 except BaseException as exc:  # reported by the main thread
                     errors.append(exc)
             return run
@@ -365,22 +378,51 @@ def run_rounds(sessions: list[Checked], mx_ports: list[int], pop3_ports: list[in
             if pop3_dele_first(r.choice(pop3_ports)):
                 figures["pop3_dele"] += 1
 
+        def killer(r: random.Random) -> None:
+            time.sleep(r.random() * 0.5)
+            assert kill is not None
+            kill()
+
         threads = [threading.Thread(target=guarded(
             session_work, s, random.Random(rng.random()), owned[s.name], exp, steps))
-            for s in worker_of_session]
+            for s in sessions[1:]]
         threads.append(threading.Thread(target=guarded(
-            expunger_work, expunger, random.Random(rng.random()))))
+            expunger_work, sessions[0], random.Random(rng.random()))))
         threads += [threading.Thread(target=guarded(deliver, random.Random(rng.random()))),
                     threading.Thread(target=guarded(pop3, random.Random(rng.random())))]
+        if killing:
+            threads.append(threading.Thread(target=guarded(killer, random.Random(rng.random()))))
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
         if errors:
             raise errors[0]
+        if killing:  # a session that finished its work before the kill dies at its NOOP
+            for sess in sessions:
+                if sess not in dead:
+                    try:
+                        sess.noop()
+                    except _DEATHS:
+                        dead.append(sess)
+            for sess in dead:
+                figures["expunged"] += sess.expunges
+                sessions.remove(sess)
+                sess.close()
+                with exp.lock:
+                    for flag in owned.get(sess.name, ()):
+                        exp.last.pop(flag, None)
+            if resync is not None:
+                try:
+                    resync.sess.ok("NOOP")
+                except _DEATHS:
+                    resync = None
+            if len(sessions) < 2:
+                break
+            owned = {s.name: owned.get(s.name, [f"kw{s.name}"]) for s in sessions[1:]}
         checkpoint(sessions, exp, registry, rnd, resync)
         figures["rounds"] += 1
-    figures["expunged"] = sum(s.expunges for s in sessions)
+    figures["expunged"] += sum(s.expunges for s in sessions)
     return figures
 
 
