@@ -126,6 +126,9 @@ class Checked:
         self.current = ""  # the command in progress, e.g. "FETCH" or "UID FETCH"
         self.expunges = 0
         self.unanswered: set[int] = set()  # UIDs a FETCH by sequence number skipped
+        self.sizes: dict[int, int] = {}  # RFC822.SIZE per UID: never changes
+        self.registry: UidRegistry | None = None  # where BODY[] Message-IDs are noted
+        self.registry_key = "INBOX"
         greeting = self._response()
         if not greeting.startswith(b"* OK"):
             raise ImapError(f"{name}: greeting {greeting!r}")
@@ -247,6 +250,11 @@ class Checked:
                 self.flags.pop(uid, None)
                 self.expunges += 1
             return
+        if resp.upper().startswith(b"* SEARCH") and self.current == "SEARCH":
+            for word in resp.split()[2:]:
+                if word.isdigit() and not 1 <= int(word) <= len(self.uids):
+                    self.bad(f"SEARCH found {int(word)}, beyond EXISTS {len(self.uids)}")
+            return
         vm = re.search(rb"\[UIDVALIDITY (\d+)\]", resp)
         if vm is not None:
             value = int(vm.group(1))
@@ -280,6 +288,15 @@ class Checked:
                 return
         if uid is None:
             return  # flags of a message whose UID is not known yet: learnt with it
+        if "RFC822.SIZE" in data:
+            size = int(str(data["RFC822.SIZE"]))
+            if self.sizes.setdefault(uid, size) != size:
+                self.bad(f"RFC822.SIZE of UID {uid} {self.sizes[uid]} -> {size}")
+        body = next((v for k, v in data.items() if k.startswith("BODY[")), None)
+        if self.registry is not None and isinstance(body, bytes):
+            found = re.search(rb"(?im)^Message-ID:\s*<([^>]+)>", body)
+            if found is not None:  # the octets of the message this UID names, always
+                self.registry.note(self.registry_key, uid, found.group(1).decode())
         if "FLAGS" in data:
             flags = data["FLAGS"]
             assert isinstance(flags, list)

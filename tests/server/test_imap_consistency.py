@@ -348,6 +348,8 @@ def run_rounds(sessions: list[Checked], mx_ports: list[int], pop3_ports: list[in
     owned = {s.name: [f"kw{s.name}"] + ([system[i]] if i < len(system) else [])
              for i, s in enumerate(sessions[1:])}
     figures = {"rounds": 0, "mx_sessions": 0, "expunged": 0, "pop3_dele": 0}
+    for sess in sessions:
+        sess.registry = registry  # each BODY[] fetched: its Message-ID noted for its UID
     for rnd in range(rounds):
         errors: list[BaseException] = []
         dead: list[Checked] = []
