@@ -317,7 +317,7 @@ def expunger_work(s: Checked, rng: random.Random) -> None:
             if r.status == "OK":
                 return
         else:
-            r = s.command(f"UID STORE {doomed[0]},{doomed[1]} +FLAGS.SILENT (\\Deleted)")
+            r = s.store(doomed, "+FLAGS", "\\Deleted", silent=True)
             if r.status == "OK":
                 r = s.command("EXPUNGE")
                 if r.status == "OK":
