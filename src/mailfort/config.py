@@ -159,6 +159,11 @@ class LimitsConfig:
     # The largest message APPEND takes (APPENDLIMIT); larger is refused NO [TOOBIG] before
     # a byte of it is sent.
     imap_append_limit: int = 25 * 1024 * 1024
+    # Each user's quota over all their mailboxes, in octets and in messages (0: none):
+    # reported over IMAP (GETQUOTAROOT, RFC 9208) and enforced for APPEND, COPY and MOVE
+    # ([OVERQUOTA]). Mail arriving by SMTP is not held to it.
+    mailbox_quota: int = 0
+    mailbox_quota_messages: int = 0
     # Stress mode (server/stress.py): past stress_threshold of max_connections (0: never),
     # a session must make progress every stress_idle_timeout seconds, new sessions get
     # stress_max_errors, and a full table ends its oldest idle session before refusing.
@@ -651,6 +656,9 @@ def validate(cfg: Config) -> Config:
     for k in ("imap_sessions_per_user", "imap_append_limit"):
         if getattr(lim, k) <= 0:
             raise ConfigError(f"limits.{k}: must be a positive integer")
+    for k in ("mailbox_quota", "mailbox_quota_messages"):
+        if getattr(lim, k) < 0:
+            raise ConfigError(f"limits.{k}: must be 0 (no quota) or a positive integer")
     if not 0 <= lim.soft_errors <= lim.max_errors:
         raise ConfigError("limits.soft_errors: must be between 0 and limits.max_errors")
     for k in ("error_delay", "max_error_delay"):

@@ -1,4 +1,5 @@
-"""The hardened mailfort, started by the test, passes every check of the audit."""
+"""The hardened mailfort, started by the test, passes every check of the audit: SMTP, POP3
+and IMAP (143 with STARTTLS, 993 with implicit TLS) alike."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from tests.conftest import seed_directory
 from tests.dnsserver import DNSServer
 
 SERVICES = {"smtp": "mx", "submission": "submission", "submissions": "submissions",
-            "pop3": "pop3", "pop3s": "pop3s"}
-# mailfort serves no IMAP yet: its checks are told no IMAP port (SKIP, not a PASS).
-NO_IMAP = ["--imap-port", "0", "--imaps-port", "0"]
+            "pop3": "pop3", "pop3s": "pop3s", "imap": "imap", "imaps": "imaps"}
+# The checks that speak IMAP only; tls.*, disclosure.banner and limits.liveness speak it
+# among the others.
 IMAP_CHECKS = {"imap.plaintext-auth", "tls.injection-imap", "limits.imap-literal",
                "limits.imap-line"}
+# mailfort's IMAP greeting on 143 (before TLS) and on 993 (inside TLS).
+GREETING_143 = "< * OK [CAPABILITY IMAP4rev1 IMAP4rev2 STARTTLS LOGINDISABLED "
+GREETING_993 = "< * OK [CAPABILITY IMAP4rev1 IMAP4rev2 AUTH=PLAIN "
 
 
 async def test_hardened_mailfort_passes_every_check(
@@ -46,7 +50,7 @@ async def test_hardened_mailfort_passes_every_check(
     html = tmp_path / "report.html"
     async with Node(cfg, ssl_context=server_ssl_context) as node:
         ports = {s: node.port(name) for s, name in SERVICES.items()}
-        argv = ["127.0.0.1", *port_args(ports), *NO_IMAP, "--domain", "example.test",
+        argv = ["127.0.0.1", *port_args(ports), "--domain", "example.test",
                 "--user", "alice",
                 "--auth-user", "alice@example.test",
                 "--auth-password-file", password_file("alice-pw"),
@@ -56,11 +60,22 @@ async def test_hardened_mailfort_passes_every_check(
         code, out, _ = await asyncio.to_thread(run_audit, capsys, argv)
     report = json.loads(out)
     assert validate(report) == []
-    not_passed = {c["id"]: (c["status"], c["result"]) for c in report["checks"]
+    checks = {c["id"]: c for c in report["checks"]}
+    not_passed = {k: (c["status"], c["result"]) for k, c in checks.items()
                   if c["status"] != "PASS"}
-    assert {k: v[0] for k, v in not_passed.items()} == dict.fromkeys(IMAP_CHECKS, "SKIP")
+    assert not_passed == {}
     assert code == 0 and report["exit_status"] == 0
     assert len(report["checks"]) >= 26
+    # Each IMAP check spoke to mailfort's own IMAP (not a SKIP, not another port's PASS).
+    for cid in IMAP_CHECKS:
+        assert any(e.startswith(GREETING_143) for e in checks[cid]["evidence"]), cid
+    for tag in ("L", "P"):  # LOGIN and AUTHENTICATE, refused before any password
+        assert f"< {tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in" in \
+            checks["imap.plaintext-auth"]["evidence"]
+    assert "imap, imaps" in checks["tls.starttls"]["result"]
+    assert "imap, imaps" in checks["limits.liveness"]["result"]
+    assert any(e.startswith(GREETING_993) for e in checks["limits.liveness"]["evidence"])
+    assert "< * ID NIL" in checks["disclosure.banner"]["evidence"]
     # The server dropped the session after 5 errors: the relay probes reconnected, went on.
     relay = next(c for c in report["checks"] if c["id"] == "relay.open")
     assert any("reconnect: the server ended the session (< 421" in e
@@ -68,4 +83,4 @@ async def test_hardened_mailfort_passes_every_check(
     # Once: the later sessions end before the limit the server showed (4 senders × 21 forms).
     assert "(1 reconnections)" in relay["result"], "\n".join(relay["evidence"])
     page = html.read_text(encoding="utf-8")
-    assert page.count('class="badge PASS"') == 2 * (len(report["checks"]) - len(IMAP_CHECKS))
+    assert page.count('class="badge PASS"') == 2 * len(report["checks"])

@@ -53,6 +53,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "imap_literal_drop": ("limits.imap-literal", IMAP),
     "imap_id_version": ("disclosure.banner", IMAP),
     "imap_no_line_limit": ("limits.imap-line", IMAP),
+    "imap_authenticate_clear": ("imap.plaintext-auth", IMAP),
 }
 
 

@@ -72,6 +72,9 @@ class Weakness:
     imap_literal_drop: bool = False  # a huge literal ends the session without a BYE
     imap_id_version: bool = False  # ID answers the software's name and version, not NIL
     imap_no_line_limit: bool = False  # holds a command line of any length, and runs it
+    # LOGINDISABLED, no AUTH= and LOGIN refused before TLS, but AUTHENTICATE PLAIN forgot
+    # the rule: it asks for the credentials (+) in the clear
+    imap_authenticate_clear: bool = False
 
     @classmethod
     def names(cls) -> list[str]:
@@ -495,6 +498,14 @@ class WeakServer:
                 c.send(f"{tag} OK Begin TLS")
                 c.wrap(self.ctx, keep_buffer=w.imap_injection)
                 tls = True
+            elif verb == "AUTHENTICATE" and not tls and w.imap_authenticate_clear:
+                if " " in arg.strip():  # SASL-IR: the credentials came with the command
+                    c.send(f"{tag} NO [AUTHENTICATIONFAILED] Invalid")
+                    continue
+                c.send("+ ")
+                answer, _ = c.line(IMAP_LINE_LIMIT)
+                c.send(f"{tag} BAD Cancelled" if answer.strip() == b"*"
+                       else f"{tag} NO [AUTHENTICATIONFAILED] Invalid")
             elif verb in ("LOGIN", "AUTHENTICATE"):
                 if not tls and not w.imap_plaintext_login:
                     c.send(f"{tag} NO [PRIVACYREQUIRED] STARTTLS first")

@@ -108,6 +108,92 @@ def test_sniff(lab: Lab) -> None:
     assert any(b"Salaries 2026" in m for m in lab.sides["hardened"].mailbox(BOB))
 
 
+def test_sniff_imap(lab: Lab) -> None:
+    """IMAP in the sniffing attack: on the legacy server alice's LOGIN crosses the wire in
+    the clear and the recording gives her password away; the hardened server says
+    LOGINDISABLED, refuses LOGIN before STARTTLS with NO [PRIVACYREQUIRED] (the lab's
+    client sends it without her password), and her LOGIN goes inside TLS."""
+    password = PASSWORDS[ALICE]
+    marks = {s: side.proxies["imap"].recording.mark() for s, side in lab.sides.items()}
+    run = run_attack(lab, "sniff")
+
+    def imap_wire(side: str, direction: str) -> bytes:
+        chunks = lab.sides[side].proxies["imap"].recording.since(marks[side])
+        return b"".join(ch.data for ch in chunks if ch.direction == direction)
+
+    legacy_up, legacy_down = imap_wire("legacy", ">"), imap_wire("legacy", "<")
+    assert f'LOGIN {ALICE} "{password}"'.encode() in legacy_up  # verbatim on the wire
+    assert b"AUTH=PLAIN" in legacy_down and b"LOGINDISABLED" not in legacy_down
+    assert b"Logged in" in legacy_down  # the server took it, in the clear
+    hardened_up, hardened_down = imap_wire("hardened", ">"), imap_wire("hardened", "<")
+    assert password.encode() not in hardened_up
+    assert b"LOGINDISABLED" in hardened_down and b"AUTH=PLAIN" not in hardened_down
+    assert b"NO [PRIVACYREQUIRED]" in hardened_down
+    assert b"STARTTLS" in hardened_up and b"Logged in" not in hardened_down  # inside TLS
+    legacy, hardened = run.sides["legacy"], run.sides["hardened"]
+    assert legacy.found["captured"][password] == ["SMTP AUTH PLAIN", "POP3 PASS", "IMAP LOGIN"]
+    assert hardened.found["captured"] == {}
+    assert legacy.found["imap"] == "login-in-clear"
+    assert hardened.found["imap"] == "login-refused"
+    # Both servers let alice in: the hardened one only after STARTTLS.
+    assert any("Logged in" in line for line in hardened.transcript)
+    assert any("PRIVACYREQUIRED" in line for line in hardened.transcript)
+
+
+def test_legacy_imap_takes_authenticate_plain_in_the_clear(lab: Lab) -> None:
+    """imaplib, a real client, over the legacy IMAP port: AUTHENTICATE PLAIN without TLS
+    works (and the recording can read it); the hardened port refuses it before TLS."""
+    import imaplib
+
+    from mailfort.lab.attacks import _sniff
+
+    creds = f"\0{ALICE}\0{PASSWORDS[ALICE]}".encode()
+    legacy = lab.sides["legacy"].proxies["imap"]
+    mark = legacy.recording.mark()
+    client = imaplib.IMAP4("127.0.0.1", legacy.port, timeout=5)
+    try:
+        assert "LOGINDISABLED" not in client.capabilities
+        assert client.authenticate("PLAIN", lambda _: creds)[0] == "OK"
+    finally:
+        client.logout()
+    found, *_ = _sniff({"imap": legacy.recording.since(mark)})
+    assert found == {PASSWORDS[ALICE]: ["IMAP AUTHENTICATE PLAIN"]}
+    hardened = imaplib.IMAP4("127.0.0.1", lab.sides["hardened"].server_port("imap") or 0,
+                             timeout=5)
+    try:
+        assert "LOGINDISABLED" in hardened.capabilities
+        with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+            hardened.authenticate("PLAIN", lambda _: creds)
+    finally:
+        hardened.logout()
+
+
+def test_sniffer_reads_a_password_sent_as_a_literal(lab: Lab) -> None:
+    """Clients send a password with odd characters as a literal ({N}, then the octets
+    after the server's +): the eavesdropper reads it all the same."""
+    import socket
+
+    from mailfort.lab.attacks import _sniff
+
+    password = PASSWORDS[ALICE]
+    proxy = lab.sides["legacy"].proxies["imap"]
+    mark = proxy.recording.mark()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"* OK")
+        sock.sendall(f"L LOGIN {{{len(ALICE)}}}\r\n".encode())
+        assert reader.readline().startswith(b"+")
+        sock.sendall(f"{ALICE} {{{len(password)}}}\r\n".encode())
+        assert reader.readline().startswith(b"+")
+        sock.sendall(password.encode() + b"\r\n")
+        assert reader.readline().startswith(b"L OK")
+        sock.sendall(b"Z LOGOUT\r\n")
+        while reader.readline().split(b" ")[:1] not in ([b"Z"], [b""]):
+            pass
+    found, *_ = _sniff({"imap": proxy.recording.since(mark)})
+    assert found == {password: ["IMAP LOGIN"]}
+
+
 def test_vrfy(lab: Lab) -> None:
     run = run_attack(lab, "vrfy")
     legacy, hardened = run.sides["legacy"], run.sides["hardened"]

@@ -17,6 +17,7 @@ MATCHING = {
     "submission.auth-before-tls": "sniff",
     "tls.starttls": "sniff",
     "pop3.plaintext-auth": "sniff",
+    "imap.plaintext-auth": "sniff",
     "disclosure.vrfy-expn": "vrfy",
     "smuggling.end-of-data": "smuggling",
     "limits.long-line": "overflow",
@@ -30,7 +31,8 @@ def test_audit_of_the_lab(lab: Lab, capsys: pytest.CaptureFixture[str], side: st
     s = lab.sides[side]
     ports: list[str] = []
     for service, flag in (("mx", "smtp"), ("submission", "submission"),
-                          ("submissions", "submissions"), ("pop3", "pop3"), ("pop3s", "pop3s")):
+                          ("submissions", "submissions"), ("pop3", "pop3"), ("pop3s", "pop3s"),
+                          ("imap", "imap"), ("imaps", "imaps")):
         ports += [f"--{flag}-port", str(s.server_port(service) or 0)]
     code, out, _ = run_audit(capsys, ["127.0.0.1", *ports, "--domain", "example.test",
                                       "--user", "alice", *FAST, "--rcpt-count", "150",

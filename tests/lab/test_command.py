@@ -76,6 +76,40 @@ def test_html_is_self_contained(ja_session: tuple[int, str, Path]) -> None:
     assert "第三者中継" in text and "&lt;alice@example.test&gt;" in text  # escaped
 
 
+def test_japanese_report_tells_the_imap_sniffing(ja_session: tuple[int, str, Path]) -> None:
+    """④ in the terminal and on the page: alice's IMAP LOGIN read off the legacy wire, and
+    the hardened server's LOGINDISABLED and NO [PRIVACYREQUIRED]."""
+    _, out, page = ja_session
+    notes = catalogue.load("ja").NOTES
+    section = out[out.index("④ "):out.index("⑤ ")]
+    assert "IMAP LOGIN" in section and "[connect imap (imap)]" in section
+    assert notes["imap.login-in-clear"] in section
+    assert notes["imap.login-refused"] in section
+    assert "A NO [PRIVACYREQUIRED]" in section
+    data = self_contained(page.read_text(encoding="utf-8"), "lab-session")
+    sniff = next(a for a in data["attacks"] if a["name"] == "sniff")
+    assert sniff["row"] == "4"
+    legacy, hardened = sniff["sides"]["legacy"], sniff["sides"]["hardened"]
+    assert any("IMAP LOGIN" in c for c in legacy["consequences"])
+    assert "[imap]" in legacy["wire"] and "[imap]" in hardened["wire"]
+    assert any(ln.startswith("> L LOGIN alice@example.test \"") for ln in legacy["wire"])
+    assert not any("L LOGIN" in ln for ln in hardened["wire"])  # inside TLS there
+    assert notes["imap.login-refused"] in hardened["consequences"]
+
+
+def test_english_report_tells_the_imap_sniffing(capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    page = tmp_path / "sniff.html"
+    code, out, _ = _run(capsys, ["--attack", "sniff", "--html", str(page)])
+    assert code == 0
+    assert "password recovered: Tr0ub4dor&3-horse (from SMTP AUTH PLAIN; POP3 PASS; " \
+           "IMAP LOGIN)" in out
+    assert "IMAP: LOGINDISABLED before STARTTLS, LOGIN refused with NO " \
+           "[PRIVACYREQUIRED]" in out
+    text = page.read_text(encoding="utf-8")
+    assert "④ Plaintext" in text and "IMAP: LOGIN taken in the clear" in text
+
+
 def test_html_renders_in_chromium(ja_session: tuple[int, str, Path], tmp_path: Path) -> None:
     _, _, page = ja_session
     shot = tmp_path / "lab-session.png"

@@ -24,7 +24,7 @@ from mailfort.config import Config, ConfigError
 from mailfort.directory.base import Resolution
 from mailfort.lab.profile import LegacyProfile
 from mailfort.policy.recipients import STRICT, LegacyRecipients
-from mailfort.protocol import pop3, smtp
+from mailfort.protocol import imap, pop3, smtp
 from mailfort.protocol.address import Mailbox
 from mailfort.protocol.body import BodyChecker
 
@@ -85,6 +85,29 @@ def test_hooks_default_to_the_hardened_rules() -> None:
     s = smtp.EngineSettings(hostname="mx.example.test")
     assert s.legacy_accounts is None and s.legacy_bare_lf is False
     assert pop3.EngineSettings().max_auth_failures == pop3.MAX_AUTH_FAILURES
+    i = imap.EngineSettings()
+    assert not i.allow_plaintext and i.max_auth_failures == imap.MAX_AUTH_FAILURES
+
+
+def _imap_greeting(settings: imap.EngineSettings) -> bytes:
+    eng = imap.IMAPEngine(settings)
+    eng.greet()
+    return eng.take_output()
+
+
+def test_legacy_imap_settings_only_weaken_what_they_say() -> None:
+    """The IMAP seam: LOGIN and AUTHENTICATE PLAIN in the clear, no STARTTLS, no
+    LOGINDISABLED; the greeting (no software, no version, like the legacy POP3 and SMTP)
+    and the parser's limits stay."""
+    base = imap.EngineSettings(tls_available=True, append_limit=1000)
+    weak = LegacyProfile(domain="example.test").imap_settings(base)
+    assert weak.allow_plaintext and not weak.tls_available
+    assert weak.greeting == base.greeting and weak.append_limit == 1000
+    assert weak.limits == base.limits and weak.login_limits == base.login_limits
+    hardened, legacy = _imap_greeting(base), _imap_greeting(weak)
+    assert b"LOGINDISABLED" in hardened and b"AUTH=PLAIN" not in hardened
+    assert b"LOGINDISABLED" not in legacy and b"AUTH=PLAIN" in legacy
+    assert b"STARTTLS" not in legacy
 
 
 def _engine(settings: smtp.EngineSettings) -> smtp.SMTPEngine:
@@ -186,6 +209,7 @@ def test_the_server_profile_defaults_to_hardened() -> None:
 
     base = smtp.EngineSettings(hostname="h", tls_available=True, auth_required=True)
     assert HARDENED.smtp(base, _Dir()) is base  # type: ignore[arg-type]
+    assert HARDENED.imap_settings is None and HARDENED.pop3_settings is None
     assert all(getattr(HARDENED, f.name) in (None, False) for f in dataclasses.fields(Profile))
 
 

@@ -118,6 +118,30 @@ def test_login_and_authenticate_refused_before_tls() -> None:
                    b"c NO [PRIVACYREQUIRED] Use STARTTLS before logging in\r\n")
 
 
+def test_a_password_literal_is_refused_before_the_continuation_without_tls() -> None:
+    """A client that ignores LOGINDISABLED and sends its password as a literal gets no
+    ``+``: the password is never sent in the clear. After STARTTLS, and where the loopback
+    exception allows plaintext, the literal is taken."""
+    e = IMAPEngine(STARTTLS_PORT)
+    events, out = run(e, b"a LOGIN {18}\r\n")
+    assert events == [] and b"+" not in out
+    assert out == b"a NO [PRIVACYREQUIRED] Use STARTTLS before logging in\r\n"
+    events, out = run(e, b"b LOGIN alice@example.test {8+}\r\nalice-pw\r\n")
+    assert events == [] and out.startswith(b"b NO [PRIVACYREQUIRED]")
+    events, out = run(e, b"c NOOP\r\n")  # the {8+} octets were skipped, not read as a command
+    assert out == b"c OK NOOP completed\r\n"
+    events, _ = run(e, b"d STARTTLS\r\n")
+    assert events == [StartTLS()]
+    e.tls_started()
+    events, out = run(e, b"e LOGIN {18}\r\n")
+    assert out.startswith(b"+") and events == []
+    events, _ = run(e, b"alice@example.test alice-pw\r\n")
+    assert events == [CheckCredentials("alice@example.test", "alice-pw", "LOGIN")]
+    loop = IMAPEngine(EngineSettings(tls_available=True, allow_plaintext=True))
+    _, out = run(loop, b"a LOGIN {18}\r\n")
+    assert out.startswith(b"+")
+
+
 def test_loopback_exception_allows_plaintext_login() -> None:
     e = IMAPEngine(EngineSettings(tls_available=True, allow_plaintext=True))
     _, out = run(e, b"a CAPABILITY\r\n")

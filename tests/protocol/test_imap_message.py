@@ -626,3 +626,36 @@ def test_utf8_search_agrees_with_dovecot(dovecot: imaplib.IMAP4, words: str) -> 
                 if im.matches(k, im.SearchMessage(data_, frozenset(), seq, seq,
                                                   wire_size(data_), MTIMES[seq - 1]))}
         assert ours == theirs, f"{field} {words}"
+
+
+@pytest.mark.parametrize("name", list(DIFFERENTIAL))
+def test_parse_header_sees_the_fields_parse_sees(name: str) -> None:
+    """SEARCH on header keys uses parse_header (no MIME look): same header, same fields."""
+    data = im.to_wire(DIFFERENTIAL[name])
+    full, head = im.parse(data), im.parse_header(data)
+    assert (head.header, head.fields) == (full.header, full.fields)
+    assert im.envelope(head) == im.envelope(full)
+
+
+def _fields_by_lines(header: bytes) -> list[tuple[str, bytes]]:
+    """The field splitter as first written, a loop per line: the reference for _fields."""
+    pieces: list[tuple[str, list[bytes]]] = []
+    for line in header.splitlines(keepends=True):
+        if line in (b"\r\n", b"\n"):
+            break
+        if line[:1] in (b" ", b"\t") and pieces:
+            pieces[-1][1].append(line)
+            continue
+        name = line.split(b":", 1)[0].strip() if b":" in line else b""
+        pieces.append((name.decode("ascii", "replace").lower(), [line]))
+    return [(name, b"".join(lines)) for name, lines in pieces]
+
+
+@given(st.lists(st.sampled_from([b"From", b": ", b":", b"x", b" ", b"\t", b"\r\n", b"\r",
+                                 b"\n", b"\xc3\xa4", b"To:a", b"  folded", b"\r\n\r\n"]),
+                max_size=30))
+def test_fields_split_as_the_line_loop_did(pieces: list[bytes]) -> None:
+    """The regex splitter (one match per field, for SEARCH speed) agrees with a plain loop
+    over bytes.splitlines lines on any mix of line ends, folds, colons and blank lines."""
+    header = b"".join(pieces)
+    assert im._fields(header) == _fields_by_lines(header)

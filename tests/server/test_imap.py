@@ -379,6 +379,34 @@ async def test_append_over_appendlimit_refused_toobig(lab_factory: Callable[...,
     assert b"TOOBIG" in refused
 
 
+async def test_configured_quota_is_reported_and_enforced(
+        lab_factory: Callable[..., Any]) -> None:
+    """limits.mailbox_quota reaches the session: GETQUOTAROOT shows it (old Thunderbird
+    reads it there) and an APPEND past it gets [OVERQUOTA]."""
+    lab = await lab_factory(LimitsConfig(mailbox_quota=4096, mailbox_quota_messages=10))
+
+    def session() -> tuple[object, object, bytes]:
+        with lab.tls_client() as c:
+            c.login(ALICE, PASSWORDS[ALICE])
+            c.append("INBOX", b"Subject: one\r\n\r\n" + b"x" * 1000 + b"\r\n")
+            roots, quotas = c.get_quota_root("INBOX")
+            root = (roots.mailbox, tuple(roots.quota_roots))
+            quota = sorted((q.quota_root, q.resource, q.usage, q.limit) for q in quotas)
+            try:
+                c.append("INBOX", b"Subject: two\r\n\r\n" + b"y" * 5000 + b"\r\n")
+            except Exception as err:
+                refused = str(err).encode()
+            else:
+                raise AssertionError("APPEND past the quota accepted")
+            c.logout()
+        return root, quota, refused
+
+    root, quota, refused = await in_thread(session)
+    assert root == ("INBOX", ("",))
+    assert quota == [("", "MESSAGE", 1, 10), ("", "STORAGE", 1, 4)]
+    assert b"OVERQUOTA" in refused
+
+
 async def test_idle_timeout_before_login(lab_factory: Callable[..., Any]) -> None:
     lab = await lab_factory(LimitsConfig(imap_login_timeout=0.3))
 

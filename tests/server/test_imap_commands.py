@@ -474,6 +474,10 @@ def test_search_keys_charsets_esearch_and_searchres(tmp_path: Path) -> None:
     assert client.ok(b"a SEARCH RETURN (SAVE) FROM carol") == []
     assert fetch_flags(client.ok(b"a FETCH $ FLAGS")) == {2: b""}
     assert search(b"SEARCH OR $ SEEN") == b"* SEARCH 1 2\r\n"
+    assert client.ok(b"a SEARCH RETURN (SAVE) OR $ SEEN") == []  # uses the $ of before
+    assert search(b"UID SEARCH $") == b"* SEARCH 1 2\r\n"
+    assert client.run(b"a SEARCH RETURN (SAVE) CHARSET X ALL")[0].status == "NO"
+    assert search(b"SEARCH $") == b"* SEARCH\r\n"  # a failed SAVE empties it
     line = search(b"SEARCH MODSEQ 1")
     assert re.fullmatch(rb"\* SEARCH 1 2 3 \(MODSEQ \d+\)\r\n", line)
     out, _ = client.run(b"a SEARCH CHARSET KOI8-R ALL")
@@ -797,3 +801,83 @@ def test_a_subscriptions_file_written_by_dovecot_is_read(tmp_path: Path) -> None
     (tmp_path / "subscriptions").write_text("V\t2\n\nINBOX\nLists\tpython\n")
     lines = client.ok(b'a LSUB "" "*"')
     assert lines == [b'* LSUB () "." "INBOX"\r\n', b'* LSUB () "." "Lists.python"\r\n']
+
+
+def test_condstore_select_parameter_and_move_under_qresync(tmp_path: Path) -> None:
+    client = filled(tmp_path, 3)
+    lines = client.ok(b"a SELECT INBOX (CONDSTORE)")
+    assert code(lines, b"HIGHESTMODSEQ")
+    (line,) = client.ok(b"a STORE 1 +FLAGS (\\Flagged)")  # enabled: STORE tells MODSEQ
+    assert re.fullmatch(rb"\* 1 FETCH \(FLAGS \(\\Flagged\) MODSEQ \(\d+\)\)\r\n", line)
+    assert client.run(b"a SELECT INBOX (BOGUS)")[0].status == "BAD"
+    client.ok(b"a ENABLE QRESYNC")
+    client.ok(b"a SELECT INBOX")
+    lines = client.ok(b"a MOVE 2:3 Trash")
+    assert lines[1:] == [b"* VANISHED 2:3\r\n"]
+    assert client.ok(b"a UID FETCH 1 FLAGS") == [b"* 1 FETCH (UID 1 FLAGS (\\Flagged))\r\n"]
+
+
+def test_concurrent_sessions_in_threads_lose_no_flag_and_agree(tmp_path: Path) -> None:
+    """Two sessions of one user in two threads (the driver runs each in a worker thread)
+    add different flags (renames) and keywords to the same messages while mail arrives:
+    no change is lost, and both views end equal to the store's."""
+    import threading
+
+    a, b = filled(tmp_path, 10), Client(tmp_path)
+    a.ok(b"a SELECT INBOX")
+    b.ok(b"a SELECT INBOX")
+    errors: list[BaseException] = []
+
+    def work(client: Client, keyword: bytes) -> None:
+        try:
+            for n in range(1, 11):
+                client.ok(b"a STORE %d +FLAGS (%s)" % (n, keyword))
+                client.ok(b"a FETCH %d (FLAGS BODY.PEEK[HEADER])" % n)
+                client.session.updates()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(a, b"$A \\Flagged")),
+               threading.Thread(target=work, args=(b, b"$B \\Answered"))]
+    for t in threads:
+        t.start()
+    for i in range(5):
+        deliver(tmp_path, f"1900000100.M{i}P9.host")
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for c in (a, b):
+        c.session.updates()
+    truth = {m.uid: m.flags for m in a.session.store.mailbox("INBOX").messages()}
+    assert all({"$A", "$B", "\\Flagged", "\\Answered"} <= truth[u] for u in range(1, 11))
+    for c in (a, b):
+        view = c.session.view
+        assert view is not None and view.uids == sorted(truth)
+        assert {u: view.info[u].flags for u in view.uids} == truth
+
+
+def _other_process_changes(maildir: str) -> None:
+    """Runs in a child process: a session of its own (its own MailStore and UID map)."""
+    other = Client(Path(maildir))
+    other.ok(b"a SELECT INBOX")
+    other.ok(b"a STORE 2 +FLAGS (\\Deleted)")
+    other.ok(b"a STORE 3 +FLAGS ($Other)")
+    other.ok(b"a EXPUNGE")
+
+
+def test_changes_made_by_a_session_in_another_process_are_reported(tmp_path: Path) -> None:
+    """Another worker process (no shared memory, only the files and the UID map) expunges
+    and flags: this session's NOOP reports both, numbers renumbered."""
+    import multiprocessing
+
+    client = filled(tmp_path, 3)
+    client.ok(b"a SELECT INBOX")
+    child = multiprocessing.get_context("fork").Process(target=_other_process_changes,
+                                                         args=(str(tmp_path),))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    lines = client.session.updates()
+    assert lines[0] == b"* 2 EXPUNGE\r\n"
+    assert lines[1].startswith(b"* FLAGS (") and b"$Other" in lines[1]
+    assert fetch_flags(lines) == {2: b"$Other"}

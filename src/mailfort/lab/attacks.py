@@ -14,6 +14,7 @@ import base64
 import re
 import secrets
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailfort.audit.client import ProbeError, RawClient, insecure_context, trim
+from mailfort.audit.context import imap_capabilities, imap_greeting
 from mailfort.lab.capture import Captured, Chunk
 from mailfort.lab.harness import (
     ATTACKER_IP,
@@ -128,7 +130,10 @@ def _connect(side: Side, service: str, run: SideRun, pace: float, *,
         return None
     c = Client(port, run.transcript, source=source, pace=pace)
     run.transcript.append(f"  [connect {service} ({'port 25' if service == 'mx' else service})]")
-    c.reply()
+    if service == "imap":
+        imap_greeting(c)  # "* OK [CAPABILITY …]": one line, not an SMTP reply
+    else:
+        c.reply()
     return c
 
 
@@ -294,10 +299,115 @@ def backscatter(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
         run.note("forged.nothing", to=victim)
 
 
-def _sniff(connections: dict[str, list[Chunk]]) -> tuple[set[str], int, int, list[str]]:
+# An IMAP string on a command line: quoted, an atom, or (at the end) a literal's
+# announcement {N} or {N+}, whose N octets start the client's next line.
+_IMAP_WORD = re.compile(rb' *(?:"((?:[^"\\]|\\.)*)"|\{(\d+)\+?\}$|([^ "]+))')
+
+
+def _imap_words(line: bytes) -> tuple[list[bytes], int | None]:
+    """The words of an IMAP command line, and the size of the literal it announces."""
+    words: list[bytes] = []
+    pos = 0
+    while pos < len(line):
+        m = _IMAP_WORD.match(line, pos)
+        if m is None or m.end() == pos:
+            break
+        pos = m.end()
+        if m.group(2) is not None:
+            return words, int(m.group(2))
+        quoted = m.group(1)
+        words.append(re.sub(rb"\\(.)", rb"\1", quoted) if quoted is not None else m.group(3))
+    return words, None
+
+
+def _plain_password(token: bytes) -> str | None:
+    """The password inside a SASL PLAIN response (base64 of authzid NUL authcid NUL pw)."""
+    try:
+        parts = base64.b64decode(token, validate=True).split(b"\0")
+    except ValueError:
+        return None
+    return parts[2].decode("utf-8", "replace") if len(parts) == 3 else None
+
+
+class _Eavesdropper:
+    """Reads the client's lines of one connection as someone on the path would, and keeps
+    every password found with how it travelled (``SMTP AUTH PLAIN``, ``IMAP LOGIN``…)."""
+
+    def __init__(self, service: str, found: dict[str, list[str]]) -> None:
+        self.imap = service.startswith("imap")
+        self.found = found
+        self.pending: str | None = None  # a SASL response is expected next (its label)
+        self.login_user: str | None = None  # SMTP AUTH LOGIN: "" before the user name
+        self.words: list[bytes] | None = None  # an IMAP command waiting for its literal
+        self.literal: int | None = None
+
+    def keep(self, password: str | None, how: str) -> None:
+        if not password:  # an empty one (the lab's LOGIN without it) reveals nothing
+            return
+        ways = self.found.setdefault(password, [])
+        if how not in ways:
+            ways.append(how)
+
+    def line(self, raw: bytes) -> None:
+        if self.pending is not None:
+            how, self.pending = self.pending, None
+            self.keep(_plain_password(raw), how)
+        elif self.imap:
+            self._imap(raw)
+        else:
+            self._smtp_pop3(raw.decode("latin-1"))
+
+    def _smtp_pop3(self, text: str) -> None:
+        words = text.split()
+        head = [w.upper() for w in words[:2]]
+        if head == ["AUTH", "PLAIN"]:
+            if len(words) == 3:
+                self.keep(_plain_password(words[2].encode()), "SMTP AUTH PLAIN")
+            else:
+                self.pending = "SMTP AUTH PLAIN"
+        elif head[:1] == ["PASS"] and len(text) > 5:
+            self.keep(text[5:], "POP3 PASS")
+        elif head == ["AUTH", "LOGIN"]:
+            self.login_user = ""
+        elif self.login_user is not None:
+            try:
+                value = base64.b64decode(text, validate=True).decode("utf-8")
+            except ValueError:
+                self.login_user = None
+                return
+            if self.login_user:
+                self.keep(value, "SMTP AUTH LOGIN")
+                self.login_user = None
+            else:
+                self.login_user = value
+
+    def _imap(self, raw: bytes) -> None:
+        if self.words is not None and self.literal is not None:
+            # The literal's octets start this line, then the command goes on.
+            value, rest = raw[:self.literal], raw[self.literal:]
+            more, self.literal = _imap_words(rest)
+            self.words += [value, *more]
+        else:
+            self.words, self.literal = _imap_words(raw)
+        if self.literal is not None:
+            return
+        words, self.words = self.words, None
+        name = [w.upper() for w in words[1:3]]
+        if name[:1] == [b"LOGIN"] and len(words) >= 4:
+            self.keep(words[3].decode("utf-8", "replace"), "IMAP LOGIN")
+        elif name == [b"AUTHENTICATE", b"PLAIN"]:
+            if len(words) >= 4:  # SASL-IR: the response on the command line
+                self.keep(_plain_password(words[3]), "IMAP AUTHENTICATE PLAIN")
+            else:
+                self.pending = "IMAP AUTHENTICATE PLAIN"
+
+
+def _sniff(connections: dict[str, list[Chunk]]
+           ) -> tuple[dict[str, list[str]], int, int, list[str]]:
     """What an eavesdropper gets from recorded bytes (per service, per connection):
-    passwords, octets in clear and in TLS records, and what the client was seen to send."""
-    found: set[str] = set()
+    passwords (each with the ways it travelled, in order), octets in clear and in TLS
+    records, and what the client was seen to send."""
+    found: dict[str, list[str]] = {}
     clear = tls = 0
     lines: list[str] = []
     for service, chunks in connections.items():
@@ -308,8 +418,7 @@ def _sniff(connections: dict[str, list[Chunk]]) -> tuple[set[str], int, int, lis
             lines.append(f"[{service}]")
             in_tls = False
             tls_here = 0
-            pending_plain = False
-            login_user: str | None = None
+            ear = _Eavesdropper(service, found)
             for ch in conn_chunks:
                 if in_tls or ch.data[:1] in (b"\x14", b"\x15", b"\x16", b"\x17"):
                     in_tls = True
@@ -319,37 +428,9 @@ def _sniff(connections: dict[str, list[Chunk]]) -> tuple[set[str], int, int, lis
                 if ch.direction != ">":
                     continue
                 for raw in ch.data.split(b"\r\n"):
-                    if not raw:
-                        continue
-                    text = raw.decode("latin-1")
-                    lines.append(f"> {trim(text)}")
-                    words = text.split()
-                    if pending_plain or (len(words) == 3 and words[:2] == ["AUTH", "PLAIN"]):
-                        token = text if pending_plain else words[2]
-                        pending_plain = False
-                        try:
-                            parts = base64.b64decode(token, validate=True).split(b"\0")
-                        except ValueError:
-                            continue
-                        if len(parts) == 3:
-                            found.add(parts[2].decode("utf-8", "replace"))
-                    elif words[:2] == ["AUTH", "PLAIN"]:
-                        pending_plain = True
-                    elif words[:1] == ["PASS"] and len(text) > 5:
-                        found.add(text[5:])
-                    elif words[:2] == ["AUTH", "LOGIN"]:
-                        login_user = ""
-                    elif login_user is not None:
-                        try:
-                            value = base64.b64decode(text, validate=True).decode("utf-8")
-                        except ValueError:
-                            login_user = None
-                            continue
-                        if login_user:
-                            found.add(value)
-                            login_user = None
-                        else:
-                            login_user = value
+                    if raw:
+                        lines.append(f"> {trim(raw)}")
+                        ear.line(raw)
             if tls_here:
                 lines.append(f"  [then {tls_here} octets of TLS records: unreadable]")
                 tls += tls_here
@@ -357,10 +438,10 @@ def _sniff(connections: dict[str, list[Chunk]]) -> tuple[set[str], int, int, lis
 
 
 def sniff(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
-    """alice sends and reads mail; what does someone on the path read?"""
+    """alice sends and reads mail (SMTP, POP3, IMAP); what does someone on the path read?"""
     marker = _marker("sniff")
     password = PASSWORDS[ALICE]
-    services = ["mx", "pop3"] if side.legacy else ["submission", "pop3"]
+    services = ["mx", "pop3", "imap"] if side.legacy else ["submission", "pop3", "imap"]
     marks = {s: side.proxies[s].recording.mark() for s in services}
     text = f"From: <{ALICE}>\nTo: <{BOB}>\nSubject: Salaries 2026 ({marker})\n\n" \
            "Confidential: the salary list is attached.\n"
@@ -394,21 +475,47 @@ def sniff(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
         c.status()
         c.quit(pop3=True)
 
+    def imap() -> None:
+        # As a mail program does: it reads the capabilities and logs in as they allow.
+        c = _connect(side, "imap", run, pace)
+        assert c is not None
+        if "LOGINDISABLED" in imap_capabilities(c):
+            # No password may be sent yet (RFC 9051 §6.2.3). To show the refusal, a LOGIN
+            # without one: the server refuses it before it looks at any password.
+            run.transcript.append("  [LOGINDISABLED: LOGIN sent without the password]")
+            status, _ = c.imap("A", f'LOGIN {ALICE} ""')
+            refused = status != "OK" and "[PRIVACYREQUIRED]" in run.transcript[-1].upper()
+            run.found["imap"] = "login-refused" if refused else "login-in-clear"
+            if c.imap("S", "STARTTLS")[0] == "OK":
+                c.starttls(insecure_context())
+                imap_capabilities(c)
+        c.send(f'L LOGIN {ALICE} "{password}"\r\n'.encode(),
+               note=f'L LOGIN {ALICE} "********"')
+        status, _ = c.tagged("L")
+        if status == "OK" and not isinstance(c.sock, ssl.SSLSocket):
+            run.found["imap"] = "login-in-clear"
+        if status == "OK":
+            c.imap("T", "STATUS INBOX (MESSAGES)")
+        c.quit(imap=True)
+
     _session(smtp, run)
     _session(pop3, run)
+    _session(imap, run)
     time.sleep(0.1)  # the proxy's last chunks
     recorded = {s: side.proxies[s].recording.since(marks[s]) for s in services}
     found, clear, tls, lines = _sniff(recorded)
     wire_text = b"".join(ch.data for chunks in recorded.values() for ch in chunks)
     run.wire = lines[:60]
-    run.found.update(passwords=sorted(found), clear=clear, tls=tls,
+    run.found.update(passwords=sorted(found), captured=found, clear=clear, tls=tls,
                      message_seen=marker.encode() in wire_text)
     run.succeeded = password in found
-    if found:
-        run.note("wire.password", password=", ".join(sorted(found)))
-    else:
+    for pw, how in sorted(found.items()):
+        run.note("wire.password", password=pw, via=[("wire.via", {"how": h}) for h in how])
+    if not found:
         run.note("wire.no-password")
     run.note("wire.message" if run.found["message_seen"] else "wire.no-message")
+    if run.found.get("imap") in ("login-in-clear", "login-refused"):
+        run.note("imap." + run.found["imap"])
     run.note("wire.octets", clear=clear, tls=tls)
 
 

@@ -205,7 +205,7 @@ class Lab:
                     else Node(cfg))
             side.node = node
             await node.start()
-            for service in ("mx", "submission", "pop3"):
+            for service in ("mx", "submission", "pop3", "imap"):
                 if node.ports.get(service):
                     proxy = RecordingProxy(service, node.port(service))
                     await proxy.start()

@@ -12,6 +12,9 @@ hardened path stays as it is:
   clear and never required (one door for submission and relay), no STARTTLS, VRFY/EXPN
   answered from the directory, bare LF taken as a line end in DATA, limits raised to what
   merely keeps the machine safe; POP3 without STLS and without a per-session failure limit;
+  IMAP the same way: no STARTTLS, LOGIN and AUTHENTICATE PLAIN in the clear (``AUTH=PLAIN``
+  where the hardened server says ``LOGINDISABLED``), no per-session failure limit. Banners
+  stay as they are: the legacy POP3 and SMTP name no software either;
 * policy objects: ``policy.recipients.LegacyRecipients`` (open relay, unknown users
   accepted) and ``policy.disclosure.DirectoryDisclosure`` (VRFY/EXPN);
 * accept-then-bounce: the enqueue hook bounces mail for unknown local users to whatever
@@ -34,6 +37,7 @@ from mailfort.config import AuthConfig
 from mailfort.directory.base import Directory
 from mailfort.policy.disclosure import DirectoryDisclosure
 from mailfort.policy.recipients import LegacyRecipients
+from mailfort.protocol import imap as imap_engine
 from mailfort.protocol import pop3 as pop3_engine
 from mailfort.protocol import smtp as smtp_engine
 from mailfort.server.profile import Profile
@@ -69,6 +73,7 @@ class LegacyProfile:
             smtp_settings=self.engine_settings,
             disclosure=self.disclosure,
             pop3_settings=self.pop3_settings,
+            imap_settings=self.imap_settings,
             recipients=self.recipients,
             enqueue=self.enqueue_hook,
         )
@@ -97,6 +102,10 @@ class LegacyProfile:
         )
 
     def pop3_settings(self, base: pop3_engine.EngineSettings) -> pop3_engine.EngineSettings:
+        return dataclasses.replace(base, tls_available=False, allow_plaintext=True,
+                                   max_errors=SAFE_ERRORS, max_auth_failures=SAFE_ERRORS)
+
+    def imap_settings(self, base: imap_engine.EngineSettings) -> imap_engine.EngineSettings:
         return dataclasses.replace(base, tls_available=False, allow_plaintext=True,
                                    max_errors=SAFE_ERRORS, max_auth_failures=SAFE_ERRORS)
 

@@ -167,6 +167,13 @@ def _clean(text: str) -> bytes:
     return "".join(c if " " <= c <= "~" else "?" for c in text).encode("ascii")
 
 
+def _no_password_literals(limits: Limits) -> Limits:
+    """``limits`` with LOGIN's literals refused at the ``{N}``: a client that ignores
+    LOGINDISABLED and sends its password as a literal is refused before the ``+``, so the
+    password never crosses the wire in the clear."""
+    return replace(limits, refused_literals=frozenset({"LOGIN"}))
+
+
 class IMAPEngine:
     """One IMAP server session. See the module docstring for the contract."""
 
@@ -175,7 +182,8 @@ class IMAPEngine:
         self.tls_active = tls_active
         self.state = State.NOT_AUTHENTICATED
         self.user: str | None = None  # canonical address once authenticated
-        self.reader = CommandReader(settings.login_limits)
+        self.reader = CommandReader(settings.login_limits if self._credentials_allowed()
+                                    else _no_password_literals(settings.login_limits))
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self._wait = _W.NONE
@@ -285,6 +293,7 @@ class IMAPEngine:
             return
         self._wait = _W.NONE
         self.tls_active = True
+        self.reader.limits = self.s.login_limits
 
     def write_untagged(self, data: bytes) -> None:
         """Complete untagged responses (each ending CRLF) from the mailbox side: while an

@@ -113,17 +113,26 @@ def _split_header(data: bytes) -> tuple[bytes, bytes]:
     return data, b""
 
 
+# One field: a line that is not blank (its name before the first colon, if any), then the
+# lines that start with a space or tab. Lines end as bytes.splitlines ends them (CRLF, CR,
+# LF); a blank line ends the header. One regex match per field, not a loop per line.
+_FIELD = re.compile(rb"(?!\r\n|\n)(?:([^\r\n:]*):)?[^\r\n]*(?:\r\n|\r|\n|\Z)"
+                    rb"(?:[ \t][^\r\n]*(?:\r\n|\r|\n|\Z))*")
+
+
 def _fields(header: bytes) -> list[tuple[str, bytes]]:
-    pieces: list[tuple[str, list[bytes]]] = []  # lines joined once: folding stays linear
-    for line in header.splitlines(keepends=True):
-        if line in (b"\r\n", b"\n"):
+    out: list[tuple[str, bytes]] = []
+    pos, end = 0, len(header)
+    match = _FIELD.match
+    while pos < end:
+        m = match(header, pos)
+        if m is None or m.end() == pos:
             break
-        if line[:1] in (b" ", b"\t") and pieces:
-            pieces[-1][1].append(line)
-            continue
-        name = line.split(b":", 1)[0].strip() if b":" in line else b""
-        pieces.append((name.decode("ascii", "replace").lower(), [line]))
-    return [(name, b"".join(lines)) for name, lines in pieces]
+        name = m.group(1)
+        out.append((name.strip().decode("ascii", "replace").lower() if name else "",
+                    m.group(0)))
+        pos = m.end()
+    return out
 
 
 def _content_type(part: Part, default: tuple[str, str]) -> None:
@@ -216,6 +225,13 @@ def _split_multipart(body: bytes, boundary: bytes) -> tuple[list[bytes], list[by
     if not parts:
         return [b""], [body, b""]
     return parts, [*frames, body[prev:]]
+
+
+def parse_header(data: bytes) -> Part:
+    """The top header of ``data`` only, its fields split, no MIME look (what SEARCH on a
+    header field and ENVELOPE need): Content-Type is not parsed, the body not cut."""
+    header, body = _split_header(data)
+    return Part(header, body, _fields(header))
 
 
 def parse(data: bytes, *, _depth: int = 0,

@@ -83,6 +83,10 @@ class Limits:
     max_search_keys: int = 256  # keys in one SEARCH
     max_sasl_line: int = MAX_SASL_LINE  # an AUTHENTICATE response line
     max_idle_line: int = 64  # the line that ends IDLE ("DONE")
+    # Commands whose literals are refused at the announcement, before the "+" that would
+    # let the client send them: LOGIN before TLS, whose literal is a password.
+    refused_literals: frozenset[str] = frozenset()
+    refused_literal_reply: tuple[str, str] = ("NO", "PRIVACYREQUIRED")  # status, code
 
 
 # ---------------------------------------------------------------------------- values
@@ -1065,6 +1069,9 @@ class CommandReader:
             self._reset_command()
             return event
         start, size, nonsync, binary = found
+        if self._name in self.limits.refused_literals:
+            status, code = self.limits.refused_literal_reply
+            return self._refuse_literal(found, "Use STARTTLS before logging in", code, status)
         limit = self.limits.max_append if self._name == "APPEND" else self.limits.max_literal
         if size < 0 or self._literal_total + size > limit:
             status = "NO" if self._name == "APPEND" else "BAD"  # RFC 7889: NO [TOOBIG]

@@ -231,6 +231,10 @@ class Node:
                     watcher=self.watcher,
                     user_sessions=self.imap_users,
                 )
+                if self.profile.imap_settings is not None:  # server/profile.py
+                    imap = self.imap[plan.name]
+                    imap.settings = imap.loopback_settings = self.profile.imap_settings(
+                        imap.settings)
                 continue
             pop = self.pop3[plan.name] = POP3Server(
                 ssl_context=self.ssl_context,

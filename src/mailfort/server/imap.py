@@ -280,7 +280,10 @@ def _flocked(path: Path) -> Iterator[None]:
 
 def open_mail_session(maildir: Path, user: str, limits: LimitsConfig) -> MailSessionLike:
     """The mailbox side of a logged-in session (blocking: creates the special folders)."""
-    settings = MailSessionSettings(append_limit=limits.imap_append_limit)
+    settings = MailSessionSettings(
+        append_limit=limits.imap_append_limit,
+        quota_storage=limits.mailbox_quota or None,
+        quota_messages=limits.mailbox_quota_messages or None)
     return MailSession(maildir, user=user, settings=settings)
 
 

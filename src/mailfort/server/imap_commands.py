@@ -14,11 +14,22 @@ before the view drops the message. During FETCH, STORE and SEARCH by sequence nu
 expunge is reported (RFC 9051 §7.5.1): the expunged messages stay in the view until a
 command that may report them.
 
+After a command the rescan runs at once only when the command itself changed the selected
+mailbox behind the view (EXPUNGE, APPEND or COPY into it, MOVE); otherwise at most every
+``sync_interval``, since a client pipelining one STORE per message would pay a listing of
+the mailbox for each. ``updates()`` (NOOP, IDLE, CHECK) always rescans.
+
+Cost per session: the sessions of one user in one process share one ``MailStore`` (a UID
+map is replayed once) and, once caught up, one snapshot of the selected mailbox (copied
+on write). Message headers and ENVELOPE/BODYSTRUCTURE answers are cached per process by
+file name (``_Cache``): a Maildir file's octets never change under its name.
+
 Where the RFCs leave a choice the answer is the reference Dovecot's (an empty or out of
 range sequence set is BAD, INBOX rename moves the messages, STATUS of the selected mailbox
-is allowed). Bounds: SEARCH work (messages x keys) is capped (``NO [LIMIT]``), FETCH reads
-one message at a time (only its header when the items need no more), APPEND is held to
-``append_limit`` (``[TOOBIG]``) and the quota (``[OVERQUOTA]``).
+is allowed, MODSEQ only where asked or where flags changed). Bounds: SEARCH work
+(messages x keys) is capped (``NO [LIMIT]``), FETCH reads one message at a time (only its
+header when the items need no more), APPEND is held to ``append_limit`` (``[TOOBIG]``) and
+the quota (``[OVERQUOTA]``), CREATE to ``max_mailboxes``.
 """
 
 from __future__ import annotations
@@ -233,10 +244,12 @@ class _LazySearch(im.SearchMessage):
     """A SearchMessage that reads its file only when a key looks at the content."""
 
     loader: Callable[[], bytes] = staticmethod(lambda: b"")  # type: ignore[assignment]
+    header_only: bool = False
 
     @cached_property
     def root(self) -> im.Part:  # type: ignore[override]
-        return im.parse(im.to_wire(self.loader()[:im.SEARCH_CAP]))
+        data = im.to_wire(self.loader()[:im.SEARCH_CAP])
+        return im.parse_header(data) if self.header_only else im.parse(data)
 
 
 CACHE_BYTES = 16 * 1024 * 1024  # per process
@@ -1199,12 +1212,14 @@ class MailSession:
     def _cmd_search(self, cmd: Command) -> Outcome:
         v = self._need_view()
         ret, charset, key = cmd.args  # type: ignore[misc]
+        key = self._subst_saved(key)  # the $ of before this SEARCH
+        if ret and "SAVE" in ret:
+            self.saved = []  # RFC 5182 §2.1: a SEARCH that fails leaves $ empty
         if charset is not None and charset not in ("UTF-8", "US-ASCII"):
             raise _No("charset not supported", "BADCHARSET (UTF-8 US-ASCII)")
         work = _count_keys(key) * max(1, len(v.uids))
         if work > self.settings.max_search_work:
             raise _No("search too complex for this mailbox", "LIMIT")
-        key = self._subst_saved(key)
         if _has_modseq(key):
             self._enable_condstore()
         need = _key_needs(key)
@@ -1218,6 +1233,7 @@ class MailSession:
                               len(v.uids), last_uid, u in v.recent, m.modseq, now)
             if need:
                 msg.loader = self._loader(u, header_only=need == 1)
+                msg.header_only = need == 1
             try:
                 if im.matches(key, msg):
                     found.append((i + 1, u, m.modseq))

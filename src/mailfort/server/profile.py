@@ -1,9 +1,9 @@
 """The seams through which a node's policies can be set in Python, beyond its configuration.
 
 A ``Profile`` names each place where the server asks a policy rather than hard-coding a
-rule: the SMTP and POP3 engine settings, who may be a recipient, what VRFY/EXPN disclose,
-what happens to accepted mail (the enqueue hook), how logins are throttled, and whether
-AUTH is offered on every SMTP port. Every field's default (``None``, ``False``) is the
+rule: the SMTP, POP3 and IMAP engine settings, who may be a recipient, what VRFY/EXPN
+disclose, what happens to accepted mail (the enqueue hook), how logins are throttled, and
+whether AUTH is offered on every SMTP port. Every field's default (``None``, ``False``) is the
 hardened rule that the configuration builds, so ``Profile()`` is what ``mailfort serve``
 runs. A different profile is only ever passed to ``Node(..., profile=...)`` in Python:
 ``Config`` holds plain values only, and no key or ``serve`` option leads here (the teaching
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from mailfort.config import AuthConfig
 from mailfort.directory.base import Directory
 from mailfort.policy.recipients import RecipientPolicy
+from mailfort.protocol import imap as imap_engine
 from mailfort.protocol import pop3 as pop3_engine
 from mailfort.protocol import smtp as smtp_engine
 
@@ -44,6 +45,10 @@ class Profile:
     disclosure: Callable[[Directory], smtp_engine.AccountLookup] | None = None
     # Every POP3 listener's engine settings, from the ones the configuration gives.
     pop3_settings: Callable[[pop3_engine.EngineSettings], pop3_engine.EngineSettings] | None \
+        = None
+    # Every IMAP listener's engine settings, from the ones the configuration gives (the
+    # loopback ones too: the profile decides for every client).
+    imap_settings: Callable[[imap_engine.EngineSettings], imap_engine.EngineSettings] | None \
         = None
     # Who may be a recipient at RCPT (none: policy.recipients.StrictRecipients with SRS).
     recipients: RecipientPolicy | None = None

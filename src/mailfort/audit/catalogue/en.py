@@ -154,10 +154,12 @@ CHECKS: dict[str, dict[str, str]] = {
     },
     "imap.plaintext-auth": {
         "title": "IMAP LOGIN before TLS",
-        "why": "An IMAP server that offers LOGIN or AUTH= mechanisms before STARTTLS lets every "
-               "mail client send its password in plaintext, readable on the network.",
+        "why": "An IMAP server that offers LOGIN or AUTH= mechanisms before STARTTLS, or "
+               "answers AUTHENTICATE there with +, lets every mail client send its password "
+               "in plaintext, readable on the network.",
         "fix": "Advertise LOGINDISABLED and no AUTH= mechanism before STARTTLS on 143, refuse "
-               "LOGIN there with NO [PRIVACYREQUIRED] or BAD, and prefer implicit TLS on 993.",
+               "LOGIN and AUTHENTICATE there with NO [PRIVACYREQUIRED] or BAD (before any +), "
+               "and prefer implicit TLS on 993.",
         "postfix": "Postfix does not serve IMAP: in the IMAP server disable plaintext auth "
                    "without TLS (for Dovecot, disable_plaintext_auth = yes / "
                    "auth_allow_cleartext = no).",
@@ -331,12 +333,15 @@ NOTES: dict[str, str] = {
     "vrfy.leaks": "VRFY/EXPN tell users apart (known/unknown): {what}; {rcpt} (expected)",
     "vrfy.same": "VRFY/EXPN do not tell users apart: {what}; {rcpt} (expected)",
     "imap.cleartext": "a password can be sent in the clear: {what}",
-    "imap.refused": "LOGINDISABLED advertised, no AUTH= and LOGIN refused before STARTTLS",
+    "imap.refused": "LOGINDISABLED advertised, no AUTH=, LOGIN and AUTHENTICATE refused "
+                    "before STARTTLS",
     "imap.why.no-logindisabled": "no LOGINDISABLED before STARTTLS",
     "imap.why.auth": "{mechs} offered before STARTTLS",
     "imap.why.login-ok": "LOGIN accepted before STARTTLS",
     "imap.why.login-checked": "LOGIN before STARTTLS was checked (AUTHENTICATIONFAILED): the "
                               "password was taken in the clear",
+    "imap.why.authenticate": "AUTHENTICATE PLAIN before STARTTLS answered + (it asks for "
+                             "the credentials in the clear)",
     "literal.continued": "{service} answered + to a {n}-octet literal: it would read it",
     "literal.silent": "{service} neither refused nor continued a 4 GiB literal: it may be "
                       "waiting for its bytes",

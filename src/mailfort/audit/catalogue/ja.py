@@ -145,10 +145,12 @@ CHECKS: dict[str, dict[str, str]] = {
     },
     "imap.plaintext-auth": {
         "title": "TLS 前の IMAP LOGIN",
-        "why": "STARTTLS 前に LOGIN や AUTH= を受け付ける IMAP サーバでは、メールクライアントが"
-               "パスワードを平文で送ってしまい、パケット盗聴で漏洩する。",
-        "fix": "143 番では STARTTLS 前に LOGINDISABLED を提示して AUTH= を載せず、LOGIN には "
-               "NO [PRIVACYREQUIRED] か BAD を返す。993 番の暗黙の TLS を勧める。",
+        "why": "STARTTLS 前に LOGIN や AUTH= を受け付ける、または AUTHENTICATE に + で応じる "
+               "IMAP サーバでは、メールクライアントがパスワードを平文で送ってしまい、パケット"
+               "盗聴で漏洩する。",
+        "fix": "143 番では STARTTLS 前に LOGINDISABLED を提示して AUTH= を載せず、LOGIN と "
+               "AUTHENTICATE には(+ を返す前に)NO [PRIVACYREQUIRED] か BAD を返す。993 番の"
+               "暗黙の TLS を勧める。",
         "postfix": "Postfix は IMAP を提供しない。IMAP サーバで TLS なしの平文認証を無効にする"
                    "(Dovecot では disable_plaintext_auth = yes / auth_allow_cleartext = no)。",
     },
@@ -320,12 +322,15 @@ NOTES: dict[str, str] = {
     "vrfy.leaks": "VRFY/EXPN でユーザーの有無が区別できる(既知/不明): {what}; {rcpt}(想定どおり)",
     "vrfy.same": "VRFY/EXPN でユーザーの有無は区別できない: {what}; {rcpt}(想定どおり)",
     "imap.cleartext": "パスワードを平文で送れる: {what}",
-    "imap.refused": "STARTTLS 前は LOGINDISABLED を提示し、AUTH= はなく、LOGIN を拒否する",
+    "imap.refused": "STARTTLS 前は LOGINDISABLED を提示し、AUTH= はなく、LOGIN と "
+                    "AUTHENTICATE を拒否する",
     "imap.why.no-logindisabled": "STARTTLS 前に LOGINDISABLED がない",
     "imap.why.auth": "STARTTLS 前に {mechs} を提示",
     "imap.why.login-ok": "STARTTLS 前の LOGIN が受理された",
     "imap.why.login-checked": "STARTTLS 前の LOGIN が照合された(AUTHENTICATIONFAILED): "
                               "パスワードを平文で受け取った",
+    "imap.why.authenticate": "STARTTLS 前の AUTHENTICATE PLAIN に + で応じた(認証情報を平文で"
+                             "求める)",
     "literal.continued": "{service} が {n} オクテットのリテラルに + で応じた: 読み込もうとする",
     "literal.silent": "{service} は 4 GiB のリテラルを拒否も継続もしない: バイト列を待っている"
                       "可能性",

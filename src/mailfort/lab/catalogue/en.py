@@ -55,16 +55,20 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "sniff": {
         "title": "Plaintext: passwords and mail on the wire",
-        "summary": "alice's password (AUTH PLAIN, POP3 PASS) and her message read from the "
-                   "wire recording",
-        "attack": "alice sends a confidential message and reads her mailbox, as her mail "
-                  "program always does. The recording proxy shows what anyone on the path "
+        "summary": "alice's password (AUTH PLAIN, POP3 PASS, IMAP LOGIN) and her message "
+                   "read from the wire recording",
+        "attack": "alice sends a confidential message and reads her mailbox over POP3 and "
+                  "IMAP, as her mail program always does: it logs in the way the server's "
+                  "capabilities allow. The recording proxy shows what anyone on the path "
                   "(a shared network, a tap) reads.",
-        "counter": "AUTH is offered only inside TLS (538 5.7.11 before it) and POP3 "
-                   "USER/PASS is refused before STLS; STARTTLS and STLS on 25, 587 and 110, "
-                   "implicit TLS on 465 and 995, TLS 1.2 or newer only, and whatever was "
-                   "pipelined before the handshake is thrown away. Where: protocol/smtp.py "
-                   "(auth_requires_tls), protocol/pop3.py, tls.py.",
+        "counter": "AUTH is offered only inside TLS (538 5.7.11 before it), POP3 "
+                   "USER/PASS is refused before STLS, and IMAP says LOGINDISABLED with no "
+                   "AUTH= before STARTTLS and answers LOGIN or AUTHENTICATE with NO "
+                   "[PRIVACYREQUIRED], so a client never sends its password in the clear; "
+                   "STARTTLS and STLS on 25, 587, 110 and 143, implicit TLS on 465, 995 and "
+                   "993, TLS 1.2 or newer only, and whatever was pipelined before the "
+                   "handshake is thrown away. Where: protocol/smtp.py (auth_requires_tls), "
+                   "protocol/pop3.py, protocol/imap.py (allow_plaintext), tls.py.",
     },
     "vrfy": {
         "title": "Account disclosure through VRFY/EXPN",
@@ -127,10 +131,15 @@ NOTES: dict[str, str] = {
     "mailbox.clean": "{user}'s mailbox: no forged message",
     "forged.bounce": "forged sender's mailbox: a bounce arrived for {to} (spam inside: {spam})",
     "forged.nothing": "forged sender's mailbox: nothing arrived for {to}",
-    "wire.password": "wire recording: password recovered: {password}",
+    "wire.password": "wire recording: password recovered: {password} (from {via})",
+    "wire.via": "{how}",
     "wire.no-password": "wire recording: no password recovered",
     "wire.message": "wire recording: the confidential message is readable",
     "wire.no-message": "wire recording: the message is not readable",
+    "imap.login-in-clear": "IMAP: LOGIN taken in the clear (AUTH=PLAIN offered, no "
+                           "LOGINDISABLED, no STARTTLS)",
+    "imap.login-refused": "IMAP: LOGINDISABLED before STARTTLS, LOGIN refused with NO "
+                          "[PRIVACYREQUIRED]; the password went inside TLS",
     "wire.octets": "wire recording: {clear} octets in clear, {tls} octets of TLS records",
     "vrfy.users": "accounts confirmed: {n} of {tried} names ({users})",
     "vrfy.nothing": "accounts confirmed: none of {tried} names",

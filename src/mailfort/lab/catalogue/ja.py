@@ -53,13 +53,18 @@ ATTACKS: dict[str, dict[str, str]] = {
     },
     "sniff": {
         "title": "平文通信(パスワードとメールの盗聴)",
-        "summary": "alice のパスワード(AUTH PLAIN、POP3 PASS)とメール本文を通信の記録から読む",
-        "attack": "alice がいつもどおり機密のメールを送り、メールボックスを読む。記録プロキシは、"
-                  "経路上の誰か(共有ネットワーク、盗聴)が読める内容を示す。",
+        "summary": "alice のパスワード(AUTH PLAIN、POP3 PASS、IMAP LOGIN)とメール本文を"
+                   "通信の記録から読む",
+        "attack": "alice がいつもどおり機密のメールを送り、POP3 と IMAP でメールボックスを読む。"
+                  "メールソフトはサーバが提示する機能(CAPABILITY)に従ってログインする。"
+                  "記録プロキシは、経路上の誰か(共有ネットワーク、盗聴)が読める内容を示す。",
         "counter": "SMTP-AUTH は TLS の中でだけ提示し(TLS 前は 538 5.7.11)、POP3 の USER/PASS は "
-                   "STLS の前は拒否する。25・587・110 で STARTTLS/STLS、465・995 で最初から TLS、"
-                   "TLS 1.2 以上のみ、ハンドシェイク前に送り込まれた平文は破棄する。"
-                   "場所: protocol/smtp.py(auth_requires_tls)、protocol/pop3.py、tls.py。",
+                   "STLS の前は拒否する。IMAP は STARTTLS の前に LOGINDISABLED を示して AUTH= を"
+                   "提示せず、LOGIN と AUTHENTICATE を NO [PRIVACYREQUIRED] で拒否するので、"
+                   "クライアントはパスワードを平文で送らない。25・587・110・143 で STARTTLS/STLS、"
+                   "465・995・993 で最初から TLS、TLS 1.2 以上のみ、ハンドシェイク前に送り込まれた"
+                   "平文は破棄する。場所: protocol/smtp.py(auth_requires_tls)、protocol/pop3.py、"
+                   "protocol/imap.py(allow_plaintext)、tls.py。",
     },
     "vrfy": {
         "title": "VRFY/EXPN によるアカウント情報の漏洩",
@@ -119,10 +124,15 @@ NOTES: dict[str, str] = {
     "forged.bounce": "詐称された送信元のメールボックス: {to} 宛ての NDR メールが届いた"
                      "(スパムを添付: {spam})",
     "forged.nothing": "詐称された送信元のメールボックス: {to} には何も届いていない",
-    "wire.password": "通信の記録: パスワードを取得: {password}",
+    "wire.password": "通信の記録: パスワードを取得: {password}({via} から)",
+    "wire.via": "{how}",
     "wire.no-password": "通信の記録: パスワードは取得できない",
     "wire.message": "通信の記録: 機密のメール本文が読める",
     "wire.no-message": "通信の記録: メール本文は読めない",
+    "imap.login-in-clear": "IMAP: LOGIN を平文で受け付けた(AUTH=PLAIN を提示、"
+                           "LOGINDISABLED なし、STARTTLS なし)",
+    "imap.login-refused": "IMAP: STARTTLS の前は LOGINDISABLED、LOGIN は NO [PRIVACYREQUIRED] "
+                          "で拒否。パスワードは TLS の中で送られた",
     "wire.octets": "通信の記録: 平文 {clear} オクテット、TLS レコード {tls} オクテット",
     "vrfy.users": "存在を確認できたアカウント: {tried} 個中 {n} 個({users})",
     "vrfy.nothing": "存在を確認できたアカウント: {tried} 個中なし",
