@@ -71,6 +71,7 @@ class Receiver:
     stall_at: str | None = None
     drop_in_data: bool = False
     drop_after_messages: int | None = None
+    quit_delay: float = 0.0  # seconds before the QUIT reply (a slow remote after DATA)
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     sessions: int = 0
@@ -224,6 +225,7 @@ class Receiver:
             elif verb == "NOOP":
                 await send("250 2.0.0 ok")
             elif verb == "QUIT":
+                await asyncio.sleep(self.quit_delay)
                 await send("221 2.0.0 bye")
                 return
             else:

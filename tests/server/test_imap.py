@@ -346,7 +346,7 @@ async def test_huge_literal_refused_before_buffering(lab: IMAPLab) -> None:
     def session() -> list[bytes]:
         raw = Raw(lab.port)
         raw.line()
-        raw.send(b"a LOGIN {4294967295}\r\n")
+        raw.send(b"a SELECT {4294967295}\r\n")  # (LOGIN's literal is refused before TLS)
         got = [raw.line()]
         raw.send(b"b CAPABILITY\r\n")
         got += raw.until(b"b")
@@ -463,7 +463,9 @@ async def test_large_fetch_streams_as_the_client_reads(
 
 async def test_timeouts_by_state_idle_outlasts_the_others(
         lab_factory: Callable[..., Any]) -> None:
-    lab = await lab_factory(LimitsConfig(imap_login_timeout=0.2, imap_timeout=0.4,
+    # The login timeout is not under test here (test_idle_timeout_before_login): long
+    # enough for a LOGIN on a loaded machine.
+    lab = await lab_factory(LimitsConfig(imap_login_timeout=10, imap_timeout=0.4,
                                          imap_idle_timeout=5), allow_plaintext=True)
 
     def session() -> tuple[list[bytes], float]:
@@ -472,7 +474,7 @@ async def test_timeouts_by_state_idle_outlasts_the_others(
         raw.send(f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\nb IDLE\r\n".encode())
         got = raw.until(b"a")
         got.append(raw.line())  # + idling
-        time.sleep(1.0)  # longer than both other timeouts: IDLE has its own
+        time.sleep(1.0)  # longer than the logged-in timeout: IDLE has its own
         raw.send(b"DONE\r\n")
         got += raw.until(b"b")
         start = time.monotonic()

@@ -67,6 +67,9 @@ Deliverer = Callable[..., Awaitable[client.DomainResult]]
 
 _MAX_SLEEP = 60.0  # rescan at least this often (picks up `mailfort queue retry` from the CLI)
 _FULL_SCAN_EVERY = _MAX_SLEEP - 1.0  # seconds between reads of every state file
+# Seconds a stopping worker lets deliveries in flight finish (most are past DATA in
+# milliseconds; a stalled remote is cut off at the end).
+STOP_GRACE = 3.0
 _RECOVER_GRACE = 60.0  # see Queue.recover: safe while the SMTP services already enqueue
 _PARK_RECHECK = 5.0  # a parked entry is looked at again after this, woken or not
 
@@ -166,8 +169,10 @@ class DeliveryWorker:
                 name="mailfort-tlsrpt")
         # --- end TLS-RPT
 
-    async def stop(self) -> None:
-        """Stop now; deliveries in flight are cancelled and retried after the next start."""
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop: no new delivery starts; those in flight get ``grace`` seconds to finish and
+        record their outcome (a remote 250 not yet written down would be delivered again
+        after the next start: a duplicate), then are cancelled and retried after it."""
         # The flag and the cancel both stop the loop: a cancel alone can be lost in a race
         # with a wake-up (asyncio.wait_for on Python 3.11 swallows it; the loop no longer
         # uses wait_for, the flag guards what else might). asyncio.wait, unlike awaiting
@@ -183,6 +188,8 @@ class DeliveryWorker:
         self._ready.clear()
         await _cancel_until_done([task] if task is not None else [])
         self._ready.clear()
+        if self._runners and grace > 0:
+            await asyncio.wait(list(self._runners), timeout=grace)
         await _cancel_until_done(list(self._runners))
 
     def wake(self) -> None:
