@@ -30,7 +30,7 @@ from mailfort.queue.forward import enqueue_envelope
 from mailfort.queue.store import Queue
 from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
-from mailfort.server.imap import IMAPServer, UserSessions
+from mailfort.server.imap import IMAPServer, SharedUserSessions, UserSessions
 from mailfort.server.mailbox_watch import MailboxWatcher
 from mailfort.server.milters import Milters, processes
 from mailfort.server.mtasts_http import PolicyServer
@@ -141,9 +141,10 @@ class Node:
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.imap: dict[str, IMAPServer] = {}
-        # The IMAP sessions per user of this process, shared by its IMAP listeners (which
-        # share ``watcher`` too).
-        self.imap_users = UserSessions(cfg.limits.imap_sessions_per_user)
+        # The IMAP sessions per user, shared by its IMAP listeners (which share ``watcher``
+        # too): this process's, or in a worker process the node's (server/supervisor.py).
+        self.imap_users: UserSessions | SharedUserSessions = UserSessions(
+            cfg.limits.imap_sessions_per_user)
         self.ports: dict[str, list[int]] = {}
         # Called once every listener is bound, before delivery starts (privilege drop).
         self.after_bind: Callable[[], None] | None = None

@@ -14,16 +14,22 @@ IDLE waits on the node's mailbox watcher (``MailboxWatcher.subscribe``; a sessio
 subscribes to its selected mailbox while it is selected), and a command that changed a
 mailbox tells the watcher (``changed``) so the other sessions wake at once. The idle
 timeout depends on the state: short before login, 30 minutes after it (RFC 9051 §5.4) and
-during IDLE. The number of sessions of one user is bounded per listener group (the node's
-``UserSessions``): past it LOGIN gets ``NO [LIMIT]`` and the session stays unauthenticated,
-so a client can tell it from a wrong password and try again later.
+during IDLE. The number of sessions of one user is bounded per node (``UserSessions`` in a
+single process; ``SharedUserSessions`` over the worker processes of a node, which count in
+memory they share): past it LOGIN gets ``NO [LIMIT]`` and the session stays
+unauthenticated, so a client can tell it from a wrong password and try again later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import logging
+import mmap
+import os
 import socket
 import ssl
 import time
@@ -146,6 +152,133 @@ class UserSessions:
             self.counts.pop(user, None)
 
 
+class UserSessionTable:
+    """Logged-in IMAP sessions per user of every worker process of a node, in memory they
+    all share: mapped by the supervisor before it forks, as ``ConnectionTable``.
+
+    Each worker slot owns a row: an open-addressing hash table (linear probing) of a keyed
+    64-bit hash of the user's name (key drawn at each start) and the number of that user's
+    sessions in that worker. Exact, unlike ConnectionTable's buckets: a limit of a few
+    sessions per user that two users shared would refuse one for the other's devices.
+    A worker writes only its own row; the supervisor clears the row of one that ended, so
+    a SIGKILLed worker's sessions are not counted for ever."""
+
+    _ENTRY = 12  # a u64 key and a u32 count
+
+    def __init__(self, slots: int, sessions: int, lock_path: Path) -> None:
+        """``sessions``: the most a worker can hold (``limits.max_connections``); a row
+        has room for twice as many users, so probes stay short."""
+        self.slots = slots
+        self.cap = 1 << max(6, (2 * max(1, sessions) - 1).bit_length())
+        self.lock_path = lock_path
+        n = slots * self.cap
+        self._mem = mmap.mmap(-1, n * self._ENTRY)  # MAP_SHARED, anonymous
+        self.keys = memoryview(self._mem)[:n * 8].cast("Q")
+        self.counts = memoryview(self._mem)[n * 8:].cast("I")
+        self._secret = os.urandom(16)
+
+    def key(self, user: str) -> int:
+        digest = hashlib.blake2b(user.encode("utf-8", "surrogateescape"), digest_size=8,
+                                 key=self._secret).digest()
+        return int.from_bytes(digest, "little") or 1  # 0 marks a free entry
+
+    def find(self, row: int, key: int) -> int:
+        """The index of ``key`` in ``row``, or of the free entry that ends its probe
+        (``keys[i] == 0``), or -1 when the row is full without it."""
+        keys, mask, base = self.keys, self.cap - 1, row * self.cap
+        i = key & mask
+        for _ in range(self.cap):
+            k = keys[base + i]
+            if k == key or k == 0:
+                return base + i
+            i = (i + 1) & mask
+        return -1
+
+    def clear(self, row: int) -> None:
+        """Forget what ``row`` counted (its worker died or stopped)."""
+        with _flocked(self.lock_path):
+            a, b = row * self.cap, (row + 1) * self.cap
+            self.keys[a:b] = memoryview(bytes(8 * self.cap)).cast("Q")
+            self.counts[a:b] = memoryview(bytes(4 * self.cap)).cast("I")
+
+
+class SharedUserSessions:
+    """``UserSessions`` for one worker of a node: the limit counts every worker's sessions
+    (``UserSessionTable``). ``take`` holds the table's lock, so the limit is exact across
+    workers; ``give`` only lowers a count of this worker's row (no lock: a reader sees the
+    count before or after, as with a release racing an admission)."""
+
+    def __init__(self, table: UserSessionTable, row: int, limit: int) -> None:
+        self.table, self.row, self.limit = table, row, limit
+        self._used = 0  # entries of this row with a key (live or at 0): compacted when high
+        self._lock = os.open(table.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def reset_slot(self) -> None:
+        self.table.clear(self.row)
+        self._used = 0
+
+    def take(self, user: str) -> bool:
+        t = self.table
+        key = t.key(user)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            total = 0
+            for row in range(t.slots):
+                i = t.find(row, key)
+                if i >= 0 and t.keys[i] == key:
+                    total += t.counts[i]
+            if total >= self.limit:
+                return False
+            i = t.find(self.row, key)
+            if i < 0 or t.keys[i] != key:
+                if self._used + 1 > t.cap * 3 // 4:
+                    self._compact()
+                i = t.find(self.row, key)
+                if i < 0 or self._used + 1 > t.cap * 3 // 4:
+                    log.warning("imap: the table of sessions per user is full (more sessions "
+                                "than limits.max_connections at start?): login refused")
+                    return False
+                t.keys[i] = key
+                self._used += 1
+            t.counts[i] += 1
+            return True
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+    def give(self, user: str) -> None:
+        t = self.table
+        key = t.key(user)
+        i = t.find(self.row, key)
+        if i >= 0 and t.keys[i] == key and t.counts[i] > 0:
+            t.counts[i] -= 1
+
+    def _compact(self) -> None:
+        """Drop this row's users at 0 sessions (under the lock: readers never see a row
+        half rewritten)."""
+        t = self.table
+        a, b = self.row * t.cap, (self.row + 1) * t.cap
+        live = [(t.keys[i], t.counts[i]) for i in range(a, b) if t.keys[i] and t.counts[i]]
+        t.keys[a:b] = memoryview(bytes(8 * t.cap)).cast("Q")
+        t.counts[a:b] = memoryview(bytes(4 * t.cap)).cast("I")
+        for key, count in live:
+            i = t.find(self.row, key)
+            t.keys[i], t.counts[i] = key, count
+        self._used = len(live)
+
+    def close(self) -> None:
+        os.close(self._lock)
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def open_mail_session(maildir: Path, user: str, limits: LimitsConfig) -> MailSessionLike:
     """The mailbox side of a logged-in session (blocking: creates the special folders)."""
     settings = MailSessionSettings(
@@ -183,7 +316,7 @@ class IMAPServer(Listener):
         implicit_tls: bool,
         allow_plaintext: bool = False,
         watcher: Watcher | None = None,
-        user_sessions: UserSessions | None = None,
+        user_sessions: UserSessions | SharedUserSessions | None = None,
         open_session: Callable[[Path, str], MailSessionLike] | None = None,
     ) -> None:
         """``allow_plaintext`` (``allow_plaintext_auth_on_loopback``) applies to loopback
@@ -199,8 +332,9 @@ class IMAPServer(Listener):
         self.limits = limits
         self.implicit_tls = implicit_tls
         self.watcher: Watcher = watcher if watcher is not None else PollingWatcher()
-        self.user_sessions = (user_sessions if user_sessions is not None
-                              else UserSessions(limits.imap_sessions_per_user))
+        self.user_sessions: UserSessions | SharedUserSessions = (
+            user_sessions if user_sessions is not None
+            else UserSessions(limits.imap_sessions_per_user))
         self.open_session = open_session or (
             lambda maildir, user: open_mail_session(maildir, user, limits))
         base = EngineSettings(

@@ -421,6 +421,21 @@ def _store_for(maildir: Path) -> MailStore:
         return store
 
 
+def _silent_view(old: frozenset[str], new: frozenset[str], action: str,
+                 asked: Iterable[str]) -> frozenset[str]:
+    """The flags a client believes a message has after ``STORE ... .SILENT``: those it knew
+    with the change it asked for (spelled as stored). A change another session made
+    meanwhile is in ``new`` only, so the view must not take ``new`` whole: the next sync
+    would then find nothing to report and the client would never hear of that change."""
+    spelled = {f.lower(): f for f in new}
+    want = {spelled.get(f.lower(), f) for f in asked}
+    if action == "FLAGS":
+        return frozenset(want)
+    lower = {f.lower() for f in want}
+    kept = {f for f in old if f.lower() not in lower}
+    return frozenset(kept | want) if action == "+FLAGS" else frozenset(kept)
+
+
 # ------------------------------------------------------------------------------ the session
 
 
@@ -724,7 +739,8 @@ class MailSession:
 
     def _read_message(self, uid: int, header_only: bool) -> bytes | None:
         """The message (or its header), None when it is gone. A path made stale by
-        another session's flag change is refreshed by one rescan per command."""
+        another session's flag change is refreshed by one rescan per command (many stale
+        paths cost one listing); a file renamed again after that is looked up alone."""
         v = self.view
         assert v is not None
         info = v.info.get(uid)
@@ -734,22 +750,27 @@ class MailSession:
             cached = _HEADERS.get(info.path)
             if cached is not None:
                 return cached
-        try:
-            data = _read(info.path, header_only)
-            if header_only:
-                _HEADERS.add(info.path, data)
-            return data
-        except FileNotFoundError:
-            pass
-        if not self._rescanned:
-            self._rescanned = True
+        for attempt in range(4):
+            try:
+                path = v.info[uid].path
+                data = _read(path, header_only)
+                if header_only:
+                    _HEADERS.add(path, data)
+                return data
+            except FileNotFoundError:
+                pass
             self._own(v)
-            v.box.scan()
-            for m in v.box.messages():
-                if m.uid in v.info:
-                    v.info[m.uid] = dataclasses.replace(v.info[m.uid], path=m.path)
-            with contextlib.suppress(FileNotFoundError):
-                return _read(v.info[uid].path, header_only)
+            if not self._rescanned:
+                self._rescanned = True
+                v.box.scan()
+                for m in v.box.messages():
+                    if m.uid in v.info:
+                        v.info[m.uid] = dataclasses.replace(v.info[m.uid], path=m.path)
+            elif attempt < 3:
+                path = v.box.locate(uid)  # renamed since (flags) under us, or gone
+                if path is None:
+                    break
+                v.info[uid] = dataclasses.replace(v.info[uid], path=path)
         return None  # expunged elsewhere: a later sync reports it
 
     def _enable_condstore(self) -> None:
@@ -1562,13 +1583,17 @@ class MailSession:
             self._changed.append(v.box.path)
         self._own(v)
         for u, (fl, modseq) in res.changed.items():
+            if silent:  # the client knows only what it asked for: the rest at the next sync
+                fl = _silent_view(v.info[u].flags, fl, action, flags)
             v.info[u] = dataclasses.replace(v.info[u], flags=fl, modseq=modseq)
         out = self._note_keywords(fl for fl, _ in res.changed.values())
-        modified = set(res.modified)
+        modified, gone = set(res.modified), set(res.gone)
+        if gone:  # expunged elsewhere: no FETCH of flags it does not have; the EXPUNGE
+            self._dirty = True  # comes as soon as RFC 9051 §7.5.1 allows (UID STORE: now)
         for i in indexes:
             u = v.uids[i]
             info = v.info.get(u)
-            if info is None or u in modified:
+            if info is None or u in modified or u in gone:
                 continue
             if silent:
                 if self.condstore and u in res.changed:

@@ -67,7 +67,8 @@ restarted after it); the workers serve on meanwhile.
 Brute-force counters, per-user send rates and connection rates are shared through one
 SQLite file in the data directory (``SQLiteCounters``); the connection limits through
 memory that the supervisor maps before forking (``ConnectionTable``), checked at every
-accept without a database write. The committers share their flushes
+accept without a database write; the IMAP sessions per user likewise (``UserSessionTable``,
+server/imap.py). The committers share their flushes
 (store/shared_flush.py). Stress mode (server/stress.py) stays per worker: each
 worker adapts and evicts its own sessions, against the node's shared connection count.
 """
@@ -98,6 +99,7 @@ from mailfort.server.privileges import Account
 if TYPE_CHECKING:
     from mailfort.server.app import Node
     from mailfort.server.connections import ConnectionTable
+    from mailfort.server.imap import UserSessionTable
     from mailfort.server.operations import Operations
     from mailfort.server.session import Listener
 
@@ -105,6 +107,7 @@ log = logging.getLogger("mailfort.supervisor")
 
 SHARED_STATE = "shared-state.sqlite3"
 CONNECTIONS_LOCK = "connections.lock"
+IMAP_USERS_LOCK = "imap-sessions.lock"
 METRICS_DIR = "metrics"
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 30.0
@@ -165,6 +168,7 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     from mailfort import metrics
     from mailfort.policy.shared_counters import SQLiteCounters
     from mailfort.server.app import Node
+    from mailfort.server.imap import SharedUserSessions
     from mailfort.server.node_plan import shared_connection_limiter
     from mailfort.server.operations import Operations, WorkerRole
 
@@ -174,6 +178,10 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     assert sup.connections is not None
     limiter = shared_connection_limiter(cfg, sup.connections, sup.slots[slot].row, counters)
     limiter.reset_slot()
+    assert sup.imap_users is not None
+    imap_users = SharedUserSessions(sup.imap_users, sup.slots[slot].row,
+                                    cfg.limits.imap_sessions_per_user)
+    imap_users.reset_slot()
     loop = asyncio.get_running_loop()
     role = WorkerRole(slot, sup.workers, sup.main_pid, sup.sockets,
                       sup.metrics_socket if slot == 0 else None)
@@ -188,6 +196,7 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
             os.write(pipes.wake_w, b"w")
 
     node = Node(cfg, counters=counters, limiter=limiter, shared_flush=True)
+    node.imap_users = imap_users  # the node's count of IMAP sessions per user
     if sup.generation > 0:  # the primary it replaces hands the queue over first
         node.queue_wait = QUEUE_HANDOVER_WAIT
     node.inherited = dict(role.sockets)
@@ -246,6 +255,8 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     counters.close()
     limiter.reset_slot()
     limiter.close()
+    imap_users.reset_slot()
+    imap_users.close()
     return 0
 
 
@@ -340,6 +351,7 @@ class Supervisor:
     ready: set[int] = field(default_factory=set)
     announced: bool = False
     connections: ConnectionTable | None = None  # made in ``start``, before any fork
+    imap_users: UserSessionTable | None = None  # likewise (IMAP sessions per user)
     reload_config: Callable[[], Config] | None = None  # reads the file again (SIGHUP)
     generation: int = 0  # configurations loaded since the start
     # The previous generation, pid -> row: serving until the new one does, then retiring.
@@ -358,6 +370,7 @@ class Supervisor:
         from mailfort import metrics
         from mailfort.policy.shared_counters import SQLiteCounters
         from mailfort.server.connections import ConnectionTable
+        from mailfort.server.imap import UserSessionTable
         from mailfort.store.maildir import make_dirs, recover_spool
         cfg = self.cfg
         # Root binds, and nothing else: whatever is in the data directory is the service
@@ -378,6 +391,8 @@ class Supervisor:
         # fail with "database is locked" (SQLite does not wait for that lock).
         SQLiteCounters(shared_state_path(cfg)).close()
         self.connections = ConnectionTable(2 * self.workers, cfg.data_path / CONNECTIONS_LOCK)
+        self.imap_users = UserSessionTable(2 * self.workers, cfg.limits.max_connections,
+                                           cfg.data_path / IMAP_USERS_LOCK)
         metrics.share_between_processes(cfg.data_path / METRICS_DIR)
         self.no_domain = _no_domain(cfg)  # the directory closed again before the forks
         self.wake_r, self.wake_w = os.pipe()
@@ -446,6 +461,9 @@ class Supervisor:
         with contextlib.suppress(Exception):
             if self.connections is not None:
                 self.connections.clear(row)
+        with contextlib.suppress(Exception):
+            if self.imap_users is not None:
+                self.imap_users.clear(row)
         with contextlib.suppress(Exception):
             metrics.forget_process(pid)
         removed = remove_spool_of(self.cfg.data_path / "spool", pid, self.cfg.mail_path)

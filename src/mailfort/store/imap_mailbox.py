@@ -124,6 +124,7 @@ class ScanResult:
 class StoreResult:
     changed: dict[int, tuple[frozenset[str], int]]  # uid -> (flags, modseq)
     modified: list[int]  # UNCHANGEDSINCE failed (CONDSTORE [MODIFIED])
+    gone: tuple[int, ...] = ()  # expunged meanwhile (another session, POP3): not stored
 
 
 def letters_to_flags(letters: str, keywords: Iterable[str] = ()) -> frozenset[str]:
@@ -421,6 +422,12 @@ class Mailbox:
         path = self._paths.get(uid)
         return path if path is not None and os.path.lexists(path) else None
 
+    def locate(self, uid: int) -> str | None:
+        """The file of ``uid`` now, or None once it is expunged (a reader whose path a
+        flag change made stale: a rename keeps the unique name)."""
+        with self._locked():
+            return self._find(uid)
+
     def store(self, uids: Iterable[int], *, add: Iterable[str] = (), remove: Iterable[str] = (),
               replace: Iterable[str] | None = None,
               unchanged_since: int | None = None) -> StoreResult:
@@ -435,6 +442,7 @@ class Mailbox:
             records: list[bytes] = []
             modified: list[int] = []
             changed: dict[int, tuple[frozenset[str], int]] = {}
+            gone: list[int] = []
             renamed = False
             with self._renaming() as may:
                 if not may and (add_l or rem_l or rep is not None):
@@ -442,12 +450,14 @@ class Mailbox:
                 for uid in sorted(set(uids)):
                     e = st.entries.get(uid)
                     if e is None:
+                        gone.append(uid)
                         continue
                     if unchanged_since is not None and e.modseq > unchanged_since:
                         modified.append(uid)
                         continue
                     path = self._find(uid)
                     if path is None:
+                        gone.append(uid)
                         continue  # gone: the next scan expunges it
                     unique, on_file = _info(os.path.basename(path))
                     letters = on_file if on_file is not None else e.letters
@@ -481,7 +491,7 @@ class Mailbox:
                     fsync_dir(self.path / "cur")
                     fsync_dir(self.path / "new")
             self._log.append(records)
-            return StoreResult(changed, modified)
+            return StoreResult(changed, modified, tuple(gone))
 
     # -- expunge -------------------------------------------------------------------------
 
