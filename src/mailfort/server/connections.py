@@ -186,7 +186,7 @@ class ConnectionTable:
 
     def clear(self, slot: int) -> None:
         """Forget what ``slot`` counted (its worker died or stopped)."""
-        with _flocked(self.lock_path):
+        with flocked(self.lock_path):
             start = slot * self._row * self._ITEM
             self._mem[start:start + self._row * self._ITEM] = bytes(self._row * self._ITEM)
 
@@ -266,7 +266,9 @@ class SharedConnectionLimiter:
 
 
 @contextlib.contextmanager
-def _flocked(path: Path) -> Iterator[None]:
+def flocked(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (made if missing) for the block: the tables shared
+    between worker processes change under it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -23,7 +23,6 @@ unauthenticated, so a client can tell it from a wrong password and try again lat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -53,7 +52,7 @@ from mailfort.protocol.imap import (
     State,
 )
 from mailfort.protocol.imap_parse import Command
-from mailfort.server.connections import Admission, is_loopback, limit_exceptions
+from mailfort.server.connections import Admission, flocked, is_loopback, limit_exceptions
 from mailfort.server.imap_commands import MailSession, MailSessionSettings, Outcome
 from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import maildir_for
@@ -196,7 +195,7 @@ class UserSessionTable:
 
     def clear(self, row: int) -> None:
         """Forget what ``row`` counted (its worker died or stopped)."""
-        with _flocked(self.lock_path):
+        with flocked(self.lock_path):
             a, b = row * self.cap, (row + 1) * self.cap
             self.keys[a:b] = memoryview(bytes(8 * self.cap)).cast("Q")
             self.counts[a:b] = memoryview(bytes(4 * self.cap)).cast("I")
@@ -267,16 +266,6 @@ class SharedUserSessions:
 
     def close(self) -> None:
         os.close(self._lock)
-
-
-@contextlib.contextmanager
-def _flocked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def open_mail_session(maildir: Path, user: str, limits: LimitsConfig) -> MailSessionLike:
@@ -434,17 +423,7 @@ class IMAPSession(EngineSession):
         self.arm_timer(self._timeout())
 
     def on_timer(self) -> None:
-        assert self.engine is not None and self.transport is not None
-        limit = self._timeout()
-        waited = time.monotonic() - self.last_activity
-        if waited < limit:
-            self.arm_timer(max(0.05, limit - waited))
-        elif self.task is not None:  # stuck writing to a client that does not read
-            log.info("imap %s: no progress for %.0fs, aborting", self.peer_ip, waited)
-            self.transport.abort()
-        else:
-            self.engine.timeout()
-            self.pump()
+        self.idle_check(self._timeout(), "imap")
 
     def task_failed(self) -> None:
         if self.engine is not None:

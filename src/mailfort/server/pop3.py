@@ -188,17 +188,7 @@ class POP3Session(EngineSession):
     # ---------------------------------------------------------------- hooks
 
     def on_timer(self) -> None:
-        assert self.engine is not None and self.transport is not None
-        idle = self.server.limits.pop3_idle_timeout
-        waited = time.monotonic() - self.last_activity
-        if waited < idle:
-            self.arm_timer(max(0.05, idle - waited))
-        elif self.task is not None:  # stuck writing to a client that does not read
-            log.info("pop3 %s: no progress for %.0fs, aborting", self.peer_ip, waited)
-            self.transport.abort()
-        else:
-            self.engine.timeout()
-            self.pump()
+        self.idle_check(self.server.limits.pop3_idle_timeout, "pop3")
 
     def task_failed(self) -> None:
         if self.engine is not None:

@@ -305,6 +305,21 @@ class EngineSession(asyncio.Protocol):
         """Idle and session-time checks; re-arm lazily (one timer per session)."""
         raise NotImplementedError
 
+    def idle_check(self, limit: float, service: str) -> None:
+        """The idle rule of POP3 and IMAP: re-arm while the client has been quiet less than
+        ``limit``; past it, end the session with the engine's timeout reply, or, while
+        work is pending (a reply the client does not read), abort the connection."""
+        assert self.engine is not None and self.transport is not None
+        waited = time.monotonic() - self.last_activity
+        if waited < limit:
+            self.arm_timer(max(0.05, limit - waited))
+        elif self.task is not None:
+            log.info("%s %s: no progress for %.0fs, aborting", service, self.peer_ip, waited)
+            self.transport.abort()
+        else:
+            self.engine.timeout()
+            self.pump()
+
     # ---------------------------------------------------------------- server-side close
 
     def close_engine(self, close: Callable[[], None]) -> None:
