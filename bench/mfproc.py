@@ -324,7 +324,7 @@ class MailfortServer:
         self.data = root / "data"
         self.mail = mail_dir or self.data / "mail"
         self.config = root / "mailfort.toml"
-        offsets = OFFSETS | (IMAP_OFFSETS if imap else {})
+        offsets = OFFSETS | (IMAP_OFFSETS if imap or as_shipped else {})
         self.ports = {k: port_base + v for k, v in offsets.items()}
         busy = [p for p in self.ports.values() if not port_free(p)]
         if busy:
