@@ -5,6 +5,11 @@ loop, and the libraries they use (pyspf, dkimpy) call DNS synchronously. The res
 the configured one (``[dns]``), the system one when no nameservers are set. Answers are
 cached for their TTL (capped) and failures for a short while, so that a domain whose DNS
 is down costs one timeout, not one per message.
+
+``cache_only()`` lets a caller run a check on a thread that must not wait (the event loop):
+every lookup is answered from the cache, and the first one that is not (a miss, or an entry
+past its TTL) raises ``NotCached``, so the caller runs the whole check again in a worker
+thread, where the lookup is made. Nothing expired is ever served.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import dns.exception
@@ -27,6 +34,12 @@ _MAX_ENTRIES = 10_000
 
 class DNSTempError(Exception):
     """The lookup failed in a way that may not last (timeout, SERVFAIL, no server)."""
+
+
+class NotCached(BaseException):
+    """In ``Lookup.cache_only``: the answer is not in the cache (or has expired). A
+    BaseException, so that no check (pyspf, dkimpy, ours) that turns ``Exception`` into a
+    temperror or a permerror can make it a result: it always reaches the caller."""
 
 
 class Lookup:
@@ -45,6 +58,17 @@ class Lookup:
         self.resolver = r
         self._cache: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
         self._lock = threading.Lock()
+        self._local = threading.local()  # .cache_only: this thread may not wait for DNS
+
+    @contextmanager
+    def cache_only(self) -> Iterator[None]:
+        """Within: answers come from the cache only; a miss raises ``NotCached``. Per
+        thread: the worker threads that share this Lookup still query DNS."""
+        self._local.cache_only = True
+        try:
+            yield
+        finally:
+            self._local.cache_only = False
 
     def query(self, name: str, rdtype: str, timeout: float | None = None) -> list[Any]:
         key = (name.lower().rstrip("."), rdtype)
@@ -55,6 +79,8 @@ class Lookup:
                 if isinstance(hit[1], DNSTempError):
                     raise hit[1]
                 return list(hit[1])
+        if getattr(self._local, "cache_only", False):
+            raise NotCached(key)
         # ``timeout``: what the caller has left of its own budget; never more than ours.
         lifetime = self.resolver.lifetime if timeout is None else min(timeout,
                                                                       self.resolver.lifetime)
