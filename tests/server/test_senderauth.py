@@ -590,3 +590,25 @@ async def test_large_messages_are_verified_as_they_stream(
     # Unsigned but from an SPF-aligned envelope: DMARC passes by SPF.
     spf = await deliver("letters@news.bank.test", raw_letter(headers, large))
     assert "spf=pass smtp.mailfrom=letters@news.bank.test" in spf and "dmarc=pass" in spf
+
+
+async def test_cached_answers_are_used_within_their_ttl_and_never_after(
+        mx: NodeFactory, dns_server: DNSServer) -> None:
+    """The checks run from the DNS cache (on the event loop) while a sender's answers are
+    fresh, and judge by its new records once the old ones' TTL has passed."""
+    dns_server.add_txt("ttl.test", "v=spf1 ip4:127.0.0.1 -all", ttl=1)
+    dns_server.add_txt("_dmarc.ttl.test", "v=DMARC1; p=reject", ttl=1)
+    node = await mx()
+    port = node.port("mx")
+    for _ in range(2):
+        await asyncio.to_thread(send, port, "a@ttl.test", letter("a@ttl.test"))
+    assert dns_server.queries.count(("ttl.test", "TXT")) == 1  # the second from the cache
+    assert dns_server.queries.count(("_dmarc.ttl.test", "TXT")) == 1
+    assert all("spf=pass smtp.mailfrom=a@ttl.test" in auth_results(m)
+               for m in stored(node, ALICE))
+    dns_server.remove("ttl.test").add_txt("ttl.test", "v=spf1 ip4:192.0.2.1 -all", ttl=1)
+    await asyncio.sleep(1.1)
+    with pytest.raises(smtplib.SMTPDataError) as exc:  # SPF fail now, and DMARC p=reject
+        await asyncio.to_thread(send, port, "a@ttl.test", letter("a@ttl.test"))
+    assert exc.value.smtp_code == 550
+    assert len(stored(node, ALICE)) == 2

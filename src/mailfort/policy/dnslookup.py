@@ -23,6 +23,7 @@ from typing import Any
 
 import dns.exception
 import dns.name
+import dns.rdatatype
 import dns.resolver
 
 from mailfort.config import DNSConfig
@@ -30,6 +31,21 @@ from mailfort.config import DNSConfig
 _MAX_TTL = 3600.0
 _FAILURE_TTL = 30.0  # a SERVFAIL or timeout is remembered this long
 _MAX_ENTRIES = 10_000
+_MAX_NEGATIVE_TTL = 60.0  # a negative answer is kept at most this long
+_NO_SOA_TTL = 5.0  # one without an SOA (RFC 2308 §5: should not be cached): a burst's worth
+
+
+def _negative_ttl(exc: dns.resolver.NXDOMAIN | dns.resolver.NoAnswer) -> float:
+    """RFC 2308 §5: a negative answer may be cached for the lesser of its SOA's TTL and
+    MINIMUM, here at most ``_MAX_NEGATIVE_TTL``; the SOA is in the authority section."""
+    if isinstance(exc, dns.resolver.NXDOMAIN):
+        responses = list(exc.responses().values())
+    else:
+        response = exc.response()
+        responses = [response] if response is not None else []
+    ttls = [min(rrset.ttl, rrset[0].minimum) for r in responses for rrset in r.authority
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset)]
+    return min(min(ttls), _MAX_NEGATIVE_TTL) if ttls else _NO_SOA_TTL
 
 
 class DNSTempError(Exception):
@@ -91,9 +107,11 @@ class Lookup:
             )
             value: Any = list(answer)
             ttl = min(float(answer.rrset.ttl if answer.rrset is not None else 0), _MAX_TTL)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.exception.SyntaxError,
-                dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.NameTooLong):
-            value, ttl = [], 60.0  # no such name (or none that DNS could hold)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as exc:
+            value, ttl = [], _negative_ttl(exc)  # no such name, or no record of the type
+        except (dns.exception.SyntaxError, dns.name.LabelTooLong, dns.name.EmptyLabel,
+                dns.name.NameTooLong):
+            value, ttl = [], _MAX_NEGATIVE_TTL  # a name DNS could not hold: never will
         except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.YXDOMAIN) as exc:
             value, ttl = DNSTempError(f"{key[0]} {rdtype}: {type(exc).__name__}"), _FAILURE_TTL
         with self._lock:
