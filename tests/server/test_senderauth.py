@@ -612,3 +612,35 @@ async def test_cached_answers_are_used_within_their_ttl_and_never_after(
         await asyncio.to_thread(send, port, "a@ttl.test", letter("a@ttl.test"))
     assert exc.value.smtp_code == 550
     assert len(stored(node, ALICE)) == 2
+
+
+def _mail_reply_seconds(port: int, sender: str) -> float:
+    """How long the reply to MAIL took; the rest of the transaction must succeed."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.remote.test")
+        t0 = time.monotonic()
+        code, _ = s.mail(sender)
+        took = time.monotonic() - t0
+        assert code == 250
+        assert s.rcpt(ALICE)[0] == 250
+        assert s.data(letter(sender))[0] == 250
+    return took
+
+
+async def test_spf_lookups_overlap_the_transaction_unless_mail_waits_for_them(
+        mx: NodeFactory, dns_server: DNSServer) -> None:
+    """With spf_fail = "mark" (the default) the reply to MAIL does not depend on SPF, so a
+    sender domain whose DNS is slow (here: never answers, 1 s timeout) is answered at once
+    and its SPF result, awaited at the end of data, is still reported; with "reject" MAIL
+    waits for it, as a fail must be refused there."""
+    dns_server.timeout("slow.test")
+    dns_server.timeout("slower.test")
+    node = await mx()
+    took = await asyncio.to_thread(_mail_reply_seconds, node.port("mx"), "a@slow.test")
+    assert took < 0.5, took
+    (raw,) = stored(node, ALICE)
+    ar = auth_results(raw)
+    assert "spf=temperror (" in ar and "smtp.mailfrom=a@slow.test" in ar, ar
+    strict = await mx("b", sender_auth={"spf_fail": "reject"})
+    took = await asyncio.to_thread(_mail_reply_seconds, strict.port("mx"), "a@slower.test")
+    assert took >= 0.8, took

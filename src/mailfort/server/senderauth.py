@@ -39,15 +39,24 @@ SignHook = Callable[[str, bytes], bytes]
 INLINE_MAX = 64 * 1024
 
 
-async def check_mail(auth: SenderAuth, ip: str, helo: str,
-                     sender: str) -> tuple[list[SPFResult], Reply | None]:
+SPFOutcome = tuple[list[SPFResult], Reply | None]
+
+
+def check_mail_cached(auth: SenderAuth, ip: str, helo: str, sender: str) -> SPFOutcome | None:
+    """SPF of HELO and MAIL FROM when every answer it needs is cached; None when not."""
     try:
         with auth.lookup.cache_only():
             return auth.check_mail(ip, helo, sender)
-    except NotCached:  # a lookup to make: in a thread, from the start
-        pass
-    return await asyncio.get_running_loop().run_in_executor(
+    except NotCached:
+        return None
+
+
+def check_mail_in_thread(auth: SenderAuth, ip: str, helo: str,
+                         sender: str) -> asyncio.Future[SPFOutcome]:
+    """SPF in a worker thread, where its lookups may wait for DNS (from the start)."""
+    return asyncio.get_running_loop().run_in_executor(
         auth.executor, auth.check_mail, ip, helo, sender)
+
 
 
 def read_message(spool: Spool, start: int, limit: int) -> bytes | None:
