@@ -248,6 +248,8 @@ def main() -> int:
                          "(default 1; 0: one per CPU, the server's own default)")
     ap.add_argument("--default-config", action="store_true",
                     help="mailfort as shipped: sender authentication on, README defaults")
+    ap.add_argument("--source", default=None, metavar="SRC",
+                    help="run mailfort from this src directory (another checkout: before/after)")
     ap.add_argument("--rows", default="",
                     help="only these MX rows, SIZExSESSIONS comma-separated (e.g. 1024x50)")
     ap.add_argument("--idle-timeout", type=float, default=60.0,
@@ -272,9 +274,10 @@ def main() -> int:
             dns.add_txt("example.org", "v=spf1 ip4:127.0.0.1 -all")
             dns.add_txt("_dmarc.example.org", "v=DMARC1; p=none")
             mf = MailfortServer(Path(tmp), port_base=PORT_BASE, dns_port=dns.port,
-                                as_shipped=True)
+                                as_shipped=True, source=args.source)
         else:
-            mf = MailfortServer(Path(tmp), port_base=PORT_BASE, workers=args.workers)
+            mf = MailfortServer(Path(tmp), port_base=PORT_BASE, workers=args.workers,
+                                source=args.source)
         mf.start()
         try:
             ours = Server("mailfort", mf.ports["mx"], lambda: mf.pid)
