@@ -298,7 +298,8 @@ class MailfortServer:
                  max_connections_per_ip: int | None = None, extra_limits: str = "",
                  dns_port: int = 9, sender_auth: bool = False,
                  store_flush: str = "syncfs", source: str | None = None,
-                 mail_dir: Path | None = None, workers: int = 1, imap: bool = False) -> None:
+                 mail_dir: Path | None = None, workers: int = 1, imap: bool = False,
+                 as_shipped: bool = False) -> None:
         """``max_connections_per_ip`` None: the same as ``max_connections``;
         ``extra_limits``: more ``[limits]`` lines (TOML) for the benchmark at hand.
         ``dns_port``: the loopback DNS server the node asks (never the system resolver:
@@ -310,7 +311,12 @@ class MailfortServer:
         of the one Python finds, to compare two versions side by side.
         ``mail_dir``: the Maildir root ([server] mail_dir), default ``data/mail``.
         ``workers``: [server] workers. 1 by default, so that the memory rows (which read
-        ``pid``) measure the one process that serves; above 1, ``pids`` lists them all."""
+        ``pid``) measure the one process that serves; above 1, ``pids`` lists them all.
+        ``as_shipped``: the README's defaults, as a user runs ``mailfort serve``: the
+        configuration names only where things are (host name, directories, listeners, the
+        loopback DNS server on ``dns_port``); every other setting is the shipped one
+        (sender authentication on, one worker per CPU, the default connection limits, no
+        plaintext login), and the other knobs given here are ignored."""
         self.env = dict(os.environ)
         if source is not None:
             self.env["PYTHONPATH"] = source
@@ -318,26 +324,32 @@ class MailfortServer:
         self.data = root / "data"
         self.mail = mail_dir or self.data / "mail"
         self.config = root / "mailfort.toml"
-        offsets = OFFSETS | (IMAP_OFFSETS if imap else {})
+        offsets = OFFSETS | (IMAP_OFFSETS if imap or as_shipped else {})
         self.ports = {k: port_base + v for k, v in offsets.items()}
         busy = [p for p in self.ports.values() if not port_free(p)]
         if busy:
             raise RuntimeError(f"ports already in use: {busy} (pick another --port-base)")
         listen = "\n".join(f'{k} = ["127.0.0.1:{v}"]' for k, v in self.ports.items())
         plain = "true" if plaintext_pop3 else "false"
-        self.config.write_text(
-            f'[server]\nhostname = "mx.bench.test"\ndata_dir = "{self.data}"\n'
-            f'mail_dir = "{self.mail}"\n'
-            f"allow_plaintext_auth_on_loopback = {plain}\nworkers = {workers}\n"
-            f"[listen]\n{listen}\n"
-            f"[limits]\nmax_message_size = {max_message_size}\n"
-            f"max_connections_per_ip = {max_connections_per_ip or max_connections}\n"
-            f"max_connections = {max_connections}\n{extra_limits}"
-            "[submission]\nmessages_per_hour = 1000000\n"
-            f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 2.0\n'
-            f"[sender_auth]\nenabled = {'true' if sender_auth else 'false'}\n"
-            f'[store]\nflush = "{store_flush}"\n'
-        )
+        if as_shipped:
+            self.config.write_text(
+                f'[server]\nhostname = "mx.bench.test"\ndata_dir = "{self.data}"\n'
+                f'mail_dir = "{self.mail}"\n[listen]\n{listen}\n'
+                f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\n')
+        else:
+            self.config.write_text(
+                f'[server]\nhostname = "mx.bench.test"\ndata_dir = "{self.data}"\n'
+                f'mail_dir = "{self.mail}"\n'
+                f"allow_plaintext_auth_on_loopback = {plain}\nworkers = {workers}\n"
+                f"[listen]\n{listen}\n"
+                f"[limits]\nmax_message_size = {max_message_size}\n"
+                f"max_connections_per_ip = {max_connections_per_ip or max_connections}\n"
+                f"max_connections = {max_connections}\n{extra_limits}"
+                "[submission]\nmessages_per_hour = 1000000\n"
+                f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = 2.0\n'
+                f"[sender_auth]\nenabled = {'true' if sender_auth else 'false'}\n"
+                f'[store]\nflush = "{store_flush}"\n'
+            )
         self.cli("domain", "add", "example.test", quiet=imap)
         # The CLI wants >= 8 characters, so not the reference servers' "alicepw".
         self.passwords = {f"{u}@example.test": f"{u}pw-bench" for u in ("alice", "bob")}

@@ -41,7 +41,10 @@ from pathlib import Path
 from mfproc import MailfortServer, PeakRSS, bench_tmpdir, wait_port
 
 HERE = Path(__file__).resolve().parent
-ANCHORS = HERE.parent.parent / "shared" / "anchors"
+# ../shared/anchors beside the checkout (main), or one level up (a worktree under wt/)
+ANCHORS = next((p for p in (HERE.parent.parent / "shared" / "anchors",
+                            HERE.parent.parent.parent / "shared" / "anchors") if p.exists()),
+               HERE.parent.parent / "shared" / "anchors")
 DOVECOT_PORT = 11110
 DOVECOT_ROOT = Path("/var/mail/vhosts/example.test")
 VMAIL_UID = VMAIL_GID = 5000
@@ -69,8 +72,12 @@ def clear_maildir(path: Path) -> None:
     """Empty new/, cur/, tmp/ and drop Dovecot's index files (the Maildir stays)."""
     for sub in ("new", "cur", "tmp"):
         d = path / sub
-        if d.exists():
-            shutil.rmtree(d)
+        for _ in range(10):  # a server may still be renaming new/ -> cur/ (Dovecot after
+            try:             # QUIT, mailfort's flagger): a file gone meanwhile is no error
+                shutil.rmtree(d)
+            except FileNotFoundError:
+                continue
+            break
     if path.exists():
         for f in path.iterdir():
             if f.name.startswith("dovecot") and f.is_file():

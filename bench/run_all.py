@@ -4,6 +4,13 @@
     python bench/run_all.py --quick    # 500 messages per case, POP3 once, 1,000 idle sessions
     python bench/run_all.py --smtp-only    # only the MX and submission rows
     python bench/run_all.py --quick --smtp-only --no-reference --pairs 2   # a dry run
+    python bench/run_all.py --default-config --smtp-only --rows 1024x50   # as shipped
+
+``--default-config`` runs ``mailfort serve`` as a user gets it (the README's defaults: SPF,
+DKIM and DMARC on, one worker per CPU, the default connection limits; ``--workers`` is
+ignored), with its resolver on the tests' loopback DNS server (tests/dnsserver.py), where
+the load's sender domain example.org publishes SPF (``ip4:127.0.0.1 -all``) and DMARC
+(``p=none``): the checks do their DNS work and pass, as for a real sender.
 
 Each MX row is measured in ``--pairs`` (default 5) pairs, the two servers alternating
 (Postfix first in even pairs, mailfort first in odd ones), after an unmeasured warm-up of
@@ -25,6 +32,7 @@ same shape as the reference Postfix: domain example.test, users alice and bob.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -48,7 +56,10 @@ from mfproc import (  # noqa: E402  (bench/ is not a package)
     wait_freed_inodes,
 )
 
-ANCHORS = HERE.parent.parent / "shared" / "anchors"
+# ../shared/anchors beside the checkout (main), or one level up (a worktree under wt/)
+ANCHORS = next((p for p in (HERE.parent.parent / "shared" / "anchors",
+                            HERE.parent.parent.parent / "shared" / "anchors") if p.exists()),
+               HERE.parent.parent / "shared" / "anchors")
 PORT_BASE = 12500  # mailfort's listeners: see bench/mfproc.py OFFSETS
 # (size, sessions, (median target, worst-pair target) or None) of the MX rows
 MX_ROWS = ((1024, 50, (2.0, 1.6)), (102400, 50, (1.5, None)), (1024, 1, (1.0, None)),
@@ -235,6 +246,12 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1,
                     help="mailfort's [server] workers for the MX and submission rows "
                          "(default 1; 0: one per CPU, the server's own default)")
+    ap.add_argument("--default-config", action="store_true",
+                    help="mailfort as shipped: sender authentication on, README defaults")
+    ap.add_argument("--source", default=None, metavar="SRC",
+                    help="run mailfort from this src directory (another checkout: before/after)")
+    ap.add_argument("--rows", default="",
+                    help="only these MX rows, SIZExSESSIONS comma-separated (e.g. 1024x50)")
     ap.add_argument("--idle-timeout", type=float, default=60.0,
                     help="longest wait for a quiet disk before a measurement (seconds)")
     args = ap.parse_args()
@@ -247,8 +264,20 @@ def main() -> int:
             return 2
     rows: list[tuple[str, str, str, str]] = []
     wait_freed_inodes()  # mfproc.FREED_INODE_WINDOW
-    with bench_tmpdir("mailfort-bench-") as tmp:
-        mf = MailfortServer(Path(tmp), port_base=PORT_BASE, workers=args.workers)
+    wanted = {tuple(int(x) for x in r.split("x")) for r in args.rows.split(",") if r}
+    mx_rows = [r for r in MX_ROWS if not wanted or (r[0], r[1]) in wanted]
+    with bench_tmpdir("mailfort-bench-") as tmp, contextlib.ExitStack() as stack:
+        if args.default_config:
+            sys.path.insert(0, str(HERE.parent))
+            from tests.dnsserver import DNSServer
+            dns = stack.enter_context(DNSServer())
+            dns.add_txt("example.org", "v=spf1 ip4:127.0.0.1 -all")
+            dns.add_txt("_dmarc.example.org", "v=DMARC1; p=none")
+            mf = MailfortServer(Path(tmp), port_base=PORT_BASE, dns_port=dns.port,
+                                as_shipped=True, source=args.source)
+        else:
+            mf = MailfortServer(Path(tmp), port_base=PORT_BASE, workers=args.workers,
+                                source=args.source)
         mf.start()
         try:
             ours = Server("mailfort", mf.ports["mx"], lambda: mf.pid)
@@ -266,13 +295,15 @@ def main() -> int:
             for server in servers:
                 both_idle(servers)
                 load(server.port, 1024, 50, 500 if args.quick else 5000)
-            for size, sessions, target in MX_ROWS:
+            for size, sessions, target in mx_rows:
                 rows.append(mx_row(servers, ours, ref, mf, size, sessions, target,
                                    args.pairs, n))
             rates = [float(r[2].split("/s")[0]) for r in rows]
             mx_rate = rates[0] if rates else 1.0
-            for label, extra in (("one connection + AUTH per session", ["--keep-session"]),
-                                 ("new connection + AUTH per message", [])):
+            submission = () if args.rows else (
+                ("one connection + AUTH per session", ["--keep-session"]),
+                ("new connection + AUTH per message", []))
+            for label, extra in submission:
                 out = subprocess.run(
                     [sys.executable, str(HERE / "smtp_load.py"), "--port",
                      str(mf.ports["submission"]), "--starttls", "--user", "alice@example.test",
@@ -296,8 +327,9 @@ def main() -> int:
                                                       else []))
         rows += other_rows("idle_sessions.py", "--sessions", "1000" if args.quick else "10000")
         rows += other_rows("big_message.py")
+    shipped = "as shipped (one per CPU), sender authentication on"
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.python_version()}; "
-          f"mailfort workers = {args.workers}")
+          f"mailfort workers = {shipped if args.default_config else args.workers}")
     print("| measure | reference | mailfort | target |\n|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")

@@ -23,7 +23,7 @@ import socket
 import threading
 from typing import Any
 
-from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, SRV, TLSA, TXT, A, DNSRecord
+from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, SOA, SRV, TLSA, TXT, A, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger
 from dnslib.server import DNSServer as _LibServer
 
@@ -52,6 +52,7 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
             records = o.records.get(name)
             if not records:
                 reply.header.rcode = RCODE.NXDOMAIN if o.default_rcode is None else o.default_rcode
+                o.add_negative_soa(reply, name)
                 return reply
             owner = q.qname
             for _ in range(8):  # a CNAME is followed inside this server's names (RFC 1034 §3.6.2)
@@ -66,6 +67,8 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
                     reply.add_answer(RR(owner, getattr(QTYPE, rtype), rdata=rdata, ttl=ttl))
             if name in o.authentic:  # as a validating resolver would (DNSSEC, RFC 4035)
                 reply.header.ad = 1
+            if not reply.rr:
+                o.add_negative_soa(reply, name)  # NODATA
             return reply
 
 
@@ -89,6 +92,7 @@ class DNSServer:
         self.timeouts: set[str] = set()
         self.queries: list[tuple[str, str]] = []
         self.authentic: set[str] = set()  # names answered with the AD bit set
+        self.negative_ttls: dict[str, int] = {}  # zone -> SOA TTL of its negative answers
         self._servers: list[Any] = []
 
     # ------------------------------------------------------------------ records
@@ -174,6 +178,25 @@ class DNSServer:
         self.list_ip(zone, "::ffff:7f00:2", txt="RFC 5782 test entry")
         return self.list_domain(zone, "test")
 
+    def set_negative_ttl(self, zone: str, ttl: int) -> DNSServer:
+        """Negative answers (NXDOMAIN, NODATA) for names in ``zone`` carry its SOA in the
+        authority section, TTL and MINIMUM ``ttl``: how long RFC 2308 lets them be cached.
+        Without it they carry none, as before."""
+        with self.lock:
+            self.negative_ttls[_key(zone)] = ttl
+        return self
+
+    def add_negative_soa(self, reply: DNSRecord, name: str) -> None:
+        """The SOA of the closest zone with ``set_negative_ttl`` (lock held by the caller)."""
+        labels = name.split(".")
+        for i in range(len(labels)):
+            zone = ".".join(labels[i:])
+            ttl = self.negative_ttls.get(zone)
+            if ttl is not None:
+                reply.add_auth(RR(zone, QTYPE.SOA, ttl=ttl, rdata=SOA(
+                    f"ns.{zone}", f"hostmaster.{zone}", (1, 3600, 600, 86400, ttl))))
+                return
+
     def remove(self, name: str, rtype: str | None = None) -> DNSServer:
         """Drop a name's records (of one type, or all), its rcode and timeout."""
         k = _key(name)
@@ -210,6 +233,7 @@ class DNSServer:
             self.timeouts.clear()
             self.queries.clear()
             self.authentic.clear()
+            self.negative_ttls.clear()
 
     # ------------------------------------------------------------------ lifecycle
 

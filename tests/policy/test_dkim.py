@@ -265,3 +265,17 @@ def test_signatures_past_the_bound_are_not_verified(
     assert [r.result for r in results] == (
         ["pass"] * dkim.MAX_SIGNATURES + ["policy"] * 3)
     assert "more than 8 signatures" in results[-1].reason
+
+
+def test_a_signature_field_in_any_case_is_still_verified(
+        tmp_path: Path, dns_server: DNSServer, lookup: Lookup) -> None:
+    """Unsigned mail skips dkimpy (no DKIM-Signature field: nothing to verify); a field
+    name in other letter cases is the same field (RFC 5322 §1.2.2) and is verified."""
+    key = dkim.KeyStore(tmp_path).generate("sign.test", "s1", "ed25519")
+    publish(dns_server, key)
+    signed = key.sign(MESSAGE) + MESSAGE
+    assert signed.startswith(b"DKIM-Signature:")
+    (r,) = dkim.verify(b"dKiM-sIgNaTuRe:" + signed[len(b"DKIM-Signature:"):], lookup)
+    assert r.result == "pass", r
+    body_only = MESSAGE.replace(b"hello there", b"DKIM-Signature: in the body, not a field")
+    assert dkim.verify(body_only, lookup) == []

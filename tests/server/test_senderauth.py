@@ -590,3 +590,57 @@ async def test_large_messages_are_verified_as_they_stream(
     # Unsigned but from an SPF-aligned envelope: DMARC passes by SPF.
     spf = await deliver("letters@news.bank.test", raw_letter(headers, large))
     assert "spf=pass smtp.mailfrom=letters@news.bank.test" in spf and "dmarc=pass" in spf
+
+
+async def test_cached_answers_are_used_within_their_ttl_and_never_after(
+        mx: NodeFactory, dns_server: DNSServer) -> None:
+    """The checks run from the DNS cache (on the event loop) while a sender's answers are
+    fresh, and judge by its new records once the old ones' TTL has passed."""
+    dns_server.add_txt("ttl.test", "v=spf1 ip4:127.0.0.1 -all", ttl=1)
+    dns_server.add_txt("_dmarc.ttl.test", "v=DMARC1; p=reject", ttl=1)
+    node = await mx()
+    port = node.port("mx")
+    for _ in range(2):
+        await asyncio.to_thread(send, port, "a@ttl.test", letter("a@ttl.test"))
+    assert dns_server.queries.count(("ttl.test", "TXT")) == 1  # the second from the cache
+    assert dns_server.queries.count(("_dmarc.ttl.test", "TXT")) == 1
+    assert all("spf=pass smtp.mailfrom=a@ttl.test" in auth_results(m)
+               for m in stored(node, ALICE))
+    dns_server.remove("ttl.test").add_txt("ttl.test", "v=spf1 ip4:192.0.2.1 -all", ttl=1)
+    await asyncio.sleep(1.1)
+    with pytest.raises(smtplib.SMTPDataError) as exc:  # SPF fail now, and DMARC p=reject
+        await asyncio.to_thread(send, port, "a@ttl.test", letter("a@ttl.test"))
+    assert exc.value.smtp_code == 550
+    assert len(stored(node, ALICE)) == 2
+
+
+def _mail_reply_seconds(port: int, sender: str) -> float:
+    """How long the reply to MAIL took; the rest of the transaction must succeed."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.remote.test")
+        t0 = time.monotonic()
+        code, _ = s.mail(sender)
+        took = time.monotonic() - t0
+        assert code == 250
+        assert s.rcpt(ALICE)[0] == 250
+        assert s.data(letter(sender))[0] == 250
+    return took
+
+
+async def test_spf_lookups_overlap_the_transaction_unless_mail_waits_for_them(
+        mx: NodeFactory, dns_server: DNSServer) -> None:
+    """With spf_fail = "mark" (the default) the reply to MAIL does not depend on SPF, so a
+    sender domain whose DNS is slow (here: never answers, 1 s timeout) is answered at once
+    and its SPF result, awaited at the end of data, is still reported; with "reject" MAIL
+    waits for it, as a fail must be refused there."""
+    dns_server.timeout("slow.test")
+    dns_server.timeout("slower.test")
+    node = await mx()
+    took = await asyncio.to_thread(_mail_reply_seconds, node.port("mx"), "a@slow.test")
+    assert took < 0.5, took
+    (raw,) = stored(node, ALICE)
+    ar = auth_results(raw)
+    assert "spf=temperror (" in ar and "smtp.mailfrom=a@slow.test" in ar, ar
+    strict = await mx("b", sender_auth={"spf_fail": "reject"})
+    took = await asyncio.to_thread(_mail_reply_seconds, strict.port("mx"), "a@slower.test")
+    assert took >= 0.8, took

@@ -29,8 +29,11 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
-    """RFC 7489 §3.2: the public suffix plus one label (the domain itself if shorter)."""
+    """RFC 7489 §3.2: the public suffix plus one label (the domain itself if shorter).
+    Remembered: a message asks it up to three times, and the list never changes while
+    the process runs (it ships with the package)."""
     d = domain.lower().rstrip(".")
     return _psl().privatesuffix(d) or d
 

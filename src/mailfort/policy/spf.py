@@ -61,6 +61,8 @@ _pyspf.DNSLookup = _dns_lookup
 def _is_domain(name: str) -> bool:
     if not name or "." not in name.strip(".") or name.startswith("["):
         return False
+    if ":" not in name and not name.replace(".", "").isdigit():
+        return True  # neither IPv6 nor dotted digits: no address (spares a ValueError)
     try:
         ipaddress.ip_address(name)
     except ValueError:

@@ -1,7 +1,13 @@
 """The sessions' side of sender authentication: worker threads and spool rewriting.
 
 SPF runs at MAIL FROM, DKIM/DMARC (MX) or DKIM signing (submission) after the end of
-data, each in a worker thread so that DNS waits and RSA/Ed25519 never block the loop.
+data. A check whose DNS answers are all in the cache (the common case: a sender's records
+are asked once per TTL) runs right on the event loop: it is a few tens of microseconds of
+Python, which a worker thread would run under the same GIL anyway, while the hand-over to a
+thread and back cost the loop more than the check (measured: bench/RESULTS.md, 2026-12-07).
+Any other check (a lookup to make, an answer past its TTL, a message over ``INLINE_MAX``,
+whose body hash is better done where hashlib can release the GIL) runs in a worker thread,
+so that DNS waits never block the loop.
 The fields they add go on top of the message, so the spooled message is copied into a
 new spool behind them (in memory for most messages; a file copy for large ones), and
 on the MX any Authentication-Results field claiming our host name is dropped on the way,
@@ -19,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mailfort.policy.authresults import strip_ours
+from mailfort.policy.dnslookup import NotCached
 from mailfort.policy.senderauth import SenderAuth, Verdict, header_block
 from mailfort.policy.spf import SPFResult
 from mailfort.protocol.body import HEADER_TOO_BIG, MAX_HEADER_SECTION
@@ -28,12 +35,28 @@ from mailfort.store.maildir import Committer, Spool
 log = logging.getLogger("mailfort.senderauth")
 # (authenticated user, the message) -> the DKIM-Signature fields to add (policy/msa.py)
 SignHook = Callable[[str, bytes], bytes]
+# Messages up to this size are checked on the loop when their DNS answers are cached.
+INLINE_MAX = 64 * 1024
 
 
-async def check_mail(auth: SenderAuth, ip: str, helo: str,
-                     sender: str) -> tuple[list[SPFResult], Reply | None]:
-    return await asyncio.get_running_loop().run_in_executor(
+SPFOutcome = tuple[list[SPFResult], Reply | None]
+
+
+def check_mail_cached(auth: SenderAuth, ip: str, helo: str, sender: str) -> SPFOutcome | None:
+    """SPF of HELO and MAIL FROM when every answer it needs is cached; None when not."""
+    try:
+        with auth.lookup.cache_only():
+            return auth.check_mail(ip, helo, sender)
+    except NotCached:
+        return None
+
+
+def check_mail_in_thread(auth: SenderAuth, ip: str, helo: str,
+                         sender: str) -> asyncio.Future[SPFOutcome]:
+    """SPF in a worker thread, where its lookups may wait for DNS (from the start)."""
+    return asyncio.get_running_loop().run_in_executor(
         auth.executor, auth.check_mail, ip, helo, sender)
+
 
 
 def read_message(spool: Spool, start: int, limit: int) -> bytes | None:
@@ -132,8 +155,19 @@ def _verify_inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace:
 async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: bytes,
                   spf_results: list[SPFResult], sender: str, peer_ip: str) -> Outcome:
     """DKIM and DMARC of a message received on the MX; a refusal or the new spool."""
-    new, verdict = await asyncio.get_running_loop().run_in_executor(
-        auth.executor, _verify_inbound, auth, committer, spool, trace, spf_results, sender)
+    checked: tuple[Spool, Verdict] | None = None
+    if spool.size - len(trace) <= INLINE_MAX:
+        try:
+            with auth.lookup.cache_only():
+                # NotCached can only come from the checks, before any new spool is made
+                checked = _verify_inbound(auth, committer, spool, trace, spf_results, sender)
+        except NotCached:
+            pass
+    if checked is None:
+        checked = await asyncio.get_running_loop().run_in_executor(
+            auth.executor, _verify_inbound, auth, committer, spool, trace, spf_results,
+            sender)
+    new, verdict = checked
     log.info("sender-auth [%s] from=<%s> %s%s", peer_ip, sender, verdict.summary,
              f" -> {verdict.refusal.code} {verdict.refusal.enhanced}" if verdict.refusal else "")
     if new is not spool:

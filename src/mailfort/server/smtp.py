@@ -82,6 +82,9 @@ class Envelope:
     forwards: dict[str, str] = field(default_factory=dict)
     rcpts: list[str] = field(default_factory=list)  # as the client gave them
     spf: list[SPFResult] = field(default_factory=list)  # MX: SPF of HELO and MAIL FROM
+    # MX: SPF still being evaluated in a thread (answers not cached), when the reply to MAIL
+    # does not depend on it (spf_fail = "mark"): awaited at the end of data, into ``spf``.
+    spf_pending: asyncio.Future[senderauth.SPFOutcome] | None = None
     requiretls: bool = False  # MAIL ... REQUIRETLS (RFC 8689), kept in the queue entry
     # The message's one id (queue/store.py new_id), made at DATA: in Received:, the 250,
     # the queue entry and every log line about it.
@@ -436,7 +439,7 @@ class SMTPSession(EngineSession):
             self.run(self._check_submission(ev))  # the rate may be counted over the network
             return
         if self._checks_sender():
-            self.run(self._check_spf())  # ---- sender authentication: SPF, off the loop
+            self._check_spf()  # ---- sender authentication: SPF
             return
         engine.decide(SENDER_OK)
 
@@ -497,12 +500,34 @@ class SMTPSession(EngineSession):
                 and self.engine.authenticated_as is None
                 and not self.service.trusted(self.peer_ip))
 
-    async def _check_spf(self) -> None:
+    def _check_spf(self) -> None:
+        """SPF at MAIL FROM: decided at once from cached answers (the common case); else
+        the lookups start in a thread. Only ``spf_fail = "reject"`` makes the reply to MAIL
+        wait for them; otherwise MAIL is answered now and the lookups overlap RCPT and the
+        data transfer, their result awaited at the end of data (``_sender_auth``)."""
         engine, auth, env = self.engine, self.service.sender_auth, self.envelope
         assert engine is not None and auth is not None
         sender = str(env.sender) if env.sender is not None else ""
-        env.spf, refusal = await senderauth.check_mail(auth, self.peer_ip, engine.helo or "",
-                                                       sender)
+        helo = engine.helo or ""
+        done = senderauth.check_mail_cached(auth, self.peer_ip, helo, sender)
+        if done is not None:
+            self._spf_decided(done, sender)
+            return
+        pending = senderauth.check_mail_in_thread(auth, self.peer_ip, helo, sender)
+        if auth.opts.spf_fail == "reject":
+            self.run(self._await_spf(pending, sender))
+            return
+        env.spf_pending = pending
+        engine.decide(SENDER_OK)
+
+    async def _await_spf(self, pending: asyncio.Future[senderauth.SPFOutcome],
+                         sender: str) -> None:
+        self._spf_decided(await pending, sender)
+
+    def _spf_decided(self, done: senderauth.SPFOutcome, sender: str) -> None:
+        engine = self.engine
+        assert engine is not None
+        self.envelope.spf, refusal = done
         if refusal is not None:
             decisionlog.reject("MAIL", self.peer_ip, refusal, from_=sender, helo=engine.helo)
         engine.decide(refusal or SENDER_OK)
@@ -762,6 +787,9 @@ class SMTPSession(EngineSession):
                                                   svc.cfg.server.hostname)
             return spool, None, False
         env = self.envelope
+        if env.spf_pending is not None:  # SPF's lookups, started at MAIL FROM
+            env.spf = (await env.spf_pending)[0]
+            env.spf_pending = None
         out = await senderauth.inbound(svc.sender_auth, svc.committer, spool, self.trace,
                                        env.spf, "" if env.sender is None else str(env.sender),
                                        self.peer_ip)
