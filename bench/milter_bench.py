@@ -5,15 +5,15 @@
 
 One rspamd, started here from Debian's package with the tests' configuration
 (tests/rspamdserver.py: the package's rules, a proxy worker in milter mode that scans itself,
-no network maps) serves both servers. Its DNS is the tests' loopback DNS server
-(tests/dnsserver.py, in this process), which answers NXDOMAIN to every name at once, as a
-local caching resolver would for names that are in no list: with the tests' closed port
-instead, rspamd waited 5 s per message for Postfix's (it looks up 6 names in those: the
-client name "localhost" and the host in smtp-source's Message-ID; none in mailfort's), which
-measured a timeout, not the servers. The stub's CPU and its queries per message are shown.
-With one rspamd for both, the filter work per message is the same by construction, and its CPU is
-read from /proc over each server's own window (the servers are measured one at a time). Its
-proxy runs ``--rspamd-workers`` processes (default: one per CPU, as Debian's normal worker).
+no network maps), serves both servers, with two changes. Its DNS is the tests' loopback DNS
+server (tests/dnsserver.py, in this process: NXDOMAIN to every name at once) instead of a
+closed port, and its ``rbl`` module (RBL, DBL, SURBL, URIBL: lookups in DNS lists on the
+network) is off: with it on, rspamd spent 3 to 5 s on each of Postfix's messages (6 lookups
+that "timed out" without reaching the loopback stub) and none on mailfort's, so the row
+measured a lookup timeout, not the servers. With one rspamd for both, the filter work per
+message is the same by construction, and its CPU is read from /proc over each server's own
+window (the servers are measured one at a time). Its proxy runs ``--rspamd-workers``
+processes (default: one per CPU, as Debian's normal worker).
 
 mailfort: ``bench/mfproc.MailfortServer`` (workers = 1, as run_all.py) with ``[[milter]]
 address = "inet:127.0.0.1:PORT"`` and the defaults (on_error = "tempfail").
@@ -68,9 +68,8 @@ NCPU = os.cpu_count() or 1
 LOAD_TIMEOUT = 600.0  # seconds for one load run
 MF_MILTER_BASE, MF_PLAIN_BASE = 14500, 14600  # mailfort's port bases (mfproc.OFFSETS)
 PF_MILTER_PORT, PF_PLAIN_PORT = 14825, 14826  # the bench Postfix's two smtpd listeners
-# rspamd modules off here: DNS lists (rbl: RBL, DBL, SURBL, URIBL) are network lookups; with
-# them on, rspamd spent 3 to 5 s on each of Postfix's messages (6 lookups, "query timed out",
-# none of which reached the loopback DNS stub) and none on mailfort's: a timeout, not a filter.
+# rspamd modules off here: DNS lists (rbl: RBL, DBL, SURBL, URIBL) are network lookups (see
+# the module's docstring: they made a 3 to 5 s timeout per Postfix message).
 DISABLED_MODULES = ("rbl",)
 DNS: list = []  # the loopback DNS stub rspamd asks (tests/dnsserver.DNSServer), once started
 ANCHORS = next((p for p in (HERE.parent.parent / "shared" / "anchors",
