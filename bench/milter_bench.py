@@ -47,8 +47,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -71,7 +73,7 @@ PF_MILTER_PORT, PF_PLAIN_PORT = 14825, 14826  # the bench Postfix's two smtpd li
 # rspamd modules off here: DNS lists (rbl: RBL, DBL, SURBL, URIBL) are network lookups (see
 # the module's docstring: they made a 3 to 5 s timeout per Postfix message).
 DISABLED_MODULES = ("rbl",)
-DNS: list = []  # the loopback DNS stub rspamd asks (tests/dnsserver.DNSServer), once started
+DNS: list[Any] = []  # the loopback DNS stub rspamd asks (tests/dnsserver.DNSServer), once started
 ANCHORS = next((p for p in (HERE.parent.parent / "shared" / "anchors",
                             HERE.parent.parent.parent / "shared" / "anchors") if p.exists()),
                HERE.parent.parent / "shared" / "anchors")
@@ -229,9 +231,9 @@ class Side:
 
     name: str
     port: int
-    pid: object  # () -> int | None
+    pid: Callable[[], int | None]
     maildir_new: Path
-    settle: object = None  # () -> None: work after the 250s (Postfix's deliveries)
+    settle: Callable[[], None] | None = None  # work after the 250s (Postfix's deliveries)
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
     rspamd_us: list[float] = field(default_factory=list)
@@ -244,18 +246,18 @@ class Side:
 
     def after(self) -> None:
         if self.settle is not None:
-            self.settle()  # type: ignore[operator]
+            self.settle()
 
     def idle(self, rspamd: Rspamd | None) -> None:
         self.after()
-        pid = self.pid()  # type: ignore[operator]
+        pid = self.pid()
         if pid is not None:
             wait_cpu_idle(pid)
         if rspamd is not None:
             wait_cpu_idle(rspamd.pid)
 
     def measure(self, rspamd: Rspamd | None, size: int, sessions: int, n: int) -> str:
-        pid = self.pid()  # type: ignore[operator]
+        pid = self.pid()
         queries0, me0 = len(DNS[0].queries) if DNS else 0, os.times()
         stored0 = count_new(self.maildir_new)
         cpu0 = cpu_seconds(pid) if pid else 0.0
