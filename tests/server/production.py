@@ -6,9 +6,11 @@ account can still reach its data directory; the subprocess imports this checkout
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,9 +67,11 @@ def free_low_port() -> int:
 
 
 def world_dir() -> Path:
-    """A fresh directory under /tmp that any account may traverse (not list)."""
+    """A fresh directory under /tmp that any account may traverse (not list), removed when
+    the test run ends (pytest's tmp_path lies under a directory only its owner may enter)."""
     d = Path(tempfile.mkdtemp(prefix="mailfort-prod-", dir="/tmp"))
     d.chmod(0o711)
+    atexit.register(shutil.rmtree, d, True)
     return d
 
 
