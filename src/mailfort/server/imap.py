@@ -363,8 +363,6 @@ class IMAPSession(EngineSession):
         self._watched: Path | None = None
         self._sub: Subscription | None = None
         self._idle_wait: asyncio.Task[None] | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
 
     # ---------------------------------------------------------------- asyncio callbacks
 
@@ -384,17 +382,8 @@ class IMAPSession(EngineSession):
     def eof_received(self) -> bool | None:
         return False
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._writable.set()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._writable.set()
         self.release()
         self._end_mail()
 
@@ -538,7 +527,7 @@ class IMAPSession(EngineSession):
                 # The next batch is made in its thread while the client reads this one
                 # (one batch ahead at most: it waits below until the transport drains).
                 ahead = self._submit(_batch, items, BATCH_BYTES)
-                await self._writable.wait()
+                await self.writable()
                 chunk = await asyncio.shield(ahead)
                 if self.transport is None:
                     return False

@@ -134,8 +134,6 @@ class POP3Session(EngineSession):
         self.mailbox: POP3Mailbox | None = None
         self.lease: Lease | None = None  # the maildrop lock across nodes, with the mailbox
         self._watch: asyncio.Task[None] | None = None  # ends the session if it is lost
-        self._writable = asyncio.Event()  # RETR streaming waits on it
-        self._writable.set()
         # The message after the one just sent, read while the client reads that one: a
         # client downloading a mailbox asks for them in order.
         self._ahead: tuple[int, bytes] | None = None
@@ -159,17 +157,8 @@ class POP3Session(EngineSession):
     def eof_received(self) -> bool | None:
         return False  # close: a half-closed POP3 client is gone
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._writable.set()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._writable.set()
         self.release()
         self._release_mailbox()  # dropped before QUIT: nothing is deleted
 
@@ -268,7 +257,7 @@ class POP3Session(EngineSession):
         assert engine is not None and mailbox is not None and transport is not None
         ahead, self._ahead = self._ahead, None
         size = mailbox.messages[ev.index].size
-        if size > CHUNK or not self._writable.is_set():
+        if size > CHUNK or self.write_paused:
             self.run(self._stream(ev))
             return
         if ahead is not None and ahead[0] == ev.index and ev.top_lines is None:
@@ -311,7 +300,7 @@ class POP3Session(EngineSession):
             engine.retrieve_started(mailbox.messages[ev.index].size)
             self._write(engine.take_output())
             while not reader.done:
-                await self._writable.wait()
+                await self.writable()
                 if self.transport is None:
                     return
                 self._write(await asyncio.to_thread(reader.read))

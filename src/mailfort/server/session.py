@@ -126,6 +126,7 @@ class EngineSession(asyncio.Protocol):
         self.counted = False
         self.closing = False
         self.write_paused = False  # the client is not reading its replies
+        self._resumed: asyncio.Event | None = None  # made by the first wait for it
         self._limiter: ConnectionLimiter | None = None
         self._sessions: set[Any] | None = None
         # Stress mode (server/stress.py): progress is a reply sent or PROGRESS_BYTES received.
@@ -213,6 +214,7 @@ class EngineSession(asyncio.Protocol):
         """Undo ``admit``: the slot, the timer, the pending work. Idempotent, so that every
         way a session ends may call it (``connection_lost``, which ``start_tls`` also calls
         for a connection that died in the handshake; stress mode's eviction)."""
+        self._wake_writers()  # a writer waiting for the client finds it gone
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -285,8 +287,23 @@ class EngineSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.pause_reading()
 
+    async def writable(self) -> None:
+        """Return once the client reads again (or the connection is gone): what streams a
+        large answer waits here between writes, so its output stays bounded."""
+        if not self.write_paused or self.transport is None:
+            return
+        if self._resumed is None:
+            self._resumed = asyncio.Event()
+        self._resumed.clear()
+        await self._resumed.wait()
+
+    def _wake_writers(self) -> None:
+        if self._resumed is not None:
+            self._resumed.set()
+
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._wake_writers()
         self.last_activity = time.monotonic()
         if self.transport is not None and self.task is None and not self.closing:
             self.transport.resume_reading()
