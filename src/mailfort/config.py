@@ -465,6 +465,28 @@ class MilterConfig:
     message_timeout: float = 120.0  # the whole conversation about one message
 
 
+@dataclass(frozen=True)
+class SieveConfig:
+    """Server-side filtering (RFC 5228) of mail delivered to local users, scripts managed
+    over ManageSieve (RFC 5804). Per-user scripts live beside each Maildir
+    (store/sieve_scripts.py); ``before``/``after`` are the administrator's scripts, run for
+    every local recipient before and after the user's own (paths read as root at start)."""
+
+    enabled: bool = True
+    before: str = ""  # path of a global script run before the user's ("" = none)
+    after: str = ""  # path of a global script run after the user's ("" = none)
+    max_script_size: int = 65536  # bytes of one script (PUTSCRIPT over it: NO (QUOTA/MAXSIZE))
+    max_scripts: int = 16  # scripts per user
+    max_storage: int = 262144  # bytes of all of a user's scripts
+    max_actions: int = 32  # actions one run may take (fileinto, redirect, vacation...)
+    max_redirects: int = 4  # redirect actions one run may take
+    redirects_per_day: int = 100  # redirects one user's scripts may send in 24 hours
+    max_cpu_ms: int = 200  # time one run may take (regex and body tests included)
+    vacation_min_days: int = 1  # the smallest :days (or :seconds) a script may ask
+    vacation_max_days: int = 30
+    vacation_default_days: int = 7
+
+
 ROUTE_TLS = ("may", "starttls", "implicit")
 
 
@@ -530,6 +552,7 @@ class Config:
     srs: SRSConfig = field(default_factory=SRSConfig)
     # [[milter]] entries: content filters asked in order at the end of data.
     milter: list[MilterConfig] = field(default_factory=list)
+    sieve: SieveConfig = field(default_factory=SieveConfig)
 
     @property
     def data_path(self) -> Path:
@@ -712,6 +735,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"queue.{k}: must be a positive number of seconds")
     _validate_sender_auth(cfg.sender_auth)
     _validate_milters(cfg)
+    _validate_sieve(cfg.sieve)
     _validate_antiabuse(cfg)
     _validate_operations(cfg)
     _validate_counters(cfg.counters)
@@ -916,6 +940,24 @@ def _validate_milters(cfg: Config) -> None:
                 raise ConfigError(f"{key}.{k}: must be between 0 and 3600 seconds")
         if m.message_timeout < m.command_timeout:
             raise ConfigError(f"{key}.message_timeout: must be at least command_timeout")
+
+
+def _validate_sieve(sv: SieveConfig) -> None:
+    for k in ("max_script_size", "max_scripts", "max_storage", "max_actions", "max_cpu_ms"):
+        if getattr(sv, k) < 1:
+            raise ConfigError(f"sieve.{k}: must be 1 or more")
+    if sv.max_script_size > 1 << 20:
+        raise ConfigError("sieve.max_script_size: at most 1048576 (1 MiB)")
+    if sv.max_storage < sv.max_script_size:
+        raise ConfigError("sieve.max_storage: must be at least max_script_size")
+    if sv.max_redirects < 0 or sv.redirects_per_day < 0:
+        raise ConfigError("sieve.max_redirects, redirects_per_day: 0 or more")
+    if not 1 <= sv.vacation_min_days <= sv.vacation_default_days <= sv.vacation_max_days:
+        raise ConfigError("sieve: 1 <= vacation_min_days <= vacation_default_days "
+                          "<= vacation_max_days")
+    for k in ("before", "after"):
+        if getattr(sv, k) and not Path(getattr(sv, k)).is_absolute():
+            raise ConfigError(f"sieve.{k}: must be an absolute path")
 
 
 def _validate_sender_auth(sa: SenderAuthConfig) -> None:
