@@ -312,3 +312,19 @@ def test_the_schema_names_every_field_of_an_entry() -> None:
     """A field added to Entry or Recipient must be added to the schema too."""
     assert set(store.ENTRY_SCHEMA) == {f.name for f in dataclasses.fields(store.Entry)}
     assert set(store.RECIPIENT_SCHEMA) == {f.name for f in dataclasses.fields(store.Recipient)}
+
+
+def test_an_unreadable_entry_is_reported_once_and_left_in_place(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    q = Queue(tmp_path / "q")
+    ok = q.enqueue_bytes(b"Subject: a\r\n\r\nx\r\n", "a@example.org", ["b@example.net"], None)
+    bad = ok[:-1] + ("0" if ok[-1] != "0" else "1")
+    (q.env_dir / f"{bad}.json").mkdir()  # reading it fails with an OSError, as EIO would
+    caplog.set_level(logging.ERROR, logger="mailfort.queue")
+    assert [e.id for e in q.list()] == [ok]
+    assert [e.id for e in q.list()] == [ok]
+    said = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
+    assert len(said) == 1 and "cannot be read" in said[0]
+    assert (q.env_dir / f"{bad}.json").is_dir()  # not set aside as damaged
+    with pytest.raises(store.UnreadableEntry):
+        q.get(bad)

@@ -75,6 +75,11 @@ class DamagedEntry(QueueError):
         self.reason = reason
 
 
+class UnreadableEntry(QueueError):
+    """The state file exists but cannot be read (EACCES, EIO): left in place, not moved
+    (the disk may recover, or an operator may repair permissions), and reported."""
+
+
 class StateError(ValueError):
     """A state file's content is not a valid entry; the text says which field and why."""
 
@@ -406,6 +411,7 @@ class Queue:
         # Serialises read-modify-write of state files; re-entrant: a read under it may set
         # a damaged entry aside, which takes it too.
         self._lock = threading.RLock()
+        self._reported_unreadable: set[str] = set()
 
     # ------------------------------------------------------------------ recovery
 
@@ -598,7 +604,7 @@ class Queue:
                 raise DamagedEntry(ident, found.reason) from None
             raise QueueError(f"no such queue entry: {ident}") from None
         except OSError as exc:  # unreadable (EACCES, EIO): skipped, not moved
-            raise QueueError(f"queue entry {ident} cannot be read: {exc}") from None
+            raise UnreadableEntry(f"queue entry {ident} cannot be read: {exc}") from None
         try:
             entry = parse_state(raw, ident)
         except StateError as exc:
@@ -702,8 +708,15 @@ class Queue:
         set aside on the way (``damaged`` lists them)."""
         out = []
         for ident in self.ids():
-            with contextlib.suppress(QueueError):
+            try:
                 out.append(self.get(ident))
+            except UnreadableEntry as exc:
+                # Every scan meets it again: said once per process, not at every scan.
+                if ident not in self._reported_unreadable:
+                    self._reported_unreadable.add(ident)
+                    log.error("%s; it is not delivered until it can be read", exc)
+            except QueueError:
+                pass
         return out
 
     def due(self, now: float) -> builtins.list[Entry]:
