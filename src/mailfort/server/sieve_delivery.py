@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,6 +58,7 @@ log = logging.getLogger("mailfort.sieve")
 _MAX_CACHED = 4096
 _MAX_GLOBAL_SCRIPTS = 64
 DAY = 86400
+INLINE_SECONDS = 0.002  # scripts that ran faster lately run on the event loop
 INBOX = "INBOX"
 REDIRECTS_FILE = ".redirects"
 
@@ -68,13 +70,14 @@ class Compiled:
     key: tuple[int, int, int] | None  # (inode, size, mtime_ns); None: no active script
     script: sieve.Script | None = None
     error: str | None = None
+    # How long this user's scripts (global ones included) took to run here, lately (a slow
+    # run counts at once, fast ones bring it down slowly); None: not run yet.
+    seconds: float | None = None
 
     @property
     def uses_reject(self) -> bool:
         return self.script is not None and self.script.uses_reject
 
-
-NO_SCRIPT = Compiled(None)
 
 
 @dataclass
@@ -117,6 +120,7 @@ class SieveDelivery:
                                         max_redirects=o.max_redirects, max_cpu_ms=o.max_cpu_ms)
         self.quota = Quota(o.max_script_size, o.max_scripts, o.max_storage)
         self._cache: dict[Path, Compiled] = {}
+        self.no_script = Compiled(None)  # this node's (its timing is of the global scripts)
         self._lock = threading.Lock()
         self._globals: dict[str, bytes] = {}
         self.before = self._load_global(o.before, "before")
@@ -162,7 +166,7 @@ class SieveDelivery:
         """The user's script if the cache is current (one stat), else None: ``load``."""
         key = self._key(maildir)
         if key is None:
-            return NO_SCRIPT
+            return self.no_script
         found = self._cache.get(maildir)
         return found if found is not None and found.key == key else None
 
@@ -179,7 +183,7 @@ class SieveDelivery:
         if active is None:
             key = self._key(maildir)
             if key is None:
-                return NO_SCRIPT
+                return self.no_script
             compiled = Compiled(key, error="the active script is over max_script_size")
         else:
             name, text, st = active
@@ -212,17 +216,39 @@ class SieveDelivery:
     def run(self, user: str, maildir: Path, msg: Message, *, alone: bool) -> Outcome:
         """The scripts of ``user`` on ``msg`` and what their actions become. ``alone``:
         the user is the transaction's only recipient (a reject can be answered)."""
-        out = Outcome(user)
-        compiled = self.load(maildir)
+        actions = self.evaluate(user, maildir, msg, self.load(maildir))
+        return self.apply(user, maildir, msg, actions, alone=alone)
+
+    def cheap(self, compiled: Compiled | None) -> bool:
+        """Whether this user's scripts ran fast enough lately to run on the event loop
+        (a run is bounded by max_cpu_ms all the same; one that is slow goes back to a
+        thread from the next message on)."""
+        return compiled is not None and compiled.seconds is not None \
+            and compiled.seconds < INLINE_SECONDS
+
+    def needs_io(self, maildir: Path, actions: list[object] | None) -> bool:
+        """Whether applying ``actions`` writes or asks beyond a stat: a redirect (the day's
+        count, the directory), a folder to create."""
+        for a in actions or ():
+            if isinstance(a, sieve.Redirect):
+                return True
+            if isinstance(a, sieve.FileInto) and not self._folder(maildir, a.mailbox)[1]:
+                return True
+        return False
+
+    def evaluate(self, user: str, maildir: Path, msg: Message,
+                 compiled: Compiled) -> list[object] | None:
+        """The actions of the user's scripts (the implicit keep made explicit), None when
+        no script runs for the user (plain delivery to INBOX). CPU only: the global
+        scripts and ``compiled`` are in memory."""
         chain = [s for s in (self.before, compiled.script, self.after) if s is not None]
         qid = msg.queue_id
         if compiled.error is not None:
             log.warning("%s: sieve for %s: %s; the user's script is skipped", qid, user,
                         compiled.error)
         if not chain:
-            out.targets[maildir] = ""
-            return out
-        out.ran = True
+            return None
+        started = time.perf_counter()
         env = sieve.SieveEnvironment(
             now=datetime.now(UTC), hostname=self.cfg.server.hostname,
             mailbox_exists=lambda name: self._folder(maildir, name)[1])
@@ -252,12 +278,21 @@ class SieveDelivery:
                 break
         if kept:
             actions.append(sieve.Keep(flags))
-        self._apply(out, maildir, msg, actions, alone)
-        return out
+        took = time.perf_counter() - started
+        last = compiled.seconds
+        compiled.seconds = took if last is None or took > last else 0.8 * last + 0.2 * took
+        return actions
 
-    def _apply(self, out: Outcome, maildir: Path, msg: Message, actions: list[object],
-               alone: bool) -> None:
-        user, qid = out.user, msg.queue_id
+    def apply(self, user: str, maildir: Path, msg: Message, actions: list[object] | None,
+              *, alone: bool) -> Outcome:
+        """What ``evaluate``'s actions become (folders, flags, redirects...): disk, and the
+        directory for a redirect; on the loop only when ``needs_io`` says no."""
+        out = Outcome(user)
+        if actions is None:
+            out.targets[maildir] = ""
+            return out
+        out.ran = True
+        qid = msg.queue_id
         redirects = 0
         for a in actions:
             if isinstance(a, sieve.Keep):
@@ -282,6 +317,7 @@ class SieveDelivery:
         if out.reject is not None:
             out.targets.clear()
             out.remote_redirects.clear()
+        return out
 
     def _folder(self, maildir: Path, name: str) -> tuple[Path | None, bool]:
         """The Maildir of folder ``name`` (None: not a valid name) and whether it exists."""

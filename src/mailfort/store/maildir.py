@@ -144,6 +144,11 @@ class Spool:
         self.fault = fault
 
     @property
+    def in_memory(self) -> bool:
+        """Whether everything written is still in memory (no spool file yet)."""
+        return self._fd is None
+
+    @property
     def path(self) -> Path:
         """The spool file's path (made when asked: most spools are only ever touched by
         the committer thread, and a Path costs the event loop a few microseconds)."""
