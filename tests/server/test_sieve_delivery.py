@@ -15,6 +15,8 @@ import contextlib
 import email
 import imaplib
 import logging
+import os
+import shutil
 import smtplib
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +30,7 @@ import pytest
 from mailfort.server.app import Node
 from mailfort.store.maildir import maildir_for
 from mailfort.store.sieve_scripts import ScriptStore
-from tests.conftest import seed_directory
+from tests.conftest import refusing_dns_port, seed_directory
 from tests.delivery.receiver import Receiver
 from tests.dnsserver import DNSServer
 from tests.server.test_outbound import FAST_QUEUE, mx_to_loopback, wait_for
@@ -310,3 +312,39 @@ async def test_vacation_answers_a_local_user_who_submitted_with_auth(
     reply = email.message_from_bytes(w.files(BOB)[0].read_bytes())
     assert reply["Subject"] == "Away" and reply["Auto-Submitted"].startswith("auto-replied")
     assert len(w.files(ALICE)) == 1 and w.remote.messages == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mailfort serve as root with "
+                    "server.user reads the global script before the privilege drop")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_global_script_readable_by_root_only_runs_after_the_drop(tmp_path: Path,
+                                                                 workers: int) -> None:
+    """``[sieve] before`` in a directory only root may read: read before the drop (as
+    the README's root rule has it), so every worker still runs it."""
+    from tests.server.production import cli, free_port, serving, world_dir, write_config
+
+    root = world_dir()
+    try:
+        admin = root / "admin"
+        admin.mkdir(mode=0o700)
+        before = admin / "before.sieve"
+        before.write_text('require "fileinto";\nif header :is "X-Spam" "yes" '
+                          '{ fileinto "Junk"; }\n')
+        mx = f"127.0.0.1:{free_port()}"
+        config = write_config(root, refusing_dns_port(), listen={"mx": [mx]},
+                              server={"user": "nobody", "workers": workers},
+                              sieve={"before": str(before)})
+        data = root / "data"
+        assert cli(config, "domain", "add", "example.test").returncode == 0
+        pw = root / "bob.pw"
+        pw.write_text("pw-of-bob-1234\n")
+        assert cli(config, "user", "add", BOB, "--password-file", str(pw)).returncode == 0
+        with serving(config, data) as server:
+            with smtplib.SMTP("127.0.0.1", int(mx.rpartition(":")[2]), timeout=10) as smtp:
+                smtp.sendmail("s@remote.test", [BOB], b"From: s@remote.test\r\nX-Spam: yes"
+                              b"\r\nSubject: x\r\n\r\nhi\r\n")
+            err = server.stop()[1]
+        assert list((data / "mail").glob("example.test/bob/.Junk/new/*")), err
+        assert not list((data / "mail").glob("example.test/bob/new/*"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

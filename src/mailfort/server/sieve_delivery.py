@@ -63,6 +63,33 @@ INBOX = "INBOX"
 REDIRECTS_FILE = ".redirects"
 
 
+# The administrator's scripts by path, read as root before the privilege drop (phase 5 of
+# server/node_plan.py: ``preload``); a worker process forked later inherits them.
+_PRELOADED: dict[str, bytes] = {}
+
+
+def preload(cfg: Config) -> None:
+    """Read ``[sieve] before``/``after`` and the scripts beside them now (as root, before
+    the drop): the service user need not be able to read them, nor change them."""
+    if not cfg.sieve.enabled:
+        return
+    for path in (cfg.sieve.before, cfg.sieve.after):
+        if not path:
+            continue
+        p = Path(path)
+        try:
+            _PRELOADED[str(p)] = p.read_bytes()
+            for other in sorted(p.parent.glob("*.sieve"))[:_MAX_GLOBAL_SCRIPTS]:
+                _PRELOADED.setdefault(str(other), other.read_bytes())
+        except OSError as exc:  # said again, with the consequence, when the node starts
+            log.error("sieve: cannot read %s: %s", path, exc)
+
+
+def _read(path: Path) -> bytes:
+    found = _PRELOADED.get(str(path))
+    return found if found is not None else path.read_bytes()
+
+
 @dataclass
 class Compiled:
     """A user's active script as last seen: its file's identity, the script or why not."""
@@ -135,9 +162,12 @@ class SieveDelivery:
             return None
         p = Path(path)
         try:
-            text = p.read_bytes()
-            for other in sorted(p.parent.glob("*.sieve"))[:_MAX_GLOBAL_SCRIPTS]:
-                self._globals.setdefault(other.stem, other.read_bytes())
+            text = _read(p)
+            siblings = [Path(k) for k in _PRELOADED if Path(k).parent == p.parent] or \
+                sorted(p.parent.glob("*.sieve"))[:_MAX_GLOBAL_SCRIPTS]
+            for other in siblings:
+                if other.suffix == ".sieve":
+                    self._globals.setdefault(other.stem, _read(other))
             return sieve.compile_script(text, limits=self.limits, include=self._global_include)
         except OSError as exc:
             log.error("sieve: global %s script %s cannot be read, not run: %s", which, path,
