@@ -37,6 +37,7 @@ class SieveLimits:
     max_tokens: int = 32768
     max_strings: int = 8192  # string literals in one script (lists included)
     max_number: int = (1 << 63) - 1
+    max_expanded_chars: int = 65536  # one string after ${...} expansion, at run time
 
 
 DEFAULT_LIMITS = SieveLimits()
