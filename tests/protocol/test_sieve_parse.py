@@ -74,7 +74,7 @@ def test_multiline_string_dot_unstuffing_and_comment() -> None:
     script = 'x text: # comment\r\nline one\r\n..dotted\r\n.\r\n;'
     assert first_string(script) == "line one\r\n.dotted\r\n"
     assert first_string("x TEXT:\n.\n;") == ""
-    assert first_string("x text:   \n..\n...\n.\n;") == ".\n..\n"
+    assert first_string("x text:   \n..\n...\n.\n;") == ".\r\n..\r\n"  # LF ends become CRLF
 
 
 def test_comments_are_white_space() -> None:

@@ -406,7 +406,9 @@ class _Compiler:
 
     def matcher(self, node: Node, tags: dict[str, Argument | None],
                 keys: Argument) -> rt.Matcher:
-        comparator = "i;ascii-casemap"
+        # the string test compares octets unless told otherwise, as Pigeonhole does (the
+        # differential test holds us to it); every other test folds ASCII case (RFC 5228)
+        comparator = "i;octet" if node.name == "string" else "i;ascii-casemap"
         if "comparator" in tags:
             arg = tags["comparator"]
             assert isinstance(arg, StringArg)

@@ -177,6 +177,7 @@ class SieveMessage:
     auth: str | None = None
     _fields: dict[str, list[str]] | None = field(default=None, repr=False)
     _decoded: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _addresses: dict[str, list[list[str]]] = field(default_factory=dict, repr=False)
     _body: bytes | None = field(default=None, repr=False)
     _mime: Message | None = field(default=None, repr=False)
 
@@ -197,6 +198,14 @@ class SieveMessage:
         if got is None:
             got = [decode_mime_words(v) for v in self.fields(limit).get(name, ())]
             self._decoded[name] = got
+        return got
+
+    def addresses(self, name: str, limit: int) -> list[list[str]]:
+        """The addresses of each field of that name, parsed once per message."""
+        got = self._addresses.get(name)
+        if got is None:
+            got = [parse_addresses(v) for v in self.header(name, limit)]
+            self._addresses[name] = got
         return got
 
     def raw_header(self, name: str, limit: int) -> list[str]:

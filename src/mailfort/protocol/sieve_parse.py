@@ -37,6 +37,7 @@ class SieveLimits:
     max_tokens: int = 32768
     max_strings: int = 8192  # string literals in one script (lists included)
     max_number: int = (1 << 63) - 1
+    max_expanded_chars: int = 65536  # one string after ${...} expansion, at run time
 
 
 DEFAULT_LIMITS = SieveLimits()
@@ -227,8 +228,11 @@ def _multiline(source: Source, start: int, after_colon: int) -> tuple[str, int]:
     t = _TEXT_END.search(text, body_start)
     if not t:
         raise source.error(start, "unterminated multi-line string (no line with a single '.')")
-    lines = text[body_start:t.start()].splitlines(keepends=True)
-    value = "".join(line[1:] if line.startswith(".") else line for line in lines)
+    lines = text[body_start:t.start()].split("\n")[:-1]  # each line ended by its LF
+    # one leading dot removed; every line ends in CRLF whatever the file used (as in
+    # Pigeonhole), so a reject or vacation text is a proper message body
+    value = "".join((line[1:] if line.startswith(".") else line).removesuffix("\r") + "\r\n"
+                    for line in lines)
     end = t.end()
     if end < len(text) and text[end] == "\n":
         end += 1

@@ -15,10 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from mailfort.protocol import sieve_match as m
-from mailfort.protocol.sieve_message import SieveMessage, address_part, parse_addresses
+from mailfort.protocol.sieve_message import SieveMessage, address_part
 from mailfort.protocol.sieve_parse import SieveLimits
+
+T = TypeVar("T")
 
 # ------------------------------------------------------------------------- actions
 
@@ -246,7 +249,11 @@ class Template:
         self.parts = parts
 
     def expand(self, r: Run) -> str:
-        return "".join(p if type(p) is str else r.get(*p) for p in self.parts)  # type: ignore[misc]
+        text = "".join(p if type(p) is str else r.get(*p) for p in self.parts)  # type: ignore[misc]
+        if len(text) > r.limits.max_expanded_chars:  # "${a}" x 10000 would be 40 MB
+            raise Fail(f"a string expanded to more than {r.limits.max_expanded_chars} "
+                       "characters")
+        return text
 
 
 Str = str | Template
@@ -392,7 +399,7 @@ class AnyOf(AllOf):
         return any(t.ev(r) for t in self.tests)
 
 
-def _select(values: list[str], index: int | None, last: bool) -> list[str]:
+def _select(values: list[T], index: int | None, last: bool) -> list[T]:
     """RFC 5260 :index — the nth field (1-based), counted from the end with :last."""
     if index is None:
         return values
@@ -425,10 +432,10 @@ class Address(Test):
     def ev(self, r: Run) -> bool:
         values: list[str] = []
         for name in self.names.get(r):
-            for field_value in _select(r.msg.header(name.lower(), r.header_limit),
-                                       self.index, self.last):
+            for addresses in _select(r.msg.addresses(name.lower(), r.header_limit),
+                                     self.index, self.last):
                 r.tick()
-                for address in parse_addresses(field_value):
+                for address in addresses:
                     part = address_part(address, self.part)
                     if part is not None:
                         values.append(part)
