@@ -272,6 +272,15 @@ async def test_vacation_answers_an_authenticated_sender_once(
     assert len(w.remote.messages) == 1 and len(w.files(ALICE)) == 2
 
 
+async def test_vacation_with_discard_still_answers(world: WorldFactory) -> None:
+    w = await world()
+    w.script(ALICE, 'require "vacation";\nvacation "Away.";\ndiscard;\n')
+    code, _ = await asyncio.to_thread(send, w.mx, "friend@pass.test", [ALICE],
+                                      letter("friend@pass.test"))
+    assert code == 250 and w.files(ALICE) == []
+    await wait_for(lambda: len(w.remote.messages) == 1, "the vacation reply")
+
+
 @pytest.mark.parametrize(("sender", "extra", "why"), [
     ("victim@fail.test", {}, "sender not authenticated"),  # forged: SPF fail
     ("victim@remote.test", {}, "sender not authenticated"),  # no SPF at all

@@ -321,6 +321,17 @@ class SieveDelivery:
         if actions is None:
             out.targets[maildir] = ""
             return out
+        try:
+            self._apply(out, maildir, msg, actions, alone)
+        except Exception:  # a directory or disk failure must not cost the message
+            log.exception("%s: sieve for %s: its actions failed; the message goes to INBOX",
+                          msg.queue_id, user)
+            out = Outcome(user, targets={maildir: ""}, ran=True)
+        return out
+
+    def _apply(self, out: Outcome, maildir: Path, msg: Message, actions: list[object],
+               alone: bool) -> None:
+        user = out.user
         out.ran = True
         qid = msg.queue_id
         redirects = 0
@@ -347,7 +358,6 @@ class SieveDelivery:
         if out.reject is not None:
             out.targets.clear()
             out.remote_redirects.clear()
-        return out
 
     def _folder(self, maildir: Path, name: str) -> tuple[Path | None, bool]:
         """The Maildir of folder ``name`` (None: not a valid name) and whether it exists."""

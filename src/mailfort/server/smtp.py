@@ -803,6 +803,7 @@ class SMTPSession(EngineSession):
                 log.info("%s: discarded by Sieve for every recipient: nothing stored",
                          env.queue_id)
                 engine.decide(Reply(250, "2.0.0", f"OK queued as {env.queue_id}"))
+                self._reply_later(outcomes, seen)
                 return
         else:
             maildirs = [svc.maildir(u) for u in env.local]
@@ -836,12 +837,17 @@ class SMTPSession(EngineSession):
                            tls=self.tls_info.partition(" ")[0])
         if env.remote and svc.queued is not None:
             svc.queued()
+        self._reply_later(outcomes, seen)
+
+    # ---------------------------------------------------------------- Sieve at DATA
+
+    def _reply_later(self, outcomes: list[Outcome], seen: SieveMessage | None) -> None:
+        """After the 250: the vacation replies the scripts asked for, in the background."""
+        svc = self.service
         replies = [o for o in outcomes if o.vacation is not None]
         if replies and seen is not None and svc.sieve is not None and svc.auto_reply is not None:
             _in_background(self._vacations(svc.sieve, svc.auto_reply, replies, seen,
                                            self._vacation_authenticated()), self.peer_ip)
-
-    # ---------------------------------------------------------------- Sieve at DATA
 
     def _sieve_applies(self) -> bool:
         """Whether any script may run: a global one, or a user's found at RCPT (or not
