@@ -182,16 +182,64 @@ SCRIPTS: list[str] = [
     'require ["vacation", "fileinto"]; fileinto "Seen"; vacation "away";',
     'require ["fileinto", "mailbox"]; fileinto :create "New/Box";',
     'if false { keep; }',
+    'require "fileinto"; if header :matches "subject" "Hello\\\\*" { fileinto "Star"; }'
+    ' if header :matches "subject" "*\\\\?*" { fileinto "Quest"; }',
+    'require "fileinto"; if header :contains ["subject", "from"] ["xyz", "ALICE"]'
+    ' { fileinto "Multi"; }',
+    'require "fileinto"; if not anyof (exists "x-none", header :is "x-none" "")'
+    ' { if true { if size :over 10 { fileinto "Nested"; } } }',
+    'require ["fileinto", "variables"]; set :quotewildcard "q" "Hello*"; if header :matches'
+    ' "subject" "${q}" { fileinto "Quoted"; } else { fileinto "NotQuoted"; }',
+    'require ["fileinto", "variables", "relational", "comparator-i;ascii-numeric"];'
+    ' if string :count "ge" :comparator "i;ascii-numeric" ["a", "b", ""] "2"'
+    ' { fileinto "Two"; }',
+    'require ["fileinto", "envelope", "subaddress"]; if envelope :user "from" "alice"'
+    ' { fileinto "EnvUser"; }',
+    'require ["imap4flags"]; keep :flags ["\\\\Flagged", "x y"];',
+    'require ["imap4flags", "variables"]; set "f" "a b c"; removeflag "f" "b";'
+    ' if hasflag "f" ["a", "c"] { addflag "ac"; }',
+    'require ["fileinto", "copy"]; redirect :copy "x@example.org"; fileinto "Also";',
+    'require "fileinto";' + ''.join(f'fileinto "F{i}";' for i in range(33)),
+    'require ["fileinto", "relational", "comparator-i;ascii-numeric"];'
+    ' if header :count "eq" :comparator "i;ascii-numeric" "x-none" "0" { fileinto "Zero"; }',
+    'require ["fileinto", "comparator-i;ascii-numeric"];'
+    ' if header :is :comparator "i;ascii-numeric" "x-spam-score" "07" { fileinto "Num"; }',
+    'require ["fileinto", "date", "relational"]; if date :value "lt" "date" "iso8601"'
+    ' "2026-06-01T00:00:00+00:00" { fileinto "Early"; }',
+    'require ["include"]; include "pers"; include :global "glob"; include :optional "none";',
+    'require ["include"]; include :once "pers"; include :once "pers";',
+    'require ["include", "variables", "fileinto"]; global "where"; set "where" "Main";'
+    ' include :global "setter"; fileinto "${where}";',
 ]
+
+# scripts the corpus includes: (global?, name) -> text
+INCLUDED: dict[tuple[bool, str], str] = {
+    (False, "pers"): 'require ["fileinto"]; if header :contains "subject" "hello"'
+                     ' { fileinto "Pers"; }',
+    (True, "glob"): 'require ["fileinto", "include"]; fileinto "Glob"; return;'
+                    ' fileinto "Never";',
+    (True, "setter"): 'require ["include", "variables"]; global "where";'
+                      ' set "where" "${where}-Set";',
+}
 
 
 def _pigeonhole_config(tmp: Path) -> Path:
+    for (global_, name), text in INCLUDED.items():
+        folder = tmp / ("global" if global_ else "personal")
+        folder.mkdir(mode=0o755, exist_ok=True)
+        (folder / f"{name}.sieve").write_text(text)
     conf = tmp / "dovecot.conf"
     conf.write_text(f"mail_uid = 65534\nmail_gid = 65534\nfirst_valid_uid = 1\n"
                     f"first_valid_gid = 1\nmail_location = maildir:{tmp}/mail\n"
-                    "plugin {\n  sieve_extensions = +vacation-seconds\n"
+                    f"plugin {{\n  sieve = file:{tmp}/personal\n  sieve_global = {tmp}/global\n"
+                    "  sieve_extensions = +vacation-seconds\n"
                     "  sieve_vacation_min_period = 1\n}\n")
     return conf
+
+
+def _include(name: str, global_: bool) -> bytes | None:
+    text = INCLUDED.get((global_, name))
+    return None if text is None else text.encode()
 
 
 def pigeonhole(conf: Path, script: Path, mail: Path) -> list[str]:
@@ -300,7 +348,7 @@ def test_pigeonhole_agrees(world_readable: Path) -> None:
     jobs = []
     for n, source in enumerate(SCRIPTS):
         try:
-            script = compile_script(source)
+            script = compile_script(source, include=_include)
         except SieveError as exc:
             pytest.fail(f"script {n} refused: {exc}: {source}")
         path = tmp_path / f"s{n}.sieve"
