@@ -366,3 +366,86 @@ def test_pigeonhole_agrees(world_readable: Path) -> None:
             disagreements.append(f"script {n} on {name}: {source!r}\n"
                                  f"  mailfort:   {mine}\n  pigeonhole: {other}")
     assert not disagreements, "\n".join(disagreements)
+
+
+# Scripts both must refuse, at the same line.
+REFUSED: list[str] = [
+    'require "fileinto";\nkeep;\nfileinto;',
+    'if true {\n  keep;\n',
+    'require "nosuch";',
+    'keep;\nrequire "fileinto";',
+    'if header :is :contains "a" "b" {}',
+    'keep;\nredirect "not an address";',
+    'if size 10 {}',
+    'require "variables";\nset "1" "x";',
+    'fileinto "x";',
+    'elsif true {}',
+    'require "envelope";\nif envelope "sender" "x" {}',
+    'require "relational";\nif header :value "xx" "a" "b" {}',
+    'if header :comparator "i;nope" "a" "b" {}',
+    '"x";',
+    'keep :copy;',
+    'require "include";\ninclude "a/b";',
+    'require "encoded-character";\nkeep;\nredirect "${unicode:D800}@x.y";',
+    'stop\n',
+    'if true { } else { } else { }',
+    'require "vacation";\nvacation :seconds 10 "x";',
+    'require "comparator-i;ascii-numeric";\n'
+    'if header :contains :comparator "i;ascii-numeric" "a" "b" {}',
+    'if not (true, false) {}',
+    'if anyof true {}',
+    'require "index";\nif header :last "a" "b" {}',
+    'require "index";\nif header :index 0 "a" "b" {}',
+    'require "imap4flags";\nsetflag "v" "x";',
+    '/* unclosed',
+    'keep; discard; if true {\n\n keep\n}',
+    'require "reject";\nreject ["a", "b"];',
+    'require "copy";\nredirect :copy :copy "a@b.c";',
+]
+# Refused by mailfort, accepted by Pigeonhole (which fails them at run time or never):
+# stricter on purpose, a user learns at PUTSCRIPT rather than from a lost filter.
+STRICTER: list[str] = [
+    'require "date";\nif date "date" "century" "x" {}',
+    'if header "a b" "x" {}',
+    'require ["fileinto"];\nfileinto "";',
+    'require "variables";\nset "a" "${foo.bar}";',
+    'require "date";\nif currentdate :zone "+25" "year" "x" {}',
+]
+
+
+def pigeonhole_refusal(conf: Path, script: Path, mail: Path) -> int | None:
+    """The line of the first compile error sieve-test reports, None when it compiles."""
+    out = subprocess.run([SIEVE_TEST, "-c", str(conf), str(script), str(mail)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    text = out.stdout + out.stderr
+    if "failed to compile" not in text:
+        return None
+    m = re.search(r": line (\d+): error:", text)
+    assert m, text
+    return int(m.group(1))
+
+
+def test_pigeonhole_refuses_the_same_scripts_at_the_same_line(world_readable: Path) -> None:
+    conf = _pigeonhole_config(world_readable)
+    mail = world_readable / "m.eml"
+    mail.write_bytes(MESSAGES["bare"])
+    paths = []
+    for n, source in enumerate(REFUSED + STRICTER):
+        path = world_readable / f"bad{n}.sieve"
+        path.write_text(source)
+        paths.append(path)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        theirs = list(pool.map(lambda p: pigeonhole_refusal(conf, p, mail), paths))
+    problems = []
+    for source, line in zip(REFUSED + STRICTER, theirs, strict=True):
+        try:
+            compile_script(source)
+        except SieveError as err:
+            mine: int | None = err.line
+        else:
+            mine = None
+        expected = None if source in STRICTER else line
+        if mine is None or (expected is not None and mine != expected) or (
+                source in STRICTER and line is not None):
+            problems.append(f"{source!r}: mailfort line {mine}, pigeonhole line {line}")
+    assert not problems, "\n".join(problems)
