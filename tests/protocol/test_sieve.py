@@ -217,6 +217,9 @@ def test_wildcards_cannot_be_made_to_backtrack() -> None:
      "not a Unicode scalar value"),
     ('require "date"; if date "date" "century" "x" {}', 1, 32, "unknown date part"),
     ('require "date"; if currentdate :zone "+25" "year" "x" {}', 1, 38, "invalid time zone"),
+    # found by the atheris target: "+5000" made a timezone() of 50 hours raise ValueError
+    ('require "date"; if currentdate :zone "+5000" "year" "x" {}', 1, 38,
+     "invalid time zone"),
     ('require "vacation"; vacation :seconds 10 "x";', 1, 30,
      ':seconds needs require "vacation-seconds"'),
     ('require "vacation"; vacation :days 1 :days 2 "x";', 1, 38, "given twice"),
@@ -396,6 +399,12 @@ def test_date_currentdate_and_index() -> None:
     assert filed(base + 'if date :is "x-spam-score" "year" "2026" { fileinto "Yes"; }') is False
     assert filed(base + 'if header :index 2 :contains "received" "b.example"'
                         ' { fileinto "Yes"; }')
+
+
+def test_a_zone_out_of_range_at_run_time_is_false_not_a_crash() -> None:
+    script = ('require ["date", "variables", "fileinto"]; set "z" "+5000";\n'
+              'if currentdate :zone "${z}" :matches "year" "*" { fileinto "Yes"; }')
+    assert actions(script) == [Keep()]
 
 
 def test_environment() -> None:
