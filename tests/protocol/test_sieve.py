@@ -592,6 +592,16 @@ def test_address_lists_with_groups_comments_and_quotes() -> None:
         "jane@example.org", "bob@example.net", "carol@example.net", "dan@example.net"]
 
 
+def test_addresses_come_from_the_raw_field_not_the_decoded_one() -> None:
+    header = b"From: =?utf-8?q?Doe=2C_J?= <j@example.org>\r\n\r\n"
+    script = ('require ["relational", "comparator-i;ascii-numeric", "fileinto"];'
+              ' if address :count "eq" :comparator "i;ascii-numeric" "from" "1"'
+              ' { fileinto "Yes"; }')
+    assert filed(script, message(header))
+    assert filed(FI + 'if header :contains "from" "Doe, J" { fileinto "Yes"; }',
+                 message(header))
+
+
 def test_rfc2047_decoding() -> None:
     decode = sieve_message.decode_mime_words
     assert decode("=?utf-8?b?w6k=?= =?utf-8?q?t=C3=A9?=") == "été"
