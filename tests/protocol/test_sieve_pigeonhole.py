@@ -60,7 +60,8 @@ MESSAGES: dict[str, bytes] = {
         b"Hello there,\r\nthe meeting is at noon.\r\n"),
     "encoded": (
         b"From: =?UTF-8?Q?Jos=C3=A9?= <jose@example.org>\r\n"
-        b"To: me@example.net\r\n"
+        b"To: me@example.net, =?UTF-8?Q?Doe=2C_J?= <j@example.org>\r\n"
+        b"Cc: a@example.org, b@example.org\r\n"
         b"Subject: =?UTF-8?Q?Caf=C3=A9?= =?ISO-8859-1?Q?_men=FA?= and\r\n"
         b" more\r\n"
         b"Date: Sat, 31 Jan 2026 23:30:00 -0500\r\n"
