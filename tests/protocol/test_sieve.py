@@ -477,6 +477,13 @@ def test_include_global_variables() -> None:
     assert script.run(message(), environment()).actions == [FileInto("Shared")]
 
 
+def test_include_without_a_loader_checks_but_does_not_follow() -> None:
+    script = compile_script('require "include"; include "later"; include :global "x";')
+    result = script.run(message(), environment())
+    assert result.actions == [Keep()] and "'later' was not resolved" in (result.error or "")
+    assert "invalid script name" in refused('require "include"; include "";').text
+
+
 def test_include_errors() -> None:
     assert "no personal script named 'nope'" in refused(
         'require "include"; include "nope";', include=scripts({})).text
