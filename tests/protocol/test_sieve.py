@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mailfort.protocol import sieve_message
+from mailfort.protocol import sieve_match, sieve_message
 from mailfort.protocol.sieve import (
     SUPPORTED,
     Discard,
@@ -26,6 +29,7 @@ from mailfort.protocol.sieve import (
     Vacation,
     compile_script,
 )
+from tests.fuzzing import examples
 
 HEADER = (b"Received: from a.example by mx.example.net; Mon, 7 Dec 2026 10:00:05 +0100\r\n"
           b"Received: from b.example by a.example; Mon, 7 Dec 2026 09:59:00 +0100\r\n"
@@ -623,3 +627,35 @@ def test_date_default_zone_is_the_environment_s() -> None:
     script = compile_script('require ["date", "fileinto"];'
                             ' if date :is "date" "hour" "18" { fileinto "Yes"; }')
     assert script.run(message(), env).actions == [FileInto("Yes")]
+
+
+# ------------------------------------------------------------------------- :matches
+
+
+def _reference(pattern: str) -> str:
+    """The pattern as a regular expression (fine for the short inputs of the property)."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        out.append("(.*?)" if c == "*" else "(.)" if c == "?" else re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.text("ab*?\\", max_size=8), st.text("abAB*?\\", max_size=12), st.booleans())
+def test_glob_agrees_with_a_regular_expression(pattern: str, value: str,
+                                               casemap: bool) -> None:
+    caps = sieve_match.glob(value, sieve_match.compile_glob(pattern, casemap), casemap,
+                            lambda: None)
+    flags = re.IGNORECASE | re.DOTALL if casemap else re.DOTALL
+    expected = re.fullmatch(_reference(pattern), value, flags)
+    assert (caps is not None) == (expected is not None)
+    if caps is not None and expected is not None:
+        assert len(caps) == len(expected.groups())
+        # the first wildcard takes the shortest match, as the lazy regex does
+        assert caps[:1] == list(expected.groups()[:1])
