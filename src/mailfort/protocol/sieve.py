@@ -603,6 +603,8 @@ class _Compiler:
         shared = self.shared
         if key in shared.stack:
             raise self.error(arg.pos, f"include: {name!r} includes itself (recursion)")
+        if shared.include is None:  # checking only (ManageSieve): the script may come later
+            return rt.Unresolved(name)
         unit = shared.units.get(key)
         if unit is None:
             limits = self.limits
@@ -610,7 +612,7 @@ class _Compiler:
                 raise self.error(arg.pos, f"include: deeper than {limits.max_include_depth}")
             if len(shared.units) >= limits.max_includes:
                 raise self.error(arg.pos, f"include: more than {limits.max_includes} scripts")
-            text = shared.include(name, global_) if shared.include is not None else None
+            text = shared.include(name, global_)
             if text is None:
                 if "optional" in tags:
                     return rt.Noop()
@@ -655,7 +657,13 @@ class Script:
 
 def compile_script(text: bytes | str, *, limits: SieveLimits = DEFAULT_LIMITS,
                    include: IncludeLoader | None = None) -> Script:
-    """Parse and validate a script; SieveError (line, column, text) when it is refused."""
+    """Parse and validate a script; SieveError (line, column, text) when it is refused.
+
+    ``include(name, global_)`` gives an included script's text, or None when there is none
+    (an error unless ``:optional``); included scripts are compiled here, once each. Without
+    ``include`` (checking a script, as ManageSieve's PUTSCRIPT does before the scripts it
+    includes are uploaded) ``include`` commands are validated but not followed, and running
+    one is a runtime error (the message is kept)."""
     shared = _Shared(limits, include)
     block = _Compiler(parse(text, limits), shared).script()
     return Script(block, shared)

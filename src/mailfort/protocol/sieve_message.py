@@ -201,10 +201,11 @@ class SieveMessage:
         return got
 
     def addresses(self, name: str, limit: int) -> list[list[str]]:
-        """The addresses of each field of that name, parsed once per message."""
+        """The addresses of each field of that name, parsed once per message: from the raw
+        value, so an encoded display name ("=?utf-8?q?Doe=2C_J?=") cannot become a comma."""
         got = self._addresses.get(name)
         if got is None:
-            got = [parse_addresses(v) for v in self.header(name, limit)]
+            got = [parse_addresses(v) for v in self.fields(limit).get(name, ())]
             self._addresses[name] = got
         return got
 

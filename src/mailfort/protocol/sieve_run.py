@@ -827,6 +827,18 @@ class IncludeCmd(Command):
                 saved_local[INTERNAL_FLAGS[1]] = flags
 
 
+class Unresolved(Command):
+    """An include compiled without a loader (a script checked, not meant to run)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, r: Run) -> None:
+        raise Fail(f"include: {self.name!r} was not resolved when the script was compiled")
+
+
 class Noop(Command):
     __slots__ = ()
 
