@@ -216,6 +216,17 @@ async def test_redirect_local_and_remote_with_srs_and_the_daily_limit(
     assert "over redirects_per_day (2)" in caplog.text
 
 
+async def test_over_max_redirects_in_one_run_keeps_in_inbox(
+        world: WorldFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mailfort.sieve")
+    w = await world(sieve={"max_redirects": 1})
+    w.script(ALICE, 'redirect "far@remote.test";\nredirect "bob@example.test";\n')
+    code, _ = await asyncio.to_thread(send, w.mx, "a@pass.test", [ALICE],
+                                      letter("a@pass.test"))
+    assert code == 250 and len(w.files(ALICE)) == 1 and w.files(BOB) == []
+    assert "message kept" in caplog.text and w.node.queue.list() == []
+
+
 async def test_discard_stores_nothing_and_answers_250(world: WorldFactory) -> None:
     w = await world()
     w.script(ALICE, 'if header :contains "Subject" "junk" { discard; }\n')
