@@ -82,6 +82,21 @@ def test_backscatter(lab: Lab) -> None:
     assert any("550 5.1.1" in line for line in run.sides["hardened"].transcript)
 
 
+def test_vacation_backscatter(lab: Lab) -> None:
+    """Forged sender (SPF fail) to carol, on vacation: the legacy responder answers the
+    victim, mailfort does not; carol gets the message on both."""
+    run = run_attack(lab, "vacation-backscatter")
+    legacy_box, hardened_box = lab.sides["legacy"].forged, lab.sides["hardened"].forged
+    assert legacy_box is not None and hardened_box is not None
+    replies = [m for m in legacy_box.snapshot() if b"lab-vacation-" in m.data]
+    assert len(replies) == 1 and replies[0].sender == ""
+    assert b"Auto-Submitted: auto-replied" in replies[0].data
+    assert [m for m in hardened_box.snapshot() if b"lab-vacation-" in m.data] == []
+    assert run.sides["legacy"].succeeded and not run.sides["hardened"].succeeded
+    assert any(b"lab-vacation-" in m for m in lab.sides["hardened"].mailbox(
+        "carol@example.test"))
+
+
 def test_sniff(lab: Lab) -> None:
     password = PASSWORDS[ALICE]
     marks = {s: {n: p.recording.mark() for n, p in side.proxies.items()}

@@ -84,6 +84,28 @@ async def test_one_file_per_recipient_and_no_partial_delivery(committer: Committ
     await spool_emptied(committer)
 
 
+async def test_flagged_targets_go_to_cur_and_folders_get_no_link_record(
+        committer: Committer) -> None:
+    """Sieve's targets: INBOX with flags in cur/ (``:2,FS``), a folder in its new/; the
+    link record (whose replay takes ``domain/local/new/NAME`` only) is not written for
+    them: the batch flushes twice instead."""
+    root = maildir_for(committer.data_dir / "mail", "a@d.test")
+    spool = committer.new_spool()
+    spool.write(b"Subject: f\r\n\r\nhi\r\n")
+    written: list[object] = []
+    real = intents.write
+    intents.write = lambda *a: written.append(a) or real(*a)  # type: ignore[assignment]
+    try:
+        await committer.commit(spool, [root, root / ".Work"], letters={root: "FS"})
+    finally:
+        intents.write = real  # type: ignore[assignment]
+    (flagged,) = (root / "cur").iterdir()
+    assert flagged.name.endswith(":2,FS") and list((root / "new").iterdir()) == []
+    assert len(list((root / ".Work" / "new").iterdir())) == 1
+    assert written == []
+    await spool_emptied(committer)
+
+
 def test_recover_removes_unacknowledged_spool_files(tmp_path: Path) -> None:
     c = Committer(tmp_path)
     try:

@@ -36,7 +36,7 @@ from mailfort.lab.harness import (
 )
 
 TIMEOUT = 5.0
-ALICE, BOB, MALLORY = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "mallory"))
+ALICE, BOB, CAROL, MALLORY = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "carol", "mallory"))
 
 
 @dataclass
@@ -295,6 +295,39 @@ def backscatter(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
     run.succeeded = bool(bounces)
     if bounces:
         run.note("forged.bounce", to=victim, spam=marker.encode() in bounces[0].data)
+    else:
+        run.note("forged.nothing", to=victim)
+
+
+def vacation_backscatter(lab: Lab, side: Side, run: SideRun, pace: float) -> None:
+    """Forged-sender mail to a user on vacation: who gets the auto-reply?"""
+    marker = _marker("vacation")
+    victim = f"victim@{FORGED_DOMAIN}"
+    accepted = False
+
+    def mx() -> None:
+        nonlocal accepted
+        c = _connect(side, "mx", run, pace)
+        assert c is not None
+        c.cmd("EHLO spam-engine.example")
+        c.cmd(f"MAIL FROM:<{victim}>")
+        c.cmd(f"RCPT TO:<{CAROL}>")
+        code, _ = c.smtp_data(f"From: <{victim}>\nTo: <{CAROL}>\nSubject: Hello ({marker})\n"
+                              f"Message-ID: <{marker}@spam-engine.example>\n"
+                              "\nSpam that makes the responder write to the victim.\n")
+        accepted = code == 250
+        c.quit()
+
+    _session(mx, run)
+    # A reply names the message it answers (In-Reply-To: the marker).
+    if accepted:  # stored first; a reply leaves after that, through the queue
+        _wait_for(lambda: [m for m in side.mailbox(CAROL) if marker.encode() in m], 5.0)
+    replies = _wait_for(lambda: _with_marker(side.forged.snapshot(), marker),
+                        (6.0 if side.legacy else 1.5) if accepted else 0.5)
+    run.found["replies"] = len(replies)
+    run.succeeded = bool(replies)
+    if replies:
+        run.note("forged.autoreply", to=victim)
     else:
         run.note("forged.nothing", to=victim)
 
@@ -718,6 +751,7 @@ ATTACKS: dict[str, Callable[[Lab, Side, SideRun, float], None]] = {
     "open-relay": open_relay,
     "spoofing": spoofing,
     "backscatter": backscatter,
+    "vacation-backscatter": vacation_backscatter,
     "sniff": sniff,
     "vrfy": vrfy,
     "smuggling": smuggling,

@@ -33,6 +33,7 @@ from mailfort.lab.profile import LegacyProfile
 from mailfort.passwords import hash_password
 from mailfort.server.app import Node, directory_path
 from mailfort.store.maildir import maildir_for
+from mailfort.store.sieve_scripts import ScriptStore
 
 LOOPBACK = "127.0.0.1"
 DOMAIN = "example.test"
@@ -52,6 +53,9 @@ ALIASES = {
     f"team@{DOMAIN}": [f"alice@{DOMAIN}", f"bob@{DOMAIN}", f"carol@{DOMAIN}"],
     f"ceo@{DOMAIN}": ["boss.private@home-isp.example"],  # EXPN discloses the real one
 }
+CAROL = f"carol@{DOMAIN}"
+VACATION_SCRIPT = ('require "vacation";\n'
+                   'vacation :days 7 :subject "Out of office" "I am away this week.";\n')
 # The hardened side keeps mailfort's protections; only the brute-force delays are scaled
 # down (valid configuration values) so that the demonstration ends in seconds.
 HARDENED_AUTH = {"delay_after_failures": 2, "block_after_failures": 6,
@@ -60,6 +64,7 @@ SIDES = ("legacy", "hardened")
 # What the lab domain publishes in the lab's DNS: no host may send as it from outside.
 PUBLISHED_TXT = {
     DOMAIN: ["v=spf1 -all"],
+    FORGED_DOMAIN: ["v=spf1 -all"],  # the victim's domain: a forged sender fails SPF
     f"_dmarc.{DOMAIN}": [f"v=DMARC1; p=reject; rua=mailto:postmaster@{DOMAIN}"],
 }
 
@@ -149,6 +154,10 @@ def _seed(cfg: Config) -> None:
             d.add_user(user, hash_password(password))
         for source, targets in ALIASES.items():
             d.add_alias(source, targets)
+        # carol is on vacation (the vacation-backscatter attack): her active Sieve script
+        store = ScriptStore(maildir_for(cfg.mail_path, CAROL))
+        store.put("vacation", VACATION_SCRIPT.encode())
+        store.set_active("vacation")
     finally:
         close = getattr(d, "close", None)
         if callable(close):

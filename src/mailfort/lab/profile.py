@@ -19,7 +19,8 @@ hardened path stays as it is:
   accepted) and ``policy.disclosure.DirectoryDisclosure`` (VRFY/EXPN);
 * accept-then-bounce: the enqueue hook bounces mail for unknown local users to whatever
   sender the client gave, through the outbound queue (backscatter);
-* an ``AuthConfig`` that configuration validation would refuse: no delay, no block.
+* an ``AuthConfig`` that configuration validation would refuse: no delay, no block;
+* a vacation responder that answers any sender the message claims (no SPF/DKIM/AUTH).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mailfort.config import AuthConfig
 from mailfort.directory.base import Directory
 from mailfort.policy.disclosure import DirectoryDisclosure
 from mailfort.policy.recipients import LegacyRecipients
+from mailfort.policy.vacation import Rules as VacationRules
 from mailfort.protocol import imap as imap_engine
 from mailfort.protocol import pop3 as pop3_engine
 from mailfort.protocol import smtp as smtp_engine
@@ -53,6 +55,8 @@ SAFE_COMMAND_LINE = 1024 * 1024
 SAFE_DATA_LINE = 1024 * 1024
 SAFE_RECIPIENTS = 100_000
 SAFE_ERRORS = 100_000
+# The classic responder: it answers whatever sender the message claims (once per period).
+LEGACY_VACATION = VacationRules(require_authenticated_sender=False)
 NO_BRUTE_FORCE_LIMIT = AuthConfig(delay_after_failures=10**9, block_after_failures=10**9,
                                   block_seconds=1.0, failure_delay=0.0)
 
@@ -76,6 +80,7 @@ class LegacyProfile:
             imap_settings=self.imap_settings,
             recipients=self.recipients,
             enqueue=self.enqueue_hook,
+            vacation=LEGACY_VACATION,
         )
 
     def smtp_settings(self, base: smtp_engine.EngineSettings,

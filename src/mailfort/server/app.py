@@ -20,6 +20,7 @@ from typing import Any
 
 from mailfort.config import Config
 from mailfort.directory import open_directory
+from mailfort.directory.base import lookup
 from mailfort.policy import srs
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import CounterStore, MemoryCounters
@@ -43,9 +44,10 @@ from mailfort.server.node_plan import (
 from mailfort.server.operations import Operations
 from mailfort.server.pop3 import POP3Server
 from mailfort.server.profile import HARDENED, Profile
+from mailfort.server.sieve_delivery import SieveDelivery
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
 from mailfort.server.stress import StressGuard
-from mailfort.store.maildir import Committer
+from mailfort.store.maildir import Committer, maildir_for
 
 log = logging.getLogger("mailfort")
 
@@ -135,6 +137,11 @@ class Node:
         self.stress = StressGuard(cfg.limits.stress)
         # The MX's DNSBL, pre-greeting and greylisting.
         self.inbound = inbound_policy(cfg, self.directory)
+        # Sieve at local delivery ([sieve]): the global scripts are read here, before the
+        # privilege drop (server/sieve_delivery.py).
+        self.sieve = (SieveDelivery(cfg, self.directory, **(
+            {"rules": profile.vacation} if profile.vacation is not None else {}))
+            if cfg.sieve.enabled else None)
         # New outbound mail was queued: wake delivery (a worker process without delivery
         # tells the one that has it, server/supervisor.py).
         self.queued: Callable[[], None] = self.worker.wake
@@ -172,6 +179,29 @@ class Node:
                 self.queue.delete(ident)
 
         return take_back
+
+    async def _auto_reply(self, message: bytes, to: str, about: str) -> None:
+        """A message the server writes (a vacation reply), with the null sender: stored in
+        the Maildirs of a local address, queued for a remote one."""
+        domain = to.rpartition("@")[2]
+        if await lookup(self.directory, self.directory.is_local_domain, domain):
+            found = await lookup(self.directory, self.directory.resolve, to)
+            if found is None:
+                log.info("%s: auto-reply to <%s>: no such local user, not sent", about, to)
+                return
+            local, remote = list(found.local), list(found.remote)
+        else:
+            local, remote = [], [to]
+        if local:
+            spool = self.committer.new_spool()
+            spool.write(message)
+            await self.committer.commit(spool, [maildir_for(self.cfg.mail_path, u)
+                                                for u in local])
+        if remote:
+            ident = await asyncio.to_thread(self.queue.enqueue_bytes, message, "", remote, None)
+            log.info("%s: auto-reply queued as %s to %s", about, ident,
+                     ", ".join(f"<{a}>" for a in remote))
+            self.queued()
 
     async def _authenticate(
         self, username: str, password: str, client_ip: str
@@ -218,6 +248,8 @@ class Node:
                     plaintext_auth_on_loopback=plain))
                 if plan.inbound:
                     service.inbound = self.inbound
+                service.sieve = self.sieve
+                service.auto_reply = self._auto_reply
                 self.services[plan.name] = service
                 continue
             if plan.engine == "imap":

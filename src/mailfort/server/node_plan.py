@@ -14,6 +14,7 @@ Start::
     3 certificate  root     tls.cert_file outside the data dir      main.configured_context
     4 give away    root     data dir, Maildir root, log file        Operations.give_away
     5 lazy data    root     DNS record types, public suffixes       operations.load_lazy_data
+                            [sieve] before/after scripts            sieve_delivery.preload
     6 drop         -> user  setgid/setuid, then the ACME order and  privileges.drop
                             the self-signed certificate (a child)   certificate_around_drop
     ---- below, the service user: the data directory is theirs to change ----

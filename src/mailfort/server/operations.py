@@ -233,6 +233,9 @@ class Operations:
             return
         self.give_away()
         load_lazy_data()
+        from mailfort.server import sieve_delivery
+
+        sieve_delivery.preload(self.cfg)  # the administrator's scripts, read as root
         privileges.drop(self.account)
         self.dropped = True
         if self.acme is not None:

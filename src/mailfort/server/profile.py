@@ -3,12 +3,12 @@
 A ``Profile`` names each place where the server asks a policy rather than hard-coding a
 rule: the SMTP, POP3 and IMAP engine settings, who may be a recipient, what VRFY/EXPN
 disclose, what happens to accepted mail (the enqueue hook), how logins are throttled, and
-whether AUTH is offered on every SMTP port. Every field's default (``None``, ``False``) is the
-hardened rule that the configuration builds, so ``Profile()`` is what ``mailfort serve``
-runs. A different profile is only ever passed to ``Node(..., profile=...)`` in Python:
-``Config`` holds plain values only, and no key or ``serve`` option leads here (the teaching
-lab composes its weakened server from these seams; tests/lab/test_profile.py tries the
-other ways in).
+whether AUTH is offered on every SMTP port, whom a vacation reply may answer. Every
+field's default (``None``, ``False``) is the hardened rule that the configuration builds,
+so ``Profile()`` is what ``mailfort serve`` runs. A different profile is only ever passed
+to ``Node(..., profile=...)`` in Python: ``Config`` holds plain values only, and no key or
+``serve`` option leads here (the teaching lab composes its weakened server from these
+seams; tests/lab/test_profile.py tries the other ways in).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from mailfort.config import AuthConfig
 from mailfort.directory.base import Directory
 from mailfort.policy.recipients import RecipientPolicy
+from mailfort.policy.vacation import Rules as VacationRules
 from mailfort.protocol import imap as imap_engine
 from mailfort.protocol import pop3 as pop3_engine
 from mailfort.protocol import smtp as smtp_engine
@@ -55,6 +56,9 @@ class Profile:
     # What accepted mail for remote addresses becomes, given the built node (none: queued
     # for delivery, forwards with SRS; an accept-then-bounce hook goes here).
     enqueue: Callable[[Node], EnqueueHook] | None = None
+    # Who a Sieve vacation may answer (none: policy.vacation.HARDENED, only an
+    # authenticated sender; the lab's legacy profile answers whoever the sender claims).
+    vacation: VacationRules | None = None
 
     def smtp(self, settings: smtp_engine.EngineSettings,
              directory: Directory) -> smtp_engine.EngineSettings:

@@ -132,6 +132,9 @@ class Outcome:
     spool: Spool
     refusal: Reply | None = None
     junk: bool = False
+    # d= of the DKIM signatures that passed (a vacation reply asks whether one of them is
+    # the envelope sender's domain: policy/vacation.py)
+    dkim_pass: tuple[str, ...] = ()
 
 
 def _verify_inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: bytes,
@@ -172,7 +175,8 @@ async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: b
              f" -> {verdict.refusal.code} {verdict.refusal.enhanced}" if verdict.refusal else "")
     if new is not spool:
         spool.discard()
-    return Outcome(new, verdict.refusal, verdict.junk)
+    return Outcome(new, verdict.refusal, verdict.junk,
+                   tuple(d.domain for d in verdict.dkim if d.result == "pass"))
 
 
 def _unforged(committer: Committer, spool: Spool, trace: bytes, hostname: str) -> Spool:

@@ -144,6 +144,11 @@ class Spool:
         self.fault = fault
 
     @property
+    def in_memory(self) -> bool:
+        """Whether everything written is still in memory (no spool file yet)."""
+        return self._fd is None
+
+    @property
     def path(self) -> Path:
         """The spool file's path (made when asked: most spools are only ever touched by
         the committer thread, and a Path costs the event loop a few microseconds)."""
@@ -218,6 +223,8 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     # e.g. hand the file to the outbound queue; returns how to take that back
     extra: Callable[[Path], Callable[[], None]] | None = None
+    # Maildir -> its ":2," flag letters (Sieve imap4flags): such a copy goes to cur/
+    letters: dict[Path, str] = field(default_factory=dict)
     links: list[Path] = field(default_factory=list)
     undo_extra: Callable[[], None] | None = None
     error: BaseException | None = None
@@ -287,10 +294,15 @@ class Committer:
         spool: Spool,
         maildirs: list[Path],
         extra: Callable[[Path], Callable[[], None]] | None = None,
+        letters: dict[Path, str] | None = None,
     ) -> None:
-        """Return once the message is durable in every Maildir; StorageError otherwise."""
+        """Return once the message is durable in every Maildir; StorageError otherwise.
+        ``letters``: the Maildir flag letters (sorted, e.g. "FS") of some of them: the
+        message is stored there in ``cur/`` as ``NAME:2,FS``, already flagged (as Dovecot
+        stores a message delivered with flags), elsewhere in ``new/``."""
         loop = asyncio.get_running_loop()
-        job = _Job(spool, list(dict.fromkeys(maildirs)), loop.create_future(), loop, extra)
+        job = _Job(spool, list(dict.fromkeys(maildirs)), loop.create_future(), loop, extra,
+                   {md: fl for md, fl in (letters or {}).items() if fl})
         with self._cv:
             if self._stopping:
                 raise StorageError("committer is stopped")
@@ -407,7 +419,8 @@ class Committer:
         """The batch's link record (store/intents.py), when its 250s may follow the first
         flush: syncfs mode (the flush covers the record too), nothing for the outbound
         queue (whose files have no record), something to store. None: two flushes."""
-        if not self._use_syncfs or not live or any(j.extra is not None for j in live):
+        if not self._use_syncfs or not live or any(j.extra is not None or j.letters
+                                                   for j in live):
             return None
         try:  # each target by user, relative to the Maildir root (never a path)
             entries = [intents.Entry(j.spool.name, j.spool.size, j.spool.crc,
@@ -416,6 +429,8 @@ class Committer:
                        for j in live]
         except ValueError:  # a Maildir outside the root (tests): the two flushes
             return None
+        if any(len(t.split("/")) != 4 for e in entries for t in e.targets):
+            return None  # a folder (.Junk, Sieve's fileinto): replay takes INBOX names only
         path = self.spool_dir / (unique_name() + intents.SUFFIX)
         try:
             intents.write(path, entries)
@@ -501,7 +516,7 @@ class Committer:
                     if not self._use_syncfs:
                         self._sync_chain(md)
                     self._known_maildirs.add(md)
-                target = _target(md, job.spool)
+                target = _target(md, job.spool, job.letters.get(md, ""))
                 if self.fault is not None:
                     self.fault("link")
                 try:
@@ -511,10 +526,10 @@ class Committer:
                         raise
                     job.links.append(target)  # taken back too if the copy fails midway
                     _copy_in(job.spool, md / "tmp" / target.name, target)
-                    foreign.add(md / "new")
+                    foreign.add(target.parent)
                 else:
                     job.links.append(target)
-                dirs.add(md / "new")
+                dirs.add(target.parent)
         except OSError as exc:
             job.error = exc
 
@@ -557,11 +572,14 @@ def recover_spool(spool_dir: Path, pid: int | None = None, *, mail_root: Path) -
     return n
 
 
-def _target(maildir: Path, spool: Spool) -> Path:
+def _target(maildir: Path, spool: Spool, letters: str = "") -> Path:
     """The message's name in new/: ",S=" file size and ",W=" wire (CRLF) size, as Maildir++
     readers expect, so a POP3 LIST needs no read of the file. Stored messages are CRLF
-    already, so the two are equal."""
-    return maildir / "new" / f"{spool.name},S={spool.size},W={spool.size}"
+    already, so the two are equal. With flag ``letters``: in cur/, ``:2,<letters>``."""
+    name = f"{spool.name},S={spool.size},W={spool.size}"
+    if letters:
+        return maildir / "cur" / f"{name}:2,{letters}"
+    return maildir / "new" / name
 
 
 def _copy_in(spool: Spool, tmp: Path, target: Path) -> None:

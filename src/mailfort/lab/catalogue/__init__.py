@@ -24,6 +24,7 @@ WEAKNESS: dict[str, str] = {
     "open-relay": "open-relay",
     "spoofing": "open-relay",
     "backscatter": "backscatter",
+    "vacation-backscatter": "backscatter",
     "sniff": "plaintext",
     "vrfy": "disclosure",
     "smuggling": "smuggling",

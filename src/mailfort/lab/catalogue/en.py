@@ -53,6 +53,20 @@ ATTACKS: dict[str, dict[str, str]] = {
                    "sender. Where: policy/relay.py (decide_recipient) and may_bounce in "
                    "queue/worker.py.",
     },
+    "vacation-backscatter": {
+        "title": "Backscatter from a vacation responder",
+        "summary": "mail with a forged sender to a user on vacation: the auto-reply goes to "
+                   "the forged address",
+        "attack": "carol is on vacation (a Sieve vacation script). A spam engine sends her a "
+                  "message with the victim's address victim@innocent.example as sender; "
+                  "innocent.example publishes 'v=spf1 -all', so the sender is plainly forged.",
+        "counter": "A vacation reply goes only to an authenticated sender: a local user who "
+                   "logged in on submission, or, from outside, SPF pass or DKIM pass of the "
+                   "envelope sender's domain; never to a null, MAILER-DAEMON, owner- or "
+                   "-request sender, a list or automatic message, or a message not addressed "
+                   "to the user; once per sender per period. Where: policy/vacation.py, "
+                   "server/sieve_delivery.py.",
+    },
     "sniff": {
         "title": "Plaintext: passwords and mail on the wire",
         "summary": "alice's password (AUTH PLAIN, POP3 PASS, IMAP LOGIN) and her message "
@@ -131,6 +145,7 @@ NOTES: dict[str, str] = {
     "mailbox.clean": "{user}'s mailbox: no forged message",
     "forged.bounce": "forged sender's mailbox: a bounce arrived for {to} (spam inside: {spam})",
     "forged.nothing": "forged sender's mailbox: nothing arrived for {to}",
+    "forged.autoreply": "forged sender's mailbox: an auto-reply arrived for {to}",
     "wire.password": "wire recording: password recovered: {password} (from {via})",
     "wire.via": "{how}",
     "wire.no-password": "wire recording: no password recovered",

@@ -51,6 +51,18 @@ ATTACKS: dict[str, dict[str, str]] = {
                    "空の送信者には送らない。場所: policy/relay.py(decide_recipient)、"
                    "queue/worker.py の may_bounce。",
     },
+    "vacation-backscatter": {
+        "title": "不在通知によるバックスキャッター",
+        "summary": "送信元を詐称して不在中のユーザーに送ると、自動応答が詐称されたアドレスに届く",
+        "attack": "carol は不在中(Sieve の vacation スクリプト)。スパマーが送信元を被害者の"
+                  "アドレス victim@innocent.example に詐称して carol に送る。innocent.example は "
+                  "'v=spf1 -all' を公開しており、送信元の詐称は明らか。",
+        "counter": "不在通知は認証された送信者にだけ返す: サブミッションでログインしたローカル"
+                   "ユーザー、または外部からは封筒の送信者ドメインの SPF pass か DKIM pass。"
+                   "空の送信者、MAILER-DAEMON、owner-、-request、メーリングリストや自動送信の"
+                   "メール、ユーザー宛てでないメールには返さず、同じ送信者には期間内に一度だけ。"
+                   "場所: policy/vacation.py、server/sieve_delivery.py。",
+    },
     "sniff": {
         "title": "平文通信(パスワードとメールの盗聴)",
         "summary": "alice のパスワード(AUTH PLAIN、POP3 PASS、IMAP LOGIN)とメール本文を"
@@ -124,6 +136,7 @@ NOTES: dict[str, str] = {
     "forged.bounce": "詐称された送信元のメールボックス: {to} 宛ての NDR メールが届いた"
                      "(スパムを添付: {spam})",
     "forged.nothing": "詐称された送信元のメールボックス: {to} には何も届いていない",
+    "forged.autoreply": "詐称された送信元のメールボックス: {to} 宛ての自動応答が届いた",
     "wire.password": "通信の記録: パスワードを取得: {password}({via} から)",
     "wire.via": "{how}",
     "wire.no-password": "通信の記録: パスワードは取得できない",
