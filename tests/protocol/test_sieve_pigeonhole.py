@@ -224,6 +224,9 @@ INCLUDED: dict[tuple[bool, str], str] = {
 }
 
 
+_LOOKS_AT_MESSAGE = re.compile(r"\b(header|address|exists|body|date|size|envelope|include)\b")
+
+
 def _pigeonhole_config(tmp: Path) -> Path:
     for (global_, name), text in INCLUDED.items():
         folder = tmp / ("global" if global_ else "personal")
@@ -355,6 +358,8 @@ def test_pigeonhole_agrees(world_readable: Path) -> None:
         path = tmp_path / f"s{n}.sieve"
         path.write_text(source)
         for name, data in MESSAGES.items():
+            if name != "plain" and not _LOOKS_AT_MESSAGE.search(source):
+                continue  # the same decision on every message: one run is enough
             head, _, body = data.partition(b"\r\n\r\n")
             msg = SieveMessage.from_bytes(head + b"\r\n\r\n", lambda body=body: body,
                                           size=len(data), envelope_from=SENDER,
