@@ -442,6 +442,9 @@ def test_vacation() -> None:
     assert full == Vacation("Content-Type: text/plain\r\n\r\nAway.\r\n", "Out",
                             "me@example.net", ("me@example.net", "alias@example.net"), True,
                             "h", 3600)
+    default = actions('require "vacation"; vacation "x";',
+                      limits=SieveLimits(vacation_default_seconds=3 * 86400))[0]
+    assert isinstance(default, Vacation) and default.seconds == 3 * 86400
     days = actions('require "vacation"; vacation :days 2 "x";')[0]
     assert isinstance(days, Vacation) and days.seconds == 2 * 86400
     assert run('require "vacation"; vacation "a"; vacation "b";').error == (

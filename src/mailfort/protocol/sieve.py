@@ -575,7 +575,7 @@ class _Compiler:
 
     def vacation(self, tags: dict[str, Argument | None], pos: list[Argument]) -> rt.Command:
         self.shared.uses_vacation = True
-        seconds = 7 * 86400
+        seconds = self.limits.vacation_default_seconds
         if "days" in tags:
             days = tags["days"]
             assert isinstance(days, NumberArg)

@@ -38,6 +38,7 @@ class SieveLimits:
     max_strings: int = 8192  # string literals in one script (lists included)
     max_number: int = (1 << 63) - 1
     max_expanded_chars: int = 65536  # one string after ${...} expansion, at run time
+    vacation_default_seconds: int = 7 * 86400  # a vacation without :days or :seconds
 
 
 DEFAULT_LIMITS = SieveLimits()
