@@ -238,6 +238,11 @@ def test_validation_errors_with_positions(script: str, line: int, column: int,
     assert words in err.text, err
 
 
+def test_a_nesting_limit_beyond_python_s_stack_is_still_a_sieve_error() -> None:
+    err = refused("if " + "not " * 5000 + "true {}", limits=SieveLimits(max_nesting=100_000))
+    assert "nested too deeply" in err.text
+
+
 def test_supported_extensions() -> None:
     assert "regex" not in SUPPORTED and "editheader" not in SUPPORTED
     capability = " ".join(sorted(SUPPORTED))

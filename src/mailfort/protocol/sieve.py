@@ -665,5 +665,8 @@ def compile_script(text: bytes | str, *, limits: SieveLimits = DEFAULT_LIMITS,
     includes are uploaded) ``include`` commands are validated but not followed, and running
     one is a runtime error (the message is kept)."""
     shared = _Shared(limits, include)
-    block = _Compiler(parse(text, limits), shared).script()
+    try:
+        block = _Compiler(parse(text, limits), shared).script()
+    except RecursionError:  # only with a max_nesting far above the default's 32
+        raise SieveError(1, 1, "script nested too deeply") from None
     return Script(block, shared)
