@@ -207,6 +207,14 @@ SCRIPTS: list[str] = [
     ' if header :is :comparator "i;ascii-numeric" "x-spam-score" "07" { fileinto "Num"; }',
     'require ["fileinto", "date", "relational"]; if date :value "lt" "date" "iso8601"'
     ' "2026-06-01T00:00:00+00:00" { fileinto "Early"; }',
+    'require ["fileinto", "variables"]; if address :matches "from" "*@*.*"'
+    ' { fileinto "${1}|${2}|${3}"; }',
+    'require ["fileinto", "variables"]; if header :matches "subject" "?*?*"'
+    ' { fileinto "${1}|${2}|${3}|${4}"; }',
+    'require ["fileinto", "variables"]; if header :matches "subject" "*l*o*"'
+    ' { fileinto "${0}|${1}|${2}|${3}"; }',
+    'require ["fileinto", "variables"]; if header :matches "x-spam-score" "*"'
+    ' { set "s" "${1}"; } if string :matches "${s}" "1?" { fileinto "Teen"; }',
     'require ["include"]; include "pers"; include :global "glob"; include :optional "none";',
     'require ["include"]; include :once "pers"; include :once "pers";',
     'require ["include", "variables", "fileinto"]; global "where"; set "where" "Main";'
