@@ -497,7 +497,7 @@ class _Compiler:
                 variables = [self.variable(StringArg([v], False, pos[0].pos), "hasflag")
                              for v in pos[0].values]
             else:
-                variables = [("local", rt.INTERNAL_FLAGS[1])]
+                variables = [("local", rt.FLAGS_VAR)]
             return rt.HasFlag(variables, self.matcher(node, tags, pos[-1]))
         if name == "mailboxexists":
             return rt.MailboxExists(self.strings(pos[0]))
@@ -560,7 +560,7 @@ class _Compiler:
                 self.need("variables", pos[0].pos, f"{name} with a variable name")
                 scope, var = self.variable(pos[0], name)
             else:
-                scope, var = "local", rt.INTERNAL_FLAGS[1]
+                scope, var = "local", rt.FLAGS_VAR
             return rt.FlagCmd(name, scope, var, self.strings(pos[-1]))
         if name == "set":
             scope, var = self.variable(pos[0], "set")

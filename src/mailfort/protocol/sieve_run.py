@@ -100,7 +100,7 @@ class Return(Exception):
     pass
 
 
-INTERNAL_FLAGS = ("global", "\x00flags")
+FLAGS_VAR = "\x00flags"  # imap4flags' internal variable (no script can name it)
 
 
 class Run:
@@ -108,7 +108,6 @@ class Run:
 
     __slots__ = (
         "actions",
-        "counted",
         "deadline",
         "discarded",
         "env",
@@ -141,7 +140,6 @@ class Run:
         self.included: set[object] = set()
         self.variables = 0
         self.header_limit = limits.max_header_bytes_tested
-        self.counted = 0
 
     def tick(self) -> None:
         self.ops += 1
@@ -212,7 +210,7 @@ class Run:
             if other is not None:
                 raise Fail(f"reject conflicts with {type(other).__name__.lower()}")
         if self.implicit_keep:
-            flags = _split_flags(self.local.get(INTERNAL_FLAGS[1], ""))
+            flags = _split_flags(self.local.get(FLAGS_VAR, ""))
             self.add(Keep(flags))
         if self.discarded and not any(isinstance(a, (Keep, FileInto, Redirect, Reject))
                                       for a in actions):
@@ -634,7 +632,7 @@ class ReturnCmd(Command):
 
 def _flags(flags: StrList | None, r: Run) -> tuple[str, ...]:
     if flags is None:
-        return _split_flags(r.local.get(INTERNAL_FLAGS[1], ""))
+        return _split_flags(r.local.get(FLAGS_VAR, ""))
     return _split_flags(" ".join(flags.get(r)))
 
 
@@ -814,17 +812,17 @@ class IncludeCmd(Command):
                 return
             r.included.add(self.unit)
         saved_local, saved_match = r.local, r.match
-        r.local = {INTERNAL_FLAGS[1]: saved_local.get(INTERNAL_FLAGS[1], "")}
+        r.local = {FLAGS_VAR: saved_local.get(FLAGS_VAR, "")}
         r.match = []
         try:
             run_block(self.unit.block, r)
         except Return:
             pass
         finally:
-            flags = r.local.get(INTERNAL_FLAGS[1], "")
+            flags = r.local.get(FLAGS_VAR, "")
             r.local, r.match = saved_local, saved_match
-            if flags or INTERNAL_FLAGS[1] in saved_local:
-                saved_local[INTERNAL_FLAGS[1]] = flags
+            if flags or FLAGS_VAR in saved_local:
+                saved_local[FLAGS_VAR] = flags
 
 
 class Unresolved(Command):
