@@ -17,8 +17,13 @@ one too many.
 ``regex`` is not offered: Python's ``re`` backtracks, cannot be interrupted once it runs,
 and a short pattern can take exponential time on a header of a few kilobytes, so no CPU
 budget could bound it; the wildcards of ``:matches`` cover what clients generate.
-``comparator-i;octet`` and ``comparator-i;ascii-casemap`` are accepted by ``require``
-(always available, RFC 5228 2.7.3) but not listed in ``SUPPORTED``, as Pigeonhole does.
+``editheader`` is not offered either (it would need header-changing actions that delivery
+then applies; not worth the risk for a rarely used extension). ``comparator-i;octet`` and
+``comparator-i;ascii-casemap`` are accepted by ``require`` (always available, RFC 5228
+2.7.3) but not listed in ``SUPPORTED``, as Pigeonhole does. Where the RFCs leave room, the
+behaviour is Pigeonhole's (tests/protocol/test_sieve_pigeonhole.py holds us to it): the
+``string`` test compares with i;octet unless told otherwise, multi-line strings end their
+lines in CRLF, reject conflicts with keep, fileinto, redirect and vacation (a runtime error).
 """
 
 from __future__ import annotations
