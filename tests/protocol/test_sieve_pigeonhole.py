@@ -177,6 +177,9 @@ SCRIPTS: list[str] = [
     'require "reject"; if header :contains "subject" "hello" { reject "go away"; }',
     'require "reject"; reject text:\nNot here.\n..\n.\n;',
     'require ["reject", "fileinto"]; fileinto "x"; reject "no";',
+    'require ["reject", "copy"]; redirect :copy "a@example.org"; reject "no";',
+    'require "reject"; reject "no"; keep;',
+    'require ["reject", "imap4flags"]; discard; reject "no"; addflag "x";',
     'require ["vacation"]; vacation :days 3 :subject "Away" "I am away";',
     'require ["vacation", "vacation-seconds"]; vacation :seconds 200000 :from'
     ' "me@example.net" :addresses ["me@example.net"] :handle "h1" "Back soon";',

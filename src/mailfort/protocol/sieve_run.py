@@ -205,8 +205,9 @@ class Run:
         actions = self.actions
         reject = next((a for a in actions if isinstance(a, Reject)), None)
         if reject is not None:
-            other = next((a for a in actions if isinstance(a, (Keep, FileInto, Vacation))
-                          or (isinstance(a, Redirect) and not a.copy)), None)
+            # anything else that delivers, :copy or not (as Pigeonhole), and a vacation
+            other = next((a for a in actions
+                          if isinstance(a, (Keep, FileInto, Redirect, Vacation))), None)
             if other is not None:
                 raise Fail(f"reject conflicts with {type(other).__name__.lower()}")
         if self.implicit_keep:
