@@ -178,6 +178,12 @@ SCRIPTS: list[str] = [
     'require "reject"; reject text:\nNot here.\n..\n.\n;',
     'require ["reject", "fileinto"]; fileinto "x"; reject "no";',
     'require ["reject", "copy"]; redirect :copy "a@example.org"; reject "no";',
+    'require ["vacation"]; vacation "v"; discard;',
+    'require ["imap4flags", "fileinto"]; setflag "a"; fileinto "A"; fileinto :flags "b" "A";',
+    'require ["imap4flags", "fileinto"]; addflag "x"; fileinto "A"; removeflag "x"; keep;',
+    'require ["include"]; include "stopper"; keep;',
+    'require ["encoded-character", "variables", "fileinto"]; set "a" "b";'
+    ' fileinto "${hex:24}{a}";',
     'require "reject"; reject "no"; keep;',
     'require ["reject", "imap4flags"]; discard; reject "no"; addflag "x";',
     'require ["vacation"]; vacation :days 3 :subject "Away" "I am away";',
@@ -230,6 +236,7 @@ INCLUDED: dict[tuple[bool, str], str] = {
                      ' { fileinto "Pers"; }',
     (True, "glob"): 'require ["fileinto", "include"]; fileinto "Glob"; return;'
                     ' fileinto "Never";',
+    (False, "stopper"): 'require "fileinto"; fileinto "S"; stop;',
     (True, "setter"): 'require ["include", "variables"]; global "where";'
                       ' set "where" "${where}-Set";',
 }
@@ -309,8 +316,16 @@ def _normalize_pigeonhole(text: str) -> list[str]:
         elif item["kind"] == "vacation":
             out.append(f"vacation {item['seconds']} {item.get('subject')} {item.get('from')} "
                        f"{item['reason']}")
-    if any(i["kind"] == "discard" for i in items) and not out:
+    if any(i["kind"] == "discard" for i in items):
         out.append("discard")
+    return _discard_only_alone(out)
+
+
+def _discard_only_alone(out: list[str]) -> list[str]:
+    """Pigeonhole lists a discard beside what still delivers; mailfort only when nothing
+    does (a discard just cancels the implicit keep): compare that."""
+    if any(not item.startswith(("discard", "vacation")) for item in out):
+        out = [item for item in out if item != "discard"]
     return sorted(set(out))
 
 
@@ -337,7 +352,7 @@ def ours(result: SieveResult) -> list[str]:
                        f"{action.reason}")
         elif isinstance(action, Discard):
             out.append("discard")
-    return sorted(set(out))
+    return _discard_only_alone(out)
 
 
 @pytest.fixture

@@ -169,17 +169,17 @@ class Run:
     # actions --------------------------------------------------------------
 
     def add(self, action: Action) -> None:
-        """Record an action, merging a duplicate (same mailbox, same address) into the first."""
+        """Record an action, merging a duplicate (same mailbox, same address) into the first;
+        a second store into one mailbox sets the flags it is stored with (as Pigeonhole)."""
         actions = self.actions
         if isinstance(action, (Keep, FileInto)):
             key = _store_key(action)
             for i, old in enumerate(actions):
                 if isinstance(old, (Keep, FileInto)) and _store_key(old) == key:
-                    flags = tuple(dict.fromkeys(old.flags + action.flags))
                     if isinstance(old, Keep):
-                        actions[i] = Keep(flags)
+                        actions[i] = Keep(action.flags)
                     else:
-                        actions[i] = FileInto(old.mailbox, flags,
+                        actions[i] = FileInto(old.mailbox, action.flags,
                                               old.create or getattr(action, "create", False))
                     return
         elif isinstance(action, Redirect):
