@@ -3,8 +3,8 @@ dovecot-sieve) on a corpus of scripts x messages; both must decide the same acti
 (stores with their flags, redirects, rejects, discard, vacation, or a runtime error).
 
 ``sieve-test`` only reports what the script decided (no delivery): it runs with a config
-file of its own (a throw-away Maildir, the unprivileged ``nobody`` as mail user since it
-refuses root), so no Dovecot needs to run. Skipped when the tool is not installed.
+file of its own (a throw-away Maildir; as root, the unprivileged ``nobody`` as mail user
+since it refuses root), so no Dovecot needs to run. Skipped when the tool is not installed.
 """
 
 from __future__ import annotations
@@ -251,8 +251,11 @@ def _pigeonhole_config(tmp: Path) -> Path:
         folder.mkdir(mode=0o755, exist_ok=True)
         (folder / f"{name}.sieve").write_text(text)
     conf = tmp / "dovecot.conf"
-    conf.write_text(f"mail_uid = 65534\nmail_gid = 65534\nfirst_valid_uid = 1\n"
-                    f"first_valid_gid = 1\nmail_location = maildir:{tmp}/mail\n"
+    # as root, sieve-test must drop to a mail user (it refuses root): nobody; as anyone
+    # else it runs as that user
+    users = ("mail_uid = 65534\nmail_gid = 65534\nfirst_valid_uid = 1\n"
+             "first_valid_gid = 1\n") if os.geteuid() == 0 else ""
+    conf.write_text(f"{users}mail_location = maildir:{tmp}/mail\n"
                     f"plugin {{\n  sieve = file:{tmp}/personal\n  sieve_global = {tmp}/global\n"
                     "  sieve_extensions = +vacation-seconds\n"
                     "  sieve_vacation_min_period = 1\n}\n")
