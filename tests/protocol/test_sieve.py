@@ -621,6 +621,14 @@ def test_addresses_come_from_the_raw_field_not_the_decoded_one() -> None:
                  message(header))
 
 
+def test_the_header_section_ends_at_the_first_empty_line() -> None:
+    fields = sieve_message.parse_header_block(
+        b"Subject: a\r\n\r\nX-In-Body: b\r\n", 65536)
+    assert fields == {"subject": ["a"]}
+    assert sieve_message.parse_header_block(b"A: 1\nB: 2\n \tfolded\n\nC: 3\n", 65536) == {
+        "a": ["1"], "b": ["2 \tfolded"]}
+
+
 def test_rfc2047_decoding() -> None:
     decode = sieve_message.decode_mime_words
     assert decode("=?utf-8?b?w6k=?= =?utf-8?q?t=C3=A9?=") == "été"
