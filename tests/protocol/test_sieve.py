@@ -238,6 +238,11 @@ def test_validation_errors_with_positions(script: str, line: int, column: int,
     assert words in err.text, err
 
 
+def test_a_nesting_limit_beyond_python_s_stack_is_still_a_sieve_error() -> None:
+    err = refused("if " + "not " * 5000 + "true {}", limits=SieveLimits(max_nesting=100_000))
+    assert "nested too deeply" in err.text
+
+
 def test_supported_extensions() -> None:
     assert "regex" not in SUPPORTED and "editheader" not in SUPPORTED
     capability = " ".join(sorted(SUPPORTED))
@@ -442,6 +447,9 @@ def test_vacation() -> None:
     assert full == Vacation("Content-Type: text/plain\r\n\r\nAway.\r\n", "Out",
                             "me@example.net", ("me@example.net", "alias@example.net"), True,
                             "h", 3600)
+    default = actions('require "vacation"; vacation "x";',
+                      limits=SieveLimits(vacation_default_seconds=3 * 86400))[0]
+    assert isinstance(default, Vacation) and default.seconds == 3 * 86400
     days = actions('require "vacation"; vacation :days 2 "x";')[0]
     assert isinstance(days, Vacation) and days.seconds == 2 * 86400
     assert run('require "vacation"; vacation "a"; vacation "b";').error == (
@@ -611,6 +619,14 @@ def test_addresses_come_from_the_raw_field_not_the_decoded_one() -> None:
     assert filed(script, message(header))
     assert filed(FI + 'if header :contains "from" "Doe, J" { fileinto "Yes"; }',
                  message(header))
+
+
+def test_the_header_section_ends_at_the_first_empty_line() -> None:
+    fields = sieve_message.parse_header_block(
+        b"Subject: a\r\n\r\nX-In-Body: b\r\n", 65536)
+    assert fields == {"subject": ["a"]}
+    assert sieve_message.parse_header_block(b"A: 1\nB: 2\n \tfolded\n\nC: 3\n", 65536) == {
+        "a": ["1"], "b": ["2 \tfolded"]}
 
 
 def test_rfc2047_decoding() -> None:

@@ -3,8 +3,8 @@ dovecot-sieve) on a corpus of scripts x messages; both must decide the same acti
 (stores with their flags, redirects, rejects, discard, vacation, or a runtime error).
 
 ``sieve-test`` only reports what the script decided (no delivery): it runs with a config
-file of its own (a throw-away Maildir, the unprivileged ``nobody`` as mail user since it
-refuses root), so no Dovecot needs to run. Skipped when the tool is not installed.
+file of its own (a throw-away Maildir; as root, the unprivileged ``nobody`` as mail user
+since it refuses root), so no Dovecot needs to run. Skipped when the tool is not installed.
 """
 
 from __future__ import annotations
@@ -177,6 +177,15 @@ SCRIPTS: list[str] = [
     'require "reject"; if header :contains "subject" "hello" { reject "go away"; }',
     'require "reject"; reject text:\nNot here.\n..\n.\n;',
     'require ["reject", "fileinto"]; fileinto "x"; reject "no";',
+    'require ["reject", "copy"]; redirect :copy "a@example.org"; reject "no";',
+    'require ["vacation"]; vacation "v"; discard;',
+    'require ["imap4flags", "fileinto"]; setflag "a"; fileinto "A"; fileinto :flags "b" "A";',
+    'require ["imap4flags", "fileinto"]; addflag "x"; fileinto "A"; removeflag "x"; keep;',
+    'require ["include"]; include "stopper"; keep;',
+    'require ["encoded-character", "variables", "fileinto"]; set "a" "b";'
+    ' fileinto "${hex:24}{a}";',
+    'require "reject"; reject "no"; keep;',
+    'require ["reject", "imap4flags"]; discard; reject "no"; addflag "x";',
     'require ["vacation"]; vacation :days 3 :subject "Away" "I am away";',
     'require ["vacation", "vacation-seconds"]; vacation :seconds 200000 :from'
     ' "me@example.net" :addresses ["me@example.net"] :handle "h1" "Back soon";',
@@ -207,6 +216,14 @@ SCRIPTS: list[str] = [
     ' if header :is :comparator "i;ascii-numeric" "x-spam-score" "07" { fileinto "Num"; }',
     'require ["fileinto", "date", "relational"]; if date :value "lt" "date" "iso8601"'
     ' "2026-06-01T00:00:00+00:00" { fileinto "Early"; }',
+    'require ["fileinto", "variables"]; if address :matches "from" "*@*.*"'
+    ' { fileinto "${1}|${2}|${3}"; }',
+    'require ["fileinto", "variables"]; if header :matches "subject" "?*?*"'
+    ' { fileinto "${1}|${2}|${3}|${4}"; }',
+    'require ["fileinto", "variables"]; if header :matches "subject" "*l*o*"'
+    ' { fileinto "${0}|${1}|${2}|${3}"; }',
+    'require ["fileinto", "variables"]; if header :matches "x-spam-score" "*"'
+    ' { set "s" "${1}"; } if string :matches "${s}" "1?" { fileinto "Teen"; }',
     'require ["include"]; include "pers"; include :global "glob"; include :optional "none";',
     'require ["include"]; include :once "pers"; include :once "pers";',
     'require ["include", "variables", "fileinto"]; global "where"; set "where" "Main";'
@@ -219,9 +236,13 @@ INCLUDED: dict[tuple[bool, str], str] = {
                      ' { fileinto "Pers"; }',
     (True, "glob"): 'require ["fileinto", "include"]; fileinto "Glob"; return;'
                     ' fileinto "Never";',
+    (False, "stopper"): 'require "fileinto"; fileinto "S"; stop;',
     (True, "setter"): 'require ["include", "variables"]; global "where";'
                       ' set "where" "${where}-Set";',
 }
+
+
+_LOOKS_AT_MESSAGE = re.compile(r"\b(header|address|exists|body|date|size|envelope|include)\b")
 
 
 def _pigeonhole_config(tmp: Path) -> Path:
@@ -230,8 +251,11 @@ def _pigeonhole_config(tmp: Path) -> Path:
         folder.mkdir(mode=0o755, exist_ok=True)
         (folder / f"{name}.sieve").write_text(text)
     conf = tmp / "dovecot.conf"
-    conf.write_text(f"mail_uid = 65534\nmail_gid = 65534\nfirst_valid_uid = 1\n"
-                    f"first_valid_gid = 1\nmail_location = maildir:{tmp}/mail\n"
+    # as root, sieve-test must drop to a mail user (it refuses root): nobody; as anyone
+    # else it runs as that user
+    users = ("mail_uid = 65534\nmail_gid = 65534\nfirst_valid_uid = 1\n"
+             "first_valid_gid = 1\n") if os.geteuid() == 0 else ""
+    conf.write_text(f"{users}mail_location = maildir:{tmp}/mail\n"
                     f"plugin {{\n  sieve = file:{tmp}/personal\n  sieve_global = {tmp}/global\n"
                     "  sieve_extensions = +vacation-seconds\n"
                     "  sieve_vacation_min_period = 1\n}\n")
@@ -295,8 +319,16 @@ def _normalize_pigeonhole(text: str) -> list[str]:
         elif item["kind"] == "vacation":
             out.append(f"vacation {item['seconds']} {item.get('subject')} {item.get('from')} "
                        f"{item['reason']}")
-    if any(i["kind"] == "discard" for i in items) and not out:
+    if any(i["kind"] == "discard" for i in items):
         out.append("discard")
+    return _discard_only_alone(out)
+
+
+def _discard_only_alone(out: list[str]) -> list[str]:
+    """Pigeonhole lists a discard beside what still delivers; mailfort only when nothing
+    does (a discard just cancels the implicit keep): compare that."""
+    if any(not item.startswith(("discard", "vacation")) for item in out):
+        out = [item for item in out if item != "discard"]
     return sorted(set(out))
 
 
@@ -323,7 +355,7 @@ def ours(result: SieveResult) -> list[str]:
                        f"{action.reason}")
         elif isinstance(action, Discard):
             out.append("discard")
-    return sorted(set(out))
+    return _discard_only_alone(out)
 
 
 @pytest.fixture
@@ -355,6 +387,8 @@ def test_pigeonhole_agrees(world_readable: Path) -> None:
         path = tmp_path / f"s{n}.sieve"
         path.write_text(source)
         for name, data in MESSAGES.items():
+            if name != "plain" and not _LOOKS_AT_MESSAGE.search(source):
+                continue  # the same decision on every message: one run is enough
             head, _, body = data.partition(b"\r\n\r\n")
             msg = SieveMessage.from_bytes(head + b"\r\n\r\n", lambda body=body: body,
                                           size=len(data), envelope_from=SENDER,

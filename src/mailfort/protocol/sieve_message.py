@@ -24,6 +24,7 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"^[ \t\r\n]+$")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _FIELD_NAME = re.compile(r"^[!-9;-~]+$")
+_BLANK_LINE = re.compile(r"^\r?$", re.M)
 
 
 def decode_mime_words(value: str) -> str:
@@ -71,6 +72,9 @@ def _decode_word(charset: str, encoding: str, text: str) -> str | None:
 def parse_header_block(block: bytes, limit: int) -> dict[str, list[str]]:
     """Field name (lower case) to its values in order, unfolded, raw (not 2047-decoded)."""
     text = block[:limit].decode("utf-8", "replace")
+    end = _BLANK_LINE.search(text)  # the header section ends at the first empty line
+    if end:
+        text = text[:end.start()]
     fields: dict[str, list[str]] = {}
     for chunk in _FOLD.sub("", text).split("\n"):
         name, colon, value = chunk.partition(":")
