@@ -368,3 +368,24 @@ def test_global_script_readable_by_root_only_runs_after_the_drop(tmp_path: Path,
         assert not list((data / "mail").glob("example.test/bob/new/*"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_vacation_without_days_answers_once_per_the_configured_default(
+        tmp_path: Path) -> None:
+    """RFC 5230 4.1: without :days the site's default applies: [sieve]
+    vacation_default_days, not a constant of the interpreter."""
+    from mailfort import config
+    from mailfort.protocol import sieve
+    from mailfort.server.sieve_delivery import Message, SieveDelivery
+
+    cfg = config.from_dict({"sieve": {"vacation_default_days": 3}})
+    md = tmp_path / "u"
+    store = ScriptStore(md)
+    store.put("away", b'require "vacation";\r\nvacation "Away.";\r\n')
+    store.set_active("away")
+    sv = SieveDelivery(cfg, directory=None)  # type: ignore[arg-type]  # not asked here
+    msg = Message(b"From: a@example.org\r\nTo: u@example.test\r\n\r\n", lambda: b"x\r\n",
+                  40, "a@example.org", None, None, "QID")
+    actions = sv.evaluate("u@example.test", md, msg, sv.load(md)) or []
+    (v,) = [a for a in actions if isinstance(a, sieve.Vacation)]
+    assert v.seconds == 3 * 86400

@@ -144,7 +144,8 @@ class SieveDelivery:
         o = self.opts
         self.limits = sieve.SieveLimits(max_script_bytes=o.max_script_size,
                                         max_actions=o.max_actions,
-                                        max_redirects=o.max_redirects, max_cpu_ms=o.max_cpu_ms)
+                                        max_redirects=o.max_redirects, max_cpu_ms=o.max_cpu_ms,
+                                        vacation_default_seconds=o.vacation_default_days * 86400)
         self.quota = Quota(o.max_script_size, o.max_scripts, o.max_storage)
         self._cache: dict[Path, Compiled] = {}
         self.no_script = Compiled(None)  # this node's (its timing is of the global scripts)
