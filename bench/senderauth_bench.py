@@ -16,7 +16,9 @@ selector ``ed``: Ed25519) and DMARC ``v=DMARC1; p=reject``. Before anything is t
 ``--distinct`` 1 KB messages From: bench@example.org are signed with both keys (dkimpy) and
 written to a folder; the load (bench/smtp_load.py ``--message-dir``, each message its own
 connection as ``smtp-source -c``) sends them in turn to every server, so every server gets
-the same bytes. (smtp-source cannot send a signed message: it writes its own.)
+the same bytes. (smtp-source cannot send a signed message: it writes its own.) The load
+generator is Python: each measurement prints how much of a core it used, near 100% means the
+client, not the server, set the rate.
 
 Servers:
 
@@ -57,6 +59,7 @@ import base64
 import contextlib
 import email.utils
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -369,6 +372,7 @@ class Side:
     cpu_us: list[float] = field(default_factory=list)
     extra_us: list[float] = field(default_factory=list)
     dns_q: list[float] = field(default_factory=list)
+    client_share: list[float] = field(default_factory=list)  # the load generator's core
     stored_ok: bool = True
 
     def cpu(self) -> float:
@@ -386,7 +390,11 @@ class Side:
         q0, stored0 = len(dns.queries), count_new(self.maildir_new)
         cpu0 = cpu_seconds(pid) if pid else 0.0
         extra0 = self.extra_cpu() if self.extra_cpu else 0.0
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         seconds = load(self.port, folder, sessions, n)
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.client_share.append((kids1.ru_utime + kids1.ru_stime - kids0.ru_utime
+                                  - kids0.ru_stime) / seconds)
         if self.settle is not None:
             self.settle()
         cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
@@ -399,7 +407,8 @@ class Side:
         self.dns_q.append((len(dns.queries) - q0) / n)
         milters = f" (milters {self.extra_us[-1]:.0f})" if self.extra_cpu else ""
         return (f"{self.name} {self.rates[-1]:.0f}/s stored {stored}/{n}, "
-                f"{self.cpu_us[-1]:.0f} µs CPU/msg{milters}, DNS {self.dns_q[-1]:.2f} q/msg")
+                f"{self.cpu_us[-1]:.0f} µs CPU/msg{milters}, DNS {self.dns_q[-1]:.2f} q/msg, "
+                f"load generator {self.client_share[-1]:.0%} of a core")
 
 
 def med(values: list[float]) -> float:
@@ -409,7 +418,8 @@ def med(values: list[float]) -> float:
 def row(label: str, ours: Side, ref: Side, sides: list[Side], folder: Path, pairs: int,
         sessions: int, n: int, dns: Any, need: float) -> list[str]:
     """``pairs`` alternating measurements of ``ref`` and ``ours``; the table row."""
-    ours.rates.clear(), ours.cpu_us.clear(), ours.extra_us.clear(), ours.dns_q.clear()
+    for values in (ours.rates, ours.cpu_us, ours.extra_us, ours.dns_q, ours.client_share):
+        values.clear()
     for pair in range(pairs):
         line = []
         for side in (ref, ours) if pair % 2 == 0 else (ours, ref):
