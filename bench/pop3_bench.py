@@ -112,6 +112,7 @@ PHASES = {
     "settled": "in cur/, 1 s after the previous session",
 }
 SETTLE = 1.0
+TARGET = 1.1  # issue 29: mailfort/Dovecot in each state, login included
 
 
 @dataclass
@@ -263,9 +264,9 @@ def main() -> int:
                     rows.append(f"| {what} | — | {ours:.0f} msg/s | — |")
                     continue
                 ref = statistics.median(s.rate for s in results[f"Dovecot {phase}"])
-                verdict = "OK" if ours >= ref else "BELOW TARGET"
+                verdict = "OK" if ours >= TARGET * ref else "BELOW TARGET"
                 rows.append(f"| {what} | Dovecot {ref:.0f} msg/s | mailfort {ours:.0f} msg/s "
-                            f"({ours / ref:.2f}×) | ≥ 1.0× {verdict} |")
+                            f"({ours / ref:.2f}×) | ≥ {TARGET}× {verdict} |")
                 ours_nl, ref_nl = (statistics.median(s.count / (s.seconds - s.login_s)
                                                      for s in results[f"{n} {phase}"])
                                    for n in ("mailfort", "Dovecot"))

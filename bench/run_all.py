@@ -22,8 +22,11 @@ master with every child (smtpd, cleanup, qmgr, virtual...) up to the end of its
 deliveries, since mailfort's figure includes its own. The targets are judged on the
 median and, where the issue sets one, on the worst pair.
 
-Besides its own MX and submission rows it runs ``pop3_bench.py`` (vs Dovecot),
-``idle_sessions.py`` and ``big_message.py`` and puts their rows in the same table.
+Besides its own MX and submission rows it runs ``senderauth_bench.py`` (DKIM-signed mail
+from a domain with SPF, DKIM and DMARC records, mailfort as shipped against Postfix with
+policyd-spf, opendkim and opendmarc, and against bare Postfix; skipped with
+``--no-reference``, or when ``--rows`` does not name ``senderauth``), ``pop3_bench.py`` (vs
+Dovecot), ``idle_sessions.py`` and ``big_message.py`` and puts their rows in the same table.
 
 Loopback only. mailfort runs from a fresh data directory under a temporary folder with the
 same shape as the reference Postfix: domain example.test, users alice and bob.
@@ -251,7 +254,8 @@ def main() -> int:
     ap.add_argument("--source", default=None, metavar="SRC",
                     help="run mailfort from this src directory (another checkout: before/after)")
     ap.add_argument("--rows", default="",
-                    help="only these MX rows, SIZExSESSIONS comma-separated (e.g. 1024x50)")
+                    help="only these MX rows, SIZExSESSIONS comma-separated (e.g. 1024x50), "
+                         "and 'senderauth' for the sender-authentication rows")
     ap.add_argument("--idle-timeout", type=float, default=60.0,
                     help="longest wait for a quiet disk before a measurement (seconds)")
     args = ap.parse_args()
@@ -264,8 +268,9 @@ def main() -> int:
             return 2
     rows: list[tuple[str, str, str, str]] = []
     wait_freed_inodes()  # mfproc.FREED_INODE_WINDOW
-    wanted = {tuple(int(x) for x in r.split("x")) for r in args.rows.split(",") if r}
-    mx_rows = [r for r in MX_ROWS if not wanted or (r[0], r[1]) in wanted]
+    names = [r for r in args.rows.split(",") if r]
+    wanted = {tuple(int(x) for x in r.split("x")) for r in names if r != "senderauth"}
+    mx_rows = [r for r in MX_ROWS if not names or (r[0], r[1]) in wanted]
     with bench_tmpdir("mailfort-bench-") as tmp, contextlib.ExitStack() as stack:
         if args.default_config:
             sys.path.insert(0, str(HERE.parent))
@@ -321,6 +326,10 @@ def main() -> int:
                          f"{rss / 1024:.0f} MB", ""))
         finally:
             mf.stop()
+    if not args.no_reference and (not names or "senderauth" in names):
+        rows += other_rows("senderauth_bench.py", "--pairs", str(args.pairs),
+                           "--messages", str(n), "--warmup", str(n),
+                           *(["--source", args.source] if args.source else []))
     if not args.smtp_only:
         pop3 = ["--reps", "1" if args.quick else "5"]
         rows += other_rows("pop3_bench.py", *pop3, *(["--no-reference"] if args.no_reference

@@ -4,7 +4,9 @@ By default every message uses its own connection (like ``smtp-source -c``): conn
 MAIL, RCPT, DATA, QUIT. With ``--keep-session`` each of the sessions connects (and
 authenticates) once and sends its share of the messages over that connection, as a mail
 client does. Reports accepted messages per second. Optional AUTH over STARTTLS for the
-submission benchmark.
+submission benchmark. With ``--message-dir`` the messages are that folder's files (sent in
+turn, each as it is: already CRLF and dot-stuffed, e.g. DKIM-signed ones made beforehand by
+bench/senderauth_bench.py) instead of a generated body.
 
     python bench/smtp_load.py --port 2525 --size 1024 --sessions 50 --messages 2000
 """
@@ -17,6 +19,7 @@ import base64
 import ssl
 import sys
 import time
+from pathlib import Path
 
 
 async def _reply(reader: asyncio.StreamReader) -> bytes:
@@ -86,8 +89,24 @@ def make_body(size: int, sender: str, rcpt: str) -> bytes:
     return head + line * n
 
 
+def load_bodies(folder: str) -> list[bytes]:
+    """The messages in ``folder`` (sorted by name), each ending with CRLF, for DATA."""
+    bodies = [p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()]
+    if not bodies:
+        raise SystemExit(f"no messages in {folder}")
+    return [b if b.endswith(b"\r\n") else b + b"\r\n" for b in bodies]
+
+
 async def run(args: argparse.Namespace) -> dict[str, float]:
-    body = make_body(args.size, args.sender, args.rcpt)
+    bodies = (load_bodies(args.message_dir) if args.message_dir
+              else [make_body(args.size, args.sender, args.rcpt)])
+    sent = 0
+
+    def next_body() -> bytes:
+        nonlocal sent
+        sent += 1
+        return bodies[sent % len(bodies)]
+
     tls = None
     if args.starttls:
         tls = ssl.create_default_context()
@@ -107,7 +126,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         while remaining > 0:
             remaining -= 1
             try:
-                ok = await send_in_session(reader, writer, body, args.rcpt, args.sender)
+                ok = await send_in_session(reader, writer, next_body(), args.rcpt,
+                                           args.sender)
             except (OSError, ConnectionError, ssl.SSLError):
                 ok = False
             if ok:
@@ -122,8 +142,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         while remaining > 0:
             remaining -= 1
             try:
-                ok = await one_message(args.host, args.port, body, args.rcpt, args.sender,
-                                       auth, tls)
+                ok = await one_message(args.host, args.port, next_body(), args.rcpt,
+                                       args.sender, auth, tls)
             except (OSError, ConnectionError, ssl.SSLError):
                 ok = False
             if ok:
@@ -151,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--starttls", action="store_true")
     p.add_argument("--user", default="")
     p.add_argument("--password", default="")
+    p.add_argument("--message-dir", default="",
+                   help="send these files (CRLF, dot-stuffed) in turn instead of a generated body")
     p.add_argument("--keep-session", action="store_true",
                    help="one connection (and AUTH) per session, messages sent over it")
     args = p.parse_args(argv)

@@ -81,10 +81,14 @@ class _Handler(DNSHandler):  # type: ignore[misc]
 class DNSServer:
     """Records per name, set and changed while running; thread-safe."""
 
-    def __init__(self, address: str = "127.0.0.1", default_rcode: int | None = None) -> None:
-        """``default_rcode``: the answer for names without records (NXDOMAIN if None)."""
+    def __init__(self, address: str = "127.0.0.1", default_rcode: int | None = None,
+                 port: int = 0) -> None:
+        """``default_rcode``: the answer for names without records (NXDOMAIN if None).
+        ``port``: a fixed port (53 for resolvers that cannot be told another: a benchmark's
+        daemons), else a free one."""
         self.address = address
         self.default_rcode = default_rcode
+        self.fixed_port = port
         self.port = 0
         self.lock = threading.Lock()
         self.records: dict[str, list[tuple[str, int, Any]]] = {}
@@ -242,7 +246,8 @@ class DNSServer:
         resolver = _Resolver(self)
         for _ in range(20):
             quiet = DNSLogger(logf=lambda _msg: None)
-            udp = _LibServer(resolver, port=0, address=self.address, handler=_Handler,
+            udp = _LibServer(resolver, port=self.fixed_port, address=self.address,
+                             handler=_Handler,
                              logger=quiet)
             port = udp.server.server_address[1]
             try:
@@ -250,6 +255,8 @@ class DNSServer:
                                  handler=_Handler, logger=quiet)
             except OSError:
                 udp.server.server_close()
+                if self.fixed_port:
+                    raise
                 continue
             self.port = port
             self._servers = [udp, tcp]

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailfort.delivery.message import DataEncoder
-from mailfort.protocol.dotstuff import DotStuffer, SizeCounter
+from mailfort.protocol.dotstuff import DotStuffer, SizeCounter, encode_whole
 from mailfort.protocol.pop3 import MessageEncoder, wire_size
 from tests.fuzzing import examples
 
@@ -67,6 +67,15 @@ def test_smtp_data_and_pop3_retr_send_the_same_octets(message: bytes, cuts: list
 
 
 @settings(max_examples=examples(300), deadline=None)
+@given(_MESSAGE)
+def test_a_whole_message_at_once_is_the_same_octets(message: bytes) -> None:
+    """POP3 sends a small message read in one piece with ``encode_whole`` (no per-piece
+    state): the octets must be those of the piecewise rule, so LIST still matches RETR."""
+    assert encode_whole(message) == _encode(DotStuffer(), message, [])
+    for fixed in (b"", b".", b"\r", b"a\r", b".\r\n.\r\n", b"a\rb\nc\r\n.d", b"\n.", b"x\r\n"):
+        assert encode_whole(fixed) == _encode(DotStuffer(), fixed, [])
+
+
 @given(_MESSAGE, st.integers(min_value=1, max_value=20))
 def test_size_counter_is_the_unstuffed_length(message: bytes, chunk: int) -> None:
     """LIST's size (counted) is RETR's length before stuffing (sent), however it is read."""

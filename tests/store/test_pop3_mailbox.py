@@ -129,6 +129,45 @@ def test_uids_stable_across_sessions_and_flags(maildir: Path) -> None:
         box.close()
 
 
+def test_a_second_login_parses_no_name_again(maildir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29: a login of a mailbox of thousands spent a third of its snapshot parsing
+    names (time, UIDL, ",W=" size) that the previous login had already parsed; a name's
+    parse depends on its unique part alone, which keeps across the S flag's rename."""
+    deliver(maildir, "1700000003.M5P1Q3.host,S=30,W=31", b"Subject: w\n\nsized by name\n")
+    box = POP3Mailbox.open(maildir)
+    first = [(m.uid, m.size) for m in box.messages]
+    for i in range(len(box.messages)):
+        box.retrieved(i)
+    box.close()  # new/ -> cur/ with :2,S: the names change after ":" only
+
+    def parsed_again(unique: str) -> tuple[int, int]:
+        raise AssertionError(f"{unique} parsed again")
+
+    monkeypatch.setattr(pop3_mailbox, "_delivery_time", parsed_again)
+    box = POP3Mailbox.open(maildir)
+    try:
+        assert [(m.uid, m.size) for m in box.messages] == first
+        assert first[-1] == ("1700000003.M5P1Q3.host,S=30,W=31", 31)
+        assert all(m.in_cur and m.marked for m in box.messages)
+    finally:
+        box.close()
+
+
+def test_the_parse_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pop3_mailbox, "PARSED_MAX", 3)
+    pop3_mailbox._PARSED.clear()
+    md = tmp_path / "alice"
+    for i in range(5):
+        deliver(md, f"17000000{i:02d}.M1P1Q{i}.host", b"x\n")
+    box = POP3Mailbox.open(md)
+    try:
+        assert len(box.messages) == 5
+        assert len(pop3_mailbox._PARSED) <= 3
+    finally:
+        box.close()
+
+
 def test_uid_for_unfit_names_is_a_stable_digest() -> None:
     assert uid_for("123.abc:2,S") == "123.abc"
     long = "x" * 100

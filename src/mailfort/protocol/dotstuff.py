@@ -30,6 +30,19 @@ def _crlf(data: bytes) -> bytes:
     return out.replace(b"\n", CRLF)
 
 
+def encode_whole(data: bytes) -> bytes:
+    """A whole message in one piece to its wire form, terminator included: the octets of
+    ``DotStuffer().feed(data) + end()`` without the per-piece state (a POP3 session sends
+    thousands of small messages, each read at once)."""
+    out = _crlf(data) if data else data
+    if out[:1] == b".":
+        out = b"." + out
+    out = out.replace(b"\r\n.", b"\r\n..")
+    if out and out[-1:] != b"\n":
+        out += CRLF
+    return out + TERMINATOR
+
+
 class DotStuffer:
     """Feed pieces, get wire octets; ``end`` closes the message.
 

@@ -341,6 +341,14 @@ class POP3Session(EngineSession):
         self.mailbox, self.lease = None, None  # the UPDATE owns them, even if the client drops
         self._ahead = None
         self.updating = True
+        if not ev.deletions:
+            # Nothing to remove: no thread to go through before the +OK (most sessions end
+            # so). The close goes on in a thread as below, and a next login waits for it.
+            self._close(mailbox, lease)
+            if lease is not None:
+                await lease.closing()
+            engine.update_done(0)
+            return
         deleting = asyncio.get_running_loop().run_in_executor(
             None, mailbox.delete, [i for i, _ in ev.deletions])
         # Seen flags and the new/ -> cur/ moves need not hold up the +OK: they finish in a

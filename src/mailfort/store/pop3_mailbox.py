@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from mailfort.protocol.dotstuff import SizeCounter
+from mailfort.protocol.dotstuff import SizeCounter, encode_whole
 from mailfort.protocol.pop3 import MessageEncoder
 from mailfort.store.durable import fsync_dir, rename_no_replace
 
@@ -52,6 +52,11 @@ LOCK_NAME = "mailfort-pop3.lock"
 _UID_OK = re.compile(r"[\x21-\x7e]{1,70}")
 _MICRO = re.compile(r"M([0-9]{1,6})(?![0-9])")
 _W_FIELD = re.compile(r",W=([0-9]{1,20})(?=,|$)")
+# What a unique name says (its time, UIDL and ",W=" size) depends on the name alone and a
+# name outlives its session (the S flag changes only what follows ":"), so a login parses
+# only names it has not met before. Bounded: emptied when full.
+_PARSED: dict[str, tuple[tuple[int, int], str, int | None]] = {}
+PARSED_MAX = 20_000
 FLAG_BATCH = 64  # retrieved messages renamed (S flag) per background job
 
 _held: set[str] = set()  # maildirs locked by sessions of this process
@@ -227,9 +232,12 @@ class POP3Mailbox:
         """new/ and cur/ as they are now, oldest first by the time in the unique name.
 
         Nothing is renamed here, so a login costs a directory listing, not a rename per
-        message. A login lists thousands of names, hence plain strings and one pass.
+        message. A login lists thousands of names, hence plain strings, one pass, and the
+        parse of each name remembered (``_PARSED``).
         """
-        found: list[tuple[tuple[int, int], str, str, str]] = []  # (time, unique, name, folder)
+        # ((seconds, microseconds), unique, name, folder, uid, size or None)
+        found: list[tuple[tuple[int, int], str, str, str, str, int | None]] = []
+        known = _PARSED.get
         for sub in ("new", "cur"):
             folder = f"{maildir}/{sub}"
             with os.scandir(folder) as it:
@@ -238,16 +246,21 @@ class POP3Mailbox:
                     if name[0] == "." or not entry.is_file(follow_symlinks=False):
                         continue
                     unique = name.partition(":")[0]
-                    found.append((_delivery_time(unique), unique, name, folder))
+                    parsed = known(unique)
+                    if parsed is None:
+                        uid = unique if _UID_OK.fullmatch(unique) else uid_for(unique)
+                        parsed = (_delivery_time(unique), uid, size_from_name(unique))
+                        if len(_PARSED) >= PARSED_MAX:
+                            _PARSED.clear()
+                        _PARSED[unique] = parsed
+                    found.append((parsed[0], unique, name, folder, parsed[1], parsed[2]))
         found.sort()
         messages: list[StoredMessage] = []
         seen_uids: set[str] = set()
-        for _, unique, name, folder in found:
-            uid = unique if _UID_OK.fullmatch(unique) else uid_for(unique)
+        for _, unique, name, folder, uid, size in found:
             if uid in seen_uids:  # the same unique name twice (new/ and cur/): show one
                 continue
             path = f"{folder}/{name}"
-            size = size_from_name(unique)
             if size is None:
                 try:
                     size = _count_size(path)
@@ -255,9 +268,9 @@ class POP3Mailbox:
                     continue
             seen_uids.add(uid)
             msg = StoredMessage(uid, path, size)
-            if folder[-4:] == "/cur" and ":" in name:
+            if folder[-4:] == "/cur" and len(name) > len(unique):
                 msg.in_cur = True
-                info = name.partition(":")[2]
+                info = name[len(unique) + 1:]
                 msg.marked = not info.startswith("2,") or "S" in info
             messages.append(msg)
         return messages
@@ -296,6 +309,8 @@ class POP3Mailbox:
             os.close(fd)
         if len(data) > CHUNK:
             return None
+        if top_lines is None:
+            return encode_whole(data)
         enc = MessageEncoder(top_lines)
         return enc.feed(data) + enc.finish()
 
