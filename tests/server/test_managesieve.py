@@ -26,7 +26,8 @@ from mailfort.store.sieve_scripts import Quota, ScriptStore
 from tests.server.test_imap import Raw
 from tests.server.test_pop3 import ALICE, PASSWORDS, make_authenticator
 
-SCRIPT = b'require ["fileinto"];\r\nif header :contains "subject" "sale" {\r\n  fileinto "Junk";\r\n}\r\n'
+SCRIPT = (b'require ["fileinto"];\r\nif header :contains "subject" "sale" {\r\n'
+          b'  fileinto "Junk";\r\n}\r\n')
 BROKEN = b'require ["fileinto"];\r\nif true {\r\n  fileinto "Junk"\r\n}\r\n'  # no ";" on line 3
 
 
