@@ -1,0 +1,251 @@
+"""The message as a Sieve script sees it: headers (unfolded, RFC 2047 decoded), addresses and
+their parts, envelope, body text for the ``body`` test (RFC 5173).
+
+Everything is parsed lazily and once: the header block on the first header test, each
+value's RFC 2047 decoding on first use, the body (and its MIME structure) only when a
+``body`` test asks; a script that only looks at the envelope parses nothing. What is tested
+is bounded by ``max_header_bytes_tested`` and ``max_body_bytes_tested``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import quopri
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email import policy as email_policy
+from email.message import Message
+
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
+_BETWEEN_WORDS = re.compile(r"^[ \t\r\n]+$")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_FIELD_NAME = re.compile(r"^[!-9;-~]+$")
+
+
+def decode_mime_words(value: str) -> str:
+    """RFC 2047 encoded words decoded; white space between two adjacent ones dropped.
+
+    An unknown charset or a malformed word stays as written."""
+    if "=?" not in value:
+        return value
+    out: list[str] = []
+    pos = 0
+    last_was_word = False
+    for m in _ENCODED_WORD.finditer(value):
+        gap = value[pos:m.start()]
+        decoded = _decode_word(m.group(1), m.group(2), m.group(3))
+        if decoded is None:
+            out.append(gap + m.group())
+            last_was_word = False
+        else:
+            if not (last_was_word and _BETWEEN_WORDS.match(gap)):
+                out.append(gap)
+            out.append(decoded)
+            last_was_word = True
+        pos = m.end()
+    out.append(value[pos:])
+    return "".join(out)
+
+
+def _decode_word(charset: str, encoding: str, text: str) -> str | None:
+    charset = charset.split("*", 1)[0]  # RFC 2231 language suffix
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        return None
+    try:
+        if encoding in "Bb":
+            raw = base64.b64decode(text + "=" * (-len(text) % 4))
+        else:
+            raw = quopri.decodestring(text.replace("_", " ").encode("ascii", "replace"),
+                                      header=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.decode(charset, "replace")
+
+
+def parse_header_block(block: bytes, limit: int) -> dict[str, list[str]]:
+    """Field name (lower case) to its values in order, unfolded, raw (not 2047-decoded)."""
+    text = block[:limit].decode("utf-8", "replace")
+    fields: dict[str, list[str]] = {}
+    for chunk in _FOLD.sub("", text).split("\n"):
+        name, colon, value = chunk.partition(":")
+        if not colon:
+            continue
+        name = name.rstrip(" \t").lower()
+        if not name or not _FIELD_NAME.match(name):
+            continue
+        fields.setdefault(name, []).append(value.strip(" \t\r"))
+    return fields
+
+
+# ------------------------------------------------------------------------- addresses
+
+
+def parse_addresses(value: str) -> list[str]:
+    """The addr-specs of an address-list header value (display names, comments and groups
+    taken away); a part that is not an address is returned as written, without spaces."""
+    out: list[str] = []
+    current: list[str] = []
+    found: str | None = None  # the <addr-spec> of the current element
+    i, n = 0, len(value)
+    while i < n:
+        c = value[i]
+        if c == '"':
+            j = i + 1
+            while j < n and value[j] != '"':
+                j += 2 if value[j] == "\\" else 1
+            current.append(value[i:j + 1])
+            i = j + 1
+        elif c == "(":
+            depth, i = 1, i + 1
+            while i < n and depth:
+                if value[i] == "\\":
+                    i += 1
+                elif value[i] == "(":
+                    depth += 1
+                elif value[i] == ")":
+                    depth -= 1
+                i += 1
+        elif c == "<":
+            close = value.find(">", i + 1)
+            close = n if close < 0 else close
+            spec = "".join(value[i + 1:close].split())
+            if spec.startswith("@") and ":" in spec:  # obsolete source route
+                spec = spec.split(":", 1)[1]
+            found = spec
+            i = close + 1
+        elif c in ",;":
+            _flush(current, found, out)
+            current, found = [], None
+            i += 1
+        elif c == ":" and found is None and "@" not in "".join(current):
+            current = []  # a group's display name
+            i += 1
+        else:
+            current.append(c)
+            i += 1
+    _flush(current, found, out)
+    return out
+
+
+def _flush(current: list[str], found: str | None, out: list[str]) -> None:
+    if found is not None:
+        if found:
+            out.append(found)
+        return
+    spec = "".join("".join(current).split())
+    if spec:
+        out.append(spec)
+
+
+def address_part(address: str, part: str, separator: str = "+") -> str | None:
+    """``all``, ``localpart``, ``domain``, ``user``, ``detail`` of one address; None when the
+    part does not exist (``detail`` of an address without a separator)."""
+    if part == "all":
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    if part == "localpart":
+        return local
+    if part == "domain":
+        return domain
+    user, sep, detail = local.partition(separator)
+    if part == "user":
+        return user
+    return detail if sep else None
+
+
+# ------------------------------------------------------------------------- the message
+
+
+@dataclass
+class SieveMessage:
+    """One message and its envelope, for one recipient."""
+
+    header_block: bytes
+    body_loader: Callable[[], bytes]
+    size: int
+    envelope_from: str
+    envelope_to: str
+    original_to: str | None = None
+    auth: str | None = None
+    _fields: dict[str, list[str]] | None = field(default=None, repr=False)
+    _decoded: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _addresses: dict[str, list[list[str]]] = field(default_factory=dict, repr=False)
+    _body: bytes | None = field(default=None, repr=False)
+    _mime: Message | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_bytes(cls, header_block: bytes, body: Callable[[], bytes], *, size: int,
+                   envelope_from: str, envelope_to: str, original_to: str | None = None,
+                   auth: str | None = None) -> SieveMessage:
+        return cls(header_block, body, size, envelope_from, envelope_to, original_to, auth)
+
+    def fields(self, limit: int) -> dict[str, list[str]]:
+        if self._fields is None:
+            self._fields = parse_header_block(self.header_block, limit)
+        return self._fields
+
+    def header(self, name: str, limit: int) -> list[str]:
+        """The decoded values of one field (name in lower case), in order."""
+        got = self._decoded.get(name)
+        if got is None:
+            got = [decode_mime_words(v) for v in self.fields(limit).get(name, ())]
+            self._decoded[name] = got
+        return got
+
+    def addresses(self, name: str, limit: int) -> list[list[str]]:
+        """The addresses of each field of that name, parsed once per message."""
+        got = self._addresses.get(name)
+        if got is None:
+            got = [parse_addresses(v) for v in self.header(name, limit)]
+            self._addresses[name] = got
+        return got
+
+    def raw_header(self, name: str, limit: int) -> list[str]:
+        return self.fields(limit).get(name, [])
+
+    def body(self, limit: int) -> bytes:
+        if self._body is None:
+            self._body = self.body_loader()[:limit]
+        return self._body
+
+    def body_texts(self, transform: str, types: tuple[str, ...], limit: int) -> list[str]:
+        """What a ``body`` test compares: the raw body, the text parts, or the parts of
+        the given content types, transfer-decoded and in Unicode."""
+        raw = self.body(limit)
+        if transform == "raw":
+            return [raw.decode("utf-8", "replace")]
+        if self._mime is None:
+            self._mime = message_from_bytes(self.header_block + raw, policy=email_policy.compat32)
+        wanted = ("text",) if transform == "text" else types
+        out: list[str] = []
+        for part in self._mime.walk():
+            if part.is_multipart():
+                continue
+            ctype = part.get_content_type().lower()
+            if not any(_type_matches(ctype, w.lower()) for w in wanted):
+                continue
+            payload = part.get_payload(decode=True)
+            if not isinstance(payload, bytes):
+                continue
+            charset = part.get_content_charset() or "us-ascii"
+            try:
+                out.append(payload.decode(charset, "replace"))
+            except LookupError:
+                out.append(payload.decode("utf-8", "replace"))
+        return out
+
+
+def _type_matches(ctype: str, wanted: str) -> bool:
+    if wanted == "":
+        return True
+    if "/" in wanted:
+        return ctype == wanted
+    return ctype.split("/", 1)[0] == wanted
