@@ -28,6 +28,7 @@ from typing import Protocol
 from mailfort.config import LimitsConfig, SieveConfig
 from mailfort.policy import decisionlog
 from mailfort.policy.authn import AuthOutcome, AuthStatus
+from mailfort.protocol import sieve
 from mailfort.protocol.managesieve import (
     TRY_LATER,
     CheckCredentials,
@@ -42,11 +43,6 @@ from mailfort.server.connections import Admission, is_loopback, limit_exceptions
 from mailfort.server.session import EngineSession, Listener
 from mailfort.store.maildir import maildir_for
 from mailfort.store.sieve_scripts import Quota, ScriptError, ScriptStore
-
-try:  # the language (issue 31) lands on its own branch; until then nothing is checked
-    from mailfort.protocol import sieve
-except ImportError:  # pragma: no cover
-    sieve = None  # type: ignore[assignment]
 
 log = logging.getLogger("mailfort.managesieve")
 
@@ -63,22 +59,33 @@ class Authenticator(Protocol):
     async def verify(self, username: str, password: str, client_ip: str) -> AuthOutcome: ...
 
 
-Checker = Callable[[bytes], str | None]  # a script's compile error ("line N: ..."), or None
+# A script's compile error ("line N: ..."), or None; given the user's store for includes.
+Checker = Callable[[bytes, ScriptStore], str | None]
 
 
 def sieve_checker(cfg: SieveConfig) -> Checker:
     """Compile a script as delivery will (the ``[sieve]`` limits); its error, or None.
-    Includes are not resolved here: the included script may be uploaded later (RFC 6609
-    §3.2 leaves a missing one to run time, where it is a runtime error, never lost mail)."""
-    if sieve is None:
-        return lambda text: None
+
+    An ``include`` of one of the user's scripts is compiled with it, so an error there is
+    told at upload too. One that does not exist (yet), or a global one (the administrator's,
+    not this listener's to read), counts as an empty script: scripts are uploaded one at a
+    time, in any order, and a missing include at delivery is a runtime error that keeps the
+    message (RFC 6609 §3.2), never lost mail."""
     limits = sieve.SieveLimits(max_script_bytes=cfg.max_script_size,
                                max_actions=cfg.max_actions, max_redirects=cfg.max_redirects,
                                max_cpu_ms=cfg.max_cpu_ms)
 
-    def check(text: bytes) -> str | None:
+    def check(text: bytes, store: ScriptStore) -> str | None:
+        def include(name: str, global_: bool) -> bytes:
+            if global_:
+                return b""
+            try:
+                return store.get(name)
+            except ScriptError:
+                return b""
+
         try:
-            sieve.compile_script(text, limits=limits)
+            sieve.compile_script(text, limits=limits, include=include)
         except sieve.SieveError as exc:
             return str(exc)
         return None
@@ -120,7 +127,7 @@ class ManageSieveServer(Listener):
             allow_plaintext=False,
             max_errors=limits.max_errors,
             error_slowdown=limits.error_slowdown,
-            sieve_extensions=tuple(sorted(sieve.SUPPORTED)) if sieve is not None else (),
+            sieve_extensions=tuple(sorted(sieve.SUPPORTED)),
             max_redirects=sieve_config.max_redirects,
             max_script_size=sieve_config.max_script_size,
         )
@@ -263,7 +270,7 @@ def execute(store: ScriptStore, checker: Checker, ev: Execute) -> Answer:
             name = _name(a[0]) if ev.name == "PUTSCRIPT" else None
             if name is not None:  # quota first: cheap, and a client must hear why
                 store.check_room(name, len(text))
-            error = checker(text)
+            error = checker(text, store)
             if error is not None:
                 return Answer(False, "", error)
             if name is not None:
