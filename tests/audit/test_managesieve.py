@@ -3,8 +3,11 @@ variants fail the matching check, and mailfort itself is judged by its own liste
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -53,4 +56,31 @@ def test_pipelined_plaintext_kept_across_starttls_fails_injection(
     code, out, _ = run_audit(capsys, _argv(server, "tls.injection-managesieve"))
     status, result = _statuses(out)["tls.injection-managesieve"]
     assert status == "FAIL" and "managesieve" in result
+    assert code == 1
+
+
+async def test_mailfort_with_the_loopback_exception_fails_plaintext_auth(
+    tmp_path: Path, server_ssl_context: ssl.SSLContext, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """mailfort's own listener with ``allow_plaintext_auth_on_loopback`` (the audit comes
+    from 127.0.0.1): SASL PLAIN is offered in the clear, and the auditor says so."""
+    from mailfort.config import LimitsConfig, SieveConfig
+    from mailfort.server.managesieve import ManageSieveServer
+    from tests.server.test_pop3 import make_authenticator
+
+    auth = make_authenticator(tmp_path)
+    server = ManageSieveServer(ssl_context=server_ssl_context, authenticator=auth,
+                               mail_dir=tmp_path / "mail", limits=LimitsConfig(),
+                               sieve_config=SieveConfig(), allow_plaintext=True)
+    await server.start("127.0.0.1", 0)
+    try:
+        argv = ["127.0.0.1", *NO_OTHERS, "--managesieve-port", str(server.ports[0]), *FAST,
+                "--json", "--only", "managesieve.plaintext-auth"]
+        code, out, _ = await asyncio.to_thread(run_audit, capsys, argv)
+    finally:
+        await server.close()
+        auth.close()
+    status, result = _statuses(out)["managesieve.plaintext-auth"]
+    assert status == "FAIL" and "SASL PLAIN offered before STARTTLS" in result
+    assert "answered with a challenge" in result  # the "" challenge asks for the password
     assert code == 1
