@@ -79,11 +79,12 @@ async def lab_factory(
     ca_file = tmp_path / "ca.pem"
     tls_ca.cert_pem.write_to_path(str(ca_file))
 
-    async def factory(sieve_config: SieveConfig | None = None, **kw: Any) -> SieveLab:
+    async def factory(sieve_config: SieveConfig | None = None,
+                      limits: LimitsConfig | None = None, **kw: Any) -> SieveLab:
         data_dir = tmp_path / f"data{len(servers)}"
         auth = make_authenticator(data_dir)
         server = ManageSieveServer(ssl_context=server_ssl_context, authenticator=auth,
-                                   mail_dir=data_dir / "mail", limits=LimitsConfig(),
+                                   mail_dir=data_dir / "mail", limits=limits or LimitsConfig(),
                                    sieve_config=sieve_config or SieveConfig(), **kw)
         await server.start("127.0.0.1", 0)
         servers.append((server, auth))
@@ -176,6 +177,25 @@ async def test_decision_log_lines_and_brute_force_policy_as_imap(
     assert f"auth failed from [127.0.0.1] user={ALICE}" in decisions
     assert any(d.startswith("auth ok from [127.0.0.1]") for d in decisions)
     assert "wrong-secret-pw" not in caplog.text and PASSWORDS[ALICE] not in caplog.text
+
+
+async def test_idle_sessions_end_with_bye(lab_factory: Callable[..., Any]) -> None:
+    """60 s before login and 600 s after by default; here a fraction of a second each."""
+    lab = await lab_factory(limits=LimitsConfig(managesieve_login_timeout=0.5,
+                                                managesieve_timeout=1.0))
+
+    def idle() -> tuple[bytes, bytes]:
+        r = lab.raw()
+        before = r.line()
+        r.close()
+        r = lab.raw()
+        lab.login(r)
+        after = r.line()
+        r.close()
+        return before, after
+
+    before, after = await in_thread(idle)
+    assert before == after == b'BYE "Idle timeout, closing connection"\r\n'
 
 
 # ------------------------------------------------------------------ scripts and quotas
