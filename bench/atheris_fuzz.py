@@ -13,7 +13,9 @@ engine over that reader: every event answered, positively or not; every output l
 answered, positively or not; the output a sequence of response lines and ``{N}`` literals;
 the input it holds bounded by its limits), ``address`` (RFC 5321
 paths and ESMTP parameters), ``msa`` (the From:/Message-ID/Date header checks of
-submission) and ``config`` (TOML to a validated Config). A crash is any exception other
+submission), ``config`` (TOML to a validated Config) and ``sieve`` (a Sieve script compiled,
+and when it compiles, run on a message: only SieveError may refuse it, a run never raises
+and ends in at least one action, an error always in a plain keep). A crash is any exception other
 than the parser's own refusal (AddressError, ConfigError, TOML errors), an engine's
 ``internal_error`` (the engine catches its own bugs and answers 421; the fuzzer must see
 them), or a broken invariant (a reply line without CRLF). Seeds are in
@@ -37,7 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "fuzz_corpus"
 CRASHES = HERE / "fuzz_crashes"
-TARGETS = ("smtp", "pop3", "imap", "imapd", "managesieve", "address", "msa", "config")
+TARGETS = ("smtp", "pop3", "imap", "imapd", "managesieve", "address", "msa", "config",
+           "sieve")
 
 
 # ------------------------------------------------------------------------- the targets
@@ -387,10 +390,54 @@ def config_target():  # type: ignore[no-untyped-def]
     return one
 
 
+def sieve_target():  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    from mailfort.protocol.sieve import (
+        Keep,
+        SieveEnvironment,
+        SieveError,
+        SieveLimits,
+        SieveMessage,
+        compile_script,
+    )
+
+    limits = SieveLimits(max_cpu_ms=1000)
+    header = (b"From: A <a+tag@example.com>\r\nTo: b@example.net, c@example.org\r\n"
+              b"Subject: =?utf-8?q?caf=C3=A9?= hello\r\nDate: Mon, 7 Dec 2026 10:00:00 +0100\r\n"
+              b"X-Spam-Score: 7\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n")
+    body = b"--b\r\nContent-Type: text/plain\r\n\r\nhello noon\r\n--b--\r\n"
+    env = SieveEnvironment(now=datetime(2026, 12, 7, tzinfo=UTC), hostname="mx.fuzz.test",
+                           mailbox_exists=lambda name: name == "INBOX")
+    scripts = {"inc": b'require ["fileinto"]; fileinto "Inc";'}
+
+    def one(data: bytes) -> None:
+        try:
+            script = compile_script(data, limits=limits,
+                                    include=lambda name, global_: scripts.get(name))
+        except SieveError as err:
+            if err.line < 1 or err.column < 1:
+                raise AssertionError(f"bad position {err.line}:{err.column}") from None
+            return
+        msg = SieveMessage.from_bytes(header, lambda: body, size=len(header) + len(body),
+                                      envelope_from="a+tag@example.com",
+                                      envelope_to="b@example.net")
+        result = script.run(msg, env)
+        if not result.actions:
+            raise AssertionError("a run without any action")
+        if result.error is not None:
+            if result.error.startswith("internal error"):
+                raise AssertionError(result.error)
+            if result.actions != [Keep()]:
+                raise AssertionError("an error without a plain keep")
+
+    return one
+
+
 BUILDERS = {"smtp": smtp_target, "pop3": pop3_target, "imap": imap_target,
             "imapd": imapd_target, "managesieve": managesieve_target,
             "address": address_target,
-            "msa": msa_target, "config": config_target}
+            "msa": msa_target, "config": config_target, "sieve": sieve_target}
 
 
 # ------------------------------------------------------------------------- running
@@ -410,6 +457,7 @@ def run_one(target: str, seconds: int, extra: list[str]) -> None:
         import mailfort.protocol.imap_parse
         import mailfort.protocol.managesieve
         import mailfort.protocol.pop3
+        import mailfort.protocol.sieve
         import mailfort.protocol.smtp  # noqa: F401
     one = BUILDERS[target]()
     CRASHES.mkdir(exist_ok=True)

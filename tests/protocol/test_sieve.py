@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mailfort.protocol import sieve_message
+from mailfort.protocol import sieve_match, sieve_message
 from mailfort.protocol.sieve import (
     SUPPORTED,
     Discard,
@@ -26,6 +29,7 @@ from mailfort.protocol.sieve import (
     Vacation,
     compile_script,
 )
+from tests.fuzzing import examples
 
 HEADER = (b"Received: from a.example by mx.example.net; Mon, 7 Dec 2026 10:00:05 +0100\r\n"
           b"Received: from b.example by a.example; Mon, 7 Dec 2026 09:59:00 +0100\r\n"
@@ -217,6 +221,9 @@ def test_wildcards_cannot_be_made_to_backtrack() -> None:
      "not a Unicode scalar value"),
     ('require "date"; if date "date" "century" "x" {}', 1, 32, "unknown date part"),
     ('require "date"; if currentdate :zone "+25" "year" "x" {}', 1, 38, "invalid time zone"),
+    # found by the atheris target: "+5000" made a timezone() of 50 hours raise ValueError
+    ('require "date"; if currentdate :zone "+5000" "year" "x" {}', 1, 38,
+     "invalid time zone"),
     ('require "vacation"; vacation :seconds 10 "x";', 1, 30,
      ':seconds needs require "vacation-seconds"'),
     ('require "vacation"; vacation :days 1 :days 2 "x";', 1, 38, "given twice"),
@@ -229,6 +236,11 @@ def test_validation_errors_with_positions(script: str, line: int, column: int,
     err = refused(script)
     assert (err.line, err.column) == (line, column), err
     assert words in err.text, err
+
+
+def test_a_nesting_limit_beyond_python_s_stack_is_still_a_sieve_error() -> None:
+    err = refused("if " + "not " * 5000 + "true {}", limits=SieveLimits(max_nesting=100_000))
+    assert "nested too deeply" in err.text
 
 
 def test_supported_extensions() -> None:
@@ -398,6 +410,12 @@ def test_date_currentdate_and_index() -> None:
                         ' { fileinto "Yes"; }')
 
 
+def test_a_zone_out_of_range_at_run_time_is_false_not_a_crash() -> None:
+    script = ('require ["date", "variables", "fileinto"]; set "z" "+5000";\n'
+              'if currentdate :zone "${z}" :matches "year" "*" { fileinto "Yes"; }')
+    assert actions(script) == [Keep()]
+
+
 def test_environment() -> None:
     base = 'require ["environment", "fileinto"];\n'
     assert filed(base + 'if environment :is "domain" "example.net" { fileinto "Yes"; }')
@@ -429,6 +447,9 @@ def test_vacation() -> None:
     assert full == Vacation("Content-Type: text/plain\r\n\r\nAway.\r\n", "Out",
                             "me@example.net", ("me@example.net", "alias@example.net"), True,
                             "h", 3600)
+    default = actions('require "vacation"; vacation "x";',
+                      limits=SieveLimits(vacation_default_seconds=3 * 86400))[0]
+    assert isinstance(default, Vacation) and default.seconds == 3 * 86400
     days = actions('require "vacation"; vacation :days 2 "x";')[0]
     assert isinstance(days, Vacation) and days.seconds == 2 * 86400
     assert run('require "vacation"; vacation "a"; vacation "b";').error == (
@@ -466,6 +487,13 @@ def test_include_global_variables() -> None:
                             'include "setter"; include "user"; fileinto "${box}${local}";',
                             include=scripts(table))
     assert script.run(message(), environment()).actions == [FileInto("Shared")]
+
+
+def test_include_without_a_loader_checks_but_does_not_follow() -> None:
+    script = compile_script('require "include"; include "later"; include :global "x";')
+    result = script.run(message(), environment())
+    assert result.actions == [Keep()] and "'later' was not resolved" in (result.error or "")
+    assert "invalid script name" in refused('require "include"; include "";').text
 
 
 def test_include_errors() -> None:
@@ -583,6 +611,24 @@ def test_address_lists_with_groups_comments_and_quotes() -> None:
         "jane@example.org", "bob@example.net", "carol@example.net", "dan@example.net"]
 
 
+def test_addresses_come_from_the_raw_field_not_the_decoded_one() -> None:
+    header = b"From: =?utf-8?q?Doe=2C_J?= <j@example.org>\r\n\r\n"
+    script = ('require ["relational", "comparator-i;ascii-numeric", "fileinto"];'
+              ' if address :count "eq" :comparator "i;ascii-numeric" "from" "1"'
+              ' { fileinto "Yes"; }')
+    assert filed(script, message(header))
+    assert filed(FI + 'if header :contains "from" "Doe, J" { fileinto "Yes"; }',
+                 message(header))
+
+
+def test_the_header_section_ends_at_the_first_empty_line() -> None:
+    fields = sieve_message.parse_header_block(
+        b"Subject: a\r\n\r\nX-In-Body: b\r\n", 65536)
+    assert fields == {"subject": ["a"]}
+    assert sieve_message.parse_header_block(b"A: 1\nB: 2\n \tfolded\n\nC: 3\n", 65536) == {
+        "a": ["1"], "b": ["2 \tfolded"]}
+
+
 def test_rfc2047_decoding() -> None:
     decode = sieve_message.decode_mime_words
     assert decode("=?utf-8?b?w6k=?= =?utf-8?q?t=C3=A9?=") == "été"
@@ -597,3 +643,35 @@ def test_date_default_zone_is_the_environment_s() -> None:
     script = compile_script('require ["date", "fileinto"];'
                             ' if date :is "date" "hour" "18" { fileinto "Yes"; }')
     assert script.run(message(), env).actions == [FileInto("Yes")]
+
+
+# ------------------------------------------------------------------------- :matches
+
+
+def _reference(pattern: str) -> str:
+    """The pattern as a regular expression (fine for the short inputs of the property)."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        out.append("(.*?)" if c == "*" else "(.)" if c == "?" else re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.text("ab*?\\", max_size=8), st.text("abAB*?\\", max_size=12), st.booleans())
+def test_glob_agrees_with_a_regular_expression(pattern: str, value: str,
+                                               casemap: bool) -> None:
+    caps = sieve_match.glob(value, sieve_match.compile_glob(pattern, casemap), casemap,
+                            lambda: None)
+    flags = re.IGNORECASE | re.DOTALL if casemap else re.DOTALL
+    expected = re.fullmatch(_reference(pattern), value, flags)
+    assert (caps is not None) == (expected is not None)
+    if caps is not None and expected is not None:
+        assert len(caps) == len(expected.groups())
+        # the first wildcard takes the shortest match, as the lazy regex does
+        assert caps[:1] == list(expected.groups()[:1])

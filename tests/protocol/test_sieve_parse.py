@@ -4,12 +4,13 @@ limits checked while reading, and a fuzz that only ever gets a tree or a SieveEr
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailfort.protocol.sieve import compile_script
+from mailfort.protocol.sieve import Keep, SieveEnvironment, SieveMessage, compile_script
 from mailfort.protocol.sieve_parse import (
     DEFAULT_LIMITS,
     NumberArg,
@@ -169,7 +170,11 @@ _WORDS = ["require", "if", "elsif", "else", "keep", "discard", "stop", "fileinto
           ":comparator", ":days", ":copy", ":flags", ":index", ":last", ":domain",
           '"i;ascii-numeric"', '"ge"', '"fileinto"', '"variables"', '"x@y.z"', '"${1}"',
           '"${hex:41}"', "{", "}", "(", ")", "[", "]", ",", ";", "10K", "text:\nx\n.\n",
-          "/* c */", "# c\n", '"a"', '["a","b"]', "\n"]
+          "/* c */", "# c\n", '"a"', '["a","b"]', "\n", "reject", "ereject",
+          "discard", "keep", '"reject"', '"envelope"', '"relational"', '"date"', '"body"',
+          '"imap4flags"', '"include"', '"copy"', '"mailbox"', '"subaddress"',
+          '"comparator-i;ascii-numeric"', '"from"', '"to"', '"subject"', '"year"', '"*"',
+          '"${0}"', "addflag", "hasflag", ":create", ":once", ":optional", "return"]
 
 
 @settings(max_examples=examples(150), deadline=None,
@@ -182,12 +187,83 @@ def test_fuzz_random_bytes(data: bytes) -> None:
         assert err.line >= 1 and err.column >= 1
 
 
-@settings(max_examples=examples(300), deadline=None,
+@settings(max_examples=examples(200), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(_WORDS), max_size=40))
 def test_fuzz_grammar_shaped(words: list[str]) -> None:
+    """What compiles also runs: never raises, always ends in an action, errors keep."""
     script = " ".join(words)
     try:
-        compile_script(script)
+        compiled = compile_script(script, include=lambda name, global_: b"keep;")
     except SieveError as err:
         assert err.line >= 1 and err.column >= 1
+        return
+    result = compiled.run(_MESSAGE, _ENV)
+    assert result.actions
+    if result.error is not None:
+        assert result.actions == [Keep()] and not result.error.startswith("internal")
+
+
+_MESSAGE = SieveMessage.from_bytes(
+    b"From: a@x.y\r\nTo: b@x.y\r\nSubject: a\r\nDate: Mon, 7 Dec 2026 10:00:00 +0100\r\n\r\n",
+    lambda: b"body\r\n", size=100, envelope_from="a@x.y", envelope_to="b@x.y")
+_ENV = SieveEnvironment(now=datetime(2026, 12, 7, tzinfo=UTC), hostname="h.x.y",
+                        mailbox_exists=lambda name: True)
+
+
+_REQUIRE = ('require ["fileinto", "reject", "envelope", "variables", "relational", "body",'
+            ' "imap4flags", "copy", "date", "index", "subaddress", "vacation", "mailbox",'
+            ' "comparator-i;ascii-numeric", "encoded-character", "environment"];\n')
+_ONE = st.sampled_from(['"a"', '"*"', '"?*@*"', '"${1}"', '"${v}x"', '"2026"',
+                        '"\\\\*"', '"${hex:41}"', '"10"'])
+_KEYS = st.one_of(_ONE, st.sampled_from(['""', '["x", "b@x.y"]']))
+_NAMES = st.sampled_from(['"from"', '"to"', '"subject"', '"date"', '"x-none"', '["to", "cc"]'])
+_MATCH = st.sampled_from([":is", ":contains", ":matches", ':count "ge"', ':value "lt"',
+                          ':comparator "i;ascii-numeric" :value "eq"', ":is :comparator "
+                          '"i;octet"'])
+
+
+def _tests() -> st.SearchStrategy[str]:
+    leaf = st.one_of(
+        st.builds("header {} {} {}".format, _MATCH, _NAMES, _KEYS),
+        st.builds("address {} {} {} {}".format,
+                  st.sampled_from([":all", ":localpart", ":domain", ":user", ":detail"]),
+                  _MATCH, _NAMES, _KEYS),
+        st.builds("envelope {} {} {}".format, _MATCH,
+                  st.sampled_from(['"from"', '"to"']), _KEYS),
+        st.builds("body :text {} {}".format, _MATCH, _KEYS),
+        st.builds("string {} {} {}".format, _MATCH, _KEYS, _KEYS),
+        st.builds('date :index 1 {} "date" {} {}'.format, _MATCH,
+                  st.sampled_from(['"year"', '"iso8601"', '"weekday"']), _KEYS),
+        st.builds("size :over {}".format, st.sampled_from(["1", "1K", "0"])),
+        st.builds("hasflag {} {}".format, _MATCH, _KEYS),
+        st.just('exists "from"'), st.just("true"), st.just("false"))
+    return st.recursive(leaf, lambda inner: st.one_of(
+        st.builds("not {}".format, inner),
+        st.builds("anyof({}, {})".format, inner, inner),
+        st.builds("allof({}, {})".format, inner, inner)), max_leaves=6)
+
+
+def _commands() -> st.SearchStrategy[str]:
+    simple = st.one_of(
+        st.builds("fileinto {};".format, _ONE),
+        st.builds("fileinto :copy :flags {} {};".format, _KEYS, _ONE),
+        st.builds("redirect {};".format, st.sampled_from(['"r@x.y"', '"${1}@x.y"'])),
+        st.sampled_from(["keep;", "discard;", "stop;", 'reject "no";', 'vacation "away";',
+                         'addflag "\\\\Seen";', 'set "v" "${1}";', 'set :upper "v" "${0}";',
+                         'keep :flags "${v}";']))
+    return st.recursive(simple, lambda inner: st.builds(
+        "if {} {{ {} }} else {{ {} }}".format, _tests(), inner, inner), max_leaves=8)
+
+
+@settings(max_examples=examples(40), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_commands(), max_size=6))
+def test_fuzz_valid_scripts_run(commands: list[str]) -> None:
+    """Scripts from the grammar with every extension: they compile, and a run never
+    raises, always decides something, and a runtime error is a plain keep."""
+    compiled = compile_script(_REQUIRE + "\n".join(commands))
+    result = compiled.run(_MESSAGE, _ENV)
+    assert result.actions
+    if result.error is not None:
+        assert result.actions == [Keep()] and not result.error.startswith("internal")

@@ -190,7 +190,7 @@ _MJD_EPOCH = datetime(1858, 11, 17).date()
 
 def parse_zone(text: str) -> timezone | None:
     m = _ZONE.match(text)
-    if not m or int(m.group(3)) > 59:
+    if not m or int(m.group(2)) > 23 or int(m.group(3)) > 59:  # "+5000": no such zone
         return None
     delta = timedelta(hours=int(m.group(2)), minutes=int(m.group(3)))
     return timezone(-delta if m.group(1) == "-" else delta)

@@ -24,6 +24,7 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"^[ \t\r\n]+$")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _FIELD_NAME = re.compile(r"^[!-9;-~]+$")
+_BLANK_LINE = re.compile(r"^\r?$", re.M)
 
 
 def decode_mime_words(value: str) -> str:
@@ -71,6 +72,9 @@ def _decode_word(charset: str, encoding: str, text: str) -> str | None:
 def parse_header_block(block: bytes, limit: int) -> dict[str, list[str]]:
     """Field name (lower case) to its values in order, unfolded, raw (not 2047-decoded)."""
     text = block[:limit].decode("utf-8", "replace")
+    end = _BLANK_LINE.search(text)  # the header section ends at the first empty line
+    if end:
+        text = text[:end.start()]
     fields: dict[str, list[str]] = {}
     for chunk in _FOLD.sub("", text).split("\n"):
         name, colon, value = chunk.partition(":")
@@ -201,10 +205,11 @@ class SieveMessage:
         return got
 
     def addresses(self, name: str, limit: int) -> list[list[str]]:
-        """The addresses of each field of that name, parsed once per message."""
+        """The addresses of each field of that name, parsed once per message: from the raw
+        value, so an encoded display name ("=?utf-8?q?Doe=2C_J?=") cannot become a comma."""
         got = self._addresses.get(name)
         if got is None:
-            got = [parse_addresses(v) for v in self.header(name, limit)]
+            got = [parse_addresses(v) for v in self.fields(limit).get(name, ())]
             self._addresses[name] = got
         return got
 

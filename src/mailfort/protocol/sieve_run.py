@@ -100,7 +100,7 @@ class Return(Exception):
     pass
 
 
-INTERNAL_FLAGS = ("global", "\x00flags")
+FLAGS_VAR = "\x00flags"  # imap4flags' internal variable (no script can name it)
 
 
 class Run:
@@ -108,7 +108,6 @@ class Run:
 
     __slots__ = (
         "actions",
-        "counted",
         "deadline",
         "discarded",
         "env",
@@ -141,7 +140,6 @@ class Run:
         self.included: set[object] = set()
         self.variables = 0
         self.header_limit = limits.max_header_bytes_tested
-        self.counted = 0
 
     def tick(self) -> None:
         self.ops += 1
@@ -171,17 +169,17 @@ class Run:
     # actions --------------------------------------------------------------
 
     def add(self, action: Action) -> None:
-        """Record an action, merging a duplicate (same mailbox, same address) into the first."""
+        """Record an action, merging a duplicate (same mailbox, same address) into the first;
+        a second store into one mailbox sets the flags it is stored with (as Pigeonhole)."""
         actions = self.actions
         if isinstance(action, (Keep, FileInto)):
             key = _store_key(action)
             for i, old in enumerate(actions):
                 if isinstance(old, (Keep, FileInto)) and _store_key(old) == key:
-                    flags = tuple(dict.fromkeys(old.flags + action.flags))
                     if isinstance(old, Keep):
-                        actions[i] = Keep(flags)
+                        actions[i] = Keep(action.flags)
                     else:
-                        actions[i] = FileInto(old.mailbox, flags,
+                        actions[i] = FileInto(old.mailbox, action.flags,
                                               old.create or getattr(action, "create", False))
                     return
         elif isinstance(action, Redirect):
@@ -207,12 +205,13 @@ class Run:
         actions = self.actions
         reject = next((a for a in actions if isinstance(a, Reject)), None)
         if reject is not None:
-            other = next((a for a in actions if isinstance(a, (Keep, FileInto, Vacation))
-                          or (isinstance(a, Redirect) and not a.copy)), None)
+            # anything else that delivers, :copy or not (as Pigeonhole), and a vacation
+            other = next((a for a in actions
+                          if isinstance(a, (Keep, FileInto, Redirect, Vacation))), None)
             if other is not None:
                 raise Fail(f"reject conflicts with {type(other).__name__.lower()}")
         if self.implicit_keep:
-            flags = _split_flags(self.local.get(INTERNAL_FLAGS[1], ""))
+            flags = _split_flags(self.local.get(FLAGS_VAR, ""))
             self.add(Keep(flags))
         if self.discarded and not any(isinstance(a, (Keep, FileInto, Redirect, Reject))
                                       for a in actions):
@@ -634,7 +633,7 @@ class ReturnCmd(Command):
 
 def _flags(flags: StrList | None, r: Run) -> tuple[str, ...]:
     if flags is None:
-        return _split_flags(r.local.get(INTERNAL_FLAGS[1], ""))
+        return _split_flags(r.local.get(FLAGS_VAR, ""))
     return _split_flags(" ".join(flags.get(r)))
 
 
@@ -814,17 +813,29 @@ class IncludeCmd(Command):
                 return
             r.included.add(self.unit)
         saved_local, saved_match = r.local, r.match
-        r.local = {INTERNAL_FLAGS[1]: saved_local.get(INTERNAL_FLAGS[1], "")}
+        r.local = {FLAGS_VAR: saved_local.get(FLAGS_VAR, "")}
         r.match = []
         try:
             run_block(self.unit.block, r)
         except Return:
             pass
         finally:
-            flags = r.local.get(INTERNAL_FLAGS[1], "")
+            flags = r.local.get(FLAGS_VAR, "")
             r.local, r.match = saved_local, saved_match
-            if flags or INTERNAL_FLAGS[1] in saved_local:
-                saved_local[INTERNAL_FLAGS[1]] = flags
+            if flags or FLAGS_VAR in saved_local:
+                saved_local[FLAGS_VAR] = flags
+
+
+class Unresolved(Command):
+    """An include compiled without a loader (a script checked, not meant to run)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, r: Run) -> None:
+        raise Fail(f"include: {self.name!r} was not resolved when the script was compiled")
 
 
 class Noop(Command):
