@@ -16,7 +16,8 @@ from tests.audit.weak_server import WeakServer
 
 NO_OTHERS = ["--smtp-port", "0", "--submission-port", "0", "--submissions-port", "0",
              "--pop3-port", "0", "--pop3s-port", "0", "--imap-port", "0", "--imaps-port", "0"]
-SIEVE_CHECKS = ["managesieve.plaintext-auth", "tls.injection-managesieve", "tls.starttls"]
+SIEVE_CHECKS = ["managesieve.plaintext-auth", "tls.injection-managesieve", "tls.starttls",
+                "disclosure.banner"]
 
 
 def _argv(server: WeakServer, *only: str) -> list[str]:
@@ -63,7 +64,8 @@ async def test_mailfort_with_the_loopback_exception_fails_plaintext_auth(
     tmp_path: Path, server_ssl_context: ssl.SSLContext, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """mailfort's own listener with ``allow_plaintext_auth_on_loopback`` (the audit comes
-    from 127.0.0.1): SASL PLAIN is offered in the clear, and the auditor says so."""
+    from 127.0.0.1): SASL PLAIN is offered in the clear, and the auditor says so; its
+    IMPLEMENTATION names no software."""
     from mailfort.config import LimitsConfig, SieveConfig
     from mailfort.server.managesieve import ManageSieveServer
     from tests.server.test_pop3 import make_authenticator
@@ -75,7 +77,7 @@ async def test_mailfort_with_the_loopback_exception_fails_plaintext_auth(
     await server.start("127.0.0.1", 0)
     try:
         argv = ["127.0.0.1", *NO_OTHERS, "--managesieve-port", str(server.ports[0]), *FAST,
-                "--json", "--only", "managesieve.plaintext-auth"]
+                "--json", "--only", "managesieve.plaintext-auth", "disclosure.banner"]
         code, out, _ = await asyncio.to_thread(run_audit, capsys, argv)
     finally:
         await server.close()
@@ -83,4 +85,7 @@ async def test_mailfort_with_the_loopback_exception_fails_plaintext_auth(
     status, result = _statuses(out)["managesieve.plaintext-auth"]
     assert status == "FAIL" and "SASL PLAIN offered before STARTTLS" in result
     assert "answered with a challenge" in result  # the "" challenge asks for the password
+    banner = next(c for c in json.loads(out)["checks"] if c["id"] == "disclosure.banner")
+    assert banner["status"] == "PASS"
+    assert '< "IMPLEMENTATION" "ManageSieve"' in banner["evidence"]
     assert code == 1

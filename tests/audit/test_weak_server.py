@@ -57,6 +57,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "imap_authenticate_clear": ("imap.plaintext-auth", IMAP),
     "sieve_plaintext_auth": ("managesieve.plaintext-auth", SIEVE),
     "sieve_injection": ("tls.injection-managesieve", SIEVE),
+    "sieve_banner_version": ("disclosure.banner", DISCLOSURE),
 }
 
 

@@ -77,6 +77,7 @@ class Weakness:
     imap_authenticate_clear: bool = False
     sieve_plaintext_auth: bool = False  # ManageSieve: SASL PLAIN and a challenge before TLS
     sieve_injection: bool = False  # ManageSieve: keeps plaintext pipelined with STARTTLS
+    sieve_banner_version: bool = False  # ManageSieve: software and version in IMPLEMENTATION
 
     @classmethod
     def names(cls) -> list[str]:
@@ -536,7 +537,8 @@ class WeakServer:
 
         def caps() -> str:
             sasl = "PLAIN" if tls or w.sieve_plaintext_auth else ""
-            lines = ['"IMPLEMENTATION" "weak"', f'"SASL" "{sasl}"', '"SIEVE" "fileinto"']
+            name = "Cyrus timsieved v2.4.17" if w.sieve_banner_version else "weak"
+            lines = [f'"IMPLEMENTATION" "{name}"', f'"SASL" "{sasl}"', '"SIEVE" "fileinto"']
             if not tls:
                 lines.append('"STARTTLS"')
             return "\r\n".join([*lines, '"VERSION" "1.0"', 'OK "ready"'])
