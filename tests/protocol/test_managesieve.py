@@ -251,6 +251,18 @@ def test_a_refused_command_skips_its_literals() -> None:
     assert out == b'NO "Unexpected space"\r\nOK "Done"\r\n' and not e.closed
 
 
+def test_a_refused_line_never_takes_the_next_command_or_a_literal_with_it() -> None:
+    """An empty line, and a line that meets the length limit at its {N+}: each is refused
+    alone; the literal's octets are skipped, not read as commands."""
+    e = engine(tls=True)
+    _, out = feed(e, b"\r\nNOOP\r\n")
+    assert out == b'NO "Empty command"\r\nOK "Done"\r\n'
+    inner = b"x\r\nLOGOUT\r\nyy"
+    _, out = feed(e, b"NOOP " + b"A" * 8186 + b" {%d+}\r\n" % len(inner) + inner
+                  + b"\r\nNOOP\r\n")
+    assert out == b'NO "Command line too long"\r\nOK "Done"\r\n' and not e.closed
+
+
 def test_bare_line_endings_and_nul_are_refused() -> None:
     e = engine()
     _, out = feed(e, b"NOOP\nNOOP\r\nNO\x00OP\r\nNOOP\rX\r\n")
@@ -279,6 +291,7 @@ COMMANDS = [
     b'HAVESPACE "a" 10', b'SETACTIVE "a"', b'DELETESCRIPT "a"', b'RENAMESCRIPT "a" "b"',
     b'CHECKSCRIPT "keep;"', b"UNAUTHENTICATE", b"{3+}", b"{3}", b'"unterminated', b"x" * 300,
     b"\xff\xfe", b"NOOP \x00", b"", b'NOOP "\\q"', b"NOOP {}",
+    b"NOOP " + b"A" * 8186 + b" {13+}",  # the line limit met at a literal's announcement
 ]
 
 _LINE = re.compile(rb'(OK|NO|BYE)( \([^()\r\n]*( "[^"\r\n]*")?\))?( ".*")?|""|'

@@ -438,10 +438,12 @@ class ManageSieveEngine:
                 return None
             if buf[1] != 0x0A:
                 raise _SyntaxError("Bare CR in command line not allowed")
-            del buf[:2]
-            self._limit_line(2)
+            # Judged before the CRLF is taken: a refused command is skipped through its own
+            # CRLF, never through the next command's.
             if not self._toks:
                 raise _SyntaxError("Empty command")
+            self._limit_line(2)
+            del buf[:2]
             return True
         if c == 0x20:
             if not self._toks or self._space:
@@ -522,8 +524,8 @@ class ManageSieveEngine:
         if not digits or not digits.isdigit():
             raise _SyntaxError("Invalid literal")
         size = int(digits)
+        self._limit_line(end + 3)  # before the {N+} is taken: skipping then skips its octets
         del buf[: end + 3]
-        self._limit_line(end + 3)
         self._start_literal(size)
         return False
 
