@@ -9,7 +9,9 @@ the same input), ``pop3`` (the POP3 engine likewise), ``imap`` (the IMAP command
 the input fed whole and in the fuzzer's chunks gives the same events, memory stays within
 the limits, IDLE and AUTHENTICATE lines taken when the events ask), ``imapd`` (the IMAP
 engine over that reader: every event answered, positively or not; every output line a
-``*``, ``+`` or tagged response), ``address`` (RFC 5321
+``*``, ``+`` or tagged response), ``managesieve`` (the ManageSieve engine: every event
+answered, positively or not; the output a sequence of response lines and ``{N}`` literals;
+the input it holds bounded by its limits), ``address`` (RFC 5321
 paths and ESMTP parameters), ``msa`` (the From:/Message-ID/Date header checks of
 submission), ``config`` (TOML to a validated Config) and ``sieve`` (a Sieve script compiled,
 and when it compiles, run on a message: only SieveError may refuse it, a run never raises
@@ -37,7 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "fuzz_corpus"
 CRASHES = HERE / "fuzz_crashes"
-TARGETS = ("smtp", "pop3", "imap", "imapd", "address", "msa", "config", "sieve")
+TARGETS = ("smtp", "pop3", "imap", "imapd", "managesieve", "address", "msa", "config",
+           "sieve")
 
 
 # ------------------------------------------------------------------------- the targets
@@ -236,6 +239,75 @@ def imapd_target():  # type: ignore[no-untyped-def]
     return one
 
 
+def managesieve_target():  # type: ignore[no-untyped-def]
+    import atheris
+
+    from mailfort.protocol import managesieve as ms
+
+    small = ms.EngineSettings(tls_available=True, max_errors=50, max_script_size=512,
+                              max_discard=4096, sieve_extensions=("fileinto",))
+    bound = 512 + (ms.MAX_ARGS + 1) * ms.MAX_STRING + 600 + 64
+
+    def one(data: bytes) -> None:
+        fdp = atheris.FuzzedDataProvider(data)
+        engine = ms.ManageSieveEngine(
+            small if fdp.ConsumeBool() else
+            ms.EngineSettings(tls_available=True, allow_plaintext=True),
+            tls_active=fdp.ConsumeBool())
+        engine.greet()
+        choices = fdp.ConsumeBytes(16) or b"\0"
+        k = 0
+        out = b""
+        while fdp.remaining_bytes() and not engine.closed:
+            engine.receive(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 600)))
+            while (ev := engine.next_event()) is not None:
+                k += 1
+                c = choices[k % len(choices)]
+                if isinstance(ev, ms.CheckCredentials):
+                    if c % 3 == 0:
+                        engine.credentials_accepted("alice@example.test")
+                    elif c % 3 == 1:
+                        engine.credentials_refused()
+                    else:
+                        engine.credentials_unverifiable()
+                elif isinstance(ev, ms.StartTLS):
+                    engine.tls_started()
+                elif isinstance(ev, ms.Execute):
+                    engine.executed(bool(c & 1), "NONEXISTENT" if c & 2 else "", "done",
+                                    listing=[("a", True)] if c & 4 else None,
+                                    script=b"keep;\r\n" if c & 8 else None)
+            out += engine.take_output()
+            engine.take_hold()
+            if engine.held > bound:
+                raise AssertionError(f"holds {engine.held} octets")
+            if engine.internal_error is not None:
+                raise engine.internal_error
+        _check_managesieve_output(out)
+
+    return one
+
+
+_MS_LINE = re.compile(rb'(OK|NO|BYE)( \([^()\r\n]*( "[^"\r\n]*")?\))?( ".*")?|""|'
+                      rb'"[^"\r\n]*(\\.[^"\r\n]*)*"( ".*"| ACTIVE)?')
+
+
+def _check_managesieve_output(out: bytes) -> None:
+    i = 0
+    while i < len(out):
+        end = out.find(b"\r\n", i)
+        if end < 0:
+            raise AssertionError(f"reply without CRLF: {out[i:i + 80]!r}")
+        line, i = out[i:end], end + 2
+        lit = re.fullmatch(rb"\{(\d+)\}", line)
+        if lit:
+            i += int(lit.group(1))
+            if out[i:i + 2] != b"\r\n":
+                raise AssertionError("literal not followed by CRLF")
+            i += 2
+        elif not _MS_LINE.fullmatch(line):
+            raise AssertionError(f"not a response: {line[:80]!r}")
+
+
 def address_target():  # type: ignore[no-untyped-def]
     import atheris
 
@@ -363,7 +435,7 @@ def sieve_target():  # type: ignore[no-untyped-def]
 
 
 BUILDERS = {"smtp": smtp_target, "pop3": pop3_target, "imap": imap_target,
-            "imapd": imapd_target,
+            "imapd": imapd_target, "managesieve": managesieve_target,
             "address": address_target,
             "msa": msa_target, "config": config_target, "sieve": sieve_target}
 
@@ -383,6 +455,7 @@ def run_one(target: str, seconds: int, extra: list[str]) -> None:
         import mailfort.protocol.address
         import mailfort.protocol.imap
         import mailfort.protocol.imap_parse
+        import mailfort.protocol.managesieve
         import mailfort.protocol.pop3
         import mailfort.protocol.sieve
         import mailfort.protocol.smtp  # noqa: F401

@@ -238,7 +238,7 @@ def write_config(root: Path, ports: dict[str, int], rx_port: int, flush: str,
         "[store]", f'flush = "{flush}"',
         "[limits]", f"max_recipients = {max_recipients}",  # what a reload changes
         "[listen]", *(f'{k} = ["127.0.0.1:{ports[k]}"]' for k in SERVICES),
-        "submissions = []", "pop3s = []",
+        "submissions = []", "pop3s = []", "managesieve = []",
         # A loopback DNS server that refuses everything: lookups (SPF, DMARC, MX) fail at
         # once instead of costing each restarted server a timeout per new domain.
         "[dns]", 'nameservers = ["127.0.0.1"]', f"port = {refusing_dns_port()}",

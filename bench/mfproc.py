@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-OFFSETS = {"mx": 25, "submission": 87, "submissions": 65, "pop3": 10, "pop3s": 95}
+OFFSETS = {"mx": 25, "submission": 87, "submissions": 65, "pop3": 10, "pop3s": 95,
+           "managesieve": 190}
 IMAP_OFFSETS = {"imap": 43, "imaps": 93}  # only with imap=True (bench/imap_bench.py)
 
 # Where benchmark data directories go. Not /tmp: on the test machine, creating a file in a

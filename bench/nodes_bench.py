@@ -58,7 +58,7 @@ def write_config(root: Path, name: str, ip: str, mail_dir: Path, shared: dict[st
              f"data_dir = {json.dumps(str(root / name))}",
              f"mail_dir = {json.dumps(str(mail_dir))}",
              "[listen]", f'mx = ["{ip}:{port}"]', "submission = []", "submissions = []",
-             "pop3 = []", "pop3s = []"]
+             "pop3 = []", "pop3s = []", "managesieve = []"]
     if shared:
         lines += ["[directory]", 'backend = "postgresql"', f"url = {json.dumps(shared['pg'])}",
                   f"password_file = {json.dumps(shared['pw'])}",

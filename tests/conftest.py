@@ -63,6 +63,7 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
             "pop3s": ["127.0.0.1:0"],
             "imap": ["127.0.0.1:0"],
             "imaps": ["127.0.0.1:0"],
+            "managesieve": ["127.0.0.1:0"],
         },
         # Never the system resolver: a test that queues remote mail must not send a DNS
         # query off this machine. This server refuses every query, so lookups fail at once:

@@ -335,7 +335,7 @@ def test_pop3_lease_seconds_defaults_to_30_and_must_cover_its_renewals() -> None
     ({"listen": {"mx": ["127.0.0.1:2525"], "pop3": ["127.0.0.1:2525"]}}, "listen.pop3[0]"),
     ({"listen": {"mx": ["[::]:2525"], "pop3": ["[::1]:2525"]}}, "listen.pop3[0]"),
     ({"listen": {"mx": [], "submission": [], "submissions": [], "pop3": [], "pop3s": [],
-                 "imap": [], "imaps": []}}, "listen"),
+                 "imap": [], "imaps": [], "managesieve": []}}, "listen"),
     ({"server": {"user": "no-such-user-here"}}, "server.user"),
     ({"tls": {"cert_file": "/nonexistent/c.pem", "key_file": "/nonexistent/k.pem"}},
      "tls.cert_file"),

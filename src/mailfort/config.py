@@ -110,6 +110,8 @@ class ListenConfig:
     pop3s: list[str] = field(default_factory=lambda: ["127.0.0.1:2995"])
     imap: list[str] = field(default_factory=lambda: ["127.0.0.1:2143"])
     imaps: list[str] = field(default_factory=lambda: ["127.0.0.1:2993"])
+    # ManageSieve (RFC 5804): 4190 in production, STARTTLS before AUTHENTICATE.
+    managesieve: list[str] = field(default_factory=lambda: ["127.0.0.1:24190"])
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ class LimitsConfig:
     imap_login_timeout: float = 60.0
     imap_timeout: float = 1800.0
     imap_idle_timeout: float = 1800.0
+    # ManageSieve: seconds without a command before login, and once logged in.
+    managesieve_login_timeout: float = 60.0
+    managesieve_timeout: float = 600.0
     # IMAP sessions one user may hold on a node at once; past it LOGIN gets NO [LIMIT].
     imap_sessions_per_user: int = 20
     # The largest message APPEND takes (APPENDLIMIT); larger is refused NO [TOOBIG] before
@@ -673,7 +678,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("limits.max_connection_rate_per_ip: must be 0 (no limit) or more")
     _validate_limit_exceptions(lim.connection_limit_exceptions)
     for k in ("idle_timeout", "session_timeout", "pop3_idle_timeout", "imap_login_timeout",
-              "imap_timeout", "imap_idle_timeout"):
+              "imap_timeout", "imap_idle_timeout", "managesieve_login_timeout",
+              "managesieve_timeout"):
         if getattr(lim, k) <= 0:
             raise ConfigError(f"limits.{k}: must be a positive number of seconds")
     for k in ("imap_sessions_per_user", "imap_append_limit"):
@@ -1090,7 +1096,8 @@ def effective(cfg: Config) -> dict[str, Any]:
 # same words. Only what is known without binding: a port taken by another program shows at
 # serve's bind (server/acceptor.py names the address).
 
-LISTEN_NAMES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+LISTEN_NAMES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+                "managesieve")
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     # extra -> the modules it installs that mailfort imports

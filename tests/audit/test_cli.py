@@ -21,7 +21,8 @@ from tests.dnsserver import free_port_unused
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 NO_PORTS = ["--smtp-port", "0", "--submission-port", "0", "--submissions-port", "0",
-            "--pop3-port", "0", "--pop3s-port", "0", "--imap-port", "0", "--imaps-port", "0"]
+            "--pop3-port", "0", "--pop3s-port", "0", "--imap-port", "0", "--imaps-port", "0",
+            "--managesieve-port", "0"]
 
 
 def test_closed_ports_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,7 +19,8 @@ from tests.conftest import seed_directory
 from tests.dnsserver import DNSServer
 
 SERVICES = {"smtp": "mx", "submission": "submission", "submissions": "submissions",
-            "pop3": "pop3", "pop3s": "pop3s", "imap": "imap", "imaps": "imaps"}
+            "pop3": "pop3", "pop3s": "pop3s", "imap": "imap", "imaps": "imaps",
+            "managesieve": "managesieve"}
 # The checks that speak IMAP only; tls.*, disclosure.banner and limits.liveness speak it
 # among the others.
 IMAP_CHECKS = {"imap.plaintext-auth", "tls.injection-imap", "limits.imap-literal",
@@ -76,6 +77,11 @@ async def test_hardened_mailfort_passes_every_check(
     assert "imap, imaps" in checks["limits.liveness"]["result"]
     assert any(e.startswith(GREETING_993) for e in checks["limits.liveness"]["evidence"])
     assert "< * ID NIL" in checks["disclosure.banner"]["evidence"]
+    # ManageSieve (4190): SASL empty and AUTHENTICATE refused before TLS, nothing injected.
+    assert '< NO (ENCRYPT-NEEDED) "Use STARTTLS before AUTHENTICATE"' in \
+        checks["managesieve.plaintext-auth"]["evidence"]
+    assert "managesieve" in checks["tls.injection-managesieve"]["result"]
+    assert "managesieve" in checks["tls.starttls"]["result"]
     # The server dropped the session after 5 errors: the relay probes reconnected, went on.
     relay = next(c for c in report["checks"] if c["id"] == "relay.open")
     assert any("reconnect: the server ended the session (< 421" in e

@@ -33,7 +33,7 @@ def test_reference_postfix_is_no_open_relay(capsys: pytest.CaptureFixture[str]) 
     code, out, _ = run_audit(capsys, [
         "127.0.0.1", "--smtp-port", str(PORT), "--submission-port", "0",
         "--submissions-port", "0", "--pop3-port", "0", "--pop3s-port", "0",
-        "--imap-port", "0", "--imaps-port", "0",
+        "--imap-port", "0", "--imaps-port", "0", "--managesieve-port", "0",
         "--domain", "example.test", "--user", "alice", "--timeout", "5",
         "--idle-connections", "10", "--resolver", "127.0.0.1:9", "--json"])
     report = json.loads(out)

@@ -19,6 +19,7 @@ DISCLOSURE = ["disclosure"]
 TLS = ["tls", "pop3"]
 IMAP = ["imap", "tls.starttls", "tls.injection-imap", "limits.imap-literal",
         "limits.imap-line", "disclosure.banner"]
+SIEVE = ["managesieve", "tls.starttls", "tls.injection-managesieve"]
 LIMITS = ["limits.long-line", "limits.size", "limits.recipients", "limits.nul"]
 
 CASES: dict[str, tuple[str, list[str]]] = {
@@ -54,6 +55,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "imap_id_version": ("disclosure.banner", IMAP),
     "imap_no_line_limit": ("limits.imap-line", IMAP),
     "imap_authenticate_clear": ("imap.plaintext-auth", IMAP),
+    "sieve_plaintext_auth": ("managesieve.plaintext-auth", SIEVE),
+    "sieve_injection": ("tls.injection-managesieve", SIEVE),
+    "sieve_banner_version": ("disclosure.banner", DISCLOSURE),
 }
 
 

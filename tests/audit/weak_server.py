@@ -75,6 +75,9 @@ class Weakness:
     # LOGINDISABLED, no AUTH= and LOGIN refused before TLS, but AUTHENTICATE PLAIN forgot
     # the rule: it asks for the credentials (+) in the clear
     imap_authenticate_clear: bool = False
+    sieve_plaintext_auth: bool = False  # ManageSieve: SASL PLAIN and a challenge before TLS
+    sieve_injection: bool = False  # ManageSieve: keeps plaintext pipelined with STARTTLS
+    sieve_banner_version: bool = False  # ManageSieve: software and version in IMPLEMENTATION
 
     @classmethod
     def names(cls) -> list[str]:
@@ -132,7 +135,8 @@ class _Conn:
 class WeakServer:
     """SMTP (MX), submission, submissions, POP3, POP3S, IMAP, IMAPS on free loopback ports."""
 
-    ROLES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+    ROLES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+             "managesieve")
 
     def __init__(self, cert: object, weakness: Weakness | None = None,
                  domain: str = "weak.test", users: dict[str, str] | None = None,
@@ -223,6 +227,8 @@ class WeakServer:
                 self._pop3(conn, tls)
             elif role.startswith("imap"):
                 self._imap(conn, tls)
+            elif role == "managesieve":
+                self._sieve(conn)
             else:
                 self._smtp(conn, role, tls)
         except (_Closed, OSError, ssl.SSLError):
@@ -519,6 +525,53 @@ class WeakServer:
                 return
             else:
                 c.send(f"{tag} BAD Unknown command")
+
+
+    # -- ManageSieve ----------------------------------------------------------------------
+
+    def _sieve(self, c: _Conn) -> None:
+        """Just enough ManageSieve (RFC 5804) for the auditor: capabilities, NOOP with a
+        tag, STARTTLS, AUTHENTICATE PLAIN (never accepted), LOGOUT."""
+        w = self.weak
+        tls = False
+
+        def caps() -> str:
+            sasl = "PLAIN" if tls or w.sieve_plaintext_auth else ""
+            name = "Cyrus timsieved v2.4.17" if w.sieve_banner_version else "weak"
+            lines = [f'"IMPLEMENTATION" "{name}"', f'"SASL" "{sasl}"', '"SIEVE" "fileinto"']
+            if not tls:
+                lines.append('"STARTTLS"')
+            return "\r\n".join([*lines, '"VERSION" "1.0"', 'OK "ready"'])
+
+        c.send(caps())
+        while True:
+            raw, _ = c.line(LINE_LIMIT)
+            verb, _, arg = raw.decode("latin-1").partition(" ")
+            verb = verb.upper()
+            if verb == "CAPABILITY":
+                c.send(caps())
+            elif verb == "NOOP":
+                c.send(f"OK (TAG {arg}) \"Done\"" if arg else 'OK "Done"')
+            elif verb == "STARTTLS" and not tls:
+                c.send('OK "Begin TLS"')
+                c.wrap(self.ctx, keep_buffer=w.sieve_injection)
+                tls = True
+                c.send(caps())
+            elif verb == "AUTHENTICATE":
+                if not tls and not w.sieve_plaintext_auth:
+                    c.send('NO (ENCRYPT-NEEDED) "STARTTLS first"')
+                elif " " in arg.strip():
+                    c.send('NO "Authentication failed"')
+                else:
+                    c.send('""')
+                    answer, _ = c.line(LINE_LIMIT)
+                    c.send('NO "Cancelled"' if answer.strip() == b'"*"'
+                           else 'NO "Authentication failed"')
+            elif verb == "LOGOUT":
+                c.send('OK "Bye"')
+                return
+            else:
+                c.send('NO "Unknown command"')
 
 
 def _addr(arg: str) -> str:

@@ -51,7 +51,7 @@ def write(cwd: Path, **tables: dict[str, Any]) -> Path:
                    "workers": 1},
         "listen": {name: [f"127.0.0.1:{free_port()}"]
                    for name in ("mx", "submission", "submissions", "pop3", "pop3s", "imap",
-                                "imaps")},
+                                "imaps", "managesieve")},
     }
     for name, table in tables.items():
         base.setdefault(name, {}).update(table)
@@ -161,7 +161,7 @@ def test_log_file_in_a_missing_directory(tmp_path: Path) -> None:
 def test_every_listener_empty(tmp_path: Path) -> None:
     config = write(tmp_path, listen={name: [] for name in
                                      ("mx", "submission", "submissions", "pop3", "pop3s",
-                                      "imap", "imaps")})
+                                      "imap", "imaps", "managesieve")})
     check_and_serve_refuse(tmp_path, config, "the server would serve nothing")
 
 

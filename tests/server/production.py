@@ -26,7 +26,8 @@ import mailfort
 from mailfort.server import control
 
 SRC = str(Path(mailfort.__file__).resolve().parents[1])
-SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+            "managesieve")
 
 
 _GIVEN: set[int] = set()  # handed out in this run: never twice

@@ -343,7 +343,8 @@ async def test_default_hostname_is_the_machine_and_names_no_software(
     cfg = config_mod.from_dict({"server": {"data_dir": str(tmp_path / "d")},
                                 "listen": {"mx": ["127.0.0.1:0"], "submission": [],
                                            "submissions": [], "pop3": [], "pop3s": [],
-                                           "imap": [], "imaps": []}})
+                                           "imap": [], "imaps": [],
+                                           "managesieve": []}})
     assert cfg.server.hostname == config_mod.default_hostname()
     async with Node(cfg, ssl_context=server_ssl_context) as node:
         def talk() -> tuple[bytes, bytes]:

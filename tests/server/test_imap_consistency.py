@@ -42,7 +42,8 @@ from tests.server.test_workers import SRC, _ports, children, worker_of
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 
 ALICE, ALICE_PW = "alice@example.test", "alice-pw"
-SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+            "managesieve")
 SESSIONS_PER_USER = 6  # limits.imap_sessions_per_user of these nodes
 SEED = int(os.environ.get("MAILFORT_IMAPCHECK_SEED", "28"))  # another run: another seed
 

@@ -166,7 +166,7 @@ def test_with_two_workers_the_policy_is_served_once_per_node(
         "workers = 2\n"
         f'[tls]\ncert_file = "{tmp_path / "cert.pem"}"\nkey_file = "{tmp_path / "key.pem"}"\n'
         '[listen]\nmx = ["127.0.0.1:0"]\nsubmission = []\nsubmissions = []\npop3 = []\n'
-        "pop3s = []\nimap = []\nimaps = []\n"
+        "pop3s = []\nimap = []\nimaps = []\nmanagesieve = []\n"
         f'[mta_sts]\nlisten = "127.0.0.1:{port}"\nmx = ["mx.example.test"]\n')
     log = tmp_path / "serve.log"
     with open(log, "wb") as err:

@@ -48,9 +48,11 @@ ALICE = "alice@example.test"
 PASSWORD = "alice-pw"  # seed_directory's
 SRC = Path(mailfort.__file__).resolve().parents[1]  # the tree under test, not an install
 START_TIMEOUT = 60.0
-TLS_PORTS = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+TLS_PORTS = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+             "managesieve")
 # The others: implicit TLS.
-STARTTLS = {"mx": "smtp", "submission": "smtp", "pop3": "pop3", "imap": "imap"}
+STARTTLS = {"mx": "smtp", "submission": "smtp", "pop3": "pop3", "imap": "imap",
+            "managesieve": "managesieve"}
 WEAK = "@SECLEVEL=0:ALL"  # lets this OpenSSL offer TLS 1.0/1.1 and every old suite class
 
 
@@ -276,6 +278,11 @@ def _handshake(port_name: str, port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
                 assert f.readline().startswith(b"* OK")
                 sock.sendall(b"t STARTTLS\r\n")
                 assert f.readline().startswith(b"t OK")
+            elif kind == "managesieve":
+                while not f.readline().startswith(b"OK"):  # capabilities, then OK
+                    pass
+                sock.sendall(b"STARTTLS\r\n")
+                assert f.readline().startswith(b"OK")
         tls = ctx.wrap_socket(sock, server_hostname="localhost")
     except BaseException:
         sock.close()
@@ -292,6 +299,8 @@ def _handshake(port_name: str, port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
                     assert f.readline().startswith(b"* OK")
                 tls.sendall(b"t CAPABILITY\r\n")
                 assert f.readline().startswith(b"* CAPABILITY")
+            elif port_name == "managesieve":  # the capabilities re-sent after TLS
+                assert f.readline().startswith(b'"IMPLEMENTATION"')
             else:
                 if kind is None:
                     assert f.readline().startswith(b"+OK")

@@ -46,7 +46,8 @@ def write_config(root: Path, name: str, directory: dict[str, Any], mail_dir: Pat
              f"data_dir = {_toml(str(root / file))}", f"mail_dir = {_toml(str(mail_dir))}",
              "[listen]"]
     lines += [f"{svc} = {_toml([f'{ip}:0'])}"
-              for svc in ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")]
+              for svc in ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+                          "managesieve")]
     lines += ["[dns]", 'nameservers = ["127.0.0.1"]', f"port = {refusing_dns_port()}",
               "[directory]"]
     lines += [f"{k} = {_toml(v)}" for k, v in directory.items()]

@@ -45,7 +45,7 @@ def write_config(root: Path, name: str, directory: dict[str, Any], redis_url: st
              "allow_plaintext_auth_on_loopback = true",
              "[listen]", f"mx = [\"{ip}:{ports['mx']}\"]", f"pop3 = [\"{ip}:{ports['pop3']}\"]",
              "submission = []", "submissions = []", "pop3s = []",
-             "imap = []", "imaps = []",
+             "imap = []", "imaps = []", "managesieve = []",
              "[dns]", 'nameservers = ["127.0.0.1"]', f"port = {refusing_dns_port()}",
              "timeout = 1.0", "[counters]", 'backend = "redis"', f"url = {_toml(redis_url)}",
              f"pop3_lease_seconds = {LEASE}", "[directory]"]

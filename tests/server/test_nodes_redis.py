@@ -87,7 +87,8 @@ async def make_cluster(tmp_path: Path, redis_server: Any, server_ssl_context: ss
             nodes = []
             for i, ip in enumerate(NODES):
                 listen = {name: [f"{ip}:0"] for name in
-                          ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")}
+                          ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+                           "managesieve")}
                 server = {"mail_dir": str(tmp_path / "shared-mail")} if shared_mail else {}
                 cfg = make_config(tmp_path / f"node{i}", listen=listen,
                                   counters={"backend": "redis", "url": redis_server.url},

@@ -602,7 +602,7 @@ async def test_queue_entry_survives_sigkill_and_is_delivered_after_restart(
         f'key_file = "{tmp_path / "key.pem"}"\n'
         "[listen]\n"
         f'mx = []\nsubmission = ["127.0.0.1:{port}"]\nsubmissions = []\npop3 = []\npop3s = []\n'
-        "imap = []\nimaps = []\n"
+        "imap = []\nimaps = []\nmanagesieve = []\n"
         "[dns]\n"
         f'nameservers = ["127.0.0.1"]\nport = {dns_server.port}\ntimeout = 1.0\n'
         "[queue]\n"
@@ -689,7 +689,7 @@ async def test_mail_queued_on_any_worker_is_delivered_once_and_at_once(
         f'data_dir = "{tmp_path / "data"}"\nworkers = 2\n'
         f'[tls]\ncert_file = "{tmp_path / "cert.pem"}"\nkey_file = "{tmp_path / "key.pem"}"\n'
         f'[listen]\nmx = []\nsubmission = ["127.0.0.1:{port}"]\nsubmissions = []\n'
-        "pop3 = []\npop3s = []\nimap = []\nimaps = []\n"
+        "pop3 = []\npop3s = []\nimap = []\nimaps = []\nmanagesieve = []\n"
         f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_server.port}\ntimeout = 1.0\n'
         f"[queue]\nmx_port = {receiver.port}\ninitial_retry = 0.2\nmax_retry = 0.5\n"
         "connect_timeout = 2.0\n"

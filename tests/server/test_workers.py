@@ -50,7 +50,8 @@ pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="need
 
 SRC = Path(mailfort.__file__).resolve().parents[1]
 ALICE, BOB = "alice@example.test", "bob@example.test"
-SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+SERVICES = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+            "managesieve")
 BLOCK_AFTER = 4  # auth.block_after_failures in these nodes
 PER_HOUR = 2  # submission.messages_per_hour
 PER_IP = 8  # limits.max_connections_per_ip

@@ -12,6 +12,7 @@ transcript (trimmed) that becomes the check's evidence.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import ssl
 import time
@@ -241,6 +242,31 @@ class RawClient:
         self.send(f"{tag} {line}\r\n".encode("latin-1"))
         return self.tagged(tag, timeout)
 
+    # -- ManageSieve ------------------------------------------------------------------
+
+    def sieve(self, timeout: float | None = None, *,
+              challenge: bool = False) -> tuple[str, list[str]]:
+        """One ManageSieve response (RFC 5804): the data lines (capabilities) up to the
+        line that starts with OK, NO or BYE: (that word, the data lines). With
+        ``challenge`` (after AUTHENTICATE), a first line that is a lone string (quoted or
+        ``{N}``) is a SASL challenge and comes back as status ``""``: the server waits for
+        the client's response. One deadline, at most MAX_LINES lines."""
+        deadline = self._until(timeout)
+        data: list[str] = []
+        for _ in range(MAX_LINES):
+            text = self.read_line(deadline=deadline).decode("latin-1")
+            self.transcript.append("< " + trim(text))
+            word = text.partition(" ")[0].upper()
+            if word in ("OK", "NO", "BYE"):
+                return word, data
+            lone = (text.startswith('"') and text.rstrip().endswith('"')
+                    and text.count('"') == 2) or bool(re.fullmatch(r"\{\d+\+?\}", text))
+            if challenge and lone and not data:
+                return '""', [text]
+            data.append(text)
+        self.close()
+        raise NoReply(f"more than {MAX_LINES} lines before a ManageSieve status")
+
     # -- TLS and end ------------------------------------------------------------------
 
     def starttls(self, ctx: ssl.SSLContext | None = None) -> ssl.SSLSocket:
@@ -264,11 +290,15 @@ class RawClient:
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    def quit(self, pop3: bool = False, imap: bool = False) -> None:
-        """QUIT (IMAP: LOGOUT) politely when possible, then close; never raises."""
+    def quit(self, pop3: bool = False, imap: bool = False, sieve: bool = False) -> None:
+        """QUIT (IMAP, ManageSieve: LOGOUT) politely when possible, then close; never
+        raises."""
         if not self.closed:
             try:
-                if imap:
+                if sieve:
+                    self.send(b"LOGOUT\r\n")
+                    self.sieve(min(self.timeout, 2.0))
+                elif imap:
                     self.imap("Z", "LOGOUT", min(self.timeout, 2.0))
                 else:
                     self.send(b"QUIT\r\n")

@@ -14,6 +14,7 @@ from mailfort.audit.registry import inconclusive, skip
 SMTP_SERVICES = ("smtp", "submission", "submissions")
 POP3_SERVICES = ("pop3", "pop3s")
 IMAP_SERVICES = ("imap", "imaps")
+MANAGESIEVE_SERVICES = ("managesieve",)
 IMPLICIT_TLS = ("submissions", "pop3s", "imaps")
 EHLO_NAME = "audit.mailfort.invalid"
 
@@ -146,6 +147,17 @@ class Context:
                                text=greeting[:80])
         return c
 
+    def managesieve(self, service: str = "managesieve") -> tuple[RawClient, dict[str, str]]:
+        """A connection whose greeting (capabilities, then OK) is read; BYE (a refused
+        session) is INCONCLUSIVE."""
+        c = self.connect(service)
+        try:
+            caps = sieve_greeting(c, service)
+        except BaseException:
+            c.close()
+            raise
+        return c, caps
+
     @contextlib.contextmanager
     def session(self, service: str, **kw: bool | str) -> Iterator[tuple[RawClient, list[str]]]:
         c, lines = self.smtp(service, **kw)
@@ -192,6 +204,25 @@ def imap_capabilities(c: RawClient) -> list[str]:
         if ln.upper().startswith(head):
             words += ln[len(head):].upper().split()
     return words
+
+
+def sieve_capabilities(lines: list[str]) -> dict[str, str]:
+    """ManageSieve capability lines (``"NAME" "value"``) as {NAME upper-cased: value}."""
+    caps: dict[str, str] = {}
+    for ln in lines:
+        parts = ln.split('"')
+        if len(parts) >= 3 and parts[0] == "":
+            caps[parts[1].upper()] = parts[3] if len(parts) >= 5 else ""
+    return caps
+
+
+def sieve_greeting(c: RawClient, service: str = "managesieve") -> dict[str, str]:
+    """Read the ManageSieve greeting: its capabilities (a BYE: INCONCLUSIVE)."""
+    status, lines = c.sieve()
+    if status != "OK":
+        raise inconclusive("greeting.refused", service=service, code=status,
+                           text=" ".join(lines)[:80])
+    return sieve_capabilities(lines)
 
 
 def has_ext(ehlo_lines: list[str], keyword: str) -> bool:

@@ -14,7 +14,7 @@ from mailfort.audit.context import Target
 from mailfort.audit.registry import all_checks
 
 DESCRIPTION = """\
-Check a mail server (SMTP, POP3, IMAP) from the outside for every weakness mailfort
+Check a mail server (SMTP, POP3, IMAP, ManageSieve) from the outside for every weakness mailfort
 closes (open relay, unauthenticated submission, backscatter, plaintext, VRFY/EXPN, limits,
 smuggling, DNS) and say how to fix each finding.
 
@@ -44,7 +44,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("host", nargs="?", help="the server to audit (name or address)")
     ports = p.add_argument_group("ports (0 skips a service)")
     for name, default in (("smtp", 25), ("submission", 587), ("submissions", 465),
-                          ("pop3", 110), ("pop3s", 995), ("imap", 143), ("imaps", 993)):
+                          ("pop3", 110), ("pop3s", 995), ("imap", 143), ("imaps", 993),
+                          ("managesieve", 4190)):
         ports.add_argument(f"--{name}-port", type=int, default=default, metavar="PORT")
     p.add_argument("--domain", help="a local domain of the server")
     p.add_argument("--user", help="a known local part at --domain (the control recipient)")
@@ -94,7 +95,7 @@ def _target(args: argparse.Namespace) -> Target:
         host=args.host,
         ports={s: getattr(args, f"{s}_port") or None
                for s in ("smtp", "submission", "submissions", "pop3", "pop3s", "imap",
-                         "imaps")},
+                         "imaps", "managesieve")},
         domain=args.domain.lower().rstrip(".") if args.domain else None,
         user=args.user, auth_user=args.auth_user, auth_password=password,
         foreign_domain=args.foreign_domain, timeout=args.timeout,

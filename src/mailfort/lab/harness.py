@@ -125,9 +125,10 @@ class Side:
 
 def _config(side: Side, routes: dict[str, dict[str, Any]], dns_port: int) -> Config:
     listen = {name: [f"{LOOPBACK}:0"] for name in
-              ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")}
-    if side.legacy:  # one door: no submission ports, no implicit TLS
-        listen.update(submission=[], submissions=[], pop3s=[], imaps=[])
+              ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+               "managesieve")}
+    if side.legacy:  # one door: no submission ports, no implicit TLS, no ManageSieve
+        listen.update(submission=[], submissions=[], pop3s=[], imaps=[], managesieve=[])
     raw: dict[str, Any] = {
         "server": {"hostname": f"mx.{side.name}.{DOMAIN}", "data_dir": str(side.root / "data")},
         "store": {"flush": "fsync"},  # a shared disk: flush only our own files

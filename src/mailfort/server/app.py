@@ -33,6 +33,7 @@ from mailfort.queue.worker import DeliveryWorker, maildir_deliverer
 from mailfort.server.connections import ConnectionLimiter, SharedConnectionLimiter
 from mailfort.server.imap import IMAPServer, SharedUserSessions, UserSessions
 from mailfort.server.mailbox_watch import MailboxWatcher
+from mailfort.server.managesieve import ManageSieveServer
 from mailfort.server.milters import Milters, processes
 from mailfort.server.mtasts_http import PolicyServer
 from mailfort.server.node_plan import (
@@ -148,6 +149,7 @@ class Node:
         self.services: dict[str, SMTPService] = {}
         self.pop3: dict[str, POP3Server] = {}
         self.imap: dict[str, IMAPServer] = {}
+        self.managesieve: dict[str, ManageSieveServer] = {}
         # The IMAP sessions per user, shared by its IMAP listeners (which share ``watcher``
         # too): this process's, or in a worker process the node's (server/supervisor.py).
         self.imap_users: UserSessions | SharedUserSessions = UserSessions(
@@ -268,6 +270,16 @@ class Node:
                     imap.settings = imap.loopback_settings = self.profile.imap_settings(
                         imap.settings)
                 continue
+            if plan.engine == "managesieve":
+                self.managesieve[plan.name] = ManageSieveServer(
+                    ssl_context=self.ssl_context,
+                    authenticator=self.authenticator,
+                    mail_dir=self.cfg.mail_path,
+                    limits=self.cfg.limits,
+                    sieve_config=self.cfg.sieve,
+                    allow_plaintext=plain,
+                )
+                continue
             pop = self.pop3[plan.name] = POP3Server(
                 ssl_context=self.ssl_context,
                 authenticator=self.authenticator,
@@ -281,8 +293,8 @@ class Node:
             pop.changed = self.watcher.changed
             if self.profile.pop3_settings is not None:  # server/profile.py
                 pop.settings = pop.loopback_settings = self.profile.pop3_settings(pop.settings)
-        listeners: dict[str, SMTPService | POP3Server | IMAPServer] = {
-            **self.services, **self.pop3, **self.imap}
+        listeners: dict[str, SMTPService | POP3Server | IMAPServer | ManageSieveServer] = {
+            **self.services, **self.pop3, **self.imap, **self.managesieve}
         for name, service in listeners.items():
             service.limiter = self.limiter  # type: ignore[assignment]
             service.stress = self.stress
@@ -350,6 +362,8 @@ class Node:
             await pop.close()
         for imap in self.imap.values():
             await imap.close()
+        for sieve in self.managesieve.values():
+            await sieve.close()
         if self.mta_sts is not None:
             await self.mta_sts.close()
         await self._stop_delivery()

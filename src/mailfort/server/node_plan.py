@@ -27,8 +27,9 @@ Start::
                             stress guard, inbound_policy, and the
                             profile's seams (server/profile.py)
     9 engines      user     LISTENERS in order: SMTP (server/smtp), Node.start
-                            POP3 (server/pop3) and IMAP
-                            (server/imap) over those parts
+                            POP3 (server/pop3), IMAP
+                            (server/imap) and ManageSieve
+                            (server/managesieve) over those parts
     10 delivery    user     MTA-STS policy listener, queue owner    Node.start
                             lock, delivery worker (once per node:
                             the primary worker)
@@ -83,7 +84,7 @@ class ListenerPlan:
     """One row of the node's services: a ``[listen]`` key and how its engine is set."""
 
     name: str  # the [listen] key (addresses), the metrics and log name
-    engine: str  # "smtp", "pop3" or "imap"
+    engine: str  # "smtp", "pop3", "imap" or "managesieve"
     implicit_tls: bool = False  # TLS from the first octet (465, 995, 993)
     auth: bool = False  # SMTP: AUTH offered and required before MAIL (submission)
     plaintext_on_loopback: bool = False  # server.allow_plaintext_auth_on_loopback applies
@@ -99,6 +100,7 @@ LISTENERS: tuple[ListenerPlan, ...] = (
     ListenerPlan("pop3s", "pop3", implicit_tls=True, plaintext_on_loopback=True),
     ListenerPlan("imap", "imap", plaintext_on_loopback=True),
     ListenerPlan("imaps", "imap", implicit_tls=True, plaintext_on_loopback=True),
+    ListenerPlan("managesieve", "managesieve", plaintext_on_loopback=True),
 )
 
 

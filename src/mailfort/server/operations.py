@@ -125,7 +125,8 @@ def listener_addresses(node: Node) -> dict[str, list[str]]:
 
 
 def sessions_open(node: Node) -> dict[str, int]:
-    services: dict[str, Any] = {**node.services, **node.pop3, **node.imap}
+    services: dict[str, Any] = {**node.services, **node.pop3, **node.imap,
+                                **node.managesieve}
     return {name: len(svc.sessions) for name, svc in services.items()}
 
 

@@ -28,7 +28,8 @@ from mailfort.config import Config, ConfigError, service_ids
 log = logging.getLogger("mailfort")
 
 PRIVILEGED_BELOW = 1024
-LISTEN_KEYS = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+LISTEN_KEYS = ("mx", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+               "managesieve")
 
 
 class PrivilegeError(RuntimeError):

@@ -261,7 +261,8 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
 
 
 def _listeners(node: Node) -> list[Listener]:
-    return [*node.services.values(), *node.pop3.values(), *node.imap.values()]
+    return [*node.services.values(), *node.pop3.values(), *node.imap.values(),
+            *node.managesieve.values()]
 
 
 def stop_accepting(node: Node) -> None:

@@ -171,6 +171,25 @@ CHECKS: dict[str, dict[str, str]] = {
         "fix": "Discard everything buffered when STARTTLS is answered.",
         "postfix": "Postfix does not serve IMAP: upgrade the IMAP server.",
     },
+    "managesieve.plaintext-auth": {
+        "title": "ManageSieve AUTHENTICATE before TLS",
+        "why": "A ManageSieve server (4190, RFC 5804) that lists SASL mechanisms before "
+               "STARTTLS, or answers AUTHENTICATE there with a challenge, lets the mail "
+               "client's Sieve editor send the mailbox password in plaintext.",
+        "fix": "Before STARTTLS send an empty SASL capability with STARTTLS, and refuse "
+               "AUTHENTICATE with NO (ENCRYPT-NEEDED) before any challenge.",
+        "postfix": "Postfix does not serve ManageSieve: in the Sieve server disable plaintext "
+                   "auth without TLS (for Dovecot's Pigeonhole, disable_plaintext_auth = yes / "
+                   "auth_allow_cleartext = no).",
+    },
+    "tls.injection-managesieve": {
+        "title": "STARTTLS command injection (ManageSieve)",
+        "why": "The same injection as for SMTP: plaintext commands pipelined with STARTTLS "
+               "executed inside TLS, where they act for the user who logs in next (a "
+               "PUTSCRIPT could install a redirect of all mail).",
+        "fix": "Discard everything buffered when STARTTLS is answered.",
+        "postfix": "Postfix does not serve ManageSieve: upgrade the ManageSieve server.",
+    },
     "limits.imap-literal": {
         "title": "IMAP literal limit (BOF)",
         "why": "An IMAP literal announces its size ({4294967295}) before its bytes: a server "
@@ -342,6 +361,11 @@ NOTES: dict[str, str] = {
                               "password was taken in the clear",
     "imap.why.authenticate": "AUTHENTICATE PLAIN before STARTTLS answered + (it asks for "
                              "the credentials in the clear)",
+    "sieve.cleartext": "a password can be sent in the clear: {what}",
+    "sieve.refused": "no SASL mechanism before STARTTLS, AUTHENTICATE refused",
+    "sieve.why.sasl": "SASL {mechs} offered before STARTTLS",
+    "sieve.why.authenticate": "AUTHENTICATE PLAIN before STARTTLS answered with a challenge "
+                              "(it asks for the credentials in the clear)",
     "literal.continued": "{service} answered + to a {n}-octet literal: it would read it",
     "literal.silent": "{service} neither refused nor continued a 4 GiB literal: it may be "
                       "waiting for its bytes",

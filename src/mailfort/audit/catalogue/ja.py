@@ -161,6 +161,24 @@ CHECKS: dict[str, dict[str, str]] = {
         "fix": "STARTTLS に応答する時点で受信済みのデータをすべて捨てる。",
         "postfix": "Postfix は IMAP を提供しない。IMAP サーバを更新する。",
     },
+    "managesieve.plaintext-auth": {
+        "title": "TLS 前の ManageSieve AUTHENTICATE",
+        "why": "STARTTLS 前に SASL の方式を提示する、または AUTHENTICATE にチャレンジで応じる "
+               "ManageSieve サーバ(4190 番、RFC 5804)では、メールクライアントの Sieve 編集機能"
+               "がメールボックスのパスワードを平文で送ってしまう。",
+        "fix": "STARTTLS 前は空の SASL と STARTTLS を提示し、AUTHENTICATE にはチャレンジを返す"
+               "前に NO (ENCRYPT-NEEDED) を返す。",
+        "postfix": "Postfix は ManageSieve を提供しない。Sieve サーバで TLS なしの平文認証を無効"
+                   "にする(Dovecot の Pigeonhole なら disable_plaintext_auth = yes / "
+                   "auth_allow_cleartext = no)。",
+    },
+    "tls.injection-managesieve": {
+        "title": "STARTTLS コマンドインジェクション(ManageSieve)",
+        "why": "SMTP と同じく、STARTTLS と一緒に送られた平文コマンドが TLS の中で実行され、"
+               "次にログインした利用者の権限で動く(PUTSCRIPT で全メールの転送を仕込める)。",
+        "fix": "STARTTLS に応答する時点で受信済みのデータをすべて捨てる。",
+        "postfix": "Postfix は ManageSieve を提供しない。ManageSieve サーバを更新する。",
+    },
     "limits.imap-literal": {
         "title": "IMAP のリテラルの上限(BOF)",
         "why": "IMAP のリテラルはバイト列の前に大きさ({4294967295})を宣言する。どんな大きさにも "
@@ -331,6 +349,11 @@ NOTES: dict[str, str] = {
                               "パスワードを平文で受け取った",
     "imap.why.authenticate": "STARTTLS 前の AUTHENTICATE PLAIN に + で応じた(認証情報を平文で"
                              "求める)",
+    "sieve.cleartext": "パスワードを平文で送れる: {what}",
+    "sieve.refused": "STARTTLS 前は SASL の方式がなく、AUTHENTICATE を拒否する",
+    "sieve.why.sasl": "STARTTLS 前に SASL {mechs} を提示",
+    "sieve.why.authenticate": "STARTTLS 前の AUTHENTICATE PLAIN にチャレンジで応じた(認証情報を"
+                              "平文で求める)",
     "literal.continued": "{service} が {n} オクテットのリテラルに + で応じた: 読み込もうとする",
     "literal.silent": "{service} は 4 GiB のリテラルを拒否も継続もしない: バイト列を待っている"
                       "可能性",

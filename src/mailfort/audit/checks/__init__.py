@@ -5,6 +5,7 @@ from mailfort.audit.checks import (  # noqa: F401
     dnschecks,
     imap,
     limits,
+    managesieve,
     pop3,
     relay,
     smuggling,

@@ -8,6 +8,7 @@ from mailfort.audit.checks.common import unknown_local
 from mailfort.audit.client import ProbeError, RawClient
 from mailfort.audit.context import (
     IMAP_SERVICES,
+    MANAGESIEVE_SERVICES,
     POP3_SERVICES,
     SMTP_SERVICES,
     Context,
@@ -83,6 +84,17 @@ def _imap_texts(c: RawClient, service: str) -> list[tuple[str, str]]:
     return seen
 
 
+def _sieve_texts(c: RawClient, service: str) -> list[tuple[str, str]]:
+    """ManageSieve's IMPLEMENTATION capability (RFC 5804 §1.7 asks for a name and version;
+    a server need not give its real ones) and the answer to an unknown command."""
+    _, lines = c.sieve()
+    seen = [(f"{service} IMPLEMENTATION", ln) for ln in lines
+            if ln.upper().startswith('"IMPLEMENTATION"')]
+    c.send(b"XYZZY\r\n")
+    _, lines = c.sieve()
+    return seen + [(f"{service} XYZZY", ln.removeprefix("< ")) for ln in c.transcript[-1:]]
+
+
 ID_NAME = ("name", "vendor", "os")  # RFC 2971 §3.3 fields that name software
 ID_VERSION = ("version", "os-version", "date")  # and those that date it
 
@@ -111,6 +123,7 @@ def _find(where: str, text: str) -> tuple[str | None, str | None]:
 _READERS = (
     (SMTP_SERVICES, _smtp_texts, {}),
     (POP3_SERVICES, _pop3_texts, {"pop3": True}),
+    (MANAGESIEVE_SERVICES, _sieve_texts, {"sieve": True}),
     (IMAP_SERVICES, _imap_texts, {"imap": True}),
 )
 

@@ -18,6 +18,7 @@ from mailfort.audit.context import (
     has_ext,
     imap_capabilities,
     imap_greeting,
+    sieve_greeting,
     smtp_greeting,
 )
 from mailfort.audit.registry import (
@@ -34,7 +35,8 @@ from mailfort.audit.registry import (
     skip,
 )
 
-TLS_SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+TLS_SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps",
+                "managesieve")
 OLD_VERSIONS = (("TLS 1.0", ssl.TLSVersion.TLSv1), ("TLS 1.1", ssl.TLSVersion.TLSv1_1))
 WEAK_CLASSES = (("NULL", "eNULL"), ("anonymous", "aNULL"), ("EXPORT", "EXPORT"),
                 ("RC4", "RC4"), ("3DES", "3DES"))
@@ -57,6 +59,13 @@ def ask_tls(c: RawClient, service: str, pipelined: bytes = b"") -> None:
         c.send(b"STLS\r\n" + pipelined)
         if not c.status()[0]:
             raise ProbeError("STLS refused")
+    elif service == "managesieve":
+        if "STARTTLS" not in sieve_greeting(c, service):
+            raise NoTLS(service)
+        c.send(b"STARTTLS\r\n" + pipelined)
+        status, _ = c.sieve()
+        if status != "OK":
+            raise ProbeError(f"STARTTLS answered {status}")
     elif service.startswith("imap"):
         if not imap_greeting(c).upper().startswith("* OK"):
             raise ProbeError("IMAP greeting is not * OK")
@@ -144,7 +153,7 @@ def _untested(ctx: Context) -> Stop | None:
 def starttls_offered(ctx: Context) -> Verdict:
     missing, ok = [], []
     untested: Stop | None = None
-    services = ("smtp", "submission", "submissions", "imap", "imaps")
+    services = ("smtp", "submission", "submissions", "imap", "imaps", "managesieve")
     found = [s for s in services if s in ctx.open_ports]
     if not found:
         raise skip("port.none-of", services=", ".join(services))
@@ -315,7 +324,11 @@ def _injected(ctx: Context, service: str) -> bool | None:
     QUIT's: two means the server executed the plaintext NOOP inside the TLS session. A
     reply is counted however late it comes; a QUIT not answered in time is INCONCLUSIVE.
     IMAP counts tagged replies (``N``, ``M``) up to a ``Z LOGOUT`` marker the same way.
+    ManageSieve pipelines ``NOOP "mailfort-injected"``: a reply carrying that tag
+    (``OK (TAG "mailfort-injected")``, RFC 5804 §2.15) proves it ran inside TLS.
     """
+    if service == "managesieve":
+        return _sieve_injected(ctx, service)
     pop3, imap = service.startswith("pop3"), service.startswith("imap")
     c = ctx.raw(ctx.port(service))
     try:
@@ -334,6 +347,47 @@ def _injected(ctx: Context, service: str) -> bool | None:
                            error=str(exc)) from exc
     except ProbeError:
         return False  # the server refused the pipelined input or dropped us
+    finally:
+        c.close()
+
+
+def _sieve_injected(ctx: Context, service: str) -> bool | None:
+    """``_injected`` for ManageSieve: after the handshake, the capabilities the server
+    re-sends (RFC 5804 §2.2), then our own ``NOOP "mailfort-tls"`` and LOGOUT; every status
+    line up to the close that follows LOGOUT is read. The injected NOOP shows by its tag; a
+    server that echoes no tags gives itself away by one status line too many (three where
+    NOOP and LOGOUT make two)."""
+    c = ctx.raw(ctx.port(service))
+    try:
+        try:
+            ask_tls(c, service, b'NOOP "mailfort-injected"\r\n')
+        except NoTLS:
+            return None
+        c.buf = b""
+        c.starttls()
+        c.sieve()  # the capabilities re-sent after the handshake
+        c.send(b'NOOP "mailfort-tls"\r\nLOGOUT\r\n')
+        seen: list[str] = []
+        try:
+            for _ in range(4):
+                c.sieve()
+                seen.append(c.transcript[-1])
+                if "mailfort-tls" in seen[-1]:
+                    c.sieve()  # LOGOUT's: nothing after it is counted
+                    break
+        except NoReply:
+            if not seen:
+                raise
+        except ProbeError:  # the close after LOGOUT ends the count
+            pass
+        if any("mailfort-injected" in s for s in seen):
+            return True
+        return not any("mailfort-tls" in s for s in seen) and len(seen) >= 3
+    except NoReply as exc:
+        raise inconclusive("replies.uncounted", what=f"{service}: the pipelined NOOP",
+                           error=str(exc)) from exc
+    except ProbeError:
+        return False
     finally:
         c.close()
 
@@ -380,6 +434,11 @@ def injection_pop3(ctx: Context) -> Verdict:
 @check("tls.injection-imap", "4", order=46)
 def injection_imap(ctx: Context) -> Verdict:
     return _injection(ctx, ("imap",))
+
+
+@check("tls.injection-managesieve", "4", order=46)
+def injection_managesieve(ctx: Context) -> Verdict:
+    return _injection(ctx, ("managesieve",))
 
 
 @check("tls.pop3-stls", "4", order=40)
