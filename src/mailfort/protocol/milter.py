@@ -15,10 +15,13 @@ beyond one packet), and so is any malformed, unknown, unsolicited or un-negotiat
 an error the session is dead: further input is ignored, nothing raises.
 
 The order of a message (``Step``): OPTNEG, CONNECT, HELO, MAIL, RCPT…, DATA, HEADER…, EOH,
-BODY…, EOM, then ABORT (next message) or QUIT. The filter's ``SMFIP_NO*`` flags skip steps (the
-encoder returns nothing for them), its ``SMFIP_NR_*`` flags say a step gets no reply; the MTA
-offers only the actions it will honour (``OFFERED_ACTIONS``), and a modification the filter
-did not negotiate is a protocol error, not a silent change of the message.
+BODY…, EOM, then ABORT (next message), QUIT, or QUIT_NC (``new_connection``: the filter forgets
+the SMTP client and the next CONNECT starts another on the same filter connection, without a
+new OPTNEG). The filter's ``SMFIP_NO*`` flags skip steps (the encoder returns nothing for them),
+its ``SMFIP_NR_*`` flags say a step gets no reply: the driver may then send the steps up to the
+next one that is answered in one write. The MTA offers only the actions it will honour
+(``OFFERED_ACTIONS``), and a modification the filter did not negotiate is a protocol error, not
+a silent change of the message.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class Step(enum.Enum):
 _ORDER = [Step.OPTNEG, Step.CONNECT, Step.HELO, Step.MAIL, Step.RCPT, Step.DATA, Step.HEADER,
           Step.EOH, Step.BODY, Step.EOM]
 _REPEATS = {Step.RCPT, Step.HEADER, Step.BODY}
-_MACRO, _ABORT, _QUIT = b"D", b"A", b"Q"
+_MACRO, _ABORT, _QUIT, _QUIT_NC = b"D", b"A", b"Q", b"K"
 
 # ---------------------------------------------------------------------------- replies
 
@@ -438,7 +441,7 @@ def encode_body(chunk: bytes) -> bytes:
 
 
 def encode_simple(command: bytes) -> bytes:
-    """DATA (T), EOH (N), EOM (E), ABORT (A), QUIT (Q): no data."""
+    """DATA (T), EOH (N), EOM (E), ABORT (A), QUIT (Q), QUIT_NC (K): no data."""
     return packet(command)
 
 
@@ -514,7 +517,7 @@ class MilterSession:
         return self._send(Step.EOH, encode_simple(b"N"), macros)
 
     def body(self, chunk: bytes) -> bytes:
-        if self.skip_body:
+        if self.skip_body or self.skips(Step.BODY):
             self._advance(Step.BODY)
             return b""
         return self._send(Step.BODY, encode_body(chunk), None)
@@ -531,6 +534,17 @@ class MilterSession:
     def quit(self) -> bytes:
         self._awaiting = None
         return encode_simple(_QUIT)
+
+    def new_connection(self) -> bytes:
+        """QUIT_NC after a finished message: the filter closes its view of this SMTP client
+        and keeps the milter connection (and what OPTNEG settled) for a CONNECT of another.
+        Only after EOM: Sendmail's libmilter accepts it there and ignores it (and then the
+        CONNECT after it) anywhere else."""
+        self._check_idle()
+        if self._step is not Step.EOM:
+            raise RuntimeError(f"QUIT_NC after {self._step.name if self._step else 'nothing'}")
+        self._step = Step.OPTNEG
+        return encode_simple(_QUIT_NC)
 
     # -- replies
 
