@@ -87,6 +87,8 @@ def main() -> int:
     ap.add_argument("--baseline", help="another checkout's src directory, measured in turn")
     ap.add_argument("--strace", action="store_true", help="count mailfort's system calls")
     ap.add_argument("--py-spy", dest="pyspy", help="write a py-spy raw profile here")
+    ap.add_argument("--reuse", default="always", choices=("always", "continue", "never"),
+                    help="[[milter]] reuse of this checkout (not given to --baseline)")
     args = ap.parse_args()
     if os.geteuid() != 0 or shutil.which("rspamd") is None or not shutil.which("smtp-source"):
         print("needs root, rspamd and smtp-source (see milter_bench.py)", file=sys.stderr)
@@ -103,9 +105,11 @@ def main() -> int:
         servers = {}
         for (name, source), base in zip(sources.items(), PORT_BASES, strict=False):
             (root / name).mkdir()
-            mf = MailfortServer(root / name, port_base=base, source=source)
+            mf = MailfortServer(root / name, port_base=base, source=source, imap=True)
+            reuse = f'reuse = "{args.reuse}"\n' if source is None else ""
             mf.config.write_text(mf.config.read_text()
-                                 + f'\n[[milter]]\naddress = "inet:127.0.0.1:{rspamd.port}"\n')
+                                 + f'\n[[milter]]\naddress = "inet:127.0.0.1:{rspamd.port}"\n'
+                                 + reuse)
             mf.start()
             stack.callback(mf.stop)
             load(mf.ports["mx"], args.size, args.sessions, args.messages)  # warm-up

@@ -289,6 +289,66 @@ async def test_slow_filter_gets_on_error(mailfort: NodeFactory,
     assert code == 250 and len(inbox(lax)) == 1  # unfiltered: the operator chose it
 
 
+@contextlib.asynccontextmanager
+async def counting_proxy(upstream: int, commands: list[list[bytes]]) -> AsyncIterator[str]:
+    """A TCP relay to the filter on ``upstream`` that reads the MTA's packets on the way:
+    ``commands`` gets one list of command bytes per connection, however the bytes were cut
+    into segments (an honest count of connections and packets, not of writes)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen: list[bytes] = []
+        commands.append(seen)
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", upstream)
+
+        async def back() -> None:
+            while data := await up_r.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        task = asyncio.create_task(back())
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                command, data = await read_packet(reader)
+                seen.append(command)
+                up_w.write(struct.pack(">I", len(data) + 1) + command + data)
+                await up_w.drain()
+        up_w.close()
+        await asyncio.gather(task, return_exceptions=True)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"inet:127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_no_reply_filter_one_connection_one_write_one_round_trip_per_message(
+        mailfort: NodeFactory) -> None:
+    """A filter that answers only at end of message (as rspamd): its connection is kept
+    for the next SMTP client (QUIT_NC, then CONNECT: no new OPTNEG), the steps it skips are
+    not sent, and each message is one write and one wait for its verdict."""
+    noreply = FilterProcess("noreply").start()
+    commands: list[list[bytes]] = []
+    try:
+        async with counting_proxy(noreply.port, commands) as address:
+            node = await mailfort({"address": address})
+            for n in range(3):  # three SMTP sessions, one message each (as the benchmark)
+                code, _ = await asyncio.to_thread(send, node.port("mx"), letter(f"m{n}"))
+                assert code == 250
+    finally:
+        noreply.stop()
+    assert len(commands) == 1, commands  # one TCP connection to the filter
+    packets = commands[0]
+    assert packets.count(b"O") == 1 and packets.count(b"K") == 2
+    assert packets.count(b"C") == packets.count(b"E") == 3
+    assert not {b"H", b"T", b"N", b"B"} & set(packets)  # negotiated away: not sent
+    stored = sorted(fields(raw, "X-Seen-By")[0] for raw in inbox(node))
+    assert stored == [f"noreply-filter; subject=m{n}; client=127.0.0.1" for n in range(3)]
+    # the writes and waits of the client itself: OPTNEG, then one of each per message
+    assert node.milters is not None
+    client = node.milters.clients[0]
+    assert (client.connections, client.writes, client.round_trips) == (1, 4, 4)
+
+
 # ------------------------------------------------------------------ misbehaving filters
 
 @contextlib.asynccontextmanager
