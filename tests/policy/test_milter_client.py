@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mailfort.policy.milter_client import (
+    MilterClient,
     MilterMessage,
     MilterVerdict,
     check_message,
@@ -35,6 +36,8 @@ def message(body: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def rspamd() -> Iterator[RspamdServer]:
     server = RspamdServer()
+    (server.dir / "local.d" / "settings.conf").write_text(
+        'bad { priority = high; ip = "198.51.100.7"; apply { actions { reject = -100; } } }\n')
     try:
         yield server.start()
     finally:
@@ -57,6 +60,24 @@ def test_rspamd_accepts_a_normal_message_with_its_header(rspamd: RspamdServer,
     names = [mod.name for mod in verdict.modifications
              if isinstance(mod, m.AddHeader | m.ChangeHeader | m.InsertHeader)]
     assert "X-Spamd-Result" in names, verdict.modifications
+
+
+def test_rspamd_takes_the_next_client_on_a_kept_connection(rspamd: RspamdServer) -> None:
+    """QUIT_NC, then the next client's CONNECT on the same connection: rspamd judges each
+    message by its own client (a rule on one address rejects only that client's)."""
+
+    async def go() -> list[str]:
+        client = MilterClient(rspamd.address, reuse="always", max_idle=1)
+        actions = []
+        for ip in ("192.0.2.1", "198.51.100.7", "192.0.2.1"):
+            envelope = MilterMessage("alice@example.org", ["bob@example.net"],
+                                     client_address=ip, helo="client.example.org")
+            actions.append((await client.check(envelope, message(b"hi"))).action)
+        assert (client.connections, client.round_trips) == (1, 4)  # OPTNEG + 3 messages
+        await client.close()
+        return actions
+
+    assert asyncio.run(go()) == ["accept", "reject", "accept"]
 
 
 def test_rspamd_stopped_is_an_error_verdict(rspamd: RspamdServer) -> None:
