@@ -42,7 +42,8 @@ FLUSH_AT = 65536  # octets of unanswered steps gathered before they are written 
 # with CONTINUE: where libmilter takes QUIT_NC), "always" (after any end-of-message reply:
 # for filters that reset on QUIT_NC in any state, as rspamd's proxy does)
 REUSE = ("never", "continue", "always")
-Content = bytes | Path | BinaryIO | Callable[[], BinaryIO]  # a callable: can be read again
+# a callable (returning the message or a file of it) can be read again
+Content = bytes | Path | BinaryIO | Callable[[], bytes | BinaryIO]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +197,9 @@ class _Connection:
         self.round_trips += 1
         events: list[m.Event] = []
         while self.session.awaiting:
-            try:
-                chunk = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+            try:  # a timeout scope, not wait_for: no task per reply
+                async with asyncio.timeout(timeout):
+                    chunk = await self.reader.read(READ_CHUNK)
             except TimeoutError:
                 raise _Stop(MilterVerdict("error", step=step, reason="timeout")) from None
             if not chunk:

@@ -128,7 +128,7 @@ class Milters:
             await client.close()
 
     async def _check(self, entry: MilterConfig, message: MilterMessage,
-                     content: Callable[[], io.BufferedReader]) -> MilterVerdict:
+                     content: Callable[[], bytes | io.IOBase]) -> MilterVerdict:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.slots)
         try:
@@ -156,7 +156,9 @@ class Milters:
                 helo=ctx.helo, macros=_macros(ctx, current_sender))
             start = out.trace.index(b"\r\n") + 2  # after Return-Path: Received is seen
 
-            def content(spool: Spool = out.spool, start: int = start) -> io.BufferedReader:
+            def content(spool: Spool = out.spool, start: int = start) -> bytes | io.IOBase:
+                if spool.size < INLINE_MAX:  # in memory: one piece
+                    return b"".join(spool.chunks(start))
                 return io.BufferedReader(_SpoolReader(spool.chunks(start)))
 
             verdict = await self._check(entry, message, content)
