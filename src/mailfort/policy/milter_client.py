@@ -404,13 +404,18 @@ async def _run(conn: _Connection, msg: MilterMessage, content: bytes | Path | Bi
                              refused_recipients=refused)
     headers, body = split_message(content)
     try:
-        later = [("data", lambda: s.data(macros.get("data")))]
-        if not s.skips(m.Step.HEADER):
-            later += [("header", lambda n=n, v=v: s.header(n, v)) for n, v in headers]
-        later.append(("eoh", lambda: s.end_of_headers(macros.get("eoh"))))
-        for step, command in later:
-            if (verdict := _decided(_final(await send(command(), step)), step)) is not None:
+        if (verdict := _decided(_final(await send(s.data(macros.get("data")), "data")),
+                                "data")) is not None:
+            return _with_refused(verdict, refused)
+        for name, value in headers if not s.skips(m.Step.HEADER) else ():
+            data = s.header(name, value)
+            if not s.awaiting and conn.pending_size < FLUSH_AT:
+                conn.queue(data)  # the common case (rspamd): no reply, nothing to wait for
+            elif (verdict := _decided(_final(await send(data, "header")), "header")):
                 return _with_refused(verdict, refused)
+        if (verdict := _decided(_final(await send(s.end_of_headers(macros.get("eoh")), "eoh")),
+                                "eoh")) is not None:
+            return _with_refused(verdict, refused)
         if not s.skips(m.Step.BODY):  # a filter that wants no body: none is read
             for chunk in body:
                 events = await send(s.body(chunk), "body")

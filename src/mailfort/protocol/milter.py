@@ -30,7 +30,7 @@ import enum
 import itertools
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 VERSION = 6
@@ -304,6 +304,18 @@ _NO_DATA: dict[bytes, Reply] = {
 }
 
 
+_DECODERS: dict[bytes, Callable[[bytes], Reply]] = {
+    b"y": _reply_code,
+    b"q": lambda d: Quarantine(*_strings(d, 1)),
+    b"+": lambda d: AddRecipient(*_strings(d, 1)),
+    b"2": lambda d: AddRecipient(*_strings(d, 2, optional=1)),
+    b"-": lambda d: DeleteRecipient(*_strings(d, 1)),
+    b"e": lambda d: ChangeSender(*_strings(d, 2, optional=1)),
+    b"b": ReplaceBody,
+    b"O": _optneg,
+}
+
+
 def _decode(command: bytes, data: bytes) -> Reply:
     """One reply packet to its event; ``_Malformed`` for anything else."""
     if command in _NO_DATA:
@@ -315,18 +327,9 @@ def _decode(command: bytes, data: bytes) -> Reply:
         return (ChangeHeader if command == b"m" else InsertHeader)(index, *_header(rest))
     if command == b"h":
         return AddHeader(*_header(data))
-    decoders = {
-        b"y": _reply_code,
-        b"q": lambda d: Quarantine(*_strings(d, 1)),
-        b"+": lambda d: AddRecipient(*_strings(d, 1)),
-        b"2": lambda d: AddRecipient(*_strings(d, 2, optional=1)),
-        b"-": lambda d: DeleteRecipient(*_strings(d, 1)),
-        b"e": lambda d: ChangeSender(*_strings(d, 2, optional=1)),
-        b"b": ReplaceBody,
-        b"O": _optneg,
-    }
-    if command in decoders:
-        return decoders[command](data)
+    decoder = _DECODERS.get(command)
+    if decoder is not None:
+        return decoder(data)
     raise _Malformed(f"unknown reply {command!r}")
 
 
