@@ -16,7 +16,8 @@ window (the servers are measured one at a time). Its proxy runs ``--rspamd-worke
 processes (default: one per CPU, as Debian's normal worker).
 
 mailfort: ``bench/mfproc.MailfortServer`` (workers = 1, as run_all.py) with ``[[milter]]
-address = "inet:127.0.0.1:PORT"`` and the defaults (on_error = "tempfail").
+address = "inet:127.0.0.1:PORT"`` and ``reuse = "always"`` (the README's rspamd set-up: its
+connections are kept between messages), the defaults otherwise (on_error = "tempfail").
 
 Postfix: not the shared reference itself (../shared is not to be changed) but a second
 instance built here from its settings: a copy of its main.cf and master.cf in a temporary
@@ -381,7 +382,8 @@ def main() -> int:
         mf = MailfortServer(root / "mf-milter", port_base=MF_MILTER_BASE, workers=args.workers,
                             imap=True)  # its own IMAP ports: two servers side by side
         mf.config.write_text(mf.config.read_text()
-                             + f'\n[[milter]]\naddress = "inet:127.0.0.1:{rspamd.port}"\n')
+                             + f'\n[[milter]]\naddress = "inet:127.0.0.1:{rspamd.port}"\n'
+                             + 'reuse = "always"\n')  # as the README's rspamd set-up
         mf.start()
         stack.callback(mf.stop)
         plain = None

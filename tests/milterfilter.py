@@ -11,6 +11,11 @@ What it does is chosen by the message's Subject, ``milter: ACTION[,ACTION...]``,
 message: headers, body, rcpt (add bob, delete alice, add an outsider), sender, quarantine,
 tempfail, reject, discard, slow (sleeps before answering), macros (reports them in a header).
 ``python3 tests/milterfilter.py PORT`` serves on 127.0.0.1:PORT.
+
+``python3 tests/milterfilter.py PORT noreply`` serves a second filter, shaped as rspamd
+negotiates (no reply to CONNECT, MAIL, RCPT and the headers; no HELO, DATA, EOH or body at
+all; its word only at end of message, CONTINUE): it adds ``X-Seen-By: noreply-filter;
+subject=…; client=…`` so that a test sees it got each message's headers and client.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ SKIP_REASON = ("pymilter not installed (pip install pymilter, which needs Debian
                "libmilter-dev; run-tests installs both as root): the test milter uses it")
 
 
-def serve(port: int) -> None:
+def serve(port: int, kind: str = "") -> None:
     import Milter
 
     class TestFilter(Milter.Base):  # type: ignore[misc]
@@ -94,7 +99,35 @@ def serve(port: int) -> None:
                 return Milter.DISCARD
             return Milter.CONTINUE
 
-    Milter.factory = TestFilter
+    class NoReplyFilter(Milter.Base):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.subject = self.client = ""
+
+        @Milter.noreply
+        def connect(self, hostname: str, family: int, hostaddr: object) -> int:
+            self.client = self.getsymval("{client_addr}") or ""
+            return Milter.CONTINUE
+
+        @Milter.noreply
+        def envfrom(self, sender: str, *params: str) -> int:
+            return Milter.CONTINUE
+
+        @Milter.noreply
+        def envrcpt(self, rcpt: str, *params: str) -> int:
+            return Milter.CONTINUE
+
+        @Milter.noreply
+        def header(self, name: str, value: str) -> int:
+            if name.lower() == "subject":
+                self.subject = value
+            return Milter.CONTINUE
+
+        def eom(self) -> int:
+            self.addheader("X-Seen-By",
+                           f"noreply-filter; subject={self.subject}; client={self.client}")
+            return Milter.CONTINUE
+
+    Milter.factory = NoReplyFilter if kind == "noreply" else TestFilter
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGBODY | Milter.ADDRCPT
                      | Milter.DELRCPT | Milter.QUARANTINE | Milter.CHGFROM)
     Milter.runmilter("mailfort-test", f"inet:{port}@127.0.0.1", 60)
@@ -103,7 +136,8 @@ def serve(port: int) -> None:
 class FilterProcess:
     """The filter above in a process of its own on a free loopback port."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "") -> None:
+        self.kind = kind
         try:
             import Milter  # noqa: F401
         except ImportError:
@@ -120,7 +154,8 @@ class FilterProcess:
     def start(self) -> FilterProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         self.proc = subprocess.Popen([sys.executable or shutil.which("python3") or "python3",
-                                      str(Path(__file__)), str(self.port)], env=env,
+                                      str(Path(__file__)), str(self.port), self.kind],
+                                     env=env,
                                      start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -140,4 +175,4 @@ class FilterProcess:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "")

@@ -365,6 +365,7 @@ def test_milter_entries_are_read_in_order_with_safe_defaults(tmp_path: Path) -> 
     rspamd, clam = cfg.milter
     assert rspamd.on_error == "tempfail"  # never unfiltered unless the operator says so
     assert rspamd.services == ["mx", "submission", "submissions"]
+    assert rspamd.reuse == "continue"  # kept only where every milter takes QUIT_NC
     assert (clam.on_error, clam.services, clam.command_timeout) == ("accept", ["mx"], 5.0)
     assert Config().milter == []
 
@@ -379,6 +380,7 @@ def test_milter_entries_are_read_in_order_with_safe_defaults(tmp_path: Path) -> 
     ('address = "inet:[::1]:1"\nservices = []', r"milter\[0\]\.services: "),
     ('address = "inet:[::1]:1"\ncommand_timeout = 0', r"milter\[0\]\.command_timeout: "),
     ('address = "inet:[::1]:1"\nmessage_timeout = 5', r"milter\[0\]\.message_timeout: "),
+    ('address = "inet:[::1]:1"\nreuse = "yes"', r"milter\[0\]\.reuse: allowed"),
     ('on_error = "accept"', r"^milter\[0\]: .*address"),
     ('address = "inet:[::1]:1"\nactions = 1', r"^milter\[0\]\.actions: unknown key"),
 ])

@@ -468,6 +468,11 @@ class MilterConfig:
     connect_timeout: float = 5.0  # TCP or unix connect
     command_timeout: float = 30.0  # each reply (a filter's "progress" restarts it)
     message_timeout: float = 120.0  # the whole conversation about one message
+    # Keep a filter connection for the next message (QUIT_NC, then the next client):
+    # "continue" after a message the filter ended with CONTINUE (every libmilter filter
+    # takes QUIT_NC there), "always" after any verdict (rspamd: it resets in any state),
+    # "never" (a connection per message).
+    reuse: str = "continue"
 
 
 @dataclass(frozen=True)
@@ -937,6 +942,8 @@ def _validate_milters(cfg: Config) -> None:
                                   "would be resolved at every message)") from None
         if m.on_error not in ("tempfail", "accept"):
             raise ConfigError(f"{key}.on_error: allowed values are tempfail and accept")
+        if m.reuse not in ("continue", "always", "never"):
+            raise ConfigError(f"{key}.reuse: allowed values are continue, always and never")
         if not m.services or len(set(m.services)) != len(m.services) or any(
                 s not in MILTER_SERVICES for s in m.services):
             raise ConfigError(f"{key}.services: a non-empty list of distinct names among "

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mailfort.policy.milter_client import (
+    MilterClient,
     MilterMessage,
     MilterVerdict,
     check_message,
@@ -35,6 +36,8 @@ def message(body: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def rspamd() -> Iterator[RspamdServer]:
     server = RspamdServer()
+    (server.dir / "local.d" / "settings.conf").write_text(
+        'bad { priority = high; ip = "198.51.100.7"; apply { actions { reject = -100; } } }\n')
     try:
         yield server.start()
     finally:
@@ -57,6 +60,24 @@ def test_rspamd_accepts_a_normal_message_with_its_header(rspamd: RspamdServer,
     names = [mod.name for mod in verdict.modifications
              if isinstance(mod, m.AddHeader | m.ChangeHeader | m.InsertHeader)]
     assert "X-Spamd-Result" in names, verdict.modifications
+
+
+def test_rspamd_takes_the_next_client_on_a_kept_connection(rspamd: RspamdServer) -> None:
+    """QUIT_NC, then the next client's CONNECT on the same connection: rspamd judges each
+    message by its own client (a rule on one address rejects only that client's)."""
+
+    async def go() -> list[str]:
+        client = MilterClient(rspamd.address, reuse="always", max_idle=1)
+        actions = []
+        for ip in ("192.0.2.1", "198.51.100.7", "192.0.2.1"):
+            envelope = MilterMessage("alice@example.org", ["bob@example.net"],
+                                     client_address=ip, helo="client.example.org")
+            actions.append((await client.check(envelope, message(b"hi"))).action)
+        assert (client.connections, client.round_trips) == (1, 4)  # OPTNEG + 3 messages
+        await client.close()
+        return actions
+
+    assert asyncio.run(go()) == ["accept", "reject", "accept"]
 
 
 def test_rspamd_stopped_is_an_error_verdict(rspamd: RspamdServer) -> None:
@@ -199,3 +220,42 @@ def test_unix_socket_address(tmp_path: Path) -> None:
             return await check_message(f"unix:{path}", ENVELOPE, message(b"hi"))
 
     assert asyncio.run(go()).action == "accept"
+
+
+RSPAMD_LIKE = (m.NR_CONN | m.NR_HELO | m.NR_MAIL | m.NR_RCPT | m.NR_DATA | m.NR_UNKN | m.NR_HDR
+               | m.NR_EOH | m.NR_BODY)  # rspamd answers only OPTNEG and end of message
+
+
+def test_kept_connection_closed_by_the_filter_is_replaced_not_a_tempfail() -> None:
+    """A filter that hangs up after each verdict (its idle timeout, a restart): the next
+    message is asked again on a new connection, and the kept one is not counted against
+    it; a filter that breaks on the retry too is still an error verdict."""
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (command := (await read_packet(reader))[0]) != b"E":
+            if command == b"O":  # as rspamd: a reply to end of message only
+                writer.write(reply(b"O", struct.pack(">III", 6, 0, RSPAMD_LIKE)))
+        writer.write(reply(b"a"))
+        await writer.drain()
+        writer.close()  # right after its verdict, before any QUIT
+
+    async def go(handler: Handler) -> tuple[list[str], int]:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            client = MilterClient(f"inet:127.0.0.1:{port}", reuse="always", max_idle=1)
+            actions = []
+            for _ in range(3):
+                actions.append((await client.check(ENVELOPE, message(b"hi"))).action)
+            await client.close()
+            return actions, client.connections
+
+    async def optneg_then_hang_up(reader: asyncio.StreamReader,
+                                  writer: asyncio.StreamWriter) -> None:
+        await read_packet(reader)
+        writer.write(reply(b"O", struct.pack(">III", 6, 0, RSPAMD_LIKE)))
+        await writer.drain()
+        writer.close()
+
+    assert asyncio.run(go(hang_up)) == (["accept"] * 3, 3)
+    actions, _ = asyncio.run(go(optneg_then_hang_up))
+    assert actions == ["error"] * 3

@@ -263,3 +263,24 @@ def test_steps_out_of_order_are_the_callers_bug() -> None:
     s.receive(reply(b"c"))
     with pytest.raises(RuntimeError):
         s.data()
+
+
+def test_quit_nc_only_after_end_of_message_then_connect_again() -> None:
+    """QUIT_NC is taken by libmilter only after EOM; the session then starts at CONNECT."""
+    s = m.MilterSession()
+    s.start()
+    s.receive(m.packet(b"O", struct.pack(">III", 6, 0, m.NR_CONN | m.NR_MAIL | m.NR_RCPT)))
+    s.connect("h", "4", 25, "192.0.2.1")
+    s.mail("a@b")
+    with pytest.raises(RuntimeError):
+        s.new_connection()  # mid-message
+    s.rcpt("c@d")
+    s.data()
+    s.receive(m.packet(b"c"))
+    s.end_of_headers()
+    s.receive(m.packet(b"c"))
+    s.end_of_message()
+    s.receive(m.packet(b"a"))
+    assert s.new_connection() == m.packet(b"K")
+    assert s.connect("h2", "4", 25, "192.0.2.2")[4:5] == b"C"  # no new OPTNEG first
+    assert not s.awaiting  # NR_CONN: no reply awaited

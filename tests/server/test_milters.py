@@ -50,6 +50,21 @@ header { priority = high; from = "header@remote.test";
 subject { priority = high; from = "subject@remote.test";
           apply { actions { reject = 1000; "rewrite subject" = -100; } } }
 """
+# rspamd's soft reject and greylist actions on demand: multimap rules on local files of
+# envelope senders (a soft reject; 5 points: between the greylist (4) and add header (6)
+# thresholds of Debian's actions.conf)
+RSPAMD_MULTIMAP = """\
+SOFT_MARKER { type = "from"; filter = "email:addr"; map = "${LOCAL_CONFDIR}/soft.map";
+              prefilter = true; action = "soft reject"; message = "Busy, try again later"; }
+GREY_MARKER { type = "from"; filter = "email:addr"; map = "${LOCAL_CONFDIR}/grey.map";
+              score = 5.0; }
+"""
+
+
+def rspamd_markers(server: RspamdServer) -> None:
+    (server.dir / "local.d" / "multimap.conf").write_text(RSPAMD_MULTIMAP)
+    (server.dir / "soft.map").write_text("soft@remote.test\n")
+    (server.dir / "grey.map").write_text("grey@remote.test\n")
 NodeFactory = Callable[..., Any]
 
 
@@ -122,6 +137,7 @@ async def mailfort(tmp_path: Path, server_ssl_context: ssl.SSLContext
 def rspamd() -> Iterator[RspamdServer]:
     server = RspamdServer(RSPAMD_HEADERS)
     (server.dir / "local.d" / "settings.conf").write_text(RSPAMD_SETTINGS)
+    rspamd_markers(server)
     try:
         yield server.start()
     finally:
@@ -169,6 +185,69 @@ async def test_rspamd_add_header_and_rewrite_subject(mailfort: NodeFactory,
     marked, rewritten = sorted(inbox(node), key=lambda raw: b"*** SPAM ***" in raw)
     assert fields(marked, "X-Spam") == ["Yes"] and fields(marked, "Subject") == ["lunch"]
     assert fields(rewritten, "Subject") == ["*** SPAM *** lunch"]
+    for raw in (marked, rewritten):  # rspamd's result under our name dropped: one, ours
+        ours = [r for r in fields(raw, "Authentication-Results")
+                if r.startswith("mx.example.test;")]
+        assert len(ours) == 1 and "spf=" in ours[0], ours
+        assert len(fields(raw, "X-Spam")) <= 1
+
+
+async def test_rspamd_soft_reject_is_451_and_nothing_stored(mailfort: NodeFactory,
+                                                              rspamd: RspamdServer) -> None:
+    node = await mailfort({"address": rspamd.address, "reuse": "always"})
+    code, text = await asyncio.to_thread(send, node.port("mx"), letter("lunch"), (ALICE,),
+                                         "soft@remote.test")
+    assert (code, text) == (451, "4.7.1 Busy, try again later")
+    assert nothing_stored(node)
+    # the same kept connection then carries the next client's message as usual
+    assert (await asyncio.to_thread(send, node.port("mx"), letter("lunch")))[0] == 250
+    assert node.milters is not None and node.milters.clients[0].connections == 1
+
+
+def test_rspamd_greylisting_is_451_then_stored_on_retry(tmp_path: Path) -> None:
+    """rspamd's greylist module (its records in a Redis of the test's own; the "greylist"
+    action for one envelope sender, by a multimap score): the first try of a message is
+    451 4.7.1 with rspamd's text, nothing stored; once the greylist delay is over, the same
+    message is stored. Without the module (no Redis) the "greylist" action is an accept in rspamd's
+    milter mode: greylisting is that module's work (test_rspamd_greylist_action_alone)."""
+    from tests.redisserver import RedisServer
+
+    redis = RedisServer().start()
+    server = RspamdServer(RSPAMD_HEADERS)
+    (server.dir / "local.d" / "greylist.conf").write_text(
+        f'servers = "127.0.0.1:{redis.port}";\ncheck_local = true;\ntimeout = 1s;\n')
+    rspamd_markers(server)
+    try:
+        server.start()
+
+        async def go() -> None:
+            cfg = make_config(tmp_path / "node")
+            cfg = config_mod.validate(dataclasses.replace(
+                cfg, milter=[MilterConfig(address=server.address, reuse="always")]))
+            seed_directory(cfg)
+            async with Node(cfg) as node:
+                data, grey = letter("lunch"), (ALICE,)
+                first = await asyncio.to_thread(send, node.port("mx"), data, grey,
+                                                "grey@remote.test")
+                assert first == (451, "4.7.1 Try again later") and nothing_stored(node)
+                await asyncio.sleep(1.5)  # the greylist timeout is over
+                again = await asyncio.to_thread(send, node.port("mx"), data, grey,
+                                                "grey@remote.test")
+                assert again[0] == 250
+                assert len(inbox(node)) == 1
+
+        asyncio.run(go())
+    finally:
+        server.cleanup()
+        redis.cleanup()
+
+
+async def test_rspamd_greylist_action_alone_is_stored(mailfort: NodeFactory,
+                                                       rspamd: RspamdServer) -> None:
+    node = await mailfort({"address": rspamd.address})
+    code, _ = await asyncio.to_thread(send, node.port("mx"), letter("lunch"), (ALICE,),
+                                      "grey@remote.test")
+    assert code == 250 and len(inbox(node)) == 1
 
 
 async def test_rspamd_stopped_tempfails_by_default_or_accepts_when_configured(
@@ -287,6 +366,66 @@ async def test_slow_filter_gets_on_error(mailfort: NodeFactory,
     assert time.monotonic() - began < 2.5 and nothing_stored(strict)
     code, _ = await asyncio.to_thread(send, lax.port("mx"), letter("milter: slow,reject"))
     assert code == 250 and len(inbox(lax)) == 1  # unfiltered: the operator chose it
+
+
+@contextlib.asynccontextmanager
+async def counting_proxy(upstream: int, commands: list[list[bytes]]) -> AsyncIterator[str]:
+    """A TCP relay to the filter on ``upstream`` that reads the MTA's packets on the way:
+    ``commands`` gets one list of command bytes per connection, however the bytes were cut
+    into segments (an honest count of connections and packets, not of writes)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen: list[bytes] = []
+        commands.append(seen)
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", upstream)
+
+        async def back() -> None:
+            while data := await up_r.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        task = asyncio.create_task(back())
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                command, data = await read_packet(reader)
+                seen.append(command)
+                up_w.write(struct.pack(">I", len(data) + 1) + command + data)
+                await up_w.drain()
+        up_w.close()
+        await asyncio.gather(task, return_exceptions=True)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"inet:127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_no_reply_filter_one_connection_one_write_one_round_trip_per_message(
+        mailfort: NodeFactory) -> None:
+    """A filter that answers only at end of message (as rspamd): its connection is kept
+    for the next SMTP client (QUIT_NC, then CONNECT: no new OPTNEG), the steps it skips are
+    not sent, and each message is one write and one wait for its verdict."""
+    noreply = FilterProcess("noreply").start()
+    commands: list[list[bytes]] = []
+    try:
+        async with counting_proxy(noreply.port, commands) as address:
+            node = await mailfort({"address": address})
+            for n in range(3):  # three SMTP sessions, one message each (as the benchmark)
+                code, _ = await asyncio.to_thread(send, node.port("mx"), letter(f"m{n}"))
+                assert code == 250
+    finally:
+        noreply.stop()
+    assert len(commands) == 1, commands  # one TCP connection to the filter
+    packets = commands[0]
+    assert packets.count(b"O") == 1 and packets.count(b"K") == 2
+    assert packets.count(b"C") == packets.count(b"E") == 3
+    assert not {b"H", b"T", b"N", b"B"} & set(packets)  # negotiated away: not sent
+    stored = sorted(fields(raw, "X-Seen-By")[0] for raw in inbox(node))
+    assert stored == [f"noreply-filter; subject=m{n}; client=127.0.0.1" for n in range(3)]
+    # the writes and waits of the client itself: OPTNEG, then one of each per message
+    assert node.milters is not None
+    client = node.milters.clients[0]
+    assert (client.connections, client.writes, client.round_trips) == (1, 4, 4)
 
 
 # ------------------------------------------------------------------ misbehaving filters

@@ -15,17 +15,22 @@ beyond one packet), and so is any malformed, unknown, unsolicited or un-negotiat
 an error the session is dead: further input is ignored, nothing raises.
 
 The order of a message (``Step``): OPTNEG, CONNECT, HELO, MAIL, RCPT…, DATA, HEADER…, EOH,
-BODY…, EOM, then ABORT (next message) or QUIT. The filter's ``SMFIP_NO*`` flags skip steps (the
-encoder returns nothing for them), its ``SMFIP_NR_*`` flags say a step gets no reply; the MTA
-offers only the actions it will honour (``OFFERED_ACTIONS``), and a modification the filter
-did not negotiate is a protocol error, not a silent change of the message.
+BODY…, EOM, then ABORT (next message), QUIT, or QUIT_NC (``new_connection``: the filter forgets
+the SMTP client and the next CONNECT starts another on the same filter connection, without a
+new OPTNEG). The filter's ``SMFIP_NO*`` flags skip steps (the encoder returns nothing for them),
+its ``SMFIP_NR_*`` flags say a step gets no reply: the driver may then send the steps up to the
+next one that is answered in one write. The MTA offers only the actions it will honour
+(``OFFERED_ACTIONS``), and a modification the filter did not negotiate is a protocol error, not
+a silent change of the message.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
+import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 VERSION = 6
@@ -85,7 +90,7 @@ class Step(enum.Enum):
 _ORDER = [Step.OPTNEG, Step.CONNECT, Step.HELO, Step.MAIL, Step.RCPT, Step.DATA, Step.HEADER,
           Step.EOH, Step.BODY, Step.EOM]
 _REPEATS = {Step.RCPT, Step.HEADER, Step.BODY}
-_MACRO, _ABORT, _QUIT = b"D", b"A", b"Q"
+_MACRO, _ABORT, _QUIT, _QUIT_NC = b"D", b"A", b"Q", b"K"
 
 # ---------------------------------------------------------------------------- replies
 
@@ -221,6 +226,9 @@ class _Malformed(Exception):
     """Internal: a packet that does not parse; turned into a ProtocolError, never escapes."""
 
 
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # controls but TAB (one C-level scan)
+
+
 def _strings(data: bytes, count: int, *, optional: int = 0, folded: int = -1) -> list[str]:
     """``count`` NUL-terminated UTF-8 strings (the last ``optional`` of them may be absent).
 
@@ -245,7 +253,7 @@ def _strings(data: bytes, count: int, *, optional: int = 0, folded: int = -1) ->
             text_check = text_check.replace("\n", "")
         else:
             text_check = text
-        if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text_check):
+        if _CONTROL.search(text_check):
             raise _Malformed("control character in string")
         out.append(text)
     return out + [""] * (count - len(parts))
@@ -296,6 +304,18 @@ _NO_DATA: dict[bytes, Reply] = {
 }
 
 
+_DECODERS: dict[bytes, Callable[[bytes], Reply]] = {
+    b"y": _reply_code,
+    b"q": lambda d: Quarantine(*_strings(d, 1)),
+    b"+": lambda d: AddRecipient(*_strings(d, 1)),
+    b"2": lambda d: AddRecipient(*_strings(d, 2, optional=1)),
+    b"-": lambda d: DeleteRecipient(*_strings(d, 1)),
+    b"e": lambda d: ChangeSender(*_strings(d, 2, optional=1)),
+    b"b": ReplaceBody,
+    b"O": _optneg,
+}
+
+
 def _decode(command: bytes, data: bytes) -> Reply:
     """One reply packet to its event; ``_Malformed`` for anything else."""
     if command in _NO_DATA:
@@ -307,18 +327,9 @@ def _decode(command: bytes, data: bytes) -> Reply:
         return (ChangeHeader if command == b"m" else InsertHeader)(index, *_header(rest))
     if command == b"h":
         return AddHeader(*_header(data))
-    decoders = {
-        b"y": _reply_code,
-        b"q": lambda d: Quarantine(*_strings(d, 1)),
-        b"+": lambda d: AddRecipient(*_strings(d, 1)),
-        b"2": lambda d: AddRecipient(*_strings(d, 2, optional=1)),
-        b"-": lambda d: DeleteRecipient(*_strings(d, 1)),
-        b"e": lambda d: ChangeSender(*_strings(d, 2, optional=1)),
-        b"b": ReplaceBody,
-        b"O": _optneg,
-    }
-    if command in decoders:
-        return decoders[command](data)
+    decoder = _DECODERS.get(command)
+    if decoder is not None:
+        return decoder(data)
     raise _Malformed(f"unknown reply {command!r}")
 
 
@@ -387,13 +398,12 @@ def packet(command: bytes, data: bytes = b"") -> bytes:
 
 def _z(*parts: str) -> bytes:
     """NUL-terminated strings; a NUL inside one is refused (it would split the field)."""
-    out = bytearray()
-    for part in parts:
-        raw = part.encode("utf-8", "surrogateescape")
-        if b"\0" in raw:
-            raise ValueError("NUL in a milter string")
-        out += raw + b"\0"
-    return bytes(out)
+    if not parts:
+        return b""
+    joined = "\0".join(parts)
+    if joined.count("\0") != len(parts) - 1:
+        raise ValueError("NUL in a milter string")
+    return joined.encode("utf-8", "surrogateescape") + b"\0"
 
 
 def encode_optneg(actions: int = OFFERED_ACTIONS, protocol: int = OFFERED_PROTOCOL) -> bytes:
@@ -411,8 +421,7 @@ def encode_connect(hostname: str, family: str, port: int = 0, address: str = "")
 
 
 def encode_macros(command: bytes, macros: Mapping[str, str]) -> bytes:
-    data = command + b"".join(_z(name, value) for name, value in macros.items())
-    return packet(_MACRO, data)
+    return packet(_MACRO, command + _z(*itertools.chain.from_iterable(macros.items())))
 
 
 def encode_helo(name: str) -> bytes:
@@ -438,7 +447,7 @@ def encode_body(chunk: bytes) -> bytes:
 
 
 def encode_simple(command: bytes) -> bytes:
-    """DATA (T), EOH (N), EOM (E), ABORT (A), QUIT (Q): no data."""
+    """DATA (T), EOH (N), EOM (E), ABORT (A), QUIT (Q), QUIT_NC (K): no data."""
     return packet(command)
 
 
@@ -514,7 +523,7 @@ class MilterSession:
         return self._send(Step.EOH, encode_simple(b"N"), macros)
 
     def body(self, chunk: bytes) -> bytes:
-        if self.skip_body:
+        if self.skip_body or self.skips(Step.BODY):
             self._advance(Step.BODY)
             return b""
         return self._send(Step.BODY, encode_body(chunk), None)
@@ -531,6 +540,17 @@ class MilterSession:
     def quit(self) -> bytes:
         self._awaiting = None
         return encode_simple(_QUIT)
+
+    def new_connection(self) -> bytes:
+        """QUIT_NC after a finished message: the filter closes its view of this SMTP client
+        and keeps the milter connection (and what OPTNEG settled) for a CONNECT of another.
+        Only after EOM: Sendmail's libmilter accepts it there and ignores it (and then the
+        CONNECT after it) anywhere else."""
+        self._check_idle()
+        if self._step is not Step.EOM:
+            raise RuntimeError(f"QUIT_NC after {self._step.name if self._step else 'nothing'}")
+        self._step = Step.OPTNEG
+        return encode_simple(_QUIT_NC)
 
     # -- replies
 

@@ -358,6 +358,8 @@ class Node:
         self.stress.stop()
         for service in self.services.values():
             await service.close()
+        if self.milters is not None:
+            await self.milters.close()  # its idle filter connections
         for pop in self.pop3.values():
             await pop.close()
         for imap in self.imap.values():

@@ -21,6 +21,12 @@ verdict:
 * unreachable, too slow, broken, or no free connection within ``limits.milter_wait`` → the
   entry's ``on_error``: tempfail (451 4.7.1) or accept (this filter is skipped).
 
+Each entry keeps the connections of finished messages for the next (its ``reuse``; at most
+this process's share of ``limits.max_milter_connections`` idle, each ``IDLE_SECONDS``): the
+next SMTP client is announced on one with QUIT_NC, so OPTNEG and the TCP set-up are not paid
+per message (policy/milter_client.py). A message small enough to be held in memory is
+rewritten on the event loop: a thread hop costs more than copying it.
+
 One decision-log line per verdict (policy/decisionlog.milter).
 
 A hook for later (not built): mail a user moves to or out of Junk could be handed to the
@@ -36,23 +42,24 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from mailfort.config import Config, MilterConfig
 from mailfort.policy import decisionlog
 from mailfort.policy.authresults import FIELD as AR_FIELD
 from mailfort.policy.authresults import claims
-from mailfort.policy.milter_client import MilterMessage, MilterVerdict, check_message
+from mailfort.policy.milter_client import MilterClient, MilterMessage, MilterVerdict
 from mailfort.protocol import milter as m
 from mailfort.protocol.address import AddressError, Mailbox, parse_mail_argument
 from mailfort.protocol.replies import Reply
-from mailfort.server.senderauth import HeaderSectionTooLarge, headers_and_body
+from mailfort.server.senderauth import INLINE_MAX, HeaderSectionTooLarge, headers_and_body
 from mailfort.store.maildir import Committer, Spool
 
 log = logging.getLogger("mailfort.milter")
 
 UNAVAILABLE = Reply(451, "4.7.1", "Content filter unavailable, try again later")
+IDLE_SECONDS = 10.0  # an idle filter connection is kept this long (rspamd's own: 120 s)
 _MAX_TEXT = 200
 
 
@@ -106,12 +113,22 @@ class Milters:
         self.slots = max(1, math.ceil(cfg.limits.max_milter_connections / max(1, processes)))
         self.wait = cfg.limits.milter_wait
         self._semaphore: asyncio.Semaphore | None = None
+        self.clients = [
+            MilterClient(e.address, timeout=e.command_timeout, connect_timeout=e.connect_timeout,
+                         total_timeout=e.message_timeout, reuse=e.reuse, max_idle=self.slots,
+                         idle_timeout=IDLE_SECONDS)
+            for e in self.entries]
 
     def for_service(self, name: str) -> list[MilterConfig]:
         return [e for e in self.entries if name in e.services]
 
+    async def close(self) -> None:
+        """Close the idle filter connections (the node stops)."""
+        for client in self.clients:
+            await client.close()
+
     async def _check(self, entry: MilterConfig, message: MilterMessage,
-                     content: io.BufferedReader) -> MilterVerdict:
+                     content: Callable[[], bytes | io.IOBase]) -> MilterVerdict:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.slots)
         try:
@@ -121,10 +138,7 @@ class Milters:
             return MilterVerdict("error", step="connect",
                                  reason="no free milter connection (limits.max_milter_connections)")
         try:
-            return await check_message(entry.address, message, content,
-                                       timeout=entry.command_timeout,
-                                       connect_timeout=entry.connect_timeout,
-                                       total_timeout=entry.message_timeout)
+            return await self.clients[self.entries.index(entry)].check(message, content)
         finally:
             self._semaphore.release()
 
@@ -141,8 +155,13 @@ class Milters:
                 client_port=ctx.peer_port, client_name=f"[{ctx.peer_ip}]",
                 helo=ctx.helo, macros=_macros(ctx, current_sender))
             start = out.trace.index(b"\r\n") + 2  # after Return-Path: Received is seen
-            with io.BufferedReader(_SpoolReader(out.spool.chunks(start))) as content:
-                verdict = await self._check(entry, message, content)
+
+            def content(spool: Spool = out.spool, start: int = start) -> bytes | io.IOBase:
+                if spool.size < INLINE_MAX:  # in memory: one piece
+                    return b"".join(spool.chunks(start))
+                return io.BufferedReader(_SpoolReader(spool.chunks(start)))
+
+            verdict = await self._check(entry, message, content)
             if verdict.action == "error":
                 detail = f"{verdict.step}: {verdict.reason}; on_error={entry.on_error}"
                 decisionlog.milter(ctx.peer_ip, ctx.queue_id, entry.address, "error", detail)
@@ -175,10 +194,13 @@ class Milters:
             if any(isinstance(mod, _CONTENT) for mod in mods) or (
                     out.sender is not None and not out.trace.startswith(
                         _return_path(out.sender))):
+                args = (committer, out.spool, out.trace, mods, current_sender,
+                        self.cfg.server.hostname, out.notes)
                 try:
-                    new, out.trace = await asyncio.to_thread(
-                        _rewrite, committer, out.spool, out.trace, mods,
-                        current_sender, self.cfg.server.hostname, out.notes)
+                    if out.spool.size < INLINE_MAX:  # in memory: no file to read or write
+                        new, out.trace = _rewrite(*args)
+                    else:
+                        new, out.trace = await asyncio.to_thread(_rewrite, *args)
                 except HeaderSectionTooLarge:
                     out.refusal = UNAVAILABLE
                     return out
