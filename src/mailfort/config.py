@@ -434,6 +434,7 @@ class ClientSetupConfig:
     pop3: int = 110
     submissions: int = 465
     submission: int = 587
+    managesieve: int = 4190
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def test_everything_published_is_ok(dns_server: DNSServer, config_file: Path,
     assert code == 0, out
     assert "FIX" not in out
     assert [line.split()[1] for line in out.splitlines()] == [
-        "MX", "SPF", "DKIM", "DMARC", "DNSBL", *["SRV"] * 6, "autoconfig"]
+        "MX", "SPF", "DKIM", "DMARC", "DNSBL", *["SRV"] * 7, "autoconfig"]
 
 
 def test_nothing_published_prints_every_record_to_publish(
@@ -76,6 +76,8 @@ def test_nothing_published_prints_every_record_to_publish(
     if getattr(config_mod.load(config_file).listen, "imaps", None):  # IMAP served
         assert f"publish: _imaps._tcp.example.test. 3600 IN SRV 0 1 993 {HOST}." in out
         assert f"publish: _imap._tcp.example.test. 3600 IN SRV 10 1 143 {HOST}." in out
+    if getattr(config_mod.load(config_file).listen, "managesieve", None):
+        assert f"publish: _sieve._tcp.example.test. 3600 IN SRV 0 1 4190 {HOST}." in out
 
 
 def test_each_wrong_record_is_named(dns_server: DNSServer, config_file: Path,

@@ -1,6 +1,6 @@
 """What a mail client is told about this server, so that a user types only an address and a
 password: Thunderbird's autoconfig file (``config-v1.1.xml``) and the RFC 6186 SRV records
-(``_imaps._tcp`` …) that ``mailfort dns check`` asks for.
+(``_imaps._tcp`` …) and RFC 5804's ``_sieve._tcp`` that ``mailfort dns check`` asks for.
 
 Both say the same thing, from ``[client_setup]``: the public host name and ports (which may
 differ from ``[listen]``'s: a firewall forwards 993 to the embedded 2993). A service is told
@@ -27,6 +27,7 @@ class Service:
     protocol: str  # Thunderbird's server type: imap, pop3, smtp
     socket: str  # Thunderbird's socketType: SSL (implicit TLS) or STARTTLS
     priority: int  # SRV priority: lower is preferred
+    label: str = ""  # the SRV label when it is not ``name`` (ManageSieve: _sieve._tcp)
 
 
 # In order of preference: implicit TLS first (RFC 8314 §5.1), IMAP before POP3. Submission
@@ -38,6 +39,9 @@ SERVICES: tuple[Service, ...] = (
     Service("pop3", "pop3", "STARTTLS", 30),
     Service("submissions", "smtp", "SSL", 0),
     Service("submission", "smtp", "STARTTLS", 10),
+    # RFC 5804 §1.8: ManageSieve's record is _sieve._tcp; STARTTLS is its only TLS. Not in
+    # the autoconfig file (clientConfig 1.1 has no element for it).
+    Service("managesieve", "sieve", "STARTTLS", 0, "sieve"),
 )
 
 
@@ -69,6 +73,8 @@ def config_xml(cfg: Config, domain: str) -> bytes:
         ET.SubElement(provider, tag).text = domain
     host = public_host(cfg)
     for service, number in offered(cfg):
+        if service.protocol == "sieve":
+            continue
         kind = "outgoingServer" if service.protocol == "smtp" else "incomingServer"
         server = ET.SubElement(provider, kind, type=service.protocol)
         for tag, text in (("hostname", host), ("port", str(number)),
@@ -97,7 +103,7 @@ def asked_domain(host: str, query: str) -> str | None:
 
 
 def srv_name(service: Service, domain: str) -> str:
-    return f"_{service.name}._tcp.{domain}"
+    return f"_{service.label or service.name}._tcp.{domain}"
 
 
 def srv_record(cfg: Config, service: Service, domain: str) -> str:
