@@ -839,8 +839,7 @@ class MailSession:
                 return Outcome("BAD", "unknown SELECT parameter", selected=False if was else None)
         try:
             box = self.store.mailbox(self._name_in(name))
-            scan = box.scan()
-            st = box.status()
+            scan = box.scan()  # UIDVALIDITY and UIDNEXT too (no status(): it sums sizes)
             uids, info = _snapshot(box, scan)  # as of scan.highestmodseq or later
         except (NoSuchMailbox, BadName, _No):
             return Outcome("NO", "no such mailbox", "NONEXISTENT", out,
@@ -854,7 +853,7 @@ class MailSession:
                                if not f.startswith("\\"))
         self.view = v
         self._synced = time.monotonic()
-        uidnext = max(st["UIDNEXT"], v.top + 1)
+        uidnext = max(scan.uidnext, v.top + 1)
         out += self._flags_response(v.keywords)
         out.append(b"* %d EXISTS\r\n" % len(v.uids))
         if not self.rev2:
@@ -862,14 +861,14 @@ class MailSession:
             unseen = next((i + 1 for i, m in enumerate(infos) if "\\Seen" not in m.flags), 0)
             if unseen:
                 out.append(b"* OK [UNSEEN %d] first unseen\r\n" % unseen)
-        out.append(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % st["UIDVALIDITY"])
+        out.append(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % scan.uidvalidity)
         out.append(b"* OK [UIDNEXT %d] predicted next UID\r\n" % uidnext)
         out.append(b"* OK [HIGHESTMODSEQ %d] highest\r\n" % scan.highestmodseq)
         if self.rev2:
             attrs = self._attrs_of(box.name)
             out.append(b"* LIST (" + " ".join(sorted(attrs)).encode() + b') "." '
                        + self._name_out(box.name) + b"\r\n")
-        if qresync is not None and qresync[0] == st["UIDVALIDITY"]:
+        if qresync is not None and qresync[0] == scan.uidvalidity:
             out += self._qresync(qresync[1], qresync[2])
         return Outcome("OK", "selected", "READ-ONLY" if readonly else "READ-WRITE", out,
                        selected=True)
