@@ -732,10 +732,11 @@ class MailSession:
                 end = j
         return out
 
-    def _cache_key(self, info: MessageInfo) -> tuple[str, str]:
+    def _cache_key(self, info: MessageInfo, box: str = "") -> tuple[str, str]:
+        """(mailbox directory, unique name); ``box``: the directory as text, if known."""
         v = self.view
         assert v is not None
-        return str(v.box.path), os.path.basename(info.path).partition(":")[0]
+        return box or str(v.box.path), info.path.rpartition("/")[2].partition(":")[0]
 
     def _read_message(self, uid: int, header_only: bool) -> bytes | None:
         """The message (or its header), None when it is gone. A path made stale by
@@ -1477,6 +1478,7 @@ class MailSession:
         key = ("", "")
         names = {a.name for a in items}
         whole = Section()
+        box_dir = str(v.box.path)  # once, not per message
         # each item with the name it is dispatched on ("BODY[]": the whole message)
         named = [(a, "BODY[]" if a.name in ("BODY", "BODY.PEEK") and a.section == whole
                   else a.name) for a in items]
@@ -1490,7 +1492,7 @@ class MailSession:
             wire = b""
             root: im.Part | None = None
             if slots:
-                key = self._cache_key(info)
+                key = self._cache_key(info, box_dir)
                 cached = _CACHE.get(key)
             if slots and all(slot in cached for slot in content_slots):
                 pass  # every content item is known: the file need not be read

@@ -326,8 +326,8 @@ class Mailbox:
     # -- scan ----------------------------------------------------------------------------
 
     def _listing(self, sub: str) -> tuple[frozenset[str], bool]:
-        """The names in ``sub`` (dot files left out), and True when they are the last
-        listing's, reused under the rule of the module docstring."""
+        """The names in ``sub`` (dot files too), and True when they are the last listing's:
+        reused under the rule of the module docstring, or listed again and found equal."""
         path = f"{self.path}/{sub}"
         now = int(_wall())  # before the stat: errs towards listing again
         st = os.stat(path)
@@ -335,10 +335,10 @@ class Mailbox:
         last = self._dirs.get(sub)
         if last is not None and last.reusable and last.stamp == stamp:
             return last.names, True
-        names = frozenset(n for n in os.listdir(path) if n[:1] != ".")
+        names = frozenset(os.listdir(path))
         changed = max(st.st_mtime_ns, st.st_ctime_ns) // 1_000_000_000
         self._dirs[sub] = _Listing(stamp, names, now > changed + SYNC_MARGIN)
-        return names, False
+        return names, last is not None and last.names == names
 
     def _list_files(self) -> dict[str, tuple[str, str]]:
         """unique -> (sub, file name) in new/ and cur/ (cur/ wins a duplicate). Entries
@@ -352,7 +352,8 @@ class Mailbox:
         found: dict[str, tuple[str, str]] = {}
         for sub, names in (("new", new), ("cur", cur)):
             for name in names:
-                found[name.partition(":")[0]] = (sub, name)
+                if name[0] != ".":
+                    found[name.partition(":")[0]] = (sub, name)
         self._files = found
         return found
 
@@ -377,7 +378,8 @@ class Mailbox:
         st = self._log.state
         files = self._list_files()
         settled = self._settled
-        if settled is not None and settled[1] == files and settled[0] == self._map_key():
+        if settled is not None and (settled[1] is files or settled[1] == files) \
+                and settled[0] == self._map_key():
             return ScanResult([], [], [], st.highestmodseq, st.uidvalidity,
                               self._log.generation, st.uidnext)
         self._settled = None
