@@ -780,6 +780,9 @@ class MailSession:
     # -- ENABLE NAMESPACE CHECK ------------------------------------------------------------
 
     def _cmd_enable(self, cmd: Command) -> Outcome:
+        """ENABLE of what is announced; others ignored (RFC 5161 §3.1). UTF8=ACCEPT is not
+        announced: its APPEND form (RFC 6855 §4) is not implemented, and IMAP4rev2 already
+        gives UTF-8 mailbox names to the clients that ask for it."""
         done: list[str] = []
         for cap in cmd.args:
             cap = str(cap).upper()
@@ -792,9 +795,6 @@ class MailSession:
             elif cap == "QRESYNC" and not self.qresync:
                 self.qresync = self.condstore = True
                 done.append("QRESYNC")
-            elif cap == "UTF8=ACCEPT" and not self.utf8:
-                self.utf8 = True
-                done.append("UTF8=ACCEPT")
         line = b"* ENABLED" + b"".join(b" " + c.encode() for c in done) + b"\r\n"
         return self._done("enabled", untagged=[line])
 
