@@ -97,9 +97,9 @@ def test_listing_reused_only_when_made_well_after_the_last_change(
     listed = _count_listings(monkeypatch)
     assert box.scan().added == [] and sorted(listed) == ["cur", "new"]  # same second: again
     listed.clear()
-    from mailfort.store import imap_mailbox
+    from mailfort.store import listing
     later = time.time() + 3
-    monkeypatch.setattr(imap_mailbox, "_wall", lambda: later)
+    monkeypatch.setattr(listing, "_wall", lambda: later)
     assert box.scan().added == [] and sorted(listed) == ["cur", "new"]  # made 3 s after
     listed.clear()
     assert box.scan().added == [] and listed == []  # unchanged since: not listed
@@ -114,7 +114,7 @@ def test_a_change_right_after_a_scan_is_seen_with_the_same_mtime(
     timestamps put back as a coarse clock would have left them (mtime; ctime moves with
     utime, so the stamp differs in ctime only if the clock ticked): still seen, because a
     listing made in the second of the change is never reused."""
-    from mailfort.store import imap_mailbox
+    from mailfort.store import listing
     deliver(tmp_path, "1700000001.M1P1Q1.h", sub="cur")
     box = MailStore(tmp_path).mailbox(INBOX)
     assert box.scan().added == [1]
@@ -133,7 +133,7 @@ def test_a_change_right_after_a_scan_is_seen_with_the_same_mtime(
                                       "st_ctime_ns": before.st_ctime_ns})
         return st
 
-    monkeypatch.setattr(imap_mailbox.os, "stat", coarse_stat)
+    monkeypatch.setattr(listing.os, "stat", coarse_stat)
     assert box.scan().added == [2]
     assert "\\Seen" in box.messages()[1].flags
 

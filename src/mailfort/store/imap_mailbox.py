@@ -32,17 +32,10 @@ only while holding POP3's lock too, taken without waiting: new messages then sta
 raises ``MailboxBusy`` (the engine answers ``NO [INUSE]``).
 
 A scan does not list a directory it need not (a warm SELECT of 10,000 messages would
-otherwise spend most of its time in ``getdents``): each listing of ``new/`` and ``cur/`` is
-kept with the directory's (device, inode, mtime, ctime) taken *before* it, and reused while
-those are unchanged, but only if the listing began at least ``SYNC_MARGIN`` + 1 whole
-seconds after the directory last changed (Dovecot's rule for its cached listings,
-``check_time > mtime + 1``). Why the margin: a directory's timestamps come from a coarse
-clock (a kernel tick; whole seconds on some file systems, the server's clock over NFS), so
-a file renamed in just after a listing can leave them exactly as they were. A change made
-after a listing that began at second ``t >= changed + 2`` is stamped at ``t - 1`` at the
-earliest even with a clock a second behind ours, which is after ``changed``: it shows. A
-listing made sooner after a change stays good for its own scan only. ctime is compared as
-well as mtime because ``utime`` can set an mtime back but never a ctime.
+otherwise spend most of its time in ``getdents``): listings of ``new/`` and ``cur/`` are
+kept per mailbox and reused while the directory cannot have changed, under the rule (and
+its reasons) in store/listing.py: unchanged (device, inode, mtime, ctime), and the listing
+made more than a second after the directory's last change, which coarse timestamps need.
 
 And when the files listed are those the last scan left (after its own moves) and the map
 is where that scan left it, nothing can have changed: the scan answers at once.
@@ -69,6 +62,7 @@ from pathlib import Path
 from mailfort.protocol.dotstuff import SizeCounter
 from mailfort.store import mutf7
 from mailfort.store.durable import fsync_dir, make_dirs, rename_no_replace
+from mailfort.store.listing import Listing, list_dir
 from mailfort.store.maildir import unique_name
 from mailfort.store.pop3_mailbox import LOCK_NAME as POP3_LOCK
 from mailfort.store.pop3_mailbox import _delivery_time
@@ -96,8 +90,6 @@ MAX_KEYWORDS = 64  # per message
 MAX_NAME = 255  # octets of a mailbox name on disk
 _ATOM = re.compile(r"[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]{1,100}")  # a keyword (IMAP atom)
 _CHUNK = 64 * 1024
-SYNC_MARGIN = 1  # seconds; a listing is reused only if made > this after the dir changed
-_wall = time.time  # the clock a listing's age is judged by (tests move it on)
 
 
 class MailboxError(Exception):
@@ -139,15 +131,6 @@ class ScanResult:
     uidvalidity: int = 0  # of the map: a new map (lost, recreated) starts its MODSEQs over
     generation: int = 0  # of this process's copy of the map: raised when it starts over
     uidnext: int = 0  # of the map after the scan
-
-
-@dataclass(frozen=True, slots=True)
-class _Listing:
-    """The names in one of ``new/``, ``cur/`` and whether they may stand for the next look."""
-
-    stamp: tuple[int, int, int, int]  # st_dev, st_ino, st_mtime_ns, st_ctime_ns, before it
-    names: frozenset[str]
-    reusable: bool  # made > SYNC_MARGIN seconds after the directory last changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +252,7 @@ class Mailbox:
         self._log = UidLog(path)
         self._paths: dict[int, str] = {}  # uid -> file path at the last look
         self._letters: dict[str, str | None] = {}  # file name -> _info letters, last scan
-        self._dirs: dict[str, _Listing] = {}  # "new", "cur" -> the last listing
+        self._dirs: dict[str, Listing] = {}  # "new", "cur" -> the last listing
         self._files: dict[str, tuple[str, str]] = {}  # _list_files of those two listings
         # (map key, files) when the last scan left the map and the files agreeing
         self._settled: tuple[tuple[int, ...], dict[str, tuple[str, str]]] | None = None
@@ -326,19 +309,11 @@ class Mailbox:
     # -- scan ----------------------------------------------------------------------------
 
     def _listing(self, sub: str) -> tuple[frozenset[str], bool]:
-        """The names in ``sub`` (dot files too), and True when they are the last listing's:
-        reused under the rule of the module docstring, or listed again and found equal."""
-        path = f"{self.path}/{sub}"
-        now = int(_wall())  # before the stat: errs towards listing again
-        st = os.stat(path)
-        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-        last = self._dirs.get(sub)
-        if last is not None and last.reusable and last.stamp == stamp:
-            return last.names, True
-        names = frozenset(os.listdir(path))
-        changed = max(st.st_mtime_ns, st.st_ctime_ns) // 1_000_000_000
-        self._dirs[sub] = _Listing(stamp, names, now > changed + SYNC_MARGIN)
-        return names, last is not None and last.names == names
+        """The names in ``sub`` (dot files too), and True when they are the last listing's
+        (reused under store/listing.py's rule, or listed again and found equal)."""
+        listing, same = list_dir(f"{self.path}/{sub}", self._dirs.get(sub))
+        self._dirs[sub] = listing
+        return listing.names, same
 
     def _list_files(self) -> dict[str, tuple[str, str]]:
         """unique -> (sub, file name) in new/ and cur/ (cur/ wins a duplicate). Entries
