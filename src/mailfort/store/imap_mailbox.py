@@ -370,7 +370,7 @@ class Mailbox:
             doubted, gone = len(sure) < len(gone), sure
         changed: list[int] = []
         fresh: list[tuple[tuple[int, int], str, str, str]] = []
-        in_new: list[int] = []
+        in_new: list[tuple[int, str, str | None]] = []  # (uid, unique, letters) in new/
         prefix = {"new": f"{self.path}/new/", "cur": f"{self.path}/cur/"}
         paths, by_unique, entries = self._paths, st.by_unique, st.entries
         # The letters of each name, from the last scan where the name was seen: a mailbox
@@ -384,10 +384,10 @@ class Mailbox:
                 fresh.append((_delivery_time(unique), unique, sub, name))
                 continue
             paths[uid] = prefix[sub] + name
-            if sub == "new":
-                in_new.append(uid)
             letters = known[name] if name in known else _info(name)[1]
             self._letters[name] = letters
+            if sub == "new":
+                in_new.append((uid, unique, letters))
             if letters is not None and letters != entries[uid].letters:
                 records.append(rec_flags(uid, modseq, letters))
                 changed.append(uid)
@@ -412,13 +412,14 @@ class Mailbox:
                     raise
                 loose = True
                 continue  # a symbolic link: not a message
-            letters = _info(name)[1] or ""
+            found = _info(name)[1]
+            letters = found or ""
             entry = Entry(uid, unique, letters, (), modseq, size, date)
             records.append(rec_assign(entry))
             assigned.append(entry)
             self._paths[uid] = path
             if sub == "new":
-                in_new.append(uid)
+                in_new.append((uid, unique, found))
             added.append(uid)
             uid += 1
         self._log.append(records, assigned)  # durable before anyone is told of these UIDs
@@ -434,9 +435,9 @@ class Mailbox:
         return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq,
                           st.uidvalidity, self._log.generation, st.uidnext)
 
-    def _file_new(self, uids: list[int]) -> list[tuple[str, str]]:
-        """Move the files of ``uids`` (listed in new/) to cur/ with ``:2,`` (IMAP has no
-        use for new/); (unique, name in cur/) of those moved.
+    def _file_new(self, files: list[tuple[int, str, str | None]]) -> list[tuple[str, str]]:
+        """Move ``files`` (uid, unique name, ``_info`` letters; listed in new/) to cur/ with
+        ``:2,`` (IMAP has no use for new/); (unique, name in cur/) of those moved.
 
         No directory fsync after them (two per cold SELECT, as many as the map's own): a
         move lost in a crash leaves the file in new/ (a rename is atomic in the journal:
@@ -444,9 +445,8 @@ class Mailbox:
         same letters; the next scan moves it again. No UID or flag depends on it."""
         moved: list[tuple[str, str]] = []
         cur = f"{self.path}/cur/"
-        for uid in uids:
+        for uid, unique, letters in files:
             path = self._paths[uid]
-            unique, letters = _info(path.rpartition("/")[2])
             name = f"{unique}:2,{letters or ''}"
             try:
                 rename_no_replace(path, cur + name)
