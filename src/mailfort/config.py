@@ -166,7 +166,7 @@ class LimitsConfig:
     imap_append_limit: int = 25 * 1024 * 1024
     # Each user's quota over all their mailboxes, in octets and in messages (0: none):
     # reported over IMAP (GETQUOTAROOT, RFC 9208) and enforced for APPEND, COPY and MOVE
-    # ([OVERQUOTA]). Mail arriving by SMTP is not held to it.
+    # ([OVERQUOTA]), and at RCPT on MX and submission (452 4.2.2, policy/quota.py).
     mailbox_quota: int = 0
     mailbox_quota_messages: int = 0
     # Stress mode (server/stress.py): past stress_threshold of max_connections (0: never),

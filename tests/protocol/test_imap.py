@@ -68,7 +68,7 @@ def test_capabilities_before_tls_after_tls_and_after_login() -> None:
     e = IMAPEngine(STARTTLS_PORT)
     _, out = run(e, b"a CAPABILITY\r\n")
     before = caps(out)
-    assert before == ["IMAP4rev1", "IMAP4rev2", "STARTTLS", "LOGINDISABLED", "LITERAL-",
+    assert before == ["IMAP4rev1", "IMAP4rev2", "STARTTLS", "LOGINDISABLED", "LITERAL+",
                       "SASL-IR", "ID", "ENABLE", "IDLE"]
     assert not any(c.startswith("AUTH=") for c in before)
     assert out.endswith(b"a OK CAPABILITY completed\r\n")

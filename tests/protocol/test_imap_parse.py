@@ -285,7 +285,7 @@ def test_huge_literal_refused_before_any_octet_is_buffered() -> None:
 
 
 def test_nonsync_literal_over_literal_minus_skipped_without_buffering() -> None:
-    r = CommandReader()
+    r = CommandReader(Limits(max_nonsync_literal=4096))  # LITERAL- (the default is LITERAL+)
     got = events(r, b"A1 APPEND INBOX {5000+}\r\n" + b"z NOOP\r\n" * 100)
     assert got == [ParseError("A1", "non-synchronizing literal over 4096 octets", "TOOBIG")]
     assert r.held == 0
@@ -293,6 +293,31 @@ def test_nonsync_literal_over_literal_minus_skipped_without_buffering() -> None:
     # them comes the rest of the refused command's line, skipped as well
     got = events(r, b"z NOOP\r\n" * 525 + b" (rest of the line)\r\n" + b"B1 NOOP\r\n")
     assert got == [Command("B1", "NOOP", False, ())]
+
+
+def test_literal_plus_takes_a_large_nonsync_append_without_a_continuation() -> None:
+    """LITERAL+ (RFC 7888 §3): an APPEND {N+} within APPENDLIMIT is read as it comes."""
+    msg = b"Subject: big\r\n\r\n" + b"x" * 100_000 + b"\r\n"
+    r = CommandReader()
+    got = events(r, b"A1 APPEND INBOX {%d+}\r\n" % len(msg) + msg + b"\r\nA2 NOOP\r\n")
+    assert [type(e).__name__ for e in got] == ["Command", "Command"]
+    assert got[0].name == "APPEND" and got[0].args[-1].data == msg  # type: ignore[union-attr]
+
+
+def test_nonsync_append_over_appendlimit_is_counted_away_not_buffered() -> None:
+    """An APPEND {N+} over max_append: NO [TOOBIG] at the announcement, its octets skipped
+    as they arrive (the reader never holds more than one read); past max_discard, BYE."""
+    r = CommandReader(Limits(max_append=1000, max_discard=1 << 20))
+    assert events(r, b"A1 APPEND INBOX {500000+}\r\n") == [
+        ParseError("A1", "literal too large", "TOOBIG", "NO")]
+    held = 0
+    for _ in range(50):
+        assert events(r, b"A2 NOOP \r\n" * 1000) == []  # 10,000 octets, looking like commands
+        held = max(held, r.held)
+    assert held <= 10_000
+    assert events(r, b"\r\nB1 NOOP\r\n") == [Command("B1", "NOOP", False, ())]
+    got = events(r, b"A3 APPEND INBOX {2000000+}\r\n")
+    assert got[0].code == "TOOBIG" and got[0].fatal  # type: ignore[union-attr]
 
 
 def test_nonsync_literal_after_an_error_is_still_skipped() -> None:

@@ -132,15 +132,16 @@ def cert_files(ca: trustme.CA, where: Path) -> tuple[Path, Path, Path]:
 
 
 @contextmanager
-def start(ca: trustme.CA) -> Iterator[Mailfort]:
-    """``mailfort serve`` with IMAP and IMAPS, or skip (the reason from the config loader)."""
+def start(ca: trustme.CA, **tables: dict[str, object]) -> Iterator[Mailfort]:
+    """``mailfort serve`` with IMAP and IMAPS, or skip (the reason from the config loader);
+    ``tables``: more configuration (``limits={...}``)."""
     root = world_dir()
     try:
         chain, key, cafile = cert_files(ca, root)
         listen = {"imap": [f"127.0.0.1:{free_port()}"], "imaps": [f"127.0.0.1:{free_port()}"]}
         config = write_config(root, refusing_dns_port(), listen=listen,
                               tls={"cert_file": str(chain), "key_file": str(key)},
-                              sender_auth={"enabled": False})
+                              sender_auth={"enabled": False}, **tables)
         try:
             cfg = config_mod.load(config)
         except config_mod.ConfigError as exc:
@@ -149,7 +150,7 @@ def start(ca: trustme.CA) -> Iterator[Mailfort]:
             pytest.skip(f"mailfort serve refuses [listen] imap/imaps ({exc}): its IMAP "
                         "server is not on this branch yet")
         ports = {name: int(getattr(cfg.listen, name)[0].rpartition(":")[2])
-                 for name in ("mx", "pop3s", "imap", "imaps")}
+                 for name in ("mx", "submission", "pop3s", "imap", "imaps")}
         pw = root / "pw"
         for args in [("domain", "add", "example.test")] + [
                 ("user", "add", user, "--password-file", str(pw)) for user in PASSWORDS]:

@@ -379,6 +379,38 @@ async def test_append_over_appendlimit_refused_toobig(lab_factory: Callable[...,
     assert b"TOOBIG" in refused
 
 
+async def test_literal_plus_append_and_one_over_appendlimit(
+        lab_factory: Callable[..., Any]) -> None:
+    """LITERAL+ is announced (not LITERAL-), an APPEND {N+} larger than LITERAL-'s 4096
+    is stored without a continuation, and one over APPENDLIMIT sent whole without waiting
+    gets NO [TOOBIG] with the session still in step (the next command answered)."""
+    lab = await lab_factory(LimitsConfig(imap_append_limit=20_000))
+
+    def session() -> list[bytes]:
+        raw = Raw(lab.tls_port)
+        raw.tls(lab.client_ctx)
+        got = [raw.line()]
+        raw.send(b'a LOGIN "%s" "%s"\r\n' % (ALICE.encode(), PASSWORDS[ALICE].encode()))
+        got += raw.until(b"a")
+        msg = b"Subject: plus\r\n\r\n" + b"p" * 10_000 + b"\r\n"
+        raw.send(b"b APPEND INBOX {%d+}\r\n" % len(msg) + msg + b"\r\n")
+        got += raw.until(b"b")
+        big = b"Subject: big\r\n\r\n" + b"q" * 30_000 + b"\r\n"
+        raw.send(b"c APPEND INBOX {%d+}\r\n" % len(big) + big + b"\r\nd NOOP\r\n")
+        got += raw.until(b"c") + raw.until(b"d")
+        raw.send(b"e STATUS INBOX (MESSAGES)\r\n")
+        got += raw.until(b"e")
+        raw.close()
+        return got
+
+    got = await in_thread(session)
+    assert b"LITERAL+" in got[0] and b"LITERAL-" not in got[0]
+    assert any(g.startswith(b"b OK [APPENDUID ") for g in got)
+    assert any(g.startswith(b"c NO [TOOBIG]") for g in got)
+    assert any(g.startswith(b"d OK") for g in got)
+    assert b"* STATUS \"INBOX\" (MESSAGES 1)\r\n" in got
+
+
 async def test_configured_quota_is_reported_and_enforced(
         lab_factory: Callable[..., Any]) -> None:
     """limits.mailbox_quota reaches the session: GETQUOTAROOT shows it (old Thunderbird

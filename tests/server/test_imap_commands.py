@@ -178,6 +178,18 @@ def test_mailbox_names_are_modified_utf7_in_rev1_and_utf8_in_rev2(tmp_path: Path
     assert mutf7.decode("Entw&APw-rfe") == "Entwürfe"
 
 
+def test_utf8_accept_is_neither_announced_nor_enabled(tmp_path: Path) -> None:
+    """UTF8=ACCEPT (RFC 6855) is not implemented (no APPEND ``UTF8 (~{N})`` form), so it
+    is not announced, and ENABLE of it does nothing (RFC 5161: a name the server does not
+    announce is ignored): names stay modified UTF-7 for an IMAP4rev1 client."""
+    from mailfort.protocol.imap import SESSION_CAPABILITIES
+    assert not any(c.upper().startswith("UTF8=") for c in SESSION_CAPABILITIES)
+    client = Client(tmp_path)
+    client.ok(b"a CREATE Entw&APw-rfe")
+    assert client.ok(b"a ENABLE UTF8=ACCEPT") == [b"* ENABLED\r\n"]
+    assert b'"Entw&APw-rfe"' in b"".join(client.ok(b'a LIST "" "Entw*"'))
+
+
 def test_subscriptions_persist_lsub_and_list_extended(tmp_path: Path) -> None:
     client = Client(tmp_path)
     client.ok(b"a CREATE Lists.python")

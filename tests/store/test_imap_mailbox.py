@@ -73,6 +73,71 @@ def test_scan_numbers_by_delivery_time_then_name_and_files_in_cur(tmp_path: Path
     assert box.scan().added == []  # stable
 
 
+def _count_listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories ``os.listdir`` is asked for from now on."""
+    seen: list[str] = []
+    real = os.listdir
+
+    def listdir(path: str) -> list[str]:
+        seen.append(os.path.basename(str(path)))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    return seen
+
+
+def test_listing_reused_only_when_made_well_after_the_last_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """new/ and cur/ are listed again at every scan until a listing was made at least two
+    whole seconds after the directory changed (a coarse mtime may not move for a change in
+    the same second); after that an unchanged directory is not listed, a changed one is."""
+    deliver(tmp_path, "1700000001.M1P1Q1.h")
+    box = MailStore(tmp_path).mailbox(INBOX)
+    assert box.scan().added == [1]
+    listed = _count_listings(monkeypatch)
+    assert box.scan().added == [] and sorted(listed) == ["cur", "new"]  # same second: again
+    listed.clear()
+    from mailfort.store import listing
+    later = time.time() + 3
+    monkeypatch.setattr(listing, "_wall", lambda: later)
+    assert box.scan().added == [] and sorted(listed) == ["cur", "new"]  # made 3 s after
+    listed.clear()
+    assert box.scan().added == [] and listed == []  # unchanged since: not listed
+    deliver(tmp_path, "1700000002.M1P1Q1.h")  # new/ changes: its mtime moves
+    assert box.scan().added == [2] and "new" in listed
+    assert [m.uid for m in box.messages()] == [1, 2]
+
+
+def test_a_change_right_after_a_scan_is_seen_with_the_same_mtime(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same-second case itself: a file renamed into cur/ after a scan, the directory's
+    timestamps put back as a coarse clock would have left them (mtime; ctime moves with
+    utime, so the stamp differs in ctime only if the clock ticked): still seen, because a
+    listing made in the second of the change is never reused."""
+    from mailfort.store import listing
+    deliver(tmp_path, "1700000001.M1P1Q1.h", sub="cur")
+    box = MailStore(tmp_path).mailbox(INBOX)
+    assert box.scan().added == [1]
+    cur = tmp_path / "cur"
+    before = os.stat(cur)
+    deliver(tmp_path, "1700000002.M1P1Q1.h:2,S", sub="cur")
+    os.utime(cur, ns=(before.st_atime_ns, before.st_mtime_ns))
+    # the stamp a coarse clock would give: mtime and ctime as at the scan
+    real_stat = os.stat
+
+    def coarse_stat(path: object, *a: object, **k: object) -> os.stat_result:
+        st = real_stat(path, *a, **k)  # type: ignore[arg-type]
+        if str(path) == str(cur):
+            f = list(st)
+            return os.stat_result(f, {"st_mtime_ns": before.st_mtime_ns,
+                                      "st_ctime_ns": before.st_ctime_ns})
+        return st
+
+    monkeypatch.setattr(listing.os, "stat", coarse_stat)
+    assert box.scan().added == [2]
+    assert "\\Seen" in box.messages()[1].flags
+
+
 def test_flags_round_trip_through_names_and_pop3_sees_them(tmp_path: Path) -> None:
     deliver(tmp_path, "1700000001.M1P1Q1.h")
     deliver(tmp_path, "1700000002.M1P1Q2.h")
@@ -366,7 +431,7 @@ def test_sigkill_in_the_middle_of_a_record_write(tmp_path: Path) -> None:
     box = MailStore(tmp_path).mailbox(INBOX)
     box.append(MSG)
 
-    def torn_then_die(self: UidLog, records: list[bytes]) -> None:
+    def torn_then_die(self: UidLog, records: list[bytes], *_: object) -> None:
         data = b"".join(records)
         with open(self.path, "ab") as f:
             f.write(data[: len(data) // 2])

@@ -56,20 +56,20 @@ APPEND_LIMIT = 50 * 1024 * 1024
 
 SESSION_LIMITS = Limits()  # after login (max_append: the settings' append_limit)
 # Before login a client may send only small things: a user name and a password.
-LOGIN_LIMITS = Limits(max_line=4096, max_literal=1024, max_append=0,
-                      max_nonsync_literal=1024, max_discard=64 * 1024)
+LOGIN_LIMITS = Limits(max_line=4096, max_literal=1024, max_append=0, max_discard=64 * 1024)
 
 # After login (RFC 9051 and the extensions the mailbox side implements, see
-# server/imap_commands.py); APPENDLIMIT=N is added from the settings. LITERAL- rather than
-# LITERAL+: the reader refuses a non-synchronising literal over 4096 octets (RFC 7888 §4),
-# and a client told LITERAL+ would send a whole APPEND that way and have it refused.
+# server/imap_commands.py); APPENDLIMIT=N is added from the settings. LITERAL+ (RFC 7888):
+# the reader holds a non-synchronising literal to the limits of a synchronising one and
+# skips a refused one without buffering it (an APPEND {N+} over APPENDLIMIT: NO [TOOBIG],
+# its octets counted away, up to the limits' max_discard, past which BYE).
 SESSION_CAPABILITIES = (
     "IMAP4rev1", "IMAP4rev2", "ENABLE", "IDLE", "UIDPLUS", "MOVE", "SPECIAL-USE",
-    "CREATE-SPECIAL-USE", "NAMESPACE", "UNSELECT", "LITERAL-", "SASL-IR", "ID", "ESEARCH",
+    "CREATE-SPECIAL-USE", "NAMESPACE", "UNSELECT", "LITERAL+", "SASL-IR", "ID", "ESEARCH",
     "SEARCHRES", "LIST-EXTENDED", "LIST-STATUS", "CONDSTORE", "QRESYNC", "QUOTA",
     "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE", "STATUS=SIZE", "BINARY", "CHILDREN",
 )
-_LOGIN_TAIL = ("LITERAL-", "SASL-IR", "ID", "ENABLE", "IDLE")
+_LOGIN_TAIL = ("LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE")
 
 # Texts (after the status and code).
 AUTH_FAILED = "[AUTHENTICATIONFAILED] Authentication failed"

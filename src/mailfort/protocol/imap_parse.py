@@ -24,10 +24,15 @@ Limits (``Limits``), each refused before it costs memory:
   with ``ContinuationRequest`` only after the check (and after the tag and command name
   were found valid); refused, the client never sends it. The rest of the syntax is judged
   when the command is complete, so a command may get its ``+`` and still end in BAD.
-* ``max_nonsync_literal``: a non-synchronising literal (``{N+}``) arrives unasked, so a
-  refusal must skip its N octets to stay in step. Over 4096 octets it is refused (LITERAL-,
-  RFC 7888 §4: tagged BAD ``[TOOBIG]``); the octets are counted away, never buffered. Over
-  ``max_discard`` the error is ``fatal``: the engine says BYE rather than read on.
+* Non-synchronising literals (``{N+}``, LITERAL+, RFC 7888 §3) are held to the same limits
+  as synchronising ones (``max_nonsync_literal`` None); a number there is LITERAL-'s bound
+  (§4: over it, tagged BAD ``[TOOBIG]``). Such a literal arrives unasked, so a refusal
+  (over the limit, or an APPEND over ``max_append``: NO ``[TOOBIG]``, RFC 7889) must skip
+  its N octets to stay in step: they are counted away, never buffered, so an APPEND
+  ``{N+}`` over APPENDLIMIT costs no memory. Up to ``max_discard`` octets only: over it the
+  error is ``fatal`` and the engine says BYE rather than read on (a client that sends more
+  than that past a limit it was told is not one that will recover; reading on would hold
+  the session and the link for nothing).
 * ``max_depth`` (nested lists and SEARCH parentheses/NOT/OR), ``max_ranges`` (ranges in
   all sequence sets of a command), ``max_search_keys`` (keys of one SEARCH).
 
@@ -76,7 +81,7 @@ class Limits:
     max_line: int = 8192  # octets outside literals per command, CRLFs included
     max_literal: int = 65536  # one literal, and all of a command, outside APPEND
     max_append: int = 50 * 1024 * 1024  # the APPEND message (the engine's APPENDLIMIT)
-    max_nonsync_literal: int = 4096  # LITERAL- (RFC 7888 §4)
+    max_nonsync_literal: int | None = None  # None: LITERAL+; 4096: LITERAL- (RFC 7888 §4)
     max_discard: int = 64 * 1024 * 1024  # a refused {N+} larger than this ends the session
     max_depth: int = 16  # nested parentheses, NOT/OR in SEARCH
     max_ranges: int = 2000  # ranges in all sequence sets of one command
@@ -1076,8 +1081,9 @@ class CommandReader:
         if size < 0 or self._literal_total + size > limit:
             status = "NO" if self._name == "APPEND" else "BAD"  # RFC 7889: NO [TOOBIG]
             return self._refuse_literal(found, "literal too large", "TOOBIG", status)
-        if nonsync and size > self.limits.max_nonsync_literal:
-            text = f"non-synchronizing literal over {self.limits.max_nonsync_literal} octets"
+        bound = self.limits.max_nonsync_literal
+        if nonsync and bound is not None and size > bound:
+            text = f"non-synchronizing literal over {bound} octets"
             return self._refuse_literal(found, text, "TOOBIG")
         self._literal_total += size
         self._lines.append(line[:start])

@@ -732,10 +732,11 @@ class MailSession:
                 end = j
         return out
 
-    def _cache_key(self, info: MessageInfo) -> tuple[str, str]:
+    def _cache_key(self, info: MessageInfo, box: str = "") -> tuple[str, str]:
+        """(mailbox directory, unique name); ``box``: the directory as text, if known."""
         v = self.view
         assert v is not None
-        return str(v.box.path), os.path.basename(info.path).partition(":")[0]
+        return box or str(v.box.path), info.path.rpartition("/")[2].partition(":")[0]
 
     def _read_message(self, uid: int, header_only: bool) -> bytes | None:
         """The message (or its header), None when it is gone. A path made stale by
@@ -779,6 +780,9 @@ class MailSession:
     # -- ENABLE NAMESPACE CHECK ------------------------------------------------------------
 
     def _cmd_enable(self, cmd: Command) -> Outcome:
+        """ENABLE of what is announced; others ignored (RFC 5161 §3.1). UTF8=ACCEPT is not
+        announced: its APPEND form (RFC 6855 §4) is not implemented, and IMAP4rev2 already
+        gives UTF-8 mailbox names to the clients that ask for it."""
         done: list[str] = []
         for cap in cmd.args:
             cap = str(cap).upper()
@@ -791,9 +795,6 @@ class MailSession:
             elif cap == "QRESYNC" and not self.qresync:
                 self.qresync = self.condstore = True
                 done.append("QRESYNC")
-            elif cap == "UTF8=ACCEPT" and not self.utf8:
-                self.utf8 = True
-                done.append("UTF8=ACCEPT")
         line = b"* ENABLED" + b"".join(b" " + c.encode() for c in done) + b"\r\n"
         return self._done("enabled", untagged=[line])
 
@@ -839,8 +840,7 @@ class MailSession:
                 return Outcome("BAD", "unknown SELECT parameter", selected=False if was else None)
         try:
             box = self.store.mailbox(self._name_in(name))
-            scan = box.scan()
-            st = box.status()
+            scan = box.scan()  # UIDVALIDITY and UIDNEXT too (no status(): it sums sizes)
             uids, info = _snapshot(box, scan)  # as of scan.highestmodseq or later
         except (NoSuchMailbox, BadName, _No):
             return Outcome("NO", "no such mailbox", "NONEXISTENT", out,
@@ -854,7 +854,7 @@ class MailSession:
                                if not f.startswith("\\"))
         self.view = v
         self._synced = time.monotonic()
-        uidnext = max(st["UIDNEXT"], v.top + 1)
+        uidnext = max(scan.uidnext, v.top + 1)
         out += self._flags_response(v.keywords)
         out.append(b"* %d EXISTS\r\n" % len(v.uids))
         if not self.rev2:
@@ -862,14 +862,14 @@ class MailSession:
             unseen = next((i + 1 for i, m in enumerate(infos) if "\\Seen" not in m.flags), 0)
             if unseen:
                 out.append(b"* OK [UNSEEN %d] first unseen\r\n" % unseen)
-        out.append(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % st["UIDVALIDITY"])
+        out.append(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % scan.uidvalidity)
         out.append(b"* OK [UIDNEXT %d] predicted next UID\r\n" % uidnext)
         out.append(b"* OK [HIGHESTMODSEQ %d] highest\r\n" % scan.highestmodseq)
         if self.rev2:
             attrs = self._attrs_of(box.name)
             out.append(b"* LIST (" + " ".join(sorted(attrs)).encode() + b') "." '
                        + self._name_out(box.name) + b"\r\n")
-        if qresync is not None and qresync[0] == st["UIDVALIDITY"]:
+        if qresync is not None and qresync[0] == scan.uidvalidity:
             out += self._qresync(qresync[1], qresync[2])
         return Outcome("OK", "selected", "READ-ONLY" if readonly else "READ-WRITE", out,
                        selected=True)
@@ -1478,6 +1478,7 @@ class MailSession:
         key = ("", "")
         names = {a.name for a in items}
         whole = Section()
+        box_dir = str(v.box.path)  # once, not per message
         # each item with the name it is dispatched on ("BODY[]": the whole message)
         named = [(a, "BODY[]" if a.name in ("BODY", "BODY.PEEK") and a.section == whole
                   else a.name) for a in items]
@@ -1491,7 +1492,7 @@ class MailSession:
             wire = b""
             root: im.Part | None = None
             if slots:
-                key = self._cache_key(info)
+                key = self._cache_key(info, box_dir)
                 cached = _CACHE.get(key)
             if slots and all(slot in cached for slot in content_slots):
                 pass  # every content item is known: the file need not be read

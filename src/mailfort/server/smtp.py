@@ -27,6 +27,7 @@ from mailfort.config import Config
 from mailfort.directory.base import Directory, is_blocking
 from mailfort.policy import decisionlog, srs, vacation
 from mailfort.policy.inbound import PREGREET, ConnectionVerdict, InboundPolicy
+from mailfort.policy.quota import MailboxQuota
 from mailfort.policy.recipients import BounceReturn, RecipientPolicy, StrictRecipients
 from mailfort.policy.relay import RecipientDecision
 from mailfort.policy.senderauth import SenderAuth
@@ -92,6 +93,7 @@ class Envelope:
     # does not depend on it (spf_fail = "mark"): awaited at the end of data, into ``spf``.
     spf_pending: asyncio.Future[senderauth.SPFOutcome] | None = None
     requiretls: bool = False  # MAIL ... REQUIRETLS (RFC 8689), kept in the queue entry
+    size: int | None = None  # MAIL ... SIZE= (RFC 1870): held to local recipients' quota
     # The message's one id (queue/store.py new_id), made at DATA: in Received:, the 250,
     # the queue entry and every log line about it.
     queue_id: str = ""
@@ -254,6 +256,10 @@ class SMTPService(Listener):
         # the node when [sieve] is enabled.
         self.sieve: SieveDelivery | None = None
         self.auto_reply: AutoReplyHook | None = None
+        # [limits] mailbox_quota(_messages) at RCPT for local users (policy/quota.py)
+        self.quota = MailboxQuota(cfg.limits.mailbox_quota, cfg.limits.mailbox_quota_messages,
+                                  self.maildir) \
+            if cfg.limits.mailbox_quota or cfg.limits.mailbox_quota_messages else None
         super().__init__(cfg.limits.max_connections, cfg.limits.max_connections_per_ip,
                          limit_exceptions(cfg.limits.connection_limit_exceptions,
                                           cfg.relay.trusted_networks))
@@ -427,8 +433,9 @@ class SMTPSession(EngineSession):
             elif self.spool is not None:
                 self.spool.write(ev.data)
         elif isinstance(ev, RcptTo):
-            if is_blocking(self.service.directory) or self._submitting():
-                self.run(self._rcpt_off_loop(ev))  # a networked directory or count
+            if is_blocking(self.service.directory) or self._submitting() \
+                    or self.service.quota is not None:
+                self.run(self._rcpt_off_loop(ev))  # a networked directory, count or quota
                 return
             decision = self._decide_rcpt(ev)
             if self._inbound_applies(decision):
@@ -461,7 +468,7 @@ class SMTPSession(EngineSession):
         engine = self.engine
         assert engine is not None
         self._release_held()
-        self.envelope = Envelope(sender=ev.sender, requiretls=ev.requiretls)
+        self.envelope = Envelope(sender=ev.sender, requiretls=ev.requiretls, size=ev.size)
         if self.service.submission is not None and engine.authenticated_as is not None:
             self.run(self._check_submission(ev))  # the rate may be counted over the network
             return
@@ -590,11 +597,21 @@ class SMTPSession(EngineSession):
                 decision = self.service.recipients.decide(
                     ev.recipient, self.service.directory, may_relay=self.may_relay(),
                     bounce=self.envelope.sender is None)
+        decision = await self._hold_to_quota(decision)
         decision = await self._reserve_rcpt(decision)
         if self._inbound_applies(decision):
             await self._screen_rcpt(ev, decision)
         else:
             await self._finish_rcpt(ev, decision)
+
+    async def _hold_to_quota(self, decision: RecipientDecision) -> RecipientDecision:
+        """A local recipient over its quota, or whom MAIL's SIZE= would take over: 452
+        4.2.2 (policy/quota.py). The Maildirs are looked at in a thread."""
+        quota, found = self.service.quota, decision.resolution
+        if quota is None or not decision.reply.positive or found is None or not found.local:
+            return decision
+        refusal = await asyncio.to_thread(quota.refusal, found.local, self.envelope.size)
+        return decision if refusal is None else RecipientDecision(refusal, None)
 
     def _inbound_applies(self, decision: RecipientDecision) -> bool:
         """Blocklists and greylisting judge only mail from outside to our own users."""

@@ -31,17 +31,28 @@ only while holding POP3's lock too, taken without waiting: new messages then sta
 ``new/`` for that scan (their UIDs are given all the same), and a flag change or expunge
 raises ``MailboxBusy`` (the engine answers ``NO [INUSE]``).
 
+A scan does not list a directory it need not (a warm SELECT of 10,000 messages would
+otherwise spend most of its time in ``getdents``): listings of ``new/`` and ``cur/`` are
+kept per mailbox and reused while the directory cannot have changed, under the rule (and
+its reasons) in store/listing.py: unchanged (device, inode, mtime, ctime), and the listing
+made more than a second after the directory's last change, which coarse timestamps need.
+
+And when the files listed are those the last scan left (after its own moves) and the map
+is where that scan left it, nothing can have changed: the scan answers at once.
+
 Every method blocks (disk); the server calls them in a thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -51,6 +62,7 @@ from pathlib import Path
 from mailfort.protocol.dotstuff import SizeCounter
 from mailfort.store import mutf7
 from mailfort.store.durable import fsync_dir, make_dirs, rename_no_replace
+from mailfort.store.listing import Listing, list_dir
 from mailfort.store.maildir import unique_name
 from mailfort.store.pop3_mailbox import LOCK_NAME as POP3_LOCK
 from mailfort.store.pop3_mailbox import _delivery_time
@@ -118,6 +130,7 @@ class ScanResult:
     highestmodseq: int = 0  # of the map after the scan: every change raises it
     uidvalidity: int = 0  # of the map: a new map (lost, recreated) starts its MODSEQs over
     generation: int = 0  # of this process's copy of the map: raised when it starts over
+    uidnext: int = 0  # of the map after the scan
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +182,15 @@ def _file_facts(path: str) -> tuple[int, int]:
     descriptor (no second lookup of the path)."""
     total = lf = crlf = 0
     last = b""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # no file object: thousands at a SELECT
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # no file object: many
     try:
-        mtime = int(os.fstat(fd).st_mtime)
-        while chunk := os.read(fd, _CHUNK):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(path)  # a directory or device in cur/: not a message
+        mtime = int(st.st_mtime)
+        # A file in new/ or cur/ is never written again: once st_size octets are read
+        # there is no need to read on to the end (one read of a small message, not two).
+        while total < st.st_size and (chunk := os.read(fd, min(_CHUNK, st.st_size - total))):
             total += len(chunk)
             lf += chunk.count(b"\n")
             crlf += chunk.count(b"\r\n") + (last == b"\r" and chunk[:1] == b"\n")
@@ -192,7 +210,10 @@ def _new_facts(unique: str, path: str) -> tuple[int, int]:
     (APPEND sets it with utime)."""
     found = dict(_SIZES.findall(unique))
     if "S" in found and found.get("W") == found["S"]:
-        return int(found["S"]), int(os.stat(path).st_mtime)
+        st = os.lstat(path)  # the listing does not say what an entry is: files only
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(path)
+        return int(found["S"]), int(st.st_mtime)
     return _file_facts(path)
 
 
@@ -231,6 +252,10 @@ class Mailbox:
         self._log = UidLog(path)
         self._paths: dict[int, str] = {}  # uid -> file path at the last look
         self._letters: dict[str, str | None] = {}  # file name -> _info letters, last scan
+        self._dirs: dict[str, Listing] = {}  # "new", "cur" -> the last listing
+        self._files: dict[str, tuple[str, str]] = {}  # _list_files of those two listings
+        # (map key, files) when the last scan left the map and the files agreeing
+        self._settled: tuple[tuple[int, ...], dict[str, tuple[str, str]]] | None = None
         self._guard = threading.Lock()  # one operation of this object at a time
 
     # -- locking and the map -------------------------------------------------------------
@@ -283,17 +308,35 @@ class Mailbox:
 
     # -- scan ----------------------------------------------------------------------------
 
+    def _listing(self, sub: str) -> tuple[frozenset[str], bool]:
+        """The names in ``sub`` (dot files too), and True when they are the last listing's
+        (reused under store/listing.py's rule, or listed again and found equal)."""
+        listing, same = list_dir(f"{self.path}/{sub}", self._dirs.get(sub))
+        self._dirs[sub] = listing
+        return listing.names, same
+
     def _list_files(self) -> dict[str, tuple[str, str]]:
-        """unique -> (sub, file name) in new/ and cur/ (cur/ wins a duplicate)."""
+        """unique -> (sub, file name) in new/ and cur/ (cur/ wins a duplicate). Entries
+        are not told apart by type here: a name not in the map is checked when it is
+        numbered (``_new_facts``), the others were regular files then. Not to be changed:
+        the dict is kept for the next call."""
+        new, same_new = self._listing("new")
+        cur, same_cur = self._listing("cur")
+        if same_new and same_cur and self._files:
+            return self._files
         found: dict[str, tuple[str, str]] = {}
-        for sub in ("new", "cur"):
-            with os.scandir(self.path / sub) as it:
-                for entry in it:
-                    name = entry.name
-                    if name[0] == "." or not entry.is_file(follow_symlinks=False):
-                        continue
+        for sub, names in (("new", new), ("cur", cur)):
+            for name in names:
+                if name[0] != ".":
                     found[name.partition(":")[0]] = (sub, name)
+        self._files = found
         return found
+
+    def _map_key(self) -> tuple[int, ...]:
+        """Changes whenever the map does (every record raises HIGHESTMODSEQ)."""
+        st = self._log.state
+        return (self._log.generation, st.uidvalidity, st.highestmodseq, st.uidnext,
+                len(st.entries))
 
     def scan(self) -> ScanResult:
         """Reconcile the map with the files (see the module docstring); new/ -> cur/."""
@@ -309,17 +352,25 @@ class Mailbox:
         could hide a file from one listing (readdir may miss a file renamed meanwhile)."""
         st = self._log.state
         files = self._list_files()
+        settled = self._settled
+        if settled is not None and (settled[1] is files or settled[1] == files) \
+                and settled[0] == self._map_key():
+            return ScanResult([], [], [], st.highestmodseq, st.uidvalidity,
+                              self._log.generation, st.uidnext)
+        self._settled = None
         records: list[bytes] = []
         modseq = st.highestmodseq + 1
         gone: list[int] = []
         if quiet:  # else left for a scan after the POP3 session, which deletes only at QUIT
             gone = [uid for unique, uid in st.by_unique.items() if unique not in files]
+        doubted = False
         if gone:  # confirmed by a second listing: a tool renaming without a lock is missed
             again = self._list_files()  # by one listing at most, not by two
-            gone = [uid for uid in gone if st.entries[uid].unique not in again]
+            sure = [uid for uid in gone if st.entries[uid].unique not in again]
+            doubted, gone = len(sure) < len(gone), sure
         changed: list[int] = []
         fresh: list[tuple[tuple[int, int], str, str, str]] = []
-        in_new: list[int] = []
+        in_new: list[tuple[int, str, str | None]] = []  # (uid, unique, letters) in new/
         prefix = {"new": f"{self.path}/new/", "cur": f"{self.path}/cur/"}
         paths, by_unique, entries = self._paths, st.by_unique, st.entries
         # The letters of each name, from the last scan where the name was seen: a mailbox
@@ -333,10 +384,10 @@ class Mailbox:
                 fresh.append((_delivery_time(unique), unique, sub, name))
                 continue
             paths[uid] = prefix[sub] + name
-            if sub == "new":
-                in_new.append(uid)
             letters = known[name] if name in known else _info(name)[1]
             self._letters[name] = letters
+            if sub == "new":
+                in_new.append((uid, unique, letters))
             if letters is not None and letters != entries[uid].letters:
                 records.append(rec_flags(uid, modseq, letters))
                 changed.append(uid)
@@ -346,44 +397,65 @@ class Mailbox:
                 self._paths.pop(uid, None)
         fresh.sort()
         added: list[int] = []
+        assigned: list[Entry] = []
         uid = st.uidnext
+        loose = bool(skip) or not quiet or doubted  # no settled state then
         for _, unique, sub, name in fresh:
             path = f"{self.path}/{sub}/{name}"
             try:
                 size, date = _new_facts(unique, path)
-            except FileNotFoundError:
-                continue  # gone meanwhile (POP3): never numbered
-            letters = _info(name)[1] or ""
-            records.append(rec_assign(Entry(uid, unique, letters, (), modseq, size, date)))
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                loose = True
+                continue  # gone meanwhile (POP3), or not a file: never numbered
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                loose = True
+                continue  # a symbolic link: not a message
+            found = _info(name)[1]
+            letters = found or ""
+            entry = Entry(uid, unique, letters, (), modseq, size, date)
+            records.append(rec_assign(entry))
+            assigned.append(entry)
             self._paths[uid] = path
             if sub == "new":
-                in_new.append(uid)
+                in_new.append((uid, unique, found))
             added.append(uid)
             uid += 1
-        self._log.append(records)  # durable before anyone is told of these UIDs
+        self._log.append(records, assigned)  # durable before anyone is told of these UIDs
         if quiet and in_new:
-            self._file_new(in_new)
+            moved = self._file_new(in_new)
+            loose = loose or len(moved) < len(in_new)
+            if not loose:
+                files = dict(files)
+                for unique, name in moved:
+                    files[unique] = ("cur", name)
+        if not loose:
+            self._settled = (self._map_key(), files)
         return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq,
-                          st.uidvalidity, self._log.generation)
+                          st.uidvalidity, self._log.generation, st.uidnext)
 
-    def _file_new(self, uids: list[int]) -> None:
-        """Move the files of ``uids`` (listed in new/) to cur/ with ``:2,`` (IMAP has no
-        use for new/)."""
-        moved = False
-        for uid in uids:
+    def _file_new(self, files: list[tuple[int, str, str | None]]) -> list[tuple[str, str]]:
+        """Move ``files`` (uid, unique name, ``_info`` letters; listed in new/) to cur/ with
+        ``:2,`` (IMAP has no use for new/); (unique, name in cur/) of those moved.
+
+        No directory fsync after them (two per cold SELECT, as many as the map's own): a
+        move lost in a crash leaves the file in new/ (a rename is atomic in the journal:
+        one place or the other) under the same unique name, which the map knows, with the
+        same letters; the next scan moves it again. No UID or flag depends on it."""
+        moved: list[tuple[str, str]] = []
+        cur = f"{self.path}/cur/"
+        for uid, unique, letters in files:
             path = self._paths[uid]
-            unique, letters = _info(os.path.basename(path))
-            target = f"{self.path}/cur/{unique}:2,{letters or ''}"
+            name = f"{unique}:2,{letters or ''}"
             try:
-                rename_no_replace(path, target)
+                rename_no_replace(path, cur + name)
             except OSError:
                 continue  # gone, or a twin in cur/: it stays where it is
-            self._paths[uid] = target
-            self._letters[os.path.basename(target)] = letters or ""
-            moved = True
-        if moved:
-            fsync_dir(self.path / "cur")
-            fsync_dir(self.path / "new")
+            self._paths[uid] = cur + name
+            self._letters[name] = letters or ""
+            moved.append((unique, name))
+        return moved
 
     def messages(self) -> list[MessageInfo]:
         """Every message in the map, by UID (call ``scan`` first to see new files)."""
@@ -565,17 +637,19 @@ class Mailbox:
         modseq = st.highestmodseq + 1
         uids: list[int] = []
         records: list[bytes] = []
+        assigned: list[Entry] = []
         for unique, letters, keywords, size, date, path in items:
             uid = st.by_unique.get(unique)  # the scan may have numbered it: keep that UID
             if uid is None:
-                uid = st.uidnext + len(records)
-                records.append(rec_assign(Entry(uid, unique, letters, keywords, modseq, size,
-                                                date)))
+                uid = st.uidnext + len(assigned)
+                entry = Entry(uid, unique, letters, keywords, modseq, size, date)
+                records.append(rec_assign(entry))
+                assigned.append(entry)
             elif keywords:
                 records.append(rec_keywords(uid, modseq, keywords))
             self._paths[uid] = path
             uids.append(uid)
-        self._log.append(records)
+        self._log.append(records, assigned)
         return uids
 
     @contextlib.contextmanager
