@@ -98,7 +98,8 @@ def load_bodies(folder: str) -> list[bytes]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
-    bodies = (load_bodies(args.message_dir) if args.message_dir
+    message_dir = getattr(args, "message_dir", None)  # callers building a Namespace
+    bodies = (load_bodies(message_dir) if message_dir
               else [make_body(args.size, args.sender, args.rcpt)])
     sent = 0
 
