@@ -18,6 +18,7 @@ from pathlib import Path
 from mailfort import logsetup
 from mailfort.config import Config
 from mailfort.server.app import serve
+from mailfort.server.malloc import fix_mmap_threshold
 from mailfort.server.operations import Operations
 from mailfort.server.supervisor import (
     certificate_around_drop,
@@ -53,6 +54,7 @@ def run(cfg: Config, reload_config: Callable[[], Config] | None = None) -> None:
     with worker processes; server/supervisor.py)."""
 
     handler = logsetup.configure(cfg)  # [log]: text or json, stderr or a file
+    fix_mmap_threshold()  # argon2's blocks given back after each login (server/malloc.py)
     supervised = worker_count(cfg) > 1  # [server] workers: a supervisor and its workers
     if supervised:
         # Before Operations starts the ACME challenge thread: a thread inherits the mask,
