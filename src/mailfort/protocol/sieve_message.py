@@ -20,6 +20,8 @@ from email import message_from_bytes
 from email import policy as email_policy
 from email.message import Message
 
+from mailfort.protocol.sieve_match import fold
+
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"^[ \t\r\n]+$")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
@@ -182,6 +184,10 @@ class SieveMessage:
     _fields: dict[str, list[str]] | None = field(default=None, repr=False)
     _decoded: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _addresses: dict[str, list[list[str]]] = field(default_factory=dict, repr=False)
+    # what the tests of a script compare, built once per message and shared by every test
+    # that asks the same (a 50-rule script asks "from" ten times): see ``folded``, ``parts``
+    _folded: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _parts: dict[tuple[str, str, bool], list[str]] = field(default_factory=dict, repr=False)
     _body: bytes | None = field(default=None, repr=False)
     _mime: Message | None = field(default=None, repr=False)
 
@@ -211,6 +217,30 @@ class SieveMessage:
         if got is None:
             got = [parse_addresses(v) for v in self.fields(limit).get(name, ())]
             self._addresses[name] = got
+        return got
+
+    def folded(self, name: str, limit: int) -> list[str]:
+        """``header``'s values under i;ascii-casemap, for :is and :contains with constant
+        keys (which are folded once, when the script is compiled)."""
+        got = self._folded.get(name)
+        if got is None:
+            got = [fold(v) for v in self.header(name, limit)]
+            self._folded[name] = got
+        return got
+
+    def parts(self, name: str, part: str, casemap: bool, limit: int) -> list[str]:
+        """One part (``address_part``) of every address in every field of that name, in
+        order, folded with ``casemap``: what an ``address`` test without :index compares."""
+        key = (name, part, casemap)
+        got = self._parts.get(key)
+        if got is None:
+            got = []
+            for addresses in self.addresses(name, limit):
+                for address in addresses:
+                    value = address_part(address, part)
+                    if value is not None:
+                        got.append(fold(value) if casemap else value)
+            self._parts[key] = got
         return got
 
     def raw_header(self, name: str, limit: int) -> list[str]:
