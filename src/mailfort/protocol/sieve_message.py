@@ -24,9 +24,7 @@ from mailfort.protocol.sieve_match import fold
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"^[ \t\r\n]+$")
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
 _FIELD_NAME = re.compile(r"^[!-9;-~]+$")
-_BLANK_LINE = re.compile(r"^\r?$", re.M)
 
 
 def decode_mime_words(value: str) -> str:
@@ -71,14 +69,29 @@ def _decode_word(charset: str, encoding: str, text: str) -> str | None:
     return raw.decode(charset, "replace")
 
 
+def _header_end(text: str) -> int:
+    """Where the first empty line ("" or "\\r" between line ends) starts; the length
+    when there is none. String searches: a multi-line regex costs more than the parse."""
+    if text[:1] == "\n" or text[:2] == "\r\n" or text == "\r":
+        return 0
+    end = len(text)
+    for found in (text.find("\n\n"), text.find("\n\r\n")):
+        if 0 <= found < end:
+            end = found + 1
+    if text.endswith("\n\r"):
+        end = min(end, len(text) - 1)
+    return end
+
+
 def parse_header_block(block: bytes, limit: int) -> dict[str, list[str]]:
     """Field name (lower case) to its values in order, unfolded, raw (not 2047-decoded)."""
     text = block[:limit].decode("utf-8", "replace")
-    end = _BLANK_LINE.search(text)  # the header section ends at the first empty line
-    if end:
-        text = text[:end.start()]
+    text = text[:_header_end(text)]
+    if "\n " in text or "\n\t" in text:  # unfold; no empty line is left, so this is exact
+        text = (text.replace("\r\n ", " ").replace("\r\n\t", "\t")
+                .replace("\n ", " ").replace("\n\t", "\t"))
     fields: dict[str, list[str]] = {}
-    for chunk in _FOLD.sub("", text).split("\n"):
+    for chunk in text.split("\n"):
         name, colon, value = chunk.partition(":")
         if not colon:
             continue

@@ -450,13 +450,19 @@ def _lowered(names: StrList) -> list[str] | None:
 
 
 class Header(Test):
-    __slots__ = ("index", "last", "lowered", "matcher", "names")
+    __slots__ = ("index", "last", "lowered", "matcher", "names", "one")
 
     def __init__(self, names: StrList, matcher: Matcher, index: int | None, last: bool) -> None:
         self.names, self.matcher, self.index, self.last = names, matcher, index, last
-        self.lowered = _lowered(names)
+        self.lowered = lowered = _lowered(names)
+        # what most tests are (header :contains "Subject" "x"): one constant name, no :index,
+        # casemap :is or :contains with constant keys
+        self.one = (lowered[0] if lowered is not None and len(lowered) == 1 and index is None
+                    and matcher.prefolded else None)
 
     def ev(self, r: Run) -> bool:
+        if self.one is not None:
+            return self.matcher.test_folded(r, r.msg.folded(self.one, r.header_limit))
         lowered = self.lowered
         if lowered is None:
             lowered = [n.lower() for n in self.names.get(r)]
@@ -478,15 +484,21 @@ class Header(Test):
 
 
 class Address(Test):
-    __slots__ = ("index", "last", "lowered", "matcher", "names", "part")
+    __slots__ = ("index", "last", "lowered", "matcher", "names", "one", "part")
 
     def __init__(self, names: StrList, matcher: Matcher, part: str, index: int | None,
                  last: bool) -> None:
         self.names, self.matcher, self.part = names, matcher, part
         self.index, self.last = index, last
-        self.lowered = _lowered(names)
+        self.lowered = lowered = _lowered(names)
+        self.one = (lowered[0] if lowered is not None and len(lowered) == 1 and index is None
+                    and matcher.prefolded else None)  # as Header's
 
     def ev(self, r: Run) -> bool:
+        if self.one is not None:
+            r.tick()
+            return self.matcher.test_folded(
+                r, r.msg.parts(self.one, self.part, True, r.header_limit))
         lowered = self.lowered
         if lowered is None:
             lowered = [n.lower() for n in self.names.get(r)]
@@ -682,12 +694,19 @@ def run_block(block: list[Command], r: Run) -> None:
 
 
 class If(Command):
-    __slots__ = ("branches",)
+    __slots__ = ("branches", "only")
 
     def __init__(self, branches: list[tuple[Test | None, list[Command]]]) -> None:
         self.branches = branches
+        test, block = branches[0]
+        self.only = (test, block) if len(branches) == 1 and test is not None else None
 
     def run(self, r: Run) -> None:
+        only = self.only
+        if only is not None:  # an "if" without elsif or else: most rules of a filter script
+            if only[0].ev(r):  # type: ignore[union-attr]
+                run_block(only[1], r)
+            return
         for test, block in self.branches:
             if test is None or test.ev(r):
                 run_block(block, r)
