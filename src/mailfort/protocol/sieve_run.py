@@ -694,20 +694,19 @@ def run_block(block: list[Command], r: Run) -> None:
 
 
 class If(Command):
-    __slots__ = ("branches", "only")
+    __slots__ = ("branches",)
 
     def __init__(self, branches: list[tuple[Test | None, list[Command]]]) -> None:
-        self.branches = branches
-        test, block = branches[0]
-        self.only = (test, block) if len(branches) == 1 and test is not None else None
+        self.branches = branches  # the compiler appends elsif and else after this
 
     def run(self, r: Run) -> None:
-        only = self.only
-        if only is not None:  # an "if" without elsif or else: most rules of a filter script
-            if only[0].ev(r):  # type: ignore[union-attr]
-                run_block(only[1], r)
+        branches = self.branches
+        if len(branches) == 1:  # an "if" without elsif or else: most rules of a filter script
+            test, block = branches[0]
+            if test.ev(r):  # type: ignore[union-attr]
+                run_block(block, r)
             return
-        for test, block in self.branches:
+        for test, block in branches:
             if test is None or test.ev(r):
                 run_block(block, r)
                 return
