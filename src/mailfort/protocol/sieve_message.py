@@ -256,6 +256,25 @@ class SieveMessage:
             self._parts[key] = got
         return got
 
+    def envelope(self, name: str, part: str, casemap: bool) -> list[str]:
+        """What an ``envelope`` test compares for one envelope part ("from", "to",
+        "auth"; lower case): [] for an unknown part or no AUTH, [""] for the null
+        reverse-path whatever the address part; cached like ``parts``."""
+        key = ("\x00" + name, part, casemap)  # no field name holds a NUL
+        got = self._parts.get(key)
+        if got is None:
+            address = (self.envelope_from if name == "from" else self.envelope_to
+                       if name == "to" else self.auth if name == "auth" else None)
+            got = []
+            if address == "":
+                got.append("")
+            elif address is not None:
+                value = address_part(address, part)
+                if value is not None:
+                    got.append(fold(value) if casemap else value)
+            self._parts[key] = got
+        return got
+
     def raw_header(self, name: str, limit: int) -> list[str]:
         return self.fields(limit).get(name, [])
 

@@ -533,23 +533,18 @@ class Envelope(Test):
         self.lowered = _lowered(parts)
 
     def ev(self, r: Run) -> bool:
-        values: list[str] = []
-        msg = r.msg
+        msg, matcher = r.msg, self.matcher
         lowered = self.lowered
         if lowered is None:
             lowered = [n.lower() for n in self.parts.get(r)]
-        for name in lowered:
-            address = (msg.envelope_from if name == "from" else msg.envelope_to if name == "to"
-                       else msg.auth if name == "auth" else None)
-            if address is None:
-                continue
-            if address == "":  # the null reverse-path is "" whatever the part
-                values.append("")
-                continue
-            part = address_part(address, self.part)
-            if part is not None:
-                values.append(part)
-        return self.matcher.test(r, values)
+        prefolded = matcher.prefolded
+        if len(lowered) == 1:
+            values = msg.envelope(lowered[0], self.part, prefolded)
+        else:
+            values = []
+            for name in lowered:
+                values += msg.envelope(name, self.part, prefolded)
+        return matcher.test_folded(r, values) if prefolded else matcher.test(r, values)
 
 
 class Exists(Test):
