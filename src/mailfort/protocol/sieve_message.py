@@ -199,8 +199,8 @@ class SieveMessage:
     _addresses: dict[str, list[list[str]]] = field(default_factory=dict, repr=False)
     # what the tests of a script compare, built once per message and shared by every test
     # that asks the same (a 50-rule script asks "from" ten times): see ``folded``, ``parts``
-    _folded: dict[str, list[str]] = field(default_factory=dict, repr=False)
-    _parts: dict[tuple[str, str, bool], list[str]] = field(default_factory=dict, repr=False)
+    folded_cache: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    parts_cache: dict[tuple[str, str, bool], list[str]] = field(default_factory=dict, repr=False)
     _body: bytes | None = field(default=None, repr=False)
     _mime: Message | None = field(default=None, repr=False)
 
@@ -235,17 +235,17 @@ class SieveMessage:
     def folded(self, name: str, limit: int) -> list[str]:
         """``header``'s values under i;ascii-casemap, for :is and :contains with constant
         keys (which are folded once, when the script is compiled)."""
-        got = self._folded.get(name)
+        got = self.folded_cache.get(name)
         if got is None:
             got = [fold(v) for v in self.header(name, limit)]
-            self._folded[name] = got
+            self.folded_cache[name] = got
         return got
 
     def parts(self, name: str, part: str, casemap: bool, limit: int) -> list[str]:
         """One part (``address_part``) of every address in every field of that name, in
         order, folded with ``casemap``: what an ``address`` test without :index compares."""
         key = (name, part, casemap)
-        got = self._parts.get(key)
+        got = self.parts_cache.get(key)
         if got is None:
             got = []
             for addresses in self.addresses(name, limit):
@@ -253,7 +253,7 @@ class SieveMessage:
                     value = address_part(address, part)
                     if value is not None:
                         got.append(fold(value) if casemap else value)
-            self._parts[key] = got
+            self.parts_cache[key] = got
         return got
 
     def envelope(self, name: str, part: str, casemap: bool) -> list[str]:
@@ -261,7 +261,7 @@ class SieveMessage:
         "auth"; lower case): [] for an unknown part or no AUTH, [""] for the null
         reverse-path whatever the address part; cached like ``parts``."""
         key = ("\x00" + name, part, casemap)  # no field name holds a NUL
-        got = self._parts.get(key)
+        got = self.parts_cache.get(key)
         if got is None:
             address = (self.envelope_from if name == "from" else self.envelope_to
                        if name == "to" else self.auth if name == "auth" else None)
@@ -272,7 +272,7 @@ class SieveMessage:
                 value = address_part(address, part)
                 if value is not None:
                     got.append(fold(value) if casemap else value)
-            self._parts[key] = got
+            self.parts_cache[key] = got
         return got
 
     def raw_header(self, name: str, limit: int) -> list[str]:

@@ -335,6 +335,8 @@ class Matcher:
         return False
 
     def test(self, r: Run, values: list[str]) -> bool:
+        if not values and self.kind != "count":  # nothing to compare: only :count can match
+            return False
         keys = self.prepared if self.prepared is not None else self._prepare(self.keys.get(r))
         kind = self.kind
         if kind == "count":
@@ -461,8 +463,14 @@ class Header(Test):
                     and matcher.prefolded else None)
 
     def ev(self, r: Run) -> bool:
-        if self.one is not None:
-            return self.matcher.test_folded(r, r.msg.folded(self.one, r.header_limit))
+        one = self.one
+        if one is not None:
+            msg = r.msg
+            values = msg.folded_cache.get(one)  # the method only on the first ask
+            if values is None:
+                values = msg.folded(one, r.header_limit)
+            # no such field (most rules' case): no values, no match for :is or :contains
+            return bool(values) and self.matcher.test_folded(r, values)
         lowered = self.lowered
         if lowered is None:
             lowered = [n.lower() for n in self.names.get(r)]
@@ -495,10 +503,14 @@ class Address(Test):
                     and matcher.prefolded else None)  # as Header's
 
     def ev(self, r: Run) -> bool:
-        if self.one is not None:
+        one = self.one
+        if one is not None:
             r.tick()
-            return self.matcher.test_folded(
-                r, r.msg.parts(self.one, self.part, True, r.header_limit))
+            msg = r.msg
+            values = msg.parts_cache.get((one, self.part, True))
+            if values is None:
+                values = msg.parts(one, self.part, True, r.header_limit)
+            return bool(values) and self.matcher.test_folded(r, values)
         lowered = self.lowered
         if lowered is None:
             lowered = [n.lower() for n in self.names.get(r)]
