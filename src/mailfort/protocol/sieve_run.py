@@ -9,7 +9,6 @@ them. Every run is bounded: actions, redirects, variables (count and size) and C
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from collections.abc import Callable
@@ -951,8 +950,10 @@ def execute(block: list[Command], msg: SieveMessage, env: SieveEnvironment,
             limits: SieveLimits) -> SieveResult:
     r = Run(msg, env, limits)
     try:
-        with contextlib.suppress(Stop, Return):
+        try:  # noqa: SIM105
             run_block(block, r)
+        except (Stop, Return):  # not contextlib.suppress: no context manager per message
+            pass
         return SieveResult(r.finish())
     except Fail as exc:
         return SieveResult([Keep()], error=str(exc))
