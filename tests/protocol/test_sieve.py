@@ -545,6 +545,35 @@ def test_cpu_budget() -> None:
     assert result.actions == [Keep()] and "CPU time limit of 1 ms" in (result.error or "")
 
 
+def test_cpu_budget_bounds_the_cached_fast_path() -> None:
+    """:contains on values folded once per message still counts each value against the
+    budget (the values are cached, the comparisons are not)."""
+    script = FI + 'if header :contains "x-many" "absent" { fileinto "A"; }\n' * 300
+    header = b"X-Many: " + b"v" * 20 + b"\r\n"
+    limited = compile_script(script, limits=SieveLimits(max_cpu_ms=1))
+    result = limited.run(message(header * 3000 + b"\r\n"), environment())
+    assert result.actions == [Keep()] and "CPU time limit of 1 ms" in (result.error or "")
+
+
+def test_values_cached_per_message_keep_comparator_and_part_apart() -> None:
+    """One message, tests that share a field but not the comparator, the part or :index:
+    each answer is the one the test alone gives."""
+    script = 'require ["fileinto", "variables", "index"];' + """
+        if header :is :comparator "i;octet" "subject" "hello" { fileinto "Octet"; }
+        if header :is "subject" "hello" { fileinto "Casemap"; }
+        if address :localpart :is "from" "example.com" { fileinto "Wrong"; }
+        if address :domain :is "from" "EXAMPLE.com" { fileinto "Domain"; }
+        if address :domain :is :comparator "i;octet" "from" "EXAMPLE.com" { fileinto "No"; }
+        if address :all :matches "from" "*@*" { fileinto "${1}"; }
+        if header :index 2 :contains "x-a" "two" { fileinto "Second"; }
+        if header :contains ["x-a", "subject"] "ONE" { fileinto "Either"; }
+    """
+    header = (b"Subject: Hello\r\nFrom: Ann <Ann@Example.COM>\r\nX-A: one\r\n"
+              b"X-A: two\r\n\r\n")
+    assert [a.mailbox for a in run(script, message(header)).actions
+            if isinstance(a, FileInto)] == ["Casemap", "Domain", "Ann", "Second", "Either"]
+
+
 def test_runtime_errors_keep_the_message() -> None:
     result = run('require ["fileinto", "variables"]; set "b" ""; fileinto "${b}";')
     assert result == SieveResult([Keep()], "fileinto: empty mailbox name")
@@ -627,6 +656,13 @@ def test_the_header_section_ends_at_the_first_empty_line() -> None:
     assert fields == {"subject": ["a"]}
     assert sieve_message.parse_header_block(b"A: 1\nB: 2\n \tfolded\n\nC: 3\n", 65536) == {
         "a": ["1"], "b": ["2 \tfolded"]}
+    parse = sieve_message.parse_header_block
+    assert parse(b"A: 1\r\n\r\nB: 2\r\n", 65536) == {"a": ["1"]}
+    assert parse(b"A: 1\n\r\nB: 2\r\n", 65536) == {"a": ["1"]}  # a line of only CR
+    assert parse(b"A: 1\n\r", 65536) == {"a": ["1"]}
+    assert parse(b"\r\nA: 1\r\n", 65536) == {}
+    assert parse(b"A: 1\r\n\tb\r\n c\nB:\r\n  2\r\n", 65536) == {
+        "a": ["1\tb c"], "b": ["2"]}
 
 
 def test_rfc2047_decoding() -> None:

@@ -9,7 +9,6 @@ them. Every run is bounded: actions, redirects, variables (count and size) and C
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from collections.abc import Callable
@@ -142,8 +141,14 @@ class Run:
         self.header_limit = limits.max_header_bytes_tested
 
     def tick(self) -> None:
+        """One operation: the clock (a system call) is read every 64th. Hot loops inline
+        ``r.ops += 1`` and call ``check`` themselves, which saves a call per operation."""
         self.ops += 1
-        if not self.ops & 63 and time.thread_time() > self.deadline:
+        if not self.ops & 63:
+            self.check()
+
+    def check(self) -> None:
+        if time.thread_time() > self.deadline:
             raise Fail(f"CPU time limit of {self.limits.max_cpu_ms} ms exceeded")
 
     # variables ------------------------------------------------------------
@@ -282,7 +287,8 @@ class StrList:
 class Matcher:
     """Match type + comparator (+ relation) + keys; sets ${0}..${n} after a :matches."""
 
-    __slots__ = ("casemap", "comparator", "keys", "kind", "prepared", "relation", "set_vars")
+    __slots__ = ("casemap", "comparator", "keys", "kind", "prefolded", "prepared", "relation",
+                 "set_vars")
 
     def __init__(self, kind: str, comparator: str, relation: str | None, keys: StrList,
                  set_vars: bool) -> None:
@@ -293,6 +299,9 @@ class Matcher:
         self.casemap = comparator == "i;ascii-casemap"
         self.set_vars = set_vars
         self.prepared = self._prepare(keys.const) if keys.const is not None else None
+        # the caller may hand ``test_folded`` values already folded (cached per message)
+        self.prefolded = (self.prepared is not None and self.casemap
+                          and kind in ("is", "contains"))
 
     def _prepare(self, keys: list[str]) -> list[object]:
         if self.kind == "matches":
@@ -303,7 +312,30 @@ class Matcher:
             return [m.numeric(k) for k in keys]
         return list(keys)
 
+    def test_folded(self, r: Run, values: list[str]) -> bool:
+        """``test`` for :is or :contains under i;ascii-casemap with constant keys, on values
+        the caller folded (``prefolded``); the same answer, without folding per test."""
+        keys: list[str] = self.prepared  # type: ignore[assignment]
+        if self.kind == "is":
+            for v in values:
+                r.ops += 1
+                if not r.ops & 63:
+                    r.check()
+                if v in keys:
+                    return True
+            return False
+        for v in values:
+            r.ops += 1
+            if not r.ops & 63:
+                r.check()
+            for k in keys:
+                if k in v:
+                    return True
+        return False
+
     def test(self, r: Run, values: list[str]) -> bool:
+        if not values and self.kind != "count":  # nothing to compare: only :count can match
+            return False
         keys = self.prepared if self.prepared is not None else self._prepare(self.keys.get(r))
         kind = self.kind
         if kind == "count":
@@ -388,14 +420,20 @@ class AllOf(Test):
         self.tests = tests
 
     def ev(self, r: Run) -> bool:
-        return all(t.ev(r) for t in self.tests)
+        for t in self.tests:  # noqa: SIM110 (a loop: no generator per test)
+            if not t.ev(r):
+                return False
+        return True
 
 
 class AnyOf(AllOf):
     __slots__ = ()
 
     def ev(self, r: Run) -> bool:
-        return any(t.ev(r) for t in self.tests)
+        for t in self.tests:  # noqa: SIM110 (a loop: no generator per test)
+            if t.ev(r):
+                return True
+        return False
 
 
 def _select(values: list[T], index: int | None, last: bool) -> list[T]:
@@ -407,31 +445,88 @@ def _select(values: list[T], index: int | None, last: bool) -> list[T]:
     return [values[-index] if last else values[index - 1]]
 
 
+def _lowered(names: StrList) -> list[str] | None:
+    """Constant field names in lower case, once at compile time."""
+    return [n.lower() for n in names.const] if names.const is not None else None
+
+
 class Header(Test):
-    __slots__ = ("index", "last", "matcher", "names")
+    __slots__ = ("index", "last", "lowered", "matcher", "names", "one")
 
     def __init__(self, names: StrList, matcher: Matcher, index: int | None, last: bool) -> None:
         self.names, self.matcher, self.index, self.last = names, matcher, index, last
+        self.lowered = lowered = _lowered(names)
+        # what most tests are (header :contains "Subject" "x"): one constant name, no :index,
+        # casemap :is or :contains with constant keys
+        self.one = (lowered[0] if lowered is not None and len(lowered) == 1 and index is None
+                    and matcher.prefolded else None)
 
     def ev(self, r: Run) -> bool:
+        one = self.one
+        if one is not None:
+            msg = r.msg
+            values = msg.folded_cache.get(one)  # the method only on the first ask
+            if values is None:
+                values = msg.folded(one, r.header_limit)
+            # no such field (most rules' case): no values, no match for :is or :contains
+            return bool(values) and self.matcher.test_folded(r, values)
+        lowered = self.lowered
+        if lowered is None:
+            lowered = [n.lower() for n in self.names.get(r)]
+        msg, limit, matcher = r.msg, r.header_limit, self.matcher
+        if self.index is None:
+            if matcher.prefolded:  # the common case: values folded once per message
+                if len(lowered) == 1:
+                    return matcher.test_folded(r, msg.folded(lowered[0], limit))
+                folded: list[str] = []
+                for name in lowered:
+                    folded += msg.folded(name, limit)
+                return matcher.test_folded(r, folded)
+            if len(lowered) == 1:
+                return matcher.test(r, msg.header(lowered[0], limit))
         values: list[str] = []
-        for name in self.names.get(r):
-            values += _select(r.msg.header(name.lower(), r.header_limit), self.index, self.last)
-        return self.matcher.test(r, values)
+        for name in lowered:
+            values += _select(msg.header(name, limit), self.index, self.last)
+        return matcher.test(r, values)
 
 
 class Address(Test):
-    __slots__ = ("index", "last", "matcher", "names", "part")
+    __slots__ = ("index", "last", "lowered", "matcher", "names", "one", "part")
 
     def __init__(self, names: StrList, matcher: Matcher, part: str, index: int | None,
                  last: bool) -> None:
         self.names, self.matcher, self.part = names, matcher, part
         self.index, self.last = index, last
+        self.lowered = lowered = _lowered(names)
+        self.one = (lowered[0] if lowered is not None and len(lowered) == 1 and index is None
+                    and matcher.prefolded else None)  # as Header's
 
     def ev(self, r: Run) -> bool:
-        values: list[str] = []
-        for name in self.names.get(r):
-            for addresses in _select(r.msg.addresses(name.lower(), r.header_limit),
+        one = self.one
+        if one is not None:
+            r.tick()
+            msg = r.msg
+            values = msg.parts_cache.get((one, self.part, True))
+            if values is None:
+                values = msg.parts(one, self.part, True, r.header_limit)
+            return bool(values) and self.matcher.test_folded(r, values)
+        lowered = self.lowered
+        if lowered is None:
+            lowered = [n.lower() for n in self.names.get(r)]
+        msg, limit, matcher = r.msg, r.header_limit, self.matcher
+        if self.index is None:  # the parts, folded or not, are cached per message
+            r.tick()
+            prefolded = matcher.prefolded
+            if len(lowered) == 1:
+                values = msg.parts(lowered[0], self.part, prefolded, limit)
+            else:
+                values = []
+                for name in lowered:
+                    values += msg.parts(name, self.part, prefolded, limit)
+            return matcher.test_folded(r, values) if prefolded else matcher.test(r, values)
+        values = []
+        for name in lowered:
+            for addresses in _select(msg.addresses(name, limit),
                                      self.index, self.last):
                 r.tick()
                 for address in addresses:
@@ -442,27 +537,25 @@ class Address(Test):
 
 
 class Envelope(Test):
-    __slots__ = ("matcher", "part", "parts")
+    __slots__ = ("lowered", "matcher", "part", "parts")
 
     def __init__(self, parts: StrList, matcher: Matcher, part: str) -> None:
         self.parts, self.matcher, self.part = parts, matcher, part
+        self.lowered = _lowered(parts)
 
     def ev(self, r: Run) -> bool:
-        values: list[str] = []
-        msg = r.msg
-        for name in self.parts.get(r):
-            name = name.lower()
-            address = (msg.envelope_from if name == "from" else msg.envelope_to if name == "to"
-                       else msg.auth if name == "auth" else None)
-            if address is None:
-                continue
-            if address == "":  # the null reverse-path is "" whatever the part
-                values.append("")
-                continue
-            part = address_part(address, self.part)
-            if part is not None:
-                values.append(part)
-        return self.matcher.test(r, values)
+        msg, matcher = r.msg, self.matcher
+        lowered = self.lowered
+        if lowered is None:
+            lowered = [n.lower() for n in self.parts.get(r)]
+        prefolded = matcher.prefolded
+        if len(lowered) == 1:
+            values = msg.envelope(lowered[0], self.part, prefolded)
+        else:
+            values = []
+            for name in lowered:
+                values += msg.envelope(name, self.part, prefolded)
+        return matcher.test_folded(r, values) if prefolded else matcher.test(r, values)
 
 
 class Exists(Test):
@@ -600,7 +693,9 @@ class Command:
 
 def run_block(block: list[Command], r: Run) -> None:
     for command in block:
-        r.tick()
+        r.ops += 1  # r.tick(), inlined: one call less per command
+        if not r.ops & 63:
+            r.check()
         command.run(r)
 
 
@@ -608,10 +703,16 @@ class If(Command):
     __slots__ = ("branches",)
 
     def __init__(self, branches: list[tuple[Test | None, list[Command]]]) -> None:
-        self.branches = branches
+        self.branches = branches  # the compiler appends elsif and else after this
 
     def run(self, r: Run) -> None:
-        for test, block in self.branches:
+        branches = self.branches
+        if len(branches) == 1:  # an "if" without elsif or else: most rules of a filter script
+            test, block = branches[0]
+            if test.ev(r):  # type: ignore[union-attr]
+                run_block(block, r)
+            return
+        for test, block in branches:
             if test is None or test.ev(r):
                 run_block(block, r)
                 return
@@ -849,8 +950,10 @@ def execute(block: list[Command], msg: SieveMessage, env: SieveEnvironment,
             limits: SieveLimits) -> SieveResult:
     r = Run(msg, env, limits)
     try:
-        with contextlib.suppress(Stop, Return):
+        try:  # noqa: SIM105
             run_block(block, r)
+        except (Stop, Return):  # not contextlib.suppress: no context manager per message
+            pass
         return SieveResult(r.finish())
     except Fail as exc:
         return SieveResult([Keep()], error=str(exc))
