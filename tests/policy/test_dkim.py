@@ -9,9 +9,9 @@ from pathlib import Path
 
 import dkim as dkimpy
 import pytest
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from cryptography.hazmat.primitives import serialization
 
 from mailfort.policy import dkim
 from mailfort.policy.dnslookup import Lookup
