@@ -18,6 +18,7 @@ load the X.509 library, which only making a key and its DNS record need (tls.py 
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 import re
 import threading
@@ -325,6 +326,24 @@ class _HashedBody(_dkim.DKIM):
             for name, h in hashers.items():
                 self.body_hashes[(c, name)] = (h.digest(), canonicalizer.length)
 
+    def verify_sig(self, sig: dict[bytes, bytes], include_headers: list[bytes],
+                   sig_header: tuple[bytes, bytes], dnsfunc: Any) -> bool:
+        """dkimpy 1.1's ``verify_sig`` (the key record, its errors as dkimpy reports them),
+        but the parsed key is kept per (name, record text): dkimpy parsed it again for
+        every signature of every message (its ASN.1 reader is Python). The record text
+        comes from the Lookup each time, so a changed or expired record is a new entry."""
+        name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
+        try:
+            self.pk, self.keysize, self.ktag, self.seqtlsrpt = _public_key(
+                name, dnsfunc(name, timeout=self.timeout))
+        except (_dkim.KeyFormatError, binascii.Error) as exc:
+            self.logger.error("%s", exc)
+            return False
+        except _dkim.DnsTimeoutError as exc:
+            self.logger.error("DnsTimeoutError: %s", exc)
+            return False
+        return bool(self.verify_sig_process(sig, include_headers, sig_header, dnsfunc))
+
     def verify_sig_process(self, sig: dict[bytes, bytes], include_headers: list[bytes],
                            sig_header: tuple[bytes, bytes], dnsfunc: Any) -> bool:
         try:
@@ -379,6 +398,29 @@ class _HashedBody(_dkim.DKIM):
         if ok and self.keysize < self.minkey:
             raise _dkim.KeyFormatError(f"public key too small: {self.keysize}")
         return ok
+
+
+# (key name, record text) -> dkimpy's parsed key; bounded, as _RSA_KEYS below.
+_PUBLIC_KEYS: OrderedDict[tuple[bytes, bytes], tuple[Any, int, bytes, bool]] = OrderedDict()
+
+
+def _public_key(name: bytes, record: bytes | str | None) -> tuple[Any, int, bytes, bool]:
+    """dkimpy's ``evaluate_pk`` of ``record`` (its errors too), kept per record text."""
+    text = record.encode("ascii", "replace") if isinstance(record, str) else record
+    if not text:
+        return _dkim.evaluate_pk(name, text)  # type: ignore[no-any-return]  # raises
+    key = (name.lower(), text)
+    with _RSA_KEYS_LOCK:
+        hit = _PUBLIC_KEYS.get(key)
+        if hit is not None:
+            _PUBLIC_KEYS.move_to_end(key)
+            return hit
+    parsed = tuple(_dkim.evaluate_pk(name, text))
+    with _RSA_KEYS_LOCK:
+        _PUBLIC_KEYS[key] = parsed  # type: ignore[assignment]
+        while len(_PUBLIC_KEYS) > _RSA_KEYS_MAX:
+            _PUBLIC_KEYS.popitem(last=False)
+    return parsed  # type: ignore[return-value]
 
 
 # (modulus, exponent) -> the public key object; bounded (a sender may use many keys).
