@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "src")]
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # mailfort itself: from PYTHONPATH
 
 from senderauth_bench import DOMAIN, make_keys, publish, signed_messages  # noqa: E402
 
