@@ -6,9 +6,10 @@ in bounded memory and linear time; an RSA signature is checked by ``cryptography
 (OpenSSL), not dkimpy's pure-Python RSA (``_HashedBody._verify_header_hash`` says why).
 This module decides what counts (RFC 8301: no rsa-sha1, RSA keys of 1024 bits at least;
 ed25519-sha256 of RFC 8463), turns a DNS failure into ``temperror`` instead of ``fail``,
-refuses a pass to a signature whose ``l=`` leaves part of the body unsigned (anyone may append to such a body: ``policy``, as
-large providers and M3AAWG advise), and keeps the signing keys:
-``<data_dir>/dkim/<domain>/<selector>.pem`` (mode 0600, PKCS #8), RSA or Ed25519.
+refuses a pass to a signature whose ``l=`` leaves part of the body unsigned (anyone may
+append to such a body: ``policy``, as large providers and M3AAWG advise), and keeps the
+signing keys: ``<data_dir>/dkim/<domain>/<selector>.pem`` (mode 0600, PKCS #8), RSA or
+Ed25519.
 Synchronous (CPU and DNS): run it in a worker thread.
 
 Signing hands the key to dkimpy as it is on disk (it reads PKCS #8 RSA keys; an Ed25519
