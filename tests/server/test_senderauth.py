@@ -16,6 +16,7 @@ import smtplib
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -644,3 +645,48 @@ async def test_spf_lookups_overlap_the_transaction_unless_mail_waits_for_them(
     strict = await mx("b", sender_auth={"spf_fail": "reject"})
     took = await asyncio.to_thread(_mail_reply_seconds, strict.port("mx"), "a@slower.test")
     assert took >= 0.8, took
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    """The loop's default executor, counting what is handed to its threads."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.submitted = 0
+
+    def submit(self, *args: Any, **kw: Any) -> Any:  # type: ignore[override]
+        self.submitted += 1
+        return super().submit(*args, **kw)
+
+
+def test_unforged_small_message_is_checked_on_the_loop(tmp_path: Path) -> None:
+    """A 1 KB message in memory is cleaned of forged Authentication-Results on the event
+    loop (a header scan: a thread hand-over cost the loop more); one in a spool file is
+    read in a thread. Forged fields go either way."""
+    from mailfort.server import senderauth
+    from mailfort.store.maildir import Committer
+
+    committer = Committer(tmp_path / "data")
+    trace = b"Received: from client by mx.test; Mon, 7 Dec 2026 22:00:00 +0000\r\n"
+    forged = (b"Authentication-Results: mx.test; dmarc=pass\r\nFrom: a@b.test\r\n"
+              b"Subject: hi\r\n\r\n" + b"x" * 1000 + b"\r\n")
+
+    async def run(body: bytes, big: bool) -> tuple[bytes, int]:
+        executor = _CountingExecutor()
+        asyncio.get_running_loop().set_default_executor(executor)
+        spool = committer.new_spool()
+        spool.write(trace + body + (b"y" * 78 + b"\r\n") * (20_000 if big else 0))
+        new = await senderauth.unforged(committer, spool, trace, "mx.test")
+        data = b"".join(new.chunks())
+        new.discard()
+        return data, executor.submitted
+
+    try:
+        for body in (forged, forged.split(b"\r\n", 1)[1]):
+            data, handed = asyncio.run(run(body, big=False))
+            assert handed == 0
+            assert b"Authentication-Results" not in data and data.startswith(trace)
+        data, handed = asyncio.run(run(forged, big=True))
+        assert handed == 1 and b"Authentication-Results" not in data
+    finally:
+        committer.stop()
