@@ -1498,11 +1498,21 @@ class MailSession:
                 pass  # every content item is known: the file need not be read
             elif need:
                 try:
-                    data = self._read_message(uid, header_only=need == 1)
-                except OSError:
+                    # The path as the view knows it first (one call: the common case);
+                    # _read_message refreshes a path another session's rename made stale.
+                    data = _read(info.path, False) if need == 2 else None
+                except FileNotFoundError:
                     data = None
+                except OSError:
+                    continue
                 if data is None:
-                    continue  # expunged elsewhere: reported by a later sync
+                    try:
+                        data = self._read_message(uid, header_only=need == 1)
+                    except OSError:
+                        data = None
+                    if data is None:
+                        continue  # expunged elsewhere: reported by a later sync
+                    info = v.info.get(uid, info)  # its path refreshed
                 wire = im.to_wire(data)
             parts: list[bytes] = []
             for a, name in named:
@@ -1518,6 +1528,9 @@ class MailSession:
                 elif name == "MODSEQ":
                     parts.append(b"MODSEQ (%d)" % info.modseq)
                 elif name == "BODY[]":
+                    if a.partial is None and len(wire) > im.QUOTED_MAX:
+                        parts.append(b"BODY[] {%d}\r\n%s" % (len(wire), wire))  # a literal
+                        continue
                     octets = im.partial(wire, a.partial)
                     origin = b"<%d>" % a.partial[0] if a.partial else b""
                     parts.append(b"BODY[]" + origin + b" " + im.encode(octets))

@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +70,13 @@ def _load_renameat2() -> Callable[..., int] | None:
 
 
 _RENAMEAT2 = _load_renameat2()
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
+def _fsencode(path: str) -> bytes:
+    """``os.fsencode`` for the common str (a quarter of its cost: a cold IMAP SELECT moves
+    thousands of files, two paths each)."""
+    return path.encode(_FS_ENCODING, _FS_ERRORS) if type(path) is str else os.fsencode(path)
 
 
 def rename_no_replace(src: str, dst: str) -> None:
@@ -78,7 +86,7 @@ def rename_no_replace(src: str, dst: str) -> None:
     link then an unlink (a crash in between leaves two names for one file, never a loss).
     """
     if _RENAMEAT2 is not None:
-        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+        if _RENAMEAT2(_AT_FDCWD, _fsencode(src), _AT_FDCWD, _fsencode(dst),
                       _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()

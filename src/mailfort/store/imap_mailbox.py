@@ -190,6 +190,11 @@ def _file_facts(path: str) -> tuple[int, int]:
         mtime = int(st.st_mtime)
         # A file in new/ or cur/ is never written again: once st_size octets are read
         # there is no need to read on to the end (one read of a small message, not two).
+        if st.st_size <= _CHUNK:  # most messages: one read, counted whole (no chunk seams)
+            data = os.read(fd, st.st_size)
+            lf = data.count(b"\n")
+            crlf = data.count(b"\r\n") if lf and b"\r" in data else 0
+            return (len(data) + lf - crlf), mtime
         while total < st.st_size and (chunk := os.read(fd, min(_CHUNK, st.st_size - total))):
             total += len(chunk)
             lf += chunk.count(b"\n")
