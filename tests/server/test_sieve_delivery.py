@@ -389,3 +389,29 @@ def test_a_vacation_without_days_answers_once_per_the_configured_default(
     actions = sv.evaluate("u@example.test", md, msg, sv.load(md)) or []
     (v,) = [a for a in actions if isinstance(a, sieve.Vacation)]
     assert v.seconds == 3 * 86400
+
+
+def test_a_global_script_in_the_service_users_tree_is_not_read_as_root(
+        tmp_path: Path) -> None:
+    """[sieve] before inside data_dir: the service user could make it a link to a file
+    only root may read, so preload (as root) leaves it to be read after the drop."""
+    from mailfort import config
+    from mailfort.server import sieve_delivery
+
+    data = tmp_path / "data"
+    (data / "sieve").mkdir(parents=True)
+    secret = tmp_path / "root-only"
+    secret.write_bytes(b"secret\r\n")
+    (data / "sieve" / "before.sieve").symlink_to(secret)
+    outside = tmp_path / "etc"
+    outside.mkdir()
+    (outside / "after.sieve").write_bytes(b"keep;\r\n")
+    cfg = config.from_dict({"server": {"data_dir": str(data)}, "sieve": {
+        "before": str(data / "sieve" / "before.sieve"),
+        "after": str(outside / "after.sieve")}})
+    sieve_delivery.preload(cfg)
+    try:
+        assert str(data / "sieve" / "before.sieve") not in sieve_delivery._PRELOADED
+        assert sieve_delivery._PRELOADED[str(outside / "after.sieve")] == b"keep;\r\n"
+    finally:
+        sieve_delivery._PRELOADED.clear()

@@ -73,10 +73,15 @@ def preload(cfg: Config) -> None:
     the drop): the service user need not be able to read them, nor change them."""
     if not cfg.sieve.enabled:
         return
+    owned = (cfg.data_path.resolve(), cfg.mail_path.resolve())
     for path in (cfg.sieve.before, cfg.sieve.after):
         if not path:
             continue
         p = Path(path)
+        if any(p.parent.resolve().is_relative_to(d) for d in owned):
+            # The service user's own tree: it could make the script a link to a file only
+            # root may read. Read after the drop, as that user, like everything there.
+            continue
         try:
             _PRELOADED[str(p)] = p.read_bytes()
             for other in sorted(p.parent.glob("*.sieve"))[:_MAX_GLOBAL_SCRIPTS]:
