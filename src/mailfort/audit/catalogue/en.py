@@ -79,11 +79,11 @@ CHECKS: dict[str, dict[str, str]] = {
         "postfix": "disable_vrfy_command = yes.",
     },
     "tls.starttls": {
-        "title": "STARTTLS on every SMTP and IMAP port",
+        "title": "STARTTLS on every SMTP, IMAP and ManageSieve port",
         "why": "Without TLS, mail and passwords cross the network in plaintext and can be read "
                "or changed on the way.",
-        "fix": "Offer STARTTLS on 25, 587 and 143 and implicit TLS on 465 and 993, with a valid "
-               "certificate.",
+        "fix": "Offer STARTTLS on 25, 587, 143 and 4190 and implicit TLS on 465 and 993, with a "
+               "valid certificate.",
         "postfix": "smtpd_tls_cert_file, smtpd_tls_key_file, smtpd_tls_security_level = may "
                    "(25) / encrypt (587).",
     },

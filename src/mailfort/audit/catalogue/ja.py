@@ -75,10 +75,10 @@ CHECKS: dict[str, dict[str, str]] = {
         "postfix": "disable_vrfy_command = yes。",
     },
     "tls.starttls": {
-        "title": "全 SMTP・IMAP ポートでの STARTTLS",
+        "title": "全 SMTP・IMAP・ManageSieve ポートでの STARTTLS",
         "why": "SMTP にはメールを暗号化する機能がなく、TLS がなければメールもパスワードも平文で"
                "ネットワークを流れ、盗聴・改竄される。",
-        "fix": "25/587/143 で STARTTLS、465/993 で暗黙の TLS を提供し、正しい証明書を使う。",
+        "fix": "25/587/143/4190 で STARTTLS、465/993 で暗黙の TLS を提供し、正しい証明書を使う。",
         "postfix": "smtpd_tls_cert_file、smtpd_tls_key_file、smtpd_tls_security_level = may(25)"
                    " / encrypt(587)。",
     },
