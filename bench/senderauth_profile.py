@@ -4,14 +4,16 @@
 Same keys, records and signed 1 KB messages as bench/senderauth_bench.py, sent the same way
 (bench/smtp_load.py ``--message-dir``, a connection per message, 50 sessions) to ``mailfort
 serve`` as shipped, with no Postfix and no milters (nothing to install; the DNS server on a
-free port). ``--unsigned`` sends the same messages without their DKIM-Signature fields from
-a domain with no records (the as-shipped MX row's work), to tell what the checks of a
-signed message cost. CPU per message is the serve process tree's; with ``--py-spy FILE``
-each worker is sampled (py-spy ``record --subprocesses``) during the last measurement, and a
-per-function "own time" summary is written next to FILE.
+free port). ``--unsigned`` sends the same messages without their DKIM-Signature fields, From:
+a domain with no records (about the as-shipped MX row's work); ``--both`` alternates the two
+on one server and prints what a signed message costs more, pair by pair. CPU per message is
+the serve process tree's; with ``--py-spy FILE`` the server and its workers are sampled
+(py-spy ``record --subprocesses``, raw) during the last measurement of each kind, into
+FILE.signed / FILE.unsigned, with a per-function summary (inclusive and own shares of the
+busy samples) next to each.
 
-    MAILFORT_BENCH_NO_WAIT=1 PYTHONPATH=src python3 bench/senderauth_profile.py \
-        [--reps 3 --messages 2000] [--unsigned] [--py-spy /tmp/sa.txt] [--source SRC]
+    MAILFORT_BENCH_NO_WAIT=1 PYTHONPATH=src python3 bench/senderauth_profile.py --both \
+        [--reps 3 --messages 2000] [--py-spy /tmp/sa] [--source OTHER/src]
 """
 
 from __future__ import annotations
