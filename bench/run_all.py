@@ -65,7 +65,7 @@ ANCHORS = next((p for p in (HERE.parent.parent / "shared" / "anchors",
                HERE.parent.parent / "shared" / "anchors")
 PORT_BASE = 12500  # mailfort's listeners: see bench/mfproc.py OFFSETS
 # (size, sessions, (median target, worst-pair target) or None) of the MX rows
-MX_ROWS = ((1024, 50, (2.0, 1.6)), (102400, 50, (1.5, None)), (1024, 1, (1.0, None)),
+MX_ROWS = ((1024, 50, (2.0, 1.6)), (102400, 50, (1.5, None)), (1024, 1, (1.2, None)),
            (1024, 10, None))
 
 

@@ -87,3 +87,16 @@ def test_strip_ours_reads_field_names_as_the_shared_reader_does() -> None:
              b"X-Authentication-Results: mx.example.test; kept\r\n")
     out, removed = authresults.strip_ours(block, "mx.example.test")
     assert removed == 1 and out == b"X-Authentication-Results: mx.example.test; kept\r\n"
+
+
+def test_strip_ours_finds_names_broken_up_by_ignored_bytes() -> None:
+    """The quick test for "no such field here" must not miss a name that the field reader
+    takes for Authentication-Results once it drops control bytes and white space."""
+    for name in (b"Authentication-Results", b"AUTHENTICATION-RESULTS",
+                 b"Authentication\x00-Res\x7fults", b"A\tuthentication-Results \x1f",
+                 b"\x01Authentication-Results\x00\x00"):
+        block = b"Subject: hi\r\n" + name + b": mx.example.test; dmarc=pass\r\nX: 1\r\n"
+        assert authresults.strip_ours(block, "mx.example.test") == (
+            b"Subject: hi\r\nX: 1\r\n", 1), name
+    plain = b"Subject: hi\r\nX-Authentication: mx.example.test\r\n\tfolded\r\n"
+    assert authresults.strip_ours(plain, "mx.example.test") == (plain, 0)

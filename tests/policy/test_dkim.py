@@ -312,7 +312,7 @@ _FIELD_TEXT = st.text(st.sampled_from("aZ \t09;:<>@.-"), max_size=20)
 
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(canon=st.sampled_from([b"simple", b"relaxed"]), hcanon=st.sampled_from([b"simple",
-       b"relaxed"]), subject=_FIELD_TEXT, edit=st.integers(0, 7), where=st.integers(0, 10**6),
+       b"relaxed"]), subject=_FIELD_TEXT, edit=st.integers(0, 9), where=st.integers(0, 10**6),
        text=_FIELD_TEXT)
 def test_verification_agrees_with_dkimpy_alone(canon: bytes, hcanon: bytes, subject: str,
                                                edit: int, where: int, text: str) -> None:
@@ -346,6 +346,14 @@ def test_verification_agrees_with_dkimpy_alone(canon: bytes, hcanon: bytes, subj
         data = data.replace(b"To: bob@elsewhere.test\r\n", b"", 1)
     elif edit == 6:  # more body
         data += t + b"\r\n"
+    elif edit == 7:  # white space, folding or text in a signature's b= (blanked when hashed)
+        i = data.find(b" b=", where % max(1, len(sigs) - 8)) + 3 + where % 40
+        fold = (b"\r\n\t", b" ", b"\t", b"\r\n ", b"")[where % 5]
+        if 3 <= i < len(sigs):
+            data = data[:i] + fold + t + data[i:]
+    elif edit == 8:  # a signature's tag list altered (a tag doubled, emptied, misspelt)
+        tag = (b" h=", b" d=", b" s=", b" bh=", b" a=")[where % 5]
+        data = data.replace(tag, (b";" + t + tag, tag + t, tag + b";" + tag)[where % 3], 1)
     records = {f"{sel.decode()}._domainkey.sign.test": rec for _m, rec, sel in keys.values()}
 
     def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
@@ -370,3 +378,24 @@ def test_verification_agrees_with_dkimpy_alone(canon: bytes, hcanon: bytes, subj
         except dkimpy.DKIMException:
             theirs.append(False)
     assert ours == theirs
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(value=st.lists(st.sampled_from([b"b", b"=", b";", b" ", b"\t", b"\r", b"\n", b"\x0b",
+                                        b"A", b"z", b"0", b"+", b"/", b"h", b"-"]),
+                      max_size=24).map(b"".join))
+def test_b_value_is_blanked_as_dkimpy_does(value: bytes) -> None:
+    """The regular expression that blanks b= before the header hash (policy/dkim.py's
+    ``_B_VALUE``, linear) removes what dkimpy's RE_BTAG removes, on any field text."""
+    assert dkim._B_VALUE.sub(rb"\1", value) == dkimpy.RE_BTAG.sub(rb"\1", value)
+
+
+def test_b_value_of_a_real_signature_field_is_blanked_as_dkimpy_does() -> None:
+    keys = _keys()
+    for alg, (material, _rec, sel) in keys.items():
+        sig = dkimpy.sign(MESSAGE, sel, b"sign.test", material, linesep=b"\r\n",
+                          signature_algorithm=b"rsa-sha256" if alg == "rsa"
+                          else b"ed25519-sha256")
+        value = sig.partition(b":")[2]
+        for variant in (value, value.replace(b"b=", b"b =\r\n\t"), value.rstrip(b"\r\n")):
+            assert dkim._B_VALUE.sub(rb"\1", variant) == dkimpy.RE_BTAG.sub(rb"\1", variant)

@@ -114,10 +114,19 @@ def claims(value: bytes, hostname: str) -> bool:
     return re.search(rf"(?<![\w.-]){re.escape(ours)}\.?(?![\w.-])", head, re.I) is not None
 
 
+_FIELD_BYTES = FIELD.lower().encode()
+_IGNORED_IN_NAME = bytes([*range(0x21), 0x7F])  # headerfields._IGNORED_IN_NAME, as bytes
+
+
 def strip_ours(header_block: bytes, hostname: str) -> tuple[bytes, int]:
     """The header block without Authentication-Results fields that claim ``hostname``
     (RFC 8601 §5: a forgery, since only we write fields with our authserv-id), wherever
     they are in it; fields whose authserv-id cannot be read for sure go too."""
+    if _FIELD_BYTES not in header_block.translate(None, _IGNORED_IN_NAME).lower():
+        # No field can have that name (headerfields.field_name drops these bytes from a
+        # name before it compares): the block as it is, without reading it field by field
+        # (12.7 → 1.9 µs for a signed message's header section, on every MX message).
+        return header_block, 0
     lines = header_block.split(b"\r\n")
     kept: list[bytes] = []
     removed = 0
