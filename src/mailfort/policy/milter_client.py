@@ -270,16 +270,20 @@ class MilterClient:
         self.reuse, self.max_idle, self.idle_timeout = reuse, max_idle, idle_timeout
         self._idle: list[_Connection] = []
         self.connections = self.writes = self.round_trips = 0
+        self._target: tuple[str, str, int] | str  # parsed once; the error text otherwise
+        try:
+            self._target = parse_address(address)
+        except ValueError as exc:
+            self._target = str(exc)
 
     async def check(self, message: MilterMessage, content: Content) -> MilterVerdict:
         """Run ``message`` (``content``: the whole RFC 5322 message, CRLF line ends) through
         the filter. Never raises for anything the filter or the network does."""
         if not message.recipients:
             return MilterVerdict("error", step="rcpt", reason="a message needs a recipient")
-        try:
-            target = parse_address(self.address)
-        except ValueError as exc:
-            return MilterVerdict("error", step="connect", reason=str(exc))
+        target = self._target
+        if isinstance(target, str):
+            return MilterVerdict("error", step="connect", reason=target)
         again = not isinstance(content, io.IOBase)  # bytes, a path or an opener
         conn = self._take()
         if conn is not None:

@@ -84,13 +84,16 @@ class Step(enum.Enum):
         self.skip_flag = skip
         self.no_reply_flag = no_reply
         self.stage = stage
+        self.position = 0  # in _ORDER, set below
+        self.repeats = False
 
 
 # the order of one message; RCPT, HEADER and BODY repeat
 _ORDER = [Step.OPTNEG, Step.CONNECT, Step.HELO, Step.MAIL, Step.RCPT, Step.DATA, Step.HEADER,
           Step.EOH, Step.BODY, Step.EOM]
 _REPEATS = {Step.RCPT, Step.HEADER, Step.BODY}
-_POSITION = {step: i for i, step in enumerate(_ORDER)}
+for _i, _step in enumerate(_ORDER):  # attributes: an Enum member hashes in Python code
+    _step.position, _step.repeats = _i, _step in _REPEATS
 _MACRO, _ABORT, _QUIT, _QUIT_NC = b"D", b"A", b"Q", b"K"
 
 # ---------------------------------------------------------------------------- replies
@@ -668,8 +671,8 @@ class MilterSession:
         else:
             if last is None:
                 raise RuntimeError("OPTNEG first")
-            here, before = _POSITION[step], _POSITION[last]
-            if not (here > before or (here == before and step in _REPEATS)):
+            here, before = step.position, last.position
+            if not (here > before or (here == before and step.repeats)):
                 raise RuntimeError(f"{step.name} after {last.name}")
             if step is Step.DATA and last is not Step.RCPT:
                 raise RuntimeError("DATA needs a recipient")

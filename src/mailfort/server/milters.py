@@ -131,12 +131,16 @@ class Milters:
                      content: Callable[[], bytes | io.IOBase]) -> MilterVerdict:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.slots)
-        try:
-            async with asyncio.timeout(self.wait):  # a free one is taken at once, even at 0
-                await self._semaphore.acquire()
-        except TimeoutError:
-            return MilterVerdict("error", step="connect",
-                                 reason="no free milter connection (limits.max_milter_connections)")
+        if not self._semaphore.locked():  # a free one is taken at once, without a timer
+            await self._semaphore.acquire()
+        else:
+            try:
+                async with asyncio.timeout(self.wait):
+                    await self._semaphore.acquire()
+            except TimeoutError:
+                return MilterVerdict(
+                    "error", step="connect",
+                    reason="no free milter connection (limits.max_milter_connections)")
         try:
             return await self.clients[self.entries.index(entry)].check(message, content)
         finally:
