@@ -448,11 +448,12 @@ async def _run(conn: _Connection, msg: MilterMessage, content: bytes | Path | Bi
     conn.last_final = type(_final(events))
     mods = tuple(e for e in events if isinstance(e, m.Modification))
     quarantine = next((e.reason for e in mods if isinstance(e, m.Quarantine)), None)
-    verdict = _decided(_final(events), "eom") or MilterVerdict("continue", step="eom")
-    if quarantine is not None and verdict.action in ("accept", "continue"):
-        verdict = MilterVerdict("quarantine", step="eom")
-    return MilterVerdict(verdict.action, verdict.code, verdict.text, "eom", mods, quarantine,
-                         refused)
+    decided = _decided(_final(events), "eom")  # no verdict built only to be copied
+    action, code, text = ("continue", 0, "") if decided is None else (
+        decided.action, decided.code, decided.text)
+    if quarantine is not None and action in ("accept", "continue"):
+        action, code, text = "quarantine", 0, ""
+    return MilterVerdict(action, code, text, "eom", mods, quarantine, refused)
 
 
 def _with_refused(verdict: MilterVerdict, refused: dict[str, tuple[int, str]]) -> MilterVerdict:
