@@ -15,7 +15,8 @@ message is the same by construction, and its CPU is read from /proc over each se
 window (the servers are measured one at a time). Its proxy runs ``--rspamd-workers``
 processes (default: one per CPU, as Debian's normal worker).
 
-mailfort: ``bench/mfproc.MailfortServer`` (workers = 1, as run_all.py) with ``[[milter]]
+mailfort: ``bench/mfproc.MailfortServer`` with ``workers = 0`` (one per CPU: the shipped
+default, mailfort as an administrator runs it; ``--workers 1`` for one process) with ``[[milter]]
 address = "inet:127.0.0.1:PORT"`` and ``reuse = "always"`` (the README's rspamd set-up: its
 connections are kept between messages), the defaults otherwise (on_error = "tempfail").
 
@@ -346,7 +347,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--sessions", type=int, default=50)
     ap.add_argument("--rspamd-workers", type=int, default=NCPU)
-    ap.add_argument("--workers", type=int, default=1, help="mailfort's [server] workers")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="mailfort's [server] workers (default 0: one per CPU, as shipped)")
     ap.add_argument("--no-plain", action="store_true", help="skip the no-milter pair")
     args = ap.parse_args()
     if not 1 <= args.pairs <= 20 or not 1 <= args.messages <= 100_000:

@@ -284,3 +284,45 @@ def test_quit_nc_only_after_end_of_message_then_connect_again() -> None:
     assert s.new_connection() == m.packet(b"K")
     assert s.connect("h2", "4", 25, "192.0.2.2")[4:5] == b"C"  # no new OPTNEG first
     assert not s.awaiting  # NR_CONN: no reply awaited
+
+
+def _to_headers(protocol: int) -> m.MilterSession:
+    s = negotiated(protocol)
+    for send in (lambda: s.connect("h", "4", 25, "192.0.2.1"), lambda: s.helo("h"),
+                 lambda: s.mail("a@b"), lambda: s.rcpt("c@d"), s.data):
+        send()
+        if s.awaiting:
+            s.receive(reply(b"c"))
+    return s
+
+
+def test_unanswered_headers_are_encoded_in_one_call_as_one_at_a_time() -> None:
+    """rspamd answers no header (NR_HDR): all of them in one call, the same octets as one
+    ``header`` call each (the milter path's cost per message), never for a filter that
+    answers each, and none for one that skips them."""
+    fields = [("Received", "from a\r\n\tby b"), ("Subject", "x"), ("X-Empty", "")]
+    one_by_one = _to_headers(m.NR_HDR)
+    expected = b"".join(one_by_one.header(n, v) for n, v in fields)
+    batched = _to_headers(m.NR_HDR)
+    assert batched.headers(fields) == expected and not batched.awaiting
+    assert batched.end_of_headers() == m.packet(b"N")  # the order goes on from there
+    assert _to_headers(m.NOHDRS).headers(fields) == b""
+    with pytest.raises(RuntimeError):
+        _to_headers(0).headers(fields)  # each answered: one at a time, each awaited
+
+
+def test_folding_and_field_name_checks_of_a_filters_header() -> None:
+    """The checks on a field a filter adds (one regular expression each now)."""
+    def added(name: bytes, value: bytes) -> m.Event:
+        s = _to_headers(0)
+        s.end_of_headers()
+        s.receive(reply(b"c"))
+        s.end_of_message()
+        return s.receive(reply(b"h", name + b"\0" + value + b"\0"))[0]
+
+    assert added(b"X-Spamd-Result", b"a;\n\tb;\r\n c") == m.AddHeader(
+        "X-Spamd-Result", "a;\n\tb;\r\n c")
+    for name, value in ((b"X-A", b"a\nb"), (b"X-A", b"a\n"), (b"X-A", b"a\r\n"),
+                        (b"X-A", b"a\rb"), (b"X A", b"v"), (b"X:A", b"v"), (b"", b"v"),
+                        (b"X-\xc3\xa9", b"v"), (b"X-A", b"a\n\t\x01")):
+        assert isinstance(added(name, value), m.ProtocolError), (name, value)

@@ -615,3 +615,46 @@ async def test_clamav_rejects_eicar_at_data(mailfort: NodeFactory, clamav: str) 
     assert code == 550 and text.startswith("5.7.1"), text
     assert nothing_stored(node)
     assert (await asyncio.to_thread(send, node.port("mx"), letter("clean")))[0] == 250
+
+
+def test_added_fields_only_keep_the_header_block_whole(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """rspamd's usual verdict (fields added at the end): the new spool is built without
+    splitting the header section into fields, and holds the same octets as the general path
+    (a field inserted at the end); a claimed Authentication-Results is still dropped."""
+    from mailfort.protocol import milter as m
+    from mailfort.server.milters import _rewrite
+    from mailfort.store.maildir import Committer
+
+    committer = Committer(tmp_path, use_syncfs=False)
+    try:
+        trace = (b"Return-Path: <a@example.org>\r\n"
+                 b"Received: from c ([192.0.2.1])\r\n\tby mx.example.test; id 1\r\n")
+        message = (b"From: a@example.org\r\nSubject: hi\r\n folded\r\n\r\nbody\r\n.x\r\n")
+        spool = committer.new_spool()
+        spool.write(trace + message)
+        added = (m.AddHeader("X-Spamd-Result", "default: False;\n\tA(0.00)[]"),
+                 m.AddHeader("Authentication-Results", "mx.example.test; spf=pass"))
+        notes: list[str] = []
+
+        def split(block: bytes) -> list[bytes]:
+            raise AssertionError("the header section was split into fields")
+
+        monkeypatch.setattr("mailfort.server.milters._fields", split)
+        fast, fast_trace = _rewrite(committer, spool, trace, added, "a@example.org",
+                                    "mx.example.test", notes)
+        monkeypatch.undo()
+        general, general_trace = _rewrite(
+            committer, spool, trace, (*added, m.InsertHeader(999, "X-Last", "1")),
+            "a@example.org", "mx.example.test", [])
+        got, other = b"".join(fast.chunks()), b"".join(general.chunks())
+        assert got == (trace + b"From: a@example.org\r\nSubject: hi\r\n folded\r\n"
+                       b"X-Spamd-Result: default: False;\r\n\tA(0.00)[]\r\n"
+                       b"\r\nbody\r\n.x\r\n")
+        assert other == got.replace(b"[]\r\n\r\n", b"[]\r\nX-Last: 1\r\n\r\n")
+        assert fast_trace == general_trace == trace
+        assert notes == ["Authentication-Results claiming mx.example.test from a filter dropped"]
+        for s in (spool, fast, general):
+            s.discard()
+    finally:
+        committer.stop()

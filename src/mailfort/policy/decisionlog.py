@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from mailfort import metrics
 from mailfort.protocol.replies import Reply
@@ -165,11 +166,17 @@ def dnsbl_listed(ip: str, zone: str, codes: Iterable[str], weight: int) -> None:
               "dnsbl [%s] listed in %s (%s) weight=%d", c_ip, c_zone, joined, weight)
 
 
+_MILTER_COUNTERS: dict[str, Any] = {}  # action → its counter: ``labels`` costs a lock each
+
+
 def milter(ip: str, queue_id: str, address: str, action: str, detail: object = "") -> None:
     """A content filter's verdict on one message (server/milters.py): accept, continue,
     reject, tempfail, discard, quarantine, or error (then ``detail`` says what the
     milter's on_error made of it)."""
-    metrics.MILTER.labels(action).inc()
+    counter = _MILTER_COUNTERS.get(action)
+    if counter is None:  # a handful of actions (milter_client.MilterVerdict): bounded
+        counter = _MILTER_COUNTERS[action] = metrics.MILTER.labels(action)
+    counter.inc()
     if _on():
         c_ip, c_id, c_addr, c_action = clean(ip), clean(queue_id), clean(address), clean(action)
         c_detail = clean(detail)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from mailfort.protocol import milter as m
 from mailfort.protocol.milter import parse_address
 
 READ_CHUNK = 16384
+_NOT_NAME = re.compile(rb"[\x00-\x20\x7f]")  # a header field name has none of these
 MAX_HEADER_LINE = 65536  # a longer "header" line ends the header section (the rest is body)
 FLUSH_AT = 65536  # octets of unanswered steps gathered before they are written anyway
 # reuse: "never" (a connection per message), "continue" (after a message the filter ended
@@ -113,9 +115,7 @@ def split_message(source: bytes | Path | BinaryIO) -> tuple[list[tuple[str, str]
             headers[-1] = (name, value + "\r\n" + _text(line).rstrip("\r\n"))
             continue
         name, colon, value = line.partition(b":")
-        if not colon or not name or not line.endswith(b"\n") or any(
-            c <= 32 or c == 127 for c in name
-        ):
+        if not colon or not name or not line.endswith(b"\n") or _NOT_NAME.search(name):
             leftover = line  # not a header field: the body starts here
             break
         headers.append((_text(name), _text(value).strip(" \t\r\n")))
@@ -176,6 +176,15 @@ class _Connection:
         if data:
             self.pending.append(data)
             self.pending_size += len(data)
+
+    def queued(self, data: bytes) -> bool:
+        """Queue a step the filter does not answer while nothing needs writing yet; False
+        (nothing done) when ``send`` must take it. Most steps to rspamd go this way: no
+        coroutine per step."""
+        if self.session.awaiting or self.pending_size + len(data) >= FLUSH_AT:
+            return False
+        self.queue(data)
+        return True
 
     async def flush(self) -> None:
         if self.pending:
@@ -261,16 +270,20 @@ class MilterClient:
         self.reuse, self.max_idle, self.idle_timeout = reuse, max_idle, idle_timeout
         self._idle: list[_Connection] = []
         self.connections = self.writes = self.round_trips = 0
+        self._target: tuple[str, str, int] | str  # parsed once; the error text otherwise
+        try:
+            self._target = parse_address(address)
+        except ValueError as exc:
+            self._target = str(exc)
 
     async def check(self, message: MilterMessage, content: Content) -> MilterVerdict:
         """Run ``message`` (``content``: the whole RFC 5322 message, CRLF line ends) through
         the filter. Never raises for anything the filter or the network does."""
         if not message.recipients:
             return MilterVerdict("error", step="rcpt", reason="a message needs a recipient")
-        try:
-            target = parse_address(self.address)
-        except ValueError as exc:
-            return MilterVerdict("error", step="connect", reason=str(exc))
+        target = self._target
+        if isinstance(target, str):
+            return MilterVerdict("error", step="connect", reason=target)
         again = not isinstance(content, io.IOBase)  # bytes, a path or an opener
         conn = self._take()
         if conn is not None:
@@ -369,30 +382,32 @@ async def _run(conn: _Connection, msg: MilterMessage, content: bytes | Path | Bi
                timeout: float) -> MilterVerdict:
     s, macros = conn.session, msg.macros
 
-    async def send(data: bytes, step: str) -> list[m.Event]:
-        return await conn.send(data, step, timeout)
+    async def ask(data: bytes, step: str) -> MilterVerdict | None:
+        """Send a step that may need a reply (or a write); its verdict, None to go on."""
+        return _decided(_final(await conn.send(data, step, timeout)), step)
 
     if s.negotiated is None:
-        await send(s.start(), "optneg")
+        await conn.send(s.start(), "optneg", timeout)
     else:  # a kept connection: the filter forgets the last client, this one follows
         conn.queue(s.new_connection())
     conn.last_final = None
     family = "6" if ":" in msg.client_address else "4" if msg.client_address else "U"
-    steps = [
-        ("connect", lambda: s.connect(msg.client_name, family, msg.client_port,
-                                      msg.client_address, macros.get("connect"))),
-        ("helo", lambda: s.helo(msg.helo, macros.get("helo"))),
-        ("mail", lambda: s.mail(msg.sender, (), macros.get("mail"))),
-    ]
-    for step, command in steps:
-        if (verdict := _decided(_final(await send(command(), step)), step)) is not None:
-            return verdict
+    # each step: queued at once when the filter does not answer it, else asked
+    data = s.connect(msg.client_name, family, msg.client_port, msg.client_address,
+                     macros.get("connect"))
+    if not conn.queued(data) and (verdict := await ask(data, "connect")) is not None:
+        return verdict
+    data = s.helo(msg.helo, macros.get("helo"))
+    if not conn.queued(data) and (verdict := await ask(data, "helo")) is not None:
+        return verdict
+    data = s.mail(msg.sender, (), macros.get("mail"))
+    if not conn.queued(data) and (verdict := await ask(data, "mail")) is not None:
+        return verdict
     refused: dict[str, tuple[int, str]] = {}
+    rcpt_macros = macros.get("rcpt", {})
     for rcpt in msg.recipients:
-        per_rcpt = {**macros.get("rcpt", {}), "{rcpt_addr}": rcpt}  # this recipient's
-        final = _final(await send(s.rcpt(rcpt, (), per_rcpt), "rcpt"))
-        verdict = _decided(final, "rcpt")
-        if verdict is None:
+        data = s.rcpt(rcpt, (), {**rcpt_macros, "{rcpt_addr}": rcpt})  # this recipient's
+        if conn.queued(data) or (verdict := await ask(data, "rcpt")) is None:
             continue
         if verdict.action in ("reject", "tempfail"):
             refused[rcpt] = (verdict.code, verdict.text)  # this recipient only, as Postfix
@@ -404,36 +419,41 @@ async def _run(conn: _Connection, msg: MilterMessage, content: bytes | Path | Bi
                              refused_recipients=refused)
     headers, body = split_message(content)
     try:
-        if (verdict := _decided(_final(await send(s.data(macros.get("data")), "data")),
-                                "data")) is not None:
+        data = s.data(macros.get("data"))
+        if not conn.queued(data) and (verdict := await ask(data, "data")) is not None:
             return _with_refused(verdict, refused)
-        for name, value in headers if not s.skips(m.Step.HEADER) else ():
-            data = s.header(name, value)
-            if not s.awaiting and conn.pending_size < FLUSH_AT:
-                conn.queue(data)  # the common case (rspamd): no reply, nothing to wait for
-            elif (verdict := _decided(_final(await send(data, "header")), "header")):
-                return _with_refused(verdict, refused)
-        if (verdict := _decided(_final(await send(s.end_of_headers(macros.get("eoh")), "eoh")),
-                                "eoh")) is not None:
+        if s.skips(m.Step.HEADER):
+            pass
+        elif not s.answers(m.Step.HEADER):  # the common case (rspamd): all in one piece
+            data = s.headers(headers)
+            if not conn.queued(data):
+                await conn.send(data, "header", timeout)  # written: nothing to wait for
+        else:
+            for name, value in headers:
+                if (verdict := await ask(s.header(name, value), "header")) is not None:
+                    return _with_refused(verdict, refused)
+        data = s.end_of_headers(macros.get("eoh"))
+        if not conn.queued(data) and (verdict := await ask(data, "eoh")) is not None:
             return _with_refused(verdict, refused)
         if not s.skips(m.Step.BODY):  # a filter that wants no body: none is read
             for chunk in body:
-                events = await send(s.body(chunk), "body")
-                if (verdict := _decided(_final(events), "body")) is not None:
+                data = s.body(chunk)
+                if not conn.queued(data) and (verdict := await ask(data, "body")) is not None:
                     return _with_refused(verdict, refused)
                 if s.skip_body:
                     break
     finally:
         body.close()
-    events = await send(s.end_of_message(macros.get("eom")), "eom")
+    events = await conn.send(s.end_of_message(macros.get("eom")), "eom", timeout)
     conn.last_final = type(_final(events))
     mods = tuple(e for e in events if isinstance(e, m.Modification))
     quarantine = next((e.reason for e in mods if isinstance(e, m.Quarantine)), None)
-    verdict = _decided(_final(events), "eom") or MilterVerdict("continue", step="eom")
-    if quarantine is not None and verdict.action in ("accept", "continue"):
-        verdict = MilterVerdict("quarantine", step="eom")
-    return MilterVerdict(verdict.action, verdict.code, verdict.text, "eom", mods, quarantine,
-                         refused)
+    decided = _decided(_final(events), "eom")  # no verdict built only to be copied
+    action, code, text = ("continue", 0, "") if decided is None else (
+        decided.action, decided.code, decided.text)
+    if quarantine is not None and action in ("accept", "continue"):
+        action, code, text = "quarantine", 0, ""
+    return MilterVerdict(action, code, text, "eom", mods, quarantine, refused)
 
 
 def _with_refused(verdict: MilterVerdict, refused: dict[str, tuple[int, str]]) -> MilterVerdict:

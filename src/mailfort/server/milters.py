@@ -131,12 +131,16 @@ class Milters:
                      content: Callable[[], bytes | io.IOBase]) -> MilterVerdict:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.slots)
-        try:
-            async with asyncio.timeout(self.wait):  # a free one is taken at once, even at 0
-                await self._semaphore.acquire()
-        except TimeoutError:
-            return MilterVerdict("error", step="connect",
-                                 reason="no free milter connection (limits.max_milter_connections)")
+        if not self._semaphore.locked():  # a free one is taken at once, without a timer
+            await self._semaphore.acquire()
+        else:
+            try:
+                async with asyncio.timeout(self.wait):
+                    await self._semaphore.acquire()
+            except TimeoutError:
+                return MilterVerdict(
+                    "error", step="connect",
+                    reason="no free milter connection (limits.max_milter_connections)")
         try:
             return await self.clients[self.entries.index(entry)].check(message, content)
         finally:
@@ -338,7 +342,8 @@ def _name(raw: bytes) -> str:
 
 
 def _field(name: str, value: str) -> bytes:
-    value = re.sub(r"\r?\n", "\r\n", value)
+    if "\n" in value:  # folded (rspamd's long fields): CRLF line ends, as the message's
+        value = value.replace("\r\n", "\n").replace("\n", "\r\n")
     return f"{name}: {value}\r\n".encode()
 
 
@@ -350,10 +355,21 @@ def _rewrite(committer: Committer, spool: Spool, trace: bytes,
     rp_end = trace.index(b"\r\n") + 2
     received = trace[rp_end:]
     block, body = headers_and_body(spool, rp_end)
+    ar = AR_FIELD.lower()
+    if block.endswith(b"\r\n") and all(type(mod) is m.AddHeader for mod in mods):
+        # rspamd's case: fields added at the end, nothing else; the block is kept whole
+        # (its fields joined again are the same octets), not split into fields
+        added = []
+        for mod in mods:
+            if mod.name.lower() == ar and claims(mod.value.encode(), hostname):
+                notes.append(f"{AR_FIELD} claiming {hostname} from a filter dropped")
+            else:
+                added.append(_field(mod.name, mod.value))
+        return _written(committer, _return_path(sender) + block + b"".join(added) + b"\r\n",
+                        None, body), _return_path(sender) + received
     fields = _fields(block)
     ours = 1 if fields and received and fields[0] == received else 0  # Received: fixed on top
     replaced: list[bytes] | None = None
-    ar = AR_FIELD.lower()
     for mod in mods:
         if isinstance(mod, m.AddHeader | m.InsertHeader):
             if mod.name.lower() == ar and claims(mod.value.encode(), hostname):
@@ -382,10 +398,17 @@ def _rewrite(committer: Committer, spool: Spool, trace: bytes,
         elif isinstance(mod, m.ReplaceBody):
             replaced = [] if replaced is None else replaced
             replaced.append(mod.data)
-    new_trace = _return_path(sender) + received
+    head = _return_path(sender) + b"".join(fields) + b"\r\n"
+    return _written(committer, head, replaced, body), _return_path(sender) + received
+
+
+def _written(committer: Committer, head: bytes, replaced: list[bytes] | None,
+             body: Iterator[bytes]) -> Spool:
+    """A new spool: ``head`` (Return-Path, the fields, the empty line), then the new body
+    when a filter replaced it, else the message's own."""
     out = committer.new_spool()
     try:
-        out.write(_return_path(sender) + b"".join(fields) + b"\r\n")
+        out.write(head)
         if replaced is not None:
             data = re.sub(rb"\r?\n", b"\r\n", b"".join(replaced))
             out.write(data)
@@ -395,7 +418,7 @@ def _rewrite(committer: Committer, spool: Spool, trace: bytes,
     except BaseException:
         out.discard()
         raise
-    return out, new_trace
+    return out
 
 
 def processes(cfg: Config, worker: bool) -> int:
