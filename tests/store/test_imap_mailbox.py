@@ -777,7 +777,8 @@ def test_adding_a_keyword_in_another_case_keeps_its_spelling(tmp_path: Path) -> 
 def test_rfc822_size_is_the_size_of_body_as_sent(tmp_path: Path) -> None:
     """RFC822.SIZE must equal the octets BODY[] sends (imap_message.to_wire): no final CRLF
     added (Dovecot says 10 for "Subject: x"), bare LF counted as CRLF. It used to be the
-    POP3 size (+2 for a missing final line end); the name's W= stays POP3's."""
+    POP3 size (+2 for a missing final line end). A name's W= is RFC822.SIZE, so APPEND
+    writes none where POP3's size differs (POP3 takes W= for its own)."""
     from mailfort.protocol.imap_message import to_wire
 
     store = MailStore(tmp_path)
@@ -785,15 +786,34 @@ def test_rfc822_size_is_the_size_of_body_as_sent(tmp_path: Path) -> None:
     box.append(b"Subject: x")
     deliver(tmp_path, "1700000001.M1P1.h", b"Subject: y\n\nlf body")
     deliver(tmp_path, f"1700000002.M1P1.h,S={len(MSG)},W={len(MSG)}", MSG)
+    box.append(b"Subject: z\r\n")
     box.scan()
     sizes = [m.size for m in box.messages()]
-    assert sizes == [10, len(to_wire(b"Subject: y\n\nlf body")), len(MSG)]
-    appended = next(p.name for p in (tmp_path / "cur").iterdir() if ",S=10," in p.name)
-    assert ",W=12:" in appended  # POP3 LIST and RETR still agree
+    assert sizes == [10, len(to_wire(b"Subject: y\n\nlf body")), len(MSG), 12]
+    names = sorted(p.name for p in (tmp_path / "cur").iterdir())
+    appended = next(n for n in names if ",S=10" in n)
+    assert ",W=" not in appended  # POP3 counts it: LIST and RETR still agree
+    assert any(",S=12,W=12:" in n for n in names)  # both sizes at once
     trash = store.create("Trash")
-    box.copy_to([1], trash)
-    assert [m.size for m in trash.messages()] == [10]
-    assert any(",S=10,W=12:" in p.name for p in (trash.path / "cur").iterdir())
+    box.copy_to([1, 4], trash)
+    assert [m.size for m in trash.messages()] == [10, 12]
+    copies = sorted(p.name for p in (trash.path / "cur").iterdir())
+    assert sum(",W=" in n for n in copies) == 1 and any(",S=12,W=12:" in n for n in copies)
+
+
+def test_w_in_a_name_is_rfc822_size_and_the_file_is_not_read(tmp_path: Path) -> None:
+    """``W=`` as Dovecot writes and trusts it (the size with each LF as CRLF): a Maildir
+    Dovecot wrote keeps its sizes, and a SELECT of thousands of new files reads none.
+    Here a name whose W= is not what the file holds (a file shorter than its name says):
+    the name is what counts. An LF file without W= is still counted."""
+    store = MailStore(tmp_path)
+    box = store.mailbox(INBOX)
+    body = b"Subject: y\n\nlf body"  # no final line end: Dovecot counts 2 LFs, adds none
+    deliver(tmp_path, f"1700000001.M1P1.h,S={len(body)},W={len(body) + 2}", body)
+    deliver(tmp_path, "1700000002.M1P1.h,S=5,W=4000", b"short")
+    deliver(tmp_path, "1700000003.M1P1.h,S=20", body)
+    box.scan()
+    assert [m.size for m in box.messages()] == [len(body) + 2, 4000, len(body) + 2]
 
 
 @settings(max_examples=300, deadline=None)

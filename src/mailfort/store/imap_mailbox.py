@@ -163,8 +163,8 @@ def split_flags(flags: Iterable[str]) -> tuple[str, tuple[str, ...]]:
 
 
 def wire_size(data: bytes) -> int:
-    """The POP3 wire size (``,W=`` in the name): a missing final line end adds two octets,
-    a bare CR becomes CRLF, as POP3 sends the message."""
+    """The POP3 wire size: a missing final line end adds two octets, a bare CR becomes
+    CRLF, as POP3 sends the message (POP3 takes a name's ``W=`` for it: see ``append``)."""
     counter = SizeCounter()
     counter.feed(data)
     return counter.size()
@@ -172,7 +172,7 @@ def wire_size(data: bytes) -> int:
 
 def imap_size(data: bytes) -> int:
     """RFC822.SIZE: the octets of ``imap_message.to_wire(data)``, what BODY[] sends (bare LF
-    as CRLF, nothing added at the end, as Dovecot counts); not always POP3's ``W=``."""
+    as CRLF, nothing added at the end, as Dovecot counts): a name's ``W=``."""
     lf = data.count(b"\n")
     return len(data) + lf - data.count(b"\r\n") if lf else len(data)
 
@@ -208,17 +208,33 @@ def _file_facts(path: str) -> tuple[int, int]:
 _SIZES = re.compile(r",([SW])=(\d{1,15})")
 
 
+def name_size(unique: str) -> int | None:
+    """The ``,W=`` of a unique name: RFC822.SIZE, the octets with every bare LF counted as
+    CRLF (Dovecot's "virtual size", which Dovecot writes and trusts); None without one.
+
+    Trusted as Dovecot trusts it, so a SELECT of thousands of new files reads none of them:
+    a wrong value misstates only the size shown to the mailbox's own user (BODY[] sends the
+    octets with their true length), and every writer of this store writes it right
+    (``maildir._target``, ``Mailbox.append``: only where it is POP3's size as well)."""
+    at = unique.rfind(",W=")
+    if at < 0:
+        return None
+    end = unique.find(",", at + 3)
+    digits = unique[at + 3:] if end < 0 else unique[at + 3:end]
+    return int(digits) if 0 < len(digits) <= 15 and digits.isascii() and digits.isdigit() \
+        else None
+
+
 def _new_facts(unique: str, path: str) -> tuple[int, int]:
-    """(RFC822.SIZE, INTERNALDATE) of a new file. The size from its name when ``S=`` equals
-    ``W=`` (the file is CRLF throughout and ends with a line end, as MX delivers: both sizes
-    are the IMAP size), else counted from the file; the date is its mtime, as Dovecot's
+    """(RFC822.SIZE, INTERNALDATE) of a new file: the size from the name's ``W=``
+    (``name_size``), else counted from the file; the date is its mtime, as Dovecot's
     (APPEND sets it with utime)."""
-    found = dict(_SIZES.findall(unique))
-    if "S" in found and found.get("W") == found["S"]:
+    size = name_size(unique)
+    if size is not None:
         st = os.lstat(path)  # the listing does not say what an entry is: files only
         if not stat.S_ISREG(st.st_mode):
             raise IsADirectoryError(path)
-        return int(found["S"]), int(st.st_mtime)
+        return size, int(st.st_mtime)
     return _file_facts(path)
 
 
@@ -623,7 +639,10 @@ class Mailbox:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        full = f"{unique},S={len(data)},W={wire_size(data)}"
+        # W= is RFC822.SIZE (name_size); written only where it is POP3's size too (a
+        # final line end, no bare CR), so that POP3, which trusts it, lists what RETR sends
+        wire = wire_size(data)
+        full = f"{unique},S={len(data)},W={wire}" if wire == size else f"{unique},S={len(data)}"
         try:
             with self._locked():
                 target = f"{self.path}/cur/{full}:2,{letters}"
@@ -710,10 +729,13 @@ class Mailbox:
 
 
 def _copy_name(source: str, size: int) -> str:
-    """A new unique name for a copy, with the source's ``S=``/``W=`` when it has them."""
+    """A new unique name for a copy, with the source's ``S=`` (else ``size``) and its
+    ``W=`` when it has one (the same octets: the same sizes; a file without ``W=`` is not
+    given one, which for an LF file would be no size at all)."""
     found = dict(_SIZES.findall(source.partition(":")[0]))
     raw = found.get("S", str(size))
-    return f"{unique_name()},S={raw},W={found.get('W', raw)}"
+    w = found.get("W")
+    return f"{unique_name()},S={raw}" + (f",W={w}" if w is not None else "")
 
 
 def _link_or_copy(src: str, dest: str, tmp: Path) -> None:
