@@ -29,6 +29,7 @@ from mailfort.store.imap_mailbox import (
 from mailfort.store.maildir import Committer, maildir_for
 from mailfort.store.pop3_mailbox import POP3Mailbox
 from mailfort.store.uidmap import LOG_NAME, UidLog
+from tests.store.fsyncs import fsynced
 
 MSG = b"Subject: hi\r\n\r\nbody\r\n"
 
@@ -505,6 +506,56 @@ def test_sigkill_during_compaction_leaves_the_old_log(tmp_path: Path) -> None:
     assert list(tmp_path.glob("*.tmp")) != []
     uidmap.UidLog(tmp_path).create(uidmap.next_uidvalidity(tmp_path))  # any rewrite
     assert list(tmp_path.glob("*.tmp")) == []  # cleans up
+
+
+def test_a_new_map_is_written_whole_with_its_first_uids(
+        tmp_path: Path, fsynced: list[Path]) -> None:
+    """A cold SELECT (files in new/, no map) writes the map's header and its UIDs in one
+    temporary file: one file fsync and one directory fsync for the map, where a map made
+    empty then appended to took two and one more; the UIDVALIDITY record's two stay."""
+    for i in range(5):
+        deliver(tmp_path, f"{1700000000 + i}.M{i}P1.h,S={len(MSG)},W={len(MSG)}")
+    box = MailStore(tmp_path).mailbox(INBOX)
+    fsynced.clear()
+    assert box.scan().added == [1, 2, 3, 4, 5]
+    assert tmp_path / LOG_NAME not in fsynced  # never synced in place: renamed whole
+    maps = [p for p in fsynced if p.name.startswith(LOG_NAME)]
+    assert len(maps) == 1 and len(fsynced) == 4, fsynced
+    assert replay(tmp_path).uidnext == 6
+    assert MailStore(tmp_path).mailbox(INBOX).status()["MESSAGES"] == 5
+    fsynced.clear()
+    store = MailStore(tmp_path)  # a map with nothing to number is still written at once
+    store.create("Empty")
+    assert (store.mailbox("Empty").path / LOG_NAME).exists()
+
+
+def test_sigkill_before_a_new_map_is_in_place(tmp_path: Path) -> None:
+    """Killed at the rename that puts a cold SELECT's map in place: no map, no UID given
+    out; the next scan numbers the files under a newer UIDVALIDITY."""
+    for i in range(3):
+        deliver(tmp_path, f"{1700000000 + i}.M{i}P1.h,S={len(MSG)},W={len(MSG)}")
+
+    def child() -> None:
+        real = os.rename
+
+        def die_at_the_map(src: object, dst: object) -> None:
+            if str(dst).endswith(LOG_NAME):
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(src, dst)  # the UIDVALIDITY record's
+
+        uidmap.os.rename = die_at_the_map  # type: ignore[assignment]  # the forked child only
+        MailStore(tmp_path).mailbox(INBOX).scan()
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    assert not (tmp_path / LOG_NAME).exists()
+    first = int((tmp_path / uidmap.VALIDITY_NAME).read_text())
+    box = MailStore(tmp_path).mailbox(INBOX)
+    assert box.scan().added == [1, 2, 3]
+    assert box.status()["UIDVALIDITY"] > first
+    assert list(tmp_path.glob(f"{LOG_NAME}*.tmp")) == []
 
 
 def test_move_refused_whole_while_pop3_holds_inbox(tmp_path: Path) -> None:

@@ -287,6 +287,7 @@ class Mailbox:
             try:
                 self._load()
                 yield
+                self._log.settle()  # a map made by _load that nothing was appended to
             except BaseException:
                 self._log.reset()  # memory may be ahead of the file: replay it all next time
                 raise
@@ -300,8 +301,10 @@ class Mailbox:
                 os.rename(self._log.path, f"{self._log.path}.damaged-{int(time.time())}")
         # No usable map: start over with a new UIDVALIDITY (never the old one). Files keep
         # their names; the scan that follows gives them new UIDs under the new validity.
+        # Written with the first records (a cold SELECT's UIDs) or at the end of the
+        # operation (``_locked``), under this lock: one fsync and a directory's fewer.
         self._log.reset()
-        self._log.create(next_uidvalidity(self._root))
+        self._log.create(next_uidvalidity(self._root), defer=True)
         self._paths.clear()
 
     @contextlib.contextmanager
