@@ -31,6 +31,8 @@ from mailfort.store.pop3_mailbox import POP3Mailbox
 from mailfort.store.uidmap import LOG_NAME, UidLog
 from tests.store.fsyncs import fsynced
 
+__all__ = ["fsynced"]  # a fixture
+
 MSG = b"Subject: hi\r\n\r\nbody\r\n"
 
 

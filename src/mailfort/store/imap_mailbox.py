@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import re
 import secrets
@@ -55,6 +56,7 @@ import shutil
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,7 @@ from mailfort.store.uidmap import (
     Entry,
     MapLost,
     UidLog,
+    _enc_name,
     next_uidvalidity,
     rec_assign,
     rec_expunge,
@@ -225,19 +228,6 @@ def name_size(unique: str) -> int | None:
         else None
 
 
-def _new_facts(unique: str, path: str) -> tuple[int, int]:
-    """(RFC822.SIZE, INTERNALDATE) of a new file: the size from the name's ``W=``
-    (``name_size``), else counted from the file; the date is its mtime, as Dovecot's
-    (APPEND sets it with utime)."""
-    size = name_size(unique)
-    if size is not None:
-        st = os.lstat(path)  # the listing does not say what an entry is: files only
-        if not stat.S_ISREG(st.st_mode):
-            raise IsADirectoryError(path)
-        return size, int(st.st_mtime)
-    return _file_facts(path)
-
-
 def _info(name: str) -> tuple[str, str | None]:
     """(unique name, sorted ``:2,`` letters) of a file name; letters None for an info
     that is not ``2,`` (left alone: never renamed by us)."""
@@ -342,8 +332,8 @@ class Mailbox:
     def _list_files(self) -> dict[str, tuple[str, str]]:
         """unique -> (sub, file name) in new/ and cur/ (cur/ wins a duplicate). Entries
         are not told apart by type here: a name not in the map is checked when it is
-        numbered (``_new_facts``), the others were regular files then. Not to be changed:
-        the dict is kept for the next call."""
+        numbered (``_scan_quiet``, ``lstat``), the others were regular files then. Not to
+        be changed: the dict is kept for the next call."""
         new, same_new = self._listing("new")
         cur, same_cur = self._listing("cur")
         if same_new and same_cur and self._files:
@@ -424,10 +414,18 @@ class Mailbox:
         assigned: list[Entry] = []
         uid = st.uidnext
         loose = bool(skip) or not quiet or doubted  # no settled state then
+        crc32, lstat, is_reg = zlib.crc32, os.lstat, stat.S_ISREG
         for _, unique, sub, name in fresh:
-            path = f"{self.path}/{sub}/{name}"
+            path = prefix[sub] + name
             try:
-                size, date = _new_facts(unique, path)
+                size = name_size(unique)
+                if size is None:
+                    size, date = _file_facts(path)
+                else:  # the listing does not say what an entry is: files only
+                    st_file = lstat(path)
+                    if not is_reg(st_file.st_mode):
+                        raise IsADirectoryError(path)
+                    date = int(st_file.st_mtime)
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 loose = True
                 continue  # gone meanwhile (POP3), or not a file: never numbered
@@ -436,12 +434,14 @@ class Mailbox:
                     raise
                 loose = True
                 continue  # a symbolic link: not a message
-            found = _info(name)[1]
+            found = _info(name)[1] if ":" in name else ""
             letters = found or ""
-            entry = Entry(uid, unique, letters, (), modseq, size, date)
-            records.append(rec_assign(entry))
-            assigned.append(entry)
-            self._paths[uid] = path
+            assigned.append(Entry(uid, unique, letters, (), modseq, size, date))
+            # uidmap.rec_assign(entry) spelled out (no keywords yet): thousands at a time
+            payload = (f"A {uid} {modseq} {_enc_name(letters)} {size} {date} "
+                       f"{_enc_name(unique)} -").encode("ascii")
+            records.append(b"%08x %s\n" % (crc32(payload), payload))
+            paths[uid] = path
             if sub == "new":
                 in_new.append((uid, unique, found))
             added.append(uid)
@@ -490,9 +490,21 @@ class Mailbox:
                     uid = st.by_unique.get(unique)
                     if uid is not None:
                         self._paths[uid] = f"{self.path}/{sub}/{name}"
-            return [MessageInfo(e.uid, letters_to_flags(e.letters, e.keywords), e.size, e.date,
-                                e.modseq, self._paths.get(e.uid, ""))
-                    for e in sorted(st.entries.values(), key=lambda e: e.uid)]
+            flags: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}  # a few sets
+            out: list[MessageInfo] = []
+            path_of = self._paths.get
+            entries = st.entries
+            uids = list(entries)
+            if any(a > b for a, b in itertools.pairwise(uids)):  # UID order as a rule
+                uids.sort()
+            for uid in uids:
+                e = entries[uid]
+                key = (e.letters, e.keywords)
+                f = flags.get(key)
+                if f is None:
+                    f = flags[key] = letters_to_flags(e.letters, e.keywords)
+                out.append(MessageInfo(uid, f, e.size, e.date, e.modseq, path_of(uid, "")))
+            return out
 
     def expunged_since(self, modseq: int) -> list[int]:
         """UIDs expunged after ``modseq`` that the map still remembers (QRESYNC VANISHED)."""
