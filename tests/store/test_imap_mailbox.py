@@ -58,7 +58,9 @@ def replay(directory: Path) -> uidmap.MapState:
 # -- scan, flags, POP3 coherence ------------------------------------------------------------
 
 
-def test_scan_numbers_by_delivery_time_then_name_and_files_in_cur(tmp_path: Path) -> None:
+def test_scan_numbers_by_delivery_time_then_name_and_renames_nothing(tmp_path: Path) -> None:
+    """Numbered in delivery order; left in new/ (no rename per new message at a SELECT:
+    the first flag change moves a message to cur/, in the rename that records its flags)."""
     deliver(tmp_path, "1700000002.M5P1Q1.h")
     deliver(tmp_path, "1700000001.M900000P1Q2.h")
     deliver(tmp_path, "1700000001.M95000P1Q3.h")  # M95000 < M900000 as numbers
@@ -68,9 +70,14 @@ def test_scan_numbers_by_delivery_time_then_name_and_files_in_cur(tmp_path: Path
     result = box.scan()
     assert result.added == [1, 2, 3]
     paths = [Path(m.path).name for m in box.messages()]
-    assert paths == ["1700000001.M95000P1Q3.h:2,", "1700000001.M900000P1Q2.h:2,",
-                     "1700000002.M5P1Q1.h:2,"]
-    assert os.listdir(tmp_path / "new") == []
+    assert paths == ["1700000001.M95000P1Q3.h", "1700000001.M900000P1Q2.h",
+                     "1700000002.M5P1Q1.h"]
+    assert os.listdir(tmp_path / "cur") == []
+    box.store([2], add=["\\Seen"])
+    assert os.listdir(tmp_path / "cur") == ["1700000001.M900000P1Q2.h:2,S"]
+    assert sorted(os.listdir(tmp_path / "new")) == ["1700000001.M95000P1Q3.h",
+                                                    "1700000002.M5P1Q1.h"]
+    assert MailStore(tmp_path).mailbox(INBOX).messages()[1].flags == frozenset({"\\Seen"})
     assert [m.internal_date for m in box.messages()] == [1600000001, 1600000000, 1600000002]
     assert all(m.size == len(MSG) for m in box.messages())
     assert box.scan().added == []  # stable
@@ -768,10 +775,13 @@ class MailboxMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def external_flag(self, data: st.DataObject) -> None:
         uid = data.draw(st.sampled_from(sorted(self.model)))
-        self.box.scan()  # the file is in cur/ (a tool renames in cur/ only)
+        self.box.scan()
         self._apply_pending()
         (m,) = [m for m in self.box.messages() if m.uid == uid]
         head, _, letters = m.path.rpartition(":2,")
+        if not head:  # still in new/: the tool moves it to cur/ as it flags it
+            root, _, name = m.path.rpartition("/new/")
+            head, letters = f"{root}/cur/{name}", ""
         new = "".join(sorted(set(letters) ^ {"F"}))
         os.rename(m.path, f"{head}:2,{new}")  # another Maildir tool toggles \Flagged
         before = self.box.status()["HIGHESTMODSEQ"]

@@ -19,6 +19,13 @@ What is true where:
   tool), a file whose letters changed under us (POP3's S, another tool) gets a new MODSEQ.
   So every change made outside this module is seen, and a crash between a rename and its
   record is repaired the same way.
+* **A message stays in new/** until its flags first change, when the rename that records
+  them moves it to ``cur/`` with ``:2,<letters>``. Nothing in IMAP depends on new/ against
+  cur/ (IMAP4rev2 has no \\Recent; a session's RECENT is what its scan numbered), so a scan
+  moves nothing: a message read once costs one rename (new/ -> cur/ with S) where moving it
+  at SELECT then marking it cost two, and a cold SELECT of 2,000 new messages is not 2,000
+  renames (what Dovecot does, most of its time). A Maildir reader outside IMAP sees such a
+  message as not yet seen by a mail client; POP3 moves what its session saw at its end.
 
 Every change happens under the mailbox's lock (``flock`` on ``mailfort-imap.lock`` in its
 directory, one descriptor per operation, so threads and processes exclude each other): the
@@ -27,9 +34,9 @@ Two sessions can thus neither hand out one UID twice nor lose each other's flag 
 
 Renaming or unlinking files while a POP3 session holds the Maildir would stale its
 snapshot (its DELE would miss a renamed file), so renames and unlinks in INBOX are done
-only while holding POP3's lock too, taken without waiting: new messages then stay in
-``new/`` for that scan (their UIDs are given all the same), and a flag change or expunge
-raises ``MailboxBusy`` (the engine answers ``NO [INUSE]``).
+only while holding POP3's lock too, taken without waiting: a flag change or expunge then
+raises ``MailboxBusy`` (the engine answers ``NO [INUSE]``); a scan numbers files all the
+same (it renames none).
 
 A scan does not list a directory it need not (a warm SELECT of 10,000 messages would
 otherwise spend most of its time in ``getdents``): listings of ``new/`` and ``cur/`` are
@@ -353,7 +360,7 @@ class Mailbox:
                 len(st.entries))
 
     def scan(self) -> ScanResult:
-        """Reconcile the map with the files (see the module docstring); new/ -> cur/."""
+        """Reconcile the map with the files (see the module docstring); renames nothing."""
         with self._locked():
             return self._scan()
 
@@ -384,7 +391,6 @@ class Mailbox:
             doubted, gone = len(sure) < len(gone), sure
         changed: list[int] = []
         fresh: list[tuple[tuple[int, int], str, str, str]] = []
-        in_new: list[tuple[int, str, str | None]] = []  # (uid, unique, letters) in new/
         prefix = {"new": f"{self.path}/new/", "cur": f"{self.path}/cur/"}
         paths, by_unique, entries = self._paths, st.by_unique, st.entries
         # The letters of each name, from the last scan where the name was seen: a mailbox
@@ -400,8 +406,6 @@ class Mailbox:
             paths[uid] = prefix[sub] + name
             letters = known[name] if name in known else _info(name)[1]
             self._letters[name] = letters
-            if sub == "new":
-                in_new.append((uid, unique, letters))
             if letters is not None and letters != entries[uid].letters:
                 records.append(rec_flags(uid, modseq, letters))
                 changed.append(uid)
@@ -442,44 +446,13 @@ class Mailbox:
                        f"{_enc_name(unique)} -").encode("ascii")
             records.append(b"%08x %s\n" % (crc32(payload), payload))
             paths[uid] = path
-            if sub == "new":
-                in_new.append((uid, unique, found))
             added.append(uid)
             uid += 1
         self._log.append(records, assigned)  # durable before anyone is told of these UIDs
-        if quiet and in_new:
-            moved = self._file_new(in_new)
-            loose = loose or len(moved) < len(in_new)
-            if not loose:
-                files = dict(files)
-                for unique, name in moved:
-                    files[unique] = ("cur", name)
         if not loose:
             self._settled = (self._map_key(), files)
         return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq,
                           st.uidvalidity, self._log.generation, st.uidnext)
-
-    def _file_new(self, files: list[tuple[int, str, str | None]]) -> list[tuple[str, str]]:
-        """Move ``files`` (uid, unique name, ``_info`` letters; listed in new/) to cur/ with
-        ``:2,`` (IMAP has no use for new/); (unique, name in cur/) of those moved.
-
-        No directory fsync after them (two per cold SELECT, as many as the map's own): a
-        move lost in a crash leaves the file in new/ (a rename is atomic in the journal:
-        one place or the other) under the same unique name, which the map knows, with the
-        same letters; the next scan moves it again. No UID or flag depends on it."""
-        moved: list[tuple[str, str]] = []
-        cur = f"{self.path}/cur/"
-        for uid, unique, letters in files:
-            path = self._paths[uid]
-            name = f"{unique}:2,{letters or ''}"
-            try:
-                rename_no_replace(path, cur + name)
-            except OSError:
-                continue  # gone, or a twin in cur/: it stays where it is
-            self._paths[uid] = cur + name
-            self._letters[name] = letters or ""
-            moved.append((unique, name))
-        return moved
 
     def messages(self) -> list[MessageInfo]:
         """Every message in the map, by UID (call ``scan`` first to see new files)."""
