@@ -8,7 +8,7 @@ No socket, no TLS, no event loop: the commands as the driver hands them over (pa
 the real ``CommandReader``), every untagged response drained (as the driver's thread does).
 The same files as bench/imap_bench.py writes (LF endings, S=/W= in the names, in new/), in
 a fresh Maildir per repetition (new names each time, as there). Per repetition: a "cold"
-session (SELECT assigns the UIDs and moves the files to cur/), then a "warm" one in the same
+session (SELECT assigns the UIDs; the files stay in new/), then a "warm" one in the same
 process (the server's sessions of one user share its MailStore), each timing SELECT, the
 ENVELOPE FETCH and ``UID FETCH 1:* BODY.PEEK[]`` twice. Figures: median (and range) of
 microseconds per message (``--cpu``: the thread's CPU time). On a busy machine a figure

@@ -29,6 +29,9 @@ from mailfort.store.imap_mailbox import (
 from mailfort.store.maildir import Committer, maildir_for
 from mailfort.store.pop3_mailbox import POP3Mailbox
 from mailfort.store.uidmap import LOG_NAME, UidLog
+from tests.store.fsyncs import fsynced
+
+__all__ = ["fsynced"]  # a fixture
 
 MSG = b"Subject: hi\r\n\r\nbody\r\n"
 
@@ -55,7 +58,9 @@ def replay(directory: Path) -> uidmap.MapState:
 # -- scan, flags, POP3 coherence ------------------------------------------------------------
 
 
-def test_scan_numbers_by_delivery_time_then_name_and_files_in_cur(tmp_path: Path) -> None:
+def test_scan_numbers_by_delivery_time_then_name_and_renames_nothing(tmp_path: Path) -> None:
+    """Numbered in delivery order; left in new/ (no rename per new message at a SELECT:
+    the first flag change moves a message to cur/, in the rename that records its flags)."""
     deliver(tmp_path, "1700000002.M5P1Q1.h")
     deliver(tmp_path, "1700000001.M900000P1Q2.h")
     deliver(tmp_path, "1700000001.M95000P1Q3.h")  # M95000 < M900000 as numbers
@@ -65,9 +70,14 @@ def test_scan_numbers_by_delivery_time_then_name_and_files_in_cur(tmp_path: Path
     result = box.scan()
     assert result.added == [1, 2, 3]
     paths = [Path(m.path).name for m in box.messages()]
-    assert paths == ["1700000001.M95000P1Q3.h:2,", "1700000001.M900000P1Q2.h:2,",
-                     "1700000002.M5P1Q1.h:2,"]
-    assert os.listdir(tmp_path / "new") == []
+    assert paths == ["1700000001.M95000P1Q3.h", "1700000001.M900000P1Q2.h",
+                     "1700000002.M5P1Q1.h"]
+    assert os.listdir(tmp_path / "cur") == []
+    box.store([2], add=["\\Seen"])
+    assert os.listdir(tmp_path / "cur") == ["1700000001.M900000P1Q2.h:2,S"]
+    assert sorted(os.listdir(tmp_path / "new")) == ["1700000001.M95000P1Q3.h",
+                                                    "1700000002.M5P1Q1.h"]
+    assert MailStore(tmp_path).mailbox(INBOX).messages()[1].flags == frozenset({"\\Seen"})
     assert [m.internal_date for m in box.messages()] == [1600000001, 1600000000, 1600000002]
     assert all(m.size == len(MSG) for m in box.messages())
     assert box.scan().added == []  # stable
@@ -507,6 +517,56 @@ def test_sigkill_during_compaction_leaves_the_old_log(tmp_path: Path) -> None:
     assert list(tmp_path.glob("*.tmp")) == []  # cleans up
 
 
+def test_a_new_map_is_written_whole_with_its_first_uids(
+        tmp_path: Path, fsynced: list[Path]) -> None:
+    """A cold SELECT (files in new/, no map) writes the map's header and its UIDs in one
+    temporary file: one file fsync and one directory fsync for the map, where a map made
+    empty then appended to took two and one more; the UIDVALIDITY record's two stay."""
+    for i in range(5):
+        deliver(tmp_path, f"{1700000000 + i}.M{i}P1.h,S={len(MSG)},W={len(MSG)}")
+    box = MailStore(tmp_path).mailbox(INBOX)
+    fsynced.clear()
+    assert box.scan().added == [1, 2, 3, 4, 5]
+    assert tmp_path / LOG_NAME not in fsynced  # never synced in place: renamed whole
+    maps = [p for p in fsynced if p.name.startswith(LOG_NAME)]
+    assert len(maps) == 1 and len(fsynced) == 4, fsynced
+    assert replay(tmp_path).uidnext == 6
+    assert MailStore(tmp_path).mailbox(INBOX).status()["MESSAGES"] == 5
+    fsynced.clear()
+    store = MailStore(tmp_path)  # a map with nothing to number is still written at once
+    store.create("Empty")
+    assert (store.mailbox("Empty").path / LOG_NAME).exists()
+
+
+def test_sigkill_before_a_new_map_is_in_place(tmp_path: Path) -> None:
+    """Killed at the rename that puts a cold SELECT's map in place: no map, no UID given
+    out; the next scan numbers the files under a newer UIDVALIDITY."""
+    for i in range(3):
+        deliver(tmp_path, f"{1700000000 + i}.M{i}P1.h,S={len(MSG)},W={len(MSG)}")
+
+    def child() -> None:
+        real = os.rename
+
+        def die_at_the_map(src: object, dst: object) -> None:
+            if str(dst).endswith(LOG_NAME):
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(src, dst)  # the UIDVALIDITY record's
+
+        uidmap.os.rename = die_at_the_map  # type: ignore[assignment]  # the forked child only
+        MailStore(tmp_path).mailbox(INBOX).scan()
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    assert not (tmp_path / LOG_NAME).exists()
+    first = int((tmp_path / uidmap.VALIDITY_NAME).read_text())
+    box = MailStore(tmp_path).mailbox(INBOX)
+    assert box.scan().added == [1, 2, 3]
+    assert box.status()["UIDVALIDITY"] > first
+    assert list(tmp_path.glob(f"{LOG_NAME}*.tmp")) == []
+
+
 def test_move_refused_whole_while_pop3_holds_inbox(tmp_path: Path) -> None:
     store = MailStore(tmp_path)
     store.ensure_special()
@@ -715,10 +775,13 @@ class MailboxMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def external_flag(self, data: st.DataObject) -> None:
         uid = data.draw(st.sampled_from(sorted(self.model)))
-        self.box.scan()  # the file is in cur/ (a tool renames in cur/ only)
+        self.box.scan()
         self._apply_pending()
         (m,) = [m for m in self.box.messages() if m.uid == uid]
         head, _, letters = m.path.rpartition(":2,")
+        if not head:  # still in new/: the tool moves it to cur/ as it flags it
+            root, _, name = m.path.rpartition("/new/")
+            head, letters = f"{root}/cur/{name}", ""
         new = "".join(sorted(set(letters) ^ {"F"}))
         os.rename(m.path, f"{head}:2,{new}")  # another Maildir tool toggles \Flagged
         before = self.box.status()["HIGHESTMODSEQ"]
@@ -777,7 +840,8 @@ def test_adding_a_keyword_in_another_case_keeps_its_spelling(tmp_path: Path) -> 
 def test_rfc822_size_is_the_size_of_body_as_sent(tmp_path: Path) -> None:
     """RFC822.SIZE must equal the octets BODY[] sends (imap_message.to_wire): no final CRLF
     added (Dovecot says 10 for "Subject: x"), bare LF counted as CRLF. It used to be the
-    POP3 size (+2 for a missing final line end); the name's W= stays POP3's."""
+    POP3 size (+2 for a missing final line end). A name's W= is RFC822.SIZE, so APPEND
+    writes none where POP3's size differs (POP3 takes W= for its own)."""
     from mailfort.protocol.imap_message import to_wire
 
     store = MailStore(tmp_path)
@@ -785,15 +849,34 @@ def test_rfc822_size_is_the_size_of_body_as_sent(tmp_path: Path) -> None:
     box.append(b"Subject: x")
     deliver(tmp_path, "1700000001.M1P1.h", b"Subject: y\n\nlf body")
     deliver(tmp_path, f"1700000002.M1P1.h,S={len(MSG)},W={len(MSG)}", MSG)
+    box.append(b"Subject: z\r\n")
     box.scan()
     sizes = [m.size for m in box.messages()]
-    assert sizes == [10, len(to_wire(b"Subject: y\n\nlf body")), len(MSG)]
-    appended = next(p.name for p in (tmp_path / "cur").iterdir() if ",S=10," in p.name)
-    assert ",W=12:" in appended  # POP3 LIST and RETR still agree
+    assert sizes == [10, len(to_wire(b"Subject: y\n\nlf body")), len(MSG), 12]
+    names = sorted(p.name for p in (tmp_path / "cur").iterdir())
+    appended = next(n for n in names if ",S=10" in n)
+    assert ",W=" not in appended  # POP3 counts it: LIST and RETR still agree
+    assert any(",S=12,W=12:" in n for n in names)  # both sizes at once
     trash = store.create("Trash")
-    box.copy_to([1], trash)
-    assert [m.size for m in trash.messages()] == [10]
-    assert any(",S=10,W=12:" in p.name for p in (trash.path / "cur").iterdir())
+    box.copy_to([1, 4], trash)
+    assert [m.size for m in trash.messages()] == [10, 12]
+    copies = sorted(p.name for p in (trash.path / "cur").iterdir())
+    assert sum(",W=" in n for n in copies) == 1 and any(",S=12,W=12:" in n for n in copies)
+
+
+def test_w_in_a_name_is_rfc822_size_and_the_file_is_not_read(tmp_path: Path) -> None:
+    """``W=`` as Dovecot writes and trusts it (the size with each LF as CRLF): a Maildir
+    Dovecot wrote keeps its sizes, and a SELECT of thousands of new files reads none.
+    Here a name whose W= is not what the file holds (a file shorter than its name says):
+    the name is what counts. An LF file without W= is still counted."""
+    store = MailStore(tmp_path)
+    box = store.mailbox(INBOX)
+    body = b"Subject: y\n\nlf body"  # no final line end: Dovecot counts 2 LFs, adds none
+    deliver(tmp_path, f"1700000001.M1P1.h,S={len(body)},W={len(body) + 2}", body)
+    deliver(tmp_path, "1700000002.M1P1.h,S=5,W=4000", b"short")
+    deliver(tmp_path, "1700000003.M1P1.h,S=20", body)
+    box.scan()
+    assert [m.size for m in box.messages()] == [len(body) + 2, 4000, len(body) + 2]
 
 
 @settings(max_examples=300, deadline=None)

@@ -1541,6 +1541,11 @@ class MailSession:
                     if slot is not None and slot in cached:
                         parts.append(cached[slot])
                         continue
+                    if name == "ENVELOPE" and root is None:  # the fields alone, one pass
+                        parts.append(b"ENVELOPE " + im.envelope_of_header(wire))
+                        if slot is not None:
+                            _CACHE.add(key, slot, parts[-1])
+                        continue
                     if root is None:
                         root = parse(wire)
                     try:

@@ -19,6 +19,13 @@ What is true where:
   tool), a file whose letters changed under us (POP3's S, another tool) gets a new MODSEQ.
   So every change made outside this module is seen, and a crash between a rename and its
   record is repaired the same way.
+* **A message stays in new/** until its flags first change, when the rename that records
+  them moves it to ``cur/`` with ``:2,<letters>``. Nothing in IMAP depends on new/ against
+  cur/ (IMAP4rev2 has no \\Recent; a session's RECENT is what its scan numbered), so a scan
+  moves nothing: a message read once costs one rename (new/ -> cur/ with S) where moving it
+  at SELECT then marking it cost two, and a cold SELECT of 2,000 new messages is not 2,000
+  renames (what Dovecot does, most of its time). A Maildir reader outside IMAP sees such a
+  message as not yet seen by a mail client; POP3 moves what its session saw at its end.
 
 Every change happens under the mailbox's lock (``flock`` on ``mailfort-imap.lock`` in its
 directory, one descriptor per operation, so threads and processes exclude each other): the
@@ -27,9 +34,9 @@ Two sessions can thus neither hand out one UID twice nor lose each other's flag 
 
 Renaming or unlinking files while a POP3 session holds the Maildir would stale its
 snapshot (its DELE would miss a renamed file), so renames and unlinks in INBOX are done
-only while holding POP3's lock too, taken without waiting: new messages then stay in
-``new/`` for that scan (their UIDs are given all the same), and a flag change or expunge
-raises ``MailboxBusy`` (the engine answers ``NO [INUSE]``).
+only while holding POP3's lock too, taken without waiting: a flag change or expunge then
+raises ``MailboxBusy`` (the engine answers ``NO [INUSE]``); a scan numbers files all the
+same (it renames none).
 
 A scan does not list a directory it need not (a warm SELECT of 10,000 messages would
 otherwise spend most of its time in ``getdents``): listings of ``new/`` and ``cur/`` are
@@ -48,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import re
 import secrets
@@ -55,6 +63,7 @@ import shutil
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +79,7 @@ from mailfort.store.uidmap import (
     Entry,
     MapLost,
     UidLog,
+    _enc_name,
     next_uidvalidity,
     rec_assign,
     rec_expunge,
@@ -163,8 +173,8 @@ def split_flags(flags: Iterable[str]) -> tuple[str, tuple[str, ...]]:
 
 
 def wire_size(data: bytes) -> int:
-    """The POP3 wire size (``,W=`` in the name): a missing final line end adds two octets,
-    a bare CR becomes CRLF, as POP3 sends the message."""
+    """The POP3 wire size: a missing final line end adds two octets, a bare CR becomes
+    CRLF, as POP3 sends the message (POP3 takes a name's ``W=`` for it: see ``append``)."""
     counter = SizeCounter()
     counter.feed(data)
     return counter.size()
@@ -172,7 +182,7 @@ def wire_size(data: bytes) -> int:
 
 def imap_size(data: bytes) -> int:
     """RFC822.SIZE: the octets of ``imap_message.to_wire(data)``, what BODY[] sends (bare LF
-    as CRLF, nothing added at the end, as Dovecot counts); not always POP3's ``W=``."""
+    as CRLF, nothing added at the end, as Dovecot counts): a name's ``W=``."""
     lf = data.count(b"\n")
     return len(data) + lf - data.count(b"\r\n") if lf else len(data)
 
@@ -208,18 +218,21 @@ def _file_facts(path: str) -> tuple[int, int]:
 _SIZES = re.compile(r",([SW])=(\d{1,15})")
 
 
-def _new_facts(unique: str, path: str) -> tuple[int, int]:
-    """(RFC822.SIZE, INTERNALDATE) of a new file. The size from its name when ``S=`` equals
-    ``W=`` (the file is CRLF throughout and ends with a line end, as MX delivers: both sizes
-    are the IMAP size), else counted from the file; the date is its mtime, as Dovecot's
-    (APPEND sets it with utime)."""
-    found = dict(_SIZES.findall(unique))
-    if "S" in found and found.get("W") == found["S"]:
-        st = os.lstat(path)  # the listing does not say what an entry is: files only
-        if not stat.S_ISREG(st.st_mode):
-            raise IsADirectoryError(path)
-        return int(found["S"]), int(st.st_mtime)
-    return _file_facts(path)
+def name_size(unique: str) -> int | None:
+    """The ``,W=`` of a unique name: RFC822.SIZE, the octets with every bare LF counted as
+    CRLF (Dovecot's "virtual size", which Dovecot writes and trusts); None without one.
+
+    Trusted as Dovecot trusts it, so a SELECT of thousands of new files reads none of them:
+    a wrong value misstates only the size shown to the mailbox's own user (BODY[] sends the
+    octets with their true length), and every writer of this store writes it right
+    (``maildir._target``, ``Mailbox.append``: only where it is POP3's size as well)."""
+    at = unique.rfind(",W=")
+    if at < 0:
+        return None
+    end = unique.find(",", at + 3)
+    digits = unique[at + 3:] if end < 0 else unique[at + 3:end]
+    return int(digits) if 0 < len(digits) <= 15 and digits.isascii() and digits.isdigit() \
+        else None
 
 
 def _info(name: str) -> tuple[str, str | None]:
@@ -271,6 +284,7 @@ class Mailbox:
             try:
                 self._load()
                 yield
+                self._log.settle()  # a map made by _load that nothing was appended to
             except BaseException:
                 self._log.reset()  # memory may be ahead of the file: replay it all next time
                 raise
@@ -284,8 +298,10 @@ class Mailbox:
                 os.rename(self._log.path, f"{self._log.path}.damaged-{int(time.time())}")
         # No usable map: start over with a new UIDVALIDITY (never the old one). Files keep
         # their names; the scan that follows gives them new UIDs under the new validity.
+        # Written with the first records (a cold SELECT's UIDs) or at the end of the
+        # operation (``_locked``), under this lock: one fsync and a directory's fewer.
         self._log.reset()
-        self._log.create(next_uidvalidity(self._root))
+        self._log.create(next_uidvalidity(self._root), defer=True)
         self._paths.clear()
 
     @contextlib.contextmanager
@@ -323,8 +339,8 @@ class Mailbox:
     def _list_files(self) -> dict[str, tuple[str, str]]:
         """unique -> (sub, file name) in new/ and cur/ (cur/ wins a duplicate). Entries
         are not told apart by type here: a name not in the map is checked when it is
-        numbered (``_new_facts``), the others were regular files then. Not to be changed:
-        the dict is kept for the next call."""
+        numbered (``_scan_quiet``, ``lstat``), the others were regular files then. Not to
+        be changed: the dict is kept for the next call."""
         new, same_new = self._listing("new")
         cur, same_cur = self._listing("cur")
         if same_new and same_cur and self._files:
@@ -344,7 +360,7 @@ class Mailbox:
                 len(st.entries))
 
     def scan(self) -> ScanResult:
-        """Reconcile the map with the files (see the module docstring); new/ -> cur/."""
+        """Reconcile the map with the files (see the module docstring); renames nothing."""
         with self._locked():
             return self._scan()
 
@@ -375,7 +391,6 @@ class Mailbox:
             doubted, gone = len(sure) < len(gone), sure
         changed: list[int] = []
         fresh: list[tuple[tuple[int, int], str, str, str]] = []
-        in_new: list[tuple[int, str, str | None]] = []  # (uid, unique, letters) in new/
         prefix = {"new": f"{self.path}/new/", "cur": f"{self.path}/cur/"}
         paths, by_unique, entries = self._paths, st.by_unique, st.entries
         # The letters of each name, from the last scan where the name was seen: a mailbox
@@ -391,8 +406,6 @@ class Mailbox:
             paths[uid] = prefix[sub] + name
             letters = known[name] if name in known else _info(name)[1]
             self._letters[name] = letters
-            if sub == "new":
-                in_new.append((uid, unique, letters))
             if letters is not None and letters != entries[uid].letters:
                 records.append(rec_flags(uid, modseq, letters))
                 changed.append(uid)
@@ -405,10 +418,18 @@ class Mailbox:
         assigned: list[Entry] = []
         uid = st.uidnext
         loose = bool(skip) or not quiet or doubted  # no settled state then
+        crc32, lstat, is_reg = zlib.crc32, os.lstat, stat.S_ISREG
         for _, unique, sub, name in fresh:
-            path = f"{self.path}/{sub}/{name}"
+            path = prefix[sub] + name
             try:
-                size, date = _new_facts(unique, path)
+                size = name_size(unique)
+                if size is None:
+                    size, date = _file_facts(path)
+                else:  # the listing does not say what an entry is: files only
+                    st_file = lstat(path)
+                    if not is_reg(st_file.st_mode):
+                        raise IsADirectoryError(path)
+                    date = int(st_file.st_mtime)
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 loose = True
                 continue  # gone meanwhile (POP3), or not a file: never numbered
@@ -417,50 +438,21 @@ class Mailbox:
                     raise
                 loose = True
                 continue  # a symbolic link: not a message
-            found = _info(name)[1]
+            found = _info(name)[1] if ":" in name else ""
             letters = found or ""
-            entry = Entry(uid, unique, letters, (), modseq, size, date)
-            records.append(rec_assign(entry))
-            assigned.append(entry)
-            self._paths[uid] = path
-            if sub == "new":
-                in_new.append((uid, unique, found))
+            assigned.append(Entry(uid, unique, letters, (), modseq, size, date))
+            # uidmap.rec_assign(entry) spelled out (no keywords yet): thousands at a time
+            payload = (f"A {uid} {modseq} {_enc_name(letters)} {size} {date} "
+                       f"{_enc_name(unique)} -").encode("ascii")
+            records.append(b"%08x %s\n" % (crc32(payload), payload))
+            paths[uid] = path
             added.append(uid)
             uid += 1
         self._log.append(records, assigned)  # durable before anyone is told of these UIDs
-        if quiet and in_new:
-            moved = self._file_new(in_new)
-            loose = loose or len(moved) < len(in_new)
-            if not loose:
-                files = dict(files)
-                for unique, name in moved:
-                    files[unique] = ("cur", name)
         if not loose:
             self._settled = (self._map_key(), files)
         return ScanResult(added, sorted(gone), sorted(changed), st.highestmodseq,
                           st.uidvalidity, self._log.generation, st.uidnext)
-
-    def _file_new(self, files: list[tuple[int, str, str | None]]) -> list[tuple[str, str]]:
-        """Move ``files`` (uid, unique name, ``_info`` letters; listed in new/) to cur/ with
-        ``:2,`` (IMAP has no use for new/); (unique, name in cur/) of those moved.
-
-        No directory fsync after them (two per cold SELECT, as many as the map's own): a
-        move lost in a crash leaves the file in new/ (a rename is atomic in the journal:
-        one place or the other) under the same unique name, which the map knows, with the
-        same letters; the next scan moves it again. No UID or flag depends on it."""
-        moved: list[tuple[str, str]] = []
-        cur = f"{self.path}/cur/"
-        for uid, unique, letters in files:
-            path = self._paths[uid]
-            name = f"{unique}:2,{letters or ''}"
-            try:
-                rename_no_replace(path, cur + name)
-            except OSError:
-                continue  # gone, or a twin in cur/: it stays where it is
-            self._paths[uid] = cur + name
-            self._letters[name] = letters or ""
-            moved.append((unique, name))
-        return moved
 
     def messages(self) -> list[MessageInfo]:
         """Every message in the map, by UID (call ``scan`` first to see new files)."""
@@ -471,9 +463,21 @@ class Mailbox:
                     uid = st.by_unique.get(unique)
                     if uid is not None:
                         self._paths[uid] = f"{self.path}/{sub}/{name}"
-            return [MessageInfo(e.uid, letters_to_flags(e.letters, e.keywords), e.size, e.date,
-                                e.modseq, self._paths.get(e.uid, ""))
-                    for e in sorted(st.entries.values(), key=lambda e: e.uid)]
+            flags: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}  # a few sets
+            out: list[MessageInfo] = []
+            path_of = self._paths.get
+            entries = st.entries
+            uids = list(entries)
+            if any(a > b for a, b in itertools.pairwise(uids)):  # UID order as a rule
+                uids.sort()
+            for uid in uids:
+                e = entries[uid]
+                key = (e.letters, e.keywords)
+                f = flags.get(key)
+                if f is None:
+                    f = flags[key] = letters_to_flags(e.letters, e.keywords)
+                out.append(MessageInfo(uid, f, e.size, e.date, e.modseq, path_of(uid, "")))
+            return out
 
     def expunged_since(self, modseq: int) -> list[int]:
         """UIDs expunged after ``modseq`` that the map still remembers (QRESYNC VANISHED)."""
@@ -623,7 +627,10 @@ class Mailbox:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        full = f"{unique},S={len(data)},W={wire_size(data)}"
+        # W= is RFC822.SIZE (name_size); written only where it is POP3's size too (a
+        # final line end, no bare CR), so that POP3, which trusts it, lists what RETR sends
+        wire = wire_size(data)
+        full = f"{unique},S={len(data)},W={wire}" if wire == size else f"{unique},S={len(data)}"
         try:
             with self._locked():
                 target = f"{self.path}/cur/{full}:2,{letters}"
@@ -710,10 +717,13 @@ class Mailbox:
 
 
 def _copy_name(source: str, size: int) -> str:
-    """A new unique name for a copy, with the source's ``S=``/``W=`` when it has them."""
+    """A new unique name for a copy, with the source's ``S=`` (else ``size``) and its
+    ``W=`` when it has one (the same octets: the same sizes; a file without ``W=`` is not
+    given one, which for an LF file would be no size at all)."""
     found = dict(_SIZES.findall(source.partition(":")[0]))
     raw = found.get("S", str(size))
-    return f"{unique_name()},S={raw},W={found.get('W', raw)}"
+    w = found.get("W")
+    return f"{unique_name()},S={raw}" + (f",W={w}" if w is not None else "")
 
 
 def _link_or_copy(src: str, dest: str, tmp: Path) -> None:

@@ -239,6 +239,7 @@ class UidLog:
         self._good = 0  # bytes of it that checked out
         self._records = 0
         self.generation = 0  # raised whenever ``state`` is started over (a cache key)
+        self._pending = False  # created in memory, not yet on disk (``create(defer=True)``)
 
     def refresh(self, fresh_validity: int | None = None) -> bool:
         """Bring ``state`` up to the file (others may have appended or compacted).
@@ -279,13 +280,32 @@ class UidLog:
     def reset(self) -> None:
         """Forget what was replayed (after a failed write): the next refresh reads it all."""
         self.state, self._ino, self._good, self._records = MapState(), None, 0, 0
+        self._pending = False
         self.generation += 1
 
-    def create(self, uidvalidity: int, uidnext: int = 1, highestmodseq: int = 1) -> None:
-        """A new map with a fresh UIDVALIDITY (temp + fsync + rename + fsync dir)."""
+    def create(self, uidvalidity: int, uidnext: int = 1, highestmodseq: int = 1, *,
+               defer: bool = False) -> None:
+        """A new map with a fresh UIDVALIDITY (temp + fsync + rename + fsync dir).
+
+        ``defer``: made in memory only; the file is written whole by the first ``append``
+        (its header and those records in one temporary file: one file fsync and one
+        directory fsync, where create-then-append took three), or by ``settle``. The caller
+        holds the mailbox lock until one of them has run. Crash safety is the same as for
+        create-then-append: the map's name appears only by the rename of a complete,
+        fsynced file, and ``append`` returns (so a UID is given out) only after the
+        directory fsync made the name durable. A crash before that leaves no map (at most
+        a temporary file, removed by the next rewrite) and no UID anyone has seen; the next
+        operation makes a map with a newer UIDVALIDITY, as for a map lost any other way."""
         self.state = MapState(uidvalidity, uidnext, highestmodseq)
         self.generation += 1
-        self._rewrite([])
+        self._pending = defer
+        if not defer:
+            self._rewrite([])
+
+    def settle(self) -> None:
+        """Write a map ``create(defer=True)`` made that nothing has appended to."""
+        if self._pending:
+            self._rewrite([])
 
     def append(self, records: list[bytes], assigned: Sequence[Entry] = ()) -> None:
         """Append records durably (fsync) after cutting any torn tail. ``assigned``: the
@@ -295,23 +315,30 @@ class UidLog:
             return
         st = self.state
         live = len(st.entries) + min(len(st.expunged), MAX_EXPUNGE_GROUPS)
-        if self._records > COMPACT_MIN + 2 * live:  # a rewrite per >= COMPACT_MIN + live
+        if self._pending:  # a deferred create: header and records, one new file
+            head = rec_header(st)
+            data = b"".join([head, *records])
+            self._replace(data)
+            self._pending = False
+            self._good, self._records, self._head = len(data), 1 + len(records), head
+        elif self._records > COMPACT_MIN + 2 * live:  # a rewrite per >= COMPACT_MIN + live
             self._rewrite(records)
             return
-        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            if os.fstat(fd).st_size != self._good:
-                os.ftruncate(fd, self._good)
-            os.lseek(fd, self._good, os.SEEK_SET)
-            data = b"".join(records)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._good += len(data)
-        self._records += len(records)
+        else:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size != self._good:
+                    os.ftruncate(fd, self._good)
+                os.lseek(fd, self._good, os.SEEK_SET)
+                data = b"".join(records)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._good += len(data)
+            self._records += len(records)
         # State follows the records, the single source of truth (applied outside any
         # assert: ``python -O`` drops asserts, and the state with them).
         direct = len(assigned) == sum(1 for r in records if r[9:10] == b"A")
@@ -349,6 +376,12 @@ class UidLog:
                 st.expunged[u] = groups[0][0]
         lines += [rec_expunge(m, u) for m, u in groups]
         data = b"".join(lines)
+        self._replace(data)
+        self._pending = False
+        self._good, self._records, self._head = len(data), len(lines), lines[0]
+
+    def _replace(self, data: bytes) -> None:
+        """The log file replaced by ``data``, durably: temp + fsync + rename + fsync dir."""
         for stale in self.path.parent.glob(f"{LOG_NAME}.*.tmp"):  # a compaction killed
             stale.unlink(missing_ok=True)  # midway (none runs now: we hold the lock)
         tmp = self.path.with_name(f"{LOG_NAME}.{os.getpid()}.tmp")
@@ -363,7 +396,6 @@ class UidLog:
             os.close(fd)
         os.rename(tmp, self.path)
         fsync_dir(self.path.parent)
-        self._good, self._records, self._head = len(data), len(lines), lines[0]
 
 
 def next_uidvalidity(root: Path) -> int:
