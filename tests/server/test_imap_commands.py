@@ -962,3 +962,24 @@ def test_a_map_made_anew_with_the_old_uidvalidity_is_not_taken_for_the_old_one(
     assert b"* 2 EXISTS\r\n" in second.ok(b"a SELECT INBOX")
     lines = second.ok(b"a FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
     assert all(b"fresh" in line for line in lines if b"FETCH" in line), lines
+
+
+def test_a_message_swapped_for_a_symlink_is_neither_searched_nor_copied(tmp_path: Path) -> None:
+    """A listed message replaced by a link to a file the service user can read: SEARCH
+    must not match the linked file's text, FETCH and COPY must not serve or copy it."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"Subject: secret\r\n\r\nroot's eyes only\r\n")
+    client = filled(tmp_path / "u", 2)
+    client.ok(b"a SELECT INBOX")
+    (path,) = [p for p in (tmp_path / "u").glob("*/*") if p.parent.name in ("new", "cur")
+               and p.is_file()][:1]
+    path.unlink()
+    path.symlink_to(secret)
+    (line,) = client.ok(b"a SEARCH BODY eyes")
+    assert line == b"* SEARCH\r\n"
+    _, lines = client.run(b"a FETCH 1:* BODY.PEEK[]")
+    assert not any(b"eyes" in x for x in lines)
+    client.ok(b"a CREATE Other")
+    client.run(b"a COPY 1:* Other")
+    copied = [p for p in (tmp_path / "u" / ".Other").glob("*/*") if p.is_file()]
+    assert all(b"eyes" not in p.read_bytes() for p in copied)

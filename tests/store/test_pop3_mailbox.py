@@ -449,3 +449,22 @@ def test_a_login_after_announce_close_waits_for_the_close(maildir: Path) -> None
     second.close()
     box.close()  # a second close of a closed box is harmless
     POP3Mailbox.open(maildir).close()
+
+
+def test_a_message_swapped_for_a_symlink_is_not_served(maildir: Path, tmp_path: Path) -> None:
+    """Whoever can write in the Maildir swaps a listed message for a link to a file the
+    service user can read: RETR must not send that file (ELOOP: the message is gone)."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"Subject: secret\r\n\r\nroot's eyes only\r\n")
+    box = POP3Mailbox.open(maildir)
+    try:
+        path = Path(box.messages[1].path)
+        path.unlink()
+        path.symlink_to(secret)
+        with pytest.raises(OSError):
+            retr(box, 1)
+        with pytest.raises(OSError):
+            box.read_whole(1, None)
+    finally:
+        box.close()
+    assert secret.read_bytes().startswith(b"Subject: secret")

@@ -246,8 +246,9 @@ def _read(path: str, header_only: bool) -> bytes:
 
     Descriptor-level reads (no buffered file object): a FETCH or SEARCH opens thousands of
     small files, and one ``os.read`` of a Maildir file (never written once in new/ or cur/)
-    that returns less than asked for has reached its end."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    that returns less than asked for has reached its end. Never through a symlink, as
+    FETCH's reads (``O_NOFOLLOW``: ELOOP, an OSError the callers take as "gone")."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         head = os.read(fd, _HEADER_PROBE)
         if header_only:

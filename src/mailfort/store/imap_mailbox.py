@@ -727,13 +727,18 @@ def _copy_name(source: str, size: int) -> str:
 
 
 def _link_or_copy(src: str, dest: str, tmp: Path) -> None:
+    """A hard link (else a copy) of a message file; FileNotFoundError for one that is not a
+    regular file (a symlink planted in its place: link(2) would link the symlink)."""
+    if not stat.S_ISREG(os.lstat(src).st_mode):
+        raise FileNotFoundError(src)
     try:
         os.link(src, dest)
         return
     except OSError as exc:
         if exc.errno != 18:  # EXDEV: another file system
             raise
-    with open(src, "rb") as fin, open(tmp, "xb") as fout:
+    src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # as FETCH reads
+    with open(src_fd, "rb") as fin, open(tmp, "xb") as fout:
         shutil.copyfileobj(fin, fout, _CHUNK)
         fout.flush()
         os.fsync(fout.fileno())

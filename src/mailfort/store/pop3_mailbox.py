@@ -156,10 +156,13 @@ def size_from_name(name: str) -> int | None:
     return int(found[1]) if found else None
 
 
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
 def _count_size(path: str) -> int:
     """Wire octets of a message whose name does not carry them: read it once."""
     counter = SizeCounter()
-    with open(path, "rb") as f:
+    with open(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), "rb") as f:
         while chunk := f.read(CHUNK):
             counter.feed(chunk)
     return counter.size()
@@ -280,12 +283,16 @@ class POP3Mailbox:
         return [(m.uid, m.size) for m in self.messages]
 
     def _open_file(self, msg: StoredMessage) -> int:
-        """A file descriptor for the message, even if the flagger just renamed it."""
+        """A file descriptor for the message, even if the flagger just renamed it.
+
+        Never through a symlink (ELOOP, an OSError: "gone"): the snapshot took regular
+        files only, and a name swapped for a link since must not serve the file it points
+        to, which the service user may be able to read and the mailbox's owner not."""
         try:
-            return os.open(msg.path, os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(msg.path, _READ_FLAGS)
         except FileNotFoundError:
             with self._paths:  # a rename in flight has finished once we hold this
-                return os.open(msg.path, os.O_RDONLY | os.O_CLOEXEC)
+                return os.open(msg.path, _READ_FLAGS)
 
     def reader(self, index: int, top_lines: int | None) -> MessageReader:
         """Open one message for RETR (``top_lines`` None) or TOP; OSError if it is gone."""
