@@ -80,7 +80,7 @@ class MailSessionLike(Protocol):
 
     def execute(self, cmd: Command) -> Outcome: ...
 
-    def updates(self) -> list[bytes]: ...
+    def updates(self, since: float | None = None) -> list[bytes]: ...
 
     @property
     def watched(self) -> Path | None: ...
@@ -91,7 +91,9 @@ class MailSessionLike(Protocol):
 
 
 class Subscription(Protocol):
-    async def wait(self) -> None: ...
+    async def wait(self) -> float | None:
+        """Until a change may have happened; the monotonic time of the wake-up (None:
+        unknown, the mail session then scans on its own)."""
 
     def close(self) -> None: ...
 
@@ -111,8 +113,9 @@ class Authenticator(Protocol):
 class _Poll:
     """A subscription that wakes every ``POLL_SECONDS`` (spurious wake-ups are allowed)."""
 
-    async def wait(self) -> None:
+    async def wait(self) -> float | None:
         await asyncio.sleep(POLL_SECONDS)
+        return None
 
     def close(self) -> None:
         pass
@@ -559,19 +562,20 @@ class IMAPSession(EngineSession):
             sub, engine = self._sub, self.engine
             if sub is None or engine is None:
                 return
-            if not first:
-                await sub.wait()
+            # The wake-up's time: a scan of the mailbox begun after it (another session's
+            # of this worker, woken by the same change) shows all it signals.
+            since = None if first else await sub.wait()
             first = False
             while self.task is not None:  # the previous wake-up's updates still going out
                 await asyncio.wait([self.task])
             if not engine.idling or self.transport is None:
                 return
-            self.run(self._idle_updates())
+            self.run(self._idle_updates(since))
 
-    async def _idle_updates(self) -> None:
+    async def _idle_updates(self, since: float | None) -> None:
         engine, mail = self.engine, self.mail
         assert engine is not None and mail is not None
-        lines = await self._call(mail.updates)
+        lines = await self._call(mail.updates, since)
         engine.write_untagged(b"".join(lines))
 
     def _stop_idle(self) -> None:

@@ -494,13 +494,15 @@ class MailSession:
     def close(self) -> None:
         self.view = None
 
-    def updates(self) -> list[bytes]:
-        """EXPUNGE/VANISHED, FETCH FLAGS and EXISTS since the last report (NOOP, IDLE)."""
+    def updates(self, since: float | None = None) -> list[bytes]:
+        """EXPUNGE/VANISHED, FETCH FLAGS and EXISTS since the last report (NOOP, IDLE).
+        ``since``: IDLE's wake-up time; a scan of the mailbox begun after it, by any
+        session of this process, serves (``Mailbox.scan``). None (NOOP): a scan of its own."""
         if self.view is None:
             return []
         self._dirty = False
         self._synced = time.monotonic()
-        return self._sync(expunge_ok=True)
+        return self._sync(expunge_ok=True, since=since)
 
     def execute(self, cmd: Command) -> Outcome:
         handler = getattr(self, "_cmd_" + cmd.name.lower(), None)
@@ -606,14 +608,14 @@ class MailSession:
         v.keywords = frozenset(kws.values())
         return self._flags_response(v.keywords)
 
-    def _sync(self, expunge_ok: bool) -> list[bytes]:
+    def _sync(self, expunge_ok: bool, since: float | None = None) -> list[bytes]:
         """Rescan and report what changed since the client last heard (module docstring)."""
         v = self.view
         if v is None:
             return []
         box = v.box
         try:
-            scan = box.scan()
+            scan = box.scan(since)
         except (MailboxError, OSError):
             return []  # the mailbox went away (DELETE elsewhere): nothing to say now
         v.recent.update(scan.added)
