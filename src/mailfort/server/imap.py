@@ -12,7 +12,10 @@ them, so a ``UID FETCH 1:* BODY.PEEK[]`` of a large mailbox never sits whole in 
 
 IDLE waits on the node's mailbox watcher (``MailboxWatcher.subscribe``; a session
 subscribes to its selected mailbox while it is selected), and a command that changed a
-mailbox tells the watcher (``changed``) so the other sessions wake at once. The idle
+mailbox tells the watcher (``changed``) so the other sessions wake at once. The sessions
+of this process woken on one mailbox in one loop turn get their updates from one call in
+one worker thread (``IMAPServer.updates``): one scan of the mailbox between them
+(``Mailbox.scan(since)``) and one thread hand-off instead of one each. The idle
 timeout depends on the state: short before login, 30 minutes after it (RFC 9051 §5.4) and
 during IDLE. The number of sessions of one user is bounded per node (``UserSessions`` in a
 single process; ``SharedUserSessions`` over the worker processes of a node, which count in
@@ -340,11 +343,48 @@ class IMAPServer(Listener):
         self.loopback_settings = (
             dataclasses.replace(base, allow_plaintext=True) if allow_plaintext else base)
         self.name = "imaps" if implicit_tls else "imap"
+        # mailbox directory -> IDLE updates asked for in this loop turn, run together
+        self._wakes: dict[Path, list[tuple[MailSessionLike, float | None,
+                                           asyncio.Future[list[bytes]]]]] = {}
 
     async def start(self, host: str, port: int,
                     sock: socket.socket | None = None) -> asyncio.base_events.Server:
         tls = self.ssl_context if self.implicit_tls else None
         return await self.listen(lambda: IMAPSession(self), host, port, tls, sock=sock)
+
+    def updates(self, watched: Path, mail: MailSessionLike,
+                since: float | None) -> asyncio.Future[list[bytes]]:
+        """``mail.updates(since)``, run in a worker thread together with those of the
+        other sessions on ``watched`` that ask in this loop turn (one change wakes them
+        all in one turn). In order, one after the other: the first scans, the others find
+        its scan (``Mailbox.scan``) and only compare their views with the snapshot."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[bytes]] = loop.create_future()
+        batch = self._wakes.get(watched)
+        if batch is None:
+            batch = self._wakes[watched] = []
+            loop.call_soon(self._run_updates, watched)
+        batch.append((mail, since, fut))
+        return fut
+
+    def _run_updates(self, watched: Path) -> None:
+        batch = self._wakes.pop(watched, [])
+        work = [(mail, since) for mail, since, _ in batch]
+        done = asyncio.get_running_loop().run_in_executor(None, _updates_of, work)
+
+        def hand_out(f: asyncio.Future[list[list[bytes] | BaseException]]) -> None:
+            exc = None if f.cancelled() else f.exception()
+            results = f.result() if not f.cancelled() and exc is None else None
+            for i, (_, _, fut) in enumerate(batch):
+                if fut.done():
+                    continue
+                got = results[i] if results is not None else exc or asyncio.CancelledError()
+                if isinstance(got, BaseException):
+                    fut.set_exception(got)
+                else:
+                    fut.set_result(got)
+
+        done.add_done_callback(hand_out)
 
 
 # ------------------------------------------------------------------ one connection
@@ -573,9 +613,13 @@ class IMAPSession(EngineSession):
             self.run(self._idle_updates(since))
 
     async def _idle_updates(self, since: float | None) -> None:
-        engine, mail = self.engine, self.mail
+        engine, mail, watched = self.engine, self.mail, self._watched
         assert engine is not None and mail is not None
-        lines = await self._call(mail.updates, since)
+        if watched is None:
+            lines = await self._call(mail.updates, since)
+        else:  # with the other sessions woken on this mailbox (the one call in flight)
+            fut = self._busy = self.server.updates(watched, mail, since)
+            lines = await asyncio.shield(fut)
         engine.write_untagged(b"".join(lines))
 
     def _stop_idle(self) -> None:
@@ -608,6 +652,19 @@ class IMAPSession(EngineSession):
         else:
             busy.add_done_callback(
                 lambda _: loop.run_in_executor(None, _close_quietly, mail, items))
+
+
+def _updates_of(work: list[tuple[MailSessionLike, float | None]],
+                ) -> list[list[bytes] | BaseException]:
+    """Each mail session's ``updates(since)`` in turn (in a worker thread); one that fails
+    fails alone."""
+    out: list[list[bytes] | BaseException] = []
+    for mail, since in work:
+        try:
+            out.append(mail.updates(since))
+        except Exception as exc:
+            out.append(exc)
+    return out
 
 
 def _changed_dirs(mail: MailSessionLike) -> list[Path]:
