@@ -23,6 +23,7 @@ from mailfort.config import LimitsConfig
 from mailfort.policy.authn import Authenticator
 from mailfort.server.imap import IMAPServer, UserSessions
 from mailfort.server.mailbox_watch import MailboxWatcher
+from mailfort.store.imap_mailbox import Mailbox
 from mailfort.store.maildir import maildir_for
 from tests.server.test_pop3 import ALICE, AUTH, BOB, PASSWORDS, make_authenticator
 
@@ -549,6 +550,58 @@ async def test_idle_sees_a_delivered_message(lab: IMAPLab) -> None:
     responses, took = await task
     assert (2, b"EXISTS") in responses
     assert took < 1.5
+
+
+async def test_many_idle_sessions_on_one_mailbox_share_one_scan_per_delivery(
+        lab_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forty sessions of one user IDLE on INBOX: each delivery reaches every one of them as
+    EXISTS, in order, and the worker scans the mailbox a few times per delivery (the
+    delivery, and the wake-ups its own move to cur/ and UID log record cause), not once
+    per session: the sessions woken by one change share a scan begun after it."""
+    n = 40
+    lab = await lab_factory(LimitsConfig(imap_sessions_per_user=n + 5), allow_plaintext=True)
+    scans = 0
+    real = Mailbox._scan_quiet
+
+    def counted(self: Mailbox, *args: Any) -> Any:
+        nonlocal scans
+        scans += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(Mailbox, "_scan_quiet", counted)
+    lab.deliver(ALICE, MSG)
+    conns = []
+    for _ in range(n):
+        r, w = await asyncio.open_connection("127.0.0.1", lab.port)
+        await r.readline()
+        w.write(f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\ne ENABLE IMAP4rev2\r\n"
+                "b SELECT INBOX\r\nc IDLE\r\n".encode())  # rev2: no RECENT after EXISTS
+        while not (await asyncio.wait_for(r.readline(), 10)).startswith(b"+"):
+            pass
+        conns.append((r, w))
+
+    async def told(r: asyncio.StreamReader) -> list[bytes]:
+        got: list[bytes] = []
+        while not got or not got[-1].endswith(b" EXISTS\r\n"):
+            got.append(await asyncio.wait_for(r.readline(), 10))
+        return got
+
+    try:
+        for exists in (2, 3):
+            await asyncio.sleep(0.2)  # the last round's wake-ups are over
+            before = scans
+            lab.deliver(ALICE, MSG)
+            got = await asyncio.gather(*(told(r) for r, _ in conns))
+            assert all(g == [b"* %d EXISTS\r\n" % exists] for g in got), got
+            await asyncio.sleep(0.3)  # the wake-ups the scan's own changes cause
+            assert scans - before <= 4, f"{scans - before} scans for {n} sessions"
+        for r, w in conns:
+            w.write(b"DONE\r\nd FETCH 1:* (UID)\r\n")
+            lines = [await asyncio.wait_for(r.readline(), 10) for _ in range(5)]
+            assert lines[0] == b"c OK IDLE terminated\r\n" and lines[-1].startswith(b"d OK")
+    finally:
+        for _, w in conns:
+            w.close()
 
 
 async def test_noop_reports_a_delivered_message(lab: IMAPLab) -> None:
