@@ -26,6 +26,7 @@ unauthenticated, so a client can tell it from a wrong password and try again lat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -71,6 +72,7 @@ STRESS_CLOSE = "[UNAVAILABLE] Server busy, closing idle connection, try again la
 TOO_MANY_SESSIONS = "[LIMIT] Too many sessions for this user, try again later"
 INTERNAL = "[SERVERBUG] Internal error, closing connection"
 BATCH_BYTES = 256 * 1024  # untagged responses pulled from the mailbox side per write
+UPDATES_CHUNK = 64  # IDLE updates of one mailbox handed back to the loop at a time
 # (a thread hop each: 2 MB of BODY[] in 8 hops, not 33; a session holds at most this)
 POLL_SECONDS = 1.0  # the fallback watcher's period
 
@@ -369,22 +371,32 @@ class IMAPServer(Listener):
 
     def _run_updates(self, watched: Path) -> None:
         batch = self._wakes.pop(watched, [])
+        loop = asyncio.get_running_loop()
         work = [(mail, since) for mail, since, _ in batch]
-        done = asyncio.get_running_loop().run_in_executor(None, _updates_of, work)
+        futs = [fut for _, _, fut in batch]
 
-        def hand_out(f: asyncio.Future[list[list[bytes] | BaseException]]) -> None:
-            exc = None if f.cancelled() else f.exception()
-            results = f.result() if not f.cancelled() and exc is None else None
-            for i, (_, _, fut) in enumerate(batch):
+        def hand_out(start: int, results: list[list[bytes] | BaseException]) -> None:
+            for fut, got in zip(futs[start:start + len(results)], results, strict=True):
                 if fut.done():
                     continue
-                got = results[i] if results is not None else exc or asyncio.CancelledError()
                 if isinstance(got, BaseException):
                     fut.set_exception(got)
                 else:
                     fut.set_result(got)
 
-        done.add_done_callback(hand_out)
+        def finished(f: asyncio.Future[None]) -> None:  # the thread failed or was stopped
+            exc = (None if not f.cancelled() and f.exception() is None
+                   else asyncio.CancelledError() if f.cancelled() else f.exception())
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(exc or RuntimeError("IDLE updates not made"))
+
+        def chunk(start: int, results: list[list[bytes] | BaseException]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(hand_out, start, results)
+
+        done = loop.run_in_executor(None, _updates_of, work, chunk)
+        done.add_done_callback(finished)
 
 
 # ------------------------------------------------------------------ one connection
@@ -655,16 +667,22 @@ class IMAPSession(EngineSession):
 
 
 def _updates_of(work: list[tuple[MailSessionLike, float | None]],
-                ) -> list[list[bytes] | BaseException]:
-    """Each mail session's ``updates(since)`` in turn (in a worker thread); one that fails
-    fails alone."""
+                chunk: Callable[[int, list[list[bytes] | BaseException]], None]) -> None:
+    """Each mail session's ``updates(since)`` in turn (in a worker thread), handed out
+    ``UPDATES_CHUNK`` at a time so that the first sessions of a large batch are not kept
+    waiting for the last; one that fails fails alone."""
+    start = 0
     out: list[list[bytes] | BaseException] = []
     for mail, since in work:
         try:
             out.append(mail.updates(since))
         except Exception as exc:
             out.append(exc)
-    return out
+        if len(out) >= UPDATES_CHUNK:
+            chunk(start, out)
+            start, out = start + len(out), []
+    if out:
+        chunk(start, out)
 
 
 def _changed_dirs(mail: MailSessionLike) -> list[Path]:

@@ -17,7 +17,9 @@ command that may report them.
 After a command the rescan runs at once only when the command itself changed the selected
 mailbox behind the view (EXPUNGE, APPEND or COPY into it, MOVE); otherwise at most every
 ``sync_interval``, since a client pipelining one STORE per message would pay a listing of
-the mailbox for each. ``updates()`` (NOOP, IDLE, CHECK) always rescans.
+the mailbox for each. ``updates()`` (NOOP, IDLE, CHECK) always rescans; in IDLE the
+rescan may be another session's of this process begun after the wake-up (``since``), so
+the sessions woken by one delivery share one scan and one snapshot.
 
 Cost per session: the sessions of one user in one process share one ``MailStore`` (a UID
 map is replayed once) and, once caught up, one snapshot of the selected mailbox (copied
