@@ -2,6 +2,7 @@
 
     python bench/imap_idle_wake.py                          # 200 sessions on one mailbox
     python bench/imap_idle_wake.py --sessions 1000 --users 5 --rounds 10
+    python bench/imap_idle_wake.py --source /tmp/base/src    # the same, another checkout
 
 The server side (IMAPServer, MailboxWatcher, the real Maildir store, a cheap argon2 so that
 logins take no time) runs in this process, the clients in a child process (asyncio, one
@@ -29,7 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+# ``--source DIR``: another checkout's src/, to count a base version the same way
+_SRC = (sys.argv[sys.argv.index("--source") + 1] if "--source" in sys.argv[:-1]
+        else str(ROOT / "src"))
+sys.path.insert(0, _SRC)
 
 PASSWORD = "wake-bench-pw1"
 
@@ -121,6 +125,12 @@ async def serve(args: argparse.Namespace, tmp: Path) -> None:
                         watcher=watcher, user_sessions=UserSessions(args.sessions + 10))
     await server.start("127.0.0.1", 0)
     boxes = [maildir_for(tmp / "mail", u) for u in users]
+    for md in boxes:  # the mailbox the sessions idle on holds --messages already
+        for sub in ("tmp", "new", "cur"):
+            (md / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(args.messages):
+            (md / "new" / f"{1700000000 + i}.M{i}P1.fill").write_bytes(
+                b"Subject: old\r\n\r\nold mail\r\n")
     counts = _counting()
     child = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--child", str(server.ports[0]), str(args.sessions),
@@ -161,7 +171,8 @@ async def serve(args: argparse.Namespace, tmp: Path) -> None:
     auth.close()
     per_session.sort()
     cpu_us = statistics.median(cpu_rounds) / args.sessions * 1e6
-    print(f"{args.sessions} sessions, {args.users} users, {args.rounds} rounds: server CPU "
+    print(f"{args.sessions} sessions, {args.users} users, {args.messages} messages, "
+          f"{args.rounds} rounds: server CPU "
           f"per round median {statistics.median(cpu_rounds) * 1e3:.1f} ms "
           f"= {cpu_us:.0f} µs per woken session; scans per round median "
           f"{statistics.median(scans):g} (per delivery {statistics.median(scans) / args.users:g})"
@@ -179,11 +190,14 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=1, help="sessions spread over this many")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--gap", type=float, default=0.5, help="seconds between rounds")
+    ap.add_argument("--messages", type=int, default=0, help="in each INBOX beforehand")
+    ap.add_argument("--source", default="", help="run the server from this src/ directory")
     args = ap.parse_args()
     if not 1 <= args.sessions <= 5000 or not 1 <= args.users <= min(100, args.sessions) \
-            or not 1 <= args.rounds <= 1000 or not 0 <= args.gap <= 60:
+            or not 1 <= args.rounds <= 1000 or not 0 <= args.gap <= 60 \
+            or not 0 <= args.messages <= 100_000:
         ap.error("--sessions 1..5000, --users 1..min(100, sessions), --rounds 1..1000, "
-                 "--gap 0..60")
+                 "--gap 0..60, --messages 0..100000")
     with tempfile.TemporaryDirectory(prefix="mailfort-idle-wake-") as tmp:
         asyncio.run(serve(args, Path(tmp)))
     return 0

@@ -401,6 +401,38 @@ def _snapshot(box: Mailbox, scan: ScanResult) -> tuple[list[int], dict[int, Mess
     return snap[1], snap[2]
 
 
+_DIFFERENCES: weakref.WeakKeyDictionary[
+    Mailbox, tuple[dict[int, MessageInfo], dict[int, MessageInfo], list[int], list[int],
+                   list[int]]] = weakref.WeakKeyDictionary()
+
+
+def _difference(box: Mailbox, old: dict[int, MessageInfo], new: dict[int, MessageInfo],
+                ) -> tuple[list[int], list[int], list[int]]:
+    """UIDs (ascending) of ``old`` not in ``new``, of those whose flags changed, and of
+    those whose flags or MODSEQ changed, between two snapshots of ``box``: worked out once
+    for all the sessions of the process whose views were ``old`` (200 sessions woken on a
+    mailbox of 2,000 messages would otherwise compare 400,000 entries)."""
+    with _STORES_LOCK:
+        found = _DIFFERENCES.get(box)
+    if found is not None and found[0] is old and found[1] is new:
+        return found[2], found[3], found[4]
+    gone = [u for u in old if u not in new]
+    flagged: list[int] = []
+    modded: list[int] = []
+    for u, m in new.items():
+        was = old.get(u)
+        if was is None or was is m:
+            continue
+        if m.flags != was.flags:
+            flagged.append(u)
+            modded.append(u)
+        elif m.modseq != was.modseq:
+            modded.append(u)
+    with _STORES_LOCK:
+        _DIFFERENCES[box] = (old, new, gone, flagged, modded)
+    return gone, flagged, modded
+
+
 KEEP_STORES = 4  # the stores of the users who logged in last, kept after their sessions
 _KEPT: OrderedDict[str, MailStore] = OrderedDict()
 
@@ -628,8 +660,16 @@ class MailSession:
         except (MailboxError, OSError):
             return []
         v.modseq = scan.highestmodseq
-        self._own(v)
         out: list[bytes] = []
+        changed: list[tuple[int, MessageInfo]] = []
+        new_from = bisect.bisect_right(snap_uids, v.top)
+        if v.shared:  # the view is an older snapshot: its difference is worked out once
+            gone, flagged, modded = _difference(box, v.info, current)
+            if not gone and len(v.uids) + len(snap_uids) - new_from == len(snap_uids):
+                for u in modded if self.condstore else flagged:
+                    changed.append((bisect.bisect_left(v.uids, u) + 1, current[u]))
+                return self._report(out, changed, snap_uids, current, new_from, False)
+        self._own(v)
         gone = [u for u in v.uids if u not in current]
         deferred = bool(gone) and not expunge_ok
         if deferred:
@@ -647,7 +687,6 @@ class MailSession:
             for u in gone:
                 v.info.pop(u, None)
                 v.recent.discard(u)
-        changed: list[tuple[int, MessageInfo]] = []
         for i, u in enumerate(v.uids):
             m = current.get(u)
             if m is None:
@@ -656,9 +695,18 @@ class MailSession:
             if m.flags != old.flags or (self.condstore and m.modseq != old.modseq):
                 changed.append((i + 1, m))
             v.info[u] = m  # the path too, which a flag change elsewhere renamed
+        return self._report(out, changed, snap_uids, current, new_from, deferred)
+
+    def _report(self, out: list[bytes], changed: list[tuple[int, MessageInfo]],
+                snap_uids: list[int], current: dict[int, MessageInfo], new_from: int,
+                deferred: bool) -> list[bytes]:
+        """``_sync``'s end: FETCH FLAGS of ``changed``, the messages after the view's top,
+        EXISTS; the view takes the snapshot when it has caught up with it."""
+        v = self.view
+        assert v is not None
         out += self._note_keywords(m.flags for _, m in changed)
         out += [self._fetch_line(seq, m, False) for seq, m in changed]
-        new = [current[u] for u in snap_uids[bisect.bisect_right(snap_uids, v.top):]]
+        new = [current[u] for u in snap_uids[new_from:]]
         if not deferred and len(v.uids) + len(new) == len(snap_uids):
             v.uids, v.info, v.shared = snap_uids, current, True  # caught up: share it
         if new:
