@@ -215,9 +215,9 @@ async def run(mf: MailfortServer, count: int, users: dict[str, str], hold: float
         if load is not None:
             load_s = time.monotonic() - load_began + LOAD_WARMUP
             load_note = stop_mx_load(load)
-            stored = count_files(load_dir) - load_before
-            load_note = (f"MX load: {stored} messages stored for {LOAD_USER} in "
-                         f"{load_s:.1f} s ({stored / load_s:.0f}/s){load_note}")
+            load_stored = count_files(load_dir) - load_before
+            load_note = (f"MX load: {load_stored} messages stored for {LOAD_USER} in "
+                         f"{load_s:.1f} s ({load_stored / load_s:.0f}/s){load_note}")
             print(f"#   {load_note}", flush=True)
     # from the start of the delivery to the session's own user to its EXISTS
     woke = sorted(t - began[s.user] for s, t in zip(idling, arrived, strict=True)
