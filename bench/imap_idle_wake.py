@@ -143,6 +143,7 @@ async def serve(args: argparse.Namespace, tmp: Path) -> None:
     cpu_rounds: list[float] = []
     scans: list[int] = []
     lists: list[int] = []
+    wakeups: list[int] = []
     for n in range(args.rounds):
         await asyncio.sleep(args.gap)
         for k in counts:
@@ -151,6 +152,7 @@ async def serve(args: argparse.Namespace, tmp: Path) -> None:
         await child.stdin.drain()
         await asyncio.sleep(0.2)  # the child is reading again
         cpu0 = time.process_time()
+        woken0 = watcher.wakeups
         began: dict[str, float] = {}
         for user, md in zip(users, boxes, strict=True):
             name = f"{time.time_ns()}.R{n}P{os.getpid()}.bench"
@@ -163,6 +165,8 @@ async def serve(args: argparse.Namespace, tmp: Path) -> None:
         cpu_rounds.append(cpu)
         scans.append(counts["scans"])
         lists.append(counts["listdir"])
+        await asyncio.sleep(0.1)  # the wake-ups the scan's own changes cause
+        wakeups.append(watcher.wakeups - woken0)
     child.stdin.write(b"end\n")
     await child.stdin.drain()
     await child.wait()
@@ -176,7 +180,8 @@ async def serve(args: argparse.Namespace, tmp: Path) -> None:
           f"per round median {statistics.median(cpu_rounds) * 1e3:.1f} ms "
           f"= {cpu_us:.0f} µs per woken session; scans per round median "
           f"{statistics.median(scans):g} (per delivery {statistics.median(scans) / args.users:g})"
-          f", listdir per round {statistics.median(lists):g}; wake latency median "
+          f", listdir per round {statistics.median(lists):g}, subscriptions woken per "
+          f"session {statistics.median(wakeups) / args.sessions:g}; wake latency median "
           f"{statistics.median(per_session) * 1e3:.1f} ms, worst {per_session[-1] * 1e3:.1f} ms")
 
 
