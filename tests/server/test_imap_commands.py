@@ -850,6 +850,30 @@ def test_shared_views_get_what_an_own_copy_gets_from_one_difference(
         fetch_flags(shared[0].ok(b"a FETCH 1:* FLAGS"))
 
 
+def test_a_shared_scan_serves_only_if_begun_after_the_sessions_last_updates(
+        tmp_path: Path) -> None:
+    """IDLE's ``updates(since)`` takes another session's scan only if it began after the
+    wake-up *and* after this session's previous ``updates`` ended: that call may have taken
+    in a snapshot newer than an older scan, and the older scan's snapshot would then look
+    like expunged messages or flags going back to this view."""
+    client = filled(tmp_path, 2)
+    client.ok(b"a SELECT INBOX")
+    box = client.session.view.box  # type: ignore[union-attr]
+    woken = time.monotonic()
+    client.session.updates()  # a scan of its own, begun after ``woken``
+    scans = box.scans
+    client.session.updates(woken)  # that scan began before this session's view: looks again
+    assert box.scans == scans + 1
+    other = Client(tmp_path)
+    other.ok(b"a SELECT INBOX")
+    other.session.updates()
+    scans = box.scans
+    woken = time.monotonic()  # one change wakes both, after their last updates
+    client.session.updates(woken)  # no scan since: looks
+    other.session.updates(woken)  # the one just made began after both: shared
+    assert box.scans == scans + 1
+
+
 def test_a_subscriptions_file_written_by_dovecot_is_read(tmp_path: Path) -> None:
     """Dovecot's Maildir++ ``subscriptions`` (version line, levels split by a tab) is the
     same file: a user moving from Dovecot keeps the folders the client shows."""

@@ -72,8 +72,8 @@ STRESS_CLOSE = "[UNAVAILABLE] Server busy, closing idle connection, try again la
 TOO_MANY_SESSIONS = "[LIMIT] Too many sessions for this user, try again later"
 INTERNAL = "[SERVERBUG] Internal error, closing connection"
 BATCH_BYTES = 256 * 1024  # untagged responses pulled from the mailbox side per write
-UPDATES_CHUNK = 64  # IDLE updates of one mailbox handed back to the loop at a time
 # (a thread hop each: 2 MB of BODY[] in 8 hops, not 33; a session holds at most this)
+UPDATES_CHUNK = 64  # IDLE updates of one mailbox handed back to the loop at a time
 POLL_SECONDS = 1.0  # the fallback watcher's period
 
 

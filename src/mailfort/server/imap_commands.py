@@ -508,6 +508,7 @@ class MailSession:
         self._rescanned = False  # a stale path was refreshed during this command
         self._dirty = False  # this command changed the selected mailbox behind the view
         self._synced = 0.0  # time.monotonic() of the last rescan
+        self._updated = 0.0  # time.monotonic() when the last ``updates`` ended
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -531,12 +532,24 @@ class MailSession:
     def updates(self, since: float | None = None) -> list[bytes]:
         """EXPUNGE/VANISHED, FETCH FLAGS and EXISTS since the last report (NOOP, IDLE).
         ``since``: IDLE's wake-up time; a scan of the mailbox begun after it, by any
-        session of this process, serves (``Mailbox.scan``). None (NOOP): a scan of its own."""
+        session of this process, serves (``Mailbox.scan``). None (NOOP, IDLE's first
+        look after the commands before it): a scan of its own.
+
+        The scan must also have begun after this session's previous ``updates`` ended:
+        that call may have taken in a snapshot made after a later change (another
+        session's snapshot), and an older scan's snapshot next to it would look like
+        messages expunged, flags going back. Only ``updates`` changes the view between
+        two calls with a ``since`` (IDLE runs no command)."""
         if self.view is None:
             return []
         self._dirty = False
         self._synced = time.monotonic()
-        return self._sync(expunge_ok=True, since=since)
+        if since is not None:
+            since = max(since, self._updated)
+        try:
+            return self._sync(expunge_ok=True, since=since)
+        finally:
+            self._updated = time.monotonic()
 
     def execute(self, cmd: Command) -> Outcome:
         handler = getattr(self, "_cmd_" + cmd.name.lower(), None)
