@@ -7,6 +7,7 @@ import asyncio
 import imaplib
 import logging
 import os
+import re
 import socket
 import ssl
 import time
@@ -601,6 +602,75 @@ async def test_many_idle_sessions_on_one_mailbox_share_one_scan_per_delivery(
             assert lines[0] == b"c OK IDLE terminated\r\n" and lines[-1].startswith(b"d OK")
     finally:
         for _, w in conns:
+            w.close()
+
+
+async def test_idle_sessions_sharing_scans_follow_flags_expunges_and_deliveries(
+        lab_factory: Callable[..., Any]) -> None:
+    """Eight sessions IDLE on INBOX while another session of the same worker stores flags
+    and expunges, and mail arrives, in quick succession (wake-ups coalesce, scans are
+    shared): what each IDLE session is told, applied in order to its own list of messages,
+    ends as the mailbox is (RFC 9051 §7.5.1 order: the numbers stay right)."""
+    lab = await lab_factory(LimitsConfig(imap_sessions_per_user=20), allow_plaintext=True)
+    for _ in range(3):
+        lab.deliver(ALICE, MSG)
+
+    async def login(idle: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        r, w = await asyncio.open_connection("127.0.0.1", lab.port)
+        await r.readline()
+        w.write(f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\ne ENABLE IMAP4rev2\r\n"
+                f"b SELECT INBOX\r\n{'c IDLE' if idle else 'f NOOP'}\r\n".encode())
+        end = b"+" if idle else b"f OK"
+        while not (await asyncio.wait_for(r.readline(), 10)).startswith(end):
+            pass
+        return r, w
+
+    async def command(r: asyncio.StreamReader, w: asyncio.StreamWriter,
+                      tag: bytes, text: bytes) -> list[bytes]:
+        w.write(tag + b" " + text + b"\r\n")
+        got = []
+        while not (line := await asyncio.wait_for(r.readline(), 10)).startswith(tag + b" "):
+            got.append(line)
+        assert line.startswith(tag + b" OK"), line
+        return got
+
+    def apply(model: list[frozenset[bytes]], line: bytes) -> None:
+        if m := re.fullmatch(rb"\* (\d+) EXISTS\r\n", line):
+            model.extend(frozenset() for _ in range(int(m[1]) - len(model)))
+        elif m := re.fullmatch(rb"\* (\d+) EXPUNGE\r\n", line):
+            del model[int(m[1]) - 1]
+        elif m := re.fullmatch(rb"\* (\d+) FETCH \((?:UID \d+ )?FLAGS \(([^)]*)\)\)\r\n", line):
+            model[int(m[1]) - 1] = frozenset(m[2].split())
+
+    idlers = [await login(True) for _ in range(8)]
+    writer = await login(False)
+    models = [[frozenset[bytes]() for _ in range(3)] for _ in idlers]
+
+    async def follow(i: int, r: asyncio.StreamReader) -> None:
+        while line := await r.readline():
+            apply(models[i], line)
+
+    readers = [asyncio.ensure_future(follow(i, r)) for i, (r, _) in enumerate(idlers)]
+    try:
+        await command(*writer, b"w1", b"STORE 1 +FLAGS (\\Flagged)")
+        lab.deliver(ALICE, MSG)
+        await command(*writer, b"n1", b"NOOP")  # the writer's own view learns of it
+        await command(*writer, b"w2", b"STORE 2,4 +FLAGS (\\Seen)")
+        await command(*writer, b"w3", b"STORE 1,3 +FLAGS (\\Deleted)")
+        await command(*writer, b"w4", b"EXPUNGE")
+        lab.deliver(ALICE, MSG)
+        await command(*writer, b"w5", b"STORE 1 FLAGS (\\Answered)")
+        await asyncio.sleep(1.0)  # every wake-up's updates are out
+        truth = [frozenset[bytes]() for _ in range(3)]
+        for line in await command(*writer, b"w6", b"FETCH 1:* (FLAGS)"):
+            apply(truth, line)
+        assert [sorted(f) for f in truth] == [[b"\\Answered"], [b"\\Seen"], []]
+        for model in models:
+            assert model == truth
+    finally:
+        for t in readers:
+            t.cancel()
+        for _, w in [*idlers, writer]:
             w.close()
 
 
