@@ -395,7 +395,12 @@ class IMAPServer(Listener):
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(hand_out, start, results)
 
-        done = loop.run_in_executor(None, _updates_of, work, chunk)
+        try:
+            done = loop.run_in_executor(None, _updates_of, work, chunk)
+        except RuntimeError as exc:  # the executor is shut down: the loop is ending
+            for fut in futs:
+                fut.set_exception(exc)
+            return
         done.add_done_callback(finished)
 
 

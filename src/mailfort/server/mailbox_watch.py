@@ -34,7 +34,9 @@ learnt four ways, cheapest first:
 
 Coalescing: a subscription holds one "may have changed" bit, so any number of changes
 before the session looks are one wake-up. Spurious wake-ups happen (a session's own change,
-the same change seen by two ways) and cost one rescan.
+the same change seen by two ways, the first scan's own move to ``cur/``) and cost one rescan
+per mailbox per process: ``wait`` returns the wake-up's time, and the sessions woken
+together take one scan begun after it (``Mailbox.scan(since)``).
 
 Why inotify through ctypes and no library: three system calls and a fixed-size record are
 all that is needed, and the descriptor must sit on our event loop with our error handling
