@@ -229,6 +229,8 @@ async def run(mf: MailfortServer, count: int, users: dict[str, str], hold: float
     after = sorted(t - stored[s.user] for s, t in zip(idling, arrived, strict=True)
                    if t is not None)
     worst = woke[-1] if woke else 0.0
+    verdict = ("NOT MET" if told < len(idling) or median >= 0.1 or worst >= 1.0
+               else "OK" if mx_load else "OK without the load")
     print(f"#   EXISTS after the delivery to the session's user began: {told}/{len(idling)} "
           f"within {WAKE_TIMEOUT:.0f} s, {within[1.0]} within 1 s, {within[5.0]} within "
           f"5 s; median {median * 1e3:.0f} ms, worst {worst * 1e3:.0f} ms"
@@ -268,7 +270,7 @@ async def run(mf: MailfortServer, count: int, users: dict[str, str], hold: float
         f" | median {median * 1e3:.0f} ms, worst {worst * 1e3:.0f} ms"
         f"{'' if told == len(idling) else ' (of those told)'} | < 100 ms median, < 1 s worst"
         f"{'' if mx_load else ' (with the MX load: --mx-load)'} | "
-        f"{'OK' if told == len(idling) and median < 0.1 and worst < 1.0 else 'NOT MET'} |",
+        f"{verdict} |",
         f"| server memory while they idle, all processes (PSS; RSS summed "
         f"{rss / 1024:.1f} MB) | {total:.1f} MB (idle {idle_pss / 1024:.1f} MB) | < 150 MB | "
         f"{'OK' if total < 150 else 'OVER TARGET'} |",
