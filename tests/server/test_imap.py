@@ -7,6 +7,7 @@ import asyncio
 import imaplib
 import logging
 import os
+import re
 import socket
 import ssl
 import time
@@ -23,6 +24,7 @@ from mailfort.config import LimitsConfig
 from mailfort.policy.authn import Authenticator
 from mailfort.server.imap import IMAPServer, UserSessions
 from mailfort.server.mailbox_watch import MailboxWatcher
+from mailfort.store.imap_mailbox import Mailbox
 from mailfort.store.maildir import maildir_for
 from tests.server.test_pop3 import ALICE, AUTH, BOB, PASSWORDS, make_authenticator
 
@@ -549,6 +551,127 @@ async def test_idle_sees_a_delivered_message(lab: IMAPLab) -> None:
     responses, took = await task
     assert (2, b"EXISTS") in responses
     assert took < 1.5
+
+
+async def test_many_idle_sessions_on_one_mailbox_share_one_scan_per_delivery(
+        lab_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forty sessions of one user IDLE on INBOX: each delivery reaches every one of them as
+    EXISTS, in order, and the worker scans the mailbox a few times per delivery (the
+    delivery, and the wake-ups its own move to cur/ and UID log record cause), not once
+    per session: the sessions woken by one change share a scan begun after it."""
+    n = 40
+    lab = await lab_factory(LimitsConfig(imap_sessions_per_user=n + 5), allow_plaintext=True)
+    scans = 0
+    real = Mailbox._scan_quiet
+
+    def counted(self: Mailbox, *args: Any) -> Any:
+        nonlocal scans
+        scans += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(Mailbox, "_scan_quiet", counted)
+    lab.deliver(ALICE, MSG)
+    conns = []
+    for _ in range(n):
+        r, w = await asyncio.open_connection("127.0.0.1", lab.port)
+        await r.readline()
+        w.write(f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\ne ENABLE IMAP4rev2\r\n"
+                "b SELECT INBOX\r\nc IDLE\r\n".encode())  # rev2: no RECENT after EXISTS
+        while not (await asyncio.wait_for(r.readline(), 10)).startswith(b"+"):
+            pass
+        conns.append((r, w))
+
+    async def told(r: asyncio.StreamReader) -> list[bytes]:
+        got: list[bytes] = []
+        while not got or not got[-1].endswith(b" EXISTS\r\n"):
+            got.append(await asyncio.wait_for(r.readline(), 10))
+        return got
+
+    try:
+        for exists in (2, 3):
+            await asyncio.sleep(0.2)  # the last round's wake-ups are over
+            before = scans
+            lab.deliver(ALICE, MSG)
+            got = await asyncio.gather(*(told(r) for r, _ in conns))
+            assert all(g == [b"* %d EXISTS\r\n" % exists] for g in got), got
+            await asyncio.sleep(0.3)  # the wake-ups the scan's own changes cause
+            assert scans - before <= 4, f"{scans - before} scans for {n} sessions"
+        for r, w in conns:
+            w.write(b"DONE\r\nd FETCH 1:* (UID)\r\n")
+            lines = [await asyncio.wait_for(r.readline(), 10) for _ in range(5)]
+            assert lines[0] == b"c OK IDLE terminated\r\n" and lines[-1].startswith(b"d OK")
+    finally:
+        for _, w in conns:
+            w.close()
+
+
+async def test_idle_sessions_sharing_scans_follow_flags_expunges_and_deliveries(
+        lab_factory: Callable[..., Any]) -> None:
+    """Eight sessions IDLE on INBOX while another session of the same worker stores flags
+    and expunges, and mail arrives, in quick succession (wake-ups coalesce, scans are
+    shared): what each IDLE session is told, applied in order to its own list of messages,
+    ends as the mailbox is (RFC 9051 §7.5.1 order: the numbers stay right)."""
+    lab = await lab_factory(LimitsConfig(imap_sessions_per_user=20), allow_plaintext=True)
+    for _ in range(3):
+        lab.deliver(ALICE, MSG)
+
+    async def login(idle: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        r, w = await asyncio.open_connection("127.0.0.1", lab.port)
+        await r.readline()
+        w.write(f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\ne ENABLE IMAP4rev2\r\n"
+                f"b SELECT INBOX\r\n{'c IDLE' if idle else 'f NOOP'}\r\n".encode())
+        end = b"+" if idle else b"f OK"
+        while not (await asyncio.wait_for(r.readline(), 10)).startswith(end):
+            pass
+        return r, w
+
+    async def command(r: asyncio.StreamReader, w: asyncio.StreamWriter,
+                      tag: bytes, text: bytes) -> list[bytes]:
+        w.write(tag + b" " + text + b"\r\n")
+        got = []
+        while not (line := await asyncio.wait_for(r.readline(), 10)).startswith(tag + b" "):
+            got.append(line)
+        assert line.startswith(tag + b" OK"), line
+        return got
+
+    def apply(model: list[frozenset[bytes]], line: bytes) -> None:
+        if m := re.fullmatch(rb"\* (\d+) EXISTS\r\n", line):
+            model.extend(frozenset() for _ in range(int(m[1]) - len(model)))
+        elif m := re.fullmatch(rb"\* (\d+) EXPUNGE\r\n", line):
+            del model[int(m[1]) - 1]
+        elif m := re.fullmatch(rb"\* (\d+) FETCH \((?:UID \d+ )?FLAGS \(([^)]*)\)\)\r\n", line):
+            model[int(m[1]) - 1] = frozenset(m[2].split())
+
+    idlers = [await login(True) for _ in range(8)]
+    writer = await login(False)
+    models = [[frozenset[bytes]() for _ in range(3)] for _ in idlers]
+
+    async def follow(i: int, r: asyncio.StreamReader) -> None:
+        while line := await r.readline():
+            apply(models[i], line)
+
+    readers = [asyncio.ensure_future(follow(i, r)) for i, (r, _) in enumerate(idlers)]
+    try:
+        await command(*writer, b"w1", b"STORE 1 +FLAGS (\\Flagged)")
+        lab.deliver(ALICE, MSG)
+        await command(*writer, b"n1", b"NOOP")  # the writer's own view learns of it
+        await command(*writer, b"w2", b"STORE 2,4 +FLAGS (\\Seen)")
+        await command(*writer, b"w3", b"STORE 1,3 +FLAGS (\\Deleted)")
+        await command(*writer, b"w4", b"EXPUNGE")
+        lab.deliver(ALICE, MSG)
+        await command(*writer, b"w5", b"STORE 1 FLAGS (\\Answered)")
+        await asyncio.sleep(1.0)  # every wake-up's updates are out
+        truth = [frozenset[bytes]() for _ in range(3)]
+        for line in await command(*writer, b"w6", b"FETCH 1:* (FLAGS)"):
+            apply(truth, line)
+        assert [sorted(f) for f in truth] == [[b"\\Answered"], [b"\\Seen"], []]
+        for model in models:
+            assert model == truth
+    finally:
+        for t in readers:
+            t.cancel()
+        for _, w in [*idlers, writer]:
+            w.close()
 
 
 async def test_noop_reports_a_delivered_message(lab: IMAPLab) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -803,6 +804,74 @@ def test_sessions_that_caught_up_share_one_view_of_the_mailbox(tmp_path: Path) -
         assert fetch_flags(c.session.updates()) == {1: b"\\Seen"}
     first.session.updates()
     assert all(c.session.view.info is first.session.view.info for c in others)  # type: ignore[union-attr]
+
+
+def test_shared_views_get_what_an_own_copy_gets_from_one_difference(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Views that share the mailbox's snapshot take their updates from one difference of
+    the two snapshots, worked out once (IDLE wake-ups of many sessions); what they report
+    is what a session with a copy of its own is told, with CONDSTORE's MODSEQ too."""
+    from mailfort.server import imap_commands
+
+    writer = filled(tmp_path, 3)
+    writer.ok(b"a SELECT INBOX")
+    shared = [Client(tmp_path) for _ in range(3)]
+    own = Client(tmp_path)
+    for c in [*shared, own]:
+        c.ok(b"a ENABLE IMAP4rev2")  # no RECENT, which only one session is told
+    shared[2].ok(b"a ENABLE CONDSTORE")
+    for c in [*shared, own]:
+        c.ok(b"a SELECT INBOX")
+        c.session.updates()
+    assert all(c.session.view.shared for c in shared)  # type: ignore[union-attr]
+    MailSession._own(own.session.view)  # type: ignore[arg-type]  # its own copy
+    worked = 0
+    real = imap_commands._difference
+
+    def counted(box: object, old: object, new: object) -> object:
+        nonlocal worked
+        found = imap_commands._DIFFERENCES.get(box)  # type: ignore[call-overload]
+        worked += not (found is not None and found[0] is old and found[1] is new)
+        return real(box, old, new)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(imap_commands, "_difference", counted)
+    writer.ok(b"a STORE 2 +FLAGS ($Important \\Seen)")
+    deliver(tmp_path, "1700000009.M1P1.host")
+    woken = time.monotonic()  # as IDLE's wake-up: after the changes
+    got = [c.session.updates(woken) for c in shared]
+    expected = own.session.updates()
+    assert got[0] == got[1] == expected
+    assert expected[0].startswith(b"* FLAGS (") and b"$Important" in expected[0]
+    assert expected[2:] == [b"* 2 FETCH (FLAGS (\\Seen $Important))\r\n", b"* 4 EXISTS\r\n"]
+    assert re.fullmatch(rb"\* 2 FETCH \(FLAGS \(\\Seen \$Important\) MODSEQ \(\d+\)\)\r\n",
+                        got[2][2])
+    assert worked == 1
+    assert fetch_flags(own.ok(b"a FETCH 1:* FLAGS")) == \
+        fetch_flags(shared[0].ok(b"a FETCH 1:* FLAGS"))
+
+
+def test_a_shared_scan_serves_only_if_begun_after_the_sessions_last_updates(
+        tmp_path: Path) -> None:
+    """IDLE's ``updates(since)`` takes another session's scan only if it began after the
+    wake-up *and* after this session's previous ``updates`` ended: that call may have taken
+    in a snapshot newer than an older scan, and the older scan's snapshot would then look
+    like expunged messages or flags going back to this view."""
+    client = filled(tmp_path, 2)
+    client.ok(b"a SELECT INBOX")
+    box = client.session.view.box  # type: ignore[union-attr]
+    woken = time.monotonic()
+    client.session.updates()  # a scan of its own, begun after ``woken``
+    scans = box.scans
+    client.session.updates(woken)  # that scan began before this session's view: looks again
+    assert box.scans == scans + 1
+    other = Client(tmp_path)
+    other.ok(b"a SELECT INBOX")
+    other.session.updates()
+    scans = box.scans
+    woken = time.monotonic()  # one change wakes both, after their last updates
+    client.session.updates(woken)  # no scan since: looks
+    other.session.updates(woken)  # the one just made began after both: shared
+    assert box.scans == scans + 1
 
 
 def test_a_subscriptions_file_written_by_dovecot_is_read(tmp_path: Path) -> None:

@@ -118,6 +118,29 @@ def test_listing_reused_only_when_made_well_after_the_last_change(
     assert [m.uid for m in box.messages()] == [1, 2]
 
 
+def test_a_scan_since_a_wake_up_is_shared_and_never_older_than_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scan(since)``: a scan of the same object that began at or after ``since`` answers
+    without a look at the disk (the sessions woken by one delivery share it), and without
+    what it added (\\Recent goes to one session); a ``since`` after the last scan began, or
+    none, looks again and sees what arrived meanwhile."""
+    deliver(tmp_path, "1700000001.M1P1Q1.h")
+    box = MailStore(tmp_path).mailbox(INBOX)
+    woken = time.monotonic()  # the wake-up, after the delivery
+    first = box.scan(woken)
+    assert first.added == [1] and box.scans == 1
+    listed = _count_listings(monkeypatch)
+    again = box.scan(woken)  # a second session woken by the same change
+    assert listed == [] and box.scans == 1
+    assert again.added == [] and again.highestmodseq == first.highestmodseq
+    deliver(tmp_path, "1700000002.M1P1Q1.h")
+    later = time.monotonic()  # woken by the second delivery: the shared scan is too old
+    got = box.scan(later)
+    assert got.added == [2] and box.scans == 2 and "new" in listed
+    assert box.scan().added == [] and box.scans == 3  # no ``since`` (NOOP): always looks
+    assert [m.uid for m in box.messages()] == [1, 2]
+
+
 def test_a_change_right_after_a_scan_is_seen_with_the_same_mtime(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same-second case itself: a file renamed into cur/ after a scan, the directory's

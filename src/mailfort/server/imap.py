@@ -12,7 +12,10 @@ them, so a ``UID FETCH 1:* BODY.PEEK[]`` of a large mailbox never sits whole in 
 
 IDLE waits on the node's mailbox watcher (``MailboxWatcher.subscribe``; a session
 subscribes to its selected mailbox while it is selected), and a command that changed a
-mailbox tells the watcher (``changed``) so the other sessions wake at once. The idle
+mailbox tells the watcher (``changed``) so the other sessions wake at once. The sessions
+of this process woken on one mailbox in one loop turn get their updates from one call in
+one worker thread (``IMAPServer.updates``): one scan of the mailbox between them
+(``Mailbox.scan(since)``) and one thread hand-off instead of one each. The idle
 timeout depends on the state: short before login, 30 minutes after it (RFC 9051 §5.4) and
 during IDLE. The number of sessions of one user is bounded per node (``UserSessions`` in a
 single process; ``SharedUserSessions`` over the worker processes of a node, which count in
@@ -23,6 +26,7 @@ unauthenticated, so a client can tell it from a wrong password and try again lat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -69,6 +73,7 @@ TOO_MANY_SESSIONS = "[LIMIT] Too many sessions for this user, try again later"
 INTERNAL = "[SERVERBUG] Internal error, closing connection"
 BATCH_BYTES = 256 * 1024  # untagged responses pulled from the mailbox side per write
 # (a thread hop each: 2 MB of BODY[] in 8 hops, not 33; a session holds at most this)
+UPDATES_CHUNK = 64  # IDLE updates of one mailbox handed back to the loop at a time
 POLL_SECONDS = 1.0  # the fallback watcher's period
 
 
@@ -80,7 +85,7 @@ class MailSessionLike(Protocol):
 
     def execute(self, cmd: Command) -> Outcome: ...
 
-    def updates(self) -> list[bytes]: ...
+    def updates(self, since: float | None = None) -> list[bytes]: ...
 
     @property
     def watched(self) -> Path | None: ...
@@ -91,7 +96,9 @@ class MailSessionLike(Protocol):
 
 
 class Subscription(Protocol):
-    async def wait(self) -> None: ...
+    async def wait(self) -> float | None:
+        """Until a change may have happened; the monotonic time of the wake-up (None:
+        unknown, the mail session then scans on its own)."""
 
     def close(self) -> None: ...
 
@@ -111,8 +118,9 @@ class Authenticator(Protocol):
 class _Poll:
     """A subscription that wakes every ``POLL_SECONDS`` (spurious wake-ups are allowed)."""
 
-    async def wait(self) -> None:
+    async def wait(self) -> float | None:
         await asyncio.sleep(POLL_SECONDS)
+        return None
 
     def close(self) -> None:
         pass
@@ -337,11 +345,63 @@ class IMAPServer(Listener):
         self.loopback_settings = (
             dataclasses.replace(base, allow_plaintext=True) if allow_plaintext else base)
         self.name = "imaps" if implicit_tls else "imap"
+        # mailbox directory -> IDLE updates asked for in this loop turn, run together
+        self._wakes: dict[Path, list[tuple[MailSessionLike, float | None,
+                                           asyncio.Future[list[bytes]]]]] = {}
 
     async def start(self, host: str, port: int,
                     sock: socket.socket | None = None) -> asyncio.base_events.Server:
         tls = self.ssl_context if self.implicit_tls else None
         return await self.listen(lambda: IMAPSession(self), host, port, tls, sock=sock)
+
+    def updates(self, watched: Path, mail: MailSessionLike,
+                since: float | None) -> asyncio.Future[list[bytes]]:
+        """``mail.updates(since)``, run in a worker thread together with those of the
+        other sessions on ``watched`` that ask in this loop turn (one change wakes them
+        all in one turn). In order, one after the other: the first scans, the others find
+        its scan (``Mailbox.scan``) and only compare their views with the snapshot."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[bytes]] = loop.create_future()
+        batch = self._wakes.get(watched)
+        if batch is None:
+            batch = self._wakes[watched] = []
+            loop.call_soon(self._run_updates, watched)
+        batch.append((mail, since, fut))
+        return fut
+
+    def _run_updates(self, watched: Path) -> None:
+        batch = self._wakes.pop(watched, [])
+        loop = asyncio.get_running_loop()
+        work = [(mail, since) for mail, since, _ in batch]
+        futs = [fut for _, _, fut in batch]
+
+        def hand_out(start: int, results: list[list[bytes] | BaseException]) -> None:
+            for fut, got in zip(futs[start:start + len(results)], results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(got, BaseException):
+                    fut.set_exception(got)
+                else:
+                    fut.set_result(got)
+
+        def finished(f: asyncio.Future[None]) -> None:  # the thread failed or was stopped
+            exc = (None if not f.cancelled() and f.exception() is None
+                   else asyncio.CancelledError() if f.cancelled() else f.exception())
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(exc or RuntimeError("IDLE updates not made"))
+
+        def chunk(start: int, results: list[list[bytes] | BaseException]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(hand_out, start, results)
+
+        try:
+            done = loop.run_in_executor(None, _updates_of, work, chunk)
+        except RuntimeError as exc:  # the executor is shut down: the loop is ending
+            for fut in futs:
+                fut.set_exception(exc)
+            return
+        done.add_done_callback(finished)
 
 
 # ------------------------------------------------------------------ one connection
@@ -559,19 +619,24 @@ class IMAPSession(EngineSession):
             sub, engine = self._sub, self.engine
             if sub is None or engine is None:
                 return
-            if not first:
-                await sub.wait()
+            # The wake-up's time: a scan of the mailbox begun after it (another session's
+            # of this worker, woken by the same change) shows all it signals.
+            since = None if first else await sub.wait()
             first = False
             while self.task is not None:  # the previous wake-up's updates still going out
                 await asyncio.wait([self.task])
             if not engine.idling or self.transport is None:
                 return
-            self.run(self._idle_updates())
+            self.run(self._idle_updates(since))
 
-    async def _idle_updates(self) -> None:
-        engine, mail = self.engine, self.mail
+    async def _idle_updates(self, since: float | None) -> None:
+        engine, mail, watched = self.engine, self.mail, self._watched
         assert engine is not None and mail is not None
-        lines = await self._call(mail.updates)
+        if watched is None:
+            lines = await self._call(mail.updates, since)
+        else:  # with the other sessions woken on this mailbox (the one call in flight)
+            fut = self._busy = self.server.updates(watched, mail, since)
+            lines = await asyncio.shield(fut)
         engine.write_untagged(b"".join(lines))
 
     def _stop_idle(self) -> None:
@@ -604,6 +669,25 @@ class IMAPSession(EngineSession):
         else:
             busy.add_done_callback(
                 lambda _: loop.run_in_executor(None, _close_quietly, mail, items))
+
+
+def _updates_of(work: list[tuple[MailSessionLike, float | None]],
+                chunk: Callable[[int, list[list[bytes] | BaseException]], None]) -> None:
+    """Each mail session's ``updates(since)`` in turn (in a worker thread), handed out
+    ``UPDATES_CHUNK`` at a time so that the first sessions of a large batch are not kept
+    waiting for the last; one that fails fails alone."""
+    start = 0
+    out: list[list[bytes] | BaseException] = []
+    for mail, since in work:
+        try:
+            out.append(mail.updates(since))
+        except Exception as exc:
+            out.append(exc)
+        if len(out) >= UPDATES_CHUNK:
+            chunk(start, out)
+            start, out = start + len(out), []
+    if out:
+        chunk(start, out)
 
 
 def _changed_dirs(mail: MailSessionLike) -> list[Path]:

@@ -17,7 +17,9 @@ command that may report them.
 After a command the rescan runs at once only when the command itself changed the selected
 mailbox behind the view (EXPUNGE, APPEND or COPY into it, MOVE); otherwise at most every
 ``sync_interval``, since a client pipelining one STORE per message would pay a listing of
-the mailbox for each. ``updates()`` (NOOP, IDLE, CHECK) always rescans.
+the mailbox for each. ``updates()`` (NOOP, IDLE, CHECK) always rescans; in IDLE the
+rescan may be another session's of this process begun after the wake-up (``since``), so
+the sessions woken by one delivery share one scan and one snapshot.
 
 Cost per session: the sessions of one user in one process share one ``MailStore`` (a UID
 map is replayed once) and, once caught up, one snapshot of the selected mailbox (copied
@@ -400,6 +402,38 @@ def _snapshot(box: Mailbox, scan: ScanResult) -> tuple[list[int], dict[int, Mess
     return snap[1], snap[2]
 
 
+_DIFFERENCES: weakref.WeakKeyDictionary[
+    Mailbox, tuple[dict[int, MessageInfo], dict[int, MessageInfo], list[int], list[int],
+                   list[int]]] = weakref.WeakKeyDictionary()
+
+
+def _difference(box: Mailbox, old: dict[int, MessageInfo], new: dict[int, MessageInfo],
+                ) -> tuple[list[int], list[int], list[int]]:
+    """UIDs (ascending) of ``old`` not in ``new``, of those whose flags changed, and of
+    those whose flags or MODSEQ changed, between two snapshots of ``box``: worked out once
+    for all the sessions of the process whose views were ``old`` (200 sessions woken on a
+    mailbox of 2,000 messages would otherwise compare 400,000 entries)."""
+    with _STORES_LOCK:
+        found = _DIFFERENCES.get(box)
+    if found is not None and found[0] is old and found[1] is new:
+        return found[2], found[3], found[4]
+    gone = [u for u in old if u not in new]
+    flagged: list[int] = []
+    modded: list[int] = []
+    for u, m in new.items():
+        was = old.get(u)
+        if was is None or was is m:
+            continue
+        if m.flags != was.flags:
+            flagged.append(u)
+            modded.append(u)
+        elif m.modseq != was.modseq:
+            modded.append(u)
+    with _STORES_LOCK:
+        _DIFFERENCES[box] = (old, new, gone, flagged, modded)
+    return gone, flagged, modded
+
+
 KEEP_STORES = 4  # the stores of the users who logged in last, kept after their sessions
 _KEPT: OrderedDict[str, MailStore] = OrderedDict()
 
@@ -475,6 +509,7 @@ class MailSession:
         self._rescanned = False  # a stale path was refreshed during this command
         self._dirty = False  # this command changed the selected mailbox behind the view
         self._synced = 0.0  # time.monotonic() of the last rescan
+        self._updated = 0.0  # time.monotonic() when the last ``updates`` ended
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -495,13 +530,27 @@ class MailSession:
     def close(self) -> None:
         self.view = None
 
-    def updates(self) -> list[bytes]:
-        """EXPUNGE/VANISHED, FETCH FLAGS and EXISTS since the last report (NOOP, IDLE)."""
+    def updates(self, since: float | None = None) -> list[bytes]:
+        """EXPUNGE/VANISHED, FETCH FLAGS and EXISTS since the last report (NOOP, IDLE).
+        ``since``: IDLE's wake-up time; a scan of the mailbox begun after it, by any
+        session of this process, serves (``Mailbox.scan``). None (NOOP, IDLE's first
+        look after the commands before it): a scan of its own.
+
+        The scan must also have begun after this session's previous ``updates`` ended:
+        that call may have taken in a snapshot made after a later change (another
+        session's snapshot), and an older scan's snapshot next to it would look like
+        messages expunged, flags going back. Only ``updates`` changes the view between
+        two calls with a ``since`` (IDLE runs no command)."""
         if self.view is None:
             return []
         self._dirty = False
         self._synced = time.monotonic()
-        return self._sync(expunge_ok=True)
+        if since is not None:
+            since = max(since, self._updated)
+        try:
+            return self._sync(expunge_ok=True, since=since)
+        finally:
+            self._updated = time.monotonic()
 
     def execute(self, cmd: Command) -> Outcome:
         handler = getattr(self, "_cmd_" + cmd.name.lower(), None)
@@ -607,14 +656,14 @@ class MailSession:
         v.keywords = frozenset(kws.values())
         return self._flags_response(v.keywords)
 
-    def _sync(self, expunge_ok: bool) -> list[bytes]:
+    def _sync(self, expunge_ok: bool, since: float | None = None) -> list[bytes]:
         """Rescan and report what changed since the client last heard (module docstring)."""
         v = self.view
         if v is None:
             return []
         box = v.box
         try:
-            scan = box.scan()
+            scan = box.scan(since)
         except (MailboxError, OSError):
             return []  # the mailbox went away (DELETE elsewhere): nothing to say now
         v.recent.update(scan.added)
@@ -625,8 +674,16 @@ class MailSession:
         except (MailboxError, OSError):
             return []
         v.modseq = scan.highestmodseq
-        self._own(v)
         out: list[bytes] = []
+        changed: list[tuple[int, MessageInfo]] = []
+        new_from = bisect.bisect_right(snap_uids, v.top)
+        if v.shared:  # the view is an older snapshot: its difference is worked out once
+            gone, flagged, modded = _difference(box, v.info, current)
+            if not gone and len(v.uids) + len(snap_uids) - new_from == len(snap_uids):
+                for u in modded if self.condstore else flagged:
+                    changed.append((bisect.bisect_left(v.uids, u) + 1, current[u]))
+                return self._report(out, changed, snap_uids, current, new_from, False)
+        self._own(v)
         gone = [u for u in v.uids if u not in current]
         deferred = bool(gone) and not expunge_ok
         if deferred:
@@ -644,7 +701,6 @@ class MailSession:
             for u in gone:
                 v.info.pop(u, None)
                 v.recent.discard(u)
-        changed: list[tuple[int, MessageInfo]] = []
         for i, u in enumerate(v.uids):
             m = current.get(u)
             if m is None:
@@ -653,9 +709,18 @@ class MailSession:
             if m.flags != old.flags or (self.condstore and m.modseq != old.modseq):
                 changed.append((i + 1, m))
             v.info[u] = m  # the path too, which a flag change elsewhere renamed
+        return self._report(out, changed, snap_uids, current, new_from, deferred)
+
+    def _report(self, out: list[bytes], changed: list[tuple[int, MessageInfo]],
+                snap_uids: list[int], current: dict[int, MessageInfo], new_from: int,
+                deferred: bool) -> list[bytes]:
+        """``_sync``'s end: FETCH FLAGS of ``changed``, the messages after the view's top,
+        EXISTS; the view takes the snapshot when it has caught up with it."""
+        v = self.view
+        assert v is not None
         out += self._note_keywords(m.flags for _, m in changed)
         out += [self._fetch_line(seq, m, False) for seq, m in changed]
-        new = [current[u] for u in snap_uids[bisect.bisect_right(snap_uids, v.top):]]
+        new = [current[u] for u in snap_uids[new_from:]]
         if not deferred and len(v.uids) + len(new) == len(snap_uids):
             v.uids, v.info, v.shared = snap_uids, current, True  # caught up: share it
         if new:

@@ -34,7 +34,9 @@ learnt four ways, cheapest first:
 
 Coalescing: a subscription holds one "may have changed" bit, so any number of changes
 before the session looks are one wake-up. Spurious wake-ups happen (a session's own change,
-the same change seen by two ways) and cost one rescan.
+the same change seen by two ways, the first scan's own move to ``cur/``) and cost one rescan
+per mailbox per process: ``wait`` returns the wake-up's time, and the sessions woken
+together take one scan begun after it (``Mailbox.scan(since)``).
 
 Why inotify through ctypes and no library: three system calls and a fixed-size record are
 all that is needed, and the descriptor must sit on our event loop with our error handling
@@ -56,6 +58,7 @@ import os
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -178,21 +181,25 @@ def is_network_fs(fstype: str) -> bool:
 class Subscription:
     """One session's interest in one mailbox directory; ``close`` when done with it."""
 
-    __slots__ = ("_box", "_pending", "_waiter", "_watcher")
+    __slots__ = ("_box", "_pending", "_waiter", "_watcher", "_woken")
 
     def __init__(self, watcher: MailboxWatcher, box: _Box) -> None:
         self._watcher: MailboxWatcher | None = watcher
         self._box = box
         self._pending = False
+        self._woken = 0.0  # time.monotonic() of the latest wake-up
         self._waiter: asyncio.Future[None] | None = None
 
     @property
     def path(self) -> Path:
         return Path(self._box.key)
 
-    async def wait(self) -> None:
+    async def wait(self) -> float:
         """Return once the mailbox may have changed since the last return (at once if it
-        already may have; at once too once closed). Cancelling it is fine (IDLE's DONE)."""
+        already may have; at once too once closed). Cancelling it is fine (IDLE's DONE).
+        Returns the ``time.monotonic()`` of the latest wake-up it stands for: every change
+        it signals was made before then, so a scan begun after it sees them all (the
+        sessions woken together share one: ``Mailbox.scan(since)``)."""
         if not self._pending and self._watcher is not None:
             fut = self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -200,8 +207,10 @@ class Subscription:
             finally:
                 self._waiter = None
         self._pending = False
+        return self._woken
 
-    def _wake(self) -> None:
+    def _wake(self, now: float | None = None) -> None:
+        self._woken = time.monotonic() if now is None else now
         self._pending = True
         fut = self._waiter
         if fut is not None and not fut.done():
@@ -377,8 +386,9 @@ class MailboxWatcher:
                 self._tasks.append(self._loop.create_task(self._publish()))
 
     def _wake(self, box: _Box) -> None:
+        now = time.monotonic()  # after the change: every way of learning of one comes later
         for sub in box.subs:
-            sub._wake()
+            sub._wake(now)
         self.wakeups += len(box.subs)
 
     def _wake_all(self) -> None:

@@ -53,6 +53,7 @@ Every method blocks (disk); the server calls them in a thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import itertools
@@ -275,12 +276,21 @@ class Mailbox:
         # (map key, files) when the last scan left the map and the files agreeing
         self._settled: tuple[tuple[int, ...], dict[str, tuple[str, str]]] | None = None
         self._guard = threading.Lock()  # one operation of this object at a time
+        # (time.monotonic() before the last scan began, its result without what it added)
+        self._fresh: tuple[float, ScanResult] | None = None
+        self.scans = 0  # scans that took the locks and listed (tests, bench)
 
     # -- locking and the map -------------------------------------------------------------
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with self._guard, _flock(self.path / LOCK_NAME):
+        with self._guard, self._map_locked():
+            yield
+
+    @contextlib.contextmanager
+    def _map_locked(self) -> Iterator[None]:
+        """The map's file lock and the map read forward (``_guard`` held by the caller)."""
+        with _flock(self.path / LOCK_NAME):
             try:
                 self._load()
                 yield
@@ -359,10 +369,26 @@ class Mailbox:
         return (self._log.generation, st.uidvalidity, st.highestmodseq, st.uidnext,
                 len(st.entries))
 
-    def scan(self) -> ScanResult:
-        """Reconcile the map with the files (see the module docstring); renames nothing."""
-        with self._locked():
-            return self._scan()
+    def scan(self, since: float | None = None) -> ScanResult:
+        """Reconcile the map with the files (see the module docstring); renames nothing.
+
+        ``since``: a ``time.monotonic()`` after the changes the caller must see (when its
+        IDLE was woken). A scan of this object that began at or after it saw them all, so
+        its result is answered again without a look at the disk: the sessions of a worker
+        woken by one delivery make one scan between them, not one each. What that scan
+        added is not repeated (\\Recent goes to one session, RFC 3501 §2.3.2)."""
+        with self._guard:
+            fresh = self._fresh
+            if since is not None and fresh is not None and fresh[0] >= since:
+                return fresh[1]
+            began = time.monotonic()  # before the lock and the listings: errs towards looking
+            self._fresh = None
+            with self._map_locked():
+                self.scans += 1
+                result = self._scan()
+            self._fresh = (began, dataclasses.replace(result, added=[], expunged=[],
+                                                      changed=[]))
+            return result
 
     def _scan(self, skip: frozenset[str] = frozenset()) -> ScanResult:
         with self._renaming() as quiet:
