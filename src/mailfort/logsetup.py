@@ -27,6 +27,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import threading
 import time
 import weakref
 from typing import Any
@@ -84,17 +85,23 @@ class _Batching(logging.StreamHandler):  # type: ignore[type-arg]
         # The loop whose next pass writes them (another loop, e.g. after ``asyncio.run``
         # ended with the write still to come, schedules its own).
         self._scheduled: asyncio.AbstractEventLoop | None = None
+        self._scheduled_thread = 0
         _BATCHING.add(self)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + self.terminator
-            loop = asyncio._get_running_loop()  # None outside the loop's thread
+            loop = self._scheduled
+            if (loop is not None and self._scheduled_thread == threading.get_ident()
+                    and loop.is_running()):  # this thread's loop: its flush is to come
+                self._pending.append(line)
+                return
+            # None outside a loop's thread (asks the kernel for the pid: not every line)
+            loop = asyncio._get_running_loop()
             if loop is not None:
                 self._pending.append(line)
-                if self._scheduled is not loop:
-                    loop.call_soon(self.flush)
-                    self._scheduled = loop
+                loop.call_soon(self.flush)
+                self._scheduled, self._scheduled_thread = loop, threading.get_ident()
                 return
             if self._pending:
                 line = "".join(self._pending) + line
