@@ -294,21 +294,3 @@ async def test_a_failed_flush_of_the_links_keeps_their_record_for_the_next(
     finally:
         c.stop()
 
-
-
-async def test_messages_handed_over_in_one_pass_of_the_loop_make_one_batch(
-        committer: Committer) -> None:
-    """The thread is told about the messages when the loop's pass ends, not at the first:
-    the sessions that end their DATA in one pass share one batch (one link record, one
-    flush), even when the loop lets go of the interpreter lock between them (a socket
-    write does), which let the thread start a batch of one. Each still waits for it."""
-    import time
-
-    async def one(i: int) -> None:
-        time.sleep(0.005)  # lets a woken committer thread run, as a send() between does
-        await store(committer, b"Subject: %d\r\n\r\nbody\r\n" % i, ["alice@example.test"])
-
-    await asyncio.gather(*(one(i) for i in range(5)))
-    assert (committer.batches, committer.messages) == (1, 5)
-    new = committer.data_dir / "mail" / "example.test" / "alice" / "new"
-    assert len(os.listdir(new)) == 5

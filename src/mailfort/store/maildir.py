@@ -252,7 +252,6 @@ class Committer:
                               if self._use_syncfs and shared_flush else None)
         self._jobs: list[_Job] = []
         self._cv = threading.Condition()
-        self._waking: asyncio.AbstractEventLoop | None = None  # its ``_wake`` is to come
         self._stopping = False
         self._known_maildirs: set[Path] = set()
         # Acknowledged after one flush, their links not yet flushed (store/intents.py)
@@ -308,20 +307,8 @@ class Committer:
             if self._stopping:
                 raise StorageError("committer is stopped")
             self._jobs.append(job)
-            if self._waking is not loop:  # the thread is told once, as the pass ends
-                self._waking = loop
-                loop.call_soon(self._wake)
-        await job.future
-
-    def _wake(self) -> None:
-        """Tell the thread about the messages handed over during one pass of the loop:
-        they make one batch, where waking it at the first gave that one a batch of its
-        own while the others of the pass waited for the next. No message waits for
-        anything but the end of the pass it was handed over in; its 250 still waits for
-        the flush of its batch."""
-        with self._cv:
-            self._waking = None
             self._cv.notify()
+        await job.future
 
     def stop(self) -> None:
         with self._cv:
