@@ -559,7 +559,6 @@ class Supervisor:
         generation of workers starts with it (the self-signed certificate made first if the
         new one needs another); otherwise the certificate is checked here, once, and each
         worker reloads it and reopens its log."""
-
         self.ops.notifier.notify(
             RELOADING="1",
             MONOTONIC_USEC=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
@@ -580,7 +579,6 @@ class Supervisor:
 
     def run(self) -> int:
         """The supervisor's loop: signals and restarts, until the workers have stopped."""
-
         kill_at: float | None = None
         self.acme_check_at = time.monotonic() + ACME_CHECK_EVERY
         while True:
