@@ -6,6 +6,8 @@ every child) from /proc over N messages, divided by N.
     python bench/cpu_per_message.py --profile prof.txt   # and py-spy on one more run
     python bench/profile_phases.py prof.txt --main-us M --other-us O   # per phase
     python bench/cpu_per_message.py --baseline /path/to/other/src  # two versions, alternating
+    python bench/cpu_per_message.py --as-shipped         # the README's defaults (see below)
+    python bench/cpu_per_message.py --syscalls           # and system calls per message
 
 Unlike a rate, CPU time per message hardly moves when other work shares the machine: it
 is what the server spent, however long it waited for a CPU or the disk. The load is
@@ -17,17 +19,28 @@ writes, links and flushes; executor threads), from /proc/<pid>/task. The kernel'
 (system time: socket sends, file creation) does grow when other work loads the machine,
 so compare two versions with ``--baseline``: both servers run at once and are measured
 in turn, run by run, in the same conditions.
+
+``--as-shipped``: ``mailfort serve`` as a user gets it (one worker per CPU, SPF, DKIM and
+DMARC on), its resolver on the tests' loopback DNS server where the load's sender domain
+publishes SPF and DMARC, as run_all.py's ``--default-config`` row; "main" is then the
+event loop threads of the supervisor and every worker, "other" their other threads.
+
+``--syscalls``: one more run of each server with ``perf stat`` counting the system calls
+of its processes (kernel tracepoints: nothing slows down), printed per message.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +49,7 @@ from mfproc import (  # noqa: E402  (bench/ is not a package)
     MailfortServer,
     bench_tmpdir,
     cpu_times,
+    process_tree,
     thread_cpu_seconds,
     wait_disk_quiet,
     wait_freed_inodes,
@@ -62,12 +76,66 @@ def measure(pid: int, port: int, size: int, sessions: int, messages: int,
     waited = wait_disk_quiet(data, timeout=5.0)  # CPU time hardly depends on it
     if waited >= 5:
         print("#   the disk did not go quiet within 5 s (other work on the machine)", flush=True)
-    (u0, s0), (m0, o0) = cpu_times(pid), thread_cpu_seconds(pid)
+    (u0, s0), (m0, o0) = cpu_times(pid), tree_thread_cpu_seconds(pid)
     wall = send(port, size, sessions, messages)
-    (u1, s1), (m1, o1) = cpu_times(pid), thread_cpu_seconds(pid)
+    wait_cpu_idle(pid)  # the workers' last batches and log lines count too
+    (u1, s1), (m1, o1) = cpu_times(pid), tree_thread_cpu_seconds(pid)
     per = 1e6 / messages
     return {"cpu": (u1 - u0 + s1 - s0) * per, "sys": (s1 - s0) * per,
             "main": (m1 - m0) * per, "other": (o1 - o0) * per, "rate": messages / wall}
+
+
+def tree_thread_cpu_seconds(root: int) -> tuple[float, float]:
+    """``thread_cpu_seconds`` summed over ``root`` and its workers (a worker that exits
+    meanwhile is missing from the split, not from ``cpu_times``)."""
+    main = other = 0.0
+    for pid in process_tree(root):
+        try:
+            m, o = thread_cpu_seconds(pid)
+        except OSError:
+            continue
+        main += m
+        other += o
+    return main, other
+
+
+def wait_cpu_idle(pid: int, timeout: float = 10.0) -> None:
+    """Until the server's process tree used no CPU for 0.2 s (or ``timeout``)."""
+    end = time.monotonic() + timeout
+    last = sum(cpu_times(pid))
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        now = sum(cpu_times(pid))
+        if now == last:
+            return
+        last = now
+
+
+SYSCALLS = ("write", "sendto", "recvfrom", "read", "futex", "openat", "close", "linkat",
+            "unlink", "unlinkat", "syncfs", "fdatasync", "flock", "epoll_wait", "epoll_ctl",
+            "accept4", "getpid", "newfstatat", "lseek", "getsockname", "setsockopt")
+
+
+def count_syscalls(pid: int, run: Callable[[], object]) -> dict[str, int]:
+    """How many of each of ``SYSCALLS`` the server's processes made during ``run()``."""
+    out = Path("/dev/shm") / f"perf-{os.getpid()}.txt"
+    events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
+    perf = subprocess.Popen(["perf", "stat", "-x,", "-o", str(out), "-e", events, "-p",
+                             ",".join(str(p) for p in process_tree(pid))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    run()
+    wait_cpu_idle(pid)
+    perf.send_signal(signal.SIGINT)
+    perf.wait(30)
+    counts = {c: 0 for c in SYSCALLS}
+    for line in out.read_text().splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[2].startswith("syscalls:sys_enter_"):
+            with contextlib.suppress(ValueError):
+                counts[parts[2].removeprefix("syscalls:sys_enter_")] += int(parts[0])
+    out.unlink()
+    return counts
 
 
 def summary(label: str, runs: list[dict[str, float]]) -> str:
@@ -93,20 +161,33 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="SRC",
                     help="also run mailfort from this src directory (e.g. an export of main), "
                          "alternating with this one run by run, and print both")
+    ap.add_argument("--as-shipped", action="store_true",
+                    help="the README's defaults (workers per CPU, sender authentication on)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="then one more run counting system calls per message (perf stat)")
     ap.add_argument("--profile", metavar="FILE",
                     help="then one more run under py-spy (raw format: collapsed stacks)")
     args = ap.parse_args()
-    label = f"mailfort MX {args.size} B, {args.sessions} sessions, {args.flush}"
+    label = (f"mailfort MX {args.size} B, {args.sessions} sessions, "
+             + ("as shipped" if args.as_shipped else args.flush))
     wait_freed_inodes()  # mfproc.FREED_INODE_WINDOW
-    with bench_tmpdir("mailfort-cpu-") as tmp:
+    with bench_tmpdir("mailfort-cpu-") as tmp, contextlib.ExitStack() as stack:
         for sub in ("this", "baseline"):
             (Path(tmp) / sub).mkdir()
+        shipped: dict[str, object] = {}
+        if args.as_shipped:
+            sys.path.insert(0, str(HERE.parent))
+            from tests.dnsserver import DNSServer
+            dns = stack.enter_context(DNSServer())
+            dns.add_txt("example.org", "v=spf1 ip4:127.0.0.1 -all")
+            dns.add_txt("_dmarc.example.org", "v=DMARC1; p=none")
+            shipped = {"as_shipped": True, "dns_port": dns.port}
         servers = {"this": MailfortServer(Path(tmp) / "this", port_base=args.port_base,
-                                          store_flush=args.flush)}
+                                          store_flush=args.flush, **shipped)}
         if args.baseline:
             servers["baseline"] = MailfortServer(
                 Path(tmp) / "baseline", port_base=args.port_base + 100,
-                store_flush=args.flush, source=str(Path(args.baseline).resolve()))
+                store_flush=args.flush, source=str(Path(args.baseline).resolve()), **shipped)
         for mf in servers.values():
             mf.start()
         try:
@@ -124,9 +205,14 @@ def main() -> int:
                     print(f"# {name}: {r['cpu']:.0f} us CPU/message (system {r['sys']:.0f}; "
                           f"event loop thread {r['main']:.0f}, other threads "
                           f"{r['other']:.0f}), {r['rate']:.0f}/s", flush=True)
+            for name, mf in servers.items() if args.syscalls else ():
+                counts = count_syscalls(mf.pid, lambda mf=mf: send(
+                    mf.ports["mx"], args.size, args.sessions, args.messages))
+                print(f"# {name}: system calls per message: " + ", ".join(
+                    f"{call} {n / args.messages:.2f}" for call, n in counts.items() if n))
             for name, mf in servers.items() if args.profile else ():
                 spy = subprocess.Popen(
-                    ["py-spy", "record", "--pid", str(mf.pid), "--format", "raw",
+                    ["py-spy", "record", "--pid", str(mf.pid), "--subprocesses", "--format", "raw",
                      "--rate", "500", "--threads", "--output", profile_file(args.profile, name)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.5)

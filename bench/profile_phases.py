@@ -51,8 +51,11 @@ OTHER = "event loop, socket reads, other"
 
 
 def classify(frames: list[str]) -> str | None:
-    """The phase of one event-loop-thread sample, None when idle or another thread."""
-    if "MainThread" not in frames[0] or any(idle in frames[-1] for idle in IDLE):
+    """The phase of one event-loop-thread sample, None when idle or another thread.
+    (``py-spy --subprocesses`` puts the process frames first: a worker's samples too.)"""
+    while frames and frames[0].startswith("process "):
+        frames = frames[1:]
+    if not frames or "MainThread" not in frames[0] or any(idle in frames[-1] for idle in IDLE):
         return None
     for phase, keys in PHASES:
         if any(k in f for f in frames for k in keys):

@@ -91,6 +91,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mailfort import logsetup
 from mailfort.config import Config, ConfigError
 from mailfort.server.acceptor import AcceptGate
 from mailfort.server.node_plan import bind_address, bind_listeners
@@ -323,6 +324,7 @@ def _child(sup: Supervisor, slot: int) -> None:
     except BaseException:  # report, then leave through _exit
         traceback.print_exc()
     finally:
+        logsetup.flush_all()  # the lines of the loop's last pass (logsetup._Batching)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -557,8 +559,6 @@ class Supervisor:
         generation of workers starts with it (the self-signed certificate made first if the
         new one needs another); otherwise the certificate is checked here, once, and each
         worker reloads it and reopens its log."""
-        from mailfort import logsetup
-
         self.ops.notifier.notify(
             RELOADING="1",
             MONOTONIC_USEC=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
@@ -579,8 +579,6 @@ class Supervisor:
 
     def run(self) -> int:
         """The supervisor's loop: signals and restarts, until the workers have stopped."""
-        from mailfort import logsetup
-
         kill_at: float | None = None
         self.acme_check_at = time.monotonic() + ACME_CHECK_EVERY
         while True:
