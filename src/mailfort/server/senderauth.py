@@ -127,6 +127,22 @@ def rebuild(committer: Committer, spool: Spool, trace: bytes, fields: bytes,
     return new
 
 
+def rewrite(spool: Spool, trace: bytes, fields: bytes, message: bytes,
+            strip_host: str | None) -> None:
+    """As :func:`rebuild`, for a client's ``message`` already read into memory for the
+    checks: the spool is overwritten in place (``Spool.replace``), no second spool file
+    made, written and freed, no second read of the message."""
+    block = header_block(message)
+    split = len(block)
+    if strip_host is not None:
+        block, removed = strip_ours(block, strip_host)
+        if removed:
+            log.info("removed %d Authentication-Results field(s) claiming %s",
+                     removed, strip_host)
+    with memoryview(message)[split:] as body:
+        spool.replace((trace + fields + block, body))
+
+
 @dataclass
 class Outcome:
     spool: Spool
@@ -148,6 +164,9 @@ def _verify_inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace:
         else:
             verdict = auth.check_message(message, spf_results, sender)
         if verdict.refusal is not None:
+            return spool, verdict
+        if message is not None:
+            rewrite(spool, trace, verdict.fields, message, auth.cfg.server.hostname)
             return spool, verdict
         return rebuild(committer, spool, trace, verdict.fields,
                        auth.cfg.server.hostname), verdict
@@ -211,7 +230,8 @@ def _sign(sign: SignHook | None, committer: Committer, spool: Spool, trace: byte
     forged = strip_ours(header_block(message), hostname)[1] > 0
     if not fields and not forged:
         return spool
-    return rebuild(committer, spool, trace, fields, hostname)
+    rewrite(spool, trace, fields, message, hostname)
+    return spool
 
 
 async def signed(sign: SignHook | None, committer: Committer, spool: Spool, trace: bytes,
