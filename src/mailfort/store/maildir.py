@@ -170,7 +170,8 @@ class Spool:
         if self.fault is not None:
             self.fault("write")
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # read and write: the checks after the end of data read it back (chunks)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         # Each view is released even when a write fails (disk full): a view left alive
         # by the exception would make the later ``clear`` of the buffer raise BufferError.
         done = 0
@@ -195,16 +196,14 @@ class Spool:
         """What was written so far from offset ``start`` (while nothing is written), for
         checks that read the message after its end of data (DKIM) or copy it."""
         on_disk = self.size - len(self._buf)
-        if on_disk > start:
-            with open(self.path, "rb") as f:
-                f.seek(start)
-                left = on_disk - start
-                while left > 0:
-                    data = f.read(min(size, left))
-                    if not data:
-                        break
-                    left -= len(data)
-                    yield data
+        pos = start
+        while pos < on_disk:  # from the spool's own descriptor: no second open
+            assert self._fd is not None
+            data = os.pread(self._fd, min(size, on_disk - pos), pos)
+            if not data:
+                break
+            pos += len(data)
+            yield data
         yield bytes(self._buf[max(0, start - on_disk):])
 
     def replace(self, pieces: Iterable[bytes | memoryview]) -> None:
