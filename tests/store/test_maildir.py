@@ -103,6 +103,26 @@ async def test_replaced_spool_is_rewritten_in_its_own_file(committer: Committer,
     await spool_emptied(committer)
 
 
+def test_replace_on_a_full_disk_is_a_storage_error(tmp_path: Path) -> None:
+    """A rewrite that fails (ENOSPC) leaves the spool failed, as a failed write does: the
+    end of data answers 452, never stores a message cut short."""
+    def full(at: str) -> None:
+        if at == "write" and armed:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    armed = False
+    spool = maildir.Spool(tmp_path, fault=full)
+    spool.write(b"x" * 70_000)
+    armed = True
+    spool.replace([b"X-A: 1\r\n", b"x" * 70_000])
+    assert spool.failed is not None and spool.failed.errno == errno.ENOSPC
+    with pytest.raises(StorageError) as info:
+        spool.finish()
+    assert info.value.errno == errno.ENOSPC
+    spool.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_one_file_per_recipient_and_no_partial_delivery(committer: Committer) -> None:
     await store(committer, b"Subject: x\r\n\r\nhi\r\n", ["a@d.test", "b@d.test"])
     for u in ("a@d.test", "b@d.test"):

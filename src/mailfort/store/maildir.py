@@ -222,6 +222,7 @@ class Spool:
             if self.size >= _SPOOL_MEMORY:
                 self._spill()
             return
+        on_disk = self.size - len(self._buf)
         self._buf.clear()
         self.size = self.crc = 0
         try:
@@ -236,7 +237,8 @@ class Spool:
                         with view[done:] as rest:
                             done += os.write(self._fd, rest)
                 self.size += len(piece)
-            os.ftruncate(self._fd, self.size)  # when the new content is the shorter
+            if self.size < on_disk:  # the new content is the shorter (forgeries dropped)
+                os.ftruncate(self._fd, self.size)
         except OSError as exc:  # answered with 451 at the end of data, as a failed write
             self.failed = exc
 
