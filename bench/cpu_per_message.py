@@ -163,13 +163,16 @@ def main() -> int:
                          "alternating with this one run by run, and print both")
     ap.add_argument("--as-shipped", action="store_true",
                     help="the README's defaults (workers per CPU, sender authentication on)")
+    ap.add_argument("--sender-auth-off", action="store_true",
+                    help="with --as-shipped: sender authentication off (what the checks cost)")
     ap.add_argument("--syscalls", action="store_true",
                     help="then one more run counting system calls per message (perf stat)")
     ap.add_argument("--profile", metavar="FILE",
                     help="then one more run under py-spy (raw format: collapsed stacks)")
     args = ap.parse_args()
     label = (f"mailfort MX {args.size} B, {args.sessions} sessions, "
-             + ("as shipped" if args.as_shipped else args.flush))
+             + ("as shipped" if args.as_shipped else args.flush)
+             + (", sender authentication off" if args.sender_auth_off else ""))
     wait_freed_inodes()  # mfproc.FREED_INODE_WINDOW
     with bench_tmpdir("mailfort-cpu-") as tmp, contextlib.ExitStack() as stack:
         for sub in ("this", "baseline"):
@@ -189,6 +192,9 @@ def main() -> int:
                 Path(tmp) / "baseline", port_base=args.port_base + 100,
                 store_flush=args.flush, source=str(Path(args.baseline).resolve()), **shipped)
         for mf in servers.values():
+            if args.sender_auth_off:
+                with mf.config.open("a") as f:
+                    f.write("[sender_auth]\nenabled = false\n")
             mf.start()
         try:
             for mf in servers.values():

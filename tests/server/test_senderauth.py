@@ -593,6 +593,41 @@ async def test_large_messages_are_verified_as_they_stream(
     assert "spf=pass smtp.mailfrom=letters@news.bank.test" in spf and "dmarc=pass" in spf
 
 
+async def test_large_signed_message_is_rewritten_whole_with_forgeries_removed(
+    mx: NodeFactory, dns_server: DNSServer, tmp_path: Path
+) -> None:
+    """A message past the spool's memory (64 KiB) and under ``dkim_max_bytes`` is checked
+    from memory and rewritten in its own spool file (senderauth.rewrite): its signatures
+    still verify, forged results in its header section are dropped (enough of them that
+    the rewritten message is shorter than the received one), a look-alike line in its
+    body is left alone, and the body is stored byte for byte."""
+    dns_server.add_txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    keys = KeyStore(tmp_path / "keys")
+    key = keys.generate("bank.test", "r1", "rsa")
+    dns_server.add_txt(key.dns_name, key.dns_record())
+    node = await mx()
+    body = big_body(150) + FORGED_AR  # about 150 KB
+    message = raw_letter(b"From: CEO <ceo@bank.test>\r\n", body)
+    signature = dkimpy.sign(message, b"r1", b"bank.test", key.path.read_bytes(),
+                            include_headers=[b"from", b"to"], linesep=b"\r\n")
+    data = FORGED_AR * 40 + signature + message
+    assert await asyncio.to_thread(outcome, node.port("mx"), "a@spfnone.test", data) == "250"
+    (raw,) = stored(node, ALICE)
+    head, stored_body = raw.split(b"\r\n\r\n", 1)
+    assert stored_body == body
+    assert head.endswith(signature + message.split(b"\r\n\r\n", 1)[0])
+    assert b"header.d=bank.test; dmarc=pass" not in head
+    ar = auth_results(raw)
+    assert "dkim=pass header.d=bank.test header.s=r1" in ar and "dmarc=pass" in ar, ar
+    assert len(raw) < len(data)
+    spool = node.cfg.data_path / "spool"  # emptied once the links are flushed: no copy left
+    for _ in range(500):
+        if not any(p.is_file() for p in spool.iterdir()):
+            break
+        await asyncio.sleep(0.01)
+    assert [p.name for p in spool.iterdir() if p.is_file()] == []
+
+
 async def test_cached_answers_are_used_within_their_ttl_and_never_after(
         mx: NodeFactory, dns_server: DNSServer) -> None:
     """The checks run from the DNS cache (on the event loop) while a sender's answers are

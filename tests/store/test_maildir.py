@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -68,6 +69,58 @@ async def test_large_message_goes_through_a_spool_file(committer: Committer) -> 
     await committer.commit(spool, [maildir_for(committer.data_dir / "mail", "a@d.test")])
     (f,) = (maildir_for(committer.data_dir / "mail", "a@d.test") / "new").iterdir()
     assert f.stat().st_size == len(body) * 200
+
+
+@pytest.mark.parametrize("tail", [300, 2])  # the new content longer, then shorter
+async def test_replaced_spool_is_rewritten_in_its_own_file(committer: Committer,
+                                                          tail: int) -> None:
+    """Sender authentication rewrites a received message (fields on top) with
+    ``Spool.replace``: in the same spool file, no second one; the committed message and
+    the CRC-32 its link record is checked by (store/intents.py) are the new content's,
+    when it is longer than the old and when it is shorter."""
+    line = b"y" * 998 + b"\r\n"
+    spool = committer.new_spool()
+    for _ in range(100):
+        spool.write(line)
+    assert not spool.in_memory
+    before = set(committer.spool_dir.iterdir())
+    new = [b"Authentication-Results: here; x\r\n", memoryview(line * tail)]
+    spool.replace(new)
+    assert set(committer.spool_dir.iterdir()) == before  # no file made, none removed
+    want = b"".join(new)
+    assert spool.size == len(want)
+    spool.finish()
+    assert spool.crc == zlib.crc32(want) and spool.path.read_bytes() == want
+    small = committer.new_spool()
+    small.write(b"Subject: s\r\n\r\nhi\r\n")
+    small.replace([b"X-A: 1\r\n", b"Subject: s\r\n\r\nhi\r\n"])
+    assert small.in_memory and small.size == 26
+    root = maildir_for(committer.data_dir / "mail", "a@d.test")
+    await committer.commit(spool, [root])
+    await committer.commit(small, [root])
+    got = sorted(f.read_bytes() for f in (root / "new").iterdir())
+    assert got == sorted([want, b"X-A: 1\r\nSubject: s\r\n\r\nhi\r\n"])
+    await spool_emptied(committer)
+
+
+def test_replace_on_a_full_disk_is_a_storage_error(tmp_path: Path) -> None:
+    """A rewrite that fails (ENOSPC) leaves the spool failed, as a failed write does: the
+    end of data answers 452, never stores a message cut short."""
+    def full(at: str) -> None:
+        if at == "write" and armed:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    armed = False
+    spool = maildir.Spool(tmp_path, fault=full)
+    spool.write(b"x" * 70_000)
+    armed = True
+    spool.replace([b"X-A: 1\r\n", b"x" * 70_000])
+    assert spool.failed is not None and spool.failed.errno == errno.ENOSPC
+    with pytest.raises(StorageError) as info:
+        spool.finish()
+    assert info.value.errno == errno.ENOSPC
+    spool.discard()
+    assert list(tmp_path.iterdir()) == []
 
 
 async def test_one_file_per_recipient_and_no_partial_delivery(committer: Committer) -> None:
