@@ -103,7 +103,10 @@ def nothing_stored(node: Node) -> bool:
 
 def _spool_files(node: Node) -> list[Path]:
     spool = node.cfg.data_path / "spool"
-    return [p for p in spool.rglob("*") if p.is_file()] if spool.exists() else []
+    # an empty link record is a spent one kept for reuse (store/intents.py ``spend``)
+    return [p for p in spool.rglob("*") if p.is_file()
+            and not (p.name.endswith(".links") and not p.stat().st_size)] \
+        if spool.exists() else []
 
 
 def fields(raw: bytes, name: str) -> list[str]:

@@ -269,3 +269,45 @@ def test_a_committer_names_its_targets_relative_to_the_root(tmp_path: Path) -> N
     finally:
         release.set()
         c.stop()
+
+
+def test_a_lone_sender_s_batches_reuse_their_records_and_free_no_inode(tmp_path: Path) -> None:
+    """One message at a time (the one-session MX row): each batch writes its record into a
+    spent one, emptied (``intents.spend``), instead of creating a file and removing it, since
+    on ext4 without a journal every inode freed makes later file creations slower. A few
+    record files in all, however many batches; the messages all arrive whole."""
+    c = Committer(tmp_path, shared_flush=True)
+    md = maildir_for(tmp_path / "mail", "a@d.test")
+    names: set[str] = set()
+
+    async def sequential() -> None:
+        for i in range(20):
+            spool = c.new_spool()
+            spool.write(BODY + b"%d\r\n" % i)
+            await c.commit(spool, [md])
+            names.update(p.name for p in c.spool_dir.iterdir()
+                         if p.name.endswith(intents.SUFFIX))
+            await asyncio.sleep(0.002)
+
+    try:
+        asyncio.run(sequential())
+        assert c.batches == 20
+        assert len(names) <= 3, sorted(names)  # before: a new record file per batch
+        assert len(list((md / "new").iterdir())) == 20
+    finally:
+        c.stop()
+    assert not list(c.spool_dir.glob("*" + intents.SUFFIX))  # a clean stop removes them
+
+
+def test_a_spent_record_left_by_a_crash_is_removed_without_a_word(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An emptied record (kept for reuse when the process died) is not an unreadable one:
+    recovery removes it and warns of nothing."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    spare = spool / ("1.M1P99Q1.host" + intents.SUFFIX)
+    spare.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, "mailfort.store"):
+        assert recover_spool(spool, mail_root=tmp_path / "mail") == 0
+    assert not spare.exists()
+    assert "unreadable" not in caplog.text

@@ -107,16 +107,31 @@ def _decode(data: bytes) -> tuple[int, str, list[Entry]] | None:
         return None
 
 
-def write(path: Path, entries: list[Entry]) -> None:
-    """Create the intent file (its durability comes with the batch's first flush)."""
+def write(path: Path, entries: list[Entry], *, reuse: bool = False) -> None:
+    """Create the intent file (its durability comes with the batch's first flush);
+    ``reuse``: overwrite ``path``, a spent record emptied by ``spend``, instead."""
     data = encode(entries, BOOT_ID)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    flags = os.O_TRUNC | os.O_NOFOLLOW if reuse else os.O_CREAT | os.O_EXCL
+    fd = os.open(path, os.O_WRONLY | flags | os.O_CLOEXEC, 0o600)
     try:
         done = 0
         while done < len(data):
             done += os.write(fd, data[done:])
     finally:
         os.close(fd)
+
+
+def spend(path: Path) -> None:
+    """Empty the record at ``path``, whose links a flush has made durable, for the
+    committer to write a later batch's record into (``write(reuse=True)``) instead of
+    removing it and creating another. An unlink frees the inode, and on ext4 without a
+    journal every later file creation scans past the inodes freed in the last minutes
+    (six while their inode table block is dirty): one freed per batch made a lone
+    sender's file creations the largest CPU cost of its message (bench/RESULTS.md).
+    An empty record is what ``replay`` drops without a word; like the unlink it replaces,
+    the truncation is made durable by the next flush, and until then a crash finds the
+    spent record, whose links are durable already (its replay links nothing again)."""
+    os.truncate(path, 0)
 
 
 def _plain(name: str) -> bool:
@@ -167,6 +182,8 @@ def replay(spool_dir: Path, mail_root: Path, pattern: str = "*") -> int:
     kept: list[tuple[Path, list[str]]] = []
     for path in records:
         record = _read_record(spool_dir, path.name)
+        if record is None and _empty(path):
+            continue  # a spent record kept for reuse (``spend``)
         if record is None:
             log.warning("dropped the unreadable link record %s (its batch was never "
                         "acknowledged)", path.name)
@@ -189,6 +206,13 @@ def replay(spool_dir: Path, mail_root: Path, pattern: str = "*") -> int:
         log.warning("made %d Maildir links again after a crash (their messages were "
                     "acknowledged before the links were flushed)", linked)
     return linked
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.lstat().st_size == 0
+    except OSError:
+        return False
 
 
 def _read_record(spool_dir: Path, name: str) -> tuple[int, str, list[Entry]] | None:

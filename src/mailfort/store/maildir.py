@@ -59,6 +59,9 @@ from mailfort.store.syncfs import syncfs
 # in a single session (about 2 ms), so that one sender alone costs one flush per message.
 # Their records keep them safe meanwhile (store/intents.py).
 LINKS_FLUSH_DELAY = 0.005
+# Spent link records kept for reuse (intents.spend); a few batches' worth: each batch
+# takes one, and they come back one flush later.
+_SPARE_INTENTS = 16
 _SPOOL_MEMORY = 64 * 1024  # bytes a message may hold in memory before it goes to a file
 _counter = itertools.count()
 log = logging.getLogger("mailfort.store")
@@ -299,6 +302,11 @@ class Committer:
         # Acknowledged after one flush, their links not yet flushed (store/intents.py)
         self._linked: list[_Job] = []
         self._intents: list[Path] = []
+        # Their links flushed too, by the batch being committed: removed after its 250s
+        self._covered: list[_Job] = []
+        self._covered_intents: list[Path] = []
+        # Spent records, emptied, for later batches' records (intents.spend: no inode freed)
+        self._spare_intents: list[Path] = []
         self._synced_dirs: set[Path] = set()  # fsync mode: directories known durable
         self.batches = 0
         self.messages = 0
@@ -357,6 +365,11 @@ class Committer:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            for path in self._spare_intents:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            self._spare_intents.clear()
         if self._shared_flush is not None and not self._thread.is_alive():
             self._shared_flush.close()
             self._shared_flush = None
@@ -389,13 +402,17 @@ class Committer:
                 for job in batch:
                     job.error = job.error or exc
                     _take_back(job)
-            self._report(batch)
-            # One wake-up per event loop for the whole batch, not one per message.
+            # One wake-up per event loop for the whole batch, not one per message. The
+            # sessions first: what follows (the IMAP wake-ups, the removal of what this
+            # batch's flush made redundant) is not what their 250 waits for, and a lone
+            # sender's next message waits for its 250.
             loops: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
             for job in batch:
                 loops.setdefault(job.loop, []).append(job)
             for loop, jobs in loops.items():
                 loop.call_soon_threadsafe(_settle_all, jobs)
+            self._report(batch)
+            self._discard_covered()
             flush_at = time.monotonic() + LINKS_FLUSH_DELAY
 
     def _report(self, batch: list[_Job]) -> None:
@@ -433,9 +450,12 @@ class Committer:
                 fsync_dir(d)
 
         intent = self._write_intent(live)
-        # 1. the data of every message (its intent, and the links of the batch before)
+        # 1. the data of every message (its intent, and the links of the batch before,
+        # whose spool files and records then go once this batch's sessions are told)
         if self._flush(live, each_file) and self._linked:
-            self._discard_linked()
+            self._covered.extend(self._linked)
+            self._covered_intents.extend(self._intents)
+            self._linked, self._intents = [], []
         for job in live:
             if job.error is None:
                 self._link(job, dirs, foreign)
@@ -473,6 +493,14 @@ class Committer:
             return None
         if any(len(t.split("/")) != 4 for e in entries for t in e.targets):
             return None  # a folder (.Junk, Sieve's fileinto): replay takes INBOX names only
+        if self._spare_intents:
+            path = self._spare_intents.pop()
+            try:
+                intents.write(path, entries, reuse=True)
+                return path
+            except OSError:  # gone (an administrator's clean-up?): a new one
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
         path = self.spool_dir / (unique_name() + intents.SUFFIX)
         try:
             intents.write(path, entries)
@@ -491,20 +519,30 @@ class Committer:
             log.error("flush of acknowledged messages' Maildir links failed (their link "
                       "records stay for the next flush, or for recovery): %s", exc)
             return False
-        self._discard_linked()
+        self._covered.extend(self._linked)
+        self._covered_intents.extend(self._intents)
+        self._linked, self._intents = [], []
+        self._discard_covered()
         return True
 
-    def _discard_linked(self) -> None:
-        """The links of ``_linked`` are durable: the records first, then the spool files
+    def _discard_covered(self) -> None:
+        """The links of ``_covered`` are durable: the records first, then the spool files
         (a spool file left without its record is removed at recovery, as it should be)."""
-        for path in self._intents:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        for job in self._linked:
+        for path in self._covered_intents:
+            try:
+                if len(self._spare_intents) >= _SPARE_INTENTS:
+                    path.unlink(missing_ok=True)
+                else:
+                    intents.spend(path)
+                    self._spare_intents.append(path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+        for job in self._covered:
             with contextlib.suppress(OSError):
                 job.spool.discard()
-        self._intents.clear()
-        self._linked.clear()
+        self._covered_intents.clear()
+        self._covered.clear()
 
     def _flush(self, jobs: list[_Job], one_by_one: Callable[[], None]) -> bool:
         """One syncfs for the whole batch, or ``one_by_one`` where there is none; a failure
