@@ -21,15 +21,33 @@ from imap_bench import FETCH_BODY, FETCH_META, Client, clear_maildir, fill_maild
 from mfproc import MailfortServer, bench_tmpdir
 
 
+class FirstByteClient(Client):
+    """``Client`` that notes when the first line of an answer arrived (``mark`` first)."""
+
+    first = 0.0
+
+    def mark(self) -> None:
+        self.first = 0.0
+
+    def line(self) -> bytes:
+        out = super().line()
+        if not self.first:
+            self.first = time.perf_counter()
+        return out
+
+
 def session(mf: MailfortServer, count: int, phase: str, name: str,
             wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
-    c = Client(mf.ports["imap"], "alice@example.test", mf.passwords["alice@example.test"],
+    c = FirstByteClient(mf.ports["imap"], "alice@example.test", mf.passwords["alice@example.test"],
                starttls=False)
     try:
         for key, command in (("select", "SELECT INBOX"), ("meta", FETCH_META),
                              ("body", FETCH_BODY)):
             c0 = mf.cpu_seconds()
+            c.mark()
+            t0 = time.perf_counter()
             t, got = c.timed(command)
+            wall.setdefault(f"{name} {key} {phase} first", []).append(c.first - t0)
             c1 = mf.cpu_seconds()
             if key != "select" and len(got) < count:
                 raise RuntimeError(f"{name}: {command} gave {len(got)} responses")
@@ -75,13 +93,18 @@ def main() -> int:
             for mf in servers.values():
                 mf.stop()
     print(f"A = {args.a}, B = {args.b}; {args.messages} x {args.size} B, {args.reps} reps, "
-          "median (range); CPU = the server process, µs per message")
+          "median (range); CPU = the server process, µs per message; 'first': the time to "
+          "the answer's first line")
     print("| row | A wall ms | B wall ms | A CPU µs/msg | B CPU µs/msg |\n|---|---|---|---|---|")
     for key in ("select cold", "meta cold", "body cold", "select warm", "meta warm",
-                "body warm"):
+                "body warm", "meta cold first", "body cold first", "meta warm first",
+                "body warm first"):
         row = []
         for data, scale in ((wall, 1e3), (cpu, 1e6 / args.messages)):
             for name in ("A", "B"):
+                if f"{name} {key}" not in data:
+                    row.append("")
+                    continue
                 v = [x * scale for x in data[f"{name} {key}"]]
                 row.append(f"{statistics.median(v):.1f} ({min(v):.1f}–{max(v):.1f})")
         print(f"| {key} | " + " | ".join(row) + " |")
