@@ -249,6 +249,21 @@ def test_string_encoding() -> None:
     assert im.encode(b"x" * 2000).startswith(b"{2000}\r\n")
 
 
+@given(st.one_of(st.binary(max_size=40), st.sampled_from([
+    b"", b'"', b"\\", b"\x00", b"a\rb", b"a\nb", b"\x7f", b"\x80", b"x" * 1000, b"x" * 1001])))
+@settings(max_examples=400, deadline=None)
+def test_string_is_a_quoted_string_exactly_when_it_can_be(value: bytes) -> None:
+    """The fast test for a plain quoted string answers what the rules say: quoted (with
+    backslash and quote escaped) when short, ASCII and without NUL, CR or LF; else a
+    literal of the octets as they are."""
+    got = im.encode(value)
+    if len(value) <= im.QUOTED_MAX and value.isascii() and not any(
+            c in value for c in (b"\x00", b"\r", b"\n")):
+        assert got == b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    else:
+        assert got == b"{%d}\r\n" % len(value) + value
+
+
 def test_email_message_built_fixture() -> None:
     msg = EmailMessage(policy=SMTP)
     msg["From"] = "Ann <ann@example.test>"

@@ -495,6 +495,42 @@ async def test_large_fetch_streams_as_the_client_reads(
     assert got > 40 * len(body)
 
 
+async def test_a_large_fetch_answer_starts_with_a_small_write(
+        lab_factory: Callable[..., Any]) -> None:
+    """The first write of a long FETCH answer is small (the client starts reading after a
+    few dozen responses, not after the ~256 KiB a batch holds: ~850 ENVELOPEs, ~20 ms of
+    work with the client idle), and the writes then grow: no more hops than needed."""
+    lab = await lab_factory(allow_plaintext=True)
+    body = b"Subject: s\r\n\r\n" + (b"y" * 1022 + b"\r\n") * 2  # ~2 KiB
+    for _ in range(300):
+        lab.deliver(ALICE, body)
+    sock = socket.create_connection(("127.0.0.1", lab.port), timeout=10)
+    f = sock.makefile("rb")
+
+    def command(text: bytes) -> int:
+        sock.sendall(text)
+        total = 0
+        while not (line := f.readline()).startswith(text[:2]):
+            assert line, "connection closed"
+            total += len(line)
+        assert line.startswith(text[:2] + b"OK"), line
+        return total
+
+    await in_thread(f.readline)
+    await in_thread(command, f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\n".encode())
+    await in_thread(command, b"b SELECT INBOX\r\n")
+    (session,) = lab.plain.sessions
+    writes: list[int] = []
+    write = session.transport.write
+    session.transport.write = lambda data: (writes.append(len(data)), write(data))[1]
+    got = await in_thread(command, b"c UID FETCH 1:* BODY.PEEK[]\r\n")
+    sock.close()
+    assert got > 300 * len(body)
+    assert writes[0] <= 20 * 1024, writes  # FIRST_BATCH_BYTES and one response
+    assert writes[1] <= 2 * writes[0] + 4096, writes
+    assert len(writes) <= 8, writes  # 16, 32, 64, 128, 256 KiB, the rest, the tagged OK
+
+
 async def test_timeouts_by_state_idle_outlasts_the_others(
         lab_factory: Callable[..., Any]) -> None:
     # The login timeout is not under test here (test_idle_timeout_before_login): long
