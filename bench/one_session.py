@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -28,34 +26,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from cpu_per_message import count_syscalls  # noqa: E402
 from mfproc import MailfortServer, bench_tmpdir  # noqa: E402
-from session_steps import BODY, STEPS, _reply  # noqa: E402
+from session_steps import CLOSE, STEPS, one  # noqa: E402
 
 from tests.dnsserver import DNSServer  # noqa: E402
-
-CLOSE = "close (QUIT to EOF)"
-
-
-def one(port: int, times: dict[str, list[float]]) -> float:
-    """One connection, as smtp-source sends it; returns its wall time (connect to EOF)."""
-    t0 = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        f = s.makefile("rb")
-        _reply(f)
-        times[STEPS[0]].append(time.perf_counter() - t0)
-        commands = (b"EHLO client.bench.test\r\n", b"MAIL FROM:<bench@example.org>\r\n",
-                    b"RCPT TO:<alice@example.test>\r\n", b"DATA\r\n", BODY, b"QUIT\r\n")
-        for step, command in zip(STEPS[1:], commands, strict=True):
-            t = time.perf_counter()
-            s.sendall(command)
-            reply = _reply(f)
-            times[step].append(time.perf_counter() - t)
-            if reply[:1] not in b"23":
-                raise SystemExit(f"{step}: {reply!r}")
-        t = time.perf_counter()
-        f.read()  # the server closes after 221
-        times[CLOSE].append(time.perf_counter() - t)
-    return time.perf_counter() - t0
 
 
 def run(mf: MailfortServer, n: int) -> tuple[float, float, dict[str, float]]:
@@ -64,7 +37,7 @@ def run(mf: MailfortServer, n: int) -> tuple[float, float, dict[str, float]]:
     walls = []
     cpu0 = mf.cpu_seconds()
     for _ in range(n):
-        walls.append(one(mf.ports["mx"], times))
+        walls.append(one(mf.ports["mx"], "alice@example.test", times))
     cpu = (mf.cpu_seconds() - cpu0) / n * 1e6
     return (statistics.median(walls) * 1e6, cpu,
             {s: statistics.median(v) * 1e6 for s, v in times.items()})

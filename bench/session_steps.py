@@ -29,7 +29,12 @@ def _reply(f: socket.SocketIO | object) -> bytes:
             return line
 
 
-def one(port: int, rcpt: str, times: dict[str, list[float]]) -> None:
+CLOSE = "close (QUIT to EOF)"
+
+
+def one(port: int, rcpt: str, times: dict[str, list[float]]) -> float:
+    """One connection, as smtp-source sends it; each step's time into ``times`` (and the
+    wait for the server's close when ``times`` has a ``CLOSE`` entry); its wall time."""
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -45,6 +50,11 @@ def one(port: int, rcpt: str, times: dict[str, list[float]]) -> None:
             times[step].append(time.perf_counter() - t)
             if reply[:1] not in b"23":
                 raise SystemExit(f"{step}: {reply!r}")
+        if CLOSE in times:
+            t = time.perf_counter()
+            f.read()  # the server closes after 221
+            times[CLOSE].append(time.perf_counter() - t)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
