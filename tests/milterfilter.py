@@ -16,6 +16,10 @@ tempfail, reject, discard, slow (sleeps before answering), macros (reports them 
 negotiates (no reply to CONNECT, MAIL, RCPT and the headers; no HELO, DATA, EOH or body at
 all; its word only at end of message, CONTINUE): it adds ``X-Seen-By: noreply-filter;
 subject=…; client=…`` so that a test sees it got each message's headers and client.
+
+``python3 tests/milterfilter.py PORT gtube`` serves a spam filter in miniature: it reads the
+body and refuses a message whose body holds the GTUBE line (``554 5.7.1``, with its own
+text), as rspamd and SpamAssassin do; ``mailfort audit``'s content check is tested on it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 SKIP_REASON = ("pymilter not installed (pip install pymilter, which needs Debian's "
                "libmilter-dev; run-tests installs both as root): the test milter uses it")
 
@@ -127,7 +132,25 @@ def serve(port: int, kind: str = "") -> None:
                            f"noreply-filter; subject={self.subject}; client={self.client}")
             return Milter.CONTINUE
 
-    Milter.factory = NoReplyFilter if kind == "noreply" else TestFilter
+    class GtubeFilter(Milter.Base):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.body_seen = b""
+
+        def envfrom(self, sender: str, *params: str) -> int:
+            self.body_seen = b""  # a new message on the same connection
+            return Milter.CONTINUE
+
+        def body(self, chunk: bytes) -> int:
+            self.body_seen += chunk
+            return Milter.CONTINUE
+
+        def eom(self) -> int:
+            if GTUBE in self.body_seen:
+                self.setreply("554", "5.7.1", "Spam refused by the test filter (GTUBE)")
+                return Milter.REJECT
+            return Milter.CONTINUE
+
+    Milter.factory = {"noreply": NoReplyFilter, "gtube": GtubeFilter}.get(kind, TestFilter)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGBODY | Milter.ADDRCPT
                      | Milter.DELRCPT | Milter.QUARANTINE | Milter.CHGFROM)
     Milter.runmilter("mailfort-test", f"inet:{port}@127.0.0.1", 60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -83,3 +84,16 @@ def run_audit(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int,
 def statuses(stdout: str) -> dict[str, str]:
     """check id -> status, from ``--json`` output."""
     return {c["id"]: c["status"] for c in json.loads(stdout)["checks"]}
+
+
+async def audit_content(node: Any, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """``--only content.gtube`` against a mailfort node's MX (the other ports closed), with
+    alice@example.test as the known user: that check's JSON."""
+    argv = ["127.0.0.1", "--smtp-port", str(node.port("mx")), "--submission-port", "0",
+            "--submissions-port", "0", "--pop3-port", "0", "--pop3s-port", "0",
+            "--imap-port", "0", "--imaps-port", "0", "--managesieve-port", "0",
+            "--domain", "example.test", "--user", "alice", *FAST, "--json",
+            "--only", "content.gtube"]
+    _, out, _ = await asyncio.to_thread(run_audit, capsys, argv)
+    (got,) = json.loads(out)["checks"]
+    return dict(got)

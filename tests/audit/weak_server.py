@@ -3,7 +3,8 @@
 With no weakness switched on it behaves like a careful server (relay refused, unknown
 users refused at RCPT, VRFY 252, STARTTLS/STLS with TLS 1.2+, AUTH and USER only inside
 TLS, pipelined plaintext discarded at the handshake, only <CRLF>.<CRLF> ends DATA,
-limits on lines, SIZE, recipients and NUL, no software name; IMAP with LOGINDISABLED
+limits on lines, SIZE, recipients and NUL, GTUBE refused at the end of DATA as a content
+filter refuses it, no software name; IMAP with LOGINDISABLED
 before STARTTLS and literals over 64 KiB refused without ``+``). Each field of
 :class:`Weakness` switches one of those off, so a test can prove that exactly the
 matching audit check FAILs. Raw sockets and one thread per connection keep it small and
@@ -16,6 +17,8 @@ too), ``trickle`` greets on port 25 with ``220-x`` continuation lines, one every
 own: ``greeting`` replaces the SMTP greeting (``554 …`` refuses every session, RFC 5321
 §3.1, then 503 to all but QUIT), ``broken_tls`` offers STARTTLS/STLS but every handshake
 fails (no certificate loaded), ``refuse_data`` refuses every message at the end of DATA.
+Every RCPT argument and every transaction that ended in a 250 (its envelope) is recorded,
+so that a test can see where the auditor tried to send and what it completed.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ LINE_LIMIT = 512
 IMAP_LINE_LIMIT = 8192
 IMAP_LITERAL_LIMIT = 65536
 SIZE_LIMIT = 10_000
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 RCPT_LIMIT = 100
 MAX_ERRORS = 10
 
@@ -78,6 +82,7 @@ class Weakness:
     sieve_plaintext_auth: bool = False  # ManageSieve: SASL PLAIN and a challenge before TLS
     sieve_injection: bool = False  # ManageSieve: keeps plaintext pipelined with STARTTLS
     sieve_banner_version: bool = False  # ManageSieve: software and version in IMPLEMENTATION
+    no_content_filter: bool = False  # takes GTUBE at the end of DATA (no spam filter)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -170,6 +175,8 @@ class WeakServer:
         self._slots = threading.Semaphore(3)
         self._stop = threading.Event()
         self.accepted = 0  # connections taken (a run that never started takes none)
+        self.rcpt_args: list[str] = []  # every RCPT TO argument (after "TO:"), as sent
+        self.completed: list[tuple[str, list[str]]] = []  # (sender, rcpts) of each 250
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -300,6 +307,8 @@ class WeakServer:
                     if reply.startswith("250"):
                         sender, rcpts = _addr(arg), []
                 elif verb == "RCPT":
+                    with self._lock:
+                        self.rcpt_args.append(arg.partition(":")[2])
                     if sender is None:
                         reply = "503 5.5.1 MAIL first"
                     elif len(rcpts) >= RCPT_LIMIT and not w.no_rcpt_limit:
@@ -316,6 +325,9 @@ class WeakServer:
                         c.send("354 End data with <CR><LF>.<CR><LF>")
                         body = c.data(w.smuggle_lf)
                         reply = self._data(body, authed)
+                        if reply.startswith("250"):
+                            with self._lock:
+                                self.completed.append((sender or "", rcpts))
                         sender, rcpts = None, []
                 elif verb == "VRFY" or verb == "EXPN":
                     local = _addr(arg).partition("@")[0].lower()
@@ -415,6 +427,8 @@ class WeakServer:
             for line in body.split(b"\r\n"):
                 if line.lower().startswith(b"from:") and authed.encode() not in line:
                     return "553 5.7.1 From: is not yours"
+        if GTUBE in body and not w.no_content_filter:
+            return "554 5.7.1 Gtube pattern"
         return "250 2.0.0 Accepted"
 
     # -- POP3 -----------------------------------------------------------------------------

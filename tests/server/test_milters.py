@@ -31,6 +31,7 @@ from mailfort import config as config_mod
 from mailfort.config import MilterConfig
 from mailfort.server.app import Node
 from mailfort.store.maildir import maildir_for
+from tests.audit.conftest import audit_content
 from tests.conftest import make_config, seed_directory
 from tests.milterfilter import FilterProcess
 from tests.policy.test_milter_client import read_packet, reply
@@ -163,6 +164,18 @@ async def test_rspamd_gtube_is_refused_at_data_with_its_text(
     code, text = await asyncio.to_thread(send, node.port("submission"),
                                          letter("hi", GTUBE, frm=ALICE), (BOB,), ALICE, ALICE)
     assert (code, text) == (550, "5.7.1 Gtube pattern") and nothing_stored(node)
+
+
+async def test_the_audit_sees_rspamd_refuse_gtube(mailfort: NodeFactory, rspamd: RspamdServer,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``mailfort audit``'s content check against mailfort with rspamd: PASS, rspamd's text;
+    only its control message (no GTUBE) stored, for the known user."""
+    node = await mailfort({"address": rspamd.address})
+    got = await audit_content(node, capsys)
+    assert (got["status"], got["note_key"]) == ("PASS", "content.refused"), got
+    assert "550 5.7.1 Gtube pattern" in got["result"]
+    (raw,) = inbox(node)
+    assert GTUBE.encode() not in raw and b"content filter control (no GTUBE)" in raw
 
 
 async def test_rspamd_clean_message_is_stored_with_its_headers_and_one_result_of_ours(

@@ -220,6 +220,25 @@ CHECKS: dict[str, dict[str, str]] = {
         "postfix": "smtpd_forbid_bare_newline = normalize (3.9) or yes; smtpd_data_restrictions "
                    "= reject_unauth_pipelining.",
     },
+    "content.gtube": {
+        "title": "No content filter (GTUBE accepted)",
+        "why": "Most of the world's mail is spam, and what the envelope and DNS cannot prove "
+               "(relay, blocklists, SPF/DKIM/DMARC) only a content filter can judge. GTUBE is "
+               "the test line every spam filter takes for certain spam: a server that accepts "
+               "it accepts the spam that gets past its envelope checks. The refusal must come "
+               "at the end of DATA, in the session: a filter that accepts and then bounces "
+               "sends backscatter. The audit sends the GTUBE message with the null sender to "
+               "the known local user only, and, after a refusal, the same message without "
+               "GTUBE as a control.",
+        "fix": "Connect a content filter as a milter, asked at the end of DATA. For mailfort "
+               "and rspamd (its proxy worker in milter mode, as Debian ships it), two lines "
+               "in the configuration: [[milter]] and address = \"inet:127.0.0.1:11332\" "
+               "(see README, \"Content filtering\"). A 4xx here means the filter is most "
+               "likely unreachable: every message waits until it answers again.",
+        "postfix": "smtpd_milters = inet:127.0.0.1:11332 (rspamd's proxy worker in milter "
+                   "mode); non_smtpd_milters = $smtpd_milters; milter_default_action = "
+                   "tempfail.",
+    },
     "limits.long-line": {
         "title": "Overlong command line (BOF)",
         "why": "Old MTAs copied command lines into fixed buffers: a long line was a buffer "
@@ -410,6 +429,20 @@ NOTES: dict[str, str] = {
     "inject.answered": "a command pipelined with STARTTLS/STLS was answered inside TLS on "
                        "{services}",
     "inject.discarded": "pipelined plaintext discarded at the handshake on {services}",
+    "content.accepted": "a message with the GTUBE line to {address} was accepted at the end "
+                        "of DATA ({reply}): no content filter refused it",
+    "content.tempfail": "tempfail: the GTUBE message got {reply} at the end of DATA, not a "
+                        "refusal (filter unreachable?)",
+    "content.refused": "the GTUBE message was refused at the end of DATA: {reply}; the same "
+                       "message without GTUBE was accepted",
+    "content.control-refused": "the GTUBE message was refused ({reply}), but so was the same "
+                               "message without it ({control}): the refusal is not about "
+                               "content",
+    "content.odd-reply": "the GTUBE message got a reply that is no SMTP verdict: {reply}",
+    "content.mail-refused": "MAIL FROM:<> was refused ({reply}): no message could be sent",
+    "content.rcpt-refused": "the known user {address} was refused at RCPT ({reply}): no "
+                            "message could be sent",
+    "content.no-data": "DATA answered {reply}: no message could be sent",
     "smuggle.answered": "smuggled commands answered: {what}",
     "smuggle.one-reply": "{n} end-of-data variants, one reply each",
     "smuggle.no-data": "DATA answered {code}",

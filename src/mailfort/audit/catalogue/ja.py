@@ -208,6 +208,25 @@ CHECKS: dict[str, dict[str, str]] = {
         "postfix": "smtpd_forbid_bare_newline = normalize(3.9)または yes、"
                    "smtpd_data_restrictions = reject_unauth_pipelining。",
     },
+    "content.gtube": {
+        "title": "コンテンツフィルタがない(GTUBE を受理)",
+        "why": "世界のメールの大半は迷惑メールであり、エンベロープと DNS で証明できないもの"
+               "(中継、ブロックリスト、SPF/DKIM/DMARC)はコンテンツフィルタにしか判断できない。"
+               "GTUBE はどの迷惑メールフィルタも確実な迷惑メールとみなすテスト用の一行で、"
+               "これを受理するサーバはエンベロープの検査をすり抜けた迷惑メールも受理する。"
+               "拒否は DATA の終わりにセッションの中で行う必要がある: 受理してから NDR を返す"
+               "フィルタは NDRスパム(バックスキャッタ)を送る。監査は GTUBE 入りのメールを"
+               "空の送信者で既知のローカルユーザーにだけ送り、拒否されたときは GTUBE を除いた"
+               "同じメールを対照として送る。",
+        "fix": "コンテンツフィルタを milter として接続し、DATA の終わりに判定させる。mailfort と "
+               "rspamd(Debian の既定どおり milter モードの proxy ワーカー)なら設定に二行: "
+               "[[milter]] と address = \"inet:127.0.0.1:11332\"(README の \"Content "
+               "filtering\" を参照)。ここで 4xx が返るのは、たいていフィルタに接続できない"
+               "ため: 応答が戻るまですべてのメールが待たされる。",
+        "postfix": "smtpd_milters = inet:127.0.0.1:11332(milter モードの rspamd proxy "
+                   "ワーカー)、non_smtpd_milters = $smtpd_milters、milter_default_action = "
+                   "tempfail。",
+    },
     "limits.long-line": {
         "title": "長すぎるコマンド行(BOF)",
         "why": "旧バージョンの MTA はコマンド行を固定長バッファにコピーしており、長い行は BOF "
@@ -397,6 +416,19 @@ NOTES: dict[str, str] = {
     "cert.ok": "証明書は検証でき、期限も近くない",
     "inject.answered": "{services} で STARTTLS/STLS と一緒に送ったコマンドが TLS の中で応答された",
     "inject.discarded": "{services} でハンドシェイク時に平文の先行入力が破棄された",
+    "content.accepted": "GTUBE の行を含む {address} 宛てのメールが DATA の終わりで受理された "
+                        "({reply}): コンテンツフィルタが拒否しなかった",
+    "content.tempfail": "一時エラー: GTUBE 入りのメールに DATA の終わりで {reply} が返った。"
+                        "拒否ではない(フィルタに接続できない?)",
+    "content.refused": "GTUBE 入りのメールは DATA の終わりで拒否された: {reply}。GTUBE を除いた"
+                       "同じメールは受理された",
+    "content.control-refused": "GTUBE 入りのメールは拒否された ({reply}) が、GTUBE を除いた同じ"
+                               "メールも拒否された ({control}): 内容による拒否ではない",
+    "content.odd-reply": "GTUBE 入りのメールへの応答が SMTP の判定ではない: {reply}",
+    "content.mail-refused": "MAIL FROM:<> が拒否された ({reply}): メールを送れなかった",
+    "content.rcpt-refused": "既知のユーザー {address} が RCPT で拒否された ({reply}): メールを"
+                            "送れなかった",
+    "content.no-data": "DATA への応答は {reply}: メールを送れなかった",
     "smuggle.answered": "スマグリングしたコマンドに応答があった: {what}",
     "smuggle.one-reply": "{n} 種類のデータ終端の変種に、それぞれ応答は一つだけ",
     "smuggle.no-data": "DATA への応答は {code}",

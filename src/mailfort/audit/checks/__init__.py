@@ -1,6 +1,7 @@
 """The checks; importing this package registers every one of them."""
 
 from mailfort.audit.checks import (  # noqa: F401
+    content,
     disclosure,
     dnschecks,
     imap,
