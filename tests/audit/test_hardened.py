@@ -1,5 +1,7 @@
 """The hardened mailfort, started by the test, passes every check of the audit: SMTP, POP3
-and IMAP (143 with STARTTLS, 993 with implicit TLS) alike."""
+and IMAP (143 with STARTTLS, 993 with implicit TLS) alike. One WARN is its due: mailfort
+judges no content itself, and without a ``[[milter]]`` it takes GTUBE (content.gtube; with a
+filter it PASSes, tests/audit/test_content.py)."""
 
 from __future__ import annotations
 
@@ -64,7 +66,9 @@ async def test_hardened_mailfort_passes_every_check(
     checks = {c["id"]: c for c in report["checks"]}
     not_passed = {k: (c["status"], c["result"]) for k, c in checks.items()
                   if c["status"] != "PASS"}
-    assert not_passed == {}
+    assert {k: status for k, (status, _) in not_passed.items()} == \
+        {"content.gtube": "WARN"}, not_passed
+    assert "no content filter refused it" in not_passed["content.gtube"][1]
     assert code == 0 and report["exit_status"] == 0
     assert len(report["checks"]) >= 26
     # Each IMAP check spoke to mailfort's own IMAP (not a SKIP, not another port's PASS).
@@ -89,4 +93,5 @@ async def test_hardened_mailfort_passes_every_check(
     # Once: the later sessions end before the limit the server showed (4 senders × 21 forms).
     assert "(1 reconnections)" in relay["result"], "\n".join(relay["evidence"])
     page = html.read_text(encoding="utf-8")
-    assert page.count('class="badge PASS"') == 2 * len(report["checks"])
+    assert page.count('class="badge PASS"') == 2 * (len(report["checks"]) - 1)
+    assert page.count('class="badge WARN"') == 2
