@@ -25,7 +25,7 @@ known to the server, or --budget too small) - not "all fine".
 
 Safety: no message ever leaves for a foreign domain. Relay probes stop after RCPT and
 reset; the only messages completed go to the known local user (--user) for the smuggling,
-size and forged-From: probes. A port that is closed or set to 0 is skipped.
+size, forged-From: and content (GTUBE) probes. A port that is closed or set to 0 is skipped.
 """
 
 
