@@ -143,6 +143,12 @@ class MSAPolicy:
             extra.append(f"Date: {formatdate(localtime=False)}")
         return None, append_header_lines(header_block, extra)
 
+    def signs(self, message: bytes) -> bool:
+        """Whether ``sign`` has a key for the message's From: domain (a look at the key
+        folder: keys made by ``mailfort dkim keygen`` count from the next message)."""
+        domains = from_domains(header_block(message)) or []
+        return bool(domains) and self.keys.has_keys(domains[0])
+
     def sign(self, user: str, message: bytes) -> bytes:
         """DKIM-Signature fields for a submitted message, one per key of its From: domain
         (RSA and Ed25519 side by side, RFC 8463 §3). The From: address was already checked

@@ -226,6 +226,9 @@ class SubmissionPolicy(Protocol):
     def sign(self, user: str, message: bytes) -> bytes:
         """DKIM-Signature fields to add to the message (empty: none)."""
 
+    def signs(self, message: bytes) -> bool:
+        """Whether ``sign`` would add a field (a key of the From: domain)."""
+
 
 class SMTPService(Listener):
     """One listening service: its settings, its sessions and its shared parts."""
@@ -484,8 +487,10 @@ class SMTPSession(EngineSession):
         if self.service.submission is not None and engine.authenticated_as is not None:
             if self._counts_at_once():
                 user = engine.authenticated_as
-                self._mail_decided(ev, user, self.service.submission.check_mail_now(
-                    user, ev.sender))
+                sub = self.service.submission
+                # Looked up once for the transaction: MAIL's check and the From: check.
+                rights = self.envelope.sender_rights = sub.sender_rights(user)
+                self._mail_decided(ev, user, sub.check_mail_now(user, ev.sender, rights))
                 return
             self.run(self._check_submission(ev))  # the rate may be counted over the network
             return
@@ -1038,7 +1043,8 @@ class SMTPSession(EngineSession):
             sa = svc.cfg.sender_auth
             spool = await senderauth.signed(
                 svc.submission.sign if sa.sign_submissions else None, svc.committer, spool,
-                self.trace, user, sa.dkim_max_bytes, svc.cfg.server.hostname)
+                self.trace, user, sa.dkim_max_bytes, svc.cfg.server.hostname,
+                svc.submission.signs)
             return spool, None, False
         if svc.sender_auth is None or not self._checks_sender():
             if svc.submission is None:  # MX: no forged result of ours either way
