@@ -85,7 +85,7 @@ class _Memory:
     before reading it.
     """
 
-    KEEP = 2.0  # seconds a spare block outlives its last use
+    KEEP = 5.0  # seconds a spare block outlives its last use (an idle node: none kept)
     SPARE = 2  # blocks kept at most
 
     def __init__(self) -> None:
@@ -133,8 +133,9 @@ class _Memory:
             old = [b for t, _, b in self._spare if now - t >= self.KEEP]
             self._spare = [e for e in self._spare if now - e[0] < self.KEEP]
             self._timer = None
-            if self._spare:
-                self._timer = threading.Timer(self.KEEP, self._expire)
+            if self._spare:  # again when the oldest left is due
+                self._timer = threading.Timer(
+                    max(0.05, self._spare[0][0] + self.KEEP - now), self._expire)
                 self._timer.daemon = True
                 self._timer.start()
         for b in old:
