@@ -93,7 +93,10 @@ class _Memory:
         self._spare: list[tuple[float, int, mmap.mmap]] = []  # (freed at, size, block)
         self._lent: dict[int, tuple[mmap.mmap, object]] = {}  # address -> block, view
         self._timer: threading.Timer | None = None
-        self.allocate = ffi.callback("int(uint8_t **, size_t)", self._allocate)
+        # An exception in the callback answers "no memory": the hash fails, never runs
+        # without its memory.
+        self.allocate = ffi.callback("int(uint8_t **, size_t)", self._allocate,
+                                     error=lib.ARGON2_MEMORY_ALLOCATION_ERROR)
         self.free = ffi.callback("void(uint8_t *, size_t)", self._free)
 
     def _allocate(self, out: object, size: int) -> int:
