@@ -413,3 +413,39 @@ async def test_blocks_lists_blocked_clients_and_slowed_accounts(rig: Rig) -> Non
     assert all(0 < b.remaining <= CFG.block_seconds for b in blocks)
     assert "block removed" in await rig.auth.unblock("192.0.2.9")
     assert {b.kind for b in await rig.auth.blocks()} == {"account"}
+
+
+class _CountedWrites(MemoryCounters):
+    """MemoryCounters that note each write (reset, incr) by key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def reset(self, key: str) -> None:
+        self.writes.append(f"reset {key}")
+        super().reset(key)
+
+    def incr(self, key: str, window: float) -> int:
+        self.writes.append(f"incr {key}")
+        return super().incr(key, window)
+
+
+async def test_a_login_without_failures_to_undo_writes_no_reset_of_them(
+        tmp_path: Path) -> None:
+    """Each good login reset the client's failure count, zero or not: a write (SQLite
+    with several workers, a round trip with Redis) for nothing. Only a count to undo is
+    reset; one that is there still is."""
+    directory = SQLiteDirectory(tmp_path / "directory.sqlite3")
+    directory.add_domain("example.test")
+    directory.add_user("alice@example.test", hash_password("alice-pw", hasher=CHEAP))
+    counters = _CountedWrites()
+    auth = Authenticator(directory, counters, CFG, hasher=CHEAP)
+    assert (await auth.verify("alice@example.test", "alice-pw", "192.0.2.1")).ok
+    assert not any(w.startswith("reset auth-fail:") for w in counters.writes), counters.writes
+    assert not (await auth.verify("alice@example.test", "wrong", "192.0.2.1")).ok
+    counters.writes.clear()
+    assert (await auth.verify("alice@example.test", "alice-pw", "192.0.2.1")).ok
+    assert "reset auth-fail:ip:192.0.2.1" in counters.writes
+    assert counters.get("auth-fail:ip:192.0.2.1") == 0
+    auth.close()

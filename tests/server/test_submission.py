@@ -507,3 +507,73 @@ async def test_every_author_field_is_checked_by_the_tolerant_reader(
                             b"Resent-From: (me) alice@example.test\r\n"
                             b"To: bob@example.test\r\nSubject: hi\r\n\r\nbody\r\n")
     assert len(stored(node, "bob@example.test")) == 1
+
+
+def _pipelined_records(port: int, ctx: ssl.SSLContext) -> tuple[int, bytes]:
+    """On 465, authenticated: MAIL, RCPT and DATA sent in one write; the TLS application
+    records that carry their three replies (read off the socket under a memory BIO), and
+    the replies."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="mx.example.test")
+    raw = bytearray()  # received, not yet split into records
+
+    def flush() -> None:
+        if outgoing.pending:
+            sock.sendall(outgoing.read())
+
+    def receive() -> int:
+        """Feed one more TCP read to the BIO; the application records it completed."""
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        raw.extend(chunk)
+        records = 0
+        while len(raw) >= 5 and len(raw) >= 5 + int.from_bytes(raw[3:5], "big"):
+            records += raw[0] == 23  # application_data
+            del raw[:5 + int.from_bytes(raw[3:5], "big")]
+        incoming.write(chunk)
+        return records
+
+    def reply_lines(count: int) -> tuple[int, bytes]:
+        got, records = b"", 0
+        while got.count(b"\r\n") < count or got.splitlines()[-1][3:4] == b"-":
+            try:
+                got += tls.read(65536)
+            except ssl.SSLWantReadError:
+                flush()
+                records += receive()
+        return records, got
+
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            flush()
+            receive()
+    flush()
+    token = base64.b64encode(b"\0alice@example.test\0alice-pw")
+    reply_lines(1)  # greeting
+    for line in (b"EHLO mua\r\n", b"AUTH PLAIN " + token + b"\r\n"):
+        tls.write(line)
+        flush()
+        reply_lines(1)
+    tls.write(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
+    flush()
+    records, got = reply_lines(3)
+    sock.close()
+    return records, got
+
+
+async def test_pipelined_mail_rcpt_data_answered_in_one_tls_record(
+    node: Node, client_ssl_context: ssl.SSLContext
+) -> None:
+    """MAIL and RCPT on submission were each a task and a write of their own: three TLS
+    records and three sends for what the MX answers in one. With the hourly counts in
+    the process's reach they are decided at once, and the three replies leave together."""
+    records, got = await asyncio.to_thread(_pipelined_records, node.port("submissions"),
+                                           client_ssl_context)
+    assert got.startswith(b"250") and got.splitlines()[-1].startswith(b"354"), got
+    assert records == 1, (records, got)

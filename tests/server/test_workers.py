@@ -288,6 +288,26 @@ def test_one_client_at_a_time_is_served_by_one_worker(node: Supervised) -> None:
     assert owners == [int(first)] * len(owners), f"{owners}, first worker {first}"
 
 
+def test_a_burst_of_long_sessions_is_shared_by_the_workers(node: Supervised) -> None:
+    """Twelve clients connecting at once to a quiet node and staying (submission clients,
+    IMAP clients back after a restart): the first worker used to take them all in one
+    wake-up and keep them, one core serving while the other idled (the submission row's
+    0.47x the MX rate). Each worker now takes up to an even share (server/acceptor.py)."""
+    time.sleep(AcceptGate.HOLD + 0.2)
+    socks = [socket.create_connection(("127.0.0.1", node.ports["mx"]), timeout=10,
+                                      source_address=(f"127.0.0.{2 + i % 2}", 0))
+             for i in range(12)]  # two client addresses: within the per-client limit
+    try:
+        for s in socks:
+            assert s.recv(512).startswith(b"220")
+        owners = [node.owner(s, "mx") for s in socks]
+        counts = {pid: owners.count(pid) for pid in node.workers()}
+        assert min(counts.values()) >= 4, counts
+    finally:
+        for s in socks:
+            s.close()
+
+
 def test_a_stopped_first_worker_leaves_the_others_serving(node: Supervised) -> None:
     """The first worker frozen (SIGSTOP): connections wait in the queue, and the second
     worker's gate opens for them within a few looks (server/acceptor.py)."""

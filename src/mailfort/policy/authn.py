@@ -192,7 +192,8 @@ class Authenticator:
             async with contextlib.nullcontext() if trusted else self._gate(k.account_fail):
                 if await self.counters.get(k.client_block) > 0:
                     return BLOCKED
-                if await self.counters.get(k.client_fail) >= self.cfg.block_after_failures:
+                client_failures = await self.counters.get(k.client_fail)
+                if client_failures >= self.cfg.block_after_failures:
                     await self._block(k)
                     return BLOCKED
                 stored = await lookup(self.directory, self.directory.password_hash,
@@ -204,7 +205,8 @@ class Authenticator:
                 if matched and stored is not None:
                     # The account's failure count is left to expire: the owner's success
                     # must not reset an attacker's slow-down.
-                    await self.counters.reset(k.client_fail)
+                    if client_failures:  # a write per login only when there is one to undo
+                        await self.counters.reset(k.client_fail)
                     await self.counters.reset(k.trusted)  # a fresh window from now
                     await self.counters.incr(k.trusted, TRUSTED_CLIENT_SECONDS)
                     if needs_rehash(stored, hasher=self.hasher):

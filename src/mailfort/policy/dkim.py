@@ -621,6 +621,14 @@ class KeyStore:
             os.fsync(f.fileno())
         return SigningKey(domain, selector, algorithm, path)
 
+    def has_keys(self, domain: str) -> bool:
+        """Whether ``domain`` has a key, without reading any (one directory listing)."""
+        try:
+            with os.scandir(self.root / domain.lower().rstrip(".")) as entries:
+                return any(e.name.endswith(".pem") for e in entries)
+        except OSError:  # no folder (or no key store): no key
+            return False
+
     def keys(self, domain: str | None = None) -> list[SigningKey]:
         if not self.root.is_dir():
             return []

@@ -18,6 +18,17 @@ for an instant, between closing a connection and opening the next; a first worke
 frozen or restarting shows it for as long as it lasts, so this is also what keeps such a
 node serving); it then stays open for ``HOLD`` seconds after the last time it had to be.
 
+Why a share. Under load every worker accepts, and the first to wake takes what waits, up
+to ``_ACCEPT_BATCH``: connections that each carry one message even out on their own, but a
+burst of long sessions (50 submission clients connecting at once, IMAP clients coming back
+after a restart) stayed where it landed, on one worker and one core, while the others
+idled: the submission row ran at 0.47x the MX rate with one worker doing ~98 % of the work
+(bench/RESULTS.md, 2026-12-08). So once the node is busy (``BALANCE_AT`` connections open
+or waiting) a worker takes only up to an even share of the node's connections
+(``balance``); over it, it leaves the listener for ``DEFER`` seconds for the others, and
+after ``MAX_DEFERRALS`` turns in a row in which nobody took them (a worker frozen or
+restarting) it takes them itself.
+
 The looks are few on purpose: a look is a wake-up of an otherwise idle process, and at
 5 ms apart (200 a second while a lone client was served) they cost that client about 7 %
 of its rate on two cores (bench/RESULTS.md, 2026-12-06, third session). A load that
@@ -40,6 +51,8 @@ from typing import Any
 log = logging.getLogger("mailfort.session")
 
 _ACCEPT_BATCH = 128  # connections accepted per wake-up at most (the others wait their turn)
+DEFER = 0.02  # seconds a worker over its share leaves waiting connections to the others
+MAX_DEFERRALS = 10  # turns in a row (0.2 s, two idle looks of a gate) before it takes them
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _RETRY = 1.0  # seconds without accepting after running out of descriptors or memory
 # struct tcp_info (linux/tcp.h): eight one-byte fields, then u32 rto, ato, snd_mss,
@@ -87,6 +100,10 @@ class Acceptor:
         self._resting = False  # after EMFILE and the like, for _RETRY seconds
         self._reading = False
         self._closed = False
+        # How many of ``waiting`` connections this worker may take now (None: all; see the
+        # module's text), and the turns in a row it left them to the others.
+        self.balance: Callable[[int], int] | None = None
+        self._deferrals = 0
         sock.setblocking(False)
         self._update()
 
@@ -140,7 +157,18 @@ class Acceptor:
         self._update()
 
     def _accept(self) -> None:
-        for _ in range(_ACCEPT_BATCH):
+        batch = _ACCEPT_BATCH
+        if self.balance is not None:
+            batch = min(batch, self.balance(self.waiting()))
+            if batch <= 0 and self._deferrals < MAX_DEFERRALS:
+                self._deferrals += 1
+                self._resting = True
+                self._update()
+                self._loop.call_later(DEFER, self._rested)
+                return
+            self._deferrals = 0
+            batch = max(batch, 1)
+        for _ in range(batch):
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):

@@ -29,6 +29,9 @@ from mailfort.policy.counters import CounterStore, MemoryCounters, client_key
 
 RATE_WINDOW = 60.0  # seconds: the rate limit counts connections per minute
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+# Open and waiting connections of a node from which its workers share them out evenly
+# (``SharedConnectionLimiter.share_left``); below, the first worker takes them all.
+BALANCE_AT = 4
 _MAX_REMEMBERED = 4096  # addresses whose exemption is remembered (then forgotten at once)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -225,6 +228,19 @@ class SharedConnectionLimiter:
         only compares it with a threshold, a count one admission old is as good)."""
         counts = self._counts
         return sum(counts[i] for i in self._totals)
+
+    def share_left(self, waiting: int, workers: int) -> int:
+        """How many of the ``waiting`` connections this worker should accept now: all of
+        them while the node is quiet (one client alone stays on one worker with warm
+        caches, server/acceptor.py), else what brings it up to an even share of the
+        node's connections, those waiting included, over its ``workers`` (0: leave them
+        to the others)."""
+        counts = self._counts
+        total = sum(counts[i] for i in self._totals)
+        if total + waiting < BALANCE_AT:
+            return max(waiting, 1)
+        share = -(-(total + waiting) // max(1, workers))
+        return share - counts[self._my_total]
 
     def admit(self, ip: str) -> Admission:
         at: list[int] | None = None  # the client's bucket in every row; None: exempt

@@ -204,6 +204,16 @@ class SubmissionPolicy(Protocol):
     async def reserve_recipient(self, user: str) -> Reply | None:
         """A refusal, or None with one recipient of the user's hour reserved."""
 
+    @property
+    def store(self) -> object | None:
+        """Not None when the counts are in this process's reach: the ``_now`` calls may
+        be used, and answer in the same turn of the loop."""
+
+    def check_mail_now(self, user: str, sender: Mailbox | None,
+                       rights: frozenset[str] | None = None) -> Reply | None: ...
+
+    def reserve_recipient_now(self, user: str) -> Reply | None: ...
+
     async def release(self, user: str, messages: int, recipients: int) -> None:
         """Give back reservations that no 250 spent."""
 
@@ -215,6 +225,9 @@ class SubmissionPolicy(Protocol):
 
     def sign(self, user: str, message: bytes) -> bytes:
         """DKIM-Signature fields to add to the message (empty: none)."""
+
+    def signs(self, message: bytes) -> bool:
+        """Whether ``sign`` would add a field (a key of the From: domain)."""
 
 
 class SMTPService(Listener):
@@ -433,11 +446,13 @@ class SMTPSession(EngineSession):
             elif self.spool is not None:
                 self.spool.write(ev.data)
         elif isinstance(ev, RcptTo):
-            if is_blocking(self.service.directory) or self._submitting() \
-                    or self.service.quota is not None:
+            if is_blocking(self.service.directory) or self.service.quota is not None \
+                    or (self._submitting() and not self._counts_at_once()):
                 self.run(self._rcpt_off_loop(ev))  # a networked directory, count or quota
                 return
             decision = self._decide_rcpt(ev)
+            if self._submitting():
+                decision = self._reserve_rcpt_now(decision)
             if self._inbound_applies(decision):
                 self.run(self._screen_rcpt(ev, decision))
             elif self._scripts_unknown(decision):
@@ -470,6 +485,13 @@ class SMTPSession(EngineSession):
         self._release_held()
         self.envelope = Envelope(sender=ev.sender, requiretls=ev.requiretls, size=ev.size)
         if self.service.submission is not None and engine.authenticated_as is not None:
+            if self._counts_at_once():
+                user = engine.authenticated_as
+                sub = self.service.submission
+                # Looked up once for the transaction: MAIL's check and the From: check.
+                rights = self.envelope.sender_rights = sub.sender_rights(user)
+                self._mail_decided(ev, user, sub.check_mail_now(user, ev.sender, rights))
+                return
             self.run(self._check_submission(ev))  # the rate may be counted over the network
             return
         if self._checks_sender():
@@ -488,13 +510,23 @@ class SMTPSession(EngineSession):
         if is_blocking(self.service.directory):
             rights = await asyncio.to_thread(sub.sender_rights, user)
             self.envelope.sender_rights = rights
-        env = self.envelope
-        refusal = await sub.check_mail(user, ev.sender, rights)
+        self._mail_decided(ev, user, await sub.check_mail(user, ev.sender, rights))
+
+    def _counts_at_once(self) -> bool:
+        """Submission's MAIL and RCPT decided in the turn of the loop that read them: the
+        directory and the hourly counts are in this process's reach (policy/msa.py)."""
+        sub = self.service.submission
+        return (sub is not None and sub.store is not None
+                and not is_blocking(self.service.directory))
+
+    def _mail_decided(self, ev: MailFrom, user: str, refusal: Reply | None) -> None:
+        engine = self.engine
+        assert engine is not None
         if refusal is not None:
             decisionlog.reject("MAIL", self.peer_ip, refusal, from_=ev.sender or "",
                                helo=engine.helo)
         else:
-            env.held_for, env.held_messages = user, 1
+            self.envelope.held_for, self.envelope.held_messages = user, 1
         engine.decide(refusal or SENDER_OK)
 
     def _submitting(self) -> bool:
@@ -512,6 +544,21 @@ class SMTPSession(EngineSession):
         if user is None:
             return decision
         refusal = await sub.reserve_recipient(user)
+        if refusal is not None:
+            return RecipientDecision(refusal, None)
+        env.held_for = user
+        env.held_rcpts += 1
+        return decision
+
+    def _reserve_rcpt_now(self, decision: RecipientDecision) -> RecipientDecision:
+        """``_reserve_rcpt`` on the counts in reach (``_counts_at_once``)."""
+        engine, sub, env = self.engine, self.service.submission, self.envelope
+        if not decision.reply.positive or sub is None or engine is None:
+            return decision
+        user = engine.authenticated_as
+        if user is None:
+            return decision
+        refusal = sub.reserve_recipient_now(user)
         if refusal is not None:
             return RecipientDecision(refusal, None)
         env.held_for = user
@@ -996,7 +1043,8 @@ class SMTPSession(EngineSession):
             sa = svc.cfg.sender_auth
             spool = await senderauth.signed(
                 svc.submission.sign if sa.sign_submissions else None, svc.committer, spool,
-                self.trace, user, sa.dkim_max_bytes, svc.cfg.server.hostname)
+                self.trace, user, sa.dkim_max_bytes, svc.cfg.server.hostname,
+                svc.submission.signs)
             return spool, None, False
         if svc.sender_auth is None or not self._checks_sender():
             if svc.submission is None:  # MX: no forged result of ours either way

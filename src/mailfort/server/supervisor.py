@@ -210,9 +210,12 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
     await ops.started(node)
     # The first worker takes every connection while the node is quiet; the others join
     # when it is busy (server/acceptor.py: one sender alone has warm caches).
-    gate = None if role.primary else AcceptGate(
-        [a for listener in _listeners(node) for a in listener.servers],
-        lambda: limiter.total)
+    acceptors = [a for listener in _listeners(node) for a in listener.servers]
+    gate = None if role.primary else AcceptGate(acceptors, lambda: limiter.total)
+    if len(sup.slots) > 1:  # a burst of long sessions shared out, not kept by one worker
+        workers = len(sup.slots)
+        for a in acceptors:
+            a.balance = lambda waiting: limiter.share_left(waiting, workers)
     if role.primary:
         def woken() -> None:
             with contextlib.suppress(BlockingIOError):
