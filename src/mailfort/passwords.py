@@ -24,9 +24,9 @@ import threading
 import time
 from functools import lru_cache
 
-from _argon2_cffi_bindings import ffi, lib
 from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
+from argon2.low_level import core, ffi, lib  # argon2_ctx itself: it takes an allocator
 
 DEFAULT_HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=2)
 
@@ -181,7 +181,7 @@ def _verify_argon2id(password_hash: str, password: bytes) -> bool | None:
         "lanes": params.parallelism, "threads": params.parallelism, "version": params.version,
         "allocate_cbk": _MEMORY.allocate, "free_cbk": _MEMORY.free,
         "flags": lib.ARGON2_DEFAULT_FLAGS})
-    if lib.argon2_ctx(ctx, lib.Argon2_id) != lib.ARGON2_OK:
+    if core(ctx, Type.ID.value) != lib.ARGON2_OK:
         return None  # parameters libargon2 refuses: argon2-cffi's verify says the same
     return hmac.compare_digest(ffi.buffer(out)[:], expected)
 
