@@ -399,3 +399,53 @@ def test_b_value_of_a_real_signature_field_is_blanked_as_dkimpy_does() -> None:
         value = sig.partition(b":")[2]
         for variant in (value, value.replace(b"b=", b"b =\r\n\t"), value.rstrip(b"\r\n")):
             assert dkim._B_VALUE.sub(rb"\1", variant) == dkimpy.RE_BTAG.sub(rb"\1", variant)
+
+
+_OCTETS = st.lists(st.sampled_from([b"A", b"b", b":", b" ", b"\t", b"\r", b"\n", b"\r\n",
+                                    b"From ", b"\x00", b"~", b"\x7f", b"\xe9", b";", b"  "]),
+                   max_size=40).map(b"".join)
+
+
+def _outcome(fn: object, *args: object) -> object:
+    """What ``fn(*args)`` returns, or the type and text of what it raises."""
+    try:
+        return fn(*args)  # type: ignore[operator]
+    except Exception as exc:
+        return (type(exc), str(exc))
+
+
+@settings(max_examples=4000, deadline=None, derandomize=True)
+@given(message=_OCTETS)
+def test_message_parse_is_dkimpys(message: bytes) -> None:
+    """``_rfc822_parse`` (header section only, no line-end expression) gives dkimpy's
+    ``rfc822_parse`` header fields and body, and its errors, on any octets: bare CR and LF,
+    CR CR LF, continuation lines first, "From " lines, an empty line first or none."""
+    want = _outcome(dkimpy.rfc822_parse, message)
+    got = _outcome(dkim._rfc822_parse, message)
+    assert (tuple(got) if isinstance(got, tuple) and isinstance(got[0], list) else got) == (
+        tuple(want) if isinstance(want, tuple) and isinstance(want[0], list) else want)
+    import re
+
+    assert dkim._lines(message) == re.split(rb"\r?\n", message)
+
+
+@settings(max_examples=4000, deadline=None, derandomize=True)
+@given(name=_OCTETS, value=_OCTETS)
+def test_relaxed_field_is_dkimpys(name: bytes, value: bytes) -> None:
+    """One field's relaxed canonical form (``_relaxed_field``, the expressions only when
+    needed) is dkimpy's, octet for octet, whatever white space and line ends it holds."""
+    from dkim.canonicalization import Relaxed
+
+    assert dkim._relaxed_field(name, value) == Relaxed.canonicalize_headers([(name, value)])[0]
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True)
+@given(names=st.lists(st.sampled_from([b"from", b"From", b"to", b"subject", b"x"]),
+                      max_size=8),
+       wanted=st.lists(st.sampled_from([b"from", b"to", b"subject", b"cc"]), max_size=8))
+def test_selected_fields_are_dkimpys(names: list[bytes], wanted: list[bytes]) -> None:
+    """h= selects the fields dkimpy's ``select_headers`` selects (bottom-up, a repeated
+    name the next field above, a missing one nothing), in its order."""
+    headers = [(n, b"v%d" % i) for i, n in enumerate(names)]
+    picked = [headers[i] for i in dkim._selected([n.lower() for n in names], wanted)]
+    assert picked == dkimpy.select_headers(headers, wanted)
