@@ -449,3 +449,52 @@ def test_selected_fields_are_dkimpys(names: list[bytes], wanted: list[bytes]) ->
     headers = [(n, b"v%d" % i) for i, n in enumerate(names)]
     picked = [headers[i] for i in dkim._selected([n.lower() for n in names], wanted)]
     assert picked == dkimpy.select_headers(headers, wanted)
+
+
+@settings(max_examples=4000, deadline=None, derandomize=True)
+@given(value=st.lists(st.sampled_from([b"a", b"Z", b"b", b"h", b"1", b"_", b"=", b";", b" ",
+                                       b"\t", b"\r\n", b"\x0b", b"\xe9", b"b=", b"; "]),
+                      max_size=30).map(b"".join))
+def test_tag_list_is_read_as_dkimpy_reads_it(value: bytes) -> None:
+    """``_tag_value_list`` (no expression per tag) gives dkimpy's ``parse_tag_value``
+    dict, or the same error with the same arguments, on any tag list."""
+    from dkim.util import parse_tag_value
+
+    def outcome(fn: object) -> object:
+        try:
+            return fn(value)  # type: ignore[operator]
+        except Exception as exc:
+            return (type(exc), exc.args)
+
+    assert outcome(dkim._tag_value_list) == outcome(parse_tag_value)
+
+
+_TAG_VALUES = {
+    b"v": [b"1", b"2", b""], b"a": [b"rsa-sha256", b"ed25519-sha256", b"rsa-sha1", b"x"],
+    b"b": [b"QUJD", b"QUJDRA==", b"QU JD", b"QUJ", b"Q=U", b"", b"@@@@", b"QUJD\n"],
+    b"bh": [b"QUJD", b"QUJ", b"", b"QU\tJD"], b"d": [b"example.org", b"EXAMPLE.org", b"a;b",
+                                                  b"", b"\xe9x.org", b"org", b"[x]"],
+    b"h": [b"from"], b"s": [b"sel"], b"cv": [b"pass", b"x"],
+    b"i": [b"@example.org", b"x.example.org", b"example.org", b"a@sub.example.org",
+           b"xexample.org", b"", b"@EXAMPLE.ORG"],
+    b"l": [b"0", b"12", b"1" * 77, b"x", b"", b"12\n"], b"q": [b"dns/txt", b"dns"],
+    b"t": [b"0", b"1700000000", b"99999999999", b"x", b"", b"5\n"],
+    b"x": [b"0", b"1", b"99999999999", b"x", b"99999999998"],
+}
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(sig=st.fixed_dictionaries({}, optional={k: st.sampled_from(v)
+                                               for k, v in _TAG_VALUES.items()}))
+def test_signature_fields_are_checked_as_dkimpy_checks_them(sig: dict[bytes, bytes]) -> None:
+    """``_validate_fields`` (expressions compiled once) accepts what dkimpy's
+    ``validate_signature_fields`` accepts and refuses the rest with the same error and
+    text (times far from now on either side, so both read the same clock alike)."""
+
+    def outcome(fn: object) -> object:
+        try:
+            return fn(dict(sig))  # type: ignore[operator]
+        except Exception as exc:
+            return (type(exc), str(exc))
+
+    assert outcome(dkim._validate_fields) == outcome(dkimpy.validate_signature_fields)

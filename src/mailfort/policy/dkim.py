@@ -24,6 +24,7 @@ import binascii
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from typing import Any
 import dkim as _dkim
 import nacl.exceptions
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
-from dkim.util import parse_tag_value
+from dkim.util import DuplicateTag, InvalidTagSpec
 
 from mailfort.policy.dnslookup import DNSTempError, Lookup
 
@@ -173,6 +174,85 @@ class _PartOfBody(_dkim.DKIMException):
     def __init__(self, octets: int) -> None:
         super().__init__(f"l= leaves {octets} octets of the body unsigned")
         self.octets = octets
+
+
+def _tag_value_list(value: bytes) -> dict[bytes, bytes]:
+    """RFC 6376 §3.2 tag=value list as dkimpy's ``parse_tag_value`` reads it (the same
+    dict; InvalidTagSpec for a part without "=" or whose name does not start with an ASCII
+    letter, DuplicateTag for a name given twice; a last ";" allowed), without a regular
+    expression per tag (~10 µs a signature field)."""
+    tags: dict[bytes, bytes] = {}
+    parts = value.strip().split(b";")
+    if not parts[-1]:
+        parts.pop()
+    for part in parts:
+        name, eq, text = part.partition(b"=")
+        name = name.strip()
+        if not eq or not name[:1].isalpha():  # bytes.isalpha: ASCII letters only
+            raise InvalidTagSpec(part)
+        if name in tags:
+            raise DuplicateTag(name)
+        tags[name] = text.strip()
+    return tags
+
+
+_MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
+_BASE64ISH = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")
+_WHITE = re.compile(rb"\s+")
+_D_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
+_DECIMAL = re.compile(rb"\d+$")
+_LENGTH = re.compile(rb"\d{,76}$")
+_SLOP = 36000  # dkimpy's leeway for clocks (10 hours)
+
+
+def _validate_fields(sig: dict[bytes, bytes]) -> None:
+    """dkimpy 1.1's ``validate_signature_fields`` for a DKIM-Signature: the same checks in
+    the same order, the same ValidationError texts (and the same IndexError for an i= no
+    longer than d=), with its expressions compiled once (~10 µs a signature before).
+    Its check of bh= looks at b= (so does dkimpy's: b= has passed it already)."""
+    bad = _dkim.ValidationError
+    for tag in _MANDATORY:
+        if tag not in sig:
+            raise bad(f"missing {tag!s}=")
+    a, b, d = sig[b"a"], sig[b"b"], sig[b"d"]
+    if a not in _dkim.HASH_ALGORITHMS:
+        raise bad(f"unknown signature algorithm: {a!s}")
+    for tag in (b"b", b"bh"):
+        if _BASE64ISH.match(b) is None or len(_WHITE.sub(b"", sig[tag])) % 4:
+            raise bad(f"{tag.decode()}= value is not valid base64 ({sig[tag]!s})")
+    cv = sig.get(b"cv")
+    if cv is not None and cv not in (b"pass", b"fail", b"none"):
+        raise bad(f"cv= value is not valid ({cv!s})")
+    if d.isascii() and _D_SPECIALS.search(d):
+        raise bad(f"d= value is not valid ({d!s})")
+    i = sig.get(b"i")
+    if i is not None and (not i.lower().endswith(d.lower()) or i[-len(d) - 1] not in (64, 46)):
+        raise bad(f"i= domain is not a subdomain of d= (i={i!s} d={d!s})")
+    length = sig.get(b"l")
+    if length is not None and _LENGTH.match(length) is None:
+        raise bad(f"l= value is not a decimal integer ({length!s})")
+    q = sig.get(b"q")
+    if q is not None and q != b"dns/txt":
+        raise bad(f"q= value is not dns/txt ({q!s})")
+    t = sig.get(b"t")
+    t_sign = None
+    if t is not None:
+        if _DECIMAL.match(t) is None:
+            raise bad(f"t= value is not a decimal integer ({t!s})")
+        t_sign = int(t)
+        if t_sign > int(time.time()) + _SLOP:
+            raise bad(f"t= value is in the future ({t!s})")
+    if sig[b"v"] != b"1":
+        raise bad(f"v= value is not 1 ({sig[b'v']!s})")
+    x = sig.get(b"x")
+    if x is not None:
+        if _DECIMAL.match(x) is None:
+            raise bad(f"x= value is not a decimal integer ({x!s})")
+        x_sign = int(x)
+        if x_sign < int(time.time()) - _SLOP:
+            raise bad(f"x= value is past ({x!s})")
+        if t_sign and x_sign < t_sign:
+            raise bad(f"x= value is less than t= value (x={x!s} t={t!s})")
 
 
 _WSP_RUN = re.compile(rb"[ \t]+")
@@ -319,11 +399,11 @@ class _HashedBody(_dkim.DKIM):
             self.headers, self.body = _rfc822_parse(message)
 
     def _tag_list(self, value: bytes) -> dict[bytes, bytes]:
-        """dkimpy's ``parse_tag_value`` of ``value`` (a fresh dict; its errors too)."""
+        """:func:`_tag_value_list` of ``value``, parsed once (a fresh dict; its errors)."""
         parsed = self._parsed_tags.get(value)
         if parsed is None:
             try:
-                parsed = parse_tag_value(value)
+                parsed = _tag_value_list(value)
             except Exception as exc:
                 parsed = exc
             self._parsed_tags[value] = parsed
@@ -333,7 +413,8 @@ class _HashedBody(_dkim.DKIM):
 
     def verify_headerprep(self, idx: int = 0) -> Any:
         """dkimpy 1.1's ``verify_headerprep`` (the same checks, in the same order), with
-        the signature's tags parsed once per message (``_tag_list``)."""
+        the signature's tags parsed once per message (``_tag_list``) and checked by
+        ``_validate_fields``."""
         sigheaders = [(x, y) for x, y in self.headers if x.lower() == b"dkim-signature"]
         if len(sigheaders) <= idx:
             return False
@@ -342,7 +423,7 @@ class _HashedBody(_dkim.DKIM):
             self.signature_fields = sig
         except _dkim.InvalidTagValueList as exc:
             raise _dkim.MessageFormatError(exc) from exc
-        _dkim.validate_signature_fields(sig)
+        _validate_fields(sig)
         self.domain = sig[b"d"]
         self.selector = sig[b"s"]
         include_headers = [x.lower() for x in _H_SEPARATOR.split(sig[b"h"])]
