@@ -208,8 +208,7 @@ _SLOP = 36000  # dkimpy's leeway for clocks (10 hours)
 def _validate_fields(sig: dict[bytes, bytes]) -> None:
     """dkimpy 1.1's ``validate_signature_fields`` for a DKIM-Signature: the same checks in
     the same order, the same ValidationError texts (and the same IndexError for an i= no
-    longer than d=), with its expressions compiled once (~10 µs a signature before).
-    Its check of bh= looks at b= (so does dkimpy's: b= has passed it already)."""
+    longer than d=), with its expressions compiled once (~10 µs a signature before)."""
     bad = _dkim.ValidationError
     for tag in _MANDATORY:
         if tag not in sig:
@@ -217,9 +216,10 @@ def _validate_fields(sig: dict[bytes, bytes]) -> None:
     a, b, d = sig[b"a"], sig[b"b"], sig[b"d"]
     if a not in _dkim.HASH_ALGORITHMS:
         raise bad(f"unknown signature algorithm: {a!s}")
-    for tag in (b"b", b"bh"):
-        if _BASE64ISH.match(b) is None or len(_WHITE.sub(b"", sig[tag])) % 4:
-            raise bad(f"{tag.decode()}= value is not valid base64 ({sig[tag]!s})")
+    if _BASE64ISH.match(b) is None or len(_WHITE.sub(b"", b)) % 4:
+        raise bad(f"b= value is not valid base64 ({b!s})")
+    if len(_WHITE.sub(b"", sig[b"bh"])) % 4:  # (dkimpy matches b= again here: it passed)
+        raise bad(f"bh= value is not valid base64 ({sig[b'bh']!s})")
     cv = sig.get(b"cv")
     if cv is not None and cv not in (b"pass", b"fail", b"none"):
         raise bad(f"cv= value is not valid ({cv!s})")
