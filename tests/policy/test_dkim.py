@@ -471,9 +471,10 @@ def test_tag_list_is_read_as_dkimpy_reads_it(value: bytes) -> None:
 
 _TAG_VALUES = {
     b"v": [b"1", b"2", b""], b"a": [b"rsa-sha256", b"ed25519-sha256", b"rsa-sha1", b"x"],
-    b"b": [b"QUJD", b"QUJDRA==", b"QU JD", b"QUJ", b"Q=U", b"", b"@@@@", b"QUJD\n"],
-    b"bh": [b"QUJD", b"QUJ", b"", b"QU\tJD"], b"d": [b"example.org", b"EXAMPLE.org", b"a;b",
-                                                  b"", b"\xe9x.org", b"org", b"[x]"],
+    b"b": [b"QUJD", b"QUJDRA==", b"QU JD", b"QUJ", b"Q=U", b"", b"@@@@", b"QUJD\n",
+           b"QU\x0bJD", b"QUJ\x0c", b"QUJD\x1c"],
+    b"bh": [b"QUJD", b"QUJ", b"", b"QU\tJD", b"QUJ\x0b", b"QUJ\x85"],
+    b"d": [b"example.org", b"EXAMPLE.org", b"a;b", b"", b"\xe9x.org", b"org", b"[x]"],
     b"h": [b"from"], b"s": [b"sel"], b"cv": [b"pass", b"x"],
     b"i": [b"@example.org", b"x.example.org", b"example.org", b"a@sub.example.org",
            b"xexample.org", b"", b"@EXAMPLE.ORG"],

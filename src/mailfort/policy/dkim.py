@@ -198,7 +198,6 @@ def _tag_value_list(value: bytes) -> dict[bytes, bytes]:
 
 _MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
 _BASE64ISH = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")
-_WHITE = re.compile(rb"\s+")
 _D_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
 _DECIMAL = re.compile(rb"\d+$")
 _LENGTH = re.compile(rb"\d{,76}$")
@@ -216,9 +215,10 @@ def _validate_fields(sig: dict[bytes, bytes]) -> None:
     a, b, d = sig[b"a"], sig[b"b"], sig[b"d"]
     if a not in _dkim.HASH_ALGORITHMS:
         raise bad(f"unknown signature algorithm: {a!s}")
-    if _BASE64ISH.match(b) is None or len(_WHITE.sub(b"", b)) % 4:
+    # bytes.split() splits at the six octets \s stands for in a bytes expression
+    if _BASE64ISH.match(b) is None or len(b"".join(b.split())) % 4:
         raise bad(f"b= value is not valid base64 ({b!s})")
-    if len(_WHITE.sub(b"", sig[b"bh"])) % 4:  # (dkimpy matches b= again here: it passed)
+    if len(b"".join(sig[b"bh"].split())) % 4:  # (dkimpy matches b= again here: it passed)
         raise bad(f"bh= value is not valid base64 ({sig[b'bh']!s})")
     cv = sig.get(b"cv")
     if cv is not None and cv not in (b"pass", b"fail", b"none"):
