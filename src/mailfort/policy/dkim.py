@@ -671,12 +671,9 @@ def _rsa_verify(pk: dict[str, int], signature: bytes, h: Any) -> bool:
     """RSASSA-PKCS1-v1_5 (RFC 8017 §8.2.2) of digest ``h`` with dkimpy's parsed key, by
     OpenSSL. The signature is read as dkimpy reads it (an integer; RFC 8017's I2OSP to
     the modulus length); one not below the modulus is invalid (RFC 8017 §5.2.2)."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
-
+    invalid, prehashed, pkcs1, rsa = _openssl()
     n, e = pk["modulus"], pk["publicExponent"]
-    algorithm = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}.get(h.name)
+    algorithm = prehashed.get(h.name)
     s = int.from_bytes(signature, "big")
     if algorithm is None or s >= n:
         return False
@@ -694,11 +691,30 @@ def _rsa_verify(pk: dict[str, int], signature: bytes, h: Any) -> bool:
             while len(_RSA_KEYS) > _RSA_KEYS_MAX:
                 _RSA_KEYS.popitem(last=False)
     try:
-        key.verify(s.to_bytes((n.bit_length() + 7) // 8, "big"), h.digest(),
-                   padding.PKCS1v15(), utils.Prehashed(algorithm()))
-    except (InvalidSignature, ValueError):
+        key.verify(s.to_bytes((n.bit_length() + 7) // 8, "big"), h.digest(), pkcs1, algorithm)
+    except (invalid, ValueError):
         return False
     return True
+
+
+_OPENSSL_PARTS: tuple[Any, dict[str, Any], Any, Any] | None = None
+
+
+def _openssl() -> tuple[Any, dict[str, Any], Any, Any]:
+    """(InvalidSignature, digest name -> Prehashed algorithm, PKCS #1 v1.5 padding, the rsa
+    module) of ``cryptography``, imported at the first RSA signature and kept: the
+    imports and the (immutable) parameter objects cost ~4 µs a signature when made each
+    time."""
+    global _OPENSSL_PARTS
+    if _OPENSSL_PARTS is None:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+        _OPENSSL_PARTS = (InvalidSignature, {"sha256": utils.Prehashed(hashes.SHA256()),
+                                             "sha1": utils.Prehashed(hashes.SHA1())},
+                          padding.PKCS1v15(), rsa)
+    return _OPENSSL_PARTS
 
 
 # ------------------------------------------------------------------ keys and signing
