@@ -1,9 +1,12 @@
 """DKIM (RFC 6376, 8301, 8463): verify inbound signatures, sign what our users submit.
 
-Signing, key records and the header hash are dkimpy's; the body hash is computed here as
-the body streams past (``BodyCanonicalizer``), so that a message of any size is verified,
-in bounded memory and linear time; an RSA signature is checked by ``cryptography``
-(OpenSSL), not dkimpy's pure-Python RSA (``_HashedBody._verify_header_hash`` says why).
+Signing, key records and the verification's steps are dkimpy's; the body hash is computed
+here as the body streams past (``BodyCanonicalizer``), so that a message of any size is
+verified, in bounded memory and linear time; an RSA signature is checked by ``cryptography``
+(OpenSSL), not dkimpy's pure-Python RSA (``_HashedBody._verify_header_hash`` says why). The
+message parse, tag lists, field checks and header canonicalisation on the verifying path
+are our equivalents of dkimpy's (the same results and errors, tested against dkimpy's on
+any octets): dkimpy's cost ~130 µs more on each signed message the MX takes (RESULTS.md).
 This module decides what counts (RFC 8301: no rsa-sha1, RSA keys of 1024 bits at least;
 ed25519-sha256 of RFC 8463), turns a DNS failure into ``temperror`` instead of ``fail``,
 refuses a pass to a signature whose ``l=`` leaves part of the body unsigned (anyone may
