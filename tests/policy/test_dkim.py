@@ -386,8 +386,8 @@ def test_verification_agrees_with_dkimpy_alone(canon: bytes, hcanon: bytes, subj
                       max_size=24).map(b"".join))
 def test_b_value_is_blanked_as_dkimpy_does(value: bytes) -> None:
     """The regular expression that blanks b= before the header hash (policy/dkim.py's
-    ``_B_VALUE``, linear) removes what dkimpy's RE_BTAG removes, on any field text."""
-    assert dkim._B_VALUE.sub(rb"\1", value) == dkimpy.RE_BTAG.sub(rb"\1", value)
+    ``_blank_b``, linear) removes what dkimpy's RE_BTAG removes, on any field text."""
+    assert dkim._blank_b(value) == dkimpy.RE_BTAG.sub(rb"\1", value)
 
 
 def test_b_value_of_a_real_signature_field_is_blanked_as_dkimpy_does() -> None:
@@ -398,7 +398,7 @@ def test_b_value_of_a_real_signature_field_is_blanked_as_dkimpy_does() -> None:
                           else b"ed25519-sha256")
         value = sig.partition(b":")[2]
         for variant in (value, value.replace(b"b=", b"b =\r\n\t"), value.rstrip(b"\r\n")):
-            assert dkim._B_VALUE.sub(rb"\1", variant) == dkimpy.RE_BTAG.sub(rb"\1", variant)
+            assert dkim._blank_b(variant) == dkimpy.RE_BTAG.sub(rb"\1", variant)
 
 
 _OCTETS = st.lists(st.sampled_from([b"A", b"b", b":", b" ", b"\t", b"\r", b"\n", b"\r\n",

@@ -547,16 +547,26 @@ class _HashedBody(_dkim.DKIM):
 # is the longest run of white space and base64 characters that ends in a base64 character:
 # the same matches (tests/policy/test_dkim.py compares the two), without trying two nested
 # optional groups at each character, which cost ~160 µs on an RSA-2048 field (~18 µs now).
-_B_VALUE = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+# The match starts at the "b" and looks behind it for the ";" or white space dkimpy's match
+# starts with: the engine then scans for a literal (4.4 -> 2.5 µs on an RSA field). That
+# character is left in place instead of put back, and no match can have taken it: a match
+# ends in "=", a base64 character or the field's last line end.
+_B_VALUE = re.compile(rb"b(?<=[;\s]b)(\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+
+
+def _blank_b(value: bytes) -> bytes:
+    """``value`` (a DKIM-Signature field's) with its b= value removed, as dkimpy's
+    ``RE_BTAG.sub(rb"\1", value)`` removes it."""
+    return _B_VALUE.sub(rb"b\1", value)
 
 
 def _hash_headers(hasher: Any, relaxed: bool, signed: list[tuple[bytes, bytes]],
                   sig_header: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
     """RFC 6376 §3.7 as dkimpy 1.1's ``hash_headers`` does it: the ``signed`` fields
     (canonical, in the order ``h=`` selected them), then the DKIM-Signature field with an
-    empty b= (``_B_VALUE``) and without its final CRLF, canonicalised as they are; each
+    empty b= (``_blank_b``) and without its final CRLF, canonicalised as they are; each
     field as name, ":", value. One ``update`` of the joined octets: the same digest."""
-    name, value = sig_header[0], _B_VALUE.sub(rb"\1", sig_header[1])
+    name, value = sig_header[0], _blank_b(sig_header[1])
     if relaxed:
         name, value = _relaxed_field(name, value)
     parts = []
