@@ -387,7 +387,7 @@ class _HashedBody(_dkim.DKIM):
         # (header canonicalisation, field index) -> the canonical field: only the fields a
         # signature's h= selects are canonicalised, each once per message (the signatures
         # of one message name mostly the same fields; the DKIM-Signature fields themselves,
-        # the longest, are never selected by h=)
+        # the longest, are seldom named in h=)
         self._canonical_fields: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
         self._lower_names = [name.lower() for name, _ in self.headers]
         # DKIM-Signature value -> its tags (or the error), parsed once for the body hashes
