@@ -386,8 +386,8 @@ def test_verification_agrees_with_dkimpy_alone(canon: bytes, hcanon: bytes, subj
                       max_size=24).map(b"".join))
 def test_b_value_is_blanked_as_dkimpy_does(value: bytes) -> None:
     """The regular expression that blanks b= before the header hash (policy/dkim.py's
-    ``_B_VALUE``, linear) removes what dkimpy's RE_BTAG removes, on any field text."""
-    assert dkim._B_VALUE.sub(rb"\1", value) == dkimpy.RE_BTAG.sub(rb"\1", value)
+    ``_blank_b``, linear) removes what dkimpy's RE_BTAG removes, on any field text."""
+    assert dkim._blank_b(value) == dkimpy.RE_BTAG.sub(rb"\1", value)
 
 
 def test_b_value_of_a_real_signature_field_is_blanked_as_dkimpy_does() -> None:
@@ -398,4 +398,104 @@ def test_b_value_of_a_real_signature_field_is_blanked_as_dkimpy_does() -> None:
                           else b"ed25519-sha256")
         value = sig.partition(b":")[2]
         for variant in (value, value.replace(b"b=", b"b =\r\n\t"), value.rstrip(b"\r\n")):
-            assert dkim._B_VALUE.sub(rb"\1", variant) == dkimpy.RE_BTAG.sub(rb"\1", variant)
+            assert dkim._blank_b(variant) == dkimpy.RE_BTAG.sub(rb"\1", variant)
+
+
+_OCTETS = st.lists(st.sampled_from([b"A", b"b", b":", b" ", b"\t", b"\r", b"\n", b"\r\n",
+                                    b"From ", b"\x00", b"~", b"\x7f", b"\xe9", b";", b"  "]),
+                   max_size=40).map(b"".join)
+
+
+def _outcome(fn: object, *args: object) -> object:
+    """What ``fn(*args)`` returns, or the type and text of what it raises."""
+    try:
+        return fn(*args)  # type: ignore[operator]
+    except Exception as exc:
+        return (type(exc), str(exc))
+
+
+@settings(max_examples=4000, deadline=None, derandomize=True)
+@given(message=_OCTETS)
+def test_message_parse_is_dkimpys(message: bytes) -> None:
+    """``_rfc822_parse`` (header section only, no line-end expression) gives dkimpy's
+    ``rfc822_parse`` header fields and body, and its errors, on any octets: bare CR and LF,
+    CR CR LF, continuation lines first, "From " lines, an empty line first or none."""
+    want = _outcome(dkimpy.rfc822_parse, message)
+    got = _outcome(dkim._rfc822_parse, message)
+    assert (tuple(got) if isinstance(got, tuple) and isinstance(got[0], list) else got) == (
+        tuple(want) if isinstance(want, tuple) and isinstance(want[0], list) else want)
+    import re
+
+    assert dkim._lines(message) == re.split(rb"\r?\n", message)
+
+
+@settings(max_examples=4000, deadline=None, derandomize=True)
+@given(name=_OCTETS, value=_OCTETS)
+def test_relaxed_field_is_dkimpys(name: bytes, value: bytes) -> None:
+    """One field's relaxed canonical form (``_relaxed_field``, the expressions only when
+    needed) is dkimpy's, octet for octet, whatever white space and line ends it holds."""
+    from dkim.canonicalization import Relaxed
+
+    assert dkim._relaxed_field(name, value) == Relaxed.canonicalize_headers([(name, value)])[0]
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True)
+@given(names=st.lists(st.sampled_from([b"from", b"From", b"to", b"subject", b"x"]),
+                      max_size=8),
+       wanted=st.lists(st.sampled_from([b"from", b"to", b"subject", b"cc"]), max_size=8))
+def test_selected_fields_are_dkimpys(names: list[bytes], wanted: list[bytes]) -> None:
+    """h= selects the fields dkimpy's ``select_headers`` selects (bottom-up, a repeated
+    name the next field above, a missing one nothing), in its order."""
+    headers = [(n, b"v%d" % i) for i, n in enumerate(names)]
+    picked = [headers[i] for i in dkim._selected([n.lower() for n in names], wanted)]
+    assert picked == dkimpy.select_headers(headers, wanted)
+
+
+@settings(max_examples=4000, deadline=None, derandomize=True)
+@given(value=st.lists(st.sampled_from([b"a", b"Z", b"b", b"h", b"1", b"_", b"=", b";", b" ",
+                                       b"\t", b"\r\n", b"\x0b", b"\xe9", b"b=", b"; "]),
+                      max_size=30).map(b"".join))
+def test_tag_list_is_read_as_dkimpy_reads_it(value: bytes) -> None:
+    """``_tag_value_list`` (no expression per tag) gives dkimpy's ``parse_tag_value``
+    dict, or the same error with the same arguments, on any tag list."""
+    from dkim.util import parse_tag_value
+
+    def outcome(fn: object) -> object:
+        try:
+            return fn(value)  # type: ignore[operator]
+        except Exception as exc:
+            return (type(exc), exc.args)
+
+    assert outcome(dkim._tag_value_list) == outcome(parse_tag_value)
+
+
+_TAG_VALUES = {
+    b"v": [b"1", b"2", b""], b"a": [b"rsa-sha256", b"ed25519-sha256", b"rsa-sha1", b"x"],
+    b"b": [b"QUJD", b"QUJDRA==", b"QU JD", b"QUJ", b"Q=U", b"", b"@@@@", b"QUJD\n",
+           b"QU\x0bJD", b"QUJ\x0c", b"QUJD\x1c"],
+    b"bh": [b"QUJD", b"QUJ", b"", b"QU\tJD", b"QUJ\x0b", b"QUJ\x85"],
+    b"d": [b"example.org", b"EXAMPLE.org", b"a;b", b"", b"\xe9x.org", b"org", b"[x]"],
+    b"h": [b"from"], b"s": [b"sel"], b"cv": [b"pass", b"x"],
+    b"i": [b"@example.org", b"x.example.org", b"example.org", b"a@sub.example.org",
+           b"xexample.org", b"", b"@EXAMPLE.ORG"],
+    b"l": [b"0", b"12", b"1" * 77, b"x", b"", b"12\n"], b"q": [b"dns/txt", b"dns"],
+    b"t": [b"0", b"1700000000", b"99999999999", b"x", b"", b"5\n"],
+    b"x": [b"0", b"1", b"99999999999", b"x", b"99999999998"],
+}
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(sig=st.fixed_dictionaries({}, optional={k: st.sampled_from(v)
+                                               for k, v in _TAG_VALUES.items()}))
+def test_signature_fields_are_checked_as_dkimpy_checks_them(sig: dict[bytes, bytes]) -> None:
+    """``_validate_fields`` (expressions compiled once) accepts what dkimpy's
+    ``validate_signature_fields`` accepts and refuses the rest with the same error and
+    text (times far from now on either side, so both read the same clock alike)."""
+
+    def outcome(fn: object) -> object:
+        try:
+            return fn(dict(sig))  # type: ignore[operator]
+        except Exception as exc:
+            return (type(exc), str(exc))
+
+    assert outcome(dkim._validate_fields) == outcome(dkimpy.validate_signature_fields)

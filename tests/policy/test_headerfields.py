@@ -116,3 +116,20 @@ def test_control_characters_in_a_name_do_not_hide_the_field() -> None:
     assert headerfields.field_name("Subject: x") == "subject"
     assert headerfields.field_name("no colon here") is None
     assert headerfields.field_name(": empty name") is None
+
+
+_PIECES = st.lists(st.sampled_from(["From", "from", " ", "\t", ":", "\r", "\n", "\r\n", "\x00",
+                                    "\x7f", "é", "x", "-", "\x0b"]), max_size=30).map("".join)
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(text=_PIECES)
+def test_lines_and_names_are_read_as_the_expressions_read_them(text: str) -> None:
+    """``lines`` (str.split when every line ends alike) splits as ``_LINE_END`` does, and
+    ``field_name`` (the ignored characters dropped only when the name has any) names a
+    line as dropping them first does, on any mix of line ends and control characters."""
+    assert headerfields.lines(text) == headerfields._LINE_END.split(text)
+    name, colon, _ = text.partition(":")
+    name = headerfields._IGNORED_IN_NAME.sub("", name)
+    want = name.lower() if colon and headerfields._NAME.fullmatch(name) else None
+    assert headerfields.field_name(text) == want

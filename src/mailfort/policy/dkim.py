@@ -1,9 +1,12 @@
 """DKIM (RFC 6376, 8301, 8463): verify inbound signatures, sign what our users submit.
 
-Signing, key records and the header hash are dkimpy's; the body hash is computed here as
-the body streams past (``BodyCanonicalizer``), so that a message of any size is verified,
-in bounded memory and linear time; an RSA signature is checked by ``cryptography``
-(OpenSSL), not dkimpy's pure-Python RSA (``_HashedBody._verify_header_hash`` says why).
+Signing, key records and the verification's steps are dkimpy's; the body hash is computed
+here as the body streams past (``BodyCanonicalizer``), so that a message of any size is
+verified, in bounded memory and linear time; an RSA signature is checked by ``cryptography``
+(OpenSSL), not dkimpy's pure-Python RSA (``_HashedBody._verify_header_hash`` says why). The
+message parse, tag lists, field checks and header canonicalisation on the verifying path
+are our equivalents of dkimpy's (the same results and errors, tested against dkimpy's on
+any octets): dkimpy's cost ~130 µs more on each signed message the MX takes (RESULTS.md).
 This module decides what counts (RFC 8301: no rsa-sha1, RSA keys of 1024 bits at least;
 ed25519-sha256 of RFC 8463), turns a DNS failure into ``temperror`` instead of ``fail``,
 refuses a pass to a signature whose ``l=`` leaves part of the body unsigned (anyone may
@@ -24,6 +27,7 @@ import binascii
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ from typing import Any
 import dkim as _dkim
 import nacl.exceptions
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
-from dkim.util import parse_tag_value
+from dkim.util import DuplicateTag, InvalidTagSpec
 
 from mailfort.policy.dnslookup import DNSTempError, Lookup
 
@@ -175,6 +179,85 @@ class _PartOfBody(_dkim.DKIMException):
         self.octets = octets
 
 
+def _tag_value_list(value: bytes) -> dict[bytes, bytes]:
+    """RFC 6376 §3.2 tag=value list as dkimpy's ``parse_tag_value`` reads it (the same
+    dict; InvalidTagSpec for a part without "=" or whose name does not start with an ASCII
+    letter, DuplicateTag for a name given twice; a last ";" allowed), without a regular
+    expression per tag (~10 µs a signature field)."""
+    tags: dict[bytes, bytes] = {}
+    parts = value.strip().split(b";")
+    if not parts[-1]:
+        parts.pop()
+    for part in parts:
+        name, eq, text = part.partition(b"=")
+        name = name.strip()
+        if not eq or not name[:1].isalpha():  # bytes.isalpha: ASCII letters only
+            raise InvalidTagSpec(part)
+        if name in tags:
+            raise DuplicateTag(name)
+        tags[name] = text.strip()
+    return tags
+
+
+_MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
+_BASE64ISH = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")
+_D_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
+_DECIMAL = re.compile(rb"\d+$")
+_LENGTH = re.compile(rb"\d{,76}$")
+_SLOP = 36000  # dkimpy's leeway for clocks (10 hours)
+
+
+def _validate_fields(sig: dict[bytes, bytes]) -> None:
+    """dkimpy 1.1's ``validate_signature_fields`` for a DKIM-Signature: the same checks in
+    the same order, the same ValidationError texts (and the same IndexError for an i= no
+    longer than d=), with its expressions compiled once (~10 µs a signature before)."""
+    bad = _dkim.ValidationError
+    for tag in _MANDATORY:
+        if tag not in sig:
+            raise bad(f"missing {tag!s}=")
+    a, b, d = sig[b"a"], sig[b"b"], sig[b"d"]
+    if a not in _dkim.HASH_ALGORITHMS:
+        raise bad(f"unknown signature algorithm: {a!s}")
+    # bytes.split() splits at the six octets \s stands for in a bytes expression
+    if _BASE64ISH.match(b) is None or len(b"".join(b.split())) % 4:
+        raise bad(f"b= value is not valid base64 ({b!s})")
+    if len(b"".join(sig[b"bh"].split())) % 4:  # (dkimpy matches b= again here: it passed)
+        raise bad(f"bh= value is not valid base64 ({sig[b'bh']!s})")
+    cv = sig.get(b"cv")
+    if cv is not None and cv not in (b"pass", b"fail", b"none"):
+        raise bad(f"cv= value is not valid ({cv!s})")
+    if d.isascii() and _D_SPECIALS.search(d):
+        raise bad(f"d= value is not valid ({d!s})")
+    i = sig.get(b"i")
+    if i is not None and (not i.lower().endswith(d.lower()) or i[-len(d) - 1] not in (64, 46)):
+        raise bad(f"i= domain is not a subdomain of d= (i={i!s} d={d!s})")
+    length = sig.get(b"l")
+    if length is not None and _LENGTH.match(length) is None:
+        raise bad(f"l= value is not a decimal integer ({length!s})")
+    q = sig.get(b"q")
+    if q is not None and q != b"dns/txt":
+        raise bad(f"q= value is not dns/txt ({q!s})")
+    t = sig.get(b"t")
+    t_sign = None
+    if t is not None:
+        if _DECIMAL.match(t) is None:
+            raise bad(f"t= value is not a decimal integer ({t!s})")
+        t_sign = int(t)
+        if t_sign > int(time.time()) + _SLOP:
+            raise bad(f"t= value is in the future ({t!s})")
+    if sig[b"v"] != b"1":
+        raise bad(f"v= value is not 1 ({sig[b'v']!s})")
+    x = sig.get(b"x")
+    if x is not None:
+        if _DECIMAL.match(x) is None:
+            raise bad(f"x= value is not a decimal integer ({x!s})")
+        x_sign = int(x)
+        if x_sign < int(time.time()) - _SLOP:
+            raise bad(f"x= value is past ({x!s})")
+        if t_sign and x_sign < t_sign:
+            raise bad(f"x= value is less than t= value (x={x!s} t={t!s})")
+
+
 _WSP_RUN = re.compile(rb"[ \t]+")
 _BARE_EOL = re.compile(rb"\r?\n")
 _CRLF_PAIRS_REVERSED = re.compile(rb"(?:\n\r)*")
@@ -301,17 +384,29 @@ class _HashedBody(_dkim.DKIM):
         super().__init__(message, **kw)
         self.body_hashes: dict[tuple[bytes, str], tuple[bytes, int]] = {}
         self.body_checked = False  # bh= of the signature being verified matched ours
-        self._canonical_headers: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        # (header canonicalisation, field index) -> the canonical field: only the fields a
+        # signature's h= selects are canonicalised, each once per message (the signatures
+        # of one message name mostly the same fields; the DKIM-Signature fields themselves,
+        # the longest, are seldom named in h=)
+        self._canonical_fields: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
+        self._lower_names = [name.lower() for name, _ in self.headers]
         # DKIM-Signature value -> its tags (or the error), parsed once for the body hashes
         # and the verification (dkimpy parsed each signature again: ~30 µs each)
         self._parsed_tags: dict[bytes, dict[bytes, bytes] | Exception] = {}
 
+    def set_message(self, message: bytes | None) -> None:
+        """dkimpy's ``set_message`` with :func:`_rfc822_parse` (the same header fields and
+        body, the same errors) in place of its ``rfc822_parse``."""
+        super().set_message(None)  # the attributes dkimpy resets for a new message
+        if message:
+            self.headers, self.body = _rfc822_parse(message)
+
     def _tag_list(self, value: bytes) -> dict[bytes, bytes]:
-        """dkimpy's ``parse_tag_value`` of ``value`` (a fresh dict; its errors too)."""
+        """:func:`_tag_value_list` of ``value``, parsed once (a fresh dict; its errors)."""
         parsed = self._parsed_tags.get(value)
         if parsed is None:
             try:
-                parsed = parse_tag_value(value)
+                parsed = _tag_value_list(value)
             except Exception as exc:
                 parsed = exc
             self._parsed_tags[value] = parsed
@@ -321,7 +416,8 @@ class _HashedBody(_dkim.DKIM):
 
     def verify_headerprep(self, idx: int = 0) -> Any:
         """dkimpy 1.1's ``verify_headerprep`` (the same checks, in the same order), with
-        the signature's tags parsed once per message (``_tag_list``)."""
+        the signature's tags parsed once per message (``_tag_list``) and checked by
+        ``_validate_fields``."""
         sigheaders = [(x, y) for x, y in self.headers if x.lower() == b"dkim-signature"]
         if len(sigheaders) <= idx:
             return False
@@ -330,7 +426,7 @@ class _HashedBody(_dkim.DKIM):
             self.signature_fields = sig
         except _dkim.InvalidTagValueList as exc:
             raise _dkim.MessageFormatError(exc) from exc
-        _dkim.validate_signature_fields(sig)
+        _validate_fields(sig)
         self.domain = sig[b"d"]
         self.selector = sig[b"s"]
         include_headers = [x.lower() for x in _H_SEPARATOR.split(sig[b"h"])]
@@ -411,18 +507,17 @@ class _HashedBody(_dkim.DKIM):
         ~450 µs of the ~900 µs a twice-signed 1 KB message cost), where ``cryptography``
         (OpenSSL) takes ~40 µs; and it canonicalised the whole header section again for
         every signature. So: RSA through ``cryptography``, the public key object kept per
-        (modulus, exponent); the canonical header section kept per algorithm for the
-        message. Ed25519 is dkimpy's own call (``nacl``), as before."""
+        (modulus, exponent); only the fields ``h=`` selects canonicalised, each once for
+        the message (``_canonical_field``). Ed25519 is dkimpy's own call (``nacl``)."""
         if self.seqtlsrpt:  # dkimpy: a tlsrpt-only key does not sign ordinary mail
             raise _dkim.ValidationError("Message is not tlsrpt and Service Type is tlsrpt")
         if b"from" in include_headers:  # dkimpy: an added From: breaks the signature
             include_headers.append(b"from")
         h = _dkim.HASH_ALGORITHMS[sig[b"a"]]()
-        name = canon.header_algorithm.name
-        headers = self._canonical_headers.get(name)
-        if headers is None:
-            headers = self._canonical_headers[name] = canon.canonicalize_headers(self.headers)
-        self.signed_headers = _hash_headers(h, canon, headers, include_headers, sig_header)
+        relaxed = canon.header_algorithm.name == b"relaxed"  # else simple (c= has no other)
+        signed = [self._canonical_field(relaxed, i)
+                  for i in _selected(self._lower_names, include_headers)]
+        self.signed_headers = _hash_headers(h, relaxed, signed, sig_header)
         signature = base64.b64decode(b"".join(sig[b"b"].split()))
         if self.ktag == b"ed25519":
             try:
@@ -436,28 +531,124 @@ class _HashedBody(_dkim.DKIM):
         return ok
 
 
+    def _canonical_field(self, relaxed: bool, i: int) -> tuple[bytes, bytes]:
+        """Header field ``i`` in the simple (as received) or relaxed form, kept."""
+        if not relaxed:
+            return self.headers[i]  # type: ignore[no-any-return]
+        hit = self._canonical_fields.get((b"relaxed", i))
+        if hit is None:
+            name, value = self.headers[i]
+            hit = self._canonical_fields[(b"relaxed", i)] = _relaxed_field(name, value)
+        return hit
+
 # dkimpy's RE_BTAG, which finds the b= value to blank in the DKIM-Signature field being
 # hashed: "b", FWS, "=", then (FWS, a base64 character) repeated, then a final line end.
 # Its FWS, (?:(?:\s*\r?\n)?\s+)?, matches exactly the strings \s* does, so the repeated part
 # is the longest run of white space and base64 characters that ends in a base64 character:
 # the same matches (tests/policy/test_dkim.py compares the two), without trying two nested
 # optional groups at each character, which cost ~160 µs on an RSA-2048 field (~18 µs now).
-_B_VALUE = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+# The match starts at the "b" and looks behind it for the ";" or white space dkimpy's match
+# starts with: the engine then scans for a literal (4.4 -> 2.5 µs on an RSA field). That
+# character is left in place instead of put back, and no match can have taken it: a match
+# ends in "=", a base64 character or the field's last line end.
+_B_VALUE = re.compile(rb"b(?<=[;\s]b)(\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 
 
-def _hash_headers(hasher: Any, canon: CanonicalizationPolicy,
-                  headers: list[tuple[bytes, bytes]], include_headers: list[bytes],
+def _blank_b(value: bytes) -> bytes:
+    """``value`` (a DKIM-Signature field's) with its b= value removed, as dkimpy's
+    ``RE_BTAG.sub(rb"\1", value)`` removes it."""
+    return _B_VALUE.sub(rb"b\1", value)
+
+
+def _hash_headers(hasher: Any, relaxed: bool, signed: list[tuple[bytes, bytes]],
                   sig_header: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
-    """dkimpy 1.1's ``hash_headers`` (RFC 6376 §3.7: the fields ``h=`` names, bottom-up,
-    then the DKIM-Signature field with an empty b= and no final CRLF), with ``_B_VALUE``
-    for its regular expression."""
-    signed = _dkim.select_headers(headers, include_headers)
-    own = canon.canonicalize_headers([(sig_header[0], _B_VALUE.sub(rb"\1", sig_header[1]))])
-    for name, value in signed + [(x, y.rstrip()) for x, y in own]:
-        hasher.update(name)
-        hasher.update(b":")
-        hasher.update(value)
+    """RFC 6376 §3.7 as dkimpy 1.1's ``hash_headers`` does it: the ``signed`` fields
+    (canonical, in the order ``h=`` selected them), then the DKIM-Signature field with an
+    empty b= (``_blank_b``) and without its final CRLF, canonicalised as they are; each
+    field as name, ":", value. One ``update`` of the joined octets: the same digest."""
+    name, value = sig_header[0], _blank_b(sig_header[1])
+    if relaxed:
+        name, value = _relaxed_field(name, value)
+    parts = []
+    for n, v in signed:
+        parts += (n, b":", v)
+    parts += (name, b":", value.rstrip())
+    hasher.update(b"".join(parts))
     return signed
+
+
+def _selected(names: Sequence[bytes], include_headers: Sequence[bytes]) -> list[int]:
+    """Which header fields ``h=`` selects (RFC 6376 §5.4.2), as indexes: for each name in
+    turn, the last field of that name above the one it selected before (dkimpy's
+    ``select_headers``); a name with none left selects nothing. ``names`` lower-case."""
+    out: list[int] = []
+    last: dict[bytes, int] = {}
+    for h in include_headers:
+        i = last.get(h, len(names))
+        while i > 0:
+            i -= 1
+            if names[i] == h:
+                out.append(i)
+                break
+        last[h] = i
+    return out
+
+
+_FOLD = re.compile(rb"\r?\n")
+
+
+def _relaxed_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """RFC 6376 §3.4.2 relaxed canonicalisation of one header field, octet for octet as
+    dkimpy's ``Relaxed.canonicalize_headers`` (line ends, an LF with the CR before it if
+    any, dropped; runs of space and tab made one space; bytes.strip(); CRLF added); the
+    run expression only on a value that has a run to shorten."""
+    if b"\n" in value:
+        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
+    if b"\t" in value or b"  " in value:
+        value = _WSP_RUN.sub(b" ", value)
+    return name.lower().rstrip(), value.strip() + b"\r\n"
+
+
+_FIELD_START = re.compile(rb"([\x21-\x7e]+?):")
+_EMPTY_LINE_BELOW = re.compile(rb"\n(\r?\n)")  # a line end, then an empty line
+
+
+def _lines(text: bytes) -> list[bytes]:
+    """``re.split(rb"\r?\n", text)`` without the expression (~20 µs on 2 KB: no literal
+    to scan for). A separator is an LF with the one CR before it, if any."""
+    if text.count(b"\n") == text.count(b"\r\n"):
+        return text.split(b"\r\n")
+    pieces = text.split(b"\n")
+    return [p[:-1] if p.endswith(b"\r") else p for p in pieces[:-1]] + pieces[-1:]
+
+
+def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's ``rfc822_parse`` (header fields as [name, value + CRLF], lines ending in
+    LF with or without CR; the body after the first empty line, its line ends made CRLF;
+    the same MessageFormatError, or IndexError for a continuation line with no field
+    above it), without splitting the body into lines or scanning for ``\r?\n`` with a
+    regular expression. Why: it ran on every signed message (~30 µs of a 2 KB one)."""
+    if message.startswith((b"\n", b"\r\n")):
+        head, body = b"", message[message.index(b"\n") + 1:]
+    else:
+        empty = _EMPTY_LINE_BELOW.search(message)
+        head = message if empty is None else message[:empty.start(1)]
+        body = b"" if empty is None else message[empty.end(1):]
+    if body.count(b"\n") != body.count(b"\r\n"):
+        body = _FOLD.sub(b"\r\n", body)
+    headers: list[list[bytes]] = []
+    for line in _lines(head):
+        if not line:
+            break
+        if line[0] in (0x09, 0x20):
+            headers[-1][1] += line + b"\r\n"
+            continue
+        m = _FIELD_START.match(line)
+        if m is not None:
+            headers.append([m.group(1), line[m.end():] + b"\r\n"])
+        elif not line.startswith(b"From "):
+            raise _dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
+    return headers, body
 
 
 # (key name, record text) -> dkimpy's parsed key; bounded, as _RSA_KEYS below.
@@ -493,12 +684,9 @@ def _rsa_verify(pk: dict[str, int], signature: bytes, h: Any) -> bool:
     """RSASSA-PKCS1-v1_5 (RFC 8017 §8.2.2) of digest ``h`` with dkimpy's parsed key, by
     OpenSSL. The signature is read as dkimpy reads it (an integer; RFC 8017's I2OSP to
     the modulus length); one not below the modulus is invalid (RFC 8017 §5.2.2)."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
-
+    invalid, prehashed, pkcs1, rsa = _openssl()
     n, e = pk["modulus"], pk["publicExponent"]
-    algorithm = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}.get(h.name)
+    algorithm = prehashed.get(h.name)
     s = int.from_bytes(signature, "big")
     if algorithm is None or s >= n:
         return False
@@ -516,11 +704,30 @@ def _rsa_verify(pk: dict[str, int], signature: bytes, h: Any) -> bool:
             while len(_RSA_KEYS) > _RSA_KEYS_MAX:
                 _RSA_KEYS.popitem(last=False)
     try:
-        key.verify(s.to_bytes((n.bit_length() + 7) // 8, "big"), h.digest(),
-                   padding.PKCS1v15(), utils.Prehashed(algorithm()))
-    except (InvalidSignature, ValueError):
+        key.verify(s.to_bytes((n.bit_length() + 7) // 8, "big"), h.digest(), pkcs1, algorithm)
+    except (invalid, ValueError):
         return False
     return True
+
+
+_OPENSSL_PARTS: tuple[Any, dict[str, Any], Any, Any] | None = None
+
+
+def _openssl() -> tuple[Any, dict[str, Any], Any, Any]:
+    """(InvalidSignature, digest name -> Prehashed algorithm, PKCS #1 v1.5 padding, the rsa
+    module) of ``cryptography``, imported at the first RSA signature and kept: the
+    imports and the (immutable) parameter objects cost ~4 µs a signature when made each
+    time."""
+    global _OPENSSL_PARTS
+    if _OPENSSL_PARTS is None:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+        _OPENSSL_PARTS = (InvalidSignature, {"sha256": utils.Prehashed(hashes.SHA256()),
+                                             "sha1": utils.Prehashed(hashes.SHA1())},
+                          padding.PKCS1v15(), rsa)
+    return _OPENSSL_PARTS
 
 
 # ------------------------------------------------------------------ keys and signing

@@ -55,8 +55,10 @@ class Record:
     pct: int = 100
 
 
+@lru_cache(maxsize=1024)
 def parse_record(text: str) -> Record | None:
-    """A DMARC record, or None when it is not one (§6.3, §6.6.3)."""
+    """A DMARC record, or None when it is not one (§6.3, §6.6.3). Remembered per text
+    (a Record is immutable): a sender's record is read again for every message."""
     tags: dict[str, str] = {}
     for i, part in enumerate(text.split(";")):
         k, sep, v = part.partition("=")

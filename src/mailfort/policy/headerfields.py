@@ -29,7 +29,7 @@ def fields(block: bytes) -> list[tuple[str, str]]:
     line. Values keep their white space; bytes that are not UTF-8 become U+FFFD."""
     out: list[tuple[str, list[str]]] = []
     current: list[str] | None = None
-    for line in _LINE_END.split(block.decode("utf-8", "replace")):
+    for line in lines(block.decode("utf-8", "replace")):
         if line == "":
             break
         if line[0] in WSP:
@@ -45,13 +45,28 @@ def fields(block: bytes) -> list[tuple[str, str]]:
     return [(name, "".join(parts)) for name, parts in out]
 
 
+def lines(text: str) -> list[str]:
+    """``text`` split at CRLF, CR and LF alike (``_LINE_END``); by ``str.split`` when every
+    line ends the same way (the expression costs ~6 µs on a signed message's header)."""
+    if "\r" not in text:
+        return text.split("\n")
+    crlf = text.count("\r\n")
+    if text.count("\r") == crlf == text.count("\n"):
+        return text.split("\r\n")
+    return _LINE_END.split(text)
+
+
 def field_name(line: str) -> str | None:
     """The lower-case name of the field that ``line`` (not a continuation line) starts, or
     None when it starts none. White space and control characters before the colon do not
     count: ``From :`` (obsolete syntax) and ``Fr<NUL>om:`` are From: to some reader."""
     name, colon, _ = line.partition(":")
+    if not colon:
+        return None
+    if _NAME.fullmatch(name):  # none of the ignored characters is a _NAME character
+        return name.lower()
     name = _IGNORED_IN_NAME.sub("", name)
-    return name.lower() if colon and _NAME.fullmatch(name) else None
+    return name.lower() if _NAME.fullmatch(name) else None
 
 
 def values(block: bytes, name: str) -> list[str]:
