@@ -56,14 +56,9 @@ def stored_files(node: Node) -> list[Path]:
 
 
 def leftovers(node: Node) -> list[Path]:
-    """Files a dropped transaction left. Empty files in the spool are not: spare spool
-    files made ahead (store/maildir.py ``SpareFiles``) and spent link records kept for
-    reuse; a message's spool file is never empty (its header fields at least)."""
     data = node.cfg.data_path
-    dirs = [maildir_for(data / "mail", ALICE) / "tmp", data / "queue" / "tmp"]
-    spool = data / "spool"
-    return [p for d in dirs if d.is_dir() for p in d.iterdir()] + (
-        [p for p in spool.iterdir() if p.stat().st_size] if spool.is_dir() else [])
+    dirs = [data / "spool", maildir_for(data / "mail", ALICE) / "tmp", data / "queue" / "tmp"]
+    return [p for d in dirs if d.is_dir() for p in d.iterdir()]
 
 
 async def transaction(node: Node, service: str, point: str, token: str, rst: bool) -> None:

@@ -104,9 +104,9 @@ def nothing_stored(node: Node) -> bool:
 
 def _spool_files(node: Node) -> list[Path]:
     spool = node.cfg.data_path / "spool"
-    # an empty link record is a spent one kept for reuse (store/intents.py ``spend``), an
-    # empty spool file a spare made ahead (store/maildir.py ``SpareFiles``)
-    return [p for p in spool.rglob("*") if p.is_file() and p.stat().st_size] \
+    # an empty link record is a spent one kept for reuse (store/intents.py ``spend``)
+    return [p for p in spool.rglob("*") if p.is_file()
+            and not (p.name.endswith(".links") and not p.stat().st_size)] \
         if spool.exists() else []
 
 

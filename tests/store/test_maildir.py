@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import multiprocessing
 import os
-import signal
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -364,107 +361,3 @@ async def test_a_failed_flush_of_the_links_keeps_their_record_for_the_next(
     finally:
         c.stop()
 
-
-
-async def _spares_made(c: Committer, n: int) -> set[int]:
-    """Wait for ``n`` spare spool files; their inode numbers."""
-    for _ in range(500):
-        if len(c.spares) >= n:
-            break
-        await asyncio.sleep(0.01)
-    assert len(c.spares) == n
-    return {p.stat().st_ino for p in c.spool_dir.iterdir()
-            if not p.name.endswith(intents.SUFFIX) and not p.stat().st_size}
-
-
-@pytest.mark.parametrize("size", [100, 200_000], ids=["in-memory", "spool-file"])
-async def test_messages_are_written_into_files_made_after_an_earlier_250(
-        tmp_path: Path, size: int) -> None:
-    """The file (inode) of a message is made ahead, after an earlier batch's 250, not on
-    the way to its own: a creation costs up to ~0.5 ms on ext4 without a journal after
-    deletions by anyone (bench/RESULTS.md). A small message takes one when the committer
-    writes it, a large one when it leaves memory on the event loop; its Maildir name is
-    the spare's, with the time of its arrival."""
-    c = Committer(tmp_path, spare_files=3)
-    md = maildir_for(tmp_path / "mail", "a@d.test")
-    try:
-        await store(c, b"Subject: 1\r\n\r\nfirst\r\n", ["a@d.test"])
-        made = await _spares_made(c, 3)
-        body = b"Subject: 2\r\n\r\n" + b"x" * size + b"\r\n"
-        await store(c, body, ["a@d.test"])
-        (second,) = [p for p in (md / "new").iterdir() if p.read_bytes() == body]
-        assert second.stat().st_ino in made
-        assert abs(int(second.name.split(".")[0]) - time.time()) < 5
-    finally:
-        c.stop()
-    assert list(c.spool_dir.iterdir()) == []  # a clean stop removes the spares
-
-
-async def test_a_spare_older_than_a_second_takes_the_time_of_its_message(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """POP3 orders a mailbox by the time in the Maildir names: a spare made long before
-    its message is renamed to a fresh name when taken (same inode, no creation)."""
-    monkeypatch.setattr(maildir, "_SPARE_FRESH", 0.0)
-    c = Committer(tmp_path, spare_files=1)
-    md = maildir_for(tmp_path / "mail", "a@d.test")
-    try:
-        await store(c, b"Subject: 1\r\n\r\nfirst\r\n", ["a@d.test"])
-        made = await _spares_made(c, 1)
-        (spare,) = [p.name for p in c.spool_dir.iterdir() if p.stat().st_ino in made]
-        await store(c, b"Subject: 2\r\n\r\nsecond\r\n", ["a@d.test"])
-        (second,) = [p for p in (md / "new").iterdir() if b"second" in p.read_bytes()]
-        assert second.stat().st_ino in made and not second.name.startswith(spare)
-    finally:
-        c.stop()
-
-
-def test_a_crash_with_spares_made_loses_and_doubles_nothing(tmp_path: Path) -> None:
-    """A worker killed (SIGKILL) with spares made and one taken by a message whose 250
-    never went out: recovery removes every spool file, acknowledged messages are each in
-    the Maildir once, the unacknowledged one not at all; a restarted committer stores on."""
-    md = maildir_for(tmp_path / "mail", "a@d.test")
-    acked = multiprocessing.get_context("fork").SimpleQueue()
-
-    def child() -> None:
-        async def run() -> None:
-            c = Committer(tmp_path, spare_files=4)
-            for i in range(5):
-                await store(c, b"Subject: %d\r\n\r\nacked\r\n" % i, ["a@d.test"])
-                acked.put(i)
-            await _spares_made(c, 4)
-
-            def die(at: str) -> None:  # before the flush of the next batch: no 250
-                if at == "sync":
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            c.fault = die
-            await store(c, b"Subject: lost\r\n\r\nnever acknowledged\r\n", ["a@d.test"])
-        asyncio.run(run())
-
-    proc = multiprocessing.get_context("fork").Process(target=child)
-    proc.start()
-    proc.join(30)
-    assert proc.exitcode == -signal.SIGKILL
-    told = []
-    while not acked.empty():
-        told.append(acked.get())
-    assert told == list(range(5))
-    spool = tmp_path / "spool"
-    assert len([p for p in spool.iterdir() if not p.stat().st_size]) >= 3  # spares left
-    maildir.recover_spool(spool, mail_root=tmp_path / "mail")
-    assert list(spool.iterdir()) == []
-    got = sorted(p.read_bytes() for p in (md / "new").iterdir())
-    assert got == sorted(b"Subject: %d\r\n\r\nacked\r\n" % i for i in range(5))
-
-    async def again() -> None:
-        c = Committer(tmp_path, spare_files=4)
-        try:
-            await store(c, b"Subject: after\r\n\r\nrestart\r\n", ["a@d.test"])
-            await _spares_made(c, 4)
-            await store(c, b"Subject: after 2\r\n\r\nrestart\r\n", ["a@d.test"])
-        finally:
-            c.stop()
-
-    asyncio.run(again())
-    names = [p.name for p in (md / "new").iterdir()]
-    assert len(names) == 7 == len(set(names))

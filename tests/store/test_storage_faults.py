@@ -111,14 +111,11 @@ def stored(node: Node, user: str = ALICE) -> list[bytes]:
 
 
 def leftovers(node: Node) -> list[str]:
-    """Files that a refused message must not leave behind: spool, queue, Maildir tmp/.
-    Empty files in the spool are spare spool files made ahead (store/maildir.py
-    ``SpareFiles``) or spent link records kept for reuse, no message's."""
+    """Files that a refused message must not leave behind: spool, queue, Maildir tmp/."""
     data = node.cfg.data_path
     dirs = [data / "spool", data / "queue" / "tmp", data / "queue" / "msg",
             data / "queue" / "env", maildir_for(data / "mail", ALICE) / "tmp"]
-    return [str(p) for d in dirs if d.is_dir() for p in d.iterdir()
-            if d.name != "spool" or p.stat().st_size]
+    return [str(p) for d in dirs if d.is_dir() for p in d.iterdir()]
 
 
 def pop3_read_all(node: Node) -> list[bytes]:

@@ -48,7 +48,7 @@ from mailfort.server.profile import HARDENED, Profile
 from mailfort.server.sieve_delivery import SieveDelivery
 from mailfort.server.smtp import Envelope, ServiceOptions, SMTPService
 from mailfort.server.stress import StressGuard
-from mailfort.store.maildir import SPARE_FILES, Committer, maildir_for
+from mailfort.store.maildir import Committer, maildir_for
 
 log = logging.getLogger("mailfort")
 
@@ -83,8 +83,7 @@ class Node:
         # The embedded SQLite file, or the PostgreSQL database that several nodes share.
         self.directory = open_directory(cfg)
         self.committer = Committer(cfg.data_path, use_syncfs=cfg.store.flush == "syncfs",
-                                   mail_root=cfg.mail_path, shared_flush=shared_flush,
-                                   spare_files=SPARE_FILES)
+                                   mail_root=cfg.mail_path, shared_flush=shared_flush)
         # Wakes IMAP sessions when a mailbox changes: in this process (the committer's
         # deliveries, sessions' changes), in other processes (inotify), on other nodes
         # (Redis of [counters], or the poll): server/mailbox_watch.py. Listeners get it.

@@ -33,7 +33,6 @@ which recovery removes; the client was never told 250 and will retry.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import itertools
@@ -64,11 +63,6 @@ LINKS_FLUSH_DELAY = 0.005
 # takes one, and they come back one flush later.
 _SPARE_INTENTS = 16
 _SPOOL_MEMORY = 64 * 1024  # bytes a message may hold in memory before it goes to a file
-# Empty spool files a committer keeps made ahead (``SpareFiles``), and how old (seconds) one
-# may be and still keep its name (older: renamed to a fresh one when taken, so that a
-# Maildir name's time stays the message's arrival, by which POP3 orders a mailbox).
-SPARE_FILES = 16
-_SPARE_FRESH = 1.0
 _counter = itertools.count()
 log = logging.getLogger("mailfort.store")
 _HOST = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
@@ -136,81 +130,14 @@ def in_maildir(maildir: Path, name: str) -> bool:
     return False
 
 
-class SpareFiles:
-    """Empty spool files made ahead by the committer thread, after its sessions are told,
-    for later messages to be written into: the creation of a file (an inode) leaves the
-    path to the 250; taking one is an ``open`` without ``O_CREAT``.
-
-    Why: on ext4 without a journal (this project's test machines) the kernel gives a new
-    file no inode freed in the last minute, and scans past each such inode of the group,
-    so one creation costs from ~20 µs to ~500 µs and more with what any process on the
-    file system deleted lately (bench/RESULTS.md, "one session, batch after batch"). A
-    Maildir needs an inode per message; it need not make it while the sender waits.
-
-    Crash safety: a spare is an empty file under a fresh ``unique_name``, named by no link
-    record, exactly like the spool file of a message not yet acknowledged: recovery (and
-    the supervisor's clean-up after a dead worker, by the pid in the name) removes it, and
-    a clean stop removes the spares. A spare is taken once (``deque.popleft``, atomic under
-    the interpreter lock), so its name, and the Maildir name made from it, is used once.
-    Its data and the link record are flushed before the 250 as for any spool file. Names
-    only, no open descriptors, so that idle spares hold nothing but an inode each."""
-
-    def __init__(self, spool_dir: Path, size: int) -> None:
-        self._dir = spool_dir
-        self.size = size
-        self._names: collections.deque[tuple[str, float]] = collections.deque()
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def take(self) -> tuple[str, int] | None:
-        """(name, descriptor open for reading and writing) of an empty spool file, or None
-        when none is ready (or it is gone). Any thread."""
-        try:
-            name, made = self._names.popleft()
-        except IndexError:
-            return None
-        try:
-            if time.monotonic() - made > _SPARE_FRESH:  # its name's time: now, not then
-                fresh = unique_name()
-                os.rename(self._dir / name, self._dir / fresh)
-                name = fresh
-            return name, os.open(self._dir / name, os.O_RDWR | os.O_NOFOLLOW)
-        except OSError:  # removed by someone: the message creates its own file
-            return None
-
-    def fill(self, enough: Callable[[], bool]) -> None:
-        """Make spares up to ``size``, until ``enough()`` (a batch is waiting). The
-        committer thread only. A failure (disk full, no inode left) stops it quietly: the
-        next message then creates its file as before and meets the error itself."""
-        while len(self._names) < self.size and not enough():
-            name = unique_name()
-            try:
-                os.close(os.open(self._dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                                 0o600))
-            except OSError:
-                return
-            self._names.append((name, time.monotonic()))
-
-    def close(self) -> None:
-        """Remove the spares (a clean stop)."""
-        while self._names:
-            name, _ = self._names.popleft()
-            with contextlib.suppress(OSError):
-                (self._dir / name).unlink(missing_ok=True)
-
-
 class Spool:
     """One message being received: in memory while small, in a spool file once large."""
 
-    __slots__ = ("_buf", "_dir", "_fd", "_spares", "crc", "failed", "fault", "name", "size")
+    __slots__ = ("_buf", "_dir", "_fd", "crc", "failed", "fault", "name", "size")
 
     def __init__(self, spool_dir: Path, fault: FaultHook | None = None,
-                 name: str | None = None, spares: SpareFiles | None = None) -> None:
-        """``spares``: where to take the file from when it is needed (then it takes the
-        spare's name); not for a ``name`` chosen by the caller."""
+                 name: str | None = None) -> None:
         self.name = name or unique_name()
-        self._spares = spares if name is None else None
         self._dir = spool_dir
         self._buf = bytearray()
         self._fd: int | None = None
@@ -246,11 +173,8 @@ class Spool:
         if self.fault is not None:
             self.fault("write")
         if self._fd is None:
-            spare = self._spares.take() if self._spares is not None else None
-            if spare is not None:
-                self.name, self._fd = spare
-            else:  # read and write: the checks after the end of data read it (chunks)
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            # read and write: the checks after the end of data read it back (chunks)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         # Each view is released even when a write fails (disk full): a view left alive
         # by the exception would make the later ``clear`` of the buffer raise BufferError.
         done = 0
@@ -355,15 +279,12 @@ class Committer:
     """Makes spooled messages durable in batches on one background thread."""
 
     def __init__(self, data_dir: Path, *, use_syncfs: bool = True,
-                 mail_root: Path | None = None, shared_flush: bool = False,
-                 spare_files: int = 0) -> None:
+                 mail_root: Path | None = None, shared_flush: bool = False) -> None:
         """``mail_root``: the Maildir root (``Config.mail_path``) when it is not under
         ``data_dir``; the fsync of parent directories stops there. ``shared_flush``: other
         processes' committers write to this file system too (worker processes): share
         the syncfs with them (store/shared_flush.py; about 20 us a flush, for nothing in
-        a process of its own). ``spare_files``: how many empty spool files to keep made
-        ahead (``SpareFiles``; the node uses ``SPARE_FILES``; 0: each message creates
-        its own file, as the store's own tests expect)."""
+        a process of its own)."""
         self.data_dir = data_dir
         self.mail_root = mail_root
         # What the link records name their targets relative to (store/intents.py).
@@ -386,8 +307,6 @@ class Committer:
         self._covered_intents: list[Path] = []
         # Spent records, emptied, for later batches' records (intents.spend: no inode freed)
         self._spare_intents: list[Path] = []
-        # Empty spool files for later messages, made after a batch's 250s (SpareFiles)
-        self.spares = SpareFiles(self.spool_dir, spare_files)
         self._synced_dirs: set[Path] = set()  # fsync mode: directories known durable
         self.batches = 0
         self.messages = 0
@@ -418,7 +337,7 @@ class Committer:
         Maildir name, and this one's then fails: one copy either way."""
         if name is not None:
             (self.spool_dir / name).unlink(missing_ok=True)
-        return Spool(self.spool_dir, self.fault, name, self.spares)
+        return Spool(self.spool_dir, self.fault, name)
 
     async def commit(
         self,
@@ -451,7 +370,6 @@ class Committer:
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
             self._spare_intents.clear()
-            self.spares.close()
         if self._shared_flush is not None and not self._thread.is_alive():
             self._shared_flush.close()
             self._shared_flush = None
@@ -496,10 +414,6 @@ class Committer:
             self._report(batch)
             self._discard_covered()
             flush_at = time.monotonic() + LINKS_FLUSH_DELAY
-            # Files for the next messages, while their senders are still talking; a batch
-            # waiting (or the links' flush due) comes first.
-            self.spares.fill(lambda due=flush_at: bool(self._jobs) or self._stopping
-                             or time.monotonic() >= due)
 
     def _report(self, batch: list[_Job]) -> None:
         """``delivered`` with the Maildirs of the batch's messages that made it."""
