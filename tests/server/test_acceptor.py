@@ -137,3 +137,26 @@ async def test_every_accepted_connection_has_nagle_off(tls: bool) -> None:
     writer.close()
     acceptor.close()
     await acceptor.wait_closed()
+
+
+async def test_a_worker_over_its_share_takes_connections_again_when_one_of_its_own_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker over its share leaves waiting connections to the others for ``DEFER``;
+    when one of its own connections ends (``share_changed``, from the limiter's release)
+    it looks again at once. Two workers used to rest in turn that way with connections
+    waiting, and 10 senders of a message per connection ran at half their rate."""
+    from mailfort.server import acceptor as module
+    monkeypatch.setattr(module, "DEFER", 60.0)  # a deferral that would outlast the test
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    acceptor = Acceptor(sock, Greeter, None, None)
+    share = [0]
+    acceptor.balance = lambda waiting: share[0]
+    greeted, writer = await _greeted(port, 0.3)
+    assert not greeted and acceptor.waiting()  # over its share: left waiting
+    share[0] = 1
+    acceptor.share_changed()  # one of its connections ended
+    await _until(lambda: not acceptor.waiting(), timeout=5.0)
+    writer.close()
+    acceptor.close()
+    await acceptor.wait_closed()

@@ -104,6 +104,7 @@ class Acceptor:
         # module's text), and the turns in a row it left them to the others.
         self.balance: Callable[[int], int] | None = None
         self._deferrals = 0
+        self._deferred: asyncio.TimerHandle | None = None  # a deferral's end (``DEFER``)
         sock.setblocking(False)
         self._update()
 
@@ -153,8 +154,19 @@ class Acceptor:
         self._reading = want
 
     def _rested(self) -> None:
+        self._deferred = None
         self._resting = False
         self._update()
+
+    def share_changed(self) -> None:
+        """One of this worker's connections ended: a deferral for being over its share
+        ends now, not ``DEFER`` later. Without this, two workers took turns resting with
+        connections waiting (each over its share while its short sessions ended), and 10
+        senders of a message per connection ran at half their rate (bench/RESULTS.md,
+        2026-12-08)."""
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._rested()
 
     def _accept(self) -> None:
         batch = _ACCEPT_BATCH
@@ -164,7 +176,7 @@ class Acceptor:
                 self._deferrals += 1
                 self._resting = True
                 self._update()
-                self._loop.call_later(DEFER, self._rested)
+                self._deferred = self._loop.call_later(DEFER, self._rested)
                 return
             self._deferrals = 0
             batch = max(batch, 1)

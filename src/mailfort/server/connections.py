@@ -21,7 +21,7 @@ import ipaddress
 import mmap
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from pathlib import Path
 
@@ -212,6 +212,8 @@ class SharedConnectionLimiter:
         self.counters: CounterStore = counters if counters is not None else MemoryCounters()
         self.exempt = Exemptions(exempt)
         self.slot = slot
+        # Called after a release (on the loop): the acceptors' deferrals end (acceptor.py)
+        self.released: Callable[[], None] | None = None
         self._table = table
         self._counts = table.counts
         self._totals = table.total_at()
@@ -233,14 +235,20 @@ class SharedConnectionLimiter:
         """How many of the ``waiting`` connections this worker should accept now: all of
         them while the node is quiet (one client alone stays on one worker with warm
         caches, server/acceptor.py), else what brings it up to an even share of the
-        node's connections, those waiting included, over its ``workers`` (0: leave them
-        to the others)."""
+        node's connections, those waiting included, over its ``workers``, with a
+        quarter's slack (0: leave them to the others).
+
+        Why the slack: short sessions (a connection per message) come and go faster than
+        the counts settle, so an exact share has every worker see itself one over it now
+        and then, and wait for the others for nothing: 10 such senders ran at half their
+        rate (0.49x Postfix against 1.25x) until a worker had to be clearly over its share
+        to leave connections to the others (bench/RESULTS.md, 2026-12-08)."""
         counts = self._counts
         total = sum(counts[i] for i in self._totals)
         if total + waiting < BALANCE_AT:
             return max(waiting, 1)
         share = -(-(total + waiting) // max(1, workers))
-        return share - counts[self._my_total]
+        return share + max(1, share // 4) - counts[self._my_total]
 
     def admit(self, ip: str) -> Admission:
         at: list[int] | None = None  # the client's bucket in every row; None: exempt
@@ -276,6 +284,8 @@ class SharedConnectionLimiter:
                 counts[mine] -= 1
         if counts[self._my_total] > 0:
             counts[self._my_total] -= 1
+        if self.released is not None:
+            self.released()
 
     def close(self) -> None:
         os.close(self._lock)

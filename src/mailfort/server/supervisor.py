@@ -216,6 +216,11 @@ async def _worker_main(sup: Supervisor, slot: int) -> int:
         workers = len(sup.slots)
         for a in acceptors:
             a.balance = lambda waiting: limiter.share_left(waiting, workers)
+
+        def released() -> None:
+            for a in acceptors:
+                a.share_changed()
+        limiter.released = released
     if role.primary:
         def woken() -> None:
             with contextlib.suppress(BlockingIOError):
