@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+import pytest
+
 from mailfort.policy import spf
 from mailfort.policy.dnslookup import Lookup
 from tests.dnsserver import DNSServer
@@ -68,7 +73,7 @@ def test_syntax_error_is_permerror(dns_server: DNSServer, lookup: Lookup) -> Non
 def test_dns_failure_is_temperror(dns_server: DNSServer, lookup: Lookup) -> None:
     dns_server.servfail("s.test")
     assert mailfrom(lookup).result == "temperror"
-    dns_server.timeout("slow.test")
+    dns_server.servfail("slow.test")
     assert mailfrom(lookup, "a@slow.test").result == "temperror"
 
 
@@ -81,3 +86,55 @@ def test_helo_identity_and_null_sender(dns_server: DNSServer, lookup: Lookup) ->
     assert (null.result, null.identity, null.domain) == ("pass", "mailfrom", "client.s.test")
     assert spf.check_helo(lookup, IP, "[192.0.2.10]").result == "none"
 
+
+
+def _counting_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The senders pyspf evaluates records for (each a full evaluation)."""
+    evaluated: list[str] = []
+    real = spf._pyspf.query.check
+
+    def check(self: Any, *args: Any, **kw: Any) -> Any:
+        evaluated.append(self.s)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(spf._pyspf.query, "check", check)
+    return evaluated
+
+
+def test_a_result_is_kept_until_the_first_of_its_answers_expires(
+        dns_server: DNSServer, lookup: Lookup, monkeypatch: pytest.MonkeyPatch) -> None:
+    dns_server.add_txt("s.test", "v=spf1 include:i.s.test -all", ttl=60)
+    dns_server.add_txt("i.s.test", f"v=spf1 ip4:{IP} -all", ttl=1)  # expires first
+    evaluated = _counting_queries(monkeypatch)
+    cache = spf.ResultCache()
+
+    def check(sender: str = "a@s.test") -> str:
+        return spf.check_mailfrom(lookup, IP, sender, "client.s.test", 5, cache).result
+
+    assert check() == "pass"
+    assert check() == "pass" and evaluated == ["a@s.test"]  # the second from the cache
+    # Another sender (a macro may name the local part), another IP: evaluated.
+    assert check("b@s.test") == "pass" and len(evaluated) == 2
+    assert spf.check_mailfrom(lookup, "203.0.113.5", "a@s.test", "client.s.test", 5,
+                              cache).result == "fail"
+    # The included record changes; once its TTL is over the result follows it.
+    dns_server.remove("i.s.test").add_txt("i.s.test", "v=spf1 -all", ttl=60)
+    time.sleep(1.1)
+    assert check() == "fail" and len(evaluated) == 4
+
+
+def test_time_macros_and_temperrors_are_never_kept(
+        dns_server: DNSServer, lookup: Lookup, monkeypatch: pytest.MonkeyPatch) -> None:
+    # RFC 7208 §7.2-7.3: %{t}, the time, may appear in the explanation of a fail.
+    dns_server.add_txt("s.test", "v=spf1 ip4:198.51.100.0/24 -all exp=why.s.test")
+    dns_server.add_txt("why.s.test", "refused at %{t}")
+    dns_server.add_txt("down.test", "v=spf1 include:slow.test -all")
+    dns_server.servfail("slow.test")
+    evaluated = _counting_queries(monkeypatch)
+    cache = spf.ResultCache()
+    for _ in range(2):
+        r = spf.check_mailfrom(lookup, IP, "a@s.test", "h.test", 5, cache)
+        assert r.result == "fail" and "refused at 1" in r.reason, r
+        assert spf.check_mailfrom(lookup, IP, "a@down.test", "h.test", 5,
+                                  cache).result == "temperror"
+    assert evaluated == ["a@s.test", "a@down.test"] * 2

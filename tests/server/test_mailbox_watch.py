@@ -217,6 +217,39 @@ async def test_changed_in_process_wakes_without_inotify(tmp_path: Path, maildir:
         await w.close()
 
 
+async def test_a_change_nobody_watches_does_not_wake_the_loop(tmp_path: Path,
+                                                              maildir: Path) -> None:
+    """The committer's hook, for a mailbox no session here watches (no Redis): nothing
+    is scheduled on the loop (a lone sender's every message woke it once more)."""
+    w = MailboxWatcher(tmp_path / "mail", poll="never", inotify=False)
+    await w.start()
+    loop = asyncio.get_running_loop()
+    scheduled: list[Any] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kw: Any) -> Any:
+        scheduled.append(callback)
+        return real(callback, *args, **kw)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        def from_thread() -> None:
+            t = threading.Thread(target=w.changed_many, args=([maildir],))
+            t.start()
+            t.join()
+
+        from_thread()
+        assert scheduled == []
+        sub = w.subscribe(maildir)  # now watched: the same call wakes it
+        t0 = time.monotonic()
+        from_thread()
+        assert len(scheduled) == 1
+        assert await woken_after(sub, t0) < WAKE
+    finally:
+        del loop.call_soon_threadsafe
+        await w.close()
+
+
 async def test_two_subscribers_and_closing_one(
         watcher: MailboxWatcher, maildir: Path, writer: Writer) -> None:
     a, b = watcher.subscribe(maildir), watcher.subscribe(maildir)

@@ -108,6 +108,29 @@ async def test_spf_results_are_reported(mx: NodeFactory, dns_server: DNSServer) 
     assert "lookups" in got["perm"]  # the permerror says why: over the lookup limit
 
 
+async def test_each_accepted_message_logs_its_checks_then_its_acceptance(
+    mx: NodeFactory, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both lines are written after the checks and the 250 (off the path to the reply):
+    still one of each per message, the checks' first, with what they said."""
+    caplog.set_level(logging.INFO, logger="mailfort")
+    spf_records(dns_server)
+    node = await mx()
+    for n in range(3):
+        await asyncio.to_thread(send, node.port("mx"), f"a{n}@pass.test", letter("a@pass.test"))
+    await asyncio.sleep(0)  # a line scheduled by the last session's end
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith(("sender-auth [", "accept: DATA"))]
+    assert len(lines) == 6, lines
+    for n in range(3):
+        checks, accepted = lines[2 * n], lines[2 * n + 1]
+        assert checks.startswith(f"sender-auth [127.0.0.1] from=<a{n}@pass.test> "), checks
+        assert "spf.mailfrom=pass" in checks and " -> " not in checks, checks
+        assert accepted.startswith("accept: DATA from [127.0.0.1]: 250 2.0.0"), accepted
+        assert f"from=<a{n}@pass.test> nrcpt=1" in accepted, accepted
+    assert len(stored(node, ALICE)) == 3
+
+
 async def test_spf_fail_is_refused_at_mail_from_when_configured(
     mx: NodeFactory, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
 ) -> None:

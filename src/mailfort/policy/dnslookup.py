@@ -14,6 +14,7 @@ thread, where the lookup is made. Nothing expired is ever served.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -86,12 +87,27 @@ class Lookup:
         finally:
             self._local.cache_only = False
 
+    @contextmanager
+    def expiry(self) -> Iterator[list[float]]:
+        """Within: ``[t]``, the monotonic time at which the first of the answers this
+        thread was given expires (``inf`` while none was). What was computed from those
+        answers alone is valid until then (SPF's results, ``spf.ResultCache``)."""
+        earliest = [math.inf]
+        self._local.expiry = earliest
+        try:
+            yield earliest
+        finally:
+            self._local.expiry = None
+
     def query(self, name: str, rdtype: str, timeout: float | None = None) -> list[Any]:
         key = (name.lower().rstrip("."), rdtype)
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None and hit[0] > now:
+                earliest = getattr(self._local, "expiry", None)
+                if earliest is not None and hit[0] < earliest[0]:
+                    earliest[0] = hit[0]
                 if isinstance(hit[1], DNSTempError):
                     raise hit[1]
                 return list(hit[1])
@@ -114,6 +130,9 @@ class Lookup:
             value, ttl = [], _MAX_NEGATIVE_TTL  # a name DNS could not hold: never will
         except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.YXDOMAIN) as exc:
             value, ttl = DNSTempError(f"{key[0]} {rdtype}: {type(exc).__name__}"), _FAILURE_TTL
+        earliest = getattr(self._local, "expiry", None)
+        if earliest is not None and now + ttl < earliest[0]:
+            earliest[0] = now + ttl
         with self._lock:
             self._cache[key] = (now + ttl, value)
             self._cache.move_to_end(key)

@@ -55,6 +55,7 @@ class SenderAuth:
         self.opts = cfg.sender_auth
         self.lookup = lookup or Lookup(cfg.dns)
         self.rand = rand
+        self.spf_results = spf.ResultCache()  # a sender's next message: no evaluation
         # Its own threads: a slow DNS answer (up to spf_time_budget) must not hold up the
         # threads that other work (password hashing, mailbox I/O) takes from the default pool.
         self.executor = ThreadPoolExecutor(max_workers=_THREADS,
@@ -67,8 +68,9 @@ class SenderAuth:
                                                                     Reply | None]:
         """SPF of HELO and MAIL FROM; a refusal only for a fail with ``spf_fail = reject``."""
         budget = self.opts.spf_time_budget
-        results = [spf.check_helo(self.lookup, ip, helo, budget)]
-        results.append(spf.check_mailfrom(self.lookup, ip, sender, helo, budget))
+        cache = self.spf_results
+        results = [spf.check_helo(self.lookup, ip, helo, budget, cache)]
+        results.append(spf.check_mailfrom(self.lookup, ip, sender, helo, budget, cache))
         if self.opts.spf_fail == "reject":
             for r in results:
                 if r.result == "fail":

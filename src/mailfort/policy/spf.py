@@ -9,7 +9,11 @@ default one. It is synchronous: call it from a worker thread, never from the eve
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +56,15 @@ def _dns_lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20) 
             out.append(((name, qtype), rr.target.to_text(True)))
         elif qtype in ("TXT", "SPF"):
             out.append(((name, qtype), tuple(rr.strings)))
+            if any(_TIME_MACRO.search(s) for s in rr.strings):
+                _local.timed = True
     return out
+
+
+# RFC 7208 §7.2: the "t" macro expands to the current time, the only input of a result
+# besides the client's IP, HELO, sender and DNS answers: a record that uses it is never
+# answered from ``ResultCache``.
+_TIME_MACRO = re.compile(rb"%\{t", re.IGNORECASE)
 
 
 _pyspf.DNSLookup = _dns_lookup
@@ -70,17 +82,57 @@ def _is_domain(name: str) -> bool:
     return False
 
 
+# Results worth keeping: those that follow from the DNS answers alone. A temperror may
+# come from the time budget, a permerror from a library defect: evaluated again each time.
+_KEPT = frozenset(("pass", "fail", "softfail", "neutral", "none"))
+
+
+class ResultCache:
+    """SPF results by (client IP, identity, sender, HELO), each until the first of the DNS
+    answers it was computed from expires: the same client sending for the same sender
+    again (a sender's every message) is answered without evaluating the records again
+    (pyspf's parse and walk: most of the time of a cached check, on the event loop)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._results: OrderedDict[tuple[str, ...], tuple[float, SPFResult]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, ...]) -> SPFResult | None:
+        with self._lock:
+            hit = self._results.get(key)
+            if hit is None:
+                return None
+            if hit[0] <= time.monotonic():
+                del self._results[key]
+                return None
+            self._results.move_to_end(key)
+            return hit[1]
+
+    def put(self, key: tuple[str, ...], until: float, result: SPFResult) -> None:
+        with self._lock:
+            self._results[key] = (until, result)
+            self._results.move_to_end(key)
+            while len(self._results) > self.size:
+                self._results.popitem(last=False)
+
+
 def check(
     lookup: Lookup, ip: str, identity: str, domain: str, sender: str, helo: str,
-    budget: float = 20.0,
+    budget: float = 20.0, cache: ResultCache | None = None,
 ) -> SPFResult:
-    """Evaluate one identity; ``budget`` bounds the seconds spent in DNS for it."""
+    """Evaluate one identity; ``budget`` bounds the seconds spent in DNS for it.
+    ``cache``: answer from it when it can, keep the result in it when it may."""
     if not _is_domain(domain):
         return SPFResult("none", identity, domain, "no domain to check")
-    _local.lookup = lookup
+    key = (ip, identity, sender, helo)
+    if cache is not None and (kept := cache.get(key)) is not None:
+        return kept
+    _local.lookup, _local.timed = lookup, False
     try:
-        q = _pyspf.query(i=ip, s=sender, h=helo, timeout=budget, querytime=budget)
-        result, _code, explanation = q.check()
+        with lookup.expiry() as until:
+            q = _pyspf.query(i=ip, s=sender, h=helo, timeout=budget, querytime=budget)
+            result, _code, explanation = q.check()
     except Exception as exc:  # a library defect must not cost a message: say so, go on
         return SPFResult("temperror", identity, domain, f"evaluation failed: {exc}")
     finally:
@@ -88,20 +140,25 @@ def check(
     result = str(result).lower()
     if result not in RESULTS:
         result = "permerror"
-    return SPFResult(result, identity, domain.lower(), str(explanation))
+    out = SPFResult(result, identity, domain.lower(), str(explanation))
+    if cache is not None and result in _KEPT and not _local.timed and until[0] < math.inf:
+        cache.put(key, until[0], out)
+    return out
 
 
-def check_helo(lookup: Lookup, ip: str, helo: str, budget: float = 20.0) -> SPFResult:
+def check_helo(lookup: Lookup, ip: str, helo: str, budget: float = 20.0,
+               cache: ResultCache | None = None) -> SPFResult:
     """RFC 7208 §2.3: the HELO identity, as ``postmaster@<helo>``."""
-    return check(lookup, ip, "helo", helo, f"postmaster@{helo}", helo, budget)
+    return check(lookup, ip, "helo", helo, f"postmaster@{helo}", helo, budget, cache)
 
 
 def check_mailfrom(
-    lookup: Lookup, ip: str, sender: str, helo: str, budget: float = 20.0
+    lookup: Lookup, ip: str, sender: str, helo: str, budget: float = 20.0,
+    cache: ResultCache | None = None,
 ) -> SPFResult:
     """RFC 7208 §2.4: the MAIL FROM identity; the null sender is checked as the HELO."""
     if not sender:
-        r = check_helo(lookup, ip, helo, budget)
+        r = check_helo(lookup, ip, helo, budget, cache)
         return SPFResult(r.result, "mailfrom", r.domain, r.reason)
     domain = sender.rpartition("@")[2]
-    return check(lookup, ip, "mailfrom", domain, sender, helo, budget)
+    return check(lookup, ip, "mailfrom", domain, sender, helo, budget, cache)

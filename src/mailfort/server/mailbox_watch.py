@@ -359,6 +359,12 @@ class MailboxWatcher:
         if not keys:
             return
         if threading.get_ident() != self._thread:
+            # Nobody here watches these and no other node is told: no wake-up of the loop
+            # (the committer's every batch, a lone sender's every message). No change is
+            # missed: a session subscribes before it scans, and the change is made before
+            # this call, so one that subscribes after this look sees it in its scan.
+            if self._redis_cfg is None and not any(k in self._boxes for k in keys):
+                return
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(self._changed_here, keys)
             return

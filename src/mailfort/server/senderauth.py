@@ -176,6 +176,12 @@ def _verify_inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace:
         return spool, Verdict(refusal=HEADER_TOO_BIG, summary="header section too large")
 
 
+def _log_checks(peer_ip: str, sender: str, verdict: Verdict) -> None:
+    refusal = verdict.refusal
+    log.info("sender-auth [%s] from=<%s> %s%s", peer_ip, sender, verdict.summary,
+             f" -> {refusal.code} {refusal.enhanced}" if refusal else "")
+
+
 async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: bytes,
                   spf_results: list[SPFResult], sender: str, peer_ip: str) -> Outcome:
     """DKIM and DMARC of a message received on the MX; a refusal or the new spool."""
@@ -192,8 +198,10 @@ async def inbound(auth: SenderAuth, committer: Committer, spool: Spool, trace: b
             auth.executor, _verify_inbound, auth, committer, spool, trace, spf_results,
             sender)
     new, verdict = checked
-    log.info("sender-auth [%s] from=<%s> %s%s", peer_ip, sender, verdict.summary,
-             f" -> {verdict.refusal.code} {verdict.refusal.enhanced}" if verdict.refusal else "")
+    if verdict.refusal is None:  # written while the message is committed, not before
+        asyncio.get_running_loop().call_soon(_log_checks, peer_ip, sender, verdict)
+    else:  # before the refusal's own line
+        _log_checks(peer_ip, sender, verdict)
     if new is not spool:
         spool.discard()
     return Outcome(new, verdict.refusal, verdict.junk,

@@ -896,9 +896,11 @@ class SMTPSession(EngineSession):
         env.held_messages = env.held_rcpts = 0  # the hour's reservations are spent
         accepted = Reply(250, "2.0.0", f"OK queued as {env.queue_id}")
         engine.decide(accepted)
-        decisionlog.accept(self.peer_ip, accepted, env.sender or "",
-                           len(env.local) + len(env.remote), spool.size,
-                           tls=self.tls_info.partition(" ")[0])
+        # Its record right after: the 250 goes out first (the session's pump, as this task
+        # ends), the client's next command waits on nothing but the reply.
+        asyncio.get_running_loop().call_soon(
+            decisionlog.accept, self.peer_ip, accepted, env.sender or "",
+            len(env.local) + len(env.remote), spool.size, self.tls_info.partition(" ")[0])
         if env.remote and svc.queued is not None:
             svc.queued()
         self._reply_later(outcomes, seen)
