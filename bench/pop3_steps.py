@@ -3,6 +3,7 @@
     python bench/pop3_steps.py --reps 5            # mailfort only, one worker
     python bench/pop3_steps.py --reps 5 --dovecot  # the reference too
     python bench/pop3_steps.py --reps 5 --base /tmp/old/src  # A/B: another tree, alternating
+    python bench/pop3_steps.py --pipeline 10   # a client pipelining 10 RETRs at a time
 
 Why: the warm row of pop3_bench.py (a session right after the previous one) ran slower
 than the settled one (1 s later), so some work of the previous session competed with the
@@ -29,7 +30,21 @@ STEPS = ("connect", "USER", "PASS", "STAT", "RETR", "QUIT", "total")
 COLUMNS = (*STEPS, "user", "sys")
 
 
-def session(port: int, password: str, pid: int | None = None) -> dict[str, float]:
+def retr_pipelined(pop: poplib.POP3, count: int, depth: int) -> None:
+    """RETR 1..count sent ``depth`` at a time (RFC 2449 PIPELINING's way), each batch's
+    replies read before the next is sent."""
+    for first in range(1, count + 1, depth):
+        batch = range(first, min(first + depth, count + 1))
+        pop.sock.sendall(b"".join(b"RETR %d\r\n" % n for n in batch))
+        for n in batch:
+            if not pop.file.readline().startswith(b"+OK"):
+                raise RuntimeError(f"RETR {n} refused")
+            while pop.file.readline() != b".\r\n":
+                pass
+
+
+def session(port: int, password: str, pid: int | None = None,
+            pipeline: int = 1) -> dict[str, float]:
     """One session, each step's seconds; with ``pid``, the server's CPU seconds (user,
     system) per message over the RETRs alone (the login's hash would swamp them)."""
     t: dict[str, float] = {}
@@ -61,8 +76,11 @@ def session(port: int, password: str, pid: int | None = None) -> dict[str, float
     count, _ = pop.stat()
     mark("STAT")
     cpu0 = cpu()
-    for n in range(1, count + 1):
-        pop.retr(n)
+    if pipeline > 1:
+        retr_pipelined(pop, count, pipeline)
+    else:
+        for n in range(1, count + 1):
+            pop.retr(n)
     mark("RETR")
     cpu1 = cpu()
     t["user"], t["sys"] = ((b - a) / max(count, 1) for a, b in zip(cpu0, cpu1, strict=True))
@@ -79,9 +97,13 @@ def main() -> int:
     ap.add_argument("--port-base", type=int, default=17500)
     ap.add_argument("--dovecot", action="store_true")
     ap.add_argument("--base", help="a second mailfort src directory, run alternately")
+    ap.add_argument("--pipeline", type=int, default=1,
+                    help="RETRs sent this many at a time (poplib sends one, waits)")
     args = ap.parse_args()
     if not 1 <= args.messages <= 100_000 or not 1 <= args.reps <= 20:
         ap.error("--messages 1..100000, --reps 1..20")
+    if not 1 <= args.pipeline <= 100:
+        ap.error("--pipeline 1..100")
     res: dict[str, list[dict[str, float]]] = {}
     with contextlib.ExitStack() as stack:
         servers = []
@@ -104,7 +126,7 @@ def main() -> int:
                 for phase in ("cold", "warm", "settled"):
                     if phase == "settled":
                         time.sleep(SETTLE)
-                    t = session(port, password, pid)
+                    t = session(port, password, pid, args.pipeline)
                     res.setdefault(f"{name} {phase}", []).append(t)
     print(f"# median of {args.reps}; steps in ms; server CPU (user, sys) in us per message "
           "over the RETRs (clock ticks of 10 ms: ~5 us steps with 2,000 messages)")

@@ -289,6 +289,27 @@ class POP3Engine:
         self._wait = _W.RETRIEVE_DONE
         self._ok(f"{size} octets")
 
+    def retrieve_whole(self, size: int, wire: bytes) -> None:
+        """A message sent at once (``wire``: encoded, terminator included): its reply and
+        octets join the output in order, so the server may send them with what the
+        client pipelined after this command in one write (``take_output``)."""
+        if not self._expect(_W.RETRIEVE_START):
+            return
+        self._wait = _W.NONE
+        self._ok(f"{size} octets")
+        self._out.append(wire)
+
+    @property
+    def output_size(self) -> int:
+        """Octets ``take_output`` would return now."""
+        return sum(map(len, self._out))
+
+    @property
+    def line_waiting(self) -> bool:
+        """Whether a further command (a whole line) is already buffered: the client
+        pipelined it."""
+        return b"\n" in self._lines.buffer
+
     def retrieve_done(self) -> None:
         """The server has written the encoded message including its ``.`` terminator."""
         if not self._expect(_W.RETRIEVE_DONE):
