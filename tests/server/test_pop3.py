@@ -29,7 +29,7 @@ from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.passwords import hash_password
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
-from mailfort.server.pop3 import POP3Server
+from mailfort.server.pop3 import PIPELINE_MAX, POP3Server
 from mailfort.store import pop3_mailbox
 from mailfort.store.maildir import maildir_for
 
@@ -751,6 +751,12 @@ async def test_pipelined_retrs_are_answered_in_one_write(
         writes.clear()
         got = await in_thread(ask, b"RETR 4\r\n", 6)
         assert got[1] == b"Subject: m4\r\n" and len(writes) == 1
+        # What waits is bounded: 2,000 pipelined answers (~90 KB) go out in pieces of at
+        # most PIPELINE_MAX and one more answer
+        writes.clear()
+        got = await in_thread(ask, b"RETR 4\r\n" * 2000, 6 * 2000)
+        assert got[-5:] == [b"Subject: m4\r\n", b"\r\n", b"..dot\r\n", b"line\r\n", b".\r\n"]
+        assert len(writes) >= 2 and max(writes) <= PIPELINE_MAX + 100
         await in_thread(ask, b"QUIT\r\n", 1)
     finally:
         reader.close()
