@@ -93,3 +93,11 @@ def test_examples() -> None:
     assert _encode(enc(), b".", []) == b"..\r\n.\r\n"
     assert _encode(enc(), b"a\r.b\n.\r", [2]) == b"a\r\n..b\r\n..\r\n.\r\n"
     assert _encode(enc(), b"a\r\n.\r\n", [1, 2, 3]) == b"a\r\n..\r\n.\r\n"
+
+
+def test_lf_only_messages_take_the_short_path_to_the_same_octets() -> None:
+    """A file stored with LF endings (no CR at all) skips the CRLF and bare-CR passes; what
+    goes out is what the full rule gives, dot lines, a last line without end included."""
+    for lf in (b"a\n.b\n..\n\n", b".x\nlast", b"\n", b"no end"):
+        assert encode_whole(lf) == _encode(DotStuffer(), lf, [])
+        assert encode_whole(lf) == encode_whole(lf.replace(b"\n", b"\r\n"))

@@ -29,7 +29,7 @@ from mailfort.directory.sqlite import SQLiteDirectory
 from mailfort.passwords import hash_password
 from mailfort.policy.authn import Authenticator
 from mailfort.policy.counters import MemoryCounters
-from mailfort.server.pop3 import POP3Server
+from mailfort.server.pop3 import PIPELINE_MAX, POP3Server
 from mailfort.store import pop3_mailbox
 from mailfort.store.maildir import maildir_for
 
@@ -703,6 +703,64 @@ async def test_read_ahead_never_answers_the_wrong_command(lab: POP3Lab) -> None:
 
     files = await in_thread(files_once_filed)
     assert len(files) == 3 and all(f.endswith(":2,S") for f in files)
+
+
+async def test_pipelined_retrs_are_answered_in_one_write(
+        lab_factory: Callable[..., Any]) -> None:
+    """Issue 29: each inline RETR answer went out in its own send, so a client pipelining
+    RETR 1..n paid a system call per message; now what the client pipelined is answered
+    in one write, in order (an error and a DELE's reply included), and a lone RETR is
+    still sent at once."""
+    lab = await lab_factory(allow_plaintext=True)
+    bodies = [b"Subject: m%d\n\n.dot\nline\n" % i for i in range(1, 5)]
+    for b in bodies:
+        lab.deliver(ALICE, b)
+        time.sleep(0.001)  # distinct delivery times keep the order
+    sock = await in_thread(socket.create_connection, ("127.0.0.1", lab.port), 10)
+    reader = sock.makefile("rb")
+
+    def ask(data: bytes, lines: int) -> list[bytes]:
+        sock.sendall(data)
+        return [reader.readline() for _ in range(lines)]
+
+    try:
+        await in_thread(reader.readline)  # greeting
+        assert (await in_thread(ask, f"USER {ALICE}\r\n".encode(), 1))[0].startswith(b"+OK")
+        pw = f"PASS {PASSWORDS[ALICE]}\r\n".encode()
+        assert (await in_thread(ask, pw, 1))[0].startswith(b"+OK")
+        (session,) = lab.plain.sessions
+        writes: list[int] = []
+        transport = session.transport
+        write = transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(len(data))
+            write(data)
+
+        transport.write = counted
+        # RETR: +OK, Subject, blank, ..dot, line, "." (6 lines); TOP 4 0: +OK, Subject,
+        # blank, "."; RETR 9 and the RETR of a deleted message: -ERR
+        got = await in_thread(ask, b"RETR 1\r\nRETR 2\r\nRETR 9\r\nDELE 3\r\nRETR 3\r\n"
+                              b"TOP 4 0\r\nNOOP\r\n", 6 + 6 + 1 + 1 + 1 + 4 + 1)
+        assert len(writes) == 1
+        assert got[1:6] == [b"Subject: m1\r\n", b"\r\n", b"..dot\r\n", b"line\r\n", b".\r\n"]
+        assert got[7] == b"Subject: m2\r\n"
+        assert [g[:4] for g in got[12:16]] == [b"-ERR", b"+OK ", b"-ERR", b"+OK "]
+        assert got[16:19] == [b"Subject: m4\r\n", b"\r\n", b".\r\n"]
+        assert got[19] == b"+OK \r\n"
+        writes.clear()
+        got = await in_thread(ask, b"RETR 4\r\n", 6)
+        assert got[1] == b"Subject: m4\r\n" and len(writes) == 1
+        # What waits is bounded: 2,000 pipelined answers (~90 KB) go out in pieces of at
+        # most PIPELINE_MAX and one more answer
+        writes.clear()
+        got = await in_thread(ask, b"RETR 4\r\n" * 2000, 6 * 2000)
+        assert got[-5:] == [b"Subject: m4\r\n", b"\r\n", b"..dot\r\n", b"line\r\n", b".\r\n"]
+        assert len(writes) >= 2 and max(writes) <= PIPELINE_MAX + 100
+        await in_thread(ask, b"QUIT\r\n", 1)
+    finally:
+        reader.close()
+        sock.close()
 
 
 async def test_non_ascii_auth_before_login_gets_an_err_over_pop3s(

@@ -23,7 +23,12 @@ def _crlf(data: bytes) -> bytes:
     """Every line end in ``data`` (CRLF, bare LF, bare CR) as CRLF.
 
     Three C-level passes (a bare CR is rare: the middle one is usually a scan only), about
-    twice as fast as one regular-expression substitution."""
+    twice as fast as one regular-expression substitution. Data without any CR (files
+    stored with LF endings, as Postfix and mailfort write them) needs only the last one:
+    the search for CRLF costs 1.8 us on a 1 KB message even when it finds nothing, the
+    memchr for CR 0.2 us (bench/RESULTS.md, POP3 warm)."""
+    if b"\r" not in data:
+        return data.replace(b"\n", CRLF)
     out = data.replace(CRLF, b"\n")
     if b"\r" in out:
         out = out.replace(b"\r", b"\n")

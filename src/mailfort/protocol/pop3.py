@@ -165,6 +165,7 @@ class POP3Engine:
         self.user: str | None = None  # canonical address once authenticated
         self._lines = LineReader()
         self._out: list[bytes] = []
+        self._out_size = 0  # octets in _out: checked per pipelined RETR, so kept, not summed
         self._events: list[Event] = []
         self._wait = _W.NONE
         self._errors = ErrorCounter(settings.max_errors, settings.error_slowdown)
@@ -213,6 +214,7 @@ class POP3Engine:
     def take_output(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
+        self._out_size = 0
         return out
 
     def take_hold(self) -> float:
@@ -289,6 +291,27 @@ class POP3Engine:
         self._wait = _W.RETRIEVE_DONE
         self._ok(f"{size} octets")
 
+    def retrieve_whole(self, size: int, wire: bytes) -> None:
+        """A message sent at once (``wire``: encoded, terminator included): its reply and
+        octets join the output in order, so the server may send them with what the
+        client pipelined after this command in one write (``take_output``)."""
+        if not self._expect(_W.RETRIEVE_START):
+            return
+        self._wait = _W.NONE
+        self._ok(f"{size} octets")
+        self._emit(wire)
+
+    @property
+    def output_size(self) -> int:
+        """Octets ``take_output`` would return now."""
+        return self._out_size
+
+    @property
+    def line_waiting(self) -> bool:
+        """Whether a further command (a whole line) is already buffered: the client
+        pipelined it."""
+        return b"\n" in self._lines.buffer
+
     def retrieve_done(self) -> None:
         """The server has written the encoded message including its ``.`` terminator."""
         if not self._expect(_W.RETRIEVE_DONE):
@@ -320,19 +343,23 @@ class POP3Engine:
             raise RuntimeError(f"not waiting for {wait.name} (waiting for {self._wait.name})")
         return True
 
+    def _emit(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
+
     def _ok(self, text: str) -> None:
-        self._out.append(b"+OK " + text.encode() + CRLF)
+        self._emit(b"+OK " + text.encode() + CRLF)
 
     def _err(self, text: str) -> None:
         """A negative reply: counted (see ``errors``), and past the limit the session ends."""
-        self._out.append(b"-ERR " + text.encode() + CRLF)
+        self._emit(b"-ERR " + text.encode() + CRLF)
         if self._errors.record():
             self._close("-ERR " + TOO_MANY_ERRORS)
 
     def _close(self, line: str) -> None:
         if self.closed:
             return
-        self._out.append(line.encode() + CRLF)
+        self._emit(line.encode() + CRLF)
         self.state = State.CLOSED
         self._wait = _W.NONE
         self._lines.clear()
@@ -454,7 +481,7 @@ class POP3Engine:
         self._user_arg = None
         if not initial:
             self._wait = _W.SASL
-            self._out.append(b"+ " + CRLF)
+            self._emit(b"+ " + CRLF)
         else:  # the initial response may be any UTF-8 the client typed: sasl judges it
             self._sasl_response(initial.encode("utf-8"))
 
@@ -541,7 +568,7 @@ class POP3Engine:
 
     def _multiline(self, head: str, rows: Sequence[str]) -> None:
         body = "".join(f"{r}\r\n" for r in rows)
-        self._out.append(f"+OK {head}\r\n{body}.\r\n".encode())
+        self._emit(f"+OK {head}\r\n{body}.\r\n".encode())
 
 
 _AUTH_CMDS = {

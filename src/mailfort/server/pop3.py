@@ -8,7 +8,8 @@ reading large messages, deleting at QUIT) runs as one task at a time while readi
 paused; the engine parses nothing more until it is answered, which keeps pipelined replies
 in order. Small messages (one chunk) are answered inline, and after each one the next is
 read while the client is still reading this one (clients download in order), which is what
-makes a mailbox of thousands of 1 KB messages download fast.
+makes a mailbox of thousands of 1 KB messages download fast. Commands a client pipelined
+are answered in one write (up to ``PIPELINE_MAX`` octets), not one send per reply.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ STRESS_CLOSE = "[SYS/TEMP] Server busy, closing idle connection, try again later
 MESSAGE_GONE = "[SYS/TEMP] Message is no longer available"
 # Read-ahead holds at most this much per session beyond what the transport buffers.
 READ_AHEAD_MAX = 16 * 1024
+# Answers to pipelined commands wait for one write until they hold this much.
+PIPELINE_MAX = 64 * 1024
 SHUTDOWN_LEASE_WAIT = 5.0  # seconds a stopping server waits to release maildrop leases
 
 
@@ -271,11 +274,16 @@ class POP3Session(EngineSession):
         if wire is None:  # larger than its name said
             self.run(self._stream(ev))
             return
-        engine.retrieve_started(size)
-        transport.write(engine.take_output() + wire)
-        engine.retrieve_done()
+        engine.retrieve_whole(size, wire)
         if ev.top_lines is None:
             mailbox.retrieved(ev.index)
+        if engine.line_waiting and engine.output_size < PIPELINE_MAX:
+            # The client pipelined more: its answers go out with this one, in one write
+            # (pump's, or the last inline RETR's below). One send per reply cost a system
+            # call each, ~10-20 us on loopback.
+            return
+        transport.write(engine.take_output())
+        if ev.top_lines is None:
             self._read_ahead(mailbox, ev.index + 1)
 
     def _read_ahead(self, mailbox: POP3Mailbox, index: int) -> None:
