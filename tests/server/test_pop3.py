@@ -763,6 +763,49 @@ async def test_pipelined_retrs_are_answered_in_one_write(
         sock.close()
 
 
+async def test_pipelined_commands_from_a_client_that_does_not_read_hold_little_memory(
+        lab_factory: Callable[..., Any]) -> None:
+    """One read of pipelined commands used to be answered whole before anything was
+    written: 6,000 LISTs of a 200-message mailbox (36 KB sent) made the session build and
+    buffer ~12 MB, and 64 KB of them ~110 MB. Now the session stops answering once the
+    client stops reading (server/session.py ``pump``), and every answer still comes, in
+    order, when it reads."""
+    lab = await lab_factory(allow_plaintext=True)
+    for i in range(200):
+        lab.deliver(ALICE, b"Subject: m%d\n\nbody\n" % i)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads slowly
+    await in_thread(sock.connect, ("127.0.0.1", lab.port))
+    reader = sock.makefile("rb")
+    try:
+        await in_thread(reader.readline)  # greeting
+        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
+        assert (await in_thread(reader.readline)).startswith(b"+OK")
+        assert (await in_thread(reader.readline)).startswith(b"+OK")
+        (session,) = lab.plain.sessions
+        sock.sendall(b"LIST\r\n" * 6000)
+        await asyncio.sleep(1.0)  # the server answers what it can; the client reads nothing
+        held = session.transport.get_write_buffer_size() + session.engine.output_size
+        assert held < 1024 * 1024, held
+
+        def read_all() -> bytes:
+            got = bytearray()
+            while got.count(b"\r\n.\r\n") < 6000:
+                chunk = reader.read1(1 << 20)
+                assert chunk, "connection closed early"
+                got += chunk
+            return bytes(got)
+
+        answers = (await in_thread(read_all)).split(b"\r\n.\r\n")
+        assert len(answers) == 6001 and answers[-1] == b""
+        assert all(a.startswith(b"+OK 200 messages") for a in answers[:-1])
+        sock.sendall(b"QUIT\r\n")
+        assert (await in_thread(reader.readline)).startswith(b"+OK")
+    finally:
+        reader.close()
+        sock.close()
+
+
 async def test_non_ascii_auth_before_login_gets_an_err_over_pop3s(
     lab: POP3Lab, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -45,6 +45,10 @@ from mailfort.protocol.sasl import (
 MAX_LINE = 255  # octets including CRLF (RFC 2449 §4)
 MAX_AUTH_FAILURES = 3  # the third failed login ends the session; shared counters do the rest
 CRLF = b"\r\n"
+# Octets of replies after which ``next_event`` parses no further pipelined command until
+# the server takes them (``take_output``): answers the engine gives itself (LIST, UIDL,
+# STAT...) cannot pile up beyond this from one read, however many commands it held.
+OUTPUT_PAUSE = 64 * 1024
 
 # ---------------------------------------------------------------------------- events
 
@@ -204,7 +208,8 @@ class POP3Engine:
 
     def next_event(self) -> Event | None:
         try:
-            while not self._events and not self.waiting and not self.closed and self._step():
+            while not self._events and not self.waiting and not self.closed \
+                    and self._out_size < OUTPUT_PAUSE and self._step():
                 pass
         except Exception as exc:  # a parser bug: a reply and a close, never a traceback
             self.internal_error = exc
