@@ -537,32 +537,35 @@ class SMTPSession(EngineSession):
 
     async def _reserve_rcpt(self, decision: RecipientDecision) -> RecipientDecision:
         """Submission: an accepted recipient takes one of the user's hour, or is refused."""
-        engine, sub, env = self.engine, self.service.submission, self.envelope
-        if not decision.reply.positive or sub is None or engine is None:
-            return decision
-        user = engine.authenticated_as
+        user = self._rcpt_user(decision)
         if user is None:
             return decision
-        refusal = await sub.reserve_recipient(user)
-        if refusal is not None:
-            return RecipientDecision(refusal, None)
-        env.held_for = user
-        env.held_rcpts += 1
-        return decision
+        sub = self.service.submission
+        assert sub is not None
+        return self._rcpt_reserved(decision, user, await sub.reserve_recipient(user))
 
     def _reserve_rcpt_now(self, decision: RecipientDecision) -> RecipientDecision:
         """``_reserve_rcpt`` on the counts in reach (``_counts_at_once``)."""
-        engine, sub, env = self.engine, self.service.submission, self.envelope
-        if not decision.reply.positive or sub is None or engine is None:
-            return decision
-        user = engine.authenticated_as
+        user = self._rcpt_user(decision)
         if user is None:
             return decision
-        refusal = sub.reserve_recipient_now(user)
+        sub = self.service.submission
+        assert sub is not None
+        return self._rcpt_reserved(decision, user, sub.reserve_recipient_now(user))
+
+    def _rcpt_user(self, decision: RecipientDecision) -> str | None:
+        """The user whose hour an accepted recipient takes (None: nothing to reserve)."""
+        engine = self.engine
+        if not decision.reply.positive or self.service.submission is None or engine is None:
+            return None
+        return engine.authenticated_as
+
+    def _rcpt_reserved(self, decision: RecipientDecision, user: str,
+                       refusal: Reply | None) -> RecipientDecision:
         if refusal is not None:
             return RecipientDecision(refusal, None)
-        env.held_for = user
-        env.held_rcpts += 1
+        self.envelope.held_for = user
+        self.envelope.held_rcpts += 1
         return decision
 
     def _release_held(self) -> None:
