@@ -13,6 +13,7 @@ import pytest
 
 from mailfort.protocol import imap, managesieve, pop3, smtp
 from mailfort.protocol.errors import Slowdown
+from mailfort.server.session import PUMP_FLUSH_AT
 
 SLOW = Slowdown(after=1, step=0.5, cap=2.0)
 
@@ -72,3 +73,11 @@ def test_self_answered_commands_pause_at_the_output_limit_and_go_on(
     assert [h for _, h in batches[:-1]] == [0.0] * (len(batches) - 1)
     assert batches[-1][1] > 0
     assert not e.closed
+
+
+@ENGINES
+def test_a_paused_engine_fills_a_pass_of_the_session(
+        make: Callable[[], Any], command: bytes, bad: bytes, pause: int) -> None:
+    """The session goes on at once only after a pass of ``PUMP_FLUSH_AT`` octets; an
+    engine pausing below that would wait for the client's next read, maybe for ever."""
+    assert pause >= PUMP_FLUSH_AT
