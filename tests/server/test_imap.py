@@ -27,6 +27,7 @@ from mailfort.server.mailbox_watch import MailboxWatcher
 from mailfort.store.imap_mailbox import Mailbox
 from mailfort.store.maildir import maildir_for
 from tests.server.test_pop3 import ALICE, AUTH, BOB, PASSWORDS, make_authenticator
+from tests.server.unread_pipeline import pipeline_without_reading, slow_client
 
 MSG = b"From: x@remote.test\r\nTo: alice@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -493,6 +494,35 @@ async def test_large_fetch_streams_as_the_client_reads(
     got = await in_thread(drain)
     sock.close()
     assert got > 40 * len(body)
+
+
+async def test_pipelined_commands_from_a_client_that_does_not_read_hold_little_memory(
+        lab_factory: Callable[..., Any]) -> None:
+    """CAPABILITY is answered by the engine itself, with no event for the server: one read
+    of pipelined CAPABILITYs (~20 answer octets per command octet after login) used to be
+    answered whole before anything was written, 1.3 MB held. The engine now parses no
+    further command once ``OUTPUT_PAUSE`` of its answers wait, so the session's passes stop
+    while the client does not read; every answer still comes, in order."""
+    lab = await lab_factory(allow_plaintext=True)
+    sock, reader = await in_thread(slow_client, lab.port)
+    try:
+        assert (await in_thread(reader.readline)).startswith(b"* OK")
+        sock.sendall(f"l LOGIN {ALICE} {PASSWORDS[ALICE]}\r\n".encode())
+        assert (await in_thread(reader.readline)).startswith(b"l OK")
+        (session,) = lab.plain.sessions
+        sock.sendall(b"a CAPABILITY\r\n")
+        answer = await in_thread(reader.readline)
+        answer += await in_thread(reader.readline)
+        assert answer.startswith(b"* CAPABILITY ")
+        assert answer.endswith(b"a OK CAPABILITY completed\r\n")
+        count = 8_000_000 // len(answer)
+        await pipeline_without_reading(sock, reader, session, b"a CAPABILITY\r\n", answer,
+                                       count)
+        sock.sendall(b"z LOGOUT\r\n")
+        assert (await in_thread(reader.readline)).startswith(b"* BYE")
+    finally:
+        reader.close()
+        sock.close()
 
 
 async def test_a_large_fetch_answer_starts_with_a_small_write(

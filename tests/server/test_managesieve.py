@@ -25,6 +25,7 @@ from mailfort.store.maildir import maildir_for
 from mailfort.store.sieve_scripts import Quota, ScriptStore
 from tests.server.test_imap import Raw
 from tests.server.test_pop3 import ALICE, PASSWORDS, make_authenticator
+from tests.server.unread_pipeline import pipeline_without_reading, slow_client
 
 SCRIPT = (b'require ["fileinto"];\r\nif header :contains "subject" "sale" {\r\n'
           b'  fileinto "Junk";\r\n}\r\n')
@@ -149,6 +150,34 @@ async def test_what_is_pipelined_behind_starttls_is_discarded(lab: SieveLab) -> 
     lines = await in_thread(talk)
     assert lines[-2].startswith(b"OK") and lines[-1] == b'OK "Done"\r\n', lines
     assert not any(b"PUTSCRIPT" in ln or b"not allowed" in ln for ln in lines)
+
+
+async def test_pipelined_commands_from_a_client_that_does_not_read_hold_little_memory(
+        lab: SieveLab) -> None:
+    """CAPABILITY is answered by the engine itself, with no event for the server: one read
+    of pipelined CAPABILITYs (~20 answer octets per command octet) used to be answered
+    whole before anything was written. The engine now parses no further command once
+    ``OUTPUT_PAUSE`` of its answers wait, so the session's passes stop while the client
+    does not read; every answer still comes, in order."""
+    sock, reader = await in_thread(slow_client, lab.port)
+    try:
+        while not (await in_thread(reader.readline)).startswith(b"OK"):
+            pass  # the greeting: capabilities, then OK
+        (session,) = lab.server.sessions
+        sock.sendall(b"CAPABILITY\r\n")
+        answer = b""
+        while not answer.endswith(b'OK "Capability completed"\r\n'):
+            line = await in_thread(reader.readline)
+            assert line, answer
+            answer += line
+        count = 8_000_000 // len(answer)
+        await pipeline_without_reading(sock, reader, session, b"CAPABILITY\r\n", answer,
+                                       count)
+        sock.sendall(b"LOGOUT\r\n")
+        assert (await in_thread(reader.readline)).startswith(b"OK")
+    finally:
+        reader.close()
+        sock.close()
 
 
 async def test_decision_log_lines_and_brute_force_policy_as_imap(

@@ -22,6 +22,7 @@ import pytest
 from mailfort.server.app import Node
 from mailfort.store.maildir import maildir_for
 from tests.conftest import seed_directory
+from tests.server.unread_pipeline import pipeline_without_reading, slow_client
 
 
 def stored(node: Any, user: str) -> list[bytes]:
@@ -662,3 +663,23 @@ async def test_an_engine_bug_is_answered_logged_once_and_the_server_goes_on(
     assert len(errors) == 1 and "injected engine bug" in errors[0].getMessage()
     ok = await raw_session(node.port("mx"), [b"EHLO c\r\n"])
     assert ok[1].startswith("250")
+
+
+async def test_pipelined_commands_from_a_client_that_does_not_read_hold_little_memory(
+        node: Node) -> None:
+    """VRFY is answered by the engine itself, with no event for the server: one read of
+    pipelined VRFYs (~10 answer octets per command octet) used to be answered whole before
+    anything was written, several MB per connection. The engine now parses no further
+    command once ``OUTPUT_PAUSE`` of its answers wait, so the session's passes stop while
+    the client does not read; every answer still comes, in order."""
+    sock, reader = await asyncio.to_thread(slow_client, node.port("mx"))
+    try:
+        assert (await asyncio.to_thread(reader.readline)).startswith(b"220 ")
+        (session,) = node.services["mx"].sessions
+        answer = b"252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery\r\n"
+        await pipeline_without_reading(sock, reader, session, b"VRFY\r\n", answer, 150_000)
+        sock.sendall(b"QUIT\r\n")
+        assert (await asyncio.to_thread(reader.readline)).startswith(b"221 ")
+    finally:
+        reader.close()
+        sock.close()

@@ -51,6 +51,12 @@ class _CaptureSession(asyncio.Protocol):
         self._pump()
 
     def _pump(self) -> None:
+        # The engine stops parsing at OUTPUT_PAUSE octets of its own replies: go on while
+        # a batch that full came out (nothing else would resume it before more input).
+        while self._pump_batch() >= e.OUTPUT_PAUSE and not self.engine.closed:
+            pass
+
+    def _pump_batch(self) -> int:
         eng = self.engine
         while (ev := eng.next_event()) is not None:
             if isinstance(ev, e.MailFrom):
@@ -71,12 +77,13 @@ class _CaptureSession(asyncio.Protocol):
                 eng.decide(Reply(250, "2.0.0", "Captured"))
             elif isinstance(ev, e.ResetTransaction | e.MessageAborted):
                 self._reset()
+        out = eng.take_output()
         if self.transport is not None:
-            out = eng.take_output()
             if out:
                 self.transport.write(out)
             if eng.closed:
                 self.transport.close()
+        return len(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -51,6 +51,12 @@ from mailfort.protocol.imap_parse import (
 from mailfort.protocol.sasl import SaslError, decode_response, parse_plain
 
 CRLF = b"\r\n"
+# Octets of responses after which ``next_event`` parses no further pipelined command until
+# the server takes them (``take_output``): what the engine answers itself (CAPABILITY, ID,
+# commands refused in this state...) cannot pile up beyond this from one read. The same as
+# the session's pass (server/session.py ``PUMP_FLUSH_AT``), which goes on at once after a
+# pass this full.
+OUTPUT_PAUSE = 64 * 1024
 MAX_AUTH_FAILURES = 3  # the third failed login ends the session; shared counters do the rest
 APPEND_LIMIT = 50 * 1024 * 1024
 
@@ -185,6 +191,7 @@ class IMAPEngine:
         self.reader = CommandReader(settings.login_limits if self._credentials_allowed()
                                     else _no_password_literals(settings.login_limits))
         self._out: list[bytes] = []
+        self._out_size = 0  # octets in _out, kept (summing the list per step is quadratic)
         self._events: list[Event] = []
         self._wait = _W.NONE
         self._tag = ""  # of the command being answered (event, SASL exchange, IDLE)
@@ -229,7 +236,8 @@ class IMAPEngine:
 
     def next_event(self) -> Event | None:
         try:
-            while not self._events and not self.waiting and not self.closed and self._step():
+            while not self._events and not self.waiting and not self.closed \
+                    and self._out_size < OUTPUT_PAUSE and self._step():
                 pass
         except Exception as exc:  # a bug: a BYE and a close, never a traceback to the client
             self.internal_error = exc
@@ -239,7 +247,13 @@ class IMAPEngine:
     def take_output(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
+        self._out_size = 0
         return out
+
+    @property
+    def output_size(self) -> int:
+        """Octets ``take_output`` would return now."""
+        return self._out_size
 
     def take_hold(self) -> float:
         """Seconds the server should hold what ``take_output`` returned (past the soft
@@ -299,7 +313,7 @@ class IMAPEngine:
         """Complete untagged responses (each ending CRLF) from the mailbox side: while an
         ``Execute`` waits, or during IDLE. Dropped once the session is closed."""
         if not self.closed and data:
-            self._out.append(data)
+            self._emit(data)
 
     def executed(self, status: str, code: str | None, text: str,
                  selected: bool | None = None) -> None:
@@ -318,13 +332,17 @@ class IMAPEngine:
 
     # ------------------------------------------------------------------ output
 
+    def _emit(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
+
     def _untagged(self, text: str) -> None:
-        self._out.append(b"* " + _clean(text) + CRLF)
+        self._emit(b"* " + _clean(text) + CRLF)
 
     def _tagged(self, tag: str, status: str, text: str, *, count: bool = True) -> None:
         """A tagged reply; a BAD or NO (unless ``count`` is off) counts as an error."""
-        self._out.append((tag or "*").encode("ascii") + b" " + status.encode() + b" "
-                         + _clean(text) + CRLF)
+        self._emit((tag or "*").encode("ascii") + b" " + status.encode() + b" "
+                   + _clean(text) + CRLF)
         if status != "OK" and count and self._errors.record():
             self._close(TOO_MANY_ERRORS)
 
@@ -352,7 +370,7 @@ class IMAPEngine:
         if ev is None:
             return False
         if isinstance(ev, ContinuationRequest):
-            self._out.append(b"+ Ready for literal data" + CRLF)
+            self._emit(b"+ Ready for literal data" + CRLF)
         elif isinstance(ev, ParseError):
             self._parse_error(ev)
         elif isinstance(ev, IdleDone):
@@ -455,7 +473,7 @@ class IMAPEngine:
             self._tag = cmd.tag
             self._wait = _W.SASL
             self.reader.expect_sasl_response()
-            self._out.append(b"+ " + CRLF)
+            self._emit(b"+ " + CRLF)
             return
         assert isinstance(initial, Secret)
         self._tag = cmd.tag
@@ -487,7 +505,7 @@ class IMAPEngine:
         self._tag = cmd.tag
         self._wait = _W.IDLE
         self.reader.expect_done()
-        self._out.append(b"+ idling" + CRLF)
+        self._emit(b"+ idling" + CRLF)
         self._events.append(Idle(cmd.tag))
 
     def _idle_done(self, valid: bool) -> None:

@@ -51,6 +51,11 @@ from mailfort.protocol.errors import ErrorCounter, Slowdown
 from mailfort.protocol.sasl import MAX_SASL_LINE, SaslError, decode_response, parse_plain
 
 CRLF = b"\r\n"
+# Octets of responses after which ``next_event`` parses no further pipelined command until
+# the server takes them (``take_output``): what the engine answers itself (CAPABILITY, NOOP,
+# refusals...) cannot pile up beyond this from one read. The same as the session's pass
+# (server/session.py ``PUMP_FLUSH_AT``), which goes on at once after a pass this full.
+OUTPUT_PAUSE = 64 * 1024
 MAX_QUOTED = 1024  # octets between the quotes (RFC 5804 §4, erratum 2655)
 MAX_STRING = MAX_SASL_LINE  # a literal that is not a script: a name, a SASL response
 MAX_LINE = 8192  # octets of one command outside its literals, CRLF included
@@ -182,6 +187,7 @@ class ManageSieveEngine:
         self.user: str | None = None  # canonical address once authenticated
         self._buf = bytearray()
         self._out: list[bytes] = []
+        self._out_size = 0  # octets in _out, kept (summing the list per step is quadratic)
         self._events: list[Event] = []
         self._wait = _W.NONE
         self._errors = ErrorCounter(settings.max_errors, settings.error_slowdown)
@@ -234,7 +240,7 @@ class ManageSieveEngine:
                 for k, v in caps]
 
     def greet(self) -> None:
-        self._out += self.capabilities()
+        self._emit(*self.capabilities())
         self._reply("OK", "", "ManageSieve ready", count=False)
 
     def refuse_connection(self, text: str) -> None:
@@ -246,7 +252,8 @@ class ManageSieveEngine:
 
     def next_event(self) -> Event | None:
         try:
-            while not self._events and not self.waiting and not self.closed and self._step():
+            while not self._events and not self.waiting and not self.closed \
+                    and self._out_size < OUTPUT_PAUSE and self._step():
                 pass
         except Exception as exc:  # a bug: a BYE and a close, never a traceback
             self.internal_error = exc
@@ -256,7 +263,13 @@ class ManageSieveEngine:
     def take_output(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
+        self._out_size = 0
         return out
+
+    @property
+    def output_size(self) -> int:
+        """Octets ``take_output`` would return now."""
+        return self._out_size
 
     def take_hold(self) -> float:
         hold = self._errors.take_hold()
@@ -300,7 +313,7 @@ class ManageSieveEngine:
             return
         self._wait = _W.NONE
         self.tls_active = True
-        self._out += self.capabilities()  # RFC 5804 §2.2: re-issued after the handshake
+        self._emit(*self.capabilities())  # RFC 5804 §2.2: re-issued after the handshake
         self._reply("OK", "", "TLS active", count=False)
 
     def executed(self, ok: bool, code: str = "", text: str = "", *,
@@ -313,13 +326,17 @@ class ManageSieveEngine:
             return
         self._wait = _W.NONE
         if ok and listing is not None:
-            self._out += [quote(name) + (b" ACTIVE" if active else b"") + CRLF
-                          for name, active in listing]
+            self._emit(*[quote(name) + (b" ACTIVE" if active else b"") + CRLF
+                         for name, active in listing])
         if ok and script is not None:
-            self._out.append(b"{%d}\r\n" % len(script) + script + CRLF)
+            self._emit(b"{%d}\r\n" % len(script) + script + CRLF)
         self._reply("OK" if ok else "NO", code, text, count=False)
 
     # ------------------------------------------------------------------ output
+
+    def _emit(self, *data: bytes) -> None:
+        self._out.extend(data)
+        self._out_size += sum(len(d) for d in data)
 
     def _reply(self, status: str, code: str, text: str, *, count: bool = True) -> None:
         """``OK``/``NO`` with an optional ``(code)`` and text; a counted NO past the error
@@ -329,14 +346,14 @@ class ManageSieveEngine:
             line += b" (" + _clean(code).encode() + b")"
         if text:
             line += b" " + quote(_clean(text))
-        self._out.append(line + CRLF)
+        self._emit(line + CRLF)
         if status == "NO" and count and self._errors.record():
             self._close(TOO_MANY_ERRORS)
 
     def _close(self, text: str) -> None:
         if self.closed:
             return
-        self._out.append(b"BYE " + quote(_clean(text)) + CRLF)
+        self._emit(b"BYE " + quote(_clean(text)) + CRLF)
         self._end()
 
     def _end(self) -> None:
@@ -661,7 +678,7 @@ class ManageSieveEngine:
 
     def _cmd_capability(self, args: list[tuple[_Tok, bytes]]) -> None:
         if self._no_args("CAPABILITY", args):
-            self._out += self.capabilities()
+            self._emit(*self.capabilities())
             self._reply("OK", "", "Capability completed")
 
     def _cmd_noop(self, args: list[tuple[_Tok, bytes]]) -> None:
@@ -669,7 +686,7 @@ class ManageSieveEngine:
             self._reply("OK", "", "Done")
         elif len(args) == 1 and args[0][0] is _Tok.STRING:
             # RFC 5804 §2.15: the string comes back as the TAG response code's argument.
-            self._out.append(b"OK (TAG " + quote(args[0][1]) + b') "Done"' + CRLF)
+            self._emit(b"OK (TAG " + quote(args[0][1]) + b') "Done"' + CRLF)
         else:
             self._reply("NO", "", "NOOP takes at most one string")
 
@@ -704,7 +721,7 @@ class ManageSieveEngine:
             return
         if len(args) == 1:
             self._wait = _W.SASL
-            self._out.append(b'""' + CRLF)  # the empty PLAIN challenge
+            self._emit(b'""' + CRLF)  # the empty PLAIN challenge
             return
         self._plain(args[1][1])
 

@@ -176,6 +176,12 @@ class _S(enum.Enum):
 
 
 _CRLF = b"\r\n"
+# Octets of replies after which ``next_event`` parses no further pipelined command until
+# the server takes them (``take_output``): what the engine answers itself (NOOP, VRFY,
+# HELP, RSET...) cannot pile up beyond this from one read, however many commands it held.
+# The same as the session's pass (server/session.py ``PUMP_FLUSH_AT``), which goes on at
+# once after a pass this full.
+OUTPUT_PAUSE = 64 * 1024
 
 GREETING_TEXT = "ESMTP ready"
 HELP = Reply(214, "2.0.0", "See RFC 5321")
@@ -237,6 +243,7 @@ class SMTPEngine:
         self._state = _S.COMMAND
         self._lines = LineReader()  # its buffer also holds DATA and BDAT octets
         self._out: list[bytes] = []
+        self._out_size = 0  # octets in _out, kept (summing the list per step is quadratic)
         self._events: list[Event] = []
         self._errors = ErrorCounter(settings.max_errors, settings.error_slowdown)
         self.internal_error: Exception | None = None  # a bug met while parsing, if any
@@ -277,7 +284,7 @@ class SMTPEngine:
     def next_event(self) -> Event | None:
         """The next event, or None when more input (or a decision) is needed."""
         try:
-            while not self._events:
+            while not self._events and self._out_size < OUTPUT_PAUSE:
                 if self._state in (_S.WAIT, _S.CLOSED) or not self._step():
                     break
         except Exception as exc:  # a parser bug: a reply and a close, never a traceback
@@ -288,7 +295,13 @@ class SMTPEngine:
     def take_output(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
+        self._out_size = 0
         return out
+
+    @property
+    def output_size(self) -> int:
+        """Octets ``take_output`` would return now."""
+        return self._out_size
 
     def take_hold(self) -> float:
         """Seconds the server should wait before sending what ``take_output`` returned:
@@ -352,7 +365,11 @@ class SMTPEngine:
     # ------------------------------------------------------------------ internals
 
     def _reply(self, reply: Reply) -> None:
-        self._out.append(reply.encode())
+        self._emit(reply.encode())
+
+    def _emit(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
 
     def _close(self, reply: Reply) -> None:
         if self._state is _S.CLOSED:
@@ -695,7 +712,7 @@ class SMTPEngine:
             self._auth_continue(initial.encode("utf-8"))
         elif mech == "PLAIN":
             self._state = _S.AUTH
-            self._out.append(b"334 \r\n")  # RFC 4954 syntax: "334" SP [base64], SP even if empty
+            self._emit(b"334 \r\n")  # RFC 4954 syntax: "334" SP [base64], SP even if empty
         else:  # LOGIN
             self._state = _S.AUTH
             self._reply(Reply(334, "", "VXNlcm5hbWU6"))
