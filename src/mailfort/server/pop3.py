@@ -187,12 +187,12 @@ class POP3Session(EngineSession):
             self.engine.close(SYS_TEMP)
 
     def handle(self, ev: Event) -> None:
-        if isinstance(ev, CheckCredentials):
+        if type(ev) is Retrieve:  # first: a session is mostly RETRs
+            self._retrieve(ev)
+        elif isinstance(ev, CheckCredentials):
             self.run(self._check(ev))
         elif isinstance(ev, OpenMailbox):
             self.run(self._open(ev.user))
-        elif isinstance(ev, Retrieve):
-            self._retrieve(ev)
         elif isinstance(ev, StartTLS):
             self.run(self._starttls())
         elif isinstance(ev, Quit):
