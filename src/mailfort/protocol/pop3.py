@@ -202,7 +202,7 @@ class POP3Engine:
         parsed (RFC 2595 §4), and the server reads nothing more from the plaintext socket
         once StartTLS is emitted; so what arrives while the handshake is being noted came
         through TLS and is kept for after ``tls_started``."""
-        if self.closed:
+        if self.state is State.CLOSED:
             return
         self._lines.feed(data)
 
@@ -222,6 +222,8 @@ class POP3Engine:
         return events.pop(0) if events else None
 
     def take_output(self) -> bytes:
+        if not self._out:  # asked after every command, answered or not
+            return b""
         out = b"".join(self._out)
         self._out.clear()
         self._out_size = 0
