@@ -204,7 +204,7 @@ class POP3Engine:
         through TLS and is kept for after ``tls_started``."""
         if self.state is State.CLOSED:
             return
-        self._lines.feed(data)
+        self._lines.buffer += data  # LineReader.feed, without the call
 
     def next_event(self) -> Event | None:
         events = self._events
@@ -233,7 +233,7 @@ class POP3Engine:
         """Seconds the server should wait before sending what ``take_output`` returned:
         more than zero only past the soft error limit (see ``errors``), never to close."""
         hold = self._errors.take_hold()
-        return 0.0 if self.closed else hold
+        return 0.0 if self.state is State.CLOSED else hold
 
     def timeout(self) -> None:
         """Autologout (RFC 1939 §3): no UPDATE state, nothing is deleted."""
