@@ -27,12 +27,14 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
 
-def _child(count: int, reps: int, profile: bool) -> float:
-    """One tree (already on sys.path): the min µs per RETR over ``reps`` passes."""
+def _child(count: int, reps: int, profile: bool) -> tuple[float, float]:
+    """One tree (already on sys.path): the min µs per RETR over ``reps`` passes, in all
+    and up to the reply's write (the latency the client waits for; what follows the
+    write, the read-ahead, overlaps the client's reading when each has a core)."""
     import asyncio
     import cProfile
     import pstats
-    import time
+    from time import perf_counter
 
     from pop3_bench import fill_maildir
 
@@ -44,9 +46,11 @@ def _child(count: int, reps: int, profile: bool) -> float:
         def __init__(self) -> None:
             super().__init__()
             self.octets = 0
+            self.written_at = 0.0
 
         def write(self, data: bytes) -> None:  # type: ignore[override]
             self.octets += len(data)
+            self.written_at = perf_counter()
 
         def get_extra_info(self, name: str, default: object = None) -> object:
             return ("127.0.0.1", 1) if name == "peername" else default
@@ -70,7 +74,7 @@ def _child(count: int, reps: int, profile: bool) -> float:
             server = POP3Server(ssl_context=None, authenticator=None,  # type: ignore[arg-type]
                                 mail_dir=Path(tmp), limits=LimitsConfig(),
                                 implicit_tls=False, allow_plaintext=True)
-            best = float("inf")
+            best = best_latency = float("inf")
             prof = cProfile.Profile() if profile else None
             for _ in range(reps):
                 session = POP3Session(server)
@@ -87,13 +91,17 @@ def _child(count: int, reps: int, profile: bool) -> float:
                 receive = session.data_received
                 if prof is not None:
                     prof.enable()
-                t0 = time.perf_counter()
+                to_write = 0.0
+                t0 = perf_counter()
                 for line in lines:
+                    start = perf_counter()
                     receive(line)
-                elapsed = time.perf_counter() - t0
+                    to_write += transport.written_at - start
+                elapsed = perf_counter() - t0
                 if prof is not None:
                     prof.disable()
                 best = min(best, elapsed)
+                best_latency = min(best_latency, to_write)
                 assert transport.octets > count * 1024, transport.octets
                 session.connection_lost(None)
                 await asyncio.sleep(0.05)  # the close in a thread
@@ -101,18 +109,26 @@ def _child(count: int, reps: int, profile: bool) -> float:
             if prof is not None:
                 order = os.environ.get("SORT", "tottime")
                 pstats.Stats(prof, stream=sys.stderr).sort_stats(order).print_stats(60)
-            return best / count * 1e6
+            return best / count * 1e6, best_latency / count * 1e6
 
     return asyncio.run(main())
 
 
-def run_tree(src: Path, count: int, reps: int, profile: bool = False) -> float:
+def run_tree(src: Path, count: int, reps: int, profile: bool = False) -> tuple[float, float]:
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{HERE}")
     out = subprocess.run(
         [sys.executable, __file__, "--child", "--count", str(count), "--reps", str(reps)]
         + (["--profile"] if profile else []),
         env=env, check=True, capture_output=not profile, text=True, cwd=HERE)
-    return float(json.loads(out.stdout.strip().splitlines()[-1])) if not profile else 0.0
+    if profile:
+        return 0.0, 0.0
+    total, latency = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(total), float(latency)
+
+
+def _summary(name: str, values: list[float]) -> str:
+    return f"{name} median {statistics.median(values):+.2f} ({min(values):+.2f} to " \
+        f"{max(values):+.2f})"
 
 
 def main() -> None:
@@ -130,25 +146,25 @@ def main() -> None:
     if args.profile:
         run_tree(SRC, args.count, args.reps, profile=True)
         return
-    ours: list[float] = []
-    base: list[float] = []
+    ours: list[tuple[float, float]] = []
+    base: list[tuple[float, float]] = []
     for i in range(args.pairs):
         trees = [(SRC, ours)] + ([(args.base, base)] if args.base else [])
         if i % 2:
             trees.reverse()
         for src, into in trees:
             into.append(run_tree(src, args.count, args.reps))
-        line = f"pair {i + 1}: this {ours[-1]:.2f} µs/RETR"
+        line = f"pair {i + 1}: this {ours[-1][0]:.2f} µs/RETR, {ours[-1][1]:.2f} to the write"
         if args.base:
-            line += f", base {base[-1]:.2f} µs/RETR"
+            line += f"; base {base[-1][0]:.2f}, {base[-1][1]:.2f}"
         print(line, flush=True)
-    print(f"this: median {statistics.median(ours):.2f} ({min(ours):.2f}-{max(ours):.2f}) µs")
-    if args.base:
-        print(f"base: median {statistics.median(base):.2f} ({min(base):.2f}-{max(base):.2f})"
-              " µs")
-        diffs = [a - b for a, b in zip(ours, base, strict=True)]
-        print(f"this - base per pair: median {statistics.median(diffs):+.2f} "
-              f"({min(diffs):+.2f} to {max(diffs):+.2f}) µs")
+    for k, what in enumerate(("µs per RETR", "µs to the write")):
+        print(what + ": " + _summary("this", [r[k] for r in ours]), end="")
+        if args.base:
+            print("; " + _summary("base", [r[k] for r in base]) + "; " + _summary(
+                "this - base per pair",
+                [a[k] - b[k] for a, b in zip(ours, base, strict=True)]), end="")
+        print()
 
 
 if __name__ == "__main__":
