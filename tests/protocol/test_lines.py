@@ -89,3 +89,18 @@ def test_reader_properties(data: bytes, cuts: list[int]) -> None:
         if isinstance(item, bytes):
             assert len(item) + 2 <= LIMIT
             assert not {0, 10, 13} & set(item)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.lists(st.sampled_from([b"RETR 1\r\n", b"\r\n", b"\n", b"\r\r\n", b"RE\rTR\r\n",
+                                 b"x\nRETR 2\r\n", b"NO\0OP\r\n", b"LIST\r\n\r\n"]),
+                max_size=12))
+def test_a_line_read_alone_is_read_as_in_a_longer_buffer(lines: list[bytes]) -> None:
+    """One command per read (the whole buffer is the line: no slice is copied) and the same
+    bytes buffered together give the same lines and the same refusals."""
+    alone = LineReader()
+    got: list[bytes | LineError] = []
+    for line in lines:
+        alone.feed(line)
+        got += read_all(alone)
+    assert got == feed(b"".join(lines))

@@ -295,6 +295,22 @@ def test_retr_and_top_events_wait_for_the_server() -> None:
     assert [r[:4] for r in lines(out)] == ["-ERR", "-ERR"]
 
 
+@settings(max_examples=examples(50), deadline=None)
+@given(st.integers(min_value=0, max_value=10**12), st.binary(max_size=20))
+def test_a_message_sent_whole_has_the_streamed_reply(size: int, wire: bytes) -> None:
+    """``retrieve_whole`` formats its ``+OK`` itself (one %-format, not ``_ok``): the same
+    octets as ``retrieve_started`` followed by the message, and counted in
+    ``output_size``."""
+    whole, streamed = logged_in(), logged_in()
+    run(whole, b"RETR 1\r\n")
+    run(streamed, b"RETR 1\r\n")
+    whole.retrieve_whole(size, wire)
+    assert whole.output_size == len(f"+OK {size} octets\r\n") + len(wire)
+    streamed.retrieve_started(size)
+    assert whole.take_output() == streamed.take_output() + wire
+    assert whole.take_output() == b""
+
+
 def test_quit_in_transaction_enters_update_with_deletions() -> None:
     e = logged_in()
     events, _ = run(e, b"DELE 3\r\nDELE 1\r\nQUIT\r\n")

@@ -39,7 +39,8 @@ def encode_whole(data: bytes) -> bytes:
     """A whole message in one piece to its wire form, terminator included: the octets of
     ``DotStuffer().feed(data) + end()`` without the per-piece state (a POP3 session sends
     thousands of small messages, each read at once)."""
-    out = _crlf(data) if data else data
+    # _crlf's first case spelled out: files stored with LF endings, thousands a session
+    out = data.replace(b"\n", CRLF) if b"\r" not in data else _crlf(data)
     if out[:1] == b".":
         out = b"." + out
     out = out.replace(b"\r\n.", b"\r\n..")

@@ -66,9 +66,14 @@ class LineReader:
             del buf[:limit]
             self._skipping = True
             return LineError.TOO_LONG
-        raw = bytes(buf[: nl + 1])
-        del buf[: nl + 1]
-        if not raw.endswith(CRLF) or b"\r" in raw[:-2]:
+        end = nl + 1
+        if end == len(buf):  # the usual case, one command per read: no slice to copy
+            raw = bytes(buf)
+            buf.clear()
+        else:
+            raw = bytes(buf[:end])
+            del buf[:end]
+        if not raw.endswith(CRLF) or raw.find(b"\r", 0, end - 2) >= 0:
             return LineError.BARE_LINE_ENDING
         if b"\0" in raw:
             return LineError.NUL

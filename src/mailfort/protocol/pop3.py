@@ -202,21 +202,28 @@ class POP3Engine:
         parsed (RFC 2595 §4), and the server reads nothing more from the plaintext socket
         once StartTLS is emitted; so what arrives while the handshake is being noted came
         through TLS and is kept for after ``tls_started``."""
-        if self.closed:
+        if self.state is State.CLOSED:
             return
-        self._lines.feed(data)
+        self._lines.buffer += data  # LineReader.feed, without the call
 
     def next_event(self) -> Event | None:
+        events = self._events
+        if not events and not self._lines.buffer:
+            return None  # nothing to parse: asked once more after every answered command
         try:
-            while not self._events and not self.waiting and not self.closed \
+            # ``waiting`` and ``closed`` spelled out: this runs for every command
+            while not events and (self._wait is _W.NONE or self._wait is _W.SASL) \
+                    and self.state is not State.CLOSED \
                     and self._out_size < OUTPUT_PAUSE and self._step():
                 pass
         except Exception as exc:  # a parser bug: a reply and a close, never a traceback
             self.internal_error = exc
             self._close("-ERR " + SYS_TEMP)
-        return self._events.pop(0) if self._events else None
+        return events.pop(0) if events else None
 
     def take_output(self) -> bytes:
+        if not self._out:  # asked after every command, answered or not
+            return b""
         out = b"".join(self._out)
         self._out.clear()
         self._out_size = 0
@@ -226,7 +233,7 @@ class POP3Engine:
         """Seconds the server should wait before sending what ``take_output`` returned:
         more than zero only past the soft error limit (see ``errors``), never to close."""
         hold = self._errors.take_hold()
-        return 0.0 if self.closed else hold
+        return 0.0 if self.state is State.CLOSED else hold
 
     def timeout(self) -> None:
         """Autologout (RFC 1939 §3): no UPDATE state, nothing is deleted."""
@@ -303,8 +310,9 @@ class POP3Engine:
         if not self._expect(_W.RETRIEVE_START):
             return
         self._wait = _W.NONE
-        self._ok(f"{size} octets")
-        self._emit(wire)
+        head = b"+OK %d octets\r\n" % size  # what ``_ok(f"{size} octets")`` writes
+        self._out += (head, wire)
+        self._out_size += len(head) + len(wire)
 
     @property
     def output_size(self) -> int:
@@ -342,7 +350,7 @@ class POP3Engine:
 
     def _expect(self, wait: _W) -> bool:
         """False when the session closed meanwhile (timeout, shutdown): the answer is moot."""
-        if self.closed:
+        if self.state is State.CLOSED:
             return False
         if self._wait is not wait:
             raise RuntimeError(f"not waiting for {wait.name} (waiting for {self._wait.name})")
@@ -392,10 +400,14 @@ class POP3Engine:
             self._err("Command must be UTF-8")
             return
         verb, _, arg = text.partition(" ")
-        handler = _COMMANDS.get(self.state, {}).get(verb.upper())
+        verb = verb.upper()
+        state = self.state  # compared, not hashed: an Enum's hash is a Python call
+        table = _TRANS_CMDS if state is State.TRANSACTION else \
+            _AUTH_CMDS if state is State.AUTHORIZATION else None
+        handler = table.get(verb) if table is not None else None
         if handler is None:
-            if verb.upper() in _KNOWN:
-                self._err(f"{verb.upper()} not allowed now")
+            if verb in _KNOWN:
+                self._err(f"{verb} not allowed now")
             else:
                 self._err("Unknown command")
             return
@@ -597,7 +609,6 @@ _TRANS_CMDS = {
     "NOOP": POP3Engine._cmd_noop,
     "QUIT": POP3Engine._cmd_quit,
 }
-_COMMANDS = {State.AUTHORIZATION: _AUTH_CMDS, State.TRANSACTION: _TRANS_CMDS}
 _KNOWN = frozenset(_AUTH_CMDS) | frozenset(_TRANS_CMDS)
 
 

@@ -187,12 +187,12 @@ class POP3Session(EngineSession):
             self.engine.close(SYS_TEMP)
 
     def handle(self, ev: Event) -> None:
-        if isinstance(ev, CheckCredentials):
+        if type(ev) is Retrieve:  # first: a session is mostly RETRs
+            self._retrieve(ev)
+        elif isinstance(ev, CheckCredentials):
             self.run(self._check(ev))
         elif isinstance(ev, OpenMailbox):
             self.run(self._open(ev.user))
-        elif isinstance(ev, Retrieve):
-            self._retrieve(ev)
         elif isinstance(ev, StartTLS):
             self.run(self._starttls())
         elif isinstance(ev, Quit):
@@ -275,15 +275,16 @@ class POP3Session(EngineSession):
             self.run(self._stream(ev))
             return
         engine.retrieve_whole(size, wire)
-        if ev.top_lines is None:
-            mailbox.retrieved(ev.index)
         if engine.line_waiting and engine.output_size < PIPELINE_MAX:
             # The client pipelined more: its answers go out with this one, in one write
             # (pump's, or the last inline RETR's below). One send per reply cost a system
             # call each, ~10-20 us on loopback.
+            if ev.top_lines is None:
+                mailbox.retrieved(ev.index)
             return
         transport.write(engine.take_output())
-        if ev.top_lines is None:
+        if ev.top_lines is None:  # after the write: the client need not wait for these
+            mailbox.retrieved(ev.index)
             self._read_ahead(mailbox, ev.index + 1)
 
     def _read_ahead(self, mailbox: POP3Mailbox, index: int) -> None:

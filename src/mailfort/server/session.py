@@ -412,14 +412,15 @@ class EngineSession(asyncio.Protocol):
             transport.pause_reading()
             self.run(self._send_later(out, hold))
             return False
-        if engine.closed and self.task is None:
+        closed = engine.closed  # writing (below) cannot close it
+        if closed and self.task is None:
             self._free_slot()  # before the last reply, which the client may act on at once
         if out:
             transport.write(out)
             self._progressed()
         if self.task is not None:
             transport.pause_reading()
-        elif engine.closed and not self.closing:
+        elif closed and not self.closing:
             self.closing = True
             if engine.internal_error is not None:  # the engine answered and closed; say why
                 log.error("%s: protocol engine error: %r", self.peer_ip, engine.internal_error,

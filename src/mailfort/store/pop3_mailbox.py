@@ -309,7 +309,11 @@ class POP3Mailbox:
         None if the file holds more than CHUNK octets after all (its name said less): the
         caller streams it instead, so memory stays bounded. OSError if it is gone.
         """
-        fd = self._open_file(self.messages[index])
+        msg = self.messages[index]
+        try:  # ``_open_file`` spelled out: a session reads thousands of these
+            fd = os.open(msg.path, _READ_FLAGS)
+        except FileNotFoundError:
+            fd = self._open_file(msg)
         try:
             data = os.read(fd, CHUNK + 1)
         finally:
