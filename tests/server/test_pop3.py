@@ -806,6 +806,36 @@ async def test_pipelined_commands_from_a_client_that_does_not_read_hold_little_m
         sock.close()
 
 
+async def test_a_retr_pipelined_after_errors_past_the_soft_limit_does_not_free_them(
+        lab_factory: Callable[..., Any]) -> None:
+    """Negative replies past the soft error limit are held (protocol/errors.py); a RETR
+    pipelined behind them was answered inline with a direct write that sent the held
+    replies at once, so a prober could skip the slowdown by ending each batch of guesses
+    with a RETR. Now the answer waits with them."""
+    lab = await lab_factory(LimitsConfig(max_errors=10, soft_errors=1, error_delay=0.6,
+                                         max_error_delay=1.0), allow_plaintext=True)
+    lab.deliver(ALICE, b"Subject: m\n\nbody\n")
+    sock = await in_thread(socket.create_connection, ("127.0.0.1", lab.port), 10)
+    reader = sock.makefile("rb")
+    try:
+        await in_thread(reader.readline)  # greeting
+        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
+        assert (await in_thread(reader.readline)).startswith(b"+OK")
+        assert (await in_thread(reader.readline)).startswith(b"+OK")
+        start = time.monotonic()
+        sock.sendall(b"BOGUS\r\nBOGUS\r\nRETR 1\r\n")  # the second error is held 0.6 s
+        first = await in_thread(reader.readline)
+        waited = time.monotonic() - start
+        assert first.startswith(b"-ERR")
+        assert waited >= 0.5, f"the held replies came after {waited:.3f} s"
+        rest = [await in_thread(reader.readline) for _ in range(5)]
+        assert rest[0].startswith(b"-ERR") and rest[1].startswith(b"+OK")
+        assert rest[2:] == [b"Subject: m\r\n", b"\r\n", b"body\r\n"]
+    finally:
+        reader.close()
+        sock.close()
+
+
 async def test_non_ascii_auth_before_login_gets_an_err_over_pop3s(
     lab: POP3Lab, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -56,6 +56,11 @@ class ErrorCounter:
             self._hold = min(self._hold + (self.count - sd.after) * sd.step, sd.cap)
         return False
 
+    @property
+    def holding(self) -> bool:
+        """Whether output produced since the last ``take_hold`` must be held."""
+        return self._hold > 0
+
     def take_hold(self) -> float:
         """Seconds to hold the output produced since the last call (0: send it now)."""
         hold, self._hold = self._hold, 0.0

@@ -315,6 +315,12 @@ class POP3Engine:
         self._out_size += len(head) + len(wire)
 
     @property
+    def holding(self) -> bool:
+        """Whether the output waiting must be held (a negative reply past the soft error
+        limit): the server sends it only through ``take_hold``'s delay."""
+        return self._errors.holding
+
+    @property
     def output_size(self) -> int:
         """Octets ``take_output`` would return now."""
         return self._out_size

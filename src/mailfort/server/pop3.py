@@ -275,10 +275,12 @@ class POP3Session(EngineSession):
             self.run(self._stream(ev))
             return
         engine.retrieve_whole(size, wire)
-        if engine.line_waiting and engine.output_size < PIPELINE_MAX:
+        if engine.holding or (engine.line_waiting and engine.output_size < PIPELINE_MAX):
             # The client pipelined more: its answers go out with this one, in one write
             # (pump's, or the last inline RETR's below). One send per reply cost a system
-            # call each, ~10-20 us on loopback.
+            # call each, ~10-20 us on loopback. A negative reply pipelined before this
+            # RETR past the soft error limit is held (pump's ``take_hold``), this answer
+            # with it: the direct write below sent it at once.
             if ev.top_lines is None:
                 mailbox.retrieved(ev.index)
             return
