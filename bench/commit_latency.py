@@ -4,10 +4,10 @@ share of the one-session MX row, without the network and the checks around it.
     PYTHONPATH=src python bench/commit_latency.py [--messages 400] [--gap-ms 2]
 
 One message of 1.4 KB at a time into one Maildir, as shipped (syncfs, the node's shared
-flush, the node's spare spool files where the tree has them), with ``--gap-ms`` between the
-250 and the next commit (the rest of a session). ``--free N``: first create and delete N
-files beside it, as another process's clean-up does (on ext4 without a journal each file
-creation of the next minute then scans past those inodes: bench/RESULTS.md).
+flush), with ``--gap-ms`` between the 250 and the next commit (the rest of a session).
+``--free N``: first create and delete N files beside it, as another process's clean-up
+does (on ext4 without a journal each file creation of the next minute then scans past
+those inodes: bench/RESULTS.md).
 Prints the median and quartiles of the commit's wall time and the process's CPU per
 message. Run it with two source trees on ``PYTHONPATH`` in turn to compare them.
 """
@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from mailfort.store import maildir as store
 from mailfort.store.maildir import Committer, maildir_for
 
 BODY = b"Return-Path: <bench@example.org>\r\n" + (b"x" * 98 + b"\r\n") * 14
@@ -54,8 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="mailfort-commit-") as tmp:
         data = Path(tmp)
-        node = {"spare_files": store.SPARE_FILES} if hasattr(store, "SPARE_FILES") else {}
-        committer = Committer(data, shared_flush=True, **node)
+        committer = Committer(data, shared_flush=True)
         maildir = maildir_for(data / "mail", "alice@example.test")
         try:
             asyncio.run(run(committer, maildir, 50, args.gap_ms / 1000))  # warm up

@@ -763,6 +763,14 @@ async def test_pipelined_retrs_are_answered_in_one_write(
         sock.close()
 
 
+def _log_in(sock: socket.socket, reader: Any) -> None:
+    """Read the greeting and log in as alice with USER and PASS sent together."""
+    reader.readline()
+    sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
+    assert reader.readline().startswith(b"+OK")
+    assert reader.readline().startswith(b"+OK")
+
+
 async def test_pipelined_commands_from_a_client_that_does_not_read_hold_little_memory(
         lab_factory: Callable[..., Any]) -> None:
     """One read of pipelined commands used to be answered whole before anything was
@@ -778,10 +786,7 @@ async def test_pipelined_commands_from_a_client_that_does_not_read_hold_little_m
     await in_thread(sock.connect, ("127.0.0.1", lab.port))
     reader = sock.makefile("rb")
     try:
-        await in_thread(reader.readline)  # greeting
-        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
-        assert (await in_thread(reader.readline)).startswith(b"+OK")
-        assert (await in_thread(reader.readline)).startswith(b"+OK")
+        await in_thread(_log_in, sock, reader)
         (session,) = lab.plain.sessions
         sock.sendall(b"LIST\r\n" * 6000)
         await asyncio.sleep(1.0)  # the server answers what it can; the client reads nothing
@@ -818,10 +823,7 @@ async def test_a_retr_pipelined_after_errors_past_the_soft_limit_does_not_free_t
     sock = await in_thread(socket.create_connection, ("127.0.0.1", lab.port), 10)
     reader = sock.makefile("rb")
     try:
-        await in_thread(reader.readline)  # greeting
-        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
-        assert (await in_thread(reader.readline)).startswith(b"+OK")
-        assert (await in_thread(reader.readline)).startswith(b"+OK")
+        await in_thread(_log_in, sock, reader)
         start = time.monotonic()
         sock.sendall(b"BOGUS\r\nBOGUS\r\nRETR 1\r\n")  # the second error is held 0.6 s
         first = await in_thread(reader.readline)
