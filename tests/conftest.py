@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import trustme
 
 from mailfort import config as config_mod
 from mailfort.config import Config
+from mailfort.server import eventloop
 from tests.dnsserver import DNSServer
 
 HOSTNAME = "mx.example.test"
@@ -173,3 +175,14 @@ def reference_dovecot() -> Iterator[int]:
     finally:
         if started:
             refdovecot.stop()
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """The suite's in-process nodes serve on the loop that ``mailfort serve`` uses
+    (server/eventloop.py)."""
+    if eventloop.loop_factory() is asyncio.new_event_loop:
+        return asyncio.DefaultEventLoopPolicy()
+    import uvloop
+
+    return uvloop.EventLoopPolicy()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import typing
 from typing import ClassVar
 
 import pytest
@@ -19,7 +20,7 @@ class Greeter(asyncio.Protocol):
     accepted = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = typing.cast(asyncio.Transport, transport)
         Greeter.accepted += 1
         transport.write(b"220 hello\r\n")
 
@@ -105,7 +106,7 @@ class _Recorder(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
         _Recorder.nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-        assert isinstance(transport, asyncio.Transport)
+        transport = typing.cast(asyncio.Transport, transport)
         transport.write(b"* OK\r\n")
 
 

@@ -28,6 +28,7 @@ from mailfort.store.imap_mailbox import Mailbox
 from mailfort.store.maildir import maildir_for
 from tests.server.test_pop3 import ALICE, AUTH, BOB, PASSWORDS, make_authenticator
 from tests.server.unread_pipeline import pipeline_without_reading, slow_client
+from tests.server.writes import count_writes
 
 MSG = b"From: x@remote.test\r\nTo: alice@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -550,9 +551,7 @@ async def test_a_large_fetch_answer_starts_with_a_small_write(
     await in_thread(command, f"a LOGIN {ALICE} {PASSWORDS[ALICE]}\r\n".encode())
     await in_thread(command, b"b SELECT INBOX\r\n")
     (session,) = lab.plain.sessions
-    writes: list[int] = []
-    write = session.transport.write
-    session.transport.write = lambda data: (writes.append(len(data)), write(data))[1]
+    writes = count_writes(session)
     got = await in_thread(command, b"c UID FETCH 1:* BODY.PEEK[]\r\n")
     sock.close()
     assert got > 300 * len(body)

@@ -32,6 +32,7 @@ from mailfort.policy.counters import MemoryCounters
 from mailfort.server.pop3 import PIPELINE_MAX, POP3Server
 from mailfort.store import pop3_mailbox
 from mailfort.store.maildir import maildir_for
+from tests.server.writes import count_writes
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -729,15 +730,7 @@ async def test_pipelined_retrs_are_answered_in_one_write(
         pw = f"PASS {PASSWORDS[ALICE]}\r\n".encode()
         assert (await in_thread(ask, pw, 1))[0].startswith(b"+OK")
         (session,) = lab.plain.sessions
-        writes: list[int] = []
-        transport = session.transport
-        write = transport.write
-
-        def counted(data: bytes) -> None:
-            writes.append(len(data))
-            write(data)
-
-        transport.write = counted
+        writes = count_writes(session)
         # RETR: +OK, Subject, blank, ..dot, line, "." (6 lines); TOP 4 0: +OK, Subject,
         # blank, "."; RETR 9 and the RETR of a deleted message: -ERR
         got = await in_thread(ask, b"RETR 1\r\nRETR 2\r\nRETR 9\r\nDELE 3\r\nRETR 3\r\n"

@@ -31,6 +31,7 @@ from mailfort.lab.capture import CaptureSMTP, RecordingProxy
 from mailfort.lab.dns import LabDNS
 from mailfort.lab.profile import LegacyProfile
 from mailfort.passwords import hash_password
+from mailfort.server import eventloop
 from mailfort.server.app import Node, directory_path
 from mailfort.store.maildir import maildir_for
 from mailfort.store.sieve_scripts import ScriptStore
@@ -181,7 +182,7 @@ class Lab:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> Lab:
-        loop = asyncio.new_event_loop()
+        loop = eventloop.loop_factory()()
         self._loop = loop
         self._thread = threading.Thread(target=loop.run_forever, name="mailfort-lab",
                                         daemon=True)

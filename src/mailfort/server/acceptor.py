@@ -92,7 +92,7 @@ class Acceptor:
         # Plain TCP: the transport is made here, as asyncio's own Server does, rather than
         # by ``connect_accepted_socket``, whose task and waiter cost each connection two
         # more turns of the loop (about 25 us of a one-message session's 1.5 ms). The
-        # selector loop's method is not public API; without it, the public path serves.
+        # selector loop's method is not public API; without it (uvloop), the public path serves.
         self._make_transport: Callable[[socket.socket, Any], object] | None = getattr(
             self._loop, "_make_socket_transport", None)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -171,7 +171,10 @@ class Acceptor:
     def _accept(self) -> None:
         batch = _ACCEPT_BATCH
         if self.balance is not None:
-            batch = min(batch, self.balance(self.waiting()))
+            # Connections accepted whose sessions have not started yet (uvloop's path, a
+            # task each: ``_start``) are in no count: as waiting ones, and as this worker's.
+            starting = len(self._tasks)
+            batch = min(batch, self.balance(self.waiting() + starting) - starting)
             if batch <= 0 and self._deferrals < MAX_DEFERRALS:
                 self._deferrals += 1
                 self._resting = True

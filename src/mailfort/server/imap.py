@@ -36,6 +36,7 @@ import os
 import socket
 import ssl
 import time
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -430,7 +431,7 @@ class IMAPSession(EngineSession):
     # ---------------------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = typing.cast(asyncio.Transport, transport)
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_ip = str(peer[0])

@@ -7,7 +7,6 @@ and the supervisor builds its workers' Nodes from app.py.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import resource
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from mailfort import logsetup
 from mailfort.config import Config
+from mailfort.server import eventloop
 from mailfort.server.app import serve
 from mailfort.server.malloc import fix_mmap_threshold
 from mailfort.server.operations import Operations
@@ -73,7 +73,7 @@ def run(cfg: Config, reload_config: Callable[[], Config] | None = None) -> None:
     ssl_context = configured_context(cfg)
     # Before the loop and its threads (a fork): the node reads the certificate's record.
     certificate_around_drop(cfg, ops)
-    asyncio.run(serve(cfg, ops, ssl_context))
+    eventloop.run(serve(cfg, ops, ssl_context))
 
 
 def configured_context(cfg: Config) -> ssl.SSLContext | None:

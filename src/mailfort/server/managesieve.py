@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import socket
 import ssl
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -152,7 +153,7 @@ class ManageSieveSession(EngineSession):
         self.engine = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = typing.cast(asyncio.Transport, transport)
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_ip = str(peer[0])

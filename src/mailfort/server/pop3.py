@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -145,7 +146,7 @@ class POP3Session(EngineSession):
     # ---------------------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = typing.cast(asyncio.Transport, transport)
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_ip = str(peer[0])

@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import time
+import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -362,7 +363,7 @@ class SMTPSession(EngineSession):
     # ---------------------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = typing.cast(asyncio.Transport, transport)
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_ip, self.peer_port = str(peer[0]), int(peer[1])

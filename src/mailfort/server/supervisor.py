@@ -93,6 +93,7 @@ from typing import TYPE_CHECKING
 
 from mailfort import logsetup
 from mailfort.config import Config, ConfigError
+from mailfort.server import eventloop
 from mailfort.server.acceptor import AcceptGate
 from mailfort.server.node_plan import bind_address, bind_listeners
 from mailfort.server.privileges import Account
@@ -328,7 +329,7 @@ def _child(sup: Supervisor, slot: int) -> None:
         os.close(sup.ready_r)
         if sup.ops.acme is not None:  # the supervisor's: the worker has no thread for it
             sup.ops.acme.httpd.socket.close()
-        code = asyncio.run(_worker_main(sup, slot))
+        code = eventloop.run(_worker_main(sup, slot))
     except BaseException:  # report, then leave through _exit
         traceback.print_exc()
     finally:
