@@ -471,8 +471,6 @@ class IMAPSession(EngineSession):
         return limits.imap_timeout
 
     def _rearm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         self.arm_timer(self._timeout())
 
     def on_timer(self) -> None:

@@ -1,15 +1,16 @@
 """What every mailfort session does around its sans-I/O engine, SMTP and POP3 alike.
 
-A session is an ``asyncio.Protocol`` (an idle one costs one object and one timer). Bytes
-go into the engine; its events are handled one at a time; work that must not block the
-loop (fsync, argon2, mailbox I/O) runs as one task while reading is paused, so the engine
-parses nothing more until that work has answered it. Connection limits are checked at
-greeting; the slot is given back in one idempotent place (``_free_slot``), as soon as the
-last reply is decided (before the client can read it) or else when the session ends any
-other way (``release``, which a connection dying in a STARTTLS handshake reaches too). A
-client that stops reading its replies is not read either. A close the server
-decides (shutdown, session time limit) waits for that work's answer, so a reply already
-earned (250 for a durable message) is sent before the 421, never replaced by it.
+A session is an ``asyncio.Protocol`` (an idle one costs one object and a place in a bucket
+of deadlines, server/timer_wheel.py). Bytes go into the engine; its events are handled one
+at a time; work that must not block the loop (fsync, argon2, mailbox I/O) runs as one task
+while reading is paused, so the engine parses nothing more until that work has answered
+it. Connection limits are checked at greeting; the slot is given back in one idempotent
+place (``_free_slot``), as soon as the last reply is decided (before the client can read
+it) or else when the session ends any other way (``release``, which a connection dying in
+a STARTTLS handshake reaches too). A client that stops reading its replies is not read
+either. A close the server decides (shutdown, session time limit) waits for that work's
+answer, so a reply already earned (250 for a durable message) is sent before the 421,
+never replaced by it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from mailfort.policy import decisionlog
+from mailfort.server import timer_wheel
 from mailfort.server.acceptor import Acceptor, bind
 from mailfort.server.connections import Admission, ConnectionLimiter, Network
 from mailfort.server.stress import PROGRESS_BYTES, StressGuard
@@ -125,7 +127,8 @@ class EngineSession(asyncio.Protocol):
         self.peer_ip = "?"
         self.task: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: int | None = None  # the bucket of the deadline (server/timer_wheel.py)
+        self._wheel: timer_wheel.TimerWheel | None = None
         self.counted = False
         self.closing = False
         self.write_paused = False  # the client is not reading its replies
@@ -218,9 +221,7 @@ class EngineSession(asyncio.Protocol):
         way a session ends may call it (``connection_lost``, which ``start_tls`` also calls
         for a connection that died in the handshake; stress mode's eviction)."""
         self._wake_writers()  # a writer waiting for the client finds it gone
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.cancel_timer()
         if self.task is not None and not self.task.done() \
                 and self.task is not asyncio.current_task():  # start_tls ends it itself
             self.task.cancel()
@@ -317,7 +318,18 @@ class EngineSession(asyncio.Protocol):
     # ---------------------------------------------------------------- timer
 
     def arm_timer(self, delay: float) -> None:
-        self.timer = asyncio.get_running_loop().call_later(delay, self._timer_fired)
+        """``on_timer`` in ``delay`` seconds (up to timer_wheel.RESOLUTION later), instead
+        of any deadline set before."""
+        self.cancel_timer()
+        wheel = self._wheel
+        if wheel is None:
+            wheel = self._wheel = timer_wheel.for_loop(asyncio.get_running_loop())
+        self.timer = wheel.schedule(self, delay)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None and self._wheel is not None:
+            self._wheel.cancel(self, self.timer)
+        self.timer = None
 
     def _timer_fired(self) -> None:
         self.timer = None

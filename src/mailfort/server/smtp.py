@@ -1,10 +1,10 @@
 """asyncio SMTP listeners (MX and submission) that drive the sans-I/O engine.
 
 A session is an ``asyncio.Protocol``, not a task with streams: an idle session costs one
-small object and one timer, which is what lets thousands of them sit after EHLO. Work that
-must not block the loop (fsync in the committer thread, argon2 in the authenticator) runs
-as a task while reading is paused; the engine parses nothing more until it is answered,
-which keeps pipelined replies in order.
+small object and a place among the deadlines (server/timer_wheel.py), which is what lets
+thousands of them sit after EHLO. Work that must not block the loop (fsync in the
+committer thread, argon2 in the authenticator) runs as a task while reading is paused; the
+engine parses nothing more until it is answered, which keeps pipelined replies in order.
 """
 
 from __future__ import annotations
