@@ -19,15 +19,16 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+try:  # imported with this module, by the supervisor before it forks: the workers share it
+    import uvloop
+except ImportError:  # pragma: no cover - a platform without it: asyncio's loop
+    uvloop = None
+
+
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     """What makes a new loop: uvloop's unless asyncio's is asked for or uvloop is missing."""
-    if os.environ.get("MAILFORT_EVENT_LOOP", "uvloop") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return uvloop.new_event_loop
+    if uvloop is not None and os.environ.get("MAILFORT_EVENT_LOOP", "uvloop") != "asyncio":
+        return uvloop.new_event_loop
     return asyncio.new_event_loop
 
 
