@@ -126,9 +126,17 @@ class MTASTS:
         self.clock = clock
         self.dir = cfg.data_path / "mta-sts"
         self._cache: dict[str, STSPolicy] = {}
-        d = cfg.delivery
-        self._ctx = ssl.create_default_context(cafile=(d.mta_sts_ca_file or d.ca_file) or None)
-        self._ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Made at the first fetch: a context with the CA store holds about 1 MB, and most
+        # processes of a node never fetch a policy (only the one that delivers does).
+        self._ctx: ssl.SSLContext | None = None
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ctx is None:
+            d = self.cfg.delivery
+            ctx = ssl.create_default_context(cafile=(d.mta_sts_ca_file or d.ca_file) or None)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._ctx = ctx
+        return self._ctx
 
     def _now(self) -> float:
         return float(self.clock())  # type: ignore[operator]
@@ -177,7 +185,7 @@ class MTASTS:
         host = f"mta-sts.{domain}"
         address = await self._address(host)
         text = await asyncio.to_thread(_fetch_sync, host, address,
-                                       self.cfg.delivery.mta_sts_port, self._ctx,
+                                       self.cfg.delivery.mta_sts_port, self._context(),
                                        self.cfg.dns.timeout + 5)
         return parse_policy(text, sts_id, self._now())
 

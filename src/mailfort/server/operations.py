@@ -30,6 +30,7 @@ import os
 import pwd
 import signal
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +87,14 @@ def load_lazy_data() -> None:
     import dns.rdata
 
     from mailfort.policy import dmarc
+    from mailfort.tls import CIPHERS
 
     dns.rdata.load_all_types()
     dns.asyncbackend.get_backend("asyncio")
     dmarc.organizational_domain("example.com")  # builds and caches the list
+    # OpenSSL's first context loads its algorithms and cipher tables (about 1 MB, then
+    # ~10 kB a context): loaded here, before a supervisor forks, the workers share them.
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(CIPHERS)
 
 
 def _acme_listen(cfg: Config) -> acmecert.ChallengeServer:

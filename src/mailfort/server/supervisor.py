@@ -383,6 +383,7 @@ class Supervisor:
         from mailfort.policy.shared_counters import SQLiteCounters
         from mailfort.server.connections import ConnectionTable
         from mailfort.server.imap import UserSessionTable
+        from mailfort.server.operations import load_lazy_data
         from mailfort.store.maildir import make_dirs, recover_spool
         cfg = self.cfg
         # Root binds, and nothing else: whatever is in the data directory is the service
@@ -393,6 +394,10 @@ class Supervisor:
         if cfg.mta_sts.listen:  # port 443 in production: bound before the drop too
             self.mta_sts_socket = bind_address(cfg.mta_sts.listen)
         certificate_around_drop(cfg, self.ops)  # nothing served or recovered as root
+        # What the libraries load on first use (DNS record types, the public suffix list,
+        # OpenSSL's tables), loaded once here rather than by each worker: the workers share
+        # the supervisor's pages (the drop above did it already when there was one to do).
+        load_lazy_data()
         spool = cfg.data_path / "spool"
         make_dirs(spool)
         removed = recover_spool(spool, mail_root=cfg.mail_path)  # before any worker writes
