@@ -361,3 +361,49 @@ async def test_a_failed_flush_of_the_links_keeps_their_record_for_the_next(
     finally:
         c.stop()
 
+
+
+async def test_a_flowing_batch_writes_its_record_over_the_last_spent_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sender, message after message: each batch's flush makes the links of the one
+    before durable, whose record is then spent. The next batch writes its own record over
+    that one in place (no truncation to nothing between: ext4 frees the block and its
+    close starts a flush of its own); once no batch comes, every spent record is emptied
+    (a spent record left full would link its messages again at a replay after a power
+    loss, should they have been deleted meanwhile)."""
+    monkeypatch.setattr(maildir, "LINKS_FLUSH_DELAY", 0.3)  # the batches below come first
+    c = Committer(tmp_path)
+    written: list[tuple[str, bool]] = []
+    spools: list[str] = []  # the message each record names
+    emptied: list[str] = []
+    real_write, real_spend = intents.write, intents.spend
+
+    def write(path: Path, entries: list[intents.Entry], *, reuse: bool = False) -> None:
+        written.append((path.name, reuse))
+        spools.append(entries[0].spool)
+        real_write(path, entries, reuse=reuse)
+
+    def spend(path: Path) -> None:
+        emptied.append(path.name)
+        real_spend(path)
+
+    monkeypatch.setattr(intents, "write", write)
+    monkeypatch.setattr(intents, "spend", spend)
+    try:
+        for i in range(4):
+            await store(c, f"Subject: {i}\r\n\r\nhi\r\n".encode(), ["a@d.test"])
+        (r1, new1), (r2, new2), (r3, reused3), (r4, reused4) = written
+        assert (new1, new2) == (False, False) and r1 != r2
+        assert (r3, reused3) == (r1, True) and (r4, reused4) == (r2, True)
+        assert emptied == []  # nothing truncated while the batches flow
+        records = {p.name: p for p in c.spool_dir.glob("*" + intents.SUFFIX)}
+        assert set(records) == {r1, r2}
+        for name, message in ((r1, spools[2]), (r2, spools[3])):  # whole, and the new one
+            decoded = intents.decode(records[name].read_bytes())
+            assert decoded is not None and [e.spool for e in decoded[1]] == [message]
+        await spool_emptied(c)  # idle: the links flushed, the spent records emptied
+        assert sorted(emptied) == sorted([r1, r2])
+        assert all(p.stat().st_size == 0 for p in records.values())
+    finally:
+        c.stop()
+    assert list(c.spool_dir.glob("*" + intents.SUFFIX)) == []

@@ -109,14 +109,23 @@ def _decode(data: bytes) -> tuple[int, str, list[Entry]] | None:
 
 def write(path: Path, entries: list[Entry], *, reuse: bool = False) -> None:
     """Create the intent file (its durability comes with the batch's first flush);
-    ``reuse``: overwrite ``path``, a spent record emptied by ``spend``, instead."""
+    ``reuse``: write over ``path``, a spent record (emptied by ``spend`` or not), instead.
+
+    Over a spent record the new one is written in place, cut to its length only when the
+    old was longer: no truncation to nothing first, whose freed block ext4 gives back and
+    takes again, and whose close then starts a flush of its own (``auto_da_alloc``).
+    Until the batch's flush, a crash may leave the old record, the new one or a mix of
+    the two: the old one's links are durable (it is spent), and a mix fails its
+    checksum and is dropped, as any record of a batch never acknowledged."""
     data = encode(entries, BOOT_ID)
-    flags = os.O_TRUNC | os.O_NOFOLLOW if reuse else os.O_CREAT | os.O_EXCL
+    flags = os.O_NOFOLLOW if reuse else os.O_CREAT | os.O_EXCL
     fd = os.open(path, os.O_WRONLY | flags | os.O_CLOEXEC, 0o600)
     try:
         done = 0
         while done < len(data):
             done += os.write(fd, data[done:])
+        if reuse and os.fstat(fd).st_size > len(data):
+            os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
 
@@ -130,7 +139,9 @@ def spend(path: Path) -> None:
     sender's file creations the largest CPU cost of its message (bench/RESULTS.md).
     An empty record is what ``replay`` drops without a word; like the unlink it replaces,
     the truncation is made durable by the next flush, and until then a crash finds the
-    spent record, whose links are durable already (its replay links nothing again)."""
+    spent record, whose links are durable already (its replay links nothing again).
+    The committer empties all but the one record the next batch will write over at once
+    (store/maildir.py ``_discard_covered``), and that one too when no batch comes."""
     os.truncate(path, 0)
 
 

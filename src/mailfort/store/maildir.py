@@ -307,6 +307,9 @@ class Committer:
         self._covered_intents: list[Path] = []
         # Spent records, emptied, for later batches' records (intents.spend: no inode freed)
         self._spare_intents: list[Path] = []
+        # The one spent record not emptied, which the next batch writes over in place; a
+        # flush with no batch behind it empties it too (``_flush_links``)
+        self._hot_intent: Path | None = None
         self._synced_dirs: set[Path] = set()  # fsync mode: directories known durable
         self.batches = 0
         self.messages = 0
@@ -366,6 +369,9 @@ class Committer:
             self._cv.notify()
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
+            if self._hot_intent is not None:
+                self._spare_intents.append(self._hot_intent)
+                self._hot_intent = None
             for path in self._spare_intents:
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
@@ -381,9 +387,10 @@ class Committer:
         while True:
             with self._cv:
                 while not self._jobs and not self._stopping:
-                    if self._linked and time.monotonic() >= flush_at:
-                        break  # idle: flush the links now
-                    self._cv.wait(max(0.0, flush_at - time.monotonic()) if self._linked
+                    waiting = self._linked or self._hot_intent is not None
+                    if waiting and time.monotonic() >= flush_at:
+                        break  # idle: flush the links now (empty the spent record)
+                    self._cv.wait(max(0.0, flush_at - time.monotonic()) if waiting
                                   else None)
                 batch, self._jobs = self._jobs, []
                 stopping = self._stopping
@@ -392,6 +399,8 @@ class Committer:
                     if stopping:  # recovery replays their records at the next start
                         return
                     flush_at = time.monotonic() + 1.0  # a failing disk: not in a loop
+                elif not self._linked and self._hot_intent is not None:
+                    self._discard_covered(keep_hot=False)
                 elif stopping and not self._linked:
                     return
                 continue
@@ -493,8 +502,9 @@ class Committer:
             return None
         if any(len(t.split("/")) != 4 for e in entries for t in e.targets):
             return None  # a folder (.Junk, Sieve's fileinto): replay takes INBOX names only
-        if self._spare_intents:
-            path = self._spare_intents.pop()
+        if self._hot_intent is not None or self._spare_intents:
+            path = self._hot_intent or self._spare_intents.pop()
+            self._hot_intent = None
             try:
                 intents.write(path, entries, reuse=True)
                 return path
@@ -522,13 +532,22 @@ class Committer:
         self._covered.extend(self._linked)
         self._covered_intents.extend(self._intents)
         self._linked, self._intents = [], []
-        self._discard_covered()
+        self._discard_covered(keep_hot=False)
         return True
 
-    def _discard_covered(self) -> None:
+    def _discard_covered(self, keep_hot: bool = True) -> None:
         """The links of ``_covered`` are durable: the records first, then the spool files
-        (a spool file left without its record is removed at recovery, as it should be)."""
-        for path in self._covered_intents:
+        (a spool file left without its record is removed at recovery, as it should be).
+        ``keep_hot``: a batch is flowing, and the last of these records is left as it is
+        for the next batch to write over (``intents.write``); the others are emptied.
+        Without it (no batch came), every spent record is emptied, that one included."""
+        covered = self._covered_intents
+        if not keep_hot and self._hot_intent is not None:
+            covered.insert(0, self._hot_intent)
+            self._hot_intent = None
+        elif keep_hot and covered and self._hot_intent is None:
+            self._hot_intent = covered.pop()
+        for path in covered:
             try:
                 if len(self._spare_intents) >= _SPARE_INTENTS:
                     path.unlink(missing_ok=True)
