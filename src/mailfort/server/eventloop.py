@@ -3,10 +3,11 @@
 uvloop runs asyncio's protocols and transports on libuv, in compiled code: the loop's own
 pass, the socket reads and writes and the transports' bookkeeping cost less Python per
 event than asyncio's selector loop. A lone SMTP sender's connection, which waits for every
-step in turn, took 13 % less wall time and CPU with it (bench/RESULTS.md, "uvloop"); under
-many sessions the two are even. Nothing in mailfort depends on which loop runs it: the
-test suite runs on the same one (tests/conftest.py), and ``MAILFORT_EVENT_LOOP=asyncio``
-chooses asyncio's own, for a comparison or a platform without uvloop.
+step in turn, took 13 % less wall time and CPU with it (bench/RESULTS.md, "uvloop, session
+deadlines in buckets"); under many sessions the two are even. Nothing in mailfort depends
+on which loop runs it: the test suite runs on the same one (tests/conftest.py), and
+``MAILFORT_EVENT_LOOP=asyncio`` chooses asyncio's own, for a comparison or a platform
+without uvloop.
 """
 
 from __future__ import annotations

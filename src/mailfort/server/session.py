@@ -337,7 +337,7 @@ class EngineSession(asyncio.Protocol):
             self.on_timer()
 
     def on_timer(self) -> None:
-        """Idle and session-time checks; re-arm lazily (one timer per session)."""
+        """Idle and session-time checks; re-arm lazily (one deadline per session)."""
         raise NotImplementedError
 
     def idle_check(self, limit: float, service: str) -> None:
