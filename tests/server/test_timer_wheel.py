@@ -97,3 +97,30 @@ async def test_each_loop_has_its_own_wheel() -> None:
         return timer_wheel.for_loop(asyncio.get_running_loop())
 
     assert await asyncio.to_thread(asyncio.run, other()) is not timer_wheel.for_loop(loop)
+
+
+async def test_a_deadline_cancelled_by_one_fired_before_it_in_its_bucket_does_not_fire() -> None:
+    """Ending a session may end another (stress mode frees a slot): the bucket has been
+    taken out already, so the session's own ``timer`` says it no longer waits."""
+    wheel = TimerWheel(asyncio.get_running_loop())
+    fired: list[str] = []
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.timer: int | None = None
+            self.other: Named | None = None
+
+        def _timer_fired(self) -> None:
+            fired.append(self.name)
+            if self.other is not None and self.other.timer is not None:
+                wheel.cancel(self.other, self.other.timer)
+                self.other.timer = None
+
+    a, b = Named("a"), Named("b")
+    a.other, b.other = b, a
+    a.timer = wheel.schedule(a, 0.05)
+    b.timer = wheel.schedule(b, 0.05)
+    assert a.timer == b.timer or wheel.timers() == 2
+    await asyncio.sleep(0.05 + 3 * RESOLUTION)
+    assert len(fired) == 1  # whichever came first ended the other

@@ -25,6 +25,8 @@ RESOLUTION = 0.05  # seconds: the coarsest a session deadline may be late
 
 
 class Timed(Protocol):
+    """A session: ``timer`` is the bucket it waits in (None once cancelled)."""
+
     def _timer_fired(self) -> None: ...
 
 
@@ -67,6 +69,8 @@ class TimerWheel:
     def _fire(self, key: int) -> None:
         self._handles.pop(key, None)
         for session in self._buckets.pop(key, ()):
+            if getattr(session, "timer", key) != key:
+                continue  # its deadline cancelled or moved by one fired before it
             try:
                 session._timer_fired()
             except Exception:  # one session's failure must not skip the others' deadlines
