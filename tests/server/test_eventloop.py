@@ -10,10 +10,15 @@ import uvloop
 from mailfort.server import eventloop
 
 
+def _serves_on_uvloop() -> bool:
+    return eventloop.loop_factory() is uvloop.new_event_loop
+
+
 async def test_the_suite_runs_on_the_loop_mailfort_serves_on() -> None:
     """tests/conftest.py's policy: the in-process nodes of every test meet uvloop's
-    transports, as ``mailfort serve``'s workers do."""
-    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+    transports, as ``mailfort serve``'s workers do (asyncio's under
+    ``MAILFORT_EVENT_LOOP=asyncio``, both sides alike)."""
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop) == _serves_on_uvloop()
 
 
 def test_uvloop_unless_asyncio_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -27,4 +32,4 @@ def test_run_returns_what_the_coroutine_returns_on_that_loop() -> None:
     async def which() -> type:
         return type(asyncio.get_running_loop())
 
-    assert eventloop.run(which()) is uvloop.Loop
+    assert (eventloop.run(which()) is uvloop.Loop) == _serves_on_uvloop()
